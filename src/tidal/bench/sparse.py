@@ -1,0 +1,227 @@
+"""`tidal bench sparse`: one full sparse training step, Tidal against its peers.
+
+Workload: one table of dim 64 warmed to 1,000,000 rows; batches of 4096 samples x 26
+features x 1 id, keys drawn Zipf(1.1) from a 100M key space (so tail keys keep
+arriving and rows keep being created). A step is lookup_or_insert + pooled forward +
+backward + optimizer update.
+
+Peers in the same run, same thread count: `torch.nn.EmbeddingBag(mode="sum",
+sparse=True)` with `torch.optim.SGD` (or `torch.optim.Adagrad`) over a fixed 1M-row
+table fed the same ids pre-mapped to rows, and fbgemm's CPU table-batched embedding
+when it is importable.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tidal.config import Adagrad, EmbeddingFeature, Sgd, TableConfig
+from tidal.data.batch import SparseBatch
+from tidal.embedding._parallel import cpu_count
+from tidal.embedding.collection import EmbeddingCollection
+from tidal.embedding.index import hash_keys
+
+__all__ = ["SparseBenchConfig", "run"]
+
+KEY_SPACE = 100_000_000
+LR = 0.01
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparseBenchConfig:
+    warm_rows: int = 1_000_000
+    dim: int = 64
+    batch_size: int = 4096
+    features: int = 26
+    steps: int = 30
+    warmup_steps: int = 3
+    zipf_a: float = 1.1
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> SparseBenchConfig:
+        return cls(steps=8, warmup_steps=2)
+
+
+def _keys_of_ranks(ranks: np.ndarray) -> np.ndarray:
+    """Spread Zipf ranks over the int64 key space (a fixed bijection)."""
+    keys = np.empty(ranks.shape[0], dtype=np.uint64)
+    hash_keys(ranks.astype(np.int64), 0, keys, np.empty(ranks.shape[0], dtype=np.int64))
+    return keys.view(np.int64)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    ranks: np.ndarray  # Zipf rank of every id, in [0, KEY_SPACE)
+    keys: np.ndarray  # the raw int64 key of each rank, for Tidal
+    rows: np.ndarray  # the rank folded into the fixed table, for the peers
+
+
+def _batches(cfg: SparseBenchConfig) -> list[_Batch]:
+    rng = np.random.default_rng(cfg.seed)
+    count = cfg.batch_size * cfg.features
+    batches = []
+    for _ in range(cfg.warmup_steps + cfg.steps):
+        ranks = (rng.zipf(cfg.zipf_a, count) - 1) % KEY_SPACE
+        batches.append(_Batch(ranks, _keys_of_ranks(ranks), torch.from_numpy(ranks % cfg.warm_rows)))
+    return batches
+
+
+def _timed(step: Callable[[_Batch], None], batches: list[_Batch], warmup: int) -> float:
+    """Seconds per step over the batches after the first `warmup` ones."""
+    for batch in batches[:warmup]:
+        step(batch)
+    start = time.perf_counter()
+    for batch in batches[warmup:]:
+        step(batch)
+    return (time.perf_counter() - start) / (len(batches) - warmup)
+
+
+def _tidal(cfg: SparseBenchConfig, optimizer: str, threads: int, grad: torch.Tensor):
+    opt = Sgd(lr=LR) if optimizer == "sgd" else Adagrad(lr=LR)
+    table = TableConfig(name="bench", dim=cfg.dim, optimizer=opt, num_shards=8)
+    names = [f"f{i}" for i in range(cfg.features)]
+    collection = EmbeddingCollection([table], [EmbeddingFeature(name=n, table="bench") for n in names], threads=threads)
+    collection.tables[0].lookup_or_insert(_keys_of_ranks(np.arange(cfg.warm_rows)))
+    lengths = np.ones(cfg.batch_size * cfg.features, dtype=np.int32)
+
+    def step(ids: _Batch) -> None:
+        batch = SparseBatch(keys=names, values=ids.keys, lengths=lengths, batch_size=cfg.batch_size)
+        _, ctx = collection.forward(batch)
+        collection.backward(ctx, grad)
+
+    return step, collection
+
+
+def _torch(cfg: SparseBenchConfig, optimizer: str, grad: torch.Tensor):
+    bag = torch.nn.EmbeddingBag(cfg.warm_rows, cfg.dim, mode="sum", sparse=True)
+    opt = torch.optim.SGD(bag.parameters(), lr=LR) if optimizer == "sgd" else torch.optim.Adagrad(bag.parameters(), lr=LR)
+    offsets = torch.arange(cfg.batch_size * cfg.features)
+    flat_grad = grad.transpose(0, 1).reshape(-1, cfg.dim)  # feature-major bags, as the ids
+
+    def step(ids: _Batch) -> None:
+        out = bag(ids.rows, offsets)
+        out.backward(flat_grad)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _fbgemm(cfg: SparseBenchConfig, optimizer: str, grad: torch.Tensor):
+    """fbgemm's CPU table-batched embedding, or None when fbgemm is not installed."""
+    try:
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+        from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+            ComputeDevice,
+            OptimType,
+            SplitTableBatchedEmbeddingBagsCodegen,
+        )
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return None
+    kind = OptimType.EXACT_SGD if optimizer == "sgd" else OptimType.EXACT_ADAGRAD
+    tbe = SplitTableBatchedEmbeddingBagsCodegen(
+        embedding_specs=[(cfg.warm_rows, cfg.dim, EmbeddingLocation.HOST, ComputeDevice.CPU)],
+        feature_table_map=[0] * cfg.features, optimizer=kind, learning_rate=LR)
+    offsets = torch.arange(cfg.batch_size * cfg.features + 1)
+    flat_grad = grad.reshape(cfg.batch_size, -1)  # [B, F * D]
+
+    def step(ids: _Batch) -> None:
+        out = tbe(ids.rows, offsets)
+        out.backward(flat_grad)
+
+    return step
+
+
+def memcpy_gb_per_s(size_bytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Bytes read per second by a single-threaded copy of a large buffer."""
+    src = np.ones(size_bytes // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        np.copyto(dst, src)
+    return size_bytes * repeats / (time.perf_counter() - start) / 1e9
+
+
+def _step_bytes(cfg: SparseBenchConfig, unique_rows: float, width: int) -> float:
+    """Bytes a step must move: rows gathered, pooled out, its gradient in, unique rows updated."""
+    ids = cfg.batch_size * cfg.features
+    return ids * cfg.dim * 4 * 3 + unique_rows * width * 4 * 2
+
+
+def _unique_per_batch(batches: list[_Batch]) -> float:
+    return float(np.mean([np.unique(b.ranks).shape[0] for b in batches]))
+
+
+def run_one(cfg: SparseBenchConfig, optimizer: str, threads: int, memcpy: float) -> dict:
+    """The figures of one optimizer at one thread count."""
+    torch.set_num_threads(threads)
+    batches = _batches(cfg)
+    grad = torch.randn(cfg.batch_size, cfg.features, cfg.dim, generator=torch.Generator().manual_seed(cfg.seed))
+    ids = cfg.batch_size * cfg.features
+    tidal_step, collection = _tidal(cfg, optimizer, threads, grad)
+    tidal_s = _timed(tidal_step, batches, cfg.warmup_steps)
+    torch_s = _timed(_torch(cfg, optimizer, grad), batches, cfg.warmup_steps)
+    fbgemm_step = _fbgemm(cfg, optimizer, grad)
+    fbgemm_s = _timed(fbgemm_step, batches, cfg.warmup_steps) if fbgemm_step else None
+    stats = collection.tables[0].stats()
+    moved = _step_bytes(cfg, _unique_per_batch(batches), collection.tables[0].width)
+    return {
+        "optimizer": optimizer, "threads": threads,
+        "tidal_ids_per_s": ids / tidal_s, "torch_ids_per_s": ids / torch_s,
+        "ratio_vs_torch": torch_s / tidal_s,
+        "fbgemm_ids_per_s": ids / fbgemm_s if fbgemm_s else None,
+        "ratio_vs_fbgemm": fbgemm_s / tidal_s if fbgemm_s else None,
+        "tidal_gb_per_s": moved / tidal_s / 1e9, "memcpy_gb_per_s": memcpy,
+        "bytes_per_row": stats.overhead_bytes_per_row,
+        "value_and_state_bytes_per_row": collection.tables[0].width * 4,
+        "table_rows": stats.rows,
+    }
+
+
+TARGETS = {"sgd": 2.0, "adagrad": 1.5}
+MAX_OVERHEAD_BYTES_PER_ROW = 24
+
+
+def run(quick: bool = False, as_json: bool = False, threads: list[int] | None = None,
+        optimizers: tuple[str, ...] = ("sgd", "adagrad")) -> dict:
+    """Run every (optimizer, thread count) pair, print a table, return the summary."""
+    cfg = SparseBenchConfig.quick() if quick else SparseBenchConfig()
+    threads = threads or sorted({1, cpu_count()})
+    memcpy = memcpy_gb_per_s()
+    runs = []
+    for optimizer in optimizers:
+        for n in threads:
+            result = run_one(cfg, optimizer, n, memcpy)
+            runs.append(result)
+            _print_row(result)
+    summary = {**_headline(runs), "runs": runs, "targets_met": _targets_met(runs)}
+    if as_json:
+        print(json.dumps(summary))
+    return summary
+
+
+def _headline(runs: list[dict]) -> dict:
+    """The SGD run at the most threads, the one the headline figures come from."""
+    sgd = [r for r in runs if r["optimizer"] == "sgd"] or runs
+    return max(sgd, key=lambda r: r["threads"])
+
+
+def _targets_met(runs: list[dict]) -> bool:
+    ratios = all(r["ratio_vs_torch"] >= TARGETS[r["optimizer"]] for r in runs)
+    return ratios and all(r["bytes_per_row"] <= MAX_OVERHEAD_BYTES_PER_ROW for r in runs)
+
+
+def _print_row(r: dict) -> None:
+    fb = f"{r['fbgemm_ids_per_s'] / 1e6:6.2f}" if r["fbgemm_ids_per_s"] else "   n/a"
+    print(f"{r['optimizer']:>8} threads={r['threads']}  tidal {r['tidal_ids_per_s'] / 1e6:6.2f} M ids/s  "
+          f"torch {r['torch_ids_per_s'] / 1e6:6.2f}  fbgemm {fb}  x{r['ratio_vs_torch']:.2f} vs torch  "
+          f"{r['tidal_gb_per_s']:.2f} GB/s (memcpy {r['memcpy_gb_per_s']:.2f})  "
+          f"overhead {r['bytes_per_row']:.1f} B/row", flush=True)

@@ -1,0 +1,46 @@
+"""The `tidal` command line: `tidal demo`, `tidal bench sparse`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tidal", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="train, evict and checkpoint embedding tables on generated data")
+    demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    bench = commands.add_parser("bench", help="run a benchmark and print its figures")
+    which = bench.add_subparsers(dest="benchmark", required=True)
+    sparse = which.add_parser("sparse", help="a full sparse training step against torch EmbeddingBag")
+    sparse.add_argument("--quick", action="store_true", help="fewer steps: under a minute on 2 cores")
+    sparse.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    sparse.add_argument("--threads", type=int, nargs="+", help="thread counts (default: 1 and all cores)")
+    sparse.add_argument("--optimizer", nargs="+", choices=["sgd", "adagrad"], default=["sgd", "adagrad"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        from tidal import demo
+
+        if args.steps < 100:
+            print(f"tidal demo: --steps must be at least 100, got {args.steps}", file=sys.stderr)
+            return 2
+        demo.run(steps=args.steps)
+    elif args.benchmark == "sparse":
+        from tidal.bench import sparse
+
+        if args.threads and min(args.threads) < 1:
+            print(f"tidal bench sparse: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        sparse.run(quick=args.quick, as_json=args.json, threads=args.threads, optimizers=tuple(args.optimizer))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

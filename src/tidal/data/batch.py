@@ -1,0 +1,122 @@
+"""`SparseBatch`: the jagged batch of sparse ids that every layer of Tidal passes on."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from tidal.errors import BatchError
+
+__all__ = ["SparseBatch"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparseBatch:
+    """A batch of B samples with F sparse features, laid out like TorchRec's
+    KeyedJaggedTensor (feature-major), plus dense features and labels.
+
+    Example, B = 3 samples, F = 2 features::
+
+        sample          0          1           2
+        "user"     [u0]       []          [u2a, u2b]
+        "tag"      [t0]       [t1a, t1b]  [t2]
+
+        keys     = ("user", "tag")
+        lengths  = [1, 0, 2,  1, 2, 1]                 [F * B] int32, bag k = f * B + b
+        offsets  = [0, 1, 1, 3, 4, 6, 7]               [F * B + 1] int64, derived
+        values   = [u0, u2a, u2b, t0, t1a, t1b, t2]    [sum(lengths)] int64 raw ids
+        weights  = None, or one float32 per value      optional per-id weights
+        dense    = [B, Dd] float32 or None              dense features
+        labels   = [B, T] float32 or None               one column per target
+
+    Arrays are converted to the dtypes above and checked on construction; a batch that
+    does not add up raises `BatchError` saying which array is wrong and how.
+    """
+
+    keys: tuple[str, ...]
+    values: np.ndarray
+    lengths: np.ndarray
+    batch_size: int
+    weights: np.ndarray | None = None
+    dense: np.ndarray | None = None
+    labels: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "keys", tuple(self.keys))
+        set_(self, "values", _array(self.values, np.int64, "values", 1))
+        set_(self, "lengths", _array(self.lengths, np.int32, "lengths", 1))
+        if self.weights is not None:
+            set_(self, "weights", _array(self.weights, np.float32, "weights", 1))
+        if self.dense is not None:
+            set_(self, "dense", _array(self.dense, np.float32, "dense", 2))
+        if self.labels is not None:
+            set_(self, "labels", _array(self.labels, np.float32, "labels", 2))
+        self._check()
+
+    def _check(self) -> None:
+        f, b = len(self.keys), self.batch_size
+        if len(set(self.keys)) != f:
+            raise BatchError(f"SparseBatch: feature keys must be distinct, got {self.keys}")
+        if b < 0 or self.lengths.shape[0] != f * b:
+            raise BatchError(
+                f"SparseBatch: lengths must have F * B = {f} * {b} = {f * b} entries "
+                f"(feature-major), got {self.lengths.shape[0]}"
+            )
+        if (self.lengths < 0).any():
+            raise BatchError(f"SparseBatch: lengths must be >= 0, got minimum {self.lengths.min()}")
+        total = int(self.lengths.sum(dtype=np.int64))
+        if self.values.shape[0] != total:
+            raise BatchError(f"SparseBatch: values must have sum(lengths) = {total} ids, got {self.values.shape[0]}")
+        if self.weights is not None and self.weights.shape[0] != total:
+            raise BatchError(f"SparseBatch: weights must have one entry per id ({total}), got {self.weights.shape[0]}")
+        for name in ("dense", "labels"):
+            array = getattr(self, name)
+            if array is not None and array.shape[0] != b:
+                raise BatchError(f"SparseBatch: {name} must have B = {b} rows, got {array.shape[0]}")
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """`[F * B + 1]` int64: ids of bag k are ``values[offsets[k]:offsets[k + 1]]``."""
+        offsets = np.zeros(self.lengths.shape[0] + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=offsets[1:])
+        return offsets
+
+    def feature_range(self, key: str) -> tuple[int, int]:
+        """The [start, end) positions of feature `key`'s ids in `values`."""
+        f = self.keys.index(key)
+        offsets = self.offsets
+        return int(offsets[f * self.batch_size]), int(offsets[(f + 1) * self.batch_size])
+
+    @classmethod
+    def from_lists(cls, bags: Mapping[str, Sequence[Sequence[int]]], *,
+                   weights: Mapping[str, Sequence[Sequence[float]]] | None = None,
+                   **extra: np.ndarray) -> SparseBatch:
+        """Build a batch from ``{feature: [ids of sample 0, ids of sample 1, ...]}``."""
+        keys = tuple(bags)
+        sizes = {len(samples) for samples in bags.values()}
+        if len(sizes) > 1:
+            raise BatchError(f"SparseBatch.from_lists: every feature needs the same number of samples, got {sizes}")
+        flat = [bag for key in keys for bag in bags[key]]
+        flat_weights = None
+        if weights is not None:
+            flat_weights = [w for key in keys for bag in weights[key] for w in bag]
+        return cls(
+            keys=keys, batch_size=sizes.pop() if sizes else 0,
+            values=np.array([i for bag in flat for i in bag], dtype=np.int64),
+            lengths=np.array([len(bag) for bag in flat], dtype=np.int32),
+            weights=None if flat_weights is None else np.array(flat_weights, np.float32), **extra,
+        )
+
+
+def _array(value: object, dtype: type, name: str, ndim: int) -> np.ndarray:
+    array = np.asarray(value)
+    if array.ndim != ndim:
+        raise BatchError(f"SparseBatch: {name} must be {ndim}-D, got shape {array.shape}")
+    if array.size and array.dtype.kind not in "iufb":
+        raise BatchError(f"SparseBatch: {name} must be numeric, got dtype {array.dtype}")
+    if np.dtype(dtype).kind == "i" and array.size and array.dtype.kind == "f":
+        raise BatchError(f"SparseBatch: {name} must be integers, got dtype {array.dtype}")
+    return np.ascontiguousarray(array, dtype=dtype)

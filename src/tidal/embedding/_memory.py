@@ -1,0 +1,102 @@
+"""A chunked row arena whose rows never move, and the kernels' view of it.
+
+Rows live in fixed-size chunks (`CHUNK_ROWS` rows of `width` float32 each). Adding a
+chunk never moves an existing row, so a row handle taken by one thread stays valid
+while another thread grows the table, and growth never needs twice the memory.
+
+Kernels reach a row through a directory of chunk base addresses (an int64 array), so
+one compiled kernel reads rows of any chunk of any shard at the speed of a flat array::
+
+    directory[shard, chunk] ──► chunk base address
+    row handle  = local_row << SHARD_BITS | shard
+    local_row   = chunk << CHUNK_SHIFT | offset
+    row address = directory[shard, chunk] + offset * width * 4
+
+The `Arena` owns the chunk arrays; the directory only borrows their addresses, so an
+arena must outlive every kernel call that reads it (the table holds it for good).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numba
+import numpy as np
+from numba import types
+from numba.extending import intrinsic
+
+__all__ = ["Arena", "CHUNK_ROWS", "CHUNK_SHIFT", "SHARD_BITS", "row_in", "row_of"]
+
+CHUNK_SHIFT = 14
+CHUNK_ROWS = 1 << CHUNK_SHIFT  # 16384 rows: 4 MiB at dim 64 without optimizer state
+SHARD_BITS = 6  # up to 64 shards per table
+
+
+@intrinsic
+def _float_pointer(typingctx, address):  # type: ignore[no-untyped-def]
+    """Reinterpret an int64 address as a float32 pointer (inside compiled code only)."""
+    sig = types.CPointer(types.float32)(types.int64)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.float32)))
+
+    return sig, codegen
+
+
+@numba.njit(nogil=True, inline="always")
+def row_of(directory: np.ndarray, handle: np.int64, width: np.int64) -> np.ndarray:
+    """The float32 row (values then optimizer state) of a row handle, as a view."""
+    shard = handle & ((1 << SHARD_BITS) - 1)
+    local = handle >> SHARD_BITS
+    return _row(directory[shard, local >> CHUNK_SHIFT], local, width)
+
+
+@numba.njit(nogil=True, inline="always")
+def row_in(directories: np.ndarray, table: np.int64, handle: np.int64, width: np.int64) -> np.ndarray:
+    """`row_of` for table `table` of stacked directories `[T, shards, chunks]`."""
+    shard = handle & ((1 << SHARD_BITS) - 1)
+    local = handle >> SHARD_BITS
+    return _row(directories[table, shard, local >> CHUNK_SHIFT], local, width)
+
+
+@numba.njit(nogil=True, inline="always")
+def _row(chunk_base: np.int64, local: np.int64, width: np.int64) -> np.ndarray:
+    # a view without a memory owner: no reference counting in the hot loops
+    offset = (local & (CHUNK_ROWS - 1)) * width * 4
+    return numba.carray(_float_pointer(chunk_base + offset), (width,))
+
+
+class Arena:
+    """The chunks of every shard of one table, plus their address directory.
+
+    `directory` is `[num_shards, max_chunks]` int64; it is replaced (never written in
+    place for an existing entry) when it must grow, so a kernel holding the old one
+    still reads valid addresses.
+    """
+
+    def __init__(self, num_shards: int, width: int) -> None:
+        self.width = width
+        self.chunks: list[list[np.ndarray]] = [[] for _ in range(num_shards)]
+        self.directory = np.zeros((num_shards, 4), dtype=np.int64)
+        self._lock = threading.Lock()  # shards grow the shared directory one at a time
+
+    def rows_capacity(self, shard: int) -> int:
+        return len(self.chunks[shard]) * CHUNK_ROWS
+
+    def add_chunk(self, shard: int) -> None:
+        """Give `shard` one more chunk of rows (contents undefined until written)."""
+        chunk = np.empty((CHUNK_ROWS, self.width), dtype=np.float32)
+        with self._lock:
+            self._publish(shard, chunk)
+
+    def _publish(self, shard: int, chunk: np.ndarray) -> None:
+        index = len(self.chunks[shard])
+        if index == self.directory.shape[1]:
+            grown = np.zeros((self.directory.shape[0], 2 * index), dtype=np.int64)
+            grown[:, :index] = self.directory
+            self.directory = grown
+        self.chunks[shard].append(chunk)
+        self.directory[shard, index] = chunk.ctypes.data
+
+    def allocated_bytes(self) -> int:
+        return sum(len(c) for c in self.chunks) * CHUNK_ROWS * self.width * 4

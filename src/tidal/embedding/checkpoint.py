@@ -1,0 +1,231 @@
+"""Atomic full and delta checkpoints of embedding tables (safetensors + JSON, no pickle).
+
+Layout of a checkpoint root::
+
+    root/
+      CHAIN.json                    which checkpoints to apply, in order
+      000001-full/
+        manifest.json               tables: config, clocks, files with size and sha256
+        <table>/shard-00.safetensors    keys, values, state, last_seen, counts, ...
+      000002-delta/
+        manifest.json
+        <table>/shard-00.safetensors    rows touched since 000001 + keys removed since
+
+A save writes its directory under a temporary name, fsyncs every file, renames the
+directory into place, and only then replaces CHAIN.json (write, fsync, rename). A save
+killed at any point leaves the previous CHAIN.json, and so the previous checkpoint,
+loadable. Loading checks every file's size and sha256 before reading it, and refuses a
+truncated, altered or missing file with a message naming it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from tidal.config import TableConfig
+from tidal.embedding.table import EmbeddingTable
+from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
+
+__all__ = ["load", "save", "save_delta"]
+
+FORMAT = "tidal-embedding-checkpoint"
+VERSION = 1
+CHAIN = "CHAIN.json"
+MANIFEST = "manifest.json"
+
+
+def save(root: str | os.PathLike, tables: Sequence[EmbeddingTable]) -> Path:
+    """A full checkpoint of `tables` under `root`; earlier checkpoints are then removed.
+
+    Call at a safe point: no training step may run on these tables meanwhile.
+    """
+    return _save(Path(root), tables, delta=False)
+
+
+def save_delta(root: str | os.PathLike, tables: Sequence[EmbeddingTable]) -> Path:
+    """A delta checkpoint: for each table, rows touched and keys removed since its last
+    save. The chain under `root` must start with a full checkpoint of the same tables."""
+    root = Path(root)
+    names = set(_read_manifest(root / _chain(root)[0])["tables"]) if (root / CHAIN).exists() else None
+    if names != {t.name for t in tables}:
+        raise CheckpointError(
+            f"{root}: a delta needs a full checkpoint of the same tables first; the chain holds "
+            f"{sorted(names) if names else 'nothing'}, the delta {sorted(t.name for t in tables)}"
+        )
+    return _save(root, tables, delta=True)
+
+
+def load(root: str | os.PathLike, *, threads: int = 1) -> dict[str, EmbeddingTable]:
+    """The tables of the checkpoint under `root`: the full one, then each delta in order."""
+    root = Path(root)
+    tables: dict[str, EmbeddingTable] = {}
+    for name in _chain(root):
+        manifest = _read_manifest(root / name)
+        for table_name, entry in manifest["tables"].items():
+            if manifest["kind"] == "full":
+                tables[table_name] = EmbeddingTable(_config(root / name, entry), threads=threads)
+            _restore(root / name, tables[table_name], entry)
+    return tables
+
+
+# ---------------------------------------------------------------------- writing
+
+
+def _save(root: Path, tables: Sequence[EmbeddingTable], *, delta: bool) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    chain = _chain(root) if (root / CHAIN).exists() else []
+    number = int(chain[-1].split("-")[0]) + 1 if chain else 1
+    name = f"{number:06d}-{'delta' if delta else 'full'}"
+    staging = root / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    manifest = {"format": FORMAT, "version": VERSION, "kind": "delta" if delta else "full",
+                "tables": {t.name: _write_table(staging, t, delta) for t in tables}}
+    _write_json(staging / MANIFEST, manifest)
+    _fsync_dir(staging)
+    os.replace(staging, root / name)
+    _fsync_dir(root)
+    _write_json(root / CHAIN, {"format": FORMAT, "version": VERSION, "chain": (chain + [name]) if delta else [name]})
+    _fsync_dir(root)
+    for table in tables:
+        table.mark_saved(manifest["tables"][table.name]["clocks"])
+    _remove_unreferenced(root)
+    return root / name
+
+
+def _write_table(directory: Path, table: EmbeddingTable, delta: bool) -> dict[str, Any]:
+    (directory / table.name).mkdir()
+    files = {}
+    for s in range(table.num_shards):
+        relative = f"{table.name}/shard-{s:02d}.safetensors"
+        save_file(table.snapshot_shard(s, since_save=delta), str(directory / relative))
+        files[relative] = _fingerprint(directory / relative, sync=True)
+    _fsync_dir(directory / table.name)
+    return {"config": table.config.model_dump(mode="json"), "clocks": table.clocks_after_save(), "files": files}
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w") as f:
+        json.dump(content, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_unreferenced(root: Path) -> None:
+    """Delete checkpoints no longer in the chain and staging left by killed saves."""
+    keep = set(_chain(root))
+    for entry in root.iterdir():
+        if entry.is_dir() and entry.name not in keep and (entry.name.startswith(".tmp-") or entry.name[:6].isdigit()):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _fingerprint(path: Path, *, sync: bool = False) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+        if sync:
+            os.fsync(f.fileno())
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+# ---------------------------------------------------------------------- reading
+
+
+def _chain(root: Path) -> list[str]:
+    path = root / CHAIN
+    if not path.exists():
+        raise CheckpointError(f"{root}: no checkpoint here ({CHAIN} is missing)")
+    chain = _read_json(path).get("chain")
+    if not isinstance(chain, list) or not chain or not str(chain[0]).endswith("-full"):
+        raise CorruptCheckpointError(f"{path}: expected a chain starting with a full checkpoint, got {chain!r}")
+    return chain
+
+
+def _read_manifest(directory: Path) -> dict[str, Any]:
+    manifest = _read_json(directory / MANIFEST)
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise CorruptCheckpointError(
+            f"{directory / MANIFEST}: expected format {FORMAT!r} version {VERSION}, "
+            f"got {manifest.get('format')!r} version {manifest.get('version')!r}"
+        )
+    return manifest
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            content = json.load(f)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{path}: file is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(content, dict):
+        raise CorruptCheckpointError(f"{path}: expected a JSON object, got {type(content).__name__}")
+    return content
+
+
+def _config(directory: Path, entry: dict[str, Any]) -> TableConfig:
+    try:
+        return TableConfig(**entry["config"])
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise CorruptCheckpointError(f"{directory / MANIFEST}: invalid table config ({exc})") from None
+
+
+def _restore(directory: Path, table: EmbeddingTable, entry: dict[str, Any]) -> None:
+    files = entry["files"]
+    if len(files) != table.num_shards:
+        raise CorruptCheckpointError(
+            f"{directory / MANIFEST}: table {table.name!r} needs {table.num_shards} shard files, lists {len(files)}"
+        )
+    for s, (relative, expected) in enumerate(sorted(files.items())):
+        table.restore_shard(s, _read_shard(directory / relative, expected, table))
+    table.restore_clocks(entry["clocks"])
+
+
+def _read_shard(path: Path, expected: dict[str, Any], table: EmbeddingTable) -> dict[str, np.ndarray]:
+    if not path.exists():
+        raise CorruptCheckpointError(f"{path}: file is missing")
+    found = _fingerprint(path)
+    if found["bytes"] != expected["bytes"]:
+        raise CorruptCheckpointError(
+            f"{path}: expected {expected['bytes']} bytes, found {found['bytes']} (truncated or overwritten)"
+        )
+    if found["sha256"] != expected["sha256"]:
+        raise CorruptCheckpointError(f"{path}: content does not match its sha256 in the manifest (altered or corrupted)")
+    try:
+        arrays = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CorruptCheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    _check_shapes(path, arrays, table)
+    return arrays
+
+
+def _check_shapes(path: Path, arrays: dict[str, np.ndarray], table: EmbeddingTable) -> None:
+    n = arrays["keys"].shape[0] if "keys" in arrays else -1
+    expected = {"values": (n, table.dim), "state": (n, table.optimizer.state_width),
+                "last_seen": (n,), "counts": (n,)}
+    for name, shape in expected.items():
+        if name not in arrays or arrays[name].shape != shape:
+            got = arrays[name].shape if name in arrays else "nothing"
+            raise CorruptCheckpointError(f"{path}: {name!r} should have shape {shape}, got {got}")

@@ -1,0 +1,150 @@
+"""The fused lookup + pooling operator over all sparse features of a batch."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tidal.config import EmbeddingFeature, TableConfig
+from tidal.data.batch import SparseBatch
+from tidal.embedding import pooling
+from tidal.embedding._parallel import run_split
+from tidal.embedding.table import EmbeddingTable, RowLookup
+from tidal.errors import BatchError, ConfigError
+
+__all__ = ["EmbeddingCollection", "PooledContext"]
+
+_DTYPES = {torch.float32, torch.bfloat16, torch.float16}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PooledContext:
+    """What `backward` needs from `forward`: row handles and per-id scales of the batch."""
+
+    lookups: dict[int, tuple[slice | np.ndarray, RowLookup]]  # table -> (its ids, their rows)
+    offsets: np.ndarray  # [F * B + 1] int64
+    scales: np.ndarray  # [n_ids] float32
+    feature_tables: np.ndarray  # [F] int64, position in `tables`
+    batch_size: int
+    train: bool
+
+
+class EmbeddingCollection:
+    """Tables plus the features that read them; pools a `SparseBatch` to `[B, F, D]`.
+
+    Every table must have the same dim D. ``forward(batch)`` looks up (creating rows
+    when training) and pools every feature in one pass; ``backward(ctx, grad)`` turns
+    the gradient of the pooled output into one gradient per unique row (duplicates
+    summed, mean/sqrtn scaling applied) and applies each table's fused optimizer.
+    """
+
+    def __init__(self, tables: Sequence[TableConfig | EmbeddingTable],
+                 features: Sequence[EmbeddingFeature], *, threads: int = 1) -> None:
+        self.threads = threads
+        self.tables = [t if isinstance(t, EmbeddingTable) else EmbeddingTable(t, threads=threads) for t in tables]
+        self._table_index = {t.name: i for i, t in enumerate(self.tables)}
+        self.features = {f.name: f for f in features}
+        self._check_config()
+        self.dim = self.tables[0].dim
+
+    def _check_config(self) -> None:
+        if not self.tables:
+            raise ConfigError("EmbeddingCollection: needs at least one table, got none")
+        dims = {t.name: t.dim for t in self.tables}
+        if len(set(dims.values())) > 1:
+            raise ConfigError(f"EmbeddingCollection: every table must have the same dim to pool into [B, F, D], got {dims}")
+        for feature in self.features.values():
+            if feature.table not in self._table_index:
+                raise ConfigError(
+                    f"feature {feature.name!r}: table {feature.table!r} is not defined; "
+                    f"defined tables: {sorted(self._table_index)}"
+                )
+
+    def table(self, name: str) -> EmbeddingTable:
+        return self.tables[self._table_index[name]]
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, batch: SparseBatch, *, train: bool = True,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, PooledContext]:
+        """Pooled embeddings `[B, F, D]` of `batch` (F in `batch.keys` order) and the context.
+
+        With `train`, each table takes one `lookup_or_insert` step (rows are created
+        and admission applies); without it, lookups are read-only and absent ids read
+        as zeros.
+        """
+        if dtype not in _DTYPES:
+            raise BatchError(f"pooled dtype must be one of float32, bfloat16, float16, got {dtype}")
+        feature_tables = self._feature_tables(batch)
+        offsets = batch.offsets
+        lookups = self._lookup(batch, offsets, feature_tables, train)
+        handles = np.empty(batch.values.shape[0], dtype=np.int64)
+        for positions, lookup in lookups.values():
+            handles[positions] = lookup.handles
+        modes = np.array([pooling.MODES[self.features[k].pooling] for k in batch.keys], dtype=np.int64)
+        weights = batch.weights if batch.weights is not None else np.zeros(0, np.float32)
+        scales = pooling.id_scales(offsets, weights, modes, batch.batch_size)
+        out = np.empty((batch.batch_size, len(batch.keys), self.dim), dtype=np.float32)  # [B, F, D]
+        directories, widths = self._directories()
+        run_split(pooling.pool, batch.batch_size, self.threads, directories, widths,
+                  feature_tables, handles, offsets, scales, out)
+        pooled = torch.from_numpy(out)
+        ctx = PooledContext(lookups=lookups, offsets=offsets, scales=scales,
+                            feature_tables=feature_tables, batch_size=batch.batch_size, train=train)
+        return pooled.to(dtype), ctx
+
+    def _feature_tables(self, batch: SparseBatch) -> np.ndarray:
+        unknown = [k for k in batch.keys if k not in self.features]
+        if unknown:
+            raise BatchError(f"batch has features {unknown} that no table serves; known features: {sorted(self.features)}")
+        return np.array([self._table_index[self.features[k].table] for k in batch.keys], dtype=np.int64)
+
+    def _lookup(self, batch: SparseBatch, offsets: np.ndarray, feature_tables: np.ndarray,
+                train: bool) -> dict[int, tuple[slice | np.ndarray, RowLookup]]:
+        """One lookup per table over the ids of all features it serves."""
+        starts = offsets[:: batch.batch_size]  # [F + 1]: feature f's ids are starts[f]:starts[f+1]
+        lookups = {}
+        for t, table in enumerate(self.tables):
+            served = np.flatnonzero(feature_tables == t)
+            if served.shape[0] == 0:
+                continue
+            positions: slice | np.ndarray
+            if np.all(np.diff(served) == 1):  # one contiguous run of features: no copy
+                positions = slice(int(starts[served[0]]), int(starts[served[-1] + 1]))
+            else:
+                positions = np.concatenate([np.arange(starts[f], starts[f + 1]) for f in served])
+            keys = batch.values[positions]
+            lookups[t] = (positions, table.lookup_or_insert(keys) if train else table.find(keys))
+        return lookups
+
+    def _directories(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every table's chunk directory stacked to `[T, shards, chunks]`, and widths `[T]`."""
+        shards = max(t.arena.directory.shape[0] for t in self.tables)
+        chunks = max(t.arena.directory.shape[1] for t in self.tables)
+        stacked = np.zeros((len(self.tables), shards, chunks), dtype=np.int64)
+        for t, table in enumerate(self.tables):
+            directory = table.arena.directory
+            stacked[t, : directory.shape[0], : directory.shape[1]] = directory
+        return stacked, np.array([t.width for t in self.tables], dtype=np.int64)
+
+    # ------------------------------------------------------------------ backward
+
+    def backward(self, ctx: PooledContext, grad: torch.Tensor | np.ndarray) -> None:
+        """Apply the sparse update for `grad`, the gradient of the pooled `[B, F, D]` output."""
+        if not ctx.train:
+            raise BatchError("backward needs a context from forward(train=True); this one was read-only")
+        grad_out = self._grad_rows(ctx, grad)  # [B * F, D]
+        targets = pooling.id_targets(ctx.offsets, ctx.batch_size, ctx.feature_tables.shape[0])
+        for t, (positions, lookup) in ctx.lookups.items():
+            self.tables[t].apply_pooled(lookup, grad_out, targets[positions], ctx.scales[positions])
+
+    def _grad_rows(self, ctx: PooledContext, grad: torch.Tensor | np.ndarray) -> np.ndarray:
+        expected = (ctx.batch_size, ctx.feature_tables.shape[0], self.dim)
+        if tuple(grad.shape) != expected:
+            raise BatchError(f"gradient of the pooled output must have shape [B, F, D] = {list(expected)}, got {list(grad.shape)}")
+        if isinstance(grad, torch.Tensor):
+            grad = grad.detach().to(torch.float32).contiguous().numpy()
+        return np.ascontiguousarray(grad, dtype=np.float32).reshape(-1, self.dim)

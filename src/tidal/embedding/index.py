@@ -1,0 +1,305 @@
+"""Compiled kernels of one shard's hash index: int64 key -> local row.
+
+Open addressing with linear probing over a power-of-two array of int32 slots. A slot
+holds a local row number or `EMPTY`; the key of a row lives in `row_keys[row]`. Since
+emptiness is marked in the slot and never by a key value, all 2**64 int64 values are
+valid keys: 0, -1, the minimum and the maximum included, and none is reserved.
+
+    slots      [ -1 | 7 | -1 | 2 | 5 | -1 | ... ]   power-of-two length, int32
+    row_keys   [ k0 | k1 | k2 | ... ]                key of each local row, int64
+
+Deletion shifts later entries of the probe run back (no tombstones), so lookups stay
+short however many rows were evicted. The caller holds the shard's lock.
+
+`ctl` is the shard's int64 control block (see the `C_*` positions): kernels update it
+in place and stop early, setting `C_NEED`, when the index must grow (`NEED_REHASH`) or
+the arena needs another chunk (`NEED_ROWS`); the caller grows it and calls again from
+the returned position.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from tidal.embedding._memory import SHARD_BITS, row_of
+from tidal.embedding.hashing import init_row, mix64, unit_float
+
+__all__ = ["EMPTY"]
+
+EMPTY = np.int32(-1)
+
+# positions in a shard's control block
+(C_HIGH, C_FREE, C_LIVE, C_ROW_CAP, C_MAX_LIVE, C_ROW_LIMIT, C_NEED,
+ C_LOOKUPS, C_MISSES, C_ADMITTED, C_NOT_ADMITTED, C_EVICTED, C_DROPPED_FULL, C_SIZE) = range(14)
+NEED_NOTHING, NEED_REHASH, NEED_ROWS = 0, 1, 2
+MARK = np.uint32(1 << 31)  # last_seen of a row numbered by the running resolve (steps stay < 2**31)
+
+# admission kinds
+ADMIT_ALL, ADMIT_COUNT, ADMIT_PROBABILITY = 0, 1, 2
+_SKETCH_DEPTH = 4
+
+
+@numba.njit(nogil=True, cache=True)
+def hash_keys(keys: np.ndarray, shard_mask: int, hashes: np.ndarray, shards: np.ndarray) -> None:
+    """Mix every key; the top bits choose the shard, the low bits the slot."""
+    for i in range(keys.shape[0]):
+        h = mix64(np.uint64(keys[i]))
+        hashes[i] = h
+        shards[i] = np.int64(h >> np.uint64(58)) & shard_mask
+
+
+@numba.njit(nogil=True, cache=True)
+def group_by_shard(shards: np.ndarray, num_shards: int) -> tuple[np.ndarray, np.ndarray]:
+    """A stable counting sort: positions of keys grouped by shard, and group offsets."""
+    offsets = np.zeros(num_shards + 1, dtype=np.int64)
+    for s in shards:
+        offsets[s + 1] += 1
+    for s in range(num_shards):
+        offsets[s + 1] += offsets[s]
+    fill = offsets[:-1].copy()
+    order = np.empty(shards.shape[0], dtype=np.int64)
+    for i in range(shards.shape[0]):
+        order[fill[shards[i]]] = i
+        fill[shards[i]] += 1
+    return order, offsets
+
+
+@numba.njit(nogil=True, inline="always")
+def _probe(slots: np.ndarray, row_keys: np.ndarray, key: np.int64, h: np.uint64) -> tuple[int, int]:
+    """(slot position, row): the key's slot, or the empty slot where it would go (row -1)."""
+    mask = slots.shape[0] - 1
+    pos = np.int64(h & np.uint64(mask))
+    while True:
+        row = slots[pos]
+        if row == EMPTY or row_keys[row] == key:
+            return pos, row
+        pos = (pos + 1) & mask
+
+
+@numba.njit(nogil=True, cache=True)
+def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, order, lo, hi,
+            step, shard, rows, admission, sketch, insert, out):  # type: ignore[no-untyped-def]
+    """Row handles of keys[order[lo:hi]], de-duplicated on the way.
+
+    With `insert` (training) an admitted key's row is created on first sight and every
+    found row is marked seen at `step`; without it (serving) the index is only read and
+    absent keys are counted as misses. `out` = (handles [n], inverse [n], unique local
+    rows [hi - lo], their saved last_seen [hi - lo], unique count [1]): inverse[i]
+    numbers the distinct rows of this shard in order of first sight, -1 for a key
+    without a row. The caller ends with `unmark` once the whole range is resolved.
+
+    `rows` = (directory, width, dim, seed, init kind, init scale, initial state value);
+    `admission` = (kind, min count, probability, seed). Returns the position reached:
+    `hi` when done, earlier when `ctl[C_NEED]` asks the caller to grow something.
+    """
+    handles, inverse, unique, previous, n_unique = out
+    ctl[C_NEED] = NEED_NOTHING
+    first = _first_slots(slots, hashes, order, lo, hi)
+    for j in range(lo, hi):
+        i = order[j]
+        pos, row = 0, first[j - lo]
+        if row == EMPTY or row_keys[row] != keys[i]:  # not at its home slot: walk the run
+            pos, row = _probe(slots, row_keys, keys[i], hashes[i])
+        if row == EMPTY and insert:
+            row = _create(slots, row_keys, free_rows, ctl, keys[i], hashes[i], pos,
+                          step, shard, rows, admission, sketch)
+            if ctl[C_NEED] != NEED_NOTHING:
+                ctl[C_LOOKUPS] += j - lo
+                return j
+        if row < 0:
+            handles[i] = -1
+            inverse[i] = -1
+            ctl[C_MISSES] += not insert
+            continue
+        if insert and counts.shape[0] > 0:
+            counts[row] += 1
+        handles[i] = (np.int64(row) << SHARD_BITS) | shard
+        inverse[i] = _number(last_seen, unique, previous, n_unique, row)
+    ctl[C_LOOKUPS] += hi - lo
+    return hi
+
+
+@numba.njit(nogil=True, inline="always")
+def _first_slots(slots, hashes, order, lo, hi):  # type: ignore[no-untyped-def]
+    """The home slot of every key, read in one pass of independent loads.
+
+    Most keys sit in their home slot, so the main loop can then check each key with one
+    load whose address is already known, instead of a chain of two dependent misses.
+    """
+    mask = np.uint64(slots.shape[0] - 1)
+    first = np.empty(hi - lo, dtype=np.int32)
+    for j in range(lo, hi):
+        first[j - lo] = slots[np.int64(hashes[order[j]] & mask)]
+    return first
+
+
+@numba.njit(nogil=True, inline="always")
+def _create(slots, row_keys, free_rows, ctl, key, h, pos, step, shard, rows,
+            admission, sketch):  # type: ignore[no-untyped-def]
+    """The new row of an absent key, or -1 (not admitted, table full, or must grow)."""
+    if not _admit(key, h, step, admission, sketch):
+        ctl[C_NOT_ADMITTED] += 1
+        return -1
+    if ctl[C_LIVE] >= ctl[C_ROW_LIMIT]:
+        ctl[C_DROPPED_FULL] += 1
+        return -1
+    row = _take_row(ctl, free_rows)
+    if row < 0:
+        return -1
+    slots[pos] = row
+    row_keys[row] = key
+    _init_new_row(rows, (np.int64(row) << SHARD_BITS) | shard, key)
+    ctl[C_ADMITTED] += 1
+    return row
+
+
+@numba.njit(nogil=True, inline="always")
+def _number(last_seen, unique, previous, n_unique, row):  # type: ignore[no-untyped-def]
+    """The batch-local number of `row`, giving it the next one on first sight.
+
+    While a call runs, a numbered row's `last_seen` holds ``MARK | number`` (its old
+    value saved in `previous`); `unmark` puts the real value back at the end.
+    """
+    seen = last_seen[row]
+    if seen & MARK:
+        return np.int64(seen & ~MARK)
+    number = n_unique[0]
+    unique[number] = row
+    previous[number] = seen
+    n_unique[0] += 1
+    last_seen[row] = MARK | np.uint32(number)
+    return number
+
+
+@numba.njit(nogil=True, cache=True)
+def unmark(last_seen, unique, previous, count, step, insert):  # type: ignore[no-untyped-def]
+    """End a resolve: numbered rows are marked seen at `step` (insert) or restored."""
+    for k in range(count):
+        last_seen[unique[k]] = np.uint32(step) if insert else previous[k]
+
+
+@numba.njit(nogil=True, inline="always")
+def _take_row(ctl, free_rows):  # type: ignore[no-untyped-def]
+    """A free local row (reused first), or -1 with ctl[C_NEED] saying what to grow."""
+    if ctl[C_LIVE] + 1 > ctl[C_MAX_LIVE]:
+        ctl[C_NEED] = NEED_REHASH
+        return -1
+    if ctl[C_FREE] > 0:
+        ctl[C_FREE] -= 1
+        row = free_rows[ctl[C_FREE]]
+    elif ctl[C_HIGH] < ctl[C_ROW_CAP]:
+        row = ctl[C_HIGH]
+        ctl[C_HIGH] += 1
+    else:
+        ctl[C_NEED] = NEED_ROWS
+        return -1
+    ctl[C_LIVE] += 1
+    return row
+
+
+@numba.njit(nogil=True, inline="always")
+def _init_new_row(rows, handle, key):  # type: ignore[no-untyped-def]
+    directory, width, dim, seed, kind, scale, state_value = rows
+    row = row_of(directory, handle, width)
+    init_row(row[:dim], key, seed, kind, scale)
+    row[dim:] = state_value
+
+
+@numba.njit(nogil=True, inline="always")
+def _admit(key, h, step, admission, sketch):  # type: ignore[no-untyped-def]
+    """Whether this sighting of a missing key creates its row."""
+    kind, min_count, probability, seed = admission
+    if kind == ADMIT_ALL:
+        return True
+    if kind == ADMIT_PROBABILITY:
+        return unit_float(mix64(np.uint64(key) ^ seed ^ mix64(np.uint64(step)))) < probability
+    return _sketch_add(sketch, h) >= min_count
+
+
+@numba.njit(nogil=True, inline="always")
+def _sketch_add(sketch, h):  # type: ignore[no-untyped-def]
+    """Count one sighting in a count-min sketch ([4, width] uint16); return the estimate."""
+    width = np.uint64(sketch.shape[1])
+    estimate = 65535
+    for d in range(_SKETCH_DEPTH):
+        col = np.int64(mix64(h + np.uint64(d)) % width)
+        if sketch[d, col] < 65535:
+            sketch[d, col] += 1
+        estimate = min(estimate, np.int64(sketch[d, col]))
+    return estimate
+
+
+@numba.njit(nogil=True, cache=True)
+def rehash(old_slots, new_slots, row_keys):  # type: ignore[no-untyped-def]
+    """Insert every row of `old_slots` into the larger, empty `new_slots`."""
+    mask = new_slots.shape[0] - 1
+    for row in old_slots:
+        if row != EMPTY:
+            pos = np.int64(mix64(np.uint64(row_keys[row])) & np.uint64(mask))
+            while new_slots[pos] != EMPTY:
+                pos = (pos + 1) & mask
+            new_slots[pos] = row
+
+
+@numba.njit(nogil=True, cache=True)
+def remove(slots, row_keys, free_rows, ctl, keys):  # type: ignore[no-untyped-def]
+    """Delete `keys` (missing ones are skipped); their rows go to the free list.
+
+    Returns a bool mask of the keys that were present. `free_rows` must have room for
+    `ctl[C_FREE] + len(keys)` entries.
+    """
+    present = np.zeros(keys.shape[0], dtype=np.bool_)
+    for i in range(keys.shape[0]):
+        pos, row = _probe(slots, row_keys, keys[i], mix64(np.uint64(keys[i])))
+        if row == EMPTY:
+            continue
+        present[i] = True
+        free_rows[ctl[C_FREE]] = row
+        ctl[C_FREE] += 1
+        ctl[C_LIVE] -= 1
+        _shift_back(slots, row_keys, pos)
+    return present
+
+
+@numba.njit(nogil=True, inline="always")
+def _shift_back(slots, row_keys, hole):  # type: ignore[no-untyped-def]
+    """Close the hole at `hole` by moving later entries of its probe run back."""
+    mask = slots.shape[0] - 1
+    j = hole
+    while True:
+        j = (j + 1) & mask
+        row = slots[j]
+        if row == EMPTY:
+            break
+        home = np.int64(mix64(np.uint64(row_keys[row])) & np.uint64(mask))
+        # the entry at j may move to the hole unless its home lies cyclically in (hole, j]
+        if (hole < j and hole < home <= j) or (hole > j and (home > hole or home <= j)):
+            continue
+        slots[hole] = row
+        hole = j
+    slots[hole] = EMPTY
+
+
+@numba.njit(nogil=True, cache=True)
+def live_rows(slots: np.ndarray) -> np.ndarray:
+    """The local rows present in the index, in slot order."""
+    count = 0
+    for row in slots:
+        count += row != EMPTY
+    rows = np.empty(count, dtype=np.int64)
+    k = 0
+    for row in slots:
+        if row != EMPTY:
+            rows[k] = row
+            k += 1
+    return rows
+
+
+@numba.njit(nogil=True, cache=True)
+def number_across_shards(inverse, order, offsets, bases):  # type: ignore[no-untyped-def]
+    """Turn per-shard row numbers into batch-wide ones: shard s's start at bases[s]."""
+    for s in range(offsets.shape[0] - 1):
+        for j in range(offsets[s], offsets[s + 1]):
+            if inverse[order[j]] >= 0:
+                inverse[order[j]] += bases[s]

@@ -1,0 +1,550 @@
+"""A collision-free dynamic embedding table: every distinct int64 key owns its own row.
+
+The table is split into shards by a 64-bit mix of the key; each shard has its own lock,
+hash index, row metadata and chunks of rows, so threads working on different shards
+never wait for each other. Row initial values are a pure function of (seed, table
+name, key). Optimizer state is stored in the row, right after the values.
+
+Verbs (the parameter-server protocol speaks the same ones)::
+
+    lookup(keys)            -> values [n, dim]   serving: read-only, missing keys read 0
+    lookup_or_insert(keys)  -> handles [n]       training: one step; creates admitted rows
+    apply_gradients(keys, grads)                 fused optimizer update on unique rows
+    pull_rows(keys) / push_rows(block)           move rows with their optimizer state
+    evict()                                      TTL and row cap, at a safe point
+    save / save_delta / load                     see tidal.embedding.checkpoint
+    stats()                                      rows, bytes, lookups, misses, ...
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+
+from tidal.config import CountAdmission, ProbabilityAdmission, TableConfig
+from tidal.embedding import index as ix
+from tidal.embedding import pooling
+from tidal.embedding._memory import CHUNK_ROWS, SHARD_BITS, Arena
+from tidal.embedding._parallel import run_split, run_tasks
+from tidal.embedding.hashing import INIT_KINDS, table_seed
+from tidal.errors import BatchError, CheckpointError
+from tidal.optim.rowwise import OptimizerKernel
+
+__all__ = ["EmbeddingTable", "RowBlock", "RowLookup", "TableStats"]
+
+_MAX_LOAD = 0.75
+_ROW_ARRAY_GROWTH = 1.25
+_UNLIMITED = 1 << 62
+
+
+@dataclass(frozen=True, kw_only=True)
+class TableStats:
+    """A snapshot of one table's size and counters."""
+
+    name: str
+    rows: int
+    dim: int
+    value_bytes: int  # rows x dim x 4
+    state_bytes: int  # rows x optimizer state width x 4
+    index_bytes: int  # hash slots and the key of every row
+    metadata_bytes: int  # last-seen step, counts, free list, admission sketch
+    allocated_bytes: int  # row chunks reserved, used or not
+    lookups: int
+    misses: int  # serving lookups of absent keys
+    admitted: int  # rows created
+    not_admitted: int  # sightings of keys that admission turned away
+    evicted: int
+    dropped_full: int  # new keys refused because the table was at its row cap
+
+    @property
+    def overhead_bytes_per_row(self) -> float:
+        """Index and metadata bytes per row, beyond values and optimizer state."""
+        return (self.index_bytes + self.metadata_bytes) / max(self.rows, 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RowLookup:
+    """Where the keys of one lookup live, de-duplicated.
+
+    handles        [n]      int64  row handle of each key, -1 when it has no row
+    inverse        [n]      int64  position of each key's row in `unique`, -1 when none
+    unique         [U]      int64  the distinct row handles, grouped by shard
+    shard_offsets  [S + 1]  int64  shard s's rows are unique[shard_offsets[s]:shard_offsets[s+1]]
+    """
+
+    handles: np.ndarray
+    inverse: np.ndarray
+    unique: np.ndarray
+    shard_offsets: np.ndarray
+
+
+@dataclass(frozen=True, kw_only=True)
+class RowBlock:
+    """Rows moved between tables, shards and checkpoints, with their optimizer state.
+
+    keys      [n]            int64
+    values    [n, dim]       float32
+    state     [n, state]     float32   optimizer state, layout of tidal.optim.rowwise
+    last_seen [n]            uint32    step a row was last looked up or written
+    counts    [n]            uint32    lookups of each row (zeros when not tracked)
+    """
+
+    keys: np.ndarray
+    values: np.ndarray
+    state: np.ndarray
+    last_seen: np.ndarray
+    counts: np.ndarray
+
+
+class _Shard:
+    """One shard's index, row metadata and control block; used under `lock` only."""
+
+    def __init__(self, row_limit: int, track_counts: bool, sketch_width: int) -> None:
+        self.lock = threading.Lock()
+        self.slots = np.full(1024, ix.EMPTY, dtype=np.int32)
+        self.row_keys = np.zeros(0, dtype=np.int64)
+        self.last_seen = np.zeros(0, dtype=np.uint32)
+        self.track_counts = track_counts
+        self.counts = np.zeros(0, dtype=np.uint32)
+        self.free_rows = np.zeros(0, dtype=np.int64)
+        self.sketch = np.zeros((4, sketch_width), dtype=np.uint16)
+        self.evicted: list[np.ndarray] = []  # keys evicted since the last save
+        self.ctl = np.zeros(ix.C_SIZE, dtype=np.int64)
+        self.ctl[ix.C_MAX_LIVE] = int(self.slots.shape[0] * _MAX_LOAD)
+        self.ctl[ix.C_ROW_LIMIT] = row_limit
+
+    def grow_index(self) -> None:
+        new_slots = np.full(2 * self.slots.shape[0], ix.EMPTY, dtype=np.int32)
+        ix.rehash(self.slots, new_slots, self.row_keys)
+        self.slots = new_slots
+        self.ctl[ix.C_MAX_LIVE] = int(new_slots.shape[0] * _MAX_LOAD)
+
+    def grow_rows(self, row_capacity: int) -> None:
+        """Make the per-row arrays hold `row_capacity` rows (grown by 25% steps)."""
+        if row_capacity > self.row_keys.shape[0]:
+            size = max(row_capacity, int(self.row_keys.shape[0] * _ROW_ARRAY_GROWTH))
+            self.row_keys = _resized(self.row_keys, size)
+            self.last_seen = _resized(self.last_seen, size)
+            if self.track_counts:
+                self.counts = _resized(self.counts, size)
+        self.ctl[ix.C_ROW_CAP] = row_capacity
+
+    def reserve_free(self, extra: int) -> None:
+        need = int(self.ctl[ix.C_FREE]) + extra
+        if need > self.free_rows.shape[0]:
+            self.free_rows = _resized(self.free_rows, max(need, 2 * self.free_rows.shape[0]))
+
+    def metadata_bytes(self) -> int:
+        arrays = (self.last_seen, self.counts, self.free_rows, self.sketch)
+        return sum(a.nbytes for a in arrays)
+
+
+def _resized(array: np.ndarray, size: int) -> np.ndarray:
+    grown = np.zeros(size, dtype=array.dtype)
+    grown[: array.shape[0]] = array
+    return grown
+
+
+class EmbeddingTable:
+    """A sharded, collision-free embedding table. See the module docstring."""
+
+    def __init__(self, config: TableConfig, *, threads: int = 1) -> None:
+        self.config = config
+        self.name = config.name
+        self.dim = config.dim
+        self.threads = threads
+        self.optimizer = OptimizerKernel(config.optimizer, config.dim)
+        self.width = config.dim + self.optimizer.state_width
+        self.arena = Arena(config.num_shards, self.width)
+        self._seed = table_seed(config.seed, config.name)
+        self._step = 0  # lookup_or_insert calls (and saves) so far
+        self._updates = 0  # optimizer steps so far
+        self._saved_step = -1  # rows last seen after this step go into the next delta
+        self._counter_lock = threading.Lock()
+        self._shards = [self._new_shard() for _ in range(config.num_shards)]
+
+    # ------------------------------------------------------------------ set-up
+
+    def _new_shard(self) -> _Shard:
+        eviction = self.config.eviction
+        track_counts = eviction is not None and eviction.capacity_policy == "lfu"
+        admission = self.config.admission
+        sketch_width = admission.sketch_width if isinstance(admission, CountAdmission) else 0
+        return _Shard(self._shard_row_limit(), track_counts, sketch_width)
+
+    @property
+    def row_cap(self) -> int | None:
+        """The most rows the table keeps: `max_rows`, or what `memory_bytes` pays for."""
+        caps = [self.config.max_rows] if self.config.max_rows else []
+        if self.config.memory_bytes:
+            caps.append(self.config.memory_bytes // (4 * self.width + 24))
+        return min(caps) if caps else None
+
+    def _shard_row_limit(self) -> int:
+        """New keys are refused past this per shard; with eviction, `evict()` trims instead."""
+        if self.row_cap is None or self.config.eviction is not None:
+            return _UNLIMITED
+        return math.ceil(self.row_cap / self.config.num_shards)
+
+    def _row_settings(self) -> tuple:
+        init = self.config.initializer
+        return (self.arena.directory, self.width, self.dim, self._seed, INIT_KINDS[init.kind],
+                init.scale, np.float32(self.optimizer.initial_state))
+
+    def _admission_settings(self, force: bool) -> tuple:
+        admission = self.config.admission
+        if force or admission is None:
+            return (ix.ADMIT_ALL, 0, 1.0, self._seed)
+        if isinstance(admission, ProbabilityAdmission):
+            return (ix.ADMIT_PROBABILITY, 0, admission.probability, self._seed)
+        return (ix.ADMIT_COUNT, admission.min_count, 1.0, self._seed)
+
+    # ------------------------------------------------------------------ counters
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._shards)
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    def _next_step(self) -> int:
+        with self._counter_lock:
+            self._step += 1
+            return self._step
+
+    def _next_update(self) -> int:
+        with self._counter_lock:
+            self._updates += 1
+            return self._updates
+
+    # ------------------------------------------------------------------ routing
+
+    def _route(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(hashes, positions grouped by shard, group offsets) of validated keys."""
+        hashes = np.empty(keys.shape[0], dtype=np.uint64)
+        shards = np.empty(keys.shape[0], dtype=np.int64)
+        ix.hash_keys(keys, len(self._shards) - 1, hashes, shards)
+        order, offsets = ix.group_by_shard(shards, len(self._shards))
+        return hashes, order, offsets
+
+    def _keys(self, keys: np.ndarray) -> np.ndarray:
+        keys = np.asarray(keys)
+        if keys.ndim != 1 or keys.dtype.kind not in "iu":
+            raise BatchError(
+                f"table {self.name!r}: keys must be a 1-D integer array, got "
+                f"{keys.dtype} of shape {keys.shape}"
+            )
+        return np.ascontiguousarray(keys, dtype=np.int64)
+
+    # ------------------------------------------------------------------ lookups
+
+    def lookup_or_insert(self, keys: np.ndarray) -> RowLookup:
+        """Rows of `keys` for training (one step), creating admitted rows on first sight.
+
+        Keys turned away by admission (or by a full table) get handle -1. Handles stay
+        valid until the next `evict()`.
+        """
+        return self._resolve(self._keys(keys), step=self._next_step(), insert=True, force=False)
+
+    def find(self, keys: np.ndarray) -> RowLookup:
+        """Rows of `keys` without creating any: absent keys get -1 and count as misses."""
+        return self._resolve(self._keys(keys), step=self._step, insert=False, force=False)
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """Values `[n, dim]` float32 of `keys` for serving; absent keys read as zeros."""
+        return self._gather(self.find(keys).handles)[:, : self.dim]
+
+    def _resolve(self, keys: np.ndarray, *, step: int, insert: bool, force: bool) -> RowLookup:
+        hashes, order, offsets = self._route(keys)
+        handles = np.empty(keys.shape[0], dtype=np.int64)
+        inverse = np.empty(keys.shape[0], dtype=np.int64)
+        found: list[np.ndarray] = [np.zeros(0, np.int64)] * self.num_shards
+        route = (keys, hashes, order, offsets, handles, inverse)
+        settings = (step, insert, self._admission_settings(force))
+
+        def in_shard(s: int) -> None:
+            found[s] = self._resolve_in_shard(s, route, settings)
+
+        run_tasks([partial(in_shard, s) for s in range(self.num_shards) if offsets[s] < offsets[s + 1]],
+                  self.threads)
+        bases = np.zeros(self.num_shards + 1, dtype=np.int64)
+        np.cumsum([len(f) for f in found], out=bases[1:])
+        ix.number_across_shards(inverse, order, offsets, bases)
+        unique = np.concatenate([(rows << SHARD_BITS) | s for s, rows in enumerate(found)])
+        return RowLookup(handles=handles, inverse=inverse, unique=unique, shard_offsets=bases)
+
+    def _resolve_in_shard(self, s: int, route: tuple, settings: tuple) -> np.ndarray:
+        """Resolve shard `s`'s part of a batch under its lock; its distinct local rows."""
+        keys, hashes, order, offsets, handles, inverse = route
+        step, insert, admission = settings
+        shard = self._shards[s]
+        position, end = int(offsets[s]), int(offsets[s + 1])
+        rows = np.empty(end - position, dtype=np.int64)
+        previous = np.empty(end - position, dtype=np.uint32)
+        n_rows = np.zeros(1, dtype=np.int64)
+        with shard.lock:
+            while position < end:
+                position = ix.resolve(
+                    shard.slots, shard.row_keys, shard.last_seen, shard.counts, shard.free_rows,
+                    shard.ctl, keys, hashes, order, position, end, step, s, self._row_settings(),
+                    admission, shard.sketch, insert, (handles, inverse, rows, previous, n_rows))
+                self._grow(s, shard)
+            ix.unmark(shard.last_seen, rows, previous, n_rows[0], step, insert)
+        return rows[: n_rows[0]]
+
+    def _grow(self, s: int, shard: _Shard) -> None:
+        """Grow what the last kernel call asked for (nothing, the index, or the rows)."""
+        if shard.ctl[ix.C_NEED] == ix.NEED_REHASH:
+            shard.grow_index()
+        elif shard.ctl[ix.C_NEED] == ix.NEED_ROWS:
+            self.arena.add_chunk(s)
+            shard.grow_rows(self.arena.rows_capacity(s))
+
+    def _gather(self, handles: np.ndarray) -> np.ndarray:
+        rows = np.empty((handles.shape[0], self.width), dtype=np.float32)
+        run_split(pooling.gather_rows, handles.shape[0], self.threads,
+                  self.arena.directory, self.width, handles, rows)
+        return rows
+
+    # ------------------------------------------------------------------ updates
+
+    def apply_gradients(self, keys: np.ndarray, grads: np.ndarray) -> None:
+        """One optimizer step on the rows of `keys` given one gradient per key.
+
+        Repeated keys have their gradients summed first; absent keys are skipped.
+        `grads` is `[n, dim]` float32.
+        """
+        keys = self._keys(keys)
+        grads = np.ascontiguousarray(grads, dtype=np.float32)
+        if grads.shape != (keys.shape[0], self.dim):
+            raise BatchError(
+                f"table {self.name!r}: grads must have shape {(keys.shape[0], self.dim)} "
+                f"(one row per key), got {grads.shape}"
+            )
+        n = keys.shape[0]
+        self.apply_pooled(self.find(keys), grads, np.arange(n, dtype=np.int64), np.ones(n, np.float32))
+
+    def apply_pooled(self, lookup: RowLookup, grad_out: np.ndarray, targets: np.ndarray,
+                     scales: np.ndarray) -> None:
+        """One fused backward + optimizer step on the rows of `lookup`.
+
+        The gradient of each distinct row is the sum over its ids i of
+        ``scales[i] * grad_out[targets[i]]`` (grad_out `[rows, dim]` float32).
+        """
+        csr = pooling.ids_by_unique(lookup.inverse, lookup.unique.shape[0], targets, scales)
+        step = self._next_update()
+        work = (csr, grad_out, step)
+        offsets = lookup.shard_offsets
+        run_tasks([partial(self._apply_in_shard, s, lookup.unique, int(offsets[s]), int(offsets[s + 1]), work)
+                   for s in range(self.num_shards) if offsets[s] < offsets[s + 1]], self.threads)
+
+    def _apply_in_shard(self, s: int, unique: np.ndarray, lo: int, hi: int, work: tuple) -> None:
+        csr, grad_out, step = work
+        shard = self._shards[s]
+        with shard.lock:
+            pooling.apply_pooled(self.arena.directory, self.width, unique, csr, grad_out,
+                                 self.optimizer.code, self.optimizer.hyper, step, lo, hi)
+            shard.last_seen[unique[lo:hi] >> SHARD_BITS] = self._step
+
+    # ------------------------------------------------------------------ row moves
+
+    def pull_rows(self, keys: np.ndarray) -> tuple[RowBlock, np.ndarray]:
+        """The rows of `keys` with their optimizer state and metadata, and a found mask.
+
+        Absent keys come back as zero rows with found False.
+        """
+        keys = self._keys(keys)
+        handles = self.find(keys).handles
+        rows = self._gather(handles)
+        last_seen = np.zeros(keys.shape[0], dtype=np.uint32)
+        counts = np.zeros(keys.shape[0], dtype=np.uint32)
+        for s, shard in enumerate(self._shards):
+            mine = (handles >= 0) & ((handles & ((1 << SHARD_BITS) - 1)) == s)
+            local = handles[mine] >> SHARD_BITS
+            last_seen[mine] = shard.last_seen[local]
+            if shard.track_counts:
+                counts[mine] = shard.counts[local]
+        block = RowBlock(keys=keys, values=rows[:, : self.dim], state=rows[:, self.dim :],
+                         last_seen=last_seen, counts=counts)
+        return block, handles >= 0
+
+    def push_rows(self, block: RowBlock) -> None:
+        """Insert or overwrite rows with their optimizer state and metadata.
+
+        Admission does not apply (the rows were admitted where they came from); the row
+        cap does.
+        """
+        keys = self._keys(block.keys)
+        rows = np.concatenate([np.asarray(block.values, np.float32).reshape(len(keys), -1),
+                               np.asarray(block.state, np.float32).reshape(len(keys), -1)], axis=1)
+        if rows.shape[1] != self.width:
+            raise BatchError(
+                f"table {self.name!r}: pushed rows must have {self.dim} values and "
+                f"{self.optimizer.state_width} optimizer state columns, got {rows.shape[1]} in all"
+            )
+        handles = self._resolve(keys, step=self._step, insert=True, force=True).handles
+        run_split(pooling.scatter_rows, len(keys), self.threads, self.arena.directory, self.width, handles, rows)
+        self._restore_metadata(handles, block)
+
+    def _restore_metadata(self, handles: np.ndarray, block: RowBlock) -> None:
+        for s, shard in enumerate(self._shards):
+            mine = (handles >= 0) & ((handles & ((1 << SHARD_BITS) - 1)) == s)
+            with shard.lock:
+                shard.last_seen[handles[mine] >> SHARD_BITS] = block.last_seen[mine]
+                if shard.track_counts:
+                    shard.counts[handles[mine] >> SHARD_BITS] = block.counts[mine]
+
+    def remove(self, keys: np.ndarray) -> int:
+        """Delete the rows of `keys` (absent keys are skipped); returns how many went.
+
+        Removed rows count as evicted and are recorded for the next delta checkpoint.
+        """
+        keys = self._keys(keys)
+        _, order, offsets = self._route(keys)
+        removed = 0
+        for s, shard in enumerate(self._shards):
+            mine = keys[order[offsets[s] : offsets[s + 1]]]
+            with shard.lock:
+                shard.reserve_free(len(mine))
+                present = ix.remove(shard.slots, shard.row_keys, shard.free_rows, shard.ctl, mine)
+                shard.evicted.append(mine[present])
+                shard.ctl[ix.C_EVICTED] += int(present.sum())
+                removed += int(present.sum())
+        return removed
+
+    # ------------------------------------------------------------------ eviction
+
+    def evict(self) -> int:
+        """Apply the TTL and the row cap now; returns the number of rows evicted.
+
+        Call it at a safe point: no handle from an earlier `lookup_or_insert` may be in
+        use, since evicted rows are reused.
+        """
+        eviction = self.config.eviction
+        if eviction is None:
+            return 0
+        evicted = 0
+        if eviction.ttl_steps is not None:
+            stale = [keys[self._step - seen.astype(np.int64) > eviction.ttl_steps]
+                     for keys, seen, _ in self._live_metadata()]
+            evicted += self.remove(np.concatenate(stale))
+        over = self.stats().rows - (self.row_cap or _UNLIMITED)
+        if over > 0:
+            evicted += self.remove(self._least_used(over, eviction.capacity_policy))
+        return evicted
+
+    def _live_metadata(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(keys, last_seen, counts) of the live rows of each shard."""
+        found = []
+        for shard in self._shards:
+            with shard.lock:
+                local = ix.live_rows(shard.slots)
+                counts = shard.counts[local] if shard.track_counts else np.zeros(len(local), np.uint32)
+                found.append((shard.row_keys[local], shard.last_seen[local], counts))
+        return found
+
+    def _least_used(self, count: int, policy: str) -> np.ndarray:
+        live = self._live_metadata()
+        keys = np.concatenate([k for k, _, _ in live])
+        score = np.concatenate([(c if policy == "lfu" else s).astype(np.int64) for _, s, c in live])
+        return keys[np.argpartition(score, count - 1)[:count]]
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def snapshot_shard(self, s: int, *, since_save: bool) -> dict[str, np.ndarray]:
+        """Shard `s` as arrays: every live row, or (delta) rows seen since the last save
+        plus the keys removed since then. Call at a safe point (no training running)."""
+        shard = self._shards[s]
+        with shard.lock:
+            local = ix.live_rows(shard.slots)
+            if since_save:
+                local = local[shard.last_seen[local].astype(np.int64) > self._saved_step]
+            rows = self._gather((local << SHARD_BITS) | s)
+            arrays = {
+                "keys": shard.row_keys[local], "values": rows[:, : self.dim],
+                "state": rows[:, self.dim :], "last_seen": shard.last_seen[local],
+                "counts": shard.counts[local] if shard.track_counts else np.zeros(len(local), np.uint32),
+                "counters": shard.ctl[ix.C_LOOKUPS : ix.C_SIZE].copy(), "sketch": shard.sketch,
+            }
+            if since_save:
+                arrays["evicted"] = np.concatenate([np.zeros(0, np.int64), *shard.evicted])
+        return {name: np.ascontiguousarray(a) for name, a in arrays.items()}
+
+    def restore_shard(self, s: int, arrays: dict[str, np.ndarray]) -> None:
+        """Apply a snapshot of shard `s`: removals first (delta), then rows, then counters."""
+        if "evicted" in arrays:
+            self.remove(arrays["evicted"])
+        block = RowBlock(keys=arrays["keys"], values=arrays["values"], state=arrays["state"],
+                         last_seen=arrays["last_seen"], counts=arrays["counts"])
+        self.push_rows(block)
+        shard = self._shards[s]
+        with shard.lock:
+            shard.ctl[ix.C_LOOKUPS : ix.C_SIZE] = arrays["counters"]
+            shard.sketch[...] = arrays["sketch"]
+            shard.evicted.clear()
+
+    def clocks_after_save(self) -> dict[str, int]:
+        """The step counters as they will be once the checkpoint being written commits.
+
+        The save takes a step of its own, so rows written after it are marked later
+        than `saved_step` and the next delta sees them.
+        """
+        return {"step": self._step + 1, "updates": self._updates, "saved_step": self._step}
+
+    def restore_clocks(self, clocks: dict[str, int]) -> None:
+        with self._counter_lock:
+            self._step, self._updates, self._saved_step = clocks["step"], clocks["updates"], clocks["saved_step"]
+
+    def mark_saved(self, clocks: dict[str, int]) -> None:
+        """The checkpoint written with `clocks` committed: the next delta starts here."""
+        self.restore_clocks(clocks)
+        for shard in self._shards:
+            with shard.lock:
+                shard.evicted.clear()
+
+    def save(self, root: str | os.PathLike) -> None:
+        """A full checkpoint of this table under `root` (see tidal.embedding.checkpoint)."""
+        from tidal.embedding.checkpoint import save
+
+        save(root, [self])
+
+    def save_delta(self, root: str | os.PathLike) -> None:
+        """A delta checkpoint: rows touched and keys removed since the last save."""
+        from tidal.embedding.checkpoint import save_delta
+
+        save_delta(root, [self])
+
+    @classmethod
+    def load(cls, root: str | os.PathLike, *, threads: int = 1) -> EmbeddingTable:
+        """The single table of the checkpoint under `root`, full plus deltas applied."""
+        from tidal.embedding.checkpoint import load
+
+        tables = load(root, threads=threads)
+        if len(tables) != 1:
+            raise CheckpointError(f"{root}: expected a checkpoint of one table, found {sorted(tables)}")
+        return next(iter(tables.values()))
+
+    # ------------------------------------------------------------------ stats
+
+    def stats(self) -> TableStats:
+        ctl = np.sum([shard.ctl for shard in self._shards], axis=0)
+        rows = int(ctl[ix.C_LIVE])
+        index_bytes = sum(s.slots.nbytes + s.row_keys.nbytes for s in self._shards)
+        return TableStats(
+            name=self.name, rows=rows, dim=self.dim,
+            value_bytes=rows * self.dim * 4,
+            state_bytes=rows * self.optimizer.state_width * 4,
+            index_bytes=index_bytes,
+            metadata_bytes=sum(s.metadata_bytes() for s in self._shards),
+            allocated_bytes=self.arena.allocated_bytes(),
+            lookups=int(ctl[ix.C_LOOKUPS]), misses=int(ctl[ix.C_MISSES]),
+            admitted=int(ctl[ix.C_ADMITTED]), not_admitted=int(ctl[ix.C_NOT_ADMITTED]),
+            evicted=int(ctl[ix.C_EVICTED]), dropped_full=int(ctl[ix.C_DROPPED_FULL]),
+        )

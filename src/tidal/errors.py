@@ -1,0 +1,43 @@
+"""The exception tree of Tidal.
+
+Every error says what was expected, what came, and what to do::
+
+    TidalError
+    ├── ConfigError            an invalid config value (names the field, value, range)
+    ├── BatchError             a malformed SparseBatch or gradient (names the array, shape)
+    └── CheckpointError        a checkpoint that cannot be written or read
+        └── CorruptCheckpointError   a truncated, altered or incomplete file (names it)
+
+`ConfigError` and `BatchError` are also `ValueError`s, so code that already catches
+`ValueError` keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BatchError",
+    "CheckpointError",
+    "ConfigError",
+    "CorruptCheckpointError",
+    "TidalError",
+]
+
+
+class TidalError(Exception):
+    """Base class of every error Tidal raises on purpose."""
+
+
+class ConfigError(TidalError, ValueError):
+    """A config value is invalid; the message names the field, the value and the range."""
+
+
+class BatchError(TidalError, ValueError):
+    """A batch or gradient does not have the expected layout, dtype or shape."""
+
+
+class CheckpointError(TidalError):
+    """A checkpoint cannot be written or read."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file is truncated, altered or missing; the message names it."""

@@ -1,0 +1,175 @@
+"""Sparse optimizers applied row by row, with their state stored next to the row.
+
+A table row is one float32 vector: the `dim` values, then the optimizer's state::
+
+    sgd              [ w(dim) ]
+    adagrad          [ w(dim) | sum g²(dim) ]
+    rowwise_adagrad  [ w(dim) | mean g²(1) ]
+    adam, adamw      [ w(dim) | m(dim) | v(dim) ]  (+ step(1) with per-row bias correction)
+    ftrl             [ w(dim) | z(dim) | n(dim) ]
+
+`update_row` is called by compiled kernels for each unique row of a batch, with the
+row's summed gradient; the formulas follow torch.optim (SGD, Adagrad, SparseAdam,
+AdamW) and McMahan et al. 2013 (FTRL-proximal). A per-row step kept in float32 counts
+exactly up to 2**24 updates of that row.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from tidal.config import Adagrad, Adam, AdamW, Ftrl, OptimizerConfig, RowWiseAdagrad, Sgd
+
+__all__ = ["OptimizerKernel", "update_row"]
+
+SGD, ADAGRAD, ROWWISE_ADAGRAD, ADAM, ADAMW, FTRL = range(6)
+
+# positions in the packed hyper-parameter vector
+LR, EPS, BETA1, BETA2, WEIGHT_DECAY, L1, L2, PER_ROW_STEP, N_HYPER = range(9)
+
+
+class OptimizerKernel:
+    """What a compiled kernel needs to know of one optimizer config."""
+
+    def __init__(self, config: OptimizerConfig, dim: int) -> None:
+        self.config = config
+        self.code = _CODES[type(config)]
+        self.state_width = _state_width(config, dim)
+        self.initial_state = getattr(config, "initial_accumulator_value", 0.0)
+        self.hyper = _pack(config)
+
+
+_CODES = {Sgd: SGD, Adagrad: ADAGRAD, RowWiseAdagrad: ROWWISE_ADAGRAD, Adam: ADAM,
+          AdamW: ADAMW, Ftrl: FTRL}
+
+
+def _state_width(config: OptimizerConfig, dim: int) -> int:
+    if isinstance(config, Adam):  # AdamW included
+        return 2 * dim + int(config.per_row_bias_correction)
+    return {Sgd: 0, Adagrad: dim, RowWiseAdagrad: 1, Ftrl: 2 * dim}[type(config)]
+
+
+def _pack(config: OptimizerConfig) -> np.ndarray:
+    hyper = np.zeros(N_HYPER, dtype=np.float64)
+    if isinstance(config, Ftrl):
+        hyper[LR], hyper[BETA1], hyper[L1], hyper[L2] = config.alpha, config.beta, config.l1, config.l2
+        return hyper
+    hyper[LR] = config.lr
+    hyper[EPS] = getattr(config, "eps", 0.0)
+    if isinstance(config, Adam):
+        hyper[BETA1], hyper[BETA2] = config.beta1, config.beta2
+        hyper[PER_ROW_STEP] = float(config.per_row_bias_correction)
+        hyper[WEIGHT_DECAY] = getattr(config, "weight_decay", 0.0)
+    return hyper
+
+
+@numba.njit(nogil=True)
+def update_row(code: int, row: np.ndarray, grad: np.ndarray, hyper: np.ndarray, step: int) -> None:
+    """Apply one optimizer step to `row` ([width] float32) given its gradient ([dim])."""
+    if code == SGD:
+        _sgd(row, grad, hyper)
+    elif code == ADAGRAD:
+        _adagrad(row, grad, hyper)
+    elif code == ROWWISE_ADAGRAD:
+        _rowwise_adagrad(row, grad, hyper)
+    elif code == ADAM:
+        _adam(row, grad, hyper, step)
+    elif code == ADAMW:
+        _adamw(row, grad, hyper, step)
+    else:
+        _ftrl(row, grad, hyper)
+
+
+@numba.njit(nogil=True, inline="always")
+def _sgd(row, grad, hyper):  # type: ignore[no-untyped-def]
+    lr = np.float32(hyper[LR])
+    for d in range(grad.shape[0]):
+        row[d] -= lr * grad[d]
+
+
+@numba.njit(nogil=True, inline="always")
+def _adagrad(row, grad, hyper):  # type: ignore[no-untyped-def]
+    dim = grad.shape[0]
+    for d in range(dim):
+        g = np.float32(grad[d])
+        acc = np.float32(row[dim + d] + g * g)
+        row[dim + d] = acc
+        row[d] -= np.float32(hyper[LR]) * g / (np.sqrt(acc) + np.float32(hyper[EPS]))
+
+
+@numba.njit(nogil=True, inline="always")
+def _rowwise_adagrad(row, grad, hyper):  # type: ignore[no-untyped-def]
+    dim = grad.shape[0]
+    mean_square = 0.0
+    for d in range(dim):
+        mean_square += float(grad[d]) * grad[d]
+    acc = row[dim] + mean_square / dim
+    row[dim] = acc
+    scale = hyper[LR] / (math.sqrt(acc) + hyper[EPS])
+    for d in range(dim):
+        row[d] -= scale * grad[d]
+
+
+@numba.njit(nogil=True, inline="always")
+def _adam_step(row, dim, hyper, step):  # type: ignore[no-untyped-def]
+    """The bias-correction step: the row's own count, or the table's global step."""
+    if hyper[PER_ROW_STEP] != 0.0:
+        row[3 * dim] += 1.0
+        return row[3 * dim]
+    return step
+
+
+@numba.njit(nogil=True, inline="always")
+def _adam(row, grad, hyper, step):  # type: ignore[no-untyped-def]
+    """torch.optim.SparseAdam: p -= lr * sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps)."""
+    dim = grad.shape[0]
+    b1, b2 = hyper[BETA1], hyper[BETA2]
+    t = _adam_step(row, dim, hyper, step)
+    step_size = hyper[LR] * math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
+    for d in range(dim):
+        g = grad[d]
+        m = row[dim + d] + (g - row[dim + d]) * (1.0 - b1)
+        v = row[2 * dim + d] + (g * g - row[2 * dim + d]) * (1.0 - b2)
+        row[dim + d] = m
+        row[2 * dim + d] = v
+        row[d] -= step_size * m / (math.sqrt(v) + hyper[EPS])
+
+
+@numba.njit(nogil=True, inline="always")
+def _adamw(row, grad, hyper, step):  # type: ignore[no-untyped-def]
+    """torch.optim.AdamW: decay, then p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)."""
+    dim = grad.shape[0]
+    b1, b2 = hyper[BETA1], hyper[BETA2]
+    t = _adam_step(row, dim, hyper, step)
+    decay = 1.0 - hyper[LR] * hyper[WEIGHT_DECAY]
+    step_size = hyper[LR] / (1.0 - b1**t)
+    root_correction = math.sqrt(1.0 - b2**t)
+    for d in range(dim):
+        g = grad[d]
+        m = b1 * row[dim + d] + (1.0 - b1) * g
+        v = b2 * row[2 * dim + d] + (1.0 - b2) * g * g
+        row[dim + d] = m
+        row[2 * dim + d] = v
+        row[d] = row[d] * decay - step_size * m / (math.sqrt(v) / root_correction + hyper[EPS])
+
+
+@numba.njit(nogil=True, inline="always")
+def _ftrl(row, grad, hyper):  # type: ignore[no-untyped-def]
+    """FTRL-proximal per coordinate: z, n accumulate; w is their closed-form minimiser."""
+    dim = grad.shape[0]
+    alpha, beta, l1, l2 = hyper[LR], hyper[BETA1], hyper[L1], hyper[L2]
+    for d in range(dim):
+        g = grad[d]
+        n = row[2 * dim + d]
+        new_n = n + g * g
+        sigma = (math.sqrt(new_n) - math.sqrt(n)) / alpha
+        z = row[dim + d] + g - sigma * row[d]
+        row[dim + d] = z
+        row[2 * dim + d] = new_n
+        if abs(z) <= l1:
+            row[d] = 0.0
+        else:
+            row[d] = -(z - math.copysign(l1, z)) / ((beta + math.sqrt(new_n)) / alpha + l2)
