@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads and min(args.threads) < 1:
             print(f"tidal bench sparse: --threads must be >= 1, got {args.threads}", file=sys.stderr)
             return 2
-        sparse.run(quick=args.quick, as_json=args.json, threads=args.threads, optimizers=tuple(args.optimizer))
+        cfg = sparse.SparseBenchConfig.quick() if args.quick else sparse.SparseBenchConfig()
+        sparse.run(cfg, as_json=args.json, threads=args.threads, optimizers=tuple(args.optimizer))
     return 0
 
 

@@ -90,10 +90,11 @@ def _tidal(cfg: SparseBenchConfig, optimizer: str, threads: int, grad: torch.Ten
     collection = EmbeddingCollection([table], [EmbeddingFeature(name=n, table="bench") for n in names], threads=threads)
     collection.tables[0].lookup_or_insert(_keys_of_ranks(np.arange(cfg.warm_rows)))
     lengths = np.ones(cfg.batch_size * cfg.features, dtype=np.int32)
+    pooled = torch.empty(cfg.batch_size, cfg.features, cfg.dim)  # reused, as a pipeline's staging buffer
 
     def step(ids: _Batch) -> None:
         batch = SparseBatch(keys=names, values=ids.keys, lengths=lengths, batch_size=cfg.batch_size)
-        _, ctx = collection.forward(batch)
+        _, ctx = collection.forward(batch, out=pooled)
         collection.backward(ctx, grad)
 
     return step, collection
@@ -190,10 +191,9 @@ TARGETS = {"sgd": 2.0, "adagrad": 1.5}
 MAX_OVERHEAD_BYTES_PER_ROW = 24
 
 
-def run(quick: bool = False, as_json: bool = False, threads: list[int] | None = None,
+def run(cfg: SparseBenchConfig, *, as_json: bool = False, threads: list[int] | None = None,
         optimizers: tuple[str, ...] = ("sgd", "adagrad")) -> dict:
-    """Run every (optimizer, thread count) pair, print a table, return the summary."""
-    cfg = SparseBenchConfig.quick() if quick else SparseBenchConfig()
+    """Run every (optimizer, thread count) pair, print a line each, return the summary."""
     threads = threads or sorted({1, cpu_count()})
     memcpy = memcpy_gb_per_s()
     runs = []

@@ -1,0 +1,31 @@
+"""`tidal bench sparse` on a tiny workload: it runs both peers and reports every figure."""
+
+from __future__ import annotations
+
+import json
+
+from tidal.bench.sparse import SparseBenchConfig, run
+from tidal.cli import main
+
+TINY = SparseBenchConfig(warm_rows=5_000, dim=8, batch_size=64, features=4, steps=2, warmup_steps=1)
+FIELDS = {"optimizer", "threads", "tidal_ids_per_s", "torch_ids_per_s", "ratio_vs_torch", "fbgemm_ids_per_s",
+          "ratio_vs_fbgemm", "tidal_gb_per_s", "memcpy_gb_per_s", "bytes_per_row"}
+
+
+def test_summary_has_every_field_for_every_run(capsys):
+    summary = run(TINY, as_json=True, threads=[1, 2], optimizers=("sgd", "adagrad"))
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last_line) == json.loads(json.dumps(summary))
+    assert FIELDS <= set(summary)
+    assert [(r["optimizer"], r["threads"]) for r in summary["runs"]] == [("sgd", 1), ("sgd", 2), ("adagrad", 1), ("adagrad", 2)]
+    assert (summary["optimizer"], summary["threads"]) == ("sgd", 2)
+    for r in summary["runs"]:
+        assert r["tidal_ids_per_s"] > 0 and r["torch_ids_per_s"] > 0 and r["memcpy_gb_per_s"] > 0
+        assert r["table_rows"] >= TINY.warm_rows
+        assert 0 < r["bytes_per_row"] < 10_000
+    assert isinstance(summary["targets_met"], bool)
+
+
+def test_cli_refuses_bad_thread_count(capsys):
+    assert main(["bench", "sparse", "--threads", "0"]) == 2
+    assert "--threads must be >= 1, got [0]" in capsys.readouterr().err

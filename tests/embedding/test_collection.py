@@ -1,0 +1,178 @@
+"""The fused lookup + pooling operator and its backward, against plain references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tidal.config import CountAdmission, EmbeddingFeature, Initializer, Sgd, TableConfig
+from tidal.data.batch import SparseBatch
+from tidal.embedding import EmbeddingCollection
+from tidal.errors import BatchError, ConfigError
+
+DIM = 4
+MODES = ["sum", "mean", "sqrtn"]
+
+
+def _collection(feature_tables: list[int], modes: list[str], threads: int = 1, **table_kw) -> EmbeddingCollection:
+    tables = [TableConfig(name=f"t{t}", dim=DIM, optimizer=Sgd(lr=1.0), num_shards=2,
+                          initializer=Initializer(kind="uniform", scale=1.0), **table_kw)
+              for t in range(max(feature_tables) + 1)]
+    features = [EmbeddingFeature(name=f"f{f}", table=f"t{t}", pooling=m)
+                for f, (t, m) in enumerate(zip(feature_tables, modes))]
+    return EmbeddingCollection(tables, features, threads=threads)
+
+
+def _reference_pool(collection: EmbeddingCollection, batch: SparseBatch) -> np.ndarray:
+    """Bag by bag in plain numpy: sum of weight * row, scaled by 1, 1/n or 1/sqrt(n)."""
+    out = np.zeros((batch.batch_size, len(batch.keys), DIM), dtype=np.float64)
+    offsets = batch.offsets
+    for f, key in enumerate(batch.keys):
+        feature = collection.features[key]
+        table = collection.table(feature.table)
+        for b in range(batch.batch_size):
+            lo, hi = offsets[f * batch.batch_size + b], offsets[f * batch.batch_size + b + 1]
+            if hi == lo:
+                continue
+            rows = table.lookup(batch.values[lo:hi]).astype(np.float64)
+            weights = batch.weights[lo:hi, None] if batch.weights is not None else 1.0
+            scale = {"sum": 1.0, "mean": 1.0 / (hi - lo), "sqrtn": (hi - lo) ** -0.5}[feature.pooling]
+            out[b, f] = (rows * weights).sum(0) * scale
+    return out
+
+
+def _reference_row_grads(collection: EmbeddingCollection, batch: SparseBatch, grad: torch.Tensor) -> dict:
+    """{(table, key): gradient} by torch autograd over a dense copy of the rows used."""
+    leaves, pooled = {}, [[torch.zeros(DIM, dtype=torch.float64) for _ in batch.keys] for _ in range(batch.batch_size)]
+    offsets = batch.offsets
+    for f, key in enumerate(batch.keys):
+        feature = collection.features[key]
+        for b in range(batch.batch_size):
+            lo, hi = offsets[f * batch.batch_size + b], offsets[f * batch.batch_size + b + 1]
+            scale = {"sum": 1.0, "mean": 1.0 / max(hi - lo, 1), "sqrtn": max(hi - lo, 1) ** -0.5}[feature.pooling]
+            for i in range(lo, hi):
+                leaf = leaves.setdefault((feature.table, int(batch.values[i])),
+                                         torch.zeros(DIM, dtype=torch.float64, requires_grad=True))
+                weight = float(batch.weights[i]) if batch.weights is not None else 1.0
+                pooled[b][f] = pooled[b][f] + leaf * weight * scale
+    loss = torch.zeros((), dtype=torch.float64)
+    for b in range(batch.batch_size):
+        for f in range(len(batch.keys)):
+            loss = loss + (pooled[b][f] * grad[b, f].double()).sum()
+    if leaves:
+        torch.autograd.backward(loss, inputs=list(leaves.values()))
+    return {k: v.grad.numpy() for k, v in leaves.items()}
+
+
+@st.composite
+def _batches(draw):
+    num_features = draw(st.integers(1, 3))
+    feature_tables = draw(st.lists(st.integers(0, 1), min_size=num_features, max_size=num_features))
+    feature_tables[0] = 0
+    modes = draw(st.lists(st.sampled_from(MODES), min_size=num_features, max_size=num_features))
+    batch_size = draw(st.integers(0, 5))
+    lengths = draw(st.lists(st.integers(0, 4), min_size=num_features * batch_size, max_size=num_features * batch_size))
+    ids = st.one_of(st.integers(0, 6), st.sampled_from([-1, -(2**63), 2**63 - 1]))
+    values = draw(st.lists(ids, min_size=sum(lengths), max_size=sum(lengths)))
+    weighted = draw(st.booleans())
+    weights = draw(st.lists(st.floats(-2, 2, width=32), min_size=len(values), max_size=len(values))) if weighted else None
+    batch = SparseBatch(keys=[f"f{f}" for f in range(num_features)], values=np.array(values, np.int64),
+                        lengths=np.array(lengths, np.int32), batch_size=batch_size,
+                        weights=None if weights is None else np.array(weights, np.float32))
+    return feature_tables, modes, batch
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=_batches(), threads=st.sampled_from([1, 2]))
+def test_forward_matches_reference_for_any_batch(case, threads):
+    feature_tables, modes, batch = case
+    collection = _collection(feature_tables, modes, threads)
+    pooled, _ = collection.forward(batch)
+    assert pooled.shape == (batch.batch_size, len(batch.keys), DIM)
+    np.testing.assert_allclose(pooled.numpy(), _reference_pool(collection, batch), rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=_batches(), seed=st.integers(0, 1000))
+def test_backward_applies_summed_scaled_row_gradients(case, seed):
+    feature_tables, modes, batch = case
+    collection = _collection(feature_tables, modes)
+    _, ctx = collection.forward(batch)
+    before = {(t.name, k): t.lookup(np.array([k]))[0] for t in collection.tables for k in set(batch.values.tolist())}
+    grad = torch.from_numpy(np.random.default_rng(seed).standard_normal((batch.batch_size, len(batch.keys), DIM)).astype(np.float32))
+    collection.backward(ctx, grad)
+    expected = _reference_row_grads(collection, batch, grad)
+    for (table, key), row_grad in expected.items():
+        after = collection.table(table).lookup(np.array([key]))[0]
+        np.testing.assert_allclose(before[(table, key)] - after, row_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_forward_half_precision_outputs_round_float32(dtype):
+    collection = _collection([0], ["sum"])
+    batch = SparseBatch.from_lists({"f0": [[1, 2], [3], []]})
+    full, _ = collection.forward(batch)
+    half, _ = collection.forward(batch, dtype=dtype)
+    assert half.dtype == dtype
+    torch.testing.assert_close(half.float(), full.to(dtype).float())
+
+
+def test_forward_empty_bags_and_unadmitted_ids_read_zeros():
+    collection = _collection([0], ["mean"], admission=CountAdmission(min_count=2))
+    batch = SparseBatch.from_lists({"f0": [[], [5], [5, 7]]})
+    pooled, ctx = collection.forward(batch)  # 5 is admitted on its second sighting, 7 never
+    row5 = collection.tables[0].lookup(np.array([5]))[0]
+    np.testing.assert_array_equal(pooled[0, 0].numpy(), np.zeros(DIM))
+    np.testing.assert_array_equal(pooled[1, 0].numpy(), np.zeros(DIM))
+    np.testing.assert_allclose(pooled[2, 0].numpy(), row5 / 2, rtol=1e-6)
+    collection.backward(ctx, torch.ones(3, 1, DIM))
+    assert collection.tables[0].find(np.array([7])).handles[0] == -1
+
+
+def test_forward_without_training_creates_no_rows_and_refuses_backward():
+    collection = _collection([0], ["sum"])
+    pooled, ctx = collection.forward(SparseBatch.from_lists({"f0": [[1], [2]]}), train=False)
+    assert collection.tables[0].stats().rows == 0
+    assert not pooled.any()
+    with pytest.raises(BatchError, match="read-only"):
+        collection.backward(ctx, torch.zeros(2, 1, DIM))
+
+
+def test_forward_into_given_buffer_reuses_it():
+    collection = _collection([0], ["sum"])
+    batch = SparseBatch.from_lists({"f0": [[1, 2], [3]]})
+    buffer = torch.full((2, 1, DIM), 7.0)
+    pooled, _ = collection.forward(batch, out=buffer)
+    assert pooled.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(pooled, collection.forward(batch)[0])
+    with pytest.raises(BatchError, match=r"out must be a contiguous float32 CPU tensor of shape \[B, F, D\] = \[2, 1, 4\]"):
+        collection.forward(batch, out=torch.empty(2, 2, DIM))
+
+
+def test_shared_table_serves_two_features_with_one_row_per_key():
+    collection = _collection([0, 0], ["sum", "sum"])
+    pooled, _ = collection.forward(SparseBatch.from_lists({"f0": [[9]], "f1": [[9]]}))
+    torch.testing.assert_close(pooled[0, 0], pooled[0, 1])
+    assert collection.tables[0].stats().rows == 1
+
+
+def test_bad_inputs_raise_clear_errors():
+    collection = _collection([0], ["sum"])
+    with pytest.raises(BatchError, match="no table serves"):
+        collection.forward(SparseBatch.from_lists({"unknown": [[1]]}))
+    _, ctx = collection.forward(SparseBatch.from_lists({"f0": [[1]]}))
+    with pytest.raises(BatchError, match=r"\[B, F, D\] = \[1, 1, 4\], got \[2, 1, 4\]"):
+        collection.backward(ctx, torch.zeros(2, 1, DIM))
+    with pytest.raises(BatchError, match="dtype must be one of"):
+        collection.forward(SparseBatch.from_lists({"f0": [[1]]}), dtype=torch.int64)
+
+
+def test_config_errors_name_the_problem():
+    tables = [TableConfig(name="a", dim=4), TableConfig(name="b", dim=8)]
+    with pytest.raises(ConfigError, match="same dim"):
+        EmbeddingCollection(tables, [EmbeddingFeature(name="x", table="a")])
+    with pytest.raises(ConfigError, match="table 'zz' is not defined"):
+        EmbeddingCollection(tables[:1], [EmbeddingFeature(name="x", table="zz")])

@@ -1,0 +1,57 @@
+"""Config models: valid defaults, and errors that name the field, the value and the range."""
+
+from __future__ import annotations
+
+import pytest
+
+from tidal.config import Adam, CountAdmission, Eviction, Initializer, ProbabilityAdmission, TableConfig
+from tidal.errors import ConfigError
+
+
+def test_defaults_are_valid_and_frozen():
+    config = TableConfig(name="user", dim=16)
+    assert config.optimizer.kind == "sgd" and config.num_shards == 8
+    with pytest.raises(Exception):
+        config.dim = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"dim": 0}, "TableConfig 'user': dim: Input should be greater than 0, got 0"),
+        ({"num_shards": 3}, "num_shards: Input should be 1, 2, 4, 8, 16, 32 or 64, got 3"),
+        ({"optimizer": {"kind": "adam", "beta1": 1.5}}, "optimizer.adam.beta1: Input should be less than 1, got 1.5"),
+        ({"optimizer": {"kind": "nadam"}}, "does not match any of the expected tags: 'sgd', 'adagrad'"),
+        ({"eviction": {"ttl_steps": 0}}, "eviction.ttl_steps: Input should be greater than 0, got 0"),
+        ({"admission": {"kind": "probability", "probability": 2}}, "probability: Input should be less than or equal to 1, got 2"),
+        ({"max_rows": -5}, "max_rows: Input should be greater than 0, got -5"),
+        ({"initializer": {"kind": "xavier"}}, "initializer.kind: Input should be 'uniform', 'normal' or 'zeros', got 'xavier'"),
+        ({"colour": "red"}, "colour: Extra inputs are not permitted, got 'red'"),
+    ],
+)
+def test_invalid_table_config_names_field_value_and_range(values, message):
+    with pytest.raises(ConfigError) as info:
+        TableConfig(**{"name": "user", "dim": 8, **values})
+    assert message in str(info.value)
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        TableConfig(name="t", dim=-1, max_rows=0)
+    assert "dim:" in str(info.value) and "max_rows:" in str(info.value)
+
+
+def test_nested_models_validate_on_their_own():
+    with pytest.raises(ConfigError, match="Adam: lr: Input should be greater than 0, got 0"):
+        Adam(lr=0)
+    with pytest.raises(ConfigError, match="min_count: Input should be greater than or equal to 1"):
+        CountAdmission(min_count=0)
+    with pytest.raises(ConfigError, match="scale: Input should be greater than or equal to 0"):
+        Initializer(scale=-1)
+    assert Eviction(ttl_steps=5).capacity_policy == "lru"
+    assert ProbabilityAdmission(probability=0.5).kind == "probability"
+
+
+def test_config_error_is_a_value_error():
+    with pytest.raises(ValueError):
+        TableConfig(name="", dim=4)
