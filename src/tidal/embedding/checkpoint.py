@@ -93,6 +93,7 @@ def _save(root: Path, tables: Sequence[EmbeddingTable], *, delta: bool) -> Path:
                 "tables": {t.name: _write_table(staging, t, delta) for t in tables}}
     _write_json(staging / MANIFEST, manifest)
     _fsync_dir(staging)
+    shutil.rmtree(root / name, ignore_errors=True)  # left by a save killed before its commit
     os.replace(staging, root / name)
     _fsync_dir(root)
     _write_json(root / CHAIN, {"format": FORMAT, "version": VERSION, "chain": (chain + [name]) if delta else [name]})
@@ -135,7 +136,9 @@ def _remove_unreferenced(root: Path) -> None:
     """Delete checkpoints no longer in the chain and staging left by killed saves."""
     keep = set(_chain(root))
     for entry in root.iterdir():
-        if entry.is_dir() and entry.name not in keep and (entry.name.startswith(".tmp-") or entry.name[:6].isdigit()):
+        if entry.name.endswith(".partial"):
+            entry.unlink(missing_ok=True)
+        elif entry.is_dir() and entry.name not in keep and (entry.name.startswith(".tmp-") or entry.name[:6].isdigit()):
             shutil.rmtree(entry, ignore_errors=True)
 
 

@@ -102,7 +102,7 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, or
         if row == EMPTY or row_keys[row] != keys[i]:  # not at its home slot: walk the run
             pos, row = _probe(slots, row_keys, keys[i], hashes[i])
         if row == EMPTY and insert:
-            row = _create(slots, row_keys, free_rows, ctl, keys[i], hashes[i], pos,
+            row = _create(slots, row_keys, counts, free_rows, ctl, keys[i], hashes[i], pos,
                           step, shard, rows, admission, sketch)
             if ctl[C_NEED] != NEED_NOTHING:
                 ctl[C_LOOKUPS] += j - lo
@@ -135,7 +135,7 @@ def _first_slots(slots, hashes, order, lo, hi):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(nogil=True, inline="always")
-def _create(slots, row_keys, free_rows, ctl, key, h, pos, step, shard, rows,
+def _create(slots, row_keys, counts, free_rows, ctl, key, h, pos, step, shard, rows,
             admission, sketch):  # type: ignore[no-untyped-def]
     """The new row of an absent key, or -1 (not admitted, table full, or must grow)."""
     if not _admit(key, h, step, admission, sketch):
@@ -149,6 +149,8 @@ def _create(slots, row_keys, free_rows, ctl, key, h, pos, step, shard, rows,
         return -1
     slots[pos] = row
     row_keys[row] = key
+    if counts.shape[0] > 0:
+        counts[row] = 0  # a reused row must not inherit the evicted key's count
     _init_new_row(rows, (np.int64(row) << SHARD_BITS) | shard, key)
     ctl[C_ADMITTED] += 1
     return row

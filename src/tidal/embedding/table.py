@@ -382,13 +382,14 @@ class EmbeddingTable:
         cap does.
         """
         keys = self._keys(block.keys)
-        rows = np.concatenate([np.asarray(block.values, np.float32).reshape(len(keys), -1),
-                               np.asarray(block.state, np.float32).reshape(len(keys), -1)], axis=1)
-        if rows.shape[1] != self.width:
+        values, state = np.asarray(block.values, np.float32), np.asarray(block.state, np.float32)
+        expected = ((len(keys), self.dim), (len(keys), self.optimizer.state_width))
+        if (values.shape, state.shape) != expected:
             raise BatchError(
-                f"table {self.name!r}: pushed rows must have {self.dim} values and "
-                f"{self.optimizer.state_width} optimizer state columns, got {rows.shape[1]} in all"
+                f"table {self.name!r}: pushed values and state must have shapes {expected[0]} and "
+                f"{expected[1]}, got {values.shape} and {state.shape}"
             )
+        rows = np.concatenate([values, state], axis=1)
         handles = self._resolve(keys, step=self._step, insert=True, force=True).handles
         run_split(pooling.scatter_rows, len(keys), self.threads, self.arena.directory, self.width, handles, rows)
         self._restore_metadata(handles, block)
@@ -454,7 +455,7 @@ class EmbeddingTable:
         live = self._live_metadata()
         keys = np.concatenate([k for k, _, _ in live])
         score = np.concatenate([(c if policy == "lfu" else s).astype(np.int64) for _, s, c in live])
-        return keys[np.argpartition(score, count - 1)[:count]]
+        return keys[np.lexsort((keys, score))[:count]]  # ties go by key: the same on every copy
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -1,0 +1,331 @@
+"""Full and delta checkpoints: exact round trips, no pickle, refusal of damaged files,
+and atomicity against a save killed half way (in a child process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from tidal.config import Adagrad, Adam, CountAdmission, Eviction, Sgd, TableConfig
+from tidal.embedding import EmbeddingTable, load_tables, save_tables, save_tables_delta
+from tidal.errors import CheckpointError, CorruptCheckpointError
+
+DIM = 6
+HIGH = 3000  # keys are drawn from [-HIGH/2, HIGH/2)
+ALL_KEYS = np.arange(-HIGH // 2, HIGH // 2, dtype=np.int64)  # every key ever used, live or not
+COUNTERS = ("rows", "lookups", "misses", "admitted", "not_admitted", "evicted", "dropped_full")
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def _config(name: str = "emb", **overrides) -> TableConfig:
+    settings = dict(name=name, dim=DIM, optimizer=Adam(lr=0.01, per_row_bias_correction=True),
+                    admission=CountAdmission(min_count=2, sketch_width=1024),
+                    eviction=Eviction(capacity_policy="lfu", ttl_steps=4), max_rows=1200,
+                    num_shards=4, seed=7)
+    return TableConfig(**(settings | overrides))
+
+
+def _train(table: EmbeddingTable, seed: int, n: int = 400) -> np.ndarray:
+    """One training step (lookup_or_insert + apply_gradients), a function of `seed` only."""
+    rng = np.random.default_rng(seed)
+    keys = np.concatenate([rng.integers(-HIGH // 2, HIGH // 2, n), rng.integers(0, 50, n // 4)])
+    table.lookup_or_insert(keys)
+    table.apply_gradients(keys, rng.standard_normal((len(keys), table.dim)).astype(np.float32))
+    return keys
+
+
+def _rows(table: EmbeddingTable, keys: np.ndarray = ALL_KEYS) -> dict[str, np.ndarray]:
+    block, found = table.pull_rows(keys)
+    return {"found": found, "values": block.values.copy(), "state": block.state.copy(),
+            "last_seen": block.last_seen.copy(), "counts": block.counts.copy()}
+
+
+def _counters(table: EmbeddingTable) -> dict[str, int]:
+    stats = table.stats()
+    return {name: getattr(stats, name) for name in COUNTERS}
+
+
+def _assert_same_table(live: EmbeddingTable, loaded: EmbeddingTable) -> None:
+    assert loaded.config == live.config
+    assert loaded.step == live.step
+    assert loaded.clocks_after_save() == live.clocks_after_save()
+    assert _counters(loaded) == _counters(live)
+    expected, found = _rows(live), _rows(loaded)
+    for name, array in expected.items():
+        np.testing.assert_array_equal(found[name], array, err_msg=name)
+
+
+def _trained(seed: int = 0, steps: int = 6, **overrides) -> EmbeddingTable:
+    table = EmbeddingTable(_config(**overrides))
+    for step in range(steps):
+        _train(table, seed * 1000 + step)
+    return table
+
+
+def _shard_arrays(directory: Path, table: str = "emb") -> list[dict[str, np.ndarray]]:
+    return [load_file(str(f)) for f in sorted((directory / table).glob("shard-*.safetensors"))]
+
+
+# ---------------------------------------------------------------------- round trips
+
+
+def test_full_save_load_reproduces_table_with_adam_admission_lfu(tmp_path):
+    table = _trained()
+    assert table.evict() > 0
+    _train(table, 99)
+    assert table.stats().not_admitted > 0 and table.stats().evicted > 0 and table.stats().rows > 0
+    table.save(tmp_path)
+    _assert_same_table(table, EmbeddingTable.load(tmp_path))
+
+
+def test_full_plus_deltas_reproduce_live_table_with_evictions_and_reinsertion(tmp_path):
+    table = _trained(steps=6, eviction=Eviction(capacity_policy="lfu", ttl_steps=10), max_rows=600)
+    table.save(tmp_path)
+    for round_ in range(3):
+        touched = [_train(table, 100 * round_ + i, n=150) for i in range(3)]
+        evicted = table.evict()
+        removed_keys = np.arange(0, 30, dtype=np.int64) + round_  # hot keys, surely present
+        removed = table.remove(removed_keys)
+        assert evicted > 0 and removed > 0
+        # the removed keys come back (twice, so count admission lets them in again)
+        touched += [_train(table, 100 * round_ + 50 + i, n=150) for i in range(2)]
+        for _ in range(2):
+            table.lookup_or_insert(removed_keys)
+        touched.append(removed_keys)
+        touched_keys = np.unique(np.concatenate(touched))
+        live_touched = touched_keys[table.pull_rows(touched_keys)[1]]  # before: pulls count as lookups
+        table.save_delta(tmp_path)
+
+        delta = _shard_arrays(sorted(tmp_path.glob("*-delta"))[-1])
+        delta_keys = np.concatenate([a["keys"] for a in delta])
+        assert np.array_equal(np.sort(delta_keys), live_touched)  # only rows touched since the save
+        assert 0 < len(delta_keys) < table.stats().rows  # fewer than a full save would hold
+        assert sum(len(a["evicted"]) for a in delta) == evicted + removed
+        assert set(removed_keys) <= set(np.concatenate([a["evicted"] for a in delta]))
+
+    full = _shard_arrays(next(tmp_path.glob("*-full")))
+    assert all("evicted" not in a for a in full) and sum(len(a["keys"]) for a in full) > 0
+    assert len(list(tmp_path.glob("0*"))) == 4  # full + 3 deltas, all in the chain
+
+    loaded = EmbeddingTable.load(tmp_path)
+    _assert_same_table(table, loaded)
+    for t in (table, loaded):  # one more identical step: same clocks, same optimizer step
+        _train(t, 12345)
+    _assert_same_table(table, loaded)
+
+
+def test_lfu_count_of_new_key_starts_at_one_when_row_was_freed_before_save(tmp_path):
+    """A freed row keeps its LFU count; a new key given that row inherits it on the live
+    table but not on the loaded one (no free rows there), so the two diverge."""
+    table = EmbeddingTable(_config(admission=None, num_shards=1))
+    for _ in range(10):
+        table.lookup_or_insert(np.array([5, 6]))
+    table.remove(np.array([5]))
+    table.save(tmp_path)
+    loaded = EmbeddingTable.load(tmp_path)
+    for t in (table, loaded):
+        t.lookup_or_insert(np.array([7]))
+    assert loaded.pull_rows(np.array([7]))[0].counts.tolist() == [1]
+    assert table.pull_rows(np.array([7]))[0].counts.tolist() == [1]
+
+
+@pytest.mark.parametrize("case", ["empty_table", "delta_with_nothing_touched", "delta_only_removals"])
+def test_load_succeeds_when_shard_has_no_rows(tmp_path, case):
+    table = EmbeddingTable(_config()) if case == "empty_table" else _trained(steps=3)
+    table.save(tmp_path)
+    if case != "empty_table":
+        if case == "delta_only_removals":
+            table.remove(np.arange(-HIGH // 2, HIGH // 2))
+        table.save_delta(tmp_path)
+    _assert_same_table(table, EmbeddingTable.load(tmp_path))
+
+
+def test_save_tables_round_trips_several_tables_with_deltas(tmp_path):
+    tables = [_trained(1, name="users"),
+              _trained(2, name="items", optimizer=Adagrad(lr=0.1), admission=None, eviction=None,
+                       max_rows=None, num_shards=2),
+              _trained(3, name="tags", optimizer=Sgd(lr=0.5), admission=None, num_shards=8)]
+    assert save_tables(tmp_path, tables).name == "000001-full"
+    for i in range(2):
+        for t in tables:
+            _train(t, 500 + i)
+        tables[0].evict()
+        assert save_tables_delta(tmp_path, tables).name == f"00000{i + 2}-delta"
+    loaded = load_tables(tmp_path)
+    assert sorted(loaded) == ["items", "tags", "users"]
+    for t in tables:
+        _assert_same_table(t, loaded[t.name])
+    with pytest.raises(CheckpointError, match="same tables"):
+        save_tables_delta(tmp_path, tables[:2])
+
+
+def test_checkpoint_files_are_json_or_safetensors_without_pickle(tmp_path):
+    table = _trained()
+    table.save(tmp_path)
+    _train(table, 7)
+    table.remove(np.arange(10))
+    table.save_delta(tmp_path)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"CHAIN.json", "manifest.json"}
+    for path in files:
+        if path.suffix == ".json":
+            assert isinstance(json.loads(path.read_text()), dict)
+        else:
+            assert path.suffix == ".safetensors", path
+            assert all(isinstance(a, np.ndarray) for a in load_file(str(path)).values())
+
+
+# ---------------------------------------------------------------------- damaged files
+
+
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    table = _trained(steps=3)
+    table.save(tmp_path)
+    _train(table, 8)
+    table.save_delta(tmp_path)
+    return tmp_path
+
+
+def _shard_file(root: Path, kind: str = "delta") -> Path:
+    return next(root.glob(f"*-{kind}")) / "emb" / "shard-01.safetensors"
+
+
+@pytest.mark.parametrize("kind", ["full", "delta"])
+def test_load_refuses_shard_when_bytes_flipped(saved, kind):
+    path = _shard_file(saved, kind)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="does not match") as error:
+        EmbeddingTable.load(saved)
+    assert str(path) in str(error.value)
+
+
+def test_load_refuses_shard_when_truncated(saved):
+    path = _shard_file(saved)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 10])
+    with pytest.raises(CorruptCheckpointError, match="bytes.*truncated") as error:
+        EmbeddingTable.load(saved)
+    assert str(path) in str(error.value)
+
+
+def test_load_refuses_shard_when_deleted(saved):
+    path = _shard_file(saved, "full")
+    path.unlink()
+    with pytest.raises(CorruptCheckpointError, match="missing") as error:
+        EmbeddingTable.load(saved)
+    assert str(path) in str(error.value)
+
+
+@pytest.mark.parametrize("name", ["CHAIN.json", "000001-full/manifest.json", "000002-delta/manifest.json"])
+def test_load_refuses_json_when_garbled(saved, name):
+    path = saved / name
+    path.write_text(path.read_text()[:40])
+    with pytest.raises(CorruptCheckpointError, match="JSON") as error:
+        EmbeddingTable.load(saved)
+    assert str(path) in str(error.value)
+
+
+def test_load_raises_checkpoint_error_when_root_missing(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        EmbeddingTable.load(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError):
+        load_tables(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------------- killed saves
+
+_CHILD = """
+import os, signal, sys
+import numpy as np
+from safetensors.numpy import save
+from tidal.embedding import checkpoint
+from tidal.embedding.table import EmbeddingTable
+
+root, mode = sys.argv[1], sys.argv[2]
+table = EmbeddingTable.load(root)
+for seed in range(3):  # train a bit so the new save differs from the old one
+    rng = np.random.default_rng(seed)
+    keys = rng.integers(-1500, 1500, 400)
+    table.lookup_or_insert(keys)
+    table.apply_gradients(keys, rng.standard_normal((len(keys), table.dim)).astype(np.float32))
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if mode == "shard":  # half of the second shard file is written, then the process dies
+    written = []
+    real_save_file = checkpoint.save_file
+    def save_file(arrays, path, *args, **kwargs):
+        written.append(path)
+        if len(written) == 2:
+            data = save(arrays)
+            with open(path, "wb") as f:
+                f.write(data[: len(data) // 2])
+                f.flush()
+            die()
+        return real_save_file(arrays, path, *args, **kwargs)
+    checkpoint.save_file = save_file
+else:  # the new directory is in place, CHAIN.json is not yet replaced
+    real_write_json = checkpoint._write_json
+    def write_json(path, content):
+        if path.name == "CHAIN.json":
+            die()
+        return real_write_json(path, content)
+    checkpoint._write_json = write_json
+checkpoint.save(root, [table])
+print("save finished, should have been killed")
+"""
+
+
+def _kill_a_save(root: Path, mode: str) -> None:
+    paths = [str(SRC)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(paths)}
+    child = subprocess.run([sys.executable, "-c", _CHILD, str(root), mode], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == -9, child.stdout + child.stderr
+
+
+@pytest.fixture
+def chain_then_killed_save(tmp_path, request):
+    """(live table, rows before the child, root) after a full + delta save and a killed save."""
+    table = _trained(steps=4)
+    table.save(tmp_path)
+    _train(table, 9)
+    table.evict()
+    table.save_delta(tmp_path)
+    before, chain = _rows(table), (tmp_path / "CHAIN.json").read_text()
+    _kill_a_save(tmp_path, request.param)
+    assert (tmp_path / "CHAIN.json").read_text() == chain
+    leftover = ".tmp-000003-full-" if request.param == "shard" else "000003-full"
+    assert any(p.name.startswith(leftover) for p in tmp_path.iterdir())
+    return table, before, tmp_path
+
+
+@pytest.mark.parametrize("chain_then_killed_save", ["shard", "chain"], indirect=True)
+def test_killed_save_leaves_previous_checkpoint_loadable(chain_then_killed_save):
+    _, before, root = chain_then_killed_save
+    after = _rows(EmbeddingTable.load(root))
+    for name, array in before.items():
+        np.testing.assert_array_equal(after[name], array, err_msg=name)
+
+
+@pytest.mark.parametrize("save", ["save", "save_delta"])
+@pytest.mark.parametrize("chain_then_killed_save", ["shard", "chain"], indirect=True)
+def test_save_after_killed_save_succeeds_and_cleans_up(chain_then_killed_save, save):
+    table, _, root = chain_then_killed_save
+    _train(table, 10)
+    getattr(table, save)(root)  # numbered 000003 like the killed one
+    kept = ["000003-full"] if save == "save" else ["000001-full", "000002-delta", "000003-delta"]
+    assert sorted(p.name for p in root.iterdir()) == kept + ["CHAIN.json"]
+    _assert_same_table(table, EmbeddingTable.load(root))
