@@ -37,8 +37,8 @@ def unit_float(bits: np.uint64) -> float:
 
 @numba.njit(nogil=True, inline="always")
 def _two_units(bits: np.uint64) -> tuple[np.float32, np.float32]:
-    """Two float32 in (0, 1] and [0, 1) from the two 24-bit halves of 64 mixed bits."""
-    high = np.float32((bits >> np.uint64(40)) + np.uint64(1)) * np.float32(1.0 / 16777216.0)
+    """Two float32 in [0, 1) from the top two 24-bit groups of 64 mixed bits."""
+    high = np.float32(bits >> np.uint64(40)) * np.float32(1.0 / 16777216.0)
     low = np.float32((bits >> np.uint64(8)) & np.uint64(0xFFFFFF)) * np.float32(1.0 / 16777216.0)
     return high, low
 
@@ -61,7 +61,7 @@ def init_row(out: np.ndarray, key: np.int64, seed: np.uint64, kind: int, scale: 
         if kind == 1:
             a, b = s * (np.float32(2.0) * u1 - np.float32(1.0)), s * (np.float32(2.0) * u2 - np.float32(1.0))
         else:
-            radius = s * np.sqrt(np.float32(-2.0) * np.log(u1))
+            radius = s * np.sqrt(np.float32(-2.0) * np.log(np.float32(1.0) - u1))  # 1 - u1 in (0, 1]
             angle = np.float32(2.0 * np.pi) * u2
             a, b = radius * np.cos(angle), radius * np.sin(angle)
         out[d] = a

@@ -79,12 +79,13 @@ def _probe(slots: np.ndarray, row_keys: np.ndarray, key: np.int64, h: np.uint64)
 
 @numba.njit(nogil=True, cache=True)
 def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, order, lo, hi,
-            step, shard, rows, admission, sketch, insert, out):  # type: ignore[no-untyped-def]
+            step, shard, rows, admission, sketch, insert, count, out):  # type: ignore[no-untyped-def]
     """Row handles of keys[order[lo:hi]], de-duplicated on the way.
 
     With `insert` (training) an admitted key's row is created on first sight and every
     found row is marked seen at `step`; without it (serving) the index is only read and
-    absent keys are counted as misses. `out` = (handles [n], inverse [n], unique local
+    absent keys are counted as misses. With `count`, the keys are counted as lookups
+    (and misses) in the statistics; internal reads pass False. `out` = (handles [n], inverse [n], unique local
     rows [hi - lo], their saved last_seen [hi - lo], unique count [1]): inverse[i]
     numbers the distinct rows of this shard in order of first sight, -1 for a key
     without a row. The caller ends with `unmark` once the whole range is resolved.
@@ -105,18 +106,18 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, or
             row = _create(slots, row_keys, counts, free_rows, ctl, keys[i], hashes[i], pos,
                           step, shard, rows, admission, sketch)
             if ctl[C_NEED] != NEED_NOTHING:
-                ctl[C_LOOKUPS] += j - lo
+                ctl[C_LOOKUPS] += (j - lo) * count
                 return j
         if row < 0:
             handles[i] = -1
             inverse[i] = -1
-            ctl[C_MISSES] += not insert
+            ctl[C_MISSES] += count and not insert
             continue
         if insert and counts.shape[0] > 0:
             counts[row] += 1
         handles[i] = (np.int64(row) << SHARD_BITS) | shard
         inverse[i] = _number(last_seen, unique, previous, n_unique, row)
-    ctl[C_LOOKUPS] += hi - lo
+    ctl[C_LOOKUPS] += (hi - lo) * count
     return hi
 
 

@@ -18,7 +18,6 @@ Verbs (the parameter-server protocol speaks the same ones)::
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 from dataclasses import dataclass
@@ -166,16 +165,16 @@ class EmbeddingTable:
         self._updates = 0  # optimizer steps so far
         self._saved_step = -1  # rows last seen after this step go into the next delta
         self._counter_lock = threading.Lock()
-        self._shards = [self._new_shard() for _ in range(config.num_shards)]
+        self._shards = [self._new_shard(s) for s in range(config.num_shards)]
 
     # ------------------------------------------------------------------ set-up
 
-    def _new_shard(self) -> _Shard:
+    def _new_shard(self, s: int) -> _Shard:
         eviction = self.config.eviction
         track_counts = eviction is not None and eviction.capacity_policy == "lfu"
         admission = self.config.admission
         sketch_width = admission.sketch_width if isinstance(admission, CountAdmission) else 0
-        return _Shard(self._shard_row_limit(), track_counts, sketch_width)
+        return _Shard(self._shard_row_limit(s), track_counts, sketch_width)
 
     @property
     def row_cap(self) -> int | None:
@@ -185,11 +184,16 @@ class EmbeddingTable:
             caps.append(self.config.memory_bytes // (4 * self.width + 24))
         return min(caps) if caps else None
 
-    def _shard_row_limit(self) -> int:
-        """New keys are refused past this per shard; with eviction, `evict()` trims instead."""
-        if self.row_cap is None or self.config.eviction is not None:
+    def _shard_row_limit(self, s: int) -> int:
+        """New keys are refused past this in shard `s`; with eviction, `evict()` trims instead.
+
+        The cap is split evenly over the shards (the limits add up to it exactly), so a
+        shard that fills first refuses keys while the others still take theirs.
+        """
+        cap, shards = self.row_cap, self.config.num_shards
+        if cap is None or self.config.eviction is not None:
             return _UNLIMITED
-        return math.ceil(self.row_cap / self.config.num_shards)
+        return cap // shards + (s < cap % shards)
 
     def _row_settings(self) -> tuple:
         init = self.config.initializer
@@ -251,23 +255,25 @@ class EmbeddingTable:
         Keys turned away by admission (or by a full table) get handle -1. Handles stay
         valid until the next `evict()`.
         """
-        return self._resolve(self._keys(keys), step=self._next_step(), insert=True, force=False)
+        return self._resolve(self._keys(keys), step=self._next_step(), insert=True)
 
-    def find(self, keys: np.ndarray) -> RowLookup:
-        """Rows of `keys` without creating any: absent keys get -1 and count as misses."""
-        return self._resolve(self._keys(keys), step=self._step, insert=False, force=False)
+    def find(self, keys: np.ndarray, *, count: bool = True) -> RowLookup:
+        """Rows of `keys` without creating any: absent keys get -1 (and, with `count`,
+        count as misses; internal reads such as `apply_gradients` pass False)."""
+        return self._resolve(self._keys(keys), step=self._step, insert=False, count=count)
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Values `[n, dim]` float32 of `keys` for serving; absent keys read as zeros."""
         return self._gather(self.find(keys).handles)[:, : self.dim]
 
-    def _resolve(self, keys: np.ndarray, *, step: int, insert: bool, force: bool) -> RowLookup:
+    def _resolve(self, keys: np.ndarray, *, step: int, insert: bool, force: bool = False,
+                 count: bool = True) -> RowLookup:
         hashes, order, offsets = self._route(keys)
         handles = np.empty(keys.shape[0], dtype=np.int64)
         inverse = np.empty(keys.shape[0], dtype=np.int64)
         found: list[np.ndarray] = [np.zeros(0, np.int64)] * self.num_shards
         route = (keys, hashes, order, offsets, handles, inverse)
-        settings = (step, insert, self._admission_settings(force))
+        settings = (step, insert, count, self._admission_settings(force))
 
         def in_shard(s: int) -> None:
             found[s] = self._resolve_in_shard(s, route, settings)
@@ -283,7 +289,7 @@ class EmbeddingTable:
     def _resolve_in_shard(self, s: int, route: tuple, settings: tuple) -> np.ndarray:
         """Resolve shard `s`'s part of a batch under its lock; its distinct local rows."""
         keys, hashes, order, offsets, handles, inverse = route
-        step, insert, admission = settings
+        step, insert, count, admission = settings
         shard = self._shards[s]
         position, end = int(offsets[s]), int(offsets[s + 1])
         rows = np.empty(end - position, dtype=np.int64)
@@ -294,7 +300,7 @@ class EmbeddingTable:
                 position = ix.resolve(
                     shard.slots, shard.row_keys, shard.last_seen, shard.counts, shard.free_rows,
                     shard.ctl, keys, hashes, order, position, end, step, s, self._row_settings(),
-                    admission, shard.sketch, insert, (handles, inverse, rows, previous, n_rows))
+                    admission, shard.sketch, insert, count, (handles, inverse, rows, previous, n_rows))
                 self._grow(s, shard)
             ix.unmark(shard.last_seen, rows, previous, n_rows[0], step, insert)
         return rows[: n_rows[0]]
@@ -329,7 +335,7 @@ class EmbeddingTable:
                 f"(one row per key), got {grads.shape}"
             )
         n = keys.shape[0]
-        self.apply_pooled(self.find(keys), grads, np.arange(n, dtype=np.int64), np.ones(n, np.float32))
+        self.apply_pooled(self.find(keys, count=False), grads, np.arange(n, dtype=np.int64), np.ones(n, np.float32))
 
     def apply_pooled(self, lookup: RowLookup, grad_out: np.ndarray, targets: np.ndarray,
                      scales: np.ndarray) -> None:
@@ -361,7 +367,7 @@ class EmbeddingTable:
         Absent keys come back as zero rows with found False.
         """
         keys = self._keys(keys)
-        handles = self.find(keys).handles
+        handles = self.find(keys, count=False).handles
         rows = self._gather(handles)
         last_seen = np.zeros(keys.shape[0], dtype=np.uint32)
         counts = np.zeros(keys.shape[0], dtype=np.uint32)
@@ -390,7 +396,7 @@ class EmbeddingTable:
                 f"{expected[1]}, got {values.shape} and {state.shape}"
             )
         rows = np.concatenate([values, state], axis=1)
-        handles = self._resolve(keys, step=self._step, insert=True, force=True).handles
+        handles = self._resolve(keys, step=self._step, insert=True, force=True, count=False).handles
         run_split(pooling.scatter_rows, len(keys), self.threads, self.arena.directory, self.width, handles, rows)
         self._restore_metadata(handles, block)
 

@@ -1,0 +1,162 @@
+"""Row initial values are a pure function of (seed, table name, key)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import tidal
+from tidal.config import Initializer, TableConfig
+from tidal.embedding import EmbeddingTable
+from tidal.embedding.hashing import INIT_KINDS, init_row, mix64, table_seed
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+ADVERSARIAL = [0, -1, 1,
+               INT64_MIN, INT64_MAX, INT64_MIN + 1, INT64_MAX - 1, 2**31 - 1, -(2**31), 2**32 - 1, 2**32]
+_M64 = (1 << 64) - 1
+
+
+def make_table(*, name="emb", seed=0, kind="uniform", scale=0.05, dim=8, num_shards=8, threads=1):
+    config = TableConfig(name=name, dim=dim, seed=seed, num_shards=num_shards,
+                         initializer=Initializer(kind=kind, scale=scale))
+    return EmbeddingTable(config, threads=threads)
+
+
+def initial_values(table, keys, batch=None):
+    """Create the rows of `keys` (in batches of `batch`) and read them back."""
+    keys = np.asarray(keys, dtype=np.int64)
+    batch = batch or max(len(keys), 1)
+    for lo in range(0, len(keys), batch):
+        table.lookup_or_insert(keys[lo : lo + batch])
+    return table.lookup(keys)
+
+
+def some_keys(n=600, seed=1):
+    rng = np.random.default_rng(seed)
+    return np.unique(np.concatenate([rng.integers(INT64_MIN, INT64_MAX, n, dtype=np.int64),
+                                     np.array(ADVERSARIAL, dtype=np.int64)]))
+
+
+def unmix64(h: int) -> int:
+    """The inverse of hashing.mix64 (splitmix64's finalizer), on Python ints."""
+
+    def unshift(y: int, s: int) -> int:
+        x = y
+        for _ in range(64 // s + 1):
+            x = y ^ (x >> s)
+        return x
+
+    z = unshift(h, 31)
+    z = (z * pow(0x94D049BB133111EB, -1, 1 << 64)) & _M64
+    z = unshift(z, 27)
+    z = (z * pow(0xBF58476D1CE4E5B9, -1, 1 << 64)) & _M64
+    return (unshift(z, 30) - 0x9E3779B97F4A7C15) & _M64
+
+
+def as_int64(u: int) -> int:
+    return u - (1 << 64) if u >= 1 << 63 else u
+
+
+# ------------------------------------------------------------------ purity
+
+
+@pytest.mark.parametrize("kind", ["uniform", "normal"])
+def test_initial_values_identical_when_shards_threads_and_order_differ(kind):
+    keys = some_keys()
+    reference = initial_values(make_table(kind=kind, num_shards=1), keys)
+    shuffled = np.random.default_rng(3).permutation(keys)
+    for num_shards, order, batch in [(8, keys[::-1], 7), (64, shuffled, None), (2, np.repeat(keys, 3), 50)]:
+        table = make_table(kind=kind, num_shards=num_shards, threads=4)
+        initial_values(table, order, batch=batch)
+        np.testing.assert_array_equal(table.lookup(keys), reference)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "normal", "zeros"])
+def test_table_values_equal_init_row_when_computed_directly(kind):
+    keys = some_keys(100)
+    values = initial_values(make_table(kind=kind, seed=7, name="items", dim=5), keys)
+    seed = table_seed(7, "items")
+    for key, row in zip(keys, values):
+        expected = np.empty(5, dtype=np.float32)
+        init_row(expected, np.int64(key), seed, INIT_KINDS[kind], 0.05)
+        np.testing.assert_array_equal(row, expected)
+
+
+def test_initial_values_stable_when_key_removed_and_created_again():
+    table = make_table()
+    keys = some_keys(200)
+    first = initial_values(table, keys)
+    table.remove(keys[::2])
+    np.testing.assert_array_equal(initial_values(table, keys), first)
+
+
+def test_initial_values_differ_when_seed_or_table_name_differs():
+    keys = some_keys(300)
+    base = initial_values(make_table(seed=0, name="emb"), keys)
+    for other in (make_table(seed=1, name="emb"), make_table(seed=0, name="emb2")):
+        values = initial_values(other, keys)
+        assert (values != base).mean() > 0.99
+
+
+def test_table_seed_stable_when_python_hash_seed_differs():
+    code = "from tidal.embedding.hashing import table_seed; print(int(table_seed(5, 'user_id')))"
+    src = os.path.dirname(os.path.dirname(tidal.__file__))  # found however tidal was imported here
+    path = os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONHASHSEED="12345", PYTHONPATH=path)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(out.stdout) == int(table_seed(5, "user_id"))
+    assert table_seed(5, "user_id") != table_seed(6, "user_id") != table_seed(5, "user")
+
+
+# ------------------------------------------------------------------ distributions
+
+
+@pytest.mark.parametrize("dim", [8, 3])
+def test_uniform_init_within_scale_when_many_keys(dim):
+    scale = 0.05
+    values = initial_values(make_table(kind="uniform", scale=scale, dim=dim), some_keys(20_000)).ravel()
+    assert values.min() >= -scale and values.max() < scale
+    assert abs(values.mean()) < 0.01 * scale
+    assert values.std() == pytest.approx(scale / np.sqrt(3), rel=0.02)
+    counts, _ = np.histogram(values, bins=10, range=(-scale, scale))
+    assert counts.min() > 0.9 * counts.mean()
+
+
+def test_uniform_init_below_scale_when_mixed_bits_are_all_ones():
+    """Uniform is documented as [-scale, scale): +scale itself must never come out.
+
+    Dim 0 of a key takes its value from the top 24 bits of mix64(mix64(key ^ seed));
+    this key makes them all ones.
+    """
+    seed = int(table_seed(0, "emb"))
+    wanted = (0xFFFFFF << 40) | 0x5A5A5A
+    key = as_int64(unmix64(unmix64(wanted)) ^ seed)
+    assert int(mix64(np.uint64(int(mix64(np.uint64((key & _M64) ^ seed)))))) == wanted
+    values = initial_values(make_table(kind="uniform", scale=0.5, dim=2), [key])
+    assert values[0, 0] < 0.5, f"uniform init gave {values[0, 0]} for scale 0.5"
+
+
+@pytest.mark.parametrize("dim", [8, 5])
+def test_normal_init_has_zero_mean_and_scale_std_when_many_values(dim):
+    scale = 0.1
+    values = initial_values(make_table(kind="normal", scale=scale, dim=dim), some_keys(20_000)).ravel()
+    assert np.isfinite(values).all()
+    assert abs(values.mean()) < 5 * scale / np.sqrt(values.size)
+    assert values.std() == pytest.approx(scale, rel=0.02)
+    assert np.mean(np.abs(values) < scale) == pytest.approx(0.6827, abs=0.01)
+
+
+def test_zeros_init_gives_zero_rows_when_kind_zeros():
+    table = make_table(kind="zeros", scale=1.0)
+    keys = some_keys(500)
+    np.testing.assert_array_equal(initial_values(table, keys), 0.0)
+    assert table.stats().rows == len(keys)
+
+
+def test_scale_zero_gives_zero_rows_when_uniform_or_normal():
+    for kind in ("uniform", "normal"):
+        np.testing.assert_array_equal(initial_values(make_table(kind=kind, scale=0.0), some_keys(50)), 0.0)

@@ -1,0 +1,363 @@
+"""EmbeddingTable: collision-free index, arena, admission, eviction, stats, threads, bad input."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tidal.config import (Adagrad, CountAdmission, Eviction, Initializer, ProbabilityAdmission, Sgd,
+                          TableConfig)
+from tidal.embedding import EmbeddingTable
+from tidal.embedding._memory import CHUNK_ROWS, SHARD_BITS
+from tidal.errors import BatchError
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+ADVERSARIAL = [0, -1, 1, -2,
+               INT64_MIN, INT64_MAX, INT64_MIN + 1, INT64_MAX - 1, 2**31 - 1, -(2**31), 2**32 - 1, 2**32]
+_M64 = (1 << 64) - 1
+PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def make_table(*, threads=1, **config):
+    config = {"name": "t", "dim": 4, "num_shards": 1, **config}
+    return EmbeddingTable(TableConfig(**config), threads=threads)
+
+
+def arr(*keys):
+    return np.array(keys, dtype=np.int64)
+
+
+def insert(table, keys):
+    return table.lookup_or_insert(np.asarray(keys, dtype=np.int64)).handles
+
+
+def sight(table, *key_times):
+    """Look up each (key, times) pair `times` times, one step each."""
+    for key, times in key_times:
+        for _ in range(times):
+            insert(table, arr(key))
+
+
+def present(table, keys):
+    return table.find(np.asarray(keys, dtype=np.int64)).handles >= 0
+
+
+def unmix64(h: int) -> int:
+    """The inverse of hashing.mix64, to craft keys with a chosen hash."""
+
+    def unshift(y: int, s: int) -> int:
+        x = y
+        for _ in range(64 // s + 1):
+            x = y ^ (x >> s)
+        return x
+
+    z = (unshift(h, 31) * pow(0x94D049BB133111EB, -1, 1 << 64)) & _M64
+    z = (unshift(z, 27) * pow(0xBF58476D1CE4E5B9, -1, 1 << 64)) & _M64
+    u = (unshift(z, 30) - 0x9E3779B97F4A7C15) & _M64
+    return u - (1 << 64) if u >= 1 << 63 else u
+
+
+# keys whose hashes share their low 10 bits: one home slot in a fresh 1024-slot index,
+# split apart only gradually by each rehash
+COLLIDING = [unmix64((i << 10) | 77) for i in range(1, 1200)]
+
+int64s = st.integers(INT64_MIN, INT64_MAX)
+key_values = st.one_of(int64s, st.sampled_from(ADVERSARIAL), st.sampled_from(COLLIDING))
+
+
+@st.composite
+def key_batches(draw, max_run=1500):
+    """Random and adversarial keys, a run of consecutive keys (wrapping at int64), duplicates."""
+    keys = draw(st.lists(key_values, max_size=150))
+    start, length = draw(int64s), draw(st.integers(0, max_run))
+    keys += [((start + i - INT64_MIN) & _M64) + INT64_MIN for i in range(length)]
+    keys += draw(st.lists(st.sampled_from(keys), max_size=100)) if keys else []
+    draw(st.randoms(use_true_random=False)).shuffle(keys)
+    return np.array(keys, dtype=np.int64)
+
+
+# -- collision-free index ------------------------------------------------------------------------
+@PROPERTY
+@given(keys=key_batches(), num_shards=st.sampled_from([1, 8]))
+def test_distinct_keys_own_distinct_stable_rows_when_keys_random_and_adversarial(keys, num_shards):
+    table = make_table(num_shards=num_shards)
+    handles = insert(table, keys)
+    by_key = {}
+    for key, handle in zip(keys.tolist(), handles.tolist()):
+        assert by_key.setdefault(key, handle) == handle, f"key {key} got two handles"
+    assert min(handles, default=0) >= 0
+    assert len(set(by_key.values())) == len(by_key) == table.stats().rows
+    values = table.lookup(keys)
+    np.testing.assert_array_equal(insert(table, keys[::-1]), handles[::-1])
+    np.testing.assert_array_equal(table.find(keys).handles, handles)
+    np.testing.assert_array_equal(table.lookup(keys), values)
+
+
+@PROPERTY
+@given(data=st.data(), num_shards=st.sampled_from([1, 4]))
+def test_find_matches_dict_reference_when_inserts_and_removes_interleave(data, num_shards):
+    table, reference, seen = make_table(num_shards=num_shards), {}, set()
+    rnd = data.draw(st.randoms(use_true_random=False))
+    for _ in range(data.draw(st.integers(1, 6))):
+        if reference and data.draw(st.booleans()):
+            doomed = rnd.sample(sorted(seen), k=rnd.randint(0, len(seen)))
+            expected = sum(reference.pop(k, None) is not None for k in set(doomed))
+            assert table.remove(np.array(doomed + doomed[:3], dtype=np.int64)) == expected
+        else:
+            keys, live, new = data.draw(key_batches(max_run=3000)), set(reference.values()), {}
+            for key, handle in zip(keys.tolist(), insert(table, keys).tolist()):
+                if key in reference:
+                    assert handle == reference[key]
+                else:
+                    assert handle not in live and new.setdefault(key, handle) == handle
+            assert len(set(new.values())) == len(new)
+            reference.update(new)
+            seen.update(new)
+        ordered = np.array(sorted(seen), dtype=np.int64)
+        expected = np.array([reference.get(k, -1) for k in ordered.tolist()], dtype=np.int64)
+        np.testing.assert_array_equal(table.find(ordered).handles, expected)
+        assert table.stats().rows == len(reference)
+
+
+def test_find_consistent_when_removes_interleave_with_several_rehashes():
+    table, rng, reference = make_table(), np.random.default_rng(0), set()
+    for round_ in range(12):
+        keys = np.concatenate([rng.integers(INT64_MIN, INT64_MAX, 3000, dtype=np.int64),
+                               arr(*ADVERSARIAL), np.arange(3000, dtype=np.int64) + round_ * 1000])
+        insert(table, keys)
+        reference.update(keys.tolist())
+        doomed = rng.choice(np.array(sorted(reference)), size=len(reference) // 4, replace=False)
+        assert table.remove(doomed) == len(doomed)
+        reference.difference_update(doomed.tolist())
+        everything = np.concatenate([keys, doomed])
+        np.testing.assert_array_equal(present(table, everything), np.isin(everything, list(reference)))
+    assert table._shards[0].slots.shape[0] >= 8 * 1024  # at least three rehashes
+    assert table.stats().rows == len(reference)
+
+
+def test_colliding_keys_stay_findable_when_middle_of_probe_run_removed():
+    table = make_table(initializer=Initializer(kind="uniform", scale=1.0))
+    keys = arr(*COLLIDING[:700])
+    handles, values = insert(table, keys), table.lookup(keys)
+    kept = np.arange(len(keys)) % 3 != 1
+    gone = keys[~kept]
+    assert table.remove(gone) == len(gone)
+    assert not present(table, gone).any()
+    np.testing.assert_array_equal(table.find(keys[::3]).handles, handles[::3])
+    np.testing.assert_array_equal(table.lookup(keys[::3]), values[::3])
+    insert(table, arr(*COLLIDING))  # refill and force rehashes with the colliding keys
+    assert present(table, COLLIDING).all() and table.stats().rows == len(COLLIDING)
+    np.testing.assert_array_equal(table.lookup(keys[kept]), values[kept])
+
+
+# -- arena: rows never move, freed rows are reused -----------------------------------------------
+def test_rows_never_move_when_table_grows_into_new_chunks():
+    table = make_table(optimizer=Sgd(lr=1.0))
+    keys = arr(*ADVERSARIAL)
+    handles = insert(table, keys)
+    table.apply_gradients(keys, np.ones((len(keys), 4), np.float32))
+    values, chunk, address = table.lookup(keys), table.arena.chunks[0][0], int(table.arena.directory[0, 0])
+    assert address == chunk.ctypes.data
+    insert(table, np.arange(5 * CHUNK_ROWS, dtype=np.int64) + 10**12)
+    assert len(table.arena.chunks[0]) >= 6 and table.arena.directory.shape[1] > 4
+    assert table.arena.chunks[0][0] is chunk and int(table.arena.directory[0, 0]) == address
+    np.testing.assert_array_equal(table.find(keys).handles, handles)
+    np.testing.assert_array_equal(table.lookup(keys), values)
+    np.testing.assert_array_equal(chunk[(handles >> SHARD_BITS) & (CHUNK_ROWS - 1)], values)
+
+
+def test_freed_rows_reused_when_keys_removed():
+    table = make_table()
+    first = insert(table, np.arange(CHUNK_ROWS, dtype=np.int64))
+    allocated = table.stats().allocated_bytes
+    table.remove(np.arange(100, 400, dtype=np.int64))
+    reused = insert(table, np.arange(300, dtype=np.int64) - 10**6)
+    assert set(reused.tolist()) == set(first[100:400].tolist())
+    assert table.stats().allocated_bytes == allocated and table.stats().rows == CHUNK_ROWS
+
+
+# -- serving lookups and admission ---------------------------------------------------------------
+def test_lookup_reads_zeros_and_counts_misses_when_keys_absent():
+    table = make_table()
+    insert(table, arr(1, 2))
+    values = table.lookup(arr(1, 99, 2, -5, 99))
+    np.testing.assert_array_equal(values[[1, 3, 4]], 0.0)
+    np.testing.assert_array_equal(values[[0, 2]], table.pull_rows(arr(1, 2))[0].values)
+    assert table.stats().rows == 2 and table.stats().misses == 3
+    assert not present(table, arr(99, -5)).any()
+
+
+def test_count_admission_creates_row_on_third_sighting_when_min_count_3():
+    table = make_table(admission=CountAdmission(min_count=3), initializer=Initializer(scale=1.0))
+    for _ in range(2):
+        assert insert(table, arr(7)).tolist() == [-1]
+        table.apply_gradients(arr(7), np.ones((1, 4), np.float32))
+        np.testing.assert_array_equal(table.lookup(arr(7)), 0.0)
+        assert table.stats().rows == 0
+    assert insert(table, arr(7))[0] >= 0
+    s = table.stats()
+    assert np.abs(table.lookup(arr(7))).max() > 0 and (s.rows, s.admitted, s.not_admitted) == (1, 1, 2)
+
+
+def test_probability_admission_admits_about_30_percent_reproducibly_when_p_0_3():
+    keys, admission = np.arange(20_000, dtype=np.int64) * 7919, ProbabilityAdmission(probability=0.3)
+    first, again, other = (insert(make_table(admission=admission, num_shards=8, seed=seed), keys)
+                           for seed in (0, 0, 1))
+    assert (first >= 0).mean() == pytest.approx(0.3, abs=0.02)
+    np.testing.assert_array_equal(first, again)
+    assert ((other >= 0) != (first >= 0)).any()
+
+
+def test_stats_misses_count_only_serving_lookups_when_gradients_hit_absent_keys():
+    """`misses` are documented as serving lookups of absent keys (TableStats)."""
+    table = make_table(admission=CountAdmission(min_count=5))
+    insert(table, arr(3))
+    table.apply_gradients(arr(3), np.ones((1, 4), np.float32))
+    assert table.stats().misses == 0
+
+
+# -- eviction and row caps -----------------------------------------------------------------------
+def test_ttl_evicts_rows_unseen_for_more_than_ttl_steps_when_evict_called():
+    table = make_table(eviction=Eviction(ttl_steps=3))
+    insert(table, arr(1, 2))  # step 1
+    sight(table, (2, 3))  # steps 2..4
+    assert table.evict() == 0  # key 1 unseen for exactly 3 steps
+    sight(table, (2, 1))  # step 5
+    assert present(table, arr(1, 2)).all()  # nothing goes before evict()
+    assert table.evict() == 1
+    assert present(table, arr(1, 2)).tolist() == [False, True] and table.stats().evicted == 1
+
+
+def test_lru_cap_evicts_oldest_rows_when_over_max_rows():
+    table = make_table(num_shards=8, max_rows=3, eviction=Eviction(capacity_policy="lru"))
+    sight(table, *[(key, 1) for key in (1, 2, 3, 4, 5, 1)])
+    assert table.stats().rows == 5 and table.stats().evicted == 0
+    assert table.evict() == 2
+    assert present(table, arr(1, 2, 3, 4, 5)).tolist() == [True, False, False, True, True]
+
+
+def test_lfu_cap_evicts_least_counted_rows_when_over_max_rows():
+    table = make_table(num_shards=8, max_rows=2, eviction=Eviction(capacity_policy="lfu"))
+    sight(table, (10, 5), (20, 1), (30, 3))
+    assert table.pull_rows(arr(10, 20, 30))[0].counts.tolist() == [5, 1, 3]
+    assert table.evict() == 1
+    assert present(table, arr(10, 20, 30)).tolist() == [True, False, True]
+
+
+def test_lfu_counts_start_fresh_when_new_key_reuses_removed_row():
+    table = make_table(max_rows=2, eviction=Eviction(capacity_policy="lfu"))
+    sight(table, (10, 5), (20, 3))
+    table.remove(arr(10))
+    sight(table, (30, 1), (40, 2))  # key 30 takes the row key 10 freed
+    assert table.pull_rows(arr(30))[0].counts.tolist() == [1]
+    table.evict()
+    assert present(table, arr(20, 30, 40)).tolist() == [True, False, True]
+
+
+def test_new_keys_refused_and_counted_when_max_rows_reached_without_eviction():
+    table = make_table(max_rows=5)
+    handles = insert(table, np.arange(8, dtype=np.int64))
+    assert (handles >= 0).tolist() == [True] * 5 + [False] * 3
+    assert table.stats().rows == 5 and table.stats().dropped_full == 3 and table.evict() == 0
+    table.remove(arr(0))
+    assert insert(table, arr(100))[0] >= 0 and insert(table, arr(101))[0] == -1
+
+
+def test_rows_never_exceed_max_rows_when_cap_not_multiple_of_shards():
+    table = make_table(num_shards=8, max_rows=10)
+    insert(table, np.arange(200, dtype=np.int64))
+    assert table.stats().rows <= 10
+
+
+def test_row_cap_comes_from_memory_bytes_when_set():
+    assert make_table(memory_bytes=4000).row_cap == 100  # 4 x 4 value bytes + 24 per row
+    assert make_table(memory_bytes=4000, max_rows=50).row_cap == 50
+    assert make_table(memory_bytes=4000, optimizer=Adagrad()).row_cap == 4000 // 56
+    assert make_table().row_cap is None
+    table = make_table(memory_bytes=4000)
+    insert(table, np.arange(150, dtype=np.int64))
+    assert table.stats().rows == 100 and table.stats().dropped_full == 50
+
+
+# -- statistics ----------------------------------------------------------------------------------
+def test_stats_fields_add_up_when_rows_inserted_looked_up_and_removed():
+    table = make_table(dim=8, num_shards=4, optimizer=Adagrad())
+    insert(table, np.arange(1000, dtype=np.int64))
+    table.lookup(np.arange(800, 1100, dtype=np.int64))
+    table.remove(np.arange(200, dtype=np.int64))
+    s = table.stats()
+    assert (s.rows, s.lookups, s.misses, s.admitted) == (800, 1300, 100, 1000)
+    assert (s.evicted, s.dropped_full) == (200, 0)
+    assert s.value_bytes == s.state_bytes == 800 * 8 * 4
+    assert s.allocated_bytes == sum(map(len, table.arena.chunks)) * CHUNK_ROWS * 16 * 4 == 4 * CHUNK_ROWS * 64
+    assert s.index_bytes >= 4 * 1024 * 4 + 1000 * 8 and s.metadata_bytes >= 1000 * 4
+    assert s.overhead_bytes_per_row == (s.index_bytes + s.metadata_bytes) / 800
+
+
+# -- threads -------------------------------------------------------------------------------------
+def test_rows_exact_when_six_threads_insert_update_and_read_one_table():
+    table = make_table(num_shards=8, optimizer=Sgd(lr=1.0), initializer=Initializer(kind="zeros"))
+    rng = np.random.default_rng(0)
+    pool = np.union1d(rng.integers(INT64_MIN, INT64_MAX, 1500, dtype=np.int64), arr(*ADVERSARIAL))
+    absent = np.setdiff1d(rng.integers(INT64_MIN, INT64_MAX, 500, dtype=np.int64), pool)
+    trainers, iterations, batch = 6, 150, 96
+    applied, handles = np.zeros((trainers, len(pool)), np.int64), np.full((trainers, len(pool)), -1, np.int64)
+    done, start = threading.Event(), threading.Barrier(trainers + 2)
+
+    def train(t):
+        local = np.random.default_rng(100 + t)
+        start.wait()
+        for _ in range(iterations):
+            idx = local.integers(0, len(pool), batch)
+            got = insert(table, pool[idx])
+            assert (got >= 0).all() and ((handles[t, idx] == -1) | (handles[t, idx] == got)).all()
+            handles[t, idx] = got
+            table.apply_gradients(pool[idx], np.ones((batch, 4), np.float32))
+            np.add.at(applied[t], idx, 1)
+
+    def read(r):
+        local = np.random.default_rng(200 + r)
+        start.wait()
+        while not done.is_set():
+            values = table.lookup(pool[local.integers(0, len(pool), 64)])
+            assert (values <= 0).all() and (values == np.round(values)).all()
+            np.testing.assert_array_equal(table.lookup(absent), 0.0)
+
+    with ThreadPoolExecutor(trainers + 2) as executor:
+        readers = [executor.submit(read, r) for r in range(2)]
+        for future in [executor.submit(train, t) for t in range(trainers)]:
+            future.result()
+        done.set()
+        for future in readers:
+            future.result()
+    touched, final = applied.sum(axis=0) > 0, table.find(pool).handles
+    assert (final[touched] >= 0).all() and (final[~touched] == -1).all()
+    assert len(np.unique(final[touched])) == touched.sum() == table.stats().rows
+    np.testing.assert_array_equal(handles[handles >= 0], np.broadcast_to(final, handles.shape)[handles >= 0])
+    np.testing.assert_array_equal(table.lookup(pool), -np.repeat(applied.sum(axis=0)[:, None], 4, axis=1))
+
+
+# -- bad input -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("keys", [np.array([1.5, 2.0]), np.zeros((2, 3), np.int64), np.array(["a", "b"]),
+                                  np.array([True, False])])
+@pytest.mark.parametrize("verb", ["lookup", "lookup_or_insert", "find", "remove", "apply_gradients"])
+def test_bad_keys_raise_batch_error_naming_table_shape_and_dtype(verb, keys):
+    table = make_table(name="user_id")
+    args = (keys, np.ones((2, 4), np.float32)) if verb == "apply_gradients" else (keys,)
+    with pytest.raises(BatchError) as info:
+        getattr(table, verb)(*args)
+    assert all(part in str(info.value) for part in ("'user_id'", str(keys.shape), str(keys.dtype)))
+    assert table.stats().rows == 0
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 4), (3,), (3, 4, 1)])
+def test_apply_gradients_raises_batch_error_when_grad_shape_wrong(shape):
+    table = make_table(name="items")
+    insert(table, arr(1, 2, 3))
+    with pytest.raises(BatchError, match=r"'items'.*\(3, 4\).*" + rf"\({shape[0]}"):
+        table.apply_gradients(arr(1, 2, 3), np.ones(shape, np.float32))
