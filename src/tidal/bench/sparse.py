@@ -73,14 +73,21 @@ def _batches(cfg: SparseBenchConfig) -> list[_Batch]:
     return batches
 
 
-def _timed(step: Callable[[_Batch], None], batches: list[_Batch], warmup: int) -> float:
-    """Seconds per step over the batches after the first `warmup` ones."""
-    for batch in batches[:warmup]:
-        step(batch)
-    start = time.perf_counter()
-    for batch in batches[warmup:]:
-        step(batch)
-    return (time.perf_counter() - start) / (len(batches) - warmup)
+def _median_step_s(steps: dict[str, Callable[[_Batch], None]], batches: list[_Batch],
+                   warmup: int) -> dict[str, float]:
+    """Median seconds per step of each peer, the peers taking turns on every batch.
+
+    Taking turns exposes every peer to the same background load of a shared machine,
+    and the median ignores the odd step that a neighbour's burst slowed down.
+    """
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for n, batch in enumerate(batches):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step(batch)
+            if n >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def _tidal(cfg: SparseBenchConfig, optimizer: str, threads: int, grad: torch.Tensor):
@@ -168,10 +175,12 @@ def run_one(cfg: SparseBenchConfig, optimizer: str, threads: int, memcpy: float)
     grad = torch.randn(cfg.batch_size, cfg.features, cfg.dim, generator=torch.Generator().manual_seed(cfg.seed))
     ids = cfg.batch_size * cfg.features
     tidal_step, collection = _tidal(cfg, optimizer, threads, grad)
-    tidal_s = _timed(tidal_step, batches, cfg.warmup_steps)
-    torch_s = _timed(_torch(cfg, optimizer, grad), batches, cfg.warmup_steps)
+    steps = {"tidal": tidal_step, "torch": _torch(cfg, optimizer, grad)}
     fbgemm_step = _fbgemm(cfg, optimizer, grad)
-    fbgemm_s = _timed(fbgemm_step, batches, cfg.warmup_steps) if fbgemm_step else None
+    if fbgemm_step is not None:
+        steps["fbgemm"] = fbgemm_step
+    seconds = _median_step_s(steps, batches, cfg.warmup_steps)
+    tidal_s, torch_s, fbgemm_s = seconds["tidal"], seconds["torch"], seconds.get("fbgemm")
     stats = collection.tables[0].stats()
     moved = _step_bytes(cfg, _unique_per_batch(batches), collection.tables[0].width)
     return {

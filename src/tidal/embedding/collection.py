@@ -148,15 +148,32 @@ class EmbeddingCollection:
         """Apply the sparse update for `grad`, the gradient of the pooled `[B, F, D]` output."""
         if not ctx.train:
             raise BatchError("backward needs a context from forward(train=True); this one was read-only")
-        grad_out = self._grad_rows(ctx, grad)  # [B * F, D]
-        targets = pooling.id_targets(ctx.offsets, ctx.batch_size, ctx.feature_tables.shape[0])
-        for t, (positions, lookup) in ctx.lookups.items():
-            self.tables[t].apply_pooled(lookup, grad_out, targets[positions], ctx.scales[positions])
+        grad_out = self._grad_rows(ctx, grad)  # [B, F, D]
+        unique_of_id, bases = self._unique_of_id(ctx)
+        grad_rows = np.empty((bases[-1], self.dim), dtype=np.float32)  # [U of all tables, D]
+        run_split(pooling.accumulate, int(bases[-1]), self.threads, grad_out, ctx.offsets,
+                  unique_of_id, ctx.scales, grad_rows)
+        for n, (t, (_, lookup)) in enumerate(ctx.lookups.items()):
+            self.tables[t].apply_rows(lookup, grad_rows[bases[n] : bases[n + 1]])
+
+    @staticmethod
+    def _unique_of_id(ctx: PooledContext) -> tuple[np.ndarray, np.ndarray]:
+        """For every id of the batch, its distinct row numbered across all tables; the
+        tables' bases in that numbering (in `ctx.lookups` order)."""
+        sizes = [lookup.unique.shape[0] for _, lookup in ctx.lookups.values()]
+        bases = np.zeros(len(sizes) + 1, dtype=np.int64)
+        np.cumsum(sizes, out=bases[1:])
+        if len(ctx.lookups) == 1:
+            return next(iter(ctx.lookups.values()))[1].inverse, bases
+        unique_of_id = np.full(ctx.scales.shape[0], -1, dtype=np.int64)
+        for base, (positions, lookup) in zip(bases, ctx.lookups.values()):
+            unique_of_id[positions] = np.where(lookup.inverse >= 0, lookup.inverse + base, -1)
+        return unique_of_id, bases
 
     def _grad_rows(self, ctx: PooledContext, grad: torch.Tensor | np.ndarray) -> np.ndarray:
         expected = (ctx.batch_size, ctx.feature_tables.shape[0], self.dim)
         if tuple(grad.shape) != expected:
             raise BatchError(f"gradient of the pooled output must have shape [B, F, D] = {list(expected)}, got {list(grad.shape)}")
         if isinstance(grad, torch.Tensor):
-            grad = grad.detach().to(torch.float32).contiguous().numpy()
-        return np.ascontiguousarray(grad, dtype=np.float32).reshape(-1, self.dim)
+            grad = grad.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+        return np.ascontiguousarray(grad, dtype=np.float32)

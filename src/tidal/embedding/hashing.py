@@ -38,8 +38,9 @@ def unit_float(bits: np.uint64) -> float:
 @numba.njit(nogil=True, inline="always")
 def _two_units(bits: np.uint64) -> tuple[np.float32, np.float32]:
     """Two float32 in [0, 1) from the top two 24-bit groups of 64 mixed bits."""
-    high = np.float32(bits >> np.uint64(40)) * np.float32(1.0 / 16777216.0)
-    low = np.float32((bits >> np.uint64(8)) & np.uint64(0xFFFFFF)) * np.float32(1.0 / 16777216.0)
+    # through int64: converting a signed integer to float is one instruction, unsigned is not
+    high = np.float32(np.int64(bits >> np.uint64(40))) * np.float32(1.0 / 16777216.0)
+    low = np.float32(np.int64((bits >> np.uint64(8)) & np.uint64(0xFFFFFF))) * np.float32(1.0 / 16777216.0)
     return high, low
 
 

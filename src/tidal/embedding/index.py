@@ -96,11 +96,11 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, or
     """
     handles, inverse, unique, previous, n_unique = out
     ctl[C_NEED] = NEED_NOTHING
-    first = _first_slots(slots, hashes, order, lo, hi)
+    first, first_keys = _first_slots(slots, row_keys, hashes, order, lo, hi)
     for j in range(lo, hi):
         i = order[j]
         pos, row = 0, first[j - lo]
-        if row == EMPTY or row_keys[row] != keys[i]:  # not at its home slot: walk the run
+        if row == EMPTY or first_keys[j - lo] != keys[i]:  # not at its home slot: walk the run
             pos, row = _probe(slots, row_keys, keys[i], hashes[i])
         if row == EMPTY and insert:
             row = _create(slots, row_keys, counts, free_rows, ctl, keys[i], hashes[i], pos,
@@ -122,17 +122,21 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, or
 
 
 @numba.njit(nogil=True, inline="always")
-def _first_slots(slots, hashes, order, lo, hi):  # type: ignore[no-untyped-def]
-    """The home slot of every key, read in one pass of independent loads.
+def _first_slots(slots, row_keys, hashes, order, lo, hi):  # type: ignore[no-untyped-def]
+    """The row in every key's home slot and that row's key, in passes of independent loads.
 
-    Most keys sit in their home slot, so the main loop can then check each key with one
-    load whose address is already known, instead of a chain of two dependent misses.
+    Most keys sit in their home slot, so the main loop then finds them without waiting
+    on a chain of dependent cache misses (slot, then key); here the misses of many keys
+    overlap instead. An empty home slot reads row -1.
     """
     mask = np.uint64(slots.shape[0] - 1)
     first = np.empty(hi - lo, dtype=np.int32)
     for j in range(lo, hi):
         first[j - lo] = slots[np.int64(hashes[order[j]] & mask)]
-    return first
+    first_keys = np.empty(hi - lo, dtype=np.int64)
+    for j in range(hi - lo):
+        first_keys[j] = row_keys[first[j]] if first[j] != EMPTY else 0
+    return first, first_keys
 
 
 @numba.njit(nogil=True, inline="always")

@@ -1,16 +1,15 @@
 """Compiled kernels of the fused lookup + pooling operator and its backward.
 
 They work on a whole `SparseBatch` at once. Bag `k` of the jagged layout is feature
-``f = k // B`` of sample ``b = k % B`` (feature-major, as in a KeyedJaggedTensor), its
-ids are ``values[offsets[k]:offsets[k+1]]`` and its pooled vector is row ``b * F + f``
-of the output viewed as ``[B * F, D]``, that is ``out[b, f]``. Each id carries a scale: its weight (1 when
-the batch has none) times 1, 1/n or 1/sqrt(n) for sum, mean or sqrtn pooling of a bag
-of n ids. An id whose row was not admitted has handle -1: it reads as zeros and gets
-no gradient.
+``f = k // B`` of sample ``b = k % B`` (feature-major, as in a KeyedJaggedTensor); its
+ids are ``values[offsets[k]:offsets[k+1]]`` and its pooled vector is ``out[b, f]`` of
+the `[B, F, D]` output. Each id carries a scale: its weight (1 when the batch has none)
+times 1, 1/n or 1/sqrt(n) for sum, mean or sqrtn pooling of a bag of n ids. An id
+without a row (not admitted, or absent when serving) has handle -1: it reads as zeros
+and gets no gradient.
 
 Tables are addressed through `directories` ``[T, shards, chunks]`` and `widths` ``[T]``,
-so one kernel call covers every table of the batch.
-"""
+so one kernel call covers every table of the batch."""
 
 from __future__ import annotations
 
@@ -64,74 +63,31 @@ def pool(directories, widths, feature_tables, handles, offsets, scales, out, lo,
 
 
 @numba.njit(nogil=True, cache=True)
-def ids_by_unique(inverse, num_unique, targets, scales):  # type: ignore[no-untyped-def]
-    """The ids of each unique row, as CSR: (starts [U + 1], their targets, their scales).
+def accumulate(grad_out, offsets, unique_of_id, scales, grad_rows, lo, hi):  # type: ignore[no-untyped-def]
+    """grad_rows[u] = sum over ids i of row u of scales[i] * grad_out[b, f], for u in [lo, hi).
 
-    Unique row u's ids i contribute ``scales[i] * grad_out[targets[i]]``; their targets
-    and scales are copied to ``[starts[u]:starts[u + 1]]`` so the backward pass reads
-    them in order and its gradient loads are independent of each other.
+    `grad_out` is `[B, F, D]`, read in memory order (sample by sample) so its loads
+    stream; id i of bag k = f * B + b belongs to unique row ``unique_of_id[i]`` (-1:
+    none). Threads split the unique rows, so no two write the same row.
     """
-    starts = np.zeros(num_unique + 1, dtype=np.int64)
-    for u in inverse:
-        if u >= 0:
-            starts[u + 1] += 1
-    for u in range(num_unique):
-        starts[u + 1] += starts[u]
-    fill = starts[:-1].copy()
-    csr_targets = np.empty(starts[-1], dtype=np.int64)
-    csr_scales = np.empty(starts[-1], dtype=np.float32)
-    for i in range(inverse.shape[0]):
-        u = inverse[i]
-        if u >= 0:
-            csr_targets[fill[u]] = targets[i]
-            csr_scales[fill[u]] = scales[i]
-            fill[u] += 1
-    return starts, csr_targets, csr_scales
+    batch_size, num_features, dim = grad_out.shape
+    grad_rows[lo:hi] = 0.0
+    for b in range(batch_size):
+        for f in range(num_features):
+            k = f * batch_size + b
+            for i in range(offsets[k], offsets[k + 1]):
+                u = unique_of_id[i]
+                if lo <= u < hi:
+                    s = scales[i]
+                    for d in range(dim):
+                        grad_rows[u, d] += s * grad_out[b, f, d]
 
 
 @numba.njit(nogil=True, cache=True)
-def id_targets(offsets, batch_size, num_features):  # type: ignore[no-untyped-def]
-    """Row of the [B * F, D] pooled output that each id contributes to."""
-    targets = np.empty(offsets[-1], dtype=np.int64)
-    for k in range(offsets.shape[0] - 1):
-        f = k // batch_size
-        targets[offsets[k]:offsets[k + 1]] = (k - f * batch_size) * num_features + f
-    return targets
-
-
-@numba.njit(nogil=True, cache=True)
-def apply_pooled(directory, width, handles, csr, grad_out, code, hyper, step, lo, hi):  # type: ignore[no-untyped-def]
-    """Backward and optimizer in one pass, for unique rows u in [lo, hi) of one table.
-
-    `csr` comes from `ids_by_unique`; the gradient of row u, the sum of its ids'
-    ``scale * grad_out[target]``, is applied to the row at once.
-    """
-    grads = np.empty((1, grad_out.shape[1]), dtype=np.float32)
+def apply_rows(directory, width, handles, grads, code, hyper, step, lo, hi):  # type: ignore[no-untyped-def]
+    """The optimizer step of rows handles[lo:hi] of one table, given their gradients."""
     for u in range(lo, hi):
-        _gradient_of(u, csr, grad_out, grads, 0)
-        update_row(code, row_of(directory, handles[u], width), grads[0], hyper, step)
-
-
-@numba.njit(nogil=True, cache=True)
-def row_gradients(csr, grad_out):  # type: ignore[no-untyped-def]
-    """The summed gradient `[U, D]` of every unique row (what apply_pooled applies)."""
-    grads = np.empty((csr[0].shape[0] - 1, grad_out.shape[1]), dtype=np.float32)
-    for u in range(grads.shape[0]):
-        _gradient_of(u, csr, grad_out, grads, u)
-    return grads
-
-
-@numba.njit(nogil=True, inline="always")
-def _gradient_of(u, csr, grad_out, grads, slot):  # type: ignore[no-untyped-def]
-    """grads[slot] = the summed gradient of unique row u (indexing only: no views)."""
-    starts, targets, scales = csr
-    for d in range(grads.shape[1]):
-        grads[slot, d] = 0.0
-    for j in range(starts[u], starts[u + 1]):
-        t = targets[j]
-        s = scales[j]
-        for d in range(grads.shape[1]):
-            grads[slot, d] += s * grad_out[t, d]
+        update_row(code, row_of(directory, handles[u], width), grads[u], hyper, step)
 
 
 @numba.njit(nogil=True, cache=True)

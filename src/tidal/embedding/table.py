@@ -334,29 +334,27 @@ class EmbeddingTable:
                 f"table {self.name!r}: grads must have shape {(keys.shape[0], self.dim)} "
                 f"(one row per key), got {grads.shape}"
             )
-        n = keys.shape[0]
-        self.apply_pooled(self.find(keys, count=False), grads, np.arange(n, dtype=np.int64), np.ones(n, np.float32))
+        lookup = self.find(keys, count=False)
+        summed = np.empty((lookup.unique.shape[0], self.dim), dtype=np.float32)  # [U, D]
+        run_split(pooling.accumulate, summed.shape[0], self.threads, grads[:, None, :],
+                  np.arange(keys.shape[0] + 1), lookup.inverse, np.ones(keys.shape[0], np.float32), summed)
+        self.apply_rows(lookup, summed)
 
-    def apply_pooled(self, lookup: RowLookup, grad_out: np.ndarray, targets: np.ndarray,
-                     scales: np.ndarray) -> None:
-        """One fused backward + optimizer step on the rows of `lookup`.
+    def apply_rows(self, lookup: RowLookup, grads: np.ndarray) -> None:
+        """One fused optimizer step on the distinct rows of `lookup`.
 
-        The gradient of each distinct row is the sum over its ids i of
-        ``scales[i] * grad_out[targets[i]]`` (grad_out `[rows, dim]` float32).
+        `grads` is `[U, dim]` float32: the summed gradient of ``lookup.unique[u]``.
         """
-        csr = pooling.ids_by_unique(lookup.inverse, lookup.unique.shape[0], targets, scales)
         step = self._next_update()
-        work = (csr, grad_out, step)
         offsets = lookup.shard_offsets
-        run_tasks([partial(self._apply_in_shard, s, lookup.unique, int(offsets[s]), int(offsets[s + 1]), work)
+        run_tasks([partial(self._apply_in_shard, s, lookup.unique, grads, int(offsets[s]), int(offsets[s + 1]), step)
                    for s in range(self.num_shards) if offsets[s] < offsets[s + 1]], self.threads)
 
-    def _apply_in_shard(self, s: int, unique: np.ndarray, lo: int, hi: int, work: tuple) -> None:
-        csr, grad_out, step = work
+    def _apply_in_shard(self, s: int, unique: np.ndarray, grads: np.ndarray, lo: int, hi: int, step: int) -> None:
         shard = self._shards[s]
         with shard.lock:
-            pooling.apply_pooled(self.arena.directory, self.width, unique, csr, grad_out,
-                                 self.optimizer.code, self.optimizer.hyper, step, lo, hi)
+            pooling.apply_rows(self.arena.directory, self.width, unique, grads, self.optimizer.code,
+                               self.optimizer.hyper, step, lo, hi)
             shard.last_seen[unique[lo:hi] >> SHARD_BITS] = self._step
 
     # ------------------------------------------------------------------ row moves
