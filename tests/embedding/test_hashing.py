@@ -14,10 +14,8 @@ from tidal.config import Initializer, TableConfig
 from tidal.embedding import EmbeddingTable
 from tidal.embedding.hashing import INIT_KINDS, init_row, mix64, table_seed
 
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-ADVERSARIAL = [0, -1, 1,
-               INT64_MIN, INT64_MAX, INT64_MIN + 1, INT64_MAX - 1, 2**31 - 1, -(2**31), 2**32 - 1, 2**32]
-_M64 = (1 << 64) - 1
+from keys import ADVERSARIAL, INT64_MAX, INT64_MIN, M64, as_int64, unmix64
+
 
 
 def make_table(*, name="emb", seed=0, kind="uniform", scale=0.05, dim=8, num_shards=8, threads=1):
@@ -39,26 +37,6 @@ def some_keys(n=600, seed=1):
     rng = np.random.default_rng(seed)
     return np.unique(np.concatenate([rng.integers(INT64_MIN, INT64_MAX, n, dtype=np.int64),
                                      np.array(ADVERSARIAL, dtype=np.int64)]))
-
-
-def unmix64(h: int) -> int:
-    """The inverse of hashing.mix64 (splitmix64's finalizer), on Python ints."""
-
-    def unshift(y: int, s: int) -> int:
-        x = y
-        for _ in range(64 // s + 1):
-            x = y ^ (x >> s)
-        return x
-
-    z = unshift(h, 31)
-    z = (z * pow(0x94D049BB133111EB, -1, 1 << 64)) & _M64
-    z = unshift(z, 27)
-    z = (z * pow(0xBF58476D1CE4E5B9, -1, 1 << 64)) & _M64
-    return (unshift(z, 30) - 0x9E3779B97F4A7C15) & _M64
-
-
-def as_int64(u: int) -> int:
-    return u - (1 << 64) if u >= 1 << 63 else u
 
 
 # ------------------------------------------------------------------ purity
@@ -135,7 +113,7 @@ def test_uniform_init_below_scale_when_mixed_bits_are_all_ones():
     seed = int(table_seed(0, "emb"))
     wanted = (0xFFFFFF << 40) | 0x5A5A5A
     key = as_int64(unmix64(unmix64(wanted)) ^ seed)
-    assert int(mix64(np.uint64(int(mix64(np.uint64((key & _M64) ^ seed)))))) == wanted
+    assert int(mix64(np.uint64(int(mix64(np.uint64((key & M64) ^ seed)))))) == wanted
     values = initial_values(make_table(kind="uniform", scale=0.5, dim=2), [key])
     assert values[0, 0] < 0.5, f"uniform init gave {values[0, 0]} for scale 0.5"
 

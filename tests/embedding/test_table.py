@@ -16,10 +16,8 @@ from tidal.embedding import EmbeddingTable
 from tidal.embedding._memory import CHUNK_ROWS, SHARD_BITS
 from tidal.errors import BatchError
 
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-ADVERSARIAL = [0, -1, 1, -2,
-               INT64_MIN, INT64_MAX, INT64_MIN + 1, INT64_MAX - 1, 2**31 - 1, -(2**31), 2**32 - 1, 2**32]
-_M64 = (1 << 64) - 1
+from keys import ADVERSARIAL, INT64_MAX, INT64_MIN, M64, as_int64, unmix64
+
 PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -47,24 +45,9 @@ def present(table, keys):
     return table.find(np.asarray(keys, dtype=np.int64)).handles >= 0
 
 
-def unmix64(h: int) -> int:
-    """The inverse of hashing.mix64, to craft keys with a chosen hash."""
-
-    def unshift(y: int, s: int) -> int:
-        x = y
-        for _ in range(64 // s + 1):
-            x = y ^ (x >> s)
-        return x
-
-    z = (unshift(h, 31) * pow(0x94D049BB133111EB, -1, 1 << 64)) & _M64
-    z = (unshift(z, 27) * pow(0xBF58476D1CE4E5B9, -1, 1 << 64)) & _M64
-    u = (unshift(z, 30) - 0x9E3779B97F4A7C15) & _M64
-    return u - (1 << 64) if u >= 1 << 63 else u
-
-
 # keys whose hashes share their low 10 bits: one home slot in a fresh 1024-slot index,
 # split apart only gradually by each rehash
-COLLIDING = [unmix64((i << 10) | 77) for i in range(1, 1200)]
+COLLIDING = [as_int64(unmix64((i << 10) | 77)) for i in range(1, 1200)]
 
 int64s = st.integers(INT64_MIN, INT64_MAX)
 key_values = st.one_of(int64s, st.sampled_from(ADVERSARIAL), st.sampled_from(COLLIDING))
@@ -75,7 +58,7 @@ def key_batches(draw, max_run=1500):
     """Random and adversarial keys, a run of consecutive keys (wrapping at int64), duplicates."""
     keys = draw(st.lists(key_values, max_size=150))
     start, length = draw(int64s), draw(st.integers(0, max_run))
-    keys += [((start + i - INT64_MIN) & _M64) + INT64_MIN for i in range(length)]
+    keys += [((start + i - INT64_MIN) & M64) + INT64_MIN for i in range(length)]
     keys += draw(st.lists(st.sampled_from(keys), max_size=100)) if keys else []
     draw(st.randoms(use_true_random=False)).shuffle(keys)
     return np.array(keys, dtype=np.int64)
