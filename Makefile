@@ -21,7 +21,9 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
+# fbgemm's CPU table-batched embedding is an optional peer, never a dependency
 bench: $(VENV)/.installed
+	$(BIN)/pip install --quiet --no-deps fbgemm-gpu-cpu==1.8.0 || echo "fbgemm unavailable: benchmarking without it"
 	$(BIN)/tidal bench sparse
 
 # compiled kernels are cached next to the sources; clear them after editing a constant

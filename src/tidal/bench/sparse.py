@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -171,6 +172,7 @@ def _unique_per_batch(batches: list[_Batch]) -> float:
 def run_one(cfg: SparseBenchConfig, optimizer: str, threads: int, memcpy: float) -> dict:
     """The figures of one optimizer at one thread count."""
     torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore", message="Sparse invariant checks")  # torch's Adagrad, every step
     batches = _batches(cfg)
     grad = torch.randn(cfg.batch_size, cfg.features, cfg.dim, generator=torch.Generator().manual_seed(cfg.seed))
     ids = cfg.batch_size * cfg.features

@@ -51,15 +51,22 @@ def pool(directories, widths, feature_tables, handles, offsets, scales, out, lo,
     for b in range(lo, hi):
         for f in range(num_features):
             k = f * batch_size + b
-            for d in range(dim):
-                out[b, f, d] = 0.0
             table = feature_tables[f]
+            first = True
             for i in range(offsets[k], offsets[k + 1]):
-                if handles[i] >= 0:
-                    row = row_in(directories, table, handles[i], widths[table])
-                    scale = scales[i]
+                if handles[i] < 0:
+                    continue
+                row = row_in(directories, table, handles[i], widths[table])
+                scale = scales[i]
+                if first:  # write, not add: no zeroing pass, no read of the output
+                    for d in range(dim):
+                        out[b, f, d] = scale * row[d]
+                    first = False
+                else:
                     for d in range(dim):
                         out[b, f, d] += scale * row[d]
+            if first:
+                out[b, f, :] = 0.0
 
 
 @numba.njit(nogil=True, cache=True)
