@@ -31,7 +31,7 @@ from tidal.embedding import pooling
 from tidal.embedding._memory import CHUNK_ROWS, SHARD_BITS, Arena
 from tidal.embedding._parallel import run_split, run_tasks
 from tidal.embedding.hashing import INIT_KINDS, table_seed
-from tidal.errors import BatchError, CheckpointError
+from tidal.errors import BatchError, CheckpointError, TidalError
 from tidal.optim.rowwise import OptimizerKernel
 
 __all__ = ["EmbeddingTable", "RowBlock", "RowLookup", "TableStats"]
@@ -220,6 +220,8 @@ class EmbeddingTable:
 
     def _next_step(self) -> int:
         with self._counter_lock:
+            if self._step + 1 >= ix.MARK:
+                raise TidalError(f"table {self.name!r}: the step counter reached its limit of {int(ix.MARK) - 1} steps")
             self._step += 1
             return self._step
 
@@ -372,9 +374,10 @@ class EmbeddingTable:
         for s, shard in enumerate(self._shards):
             mine = (handles >= 0) & ((handles & ((1 << SHARD_BITS) - 1)) == s)
             local = handles[mine] >> SHARD_BITS
-            last_seen[mine] = shard.last_seen[local]
-            if shard.track_counts:
-                counts[mine] = shard.counts[local]
+            with shard.lock:  # a resolve running in this shard marks last_seen meanwhile
+                last_seen[mine] = shard.last_seen[local]
+                if shard.track_counts:
+                    counts[mine] = shard.counts[local]
         block = RowBlock(keys=keys, values=rows[:, : self.dim], state=rows[:, self.dim :],
                          last_seen=last_seen, counts=counts)
         return block, handles >= 0
