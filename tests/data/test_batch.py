@@ -57,3 +57,19 @@ def test_repeated_feature_keys_are_refused():
 def test_from_lists_requires_equal_sample_counts():
     with pytest.raises(BatchError, match="same number of samples"):
         SparseBatch.from_lists({"a": [[1]], "b": [[1], [2]]})
+
+
+def test_batch_keeps_a_read_only_copy_of_its_arrays():
+    lengths = np.array([1, 1], dtype=np.int32)
+    batch = SparseBatch(keys=("a",), values=[5, 6], lengths=lengths, batch_size=2)
+    lengths[0] = 1000
+    np.testing.assert_array_equal(batch.offsets, [0, 1, 2])
+    with pytest.raises(ValueError, match="read-only"):
+        batch.lengths[0] = 7
+
+
+def test_lengths_beyond_int32_and_fractional_batch_size_are_refused():
+    with pytest.raises(BatchError, match=r"lengths must be >= 0 and < 2\*\*31, got values from 1 to 4294967297"):
+        SparseBatch(keys=("a",), values=[1], lengths=np.array([2**32 + 1, 1], np.int64), batch_size=2)
+    with pytest.raises(BatchError, match="batch_size must be an integer, got 2.0"):
+        SparseBatch(keys=("a",), values=[1, 2], lengths=[1, 1], batch_size=2.0)

@@ -76,6 +76,36 @@ def _shard_arrays(directory: Path, table: str = "emb") -> list[dict[str, np.ndar
 # ---------------------------------------------------------------------- round trips
 
 
+def test_delta_holds_rows_written_by_push_rows(tmp_path):
+    table = _trained()
+    table.save(tmp_path)
+    source = _trained(seed=5)
+    block, found = source.pull_rows(ALL_KEYS[:300])
+    table.push_rows(type(block)(keys=block.keys[found], values=block.values[found], state=block.state[found],
+                                last_seen=block.last_seen[found], counts=block.counts[found]))
+    table.save_delta(tmp_path)
+    np.testing.assert_array_equal(_rows(EmbeddingTable.load(tmp_path))["values"], _rows(table)["values"])
+
+
+def test_delta_refused_when_tables_were_last_saved_elsewhere(tmp_path):
+    table = _trained()
+    table.save(tmp_path / "a")
+    table.save(tmp_path / "b")
+    with pytest.raises(CheckpointError, match="last saved to another checkpoint"):
+        table.save_delta(tmp_path / "a")
+    table.save_delta(tmp_path / "b")
+
+
+def test_cleanup_leaves_foreign_directories_alone(tmp_path):
+    (tmp_path / "123456-my-notes").mkdir()
+    table = _trained()
+    table.save(tmp_path)
+    table.save(tmp_path)
+    assert (tmp_path / "123456-my-notes").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith("-full")) == ["000002-full"]
+
+
+
 def test_full_save_load_reproduces_table_with_adam_admission_lfu(tmp_path):
     table = _trained()
     assert table.evict() > 0

@@ -176,3 +176,20 @@ def test_config_errors_name_the_problem():
         EmbeddingCollection(tables, [EmbeddingFeature(name="x", table="a")])
     with pytest.raises(ConfigError, match="table 'zz' is not defined"):
         EmbeddingCollection(tables[:1], [EmbeddingFeature(name="x", table="zz")])
+
+
+def test_repeated_table_or_feature_names_are_refused():
+    with pytest.raises(ConfigError, match=r"table names must be distinct, got \['a'\]"):
+        EmbeddingCollection([TableConfig(name="a", dim=4)] * 2, [EmbeddingFeature(name="x", table="a")])
+    with pytest.raises(ConfigError, match=r"feature names must be distinct, got \['x'\]"):
+        EmbeddingCollection([TableConfig(name="a", dim=4)], [EmbeddingFeature(name="x", table="a")] * 2)
+
+
+def test_backward_after_evict_is_refused_instead_of_updating_reused_rows():
+    from tidal.config import Eviction
+
+    collection = _collection([0], ["sum"], eviction=Eviction(ttl_steps=1))
+    _, ctx = collection.forward(SparseBatch.from_lists({"f0": [[1], [2]]}))
+    collection.tables[0].evict()
+    with pytest.raises(BatchError, match="before an evict"):
+        collection.backward(ctx, torch.ones(2, 1, DIM))

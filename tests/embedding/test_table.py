@@ -344,3 +344,38 @@ def test_apply_gradients_raises_batch_error_when_grad_shape_wrong(shape):
     insert(table, arr(1, 2, 3))
     with pytest.raises(BatchError, match=r"'items'.*\(3, 4\).*" + rf"\({shape[0]}"):
         table.apply_gradients(arr(1, 2, 3), np.ones(shape, np.float32))
+
+
+def test_apply_rows_refuses_a_lookup_from_another_table_or_bad_gradients():
+    table, other = make_table(), make_table()
+    lookup = other.lookup_or_insert(arr(1, 2))
+    with pytest.raises(BatchError, match="came from another table"):
+        table.apply_rows(lookup, np.zeros((2, 4), np.float32))
+    own = table.lookup_or_insert(arr(1, 2, 2))
+    with pytest.raises(BatchError, match=r"shape \(2, 4\) \(one row per distinct key\), got float32 \(1, 4\)"):
+        table.apply_rows(own, np.zeros((1, 4), np.float32))
+
+
+def test_push_rows_refuses_repeated_keys_and_reports_rows_refused_by_the_cap():
+    table = make_table(max_rows=2)
+    block, _ = make_table().pull_rows(arr(1, 2, 3))
+    with pytest.raises(BatchError, match="pushed keys must be distinct"):
+        table.push_rows(type(block)(keys=arr(1, 1), values=block.values[:2], state=block.state[:2],
+                                    last_seen=block.last_seen[:2], counts=block.counts[:2]))
+    stored = table.push_rows(block)
+    assert stored.sum() == 2 and table.stats().dropped_full == 1
+
+
+def test_memory_budget_below_one_row_is_a_config_error():
+    from tidal.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="memory_bytes=30 pays for no row of 40 bytes"):
+        make_table(memory_bytes=30)
+
+
+def test_evict_ages_admission_counts_when_keys_stop_coming():
+    table = make_table(admission=CountAdmission(min_count=2, sketch_width=4096))
+    insert(table, arr(5))  # one sighting
+    table.evict()  # halves it to zero
+    assert insert(table, arr(5))[0] == -1  # one sighting again: not yet admitted
+    assert insert(table, arr(5))[0] >= 0

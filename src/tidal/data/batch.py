@@ -46,8 +46,10 @@ class SparseBatch:
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "keys", tuple(self.keys))
+        if not isinstance(self.batch_size, (int, np.integer)) or isinstance(self.batch_size, bool):
+            raise BatchError(f"SparseBatch: batch_size must be an integer, got {self.batch_size!r}")
         set_(self, "values", _array(self.values, np.int64, "values", 1))
-        set_(self, "lengths", _array(self.lengths, np.int32, "lengths", 1))
+        set_(self, "lengths", _lengths(self.lengths))
         if self.weights is not None:
             set_(self, "weights", _array(self.weights, np.float32, "weights", 1))
         if self.dense is not None:
@@ -65,8 +67,6 @@ class SparseBatch:
                 f"SparseBatch: lengths must have F * B = {f} * {b} = {f * b} entries "
                 f"(feature-major), got {self.lengths.shape[0]}"
             )
-        if (self.lengths < 0).any():
-            raise BatchError(f"SparseBatch: lengths must be >= 0, got minimum {self.lengths.min()}")
         total = int(self.lengths.sum(dtype=np.int64))
         if self.values.shape[0] != total:
             raise BatchError(f"SparseBatch: values must have sum(lengths) = {total} ids, got {self.values.shape[0]}")
@@ -112,6 +112,7 @@ class SparseBatch:
 
 
 def _array(value: object, dtype: type, name: str, ndim: int) -> np.ndarray:
+    """A read-only copy with `dtype`: the batch cannot change under the kernels reading it."""
     array = np.asarray(value)
     if array.ndim != ndim:
         raise BatchError(f"SparseBatch: {name} must be {ndim}-D, got shape {array.shape}")
@@ -119,4 +120,13 @@ def _array(value: object, dtype: type, name: str, ndim: int) -> np.ndarray:
         raise BatchError(f"SparseBatch: {name} must be numeric, got dtype {array.dtype}")
     if np.dtype(dtype).kind == "i" and array.size and array.dtype.kind == "f":
         raise BatchError(f"SparseBatch: {name} must be integers, got dtype {array.dtype}")
-    return np.ascontiguousarray(array, dtype=dtype)
+    copy = np.array(array, dtype=dtype, order="C")
+    copy.flags.writeable = False
+    return copy
+
+
+def _lengths(value: object) -> np.ndarray:
+    array = np.asarray(value)
+    if array.size and array.dtype.kind in "iu" and (array.min() < 0 or array.max() > np.iinfo(np.int32).max):
+        raise BatchError(f"SparseBatch: lengths must be >= 0 and < 2**31, got values from {array.min()} to {array.max()}")
+    return _array(array, np.int32, "lengths", 1)

@@ -23,7 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from tidal.config import TableConfig
+from tidal.embedding import index as ix
 from tidal.embedding.table import EmbeddingTable
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 
@@ -42,6 +45,7 @@ FORMAT = "tidal-embedding-checkpoint"
 VERSION = 1
 CHAIN = "CHAIN.json"
 MANIFEST = "manifest.json"
+_OURS = re.compile(r"\d{6}-(full|delta)|\.tmp-\d{6}-(full|delta)-\d+")  # directories a save writes
 
 
 def save(root: str | os.PathLike, tables: Sequence[EmbeddingTable]) -> Path:
@@ -56,11 +60,18 @@ def save_delta(root: str | os.PathLike, tables: Sequence[EmbeddingTable]) -> Pat
     """A delta checkpoint: for each table, rows touched and keys removed since its last
     save. The chain under `root` must start with a full checkpoint of the same tables."""
     root = Path(root)
-    names = set(_read_manifest(root / _chain(root)[0])["tables"]) if (root / CHAIN).exists() else None
+    full = _read_manifest(root / _chain(root)[0]) if (root / CHAIN).exists() else {"tables": {}}
+    names = set(full["tables"])
     if names != {t.name for t in tables}:
         raise CheckpointError(
             f"{root}: a delta needs a full checkpoint of the same tables first; the chain holds "
-            f"{sorted(names) if names else 'nothing'}, the delta {sorted(t.name for t in tables)}"
+            f"{sorted(names) or 'nothing'}, the delta {sorted(t.name for t in tables)}"
+        )
+    strangers = [t.name for t in tables if t.checkpoint_id != full.get("id")]
+    if strangers:
+        raise CheckpointError(
+            f"{root}: tables {strangers} were last saved to another checkpoint, so a delta here "
+            f"would miss rows; save a full checkpoint here first"
         )
     return _save(root, tables, delta=True)
 
@@ -74,7 +85,11 @@ def load(root: str | os.PathLike, *, threads: int = 1) -> dict[str, EmbeddingTab
         for table_name, entry in manifest["tables"].items():
             if manifest["kind"] == "full":
                 tables[table_name] = EmbeddingTable(_config(root / name, entry), threads=threads)
+            elif table_name not in tables:
+                raise CorruptCheckpointError(f"{root / name / MANIFEST}: table {table_name!r} is not in the full checkpoint")
             _restore(root / name, tables[table_name], entry)
+    for table in tables.values():
+        table.checkpoint_id = manifest["id"]
     return tables
 
 
@@ -86,10 +101,11 @@ def _save(root: Path, tables: Sequence[EmbeddingTable], *, delta: bool) -> Path:
     chain = _chain(root) if (root / CHAIN).exists() else []
     number = int(chain[-1].split("-")[0]) + 1 if chain else 1
     name = f"{number:06d}-{'delta' if delta else 'full'}"
+    checkpoint_id = _read_manifest(root / chain[0])["id"] if delta else uuid.uuid4().hex
     staging = root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    manifest = {"format": FORMAT, "version": VERSION, "kind": "delta" if delta else "full",
+    manifest = {"format": FORMAT, "version": VERSION, "kind": "delta" if delta else "full", "id": checkpoint_id,
                 "tables": {t.name: _write_table(staging, t, delta) for t in tables}}
     _write_json(staging / MANIFEST, manifest)
     _fsync_dir(staging)
@@ -99,7 +115,7 @@ def _save(root: Path, tables: Sequence[EmbeddingTable], *, delta: bool) -> Path:
     _write_json(root / CHAIN, {"format": FORMAT, "version": VERSION, "chain": (chain + [name]) if delta else [name]})
     _fsync_dir(root)
     for table in tables:
-        table.mark_saved(manifest["tables"][table.name]["clocks"])
+        table.mark_saved(manifest["tables"][table.name]["clocks"], checkpoint_id)
     _remove_unreferenced(root)
     return root / name
 
@@ -138,7 +154,7 @@ def _remove_unreferenced(root: Path) -> None:
     for entry in root.iterdir():
         if entry.name.endswith(".partial"):
             entry.unlink(missing_ok=True)
-        elif entry.is_dir() and entry.name not in keep and (entry.name.startswith(".tmp-") or entry.name[:6].isdigit()):
+        elif entry.is_dir() and entry.name not in keep and _OURS.fullmatch(entry.name):
             shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -172,6 +188,14 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
             f"{directory / MANIFEST}: expected format {FORMAT!r} version {VERSION}, "
             f"got {manifest.get('format')!r} version {manifest.get('version')!r}"
         )
+    tables = manifest.get("tables")
+    fields_ok = isinstance(tables, dict) and all(
+        isinstance(e, dict) and {"config", "clocks", "files"} <= set(e) for e in tables.values())
+    if manifest.get("kind") not in ("full", "delta") or "id" not in manifest or not fields_ok:
+        raise CorruptCheckpointError(
+            f"{directory / MANIFEST}: expected kind, id and tables with config, clocks and files; "
+            f"the manifest is incomplete"
+        )
     return manifest
 
 
@@ -203,7 +227,11 @@ def _restore(directory: Path, table: EmbeddingTable, entry: dict[str, Any]) -> N
         )
     for s, (relative, expected) in enumerate(sorted(files.items())):
         table.restore_shard(s, _read_shard(directory / relative, expected, table))
-    table.restore_clocks(entry["clocks"])
+    clocks = entry["clocks"]
+    if not isinstance(clocks, dict) or not all(isinstance(clocks.get(k), int) for k in ("step", "updates", "saved_step")):
+        raise CorruptCheckpointError(f"{directory / MANIFEST}: table {table.name!r}: clocks need integer "
+                                     f"step, updates and saved_step, got {clocks!r}")
+    table.restore_clocks(clocks)
 
 
 def _read_shard(path: Path, expected: dict[str, Any], table: EmbeddingTable) -> dict[str, np.ndarray]:
@@ -226,9 +254,14 @@ def _read_shard(path: Path, expected: dict[str, Any], table: EmbeddingTable) -> 
 
 def _check_shapes(path: Path, arrays: dict[str, np.ndarray], table: EmbeddingTable) -> None:
     n = arrays["keys"].shape[0] if "keys" in arrays else -1
-    expected = {"values": (n, table.dim), "state": (n, table.optimizer.state_width),
-                "last_seen": (n,), "counts": (n,)}
-    for name, shape in expected.items():
-        if name not in arrays or arrays[name].shape != shape:
-            got = arrays[name].shape if name in arrays else "nothing"
-            raise CorruptCheckpointError(f"{path}: {name!r} should have shape {shape}, got {got}")
+    expected = {"keys": ((n,), np.int64), "values": ((n, table.dim), np.float32),
+                "state": ((n, table.optimizer.state_width), np.float32), "last_seen": ((n,), np.uint32),
+                "counts": ((n,), np.uint32), "counters": ((ix.C_SIZE - ix.C_LOOKUPS,), np.int64),
+                "sketch": (table.sketch_shape, np.uint16)}
+    for name, (shape, dtype) in expected.items():
+        found = arrays.get(name)
+        if found is None or found.shape != shape or found.dtype != dtype:
+            got = f"{found.dtype} {found.shape}" if found is not None else "nothing"
+            raise CorruptCheckpointError(f"{path}: {name!r} should be {np.dtype(dtype)} {shape}, got {got}")
+    if n and int(arrays["last_seen"].max()) >= ix.MARK:
+        raise CorruptCheckpointError(f"{path}: 'last_seen' holds steps of {int(ix.MARK)} or more, which no table reaches")

@@ -47,6 +47,8 @@ class EmbeddingCollection:
         self.tables = [t if isinstance(t, EmbeddingTable) else EmbeddingTable(t, threads=threads) for t in tables]
         self._table_index = {t.name: i for i, t in enumerate(self.tables)}
         self.features = {f.name: f for f in features}
+        _check_distinct("table", [t.name for t in self.tables])
+        _check_distinct("feature", [f.name for f in features])
         self._check_config()
         self.dim = self.tables[0].dim
 
@@ -177,3 +179,9 @@ class EmbeddingCollection:
         if isinstance(grad, torch.Tensor):
             grad = grad.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
         return np.ascontiguousarray(grad, dtype=np.float32)
+
+
+def _check_distinct(kind: str, names: list[str]) -> None:
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"EmbeddingCollection: {kind} names must be distinct, got {repeated} more than once")

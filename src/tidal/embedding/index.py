@@ -25,7 +25,7 @@ import numpy as np
 from tidal.embedding._memory import SHARD_BITS, row_of
 from tidal.embedding.hashing import init_row, mix64, unit_float
 
-__all__ = ["EMPTY"]
+__all__ = ["EMPTY", "hash_keys"]
 
 EMPTY = np.int32(-1)
 
@@ -37,7 +37,7 @@ MARK = np.uint32(1 << 31)  # last_seen of a row numbered by the running resolve 
 
 # admission kinds
 ADMIT_ALL, ADMIT_COUNT, ADMIT_PROBABILITY = 0, 1, 2
-_SKETCH_DEPTH = 4
+SKETCH_DEPTH = 4  # rows of a count-min sketch
 
 
 @numba.njit(nogil=True, cache=True)
@@ -229,7 +229,7 @@ def _sketch_add(sketch, h):  # type: ignore[no-untyped-def]
     """Count one sighting in a count-min sketch ([4, width] uint16); return the estimate."""
     width = np.uint64(sketch.shape[1])
     estimate = 65535
-    for d in range(_SKETCH_DEPTH):
+    for d in range(SKETCH_DEPTH):
         col = np.int64(mix64(h + np.uint64(d)) % width)
         if sketch[d, col] < 65535:
             sketch[d, col] += 1

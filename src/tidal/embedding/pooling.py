@@ -99,12 +99,13 @@ def apply_rows(directory, width, handles, grads, code, hyper, step, lo, hi):  # 
 
 @numba.njit(nogil=True, cache=True)
 def gather_rows(directory, width, handles, out, lo, hi):  # type: ignore[no-untyped-def]
-    """out[i] = the whole row (values and state) of handles[i]; zeros for -1."""
+    """out[i] = the first out.shape[1] floats of the row of handles[i]; zeros for -1."""
+    columns = out.shape[1]
     for i in range(lo, hi):
         if handles[i] < 0:
             out[i] = 0.0
         else:
-            out[i] = row_of(directory, handles[i], width)
+            out[i] = row_of(directory, handles[i], width)[:columns]
 
 
 @numba.njit(nogil=True, cache=True)

@@ -8,10 +8,10 @@ name, key). Optimizer state is stored in the row, right after the values.
 Verbs (the parameter-server protocol speaks the same ones)::
 
     lookup(keys)            -> values [n, dim]   serving: read-only, missing keys read 0
-    lookup_or_insert(keys)  -> handles [n]       training: one step; creates admitted rows
+    lookup_or_insert(keys)  -> RowLookup         training: one step; creates admitted rows
     apply_gradients(keys, grads)                 fused optimizer update on unique rows
     pull_rows(keys) / push_rows(block)           move rows with their optimizer state
-    evict()                                      TTL and row cap, at a safe point
+    evict()                                      TTL, row cap and sketch ageing, at a safe point
     save / save_delta / load                     see tidal.embedding.checkpoint
     stats()                                      rows, bytes, lookups, misses, ...
 """
@@ -28,10 +28,10 @@ import numpy as np
 from tidal.config import CountAdmission, ProbabilityAdmission, TableConfig
 from tidal.embedding import index as ix
 from tidal.embedding import pooling
-from tidal.embedding._memory import CHUNK_ROWS, SHARD_BITS, Arena
+from tidal.embedding._memory import SHARD_BITS, Arena
 from tidal.embedding._parallel import run_split, run_tasks
 from tidal.embedding.hashing import INIT_KINDS, table_seed
-from tidal.errors import BatchError, CheckpointError, TidalError
+from tidal.errors import BatchError, CheckpointError, ConfigError, TidalError
 from tidal.optim.rowwise import OptimizerKernel
 
 __all__ = ["EmbeddingTable", "RowBlock", "RowLookup", "TableStats"]
@@ -39,6 +39,7 @@ __all__ = ["EmbeddingTable", "RowBlock", "RowLookup", "TableStats"]
 _MAX_LOAD = 0.75
 _ROW_ARRAY_GROWTH = 1.25
 _UNLIMITED = 1 << 62
+_INDEX_BYTES_PER_ROW = 24  # slots at load <= 0.75, the key, last_seen: measured 20-24
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,12 +75,17 @@ class RowLookup:
     inverse        [n]      int64  position of each key's row in `unique`, -1 when none
     unique         [U]      int64  the distinct row handles, grouped by shard
     shard_offsets  [S + 1]  int64  shard s's rows are unique[shard_offsets[s]:shard_offsets[s+1]]
+
+    `table` and `epoch` say which table made it and between which evictions: handles
+    are only valid there, so `apply_rows` refuses a lookup from elsewhere or older.
     """
 
     handles: np.ndarray
     inverse: np.ndarray
     unique: np.ndarray
     shard_offsets: np.ndarray
+    table: int  # id() of the table
+    epoch: int  # the table's eviction count when it was made
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,7 +117,7 @@ class _Shard:
         self.track_counts = track_counts
         self.counts = np.zeros(0, dtype=np.uint32)
         self.free_rows = np.zeros(0, dtype=np.int64)
-        self.sketch = np.zeros((4, sketch_width), dtype=np.uint16)
+        self.sketch = np.zeros((ix.SKETCH_DEPTH, sketch_width), dtype=np.uint16)
         self.evicted: list[np.ndarray] = []  # keys evicted since the last save
         self.ctl = np.zeros(ix.C_SIZE, dtype=np.int64)
         self.ctl[ix.C_MAX_LIVE] = int(self.slots.shape[0] * _MAX_LOAD)
@@ -164,8 +170,15 @@ class EmbeddingTable:
         self._step = 0  # lookup_or_insert calls (and saves) so far
         self._updates = 0  # optimizer steps so far
         self._saved_step = -1  # rows last seen after this step go into the next delta
+        self._epoch = 0  # evict() calls so far: a RowLookup is valid within one epoch
         self._counter_lock = threading.Lock()
         self._shards = [self._new_shard(s) for s in range(config.num_shards)]
+        self.checkpoint_id: str | None = None  # the full checkpoint a delta would extend
+        if self.row_cap == 0:
+            raise ConfigError(
+                f"table {self.name!r}: memory_bytes={config.memory_bytes} pays for no row of "
+                f"{self.bytes_per_row} bytes; give at least {self.bytes_per_row}"
+            )
 
     # ------------------------------------------------------------------ set-up
 
@@ -179,10 +192,16 @@ class EmbeddingTable:
     @property
     def row_cap(self) -> int | None:
         """The most rows the table keeps: `max_rows`, or what `memory_bytes` pays for."""
-        caps = [self.config.max_rows] if self.config.max_rows else []
-        if self.config.memory_bytes:
-            caps.append(self.config.memory_bytes // (4 * self.width + 24))
+        caps = [self.config.max_rows] if self.config.max_rows is not None else []
+        if self.config.memory_bytes is not None:
+            caps.append(self.config.memory_bytes // self.bytes_per_row)
         return min(caps) if caps else None
+
+    @property
+    def bytes_per_row(self) -> int:
+        """What one row costs against `memory_bytes`: values, optimizer state, and about
+        24 bytes of index and metadata."""
+        return 4 * self.width + _INDEX_BYTES_PER_ROW
 
     def _shard_row_limit(self, s: int) -> int:
         """New keys are refused past this in shard `s`; with eviction, `evict()` trims instead.
@@ -213,6 +232,11 @@ class EmbeddingTable:
     @property
     def num_shards(self) -> int:
         return len(self._shards)
+
+    @property
+    def sketch_shape(self) -> tuple[int, int]:
+        """Shape of each shard's admission sketch (width 0 without count admission)."""
+        return self._shards[0].sketch.shape
 
     @property
     def step(self) -> int:
@@ -266,7 +290,7 @@ class EmbeddingTable:
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Values `[n, dim]` float32 of `keys` for serving; absent keys read as zeros."""
-        return self._gather(self.find(keys).handles)[:, : self.dim]
+        return self._gather(self.find(keys).handles, columns=self.dim)
 
     def _resolve(self, keys: np.ndarray, *, step: int, insert: bool, force: bool = False,
                  count: bool = True) -> RowLookup:
@@ -286,7 +310,8 @@ class EmbeddingTable:
         np.cumsum([len(f) for f in found], out=bases[1:])
         ix.number_across_shards(inverse, order, offsets, bases)
         unique = np.concatenate([(rows << SHARD_BITS) | s for s, rows in enumerate(found)])
-        return RowLookup(handles=handles, inverse=inverse, unique=unique, shard_offsets=bases)
+        return RowLookup(handles=handles, inverse=inverse, unique=unique, shard_offsets=bases,
+                         table=id(self), epoch=self._epoch)
 
     def _resolve_in_shard(self, s: int, route: tuple, settings: tuple) -> np.ndarray:
         """Resolve shard `s`'s part of a batch under its lock; its distinct local rows."""
@@ -298,13 +323,15 @@ class EmbeddingTable:
         previous = np.empty(end - position, dtype=np.uint32)
         n_rows = np.zeros(1, dtype=np.int64)
         with shard.lock:
-            while position < end:
-                position = ix.resolve(
-                    shard.slots, shard.row_keys, shard.last_seen, shard.counts, shard.free_rows,
-                    shard.ctl, keys, hashes, order, position, end, step, s, self._row_settings(),
-                    admission, shard.sketch, insert, count, (handles, inverse, rows, previous, n_rows))
-                self._grow(s, shard)
-            ix.unmark(shard.last_seen, rows, previous, n_rows[0], step, insert)
+            try:
+                while position < end:
+                    position = ix.resolve(
+                        shard.slots, shard.row_keys, shard.last_seen, shard.counts, shard.free_rows,
+                        shard.ctl, keys, hashes, order, position, end, step, s, self._row_settings(),
+                        admission, shard.sketch, insert, count, (handles, inverse, rows, previous, n_rows))
+                    self._grow(s, shard)
+            finally:  # even if growing failed, no row may stay marked
+                ix.unmark(shard.last_seen, rows, previous, n_rows[0], step, insert)
         return rows[: n_rows[0]]
 
     def _grow(self, s: int, shard: _Shard) -> None:
@@ -315,8 +342,9 @@ class EmbeddingTable:
             self.arena.add_chunk(s)
             shard.grow_rows(self.arena.rows_capacity(s))
 
-    def _gather(self, handles: np.ndarray) -> np.ndarray:
-        rows = np.empty((handles.shape[0], self.width), dtype=np.float32)
+    def _gather(self, handles: np.ndarray, columns: int | None = None) -> np.ndarray:
+        """The first `columns` (default: all) of each row; zeros for handle -1."""
+        rows = np.empty((handles.shape[0], columns or self.width), dtype=np.float32)
         run_split(pooling.gather_rows, handles.shape[0], self.threads,
                   self.arena.directory, self.width, handles, rows)
         return rows
@@ -347,6 +375,13 @@ class EmbeddingTable:
 
         `grads` is `[U, dim]` float32: the summed gradient of ``lookup.unique[u]``.
         """
+        if lookup.table != id(self) or lookup.epoch != self._epoch:
+            raise BatchError(f"table {self.name!r}: this RowLookup came from another table or from "
+                             "before an evict(); look the keys up again")
+        expected = (lookup.unique.shape[0], self.dim)
+        if grads.shape != expected or grads.dtype != np.float32 or not grads.flags.c_contiguous:
+            raise BatchError(f"table {self.name!r}: grads must be contiguous float32 of shape {expected} "
+                             f"(one row per distinct key), got {grads.dtype} {grads.shape}")
         step = self._next_update()
         offsets = lookup.shard_offsets
         run_tasks([partial(self._apply_in_shard, s, lookup.unique, grads, int(offsets[s]), int(offsets[s + 1]), step)
@@ -372,7 +407,7 @@ class EmbeddingTable:
         last_seen = np.zeros(keys.shape[0], dtype=np.uint32)
         counts = np.zeros(keys.shape[0], dtype=np.uint32)
         for s, shard in enumerate(self._shards):
-            mine = (handles >= 0) & ((handles & ((1 << SHARD_BITS) - 1)) == s)
+            mine = self._in_shard(handles, s)
             local = handles[mine] >> SHARD_BITS
             with shard.lock:  # a resolve running in this shard marks last_seen meanwhile
                 last_seen[mine] = shard.last_seen[local]
@@ -382,13 +417,19 @@ class EmbeddingTable:
                          last_seen=last_seen, counts=counts)
         return block, handles >= 0
 
-    def push_rows(self, block: RowBlock) -> None:
-        """Insert or overwrite rows with their optimizer state and metadata.
+    def push_rows(self, block: RowBlock) -> np.ndarray:
+        """Insert or overwrite rows with their optimizer state and lookup counts.
 
+        The rows count as written now (so the next delta checkpoint holds them).
         Admission does not apply (the rows were admitted where they came from); the row
-        cap does.
+        cap does: returns a mask of the rows stored, False where the table was full.
         """
+        return self._push(block, keep_last_seen=False)
+
+    def _push(self, block: RowBlock, *, keep_last_seen: bool) -> np.ndarray:
         keys = self._keys(block.keys)
+        if np.unique(keys).shape[0] != keys.shape[0]:
+            raise BatchError(f"table {self.name!r}: pushed keys must be distinct; de-duplicate the block first")
         values, state = np.asarray(block.values, np.float32), np.asarray(block.state, np.float32)
         expected = ((len(keys), self.dim), (len(keys), self.optimizer.state_width))
         if (values.shape, state.shape) != expected:
@@ -399,15 +440,22 @@ class EmbeddingTable:
         rows = np.concatenate([values, state], axis=1)
         handles = self._resolve(keys, step=self._step, insert=True, force=True, count=False).handles
         run_split(pooling.scatter_rows, len(keys), self.threads, self.arena.directory, self.width, handles, rows)
-        self._restore_metadata(handles, block)
+        last_seen = np.asarray(block.last_seen, np.uint32) if keep_last_seen else np.full(len(keys), self._step, np.uint32)
+        self._set_metadata(handles, last_seen, np.asarray(block.counts, np.uint32))
+        return handles >= 0
 
-    def _restore_metadata(self, handles: np.ndarray, block: RowBlock) -> None:
+    def _set_metadata(self, handles: np.ndarray, last_seen: np.ndarray, counts: np.ndarray) -> None:
         for s, shard in enumerate(self._shards):
-            mine = (handles >= 0) & ((handles & ((1 << SHARD_BITS) - 1)) == s)
+            mine = self._in_shard(handles, s)
             with shard.lock:
-                shard.last_seen[handles[mine] >> SHARD_BITS] = block.last_seen[mine]
+                shard.last_seen[handles[mine] >> SHARD_BITS] = last_seen[mine]
                 if shard.track_counts:
-                    shard.counts[handles[mine] >> SHARD_BITS] = block.counts[mine]
+                    shard.counts[handles[mine] >> SHARD_BITS] = counts[mine]
+
+    @staticmethod
+    def _in_shard(handles: np.ndarray, s: int) -> np.ndarray:
+        """Mask of the handles that are rows of shard `s`."""
+        return (handles >= 0) & ((handles & ((1 << SHARD_BITS) - 1)) == s)
 
     def remove(self, keys: np.ndarray) -> int:
         """Delete the rows of `keys` (absent keys are skipped); returns how many went.
@@ -422,7 +470,8 @@ class EmbeddingTable:
             with shard.lock:
                 shard.reserve_free(len(mine))
                 present = ix.remove(shard.slots, shard.row_keys, shard.free_rows, shard.ctl, mine)
-                shard.evicted.append(mine[present])
+                if self._saved_step >= 0:  # only a delta after a save needs them
+                    shard.evicted.append(mine[present])
                 shard.ctl[ix.C_EVICTED] += int(present.sum())
                 removed += int(present.sum())
         return removed
@@ -433,20 +482,29 @@ class EmbeddingTable:
         """Apply the TTL and the row cap now; returns the number of rows evicted.
 
         Call it at a safe point: no handle from an earlier `lookup_or_insert` may be in
-        use, since evicted rows are reused.
+        use, since evicted rows are reused. It also halves the admission counts of keys
+        not yet admitted, so a key must keep coming back to earn its row.
         """
+        self._age_sketches()
         eviction = self.config.eviction
         if eviction is None:
             return 0
+        with self._counter_lock:
+            self._epoch += 1  # handles taken before now may point at reused rows
         evicted = 0
         if eviction.ttl_steps is not None:
             stale = [keys[self._step - seen.astype(np.int64) > eviction.ttl_steps]
                      for keys, seen, _ in self._live_metadata()]
             evicted += self.remove(np.concatenate(stale))
-        over = self.stats().rows - (self.row_cap or _UNLIMITED)
+        over = self.stats().rows - (_UNLIMITED if self.row_cap is None else self.row_cap)
         if over > 0:
             evicted += self.remove(self._least_used(over, eviction.capacity_policy))
         return evicted
+
+    def _age_sketches(self) -> None:
+        for shard in self._shards:
+            with shard.lock:
+                shard.sketch >>= 1
 
     def _live_metadata(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(keys, last_seen, counts) of the live rows of each shard."""
@@ -491,7 +549,10 @@ class EmbeddingTable:
             self.remove(arrays["evicted"])
         block = RowBlock(keys=arrays["keys"], values=arrays["values"], state=arrays["state"],
                          last_seen=arrays["last_seen"], counts=arrays["counts"])
-        self.push_rows(block)
+        if block.last_seen.shape[0] and int(block.last_seen.max()) >= ix.MARK:
+            raise BatchError(f"table {self.name!r}: last_seen steps must be below {int(ix.MARK)}, "
+                             f"got {int(block.last_seen.max())}")
+        self._push(block, keep_last_seen=True)
         shard = self._shards[s]
         with shard.lock:
             shard.ctl[ix.C_LOOKUPS : ix.C_SIZE] = arrays["counters"]
@@ -510,9 +571,10 @@ class EmbeddingTable:
         with self._counter_lock:
             self._step, self._updates, self._saved_step = clocks["step"], clocks["updates"], clocks["saved_step"]
 
-    def mark_saved(self, clocks: dict[str, int]) -> None:
+    def mark_saved(self, clocks: dict[str, int], checkpoint_id: str) -> None:
         """The checkpoint written with `clocks` committed: the next delta starts here."""
         self.restore_clocks(clocks)
+        self.checkpoint_id = checkpoint_id
         for shard in self._shards:
             with shard.lock:
                 shard.evicted.clear()
