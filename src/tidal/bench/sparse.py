@@ -57,11 +57,14 @@ def _keys_of_ranks(ranks: np.ndarray) -> np.ndarray:
     return keys.view(np.int64)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class _Batch:
     ranks: np.ndarray  # Zipf rank of every id, in [0, KEY_SPACE)
     keys: np.ndarray  # the raw int64 key of each rank, for Tidal
-    rows: np.ndarray  # the rank folded into the fixed table, for the peers
+    rows: torch.Tensor  # the rank folded into the fixed table, for the peers
+
+
+_Step = Callable[[_Batch], None]  # one training step of a peer
 
 
 def _batches(cfg: SparseBenchConfig) -> list[_Batch]:
@@ -70,11 +73,11 @@ def _batches(cfg: SparseBenchConfig) -> list[_Batch]:
     batches = []
     for _ in range(cfg.warmup_steps + cfg.steps):
         ranks = (rng.zipf(cfg.zipf_a, count) - 1) % KEY_SPACE
-        batches.append(_Batch(ranks, _keys_of_ranks(ranks), torch.from_numpy(ranks % cfg.warm_rows)))
+        batches.append(_Batch(ranks=ranks, keys=_keys_of_ranks(ranks), rows=torch.from_numpy(ranks % cfg.warm_rows)))
     return batches
 
 
-def _median_step_s(steps: dict[str, Callable[[_Batch], None]], batches: list[_Batch],
+def _median_step_s(steps: dict[str, _Step], batches: list[_Batch],
                    warmup: int) -> dict[str, float]:
     """Median seconds per step of each peer, the peers taking turns on every batch.
 
@@ -91,7 +94,7 @@ def _median_step_s(steps: dict[str, Callable[[_Batch], None]], batches: list[_Ba
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def _tidal(cfg: SparseBenchConfig, optimizer: str, threads: int, grad: torch.Tensor):
+def _tidal(cfg: SparseBenchConfig, optimizer: str, threads: int, grad: torch.Tensor) -> tuple[_Step, EmbeddingCollection]:
     opt = Sgd(lr=LR) if optimizer == "sgd" else Adagrad(lr=LR)
     table = TableConfig(name="bench", dim=cfg.dim, optimizer=opt, num_shards=8)
     names = [f"f{i}" for i in range(cfg.features)]
@@ -108,7 +111,7 @@ def _tidal(cfg: SparseBenchConfig, optimizer: str, threads: int, grad: torch.Ten
     return step, collection
 
 
-def _torch(cfg: SparseBenchConfig, optimizer: str, grad: torch.Tensor):
+def _torch(cfg: SparseBenchConfig, optimizer: str, grad: torch.Tensor) -> _Step:
     bag = torch.nn.EmbeddingBag(cfg.warm_rows, cfg.dim, mode="sum", sparse=True)
     opt = torch.optim.SGD(bag.parameters(), lr=LR) if optimizer == "sgd" else torch.optim.Adagrad(bag.parameters(), lr=LR)
     offsets = torch.arange(cfg.batch_size * cfg.features)
@@ -123,7 +126,7 @@ def _torch(cfg: SparseBenchConfig, optimizer: str, grad: torch.Tensor):
     return step
 
 
-def _fbgemm(cfg: SparseBenchConfig, optimizer: str, grad: torch.Tensor):
+def _fbgemm(cfg: SparseBenchConfig, optimizer: str, grad: torch.Tensor) -> _Step | None:
     """fbgemm's CPU table-batched embedding, or None when fbgemm is not installed."""
     try:
         from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation

@@ -268,8 +268,8 @@ class EmbeddingTable:
         keys = np.asarray(keys)
         if keys.ndim != 1 or keys.dtype.kind not in "iu":
             raise BatchError(
-                f"table {self.name!r}: keys must be a 1-D integer array, got "
-                f"{keys.dtype} of shape {keys.shape}"
+                f"table {self.name!r}: keys must be a 1-D integer array of raw ids, got "
+                f"{keys.dtype} of shape {keys.shape}; hash strings to int64 ids first"
             )
         return np.ascontiguousarray(keys, dtype=np.int64)
 

@@ -35,7 +35,6 @@ class OptimizerKernel:
     """What a compiled kernel needs to know of one optimizer config."""
 
     def __init__(self, config: OptimizerConfig, dim: int) -> None:
-        self.config = config
         self.code = _CODES[type(config)]
         self.state_width = _state_width(config, dim)
         self.initial_state = getattr(config, "initial_accumulator_value", 0.0)
