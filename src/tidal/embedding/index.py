@@ -1,12 +1,14 @@
 """Compiled kernels of one shard's hash index: int64 key -> local row.
 
 Open addressing with linear probing over a power-of-two array of int32 slots. A slot
-holds a local row number or `EMPTY`; the key of a row lives in `row_keys[row]`. Since
-emptiness is marked in the slot and never by a key value, all 2**64 int64 values are
-valid keys: 0, -1, the minimum and the maximum included, and none is reserved.
+holds `EMPTY` or a local row number with 4 bits of its key's hash (the tag) above it;
+the key of a row lives in `row_keys[row]`. Since emptiness is marked in the slot and
+never by a key value, all 2**64 int64 values are valid keys: 0, -1, the minimum and the
+maximum included, and none is reserved. A probe reads a row's key only when the tag
+matches, so walking past other keys' slots costs no cache miss on `row_keys`.
 
-    slots      [ -1 | 7 | -1 | 2 | 5 | -1 | ... ]   power-of-two length, int32
-    row_keys   [ k0 | k1 | k2 | ... ]                key of each local row, int64
+    slots      [ -1 | t:7 | -1 | t:2 | t:5 | -1 | ... ]   power-of-two length, int32
+    row_keys   [ k0 | k1 | k2 | ... ]                      key of each local row, int64
 
 Deletion shifts later entries of the probe run back (no tombstones), so lookups stay
 short however many rows were evicted. The caller holds the shard's lock.
@@ -34,6 +36,10 @@ EMPTY = np.int32(-1)
  C_LOOKUPS, C_MISSES, C_ADMITTED, C_NOT_ADMITTED, C_EVICTED, C_DROPPED_FULL, C_SIZE) = range(14)
 NEED_NOTHING, NEED_REHASH, NEED_ROWS = 0, 1, 2
 MARK = np.uint32(1 << 31)  # last_seen of a row numbered by the running resolve (steps stay < 2**31)
+
+TAG_SHIFT = 27  # slot = tag << 27 | row: at most 2**27 rows per shard
+ROW_MASK = (1 << TAG_SHIFT) - 1
+MAX_SHARD_ROWS = 1 << TAG_SHIFT
 
 # admission kinds
 ADMIT_ALL, ADMIT_COUNT, ADMIT_PROBABILITY = 0, 1, 2
@@ -66,14 +72,27 @@ def group_by_shard(shards: np.ndarray, num_shards: int) -> tuple[np.ndarray, np.
 
 
 @numba.njit(nogil=True, inline="always")
+def _tag(h: np.uint64) -> np.int32:
+    return np.int32((h >> np.uint64(40)) & np.uint64(15))
+
+
+@numba.njit(nogil=True, inline="always")
+def _entry(h: np.uint64, row: int) -> np.int32:
+    return np.int32((_tag(h) << TAG_SHIFT) | row)
+
+
+@numba.njit(nogil=True, inline="always")
 def _probe(slots: np.ndarray, row_keys: np.ndarray, key: np.int64, h: np.uint64) -> tuple[int, int]:
     """(slot position, row): the key's slot, or the empty slot where it would go (row -1)."""
     mask = slots.shape[0] - 1
     pos = np.int64(h & np.uint64(mask))
+    tag = _tag(h)
     while True:
-        row = slots[pos]
-        if row == EMPTY or row_keys[row] == key:
-            return pos, row
+        entry = slots[pos]
+        if entry == EMPTY:
+            return pos, -1
+        if entry >> TAG_SHIFT == tag and row_keys[entry & ROW_MASK] == key:
+            return pos, entry & ROW_MASK
         pos = (pos + 1) & mask
 
 
@@ -96,11 +115,11 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, or
     """
     handles, inverse, unique, previous, n_unique = out
     ctl[C_NEED] = NEED_NOTHING
-    first, first_keys = _first_slots(slots, row_keys, hashes, order, lo, hi)
+    first = _home_rows(slots, row_keys, keys, hashes, order, lo, hi)
     for j in range(lo, hi):
         i = order[j]
         pos, row = 0, first[j - lo]
-        if row == EMPTY or first_keys[j - lo] != keys[i]:  # not at its home slot: walk the run
+        if row < 0:  # not in its home slot: walk the run
             pos, row = _probe(slots, row_keys, keys[i], hashes[i])
         if row == EMPTY and insert:
             row = _create(slots, row_keys, counts, free_rows, ctl, keys[i], hashes[i], pos,
@@ -122,21 +141,23 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, or
 
 
 @numba.njit(nogil=True, inline="always")
-def _first_slots(slots, row_keys, hashes, order, lo, hi):  # type: ignore[no-untyped-def]
-    """The row in every key's home slot and that row's key, in passes of independent loads.
+def _home_rows(slots, row_keys, keys, hashes, order, lo, hi):  # type: ignore[no-untyped-def]
+    """The row of every key found in its home slot, else -1, in passes of independent loads.
 
     Most keys sit in their home slot, so the main loop then finds them without waiting
     on a chain of dependent cache misses (slot, then key); here the misses of many keys
-    overlap instead. An empty home slot reads row -1.
+    overlap instead.
     """
     mask = np.uint64(slots.shape[0] - 1)
-    first = np.empty(hi - lo, dtype=np.int32)
+    home = np.empty(hi - lo, dtype=np.int32)
     for j in range(lo, hi):
-        first[j - lo] = slots[np.int64(hashes[order[j]] & mask)]
-    first_keys = np.empty(hi - lo, dtype=np.int64)
+        home[j - lo] = slots[np.int64(hashes[order[j]] & mask)]
     for j in range(hi - lo):
-        first_keys[j] = row_keys[first[j]] if first[j] != EMPTY else 0
-    return first, first_keys
+        i = order[lo + j]
+        entry = home[j]
+        found = entry != EMPTY and entry >> TAG_SHIFT == _tag(hashes[i]) and row_keys[entry & ROW_MASK] == keys[i]
+        home[j] = entry & ROW_MASK if found else -1
+    return home
 
 
 @numba.njit(nogil=True, inline="always")
@@ -152,7 +173,7 @@ def _create(slots, row_keys, counts, free_rows, ctl, key, h, pos, step, shard, r
     row = _take_row(ctl, free_rows)
     if row < 0:
         return -1
-    slots[pos] = row
+    slots[pos] = _entry(h, row)
     row_keys[row] = key
     if counts.shape[0] > 0:
         counts[row] = 0  # a reused row must not inherit the evicted key's count
@@ -241,12 +262,12 @@ def _sketch_add(sketch, h):  # type: ignore[no-untyped-def]
 def rehash(old_slots, new_slots, row_keys):  # type: ignore[no-untyped-def]
     """Insert every row of `old_slots` into the larger, empty `new_slots`."""
     mask = new_slots.shape[0] - 1
-    for row in old_slots:
-        if row != EMPTY:
-            pos = np.int64(mix64(np.uint64(row_keys[row])) & np.uint64(mask))
+    for entry in old_slots:
+        if entry != EMPTY:
+            pos = np.int64(mix64(np.uint64(row_keys[entry & ROW_MASK])) & np.uint64(mask))
             while new_slots[pos] != EMPTY:
                 pos = (pos + 1) & mask
-            new_slots[pos] = row
+            new_slots[pos] = entry
 
 
 @numba.njit(nogil=True, cache=True)
@@ -276,14 +297,14 @@ def _shift_back(slots, row_keys, hole):  # type: ignore[no-untyped-def]
     j = hole
     while True:
         j = (j + 1) & mask
-        row = slots[j]
-        if row == EMPTY:
+        entry = slots[j]
+        if entry == EMPTY:
             break
-        home = np.int64(mix64(np.uint64(row_keys[row])) & np.uint64(mask))
+        home = np.int64(mix64(np.uint64(row_keys[entry & ROW_MASK])) & np.uint64(mask))
         # the entry at j may move to the hole unless its home lies cyclically in (hole, j]
         if (hole < j and hole < home <= j) or (hole > j and (home > hole or home <= j)):
             continue
-        slots[hole] = row
+        slots[hole] = entry
         hole = j
     slots[hole] = EMPTY
 
@@ -292,13 +313,13 @@ def _shift_back(slots, row_keys, hole):  # type: ignore[no-untyped-def]
 def live_rows(slots: np.ndarray) -> np.ndarray:
     """The local rows present in the index, in slot order."""
     count = 0
-    for row in slots:
-        count += row != EMPTY
+    for entry in slots:
+        count += entry != EMPTY
     rows = np.empty(count, dtype=np.int64)
     k = 0
-    for row in slots:
-        if row != EMPTY:
-            rows[k] = row
+    for entry in slots:
+        if entry != EMPTY:
+            rows[k] = entry & ROW_MASK
             k += 1
     return rows
 

@@ -339,6 +339,9 @@ class EmbeddingTable:
         if shard.ctl[ix.C_NEED] == ix.NEED_REHASH:
             shard.grow_index()
         elif shard.ctl[ix.C_NEED] == ix.NEED_ROWS:
+            if self.arena.rows_capacity(s) >= ix.MAX_SHARD_ROWS:
+                raise TidalError(f"table {self.name!r}: shard {s} holds {ix.MAX_SHARD_ROWS} rows, the most one "
+                                 f"shard can; give the table more shards (num_shards) or a row cap")
             self.arena.add_chunk(s)
             shard.grow_rows(self.arena.rows_capacity(s))
 
