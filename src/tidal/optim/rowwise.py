@@ -23,7 +23,8 @@ import numpy as np
 
 from tidal.config import Adagrad, Adam, AdamW, Ftrl, OptimizerConfig, RowWiseAdagrad, Sgd
 
-__all__ = ["OptimizerKernel", "update_row"]
+__all__ = ["OptimizerKernel", "adagrad_row", "adam_row", "adamw_row", "ftrl_row", "rowwise_adagrad_row",
+           "sgd_row", "update_row"]
 
 SGD, ADAGRAD, ROWWISE_ADAGRAD, ADAM, ADAMW, FTRL = range(6)
 
@@ -65,42 +66,46 @@ def _pack(config: OptimizerConfig) -> np.ndarray:
     return hyper
 
 
-@numba.njit(nogil=True)
+@numba.njit(nogil=True, inline="always")  # inlined, the kernels' loops vectorize
 def update_row(code: int, row: np.ndarray, grad: np.ndarray, hyper: np.ndarray, step: int) -> None:
-    """Apply one optimizer step to `row` ([width] float32) given its gradient ([dim])."""
+    """Apply one optimizer step to `row` ([width] float32) given its gradient ([dim]).
+
+    For one row at a time; a kernel updating many rows should branch on `code` once,
+    outside its loop, and call the `*_row` function: the loop then vectorizes.
+    """
     if code == SGD:
-        _sgd(row, grad, hyper)
+        sgd_row(row, grad, hyper)
     elif code == ADAGRAD:
-        _adagrad(row, grad, hyper)
+        adagrad_row(row, grad, hyper)
     elif code == ROWWISE_ADAGRAD:
-        _rowwise_adagrad(row, grad, hyper)
+        rowwise_adagrad_row(row, grad, hyper)
     elif code == ADAM:
-        _adam(row, grad, hyper, step)
+        adam_row(row, grad, hyper, step)
     elif code == ADAMW:
-        _adamw(row, grad, hyper, step)
+        adamw_row(row, grad, hyper, step)
     else:
-        _ftrl(row, grad, hyper)
+        ftrl_row(row, grad, hyper)
 
 
 @numba.njit(nogil=True, inline="always")
-def _sgd(row, grad, hyper):  # type: ignore[no-untyped-def]
+def sgd_row(row, grad, hyper):  # type: ignore[no-untyped-def]
     lr = np.float32(hyper[LR])
     for d in range(grad.shape[0]):
         row[d] -= lr * grad[d]
 
 
 @numba.njit(nogil=True, inline="always")
-def _adagrad(row, grad, hyper):  # type: ignore[no-untyped-def]
+def adagrad_row(row, grad, hyper):  # type: ignore[no-untyped-def]
     dim = grad.shape[0]
+    lr, eps = np.float32(hyper[LR]), np.float32(hyper[EPS])
+    for d in range(dim):  # two simple loops vectorize where one fused loop does not
+        row[dim + d] += grad[d] * grad[d]
     for d in range(dim):
-        g = np.float32(grad[d])
-        acc = np.float32(row[dim + d] + g * g)
-        row[dim + d] = acc
-        row[d] -= np.float32(hyper[LR]) * g / (np.sqrt(acc) + np.float32(hyper[EPS]))
+        row[d] -= lr * grad[d] / (np.sqrt(row[dim + d]) + eps)
 
 
 @numba.njit(nogil=True, inline="always")
-def _rowwise_adagrad(row, grad, hyper):  # type: ignore[no-untyped-def]
+def rowwise_adagrad_row(row, grad, hyper):  # type: ignore[no-untyped-def]
     dim = grad.shape[0]
     mean_square = 0.0
     for d in range(dim):
@@ -122,7 +127,7 @@ def _adam_step(row, dim, hyper, step):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(nogil=True, inline="always")
-def _adam(row, grad, hyper, step):  # type: ignore[no-untyped-def]
+def adam_row(row, grad, hyper, step):  # type: ignore[no-untyped-def]
     """torch.optim.SparseAdam: p -= lr * sqrt(1-b2^t)/(1-b1^t) * m / (sqrt(v) + eps)."""
     dim = grad.shape[0]
     b1, b2 = hyper[BETA1], hyper[BETA2]
@@ -138,7 +143,7 @@ def _adam(row, grad, hyper, step):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(nogil=True, inline="always")
-def _adamw(row, grad, hyper, step):  # type: ignore[no-untyped-def]
+def adamw_row(row, grad, hyper, step):  # type: ignore[no-untyped-def]
     """torch.optim.AdamW: decay, then p -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)."""
     dim = grad.shape[0]
     b1, b2 = hyper[BETA1], hyper[BETA2]
@@ -156,7 +161,7 @@ def _adamw(row, grad, hyper, step):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(nogil=True, inline="always")
-def _ftrl(row, grad, hyper):  # type: ignore[no-untyped-def]
+def ftrl_row(row, grad, hyper):  # type: ignore[no-untyped-def]
     """FTRL-proximal per coordinate: z, n accumulate; w is their closed-form minimiser."""
     dim = grad.shape[0]
     alpha, beta, l1, l2 = hyper[LR], hyper[BETA1], hyper[L1], hyper[L2]
