@@ -25,7 +25,7 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
-__all__ = ["Arena", "CHUNK_ROWS", "CHUNK_SHIFT", "SHARD_BITS", "row_in", "row_of"]
+__all__ = ["Arena", "CHUNK_ROWS", "CHUNK_SHIFT", "SHARD_BITS", "float_row", "row_in", "row_of"]
 
 CHUNK_SHIFT = 14
 CHUNK_ROWS = 1 << CHUNK_SHIFT  # 16384 rows: 4 MiB at dim 64 without optimizer state
@@ -61,9 +61,17 @@ def row_in(directories: np.ndarray, table: np.int64, handle: np.int64, width: np
 
 @numba.njit(nogil=True, inline="always")
 def _row(chunk_base: np.int64, local: np.int64, width: np.int64) -> np.ndarray:
-    # a view without a memory owner: no reference counting in the hot loops
-    offset = (local & (CHUNK_ROWS - 1)) * width * 4
-    return numba.carray(_float_pointer(chunk_base + offset), (width,))
+    return float_row(chunk_base, local & (CHUNK_ROWS - 1), width)
+
+
+@numba.njit(nogil=True, inline="always")
+def float_row(base: np.int64, index: np.int64, width: np.int64) -> np.ndarray:
+    """Row `index` of a C-contiguous float32 `[*, width]` buffer at address `base`.
+
+    A view without a memory owner: no reference counting in hot loops, and loops over
+    two such rows vectorize. The caller keeps the buffer alive.
+    """
+    return numba.carray(_float_pointer(base + index * width * 4), (width,))
 
 
 class Arena:

@@ -9,14 +9,15 @@ without a row (not admitted, or absent when serving) has handle -1: it reads as 
 and gets no gradient.
 
 Tables are addressed through `directories` ``[T, shards, chunks]`` and `widths` ``[T]``,
-so one kernel call covers every table of the batch."""
+so one kernel call covers every table of the batch. Float buffers are read through raw row
+views, so every one passed here must be C-contiguous float32 (the callers ensure it)."""
 
 from __future__ import annotations
 
 import numba
 import numpy as np
 
-from tidal.embedding._memory import row_in, row_of
+from tidal.embedding._memory import float_row, row_in, row_of
 from tidal.optim import rowwise as rw
 
 __all__ = ["MODES"]
@@ -52,6 +53,7 @@ def pool(directories, widths, feature_tables, handles, offsets, scales, out, lo,
         for f in range(num_features):
             k = f * batch_size + b
             table = feature_tables[f]
+            target = float_row(out.ctypes.data, b * num_features + f, dim)
             first = True
             for i in range(offsets[k], offsets[k + 1]):
                 if handles[i] < 0:
@@ -60,13 +62,13 @@ def pool(directories, widths, feature_tables, handles, offsets, scales, out, lo,
                 scale = scales[i]
                 if first:  # write, not add: no zeroing pass, no read of the output
                     for d in range(dim):
-                        out[b, f, d] = scale * row[d]
+                        target[d] = scale * row[d]
                     first = False
                 else:
                     for d in range(dim):
-                        out[b, f, d] += scale * row[d]
+                        target[d] += scale * row[d]
             if first:
-                out[b, f, :] = 0.0
+                target[:] = 0.0
 
 
 @numba.njit(nogil=True, cache=True)
@@ -82,12 +84,14 @@ def accumulate(grad_out, offsets, unique_of_id, scales, grad_rows, lo, hi):  # t
     for b in range(batch_size):
         for f in range(num_features):
             k = f * batch_size + b
+            source = float_row(grad_out.ctypes.data, b * num_features + f, dim)
             for i in range(offsets[k], offsets[k + 1]):
                 u = unique_of_id[i]
                 if lo <= u < hi:
                     s = scales[i]
+                    target = float_row(grad_rows.ctypes.data, u, dim)
                     for d in range(dim):
-                        grad_rows[u, d] += s * grad_out[b, f, d]
+                        target[d] += s * source[d]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -95,25 +99,27 @@ def apply_rows(directory, width, handles, grads, code, hyper, step, lo, hi):  # 
     """The optimizer step of rows handles[lo:hi] of one table, given their gradients.
 
     One loop per optimizer, chosen once: a loop with a single update in it vectorizes.
+    `grads` is C-contiguous `[U, dim]` float32.
     """
+    dim = grads.shape[1]
     if code == rw.SGD:
         for u in range(lo, hi):
-            rw.sgd_row(row_of(directory, handles[u], width), grads[u], hyper)
+            rw.sgd_row(row_of(directory, handles[u], width), float_row(grads.ctypes.data, u, dim), hyper)
     elif code == rw.ADAGRAD:
         for u in range(lo, hi):
-            rw.adagrad_row(row_of(directory, handles[u], width), grads[u], hyper)
+            rw.adagrad_row(row_of(directory, handles[u], width), float_row(grads.ctypes.data, u, dim), hyper)
     elif code == rw.ROWWISE_ADAGRAD:
         for u in range(lo, hi):
-            rw.rowwise_adagrad_row(row_of(directory, handles[u], width), grads[u], hyper)
+            rw.rowwise_adagrad_row(row_of(directory, handles[u], width), float_row(grads.ctypes.data, u, dim), hyper)
     elif code == rw.ADAM:
         for u in range(lo, hi):
-            rw.adam_row(row_of(directory, handles[u], width), grads[u], hyper, step)
+            rw.adam_row(row_of(directory, handles[u], width), float_row(grads.ctypes.data, u, dim), hyper, step)
     elif code == rw.ADAMW:
         for u in range(lo, hi):
-            rw.adamw_row(row_of(directory, handles[u], width), grads[u], hyper, step)
+            rw.adamw_row(row_of(directory, handles[u], width), float_row(grads.ctypes.data, u, dim), hyper, step)
     else:
         for u in range(lo, hi):
-            rw.ftrl_row(row_of(directory, handles[u], width), grads[u], hyper)
+            rw.ftrl_row(row_of(directory, handles[u], width), float_row(grads.ctypes.data, u, dim), hyper)
 
 
 @numba.njit(nogil=True, cache=True)
