@@ -56,19 +56,49 @@ def hash_keys(keys: np.ndarray, shard_mask: int, hashes: np.ndarray, shards: np.
 
 
 @numba.njit(nogil=True, cache=True)
-def group_by_shard(shards: np.ndarray, num_shards: int) -> tuple[np.ndarray, np.ndarray]:
-    """A stable counting sort: positions of keys grouped by shard, and group offsets."""
+def group_by_shard(keys: np.ndarray, num_shards: int) -> tuple:
+    """Keys and their hashes regrouped shard by shard (a stable counting sort).
+
+    Returns (grouped keys, grouped hashes, order, offsets): shard s's keys are
+    ``grouped[offsets[s]:offsets[s + 1]]`` and ``grouped[j] == keys[order[j]]``. The
+    kernels then read and write shard ranges contiguously, not through `order`.
+    """
+    n = keys.shape[0]
+    hashes = np.empty(n, dtype=np.uint64)
+    shards = np.empty(n, dtype=np.int64)
+    hash_keys(keys, num_shards - 1, hashes, shards)
     offsets = np.zeros(num_shards + 1, dtype=np.int64)
     for s in shards:
         offsets[s + 1] += 1
     for s in range(num_shards):
         offsets[s + 1] += offsets[s]
     fill = offsets[:-1].copy()
-    order = np.empty(shards.shape[0], dtype=np.int64)
-    for i in range(shards.shape[0]):
-        order[fill[shards[i]]] = i
+    order = np.empty(n, dtype=np.int64)
+    grouped_keys = np.empty(n, dtype=np.int64)
+    grouped_hashes = np.empty(n, dtype=np.uint64)
+    for i in range(n):
+        j = fill[shards[i]]
         fill[shards[i]] += 1
-    return order, offsets
+        order[j] = i
+        grouped_keys[j] = keys[i]
+        grouped_hashes[j] = hashes[i]
+    return grouped_keys, grouped_hashes, order, offsets
+
+
+@numba.njit(nogil=True, cache=True)
+def ungroup(handles, inverse, order, offsets, bases):  # type: ignore[no-untyped-def]
+    """Back to the caller's order: handles and batch-wide row numbers of every key.
+
+    `inverse` numbers rows per shard; shard s's numbers start at bases[s] batch-wide.
+    """
+    n = order.shape[0]
+    out_handles = np.empty(n, dtype=np.int64)
+    out_inverse = np.empty(n, dtype=np.int64)
+    for s in range(offsets.shape[0] - 1):
+        for j in range(offsets[s], offsets[s + 1]):
+            out_handles[order[j]] = handles[j]
+            out_inverse[order[j]] = inverse[j] + bases[s] if inverse[j] >= 0 else -1
+    return out_handles, out_inverse
 
 
 @numba.njit(nogil=True, inline="always")
@@ -97,9 +127,9 @@ def _probe(slots: np.ndarray, row_keys: np.ndarray, key: np.int64, h: np.uint64)
 
 
 @numba.njit(nogil=True, cache=True)
-def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, order, lo, hi,
+def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, lo, hi,
             step, shard, rows, admission, sketch, insert, count, out):  # type: ignore[no-untyped-def]
-    """Row handles of keys[order[lo:hi]], de-duplicated on the way.
+    """Row handles of keys[lo:hi] (one shard's range), de-duplicated on the way.
 
     With `insert` (training) an admitted key's row is created on first sight and every
     found row is marked seen at `step`; without it (serving) the index is only read and
@@ -115,18 +145,17 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, or
     """
     handles, inverse, unique, previous, n_unique = out
     ctl[C_NEED] = NEED_NOTHING
-    first = _home_rows(slots, row_keys, keys, hashes, order, lo, hi)
-    for j in range(lo, hi):
-        i = order[j]
-        pos, row = 0, first[j - lo]
+    first = _home_rows(slots, row_keys, keys, hashes, lo, hi)
+    for i in range(lo, hi):
+        pos, row = 0, first[i - lo]
         if row < 0:  # not in its home slot: walk the run
             pos, row = _probe(slots, row_keys, keys[i], hashes[i])
         if row == EMPTY and insert:
             row = _create(slots, row_keys, counts, free_rows, ctl, keys[i], hashes[i], pos,
                           step, shard, rows, admission, sketch)
             if ctl[C_NEED] != NEED_NOTHING:
-                ctl[C_LOOKUPS] += (j - lo) * count
-                return j
+                ctl[C_LOOKUPS] += (i - lo) * count
+                return i
         if row < 0:
             handles[i] = -1
             inverse[i] = -1
@@ -141,7 +170,7 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, or
 
 
 @numba.njit(nogil=True, inline="always")
-def _home_rows(slots, row_keys, keys, hashes, order, lo, hi):  # type: ignore[no-untyped-def]
+def _home_rows(slots, row_keys, keys, hashes, lo, hi):  # type: ignore[no-untyped-def]
     """The row of every key found in its home slot, else -1, in passes of independent loads.
 
     Most keys sit in their home slot, so the main loop then finds them without waiting
@@ -150,10 +179,10 @@ def _home_rows(slots, row_keys, keys, hashes, order, lo, hi):  # type: ignore[no
     """
     mask = np.uint64(slots.shape[0] - 1)
     home = np.empty(hi - lo, dtype=np.int32)
-    for j in range(lo, hi):
-        home[j - lo] = slots[np.int64(hashes[order[j]] & mask)]
+    for i in range(lo, hi):
+        home[i - lo] = slots[np.int64(hashes[i] & mask)]
     for j in range(hi - lo):
-        i = order[lo + j]
+        i = lo + j
         entry = home[j]
         found = entry != EMPTY and entry >> TAG_SHIFT == _tag(hashes[i]) and row_keys[entry & ROW_MASK] == keys[i]
         home[j] = entry & ROW_MASK if found else -1
@@ -322,12 +351,3 @@ def live_rows(slots: np.ndarray) -> np.ndarray:
             rows[k] = entry & ROW_MASK
             k += 1
     return rows
-
-
-@numba.njit(nogil=True, cache=True)
-def number_across_shards(inverse, order, offsets, bases):  # type: ignore[no-untyped-def]
-    """Turn per-shard row numbers into batch-wide ones: shard s's start at bases[s]."""
-    for s in range(offsets.shape[0] - 1):
-        for j in range(offsets[s], offsets[s + 1]):
-            if inverse[order[j]] >= 0:
-                inverse[order[j]] += bases[s]

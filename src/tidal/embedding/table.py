@@ -256,14 +256,6 @@ class EmbeddingTable:
 
     # ------------------------------------------------------------------ routing
 
-    def _route(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(hashes, positions grouped by shard, group offsets) of validated keys."""
-        hashes = np.empty(keys.shape[0], dtype=np.uint64)
-        shards = np.empty(keys.shape[0], dtype=np.int64)
-        ix.hash_keys(keys, len(self._shards) - 1, hashes, shards)
-        order, offsets = ix.group_by_shard(shards, len(self._shards))
-        return hashes, order, offsets
-
     def _keys(self, keys: np.ndarray) -> np.ndarray:
         keys = np.asarray(keys)
         if keys.ndim != 1 or keys.dtype.kind not in "iu":
@@ -294,11 +286,11 @@ class EmbeddingTable:
 
     def _resolve(self, keys: np.ndarray, *, step: int, insert: bool, force: bool = False,
                  count: bool = True) -> RowLookup:
-        hashes, order, offsets = self._route(keys)
-        handles = np.empty(keys.shape[0], dtype=np.int64)
+        keys, hashes, order, offsets = ix.group_by_shard(keys, self.num_shards)
+        handles = np.empty(keys.shape[0], dtype=np.int64)  # in shard order until ungrouped
         inverse = np.empty(keys.shape[0], dtype=np.int64)
         found: list[np.ndarray] = [np.zeros(0, np.int64)] * self.num_shards
-        route = (keys, hashes, order, offsets, handles, inverse)
+        route = (keys, hashes, offsets, handles, inverse)
         settings = (step, insert, count, self._admission_settings(force))
 
         def in_shard(s: int) -> None:
@@ -308,14 +300,14 @@ class EmbeddingTable:
                   self.threads)
         bases = np.zeros(self.num_shards + 1, dtype=np.int64)
         np.cumsum([len(f) for f in found], out=bases[1:])
-        ix.number_across_shards(inverse, order, offsets, bases)
+        handles, inverse = ix.ungroup(handles, inverse, order, offsets, bases)
         unique = np.concatenate([(rows << SHARD_BITS) | s for s, rows in enumerate(found)])
         return RowLookup(handles=handles, inverse=inverse, unique=unique, shard_offsets=bases,
                          table=id(self), epoch=self._epoch)
 
     def _resolve_in_shard(self, s: int, route: tuple, settings: tuple) -> np.ndarray:
         """Resolve shard `s`'s part of a batch under its lock; its distinct local rows."""
-        keys, hashes, order, offsets, handles, inverse = route
+        keys, hashes, offsets, handles, inverse = route
         step, insert, count, admission = settings
         shard = self._shards[s]
         position, end = int(offsets[s]), int(offsets[s + 1])
@@ -327,7 +319,7 @@ class EmbeddingTable:
                 while position < end:
                     position = ix.resolve(
                         shard.slots, shard.row_keys, shard.last_seen, shard.counts, shard.free_rows,
-                        shard.ctl, keys, hashes, order, position, end, step, s, self._row_settings(),
+                        shard.ctl, keys, hashes, position, end, step, s, self._row_settings(),
                         admission, shard.sketch, insert, count, (handles, inverse, rows, previous, n_rows))
                     self._grow(s, shard)
             finally:  # even if growing failed, no row may stay marked
@@ -465,11 +457,10 @@ class EmbeddingTable:
 
         Removed rows count as evicted and are recorded for the next delta checkpoint.
         """
-        keys = self._keys(keys)
-        _, order, offsets = self._route(keys)
+        grouped, _, _, offsets = ix.group_by_shard(self._keys(keys), self.num_shards)
         removed = 0
         for s, shard in enumerate(self._shards):
-            mine = keys[order[offsets[s] : offsets[s + 1]]]
+            mine = grouped[offsets[s] : offsets[s + 1]]
             with shard.lock:
                 shard.reserve_free(len(mine))
                 present = ix.remove(shard.slots, shard.row_keys, shard.free_rows, shard.ctl, mine)
