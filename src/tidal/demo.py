@@ -68,7 +68,7 @@ def _train(collection: EmbeddingCollection, head: torch.nn.Module, steps: range,
         batch = _batch(rng)
         pooled, ctx = collection.forward(batch)  # [B, F, D]
         pooled.requires_grad_(True)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(pooled.flatten(1)), torch.from_numpy(batch.labels))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(pooled.flatten(1)), torch.tensor(batch.labels))
         opt.zero_grad()
         loss.backward()
         opt.step()
