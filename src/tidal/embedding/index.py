@@ -134,10 +134,12 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, lo
     With `insert` (training) an admitted key's row is created on first sight and every
     found row is marked seen at `step`; without it (serving) the index is only read and
     absent keys are counted as misses. With `count`, the keys are counted as lookups
-    (and misses) in the statistics; internal reads pass False. `out` = (handles [n], inverse [n], unique local
-    rows [hi - lo], their saved last_seen [hi - lo], unique count [1]): inverse[i]
-    numbers the distinct rows of this shard in order of first sight, -1 for a key
-    without a row. The caller ends with `unmark` once the whole range is resolved.
+    (and misses) in the statistics; internal reads pass False.
+
+    `out` = (handles [n], inverse [n], unique local rows [hi - lo], their saved
+    last_seen [hi - lo], unique count [1]): inverse[i] numbers the distinct rows of this
+    shard in order of first sight, -1 for a key without a row. The caller ends with
+    `unmark` once the whole range is resolved.
 
     `rows` = (directory, width, dim, seed, init kind, init scale, initial state value);
     `admission` = (kind, min count, probability, seed). Returns the position reached:
