@@ -1,4 +1,4 @@
-"""The `tidal` command line: `tidal demo`, `tidal bench sparse`."""
+"""The `tidal` command line: `tidal demo`, `tidal gen-data`, `tidal bench sparse`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,12 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="train, evict and checkpoint embedding tables on generated data")
     demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    gen = commands.add_parser("gen-data", help="write Criteo-like files with a planted logistic ground truth")
+    gen.add_argument("--out", required=True, help="directory to write part-NNNNN.<format> and truth.json into")
+    gen.add_argument("--rows", type=int, default=1_000_000)
+    gen.add_argument("--files", type=int, default=1)
+    gen.add_argument("--format", choices=["tsv", "parquet"], default="tsv")
+    gen.add_argument("--seed", type=int, default=0)
     bench = commands.add_parser("bench", help="run a benchmark and print its figures")
     which = bench.add_subparsers(dest="benchmark", required=True)
     sparse = which.add_parser("sparse", help="a full sparse training step against torch EmbeddingBag")
@@ -32,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tidal demo: --steps must be at least 100, got {args.steps}", file=sys.stderr)
             return 2
         demo.run(steps=args.steps)
+    elif args.command == "gen-data":
+        return _gen_data(args)
     elif args.benchmark == "sparse":
         from tidal.bench import sparse
 
@@ -40,6 +48,20 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         cfg = sparse.SparseBenchConfig.quick() if args.quick else sparse.SparseBenchConfig()
         sparse.run(cfg, as_json=args.json, threads=args.threads, optimizers=tuple(args.optimizer))
+    return 0
+
+
+def _gen_data(args: argparse.Namespace) -> int:
+    from tidal.data.generate import generate
+    from tidal.errors import ConfigError
+
+    try:
+        data = generate(args.out, rows=args.rows, files=args.files, file_format=args.format, seed=args.seed)
+    except ConfigError as exc:
+        print(f"tidal {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {data.rows:,d} rows in {len(data.paths)} file(s) to {args.out}: "
+          f"positive rate {data.positive_rate:.3f}, ceiling AUC {data.ceiling_auc:.4f}")
     return 0
 
 

@@ -5,10 +5,11 @@ Every error says what was expected, what came, and what to do::
     TidalError
     ├── ConfigError            an invalid config value (names the field, value, range)
     ├── BatchError             a malformed SparseBatch or gradient (names the array, shape)
+    ├── DataError              an unreadable data file or a bad row (names file and line)
     └── CheckpointError        a checkpoint that cannot be written or read
         └── CorruptCheckpointError   a truncated, altered or incomplete file (names it)
 
-`ConfigError` and `BatchError` are also `ValueError`s, so code that already catches
+`ConfigError`, `BatchError` and `DataError` are also `ValueError`s, so code that already catches
 `ValueError` keeps working.
 """
 
@@ -19,6 +20,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "CorruptCheckpointError",
+    "DataError",
     "TidalError",
 ]
 
@@ -33,6 +35,10 @@ class ConfigError(TidalError, ValueError):
 
 class BatchError(TidalError, ValueError):
     """A batch or gradient does not have the expected layout, dtype or shape."""
+
+
+class DataError(TidalError, ValueError):
+    """A data file cannot be read, or a row is bad and the run was told to fail on it."""
 
 
 class CheckpointError(TidalError):

@@ -11,23 +11,11 @@ import hashlib
 import numba
 import numpy as np
 
+from tidal.mixing import mix64
+
 __all__ = ["INIT_KINDS", "init_row", "mix64", "table_seed", "unit_float"]
 
 INIT_KINDS = {"zeros": 0, "uniform": 1, "normal": 2}
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-
-
-@numba.njit(nogil=True, inline="always")
-def mix64(x: np.uint64) -> np.uint64:
-    """splitmix64's finalizer: a bijection of uint64 with full avalanche."""
-    z = x + _GOLDEN
-    z = (z ^ (z >> np.uint64(30))) * _M1
-    z = (z ^ (z >> np.uint64(27))) * _M2
-    return z ^ (z >> np.uint64(31))
-
 
 @numba.njit(nogil=True, inline="always")
 def unit_float(bits: np.uint64) -> float:

@@ -1,0 +1,187 @@
+"""Streaming readers of Criteo-style TSV, CSV and Parquet files (pyarrow).
+
+Files are read in record batches, one file after the other, so no file has to fit in
+memory. Every column comes out as a string column (Parquet columns are cast), and
+numeric columns are checked row by row without Python loops: a row with the wrong
+number of columns or an unparsable number is a bad row. Bad rows are counted and
+described (file, line, reason) in a `BadRows` report and skipped, or, with
+``on_bad_row="fail"``, stop the run with a `DataError` naming the first one.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from tidal.errors import DataError
+
+__all__ = ["BadRows", "CRITEO_COLUMNS", "CRITEO_DENSE", "CRITEO_SPARSE", "expand_paths", "read_batches"]
+
+CRITEO_DENSE = tuple(f"I{i}" for i in range(1, 14))
+CRITEO_SPARSE = tuple(f"C{i}" for i in range(1, 27))
+CRITEO_COLUMNS = ("label", *CRITEO_DENSE, *CRITEO_SPARSE)
+
+_INTEGER = r"^-?[0-9]+$"
+_MAX_EXAMPLES = 20
+
+
+@dataclass
+class BadRows:
+    """How many rows were bad and why, with the first few as examples."""
+
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, path: str, line: int | None, reason: str) -> None:
+        self.count += 1
+        if len(self.examples) < _MAX_EXAMPLES:
+            self.examples.append(f"{path}:{line if line is not None else '?'}: {reason}")
+
+    def summary(self) -> str:
+        if not self.count:
+            return "no bad rows"
+        shown = "\n  ".join(self.examples)
+        more = f"\n  ... and {self.count - len(self.examples)} more" if self.count > len(self.examples) else ""
+        return f"{self.count} bad rows skipped:\n  {shown}{more}"
+
+
+def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """A file, a glob, or a list of them, as a sorted list of existing files."""
+    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    found: list[str] = []
+    for item in items:
+        matches = sorted(glob.glob(str(item))) if glob.has_magic(str(item)) else [str(item)]
+        if not matches or not all(Path(m).is_file() for m in matches):
+            raise DataError(f"no data file at {item!s}: expected a file, a glob matching files, or a list of them")
+        found += matches
+    return found
+
+
+def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
+                 columns: Sequence[str] = CRITEO_COLUMNS, numeric: Sequence[str] = ("label", *CRITEO_DENSE),
+                 file_format: Literal["tsv", "csv", "parquet"] | None = None, batch_rows: int = 65536,
+                 on_bad_row: Literal["skip", "fail"] = "skip", bad_rows: BadRows | None = None,
+                 ) -> Iterator[pa.RecordBatch]:
+    """Record batches of string columns from every file, bad rows removed.
+
+    TSV files have no header and the columns of `columns` (Criteo's layout by default);
+    CSV files have a header line; Parquet files must hold every column of `columns`.
+    The format follows the file suffix unless `file_format` says otherwise. Batches
+    hold about `batch_rows` rows (text is cut into blocks by size). Empty
+    fields are kept as empty strings (missing values); a `numeric` column must hold an
+    integer or nothing.
+    """
+    if on_bad_row not in ("skip", "fail"):
+        raise DataError(f"on_bad_row must be 'skip' or 'fail', got {on_bad_row!r}")
+    report = bad_rows if bad_rows is not None else BadRows()
+    for path in expand_paths(paths):
+        kind = file_format or _format_of(path)
+        batches = _parquet(path, columns, batch_rows) if kind == "parquet" else _text(path, kind, columns, batch_rows, report, on_bad_row)
+        for batch, lines in batches:
+            yield _valid_rows(batch, path, lines, numeric, report, on_bad_row)
+
+
+def _format_of(path: str) -> str:
+    suffix = Path(path).suffix.lower()
+    formats = {".tsv": "tsv", ".txt": "tsv", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+    if suffix not in formats:
+        raise DataError(f"{path}: cannot tell the format from the suffix {suffix!r}; "
+                        f"use .tsv, .csv or .parquet, or pass file_format")
+    return formats[suffix]
+
+
+@dataclass(frozen=True)
+class _Lines:
+    """Where the rows of a batch came from: row r is the r-th line from `first` that is
+    not in `skipped` (lines the parser dropped for a wrong column count)."""
+
+    first: int
+    skipped: tuple[int, ...] = ()
+
+    def of(self, row: int) -> int:
+        line = self.first + row
+        for dropped in sorted(s for s in self.skipped if s >= self.first):
+            line += dropped <= line
+        return line
+
+
+def _text(path: str, kind: str, columns: Sequence[str], batch_rows: int, report: BadRows,
+          on_bad_row: str) -> Iterator[tuple[pa.RecordBatch, _Lines]]:
+    """(batch, where its rows came from) from a TSV or CSV file."""
+    skipped: list[int] = []
+    failures: list[str] = []
+
+    def wrong_width(row: pacsv.InvalidRow) -> str:
+        reason = f"expected {row.expected_columns} columns, found {row.actual_columns}"
+        if on_bad_row == "fail":
+            failures.append(f"{path}:{row.number}: {reason} (on_bad_row is 'fail')")
+            return "error"
+        report.add(path, row.number, reason)
+        skipped.append(row.number)
+        return "skip"
+
+    header = kind == "csv"
+    try:
+        reader = _open_text(path, kind, columns, batch_rows, wrong_width)
+        next_line = 2 if header else 1
+        for batch in reader:
+            lines = _Lines(next_line, tuple(skipped))
+            next_line = lines.of(batch.num_rows - 1) + 1 if batch.num_rows else next_line
+            yield batch, lines
+    except pa.ArrowInvalid as exc:
+        raise DataError(failures[0] if failures else f"{path}: cannot parse ({exc})") from None
+
+
+def _open_text(path: str, kind: str, columns: Sequence[str], batch_rows: int,
+               handler: Callable[[pacsv.InvalidRow], str]) -> pacsv.CSVStreamingReader:
+    header = kind == "csv"
+    return pacsv.open_csv(
+        path,
+        read_options=pacsv.ReadOptions(column_names=None if header else list(columns), use_threads=False,
+                                       block_size=max(1 << 16, batch_rows * 64)),
+        parse_options=pacsv.ParseOptions(delimiter="\t" if kind == "tsv" else ",", invalid_row_handler=handler),
+        convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns},
+                                             include_columns=list(columns), strings_can_be_null=False),
+    )
+
+
+def _parquet(path: str, columns: Sequence[str], batch_rows: int) -> Iterator[tuple[pa.RecordBatch, _Lines]]:
+    try:
+        source = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    missing = [c for c in columns if c not in source.schema_arrow.names]
+    if missing:
+        raise DataError(f"{path}: Parquet file lacks columns {missing}; it has {source.schema_arrow.names}")
+    row = 1
+    for batch in source.iter_batches(batch_size=batch_rows, columns=list(columns)):
+        strings = [pc.fill_null(pc.cast(batch.column(c), pa.string()), "") for c in columns]
+        yield pa.RecordBatch.from_arrays(strings, names=list(columns)), _Lines(row)
+        row += batch.num_rows
+
+
+def _valid_rows(batch: pa.RecordBatch, path: str, lines: _Lines, numeric: Sequence[str],
+                report: BadRows, on_bad_row: str) -> pa.RecordBatch:
+    """`batch` without the rows whose numeric fields are neither empty nor integers."""
+    good = np.ones(batch.num_rows, dtype=bool)
+    for name in numeric:
+        column = batch.column(name)
+        fine = pc.or_(pc.equal(pc.utf8_length(column), 0), pc.match_substring_regex(column, _INTEGER))
+        for row in np.flatnonzero(~fine.to_numpy(zero_copy_only=False)):
+            reason = f"column {name!r}: expected an integer or nothing, got {column[row].as_py()!r}"
+            if on_bad_row == "fail":
+                raise DataError(f"{path}:{lines.of(row)}: {reason} (on_bad_row is 'fail')")
+            if good[row]:
+                report.add(path, lines.of(row), reason)
+            good[row] = False
+    return batch if good.all() else batch.filter(pa.array(good))

@@ -1,0 +1,81 @@
+"""Streaming readers: TSV, CSV and Parquet, with bad rows counted by file and line."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tidal.data import BadRows, generate, read_batches
+from tidal.data.readers import CRITEO_COLUMNS
+from tidal.errors import DataError
+
+SMALL = ["label", "I1", "C1"]
+
+
+def _write(path, text: str):
+    path.write_text(text)
+    return path
+
+
+def test_generated_tsv_reads_in_batches_with_criteo_columns(tmp_path):
+    data = generate(tmp_path, rows=2_500, files=2, seed=1)
+    batches = list(read_batches(str(tmp_path / "*.tsv"), batch_rows=500))
+    assert sum(b.num_rows for b in batches) == 2_500
+    assert len(batches) > 2
+    assert batches[0].schema.names == list(CRITEO_COLUMNS)
+    assert all(t == pa.string() for t in batches[0].schema.types)
+    assert data.paths == sorted(str(p) for p in tmp_path.glob("*.tsv"))
+
+
+def test_parquet_and_tsv_of_one_seed_hold_the_same_rows(tmp_path):
+    tsv = generate(tmp_path / "t", rows=300, seed=4)
+    parquet = generate(tmp_path / "p", rows=300, seed=4, file_format="parquet")
+    from_tsv = pa.Table.from_batches(list(read_batches(tsv.paths)))
+    from_parquet = pa.Table.from_batches(list(read_batches(parquet.paths)))
+    assert from_tsv.equals(from_parquet)
+    assert tsv.ceiling_auc == parquet.ceiling_auc
+
+
+def test_bad_rows_are_skipped_counted_and_located(tmp_path):
+    path = _write(tmp_path / "d.tsv", "1\t5\ta\n0\tx\tb\n1\t2\n0\t\tc\n1\t3.5\td\n")
+    report = BadRows()
+    rows = pa.Table.from_batches(list(read_batches(path, columns=SMALL, numeric=SMALL[:2], bad_rows=report)))
+    assert rows.column("C1").to_pylist() == ["a", "c"]
+    assert report.count == 3
+    assert sorted(report.examples) == sorted([
+        f"{path}:2: column 'I1': expected an integer or nothing, got 'x'",
+        f"{path}:3: expected 3 columns, found 2",
+        f"{path}:5: column 'I1': expected an integer or nothing, got '3.5'",
+    ])
+    assert "3 bad rows skipped" in report.summary()
+
+
+def test_fail_mode_stops_at_the_first_bad_row_naming_it(tmp_path):
+    path = _write(tmp_path / "d.tsv", "1\t5\ta\n1\t2\n")
+    with pytest.raises(DataError, match=r"d\.tsv:2: expected 3 columns, found 2 \(on_bad_row is 'fail'\)"):
+        list(read_batches(path, columns=SMALL, numeric=SMALL[:2], on_bad_row="fail"))
+
+
+def test_csv_has_a_header_and_parquet_must_hold_every_column(tmp_path):
+    csv = _write(tmp_path / "d.csv", "C1,label,I1\nz,1,7\n")
+    assert pa.Table.from_batches(list(read_batches(csv, columns=SMALL, numeric=SMALL[:2]))).to_pylist() == [
+        {"label": "1", "I1": "7", "C1": "z"}]
+    pq.write_table(pa.table({"label": [1], "C1": ["a"]}), tmp_path / "d.parquet")
+    with pytest.raises(DataError, match=r"lacks columns \['I1'\]"):
+        list(read_batches(tmp_path / "d.parquet", columns=SMALL))
+
+
+@pytest.mark.parametrize(("paths", "message"), [
+    ("nowhere/*.tsv", "no data file at nowhere/\\*.tsv"),
+    ("missing.tsv", "no data file at missing.tsv"),
+])
+def test_missing_files_are_a_clear_error(paths, message):
+    with pytest.raises(DataError, match=message):
+        list(read_batches(paths))
+
+
+def test_unknown_suffix_asks_for_a_format(tmp_path):
+    path = _write(tmp_path / "d.dat", "1\n")
+    with pytest.raises(DataError, match=r"cannot tell the format from the suffix '\.dat'"):
+        list(read_batches(path))
