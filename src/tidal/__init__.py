@@ -9,16 +9,19 @@ from tidal.config import (
     Adam,
     AdamW,
     CountAdmission,
+    DenseFeature,
     EmbeddingFeature,
     Eviction,
     Ftrl,
     Initializer,
+    LabelFeature,
     ProbabilityAdmission,
     RowWiseAdagrad,
     Sgd,
+    SparseFeature,
     TableConfig,
 )
-from tidal.data import SparseBatch
+from tidal.data import BadRows, Extractor, SparseBatch, generate, read_batches
 from tidal.embedding import (
     EmbeddingCollection,
     EmbeddingTable,
@@ -30,7 +33,7 @@ from tidal.embedding import (
     save_tables,
     save_tables_delta,
 )
-from tidal.errors import BatchError, CheckpointError, ConfigError, CorruptCheckpointError, TidalError
+from tidal.errors import BatchError, CheckpointError, ConfigError, CorruptCheckpointError, DataError, TidalError
 
 __version__ = "0.1.0"
 
@@ -38,17 +41,22 @@ __all__ = [
     "Adagrad",
     "Adam",
     "AdamW",
+    "BadRows",
     "BatchError",
     "CheckpointError",
     "ConfigError",
     "CorruptCheckpointError",
     "CountAdmission",
+    "DataError",
+    "DenseFeature",
     "EmbeddingCollection",
     "EmbeddingFeature",
     "EmbeddingTable",
     "Eviction",
+    "Extractor",
     "Ftrl",
     "Initializer",
+    "LabelFeature",
     "PooledContext",
     "ProbabilityAdmission",
     "RowBlock",
@@ -56,10 +64,13 @@ __all__ = [
     "RowWiseAdagrad",
     "Sgd",
     "SparseBatch",
+    "SparseFeature",
     "TableConfig",
     "TableStats",
     "TidalError",
+    "generate",
     "load_tables",
+    "read_batches",
     "save_tables",
     "save_tables_delta",
 ]

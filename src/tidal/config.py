@@ -29,14 +29,18 @@ __all__ = [
     "Adam",
     "AdamW",
     "CountAdmission",
+    "DenseFeature",
     "EmbeddingFeature",
     "Eviction",
+    "FeatureConfig",
     "Ftrl",
     "Initializer",
     "OptimizerConfig",
+    "LabelFeature",
     "ProbabilityAdmission",
     "RowWiseAdagrad",
     "Sgd",
+    "SparseFeature",
     "TableConfig",
 ]
 
@@ -190,6 +194,65 @@ class EmbeddingFeature(_Model):
     pooling: Literal["sum", "mean", "sqrtn"] = "sum"
 
 
+class SparseFeature(_Model):
+    """Raw ids from one column (or a cross of several), looked up in `table`.
+
+    - `separator`: the column holds several values per row ("a|b|c"): a multi-value bag.
+    - `hashed`: strings become int64 ids with a stable 64-bit hash seeded by `namespace`
+      (default: the feature name), so equal strings of two features get different ids
+      unless they share a namespace; with ``hashed: false`` the column holds integer ids.
+    - `buckets`: the column is a number; its id is the bucket it falls in (boundaries
+      ascending), hashed into the namespace.
+    - `columns` of two or more: a cross, one id per row from the combined values.
+    - `missing`: an empty value gives an empty bag, or the feature's default id.
+    """
+
+    kind: Literal["sparse"] = "sparse"
+    name: str = Field(min_length=1, max_length=128)
+    columns: list[str] = Field(min_length=1)
+    table: str = Field(min_length=1, max_length=128)
+    pooling: Literal["sum", "mean", "sqrtn"] = "sum"
+    separator: str | None = Field(None, min_length=1)
+    hashed: bool = True
+    namespace: str | None = None
+    buckets: list[float] | None = Field(None, min_length=1)
+    missing: Literal["empty", "default"] = "empty"
+
+    @pydantic.model_validator(mode="after")
+    def _one_shape(self) -> SparseFeature:
+        if len(self.columns) > 1 and (self.separator or self.buckets or not self.hashed):
+            raise ValueError("a cross (several columns) takes single hashed values: no separator, buckets or hashed=false")
+        if self.buckets is not None and sorted(self.buckets) != self.buckets:
+            raise ValueError(f"buckets must be ascending, got {self.buckets}")
+        return self
+
+    def embedding(self) -> EmbeddingFeature:
+        return EmbeddingFeature(name=self.name, table=self.table, pooling=self.pooling)
+
+
+class DenseFeature(_Model):
+    """A number from `column`; `transform: log` gives sign(x) * log1p(|x|). An empty
+    value reads as `missing_value`, untransformed."""
+
+    kind: Literal["dense"] = "dense"
+    name: str = Field(min_length=1, max_length=128)
+    column: str = Field(min_length=1)
+    transform: Literal["none", "log"] = "none"
+    missing_value: float = Field(0.0, allow_inf_nan=False)
+
+
+class LabelFeature(_Model):
+    """A prediction target in `column` (0 or 1); `weight` scales its loss."""
+
+    kind: Literal["label"] = "label"
+    name: str = Field(min_length=1, max_length=128)
+    column: str = Field(min_length=1)
+    weight: float = Field(1.0, gt=0.0, allow_inf_nan=False)
+
+
+FeatureConfig = Annotated[SparseFeature | DenseFeature | LabelFeature, Field(discriminator="kind")]
+
+
 def _describe(where: str, exc: pydantic.ValidationError) -> str:
     return "\n".join(f"{where}: {path}: {msg}" for path, msg in _problems(exc))
 
@@ -202,6 +265,8 @@ def _problems(exc: pydantic.ValidationError) -> list[tuple[str, str]]:
         inner = err.get("ctx", {}).get("error")
         if isinstance(inner, ConfigError) and hasattr(inner, "problems"):
             found += [(f"{path}.{sub}".strip("."), msg) for sub, msg in inner.problems]
+        elif err["type"] == "value_error":  # our own check: its message says what came
+            found.append((path or "(root)", err["msg"].removeprefix("Value error, ")))
         else:
             found.append((path or "(root)", f"{err['msg']}, got {err.get('input')!r}"))
     return found

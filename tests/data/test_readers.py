@@ -79,3 +79,11 @@ def test_unknown_suffix_asks_for_a_format(tmp_path):
     path = _write(tmp_path / "d.dat", "1\n")
     with pytest.raises(DataError, match=r"cannot tell the format from the suffix '\.dat'"):
         list(read_batches(path))
+
+
+def test_a_row_without_its_label_is_a_bad_row(tmp_path):
+    path = _write(tmp_path / "d.tsv", "1\t5\ta\n\t6\tb\n")
+    report = BadRows()
+    rows = pa.Table.from_batches(list(read_batches(path, columns=SMALL, numeric=SMALL[:2], bad_rows=report)))
+    assert rows.num_rows == 1
+    assert report.examples == [f"{path}:2: column 'label': expected an integer, got ''"]

@@ -69,6 +69,7 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
 
 def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
                  columns: Sequence[str] = CRITEO_COLUMNS, numeric: Sequence[str] = ("label", *CRITEO_DENSE),
+                 required: Sequence[str] = ("label",),
                  file_format: Literal["tsv", "csv", "parquet"] | None = None, batch_rows: int = 65536,
                  on_bad_row: Literal["skip", "fail"] = "skip", bad_rows: BadRows | None = None,
                  ) -> Iterator[pa.RecordBatch]:
@@ -79,7 +80,7 @@ def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
     The format follows the file suffix unless `file_format` says otherwise. Batches
     hold about `batch_rows` rows (text is cut into blocks by size). Empty
     fields are kept as empty strings (missing values); a `numeric` column must hold an
-    integer or nothing.
+    integer or nothing, and a `required` column (the labels) must not be empty.
     """
     if on_bad_row not in ("skip", "fail"):
         raise DataError(f"on_bad_row must be 'skip' or 'fail', got {on_bad_row!r}")
@@ -88,7 +89,7 @@ def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
         kind = file_format or _format_of(path)
         batches = _parquet(path, columns, batch_rows) if kind == "parquet" else _text(path, kind, columns, batch_rows, report, on_bad_row)
         for batch, lines in batches:
-            yield _valid_rows(batch, path, lines, numeric, report, on_bad_row)
+            yield _valid_rows(batch, path, lines, numeric, required, report, on_bad_row)
 
 
 def _format_of(path: str) -> str:
@@ -171,17 +172,28 @@ def _parquet(path: str, columns: Sequence[str], batch_rows: int) -> Iterator[tup
 
 
 def _valid_rows(batch: pa.RecordBatch, path: str, lines: _Lines, numeric: Sequence[str],
-                report: BadRows, on_bad_row: str) -> pa.RecordBatch:
-    """`batch` without the rows whose numeric fields are neither empty nor integers."""
+                required: Sequence[str], report: BadRows, on_bad_row: str) -> pa.RecordBatch:
+    """`batch` without the rows whose numeric fields are neither empty nor integers, or
+    whose required fields are empty."""
     good = np.ones(batch.num_rows, dtype=bool)
-    for name in numeric:
+    for name in dict.fromkeys([*numeric, *required]):
         column = batch.column(name)
-        fine = pc.or_(pc.equal(pc.utf8_length(column), 0), pc.match_substring_regex(column, _INTEGER))
+        fine = _fine(column, numeric=name in numeric, required=name in required)
         for row in np.flatnonzero(~fine.to_numpy(zero_copy_only=False)):
-            reason = f"column {name!r}: expected an integer or nothing, got {column[row].as_py()!r}"
+            expected = "an integer" if name in numeric else "a value"
+            expected += "" if name in required else " or nothing"
+            reason = f"column {name!r}: expected {expected}, got {column[row].as_py()!r}"
             if on_bad_row == "fail":
                 raise DataError(f"{path}:{lines.of(row)}: {reason} (on_bad_row is 'fail')")
             if good[row]:
                 report.add(path, lines.of(row), reason)
             good[row] = False
     return batch if good.all() else batch.filter(pa.array(good))
+
+
+def _fine(column: pa.Array, *, numeric: bool, required: bool) -> pa.Array:
+    """Mask of the values that are acceptable: an integer (numeric) or anything
+    non-empty, and, unless required, also an empty value."""
+    empty = pc.equal(pc.utf8_length(column), 0)
+    fine = pc.match_substring_regex(column, _INTEGER) if numeric else pc.invert(empty)
+    return fine if required else pc.or_(fine, empty)

@@ -1,0 +1,138 @@
+"""From record batches of string columns to `SparseBatch`es, vectorized (no per-row Python).
+
+Each feature of the config says how its column(s) become ids or numbers; see
+`tidal.config.SparseFeature`, `DenseFeature` and `LabelFeature`. The same `Extractor`
+serves training and serving, so a row gives the same ids in both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tidal.config import DenseFeature, FeatureConfig, LabelFeature, SparseFeature
+from tidal.data.batch import SparseBatch
+from tidal.data.hashing import hash_strings
+from tidal.errors import ConfigError, DataError
+from tidal.mixing import mix64_array
+
+__all__ = ["Extractor", "feature_seed"]
+
+_MISSING = "\x00missing"  # what a missing value hashes as when the feature asks for a default id
+
+
+def feature_seed(feature: SparseFeature) -> int:
+    """The hash seed of a feature: from its namespace, or its name (stable everywhere)."""
+    text = feature.namespace if feature.namespace is not None else feature.name
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+class Extractor:
+    """Turns a record batch into a `SparseBatch`: sparse bags, dense matrix, labels."""
+
+    def __init__(self, features: Sequence[FeatureConfig]) -> None:
+        names = [f.name for f in features]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"features: names must be distinct, got {names}")
+        self.sparse = [f for f in features if isinstance(f, SparseFeature)]
+        self.dense = [f for f in features if isinstance(f, DenseFeature)]
+        self.labels = [f for f in features if isinstance(f, LabelFeature)]
+        self._seeds = {f.name: feature_seed(f) for f in self.sparse}
+
+    @property
+    def columns(self) -> list[str]:
+        """Every input column the features read, in first-use order."""
+        used = [c for f in self.sparse for c in f.columns] + [f.column for f in (*self.dense, *self.labels)]
+        return list(dict.fromkeys(used))
+
+    def __call__(self, batch: pa.RecordBatch) -> SparseBatch:
+        missing = [c for c in self.columns if c not in batch.schema.names]
+        if missing:
+            raise DataError(f"batch lacks columns {missing} that the features read; it has {batch.schema.names}")
+        bags = [self._bags(f, batch) for f in self.sparse]
+        dense = np.stack([_dense(f, batch.column(f.column)) for f in self.dense], axis=1) if self.dense else None
+        labels = np.stack([_number(batch.column(f.column), np.nan) for f in self.labels], axis=1) if self.labels else None
+        if labels is not None and np.isnan(labels).any():
+            raise DataError("a label is missing: the reader should have refused that row (pass required= labels)")
+        return SparseBatch(keys=[f.name for f in self.sparse], batch_size=batch.num_rows,
+                           values=np.concatenate([v for v, _ in bags]) if bags else np.zeros(0, np.int64),
+                           lengths=np.concatenate([n for _, n in bags]) if bags else np.zeros(0, np.int32),
+                           dense=dense, labels=labels)
+
+    def _bags(self, feature: SparseFeature, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, bag lengths) of one feature over the batch."""
+        seed = self._seeds[feature.name]
+        if len(feature.columns) > 1:
+            ids, missing = _cross([batch.column(c) for c in feature.columns], seed)
+        elif feature.separator is not None:
+            return _multi_value(batch.column(feature.columns[0]), feature.separator, seed)
+        elif feature.buckets is not None:
+            ids, missing = _bucket(batch.column(feature.columns[0]), feature.buckets, seed)
+        elif feature.hashed:
+            ids, missing = hash_strings(batch.column(feature.columns[0]), seed)
+        else:
+            ids, missing = _integer_ids(batch.column(feature.columns[0]), feature.name)
+        return _single_value(ids, missing, feature.missing, seed)
+
+
+def _single_value(ids: np.ndarray, missing: np.ndarray, policy: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if policy == "default":
+        default, _ = hash_strings(pa.array([_MISSING]), seed)
+        return np.where(missing, default[0], ids), np.ones(ids.shape[0], dtype=np.int32)
+    return ids[~missing], (~missing).astype(np.int32)
+
+
+def _multi_value(column: pa.Array, separator: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split every row on `separator`; empty tokens are dropped."""
+    lists = pc.split_pattern(column, separator)
+    tokens = pc.list_flatten(lists)
+    ids, empty = hash_strings(tokens, seed)
+    row_of_token = np.repeat(np.arange(len(lists)), pc.list_value_length(lists).to_numpy(zero_copy_only=False))
+    lengths = np.bincount(row_of_token[~empty], minlength=len(lists)).astype(np.int32)
+    return ids[~empty], lengths
+
+
+def _integer_ids(column: pa.Array, name: str) -> tuple[np.ndarray, np.ndarray]:
+    missing = pc.equal(pc.utf8_length(column), 0).to_numpy(zero_copy_only=False)
+    try:
+        ids = pc.cast(pc.if_else(pc.cast(missing, pa.bool_()), "0", column), pa.int64()).to_numpy()
+    except pa.ArrowInvalid as exc:
+        raise DataError(f"feature {name!r}: hashed is false, so every value must be an integer id ({exc})") from None
+    return ids, missing
+
+
+def _bucket(column: pa.Array, boundaries: list[float], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    values = _number(column, np.nan)
+    missing = np.isnan(values)
+    buckets = np.searchsorted(np.asarray(boundaries), values, side="right")
+    return mix64_array(buckets.astype(np.int64) ^ np.int64(seed & 0x7FFFFFFFFFFFFFFF)), missing
+
+
+def _cross(columns: list[pa.Array], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One id per row from the ids of every column (missing if any value is)."""
+    combined = np.zeros(len(columns[0]), dtype=np.int64)
+    missing = np.zeros(len(columns[0]), dtype=bool)
+    for k, column in enumerate(columns):
+        ids, absent = hash_strings(column, seed + k)
+        combined = mix64_array(combined ^ ids)
+        missing |= absent
+    return combined, missing
+
+
+def _number(column: pa.Array, missing_value: float) -> np.ndarray:
+    """float64 of every value; empty values give `missing_value`."""
+    empty = pc.equal(pc.utf8_length(column), 0)
+    values = pc.cast(pc.if_else(empty, None, column), pa.float64())
+    return pc.fill_null(values, missing_value).to_numpy(zero_copy_only=False)
+
+
+def _dense(feature: DenseFeature, column: pa.Array) -> np.ndarray:
+    """The feature's values; a missing one is `missing_value` as it stands (not transformed)."""
+    values = _number(column, np.nan)
+    if feature.transform == "log":
+        values = np.sign(values) * np.log1p(np.abs(values))
+    return np.where(np.isnan(values), feature.missing_value, values).astype(np.float32)
