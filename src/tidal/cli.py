@@ -1,4 +1,4 @@
-"""The `tidal` command line: `tidal demo`, `tidal gen-data`, `tidal bench sparse`."""
+"""The `tidal` command line: `tidal demo`, `tidal gen-data`, `tidal bench sparse|data`."""
 
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     sparse.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     sparse.add_argument("--threads", type=int, nargs="+", help="thread counts (default: 1 and all cores)")
     sparse.add_argument("--optimizer", nargs="+", choices=["sgd", "adagrad"], default=["sgd", "adagrad"])
+    data = which.add_parser("data", help="rows/s read from TSV and Parquet and extracted into batches")
+    data.add_argument("--rows", type=int, default=500_000, help="rows generated per format (default 500,000)")
+    data.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     return parser
 
 
@@ -48,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         cfg = sparse.SparseBenchConfig.quick() if args.quick else sparse.SparseBenchConfig()
         sparse.run(cfg, as_json=args.json, threads=args.threads, optimizers=tuple(args.optimizer))
+    elif args.benchmark == "data":
+        from tidal.bench import data
+
+        if args.rows < 1:
+            print(f"tidal bench data: --rows must be >= 1, got {args.rows}", file=sys.stderr)
+            return 2
+        data.run(rows=args.rows, as_json=args.json)
     return 0
 
 

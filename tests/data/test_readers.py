@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tidal.data import BadRows, generate, read_batches
-from tidal.data.readers import CRITEO_COLUMNS
+from tidal.data.criteo import CRITEO_COLUMNS
 from tidal.errors import DataError
 
 SMALL = ["label", "I1", "C1"]

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from tidal.data.readers import CRITEO_DENSE, CRITEO_SPARSE
+from tidal.data.criteo import CRITEO_DENSE, CRITEO_SPARSE
 from tidal.errors import ConfigError
 from tidal.mixing import mix64_array
 

@@ -23,13 +23,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from tidal.data.criteo import CRITEO_COLUMNS, CRITEO_DENSE
 from tidal.errors import DataError
 
-__all__ = ["BadRows", "CRITEO_COLUMNS", "CRITEO_DENSE", "CRITEO_SPARSE", "expand_paths", "read_batches"]
-
-CRITEO_DENSE = tuple(f"I{i}" for i in range(1, 14))
-CRITEO_SPARSE = tuple(f"C{i}" for i in range(1, 27))
-CRITEO_COLUMNS = ("label", *CRITEO_DENSE, *CRITEO_SPARSE)
+__all__ = ["BadRows", "expand_paths", "read_batches"]
 
 _INTEGER = r"^-?[0-9]+$"
 _MAX_EXAMPLES = 20
