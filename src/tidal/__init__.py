@@ -15,6 +15,7 @@ from tidal.config import (
     Ftrl,
     Initializer,
     LabelFeature,
+    ModelConfig,
     ProbabilityAdmission,
     RowWiseAdagrad,
     Sgd,
@@ -33,6 +34,7 @@ from tidal.embedding import (
     save_tables,
     save_tables_delta,
 )
+from tidal.models import RankingModel
 from tidal.errors import BatchError, CheckpointError, ConfigError, CorruptCheckpointError, DataError, TidalError
 
 __version__ = "0.1.0"
@@ -57,8 +59,10 @@ __all__ = [
     "Ftrl",
     "Initializer",
     "LabelFeature",
+    "ModelConfig",
     "PooledContext",
     "ProbabilityAdmission",
+    "RankingModel",
     "RowBlock",
     "RowLookup",
     "RowWiseAdagrad",

@@ -37,6 +37,7 @@ __all__ = [
     "Initializer",
     "OptimizerConfig",
     "LabelFeature",
+    "ModelConfig",
     "ProbabilityAdmission",
     "RowWiseAdagrad",
     "Sgd",
@@ -251,6 +252,23 @@ class LabelFeature(_Model):
 
 
 FeatureConfig = Annotated[SparseFeature | DenseFeature | LabelFeature, Field(discriminator="kind")]
+
+
+class ModelConfig(_Model):
+    """The dense network on top of the pooled embeddings, and its output head.
+
+    `kind`: dlrm (bottom MLP, dot interaction, top MLP), deepfm, dcn (DCN-v2) or
+    wide_deep. `head`: one linear logit per target, or an MMoE multi-task head.
+    """
+
+    kind: Literal["dlrm", "deepfm", "dcn", "wide_deep"] = "dlrm"
+    bottom_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [64], min_length=1)
+    hidden_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [128, 64], min_length=1)
+    cross_layers: int = Field(2, ge=1, le=16)
+    head: Literal["linear", "mmoe"] = "linear"
+    experts: int = Field(4, ge=1, le=64)
+    expert_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [128], min_length=1)
+    tower_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [64], min_length=1)
 
 
 def _describe(where: str, exc: pydantic.ValidationError) -> str:

@@ -1,0 +1,50 @@
+"""Dense networks over pooled embeddings `[B, F, D]` and dense features `[B, Dd]`.
+
+Each network (DLRM, DeepFM, DCN-v2, Wide & Deep) makes a representation; a head turns
+it into one logit per target (`[B, T]`): a linear layer, or an MMoE multi-task head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tidal.config import ModelConfig
+from tidal.errors import ConfigError
+from tidal.models.common import LinearHead, MMoEHead, mlp
+from tidal.models.dcn import DCNv2
+from tidal.models.deepfm import DeepFM
+from tidal.models.dlrm import DLRM
+from tidal.models.wide_deep import WideDeep
+
+__all__ = ["DCNv2", "DLRM", "DeepFM", "LinearHead", "MMoEHead", "RankingModel", "WideDeep", "mlp"]
+
+
+class RankingModel(nn.Module):
+    """The configured network and head: ``model(pooled, dense) -> logits [B, T]``."""
+
+    def __init__(self, config: ModelConfig, *, num_features: int, dim: int, dense_features: int,
+                 num_targets: int) -> None:
+        super().__init__()
+        sizes = {"num_features": num_features, "dim": dim, "dense_features": dense_features, "num_targets": num_targets}
+        bad = {k: v for k, v in sizes.items() if v < (0 if k == "dense_features" else 1)}
+        if bad:
+            raise ConfigError(f"RankingModel: needs at least one feature, dim and target (dense may be 0), got {bad}")
+        self.config = config
+        self.body = _body(config, num_features, dim, dense_features)
+        width = self.body.out_features
+        self.head = (LinearHead(width, num_targets) if config.head == "linear" else
+                     MMoEHead(width, num_targets, experts=config.experts, expert_sizes=config.expert_sizes,
+                              tower_sizes=config.tower_sizes))
+
+    def forward(self, pooled: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(pooled, dense))  # [B, T]
+
+
+def _body(config: ModelConfig, num_features: int, dim: int, dense_features: int) -> nn.Module:
+    if config.kind == "dlrm":
+        return DLRM(num_features, dim, dense_features, bottom_sizes=config.bottom_sizes, top_sizes=config.hidden_sizes)
+    if config.kind == "dcn":
+        return DCNv2(num_features, dim, dense_features, cross_layers=config.cross_layers, deep_sizes=config.hidden_sizes)
+    kinds = {"deepfm": DeepFM, "wide_deep": WideDeep}
+    return kinds[config.kind](num_features, dim, dense_features, deep_sizes=config.hidden_sizes)

@@ -1,0 +1,58 @@
+"""Building blocks shared by the dense models: MLPs and the output heads."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["LinearHead", "MMoEHead", "mlp"]
+
+
+def mlp(in_features: int, sizes: Sequence[int], *, last_activation: bool = True) -> nn.Sequential:
+    """Linear layers of `sizes` with ReLU between them (and after the last, by default)."""
+    layers: list[nn.Module] = []
+    for k, size in enumerate(sizes):
+        layers.append(nn.Linear(in_features, size))
+        if last_activation or k < len(sizes) - 1:
+            layers.append(nn.ReLU())
+        in_features = size
+    return nn.Sequential(*layers)
+
+
+class LinearHead(nn.Module):
+    """One logit per target from a shared representation: `[B, H]` -> `[B, T]`."""
+
+    def __init__(self, in_features: int, num_targets: int) -> None:
+        super().__init__()
+        self.out = nn.Linear(in_features, num_targets)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(x)
+
+
+class MMoEHead(nn.Module):
+    """Multi-gate mixture of experts (Ma et al. 2018): `[B, H]` -> `[B, T]`.
+
+    Every target mixes the same experts with its own softmax gate, then runs its own
+    tower to one logit.
+    """
+
+    def __init__(self, in_features: int, num_targets: int, *, experts: int = 4,
+                 expert_sizes: Sequence[int] = (128,), tower_sizes: Sequence[int] = (64,)) -> None:
+        super().__init__()
+        self.experts = nn.ModuleList(mlp(in_features, expert_sizes) for _ in range(experts))
+        self.gates = nn.ModuleList(nn.Linear(in_features, experts) for _ in range(num_targets))
+        width = expert_sizes[-1]
+        self.towers = nn.ModuleList(nn.Sequential(mlp(width, tower_sizes), nn.Linear(tower_sizes[-1], 1))
+                                    for _ in range(num_targets))
+
+    def gate_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """`[B, T, E]`: how much each target takes from each expert (rows sum to 1)."""
+        return torch.stack([torch.softmax(gate(x), dim=-1) for gate in self.gates], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        experts = torch.stack([expert(x) for expert in self.experts], dim=1)  # [B, E, W]
+        mixed = torch.einsum("bte,bew->btw", self.gate_weights(x), experts)  # [B, T, W]
+        return torch.cat([tower(mixed[:, t]) for t, tower in enumerate(self.towers)], dim=1)  # [B, T]
