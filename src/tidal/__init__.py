@@ -34,8 +34,8 @@ from tidal.embedding import (
     save_tables,
     save_tables_delta,
 )
-from tidal.models import RankingModel
 from tidal.errors import BatchError, CheckpointError, ConfigError, CorruptCheckpointError, DataError, TidalError
+from tidal.models import RankingModel
 
 __version__ = "0.1.0"
 

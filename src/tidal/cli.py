@@ -1,4 +1,4 @@
-"""The `tidal` command line: `tidal demo`, `tidal gen-data`, `tidal bench sparse|data`."""
+"""The `tidal` command line: `tidal demo`, `tidal train`, `tidal gen-data`, `tidal bench sparse|data`."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="train, evict and checkpoint embedding tables on generated data")
     demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    train = commands.add_parser("train", help="train a model from a YAML run config")
+    train.add_argument("--config", required=True, help="the YAML file: data, features, tables, model, training")
     gen = commands.add_parser("gen-data", help="write Criteo-like files with a planted logistic ground truth")
     gen.add_argument("--out", required=True, help="directory to write part-NNNNN.<format> and truth.json into")
     gen.add_argument("--rows", type=int, default=1_000_000)
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tidal demo: --steps must be at least 100, got {args.steps}", file=sys.stderr)
             return 2
         demo.run(steps=args.steps)
+    elif args.command == "train":
+        return _train(args)
     elif args.command == "gen-data":
         return _gen_data(args)
     elif args.benchmark == "sparse":
@@ -58,6 +62,31 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tidal bench data: --rows must be >= 1, got {args.rows}", file=sys.stderr)
             return 2
         data.run(rows=args.rows, as_json=args.json)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from tidal.config import RunConfig
+    from tidal.errors import TidalError
+    from tidal.runtime import Trainer
+
+    try:
+        config = RunConfig.from_yaml(args.config)
+        summary = Trainer(config).fit()
+    except TidalError as exc:
+        print(f"tidal train: {exc}", file=sys.stderr)
+        return 2
+    print(f"trained {summary['steps']:,d} steps, {summary['rows']:,d} rows at {summary['samples_per_s']:,.0f} samples/s; "
+          f"bad rows: {summary['bad_rows']}")
+    for example in summary["bad_row_examples"]:
+        print(f"  {example}")
+    if summary["eval"]:
+        for target, value in summary["eval"]["auc"].items():
+            print(f"  eval {target}: AUC {value:.4f}  log loss {summary['eval']['logloss'][target]:.4f} "
+                  f"on {summary['eval']['rows']:,d} rows")
+    for name, table in summary["tables"].items():
+        print(f"  table {name}: {table['rows']:,d} rows, {table['bytes'] / 2**20:.1f} MiB")
+    print(f"  metrics: {config.training.run_dir}/metrics.jsonl")
     return 0
 
 

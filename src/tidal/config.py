@@ -29,20 +29,23 @@ __all__ = [
     "Adam",
     "AdamW",
     "CountAdmission",
+    "DataConfig",
     "DenseFeature",
     "EmbeddingFeature",
     "Eviction",
     "FeatureConfig",
     "Ftrl",
     "Initializer",
-    "OptimizerConfig",
     "LabelFeature",
     "ModelConfig",
+    "OptimizerConfig",
     "ProbabilityAdmission",
     "RowWiseAdagrad",
+    "RunConfig",
     "Sgd",
     "SparseFeature",
     "TableConfig",
+    "TrainingConfig",
 ]
 
 
@@ -269,6 +272,71 @@ class ModelConfig(_Model):
     experts: int = Field(4, ge=1, le=64)
     expert_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [128], min_length=1)
     tower_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [64], min_length=1)
+
+
+class DataConfig(_Model):
+    """Where the samples come from and how they are read."""
+
+    train: str | list[str]
+    eval: str | list[str] | None = None
+    format: Literal["tsv", "csv", "parquet"] | None = None
+    columns: list[str] | None = None  # a TSV file's columns, in order; default: Criteo's layout
+    on_bad_row: Literal["skip", "fail"] = "skip"
+    batch_size: int = Field(1024, ge=1, le=1 << 20)
+
+
+class TrainingConfig(_Model):
+    """How long and how fast to train, and where the run writes its logs."""
+
+    epochs: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0.0, allow_inf_nan=False)  # the dense network's Adam
+    seed: int = 0
+    log_every: int = Field(50, ge=1)
+    threads: int = Field(1, ge=1, le=256)
+    run_dir: str = "runs/latest"
+
+
+class RunConfig(_Model):
+    """One YAML file: data, features, tables, model and training."""
+
+    data: DataConfig
+    features: list[FeatureConfig] = Field(min_length=1)
+    tables: list[TableConfig] = Field(min_length=1)
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+
+    @pydantic.model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        tables = {t.name for t in self.tables}
+        for feature in self.features:
+            if isinstance(feature, SparseFeature) and feature.table not in tables:
+                raise ValueError(f"feature {feature.name!r} uses table {feature.table!r}, which is not defined; "
+                                 f"tables: {sorted(tables)}")
+        if not any(isinstance(f, LabelFeature) for f in self.features):
+            raise ValueError("features need at least one label (kind: label)")
+        if not any(isinstance(f, SparseFeature) for f in self.features):
+            raise ValueError("features need at least one sparse feature (kind: sparse)")
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str) -> RunConfig:
+        """Load and validate a YAML run config; errors name the key path and the value."""
+        import yaml
+
+        try:
+            with open(path) as f:
+                content = yaml.safe_load(f)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the config ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(content, dict):
+            raise ConfigError(f"{path}: expected a mapping with data, features, tables, model, training; "
+                              f"got {type(content).__name__}")
+        try:
+            return cls(**content)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
 
 
 def _describe(where: str, exc: pydantic.ValidationError) -> str:

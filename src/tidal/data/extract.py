@@ -49,6 +49,12 @@ class Extractor:
         used = [c for f in self.sparse for c in f.columns] + [f.column for f in (*self.dense, *self.labels)]
         return list(dict.fromkeys(used))
 
+    @property
+    def numeric_columns(self) -> list[str]:
+        """The columns that must hold integers (or nothing): labels, dense, raw ids."""
+        raw = [f.columns[0] for f in self.sparse if not f.hashed]
+        return list(dict.fromkeys([*(f.column for f in (*self.labels, *self.dense)), *raw]))
+
     def __call__(self, batch: pa.RecordBatch) -> SparseBatch:
         missing = [c for c in self.columns if c not in batch.schema.names]
         if missing:

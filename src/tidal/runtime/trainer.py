@@ -1,0 +1,147 @@
+"""The single-process reference trainer: files -> ids -> embeddings -> dense net -> loss.
+
+One step: read and extract a batch, `lookup_or_insert` + pool every sparse feature,
+run the dense network, take the weighted binary cross-entropy over the targets,
+backpropagate, step the dense optimizer (Adam) and apply the fused sparse update.
+Progress goes to the terminal and, one JSON object per line, to
+``<run_dir>/metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tidal.config import RunConfig
+from tidal.data.batch import SparseBatch
+from tidal.data.criteo import CRITEO_COLUMNS
+from tidal.data.extract import Extractor
+from tidal.data.generate import auc
+from tidal.data.readers import BadRows, expand_paths, read_batches
+from tidal.embedding import EmbeddingCollection
+from tidal.models import RankingModel
+
+__all__ = ["Evaluation", "Trainer"]
+
+_EPS = 1e-7
+
+
+@dataclass(frozen=True, kw_only=True)
+class Evaluation:
+    """Exact AUC and log loss per target on held-out rows."""
+
+    rows: int
+    auc: dict[str, float]
+    logloss: dict[str, float]
+
+
+class Trainer:
+    """Builds the tables, the extractor and the model of a `RunConfig`, and trains them."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        torch.manual_seed(config.training.seed)
+        self.extractor = Extractor(config.features)
+        self.collection = EmbeddingCollection(config.tables, [f.embedding() for f in self.extractor.sparse],
+                                              threads=config.training.threads)
+        self.model = RankingModel(config.model, num_features=len(self.extractor.sparse), dim=self.collection.dim,
+                                  dense_features=len(self.extractor.dense), num_targets=len(self.extractor.labels))
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.training.lr)
+        self.loss_weights = torch.tensor([f.weight for f in self.extractor.labels])
+        self.targets = [f.name for f in self.extractor.labels]
+        self.bad_rows = BadRows()
+        self.run_dir = Path(config.training.run_dir)
+
+    # ------------------------------------------------------------------ data
+
+    def batches(self, paths: str | list[str]) -> Iterator[SparseBatch]:
+        """Extracted batches of the files at `paths`; bad rows go to `self.bad_rows`."""
+        data = self.config.data
+        files = expand_paths(paths)
+        tsv = (data.format or Path(files[0]).suffix.lstrip(".")) in ("tsv", "txt")
+        columns = (data.columns or list(CRITEO_COLUMNS)) if tsv else self.extractor.columns
+        for table in read_batches(files, columns=columns, numeric=self.extractor.numeric_columns,
+                                  required=[f.column for f in self.extractor.labels], file_format=data.format, batch_rows=data.batch_size,
+                                  on_bad_row=data.on_bad_row, bad_rows=self.bad_rows):
+            if table.num_rows:
+                yield self.extractor(table)
+
+    # ------------------------------------------------------------------ training
+
+    def step(self, batch: SparseBatch) -> float:
+        """One training step on `batch`; its loss."""
+        self.model.train()
+        pooled, ctx = self.collection.forward(batch)  # [B, F, D]
+        pooled.requires_grad_(True)
+        logits = self.model(pooled, self._dense(batch))  # [B, T]
+        loss = self._loss(logits, torch.tensor(batch.labels))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.collection.backward(ctx, pooled.grad)
+        return float(loss.item())
+
+    def _dense(self, batch: SparseBatch) -> torch.Tensor:
+        if batch.dense is None:
+            return torch.zeros(batch.batch_size, 0)
+        return torch.tensor(batch.dense)  # [B, Dd]
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        per_target = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0)
+        return (per_target * self.loss_weights).sum() / self.loss_weights.sum()
+
+    def fit(self) -> dict:
+        """Train for the configured epochs, evaluate, and return the run's summary."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.run_dir / "metrics.jsonl", "w")
+        start, step, rows, recent = time.perf_counter(), 0, 0, []
+        with log:
+            for epoch in range(self.config.training.epochs):
+                for batch in self.batches(self.config.data.train):
+                    recent.append(self.step(batch))
+                    step, rows = step + 1, rows + batch.batch_size
+                    if step % self.config.training.log_every == 0:
+                        self._log(log, epoch, step, rows, start, recent)
+                        recent = []
+            summary = self._summary(step, rows, time.perf_counter() - start)
+            log.write(json.dumps({"event": "end", **summary}) + "\n")
+        return summary
+
+    def _log(self, log, epoch: int, step: int, rows: int, start: float, losses: list[float]) -> None:  # type: ignore[no-untyped-def]
+        record = {"event": "train", "epoch": epoch, "step": step, "rows": rows, "loss": float(np.mean(losses)),
+                  "samples_per_s": rows / (time.perf_counter() - start), "bad_rows": self.bad_rows.count}
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        print(f"  epoch {epoch}  step {step:6d}  loss {record['loss']:.4f}  "
+              f"{record['samples_per_s']:,.0f} samples/s  bad rows {self.bad_rows.count}", flush=True)
+
+    def _summary(self, steps: int, rows: int, seconds: float) -> dict:
+        evaluation = self.evaluate(self.config.data.eval) if self.config.data.eval else None
+        return {"steps": steps, "rows": rows, "samples_per_s": rows / max(seconds, 1e-9),
+                "bad_rows": self.bad_rows.count, "bad_row_examples": self.bad_rows.examples,
+                "eval": asdict(evaluation) if evaluation else None,
+                "tables": {t.name: {"rows": s.rows, "bytes": s.value_bytes + s.state_bytes + s.index_bytes + s.metadata_bytes}
+                           for t in self.collection.tables for s in [t.stats()]}}
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, paths: str | list[str]) -> Evaluation:
+        """Exact AUC and log loss of every target over the files at `paths` (no updates)."""
+        self.model.eval()
+        scores, labels = [], []
+        for batch in self.batches(paths):
+            pooled, _ = self.collection.forward(batch, train=False)
+            scores.append(torch.sigmoid(self.model(pooled, self._dense(batch))).numpy())
+            labels.append(batch.labels)
+        p, y = np.concatenate(scores), np.concatenate(labels)
+        clipped = np.clip(p, _EPS, 1 - _EPS)
+        logloss = -(y * np.log(clipped) + (1 - y) * np.log(1 - clipped)).mean(0)
+        return Evaluation(rows=len(y), auc={t: auc(y[:, k], p[:, k]) for k, t in enumerate(self.targets)},
+                          logloss={t: float(logloss[k]) for k, t in enumerate(self.targets)})
