@@ -1,8 +1,9 @@
-"""The `tidal` command line: `tidal demo`, `tidal train`, `tidal gen-data`, `tidal bench sparse|data`."""
+"""The `tidal` command line: demo, train, eval, gen-data, bench sparse|data."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 __all__ = ["main"]
@@ -15,6 +16,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     train = commands.add_parser("train", help="train a model from a YAML run config")
     train.add_argument("--config", required=True, help="the YAML file: data, features, tables, model, training")
+    train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    evaluate = commands.add_parser("eval", help="AUC and log loss of a run's latest checkpoint on data files")
+    evaluate.add_argument("--checkpoint", required=True, help="the run directory (training.run_dir)")
+    evaluate.add_argument("--data", required=True, nargs="+", help="files or globs to evaluate on")
     gen = commands.add_parser("gen-data", help="write Criteo-like files with a planted logistic ground truth")
     gen.add_argument("--out", required=True, help="directory to write part-NNNNN.<format> and truth.json into")
     gen.add_argument("--rows", type=int, default=1_000_000)
@@ -45,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         demo.run(steps=args.steps)
     elif args.command == "train":
         return _train(args)
+    elif args.command == "eval":
+        return _eval(args)
     elif args.command == "gen-data":
         return _gen_data(args)
     elif args.benchmark == "sparse":
@@ -72,7 +79,7 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         config = RunConfig.from_yaml(args.config)
-        summary = Trainer(config).fit()
+        summary = Trainer(config).fit(resume=args.resume)
     except TidalError as exc:
         print(f"tidal train: {exc}", file=sys.stderr)
         return 2
@@ -87,6 +94,28 @@ def _train(args: argparse.Namespace) -> int:
     for name, table in summary["tables"].items():
         print(f"  table {name}: {table['rows']:,d} rows, {table['bytes'] / 2**20:.1f} MiB")
     print(f"  metrics: {config.training.run_dir}/metrics.jsonl")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tidal.config import RunConfig
+    from tidal.errors import TidalError
+    from tidal.runtime import Trainer, checkpoint
+
+    try:
+        directory = checkpoint.latest(Path(args.checkpoint))
+        config = RunConfig(**json.loads((directory / "trainer.json").read_text())["config"])
+        trainer = Trainer(config)
+        checkpoint.restore(trainer, directory)
+        result = trainer.evaluate(args.data)
+    except TidalError as exc:
+        print(f"tidal eval: {exc}", file=sys.stderr)
+        return 2
+    for target, value in result.auc.items():
+        print(f"{target}: AUC {value:.4f}  log loss {result.logloss[target]:.4f}  on {result.rows:,d} rows")
+    print(f"bad rows: {trainer.bad_rows.summary()}")
     return 0
 
 

@@ -294,6 +294,7 @@ class TrainingConfig(_Model):
     log_every: int = Field(50, ge=1)
     threads: int = Field(1, ge=1, le=256)
     run_dir: str = "runs/latest"
+    checkpoint_every: int | None = Field(None, ge=1)  # steps between checkpoints; None: only at the end
 
 
 class RunConfig(_Model):

@@ -65,3 +65,48 @@ def test_config_errors_name_the_key_path(tmp_path, capsys):
     path.write_text(yaml.safe_dump(config))
     assert main(["train", "--config", str(path)]) == 2
     assert "tables.0.dim: Input should be greater than 0, got 0" in capsys.readouterr().err
+
+
+def test_resume_reaches_the_same_weights_and_tables_as_an_uninterrupted_run(tmp_path):
+    import numpy as np
+    import torch
+
+    config = _config(tmp_path, checkpoint_every=7)
+    config["data"]["eval"] = None
+
+    def in_dir(name: str) -> RunConfig:
+        return RunConfig(**{**config, "training": {**config["training"], "run_dir": str(tmp_path / name)}})
+
+    whole = Trainer(in_dir("whole"))
+    total_steps = whole.fit()["steps"]
+    Trainer(in_dir("split")).fit(max_steps=21)  # stops right after the checkpoint of step 21
+    resumed = Trainer(in_dir("split"))
+    assert resumed.fit(resume=True)["steps"] == total_steps
+    for name, tensor in whole.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+    a, b = whole.collection.tables[0], resumed.collection.tables[0]
+    keys = np.concatenate([a.snapshot_shard(s, since_save=False)["keys"] for s in range(a.num_shards)])
+    assert a.stats().rows == b.stats().rows == len(keys)
+    (rows_a, found_a), (rows_b, found_b) = a.pull_rows(keys), b.pull_rows(keys)
+    assert found_b.all()
+    np.testing.assert_array_equal(rows_a.values, rows_b.values)
+    np.testing.assert_array_equal(rows_a.state, rows_b.state)
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
+    from tidal.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="nothing to resume from"):
+        Trainer(RunConfig(**_config(tmp_path))).fit(resume=True)
+
+
+def test_cli_eval_scores_the_latest_checkpoint(tmp_path, capsys):
+    config = _config(tmp_path, epochs=1)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", "--config", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", config["training"]["run_dir"], "--data", *config["data"]["eval"]]) == 0
+    out = capsys.readouterr().out
+    assert "click: AUC 0." in out and "on 4,000 rows" in out
+    assert main(["eval", "--checkpoint", str(tmp_path / "nowhere"), "--data", "x"]) == 2

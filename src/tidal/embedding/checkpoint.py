@@ -39,7 +39,7 @@ from tidal.embedding import index as ix
 from tidal.embedding.table import EmbeddingTable
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 
-__all__ = ["load", "save", "save_delta"]
+__all__ = ["load", "save", "save_delta", "write_json_atomic"]
 
 FORMAT = "tidal-embedding-checkpoint"
 VERSION = 1
@@ -107,12 +107,12 @@ def _save(root: Path, tables: Sequence[EmbeddingTable], *, delta: bool) -> Path:
     staging.mkdir()
     manifest = {"format": FORMAT, "version": VERSION, "kind": "delta" if delta else "full", "id": checkpoint_id,
                 "tables": {t.name: _write_table(staging, t, delta) for t in tables}}
-    _write_json(staging / MANIFEST, manifest)
+    write_json_atomic(staging / MANIFEST, manifest)
     _fsync_dir(staging)
     shutil.rmtree(root / name, ignore_errors=True)  # left by a save killed before its commit
     os.replace(staging, root / name)
     _fsync_dir(root)
-    _write_json(root / CHAIN, {"format": FORMAT, "version": VERSION, "chain": (chain + [name]) if delta else [name]})
+    write_json_atomic(root / CHAIN, {"format": FORMAT, "version": VERSION, "chain": (chain + [name]) if delta else [name]})
     _fsync_dir(root)
     for table in tables:
         table.mark_saved(manifest["tables"][table.name]["clocks"], checkpoint_id)
@@ -131,7 +131,8 @@ def _write_table(directory: Path, table: EmbeddingTable, delta: bool) -> dict[st
     return {"config": table.config.model_dump(mode="json"), "clocks": table.clocks_after_save(), "files": files}
 
 
-def _write_json(path: Path, content: dict[str, Any]) -> None:
+def write_json_atomic(path: Path, content: dict[str, Any]) -> None:
+    """Write JSON to `path` so that a crash leaves the old file or the new one: write, fsync, rename."""
     partial = path.with_name(path.name + ".partial")
     with open(partial, "w") as f:
         json.dump(content, f, indent=1)

@@ -26,6 +26,7 @@ from tidal.data.generate import auc
 from tidal.data.readers import BadRows, expand_paths, read_batches
 from tidal.embedding import EmbeddingCollection
 from tidal.models import RankingModel
+from tidal.runtime import checkpoint
 
 __all__ = ["Evaluation", "Trainer"]
 
@@ -57,6 +58,7 @@ class Trainer:
         self.targets = [f.name for f in self.extractor.labels]
         self.bad_rows = BadRows()
         self.run_dir = Path(config.training.run_dir)
+        self.elapsed_s = 0.0
 
     # ------------------------------------------------------------------ data
 
@@ -96,22 +98,53 @@ class Trainer:
         per_target = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0)
         return (per_target * self.loss_weights).sum() / self.loss_weights.sum()
 
-    def fit(self) -> dict:
-        """Train for the configured epochs, evaluate, and return the run's summary."""
+    def fit(self, *, resume: bool = False, max_steps: int | None = None) -> dict:
+        """Train for the configured epochs (or `max_steps`), checkpointing on the way
+        and at the end. The summary's rows and speed count this call's steps.
+
+        With `resume`, continue from the run's latest checkpoint: the same batches in
+        the same order, so the result equals an uninterrupted run's.
+        """
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.run_dir / "metrics.jsonl", "w")
-        start, step, rows, recent = time.perf_counter(), 0, 0, []
-        with log:
-            for epoch in range(self.config.training.epochs):
-                for batch in self.batches(self.config.data.train):
-                    recent.append(self.step(batch))
-                    step, rows = step + 1, rows + batch.batch_size
-                    if step % self.config.training.log_every == 0:
-                        self._log(log, epoch, step, rows, start, recent)
-                        recent = []
-            summary = self._summary(step, rows, time.perf_counter() - start)
+        position = {"step": 0, "epoch": 0, "batch": 0}
+        if resume:
+            position = checkpoint.restore(self, checkpoint.latest(self.run_dir))
+        with open(self.run_dir / "metrics.jsonl", "a" if resume else "w") as log:
+            start = time.perf_counter()
+            step, rows, finished = self._train(log, position, max_steps)
+            self.elapsed_s = time.perf_counter() - start
+            if finished:
+                checkpoint.save(self, {"step": step, "epoch": self.config.training.epochs, "batch": 0})
+            summary = self._summary(step, rows)
             log.write(json.dumps({"event": "end", **summary}) + "\n")
         return summary
+
+    def _train(self, log, position: dict, max_steps: int | None) -> tuple[int, int, bool]:  # type: ignore[no-untyped-def]
+        """Steps up to the end (or `max_steps`): (last step, rows trained now, finished)."""
+        training = self.config.training
+        step, rows, recent, start = position["step"], 0, [], time.perf_counter()
+        for epoch in range(position["epoch"], training.epochs):
+            skip = position["batch"] if epoch == position["epoch"] else 0
+            for n, batch in enumerate(self.batches(self.config.data.train)):
+                if n < skip:  # done before the checkpoint we resumed from
+                    self._restore_bad_rows(position, last=n == skip - 1)
+                    continue
+                recent.append(self.step(batch))
+                step, rows = step + 1, rows + batch.batch_size
+                if step % training.log_every == 0:
+                    self._log(log, epoch, step, rows, start, recent)
+                    recent = []
+                if training.checkpoint_every and step % training.checkpoint_every == 0:
+                    checkpoint.save(self, {"step": step, "epoch": epoch, "batch": n + 1})
+                if max_steps is not None and step >= max_steps:
+                    return step, rows, False
+        return step, rows, True
+
+    def _restore_bad_rows(self, position: dict, *, last: bool) -> None:
+        """Skipped batches re-count their bad rows: once past them, take the saved report."""
+        if last:
+            self.bad_rows.count = position["bad_rows"]["count"]
+            self.bad_rows.examples[:] = position["bad_rows"]["examples"]
 
     def _log(self, log, epoch: int, step: int, rows: int, start: float, losses: list[float]) -> None:  # type: ignore[no-untyped-def]
         record = {"event": "train", "epoch": epoch, "step": step, "rows": rows, "loss": float(np.mean(losses)),
@@ -121,9 +154,9 @@ class Trainer:
         print(f"  epoch {epoch}  step {step:6d}  loss {record['loss']:.4f}  "
               f"{record['samples_per_s']:,.0f} samples/s  bad rows {self.bad_rows.count}", flush=True)
 
-    def _summary(self, steps: int, rows: int, seconds: float) -> dict:
+    def _summary(self, steps: int, rows: int) -> dict:
         evaluation = self.evaluate(self.config.data.eval) if self.config.data.eval else None
-        return {"steps": steps, "rows": rows, "samples_per_s": rows / max(seconds, 1e-9),
+        return {"steps": steps, "rows": rows, "samples_per_s": rows / max(self.elapsed_s, 1e-9),
                 "bad_rows": self.bad_rows.count, "bad_row_examples": self.bad_rows.examples,
                 "eval": asdict(evaluation) if evaluation else None,
                 "tables": {t.name: {"rows": s.rows, "bytes": s.value_bytes + s.state_bytes + s.index_bytes + s.metadata_bytes}

@@ -1,0 +1,102 @@
+"""Trainer checkpoints: tables, dense weights, optimizer state, data position, RNG.
+
+Layout under ``<run_dir>/checkpoints``::
+
+    LATEST                    the name of the newest complete checkpoint
+    step-00000120/
+      tables/                 the embedding tables (tidal.embedding.checkpoint format)
+      dense.safetensors       model weights, Adam state tensors, torch RNG state
+      trainer.json            step, epoch, batches done in the epoch, optimizer settings, config
+
+A checkpoint is written under a temporary name and renamed into place before LATEST
+is replaced (write, fsync, rename), so a crash at any point leaves the previous one
+whole. No pickle: tensors go to safetensors, everything else to JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tidal.embedding import load_tables, save_tables
+from tidal.embedding.checkpoint import write_json_atomic
+from tidal.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from tidal.runtime.trainer import Trainer
+
+__all__ = ["latest", "restore", "save"]
+
+LATEST = "LATEST"
+
+
+def save(trainer: Trainer, position: dict[str, int]) -> Path:
+    """Write a checkpoint of `trainer` at `position` (step, epoch, batches done)."""
+    root = trainer.run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{position['step']:08d}"
+    staging = root / f".tmp-{name}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    save_tables(staging / "tables", trainer.collection.tables)
+    save_file(_dense_tensors(trainer), str(staging / "dense.safetensors"))
+    write_json_atomic(staging / "trainer.json", {
+        "position": position, "config": trainer.config.model_dump(mode="json"),
+        "param_groups": _param_groups(trainer.optimizer),
+        "bad_rows": {"count": trainer.bad_rows.count, "examples": trainer.bad_rows.examples}})
+    shutil.rmtree(root / name, ignore_errors=True)
+    os.replace(staging, root / name)
+    write_json_atomic(root / LATEST, {"checkpoint": name})
+    for old in root.iterdir():
+        if old.name not in (name, LATEST) and (old.name.startswith("step-") or old.name.startswith(".tmp-")):
+            shutil.rmtree(old, ignore_errors=True)
+    return root / name
+
+
+def latest(run_dir: Path) -> Path:
+    """The newest complete checkpoint of a run, or a clear error if there is none."""
+    pointer = run_dir / "checkpoints" / LATEST
+    if not pointer.exists():
+        raise CheckpointError(f"{run_dir}: nothing to resume from ({pointer} is missing); train without --resume first")
+    return run_dir / "checkpoints" / json.loads(pointer.read_text())["checkpoint"]
+
+
+def restore(trainer: Trainer, directory: Path) -> dict[str, int]:
+    """Load the checkpoint in `directory` into `trainer`; the position to continue from."""
+    meta = json.loads((directory / "trainer.json").read_text())
+    tables = load_tables(directory / "tables", threads=trainer.config.training.threads)
+    trainer.collection.tables = [tables[t.name] for t in trainer.collection.tables]
+    tensors = load_file(str(directory / "dense.safetensors"))
+    trainer.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    trainer.optimizer.load_state_dict({"state": _optimizer_state(tensors), "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    return {**meta["position"], "bad_rows": meta["bad_rows"]}
+
+
+def _dense_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in trainer.model.state_dict().items()}
+    for index, state in trainer.optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    return tensors
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    return state
+
+
+def _param_groups(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    groups = optimizer.state_dict()["param_groups"]
+    return [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in groups]
