@@ -307,12 +307,12 @@ if mode == "shard":  # half of the second shard file is written, then the proces
         return real_save_file(arrays, path, *args, **kwargs)
     checkpoint.save_file = save_file
 else:  # the new directory is in place, CHAIN.json is not yet replaced
-    real_write_json = checkpoint._write_json
+    realwrite_json_atomic = checkpoint.write_json_atomic
     def write_json(path, content):
         if path.name == "CHAIN.json":
             die()
-        return real_write_json(path, content)
-    checkpoint._write_json = write_json
+        return realwrite_json_atomic(path, content)
+    checkpoint.write_json_atomic = write_json
 checkpoint.save(root, [table])
 print("save finished, should have been killed")
 """
