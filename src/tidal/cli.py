@@ -12,8 +12,8 @@ __all__ = ["main"]
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tidal", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train, evict and checkpoint embedding tables on generated data")
-    demo.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    demo = commands.add_parser("demo", help="generate data, train DLRM, evaluate and summarize")
+    demo.add_argument("--rows", type=int, default=300_000, help="training rows to generate (default 300,000)")
     train = commands.add_parser("train", help="train a model from a YAML run config")
     train.add_argument("--config", required=True, help="the YAML file: data, features, tables, model, training")
     train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
@@ -44,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from tidal import demo
 
-        if args.steps < 100:
-            print(f"tidal demo: --steps must be at least 100, got {args.steps}", file=sys.stderr)
+        if args.rows < 1_000:
+            print(f"tidal demo: --rows must be at least 1,000, got {args.rows}", file=sys.stderr)
             return 2
-        demo.run(steps=args.steps)
+        demo.run(rows=args.rows)
     elif args.command == "train":
         return _train(args)
     elif args.command == "eval":

@@ -146,7 +146,7 @@ def _open_text(path: str, kind: str, columns: Sequence[str], batch_rows: int,
     return pacsv.open_csv(
         path,
         read_options=pacsv.ReadOptions(column_names=None if header else list(columns), use_threads=False,
-                                       block_size=max(1 << 16, batch_rows * 64)),
+                                       block_size=max(1 << 16, batch_rows * 300)),  # Criteo rows: ~300 bytes
         parse_options=pacsv.ParseOptions(delimiter="\t" if kind == "tsv" else ",", invalid_row_handler=handler),
         convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns},
                                              include_columns=list(columns), strings_can_be_null=False),
