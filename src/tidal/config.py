@@ -295,6 +295,7 @@ class TrainingConfig(_Model):
     threads: int = Field(1, ge=1, le=256)
     run_dir: str = "runs/latest"
     checkpoint_every: int | None = Field(None, ge=1)  # steps between checkpoints; None: only at the end
+    eval_every: int | None = Field(None, ge=1)  # steps between evaluations on data.eval; None: only at the end
 
 
 class RunConfig(_Model):

@@ -32,7 +32,7 @@ def _config(tmp_path, **training) -> dict:
 
 
 def test_training_learns_the_planted_signal_and_logs_it(tmp_path):
-    trainer = Trainer(RunConfig(**_config(tmp_path)))
+    trainer = Trainer(RunConfig(**_config(tmp_path, eval_every=20)))
     summary = trainer.fit()
     assert summary["rows"] == 24_000 and summary["bad_rows"] == 0
     assert summary["eval"]["auc"]["click"] > 0.62  # chance is 0.5; the data's ceiling is about 0.93
@@ -40,6 +40,9 @@ def test_training_learns_the_planted_signal_and_logs_it(tmp_path):
     losses = [r["loss"] for r in records if r["event"] == "train"]
     assert losses[-1] < losses[0]
     assert records[-1]["event"] == "end" and records[-1]["tables"]["ids"]["rows"] > 1_000
+    evals = [r for r in records if r["event"] == "eval"]
+    assert len(evals) >= 3 and evals[-1]["auc"]["click"] == summary["eval"]["auc"]["click"]
+    assert (tmp_path / "run" / "metrics.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_cli_trains_from_yaml_and_reports_bad_rows(tmp_path, capsys):

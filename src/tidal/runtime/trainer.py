@@ -4,7 +4,7 @@ One step: read and extract a batch, `lookup_or_insert` + pool every sparse featu
 run the dense network, take the weighted binary cross-entropy over the targets,
 backpropagate, step the dense optimizer (Adam) and apply the fused sparse update.
 Progress goes to the terminal and, one JSON object per line, to
-``<run_dir>/metrics.jsonl``.
+``<run_dir>/metrics.jsonl``; the loss and AUC curves to ``<run_dir>/metrics.png``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from tidal.data.readers import BadRows, expand_paths, read_batches
 from tidal.embedding import EmbeddingCollection
 from tidal.models import RankingModel
 from tidal.runtime import checkpoint
+from tidal.runtime.plots import plot_metrics
 
 __all__ = ["Evaluation", "Trainer"]
 
@@ -115,8 +116,10 @@ class Trainer:
             self.elapsed_s = time.perf_counter() - start
             if finished:
                 checkpoint.save(self, {"step": step, "epoch": self.config.training.epochs, "batch": 0})
-            summary = self._summary(step, rows)
+            evaluation = self._log_eval(log, step) if self.config.data.eval else None
+            summary = self._summary(step, rows, evaluation)
             log.write(json.dumps({"event": "end", **summary}) + "\n")
+        plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "metrics.png")
         return summary
 
     def _train(self, log, position: dict, max_steps: int | None) -> tuple[int, int, bool]:  # type: ignore[no-untyped-def]
@@ -134,11 +137,21 @@ class Trainer:
                 if step % training.log_every == 0:
                     self._log(log, epoch, step, rows, start, recent)
                     recent = []
+                if training.eval_every and self.config.data.eval and step % training.eval_every == 0:
+                    self._log_eval(log, step)
                 if training.checkpoint_every and step % training.checkpoint_every == 0:
                     checkpoint.save(self, {"step": step, "epoch": epoch, "batch": n + 1})
                 if max_steps is not None and step >= max_steps:
                     return step, rows, False
         return step, rows, True
+
+    def _log_eval(self, log, step: int) -> Evaluation:  # type: ignore[no-untyped-def]
+        evaluation = self.evaluate(self.config.data.eval)
+        log.write(json.dumps({"event": "eval", "step": step, **asdict(evaluation)}) + "\n")
+        log.flush()
+        shown = "  ".join(f"{t} AUC {a:.4f}" for t, a in evaluation.auc.items())
+        print(f"  eval at step {step}: {shown}", flush=True)
+        return evaluation
 
     def _restore_bad_rows(self, position: dict, *, last: bool) -> None:
         """Skipped batches re-count their bad rows: once past them, take the saved report."""
@@ -154,8 +167,7 @@ class Trainer:
         print(f"  epoch {epoch}  step {step:6d}  loss {record['loss']:.4f}  "
               f"{record['samples_per_s']:,.0f} samples/s  bad rows {self.bad_rows.count}", flush=True)
 
-    def _summary(self, steps: int, rows: int) -> dict:
-        evaluation = self.evaluate(self.config.data.eval) if self.config.data.eval else None
+    def _summary(self, steps: int, rows: int, evaluation: Evaluation | None) -> dict:
         return {"steps": steps, "rows": rows, "samples_per_s": rows / max(self.elapsed_s, 1e-9),
                 "bad_rows": self.bad_rows.count, "bad_row_examples": self.bad_rows.examples,
                 "eval": asdict(evaluation) if evaluation else None,

@@ -1,0 +1,31 @@
+"""The loss and AUC curves of a run, drawn from its metrics.jsonl into a PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["plot_metrics"]
+
+
+def plot_metrics(metrics: Path, out: Path) -> None:
+    """Training loss by step (left) and eval AUC per target by step (right)."""
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    train = [r for r in records if r.get("event") == "train"]
+    evals = [r for r in records if r.get("event") == "eval"]
+    figure, (loss_axes, auc_axes) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_axes.plot([r["step"] for r in train], [r["loss"] for r in train], marker=".")
+    loss_axes.set(title="training loss", xlabel="step", ylabel="weighted BCE")
+    for target in sorted({t for r in evals for t in r["auc"]}):
+        auc_axes.plot([r["step"] for r in evals], [r["auc"][target] for r in evals], marker="o", label=target)
+    auc_axes.set(title="eval AUC", xlabel="step", ylabel="AUC")
+    if evals:
+        auc_axes.legend()
+    figure.tight_layout()
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
