@@ -33,6 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     sparse.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     sparse.add_argument("--threads", type=int, nargs="+", help="thread counts (default: 1 and all cores)")
     sparse.add_argument("--optimizer", nargs="+", choices=["sgd", "adagrad"], default=["sgd", "adagrad"])
+    quality = which.add_parser("quality", help="AUC of collision-free tables against hashed tables of equal bytes")
+    quality.add_argument("--rows", type=int, default=400_000, help="training rows (default 400,000)")
+    quality.add_argument("--vocabulary", type=int, default=5_000, help="id ranks per column (default 5,000)")
+    quality.add_argument("--epochs", type=int, default=2)
+    quality.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     data = which.add_parser("data", help="rows/s read from TSV and Parquet and extracted into batches")
     data.add_argument("--rows", type=int, default=500_000, help="rows generated per format (default 500,000)")
     data.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
@@ -62,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         cfg = sparse.SparseBenchConfig.quick() if args.quick else sparse.SparseBenchConfig()
         sparse.run(cfg, as_json=args.json, threads=args.threads, optimizers=tuple(args.optimizer))
+    elif args.benchmark == "quality":
+        from tidal.bench import quality
+
+        if min(args.rows, args.vocabulary, args.epochs) < 1:
+            print("tidal bench quality: --rows, --vocabulary and --epochs must be >= 1", file=sys.stderr)
+            return 2
+        quality.run(rows=args.rows, vocabulary=args.vocabulary, epochs=args.epochs, as_json=args.json)
     elif args.benchmark == "data":
         from tidal.bench import data
 

@@ -1,0 +1,16 @@
+"""`tidal bench quality` on a tiny workload: both runs train and every figure is reported."""
+
+from __future__ import annotations
+
+import json
+
+from tidal.bench.quality import run
+
+
+def test_summary_compares_tidal_hashed_and_ceiling(capsys):
+    summary = run(rows=3_000, vocabulary=200, epochs=1, as_json=True)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
+    assert 0.5 < summary["ceiling_auc"] <= 1.0
+    for key in ("tidal_auc", "hashed_auc"):
+        assert 0.0 <= summary[key] <= 1.0
+    assert summary["hashed_rows"] >= 1 and summary["tidal_rows"] >= 1 and summary["table_bytes"] > 0
