@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     quality.add_argument("--vocabulary", type=int, default=5_000, help="id ranks per column (default 5,000)")
     quality.add_argument("--epochs", type=int, default=2)
     quality.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    train_bench = which.add_parser("train", help="end-to-end training samples/s against a plain PyTorch DLRM")
+    train_bench.add_argument("--quick", action="store_true", help="200,000 rows instead of 1,000,000")
+    train_bench.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     data = which.add_parser("data", help="rows/s read from TSV and Parquet and extracted into batches")
     data.add_argument("--rows", type=int, default=500_000, help="rows generated per format (default 500,000)")
     data.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
@@ -74,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
             print("tidal bench quality: --rows, --vocabulary and --epochs must be >= 1", file=sys.stderr)
             return 2
         quality.run(rows=args.rows, vocabulary=args.vocabulary, epochs=args.epochs, as_json=args.json)
+    elif args.benchmark == "train":
+        from tidal.bench import train as train_bench
+
+        train_bench.run(rows=200_000 if args.quick else 1_000_000, as_json=args.json)
     elif args.benchmark == "data":
         from tidal.bench import data
 
