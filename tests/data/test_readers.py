@@ -11,6 +11,7 @@ from tidal.data.criteo import CRITEO_COLUMNS
 from tidal.errors import DataError
 
 SMALL = ["label", "I1", "C1"]
+CHECKS = {"label": "label", "I1": "integer"}
 
 
 def _write(path, text: str):
@@ -40,13 +41,13 @@ def test_parquet_and_tsv_of_one_seed_hold_the_same_rows(tmp_path):
 def test_bad_rows_are_skipped_counted_and_located(tmp_path):
     path = _write(tmp_path / "d.tsv", "1\t5\ta\n0\tx\tb\n1\t2\n0\t\tc\n1\t3.5\td\n")
     report = BadRows()
-    rows = pa.Table.from_batches(list(read_batches(path, columns=SMALL, numeric=SMALL[:2], bad_rows=report)))
+    rows = pa.Table.from_batches(list(read_batches(path, columns=SMALL, checks=CHECKS, bad_rows=report)))
     assert rows.column("C1").to_pylist() == ["a", "c"]
     assert report.count == 3
     assert sorted(report.examples) == sorted([
-        f"{path}:2: column 'I1': expected an integer or nothing, got 'x'",
+        f"{path}:2: column 'I1': expected an integer (up to 18 digits) or nothing, got 'x'",
         f"{path}:3: expected 3 columns, found 2",
-        f"{path}:5: column 'I1': expected an integer or nothing, got '3.5'",
+        f"{path}:5: column 'I1': expected an integer (up to 18 digits) or nothing, got '3.5'",
     ])
     assert "3 bad rows skipped" in report.summary()
 
@@ -54,12 +55,12 @@ def test_bad_rows_are_skipped_counted_and_located(tmp_path):
 def test_fail_mode_stops_at_the_first_bad_row_naming_it(tmp_path):
     path = _write(tmp_path / "d.tsv", "1\t5\ta\n1\t2\n")
     with pytest.raises(DataError, match=r"d\.tsv:2: expected 3 columns, found 2 \(on_bad_row is 'fail'\)"):
-        list(read_batches(path, columns=SMALL, numeric=SMALL[:2], on_bad_row="fail"))
+        list(read_batches(path, columns=SMALL, checks=CHECKS, on_bad_row="fail"))
 
 
 def test_csv_has_a_header_and_parquet_must_hold_every_column(tmp_path):
     csv = _write(tmp_path / "d.csv", "C1,label,I1\nz,1,7\n")
-    assert pa.Table.from_batches(list(read_batches(csv, columns=SMALL, numeric=SMALL[:2]))).to_pylist() == [
+    assert pa.Table.from_batches(list(read_batches(csv, columns=SMALL, checks=CHECKS))).to_pylist() == [
         {"label": "1", "I1": "7", "C1": "z"}]
     pq.write_table(pa.table({"label": [1], "C1": ["a"]}), tmp_path / "d.parquet")
     with pytest.raises(DataError, match=r"lacks columns \['I1'\]"):
@@ -84,6 +85,30 @@ def test_unknown_suffix_asks_for_a_format(tmp_path):
 def test_a_row_without_its_label_is_a_bad_row(tmp_path):
     path = _write(tmp_path / "d.tsv", "1\t5\ta\n\t6\tb\n")
     report = BadRows()
-    rows = pa.Table.from_batches(list(read_batches(path, columns=SMALL, numeric=SMALL[:2], bad_rows=report)))
+    rows = pa.Table.from_batches(list(read_batches(path, columns=SMALL, checks=CHECKS, bad_rows=report)))
     assert rows.num_rows == 1
-    assert report.examples == [f"{path}:2: column 'label': expected an integer, got ''"]
+    assert report.examples == [f"{path}:2: column 'label': expected 0 or 1, got ''"]
+
+
+def test_tsv_quotes_are_plain_characters_and_blank_lines_keep_their_numbers(tmp_path):
+    path = _write(tmp_path / "d.tsv", '1\t2\t"x\n\n\n0\tbad\ty\n1\t3\t"z"\n')
+    report = BadRows()
+    rows = pa.Table.from_batches(list(read_batches(path, columns=SMALL, checks=CHECKS, bad_rows=report)))
+    assert rows.column("C1").to_pylist() == ['"x', '"z"']  # no quoting: nothing swallowed or stripped
+    assert sorted(report.examples) == sorted([
+        f"{path}:2: column 'label': expected 0 or 1, got ''",  # a blank line: a row of empty fields
+        f"{path}:3: column 'label': expected 0 or 1, got ''",
+        f"{path}:4: column 'I1': expected an integer (up to 18 digits) or nothing, got 'bad'",
+    ])
+
+
+def test_number_checks_accept_decimals_and_labels_must_be_zero_or_one(tmp_path):
+    path = _write(tmp_path / "d.tsv", "1\t0.5\ta\n1\t1e3\tb\n2\t1\tc\n1\t99999999999999999999\td\n")
+    report = BadRows()
+    rows = pa.Table.from_batches(list(read_batches(path, columns=SMALL, checks={"label": "label", "I1": "number"},
+                                                   bad_rows=report)))
+    assert rows.column("C1").to_pylist() == ["a", "b", "d"]
+    assert report.examples == [f"{path}:3: column 'label': expected 0 or 1, got '2'"]
+    strict = BadRows()
+    list(read_batches(path, columns=SMALL, checks={"I1": "integer"}, bad_rows=strict))
+    assert strict.count == 3  # 0.5, 1e3 and the 20-digit id are not int64 integers

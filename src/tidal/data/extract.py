@@ -50,10 +50,12 @@ class Extractor:
         return list(dict.fromkeys(used))
 
     @property
-    def numeric_columns(self) -> list[str]:
-        """The columns that must hold integers (or nothing): labels, dense, raw ids."""
-        raw = [f.columns[0] for f in self.sparse if not f.hashed]
-        return list(dict.fromkeys([*(f.column for f in (*self.labels, *self.dense)), *raw]))
+    def checks(self) -> dict[str, str]:
+        """What the reader must check each column holds: labels 0 or 1, numbers, raw ids."""
+        checks = {f.columns[0]: "integer" for f in self.sparse if not f.hashed}
+        checks |= {f.columns[0]: "number" for f in self.sparse if f.buckets is not None}
+        checks |= {f.column: "number" for f in self.dense}
+        return checks | {f.column: "label" for f in self.labels}
 
     def __call__(self, batch: pa.RecordBatch) -> SparseBatch:
         missing = [c for c in self.columns if c not in batch.schema.names]

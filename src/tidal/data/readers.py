@@ -2,8 +2,8 @@
 
 Files are read in record batches, one file after the other, so no file has to fit in
 memory. Every column comes out as a string column (Parquet columns are cast), and
-numeric columns are checked row by row without Python loops: a row with the wrong
-number of columns or an unparsable number is a bad row. Bad rows are counted and
+checked columns are checked row by row without Python loops: a row with the wrong
+number of columns, an unparsable number or a label that is not 0 or 1 is a bad row. Bad rows are counted and
 described (file, line, reason) in a `BadRows` report and skipped, or, with
 ``on_bad_row="fail"``, stop the run with a `DataError` naming the first one.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -26,9 +26,15 @@ import pyarrow.parquet as pq
 from tidal.data.criteo import CRITEO_COLUMNS, CRITEO_DENSE
 from tidal.errors import DataError
 
-__all__ = ["BadRows", "expand_paths", "read_batches"]
+__all__ = ["BadRows", "CRITEO_CHECKS", "expand_paths", "read_batches"]
 
-_INTEGER = r"^-?[0-9]+$"
+_PATTERNS = {  # what a checked column must hold; "label" may not be empty, the others may
+    "integer": r"^-?[0-9]{1,18}$",  # up to 18 digits: always inside int64
+    "number": r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$",
+    "label": r"^[01]$",
+}
+_EXPECTED = {"integer": "an integer (up to 18 digits) or nothing", "number": "a number or nothing", "label": "0 or 1"}
+CRITEO_CHECKS: dict[str, str] = {"label": "label", **{c: "integer" for c in CRITEO_DENSE}}
 _MAX_EXAMPLES = 20
 
 
@@ -65,8 +71,7 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
 
 
 def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
-                 columns: Sequence[str] = CRITEO_COLUMNS, numeric: Sequence[str] = ("label", *CRITEO_DENSE),
-                 required: Sequence[str] = ("label",),
+                 columns: Sequence[str] = CRITEO_COLUMNS, checks: Mapping[str, str] | None = None,
                  file_format: Literal["tsv", "csv", "parquet"] | None = None, batch_rows: int = 65536,
                  on_bad_row: Literal["skip", "fail"] = "skip", bad_rows: BadRows | None = None,
                  ) -> Iterator[pa.RecordBatch]:
@@ -76,17 +81,23 @@ def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
     CSV files have a header line; Parquet files must hold every column of `columns`.
     The format follows the file suffix unless `file_format` says otherwise. Batches
     hold about `batch_rows` rows (text is cut into blocks by size). Empty
-    fields are kept as empty strings (missing values); a `numeric` column must hold an
-    integer or nothing, and a `required` column (the labels) must not be empty.
+    fields are kept as empty strings (missing values). `checks` maps columns to what
+    they must hold: "integer" or "number" (or nothing), or "label" (0 or 1); by default,
+    Criteo's label and counts among `columns`.
     """
     if on_bad_row not in ("skip", "fail"):
         raise DataError(f"on_bad_row must be 'skip' or 'fail', got {on_bad_row!r}")
+    if checks is None:
+        checks = {c: k for c, k in CRITEO_CHECKS.items() if c in columns}
+    unknown = {c: k for c, k in checks.items() if k not in _PATTERNS or c not in columns}
+    if unknown:
+        raise DataError(f"checks must name read columns and one of {sorted(_PATTERNS)}, got {unknown}")
     report = bad_rows if bad_rows is not None else BadRows()
     for path in expand_paths(paths):
         kind = file_format or _format_of(path)
         batches = _parquet(path, columns, batch_rows) if kind == "parquet" else _text(path, kind, columns, batch_rows, report, on_bad_row)
         for batch, lines in batches:
-            yield _valid_rows(batch, path, lines, numeric, required, report, on_bad_row)
+            yield _valid_rows(batch, path, lines, checks, report, on_bad_row)
 
 
 def _format_of(path: str) -> str:
@@ -136,8 +147,8 @@ def _text(path: str, kind: str, columns: Sequence[str], batch_rows: int, report:
             lines = _Lines(next_line, tuple(skipped))
             next_line = lines.of(batch.num_rows - 1) + 1 if batch.num_rows else next_line
             yield batch, lines
-    except pa.ArrowInvalid as exc:
-        raise DataError(failures[0] if failures else f"{path}: cannot parse ({exc})") from None
+    except (pa.ArrowInvalid, pa.ArrowKeyError) as exc:
+        raise DataError(failures[0] if failures else f"{path}: cannot read it as {kind.upper()} ({exc})") from None
 
 
 def _open_text(path: str, kind: str, columns: Sequence[str], batch_rows: int,
@@ -147,7 +158,9 @@ def _open_text(path: str, kind: str, columns: Sequence[str], batch_rows: int,
         path,
         read_options=pacsv.ReadOptions(column_names=None if header else list(columns), use_threads=False,
                                        block_size=max(1 << 16, batch_rows * 300)),  # Criteo rows: ~300 bytes
-        parse_options=pacsv.ParseOptions(delimiter="\t" if kind == "tsv" else ",", invalid_row_handler=handler),
+        parse_options=pacsv.ParseOptions(delimiter="\t" if kind == "tsv" else ",", invalid_row_handler=handler,
+                                         quote_char=False if kind == "tsv" else '"',  # TSV has no quoting
+                                         ignore_empty_lines=False),  # a blank line is a bad row, and counts
         convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns},
                                              include_columns=list(columns), strings_can_be_null=False),
     )
@@ -168,29 +181,20 @@ def _parquet(path: str, columns: Sequence[str], batch_rows: int) -> Iterator[tup
         row += batch.num_rows
 
 
-def _valid_rows(batch: pa.RecordBatch, path: str, lines: _Lines, numeric: Sequence[str],
-                required: Sequence[str], report: BadRows, on_bad_row: str) -> pa.RecordBatch:
-    """`batch` without the rows whose numeric fields are neither empty nor integers, or
-    whose required fields are empty."""
+def _valid_rows(batch: pa.RecordBatch, path: str, lines: _Lines, checks: Mapping[str, str],
+                report: BadRows, on_bad_row: str) -> pa.RecordBatch:
+    """`batch` without the rows whose checked fields do not hold what they must."""
     good = np.ones(batch.num_rows, dtype=bool)
-    for name in dict.fromkeys([*numeric, *required]):
+    for name, kind in checks.items():
         column = batch.column(name)
-        fine = _fine(column, numeric=name in numeric, required=name in required)
+        fine = pc.match_substring_regex(column, _PATTERNS[kind])
+        if kind != "label":
+            fine = pc.or_(fine, pc.equal(pc.utf8_length(column), 0))
         for row in np.flatnonzero(~fine.to_numpy(zero_copy_only=False)):
-            expected = "an integer" if name in numeric else "a value"
-            expected += "" if name in required else " or nothing"
-            reason = f"column {name!r}: expected {expected}, got {column[row].as_py()!r}"
+            reason = f"column {name!r}: expected {_EXPECTED[kind]}, got {column[row].as_py()!r}"
             if on_bad_row == "fail":
                 raise DataError(f"{path}:{lines.of(row)}: {reason} (on_bad_row is 'fail')")
             if good[row]:
                 report.add(path, lines.of(row), reason)
             good[row] = False
     return batch if good.all() else batch.filter(pa.array(good))
-
-
-def _fine(column: pa.Array, *, numeric: bool, required: bool) -> pa.Array:
-    """Mask of the values that are acceptable: an integer (numeric) or anything
-    non-empty, and, unless required, also an empty value."""
-    empty = pc.equal(pc.utf8_length(column), 0)
-    fine = pc.match_substring_regex(column, _INTEGER) if numeric else pc.invert(empty)
-    return fine if required else pc.or_(fine, empty)

@@ -69,8 +69,7 @@ class Trainer:
         files = expand_paths(paths)
         tsv = (data.format or Path(files[0]).suffix.lstrip(".")) in ("tsv", "txt")
         columns = (data.columns or list(CRITEO_COLUMNS)) if tsv else self.extractor.columns
-        for table in read_batches(files, columns=columns, numeric=self.extractor.numeric_columns,
-                                  required=[f.column for f in self.extractor.labels], file_format=data.format, batch_rows=data.batch_size,
+        for table in read_batches(files, columns=columns, checks=self.extractor.checks, file_format=data.format, batch_rows=data.batch_size,
                                   on_bad_row=data.on_bad_row, bad_rows=self.bad_rows):
             if table.num_rows:
                 yield self.extractor(table)
