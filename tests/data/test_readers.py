@@ -112,3 +112,9 @@ def test_number_checks_accept_decimals_and_labels_must_be_zero_or_one(tmp_path):
     strict = BadRows()
     list(read_batches(path, columns=SMALL, checks={"I1": "integer"}, bad_rows=strict))
     assert strict.count == 3  # 0.5, 1e3 and the 20-digit id are not int64 integers
+
+
+def test_batches_hold_exactly_batch_rows_across_files(tmp_path):
+    generate(tmp_path, rows=2_500, files=3, seed=2)
+    sizes = [b.num_rows for b in read_batches(str(tmp_path / "*.tsv"), batch_rows=600)]
+    assert sizes == [600, 600, 600, 600, 100]

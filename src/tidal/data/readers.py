@@ -80,7 +80,7 @@ def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
     TSV files have no header and the columns of `columns` (Criteo's layout by default);
     CSV files have a header line; Parquet files must hold every column of `columns`.
     The format follows the file suffix unless `file_format` says otherwise. Batches
-    hold about `batch_rows` rows (text is cut into blocks by size). Empty
+    hold exactly `batch_rows` rows, the last one fewer. Empty
     fields are kept as empty strings (missing values). `checks` maps columns to what
     they must hold: "integer" or "number" (or nothing), or "label" (0 or 1); by default,
     Criteo's label and counts among `columns`.
@@ -93,11 +93,33 @@ def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
     if unknown:
         raise DataError(f"checks must name read columns and one of {sorted(_PATTERNS)}, got {unknown}")
     report = bad_rows if bad_rows is not None else BadRows()
-    for path in expand_paths(paths):
+    yield from _exactly(_checked(expand_paths(paths), columns, checks, file_format, batch_rows, report, on_bad_row),
+                        batch_rows)
+
+
+def _checked(paths: list[str], columns: Sequence[str], checks: Mapping[str, str], file_format: str | None,
+             batch_rows: int, report: BadRows, on_bad_row: str) -> Iterator[pa.RecordBatch]:
+    for path in paths:
         kind = file_format or _format_of(path)
         batches = _parquet(path, columns, batch_rows) if kind == "parquet" else _text(path, kind, columns, batch_rows, report, on_bad_row)
         for batch, lines in batches:
             yield _valid_rows(batch, path, lines, checks, report, on_bad_row)
+
+
+def _exactly(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
+    """The same rows in batches of exactly `rows` (the last may be shorter), across files."""
+    pending: list[pa.RecordBatch] = []
+    count = 0
+    for batch in batches:
+        pending.append(batch)
+        count += batch.num_rows
+        while count >= rows:
+            table = pa.Table.from_batches(pending)
+            yield table.slice(0, rows).combine_chunks().to_batches()[0]
+            rest = table.slice(rows)
+            pending, count = rest.to_batches(), rest.num_rows
+    if count:
+        yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
 
 
 def _format_of(path: str) -> str:
