@@ -113,3 +113,24 @@ def test_cli_eval_scores_the_latest_checkpoint(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "click: AUC 0." in out and "on 4,000 rows" in out
     assert main(["eval", "--checkpoint", str(tmp_path / "nowhere"), "--data", "x"]) == 2
+
+
+def test_bad_rows_are_counted_once_however_many_epochs_and_resumes(tmp_path):
+    config = _config(tmp_path, epochs=2)
+    config["data"]["eval"] = None
+    with open(config["data"]["train"][0], "a") as f:
+        f.write("1\t2\tnot-a-number\n")
+    trainer = Trainer(RunConfig(**config))
+    assert trainer.fit()["bad_rows"] == 1
+    assert Trainer(RunConfig(**config)).fit(resume=True)["bad_rows"] == 1  # a finished run, resumed
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    from tidal.errors import CheckpointError
+
+    config = _config(tmp_path, epochs=1, checkpoint_every=3)
+    config["data"]["eval"] = None
+    Trainer(RunConfig(**config)).fit(max_steps=3)
+    config["model"]["hidden_sizes"] = [16]
+    with pytest.raises(CheckpointError, match=r"the config changed since this checkpoint \(model\)"):
+        Trainer(RunConfig(**config)).fit(resume=True)

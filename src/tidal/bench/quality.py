@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
+
+import pyarrow as pa
 
 from tidal.config import RunConfig
 from tidal.data.batch import SparseBatch
@@ -31,9 +32,9 @@ class _HashedTrainer(Trainer):
         super().__init__(config)
         self.rows = rows
 
-    def batches(self, paths: str | list[str]) -> Iterator[SparseBatch]:
-        for batch in super().batches(paths):
-            yield dataclasses.replace(batch, values=batch.values % self.rows)
+    def extract(self, table: pa.RecordBatch) -> SparseBatch:
+        batch = super().extract(table)
+        return dataclasses.replace(batch, values=batch.values % self.rows)
 
 
 def _config(train: list[str], held_out: list[str], run_dir: Path, epochs: int) -> RunConfig:

@@ -40,18 +40,23 @@ def save(trainer: Trainer, position: dict[str, int]) -> Path:
     """Write a checkpoint of `trainer` at `position` (step, epoch, batches done)."""
     root = trainer.run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{position['step']:08d}"
+    name = f"step-{position['step']:08d}-epoch-{position['epoch']}"
+    if (root / LATEST).exists() and json.loads((root / LATEST).read_text())["checkpoint"] == name:
+        return root / name  # this very position is already saved
     staging = root / f".tmp-{name}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     save_tables(staging / "tables", trainer.collection.tables)
     save_file(_dense_tensors(trainer), str(staging / "dense.safetensors"))
+    _fsync(staging / "dense.safetensors")
     write_json_atomic(staging / "trainer.json", {
         "position": position, "config": trainer.config.model_dump(mode="json"),
         "param_groups": _param_groups(trainer.optimizer),
         "bad_rows": {"count": trainer.bad_rows.count, "examples": trainer.bad_rows.examples}})
-    shutil.rmtree(root / name, ignore_errors=True)
+    _fsync(staging)
+    shutil.rmtree(root / name, ignore_errors=True)  # left by a save that died before LATEST named it
     os.replace(staging, root / name)
+    _fsync(root)
     write_json_atomic(root / LATEST, {"checkpoint": name})
     for old in root.iterdir():
         if old.name not in (name, LATEST) and (old.name.startswith("step-") or old.name.startswith(".tmp-")):
@@ -64,19 +69,36 @@ def latest(run_dir: Path) -> Path:
     pointer = run_dir / "checkpoints" / LATEST
     if not pointer.exists():
         raise CheckpointError(f"{run_dir}: nothing to resume from ({pointer} is missing); train without --resume first")
-    return run_dir / "checkpoints" / json.loads(pointer.read_text())["checkpoint"]
+    directory = run_dir / "checkpoints" / json.loads(pointer.read_text())["checkpoint"]
+    if not (directory / "trainer.json").exists():
+        raise CheckpointError(f"{pointer} names {directory.name}, which is incomplete or missing")
+    return directory
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def restore(trainer: Trainer, directory: Path) -> dict[str, int]:
     """Load the checkpoint in `directory` into `trainer`; the position to continue from."""
     meta = json.loads((directory / "trainer.json").read_text())
+    saved, current = meta["config"], trainer.config.model_dump(mode="json")
+    changed = sorted(k for k in saved if saved[k] != current.get(k) and k != "training")
+    if changed:
+        raise CheckpointError(f"{directory}: the config changed since this checkpoint ({', '.join(changed)}); "
+                              f"resume with the config it was written with")
     tables = load_tables(directory / "tables", threads=trainer.config.training.threads)
     trainer.collection.tables = [tables[t.name] for t in trainer.collection.tables]
     tensors = load_file(str(directory / "dense.safetensors"))
     trainer.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     trainer.optimizer.load_state_dict({"state": _optimizer_state(tensors), "param_groups": meta["param_groups"]})
     torch.set_rng_state(tensors["rng.torch"])
-    return {**meta["position"], "bad_rows": meta["bad_rows"]}
+    trainer.bad_rows.count, trainer.bad_rows.examples = meta["bad_rows"]["count"], list(meta["bad_rows"]["examples"])
+    return meta["position"]
 
 
 def _dense_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from tidal.config import RunConfig
@@ -25,6 +26,7 @@ from tidal.data.extract import Extractor
 from tidal.data.generate import auc
 from tidal.data.readers import BadRows, expand_paths, read_batches
 from tidal.embedding import EmbeddingCollection
+from tidal.errors import DataError
 from tidal.models import RankingModel
 from tidal.runtime import checkpoint
 from tidal.runtime.plots import plot_metrics
@@ -57,22 +59,32 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.training.lr)
         self.loss_weights = torch.tensor([f.weight for f in self.extractor.labels])
         self.targets = [f.name for f in self.extractor.labels]
-        self.bad_rows = BadRows()
+        self.bad_rows = BadRows()  # of the training data, counted on its first pass
+        self.eval_bad_rows = BadRows()
         self.run_dir = Path(config.training.run_dir)
         self.elapsed_s = 0.0
 
     # ------------------------------------------------------------------ data
 
-    def batches(self, paths: str | list[str]) -> Iterator[SparseBatch]:
-        """Extracted batches of the files at `paths`; bad rows go to `self.bad_rows`."""
+    def batches(self, paths: str | list[str], bad_rows: BadRows | None = None) -> Iterator[SparseBatch]:
+        """Extracted batches of the files at `paths`; bad rows are counted in `bad_rows`."""
+        for table in self._tables(paths, bad_rows if bad_rows is not None else BadRows()):
+            yield self.extract(table)
+
+    def extract(self, table: pa.RecordBatch) -> SparseBatch:
+        """One record batch as a SparseBatch (the one place training and eval extract)."""
+        return self.extractor(table)
+
+    def _tables(self, paths: str | list[str], bad_rows: BadRows) -> Iterator[pa.RecordBatch]:
         data = self.config.data
         files = expand_paths(paths)
         tsv = (data.format or Path(files[0]).suffix.lstrip(".")) in ("tsv", "txt")
         columns = (data.columns or list(CRITEO_COLUMNS)) if tsv else self.extractor.columns
-        for table in read_batches(files, columns=columns, checks=self.extractor.checks, file_format=data.format, batch_rows=data.batch_size,
-                                  on_bad_row=data.on_bad_row, bad_rows=self.bad_rows):
-            if table.num_rows:
-                yield self.extractor(table)
+        missing = [c for c in self.extractor.columns if c not in columns]
+        if missing:
+            raise DataError(f"data.columns lacks {missing}, which the features read; it lists {columns}")
+        yield from read_batches(files, columns=columns, checks=self.extractor.checks, file_format=data.format,
+                                batch_rows=data.batch_size, on_bad_row=data.on_bad_row, bad_rows=bad_rows)
 
     # ------------------------------------------------------------------ training
 
@@ -127,10 +139,13 @@ class Trainer:
         step, rows, recent, start = position["step"], 0, [], time.perf_counter()
         for epoch in range(position["epoch"], training.epochs):
             skip = position["batch"] if epoch == position["epoch"] else 0
-            for n, batch in enumerate(self.batches(self.config.data.train)):
+            report = BadRows()
+            if epoch == 0:  # the first pass reads every row, skipped or not: it counts each bad row once
+                self.bad_rows = report
+            for n, table in enumerate(self._tables(self.config.data.train, report)):
                 if n < skip:  # done before the checkpoint we resumed from
-                    self._restore_bad_rows(position, last=n == skip - 1)
                     continue
+                batch = self.extract(table)
                 recent.append(self.step(batch))
                 step, rows = step + 1, rows + batch.batch_size
                 if step % training.log_every == 0:
@@ -151,12 +166,6 @@ class Trainer:
         shown = "  ".join(f"{t} AUC {a:.4f}" for t, a in evaluation.auc.items())
         print(f"  eval at step {step}: {shown}", flush=True)
         return evaluation
-
-    def _restore_bad_rows(self, position: dict, *, last: bool) -> None:
-        """Skipped batches re-count their bad rows: once past them, take the saved report."""
-        if last:
-            self.bad_rows.count = position["bad_rows"]["count"]
-            self.bad_rows.examples[:] = position["bad_rows"]["examples"]
 
     def _log(self, log, epoch: int, step: int, rows: int, start: float, losses: list[float]) -> None:  # type: ignore[no-untyped-def]
         record = {"event": "train", "epoch": epoch, "step": step, "rows": rows, "loss": float(np.mean(losses)),
@@ -180,7 +189,7 @@ class Trainer:
         """Exact AUC and log loss of every target over the files at `paths` (no updates)."""
         self.model.eval()
         scores, labels = [], []
-        for batch in self.batches(paths):
+        for batch in self.batches(paths, self.eval_bad_rows):
             pooled, _ = self.collection.forward(batch, train=False)
             scores.append(torch.sigmoid(self.model(pooled, self._dense(batch))).numpy())
             labels.append(batch.labels)
