@@ -1,4 +1,4 @@
-"""The `tidal` command line: demo, train, eval, gen-data, bench sparse|data."""
+"""The `tidal` command line: demo, train, eval, gen-data, bench sparse|data|train|quality."""
 
 from __future__ import annotations
 

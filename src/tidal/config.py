@@ -219,13 +219,15 @@ class SparseFeature(_Model):
     separator: str | None = Field(None, min_length=1)
     hashed: bool = True
     namespace: str | None = None
-    buckets: list[float] | None = Field(None, min_length=1)
+    buckets: list[Annotated[float, Field(allow_inf_nan=False)]] | None = Field(None, min_length=1)
     missing: Literal["empty", "default"] = "empty"
 
     @pydantic.model_validator(mode="after")
     def _one_shape(self) -> SparseFeature:
         if len(self.columns) > 1 and (self.separator or self.buckets or not self.hashed):
             raise ValueError("a cross (several columns) takes single hashed values: no separator, buckets or hashed=false")
+        if sum([self.separator is not None, self.buckets is not None, not self.hashed]) > 1:
+            raise ValueError("choose one of separator, buckets and hashed=false: they read the column differently")
         if self.buckets is not None and sorted(self.buckets) != self.buckets:
             raise ValueError(f"buckets must be ascending, got {self.buckets}")
         return self

@@ -91,3 +91,13 @@ def test_bad_inputs_are_named():
         Extractor(FEATURES[3:])(pa.record_batch({"i": ["abc"]}))
     with pytest.raises(ConfigError, match="a cross .* takes single hashed values"):
         SparseFeature(name="x", columns=["a", "b"], table="t", separator="|")
+
+
+def test_multi_value_bags_survive_nulls_and_take_a_default_when_empty():
+    feature = SparseFeature(name="tags", columns=["tags"], table="t", separator="|", missing="default")
+    out = Extractor([feature])(pa.record_batch({"tags": pa.array(["a|b", None, "||", "c"])}))
+    assert out.lengths.tolist() == [2, 1, 1, 1]
+    default = _hash("\x00missing", feature_seed(feature))
+    assert out.values[2] == default and out.values[3] == default
+    with pytest.raises(ConfigError, match="choose one of separator, buckets and hashed=false"):
+        SparseFeature(name="x", columns=["a"], table="t", separator="|", hashed=False)

@@ -77,7 +77,8 @@ class Extractor:
         if len(feature.columns) > 1:
             ids, missing = _cross([batch.column(c) for c in feature.columns], seed)
         elif feature.separator is not None:
-            return _multi_value(batch.column(feature.columns[0]), feature.separator, seed)
+            ids, lengths = _multi_value(batch.column(feature.columns[0]), feature.separator, seed)
+            return _default_for_empty_bags(ids, lengths, seed) if feature.missing == "default" else (ids, lengths)
         elif feature.buckets is not None:
             ids, missing = _bucket(batch.column(feature.columns[0]), feature.buckets, seed)
         elif feature.hashed:
@@ -94,9 +95,20 @@ def _single_value(ids: np.ndarray, missing: np.ndarray, policy: str, seed: int) 
     return ids[~missing], (~missing).astype(np.int32)
 
 
+def _default_for_empty_bags(ids: np.ndarray, lengths: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Give every empty bag the feature's default id."""
+    empty = lengths == 0
+    if not empty.any():
+        return ids, lengths
+    default = hash_strings(pa.array([_MISSING]), seed)[0][0]
+    ends = np.cumsum(lengths)
+    filled = np.insert(ids, ends[empty], default)  # each empty bag gets one id where it starts
+    return filled, np.where(empty, 1, lengths).astype(np.int32)
+
+
 def _multi_value(column: pa.Array, separator: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split every row on `separator`; empty tokens are dropped."""
-    lists = pc.split_pattern(column, separator)
+    """Split every row on `separator`; empty tokens (and null rows) are dropped."""
+    lists = pc.split_pattern(pc.fill_null(column, ""), separator)
     tokens = pc.list_flatten(lists)
     ids, empty = hash_strings(tokens, seed)
     row_of_token = np.repeat(np.arange(len(lists)), pc.list_value_length(lists).to_numpy(zero_copy_only=False))

@@ -22,7 +22,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from tidal.data.criteo import CRITEO_DENSE, CRITEO_SPARSE
-from tidal.errors import ConfigError
+from tidal.errors import ConfigError, DataError
 from tidal.mixing import mix64_array
 
 __all__ = ["GeneratedData", "auc", "generate"]
@@ -107,7 +107,7 @@ def _chunk(n: int, rng: np.random.Generator, seed: int, vocabulary: int, zipf_a:
         columns[name] = pa.array(counts, mask=missing).cast(pa.string())
     for c, name in enumerate(CRITEO_SPARSE):
         ranks = (rng.zipf(zipf_a, n) - 1) % vocabulary
-        ids = _mixed(ranks, seed * 1000 + c)
+        ids = _mixed(ranks, seed * 1000 + c) & 0xFFFFFFFF  # the 32 bits written as 8 hex digits
         logit += sparse_scale * _standard_normal(_mixed(ids, seed * 1000 + c + 500))
         columns[name] = _hex8(ids)
     p = 1.0 / (1.0 + np.exp(-logit))
@@ -144,7 +144,8 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     labels = np.asarray(labels).astype(bool)
     positives, negatives = int(labels.sum()), int((~labels).sum())
     if positives == 0 or negatives == 0:
-        raise ValueError(f"AUC needs both classes, got {positives} positives and {negatives} negatives")
+        raise DataError(f"AUC needs both classes, got {positives} positives and {negatives} negatives; "
+                        f"evaluate on more rows")
     order = np.argsort(scores, kind="mergesort")
     sorted_scores = np.asarray(scores)[order]
     starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
