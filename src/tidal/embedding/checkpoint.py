@@ -39,7 +39,7 @@ from tidal.embedding import index as ix
 from tidal.embedding.table import EmbeddingTable
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 
-__all__ = ["load", "save", "save_delta", "write_json_atomic"]
+__all__ = ["fsync_path", "load", "save", "save_delta", "write_json_atomic"]
 
 FORMAT = "tidal-embedding-checkpoint"
 VERSION = 1
@@ -108,12 +108,12 @@ def _save(root: Path, tables: Sequence[EmbeddingTable], *, delta: bool) -> Path:
     manifest = {"format": FORMAT, "version": VERSION, "kind": "delta" if delta else "full", "id": checkpoint_id,
                 "tables": {t.name: _write_table(staging, t, delta) for t in tables}}
     write_json_atomic(staging / MANIFEST, manifest)
-    _fsync_dir(staging)
+    fsync_path(staging)
     shutil.rmtree(root / name, ignore_errors=True)  # left by a save killed before its commit
     os.replace(staging, root / name)
-    _fsync_dir(root)
+    fsync_path(root)
     write_json_atomic(root / CHAIN, {"format": FORMAT, "version": VERSION, "chain": (chain + [name]) if delta else [name]})
-    _fsync_dir(root)
+    fsync_path(root)
     for table in tables:
         table.mark_saved(manifest["tables"][table.name]["clocks"], checkpoint_id)
     _remove_unreferenced(root)
@@ -127,7 +127,7 @@ def _write_table(directory: Path, table: EmbeddingTable, delta: bool) -> dict[st
         relative = f"{table.name}/shard-{s:02d}.safetensors"
         save_file(table.snapshot_shard(s, since_save=delta), str(directory / relative))
         files[relative] = _fingerprint(directory / relative, sync=True)
-    _fsync_dir(directory / table.name)
+    fsync_path(directory / table.name)
     return {"config": table.config.model_dump(mode="json"), "clocks": table.clocks_after_save(), "files": files}
 
 
@@ -141,7 +141,8 @@ def write_json_atomic(path: Path, content: dict[str, Any]) -> None:
     os.replace(partial, path)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file or a directory entry to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tidal.embedding import load_tables, save_tables
-from tidal.embedding.checkpoint import write_json_atomic
+from tidal.embedding.checkpoint import fsync_path, write_json_atomic
 from tidal.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -48,15 +48,15 @@ def save(trainer: Trainer, position: dict[str, int]) -> Path:
     staging.mkdir()
     save_tables(staging / "tables", trainer.collection.tables)
     save_file(_dense_tensors(trainer), str(staging / "dense.safetensors"))
-    _fsync(staging / "dense.safetensors")
+    fsync_path(staging / "dense.safetensors")
     write_json_atomic(staging / "trainer.json", {
         "position": position, "config": trainer.config.model_dump(mode="json"),
         "param_groups": _param_groups(trainer.optimizer),
         "bad_rows": {"count": trainer.bad_rows.count, "examples": trainer.bad_rows.examples}})
-    _fsync(staging)
+    fsync_path(staging)
     shutil.rmtree(root / name, ignore_errors=True)  # left by a save that died before LATEST named it
     os.replace(staging, root / name)
-    _fsync(root)
+    fsync_path(root)
     write_json_atomic(root / LATEST, {"checkpoint": name})
     for old in root.iterdir():
         if old.name not in (name, LATEST) and (old.name.startswith("step-") or old.name.startswith(".tmp-")):
@@ -74,13 +74,6 @@ def latest(run_dir: Path) -> Path:
         raise CheckpointError(f"{pointer} names {directory.name}, which is incomplete or missing")
     return directory
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def restore(trainer: Trainer, directory: Path) -> dict[str, int]:
