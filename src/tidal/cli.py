@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--rows", type=int, default=1_000_000)
     gen.add_argument("--files", type=int, default=1)
     gen.add_argument("--format", choices=["tsv", "parquet"], default="tsv")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=0, help="fixes the planted truth")
+    gen.add_argument("--split", type=int, default=0, help="other rows of the same truth (e.g. 1 for eval data)")
     bench = commands.add_parser("bench", help="run a benchmark and print its figures")
     which = bench.add_subparsers(dest="benchmark", required=True)
     sparse = which.add_parser("sparse", help="a full sparse training step against torch EmbeddingBag")
@@ -143,7 +144,8 @@ def _gen_data(args: argparse.Namespace) -> int:
     from tidal.errors import ConfigError
 
     try:
-        data = generate(args.out, rows=args.rows, files=args.files, file_format=args.format, seed=args.seed)
+        data = generate(args.out, rows=args.rows, files=args.files, file_format=args.format, seed=args.seed,
+                        split=args.split)
     except ConfigError as exc:
         print(f"tidal {exc}", file=sys.stderr)
         return 2

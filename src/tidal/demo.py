@@ -33,7 +33,7 @@ def run(rows: int = 300_000) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         print(f"Generating {rows:,d} training and {rows // 4:,d} held-out rows (Criteo layout, planted truth)")
         train = generate(Path(scratch) / "train", rows=rows, files=2, seed=0)
-        held_out = generate(Path(scratch) / "eval", rows=rows // 4, seed=0)
+        held_out = generate(Path(scratch) / "eval", rows=rows // 4, seed=0, split=1)
         print("Training DLRM, every raw id in its own row (in a temporary run directory)")
         summary = Trainer(_config(train.paths, held_out.paths, Path(scratch) / "run")).fit()
     _print_summary(summary, held_out.ceiling_auc)

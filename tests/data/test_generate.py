@@ -45,3 +45,10 @@ def test_cli_writes_data_and_refuses_bad_arguments(tmp_path, capsys):
     assert "files must be between 1 and rows (10), got 20" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="zipf_a must be > 1"):
         generate(tmp_path, rows=5, zipf_a=1.0)
+
+
+def test_splits_share_the_truth_but_not_the_rows(tmp_path):
+    train = generate(tmp_path / "train", rows=500, seed=5)
+    held_out = generate(tmp_path / "eval", rows=500, seed=5, split=1)
+    assert open(train.paths[0]).read() != open(held_out.paths[0]).read()
+    assert abs(train.ceiling_auc - held_out.ceiling_auc) < 0.05

@@ -17,7 +17,7 @@ from tidal.runtime import Trainer
 
 def _config(tmp_path, **training) -> dict:
     train = generate(tmp_path / "train", rows=12_000, seed=1)
-    held_out = generate(tmp_path / "eval", rows=4_000, seed=1, files=1)
+    held_out = generate(tmp_path / "eval", rows=4_000, seed=1, split=1)
     return {
         "data": {"train": train.paths, "eval": held_out.paths, "batch_size": 512},
         "features": [

@@ -51,7 +51,7 @@ def run(rows: int = 400_000, vocabulary: int = 5_000, epochs: int = 2, as_json: 
     """Train both on `rows` rows whose ids come from `vocabulary` ranks per column."""
     with tempfile.TemporaryDirectory() as scratch:
         train = generate(Path(scratch) / "train", rows=rows, seed=7, vocabulary=vocabulary)
-        held_out = generate(Path(scratch) / "eval", rows=rows // 4, seed=7, vocabulary=vocabulary)
+        held_out = generate(Path(scratch) / "eval", rows=rows // 4, seed=7, split=1, vocabulary=vocabulary)
         tidal = Trainer(_config(train.paths, held_out.paths, Path(scratch) / "tidal", epochs))
         tidal_summary = tidal.fit()
         stats = tidal.collection.tables[0].stats()

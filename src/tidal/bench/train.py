@@ -142,7 +142,7 @@ def run(rows: int = 1_000_000, as_json: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
         data = generate(scratch / "train", rows=rows, seed=3)
-        held_out = _batches(generate(scratch / "eval", rows=max(rows // 5, 1_000), seed=3).paths)
+        held_out = _batches(generate(scratch / "eval", rows=max(rows // 5, 1_000), seed=3, split=1).paths)
         train = _batches(data.paths)
         summary: dict = {}
         for prefix, shape in CONFIGS.items():

@@ -41,14 +41,18 @@ class GeneratedData:
 
 
 def generate(out_dir: str | Path, *, rows: int, files: int = 1, file_format: Literal["tsv", "parquet"] = "tsv",
-             seed: int = 0, vocabulary: int = 1_000_000, zipf_a: float = 1.2, sparse_scale: float = 0.6,
-             bias: float = -1.2) -> GeneratedData:
-    """Write `rows` rows over `files` files into `out_dir`, plus ``truth.json``."""
+             seed: int = 0, split: int = 0, vocabulary: int = 1_000_000, zipf_a: float = 1.2,
+             sparse_scale: float = 0.6, bias: float = -1.2) -> GeneratedData:
+    """Write `rows` rows over `files` files into `out_dir`, plus ``truth.json``.
+
+    `seed` fixes the planted truth (every id's effect, the dense weights); `split`
+    draws different rows from that same truth: train on split 0, evaluate on split 1.
+    """
     _check(rows, files, file_format, vocabulary, zipf_a)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    dense_weights = rng.normal(0.0, 0.15, len(CRITEO_DENSE))
+    dense_weights = np.random.default_rng(seed).normal(0.0, 0.15, len(CRITEO_DENSE))
+    rng = np.random.default_rng([seed, split])
     paths, probabilities, labels = [], [], []
     for f in range(files):
         path = out / f"part-{f:05d}.{file_format}"
