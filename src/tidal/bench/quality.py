@@ -47,7 +47,7 @@ def _config(train: list[str], held_out: list[str], run_dir: Path, epochs: int) -
     )
 
 
-def run(rows: int = 400_000, vocabulary: int = 5_000, epochs: int = 2, as_json: bool = False) -> dict:
+def run(rows: int = 1_000_000, vocabulary: int = 1_000, epochs: int = 2, as_json: bool = False) -> dict:
     """Train both on `rows` rows whose ids come from `vocabulary` ranks per column."""
     with tempfile.TemporaryDirectory() as scratch:
         train = generate(Path(scratch) / "train", rows=rows, seed=7, vocabulary=vocabulary)
