@@ -26,7 +26,7 @@ from tidal.config import Adagrad, EmbeddingFeature, Sgd, TableConfig
 from tidal.data.batch import SparseBatch
 from tidal.embedding._parallel import cpu_count
 from tidal.embedding.collection import EmbeddingCollection
-from tidal.embedding.index import hash_keys
+from tidal.mixing import mix64_array
 
 __all__ = ["SparseBenchConfig", "run"]
 
@@ -52,9 +52,7 @@ class SparseBenchConfig:
 
 def _keys_of_ranks(ranks: np.ndarray) -> np.ndarray:
     """Spread Zipf ranks over the int64 key space (a fixed bijection)."""
-    keys = np.empty(ranks.shape[0], dtype=np.uint64)
-    hash_keys(ranks.astype(np.int64), 0, keys, np.empty(ranks.shape[0], dtype=np.int64))
-    return keys.view(np.int64)
+    return mix64_array(ranks.astype(np.int64))
 
 
 @dataclass(frozen=True, kw_only=True)

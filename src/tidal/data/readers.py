@@ -10,6 +10,7 @@ described (file, line, reason) in a `BadRows` report and skipped, or, with
 
 from __future__ import annotations
 
+import bisect
 import glob
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -134,14 +135,14 @@ def _format_of(path: str) -> str:
 @dataclass(frozen=True)
 class _Lines:
     """Where the rows of a batch came from: row r is the r-th line from `first` that is
-    not in `skipped` (lines the parser dropped for a wrong column count)."""
+    not in `skipped` (lines at or after `first` that the parser dropped, ascending)."""
 
     first: int
     skipped: tuple[int, ...] = ()
 
     def of(self, row: int) -> int:
         line = self.first + row
-        for dropped in sorted(s for s in self.skipped if s >= self.first):
+        for dropped in self.skipped:
             line += dropped <= line
         return line
 
@@ -166,6 +167,7 @@ def _text(path: str, kind: str, columns: Sequence[str], batch_rows: int, report:
         reader = _open_text(path, kind, columns, batch_rows, wrong_width)
         next_line = 2 if header else 1
         for batch in reader:
+            del skipped[: bisect.bisect_left(skipped, next_line)]  # lines of earlier batches
             lines = _Lines(next_line, tuple(skipped))
             next_line = lines.of(batch.num_rows - 1) + 1 if batch.num_rows else next_line
             yield batch, lines
