@@ -42,6 +42,7 @@ __all__ = [
     "ProbabilityAdmission",
     "RowWiseAdagrad",
     "RunConfig",
+    "RuntimeConfig",
     "Sgd",
     "SparseFeature",
     "TableConfig",
@@ -300,14 +301,45 @@ class TrainingConfig(_Model):
     eval_every: int | None = Field(None, ge=1)  # steps between evaluations on data.eval; None: only at the end
 
 
+class RuntimeConfig(_Model):
+    """The heterogeneous engine: N sparse workers feeding M dense workers.
+
+    `backend`: `local` (threads in this process, shared tables) or `ray` (the same
+    workers as Ray actors, tables in embedding-shard actors; `ray_address` names an
+    existing cluster, none starts a local Ray). `mode`: `sync` lands every batch's
+    sparse update before the next batch's lookup (parsing and extraction run ahead);
+    `async` lets up to `max_inflight` batches sit between lookup and update.
+    `transfer_dtype` is how pooled embeddings and their gradients travel; float16
+    gradients are scaled by up to `loss_scale` (less when they would overflow).
+    `sparse_workers_at` changes the number of sparse workers at given steps, for
+    example ``{1000: 4, 5000: 2}``.
+    """
+
+    backend: Literal["local", "ray"] = "local"
+    sparse_workers: int = Field(1, ge=1, le=256)
+    dense_workers: int = Field(1, ge=1, le=64)
+    mode: Literal["sync", "async"] = "sync"
+    max_inflight: int = Field(4, ge=1, le=1024)
+    read_ahead: int = Field(4, ge=1, le=1024)  # batches parsed and extracted ahead, per sparse worker
+    transfer_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    loss_scale: float = Field(1024.0, ge=1.0, le=2.0**24)
+    colocated_sparse_worker: bool = False  # one more sparse worker beside the first dense worker
+    embedding_shards: int = Field(1, ge=1, le=256)  # ray: embedding-shard actors (tables placed table-wise)
+    ray_address: str | None = None
+    telemetry_every_s: float = Field(5.0, gt=0.0)
+    sparse_workers_at: dict[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1, le=256)]] = Field(default_factory=dict)
+
+
 class RunConfig(_Model):
-    """One YAML file: data, features, tables, model and training."""
+    """One YAML file: data, features, tables, model and training; with `runtime`, the
+    heterogeneous engine trains it, without it the single-process reference trainer."""
 
     data: DataConfig
     features: list[FeatureConfig] = Field(min_length=1)
     tables: list[TableConfig] = Field(min_length=1)
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
+    runtime: RuntimeConfig | None = None
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> RunConfig:

@@ -90,6 +90,15 @@ class SparseBatch:
         offsets = self.offsets
         return int(offsets[f * self.batch_size]), int(offsets[(f + 1) * self.batch_size])
 
+    def select(self, keys: Sequence[str]) -> SparseBatch:
+        """The features `keys` of this batch (in that order), without dense or labels."""
+        offsets, b = self.offsets, self.batch_size
+        spans = [(int(offsets[f * b]), int(offsets[(f + 1) * b]), f) for f in map(self.keys.index, keys)]
+        pick = np.concatenate([np.arange(lo, hi) for lo, hi, _ in spans]) if spans else np.zeros(0, np.int64)
+        return SparseBatch(keys=tuple(keys), batch_size=b, values=self.values[pick],
+                           lengths=np.concatenate([self.lengths[f * b : (f + 1) * b] for _, _, f in spans] or [np.zeros(0, np.int32)]),
+                           weights=None if self.weights is None else self.weights[pick])
+
     @classmethod
     def from_lists(cls, bags: Mapping[str, Sequence[Sequence[int]]], *,
                    weights: Mapping[str, Sequence[Sequence[float]]] | None = None,

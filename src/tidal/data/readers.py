@@ -51,6 +51,11 @@ class BadRows:
         if len(self.examples) < _MAX_EXAMPLES:
             self.examples.append(f"{path}:{line if line is not None else '?'}: {reason}")
 
+    def extend(self, count: int, examples: list[str]) -> None:
+        """Count `count` more bad rows, described (the first of them) by `examples`."""
+        self.count += count
+        self.examples += examples[: max(0, _MAX_EXAMPLES - len(self.examples))]
+
     def summary(self) -> str:
         if not self.count:
             return "no bad rows"

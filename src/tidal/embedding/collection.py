@@ -78,26 +78,36 @@ class EmbeddingCollection:
         and admission applies); without it, lookups are read-only and absent ids read
         as zeros. `out`, a contiguous float32 `[B, F, D]` tensor, receives the pooled
         values instead of a new buffer (reuse one per batch in flight: a fresh 27 MB
-        buffer costs page faults on every step).
+        buffer costs page faults on every step). The two phases are also callable on
+        their own: ``ctx = lookup(batch)`` then ``pool(batch, ctx)``.
         """
-        if dtype not in _DTYPES:
-            raise BatchError(f"pooled dtype must be one of float32, bfloat16, float16, got {dtype}")
+        ctx = self.lookup(batch, train=train)
+        return self.pool(batch, ctx, dtype=dtype, out=out), ctx
+
+    def lookup(self, batch: SparseBatch, *, train: bool = True) -> PooledContext:
+        """Find (with `train`: find or create) the row of every id of `batch`."""
         feature_tables = self._feature_tables(batch)
         offsets = batch.offsets
         lookups = self._lookup(batch, offsets, feature_tables, train)
-        handles = np.empty(batch.values.shape[0], dtype=np.int64)
-        for positions, lookup in lookups.values():
-            handles[positions] = lookup.handles
         modes = np.array([pooling.MODES[self.features[k].pooling] for k in batch.keys], dtype=np.int64)
         weights = batch.weights if batch.weights is not None else np.zeros(0, np.float32)
         scales = pooling.id_scales(offsets, weights, modes, batch.batch_size)
+        return PooledContext(lookups=lookups, offsets=offsets, scales=scales,
+                             feature_tables=feature_tables, batch_size=batch.batch_size, train=train)
+
+    def pool(self, batch: SparseBatch, ctx: PooledContext, *, dtype: torch.dtype = torch.float32,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """The pooled `[B, F, D]` embeddings of the rows `ctx` found for `batch`."""
+        if dtype not in _DTYPES:
+            raise BatchError(f"pooled dtype must be one of float32, bfloat16, float16, got {dtype}")
+        handles = np.empty(batch.values.shape[0], dtype=np.int64)
+        for positions, found in ctx.lookups.values():
+            handles[positions] = found.handles
         pooled = self._output(batch, out)  # [B, F, D]
         directories, widths = self._directories()
         run_split(pooling.pool, batch.batch_size, self.threads, directories, widths,
-                  feature_tables, handles, offsets, scales, pooled.numpy())
-        ctx = PooledContext(lookups=lookups, offsets=offsets, scales=scales,
-                            feature_tables=feature_tables, batch_size=batch.batch_size, train=train)
-        return pooled.to(dtype), ctx
+                  ctx.feature_tables, handles, ctx.offsets, ctx.scales, pooled.numpy())
+        return pooled.to(dtype)
 
     def _output(self, batch: SparseBatch, out: torch.Tensor | None) -> torch.Tensor:
         shape = (batch.batch_size, len(batch.keys), self.dim)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["LinearHead", "MMoEHead", "mlp"]
+__all__ = ["LinearHead", "MMoEHead", "mlp", "weighted_bce"]
 
 
 def mlp(in_features: int, sizes: Sequence[int], *, last_activation: bool = True) -> nn.Sequential:
@@ -56,3 +56,14 @@ class MMoEHead(nn.Module):
         experts = torch.stack([expert(x) for expert in self.experts], dim=1)  # [B, E, W]
         mixed = torch.einsum("bte,bew->btw", self.gate_weights(x), experts)  # [B, T, W]
         return torch.cat([tower(mixed[:, t]) for t, tower in enumerate(self.towers)], dim=1)  # [B, T]
+
+
+def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, total_rows: int) -> torch.Tensor:
+    """Binary cross-entropy per target, summed over these rows and divided by
+    `total_rows`, then averaged over targets with `weights`: `[B, T]` -> scalar.
+
+    With `total_rows` the batch size this is the mean loss of the batch; when a batch
+    is cut into row slices, the slices' losses (and gradients) add up to it.
+    """
+    per_target = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(0) / total_rows
+    return (per_target * weights).sum() / weights.sum()

@@ -24,12 +24,13 @@ from tidal.data.batch import SparseBatch
 from tidal.data.criteo import CRITEO_COLUMNS
 from tidal.data.extract import Extractor
 from tidal.data.generate import auc
-from tidal.data.readers import BadRows, expand_paths, read_batches
+from tidal.data.readers import BadRows, expand_paths
 from tidal.embedding import EmbeddingCollection
 from tidal.errors import DataError
-from tidal.models import RankingModel
+from tidal.models import RankingModel, weighted_bce
 from tidal.runtime import checkpoint
 from tidal.runtime.plots import plot_metrics
+from tidal.runtime.source import ReaderSpec
 
 __all__ = ["Evaluation", "Trainer"]
 
@@ -63,6 +64,7 @@ class Trainer:
         self.eval_bad_rows = BadRows()
         self.run_dir = Path(config.training.run_dir)
         self.elapsed_s = 0.0
+        self.runtime_report: dict | None = None  # telemetry and faults of a heterogeneous run
         self._eval_s = 0.0  # spent evaluating during fit, left out of its speed
 
     # ------------------------------------------------------------------ data
@@ -77,6 +79,11 @@ class Trainer:
         return self.extractor(table)
 
     def _tables(self, paths: str | list[str], bad_rows: BadRows) -> Iterator[pa.RecordBatch]:
+        yield from self.reader_spec(paths).epoch(bad_rows)
+
+    def reader_spec(self, paths: str | list[str], *, epochs: int = 1, start_epoch: int = 0,
+                    start_batch: int = 0) -> ReaderSpec:
+        """How to read the files at `paths` as this run's batches (checked, columns resolved)."""
         data = self.config.data
         files = expand_paths(paths)
         tsv = (data.format or Path(files[0]).suffix.lstrip(".")) in ("tsv", "txt")
@@ -84,8 +91,9 @@ class Trainer:
         missing = [c for c in self.extractor.columns if c not in columns]
         if missing:
             raise DataError(f"data.columns lacks {missing}, which the features read; it lists {columns}")
-        yield from read_batches(files, columns=columns, checks=self.extractor.checks, file_format=data.format,
-                                batch_rows=data.batch_size, on_bad_row=data.on_bad_row, bad_rows=bad_rows)
+        return ReaderSpec(files=files, columns=list(columns), checks=dict(self.extractor.checks),
+                          file_format=data.format, batch_rows=data.batch_size, on_bad_row=data.on_bad_row,
+                          epochs=epochs, start_epoch=start_epoch, start_batch=start_batch)
 
     # ------------------------------------------------------------------ training
 
@@ -95,7 +103,7 @@ class Trainer:
         pooled, ctx = self.collection.forward(batch)  # [B, F, D]
         pooled.requires_grad_(True)
         logits = self.model(pooled, self._dense(batch))  # [B, T]
-        loss = self._loss(logits, torch.tensor(batch.labels))
+        loss = weighted_bce(logits, torch.tensor(batch.labels), self.loss_weights, batch.batch_size)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -106,10 +114,6 @@ class Trainer:
         if batch.dense is None:
             return torch.zeros(batch.batch_size, 0)
         return torch.tensor(batch.dense)  # [B, Dd]
-
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        per_target = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(0)
-        return (per_target * self.loss_weights).sum() / self.loss_weights.sum()
 
     def fit(self, *, resume: bool = False, max_steps: int | None = None) -> dict:
         """Train for the configured epochs (or `max_steps`), checkpointing on the way
@@ -125,7 +129,12 @@ class Trainer:
             position = checkpoint.restore(self, checkpoint.latest(self.run_dir))
         with open(self.run_dir / "metrics.jsonl", "a" if resume else "w") as log:
             start = time.perf_counter()
-            step, rows, finished = self._train(log, position, max_steps)
+            if self.config.runtime is None:
+                step, rows, finished = self._train(log, position, max_steps)
+            else:
+                from tidal.runtime.hetero import train
+
+                step, rows, finished = train(self, log, position, max_steps)
             self.elapsed_s = time.perf_counter() - start - self._eval_s
             if finished:
                 checkpoint.save(self, {"step": step, "epoch": self.config.training.epochs, "batch": 0})
@@ -182,6 +191,7 @@ class Trainer:
     def _summary(self, steps: int, rows: int, evaluation: Evaluation | None) -> dict:
         return {"steps": steps, "rows": rows, "samples_per_s": rows / max(self.elapsed_s, 1e-9),
                 "bad_rows": self.bad_rows.count, "bad_row_examples": self.bad_rows.examples,
+                "runtime": self.runtime_report,
                 "eval": asdict(evaluation) if evaluation else None,
                 "tables": {t.name: {"rows": s.rows, "bytes": s.value_bytes + s.state_bytes + s.index_bytes + s.metadata_bytes}
                            for t in self.collection.tables for s in [t.stats()]}}

@@ -1,0 +1,308 @@
+"""The coordinator of heterogeneous training: gate, dispatch queue, barriers, faults.
+
+The engine never touches a tensor. It hands batch ids to sparse workers (read ahead),
+lets a batch be looked up when the mode allows it (`sync`: once every earlier batch's
+sparse update landed; `async`: while fewer than `max_inflight` batches are between
+lookup and update), puts the looked-up batch's metadata (id, producer, rows, where its
+slices are) on the bounded dispatch queue, hands it to the dense workers when they are
+free, and routes each gradient back to the producer. Checkpoints, evaluations and
+worker-count changes happen at barriers: no lookup passes one until every earlier
+update has landed.
+
+A sparse worker that fails is replaced; its batches are read or looked up again, and
+an update that fails is applied by the replacement (the lookup lives in the store), so
+nothing is lost unless the same update fails three times. A dense worker that fails
+stops the run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from tidal.errors import TidalError
+from tidal.runtime import checkpoint
+from tidal.runtime.telemetry import Telemetry
+
+__all__ = ["Engine", "Ticket"]
+
+_MAX_ATTEMPTS = 3
+_DENSE_AHEAD = 2  # group steps handed to the dense workers at once: the next input waits ready
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ticket:
+    """What the dispatch queue carries: metadata only."""
+
+    batch_id: int
+    producer: int  # sparse worker slot
+    rows: int
+    location: list[Any]  # one handle per dense worker: its row slice, where it lies
+
+
+@dataclass
+class _Flight:
+    """One batch between lookup and update."""
+
+    slot: int
+    worker: Any  # the handle the last call went to
+    looked_at_update: int  # updates applied when it was looked up
+    slices: list[Any] = field(default_factory=list)  # handles of the row slices
+    meta: dict | None = None  # what the forward said
+    dense: list[Any] = field(default_factory=list)  # (meta, grad) handles per dense rank
+    ranks_left: int = 0
+    loss: float = 0.0
+    failed_updates: int = 0
+
+
+class Engine:
+    """Runs the steps of a `Trainer` through a backend's sparse and dense workers."""
+
+    def __init__(self, trainer: Any, backend: Any, telemetry: Telemetry) -> None:
+        self.trainer, self.backend, self.telemetry = trainer, backend, telemetry
+        self.runtime = trainer.config.runtime
+        self.sparse: dict[int, Any] = {}  # slot -> worker handle
+        self.dense: list[Any] = []
+        self.assigned: dict[int, int] = {}  # batch id -> slot reading it
+        self.flights: dict[int, _Flight] = {}
+        self.retry: list[int] = []  # batch ids to look up again
+        self.pending: dict[Any, tuple[str, int]] = {}  # handle -> (kind, batch id)
+        self.dispatch: deque[Ticket] = deque()
+        self.failures: list[dict] = []
+        self.lost = {"batches": 0, "samples": 0}
+        self.placement: dict[int, tuple[int, int]] = {}  # batch id -> (epoch, index)
+        self.next_assign = self.next_forward = self.done = self.updates = self.dense_running = 0
+        self.end_id: int | None = None
+        self.target_workers = self.runtime.sparse_workers + int(self.runtime.colocated_sparse_worker)
+
+    # ------------------------------------------------------------------ workers
+
+    def resize(self, sparse_workers: int) -> None:
+        """Run `sparse_workers` sparse workers from now on (taken up at the next loop)."""
+        self.target_workers = sparse_workers
+
+    def _apply_resize(self) -> None:
+        while len(self.sparse) < self.target_workers:
+            slot = max(self.sparse, default=-1) + 1
+            self.sparse[slot] = self.backend.start_sparse(slot)
+        for slot in sorted(self.sparse)[self.target_workers :]:
+            if not any(f.slot == slot for f in self.flights.values()):
+                self._retire(slot)
+
+    def _retire(self, slot: int) -> None:
+        """Stop the worker in `slot`; batches it was reading go to the others."""
+        worker = self.sparse.pop(slot)
+        for batch_id in [k for k, s in self.assigned.items() if s == slot]:
+            del self.assigned[batch_id]
+            self.retry.append(batch_id)
+        self.backend.stop(worker)
+
+    def _replace(self, slot: int, batch_id: int, stage: str, exc: BaseException) -> None:
+        self.failures.append({"worker": slot, "batch": batch_id, "stage": stage, "error": repr(exc)})
+        print(f"  sparse worker {slot} failed in {stage} of batch {batch_id}: {exc!r}; replacing it", flush=True)
+        worker = self.sparse.pop(slot)
+        for k in [k for k, s in self.assigned.items() if s == slot]:
+            del self.assigned[k]
+            self.retry.append(k)
+        self.sparse[slot] = self.backend.start_sparse(slot)
+        try:
+            self.backend.stop(worker)
+        except Exception:  # a dead actor cannot be stopped twice; the backend forgets it
+            pass
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, start_step: int, max_steps: int | None, on_done: Any, at_barrier: Any) -> tuple[int, bool]:
+        """Train until the data ends (True) or `max_steps` (False); the last step.
+
+        `on_done(batch_id, meta, loss)` is called for every batch whose update landed,
+        `at_barrier(step, position)` when a barrier step is reached.
+        """
+        self.start_step, self.max_steps = start_step, max_steps
+        self.on_done, self.at_barrier = on_done, at_barrier
+        self.dense = self.backend.start_dense()
+        self._apply_resize()
+        self.barrier = self._next_barrier(1)
+        while True:
+            self._apply_resize()
+            self._assign_reads()
+            self._issue_forwards()
+            self._issue_dense()
+            self._sample()
+            if self._at_barrier():
+                if self._stop_here():
+                    return start_step + self.done, False
+                step = start_step + self.done
+                if step in self.runtime.sparse_workers_at:
+                    self.resize(self.runtime.sparse_workers_at[step])
+                self.at_barrier(step, self._position())
+                self.barrier = self._next_barrier(self.done + 1)
+                continue
+            if self.end_id is not None and self.done >= self.end_id and not self.flights:
+                return start_step + self.done, True
+            if not self.pending:
+                raise RuntimeError(f"engine stalled: nothing in flight, {self.done} batches done, "
+                                   f"reading {sorted(self.assigned)[:8]}, barrier {self.barrier}, end {self.end_id}")
+            for handle in self.backend.wait(list(self.pending), 0.5):
+                self._complete(handle)
+
+    def _sample(self) -> None:
+        self.telemetry.sample({"sparse": len(self.sparse), "dense": len(self.dense)},
+                              {"dispatch": len(self.dispatch), "reading": len(self.assigned),
+                               "in_flight": len(self.flights)})
+
+    # ------------------------------------------------------------------ barriers
+
+    def _next_barrier(self, from_done: int) -> int | None:
+        """The smallest number of done batches >= `from_done` where something is due."""
+        training = self.trainer.config.training
+        steps = [self.max_steps] if self.max_steps is not None else []
+        for every in (training.checkpoint_every, training.eval_every if self.trainer.config.data.eval else None):
+            if every:
+                step = self.start_step + from_done
+                steps.append(step + (-step) % every)
+        steps += [s for s in self.runtime.sparse_workers_at if s >= self.start_step + from_done]
+        return min(steps) - self.start_step if steps else None
+
+    def _at_barrier(self) -> bool:
+        return self.barrier is not None and self.done >= self.barrier and not self.flights
+
+    def _stop_here(self) -> bool:
+        return self.max_steps is not None and self.start_step + self.done >= self.max_steps
+
+    def _position(self) -> dict[str, int]:
+        step = self.start_step + self.done
+        epoch, index = self.placement[self.done - 1]
+        return {"step": step, "epoch": epoch, "batch": index + 1}
+
+    # ------------------------------------------------------------------ issuing work
+
+    def _assign_reads(self) -> None:
+        live = sorted(self.sparse)
+        horizon = self.next_forward + self.runtime.read_ahead * len(live)
+        for batch_id in sorted(self.retry):
+            self._assign(batch_id, live)
+        self.retry.clear()
+        while self.next_assign < horizon and (self.end_id is None or self.next_assign < self.end_id):
+            self._assign(self.next_assign, live)
+            self.next_assign += 1
+
+    def _assign(self, batch_id: int, live: list[int]) -> None:
+        slot = live[batch_id % len(live)]
+        self.assigned[batch_id] = slot
+        self.backend.call(self.sparse[slot], "prepare", batch_id)
+
+    def _may_look_up(self, batch_id: int) -> bool:
+        if self.barrier is not None and batch_id >= self.barrier:
+            return False
+        if self.end_id is not None and batch_id >= self.end_id:
+            return False
+        if self.runtime.mode == "sync":
+            return not self.flights
+        return len(self.flights) < self.runtime.max_inflight
+
+    def _issue_forwards(self) -> None:
+        while self.assigned:
+            batch_id = min(self.assigned)
+            if not self._may_look_up(batch_id):
+                return
+            slot = self.assigned.pop(batch_id)
+            self.next_forward = max(self.next_forward, batch_id + 1)
+            worker = self.sparse[slot]
+            handles = self.backend.call(worker, "forward", batch_id, returns=1 + len(self.dense))
+            self.flights[batch_id] = _Flight(slot=slot, worker=worker, looked_at_update=self.updates, slices=handles[1:])
+            self.pending[handles[0]] = ("forward", batch_id)
+
+    def _issue_dense(self) -> None:
+        while self.dispatch and self.dense_running < _DENSE_AHEAD:
+            ticket = self.dispatch.popleft()
+            flight = self.flights[ticket.batch_id]
+            flight.dense = [self.backend.call(worker, "step", part, returns=2)
+                            for worker, part in zip(self.dense, ticket.location)]
+            for meta, _ in flight.dense:
+                self.pending[meta] = ("dense", ticket.batch_id)
+            flight.ranks_left = len(self.dense)
+            self.dense_running += 1
+
+    # ------------------------------------------------------------------ completions
+
+    def _complete(self, handle: Any) -> None:
+        kind, batch_id = self.pending.pop(handle)
+        try:
+            result = self.backend.get(handle)
+        except TidalError:
+            raise
+        except Exception as exc:
+            self._failed(kind, batch_id, exc)
+            return
+        getattr(self, f"_{kind}_done")(batch_id, result)
+
+    def _failed(self, kind: str, batch_id: int, exc: Exception) -> None:
+        flight = self.flights[batch_id]
+        if kind == "dense":
+            raise TidalError(f"dense worker failed on batch {batch_id} (step {self.start_step + batch_id + 1}): "
+                             f"{exc!r}. The run stopped; continue it from the last checkpoint with --resume") from exc
+        if self.sparse.get(flight.slot) is flight.worker:  # not replaced yet
+            self._replace(flight.slot, batch_id, kind, exc)
+        if kind == "forward":
+            del self.flights[batch_id]
+            self.retry.append(batch_id)
+            return
+        flight.failed_updates += 1
+        if flight.failed_updates >= _MAX_ATTEMPTS:
+            self._lose(batch_id, flight, exc)
+        else:
+            self._send_backward(batch_id, flight)
+
+    def _lose(self, batch_id: int, flight: _Flight, exc: Exception) -> None:
+        del self.flights[batch_id]
+        self.backend.forget(batch_id)
+        rows = flight.meta["rows"] if flight.meta else 0
+        self.lost["batches"] += 1
+        self.lost["samples"] += rows
+        self.failures.append({"batch": batch_id, "lost_samples": rows, "error": f"update failed {_MAX_ATTEMPTS} times: {exc!r}"})
+        self.done += 1
+
+    def _forward_done(self, batch_id: int, meta: dict) -> None:
+        flight = self.flights[batch_id]
+        if meta["end"]:
+            del self.flights[batch_id]
+            self.end_id = batch_id if self.end_id is None else min(self.end_id, batch_id)
+            self.assigned = {k: s for k, s in self.assigned.items() if k < self.end_id}
+            return
+        self.telemetry.add("sparse", meta["timings"])
+        self.placement[batch_id] = (meta["epoch"], meta["index"])
+        flight.meta = meta
+        self.dispatch.append(Ticket(batch_id=batch_id, producer=flight.slot, rows=meta["rows"], location=flight.slices))
+
+    def _dense_done(self, batch_id: int, meta: dict) -> None:
+        flight = self.flights[batch_id]
+        self.telemetry.add("dense", meta["timings"])
+        flight.loss += meta["loss"]
+        flight.ranks_left -= 1
+        if flight.ranks_left:
+            return
+        self.dense_running -= 1
+        self._send_backward(batch_id, flight)
+
+    def _send_backward(self, batch_id: int, flight: _Flight) -> None:
+        grads = [grad for _, grad in flight.dense]
+        flight.worker = self.sparse[flight.slot]
+        handle = self.backend.call(flight.worker, "backward", batch_id, *grads)[0]
+        self.pending[handle] = ("backward", batch_id)
+
+    def _backward_done(self, batch_id: int, timings: dict) -> None:
+        flight = self.flights.pop(batch_id)
+        self.telemetry.add("sparse", timings)
+        self.telemetry.staleness.append(self.updates - flight.looked_at_update)
+        self.telemetry.samples += flight.meta["rows"]  # type: ignore[index]
+        self.updates += 1
+        self.done += 1
+        self.on_done(batch_id, flight.meta, flight.loss)
+
+    def report(self) -> dict:
+        return {"sparse_worker_failures": [f for f in self.failures if "worker" in f],
+                "lost_batches": self.lost["batches"], "lost_samples": self.lost["samples"],
+                "lost_reasons": [f["error"] for f in self.failures if "lost_samples" in f]}

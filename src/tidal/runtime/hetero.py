@@ -1,0 +1,76 @@
+"""Heterogeneous training of a `Trainer`'s run: its config's `runtime` section chooses
+the backend and the numbers of sparse and dense workers (see `tidal.runtime.engine`)."""
+
+from __future__ import annotations
+
+import time
+from typing import IO, Any
+
+from tidal.runtime import checkpoint
+from tidal.runtime.engine import Engine
+from tidal.runtime.source import ReaderSpec
+from tidal.runtime.telemetry import Telemetry
+
+__all__ = ["make_backend", "train"]
+
+
+def make_backend(trainer: Any, spec: ReaderSpec) -> Any:
+    """The backend the run's config names, placing workers for `trainer` reading `spec`."""
+    if trainer.config.runtime.backend == "ray":
+        from tidal.runtime.ray_backend import RayBackend
+
+        return RayBackend(trainer, spec)
+    from tidal.runtime.local import LocalBackend
+
+    return LocalBackend(trainer, spec)
+
+
+def train(trainer: Any, log: IO[str], position: dict[str, int], max_steps: int | None) -> tuple[int, int, bool]:
+    """Train from `position` to the end (or `max_steps`): (last step, rows trained, finished).
+
+    The telemetry and fault report land in `trainer.runtime_report` and in
+    ``<run_dir>/telemetry.json``; every worker is stopped on the way out, error or not.
+    """
+    config = trainer.config
+    spec = trainer.reader_spec(config.data.train, epochs=config.training.epochs,
+                               start_epoch=position["epoch"], start_batch=position["batch"])
+    telemetry = Telemetry(trainer.run_dir / "telemetry.json", config.runtime.telemetry_every_s)
+    backend = make_backend(trainer, spec)
+    engine = Engine(trainer, backend, telemetry)
+    progress = _Progress(trainer, log, position["step"])
+    try:
+        step, finished = engine.run(position["step"], max_steps, progress.done,
+                                    lambda step, at: _barrier(trainer, backend, log, step, at))
+        backend.pull_state()
+    finally:
+        backend.shutdown()
+        trainer.runtime_report = telemetry.finish() | engine.report()
+    return step, progress.rows, finished
+
+
+class _Progress:
+    """Counts rows and bad rows of finished batches, and logs every `log_every` steps."""
+
+    def __init__(self, trainer: Any, log: IO[str], start_step: int) -> None:
+        self.trainer, self.log, self.step = trainer, log, start_step
+        self.rows, self.losses, self.start = 0, [], time.perf_counter()
+
+    def done(self, batch_id: int, meta: dict, loss: float) -> None:
+        if meta["epoch"] == 0:  # later epochs read the same rows again
+            self.trainer.bad_rows.extend(meta["bad_rows"], meta["bad_examples"])
+        self.rows += meta["rows"]
+        self.step += 1
+        self.losses.append(loss)
+        if self.step % self.trainer.config.training.log_every == 0:
+            self.trainer._log(self.log, meta["epoch"], self.step, self.rows, self.start, self.losses)
+            self.losses = []
+
+
+def _barrier(trainer: Any, backend: Any, log: IO[str], step: int, position: dict[str, int]) -> None:
+    """Evaluate and checkpoint when due (every update has landed, nothing is in flight)."""
+    training, data = trainer.config.training, trainer.config.data
+    backend.pull_state()
+    if training.eval_every and data.eval and step % training.eval_every == 0:
+        trainer._log_eval(log, step)
+    if training.checkpoint_every and step % training.checkpoint_every == 0:
+        checkpoint.save(trainer, position)

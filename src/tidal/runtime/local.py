@@ -1,0 +1,125 @@
+"""The `local` backend: every worker a thread of this process, the tables shared.
+
+Each worker is served by one thread that runs its calls one at a time, in order (the
+same contract as a Ray actor); calls return `concurrent.futures.Future`s, and a future
+passed as an argument is waited for before the call runs.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import copy
+import queue
+import threading
+from typing import Any
+
+from tidal.runtime.source import BatchSource
+from tidal.runtime.workers import DenseWorker, EmbeddingShard, SparseWorker, ThreadAllReduce
+
+__all__ = ["LocalBackend"]
+
+
+class _ThreadActor:
+    """One object served by one thread."""
+
+    def __init__(self, target: Any, name: str) -> None:
+        self.target = target
+        self._calls: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self._thread.start()
+
+    def call(self, method: str, args: tuple, returns: int) -> list[cf.Future]:
+        done: cf.Future = cf.Future()
+        self._calls.put((done, method, args))
+        if returns == 1:
+            return [done]
+        parts = [cf.Future() for _ in range(returns)]
+        done.add_done_callback(lambda f: _split(f, parts))
+        return parts
+
+    def _serve(self) -> None:
+        while (job := self._calls.get()) is not None:
+            done, method, args = job
+            try:
+                args = tuple(a.result() if isinstance(a, cf.Future) else a for a in args)
+                done.set_result(getattr(self.target, method)(*args))
+            except BaseException as exc:  # the caller sees it through the future
+                done.set_exception(exc)
+
+    def close(self) -> None:
+        """Finish the call running (a target's `close` unblocks one that waits), then stop."""
+        self._calls.put(None)
+        if hasattr(self.target, "close"):
+            self.target.close()
+        self._thread.join()
+
+
+def _split(done: cf.Future, parts: list[cf.Future]) -> None:
+    if done.exception() is not None:
+        for part in parts:
+            part.set_exception(done.exception())
+        return
+    for part, value in zip(parts, done.result()):
+        part.set_result(value)
+
+
+class LocalBackend:
+    """Threads in one process: one shared source, one shared store, M dense replicas."""
+
+    def __init__(self, trainer: Any, spec: Any) -> None:
+        self.trainer, self.runtime = trainer, trainer.config.runtime
+        self.source = BatchSource(spec, shared=True)
+        self.store = EmbeddingShard(trainer.collection)
+        self._all_reduce = ThreadAllReduce(self.runtime.dense_workers) if self.runtime.dense_workers > 1 else None
+        self._actors: list[_ThreadActor] = []
+
+    def start_sparse(self, index: int) -> _ThreadActor:
+        worker = SparseWorker(index, source=self.source, extractor=self.trainer.extractor, store=self.store,
+                              dense_workers=self.runtime.dense_workers, transfer_dtype=self.runtime.transfer_dtype)
+        return self._track(_ThreadActor(worker, f"tidal-sparse-{index}"))
+
+    def start_dense(self) -> list[_ThreadActor]:
+        trainer = self.trainer
+        optimizer_state = trainer.optimizer.state_dict() if trainer.optimizer.state else None
+        workers = []
+        for rank in range(self.runtime.dense_workers):
+            model = trainer.model if rank == 0 else copy.deepcopy(trainer.model)
+            worker = DenseWorker(rank, model=model, lr=trainer.config.training.lr, optimizer_state=optimizer_state,
+                                 loss_weights=trainer.loss_weights, all_reduce=self._all_reduce,
+                                 loss_scale=self.runtime.loss_scale)
+            workers.append(self._track(_ThreadActor(worker, f"tidal-dense-{rank}")))
+        trainer.optimizer = workers[0].target.optimizer  # rank 0 trains the trainer's own model
+        return workers
+
+    def _track(self, actor: _ThreadActor) -> _ThreadActor:
+        self._actors.append(actor)
+        return actor
+
+    def call(self, actor: _ThreadActor, method: str, *args: Any, returns: int = 1) -> list[cf.Future]:
+        return actor.call(method, args, returns)
+
+    @staticmethod
+    def wait(handles: list[cf.Future], timeout_s: float) -> list[cf.Future]:
+        done, _ = cf.wait(handles, timeout=timeout_s, return_when=cf.FIRST_COMPLETED)
+        return list(done)
+
+    @staticmethod
+    def get(handle: cf.Future) -> Any:
+        return handle.result()
+
+    def forget(self, batch_id: int) -> None:
+        self.store.drop(batch_id)
+
+    def stop(self, actor: _ThreadActor) -> None:
+        actor.close()
+        self._actors.remove(actor)
+
+    def pull_state(self) -> None:
+        """Bring the trained state to the trainer: here it is the trainer's already."""
+
+    def shutdown(self) -> None:
+        """Join every worker thread (after a failure too: waiting ranks are freed)."""
+        if self._all_reduce is not None:
+            self._all_reduce.abort()
+        for actor in list(self._actors):
+            self.stop(actor)

@@ -1,0 +1,105 @@
+"""Numbered batches of a training run's files, shared by (or copied to) sparse workers.
+
+Batch ids count from the position a run starts at: id 0 is the first batch to train,
+epochs follow one another. A `BatchSource` reads the files in order and hands batch
+`k` to whichever worker asks for it; a shared source (threads of one process) keeps
+what it read ahead for the other workers, a private one (one per Ray actor) reads the
+whole stream and drops the batches it was not asked for.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from tidal.data.readers import BadRows, read_batches
+
+__all__ = ["BatchSource", "Item", "ReaderSpec"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReaderSpec:
+    """Everything needed to read a run's training files again, anywhere (picklable)."""
+
+    files: list[str]
+    columns: list[str]
+    checks: dict[str, str]
+    file_format: str | None
+    batch_rows: int
+    on_bad_row: str
+    epochs: int
+    start_epoch: int = 0
+    start_batch: int = 0  # batches of `start_epoch` already trained
+
+    def epoch(self, bad_rows: BadRows) -> Iterator[pa.RecordBatch]:
+        return read_batches(self.files, columns=self.columns, checks=self.checks, file_format=self.file_format,  # type: ignore[arg-type]
+                            batch_rows=self.batch_rows, on_bad_row=self.on_bad_row, bad_rows=bad_rows)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Item:
+    """Batch `batch_id`: the `index`-th batch of `epoch`, and the bad rows met reading it."""
+
+    batch_id: int
+    epoch: int
+    index: int
+    table: pa.RecordBatch
+    bad_rows: int = 0
+    bad_examples: list[str] = field(default_factory=list)
+    parse_s: float = 0.0
+
+
+class BatchSource:
+    """Batch `k` of the stream on request; thread-safe."""
+
+    def __init__(self, spec: ReaderSpec, *, shared: bool) -> None:
+        self.spec = spec
+        self.shared = shared
+        self._lock = threading.Lock()
+        self._restart()
+
+    def _restart(self) -> None:
+        self._stream = self._items()
+        self._next_id = 0
+        self._kept: dict[int, Item] = {}
+        self._ended = False
+
+    def _items(self) -> Iterator[tuple[int, int, pa.RecordBatch, int, list[str]]]:
+        """(epoch, index, table, bad rows met reading it, their examples) past the start."""
+        for epoch in range(self.spec.start_epoch, self.spec.epochs):
+            report, counted, shown = BadRows(), 0, 0
+            skip = self.spec.start_batch if epoch == self.spec.start_epoch else 0
+            for index, table in enumerate(self.spec.epoch(report)):
+                bad, examples = report.count - counted, report.examples[shown:]
+                counted, shown = report.count, len(report.examples)
+                if index >= skip:
+                    yield epoch, index, table, bad, examples
+
+    def get(self, batch_id: int) -> Item | None:
+        """Batch `batch_id`, or None when the stream ends before it."""
+        with self._lock:
+            if batch_id in self._kept:
+                return self._kept.pop(batch_id)
+            if batch_id < self._next_id:  # handed out or dropped before: read again from the start
+                self._restart()
+            while not self._ended and self._next_id <= batch_id:
+                item = self._read()
+                if item is not None and (self.shared or item.batch_id == batch_id):
+                    self._kept[item.batch_id] = item
+            return self._kept.pop(batch_id, None)
+
+    def _read(self) -> Item | None:
+        start = time.perf_counter()
+        found = next(self._stream, None)
+        if found is None:
+            self._ended = True
+            return None
+        epoch, index, table, bad, examples = found
+        item = Item(batch_id=self._next_id, epoch=epoch, index=index, table=table, bad_rows=bad,
+                    bad_examples=examples, parse_s=time.perf_counter() - start)
+        self._next_id += 1
+        return item

@@ -1,0 +1,84 @@
+"""Where the time of a heterogeneous run goes: busy fraction of every stage, queue
+depths and staleness, sampled every few seconds and summed up at the end."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tidal.embedding.checkpoint import write_json_atomic
+
+__all__ = ["STAGES", "Telemetry"]
+
+# stage -> role whose workers run it; transfer is counted on both sides
+STAGES = {"parse": "sparse", "extract": "sparse", "lookup": "sparse", "pool": "sparse",
+          "transfer": "both", "update": "sparse", "dense": "dense"}
+
+
+class Telemetry:
+    """Stage seconds reported by the workers, over the worker-seconds each role had."""
+
+    def __init__(self, path: Path, every_s: float) -> None:
+        self.path, self.every_s = path, every_s
+        self.start = self._last = self._shown = time.perf_counter()
+        self.stage_s = {role: {stage: 0.0 for stage in STAGES} for role in ("sparse", "dense")}
+        self.worker_s = {"sparse": 0.0, "dense": 0.0}
+        self.depths: dict[str, list[int]] = {}
+        self.staleness: list[int] = []
+        self.samples = 0
+        self.snapshots: list[dict] = []
+
+    def add(self, role: str, timings: dict[str, float]) -> None:
+        for stage, seconds in timings.items():
+            self.stage_s[role][stage] += seconds
+
+    def sample(self, workers: dict[str, int], depths: dict[str, int]) -> None:
+        """Account the time since the last sample to the workers running now."""
+        now = time.perf_counter()
+        for role, count in workers.items():
+            self.worker_s[role] += count * (now - self._last)
+        self._last = now
+        for name, depth in depths.items():
+            self.depths.setdefault(name, []).append(depth)
+        if now - self._shown >= self.every_s:
+            self._shown = now
+            self.snapshots.append(self.report())
+            print("  " + self.line(self.snapshots[-1]), flush=True)
+
+    def report(self) -> dict:
+        wall = max(self._last - self.start, 1e-9)
+        busy = {role: {stage: s / max(self.worker_s[role], 1e-9) for stage, s in stages.items()
+                       if STAGES[stage] in (role, "both")}
+                for role, stages in self.stage_s.items()}
+        utilization = {role: sum(fractions.values()) for role, fractions in busy.items()}
+        return {"elapsed_s": wall, "samples": self.samples, "samples_per_s": self.samples / wall,
+                "busy": busy, "utilization": utilization,
+                "bottleneck": max(utilization, key=utilization.get), "bottleneck_utilization": max(utilization.values()),
+                "queues": {n: {"mean": float(np.mean(d)), "max": int(np.max(d))} for n, d in self.depths.items() if d},
+                "staleness": {"mean": float(np.mean(self.staleness)) if self.staleness else 0.0,
+                              "max": int(max(self.staleness, default=0))}}
+
+    @staticmethod
+    def line(report: dict) -> str:
+        util = "  ".join(f"{role} {value:.0%}" for role, value in report["utilization"].items())
+        return (f"{report['samples_per_s']:,.0f} samples/s  busy: {util}  "
+                f"staleness mean {report['staleness']['mean']:.2f} max {report['staleness']['max']}")
+
+    def finish(self) -> dict:
+        """The final report, saved as JSON next to the periodic snapshots."""
+        final = self.report()
+        write_json_atomic(self.path, {"final": final, "snapshots": self.snapshots})
+        return final
+
+    @staticmethod
+    def table(report: dict) -> str:
+        """The busy fraction of every stage of every role, as a text table."""
+        lines = [f"{'role':<8}{'stage':<10}{'busy':>8}"]
+        for role, stages in report["busy"].items():
+            lines += [f"{role:<8}{stage:<10}{fraction:>8.1%}" for stage, fraction in stages.items()]
+            lines.append(f"{role:<8}{'total':<10}{report['utilization'][role]:>8.1%}")
+        lines += [f"queue {name}: mean {q['mean']:.1f}, max {q['max']}" for name, q in report["queues"].items()]
+        lines.append(f"staleness: mean {report['staleness']['mean']:.2f}, max {report['staleness']['max']}")
+        return "\n".join(lines)

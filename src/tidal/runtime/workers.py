@@ -1,0 +1,266 @@
+"""The roles of the heterogeneous engine: plain classes that a backend places.
+
+    SparseWorker    reads and extracts the batches it is given ahead of time (a thread
+                    of its own), looks them up and pools them in the store, sends the
+                    pooled rows out in the transfer dtype, cut into one row slice per
+                    dense worker, and applies the sparse update when the gradient of
+                    those rows comes back
+    DenseWorker     the dense network on one row slice: forward, loss, backward,
+                    all-reduce of the gradients with the other dense workers, Adam step
+    EmbeddingShard  tables and the lookups in flight (keyed by batch id); the sparse
+                    workers of one process share one, on Ray each is an actor
+
+Every call returns the seconds it spent per stage, so the engine can tell which stage
+is busy. Payloads are dicts of numpy arrays, so Ray moves them zero-copy; bfloat16
+travels as its raw 16 bits.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from tidal.data.batch import SparseBatch
+from tidal.data.extract import Extractor
+from tidal.embedding import EmbeddingCollection
+from tidal.models import weighted_bce
+from tidal.runtime.source import BatchSource, Item
+
+__all__ = ["DenseWorker", "EmbeddingShard", "SparseWorker", "ThreadAllReduce", "decode", "encode"]
+
+_FP16_MAX = 65504.0
+
+
+def encode(tensor: torch.Tensor, dtype: str) -> np.ndarray:
+    """A float32 tensor as the numpy array that travels: float32, float16 or bfloat16 bits."""
+    if dtype == "bfloat16":
+        return tensor.to(torch.bfloat16).view(torch.int16).numpy()
+    return tensor.to(getattr(torch, dtype)).numpy()
+
+
+def decode(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """The float32 tensor of an `encode`d array."""
+    tensor = torch.from_numpy(array)
+    if dtype == "bfloat16":
+        tensor = tensor.view(torch.bfloat16)
+    return tensor.float()
+
+
+def _fp16_scale(grad: torch.Tensor, loss_scale: float) -> float:
+    """The largest power of two up to `loss_scale` that keeps `grad` finite in float16."""
+    peak = float(grad.abs().max()) if grad.numel() else 0.0
+    scale = loss_scale
+    while scale > 1.0 and peak * scale >= _FP16_MAX:
+        scale /= 2.0
+    return scale
+
+
+class EmbeddingShard:
+    """Tables that pool batches and keep each batch's lookup until its update comes."""
+
+    def __init__(self, collection: EmbeddingCollection) -> None:
+        self.collection = collection
+        self._contexts: dict[int, Any] = {}
+        self._lock = threading.Lock()
+
+    def forward(self, batch_id: int, batch: SparseBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Pooled `[B, F, D]` float32 of `batch` (rows created as in training)."""
+        start = time.perf_counter()
+        ctx = self.collection.lookup(batch)
+        middle = time.perf_counter()
+        pooled = self.collection.pool(batch, ctx)
+        with self._lock:
+            self._contexts[batch_id] = ctx
+        return pooled, {"lookup": middle - start, "pool": time.perf_counter() - middle}
+
+    def backward(self, batch_id: int, grad: torch.Tensor) -> dict[str, float]:
+        """Apply the sparse update of batch `batch_id` given its pooled gradient `[B, F, D]`."""
+        start = time.perf_counter()
+        with self._lock:
+            ctx = self._contexts.pop(batch_id)
+        self.collection.backward(ctx, grad)
+        return {"update": time.perf_counter() - start}
+
+    def drop(self, batch_id: int) -> None:
+        """Forget batch `batch_id`: its update will not come."""
+        with self._lock:
+            self._contexts.pop(batch_id, None)
+
+    def snapshot(self) -> dict[str, list[dict[str, np.ndarray]]]:
+        """Every table as arrays, shard by shard (call with no batch in flight)."""
+        return {t.name: [t.snapshot_shard(s, since_save=False) for s in range(t.num_shards)]
+                for t in self.collection.tables}
+
+
+class SparseWorker:
+    """Reads, extracts, looks up and pools its batches; applies their sparse updates.
+
+    `prepare(k)` queues batch `k` for the reader thread (parse and extract run ahead);
+    `forward(k)` returns ``(meta, slice_0, ..., slice_{M-1})`` with the pooled rows of
+    batch k cut into one row slice per dense worker, or ``(meta, None, ...)`` with
+    ``meta["end"]`` when the data ends before k; `backward(k, *grad_slices)` applies
+    the update. The `store` is an `EmbeddingShard` or anything with its two verbs.
+    """
+
+    def __init__(self, index: int, *, source: BatchSource, extractor: Extractor, store: Any,
+                 dense_workers: int, transfer_dtype: str) -> None:
+        self.index = index
+        self.source, self.extractor, self.store = source, extractor, store
+        self.dense_workers, self.transfer_dtype = dense_workers, transfer_dtype
+        self._todo: queue.Queue[int | None] = queue.Queue()
+        self._prepared: dict[int, Any] = {}
+        self._ready = threading.Condition()
+        self._closed = False
+        self._reader = threading.Thread(target=self._read_loop, name=f"tidal-sparse-{index}-reader", daemon=True)
+        self._reader.start()
+
+    def prepare(self, batch_id: int) -> None:
+        self._todo.put(batch_id)
+
+    def _read_loop(self) -> None:
+        while (batch_id := self._todo.get()) is not None:
+            result: Any
+            try:
+                item = self.source.get(batch_id)
+                start = time.perf_counter()
+                result = None if item is None else (item, self.extractor(item.table), time.perf_counter() - start)
+            except BaseException as exc:  # handed to forward(), which raises it to the engine
+                result = exc
+            with self._ready:
+                self._prepared[batch_id] = result
+                self._ready.notify_all()
+
+    def _take(self, batch_id: int) -> tuple[Item, SparseBatch, float] | None:
+        with self._ready:
+            self._ready.wait_for(lambda: batch_id in self._prepared or self._closed)
+            if batch_id not in self._prepared:
+                raise RuntimeError(f"sparse worker {self.index} closed before batch {batch_id} was read")
+            result = self._prepared.pop(batch_id)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def forward(self, batch_id: int) -> tuple:
+        prepared = self._take(batch_id)
+        if prepared is None:
+            return ({"batch_id": batch_id, "end": True}, *[None] * self.dense_workers)
+        item, batch, extract_s = prepared
+        pooled, timings = self.store.forward(batch_id, batch)  # [B, F, D]
+        start = time.perf_counter()
+        slices = self._slices(encode(pooled, self.transfer_dtype), batch)
+        timings |= {"parse": item.parse_s, "extract": extract_s, "transfer": time.perf_counter() - start}
+        meta = {"batch_id": batch_id, "end": False, "rows": batch.batch_size, "epoch": item.epoch,
+                "index": item.index, "bad_rows": item.bad_rows, "bad_examples": item.bad_examples,
+                "timings": timings}
+        return (meta, *slices)
+
+    def _slices(self, pooled: np.ndarray, batch: SparseBatch) -> list[dict[str, Any]]:
+        bounds = np.linspace(0, batch.batch_size, self.dense_workers + 1).astype(np.int64)
+        dense = batch.dense if batch.dense is not None else np.zeros((batch.batch_size, 0), np.float32)
+        return [{"pooled": pooled[lo:hi], "dense": dense[lo:hi], "labels": batch.labels[lo:hi],
+                 "total_rows": batch.batch_size, "dtype": self.transfer_dtype}
+                for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+    def backward(self, batch_id: int, *grads: dict[str, Any]) -> dict[str, float]:
+        start = time.perf_counter()
+        parts = [decode(g["grad"], g["dtype"]) / g["scale"] if g["scale"] != 1.0 else decode(g["grad"], g["dtype"])
+                 for g in grads]
+        grad = parts[0] if len(parts) == 1 else torch.cat(parts)  # [B, F, D]
+        transfer_s = time.perf_counter() - start
+        return {"transfer": transfer_s, **self.store.backward(batch_id, grad)}
+
+    def close(self) -> None:
+        """Stop reading ahead and fail a `forward` waiting for a batch not yet read."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify_all()
+        self._todo.put(None)
+        self._reader.join()
+
+
+class ThreadAllReduce:
+    """Sums gradients across the dense workers of one process (threads), in rank order,
+    so every replica gets the same bits. `abort()` frees ranks waiting for a dead one."""
+
+    def __init__(self, world: int) -> None:
+        self._parts: list[torch.Tensor | None] = [None] * world
+        self._barrier = threading.Barrier(world)
+
+    def __call__(self, rank: int, tensors: list[torch.Tensor]) -> None:
+        self._parts[rank] = torch.cat([t.reshape(-1) for t in tensors])
+        self._barrier.wait()
+        total = self._parts[0].clone()  # type: ignore[union-attr]
+        for part in self._parts[1:]:
+            total += part  # type: ignore[operator]
+        self._barrier.wait()  # every rank has read every part before the next round
+        _unflatten(total, tensors)
+
+    def abort(self) -> None:
+        self._barrier.abort()
+
+
+def _unflatten(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    at = 0
+    for t in tensors:
+        t.copy_(flat[at : at + t.numel()].view_as(t))
+        at += t.numel()
+
+
+class DenseWorker:
+    """The dense network on one row slice per batch; ranks stay equal by all-reduce."""
+
+    def __init__(self, rank: int, *, model: torch.nn.Module, lr: float, optimizer_state: dict | None,
+                 loss_weights: torch.Tensor, all_reduce: Callable[[int, list[torch.Tensor]], None] | None,
+                 loss_scale: float, device: str = "auto") -> None:
+        self.rank = rank
+        self.device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if device == "auto"
+                                   and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+        self.model = model.to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
+        if optimizer_state:
+            self.optimizer.load_state_dict(optimizer_state)
+        self.loss_weights = loss_weights.to(self.device)
+        self.all_reduce, self.loss_scale = all_reduce, loss_scale
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def step(self, payload: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Train on one slice: (meta with its loss share and timings, gradient payload)."""
+        start = time.perf_counter()
+        pooled, dense, labels = self._inputs(payload)
+        middle = time.perf_counter()
+        self.model.train()
+        logits = self.model(pooled, dense)  # [b, T]
+        loss = weighted_bce(logits, labels, self.loss_weights, payload["total_rows"])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.all_reduce is not None:
+            self.all_reduce(self.rank, [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.model.parameters()])
+        self.optimizer.step()
+        grad = self._grad_payload(pooled.grad, payload["dtype"])
+        if self.stream is not None:
+            self.stream.synchronize()
+        return {"loss": float(loss.detach()), "timings": {"transfer": middle - start, "dense": time.perf_counter() - middle}}, grad
+
+    def _inputs(self, payload: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pooled = payload["pooled"] if payload["pooled"].flags.writeable else payload["pooled"].copy()
+        tensors = [decode(pooled, payload["dtype"]), torch.tensor(payload["dense"]), torch.tensor(payload["labels"])]
+        if self.device.type == "cuda":  # pinned host buffers, copied on this worker's stream
+            with torch.cuda.stream(self.stream):
+                tensors = [t.pin_memory().to(self.device, non_blocking=True) for t in tensors]
+        return tensors[0].requires_grad_(True), tensors[1], tensors[2]
+
+    def _grad_payload(self, grad: torch.Tensor, dtype: str) -> dict[str, Any]:
+        grad = grad.cpu()
+        scale = _fp16_scale(grad, self.loss_scale) if dtype == "float16" else 1.0
+        return {"grad": encode(grad * scale if scale != 1.0 else grad, dtype), "dtype": dtype, "scale": scale}
+
+    def state(self) -> dict[str, Any]:
+        """The model's and the optimizer's state, on the CPU."""
+        return {"model": {k: v.cpu() for k, v in self.model.state_dict().items()},
+                "optimizer": self.optimizer.state_dict()}
