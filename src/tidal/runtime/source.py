@@ -67,6 +67,7 @@ class BatchSource:
         self._next_id = 0
         self._kept: dict[int, Item] = {}
         self._ended = False
+        self._error: BaseException | None = None  # what broke the stream: raised to every later reader
 
     def _items(self) -> Iterator[tuple[int, int, pa.RecordBatch, int, list[str]]]:
         """(epoch, index, table, bad rows met reading it, their examples) past the start."""
@@ -84,10 +85,16 @@ class BatchSource:
         with self._lock:
             if batch_id in self._kept:
                 return self._kept.pop(batch_id)
+            if self._error is not None:
+                raise self._error
             if batch_id < self._next_id:  # handed out or dropped before: read again from the start
                 self._restart()
             while not self._ended and self._next_id <= batch_id:
-                item = self._read()
+                try:
+                    item = self._read()
+                except BaseException as exc:
+                    self._error = exc
+                    raise
                 if item is not None and (self.shared or item.batch_id == batch_id):
                     self._kept[item.batch_id] = item
             return self._kept.pop(batch_id, None)

@@ -45,8 +45,8 @@ def encode(tensor: torch.Tensor, dtype: str) -> np.ndarray:
 
 
 def decode(array: np.ndarray, dtype: str) -> torch.Tensor:
-    """The float32 tensor of an `encode`d array."""
-    tensor = torch.from_numpy(array)
+    """The float32 tensor of an `encode`d array (a read-only one, as Ray hands out, is copied)."""
+    tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
     if dtype == "bfloat16":
         tensor = tensor.view(torch.bfloat16)
     return tensor.float()
@@ -248,8 +248,8 @@ class DenseWorker:
         return {"loss": float(loss.detach()), "timings": {"transfer": middle - start, "dense": time.perf_counter() - middle}}, grad
 
     def _inputs(self, payload: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        pooled = payload["pooled"] if payload["pooled"].flags.writeable else payload["pooled"].copy()
-        tensors = [decode(pooled, payload["dtype"]), torch.tensor(payload["dense"]), torch.tensor(payload["labels"])]
+        tensors = [decode(payload["pooled"], payload["dtype"]), torch.tensor(payload["dense"]),
+                   torch.tensor(payload["labels"])]
         if self.device.type == "cuda":  # pinned host buffers, copied on this worker's stream
             with torch.cuda.stream(self.stream):
                 tensors = [t.pin_memory().to(self.device, non_blocking=True) for t in tensors]

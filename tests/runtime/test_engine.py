@@ -1,0 +1,204 @@
+"""The heterogeneous engine on the local backend: equality with the reference trainer,
+async staleness, transfer dtypes, faults, resizing, checkpoints and clean shutdown."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from runtime.test_trainer import _config
+from tidal.config import RunConfig
+from tidal.errors import DataError, TidalError
+from tidal.runtime import Trainer
+from tidal.runtime.workers import SparseWorker, _fp16_scale, decode, encode
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    config = _config(root, epochs=1)
+    config["data"]["eval"] = None
+    return config
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    trainer = _trainer(data, tmp_path_factory.mktemp("ref"), None)
+    trainer.fit()
+    return trainer
+
+
+def _trainer(config: dict, run_dir, runtime: dict | None, **training) -> Trainer:
+    config = {**config, "training": {**config["training"], "run_dir": str(run_dir), **training}}
+    if runtime is not None:
+        config["runtime"] = runtime
+    return Trainer(RunConfig(**config))
+
+
+def _tables(trainer: Trainer) -> dict[int, np.ndarray]:
+    table = trainer.collection.tables[0]
+    shards = [table.snapshot_shard(s, since_save=False) for s in range(table.num_shards)]
+    keys = np.concatenate([s["keys"] for s in shards])
+    rows = np.concatenate([np.hstack([s["values"], s["state"]]) for s in shards])
+    return dict(zip(keys.tolist(), rows))
+
+
+def _assert_bitwise_equal(a: Trainer, b: Trainer) -> None:
+    for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(x, y), name
+    rows_a, rows_b = _tables(a), _tables(b)
+    assert rows_a.keys() == rows_b.keys()
+    assert all(np.array_equal(rows_a[k], rows_b[k]) for k in rows_a)
+
+
+def _no_worker_threads() -> bool:
+    return not [t.name for t in threading.enumerate() if t.name.startswith("tidal-")]
+
+
+@pytest.mark.parametrize("sparse_workers", [1, 2, 3])
+def test_sync_fp32_with_one_dense_worker_is_bitwise_the_reference(data, reference, tmp_path, sparse_workers):
+    trainer = _trainer(data, tmp_path, {"sparse_workers": sparse_workers, "transfer_dtype": "float32"})
+    summary = trainer.fit()
+    assert summary["rows"] == 12_000 and summary["runtime"]["lost_samples"] == 0
+    _assert_bitwise_equal(reference, trainer)
+    assert _no_worker_threads()
+
+
+def test_sync_with_two_dense_workers_agrees_within_1e5(data, reference, tmp_path):
+    trainer = _trainer(data, tmp_path, {"sparse_workers": 2, "dense_workers": 2, "transfer_dtype": "float32"})
+    trainer.fit()
+    for name, x in reference.model.state_dict().items():
+        y = trainer.model.state_dict()[name]
+        assert float((x - y).abs().max()) <= 1e-5 * max(float(x.abs().max()), 1e-3), name
+    rows_a, rows_b = _tables(reference), _tables(trainer)
+    assert rows_a.keys() == rows_b.keys()
+    a, b = np.stack(list(rows_a.values())), np.stack([rows_b[k] for k in rows_a])
+    # relative to the whole table: Adagrad's first step on a row is lr * sign(g), so a
+    # gradient within round-off of zero may move one element either way
+    assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(a)
+
+
+def test_async_reports_bounded_staleness_and_still_learns(data, reference, tmp_path):
+    trainer = _trainer(data, tmp_path, {"sparse_workers": 2, "mode": "async", "max_inflight": 3})
+    summary = trainer.fit()
+    staleness = summary["runtime"]["staleness"]
+    assert 0 < staleness["max"] <= 2 and staleness["mean"] > 0
+    assert summary["rows"] == 12_000
+    saved = json.loads((tmp_path / "telemetry.json").read_text())["final"]
+    assert saved["staleness"] == staleness and 0 < saved["busy"]["dense"]["dense"] <= 1.0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_transfer_stays_close_to_fp32(data, reference, tmp_path, dtype):
+    trainer = _trainer(data, tmp_path, {"sparse_workers": 2, "transfer_dtype": dtype})
+    trainer.fit()
+    x = torch.cat([p.reshape(-1) for p in reference.model.parameters()])
+    y = torch.cat([p.reshape(-1) for p in trainer.model.parameters()])
+    assert 0 < float((x - y).abs().max().detach()) < 0.05
+
+
+def test_encode_round_trips_and_fp16_scale_avoids_overflow():
+    x = torch.randn(64, 3, 8)
+    assert torch.equal(decode(encode(x, "float32"), "float32"), x)
+    assert torch.allclose(decode(encode(x, "bfloat16"), "bfloat16"), x, rtol=1e-2)
+    assert encode(x, "bfloat16").dtype == np.int16
+    assert _fp16_scale(torch.full((4,), 1e-6), 1024.0) == 1024.0
+    big = torch.full((4,), 1000.0)
+    scale = _fp16_scale(big, 1024.0)
+    assert scale * 1000.0 < 65504 and scale * 2 * 1000.0 >= 65504
+
+
+class _Flaky:
+    """Makes one worker method raise once at a given batch, as a crashing worker would."""
+
+    def __init__(self, monkeypatch, method: str, batch_id: int) -> None:
+        original = getattr(SparseWorker, method)
+        self.raised = 0
+
+        def flaky(worker, k, *args):
+            if k == batch_id and not self.raised:
+                self.raised += 1
+                raise RuntimeError(f"injected failure in {method} of batch {k}")
+            return original(worker, k, *args)
+
+        monkeypatch.setattr(SparseWorker, method, flaky)
+
+
+@pytest.mark.parametrize("method", ["forward", "backward"])
+def test_failed_sparse_worker_is_replaced_and_nothing_is_lost(data, reference, tmp_path, monkeypatch, method):
+    flaky = _Flaky(monkeypatch, method, batch_id=5)
+    trainer = _trainer(data, tmp_path, {"sparse_workers": 2, "transfer_dtype": "float32"})
+    summary = trainer.fit()
+    report = summary["runtime"]
+    assert flaky.raised == 1 and report["lost_samples"] == 0 and summary["rows"] == 12_000
+    assert [(f["batch"], f["stage"]) for f in report["sparse_worker_failures"]] == [(5, method)]
+    _assert_bitwise_equal(reference, trainer)  # the failure struck before the lookup / the update
+    assert _no_worker_threads()
+
+
+def test_update_failing_every_time_is_counted_as_lost(data, tmp_path, monkeypatch):
+    def broken(worker, k, *grads):
+        raise RuntimeError("update refused")
+
+    original = SparseWorker.backward
+    monkeypatch.setattr(SparseWorker, "backward", lambda w, k, *g: broken(w, k) if k == 3 else original(w, k, *g))
+    summary = _trainer(data, tmp_path, {"sparse_workers": 2, "mode": "async"}).fit()
+    report = summary["runtime"]
+    assert report["lost_batches"] == 1 and report["lost_samples"] == 512
+    assert "update refused" in report["lost_reasons"][0]
+    assert summary["rows"] == 12_000 - 512
+    assert _no_worker_threads()
+
+
+def test_dense_failure_stops_the_run_with_a_clear_error(data, tmp_path, monkeypatch):
+    from tidal.runtime.workers import DenseWorker
+
+    def broken(worker, payload):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(DenseWorker, "step", broken)
+    with pytest.raises(TidalError, match="dense worker failed on batch 0.*--resume"):
+        _trainer(data, tmp_path, {"sparse_workers": 2, "dense_workers": 2}).fit()
+    assert _no_worker_threads()
+
+
+def test_interrupt_joins_every_worker(data, tmp_path, monkeypatch):
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_log", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(data, tmp_path, {"sparse_workers": 3, "mode": "async"}).fit()
+    assert _no_worker_threads()
+
+
+def test_bad_row_with_fail_policy_stops_the_run(data, tmp_path):
+    bad = tmp_path / "bad.tsv"
+    lines = open(data["data"]["train"][0]).read().splitlines()[:600]
+    lines[550] = "1\tnot-enough-columns"
+    bad.write_text("\n".join(lines) + "\n")
+    config = {**data, "data": {**data["data"], "train": [str(bad)], "on_bad_row": "fail"}}
+    with pytest.raises(DataError, match="bad.tsv:551"):
+        _trainer(config, tmp_path / "run", {"sparse_workers": 2}).fit()
+    assert _no_worker_threads()
+
+
+def test_sparse_workers_change_while_training(data, reference, tmp_path):
+    trainer = _trainer(data, tmp_path, {"sparse_workers": 1, "transfer_dtype": "float32",
+                                         "sparse_workers_at": {5: 3, 15: 2}})
+    summary = trainer.fit()
+    assert summary["rows"] == 12_000
+    _assert_bitwise_equal(reference, trainer)
+
+
+def test_resume_from_an_engine_checkpoint_equals_an_uninterrupted_run(data, reference, tmp_path):
+    runtime = {"sparse_workers": 2, "transfer_dtype": "float32"}
+    _trainer(data, tmp_path, runtime, checkpoint_every=10).fit(max_steps=15)
+    resumed = _trainer(data, tmp_path, {**runtime, "sparse_workers": 3}, checkpoint_every=10)
+    summary = resumed.fit(resume=True)
+    assert summary["steps"] == 24 and summary["rows"] == 12_000 - 10 * 512  # steps 11 to 24
+    _assert_bitwise_equal(reference, resumed)
