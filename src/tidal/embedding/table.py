@@ -561,6 +561,10 @@ class EmbeddingTable:
         """
         return {"step": self._step + 1, "updates": self._updates, "saved_step": self._step}
 
+    def clocks(self) -> dict[str, int]:
+        """The step counters now (lookup steps, updates, the step of the last save)."""
+        return {"step": self._step, "updates": self._updates, "saved_step": self._saved_step}
+
     def restore_clocks(self, clocks: dict[str, int]) -> None:
         with self._counter_lock:
             self._step, self._updates, self._saved_step = clocks["step"], clocks["updates"], clocks["saved_step"]

@@ -48,7 +48,7 @@ class _Flight:
 
     slot: int
     worker: Any  # the handle the last call went to
-    looked_at_update: int  # updates applied when it was looked up
+    staleness: int  # earlier batches whose update it missed: in flight at its lookup
     slices: list[Any] = field(default_factory=list)  # handles of the row slices
     meta: dict | None = None  # what the forward said
     dense: list[Any] = field(default_factory=list)  # (meta, grad) handles per dense rank
@@ -73,7 +73,7 @@ class Engine:
         self.failures: list[dict] = []
         self.lost = {"batches": 0, "samples": 0}
         self.placement: dict[int, tuple[int, int]] = {}  # batch id -> (epoch, index)
-        self.next_assign = self.next_forward = self.done = self.updates = self.dense_running = 0
+        self.next_assign = self.next_forward = self.done = self.dense_running = 0
         self.end_id: int | None = None
         self.target_workers = self.runtime.sparse_workers + int(self.runtime.colocated_sparse_worker)
 
@@ -124,6 +124,7 @@ class Engine:
         self.on_done, self.at_barrier = on_done, at_barrier
         self.dense = self.backend.start_dense()
         self._apply_resize()
+        self.telemetry.restart()  # worker start-up is not training time
         self.barrier = self._next_barrier(1)
         while True:
             self._apply_resize()
@@ -212,7 +213,8 @@ class Engine:
             self.next_forward = max(self.next_forward, batch_id + 1)
             worker = self.sparse[slot]
             handles = self.backend.call(worker, "forward", batch_id, returns=1 + len(self.dense))
-            self.flights[batch_id] = _Flight(slot=slot, worker=worker, looked_at_update=self.updates, slices=handles[1:])
+            staleness = sum(k < batch_id for k in self.flights)
+            self.flights[batch_id] = _Flight(slot=slot, worker=worker, staleness=staleness, slices=handles[1:])
             self.pending[handles[0]] = ("forward", batch_id)
 
     def _issue_dense(self) -> None:
@@ -296,9 +298,8 @@ class Engine:
     def _backward_done(self, batch_id: int, timings: dict) -> None:
         flight = self.flights.pop(batch_id)
         self.telemetry.add("sparse", timings)
-        self.telemetry.staleness.append(self.updates - flight.looked_at_update)
+        self.telemetry.staleness.append(flight.staleness)
         self.telemetry.samples += flight.meta["rows"]  # type: ignore[index]
-        self.updates += 1
         self.done += 1
         self.on_done(batch_id, flight.meta, flight.loss)
 

@@ -30,6 +30,10 @@ class Telemetry:
         self.samples = 0
         self.snapshots: list[dict] = []
 
+    def restart(self) -> None:
+        """Count time from now."""
+        self.start = self._last = self._shown = time.perf_counter()
+
     def add(self, role: str, timings: dict[str, float]) -> None:
         for stage, seconds in timings.items():
             self.stage_s[role][stage] += seconds

@@ -1,0 +1,250 @@
+"""The `ray` backend: the same workers as Ray actors, the tables in embedding-shard actors.
+
+Placement: every sparse worker, dense worker and embedding shard is an actor; the
+tables are placed table-wise over `embedding_shards` shard actors (a table's rows are
+sharded inside its actor across threads), so every pooling mode pools exactly as on
+one machine. Each sparse worker reads the files itself and keeps the batches it is
+given. Pooled slices and gradients move as ObjectRefs: the coordinator passes the
+reference of a slice to a dense worker and the references of the gradients back to
+the producer, never the tensors. Dense workers keep their replicas equal with a gloo
+(NCCL on GPU) all-reduce in a torch.distributed group of their own.
+
+`ray_address` joins an existing cluster; without it a local Ray starts on demand
+(several seconds: Ray is the backend for many machines, not the default).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import RayTaskError
+
+from tidal.data.batch import SparseBatch
+from tidal.data.extract import Extractor
+from tidal.embedding import EmbeddingCollection, EmbeddingTable
+from tidal.errors import TidalError
+from tidal.runtime.source import BatchSource, ReaderSpec
+from tidal.runtime.workers import DenseWorker, EmbeddingShard, SparseWorker
+
+__all__ = ["RayBackend"]
+
+
+def _collection(tables: list, features: list, threads: int, state: dict | None) -> EmbeddingCollection:
+    """Tables built from their configs, loaded from `state` (snapshot arrays and clocks)."""
+    built = [EmbeddingTable(t, threads=threads) for t in tables]
+    for table in built:
+        if state and table.name in state:
+            for s, arrays in enumerate(state[table.name]["shards"]):
+                table.restore_shard(s, arrays)
+            table.restore_clocks(state[table.name]["clocks"])
+    return EmbeddingCollection(built, features, threads=threads)
+
+
+def _table_state(table: EmbeddingTable) -> dict:
+    return {"shards": [table.snapshot_shard(s, since_save=False) for s in range(table.num_shards)],
+            "clocks": table.clocks()}
+
+
+class _ShardActor(EmbeddingShard):
+    def __init__(self, tables: list, features: list, threads: int, state: dict | None) -> None:
+        super().__init__(_collection(tables, features, threads, state))
+
+    def forward(self, batch_id: int, batch: SparseBatch) -> tuple[np.ndarray, dict[str, float]]:  # type: ignore[override]
+        pooled, timings = super().forward(batch_id, batch)
+        return pooled.numpy(), timings
+
+    def backward(self, batch_id: int, grad: np.ndarray) -> dict[str, float]:  # type: ignore[override]
+        return super().backward(batch_id, torch.from_numpy(grad.copy()))
+
+    def state(self) -> dict:
+        return {t.name: _table_state(t) for t in self.collection.tables}
+
+
+class _RemoteStore:
+    """A sparse worker's view of the shard actors: sends each shard the features whose
+    table it holds and puts the pooled parts back in feature order."""
+
+    def __init__(self, shards: list[Any], features_of: list[list[str]], keys: list[str]) -> None:
+        self.parts = [(shard, [f for f, k in enumerate(keys) if k in held]) for shard, held in zip(shards, features_of)]
+        self.parts = [(shard, at) for shard, at in self.parts if at]
+        self.keys = keys
+
+    def forward(self, batch_id: int, batch: SparseBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        if list(batch.keys) != self.keys:
+            raise TidalError(f"batch features {list(batch.keys)} differ from the run's {self.keys}")
+        refs = [shard.forward.remote(batch_id, batch.select([self.keys[f] for f in at])) for shard, at in self.parts]
+        results = ray.get(refs)
+        pooled = torch.empty((batch.batch_size, len(self.keys), results[0][0].shape[2]))  # [B, F, D]
+        timings: dict[str, float] = {}
+        for (_, at), (values, spent) in zip(self.parts, results):
+            pooled[:, at] = torch.from_numpy(values.copy())
+            timings = {k: timings.get(k, 0.0) + v for k, v in spent.items()}
+        return pooled, timings
+
+    def backward(self, batch_id: int, grad: torch.Tensor) -> dict[str, float]:
+        refs = [shard.backward.remote(batch_id, np.ascontiguousarray(grad[:, at].numpy())) for shard, at in self.parts]
+        return {"update": sum(spent["update"] for spent in ray.get(refs))}
+
+
+class _SparseActor(SparseWorker):
+    def __init__(self, index: int, spec: ReaderSpec, features: list, shards: list, features_of: list,
+                 dense_workers: int, transfer_dtype: str) -> None:
+        extractor = Extractor(features)
+        store = _RemoteStore(shards, features_of, [f.name for f in extractor.sparse])
+        super().__init__(index, source=BatchSource(spec, shared=False), extractor=extractor, store=store,
+                         dense_workers=dense_workers, transfer_dtype=transfer_dtype)
+
+
+class _GlooAllReduce:
+    """Sums gradients across the dense actors in a torch.distributed group."""
+
+    def __init__(self, address: str, port: int, world: int, rank: int) -> None:
+        import torch.distributed as dist
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world)
+        self._dist = dist
+
+    def __call__(self, rank: int, tensors: list[torch.Tensor]) -> None:
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        self._dist.all_reduce(flat)
+        at = 0
+        for t in tensors:
+            t.copy_(flat[at : at + t.numel()].view_as(t))
+            at += t.numel()
+
+
+class _DenseActor(DenseWorker):
+    def __init__(self, rank: int, kwargs: dict) -> None:
+        torch.set_num_threads(kwargs.pop("threads"))
+        super().__init__(rank, all_reduce=None, **kwargs)
+
+    @staticmethod
+    def address() -> tuple[str, int]:
+        """This node's address and a free port on it, for the group's rendezvous."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    @staticmethod
+    def node_id() -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def join_group(self, address: str, port: int, world: int) -> None:
+        self.all_reduce = _GlooAllReduce(address, port, world, self.rank)
+
+
+class RayBackend:
+    """Sparse workers, dense workers and embedding shards as Ray actors."""
+
+    def __init__(self, trainer: Any, spec: ReaderSpec) -> None:
+        self.trainer, self.runtime, self.spec = trainer, trainer.config.runtime, spec
+        self.started_ray = not ray.is_initialized()
+        if self.started_ray:
+            workers = self.runtime.sparse_workers + self.runtime.dense_workers + self.runtime.embedding_shards + 1
+            ray.init(address=self.runtime.ray_address, include_dashboard=False, log_to_driver=True,
+                     num_cpus=None if self.runtime.ray_address else max(os.cpu_count() or 1, workers))
+        self.threads = trainer.config.training.threads
+        self.features = [f for f in trainer.config.features]
+        self.shards, self.features_of = self._start_shards()
+        self.dense_node: str | None = None
+        self._actors: list[Any] = list(self.shards)
+
+    def _start_shards(self) -> tuple[list[Any], list[list[str]]]:
+        """Tables dealt over the shard actors, biggest first onto the least loaded."""
+        count = min(self.runtime.embedding_shards, len(self.trainer.collection.tables))
+        held: list[list[EmbeddingTable]] = [[] for _ in range(count)]
+        for table in sorted(self.trainer.collection.tables, key=lambda t: -t.stats().rows):
+            min(held, key=len).append(table)
+        shards, features_of = [], []
+        actor = ray.remote(num_cpus=1)(_ShardActor)
+        for tables in held:
+            names = {t.name for t in tables}
+            features = [f for f in self.trainer.collection.features.values() if f.table in names]
+            state = {t.name: _table_state(t) for t in tables}
+            shards.append(actor.remote([t.config for t in tables], features, self.threads, state))
+            features_of.append([f.name for f in features])
+        return shards, features_of
+
+    def start_sparse(self, index: int) -> Any:
+        options: dict[str, Any] = {"num_cpus": 1}
+        if self.runtime.colocated_sparse_worker and index == self.runtime.sparse_workers and self.dense_node:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=self.dense_node, soft=True)
+        actor = ray.remote(**options)(_SparseActor).remote(
+            index, self.spec, self.features, self.shards, self.features_of, self.runtime.dense_workers,
+            self.runtime.transfer_dtype)
+        self._actors.append(actor)
+        return actor
+
+    def start_dense(self) -> list[Any]:
+        trainer = self.trainer
+        kwargs = {"model": trainer.model, "lr": trainer.config.training.lr, "threads": torch.get_num_threads(),
+                  "optimizer_state": trainer.optimizer.state_dict() if trainer.optimizer.state else None,
+                  "loss_weights": trainer.loss_weights, "loss_scale": self.runtime.loss_scale}
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= self.runtime.dense_workers else 0
+        actor = ray.remote(num_cpus=1, num_gpus=gpus)(_DenseActor)
+        self.dense = [actor.remote(rank, dict(kwargs)) for rank in range(self.runtime.dense_workers)]
+        self._actors += self.dense
+        self.dense_node = ray.get(self.dense[0].node_id.remote())
+        if len(self.dense) > 1:
+            address, port = ray.get(self.dense[0].address.remote())
+            ray.get([d.join_group.remote(address, port, len(self.dense)) for d in self.dense])
+        return self.dense
+
+    @staticmethod
+    def call(actor: Any, method: str, *args: Any, returns: int = 1) -> list[Any]:
+        refs = getattr(actor, method).options(num_returns=returns).remote(*args)
+        return [refs] if returns == 1 else list(refs)
+
+    @staticmethod
+    def wait(refs: list[Any], timeout_s: float) -> list[Any]:
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout_s)
+        if ready:  # everything else that is ready too
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        return ready
+
+    @staticmethod
+    def get(ref: Any) -> Any:
+        try:
+            return ray.get(ref)
+        except RayTaskError as exc:
+            if isinstance(exc.cause, TidalError):
+                raise exc.cause from None
+            raise
+
+    def forget(self, batch_id: int) -> None:
+        for shard in self.shards:
+            shard.drop.remote(batch_id)
+
+    def stop(self, actor: Any) -> None:
+        if actor in self._actors:
+            self._actors.remove(actor)
+        ray.kill(actor)
+
+    def pull_state(self) -> None:
+        """Copy the trained dense weights and tables into the trainer (for checkpoints,
+        evaluation and the summary)."""
+        dense = ray.get(self.dense[0].state.remote())
+        self.trainer.model.load_state_dict(dense["model"])
+        self.trainer.optimizer.load_state_dict(dense["optimizer"])
+        states: dict = {}
+        for part in ray.get([shard.state.remote() for shard in self.shards]):
+            states |= part
+        tables = self.trainer.collection.tables
+        rebuilt = _collection([t.config for t in tables], list(self.trainer.collection.features.values()),
+                              self.threads, states)
+        self.trainer.collection.tables = rebuilt.tables
+
+    def shutdown(self) -> None:
+        """Kill every actor this backend started, and Ray itself if it started it."""
+        for actor in list(self._actors):
+            self.stop(actor)
+        if self.started_ray:
+            ray.shutdown()

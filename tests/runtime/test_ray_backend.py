@@ -1,0 +1,81 @@
+"""The Ray backend on a local Ray started by the tests: the same end-to-end checks as
+the local backend, smaller."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from runtime.test_engine import _assert_bitwise_equal, _trainer
+from runtime.test_trainer import _config
+from tidal.runtime.engine import Engine
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Two tables, so the embedding shards hold one each."""
+    config = _config(tmp_path_factory.mktemp("data"), epochs=1)
+    config["data"]["eval"] = None
+    sparse = [f for f in config["features"] if f["kind"] == "sparse"]
+    for f in sparse[::2]:
+        f["table"] = "other"
+    config["tables"].append({**config["tables"][0], "name": "other"})
+    return config
+
+
+def _all_actors_gone(timeout_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_ray_sync_with_two_shards_is_bitwise_the_reference(cluster, data, tmp_path):
+    reference = _trainer(data, tmp_path / "ref", None)
+    reference.fit()
+    trainer = _trainer(data, tmp_path / "ray", {"backend": "ray", "sparse_workers": 2, "embedding_shards": 2,
+                                                 "transfer_dtype": "float32"})
+    summary = trainer.fit()
+    assert summary["rows"] == 12_000 and summary["runtime"]["lost_samples"] == 0
+    _assert_bitwise_equal(reference, trainer)
+    assert _all_actors_gone()
+
+
+def test_ray_async_with_two_dense_workers_all_reduces(cluster, data, tmp_path):
+    trainer = _trainer(data, tmp_path, {"backend": "ray", "sparse_workers": 2, "dense_workers": 2,
+                                         "mode": "async", "max_inflight": 3})
+    summary = trainer.fit()
+    assert summary["rows"] == 12_000 and summary["runtime"]["staleness"]["max"] <= 2
+    assert summary["tables"]["ids"]["rows"] > 1_000
+    assert _all_actors_gone()
+
+
+def test_killed_sparse_actor_is_replaced_without_loss(cluster, data, tmp_path, monkeypatch):
+    original = Engine._backward_done
+    killed = []
+
+    def kill_once(engine, batch_id, timings):
+        original(engine, batch_id, timings)
+        if batch_id == 5 and not killed:
+            killed.append(engine.sparse[0])
+            ray.kill(engine.sparse[0])
+
+    monkeypatch.setattr(Engine, "_backward_done", kill_once)
+    summary = _trainer(data, tmp_path, {"backend": "ray", "sparse_workers": 2}).fit()
+    report = summary["runtime"]
+    assert killed and report["sparse_worker_failures"] and report["sparse_worker_failures"][0]["worker"] == 0
+    assert report["lost_samples"] == 0 and summary["rows"] == 12_000
+    assert _all_actors_gone()
