@@ -1,4 +1,4 @@
-"""The `tidal` command line: demo, train, eval, gen-data, bench sparse|data|train|quality."""
+"""The `tidal` command line: demo, train, eval, gen-data, bench sparse|data|train|quality|hetero."""
 
 from __future__ import annotations
 
@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     train_bench = which.add_parser("train", help="end-to-end training samples/s against a plain PyTorch DLRM")
     train_bench.add_argument("--quick", action="store_true", help="200,000 rows instead of 1,000,000")
     train_bench.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    hetero = which.add_parser("hetero", help="sparse workers feeding a dense worker against the sequential trainer")
+    hetero.add_argument("--rows", type=int, default=400_000, help="training rows (default 400,000)")
+    hetero.add_argument("--mode", choices=["sync", "async"], default="async")
+    hetero.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     data = which.add_parser("data", help="rows/s read from TSV and Parquet and extracted into batches")
     data.add_argument("--rows", type=int, default=500_000, help="rows generated per format (default 500,000)")
     data.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
@@ -82,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         from tidal.bench import train as train_bench
 
         train_bench.run(rows=200_000 if args.quick else 1_000_000, as_json=args.json)
+    elif args.benchmark == "hetero":
+        from tidal.bench import hetero
+
+        if args.rows < 2 * hetero.BATCH:
+            print(f"tidal bench hetero: --rows must be at least {2 * hetero.BATCH}, got {args.rows}", file=sys.stderr)
+            return 2
+        hetero.run(rows=args.rows, mode=args.mode, as_json=args.json)
     elif args.benchmark == "data":
         from tidal.bench import data
 

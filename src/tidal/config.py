@@ -309,8 +309,12 @@ class RuntimeConfig(_Model):
     existing cluster, none starts a local Ray). `mode`: `sync` lands every batch's
     sparse update before the next batch's lookup (parsing and extraction run ahead);
     `async` lets up to `max_inflight` batches sit between lookup and update.
-    `transfer_dtype` is how pooled embeddings and their gradients travel; float16
-    gradients are scaled by up to `loss_scale` (less when they would overflow).
+    `transfer_dtype` is how pooled embeddings and their gradients travel; `auto` is
+    bfloat16 when they leave the process or go to a GPU, and float32 when they stay
+    in the same memory (local backend on CPU: passed without a copy, so a cast would
+    only cost time). float16 gradients are scaled by up to `loss_scale` (less when
+    they would overflow). `dense_threads` sets torch's threads for the dense math
+    (process-wide on the local backend); none leaves torch's default.
     `sparse_workers_at` changes the number of sparse workers at given steps, for
     example ``{1000: 4, 5000: 2}``.
     """
@@ -321,7 +325,8 @@ class RuntimeConfig(_Model):
     mode: Literal["sync", "async"] = "sync"
     max_inflight: int = Field(4, ge=1, le=1024)
     read_ahead: int = Field(4, ge=1, le=1024)  # batches parsed and extracted ahead, per sparse worker
-    transfer_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    transfer_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dense_threads: int | None = Field(None, ge=1, le=256)
     loss_scale: float = Field(1024.0, ge=1.0, le=2.0**24)
     colocated_sparse_worker: bool = False  # one more sparse worker beside the first dense worker
     embedding_shards: int = Field(1, ge=1, le=256)  # ray: embedding-shard actors (tables placed table-wise)

@@ -13,8 +13,10 @@ import queue
 import threading
 from typing import Any
 
+import torch
+
 from tidal.runtime.source import BatchSource
-from tidal.runtime.workers import DenseWorker, EmbeddingShard, SparseWorker, ThreadAllReduce
+from tidal.runtime.workers import DenseWorker, EmbeddingShard, SparseWorker, ThreadAllReduce, transfer_dtype
 
 __all__ = ["LocalBackend"]
 
@@ -72,10 +74,13 @@ class LocalBackend:
         self.store = EmbeddingShard(trainer.collection)
         self._all_reduce = ThreadAllReduce(self.runtime.dense_workers) if self.runtime.dense_workers > 1 else None
         self._actors: list[_ThreadActor] = []
+        self._torch_threads = torch.get_num_threads()
+        if self.runtime.dense_threads:
+            torch.set_num_threads(self.runtime.dense_threads)
 
     def start_sparse(self, index: int) -> _ThreadActor:
         worker = SparseWorker(index, source=self.source, extractor=self.trainer.extractor, store=self.store,
-                              dense_workers=self.runtime.dense_workers, transfer_dtype=self.runtime.transfer_dtype)
+                              dense_workers=self.runtime.dense_workers, transfer_dtype=transfer_dtype(self.runtime))
         return self._track(_ThreadActor(worker, f"tidal-sparse-{index}"))
 
     def start_dense(self) -> list[_ThreadActor]:
@@ -123,3 +128,4 @@ class LocalBackend:
             self._all_reduce.abort()
         for actor in list(self._actors):
             self.stop(actor)
+        torch.set_num_threads(self._torch_threads)

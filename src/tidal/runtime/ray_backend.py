@@ -29,7 +29,7 @@ from tidal.data.extract import Extractor
 from tidal.embedding import EmbeddingCollection, EmbeddingTable
 from tidal.errors import TidalError
 from tidal.runtime.source import BatchSource, ReaderSpec
-from tidal.runtime.workers import DenseWorker, EmbeddingShard, SparseWorker
+from tidal.runtime.workers import DenseWorker, EmbeddingShard, SparseWorker, transfer_dtype
 
 __all__ = ["RayBackend"]
 
@@ -179,13 +179,13 @@ class RayBackend:
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=self.dense_node, soft=True)
         actor = ray.remote(**options)(_SparseActor).remote(
             index, self.spec, self.features, self.shards, self.features_of, self.runtime.dense_workers,
-            self.runtime.transfer_dtype)
+            transfer_dtype(self.runtime))
         self._actors.append(actor)
         return actor
 
     def start_dense(self) -> list[Any]:
         trainer = self.trainer
-        kwargs = {"model": trainer.model, "lr": trainer.config.training.lr, "threads": torch.get_num_threads(),
+        kwargs = {"model": trainer.model, "lr": trainer.config.training.lr, "threads": self.runtime.dense_threads or torch.get_num_threads(),
                   "optimizer_state": trainer.optimizer.state_dict() if trainer.optimizer.state else None,
                   "loss_weights": trainer.loss_weights, "loss_scale": self.runtime.loss_scale}
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= self.runtime.dense_workers else 0

@@ -32,9 +32,17 @@ from tidal.embedding import EmbeddingCollection
 from tidal.models import weighted_bce
 from tidal.runtime.source import BatchSource, Item
 
-__all__ = ["DenseWorker", "EmbeddingShard", "SparseWorker", "ThreadAllReduce", "decode", "encode"]
+__all__ = ["DenseWorker", "EmbeddingShard", "SparseWorker", "ThreadAllReduce", "decode", "encode", "transfer_dtype"]
 
 _FP16_MAX = 65504.0
+
+
+def transfer_dtype(runtime: Any) -> str:
+    """The dtype pooled rows travel in: `auto` is bfloat16 across processes or to a
+    GPU, float32 within one process's memory (no copy is made there)."""
+    if runtime.transfer_dtype != "auto":
+        return runtime.transfer_dtype
+    return "bfloat16" if runtime.backend == "ray" or torch.cuda.is_available() else "float32"
 
 
 def encode(tensor: torch.Tensor, dtype: str) -> np.ndarray:

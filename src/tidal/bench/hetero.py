@@ -1,0 +1,93 @@
+"""`tidal bench hetero`: the heterogeneous engine against the sequential trainer.
+
+Same generated files, same embedding-heavy DLRM as `tidal bench train` config (a)
+(26 sparse features of dim 64, bottom MLP [256, 64], top MLP [256, 1], batch 4096,
+SGD on the tables, Adam on the dense net), read from TSV by every run. In order: the
+sequential single-process trainer (every kernel and torch on all cores), the local
+backend with 1..3 sparse workers and one dense worker, then with two single-threaded
+dense workers (the CPU stand-in for two devices: data parallel, all-reduced), the Ray
+backend at the best sparse worker count, and the AUC of bf16 against fp32 transfer
+(sync mode, the same batches: only the transfer differs). Workers of the engine run
+their kernels on one thread each; the engine gets its parallelism from the workers.
+Utilization is the busy fraction of every stage during the best pipelined run.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tidal.config import RunConfig
+from tidal.data.criteo import criteo_features
+from tidal.data.generate import generate
+from tidal.runtime import Trainer
+from tidal.runtime.telemetry import Telemetry
+
+__all__ = ["run"]
+
+BATCH = 4096
+
+
+def _config(train: list[str], held_out: list[str], run_dir: Path, runtime: dict | None, threads: int) -> RunConfig:
+    return RunConfig(
+        data={"train": train, "eval": held_out, "batch_size": BATCH},
+        features=[f.model_dump() for f in criteo_features(table="ids")],
+        tables=[{"name": "ids", "dim": 64, "optimizer": {"kind": "sgd", "lr": 0.05}}],
+        model={"kind": "dlrm", "bottom_sizes": [256], "hidden_sizes": [256]},
+        training={"lr": 0.001, "log_every": 1_000_000, "run_dir": str(run_dir), "threads": threads},
+        runtime=runtime)
+
+
+def _fit(train: list[str], held_out: list[str], run_dir: Path, runtime: dict | None) -> dict:
+    threads = torch.get_num_threads() if runtime is None else 1
+    summary = Trainer(_config(train, held_out, run_dir, runtime, threads)).fit()
+    report = summary["runtime"] or {}
+    shown = f"  bottleneck {report['bottleneck']} {report['bottleneck_utilization']:.0%}" if report else ""
+    print(f"  {_name(runtime):<34} {summary['samples_per_s']:>9,.0f} samples/s  "
+          f"AUC {summary['eval']['auc']['label']:.4f}{shown}", flush=True)
+    return summary
+
+
+def _name(runtime: dict | None) -> str:
+    if runtime is None:
+        return "sequential"
+    return (f"{runtime.get('backend', 'local')} {runtime.get('mode', 'sync')} N={runtime['sparse_workers']} "
+            f"M={runtime.get('dense_workers', 1)} {runtime.get('transfer_dtype', 'auto')}")
+
+
+def run(rows: int = 400_000, mode: str = "async", as_json: bool = False) -> dict:
+    """Every run on `rows` generated rows (and a quarter as many held out)."""
+    with tempfile.TemporaryDirectory() as scratch_dir:
+        scratch = Path(scratch_dir)
+        train = generate(scratch / "train", rows=rows, seed=3).paths
+        held_out = generate(scratch / "eval", rows=max(rows // 4, 1_000), seed=3, split=1).paths
+        print(f"{rows:,d} rows of TSV, batch {BATCH}, dim 64, {torch.get_num_threads()} threads", flush=True)
+        sequential = _fit(train, held_out, scratch / "seq", None)
+        local = {(n, 1): _fit(train, held_out, scratch / f"n{n}", {"sparse_workers": n, "mode": mode}) for n in (1, 2, 3)}
+        best_n = max((n for n, _ in local), key=lambda n: local[n, 1]["samples_per_s"])
+        local[best_n, 2] = _fit(train, held_out, scratch / "m2", {"sparse_workers": best_n, "dense_workers": 2,
+                                                                 "dense_threads": 1, "mode": mode})
+        ray_run = _fit(train, held_out, scratch / "ray", {"backend": "ray", "sparse_workers": best_n, "mode": mode})
+        exact = {dtype: _fit(train, held_out, scratch / dtype, {"sparse_workers": best_n, "transfer_dtype": dtype})
+                 for dtype in ("float32", "bfloat16")}
+    best = max(local, key=lambda nm: local[nm]["samples_per_s"])
+    report = local[best]["runtime"]
+    print(Telemetry.table(report))
+    summary = {"sequential_samples_per_s": sequential["samples_per_s"],
+               "hetero_samples_per_s": local[best]["samples_per_s"], "best_sparse_workers": best[0],
+               "best_dense_workers": best[1],
+               "one_dense_worker_samples_per_s": {n: local[n, 1]["samples_per_s"] for n in (1, 2, 3)},
+               "speedup": local[best]["samples_per_s"] / sequential["samples_per_s"],
+               "dense_utilization": report["utilization"]["dense"],
+               "bottleneck_utilization": report["bottleneck_utilization"],
+               "ray_samples_per_s": ray_run["samples_per_s"],
+               "bf16_auc_delta": exact["float32"]["eval"]["auc"]["label"] - exact["bfloat16"]["eval"]["auc"]["label"],
+               "busy": report["busy"]}
+    print(f"speedup x{summary['speedup']:.2f} with N={best[0]} sparse and M={best[1]} dense workers; bottleneck busy "
+          f"{summary['bottleneck_utilization']:.0%}; bf16 AUC delta {summary['bf16_auc_delta']:+.4f}")
+    if as_json:
+        print(json.dumps(summary))
+    return summary
