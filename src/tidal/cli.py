@@ -124,8 +124,22 @@ def _train(args: argparse.Namespace) -> int:
                   f"on {summary['eval']['rows']:,d} rows")
     for name, table in summary["tables"].items():
         print(f"  table {name}: {table['rows']:,d} rows, {table['bytes'] / 2**20:.1f} MiB")
+    if summary["runtime"]:
+        _print_runtime(summary["runtime"], config.training.run_dir)
     print(f"  metrics: {config.training.run_dir}/metrics.jsonl")
     return 0
+
+
+def _print_runtime(report: dict, run_dir: str) -> None:
+    """The heterogeneous run's stage table, its worker failures and lost samples."""
+    from tidal.runtime.telemetry import Telemetry
+
+    print(Telemetry.table(report))
+    for failure in report["sparse_worker_failures"]:
+        print(f"  sparse worker {failure['worker']} failed in {failure['stage']} of batch {failure['batch']}: "
+              f"{failure['error']} (replaced; the batch was done again)")
+    print(f"  lost samples: {report['lost_samples']:,d}" + "".join(f"\n    {r}" for r in report["lost_reasons"]))
+    print(f"  telemetry: {run_dir}/telemetry.json")
 
 
 def _eval(args: argparse.Namespace) -> int:

@@ -191,8 +191,41 @@ def test_sparse_workers_change_while_training(data, reference, tmp_path):
     trainer = _trainer(data, tmp_path, {"sparse_workers": 1, "transfer_dtype": "float32",
                                          "sparse_workers_at": {5: 3, 15: 2}})
     summary = trainer.fit()
-    assert summary["rows"] == 12_000
+    assert summary["rows"] == 12_000 and summary["runtime"]["sparse_workers"] == [(0, 1), (5, 3), (15, 2)]
     _assert_bitwise_equal(reference, trainer)
+
+
+def test_set_sparse_workers_from_another_thread_while_training(data, tmp_path, monkeypatch):
+    original = Trainer._log
+
+    def grow(trainer, *args):
+        original(trainer, *args)
+        threading.Thread(target=trainer.set_sparse_workers, args=(3,)).start()
+
+    monkeypatch.setattr(Trainer, "_log", grow)
+    trainer = _trainer(data, tmp_path, {"sparse_workers": 2})
+    summary = trainer.fit()
+    counts = summary["runtime"]["sparse_workers"]
+    assert summary["rows"] == 12_000 and counts[0] == (0, 2) and counts[1][1] == 3 and counts[1][0] >= 10
+    with pytest.raises(TidalError, match="no heterogeneous run is training"):
+        trainer.set_sparse_workers(1)
+
+
+def test_cli_train_prints_the_stage_table(data, tmp_path, capsys):
+    import yaml
+
+    from tidal.cli import main
+
+    config = {**data, "training": {**data["training"], "run_dir": str(tmp_path / "run")},
+              "runtime": {"sparse_workers": 2, "mode": "async", "telemetry_every_s": 0.2}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "dense   dense" in out and "sparse  lookup" in out and "lost samples: 0" in out
+    assert "samples/s  busy: sparse" in out  # the periodic line
+    saved = json.loads((tmp_path / "run" / "telemetry.json").read_text())
+    assert saved["snapshots"] and saved["final"]["samples"] == 12_000
 
 
 def test_resume_from_an_engine_checkpoint_equals_an_uninterrupted_run(data, reference, tmp_path):
@@ -202,3 +235,30 @@ def test_resume_from_an_engine_checkpoint_equals_an_uninterrupted_run(data, refe
     summary = resumed.fit(resume=True)
     assert summary["steps"] == 24 and summary["rows"] == 12_000 - 10 * 512  # steps 11 to 24
     _assert_bitwise_equal(reference, resumed)
+
+
+NO_CUDA = not torch.cuda.is_available()
+NO_CUDA_REASON = "needs a CUDA device (torch.cuda.is_available() is False)"
+
+
+@pytest.mark.skipif(NO_CUDA, reason=NO_CUDA_REASON)
+def test_dense_worker_on_cuda_matches_the_cpu_one():
+    from tidal.config import ModelConfig
+    from tidal.models import RankingModel
+    from tidal.runtime.workers import DenseWorker
+
+    torch.manual_seed(0)
+    model = RankingModel(ModelConfig(), num_features=3, dim=8, dense_features=2, num_targets=1)
+    payload = {"pooled": np.random.default_rng(0).standard_normal((64, 3, 8), dtype=np.float32),
+               "dense": np.ones((64, 2), np.float32), "labels": np.ones((64, 1), np.float32),
+               "total_rows": 64, "dtype": "float32"}
+    results = []
+    for device in ("cpu", "cuda"):
+        import copy
+
+        worker = DenseWorker(0, model=copy.deepcopy(model), lr=1e-3, optimizer_state=None,
+                             loss_weights=torch.ones(1), all_reduce=None, loss_scale=1.0, device=device)
+        meta, grad = worker.step(payload)
+        results.append((meta["loss"], grad["grad"]))
+    assert abs(results[0][0] - results[1][0]) < 1e-4
+    assert np.allclose(results[0][1], results[1][1], atol=1e-5)

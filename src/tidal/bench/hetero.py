@@ -65,7 +65,7 @@ def run(rows: int = 400_000, mode: str = "async", as_json: bool = False) -> dict
         train = generate(scratch / "train", rows=rows, seed=3).paths
         held_out = generate(scratch / "eval", rows=max(rows // 4, 1_000), seed=3, split=1).paths
         print(f"{rows:,d} rows of TSV, batch {BATCH}, dim 64, {torch.get_num_threads()} threads", flush=True)
-        sequential = _fit(train, held_out, scratch / "seq", None)
+        sequential = [_fit(train, held_out, scratch / "seq", None)]
         local = {(n, 1): _fit(train, held_out, scratch / f"n{n}", {"sparse_workers": n, "mode": mode}) for n in (1, 2, 3)}
         best_n = max((n for n, _ in local), key=lambda n: local[n, 1]["samples_per_s"])
         local[best_n, 2] = _fit(train, held_out, scratch / "m2", {"sparse_workers": best_n, "dense_workers": 2,
@@ -73,14 +73,16 @@ def run(rows: int = 400_000, mode: str = "async", as_json: bool = False) -> dict
         ray_run = _fit(train, held_out, scratch / "ray", {"backend": "ray", "sparse_workers": best_n, "mode": mode})
         exact = {dtype: _fit(train, held_out, scratch / dtype, {"sparse_workers": best_n, "transfer_dtype": dtype})
                  for dtype in ("float32", "bfloat16")}
+        sequential.append(_fit(train, held_out, scratch / "seq2", None))  # the faster of two, first and last
     best = max(local, key=lambda nm: local[nm]["samples_per_s"])
     report = local[best]["runtime"]
     print(Telemetry.table(report))
-    summary = {"sequential_samples_per_s": sequential["samples_per_s"],
+    peer = max(run["samples_per_s"] for run in sequential)
+    summary = {"sequential_samples_per_s": peer,
                "hetero_samples_per_s": local[best]["samples_per_s"], "best_sparse_workers": best[0],
                "best_dense_workers": best[1],
                "one_dense_worker_samples_per_s": {n: local[n, 1]["samples_per_s"] for n in (1, 2, 3)},
-               "speedup": local[best]["samples_per_s"] / sequential["samples_per_s"],
+               "speedup": local[best]["samples_per_s"] / peer,
                "dense_utilization": report["utilization"]["dense"],
                "bottleneck_utilization": report["bottleneck_utilization"],
                "ray_samples_per_s": ray_run["samples_per_s"],

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tidal.errors import TidalError
-from tidal.runtime import checkpoint
 from tidal.runtime.telemetry import Telemetry
 
 __all__ = ["Engine", "Ticket"]
@@ -76,14 +75,20 @@ class Engine:
         self.next_assign = self.next_forward = self.done = self.dense_running = 0
         self.end_id: int | None = None
         self.target_workers = self.runtime.sparse_workers + int(self.runtime.colocated_sparse_worker)
+        self.worker_counts: list[tuple[int, int]] = []  # (step, sparse workers from then on)
 
     # ------------------------------------------------------------------ workers
 
     def resize(self, sparse_workers: int) -> None:
-        """Run `sparse_workers` sparse workers from now on (taken up at the next loop)."""
+        """Run `sparse_workers` sparse workers from now on (safe from any thread: the
+        coordinator takes it up at its next turn)."""
+        if sparse_workers < 1:
+            raise TidalError(f"a run needs at least one sparse worker, got {sparse_workers}")
         self.target_workers = sparse_workers
 
     def _apply_resize(self) -> None:
+        if not self.worker_counts or self.worker_counts[-1][1] != self.target_workers:
+            self.worker_counts.append((self.start_step + self.done, self.target_workers))
         while len(self.sparse) < self.target_workers:
             slot = max(self.sparse, default=-1) + 1
             self.sparse[slot] = self.backend.start_sparse(slot)
@@ -304,6 +309,7 @@ class Engine:
         self.on_done(batch_id, flight.meta, flight.loss)
 
     def report(self) -> dict:
-        return {"sparse_worker_failures": [f for f in self.failures if "worker" in f],
+        return {"sparse_workers": self.worker_counts,
+                "sparse_worker_failures": [f for f in self.failures if "worker" in f],
                 "lost_batches": self.lost["batches"], "lost_samples": self.lost["samples"],
                 "lost_reasons": [f["error"] for f in self.failures if "lost_samples" in f]}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import IO, Any
 
+from tidal.errors import ConfigError
 from tidal.runtime import checkpoint
 from tidal.runtime.engine import Engine
 from tidal.runtime.source import ReaderSpec
@@ -17,7 +18,11 @@ __all__ = ["make_backend", "train"]
 def make_backend(trainer: Any, spec: ReaderSpec) -> Any:
     """The backend the run's config names, placing workers for `trainer` reading `spec`."""
     if trainer.config.runtime.backend == "ray":
-        from tidal.runtime.ray_backend import RayBackend
+        try:
+            from tidal.runtime.ray_backend import RayBackend
+        except ImportError as exc:
+            raise ConfigError(f"runtime.backend is 'ray', but Ray cannot be imported ({exc}); "
+                              "install it with: pip install 'tidal[ray]'") from None
 
         return RayBackend(trainer, spec)
     from tidal.runtime.local import LocalBackend
@@ -36,13 +41,14 @@ def train(trainer: Any, log: IO[str], position: dict[str, int], max_steps: int |
                                start_epoch=position["epoch"], start_batch=position["batch"])
     telemetry = Telemetry(trainer.run_dir / "telemetry.json", config.runtime.telemetry_every_s)
     backend = make_backend(trainer, spec)
-    engine = Engine(trainer, backend, telemetry)
+    engine = trainer.engine = Engine(trainer, backend, telemetry)
     progress = _Progress(trainer, log, position["step"])
     try:
         step, finished = engine.run(position["step"], max_steps, progress.done,
                                     lambda step, at: _barrier(trainer, backend, log, step, at))
         backend.pull_state()
     finally:
+        trainer.engine = None
         backend.shutdown()
         trainer.runtime_report = telemetry.finish() | engine.report()
     return step, progress.rows, finished

@@ -26,7 +26,7 @@ from tidal.data.extract import Extractor
 from tidal.data.generate import auc
 from tidal.data.readers import BadRows, expand_paths
 from tidal.embedding import EmbeddingCollection
-from tidal.errors import DataError
+from tidal.errors import DataError, TidalError
 from tidal.models import RankingModel, weighted_bce
 from tidal.runtime import checkpoint
 from tidal.runtime.plots import plot_metrics
@@ -65,6 +65,7 @@ class Trainer:
         self.run_dir = Path(config.training.run_dir)
         self.elapsed_s = 0.0
         self.runtime_report: dict | None = None  # telemetry and faults of a heterogeneous run
+        self.engine = None  # the heterogeneous engine while one trains
         self._eval_s = 0.0  # spent evaluating during fit, left out of its speed
 
     # ------------------------------------------------------------------ data
@@ -96,6 +97,14 @@ class Trainer:
                           epochs=epochs, start_epoch=start_epoch, start_batch=start_batch)
 
     # ------------------------------------------------------------------ training
+
+    def set_sparse_workers(self, count: int) -> None:
+        """Change the number of sparse workers of the heterogeneous run training now
+        (from any thread; batches of a removed worker go to the others)."""
+        if self.engine is None:
+            raise TidalError("no heterogeneous run is training: set_sparse_workers needs a config with "
+                             "a runtime section, called while fit() runs")
+        self.engine.resize(count)
 
     def step(self, batch: SparseBatch) -> float:
         """One training step on `batch`; its loss."""
