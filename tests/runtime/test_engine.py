@@ -149,8 +149,25 @@ def test_update_failing_every_time_is_counted_as_lost(data, tmp_path, monkeypatc
     summary = _trainer(data, tmp_path, {"sparse_workers": 2, "mode": "async"}).fit()
     report = summary["runtime"]
     assert report["lost_batches"] == 1 and report["lost_samples"] == 512
-    assert "update refused" in report["lost_reasons"][0]
+    assert "backward failed 3 times" in report["lost_reasons"][0] and "update refused" in report["lost_reasons"][0]
     assert summary["rows"] == 12_000 - 512
+    assert _no_worker_threads()
+
+
+def test_batch_failing_every_forward_is_given_up_and_reported(data, tmp_path, monkeypatch):
+    original = SparseWorker.forward
+
+    def poison(worker, k):
+        if k == 7:
+            raise RuntimeError("cannot pool this batch")
+        return original(worker, k)
+
+    monkeypatch.setattr(SparseWorker, "forward", poison)
+    summary = _trainer(data, tmp_path, {"sparse_workers": 2}).fit()
+    report = summary["runtime"]
+    assert report["lost_batches"] == 1 and report["lost_samples"] == 512
+    assert "forward failed 3 times" in report["lost_reasons"][0]
+    assert len(report["sparse_worker_failures"]) == 3 and summary["rows"] == 12_000 - 512
     assert _no_worker_threads()
 
 

@@ -53,7 +53,6 @@ class _Flight:
     dense: list[Any] = field(default_factory=list)  # (meta, grad) handles per dense rank
     ranks_left: int = 0
     loss: float = 0.0
-    failed_updates: int = 0
 
 
 class Engine:
@@ -70,6 +69,7 @@ class Engine:
         self.pending: dict[Any, tuple[str, int]] = {}  # handle -> (kind, batch id)
         self.dispatch: deque[Ticket] = deque()
         self.failures: list[dict] = []
+        self.attempts: dict[tuple[str, int], int] = {}  # (forward | backward, batch id) -> failures
         self.lost = {"batches": 0, "samples": 0}
         self.placement: dict[int, tuple[int, int]] = {}  # batch id -> (epoch, index)
         self.next_assign = self.next_forward = self.done = self.dense_running = 0
@@ -98,24 +98,24 @@ class Engine:
 
     def _retire(self, slot: int) -> None:
         """Stop the worker in `slot`; batches it was reading go to the others."""
-        worker = self.sparse.pop(slot)
-        for batch_id in [k for k, s in self.assigned.items() if s == slot]:
-            del self.assigned[batch_id]
-            self.retry.append(batch_id)
-        self.backend.stop(worker)
+        self._release_reads(slot)
+        self.backend.stop(self.sparse.pop(slot))
 
     def _replace(self, slot: int, batch_id: int, stage: str, exc: BaseException) -> None:
         self.failures.append({"worker": slot, "batch": batch_id, "stage": stage, "error": repr(exc)})
         print(f"  sparse worker {slot} failed in {stage} of batch {batch_id}: {exc!r}; replacing it", flush=True)
-        worker = self.sparse.pop(slot)
-        for k in [k for k, s in self.assigned.items() if s == slot]:
-            del self.assigned[k]
-            self.retry.append(k)
+        self._release_reads(slot)
+        worker = self.sparse[slot]
         self.sparse[slot] = self.backend.start_sparse(slot)
         try:
             self.backend.stop(worker)
         except Exception:  # a dead actor cannot be stopped twice; the backend forgets it
             pass
+
+    def _release_reads(self, slot: int) -> None:
+        for batch_id in [k for k, s in self.assigned.items() if s == slot]:
+            del self.assigned[batch_id]
+            self.retry.append(batch_id)
 
     # ------------------------------------------------------------------ the loop
 
@@ -180,13 +180,13 @@ class Engine:
 
     def _position(self) -> dict[str, int]:
         step = self.start_step + self.done
-        epoch, index = self.placement[self.done - 1]
+        epoch, index = self.placement[max(k for k in self.placement if k < self.done)]
         return {"step": step, "epoch": epoch, "batch": index + 1}
 
     # ------------------------------------------------------------------ issuing work
 
     def _assign_reads(self) -> None:
-        live = sorted(self.sparse)
+        live = sorted(self.sparse)[: self.target_workers]  # not the ones about to retire
         horizon = self.next_forward + self.runtime.read_ahead * len(live)
         for batch_id in sorted(self.retry):
             self._assign(batch_id, live)
@@ -253,23 +253,23 @@ class Engine:
                              f"{exc!r}. The run stopped; continue it from the last checkpoint with --resume") from exc
         if self.sparse.get(flight.slot) is flight.worker:  # not replaced yet
             self._replace(flight.slot, batch_id, kind, exc)
-        if kind == "forward":
+        self.attempts[kind, batch_id] = self.attempts.get((kind, batch_id), 0) + 1
+        if self.attempts[kind, batch_id] >= _MAX_ATTEMPTS:
+            self._lose(batch_id, flight, f"{kind} failed {_MAX_ATTEMPTS} times: {exc!r}")
+        elif kind == "forward":
             del self.flights[batch_id]
             self.retry.append(batch_id)
-            return
-        flight.failed_updates += 1
-        if flight.failed_updates >= _MAX_ATTEMPTS:
-            self._lose(batch_id, flight, exc)
         else:
             self._send_backward(batch_id, flight)
 
-    def _lose(self, batch_id: int, flight: _Flight, exc: Exception) -> None:
+    def _lose(self, batch_id: int, flight: _Flight, reason: str) -> None:
+        """Give batch `batch_id` up (it failed every time it was tried), and say so."""
         del self.flights[batch_id]
         self.backend.forget(batch_id)
-        rows = flight.meta["rows"] if flight.meta else 0
+        rows = flight.meta["rows"] if flight.meta else self.trainer.config.data.batch_size  # never pooled: a full batch
         self.lost["batches"] += 1
         self.lost["samples"] += rows
-        self.failures.append({"batch": batch_id, "lost_samples": rows, "error": f"update failed {_MAX_ATTEMPTS} times: {exc!r}"})
+        self.failures.append({"batch": batch_id, "lost_samples": rows, "error": reason})
         self.done += 1
 
     def _forward_done(self, batch_id: int, meta: dict) -> None:
@@ -281,6 +281,8 @@ class Engine:
             return
         self.telemetry.add("sparse", meta["timings"])
         self.placement[batch_id] = (meta["epoch"], meta["index"])
+        if len(self.placement) > 4 * self.runtime.max_inflight + 16:  # keep what _position may need
+            self.placement = {k: v for k, v in self.placement.items() if k >= self.done - 1}
         flight.meta = meta
         self.dispatch.append(Ticket(batch_id=batch_id, producer=flight.slot, rows=meta["rows"], location=flight.slices))
 
@@ -303,7 +305,7 @@ class Engine:
     def _backward_done(self, batch_id: int, timings: dict) -> None:
         flight = self.flights.pop(batch_id)
         self.telemetry.add("sparse", timings)
-        self.telemetry.staleness.append(flight.staleness)
+        self.telemetry.note_staleness(flight.staleness)
         self.telemetry.samples += flight.meta["rows"]  # type: ignore[index]
         self.done += 1
         self.on_done(batch_id, flight.meta, flight.loss)

@@ -6,8 +6,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
-
 from tidal.embedding.checkpoint import write_json_atomic
 
 __all__ = ["STAGES", "Telemetry"]
@@ -25,14 +23,17 @@ class Telemetry:
         self.start = self._last = self._shown = time.perf_counter()
         self.stage_s = {role: {stage: 0.0 for stage in STAGES} for role in ("sparse", "dense")}
         self.worker_s = {"sparse": 0.0, "dense": 0.0}
-        self.depths: dict[str, list[int]] = {}
-        self.staleness: list[int] = []
+        self.depths: dict[str, list[int]] = {}  # queue -> [samples, sum, max]
+        self.staleness = [0, 0, 0]  # batches, sum, max
         self.samples = 0
         self.snapshots: list[dict] = []
 
     def restart(self) -> None:
         """Count time from now."""
         self.start = self._last = self._shown = time.perf_counter()
+
+    def note_staleness(self, batches: int) -> None:
+        _note(self.staleness, batches)
 
     def add(self, role: str, timings: dict[str, float]) -> None:
         for stage, seconds in timings.items():
@@ -45,7 +46,7 @@ class Telemetry:
             self.worker_s[role] += count * (now - self._last)
         self._last = now
         for name, depth in depths.items():
-            self.depths.setdefault(name, []).append(depth)
+            _note(self.depths.setdefault(name, [0, 0, 0]), depth)
         if now - self._shown >= self.every_s:
             self._shown = now
             self.snapshots.append(self.report())
@@ -60,9 +61,8 @@ class Telemetry:
         return {"elapsed_s": wall, "samples": self.samples, "samples_per_s": self.samples / wall,
                 "busy": busy, "utilization": utilization,
                 "bottleneck": max(utilization, key=utilization.get), "bottleneck_utilization": max(utilization.values()),
-                "queues": {n: {"mean": float(np.mean(d)), "max": int(np.max(d))} for n, d in self.depths.items() if d},
-                "staleness": {"mean": float(np.mean(self.staleness)) if self.staleness else 0.0,
-                              "max": int(max(self.staleness, default=0))}}
+                "queues": {name: _summary(seen) for name, seen in self.depths.items()},
+                "staleness": _summary(self.staleness)}
 
     @staticmethod
     def line(report: dict) -> str:
@@ -86,3 +86,13 @@ class Telemetry:
         lines += [f"queue {name}: mean {q['mean']:.1f}, max {q['max']}" for name, q in report["queues"].items()]
         lines.append(f"staleness: mean {report['staleness']['mean']:.2f}, max {report['staleness']['max']}")
         return "\n".join(lines)
+
+
+def _note(seen: list[int], value: int) -> None:
+    seen[0] += 1
+    seen[1] += value
+    seen[2] = max(seen[2], value)
+
+
+def _summary(seen: list[int]) -> dict:
+    return {"mean": seen[1] / seen[0] if seen[0] else 0.0, "max": seen[2]}
