@@ -13,6 +13,7 @@ def test_demo_trains_and_reports_auc_beside_the_ceiling(capsys):
     result = json.loads(out.strip().splitlines()[-1])
     assert 0.5 < result["eval_auc"] < result["ceiling_auc"] <= 1.0
     assert "planted ceiling" in out and "bad rows        0" in out
+    assert "sparse  lookup" in out and "dense   dense" in out  # the engine's stage table
 
 
 def test_demo_refuses_too_few_rows(capsys):
