@@ -9,13 +9,13 @@ from typing import IO, Any
 from tidal.errors import ConfigError
 from tidal.runtime import checkpoint
 from tidal.runtime.engine import Engine
-from tidal.runtime.source import ReaderSpec
+from tidal.runtime.source import MemorySpec, ReaderSpec
 from tidal.runtime.telemetry import Telemetry
 
 __all__ = ["make_backend", "train"]
 
 
-def make_backend(trainer: Any, spec: ReaderSpec) -> Any:
+def make_backend(trainer: Any, spec: ReaderSpec | MemorySpec) -> Any:
     """The backend the run's config names, placing workers for `trainer` reading `spec`."""
     if trainer.config.runtime.backend == "ray":
         try:
@@ -30,15 +30,18 @@ def make_backend(trainer: Any, spec: ReaderSpec) -> Any:
     return LocalBackend(trainer, spec)
 
 
-def train(trainer: Any, log: IO[str], position: dict[str, int], max_steps: int | None) -> tuple[int, int, bool]:
+def train(trainer: Any, log: IO[str], position: dict[str, int], max_steps: int | None,
+          spec: ReaderSpec | MemorySpec | None = None) -> tuple[int, int, bool]:
     """Train from `position` to the end (or `max_steps`): (last step, rows trained, finished).
 
-    The telemetry and fault report land in `trainer.runtime_report` and in
-    ``<run_dir>/telemetry.json``; every worker is stopped on the way out, error or not.
+    The batches are the config's training files, or those of `spec`. The telemetry and
+    fault report land in `trainer.runtime_report` and in ``<run_dir>/telemetry.json``;
+    every worker is stopped on the way out, error or not.
     """
     config = trainer.config
-    spec = trainer.reader_spec(config.data.train, epochs=config.training.epochs,
-                               start_epoch=position["epoch"], start_batch=position["batch"])
+    if spec is None:
+        spec = trainer.reader_spec(config.data.train, epochs=config.training.epochs,
+                                   start_epoch=position["epoch"], start_batch=position["batch"])
     telemetry = Telemetry(trainer.run_dir / "telemetry.json", config.runtime.telemetry_every_s)
     backend = make_backend(trainer, spec)
     engine = trainer.engine = Engine(trainer, backend, telemetry)

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from tidal.data.batch import SparseBatch
 from tidal.data.readers import BadRows, read_batches
 
-__all__ = ["BatchSource", "Item", "ReaderSpec"]
+__all__ = ["BatchSource", "Item", "MemorySpec", "ReaderSpec"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,13 +42,26 @@ class ReaderSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MemorySpec:
+    """Batches already extracted and in memory, trained `epochs` times (benchmarks)."""
+
+    batches: list[SparseBatch]
+    epochs: int = 1
+    start_epoch: int = 0
+    start_batch: int = 0
+
+    def epoch(self, bad_rows: BadRows) -> Iterator[SparseBatch]:
+        return iter(self.batches)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Item:
     """Batch `batch_id`: the `index`-th batch of `epoch`, and the bad rows met reading it."""
 
     batch_id: int
     epoch: int
     index: int
-    table: pa.RecordBatch
+    table: pa.RecordBatch | SparseBatch  # a SparseBatch when the source holds extracted batches
     bad_rows: int = 0
     bad_examples: list[str] = field(default_factory=list)
     parse_s: float = 0.0
@@ -56,7 +70,7 @@ class Item:
 class BatchSource:
     """Batch `k` of the stream on request; thread-safe."""
 
-    def __init__(self, spec: ReaderSpec, *, shared: bool) -> None:
+    def __init__(self, spec: ReaderSpec | MemorySpec, *, shared: bool) -> None:
         self.spec = spec
         self.shared = shared
         self._lock = threading.Lock()
@@ -69,7 +83,7 @@ class BatchSource:
         self._ended = False
         self._error: BaseException | None = None  # what broke the stream: raised to every later reader
 
-    def _items(self) -> Iterator[tuple[int, int, pa.RecordBatch, int, list[str]]]:
+    def _items(self) -> Iterator[tuple[int, int, pa.RecordBatch | SparseBatch, int, list[str]]]:
         """(epoch, index, table, bad rows met reading it, their examples) past the start."""
         for epoch in range(self.spec.start_epoch, self.spec.epochs):
             report, counted, shown = BadRows(), 0, 0

@@ -137,12 +137,15 @@ class SparseWorker:
             try:
                 item = self.source.get(batch_id)
                 start = time.perf_counter()
-                result = None if item is None else (item, self.extractor(item.table), time.perf_counter() - start)
+                result = None if item is None else (item, self._extract(item), time.perf_counter() - start)
             except BaseException as exc:  # handed to forward(), which raises it to the engine
                 result = exc
             with self._ready:
                 self._prepared[batch_id] = result
                 self._ready.notify_all()
+
+    def _extract(self, item: Item) -> SparseBatch:
+        return item.table if isinstance(item.table, SparseBatch) else self.extractor(item.table)
 
     def _take(self, batch_id: int) -> tuple[Item, SparseBatch, float] | None:
         with self._ready:
