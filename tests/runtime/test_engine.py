@@ -56,7 +56,9 @@ def _assert_bitwise_equal(a: Trainer, b: Trainer) -> None:
 
 
 def _no_worker_threads() -> bool:
-    return not [t.name for t in threading.enumerate() if t.name.startswith("tidal-")]
+    left = [t.name for t in threading.enumerate() if t.name.startswith(("tidal-sparse", "tidal-dense"))]
+    assert not left, f"threads left behind: {left}"
+    return True
 
 
 @pytest.mark.parametrize("sparse_workers", [1, 2, 3])
