@@ -41,7 +41,7 @@ def _config(train: list[str], held_out: list[str], run_dir: Path, epochs: int) -
     return RunConfig(
         data={"train": train, "eval": held_out, "batch_size": 2048},
         features=[f.model_dump() for f in criteo_features(table="ids")],
-        tables=[{"name": "ids", "dim": 16, "optimizer": {"kind": "adagrad", "lr": 0.05}}],
+        tables=[{"name": "ids", "dim": 16, "optimizer": {"kind": "adagrad", "lr": 0.01, "eps": 1e-5}}],
         model={"kind": "dlrm", "bottom_sizes": [64], "hidden_sizes": [128, 64]},
         training={"epochs": epochs, "lr": 0.002, "log_every": 1_000_000, "run_dir": str(run_dir)},
     )
