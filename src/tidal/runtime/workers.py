@@ -100,11 +100,6 @@ class EmbeddingShard:
         with self._lock:
             self._contexts.pop(batch_id, None)
 
-    def snapshot(self) -> dict[str, list[dict[str, np.ndarray]]]:
-        """Every table as arrays, shard by shard (call with no batch in flight)."""
-        return {t.name: [t.snapshot_shard(s, since_save=False) for s in range(t.num_shards)]
-                for t in self.collection.tables}
-
 
 class SparseWorker:
     """Reads, extracts, looks up and pools its batches; applies their sparse updates.
@@ -180,8 +175,8 @@ class SparseWorker:
 
     def backward(self, batch_id: int, *grads: dict[str, Any]) -> dict[str, float]:
         start = time.perf_counter()
-        parts = [decode(g["grad"], g["dtype"]) / g["scale"] if g["scale"] != 1.0 else decode(g["grad"], g["dtype"])
-                 for g in grads]
+        parts = [decode(g["grad"], g["dtype"]) for g in grads]
+        parts = [part / g["scale"] if g["scale"] != 1.0 else part for part, g in zip(parts, grads)]  # float16
         grad = parts[0] if len(parts) == 1 else torch.cat(parts)  # [B, F, D]
         transfer_s = time.perf_counter() - start
         return {"transfer": transfer_s, **self.store.backward(batch_id, grad)}
