@@ -185,6 +185,33 @@ def test_dense_failure_stops_the_run_with_a_clear_error(data, tmp_path, monkeypa
     assert _no_worker_threads()
 
 
+def test_run_stopped_by_a_dense_failure_resumes_from_its_checkpoint(data, reference, tmp_path, monkeypatch):
+    from tidal.runtime.workers import DenseWorker
+
+    original = DenseWorker.step
+    steps = []
+
+    def fails_at_the_13th_step(worker, payload):
+        steps.append(1)
+        if len(steps) == 13:
+            raise RuntimeError("device lost")
+        return original(worker, payload)
+
+    runtime = {"sparse_workers": 2, "transfer_dtype": "float32"}
+    monkeypatch.setattr(DenseWorker, "step", fails_at_the_13th_step)
+    with pytest.raises(TidalError, match="dense worker failed on batch 12"):
+        _trainer(data, tmp_path, runtime, checkpoint_every=10).fit()
+    monkeypatch.setattr(DenseWorker, "step", original)
+    resumed = _trainer(data, tmp_path, runtime, checkpoint_every=10)
+    assert resumed.fit(resume=True)["steps"] == 24
+    _assert_bitwise_equal(reference, resumed)
+
+
+def test_colocated_sparse_worker_adds_one(data, tmp_path):
+    summary = _trainer(data, tmp_path, {"sparse_workers": 2, "colocated_sparse_worker": True}).fit()
+    assert summary["runtime"]["sparse_workers"] == [(0, 3)] and summary["rows"] == 12_000
+
+
 def test_interrupt_joins_every_worker(data, tmp_path, monkeypatch):
     def interrupt(*args):
         raise KeyboardInterrupt
