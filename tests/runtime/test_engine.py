@@ -308,3 +308,13 @@ def test_dense_worker_on_cuda_matches_the_cpu_one():
         results.append((meta["loss"], grad["grad"]))
     assert abs(results[0][0] - results[1][0]) < 1e-4
     assert np.allclose(results[0][1], results[1][1], atol=1e-5)
+
+
+def test_bad_rows_after_the_last_full_batch_are_counted(data, tmp_path):
+    bad = tmp_path / "tail.tsv"
+    lines = open(data["data"]["train"][0]).read().splitlines()[:1024] + ["1\tshort", "0\talso-short"]
+    bad.write_text("\n".join(lines) + "\n")
+    config = {**data, "data": {**data["data"], "train": [str(bad)]}}
+    summary = _trainer(config, tmp_path / "run", {"sparse_workers": 2}).fit()
+    assert summary["rows"] == 1024 and summary["bad_rows"] == 2
+    assert [":1025:" in summary["bad_row_examples"][0], ":1026:" in summary["bad_row_examples"][1]] == [True, True]

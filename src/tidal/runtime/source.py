@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from itertools import chain
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -84,15 +85,22 @@ class BatchSource:
         self._error: BaseException | None = None  # what broke the stream: raised to every later reader
 
     def _items(self) -> Iterator[tuple[int, int, pa.RecordBatch | SparseBatch, int, list[str]]]:
-        """(epoch, index, table, bad rows met reading it, their examples) past the start."""
+        """(epoch, index, table, bad rows, their examples) past the start position.
+
+        A batch is handed on once the next one is read (or the epoch ended), so the bad
+        rows met up to then, those after a file's last full batch included, go with it.
+        """
         for epoch in range(self.spec.start_epoch, self.spec.epochs):
             report, counted, shown = BadRows(), 0, 0
             skip = self.spec.start_batch if epoch == self.spec.start_epoch else 0
-            for index, table in enumerate(self.spec.epoch(report)):
-                bad, examples = report.count - counted, report.examples[shown:]
-                counted, shown = report.count, len(report.examples)
-                if index >= skip:
-                    yield epoch, index, table, bad, examples
+            held: tuple[int, pa.RecordBatch | SparseBatch] | None = None
+            for index, table in enumerate(chain(self.spec.epoch(report), [None])):
+                if held is not None:
+                    bad, examples = report.count - counted, report.examples[shown:]
+                    counted, shown = report.count, len(report.examples)
+                    if held[0] >= skip:  # the bad rows of skipped batches were counted before the resume
+                        yield epoch, held[0], held[1], bad, examples
+                held = (index, table) if table is not None else None
 
     def get(self, batch_id: int) -> Item | None:
         """Batch `batch_id`, or None when the stream ends before it."""
