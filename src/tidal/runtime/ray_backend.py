@@ -3,7 +3,8 @@
 Placement: every sparse worker, dense worker and embedding shard is an actor; the
 tables are placed table-wise over `embedding_shards` shard actors (a table's rows are
 sharded inside its actor across threads), so every pooling mode pools exactly as on
-one machine. Each sparse worker reads the files itself and keeps the batches it is
+one machine. Shard actors serve several calls at once (threaded actors: the kernels
+release the GIL, the tables lock per shard). Each sparse worker reads the files itself and keeps the batches it is
 given. Pooled slices and gradients move as ObjectRefs: the coordinator passes the
 reference of a slice to a dense worker and the references of the gradients back to
 the producer, never the tensors. Dense workers keep their replicas equal with a gloo
@@ -162,7 +163,10 @@ class RayBackend:
         for table in sorted(self.trainer.collection.tables, key=lambda t: -t.stats().rows):
             min(held, key=len).append(table)
         shards, features_of = [], []
-        actor = ray.remote(num_cpus=1)(_ShardActor)
+        # threaded actors: the kernels release the GIL and the tables lock per shard, so
+        # several sparse workers look up and update one shard actor at once
+        concurrency = 2 * (self.runtime.sparse_workers + int(self.runtime.colocated_sparse_worker)) + 2
+        actor = ray.remote(num_cpus=1, max_concurrency=concurrency)(_ShardActor)
         for tables in held:
             names = {t.name for t in tables}
             features = [f for f in self.trainer.collection.features.values() if f.table in names]
