@@ -143,7 +143,9 @@ class Engine:
                 step = start_step + self.done
                 if step in self.runtime.sparse_workers_at:
                     self.resize(self.runtime.sparse_workers_at[step])
+                self._sample()
                 self.at_barrier(step, self._position())
+                self.telemetry.skip()  # a checkpoint or an evaluation is not training time
                 self.barrier = self._next_barrier(self.done + 1)
                 continue
             if self.end_id is not None and self.done >= self.end_id and not self.flights:

@@ -20,7 +20,7 @@ class Telemetry:
 
     def __init__(self, path: Path, every_s: float) -> None:
         self.path, self.every_s = path, every_s
-        self.start = self._last = self._shown = time.perf_counter()
+        self.restart()
         self.stage_s = {role: {stage: 0.0 for stage in STAGES} for role in ("sparse", "dense")}
         self.worker_s = {"sparse": 0.0, "dense": 0.0}
         self.depths: dict[str, list[int]] = {}  # queue -> [samples, sum, max]
@@ -31,6 +31,13 @@ class Telemetry:
     def restart(self) -> None:
         """Count time from now."""
         self.start = self._last = self._shown = time.perf_counter()
+        self.skipped_s = 0.0
+
+    def skip(self) -> None:
+        """Leave the time since the last sample out (checkpoints, evaluations)."""
+        now = time.perf_counter()
+        self.skipped_s += now - self._last
+        self._last = now
 
     def note_staleness(self, batches: int) -> None:
         _note(self.staleness, batches)
@@ -53,7 +60,7 @@ class Telemetry:
             print("  " + self.line(self.snapshots[-1]), flush=True)
 
     def report(self) -> dict:
-        wall = max(self._last - self.start, 1e-9)
+        wall = max(self._last - self.start - self.skipped_s, 1e-9)
         busy = {role: {stage: s / max(self.worker_s[role], 1e-9) for stage, s in stages.items()
                        if STAGES[stage] in (role, "both")}
                 for role, stages in self.stage_s.items()}
