@@ -53,6 +53,7 @@ def _table_state(table: EmbeddingTable) -> dict:
 
 class _ShardActor(EmbeddingShard):
     def __init__(self, tables: list, features: list, threads: int, state: dict | None) -> None:
+        torch.set_num_threads(threads)  # a process of its own: more torch threads than cores only spin
         super().__init__(_collection(tables, features, threads, state))
 
     def forward(self, batch_id: int, batch: SparseBatch) -> tuple[np.ndarray, dict[str, float]]:  # type: ignore[override]
@@ -95,6 +96,7 @@ class _RemoteStore:
 class _SparseActor(SparseWorker):
     def __init__(self, index: int, spec: ReaderSpec, features: list, shards: list, features_of: list,
                  dense_workers: int, transfer_dtype: str) -> None:
+        torch.set_num_threads(1)  # casts and slices only; the kernels run in the shard actors
         extractor = Extractor(features)
         store = _RemoteStore(shards, features_of, [f.name for f in extractor.sparse])
         super().__init__(index, source=BatchSource(spec, shared=False), extractor=extractor, store=store,
