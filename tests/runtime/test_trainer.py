@@ -91,7 +91,7 @@ def test_resume_reaches_the_same_weights_and_tables_as_an_uninterrupted_run(tmp_
     keys = np.concatenate([a.snapshot_shard(s, since_save=False)["keys"] for s in range(a.num_shards)])
     assert a.stats().rows == b.stats().rows == len(keys)
     (rows_a, found_a), (rows_b, found_b) = a.pull_rows(keys), b.pull_rows(keys)
-    assert found_b.all()
+    assert found_a.all() and found_b.all()
     np.testing.assert_array_equal(rows_a.values, rows_b.values)
     np.testing.assert_array_equal(rows_a.state, rows_b.state)
 
