@@ -61,7 +61,7 @@ class _ShardActor(EmbeddingShard):
         return pooled.numpy(), timings
 
     def backward(self, batch_id: int, grad: np.ndarray) -> dict[str, float]:  # type: ignore[override]
-        return super().backward(batch_id, torch.from_numpy(grad.copy()))
+        return super().backward(batch_id, grad)  # read-only from the object store: only read
 
     def state(self) -> dict:
         return {t.name: _table_state(t) for t in self.collection.tables}
@@ -84,7 +84,7 @@ class _RemoteStore:
         pooled = torch.empty((batch.batch_size, len(self.keys), results[0][0].shape[2]))  # [B, F, D]
         timings: dict[str, float] = {}
         for (_, at), (values, spent) in zip(self.parts, results):
-            pooled[:, at] = torch.from_numpy(values.copy())
+            pooled[:, at] = torch.as_tensor(values)  # copies out of the read-only object store buffer
             timings = {k: timings.get(k, 0.0) + v for k, v in spent.items()}
         return pooled, timings
 

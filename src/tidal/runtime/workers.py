@@ -87,7 +87,7 @@ class EmbeddingShard:
             self._contexts[batch_id] = ctx
         return pooled, {"lookup": middle - start, "pool": time.perf_counter() - middle}
 
-    def backward(self, batch_id: int, grad: torch.Tensor) -> dict[str, float]:
+    def backward(self, batch_id: int, grad: torch.Tensor | np.ndarray) -> dict[str, float]:
         """Apply the sparse update of batch `batch_id` given its pooled gradient `[B, F, D]`."""
         start = time.perf_counter()
         with self._lock:
