@@ -121,7 +121,7 @@ class Engine:
     def run(self, start_step: int, max_steps: int | None, on_done: Any, at_barrier: Any) -> tuple[int, bool]:
         """Train until the data ends (True) or `max_steps` (False); the last step.
 
-        `on_done(batch_id, meta, loss)` is called for every batch whose update landed,
+        `on_done(step, meta, loss)` is called for every batch whose update landed,
         `at_barrier(step, position)` when a barrier step is reached.
         """
         self.start_step, self.max_steps = start_step, max_steps
@@ -309,7 +309,7 @@ class Engine:
         self.telemetry.note_staleness(flight.staleness)
         self.telemetry.samples += flight.meta["rows"]  # type: ignore[index]
         self.done += 1
-        self.on_done(batch_id, flight.meta, flight.loss)
+        self.on_done(self.start_step + self.done, flight.meta, flight.loss)
 
     def report(self) -> dict:
         return {"sparse_workers": self.worker_counts,

@@ -45,7 +45,7 @@ def train(trainer: Any, log: IO[str], position: dict[str, int], max_steps: int |
     telemetry = Telemetry(trainer.run_dir / "telemetry.json", config.runtime.telemetry_every_s)
     backend = make_backend(trainer, spec)
     engine = trainer.engine = Engine(trainer, backend, telemetry)
-    progress = _Progress(trainer, log, position["step"])
+    progress = _Progress(trainer, log)
     try:
         step, finished = engine.run(position["step"], max_steps, progress.done,
                                     lambda step, at: _barrier(trainer, backend, log, step, at))
@@ -60,18 +60,17 @@ def train(trainer: Any, log: IO[str], position: dict[str, int], max_steps: int |
 class _Progress:
     """Counts rows and bad rows of finished batches, and logs every `log_every` steps."""
 
-    def __init__(self, trainer: Any, log: IO[str], start_step: int) -> None:
-        self.trainer, self.log, self.step = trainer, log, start_step
+    def __init__(self, trainer: Any, log: IO[str]) -> None:
+        self.trainer, self.log = trainer, log
         self.rows, self.losses, self.start = 0, [], time.perf_counter()
 
-    def done(self, batch_id: int, meta: dict, loss: float) -> None:
+    def done(self, step: int, meta: dict, loss: float) -> None:
         if meta["epoch"] == 0:  # later epochs read the same rows again
             self.trainer.bad_rows.extend(meta["bad_rows"], meta["bad_examples"])
         self.rows += meta["rows"]
-        self.step += 1
         self.losses.append(loss)
-        if self.step % self.trainer.config.training.log_every == 0:
-            self.trainer._log(self.log, meta["epoch"], self.step, self.rows, self.start, self.losses)
+        if step % self.trainer.config.training.log_every == 0:
+            self.trainer._log(self.log, meta["epoch"], step, self.rows, self.start, self.losses)
             self.losses = []
 
 

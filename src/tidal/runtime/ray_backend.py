@@ -30,7 +30,7 @@ from tidal.data.extract import Extractor
 from tidal.embedding import EmbeddingCollection, EmbeddingTable
 from tidal.errors import TidalError
 from tidal.runtime.source import BatchSource, ReaderSpec
-from tidal.runtime.workers import DenseWorker, EmbeddingShard, SparseWorker, transfer_dtype
+from tidal.runtime.workers import DenseWorker, EmbeddingShard, SparseWorker, flatten, transfer_dtype, unflatten
 
 __all__ = ["RayBackend"]
 
@@ -114,12 +114,9 @@ class _GlooAllReduce:
         self._dist = dist
 
     def __call__(self, rank: int, tensors: list[torch.Tensor]) -> None:
-        flat = torch.cat([t.reshape(-1) for t in tensors])
+        flat = flatten(tensors)
         self._dist.all_reduce(flat)
-        at = 0
-        for t in tensors:
-            t.copy_(flat[at : at + t.numel()].view_as(t))
-            at += t.numel()
+        unflatten(flat, tensors)
 
 
 class _DenseActor(DenseWorker):
@@ -153,7 +150,7 @@ class RayBackend:
             ray.init(address=self.runtime.ray_address, include_dashboard=False, log_to_driver=True,
                      num_cpus=None if self.runtime.ray_address else max(os.cpu_count() or 1, workers))
         self.threads = trainer.config.training.threads
-        self.features = [f for f in trainer.config.features]
+        self.features = list(trainer.config.features)
         self.shards, self.features_of = self._start_shards()
         self.dense_node: str | None = None
         self._actors: list[Any] = list(self.shards)

@@ -199,23 +199,38 @@ class ThreadAllReduce:
         self._barrier = threading.Barrier(world)
 
     def __call__(self, rank: int, tensors: list[torch.Tensor]) -> None:
-        self._parts[rank] = torch.cat([t.reshape(-1) for t in tensors])
+        self._parts[rank] = flatten(tensors)
         self._barrier.wait()
         total = self._parts[0].clone()  # type: ignore[union-attr]
         for part in self._parts[1:]:
             total += part  # type: ignore[operator]
         self._barrier.wait()  # every rank has read every part before the next round
-        _unflatten(total, tensors)
+        unflatten(total, tensors)
 
     def abort(self) -> None:
         self._barrier.abort()
 
 
-def _unflatten(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """`tensors` as one flat tensor, for a single all-reduce."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Copy a `flatten`ed tensor back into `tensors`."""
     at = 0
     for t in tensors:
         t.copy_(flat[at : at + t.numel()].view_as(t))
         at += t.numel()
+
+
+def _device(device: str, rank: int) -> torch.device:
+    """`auto`: one GPU per rank when there are GPUs, else the CPU."""
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device("cpu")
 
 
 class DenseWorker:
@@ -225,8 +240,7 @@ class DenseWorker:
                  loss_weights: torch.Tensor, all_reduce: Callable[[int, list[torch.Tensor]], None] | None,
                  loss_scale: float, device: str = "auto") -> None:
         self.rank = rank
-        self.device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if device == "auto"
-                                   and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+        self.device = _device(device, rank)
         self.model = model.to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
         if optimizer_state:
