@@ -35,6 +35,7 @@ __all__ = [
     "Eviction",
     "FeatureConfig",
     "Ftrl",
+    "Fusion",
     "Initializer",
     "LabelFeature",
     "ModelConfig",
@@ -43,6 +44,7 @@ __all__ = [
     "RowWiseAdagrad",
     "RunConfig",
     "RuntimeConfig",
+    "ServingConfig",
     "Sgd",
     "SparseFeature",
     "TableConfig",
@@ -210,6 +212,9 @@ class SparseFeature(_Model):
       ascending), hashed into the namespace.
     - `columns` of two or more: a cross, one id per row from the combined values.
     - `missing`: an empty value gives an empty bag, or the feature's default id.
+    - `side`: whom the value describes when serving. A request carries one `user`
+      row (a stateful session computes it once and caches it) and one row per
+      candidate for `item` and `context` features.
     """
 
     kind: Literal["sparse"] = "sparse"
@@ -222,6 +227,7 @@ class SparseFeature(_Model):
     namespace: str | None = None
     buckets: list[Annotated[float, Field(allow_inf_nan=False)]] | None = Field(None, min_length=1)
     missing: Literal["empty", "default"] = "empty"
+    side: Literal["user", "item", "context"] = "item"
 
     @pydantic.model_validator(mode="after")
     def _one_shape(self) -> SparseFeature:
@@ -246,6 +252,7 @@ class DenseFeature(_Model):
     column: str = Field(min_length=1)
     transform: Literal["none", "log"] = "none"
     missing_value: float = Field(0.0, allow_inf_nan=False)
+    side: Literal["user", "item", "context"] = "item"  # as for SparseFeature
 
 
 class LabelFeature(_Model):
@@ -335,6 +342,52 @@ class RuntimeConfig(_Model):
     sparse_workers_at: dict[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1, le=256)]] = Field(default_factory=dict)
 
 
+class Fusion(_Model):
+    """The value model: one score per candidate from the targets' probabilities.
+
+    `product`: score = prod_t p_t ** weights[t] (a weighted product of powers);
+    `sum`: score = sum_t weights[t] * p_t. Targets left out of `weights` do not count;
+    empty `weights` gives every target the weight 1.
+    """
+
+    kind: Literal["product", "sum"] = "product"
+    weights: dict[str, Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=dict)
+
+
+class ServingConfig(_Model):
+    """How `tidal serve` batches, splits, pads and caches (see `tidal.serving`).
+
+    Rows of concurrent requests merge into one batch up to `max_batch_rows`, waiting
+    at most `max_delay_ms` while the pipeline is busy; a request of more than
+    `chunk_rows` candidates is cut into about equal chunks that run in parallel. The
+    dense network only sees batch sizes from `buckets` (batches are padded).
+    `max_queue_rows` bounds the rows waiting; beyond it a request gets 503.
+    """
+
+    fusion: Fusion = Fusion()
+    buckets: list[Annotated[int, Field(gt=0, le=1 << 16)]] = Field(default_factory=lambda: [1, 4, 16, 64, 256, 1024],
+                                                                   min_length=1)
+    max_batch_rows: int = Field(1024, ge=1, le=1 << 16)
+    max_delay_ms: float = Field(2.0, ge=0.0, le=10_000.0)
+    chunk_rows: int = Field(256, ge=1, le=1 << 16)
+    sparse_threads: int = Field(2, ge=1, le=256)
+    max_queue_rows: int = Field(65_536, ge=1)
+    max_body_bytes: int = Field(32 << 20, ge=1024)
+    session_ttl_s: float = Field(300.0, gt=0.0)
+    session_memory_bytes: int = Field(256 << 20, ge=1024)
+    table_dtype: Literal["float32", "float16"] = "float32"  # how the bundle stores the tables
+
+    @pydantic.model_validator(mode="after")
+    def _fits_buckets(self) -> ServingConfig:
+        if sorted(set(self.buckets)) != self.buckets:
+            raise ValueError(f"buckets must be distinct and ascending, got {self.buckets}")
+        if self.max_batch_rows > self.buckets[-1]:
+            raise ValueError(f"max_batch_rows ({self.max_batch_rows}) must fit the largest bucket ({self.buckets[-1]})")
+        if self.chunk_rows > self.max_batch_rows:
+            raise ValueError(f"chunk_rows ({self.chunk_rows}) must be at most max_batch_rows ({self.max_batch_rows})")
+        return self
+
+
 class RunConfig(_Model):
     """One YAML file: data, features, tables, model and training; with `runtime`, the
     heterogeneous engine trains it, without it the single-process reference trainer."""
@@ -345,6 +398,7 @@ class RunConfig(_Model):
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
     runtime: RuntimeConfig | None = None
+    serving: ServingConfig = ServingConfig()
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -357,6 +411,10 @@ class RunConfig(_Model):
             raise ValueError("features need at least one label (kind: label)")
         if not any(isinstance(f, SparseFeature) for f in self.features):
             raise ValueError("features need at least one sparse feature (kind: sparse)")
+        targets = [f.name for f in self.features if isinstance(f, LabelFeature)]
+        unknown = sorted(set(self.serving.fusion.weights) - set(targets))
+        if unknown:
+            raise ValueError(f"serving.fusion.weights names {unknown}, which are not targets; targets: {targets}")
         return self
 
     @classmethod

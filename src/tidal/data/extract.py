@@ -144,10 +144,11 @@ def _cross(columns: list[pa.Array], seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _number(column: pa.Array, missing_value: float) -> np.ndarray:
-    """float64 of every value; empty values give `missing_value`."""
-    empty = pc.equal(pc.utf8_length(column), 0)
-    values = pc.cast(pc.if_else(empty, None, column), pa.float64())
-    return pc.fill_null(values, missing_value).to_numpy(zero_copy_only=False)
+    """float64 of every value (strings as read from files, or numbers as a serving
+    request sends them); empty strings and nulls give `missing_value`."""
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        column = pc.if_else(pc.equal(pc.utf8_length(column), 0), None, column)
+    return pc.fill_null(pc.cast(column, pa.float64()), missing_value).to_numpy(zero_copy_only=False)
 
 
 def _dense(feature: DenseFeature, column: pa.Array) -> np.ndarray:

@@ -80,7 +80,7 @@ def restore(trainer: Trainer, directory: Path) -> dict[str, int]:
     """Load the checkpoint in `directory` into `trainer`; the position to continue from."""
     meta = json.loads((directory / "trainer.json").read_text())
     saved, current = meta["config"], trainer.config.model_dump(mode="json")
-    changed = sorted(k for k in saved if saved[k] != current.get(k) and k not in ("training", "runtime"))
+    changed = sorted(k for k in saved if saved[k] != current.get(k) and k not in ("training", "runtime", "serving"))
     if changed:
         raise CheckpointError(f"{directory}: the config changed since this checkpoint ({', '.join(changed)}); "
                               f"resume with the config it was written with")

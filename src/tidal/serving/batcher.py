@@ -1,0 +1,200 @@
+"""Auto-batching and request splitting between the server and the predictor.
+
+Requests arrive as pieces (`Predictor` pieces: a request, or one chunk of a big one).
+A collector thread merges waiting pieces into batches of at most `max_batch_rows`;
+the sparse stage of each batch runs on a pool of `sparse_threads` CPU threads and its
+dense stage on one device thread, so several batches are in flight at once::
+
+    submit ─► waiting pieces ─► collector ─► sparse pool (CPU threads) ─► dense thread ─► futures
+              (bounded: rows)   merges up to   extract, look up, pool       padded to a bucket
+                                max_batch_rows
+
+The collector never starts more batches than there are sparse threads, so pieces
+wait in the bounded queue (beyond `max_queue_rows`, `submit` raises `Overloaded`).
+An idle pipeline starts a batch at once; while another batch runs, the next waits
+up to `max_delay_ms` to fill: light load keeps its latency, heavy load gets big
+batches. With `merge=False` every request is a batch of
+its own (the unbatched baseline). A failed batch fails every piece in it; `close()`
+fails whatever still waits, so no caller hangs.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tidal.errors import TidalError
+from tidal.serving.predictor import Piece, Predictor
+
+__all__ = ["Batcher", "Overloaded", "split_rows"]
+
+
+class Overloaded(TidalError):
+    """More rows wait than the batcher's bound: the caller should retry later."""
+
+
+def split_rows(rows: int, chunk_rows: int) -> list[tuple[int, int]]:
+    """[start, end) chunks of about equal size, each at most `chunk_rows`.
+
+    With ``chunk_rows=256``: 100 rows stay whole, 600 become 200 + 200 + 200.
+    """
+    chunks = max(1, math.ceil(rows / chunk_rows))
+    bounds = np.linspace(0, rows, chunks + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@dataclass
+class _Waiting:
+    piece: Piece
+    future: Future
+    queued_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchRecord:
+    """What one batch did, for metrics: rows, pieces, queue and compute seconds."""
+
+    rows: int
+    pieces: int
+    queue_s: float
+    sparse_s: float
+    dense_s: float
+
+
+class Batcher:
+    """Merges and splits pieces into batches and runs them through the predictor."""
+
+    def __init__(self, predictor: Predictor, *, max_batch_rows: int, max_delay_ms: float, chunk_rows: int,
+                 sparse_threads: int, max_queue_rows: int, merge: bool = True, on_batch=None) -> None:  # type: ignore[no-untyped-def]
+        self.predictor = predictor
+        self.max_batch_rows, self.chunk_rows, self.merge = max_batch_rows, chunk_rows, merge
+        self.max_delay_s = max_delay_ms / 1000.0
+        self.max_queue_rows = max_queue_rows
+        self._on_batch = on_batch  # called with a BatchRecord after each batch
+        self._waiting: deque[_Waiting] = deque()
+        self._waiting_rows = 0
+        self._in_flight = 0
+        self._depth = sparse_threads
+        self._cond = threading.Condition()
+        self._closed = False
+        self._sparse = ThreadPoolExecutor(sparse_threads, thread_name_prefix="tidal-sparse")
+        self._dense = ThreadPoolExecutor(1, thread_name_prefix="tidal-dense")
+        self._collector = threading.Thread(target=self._collect_forever, name="tidal-collector", daemon=True)
+        self._collector.start()
+
+    def submit(self, piece: Piece) -> list[Future]:
+        """Queue one request (split into chunks when merging); one future per chunk,
+        each giving probabilities `[rows, T]`, in the request's row order."""
+        pieces = self._chunks(piece) if self.merge else [piece]
+        with self._cond:
+            if self._closed:
+                raise TidalError("the batcher is closed: the server is shutting down")
+            if self._waiting_rows and self._waiting_rows + piece.rows > self.max_queue_rows:
+                raise Overloaded(f"{self._waiting_rows} rows are waiting (bound {self.max_queue_rows}); retry later")
+            now = time.perf_counter()
+            waiting = [_Waiting(p, Future(), now) for p in pieces]
+            self._waiting.extend(waiting)
+            self._waiting_rows += piece.rows
+            self._cond.notify_all()
+        return [w.future for w in waiting]
+
+    def _chunks(self, piece: Piece) -> list[Piece]:
+        if piece.rows <= self.chunk_rows:
+            return [piece]
+        return [Piece(items=piece.items.slice(a, b - a), user=piece.user, state=piece.state)
+                for a, b in split_rows(piece.rows, self.chunk_rows)]
+
+    def close(self) -> None:
+        """Stop taking pieces, fail those still waiting, and join the threads."""
+        with self._cond:
+            self._closed = True
+            left, self._waiting = list(self._waiting), deque()
+            self._cond.notify_all()
+        for w in left:
+            w.future.set_exception(TidalError("the server shut down before this request ran"))
+        self._collector.join()
+        self._sparse.shutdown(wait=True)
+        self._dense.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ collector
+
+    def _collect_forever(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._sparse.submit(self._run_sparse, batch)
+
+    def _next_batch(self) -> list[_Waiting] | None:
+        """The next batch, once a sparse thread is free; while another batch runs, wait up
+        to `max_delay_ms` for this one to fill (an idle pipeline starts at once)."""
+        with self._cond:
+            while not (self._waiting and self._in_flight < self._depth) and not self._closed:
+                self._cond.wait()
+            deadline = time.perf_counter() + self.max_delay_s
+            while self.merge and self._in_flight and self._waiting_rows < self.max_batch_rows and not self._closed:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            if self._closed:
+                return None
+            batch = self._take()
+            self._in_flight += 1
+            return batch
+
+    def _take(self) -> list[_Waiting]:
+        """The oldest pieces that fit one batch (a whole request when not merging)."""
+        batch = [self._waiting.popleft()]
+        rows = batch[0].piece.rows
+        while self._waiting and self.merge and rows + self._waiting[0].piece.rows <= self.max_batch_rows:
+            batch.append(self._waiting.popleft())
+            rows += batch[-1].piece.rows
+        self._waiting_rows -= rows
+        return batch
+
+    # ------------------------------------------------------------------ stages
+
+    def _run_sparse(self, batch: list[_Waiting]) -> None:
+        start = time.perf_counter()
+        try:
+            pooled, dense = self.predictor.sparse([w.piece for w in batch])
+        except BaseException as exc:  # every request of the batch learns why
+            self._fail(batch, exc)
+            return
+        self._dense.submit(self._run_dense, batch, pooled, dense, start, time.perf_counter() - start)
+
+    def _run_dense(self, batch: list[_Waiting], pooled: torch.Tensor, dense: torch.Tensor, start: float,
+                   sparse_s: float) -> None:
+        dense_start = time.perf_counter()
+        try:
+            probabilities = self.predictor.dense(pooled, dense)
+        except BaseException as exc:
+            self._fail(batch, exc)
+            return
+        self._finished()
+        done = 0
+        for w in batch:
+            w.future.set_result(probabilities[done : done + w.piece.rows])
+            done += w.piece.rows
+        if self._on_batch is not None:
+            self._on_batch(BatchRecord(rows=done, pieces=len(batch), queue_s=start - min(w.queued_s for w in batch),
+                                       sparse_s=sparse_s, dense_s=time.perf_counter() - dense_start))
+
+    def _fail(self, batch: list[_Waiting], exc: BaseException) -> None:
+        self._finished()
+        for w in batch:
+            w.future.set_exception(exc)
+
+    def _finished(self) -> None:
+        with self._cond:
+            self._in_flight -= 1
+            self._cond.notify_all()
+

@@ -1,0 +1,216 @@
+"""Serving bundles: what `tidal export` writes and `tidal serve` loads.
+
+Layout::
+
+    BUNDLE/
+      manifest.json                format, version, creation time, the run config
+                                   (features with their sides, tables, model, serving:
+                                   fusion and bucket sizes), targets, input columns,
+                                   and the size and sha256 of every other file
+      tables/<name>.safetensors    keys [N] int64, values [N, D] float32 or float16
+      dense.pt2                    the dense network as a `torch.export` program
+
+No pickle anywhere: tensors are safetensors, the program's graph is JSON with raw
+weights, and its sample inputs are left out (the one member `torch.export.save` would
+pickle is empty). Loading checks every file against the manifest and refuses a
+corrupt or incomplete bundle with a message naming the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from safetensors.torch import load_file as load_torch_file
+
+from tidal.config import RunConfig
+from tidal.data.extract import Extractor
+from tidal.embedding import load_tables
+from tidal.embedding.checkpoint import fsync_path, write_json_atomic
+from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
+from tidal.models import RankingModel
+from tidal.runtime import checkpoint
+
+__all__ = ["Bundle", "export", "load_bundle"]
+
+FORMAT = "tidal-serving-bundle"
+VERSION = 1
+MANIFEST = "manifest.json"
+PROGRAM = "dense.pt2"
+_SAMPLE_INPUTS = "data/sample_inputs/"  # the archive member torch.export would pickle
+
+
+@dataclass(frozen=True, kw_only=True)
+class Bundle:
+    """A loaded bundle: its manifest, config, tables as (keys, values) and dense program."""
+
+    path: Path
+    manifest: dict
+    config: RunConfig
+    tables: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (keys [N] int64, values [N, D])
+    program: torch.export.ExportedProgram
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.manifest["targets"])
+
+
+def export(source: str | os.PathLike, out: str | os.PathLike, *, table_dtype: str | None = None) -> Path:
+    """Write the bundle of a run directory's latest checkpoint (or of one checkpoint
+    directory) to `out`. `table_dtype` (float32 or float16) overrides the config's."""
+    directory = _checkpoint_dir(Path(source))
+    meta = json.loads((directory / "trainer.json").read_text())
+    config = RunConfig(**meta["config"])
+    dtype = np.dtype(table_dtype or config.serving.table_dtype)
+    if dtype not in (np.float32, np.float16):
+        raise ConfigError(f"table dtype must be float32 or float16, got {table_dtype!r}")
+    out = Path(out)
+    staging = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "tables").mkdir(parents=True)
+    for name, table in load_tables(directory / "tables").items():
+        keys, values = _rows(table)
+        save_file({"keys": keys, "values": values.astype(dtype)}, str(staging / "tables" / f"{name}.safetensors"))
+    _save_program(_model(config, directory), config, staging / PROGRAM)
+    write_json_atomic(staging / MANIFEST, _manifest(config, directory, staging, str(dtype)))
+    fsync_path(staging)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(staging, out)
+    return out
+
+
+def _checkpoint_dir(source: Path) -> Path:
+    if (source / "trainer.json").exists():
+        return source
+    if not (source / "checkpoints" / checkpoint.LATEST).exists():
+        raise CheckpointError(f"{source}: no checkpoint to export (expected a run directory with checkpoints/"
+                              f"{checkpoint.LATEST}, or a checkpoint directory with trainer.json); train first")
+    return checkpoint.latest(source)
+
+
+def _rows(table) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
+    """Every row of `table` as (keys, values), sorted by key."""
+    shards = [table.snapshot_shard(s, since_save=False) for s in range(table.num_shards)]
+    keys = np.concatenate([s["keys"] for s in shards])
+    values = np.concatenate([s["values"] for s in shards])
+    order = np.argsort(keys, kind="stable")
+    return np.ascontiguousarray(keys[order]), np.ascontiguousarray(values[order])
+
+
+def _model(config: RunConfig, directory: Path) -> RankingModel:
+    model = RankingModel(config.model, **model_sizes(config))
+    tensors = load_torch_file(str(directory / "dense.safetensors"))
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    return model.eval()
+
+
+def model_sizes(config: RunConfig) -> dict[str, int]:
+    """The `RankingModel` sizes of a config: features, dim, dense features, targets."""
+    extractor = Extractor(config.features)
+    dims = {t.name: t.dim for t in config.tables}
+    return {"num_features": len(extractor.sparse), "dim": dims[extractor.sparse[0].table],
+            "dense_features": len(extractor.dense), "num_targets": len(extractor.labels)}
+
+
+def _save_program(model: RankingModel, config: RunConfig, path: Path) -> None:
+    """`model` as a torch.export program whose batch size may be any of 1..largest bucket."""
+    sizes = model_sizes(config)
+    example = (torch.zeros(2, sizes["num_features"], sizes["dim"]), torch.zeros(2, sizes["dense_features"]))
+    batch = torch.export.Dim("batch", min=1, max=config.serving.buckets[-1])
+    program = torch.export.export(model, example, dynamic_shapes=({0: batch}, {0: batch}))
+    program._example_inputs = None  # otherwise saved as a pickle
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="No complete tensor found")  # torch's note on CPU weights
+        torch.export.save(program, str(path))
+
+
+def _manifest(config: RunConfig, directory: Path, staging: Path, dtype: str) -> dict:
+    extractor = Extractor(config.features)
+    files = {str(p.relative_to(staging)): _fingerprint(p) for p in sorted(staging.rglob("*")) if p.is_file()}
+    return {"format": FORMAT, "version": VERSION, "created_unix_s": time.time(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source_checkpoint": directory.name, "table_dtype": dtype,
+            "targets": [f.name for f in extractor.labels], "config": config.model_dump(mode="json"),
+            "files": files}
+
+
+def _fingerprint(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+# ---------------------------------------------------------------------- loading
+
+
+def load_bundle(path: str | os.PathLike) -> Bundle:
+    """Load and check a bundle; a missing, truncated or altered file is refused by name."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    for relative, expected in manifest["files"].items():
+        _check_file(path / relative, expected)
+    try:
+        config = RunConfig(**manifest["config"])
+    except ConfigError as exc:
+        raise CorruptCheckpointError(f"{path / MANIFEST}: its config is not valid: {exc}") from None
+    tables = {t.name: _read_table(path / "tables" / f"{t.name}.safetensors", t.dim) for t in config.tables}
+    return Bundle(path=path, manifest=manifest, config=config, tables=tables, program=_read_program(path / PROGRAM))
+
+
+def _read_manifest(path: Path) -> dict:
+    file = path / MANIFEST
+    if not file.exists():
+        raise CheckpointError(f"{path}: not a serving bundle ({MANIFEST} is missing); write one with tidal export")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(f"{file}: not valid JSON ({exc})") from None
+    keys = {"format", "version", "targets", "config", "files"}
+    if not isinstance(manifest, dict) or not keys <= set(manifest) or manifest["format"] != FORMAT:
+        raise CorruptCheckpointError(f"{file}: expected a {FORMAT} manifest with {sorted(keys)}")
+    if manifest["version"] != VERSION:
+        raise CheckpointError(f"{file}: bundle version {manifest['version']}, this Tidal reads version {VERSION}")
+    needed = {PROGRAM} | {f"tables/{t['name']}.safetensors" for t in manifest["config"].get("tables", [])}
+    if not needed <= set(manifest["files"]):
+        raise CorruptCheckpointError(f"{file}: lists no {sorted(needed - set(manifest['files']))}")
+    return manifest
+
+
+def _check_file(file: Path, expected: dict) -> None:
+    if not file.exists():
+        raise CorruptCheckpointError(f"{file}: missing; the bundle is incomplete (export it again)")
+    found = _fingerprint(file)
+    if found != expected:
+        raise CorruptCheckpointError(f"{file}: {found['bytes']} bytes with sha256 {found['sha256'][:12]}..., the manifest "
+                                     f"says {expected['bytes']} bytes, {expected['sha256'][:12]}...: corrupt or altered")
+
+
+def _read_table(file: Path, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    arrays = load_file(str(file))
+    keys, values = arrays.get("keys"), arrays.get("values")
+    if keys is None or values is None or keys.dtype != np.int64 or values.ndim != 2 \
+            or values.shape != (keys.shape[0], dim) or values.dtype not in (np.float32, np.float16):
+        raise CorruptCheckpointError(f"{file}: expected keys [N] int64 and values [N, {dim}] float32/float16")
+    return keys, values
+
+
+def _read_program(file: Path) -> torch.export.ExportedProgram:
+    with zipfile.ZipFile(file) as archive:
+        pickled = [i.filename for i in archive.infolist() if _SAMPLE_INPUTS in i.filename and i.file_size]
+    if pickled:
+        raise CorruptCheckpointError(f"{file}: holds a pickle ({pickled[0]}); bundles never do, export it again")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="No complete tensor found")
+        return torch.export.load(str(file))

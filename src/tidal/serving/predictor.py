@@ -1,0 +1,238 @@
+"""The request pipeline of a bundle: extraction, lookup and pooling, dense network,
+per-target probabilities and the value-model fusion.
+
+A request scores the candidates of one user. Each feature declares its side: the
+`user` features come once per request (one row, or a session's cached state), the
+`item` and `context` features once per candidate. Pieces (a request, or a chunk of
+a big one) are scored together::
+
+    piece 0: user u0 (1 row)  items i0 i1 i2      piece 1: state of u1  items i3 i4
+    item rows    [i0, i1, i2, i3, i4]     -> extract, look up, pool -> [5, Fi, D]
+    user rows    [u0]                     -> extract, look up, pool -> [1, Fu, D]
+    user of row  [u0, u0, u0, u1, u1]     -> gathered               -> [5, Fu, D]
+    both, in the model's feature order                              -> [5, F, D]
+
+The extraction is training's own `Extractor` (per side), so a row gives the same ids
+as in training; ids the tables do not hold read as zeros and are counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from tidal.config import DenseFeature, Fusion, SparseFeature, TableConfig
+from tidal.data.extract import Extractor
+from tidal.embedding import EmbeddingCollection, EmbeddingTable, RowBlock
+from tidal.errors import BatchError, ConfigError
+from tidal.serving.bundle import Bundle, model_sizes
+
+__all__ = ["Piece", "Predictor", "UserState", "fuse"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class UserState:
+    """The user side of a request, pooled: what a session caches."""
+
+    pooled: torch.Tensor  # [1, Fu, D]
+    dense: torch.Tensor  # [1, Du]
+
+    @property
+    def nbytes(self) -> int:
+        return self.pooled.nbytes + self.dense.nbytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class Piece:
+    """Candidates of one request scored together: `items` (n rows of item and
+    context columns) and either `user` (1 row of user columns) or a cached `state`."""
+
+    items: pa.RecordBatch
+    user: pa.RecordBatch | None = None
+    state: UserState | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.items.num_rows
+
+
+def fuse(fusion: Fusion, probabilities: np.ndarray, targets: Sequence[str]) -> np.ndarray:
+    """The fused score `[n]` of probabilities `[n, T]` (see `tidal.config.Fusion`)."""
+    weights = np.array([fusion.weights.get(t, 0.0) if fusion.weights else 1.0 for t in targets], dtype=np.float64)
+    p = probabilities.astype(np.float64)
+    if fusion.kind == "sum":
+        return (p @ weights).astype(np.float32)
+    return np.prod(np.power(p, weights), axis=1).astype(np.float32)
+
+
+class Predictor:
+    """Scores pieces with a bundle's tables and dense program (thread-safe)."""
+
+    def __init__(self, bundle: Bundle, *, device: str | None = None) -> None:
+        self.bundle = bundle
+        self.config = bundle.config
+        self.targets = bundle.targets
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.buckets = list(self.config.serving.buckets)
+        extractor = Extractor(self.config.features)
+        self._sizes = model_sizes(self.config)
+        self._user_extract, self._item_extract = _sided(extractor.sparse, extractor.dense)
+        self._user_sparse, self._item_sparse = _positions(extractor.sparse)  # [Fu], [Fi] positions in the model
+        self._user_dense, self._item_dense = _positions(extractor.dense)
+        self.user_columns = self._user_extract.columns
+        self.item_columns = self._item_extract.columns
+        self.collection = EmbeddingCollection(_serving_tables(bundle), [f.embedding() for f in extractor.sparse])
+        self._program = bundle.program.module().to(self.device)
+        self._fusion = self.config.serving.fusion
+        if not self.item_columns:
+            raise ConfigError("serving needs at least one item or context feature: candidates are scored by them")
+
+    # ------------------------------------------------------------------ fusion
+
+    @property
+    def fusion(self) -> Fusion:
+        return self._fusion
+
+    def set_fusion(self, fusion: Fusion) -> None:
+        """Change the value model; requests scored from now on use it."""
+        unknown = sorted(set(fusion.weights) - set(self.targets))
+        if unknown:
+            raise ConfigError(f"fusion.weights names {unknown}, which are not targets; targets: {self.targets}")
+        self._fusion = fusion
+
+    def fuse(self, probabilities: np.ndarray) -> np.ndarray:
+        return fuse(self._fusion, probabilities, self.targets)
+
+    # ------------------------------------------------------------------ stages
+
+    def predict(self, pieces: Sequence[Piece]) -> np.ndarray:
+        """Probabilities `[sum of rows, T]` of the pieces' candidates, in order."""
+        return self.dense(*self.sparse(pieces))
+
+    def user_state(self, user: pa.RecordBatch) -> UserState:
+        """The pooled user side of one request's user row (what a session caches)."""
+        pooled, dense = self._user_side([user])
+        return UserState(pooled=pooled, dense=dense)
+
+    def sparse(self, pieces: Sequence[Piece]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sparse stage: pooled `[N, F, D]` and dense features `[N, Dd]` of all rows."""
+        rows = sum(p.rows for p in pieces)
+        f, d, dd = self._sizes["num_features"], self._sizes["dim"], self._sizes["dense_features"]
+        pooled, dense = torch.empty(rows, f, d), torch.empty(rows, dd)
+        items = _concat([p.items for p in pieces])
+        pooled[:, self._item_sparse], dense[:, self._item_dense] = self._side(self._item_extract, items)
+        if not self.user_columns:
+            return pooled, dense
+        user_pooled, user_dense = self._users(pieces)
+        user_of_row = torch.from_numpy(np.repeat(np.arange(len(pieces)), [p.rows for p in pieces]))
+        pooled[:, self._user_sparse] = user_pooled[user_of_row]
+        dense[:, self._user_dense] = user_dense[user_of_row]
+        return pooled, dense
+
+    def dense(self, pooled: torch.Tensor, dense: torch.Tensor) -> np.ndarray:
+        """The dense stage on the device: probabilities `[n, T]`, in batches of the
+        largest bucket at most, each padded to a bucket."""
+        step = self.buckets[-1]
+        parts = [self._dense_bucket(pooled[i : i + step], dense[i : i + step]) for i in range(0, pooled.shape[0], step)]
+        return np.concatenate(parts) if parts else np.zeros((0, len(self.targets)), np.float32)
+
+    def _dense_bucket(self, pooled: torch.Tensor, dense: torch.Tensor) -> np.ndarray:
+        n = pooled.shape[0]
+        bucket = self.bucket(n)
+        padded = torch.zeros(bucket, *pooled.shape[1:])  # padding rows are scored, then cut off
+        padded[:n] = pooled
+        padded_dense = torch.zeros(bucket, dense.shape[1])
+        padded_dense[:n] = dense
+        self._check_shapes(padded, padded_dense)
+        with torch.no_grad():
+            logits = self._program(padded.to(self.device, non_blocking=True),
+                                   padded_dense.to(self.device, non_blocking=True))  # [bucket, T]
+        return torch.sigmoid(logits[:n]).float().cpu().numpy()
+
+    def bucket(self, rows: int) -> int:
+        """The smallest configured batch size that holds `rows`."""
+        for size in self.buckets:
+            if size >= rows:
+                return size
+        raise BatchError(f"{rows} rows do not fit the largest bucket ({self.buckets[-1]}); split them first")
+
+    def _check_shapes(self, pooled: torch.Tensor, dense: torch.Tensor) -> None:
+        """The shape guard: a compiled program must see exactly a bucket's shapes."""
+        expected = (self._sizes["num_features"], self._sizes["dim"])
+        if pooled.shape[0] not in self.buckets or tuple(pooled.shape[1:]) != expected \
+                or tuple(dense.shape) != (pooled.shape[0], self._sizes["dense_features"]):
+            raise BatchError(f"dense stage: expected pooled [bucket, {expected[0]}, {expected[1]}] and dense "
+                             f"[bucket, {self._sizes['dense_features']}] with bucket in {self.buckets}, "
+                             f"got {list(pooled.shape)} and {list(dense.shape)}")
+
+    def _users(self, pieces: Sequence[Piece]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pooled user row per piece: cached, or computed for all stateless ones at once."""
+        fresh = [p.user for p in pieces if p.state is None]
+        if any(u is None for u in fresh):
+            raise BatchError("a piece needs its user row or a cached user state")
+        pooled, dense = self._user_side(fresh) if fresh else (None, None)
+        pooled_rows, dense_rows, k = [], [], 0
+        for p in pieces:
+            if p.state is not None:
+                pooled_rows.append(p.state.pooled)
+                dense_rows.append(p.state.dense)
+            else:
+                pooled_rows.append(pooled[k : k + 1])
+                dense_rows.append(dense[k : k + 1])
+                k += 1
+        return torch.cat(pooled_rows), torch.cat(dense_rows)
+
+    def _user_side(self, users: Sequence[pa.RecordBatch]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._side(self._user_extract, _concat(users))
+
+    def _side(self, extract: Extractor, table: pa.RecordBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled `[n, Fs, D]` and dense `[n, Ds]` of one side's features over `table`."""
+        batch = extract(table)
+        if batch.keys:
+            pooled, _ = self.collection.forward(batch, train=False)
+        else:
+            pooled = torch.empty(table.num_rows, 0, self._sizes["dim"])
+        dense = torch.tensor(batch.dense) if batch.dense is not None else torch.empty(table.num_rows, 0)
+        return pooled, dense
+
+    # ------------------------------------------------------------------ statistics
+
+    def id_counts(self) -> tuple[int, int]:
+        """(ids looked up, ids the tables did not hold) since loading."""
+        stats = [t.stats() for t in self.collection.tables]
+        return sum(s.lookups for s in stats), sum(s.misses for s in stats)
+
+
+def _sided(sparse: list[SparseFeature], dense: list[DenseFeature]) -> tuple[Extractor, Extractor]:
+    user = [f for f in (*sparse, *dense) if f.side == "user"]
+    return Extractor(user), Extractor([f for f in (*sparse, *dense) if f.side != "user"])
+
+
+def _positions(features: Sequence[SparseFeature | DenseFeature]) -> tuple[torch.Tensor, torch.Tensor]:
+    user = [k for k, f in enumerate(features) if f.side == "user"]
+    return torch.tensor(user, dtype=torch.long), torch.tensor([k for k in range(len(features)) if k not in user],
+                                                              dtype=torch.long)
+
+
+def _concat(tables: Sequence[pa.RecordBatch]) -> pa.RecordBatch:
+    if len(tables) == 1:
+        return tables[0]
+    names = tables[0].schema.names
+    return pa.RecordBatch.from_arrays([pa.concat_arrays([t.column(c) for t in tables]) for c in names], names=names)
+
+
+def _serving_tables(bundle: Bundle) -> list[EmbeddingTable]:
+    """The bundle's rows in read-only tables: no optimizer state, admission or eviction."""
+    tables = []
+    for config in bundle.config.tables:
+        keys, values = bundle.tables[config.name]
+        table = EmbeddingTable(TableConfig(name=config.name, dim=config.dim, num_shards=config.num_shards,
+                                           initializer=config.initializer, seed=config.seed))
+        table.push_rows(RowBlock(keys=keys, values=values.astype(np.float32), state=np.zeros((len(keys), 0), np.float32),
+                                 last_seen=np.zeros(len(keys), np.uint32), counts=np.zeros(len(keys), np.uint32)))
+        tables.append(table)
+    return tables

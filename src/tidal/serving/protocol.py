@@ -1,0 +1,392 @@
+"""The Open Inference Protocol (KServe v2) body: JSON tensors and the binary extension.
+
+A request names one input tensor per raw column the features read, as in training
+(Criteo's ``C1``...``C26`` and ``I1``...``I13``, say). Item and context columns have
+one value per candidate (shape ``[n]`` or ``[n, 1]``; a ``[1]`` tensor is broadcast);
+user columns have one value (``[1]``). Ids come as BYTES (the strings of the data
+files) or INT64; numbers as FP32, FP64, INT64 or BYTES. A multi-value column comes as
+its joined strings (``"a|b|c"``, as in files) or as all values flat plus a
+``<column>.lengths`` tensor with one bag length per candidate. With the binary
+extension the JSON header is followed by the raw tensors (header length in
+``Inference-Header-Content-Length``; BYTES elements each prefixed by a 4-byte
+little-endian length).
+
+Every check happens here, before a request joins a batch: anything malformed is a
+`RequestError` with the reason (400), so one bad request never fails a batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numba
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tidal.config import DenseFeature, RunConfig, SparseFeature
+from tidal.errors import TidalError
+
+__all__ = ["DecodedRequest", "InputSpec", "RequestError", "broadcast", "decode_request", "encode_response", "input_specs"]
+
+HEADER = "inference-header-content-length"
+LENGTHS = ".lengths"
+_NUMERIC = {"FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "INT32": "<i4"}
+_KINDS = {"ids": ("BYTES", "INT64", "INT32"), "integer": ("BYTES", "INT64", "INT32"),
+          "number": ("FP32", "FP64", "INT64", "INT32", "BYTES")}
+
+
+class RequestError(TidalError):
+    """A malformed request: answered with `status` and the message, the server goes on."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputSpec:
+    """One raw column a request must carry: what it holds and whose value it is."""
+
+    name: str
+    kind: str  # ids (hashed strings) | integer (raw integer ids) | number
+    side: str  # user (one value per request) | item (one per candidate) | both (a user value some item feature reads too)
+    separator: str | None = None  # a multi-value column
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodedRequest:
+    """A checked request: its columns as Arrow arrays, candidates, sequence and outputs."""
+
+    columns: dict[str, pa.Array]
+    rows: int  # candidates
+    request_id: str | None = None
+    sequence_id: str | None = None
+    sequence_start: bool = False
+    sequence_end: bool = False
+    outputs: list[str] | None = None  # requested output names; None: all
+    binary_outputs: set[str] = field(default_factory=set)
+
+
+def input_specs(config: RunConfig) -> dict[str, InputSpec]:
+    """The request inputs of a config's features, by column name."""
+    readers: dict[str, list[SparseFeature | DenseFeature]] = {}
+    for feature in config.features:
+        if isinstance(feature, SparseFeature):
+            for column in feature.columns:
+                readers.setdefault(column, []).append(feature)
+        elif isinstance(feature, DenseFeature):
+            readers.setdefault(feature.column, []).append(feature)
+    return {column: _spec(column, features) for column, features in readers.items()}
+
+
+def _spec(column: str, features: list[SparseFeature | DenseFeature]) -> InputSpec:
+    kinds = {_kind(f) for f in features}
+    sides = {"user" if f.side == "user" else "item" for f in features}
+    separators = {f.separator for f in features if isinstance(f, SparseFeature) and f.separator}
+    kind = kinds.pop() if len(kinds) == 1 else "ids"  # read several ways: keep the file's strings
+    return InputSpec(name=column, kind=kind, side=sides.pop() if len(sides) == 1 else "both",
+                     separator=separators.pop() if separators else None)
+
+
+def _kind(feature: SparseFeature | DenseFeature) -> str:
+    if isinstance(feature, DenseFeature) or feature.buckets is not None:
+        return "number"
+    return "ids" if feature.hashed else "integer"
+
+
+# ---------------------------------------------------------------------- decoding
+
+
+def decode_request(body: bytes, header_length: str | None, specs: dict[str, InputSpec],
+                   outputs: Sequence[str]) -> DecodedRequest:
+    """Parse and check one infer request body against the model's inputs and outputs."""
+    header, binary = _split_body(body, header_length)
+    request = _json_object(header)
+    tensors = _tensors(request, binary)
+    params = _parameters(request)
+    unknown = sorted(set(tensors) - set(specs) - {s + LENGTHS for s in specs if specs[s].separator})
+    if unknown:
+        raise RequestError(f"unknown inputs {unknown}; the model takes {sorted(specs)}")
+    mode = "stateless" if params["sequence_id"] is None else "start" if params["sequence_start"] else "continue"
+    columns, rows = _columns(tensors, specs, mode)
+    wanted, binary_outputs = _outputs(request, outputs, params.pop("binary_data_output"))
+    return DecodedRequest(columns=columns, rows=rows, request_id=_request_id(request), outputs=wanted,
+                          binary_outputs=binary_outputs, **params)
+
+
+def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    if header_length is None:
+        return body, memoryview(b"")
+    try:
+        size = int(header_length)
+    except ValueError:
+        raise RequestError(f"Inference-Header-Content-Length must be an integer, got {header_length!r}") from None
+    if not 0 < size <= len(body):
+        raise RequestError(f"Inference-Header-Content-Length is {size}, but the body has {len(body)} bytes")
+    return body[:size], memoryview(body)[size:]
+
+
+def _json_object(header: bytes) -> dict:
+    try:
+        request = json.loads(header)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(f"the request is not valid JSON: {exc}") from None
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
+        raise RequestError("expected a JSON object with an 'inputs' list of tensors")
+    return request
+
+
+def _tensors(request: dict, binary: memoryview) -> dict[str, np.ndarray | pa.Array]:
+    """Each input as a flat array (numbers) or Arrow strings (BYTES), sizes checked."""
+    tensors, position = {}, 0
+    for k, tensor in enumerate(request["inputs"]):
+        name, datatype, count = _tensor_header(k, tensor)
+        if name in tensors:
+            raise RequestError(f"input {name!r} comes twice")
+        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or position + size > len(binary):
+                raise RequestError(f"input {name!r}: binary_data_size {size!r} overruns the {len(binary)} binary bytes")
+            tensors[name] = _from_binary(name, datatype, count, binary[position : position + size])
+            position += size
+        elif "data" in tensor:
+            tensors[name] = _from_json(name, datatype, count, tensor["data"])
+        else:
+            raise RequestError(f"input {name!r} has neither 'data' nor a binary_data_size parameter")
+    if position != len(binary):
+        raise RequestError(f"the inputs' binary_data_size add up to {position} bytes, but {len(binary)} follow the header")
+    return tensors
+
+
+def _tensor_header(k: int, tensor: object) -> tuple[str, str, int]:
+    if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
+        raise RequestError(f"inputs[{k}] must be an object with name, datatype, shape and data")
+    name, datatype, shape = tensor["name"], tensor.get("datatype"), tensor.get("shape")
+    if datatype not in ("BYTES", *_NUMERIC):
+        raise RequestError(f"input {name!r}: datatype must be one of BYTES, {', '.join(_NUMERIC)}; got {datatype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape) \
+            or not 1 <= len(shape) <= 2 or (len(shape) == 2 and shape[1] != 1):
+        raise RequestError(f"input {name!r}: shape must be [n] or [n, 1] with n >= 0, got {shape!r}")
+    return name, datatype, shape[0]
+
+
+def _from_json(name: str, datatype: str, count: int, data: object) -> np.ndarray | pa.Array:
+    flat = list(itertools.chain.from_iterable(d if isinstance(d, list) else [d] for d in data)) \
+        if isinstance(data, list) else None
+    if flat is None or len(flat) != count:
+        raise RequestError(f"input {name!r}: data must be a list of {count} values (its shape), "
+                           f"got {len(flat) if flat is not None else type(data).__name__}")
+    if datatype == "BYTES":
+        if not all(isinstance(v, str) for v in flat):
+            raise RequestError(f"input {name!r}: BYTES data must be strings")
+        return pa.array(flat, pa.string())
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat):
+        raise RequestError(f"input {name!r}: {datatype} data must be numbers")
+    try:
+        return np.asarray(flat, dtype=_NUMERIC[datatype])
+    except OverflowError:
+        raise RequestError(f"input {name!r}: a value does not fit {datatype}") from None
+
+
+def _from_binary(name: str, datatype: str, count: int, raw: memoryview) -> np.ndarray | pa.Array:
+    if datatype != "BYTES":
+        dtype = np.dtype(_NUMERIC[datatype])
+        if len(raw) != count * dtype.itemsize:
+            raise RequestError(f"input {name!r}: {count} {datatype} values take {count * dtype.itemsize} bytes, "
+                               f"binary_data_size says {len(raw)}")
+        return np.frombuffer(raw, dtype=dtype)
+    buffer = np.frombuffer(raw, dtype=np.uint8)
+    offsets, data = np.empty(count + 1, np.int32), np.empty(len(raw), np.uint8)
+    used = _unpack_bytes(buffer, count, offsets, data)
+    if used < 0:
+        raise RequestError(f"input {name!r}: its {len(raw)} binary bytes are not {count} length-prefixed BYTES elements")
+    strings = pa.Array.from_buffers(pa.string(), count, [None, pa.py_buffer(offsets), pa.py_buffer(data[:used])])
+    try:
+        strings.validate(full=True)
+    except pa.ArrowInvalid:
+        raise RequestError(f"input {name!r}: BYTES elements must be UTF-8 text") from None
+    return strings
+
+
+@numba.njit(nogil=True, cache=True)
+def _unpack_bytes(buffer, count, offsets, data):  # type: ignore[no-untyped-def]
+    """Length-prefixed elements to Arrow offsets and data; -1 if they do not add up."""
+    position, used = 0, 0
+    for i in range(count):
+        if position + 4 > buffer.shape[0]:
+            return -1
+        n = (np.int64(buffer[position]) | np.int64(buffer[position + 1]) << 8
+             | np.int64(buffer[position + 2]) << 16 | np.int64(buffer[position + 3]) << 24)
+        position += 4
+        if position + n > buffer.shape[0]:
+            return -1
+        offsets[i] = used
+        data[used : used + n] = buffer[position : position + n]
+        used += n
+        position += n
+    offsets[count] = used
+    return used if position == buffer.shape[0] else -1
+
+
+def _parameters(request: dict) -> dict:
+    params = request.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise RequestError(f"parameters must be an object, got {type(params).__name__}")
+    sequence_id = params.get("sequence_id")
+    if sequence_id is not None and not isinstance(sequence_id, (int, str)) or isinstance(sequence_id, bool):
+        raise RequestError(f"sequence_id must be an integer or a string, got {sequence_id!r}")
+    flags = {k: params.get(k, False) for k in ("sequence_start", "sequence_end", "binary_data_output")}
+    bad = {k: v for k, v in flags.items() if not isinstance(v, bool)}
+    if bad:
+        raise RequestError(f"parameters {sorted(bad)} must be true or false, got {bad}")
+    active = sequence_id not in (None, 0, "")
+    if not active and (flags["sequence_start"] or flags["sequence_end"]):
+        raise RequestError("sequence_start and sequence_end need a sequence_id")
+    return {"sequence_id": str(sequence_id) if active else None, "sequence_start": flags["sequence_start"],
+            "sequence_end": flags["sequence_end"], "binary_data_output": flags["binary_data_output"]}
+
+
+def _request_id(request: dict) -> str | None:
+    request_id = request.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise RequestError(f"id must be a string, got {request_id!r}")
+    return request_id
+
+
+# ---------------------------------------------------------------------- columns
+
+
+def _columns(tensors: dict, specs: dict[str, InputSpec], mode: str) -> tuple[dict[str, pa.Array], int]:
+    """The columns as Arrow arrays (not yet broadcast) and the number of candidates.
+
+    `mode` is stateless, start or continue: a continuing session's request carries no
+    user inputs (they came with its start), and a start may come without candidates.
+    """
+    required = [s for s in specs.values() if not (mode == "continue" and s.side == "user")]
+    if mode == "start" and not any(specs[n].side != "user" for n in tensors if n in specs):
+        required = [s for s in required if s.side != "item"]  # a start without candidates
+    missing = [s.name for s in required if s.name not in tensors]
+    if missing:
+        raise RequestError(f"missing inputs {missing}; the model reads " +
+                           ", ".join(f"{s.name} ({s.side})" for s in specs.values()))
+    if mode == "continue" and any(specs[n].side == "user" for n in tensors if n in specs):
+        raise RequestError("a continuing sequence request carries no user inputs: they came with sequence_start")
+    columns = {s.name: _column(s, tensors) for s in required}
+    return columns, _rows(columns, specs)
+
+
+def _column(spec: InputSpec, tensors: dict) -> pa.Array:
+    value = tensors[spec.name]
+    if spec.separator is not None and spec.name + LENGTHS in tensors:
+        return _joined(spec, value, tensors[spec.name + LENGTHS])
+    if spec.kind == "number":
+        return _numbers(spec.name, value)
+    if isinstance(value, pa.Array):
+        if spec.kind == "integer":
+            _check_integers(spec.name, value)
+        return value
+    if value.dtype.kind == "f":
+        raise RequestError(f"input {spec.name!r}: ids must be BYTES or INT64, got floating point values")
+    return pc.cast(pa.array(value), pa.string())
+
+
+def _numbers(name: str, value: np.ndarray | pa.Array) -> pa.Array:
+    if isinstance(value, pa.Array):
+        try:
+            value = pc.cast(pc.if_else(pc.equal(pc.utf8_length(value), 0), None, value), pa.float64())
+        except pa.ArrowInvalid:
+            raise RequestError(f"input {name!r}: BYTES values must be numbers (or empty for missing)") from None
+        numbers = value.to_numpy(zero_copy_only=False)
+    else:
+        numbers = value.astype(np.float64)
+    bad = np.flatnonzero(np.isinf(numbers) | (np.isnan(numbers) & ~_nulls(value)))
+    if bad.size:
+        raise RequestError(f"input {name!r}: values must be finite, got {numbers[bad[0]]} at position {bad[0]}")
+    return value if isinstance(value, pa.Array) else pa.array(numbers)
+
+
+def _nulls(value: np.ndarray | pa.Array) -> np.ndarray:
+    if isinstance(value, pa.Array):
+        return np.asarray(value.is_null())
+    return np.zeros(value.shape[0], bool)
+
+
+def _check_integers(name: str, value: pa.Array) -> None:
+    try:
+        pc.cast(pc.if_else(pc.equal(pc.utf8_length(value), 0), None, value), pa.int64())
+    except pa.ArrowInvalid:
+        raise RequestError(f"input {name!r}: ids must be integers (the feature is not hashed)") from None
+
+
+def _joined(spec: InputSpec, values: np.ndarray | pa.Array, lengths: np.ndarray | pa.Array) -> pa.Array:
+    """Flat values + bag lengths as the joined strings a data file holds ("a|b|c")."""
+    if isinstance(lengths, pa.Array) or lengths.dtype.kind != "i" or (lengths < 0).any():
+        raise RequestError(f"input {spec.name + LENGTHS!r}: lengths must be INT32 or INT64 values >= 0")
+    strings = values if isinstance(values, pa.Array) else pc.cast(pa.array(values), pa.string())
+    if int(lengths.sum()) != len(strings):
+        raise RequestError(f"input {spec.name!r}: {len(strings)} values, but its lengths add up to {int(lengths.sum())}")
+    if len(strings) and pc.any(pc.match_substring(strings, spec.separator)).as_py():
+        raise RequestError(f"input {spec.name!r}: a value holds the separator {spec.separator!r}")
+    offsets = np.zeros(len(lengths) + 1, np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), strings), spec.separator)
+
+
+def _rows(columns: dict[str, pa.Array], specs: dict[str, InputSpec]) -> int:
+    sizes = {c: len(a) for c, a in columns.items()}
+    users = {c: n for c, n in sizes.items() if specs[c].side != "item" and n != 1}
+    if users:
+        raise RequestError(f"user inputs carry one value per request, got {users}")
+    items = {n for c, n in sizes.items() if specs[c].side == "item"} - {1}
+    if len(items) > 1:
+        raise RequestError(f"item inputs must all have n values (or 1, broadcast), got sizes {sizes}")
+    if items:
+        return items.pop()
+    return 1 if any(specs[c].side == "item" for c in columns) else 0
+
+
+def broadcast(array: pa.Array, rows: int) -> pa.Array:
+    """A one-value column repeated to `rows` values (others unchanged)."""
+    return array if len(array) == rows else array.take(pa.array(np.zeros(rows, np.int64)))
+
+
+def _outputs(request: dict, outputs: Sequence[str], binary_all: bool) -> tuple[list[str] | None, set[str]]:
+    wanted = request.get("outputs")
+    if wanted is None:
+        return None, set(outputs) if binary_all else set()
+    if not isinstance(wanted, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in wanted):
+        raise RequestError("outputs must be a list of objects with a name")
+    unknown = sorted({o["name"] for o in wanted} - set(outputs))
+    if unknown:
+        raise RequestError(f"unknown outputs {unknown}; the model gives {list(outputs)}")
+    binary = {o["name"] for o in wanted if binary_all or (o.get("parameters") or {}).get("binary_data") is True}
+    return [o["name"] for o in wanted], binary
+
+
+# ---------------------------------------------------------------------- encoding
+
+
+def encode_response(model: str, decoded: DecodedRequest, outputs: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
+    """The response body and its extra headers (the binary header length, if any)."""
+    names = decoded.outputs if decoded.outputs is not None else list(outputs)
+    described, raw = [], []
+    for name in names:
+        values = np.ascontiguousarray(outputs[name], dtype="<f4")
+        tensor: dict = {"name": name, "datatype": "FP32", "shape": list(values.shape)}
+        if name in decoded.binary_outputs:
+            tensor["parameters"] = {"binary_data_size": values.nbytes}
+            raw.append(values.tobytes())
+        else:
+            tensor["data"] = values.tolist()
+        described.append(tensor)
+    response: dict = {"model_name": model, "model_version": "1", "outputs": described}
+    if decoded.request_id is not None:
+        response["id"] = decoded.request_id
+    header = json.dumps(response, separators=(",", ":")).encode()
+    if not raw:
+        return header, {}
+    return header + b"".join(raw), {"Inference-Header-Content-Length": str(len(header))}

@@ -1,0 +1,296 @@
+"""`tidal serve`: the Open Inference Protocol (KServe v2) over HTTP, on Starlette + uvicorn.
+
+Routes::
+
+    GET  /v2                              server metadata (name, version, extensions)
+    GET  /v2/health/live | /v2/health/ready
+    GET  /v2/models/{name}                model metadata: inputs and outputs
+    GET  /v2/models/{name}/ready
+    POST /v2/models/{name}/infer          JSON tensors or the binary tensor extension
+    GET  /v2/models/{name}/fusion         the value model now in use (Tidal extension)
+    PUT  /v2/models/{name}/fusion         change it without a restart: {"kind", "weights"}
+    GET  /metrics                         Prometheus metrics
+
+Outputs are one FP32 probability tensor per target and the fused `score`. Triton's
+sequence parameters (`sequence_id`, `sequence_start`, `sequence_end`) drive stateful
+sessions. A malformed request gets 400 (a body over the limit 413, an unknown model
+404) with `{"error": reason}`; under overload the server answers 503 with Retry-After
+instead of letting the queue grow. Binds to 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import uvicorn
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+import tidal
+from tidal.config import Fusion, ServingConfig
+from tidal.errors import ConfigError
+from tidal.serving.batcher import Batcher, BatchRecord, Overloaded
+from tidal.serving.bundle import Bundle
+from tidal.serving.predictor import Piece, Predictor, UserState
+from tidal.serving.protocol import HEADER, LENGTHS, DecodedRequest, RequestError, broadcast, decode_request, \
+    encode_response, input_specs
+from tidal.serving.sessions import SessionCache, SessionError
+
+__all__ = ["RunningServer", "Service", "create_app", "serve", "start_server"]
+
+_DATATYPES = {"ids": "BYTES", "integer": "BYTES", "number": "FP32"}
+
+
+class Service:
+    """One bundle behind the protocol: predictor, batcher, sessions and metrics."""
+
+    def __init__(self, bundle: Bundle, *, name: str = "tidal", batching: bool = True, **overrides: object) -> None:
+        self.name = name
+        self.settings = ServingConfig(**{**bundle.config.serving.model_dump(), **overrides})
+        self.predictor = Predictor(bundle)
+        self.specs = input_specs(bundle.config)
+        self.outputs = [*self.predictor.targets, "score"]
+        self.sessions = SessionCache(ttl_s=self.settings.session_ttl_s, memory_bytes=self.settings.session_memory_bytes)
+        self.metrics = _Metrics(self)
+        s = self.settings
+        self.batcher = Batcher(self.predictor, max_batch_rows=s.max_batch_rows, max_delay_ms=s.max_delay_ms,
+                               chunk_rows=s.chunk_rows, sparse_threads=s.sparse_threads, max_queue_rows=s.max_queue_rows,
+                               merge=batching, on_batch=self.metrics.batch)
+
+    async def infer(self, body: bytes, header_length: str | None) -> tuple[bytes, dict[str, str]]:
+        """Answer one infer request body: (response body, extra headers)."""
+        decoded = decode_request(body, header_length, self.specs, self.outputs)
+        state = await self._session_state(decoded)
+        probabilities = await self._score(decoded, state) if decoded.rows else \
+            np.zeros((0, len(self.predictor.targets)), np.float32)
+        if decoded.sequence_end:
+            self.sessions.end(decoded.sequence_id)
+        outputs = {t: probabilities[:, k] for k, t in enumerate(self.predictor.targets)}
+        outputs["score"] = self.predictor.fuse(probabilities)
+        return encode_response(self.name, decoded, outputs)
+
+    async def _session_state(self, decoded: DecodedRequest) -> UserState | None:
+        if decoded.sequence_id is None:
+            return None
+        if not decoded.sequence_start:
+            return self.sessions.get(decoded.sequence_id)
+        state = await asyncio.to_thread(self.predictor.user_state, self._user_row(decoded))
+        self.sessions.start(decoded.sequence_id, state)
+        return state
+
+    async def _score(self, decoded: DecodedRequest, state: UserState | None) -> np.ndarray:
+        items = _record_batch({c: broadcast(decoded.columns[c], decoded.rows) for c in self.predictor.item_columns})
+        user = self._user_row(decoded) if state is None and self.predictor.user_columns else None
+        futures = self.batcher.submit(Piece(items=items, user=user, state=state))
+        parts = [await asyncio.wrap_future(f) for f in futures]
+        return np.concatenate(parts)
+
+    def _user_row(self, decoded: DecodedRequest) -> pa.RecordBatch:
+        return _record_batch({c: decoded.columns[c] for c in self.predictor.user_columns})
+
+    def metadata(self) -> dict:
+        inputs = [{"name": s.name, "datatype": _DATATYPES[s.kind], "shape": [1 if s.side != "item" else -1],
+                   "parameters": {"side": s.side}} for s in self.specs.values()]
+        inputs += [{"name": s.name + LENGTHS, "datatype": "INT32", "shape": [-1], "optional": True}
+                   for s in self.specs.values() if s.separator]
+        return {"name": self.name, "versions": ["1"], "platform": "tidal", "inputs": inputs,
+                "outputs": [{"name": o, "datatype": "FP32", "shape": [-1]} for o in self.outputs]}
+
+    def close(self) -> None:
+        self.batcher.close()
+
+
+def _record_batch(columns: dict[str, pa.Array]) -> pa.RecordBatch:
+    return pa.RecordBatch.from_arrays(list(columns.values()), names=list(columns))
+
+
+class _Metrics:
+    """The Prometheus metrics of one service (a registry of its own)."""
+
+    def __init__(self, service: Service) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("tidal_requests", "Infer requests by outcome", ["outcome"], registry=self.registry)
+        self.latency = Histogram("tidal_request_seconds", "Infer request time, end to end", registry=self.registry,
+                                 buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
+        self.batch_rows = Histogram("tidal_batch_rows", "Rows per batch", registry=self.registry,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096))
+        self.queue = Histogram("tidal_queue_seconds", "Time a batch's oldest piece waited", registry=self.registry,
+                               buckets=(0.0001, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 1))
+        self.compute = Histogram("tidal_compute_seconds", "Batch compute time by stage", ["stage"],
+                                 registry=self.registry, buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 1))
+        self.sessions = Gauge("tidal_session_cache_entries", "Live sessions", registry=self.registry)
+        self.session_bytes = Gauge("tidal_session_cache_bytes", "Bytes of cached session state", registry=self.registry)
+        self.sessions.set_function(lambda: len(service.sessions))
+        self.session_bytes.set_function(lambda: service.sessions.bytes)
+        self.registry.register(_IdCounts(service.predictor))
+
+    def batch(self, record: BatchRecord) -> None:
+        self.batch_rows.observe(record.rows)
+        self.queue.observe(record.queue_s)
+        self.compute.labels("sparse").observe(record.sparse_s)
+        self.compute.labels("dense").observe(record.dense_s)
+
+
+class _IdCounts:
+    """Ids looked up and ids unknown to the tables, read from the tables when scraped."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        self._predictor = predictor
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        lookups, misses = self._predictor.id_counts()
+        yield CounterMetricFamily("tidal_ids", "Ids looked up", value=lookups)
+        yield CounterMetricFamily("tidal_unknown_ids", "Ids the tables do not hold (read as zeros)", value=misses)
+
+
+# ---------------------------------------------------------------------- HTTP
+
+
+def create_app(service: Service) -> Starlette:
+    """The ASGI application of `service`."""
+
+    def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    def model_or_404(request: Request) -> JSONResponse | None:
+        name = request.path_params["name"]
+        return None if name == service.name else error(404, f"unknown model {name!r}; this server serves {service.name!r}")
+
+    async def server_metadata(request: Request) -> JSONResponse:
+        return JSONResponse({"name": "tidal", "version": tidal.__version__,
+                             "extensions": ["binary_tensor_data", "sequence", "tidal_fusion"]})
+
+    async def healthy(request: Request) -> Response:
+        return Response(status_code=200)
+
+    async def model_metadata(request: Request) -> JSONResponse:
+        return model_or_404(request) or JSONResponse(service.metadata())
+
+    async def model_ready(request: Request) -> Response:
+        return model_or_404(request) or Response(status_code=200)
+
+    async def infer(request: Request) -> Response:
+        missing = model_or_404(request)
+        if missing is not None:
+            return missing
+        start = time.perf_counter()
+        try:
+            body = await _read_body(request, service.settings.max_body_bytes)
+            content, headers = await service.infer(body, request.headers.get(HEADER))
+        except (RequestError, SessionError) as exc:
+            service.metrics.requests.labels("bad_request").inc()
+            return error(getattr(exc, "status", 400), str(exc))
+        except Overloaded as exc:
+            service.metrics.requests.labels("overloaded").inc()
+            return error(503, str(exc), {"Retry-After": "1"})
+        except Exception as exc:  # a failed batch: this request learns why, the server goes on
+            service.metrics.requests.labels("error").inc()
+            return error(500, f"{type(exc).__name__}: {exc}")
+        service.metrics.requests.labels("ok").inc()
+        service.metrics.latency.observe(time.perf_counter() - start)
+        return Response(content, media_type="application/json" if not headers else "application/octet-stream",
+                        headers=headers)
+
+    async def fusion(request: Request) -> JSONResponse:
+        missing = model_or_404(request)
+        if missing is not None:
+            return missing
+        if request.method == "PUT":
+            try:
+                service.predictor.set_fusion(Fusion(**_json_body(await request.body())))
+            except (ConfigError, RequestError, TypeError) as exc:
+                return error(400, f"fusion: {exc}")
+        return JSONResponse(service.predictor.fusion.model_dump())
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(service.metrics.registry), media_type="text/plain; version=0.0.4")
+
+    return Starlette(routes=[
+        Route("/v2", server_metadata), Route("/v2/health/live", healthy), Route("/v2/health/ready", healthy),
+        Route("/v2/models/{name}", model_metadata), Route("/v2/models/{name}/ready", model_ready),
+        Route("/v2/models/{name}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{name}/fusion", fusion, methods=["GET", "PUT"]), Route("/metrics", metrics),
+    ])
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(f"the body has {int(declared)} bytes, over the limit of {limit}", status=413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(f"the body has more than {limit} bytes, over the limit of {limit}", status=413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _json_body(body: bytes) -> dict:
+    try:
+        value = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise RequestError(f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+# ---------------------------------------------------------------------- running
+
+
+@dataclass
+class RunningServer:
+    """A server running in a background thread; `stop()` shuts it down and joins it."""
+
+    url: str
+    service: Service
+    _server: uvicorn.Server
+    _thread: threading.Thread
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join()
+        self.service.close()
+
+
+def _uvicorn(service: Service) -> uvicorn.Server:
+    config = uvicorn.Config(create_app(service), log_level="warning", access_log=False, http="httptools",
+                            loop="uvloop", timeout_graceful_shutdown=5)
+    return uvicorn.Server(config)
+
+
+def start_server(service: Service, *, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
+    """Serve `service` from a background thread (port 0: any free port); returns once it listens."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = _uvicorn(service)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="tidal-server", daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the server thread stopped while starting")
+        time.sleep(0.01)
+    return RunningServer(url=f"http://{host}:{sock.getsockname()[1]}", service=service, _server=server, _thread=thread)
+
+
+def serve(service: Service, *, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve `service` in this thread until interrupted (Ctrl-C)."""
+    server = _uvicorn(service)
+    server.config.host, server.config.port = host, port
+    try:
+        server.run()
+    finally:
+        service.close()

@@ -1,0 +1,93 @@
+"""The session cache: per-user state of stateful requests, keyed by `sequence_id`.
+
+Three requests make a session (Triton's sequence parameters): `sequence_start`
+computes the user side once and caches it; continuing requests score pages of
+candidates against it; `sequence_end` releases it. Idle state expires after
+`ttl_s`, and the least recently used goes first when the cache is over `memory_bytes`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+
+from tidal.errors import TidalError
+from tidal.serving.predictor import UserState
+
+__all__ = ["SessionCache", "SessionError"]
+
+_REMEMBERED = 10_000  # ids of recently expired or evicted sessions, to say why one is gone
+
+
+class SessionError(TidalError):
+    """A request names a session that does not exist (unknown, ended, expired or evicted)."""
+
+
+class SessionCache:
+    """Thread-safe LRU of `UserState`s with an idle TTL and a memory cap."""
+
+    def __init__(self, *, ttl_s: float, memory_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_s = ttl_s
+        self.memory_bytes = memory_bytes
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[UserState, float]] = OrderedDict()  # oldest use first
+        self._gone: OrderedDict[str, str] = OrderedDict()  # id -> why it left
+        self._lock = threading.Lock()
+        self.bytes = 0
+        self.expired = 0
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def start(self, sequence_id: str, state: UserState) -> None:
+        """Cache `state` for `sequence_id` (replacing any earlier one)."""
+        if state.nbytes > self.memory_bytes:
+            raise SessionError(f"sequence {sequence_id}: its state ({state.nbytes} bytes) exceeds the cache "
+                               f"({self.memory_bytes} bytes)")
+        with self._lock:
+            self._expire()
+            self._remove(sequence_id, None)
+            self._entries[sequence_id] = (state, self._clock())
+            self.bytes += state.nbytes
+            while self.bytes > self.memory_bytes:
+                self.evicted += 1
+                self._remove(next(iter(self._entries)), "evicted: the session cache was full")
+
+    def get(self, sequence_id: str) -> UserState:
+        """The state of a live session (its idle time restarts), or a `SessionError` saying why not."""
+        with self._lock:
+            self._expire()
+            entry = self._entries.get(sequence_id)
+            if entry is None:
+                why = self._gone.get(sequence_id, "unknown: never started, or already ended")
+                raise SessionError(f"sequence {sequence_id} is {why}; send sequence_start with its user features")
+            self._entries[sequence_id] = (entry[0], self._clock())
+            self._entries.move_to_end(sequence_id)
+            return entry[0]
+
+    def end(self, sequence_id: str) -> None:
+        """Release a session's state."""
+        with self._lock:
+            self._remove(sequence_id, "unknown: it has ended")
+
+    def _expire(self) -> None:
+        deadline = self._clock() - self.ttl_s
+        while self._entries:
+            sequence_id, (_, used) = next(iter(self._entries.items()))
+            if used > deadline:
+                return
+            self.expired += 1
+            self._remove(sequence_id, f"expired: idle for more than {self.ttl_s:g} s")
+
+    def _remove(self, sequence_id: str, why: str | None) -> None:
+        entry = self._entries.pop(sequence_id, None)
+        if entry is not None:
+            self.bytes -= entry[0].nbytes
+        if why is not None:
+            self._gone[sequence_id] = why
+            self._gone.move_to_end(sequence_id)
+            if len(self._gone) > _REMEMBERED:
+                self._gone.popitem(last=False)

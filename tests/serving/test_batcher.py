@@ -1,0 +1,143 @@
+"""Auto-batching: small requests merge, big ones split, failures reach every caller."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from serving_helpers import file_rows, with_user_of
+
+from tidal.errors import TidalError
+from tidal.serving import Batcher, Overloaded, Piece, Predictor, split_rows
+from tidal.serving.protocol import input_specs
+
+
+@pytest.fixture(scope="module")
+def predictor(bundle):
+    return Predictor(bundle)
+
+
+def _pieces(trainer, predictor, sizes: list[int]) -> list[Piece]:
+    rows = file_rows(trainer, sum(sizes))
+    pieces, start = [], 0
+    for size in sizes:
+        part = with_user_of(rows.slice(start, size), input_specs(trainer.config))
+        items = pa.RecordBatch.from_pydict({c: part.column(c) for c in predictor.item_columns})
+        user = pa.RecordBatch.from_pydict({c: part.column(c).slice(0, 1) for c in predictor.user_columns})
+        pieces.append(Piece(items=items, user=user))
+        start += size
+    return pieces
+
+
+def _batcher(predictor, records, **settings) -> Batcher:
+    options = {"max_batch_rows": 256, "max_delay_ms": 50.0, "chunk_rows": 64, "sparse_threads": 1,
+               "max_queue_rows": 10_000, "on_batch": records.append, **settings}
+    return Batcher(predictor, **options)
+
+
+def _until(condition) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def test_split_rows_cuts_about_equal_chunks():
+    assert split_rows(100, 256) == [(0, 100)]
+    assert split_rows(600, 256) == [(0, 200), (200, 400), (400, 600)]
+    assert split_rows(65, 64) == [(0, 32), (32, 65)]
+
+
+def test_small_concurrent_requests_are_merged_into_one_batch(trainer, predictor):
+    pieces = _pieces(trainer, predictor, [1] * 12)
+    records = []
+    batcher = _batcher(predictor, records)
+    gate = threading.Event()
+    blocked = predictor.sparse
+    predictor.sparse = lambda p: gate.wait() and blocked(p)  # hold the first batch so the rest queue up
+    try:
+        futures = [batcher.submit(pieces[0])]
+        _until(lambda: batcher._in_flight == 1)
+        futures += [batcher.submit(p) for p in pieces[1:]]
+        gate.set()
+        results = [f.result(timeout=30) for fs in futures for f in fs]
+    finally:
+        del predictor.sparse
+        batcher.close()
+    assert [r.pieces for r in records] == [1, 11]  # the first went alone, the other 11 waited together
+    expected = np.concatenate([predictor.predict([p]) for p in pieces])
+    np.testing.assert_allclose(np.concatenate(results), expected, rtol=1e-5)
+
+
+def test_a_big_request_is_split_into_chunks_and_merged_back_in_order(trainer, predictor):
+    (piece,) = _pieces(trainer, predictor, [150])
+    records = []
+    batcher = _batcher(predictor, records, max_batch_rows=64, sparse_threads=2)
+    try:
+        futures = batcher.submit(piece)
+        merged = np.concatenate([f.result(timeout=30) for f in futures])
+    finally:
+        batcher.close()
+    assert len(futures) == 3 and sorted(r.rows for r in records) == [50, 50, 50]
+    np.testing.assert_allclose(merged, predictor.predict([piece]), rtol=1e-5)
+
+
+def test_without_merging_each_request_is_its_own_batch(trainer, predictor):
+    pieces = _pieces(trainer, predictor, [3, 300])
+    records = []
+    batcher = _batcher(predictor, records, merge=False)
+    try:
+        results = [f.result(timeout=30) for p in pieces for f in batcher.submit(p)]
+    finally:
+        batcher.close()
+    assert sorted(r.rows for r in records) == [3, 300] and [len(r) for r in results] == [3, 300]
+
+
+def test_a_failed_batch_fails_every_request_in_it(trainer, predictor):
+    pieces = _pieces(trainer, predictor, [2, 2, 2])
+    batcher = _batcher(predictor, [], max_delay_ms=200.0)
+    gate = threading.Event()
+    original = predictor.sparse
+
+    def broken(batch):
+        gate.wait()
+        raise RuntimeError("the device fell over")
+
+    predictor.sparse = broken
+    try:
+        futures = [f for p in pieces for f in batcher.submit(p)]
+        gate.set()
+        for future in futures:
+            with pytest.raises(RuntimeError, match="fell over"):
+                future.result(timeout=30)
+    finally:
+        predictor.sparse = original
+        del predictor.sparse
+        batcher.close()
+
+
+def test_overload_is_refused_and_close_fails_what_waits(trainer, predictor):
+    pieces = _pieces(trainer, predictor, [40, 40, 40])
+    batcher = _batcher(predictor, [], max_queue_rows=50)
+    gate = threading.Event()
+    original = predictor.sparse
+    predictor.sparse = lambda p: gate.wait() and original(p)
+    try:
+        first = batcher.submit(pieces[0])
+        _until(lambda: batcher._in_flight == 1)  # taken by the collector, held by the gate
+        waiting = batcher.submit(pieces[1])
+        with pytest.raises(Overloaded, match="rows are waiting"):
+            batcher.submit(pieces[2])
+        closer = threading.Thread(target=batcher.close)
+        closer.start()
+        with pytest.raises(TidalError, match="shut down"):
+            waiting[0].result(timeout=30)
+        gate.set()
+        closer.join(timeout=30)
+        assert first[0].result(timeout=30).shape == (40, 2)
+    finally:
+        gate.set()
+        del predictor.sparse

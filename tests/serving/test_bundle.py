@@ -1,0 +1,59 @@
+"""Serving bundles: written without pickle, checked on load, refused when damaged."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+
+from tidal.errors import CheckpointError, CorruptCheckpointError
+from tidal.serving import export, load_bundle
+
+
+def test_bundle_holds_manifest_tables_and_program_without_pickle(bundle_dir, bundle, trainer):
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    assert manifest["targets"] == ["ctr", "cvr"] and manifest["version"] == 1 and manifest["created"]
+    assert manifest["config"]["serving"]["buckets"] == [1, 4, 16, 64, 256]
+    assert manifest["config"]["serving"]["fusion"] == {"kind": "product", "weights": {"ctr": 1.0, "cvr": 0.5}}
+    assert set(manifest["files"]) == {"dense.pt2", "tables/ids.safetensors"}
+    for path in bundle_dir.rglob("*"):
+        if path.is_file():
+            assert b"\x80\x02" not in path.read_bytes()[:2] and b"data.pkl" not in path.read_bytes()
+    with zipfile.ZipFile(bundle_dir / "dense.pt2") as archive:
+        assert all(i.file_size == 0 for i in archive.infolist() if "sample_inputs" in i.filename)
+    keys, values = bundle.tables["ids"]
+    table = trainer.collection.table("ids")
+    assert keys.shape[0] == table.stats().rows and np.all(np.diff(keys) > 0)
+    np.testing.assert_array_equal(values, table.lookup(keys))
+
+
+def test_float16_tables_halve_the_bytes(trainer, bundle_dir, tmp_path):
+    half = load_bundle(export(trainer.run_dir, tmp_path / "half", table_dtype="float16"))
+    keys, values = half.tables["ids"]
+    assert values.dtype == np.float16
+    np.testing.assert_allclose(values, load_bundle(bundle_dir).tables["ids"][1], atol=1e-3)
+
+
+def test_a_damaged_bundle_is_refused_naming_the_file(bundle_dir, tmp_path):
+    copy = shutil.copytree(bundle_dir, tmp_path / "copy")
+    table = copy / "tables" / "ids.safetensors"
+    table.write_bytes(table.read_bytes()[:-10])
+    with pytest.raises(CorruptCheckpointError, match="ids.safetensors.*corrupt or altered"):
+        load_bundle(copy)
+    table.unlink()
+    with pytest.raises(CorruptCheckpointError, match="ids.safetensors: missing"):
+        load_bundle(copy)
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(CorruptCheckpointError, match="manifest.json: not valid JSON"):
+        load_bundle(copy)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="not a serving bundle"):
+        load_bundle(copy)
+
+
+def test_export_without_a_checkpoint_says_so(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint to export"):
+        export(tmp_path, tmp_path / "bundle")

@@ -1,0 +1,124 @@
+"""The predictor: training's extraction, the trained model's scores, fusion, buckets, user state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from serving_helpers import file_rows, infer_body, with_user_of
+
+from tidal.config import Fusion
+from tidal.errors import BatchError, ConfigError
+from tidal.serving import Piece, Predictor, fuse
+from tidal.serving.protocol import broadcast, decode_request, input_specs
+
+
+@pytest.fixture(scope="module")
+def predictor(bundle):
+    return Predictor(bundle)
+
+
+def _piece(predictor, rows: pa.RecordBatch, user_row: int = 0) -> Piece:
+    decoded = decode_request(_json(infer_body(rows, input_specs(predictor.config), user_row=user_row)), None,
+                             input_specs(predictor.config), [*predictor.targets, "score"])
+    items = {c: broadcast(decoded.columns[c], decoded.rows) for c in predictor.item_columns}
+    user = {c: decoded.columns[c] for c in predictor.user_columns}
+    return Piece(items=pa.RecordBatch.from_pydict(items), user=pa.RecordBatch.from_pydict(user))
+
+
+def _json(body: dict) -> bytes:
+    import json
+
+    return json.dumps(body).encode()
+
+
+def _trainer_scores(trainer, rows: pa.RecordBatch) -> np.ndarray:
+    batch = trainer.extract(rows)
+    with torch.no_grad():
+        trainer.model.eval()
+        pooled, _ = trainer.collection.forward(batch, train=False)
+        return torch.sigmoid(trainer.model(pooled, torch.tensor(batch.dense))).numpy()
+
+
+def test_requests_give_the_ids_training_gives_for_the_same_rows(trainer, predictor):
+    rows = with_user_of(file_rows(trainer, 40), input_specs(trainer.config))
+    piece = _piece(predictor, rows)
+    trained_batch = trainer.extract(rows)
+    served_items = predictor._item_extract(piece.items)
+    served_user = predictor._user_extract(piece.user)
+    for key in served_items.keys:
+        lo, hi = trained_batch.feature_range(key)
+        mine = served_items.feature_range(key)
+        np.testing.assert_array_equal(served_items.values[mine[0] : mine[1]], trained_batch.values[lo:hi])
+    for key in served_user.keys:
+        lo, hi = trained_batch.feature_range(key)
+        mine = served_user.values[slice(*served_user.feature_range(key))]  # the user's bag, once
+        np.testing.assert_array_equal(trained_batch.values[lo:hi], np.tile(mine, rows.num_rows))
+
+
+def test_scores_equal_the_trained_model_on_the_same_rows(trainer, predictor):
+    rows = with_user_of(file_rows(trainer, 70), input_specs(trainer.config), user_row=5)
+    served = predictor.predict([_piece(predictor, rows, user_row=5)])
+    np.testing.assert_allclose(served, _trainer_scores(trainer, rows), rtol=1e-5, atol=1e-6)
+    assert served.shape == (70, 2)
+
+
+def test_the_dense_stage_sees_only_bucket_sizes_and_padding_never_reaches_an_output(trainer, predictor, monkeypatch):
+    rows = with_user_of(file_rows(trainer, 70), input_specs(trainer.config))
+    piece = _piece(predictor, rows)
+    alone = np.concatenate([predictor.predict([_piece(predictor, rows.slice(i, 1))]) for i in range(3)])
+    seen = []
+    program = predictor._program
+    monkeypatch.setattr(predictor, "_program", lambda p, d: seen.append(p.shape[0]) or program(p, d))
+    np.testing.assert_allclose(predictor.predict([piece.__class__(items=piece.items.slice(0, 3), user=piece.user)]),
+                               alone, rtol=1e-6)
+    predictor.predict([piece])  # 70 rows: one bucket of 256
+    assert seen == [4, 256]
+    with pytest.raises(BatchError, match="do not fit the largest bucket"):
+        predictor.bucket(257)
+    with pytest.raises(BatchError, match="expected pooled"):
+        predictor._check_shapes(torch.zeros(5, 28, 8), torch.zeros(5, 13))
+
+
+def test_a_cached_user_state_scores_like_the_user_row(trainer, predictor):
+    rows = with_user_of(file_rows(trainer, 30), input_specs(trainer.config))
+    piece = _piece(predictor, rows)
+    state = predictor.user_state(piece.user)
+    assert state.pooled.shape == (1, 3, 8) and state.dense.shape == (1, 2)
+    np.testing.assert_array_equal(predictor.predict([Piece(items=piece.items, state=state)]), predictor.predict([piece]))
+
+
+def test_pieces_of_different_users_are_scored_together_as_alone(trainer, predictor):
+    rows = file_rows(trainer, 20)
+    specs = input_specs(trainer.config)
+    a, b = _piece(predictor, with_user_of(rows.slice(0, 7), specs)), _piece(predictor, with_user_of(rows.slice(7, 13), specs))
+    together = predictor.predict([a, b])
+    np.testing.assert_allclose(together, np.concatenate([predictor.predict([a]), predictor.predict([b])]), rtol=1e-6)
+
+
+def test_unknown_ids_read_as_zeros_and_are_counted(trainer, predictor):
+    rows = with_user_of(file_rows(trainer, 4), input_specs(trainer.config))
+    strange = rows.set_column(rows.schema.get_field_index("C10"), "C10", pa.array(["never-seen"] * 4))
+
+    def counted(batch: pa.RecordBatch) -> tuple[int, int]:
+        lookups, misses = predictor.id_counts()
+        predictor.predict([_piece(predictor, batch)])
+        after = predictor.id_counts()
+        return after[0] - lookups, after[1] - misses
+
+    (lookups, misses), (strange_lookups, strange_misses) = counted(rows), counted(strange)
+    assert lookups == strange_lookups == 4 * 23 + 4 * 2 + 3  # item ids, C1xC6 and C7_bag, the user once
+    assert strange_misses - misses == 4
+
+
+def test_fusion_formulas_and_their_validation(predictor):
+    p = np.array([[0.5, 0.25], [0.1, 0.9]], np.float32)
+    np.testing.assert_allclose(fuse(Fusion(kind="product", weights={"ctr": 1.0, "cvr": 0.5}), p, ["ctr", "cvr"]),
+                               [0.5 * 0.5, 0.1 * 0.9**0.5], rtol=1e-6)
+    np.testing.assert_allclose(fuse(Fusion(kind="sum", weights={"ctr": 2.0}), p, ["ctr", "cvr"]), [1.0, 0.2], rtol=1e-6)
+    np.testing.assert_allclose(fuse(Fusion(kind="product"), p, ["ctr", "cvr"]), [0.125, 0.09], rtol=1e-6)
+    with pytest.raises(ConfigError, match=r"names \['ltv'\], which are not targets"):
+        predictor.set_fusion(Fusion(weights={"ltv": 1.0}))
+    with pytest.raises(ConfigError, match="weights"):
+        Fusion(weights={"ctr": float("nan")})

@@ -1,0 +1,218 @@
+"""The server over real HTTP, driven by tritonclient and by raw bad requests."""
+
+from __future__ import annotations
+
+import json
+from email.message import Message
+import threading
+import urllib.error
+import urllib.request
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from serving_helpers import file_rows, infer_body, numpy_strings, with_user_of
+
+from tidal.serving import Service, start_server
+from tidal.serving.protocol import input_specs
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    running = start_server(Service(bundle, name="ctr", max_body_bytes=1 << 20))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return triton.InferenceServerClient(server.url.removeprefix("http://"), concurrency=8)
+
+
+@pytest.fixture(scope="module")
+def rows(trainer):
+    return file_rows(trainer, 200)
+
+
+def _inputs(rows, specs, *, binary: bool, skip_user: bool = False) -> list:
+    inputs = []
+    for spec in specs.values():
+        if skip_user and spec.side == "user":
+            continue
+        values = rows.column(spec.name).to_pylist()
+        values = values[:1] if spec.side != "item" else values
+        tensor = triton.InferInput(spec.name, [len(values)], "BYTES")
+        tensor.set_data_from_numpy(numpy_strings(values), binary_data=binary)
+        inputs.append(tensor)
+    return inputs
+
+
+def _expected(server, rows) -> np.ndarray:
+    return server.service.predictor.predict([_piece(server, rows)])
+
+
+def _piece(server, rows):
+    import pyarrow as pa
+
+    from tidal.serving import Piece
+
+    predictor = server.service.predictor
+    return Piece(items=pa.RecordBatch.from_pydict({c: rows.column(c) for c in predictor.item_columns}),
+                 user=pa.RecordBatch.from_pydict({c: rows.column(c).slice(0, 1) for c in predictor.user_columns}))
+
+
+def _post(server, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict, Message]:
+    request = urllib.request.Request(server.url + path, data=body, headers=headers or {}, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read()), response.headers
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read()), exc.headers
+
+
+def test_health_and_metadata_through_tritonclient(server, client):
+    assert server.url.startswith("http://127.0.0.1:")
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("ctr")
+    assert client.get_server_metadata()["extensions"][:2] == ["binary_tensor_data", "sequence"]
+    metadata = client.get_model_metadata("ctr")
+    inputs = {i["name"]: i for i in metadata["inputs"]}
+    assert inputs["C1"]["parameters"]["side"] == "both" and inputs["C9"]["shape"] == [-1]
+    assert inputs["I3"]["datatype"] == "FP32" and inputs["C7.lengths"]["optional"]
+    assert [o["name"] for o in metadata["outputs"]] == ["ctr", "cvr", "score"]
+    assert not client.is_model_ready("other")
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_infer_with_json_and_binary_tensors(server, client, rows, binary):
+    specs = input_specs(server.service.predictor.config)
+    candidates = with_user_of(rows.slice(0, 100), specs)
+    result = client.infer("ctr", _inputs(candidates, specs, binary=binary),
+                          outputs=[triton.InferRequestedOutput(n, binary_data=binary) for n in ("ctr", "cvr", "score")])
+    expected = _expected(server, candidates)
+    np.testing.assert_allclose(result.as_numpy("ctr"), expected[:, 0], rtol=1e-5)
+    np.testing.assert_allclose(result.as_numpy("cvr"), expected[:, 1], rtol=1e-5)
+    np.testing.assert_allclose(result.as_numpy("score"), expected[:, 0] * expected[:, 1] ** 0.5, rtol=1e-5)
+
+
+def test_a_full_sequence_start_pages_end(server, client, rows):
+    specs = input_specs(server.service.predictor.config)
+    candidates = with_user_of(rows.slice(0, 90), specs)
+    expected = _expected(server, candidates)
+    pages = [candidates.slice(k, 30) for k in (0, 30, 60)]
+    scores = [client.infer("ctr", _inputs(pages[0], specs, binary=True), sequence_id=77, sequence_start=True)]
+    scores.append(client.infer("ctr", _inputs(pages[1], specs, binary=True, skip_user=True), sequence_id=77))
+    scores.append(client.infer("ctr", _inputs(pages[2], specs, binary=True, skip_user=True), sequence_id=77,
+                               sequence_end=True))
+    np.testing.assert_allclose(np.concatenate([s.as_numpy("ctr") for s in scores]), expected[:, 0], rtol=1e-5)
+    with pytest.raises(triton.InferenceServerException, match="sequence 77 is unknown: it has ended"):
+        client.infer("ctr", _inputs(pages[1], specs, binary=True, skip_user=True), sequence_id=77)
+    assert len(server.service.sessions) == 0
+
+
+def test_the_fusion_changes_on_the_running_server(server, rows):
+    specs = input_specs(server.service.predictor.config)
+    body = json.dumps(infer_body(with_user_of(rows.slice(0, 5), specs), specs)).encode()
+    _, before, _ = _post(server, "/v2/models/ctr/infer", body)
+    change = urllib.request.Request(server.url + "/v2/models/ctr/fusion", method="PUT",
+                                    data=json.dumps({"kind": "sum", "weights": {"ctr": 2.0}}).encode())
+    try:
+        with urllib.request.urlopen(change) as response:
+            assert json.loads(response.read()) == {"kind": "sum", "weights": {"ctr": 2.0}}
+        _, after, _ = _post(server, "/v2/models/ctr/infer", body)
+    finally:
+        server.service.predictor.set_fusion(server.service.predictor.config.serving.fusion)
+    ctr = np.array(after["outputs"][0]["data"])
+    np.testing.assert_allclose(after["outputs"][2]["data"], 2 * ctr, rtol=1e-6)
+    assert before["outputs"][2]["data"] != after["outputs"][2]["data"]
+
+
+def _bad_requests(rows, specs) -> list[tuple[bytes, dict, int, str]]:
+    """(body, headers, status, reason) of every kind of bad request."""
+    good = infer_body(rows, specs)
+
+    def altered(change) -> bytes:  # type: ignore[no-untyped-def]
+        body = json.loads(json.dumps(good))
+        change(body)
+        return json.dumps(body).encode()
+
+    def tensor(body: dict, name: str) -> dict:
+        return next(t for t in body["inputs"] if t["name"] == name)
+
+    binary = json.dumps({"inputs": [{"name": "C9", "datatype": "BYTES", "shape": [1],
+                                     "parameters": {"binary_data_size": 9}}]}).encode()
+    return [
+        (b'{"inputs": [', {}, 400, "not valid JSON"),
+        (b"[1, 2]", {}, 400, "expected a JSON object"),
+        (altered(lambda b: tensor(b, "C9").update(datatype="FP32", data=[1.5] * rows.num_rows)), {}, 400,
+         "ids must be BYTES or INT64"),
+        (altered(lambda b: tensor(b, "C9").update(datatype="COMPLEX")), {}, 400, "datatype must be one of"),
+        (altered(lambda b: tensor(b, "C9").update(shape=[rows.num_rows, 2])), {}, 400, "shape must be"),
+        (altered(lambda b: tensor(b, "C9").update(shape=[rows.num_rows + 1])), {}, 400, "data must be a list of"),
+        (altered(lambda b: b["inputs"].pop(5)), {}, 400, "missing inputs"),
+        (altered(lambda b: b["inputs"].append({"name": "C99", "datatype": "BYTES", "shape": [1], "data": ["x"]})),
+         {}, 400, "unknown inputs"),
+        (altered(lambda b: tensor(b, "I5").update(data=["1"] * (rows.num_rows - 1) + ["nan"])), {}, 400,
+         "must be finite"),
+        (altered(lambda b: tensor(b, "I5").update(datatype="FP64", data=[float("inf")] * rows.num_rows)), {}, 400,
+         "must be finite"),
+        (altered(lambda b: tensor(b, "I5").update(data=["many"] * rows.num_rows)), {}, 400, "must be numbers"),
+        (altered(lambda b: tensor(b, "I1").update(shape=[2], data=["1", "2"])), {}, 400, "one value per request"),
+        (altered(lambda b: b.update(parameters={"sequence_id": 5})), {}, 400, "carries no user inputs"),
+        (altered(lambda b: b.update(parameters={"sequence_id": 404, "sequence_start": False})
+                 or [b["inputs"].remove(t) for t in list(b["inputs"]) if specs[t["name"]].side == "user"]),
+         {}, 400, "sequence 404 is unknown"),
+        (b"x" * (2 << 20), {}, 413, "over the limit"),
+        (binary + b"\x05\x00\x00\x00ab", {"Inference-Header-Content-Length": str(len(binary))}, 400, "overruns"),
+        (binary + b"\x09\x00\x00\x00abcde", {"Inference-Header-Content-Length": str(len(binary))}, 400,
+         "not 1 length-prefixed BYTES"),
+        (binary, {"Inference-Header-Content-Length": str(len(binary) + 50)}, 400, "but the body has"),
+    ]
+
+
+def test_a_barrage_of_bad_requests_gets_400s_and_the_server_keeps_serving(server, rows):
+    specs = input_specs(server.service.predictor.config)
+    candidates = with_user_of(rows.slice(0, 20), specs)
+    bad = _bad_requests(candidates, specs)
+    good = json.dumps(infer_body(candidates, specs)).encode()
+    expected = _expected(server, candidates)
+
+    def send(k: int) -> None:
+        body, headers, status, reason = bad[k % len(bad)]
+        code, answer, _ = _post(server, "/v2/models/ctr/infer", body, headers)
+        assert (code, reason) == (status, reason) and reason in answer["error"], answer
+        if k % 10 == 0:
+            code, answer, _ = _post(server, "/v2/models/ctr/infer", good)
+            assert code == 200
+            np.testing.assert_allclose(answer["outputs"][0]["data"], expected[:, 0], rtol=1e-5)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(send, range(20 * len(bad))))
+    assert _post(server, "/v2/models/nope/infer", good)[0] == 404
+    metrics = urllib.request.urlopen(server.url + "/metrics").read().decode()
+    assert 'tidal_requests_total{outcome="bad_request"}' in metrics and "tidal_batch_rows_bucket" in metrics
+    for name in ("tidal_unknown_ids_total", "tidal_ids_total", "tidal_session_cache_entries", "tidal_queue_seconds",
+                 'tidal_compute_seconds_count{stage="dense"}', "tidal_session_cache_bytes"):
+        assert name in metrics
+
+
+def test_overload_answers_503_with_retry_after(bundle, trainer):
+    service = Service(bundle, name="ctr", max_queue_rows=20)
+    running = start_server(service)
+    gate, original = threading.Event(), service.predictor.sparse
+    service.predictor.sparse = lambda pieces: gate.wait() and original(pieces)
+    specs = input_specs(bundle.config)
+    body = json.dumps(infer_body(with_user_of(file_rows(trainer, 15), specs), specs)).encode()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            answers = [pool.submit(_post, running, "/v2/models/ctr/infer", body) for _ in range(4)]
+            wait(answers, return_when=FIRST_COMPLETED)  # the refused one: the others wait at the gate
+            gate.set()
+            results = [a.result() for a in answers]
+    finally:
+        gate.set()
+        running.stop()
+    codes = sorted(code for code, _, _ in results)
+    assert codes[0] == 200 and codes[-1] == 503
+    overloaded = next(r for r in results if r[0] == 503)
+    assert overloaded[2]["Retry-After"] == "1" and "rows are waiting" in overloaded[1]["error"]

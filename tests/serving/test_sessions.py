@@ -1,0 +1,50 @@
+"""The session cache: TTL, memory cap, and errors that say why a session is gone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tidal.serving import SessionCache, SessionError, UserState
+
+
+def _state(features: int = 3) -> UserState:
+    return UserState(pooled=torch.zeros(1, features, 8), dense=torch.zeros(1, 2))  # 3 * 32 + 8 = 104 bytes
+
+
+def test_idle_sessions_expire_after_the_ttl():
+    now = [0.0]
+    cache = SessionCache(ttl_s=10, memory_bytes=10_000, clock=lambda: now[0])
+    cache.start("a", _state())
+    cache.start("b", _state())
+    now[0] = 8.0
+    cache.get("a")  # used: its idle time restarts
+    now[0] = 12.0
+    assert cache.get("a") is not None
+    with pytest.raises(SessionError, match="sequence b is expired: idle for more than 10 s"):
+        cache.get("b")
+    assert cache.expired == 1 and len(cache) == 1 and cache.bytes == 104
+
+
+def test_the_least_recently_used_session_goes_when_memory_runs_out():
+    cache = SessionCache(ttl_s=100, memory_bytes=350)
+    for name in "abc":
+        cache.start(name, _state())
+    cache.get("a")
+    cache.start("d", _state())  # 4 * 104 > 350: b, the least recently used, goes
+    with pytest.raises(SessionError, match="sequence b is evicted: the session cache was full"):
+        cache.get("b")
+    assert (len(cache), cache.evicted, cache.bytes) == (3, 1, 312)
+    with pytest.raises(SessionError, match="exceeds the cache"):
+        cache.start("huge", _state(features=100))
+
+
+def test_ended_and_unknown_sessions_are_told_apart():
+    cache = SessionCache(ttl_s=100, memory_bytes=10_000)
+    cache.start("a", _state())
+    cache.end("a")
+    with pytest.raises(SessionError, match="sequence a is unknown: it has ended"):
+        cache.get("a")
+    with pytest.raises(SessionError, match="sequence z is unknown: never started"):
+        cache.get("z")
+    assert cache.bytes == 0
