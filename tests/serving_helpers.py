@@ -51,22 +51,6 @@ def file_rows(trainer: Trainer, rows: int) -> pa.RecordBatch:
     return batch.slice(0, rows)
 
 
-def infer_body(rows: pa.RecordBatch, specs: dict, *, user_row: int = 0, skip_user: bool = False,
-               parameters: dict | None = None) -> dict:
-    """A JSON infer request scoring `rows` as candidates of the user of row `user_row`."""
-    inputs = []
-    for spec in specs.values():
-        if skip_user and spec.side == "user":
-            continue
-        values = rows.column(spec.name).to_pylist()
-        values = values[user_row : user_row + 1] if spec.side != "item" else values
-        inputs.append({"name": spec.name, "datatype": "BYTES", "shape": [len(values)], "data": values})
-    body = {"inputs": inputs}
-    if parameters:
-        body["parameters"] = parameters
-    return body
-
-
 def with_user_of(rows: pa.RecordBatch, specs: dict, user_row: int = 0) -> pa.RecordBatch:
     """`rows` with every user column holding row `user_row`'s value: what a request
     of those candidates for that user means."""

@@ -1,4 +1,4 @@
-"""The `tidal` command line: demo, train, eval, gen-data, bench sparse|data|train|quality|hetero."""
+"""The `tidal` command line: demo, train, eval, export, serve, gen-data, bench sparse|data|train|quality|hetero|serve."""
 
 from __future__ import annotations
 
@@ -20,6 +20,19 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="AUC and log loss of a run's latest checkpoint on data files")
     evaluate.add_argument("--checkpoint", required=True, help="the run directory (training.run_dir)")
     evaluate.add_argument("--data", required=True, nargs="+", help="files or globs to evaluate on")
+    export = commands.add_parser("export", help="write a serving bundle from a run's latest checkpoint")
+    export.add_argument("--checkpoint", required=True, help="the run directory (training.run_dir) or one checkpoint")
+    export.add_argument("--out", required=True, help="the bundle directory to write (replaced if it exists)")
+    export.add_argument("--table-dtype", choices=["float32", "float16"], help="default: the config's serving.table_dtype")
+    serve = commands.add_parser("serve", help="serve a bundle over the Open Inference Protocol (KServe v2 HTTP)")
+    serve.add_argument("bundle", help="a directory written by tidal export")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--model-name", help="the model's name in the URLs (default: the bundle directory's name)")
+    serve.add_argument("--no-batching", action="store_true", help="run every request alone (no merging or splitting)")
+    serve.add_argument("--max-batch-rows", type=int, help="default: the config's serving.max_batch_rows")
+    serve.add_argument("--max-delay-ms", type=float, help="default: the config's serving.max_delay_ms")
+    serve.add_argument("--sparse-threads", type=int, help="default: the config's serving.sparse_threads")
     gen = commands.add_parser("gen-data", help="write Criteo-like files with a planted logistic ground truth")
     gen.add_argument("--out", required=True, help="directory to write part-NNNNN.<format> and truth.json into")
     gen.add_argument("--rows", type=int, default=1_000_000)
@@ -46,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     hetero.add_argument("--rows", type=int, default=400_000, help="training rows (default 400,000)")
     hetero.add_argument("--mode", choices=["sync", "async"], default="async")
     hetero.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    serve_bench = which.add_parser("serve", help="QPS and latency of the server against unbatched and Ray Serve")
+    serve_bench.add_argument("--quick", action="store_true", help="shorter runs, concurrency 64 only")
+    serve_bench.add_argument("--seconds", type=float, default=5.0, help="measured seconds per point (default 5)")
+    serve_bench.add_argument("--no-ray", action="store_true", help="leave out the Ray Serve peer")
+    serve_bench.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     data = which.add_parser("data", help="rows/s read from TSV and Parquet and extracted into batches")
     data.add_argument("--rows", type=int, default=500_000, help="rows generated per format (default 500,000)")
     data.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
@@ -67,6 +85,17 @@ def main(argv: list[str] | None = None) -> int:
         return _eval(args)
     elif args.command == "gen-data":
         return _gen_data(args)
+    elif args.command == "export":
+        return _export(args)
+    elif args.command == "serve":
+        return _serve(args)
+    elif args.benchmark == "serve":
+        from tidal.bench import serve as serve_bench
+
+        if args.seconds <= 0:
+            print(f"tidal bench serve: --seconds must be > 0, got {args.seconds}", file=sys.stderr)
+            return 2
+        serve_bench.run(quick=args.quick, seconds=args.seconds, with_ray=not args.no_ray, as_json=args.json)
     elif args.benchmark == "sparse":
         from tidal.bench import sparse
 
@@ -161,6 +190,40 @@ def _eval(args: argparse.Namespace) -> int:
     for target, value in result.auc.items():
         print(f"{target}: AUC {value:.4f}  log loss {result.logloss[target]:.4f}  on {result.rows:,d} rows")
     print(f"bad rows: {trainer.bad_rows.summary()}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from tidal.errors import TidalError
+    from tidal.serving import export
+
+    try:
+        out = export(args.checkpoint, args.out, table_dtype=args.table_dtype)
+    except TidalError as exc:
+        print(f"tidal export: {exc}", file=sys.stderr)
+        return 2
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    print(f"wrote the serving bundle {out} ({size / 2**20:,.1f} MiB); serve it with: tidal serve {out}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tidal.errors import TidalError
+    from tidal.serving import Service, load_bundle, serve
+
+    overrides = {k: v for k, v in {"max_batch_rows": args.max_batch_rows, "max_delay_ms": args.max_delay_ms,
+                                   "sparse_threads": args.sparse_threads}.items() if v is not None}
+    name = args.model_name or Path(args.bundle).resolve().name
+    try:
+        service = Service(load_bundle(args.bundle), name=name, batching=not args.no_batching, **overrides)
+    except TidalError as exc:
+        print(f"tidal serve: {exc}", file=sys.stderr)
+        return 2
+    print(f"serving {name!r} at http://{args.host}:{args.port}/v2/models/{name} "
+          f"(metrics at /metrics; Ctrl-C stops)", flush=True)
+    serve(service, host=args.host, port=args.port)
     return 0
 
 

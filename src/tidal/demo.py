@@ -1,21 +1,34 @@
-"""`tidal demo`: generate data, train DLRM on collision-free tables, evaluate, summarize.
+"""`tidal demo`: generate data, train DLRM on collision-free tables, evaluate, summarize,
+then export the model and serve a few requests through the KServe v2 server.
 
 The generated data plants a logistic truth over Zipf-distributed raw ids, so the best
 AUC any model can reach is known and printed beside the one Tidal reached. Training
 runs on the heterogeneous engine: two sparse workers feed one dense worker, in sync
-mode (the result is bitwise the single-process trainer's).
+mode (the result is bitwise the single-process trainer's). C1-C3, I1 and I2 play the
+user's features, so the server can score one user's candidates and keep a session.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
 
 from tidal.config import RunConfig
 from tidal.data.criteo import criteo_features
+from tidal.data import BadRows
 from tidal.data.generate import generate
 from tidal.runtime import Telemetry, Trainer
+from tidal.serving import Service, export, load_bundle, start_server
+from tidal.serving.protocol import infer_request
+
+_USER_COLUMNS = ("C1", "C2", "C3", "I1", "I2")
 
 __all__ = ["run"]
 
@@ -23,7 +36,8 @@ __all__ = ["run"]
 def _config(train: list[str], held_out: list[str], run_dir: Path) -> RunConfig:
     return RunConfig(
         data={"train": train, "eval": held_out, "batch_size": 2048},
-        features=[f.model_dump() for f in criteo_features(table="ids")],
+        features=[{**f.model_dump(), **({"side": "user"} if f.name in _USER_COLUMNS else {})}
+                  for f in criteo_features(table="ids")],
         tables=[{"name": "ids", "dim": 16, "optimizer": {"kind": "adagrad", "lr": 0.05}}],
         model={"kind": "dlrm", "bottom_sizes": [64], "hidden_sizes": [128, 64]},
         training={"epochs": 1, "lr": 0.002, "log_every": 25, "eval_every": 50, "run_dir": str(run_dir)},
@@ -39,8 +53,12 @@ def run(rows: int = 300_000) -> dict:
         held_out = generate(Path(scratch) / "eval", rows=rows // 4, seed=0, split=1)
         print("Training DLRM, every raw id in its own row: 2 sparse workers feed 1 dense worker "
               "(in a temporary run directory)")
-        summary = Trainer(_config(train.paths, held_out.paths, Path(scratch) / "run")).fit()
-    _print_summary(summary, held_out.ceiling_auc)
+        trainer = Trainer(_config(train.paths, held_out.paths, Path(scratch) / "run"))
+        summary = trainer.fit()
+        _print_summary(summary, held_out.ceiling_auc)
+        bundle = export(trainer.run_dir, Path(scratch) / "bundle")
+        candidates = next(iter(trainer.reader_spec(held_out.paths).epoch(BadRows()))).slice(0, 200)
+        summary["serving"] = _serve(bundle, candidates)
     return summary
 
 
@@ -57,3 +75,40 @@ def _print_summary(summary: dict, ceiling_auc: float) -> None:
     print("  " + Telemetry.table(summary["runtime"]).replace("\n", "\n  "))
     print(json.dumps({"eval_auc": evaluation["auc"]["label"], "ceiling_auc": ceiling_auc,
                       "samples_per_s": summary["samples_per_s"]}))
+
+
+def _serve(bundle: Path, candidates: pa.RecordBatch) -> dict:
+    """Serve the bundle on a free local port and send it a few requests."""
+    size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
+    print(f"Serving the exported bundle ({size / 2**20:.1f} MiB, no pickle) over KServe v2 HTTP on 127.0.0.1")
+    running = start_server(Service(load_bundle(bundle), name="ctr"))
+    try:
+        specs = running.service.specs
+        url = f"{running.url}/v2/models/ctr/infer"
+        stateless, ms = _post(url, infer_request(candidates.slice(0, 100), specs))
+        scores = np.array(stateless["outputs"][-1]["data"])
+        print(f"  1 user x 100 candidates     {ms:5.1f} ms   best candidate {int(scores.argmax())}, "
+              f"scores {scores.min():.3f}..{scores.max():.3f}")
+        session = {"sequence_id": 7}
+        _, start_ms = _post(url, infer_request(candidates.slice(100, 50), specs, parameters={**session, "sequence_start": True}))
+        _, page_ms = _post(url, infer_request(candidates.slice(150, 50), specs, with_user=False, parameters=session))
+        _, end_ms = _post(url, infer_request(candidates.slice(150, 50), specs, with_user=False,
+                                             parameters={**session, "sequence_end": True}))
+        print(f"  session 7: start + 50       {start_ms:5.1f} ms, page of 50 {page_ms:.1f} ms, "
+              f"last page and end {end_ms:.1f} ms")
+        print(f"  a malformed request         400: {_post(url, {'inputs': [{'name': 'C1'}]})[0]['error']}")
+    finally:
+        running.stop()
+    return {"candidates": len(scores), "best": int(scores.argmax())}
+
+
+def _post(url: str, body: dict) -> tuple[dict, float]:
+    """The JSON answer (or error) and the milliseconds it took."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    start = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        answer = json.loads(exc.read())
+    return answer, (time.perf_counter() - start) * 1000

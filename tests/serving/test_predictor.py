@@ -6,12 +6,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from serving_helpers import file_rows, infer_body, with_user_of
+from serving_helpers import file_rows, with_user_of
 
 from tidal.config import Fusion
 from tidal.errors import BatchError, ConfigError
 from tidal.serving import Piece, Predictor, fuse
-from tidal.serving.protocol import broadcast, decode_request, input_specs
+from tidal.serving.protocol import decode_request, infer_request, input_specs
 
 
 @pytest.fixture(scope="module")
@@ -20,11 +20,9 @@ def predictor(bundle):
 
 
 def _piece(predictor, rows: pa.RecordBatch, user_row: int = 0) -> Piece:
-    decoded = decode_request(_json(infer_body(rows, input_specs(predictor.config), user_row=user_row)), None,
+    decoded = decode_request(_json(infer_request(rows, input_specs(predictor.config), user_row=user_row)), None,
                              input_specs(predictor.config), [*predictor.targets, "score"])
-    items = {c: broadcast(decoded.columns[c], decoded.rows) for c in predictor.item_columns}
-    user = {c: decoded.columns[c] for c in predictor.user_columns}
-    return Piece(items=pa.RecordBatch.from_pydict(items), user=pa.RecordBatch.from_pydict(user))
+    return predictor.piece(decoded.columns, decoded.rows)
 
 
 def _json(body: dict) -> bytes:

@@ -12,10 +12,10 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from serving_helpers import file_rows, infer_body, numpy_strings, with_user_of
+from serving_helpers import file_rows, numpy_strings, with_user_of
 
 from tidal.serving import Service, start_server
-from tidal.serving.protocol import input_specs
+from tidal.serving.protocol import infer_request, input_specs
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_a_full_sequence_start_pages_end(server, client, rows):
 
 def test_the_fusion_changes_on_the_running_server(server, rows):
     specs = input_specs(server.service.predictor.config)
-    body = json.dumps(infer_body(with_user_of(rows.slice(0, 5), specs), specs)).encode()
+    body = json.dumps(infer_request(with_user_of(rows.slice(0, 5), specs), specs)).encode()
     _, before, _ = _post(server, "/v2/models/ctr/infer", body)
     change = urllib.request.Request(server.url + "/v2/models/ctr/fusion", method="PUT",
                                     data=json.dumps({"kind": "sum", "weights": {"ctr": 2.0}}).encode())
@@ -129,7 +129,7 @@ def test_the_fusion_changes_on_the_running_server(server, rows):
 
 def _bad_requests(rows, specs) -> list[tuple[bytes, dict, int, str]]:
     """(body, headers, status, reason) of every kind of bad request."""
-    good = infer_body(rows, specs)
+    good = infer_request(rows, specs)
 
     def altered(change) -> bytes:  # type: ignore[no-untyped-def]
         body = json.loads(json.dumps(good))
@@ -174,7 +174,7 @@ def test_a_barrage_of_bad_requests_gets_400s_and_the_server_keeps_serving(server
     specs = input_specs(server.service.predictor.config)
     candidates = with_user_of(rows.slice(0, 20), specs)
     bad = _bad_requests(candidates, specs)
-    good = json.dumps(infer_body(candidates, specs)).encode()
+    good = json.dumps(infer_request(candidates, specs)).encode()
     expected = _expected(server, candidates)
 
     def send(k: int) -> None:
@@ -202,7 +202,7 @@ def test_overload_answers_503_with_retry_after(bundle, trainer):
     gate, original = threading.Event(), service.predictor.sparse
     service.predictor.sparse = lambda pieces: gate.wait() and original(pieces)
     specs = input_specs(bundle.config)
-    body = json.dumps(infer_body(with_user_of(file_rows(trainer, 15), specs), specs)).encode()
+    body = json.dumps(infer_request(with_user_of(file_rows(trainer, 15), specs), specs)).encode()
     try:
         with ThreadPoolExecutor(4) as pool:
             answers = [pool.submit(_post, running, "/v2/models/ctr/infer", body) for _ in range(4)]

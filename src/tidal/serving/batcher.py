@@ -3,7 +3,8 @@
 Requests arrive as pieces (`Predictor` pieces: a request, or one chunk of a big one).
 A collector thread merges waiting pieces into batches of at most `max_batch_rows`;
 the sparse stage of each batch runs on a pool of `sparse_threads` CPU threads and its
-dense stage on one device thread, so several batches are in flight at once::
+dense stage on one device thread (on a CPU-only machine, in the sparse thread that
+pooled the batch: a hand-off would only add a wait for the GIL)::
 
     submit ─► waiting pieces ─► collector ─► sparse pool (CPU threads) ─► dense thread ─► futures
               (bounded: rows)   merges up to   extract, look up, pool       padded to a bucket
@@ -11,9 +12,11 @@ dense stage on one device thread, so several batches are in flight at once::
 
 The collector never starts more batches than there are sparse threads, so pieces
 wait in the bounded queue (beyond `max_queue_rows`, `submit` raises `Overloaded`).
-An idle pipeline starts a batch at once; while another batch runs, the next waits
-up to `max_delay_ms` to fill: light load keeps its latency, heavy load gets big
-batches. With `merge=False` every request is a batch of
+A batch starts when the pipeline is idle, or beside a running one when it holds at
+least half of `chunk_rows` (enough work to gain from a second thread; small batches
+would only fight over the GIL, so they wait and grow). When requests arrive faster
+than `max_delay_ms` apart, a batch lingers up to that long after its oldest piece
+came, to fill; a lone request on a quiet server starts at once. With `merge=False` every request is a batch of
 its own (the unbatched baseline). A failed batch fails every piece in it; `close()`
 fails whatever still waits, so no caller hangs.
 """
@@ -34,6 +37,9 @@ from tidal.errors import TidalError
 from tidal.serving.predictor import Piece, Predictor
 
 __all__ = ["Batcher", "Overloaded", "split_rows"]
+
+
+_GAP_WEIGHT = 0.1  # of the newest gap in the running mean of gaps between requests
 
 
 class Overloaded(TidalError):
@@ -81,11 +87,14 @@ class Batcher:
         self._waiting: deque[_Waiting] = deque()
         self._waiting_rows = 0
         self._in_flight = 0
+        self._last_arrival_s = time.perf_counter()
+        self._arrival_gap_s = 1.0  # running mean of the seconds between requests
         self._depth = sparse_threads
         self._cond = threading.Condition()
         self._closed = False
         self._sparse = ThreadPoolExecutor(sparse_threads, thread_name_prefix="tidal-sparse")
-        self._dense = ThreadPoolExecutor(1, thread_name_prefix="tidal-dense")
+        on_device = predictor.device.type != "cpu"
+        self._dense = ThreadPoolExecutor(1, thread_name_prefix="tidal-dense") if on_device else None
         self._collector = threading.Thread(target=self._collect_forever, name="tidal-collector", daemon=True)
         self._collector.start()
 
@@ -99,6 +108,8 @@ class Batcher:
             if self._waiting_rows and self._waiting_rows + piece.rows > self.max_queue_rows:
                 raise Overloaded(f"{self._waiting_rows} rows are waiting (bound {self.max_queue_rows}); retry later")
             now = time.perf_counter()
+            self._arrival_gap_s += _GAP_WEIGHT * (now - self._last_arrival_s - self._arrival_gap_s)
+            self._last_arrival_s = now
             waiting = [_Waiting(p, Future(), now) for p in pieces]
             self._waiting.extend(waiting)
             self._waiting_rows += piece.rows
@@ -121,7 +132,8 @@ class Batcher:
             w.future.set_exception(TidalError("the server shut down before this request ran"))
         self._collector.join()
         self._sparse.shutdown(wait=True)
-        self._dense.shutdown(wait=True)
+        if self._dense is not None:
+            self._dense.shutdown(wait=True)
 
     # ------------------------------------------------------------------ collector
 
@@ -133,13 +145,13 @@ class Batcher:
             self._sparse.submit(self._run_sparse, batch)
 
     def _next_batch(self) -> list[_Waiting] | None:
-        """The next batch, once a sparse thread is free; while another batch runs, wait up
-        to `max_delay_ms` for this one to fill (an idle pipeline starts at once)."""
+        """The next batch: see the module docstring for when it starts."""
         with self._cond:
-            while not (self._waiting and self._in_flight < self._depth) and not self._closed:
+            while not self._closed and not self._may_start():
                 self._cond.wait()
-            deadline = time.perf_counter() + self.max_delay_s
-            while self.merge and self._in_flight and self._waiting_rows < self.max_batch_rows and not self._closed:
+            deadline = self._waiting[0].queued_s + self.max_delay_s if self._waiting else 0.0
+            while self.merge and not self._closed and self._waiting_rows < self.max_batch_rows \
+                    and self._arrival_gap_s < self.max_delay_s:
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     break
@@ -149,6 +161,15 @@ class Batcher:
             batch = self._take()
             self._in_flight += 1
             return batch
+
+    def _may_start(self) -> bool:
+        """Start now: the pipeline is idle, or a free thread gets a batch big enough to
+        gain from running beside another (small ones would only fight for the GIL)."""
+        if not self._waiting:
+            return False
+        if self._in_flight == 0 or not self.merge:
+            return self._in_flight < self._depth
+        return self._in_flight < self._depth and self._waiting_rows >= self.chunk_rows // 2
 
     def _take(self) -> list[_Waiting]:
         """The oldest pieces that fit one batch (a whole request when not merging)."""
@@ -169,7 +190,10 @@ class Batcher:
         except BaseException as exc:  # every request of the batch learns why
             self._fail(batch, exc)
             return
-        self._dense.submit(self._run_dense, batch, pooled, dense, start, time.perf_counter() - start)
+        if self._dense is None:  # CPU: the dense network runs in this thread, no hand-off
+            self._run_dense(batch, pooled, dense, start, time.perf_counter() - start)
+        else:
+            self._dense.submit(self._run_dense, batch, pooled, dense, start, time.perf_counter() - start)
 
     def _run_dense(self, batch: list[_Waiting], pooled: torch.Tensor, dense: torch.Tensor, start: float,
                    sparse_s: float) -> None:

@@ -109,6 +109,17 @@ class Predictor:
 
     # ------------------------------------------------------------------ stages
 
+    def piece(self, columns: dict[str, pa.Array], rows: int, state: UserState | None = None) -> Piece:
+        """The piece of one request's columns (one-value item columns broadcast to `rows`);
+        with `state`, the user columns are not needed."""
+        items = _record_batch({c: _broadcast(columns[c], rows) for c in self.item_columns})
+        user = self.user_row(columns) if state is None and self.user_columns else None
+        return Piece(items=items, user=user, state=state)
+
+    def user_row(self, columns: dict[str, pa.Array]) -> pa.RecordBatch:
+        """The one-row user batch of a request's columns."""
+        return _record_batch({c: columns[c] for c in self.user_columns})
+
     def predict(self, pieces: Sequence[Piece]) -> np.ndarray:
         """Probabilities `[sum of rows, T]` of the pieces' candidates, in order."""
         return self.dense(*self.sparse(pieces))
@@ -218,11 +229,21 @@ def _positions(features: Sequence[SparseFeature | DenseFeature]) -> tuple[torch.
                                                               dtype=torch.long)
 
 
+def _record_batch(columns: dict[str, pa.Array]) -> pa.RecordBatch:
+    return pa.RecordBatch.from_arrays(list(columns.values()), names=list(columns))
+
+
+def _broadcast(array: pa.Array, rows: int) -> pa.Array:
+    """A one-value column repeated to `rows` values (others unchanged)."""
+    return array if len(array) == rows else array.take(pa.array(np.zeros(rows, np.int64)))
+
+
 def _concat(tables: Sequence[pa.RecordBatch]) -> pa.RecordBatch:
+    """The rows of several batches of the same columns as one batch (one C++ call)."""
     if len(tables) == 1:
         return tables[0]
-    names = tables[0].schema.names
-    return pa.RecordBatch.from_arrays([pa.concat_arrays([t.column(c) for t in tables]) for c in names], names=names)
+    merged = pa.Table.from_batches(tables).combine_chunks()
+    return pa.RecordBatch.from_arrays([c.chunk(0) for c in merged.columns], names=merged.column_names)
 
 
 def _serving_tables(bundle: Bundle) -> list[EmbeddingTable]:

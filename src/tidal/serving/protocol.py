@@ -30,13 +30,12 @@ import pyarrow.compute as pc
 from tidal.config import DenseFeature, RunConfig, SparseFeature
 from tidal.errors import TidalError
 
-__all__ = ["DecodedRequest", "InputSpec", "RequestError", "broadcast", "decode_request", "encode_response", "input_specs"]
+__all__ = ["DecodedRequest", "InputSpec", "RequestError", "decode_request", "encode_response", "infer_request", "input_specs"]
 
 HEADER = "inference-header-content-length"
 LENGTHS = ".lengths"
 _NUMERIC = {"FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "INT32": "<i4"}
-_KINDS = {"ids": ("BYTES", "INT64", "INT32"), "integer": ("BYTES", "INT64", "INT32"),
-          "number": ("FP32", "FP64", "INT64", "INT32", "BYTES")}
+_DATATYPES = frozenset(("BYTES", *_NUMERIC))
 
 
 class RequestError(TidalError):
@@ -142,10 +141,10 @@ def _json_object(header: bytes) -> dict:
 
 def _tensors(request: dict, binary: memoryview) -> dict[str, np.ndarray | pa.Array]:
     """Each input as a flat array (numbers) or Arrow strings (BYTES), sizes checked."""
-    tensors, position = {}, 0
+    tensors, strings, position = {}, {}, 0
     for k, tensor in enumerate(request["inputs"]):
-        name, datatype, count = _tensor_header(k, tensor)
-        if name in tensors:
+        name, datatype, count, nested = _tensor_header(k, tensor)
+        if name in tensors or name in strings:
             raise RequestError(f"input {name!r} comes twice")
         size = (tensor.get("parameters") or {}).get("binary_data_size")
         if size is not None:
@@ -154,36 +153,56 @@ def _tensors(request: dict, binary: memoryview) -> dict[str, np.ndarray | pa.Arr
             tensors[name] = _from_binary(name, datatype, count, binary[position : position + size])
             position += size
         elif "data" in tensor:
-            tensors[name] = _from_json(name, datatype, count, tensor["data"])
+            data = _flat(name, count, nested, tensor["data"])
+            if datatype == "BYTES":
+                strings[name] = data
+            else:
+                tensors[name] = _from_json(name, datatype, data)
         else:
             raise RequestError(f"input {name!r} has neither 'data' nor a binary_data_size parameter")
     if position != len(binary):
         raise RequestError(f"the inputs' binary_data_size add up to {position} bytes, but {len(binary)} follow the header")
-    return tensors
+    return tensors | _strings_at_once(strings)
 
 
-def _tensor_header(k: int, tensor: object) -> tuple[str, str, int]:
-    if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
+def _flat(name: str, count: int, nested: bool, data: object) -> list:
+    """The values of a JSON tensor: a flat list, or (shape [n, 1]) a list of one-value lists."""
+    if nested and type(data) is list and all(type(d) is list and len(d) == 1 for d in data):
+        data = [d[0] for d in data]
+    if type(data) is not list or len(data) != count:
+        raise RequestError(f"input {name!r}: data must be a list of {count} values (its shape), "
+                           f"got {len(data) if type(data) is list else type(data).__name__}")
+    return data
+
+
+def _strings_at_once(lists: dict[str, list]) -> dict[str, pa.Array]:
+    """The JSON strings of every BYTES input, converted in one call (per input, slices)."""
+    try:
+        joined = pa.array(list(itertools.chain.from_iterable(lists.values())), pa.string())
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        bad = next(n for n, values in lists.items() if not all(isinstance(v, str) for v in values))
+        raise RequestError(f"input {bad!r}: BYTES data must be strings") from None
+    arrays, start = {}, 0
+    for name, values in lists.items():
+        arrays[name] = joined.slice(start, len(values))
+        start += len(values)
+    return arrays
+
+
+def _tensor_header(k: int, tensor: object) -> tuple[str, str, int, bool]:
+    """(name, datatype, n, nested) of a tensor of shape [n] or [n, 1]."""
+    if type(tensor) is not dict or type(tensor.get("name")) is not str:
         raise RequestError(f"inputs[{k}] must be an object with name, datatype, shape and data")
     name, datatype, shape = tensor["name"], tensor.get("datatype"), tensor.get("shape")
-    if datatype not in ("BYTES", *_NUMERIC):
+    if datatype not in _DATATYPES:
         raise RequestError(f"input {name!r}: datatype must be one of BYTES, {', '.join(_NUMERIC)}; got {datatype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape) \
-            or not 1 <= len(shape) <= 2 or (len(shape) == 2 and shape[1] != 1):
+    if type(shape) is not list or not 1 <= len(shape) <= 2 or type(shape[0]) is not int or shape[0] < 0 \
+            or (len(shape) == 2 and (type(shape[1]) is not int or shape[1] != 1)):
         raise RequestError(f"input {name!r}: shape must be [n] or [n, 1] with n >= 0, got {shape!r}")
-    return name, datatype, shape[0]
+    return name, datatype, shape[0], len(shape) == 2
 
 
-def _from_json(name: str, datatype: str, count: int, data: object) -> np.ndarray | pa.Array:
-    flat = list(itertools.chain.from_iterable(d if isinstance(d, list) else [d] for d in data)) \
-        if isinstance(data, list) else None
-    if flat is None or len(flat) != count:
-        raise RequestError(f"input {name!r}: data must be a list of {count} values (its shape), "
-                           f"got {len(flat) if flat is not None else type(data).__name__}")
-    if datatype == "BYTES":
-        if not all(isinstance(v, str) for v in flat):
-            raise RequestError(f"input {name!r}: BYTES data must be strings")
-        return pa.array(flat, pa.string())
+def _from_json(name: str, datatype: str, flat: list) -> np.ndarray:
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat):
         raise RequestError(f"input {name!r}: {datatype} data must be numbers")
     try:
@@ -275,7 +294,9 @@ def _columns(tensors: dict, specs: dict[str, InputSpec], mode: str) -> tuple[dic
                            ", ".join(f"{s.name} ({s.side})" for s in specs.values()))
     if mode == "continue" and any(specs[n].side == "user" for n in tensors if n in specs):
         raise RequestError("a continuing sequence request carries no user inputs: they came with sequence_start")
-    columns = {s.name: _column(s, tensors) for s in required}
+    texts = {s.name: tensors[s.name] for s in required if s.kind == "number" and isinstance(tensors[s.name], pa.Array)
+             and not (s.separator and s.name + LENGTHS in tensors)}
+    columns = _numbers_from_text(texts) | {s.name: _column(s, tensors) for s in required if s.name not in texts}
     return columns, _rows(columns, specs)
 
 
@@ -283,7 +304,7 @@ def _column(spec: InputSpec, tensors: dict) -> pa.Array:
     value = tensors[spec.name]
     if spec.separator is not None and spec.name + LENGTHS in tensors:
         return _joined(spec, value, tensors[spec.name + LENGTHS])
-    if spec.kind == "number":
+    if spec.kind == "number":  # strings went to _numbers_from_text
         return _numbers(spec.name, value)
     if isinstance(value, pa.Array):
         if spec.kind == "integer":
@@ -294,30 +315,51 @@ def _column(spec: InputSpec, tensors: dict) -> pa.Array:
     return pc.cast(pa.array(value), pa.string())
 
 
-def _numbers(name: str, value: np.ndarray | pa.Array) -> pa.Array:
-    if isinstance(value, pa.Array):
-        try:
-            value = pc.cast(pc.if_else(pc.equal(pc.utf8_length(value), 0), None, value), pa.float64())
-        except pa.ArrowInvalid:
-            raise RequestError(f"input {name!r}: BYTES values must be numbers (or empty for missing)") from None
-        numbers = value.to_numpy(zero_copy_only=False)
-    else:
-        numbers = value.astype(np.float64)
-    bad = np.flatnonzero(np.isinf(numbers) | (np.isnan(numbers) & ~_nulls(value)))
+def _numbers(name: str, value: np.ndarray) -> pa.Array:
+    numbers = value.astype(np.float64)
+    bad = np.flatnonzero(~np.isfinite(numbers))
     if bad.size:
         raise RequestError(f"input {name!r}: values must be finite, got {numbers[bad[0]]} at position {bad[0]}")
-    return value if isinstance(value, pa.Array) else pa.array(numbers)
+    return pa.array(numbers)
 
 
-def _nulls(value: np.ndarray | pa.Array) -> np.ndarray:
-    if isinstance(value, pa.Array):
-        return np.asarray(value.is_null())
-    return np.zeros(value.shape[0], bool)
+def _numbers_from_text(texts: dict[str, pa.Array]) -> dict[str, pa.Array]:
+    """Number inputs sent as strings, parsed in one call: empty means missing (null)."""
+    if not texts:
+        return {}
+    joined = pa.concat_arrays(list(texts.values()))
+    try:
+        numbers = _parse(joined, pa.float64())
+    except pa.ArrowInvalid:
+        bad = next(n for n, a in texts.items() if not _parses(a))
+        raise RequestError(f"input {bad!r}: BYTES values must be numbers (or empty for missing)") from None
+    values = numbers.to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero(np.isinf(values) | (np.isnan(values) & ~np.asarray(numbers.is_null())))
+    arrays, start = {}, 0
+    for name, text in texts.items():
+        if bad.size and start <= bad[0] < start + len(text):
+            raise RequestError(f"input {name!r}: values must be finite, got {values[bad[0]]} at position {bad[0] - start}")
+        arrays[name] = numbers.slice(start, len(text))
+        start += len(text)
+    return arrays
+
+
+def _parses(text: pa.Array) -> bool:
+    try:
+        _parse(text, pa.float64())
+    except pa.ArrowInvalid:
+        return False
+    return True
+
+
+def _parse(text: pa.Array, to: pa.DataType) -> pa.Array:
+    """Strings as numbers of type `to`, empty strings as nulls; ArrowInvalid if one is not."""
+    return pc.cast(pc.if_else(pc.equal(pc.utf8_length(text), 0), None, text), to)
 
 
 def _check_integers(name: str, value: pa.Array) -> None:
     try:
-        pc.cast(pc.if_else(pc.equal(pc.utf8_length(value), 0), None, value), pa.int64())
+        _parse(value, pa.int64())
     except pa.ArrowInvalid:
         raise RequestError(f"input {name!r}: ids must be integers (the feature is not hashed)") from None
 
@@ -349,11 +391,6 @@ def _rows(columns: dict[str, pa.Array], specs: dict[str, InputSpec]) -> int:
     return 1 if any(specs[c].side == "item" for c in columns) else 0
 
 
-def broadcast(array: pa.Array, rows: int) -> pa.Array:
-    """A one-value column repeated to `rows` values (others unchanged)."""
-    return array if len(array) == rows else array.take(pa.array(np.zeros(rows, np.int64)))
-
-
 def _outputs(request: dict, outputs: Sequence[str], binary_all: bool) -> tuple[list[str] | None, set[str]]:
     wanted = request.get("outputs")
     if wanted is None:
@@ -368,6 +405,22 @@ def _outputs(request: dict, outputs: Sequence[str], binary_all: bool) -> tuple[l
 
 
 # ---------------------------------------------------------------------- encoding
+
+
+def infer_request(rows: pa.RecordBatch, specs: dict[str, InputSpec], *, user_row: int = 0, with_user: bool = True,
+                  parameters: dict | None = None) -> dict:
+    """A JSON infer request scoring the candidates `rows` (raw string columns, as read
+    from data files) for the user of row `user_row`; without `with_user`, the user
+    inputs are left out (a continuing session's page)."""
+    inputs = []
+    for spec in specs.values():
+        if spec.side == "user" and not with_user:
+            continue
+        values = rows.column(spec.name).to_pylist()
+        values = values[user_row : user_row + 1] if spec.side != "item" else values
+        inputs.append({"name": spec.name, "datatype": "BYTES", "shape": [len(values)], "data": values})
+    return {"inputs": inputs, **({"parameters": parameters} if parameters else {})}
+
 
 
 def encode_response(model: str, decoded: DecodedRequest, outputs: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:

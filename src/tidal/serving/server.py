@@ -28,7 +28,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 import uvicorn
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
@@ -42,9 +41,9 @@ from tidal.config import Fusion, ServingConfig
 from tidal.errors import ConfigError
 from tidal.serving.batcher import Batcher, BatchRecord, Overloaded
 from tidal.serving.bundle import Bundle
-from tidal.serving.predictor import Piece, Predictor, UserState
-from tidal.serving.protocol import HEADER, LENGTHS, DecodedRequest, RequestError, broadcast, decode_request, \
-    encode_response, input_specs
+from tidal.serving.predictor import Predictor, UserState
+from tidal.serving.protocol import HEADER, LENGTHS, DecodedRequest, RequestError, decode_request, encode_response, \
+    input_specs
 from tidal.serving.sessions import SessionCache, SessionError
 
 __all__ = ["RunningServer", "Service", "create_app", "serve", "start_server"]
@@ -85,19 +84,13 @@ class Service:
             return None
         if not decoded.sequence_start:
             return self.sessions.get(decoded.sequence_id)
-        state = await asyncio.to_thread(self.predictor.user_state, self._user_row(decoded))
+        state = await asyncio.to_thread(self.predictor.user_state, self.predictor.user_row(decoded.columns))
         self.sessions.start(decoded.sequence_id, state)
         return state
 
     async def _score(self, decoded: DecodedRequest, state: UserState | None) -> np.ndarray:
-        items = _record_batch({c: broadcast(decoded.columns[c], decoded.rows) for c in self.predictor.item_columns})
-        user = self._user_row(decoded) if state is None and self.predictor.user_columns else None
-        futures = self.batcher.submit(Piece(items=items, user=user, state=state))
-        parts = [await asyncio.wrap_future(f) for f in futures]
-        return np.concatenate(parts)
-
-    def _user_row(self, decoded: DecodedRequest) -> pa.RecordBatch:
-        return _record_batch({c: decoded.columns[c] for c in self.predictor.user_columns})
+        futures = self.batcher.submit(self.predictor.piece(decoded.columns, decoded.rows, state))
+        return np.concatenate([await asyncio.wrap_future(f) for f in futures])
 
     def metadata(self) -> dict:
         inputs = [{"name": s.name, "datatype": _DATATYPES[s.kind], "shape": [1 if s.side != "item" else -1],
@@ -109,10 +102,6 @@ class Service:
 
     def close(self) -> None:
         self.batcher.close()
-
-
-def _record_batch(columns: dict[str, pa.Array]) -> pa.RecordBatch:
-    return pa.RecordBatch.from_arrays(list(columns.values()), names=list(columns))
 
 
 class _Metrics:

@@ -1,0 +1,255 @@
+"""`tidal bench serve`: the server against itself unbatched and against Ray Serve.
+
+One model, trained here on generated Criteo-like data (DLRM, dim 16; C1-C13 and
+I1-I6 are the user's features, the rest the item's), exported and served three ways:
+(a) Tidal with auto-batching, (b) Tidal with batching off (every request alone),
+(c) the same predictor in a Ray Serve deployment whose `@serve.batch` merges
+requests up to the same row budget. A closed-loop load generator in another process
+keeps `concurrency` requests in flight over keep-alive connections, for two request
+shapes: one user + one candidate, and one user + 100 candidates (the same JSON
+bodies for every server). It reports QPS, p50 and p99 per point. The session
+speedup is a continuing page of 100 candidates (the user cached by `sequence_start`)
+against the same request sent stateless, both at concurrency 1 on (a).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from tidal.config import RunConfig
+from tidal.data import BadRows
+from tidal.data.criteo import criteo_features
+from tidal.data.generate import generate
+from tidal.runtime import Trainer
+from tidal.serving import Predictor, Service, export, load_bundle, start_server
+from tidal.serving.protocol import HEADER, decode_request, encode_response, infer_request, input_specs
+
+__all__ = ["run"]
+
+_USER = {*(f"C{i}" for i in range(1, 14)), *(f"I{i}" for i in range(1, 7))}
+_PATH = "/v2/models/ctr/infer"
+_BODIES = 64  # distinct requests per shape, cycled
+
+
+def run(*, quick: bool = False, seconds: float = 5.0, with_ray: bool = True, as_json: bool = False) -> dict:
+    concurrencies = [64] if quick else [1, 16, 64]
+    seconds = min(seconds, 3.0) if quick else seconds
+    with tempfile.TemporaryDirectory() as scratch:
+        bundle, rows = _train_and_export(Path(scratch))
+        bodies = {shape: _bodies(bundle, rows, shape) for shape in (1, 100)}
+        results = {}
+        for system in ["tidal", "unbatched"] + (["rayserve"] if with_ray else []):
+            results[system] = _measure_system(system, bundle, bodies, concurrencies, seconds)
+        session = _session_speedup(bundle, rows, seconds)
+    summary = _summary(results, session)
+    if as_json:
+        print(json.dumps(summary))
+    return summary
+
+
+def _train_and_export(root: Path) -> tuple[Path, pa.RecordBatch]:
+    print("Training the served model (DLRM, dim 16, 100,000 generated rows)", flush=True)
+    data = generate(root / "data", rows=100_000, seed=0)
+    features = [{**f.model_dump(), **({"side": "user"} if f.name in _USER else {})} for f in criteo_features("ids")]
+    config = RunConfig(data={"train": data.paths, "batch_size": 2048}, features=features,
+                       tables=[{"name": "ids", "dim": 16, "optimizer": {"kind": "adagrad", "lr": 0.05}}],
+                       model={"kind": "dlrm", "bottom_sizes": [64], "hidden_sizes": [128, 64]},
+                       training={"lr": 0.002, "log_every": 1_000_000, "run_dir": str(root / "run")})
+    trainer = Trainer(config)
+    trainer.fit()
+    batches, needed = [], 100 * _BODIES
+    for batch in trainer.reader_spec(data.paths).epoch(BadRows()):
+        batches.append(batch)
+        if sum(b.num_rows for b in batches) >= needed:
+            break
+    rows = pa.Table.from_batches(batches).combine_chunks().slice(0, needed).to_batches()[0]
+    return export(trainer.run_dir, root / "bundle"), rows
+
+
+def _bodies(bundle: Path, rows: pa.RecordBatch, candidates: int, **options: object) -> list[bytes]:
+    specs = input_specs(load_bundle(bundle).config)
+    return [json.dumps(infer_request(rows.slice(k * candidates, candidates), specs, **options)).encode()
+            for k in range(_BODIES)]
+
+
+def _measure_system(system: str, bundle: Path, bodies: dict, concurrencies: list[int], seconds: float) -> dict:
+    server = _start(system, bundle)
+    try:
+        points = {}
+        for shape, shape_bodies in bodies.items():
+            for concurrency in concurrencies:
+                point = _load(server[0], shape_bodies, concurrency, seconds)
+                print(f"  {system:<10} {shape:>3} candidate(s)  concurrency {concurrency:>2}: {point['qps']:8,.0f} QPS  "
+                      f"p50 {point['p50_ms']:6.2f} ms  p99 {point['p99_ms']:7.2f} ms  errors {point['errors']}",
+                      flush=True)
+                points[(shape, concurrency)] = point
+        return points
+    finally:
+        server[1]()
+
+
+def _start(system: str, bundle: Path) -> tuple[int, object]:
+    """(port, stop function) of a running server."""
+    if system == "rayserve":
+        return _start_ray_serve(bundle)
+    running = start_server(Service(load_bundle(bundle), name="ctr", batching=system == "tidal"))
+    return int(running.url.rsplit(":", 1)[1]), running.stop
+
+
+def _session_speedup(bundle: Path, rows: pa.RecordBatch, seconds: float) -> dict:
+    running = start_server(Service(load_bundle(bundle), name="ctr"))
+    port = int(running.url.rsplit(":", 1)[1])
+    try:
+        stateless = _load(port, _bodies(bundle, rows, 100), 1, seconds)
+        start = _bodies(bundle, rows, 100, parameters={"sequence_id": 1, "sequence_start": True})[0]
+        asyncio.run(_one(port, start))
+        pages = _bodies(bundle, rows, 100, with_user=False, parameters={"sequence_id": 1})
+        page = _load(port, pages, 1, seconds)
+    finally:
+        running.stop()
+    print(f"  session page of 100: p50 {page['p50_ms']:.2f} ms against {stateless['p50_ms']:.2f} ms stateless",
+          flush=True)
+    return {"page": page, "stateless": stateless}
+
+
+def _summary(results: dict, session: dict) -> dict:
+    top = max(c for _, c in results["tidal"])
+    summary: dict = {"concurrency": top}
+    for system, points in results.items():
+        for shape in (1, 100):
+            summary[f"{system}_qps_{shape}"] = round(points[(shape, top)]["qps"], 1)
+            summary[f"{system}_p99_ms_{shape}"] = round(points[(shape, top)]["p99_ms"], 2)
+    summary["ratio_vs_unbatched"] = round(summary["tidal_qps_1"] / summary["unbatched_qps_1"], 2)
+    if "rayserve" in results:
+        summary["ratio_vs_rayserve"] = round(summary["tidal_qps_100"] / summary["rayserve_qps_100"], 2)
+    summary["session_speedup"] = round(session["stateless"]["p50_ms"] / session["page"]["p50_ms"], 2)
+    summary["points"] = [{"system": system, "candidates": shape, "concurrency": c, **point}
+                         for system, points in results.items() for (shape, c), point in points.items()]
+    return summary
+
+
+# ---------------------------------------------------------------------- Ray Serve
+
+
+class _RayServePredictor:
+    """The same predictor and protocol code in a Ray Serve replica, batched by `@serve.batch`."""
+
+    def __init__(self, bundle: str) -> None:
+        self.predictor = Predictor(load_bundle(bundle))
+        self.specs = input_specs(self.predictor.config)
+        self.outputs = [*self.predictor.targets, "score"]
+
+    async def __call__(self, request):  # type: ignore[no-untyped-def]
+        from starlette.responses import Response
+
+        decoded = decode_request(await request.body(), request.headers.get(HEADER), self.specs, self.outputs)
+        probabilities = await self.score(self.predictor.piece(decoded.columns, decoded.rows))
+        outputs = {t: probabilities[:, k] for k, t in enumerate(self.predictor.targets)}
+        outputs["score"] = self.predictor.fuse(probabilities)
+        content, headers = encode_response("ctr", decoded, outputs)
+        return Response(content, headers=headers, media_type="application/json")
+
+    async def score(self, pieces):  # type: ignore[no-untyped-def]
+        probabilities = self.predictor.predict(pieces)
+        bounds = np.cumsum([0] + [p.rows for p in pieces])
+        return [probabilities[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _start_ray_serve(bundle: Path) -> tuple[int, object]:
+    import ray
+    from ray import serve
+
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "ERROR"})
+    batched = type("RayServePredictor", (_RayServePredictor,), {
+        "score": serve.batch(max_batch_size=1024, batch_wait_timeout_s=0.002,
+                             batch_size_fn=lambda pieces: sum(p.rows for p in pieces))(_RayServePredictor.score)})
+    deployment = serve.deployment(max_ongoing_requests=256)(batched)
+    serve.run(deployment.bind(str(bundle)), route_prefix=_PATH, name="tidal")
+
+    def stop() -> None:
+        serve.shutdown()
+        ray.shutdown()
+
+    return port, stop
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------------- load generator
+
+
+def _load(port: int, bodies: list[bytes], concurrency: int, seconds: float) -> dict:
+    """Closed-loop load from another process: QPS, p50 and p99 after a one-second warm-up."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return pool.apply(_load_process, (port, bodies, concurrency, seconds))
+
+
+def _load_process(port: int, bodies: list[bytes], concurrency: int, seconds: float) -> dict:
+    latencies, errors = asyncio.run(_closed_loop(port, bodies, concurrency, seconds))
+    return {"qps": len(latencies) / seconds, "p50_ms": float(np.percentile(latencies, 50) * 1000),
+            "p99_ms": float(np.percentile(latencies, 99) * 1000), "errors": errors}
+
+
+async def _closed_loop(port: int, bodies: list[bytes], concurrency: int, seconds: float) -> tuple[list[float], int]:
+    requests = [_http(port, body) for body in bodies]
+    warm_until = time.perf_counter() + 1.0
+    stop_at = warm_until + seconds
+    latencies: list[float] = []
+    errors = [0]
+
+    async def connection(k: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        n = k
+        while time.perf_counter() < stop_at:
+            start = time.perf_counter()
+            writer.write(requests[n % len(requests)])
+            status = await _response(reader)
+            end = time.perf_counter()
+            if status != 200:
+                errors[0] += 1
+            elif start >= warm_until and end <= stop_at:
+                latencies.append(end - start)
+            n += concurrency
+        writer.close()
+
+    await asyncio.gather(*(connection(k) for k in range(concurrency)))
+    return latencies or [float("nan")], errors[0]
+
+
+async def _one(port: int, body: bytes) -> int:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(_http(port, body))
+    status = await _response(reader)
+    writer.close()
+    return status
+
+
+def _http(port: int, body: bytes) -> bytes:
+    return (f"POST {_PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+async def _response(reader: asyncio.StreamReader) -> int:
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    fields = dict(line.split(": ", 1) for line in head[1:] if ": " in line)
+    length = next((int(v) for k, v in fields.items() if k.lower() == "content-length"), None)
+    if length is None:
+        raise RuntimeError(f"the server answered without a Content-Length: {head}")
+    await reader.readexactly(length)
+    return int(head[0].split()[1])
