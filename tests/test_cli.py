@@ -14,6 +14,8 @@ def test_demo_trains_and_reports_auc_beside_the_ceiling(capsys):
     assert 0.5 < result["eval_auc"] < result["ceiling_auc"] <= 1.0
     assert "planted ceiling" in out and "bad rows        0" in out
     assert "sparse  lookup" in out and "dense   dense" in out  # the engine's stage table
+    assert result["served_candidates"] == 100 and "session 7: start + 50" in out
+    assert "a malformed request         400: input 'C1': datatype must be one of" in out
 
 
 def test_demo_refuses_too_few_rows(capsys):

@@ -223,7 +223,11 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     print(f"serving {name!r} at http://{args.host}:{args.port}/v2/models/{name} "
           f"(metrics at /metrics; Ctrl-C stops)", flush=True)
-    serve(service, host=args.host, port=args.port)
+    try:
+        serve(service, host=args.host, port=args.port)
+    except KeyboardInterrupt:  # the server has shut down; uvicorn passes the Ctrl-C on
+        pass
+    print("stopped", flush=True)
     return 0
 
 

@@ -362,6 +362,9 @@ class ServingConfig(_Model):
     `chunk_rows` candidates is cut into about equal chunks that run in parallel. The
     dense network only sees batch sizes from `buckets` (batches are padded).
     `max_queue_rows` bounds the rows waiting; beyond it a request gets 503.
+    `dense_threads` is torch's thread count in the serving process: 1 by default,
+    since serving batches are small and idle OpenMP threads spin on the cores the
+    sparse stage and the HTTP loop need.
     """
 
     fusion: Fusion = Fusion()
@@ -371,6 +374,7 @@ class ServingConfig(_Model):
     max_delay_ms: float = Field(2.0, ge=0.0, le=10_000.0)
     chunk_rows: int = Field(256, ge=1, le=1 << 16)
     sparse_threads: int = Field(2, ge=1, le=256)
+    dense_threads: int | None = Field(1, ge=1, le=256)  # torch's threads, process-wide; None: torch's default
     max_queue_rows: int = Field(65_536, ge=1)
     max_body_bytes: int = Field(32 << 20, ge=1024)
     session_ttl_s: float = Field(300.0, gt=0.0)

@@ -59,6 +59,8 @@ def run(rows: int = 300_000) -> dict:
         bundle = export(trainer.run_dir, Path(scratch) / "bundle")
         candidates = next(iter(trainer.reader_spec(held_out.paths).epoch(BadRows()))).slice(0, 200)
         summary["serving"] = _serve(bundle, candidates)
+    print(json.dumps({"eval_auc": summary["eval"]["auc"]["label"], "ceiling_auc": held_out.ceiling_auc,
+                      "samples_per_s": summary["samples_per_s"], "served_candidates": summary["serving"]["candidates"]}))
     return summary
 
 
@@ -73,8 +75,6 @@ def _print_summary(summary: dict, ceiling_auc: float) -> None:
     print(f"  bad rows        {summary['bad_rows']}")
     print("Where the time went (busy fraction of each stage)")
     print("  " + Telemetry.table(summary["runtime"]).replace("\n", "\n  "))
-    print(json.dumps({"eval_auc": evaluation["auc"]["label"], "ceiling_auc": ceiling_auc,
-                      "samples_per_s": summary["samples_per_s"]}))
 
 
 def _serve(bundle: Path, candidates: pa.RecordBatch) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
+import multiprocessing.pool
 import socket
 import tempfile
 import time
@@ -43,22 +44,22 @@ _BODIES = 64  # distinct requests per shape, cycled
 def run(*, quick: bool = False, seconds: float = 5.0, with_ray: bool = True, as_json: bool = False) -> dict:
     concurrencies = [64] if quick else [1, 16, 64]
     seconds = min(seconds, 3.0) if quick else seconds
-    with tempfile.TemporaryDirectory() as scratch:
-        bundle, rows = _train_and_export(Path(scratch))
+    with tempfile.TemporaryDirectory() as scratch, multiprocessing.get_context("spawn").Pool(1) as load:
+        bundle, rows = _train_and_export(Path(scratch), rows=20_000 if quick else 100_000)
         bodies = {shape: _bodies(bundle, rows, shape) for shape in (1, 100)}
         results = {}
         for system in ["tidal", "unbatched"] + (["rayserve"] if with_ray else []):
-            results[system] = _measure_system(system, bundle, bodies, concurrencies, seconds)
-        session = _session_speedup(bundle, rows, seconds)
+            results[system] = _measure_system(load, system, bundle, bodies, concurrencies, seconds)
+        session = _session_speedup(load, bundle, rows, seconds)
     summary = _summary(results, session)
     if as_json:
         print(json.dumps(summary))
     return summary
 
 
-def _train_and_export(root: Path) -> tuple[Path, pa.RecordBatch]:
-    print("Training the served model (DLRM, dim 16, 100,000 generated rows)", flush=True)
-    data = generate(root / "data", rows=100_000, seed=0)
+def _train_and_export(root: Path, rows: int) -> tuple[Path, pa.RecordBatch]:
+    print(f"Training the served model (DLRM, dim 16, {rows:,d} generated rows)", flush=True)
+    data = generate(root / "data", rows=rows, seed=0)
     features = [{**f.model_dump(), **({"side": "user"} if f.name in _USER else {})} for f in criteo_features("ids")]
     config = RunConfig(data={"train": data.paths, "batch_size": 2048}, features=features,
                        tables=[{"name": "ids", "dim": 16, "optimizer": {"kind": "adagrad", "lr": 0.05}}],
@@ -71,8 +72,8 @@ def _train_and_export(root: Path) -> tuple[Path, pa.RecordBatch]:
         batches.append(batch)
         if sum(b.num_rows for b in batches) >= needed:
             break
-    rows = pa.Table.from_batches(batches).combine_chunks().slice(0, needed).to_batches()[0]
-    return export(trainer.run_dir, root / "bundle"), rows
+    candidates = pa.Table.from_batches(batches).combine_chunks().slice(0, needed).to_batches()[0]
+    return export(trainer.run_dir, root / "bundle"), candidates
 
 
 def _bodies(bundle: Path, rows: pa.RecordBatch, candidates: int, **options: object) -> list[bytes]:
@@ -81,13 +82,13 @@ def _bodies(bundle: Path, rows: pa.RecordBatch, candidates: int, **options: obje
             for k in range(_BODIES)]
 
 
-def _measure_system(system: str, bundle: Path, bodies: dict, concurrencies: list[int], seconds: float) -> dict:
+def _measure_system(load: multiprocessing.pool.Pool, system: str, bundle: Path, bodies: dict, concurrencies: list[int], seconds: float) -> dict:
     server = _start(system, bundle)
     try:
         points = {}
         for shape, shape_bodies in bodies.items():
             for concurrency in concurrencies:
-                point = _load(server[0], shape_bodies, concurrency, seconds)
+                point = load.apply(_load_process, (server[0], shape_bodies, concurrency, seconds))
                 print(f"  {system:<10} {shape:>3} candidate(s)  concurrency {concurrency:>2}: {point['qps']:8,.0f} QPS  "
                       f"p50 {point['p50_ms']:6.2f} ms  p99 {point['p99_ms']:7.2f} ms  errors {point['errors']}",
                       flush=True)
@@ -105,15 +106,15 @@ def _start(system: str, bundle: Path) -> tuple[int, object]:
     return int(running.url.rsplit(":", 1)[1]), running.stop
 
 
-def _session_speedup(bundle: Path, rows: pa.RecordBatch, seconds: float) -> dict:
+def _session_speedup(load: multiprocessing.pool.Pool, bundle: Path, rows: pa.RecordBatch, seconds: float) -> dict:
     running = start_server(Service(load_bundle(bundle), name="ctr"))
     port = int(running.url.rsplit(":", 1)[1])
     try:
-        stateless = _load(port, _bodies(bundle, rows, 100), 1, seconds)
+        stateless = load.apply(_load_process, (port, _bodies(bundle, rows, 100), 1, seconds))
         start = _bodies(bundle, rows, 100, parameters={"sequence_id": 1, "sequence_start": True})[0]
         asyncio.run(_one(port, start))
         pages = _bodies(bundle, rows, 100, with_user=False, parameters={"sequence_id": 1})
-        page = _load(port, pages, 1, seconds)
+        page = load.apply(_load_process, (port, pages, 1, seconds))
     finally:
         running.stop()
     print(f"  session page of 100: p50 {page['p50_ms']:.2f} ms against {stateless['p50_ms']:.2f} ms stateless",
@@ -193,17 +194,12 @@ def _free_port() -> int:
 # ---------------------------------------------------------------------- load generator
 
 
-def _load(port: int, bodies: list[bytes], concurrency: int, seconds: float) -> dict:
-    """Closed-loop load from another process: QPS, p50 and p99 after a one-second warm-up."""
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(1) as pool:
-        return pool.apply(_load_process, (port, bodies, concurrency, seconds))
-
-
 def _load_process(port: int, bodies: list[bytes], concurrency: int, seconds: float) -> dict:
+    """Closed-loop load (run in the load generator's process): QPS, p50 and p99 after
+    a one-second warm-up (nan when no request finished inside the window)."""
     latencies, errors = asyncio.run(_closed_loop(port, bodies, concurrency, seconds))
-    return {"qps": len(latencies) / seconds, "p50_ms": float(np.percentile(latencies, 50) * 1000),
-            "p99_ms": float(np.percentile(latencies, 99) * 1000), "errors": errors}
+    p50, p99 = np.percentile(latencies, [50, 99]) * 1000 if latencies else (float("nan"),) * 2
+    return {"qps": len(latencies) / seconds, "p50_ms": float(p50), "p99_ms": float(p99), "errors": errors}
 
 
 async def _closed_loop(port: int, bodies: list[bytes], concurrency: int, seconds: float) -> tuple[list[float], int]:
@@ -229,7 +225,7 @@ async def _closed_loop(port: int, bodies: list[bytes], concurrency: int, seconds
         writer.close()
 
     await asyncio.gather(*(connection(k) for k in range(concurrency)))
-    return latencies or [float("nan")], errors[0]
+    return latencies, errors[0]
 
 
 async def _one(port: int, body: bytes) -> int:

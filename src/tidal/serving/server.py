@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 import uvicorn
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
@@ -57,6 +58,9 @@ class Service:
     def __init__(self, bundle: Bundle, *, name: str = "tidal", batching: bool = True, **overrides: object) -> None:
         self.name = name
         self.settings = ServingConfig(**{**bundle.config.serving.model_dump(), **overrides})
+        self._torch_threads = torch.get_num_threads()  # restored by close()
+        if self.settings.dense_threads is not None:
+            torch.set_num_threads(self.settings.dense_threads)
         self.predictor = Predictor(bundle)
         self.specs = input_specs(bundle.config)
         self.outputs = [*self.predictor.targets, "score"]
@@ -102,6 +106,7 @@ class Service:
 
     def close(self) -> None:
         self.batcher.close()
+        torch.set_num_threads(self._torch_threads)
 
 
 class _Metrics:

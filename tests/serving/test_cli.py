@@ -1,0 +1,60 @@
+"""`tidal export` and `tidal serve` from the command line, the server in its own process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from tidal.cli import main
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_ready(url: str, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read()
+        try:
+            with urllib.request.urlopen(url + "/v2/health/ready", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise AssertionError("the server did not become ready")
+
+
+def test_export_then_serve_then_stop_with_ctrl_c(trainer, tmp_path, capsys):
+    bundle = tmp_path / "ranker"
+    assert main(["export", "--checkpoint", str(trainer.run_dir), "--out", str(bundle), "--table-dtype", "float16"]) == 0
+    assert f"serve it with: tidal serve {bundle}" in capsys.readouterr().out
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "tidal.cli", "serve", str(bundle), "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, process)
+        with urllib.request.urlopen(url + "/v2/models/ranker") as response:
+            assert [o["name"] for o in json.loads(response.read())["outputs"]] == ["ctr", "cvr", "score"]
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert f"serving 'ranker' at {url}/v2/models/ranker" in out
+
+
+def test_export_and_serve_refuse_what_is_not_there(tmp_path, capsys):
+    assert main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
+    assert "no checkpoint to export" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path)]) == 2
+    assert "not a serving bundle" in capsys.readouterr().err
