@@ -120,3 +120,24 @@ def test_fusion_formulas_and_their_validation(predictor):
         predictor.set_fusion(Fusion(weights={"ltv": 1.0}))
     with pytest.raises(ConfigError, match="weights"):
         Fusion(weights={"ctr": float("nan")})
+
+
+NO_CUDA = not torch.cuda.is_available()
+NO_CUDA_REASON = "needs a CUDA device (torch.cuda.is_available() is False)"
+
+
+@pytest.mark.skipif(NO_CUDA, reason=NO_CUDA_REASON)
+def test_the_dense_stage_on_cuda_matches_the_cpu_one(trainer, bundle, predictor):
+    from tidal.serving import Batcher
+
+    rows = with_user_of(file_rows(trainer, 300), input_specs(trainer.config))
+    on_gpu = Predictor(bundle, device="cuda")
+    pieces = [_piece(on_gpu, rows)]
+    np.testing.assert_allclose(on_gpu.predict(pieces), predictor.predict(pieces), rtol=1e-4, atol=1e-6)
+    batcher = Batcher(on_gpu, max_batch_rows=256, max_delay_ms=1.0, chunk_rows=128, sparse_threads=2,
+                      max_queue_rows=10_000)
+    try:
+        merged = np.concatenate([f.result(timeout=60) for f in batcher.submit(pieces[0])])
+    finally:
+        batcher.close()
+    np.testing.assert_allclose(merged, predictor.predict(pieces), rtol=1e-4, atol=1e-6)

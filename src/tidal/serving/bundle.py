@@ -3,10 +3,11 @@
 Layout::
 
     BUNDLE/
-      manifest.json                format, version, creation time, the run config
-                                   (features with their sides, tables, model, serving:
-                                   fusion and bucket sizes), targets, input columns,
-                                   and the size and sha256 of every other file
+      manifest.json                format, version, creation time, the request's inputs
+                                   (column, kind, side), targets, the run config
+                                   (features, tables, model, serving: fusion and
+                                   bucket sizes), and the size and sha256 of every
+                                   other file
       tables/<name>.safetensors    keys [N] int64, values [N, D] float32 or float16
       dense.pt2                    the dense network as a `torch.export` program
 
@@ -25,7 +26,7 @@ import shutil
 import time
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ from tidal.embedding.checkpoint import fsync_path, write_json_atomic
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.models import RankingModel
 from tidal.runtime import checkpoint
+from tidal.serving.protocol import input_specs
 
 __all__ = ["Bundle", "export", "load_bundle"]
 
@@ -140,7 +142,9 @@ def _manifest(config: RunConfig, directory: Path, staging: Path, dtype: str) -> 
     return {"format": FORMAT, "version": VERSION, "created_unix_s": time.time(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "source_checkpoint": directory.name, "table_dtype": dtype,
-            "targets": [f.name for f in extractor.labels], "config": config.model_dump(mode="json"),
+            "targets": [f.name for f in extractor.labels],
+            "inputs": [asdict(spec) for spec in input_specs(config).values()],  # what a request carries
+            "config": config.model_dump(mode="json"),
             "files": files}
 
 

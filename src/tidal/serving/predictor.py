@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import torch
+from torch.export.passes import move_to_device_pass
 
 from tidal.config import DenseFeature, Fusion, SparseFeature, TableConfig
 from tidal.data.extract import Extractor
@@ -86,7 +87,8 @@ class Predictor:
         self.user_columns = self._user_extract.columns
         self.item_columns = self._item_extract.columns
         self.collection = EmbeddingCollection(_serving_tables(bundle), [f.embedding() for f in extractor.sparse])
-        self._program = bundle.program.module().to(self.device)
+        program = bundle.program if self.device.type == "cpu" else move_to_device_pass(bundle.program, self.device)
+        self._program = program.module()  # constants the graph made on the CPU move too
         self._fusion = self.config.serving.fusion
         if not self.item_columns:
             raise ConfigError("serving needs at least one item or context feature: candidates are scored by them")
@@ -159,6 +161,8 @@ class Predictor:
         padded_dense = torch.zeros(bucket, dense.shape[1])
         padded_dense[:n] = dense
         self._check_shapes(padded, padded_dense)
+        if self.device.type == "cuda":  # pinned host buffers, so the copies overlap
+            padded, padded_dense = padded.pin_memory(), padded_dense.pin_memory()
         with torch.no_grad():
             logits = self._program(padded.to(self.device, non_blocking=True),
                                    padded_dense.to(self.device, non_blocking=True))  # [bucket, T]

@@ -286,7 +286,7 @@ def _columns(tensors: dict, specs: dict[str, InputSpec], mode: str) -> tuple[dic
     user inputs (they came with its start), and a start may come without candidates.
     """
     required = [s for s in specs.values() if not (mode == "continue" and s.side == "user")]
-    if mode == "start" and not any(specs[n].side != "user" for n in tensors if n in specs):
+    if mode == "start" and not any(specs[n].side == "item" for n in tensors if n in specs):
         required = [s for s in required if s.side != "item"]  # a start without candidates
     missing = [s.name for s in required if s.name not in tensors]
     if missing:

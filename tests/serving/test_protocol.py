@@ -1,0 +1,100 @@
+"""Request decoding: every accepted form of an input gives the same columns."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from serving_helpers import serving_config
+
+from tidal.serving import RequestError
+from tidal.serving.protocol import decode_request, encode_response, input_specs
+
+OUTPUTS = ["ctr", "cvr", "score"]
+
+
+@pytest.fixture(scope="module")
+def specs(tmp_path_factory):
+    return input_specs(serving_config(tmp_path_factory.mktemp("protocol")))
+
+
+def _request(specs, rows: int, **overrides) -> dict:
+    """A JSON request of `rows` candidates with simple values; `overrides` replace inputs."""
+    inputs = {}
+    for spec in specs.values():
+        n = 1 if spec.side != "item" else rows
+        values = [str(k + 1) for k in range(n)] if spec.kind == "number" else [f"v{k}" for k in range(n)]
+        inputs[spec.name] = {"name": spec.name, "datatype": "BYTES", "shape": [n], "data": values}
+    inputs.update(overrides)
+    return {"inputs": [t for t in inputs.values() if t is not None]}
+
+
+def _decode(specs, body: dict, binary: bytes = b"", **parameters):
+    header = json.dumps({**body, "parameters": parameters} if parameters else body).encode()
+    return decode_request(header + binary, str(len(header)) if binary else None, specs, OUTPUTS)
+
+
+def test_the_sides_of_the_inputs(specs):
+    assert specs["C1"].side == "both" and specs["C2"].side == "user" and specs["C9"].side == "item"
+    assert specs["I1"].kind == "number" and specs["C7"].separator == "|" and specs["C9"].kind == "ids"
+
+
+def test_values_with_lengths_become_the_joined_strings_of_a_file(specs):
+    lengths = {"name": "C7.lengths", "datatype": "INT32", "shape": [3], "data": [2, 0, 1]}
+    values = {"name": "C7", "datatype": "BYTES", "shape": [3], "data": ["a", "b", "c"]}
+    decoded = _decode(specs, _request(specs, 3, C7=values, **{"C7.lengths": lengths}))
+    assert decoded.columns["C7"].to_pylist() == ["a|b", "", "c"]
+    with pytest.raises(RequestError, match="lengths add up to 2"):
+        _decode(specs, _request(specs, 3, C7=values, **{"C7.lengths": {**lengths, "data": [1, 0, 1]}}))
+
+
+def test_int64_ids_hash_as_their_decimal_strings_and_numbers_come_in_any_form(specs):
+    decoded = _decode(specs, _request(specs, 2, C9={"name": "C9", "datatype": "INT64", "shape": [2], "data": [7, -3]},
+                                      I5={"name": "I5", "datatype": "FP32", "shape": [2, 1], "data": [[1.5], [2.0]]}))
+    assert decoded.columns["C9"].to_pylist() == ["7", "-3"]
+    assert decoded.columns["I5"].to_pylist() == [1.5, 2.0]
+    texts = _decode(specs, _request(specs, 2, I5={"name": "I5", "datatype": "BYTES", "shape": [2], "data": ["1.5", ""]}))
+    assert texts.columns["I5"].to_pylist() == [1.5, None]  # empty: missing, as in a file
+
+
+def test_binary_tensors_decode_like_json(specs):
+    strings = [b"v0", b"\xc3\xa9t\xc3\xa9"]
+    raw = b"".join(len(s).to_bytes(4, "little") + s for s in strings)
+    numbers = np.array([3.0, 4.0], "<f4").tobytes()
+    body = _request(specs, 2, C9={"name": "C9", "datatype": "BYTES", "shape": [2],
+                                  "parameters": {"binary_data_size": len(raw)}},
+                    I5={"name": "I5", "datatype": "FP32", "shape": [2], "parameters": {"binary_data_size": 8}})
+    order = [t["name"] for t in body["inputs"] if "parameters" in t]
+    decoded = _decode(specs, body, b"".join(raw if name == "C9" else numbers for name in order))
+    assert decoded.columns["C9"].to_pylist() == ["v0", "été"] and decoded.columns["I5"].to_pylist() == [3.0, 4.0]
+
+
+def test_a_one_value_item_input_is_broadcast_and_a_start_may_come_without_candidates(specs):
+    decoded = _decode(specs, _request(specs, 4, C9={"name": "C9", "datatype": "BYTES", "shape": [1], "data": ["x"]}))
+    assert decoded.rows == 4 and len(decoded.columns["C9"]) == 1  # broadcast when the piece is built
+    users_only = {"inputs": [t for t in _request(specs, 1)["inputs"] if specs[t["name"]].side != "item"]}
+    start = _decode(specs, users_only, sequence_id="u1", sequence_start=True)
+    assert start.rows == 0 and start.sequence_id == "u1"
+    with pytest.raises(RequestError, match="missing inputs"):
+        _decode(specs, users_only)
+
+
+def test_binary_outputs_follow_the_header(specs):
+    decoded = _decode(specs, {**_request(specs, 2), "outputs": [{"name": "score", "parameters": {"binary_data": True}},
+                                                               {"name": "ctr"}]})
+    body, headers = encode_response("m", decoded, {"ctr": np.array([0.5, 0.25]), "cvr": np.zeros(2),
+                                                   "score": np.array([1.0, 2.0])})
+    size = int(headers["Inference-Header-Content-Length"])
+    header = json.loads(body[:size])
+    assert [o["name"] for o in header["outputs"]] == ["score", "ctr"] and header["outputs"][1]["data"] == [0.5, 0.25]
+    assert header["outputs"][0]["parameters"] == {"binary_data_size": 8}
+    np.testing.assert_array_equal(np.frombuffer(body[size:], "<f4"), [1.0, 2.0])
+    with pytest.raises(RequestError, match=r"unknown outputs \['nope'\]"):
+        _decode(specs, {**_request(specs, 1), "outputs": [{"name": "nope"}]})
+
+
+def test_column_arrays_are_arrow(specs):
+    decoded = _decode(specs, _request(specs, 3))
+    assert all(isinstance(a, pa.Array) for a in decoded.columns.values())
