@@ -53,3 +53,13 @@ def test_large_and_chunked_strings_hash_alike():
     chunked, _ = hash_strings(pa.chunked_array([["x"], ["yz"]]), 3)
     np.testing.assert_array_equal(plain, large)
     np.testing.assert_array_equal(plain, chunked)
+
+
+@settings(max_examples=50, deadline=None)
+@given(columns=st.integers(1, 4), rows=st.integers(0, 6), seeds=st.lists(st.integers(0, M64), min_size=4, max_size=4),
+       data=st.data())
+def test_several_columns_hash_in_one_call_with_a_seed_each(columns, rows, seeds, data):
+    texts = data.draw(st.lists(st.text(max_size=6), min_size=columns * rows, max_size=columns * rows))
+    ids, missing = hash_strings(pa.array(texts, pa.string()), np.array(seeds[:columns], np.uint64))
+    assert ids.tolist() == [_reference(t, seeds[k // rows]) for k, t in enumerate(texts)]
+    assert missing.tolist() == [t == "" for t in texts]

@@ -42,6 +42,9 @@ class Extractor:
         self.dense = [f for f in features if isinstance(f, DenseFeature)]
         self.labels = [f for f in features if isinstance(f, LabelFeature)]
         self._seeds = {f.name: feature_seed(f) for f in self.sparse}
+        self._simple = {f.name: f for f in self.sparse  # one string column hashed to one id
+                        if len(f.columns) == 1 and f.hashed and f.separator is None and f.buckets is None}
+        self._simple_seeds = np.array([self._seeds[name] for name in self._simple], dtype=np.uint64)
 
     @property
     def columns(self) -> list[str]:
@@ -61,8 +64,9 @@ class Extractor:
         missing = [c for c in self.columns if c not in batch.schema.names]
         if missing:
             raise DataError(f"batch lacks columns {missing} that the features read; it has {batch.schema.names}")
-        bags = [self._bags(f, batch) for f in self.sparse]
-        dense = np.stack([_dense(f, batch.column(f.column)) for f in self.dense], axis=1) if self.dense else None
+        bags = self._simple_bags(batch) | {f.name: self._bags(f, batch) for f in self.sparse if f.name not in self._simple}
+        bags = [bags[f.name] for f in self.sparse]
+        dense = _dense(self.dense, batch) if self.dense else None
         labels = np.stack([_number(batch.column(f.column), np.nan) for f in self.labels], axis=1) if self.labels else None
         if labels is not None and np.isnan(labels).any():
             raise DataError("a label is missing: the reader should have refused that row (pass required= labels)")
@@ -70,6 +74,17 @@ class Extractor:
                            values=np.concatenate([v for v, _ in bags]) if bags else np.zeros(0, np.int64),
                            lengths=np.concatenate([n for _, n in bags]) if bags else np.zeros(0, np.int32),
                            dense=dense, labels=labels)
+
+    def _simple_bags(self, batch: pa.RecordBatch) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """(ids, bag lengths) of every feature that hashes one string column, in one
+        kernel call over all their columns (the same ids as one call per feature)."""
+        columns = [batch.column(f.columns[0]) for f in self._simple.values()]
+        if not columns or len({c.type for c in columns}) > 1:
+            return {name: self._bags(f, batch) for name, f in self._simple.items()}
+        ids, missing = hash_strings(pa.concat_arrays(columns), self._simple_seeds)
+        n = batch.num_rows
+        return {name: _single_value(ids[k * n : (k + 1) * n], missing[k * n : (k + 1) * n], f.missing, self._seeds[name])
+                for k, (name, f) in enumerate(self._simple.items())}
 
     def _bags(self, feature: SparseFeature, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
         """(ids, bag lengths) of one feature over the batch."""
@@ -151,9 +166,15 @@ def _number(column: pa.Array, missing_value: float) -> np.ndarray:
     return pc.fill_null(pc.cast(column, pa.float64()), missing_value).to_numpy(zero_copy_only=False)
 
 
-def _dense(feature: DenseFeature, column: pa.Array) -> np.ndarray:
-    """The feature's values; a missing one is `missing_value` as it stands (not transformed)."""
-    values = _number(column, np.nan)
-    if feature.transform == "log":
-        values = np.sign(values) * np.log1p(np.abs(values))
-    return np.where(np.isnan(values), feature.missing_value, values).astype(np.float32)
+def _dense(features: list[DenseFeature], batch: pa.RecordBatch) -> np.ndarray:
+    """`[B, Dd]` float32 of the dense features, parsed in one call when their columns
+    share a type; a missing value is the feature's `missing_value`, untransformed."""
+    columns = [batch.column(f.column) for f in features]
+    if len({c.type for c in columns}) == 1:
+        values = _number(pa.concat_arrays(columns), np.nan).reshape(len(features), batch.num_rows)  # [Dd, B]
+    else:
+        values = np.stack([_number(c, np.nan) for c in columns])
+    log = np.array([f.transform == "log" for f in features])[:, None]
+    values = np.where(log, np.sign(values) * np.log1p(np.abs(values)), values)
+    missing = np.array([f.missing_value for f in features])[:, None]
+    return np.ascontiguousarray(np.where(np.isnan(values), missing, values).T, dtype=np.float32)

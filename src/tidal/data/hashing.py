@@ -20,30 +20,34 @@ _FNV_PRIME = np.uint64(0x100000001B3)
 
 
 @numba.njit(nogil=True, cache=True)
-def _fnv1a(offsets: np.ndarray, data: np.ndarray, seed: np.uint64, out: np.ndarray) -> None:
+def _fnv1a(offsets: np.ndarray, data: np.ndarray, seeds: np.ndarray, rows_per_seed: int, out: np.ndarray) -> None:
     for i in range(out.shape[0]):
         h = _FNV_OFFSET
         for j in range(offsets[i], offsets[i + 1]):
             h = (h ^ np.uint64(data[j])) * _FNV_PRIME
-        out[i] = np.int64(mix64(h ^ seed))
+        out[i] = np.int64(mix64(h ^ seeds[i // rows_per_seed]))
 
 
-def hash_strings(array: pa.Array | pa.ChunkedArray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(int64 id of every string, mask of missing values: null or empty)."""
+def hash_strings(array: pa.Array | pa.ChunkedArray, seed: int | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 id of every string, mask of missing values: null or empty).
+
+    `seed` is one seed for every string, or an array of k seeds for an array that is
+    k columns of equal length one after the other (several features hashed in one call).
+    """
     if isinstance(array, pa.ChunkedArray):
-        parts = [hash_strings(chunk, seed) for chunk in array.chunks]
-        if not parts:
-            return np.zeros(0, np.int64), np.zeros(0, bool)
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        array = pa.concat_arrays(array.chunks) if array.num_chunks else pa.array([], pa.string())
     if not pa.types.is_string(array.type) and not pa.types.is_large_string(array.type):
         raise TypeError(f"hash_strings needs a string array, got {array.type}")
+    seeds = np.asarray(seed, dtype=np.uint64) if np.ndim(seed) else np.array([seed & (2**64 - 1)], dtype=np.uint64)
     n = len(array)
+    if n % seeds.shape[0]:
+        raise ValueError(f"hash_strings: {n} strings do not split into {seeds.shape[0]} columns of equal length")
     offset_type = np.int64 if pa.types.is_large_string(array.type) else np.int32
     buffers = array.buffers()
     offsets = np.frombuffer(buffers[1], dtype=offset_type)[array.offset : array.offset + n + 1].astype(np.int64)
     data = np.frombuffer(buffers[2], dtype=np.uint8) if buffers[2] is not None else np.zeros(0, np.uint8)
     ids = np.empty(n, dtype=np.int64)
-    _fnv1a(offsets, data, np.uint64(seed & (2**64 - 1)), ids)
+    _fnv1a(offsets, data, seeds, max(1, n // seeds.shape[0]), ids)
     missing = np.diff(offsets) == 0
     if array.null_count:
         missing |= ~np.asarray(array.is_valid())
