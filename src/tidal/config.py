@@ -353,6 +353,13 @@ class Fusion(_Model):
     kind: Literal["product", "sum"] = "product"
     weights: dict[str, Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=dict)
 
+    @pydantic.model_validator(mode="after")
+    def _powers_not_negative(self) -> Fusion:
+        negative = {t: w for t, w in self.weights.items() if w < 0}
+        if self.kind == "product" and negative:
+            raise ValueError(f"a product's powers must be >= 0 (a zero probability would score infinity), got {negative}")
+        return self
+
 
 class ServingConfig(_Model):
     """How `tidal serve` batches, splits, pads and caches (see `tidal.serving`).

@@ -120,6 +120,9 @@ def test_fusion_formulas_and_their_validation(predictor):
         predictor.set_fusion(Fusion(weights={"ltv": 1.0}))
     with pytest.raises(ConfigError, match="weights"):
         Fusion(weights={"ctr": float("nan")})
+    with pytest.raises(ConfigError, match="powers must be >= 0"):
+        Fusion(kind="product", weights={"ctr": -1.0})
+    assert Fusion(kind="sum", weights={"ctr": -1.0}).weights == {"ctr": -1.0}
 
 
 NO_CUDA = not torch.cuda.is_available()

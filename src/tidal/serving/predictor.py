@@ -74,7 +74,6 @@ class Predictor:
     """Scores pieces with a bundle's tables and dense program (thread-safe)."""
 
     def __init__(self, bundle: Bundle, *, device: str | None = None) -> None:
-        self.bundle = bundle
         self.config = bundle.config
         self.targets = bundle.targets
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
