@@ -15,7 +15,7 @@ def test_demo_trains_and_reports_auc_beside_the_ceiling(capsys):
     assert "planted ceiling" in out and "bad rows        0" in out
     assert "sparse  lookup" in out and "dense   dense" in out  # the engine's stage table
     assert result["served_candidates"] == 100 and "session 7: start + 50" in out
-    assert "a malformed request         400: input 'C1': datatype must be one of" in out
+    assert "a malformed request         400: input 'I5': values must be finite, got inf at position 1" in out
 
 
 def test_demo_refuses_too_few_rows(capsys):

@@ -96,7 +96,9 @@ def _serve(bundle: Path, candidates: pa.RecordBatch) -> dict:
                                              parameters={**session, "sequence_end": True}))
         print(f"  session 7: start + 50       {start_ms:5.1f} ms, page of 50 {page_ms:.1f} ms, "
               f"last page and end {end_ms:.1f} ms")
-        print(f"  a malformed request         400: {_post(url, {'inputs': [{'name': 'C1'}]})[0]['error']}")
+        bad = infer_request(candidates.slice(0, 3), specs)
+        next(t for t in bad["inputs"] if t["name"] == "I5")["data"][1] = "inf"
+        print(f"  a malformed request         400: {_post(url, bad)[0]['error']}")
     finally:
         running.stop()
     return {"candidates": len(scores), "best": int(scores.argmax())}
