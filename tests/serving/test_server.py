@@ -162,6 +162,9 @@ def _bad_requests(rows, specs) -> list[tuple[bytes, dict, int, str]]:
         (altered(lambda b: b.update(parameters={"sequence_id": 404, "sequence_start": False})
                  or [b["inputs"].remove(t) for t in list(b["inputs"]) if specs[t["name"]].side == "user"]),
          {}, 400, "sequence 404 is unknown"),
+        (altered(lambda b: tensor(b, "C9").update(parameters=[1])), {}, 400, "parameters must be an object"),
+        (altered(lambda b: b.update(outputs=[{"name": "score", "parameters": "yes"}])), {}, 400,
+         "output 'score': parameters must be an object"),
         (b"x" * (2 << 20), {}, 413, "over the limit"),
         (binary + b"\x05\x00\x00\x00ab", {"Inference-Header-Content-Length": str(len(binary))}, 400, "overruns"),
         (binary + b"\x09\x00\x00\x00abcde", {"Inference-Header-Content-Length": str(len(binary))}, 400,

@@ -27,6 +27,7 @@ import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -36,7 +37,7 @@ import torch
 from tidal.errors import TidalError
 from tidal.serving.predictor import Piece, Predictor
 
-__all__ = ["Batcher", "Overloaded", "split_rows"]
+__all__ = ["BatchRecord", "Batcher", "Overloaded", "split_rows"]
 
 
 _GAP_WEIGHT = 0.1  # of the newest gap in the running mean of gaps between requests
@@ -78,7 +79,8 @@ class Batcher:
     """Merges and splits pieces into batches and runs them through the predictor."""
 
     def __init__(self, predictor: Predictor, *, max_batch_rows: int, max_delay_ms: float, chunk_rows: int,
-                 sparse_threads: int, max_queue_rows: int, merge: bool = True, on_batch=None) -> None:  # type: ignore[no-untyped-def]
+                 sparse_threads: int, max_queue_rows: int, merge: bool = True,
+                 on_batch: Callable[[BatchRecord], None] | None = None) -> None:
         self.predictor = predictor
         self.max_batch_rows, self.chunk_rows, self.merge = max_batch_rows, chunk_rows, merge
         self.max_delay_s = max_delay_ms / 1000.0

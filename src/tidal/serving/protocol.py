@@ -30,7 +30,8 @@ import pyarrow.compute as pc
 from tidal.config import DenseFeature, RunConfig, SparseFeature
 from tidal.errors import TidalError
 
-__all__ = ["DecodedRequest", "InputSpec", "RequestError", "decode_request", "encode_response", "infer_request", "input_specs"]
+__all__ = ["DecodedRequest", "InputSpec", "RequestError", "decode_request", "encode_response", "infer_request",
+           "input_specs"]
 
 HEADER = "inference-header-content-length"
 LENGTHS = ".lengths"
@@ -146,7 +147,7 @@ def _tensors(request: dict, binary: memoryview) -> dict[str, np.ndarray | pa.Arr
         name, datatype, count, nested = _tensor_header(k, tensor)
         if name in tensors or name in strings:
             raise RequestError(f"input {name!r} comes twice")
-        size = (tensor.get("parameters") or {}).get("binary_data_size")
+        size = _parameters_of(tensor, f"input {name!r}").get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or position + size > len(binary):
                 raise RequestError(f"input {name!r}: binary_data_size {size!r} overruns the {len(binary)} binary bytes")
@@ -251,10 +252,18 @@ def _unpack_bytes(buffer, count, offsets, data):  # type: ignore[no-untyped-def]
     return used if position == buffer.shape[0] else -1
 
 
+def _parameters_of(item: dict, where: str) -> dict:
+    """The `parameters` object of a request, tensor or output (none: empty)."""
+    params = item.get("parameters")
+    if params is None:
+        return {}
+    if type(params) is not dict:
+        raise RequestError(f"{where}: parameters must be an object, got {type(params).__name__}")
+    return params
+
+
 def _parameters(request: dict) -> dict:
-    params = request.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise RequestError(f"parameters must be an object, got {type(params).__name__}")
+    params = _parameters_of(request, "the request")
     sequence_id = params.get("sequence_id")
     if sequence_id is not None and not isinstance(sequence_id, (int, str)) or isinstance(sequence_id, bool):
         raise RequestError(f"sequence_id must be an integer or a string, got {sequence_id!r}")
@@ -400,7 +409,8 @@ def _outputs(request: dict, outputs: Sequence[str], binary_all: bool) -> tuple[l
     unknown = sorted({o["name"] for o in wanted} - set(outputs))
     if unknown:
         raise RequestError(f"unknown outputs {unknown}; the model gives {list(outputs)}")
-    binary = {o["name"] for o in wanted if binary_all or (o.get("parameters") or {}).get("binary_data") is True}
+    binary = {o["name"] for o in wanted
+              if binary_all or _parameters_of(o, f"output {o['name']!r}").get("binary_data") is True}
     return [o["name"] for o in wanted], binary
 
 
