@@ -141,3 +141,24 @@ def test_overload_is_refused_and_close_fails_what_waits(trainer, predictor):
     finally:
         gate.set()
         del predictor.sparse
+
+
+def test_a_request_given_up_before_its_batch_runs_does_not_hang_the_others(trainer, predictor):
+    pieces = _pieces(trainer, predictor, [2, 2, 2])
+    batcher = _batcher(predictor, [])
+    gate = threading.Event()
+    original = predictor.sparse
+    predictor.sparse = lambda p: gate.wait() and original(p)
+    try:
+        first = batcher.submit(pieces[0])
+        _until(lambda: batcher._in_flight == 1)
+        given_up, waiting = batcher.submit(pieces[1]), batcher.submit(pieces[2])
+        assert given_up[0].cancel() and not first[0].cancel()  # running futures cannot be cancelled
+        gate.set()
+        assert waiting[0].result(timeout=30).shape == (2, 2) and first[0].result(timeout=30).shape == (2, 2)
+        given_up = batcher.submit(pieces[1])
+        given_up[0].cancel()
+    finally:
+        gate.set()
+        batcher.close()
+        del predictor.sparse

@@ -16,7 +16,7 @@ from tidal.serving import export, load_bundle
 def test_bundle_holds_manifest_tables_and_program_without_pickle(bundle_dir, bundle, trainer):
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     assert manifest["targets"] == ["ctr", "cvr"] and manifest["version"] == 1 and manifest["created"]
-    assert manifest["inputs"][0] == {"name": "C1", "kind": "ids", "side": "both", "separator": None}
+    assert manifest["inputs"][0] == {"name": "C1", "kind": "ids", "side": "both", "separator": None, "also": []}
     assert manifest["config"]["serving"]["buckets"] == [1, 4, 16, 64, 256]
     assert manifest["config"]["serving"]["fusion"] == {"kind": "product", "weights": {"ctr": 1.0, "cvr": 0.5}}
     assert set(manifest["files"]) == {"dense.pt2", "tables/ids.safetensors"}

@@ -98,3 +98,28 @@ def test_binary_outputs_follow_the_header(specs):
 def test_column_arrays_are_arrow(specs):
     decoded = _decode(specs, _request(specs, 3))
     assert all(isinstance(a, pa.Array) for a in decoded.columns.values())
+
+
+def test_a_column_read_several_ways_is_checked_every_way_and_nulls_read_as_missing(tmp_path):
+    from tidal.config import RunConfig
+
+    config = RunConfig(
+        data={"train": str(tmp_path / "none.tsv")},
+        features=[{"kind": "sparse", "name": "u", "columns": ["U"], "table": "t", "hashed": False},
+                  {"kind": "sparse", "name": "u_hashed", "columns": ["U"], "table": "t"},
+                  {"kind": "sparse", "name": "x", "columns": ["X"], "table": "t"},
+                  {"kind": "dense", "name": "x_count", "column": "X"},
+                  {"kind": "label", "name": "y", "column": "label"}],
+        tables=[{"name": "t", "dim": 4}])
+    specs = input_specs(config)
+    assert (specs["U"].kind, specs["U"].also, specs["X"].kind, specs["X"].also) == ("ids", ("integer",), "ids", ("number",))
+
+    def body(u: list, x: list) -> dict:
+        return {"inputs": [{"name": "U", "datatype": "BYTES", "shape": [len(u)], "data": u},
+                           {"name": "X", "datatype": "BYTES", "shape": [len(x)], "data": x}]}
+
+    assert _decode(specs, body([None, "12"], ["3", ""])).columns["U"].to_pylist() == ["", "12"]
+    with pytest.raises(RequestError, match="'U': ids must be integers"):
+        _decode(specs, body(["abc"], ["3"]))
+    with pytest.raises(RequestError, match="'X': BYTES values must be numbers"):
+        _decode(specs, body(["1"], ["abc"]))

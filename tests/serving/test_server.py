@@ -78,7 +78,7 @@ def test_health_and_metadata_through_tritonclient(server, client):
     metadata = client.get_model_metadata("ctr")
     inputs = {i["name"]: i for i in metadata["inputs"]}
     assert inputs["C1"]["parameters"]["side"] == "both" and inputs["C9"]["shape"] == [-1]
-    assert inputs["I3"]["datatype"] == "FP32" and inputs["C7.lengths"]["optional"]
+    assert inputs["I3"]["datatype"] == "FP64" and inputs["C7.lengths"]["optional"]
     assert [o["name"] for o in metadata["outputs"]] == ["ctr", "cvr", "score"]
     assert not client.is_model_ready("other")
 
@@ -141,6 +141,8 @@ def _bad_requests(rows, specs) -> list[tuple[bytes, dict, int, str]]:
 
     binary = json.dumps({"inputs": [{"name": "C9", "datatype": "BYTES", "shape": [1],
                                      "parameters": {"binary_data_size": 9}}]}).encode()
+    huge = json.dumps({"inputs": [{"name": "C9", "datatype": "BYTES", "shape": [2**40],
+                                   "parameters": {"binary_data_size": 8}}]}).encode()
     return [
         (b'{"inputs": [', {}, 400, "not valid JSON"),
         (b"[1, 2]", {}, 400, "expected a JSON object"),
@@ -165,11 +167,19 @@ def _bad_requests(rows, specs) -> list[tuple[bytes, dict, int, str]]:
         (altered(lambda b: tensor(b, "C9").update(parameters=[1])), {}, 400, "parameters must be an object"),
         (altered(lambda b: b.update(outputs=[{"name": "score", "parameters": "yes"}])), {}, 400,
          "output 'score': parameters must be an object"),
+        (b"[" * 100_000, {}, 400, "not valid JSON"),
+        (altered(lambda b: tensor(b, "C9").update(data=["\ud800"] * rows.num_rows)), {}, 400, "strings of UTF-8 text"),
+        (altered(lambda b: tensor(b, "C9").update(datatype="INT64", data=[1.5] * rows.num_rows)), {}, 400,
+         "INT64 data must be integers"),
+        (altered(lambda b: b["inputs"].extend([{"name": "C7.lengths", "datatype": "INT64", "shape": [rows.num_rows],
+                                                "data": [2**62 + 1, 2**62, 2**62, 2**62 - 1] + [0] * (rows.num_rows - 4)}])
+                 or tensor(b, "C7").update(shape=[0], data=[])), {}, 400, "a bag of"),
         (b"x" * (2 << 20), {}, 413, "over the limit"),
         (binary + b"\x05\x00\x00\x00ab", {"Inference-Header-Content-Length": str(len(binary))}, 400, "overruns"),
         (binary + b"\x09\x00\x00\x00abcde", {"Inference-Header-Content-Length": str(len(binary))}, 400,
          "not 1 length-prefixed BYTES"),
         (binary, {"Inference-Header-Content-Length": str(len(binary) + 50)}, 400, "but the body has"),
+        (huge + b"\x00" * 8, {"Inference-Header-Content-Length": str(len(huge))}, 400, "need at least"),
     ]
 
 

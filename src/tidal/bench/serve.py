@@ -112,7 +112,9 @@ def _session_speedup(load: multiprocessing.pool.Pool, bundle: Path, rows: pa.Rec
     try:
         stateless = load.apply(_load_process, (port, _bodies(bundle, rows, 100), 1, seconds))
         start = _bodies(bundle, rows, 100, parameters={"sequence_id": 1, "sequence_start": True})[0]
-        asyncio.run(_one(port, start))
+        status = asyncio.run(_one(port, start))
+        if status != 200:
+            raise RuntimeError(f"sequence_start was answered with HTTP {status}; the session speedup needs a session")
         pages = _bodies(bundle, rows, 100, with_user=False, parameters={"sequence_id": 1})
         page = load.apply(_load_process, (port, pages, 1, seconds))
     finally:

@@ -131,7 +131,8 @@ class Batcher:
             left, self._waiting = list(self._waiting), deque()
             self._cond.notify_all()
         for w in left:
-            w.future.set_exception(TidalError("the server shut down before this request ran"))
+            if w.future.set_running_or_notify_cancel():  # a caller that gave up needs no answer
+                w.future.set_exception(TidalError("the server shut down before this request ran"))
         self._collector.join()
         self._sparse.shutdown(wait=True)
         if self._dense is not None:
@@ -144,7 +145,10 @@ class Batcher:
             batch = self._next_batch()
             if batch is None:
                 return
-            self._sparse.submit(self._run_sparse, batch)
+            if batch:
+                self._sparse.submit(self._run_sparse, batch)
+            else:  # every caller of the batch gave up
+                self._finished()
 
     def _next_batch(self) -> list[_Waiting] | None:
         """The next batch: see the module docstring for when it starts."""
@@ -174,14 +178,15 @@ class Batcher:
         return self._in_flight < self._depth and self._waiting_rows >= self.chunk_rows // 2
 
     def _take(self) -> list[_Waiting]:
-        """The oldest pieces that fit one batch (a whole request when not merging)."""
+        """The oldest pieces that fit one batch (a whole request when not merging),
+        leaving out those whose caller gave up; the others can no longer be cancelled."""
         batch = [self._waiting.popleft()]
         rows = batch[0].piece.rows
         while self._waiting and self.merge and rows + self._waiting[0].piece.rows <= self.max_batch_rows:
             batch.append(self._waiting.popleft())
             rows += batch[-1].piece.rows
         self._waiting_rows -= rows
-        return batch
+        return [w for w in batch if w.future.set_running_or_notify_cancel()]
 
     # ------------------------------------------------------------------ stages
 

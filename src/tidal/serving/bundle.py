@@ -143,9 +143,14 @@ def _manifest(config: RunConfig, directory: Path, staging: Path, dtype: str) -> 
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "source_checkpoint": directory.name, "table_dtype": dtype,
             "targets": [f.name for f in extractor.labels],
-            "inputs": [asdict(spec) for spec in input_specs(config).values()],  # what a request carries
+            "inputs": _inputs(config),  # what a request carries
             "config": config.model_dump(mode="json"),
             "files": files}
+
+
+def _inputs(config: RunConfig) -> list[dict]:
+    """The request inputs of a config, as the manifest lists them (JSON values)."""
+    return json.loads(json.dumps([asdict(spec) for spec in input_specs(config).values()]))
 
 
 def _fingerprint(path: Path) -> dict:
@@ -169,6 +174,8 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         config = RunConfig(**manifest["config"])
     except ConfigError as exc:
         raise CorruptCheckpointError(f"{path / MANIFEST}: its config is not valid: {exc}") from None
+    if manifest.get("inputs") != _inputs(config):
+        raise CorruptCheckpointError(f"{path / MANIFEST}: its inputs do not match its features; export it again")
     tables = {t.name: _read_table(path / "tables" / f"{t.name}.safetensors", t.dim) for t in config.tables}
     return Bundle(path=path, manifest=manifest, config=config, tables=tables, program=_read_program(path / PROGRAM))
 

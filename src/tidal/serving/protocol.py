@@ -4,7 +4,8 @@ A request names one input tensor per raw column the features read, as in trainin
 (Criteo's ``C1``...``C26`` and ``I1``...``I13``, say). Item and context columns have
 one value per candidate (shape ``[n]`` or ``[n, 1]``; a ``[1]`` tensor is broadcast);
 user columns have one value (``[1]``). Ids come as BYTES (the strings of the data
-files) or INT64; numbers as FP32, FP64, INT64 or BYTES. A multi-value column comes as
+files) or INT64; numbers as FP64 (exact: training parses numbers as float64), FP32,
+INT64 or BYTES; a null or empty string is a missing value, as an empty field of a file. A multi-value column comes as
 its joined strings (``"a|b|c"``, as in files) or as all values flat plus a
 ``<column>.lengths`` tensor with one bag length per candidate. With the binary
 extension the JSON header is followed by the raw tensors (header length in
@@ -55,6 +56,7 @@ class InputSpec:
     kind: str  # ids (hashed strings) | integer (raw integer ids) | number
     side: str  # user (one value per request) | item (one per candidate) | both (a user value some item feature reads too)
     separator: str | None = None  # a multi-value column
+    also: tuple[str, ...] = ()  # other kinds the column is read as (each checked): integer, number
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,9 +89,9 @@ def _spec(column: str, features: list[SparseFeature | DenseFeature]) -> InputSpe
     kinds = {_kind(f) for f in features}
     sides = {"user" if f.side == "user" else "item" for f in features}
     separators = {f.separator for f in features if isinstance(f, SparseFeature) and f.separator}
-    kind = kinds.pop() if len(kinds) == 1 else "ids"  # read several ways: keep the file's strings
+    kind = next(iter(kinds)) if len(kinds) == 1 else "ids"  # read several ways: keep the file's strings
     return InputSpec(name=column, kind=kind, side=sides.pop() if len(sides) == 1 else "both",
-                     separator=separators.pop() if separators else None)
+                     separator=separators.pop() if separators else None, also=tuple(sorted(kinds - {kind, "ids"})))
 
 
 def _kind(feature: SparseFeature | DenseFeature) -> str:
@@ -133,8 +135,8 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvi
 def _json_object(header: bytes) -> dict:
     try:
         request = json.loads(header)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestError(f"the request is not valid JSON: {exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise RequestError(f"the request is not valid JSON: {type(exc).__name__}: {exc}") from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise RequestError("expected a JSON object with an 'inputs' list of tensors")
     return request
@@ -176,13 +178,29 @@ def _flat(name: str, count: int, nested: bool, data: object) -> list:
     return data
 
 
+def _utf8_strings(values: list) -> bool:
+    """Whether every value is a string that encodes as UTF-8 (or a null)."""
+    for value in values:
+        if value is None:
+            continue
+        if type(value) is not str:
+            return False
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return False
+    return True
+
+
 def _strings_at_once(lists: dict[str, list]) -> dict[str, pa.Array]:
     """The JSON strings of every BYTES input, converted in one call (per input, slices)."""
     try:
         joined = pa.array(list(itertools.chain.from_iterable(lists.values())), pa.string())
-    except (pa.ArrowTypeError, pa.ArrowInvalid):
-        bad = next(n for n, values in lists.items() if not all(isinstance(v, str) for v in values))
-        raise RequestError(f"input {bad!r}: BYTES data must be strings") from None
+    except (pa.ArrowTypeError, pa.ArrowInvalid, UnicodeEncodeError):
+        bad = next((n for n, values in lists.items() if not _utf8_strings(values)), "?")
+        raise RequestError(f"input {bad!r}: BYTES data must be strings of UTF-8 text") from None
+    if joined.null_count:  # null reads as missing, as an empty field of a file does
+        joined = pc.fill_null(joined, "")
     arrays, start = {}, 0
     for name, values in lists.items():
         arrays[name] = joined.slice(start, len(values))
@@ -204,8 +222,9 @@ def _tensor_header(k: int, tensor: object) -> tuple[str, str, int, bool]:
 
 
 def _from_json(name: str, datatype: str, flat: list) -> np.ndarray:
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat):
-        raise RequestError(f"input {name!r}: {datatype} data must be numbers")
+    allowed = (int,) if datatype.startswith("INT") else (int, float)
+    if not all(type(v) in allowed for v in flat):
+        raise RequestError(f"input {name!r}: {datatype} data must be {'integers' if len(allowed) == 1 else 'numbers'}")
     try:
         return np.asarray(flat, dtype=_NUMERIC[datatype])
     except OverflowError:
@@ -219,6 +238,9 @@ def _from_binary(name: str, datatype: str, count: int, raw: memoryview) -> np.nd
             raise RequestError(f"input {name!r}: {count} {datatype} values take {count * dtype.itemsize} bytes, "
                                f"binary_data_size says {len(raw)}")
         return np.frombuffer(raw, dtype=dtype)
+    if count > len(raw) // 4:  # each element takes at least its 4-byte length
+        raise RequestError(f"input {name!r}: {count} BYTES elements need at least {4 * count} bytes, "
+                           f"binary_data_size says {len(raw)}")
     buffer = np.frombuffer(raw, dtype=np.uint8)
     offsets, data = np.empty(count + 1, np.int32), np.empty(len(raw), np.uint8)
     used = _unpack_bytes(buffer, count, offsets, data)
@@ -312,16 +334,24 @@ def _columns(tensors: dict, specs: dict[str, InputSpec], mode: str) -> tuple[dic
 def _column(spec: InputSpec, tensors: dict) -> pa.Array:
     value = tensors[spec.name]
     if spec.separator is not None and spec.name + LENGTHS in tensors:
-        return _joined(spec, value, tensors[spec.name + LENGTHS])
+        return _checked(spec, _joined(spec, value, tensors[spec.name + LENGTHS]))
     if spec.kind == "number":  # strings went to _numbers_from_text
         return _numbers(spec.name, value)
     if isinstance(value, pa.Array):
-        if spec.kind == "integer":
-            _check_integers(spec.name, value)
-        return value
+        return _checked(spec, value)
     if value.dtype.kind == "f":
         raise RequestError(f"input {spec.name!r}: ids must be BYTES or INT64, got floating point values")
     return pc.cast(pa.array(value), pa.string())
+
+
+def _checked(spec: InputSpec, strings: pa.Array) -> pa.Array:
+    """`strings`, once every way the features read them parses (integer ids, numbers)."""
+    for kind in {spec.kind, *spec.also}:
+        if kind == "integer":
+            _check_integers(spec.name, strings)
+        elif kind == "number":
+            _numbers_from_text({spec.name: strings})
+    return strings
 
 
 def _numbers(name: str, value: np.ndarray) -> pa.Array:
@@ -378,6 +408,9 @@ def _joined(spec: InputSpec, values: np.ndarray | pa.Array, lengths: np.ndarray 
     if isinstance(lengths, pa.Array) or lengths.dtype.kind != "i" or (lengths < 0).any():
         raise RequestError(f"input {spec.name + LENGTHS!r}: lengths must be INT32 or INT64 values >= 0")
     strings = values if isinstance(values, pa.Array) else pc.cast(pa.array(values), pa.string())
+    if len(lengths) and int(lengths.max()) > len(strings):
+        raise RequestError(f"input {spec.name + LENGTHS!r}: a bag of {int(lengths.max())} values, "
+                           f"but {spec.name!r} has {len(strings)}")
     if int(lengths.sum()) != len(strings):
         raise RequestError(f"input {spec.name!r}: {len(strings)} values, but its lengths add up to {int(lengths.sum())}")
     if len(strings) and pc.any(pc.match_substring(strings, spec.separator)).as_py():

@@ -52,7 +52,7 @@ from tidal.serving.sessions import SessionCache, SessionError
 
 __all__ = ["RunningServer", "Service", "create_app", "serve", "start_server"]
 
-_DATATYPES = {"ids": "BYTES", "integer": "BYTES", "number": "FP32"}
+_DATATYPES = {"ids": "BYTES", "integer": "BYTES", "number": "FP64"}  # FP64: training parses numbers as float64
 
 
 class Service:
@@ -61,9 +61,6 @@ class Service:
     def __init__(self, bundle: Bundle, *, name: str = "tidal", batching: bool = True, **overrides: object) -> None:
         self.name = name
         self.settings = ServingConfig(**{**bundle.config.serving.model_dump(), **overrides})
-        self._torch_threads = torch.get_num_threads()  # restored by close()
-        if self.settings.dense_threads is not None:
-            torch.set_num_threads(self.settings.dense_threads)
         self.predictor = Predictor(bundle)
         self.specs = input_specs(bundle.config)
         self.outputs = [*self.predictor.targets, "score"]
@@ -73,6 +70,9 @@ class Service:
         self.batcher = Batcher(self.predictor, max_batch_rows=s.max_batch_rows, max_delay_ms=s.max_delay_ms,
                                chunk_rows=s.chunk_rows, sparse_threads=s.sparse_threads, max_queue_rows=s.max_queue_rows,
                                merge=batching, on_batch=self.metrics.batch)
+        self._torch_threads = torch.get_num_threads()  # restored by close()
+        if s.dense_threads is not None:
+            torch.set_num_threads(s.dense_threads)
 
     async def infer(self, body: bytes, header_length: str | None) -> tuple[bytes, dict[str, str]]:
         """Answer one infer request body: (response body, extra headers)."""
@@ -108,8 +108,10 @@ class Service:
                 "outputs": [{"name": o, "datatype": "FP32", "shape": [-1]} for o in self.outputs]}
 
     def close(self) -> None:
-        self.batcher.close()
-        torch.set_num_threads(self._torch_threads)
+        try:
+            self.batcher.close()
+        finally:
+            torch.set_num_threads(self._torch_threads)
 
 
 class _Metrics:
@@ -281,8 +283,10 @@ class RunningServer:
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join()
-        self.service.close()
-        self._gc.__exit__(None, None, None)
+        try:
+            self.service.close()
+        finally:
+            self._gc.__exit__(None, None, None)
 
 
 def _uvicorn(service: Service) -> uvicorn.Server:
