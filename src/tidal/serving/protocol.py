@@ -5,9 +5,9 @@ A request names one input tensor per raw column the features read, as in trainin
 one value per candidate (shape ``[n]`` or ``[n, 1]``; a ``[1]`` tensor is broadcast);
 user columns have one value (``[1]``). Ids come as BYTES (the strings of the data
 files) or INT64; numbers as FP64 (exact: training parses numbers as float64), FP32,
-INT64 or BYTES; a null or empty string is a missing value, as an empty field of a file. A multi-value column comes as
-its joined strings (``"a|b|c"``, as in files) or as all values flat plus a
-``<column>.lengths`` tensor with one bag length per candidate. With the binary
+INT64 or BYTES; a null or an empty string is a missing value, as an empty field of a
+file. A multi-value column comes as its joined strings (``"a|b|c"``, as in files) or
+as all values flat plus a ``<column>.lengths`` tensor with one bag length per candidate. With the binary
 extension the JSON header is followed by the raw tensors (header length in
 ``Inference-Header-Content-Length``; BYTES elements each prefixed by a 4-byte
 little-endian length).
