@@ -46,11 +46,12 @@ def run(*, quick: bool = False, seconds: float = 5.0, with_ray: bool = True, as_
     seconds = min(seconds, 3.0) if quick else seconds
     with tempfile.TemporaryDirectory() as scratch, multiprocessing.get_context("spawn").Pool(1) as load:
         bundle, rows = _train_and_export(Path(scratch), rows=20_000 if quick else 100_000)
-        bodies = {shape: _bodies(bundle, rows, shape) for shape in (1, 100)}
+        specs = input_specs(load_bundle(bundle).config)
+        bodies = {shape: _bodies(specs, rows, shape) for shape in (1, 100)}
         results = {}
         for system in ["tidal", "unbatched"] + (["rayserve"] if with_ray else []):
             results[system] = _measure_system(load, system, bundle, bodies, concurrencies, seconds)
-        session = _session_speedup(load, bundle, rows, seconds)
+        session = _session_speedup(load, bundle, specs, rows, seconds)
     summary = _summary(results, session)
     if as_json:
         print(json.dumps(summary))
@@ -76,8 +77,7 @@ def _train_and_export(root: Path, rows: int) -> tuple[Path, pa.RecordBatch]:
     return export(trainer.run_dir, root / "bundle"), candidates
 
 
-def _bodies(bundle: Path, rows: pa.RecordBatch, candidates: int, **options: object) -> list[bytes]:
-    specs = input_specs(load_bundle(bundle).config)
+def _bodies(specs: dict, rows: pa.RecordBatch, candidates: int, **options: object) -> list[bytes]:
     return [json.dumps(infer_request(rows.slice(k * candidates, candidates), specs, **options)).encode()
             for k in range(_BODIES)]
 
@@ -106,16 +106,17 @@ def _start(system: str, bundle: Path) -> tuple[int, object]:
     return int(running.url.rsplit(":", 1)[1]), running.stop
 
 
-def _session_speedup(load: multiprocessing.pool.Pool, bundle: Path, rows: pa.RecordBatch, seconds: float) -> dict:
+def _session_speedup(load: multiprocessing.pool.Pool, bundle: Path, specs: dict, rows: pa.RecordBatch,
+                     seconds: float) -> dict:
     running = start_server(Service(load_bundle(bundle), name="ctr"))
     port = int(running.url.rsplit(":", 1)[1])
     try:
-        stateless = load.apply(_load_process, (port, _bodies(bundle, rows, 100), 1, seconds))
-        start = _bodies(bundle, rows, 100, parameters={"sequence_id": 1, "sequence_start": True})[0]
+        stateless = load.apply(_load_process, (port, _bodies(specs, rows, 100), 1, seconds))
+        start = _bodies(specs, rows, 100, parameters={"sequence_id": 1, "sequence_start": True})[0]
         status = asyncio.run(_one(port, start))
         if status != 200:
             raise RuntimeError(f"sequence_start was answered with HTTP {status}; the session speedup needs a session")
-        pages = _bodies(bundle, rows, 100, with_user=False, parameters={"sequence_id": 1})
+        pages = _bodies(specs, rows, 100, with_user=False, parameters={"sequence_id": 1})
         page = load.apply(_load_process, (port, pages, 1, seconds))
     finally:
         running.stop()
@@ -156,9 +157,7 @@ class _RayServePredictor:
 
         decoded = decode_request(await request.body(), request.headers.get(HEADER), self.specs, self.outputs)
         probabilities = await self.score(self.predictor.piece(decoded.columns, decoded.rows))
-        outputs = {t: probabilities[:, k] for k, t in enumerate(self.predictor.targets)}
-        outputs["score"] = self.predictor.fuse(probabilities)
-        content, headers = encode_response("ctr", decoded, outputs)
+        content, headers = encode_response("ctr", decoded, self.predictor.outputs(probabilities))
         return Response(content, headers=headers, media_type="application/json")
 
     async def score(self, pieces):  # type: ignore[no-untyped-def]

@@ -16,8 +16,8 @@ A batch starts when the pipeline is idle, or beside a running one when it holds 
 least half of `chunk_rows` (enough work to gain from a second thread; small batches
 would only fight over the GIL, so they wait and grow). When requests arrive faster
 than `max_delay_ms` apart, a batch lingers up to that long after its oldest piece
-came, to fill; a lone request on a quiet server starts at once. With `merge=False` every request is a batch of
-its own (the unbatched baseline). A failed batch fails every piece in it; `close()`
+came, to fill; a lone request on a quiet server starts at once. With `merge=False`
+every request is a batch of its own (the unbatched baseline). A failed batch fails every piece in it; `close()`
 fails whatever still waits, so no caller hangs.
 """
 

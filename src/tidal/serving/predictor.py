@@ -108,6 +108,12 @@ class Predictor:
     def fuse(self, probabilities: np.ndarray) -> np.ndarray:
         return fuse(self._fusion, probabilities, self.targets)
 
+    def outputs(self, probabilities: np.ndarray) -> dict[str, np.ndarray]:
+        """The response tensors of probabilities `[n, T]`: one per target, and `score`."""
+        outputs = {t: probabilities[:, k] for k, t in enumerate(self.targets)}
+        outputs["score"] = self.fuse(probabilities)
+        return outputs
+
     # ------------------------------------------------------------------ stages
 
     def piece(self, columns: dict[str, pa.Array], rows: int, state: UserState | None = None) -> Piece:
@@ -154,11 +160,7 @@ class Predictor:
 
     def _dense_bucket(self, pooled: torch.Tensor, dense: torch.Tensor) -> np.ndarray:
         n = pooled.shape[0]
-        bucket = self.bucket(n)
-        padded = torch.zeros(bucket, *pooled.shape[1:])  # padding rows are scored, then cut off
-        padded[:n] = pooled
-        padded_dense = torch.zeros(bucket, dense.shape[1])
-        padded_dense[:n] = dense
+        padded, padded_dense = _padded(pooled, self.bucket(n)), _padded(dense, self.bucket(n))
         self._check_shapes(padded, padded_dense)
         if self.device.type == "cuda":  # pinned host buffers, so the copies overlap
             padded, padded_dense = padded.pin_memory(), padded_dense.pin_memory()
@@ -230,6 +232,15 @@ def _positions(features: Sequence[SparseFeature | DenseFeature]) -> tuple[torch.
     user = [k for k, f in enumerate(features) if f.side == "user"]
     return torch.tensor(user, dtype=torch.long), torch.tensor([k for k in range(len(features)) if k not in user],
                                                               dtype=torch.long)
+
+
+def _padded(rows: torch.Tensor, bucket: int) -> torch.Tensor:
+    """`rows` followed by zero rows up to `bucket` (scored, then cut off)."""
+    if rows.shape[0] == bucket:
+        return rows
+    padded = torch.zeros(bucket, *rows.shape[1:])
+    padded[: rows.shape[0]] = rows
+    return padded
 
 
 def _record_batch(columns: dict[str, pa.Array]) -> pa.RecordBatch:

@@ -32,7 +32,7 @@ from tidal.config import DenseFeature, RunConfig, SparseFeature
 from tidal.errors import TidalError
 
 __all__ = ["DecodedRequest", "InputSpec", "RequestError", "decode_request", "encode_response", "infer_request",
-           "input_specs"]
+           "input_specs", "json_object"]
 
 HEADER = "inference-header-content-length"
 LENGTHS = ".lengths"
@@ -132,13 +132,22 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvi
     return body[:size], memoryview(body)[size:]
 
 
-def _json_object(header: bytes) -> dict:
+def json_object(body: bytes, expected: str = "a JSON object") -> dict:
+    """A request body that must be a JSON object; `expected` describes it in the error."""
     try:
-        request = json.loads(header)
+        value = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise RequestError(f"the request is not valid JSON: {type(exc).__name__}: {exc}") from None
-    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
-        raise RequestError("expected a JSON object with an 'inputs' list of tensors")
+    if not isinstance(value, dict):
+        raise RequestError(f"expected {expected}, got {type(value).__name__}")
+    return value
+
+
+def _json_object(header: bytes) -> dict:
+    expected = "a JSON object with an 'inputs' list of tensors"
+    request = json_object(header, expected)
+    if not isinstance(request.get("inputs"), list):
+        raise RequestError(f"expected {expected}")
     return request
 
 

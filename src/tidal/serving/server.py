@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import json
 import socket
 import threading
 import time
@@ -47,7 +46,7 @@ from tidal.serving.batcher import Batcher, BatchRecord, Overloaded
 from tidal.serving.bundle import Bundle
 from tidal.serving.predictor import Predictor, UserState
 from tidal.serving.protocol import HEADER, LENGTHS, DecodedRequest, RequestError, decode_request, encode_response, \
-    input_specs
+    input_specs, json_object
 from tidal.serving.sessions import SessionCache, SessionError
 
 __all__ = ["RunningServer", "Service", "create_app", "serve", "start_server"]
@@ -82,9 +81,7 @@ class Service:
             np.zeros((0, len(self.predictor.targets)), np.float32)
         if decoded.sequence_end:
             self.sessions.end(decoded.sequence_id)
-        outputs = {t: probabilities[:, k] for k, t in enumerate(self.predictor.targets)}
-        outputs["score"] = self.predictor.fuse(probabilities)
-        return encode_response(self.name, decoded, outputs)
+        return encode_response(self.name, decoded, self.predictor.outputs(probabilities))
 
     async def _session_state(self, decoded: DecodedRequest) -> UserState | None:
         if decoded.sequence_id is None:
@@ -207,7 +204,7 @@ def create_app(service: Service) -> Starlette:
             return missing
         if request.method == "PUT":
             try:
-                service.predictor.set_fusion(Fusion(**_json_body(await request.body())))
+                service.predictor.set_fusion(Fusion(**json_object(await request.body())))
             except (ConfigError, RequestError, TypeError) as exc:
                 return error(400, f"fusion: {exc}")
         return JSONResponse(service.predictor.fusion.model_dump())
@@ -234,16 +231,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise RequestError(f"the body has more than {limit} bytes, over the limit of {limit}", status=413)
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _json_body(body: bytes) -> dict:
-    try:
-        value = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RequestError(f"not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise RequestError(f"expected a JSON object, got {type(value).__name__}")
-    return value
 
 
 # ---------------------------------------------------------------------- running
