@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     hetero = which.add_parser("hetero", help="sparse workers feeding a dense worker against the sequential trainer")
     hetero.add_argument("--rows", type=int, default=400_000, help="training rows (default 400,000)")
     hetero.add_argument("--mode", choices=["sync", "async"], default="async")
+    hetero.add_argument("--no-ray", action="store_true", help="leave out the Ray backend run")
     hetero.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     serve_bench = which.add_parser("serve", help="QPS and latency of the server against unbatched and Ray Serve")
     serve_bench.add_argument("--quick", action="store_true", help="shorter runs, concurrency 64 only")
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.rows < 2 * hetero.BATCH:
             print(f"tidal bench hetero: --rows must be at least {2 * hetero.BATCH}, got {args.rows}", file=sys.stderr)
             return 2
-        hetero.run(rows=args.rows, mode=args.mode, as_json=args.json)
+        hetero.run(rows=args.rows, mode=args.mode, with_ray=not args.no_ray, as_json=args.json)
     elif args.benchmark == "data":
         from tidal.bench import data
 

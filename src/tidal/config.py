@@ -51,6 +51,8 @@ __all__ = [
     "TrainingConfig",
 ]
 
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # a device for dense math
+
 
 class _Model(BaseModel):
     """A frozen model whose validation errors are `ConfigError`s with readable lines."""
@@ -296,13 +298,19 @@ class DataConfig(_Model):
 
 
 class TrainingConfig(_Model):
-    """How long and how fast to train, and where the run writes its logs."""
+    """How long and how fast to train, and where the run writes its logs.
+
+    `device` is where the single-process trainer runs the dense network (`cpu`, the
+    reference, by default; `auto` takes a GPU when there is one); the heterogeneous
+    engine places its dense workers by `runtime.device` instead.
+    """
 
     epochs: int = Field(1, ge=1)
     lr: float = Field(1e-3, gt=0.0, allow_inf_nan=False)  # the dense network's Adam
     seed: int = 0
     log_every: int = Field(50, ge=1)
     threads: int = Field(1, ge=1, le=256)
+    device: str = Field("cpu", pattern=DEVICE_PATTERN)
     run_dir: str = "runs/latest"
     checkpoint_every: int | None = Field(None, ge=1)  # steps between checkpoints; None: only at the end
     eval_every: int | None = Field(None, ge=1)  # steps between evaluations on data.eval; None: only at the end
@@ -321,7 +329,9 @@ class RuntimeConfig(_Model):
     in the same memory (local backend on CPU: passed without a copy, so a cast would
     only cost time). float16 gradients are scaled by up to `loss_scale` (less when
     they would overflow). `dense_threads` sets torch's threads for the dense math
-    (process-wide on the local backend); none leaves torch's default.
+    (process-wide on the local backend); none leaves torch's default. `device` places
+    the dense workers: `auto` is one GPU per dense worker when there are GPUs (round
+    robin), else the CPU; `cpu`, `cuda` or `cuda:N` force it.
     `sparse_workers_at` changes the number of sparse workers at given steps, for
     example ``{1000: 4, 5000: 2}``.
     """
@@ -334,6 +344,7 @@ class RuntimeConfig(_Model):
     read_ahead: int = Field(4, ge=1, le=1024)  # batches parsed and extracted ahead, per sparse worker
     transfer_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     dense_threads: int | None = Field(None, ge=1, le=256)
+    device: str = Field("auto", pattern=DEVICE_PATTERN)
     loss_scale: float = Field(1024.0, ge=1.0, le=2.0**24)
     colocated_sparse_worker: bool = False  # one more sparse worker beside the first dense worker
     embedding_shards: int = Field(1, ge=1, le=256)  # ray: embedding-shard actors (tables placed table-wise)

@@ -110,6 +110,39 @@ def test_backward_applies_summed_scaled_row_gradients(case, seed):
         np.testing.assert_allclose(before[(table, key)] - after, row_grad, rtol=1e-4, atol=1e-5)
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=_batches(), threads=st.sampled_from([1, 2]), seed=st.integers(0, 1000))
+def test_bfloat16_pooling_and_gradients_are_the_float32_ones_rounded(case, threads, seed):
+    feature_tables, modes, batch = case
+    full, half = _collection(feature_tables, modes, threads), _collection(feature_tables, modes, threads)
+    pooled, ctx_full = full.forward(batch)
+    pooled_bf16, ctx_half = half.forward(batch, dtype=torch.bfloat16)
+    assert torch.equal(pooled_bf16.view(torch.int16), pooled.to(torch.bfloat16).view(torch.int16))
+    shape = (batch.batch_size, len(batch.keys), DIM)
+    grad = torch.from_numpy(np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)).to(torch.bfloat16)
+    full.backward(ctx_full, grad.float())
+    half.backward(ctx_half, grad)  # read as bfloat16 bits
+    for a, b in zip(full.tables, half.tables):
+        keys = np.unique(batch.values)
+        np.testing.assert_array_equal(a.pull_rows(keys)[0].values, b.pull_rows(keys)[0].values)
+
+
+def test_bfloat16_pooling_rounds_ties_to_even_and_keeps_specials():
+    collection = _collection([0], ["sum"])
+    table = collection.tables[0]
+    specials = np.array([[1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3.0e38],  # ties, and one that rounds to inf
+                         [np.nan, np.inf, -np.inf, -0.0], [1e-40, -1e-45, 65504.0, 1 / 3]], np.float32)
+    block, _ = table.pull_rows(np.arange(3))
+    table.push_rows(type(block)(keys=np.arange(3), values=specials, state=block.state, last_seen=block.last_seen,
+                                counts=block.counts))
+    batch = SparseBatch.from_lists({"f0": [[0], [1], [2]]})
+    pooled = collection.forward(batch, dtype=torch.bfloat16)[0][:, 0]
+    expected = torch.from_numpy(specials).to(torch.bfloat16)
+    nan = torch.isnan(expected)  # a NaN's payload bits are free
+    assert torch.isnan(pooled[nan]).all()
+    assert torch.equal(pooled[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_forward_half_precision_outputs_round_float32(dtype):
     collection = _collection([0], ["sum"])

@@ -3,6 +3,7 @@ async staleness, transfer dtypes, faults, resizing, checkpoints and clean shutdo
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 
@@ -39,6 +40,10 @@ def _trainer(config: dict, run_dir, runtime: dict | None, **training) -> Trainer
     return Trainer(RunConfig(**config))
 
 
+# compared bit for bit with the reference trainer, which runs on the CPU
+EXACT = {"transfer_dtype": "float32", "device": "cpu"}
+
+
 def _tables(trainer: Trainer) -> dict[int, np.ndarray]:
     table = trainer.collection.tables[0]
     shards = [table.snapshot_shard(s, since_save=False) for s in range(table.num_shards)]
@@ -63,7 +68,7 @@ def _no_worker_threads() -> bool:
 
 @pytest.mark.parametrize("sparse_workers", [1, 2, 3])
 def test_sync_fp32_with_one_dense_worker_is_bitwise_the_reference(data, reference, tmp_path, sparse_workers):
-    trainer = _trainer(data, tmp_path, {"sparse_workers": sparse_workers, "transfer_dtype": "float32"})
+    trainer = _trainer(data, tmp_path, {"sparse_workers": sparse_workers, **EXACT})
     summary = trainer.fit()
     assert summary["rows"] == 12_000 and summary["runtime"]["lost_samples"] == 0
     _assert_bitwise_equal(reference, trainer)
@@ -71,7 +76,7 @@ def test_sync_fp32_with_one_dense_worker_is_bitwise_the_reference(data, referenc
 
 
 def test_sync_with_two_dense_workers_agrees_within_1e5(data, reference, tmp_path):
-    trainer = _trainer(data, tmp_path, {"sparse_workers": 2, "dense_workers": 2, "transfer_dtype": "float32"})
+    trainer = _trainer(data, tmp_path, {"sparse_workers": 2, "dense_workers": 2, **EXACT})
     trainer.fit()
     for name, x in reference.model.state_dict().items():
         y = trainer.model.state_dict()[name]
@@ -133,7 +138,7 @@ class _Flaky:
 @pytest.mark.parametrize("method", ["forward", "backward"])
 def test_failed_sparse_worker_is_replaced_and_nothing_is_lost(data, reference, tmp_path, monkeypatch, method):
     flaky = _Flaky(monkeypatch, method, batch_id=5)
-    trainer = _trainer(data, tmp_path, {"sparse_workers": 2, "transfer_dtype": "float32"})
+    trainer = _trainer(data, tmp_path, {"sparse_workers": 2, **EXACT})
     summary = trainer.fit()
     report = summary["runtime"]
     assert flaky.raised == 1 and report["lost_samples"] == 0 and summary["rows"] == 12_000
@@ -197,7 +202,7 @@ def test_run_stopped_by_a_dense_failure_resumes_from_its_checkpoint(data, refere
             raise RuntimeError("device lost")
         return original(worker, payload)
 
-    runtime = {"sparse_workers": 2, "transfer_dtype": "float32"}
+    runtime = {"sparse_workers": 2, **EXACT}
     monkeypatch.setattr(DenseWorker, "step", fails_at_the_13th_step)
     with pytest.raises(TidalError, match="dense worker failed on batch 12"):
         _trainer(data, tmp_path, runtime, checkpoint_every=10).fit()
@@ -234,7 +239,7 @@ def test_bad_row_with_fail_policy_stops_the_run(data, tmp_path):
 
 
 def test_sparse_workers_change_while_training(data, reference, tmp_path):
-    trainer = _trainer(data, tmp_path, {"sparse_workers": 1, "transfer_dtype": "float32",
+    trainer = _trainer(data, tmp_path, {"sparse_workers": 1, **EXACT,
                                          "sparse_workers_at": {5: 3, 15: 2}})
     summary = trainer.fit()
     assert summary["rows"] == 12_000 and summary["runtime"]["sparse_workers"] == [(0, 1), (5, 3), (15, 2)]
@@ -269,13 +274,13 @@ def test_cli_train_prints_the_stage_table(data, tmp_path, capsys):
     assert main(["train", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "dense   dense" in out and "sparse  lookup" in out and "lost samples: 0" in out
-    assert "samples/s  busy: sparse" in out  # the periodic line
+    assert "samples/s  busy: reader" in out  # the periodic line
     saved = json.loads((tmp_path / "run" / "telemetry.json").read_text())
     assert saved["snapshots"] and saved["final"]["samples"] == 12_000
 
 
 def test_resume_from_an_engine_checkpoint_equals_an_uninterrupted_run(data, reference, tmp_path):
-    runtime = {"sparse_workers": 2, "transfer_dtype": "float32"}
+    runtime = {"sparse_workers": 2, **EXACT}
     _trainer(data, tmp_path, runtime, checkpoint_every=10).fit(max_steps=15)
     resumed = _trainer(data, tmp_path, {**runtime, "sparse_workers": 3}, checkpoint_every=10)
     summary = resumed.fit(resume=True)
@@ -288,26 +293,78 @@ NO_CUDA_REASON = "needs a CUDA device (torch.cuda.is_available() is False)"
 
 
 @pytest.mark.skipif(NO_CUDA, reason=NO_CUDA_REASON)
-def test_dense_worker_on_cuda_matches_the_cpu_one():
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_dense_worker_on_cuda_matches_the_cpu_one(dtype):
     from tidal.config import ModelConfig
     from tidal.models import RankingModel
     from tidal.runtime.workers import DenseWorker
 
     torch.manual_seed(0)
     model = RankingModel(ModelConfig(), num_features=3, dim=8, dense_features=2, num_targets=1)
-    payload = {"pooled": np.random.default_rng(0).standard_normal((64, 3, 8), dtype=np.float32),
-               "dense": np.ones((64, 2), np.float32), "labels": np.ones((64, 1), np.float32),
-               "total_rows": 64, "dtype": "float32"}
+    pooled = torch.from_numpy(np.random.default_rng(0).standard_normal((64, 3, 8), dtype=np.float32))
+    payload = {"pooled": encode(pooled, dtype), "dense": np.ones((64, 2), np.float32),
+               "labels": np.ones((64, 1), np.float32), "total_rows": 64, "dtype": dtype}
     results = []
     for device in ("cpu", "cuda"):
-        import copy
-
         worker = DenseWorker(0, model=copy.deepcopy(model), lr=1e-3, optimizer_state=None,
                              loss_weights=torch.ones(1), all_reduce=None, loss_scale=1.0, device=device)
-        meta, grad = worker.step(payload)
-        results.append((meta["loss"], grad["grad"]))
+        for _ in range(2):  # the second step reuses the pinned buffers
+            meta, grad = worker.step(payload)
+        results.append((meta["loss"], decode(grad["grad"], dtype) / grad["scale"], worker.state()["model"]))
     assert abs(results[0][0] - results[1][0]) < 1e-4
-    assert np.allclose(results[0][1], results[1][1], atol=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-5 if dtype == "float32" else 1e-3)
+    assert all(torch.allclose(a, results[1][2][k], atol=1e-5) for k, a in results[0][2].items())
+
+
+@pytest.mark.skipif(NO_CUDA, reason=NO_CUDA_REASON)
+def test_training_with_dense_workers_on_cuda_learns_and_leaves_the_model_on_the_cpu(data, reference, tmp_path):
+    trainer = _trainer(data, tmp_path, {"sparse_workers": 2, "dense_workers": 2, "device": "cuda",
+                                        "transfer_dtype": "float32"})
+    summary = trainer.fit()
+    assert summary["rows"] == 12_000 and summary["runtime"]["lost_samples"] == 0
+    assert all(p.device.type == "cpu" for p in trainer.model.parameters())
+    x = torch.cat([p.reshape(-1) for p in reference.model.parameters()])
+    y = torch.cat([p.reshape(-1) for p in trainer.model.parameters()])
+    assert float((x - y).abs().max().detach()) < 1e-3  # the same training, on another device
+
+
+@pytest.mark.skipif(NO_CUDA, reason=NO_CUDA_REASON)
+def test_sync_fp32_on_cuda_is_bitwise_the_reference_trainer_on_cuda(data, tmp_path):
+    reference = _trainer(data, tmp_path / "ref", None, device="cuda")
+    reference.fit()
+    trainer = _trainer(data, tmp_path / "engine", {"sparse_workers": 2, "transfer_dtype": "float32", "device": "cuda"},
+                       device="cuda")
+    trainer.fit()
+    assert next(trainer.model.parameters()).is_cuda  # the trainer's own model, trained in place
+    _assert_bitwise_equal(reference, trainer)
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="checks the error seen without a CUDA device")
+def test_asking_for_cuda_without_one_is_a_clear_error(data, tmp_path):
+    with pytest.raises(TidalError, match="runtime.device is 'cuda', but torch sees no CUDA device"):
+        _trainer(data, tmp_path, {"sparse_workers": 1, "device": "cuda"}).fit()
+    assert _no_worker_threads()
+    with pytest.raises(TidalError, match="training.device is 'cuda:0', but torch sees no CUDA device"):
+        _trainer(data, tmp_path, None, device="cuda:0")
+
+
+def test_dense_workers_keep_gemm_threads_fixed(data, tmp_path):
+    import ctypes
+    from pathlib import Path
+
+    try:
+        mkl = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        mkl.mkl_serv_get_dynamic, mkl.MKL_Set_Dynamic  # noqa: B018
+    except (OSError, AttributeError):
+        pytest.skip("this torch has no MKL")
+    mkl.MKL_Set_Dynamic(1)
+    _trainer(data, tmp_path, {"sparse_workers": 1}).fit(max_steps=1)
+    assert mkl.mkl_serv_get_dynamic() == 0  # else products split their sums by the machine's load
+
+
+def test_device_names_are_validated(data, tmp_path):
+    with pytest.raises(TidalError, match="runtime.device"):
+        _trainer(data, tmp_path, {"device": "gpu0"})
 
 
 def test_bad_rows_after_the_last_full_batch_are_counted(data, tmp_path):

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from runtime.test_engine import _assert_bitwise_equal, _trainer
+from runtime.test_engine import EXACT, _assert_bitwise_equal, _trainer
 from runtime.test_trainer import _config
 from tidal.runtime.engine import Engine
 
@@ -47,7 +47,7 @@ def test_ray_sync_with_two_shards_is_bitwise_the_reference(cluster, data, tmp_pa
     reference = _trainer(data, tmp_path / "ref", None)
     reference.fit()
     trainer = _trainer(data, tmp_path / "ray", {"backend": "ray", "sparse_workers": 2, "embedding_shards": 2,
-                                                 "transfer_dtype": "float32"})
+                                                 **EXACT})
     summary = trainer.fit()
     assert summary["rows"] == 12_000 and summary["runtime"]["lost_samples"] == 0
     _assert_bitwise_equal(reference, trainer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 
 from tidal.cli import main
@@ -70,11 +71,12 @@ def test_config_errors_name_the_key_path(tmp_path, capsys):
     assert "tables.0.dim: Input should be greater than 0, got 0" in capsys.readouterr().err
 
 
-def test_resume_reaches_the_same_weights_and_tables_as_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"))])
+def test_resume_reaches_the_same_weights_and_tables_as_an_uninterrupted_run(tmp_path, device):
     import numpy as np
-    import torch
 
-    config = _config(tmp_path, checkpoint_every=7)
+    config = _config(tmp_path, checkpoint_every=7, device=device)
     config["data"]["eval"] = None
 
     def in_dir(name: str) -> RunConfig:

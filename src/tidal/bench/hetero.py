@@ -9,7 +9,8 @@ dense workers (the CPU stand-in for two devices: data parallel, all-reduced), th
 backend at the best sparse worker count, and the AUC of bf16 against fp32 transfer
 (sync mode, the same batches: only the transfer differs). Workers of the engine run
 their kernels on one thread each; the engine gets its parallelism from the workers.
-Utilization is the busy fraction of every stage during the best pipelined run.
+Utilization is the busy fraction of every stage during the best pipelined run. With a
+GPU, the sequential trainer and the dense workers alike run the dense network on it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tidal.data.criteo import criteo_features
 from tidal.data.generate import generate
 from tidal.runtime import Trainer
 from tidal.runtime.telemetry import Telemetry
+from tidal.runtime.workers import dense_device
 
 __all__ = ["run"]
 
@@ -37,7 +39,7 @@ def _config(train: list[str], held_out: list[str], run_dir: Path, runtime: dict 
         features=[f.model_dump() for f in criteo_features(table="ids")],
         tables=[{"name": "ids", "dim": 64, "optimizer": {"kind": "sgd", "lr": 0.05}}],
         model={"kind": "dlrm", "bottom_sizes": [256], "hidden_sizes": [256]},
-        training={"lr": 0.001, "log_every": 1_000_000, "run_dir": str(run_dir), "threads": threads},
+        training={"lr": 0.001, "log_every": 1_000_000, "run_dir": str(run_dir), "threads": threads, "device": "auto"},
         runtime=runtime)
 
 
@@ -58,19 +60,22 @@ def _name(runtime: dict | None) -> str:
             f"M={runtime.get('dense_workers', 1)} {runtime.get('transfer_dtype', 'auto')}")
 
 
-def run(rows: int = 400_000, mode: str = "async", as_json: bool = False) -> dict:
-    """Every run on `rows` generated rows (and a quarter as many held out)."""
+def run(rows: int = 400_000, mode: str = "async", with_ray: bool = True, as_json: bool = False) -> dict:
+    """Every run on `rows` generated rows (and a quarter as many held out); the Ray
+    run only `with_ray` (its `ray_samples_per_s` is null without it)."""
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
         train = generate(scratch / "train", rows=rows, seed=3).paths
         held_out = generate(scratch / "eval", rows=max(rows // 4, 1_000), seed=3, split=1).paths
-        print(f"{rows:,d} rows of TSV, batch {BATCH}, dim 64, {torch.get_num_threads()} threads", flush=True)
+        print(f"{rows:,d} rows of TSV, batch {BATCH}, dim 64, {torch.get_num_threads()} threads, "
+              f"dense workers on {dense_device('auto')}", flush=True)
         sequential = [_fit(train, held_out, scratch / "seq", None)]
         local = {(n, 1): _fit(train, held_out, scratch / f"n{n}", {"sparse_workers": n, "mode": mode}) for n in (1, 2, 3)}
         best_n = max((n for n, _ in local), key=lambda n: local[n, 1]["samples_per_s"])
         local[best_n, 2] = _fit(train, held_out, scratch / "m2", {"sparse_workers": best_n, "dense_workers": 2,
                                                                  "dense_threads": 1, "mode": mode})
-        ray_run = _fit(train, held_out, scratch / "ray", {"backend": "ray", "sparse_workers": best_n, "mode": mode})
+        ray_run = _fit(train, held_out, scratch / "ray", {"backend": "ray", "sparse_workers": best_n, "mode": mode}) \
+            if with_ray else None
         exact = {dtype: _fit(train, held_out, scratch / dtype, {"sparse_workers": best_n, "transfer_dtype": dtype})
                  for dtype in ("float32", "bfloat16")}
         sequential.append(_fit(train, held_out, scratch / "seq2", None))  # the faster of two, first and last
@@ -85,7 +90,7 @@ def run(rows: int = 400_000, mode: str = "async", as_json: bool = False) -> dict
                "speedup": local[best]["samples_per_s"] / peer,
                "dense_utilization": report["utilization"]["dense"],
                "bottleneck_utilization": report["bottleneck_utilization"],
-               "ray_samples_per_s": ray_run["samples_per_s"],
+               "ray_samples_per_s": ray_run["samples_per_s"] if ray_run else None,
                "bf16_auc_delta": exact["float32"]["eval"]["auc"]["label"] - exact["bfloat16"]["eval"]["auc"]["label"],
                "busy": report["busy"]}
     print(f"speedup x{summary['speedup']:.2f} with N={best[0]} sparse and M={best[1]} dense workers; bottleneck busy "

@@ -103,8 +103,15 @@ class EmbeddingCollection:
         handles = np.empty(batch.values.shape[0], dtype=np.int64)
         for positions, found in ctx.lookups.values():
             handles[positions] = found.handles
-        pooled = self._output(batch, out)  # [B, F, D]
+        if out is not None and dtype != torch.float32:
+            raise BatchError(f"out receives float32 output; pooling to {dtype} allocates its own")
         directories, widths = self._directories()
+        if dtype == torch.bfloat16:  # rounded in the kernel: no float32 buffer, no second pass
+            pooled = torch.empty((batch.batch_size, len(batch.keys), self.dim), dtype=torch.bfloat16)
+            run_split(pooling.pool_bf16, batch.batch_size, self.threads, directories, widths,
+                      ctx.feature_tables, handles, ctx.offsets, ctx.scales, _bits(pooled))
+            return pooled
+        pooled = self._output(batch, out)  # [B, F, D]
         run_split(pooling.pool, batch.batch_size, self.threads, directories, widths,
                   ctx.feature_tables, handles, ctx.offsets, ctx.scales, pooled.numpy())
         return pooled.to(dtype)
@@ -160,11 +167,11 @@ class EmbeddingCollection:
         """Apply the sparse update for `grad`, the gradient of the pooled `[B, F, D]` output."""
         if not ctx.train:
             raise BatchError("backward needs a context from forward(train=True); this one was read-only")
-        grad_out = self._grad_rows(ctx, grad)  # [B, F, D]
+        grad_out = self._grad_rows(ctx, grad)  # [B, F, D]: float32, or uint16 bfloat16 bits
+        kernel = pooling.accumulate_bf16 if grad_out.dtype == np.uint16 else pooling.accumulate
         unique_of_id, bases = self._unique_of_id(ctx)
         grad_rows = np.empty((bases[-1], self.dim), dtype=np.float32)  # [U of all tables, D]
-        run_split(pooling.accumulate, int(bases[-1]), self.threads, grad_out, ctx.offsets,
-                  unique_of_id, ctx.scales, grad_rows)
+        run_split(kernel, int(bases[-1]), self.threads, grad_out, ctx.offsets, unique_of_id, ctx.scales, grad_rows)
         for n, (t, (_, lookup)) in enumerate(ctx.lookups.items()):
             self.tables[t].apply_rows(lookup, grad_rows[bases[n] : bases[n + 1]])
 
@@ -187,8 +194,16 @@ class EmbeddingCollection:
         if tuple(grad.shape) != expected:
             raise BatchError(f"gradient of the pooled output must have shape [B, F, D] = {list(expected)}, got {list(grad.shape)}")
         if isinstance(grad, torch.Tensor):
-            grad = grad.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+            grad = grad.detach().cpu()
+            if grad.dtype == torch.bfloat16:  # read as it is: widening is exact
+                return _bits(grad.contiguous())
+            grad = grad.to(torch.float32).contiguous().numpy()
         return np.ascontiguousarray(grad, dtype=np.float32)
+
+
+def _bits(tensor: torch.Tensor) -> np.ndarray:
+    """The raw bits of a contiguous bfloat16 tensor, as a uint16 numpy view."""
+    return tensor.view(torch.int16).numpy().view(np.uint16)
 
 
 def _check_distinct(kind: str, names: list[str]) -> None:

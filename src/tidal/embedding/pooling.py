@@ -72,6 +72,66 @@ def pool(directories, widths, feature_tables, handles, offsets, scales, out, lo,
 
 
 @numba.njit(nogil=True, cache=True)
+def pool_bf16(directories, widths, feature_tables, handles, offsets, scales, out_bits, lo, hi):  # type: ignore[no-untyped-def]
+    """`pool` into bfloat16: `out_bits` is `[B, F, D]` uint16 holding bfloat16 bits,
+    rounded to nearest even as torch rounds; each bag is summed in float32 first."""
+    batch_size, num_features, dim = out_bits.shape
+    acc = np.empty(dim, dtype=np.float32)
+    acc_bits = acc.view(np.uint32)
+    for b in range(lo, hi):
+        for f in range(num_features):
+            k = f * batch_size + b
+            table = feature_tables[f]
+            first = True
+            for i in range(offsets[k], offsets[k + 1]):
+                if handles[i] < 0:
+                    continue
+                row = row_in(directories, table, handles[i], widths[table])
+                scale = scales[i]
+                if first:  # as `pool` sums, so the bits equal its float32 output rounded
+                    for d in range(dim):
+                        acc[d] = scale * row[d]
+                    first = False
+                else:
+                    for d in range(dim):
+                        acc[d] += scale * row[d]
+            if first:
+                acc[:] = 0.0
+            target = out_bits[b, f]
+            for d in range(dim):
+                bits = acc_bits[d]
+                if (bits & 0x7FFFFFFF) > 0x7F800000:  # NaN stays a (quiet) NaN
+                    target[d] = (bits >> 16) | 0x40
+                else:
+                    target[d] = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+
+
+@numba.njit(nogil=True, cache=True)
+def accumulate_bf16(grad_bits, offsets, unique_of_id, scales, grad_rows, lo, hi):  # type: ignore[no-untyped-def]
+    """`accumulate` of a bfloat16 gradient: `grad_bits` is `[B, F, D]` uint16 holding
+    bfloat16 bits, widened to float32 (exactly) one bag row at a time."""
+    batch_size, num_features, dim = grad_bits.shape
+    wide_bits = np.empty(dim, dtype=np.uint32)
+    source = wide_bits.view(np.float32)
+    grad_rows[lo:hi] = 0.0
+    for b in range(batch_size):
+        for f in range(num_features):
+            k = f * batch_size + b
+            widened = False
+            for i in range(offsets[k], offsets[k + 1]):
+                u = unique_of_id[i]
+                if lo <= u < hi:
+                    if not widened:
+                        for d in range(dim):
+                            wide_bits[d] = np.uint32(grad_bits[b, f, d]) << 16
+                        widened = True
+                    s = scales[i]
+                    target = float_row(grad_rows.ctypes.data, u, dim)
+                    for d in range(dim):
+                        target[d] += s * source[d]
+
+
+@numba.njit(nogil=True, cache=True)
 def accumulate(grad_out, offsets, unique_of_id, scales, grad_rows, lo, hi):  # type: ignore[no-untyped-def]
     """grad_rows[u] = sum over ids i of row u of scales[i] * grad_out[b, f], for u in [lo, hi).
 

@@ -95,10 +95,10 @@ def restore(trainer: Trainer, directory: Path) -> dict[str, int]:
 
 
 def _dense_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in trainer.model.state_dict().items()}
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in trainer.model.state_dict().items()}
     for index, state in trainer.optimizer.state_dict()["state"].items():
         for key, value in state.items():
-            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).contiguous()
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).cpu().contiguous()
     tensors["rng.torch"] = torch.get_rng_state()
     return tensors
 

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from tidal.runtime.source import BatchSource
-from tidal.runtime.workers import DenseWorker, EmbeddingShard, SparseWorker, ThreadAllReduce, transfer_dtype
+from tidal.runtime.workers import (DenseWorker, EmbeddingShard, SparseWorker, ThreadAllReduce, dense_device,
+                                   transfer_dtype)
 
 __all__ = ["LocalBackend"]
 
@@ -74,6 +75,7 @@ class LocalBackend:
         self.store = EmbeddingShard(trainer.collection)
         self._all_reduce = ThreadAllReduce(self.runtime.dense_workers) if self.runtime.dense_workers > 1 else None
         self._actors: list[_ThreadActor] = []
+        self._dense: list[_ThreadActor] = []
         self._torch_threads = torch.get_num_threads()
         if self.runtime.dense_threads:
             torch.set_num_threads(self.runtime.dense_threads)
@@ -84,17 +86,22 @@ class LocalBackend:
         return self._track(_ThreadActor(worker, f"tidal-sparse-{index}"))
 
     def start_dense(self) -> list[_ThreadActor]:
+        """M dense workers. Rank 0 trains the trainer's own model and optimizer when it
+        runs on the trainer's device; otherwise every rank trains a copy, and
+        `pull_state` brings rank 0's back."""
         trainer = self.trainer
         optimizer_state = trainer.optimizer.state_dict() if trainer.optimizer.state else None
-        workers = []
+        self._dense = []
         for rank in range(self.runtime.dense_workers):
-            model = trainer.model if rank == 0 else copy.deepcopy(trainer.model)
+            shared = rank == 0 and dense_device(self.runtime.device, rank) == trainer.device
+            model = trainer.model if shared else copy.deepcopy(trainer.model)
             worker = DenseWorker(rank, model=model, lr=trainer.config.training.lr, optimizer_state=optimizer_state,
                                  loss_weights=trainer.loss_weights, all_reduce=self._all_reduce,
-                                 loss_scale=self.runtime.loss_scale)
-            workers.append(self._track(_ThreadActor(worker, f"tidal-dense-{rank}")))
-        trainer.optimizer = workers[0].target.optimizer  # rank 0 trains the trainer's own model
-        return workers
+                                 loss_scale=self.runtime.loss_scale, device=self.runtime.device)
+            if shared:
+                trainer.optimizer = worker.optimizer
+            self._dense.append(self._track(_ThreadActor(worker, f"tidal-dense-{rank}")))
+        return self._dense
 
     def _track(self, actor: _ThreadActor) -> _ThreadActor:
         self._actors.append(actor)
@@ -120,7 +127,12 @@ class LocalBackend:
         self._actors.remove(actor)
 
     def pull_state(self) -> None:
-        """Bring the trained state to the trainer: here it is the trainer's already."""
+        """Bring the trained dense state to the trainer (the tables are shared)."""
+        rank0 = self._dense[0].target if self._dense else None
+        if rank0 is not None and rank0.model is not self.trainer.model:
+            state = rank0.state()
+            self.trainer.model.load_state_dict(state["model"])
+            self.trainer.optimizer.load_state_dict(state["optimizer"])
 
     def shutdown(self) -> None:
         """Join every worker thread (after a failure too: waiting ranks are freed)."""

@@ -28,9 +28,10 @@ from ray.exceptions import RayTaskError
 from tidal.data.batch import SparseBatch
 from tidal.data.extract import Extractor
 from tidal.embedding import EmbeddingCollection, EmbeddingTable
-from tidal.errors import TidalError
+from tidal.errors import ConfigError, TidalError
 from tidal.runtime.source import BatchSource, ReaderSpec
-from tidal.runtime.workers import DenseWorker, EmbeddingShard, SparseWorker, flatten, transfer_dtype, unflatten
+from tidal.runtime.workers import (DenseWorker, EmbeddingShard, SparseWorker, encode, flatten, received, transfer_dtype,
+                                   unflatten)
 
 __all__ = ["RayBackend"]
 
@@ -56,12 +57,13 @@ class _ShardActor(EmbeddingShard):
         torch.set_num_threads(threads)  # a process of its own: more torch threads than cores only spin
         super().__init__(_collection(tables, features, threads, state))
 
-    def forward(self, batch_id: int, batch: SparseBatch) -> tuple[np.ndarray, dict[str, float]]:  # type: ignore[override]
-        pooled, timings = super().forward(batch_id, batch)
-        return pooled.numpy(), timings
+    def forward(self, batch_id: int, batch: SparseBatch,  # type: ignore[override]
+                dtype: torch.dtype = torch.float32) -> tuple[np.ndarray, dict[str, float]]:
+        pooled, timings = super().forward(batch_id, batch, dtype)
+        return encode(pooled, _name(dtype)), timings
 
-    def backward(self, batch_id: int, grad: np.ndarray) -> dict[str, float]:  # type: ignore[override]
-        return super().backward(batch_id, grad)  # read-only from the object store: only read
+    def backward(self, batch_id: int, grad: np.ndarray, dtype: str = "float32") -> dict[str, float]:  # type: ignore[override]
+        return super().backward(batch_id, received(grad, dtype))
 
     def state(self) -> dict:
         return {t.name: _table_state(t) for t in self.collection.tables}
@@ -76,21 +78,27 @@ class _RemoteStore:
         self.parts = [(shard, at) for shard, at in self.parts if at]
         self.keys = keys
 
-    def forward(self, batch_id: int, batch: SparseBatch) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch_id: int, batch: SparseBatch,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, dict[str, float]]:
         if list(batch.keys) != self.keys:
             raise TidalError(f"batch features {list(batch.keys)} differ from the run's {self.keys}")
-        refs = [shard.forward.remote(batch_id, batch.select([self.keys[f] for f in at])) for shard, at in self.parts]
+        refs = [shard.forward.remote(batch_id, batch.select([self.keys[f] for f in at]), dtype) for shard, at in self.parts]
         results = ray.get(refs)
-        pooled = torch.empty((batch.batch_size, len(self.keys), results[0][0].shape[2]))  # [B, F, D]
+        pooled = torch.empty((batch.batch_size, len(self.keys), results[0][0].shape[2]), dtype=dtype)  # [B, F, D]
         timings: dict[str, float] = {}
         for (_, at), (values, spent) in zip(self.parts, results):
-            pooled[:, at] = torch.as_tensor(values)  # copies out of the read-only object store buffer
+            pooled[:, at] = received(values, _name(dtype))  # copied out of the read-only object store buffer
             timings = {k: timings.get(k, 0.0) + v for k, v in spent.items()}
         return pooled, timings
 
     def backward(self, batch_id: int, grad: torch.Tensor) -> dict[str, float]:
-        refs = [shard.backward.remote(batch_id, np.ascontiguousarray(grad[:, at].numpy())) for shard, at in self.parts]
+        dtype = _name(grad.dtype)
+        refs = [shard.backward.remote(batch_id, encode(grad[:, at].contiguous(), dtype), dtype) for shard, at in self.parts]
         return {"update": sum(spent["update"] for spent in ray.get(refs))}
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 class _SparseActor(SparseWorker):
@@ -191,7 +199,11 @@ class RayBackend:
         kwargs = {"model": trainer.model, "lr": trainer.config.training.lr, "threads": self.runtime.dense_threads or torch.get_num_threads(),
                   "optimizer_state": trainer.optimizer.state_dict() if trainer.optimizer.state else None,
                   "loss_weights": trainer.loss_weights, "loss_scale": self.runtime.loss_scale}
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= self.runtime.dense_workers else 0
+        gpus = int(self.runtime.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= self.runtime.dense_workers)
+        if self.runtime.device.startswith("cuda") and not gpus:
+            raise ConfigError(f"runtime.device is {self.runtime.device!r}, but the Ray cluster has fewer GPUs "
+                              f"than the {self.runtime.dense_workers} dense workers; use 'auto' or 'cpu'")
+        kwargs["device"] = "cuda" if gpus else "cpu"  # Ray shows an actor only its own GPU
         actor = ray.remote(num_cpus=1, num_gpus=gpus)(_DenseActor)
         self.dense = [actor.remote(rank, dict(kwargs)) for rank in range(self.runtime.dense_workers)]
         self._actors += self.dense

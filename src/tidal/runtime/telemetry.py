@@ -8,11 +8,14 @@ from pathlib import Path
 
 from tidal.embedding.checkpoint import write_json_atomic
 
-__all__ = ["STAGES", "Telemetry"]
+__all__ = ["ROLES", "STAGES", "Telemetry"]
 
-# stage -> role whose workers run it; transfer is counted on both sides
-STAGES = {"parse": "sparse", "extract": "sparse", "lookup": "sparse", "pool": "sparse",
+# stage -> role whose threads run it; transfer is counted on both sides. Every sparse
+# worker has two threads: its reader parses and extracts ahead while it looks up,
+# pools and updates, so each is a role of its own and no busy fraction passes 100%.
+STAGES = {"parse": "reader", "extract": "reader", "lookup": "sparse", "pool": "sparse",
           "transfer": "both", "update": "sparse", "dense": "dense"}
+ROLES = ("reader", "sparse", "dense")
 
 
 class Telemetry:
@@ -21,8 +24,8 @@ class Telemetry:
     def __init__(self, path: Path, every_s: float) -> None:
         self.path, self.every_s = path, every_s
         self.restart()
-        self.stage_s = {role: {stage: 0.0 for stage in STAGES} for role in ("sparse", "dense")}
-        self.worker_s = {"sparse": 0.0, "dense": 0.0}
+        self.stage_s = {role: {stage: 0.0 for stage in STAGES} for role in ROLES}
+        self.worker_s = {role: 0.0 for role in ROLES}
         self.depths: dict[str, list[int]] = {}  # queue -> [samples, sum, max]
         self.staleness = [0, 0, 0]  # batches, sum, max
         self.samples = 0
@@ -43,13 +46,14 @@ class Telemetry:
         _note(self.staleness, batches)
 
     def add(self, role: str, timings: dict[str, float]) -> None:
+        """Seconds per stage that a worker of `role` (sparse or dense) reported."""
         for stage, seconds in timings.items():
-            self.stage_s[role][stage] += seconds
+            self.stage_s["reader" if STAGES[stage] == "reader" else role][stage] += seconds
 
     def sample(self, workers: dict[str, int], depths: dict[str, int]) -> None:
         """Account the time since the last sample to the workers running now."""
         now = time.perf_counter()
-        for role, count in workers.items():
+        for role, count in (workers | {"reader": workers["sparse"]}).items():
             self.worker_s[role] += count * (now - self._last)
         self._last = now
         for name, depth in depths.items():

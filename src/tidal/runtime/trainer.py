@@ -31,6 +31,7 @@ from tidal.models import RankingModel, weighted_bce
 from tidal.runtime import checkpoint
 from tidal.runtime.plots import plot_metrics
 from tidal.runtime.source import ReaderSpec
+from tidal.runtime.workers import dense_device
 
 __all__ = ["Evaluation", "Trainer"]
 
@@ -55,8 +56,10 @@ class Trainer:
         self.extractor = Extractor(config.features)
         self.collection = EmbeddingCollection(config.tables, [f.embedding() for f in self.extractor.sparse],
                                               threads=config.training.threads)
+        self.device = dense_device(config.training.device, key="training.device")
         self.model = RankingModel(config.model, num_features=len(self.extractor.sparse), dim=self.collection.dim,
                                   dense_features=len(self.extractor.dense), num_targets=len(self.extractor.labels))
+        self.model.to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.training.lr)
         self.loss_weights = torch.tensor([f.weight for f in self.extractor.labels])
         self.targets = [f.name for f in self.extractor.labels]
@@ -110,19 +113,21 @@ class Trainer:
         """One training step on `batch`; its loss."""
         self.model.train()
         pooled, ctx = self.collection.forward(batch)  # [B, F, D]
-        pooled.requires_grad_(True)
+        pooled = pooled.to(self.device).requires_grad_(True)
         logits = self.model(pooled, self._dense(batch))  # [B, T]
-        loss = weighted_bce(logits, torch.tensor(batch.labels), self.loss_weights, batch.batch_size)
+        labels = torch.tensor(batch.labels).to(self.device)
+        loss = weighted_bce(logits, labels, self.loss_weights.to(self.device), batch.batch_size)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        self.collection.backward(ctx, pooled.grad)
+        self.collection.backward(ctx, pooled.grad.cpu())
         return float(loss.item())
 
     def _dense(self, batch: SparseBatch) -> torch.Tensor:
+        """The dense features `[B, Dd]` on the trainer's device."""
         if batch.dense is None:
-            return torch.zeros(batch.batch_size, 0)
-        return torch.tensor(batch.dense)  # [B, Dd]
+            return torch.zeros(batch.batch_size, 0, device=self.device)
+        return torch.tensor(batch.dense).to(self.device)
 
     def fit(self, *, resume: bool = False, max_steps: int | None = None) -> dict:
         """Train for the configured epochs (or `max_steps`), checkpointing on the way
@@ -214,7 +219,7 @@ class Trainer:
         scores, labels = [], []
         for batch in self.batches(paths, self.eval_bad_rows):
             pooled, _ = self.collection.forward(batch, train=False)
-            scores.append(torch.sigmoid(self.model(pooled, self._dense(batch))).numpy())
+            scores.append(torch.sigmoid(self.model(pooled.to(self.device), self._dense(batch))).cpu().numpy())
             labels.append(batch.labels)
         p, y = np.concatenate(scores), np.concatenate(labels)
         clipped = np.clip(p, _EPS, 1 - _EPS)

@@ -17,10 +17,13 @@ travels as its raw 16 bits.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import queue
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,10 +32,12 @@ import torch
 from tidal.data.batch import SparseBatch
 from tidal.data.extract import Extractor
 from tidal.embedding import EmbeddingCollection
+from tidal.errors import ConfigError
 from tidal.models import weighted_bce
 from tidal.runtime.source import BatchSource, Item
 
-__all__ = ["DenseWorker", "EmbeddingShard", "SparseWorker", "ThreadAllReduce", "decode", "encode", "transfer_dtype"]
+__all__ = ["DenseWorker", "EmbeddingShard", "SparseWorker", "ThreadAllReduce", "decode", "dense_device", "encode",
+           "pool_dtype", "received", "transfer_dtype"]
 
 _FP16_MAX = 65504.0
 
@@ -42,22 +47,56 @@ def transfer_dtype(runtime: Any) -> str:
     GPU, float32 within one process's memory (no copy is made there)."""
     if runtime.transfer_dtype != "auto":
         return runtime.transfer_dtype
-    return "bfloat16" if runtime.backend == "ray" or torch.cuda.is_available() else "float32"
+    return "bfloat16" if runtime.backend == "ray" or dense_device(runtime.device).type == "cuda" else "float32"
+
+
+def dense_device(device: str, rank: int = 0, key: str = "runtime.device") -> torch.device:
+    """Where dense worker `rank` runs (`device` as the config key `key` gives it):
+    `auto` is one GPU per rank (round robin) when there are GPUs, else the CPU."""
+    if device == "auto":
+        device = f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{key} is {device!r}, but torch sees no CUDA device; use 'auto' or 'cpu'")
+    if device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
+    return torch.device(device)
+
+
+def fix_gemm_threads() -> None:
+    """Keep torch's CPU matrix products on their set thread count. MKL's dynamic mode
+    gives a product fewer threads while other threads keep the cores busy, which
+    changes how its sums are split, so the bits of a run would vary with the load."""
+    try:
+        ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).MKL_Set_Dynamic(0)  # C interface: by value
+    except (OSError, AttributeError):  # torch without MKL, or not a Linux build: nothing to fix
+        pass
 
 
 def encode(tensor: torch.Tensor, dtype: str) -> np.ndarray:
-    """A float32 tensor as the numpy array that travels: float32, float16 or bfloat16 bits."""
+    """A float32 tensor (on any device) as the numpy array that travels: float32,
+    float16 or bfloat16 bits. The cast happens where the tensor is, so a GPU sends
+    half the bytes back in 16 bits."""
     if dtype == "bfloat16":
-        return tensor.to(torch.bfloat16).view(torch.int16).numpy()
-    return tensor.to(getattr(torch, dtype)).numpy()
+        return tensor.to(torch.bfloat16).view(torch.int16).cpu().numpy()
+    return tensor.to(getattr(torch, dtype)).cpu().numpy()
+
+
+def received(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """The tensor of an `encode`d array, still in `dtype` (a read-only array, as Ray
+    hands out, is copied)."""
+    tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
+    return tensor.view(torch.bfloat16) if dtype == "bfloat16" else tensor
 
 
 def decode(array: np.ndarray, dtype: str) -> torch.Tensor:
-    """The float32 tensor of an `encode`d array (a read-only one, as Ray hands out, is copied)."""
-    tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
-    if dtype == "bfloat16":
-        tensor = tensor.view(torch.bfloat16)
-    return tensor.float()
+    """The float32 tensor of an `encode`d array."""
+    return received(array, dtype).float()
+
+
+def pool_dtype(dtype: str) -> torch.dtype:
+    """The dtype the store pools into for transfer dtype `dtype`: bfloat16 is rounded
+    in the pooling kernel itself; float16 is cast from float32 (its loss scale needs it)."""
+    return torch.bfloat16 if dtype == "bfloat16" else torch.float32
 
 
 def _fp16_scale(grad: torch.Tensor, loss_scale: float) -> float:
@@ -77,18 +116,20 @@ class EmbeddingShard:
         self._contexts: dict[int, Any] = {}
         self._lock = threading.Lock()
 
-    def forward(self, batch_id: int, batch: SparseBatch) -> tuple[torch.Tensor, dict[str, float]]:
-        """Pooled `[B, F, D]` float32 of `batch` (rows created as in training)."""
+    def forward(self, batch_id: int, batch: SparseBatch,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, dict[str, float]]:
+        """Pooled `[B, F, D]` of `batch` in `dtype` (rows created as in training)."""
         start = time.perf_counter()
         ctx = self.collection.lookup(batch)
         middle = time.perf_counter()
-        pooled = self.collection.pool(batch, ctx)
+        pooled = self.collection.pool(batch, ctx, dtype=dtype)
         with self._lock:
             self._contexts[batch_id] = ctx
         return pooled, {"lookup": middle - start, "pool": time.perf_counter() - middle}
 
     def backward(self, batch_id: int, grad: torch.Tensor | np.ndarray) -> dict[str, float]:
-        """Apply the sparse update of batch `batch_id` given its pooled gradient `[B, F, D]`."""
+        """Apply the sparse update of batch `batch_id` given its pooled gradient `[B, F, D]`
+        (float32, or bfloat16, which the kernel reads as it is)."""
         start = time.perf_counter()
         with self._lock:
             ctx = self._contexts.pop(batch_id)
@@ -157,7 +198,7 @@ class SparseWorker:
         if prepared is None:
             return ({"batch_id": batch_id, "end": True}, *[None] * self.dense_workers)
         item, batch, extract_s = prepared
-        pooled, timings = self.store.forward(batch_id, batch)  # [B, F, D]
+        pooled, timings = self.store.forward(batch_id, batch, pool_dtype(self.transfer_dtype))  # [B, F, D]
         start = time.perf_counter()
         slices = self._slices(encode(pooled, self.transfer_dtype), batch)
         timings |= {"parse": item.parse_s, "extract": extract_s, "transfer": time.perf_counter() - start}
@@ -175,8 +216,8 @@ class SparseWorker:
 
     def backward(self, batch_id: int, *grads: dict[str, Any]) -> dict[str, float]:
         start = time.perf_counter()
-        parts = [decode(g["grad"], g["dtype"]) for g in grads]
-        parts = [part / g["scale"] if g["scale"] != 1.0 else part for part, g in zip(parts, grads)]  # float16
+        parts = [received(g["grad"], g["dtype"]) for g in grads]  # bfloat16 stays so: the kernel reads it
+        parts = [part.float() / g["scale"] if g["dtype"] == "float16" else part for part, g in zip(parts, grads)]
         grad = parts[0] if len(parts) == 1 else torch.cat(parts)  # [B, F, D]
         transfer_s = time.perf_counter() - start
         return {"transfer": transfer_s, **self.store.backward(batch_id, grad)}
@@ -200,15 +241,22 @@ class ThreadAllReduce:
 
     def __call__(self, rank: int, tensors: list[torch.Tensor]) -> None:
         self._parts[rank] = flatten(tensors)
+        _finish_gpu_work(tensors)  # a part on a GPU is written before another rank reads it
         self._barrier.wait()
         total = self._parts[0].clone()  # type: ignore[union-attr]
         for part in self._parts[1:]:
-            total += part  # type: ignore[operator]
+            total += part.to(total.device)  # type: ignore[union-attr]
+        _finish_gpu_work(tensors)
         self._barrier.wait()  # every rank has read every part before the next round
         unflatten(total, tensors)
 
     def abort(self) -> None:
         self._barrier.abort()
+
+
+def _finish_gpu_work(tensors: list[torch.Tensor]) -> None:
+    if tensors and tensors[0].is_cuda:
+        torch.cuda.current_stream(tensors[0].device).synchronize()
 
 
 def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -224,23 +272,21 @@ def unflatten(flat: torch.Tensor, tensors: list[torch.Tensor]) -> None:
         at += t.numel()
 
 
-def _device(device: str, rank: int) -> torch.device:
-    """`auto`: one GPU per rank when there are GPUs, else the CPU."""
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
 class DenseWorker:
-    """The dense network on one row slice per batch; ranks stay equal by all-reduce."""
+    """The dense network on one row slice per batch; ranks stay equal by all-reduce.
+
+    On a GPU the worker runs on a CUDA stream of its own: each input is copied into a
+    pinned host buffer kept from step to step, sent with a non-blocking copy, and cast
+    to float32 there (16-bit pooled rows cross the bus as 16 bits); the gradient is
+    cast on the GPU before it comes back.
+    """
 
     def __init__(self, rank: int, *, model: torch.nn.Module, lr: float, optimizer_state: dict | None,
                  loss_weights: torch.Tensor, all_reduce: Callable[[int, list[torch.Tensor]], None] | None,
                  loss_scale: float, device: str = "auto") -> None:
         self.rank = rank
-        self.device = _device(device, rank)
+        self.device = dense_device(device, rank)
+        fix_gemm_threads()
         self.model = model.to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
         if optimizer_state:
@@ -248,35 +294,49 @@ class DenseWorker:
         self.loss_weights = loss_weights.to(self.device)
         self.all_reduce, self.loss_scale = all_reduce, loss_scale
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._pinned: dict[str, torch.Tensor] = {}
 
     def step(self, payload: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Train on one slice: (meta with its loss share and timings, gradient payload)."""
-        start = time.perf_counter()
-        pooled, dense, labels = self._inputs(payload)
-        middle = time.perf_counter()
-        self.model.train()
-        logits = self.model(pooled, dense)  # [b, T]
-        loss = weighted_bce(logits, labels, self.loss_weights, payload["total_rows"])
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.all_reduce is not None:
-            self.all_reduce(self.rank, [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.model.parameters()])
-        self.optimizer.step()
-        grad = self._grad_payload(pooled.grad, payload["dtype"])
-        if self.stream is not None:
-            self.stream.synchronize()
+        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            start = time.perf_counter()
+            pooled, dense, labels = self._inputs(payload)
+            middle = time.perf_counter()
+            self.model.train()
+            logits = self.model(pooled, dense)  # [b, T]
+            loss = weighted_bce(logits, labels, self.loss_weights, payload["total_rows"])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.all_reduce is not None:
+                self.all_reduce(self.rank, [p.grad if p.grad is not None else torch.zeros_like(p)
+                                            for p in self.model.parameters()])
+            self.optimizer.step()
+            grad = self._grad_payload(pooled.grad, payload["dtype"])  # waits for the stream
         return {"loss": float(loss.detach()), "timings": {"transfer": middle - start, "dense": time.perf_counter() - middle}}, grad
 
     def _inputs(self, payload: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        tensors = [decode(payload["pooled"], payload["dtype"]), torch.tensor(payload["dense"]),
-                   torch.tensor(payload["labels"])]
-        if self.device.type == "cuda":  # pinned host buffers, copied on this worker's stream
-            with torch.cuda.stream(self.stream):
-                tensors = [t.pin_memory().to(self.device, non_blocking=True) for t in tensors]
+        if self.device.type == "cpu":
+            pooled = decode(payload["pooled"], payload["dtype"])
+            return pooled.requires_grad_(True), torch.tensor(payload["dense"]), torch.tensor(payload["labels"])
+        pooled = self._to_device("pooled", payload["pooled"])
+        if payload["dtype"] == "bfloat16":
+            pooled = pooled.view(torch.bfloat16)
+        tensors = pooled.float(), self._to_device("dense", payload["dense"]), self._to_device("labels", payload["labels"])
+        self.stream.synchronize()  # type: ignore[union-attr]  # the copies, timed as the transfer
         return tensors[0].requires_grad_(True), tensors[1], tensors[2]
 
+    def _to_device(self, name: str, array: np.ndarray) -> torch.Tensor:
+        """`array` on the device, through this worker's pinned buffer for `name` (the
+        previous step's copy out of it has finished: every step ends synchronized)."""
+        pinned = self._pinned.get(name)
+        dtype = torch.from_numpy(np.empty(0, array.dtype)).dtype
+        if pinned is None or pinned.numel() < array.size or pinned.dtype != dtype:
+            pinned = self._pinned[name] = torch.empty(max(array.size, 1), dtype=dtype, pin_memory=True)
+        host = pinned[: array.size].view(array.shape)
+        np.copyto(host.numpy(), array)  # read-only arrays (Ray's) too
+        return host.to(self.device, non_blocking=True)
+
     def _grad_payload(self, grad: torch.Tensor, dtype: str) -> dict[str, Any]:
-        grad = grad.cpu()
         scale = _fp16_scale(grad, self.loss_scale) if dtype == "float16" else 1.0
         return {"grad": encode(grad * scale if scale != 1.0 else grad, dtype), "dtype": dtype, "scale": scale}
 
