@@ -74,36 +74,37 @@ def pool(directories, widths, feature_tables, handles, offsets, scales, out, lo,
 @numba.njit(nogil=True, cache=True)
 def pool_bf16(directories, widths, feature_tables, handles, offsets, scales, out_bits, lo, hi):  # type: ignore[no-untyped-def]
     """`pool` into bfloat16: `out_bits` is `[B, F, D]` uint16 holding bfloat16 bits,
-    rounded to nearest even as torch rounds; each bag is summed in float32 first."""
+    rounded to nearest even as torch rounds. Each sample is pooled in float32 into a
+    small buffer (summed as `pool` sums), then rounded in one vectorized pass."""
     batch_size, num_features, dim = out_bits.shape
-    acc = np.empty(dim, dtype=np.float32)
-    acc_bits = acc.view(np.uint32)
+    sample = np.empty(num_features * dim, dtype=np.float32)
+    sample_bits = sample.view(np.uint32)
     for b in range(lo, hi):
         for f in range(num_features):
             k = f * batch_size + b
             table = feature_tables[f]
+            target = float_row(sample.ctypes.data, f, dim)
             first = True
             for i in range(offsets[k], offsets[k + 1]):
                 if handles[i] < 0:
                     continue
                 row = row_in(directories, table, handles[i], widths[table])
                 scale = scales[i]
-                if first:  # as `pool` sums, so the bits equal its float32 output rounded
+                if first:
                     for d in range(dim):
-                        acc[d] = scale * row[d]
+                        target[d] = scale * row[d]
                     first = False
                 else:
                     for d in range(dim):
-                        acc[d] += scale * row[d]
+                        target[d] += scale * row[d]
             if first:
-                acc[:] = 0.0
-            target = out_bits[b, f]
-            for d in range(dim):
-                bits = acc_bits[d]
-                if (bits & 0x7FFFFFFF) > 0x7F800000:  # NaN stays a (quiet) NaN
-                    target[d] = (bits >> 16) | 0x40
-                else:
-                    target[d] = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+                target[:] = 0.0
+        out = out_bits[b].reshape(num_features * dim)
+        for d in range(num_features * dim):  # branch-free, so it vectorizes
+            bits = np.int64(sample_bits[d])
+            nan = np.int64((bits & 0x7FFFFFFF) > 0x7F800000)  # 1 for a NaN: made quiet, low half
+            bits = (bits | (nan << 22)) & ~(nan * 0xFFFF)  # cleared, so rounding cannot carry out of it
+            out[d] = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
 
 
 @numba.njit(nogil=True, cache=True)
