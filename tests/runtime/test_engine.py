@@ -348,7 +348,7 @@ def test_asking_for_cuda_without_one_is_a_clear_error(data, tmp_path):
         _trainer(data, tmp_path, None, device="cuda:0")
 
 
-def test_dense_workers_keep_gemm_threads_fixed(data, tmp_path):
+def test_trainers_keep_gemm_threads_fixed(data, tmp_path):
     import ctypes
     from pathlib import Path
 
@@ -357,9 +357,10 @@ def test_dense_workers_keep_gemm_threads_fixed(data, tmp_path):
         mkl.mkl_serv_get_dynamic, mkl.MKL_Set_Dynamic  # noqa: B018
     except (OSError, AttributeError):
         pytest.skip("this torch has no MKL")
-    mkl.MKL_Set_Dynamic(1)
-    _trainer(data, tmp_path, {"sparse_workers": 1}).fit(max_steps=1)
-    assert mkl.mkl_serv_get_dynamic() == 0  # else products split their sums by the machine's load
+    for runtime in (None, {"sparse_workers": 1}):  # the reference trainer and the engine alike
+        mkl.MKL_Set_Dynamic(1)
+        _trainer(data, tmp_path / str(runtime is None), runtime).fit(max_steps=1)
+        assert mkl.mkl_serv_get_dynamic() == 0  # else products split their sums by the machine's load
 
 
 def test_device_names_are_validated(data, tmp_path):

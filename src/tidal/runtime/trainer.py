@@ -31,7 +31,7 @@ from tidal.models import RankingModel, weighted_bce
 from tidal.runtime import checkpoint
 from tidal.runtime.plots import plot_metrics
 from tidal.runtime.source import ReaderSpec
-from tidal.runtime.workers import dense_device
+from tidal.runtime.workers import dense_device, fix_gemm_threads
 
 __all__ = ["Evaluation", "Trainer"]
 
@@ -52,6 +52,7 @@ class Trainer:
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
+        fix_gemm_threads()  # the same splits of every matrix product in every run, busy machine or not
         torch.manual_seed(config.training.seed)
         self.extractor = Extractor(config.features)
         self.collection = EmbeddingCollection(config.tables, [f.embedding() for f in self.extractor.sparse],

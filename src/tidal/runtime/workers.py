@@ -37,7 +37,7 @@ from tidal.models import weighted_bce
 from tidal.runtime.source import BatchSource, Item
 
 __all__ = ["DenseWorker", "EmbeddingShard", "SparseWorker", "ThreadAllReduce", "decode", "dense_device", "encode",
-           "pool_dtype", "received", "transfer_dtype"]
+           "fix_gemm_threads", "pool_dtype", "received", "transfer_dtype"]
 
 _FP16_MAX = 65504.0
 
@@ -63,9 +63,10 @@ def dense_device(device: str, rank: int = 0, key: str = "runtime.device") -> tor
 
 
 def fix_gemm_threads() -> None:
-    """Keep torch's CPU matrix products on their set thread count. MKL's dynamic mode
-    gives a product fewer threads while other threads keep the cores busy, which
-    changes how its sums are split, so the bits of a run would vary with the load."""
+    """Keep torch's CPU matrix products on their set thread count (process-wide).
+    MKL's dynamic mode picks a product's threads by its size and by how busy the
+    cores are, which changes how its sums are split: the bits of a run would vary
+    with the load, and a pipelined run would not repeat the sequential one's."""
     try:
         ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).MKL_Set_Dynamic(0)  # C interface: by value
     except (OSError, AttributeError):  # torch without MKL, or not a Linux build: nothing to fix
