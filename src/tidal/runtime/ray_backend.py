@@ -63,7 +63,8 @@ class _ShardActor(EmbeddingShard):
         return encode(pooled, _name(dtype)), timings
 
     def backward(self, batch_id: int, grad: np.ndarray, dtype: str = "float32") -> dict[str, float]:  # type: ignore[override]
-        return super().backward(batch_id, received(grad, dtype))
+        # float32 is read in place (read-only, from the object store); bfloat16 bits become a tensor
+        return super().backward(batch_id, grad if dtype == "float32" else received(grad, dtype))
 
     def state(self) -> dict:
         return {t.name: _table_state(t) for t in self.collection.tables}

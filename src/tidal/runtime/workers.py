@@ -68,7 +68,8 @@ def fix_gemm_threads() -> None:
     cores are, which changes how its sums are split: the bits of a run would vary
     with the load, and a pipelined run would not repeat the sequential one's."""
     try:
-        ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so")).MKL_Set_Dynamic(0)  # C interface: by value
+        libtorch = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"))
+        libtorch.MKL_Set_Dynamic(0)  # the C interface (by value); mkl_set_dynamic takes a pointer
     except (OSError, AttributeError):  # torch without MKL, or not a Linux build: nothing to fix
         pass
 
