@@ -9,6 +9,8 @@ holding as many bytes in all as Tidal's table ends up holding, with `torch.optim
 on the tables and Adam on the dense net, torch using every core. Each side trains a
 fresh model on all batches, twice, in turns (peer, Tidal, peer, Tidal); the faster of
 its two runs counts, and the models of the second round are evaluated on held-out rows.
+With a GPU, Tidal's dense workers run on it and the whole peer model too (tables
+included), as a PyTorch user would place it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from tidal.models import RankingModel
 from tidal.runtime import Trainer
 from tidal.runtime.hetero import train as train_on_engine
 from tidal.runtime.source import MemorySpec
+from tidal.runtime.workers import dense_device
 
 __all__ = ["CONFIGS", "run"]
 
@@ -95,34 +98,39 @@ class _TorchDLRM(nn.Module):
 
     def forward(self, batch: SparseBatch) -> torch.Tensor:
         offsets, b = batch.offsets, batch.batch_size
+        device = self.tables[0].weight.device
         pooled = []
         for f, table in enumerate(self.tables):
             lo, hi = offsets[f * b], offsets[(f + 1) * b]
-            ids = torch.from_numpy(batch.values[lo:hi] % self.rows)
-            bag_starts = torch.from_numpy(offsets[f * b : (f + 1) * b] - lo)
+            ids = torch.from_numpy(batch.values[lo:hi] % self.rows).to(device)
+            bag_starts = torch.from_numpy(offsets[f * b : (f + 1) * b] - lo).to(device)
             pooled.append(table(ids, bag_starts))
-        return self.dense_net(torch.stack(pooled, dim=1), torch.tensor(batch.dense))  # [B, 1]
+        return self.dense_net(torch.stack(pooled, dim=1), torch.tensor(batch.dense).to(device))  # [B, 1]
 
 
 def _train_torch(shape: _Shape, rows_per_table: int, batches: list[SparseBatch]) -> tuple[_TorchDLRM, float]:
     """A fresh peer trained on `batches` in the usual PyTorch loop, and the seconds it took."""
-    model = _TorchDLRM(shape, rows_per_table)
+    device = dense_device("auto")
+    model = _TorchDLRM(shape, rows_per_table).to(device)
     sparse = torch.optim.SGD(model.tables.parameters(), lr=LR_SPARSE)
     dense = torch.optim.Adam(model.dense_net.parameters(), lr=LR_DENSE)
     start = time.perf_counter()
     for batch in batches:
-        loss = nn.functional.binary_cross_entropy_with_logits(model(batch), torch.tensor(batch.labels))
+        labels = torch.tensor(batch.labels).to(device)
+        loss = nn.functional.binary_cross_entropy_with_logits(model(batch), labels)
         sparse.zero_grad(set_to_none=True)
         dense.zero_grad(set_to_none=True)
         loss.backward()
         sparse.step()
         dense.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return model, time.perf_counter() - start
 
 
 @torch.no_grad()
 def _auc(score, batches: list[SparseBatch]) -> float:  # type: ignore[no-untyped-def]
-    scores = np.concatenate([score(b).numpy().ravel() for b in batches])
+    scores = np.concatenate([score(b).cpu().numpy().ravel() for b in batches])
     return auc(np.concatenate([b.labels.ravel() for b in batches]), scores)
 
 
