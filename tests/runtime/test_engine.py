@@ -275,6 +275,7 @@ def test_cli_train_prints_the_stage_table(data, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "dense   dense" in out and "sparse  lookup" in out and "lost samples: 0" in out
     assert "samples/s  busy: reader" in out  # the periodic line
+    assert "reader  parse" in out and "reader  transfer" not in out  # readers only parse and extract
     saved = json.loads((tmp_path / "run" / "telemetry.json").read_text())
     assert saved["snapshots"] and saved["final"]["samples"] == 12_000
 

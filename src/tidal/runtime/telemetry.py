@@ -10,11 +10,11 @@ from tidal.embedding.checkpoint import write_json_atomic
 
 __all__ = ["ROLES", "STAGES", "Telemetry"]
 
-# stage -> role whose threads run it; transfer is counted on both sides. Every sparse
-# worker has two threads: its reader parses and extracts ahead while it looks up,
-# pools and updates, so each is a role of its own and no busy fraction passes 100%.
-STAGES = {"parse": "reader", "extract": "reader", "lookup": "sparse", "pool": "sparse",
-          "transfer": "both", "update": "sparse", "dense": "dense"}
+# stage -> roles whose threads run it; transfer is counted on both sides of the cut.
+# Every sparse worker has two threads: its reader parses and extracts ahead while it
+# looks up, pools and updates, so each is a role of its own and no role passes 100%.
+STAGES = {"parse": ("reader",), "extract": ("reader",), "lookup": ("sparse",), "pool": ("sparse",),
+          "transfer": ("sparse", "dense"), "update": ("sparse",), "dense": ("dense",)}
 ROLES = ("reader", "sparse", "dense")
 
 
@@ -48,7 +48,7 @@ class Telemetry:
     def add(self, role: str, timings: dict[str, float]) -> None:
         """Seconds per stage that a worker of `role` (sparse or dense) reported."""
         for stage, seconds in timings.items():
-            self.stage_s["reader" if STAGES[stage] == "reader" else role][stage] += seconds
+            self.stage_s["reader" if STAGES[stage] == ("reader",) else role][stage] += seconds
 
     def sample(self, workers: dict[str, int], depths: dict[str, int]) -> None:
         """Account the time since the last sample to the workers running now."""
@@ -66,7 +66,7 @@ class Telemetry:
     def report(self) -> dict:
         wall = max(self._last - self.start - self.skipped_s, 1e-9)
         busy = {role: {stage: s / max(self.worker_s[role], 1e-9) for stage, s in stages.items()
-                       if STAGES[stage] in (role, "both")}
+                       if role in STAGES[stage]}
                 for role, stages in self.stage_s.items()}
         utilization = {role: sum(fractions.values()) for role, fractions in busy.items()}
         return {"elapsed_s": wall, "samples": self.samples, "samples_per_s": self.samples / wall,
