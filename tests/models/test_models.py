@@ -42,6 +42,23 @@ def test_dlrm_interaction_is_every_pairwise_dot_once():
     torch.testing.assert_close(captured["x"], torch.cat([bottom, expected], dim=1))
 
 
+def test_dlrm_pair_dots_backward_is_autograds():
+    from tidal.models.dlrm import _pair_dots, _PairDots
+
+    vectors = torch.randn(B, F + 1, D, dtype=torch.float64, requires_grad=True)
+    model = DLRM(F, D, DD)
+    assert torch.autograd.gradcheck(lambda v: _PairDots.apply(v, model.pairs), (vectors,))
+    grad = torch.randn(B, model.pairs.numel(), dtype=torch.float64)
+    ours = torch.autograd.grad(_PairDots.apply(vectors, model.pairs), vectors, grad)[0]
+    theirs = torch.autograd.grad(_pair_dots(vectors, model.pairs), vectors, grad)[0]
+    torch.testing.assert_close(ours, theirs)
+    model.train()
+    pooled, dense = _inputs(2)
+    train_out = model(pooled, dense)
+    model.eval()
+    torch.testing.assert_close(train_out, model(pooled, dense))  # both paths compute the same forward
+
+
 def test_deepfm_second_order_term_sums_pairwise_products():
     model = DeepFM(F, D, DD, deep_sizes=[5])
     pooled, dense = _inputs(2)
