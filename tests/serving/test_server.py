@@ -209,6 +209,13 @@ def test_a_barrage_of_bad_requests_gets_400s_and_the_server_keeps_serving(server
         assert name in metrics
 
 
+def test_an_oversize_body_gets_its_413_not_a_reset(server):
+    body = b"x" * (24 << 20)  # far more than the socket buffers hold: the server must read it to answer
+    for _ in range(3):
+        code, answer, _ = _post(server, "/v2/models/ctr/infer", body)
+        assert code == 413 and "over the limit of 1048576" in answer["error"]
+
+
 def test_overload_answers_503_with_retry_after(bundle, trainer):
     service = Service(bundle, name="ctr", max_queue_rows=20)
     running = start_server(service)

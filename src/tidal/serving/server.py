@@ -220,16 +220,27 @@ def create_app(service: Service) -> Starlette:
     ])
 
 
+_DRAIN_BYTES = 64 << 20  # an oversize body up to this size is read and dropped before the 413
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, or a 413 for one over `limit`. An oversize body (up to 64 MiB) is read
+    to its end first: a server that answers and closes while the client is still
+    sending makes the client's kernel see a reset instead of the answer."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestError(f"the body has {int(declared)} bytes, over the limit of {limit}", status=413)
+    declared_size = int(declared) if declared is not None and declared.isdigit() else None
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(f"the body has more than {limit} bytes, over the limit of {limit}", status=413)
-        chunks.append(chunk)
+    if declared_size is None or declared_size <= _DRAIN_BYTES:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+            elif size > _DRAIN_BYTES:
+                break
+    if declared_size is not None and declared_size > limit:
+        raise RequestError(f"the body has {declared_size} bytes, over the limit of {limit}", status=413)
+    if size > limit:
+        raise RequestError(f"the body has more than {limit} bytes, over the limit of {limit}", status=413)
     return b"".join(chunks)
 
 
