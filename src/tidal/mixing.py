@@ -5,9 +5,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["mix64", "mix64_array"]
+__all__ = ["GOLDEN", "mix64", "mix64_array"]
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 
@@ -15,7 +15,7 @@ _M2 = np.uint64(0x94D049BB133111EB)
 @numba.njit(nogil=True, inline="always")
 def mix64(x: np.uint64) -> np.uint64:
     """splitmix64's finalizer: a bijection of uint64 with full avalanche."""
-    z = x + _GOLDEN
+    z = x + GOLDEN
     z = (z ^ (z >> np.uint64(30))) * _M1
     z = (z ^ (z >> np.uint64(27))) * _M2
     return z ^ (z >> np.uint64(31))

@@ -127,6 +127,30 @@ def test_bfloat16_pooling_and_gradients_are_the_float32_ones_rounded(case, threa
         np.testing.assert_array_equal(a.pull_rows(keys)[0].values, b.pull_rows(keys)[0].values)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_backward_sums_many_rows_across_tables_and_blocks_as_numpy_does(threads):
+    """Hundreds of distinct rows in two tables (the update sums rows a block at a time),
+    Zipf-like repeats, weights and mean pooling, against a numpy scatter-add."""
+    rng = np.random.default_rng(5)
+    collection = _collection([0, 1, 0], ["sum", "mean", "sqrtn"], threads)
+    lengths = rng.integers(0, 4, 3 * 400).astype(np.int32)
+    values = (rng.zipf(1.3, int(lengths.sum())) % 700).astype(np.int64)
+    batch = SparseBatch(keys=["f0", "f1", "f2"], values=values, lengths=lengths, batch_size=400,
+                        weights=rng.uniform(0.5, 2.0, values.shape[0]).astype(np.float32))
+    _, ctx = collection.forward(batch)
+    before = [t.lookup(np.arange(700)) for t in collection.tables]
+    grad = rng.standard_normal((400, 3, DIM)).astype(np.float32)
+    collection.backward(ctx, torch.from_numpy(grad))
+    expected = [np.zeros((700, DIM)) for _ in collection.tables]
+    bag_sizes = lengths.reshape(3, 400)
+    for i, (value, bag) in enumerate(zip(values, np.repeat(np.arange(3 * 400), lengths))):
+        f, b = divmod(int(bag), 400)
+        scale = batch.weights[i] * {0: 1.0, 1: 1.0 / bag_sizes[f, b], 2: bag_sizes[f, b] ** -0.5}[f]
+        expected[[0, 1, 0][f]][value] += scale * grad[b, f]
+    for table, old, step in zip(collection.tables, before, expected):
+        np.testing.assert_allclose(old - table.lookup(np.arange(700)), step, rtol=1e-4, atol=1e-5)
+
+
 def test_bfloat16_pooling_rounds_ties_to_even_and_keeps_specials():
     collection = _collection([0], ["sum"])
     table = collection.tables[0]

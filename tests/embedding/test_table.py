@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from tidal.config import (Adagrad, CountAdmission, Eviction, Initializer, ProbabilityAdmission, Sgd,
                           TableConfig)
 from tidal.embedding import EmbeddingTable
+from tidal.embedding.table import GroupedGradients
 from tidal.embedding._memory import CHUNK_ROWS, SHARD_BITS
 from tidal.errors import BatchError
 
@@ -152,6 +153,14 @@ def test_rows_never_move_when_table_grows_into_new_chunks():
     np.testing.assert_array_equal(table.find(keys).handles, handles)
     np.testing.assert_array_equal(table.lookup(keys), values)
     np.testing.assert_array_equal(chunk[(handles >> SHARD_BITS) & (CHUNK_ROWS - 1)], values)
+
+
+def test_chunks_start_on_huge_page_boundaries_so_the_kernel_can_back_them_with_huge_pages():
+    table = make_table(num_shards=2)
+    insert(table, np.arange(3 * CHUNK_ROWS, dtype=np.int64))
+    chunks = [c for shard in table.arena.chunks for c in shard]
+    assert len(chunks) >= 3
+    assert all(c.ctypes.data % (2 << 20) == 0 and c.shape == (CHUNK_ROWS, table.width) for c in chunks)
 
 
 def test_freed_rows_reused_when_keys_removed():
@@ -346,14 +355,16 @@ def test_apply_gradients_raises_batch_error_when_grad_shape_wrong(shape):
         table.apply_gradients(arr(1, 2, 3), np.ones(shape, np.float32))
 
 
-def test_apply_rows_refuses_a_lookup_from_another_table_or_bad_gradients():
+def test_apply_grouped_refuses_a_lookup_from_another_table_or_gradients_that_do_not_fit():
     table, other = make_table(), make_table()
     lookup = other.lookup_or_insert(arr(1, 2))
+    grouped = GroupedGradients.of_batch(np.zeros((2, 4), np.float32), np.arange(3), lookup.inverse,
+                                        np.ones(2, np.float32), 2, 2)
     with pytest.raises(BatchError, match="came from another table"):
-        table.apply_rows(lookup, np.zeros((2, 4), np.float32))
-    own = table.lookup_or_insert(arr(1, 2, 2))
-    with pytest.raises(BatchError, match=r"shape \(2, 4\) \(one row per distinct key\), got float32 \(1, 4\)"):
-        table.apply_rows(own, np.zeros((1, 4), np.float32))
+        table.apply_grouped(lookup, grouped)
+    own = table.lookup_or_insert(arr(1, 2, 3))
+    with pytest.raises(BatchError, match=r"gradients of 2 rows of \[4\] values do not cover rows 0..3 of dim 4"):
+        table.apply_grouped(own, grouped)
 
 
 def test_push_rows_refuses_repeated_keys_and_reports_rows_refused_by_the_cap():

@@ -12,7 +12,7 @@ from tidal.config import EmbeddingFeature, TableConfig
 from tidal.data.batch import SparseBatch
 from tidal.embedding import pooling
 from tidal.embedding._parallel import run_split
-from tidal.embedding.table import EmbeddingTable, RowLookup
+from tidal.embedding.table import EmbeddingTable, GroupedGradients, RowLookup
 from tidal.errors import BatchError, ConfigError
 
 __all__ = ["EmbeddingCollection", "PooledContext"]
@@ -164,16 +164,17 @@ class EmbeddingCollection:
     # ------------------------------------------------------------------ backward
 
     def backward(self, ctx: PooledContext, grad: torch.Tensor | np.ndarray) -> None:
-        """Apply the sparse update for `grad`, the gradient of the pooled `[B, F, D]` output."""
+        """Apply the sparse update for `grad`, the gradient of the pooled `[B, F, D]` output:
+        each distinct row takes the sum of its ids' scaled gradients, then its table's
+        fused optimizer step."""
         if not ctx.train:
             raise BatchError("backward needs a context from forward(train=True); this one was read-only")
         grad_out = self._grad_rows(ctx, grad)  # [B, F, D]: float32, or uint16 bfloat16 bits
-        kernel = pooling.accumulate_bf16 if grad_out.dtype == np.uint16 else pooling.accumulate
         unique_of_id, bases = self._unique_of_id(ctx)
-        grad_rows = np.empty((bases[-1], self.dim), dtype=np.float32)  # [U of all tables, D]
-        run_split(kernel, int(bases[-1]), self.threads, grad_out, ctx.offsets, unique_of_id, ctx.scales, grad_rows)
-        for n, (t, (_, lookup)) in enumerate(ctx.lookups.items()):
-            self.tables[t].apply_rows(lookup, grad_rows[bases[n] : bases[n + 1]])
+        grouped = GroupedGradients.of_batch(grad_out.reshape(-1, self.dim), ctx.offsets, unique_of_id, ctx.scales,
+                                            int(bases[-1]), ctx.batch_size)
+        for first, (t, (_, lookup)) in zip(bases, ctx.lookups.items()):
+            self.tables[t].apply_grouped(lookup, grouped, int(first))
 
     @staticmethod
     def _unique_of_id(ctx: PooledContext) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ import hashlib
 import numba
 import numpy as np
 
-from tidal.mixing import mix64
+from tidal.mixing import GOLDEN, mix64
 
 __all__ = ["INIT_KINDS", "init_row", "mix64", "table_seed", "unit_float"]
 
@@ -36,26 +36,38 @@ def _two_units(bits: np.uint64) -> tuple[np.float32, np.float32]:
 def init_row(out: np.ndarray, key: np.int64, seed: np.uint64, kind: int, scale: float) -> None:
     """Write the initial values of `key` into `out` ([dim] float32).
 
-    kind 0: zeros; 1: uniform in [-scale, scale); 2: normal with std `scale`
-    (Box-Muller). Each 64-bit mix of (seed, key, position) gives two values.
+    kind 0: zeros; 1: uniform in [-scale, scale); 2: normal with std `scale`. The bits
+    come from splitmix64 started at mix64(key ^ seed): uniform dim d takes its d-th
+    output (one output per value, a loop that vectorizes: rows are created on the
+    training hot path); normal takes two values from each output (Box-Muller).
     """
-    dim = out.shape[0]
     if kind == 0:
         out[:] = 0.0
-        return
-    base = mix64(np.uint64(key) ^ seed)
-    s = np.float32(scale)
+    elif kind == 1:
+        _uniform_row(out, mix64(np.uint64(key) ^ seed), np.float32(scale))
+    else:
+        _normal_row(out, mix64(np.uint64(key) ^ seed), np.float32(scale))
+
+
+@numba.njit(nogil=True, inline="always")
+def _uniform_row(out: np.ndarray, state: np.uint64, scale: np.float32) -> None:
+    for d in range(out.shape[0]):
+        bits = mix64(state + np.uint64(d) * GOLDEN)
+        # through int64: converting a signed integer to float is one instruction, unsigned is not
+        unit = np.float32(np.int64(bits >> np.uint64(40))) * np.float32(1.0 / 8388608.0) - np.float32(1.0)
+        out[d] = scale * unit  # the top 24 bits as [-1, 1): never +scale
+
+
+@numba.njit(nogil=True, inline="always")
+def _normal_row(out: np.ndarray, state: np.uint64, scale: np.float32) -> None:
+    dim = out.shape[0]
     for d in range(0, dim, 2):
-        u1, u2 = _two_units(mix64(base + np.uint64(d)))
-        if kind == 1:
-            a, b = s * (np.float32(2.0) * u1 - np.float32(1.0)), s * (np.float32(2.0) * u2 - np.float32(1.0))
-        else:
-            radius = s * np.sqrt(np.float32(-2.0) * np.log(np.float32(1.0) - u1))  # 1 - u1 in (0, 1]
-            angle = np.float32(2.0 * np.pi) * u2
-            a, b = radius * np.cos(angle), radius * np.sin(angle)
-        out[d] = a
+        u1, u2 = _two_units(mix64(state + np.uint64(d) * GOLDEN))
+        radius = scale * np.sqrt(np.float32(-2.0) * np.log(np.float32(1.0) - u1))  # 1 - u1 in (0, 1]
+        angle = np.float32(2.0 * np.pi) * u2
+        out[d] = radius * np.cos(angle)
         if d + 1 < dim:
-            out[d + 1] = b
+            out[d + 1] = radius * np.sin(angle)
 
 
 def table_seed(seed: int, table_name: str) -> np.uint64:

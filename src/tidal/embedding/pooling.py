@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba import types
+from numba.extending import overload
 
-from tidal.embedding._memory import float_row, row_in, row_of
+from tidal.embedding._memory import float_row, prefetch, prefetch_row, row_in, row_of
 from tidal.optim import rowwise as rw
 
 __all__ = ["MODES"]
 
 MODES = {"sum": 0, "mean": 1, "sqrtn": 2}
+_BLOCK = 128  # rows of gradient summed at a time (32 KiB at dim 64)
+_AHEAD = 8  # gradient rows prefetched ahead of the one being read
 
 
 @numba.njit(nogil=True, cache=True)
@@ -53,6 +57,8 @@ def pool(directories, widths, feature_tables, handles, offsets, scales, out, lo,
         for f in range(num_features):
             k = f * batch_size + b
             table = feature_tables[f]
+            if b + 1 < hi and offsets[k + 1] < offsets[k + 2]:  # the next sample's bag of f
+                prefetch_row(directories[table], handles[offsets[k + 1]], widths[table], dim)
             target = float_row(out.ctypes.data, b * num_features + f, dim)
             first = True
             for i in range(offsets[k], offsets[k + 1]):
@@ -85,6 +91,8 @@ def pool_bf16(directories, widths, feature_tables, handles, offsets, scales, out
         for f in range(num_features):
             k = f * batch_size + b
             table = feature_tables[f]
+            if b + 1 < hi and offsets[k + 1] < offsets[k + 2]:  # the next sample's bag of f
+                prefetch_row(directories[table], handles[offsets[k + 1]], widths[table], dim)
             target = float_row(sample.ctypes.data, f, dim)
             first = True
             for i in range(offsets[k], offsets[k + 1]):
@@ -109,52 +117,84 @@ def pool_bf16(directories, widths, feature_tables, handles, offsets, scales, out
             out[d] = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
 
 
-@numba.njit(nogil=True, cache=True)
-def accumulate_bf16(grad_bits, offsets, unique_of_id, scales, grad_rows, lo, hi):  # type: ignore[no-untyped-def]
-    """`accumulate` of a bfloat16 gradient: `grad_bits` is `[B, F, D]` uint16 holding
-    bfloat16 bits, widened to float32 (exactly) one bag row at a time."""
-    batch_size, num_features, dim = grad_bits.shape
-    wide_bits = np.empty(dim, dtype=np.uint32)
-    source = wide_bits.view(np.float32)
-    grad_rows[lo:hi] = 0.0
-    for b in range(batch_size):
-        for f in range(num_features):
-            k = f * batch_size + b
-            widened = False
-            for i in range(offsets[k], offsets[k + 1]):
-                u = unique_of_id[i]
-                if lo <= u < hi:
-                    if not widened:
-                        for d in range(dim):
-                            wide_bits[d] = np.uint32(grad_bits[b, f, d]) << 16
-                        widened = True
-                    s = scales[i]
-                    target = float_row(grad_rows.ctypes.data, u, dim)
-                    for d in range(dim):
-                        target[d] += s * source[d]
+def grad_row(grad_out, r, wide):  # type: ignore[no-untyped-def]
+    """Row r of a `[N, D]` gradient as float32: a view of a float32 gradient, or, for
+    uint16 bfloat16 bits, the row widened (exactly) into `wide` ([D] uint32)."""
+    raise NotImplementedError("grad_row is for compiled kernels only")
+
+
+@overload(grad_row, inline="always")
+def _grad_row(grad_out, r, wide):  # type: ignore[no-untyped-def]
+    if grad_out.dtype == types.uint16:
+        def widened(grad_out, r, wide):  # type: ignore[no-untyped-def]
+            for d in range(wide.shape[0]):
+                wide[d] = np.uint32(grad_out[r, d]) << 16
+            return float_row(wide.ctypes.data, 0, wide.shape[0])
+        return widened
+
+    def view(grad_out, r, wide):  # type: ignore[no-untyped-def]
+        return float_row(grad_out.ctypes.data, r, grad_out.shape[1])
+    return view
 
 
 @numba.njit(nogil=True, cache=True)
-def accumulate(grad_out, offsets, unique_of_id, scales, grad_rows, lo, hi):  # type: ignore[no-untyped-def]
-    """grad_rows[u] = sum over ids i of row u of scales[i] * grad_out[b, f], for u in [lo, hi).
+def group_by_row(offsets, unique_of_id, scales, num_rows, batch_size):  # type: ignore[no-untyped-def]
+    """The ids of a batch grouped by the distinct row they update (a counting sort).
 
-    `grad_out` is `[B, F, D]`, read in memory order (sample by sample) so its loads
-    stream; id i of bag k = f * B + b belongs to unique row ``unique_of_id[i]`` (-1:
-    none). Threads split the unique rows, so no two write the same row.
+    Id i of bag ``k = f * B + b`` updates row ``unique_of_id[i]`` (-1: none) with
+    ``scales[i]`` times row ``b * F + f`` of the gradient seen as `[B * F, D]`.
+    Returns (starts [num_rows + 1], sources [m], entry_scales [m]): row u's entries
+    are ``starts[u]:starts[u + 1]``, in bag order, each a gradient row and its scale.
     """
-    batch_size, num_features, dim = grad_out.shape
-    grad_rows[lo:hi] = 0.0
-    for b in range(batch_size):
-        for f in range(num_features):
+    num_features = (offsets.shape[0] - 1) // batch_size if batch_size > 0 else 0
+    starts = np.zeros(num_rows + 1, dtype=np.int64)
+    for i in range(offsets[-1]):
+        if unique_of_id[i] >= 0:
+            starts[unique_of_id[i] + 1] += 1
+    starts = np.cumsum(starts)
+    fill = starts[:-1].copy()
+    sources = np.empty(starts[-1], dtype=np.int64)
+    entry_scales = np.empty(starts[-1], dtype=np.float32)
+    for f in range(num_features):
+        for b in range(batch_size):
             k = f * batch_size + b
-            source = float_row(grad_out.ctypes.data, b * num_features + f, dim)
             for i in range(offsets[k], offsets[k + 1]):
                 u = unique_of_id[i]
-                if lo <= u < hi:
-                    s = scales[i]
-                    target = float_row(grad_rows.ctypes.data, u, dim)
-                    for d in range(dim):
-                        target[d] += s * source[d]
+                if u >= 0:
+                    sources[fill[u]], entry_scales[fill[u]] = b * num_features + f, scales[i]
+                    fill[u] += 1
+    return starts, sources, entry_scales
+
+
+@numba.njit(nogil=True, cache=True)
+def apply_grouped(directory, width, unique, first, grouped, code, hyper, step, lo, hi):  # type: ignore[no-untyped-def]
+    """The optimizer step of rows unique[lo:hi] of one table, each given the sum of its
+    ids' scaled gradients.
+
+    `grouped` = (starts, sources, entry scales, gradient `[N, D]` float32 or uint16
+    bfloat16 bits) from `group_by_row`; this table's row u is row ``first + u`` there.
+    Rows are summed a block at a time into a buffer that stays in cache, then updated
+    by `apply_rows`: no gradient buffer the size of the batch's rows.
+    """
+    starts, sources, entry_scales, grad_out = grouped
+    dim = grad_out.shape[1]
+    row_bytes = dim * grad_out.itemsize
+    block = np.empty((_BLOCK, dim), dtype=np.float32)
+    wide = np.empty(dim, dtype=np.uint32)
+    for start in range(lo, hi, _BLOCK):
+        end = min(start + _BLOCK, hi)
+        for u in range(start, end):
+            prefetch_row(directory, unique[u], width, width)  # in cache when `apply_rows` comes to it
+            target = float_row(block.ctypes.data, u - start, dim)
+            target[:] = 0.0
+            for e in range(starts[first + u], starts[first + u + 1]):
+                if e + _AHEAD < sources.shape[0]:
+                    prefetch(grad_out.ctypes.data + sources[e + _AHEAD] * row_bytes, row_bytes)
+                source = grad_row(grad_out, sources[e], wide)
+                s = entry_scales[e]
+                for d in range(dim):
+                    target[d] += s * source[d]
+        apply_rows(directory, width, unique[start:end], block, code, hyper, step, 0, end - start)
 
 
 @numba.njit(nogil=True, cache=True)

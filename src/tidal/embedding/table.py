@@ -34,7 +34,7 @@ from tidal.embedding.hashing import INIT_KINDS, table_seed
 from tidal.errors import BatchError, CheckpointError, ConfigError, TidalError
 from tidal.optim.rowwise import OptimizerKernel
 
-__all__ = ["EmbeddingTable", "RowBlock", "RowLookup", "TableStats"]
+__all__ = ["EmbeddingTable", "GroupedGradients", "RowBlock", "RowLookup", "TableStats"]
 
 _MAX_LOAD = 0.75
 _ROW_ARRAY_GROWTH = 1.25
@@ -77,7 +77,7 @@ class RowLookup:
     shard_offsets  [S + 1]  int64  shard s's rows are unique[shard_offsets[s]:shard_offsets[s+1]]
 
     `table` and `epoch` say which table made it and between which evictions: handles
-    are only valid there, so `apply_rows` refuses a lookup from elsewhere or older.
+    are only valid there, so `apply_grouped` refuses a lookup from elsewhere or older.
     """
 
     handles: np.ndarray
@@ -104,6 +104,33 @@ class RowBlock:
     state: np.ndarray
     last_seen: np.ndarray
     counts: np.ndarray
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupedGradients:
+    """The scaled gradients of a batch's ids, grouped by the distinct row they update.
+
+    starts    [R + 1]  int64    row r's entries are starts[r]:starts[r + 1]
+    sources   [m]      int64    the gradient row of each entry
+    scales    [m]      float32  its scale (pooling mode and id weight)
+    grad      [N, D]            float32, or uint16 bfloat16 bits
+
+    A row's update is the sum of scale x grad[source] over its entries. Rows are
+    numbered across the batch's tables (`pooling.group_by_row`); a table's rows start
+    at the `first` given to `apply_grouped`.
+    """
+
+    starts: np.ndarray
+    sources: np.ndarray
+    scales: np.ndarray
+    grad: np.ndarray
+
+    @classmethod
+    def of_batch(cls, grad: np.ndarray, offsets: np.ndarray, unique_of_id: np.ndarray, scales: np.ndarray,
+                 num_rows: int, batch_size: int) -> GroupedGradients:
+        """Group the ids of bags `offsets` (bag k = f * B + b reads gradient row b * F + f)."""
+        starts, sources, entry_scales = pooling.group_by_row(offsets, unique_of_id, scales, num_rows, batch_size)
+        return cls(starts=starts, sources=sources, scales=entry_scales, grad=grad)
 
 
 class _Shard:
@@ -360,33 +387,36 @@ class EmbeddingTable:
                 f"(one row per key), got {grads.shape}"
             )
         lookup = self.find(keys, count=False)
-        summed = np.empty((lookup.unique.shape[0], self.dim), dtype=np.float32)  # [U, D]
-        run_split(pooling.accumulate, summed.shape[0], self.threads, grads[:, None, :],
-                  np.arange(keys.shape[0] + 1), lookup.inverse, np.ones(keys.shape[0], np.float32), summed)
-        self.apply_rows(lookup, summed)
+        grouped = GroupedGradients.of_batch(grads, np.arange(keys.shape[0] + 1), lookup.inverse,
+                                            np.ones(keys.shape[0], np.float32), lookup.unique.shape[0], keys.shape[0])
+        self.apply_grouped(lookup, grouped)
 
-    def apply_rows(self, lookup: RowLookup, grads: np.ndarray) -> None:
-        """One fused optimizer step on the distinct rows of `lookup`.
-
-        `grads` is `[U, dim]` float32: the summed gradient of ``lookup.unique[u]``.
-        """
+    def _check_lookup(self, lookup: RowLookup) -> None:
         if lookup.table != id(self) or lookup.epoch != self._epoch:
             raise BatchError(f"table {self.name!r}: this RowLookup came from another table or from "
                              "before an evict(); look the keys up again")
-        expected = (lookup.unique.shape[0], self.dim)
-        if grads.shape != expected or grads.dtype != np.float32 or not grads.flags.c_contiguous:
-            raise BatchError(f"table {self.name!r}: grads must be contiguous float32 of shape {expected} "
-                             f"(one row per distinct key), got {grads.dtype} {grads.shape}")
+
+    def apply_grouped(self, lookup: RowLookup, grads: GroupedGradients, first: int = 0) -> None:
+        """One fused optimizer step on the distinct rows of `lookup`: row
+        ``lookup.unique[u]`` takes the summed gradient of row ``first + u`` of `grads`."""
+        self._check_lookup(lookup)
+        rows = lookup.unique.shape[0]
+        if grads.starts.shape[0] < first + rows + 1 or grads.grad.ndim != 2 or grads.grad.shape[1] != self.dim:
+            raise BatchError(f"table {self.name!r}: grouped gradients of {grads.starts.shape[0] - 1} rows of "
+                             f"{list(grads.grad.shape[1:])} values do not cover rows {first}..{first + rows} "
+                             f"of dim {self.dim}")
         step = self._next_update()
         offsets = lookup.shard_offsets
-        run_tasks([partial(self._apply_in_shard, s, lookup.unique, grads, int(offsets[s]), int(offsets[s + 1]), step)
-                   for s in range(self.num_shards) if offsets[s] < offsets[s + 1]], self.threads)
+        run_tasks([partial(self._apply_in_shard, s, lookup.unique, grads, first, int(offsets[s]), int(offsets[s + 1]),
+                           step) for s in range(self.num_shards) if offsets[s] < offsets[s + 1]], self.threads)
 
-    def _apply_in_shard(self, s: int, unique: np.ndarray, grads: np.ndarray, lo: int, hi: int, step: int) -> None:
+    def _apply_in_shard(self, s: int, unique: np.ndarray, grads: GroupedGradients, first: int, lo: int, hi: int,
+                        step: int) -> None:
         shard = self._shards[s]
+        grouped = (grads.starts, grads.sources, grads.scales, grads.grad)
         with shard.lock:
-            pooling.apply_rows(self.arena.directory, self.width, unique, grads, self.optimizer.code,
-                               self.optimizer.hyper, step, lo, hi)
+            pooling.apply_grouped(self.arena.directory, self.width, unique, first, grouped, self.optimizer.code,
+                                  self.optimizer.hyper, step, lo, hi)
             shard.last_seen[unique[lo:hi] >> SHARD_BITS] = self._step
 
     # ------------------------------------------------------------------ row moves
