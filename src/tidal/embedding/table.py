@@ -391,15 +391,12 @@ class EmbeddingTable:
                                             np.ones(keys.shape[0], np.float32), lookup.unique.shape[0], keys.shape[0])
         self.apply_grouped(lookup, grouped)
 
-    def _check_lookup(self, lookup: RowLookup) -> None:
-        if lookup.table != id(self) or lookup.epoch != self._epoch:
-            raise BatchError(f"table {self.name!r}: this RowLookup came from another table or from "
-                             "before an evict(); look the keys up again")
-
     def apply_grouped(self, lookup: RowLookup, grads: GroupedGradients, first: int = 0) -> None:
         """One fused optimizer step on the distinct rows of `lookup`: row
         ``lookup.unique[u]`` takes the summed gradient of row ``first + u`` of `grads`."""
-        self._check_lookup(lookup)
+        if lookup.table != id(self) or lookup.epoch != self._epoch:
+            raise BatchError(f"table {self.name!r}: this RowLookup came from another table or from "
+                             "before an evict(); look the keys up again")
         rows = lookup.unique.shape[0]
         if grads.starts.shape[0] < first + rows + 1 or grads.grad.ndim != 2 or grads.grad.shape[1] != self.dim:
             raise BatchError(f"table {self.name!r}: grouped gradients of {grads.starts.shape[0] - 1} rows of "
