@@ -333,7 +333,10 @@ class RuntimeConfig(_Model):
     the dense workers: `auto` is one GPU per dense worker when there are GPUs (round
     robin), else the CPU; `cpu`, `cuda` or `cuda:N` force it.
     `sparse_workers_at` changes the number of sparse workers at given steps, for
-    example ``{1000: 4, 5000: 2}``.
+    example ``{1000: 4, 5000: 2}``. `sparse_nice` is the nice value (0-19, Linux) the
+    threads doing sparse work run at: the dense workers, the usual bottleneck on a
+    CPU and the feeders of a GPU, then get a core as soon as they want one, and the
+    sparse work fills the time they leave; 0 runs everything alike.
     """
 
     backend: Literal["local", "ray"] = "local"
@@ -350,6 +353,7 @@ class RuntimeConfig(_Model):
     embedding_shards: int = Field(1, ge=1, le=256)  # ray: embedding-shard actors (tables placed table-wise)
     ray_address: str | None = None
     telemetry_every_s: float = Field(5.0, gt=0.0)
+    sparse_nice: int = Field(10, ge=0, le=19)
     sparse_workers_at: dict[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1, le=256)]] = Field(default_factory=dict)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import sys
 import threading
 
 import numpy as np
@@ -15,7 +17,8 @@ from runtime.test_trainer import _config
 from tidal.config import RunConfig
 from tidal.errors import DataError, TidalError
 from tidal.runtime import Trainer
-from tidal.runtime.workers import SparseWorker, _fp16_scale, decode, encode
+from tidal.runtime.workers import (DenseWorker, EmbeddingShard, SparseWorker, _fp16_scale, decode, encode,
+                                   lower_priority)
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +218,46 @@ def test_run_stopped_by_a_dense_failure_resumes_from_its_checkpoint(data, refere
 def test_colocated_sparse_worker_adds_one(data, tmp_path):
     summary = _trainer(data, tmp_path, {"sparse_workers": 2, "colocated_sparse_worker": True}).fit()
     assert summary["runtime"]["sparse_workers"] == [(0, 3)] and summary["rows"] == 12_000
+
+
+def _nice_of_this_thread() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="threads have nice values of their own on Linux")
+@pytest.mark.parametrize("nice", [0, 7])
+def test_sparse_work_runs_at_the_configured_nice_and_dense_work_at_the_process_one(data, tmp_path, monkeypatch, nice):
+    seen: dict[str, set[int]] = {"reader": set(), "sparse": set(), "dense": set()}
+
+    def recorded(role, method):
+        def call(self, *args, **kwargs):
+            result = method(self, *args, **kwargs)
+            seen[role].add(_nice_of_this_thread())
+            return result
+        return call
+
+    monkeypatch.setattr(SparseWorker, "_extract", recorded("reader", SparseWorker._extract))
+    monkeypatch.setattr(EmbeddingShard, "forward", recorded("sparse", EmbeddingShard.forward))
+    monkeypatch.setattr(DenseWorker, "step", recorded("dense", DenseWorker.step))
+    base = _nice_of_this_thread()
+    _trainer(data, tmp_path, {"sparse_workers": 2, "mode": "async", "sparse_nice": nice}).fit()
+    assert seen == {"reader": {max(base, nice)}, "sparse": {max(base, nice)}, "dense": {base}}
+    assert _nice_of_this_thread() == base
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="threads have nice values of their own on Linux")
+def test_lower_priority_only_raises_the_calling_threads_nice():
+    base, seen = _nice_of_this_thread(), []
+
+    def worker():
+        lower_priority(base + 5)
+        lower_priority(base + 3)  # lowering it back would need privileges: kept at +5
+        seen.append(_nice_of_this_thread())
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == [min(base + 5, 19)] and _nice_of_this_thread() == base
 
 
 def test_interrupt_joins_every_worker(data, tmp_path, monkeypatch):

@@ -72,7 +72,7 @@ class LocalBackend:
     def __init__(self, trainer: Any, spec: Any) -> None:
         self.trainer, self.runtime = trainer, trainer.config.runtime
         self.source = BatchSource(spec, shared=True)
-        self.store = EmbeddingShard(trainer.collection)
+        self.store = EmbeddingShard(trainer.collection, nice=self.runtime.sparse_nice)
         self._all_reduce = ThreadAllReduce(self.runtime.dense_workers) if self.runtime.dense_workers > 1 else None
         self._actors: list[_ThreadActor] = []
         self._dense: list[_ThreadActor] = []
@@ -82,7 +82,8 @@ class LocalBackend:
 
     def start_sparse(self, index: int) -> _ThreadActor:
         worker = SparseWorker(index, source=self.source, extractor=self.trainer.extractor, store=self.store,
-                              dense_workers=self.runtime.dense_workers, transfer_dtype=transfer_dtype(self.runtime))
+                              dense_workers=self.runtime.dense_workers, transfer_dtype=transfer_dtype(self.runtime),
+                              nice=self.runtime.sparse_nice)
         return self._track(_ThreadActor(worker, f"tidal-sparse-{index}"))
 
     def start_dense(self) -> list[_ThreadActor]:

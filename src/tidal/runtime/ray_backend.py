@@ -53,9 +53,9 @@ def _table_state(table: EmbeddingTable) -> dict:
 
 
 class _ShardActor(EmbeddingShard):
-    def __init__(self, tables: list, features: list, threads: int, state: dict | None) -> None:
+    def __init__(self, tables: list, features: list, threads: int, state: dict | None, nice: int) -> None:
         torch.set_num_threads(threads)  # a process of its own: more torch threads than cores only spin
-        super().__init__(_collection(tables, features, threads, state))
+        super().__init__(_collection(tables, features, threads, state), nice=nice)
 
     def forward(self, batch_id: int, batch: SparseBatch,  # type: ignore[override]
                 dtype: torch.dtype = torch.float32) -> tuple[np.ndarray, dict[str, float]]:
@@ -104,12 +104,12 @@ def _name(dtype: torch.dtype) -> str:
 
 class _SparseActor(SparseWorker):
     def __init__(self, index: int, spec: ReaderSpec, features: list, shards: list, features_of: list,
-                 dense_workers: int, transfer_dtype: str) -> None:
+                 dense_workers: int, transfer_dtype: str, nice: int) -> None:
         torch.set_num_threads(1)  # casts and slices only; the kernels run in the shard actors
         extractor = Extractor(features)
         store = _RemoteStore(shards, features_of, [f.name for f in extractor.sparse])
         super().__init__(index, source=BatchSource(spec, shared=False), extractor=extractor, store=store,
-                         dense_workers=dense_workers, transfer_dtype=transfer_dtype)
+                         dense_workers=dense_workers, transfer_dtype=transfer_dtype, nice=nice)
 
 
 class _GlooAllReduce:
@@ -179,7 +179,8 @@ class RayBackend:
             names = {t.name for t in tables}
             features = [f for f in self.trainer.collection.features.values() if f.table in names]
             state = {t.name: _table_state(t) for t in tables}
-            shards.append(actor.remote([t.config for t in tables], features, self.threads, state))
+            shards.append(actor.remote([t.config for t in tables], features, self.threads, state,
+                                       self.runtime.sparse_nice))
             features_of.append([f.name for f in features])
         return shards, features_of
 
@@ -191,7 +192,7 @@ class RayBackend:
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=self.dense_node, soft=True)
         actor = ray.remote(**options)(_SparseActor).remote(
             index, self.spec, self.features, self.shards, self.features_of, self.runtime.dense_workers,
-            transfer_dtype(self.runtime))
+            transfer_dtype(self.runtime), self.runtime.sparse_nice)
         self._actors.append(actor)
         return actor
 

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -74,6 +76,21 @@ def fix_gemm_threads() -> None:
         pass
 
 
+def lower_priority(nice: int) -> None:
+    """Run the calling thread at nice value `nice` unless it already runs lower (Linux
+    gives each thread its own; raising it needs no privilege, undoing it would). The
+    threads doing sparse work call it, so the dense workers get a core first. Elsewhere,
+    or where the system refuses, the thread runs as it was: a scheduling hint only."""
+    if nice <= 0 or not sys.platform.startswith("linux"):
+        return
+    thread = threading.get_native_id()
+    try:
+        if os.getpriority(os.PRIO_PROCESS, thread) < nice:
+            os.setpriority(os.PRIO_PROCESS, thread, nice)
+    except OSError:
+        pass
+
+
 def encode(tensor: torch.Tensor, dtype: str) -> np.ndarray:
     """A float32 tensor (on any device) as the numpy array that travels: float32,
     float16 or bfloat16 bits. The cast happens where the tensor is, so a GPU sends
@@ -113,14 +130,15 @@ def _fp16_scale(grad: torch.Tensor, loss_scale: float) -> float:
 class EmbeddingShard:
     """Tables that pool batches and keep each batch's lookup until its update comes."""
 
-    def __init__(self, collection: EmbeddingCollection) -> None:
-        self.collection = collection
+    def __init__(self, collection: EmbeddingCollection, *, nice: int = 0) -> None:
+        self.collection, self.nice = collection, nice
         self._contexts: dict[int, Any] = {}
         self._lock = threading.Lock()
 
     def forward(self, batch_id: int, batch: SparseBatch,
                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, dict[str, float]]:
         """Pooled `[B, F, D]` of `batch` in `dtype` (rows created as in training)."""
+        lower_priority(self.nice)
         start = time.perf_counter()
         ctx = self.collection.lookup(batch)
         middle = time.perf_counter()
@@ -132,6 +150,7 @@ class EmbeddingShard:
     def backward(self, batch_id: int, grad: torch.Tensor | np.ndarray) -> dict[str, float]:
         """Apply the sparse update of batch `batch_id` given its pooled gradient `[B, F, D]`
         (float32, or bfloat16, which the kernel reads as it is)."""
+        lower_priority(self.nice)
         start = time.perf_counter()
         with self._lock:
             ctx = self._contexts.pop(batch_id)
@@ -155,8 +174,8 @@ class SparseWorker:
     """
 
     def __init__(self, index: int, *, source: BatchSource, extractor: Extractor, store: Any,
-                 dense_workers: int, transfer_dtype: str) -> None:
-        self.index = index
+                 dense_workers: int, transfer_dtype: str, nice: int = 0) -> None:
+        self.index, self.nice = index, nice
         self.source, self.extractor, self.store = source, extractor, store
         self.dense_workers, self.transfer_dtype = dense_workers, transfer_dtype
         self._todo: queue.Queue[int | None] = queue.Queue()
@@ -170,6 +189,7 @@ class SparseWorker:
         self._todo.put(batch_id)
 
     def _read_loop(self) -> None:
+        lower_priority(self.nice)
         while (batch_id := self._todo.get()) is not None:
             result: Any
             try:
@@ -196,6 +216,7 @@ class SparseWorker:
         return result
 
     def forward(self, batch_id: int) -> tuple:
+        lower_priority(self.nice)
         prepared = self._take(batch_id)
         if prepared is None:
             return ({"batch_id": batch_id, "end": True}, *[None] * self.dense_workers)
@@ -217,6 +238,7 @@ class SparseWorker:
                 for lo, hi in zip(bounds[:-1], bounds[1:])]
 
     def backward(self, batch_id: int, *grads: dict[str, Any]) -> dict[str, float]:
+        lower_priority(self.nice)
         start = time.perf_counter()
         parts = [received(g["grad"], g["dtype"]) for g in grads]  # bfloat16 stays so: the kernel reads it
         parts = [part.float() / g["scale"] if g["dtype"] == "float16" else part for part, g in zip(parts, grads)]
