@@ -80,19 +80,21 @@ def prefetch(address: np.int64, size: np.int64) -> None:
 @numba.njit(nogil=True, inline="always")
 def prefetch_row(directory: np.ndarray, handle: np.int64, width: np.int64, columns: np.int64) -> None:
     """`prefetch` the first `columns` floats of a row; a handle of -1 is ignored."""
-    if handle < 0:
-        return
-    shard = handle & ((1 << SHARD_BITS) - 1)
-    local = handle >> SHARD_BITS
-    prefetch(directory[shard, local >> CHUNK_SHIFT] + (local & (CHUNK_ROWS - 1)) * width * 4, columns * 4)
+    if handle >= 0:
+        prefetch(_row_address(directory, handle, width), columns * 4)
 
 
 @numba.njit(nogil=True, inline="always")
 def row_of(directory: np.ndarray, handle: np.int64, width: np.int64) -> np.ndarray:
     """The float32 row (values then optimizer state) of a row handle, as a view."""
+    return float_row(_row_address(directory, handle, width), 0, width)
+
+
+@numba.njit(nogil=True, inline="always")
+def _row_address(directory: np.ndarray, handle: np.int64, width: np.int64) -> np.int64:
     shard = handle & ((1 << SHARD_BITS) - 1)
     local = handle >> SHARD_BITS
-    return _row(directory[shard, local >> CHUNK_SHIFT], local, width)
+    return directory[shard, local >> CHUNK_SHIFT] + (local & (CHUNK_ROWS - 1)) * width * 4
 
 
 @numba.njit(nogil=True, inline="always")
