@@ -302,7 +302,10 @@ class TrainingConfig(_Model):
 
     `device` is where the single-process trainer runs the dense network (`cpu`, the
     reference, by default; `auto` takes a GPU when there is one); the heterogeneous
-    engine places its dense workers by `runtime.device` instead.
+    engine places its dense workers by `runtime.device` instead. `precision: bfloat16`
+    trains the dense network under autocast (see `tidal.models.compute_precision`):
+    its matrix products run in bfloat16, its weights and optimizer stay float32, and the
+    pooled embeddings enter it as bfloat16.
     """
 
     epochs: int = Field(1, ge=1)
@@ -314,6 +317,7 @@ class TrainingConfig(_Model):
     run_dir: str = "runs/latest"
     checkpoint_every: int | None = Field(None, ge=1)  # steps between checkpoints; None: only at the end
     eval_every: int | None = Field(None, ge=1)  # steps between evaluations on data.eval; None: only at the end
+    precision: Literal["float32", "bfloat16"] = "float32"  # of the dense network's matrix products in training
 
 
 class RuntimeConfig(_Model):

@@ -7,7 +7,7 @@ import torch
 
 from tidal.config import ModelConfig
 from tidal.errors import ConfigError
-from tidal.models import DLRM, DeepFM, MMoEHead, RankingModel
+from tidal.models import DLRM, DeepFM, MMoEHead, RankingModel, compute_precision
 
 B, F, D, DD, T = 5, 4, 8, 3, 2
 
@@ -42,21 +42,49 @@ def test_dlrm_interaction_is_every_pairwise_dot_once():
     torch.testing.assert_close(captured["x"], torch.cat([bottom, expected], dim=1))
 
 
-def test_dlrm_pair_dots_backward_is_autograds():
-    from tidal.models.dlrm import _pair_dots, _PairDots
+def test_dlrm_interaction_backward_is_autograds():
+    from tidal.models.dlrm import _interaction, _Interaction
 
-    vectors = torch.randn(B, F + 1, D, dtype=torch.float64, requires_grad=True)
     model = DLRM(F, D, DD)
-    assert torch.autograd.gradcheck(lambda v: _PairDots.apply(v, model.pairs), (vectors,))
-    grad = torch.randn(B, model.pairs.numel(), dtype=torch.float64)
-    ours = torch.autograd.grad(_PairDots.apply(vectors, model.pairs), vectors, grad)[0]
-    theirs = torch.autograd.grad(_pair_dots(vectors, model.pairs), vectors, grad)[0]
+    bottom = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
+    pooled = torch.randn(B, F, D, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda b, p: _Interaction.apply(b, p, model.pair_of), (bottom, pooled))
+    grad = torch.randn(B, D + (F + 1) * F // 2, dtype=torch.float64)
+    ours = torch.autograd.grad(_Interaction.apply(bottom, pooled, model.pair_of), (bottom, pooled), grad)
+    theirs = torch.autograd.grad(_interaction(bottom, pooled)[0], (bottom, pooled), grad)
     torch.testing.assert_close(ours, theirs)
     model.train()
     pooled, dense = _inputs(2)
     train_out = model(pooled, dense)
     model.eval()
     torch.testing.assert_close(train_out, model(pooled, dense))  # both paths compute the same forward
+
+
+@pytest.mark.parametrize("kind", ["dlrm", "deepfm", "dcn", "wide_deep"])
+@pytest.mark.parametrize("pooled_dtype", [torch.float32, torch.bfloat16])
+def test_bfloat16_precision_trains_every_model_close_to_float32(kind, pooled_dtype):
+    torch.manual_seed(0)
+    model = RankingModel(ModelConfig(kind=kind), num_features=F, dim=D, dense_features=DD, num_targets=T)
+    pooled, dense = _inputs(3)
+    results = {}
+    for precision in ("float32", "bfloat16"):
+        leaf = pooled.detach().to(pooled_dtype if precision == "bfloat16" else torch.float32).requires_grad_(True)
+        model.zero_grad()
+        with compute_precision(torch.device("cpu"), precision):
+            logits = model(leaf, dense)
+        assert logits.dtype == (torch.bfloat16 if precision == "bfloat16" else torch.float32)  # products ran in it
+        logits.float().sum().backward()
+        assert leaf.grad.dtype == leaf.dtype  # the gradient goes back in the dtype the rows came in
+        results[precision] = logits.float(), leaf.grad.float(), [p.grad.clone() for p in model.parameters()]
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay float32
+    (logits32, grad32, params32), (logits16, grad16, params16) = results["float32"], results["bfloat16"]
+    for ours, theirs in [(logits16, logits32), (grad16, grad32), *zip(params16, params32)]:
+        assert (ours - theirs).norm() <= 0.05 * theirs.norm() + 1e-6  # bfloat16 keeps 8 bits of mantissa
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(ValueError, match="precision must be one of"):
+        compute_precision(torch.device("cpu"), "float8")
 
 
 def test_deepfm_second_order_term_sums_pairwise_products():

@@ -2,13 +2,16 @@
 
 Data: generated Criteo-like rows, extracted once into in-memory batches of 4096, so
 neither side pays for parsing. Tidal trains its collision-free tables (SGD) and the
-DLRM (Adam) on its heterogeneous engine (local backend: two sparse workers feeding two
-dense workers, async with at most two batches in flight); the peer is the usual PyTorch
-loop over the same DLRM on 26 modulo-hashed `nn.EmbeddingBag(sparse=True)` tables
-holding as many bytes in all as Tidal's table ends up holding, with `torch.optim.SGD`
-on the tables and Adam on the dense net, torch using every core. Each side trains a
-fresh model on all batches, twice, in turns (peer, Tidal, peer, Tidal); the faster of
-its two runs counts, and the models of the second round are evaluated on held-out rows.
+DLRM (Adam) on its heterogeneous engine (local backend: one sparse worker feeding one
+single-threaded dense worker, async with at most two batches in flight), the dense
+network's products in bfloat16 (`training.precision`; weights and optimizer float32);
+the peer is the usual PyTorch loop, in float32, over the same DLRM on 26 modulo-hashed
+`nn.EmbeddingBag(sparse=True)` tables holding as many bytes in all as Tidal's table
+ends up holding, with `torch.optim.SGD` on the tables and Adam on the dense net, torch
+using every core. Each side trains a fresh model on all batches, twice, in turns
+(peer, Tidal, peer, Tidal); the faster of its two runs counts, and the models of the
+AUC is the mean over the rounds' models on held-out rows (round r starts both dense
+networks from seed r: one seed's AUC moves by about 0.001).
 With a GPU, Tidal's dense workers run on it and the whole peer model too (tables
 included), as a PyTorch user would place it.
 """
@@ -42,7 +45,7 @@ __all__ = ["CONFIGS", "run"]
 
 BATCH = 4096
 LR_SPARSE, LR_DENSE = 0.05, 0.001
-RUNTIME = {"backend": "local", "sparse_workers": 2, "dense_workers": 2, "dense_threads": 1, "mode": "async",
+RUNTIME = {"backend": "local", "sparse_workers": 1, "dense_workers": 1, "dense_threads": 1, "mode": "async",
            "max_inflight": 2, "telemetry_every_s": 1e6}
 ROUNDS = 2
 
@@ -65,18 +68,22 @@ def _batches(paths: list[str]) -> list[SparseBatch]:
     return [extractor(t) for t in read_batches(paths, batch_rows=BATCH) if t.num_rows]
 
 
-def _tidal(shape: _Shape, paths: list[str], run_dir: Path) -> Trainer:
+def _tidal(shape: _Shape, paths: list[str], run_dir: Path, seed: int) -> Trainer:
     config = RunConfig(
         data={"train": paths}, features=[f.model_dump() for f in criteo_features(table="ids")],
         tables=[{"name": "ids", "dim": shape.dim, "optimizer": {"kind": "sgd", "lr": LR_SPARSE}}],
         model={"kind": "dlrm", "bottom_sizes": shape.bottom, "hidden_sizes": shape.top},
-        training={"lr": LR_DENSE, "run_dir": str(run_dir), "threads": 1, "log_every": 1 << 30}, runtime=RUNTIME)
+        training={"lr": LR_DENSE, "run_dir": str(run_dir), "threads": 1, "log_every": 1 << 30,
+                  "precision": "bfloat16", "seed": seed},
+        runtime=RUNTIME)
     return Trainer(config)
 
 
-def _train_tidal(shape: _Shape, paths: list[str], run_dir: Path, batches: list[SparseBatch]) -> tuple[Trainer, float]:
-    """A fresh Tidal model trained on `batches` by the engine, and the seconds it took."""
-    trainer = _tidal(shape, paths, run_dir)
+def _train_tidal(shape: _Shape, paths: list[str], run_dir: Path, batches: list[SparseBatch],
+                 seed: int = 0) -> tuple[Trainer, float]:
+    """A fresh Tidal model (dense weights from `seed`) trained on `batches` by the
+    engine, and the seconds it took."""
+    trainer = _tidal(shape, paths, run_dir, seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(os.devnull, "w") as log:
         start = time.perf_counter()
@@ -147,22 +154,25 @@ def _run_config(prefix: str, shape: _Shape, train: list[SparseBatch], held_out: 
     warm, _ = _train_tidal(shape, paths, scratch / f"warm{prefix}", train[:2])  # compile the kernels first
     rows_per_table = _equal_bytes_rows(warm, train, shape.dim)
     seconds: dict[str, list[float]] = {"tidal": [], "torch": []}
-    for round_ in range(ROUNDS):
+    aucs: dict[str, list[float]] = {"tidal": [], "torch": []}
+    for round_ in range(ROUNDS):  # round r: both sides' dense weights from seed r
         torch.manual_seed(round_)
         peer, spent = _train_torch(shape, rows_per_table, train)
         seconds["torch"].append(spent)
-        tidal, spent = _train_tidal(shape, paths, scratch / f"run{prefix}{round_}", train)
+        aucs["torch"].append(_auc(peer, held_out))
+        tidal, spent = _train_tidal(shape, paths, scratch / f"run{prefix}{round_}", train, seed=round_)
         seconds["tidal"].append(spent)
+        tidal.model.eval()
+        aucs["tidal"].append(_auc(lambda b: tidal.model(tidal.collection.forward(b, train=False)[0],
+                                                        torch.tensor(b.dense)), held_out))
     rows = sum(b.batch_size for b in train)
-    tidal.model.eval()
-    tidal_auc = _auc(lambda b: tidal.model(tidal.collection.forward(b, train=False)[0], torch.tensor(b.dense)), held_out)
     busy = tidal.runtime_report["busy"]  # type: ignore[index]
     result = {"tidal_samples_per_s": rows / min(seconds["tidal"]), "torch_samples_per_s": rows / min(seconds["torch"]),
-              "tidal_auc": tidal_auc, "torch_auc": _auc(peer, held_out),
+              "tidal_auc": float(np.mean(aucs["tidal"])), "torch_auc": float(np.mean(aucs["torch"])),
               "tidal_busy": {role: {k: round(v, 3) for k, v in stages.items()} for role, stages in busy.items()}}
     result["ratio_vs_torch"] = result["tidal_samples_per_s"] / result["torch_samples_per_s"]
     print(f"{prefix or 'heavy_':>8} dim {shape.dim}: tidal {result['tidal_samples_per_s']:,.0f} samples/s "
-          f"(AUC {tidal_auc:.4f})  torch {result['torch_samples_per_s']:,.0f} samples/s (AUC {result['torch_auc']:.4f}, "
+          f"(AUC {result['tidal_auc']:.4f})  torch {result['torch_samples_per_s']:,.0f} samples/s (AUC {result['torch_auc']:.4f}, "
           f"{rows_per_table:,d} rows x 26 tables)  x{result['ratio_vs_torch']:.2f}", flush=True)
     print("          tidal busy: " + "  ".join(f"{role}.{stage} {v:.0%}" for role, stages in busy.items()
                                              for stage, v in stages.items()), flush=True)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["LinearHead", "MMoEHead", "mlp", "weighted_bce"]
+__all__ = ["LinearHead", "MMoEHead", "PRECISIONS", "compute_precision", "mlp", "weighted_bce"]
 
 
 def mlp(in_features: int, sizes: Sequence[int], *, last_activation: bool = True) -> nn.Sequential:
@@ -67,3 +67,16 @@ def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tens
     """
     per_target = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(0) / total_rows
     return (per_target * weights).sum() / weights.sum()
+
+
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def compute_precision(device: torch.device, precision: str) -> torch.autocast:
+    """The context the dense network runs in for `precision` ("float32" or
+    "bfloat16"): with bfloat16, torch's autocast runs the matrix products in bfloat16
+    (summed in float32) while weights, optimizer state and loss stay float32. CPUs with
+    AMX or AVX512-BF16 and GPUs run them two to five times faster than in float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")

@@ -1,11 +1,13 @@
 """The coordinator of heterogeneous training: gate, dispatch queue, barriers, faults.
 
 The engine never touches a tensor. It hands batch ids to sparse workers (read ahead),
-lets a batch be looked up when the mode allows it (`sync`: once every earlier batch's
+lets a batch be pooled when the mode allows it (`sync`: once every earlier batch's
 sparse update landed; `async`: while fewer than `max_inflight` batches are between
-lookup and update), puts the looked-up batch's metadata (id, producer, rows, where its
+pooling and update), puts the pooled batch's metadata (id, producer, rows, where its
 slices are) on the bounded dispatch queue, hands it to the dense workers when they are
-free, and routes each gradient back to the producer. Checkpoints, evaluations and
+free, and routes each gradient back to the producer. The next batch's rows are found
+(looked up, created: no values read) while it waits to be pooled, so in sync mode only
+the update and the pooling stand between two dense steps. Checkpoints, evaluations and
 worker-count changes happen at barriers: no lookup passes one until every earlier
 update has landed.
 
@@ -28,6 +30,7 @@ __all__ = ["Engine", "Ticket"]
 
 _MAX_ATTEMPTS = 3
 _DENSE_AHEAD = 2  # group steps handed to the dense workers at once: the next input waits ready
+_LOOK_AHEAD = 1  # batches whose rows are found while they wait to be pooled
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,6 +66,7 @@ class Engine:
         self.sparse: dict[int, Any] = {}  # slot -> worker handle
         self.dense: list[Any] = []
         self.assigned: dict[int, int] = {}  # batch id -> slot reading it
+        self.looked_up: dict[int, int] = {}  # batch id -> slot that found its rows; not pooled yet
         self.flights: dict[int, _Flight] = {}
         self.retry: list[int] = []  # batch ids to look up again
         self.pending: dict[Any, tuple[str, int]] = {}  # handle -> (kind, batch id)
@@ -92,7 +96,7 @@ class Engine:
             slot = max(self.sparse, default=-1) + 1
             self.sparse[slot] = self.backend.start_sparse(slot)
         for slot in sorted(self.sparse)[self.target_workers :]:
-            if not any(f.slot == slot for f in self.flights.values()):
+            if not any(f.slot == slot for f in self.flights.values()) and slot not in self.looked_up.values():
                 self._retire(slot)
 
     def _retire(self, slot: int) -> None:
@@ -112,9 +116,10 @@ class Engine:
             pass
 
     def _release_reads(self, slot: int) -> None:
-        for batch_id in [k for k, s in self.assigned.items() if s == slot]:
-            del self.assigned[batch_id]
-            self.retry.append(batch_id)
+        for waiting in (self.assigned, self.looked_up):
+            for batch_id in [k for k, s in waiting.items() if s == slot]:
+                del waiting[batch_id]
+                self.retry.append(batch_id)
 
     # ------------------------------------------------------------------ the loop
 
@@ -204,24 +209,37 @@ class Engine:
     def _may_look_up(self, batch_id: int) -> bool:
         if self.barrier is not None and batch_id >= self.barrier:
             return False
-        if self.end_id is not None and batch_id >= self.end_id:
-            return False
+        return self.end_id is None or batch_id < self.end_id
+
+    def _may_pool(self) -> bool:
         if self.runtime.mode == "sync":
             return not self.flights
         return len(self.flights) < self.runtime.max_inflight
 
     def _issue_forwards(self) -> None:
-        while self.assigned:
-            batch_id = min(self.assigned)
+        while self.looked_up or self.assigned:
+            batch_id = min([*self.looked_up, *self.assigned])
             if not self._may_look_up(batch_id):
                 return
-            slot = self.assigned.pop(batch_id)
+            if not self._may_pool():
+                self._look_ahead()
+                return
+            slot = self.looked_up.pop(batch_id) if batch_id in self.looked_up else self.assigned.pop(batch_id)
             self.next_forward = max(self.next_forward, batch_id + 1)
             worker = self.sparse[slot]
             handles = self.backend.call(worker, "forward", batch_id, returns=1 + len(self.dense))
             staleness = sum(k < batch_id for k in self.flights)
             self.flights[batch_id] = _Flight(slot=slot, worker=worker, staleness=staleness, slices=handles[1:])
             self.pending[handles[0]] = ("forward", batch_id)
+
+    def _look_ahead(self) -> None:
+        """Have the rows of the next waiting batches found while they wait to be pooled."""
+        while self.assigned and len(self.looked_up) < _LOOK_AHEAD:
+            batch_id = min(self.assigned)
+            if not self._may_look_up(batch_id):
+                return
+            slot = self.looked_up[batch_id] = self.assigned.pop(batch_id)
+            self.pending[self.backend.call(self.sparse[slot], "look_up", batch_id)[0]] = ("look_up", batch_id)
 
     def _issue_dense(self) -> None:
         while self.dispatch and self.dense_running < _DENSE_AHEAD:
@@ -248,6 +266,8 @@ class Engine:
         getattr(self, f"_{kind}_done")(batch_id, result)
 
     def _failed(self, kind: str, batch_id: int, exc: Exception) -> None:
+        if kind == "look_up":  # a worker keeps its own errors for forward: its actor died, and forward will fail too
+            return
         flight = self.flights[batch_id]
         if kind == "dense":
             raise TidalError(f"dense worker failed on batch {batch_id} (step {self.start_step + batch_id + 1}): "
@@ -279,6 +299,7 @@ class Engine:
             del self.flights[batch_id]
             self.end_id = batch_id if self.end_id is None else min(self.end_id, batch_id)
             self.assigned = {k: s for k, s in self.assigned.items() if k < self.end_id}
+            self.looked_up = {k: s for k, s in self.looked_up.items() if k < self.end_id}
             return
         self.telemetry.add("sparse", meta["timings"])
         self.placement[batch_id] = (meta["epoch"], meta["index"])
@@ -286,6 +307,9 @@ class Engine:
             self.placement = {k: v for k, v in self.placement.items() if k >= self.done - 1}
         flight.meta = meta
         self.dispatch.append(Ticket(batch_id=batch_id, producer=flight.slot, rows=meta["rows"], location=flight.slices))
+
+    def _look_up_done(self, batch_id: int, result: None) -> None:
+        """Nothing to do: the rows wait in the store, the timings come with the forward."""
 
     def _dense_done(self, batch_id: int, meta: dict) -> None:
         flight = self.flights[batch_id]

@@ -82,7 +82,8 @@ class LocalBackend:
 
     def start_sparse(self, index: int) -> _ThreadActor:
         worker = SparseWorker(index, source=self.source, extractor=self.trainer.extractor, store=self.store,
-                              dense_workers=self.runtime.dense_workers, transfer_dtype=transfer_dtype(self.runtime),
+                              dense_workers=self.runtime.dense_workers,
+                              transfer_dtype=transfer_dtype(self.runtime, self.trainer.config.training.precision),
                               nice=self.runtime.sparse_nice)
         return self._track(_ThreadActor(worker, f"tidal-sparse-{index}"))
 
@@ -98,7 +99,8 @@ class LocalBackend:
             model = trainer.model if shared else copy.deepcopy(trainer.model)
             worker = DenseWorker(rank, model=model, lr=trainer.config.training.lr, optimizer_state=optimizer_state,
                                  loss_weights=trainer.loss_weights, all_reduce=self._all_reduce,
-                                 loss_scale=self.runtime.loss_scale, device=self.runtime.device)
+                                 loss_scale=self.runtime.loss_scale, device=self.runtime.device,
+                                 precision=trainer.config.training.precision)
             if shared:
                 trainer.optimizer = worker.optimizer
             self._dense.append(self._track(_ThreadActor(worker, f"tidal-dense-{rank}")))

@@ -79,12 +79,19 @@ class _RemoteStore:
         self.parts = [(shard, at) for shard, at in self.parts if at]
         self.keys = keys
 
-    def forward(self, batch_id: int, batch: SparseBatch,
-                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, dict[str, float]]:
+    def _split(self, batch: SparseBatch) -> list[tuple[Any, SparseBatch]]:
+        """Each shard actor with the part of `batch` whose tables it holds."""
         if list(batch.keys) != self.keys:
             raise TidalError(f"batch features {list(batch.keys)} differ from the run's {self.keys}")
-        refs = [shard.forward.remote(batch_id, batch.select([self.keys[f] for f in at]), dtype) for shard, at in self.parts]
-        results = ray.get(refs)
+        return [(shard, batch.select([self.keys[f] for f in at])) for shard, at in self.parts]
+
+    def look_up(self, batch_id: int, batch: SparseBatch) -> dict[str, float]:
+        spent = ray.get([shard.look_up.remote(batch_id, part) for shard, part in self._split(batch)])
+        return {"lookup": sum(s["lookup"] for s in spent)}
+
+    def forward(self, batch_id: int, batch: SparseBatch,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, dict[str, float]]:
+        results = ray.get([shard.forward.remote(batch_id, part, dtype) for shard, part in self._split(batch)])
         pooled = torch.empty((batch.batch_size, len(self.keys), results[0][0].shape[2]), dtype=dtype)  # [B, F, D]
         timings: dict[str, float] = {}
         for (_, at), (values, spent) in zip(self.parts, results):
@@ -192,7 +199,7 @@ class RayBackend:
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=self.dense_node, soft=True)
         actor = ray.remote(**options)(_SparseActor).remote(
             index, self.spec, self.features, self.shards, self.features_of, self.runtime.dense_workers,
-            transfer_dtype(self.runtime), self.runtime.sparse_nice)
+            transfer_dtype(self.runtime, self.trainer.config.training.precision), self.runtime.sparse_nice)
         self._actors.append(actor)
         return actor
 
@@ -200,7 +207,8 @@ class RayBackend:
         trainer = self.trainer
         kwargs = {"model": trainer.model, "lr": trainer.config.training.lr, "threads": self.runtime.dense_threads or torch.get_num_threads(),
                   "optimizer_state": trainer.optimizer.state_dict() if trainer.optimizer.state else None,
-                  "loss_weights": trainer.loss_weights, "loss_scale": self.runtime.loss_scale}
+                  "loss_weights": trainer.loss_weights, "loss_scale": self.runtime.loss_scale,
+                  "precision": trainer.config.training.precision}
         gpus = int(self.runtime.device != "cpu" and ray.cluster_resources().get("GPU", 0) >= self.runtime.dense_workers)
         if self.runtime.device.startswith("cuda") and not gpus:
             raise ConfigError(f"runtime.device is {self.runtime.device!r}, but the Ray cluster has fewer GPUs "

@@ -27,7 +27,7 @@ from tidal.data.generate import auc
 from tidal.data.readers import BadRows, expand_paths
 from tidal.embedding import EmbeddingCollection
 from tidal.errors import DataError, TidalError
-from tidal.models import RankingModel, weighted_bce
+from tidal.models import PRECISIONS, RankingModel, compute_precision, weighted_bce
 from tidal.runtime import checkpoint
 from tidal.runtime.plots import plot_metrics
 from tidal.runtime.source import ReaderSpec
@@ -113,11 +113,13 @@ class Trainer:
     def step(self, batch: SparseBatch) -> float:
         """One training step on `batch`; its loss."""
         self.model.train()
-        pooled, ctx = self.collection.forward(batch)  # [B, F, D]
+        precision = self.config.training.precision
+        pooled, ctx = self.collection.forward(batch, dtype=PRECISIONS[precision])  # [B, F, D]
         pooled = pooled.to(self.device).requires_grad_(True)
-        logits = self.model(pooled, self._dense(batch))  # [B, T]
+        with compute_precision(self.device, precision):
+            logits = self.model(pooled, self._dense(batch))  # [B, T]
         labels = torch.tensor(batch.labels).to(self.device)
-        loss = weighted_bce(logits, labels, self.loss_weights.to(self.device), batch.batch_size)
+        loss = weighted_bce(logits.float(), labels, self.loss_weights.to(self.device), batch.batch_size)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

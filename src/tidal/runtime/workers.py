@@ -35,7 +35,7 @@ from tidal.data.batch import SparseBatch
 from tidal.data.extract import Extractor
 from tidal.embedding import EmbeddingCollection
 from tidal.errors import ConfigError
-from tidal.models import weighted_bce
+from tidal.models import compute_precision, weighted_bce
 from tidal.runtime.source import BatchSource, Item
 
 __all__ = ["DenseWorker", "EmbeddingShard", "SparseWorker", "ThreadAllReduce", "decode", "dense_device", "encode",
@@ -44,12 +44,14 @@ __all__ = ["DenseWorker", "EmbeddingShard", "SparseWorker", "ThreadAllReduce", "
 _FP16_MAX = 65504.0
 
 
-def transfer_dtype(runtime: Any) -> str:
-    """The dtype pooled rows travel in: `auto` is bfloat16 across processes or to a
-    GPU, float32 within one process's memory (no copy is made there)."""
+def transfer_dtype(runtime: Any, precision: str) -> str:
+    """The dtype pooled rows travel in: `auto` is bfloat16 across processes, to a GPU
+    or to a dense network computing in bfloat16 (`precision`), float32 within one
+    process's memory otherwise (no copy is made there)."""
     if runtime.transfer_dtype != "auto":
         return runtime.transfer_dtype
-    return "bfloat16" if runtime.backend == "ray" or dense_device(runtime.device).type == "cuda" else "float32"
+    crosses = runtime.backend == "ray" or dense_device(runtime.device).type == "cuda"
+    return "bfloat16" if crosses or precision == "bfloat16" else "float32"
 
 
 def dense_device(device: str, rank: int = 0, key: str = "runtime.device") -> torch.device:
@@ -135,17 +137,29 @@ class EmbeddingShard:
         self._contexts: dict[int, Any] = {}
         self._lock = threading.Lock()
 
-    def forward(self, batch_id: int, batch: SparseBatch,
-                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, dict[str, float]]:
-        """Pooled `[B, F, D]` of `batch` in `dtype` (rows created as in training)."""
+    def look_up(self, batch_id: int, batch: SparseBatch) -> dict[str, float]:
+        """Find (or create) the rows of `batch` for its later `forward`: this reads no
+        values, so it may run while earlier batches' updates are still coming."""
         lower_priority(self.nice)
         start = time.perf_counter()
         ctx = self.collection.lookup(batch)
-        middle = time.perf_counter()
-        pooled = self.collection.pool(batch, ctx, dtype=dtype)
         with self._lock:
             self._contexts[batch_id] = ctx
-        return pooled, {"lookup": middle - start, "pool": time.perf_counter() - middle}
+        return {"lookup": time.perf_counter() - start}
+
+    def forward(self, batch_id: int, batch: SparseBatch,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, dict[str, float]]:
+        """Pooled `[B, F, D]` of `batch` in `dtype` (rows created as in training, unless
+        `look_up` found them already)."""
+        lower_priority(self.nice)
+        with self._lock:
+            found = batch_id in self._contexts
+        timings = {} if found else self.look_up(batch_id, batch)
+        start = time.perf_counter()
+        with self._lock:
+            ctx = self._contexts[batch_id]
+        pooled = self.collection.pool(batch, ctx, dtype=dtype)
+        return pooled, timings | {"pool": time.perf_counter() - start}
 
     def backward(self, batch_id: int, grad: torch.Tensor | np.ndarray) -> dict[str, float]:
         """Apply the sparse update of batch `batch_id` given its pooled gradient `[B, F, D]`
@@ -167,10 +181,11 @@ class SparseWorker:
     """Reads, extracts, looks up and pools its batches; applies their sparse updates.
 
     `prepare(k)` queues batch `k` for the reader thread (parse and extract run ahead);
+    `look_up(k)` may find its rows ahead (an error is kept for `forward` to raise);
     `forward(k)` returns ``(meta, slice_0, ..., slice_{M-1})`` with the pooled rows of
     batch k cut into one row slice per dense worker, or ``(meta, None, ...)`` with
     ``meta["end"]`` when the data ends before k; `backward(k, *grad_slices)` applies
-    the update. The `store` is an `EmbeddingShard` or anything with its two verbs.
+    the update. The `store` is an `EmbeddingShard` or anything with its three verbs.
     """
 
     def __init__(self, index: int, *, source: BatchSource, extractor: Extractor, store: Any,
@@ -180,6 +195,7 @@ class SparseWorker:
         self.dense_workers, self.transfer_dtype = dense_workers, transfer_dtype
         self._todo: queue.Queue[int | None] = queue.Queue()
         self._prepared: dict[int, Any] = {}
+        self._looked_up: dict[int, tuple[Any, dict[str, float]]] = {}  # batch id -> (what _take gave, timings)
         self._ready = threading.Condition()
         self._closed = False
         self._reader = threading.Thread(target=self._read_loop, name=f"tidal-sparse-{index}-reader", daemon=True)
@@ -215,13 +231,24 @@ class SparseWorker:
             raise result
         return result
 
+    def look_up(self, batch_id: int) -> None:
+        lower_priority(self.nice)
+        try:
+            prepared = self._take(batch_id)
+            self._looked_up[batch_id] = prepared, self.store.look_up(batch_id, prepared[1]) if prepared else {}
+        except Exception as exc:  # forward raises it, and the engine retries the batch from there
+            self._looked_up[batch_id] = exc, {}
+
     def forward(self, batch_id: int) -> tuple:
         lower_priority(self.nice)
-        prepared = self._take(batch_id)
+        prepared, timings = self._looked_up.pop(batch_id, None) or (self._take(batch_id), {})
+        if isinstance(prepared, Exception):
+            raise prepared
         if prepared is None:
             return ({"batch_id": batch_id, "end": True}, *[None] * self.dense_workers)
         item, batch, extract_s = prepared
-        pooled, timings = self.store.forward(batch_id, batch, pool_dtype(self.transfer_dtype))  # [B, F, D]
+        pooled, spent = self.store.forward(batch_id, batch, pool_dtype(self.transfer_dtype))  # [B, F, D]
+        timings = timings | spent
         start = time.perf_counter()
         slices = self._slices(encode(pooled, self.transfer_dtype), batch)
         timings |= {"parse": item.parse_s, "extract": extract_s, "transfer": time.perf_counter() - start}
@@ -302,13 +329,14 @@ class DenseWorker:
     On a GPU the worker runs on a CUDA stream of its own: each input is copied into a
     pinned host buffer kept from step to step, sent with a non-blocking copy, and cast
     to float32 there (16-bit pooled rows cross the bus as 16 bits); the gradient is
-    cast on the GPU before it comes back.
+    cast on the GPU before it comes back. With `precision` bfloat16 the network runs
+    under autocast, and bfloat16 pooled rows enter it as they came.
     """
 
     def __init__(self, rank: int, *, model: torch.nn.Module, lr: float, optimizer_state: dict | None,
                  loss_weights: torch.Tensor, all_reduce: Callable[[int, list[torch.Tensor]], None] | None,
-                 loss_scale: float, device: str = "auto") -> None:
-        self.rank = rank
+                 loss_scale: float, device: str = "auto", precision: str = "float32") -> None:
+        self.rank, self.precision = rank, precision
         self.device = dense_device(device, rank)
         fix_gemm_threads()
         self.model = model.to(self.device)
@@ -327,8 +355,9 @@ class DenseWorker:
             pooled, dense, labels = self._inputs(payload)
             middle = time.perf_counter()
             self.model.train()
-            logits = self.model(pooled, dense)  # [b, T]
-            loss = weighted_bce(logits, labels, self.loss_weights, payload["total_rows"])
+            with compute_precision(self.device, self.precision):
+                logits = self.model(pooled, dense)  # [b, T]
+            loss = weighted_bce(logits.float(), labels, self.loss_weights, payload["total_rows"])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.all_reduce is not None:
@@ -339,13 +368,15 @@ class DenseWorker:
         return {"loss": float(loss.detach()), "timings": {"transfer": middle - start, "dense": time.perf_counter() - middle}}, grad
 
     def _inputs(self, payload: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        as_sent = payload["dtype"] == "bfloat16" and self.precision == "bfloat16"
         if self.device.type == "cpu":
-            pooled = decode(payload["pooled"], payload["dtype"])
+            pooled = (received if as_sent else decode)(payload["pooled"], payload["dtype"])
             return pooled.requires_grad_(True), torch.tensor(payload["dense"]), torch.tensor(payload["labels"])
         pooled = self._to_device("pooled", payload["pooled"])
         if payload["dtype"] == "bfloat16":
             pooled = pooled.view(torch.bfloat16)
-        tensors = pooled.float(), self._to_device("dense", payload["dense"]), self._to_device("labels", payload["labels"])
+        tensors = (pooled if as_sent else pooled.float(), self._to_device("dense", payload["dense"]),
+                   self._to_device("labels", payload["labels"]))
         self.stream.synchronize()  # type: ignore[union-attr]  # the copies, timed as the transfer
         return tensors[0].requires_grad_(True), tensors[1], tensors[2]
 
