@@ -3,15 +3,17 @@
 Data: generated Criteo-like rows, extracted once into in-memory batches of 4096, so
 neither side pays for parsing. Tidal trains its collision-free tables (SGD) and the
 DLRM (Adam) on its heterogeneous engine (local backend: one sparse worker feeding one
-single-threaded dense worker, async with at most two batches in flight), the dense
-network's products in bfloat16 (`training.precision`; weights and optimizer float32);
-the peer is the usual PyTorch loop, in float32, over the same DLRM on 26 modulo-hashed
+single-threaded dense worker), the dense network's products in bfloat16
+(`training.precision`; weights and optimizer float32), twice: async with at most two
+batches in flight (the `tidal_` figures), and, in config (a), sync, where every batch
+reads the rows the previous one updated, as the peer's loop does (`sync_tidal_`). The peer is the
+usual PyTorch loop, in float32, over the same DLRM on 26 modulo-hashed
 `nn.EmbeddingBag(sparse=True)` tables holding as many bytes in all as Tidal's table
 ends up holding, with `torch.optim.SGD` on the tables and Adam on the dense net, torch
 using every core. Each side trains a fresh model on all batches, twice, in turns
-(peer, Tidal, peer, Tidal); the faster of its two runs counts, and the models of the
-AUC is the mean over the rounds' models on held-out rows (round r starts both dense
-networks from seed r: one seed's AUC moves by about 0.001).
+(peer, Tidal async, Tidal sync, then again); the faster of its two runs counts. AUC is
+the mean over the rounds' models on held-out rows (round r starts every dense network
+from seed r: one seed's AUC moves by about 0.001).
 With a GPU, Tidal's dense workers run on it and the whole peer model too (tables
 included), as a PyTorch user would place it.
 """
@@ -48,6 +50,7 @@ LR_SPARSE, LR_DENSE = 0.05, 0.001
 RUNTIME = {"backend": "local", "sparse_workers": 1, "dense_workers": 1, "dense_threads": 1, "mode": "async",
            "max_inflight": 2, "telemetry_every_s": 1e6}
 ROUNDS = 2
+_SIDE = {"async": "tidal", "sync": "sync_tidal"}  # the figures' prefix for each mode
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,11 +58,12 @@ class _Shape:
     dim: int
     bottom: list[int]  # the bottom MLP before its last layer, which has `dim` outputs
     top: list[int]  # the top MLP before the single-logit head
+    modes: tuple[str, ...]  # the engine modes Tidal trains in
 
 
 CONFIGS = {
-    "": _Shape(dim=64, bottom=[256], top=[256]),  # (a) embedding-heavy
-    "kaggle_": _Shape(dim=16, bottom=[512, 256, 64], top=[512, 256]),  # (b) the Criteo Kaggle DLRM
+    "": _Shape(dim=64, bottom=[256], top=[256], modes=("async", "sync")),  # (a) embedding-heavy
+    "kaggle_": _Shape(dim=16, bottom=[512, 256, 64], top=[512, 256], modes=("async",)),  # (b) the Criteo Kaggle DLRM
 }
 
 
@@ -68,22 +72,22 @@ def _batches(paths: list[str]) -> list[SparseBatch]:
     return [extractor(t) for t in read_batches(paths, batch_rows=BATCH) if t.num_rows]
 
 
-def _tidal(shape: _Shape, paths: list[str], run_dir: Path, seed: int) -> Trainer:
+def _tidal(shape: _Shape, paths: list[str], run_dir: Path, seed: int, mode: str) -> Trainer:
     config = RunConfig(
         data={"train": paths}, features=[f.model_dump() for f in criteo_features(table="ids")],
         tables=[{"name": "ids", "dim": shape.dim, "optimizer": {"kind": "sgd", "lr": LR_SPARSE}}],
         model={"kind": "dlrm", "bottom_sizes": shape.bottom, "hidden_sizes": shape.top},
         training={"lr": LR_DENSE, "run_dir": str(run_dir), "threads": 1, "log_every": 1 << 30,
                   "precision": "bfloat16", "seed": seed},
-        runtime=RUNTIME)
+        runtime=RUNTIME | {"mode": mode})
     return Trainer(config)
 
 
 def _train_tidal(shape: _Shape, paths: list[str], run_dir: Path, batches: list[SparseBatch],
-                 seed: int = 0) -> tuple[Trainer, float]:
+                 seed: int = 0, mode: str = "async") -> tuple[Trainer, float]:
     """A fresh Tidal model (dense weights from `seed`) trained on `batches` by the
-    engine, and the seconds it took."""
-    trainer = _tidal(shape, paths, run_dir, seed)
+    engine in `mode`, and the seconds it took."""
+    trainer = _tidal(shape, paths, run_dir, seed, mode)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(os.devnull, "w") as log:
         start = time.perf_counter()
@@ -153,29 +157,39 @@ def _run_config(prefix: str, shape: _Shape, train: list[SparseBatch], held_out: 
     torch.manual_seed(0)
     warm, _ = _train_tidal(shape, paths, scratch / f"warm{prefix}", train[:2])  # compile the kernels first
     rows_per_table = _equal_bytes_rows(warm, train, shape.dim)
-    seconds: dict[str, list[float]] = {"tidal": [], "torch": []}
-    aucs: dict[str, list[float]] = {"tidal": [], "torch": []}
-    for round_ in range(ROUNDS):  # round r: both sides' dense weights from seed r
+    sides = ["torch", *(_SIDE[mode] for mode in shape.modes)]
+    seconds: dict[str, list[float]] = {side: [] for side in sides}
+    aucs: dict[str, list[float]] = {side: [] for side in sides}
+    busy: dict[str, dict] = {}  # busy fractions of each stage, by side, in the last round
+    for round_ in range(ROUNDS):  # round r: every side's dense weights from seed r
         torch.manual_seed(round_)
         peer, spent = _train_torch(shape, rows_per_table, train)
         seconds["torch"].append(spent)
         aucs["torch"].append(_auc(peer, held_out))
-        tidal, spent = _train_tidal(shape, paths, scratch / f"run{prefix}{round_}", train, seed=round_)
-        seconds["tidal"].append(spent)
-        tidal.model.eval()
-        aucs["tidal"].append(_auc(lambda b: tidal.model(tidal.collection.forward(b, train=False)[0],
-                                                        torch.tensor(b.dense)), held_out))
+        for mode in shape.modes:
+            side = _SIDE[mode]
+            tidal, spent = _train_tidal(shape, paths, scratch / f"{side}{prefix}{round_}", train, seed=round_, mode=mode)
+            seconds[side].append(spent)
+            tidal.model.eval()
+            aucs[side].append(_auc(lambda b: tidal.model(tidal.collection.forward(b, train=False)[0],
+                                                            torch.tensor(b.dense)), held_out))
+            busy[side] = {role: {k: round(v, 3) for k, v in stages.items()}
+                          for role, stages in tidal.runtime_report["busy"].items()}  # type: ignore[index]
     rows = sum(b.batch_size for b in train)
-    busy = tidal.runtime_report["busy"]  # type: ignore[index]
-    result = {"tidal_samples_per_s": rows / min(seconds["tidal"]), "torch_samples_per_s": rows / min(seconds["torch"]),
-              "tidal_auc": float(np.mean(aucs["tidal"])), "torch_auc": float(np.mean(aucs["torch"])),
-              "tidal_busy": {role: {k: round(v, 3) for k, v in stages.items()} for role, stages in busy.items()}}
-    result["ratio_vs_torch"] = result["tidal_samples_per_s"] / result["torch_samples_per_s"]
-    print(f"{prefix or 'heavy_':>8} dim {shape.dim}: tidal {result['tidal_samples_per_s']:,.0f} samples/s "
-          f"(AUC {result['tidal_auc']:.4f})  torch {result['torch_samples_per_s']:,.0f} samples/s (AUC {result['torch_auc']:.4f}, "
-          f"{rows_per_table:,d} rows x 26 tables)  x{result['ratio_vs_torch']:.2f}", flush=True)
-    print("          tidal busy: " + "  ".join(f"{role}.{stage} {v:.0%}" for role, stages in busy.items()
-                                             for stage, v in stages.items()), flush=True)
+    result = {f"{side}_{key}": value for side in sides for key, value in
+              (("samples_per_s", rows / min(seconds[side])), ("auc", float(np.mean(aucs[side]))))}
+    result |= {f"{side}_busy": stages for side, stages in busy.items()}
+    print(f"{prefix or 'heavy_':>8} dim {shape.dim}: torch {result['torch_samples_per_s']:,.0f} samples/s "
+          f"(AUC {result['torch_auc']:.4f}, {rows_per_table:,d} rows x 26 tables)", flush=True)
+    for mode in shape.modes:
+        side = _SIDE[mode]
+        ratio = result[f"{side.removesuffix('tidal')}ratio_vs_torch"] = (result[f"{side}_samples_per_s"]
+                                                                          / result["torch_samples_per_s"])
+        print(f"          tidal {mode}: {result[f'{side}_samples_per_s']:,.0f} samples/s "
+              f"(AUC {result[f'{side}_auc']:.4f})  x{ratio:.2f}", flush=True)
+    for side, stages in busy.items():
+        print(f"          {side} busy: " + "  ".join(f"{role}.{stage} {v:.0%}" for role, parts in stages.items()
+                                                   for stage, v in parts.items()), flush=True)
     return {f"{prefix}{k}": v for k, v in result.items()}
 
 
