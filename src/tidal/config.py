@@ -305,7 +305,8 @@ class TrainingConfig(_Model):
     engine places its dense workers by `runtime.device` instead. `precision: bfloat16`
     trains the dense network under autocast (see `tidal.models.compute_precision`):
     its matrix products run in bfloat16, its weights and optimizer stay float32, and the
-    pooled embeddings enter it as bfloat16.
+    pooled embeddings enter it as bfloat16. `auto` is bfloat16 where the device computes
+    it natively (GPUs, CPUs with AMX or AVX512-BF16), float32 elsewhere.
     """
 
     epochs: int = Field(1, ge=1)
@@ -317,7 +318,7 @@ class TrainingConfig(_Model):
     run_dir: str = "runs/latest"
     checkpoint_every: int | None = Field(None, ge=1)  # steps between checkpoints; None: only at the end
     eval_every: int | None = Field(None, ge=1)  # steps between evaluations on data.eval; None: only at the end
-    precision: Literal["float32", "bfloat16"] = "float32"  # of the dense network's matrix products in training
+    precision: Literal["float32", "bfloat16", "auto"] = "float32"  # of the dense network's products in training
 
 
 class RuntimeConfig(_Model):

@@ -16,6 +16,7 @@ import torch
 from runtime.test_trainer import _config
 from tidal.config import RunConfig
 from tidal.errors import DataError, TidalError
+from tidal.models import resolve_precision
 from tidal.runtime import Trainer
 from tidal.runtime.workers import (DenseWorker, EmbeddingShard, SparseWorker, _fp16_scale, decode, encode,
                                    lower_priority)
@@ -102,6 +103,26 @@ def test_async_reports_bounded_staleness_and_still_learns(data, reference, tmp_p
     assert saved["staleness"] == staleness and 0 < saved["busy"]["dense"]["dense"] <= 1.0
 
 
+def test_sync_bf16_precision_with_one_dense_worker_is_bitwise_the_reference_in_bf16(data, reference, tmp_path):
+    single = _trainer(data, tmp_path / "single", None, precision="bfloat16")
+    single.fit()
+    engine = _trainer(data, tmp_path / "engine", {"sparse_workers": 2, "device": "cpu"}, precision="bfloat16")
+    engine.fit()
+    _assert_bitwise_equal(single, engine)  # rows pooled and sent in bfloat16, the products in bfloat16 on both
+    x = torch.cat([p.reshape(-1) for p in reference.model.parameters()])
+    y = torch.cat([p.reshape(-1) for p in engine.model.parameters()])
+    assert 0 < float((x - y).abs().max().detach()) < 0.1  # bfloat16 moved the weights, a little
+
+
+def test_auto_precision_is_bfloat16_only_where_the_cpu_has_it(monkeypatch):
+    cpu = torch.device("cpu")
+    for amx, avx512_bf16, expected in [(False, False, "float32"), (True, False, "bfloat16"), (False, True, "bfloat16")]:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda a=avx512_bf16: a)
+        assert resolve_precision(cpu, "auto") == expected
+        assert resolve_precision(cpu, "float32") == "float32" and resolve_precision(cpu, "bfloat16") == "bfloat16"
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_transfer_stays_close_to_fp32(data, reference, tmp_path, dtype):
     trainer = _trainer(data, tmp_path, {"sparse_workers": 2, "transfer_dtype": dtype})
@@ -125,8 +146,8 @@ def test_encode_round_trips_and_fp16_scale_avoids_overflow():
 class _Flaky:
     """Makes one worker method raise once at a given batch, as a crashing worker would."""
 
-    def __init__(self, monkeypatch, method: str, batch_id: int) -> None:
-        original = getattr(SparseWorker, method)
+    def __init__(self, monkeypatch, method: str, batch_id: int, owner: type = SparseWorker) -> None:
+        original = getattr(owner, method)
         self.raised = 0
 
         def flaky(worker, k, *args):
@@ -135,7 +156,7 @@ class _Flaky:
                 raise RuntimeError(f"injected failure in {method} of batch {k}")
             return original(worker, k, *args)
 
-        monkeypatch.setattr(SparseWorker, method, flaky)
+        monkeypatch.setattr(owner, method, flaky)
 
 
 @pytest.mark.parametrize("method", ["forward", "backward"])
@@ -147,6 +168,21 @@ def test_failed_sparse_worker_is_replaced_and_nothing_is_lost(data, reference, t
     assert flaky.raised == 1 and report["lost_samples"] == 0 and summary["rows"] == 12_000
     assert [(f["batch"], f["stage"]) for f in report["sparse_worker_failures"]] == [(5, method)]
     _assert_bitwise_equal(reference, trainer)  # the failure struck before the lookup / the update
+    assert _no_worker_threads()
+
+
+def test_failed_look_up_ahead_is_raised_by_the_forward_and_nothing_is_lost(data, reference, tmp_path, monkeypatch):
+    looked_up = []
+    original = EmbeddingShard.look_up
+    monkeypatch.setattr(EmbeddingShard, "look_up", lambda shard, k, batch: looked_up.append(k) or original(shard, k, batch))
+    flaky = _Flaky(monkeypatch, "look_up", batch_id=5, owner=EmbeddingShard)
+    trainer = _trainer(data, tmp_path, {"sparse_workers": 2, **EXACT})
+    summary = trainer.fit()
+    report = summary["runtime"]
+    assert len(looked_up) >= 10  # sync mode found rows ahead for most batches
+    assert flaky.raised == 1 and report["lost_samples"] == 0 and summary["rows"] == 12_000
+    assert [(f["batch"], f["stage"]) for f in report["sparse_worker_failures"]] == [(5, "forward")]
+    _assert_bitwise_equal(reference, trainer)
     assert _no_worker_threads()
 
 

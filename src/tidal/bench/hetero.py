@@ -6,8 +6,10 @@ SGD on the tables, Adam on the dense net), read from TSV by every run. In order:
 sequential single-process trainer (every kernel and torch on all cores), the local
 backend with 1..3 sparse workers and one dense worker, then with two single-threaded
 dense workers (the CPU stand-in for two devices: data parallel, all-reduced), the Ray
-backend at the best sparse worker count, and the AUC of bf16 against fp32 transfer
-(sync mode, the same batches: only the transfer differs). Workers of the engine run
+backend at the best sparse worker count, and the AUC of bf16 against fp32 (sync mode,
+the same batches: pooled rows sent and the dense network computed in one or the
+other). Every other run computes the dense network in bf16 (`training.precision`,
+weights and optimizer float32), as `tidal bench train` does. Workers of the engine run
 their kernels on one thread each; the engine gets its parallelism from the workers.
 Utilization is the busy fraction of every stage during the best pipelined run. With a
 GPU, the sequential trainer and the dense workers alike run the dense network on it.
@@ -33,31 +35,34 @@ __all__ = ["run"]
 BATCH = 4096
 
 
-def _config(train: list[str], held_out: list[str], run_dir: Path, runtime: dict | None, threads: int) -> RunConfig:
+def _config(train: list[str], held_out: list[str], run_dir: Path, runtime: dict | None, threads: int,
+            precision: str) -> RunConfig:
     return RunConfig(
         data={"train": train, "eval": held_out, "batch_size": BATCH},
         features=[f.model_dump() for f in criteo_features(table="ids")],
         tables=[{"name": "ids", "dim": 64, "optimizer": {"kind": "sgd", "lr": 0.05}}],
         model={"kind": "dlrm", "bottom_sizes": [256], "hidden_sizes": [256]},
-        training={"lr": 0.001, "log_every": 1_000_000, "run_dir": str(run_dir), "threads": threads, "device": "auto"},
+        training={"lr": 0.001, "log_every": 1_000_000, "run_dir": str(run_dir), "threads": threads, "device": "auto",
+                  "precision": precision},
         runtime=runtime)
 
 
-def _fit(train: list[str], held_out: list[str], run_dir: Path, runtime: dict | None) -> dict:
+def _fit(train: list[str], held_out: list[str], run_dir: Path, runtime: dict | None,
+         precision: str = "auto") -> dict:
     threads = torch.get_num_threads() if runtime is None else 1
-    summary = Trainer(_config(train, held_out, run_dir, runtime, threads)).fit()
+    summary = Trainer(_config(train, held_out, run_dir, runtime, threads, precision)).fit()
     report = summary["runtime"] or {}
     shown = f"  bottleneck {report['bottleneck']} {report['bottleneck_utilization']:.0%}" if report else ""
-    print(f"  {_name(runtime):<34} {summary['samples_per_s']:>9,.0f} samples/s  "
+    print(f"  {_name(runtime, precision):<44} {summary['samples_per_s']:>9,.0f} samples/s  "
           f"AUC {summary['eval']['auc']['label']:.4f}{shown}", flush=True)
     return summary
 
 
-def _name(runtime: dict | None) -> str:
+def _name(runtime: dict | None, precision: str) -> str:
     if runtime is None:
-        return "sequential"
+        return f"sequential, dense in {precision}"
     return (f"{runtime.get('backend', 'local')} {runtime.get('mode', 'sync')} N={runtime['sparse_workers']} "
-            f"M={runtime.get('dense_workers', 1)} {runtime.get('transfer_dtype', 'auto')}")
+            f"M={runtime.get('dense_workers', 1)} sent {runtime.get('transfer_dtype', 'auto')}, dense in {precision}")
 
 
 def run(rows: int = 400_000, mode: str = "async", with_ray: bool = True, as_json: bool = False) -> dict:
@@ -76,8 +81,8 @@ def run(rows: int = 400_000, mode: str = "async", with_ray: bool = True, as_json
                                                                  "dense_threads": 1, "mode": mode})
         ray_run = _fit(train, held_out, scratch / "ray", {"backend": "ray", "sparse_workers": best_n, "mode": mode}) \
             if with_ray else None
-        exact = {dtype: _fit(train, held_out, scratch / dtype, {"sparse_workers": best_n, "transfer_dtype": dtype})
-                 for dtype in ("float32", "bfloat16")}
+        exact = {dtype: _fit(train, held_out, scratch / dtype, {"sparse_workers": best_n, "transfer_dtype": dtype},
+                             precision=dtype) for dtype in ("float32", "bfloat16")}
         sequential.append(_fit(train, held_out, scratch / "seq2", None))  # the faster of two, first and last
     best = max(local, key=lambda nm: local[nm]["samples_per_s"])
     report = local[best]["runtime"]

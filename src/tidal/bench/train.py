@@ -78,7 +78,7 @@ def _tidal(shape: _Shape, paths: list[str], run_dir: Path, seed: int, mode: str)
         tables=[{"name": "ids", "dim": shape.dim, "optimizer": {"kind": "sgd", "lr": LR_SPARSE}}],
         model={"kind": "dlrm", "bottom_sizes": shape.bottom, "hidden_sizes": shape.top},
         training={"lr": LR_DENSE, "run_dir": str(run_dir), "threads": 1, "log_every": 1 << 30,
-                  "precision": "bfloat16", "seed": seed},
+                  "precision": "auto", "seed": seed},
         runtime=RUNTIME | {"mode": mode})
     return Trainer(config)
 

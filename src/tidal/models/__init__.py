@@ -11,14 +11,15 @@ from torch import nn
 
 from tidal.config import ModelConfig
 from tidal.errors import ConfigError
-from tidal.models.common import PRECISIONS, LinearHead, MMoEHead, compute_precision, mlp, weighted_bce
+from tidal.models.common import (PRECISIONS, LinearHead, MMoEHead, compute_precision, mlp, resolve_precision,
+                                 weighted_bce)
 from tidal.models.dcn import DCNv2
 from tidal.models.deepfm import DeepFM
 from tidal.models.dlrm import DLRM
 from tidal.models.wide_deep import WideDeep
 
 __all__ = ["DCNv2", "DLRM", "DeepFM", "LinearHead", "MMoEHead", "PRECISIONS", "RankingModel", "WideDeep",
-           "compute_precision", "mlp", "weighted_bce"]
+           "compute_precision", "mlp", "resolve_precision", "weighted_bce"]
 
 
 class RankingModel(nn.Module):

@@ -27,7 +27,7 @@ from tidal.data.generate import auc
 from tidal.data.readers import BadRows, expand_paths
 from tidal.embedding import EmbeddingCollection
 from tidal.errors import DataError, TidalError
-from tidal.models import PRECISIONS, RankingModel, compute_precision, weighted_bce
+from tidal.models import PRECISIONS, RankingModel, compute_precision, resolve_precision, weighted_bce
 from tidal.runtime import checkpoint
 from tidal.runtime.plots import plot_metrics
 from tidal.runtime.source import ReaderSpec
@@ -61,6 +61,7 @@ class Trainer:
         self.model = RankingModel(config.model, num_features=len(self.extractor.sparse), dim=self.collection.dim,
                                   dense_features=len(self.extractor.dense), num_targets=len(self.extractor.labels))
         self.model.to(self.device)
+        self.precision = resolve_precision(self.device, config.training.precision)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.training.lr)
         self.loss_weights = torch.tensor([f.weight for f in self.extractor.labels])
         self.targets = [f.name for f in self.extractor.labels]
@@ -113,10 +114,9 @@ class Trainer:
     def step(self, batch: SparseBatch) -> float:
         """One training step on `batch`; its loss."""
         self.model.train()
-        precision = self.config.training.precision
-        pooled, ctx = self.collection.forward(batch, dtype=PRECISIONS[precision])  # [B, F, D]
+        pooled, ctx = self.collection.forward(batch, dtype=PRECISIONS[self.precision])  # [B, F, D]
         pooled = pooled.to(self.device).requires_grad_(True)
-        with compute_precision(self.device, precision):
+        with compute_precision(self.device, self.precision):
             logits = self.model(pooled, self._dense(batch))  # [B, T]
         labels = torch.tensor(batch.labels).to(self.device)
         loss = weighted_bce(logits.float(), labels, self.loss_weights.to(self.device), batch.batch_size)

@@ -35,7 +35,7 @@ from tidal.data.batch import SparseBatch
 from tidal.data.extract import Extractor
 from tidal.embedding import EmbeddingCollection
 from tidal.errors import ConfigError
-from tidal.models import compute_precision, weighted_bce
+from tidal.models import compute_precision, resolve_precision, weighted_bce
 from tidal.runtime.source import BatchSource, Item
 
 __all__ = ["DenseWorker", "EmbeddingShard", "SparseWorker", "ThreadAllReduce", "decode", "dense_device", "encode",
@@ -50,8 +50,9 @@ def transfer_dtype(runtime: Any, precision: str) -> str:
     process's memory otherwise (no copy is made there)."""
     if runtime.transfer_dtype != "auto":
         return runtime.transfer_dtype
-    crosses = runtime.backend == "ray" or dense_device(runtime.device).type == "cuda"
-    return "bfloat16" if crosses or precision == "bfloat16" else "float32"
+    device = dense_device(runtime.device)
+    crosses = runtime.backend == "ray" or device.type == "cuda"
+    return "bfloat16" if crosses or resolve_precision(device, precision) == "bfloat16" else "float32"
 
 
 def dense_device(device: str, rank: int = 0, key: str = "runtime.device") -> torch.device:
@@ -336,8 +337,9 @@ class DenseWorker:
     def __init__(self, rank: int, *, model: torch.nn.Module, lr: float, optimizer_state: dict | None,
                  loss_weights: torch.Tensor, all_reduce: Callable[[int, list[torch.Tensor]], None] | None,
                  loss_scale: float, device: str = "auto", precision: str = "float32") -> None:
-        self.rank, self.precision = rank, precision
+        self.rank = rank
         self.device = dense_device(device, rank)
+        self.precision = resolve_precision(self.device, precision)
         fix_gemm_threads()
         self.model = model.to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
