@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from tidal.config import RunConfig
+from tidal.models import resolve_precision
 from tidal.data.criteo import criteo_features
 from tidal.data.generate import generate
 from tidal.runtime import Trainer
@@ -59,6 +60,7 @@ def _fit(train: list[str], held_out: list[str], run_dir: Path, runtime: dict | N
 
 
 def _name(runtime: dict | None, precision: str) -> str:
+    precision = resolve_precision(dense_device("auto"), precision)
     if runtime is None:
         return f"sequential, dense in {precision}"
     return (f"{runtime.get('backend', 'local')} {runtime.get('mode', 'sync')} N={runtime['sparse_workers']} "
