@@ -40,7 +40,8 @@ def _config(train: list[str], held_out: list[str], run_dir: Path) -> RunConfig:
                   for f in criteo_features(table="ids")],
         tables=[{"name": "ids", "dim": 16, "optimizer": {"kind": "adagrad", "lr": 0.05}}],
         model={"kind": "dlrm", "bottom_sizes": [64], "hidden_sizes": [128, 64]},
-        training={"epochs": 1, "lr": 0.002, "log_every": 25, "eval_every": 50, "run_dir": str(run_dir)},
+        training={"epochs": 1, "lr": 0.002, "log_every": 25, "eval_every": 50, "run_dir": str(run_dir),
+                  "precision": "auto"},
         runtime={"backend": "local", "sparse_workers": 2, "dense_workers": 1, "mode": "sync"},
     )
 

@@ -32,7 +32,7 @@ def test_cli_refuses_a_workload_of_less_than_two_batches(capsys):
 def test_no_ray_leaves_the_ray_run_out(monkeypatch):
     runs = []
 
-    def fake_fit(train, held_out, run_dir, runtime):
+    def fake_fit(train, held_out, run_dir, runtime, precision="auto"):
         runs.append(runtime)
         busy = {"dense": {"dense": 0.5}}
         report = {"utilization": {"dense": 0.5}, "bottleneck_utilization": 0.5, "busy": busy, "bottleneck": "dense",

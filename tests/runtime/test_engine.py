@@ -174,7 +174,8 @@ def test_failed_sparse_worker_is_replaced_and_nothing_is_lost(data, reference, t
 def test_failed_look_up_ahead_is_raised_by_the_forward_and_nothing_is_lost(data, reference, tmp_path, monkeypatch):
     looked_up = []
     original = EmbeddingShard.look_up
-    monkeypatch.setattr(EmbeddingShard, "look_up", lambda shard, k, batch: looked_up.append(k) or original(shard, k, batch))
+    monkeypatch.setattr(EmbeddingShard, "look_up",
+                        lambda shard, k, batch: looked_up.append(k) or original(shard, k, batch))
     flaky = _Flaky(monkeypatch, "look_up", batch_id=5, owner=EmbeddingShard)
     trainer = _trainer(data, tmp_path, {"sparse_workers": 2, **EXACT})
     summary = trainer.fit()

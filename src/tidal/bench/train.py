@@ -168,7 +168,8 @@ def _run_config(prefix: str, shape: _Shape, train: list[SparseBatch], held_out: 
         aucs["torch"].append(_auc(peer, held_out))
         for mode in shape.modes:
             side = _SIDE[mode]
-            tidal, spent = _train_tidal(shape, paths, scratch / f"{side}{prefix}{round_}", train, seed=round_, mode=mode)
+            run_dir = scratch / f"{side}{prefix}{round_}"
+            tidal, spent = _train_tidal(shape, paths, run_dir, train, seed=round_, mode=mode)
             seconds[side].append(spent)
             tidal.model.eval()
             aucs[side].append(_auc(lambda b: tidal.model(tidal.collection.forward(b, train=False)[0],

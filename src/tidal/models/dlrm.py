@@ -56,7 +56,8 @@ class _Interaction(torch.autograd.Function):
     several times faster."""
 
     @staticmethod
-    def forward(ctx, bottom: torch.Tensor, pooled: torch.Tensor, pair_of: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, bottom: torch.Tensor, pooled: torch.Tensor,  # type: ignore[override]
+                pair_of: torch.Tensor) -> torch.Tensor:
         out, vectors = _interaction(bottom, pooled)
         ctx.save_for_backward(vectors, pair_of)
         return out
