@@ -69,6 +69,10 @@ def test_config_errors_name_the_key_path(tmp_path, capsys):
     path.write_text(yaml.safe_dump(config))
     assert main(["train", "--config", str(path)]) == 2
     assert "tables.0.dim: Input should be greater than 0, got 0" in capsys.readouterr().err
+    config = _config(tmp_path)
+    config["training"]["precision"] = "float8"
+    with pytest.raises(ConfigError, match="training.precision: Input should be 'float32', 'bfloat16' or 'auto'"):
+        RunConfig(**config)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
