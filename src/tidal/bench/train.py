@@ -56,7 +56,7 @@ RUNTIME = {"backend": "local", "sparse_workers": 1, "dense_workers": 1, "max_inf
 # thread each, 72-79k with every core for both).
 THREADS = {"async": 1, "sync": cpu_count()}
 ROUNDS = 2
-_SIDE = {"async": "tidal", "sync": "sync_tidal"}  # the figures' prefix for each mode
+_PREFIX = {"async": "", "sync": "sync_"}  # of each mode's figures: tidal_..., sync_tidal_...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,7 +163,7 @@ def _run_config(prefix: str, shape: _Shape, train: list[SparseBatch], held_out: 
     torch.manual_seed(0)
     warm, _ = _train_tidal(shape, paths, scratch / f"warm{prefix}", train[:2])  # compile the kernels first
     rows_per_table = _equal_bytes_rows(warm, train, shape.dim)
-    sides = ["torch", *(_SIDE[mode] for mode in shape.modes)]
+    sides = ["torch", *(f"{_PREFIX[mode]}tidal" for mode in shape.modes)]
     seconds: dict[str, list[float]] = {side: [] for side in sides}
     aucs: dict[str, list[float]] = {side: [] for side in sides}
     busy: dict[str, dict] = {}  # busy fractions of each stage, by side, in the last round
@@ -173,7 +173,7 @@ def _run_config(prefix: str, shape: _Shape, train: list[SparseBatch], held_out: 
         seconds["torch"].append(spent)
         aucs["torch"].append(_auc(peer, held_out))
         for mode in shape.modes:
-            side = _SIDE[mode]
+            side = f"{_PREFIX[mode]}tidal"
             run_dir = scratch / f"{side}{prefix}{round_}"
             tidal, spent = _train_tidal(shape, paths, run_dir, train, seed=round_, mode=mode)
             seconds[side].append(spent)
@@ -189,9 +189,8 @@ def _run_config(prefix: str, shape: _Shape, train: list[SparseBatch], held_out: 
     print(f"{prefix or 'heavy_':>8} dim {shape.dim}: torch {result['torch_samples_per_s']:,.0f} samples/s "
           f"(AUC {result['torch_auc']:.4f}, {rows_per_table:,d} rows x 26 tables)", flush=True)
     for mode in shape.modes:
-        side = _SIDE[mode]
-        ratio = result[f"{side.removesuffix('tidal')}ratio_vs_torch"] = (result[f"{side}_samples_per_s"]
-                                                                          / result["torch_samples_per_s"])
+        side = f"{_PREFIX[mode]}tidal"
+        ratio = result[f"{_PREFIX[mode]}ratio_vs_torch"] = result[f"{side}_samples_per_s"] / result["torch_samples_per_s"]
         print(f"          tidal {mode}: {result[f'{side}_samples_per_s']:,.0f} samples/s "
               f"(AUC {result[f'{side}_auc']:.4f})  x{ratio:.2f}", flush=True)
     for side, stages in busy.items():
