@@ -148,16 +148,44 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, lo
     handles, inverse, unique, previous, n_unique = out
     ctl[C_NEED] = NEED_NOTHING
     first = _home_rows(slots, row_keys, keys, hashes, lo, hi)
+    created = np.empty(hi - lo, dtype=np.int64)  # local rows created here, valued at the end
+    n_created = 0
+    end = hi
     for i in range(lo, hi):
         pos, row = 0, first[i - lo]
         if row < 0:  # not in its home slot: walk the run
             pos, row = _probe(slots, row_keys, keys[i], hashes[i])
         if row == EMPTY and insert:
-            row = _create(slots, row_keys, counts, free_rows, ctl, keys[i], hashes[i], pos,
-                          step, shard, rows, admission, sketch)
-            if ctl[C_NEED] != NEED_NOTHING:
-                ctl[C_LOOKUPS] += (i - lo) * count
-                return i
+            # Written out here, not in a helper: an inlined helper taking arrays costs
+            # atomic reference-count updates on every new row.
+            # Growth first, so that a key's sighting is counted by admission only once.
+            if ctl[C_LIVE] < ctl[C_ROW_LIMIT]:
+                if ctl[C_LIVE] >= ctl[C_MAX_LIVE]:
+                    ctl[C_NEED] = NEED_REHASH
+                elif ctl[C_FREE] == 0 and ctl[C_HIGH] == ctl[C_ROW_CAP]:
+                    ctl[C_NEED] = NEED_ROWS
+            if ctl[C_NEED] != NEED_NOTHING:  # the caller grows it and calls again from key i
+                end = i
+                break
+            if not _admit(keys[i], hashes[i], step, admission, sketch):
+                ctl[C_NOT_ADMITTED] += 1
+            elif ctl[C_LIVE] >= ctl[C_ROW_LIMIT]:
+                ctl[C_DROPPED_FULL] += 1
+            else:
+                if ctl[C_FREE] > 0:  # an evicted row first
+                    ctl[C_FREE] -= 1
+                    row = free_rows[ctl[C_FREE]]
+                else:
+                    row = ctl[C_HIGH]
+                    ctl[C_HIGH] += 1
+                ctl[C_LIVE] += 1
+                ctl[C_ADMITTED] += 1
+                slots[pos] = _entry(hashes[i], row)
+                row_keys[row] = keys[i]
+                if counts.shape[0] > 0:
+                    counts[row] = 0  # a reused row must not inherit the evicted key's count
+                created[n_created] = row
+                n_created += 1
         if row < 0:
             handles[i] = -1
             inverse[i] = -1
@@ -167,8 +195,9 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, lo
             counts[row] += 1
         handles[i] = (np.int64(row) << SHARD_BITS) | shard
         inverse[i] = _number(last_seen, unique, previous, n_unique, row)
-    ctl[C_LOOKUPS] += (hi - lo) * count
-    return hi
+    _init_rows(rows, created[:n_created], row_keys, shard)
+    ctl[C_LOOKUPS] += (end - lo) * count
+    return end
 
 
 @numba.njit(nogil=True, inline="always")
@@ -189,28 +218,6 @@ def _home_rows(slots, row_keys, keys, hashes, lo, hi):  # type: ignore[no-untype
         found = entry != EMPTY and entry >> TAG_SHIFT == _tag(hashes[i]) and row_keys[entry & ROW_MASK] == keys[i]
         home[j] = entry & ROW_MASK if found else -1
     return home
-
-
-@numba.njit(nogil=True, inline="always")
-def _create(slots, row_keys, counts, free_rows, ctl, key, h, pos, step, shard, rows,
-            admission, sketch):  # type: ignore[no-untyped-def]
-    """The new row of an absent key, or -1 (not admitted, table full, or must grow)."""
-    if not _admit(key, h, step, admission, sketch):
-        ctl[C_NOT_ADMITTED] += 1
-        return -1
-    if ctl[C_LIVE] >= ctl[C_ROW_LIMIT]:
-        ctl[C_DROPPED_FULL] += 1
-        return -1
-    row = _take_row(ctl, free_rows)
-    if row < 0:
-        return -1
-    slots[pos] = _entry(h, row)
-    row_keys[row] = key
-    if counts.shape[0] > 0:
-        counts[row] = 0  # a reused row must not inherit the evicted key's count
-    _init_new_row(rows, (np.int64(row) << SHARD_BITS) | shard, key)
-    ctl[C_ADMITTED] += 1
-    return row
 
 
 @numba.njit(nogil=True, inline="always")
@@ -239,30 +246,13 @@ def unmark(last_seen, unique, previous, count, step, insert):  # type: ignore[no
 
 
 @numba.njit(nogil=True, inline="always")
-def _take_row(ctl, free_rows):  # type: ignore[no-untyped-def]
-    """A free local row (reused first), or -1 with ctl[C_NEED] saying what to grow."""
-    if ctl[C_LIVE] + 1 > ctl[C_MAX_LIVE]:
-        ctl[C_NEED] = NEED_REHASH
-        return -1
-    if ctl[C_FREE] > 0:
-        ctl[C_FREE] -= 1
-        row = free_rows[ctl[C_FREE]]
-    elif ctl[C_HIGH] < ctl[C_ROW_CAP]:
-        row = ctl[C_HIGH]
-        ctl[C_HIGH] += 1
-    else:
-        ctl[C_NEED] = NEED_ROWS
-        return -1
-    ctl[C_LIVE] += 1
-    return row
-
-
-@numba.njit(nogil=True, inline="always")
-def _init_new_row(rows, handle, key):  # type: ignore[no-untyped-def]
+def _init_rows(rows, created, row_keys, shard):  # type: ignore[no-untyped-def]
+    """Write the initial values and optimizer state of the rows just created."""
     directory, width, dim, seed, kind, scale, state_value = rows
-    row = row_of(directory, handle, width)
-    init_row(row[:dim], key, seed, kind, scale)
-    row[dim:] = state_value
+    for local in created:
+        row = row_of(directory, (local << SHARD_BITS) | shard, width)
+        init_row(row[:dim], row_keys[local], seed, kind, scale)
+        row[dim:] = state_value
 
 
 @numba.njit(nogil=True, inline="always")
