@@ -187,6 +187,9 @@ class TableConfig(_Model):
     eviction: Eviction | None = None
     max_rows: int | None = Field(None, gt=0)
     memory_bytes: int | None = Field(None, gt=0)
+    # Rows whose memory is allocated and written when the table is built, so that
+    # creating them while training faults in no fresh page; the table grows past them.
+    reserve_rows: int = Field(0, ge=0)
     num_shards: Literal[1, 2, 4, 8, 16, 32, 64] = 8
     seed: int = Field(0, ge=0, lt=1 << 63)
 

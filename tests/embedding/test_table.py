@@ -163,6 +163,27 @@ def test_chunks_start_on_huge_page_boundaries_so_the_kernel_can_back_them_with_h
     assert all(c.ctypes.data % (2 << 20) == 0 and c.shape == (CHUNK_ROWS, table.width) for c in chunks)
 
 
+def test_reserved_rows_are_allocated_up_front_and_fill_without_a_new_chunk():
+    keys = np.arange(3 * CHUNK_ROWS, dtype=np.int64) * 7919
+    plain, reserved = make_table(num_shards=2), make_table(num_shards=2, reserve_rows=4 * CHUNK_ROWS)
+    allocated = reserved.stats().allocated_bytes
+    assert allocated == 4 * CHUNK_ROWS * reserved.width * 4 and reserved.stats().rows == 0
+    assert reserved.stats().index_bytes < plain.stats().index_bytes + 4096  # no index memory yet
+    np.testing.assert_array_equal(insert(reserved, keys), insert(plain, keys))
+    np.testing.assert_array_equal(reserved.lookup(keys), plain.lookup(keys))
+    assert reserved.stats().allocated_bytes == allocated
+    assert reserved.stats().overhead_bytes_per_row <= plain.stats().overhead_bytes_per_row
+    insert(reserved, np.arange(2 * CHUNK_ROWS, dtype=np.int64) - 10**9)  # grows past the reserve
+    assert reserved.stats().rows == 5 * CHUNK_ROWS and reserved.stats().allocated_bytes > allocated
+
+
+def test_reserve_beyond_the_row_cap_is_a_config_error():
+    from tidal.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="reserve_rows=11 is more than the table may hold; give at most 10"):
+        make_table(max_rows=10, reserve_rows=11)
+
+
 def test_freed_rows_reused_when_keys_removed():
     table = make_table()
     first = insert(table, np.arange(CHUNK_ROWS, dtype=np.int64))

@@ -58,20 +58,28 @@ def _keys_of_ranks(ranks: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True, kw_only=True)
 class _Batch:
     ranks: np.ndarray  # Zipf rank of every id, in [0, KEY_SPACE)
-    keys: np.ndarray  # the raw int64 key of each rank, for Tidal
+    sparse: SparseBatch  # the raw int64 key of each rank, one per bag, for Tidal
     rows: torch.Tensor  # the rank folded into the fixed table, for the peers
 
 
 _Step = Callable[[_Batch], None]  # one training step of a peer
 
 
+def _feature_names(cfg: SparseBenchConfig) -> list[str]:
+    return [f"f{i}" for i in range(cfg.features)]
+
+
 def _batches(cfg: SparseBenchConfig) -> list[_Batch]:
+    """The run's batches, made before any step: each side is handed its input ready."""
     rng = np.random.default_rng(cfg.seed)
     count = cfg.batch_size * cfg.features
+    lengths = np.ones(count, dtype=np.int32)
     batches = []
     for _ in range(cfg.warmup_steps + cfg.steps):
         ranks = (rng.zipf(cfg.zipf_a, count) - 1) % KEY_SPACE
-        batches.append(_Batch(ranks=ranks, keys=_keys_of_ranks(ranks), rows=torch.from_numpy(ranks % cfg.warm_rows)))
+        sparse = SparseBatch(keys=_feature_names(cfg), values=_keys_of_ranks(ranks), lengths=lengths,
+                             batch_size=cfg.batch_size)
+        batches.append(_Batch(ranks=ranks, sparse=sparse, rows=torch.from_numpy(ranks % cfg.warm_rows)))
     return batches
 
 
@@ -92,18 +100,25 @@ def _median_step_s(steps: dict[str, _Step], batches: list[_Batch],
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def _tidal(cfg: SparseBenchConfig, optimizer: str, threads: int, grad: torch.Tensor) -> tuple[_Step, EmbeddingCollection]:
+def _rows_at_end(cfg: SparseBenchConfig, batches: list[_Batch]) -> int:
+    """The rows the table holds after the run: the warm keys and every batch's."""
+    ranks = np.concatenate([np.arange(cfg.warm_rows)] + [b.ranks for b in batches])
+    return int(np.unique(ranks).shape[0])
+
+
+def _tidal(cfg: SparseBenchConfig, optimizer: str, threads: int, grad: torch.Tensor,
+           reserve_rows: int = 0) -> tuple[_Step, EmbeddingCollection]:
+    """Tidal's step. With `reserve_rows`, the table's memory is allocated up front, as a
+    production table sized for its vocabulary is: the peers' fixed tables are too."""
     opt = Sgd(lr=LR) if optimizer == "sgd" else Adagrad(lr=LR)
-    table = TableConfig(name="bench", dim=cfg.dim, optimizer=opt, num_shards=8)
-    names = [f"f{i}" for i in range(cfg.features)]
-    collection = EmbeddingCollection([table], [EmbeddingFeature(name=n, table="bench") for n in names], threads=threads)
+    table = TableConfig(name="bench", dim=cfg.dim, optimizer=opt, num_shards=8, reserve_rows=reserve_rows)
+    features = [EmbeddingFeature(name=n, table="bench") for n in _feature_names(cfg)]
+    collection = EmbeddingCollection([table], features, threads=threads)
     collection.tables[0].lookup_or_insert(_keys_of_ranks(np.arange(cfg.warm_rows)))
-    lengths = np.ones(cfg.batch_size * cfg.features, dtype=np.int32)
     pooled = torch.empty(cfg.batch_size, cfg.features, cfg.dim)  # reused, as a pipeline's staging buffer
 
     def step(ids: _Batch) -> None:
-        batch = SparseBatch(keys=names, values=ids.keys, lengths=lengths, batch_size=cfg.batch_size)
-        _, ctx = collection.forward(batch, out=pooled)
+        _, ctx = collection.forward(ids.sparse, out=pooled)
         collection.backward(ctx, grad)
 
     return step, collection
@@ -177,7 +192,7 @@ def run_one(cfg: SparseBenchConfig, optimizer: str, threads: int, memcpy: float)
     batches = _batches(cfg)
     grad = torch.randn(cfg.batch_size, cfg.features, cfg.dim, generator=torch.Generator().manual_seed(cfg.seed))
     ids = cfg.batch_size * cfg.features
-    tidal_step, collection = _tidal(cfg, optimizer, threads, grad)
+    tidal_step, collection = _tidal(cfg, optimizer, threads, grad, _rows_at_end(cfg, batches))
     steps = {"tidal": tidal_step, "torch": _torch(cfg, optimizer, grad)}
     fbgemm_step = _fbgemm(cfg, optimizer, grad)
     if fbgemm_step is not None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 __all__ = ["cpu_count", "run_split", "run_tasks"]
@@ -51,19 +51,25 @@ def run_split(kernel: Callable[..., Any], n_items: int, threads: int, *args: Any
 def run_tasks(tasks: list[Callable[[], Any]], threads: int) -> None:
     """Run independent GIL-free tasks on up to `threads` threads; raise the first error.
 
-    Tasks are dealt round-robin into `threads` lanes; the calling thread runs lane 0.
+    Each thread, the calling one included, takes the next task not yet started, so
+    tasks of uneven size even out (give the largest first). Returns once every task
+    has ended, even when one failed.
     """
-    lanes = [tasks[k::threads] for k in range(min(threads, len(tasks)))]
-    if len(lanes) <= 1:
+    lanes = min(threads, len(tasks))
+    if lanes <= 1:
         for task in tasks:
             task()
         return
-    futures = [_executor().submit(_run_lane, lane) for lane in lanes[1:]]
-    _run_lane(lanes[0])
+    queue = iter(tasks)  # taking the next task is atomic under the GIL
+    futures = [_executor().submit(_drain, queue) for _ in range(lanes - 1)]
+    try:
+        _drain(queue)
+    finally:
+        wait(futures)
     for future in futures:
         future.result()
 
 
-def _run_lane(lane: list[Callable[[], Any]]) -> None:
-    for task in lane:
+def _drain(queue: Iterator[Callable[[], Any]]) -> None:
+    for task in queue:
         task()

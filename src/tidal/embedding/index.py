@@ -86,19 +86,17 @@ def group_by_shard(keys: np.ndarray, num_shards: int) -> tuple:
 
 
 @numba.njit(nogil=True, cache=True)
-def ungroup(handles, inverse, order, offsets, bases):  # type: ignore[no-untyped-def]
-    """Back to the caller's order: handles and batch-wide row numbers of every key.
+def ungroup(handles, inverse, order, offsets, bases, out, lo, hi):  # type: ignore[no-untyped-def]
+    """Back to the caller's order: handles and batch-wide row numbers of grouped keys
+    [lo, hi) into `out` = (handles, inverse), at their `order` positions.
 
     `inverse` numbers rows per shard; shard s's numbers start at bases[s] batch-wide.
     """
-    n = order.shape[0]
-    out_handles = np.empty(n, dtype=np.int64)
-    out_inverse = np.empty(n, dtype=np.int64)
+    out_handles, out_inverse = out
     for s in range(offsets.shape[0] - 1):
-        for j in range(offsets[s], offsets[s + 1]):
+        for j in range(max(lo, offsets[s]), min(hi, offsets[s + 1])):
             out_handles[order[j]] = handles[j]
             out_inverse[order[j]] = inverse[j] + bases[s] if inverse[j] >= 0 else -1
-    return out_handles, out_inverse
 
 
 @numba.njit(nogil=True, inline="always")

@@ -35,14 +35,16 @@ def id_scales(offsets, weights, modes, batch_size):  # type: ignore[no-untyped-d
     scales = np.ones(offsets[-1], dtype=np.float32)
     if weights.shape[0] > 0:
         scales[:] = weights
-    for k in range(offsets.shape[0] - 1):
-        n = offsets[k + 1] - offsets[k]
-        mode = modes[k // batch_size]
-        if n == 0 or mode == 0:
+    for f in range(modes.shape[0]):
+        if modes[f] == 0:  # sum: the weights as they are
             continue
-        factor = 1.0 / n if mode == 1 else 1.0 / np.sqrt(n)
-        for i in range(offsets[k], offsets[k + 1]):
-            scales[i] *= factor
+        for k in range(f * batch_size, (f + 1) * batch_size):
+            n = offsets[k + 1] - offsets[k]
+            if n == 0:
+                continue
+            factor = 1.0 / n if modes[f] == 1 else 1.0 / np.sqrt(n)
+            for i in range(offsets[k], offsets[k + 1]):
+                scales[i] *= factor
     return scales
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from tidal.config import CountAdmission, ProbabilityAdmission, TableConfig
 from tidal.embedding import index as ix
 from tidal.embedding import pooling
-from tidal.embedding._memory import SHARD_BITS, Arena
+from tidal.embedding._memory import CHUNK_ROWS, SHARD_BITS, Arena
 from tidal.embedding._parallel import run_split, run_tasks
 from tidal.embedding.hashing import INIT_KINDS, table_seed
 from tidal.errors import BatchError, CheckpointError, ConfigError, TidalError
@@ -156,15 +156,16 @@ class _Shard:
         self.slots = new_slots
         self.ctl[ix.C_MAX_LIVE] = int(new_slots.shape[0] * _MAX_LOAD)
 
-    def grow_rows(self, row_capacity: int) -> None:
-        """Make the per-row arrays hold `row_capacity` rows (grown by 25% steps)."""
-        if row_capacity > self.row_keys.shape[0]:
-            size = max(row_capacity, int(self.row_keys.shape[0] * _ROW_ARRAY_GROWTH))
-            self.row_keys = _resized(self.row_keys, size)
-            self.last_seen = _resized(self.last_seen, size)
-            if self.track_counts:
-                self.counts = _resized(self.counts, size)
-        self.ctl[ix.C_ROW_CAP] = row_capacity
+    def grow_rows(self, arena_rows: int) -> None:
+        """Grow the per-row arrays by a 25% step (a chunk at least), up to `arena_rows`:
+        rows reserved in the arena cost no index memory until they are used."""
+        size = self.row_keys.shape[0]
+        size = min(arena_rows, max(size + CHUNK_ROWS, int(size * _ROW_ARRAY_GROWTH)))
+        self.row_keys = _resized(self.row_keys, size)
+        self.last_seen = _resized(self.last_seen, size)
+        if self.track_counts:
+            self.counts = _resized(self.counts, size)
+        self.ctl[ix.C_ROW_CAP] = size
 
     def reserve_free(self, extra: int) -> None:
         need = int(self.ctl[ix.C_FREE]) + extra
@@ -174,6 +175,12 @@ class _Shard:
     def metadata_bytes(self) -> int:
         arrays = (self.last_seen, self.counts, self.free_rows, self.sketch)
         return sum(a.nbytes for a in arrays)
+
+
+def _largest_first(offsets: np.ndarray) -> list[int]:
+    """The shards with work in `offsets` (shard s: offsets[s]:offsets[s + 1]), largest first."""
+    sizes = np.diff(offsets)
+    return [int(s) for s in np.argsort(-sizes, kind="stable") if sizes[s] > 0]
 
 
 def _resized(array: np.ndarray, size: int) -> np.ndarray:
@@ -206,8 +213,22 @@ class EmbeddingTable:
                 f"table {self.name!r}: memory_bytes={config.memory_bytes} pays for no row of "
                 f"{self.bytes_per_row} bytes; give at least {self.bytes_per_row}"
             )
+        self._reserve(config.reserve_rows)
 
     # ------------------------------------------------------------------ set-up
+
+    def _reserve(self, rows: int) -> None:
+        """Allocate and touch the chunks of `rows` rows, split evenly over the shards."""
+        most = ix.MAX_SHARD_ROWS * self.num_shards
+        if self.row_cap is not None:
+            most = min(most, self.row_cap)
+        if rows > most:
+            raise ConfigError(f"table {self.name!r}: reserve_rows={rows} is more than the table may hold; "
+                              f"give at most {most} (max_rows, memory_bytes and num_shards set the limit)")
+        per_shard = -(-rows // self.num_shards)
+        for s in range(self.num_shards):
+            while self.arena.rows_capacity(s) < per_shard:
+                self.arena.add_chunk(s, touch=True)
 
     def _new_shard(self, s: int) -> _Shard:
         eviction = self.config.eviction
@@ -323,11 +344,12 @@ class EmbeddingTable:
         def in_shard(s: int) -> None:
             found[s] = self._resolve_in_shard(s, route, settings)
 
-        run_tasks([partial(in_shard, s) for s in range(self.num_shards) if offsets[s] < offsets[s + 1]],
-                  self.threads)
+        run_tasks([partial(in_shard, s) for s in _largest_first(offsets)], self.threads)
         bases = np.zeros(self.num_shards + 1, dtype=np.int64)
         np.cumsum([len(f) for f in found], out=bases[1:])
-        handles, inverse = ix.ungroup(handles, inverse, order, offsets, bases)
+        out = (np.empty_like(handles), np.empty_like(inverse))
+        run_split(ix.ungroup, keys.shape[0], self.threads, handles, inverse, order, offsets, bases, out)
+        handles, inverse = out
         unique = np.concatenate([(rows << SHARD_BITS) | s for s, rows in enumerate(found)])
         return RowLookup(handles=handles, inverse=inverse, unique=unique, shard_offsets=bases,
                          table=id(self), epoch=self._epoch)
@@ -358,10 +380,11 @@ class EmbeddingTable:
         if shard.ctl[ix.C_NEED] == ix.NEED_REHASH:
             shard.grow_index()
         elif shard.ctl[ix.C_NEED] == ix.NEED_ROWS:
-            if self.arena.rows_capacity(s) >= ix.MAX_SHARD_ROWS:
-                raise TidalError(f"table {self.name!r}: shard {s} holds {ix.MAX_SHARD_ROWS} rows, the most one "
-                                 f"shard can; give the table more shards (num_shards) or a row cap")
-            self.arena.add_chunk(s)
+            if shard.ctl[ix.C_HIGH] == self.arena.rows_capacity(s):  # else reserved rows are left
+                if self.arena.rows_capacity(s) >= ix.MAX_SHARD_ROWS:
+                    raise TidalError(f"table {self.name!r}: shard {s} holds {ix.MAX_SHARD_ROWS} rows, the most one "
+                                     f"shard can; give the table more shards (num_shards) or a row cap")
+                self.arena.add_chunk(s)
             shard.grow_rows(self.arena.rows_capacity(s))
 
     def _gather(self, handles: np.ndarray, columns: int | None = None) -> np.ndarray:
@@ -405,7 +428,7 @@ class EmbeddingTable:
         step = self._next_update()
         offsets = lookup.shard_offsets
         run_tasks([partial(self._apply_in_shard, s, lookup.unique, grads, first, int(offsets[s]), int(offsets[s + 1]),
-                           step) for s in range(self.num_shards) if offsets[s] < offsets[s + 1]], self.threads)
+                           step) for s in _largest_first(offsets)], self.threads)
 
     def _apply_in_shard(self, s: int, unique: np.ndarray, grads: GroupedGradients, first: int, lo: int, hi: int,
                         step: int) -> None:
