@@ -24,7 +24,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from tidal.embedding._memory import SHARD_BITS, row_of
+from tidal.embedding._memory import SHARD_BITS, prefetch, row_of
 from tidal.embedding.hashing import init_row, mix64, unit_float
 
 __all__ = ["EMPTY", "hash_keys"]
@@ -145,7 +145,7 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, lo
     """
     handles, inverse, unique, previous, n_unique = out
     ctl[C_NEED] = NEED_NOTHING
-    first = _home_rows(slots, row_keys, keys, hashes, lo, hi)
+    first = _home_rows(slots, row_keys, last_seen, keys, hashes, lo, hi)
     created = np.empty(hi - lo, dtype=np.int64)  # local rows created here, valued at the end
     n_created = 0
     end = hi
@@ -199,7 +199,7 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, lo
 
 
 @numba.njit(nogil=True, inline="always")
-def _home_rows(slots, row_keys, keys, hashes, lo, hi):  # type: ignore[no-untyped-def]
+def _home_rows(slots, row_keys, last_seen, keys, hashes, lo, hi):  # type: ignore[no-untyped-def]
     """The row of every key found in its home slot, else -1, in passes of independent loads.
 
     Most keys sit in their home slot, so the main loop then finds them without waiting
@@ -215,6 +215,8 @@ def _home_rows(slots, row_keys, keys, hashes, lo, hi):  # type: ignore[no-untype
         entry = home[j]
         found = entry != EMPTY and entry >> TAG_SHIFT == _tag(hashes[i]) and row_keys[entry & ROW_MASK] == keys[i]
         home[j] = entry & ROW_MASK if found else -1
+        if found:  # the main loop reads it next
+            prefetch(last_seen.ctypes.data + (entry & ROW_MASK) * 4, 4)
     return home
 
 
