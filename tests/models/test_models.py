@@ -48,9 +48,10 @@ def test_dlrm_interaction_backward_is_autograds():
     model = DLRM(F, D, DD)
     bottom = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
     pooled = torch.randn(B, F, D, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda b, p: _Interaction.apply(b, p, model.pair_of), (bottom, pooled))
+    interaction = lambda b, p: _Interaction.apply(b, p, model.pair_of, model.place)  # noqa: E731
+    assert torch.autograd.gradcheck(interaction, (bottom, pooled))
     grad = torch.randn(B, D + (F + 1) * F // 2, dtype=torch.float64)
-    ours = torch.autograd.grad(_Interaction.apply(bottom, pooled, model.pair_of), (bottom, pooled), grad)
+    ours = torch.autograd.grad(interaction(bottom, pooled), (bottom, pooled), grad)
     theirs = torch.autograd.grad(_interaction(bottom, pooled)[0], (bottom, pooled), grad)
     torch.testing.assert_close(ours, theirs)
     model.train()
@@ -58,6 +59,16 @@ def test_dlrm_interaction_backward_is_autograds():
     train_out = model(pooled, dense)
     model.eval()
     torch.testing.assert_close(train_out, model(pooled, dense))  # both paths compute the same forward
+
+
+def test_dlrm_pair_gradients_placed_by_a_product_in_bfloat16_equal_the_float32_gather():
+    from tidal.models.dlrm import _symmetric
+
+    model = DLRM(F, D, DD)
+    pairs = torch.randn(B, (F + 1) * F // 2) * torch.logspace(-20, 20, B).unsqueeze(1)
+    gathered = _symmetric(pairs, model.pair_of, model.place)  # float32: the gather
+    assert torch.equal(gathered.view(B, F + 1, F + 1), gathered.view(B, F + 1, F + 1).transpose(1, 2))
+    assert torch.equal(_symmetric(pairs.bfloat16(), model.pair_of, model.place), gathered.bfloat16())
 
 
 @pytest.mark.parametrize("kind", ["dlrm", "deepfm", "dcn", "wide_deep"])

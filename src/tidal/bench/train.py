@@ -78,10 +78,11 @@ def _batches(paths: list[str]) -> list[SparseBatch]:
     return [extractor(t) for t in read_batches(paths, batch_rows=BATCH) if t.num_rows]
 
 
-def _tidal(shape: _Shape, paths: list[str], run_dir: Path, seed: int, mode: str) -> Trainer:
+def _tidal(shape: _Shape, paths: list[str], run_dir: Path, seed: int, mode: str, reserve_rows: int) -> Trainer:
     config = RunConfig(
         data={"train": paths}, features=[f.model_dump() for f in criteo_features(table="ids")],
-        tables=[{"name": "ids", "dim": shape.dim, "optimizer": {"kind": "sgd", "lr": LR_SPARSE}}],
+        tables=[{"name": "ids", "dim": shape.dim, "optimizer": {"kind": "sgd", "lr": LR_SPARSE},
+                 "reserve_rows": reserve_rows}],
         model={"kind": "dlrm", "bottom_sizes": shape.bottom, "hidden_sizes": shape.top},
         training={"lr": LR_DENSE, "run_dir": str(run_dir), "threads": THREADS[mode], "log_every": 1 << 30,
                   "precision": "auto", "seed": seed},
@@ -90,10 +91,11 @@ def _tidal(shape: _Shape, paths: list[str], run_dir: Path, seed: int, mode: str)
 
 
 def _train_tidal(shape: _Shape, paths: list[str], run_dir: Path, batches: list[SparseBatch],
-                 seed: int = 0, mode: str = "async") -> tuple[Trainer, float]:
+                 seed: int = 0, mode: str = "async", reserve_rows: int = 0) -> tuple[Trainer, float]:
     """A fresh Tidal model (dense weights from `seed`) trained on `batches` by the
-    engine in `mode`, and the seconds it took."""
-    trainer = _tidal(shape, paths, run_dir, seed, mode)
+    engine in `mode`, and the seconds it took. With `reserve_rows`, the table's memory
+    is allocated before the clock starts, as the peer's fixed tables are."""
+    trainer = _tidal(shape, paths, run_dir, seed, mode, reserve_rows)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(os.devnull, "w") as log:
         start = time.perf_counter()
@@ -151,18 +153,17 @@ def _auc(score, batches: list[SparseBatch]) -> float:  # type: ignore[no-untyped
     return auc(np.concatenate([b.labels.ravel() for b in batches]), scores)
 
 
-def _equal_bytes_rows(tidal: Trainer, train: list[SparseBatch], dim: int) -> int:
+def _equal_bytes_rows(tidal: Trainer, distinct_ids: int, dim: int) -> int:
     """Rows per peer table so that 26 of them hold the bytes Tidal's table will hold:
     one row (values + index and metadata) per distinct id of the training data."""
-    distinct = np.unique(np.concatenate([b.values for b in train])).shape[0]
-    return max(1, distinct * tidal.collection.tables[0].bytes_per_row // (4 * dim) // 26)
+    return max(1, distinct_ids * tidal.collection.tables[0].bytes_per_row // (4 * dim) // 26)
 
 
 def _run_config(prefix: str, shape: _Shape, train: list[SparseBatch], held_out: list[SparseBatch],
-                paths: list[str], scratch: Path) -> dict:
+                paths: list[str], scratch: Path, distinct_ids: int) -> dict:
     torch.manual_seed(0)
     warm, _ = _train_tidal(shape, paths, scratch / f"warm{prefix}", train[:2])  # compile the kernels first
-    rows_per_table = _equal_bytes_rows(warm, train, shape.dim)
+    rows_per_table = _equal_bytes_rows(warm, distinct_ids, shape.dim)
     sides = ["torch", *(f"{_PREFIX[mode]}tidal" for mode in shape.modes)]
     seconds: dict[str, list[float]] = {side: [] for side in sides}
     aucs: dict[str, list[float]] = {side: [] for side in sides}
@@ -175,7 +176,7 @@ def _run_config(prefix: str, shape: _Shape, train: list[SparseBatch], held_out: 
         for mode in shape.modes:
             side = f"{_PREFIX[mode]}tidal"
             run_dir = scratch / f"{side}{prefix}{round_}"
-            tidal, spent = _train_tidal(shape, paths, run_dir, train, seed=round_, mode=mode)
+            tidal, spent = _train_tidal(shape, paths, run_dir, train, seed=round_, mode=mode, reserve_rows=distinct_ids)
             seconds[side].append(spent)
             tidal.model.eval()
             aucs[side].append(_auc(lambda b: tidal.model(tidal.collection.forward(b, train=False)[0],
@@ -206,9 +207,10 @@ def run(rows: int = 1_000_000, as_json: bool = False) -> dict:
         data = generate(scratch / "train", rows=rows, seed=3)
         held_out = _batches(generate(scratch / "eval", rows=max(rows // 5, 1_000), seed=3, split=1).paths)
         train = _batches(data.paths)
+        distinct_ids = np.unique(np.concatenate([b.values for b in train])).shape[0]
         summary: dict = {}
         for prefix, shape in CONFIGS.items():
-            summary |= _run_config(prefix, shape, train, held_out, data.paths, scratch)
+            summary |= _run_config(prefix, shape, train, held_out, data.paths, scratch, distinct_ids)
     if as_json:
         print(json.dumps(summary))
     return summary
