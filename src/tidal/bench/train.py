@@ -4,15 +4,18 @@ Data: generated Criteo-like rows, extracted once into in-memory batches of 4096,
 neither side pays for parsing. Tidal trains its collision-free tables (SGD) and the
 DLRM (Adam) on its heterogeneous engine (local backend: one sparse worker feeding one
 dense worker), the dense network's products in bfloat16 where the CPU has them
-(`training.precision: auto`; weights and optimizer float32), twice: async with at most
-two batches in flight, each stage on one thread (the `tidal_` figures), and, in config
-(a), sync, where every batch reads the rows the previous one updated, as the peer's
-loop does, each stage on every core (`sync_tidal_`). The peer is the
+(`training.precision: auto`; weights and optimizer float32). It trains in sync mode,
+where every batch reads the rows the previous one updated, as the peer's loop does,
+each stage on every core (the `tidal_` figures: the same training as the peer's, so
+the same AUC); in config (a) also async, at most two batches in flight, each stage on
+one thread (`async_tidal_`: faster, but a batch may miss the previous one's update,
+which costs AUC on longer runs). Tidal's table reserves the rows the run will create,
+as the peer's tables are allocated before the clock starts. The peer is the
 usual PyTorch loop, in float32, over the same DLRM on 26 modulo-hashed
 `nn.EmbeddingBag(sparse=True)` tables holding as many bytes in all as Tidal's table
 ends up holding, with `torch.optim.SGD` on the tables and Adam on the dense net, torch
 using every core. Each side trains a fresh model on all batches, twice, in turns
-(peer, Tidal async, Tidal sync, then again); the faster of its two runs counts. AUC is
+(peer, Tidal sync, Tidal async, then again); the faster of its two runs counts. AUC is
 the mean over the rounds' models on held-out rows (round r starts every dense network
 from seed r: one seed's AUC moves by about 0.001).
 With a GPU, Tidal's dense workers run on it and the whole peer model too (tables
@@ -56,7 +59,7 @@ RUNTIME = {"backend": "local", "sparse_workers": 1, "dense_workers": 1, "max_inf
 # thread each, 72-79k with every core for both).
 THREADS = {"async": 1, "sync": cpu_count()}
 ROUNDS = 2
-_PREFIX = {"async": "", "sync": "sync_"}  # of each mode's figures: tidal_..., sync_tidal_...
+_PREFIX = {"sync": "", "async": "async_"}  # of each mode's figures: tidal_..., async_tidal_...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,8 +71,8 @@ class _Shape:
 
 
 CONFIGS = {
-    "": _Shape(dim=64, bottom=[256], top=[256], modes=("async", "sync")),  # (a) embedding-heavy
-    "kaggle_": _Shape(dim=16, bottom=[512, 256, 64], top=[512, 256], modes=("async",)),  # (b) the Criteo Kaggle DLRM
+    "": _Shape(dim=64, bottom=[256], top=[256], modes=("sync", "async")),  # (a) embedding-heavy
+    "kaggle_": _Shape(dim=16, bottom=[512, 256, 64], top=[512, 256], modes=("sync",)),  # (b) the Criteo Kaggle DLRM
 }
 
 
