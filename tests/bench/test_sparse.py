@@ -29,3 +29,23 @@ def test_summary_has_every_field_for_every_run(capsys):
 def test_cli_refuses_bad_thread_count(capsys):
     assert main(["bench", "sparse", "--threads", "0"]) == 2
     assert "--threads must be >= 1, got [0]" in capsys.readouterr().err
+
+
+def test_peers_take_turns_in_blocks_and_the_first_step_of_a_turn_is_not_timed():
+    import time
+
+    from tidal.bench.sparse import _median_step_s
+
+    order = []
+
+    def step(name):
+        def run_one(batch):
+            slow = bool(order) and order[-1][0] != name  # right after the other peer: pays for it
+            order.append((name, batch))
+            time.sleep(0.03 if slow else 0.001)
+        return run_one
+
+    medians = _median_step_s({"a": step("a"), "b": step("b")}, list(range(6)), warmup=0, block=4)
+    assert order == [("a", n) for n in range(4)] + [("b", n) for n in range(4)] + \
+        [("a", 4), ("a", 5), ("b", 4), ("b", 5)]
+    assert medians["a"] < 0.01 and medians["b"] < 0.01

@@ -32,6 +32,7 @@ __all__ = ["SparseBenchConfig", "run"]
 
 KEY_SPACE = 100_000_000
 LR = 0.01
+BLOCK = 4  # steps each peer takes in a turn
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,7 +48,7 @@ class SparseBenchConfig:
 
     @classmethod
     def quick(cls) -> SparseBenchConfig:
-        return cls(steps=8, warmup_steps=2)
+        return cls(steps=12, warmup_steps=2)
 
 
 def _keys_of_ranks(ranks: np.ndarray) -> np.ndarray:
@@ -83,20 +84,23 @@ def _batches(cfg: SparseBenchConfig) -> list[_Batch]:
     return batches
 
 
-def _median_step_s(steps: dict[str, _Step], batches: list[_Batch],
-                   warmup: int) -> dict[str, float]:
-    """Median seconds per step of each peer, the peers taking turns on every batch.
+def _median_step_s(steps: dict[str, _Step], batches: list[_Batch], warmup: int,
+                   block: int = BLOCK) -> dict[str, float]:
+    """Median seconds per step of each peer, the peers taking turns, `block` batches each.
 
     Taking turns exposes every peer to the same background load of a shared machine,
-    and the median ignores the odd step that a neighbour's burst slowed down.
+    and the median ignores the odd step that a neighbour's burst slowed down. The first
+    step of each turn is not timed: it pays for what the other peer left behind (torch's
+    OpenMP threads spin for milliseconds after its step, holding a core).
     """
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for n, batch in enumerate(batches):
+    for first in range(0, len(batches), block):
         for name, step in steps.items():
-            start = time.perf_counter()
-            step(batch)
-            if n >= warmup:
-                times[name].append(time.perf_counter() - start)
+            for n in range(first, min(first + block, len(batches))):
+                start = time.perf_counter()
+                step(batches[n])
+                if n >= warmup and n > first:
+                    times[name].append(time.perf_counter() - start)
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
