@@ -15,7 +15,8 @@ usual PyTorch loop, in float32, over the same DLRM on 26 modulo-hashed
 `nn.EmbeddingBag(sparse=True)` tables holding as many bytes in all as Tidal's table
 ends up holding, with `torch.optim.SGD` on the tables and Adam on the dense net, torch
 using every core. Each side trains a fresh model on all batches, twice, in turns
-(peer, Tidal sync, Tidal async, then again); the faster of its two runs counts. AUC is
+(peer, Tidal sync, Tidal async, then the other way round: a run right after another
+side's pays for what it left behind); the faster of its two runs counts. AUC is
 the mean over the rounds' models on held-out rows (round r starts every dense network
 from seed r: one seed's AUC moves by about 0.001).
 With a GPU, Tidal's dense workers run on it and the whole peer model too (tables
@@ -171,15 +172,18 @@ def _run_config(prefix: str, shape: _Shape, train: list[SparseBatch], held_out: 
     seconds: dict[str, list[float]] = {side: [] for side in sides}
     aucs: dict[str, list[float]] = {side: [] for side in sides}
     busy: dict[str, dict] = {}  # busy fractions of each stage, by side, in the last round
+    modes = {f"{_PREFIX[mode]}tidal": mode for mode in shape.modes}
     for round_ in range(ROUNDS):  # round r: every side's dense weights from seed r
-        torch.manual_seed(round_)
-        peer, spent = _train_torch(shape, rows_per_table, train)
-        seconds["torch"].append(spent)
-        aucs["torch"].append(_auc(peer, held_out))
-        for mode in shape.modes:
-            side = f"{_PREFIX[mode]}tidal"
+        for side in sides if round_ % 2 == 0 else sides[::-1]:  # reversed each round: no side always follows one
+            if side == "torch":
+                torch.manual_seed(round_)
+                peer, spent = _train_torch(shape, rows_per_table, train)
+                seconds[side].append(spent)
+                aucs[side].append(_auc(peer, held_out))
+                continue
             run_dir = scratch / f"{side}{prefix}{round_}"
-            tidal, spent = _train_tidal(shape, paths, run_dir, train, seed=round_, mode=mode, reserve_rows=distinct_ids)
+            tidal, spent = _train_tidal(shape, paths, run_dir, train, seed=round_, mode=modes[side],
+                                        reserve_rows=distinct_ids)
             seconds[side].append(spent)
             tidal.model.eval()
             aucs[side].append(_auc(lambda b: tidal.model(tidal.collection.forward(b, train=False)[0],
