@@ -26,11 +26,10 @@ def test_sides_take_turns_in_an_order_reversed_each_round(monkeypatch):
     import tidal.bench.train as bench
 
     order = []
-    dummy = SimpleNamespace(model=SimpleNamespace(eval=lambda: None), runtime_report={"busy": {}},
-                            collection=SimpleNamespace(tables=[SimpleNamespace(bytes_per_row=280)]))
+    dummy = SimpleNamespace(model=SimpleNamespace(eval=lambda: None), runtime_report={"busy": {}})
 
     def fake_tidal(shape, paths, run_dir, batches, seed=0, mode="async", reserve_rows=0):
-        order.append((mode, seed) if reserve_rows else ("warm", seed))
+        order.append((mode, seed))
         return dummy, 1.0
 
     def fake_torch(shape, rows_per_table, batches):
@@ -42,6 +41,5 @@ def test_sides_take_turns_in_an_order_reversed_each_round(monkeypatch):
     monkeypatch.setattr(bench, "_auc", lambda score, batches: 0.5)
     batch = SimpleNamespace(batch_size=10)
     result = bench._run_config("", bench.CONFIGS[""], [batch] * 3, [], [], Path("scratch"), distinct_ids=100)
-    assert order == [("warm", 0), ("torch", 0), ("sync", 0), ("async", 0),
-                     ("async", 1), ("sync", 1), ("torch", 1)]
+    assert order == [("torch", 0), ("sync", 0), ("async", 0), ("async", 1), ("sync", 1), ("torch", 1)]
     assert result["ratio_vs_torch"] == 2.0 and result["async_ratio_vs_torch"] == 2.0

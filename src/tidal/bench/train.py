@@ -36,8 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from tidal.config import ModelConfig, RunConfig
+from tidal.config import ModelConfig, RunConfig, Sgd, TableConfig
 from tidal.data.batch import SparseBatch
+from tidal.embedding import EmbeddingTable
 from tidal.embedding._parallel import cpu_count
 from tidal.data.criteo import criteo_features
 from tidal.data.extract import Extractor
@@ -82,11 +83,14 @@ def _batches(paths: list[str]) -> list[SparseBatch]:
     return [extractor(t) for t in read_batches(paths, batch_rows=BATCH) if t.num_rows]
 
 
+def _table(shape: _Shape, reserve_rows: int = 0) -> TableConfig:
+    return TableConfig(name="ids", dim=shape.dim, optimizer=Sgd(lr=LR_SPARSE), reserve_rows=reserve_rows)
+
+
 def _tidal(shape: _Shape, paths: list[str], run_dir: Path, seed: int, mode: str, reserve_rows: int) -> Trainer:
     config = RunConfig(
         data={"train": paths}, features=[f.model_dump() for f in criteo_features(table="ids")],
-        tables=[{"name": "ids", "dim": shape.dim, "optimizer": {"kind": "sgd", "lr": LR_SPARSE},
-                 "reserve_rows": reserve_rows}],
+        tables=[_table(shape, reserve_rows).model_dump()],
         model={"kind": "dlrm", "bottom_sizes": shape.bottom, "hidden_sizes": shape.top},
         training={"lr": LR_DENSE, "run_dir": str(run_dir), "threads": THREADS[mode], "log_every": 1 << 30,
                   "precision": "auto", "seed": seed},
@@ -157,17 +161,15 @@ def _auc(score, batches: list[SparseBatch]) -> float:  # type: ignore[no-untyped
     return auc(np.concatenate([b.labels.ravel() for b in batches]), scores)
 
 
-def _equal_bytes_rows(tidal: Trainer, distinct_ids: int, dim: int) -> int:
+def _equal_bytes_rows(shape: _Shape, distinct_ids: int) -> int:
     """Rows per peer table so that 26 of them hold the bytes Tidal's table will hold:
     one row (values + index and metadata) per distinct id of the training data."""
-    return max(1, distinct_ids * tidal.collection.tables[0].bytes_per_row // (4 * dim) // 26)
+    return max(1, distinct_ids * EmbeddingTable(_table(shape)).bytes_per_row // (4 * shape.dim) // 26)
 
 
 def _run_config(prefix: str, shape: _Shape, train: list[SparseBatch], held_out: list[SparseBatch],
                 paths: list[str], scratch: Path, distinct_ids: int) -> dict:
-    torch.manual_seed(0)
-    warm, _ = _train_tidal(shape, paths, scratch / f"warm{prefix}", train[:2])  # compile the kernels first
-    rows_per_table = _equal_bytes_rows(warm, distinct_ids, shape.dim)
+    rows_per_table = _equal_bytes_rows(shape, distinct_ids)
     sides = ["torch", *(f"{_PREFIX[mode]}tidal" for mode in shape.modes)]
     seconds: dict[str, list[float]] = {side: [] for side in sides}
     aucs: dict[str, list[float]] = {side: [] for side in sides}
@@ -215,6 +217,8 @@ def run(rows: int = 1_000_000, as_json: bool = False) -> dict:
         held_out = _batches(generate(scratch / "eval", rows=max(rows // 5, 1_000), seed=3, split=1).paths)
         train = _batches(data.paths)
         distinct_ids = np.unique(np.concatenate([b.values for b in train])).shape[0]
+        torch.manual_seed(0)
+        _train_tidal(next(iter(CONFIGS.values())), data.paths, scratch / "warm", train[:2])  # compile the kernels first
         summary: dict = {}
         for prefix, shape in CONFIGS.items():
             summary |= _run_config(prefix, shape, train, held_out, data.paths, scratch, distinct_ids)
