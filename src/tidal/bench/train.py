@@ -6,8 +6,8 @@ DLRM (Adam) on its heterogeneous engine (local backend: one sparse worker feedin
 dense worker), the dense network's products in bfloat16 where the CPU has them
 (`training.precision: auto`; weights and optimizer float32). It trains in sync mode,
 where every batch reads the rows the previous one updated, as the peer's loop does,
-each stage on every core (the `tidal_` figures: the same training as the peer's, so
-the same AUC); in config (a) also async, at most two batches in flight, each stage on
+each stage on every core (the `tidal_` figures: the peer's kind of training, so their
+AUCs compare); in config (a) also async, at most two batches in flight, each stage on
 one thread (`async_tidal_`: faster, but a batch may miss the previous one's update,
 which costs AUC on longer runs). Tidal's table reserves the rows the run will create,
 as the peer's tables are allocated before the clock starts. The peer is the
