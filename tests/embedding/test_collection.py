@@ -17,8 +17,9 @@ DIM = 4
 MODES = ["sum", "mean", "sqrtn"]
 
 
-def _collection(feature_tables: list[int], modes: list[str], threads: int = 1, **table_kw) -> EmbeddingCollection:
-    tables = [TableConfig(name=f"t{t}", dim=DIM, optimizer=Sgd(lr=1.0), num_shards=2,
+def _collection(feature_tables: list[int], modes: list[str], threads: int = 1, dim: int = DIM,
+                **table_kw) -> EmbeddingCollection:
+    tables = [TableConfig(name=f"t{t}", dim=dim, optimizer=Sgd(lr=1.0), num_shards=2,
                           initializer=Initializer(kind="uniform", scale=1.0), **table_kw)
               for t in range(max(feature_tables) + 1)]
     features = [EmbeddingFeature(name=f"f{f}", table=f"t{t}", pooling=m)
@@ -28,7 +29,7 @@ def _collection(feature_tables: list[int], modes: list[str], threads: int = 1, *
 
 def _reference_pool(collection: EmbeddingCollection, batch: SparseBatch) -> np.ndarray:
     """Bag by bag in plain numpy: sum of weight * row, scaled by 1, 1/n or 1/sqrt(n)."""
-    out = np.zeros((batch.batch_size, len(batch.keys), DIM), dtype=np.float64)
+    out = np.zeros((batch.batch_size, len(batch.keys), collection.dim), dtype=np.float64)
     offsets = batch.offsets
     for f, key in enumerate(batch.keys):
         feature = collection.features[key]
@@ -86,12 +87,13 @@ def _batches(draw):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=_batches(), threads=st.sampled_from([1, 2]))
-def test_forward_matches_reference_for_any_batch(case, threads):
+@given(case=_batches(), threads=st.sampled_from([1, 2]), dim=st.sampled_from([DIM, 32]))
+def test_forward_matches_reference_for_any_batch(case, threads, dim):
+    """Dim 4 rows are written in place; dim 32 rows are streamed (64-byte multiples)."""
     feature_tables, modes, batch = case
-    collection = _collection(feature_tables, modes, threads)
+    collection = _collection(feature_tables, modes, threads, dim)
     pooled, _ = collection.forward(batch)
-    assert pooled.shape == (batch.batch_size, len(batch.keys), DIM)
+    assert pooled.shape == (batch.batch_size, len(batch.keys), dim)
     np.testing.assert_allclose(pooled.numpy(), _reference_pool(collection, batch), rtol=1e-5, atol=1e-6)
 
 
@@ -111,14 +113,14 @@ def test_backward_applies_summed_scaled_row_gradients(case, seed):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=_batches(), threads=st.sampled_from([1, 2]), seed=st.integers(0, 1000))
-def test_bfloat16_pooling_and_gradients_are_the_float32_ones_rounded(case, threads, seed):
+@given(case=_batches(), threads=st.sampled_from([1, 2]), seed=st.integers(0, 1000), dim=st.sampled_from([DIM, 32]))
+def test_bfloat16_pooling_and_gradients_are_the_float32_ones_rounded(case, threads, seed, dim):
     feature_tables, modes, batch = case
-    full, half = _collection(feature_tables, modes, threads), _collection(feature_tables, modes, threads)
+    full, half = _collection(feature_tables, modes, threads, dim), _collection(feature_tables, modes, threads, dim)
     pooled, ctx_full = full.forward(batch)
     pooled_bf16, ctx_half = half.forward(batch, dtype=torch.bfloat16)
     assert torch.equal(pooled_bf16.view(torch.int16), pooled.to(torch.bfloat16).view(torch.int16))
-    shape = (batch.batch_size, len(batch.keys), DIM)
+    shape = (batch.batch_size, len(batch.keys), dim)
     grad = torch.from_numpy(np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)).to(torch.bfloat16)
     full.backward(ctx_full, grad.float())
     half.backward(ctx_half, grad)  # read as bfloat16 bits
@@ -149,6 +151,21 @@ def test_backward_sums_many_rows_across_tables_and_blocks_as_numpy_does(threads)
         expected[[0, 1, 0][f]][value] += scale * grad[b, f]
     for table, old, step in zip(collection.tables, before, expected):
         np.testing.assert_allclose(old - table.lookup(np.arange(700)), step, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_pooling_into_a_buffer_off_the_64_byte_grid_equals_the_streamed_output(threads):
+    """A caller's `out` that does not start on a 64-byte boundary is written in place."""
+    collection = _collection([0, 0], ["sum", "mean"], threads, dim=32)
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(0, 3, 2 * 1500).astype(np.int32)
+    batch = SparseBatch(keys=["f0", "f1"], values=rng.integers(0, 500, int(lengths.sum())), lengths=lengths,
+                        batch_size=1500)
+    streamed, _ = collection.forward(batch)
+    spare = torch.full((1500 * 2 * 32 + 1,), 7.0)
+    shifted = spare[1:].view(1500, 2, 32)  # 4 bytes past torch's 64-byte aligned start
+    collection.forward(batch, train=False, out=shifted)
+    assert torch.equal(shifted, streamed)
 
 
 def test_bfloat16_pooling_rounds_ties_to_even_and_keeps_specials():

@@ -31,7 +31,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["Arena", "CHUNK_ROWS", "CHUNK_SHIFT", "SHARD_BITS", "float_row", "prefetch", "prefetch_row", "row_in", "row_of"]
+__all__ = ["Arena", "CHUNK_ROWS", "CHUNK_SHIFT", "SHARD_BITS", "float_row", "prefetch", "prefetch_row", "row_in", "row_of",
+           "store_fence", "stream"]
 
 CHUNK_SHIFT = 14
 CHUNK_ROWS = 1 << CHUNK_SHIFT  # 16384 rows: 4 MiB at dim 64 without optimizer state
@@ -65,6 +66,34 @@ def _prefetch(typingctx, address):  # type: ignore[no-untyped-def]
     return sig, codegen
 
 
+@intrinsic
+def _stream_line(typingctx, destination, source):  # type: ignore[no-untyped-def]
+    """Copy 64 bytes from `source` to the 64-byte aligned `destination` with a
+    non-temporal store (int64 addresses)."""
+    sig = types.void(types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        line = ir.VectorType(ir.FloatType(), 16).as_pointer()
+        values = builder.load(builder.inttoptr(args[1], line), align=4)
+        store = builder.store(values, builder.inttoptr(args[0], line), align=64)
+        store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def store_fence(typingctx):  # type: ignore[no-untyped-def]
+    """Order every earlier store, non-temporal ones included, before any later one."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 _LINE = 64
 
 
@@ -75,6 +104,16 @@ def prefetch(address: np.int64, size: np.int64) -> None:
     other."""
     for offset in range(0, size, _LINE):
         _prefetch(address + offset)
+
+
+@numba.njit(nogil=True, inline="always")
+def stream(destination: np.int64, source: np.int64, size: np.int64) -> None:
+    """Copy `size` bytes (a multiple of 64) to a 64-byte aligned `destination` with
+    non-temporal stores: the lines go to memory without first being read into the
+    cache, about half the traffic of plain stores to a buffer larger than the cache.
+    End the kernel with `store_fence` before another thread reads the copy."""
+    for offset in range(0, size, _LINE):
+        _stream_line(destination + offset, source + offset)
 
 
 @numba.njit(nogil=True, inline="always")

@@ -19,7 +19,7 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-from tidal.embedding._memory import float_row, prefetch, prefetch_row, row_in, row_of
+from tidal.embedding._memory import float_row, prefetch, prefetch_row, row_in, row_of, store_fence, stream
 from tidal.optim import rowwise as rw
 
 __all__ = ["MODES"]
@@ -27,6 +27,7 @@ __all__ = ["MODES"]
 MODES = {"sum": 0, "mean": 1, "sqrtn": 2}
 _BLOCK = 128  # rows of gradient summed at a time (32 KiB at dim 64)
 _AHEAD = 8  # gradient rows prefetched ahead of the one being read
+_AHEAD_IDS = 16  # rows prefetched ahead of the id being pooled
 
 
 @numba.njit(nogil=True, cache=True)
@@ -52,23 +53,33 @@ def id_scales(offsets, weights, modes, batch_size):  # type: ignore[no-untyped-d
 def pool(directories, widths, feature_tables, handles, offsets, scales, out, lo, hi):  # type: ignore[no-untyped-def]
     """out[b, f] = sum of scale * row over the ids of bag f * B + b, samples b in [lo, hi).
 
-    `out` is `[B, F, D]` float32; samples are written in order, one contiguous block each.
+    `out` is `[B, F, D]` float32. Bags are taken in id order, feature by feature, so
+    the batch's arrays are read front to back. When the output rows start on 64-byte
+    boundaries (torch's buffers do, for D a multiple of 16), each bag is summed in a
+    buffer that stays in cache and written with non-temporal stores: the output is
+    larger than the cache, and plain stores would first read every line of it.
     """
     batch_size, num_features, dim = out.shape
-    for b in range(lo, hi):
-        for f in range(num_features):
+    row_bytes = dim * 4
+    streamed = out.ctypes.data % 64 == 0 and row_bytes % 64 == 0
+    buffer = np.empty(dim + 16, dtype=np.float32)
+    bag = buffer.ctypes.data + (-buffer.ctypes.data) % 64
+    for f in range(num_features):
+        table, width = feature_tables[f], widths[feature_tables[f]]
+        last = offsets[f * batch_size + hi]  # ids past it belong to other samples
+        for b in range(lo, hi):
             k = f * batch_size + b
-            table = feature_tables[f]
-            if b + 1 < hi and offsets[k + 1] < offsets[k + 2]:  # the next sample's bag of f
-                prefetch_row(directories[table], handles[offsets[k + 1]], widths[table], dim)
-            target = float_row(out.ctypes.data, b * num_features + f, dim)
+            destination = out.ctypes.data + (b * num_features + f) * row_bytes
+            target = float_row(bag if streamed else destination, 0, dim)
             first = True
             for i in range(offsets[k], offsets[k + 1]):
+                if i + _AHEAD_IDS < last:
+                    prefetch_row(directories[table], handles[i + _AHEAD_IDS], width, dim)
                 if handles[i] < 0:
                     continue
-                row = row_in(directories, table, handles[i], widths[table])
+                row = row_in(directories, table, handles[i], width)
                 scale = scales[i]
-                if first:  # write, not add: no zeroing pass, no read of the output
+                if first:  # write, not add: no zeroing pass
                     for d in range(dim):
                         target[d] = scale * row[d]
                     first = False
@@ -77,30 +88,40 @@ def pool(directories, widths, feature_tables, handles, offsets, scales, out, lo,
                         target[d] += scale * row[d]
             if first:
                 target[:] = 0.0
+            if streamed:
+                stream(destination, bag, row_bytes)
+    store_fence()
 
 
 @numba.njit(nogil=True, cache=True)
 def pool_bf16(directories, widths, feature_tables, handles, offsets, scales, out_bits, lo, hi):  # type: ignore[no-untyped-def]
     """`pool` into bfloat16: `out_bits` is `[B, F, D]` uint16 holding bfloat16 bits,
-    rounded to nearest even as torch rounds. Each sample is pooled in float32 into a
-    small buffer (summed as `pool` sums), then rounded in one vectorized pass. The bag
-    loop is `pool`'s, written out again: numba vectorizes it only inline (a shared
-    helper made `pool` two to three times slower)."""
+    rounded to nearest even as torch rounds. Each bag is summed in float32 as `pool`
+    sums it, rounded in one vectorized pass, and streamed out as `pool` streams (for D
+    a multiple of 32). The bag loop is `pool`'s, written out again: numba vectorizes it
+    only inline (a shared helper made `pool` two to three times slower)."""
     batch_size, num_features, dim = out_bits.shape
-    sample = np.empty(num_features * dim, dtype=np.float32)
-    sample_bits = sample.view(np.uint32)
-    for b in range(lo, hi):
-        for f in range(num_features):
+    row_bytes = dim * 2
+    streamed = out_bits.ctypes.data % 64 == 0 and row_bytes % 64 == 0
+    buffer = np.empty(dim + 16, dtype=np.float32)
+    bag = buffer.ctypes.data + (-buffer.ctypes.data) % 64
+    target = float_row(bag, 0, dim)
+    target_bits = target.view(np.uint32)
+    spare = np.empty(dim + 32, dtype=np.uint16)
+    start = (-spare.ctypes.data) % 64 // 2
+    rounded = spare[start : start + dim]  # starts on a 64-byte boundary
+    for f in range(num_features):
+        table, width = feature_tables[f], widths[feature_tables[f]]
+        last = offsets[f * batch_size + hi]  # ids past it belong to other samples
+        for b in range(lo, hi):
             k = f * batch_size + b
-            table = feature_tables[f]
-            if b + 1 < hi and offsets[k + 1] < offsets[k + 2]:  # the next sample's bag of f
-                prefetch_row(directories[table], handles[offsets[k + 1]], widths[table], dim)
-            target = float_row(sample.ctypes.data, f, dim)
             first = True
             for i in range(offsets[k], offsets[k + 1]):
+                if i + _AHEAD_IDS < last:
+                    prefetch_row(directories[table], handles[i + _AHEAD_IDS], width, dim)
                 if handles[i] < 0:
                     continue
-                row = row_in(directories, table, handles[i], widths[table])
+                row = row_in(directories, table, handles[i], width)
                 scale = scales[i]
                 if first:
                     for d in range(dim):
@@ -111,12 +132,15 @@ def pool_bf16(directories, widths, feature_tables, handles, offsets, scales, out
                         target[d] += scale * row[d]
             if first:
                 target[:] = 0.0
-        out = out_bits[b].reshape(num_features * dim)
-        for d in range(num_features * dim):  # branch-free, so it vectorizes
-            bits = np.int64(sample_bits[d])
-            nan = np.int64((bits & 0x7FFFFFFF) > 0x7F800000)  # 1 for a NaN: made quiet, low half
-            bits = (bits | (nan << 22)) & ~(nan * 0xFFFF)  # cleared, so rounding cannot carry out of it
-            out[d] = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            bits_out = rounded if streamed else out_bits[b, f]
+            for d in range(dim):  # branch-free, so it vectorizes
+                bits = np.int64(target_bits[d])
+                nan = np.int64((bits & 0x7FFFFFFF) > 0x7F800000)  # 1 for a NaN: made quiet, low half
+                bits = (bits | (nan << 22)) & ~(nan * 0xFFFF)  # cleared, so rounding cannot carry out of it
+                bits_out[d] = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            if streamed:
+                stream(out_bits.ctypes.data + (b * num_features + f) * row_bytes, rounded.ctypes.data, row_bytes)
+    store_fence()
 
 
 def grad_row(grad_out, r, wide):  # type: ignore[no-untyped-def]
