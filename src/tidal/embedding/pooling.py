@@ -19,7 +19,7 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-from tidal.embedding._memory import float_row, prefetch, prefetch_row, row_in, row_of, store_fence, stream
+from tidal.embedding._memory import SHARD_BITS, float_row, prefetch, prefetch_row, row_in, row_of, store_fence, stream
 from tidal.optim import rowwise as rw
 
 __all__ = ["MODES"]
@@ -193,9 +193,10 @@ def group_by_row(offsets, unique_of_id, scales, num_rows, batch_size):  # type: 
 
 
 @numba.njit(nogil=True, cache=True)
-def apply_grouped(directory, width, unique, first, grouped, code, hyper, step, lo, hi):  # type: ignore[no-untyped-def]
+def apply_grouped(directory, width, unique, first, grouped, code, hyper, step, seen, lo, hi):  # type: ignore[no-untyped-def]
     """The optimizer step of rows unique[lo:hi] of one table, each given the sum of its
-    ids' scaled gradients.
+    ids' scaled gradients; each row is then marked seen: `seen` = (the shard's
+    last_seen, the step to mark).
 
     `grouped` = (starts, sources, entry scales, gradient `[N, D]` float32 or uint16
     bfloat16 bits) from `group_by_row`; this table's row u is row ``first + u`` there.
@@ -221,6 +222,9 @@ def apply_grouped(directory, width, unique, first, grouped, code, hyper, step, l
                 for d in range(dim):
                     target[d] += s * source[d]
         apply_rows(directory, width, unique[start:end], block, code, hyper, step, 0, end - start)
+    last_seen, now = seen
+    for u in range(lo, hi):
+        last_seen[unique[u] >> SHARD_BITS] = now
 
 
 @numba.njit(nogil=True, cache=True)

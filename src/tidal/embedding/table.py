@@ -177,9 +177,8 @@ class _Shard:
         return sum(a.nbytes for a in arrays)
 
 
-def _largest_first(offsets: np.ndarray) -> list[int]:
-    """The shards with work in `offsets` (shard s: offsets[s]:offsets[s + 1]), largest first."""
-    sizes = np.diff(offsets)
+def _largest_first(sizes: np.ndarray) -> list[int]:
+    """The shards with work (sizes[s] > 0), largest first."""
     return [int(s) for s in np.argsort(-sizes, kind="stable") if sizes[s] > 0]
 
 
@@ -344,7 +343,7 @@ class EmbeddingTable:
         def in_shard(s: int) -> None:
             found[s] = self._resolve_in_shard(s, route, settings)
 
-        run_tasks([partial(in_shard, s) for s in _largest_first(offsets)], self.threads)
+        run_tasks([partial(in_shard, s) for s in _largest_first(np.diff(offsets))], self.threads)
         bases = np.zeros(self.num_shards + 1, dtype=np.int64)
         np.cumsum([len(f) for f in found], out=bases[1:])
         out = (np.empty_like(handles), np.empty_like(inverse))
@@ -427,8 +426,10 @@ class EmbeddingTable:
                              f"of dim {self.dim}")
         step = self._next_update()
         offsets = lookup.shard_offsets
+        entries = grads.starts[first + offsets[1:]] - grads.starts[first + offsets[:-1]]
+        cost = np.diff(offsets) + entries  # each row is read and written, each entry's gradient row read
         run_tasks([partial(self._apply_in_shard, s, lookup.unique, grads, first, int(offsets[s]), int(offsets[s + 1]),
-                           step) for s in _largest_first(offsets)], self.threads)
+                           step) for s in _largest_first(cost)], self.threads)
 
     def _apply_in_shard(self, s: int, unique: np.ndarray, grads: GroupedGradients, first: int, lo: int, hi: int,
                         step: int) -> None:
@@ -436,8 +437,7 @@ class EmbeddingTable:
         grouped = (grads.starts, grads.sources, grads.scales, grads.grad)
         with shard.lock:
             pooling.apply_grouped(self.arena.directory, self.width, unique, first, grouped, self.optimizer.code,
-                                  self.optimizer.hyper, step, lo, hi)
-            shard.last_seen[unique[lo:hi] >> SHARD_BITS] = self._step
+                                  self.optimizer.hyper, step, (shard.last_seen, np.uint32(self._step)), lo, hi)
 
     # ------------------------------------------------------------------ row moves
 
