@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from tidal.config import (Adagrad, CountAdmission, Eviction, Initializer, ProbabilityAdmission, Sgd,
                           TableConfig)
 from tidal.embedding import EmbeddingTable
-from tidal.embedding.table import GroupedGradients
 from tidal.embedding._memory import CHUNK_ROWS, SHARD_BITS
 from tidal.errors import BatchError
 
@@ -379,13 +378,22 @@ def test_apply_gradients_raises_batch_error_when_grad_shape_wrong(shape):
 def test_apply_grouped_refuses_a_lookup_from_another_table_or_gradients_that_do_not_fit():
     table, other = make_table(), make_table()
     lookup = other.lookup_or_insert(arr(1, 2))
-    grouped = GroupedGradients.of_batch(np.zeros((2, 4), np.float32), np.arange(3), lookup.inverse,
-                                        np.ones(2, np.float32), 2, 2)
+    grad, sources, scales = np.zeros((2, 4), np.float32), np.arange(2), np.ones(2, np.float32)
     with pytest.raises(BatchError, match="came from another table"):
-        table.apply_grouped(lookup, grouped)
+        table.apply_grouped(lookup, grad, sources, scales)
     own = table.lookup_or_insert(arr(1, 2, 3))
-    with pytest.raises(BatchError, match=r"gradients of 2 rows of \[4\] values do not cover rows 0..3 of dim 4"):
-        table.apply_grouped(own, grouped)
+    with pytest.raises(BatchError, match=r"gradient rows \[2, 4\] with 2 sources and 2 scales do not fit 3 keys"):
+        table.apply_grouped(own, grad, sources, scales)
+
+
+def test_lookup_groups_its_keys_by_row():
+    table = make_table(num_shards=2, admission=CountAdmission(min_count=3))
+    sight(table, (7, 3), (8, 3))
+    lookup = table.lookup_or_insert(arr(7, 9, 8, 7, 9, 8, 8))  # 9 is seen twice: not admitted, no row
+    groups = [lookup.by_row[lookup.row_starts[u]:lookup.row_starts[u + 1]] for u in range(len(lookup.unique))]
+    assert sorted(g[g >= 0].tolist() for g in groups) == [[0, 3], [2, 5, 6]]  # positions, in order
+    assert all((lookup.handles[g[g >= 0]] == lookup.unique[u]).all() for u, g in enumerate(groups))
+    assert (lookup.by_row == -1).sum() == 2 and lookup.row_starts[-1] == 7
 
 
 def test_push_rows_refuses_repeated_keys_and_reports_rows_refused_by_the_cap():

@@ -12,7 +12,7 @@ from tidal.config import EmbeddingFeature, TableConfig
 from tidal.data.batch import SparseBatch
 from tidal.embedding import pooling
 from tidal.embedding._parallel import run_split
-from tidal.embedding.table import EmbeddingTable, GroupedGradients, RowLookup
+from tidal.embedding.table import EmbeddingTable, RowLookup
 from tidal.errors import BatchError, ConfigError
 
 __all__ = ["EmbeddingCollection", "PooledContext"]
@@ -169,26 +169,10 @@ class EmbeddingCollection:
         fused optimizer step."""
         if not ctx.train:
             raise BatchError("backward needs a context from forward(train=True); this one was read-only")
-        grad_out = self._grad_rows(ctx, grad)  # [B, F, D]: float32, or uint16 bfloat16 bits
-        unique_of_id, bases = self._unique_of_id(ctx)
-        grouped = GroupedGradients.of_batch(grad_out.reshape(-1, self.dim), ctx.offsets, unique_of_id, ctx.scales,
-                                            int(bases[-1]), ctx.batch_size)
-        for first, (t, (_, lookup)) in zip(bases, ctx.lookups.items()):
-            self.tables[t].apply_grouped(lookup, grouped, int(first))
-
-    @staticmethod
-    def _unique_of_id(ctx: PooledContext) -> tuple[np.ndarray, np.ndarray]:
-        """For every id of the batch, its distinct row numbered across all tables; the
-        tables' bases in that numbering (in `ctx.lookups` order)."""
-        sizes = [lookup.unique.shape[0] for _, lookup in ctx.lookups.values()]
-        bases = np.zeros(len(sizes) + 1, dtype=np.int64)
-        np.cumsum(sizes, out=bases[1:])
-        if len(ctx.lookups) == 1:
-            return next(iter(ctx.lookups.values()))[1].inverse, bases
-        unique_of_id = np.full(ctx.scales.shape[0], -1, dtype=np.int64)
-        for base, (positions, lookup) in zip(bases, ctx.lookups.values()):
-            unique_of_id[positions] = np.where(lookup.inverse >= 0, lookup.inverse + base, -1)
-        return unique_of_id, bases
+        grad_rows = self._grad_rows(ctx, grad).reshape(-1, self.dim)  # float32, or uint16 bfloat16 bits
+        sources = pooling.id_sources(ctx.offsets, ctx.batch_size)
+        for t, (positions, lookup) in ctx.lookups.items():
+            self.tables[t].apply_grouped(lookup, grad_rows, sources[positions], ctx.scales[positions])
 
     def _grad_rows(self, ctx: PooledContext, grad: torch.Tensor | np.ndarray) -> np.ndarray:
         expected = (ctx.batch_size, ctx.feature_tables.shape[0], self.dim)

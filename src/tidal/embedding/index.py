@@ -86,17 +86,35 @@ def group_by_shard(keys: np.ndarray, num_shards: int) -> tuple:
 
 
 @numba.njit(nogil=True, cache=True)
-def ungroup(handles, inverse, order, offsets, bases, out, lo, hi):  # type: ignore[no-untyped-def]
-    """Back to the caller's order: handles and batch-wide row numbers of grouped keys
-    [lo, hi) into `out` = (handles, inverse), at their `order` positions.
+def ungroup(handles, order, out, lo, hi):  # type: ignore[no-untyped-def]
+    """Back to the caller's order: out[order[j]] = handles[j] for grouped keys [lo, hi)."""
+    for j in range(lo, hi):
+        out[order[j]] = handles[j]
 
-    `inverse` numbers rows per shard; shard s's numbers start at bases[s] batch-wide.
+
+@numba.njit(nogil=True, cache=True)
+def keys_by_row(inverse, order, lo, hi, n_rows, positions):  # type: ignore[no-untyped-def]
+    """One shard's keys (grouped range [lo, hi)) grouped by their row (a counting sort).
+
+    `inverse` numbers each key's row in the shard (-1: no row), `order` gives its
+    position in the caller's keys. Writes positions[lo:hi]: the keys' caller positions
+    row by row (first-sight order, then -1 for each key without a row); returns the
+    offset of each row's first key there, from lo.
     """
-    out_handles, out_inverse = out
-    for s in range(offsets.shape[0] - 1):
-        for j in range(max(lo, offsets[s]), min(hi, offsets[s + 1])):
-            out_handles[order[j]] = handles[j]
-            out_inverse[order[j]] = inverse[j] + bases[s] if inverse[j] >= 0 else -1
+    counts = np.zeros(n_rows + 1, dtype=np.int64)
+    for j in range(lo, hi):
+        counts[inverse[j] if inverse[j] >= 0 else n_rows] += 1
+    starts = np.empty(n_rows + 1, dtype=np.int64)
+    next_start = lo
+    for r in range(n_rows + 1):
+        starts[r] = next_start
+        next_start += counts[r]
+    fill = starts.copy()
+    for j in range(lo, hi):
+        r = inverse[j] if inverse[j] >= 0 else n_rows
+        positions[fill[r]] = order[j] if inverse[j] >= 0 else -1
+        fill[r] += 1
+    return starts[:n_rows]
 
 
 @numba.njit(nogil=True, inline="always")

@@ -164,61 +164,50 @@ def _grad_row(grad_out, r, wide):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(nogil=True, cache=True)
-def group_by_row(offsets, unique_of_id, scales, num_rows, batch_size):  # type: ignore[no-untyped-def]
-    """The ids of a batch grouped by the distinct row they update (a counting sort).
-
-    Id i of bag ``k = f * B + b`` updates row ``unique_of_id[i]`` (-1: none) with
-    ``scales[i]`` times row ``b * F + f`` of the gradient seen as `[B * F, D]`.
-    Returns (starts [num_rows + 1], sources [m], entry_scales [m]): row u's entries
-    are ``starts[u]:starts[u + 1]``, in bag order, each a gradient row and its scale.
-    """
+def id_sources(offsets, batch_size):  # type: ignore[no-untyped-def]
+    """The gradient row of every id: ``b * F + f`` for the ids of bag ``f * B + b``,
+    the gradient seen as `[B * F, D]`."""
     num_features = (offsets.shape[0] - 1) // batch_size if batch_size > 0 else 0
-    starts = np.zeros(num_rows + 1, dtype=np.int64)
-    for i in range(offsets[-1]):
-        if unique_of_id[i] >= 0:
-            starts[unique_of_id[i] + 1] += 1
-    starts = np.cumsum(starts)
-    fill = starts[:-1].copy()
-    sources = np.empty(starts[-1], dtype=np.int64)
-    entry_scales = np.empty(starts[-1], dtype=np.float32)
+    sources = np.empty(offsets[-1], dtype=np.int64)
     for f in range(num_features):
         for b in range(batch_size):
             k = f * batch_size + b
-            for i in range(offsets[k], offsets[k + 1]):
-                u = unique_of_id[i]
-                if u >= 0:
-                    sources[fill[u]], entry_scales[fill[u]] = b * num_features + f, scales[i]
-                    fill[u] += 1
-    return starts, sources, entry_scales
+            sources[offsets[k] : offsets[k + 1]] = b * num_features + f
+    return sources
 
 
 @numba.njit(nogil=True, cache=True)
-def apply_grouped(directory, width, unique, first, grouped, code, hyper, step, seen, lo, hi):  # type: ignore[no-untyped-def]
+def apply_grouped(directory, width, unique, grouped, code, hyper, step, seen, lo, hi):  # type: ignore[no-untyped-def]
     """The optimizer step of rows unique[lo:hi] of one table, each given the sum of its
-    ids' scaled gradients; each row is then marked seen: `seen` = (the shard's
+    keys' scaled gradients; each row is then marked seen: `seen` = (the shard's
     last_seen, the step to mark).
 
-    `grouped` = (starts, sources, entry scales, gradient `[N, D]` float32 or uint16
-    bfloat16 bits) from `group_by_row`; this table's row u is row ``first + u`` there.
-    Rows are summed a block at a time into a buffer that stays in cache, then updated
-    by `apply_rows`: no gradient buffer the size of the batch's rows.
+    `grouped` = (row_starts, by_row, sources, scales, gradient `[N, D]` float32 or
+    uint16 bfloat16 bits): row u's keys are ``by_row[row_starts[u]:row_starts[u + 1]]``
+    (-1: none), key k adds ``scales[k] * grad[sources[k]]`` (see `RowLookup`). Rows are
+    summed a block at a time into a buffer that stays in cache, then updated by
+    `apply_rows`: no gradient buffer the size of the batch's rows.
     """
-    starts, sources, entry_scales, grad_out = grouped
+    row_starts, by_row, sources, scales, grad_out = grouped
     dim = grad_out.shape[1]
     row_bytes = dim * grad_out.itemsize
     block = np.empty((_BLOCK, dim), dtype=np.float32)
     wide = np.empty(dim, dtype=np.uint32)
+    last = row_starts[hi]
     for start in range(lo, hi, _BLOCK):
         end = min(start + _BLOCK, hi)
         for u in range(start, end):
             prefetch_row(directory, unique[u], width, width)  # in cache when `apply_rows` comes to it
             target = float_row(block.ctypes.data, u - start, dim)
             target[:] = 0.0
-            for e in range(starts[first + u], starts[first + u + 1]):
-                if e + _AHEAD < sources.shape[0]:
-                    prefetch(grad_out.ctypes.data + sources[e + _AHEAD] * row_bytes, row_bytes)
-                source = grad_row(grad_out, sources[e], wide)
-                s = entry_scales[e]
+            for e in range(row_starts[u], row_starts[u + 1]):
+                if e + _AHEAD < last and by_row[e + _AHEAD] >= 0:
+                    prefetch(grad_out.ctypes.data + sources[by_row[e + _AHEAD]] * row_bytes, row_bytes)
+                k = by_row[e]
+                if k < 0:
+                    continue
+                source = grad_row(grad_out, sources[k], wide)
+                s = scales[k]
                 for d in range(dim):
                     target[d] += s * source[d]
         apply_rows(directory, width, unique[start:end], block, code, hyper, step, 0, end - start)

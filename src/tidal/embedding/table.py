@@ -34,7 +34,7 @@ from tidal.embedding.hashing import INIT_KINDS, table_seed
 from tidal.errors import BatchError, CheckpointError, ConfigError, TidalError
 from tidal.optim.rowwise import OptimizerKernel
 
-__all__ = ["EmbeddingTable", "GroupedGradients", "RowBlock", "RowLookup", "TableStats"]
+__all__ = ["EmbeddingTable", "RowBlock", "RowLookup", "TableStats"]
 
 _MAX_LOAD = 0.75
 _ROW_ARRAY_GROWTH = 1.25
@@ -69,21 +69,24 @@ class TableStats:
 
 @dataclass(frozen=True, kw_only=True)
 class RowLookup:
-    """Where the keys of one lookup live, de-duplicated.
+    """Where the keys of one lookup live, de-duplicated and grouped by row.
 
     handles        [n]      int64  row handle of each key, -1 when it has no row
-    inverse        [n]      int64  position of each key's row in `unique`, -1 when none
     unique         [U]      int64  the distinct row handles, grouped by shard
     shard_offsets  [S + 1]  int64  shard s's rows are unique[shard_offsets[s]:shard_offsets[s+1]]
+    row_starts     [U + 1]  int64  row u's keys are by_row[row_starts[u]:row_starts[u + 1]]
+    by_row         [n]      int64  the keys' positions, row by row; -1 (skipped) for a key
+                                   without a row, at the end of its shard's last row
 
     `table` and `epoch` say which table made it and between which evictions: handles
     are only valid there, so `apply_grouped` refuses a lookup from elsewhere or older.
     """
 
     handles: np.ndarray
-    inverse: np.ndarray
     unique: np.ndarray
     shard_offsets: np.ndarray
+    row_starts: np.ndarray
+    by_row: np.ndarray
     table: int  # id() of the table
     epoch: int  # the table's eviction count when it was made
 
@@ -104,33 +107,6 @@ class RowBlock:
     state: np.ndarray
     last_seen: np.ndarray
     counts: np.ndarray
-
-
-@dataclass(frozen=True, kw_only=True)
-class GroupedGradients:
-    """The scaled gradients of a batch's ids, grouped by the distinct row they update.
-
-    starts    [R + 1]  int64    row r's entries are starts[r]:starts[r + 1]
-    sources   [m]      int64    the gradient row of each entry
-    scales    [m]      float32  its scale (pooling mode and id weight)
-    grad      [N, D]            float32, or uint16 bfloat16 bits
-
-    A row's update is the sum of scale x grad[source] over its entries. Rows are
-    numbered across the batch's tables (`pooling.group_by_row`); a table's rows start
-    at the `first` given to `apply_grouped`.
-    """
-
-    starts: np.ndarray
-    sources: np.ndarray
-    scales: np.ndarray
-    grad: np.ndarray
-
-    @classmethod
-    def of_batch(cls, grad: np.ndarray, offsets: np.ndarray, unique_of_id: np.ndarray, scales: np.ndarray,
-                 num_rows: int, batch_size: int) -> GroupedGradients:
-        """Group the ids of bags `offsets` (bag k = f * B + b reads gradient row b * F + f)."""
-        starts, sources, entry_scales = pooling.group_by_row(offsets, unique_of_id, scales, num_rows, batch_size)
-        return cls(starts=starts, sources=sources, scales=entry_scales, grad=grad)
 
 
 class _Shard:
@@ -333,11 +309,13 @@ class EmbeddingTable:
 
     def _resolve(self, keys: np.ndarray, *, step: int, insert: bool, force: bool = False,
                  count: bool = True) -> RowLookup:
+        n = keys.shape[0]
         keys, hashes, order, offsets = ix.group_by_shard(keys, self.num_shards)
-        handles = np.empty(keys.shape[0], dtype=np.int64)  # in shard order until ungrouped
-        inverse = np.empty(keys.shape[0], dtype=np.int64)
-        found: list[np.ndarray] = [np.zeros(0, np.int64)] * self.num_shards
-        route = (keys, hashes, offsets, handles, inverse)
+        handles = np.empty(n, dtype=np.int64)  # in shard order until ungrouped
+        inverse = np.empty(n, dtype=np.int64)  # each key's row, numbered within its shard
+        by_row = np.empty(n, dtype=np.int64)
+        found: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.int64),) * 2] * self.num_shards
+        route = (keys, hashes, order, offsets, handles, inverse, by_row)
         settings = (step, insert, count, self._admission_settings(force))
 
         def in_shard(s: int) -> None:
@@ -345,22 +323,24 @@ class EmbeddingTable:
 
         run_tasks([partial(in_shard, s) for s in _largest_first(np.diff(offsets))], self.threads)
         bases = np.zeros(self.num_shards + 1, dtype=np.int64)
-        np.cumsum([len(f) for f in found], out=bases[1:])
-        out = (np.empty_like(handles), np.empty_like(inverse))
-        run_split(ix.ungroup, keys.shape[0], self.threads, handles, inverse, order, offsets, bases, out)
-        handles, inverse = out
-        unique = np.concatenate([(rows << SHARD_BITS) | s for s, rows in enumerate(found)])
-        return RowLookup(handles=handles, inverse=inverse, unique=unique, shard_offsets=bases,
-                         table=id(self), epoch=self._epoch)
+        np.cumsum([len(rows) for rows, _ in found], out=bases[1:])
+        in_order = np.empty_like(handles)
+        run_split(ix.ungroup, n, self.threads, handles, order, in_order)
+        unique = np.concatenate([(rows << SHARD_BITS) | s for s, (rows, _) in enumerate(found)])
+        row_starts = np.concatenate([starts for _, starts in found] + [np.array([n], np.int64)])
+        return RowLookup(handles=in_order, unique=unique, shard_offsets=bases, row_starts=row_starts,
+                         by_row=by_row, table=id(self), epoch=self._epoch)
 
-    def _resolve_in_shard(self, s: int, route: tuple, settings: tuple) -> np.ndarray:
-        """Resolve shard `s`'s part of a batch under its lock; its distinct local rows."""
-        keys, hashes, offsets, handles, inverse = route
+    def _resolve_in_shard(self, s: int, route: tuple, settings: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """Resolve shard `s`'s part of a batch under its lock, then group its keys by row:
+        its distinct local rows and where each row's keys start in `by_row`."""
+        keys, hashes, order, offsets, handles, inverse, by_row = route
         step, insert, count, admission = settings
         shard = self._shards[s]
-        position, end = int(offsets[s]), int(offsets[s + 1])
-        rows = np.empty(end - position, dtype=np.int64)
-        previous = np.empty(end - position, dtype=np.uint32)
+        lo, end = int(offsets[s]), int(offsets[s + 1])
+        position = lo
+        rows = np.empty(end - lo, dtype=np.int64)
+        previous = np.empty(end - lo, dtype=np.uint32)
         n_rows = np.zeros(1, dtype=np.int64)
         with shard.lock:
             try:
@@ -372,7 +352,8 @@ class EmbeddingTable:
                     self._grow(s, shard)
             finally:  # even if growing failed, no row may stay marked
                 ix.unmark(shard.last_seen, rows, previous, n_rows[0], step, insert)
-        return rows[: n_rows[0]]
+        starts = ix.keys_by_row(inverse, order, lo, end, n_rows[0], by_row)
+        return rows[: n_rows[0]], starts
 
     def _grow(self, s: int, shard: _Shard) -> None:
         """Grow what the last kernel call asked for (nothing, the index, or the rows)."""
@@ -408,35 +389,34 @@ class EmbeddingTable:
                 f"table {self.name!r}: grads must have shape {(keys.shape[0], self.dim)} "
                 f"(one row per key), got {grads.shape}"
             )
-        lookup = self.find(keys, count=False)
-        grouped = GroupedGradients.of_batch(grads, np.arange(keys.shape[0] + 1), lookup.inverse,
-                                            np.ones(keys.shape[0], np.float32), lookup.unique.shape[0], keys.shape[0])
-        self.apply_grouped(lookup, grouped)
+        self.apply_grouped(self.find(keys, count=False), grads, np.arange(keys.shape[0]),
+                           np.ones(keys.shape[0], np.float32))
 
-    def apply_grouped(self, lookup: RowLookup, grads: GroupedGradients, first: int = 0) -> None:
-        """One fused optimizer step on the distinct rows of `lookup`: row
-        ``lookup.unique[u]`` takes the summed gradient of row ``first + u`` of `grads`."""
+    def apply_grouped(self, lookup: RowLookup, grad: np.ndarray, sources: np.ndarray, scales: np.ndarray) -> None:
+        """One fused optimizer step on the distinct rows of `lookup`: each row takes the
+        sum, over its keys k, of ``scales[k] * grad[sources[k]]``.
+
+        `grad` is `[N, dim]` float32 (or uint16 bfloat16 bits); `sources` and `scales`
+        have one entry per key of the lookup.
+        """
         if lookup.table != id(self) or lookup.epoch != self._epoch:
             raise BatchError(f"table {self.name!r}: this RowLookup came from another table or from "
                              "before an evict(); look the keys up again")
-        rows = lookup.unique.shape[0]
-        if grads.starts.shape[0] < first + rows + 1 or grads.grad.ndim != 2 or grads.grad.shape[1] != self.dim:
-            raise BatchError(f"table {self.name!r}: grouped gradients of {grads.starts.shape[0] - 1} rows of "
-                             f"{list(grads.grad.shape[1:])} values do not cover rows {first}..{first + rows} "
-                             f"of dim {self.dim}")
+        keys = lookup.handles.shape[0]
+        if grad.ndim != 2 or grad.shape[1] != self.dim or sources.shape != (keys,) or scales.shape != (keys,):
+            raise BatchError(f"table {self.name!r}: gradient rows {list(grad.shape)} with {sources.shape[0]} "
+                             f"sources and {scales.shape[0]} scales do not fit {keys} keys of dim {self.dim}")
         step = self._next_update()
-        offsets = lookup.shard_offsets
-        entries = grads.starts[first + offsets[1:]] - grads.starts[first + offsets[:-1]]
-        cost = np.diff(offsets) + entries  # each row is read and written, each entry's gradient row read
-        run_tasks([partial(self._apply_in_shard, s, lookup.unique, grads, first, int(offsets[s]), int(offsets[s + 1]),
-                           step) for s in _largest_first(cost)], self.threads)
+        rows, starts = lookup.shard_offsets, lookup.row_starts
+        cost = np.diff(rows) + starts[rows[1:]] - starts[rows[:-1]]  # rows read and written, gradient rows read
+        grouped = (lookup.row_starts, lookup.by_row, sources, scales, grad)
+        run_tasks([partial(self._apply_in_shard, s, lookup.unique, grouped, int(rows[s]), int(rows[s + 1]), step)
+                   for s in _largest_first(cost)], self.threads)
 
-    def _apply_in_shard(self, s: int, unique: np.ndarray, grads: GroupedGradients, first: int, lo: int, hi: int,
-                        step: int) -> None:
+    def _apply_in_shard(self, s: int, unique: np.ndarray, grouped: tuple, lo: int, hi: int, step: int) -> None:
         shard = self._shards[s]
-        grouped = (grads.starts, grads.sources, grads.scales, grads.grad)
         with shard.lock:
-            pooling.apply_grouped(self.arena.directory, self.width, unique, first, grouped, self.optimizer.code,
+            pooling.apply_grouped(self.arena.directory, self.width, unique, grouped, self.optimizer.code,
                                   self.optimizer.hyper, step, (shard.last_seen, np.uint32(self._step)), lo, hi)
 
     # ------------------------------------------------------------------ row moves
