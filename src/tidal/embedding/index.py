@@ -86,13 +86,6 @@ def group_by_shard(keys: np.ndarray, num_shards: int) -> tuple:
 
 
 @numba.njit(nogil=True, cache=True)
-def ungroup(handles, order, out, lo, hi):  # type: ignore[no-untyped-def]
-    """Back to the caller's order: out[order[j]] = handles[j] for grouped keys [lo, hi)."""
-    for j in range(lo, hi):
-        out[order[j]] = handles[j]
-
-
-@numba.njit(nogil=True, cache=True)
 def keys_by_row(inverse, order, lo, hi, n_rows, positions):  # type: ignore[no-untyped-def]
     """One shard's keys (grouped range [lo, hi)) grouped by their row (a counting sort).
 
@@ -143,7 +136,7 @@ def _probe(slots: np.ndarray, row_keys: np.ndarray, key: np.int64, h: np.uint64)
 
 
 @numba.njit(nogil=True, cache=True)
-def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, lo, hi,
+def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, order, lo, hi,
             step, shard, rows, admission, sketch, insert, count, out):  # type: ignore[no-untyped-def]
     """Row handles of keys[lo:hi] (one shard's range), de-duplicated on the way.
 
@@ -152,10 +145,10 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, lo
     absent keys are counted as misses. With `count`, the keys are counted as lookups
     (and misses) in the statistics; internal reads pass False.
 
-    `out` = (handles [n], inverse [n], unique local rows [hi - lo], their saved
-    last_seen [hi - lo], unique count [1]): inverse[i] numbers the distinct rows of this
-    shard in order of first sight, -1 for a key without a row. The caller ends with
-    `unmark` once the whole range is resolved.
+    `out` = (handles [n] in the caller's order: key i's at order[i], inverse [n],
+    unique local rows [hi - lo], their saved last_seen [hi - lo], unique count [1]):
+    inverse[i] numbers the distinct rows of this shard in order of first sight, -1 for
+    a key without a row. The caller ends with `unmark` once the whole range is resolved.
 
     `rows` = (directory, width, dim, seed, init kind, init scale, initial state value);
     `admission` = (kind, min count, probability, seed). Returns the position reached:
@@ -203,13 +196,13 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, lo
                 created[n_created] = row
                 n_created += 1
         if row < 0:
-            handles[i] = -1
+            handles[order[i]] = -1
             inverse[i] = -1
             ctl[C_MISSES] += count and not insert
             continue
         if insert and counts.shape[0] > 0:
             counts[row] += 1
-        handles[i] = (np.int64(row) << SHARD_BITS) | shard
+        handles[order[i]] = (np.int64(row) << SHARD_BITS) | shard
         inverse[i] = _number(last_seen, unique, previous, n_unique, row)
     _init_rows(rows, created[:n_created], row_keys, shard)
     ctl[C_LOOKUPS] += (end - lo) * count

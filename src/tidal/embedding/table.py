@@ -311,7 +311,7 @@ class EmbeddingTable:
                  count: bool = True) -> RowLookup:
         n = keys.shape[0]
         keys, hashes, order, offsets = ix.group_by_shard(keys, self.num_shards)
-        handles = np.empty(n, dtype=np.int64)  # in shard order until ungrouped
+        handles = np.empty(n, dtype=np.int64)
         inverse = np.empty(n, dtype=np.int64)  # each key's row, numbered within its shard
         by_row = np.empty(n, dtype=np.int64)
         found: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.int64),) * 2] * self.num_shards
@@ -324,11 +324,9 @@ class EmbeddingTable:
         run_tasks([partial(in_shard, s) for s in _largest_first(np.diff(offsets))], self.threads)
         bases = np.zeros(self.num_shards + 1, dtype=np.int64)
         np.cumsum([len(rows) for rows, _ in found], out=bases[1:])
-        in_order = np.empty_like(handles)
-        run_split(ix.ungroup, n, self.threads, handles, order, in_order)
         unique = np.concatenate([(rows << SHARD_BITS) | s for s, (rows, _) in enumerate(found)])
         row_starts = np.concatenate([starts for _, starts in found] + [np.array([n], np.int64)])
-        return RowLookup(handles=in_order, unique=unique, shard_offsets=bases, row_starts=row_starts,
+        return RowLookup(handles=handles, unique=unique, shard_offsets=bases, row_starts=row_starts,
                          by_row=by_row, table=id(self), epoch=self._epoch)
 
     def _resolve_in_shard(self, s: int, route: tuple, settings: tuple) -> tuple[np.ndarray, np.ndarray]:
@@ -347,7 +345,7 @@ class EmbeddingTable:
                 while position < end:
                     position = ix.resolve(
                         shard.slots, shard.row_keys, shard.last_seen, shard.counts, shard.free_rows,
-                        shard.ctl, keys, hashes, position, end, step, s, self._row_settings(),
+                        shard.ctl, keys, hashes, order, position, end, step, s, self._row_settings(),
                         admission, shard.sketch, insert, count, (handles, inverse, rows, previous, n_rows))
                     self._grow(s, shard)
             finally:  # even if growing failed, no row may stay marked
