@@ -172,7 +172,8 @@ def id_sources(offsets, batch_size):  # type: ignore[no-untyped-def]
     for f in range(num_features):
         for b in range(batch_size):
             k = f * batch_size + b
-            sources[offsets[k] : offsets[k + 1]] = b * num_features + f
+            for i in range(offsets[k], offsets[k + 1]):
+                sources[i] = b * num_features + f
     return sources
 
 
