@@ -386,14 +386,18 @@ def test_apply_grouped_refuses_a_lookup_from_another_table_or_gradients_that_do_
         table.apply_grouped(own, grad, sources, scales)
 
 
-def test_lookup_groups_its_keys_by_row():
+def test_lookup_numbers_each_shards_rows_and_places_its_keys():
     table = make_table(num_shards=2, admission=CountAdmission(min_count=3))
     sight(table, (7, 3), (8, 3))
-    lookup = table.lookup_or_insert(arr(7, 9, 8, 7, 9, 8, 8))  # 9 is seen twice: not admitted, no row
-    groups = [lookup.by_row[lookup.row_starts[u]:lookup.row_starts[u + 1]] for u in range(len(lookup.unique))]
-    assert sorted(g[g >= 0].tolist() for g in groups) == [[0, 3], [2, 5, 6]]  # positions, in order
-    assert all((lookup.handles[g[g >= 0]] == lookup.unique[u]).all() for u, g in enumerate(groups))
-    assert (lookup.by_row == -1).sum() == 2 and lookup.row_starts[-1] == 7
+    keys = arr(7, 9, 8, 7, 9, 8, 8)  # 9 is seen twice: not admitted, no row
+    lookup = table.lookup_or_insert(keys)
+    shard = {int(k): s for s in range(2) for k in keys[lookup.order[lookup.key_offsets[s]:lookup.key_offsets[s + 1]]]}
+    for j, (position, number) in enumerate(zip(lookup.order, lookup.numbers)):
+        if keys[position] == 9:
+            assert number == -1 and lookup.handles[position] == -1
+        else:
+            assert lookup.unique[lookup.shard_offsets[shard[int(keys[position])]] + number] == lookup.handles[position]
+    assert sorted(lookup.order.tolist()) == list(range(7)) and len(lookup.unique) == 2
 
 
 def test_push_rows_refuses_repeated_keys_and_reports_rows_refused_by_the_cap():

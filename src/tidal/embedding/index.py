@@ -85,31 +85,6 @@ def group_by_shard(keys: np.ndarray, num_shards: int) -> tuple:
     return grouped_keys, grouped_hashes, order, offsets
 
 
-@numba.njit(nogil=True, cache=True)
-def keys_by_row(inverse, order, lo, hi, n_rows, positions):  # type: ignore[no-untyped-def]
-    """One shard's keys (grouped range [lo, hi)) grouped by their row (a counting sort).
-
-    `inverse` numbers each key's row in the shard (-1: no row), `order` gives its
-    position in the caller's keys. Writes positions[lo:hi]: the keys' caller positions
-    row by row (first-sight order, then -1 for each key without a row); returns the
-    offset of each row's first key there, from lo.
-    """
-    counts = np.zeros(n_rows + 1, dtype=np.int64)
-    for j in range(lo, hi):
-        counts[inverse[j] if inverse[j] >= 0 else n_rows] += 1
-    starts = np.empty(n_rows + 1, dtype=np.int64)
-    next_start = lo
-    for r in range(n_rows + 1):
-        starts[r] = next_start
-        next_start += counts[r]
-    fill = starts.copy()
-    for j in range(lo, hi):
-        r = inverse[j] if inverse[j] >= 0 else n_rows
-        positions[fill[r]] = order[j] if inverse[j] >= 0 else -1
-        fill[r] += 1
-    return starts[:n_rows]
-
-
 @numba.njit(nogil=True, inline="always")
 def _tag(h: np.uint64) -> np.int32:
     return np.int32((h >> np.uint64(40)) & np.uint64(15))

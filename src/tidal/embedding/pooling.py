@@ -178,40 +178,58 @@ def id_sources(offsets, batch_size):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(nogil=True, cache=True)
-def apply_grouped(directory, width, unique, grouped, code, hyper, step, seen, lo, hi):  # type: ignore[no-untyped-def]
-    """The optimizer step of rows unique[lo:hi] of one table, each given the sum of its
+def keys_by_row(order, numbers, lo, hi, n_rows):  # type: ignore[no-untyped-def]
+    """One shard's keys (positions order[lo:hi], their rows numbered 0..n_rows-1 by
+    `numbers`, -1 for none) grouped by row, a counting sort: returns (starts
+    [n_rows + 1], positions): row r's keys are positions[starts[r]:starts[r + 1]]."""
+    starts = np.zeros(n_rows + 1, dtype=np.int64)
+    for j in range(lo, hi):
+        if numbers[j] >= 0:
+            starts[numbers[j] + 1] += 1
+    for r in range(n_rows):
+        starts[r + 1] += starts[r]
+    fill = starts[:-1].copy()
+    positions = np.empty(starts[-1], dtype=np.int64)
+    for j in range(lo, hi):
+        if numbers[j] >= 0:
+            positions[fill[numbers[j]]] = order[j]
+            fill[numbers[j]] += 1
+    return starts, positions
+
+
+@numba.njit(nogil=True, cache=True)
+def apply_grouped(directory, width, unique, grouping, gradient, code, hyper, step, seen, lo, hi):  # type: ignore[no-untyped-def]
+    """The optimizer step of one shard's rows unique[lo:hi], each given the sum of its
     keys' scaled gradients; each row is then marked seen: `seen` = (the shard's
     last_seen, the step to mark).
 
-    `grouped` = (row_starts, by_row, sources, scales, gradient `[N, D]` float32 or
-    uint16 bfloat16 bits): row u's keys are ``by_row[row_starts[u]:row_starts[u + 1]]``
-    (-1: none), key k adds ``scales[k] * grad[sources[k]]`` (see `RowLookup`). Rows are
-    summed a block at a time into a buffer that stays in cache, then updated by
-    `apply_rows`: no gradient buffer the size of the batch's rows.
+    `grouping` = (order, numbers, first, end): the shard's keys, as in `RowLookup`;
+    `gradient` = (sources, scales, gradient `[N, D]` float32 or uint16 bfloat16 bits):
+    key k adds ``scales[k] * grad[sources[k]]``. Rows are summed a block at a time into
+    a buffer that stays in cache, then updated by `apply_rows`: no gradient buffer the
+    size of the batch's rows.
     """
-    row_starts, by_row, sources, scales, grad_out = grouped
+    order, numbers, first, end = grouping
+    starts, keys = keys_by_row(order, numbers, first, end, hi - lo)
+    sources, scales, grad_out = gradient
     dim = grad_out.shape[1]
     row_bytes = dim * grad_out.itemsize
     block = np.empty((_BLOCK, dim), dtype=np.float32)
     wide = np.empty(dim, dtype=np.uint32)
-    last = row_starts[hi]
     for start in range(lo, hi, _BLOCK):
-        end = min(start + _BLOCK, hi)
-        for u in range(start, end):
+        stop = min(start + _BLOCK, hi)
+        for u in range(start, stop):
             prefetch_row(directory, unique[u], width, width)  # in cache when `apply_rows` comes to it
             target = float_row(block.ctypes.data, u - start, dim)
             target[:] = 0.0
-            for e in range(row_starts[u], row_starts[u + 1]):
-                if e + _AHEAD < last and by_row[e + _AHEAD] >= 0:
-                    prefetch(grad_out.ctypes.data + sources[by_row[e + _AHEAD]] * row_bytes, row_bytes)
-                k = by_row[e]
-                if k < 0:
-                    continue
-                source = grad_row(grad_out, sources[k], wide)
-                s = scales[k]
+            for e in range(starts[u - lo], starts[u - lo + 1]):
+                if e + _AHEAD < keys.shape[0]:
+                    prefetch(grad_out.ctypes.data + sources[keys[e + _AHEAD]] * row_bytes, row_bytes)
+                source = grad_row(grad_out, sources[keys[e]], wide)
+                s = scales[keys[e]]
                 for d in range(dim):
                     target[d] += s * source[d]
-        apply_rows(directory, width, unique[start:end], block, code, hyper, step, 0, end - start)
+        apply_rows(directory, width, unique[start:stop], block, code, hyper, step, 0, stop - start)
     last_seen, now = seen
     for u in range(lo, hi):
         last_seen[unique[u] >> SHARD_BITS] = now

@@ -69,14 +69,15 @@ class TableStats:
 
 @dataclass(frozen=True, kw_only=True)
 class RowLookup:
-    """Where the keys of one lookup live, de-duplicated and grouped by row.
+    """Where the keys of one lookup live, de-duplicated.
 
     handles        [n]      int64  row handle of each key, -1 when it has no row
     unique         [U]      int64  the distinct row handles, grouped by shard
     shard_offsets  [S + 1]  int64  shard s's rows are unique[shard_offsets[s]:shard_offsets[s+1]]
-    row_starts     [U + 1]  int64  row u's keys are by_row[row_starts[u]:row_starts[u + 1]]
-    by_row         [n]      int64  the keys' positions, row by row; -1 (skipped) for a key
-                                   without a row, at the end of its shard's last row
+    key_offsets    [S + 1]  int64  shard s's keys are order[key_offsets[s]:key_offsets[s + 1]]
+    order          [n]      int64  the keys' positions in the lookup, shard by shard
+    numbers        [n]      int64  for each of those, its row's number within its shard
+                                   (unique[shard_offsets[s] + number]), -1 when it has none
 
     `table` and `epoch` say which table made it and between which evictions: handles
     are only valid there, so `apply_grouped` refuses a lookup from elsewhere or older.
@@ -85,8 +86,9 @@ class RowLookup:
     handles: np.ndarray
     unique: np.ndarray
     shard_offsets: np.ndarray
-    row_starts: np.ndarray
-    by_row: np.ndarray
+    key_offsets: np.ndarray
+    order: np.ndarray
+    numbers: np.ndarray
     table: int  # id() of the table
     epoch: int  # the table's eviction count when it was made
 
@@ -309,13 +311,11 @@ class EmbeddingTable:
 
     def _resolve(self, keys: np.ndarray, *, step: int, insert: bool, force: bool = False,
                  count: bool = True) -> RowLookup:
-        n = keys.shape[0]
         keys, hashes, order, offsets = ix.group_by_shard(keys, self.num_shards)
-        handles = np.empty(n, dtype=np.int64)
-        inverse = np.empty(n, dtype=np.int64)  # each key's row, numbered within its shard
-        by_row = np.empty(n, dtype=np.int64)
-        found: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.int64),) * 2] * self.num_shards
-        route = (keys, hashes, order, offsets, handles, inverse, by_row)
+        handles = np.empty(keys.shape[0], dtype=np.int64)
+        numbers = np.empty(keys.shape[0], dtype=np.int64)
+        found: list[np.ndarray] = [np.zeros(0, np.int64)] * self.num_shards
+        route = (keys, hashes, order, offsets, handles, numbers)
         settings = (step, insert, count, self._admission_settings(force))
 
         def in_shard(s: int) -> None:
@@ -323,22 +323,19 @@ class EmbeddingTable:
 
         run_tasks([partial(in_shard, s) for s in _largest_first(np.diff(offsets))], self.threads)
         bases = np.zeros(self.num_shards + 1, dtype=np.int64)
-        np.cumsum([len(rows) for rows, _ in found], out=bases[1:])
-        unique = np.concatenate([(rows << SHARD_BITS) | s for s, (rows, _) in enumerate(found)])
-        row_starts = np.concatenate([starts for _, starts in found] + [np.array([n], np.int64)])
-        return RowLookup(handles=handles, unique=unique, shard_offsets=bases, row_starts=row_starts,
-                         by_row=by_row, table=id(self), epoch=self._epoch)
+        np.cumsum([len(f) for f in found], out=bases[1:])
+        unique = np.concatenate([(rows << SHARD_BITS) | s for s, rows in enumerate(found)])
+        return RowLookup(handles=handles, unique=unique, shard_offsets=bases, key_offsets=offsets, order=order,
+                         numbers=numbers, table=id(self), epoch=self._epoch)
 
-    def _resolve_in_shard(self, s: int, route: tuple, settings: tuple) -> tuple[np.ndarray, np.ndarray]:
-        """Resolve shard `s`'s part of a batch under its lock, then group its keys by row:
-        its distinct local rows and where each row's keys start in `by_row`."""
-        keys, hashes, order, offsets, handles, inverse, by_row = route
+    def _resolve_in_shard(self, s: int, route: tuple, settings: tuple) -> np.ndarray:
+        """Resolve shard `s`'s part of a batch under its lock; its distinct local rows."""
+        keys, hashes, order, offsets, handles, numbers = route
         step, insert, count, admission = settings
         shard = self._shards[s]
-        lo, end = int(offsets[s]), int(offsets[s + 1])
-        position = lo
-        rows = np.empty(end - lo, dtype=np.int64)
-        previous = np.empty(end - lo, dtype=np.uint32)
+        position, end = int(offsets[s]), int(offsets[s + 1])
+        rows = np.empty(end - position, dtype=np.int64)
+        previous = np.empty(end - position, dtype=np.uint32)
         n_rows = np.zeros(1, dtype=np.int64)
         with shard.lock:
             try:
@@ -346,12 +343,11 @@ class EmbeddingTable:
                     position = ix.resolve(
                         shard.slots, shard.row_keys, shard.last_seen, shard.counts, shard.free_rows,
                         shard.ctl, keys, hashes, order, position, end, step, s, self._row_settings(),
-                        admission, shard.sketch, insert, count, (handles, inverse, rows, previous, n_rows))
+                        admission, shard.sketch, insert, count, (handles, numbers, rows, previous, n_rows))
                     self._grow(s, shard)
             finally:  # even if growing failed, no row may stay marked
                 ix.unmark(shard.last_seen, rows, previous, n_rows[0], step, insert)
-        starts = ix.keys_by_row(inverse, order, lo, end, n_rows[0], by_row)
-        return rows[: n_rows[0]], starts
+        return rows[: n_rows[0]]
 
     def _grow(self, s: int, shard: _Shard) -> None:
         """Grow what the last kernel call asked for (nothing, the index, or the rows)."""
@@ -405,17 +401,20 @@ class EmbeddingTable:
             raise BatchError(f"table {self.name!r}: gradient rows {list(grad.shape)} with {sources.shape[0]} "
                              f"sources and {scales.shape[0]} scales do not fit {keys} keys of dim {self.dim}")
         step = self._next_update()
-        rows, starts = lookup.shard_offsets, lookup.row_starts
-        cost = np.diff(rows) + starts[rows[1:]] - starts[rows[:-1]]  # rows read and written, gradient rows read
-        grouped = (lookup.row_starts, lookup.by_row, sources, scales, grad)
-        run_tasks([partial(self._apply_in_shard, s, lookup.unique, grouped, int(rows[s]), int(rows[s + 1]), step)
-                   for s in _largest_first(cost)], self.threads)
+        rows, keys = lookup.shard_offsets, lookup.key_offsets
+        cost = np.diff(rows) + np.diff(keys)  # rows read and written, gradient rows read
+        gradient = (sources, scales, grad)
+        run_tasks([partial(self._apply_in_shard, s, lookup, gradient, step) for s in _largest_first(cost)],
+                  self.threads)
 
-    def _apply_in_shard(self, s: int, unique: np.ndarray, grouped: tuple, lo: int, hi: int, step: int) -> None:
+    def _apply_in_shard(self, s: int, lookup: RowLookup, gradient: tuple, step: int) -> None:
         shard = self._shards[s]
+        rows, keys = lookup.shard_offsets, lookup.key_offsets
+        grouping = (lookup.order, lookup.numbers, int(keys[s]), int(keys[s + 1]))
         with shard.lock:
-            pooling.apply_grouped(self.arena.directory, self.width, unique, grouped, self.optimizer.code,
-                                  self.optimizer.hyper, step, (shard.last_seen, np.uint32(self._step)), lo, hi)
+            pooling.apply_grouped(self.arena.directory, self.width, lookup.unique, grouping, gradient,
+                                  self.optimizer.code, self.optimizer.hyper, step,
+                                  (shard.last_seen, np.uint32(self._step)), int(rows[s]), int(rows[s + 1]))
 
     # ------------------------------------------------------------------ row moves
 
