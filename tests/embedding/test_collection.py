@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -151,6 +153,59 @@ def test_backward_sums_many_rows_across_tables_and_blocks_as_numpy_does(threads)
         expected[[0, 1, 0][f]][value] += scale * grad[b, f]
     for table, old, step in zip(collection.tables, before, expected):
         np.testing.assert_allclose(old - table.lookup(np.arange(700)), step, rtol=1e-4, atol=1e-5)
+
+
+def _zipf_batches(seed: int, count: int, batch_size: int = 300, keys: int = 500) -> list[SparseBatch]:
+    """Batches of three features with Zipf-like repeats of `keys` keys, weights, empty bags."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(count):
+        lengths = rng.integers(0, 4, 3 * batch_size).astype(np.int32)
+        values = (rng.zipf(1.3, int(lengths.sum())) % keys).astype(np.int64)
+        batches.append(SparseBatch(keys=["f0", "f1", "f2"], values=values, lengths=lengths, batch_size=batch_size,
+                                   weights=rng.uniform(0.5, 2.0, values.shape[0]).astype(np.float32)))
+    return batches
+
+
+def test_sgd_on_one_thread_applied_id_by_id_equals_the_grouped_update():
+    """One thread subtracts each id's gradient in sample order; two threads sum each row's
+    ids first, shard by shard. Same rows, same last-seen steps, up to rounding."""
+    by_id, grouped = (_collection([0, 1, 0], ["sum", "mean", "sqrtn"], threads) for threads in (1, 2))
+    rng = np.random.default_rng(8)
+    batches = _zipf_batches(8, 4)
+    grads = [torch.from_numpy(rng.standard_normal((b.batch_size, 3, DIM)).astype(np.float32)) for b in batches]
+    for collection in (by_id, grouped):
+        for pair in ((0, 1), (2, 3)):  # two batches in flight: updated rows are marked seen at the later step
+            contexts = [collection.forward(batches[n])[1] for n in pair]
+            for n, ctx in zip(pair, contexts):
+                collection.backward(ctx, grads[n])
+    keys = np.arange(500)
+    for one, two in zip(by_id.tables, grouped.tables):
+        a, found = one.pull_rows(keys)
+        b, _ = two.pull_rows(keys)
+        assert found.sum() > 100
+        np.testing.assert_allclose(a.values, b.values, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(a.last_seen, b.last_seen)
+
+
+def test_concurrent_updates_on_one_thread_lose_no_gradient():
+    """Four callers train one single-threaded collection at once (as several sparse
+    workers share a store): the rows end where one caller doing it all would leave them."""
+    shared, alone = _collection([0, 0, 0], ["sum"] * 3), _collection([0, 0, 0], ["sum"] * 3)
+    batches = _zipf_batches(9, 24, batch_size=4000, keys=40)  # updates long enough to overlap, on few rows
+    grads = [torch.full((b.batch_size, 3, DIM), 0.01 * (n + 1)) for n, b in enumerate(batches)]
+
+    def train(collection, work):
+        for batch, grad in work:
+            _, ctx = collection.forward(batch)
+            collection.backward(ctx, grad)
+
+    work = list(zip(batches, grads))
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda part: train(shared, work[part::4]), range(4)))
+    train(alone, work)
+    keys = np.arange(40)
+    np.testing.assert_allclose(shared.tables[0].lookup(keys), alone.tables[0].lookup(keys), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -178,6 +178,43 @@ def id_sources(offsets, batch_size):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(nogil=True, cache=True)
+def sgd_by_sample(directories, widths, feature_tables, handles, offsets, scales, grad_out, rates, lo, hi):  # type: ignore[no-untyped-def]
+    """Plain SGD applied id by id, samples b in [lo, hi) in order: the row of each id of
+    bag f * B + b takes ``-rate * scale * grad[b * F + f]`` (its table's rate).
+
+    The same sum as grouping a row's ids first, added one term at a time; in exchange
+    the gradient `[B * F, D]` (float32, or uint16 bfloat16 bits) is read front to back,
+    which the memory system streams, instead of at random. Two threads must not run it
+    on rows they share: it is for one thread.
+    """
+    num_features = feature_tables.shape[0]
+    batch_size = (offsets.shape[0] - 1) // num_features if num_features > 0 else 0
+    dim = grad_out.shape[1]
+    wide = np.empty(dim, dtype=np.uint32)
+    for b in range(lo, hi):
+        for f in range(num_features):
+            k = f * batch_size + b
+            table = feature_tables[f]
+            if b + 1 < hi and offsets[k + 1] < offsets[k + 2]:  # the next sample's bag of f
+                prefetch_row(directories[table], handles[offsets[k + 1]], widths[table], dim)
+            gradient = grad_row(grad_out, b * num_features + f, wide)
+            for i in range(offsets[k], offsets[k + 1]):
+                if handles[i] < 0:
+                    continue
+                row = row_in(directories, table, handles[i], widths[table])
+                step = rates[table] * scales[i]
+                for d in range(dim):
+                    row[d] -= step * gradient[d]
+
+
+@numba.njit(nogil=True, cache=True)
+def mark_seen(last_seen, handles, now):  # type: ignore[no-untyped-def]
+    """last_seen[row] = now for the rows of `handles` (one shard's)."""
+    for handle in handles:
+        last_seen[handle >> SHARD_BITS] = now
+
+
+@numba.njit(nogil=True, cache=True)
 def keys_by_row(order, numbers, lo, hi, n_rows):  # type: ignore[no-untyped-def]
     """One shard's keys (positions order[lo:hi], their rows numbered 0..n_rows-1 by
     `numbers`, -1 for none) grouped by row, a counting sort: returns (starts

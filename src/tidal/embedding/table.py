@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -393,9 +395,7 @@ class EmbeddingTable:
         `grad` is `[N, dim]` float32 (or uint16 bfloat16 bits); `sources` and `scales`
         have one entry per key of the lookup.
         """
-        if lookup.table != id(self) or lookup.epoch != self._epoch:
-            raise BatchError(f"table {self.name!r}: this RowLookup came from another table or from "
-                             "before an evict(); look the keys up again")
+        self._check_lookup(lookup)
         keys = lookup.handles.shape[0]
         if grad.ndim != 2 or grad.shape[1] != self.dim or sources.shape != (keys,) or scales.shape != (keys,):
             raise BatchError(f"table {self.name!r}: gradient rows {list(grad.shape)} with {sources.shape[0]} "
@@ -406,6 +406,27 @@ class EmbeddingTable:
         gradient = (sources, scales, grad)
         run_tasks([partial(self._apply_in_shard, s, lookup, gradient, step) for s in _largest_first(cost)],
                   self.threads)
+
+    @contextmanager
+    def updating_in_place(self, lookup: RowLookup) -> Iterator[None]:
+        """Hold every shard's lock while the caller updates the rows of `lookup` itself
+        (a kernel that visits rows of all shards, such as `pooling.sgd_by_sample`); the
+        rows are marked seen on the way out. Locks are taken in shard order, as by every
+        caller that holds more than one."""
+        self._check_lookup(lookup)
+        self._next_update()
+        with ExitStack() as held:
+            for shard in self._shards:
+                held.enter_context(shard.lock)
+            yield
+            rows = lookup.shard_offsets
+            for s, shard in enumerate(self._shards):
+                pooling.mark_seen(shard.last_seen, lookup.unique[rows[s] : rows[s + 1]], np.uint32(self._step))
+
+    def _check_lookup(self, lookup: RowLookup) -> None:
+        if lookup.table != id(self) or lookup.epoch != self._epoch:
+            raise BatchError(f"table {self.name!r}: this RowLookup came from another table or from "
+                             "before an evict(); look the keys up again")
 
     def _apply_in_shard(self, s: int, lookup: RowLookup, gradient: tuple, step: int) -> None:
         shard = self._shards[s]
