@@ -178,7 +178,8 @@ class EmbeddingCollection:
     def backward(self, ctx: PooledContext, grad: torch.Tensor | np.ndarray) -> None:
         """Apply the sparse update for `grad`, the gradient of the pooled `[B, F, D]` output:
         each distinct row takes the sum of its ids' scaled gradients, then its table's
-        fused optimizer step."""
+        fused optimizer step (plain SGD on one thread adds the sum term by term, see
+        `_sgd_by_sample`)."""
         if not ctx.train:
             raise BatchError("backward needs a context from forward(train=True); this one was read-only")
         grad_rows = self._grad_rows(ctx, grad).reshape(-1, self.dim)  # float32, or uint16 bfloat16 bits

@@ -120,16 +120,16 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, or
     absent keys are counted as misses. With `count`, the keys are counted as lookups
     (and misses) in the statistics; internal reads pass False.
 
-    `out` = (handles [n] in the caller's order: key i's at order[i], inverse [n],
+    `out` = (handles [n] in the caller's order: key i's at order[i], numbers [n],
     unique local rows [hi - lo], their saved last_seen [hi - lo], unique count [1]):
-    inverse[i] numbers the distinct rows of this shard in order of first sight, -1 for
+    numbers[i] numbers the distinct rows of this shard in order of first sight, -1 for
     a key without a row. The caller ends with `unmark` once the whole range is resolved.
 
     `rows` = (directory, width, dim, seed, init kind, init scale, initial state value);
     `admission` = (kind, min count, probability, seed). Returns the position reached:
     `hi` when done, earlier when `ctl[C_NEED]` asks the caller to grow something.
     """
-    handles, inverse, unique, previous, n_unique = out
+    handles, numbers, unique, previous, n_unique = out
     ctl[C_NEED] = NEED_NOTHING
     first = _home_rows(slots, row_keys, last_seen, keys, hashes, lo, hi)
     created = np.empty(hi - lo, dtype=np.int64)  # local rows created here, valued at the end
@@ -172,13 +172,13 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, or
                 n_created += 1
         if row < 0:
             handles[order[i]] = -1
-            inverse[i] = -1
+            numbers[i] = -1
             ctl[C_MISSES] += count and not insert
             continue
         if insert and counts.shape[0] > 0:
             counts[row] += 1
         handles[order[i]] = (np.int64(row) << SHARD_BITS) | shard
-        inverse[i] = _number(last_seen, unique, previous, n_unique, row)
+        numbers[i] = _number(last_seen, unique, previous, n_unique, row)
     _init_rows(rows, created[:n_created], row_keys, shard)
     ctl[C_LOOKUPS] += (end - lo) * count
     return end

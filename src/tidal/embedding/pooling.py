@@ -110,6 +110,7 @@ def pool_bf16(directories, widths, feature_tables, handles, offsets, scales, out
     spare = np.empty(dim + 32, dtype=np.uint16)
     start = (-spare.ctypes.data) % 64 // 2
     rounded = spare[start : start + dim]  # starts on a 64-byte boundary
+    flat = out_bits.reshape(batch_size * num_features * dim)
     for f in range(num_features):
         table, width = feature_tables[f], widths[feature_tables[f]]
         last = offsets[f * batch_size + hi]  # ids past it belong to other samples
@@ -132,14 +133,17 @@ def pool_bf16(directories, widths, feature_tables, handles, offsets, scales, out
                         target[d] += scale * row[d]
             if first:
                 target[:] = 0.0
-            bits_out = rounded if streamed else out_bits[b, f]
             for d in range(dim):  # branch-free, so it vectorizes
                 bits = np.int64(target_bits[d])
                 nan = np.int64((bits & 0x7FFFFFFF) > 0x7F800000)  # 1 for a NaN: made quiet, low half
                 bits = (bits | (nan << 22)) & ~(nan * 0xFFFF)  # cleared, so rounding cannot carry out of it
-                bits_out[d] = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+                rounded[d] = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            first_value = (b * num_features + f) * dim
             if streamed:
-                stream(out_bits.ctypes.data + (b * num_features + f) * row_bytes, rounded.ctypes.data, row_bytes)
+                stream(out_bits.ctypes.data + first_value * 2, rounded.ctypes.data, row_bytes)
+            else:
+                for d in range(dim):
+                    flat[first_value + d] = rounded[d]
     store_fence()
 
 

@@ -396,10 +396,10 @@ class EmbeddingTable:
         have one entry per key of the lookup.
         """
         self._check_lookup(lookup)
-        keys = lookup.handles.shape[0]
-        if grad.ndim != 2 or grad.shape[1] != self.dim or sources.shape != (keys,) or scales.shape != (keys,):
+        n = lookup.handles.shape[0]
+        if grad.ndim != 2 or grad.shape[1] != self.dim or sources.shape != (n,) or scales.shape != (n,):
             raise BatchError(f"table {self.name!r}: gradient rows {list(grad.shape)} with {sources.shape[0]} "
-                             f"sources and {scales.shape[0]} scales do not fit {keys} keys of dim {self.dim}")
+                             f"sources and {scales.shape[0]} scales do not fit {n} keys of dim {self.dim}")
         step = self._next_update()
         rows, keys = lookup.shard_offsets, lookup.key_offsets
         cost = np.diff(rows) + np.diff(keys)  # rows read and written, gradient rows read
