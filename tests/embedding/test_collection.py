@@ -167,9 +167,10 @@ def _zipf_batches(seed: int, count: int, batch_size: int = 300, keys: int = 500)
     return batches
 
 
-def test_sgd_on_one_thread_applied_id_by_id_equals_the_grouped_update():
-    """One thread subtracts each id's gradient in sample order; two threads sum each row's
-    ids first, shard by shard. Same rows, same last-seen steps, up to rounding."""
+def test_sgd_on_one_thread_in_sample_order_equals_two_threads_shard_by_shard():
+    """One thread subtracts each id's gradient in sample order; two threads go shard by
+    shard, each shard's ids in their own order. Same rows, same last-seen steps, up to
+    rounding."""
     by_id, grouped = (_collection([0, 1, 0], ["sum", "mean", "sqrtn"], threads) for threads in (1, 2))
     rng = np.random.default_rng(8)
     batches = _zipf_batches(8, 4)

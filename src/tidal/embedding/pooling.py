@@ -244,13 +244,51 @@ def apply_grouped(directory, width, unique, grouping, gradient, code, hyper, ste
     keys' scaled gradients; each row is then marked seen: `seen` = (the shard's
     last_seen, the step to mark).
 
-    `grouping` = (order, numbers, first, end): the shard's keys, as in `RowLookup`;
-    `gradient` = (sources, scales, gradient `[N, D]` float32 or uint16 bfloat16 bits):
-    key k adds ``scales[k] * grad[sources[k]]``. Rows are summed a block at a time into
-    a buffer that stays in cache, then updated by `apply_rows`: no gradient buffer the
-    size of the batch's rows.
+    `grouping` = (order, numbers, handles, first, end): the shard's keys, as in
+    `RowLookup`; `gradient` = (sources, scales, gradient `[N, D]` float32 or uint16
+    bfloat16 bits): key k adds ``scales[k] * grad[sources[k]]``. Plain SGD adds each
+    key's term to its row as it comes (`sgd_by_key`); the other optimizers need the sum
+    first (`_sum_and_apply`).
     """
-    order, numbers, first, end = grouping
+    order, numbers, handles, first, end = grouping
+    if code == rw.SGD:
+        sgd_by_key(directory, width, handles, order, first, end, gradient, hyper)
+    else:
+        _sum_and_apply(directory, width, unique, order, numbers, first, end, gradient, code, hyper, step, lo, hi)
+    last_seen, now = seen
+    for u in range(lo, hi):
+        last_seen[unique[u] >> SHARD_BITS] = now
+
+
+@numba.njit(nogil=True, cache=True)
+def sgd_by_key(directory, width, handles, order, first, end, gradient, hyper):  # type: ignore[no-untyped-def]
+    """Plain SGD of one shard's keys order[first:end]: each key's scaled gradient goes
+    straight into its row. The update is linear, so the row ends as if its keys had been
+    summed first, without grouping them."""
+    sources, scales, grad_out = gradient
+    dim = grad_out.shape[1]
+    row_bytes = dim * grad_out.itemsize
+    wide = np.empty(dim, dtype=np.uint32)
+    rate = np.float32(hyper[rw.LR])
+    for j in range(first, end):
+        if j + _AHEAD < end:
+            ahead = order[j + _AHEAD]
+            prefetch(grad_out.ctypes.data + sources[ahead] * row_bytes, row_bytes)
+            prefetch_row(directory, handles[ahead], width, dim)
+        k = order[j]
+        if handles[k] < 0:
+            continue
+        row = row_of(directory, handles[k], width)
+        gradient_row = grad_row(grad_out, sources[k], wide)
+        step = rate * scales[k]
+        for d in range(dim):
+            row[d] -= step * gradient_row[d]
+
+
+@numba.njit(nogil=True, cache=True)
+def _sum_and_apply(directory, width, unique, order, numbers, first, end, gradient, code, hyper, step, lo, hi):  # type: ignore[no-untyped-def]
+    """Rows unique[lo:hi] summed a block at a time into a buffer that stays in cache, then
+    updated by `apply_rows`: no gradient buffer the size of the batch's rows."""
     starts, keys = keys_by_row(order, numbers, first, end, hi - lo)
     sources, scales, grad_out = gradient
     dim = grad_out.shape[1]
@@ -271,9 +309,6 @@ def apply_grouped(directory, width, unique, grouping, gradient, code, hyper, ste
                 for d in range(dim):
                     target[d] += s * source[d]
         apply_rows(directory, width, unique[start:stop], block, code, hyper, step, 0, stop - start)
-    last_seen, now = seen
-    for u in range(lo, hi):
-        last_seen[unique[u] >> SHARD_BITS] = now
 
 
 @numba.njit(nogil=True, cache=True)

@@ -431,7 +431,7 @@ class EmbeddingTable:
     def _apply_in_shard(self, s: int, lookup: RowLookup, gradient: tuple, step: int) -> None:
         shard = self._shards[s]
         rows, keys = lookup.shard_offsets, lookup.key_offsets
-        grouping = (lookup.order, lookup.numbers, int(keys[s]), int(keys[s + 1]))
+        grouping = (lookup.order, lookup.numbers, lookup.handles, int(keys[s]), int(keys[s + 1]))
         with shard.lock:
             pooling.apply_grouped(self.arena.directory, self.width, lookup.unique, grouping, gradient,
                                   self.optimizer.code, self.optimizer.hyper, step,
