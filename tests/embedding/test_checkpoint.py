@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tidal.config import Adagrad, Adam, CountAdmission, Eviction, Sgd, TableConfig
-from tidal.embedding import EmbeddingTable, load_tables, save_tables, save_tables_delta
+import torch
+
+from tidal.config import Adagrad, Adam, CountAdmission, EmbeddingFeature, Eviction, Sgd, TableConfig
+from tidal.data.batch import SparseBatch
+from tidal.embedding import EmbeddingCollection, EmbeddingTable, load_tables, save_tables, save_tables_delta
 from tidal.errors import CheckpointError, CorruptCheckpointError
 
 DIM = 6
@@ -149,6 +152,23 @@ def test_full_plus_deltas_reproduce_live_table_with_evictions_and_reinsertion(tm
     for t in (table, loaded):  # one more identical step: same clocks, same optimizer step
         _train(t, 12345)
     _assert_same_table(table, loaded)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rows_looked_up_before_a_save_and_updated_after_are_in_the_next_delta(tmp_path, threads):
+    """An update marks its rows seen again when the table took a step since the lookup
+    (here the save's): one thread updates in place, two shard by shard."""
+    config = _config(num_shards=2, optimizer=Sgd(lr=0.1), admission=None, eviction=None, max_rows=None)
+    collection = EmbeddingCollection([config], [EmbeddingFeature(name="f", table="emb")], threads=threads)
+    table = collection.tables[0]
+    keys = np.arange(3000, dtype=np.int64)
+    batch = SparseBatch(keys=["f"], values=keys, lengths=np.ones(3000, np.int32), batch_size=3000)
+    _, ctx = collection.forward(batch)
+    table.save(tmp_path)
+    collection.backward(ctx, torch.ones(3000, 1, table.dim))
+    table.save_delta(tmp_path)
+    assert table.stats().rows == 3000
+    np.testing.assert_array_equal(EmbeddingTable.load(tmp_path).lookup(keys), table.lookup(keys))
 
 
 def test_lfu_count_of_new_key_starts_at_one_when_row_was_freed_before_save(tmp_path):

@@ -242,7 +242,7 @@ def keys_by_row(order, numbers, lo, hi, n_rows):  # type: ignore[no-untyped-def]
 def apply_grouped(directory, width, unique, grouping, gradient, code, hyper, step, seen, lo, hi):  # type: ignore[no-untyped-def]
     """The optimizer step of one shard's rows unique[lo:hi], each given the sum of its
     keys' scaled gradients; each row is then marked seen: `seen` = (the shard's
-    last_seen, the step to mark).
+    last_seen, the step to mark, whether to mark).
 
     `grouping` = (order, numbers, handles, first, end): the shard's keys, as in
     `RowLookup`; `gradient` = (sources, scales, gradient `[N, D]` float32 or uint16
@@ -255,9 +255,9 @@ def apply_grouped(directory, width, unique, grouping, gradient, code, hyper, ste
         sgd_by_key(directory, width, handles, order, first, end, gradient, hyper)
     else:
         _sum_and_apply(directory, width, unique, order, numbers, first, end, gradient, code, hyper, step, lo, hi)
-    last_seen, now = seen
-    for u in range(lo, hi):
-        last_seen[unique[u] >> SHARD_BITS] = now
+    last_seen, now, mark = seen
+    if mark:
+        mark_seen(last_seen, unique[lo:hi], now)
 
 
 @numba.njit(nogil=True, cache=True)

@@ -83,6 +83,7 @@ class RowLookup:
 
     `table` and `epoch` say which table made it and between which evictions: handles
     are only valid there, so `apply_grouped` refuses a lookup from elsewhere or older.
+    `seen_at` is the step its rows were marked seen at (-1: a `find`, which marks none).
     """
 
     handles: np.ndarray
@@ -93,6 +94,7 @@ class RowLookup:
     numbers: np.ndarray
     table: int  # id() of the table
     epoch: int  # the table's eviction count when it was made
+    seen_at: int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -328,7 +330,7 @@ class EmbeddingTable:
         np.cumsum([len(f) for f in found], out=bases[1:])
         unique = np.concatenate([(rows << SHARD_BITS) | s for s, rows in enumerate(found)])
         return RowLookup(handles=handles, unique=unique, shard_offsets=bases, key_offsets=offsets, order=order,
-                         numbers=numbers, table=id(self), epoch=self._epoch)
+                         numbers=numbers, table=id(self), epoch=self._epoch, seen_at=step if insert else -1)
 
     def _resolve_in_shard(self, s: int, route: tuple, settings: tuple) -> np.ndarray:
         """Resolve shard `s`'s part of a batch under its lock; its distinct local rows."""
@@ -419,9 +421,16 @@ class EmbeddingTable:
             for shard in self._shards:
                 held.enter_context(shard.lock)
             yield
-            rows = lookup.shard_offsets
-            for s, shard in enumerate(self._shards):
-                pooling.mark_seen(shard.last_seen, lookup.unique[rows[s] : rows[s + 1]], np.uint32(self._step))
+            if self._needs_marking(lookup):
+                rows = lookup.shard_offsets
+                for s, shard in enumerate(self._shards):
+                    pooling.mark_seen(shard.last_seen, lookup.unique[rows[s] : rows[s + 1]], np.uint32(self._step))
+
+    def _needs_marking(self, lookup: RowLookup) -> bool:
+        """Whether updated rows must be marked seen now: yes when the table has taken a
+        step (a later lookup, a save) since the lookup marked them, so that the next
+        delta checkpoint holds the update; no when the lookup's mark is still the latest."""
+        return lookup.seen_at != self._step
 
     def _check_lookup(self, lookup: RowLookup) -> None:
         if lookup.table != id(self) or lookup.epoch != self._epoch:
@@ -435,7 +444,8 @@ class EmbeddingTable:
         with shard.lock:
             pooling.apply_grouped(self.arena.directory, self.width, lookup.unique, grouping, gradient,
                                   self.optimizer.code, self.optimizer.hyper, step,
-                                  (shard.last_seen, np.uint32(self._step)), int(rows[s]), int(rows[s + 1]))
+                                  (shard.last_seen, np.uint32(self._step), self._needs_marking(lookup)),
+                                  int(rows[s]), int(rows[s + 1]))
 
     # ------------------------------------------------------------------ row moves
 
