@@ -22,6 +22,7 @@ arena must outlive every kernel call that reads it (the table holds it for good)
 
 from __future__ import annotations
 
+import platform
 import threading
 
 import numba
@@ -82,13 +83,22 @@ def _stream_line(typingctx, destination, source):  # type: ignore[no-untyped-def
     return sig, codegen
 
 
+_X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
 @intrinsic
 def store_fence(typingctx):  # type: ignore[no-untyped-def]
-    """Order every earlier store, non-temporal ones included, before any later one."""
+    """Order every earlier store, non-temporal ones included, before any later one:
+    `sfence` on x86 (the fence its non-temporal stores need), a full fence elsewhere."""
     sig = types.void()
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        builder.fence("seq_cst")
+        if _X86:
+            sfence = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                                    "llvm.x86.sse.sfence")
+            builder.call(sfence, [])
+        else:
+            builder.fence("seq_cst")
         return context.get_dummy_value()
 
     return sig, codegen
