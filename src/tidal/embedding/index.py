@@ -61,7 +61,8 @@ def group_by_shard(keys: np.ndarray, num_shards: int) -> tuple:
 
     Returns (grouped keys, grouped hashes, order, offsets): shard s's keys are
     ``grouped[offsets[s]:offsets[s + 1]]`` and ``grouped[j] == keys[order[j]]``. The
-    kernels then read and write shard ranges contiguously, not through `order`.
+    kernels then read shard ranges contiguously; `resolve` writes each key's handle back
+    at its caller position, order[j].
     """
     n = keys.shape[0]
     hashes = np.empty(n, dtype=np.uint64)
