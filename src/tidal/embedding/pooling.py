@@ -28,6 +28,8 @@ MODES = {"sum": 0, "mean": 1, "sqrtn": 2}
 _BLOCK = 128  # rows of gradient summed at a time (32 KiB at dim 64)
 _AHEAD = 8  # gradient rows prefetched ahead of the one being read
 _AHEAD_IDS = 16  # rows prefetched ahead of the id being pooled
+_AHEAD_GRAD = 16  # gradient rows prefetched ahead by `sgd_by_sample`
+_AHEAD_SAMPLES = 32  # samples whose id lists `sgd_by_sample` prefetches ahead
 
 
 @numba.njit(nogil=True, cache=True)
@@ -193,15 +195,26 @@ def sgd_by_sample(directories, widths, feature_tables, handles, offsets, scales,
     """
     num_features = feature_tables.shape[0]
     batch_size = (offsets.shape[0] - 1) // num_features if num_features > 0 else 0
-    dim = grad_out.shape[1]
+    n_rows, dim = grad_out.shape
+    row_bytes = dim * grad_out.itemsize
     wide = np.empty(dim, dtype=np.uint32)
     for b in range(lo, hi):
+        # Each feature's offsets, handles and scales are read as a separate stream, too
+        # many for the hardware to follow: once per line of them, fetch them ahead.
+        lists_ahead = b % 8 == 0 and b + _AHEAD_SAMPLES < hi
         for f in range(num_features):
             k = f * batch_size + b
             table = feature_tables[f]
+            if lists_ahead:
+                prefetch(offsets.ctypes.data + (k + _AHEAD_SAMPLES) * 8, 8)
+                prefetch(handles.ctypes.data + (offsets[k] + _AHEAD_SAMPLES) * 8, 8)
+                prefetch(scales.ctypes.data + (offsets[k] + _AHEAD_SAMPLES) * 4, 4)
             if b + 1 < hi and offsets[k + 1] < offsets[k + 2]:  # the next sample's bag of f
                 prefetch_row(directories[table], handles[offsets[k + 1]], widths[table], dim)
-            gradient = grad_row(grad_out, b * num_features + f, wide)
+            r = b * num_features + f
+            if r + _AHEAD_GRAD < n_rows:  # read in order, yet the hardware falls behind
+                prefetch(grad_out.ctypes.data + (r + _AHEAD_GRAD) * row_bytes, row_bytes)
+            gradient = grad_row(grad_out, r, wide)
             for i in range(offsets[k], offsets[k + 1]):
                 if handles[i] < 0:
                     continue
