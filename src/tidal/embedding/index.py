@@ -27,7 +27,7 @@ import numpy as np
 from tidal.embedding._memory import SHARD_BITS, prefetch, row_of
 from tidal.embedding.hashing import init_row, mix64, unit_float
 
-__all__ = ["EMPTY", "hash_keys"]
+__all__ = ["EMPTY", "group_by_shard"]
 
 EMPTY = np.int32(-1)
 
@@ -47,15 +47,6 @@ SKETCH_DEPTH = 4  # rows of a count-min sketch
 
 
 @numba.njit(nogil=True, cache=True)
-def hash_keys(keys: np.ndarray, shard_mask: int, hashes: np.ndarray, shards: np.ndarray) -> None:
-    """Mix every key; the top bits choose the shard, the low bits the slot."""
-    for i in range(keys.shape[0]):
-        h = mix64(np.uint64(keys[i]))
-        hashes[i] = h
-        shards[i] = np.int64(h >> np.uint64(58)) & shard_mask
-
-
-@numba.njit(nogil=True, cache=True)
 def group_by_shard(keys: np.ndarray, num_shards: int) -> tuple:
     """Keys and their hashes regrouped shard by shard (a stable counting sort).
 
@@ -66,8 +57,11 @@ def group_by_shard(keys: np.ndarray, num_shards: int) -> tuple:
     """
     n = keys.shape[0]
     hashes = np.empty(n, dtype=np.uint64)
-    shards = np.empty(n, dtype=np.int64)
-    hash_keys(keys, num_shards - 1, hashes, shards)
+    shards = np.empty(n, dtype=np.uint8)  # a byte a key, so that it stays in cache for the second pass
+    for i in range(n):  # the top bits of the mix choose the shard, the low bits the slot
+        h = mix64(np.uint64(keys[i]))
+        hashes[i] = h
+        shards[i] = np.int64(h >> np.uint64(58)) & (num_shards - 1)
     offsets = np.zeros(num_shards + 1, dtype=np.int64)
     for s in shards:
         offsets[s + 1] += 1
