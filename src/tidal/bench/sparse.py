@@ -48,7 +48,7 @@ class SparseBenchConfig:
 
     @classmethod
     def quick(cls) -> SparseBenchConfig:
-        return cls(steps=12, warmup_steps=2)
+        return cls(steps=24, warmup_steps=2)
 
 
 def _keys_of_ranks(ranks: np.ndarray) -> np.ndarray:
