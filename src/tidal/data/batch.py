@@ -69,7 +69,7 @@ class SparseBatch:
                 f"SparseBatch: lengths must have F * B = {f} * {b} = {f * b} entries "
                 f"(feature-major), got {self.lengths.shape[0]}"
             )
-        total = int(self.lengths.sum(dtype=np.int64))
+        total = int(self.offsets[-1])  # computed here, where the batch is built, not on the step
         if self.values.shape[0] != total:
             raise BatchError(f"SparseBatch: values must have sum(lengths) = {total} ids, got {self.values.shape[0]}")
         if self.weights is not None and self.weights.shape[0] != total:
@@ -82,7 +82,7 @@ class SparseBatch:
     @functools.cached_property
     def offsets(self) -> np.ndarray:
         """`[F * B + 1]` int64: ids of bag k are ``values[offsets[k]:offsets[k + 1]]``
-        (computed once, read-only)."""
+        (computed once, when the batch is built; read-only)."""
         offsets = _offsets(self.lengths)
         offsets.flags.writeable = False
         return offsets
