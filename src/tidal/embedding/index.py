@@ -230,10 +230,7 @@ def unmark(last_seen, unique, previous, count, step, insert):  # type: ignore[no
 def _init_rows(rows, created, row_keys, shard):  # type: ignore[no-untyped-def]
     """Write the initial values and optimizer state of the rows just created."""
     directory, width, dim, seed, kind, scale, state_value = rows
-    for k in range(created.shape[0]):
-        local = created[k]
-        if k + 4 < created.shape[0]:
-            prefetch(row_of(directory, (created[k + 4] << SHARD_BITS) | shard, width).ctypes.data, width * 4)
+    for local in created:
         row = row_of(directory, (local << SHARD_BITS) | shard, width)
         init_row(row[:dim], row_keys[local], seed, kind, scale)
         row[dim:] = state_value
