@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from tidal.config import (Adagrad, CountAdmission, Eviction, Initializer, ProbabilityAdmission, Sgd,
                           TableConfig)
-from tidal.embedding import EmbeddingTable
+from tidal.embedding import EmbeddingTable, pooling
 from tidal.embedding._memory import CHUNK_ROWS, SHARD_BITS
 from tidal.errors import BatchError
 
@@ -398,6 +398,30 @@ def test_lookup_numbers_each_shards_rows_and_places_its_keys():
         else:
             assert lookup.unique[lookup.shard_offsets[shard[int(keys[position])]] + number] == lookup.handles[position]
     assert sorted(lookup.order.tolist()) == list(range(7)) and len(lookup.unique) == 2
+
+
+def test_lookup_without_distinct_rows_finds_the_same_rows_and_marks_them_seen():
+    full, bare = (make_table(num_shards=2, admission=CountAdmission(min_count=2)) for _ in range(2))
+    keys = arr(7, 9, 8, 7, 8, 8, 5)  # 9 and 5 are seen once: not admitted, no row
+    for table in (full, bare):
+        sight(table, (7, 1), (8, 1), (3, 3))  # 7 and 8 last seen at steps 1 and 2
+    a, b = full.lookup_or_insert(keys), bare.lookup_or_insert(keys, distinct=False)  # step 6
+    np.testing.assert_array_equal(a.handles, b.handles)
+    assert b.unique is None and b.numbers is None and b.shard_offsets is None
+    np.testing.assert_array_equal(bare.find(keys, distinct=False).handles, a.handles)
+    assert full.pull_rows(keys)[0].last_seen.tolist() == bare.pull_rows(keys)[0].last_seen.tolist() == [6, 0, 6, 6, 6, 6, 0]
+    with pytest.raises(BatchError, match="made with distinct=False"):
+        bare.apply_grouped(b, np.zeros((7, 4), np.float32), np.arange(7), np.ones(7, np.float32))
+    insert(bare, arr(3))  # step 7: rows updated from the older lookup are marked seen now
+    with bare.updating_in_place(b):
+        pass
+    assert bare.pull_rows(keys)[0].last_seen.tolist() == [7, 0, 7, 7, 7, 7, 0]
+
+
+def test_mark_seen_skips_keys_without_a_row():
+    last_seen = np.zeros(4, np.uint32)
+    pooling.mark_seen(last_seen, np.array([2 << SHARD_BITS, -1]), np.uint32(9))
+    assert last_seen.tolist() == [0, 0, 9, 0]
 
 
 def test_push_rows_refuses_repeated_keys_and_reports_rows_refused_by_the_cap():

@@ -107,8 +107,9 @@ def _probe(slots: np.ndarray, row_keys: np.ndarray, key: np.int64, h: np.uint64)
 
 @numba.njit(nogil=True, cache=True)
 def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, order, lo, hi,
-            step, shard, rows, admission, sketch, insert, count, out):  # type: ignore[no-untyped-def]
-    """Row handles of keys[lo:hi] (one shard's range), de-duplicated on the way.
+            step, shard, rows, admission, sketch, insert, count, distinct, out):  # type: ignore[no-untyped-def]
+    """Row handles of keys[lo:hi] (one shard's range), with `distinct` de-duplicated on
+    the way.
 
     With `insert` (training) an admitted key's row is created on first sight and every
     found row is marked seen at `step`; without it (serving) the index is only read and
@@ -116,9 +117,11 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, or
     (and misses) in the statistics; internal reads pass False.
 
     `out` = (handles [n] in the caller's order: key i's at order[i], numbers [n],
-    unique local rows [hi - lo], their saved last_seen [hi - lo], unique count [1]):
-    numbers[i] numbers the distinct rows of this shard in order of first sight, -1 for
-    a key without a row. The caller ends with `unmark` once the whole range is resolved.
+    unique local rows [hi - lo], their saved last_seen [hi - lo], unique count [1]).
+    With `distinct`, numbers[i] numbers the distinct rows of this shard in order of
+    first sight, -1 for a key without a row, and the caller ends with `unmark` once the
+    whole range is resolved; without it only the handles are written (the other arrays
+    may be empty) and no row is read beyond its index entry, unless marked seen.
 
     `rows` = (directory, width, dim, seed, init kind, init scale, initial state value);
     `admission` = (kind, min count, probability, seed). Returns the position reached:
@@ -126,7 +129,7 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, or
     """
     handles, numbers, unique, previous, n_unique = out
     ctl[C_NEED] = NEED_NOTHING
-    first = _home_rows(slots, row_keys, last_seen, keys, hashes, lo, hi)
+    first = _home_rows(slots, row_keys, last_seen, keys, hashes, lo, hi, distinct or insert)
     created = np.empty(hi - lo, dtype=np.int64)  # local rows created here, valued at the end
     n_created = 0
     end = hi
@@ -167,25 +170,30 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, or
                 n_created += 1
         if row < 0:
             handles[order[i]] = -1
-            numbers[i] = -1
+            if distinct:
+                numbers[i] = -1
             ctl[C_MISSES] += count and not insert
             continue
         if insert and counts.shape[0] > 0:
             counts[row] += 1
         handles[order[i]] = (np.int64(row) << SHARD_BITS) | shard
-        numbers[i] = _number(last_seen, unique, previous, n_unique, row)
+        if distinct:
+            numbers[i] = _number(last_seen, unique, previous, n_unique, row)
+        elif insert:
+            last_seen[row] = np.uint32(step)
     _init_rows(rows, created[:n_created], row_keys, shard)
     ctl[C_LOOKUPS] += (end - lo) * count
     return end
 
 
 @numba.njit(nogil=True, inline="always")
-def _home_rows(slots, row_keys, last_seen, keys, hashes, lo, hi):  # type: ignore[no-untyped-def]
+def _home_rows(slots, row_keys, last_seen, keys, hashes, lo, hi, touch_seen):  # type: ignore[no-untyped-def]
     """The row of every key found in its home slot, else -1, in passes of independent loads.
 
     Most keys sit in their home slot, so the main loop then finds them without waiting
     on a chain of dependent cache misses (slot, then key); here the misses of many keys
-    overlap instead.
+    overlap instead. With `touch_seen`, the rows' `last_seen` the main loop will read or
+    write is fetched too.
     """
     mask = np.uint64(slots.shape[0] - 1)
     home = np.empty(hi - lo, dtype=np.int32)
@@ -196,7 +204,7 @@ def _home_rows(slots, row_keys, last_seen, keys, hashes, lo, hi):  # type: ignor
         entry = home[j]
         found = entry != EMPTY and entry >> TAG_SHIFT == _tag(hashes[i]) and row_keys[entry & ROW_MASK] == keys[i]
         home[j] = entry & ROW_MASK if found else -1
-        if found:  # the main loop reads it next
+        if found and touch_seen:
             prefetch(last_seen.ctypes.data + (entry & ROW_MASK) * 4, 4)
     return home
 

@@ -226,9 +226,10 @@ def sgd_by_sample(directories, widths, feature_tables, handles, offsets, scales,
 
 @numba.njit(nogil=True, cache=True)
 def mark_seen(last_seen, handles, now):  # type: ignore[no-untyped-def]
-    """last_seen[row] = now for the rows of `handles` (one shard's)."""
+    """last_seen[row] = now for the rows of `handles` (one shard's; -1 is skipped)."""
     for handle in handles:
-        last_seen[handle >> SHARD_BITS] = now
+        if handle >= 0:
+            last_seen[handle >> SHARD_BITS] = now
 
 
 @numba.njit(nogil=True, cache=True)
