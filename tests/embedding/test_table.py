@@ -387,7 +387,7 @@ def test_apply_grouped_refuses_a_lookup_from_another_table_or_gradients_that_do_
 
 
 def test_lookup_numbers_each_shards_rows_and_places_its_keys():
-    table = make_table(num_shards=2, admission=CountAdmission(min_count=3))
+    table = make_table(num_shards=2, optimizer=Adagrad(lr=0.1), admission=CountAdmission(min_count=3))
     sight(table, (7, 3), (8, 3))
     keys = arr(7, 9, 8, 7, 9, 8, 8)  # 9 is seen twice: not admitted, no row
     lookup = table.lookup_or_insert(keys)
@@ -400,21 +400,24 @@ def test_lookup_numbers_each_shards_rows_and_places_its_keys():
     assert sorted(lookup.order.tolist()) == list(range(7)) and len(lookup.unique) == 2
 
 
-def test_lookup_without_distinct_rows_finds_the_same_rows_and_marks_them_seen():
-    full, bare = (make_table(num_shards=2, admission=CountAdmission(min_count=2)) for _ in range(2))
+def test_sgd_lookups_list_no_distinct_rows_yet_find_update_and_mark_the_same_rows():
+    """Plain SGD needs no row's gradients summed first, so its lookups skip listing the
+    distinct rows; they find the rows an Adagrad table's lookups find, and mark them seen
+    when looked up and when updated after a later step."""
+    listed, bare = (make_table(num_shards=2, optimizer=opt, admission=CountAdmission(min_count=2))
+                    for opt in (Adagrad(lr=0.1), Sgd(lr=0.1)))
     keys = arr(7, 9, 8, 7, 8, 8, 5)  # 9 and 5 are seen once: not admitted, no row
-    for table in (full, bare):
+    for table in (listed, bare):
         sight(table, (7, 1), (8, 1), (3, 3))  # 7 and 8 last seen at steps 1 and 2
-    a, b = full.lookup_or_insert(keys), bare.lookup_or_insert(keys, distinct=False)  # step 6
+    a, b = listed.lookup_or_insert(keys), bare.lookup_or_insert(keys)  # step 6
+    assert a.unique is not None and b.unique is None and b.numbers is None and b.shard_offsets is None
     np.testing.assert_array_equal(a.handles, b.handles)
-    assert b.unique is None and b.numbers is None and b.shard_offsets is None
-    np.testing.assert_array_equal(bare.find(keys, distinct=False).handles, a.handles)
-    assert full.pull_rows(keys)[0].last_seen.tolist() == bare.pull_rows(keys)[0].last_seen.tolist() == [6, 0, 6, 6, 6, 6, 0]
-    with pytest.raises(BatchError, match="made with distinct=False"):
-        bare.apply_grouped(b, np.zeros((7, 4), np.float32), np.arange(7), np.ones(7, np.float32))
+    np.testing.assert_array_equal(bare.find(keys).handles, a.handles)
+    assert listed.pull_rows(keys)[0].last_seen.tolist() == bare.pull_rows(keys)[0].last_seen.tolist() == [6, 0, 6, 6, 6, 6, 0]
+    before = bare.lookup(arr(7, 8))
     insert(bare, arr(3))  # step 7: rows updated from the older lookup are marked seen now
-    with bare.updating_in_place(b):
-        pass
+    bare.apply_grouped(b, np.ones((1, 4), np.float32), np.zeros(7, np.int64), np.ones(7, np.float32))
+    np.testing.assert_allclose(bare.lookup(arr(7, 8)), before - np.array([[0.2], [0.3]], np.float32), rtol=1e-6)
     assert bare.pull_rows(keys)[0].last_seen.tolist() == [7, 0, 7, 7, 7, 7, 0]
 
 

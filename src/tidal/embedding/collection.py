@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -149,7 +149,6 @@ class EmbeddingCollection:
                 train: bool) -> dict[int, tuple[slice | np.ndarray, RowLookup]]:
         """One lookup per table over the ids of all features it serves."""
         starts = offsets[np.arange(len(batch.keys) + 1) * batch.batch_size]  # feature f: starts[f]:starts[f+1]
-        distinct = not self._updates_by_sample(np.unique(feature_tables))  # else the update needs no grouping
         lookups = {}
         for t, table in enumerate(self.tables):
             served = np.flatnonzero(feature_tables == t)
@@ -161,8 +160,7 @@ class EmbeddingCollection:
             else:
                 positions = np.concatenate([np.arange(starts[f], starts[f + 1]) for f in served])
             keys = batch.values[positions]
-            lookups[t] = (positions, table.lookup_or_insert(keys, distinct=distinct) if train
-                          else table.find(keys, distinct=False))
+            lookups[t] = (positions, table.lookup_or_insert(keys) if train else table.find(keys))
         return lookups
 
     def _directories(self) -> tuple[np.ndarray, np.ndarray]:
@@ -185,16 +183,12 @@ class EmbeddingCollection:
         if not ctx.train:
             raise BatchError("backward needs a context from forward(train=True); this one was read-only")
         grad_rows = self._grad_rows(ctx, grad).reshape(-1, self.dim)  # float32, or uint16 bfloat16 bits
-        if self._updates_by_sample(ctx.lookups):
+        if self.threads == 1 and all(self.tables[t].optimizer.code == rw.SGD for t in ctx.lookups):
             self._sgd_by_sample(ctx, grad_rows)
             return
         sources = pooling.id_sources(ctx.offsets, ctx.batch_size)
         for t, (positions, lookup) in ctx.lookups.items():
             self.tables[t].apply_grouped(lookup, grad_rows, sources[positions], ctx.scales[positions])
-
-    def _updates_by_sample(self, tables: Iterable[int]) -> bool:
-        """Whether the update of a batch over `tables` goes by sample (`_sgd_by_sample`)."""
-        return self.threads == 1 and all(self.tables[t].optimizer.code == rw.SGD for t in tables)
 
     def _sgd_by_sample(self, ctx: PooledContext, grad_rows: np.ndarray) -> None:
         """Plain SGD on one thread: each id's scaled gradient is subtracted from its row in

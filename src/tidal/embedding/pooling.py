@@ -253,25 +253,21 @@ def keys_by_row(order, numbers, lo, hi, n_rows):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(nogil=True, cache=True)
-def apply_grouped(directory, width, unique, grouping, gradient, code, hyper, step, seen, lo, hi):  # type: ignore[no-untyped-def]
+def apply_grouped(directory, width, unique, grouping, gradient, code, hyper, step, lo, hi):  # type: ignore[no-untyped-def]
     """The optimizer step of one shard's rows unique[lo:hi], each given the sum of its
-    keys' scaled gradients; each row is then marked seen: `seen` = (the shard's
-    last_seen, the step to mark, whether to mark).
+    keys' scaled gradients.
 
     `grouping` = (order, numbers, handles, first, end): the shard's keys, as in
     `RowLookup`; `gradient` = (sources, scales, gradient `[N, D]` float32 or uint16
     bfloat16 bits): key k adds ``scales[k] * grad[sources[k]]``. Plain SGD adds each
-    key's term to its row as it comes (`sgd_by_key`); the other optimizers need the sum
-    first (`_sum_and_apply`).
+    key's term to its row as it comes (`sgd_by_key`: `unique` and `numbers` are not
+    read); the other optimizers need the sum first (`_sum_and_apply`).
     """
     order, numbers, handles, first, end = grouping
     if code == rw.SGD:
         sgd_by_key(directory, width, handles, order, first, end, gradient, hyper)
     else:
         _sum_and_apply(directory, width, unique, order, numbers, first, end, gradient, code, hyper, step, lo, hi)
-    last_seen, now, mark = seen
-    if mark:
-        mark_seen(last_seen, unique[lo:hi], now)
 
 
 @numba.njit(nogil=True, cache=True)

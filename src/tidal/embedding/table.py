@@ -71,8 +71,8 @@ class TableStats:
 
 @dataclass(frozen=True, kw_only=True)
 class RowLookup:
-    """Where the keys of one lookup live, and (unless made with ``distinct=False``) its
-    distinct rows.
+    """Where the keys of one lookup live, and (when its update needs them) its distinct
+    rows.
 
     handles        [n]      int64  row handle of each key, -1 when it has no row
     key_offsets    [S + 1]  int64  shard s's keys are order[key_offsets[s]:key_offsets[s + 1]]
@@ -82,8 +82,9 @@ class RowLookup:
     numbers        [n]      int64  for each key of `order`, its row's number within its shard
                                    (unique[shard_offsets[s] + number]), -1 when it has none
 
-    The last three are None for a lookup made with ``distinct=False``: it skips the
-    de-duplication, which only `apply_grouped` needs.
+    The last three are None when the table's optimizer is plain SGD, which adds each
+    key's gradient to its row as it comes: listing the distinct rows costs about a tenth
+    of a lookup, and only the other optimizers need the sum of a row's gradients first.
 
     `table` and `epoch` say which table made it and between which evictions: handles
     are only valid there, so `apply_grouped` refuses a lookup from elsewhere or older.
@@ -166,6 +167,9 @@ class _Shard:
 def _largest_first(sizes: np.ndarray) -> list[int]:
     """The shards with work (sizes[s] > 0), largest first."""
     return [int(s) for s in np.argsort(-sizes, kind="stable") if sizes[s] > 0]
+
+
+_NOT_LISTED = np.zeros(0, dtype=np.int64)
 
 
 def _handles_in_shard(lookup: RowLookup, s: int) -> np.ndarray:
@@ -309,25 +313,28 @@ class EmbeddingTable:
 
     # ------------------------------------------------------------------ lookups
 
-    def lookup_or_insert(self, keys: np.ndarray, *, distinct: bool = True) -> RowLookup:
+    def lookup_or_insert(self, keys: np.ndarray) -> RowLookup:
         """Rows of `keys` for training (one step), creating admitted rows on first sight.
 
         Keys turned away by admission (or by a full table) get handle -1. Handles stay
-        valid until the next `evict()`. With ``distinct=False`` the lookup skips listing
-        the distinct rows (about a tenth of its time): enough for updates that go
-        through `updating_in_place`, not for `apply_grouped`.
+        valid until the next `evict()`.
         """
-        return self._resolve(self._keys(keys), step=self._next_step(), insert=True, distinct=distinct)
+        return self._resolve(self._keys(keys), step=self._next_step(), insert=True,
+                             distinct=self.optimizer.sums_keys_first)
 
-    def find(self, keys: np.ndarray, *, count: bool = True, distinct: bool = True) -> RowLookup:
+    def find(self, keys: np.ndarray, *, count: bool = True) -> RowLookup:
         """Rows of `keys` without creating any: absent keys get -1 (and, with `count`,
-        count as misses; internal reads such as `apply_gradients` pass False). Without
-        `distinct` (as in `lookup_or_insert`) it only reads the index."""
-        return self._resolve(self._keys(keys), step=self._step, insert=False, distinct=distinct, count=count)
+        count as misses; internal reads such as `apply_gradients` pass False)."""
+        return self._resolve(self._keys(keys), step=self._step, insert=False,
+                             distinct=self.optimizer.sums_keys_first, count=count)
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Values `[n, dim]` float32 of `keys` for serving; absent keys read as zeros."""
-        return self._gather(self.find(keys, distinct=False).handles, columns=self.dim)
+        return self._gather(self._handles(keys, count=True), columns=self.dim)
+
+    def _handles(self, keys: np.ndarray, *, count: bool) -> np.ndarray:
+        """The row handles of `keys` (-1 when absent), the index only read."""
+        return self._resolve(self._keys(keys), step=self._step, insert=False, distinct=False, count=count).handles
 
     def _resolve(self, keys: np.ndarray, *, step: int, insert: bool, distinct: bool, force: bool = False,
                  count: bool = True) -> RowLookup:
@@ -418,16 +425,14 @@ class EmbeddingTable:
         have one entry per key of the lookup.
         """
         self._check_lookup(lookup)
-        if lookup.unique is None:
-            raise BatchError(f"table {self.name!r}: apply_grouped needs the distinct rows of the lookup, and this "
-                             "one was made with distinct=False; look the keys up with distinct=True")
         n = lookup.handles.shape[0]
         if grad.ndim != 2 or grad.shape[1] != self.dim or sources.shape != (n,) or scales.shape != (n,):
             raise BatchError(f"table {self.name!r}: gradient rows {list(grad.shape)} with {sources.shape[0]} "
                              f"sources and {scales.shape[0]} scales do not fit {n} keys of dim {self.dim}")
         step = self._next_update()
-        rows, keys = lookup.shard_offsets, lookup.key_offsets
-        cost = np.diff(rows) + np.diff(keys)  # rows read and written, gradient rows read
+        cost = np.diff(lookup.key_offsets)  # gradient rows read (and rows, for SGD)
+        if lookup.shard_offsets is not None:
+            cost += np.diff(lookup.shard_offsets)  # rows read and written
         gradient = (sources, scales, grad)
         run_tasks([partial(self._apply_in_shard, s, lookup, gradient, step) for s in _largest_first(cost)],
                   self.threads)
@@ -461,13 +466,17 @@ class EmbeddingTable:
 
     def _apply_in_shard(self, s: int, lookup: RowLookup, gradient: tuple, step: int) -> None:
         shard = self._shards[s]
-        rows, keys = lookup.shard_offsets, lookup.key_offsets
-        grouping = (lookup.order, lookup.numbers, lookup.handles, int(keys[s]), int(keys[s + 1]))
+        keys = lookup.key_offsets
+        numbers, unique, lo, hi = _NOT_LISTED, _NOT_LISTED, 0, 0  # plain SGD's lookups list no rows
+        if lookup.unique is not None:
+            numbers, unique = lookup.numbers, lookup.unique
+            lo, hi = int(lookup.shard_offsets[s]), int(lookup.shard_offsets[s + 1])
+        grouping = (lookup.order, numbers, lookup.handles, int(keys[s]), int(keys[s + 1]))
         with shard.lock:
-            pooling.apply_grouped(self.arena.directory, self.width, lookup.unique, grouping, gradient,
-                                  self.optimizer.code, self.optimizer.hyper, step,
-                                  (shard.last_seen, np.uint32(self._step), self._needs_marking(lookup)),
-                                  int(rows[s]), int(rows[s + 1]))
+            pooling.apply_grouped(self.arena.directory, self.width, unique, grouping, gradient,
+                                  self.optimizer.code, self.optimizer.hyper, step, lo, hi)
+            if self._needs_marking(lookup):
+                pooling.mark_seen(shard.last_seen, _handles_in_shard(lookup, s), np.uint32(self._step))
 
     # ------------------------------------------------------------------ row moves
 
@@ -477,7 +486,7 @@ class EmbeddingTable:
         Absent keys come back as zero rows with found False.
         """
         keys = self._keys(keys)
-        handles = self.find(keys, count=False, distinct=False).handles
+        handles = self._handles(keys, count=False)
         rows = self._gather(handles)
         last_seen = np.zeros(keys.shape[0], dtype=np.uint32)
         counts = np.zeros(keys.shape[0], dtype=np.uint32)

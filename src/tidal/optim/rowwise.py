@@ -40,6 +40,9 @@ class OptimizerKernel:
         self.state_width = _state_width(config, dim)
         self.initial_state = getattr(config, "initial_accumulator_value", 0.0)
         self.hyper = _pack(config)
+        # every optimizer but plain SGD needs the sum of a row's gradients before its update,
+        # so a lookup must list its distinct rows; SGD adds each key's gradient as it comes
+        self.sums_keys_first = self.code != SGD
 
 
 _CODES = {Sgd: SGD, Adagrad: ADAGRAD, RowWiseAdagrad: ROWWISE_ADAGRAD, Adam: ADAM,
