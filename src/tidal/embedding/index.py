@@ -121,7 +121,7 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, or
     With `distinct`, numbers[i] numbers the distinct rows of this shard in order of
     first sight, -1 for a key without a row, and the caller ends with `unmark` once the
     whole range is resolved; without it only the handles are written (the other arrays
-    may be empty) and no row is read beyond its index entry, unless marked seen.
+    may be empty), and with `insert` each found row is marked seen as it is found.
 
     `rows` = (directory, width, dim, seed, init kind, init scale, initial state value);
     `admission` = (kind, min count, probability, seed). Returns the position reached:

@@ -430,9 +430,9 @@ class EmbeddingTable:
             raise BatchError(f"table {self.name!r}: gradient rows {list(grad.shape)} with {sources.shape[0]} "
                              f"sources and {scales.shape[0]} scales do not fit {n} keys of dim {self.dim}")
         step = self._next_update()
-        cost = np.diff(lookup.key_offsets)  # gradient rows read (and rows, for SGD)
+        cost = np.diff(lookup.key_offsets)  # a gradient row read per key (plain SGD: and its row updated)
         if lookup.shard_offsets is not None:
-            cost += np.diff(lookup.shard_offsets)  # rows read and written
+            cost += np.diff(lookup.shard_offsets)  # each distinct row read and written once
         gradient = (sources, scales, grad)
         run_tasks([partial(self._apply_in_shard, s, lookup, gradient, step) for s in _largest_first(cost)],
                   self.threads)
