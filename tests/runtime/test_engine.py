@@ -348,7 +348,7 @@ def test_cli_train_prints_the_stage_table(data, tmp_path, capsys):
     from tidal.cli import main
 
     config = {**data, "training": {**data["training"], "run_dir": str(tmp_path / "run")},
-              "runtime": {"sparse_workers": 2, "mode": "async", "telemetry_every_s": 0.2}}
+              "runtime": {"sparse_workers": 2, "mode": "async", "telemetry_every_s": 0.02}}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["train", "--config", str(path)]) == 0
