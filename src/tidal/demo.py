@@ -70,9 +70,9 @@ def run(rows: int = 300_000) -> dict:
 
 def _compile_kernels(scratch: Path) -> None:
     """Train the same model for two steps on a few rows, quietly, so that the timed run
-    finds every kernel compiled: numba compiles each on first use (minutes on a fresh
-    checkout) and caches it on disk (a second or two after)."""
-    print("Compiling Tidal's kernels (minutes on a fresh checkout, then cached on disk)", flush=True)
+    finds every kernel compiled: numba compiles each on first use (some 20 s on a fresh
+    checkout here, in the first steps of training otherwise) and caches it on disk."""
+    print("Compiling Tidal's kernels (once per checkout: numba caches them on disk)", flush=True)
     start = time.perf_counter()
     data = generate(scratch / "warm-up", rows=4096, seed=1)
     shown = io.StringIO()
