@@ -118,8 +118,10 @@ def test_full_save_load_reproduces_table_with_adam_admission_lfu(tmp_path):
     _assert_same_table(table, EmbeddingTable.load(tmp_path))
 
 
-def test_full_plus_deltas_reproduce_live_table_with_evictions_and_reinsertion(tmp_path):
-    table = _trained(steps=6, eviction=Eviction(capacity_policy="lfu", ttl_steps=10), max_rows=600)
+@pytest.mark.parametrize("optimizer", [Adam(lr=0.01, per_row_bias_correction=True), Sgd(lr=0.1), Adagrad(lr=0.1)],
+                         ids=["adam", "sgd", "adagrad"])
+def test_full_plus_deltas_reproduce_live_table_with_evictions_and_reinsertion(tmp_path, optimizer):
+    table = _trained(steps=6, eviction=Eviction(capacity_policy="lfu", ttl_steps=10), max_rows=600, optimizer=optimizer)
     table.save(tmp_path)
     for round_ in range(3):
         touched = [_train(table, 100 * round_ + i, n=150) for i in range(3)]
@@ -154,11 +156,13 @@ def test_full_plus_deltas_reproduce_live_table_with_evictions_and_reinsertion(tm
     _assert_same_table(table, loaded)
 
 
+@pytest.mark.parametrize("optimizer", [Sgd(lr=0.1), Adagrad(lr=0.1)], ids=["sgd", "adagrad"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_rows_looked_up_before_a_save_and_updated_after_are_in_the_next_delta(tmp_path, threads):
+def test_rows_looked_up_before_a_save_and_updated_after_are_in_the_next_delta(tmp_path, threads, optimizer):
     """An update marks its rows seen again when the table took a step since the lookup
-    (here the save's): one thread updates in place, two shard by shard."""
-    config = _config(num_shards=2, optimizer=Sgd(lr=0.1), admission=None, eviction=None, max_rows=None)
+    (here the save's): plain SGD on one thread updates in place, otherwise shard by
+    shard (Adagrad from the rows its lookup listed, SGD from the keys' handles)."""
+    config = _config(num_shards=2, optimizer=optimizer, admission=None, eviction=None, max_rows=None)
     collection = EmbeddingCollection([config], [EmbeddingFeature(name="f", table="emb")], threads=threads)
     table = collection.tables[0]
     keys = np.arange(3000, dtype=np.int64)

@@ -10,7 +10,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tidal.config import CountAdmission, EmbeddingFeature, Initializer, Sgd, TableConfig
+from tidal.config import (Adagrad, CountAdmission, EmbeddingFeature, Initializer, OptimizerConfig,
+                          ProbabilityAdmission, Sgd, TableConfig)
 from tidal.data.batch import SparseBatch
 from tidal.embedding import EmbeddingCollection
 from tidal.errors import BatchError, ConfigError
@@ -20,8 +21,8 @@ MODES = ["sum", "mean", "sqrtn"]
 
 
 def _collection(feature_tables: list[int], modes: list[str], threads: int = 1, dim: int = DIM,
-                **table_kw) -> EmbeddingCollection:
-    tables = [TableConfig(name=f"t{t}", dim=dim, optimizer=Sgd(lr=1.0), num_shards=2,
+                optimizer: OptimizerConfig = Sgd(lr=1.0), **table_kw) -> EmbeddingCollection:
+    tables = [TableConfig(name=f"t{t}", dim=dim, optimizer=optimizer, num_shards=2,
                           initializer=Initializer(kind="uniform", scale=1.0), **table_kw)
               for t in range(max(feature_tables) + 1)]
     features = [EmbeddingFeature(name=f"f{f}", table=f"t{t}", pooling=m)
@@ -153,6 +154,57 @@ def test_backward_sums_many_rows_across_tables_and_blocks_as_numpy_does(threads)
         expected[[0, 1, 0][f]][value] += scale * grad[b, f]
     for table, old, step in zip(collection.tables, before, expected):
         np.testing.assert_allclose(old - table.lookup(np.arange(700)), step, rtol=1e-4, atol=1e-5)
+
+
+def _scaled_id_gradients(collection: EmbeddingCollection, batch: SparseBatch, grad: np.ndarray,
+                         admitted: np.ndarray) -> dict:
+    """{table: (keys, gradients)}: the key of every id that found a row (`admitted`) and
+    its ``weight * pooling scale * grad[b, f]``, in plain numpy."""
+    per_table: dict = {}
+    offsets = batch.offsets
+    for f, name in enumerate(batch.keys):
+        feature = collection.features[name]
+        keys, grads = per_table.setdefault(feature.table, ([], []))
+        for b in range(batch.batch_size):
+            lo, hi = offsets[f * batch.batch_size + b], offsets[f * batch.batch_size + b + 1]
+            scale = {"sum": 1.0, "mean": 1.0 / max(hi - lo, 1), "sqrtn": max(hi - lo, 1) ** -0.5}[feature.pooling]
+            for i in filter(admitted.__getitem__, range(lo, hi)):
+                weight = batch.weights[i] if batch.weights is not None else 1.0
+                keys.append(batch.values[i])
+                grads.append(np.float32(weight * scale) * grad[b, f])
+    return {t: (np.array(k, np.int64), np.array(g, np.float32).reshape(-1, grad.shape[2]))
+            for t, (k, g) in per_table.items()}
+
+
+@pytest.mark.parametrize("admission", [CountAdmission(min_count=2, sketch_width=4096), ProbabilityAdmission(probability=0.5)],
+                         ids=["count", "probability"])
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("optimizer", [Sgd(lr=0.5), Adagrad(lr=0.5, initial_accumulator_value=0.1)], ids=["sgd", "adagrad"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_backward_moves_rows_as_apply_gradients_given_each_ids_scaled_gradient(threads, optimizer, grad_dtype, admission):
+    """Two features sharing a table (mean and sqrtn pooling), a third on its own, weights,
+    Zipf repeats and ids that admission has not let in (some only at a later id of the
+    batch): over two steps, backward moves every row, values and optimizer state, as a
+    twin table's `apply_gradients` given the scaled gradient of each id that found a row
+    (repeats summed there too)."""
+    trained, twin = (_collection([0, 0, 1], ["mean", "sqrtn", "sum"], threads, optimizer=optimizer, admission=admission)
+                     for _ in range(2))
+    rng = np.random.default_rng(3)
+    for batch in _zipf_batches(4, 2, batch_size=200, keys=300):
+        grad = torch.from_numpy(rng.standard_normal((batch.batch_size, 3, DIM)).astype(np.float32)).to(grad_dtype)
+        _, ctx = trained.forward(batch)
+        trained.backward(ctx, grad)
+        admitted = np.zeros(batch.values.shape[0], bool)  # the same sightings: the same ids let in
+        for positions, found in twin.forward(batch)[1].lookups.values():
+            admitted[positions] = found.handles >= 0
+        for table, (keys, grads) in _scaled_id_gradients(twin, batch, grad.float().numpy(), admitted).items():
+            twin.table(table).apply_gradients(keys, grads)
+    keys = np.arange(300)
+    for one, two in zip(trained.tables, twin.tables):
+        (a, found), (b, twin_found) = one.pull_rows(keys), two.pull_rows(keys)
+        assert 0 < found.sum() < len(keys) and np.array_equal(found, twin_found)
+        np.testing.assert_allclose(a.values, b.values, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.state, b.state, rtol=1e-5, atol=1e-6)
 
 
 def _zipf_batches(seed: int, count: int, batch_size: int = 300, keys: int = 500) -> list[SparseBatch]:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tidal.config import (Adagrad, CountAdmission, Eviction, Initializer, ProbabilityAdmission, Sgd,
+from tidal.config import (Adagrad, Adam, CountAdmission, Eviction, Initializer, ProbabilityAdmission, Sgd,
                           TableConfig)
 from tidal.embedding import EmbeddingTable, pooling
 from tidal.embedding._memory import CHUNK_ROWS, SHARD_BITS
@@ -19,6 +19,8 @@ from tidal.errors import BatchError
 from keys import ADVERSARIAL, INT64_MAX, INT64_MIN, M64, as_int64, unmix64
 
 PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# plain SGD's lookups list no distinct rows, a summing optimizer's do: both paths mark and count rows
+BOTH_LOOKUPS = pytest.mark.parametrize("optimizer", [Sgd(), Adagrad()], ids=["sgd", "adagrad"])
 
 
 def make_table(*, threads=1, **config):
@@ -193,6 +195,20 @@ def test_freed_rows_reused_when_keys_removed():
     assert table.stats().allocated_bytes == allocated and table.stats().rows == CHUNK_ROWS
 
 
+@pytest.mark.parametrize("optimizer", [Adagrad(lr=0.5, initial_accumulator_value=0.3), Adam(lr=0.5)], ids=["adagrad", "adam"])
+def test_reused_row_starts_with_the_new_keys_initial_values_and_fresh_optimizer_state(optimizer):
+    table, fresh = make_table(optimizer=optimizer), make_table(optimizer=optimizer)
+    freed = insert(table, arr(10, 20))[0]
+    table.apply_gradients(arr(10, 20), np.full((2, 4), 3.0, np.float32))
+    table.remove(arr(10))
+    assert insert(table, arr(30))[0] == freed
+    insert(fresh, arr(30))
+    reused, untouched = table.pull_rows(arr(30))[0], fresh.pull_rows(arr(30))[0]
+    np.testing.assert_array_equal(reused.values, untouched.values)
+    np.testing.assert_array_equal(reused.state, untouched.state)
+    assert table.pull_rows(arr(20))[0].state.tolist() != untouched.state.tolist()  # the update did move state
+
+
 # -- serving lookups and admission ---------------------------------------------------------------
 def test_lookup_reads_zeros_and_counts_misses_when_keys_absent():
     table = make_table()
@@ -234,8 +250,9 @@ def test_stats_misses_count_only_serving_lookups_when_gradients_hit_absent_keys(
 
 
 # -- eviction and row caps -----------------------------------------------------------------------
-def test_ttl_evicts_rows_unseen_for_more_than_ttl_steps_when_evict_called():
-    table = make_table(eviction=Eviction(ttl_steps=3))
+@BOTH_LOOKUPS
+def test_ttl_evicts_rows_unseen_for_more_than_ttl_steps_when_evict_called(optimizer):
+    table = make_table(eviction=Eviction(ttl_steps=3), optimizer=optimizer)
     insert(table, arr(1, 2))  # step 1
     sight(table, (2, 3))  # steps 2..4
     assert table.evict() == 0  # key 1 unseen for exactly 3 steps
@@ -245,24 +262,27 @@ def test_ttl_evicts_rows_unseen_for_more_than_ttl_steps_when_evict_called():
     assert present(table, arr(1, 2)).tolist() == [False, True] and table.stats().evicted == 1
 
 
-def test_lru_cap_evicts_oldest_rows_when_over_max_rows():
-    table = make_table(num_shards=8, max_rows=3, eviction=Eviction(capacity_policy="lru"))
+@BOTH_LOOKUPS
+def test_lru_cap_evicts_oldest_rows_when_over_max_rows(optimizer):
+    table = make_table(num_shards=8, max_rows=3, eviction=Eviction(capacity_policy="lru"), optimizer=optimizer)
     sight(table, *[(key, 1) for key in (1, 2, 3, 4, 5, 1)])
     assert table.stats().rows == 5 and table.stats().evicted == 0
     assert table.evict() == 2
     assert present(table, arr(1, 2, 3, 4, 5)).tolist() == [True, False, False, True, True]
 
 
-def test_lfu_cap_evicts_least_counted_rows_when_over_max_rows():
-    table = make_table(num_shards=8, max_rows=2, eviction=Eviction(capacity_policy="lfu"))
+@BOTH_LOOKUPS
+def test_lfu_cap_evicts_least_counted_rows_when_over_max_rows(optimizer):
+    table = make_table(num_shards=8, max_rows=2, eviction=Eviction(capacity_policy="lfu"), optimizer=optimizer)
     sight(table, (10, 5), (20, 1), (30, 3))
     assert table.pull_rows(arr(10, 20, 30))[0].counts.tolist() == [5, 1, 3]
     assert table.evict() == 1
     assert present(table, arr(10, 20, 30)).tolist() == [True, False, True]
 
 
-def test_lfu_counts_start_fresh_when_new_key_reuses_removed_row():
-    table = make_table(max_rows=2, eviction=Eviction(capacity_policy="lfu"))
+@BOTH_LOOKUPS
+def test_lfu_counts_start_fresh_when_new_key_reuses_removed_row(optimizer):
+    table = make_table(max_rows=2, eviction=Eviction(capacity_policy="lfu"), optimizer=optimizer)
     sight(table, (10, 5), (20, 3))
     table.remove(arr(10))
     sight(table, (30, 1), (40, 2))  # key 30 takes the row key 10 freed
@@ -312,13 +332,19 @@ def test_stats_fields_add_up_when_rows_inserted_looked_up_and_removed():
 
 
 # -- threads -------------------------------------------------------------------------------------
-def test_rows_exact_when_six_threads_insert_update_and_read_one_table():
-    table = make_table(num_shards=8, optimizer=Sgd(lr=1.0), initializer=Initializer(kind="zeros"))
+@pytest.mark.parametrize("optimizer, threads", [(Sgd(lr=1.0), 1), (Adagrad(lr=1.0), 2)], ids=["sgd", "adagrad"])
+def test_rows_exact_when_six_threads_insert_update_and_read_one_table(optimizer, threads):
+    """Six trainers and two readers at once on one table (itself using `threads`): every
+    key keeps one row, and every row took every gradient of ones. SGD's values count its
+    ids; Adagrad's accumulators sum the square of each batch's count of the key, exact
+    whatever order the threads took."""
+    table = make_table(num_shards=8, optimizer=optimizer, initializer=Initializer(kind="zeros"), threads=threads)
     rng = np.random.default_rng(0)
     pool = np.union1d(rng.integers(INT64_MIN, INT64_MAX, 1500, dtype=np.int64), arr(*ADVERSARIAL))
     absent = np.setdiff1d(rng.integers(INT64_MIN, INT64_MAX, 500, dtype=np.int64), pool)
     trainers, iterations, batch = 6, 150, 96
-    applied, handles = np.zeros((trainers, len(pool)), np.int64), np.full((trainers, len(pool)), -1, np.int64)
+    applied, squared = np.zeros((trainers, len(pool)), np.int64), np.zeros((trainers, len(pool)), np.int64)
+    handles = np.full((trainers, len(pool)), -1, np.int64)
     done, start = threading.Event(), threading.Barrier(trainers + 2)
 
     def train(t):
@@ -330,14 +356,16 @@ def test_rows_exact_when_six_threads_insert_update_and_read_one_table():
             assert (got >= 0).all() and ((handles[t, idx] == -1) | (handles[t, idx] == got)).all()
             handles[t, idx] = got
             table.apply_gradients(pool[idx], np.ones((batch, 4), np.float32))
-            np.add.at(applied[t], idx, 1)
+            counts = np.bincount(idx, minlength=len(pool))
+            applied[t] += counts
+            squared[t] += counts**2
 
     def read(r):
         local = np.random.default_rng(200 + r)
         start.wait()
         while not done.is_set():
             values = table.lookup(pool[local.integers(0, len(pool), 64)])
-            assert (values <= 0).all() and (values == np.round(values)).all()
+            assert (values <= 0).all() and (optimizer.kind != "sgd" or (values == np.round(values)).all())
             np.testing.assert_array_equal(table.lookup(absent), 0.0)
 
     with ThreadPoolExecutor(trainers + 2) as executor:
@@ -351,7 +379,35 @@ def test_rows_exact_when_six_threads_insert_update_and_read_one_table():
     assert (final[touched] >= 0).all() and (final[~touched] == -1).all()
     assert len(np.unique(final[touched])) == touched.sum() == table.stats().rows
     np.testing.assert_array_equal(handles[handles >= 0], np.broadcast_to(final, handles.shape)[handles >= 0])
-    np.testing.assert_array_equal(table.lookup(pool), -np.repeat(applied.sum(axis=0)[:, None], 4, axis=1))
+    rows = table.pull_rows(pool[touched])[0]
+    if optimizer.kind == "sgd":
+        np.testing.assert_array_equal(rows.values, -np.repeat(applied.sum(axis=0)[touched, None], 4, axis=1))
+    else:
+        np.testing.assert_array_equal(rows.state, np.repeat(squared.sum(axis=0)[touched, None], 4, axis=1))
+        assert (rows.values < 0).all()
+
+
+@pytest.mark.parametrize("optimizer, threads", [(Sgd(lr=1.0), 1), (Adagrad(lr=1.0), 2)], ids=["sgd", "adagrad"])
+def test_no_update_lost_when_six_threads_update_the_same_64_rows(optimizer, threads):
+    """Every batch touches every row, so updates overlap all the time: without the
+    shard locks, some increments were lost here in every run tried."""
+    table = make_table(num_shards=8, optimizer=optimizer, initializer=Initializer(kind="zeros"), threads=threads)
+    keys = np.arange(64, dtype=np.int64) * 7919
+    counts = [np.random.default_rng(t).integers(0, 64, (60, 4096)) for t in range(6)]
+
+    def train(t):
+        for idx in counts[t]:
+            table.lookup_or_insert(keys[idx])
+            table.apply_gradients(keys[idx], np.ones((len(idx), 4), np.float32))
+
+    with ThreadPoolExecutor(6) as executor:
+        list(executor.map(train, range(6)))
+    per_batch = np.array([np.bincount(idx, minlength=64) for c in counts for idx in c])  # [batches, 64]
+    rows = table.pull_rows(keys)[0]
+    if optimizer.kind == "sgd":
+        np.testing.assert_array_equal(rows.values[:, 0], -per_batch.sum(axis=0))
+    else:
+        np.testing.assert_array_equal(rows.state[:, 0], (per_batch**2).sum(axis=0))
 
 
 # -- bad input -----------------------------------------------------------------------------------
