@@ -367,10 +367,12 @@ def test_repeated_table_or_feature_names_are_refused():
         EmbeddingCollection([TableConfig(name="a", dim=4)], [EmbeddingFeature(name="x", table="a")] * 2)
 
 
-def test_backward_after_evict_is_refused_instead_of_updating_reused_rows():
+@pytest.mark.parametrize("optimizer, threads", [(Sgd(lr=1.0), 1), (Sgd(lr=1.0), 2), (Adagrad(lr=1.0), 1)],
+                         ids=["sgd-in-place", "sgd-by-shard", "adagrad"])
+def test_backward_after_evict_is_refused_instead_of_updating_reused_rows(optimizer, threads):
     from tidal.config import Eviction
 
-    collection = _collection([0], ["sum"], eviction=Eviction(ttl_steps=1))
+    collection = _collection([0], ["sum"], threads, optimizer=optimizer, eviction=Eviction(ttl_steps=1))
     _, ctx = collection.forward(SparseBatch.from_lists({"f0": [[1], [2]]}))
     collection.tables[0].evict()
     with pytest.raises(BatchError, match="before an evict"):
