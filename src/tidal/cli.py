@@ -8,6 +8,8 @@ import sys
 
 __all__ = ["main"]
 
+_NOTED_COMPILE_S = 1.0  # a run that spent longer compiling kernels says so beside its speed
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tidal", description=__doc__)
@@ -146,6 +148,9 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     print(f"trained {summary['steps']:,d} steps, {summary['rows']:,d} rows at {summary['samples_per_s']:,.0f} samples/s; "
           f"bad rows: {summary['bad_rows']}")
+    if summary["compile_s"] >= _NOTED_COMPILE_S:
+        print(f"  {summary['compile_s']:.1f} s of the run went to compiling Tidal's kernels on their first use here; "
+              "numba keeps them on disk, so later runs skip it")
     for example in summary["bad_row_examples"]:
         print(f"  {example}")
     if summary["eval"]:

@@ -35,7 +35,7 @@ def _config(tmp_path, **training) -> dict:
 def test_training_learns_the_planted_signal_and_logs_it(tmp_path):
     trainer = Trainer(RunConfig(**_config(tmp_path, eval_every=20)))
     summary = trainer.fit()
-    assert summary["rows"] == 24_000 and summary["bad_rows"] == 0
+    assert summary["rows"] == 24_000 and summary["bad_rows"] == 0 and summary["compile_s"] >= 0.0
     assert summary["eval"]["auc"]["click"] > 0.62  # chance is 0.5; the data's ceiling is about 0.93
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["event"] == "train"]
@@ -46,7 +46,10 @@ def test_training_learns_the_planted_signal_and_logs_it(tmp_path):
     assert (tmp_path / "run" / "metrics.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_cli_trains_from_yaml_and_reports_bad_rows(tmp_path, capsys):
+def test_cli_trains_from_yaml_and_reports_bad_rows(tmp_path, capsys, monkeypatch):
+    import tidal.cli
+
+    monkeypatch.setattr(tidal.cli, "_NOTED_COMPILE_S", 0.0)  # say it however little compiled
     config = _config(tmp_path, epochs=1)
     with open(config["data"]["train"][0], "a") as f:
         f.write("1\t2\tnot-a-number\n")
@@ -55,6 +58,7 @@ def test_cli_trains_from_yaml_and_reports_bad_rows(tmp_path, capsys):
     assert main(["train", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "bad rows: 1" in out and "expected 40 columns, found 3" in out
+    assert "s of the run went to compiling Tidal's kernels on their first use here" in out
     assert "eval click: AUC" in out
 
 
@@ -140,3 +144,25 @@ def test_resume_refuses_a_changed_config(tmp_path):
     config["model"]["hidden_sizes"] = [16]
     with pytest.raises(CheckpointError, match=r"the config changed since this checkpoint \(model\)"):
         Trainer(RunConfig(**config)).fit(resume=True)
+
+
+def test_compile_clock_counts_the_first_compile_of_a_kernel_and_not_its_later_calls():
+    import numba
+
+    from tidal.runtime.telemetry import compile_clock
+
+    @numba.njit
+    def twice(x):
+        return 2 * x
+
+    with compile_clock() as compiling:
+        assert compiling() == 0.0
+        twice(1)
+        first = compiling()
+        twice(2)
+        assert compiling() == first > 0.0
+    with compile_clock() as compiling:
+        twice(3)
+        assert compiling() == 0.0
+        twice(1.5)  # a new signature compiles again
+        assert compiling() > 0.0

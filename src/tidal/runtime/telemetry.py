@@ -4,11 +4,15 @@ depths and staleness, sampled every few seconds and summed up at the end."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from numba.core import event
 
 from tidal.embedding.checkpoint import write_json_atomic
 
-__all__ = ["ROLES", "STAGES", "Telemetry"]
+__all__ = ["ROLES", "STAGES", "Telemetry", "compile_clock"]
 
 # stage -> roles whose threads run it; transfer is counted on both sides of the cut.
 # Every sparse worker has two threads: its reader parses and extracts ahead while it
@@ -107,3 +111,13 @@ def _note(seen: list[int], value: int) -> None:
 
 def _summary(seen: list[int]) -> dict:
     return {"mean": seen[1] / seen[0] if seen[0] else 0.0, "max": seen[2]}
+
+
+@contextmanager
+def compile_clock() -> Iterator[Callable[[], float]]:
+    """Yields a function giving the wall seconds numba has spent compiling kernels inside
+    the block so far. A kernel compiles on its first use on a machine and loads from
+    numba's disk cache afterwards, so a first run is slower by that much."""
+    listener = event.TimingListener()  # outermost compiles only; numba compiles one at a time
+    with event.install_listener("numba:compile", listener):
+        yield lambda: listener.duration if listener.done else 0.0

@@ -31,6 +31,7 @@ from tidal.models import PRECISIONS, RankingModel, compute_precision, resolve_pr
 from tidal.runtime import checkpoint
 from tidal.runtime.plots import plot_metrics
 from tidal.runtime.source import ReaderSpec
+from tidal.runtime.telemetry import compile_clock
 from tidal.runtime.workers import dense_device, fix_gemm_threads
 
 __all__ = ["Evaluation", "Trainer"]
@@ -136,6 +137,8 @@ class Trainer:
         """Train for the configured epochs (or `max_steps`), checkpointing on the way
         and at the end (stopping at `max_steps` writes no extra checkpoint). The
         summary's rows and speed count this call's steps; speed leaves out evaluation.
+        Its `compile_s` is the part of the run numba spent compiling kernels on their
+        first use on this machine (0 once its disk cache holds them).
 
         With `resume`, continue from the run's latest checkpoint: the same batches in
         the same order, so the result equals an uninterrupted run's.
@@ -144,7 +147,7 @@ class Trainer:
         position = {"step": 0, "epoch": 0, "batch": 0}
         if resume:
             position = checkpoint.restore(self, checkpoint.latest(self.run_dir))
-        with open(self.run_dir / "metrics.jsonl", "a" if resume else "w") as log:
+        with open(self.run_dir / "metrics.jsonl", "a" if resume else "w") as log, compile_clock() as compiling:
             start = time.perf_counter()
             if self.config.runtime is None:
                 step, rows, finished = self._train(log, position, max_steps)
@@ -156,7 +159,7 @@ class Trainer:
             if finished:
                 checkpoint.save(self, {"step": step, "epoch": self.config.training.epochs, "batch": 0})
             evaluation = self._log_eval(log, step) if self.config.data.eval else None
-            summary = self._summary(step, rows, evaluation)
+            summary = self._summary(step, rows, evaluation) | {"compile_s": compiling()}
             log.write(json.dumps({"event": "end", **summary}) + "\n")
         plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "metrics.png")
         return summary
