@@ -10,8 +10,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tidal.config import (Adagrad, CountAdmission, EmbeddingFeature, Initializer, OptimizerConfig,
-                          ProbabilityAdmission, Sgd, TableConfig)
+from tidal.config import (Adagrad, Adam, AdamW, CountAdmission, EmbeddingFeature, Ftrl, Initializer,
+                          OptimizerConfig, ProbabilityAdmission, RowWiseAdagrad, Sgd, TableConfig)
 from tidal.data.batch import SparseBatch
 from tidal.embedding import EmbeddingCollection
 from tidal.errors import BatchError, ConfigError
@@ -176,11 +176,17 @@ def _scaled_id_gradients(collection: EmbeddingCollection, batch: SparseBatch, gr
             for t, (k, g) in per_table.items()}
 
 
-@pytest.mark.parametrize("admission", [CountAdmission(min_count=2, sketch_width=4096), ProbabilityAdmission(probability=0.5)],
-                         ids=["count", "probability"])
-@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("optimizer", [Sgd(lr=0.5), Adagrad(lr=0.5, initial_accumulator_value=0.1)], ids=["sgd", "adagrad"])
-@pytest.mark.parametrize("threads", [1, 2])
+COUNT, ONE_IN_TWO = CountAdmission(min_count=2, sketch_width=4096), ProbabilityAdmission(probability=0.5)
+# plain SGD's backward and a summing optimizer's, each on every path; the other optimizers on one
+BACKWARD_CASES = [pytest.param(threads, optimizer, grad_dtype, admission, id=f"{threads}-{optimizer.kind}-{name}-{admission.kind}")
+                  for threads in (1, 2) for optimizer in (Sgd(lr=0.5), Adagrad(lr=0.5, initial_accumulator_value=0.1))
+                  for grad_dtype, name in ((torch.float32, "f32"), (torch.bfloat16, "bf16")) for admission in (COUNT, ONE_IN_TWO)]
+BACKWARD_CASES += [pytest.param(2, optimizer, torch.bfloat16, COUNT, id=f"2-{optimizer.kind}-bf16-count")
+                   for optimizer in (RowWiseAdagrad(lr=0.5), Adam(lr=0.5), AdamW(lr=0.5, per_row_bias_correction=True),
+                                     Ftrl(alpha=0.5, l1=0.01, l2=0.01))]
+
+
+@pytest.mark.parametrize("threads, optimizer, grad_dtype, admission", BACKWARD_CASES)
 def test_backward_moves_rows_as_apply_gradients_given_each_ids_scaled_gradient(threads, optimizer, grad_dtype, admission):
     """Two features sharing a table (mean and sqrtn pooling), a third on its own, weights,
     Zipf repeats and ids that admission has not let in (some only at a later id of the
