@@ -4,16 +4,18 @@ Batch ids count from the position a run starts at: id 0 is the first batch to tr
 epochs follow one another. A `BatchSource` reads the files in order and hands batch
 `k` to whichever worker asks for it; a shared source (threads of one process) keeps
 what it read ahead for the other workers, a private one (one per Ray actor) reads the
-whole stream and drops the batches it was not asked for.
+whole stream and drops the batches it was not asked for. Both keep the last batches
+they handed out, for a retry; a batch asked for again after that is read again.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from itertools import chain
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 
 import pyarrow as pa
 
@@ -21,6 +23,8 @@ from tidal.data.batch import SparseBatch
 from tidal.data.readers import BadRows, read_batches
 
 __all__ = ["BatchSource", "Item", "MemorySpec", "ReaderSpec"]
+
+_RECENT_BATCHES = 16  # handed out lately and kept: a failed worker's batch is retried soon after
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,14 +79,19 @@ class BatchSource:
         self.spec = spec
         self.shared = shared
         self._lock = threading.Lock()
-        self._restart()
+        self._kept: dict[int, Item] = {}  # read, not yet handed out
+        self._recent: OrderedDict[int, Item] = OrderedDict()  # the last batches handed out
+        self._handed_before = 0  # every batch below this id was read once before the last rewind
+        self._error: BaseException | None = None  # what broke the stream: raised to every later reader
+        self._next_id = 0
+        self._rewind()
 
-    def _restart(self) -> None:
+    def _rewind(self) -> None:
+        """Read the stream again from its start (a batch handed out before is asked for again)."""
+        self._handed_before = max(self._handed_before, self._next_id)
         self._stream = self._items()
         self._next_id = 0
-        self._kept: dict[int, Item] = {}
         self._ended = False
-        self._error: BaseException | None = None  # what broke the stream: raised to every later reader
 
     def _items(self) -> Iterator[tuple[int, int, pa.RecordBatch | SparseBatch, int, list[str]]]:
         """(epoch, index, table, bad rows, their examples) past the start position.
@@ -103,23 +112,37 @@ class BatchSource:
                 held = (index, table) if table is not None else None
 
     def get(self, batch_id: int) -> Item | None:
-        """Batch `batch_id`, or None when the stream ends before it."""
+        """Batch `batch_id`, or None when the stream ends before it. A batch handed out
+        lately comes again from memory (the retry of a failed worker's batch); an older
+        one is read again from the start of the stream."""
         with self._lock:
-            if batch_id in self._kept:
-                return self._kept.pop(batch_id)
-            if self._error is not None:
-                raise self._error
-            if batch_id < self._next_id:  # handed out or dropped before: read again from the start
-                self._restart()
-            while not self._ended and self._next_id <= batch_id:
-                try:
-                    item = self._read()
-                except BaseException as exc:
-                    self._error = exc
-                    raise
-                if item is not None and (self.shared or item.batch_id == batch_id):
-                    self._kept[item.batch_id] = item
-            return self._kept.pop(batch_id, None)
+            item = self._kept.pop(batch_id, None) or self._recent.get(batch_id) or self._read_up_to(batch_id)
+            if item is not None:
+                self._recent[batch_id] = item
+                if len(self._recent) > _RECENT_BATCHES:
+                    self._recent.popitem(last=False)
+            return item
+
+    def _read_up_to(self, batch_id: int) -> Item | None:
+        if self._error is not None:
+            raise self._error
+        if batch_id < self._next_id:  # handed out or dropped before: read again from the start
+            self._rewind()
+        while not self._ended and self._next_id <= batch_id:
+            try:
+                item = self._read()
+            except BaseException as exc:
+                self._error = exc
+                raise
+            if item is not None and self._keeps(item.batch_id, batch_id):
+                self._kept[item.batch_id] = item
+        return self._kept.pop(batch_id, None)
+
+    def _keeps(self, read_id: int, asked_id: int) -> bool:
+        """Whether to keep a batch just read: the one asked for, and in a shared source
+        those read ahead for the other workers; never one handed out before a rewind
+        (nobody asks for it again unless it is retried, which reads it again)."""
+        return read_id == asked_id or (self.shared and read_id >= self._handed_before)
 
     def _read(self) -> Item | None:
         start = time.perf_counter()
