@@ -71,11 +71,15 @@ def _no_worker_threads() -> bool:
 
 
 @pytest.mark.parametrize("sparse_workers", [1, 2, 3])
-def test_sync_fp32_with_one_dense_worker_is_bitwise_the_reference(data, reference, tmp_path, sparse_workers):
+def test_sync_fp32_with_one_dense_worker_is_bitwise_the_reference(data, reference, tmp_path, monkeypatch, sparse_workers):
+    served, forward = [], SparseWorker.forward
+    monkeypatch.setattr(SparseWorker, "forward", lambda worker, batch_id: served.append(worker.index) or forward(worker, batch_id))
     trainer = _trainer(data, tmp_path, {"sparse_workers": sparse_workers, **EXACT})
     summary = trainer.fit()
     assert summary["rows"] == 12_000 and summary["runtime"]["lost_samples"] == 0
     _assert_bitwise_equal(reference, trainer)
+    shares = np.bincount(served, minlength=sparse_workers) / len(served)
+    assert shares.min() >= 0.5 / sparse_workers, shares  # every worker takes its turn
     assert _no_worker_threads()
 
 

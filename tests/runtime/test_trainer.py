@@ -166,3 +166,50 @@ def test_compile_clock_counts_the_first_compile_of_a_kernel_and_not_its_later_ca
         assert compiling() == 0.0
         twice(1.5)  # a new signature compiles again
         assert compiling() > 0.0
+
+
+class _Killed(BaseException):
+    """A process killed at that point (not an error anything would catch)."""
+
+
+@pytest.mark.parametrize("point", ["tables", "folder rename", "LATEST", "cleanup"])
+def test_a_save_killed_half_way_leaves_the_previous_checkpoint_to_resume_from(tmp_path, monkeypatch, point):
+    from tidal.runtime import checkpoint
+
+    config = _config(tmp_path, epochs=1, checkpoint_every=7)
+    config["data"]["eval"] = None
+
+    def in_dir(name: str) -> RunConfig:
+        return RunConfig(**{**config, "training": {**config["training"], "run_dir": str(tmp_path / name)}})
+
+    def killed_at_step_14(real, hit):  # type: ignore[no-untyped-def]
+        def call(*args, **kwargs):  # type: ignore[no-untyped-def]
+            if hit(*args):
+                raise _Killed(point)
+            return real(*args, **kwargs)
+        return call
+
+    def in_save_14(path, *rest):  # type: ignore[no-untyped-def]
+        return "step-00000014" in str(path)
+
+    def latest_names_14(path):  # type: ignore[no-untyped-def]
+        return (path.parent / "LATEST").exists() and "00000014" in (path.parent / "LATEST").read_text()
+
+    owner, name, hit = {
+        "tables": (checkpoint, "save_tables", in_save_14),
+        "folder rename": (checkpoint.os, "replace", in_save_14),
+        "LATEST": (checkpoint, "write_json_atomic", lambda path, value: path.name == "LATEST" and "00000014" in value["checkpoint"]),
+        "cleanup": (checkpoint.shutil, "rmtree", lambda path, *rest: path.name == "step-00000007-epoch-0" and latest_names_14(path)),
+    }[point]
+    whole = Trainer(in_dir("whole"))
+    whole.fit()
+    with monkeypatch.context() as patched:
+        patched.setattr(owner, name, killed_at_step_14(getattr(owner, name), hit))
+        with pytest.raises(_Killed):
+            Trainer(in_dir("killed")).fit()
+    expected = "step-00000014-epoch-0" if point == "cleanup" else "step-00000007-epoch-0"
+    assert checkpoint.latest(tmp_path / "killed").name == expected
+    resumed = Trainer(in_dir("killed"))
+    resumed.fit(resume=True)
+    for name, tensor in whole.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name

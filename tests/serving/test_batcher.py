@@ -119,6 +119,30 @@ def test_a_failed_batch_fails_every_request_in_it(trainer, predictor):
         batcher.close()
 
 
+@pytest.mark.parametrize("stage", ["sparse", "dense"])
+def test_failed_batches_free_their_thread_and_the_next_request_is_served(trainer, predictor, stage):
+    """One thread, three failures in a row, each its caller's; then a good request."""
+    pieces = _pieces(trainer, predictor, [2, 2, 2, 2])
+    batcher = _batcher(predictor, [], sparse_threads=1)
+
+    def broken(*args):
+        raise RuntimeError(f"the {stage} stage fell over")
+
+    setattr(predictor, stage, broken)
+    try:
+        for piece in pieces[:3]:
+            (future,) = batcher.submit(piece)
+            with pytest.raises(RuntimeError, match=f"the {stage} stage fell over"):
+                future.result(timeout=30)
+        delattr(predictor, stage)
+        (future,) = batcher.submit(pieces[3])
+        np.testing.assert_allclose(future.result(timeout=30), predictor.predict([pieces[3]]), rtol=1e-5)
+    finally:
+        if stage in vars(predictor):
+            delattr(predictor, stage)
+        batcher.close()
+
+
 def test_overload_is_refused_and_close_fails_what_waits(trainer, predictor):
     pieces = _pieces(trainer, predictor, [40, 40, 40])
     batcher = _batcher(predictor, [], max_queue_rows=50)

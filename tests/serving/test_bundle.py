@@ -55,6 +55,28 @@ def test_a_damaged_bundle_is_refused_naming_the_file(bundle_dir, tmp_path):
         load_bundle(copy)
 
 
+def _with_manifest(bundle_dir, tmp_path, change) -> object:  # type: ignore[no-untyped-def]
+    copy = shutil.copytree(bundle_dir, tmp_path / "copy")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    change(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def test_a_manifest_of_another_version_or_with_other_inputs_is_refused(bundle_dir, tmp_path):
+    newer = _with_manifest(bundle_dir, tmp_path, lambda m: m.update(version=2))
+    with pytest.raises(CheckpointError, match="bundle version 2, this Tidal reads version 1"):
+        load_bundle(newer)
+    shutil.rmtree(newer)
+    moved = _with_manifest(bundle_dir, tmp_path, lambda m: m["inputs"][0].update(side="item"))
+    with pytest.raises(CorruptCheckpointError, match="its inputs do not match its features"):
+        load_bundle(moved)
+    shutil.rmtree(moved)
+    untabled = _with_manifest(bundle_dir, tmp_path, lambda m: m["files"].pop("tables/ids.safetensors"))
+    with pytest.raises(CorruptCheckpointError, match="lists no .'tables/ids.safetensors'."):
+        load_bundle(untabled)
+
+
 def test_export_without_a_checkpoint_says_so(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint to export"):
         export(tmp_path, tmp_path / "bundle")

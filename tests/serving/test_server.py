@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from email.message import Message
 import threading
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -127,6 +128,45 @@ def test_the_fusion_changes_on_the_running_server(server, rows):
     assert before["outputs"][2]["data"] != after["outputs"][2]["data"]
 
 
+def _put_fusion(server, body: bytes) -> tuple[int, dict]:
+    change = urllib.request.Request(server.url + "/v2/models/ctr/fusion", method="PUT", data=body)
+    try:
+        with urllib.request.urlopen(change, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.mark.parametrize("body, reason", [
+    (b'{"kind": "max"}', "kind"),
+    (b'{"kind": "sum", "weights": {"ltv": 1.0}}', "ltv"),
+    (b'{"kind": "product", "weights": {"ctr": -1.0}}', "powers must be >= 0"),
+    (b'{"kind": ', "not valid JSON"),
+])
+def test_a_bad_fusion_gets_a_400_naming_it_and_the_old_fusion_stays(server, body, reason):
+    before = json.loads(urllib.request.urlopen(server.url + "/v2/models/ctr/fusion", timeout=30).read())
+    code, answer = _put_fusion(server, body)
+    assert code == 400 and answer["error"].startswith("fusion:") and reason in answer["error"], answer
+    assert json.loads(urllib.request.urlopen(server.url + "/v2/models/ctr/fusion", timeout=30).read()) == before
+
+
+def test_a_session_idle_past_the_servers_ttl_has_expired(bundle, rows):
+    running = start_server(Service(bundle, name="ctr", session_ttl_s=0.5))
+    try:
+        specs = input_specs(running.service.predictor.config)
+        page = with_user_of(rows.slice(0, 4), specs)
+        start = infer_request(page, specs) | {"parameters": {"sequence_id": 9, "sequence_start": True}}
+        more = infer_request(page, specs) | {"parameters": {"sequence_id": 9}}
+        more["inputs"] = [t for t in more["inputs"] if specs[t["name"]].side != "user"]  # the session holds those
+        assert _post(running, "/v2/models/ctr/infer", json.dumps(start).encode())[0] == 200
+        assert _post(running, "/v2/models/ctr/infer", json.dumps(more).encode())[0] == 200
+        time.sleep(1.0)
+        code, answer, _ = _post(running, "/v2/models/ctr/infer", json.dumps(more).encode())
+        assert code == 400 and "expired" in answer["error"], answer
+    finally:
+        running.stop()
+
+
 def _bad_requests(rows, specs) -> list[tuple[bytes, dict, int, str]]:
     """(body, headers, status, reason) of every kind of bad request."""
     good = infer_request(rows, specs)
@@ -180,6 +220,10 @@ def _bad_requests(rows, specs) -> list[tuple[bytes, dict, int, str]]:
          "not 1 length-prefixed BYTES"),
         (binary, {"Inference-Header-Content-Length": str(len(binary) + 50)}, 400, "but the body has"),
         (huge + b"\x00" * 8, {"Inference-Header-Content-Length": str(len(huge))}, 400, "need at least"),
+        (altered(lambda b: tensor(b, "C9").update(shape=[rows.num_rows - 2], data=tensor(b, "C9")["data"][:-2])),
+         {}, 400, "item inputs must all have n values"),
+        (json.dumps(good).encode() + b"junk", {"Inference-Header-Content-Length": str(len(json.dumps(good).encode()))},
+         400, "add up to 0 bytes, but 4 follow the header"),
     ]
 
 
