@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from tidal.config import RunConfig
+    from tidal.data.readers import BadRows
     from tidal.errors import TidalError
     from tidal.runtime import Trainer
 
@@ -157,6 +158,8 @@ def _train(args: argparse.Namespace) -> int:
         for target, value in summary["eval"]["auc"].items():
             print(f"  eval {target}: AUC {value:.4f}  log loss {summary['eval']['logloss'][target]:.4f} "
                   f"on {summary['eval']['rows']:,d} rows")
+        if summary["eval"]["bad_rows"]:
+            print(f"  eval data: {BadRows(summary['eval']['bad_rows'], summary['eval']['bad_row_examples']).summary()}")
     for name, table in summary["tables"].items():
         print(f"  table {name}: {table['rows']:,d} rows, {table['bytes'] / 2**20:.1f} MiB")
     if summary["runtime"]:
@@ -181,6 +184,7 @@ def _eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tidal.config import RunConfig
+    from tidal.data.readers import BadRows
     from tidal.errors import TidalError
     from tidal.runtime import Trainer, checkpoint
 
@@ -195,7 +199,7 @@ def _eval(args: argparse.Namespace) -> int:
         return 2
     for target, value in result.auc.items():
         print(f"{target}: AUC {value:.4f}  log loss {result.logloss[target]:.4f}  on {result.rows:,d} rows")
-    print(f"bad rows: {trainer.bad_rows.summary()}")
+    print(f"bad rows: {BadRows(result.bad_rows, result.bad_row_examples).summary()}")
     return 0
 
 

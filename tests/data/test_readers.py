@@ -52,10 +52,37 @@ def test_bad_rows_are_skipped_counted_and_located(tmp_path):
     assert "3 bad rows skipped" in report.summary()
 
 
-def test_fail_mode_stops_at_the_first_bad_row_naming_it(tmp_path):
-    path = _write(tmp_path / "d.tsv", "1\t5\ta\n1\t2\n")
-    with pytest.raises(DataError, match=r"d\.tsv:2: expected 3 columns, found 2 \(on_bad_row is 'fail'\)"):
+@pytest.mark.parametrize("text, first", [
+    ("1\t5\ta\n1\t2\n", "2: expected 3 columns, found 2"),
+    ("1\t5\ta\n1\tx\tb\n" + "0\t1\tc\n" * 10 + "1\t2\n", "2: column 'I1': expected an integer"),  # width found first
+    ("1\t5\ta\n1\t2\n" + "0\t1\tc\n" * 10 + "1\tx\tb\n", "2: expected 3 columns"),
+    ("1\t5\ta\n0\t1\tc\n2\t1\tc\n1\tx\tb\n", "3: column 'label': expected 0 or 1"),  # checked before I1
+    ("1\t5\ta\n" * 3 + "1\t1\n", "4: expected 3 columns"),  # after the last full row
+])
+def test_fail_mode_stops_at_the_first_bad_row_naming_it(tmp_path, text, first):
+    path = _write(tmp_path / "d.tsv", text)
+    with pytest.raises(DataError, match=rf"d\.tsv:{first}.*\(on_bad_row is 'fail'\)"):
         list(read_batches(path, columns=SMALL, checks=CHECKS, on_bad_row="fail"))
+
+
+@pytest.mark.parametrize("bad", ["1\tx\tb\n", "1\t5\n"])
+def test_fail_mode_hands_out_no_row_from_the_bad_one_on(tmp_path, bad):
+    path = _write(tmp_path / "d.tsv", "1\t5\ta\n" * 70_000 + bad + "1\t5\ta\n" * 7)  # several parser blocks
+    handed = []
+    with pytest.raises(DataError, match=r"d\.tsv:70001: "):
+        for batch in read_batches(path, columns=SMALL, checks=CHECKS, on_bad_row="fail", batch_rows=200):
+            handed.append(batch.num_rows)
+    assert 0 < sum(handed) <= 70_000
+
+
+def test_numbers_beyond_float32_are_bad_rows_not_infinities(tmp_path):
+    path = _write(tmp_path / "d.tsv", "".join(f"1\t{v}\t{k}\n" for k, v in
+                                             enumerate(["3.4e38", "1e999", "-1e39", "3.5e38", "1e-999", "-2.5", ""])))
+    report = BadRows()
+    rows = pa.Table.from_batches(list(read_batches(path, columns=SMALL, checks={"I1": "number"}, bad_rows=report)))
+    assert rows.column("C1").to_pylist() == ["0", "4", "5", "6"]
+    assert report.count == 3 and report.examples[0] == (
+        f"{path}:2: column 'I1': expected a number within float32's range (|x| < 3.4e38) or nothing, got '1e999'")
 
 
 def test_csv_has_a_header_and_parquet_must_hold_every_column(tmp_path):

@@ -50,14 +50,18 @@ def test_cli_trains_from_yaml_and_reports_bad_rows(tmp_path, capsys, monkeypatch
     import tidal.cli
 
     monkeypatch.setattr(tidal.cli, "_NOTED_COMPILE_S", 0.0)  # say it however little compiled
-    config = _config(tmp_path, epochs=1)
+    config = _config(tmp_path, epochs=1, eval_every=10)
     with open(config["data"]["train"][0], "a") as f:
         f.write("1\t2\tnot-a-number\n")
+    with open(config["data"]["eval"][0], "a") as f:
+        f.write("1\t2\n" * 2)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["train", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "bad rows: 1" in out and "expected 40 columns, found 3" in out
+    assert "(2 bad rows skipped)" in out  # each evaluation counts the eval data's own, afresh
+    assert "eval data: 2 bad rows skipped" in out and f"{config['data']['eval'][0]}:4001: expected 40 columns" in out
     assert "s of the run went to compiling Tidal's kernels on their first use here" in out
     assert "eval click: AUC" in out
 
@@ -115,13 +119,18 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
 
 def test_cli_eval_scores_the_latest_checkpoint(tmp_path, capsys):
     config = _config(tmp_path, epochs=1)
+    with open(config["data"]["train"][0], "a") as f:
+        f.write("1\t2\n")
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["train", "--config", str(path)]) == 0
     capsys.readouterr()
+    with open(config["data"]["eval"][0], "a") as f:
+        f.write("2" + "\t1" * 39 + "\n")
     assert main(["eval", "--checkpoint", config["training"]["run_dir"], "--data", *config["data"]["eval"]]) == 0
     out = capsys.readouterr().out
     assert "click: AUC 0." in out and "on 4,000 rows" in out
+    assert f"bad rows: 1 bad rows skipped:\n  {config['data']['eval'][0]}:4001: column 'label'" in out  # not training's
     assert main(["eval", "--checkpoint", str(tmp_path / "nowhere"), "--data", "x"]) == 2
 
 

@@ -34,7 +34,9 @@ _PATTERNS = {  # what a checked column must hold; "label" may not be empty, the 
     "number": r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$",
     "label": r"^[01]$",
 }
-_EXPECTED = {"integer": "an integer (up to 18 digits) or nothing", "number": "a number or nothing", "label": "0 or 1"}
+_EXPECTED = {"integer": "an integer (up to 18 digits) or nothing",
+             "number": "a number within float32's range (|x| < 3.4e38) or nothing", "label": "0 or 1"}
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 CRITEO_CHECKS: dict[str, str] = {"label": "label", **{c: "integer" for c in CRITEO_DENSE}}
 _MAX_EXAMPLES = 20
 
@@ -108,8 +110,8 @@ def _checked(paths: list[str], columns: Sequence[str], checks: Mapping[str, str]
     for path in paths:
         kind = file_format or _format_of(path)
         batches = _parquet(path, columns, batch_rows) if kind == "parquet" else _text(path, kind, columns, batch_rows, report, on_bad_row)
-        for batch, lines in batches:
-            yield _valid_rows(batch, path, lines, checks, report, on_bad_row)
+        for batch, lines, width_failure in batches:
+            yield _valid_rows(batch, path, lines, checks, report, on_bad_row, width_failure)
 
 
 def _exactly(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
@@ -153,17 +155,18 @@ class _Lines:
 
 
 def _text(path: str, kind: str, columns: Sequence[str], batch_rows: int, report: BadRows,
-          on_bad_row: str) -> Iterator[tuple[pa.RecordBatch, _Lines]]:
-    """(batch, where its rows came from) from a TSV or CSV file."""
+          on_bad_row: str) -> Iterator[tuple[pa.RecordBatch, _Lines, tuple[int, str] | None]]:
+    """(batch, where its rows came from, the first row of the wrong width up to its last
+    line when `on_bad_row` is "fail") from a TSV or CSV file."""
     skipped: list[int] = []
-    failures: list[str] = []
+    failures: list[tuple[int, str]] = []  # (line, reason) of rows of the wrong width, in fail mode
 
     def wrong_width(row: pacsv.InvalidRow) -> str:
         reason = f"expected {row.expected_columns} columns, found {row.actual_columns}"
-        if on_bad_row == "fail":
-            failures.append(f"{path}:{row.number}: {reason} (on_bad_row is 'fail')")
-            return "error"
-        report.add(path, row.number, reason)
+        if on_bad_row == "fail":  # raised once the rows before it are checked too
+            failures.append((row.number, reason))
+        else:
+            report.add(path, row.number, reason)
         skipped.append(row.number)
         return "skip"
 
@@ -175,9 +178,12 @@ def _text(path: str, kind: str, columns: Sequence[str], batch_rows: int, report:
             del skipped[: bisect.bisect_left(skipped, next_line)]  # lines of earlier batches
             lines = _Lines(next_line, tuple(skipped))
             next_line = lines.of(batch.num_rows - 1) + 1 if batch.num_rows else next_line
-            yield batch, lines
+            yield batch, lines, min(failures) if failures and min(failures)[0] < next_line else None
     except (pa.ArrowInvalid, pa.ArrowKeyError) as exc:
-        raise DataError(failures[0] if failures else f"{path}: cannot read it as {kind.upper()} ({exc})") from None
+        raise DataError(f"{path}: cannot read it as {kind.upper()} ({exc})") from None
+    if failures:  # after the file's last row
+        line, reason = min(failures)
+        raise DataError(f"{path}:{line}: {reason} (on_bad_row is 'fail')")
 
 
 def _open_text(path: str, kind: str, columns: Sequence[str], batch_rows: int,
@@ -195,7 +201,7 @@ def _open_text(path: str, kind: str, columns: Sequence[str], batch_rows: int,
     )
 
 
-def _parquet(path: str, columns: Sequence[str], batch_rows: int) -> Iterator[tuple[pa.RecordBatch, _Lines]]:
+def _parquet(path: str, columns: Sequence[str], batch_rows: int) -> Iterator[tuple[pa.RecordBatch, _Lines, None]]:
     try:
         source = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
@@ -206,24 +212,39 @@ def _parquet(path: str, columns: Sequence[str], batch_rows: int) -> Iterator[tup
     row = 1
     for batch in source.iter_batches(batch_size=batch_rows, columns=list(columns)):
         strings = [pc.fill_null(pc.cast(batch.column(c), pa.string()), "") for c in columns]
-        yield pa.RecordBatch.from_arrays(strings, names=list(columns)), _Lines(row)
+        yield pa.RecordBatch.from_arrays(strings, names=list(columns)), _Lines(row), None
         row += batch.num_rows
 
 
-def _valid_rows(batch: pa.RecordBatch, path: str, lines: _Lines, checks: Mapping[str, str],
-                report: BadRows, on_bad_row: str) -> pa.RecordBatch:
-    """`batch` without the rows whose checked fields do not hold what they must."""
-    good = np.ones(batch.num_rows, dtype=bool)
+def _valid_rows(batch: pa.RecordBatch, path: str, lines: _Lines, checks: Mapping[str, str], report: BadRows,
+                on_bad_row: str, width_failure: tuple[int, str] | None) -> pa.RecordBatch:
+    """`batch` without the rows whose checked fields do not hold what they must. In fail
+    mode, the first bad line (of these rows, or `width_failure`) stops the run."""
+    bad: dict[int, str] = {}  # row -> why (its first bad column)
     for name, kind in checks.items():
         column = batch.column(name)
-        fine = pc.match_substring_regex(column, _PATTERNS[kind])
-        if kind != "label":
-            fine = pc.or_(fine, pc.equal(pc.utf8_length(column), 0))
-        for row in np.flatnonzero(~fine.to_numpy(zero_copy_only=False)):
-            reason = f"column {name!r}: expected {_EXPECTED[kind]}, got {column[row].as_py()!r}"
-            if on_bad_row == "fail":
-                raise DataError(f"{path}:{lines.of(row)}: {reason} (on_bad_row is 'fail')")
-            if good[row]:
-                report.add(path, lines.of(row), reason)
-            good[row] = False
-    return batch if good.all() else batch.filter(pa.array(good))
+        for row in np.flatnonzero(~_fine(column, kind).to_numpy(zero_copy_only=False)):
+            bad.setdefault(int(row), f"column {name!r}: expected {_EXPECTED[kind]}, got {column[row].as_py()!r}")
+    if on_bad_row == "fail":
+        found = [(lines.of(row), why) for row, why in bad.items()] + ([width_failure] if width_failure else [])
+        if found:
+            line, reason = min(found)
+            raise DataError(f"{path}:{line}: {reason} (on_bad_row is 'fail')")
+    for row in sorted(bad):
+        report.add(path, lines.of(row), bad[row])
+    if not bad:
+        return batch
+    good = np.ones(batch.num_rows, dtype=bool)
+    good[list(bad)] = False
+    return batch.filter(pa.array(good))
+
+
+def _fine(column: pa.Array, kind: str) -> pa.Array:
+    """Which fields of `column` hold what `kind` asks for."""
+    fine = pc.match_substring_regex(column, _PATTERNS[kind])
+    if kind == "number":  # written as a number, yet 1e999 reads as infinity and 1e39 overflows float32
+        values = pc.cast(pc.if_else(fine, column, "0"), pa.float64())
+        fine = pc.and_(fine, pc.less_equal(pc.abs(values), _FLOAT32_MAX))
+    if kind != "label":
+        fine = pc.or_(fine, pc.equal(pc.utf8_length(column), 0))
+    return fine

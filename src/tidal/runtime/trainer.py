@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +41,13 @@ _EPS = 1e-7
 
 @dataclass(frozen=True, kw_only=True)
 class Evaluation:
-    """Exact AUC and log loss per target on held-out rows."""
+    """Exact AUC and log loss per target on held-out rows, and the bad rows skipped."""
 
     rows: int
     auc: dict[str, float]
     logloss: dict[str, float]
+    bad_rows: int = 0
+    bad_row_examples: list[str] = field(default_factory=list)
 
 
 class Trainer:
@@ -67,7 +69,6 @@ class Trainer:
         self.loss_weights = torch.tensor([f.weight for f in self.extractor.labels])
         self.targets = [f.name for f in self.extractor.labels]
         self.bad_rows = BadRows()  # of the training data, counted on its first pass
-        self.eval_bad_rows = BadRows()
         self.run_dir = Path(config.training.run_dir)
         self.elapsed_s = 0.0
         self.runtime_report: dict | None = None  # telemetry and faults of a heterogeneous run
@@ -197,7 +198,8 @@ class Trainer:
         log.write(json.dumps({"event": "eval", "step": step, **asdict(evaluation)}) + "\n")
         log.flush()
         shown = "  ".join(f"{t} AUC {a:.4f}" for t, a in evaluation.auc.items())
-        print(f"  eval at step {step}: {shown}", flush=True)
+        skipped = f"  ({evaluation.bad_rows} bad rows skipped)" if evaluation.bad_rows else ""
+        print(f"  eval at step {step}: {shown}{skipped}", flush=True)
         return evaluation
 
     def _log(self, log, epoch: int, step: int, rows: int, start: float, losses: list[float]) -> None:  # type: ignore[no-untyped-def]
@@ -220,10 +222,11 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, paths: str | list[str]) -> Evaluation:
-        """Exact AUC and log loss of every target over the files at `paths` (no updates)."""
+        """Exact AUC and log loss of every target over the files at `paths` (no updates),
+        with the bad rows met in them."""
         self.model.eval()
-        scores, labels = [], []
-        for batch in self.batches(paths, self.eval_bad_rows):
+        scores, labels, bad_rows = [], [], BadRows()
+        for batch in self.batches(paths, bad_rows):
             pooled, _ = self.collection.forward(batch, train=False)
             scores.append(torch.sigmoid(self.model(pooled.to(self.device), self._dense(batch))).cpu().numpy())
             labels.append(batch.labels)
@@ -231,4 +234,5 @@ class Trainer:
         clipped = np.clip(p, _EPS, 1 - _EPS)
         logloss = -(y * np.log(clipped) + (1 - y) * np.log(1 - clipped)).mean(0)
         return Evaluation(rows=len(y), auc={t: auc(y[:, k], p[:, k]) for k, t in enumerate(self.targets)},
-                          logloss={t: float(logloss[k]) for k, t in enumerate(self.targets)})
+                          logloss={t: float(logloss[k]) for k, t in enumerate(self.targets)},
+                          bad_rows=bad_rows.count, bad_row_examples=bad_rows.examples)
