@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tidal.config import Adam, CountAdmission, Eviction, Initializer, ProbabilityAdmission, TableConfig
+from tidal.config import Adam, CountAdmission, Eviction, Initializer, ProbabilityAdmission, RunConfig, TableConfig
 from tidal.errors import ConfigError
 
 
@@ -55,3 +55,33 @@ def test_nested_models_validate_on_their_own():
 def test_config_error_is_a_value_error():
     with pytest.raises(ValueError):
         TableConfig(name="", dim=4)
+
+
+def _run(**changes) -> dict:
+    run = {"data": {"train": ["train.tsv"]},
+           "features": [{"kind": "sparse", "name": "user", "columns": ["C1"], "table": "ids"},
+                        {"kind": "label", "name": "click", "column": "label"}],
+           "tables": [{"name": "ids", "dim": 8}]}
+    return run | changes
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"features": [{"kind": "sparse", "name": "user", "columns": ["C1"], "table": "ids"}]}, "at least one label"),
+    ({"features": [{"kind": "label", "name": "click", "column": "label"}]}, "at least one sparse feature"),
+    ({"features": [{"kind": "sparse", "name": "user", "columns": ["C1"], "table": "items"},
+                   {"kind": "label", "name": "click", "column": "label"}]}, "uses table 'items', which is not defined"),
+    ({"features": [{"kind": "sparse", "name": "n", "columns": ["I1"], "table": "ids", "buckets": [10, 1]},
+                   {"kind": "label", "name": "click", "column": "label"}]}, "buckets must be ascending"),
+    ({"serving": {"fusion": {"weights": {"ltv": 1.0}}}}, "serving.fusion.weights names ['ltv'], which are not targets"),
+    ({"features": [{"kind": "sparse", "name": "user", "columns": ["C1"], "table": "ids"},
+                   {"kind": "sparse", "name": "user", "columns": ["C2"], "table": "ids"},
+                   {"kind": "label", "name": "click", "column": "label"}]}, "feature names must be distinct, got ['user']"),
+    ({"tables": [{"name": "ids", "dim": 8}, {"name": "ids", "dim": 8}]}, "table names must be distinct, got ['ids']"),
+    ({"tables": [{"name": "ids", "dim": 8}, {"name": "more", "dim": 16}]},
+     "every table must have the same dim (pooled embeddings are [B, F, D]), got {'ids': 8, 'more': 16}"),
+])
+def test_an_inconsistent_run_config_says_what_is_wrong(changes, message):
+    with pytest.raises(ConfigError) as info:
+        RunConfig(**_run(**changes))
+    assert message in str(info.value)
+    RunConfig(**_run())  # the unchanged config is valid

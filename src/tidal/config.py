@@ -214,7 +214,8 @@ class SparseFeature(_Model):
       (default: the feature name), so equal strings of two features get different ids
       unless they share a namespace; with ``hashed: false`` the column holds integer ids.
     - `buckets`: the column is a number; its id is the bucket it falls in (boundaries
-      ascending), hashed into the namespace.
+      ascending; a value equal to a boundary falls in the bucket above it), hashed
+      into the namespace.
     - `columns` of two or more: a cross, one id per row from the combined values.
     - `missing`: an empty value gives an empty bag, or the feature's default id.
     - `side`: whom the value describes when serving. A request carries one `user`
@@ -436,6 +437,13 @@ class RunConfig(_Model):
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> RunConfig:
+        for kind, names in (("feature", [f.name for f in self.features]), ("table", [t.name for t in self.tables])):
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            if repeated:
+                raise ValueError(f"{kind} names must be distinct, got {repeated} more than once")
+        dims = {t.name: t.dim for t in self.tables}
+        if len(set(dims.values())) > 1:
+            raise ValueError(f"every table must have the same dim (pooled embeddings are [B, F, D]), got {dims}")
         tables = {t.name for t in self.tables}
         for feature in self.features:
             if isinstance(feature, SparseFeature) and feature.table not in tables:

@@ -72,6 +72,36 @@ def test_crosses_buckets_dense_and_labels():
     assert out.labels.ravel().tolist() == [1.0, 0.0, 1.0, 0.0]
 
 
+def test_a_cross_reads_every_column_in_order():
+    cross = Extractor([SparseFeature(name="ab", columns=["a", "b"], table="t")])
+    ids = cross(pa.record_batch({"a": ["p", "p", "r", "s", "p"], "b": ["r", "s", "p", "p", "r"]})).values.tolist()
+    assert ids[0] != ids[1] and ids[1] != ids[3] and ids[0] != ids[2] and ids[0] == ids[4]
+    three = Extractor([SparseFeature(name="abc", columns=["a", "b", "c"], table="t")])
+    assert len(set(three(pa.record_batch({"a": ["p"] * 3, "b": ["r"] * 3, "c": ["x", "y", "z"]})).values.tolist())) == 3
+
+
+def test_every_dense_feature_takes_its_own_column_and_transform():
+    features = [DenseFeature(name="x_log", column="x", transform="log"), DenseFeature(name="y", column="y"),
+                DenseFeature(name="z_log", column="z", transform="log", missing_value=7.0)]
+    batch = pa.record_batch({"x": ["1", "2", "3"], "y": ["10", "20", "-30"], "z": ["100", "", "-1"]})
+    expected = [[math.log1p(1), 10, math.log1p(100)], [math.log1p(2), 20, 7.0], [math.log1p(3), -30, -math.log1p(1)]]
+    np.testing.assert_allclose(Extractor(features)(batch).dense, expected, rtol=1e-6)
+
+
+def test_a_value_on_a_bucket_boundary_falls_in_the_bucket_above():
+    size = Extractor([SparseFeature(name="size", columns=["n"], table="t", buckets=[1, 10])])
+    ids = size(pa.record_batch({"n": ["0.5", "1", "9.9", "10", "11"]})).values.tolist()
+    assert ids[0] != ids[1] == ids[2] != ids[3] == ids[4]
+    other = Extractor([SparseFeature(name="other", columns=["n"], table="t", buckets=[1, 10])])
+    assert other(pa.record_batch({"n": ["1"]})).values[0] != ids[1]  # its own namespace
+
+
+def test_a_multi_value_feature_splits_on_its_own_separator():
+    tags = Extractor([SparseFeature(name="tags", columns=["t"], table="t", separator=",")])
+    out = tags(pa.record_batch({"t": ["a,b|c", "a"]}))
+    assert out.lengths.tolist() == [2, 1] and out.values[0] == out.values[2]
+
+
 def test_equal_strings_differ_across_features_unless_they_share_a_namespace():
     batch = pa.record_batch({"a": ["same"], "b": ["same"]})
     apart = Extractor([SparseFeature(name="a", columns=["a"], table="t"),

@@ -47,6 +47,17 @@ def test_cli_writes_data_and_refuses_bad_arguments(tmp_path, capsys):
         generate(tmp_path, rows=5, zipf_a=1.0)
 
 
+def test_cli_passes_seed_and_split_on(tmp_path):
+    written = []
+    for seed, split in ((3, 0), (4, 0), (3, 1)):
+        out = tmp_path / f"cli-{seed}-{split}"
+        assert main(["gen-data", "--out", str(out), "--rows", "300", "--seed", str(seed), "--split", str(split)]) == 0
+        same = generate(tmp_path / f"api-{seed}-{split}", rows=300, seed=seed, split=split)
+        written.append((out / "part-00000.tsv").read_text())
+        assert written[-1] == open(same.paths[0]).read()
+    assert len(set(written)) == 3
+
+
 def test_splits_share_the_truth_but_not_the_rows(tmp_path):
     train = generate(tmp_path / "train", rows=500, seed=5)
     held_out = generate(tmp_path / "eval", rows=500, seed=5, split=1)

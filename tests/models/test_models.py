@@ -30,6 +30,34 @@ def test_every_model_maps_pooled_and_dense_to_one_logit_per_target(kind, head):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("kind", ["dlrm", "deepfm", "dcn", "wide_deep"])
+@pytest.mark.parametrize("head", ["linear", "mmoe"])
+def test_every_model_reads_its_dense_features_and_every_target_its_own_gate(kind, head):
+    torch.manual_seed(0)
+    model = RankingModel(ModelConfig(kind=kind, head=head), num_features=F, dim=D, dense_features=DD, num_targets=T)
+    pooled, dense = _inputs()
+    dense.requires_grad_(True)
+    logits = model(pooled, dense)
+    assert not torch.allclose(logits, model(pooled, dense.detach() + 1.0))
+    logits[:, 1].sum().backward()  # the second target alone
+    assert dense.grad.abs().sum() > 0
+    if head == "mmoe":
+        gates = model.head.gates
+        assert gates[1].weight.grad.abs().sum() > 0 and gates[0].weight.grad.abs().sum() == 0
+
+
+def test_dcn_cross_layers_follow_x0_times_wx_plus_b_plus_x():
+    from tidal.models.dcn import DCNv2
+
+    torch.manual_seed(1)
+    model = DCNv2(F, D, DD, cross_layers=2, deep_sizes=[6])
+    pooled, dense = _inputs(3)
+    x0 = torch.cat([pooled.flatten(1), dense], dim=1)
+    x1 = x0 * (x0 @ model.cross[0].weight.T + model.cross[0].bias) + x0
+    x2 = x0 * (x1 @ model.cross[1].weight.T + model.cross[1].bias) + x1
+    torch.testing.assert_close(model(pooled, dense), model.deep(x2))
+
+
 def test_dlrm_interaction_is_every_pairwise_dot_once():
     model = DLRM(F, D, DD, bottom_sizes=[6], top_sizes=[7])
     pooled, dense = _inputs(1)
