@@ -102,6 +102,14 @@ def test_a_multi_value_feature_splits_on_its_own_separator():
     assert out.lengths.tolist() == [2, 1] and out.values[0] == out.values[2]
 
 
+def test_a_column_read_as_raw_ids_and_as_a_number_is_checked_as_an_integer():
+    features = [SparseFeature(name="id", columns=["i"], table="t", hashed=False),
+                DenseFeature(name="i_log", column="i", transform="log"),
+                SparseFeature(name="i_size", columns=["i"], table="t", buckets=[10])]
+    assert Extractor(features).checks == {"i": "integer"}
+    assert Extractor(features[1:]).checks == {"i": "number"}
+
+
 def test_equal_strings_differ_across_features_unless_they_share_a_namespace():
     batch = pa.record_batch({"a": ["same"], "b": ["same"]})
     apart = Extractor([SparseFeature(name="a", columns=["a"], table="t"),

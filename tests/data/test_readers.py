@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -145,3 +146,51 @@ def test_batches_hold_exactly_batch_rows_across_files(tmp_path):
     generate(tmp_path, rows=2_500, files=3, seed=2)
     sizes = [b.num_rows for b in read_batches(str(tmp_path / "*.tsv"), batch_rows=600)]
     assert sizes == [600, 600, 600, 600, 100]
+
+
+@pytest.mark.parametrize("kind", ["tsv", "csv"])
+@pytest.mark.parametrize("batch_rows", [50, 65536])
+def test_every_bad_row_is_located_across_parser_blocks(tmp_path, monkeypatch, kind, batch_rows):
+    """40 bad rows of four kinds, some right after another, at random lines of a file
+    the parser reads in several blocks: each reported at its own line, no good row lost."""
+    from tidal.data import readers
+
+    monkeypatch.setattr(readers, "_MAX_EXAMPLES", 1_000)
+    sep, header = ("\t", "") if kind == "tsv" else (",", "label,I1,C1\n")
+    rng = np.random.default_rng(1)
+    rows = [f"{k % 2}{sep}{k}{sep}c{k}" for k in range(20_000)]
+    spoilers = [lambda k: f"1{sep}{k}", lambda k: f"0{sep}x{k}{sep}c{k}", lambda k: "", lambda k: f"2{sep}{k}{sep}c{k}"]
+    starts = rng.choice(np.arange(1, 19_990, 2), 20, replace=False)
+    bad = sorted({int(k) for s in starts for k in (s, s + 1)})  # pairs: a bad row right after a bad row
+    for n, k in enumerate(bad):
+        rows[k] = spoilers[n % 4](k)
+    path = _write(tmp_path / f"d.{kind}", header + "\n".join(rows) + "\n")
+    report = BadRows()
+    read = pa.Table.from_batches(list(read_batches(path, columns=SMALL, checks=CHECKS, batch_rows=batch_rows,
+                                                   bad_rows=report)))
+    first_line = 2 if header else 1
+    assert sorted(int(e.removeprefix(f"{path}:").split(":")[0]) for e in report.examples) == [k + first_line for k in bad]
+    assert report.count == len(bad) == 40
+    assert read.column("C1").to_pylist() == [f"c{k}" for k in range(20_000) if k not in set(bad)]
+
+
+def test_parquet_rows_are_checked_and_located_by_row_number(tmp_path):
+    path = tmp_path / "d.parquet"
+    labels = ["1"] * 700
+    labels[299], labels[599] = None, "2"
+    ints = [str(k) for k in range(700)]
+    ints[449] = "abc"
+    pq.write_table(pa.table({"label": labels, "I1": ints, "C1": [f"c{k}" for k in range(700)]}), path)
+    report = BadRows()
+    read = pa.Table.from_batches(list(read_batches(path, columns=SMALL, checks=CHECKS, batch_rows=256, bad_rows=report)))
+    assert read.num_rows == 697 and report.count == 3
+    assert [e.removeprefix(f"{path}:").split(":")[0] for e in report.examples] == ["300", "450", "600"]
+
+
+def test_criteo_columns_are_checked_by_default(tmp_path):
+    data = generate(tmp_path, rows=50, seed=2)
+    with open(data.paths[0], "a") as f:
+        f.write("1\tx" + "\t1" * 12 + "\ta" * 26 + "\n")
+    report = BadRows()
+    assert sum(b.num_rows for b in read_batches(data.paths, bad_rows=report)) == 50
+    assert report.count == 1 and "column 'I1': expected an integer" in report.examples[0]

@@ -54,10 +54,11 @@ class Extractor:
 
     @property
     def checks(self) -> dict[str, str]:
-        """What the reader must check each column holds: labels 0 or 1, numbers, raw ids."""
-        checks = {f.columns[0]: "integer" for f in self.sparse if not f.hashed}
-        checks |= {f.columns[0]: "number" for f in self.sparse if f.buckets is not None}
+        """What the reader must check each column holds: labels 0 or 1, numbers, raw ids.
+        A column read in two ways gets the stricter check (an integer is also a number)."""
+        checks = {f.columns[0]: "number" for f in self.sparse if f.buckets is not None}
         checks |= {f.column: "number" for f in self.dense}
+        checks |= {f.columns[0]: "integer" for f in self.sparse if not f.hashed}
         return checks | {f.column: "label" for f in self.labels}
 
     def __call__(self, batch: pa.RecordBatch) -> SparseBatch:
