@@ -178,7 +178,8 @@ def _text(path: str, kind: str, columns: Sequence[str], batch_rows: int, report:
             del skipped[: bisect.bisect_left(skipped, next_line)]  # lines of earlier batches
             lines = _Lines(next_line, tuple(skipped))
             next_line = lines.of(batch.num_rows - 1) + 1 if batch.num_rows else next_line
-            yield batch, lines, min(failures) if failures and min(failures)[0] < next_line else None
+            first = min(failures, default=None)  # of the wrong width so far
+            yield batch, lines, first if first is not None and first[0] < next_line else None
     except (pa.ArrowInvalid, pa.ArrowKeyError) as exc:
         raise DataError(f"{path}: cannot read it as {kind.upper()} ({exc})") from None
     if failures:  # after the file's last row

@@ -116,7 +116,7 @@ class BatchSource:
         lately comes again from memory (the retry of a failed worker's batch); an older
         one is read again from the start of the stream."""
         with self._lock:
-            item = self._kept.pop(batch_id, None) or self._recent.get(batch_id) or self._read_up_to(batch_id)
+            item = self._kept.pop(batch_id, None) or self._recent.pop(batch_id, None) or self._read_up_to(batch_id)
             if item is not None:
                 self._recent[batch_id] = item
                 if len(self._recent) > _RECENT_BATCHES:
