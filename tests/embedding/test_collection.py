@@ -30,6 +30,11 @@ def _collection(feature_tables: list[int], modes: list[str], threads: int = 1, d
     return EmbeddingCollection(tables, features, threads=threads)
 
 
+def _bag_scale(pooling: str, ids: int) -> float:
+    """What each id of a bag of `ids` ids is scaled by."""
+    return {"sum": 1.0, "mean": 1.0 / max(ids, 1), "sqrtn": max(ids, 1) ** -0.5}[pooling]
+
+
 def _reference_pool(collection: EmbeddingCollection, batch: SparseBatch) -> np.ndarray:
     """Bag by bag in plain numpy: sum of weight * row, scaled by 1, 1/n or 1/sqrt(n)."""
     out = np.zeros((batch.batch_size, len(batch.keys), collection.dim), dtype=np.float64)
@@ -43,7 +48,7 @@ def _reference_pool(collection: EmbeddingCollection, batch: SparseBatch) -> np.n
                 continue
             rows = table.lookup(batch.values[lo:hi]).astype(np.float64)
             weights = batch.weights[lo:hi, None] if batch.weights is not None else 1.0
-            scale = {"sum": 1.0, "mean": 1.0 / (hi - lo), "sqrtn": (hi - lo) ** -0.5}[feature.pooling]
+            scale = _bag_scale(feature.pooling, hi - lo)
             out[b, f] = (rows * weights).sum(0) * scale
     return out
 
@@ -56,7 +61,7 @@ def _reference_row_grads(collection: EmbeddingCollection, batch: SparseBatch, gr
         feature = collection.features[key]
         for b in range(batch.batch_size):
             lo, hi = offsets[f * batch.batch_size + b], offsets[f * batch.batch_size + b + 1]
-            scale = {"sum": 1.0, "mean": 1.0 / max(hi - lo, 1), "sqrtn": max(hi - lo, 1) ** -0.5}[feature.pooling]
+            scale = _bag_scale(feature.pooling, hi - lo)
             for i in range(lo, hi):
                 leaf = leaves.setdefault((feature.table, int(batch.values[i])),
                                          torch.zeros(DIM, dtype=torch.float64, requires_grad=True))
@@ -167,8 +172,10 @@ def _scaled_id_gradients(collection: EmbeddingCollection, batch: SparseBatch, gr
         keys, grads = per_table.setdefault(feature.table, ([], []))
         for b in range(batch.batch_size):
             lo, hi = offsets[f * batch.batch_size + b], offsets[f * batch.batch_size + b + 1]
-            scale = {"sum": 1.0, "mean": 1.0 / max(hi - lo, 1), "sqrtn": max(hi - lo, 1) ** -0.5}[feature.pooling]
-            for i in filter(admitted.__getitem__, range(lo, hi)):
+            scale = _bag_scale(feature.pooling, hi - lo)
+            for i in range(lo, hi):
+                if not admitted[i]:
+                    continue
                 weight = batch.weights[i] if batch.weights is not None else 1.0
                 keys.append(batch.values[i])
                 grads.append(np.float32(weight * scale) * grad[b, f])
