@@ -45,11 +45,11 @@ def test_bad_rows_are_skipped_counted_and_located(tmp_path):
     rows = pa.Table.from_batches(list(read_batches(path, columns=SMALL, checks=CHECKS, bad_rows=report)))
     assert rows.column("C1").to_pylist() == ["a", "c"]
     assert report.count == 3
-    assert sorted(report.examples) == sorted([
+    assert report.examples == [  # in line order, whatever the kind
         f"{path}:2: column 'I1': expected an integer (up to 18 digits) or nothing, got 'x'",
         f"{path}:3: expected 3 columns, found 2",
         f"{path}:5: column 'I1': expected an integer (up to 18 digits) or nothing, got '3.5'",
-    ])
+    ]
     assert "3 bad rows skipped" in report.summary()
 
 
@@ -169,7 +169,7 @@ def test_every_bad_row_is_located_across_parser_blocks(tmp_path, monkeypatch, ki
     read = pa.Table.from_batches(list(read_batches(path, columns=SMALL, checks=CHECKS, batch_rows=batch_rows,
                                                    bad_rows=report)))
     first_line = 2 if header else 1
-    assert sorted(int(e.removeprefix(f"{path}:").split(":")[0]) for e in report.examples) == [k + first_line for k in bad]
+    assert [int(e.removeprefix(f"{path}:").split(":")[0]) for e in report.examples] == [k + first_line for k in bad]
     assert report.count == len(bad) == 40
     assert read.column("C1").to_pylist() == [f"c{k}" for k in range(20_000) if k not in set(bad)]
 

@@ -109,9 +109,9 @@ def _checked(paths: list[str], columns: Sequence[str], checks: Mapping[str, str]
              batch_rows: int, report: BadRows, on_bad_row: str) -> Iterator[pa.RecordBatch]:
     for path in paths:
         kind = file_format or _format_of(path)
-        batches = _parquet(path, columns, batch_rows) if kind == "parquet" else _text(path, kind, columns, batch_rows, report, on_bad_row)
-        for batch, lines, width_failure in batches:
-            yield _valid_rows(batch, path, lines, checks, report, on_bad_row, width_failure)
+        batches = _parquet(path, columns, batch_rows) if kind == "parquet" else _text(path, kind, columns, batch_rows)
+        for batch, lines, wrong_width in batches:
+            yield _valid_rows(batch, path, lines, checks, report, on_bad_row, wrong_width)
 
 
 def _exactly(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
@@ -154,37 +154,39 @@ class _Lines:
         return line
 
 
-def _text(path: str, kind: str, columns: Sequence[str], batch_rows: int, report: BadRows,
-          on_bad_row: str) -> Iterator[tuple[pa.RecordBatch, _Lines, tuple[int, str] | None]]:
-    """(batch, where its rows came from, the first row of the wrong width up to its last
-    line when `on_bad_row` is "fail") from a TSV or CSV file."""
+def _text(path: str, kind: str, columns: Sequence[str],
+          batch_rows: int) -> Iterator[tuple[pa.RecordBatch, _Lines, list[tuple[int, str]]]]:
+    """(batch, where its rows came from, (line, reason) of the rows of the wrong width
+    dropped up to its last line) from a TSV or CSV file; those after its last row come
+    with an empty batch."""
     skipped: list[int] = []
-    failures: list[tuple[int, str]] = []  # (line, reason) of rows of the wrong width, in fail mode
+    wrong_width: list[tuple[int, str]] = []  # not yet handed on with a batch
 
-    def wrong_width(row: pacsv.InvalidRow) -> str:
-        reason = f"expected {row.expected_columns} columns, found {row.actual_columns}"
-        if on_bad_row == "fail":  # raised once the rows before it are checked too
-            failures.append((row.number, reason))
-        else:
-            report.add(path, row.number, reason)
+    def handle(row: pacsv.InvalidRow) -> str:
+        wrong_width.append((row.number, f"expected {row.expected_columns} columns, found {row.actual_columns}"))
         skipped.append(row.number)
         return "skip"
 
-    header = kind == "csv"
     try:
-        reader = _open_text(path, kind, columns, batch_rows, wrong_width)
-        next_line = 2 if header else 1
+        reader = _open_text(path, kind, columns, batch_rows, handle)
+        next_line = 2 if kind == "csv" else 1  # a CSV file starts with its header
         for batch in reader:
             del skipped[: bisect.bisect_left(skipped, next_line)]  # lines of earlier batches
             lines = _Lines(next_line, tuple(skipped))
             next_line = lines.of(batch.num_rows - 1) + 1 if batch.num_rows else next_line
-            first = min(failures, default=None)  # of the wrong width so far
-            yield batch, lines, first if first is not None and first[0] < next_line else None
+            yield batch, lines, _take_before(wrong_width, next_line)
     except (pa.ArrowInvalid, pa.ArrowKeyError) as exc:
         raise DataError(f"{path}: cannot read it as {kind.upper()} ({exc})") from None
-    if failures:  # after the file's last row
-        line, reason = min(failures)
-        raise DataError(f"{path}:{line}: {reason} (on_bad_row is 'fail')")
+    if wrong_width:
+        empty = pa.RecordBatch.from_pydict({c: pa.array([], pa.string()) for c in columns})
+        yield empty, _Lines(next_line), _take_before(wrong_width, 1 << 62)
+
+
+def _take_before(found: list[tuple[int, str]], line: int) -> list[tuple[int, str]]:
+    """Remove and return the entries of `found` before `line`, in line order."""
+    taken = sorted(f for f in found if f[0] < line)
+    found[:] = [f for f in found if f[0] >= line]
+    return taken
 
 
 def _open_text(path: str, kind: str, columns: Sequence[str], batch_rows: int,
@@ -202,7 +204,8 @@ def _open_text(path: str, kind: str, columns: Sequence[str], batch_rows: int,
     )
 
 
-def _parquet(path: str, columns: Sequence[str], batch_rows: int) -> Iterator[tuple[pa.RecordBatch, _Lines, None]]:
+def _parquet(path: str, columns: Sequence[str],
+             batch_rows: int) -> Iterator[tuple[pa.RecordBatch, _Lines, list[tuple[int, str]]]]:
     try:
         source = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
@@ -213,26 +216,26 @@ def _parquet(path: str, columns: Sequence[str], batch_rows: int) -> Iterator[tup
     row = 1
     for batch in source.iter_batches(batch_size=batch_rows, columns=list(columns)):
         strings = [pc.fill_null(pc.cast(batch.column(c), pa.string()), "") for c in columns]
-        yield pa.RecordBatch.from_arrays(strings, names=list(columns)), _Lines(row), None
+        yield pa.RecordBatch.from_arrays(strings, names=list(columns)), _Lines(row), []
         row += batch.num_rows
 
 
 def _valid_rows(batch: pa.RecordBatch, path: str, lines: _Lines, checks: Mapping[str, str], report: BadRows,
-                on_bad_row: str, width_failure: tuple[int, str] | None) -> pa.RecordBatch:
-    """`batch` without the rows whose checked fields do not hold what they must. In fail
-    mode, the first bad line (of these rows, or `width_failure`) stops the run."""
+                on_bad_row: str, wrong_width: list[tuple[int, str]]) -> pa.RecordBatch:
+    """`batch` without the rows whose checked fields do not hold what they must. Those
+    and the rows of the `wrong_width` dropped among them are reported in line order, or,
+    in fail mode, the first of them stops the run."""
     bad: dict[int, str] = {}  # row -> why (its first bad column)
     for name, kind in checks.items():
         column = batch.column(name)
         for row in np.flatnonzero(~_fine(column, kind).to_numpy(zero_copy_only=False)):
             bad.setdefault(int(row), f"column {name!r}: expected {_EXPECTED[kind]}, got {column[row].as_py()!r}")
-    if on_bad_row == "fail":
-        found = [(lines.of(row), why) for row, why in bad.items()] + ([width_failure] if width_failure else [])
-        if found:
-            line, reason = min(found)
-            raise DataError(f"{path}:{line}: {reason} (on_bad_row is 'fail')")
-    for row in sorted(bad):
-        report.add(path, lines.of(row), bad[row])
+    found = sorted([(lines.of(row), why) for row, why in bad.items()] + wrong_width)
+    if found and on_bad_row == "fail":
+        line, reason = found[0]
+        raise DataError(f"{path}:{line}: {reason} (on_bad_row is 'fail')")
+    for line, reason in found:
+        report.add(path, line, reason)
     if not bad:
         return batch
     good = np.ones(batch.num_rows, dtype=bool)
