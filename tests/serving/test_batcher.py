@@ -72,6 +72,32 @@ def test_small_concurrent_requests_are_merged_into_one_batch(trainer, predictor)
     np.testing.assert_allclose(np.concatenate(results), expected, rtol=1e-5)
 
 
+def test_a_lone_request_starts_at_once_and_busy_traffic_lingers_to_fill_a_batch(trainer, predictor):
+    """The window, with the pipeline idle each time: a quiet server answers a lone request
+    without waiting out `max_delay_ms`; after a burst, a request waits up to that long
+    for the next ones, which join its batch."""
+    pieces = _pieces(trainer, predictor, [1] * 13)
+    records = []
+    batcher = _batcher(predictor, records, max_delay_ms=500.0)
+    try:
+        start = time.perf_counter()
+        (lone,) = batcher.submit(pieces[0])
+        lone.result(timeout=30)
+        assert time.perf_counter() - start < 0.4 and records[-1].pieces == 1
+        for future in [f for p in pieces[1:10] for f in batcher.submit(p)]:  # a burst: requests come close together
+            future.result(timeout=30)
+        _until(lambda: batcher._in_flight == 0)
+        futures = []
+        for piece in pieces[10:]:
+            futures += batcher.submit(piece)
+            time.sleep(0.02)
+        for future in futures:
+            future.result(timeout=30)
+    finally:
+        batcher.close()
+    assert records[-1].pieces == 3
+
+
 def test_a_big_request_is_split_into_chunks_and_merged_back_in_order(trainer, predictor):
     (piece,) = _pieces(trainer, predictor, [150])
     records = []
