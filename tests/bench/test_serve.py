@@ -27,3 +27,31 @@ def test_summary_reports_every_figure(capsys):
 def test_cli_refuses_a_run_of_no_time(capsys):
     assert main(["bench", "serve", "--seconds", "0"]) == 2
     assert "--seconds must be > 0, got 0.0" in capsys.readouterr().err
+
+
+def test_qps_counts_every_answer_the_window_saw():
+    """A server answering every request 0.4 s after it came, to 4 connections: 10 QPS,
+    however long each request took against the window (2 s)."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Slow(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):  # noqa: N802 - the stdlib's name
+            self.rfile.read(int(self.headers["Content-Length"]))
+            time.sleep(0.4)
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")  # one write: no Nagle delay
+
+        def log_message(self, *args):  # quiet
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        measured = serve._load_process(server.server_address[1], [b"{}"], 4, 2.0)
+    finally:
+        server.shutdown()
+    assert 9.0 <= measured["qps"] <= 10.5 and measured["errors"] == 0  # counting only whole requests gave 8
+    assert 390 <= measured["p50_ms"] <= 600
