@@ -88,11 +88,16 @@ def test_a_cached_user_state_scores_like_the_user_row(trainer, predictor):
 
 
 def test_pieces_of_different_users_are_scored_together_as_alone(trainer, predictor):
-    rows = file_rows(trainer, 20)
+    rows = file_rows(trainer, 40)
     specs = input_specs(trainer.config)
-    a, b = _piece(predictor, with_user_of(rows.slice(0, 7), specs)), _piece(predictor, with_user_of(rows.slice(7, 13), specs))
+    a, b, c, d = (_piece(predictor, with_user_of(rows.slice(start, size), specs))
+                  for start, size in ((0, 7), (7, 13), (20, 5), (25, 9)))
     together = predictor.predict([a, b])
     np.testing.assert_allclose(together, np.concatenate([predictor.predict([a]), predictor.predict([b])]), rtol=1e-6)
+    cached = [Piece(items=p.items, state=predictor.user_state(p.user)) for p in (a, c)]  # sessions beside fresh users
+    mixed = [cached[0], b, cached[1], d]
+    alone = np.concatenate([predictor.predict([p]) for p in mixed])
+    np.testing.assert_allclose(predictor.predict(mixed), alone, rtol=1e-6)
 
 
 def test_unknown_ids_read_as_zeros_and_are_counted(trainer, predictor):

@@ -160,8 +160,10 @@ def _tensors(request: dict, binary: memoryview) -> dict[str, np.ndarray | pa.Arr
             raise RequestError(f"input {name!r} comes twice")
         size = _parameters_of(tensor, f"input {name!r}").get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or position + size > len(binary):
-                raise RequestError(f"input {name!r}: binary_data_size {size!r} overruns the {len(binary)} binary bytes")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise RequestError(f"input {name!r}: binary_data_size must be a byte count (an integer >= 0), got {size!r}")
+            if position + size > len(binary):
+                raise RequestError(f"input {name!r}: binary_data_size {size} overruns the {len(binary)} binary bytes")
             tensors[name] = _from_binary(name, datatype, count, binary[position : position + size])
             position += size
         elif "data" in tensor:
