@@ -71,3 +71,27 @@ def test_peers_take_turns_in_blocks_and_the_first_step_of_a_turn_is_not_timed():
     assert order == [("a", n) for n in range(4)] + [("b", n) for n in range(4)] + \
         [("a", 4), ("a", 5), ("b", 4), ("b", 5)]
     assert medians["a"] < 0.01 and medians["b"] < 0.01
+
+
+def test_figures_follow_from_the_step_times(monkeypatch):
+    """Step times of 1, 2 and 4 s give these figures, the right way round."""
+    from tidal.bench import sparse
+
+    monkeypatch.setattr(sparse, "_median_step_s", lambda steps, batches, warmup: {"tidal": 1.0, "torch": 2.0, "fbgemm": 4.0})
+    monkeypatch.setattr(sparse, "_fbgemm", lambda cfg, optimizer, grad: lambda batch: None)
+    r = sparse.run_one(TINY, "sgd", 1, memcpy=10.0)
+    ids = TINY.batch_size * TINY.features
+    assert (r["tidal_ids_per_s"], r["torch_ids_per_s"], r["fbgemm_ids_per_s"]) == (ids, ids / 2, ids / 4)
+    assert (r["ratio_vs_torch"], r["ratio_vs_fbgemm"]) == (2.0, 4.0)
+
+
+def test_targets_are_met_only_when_every_run_meets_all_three():
+    from tidal.bench.sparse import _targets_met
+
+    def run_of(optimizer, ratio, overhead):
+        return {"optimizer": optimizer, "ratio_vs_torch": ratio, "bytes_per_row": overhead}
+
+    assert _targets_met([run_of("sgd", 2.0, 24.0), run_of("adagrad", 1.5, 24.0)])
+    assert not _targets_met([run_of("sgd", 1.99, 20.0), run_of("adagrad", 3.0, 20.0)])
+    assert not _targets_met([run_of("sgd", 2.5, 20.0), run_of("adagrad", 1.49, 20.0)])
+    assert not _targets_met([run_of("sgd", 2.5, 24.1), run_of("adagrad", 2.0, 20.0)])
