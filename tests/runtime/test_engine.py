@@ -147,6 +147,22 @@ def test_encode_round_trips_and_fp16_scale_avoids_overflow():
     assert scale * 1000.0 < 65504 and scale * 2 * 1000.0 >= 65504
 
 
+@pytest.mark.parametrize("peak", [1e-3, 100.0])  # float16: scaled up 1024x, and a scale held down to stay finite
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_a_pooled_gradient_crosses_the_cut_and_reaches_the_store_at_its_own_scale(dtype, peak):
+    from types import SimpleNamespace
+
+    grad = torch.randn(8, 3, 4, generator=torch.Generator().manual_seed(0))
+    grad = grad / grad.abs().max() * peak
+    payload = DenseWorker._grad_payload(SimpleNamespace(loss_scale=1024.0), grad, dtype)
+    seen = {}
+    store = SimpleNamespace(backward=lambda batch_id, g: seen.update(batch_id=batch_id, grad=g) or {})
+    SparseWorker.backward(SimpleNamespace(nice=0, store=store), 7, payload)
+    tolerance = {"float32": 0.0, "bfloat16": 8e-3, "float16": 1e-3}[dtype]
+    assert seen["batch_id"] == 7
+    torch.testing.assert_close(seen["grad"].float(), grad, rtol=tolerance, atol=tolerance * peak)
+
+
 class _Flaky:
     """Makes one worker method raise once at a given batch, as a crashing worker would."""
 
