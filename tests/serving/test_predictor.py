@@ -77,6 +77,14 @@ def test_the_dense_stage_sees_only_bucket_sizes_and_padding_never_reaches_an_out
         predictor.bucket(257)
     with pytest.raises(BatchError, match="expected pooled"):
         predictor._check_shapes(torch.zeros(5, 28, 8), torch.zeros(5, 13))
+    with pytest.raises(BatchError, match="expected pooled"):  # the dense part is guarded too
+        predictor._check_shapes(torch.zeros(4, 28, 8), torch.zeros(4, 12))
+    from tidal.serving import predictor as module
+
+    padded = module._padded
+    monkeypatch.setattr(module, "_padded", lambda tensor, rows: padded(tensor, rows + 1))  # a padding slip
+    with pytest.raises(BatchError, match="with bucket in"):  # the guard runs before every dense call
+        predictor.predict([piece])
 
 
 def test_a_cached_user_state_scores_like_the_user_row(trainer, predictor):
