@@ -181,6 +181,8 @@ def _bad_requests(rows, specs) -> list[tuple[bytes, dict, int, str]]:
 
     binary = json.dumps({"inputs": [{"name": "C9", "datatype": "BYTES", "shape": [1],
                                      "parameters": {"binary_data_size": 9}}]}).encode()
+    fp32 = json.dumps({"inputs": [{"name": "I5", "datatype": "FP32", "shape": [2],
+                                   "parameters": {"binary_data_size": 6}}]}).encode()
     huge = json.dumps({"inputs": [{"name": "C9", "datatype": "BYTES", "shape": [2**40],
                                    "parameters": {"binary_data_size": 8}}]}).encode()
     return [
@@ -220,6 +222,14 @@ def _bad_requests(rows, specs) -> list[tuple[bytes, dict, int, str]]:
          "not 1 length-prefixed BYTES"),
         (binary, {"Inference-Header-Content-Length": str(len(binary) + 50)}, 400, "but the body has"),
         (huge + b"\x00" * 8, {"Inference-Header-Content-Length": str(len(huge))}, 400, "need at least"),
+        (altered(lambda b: b.update(parameters={"sequence_start": True})), {}, 400, "need a sequence_id"),
+        (altered(lambda b: b.update(parameters={"sequence_id": 1.5})), {}, 400, "sequence_id must be an integer or a string"),
+        (altered(lambda b: b["inputs"].extend([{"name": "C7.lengths", "datatype": "INT64", "shape": [rows.num_rows],
+                                                "data": [-1] + [0] * (rows.num_rows - 1)}])
+                 or tensor(b, "C7").update(shape=[0], data=[])), {}, 400, "lengths must be INT32 or INT64 values >= 0"),
+        (fp32 + b"\x00" * 6, {"Inference-Header-Content-Length": str(len(fp32))}, 400, "values take 8 bytes"),
+        (binary + b"\x05\x00\x00\x00\xff\xfe\xfd\xfc\xfb", {"Inference-Header-Content-Length": str(len(binary))}, 400,
+         "must be UTF-8 text"),
         (binary.replace(b'"binary_data_size": 9', b'"binary_data_size": true') + b"\x01",
          {"Inference-Header-Content-Length": str(len(binary) + 3)}, 400, "binary_data_size must be a byte count"),
         (binary.replace(b'"binary_data_size": 9', b'"binary_data_size": -1'),
