@@ -142,9 +142,10 @@ def test_encode_round_trips_and_fp16_scale_avoids_overflow():
     assert torch.allclose(decode(encode(x, "bfloat16"), "bfloat16"), x, rtol=1e-2)
     assert encode(x, "bfloat16").dtype == np.int16
     assert _fp16_scale(torch.full((4,), 1e-6), 1024.0) == 1024.0
-    big = torch.full((4,), 1000.0)
-    scale = _fp16_scale(big, 1024.0)
-    assert scale * 1000.0 < 65504 and scale * 2 * 1000.0 >= 65504
+    for peak in (1000.0, 1e6):  # the second needs a scale below 1
+        scale = _fp16_scale(torch.full((4,), peak), 1024.0)
+        assert scale * peak < 65504 and scale * 2 * peak >= 65504
+    assert _fp16_scale(torch.tensor([1.0, float("inf")]), 1024.0) == 1024.0  # a broken gradient stays visible
 
 
 @pytest.mark.parametrize("peak", [1e-3, 100.0])  # float16: scaled up 1024x, and a scale held down to stay finite

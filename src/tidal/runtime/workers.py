@@ -17,6 +17,7 @@ travels as its raw 16 bits.
 
 from __future__ import annotations
 
+import math
 import contextlib
 import ctypes
 import os
@@ -122,10 +123,11 @@ def pool_dtype(dtype: str) -> torch.dtype:
 
 
 def _fp16_scale(grad: torch.Tensor, loss_scale: float) -> float:
-    """The largest power of two up to `loss_scale` that keeps `grad` finite in float16."""
+    """The largest power of two up to `loss_scale` that keeps `grad` finite in float16:
+    below 1 for a gradient of 65504 or more (one already not finite stays so)."""
     peak = float(grad.abs().max()) if grad.numel() else 0.0
     scale = loss_scale
-    while scale > 1.0 and peak * scale >= _FP16_MAX:
+    while math.isfinite(peak) and peak * scale >= _FP16_MAX:
         scale /= 2.0
     return scale
 
