@@ -17,9 +17,9 @@ travels as its raw 16 bits.
 
 from __future__ import annotations
 
-import math
 import contextlib
 import ctypes
+import math
 import os
 import queue
 import sys
