@@ -179,7 +179,7 @@ def _text(path: str, kind: str, columns: Sequence[str],
         raise DataError(f"{path}: cannot read it as {kind.upper()} ({exc})") from None
     if wrong_width:
         empty = pa.RecordBatch.from_pydict({c: pa.array([], pa.string()) for c in columns})
-        yield empty, _Lines(next_line), _take_before(wrong_width, 1 << 62)
+        yield empty, _Lines(next_line), sorted(wrong_width)
 
 
 def _take_before(found: list[tuple[int, str]], line: int) -> list[tuple[int, str]]:
