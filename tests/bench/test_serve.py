@@ -55,3 +55,20 @@ def test_qps_counts_every_answer_the_window_saw():
         server.shutdown()
     assert 9.0 <= measured["qps"] <= 10.5 and measured["errors"] == 0  # counting only whole requests gave 8
     assert 390 <= measured["p50_ms"] <= 600
+
+
+def test_summary_figures_follow_from_the_points():
+    """Ratios at the top concurrency: against the unbatched server on one-candidate
+    requests, against Ray Serve on 100-candidate ones; sessions by their p50s."""
+    def point(qps, p99):
+        return {"qps": qps, "p50_ms": 1.0, "p99_ms": p99, "errors": 0}
+
+    results = {system: {(shape, c): point(base * shape_gain * c, 5.0 * c) for shape, shape_gain in ((1, 10), (100, 1))
+                        for c in (1, 8)}
+               for system, base in (("tidal", 4.0), ("unbatched", 1.0), ("rayserve", 2.0))}
+    session = {"stateless": {"p50_ms": 30.0}, "page": {"p50_ms": 12.0}}
+    summary = serve._summary(results, session)
+    assert summary["concurrency"] == 8
+    assert (summary["tidal_qps_1"], summary["unbatched_qps_1"], summary["tidal_qps_100"]) == (320.0, 80.0, 32.0)
+    assert (summary["ratio_vs_unbatched"], summary["ratio_vs_rayserve"], summary["session_speedup"]) == (4.0, 2.0, 2.5)
+    assert summary["tidal_p99_ms_100"] == 40.0 and len(summary["points"]) == 12
