@@ -95,6 +95,16 @@ def test_binary_outputs_follow_the_header(specs):
         _decode(specs, {**_request(specs, 1), "outputs": [{"name": "nope"}]})
 
 
+def test_binary_data_output_makes_every_wanted_output_binary(specs):
+    every = _decode(specs, _request(specs, 2), binary_data_output=True)
+    assert every.outputs is None and every.binary_outputs == set(OUTPUTS)
+    listed = _decode(specs, {**_request(specs, 2), "outputs": [{"name": "ctr"}]}, binary_data_output=True)
+    assert listed.outputs == ["ctr"] and listed.binary_outputs == {"ctr"}
+    assert _decode(specs, _request(specs, 2)).binary_outputs == set()
+    with pytest.raises(RequestError, match=r"\['binary_data_output'\] must be true or false"):
+        _decode(specs, _request(specs, 2), binary_data_output="yes")
+
+
 def test_column_arrays_are_arrow(specs):
     decoded = _decode(specs, _request(specs, 3))
     assert all(isinstance(a, pa.Array) for a in decoded.columns.values())
