@@ -221,20 +221,26 @@ def _serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tidal.errors import TidalError
-    from tidal.serving import Service, load_bundle, serve
+    from tidal.serving import Service, listen, load_bundle, serve
 
     overrides = {k: v for k, v in {"max_batch_rows": args.max_batch_rows, "max_delay_ms": args.max_delay_ms,
                                    "sparse_threads": args.sparse_threads}.items() if v is not None}
     name = args.model_name or Path(args.bundle).resolve().name
     try:
+        sock = listen(args.host, args.port)
+    except OSError as exc:
+        print(f"tidal serve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    try:
         service = Service(load_bundle(args.bundle), name=name, batching=not args.no_batching, **overrides)
     except TidalError as exc:
+        sock.close()
         print(f"tidal serve: {exc}", file=sys.stderr)
         return 2
-    print(f"serving {name!r} at http://{args.host}:{args.port}/v2/models/{name} "
+    print(f"serving {name!r} at http://{args.host}:{sock.getsockname()[1]}/v2/models/{name} "
           f"(metrics at /metrics; Ctrl-C stops)", flush=True)
     try:
-        serve(service, host=args.host, port=args.port)
+        serve(service, sock)
     except KeyboardInterrupt:  # the server has shut down; uvicorn passes the Ctrl-C on
         pass
     print("stopped", flush=True)

@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # a device for dense math
+_FLOAT32_MAX = 3.4028234663852886e38  # scores are float32
 
 
 class _Model(BaseModel):
@@ -375,13 +376,17 @@ class Fusion(_Model):
     """
 
     kind: Literal["product", "sum"] = "product"
-    weights: dict[str, Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=dict)
+    weights: dict[str, Annotated[pydantic.StrictFloat, Field(allow_inf_nan=False)]] = Field(default_factory=dict)
 
     @pydantic.model_validator(mode="after")
-    def _powers_not_negative(self) -> Fusion:
+    def _scores_finite(self) -> Fusion:
         negative = {t: w for t, w in self.weights.items() if w < 0}
         if self.kind == "product" and negative:
             raise ValueError(f"a product's powers must be >= 0 (a zero probability would score infinity), got {negative}")
+        total = sum(abs(w) for w in self.weights.values())
+        if self.kind == "sum" and total > _FLOAT32_MAX:
+            raise ValueError(f"a sum's weights must add up (in absolute value) to at most {_FLOAT32_MAX:.4g}, "
+                             f"float32's largest number, so that scores stay finite; got {total:.4g}")
         return self
 
 
@@ -495,6 +500,12 @@ def _problems(exc: pydantic.ValidationError) -> list[tuple[str, str]]:
         elif err["type"] == "value_error":  # our own check: its message says what came
             found.append((path or "(root)", err["msg"].removeprefix("Value error, ")))
         else:
-            found.append((path or "(root)", f"{err['msg']}, got {err.get('input')!r}"))
+            found.append((path or "(root)", f"{err['msg']}, got {_shown(err.get('input'))}"))
     return found
+
+
+def _shown(value: Any, limit: int = 200) -> str:
+    """The repr of a value that came, cut short: a config or request may hold megabytes."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 

@@ -95,3 +95,20 @@ def test_targets_are_met_only_when_every_run_meets_all_three():
     assert not _targets_met([run_of("sgd", 1.99, 20.0), run_of("adagrad", 3.0, 20.0)])
     assert not _targets_met([run_of("sgd", 2.5, 20.0), run_of("adagrad", 1.49, 20.0)])
     assert not _targets_met([run_of("sgd", 2.5, 24.1), run_of("adagrad", 2.0, 20.0)])
+
+
+def test_zipf_ranks_follow_zipf_over_the_key_space_not_a_fold_of_numpys_unbounded_draws():
+    import numpy as np
+
+    from tidal.bench.sparse import zipf_ranks
+
+    space, a = 100, 1.1
+    ranks = zipf_ranks(np.random.default_rng(0), a, 400_000, space)
+    assert ranks.min() >= 0 and ranks.max() < space
+    expected = np.arange(1, space + 1) ** -a
+    expected /= expected.sum()
+    observed = np.bincount(ranks, minlength=space) / ranks.size
+    # a fold would spread the 59% of numpy's draws beyond 100 over the space: rank 99 at 0.70%, not 0.15%
+    np.testing.assert_allclose(observed, expected, atol=0.003)
+    again = zipf_ranks(np.random.default_rng(0), a, 400_000, space)
+    assert np.array_equal(ranks, again)  # a seed gives the same batches

@@ -58,3 +58,13 @@ def test_export_and_serve_refuse_what_is_not_there(tmp_path, capsys):
     assert "no checkpoint to export" in capsys.readouterr().err
     assert main(["serve", str(tmp_path)]) == 2
     assert "not a serving bundle" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_port_in_use_before_loading_anything(tmp_path, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(tmp_path / "not-even-a-bundle"), "--port", str(port)]) == 2
+    captured = capsys.readouterr()
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in captured.err and "serving" not in captured.out

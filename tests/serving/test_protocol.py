@@ -105,6 +105,12 @@ def test_binary_data_output_makes_every_wanted_output_binary(specs):
         _decode(specs, _request(specs, 2), binary_data_output="yes")
 
 
+def test_a_score_that_is_not_a_number_is_never_sent_as_json(specs):
+    decoded = _decode(specs, _request(specs, 2))
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        encode_response("m", decoded, {"ctr": np.array([0.5, np.nan]), "cvr": np.zeros(2), "score": np.zeros(2)})
+
+
 def test_column_arrays_are_arrow(specs):
     decoded = _decode(specs, _request(specs, 3))
     assert all(isinstance(a, pa.Array) for a in decoded.columns.values())

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import socket
+import zlib
 from email.message import Message
 import threading
 import time
@@ -39,7 +42,7 @@ def rows(trainer):
 def _inputs(rows, specs, *, binary: bool, skip_user: bool = False) -> list:
     inputs = []
     for spec in specs.values():
-        if skip_user and spec.side == "user":
+        if skip_user and spec.side != "item":
             continue
         values = rows.column(spec.name).to_pylist()
         values = values[:1] if spec.side != "item" else values
@@ -142,12 +145,21 @@ def _put_fusion(server, body: bytes) -> tuple[int, dict]:
     (b'{"kind": "sum", "weights": {"ltv": 1.0}}', "ltv"),
     (b'{"kind": "product", "weights": {"ctr": -1.0}}', "powers must be >= 0"),
     (b'{"kind": ', "not valid JSON"),
+    (b'{"kind": "sum", "weights": {"ctr": 1e39}}', "add up (in absolute value) to at most 3.403e+38"),
+    (b'{"kind": "sum", "weights": {"ctr": true}}', "weights.ctr: Input should be a valid number, got True"),
+    (b'{"kind": "sum", "weights": {"ctr": ' + b"1" * 5000 + b"}}", "not valid JSON"),
+    (b'{"kind": "sum", "weights": {"ctr": "' + b"a" * 50_000 + b'"}}', "... (50002 characters)"),
 ])
 def test_a_bad_fusion_gets_a_400_naming_it_and_the_old_fusion_stays(server, body, reason):
     before = json.loads(urllib.request.urlopen(server.url + "/v2/models/ctr/fusion", timeout=30).read())
     code, answer = _put_fusion(server, body)
     assert code == 400 and answer["error"].startswith("fusion:") and reason in answer["error"], answer
     assert json.loads(urllib.request.urlopen(server.url + "/v2/models/ctr/fusion", timeout=30).read()) == before
+
+
+def test_a_fusion_body_over_its_limit_gets_a_413(server):
+    code, answer = _put_fusion(server, b'{"kind": "sum", "weights": {"ctr": "' + b"a" * (1 << 20) + b'"}}')
+    assert code == 413 and "over the limit of 65536" in answer["error"] and len(answer["error"]) < 200
 
 
 def test_a_session_idle_past_the_servers_ttl_has_expired(bundle, rows):
@@ -157,7 +169,7 @@ def test_a_session_idle_past_the_servers_ttl_has_expired(bundle, rows):
         page = with_user_of(rows.slice(0, 4), specs)
         start = infer_request(page, specs) | {"parameters": {"sequence_id": 9, "sequence_start": True}}
         more = infer_request(page, specs) | {"parameters": {"sequence_id": 9}}
-        more["inputs"] = [t for t in more["inputs"] if specs[t["name"]].side != "user"]  # the session holds those
+        more["inputs"] = [t for t in more["inputs"] if specs[t["name"]].side == "item"]  # the session holds those
         assert _post(running, "/v2/models/ctr/infer", json.dumps(start).encode())[0] == 200
         assert _post(running, "/v2/models/ctr/infer", json.dumps(more).encode())[0] == 200
         time.sleep(1.0)
@@ -185,6 +197,7 @@ def _bad_requests(rows, specs) -> list[tuple[bytes, dict, int, str]]:
                                    "parameters": {"binary_data_size": 6}}]}).encode()
     huge = json.dumps({"inputs": [{"name": "C9", "datatype": "BYTES", "shape": [2**40],
                                    "parameters": {"binary_data_size": 8}}]}).encode()
+    gzipped = gzip.compress(json.dumps(good).encode())
     return [
         (b'{"inputs": [', {}, 400, "not valid JSON"),
         (b"[1, 2]", {}, 400, "expected a JSON object"),
@@ -204,7 +217,7 @@ def _bad_requests(rows, specs) -> list[tuple[bytes, dict, int, str]]:
         (altered(lambda b: tensor(b, "I1").update(shape=[2], data=["1", "2"])), {}, 400, "one value per request"),
         (altered(lambda b: b.update(parameters={"sequence_id": 5})), {}, 400, "carries no user inputs"),
         (altered(lambda b: b.update(parameters={"sequence_id": 404, "sequence_start": False})
-                 or [b["inputs"].remove(t) for t in list(b["inputs"]) if specs[t["name"]].side == "user"]),
+                 or [b["inputs"].remove(t) for t in list(b["inputs"]) if specs[t["name"]].side != "item"]),
          {}, 400, "sequence 404 is unknown"),
         (altered(lambda b: tensor(b, "C9").update(parameters=[1])), {}, 400, "parameters must be an object"),
         (altered(lambda b: b.update(outputs=[{"name": "score", "parameters": "yes"}])), {}, 400,
@@ -238,6 +251,20 @@ def _bad_requests(rows, specs) -> list[tuple[bytes, dict, int, str]]:
          {}, 400, "item inputs must all have n values"),
         (json.dumps(good).encode() + b"junk", {"Inference-Header-Content-Length": str(len(json.dumps(good).encode()))},
          400, "add up to 0 bytes, but 4 follow the header"),
+        (b'{"inputs": [], "id": ' + b"1" * 5000 + b"}", {}, 400, "not valid JSON"),
+        (altered(lambda b: b.update(parameters={"sequence_id": "s" * 257, "sequence_start": True})), {}, 400,
+         "sequence_id is 257 characters long; at most 256"),
+        (altered(lambda b: b["inputs"].extend([{"name": "C7.lengths", "datatype": "INT64", "shape": [rows.num_rows],
+                                                "data": [1] * rows.num_rows}])
+                 or tensor(b, "C7").update(datatype="FP64", data=[2.5] * rows.num_rows)), {}, 400,
+         "'C7': ids must be BYTES or INT64, got floating point values"),
+        (altered(lambda b: [t.update(shape=[1], data=t["data"][:1]) for t in b["inputs"]]
+                 and tensor(b, "C9").update(shape=[70_000], data=[""] * 70_000)), {}, 413,
+         "the request has 70000 candidates; this server takes at most 65536"),
+        (gzipped[:-20], {"Content-Encoding": "gzip"}, 400, "the gzip body ends before its data does"),
+        (b"\x1f\x8bnot gzip", {"Content-Encoding": "gzip"}, 400, "not valid gzip data"),
+        (gzip.compress(b" " * (2 << 20)), {"Content-Encoding": "gzip"}, 413, "decompresses to more than 1048576"),
+        (gzipped, {"Content-Encoding": "br"}, 415, "Content-Encoding 'br' is not supported"),
     ]
 
 
@@ -272,6 +299,78 @@ def test_an_oversize_body_gets_its_413_not_a_reset(server):
     for _ in range(3):
         code, answer, _ = _post(server, "/v2/models/ctr/infer", body)
         assert code == 413 and "over the limit of 1048576" in answer["error"]
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests_score_as_plain_ones(server, rows, algorithm):
+    specs = input_specs(server.service.predictor.config)
+    candidates = with_user_of(rows.slice(0, 12), specs)
+    client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    result = client.infer("ctr", _inputs(candidates, specs, binary=True), request_compression_algorithm=algorithm)
+    np.testing.assert_allclose(result.as_numpy("ctr"), _expected(server, candidates)[:, 0], rtol=1e-5)
+    raw = json.dumps(infer_request(candidates, specs)).encode()
+    body = gzip.compress(raw) if algorithm == "gzip" else zlib.compress(raw)
+    code, answer, _ = _post(server, "/v2/models/ctr/infer", body, {"Content-Encoding": algorithm})
+    assert code == 200 and np.allclose(answer["outputs"][0]["data"], result.as_numpy("ctr"), rtol=1e-6)
+
+
+def test_the_one_version_has_its_routes_and_every_error_is_json(server, rows):
+    specs = input_specs(server.service.predictor.config)
+    candidates = with_user_of(rows.slice(0, 3), specs)
+    client = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    assert client.is_model_ready("ctr", "1") and client.get_model_metadata("ctr", "1")["name"] == "ctr"
+    result = client.infer("ctr", _inputs(candidates, specs, binary=False), model_version="1")
+    np.testing.assert_allclose(result.as_numpy("ctr"), _expected(server, candidates)[:, 0], rtol=1e-5)
+    body = json.dumps(infer_request(candidates, specs)).encode()
+    assert _post(server, "/v2/models/ctr/versions/1/infer", body)[0] == 200
+    code, answer, _ = _post(server, "/v2/models/ctr/versions/2/infer", body)
+    assert code == 404 and "no version '2'" in answer["error"]
+    for method, path, status in [("GET", "/v2/models/ctr/config", 404), ("DELETE", "/v2/models/ctr/infer", 405),
+                                 ("GET", "/v2/repository/index", 404)]:
+        request = urllib.request.Request(server.url + path, method=method)
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=30)
+        assert caught.value.code == status and path in json.loads(caught.value.read())["error"]
+
+
+def _outcomes(server) -> dict[str, float]:
+    metrics = urllib.request.urlopen(server.url + "/metrics", timeout=30).read().decode()
+    return {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
+            if line.startswith("tidal_requests_total{")}
+
+
+def _partial_request(server, declared: int, sent: bytes) -> socket.socket:
+    """A connection that sent the headers of an infer request and part of its body."""
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = socket.create_connection((host, int(port)), timeout=30)
+    conn.sendall(f"POST /v2/models/ctr/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {declared}\r\n\r\n".encode()
+                 + sent)
+    return conn
+
+
+def test_a_body_that_stops_coming_gets_a_408(server, monkeypatch):
+    import tidal.serving.server as server_module
+
+    monkeypatch.setattr(server_module, "_BODY_TIMEOUT_S", 0.3)
+    with _partial_request(server, 1000, b'{"inputs": [') as conn:
+        answer = conn.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 408") and "did not arrive within 0.3 s" in answer
+
+
+def test_hang_ups_and_unknown_models_are_counted_apart_from_server_errors(server, rows):
+    before = _outcomes(server)
+    for _ in range(3):
+        _partial_request(server, 1000, b'{"inputs": [').close()
+    specs = input_specs(server.service.predictor.config)
+    body = json.dumps(infer_request(with_user_of(rows.slice(0, 2), specs), specs)).encode()
+    assert _post(server, "/v2/models/nope/infer", body)[0] == 404
+    deadline = time.monotonic() + 10
+    while _outcomes(server).get("client_gone", 0) < before.get("client_gone", 0) + 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = _outcomes(server)
+    assert after["client_gone"] == before.get("client_gone", 0) + 3
+    assert after["not_found"] == before.get("not_found", 0) + 1
+    assert after.get("error", 0) == before.get("error", 0)
 
 
 def test_overload_answers_503_with_retry_after(bundle, trainer):

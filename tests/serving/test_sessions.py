@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from tidal.serving import SessionCache, SessionError, UserState
+from tidal.serving.sessions import _ENTRY_BYTES
+
+ENTRY = 104 + 1 + _ENTRY_BYTES  # a 3-feature state under a one-character id
 
 
 def _state(features: int = 3) -> UserState:
@@ -23,20 +26,32 @@ def test_idle_sessions_expire_after_the_ttl():
     assert cache.get("a") is not None
     with pytest.raises(SessionError, match="sequence b is expired: idle for more than 10 s"):
         cache.get("b")
-    assert cache.expired == 1 and len(cache) == 1 and cache.bytes == 104
+    assert cache.expired == 1 and len(cache) == 1 and cache.bytes == ENTRY
 
 
 def test_the_least_recently_used_session_goes_when_memory_runs_out():
-    cache = SessionCache(ttl_s=100, memory_bytes=350)
+    cache = SessionCache(ttl_s=100, memory_bytes=3 * ENTRY + 100)
     for name in "abc":
         cache.start(name, _state())
     cache.get("a")
-    cache.start("d", _state())  # 4 * 104 > 350: b, the least recently used, goes
+    cache.start("d", _state())  # 4 entries > the cap: b, the least recently used, goes
     with pytest.raises(SessionError, match="sequence b is evicted: the session cache was full"):
         cache.get("b")
-    assert (len(cache), cache.evicted, cache.bytes) == (3, 1, 312)
+    assert (len(cache), cache.evicted, cache.bytes) == (3, 1, 3 * ENTRY)
     with pytest.raises(SessionError, match="exceeds the cache"):
-        cache.start("huge", _state(features=100))
+        cache.start("huge", _state(features=150))
+
+
+def test_an_entry_counts_its_id_its_shared_columns_and_its_objects():
+    import pyarrow as pa
+
+    cache = SessionCache(ttl_s=100, memory_bytes=1 << 20)
+    cache.start("x" * 200, _state())
+    shared = {"C1": pa.array(["a-user-value"])}
+    cache.start("y", UserState(pooled=torch.zeros(1, 3, 8), dense=torch.zeros(1, 2), shared=shared))
+    assert cache.bytes == (104 + 200 + _ENTRY_BYTES) + (104 + shared["C1"].nbytes + 1 + _ENTRY_BYTES)
+    cache.end("x" * 200)
+    assert cache.bytes == 104 + shared["C1"].nbytes + 1 + _ENTRY_BYTES
 
 
 def test_ended_and_unknown_sessions_are_told_apart():

@@ -19,7 +19,7 @@ as in training; ids the tables do not hold read as zeros and are counted.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -37,14 +37,17 @@ __all__ = ["Piece", "Predictor", "UserState", "fuse"]
 
 @dataclass(frozen=True, kw_only=True)
 class UserState:
-    """The user side of a request, pooled: what a session caches."""
+    """The user side of a request, pooled: what a session caches. `shared` holds the
+    user's raw values of the columns that item features read too (a user x item
+    cross, say): a continuing request takes them from here."""
 
     pooled: torch.Tensor  # [1, Fu, D]
     dense: torch.Tensor  # [1, Du]
+    shared: dict[str, pa.Array] = field(default_factory=dict)  # column -> its one value
 
     @property
     def nbytes(self) -> int:
-        return self.pooled.nbytes + self.dense.nbytes
+        return self.pooled.nbytes + self.dense.nbytes + sum(a.nbytes for a in self.shared.values())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,6 +122,8 @@ class Predictor:
     def piece(self, columns: dict[str, pa.Array], rows: int, state: UserState | None = None) -> Piece:
         """The piece of one request's columns (one-value item columns broadcast to `rows`);
         with `state`, the user columns are not needed."""
+        if state is not None:
+            columns = {**state.shared, **columns}
         items = _record_batch({c: _broadcast(columns[c], rows) for c in self.item_columns})
         user = self.user_row(columns) if state is None and self.user_columns else None
         return Piece(items=items, user=user, state=state)
@@ -134,7 +139,8 @@ class Predictor:
     def user_state(self, user: pa.RecordBatch) -> UserState:
         """The pooled user side of one request's user row (what a session caches)."""
         pooled, dense = self._user_side([user])
-        return UserState(pooled=pooled, dense=dense)
+        shared = {c: user.column(c) for c in self.item_columns if c in self.user_columns}
+        return UserState(pooled=pooled, dense=dense, shared=shared)
 
     def sparse(self, pieces: Sequence[Piece]) -> tuple[torch.Tensor, torch.Tensor]:
         """The sparse stage: pooled `[N, F, D]` and dense features `[N, Dd]` of all rows."""

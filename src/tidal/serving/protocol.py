@@ -35,6 +35,7 @@ __all__ = ["DecodedRequest", "InputSpec", "RequestError", "decode_request", "enc
            "input_specs", "json_object"]
 
 HEADER = "inference-header-content-length"
+MAX_SEQUENCE_ID = 256  # characters of a string sequence_id
 LENGTHS = ".lengths"
 _NUMERIC = {"FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "INT32": "<i4"}
 _DATATYPES = frozenset(("BYTES", *_NUMERIC))
@@ -136,7 +137,7 @@ def json_object(body: bytes, expected: str = "a JSON object") -> dict:
     """A request body that must be a JSON object; `expected` describes it in the error."""
     try:
         value = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, bad UTF-8, an integer of 4,300+ digits
         raise RequestError(f"the request is not valid JSON: {type(exc).__name__}: {exc}") from None
     if not isinstance(value, dict):
         raise RequestError(f"expected {expected}, got {type(value).__name__}")
@@ -300,6 +301,8 @@ def _parameters(request: dict) -> dict:
     sequence_id = params.get("sequence_id")
     if sequence_id is not None and not isinstance(sequence_id, (int, str)) or isinstance(sequence_id, bool):
         raise RequestError(f"sequence_id must be an integer or a string, got {sequence_id!r}")
+    if isinstance(sequence_id, str) and len(sequence_id) > MAX_SEQUENCE_ID:
+        raise RequestError(f"sequence_id is {len(sequence_id)} characters long; at most {MAX_SEQUENCE_ID} are taken")
     flags = {k: params.get(k, False) for k in ("sequence_start", "sequence_end", "binary_data_output")}
     bad = {k: v for k, v in flags.items() if not isinstance(v, bool)}
     if bad:
@@ -325,17 +328,20 @@ def _columns(tensors: dict, specs: dict[str, InputSpec], mode: str) -> tuple[dic
     """The columns as Arrow arrays (not yet broadcast) and the number of candidates.
 
     `mode` is stateless, start or continue: a continuing session's request carries no
-    user inputs (they came with its start), and a start may come without candidates.
+    user inputs, nor the user's values that item features read too (side "both"): they
+    came with its start. A start may come without candidates.
     """
-    required = [s for s in specs.values() if not (mode == "continue" and s.side == "user")]
+    required = [s for s in specs.values() if not (mode == "continue" and s.side != "item")]
     if mode == "start" and not any(specs[n].side == "item" for n in tensors if n in specs):
         required = [s for s in required if s.side != "item"]  # a start without candidates
     missing = [s.name for s in required if s.name not in tensors]
     if missing:
         raise RequestError(f"missing inputs {missing}; the model reads " +
                            ", ".join(f"{s.name} ({s.side})" for s in specs.values()))
-    if mode == "continue" and any(specs[n].side == "user" for n in tensors if n in specs):
-        raise RequestError("a continuing sequence request carries no user inputs: they came with sequence_start")
+    sent = sorted(n for n in tensors if n in specs and specs[n].side != "item")
+    if mode == "continue" and sent:
+        raise RequestError(f"a continuing sequence request carries no user inputs: they came with sequence_start; "
+                           f"got {sent}")
     texts = {s.name: tensors[s.name] for s in required if s.kind == "number" and isinstance(tensors[s.name], pa.Array)
              and not (s.separator and s.name + LENGTHS in tensors)}
     columns = _numbers_from_text(texts) | {s.name: _column(s, tensors) for s in required if s.name not in texts}
@@ -418,6 +424,8 @@ def _joined(spec: InputSpec, values: np.ndarray | pa.Array, lengths: np.ndarray 
     """Flat values + bag lengths as the joined strings a data file holds ("a|b|c")."""
     if isinstance(lengths, pa.Array) or lengths.dtype.kind != "i" or (lengths < 0).any():
         raise RequestError(f"input {spec.name + LENGTHS!r}: lengths must be INT32 or INT64 values >= 0")
+    if not isinstance(values, pa.Array) and values.dtype.kind == "f" and spec.kind != "number":
+        raise RequestError(f"input {spec.name!r}: ids must be BYTES or INT64, got floating point values")
     strings = values if isinstance(values, pa.Array) else pc.cast(pa.array(values), pa.string())
     if len(lengths) and int(lengths.max()) > len(strings):
         raise RequestError(f"input {spec.name + LENGTHS!r}: a bag of {int(lengths.max())} values, "
@@ -468,7 +476,7 @@ def infer_request(rows: pa.RecordBatch, specs: dict[str, InputSpec], *, user_row
     inputs are left out (a continuing session's page)."""
     inputs = []
     for spec in specs.values():
-        if spec.side == "user" and not with_user:
+        if spec.side != "item" and not with_user:
             continue
         values = rows.column(spec.name).to_pylist()
         values = values[user_row : user_row + 1] if spec.side != "item" else values
@@ -493,7 +501,7 @@ def encode_response(model: str, decoded: DecodedRequest, outputs: dict[str, np.n
     response: dict = {"model_name": model, "model_version": "1", "outputs": described}
     if decoded.request_id is not None:
         response["id"] = decoded.request_id
-    header = json.dumps(response, separators=(",", ":")).encode()
+    header = json.dumps(response, separators=(",", ":"), allow_nan=False).encode()  # NaN is not JSON: a 500, not a body
     if not raw:
         return header, {}
     return header + b"".join(raw), {"Inference-Header-Content-Length": str(len(header))}

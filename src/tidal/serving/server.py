@@ -11,11 +11,14 @@ Routes::
     PUT  /v2/models/{name}/fusion         change it without a restart: {"kind", "weights"}
     GET  /metrics                         Prometheus metrics
 
+The model routes also answer under `/v2/models/{name}/versions/1/` (the one version).
 Outputs are one FP32 probability tensor per target and the fused `score`. Triton's
 sequence parameters (`sequence_id`, `sequence_start`, `sequence_end`) drive stateful
-sessions. A malformed request gets 400 (a body over the limit 413, an unknown model
-404) with `{"error": reason}`; under overload the server answers 503 with Retry-After
-instead of letting the queue grow. Binds to 127.0.0.1 unless told otherwise.
+sessions. Bodies may come gzip- or deflate-compressed (`Content-Encoding`). Every
+error is `{"error": reason}`: a malformed request gets 400, a body over the limit or a
+request with more candidates than `max_queue_rows` 413, a body not sent within 30 s
+408, an unknown model or route 404; under overload the server answers 503 with
+Retry-After instead of letting the queue grow. Binds to 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import gc
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -35,7 +39,8 @@ import uvicorn
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -49,7 +54,7 @@ from tidal.serving.protocol import HEADER, LENGTHS, DecodedRequest, RequestError
     input_specs, json_object
 from tidal.serving.sessions import SessionCache, SessionError
 
-__all__ = ["RunningServer", "Service", "create_app", "serve", "start_server"]
+__all__ = ["RunningServer", "Service", "create_app", "listen", "serve", "start_server"]
 
 _DATATYPES = {"ids": "BYTES", "integer": "BYTES", "number": "FP64"}  # FP64: training parses numbers as float64
 
@@ -76,6 +81,9 @@ class Service:
     async def infer(self, body: bytes, header_length: str | None) -> tuple[bytes, dict[str, str]]:
         """Answer one infer request body: (response body, extra headers)."""
         decoded = decode_request(body, header_length, self.specs, self.outputs)
+        if decoded.rows > self.settings.max_queue_rows:
+            raise RequestError(f"the request has {decoded.rows} candidates; this server takes at most "
+                               f"{self.settings.max_queue_rows} in one request (max_queue_rows)", status=413)
         state = await self._session_state(decoded)
         probabilities = await self._score(decoded, state) if decoded.rows else \
             np.zeros((0, len(self.predictor.targets)), np.float32)
@@ -156,12 +164,11 @@ class _IdCounts:
 def create_app(service: Service) -> Starlette:
     """The ASGI application of `service`."""
 
-    def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status, headers=headers)
-
     def model_or_404(request: Request) -> JSONResponse | None:
-        name = request.path_params["name"]
-        return None if name == service.name else error(404, f"unknown model {name!r}; this server serves {service.name!r}")
+        name, version = request.path_params["name"], request.path_params.get("version", "1")
+        if name != service.name:
+            return _error(404, f"unknown model {name!r}; this server serves {service.name!r}")
+        return None if version == "1" else _error(404, f"model {name!r} has no version {version!r}; its one version is '1'")
 
     async def server_metadata(request: Request) -> JSONResponse:
         return JSONResponse({"name": "tidal", "version": tidal.__version__,
@@ -179,6 +186,7 @@ def create_app(service: Service) -> Starlette:
     async def infer(request: Request) -> Response:
         missing = model_or_404(request)
         if missing is not None:
+            service.metrics.requests.labels("not_found").inc()
             return missing
         start = time.perf_counter()
         try:
@@ -186,13 +194,16 @@ def create_app(service: Service) -> Starlette:
             content, headers = await service.infer(body, request.headers.get(HEADER))
         except (RequestError, SessionError) as exc:
             service.metrics.requests.labels("bad_request").inc()
-            return error(getattr(exc, "status", 400), str(exc))
+            return _error(getattr(exc, "status", 400), str(exc))
         except Overloaded as exc:
             service.metrics.requests.labels("overloaded").inc()
-            return error(503, str(exc), {"Retry-After": "1"})
+            return _error(503, str(exc), {"Retry-After": "1"})
+        except ClientDisconnect:  # the client hung up mid-body: nobody to answer, and no fault of the server
+            service.metrics.requests.labels("client_gone").inc()
+            return _error(400, "the client closed the connection before its body ended")
         except Exception as exc:  # a failed batch: this request learns why, the server goes on
             service.metrics.requests.labels("error").inc()
-            return error(500, f"{type(exc).__name__}: {exc}")
+            return _error(500, f"{type(exc).__name__}: {exc}")
         service.metrics.requests.labels("ok").inc()
         service.metrics.latency.observe(time.perf_counter() - start)
         return Response(content, media_type="application/json" if not headers else "application/octet-stream",
@@ -204,29 +215,56 @@ def create_app(service: Service) -> Starlette:
             return missing
         if request.method == "PUT":
             try:
-                service.predictor.set_fusion(Fusion(**json_object(await request.body())))
-            except (ConfigError, RequestError, TypeError) as exc:
-                return error(400, f"fusion: {exc}")
+                service.predictor.set_fusion(Fusion(**json_object(await _read_body(request, _FUSION_BODY_BYTES))))
+            except RequestError as exc:
+                return _error(exc.status, f"fusion: {exc}")
+            except (ConfigError, TypeError, ClientDisconnect) as exc:
+                return _error(400, f"fusion: {exc}")
         return JSONResponse(service.predictor.fusion.model_dump())
 
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(service.metrics.registry), media_type="text/plain; version=0.0.4")
 
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:  # unknown routes and methods
+        assert isinstance(exc, HTTPException)
+        return _error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", exc.headers)
+
+    model_routes = [("", model_metadata, ["GET"]), ("/ready", model_ready, ["GET"]), ("/infer", infer, ["POST"]),
+                    ("/fusion", fusion, ["GET", "PUT"])]
     return Starlette(routes=[
         Route("/v2", server_metadata), Route("/v2/health/live", healthy), Route("/v2/health/ready", healthy),
-        Route("/v2/models/{name}", model_metadata), Route("/v2/models/{name}/ready", model_ready),
-        Route("/v2/models/{name}/infer", infer, methods=["POST"]),
-        Route("/v2/models/{name}/fusion", fusion, methods=["GET", "PUT"]), Route("/metrics", metrics),
-    ])
+        *[Route(f"/v2/models/{{name}}{version}{path}", endpoint, methods=methods)
+          for version in ("", "/versions/{version}") for path, endpoint, methods in model_routes],
+        Route("/metrics", metrics),
+    ], exception_handlers={HTTPException: http_error})
 
 
+_MESSAGE_CHARS = 2000  # an error message quoting what came is cut here
+_FUSION_BODY_BYTES = 1 << 16
 _DRAIN_BYTES = 64 << 20  # an oversize body up to this size is read and dropped before the 413
+_BODY_TIMEOUT_S = 30.0  # a body must arrive within this
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    if len(message) > _MESSAGE_CHARS:
+        message = f"{message[:_MESSAGE_CHARS]}... ({len(message)} characters)"
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, or a 413 for one over `limit`. An oversize body (up to 64 MiB) is read
-    to its end first: a server that answers and closes while the client is still
-    sending makes the client's kernel see a reset instead of the answer."""
+    """The body, decompressed, or a 413 for one over `limit` (before or after
+    decompressing), a 408 for one not sent within 30 s."""
+    try:
+        body = await asyncio.wait_for(_receive(request, limit), _BODY_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise RequestError(f"the body did not arrive within {_BODY_TIMEOUT_S:g} s", status=408) from None
+    return _decompressed(body, request.headers.get("content-encoding", "identity").strip().lower(), limit)
+
+
+async def _receive(request: Request, limit: int) -> bytes:
+    """The body as sent. An oversize body (up to 64 MiB) is read to its end before the
+    413: a server that answers and closes while the client is still sending makes the
+    client's kernel see a reset instead of the answer."""
     declared = request.headers.get("content-length")
     declared_size = int(declared) if declared is not None and declared.isdigit() else None
     chunks, size = [], 0
@@ -242,6 +280,27 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if size > limit:
         raise RequestError(f"the body has more than {limit} bytes, over the limit of {limit}", status=413)
     return b"".join(chunks)
+
+
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS}
+
+
+def _decompressed(body: bytes, encoding: str, limit: int) -> bytes:
+    """`body` decoded from its `Content-Encoding`, at most `limit` bytes of it."""
+    if encoding == "identity":
+        return body
+    if encoding not in _WBITS:
+        raise RequestError(f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or none", status=415)
+    inflater = zlib.decompressobj(_WBITS[encoding])
+    try:
+        plain = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise RequestError(f"the body is not valid {encoding} data: {exc}") from None
+    if len(plain) > limit:
+        raise RequestError(f"the body decompresses to more than {limit} bytes, over the limit of {limit}", status=413)
+    if not inflater.eof:
+        raise RequestError(f"the {encoding} body ends before its data does")
+    return plain
 
 
 # ---------------------------------------------------------------------- running
@@ -293,11 +352,22 @@ def _uvicorn(service: Service) -> uvicorn.Server:
     return uvicorn.Server(config)
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) for `serve` (port 0: any free port); a port in
+    use raises `OSError` here, before anything else starts."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def start_server(service: Service, *, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
     """Serve `service` from a background thread (port 0: any free port); returns once it listens."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    sock = listen(host, port)
     server = _uvicorn(service)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="tidal-server", daemon=True)
     quiet_gc = _serving_gc()
@@ -312,12 +382,11 @@ def start_server(service: Service, *, host: str = "127.0.0.1", port: int = 0) ->
                          _gc=quiet_gc)
 
 
-def serve(service: Service, *, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve `service` in this thread until interrupted (Ctrl-C)."""
+def serve(service: Service, sock: socket.socket) -> None:
+    """Serve `service` on `sock` (from `listen`) in this thread until interrupted (Ctrl-C)."""
     server = _uvicorn(service)
-    server.config.host, server.config.port = host, port
     try:
         with _serving_gc():
-            server.run()
+            server.run(sockets=[sock])
     finally:
         service.close()
