@@ -225,8 +225,7 @@ def create_app(service: Service) -> Starlette:
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(service.metrics.registry), media_type="text/plain; version=0.0.4")
 
-    async def http_error(request: Request, exc: Exception) -> JSONResponse:  # unknown routes and methods
-        assert isinstance(exc, HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:  # unknown routes and methods
         return _error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", exc.headers)
 
     model_routes = [("", model_metadata, ["GET"]), ("/ready", model_ready, ["GET"]), ("/infer", infer, ["POST"]),
