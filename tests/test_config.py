@@ -79,9 +79,25 @@ def _run(**changes) -> dict:
     ({"tables": [{"name": "ids", "dim": 8}, {"name": "ids", "dim": 8}]}, "table names must be distinct, got ['ids']"),
     ({"tables": [{"name": "ids", "dim": 8}, {"name": "more", "dim": 16}]},
      "every table must have the same dim (pooled embeddings are [B, F, D]), got {'ids': 8, 'more': 16}"),
+    ({"data": {"train": []}}, "data.train"),
+    ({"data": {"train": "x.tsv", "columns": ["label", "C1", "label"]}}, "data.columns names ['label'] more than once"),
+    ({"training": {"run_dir": ""}}, "training.run_dir"),
+    ({"training": {"seed": -1}}, "training.seed"),
+    ({"training": {"seed": 2**64}}, "training.seed"),
 ])
 def test_an_inconsistent_run_config_says_what_is_wrong(changes, message):
     with pytest.raises(ConfigError) as info:
         RunConfig(**_run(**changes))
     assert message in str(info.value)
     RunConfig(**_run())  # the unchanged config is valid
+
+
+def test_a_yaml_file_naming_a_key_twice_or_not_utf8_is_refused(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("data: {train: x.tsv}\ntraining: {run_dir: a}\ntraining: {lr: 0.5}\n")
+    with pytest.raises(ConfigError, match=r"the key 'training' appears twice in one mapping\n.*line 3"):
+        RunConfig.from_yaml(str(twice))
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"data: {train: caf\xe9.tsv}\n")
+    with pytest.raises(ConfigError, match="latin.yaml: not UTF-8 text"):
+        RunConfig.from_yaml(str(latin))

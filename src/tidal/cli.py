@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 __all__ = ["main"]
@@ -20,16 +19,17 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="the YAML file: data, features, tables, model, training")
     train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     evaluate = commands.add_parser("eval", help="AUC and log loss of a run's latest checkpoint on data files")
-    evaluate.add_argument("--checkpoint", required=True, help="the run directory (training.run_dir)")
+    evaluate.add_argument("--checkpoint", required=True, help="the run directory (training.run_dir) or one checkpoint")
     evaluate.add_argument("--data", required=True, nargs="+", help="files or globs to evaluate on")
+    evaluate.add_argument("--device", default="auto", help="where the dense network runs (default auto: a GPU if any)")
     export = commands.add_parser("export", help="write a serving bundle from a run's latest checkpoint")
     export.add_argument("--checkpoint", required=True, help="the run directory (training.run_dir) or one checkpoint")
-    export.add_argument("--out", required=True, help="the bundle directory to write (replaced if it exists)")
+    export.add_argument("--out", required=True, help="the bundle directory to write (an earlier bundle there is replaced)")
     export.add_argument("--table-dtype", choices=["float32", "float16"], help="default: the config's serving.table_dtype")
     serve = commands.add_parser("serve", help="serve a bundle over the Open Inference Protocol (KServe v2 HTTP)")
     serve.add_argument("bundle", help="a directory written by tidal export")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument("--model-name", help="the model's name in the URLs (default: the bundle directory's name)")
     serve.add_argument("--no-batching", action="store_true", help="run every request alone (no merging or splitting)")
     serve.add_argument("--max-batch-rows", type=int, help="default: the config's serving.max_batch_rows")
@@ -71,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--rows", type=int, default=500_000, help="rows generated per format (default 500,000)")
     data.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     return parser
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0-65535, got {port}")
+    return port
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,6 +154,10 @@ def _train(args: argparse.Namespace) -> int:
     except TidalError as exc:
         print(f"tidal train: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("tidal train: interrupted; `tidal train --resume` continues from the last checkpoint written",
+              file=sys.stderr)
+        return 130
     print(f"trained {summary['steps']:,d} steps, {summary['rows']:,d} rows at {summary['samples_per_s']:,.0f} samples/s; "
           f"bad rows: {summary['bad_rows']}")
     if summary["compile_s"] >= _NOTED_COMPILE_S:
@@ -189,8 +200,9 @@ def _eval(args: argparse.Namespace) -> int:
     from tidal.runtime import Trainer, checkpoint
 
     try:
-        directory = checkpoint.latest(Path(args.checkpoint))
-        config = RunConfig(**json.loads((directory / "trainer.json").read_text())["config"])
+        directory = checkpoint.find(Path(args.checkpoint))
+        saved = checkpoint.read_meta(directory)["config"]
+        config = RunConfig(**{**saved, "training": {**saved["training"], "device": args.device}})
         trainer = Trainer(config)
         checkpoint.restore(trainer, directory)
         result = trainer.evaluate(args.data)
@@ -258,7 +270,8 @@ def _gen_data(args: argparse.Namespace) -> int:
         print(f"tidal {exc}", file=sys.stderr)
         return 2
     print(f"wrote {data.rows:,d} rows in {len(data.paths)} file(s) to {args.out}: "
-          f"positive rate {data.positive_rate:.3f}, ceiling AUC {data.ceiling_auc:.4f}")
+          f"positive rate {data.positive_rate:.3f}, ceiling AUC "
+          f"{'n/a (one class only)' if data.ceiling_auc is None else f'{data.ceiling_auc:.4f}'}")
     return 0
 
 

@@ -294,12 +294,20 @@ class ModelConfig(_Model):
 class DataConfig(_Model):
     """Where the samples come from and how they are read."""
 
-    train: str | list[str]
+    train: str | Annotated[list[str], Field(min_length=1)]
     eval: str | list[str] | None = None
     format: Literal["tsv", "csv", "parquet"] | None = None
     columns: list[str] | None = None  # a TSV file's columns, in order; default: Criteo's layout
     on_bad_row: Literal["skip", "fail"] = "skip"
     batch_size: int = Field(1024, ge=1, le=1 << 20)
+
+    @pydantic.field_validator("columns")
+    @classmethod
+    def _columns_unique(cls, columns: list[str] | None) -> list[str] | None:
+        repeated = sorted({c for c in columns or [] if columns.count(c) > 1})
+        if repeated:
+            raise ValueError(f"data.columns names {repeated} more than once")
+        return columns
 
 
 class TrainingConfig(_Model):
@@ -316,11 +324,11 @@ class TrainingConfig(_Model):
 
     epochs: int = Field(1, ge=1)
     lr: float = Field(1e-3, gt=0.0, allow_inf_nan=False)  # the dense network's Adam
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=1 << 63)
     log_every: int = Field(50, ge=1)
     threads: int = Field(1, ge=1, le=256)
     device: str = Field("cpu", pattern=DEVICE_PATTERN)
-    run_dir: str = "runs/latest"
+    run_dir: str = Field("runs/latest", min_length=1)
     checkpoint_every: int | None = Field(None, ge=1)  # steps between checkpoints; None: only at the end
     eval_every: int | None = Field(None, ge=1)  # steps between evaluations on data.eval; None: only at the end
     precision: Literal["float32", "bfloat16", "auto"] = "float32"  # of the dense network's products in training
@@ -470,10 +478,12 @@ class RunConfig(_Model):
         import yaml
 
         try:
-            with open(path) as f:
-                content = yaml.safe_load(f)
+            with open(path, encoding="utf-8") as f:
+                content = yaml.load(f, Loader=_unique_key_loader())
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read the config ({exc.strerror})") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text ({exc})") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc})") from None
         if not isinstance(content, dict):
@@ -483,6 +493,26 @@ class RunConfig(_Model):
             return cls(**content)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+
+
+def _unique_key_loader() -> type:
+    """yaml's safe loader, refusing a mapping that names a key twice (plain YAML keeps the last silently)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, (str, int, float, bool, type(None))):
+                    continue  # an unhashable key: the base loader says so
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} appears twice in one mapping",
+                                                            key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
 
 
 def _describe(where: str, exc: pydantic.ValidationError) -> str:

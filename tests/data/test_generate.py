@@ -45,6 +45,23 @@ def test_cli_writes_data_and_refuses_bad_arguments(tmp_path, capsys):
     assert "files must be between 1 and rows (10), got 20" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="zipf_a must be > 1"):
         generate(tmp_path, rows=5, zipf_a=1.0)
+    for flag, value in [("--seed", "-1"), ("--split", "-1"), ("--seed", str(2**70))]:
+        assert main(["gen-data", "--out", str(tmp_path / "x"), "--rows", "10", flag, value]) == 2
+        assert f"{flag[2:]} must be between 0 and 2**32 - 1, got {value}" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("x")
+    assert main(["gen-data", "--out", str(tmp_path / "a-file"), "--rows", "10"]) == 2
+    assert "a-file is a file" in capsys.readouterr().err
+
+
+def test_a_second_run_replaces_the_first_runs_files_and_one_class_has_no_ceiling(tmp_path):
+    generate(tmp_path, rows=40, files=4)
+    (tmp_path / "notes.txt").write_text("mine")
+    data = generate(tmp_path, rows=40, files=2, file_format="parquet")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "part-00000.parquet", "part-00001.parquet",
+                                                          "truth.json"]
+    assert json.loads((tmp_path / "truth.json").read_text())["paths"] == data.paths
+    one_row = generate(tmp_path / "one", rows=1)
+    assert one_row.ceiling_auc is None
 
 
 def test_cli_passes_seed_and_split_on(tmp_path):

@@ -113,8 +113,9 @@ def test_resume_reaches_the_same_weights_and_tables_as_an_uninterrupted_run(tmp_
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
     from tidal.errors import CheckpointError
 
-    with pytest.raises(CheckpointError, match="nothing to resume from"):
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
         Trainer(RunConfig(**_config(tmp_path))).fit(resume=True)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_cli_eval_scores_the_latest_checkpoint(tmp_path, capsys):

@@ -11,6 +11,8 @@ import sys
 import time
 import urllib.request
 
+import pytest
+
 from tidal.cli import main
 
 
@@ -68,3 +70,9 @@ def test_serve_refuses_a_port_in_use_before_loading_anything(tmp_path, capsys):
         assert main(["serve", str(tmp_path / "not-even-a-bundle"), "--port", str(port)]) == 2
     captured = capsys.readouterr()
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in captured.err and "serving" not in captured.out
+
+
+def test_serve_refuses_a_port_out_of_range(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "bundle", "--port", "70000"])
+    assert exited.value.code == 2 and "a port is 0-65535, got 70000" in capsys.readouterr().err

@@ -37,7 +37,7 @@ class GeneratedData:
     paths: list[str]
     rows: int
     positive_rate: float
-    ceiling_auc: float  # AUC of the true probabilities: no model can do better in expectation
+    ceiling_auc: float | None  # AUC of the true probabilities: no model can do better; None with one class only
 
 
 def generate(out_dir: str | Path, *, rows: int, files: int = 1, file_format: Literal["tsv", "parquet"] = "tsv",
@@ -47,10 +47,16 @@ def generate(out_dir: str | Path, *, rows: int, files: int = 1, file_format: Lit
 
     `seed` fixes the planted truth (every id's effect, the dense weights); `split`
     draws different rows from that same truth: train on split 0, evaluate on split 1.
+    Files an earlier run wrote to `out_dir` (part-NNNNN.*, truth.json) are replaced.
     """
-    _check(rows, files, file_format, vocabulary, zipf_a)
+    _check(rows, files, file_format, vocabulary, zipf_a, seed, split)
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"gen-data: --out {out} is a file; expected a folder to write the data to")
     out.mkdir(parents=True, exist_ok=True)
+    for earlier in [*out.glob("part-[0-9][0-9][0-9][0-9][0-9].tsv"), *out.glob("part-[0-9][0-9][0-9][0-9][0-9].parquet"),
+                    *out.glob("truth.json")]:
+        earlier.unlink()
     dense_weights = np.random.default_rng(seed).normal(0.0, 0.15, len(CRITEO_DENSE))
     rng = np.random.default_rng([seed, split])
     paths, probabilities, labels = [], [], []
@@ -62,13 +68,16 @@ def generate(out_dir: str | Path, *, rows: int, files: int = 1, file_format: Lit
         probabilities.append(p)
         labels.append(y)
     p, y = np.concatenate(probabilities), np.concatenate(labels)
-    data = GeneratedData(paths=paths, rows=rows, positive_rate=float(y.mean()), ceiling_auc=auc(y, p))
+    ceiling = auc(y, p) if 0 < y.sum() < len(y) else None
+    data = GeneratedData(paths=paths, rows=rows, positive_rate=float(y.mean()), ceiling_auc=ceiling)
     (out / "truth.json").write_text(json.dumps(asdict(data), indent=1))
     return data
 
 
-def _check(rows: int, files: int, file_format: str, vocabulary: int, zipf_a: float) -> None:
+def _check(rows: int, files: int, file_format: str, vocabulary: int, zipf_a: float, seed: int, split: int) -> None:
     problems = [
+        (0 <= seed < 2**32, f"seed must be between 0 and 2**32 - 1, got {seed}"),
+        (0 <= split < 2**32, f"split must be between 0 and 2**32 - 1, got {split}"),
         (rows >= 1, f"rows must be >= 1, got {rows}"),
         (1 <= files <= rows, f"files must be between 1 and rows ({rows}), got {files}"),
         (file_format in ("tsv", "parquet"), f"file_format must be 'tsv' or 'parquet', got {file_format!r}"),

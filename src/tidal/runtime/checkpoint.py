@@ -22,16 +22,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tidal.embedding import load_tables, save_tables
 from tidal.embedding.checkpoint import fsync_path, write_json_atomic
-from tidal.errors import CheckpointError
+from tidal.errors import CheckpointError, CorruptCheckpointError
 
 if TYPE_CHECKING:
     from tidal.runtime.trainer import Trainer
 
-__all__ = ["latest", "restore", "save"]
+__all__ = ["find", "latest", "load_dense", "read_meta", "restore", "save"]
 
 LATEST = "LATEST"
 
@@ -68,17 +69,57 @@ def latest(run_dir: Path) -> Path:
     """The newest complete checkpoint of a run, or a clear error if there is none."""
     pointer = run_dir / "checkpoints" / LATEST
     if not pointer.exists():
-        raise CheckpointError(f"{run_dir}: nothing to resume from ({pointer} is missing); train without --resume first")
-    directory = run_dir / "checkpoints" / json.loads(pointer.read_text())["checkpoint"]
+        raise CheckpointError(f"{run_dir}: holds no checkpoint ({pointer} is missing); train a run there first")
+    name = _json(pointer).get("checkpoint")
+    if not isinstance(name, str) or not name.startswith("step-"):
+        raise CorruptCheckpointError(f"{pointer}: expected {{\"checkpoint\": \"step-...\"}}, got {pointer.read_text()[:200]!r}")
+    directory = run_dir / "checkpoints" / name
     if not (directory / "trainer.json").exists():
         raise CheckpointError(f"{pointer} names {directory.name}, which is incomplete or missing")
     return directory
 
 
+def find(path: Path) -> Path:
+    """The checkpoint at `path`: a checkpoint directory itself, or a run directory's latest."""
+    return path if (path / "trainer.json").is_file() else latest(path)
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    """A checkpoint's trainer.json: position, config, optimizer settings, bad rows."""
+    meta = _json(directory / "trainer.json")
+    missing = [k for k in ("position", "config", "param_groups", "bad_rows") if k not in meta]
+    if missing:
+        raise CorruptCheckpointError(f"{directory / 'trainer.json'}: lacks {missing}")
+    return meta
+
+
+def load_dense(directory: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's dense tensors: model weights, Adam state, RNG state."""
+    path = directory / "dense.safetensors"
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{path}: missing; the checkpoint is incomplete") from None
+    except (SafetensorError, OSError) as exc:
+        raise CorruptCheckpointError(f"{path}: truncated or damaged ({exc})") from None
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{path}: missing; the checkpoint is incomplete") from None
+    except (ValueError, OSError) as exc:
+        raise CorruptCheckpointError(f"{path}: not valid JSON, truncated or damaged ({exc})") from None
+    if not isinstance(value, dict):
+        raise CorruptCheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
 
 def restore(trainer: Trainer, directory: Path) -> dict[str, int]:
-    """Load the checkpoint in `directory` into `trainer`; the position to continue from."""
-    meta = json.loads((directory / "trainer.json").read_text())
+    """Load the checkpoint in `directory` into `trainer`; the position to continue from.
+    The training section may differ from the checkpoint's: its learning rate applies."""
+    meta = read_meta(directory)
     saved, current = meta["config"], trainer.config.model_dump(mode="json")
     changed = sorted(k for k in saved if saved[k] != current.get(k) and k not in ("training", "runtime", "serving"))
     if changed:
@@ -86,9 +127,11 @@ def restore(trainer: Trainer, directory: Path) -> dict[str, int]:
                               f"resume with the config it was written with")
     tables = load_tables(directory / "tables", threads=trainer.config.training.threads)
     trainer.collection.tables = [tables[t.name] for t in trainer.collection.tables]
-    tensors = load_file(str(directory / "dense.safetensors"))
+    tensors = load_dense(directory)
     trainer.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     trainer.optimizer.load_state_dict({"state": _optimizer_state(tensors), "param_groups": meta["param_groups"]})
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = trainer.config.training.lr
     torch.set_rng_state(tensors["rng.torch"])
     trainer.bad_rows.count, trainer.bad_rows.examples = meta["bad_rows"]["count"], list(meta["bad_rows"]["examples"])
     return meta["position"]

@@ -26,7 +26,7 @@ from tidal.data.extract import Extractor
 from tidal.data.generate import auc
 from tidal.data.readers import BadRows, expand_paths
 from tidal.embedding import EmbeddingCollection
-from tidal.errors import DataError, TidalError
+from tidal.errors import ConfigError, DataError, TidalError
 from tidal.models import PRECISIONS, RankingModel, compute_precision, resolve_precision, weighted_bce
 from tidal.runtime import checkpoint
 from tidal.runtime.plots import plot_metrics
@@ -142,12 +142,15 @@ class Trainer:
         first use on this machine (0 once its disk cache holds them).
 
         With `resume`, continue from the run's latest checkpoint: the same batches in
-        the same order, so the result equals an uninterrupted run's.
+        the same order, so the result equals an uninterrupted run's. Without it, a
+        run_dir that holds a run's checkpoints is refused rather than mixed with them.
         """
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._check_data_paths()
         position = {"step": 0, "epoch": 0, "batch": 0}
         if resume:
             position = checkpoint.restore(self, checkpoint.latest(self.run_dir))
+        else:
+            self._check_fresh_run_dir()
         with open(self.run_dir / "metrics.jsonl", "a" if resume else "w") as log, compile_clock() as compiling:
             start = time.perf_counter()
             if self.config.runtime is None:
@@ -157,6 +160,8 @@ class Trainer:
 
                 step, rows, finished = train(self, log, position, max_steps)
             self.elapsed_s = time.perf_counter() - start - self._eval_s
+            if step == 0:
+                raise DataError(f"no valid rows to train on in data.train: {self.bad_rows.summary()}")
             if finished:
                 checkpoint.save(self, {"step": step, "epoch": self.config.training.epochs, "batch": 0})
             evaluation = self._log_eval(log, step) if self.config.data.eval else None
@@ -164,6 +169,24 @@ class Trainer:
             log.write(json.dumps({"event": "end", **summary}) + "\n")
         plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "metrics.png")
         return summary
+
+    def _check_data_paths(self) -> None:
+        """Every data file named, found before anything trains (an error names its key)."""
+        data = self.config.data
+        for key, paths in (("data.train", data.train), ("data.eval", data.eval)):
+            try:
+                if paths:
+                    expand_paths(paths)
+            except DataError as exc:
+                raise DataError(f"{key}: {exc}") from None
+
+    def _check_fresh_run_dir(self) -> None:
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError(f"training.run_dir {self.run_dir} is a file; expected a folder for the run")
+        if (self.run_dir / "checkpoints" / checkpoint.LATEST).exists():
+            raise ConfigError(f"training.run_dir {self.run_dir} holds an earlier run's checkpoints: pass --resume "
+                              f"(fit(resume=True)) to continue it, or choose another run_dir, or delete that one")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _train(self, log, position: dict, max_steps: int | None) -> tuple[int, int, bool]:  # type: ignore[no-untyped-def]
         """Steps up to the end (or `max_steps`): (last step, rows trained now, finished)."""
@@ -230,6 +253,8 @@ class Trainer:
             pooled, _ = self.collection.forward(batch, train=False)
             scores.append(torch.sigmoid(self.model(pooled.to(self.device), self._dense(batch))).cpu().numpy())
             labels.append(batch.labels)
+        if not scores:
+            raise DataError(f"no valid rows to evaluate in {paths}: {bad_rows.summary()}")
         p, y = np.concatenate(scores), np.concatenate(labels)
         clipped = np.clip(p, _EPS, 1 - _EPS)
         logloss = -(y * np.log(clipped) + (1 - y) * np.log(1 - clipped)).mean(0)

@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
-from safetensors.torch import load_file as load_torch_file
 
 from tidal.config import RunConfig
 from tidal.data.extract import Extractor
@@ -71,33 +70,45 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, table_dtype: st
     """Write the bundle of a run directory's latest checkpoint (or of one checkpoint
     directory) to `out`. `table_dtype` (float32 or float16) overrides the config's."""
     directory = _checkpoint_dir(Path(source))
-    meta = json.loads((directory / "trainer.json").read_text())
-    config = RunConfig(**meta["config"])
+    config = RunConfig(**checkpoint.read_meta(directory)["config"])
     dtype = np.dtype(table_dtype or config.serving.table_dtype)
     if dtype not in (np.float32, np.float16):
         raise ConfigError(f"table dtype must be float32 or float16, got {table_dtype!r}")
     out = Path(out)
+    _check_replaceable(out, Path(source))
     staging = out.parent / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    (staging / "tables").mkdir(parents=True)
-    for name, table in load_tables(directory / "tables").items():
-        keys, values = _rows(table)
-        save_file({"keys": keys, "values": values.astype(dtype)}, str(staging / "tables" / f"{name}.safetensors"))
-    _save_program(_model(config, directory), config, staging / PROGRAM)
-    write_json_atomic(staging / MANIFEST, _manifest(config, directory, staging, str(dtype)))
-    fsync_path(staging)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(staging, out)
+    try:
+        (staging / "tables").mkdir(parents=True)
+        for name, table in load_tables(directory / "tables").items():
+            keys, values = _rows(table)
+            save_file({"keys": keys, "values": values.astype(dtype)}, str(staging / "tables" / f"{name}.safetensors"))
+        _save_program(_model(config, directory), config, staging / PROGRAM)
+        write_json_atomic(staging / MANIFEST, _manifest(config, directory, staging, str(dtype)))
+        fsync_path(staging)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # left only by a failed export
     return out
 
 
 def _checkpoint_dir(source: Path) -> Path:
-    if (source / "trainer.json").exists():
-        return source
-    if not (source / "checkpoints" / checkpoint.LATEST).exists():
+    if not (source / "trainer.json").exists() and not (source / "checkpoints" / checkpoint.LATEST).exists():
         raise CheckpointError(f"{source}: no checkpoint to export (expected a run directory with checkpoints/"
                               f"{checkpoint.LATEST}, or a checkpoint directory with trainer.json); train first")
-    return checkpoint.latest(source)
+    return checkpoint.find(source)
+
+
+def _check_replaceable(out: Path, source: Path) -> None:
+    """`out` may be written: new, empty, or an earlier bundle, and holding no part of `source`."""
+    if out.resolve() == source.resolve() or source.resolve().is_relative_to(out.resolve()):
+        raise CheckpointError(f"--out {out} holds the checkpoint being exported ({source}); choose another folder")
+    if out.is_file() or out.is_symlink():
+        raise CheckpointError(f"--out {out} is a file; expected a folder to write the bundle to")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise CheckpointError(f"--out {out} is a folder that is not a serving bundle; a bundle replaces only an "
+                              f"earlier bundle or an empty folder")
 
 
 def _rows(table) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
@@ -111,7 +122,7 @@ def _rows(table) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-de
 
 def _model(config: RunConfig, directory: Path) -> RankingModel:
     model = RankingModel(config.model, **model_sizes(config))
-    tensors = load_torch_file(str(directory / "dense.safetensors"))
+    tensors = checkpoint.load_dense(directory)
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     return model.eval()
 

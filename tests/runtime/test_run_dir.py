@@ -1,0 +1,123 @@
+"""What a run folder may hold, and what happens when it holds something else: earlier
+runs, damaged checkpoints, no valid data, exports aimed at the wrong place."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from runtime.test_trainer import _config
+
+from tidal.cli import main
+from tidal.config import RunConfig
+from tidal.errors import ConfigError, CorruptCheckpointError, DataError
+from tidal.runtime import Trainer, checkpoint
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A finished one-epoch run (no eval data): its config dict."""
+    config = _config(tmp_path, epochs=1)
+    config["data"]["eval"] = None
+    Trainer(RunConfig(**config)).fit()
+    return config
+
+
+def test_a_fresh_run_into_a_folder_holding_a_run_is_refused(run, tmp_path):
+    before = checkpoint.latest(tmp_path / "run")
+    written = (before / "trainer.json").read_bytes()
+    other = {**run, "model": {**run["model"], "hidden_sizes": [64]}}
+    with pytest.raises(ConfigError, match="holds an earlier run's checkpoints: pass --resume"):
+        Trainer(RunConfig(**other)).fit()
+    assert checkpoint.latest(tmp_path / "run") == before and (before / "trainer.json").read_bytes() == written
+
+
+def test_resume_applies_the_configs_learning_rate(run):
+    changed = {**run, "training": {**run["training"], "epochs": 2, "lr": 0.0007}}
+    trainer = Trainer(RunConfig(**changed))
+    trainer.fit(resume=True)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [0.0007]
+
+
+def test_no_valid_rows_fail_training_and_evaluation_saying_why(tmp_path):
+    config = _config(tmp_path, epochs=1)
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("1\tnot-enough-columns\n" * 3)
+    config["data"] = {**config["data"], "train": [str(bad)], "eval": None}
+    with pytest.raises(DataError, match=r"no valid rows to train on in data.train: 3 bad rows skipped:\n  .*bad.tsv:1"):
+        Trainer(RunConfig(**config)).fit()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    with pytest.raises(DataError, match="no valid rows to evaluate in .*bad.tsv.*: 3 bad rows skipped"):
+        Trainer(RunConfig(**config)).evaluate([str(bad)])
+
+
+def test_data_files_are_looked_for_before_anything_trains(tmp_path):
+    config = _config(tmp_path, epochs=1)
+    config["data"]["eval"] = [str(tmp_path / "nope.tsv")]
+    with pytest.raises(DataError, match="data.eval: no data file at .*nope.tsv"):
+        Trainer(RunConfig(**config)).fit()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_run_dir_that_is_a_file_is_refused(tmp_path):
+    config = _config(tmp_path, epochs=1, run_dir=str(tmp_path / "a-file"))
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match="training.run_dir .*a-file is a file"):
+        Trainer(RunConfig(**config)).fit()
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda ck: (ck.parent / "LATEST").write_text("garbage"), "LATEST: not valid JSON"),
+    (lambda ck: (ck.parent / "LATEST").write_text('{"x": 1}'), "LATEST: expected"),
+    (lambda ck: (ck / "trainer.json").write_text('{"position": '), "trainer.json: not valid JSON"),
+    (lambda ck: (ck / "dense.safetensors").unlink(), "dense.safetensors: missing"),
+    (lambda ck: (ck / "dense.safetensors").write_bytes((ck / "dense.safetensors").read_bytes()[:100]),
+     "dense.safetensors: truncated or damaged"),
+])
+def test_a_damaged_checkpoint_is_refused_naming_the_file(run, capsys, tmp_path, damage, reason):
+    run_dir = tmp_path / "run"
+    damage(checkpoint.latest(run_dir))
+    with pytest.raises(CorruptCheckpointError, match=reason):
+        Trainer(RunConfig(**run)).fit(resume=True)
+    assert main(["eval", "--checkpoint", str(run_dir), "--data", *run["data"]["train"]]) == 2
+    assert main(["export", "--checkpoint", str(run_dir), "--out", str(tmp_path / "bundle")]) == 2
+    err = capsys.readouterr().err
+    assert err.count(reason) == 2 and "Traceback" not in err
+    assert not list(tmp_path.glob(".tmp-*"))  # a failed export leaves nothing behind
+
+
+def test_eval_takes_one_checkpoint_and_a_device(run, capsys, tmp_path):
+    directory = checkpoint.latest(tmp_path / "run")
+    meta = json.loads((directory / "trainer.json").read_text())
+    meta["config"]["training"]["device"] = "cuda"  # trained on a GPU machine
+    (directory / "trainer.json").write_text(json.dumps(meta))
+    assert main(["eval", "--checkpoint", str(directory), "--data", *run["data"]["train"], "--device", "cpu"]) == 0
+    assert "click: AUC 0." in capsys.readouterr().out
+
+
+def test_export_never_replaces_what_is_not_a_bundle(run, capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    kept = sorted(p.name for p in run_dir.iterdir())
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    (tmp_path / "a-file").write_text("x")
+    for out, reason in [(run_dir, "holds the checkpoint being exported"), (tmp_path, "holds the checkpoint"),
+                        (tmp_path / "notes", "not a serving bundle"), (tmp_path / "a-file", "is a file")]:
+        assert main(["export", "--checkpoint", str(run_dir), "--out", str(out)]) == 2
+        assert reason in capsys.readouterr().err
+    assert sorted(p.name for p in run_dir.iterdir()) == kept and (tmp_path / "notes" / "todo.txt").exists()
+    bundle = tmp_path / "bundle"
+    assert main(["export", "--checkpoint", str(run_dir), "--out", str(bundle)]) == 0
+    assert main(["export", "--checkpoint", str(run_dir), "--out", str(bundle)]) == 0  # an earlier bundle is replaced
+
+
+def test_ctrl_c_in_train_says_how_to_go_on(run, capsys, tmp_path, monkeypatch):
+    def interrupted(trainer, **kwargs):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "fit", interrupted)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run))
+    assert main(["train", "--config", str(path)]) == 130
+    assert "interrupted; `tidal train --resume` continues" in capsys.readouterr().err
