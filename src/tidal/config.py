@@ -66,8 +66,8 @@ class _Model(BaseModel):
         except pydantic.ValidationError as exc:
             name = values.get("name")
             where = type(self).__name__ + (f" {name!r}" if isinstance(name, str) else "")
-            error = ConfigError(_describe(where, exc))
-            error.problems = _problems(exc)  # read by an enclosing model's validation
+            error = ConfigError(_describe(where, exc, values))
+            error.problems = _problems(exc, values)  # read by an enclosing model's validation
             raise error from None
 
 
@@ -515,23 +515,45 @@ def _unique_key_loader() -> type:
     return Loader
 
 
-def _describe(where: str, exc: pydantic.ValidationError) -> str:
-    return "\n".join(f"{where}: {path}: {msg}" for path, msg in _problems(exc))
+def _describe(where: str, exc: pydantic.ValidationError, values: dict) -> str:
+    return "\n".join(f"{where}: {path}: {msg}" for path, msg in _problems(exc, values))
 
 
-def _problems(exc: pydantic.ValidationError) -> list[tuple[str, str]]:
+def _problems(exc: pydantic.ValidationError, values: dict) -> list[tuple[str, str]]:
     """(dotted path, 'what is wrong, got value') for every error, nested ones flattened."""
     found = []
     for err in exc.errors(include_url=False):
-        path = ".".join(str(part) for part in err["loc"])
         inner = err.get("ctx", {}).get("error")
-        if isinstance(inner, ConfigError) and hasattr(inner, "problems"):
+        nested = isinstance(inner, ConfigError) and hasattr(inner, "problems")
+        path = ".".join(_keys_of(err["loc"], values, inside=nested))
+        if nested:
             found += [(f"{path}.{sub}".strip("."), msg) for sub, msg in inner.problems]
         elif err["type"] == "value_error":  # our own check: its message says what came
             found.append((path or "(root)", err["msg"].removeprefix("Value error, ")))
         else:
             found.append((path or "(root)", f"{err['msg']}, got {_shown(err.get('input'))}"))
     return found
+
+
+def _keys_of(loc: tuple, values: Any, inside: bool = False) -> list[str]:
+    """The parts of an error's location that are keys or indices of the config, without
+    the union branches pydantic names on the way (``str``, ``list[str]``, ``adagrad``).
+    `inside`: the location goes on inside the value it reaches (a nested model's error)."""
+    parts = []
+    for k, part in enumerate(loc):
+        last = k + 1 == len(loc)
+        if _holds(values, part):
+            parts.append(str(part))
+            values = values[part]
+        elif isinstance(values, dict) and not (last and inside) and not (not last and _holds(values, loc[k + 1])):
+            parts.append(str(part))  # a missing or unknown key; else a tag before the key that failed
+    return parts
+
+
+def _holds(values: Any, part: Any) -> bool:
+    if isinstance(values, dict):
+        return part in values
+    return isinstance(values, list) and isinstance(part, int) and 0 <= part < len(values)
 
 
 def _shown(value: Any, limit: int = 200) -> str:
