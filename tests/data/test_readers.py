@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -124,8 +126,8 @@ def test_tsv_quotes_are_plain_characters_and_blank_lines_keep_their_numbers(tmp_
     rows = pa.Table.from_batches(list(read_batches(path, columns=SMALL, checks=CHECKS, bad_rows=report)))
     assert rows.column("C1").to_pylist() == ['"x', '"z"']  # no quoting: nothing swallowed or stripped
     assert sorted(report.examples) == sorted([
-        f"{path}:2: column 'label': expected 0 or 1, got ''",  # a blank line: a row of empty fields
-        f"{path}:3: column 'label': expected 0 or 1, got ''",
+        f"{path}:2: an empty line (every field empty)",
+        f"{path}:3: an empty line (every field empty)",
         f"{path}:4: column 'I1': expected an integer (up to 18 digits) or nothing, got 'bad'",
     ])
 
@@ -151,7 +153,7 @@ def test_batches_hold_exactly_batch_rows_across_files(tmp_path):
 @pytest.mark.parametrize("kind", ["tsv", "csv"])
 @pytest.mark.parametrize("batch_rows", [50, 65536])
 def test_every_bad_row_is_located_across_parser_blocks(tmp_path, monkeypatch, kind, batch_rows):
-    """40 bad rows of four kinds, some right after another, at random lines of a file
+    """40 bad rows of five kinds, some right after another, at random lines of a file
     the parser reads in several blocks: each reported at its own line, no good row lost."""
     from tidal.data import readers
 
@@ -159,18 +161,20 @@ def test_every_bad_row_is_located_across_parser_blocks(tmp_path, monkeypatch, ki
     sep, header = ("\t", "") if kind == "tsv" else (",", "label,I1,C1\n")
     rng = np.random.default_rng(1)
     rows = [f"{k % 2}{sep}{k}{sep}c{k}" for k in range(20_000)]
-    spoilers = [lambda k: f"1{sep}{k}", lambda k: f"0{sep}x{k}{sep}c{k}", lambda k: "", lambda k: f"2{sep}{k}{sep}c{k}"]
+    spoilers = [lambda k: f"1{sep}{k}", lambda k: f"0{sep}x{k}{sep}c{k}", lambda k: "", lambda k: f"2{sep}{k}{sep}c{k}",
+                lambda k: f"1{sep}{k}{sep}\xff{k}"]  # not UTF-8 once written as Latin-1
     starts = rng.choice(np.arange(1, 19_990, 2), 20, replace=False)
     bad = sorted({int(k) for s in starts for k in (s, s + 1)})  # pairs: a bad row right after a bad row
     for n, k in enumerate(bad):
-        rows[k] = spoilers[n % 4](k)
-    path = _write(tmp_path / f"d.{kind}", header + "\n".join(rows) + "\n")
+        rows[k] = spoilers[n % len(spoilers)](k)
+    path = tmp_path / f"d.{kind}"
+    path.write_bytes((header + "\n".join(rows) + "\n").encode("latin-1"))
     report = BadRows()
     read = pa.Table.from_batches(list(read_batches(path, columns=SMALL, checks=CHECKS, batch_rows=batch_rows,
                                                    bad_rows=report)))
     first_line = 2 if header else 1
     assert [int(e.removeprefix(f"{path}:").split(":")[0]) for e in report.examples] == [k + first_line for k in bad]
-    assert report.count == len(bad) == 40
+    assert report.count == len(bad) == 40 and sum("not UTF-8" in e for e in report.examples) == 8
     assert read.column("C1").to_pylist() == [f"c{k}" for k in range(20_000) if k not in set(bad)]
 
 
@@ -194,3 +198,85 @@ def test_criteo_columns_are_checked_by_default(tmp_path):
     report = BadRows()
     assert sum(b.num_rows for b in read_batches(data.paths, bad_rows=report)) == 50
     assert report.count == 1 and "column 'I1': expected an integer" in report.examples[0]
+
+
+def test_parquet_columns_of_lists_or_structs_are_a_clear_error(tmp_path):
+    pq.write_table(pa.table({"label": ["1"], "I1": [[1, 2]], "C1": [{"a": 1}]}), tmp_path / "d.parquet")
+    with pytest.raises(DataError, match=r"d\.parquet: column 'I1' has type list<.*>; column 'C1' has type struct<.*>; "
+                                        r"expected strings or numbers"):
+        list(read_batches(tmp_path / "d.parquet", columns=SMALL))
+
+
+def test_parquet_binary_fields_that_are_not_utf8_are_bad_rows(tmp_path):
+    pq.write_table(pa.table({"label": ["1", "0", "1"], "I1": ["1", "2", "3"], "C1": [b"a", b"\xff", b"c"]}),
+                   tmp_path / "d.parquet")
+    report = BadRows()
+    rows = pa.Table.from_batches(list(read_batches(tmp_path / "d.parquet", columns=SMALL, bad_rows=report)))
+    assert rows.column("C1").to_pylist() == ["a", "c"]
+    assert report.examples == [f"{tmp_path / 'd.parquet'}:2: column 'C1': not UTF-8 text"]
+
+
+@pytest.mark.parametrize("kind", ["tsv", "csv"])
+def test_a_field_that_is_not_utf8_is_a_bad_row_not_a_failed_file(tmp_path, kind):
+    sep, header = ("\t", b"") if kind == "tsv" else (",", b"label,I1,C1\n")
+    path = tmp_path / f"d.{kind}"
+    rows = [f"1{sep}{k}{sep}c{k}".encode() for k in range(5)]
+    rows[0], rows[2] = f"1{sep}0{sep}é".encode(), f"1{sep}2{sep}".encode() + b"\xff\xfe"
+    path.write_bytes(header + b"\n".join(rows) + b"\n")
+    report = BadRows()
+    rows = pa.Table.from_batches(list(read_batches(path, columns=SMALL, checks=CHECKS, bad_rows=report)))
+    assert rows.column("C1").to_pylist() == ["é", "c1", "c3", "c4"]
+    line = 3 + bool(header)
+    assert report.examples == [f"{path}:{line}: column 'C1': not UTF-8 text"]
+    with pytest.raises(DataError, match=rf"d\.{kind}:{line}: column 'C1': not UTF-8 text \(on_bad_row is 'fail'\)"):
+        list(read_batches(path, columns=SMALL, checks=CHECKS, on_bad_row="fail"))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # pyarrow's, unavoidable
+def test_a_short_line_that_is_not_utf8_names_its_line(tmp_path):
+    path = tmp_path / "d.tsv"
+    path.write_bytes(b"1\t5\ta\n1\t\xff\n")  # pyarrow cannot hand the line to the bad-row handler
+    with pytest.raises(DataError, match=r"d\.tsv:2: expected 3 columns, found 2, in a line that is not UTF-8 text$"):
+        list(read_batches(path, columns=SMALL))
+
+
+def test_gzip_content_needs_a_name_ending_in_gz(tmp_path):
+    text = "1\t5\ta\n0\t6\tb\n"
+    with gzip.open(tmp_path / "d.tsv", "wt") as f:
+        f.write(text)
+    with pytest.raises(DataError, match=r"d\.tsv: the file looks gzip-compressed .* name it d\.tsv\.gz"):
+        list(read_batches(tmp_path / "d.tsv", columns=SMALL))
+    (tmp_path / "d.tsv").rename(tmp_path / "d.tsv.gz")
+    rows = pa.Table.from_batches(list(read_batches(tmp_path / "d.tsv.gz", columns=SMALL)))
+    assert rows.column("C1").to_pylist() == ["a", "b"]
+
+
+def test_a_line_longer_than_the_parser_block_is_named(tmp_path):
+    path = _write(tmp_path / "d.tsv", "1\t5\ta\n" * 3 + "1\t5\t" + "x" * 300_000 + "\n" + "1\t5\ta\n" * 3)
+    with pytest.raises(DataError, match=r"d\.tsv:4: the line is longer than the parser's block \(65536 bytes\)"):
+        list(read_batches(path, columns=SMALL, batch_rows=10))
+
+
+@pytest.mark.parametrize("name", ["d.tsv", "d.csv", "d.parquet"])
+def test_an_empty_file_has_no_rows(tmp_path, name):
+    (tmp_path / name).touch()
+    report = BadRows()
+    assert list(read_batches(tmp_path / name, columns=SMALL, bad_rows=report)) == []
+    assert report.count == 0
+
+
+def test_a_csv_header_naming_a_column_twice_is_an_error(tmp_path):
+    path = _write(tmp_path / "d.csv", "label,I1,C1,I1,x,x\n1,2,a,3,4,5\n")
+    with pytest.raises(DataError, match=r"d\.csv: the CSV header names columns \['I1'\] more than once"):
+        list(read_batches(path, columns=SMALL))
+    with pytest.raises(DataError, match=r"d\.csv: the CSV header lacks columns \['C2'\]"):
+        list(read_batches(_write(path, "label,I1,C1\n1,2,a\n"), columns=[*SMALL, "C2"]))
+
+
+def test_a_blank_line_is_reported_as_an_empty_line(tmp_path):
+    path = _write(tmp_path / "d.tsv", "1\t5\ta\n\n1\t\t\n")
+    report = BadRows()
+    assert sum(b.num_rows for b in read_batches(path, columns=SMALL, bad_rows=report)) == 2
+    assert report.examples == [f"{path}:2: an empty line (every field empty)"]
+    with pytest.raises(DataError, match=r"d\.tsv:2: an empty line \(every field empty\) \(on_bad_row is 'fail'\)"):
+        list(read_batches(path, columns=SMALL, on_bad_row="fail"))

@@ -3,16 +3,19 @@
 Files are read in record batches, one file after the other, so no file has to fit in
 memory. Every column comes out as a string column (Parquet columns are cast), and
 checked columns are checked row by row without Python loops: a row with the wrong
-number of columns, an unparsable number or a label that is not 0 or 1 is a bad row. Bad rows are counted and
-described (file, line, reason) in a `BadRows` report and skipped, or, with
-``on_bad_row="fail"``, stop the run with a `DataError` naming the first one.
+number of columns, an empty line, a field that is not UTF-8 text, an unparsable number
+or a label that is not 0 or 1 is a bad row. Bad rows are counted and described (file,
+line, reason) in a `BadRows` report and skipped, or, with ``on_bad_row="fail"``, stop
+the run with a `DataError` naming the first one.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import glob
 import os
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +40,7 @@ _PATTERNS = {  # what a checked column must hold; "label" may not be empty, the 
 _EXPECTED = {"integer": "an integer (up to 18 digits) or nothing",
              "number": "a number within float32's range (|x| < 3.4e38) or nothing", "label": "0 or 1"}
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+_TO_STRING = pc.CastOptions(pa.string(), allow_invalid_utf8=True)  # binary fields are checked row by row
 CRITEO_CHECKS: dict[str, str] = {"label": "label", **{c: "integer" for c in CRITEO_DENSE}}
 _MAX_EXAMPLES = 20
 
@@ -87,7 +91,8 @@ def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
 
     TSV files have no header and the columns of `columns` (Criteo's layout by default);
     CSV files have a header line; Parquet files must hold every column of `columns`.
-    The format follows the file suffix unless `file_format` says otherwise. Batches
+    The format follows the file suffix unless `file_format` says otherwise; a name
+    ending in .gz (d.tsv.gz) is read gunzipped, and an empty file has no rows. Batches
     hold exactly `batch_rows` rows, the last one fewer. Empty
     fields are kept as empty strings (missing values). `checks` maps columns to what
     they must hold: "integer" or "number" (or nothing), or "label" (0 or 1); by default,
@@ -109,9 +114,11 @@ def _checked(paths: list[str], columns: Sequence[str], checks: Mapping[str, str]
              batch_rows: int, report: BadRows, on_bad_row: str) -> Iterator[pa.RecordBatch]:
     for path in paths:
         kind = file_format or _format_of(path)
+        if os.path.getsize(path) == 0:  # no rows, like a CSV file of just a header
+            continue
         batches = _parquet(path, columns, batch_rows) if kind == "parquet" else _text(path, kind, columns, batch_rows)
-        for batch, lines, wrong_width in batches:
-            yield _valid_rows(batch, path, lines, checks, report, on_bad_row, wrong_width)
+        for batch, lines, dropped in batches:
+            yield _valid_rows(batch, path, lines, checks, report, on_bad_row, dropped)
 
 
 def _exactly(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
@@ -131,11 +138,12 @@ def _exactly(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.Record
 
 
 def _format_of(path: str) -> str:
-    suffix = Path(path).suffix.lower()
+    name = Path(path).name.lower()
+    suffix = Path(name.removesuffix(".gz")).suffix  # pyarrow gunzips d.tsv.gz itself
     formats = {".tsv": "tsv", ".txt": "tsv", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
-    if suffix not in formats:
-        raise DataError(f"{path}: cannot tell the format from the suffix {suffix!r}; "
-                        f"use .tsv, .csv or .parquet, or pass file_format")
+    if suffix not in formats or (name.endswith(".gz") and formats[suffix] == "parquet"):
+        raise DataError(f"{path}: cannot tell the format from the suffix {Path(path).suffix.lower()!r}; "
+                        f"use .tsv, .csv or .parquet (.tsv.gz or .csv.gz if gzip-compressed), or pass file_format")
     return formats[suffix]
 
 
@@ -156,30 +164,121 @@ class _Lines:
 
 def _text(path: str, kind: str, columns: Sequence[str],
           batch_rows: int) -> Iterator[tuple[pa.RecordBatch, _Lines, list[tuple[int, str]]]]:
-    """(batch, where its rows came from, (line, reason) of the rows of the wrong width
-    dropped up to its last line) from a TSV or CSV file; those after its last row come
-    with an empty batch."""
+    """(batch, where its rows came from, (line, reason) of the rows dropped up to its
+    last line: of the wrong width or not UTF-8 text) from a TSV or CSV file; those
+    after its last row come with an empty batch."""
+    _check_not_gzip(path)
+    if kind == "csv":
+        _check_header(path, columns)
     skipped: list[int] = []
-    wrong_width: list[tuple[int, str]] = []  # not yet handed on with a batch
+    dropped: list[tuple[int, str]] = []  # not yet handed on with a batch
 
     def handle(row: pacsv.InvalidRow) -> str:
-        wrong_width.append((row.number, f"expected {row.expected_columns} columns, found {row.actual_columns}"))
+        dropped.append((row.number, f"expected {row.expected_columns} columns, found {row.actual_columns}"))
         skipped.append(row.number)
         return "skip"
 
+    block_bytes = max(1 << 16, batch_rows * 300)  # Criteo rows: ~300 bytes
+    next_line = 2 if kind == "csv" else 1  # a CSV file starts with its header
     try:
-        reader = _open_text(path, kind, columns, batch_rows, handle)
-        next_line = 2 if kind == "csv" else 1  # a CSV file starts with its header
-        for batch in reader:
+        for batch in _open_text(path, kind, columns, block_bytes, handle):
             del skipped[: bisect.bisect_left(skipped, next_line)]  # lines of earlier batches
             lines = _Lines(next_line, tuple(skipped))
             next_line = lines.of(batch.num_rows - 1) + 1 if batch.num_rows else next_line
-            yield batch, lines, _take_before(wrong_width, next_line)
-    except (pa.ArrowInvalid, pa.ArrowKeyError) as exc:
-        raise DataError(f"{path}: cannot read it as {kind.upper()} ({exc})") from None
-    if wrong_width:
+            batch, lines = _without_non_utf8(batch, lines, columns, dropped)
+            yield batch, lines, _take_before(dropped, next_line)
+    except (pa.ArrowInvalid, pa.ArrowKeyError, OSError) as exc:  # OSError: a broken .gz file
+        raise _read_error(path, kind, exc, block_bytes, next_line) from None
+    if dropped:
         empty = pa.RecordBatch.from_pydict({c: pa.array([], pa.string()) for c in columns})
-        yield empty, _Lines(next_line), sorted(wrong_width)
+        yield empty, _Lines(next_line), sorted(dropped)
+
+
+def _check_not_gzip(path: str) -> None:
+    """pyarrow gunzips a file only when its name ends in .gz."""
+    with open(path, "rb") as file:
+        if file.read(2) == b"\x1f\x8b" and not path.lower().endswith(".gz"):
+            raise DataError(f"{path}: the file looks gzip-compressed (it starts with bytes 1f 8b) but its name "
+                            f"does not end in .gz; name it {Path(path).name}.gz, or gunzip it")
+
+
+def _check_header(path: str, columns: Sequence[str]) -> None:
+    try:
+        with pa.input_stream(path) as stream:  # gunzips d.csv.gz as pyarrow's reader does
+            first_line = stream.read(1 << 20).split(b"\n", 1)[0] + b"\n"
+        names = pacsv.read_csv(pa.BufferReader(first_line)).column_names
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError):
+        return  # pyarrow's reader says what is wrong
+    twice = sorted({c for c in columns if names.count(c) > 1})
+    if twice:
+        raise DataError(f"{path}: the CSV header names columns {twice} more than once; expected each once, got {names}")
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise DataError(f"{path}: the CSV header lacks columns {missing}; it has {names}")
+
+
+def _read_error(path: str, kind: str, exc: Exception, block_bytes: int, next_line: int) -> DataError:
+    message = str(exc)
+    if "straddl" in message:  # "straddling object straddles two block boundaries"
+        line = _first_long_line(path, block_bytes, next_line)
+        where = f"{path}:{line}: the line" if line else f"{path}: a row from line {next_line} on"
+        return DataError(f"{where} is longer than the parser's block ({block_bytes} bytes); shorten it, or raise "
+                         f"batch_rows (the block holds 300 bytes a batch row, at least 64 KiB)")
+    width = re.search(r"Row #(\d+): Expected (\d+) columns, got (\d+)", message)
+    if width:  # our handler skips such a row unless pyarrow fails to decode it for the handler
+        line, expected, found = width.groups()
+        return DataError(f"{path}:{line}: expected {expected} columns, found {found}, in a line that is not UTF-8 text")
+    return DataError(f"{path}: cannot read it as {kind.upper()} ({message})")
+
+
+def _first_long_line(path: str, max_bytes: int, start: int) -> int | None:
+    """The number of the first line from line `start` on that is longer than `max_bytes`."""
+    line, length = 1, 0  # of the line read so far
+    with pa.input_stream(path) as stream:
+        while chunk := stream.read(1 << 20):
+            *ended, rest = chunk.split(b"\n")
+            for part in ended:
+                if length + len(part) > max_bytes and line >= start:
+                    return line
+                line, length = line + 1, 0
+            length += len(rest)
+    return line if length > max_bytes and line >= start else None
+
+
+def _without_non_utf8(batch: pa.RecordBatch, lines: _Lines, names: Sequence[str],
+                      dropped: list[tuple[int, str]]) -> tuple[pa.RecordBatch, _Lines]:
+    """`batch` without the rows whose fields in `names` are not UTF-8 text, added to
+    `dropped`, and where its rows came from."""
+    bad: dict[int, str] = {}  # row -> why
+    for name in names:
+        for row in _not_utf8(batch.column(name)):
+            bad.setdefault(row, f"column {name!r}: not UTF-8 text")
+    if not bad:
+        return batch, lines
+    dropped += [(lines.of(row), why) for row, why in bad.items()]
+    keep = np.ones(batch.num_rows, dtype=bool)
+    keep[list(bad)] = False
+    return batch.filter(pa.array(keep)), _Lines(lines.first, tuple(sorted([*lines.skipped, *map(lines.of, bad)])))
+
+
+def _not_utf8(column: pa.Array) -> list[int]:
+    """The rows of a string `column` (read unchecked) that are not UTF-8 text."""
+    data = column.buffers()[2]
+    if data is None or data.size == 0 or np.frombuffer(data, np.uint8).max() < 0x80:
+        return []  # ASCII: five times faster to see than pyarrow's own check
+    try:
+        column.validate(full=True)
+        return []
+    except pa.ArrowInvalid:
+        return [row for row, raw in enumerate(column.cast(pa.binary()).to_pylist()) if not _is_utf8(raw)]
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _take_before(found: list[tuple[int, str]], line: int) -> list[tuple[int, str]]:
@@ -189,48 +288,78 @@ def _take_before(found: list[tuple[int, str]], line: int) -> list[tuple[int, str
     return taken
 
 
-def _open_text(path: str, kind: str, columns: Sequence[str], batch_rows: int,
+def _open_text(path: str, kind: str, columns: Sequence[str], block_bytes: int,
                handler: Callable[[pacsv.InvalidRow], str]) -> pacsv.CSVStreamingReader:
     header = kind == "csv"
     return pacsv.open_csv(
         path,
         read_options=pacsv.ReadOptions(column_names=None if header else list(columns), use_threads=False,
-                                       block_size=max(1 << 16, batch_rows * 300)),  # Criteo rows: ~300 bytes
+                                       block_size=block_bytes),
         parse_options=pacsv.ParseOptions(delimiter="\t" if kind == "tsv" else ",", invalid_row_handler=handler,
                                          quote_char=False if kind == "tsv" else '"',  # TSV has no quoting
                                          ignore_empty_lines=False),  # a blank line is a bad row, and counts
         convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns},
-                                             include_columns=list(columns), strings_can_be_null=False),
+                                             include_columns=list(columns), strings_can_be_null=False,
+                                             check_utf8=False),  # checked row by row instead
     )
 
 
 def _parquet(path: str, columns: Sequence[str],
              batch_rows: int) -> Iterator[tuple[pa.RecordBatch, _Lines, list[tuple[int, str]]]]:
+    source = _open_parquet(path, columns)
+    binary = [c for c in columns if _is_binary(source.schema_arrow.field(c).type)]  # may hold more than UTF-8
+    row = 1
+    for read in source.iter_batches(batch_size=batch_rows, columns=list(columns)):
+        strings = [pc.fill_null(pc.cast(read.column(c), options=_TO_STRING), "") for c in columns]
+        dropped: list[tuple[int, str]] = []
+        batch, lines = _without_non_utf8(pa.RecordBatch.from_arrays(strings, names=list(columns)), _Lines(row),
+                                         binary, dropped)
+        yield batch, lines, dropped
+        row += read.num_rows
+
+
+def _open_parquet(path: str, columns: Sequence[str]) -> pq.ParquetFile:
     try:
         source = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
-    missing = [c for c in columns if c not in source.schema_arrow.names]
+    schema = source.schema_arrow
+    missing = [c for c in columns if c not in schema.names]
     if missing:
-        raise DataError(f"{path}: Parquet file lacks columns {missing}; it has {source.schema_arrow.names}")
-    row = 1
-    for batch in source.iter_batches(batch_size=batch_rows, columns=list(columns)):
-        strings = [pc.fill_null(pc.cast(batch.column(c), pa.string()), "") for c in columns]
-        yield pa.RecordBatch.from_arrays(strings, names=list(columns)), _Lines(row), []
-        row += batch.num_rows
+        raise DataError(f"{path}: Parquet file lacks columns {missing}; it has {schema.names}")
+    types = {c: schema.field(c).type for c in columns}
+    unreadable = [f"column {c!r} has type {t}" for c, t in types.items() if not _to_string(t)]
+    if unreadable:
+        raise DataError(f"{path}: {'; '.join(unreadable)}; expected strings or numbers")
+    return source
+
+
+def _to_string(kind: pa.DataType) -> bool:
+    """Whether pyarrow casts `kind` to strings (not lists, structs or maps)."""
+    try:
+        pc.cast(pa.nulls(0, kind), options=_TO_STRING)
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
+        return False
+    return True
+
+
+def _is_binary(kind: pa.DataType) -> bool:
+    return any(f(kind) for f in (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_fixed_size_binary,
+                                 pa.types.is_binary_view))
 
 
 def _valid_rows(batch: pa.RecordBatch, path: str, lines: _Lines, checks: Mapping[str, str], report: BadRows,
-                on_bad_row: str, wrong_width: list[tuple[int, str]]) -> pa.RecordBatch:
+                on_bad_row: str, dropped: list[tuple[int, str]]) -> pa.RecordBatch:
     """`batch` without the rows whose checked fields do not hold what they must. Those
-    and the rows of the `wrong_width` dropped among them are reported in line order, or,
-    in fail mode, the first of them stops the run."""
+    and the rows `dropped` among them are reported in line order, or, in fail mode,
+    the first of them stops the run."""
     bad: dict[int, str] = {}  # row -> why (its first bad column)
     for name, kind in checks.items():
         column = batch.column(name)
         for row in np.flatnonzero(~_fine(column, kind).to_numpy(zero_copy_only=False)):
             bad.setdefault(int(row), f"column {name!r}: expected {_EXPECTED[kind]}, got {column[row].as_py()!r}")
-    found = sorted([(lines.of(row), why) for row, why in bad.items()] + wrong_width)
+    bad.update(dict.fromkeys(_empty_rows(batch, list(bad)), "an empty line (every field empty)"))
+    found = sorted([(lines.of(row), why) for row, why in bad.items()] + dropped)
     if found and on_bad_row == "fail":
         line, reason = found[0]
         raise DataError(f"{path}:{line}: {reason} (on_bad_row is 'fail')")
@@ -241,6 +370,15 @@ def _valid_rows(batch: pa.RecordBatch, path: str, lines: _Lines, checks: Mapping
     good = np.ones(batch.num_rows, dtype=bool)
     good[list(bad)] = False
     return batch.filter(pa.array(good))
+
+
+def _empty_rows(batch: pa.RecordBatch, rows: list[int]) -> list[int]:
+    """Those of `rows` whose every field is empty, as pyarrow reads a blank line."""
+    if not rows:
+        return []
+    taken = batch.take(rows)
+    empty = functools.reduce(pc.and_, [pc.equal(pc.binary_length(c), 0) for c in taken.columns])
+    return [row for row, is_empty in zip(rows, empty.to_pylist()) if is_empty]
 
 
 def _fine(column: pa.Array, kind: str) -> pa.Array:
