@@ -121,3 +121,15 @@ def test_ctrl_c_in_train_says_how_to_go_on(run, capsys, tmp_path, monkeypatch):
     path.write_text(yaml.safe_dump(run))
     assert main(["train", "--config", str(path)]) == 130
     assert "interrupted; `tidal train --resume` continues" in capsys.readouterr().err
+
+
+def test_a_list_of_files_in_two_formats_is_refused(tmp_path):
+    from tidal.data import generate
+
+    config = _config(tmp_path, epochs=1)
+    parquet = generate(tmp_path / "pq", rows=500, seed=1, split=2, file_format="parquet")
+    config["data"] = {**config["data"], "train": parquet.paths + config["data"]["train"], "eval": None}
+    with pytest.raises(DataError, match=r"the data files mix formats \(.*part-00000.parquet is parquet, .*tsv is tsv\)"):
+        Trainer(RunConfig(**config)).fit()
+    with pytest.raises(DataError, match="mix formats"):
+        Trainer(RunConfig(**config)).evaluate(config["data"]["train"])

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from tidal.data.criteo import CRITEO_COLUMNS, CRITEO_DENSE
 from tidal.errors import DataError
 
-__all__ = ["BadRows", "CRITEO_CHECKS", "expand_paths", "read_batches"]
+__all__ = ["BadRows", "CRITEO_CHECKS", "expand_paths", "format_of", "read_batches"]
 
 _PATTERNS = {  # what a checked column must hold; "label" may not be empty, the others may
     "integer": r"^-?[0-9]{1,18}$",  # up to 18 digits: always inside int64
@@ -113,7 +113,7 @@ def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
 def _checked(paths: list[str], columns: Sequence[str], checks: Mapping[str, str], file_format: str | None,
              batch_rows: int, report: BadRows, on_bad_row: str) -> Iterator[pa.RecordBatch]:
     for path in paths:
-        kind = file_format or _format_of(path)
+        kind = file_format or format_of(path)
         if os.path.getsize(path) == 0:  # no rows, like a CSV file of just a header
             continue
         batches = _parquet(path, columns, batch_rows) if kind == "parquet" else _text(path, kind, columns, batch_rows)
@@ -137,7 +137,8 @@ def _exactly(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.Record
         yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
 
 
-def _format_of(path: str) -> str:
+def format_of(path: str) -> str:
+    """tsv, csv or parquet, from the file name (d.tsv.gz is tsv)."""
     name = Path(path).name.lower()
     suffix = Path(name.removesuffix(".gz")).suffix  # pyarrow gunzips d.tsv.gz itself
     formats = {".tsv": "tsv", ".txt": "tsv", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}

@@ -24,7 +24,7 @@ from tidal.data.batch import SparseBatch
 from tidal.data.criteo import CRITEO_COLUMNS
 from tidal.data.extract import Extractor
 from tidal.data.generate import auc
-from tidal.data.readers import BadRows, expand_paths
+from tidal.data.readers import BadRows, expand_paths, format_of
 from tidal.embedding import EmbeddingCollection
 from tidal.errors import ConfigError, DataError, TidalError
 from tidal.models import PRECISIONS, RankingModel, compute_precision, resolve_precision, weighted_bce
@@ -94,7 +94,12 @@ class Trainer:
         """How to read the files at `paths` as this run's batches (checked, columns resolved)."""
         data = self.config.data
         files = expand_paths(paths)
-        tsv = (data.format or Path(files[0]).suffix.lstrip(".")) in ("tsv", "txt")
+        formats = {f: data.format or format_of(f) for f in files}
+        if len(set(formats.values())) > 1:
+            examples = {kind: f for f, kind in formats.items()}
+            raise DataError(f"the data files mix formats ({', '.join(f'{f} is {k}' for k, f in examples.items())}); "
+                            f"every file of a list must have the same format and columns")
+        tsv = formats[files[0]] == "tsv"
         columns = (data.columns or list(CRITEO_COLUMNS)) if tsv else self.extractor.columns
         missing = [c for c in self.extractor.columns if c not in columns]
         if missing:
