@@ -254,6 +254,8 @@ def _bad_requests(rows, specs) -> list[tuple[bytes, dict, int, str]]:
         (b'{"inputs": [], "id": ' + b"1" * 5000 + b"}", {}, 400, "not valid JSON"),
         (altered(lambda b: b.update(parameters={"sequence_id": "s" * 257, "sequence_start": True})), {}, 400,
          "sequence_id is 257 characters long; at most 256"),
+        (altered(lambda b: b.update(parameters={"sequence_id": 2**64, "sequence_start": True})), {}, 400,
+         "an integer sequence_id must be an unsigned 64-bit number"),
         (altered(lambda b: b["inputs"].extend([{"name": "C7.lengths", "datatype": "INT64", "shape": [rows.num_rows],
                                                 "data": [1] * rows.num_rows}])
                  or tensor(b, "C7").update(datatype="FP64", data=[2.5] * rows.num_rows)), {}, 400,

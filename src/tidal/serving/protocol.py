@@ -303,6 +303,8 @@ def _parameters(request: dict) -> dict:
         raise RequestError(f"sequence_id must be an integer or a string, got {sequence_id!r}")
     if isinstance(sequence_id, str) and len(sequence_id) > MAX_SEQUENCE_ID:
         raise RequestError(f"sequence_id is {len(sequence_id)} characters long; at most {MAX_SEQUENCE_ID} are taken")
+    if isinstance(sequence_id, int) and not 0 <= sequence_id < 1 << 64:
+        raise RequestError(f"an integer sequence_id must be an unsigned 64-bit number, got {sequence_id}")
     flags = {k: params.get(k, False) for k in ("sequence_start", "sequence_end", "binary_data_output")}
     bad = {k: v for k, v in flags.items() if not isinstance(v, bool)}
     if bad:
