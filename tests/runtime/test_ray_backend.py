@@ -79,3 +79,23 @@ def test_killed_sparse_actor_is_replaced_without_loss(cluster, data, tmp_path, m
     assert killed and report["sparse_worker_failures"] and report["sparse_worker_failures"][0]["worker"] == 0
     assert report["lost_samples"] == 0 and summary["rows"] == 12_000
     assert _all_actors_gone()
+
+
+def test_an_address_nothing_answers_at_fails_in_seconds_naming_it():
+    import socket
+
+    from tidal.errors import ConfigError
+    from tidal.runtime.ray_backend import _check_reachable
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]  # closed again before the check: nothing listens there
+    start = time.monotonic()
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(ConfigError, match=f"runtime.ray_address {address}: nothing answers there"):
+            _check_reachable(address)
+    assert time.monotonic() - start < 10
+    with pytest.raises(ConfigError, match="must be 'auto', 'host:port' or 'ray://host:port'"):
+        _check_reachable("somewhere")
+    _check_reachable("auto")
+    _check_reachable(None)

@@ -155,6 +155,23 @@ class _DenseActor(DenseWorker):
         self.all_reduce = _GlooAllReduce(address, port, world, self.rank)
 
 
+_CONNECT_S = 5.0
+
+
+def _check_reachable(address: str | None) -> None:
+    """Fail fast on a cluster address nothing answers at: Ray itself retries for minutes."""
+    if address is None or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not port.isdigit():
+        raise ConfigError(f"runtime.ray_address must be 'auto', 'host:port' or 'ray://host:port', got {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=_CONNECT_S).close()
+    except OSError as exc:
+        raise ConfigError(f"runtime.ray_address {address}: nothing answers there within {_CONNECT_S:g} s "
+                          f"({exc.strerror or exc}); start the cluster (ray start --head) or fix the address") from None
+
+
 class RayBackend:
     """Sparse workers, dense workers and embedding shards as Ray actors."""
 
@@ -163,6 +180,7 @@ class RayBackend:
         self.started_ray = not ray.is_initialized()
         if self.started_ray:
             workers = self.runtime.sparse_workers + self.runtime.dense_workers + self.runtime.embedding_shards + 1
+            _check_reachable(self.runtime.ray_address)
             ray.init(address=self.runtime.ray_address, include_dashboard=False, log_to_driver=True,
                      num_cpus=None if self.runtime.ray_address else max(os.cpu_count() or 1, workers))
         self.threads = trainer.config.training.threads
