@@ -331,6 +331,7 @@ class TrainingConfig(_Model):
     run_dir: str = Field("runs/latest", min_length=1)
     checkpoint_every: int | None = Field(None, ge=1)  # steps between checkpoints; None: only at the end
     eval_every: int | None = Field(None, ge=1)  # steps between evaluations on data.eval; None: only at the end
+    evict_every: int = Field(100, ge=1)  # steps between the safe points where tables with eviction or admission evict
     precision: Literal["float32", "bfloat16", "auto"] = "float32"  # of the dense network's products in training
 
 

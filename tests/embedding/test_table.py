@@ -459,7 +459,8 @@ def test_lookup_numbers_each_shards_rows_and_places_its_keys():
 def test_sgd_lookups_list_no_distinct_rows_yet_find_update_and_mark_the_same_rows():
     """Plain SGD needs no row's gradients summed first, so its lookups skip listing the
     distinct rows; they find the rows an Adagrad table's lookups find, and mark them seen
-    when looked up and when updated after a later step."""
+    when looked up; an update after later lookups keeps the step of its own batch (a save
+    in between marks them again: test_rows_looked_up_before_a_save_and_updated_after_are_in_the_next_delta)."""
     listed, bare = (make_table(num_shards=2, optimizer=opt, admission=CountAdmission(min_count=2))
                     for opt in (Adagrad(lr=0.1), Sgd(lr=0.1)))
     keys = arr(7, 9, 8, 7, 8, 8, 5)  # 9 and 5 are seen once: not admitted, no row
@@ -471,10 +472,10 @@ def test_sgd_lookups_list_no_distinct_rows_yet_find_update_and_mark_the_same_row
     np.testing.assert_array_equal(bare.find(keys).handles, a.handles)
     assert listed.pull_rows(keys)[0].last_seen.tolist() == bare.pull_rows(keys)[0].last_seen.tolist() == [6, 0, 6, 6, 6, 6, 0]
     before = bare.lookup(arr(7, 8))
-    insert(bare, arr(3))  # step 7: rows updated from the older lookup are marked seen now
+    insert(bare, arr(3))  # step 7: a later batch's lookup, as a pipeline makes before this update
     bare.apply_grouped(b, np.ones((1, 4), np.float32), np.zeros(7, np.int64), np.ones(7, np.float32))
     np.testing.assert_allclose(bare.lookup(arr(7, 8)), before - np.array([[0.2], [0.3]], np.float32), rtol=1e-6)
-    assert bare.pull_rows(keys)[0].last_seen.tolist() == [7, 0, 7, 7, 7, 7, 0]
+    assert bare.pull_rows(keys)[0].last_seen.tolist() == [6, 0, 6, 6, 6, 6, 0]
 
 
 def test_mark_seen_skips_keys_without_a_row():

@@ -485,3 +485,17 @@ def test_bad_rows_after_the_last_full_batch_are_counted(data, tmp_path):
     summary = _trainer(config, tmp_path / "run", {"sparse_workers": 2}).fit()
     assert summary["rows"] == 1024 and summary["bad_rows"] == 2
     assert [":1025:" in summary["bad_row_examples"][0], ":1026:" in summary["bad_row_examples"][1]] == [True, True]
+
+
+def test_tables_evict_at_safe_points_as_the_reference_does(data, tmp_path):
+    config = {**data, "tables": [{**data["tables"][0], "eviction": {"ttl_steps": 2}, "max_rows": 8000}]}
+    single = _trainer(config, tmp_path / "single", None, evict_every=5)
+    single.fit()
+    engine = _trainer(config, tmp_path / "engine", {"sparse_workers": 2, **EXACT}, evict_every=5)
+    engine.fit()
+    _assert_bitwise_equal(single, engine)  # rows keep the step of their batch, whatever was looked up ahead
+    stats = engine.collection.tables[0].stats()
+    assert stats.rows <= 8000 and stats.evicted > 10_000
+    grown = _trainer(data, tmp_path / "grown", {"sparse_workers": 2, **EXACT})
+    grown.fit()
+    assert grown.collection.tables[0].stats().rows > 3 * stats.rows  # without eviction

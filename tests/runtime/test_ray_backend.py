@@ -44,13 +44,16 @@ def _all_actors_gone(timeout_s: float = 20.0) -> bool:
 
 
 def test_ray_sync_with_two_shards_is_bitwise_the_reference(cluster, data, tmp_path):
-    reference = _trainer(data, tmp_path / "ref", None)
+    """With eviction on, so that the shard actors evict at the same safe points too."""
+    evicting = {**data, "tables": [{**t, "eviction": {"ttl_steps": 2}, "max_rows": 4000} for t in data["tables"]]}
+    reference = _trainer(evicting, tmp_path / "ref", None, evict_every=5)
     reference.fit()
-    trainer = _trainer(data, tmp_path / "ray", {"backend": "ray", "sparse_workers": 2, "embedding_shards": 2,
-                                                 **EXACT})
+    trainer = _trainer(evicting, tmp_path / "ray", {"backend": "ray", "sparse_workers": 2, "embedding_shards": 2,
+                                                     **EXACT}, evict_every=5)
     summary = trainer.fit()
     assert summary["rows"] == 12_000 and summary["runtime"]["lost_samples"] == 0
     _assert_bitwise_equal(reference, trainer)
+    assert all(t.stats().rows <= 4000 for t in trainer.collection.tables)
     assert _all_actors_gone()
 
 

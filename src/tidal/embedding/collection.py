@@ -67,6 +67,16 @@ class EmbeddingCollection:
                     f"defined tables: {sorted(self._table_index)}"
                 )
 
+    @property
+    def evicts(self) -> bool:
+        """Whether `evict` has work: some table has an eviction policy or counts admissions."""
+        return any(t.config.eviction is not None or t.config.admission is not None for t in self.tables)
+
+    def evict(self) -> int:
+        """Every table's `EmbeddingTable.evict` (a safe point: no lookup still in use);
+        the rows evicted."""
+        return sum(t.evict() for t in self.tables)
+
     def table(self, name: str) -> EmbeddingTable:
         return self.tables[self._table_index[name]]
 

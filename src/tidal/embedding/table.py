@@ -454,10 +454,11 @@ class EmbeddingTable:
                     pooling.mark_seen(shard.last_seen, _handles_in_shard(lookup, s), np.uint32(self._step))
 
     def _needs_marking(self, lookup: RowLookup) -> bool:
-        """Whether updated rows must be marked seen now: yes when the table has taken a
-        step (a later lookup, a save) since the lookup marked them, so that the next
-        delta checkpoint holds the update; no when the lookup's mark is still the latest."""
-        return lookup.seen_at != self._step
+        """Whether updated rows must be marked seen now: yes when a save came after the
+        lookup marked them, so that the next delta checkpoint holds the update; no
+        otherwise, so that rows keep the step of the batch that used them, whatever
+        later batches were looked up meanwhile (as a pipeline does)."""
+        return lookup.seen_at <= self._saved_step
 
     def _check_lookup(self, lookup: RowLookup) -> None:
         if lookup.table != id(self) or lookup.epoch != self._epoch:

@@ -171,7 +171,9 @@ class Engine:
         """The smallest number of done batches >= `from_done` where something is due."""
         training = self.trainer.config.training
         steps = [self.max_steps] if self.max_steps is not None else []
-        for every in (training.checkpoint_every, training.eval_every if self.trainer.config.data.eval else None):
+        evict_every = training.evict_every if self.trainer.collection.evicts else None
+        for every in (training.checkpoint_every, training.eval_every if self.trainer.config.data.eval else None,
+                      evict_every):
             if every:
                 step = self.start_step + from_done
                 steps.append(step + (-step) % every)

@@ -75,8 +75,10 @@ class _Progress:
 
 
 def _barrier(trainer: Any, backend: Any, log: IO[str], step: int, position: dict[str, int]) -> None:
-    """Evaluate and checkpoint when due (every update has landed, nothing is in flight)."""
+    """Evict, evaluate and checkpoint when due (every update has landed, nothing is in flight)."""
     training, data = trainer.config.training, trainer.config.data
+    if trainer.collection.evicts and step % training.evict_every == 0:
+        backend.evict()
     backend.pull_state()
     if training.eval_every and data.eval and step % training.eval_every == 0:
         trainer._log_eval(log, step)

@@ -129,6 +129,10 @@ class LocalBackend:
         actor.close()
         self._actors.remove(actor)
 
+    def evict(self) -> None:
+        """Apply the tables' eviction (at a barrier: nothing in flight)."""
+        self.store.evict()
+
     def pull_state(self) -> None:
         """Bring the trained dense state to the trainer (the tables are shared)."""
         rank0 = self._dense[0].target if self._dense else None

@@ -271,6 +271,10 @@ class RayBackend:
             self._actors.remove(actor)
         ray.kill(actor)
 
+    def evict(self) -> None:
+        """Apply the tables' eviction in every shard actor (at a barrier: nothing in flight)."""
+        ray.get([shard.evict.remote() for shard in self.shards])
+
     def pull_state(self) -> None:
         """Copy the trained dense weights and tables into the trainer (for checkpoints,
         evaluation and the summary)."""

@@ -168,6 +168,8 @@ class Trainer:
             if step == 0:
                 raise DataError(f"no valid rows to train on in data.train: {self.bad_rows.summary()}")
             if finished:
+                if self.collection.evicts and step % self.config.training.evict_every:
+                    self.collection.evict()  # the end is a safe point too: the saved tables keep their caps
                 checkpoint.save(self, {"step": step, "epoch": self.config.training.epochs, "batch": 0})
             evaluation = self._log_eval(log, step) if self.config.data.eval else None
             summary = self._summary(step, rows, evaluation) | {"compile_s": compiling()}
@@ -208,6 +210,8 @@ class Trainer:
                 batch = self.extract(table)
                 recent.append(self.step(batch))
                 step, rows = step + 1, rows + batch.batch_size
+                if self.collection.evicts and step % training.evict_every == 0:
+                    self.collection.evict()  # a safe point: this step's update has landed
                 if step % training.log_every == 0:
                     self._log(log, epoch, step, rows, start, recent)
                     recent = []

@@ -35,7 +35,7 @@ import torch
 from tidal.data.batch import SparseBatch
 from tidal.data.extract import Extractor
 from tidal.embedding import EmbeddingCollection
-from tidal.errors import ConfigError
+from tidal.errors import ConfigError, TidalError
 from tidal.models import compute_precision, resolve_precision, weighted_bce
 from tidal.runtime.source import BatchSource, Item
 
@@ -163,6 +163,13 @@ class EmbeddingShard:
             ctx = self._contexts[batch_id]
         pooled = self.collection.pool(batch, ctx, dtype=dtype)
         return pooled, timings | {"pool": time.perf_counter() - start}
+
+    def evict(self) -> int:
+        """Apply the tables' eviction (a safe point: no batch between lookup and update)."""
+        with self._lock:
+            if self._contexts:
+                raise TidalError(f"evict() while batches {sorted(self._contexts)} hold rows; only at a safe point")
+        return self.collection.evict()
 
     def backward(self, batch_id: int, grad: torch.Tensor | np.ndarray) -> dict[str, float]:
         """Apply the sparse update of batch `batch_id` given its pooled gradient `[B, F, D]`
