@@ -499,3 +499,23 @@ def test_tables_evict_at_safe_points_as_the_reference_does(data, tmp_path):
     grown = _trainer(data, tmp_path / "grown", {"sparse_workers": 2, **EXACT})
     grown.fit()
     assert grown.collection.tables[0].stats().rows > 3 * stats.rows  # without eviction
+
+
+@pytest.mark.parametrize("runtime", [None, {"sparse_workers": 2}])
+def test_a_data_file_gone_mid_run_stops_it_naming_the_file(data, tmp_path, monkeypatch, runtime):
+    lines = open(data["data"]["train"][0]).read().splitlines(keepends=True)
+    halves = [tmp_path / "a.tsv", tmp_path / "b.tsv"]
+    halves[0].write_text("".join(lines[:6000]))
+    halves[1].write_text("".join(lines[6000:]))
+    original = Trainer._log
+
+    def delete_on_first_log(trainer, *args):  # type: ignore[no-untyped-def]
+        original(trainer, *args)
+        halves[1].unlink(missing_ok=True)  # the next epoch cannot open it again
+
+    monkeypatch.setattr(Trainer, "_log", delete_on_first_log)
+    config = {**data, "data": {**data["data"], "train": [str(p) for p in halves]}}
+    # the engine's source lists an epoch's files as it starts it; the reader opens each in turn
+    with pytest.raises(DataError, match=r"b.tsv(: cannot read it \(No such file or directory\)|: expected a file)"):
+        _trainer(config, tmp_path / "run", runtime, epochs=2).fit()
+    assert _no_worker_threads()

@@ -114,11 +114,14 @@ def _checked(paths: list[str], columns: Sequence[str], checks: Mapping[str, str]
              batch_rows: int, report: BadRows, on_bad_row: str) -> Iterator[pa.RecordBatch]:
     for path in paths:
         kind = file_format or format_of(path)
-        if os.path.getsize(path) == 0:  # no rows, like a CSV file of just a header
-            continue
-        batches = _parquet(path, columns, batch_rows) if kind == "parquet" else _text(path, kind, columns, batch_rows)
-        for batch, lines, dropped in batches:
-            yield _valid_rows(batch, path, lines, checks, report, on_bad_row, dropped)
+        try:
+            if os.path.getsize(path) == 0:  # no rows, like a CSV file of just a header
+                continue
+            batches = _parquet(path, columns, batch_rows) if kind == "parquet" else _text(path, kind, columns, batch_rows)
+            for batch, lines, dropped in batches:
+                yield _valid_rows(batch, path, lines, checks, report, on_bad_row, dropped)
+        except OSError as exc:  # gone or unreadable since the run started
+            raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
 
 
 def _exactly(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:

@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from tidal.data.batch import SparseBatch
 from tidal.data.readers import BadRows, read_batches
+from tidal.errors import DataError, TidalError
 
 __all__ = ["BatchSource", "Item", "MemorySpec", "ReaderSpec"]
 
@@ -131,9 +132,9 @@ class BatchSource:
         while not self._ended and self._next_id <= batch_id:
             try:
                 item = self._read()
-            except BaseException as exc:
-                self._error = exc
-                raise
+            except Exception as exc:  # not a worker's fault: no other worker could read on, so the run stops
+                self._error = exc if isinstance(exc, TidalError) else DataError(f"reading the data failed: {exc!r}")
+                raise self._error from exc
             if item is not None and self._keeps(item.batch_id, batch_id):
                 self._kept[item.batch_id] = item
         return self._kept.pop(batch_id, None)
