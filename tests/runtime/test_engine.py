@@ -105,6 +105,8 @@ def test_async_reports_bounded_staleness_and_still_learns(data, reference, tmp_p
     assert summary["rows"] == 12_000
     saved = json.loads((tmp_path / "telemetry.json").read_text())["final"]
     assert saved["staleness"] == staleness and 0 < saved["busy"]["dense"]["dense"] <= 1.0
+    assert saved == json.loads(json.dumps(summary["runtime"]))  # the fault report included: lost samples, failures
+    assert saved["lost_samples"] == 0 and saved["sparse_worker_failures"] == []
 
 
 def test_sync_bf16_precision_with_one_dense_worker_is_bitwise_the_reference_in_bf16(data, reference, tmp_path):
@@ -519,3 +521,11 @@ def test_a_data_file_gone_mid_run_stops_it_naming_the_file(data, tmp_path, monke
     with pytest.raises(DataError, match=r"b.tsv(: cannot read it \(No such file or directory\)|: expected a file)"):
         _trainer(config, tmp_path / "run", runtime, epochs=2).fit()
     assert _no_worker_threads()
+
+
+def test_a_resumed_run_keeps_the_worker_schedule_it_had_reached(data, tmp_path):
+    runtime = {"sparse_workers": 1, **EXACT, "sparse_workers_at": {5: 3}}
+    first = _trainer(data, tmp_path, runtime, checkpoint_every=10)
+    assert first.fit(max_steps=12)["runtime"]["sparse_workers"] == [(0, 1), (5, 3)]
+    resumed = _trainer(data, tmp_path, runtime, checkpoint_every=10)
+    assert resumed.fit(resume=True)["runtime"]["sparse_workers"] == [(10, 3)]

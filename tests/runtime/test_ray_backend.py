@@ -102,3 +102,17 @@ def test_an_address_nothing_answers_at_fails_in_seconds_naming_it():
         _check_reachable("somewhere")
     _check_reachable("auto")
     _check_reachable(None)
+
+
+def test_no_ray_cluster_at_the_address_is_a_config_error(data, tmp_path, monkeypatch):
+    from tidal.errors import ConfigError
+    from tidal.runtime.ray_backend import RayBackend
+
+    def no_cluster(**kwargs):  # type: ignore[no-untyped-def]
+        raise ConnectionError("Could not find any running Ray instance")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_cluster)
+    trainer = _trainer(data, tmp_path, {"backend": "ray", "ray_address": "auto"})
+    with pytest.raises(ConfigError, match="runtime.ray_address auto: no Ray cluster there"):
+        RayBackend(trainer, trainer.reader_spec(data["data"]["train"]))

@@ -223,3 +223,10 @@ def test_a_save_killed_half_way_leaves_the_previous_checkpoint_to_resume_from(tm
     resumed.fit(resume=True)
     for name, tensor in whole.model.state_dict().items():
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+
+
+def test_the_last_step_is_evaluated_once_when_eval_every_lands_on_it(tmp_path):
+    summary = Trainer(RunConfig(**_config(tmp_path, epochs=1, eval_every=12))).fit()  # 24 steps
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "eval"] == [12, 24]
+    assert summary["eval"]["auc"] == [r for r in records if r["event"] == "eval"][-1]["auc"]

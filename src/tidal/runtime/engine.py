@@ -131,6 +131,9 @@ class Engine:
         """
         self.start_step, self.max_steps = start_step, max_steps
         self.on_done, self.at_barrier = on_done, at_barrier
+        passed = [s for s in self.runtime.sparse_workers_at if s <= start_step]  # a resumed run's schedule so far
+        if passed:
+            self.resize(self.runtime.sparse_workers_at[max(passed)])
         self.dense = self.backend.start_dense()
         self._apply_resize()
         self.telemetry.restart()  # worker start-up is not training time

@@ -53,7 +53,7 @@ def train(trainer: Any, log: IO[str], position: dict[str, int], max_steps: int |
     finally:
         trainer.engine = None
         backend.shutdown()
-        trainer.runtime_report = telemetry.finish() | engine.report()
+        trainer.runtime_report = telemetry.finish(engine.report())
     return step, progress.rows, finished
 
 

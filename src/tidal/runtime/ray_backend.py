@@ -181,8 +181,12 @@ class RayBackend:
         if self.started_ray:
             workers = self.runtime.sparse_workers + self.runtime.dense_workers + self.runtime.embedding_shards + 1
             _check_reachable(self.runtime.ray_address)
-            ray.init(address=self.runtime.ray_address, include_dashboard=False, log_to_driver=True,
-                     num_cpus=None if self.runtime.ray_address else max(os.cpu_count() or 1, workers))
+            try:
+                ray.init(address=self.runtime.ray_address, include_dashboard=False, log_to_driver=True,
+                         num_cpus=None if self.runtime.ray_address else max(os.cpu_count() or 1, workers))
+            except ConnectionError as exc:  # no cluster at 'auto', or something else answers at the address
+                raise ConfigError(f"runtime.ray_address {self.runtime.ray_address}: no Ray cluster there ({exc}); "
+                                  f"start one (ray start --head) or leave ray_address out for a local Ray") from None
         self.threads = trainer.config.training.threads
         self.features = list(trainer.config.features)
         self.shards, self.features_of = self._start_shards()

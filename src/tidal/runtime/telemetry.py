@@ -85,9 +85,10 @@ class Telemetry:
         return (f"{report['samples_per_s']:,.0f} samples/s  busy: {util}  "
                 f"staleness mean {report['staleness']['mean']:.2f} max {report['staleness']['max']}")
 
-    def finish(self) -> dict:
-        """The final report, saved as JSON next to the periodic snapshots."""
-        final = self.report()
+    def finish(self, extra: dict | None = None) -> dict:
+        """The final report with `extra` (the engine's fault report) merged in, saved as
+        JSON next to the periodic snapshots."""
+        final = self.report() | (extra or {})
         write_json_atomic(self.path, {"final": final, "snapshots": self.snapshots})
         return final
 

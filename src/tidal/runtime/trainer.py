@@ -74,6 +74,7 @@ class Trainer:
         self.runtime_report: dict | None = None  # telemetry and faults of a heterogeneous run
         self.engine = None  # the heterogeneous engine while one trains
         self._eval_s = 0.0  # spent evaluating during fit, left out of its speed
+        self._last_eval: tuple[int, Evaluation] | None = None  # (step, result) of the latest evaluation
 
     # ------------------------------------------------------------------ data
 
@@ -171,7 +172,7 @@ class Trainer:
                 if self.collection.evicts and step % self.config.training.evict_every:
                     self.collection.evict()  # the end is a safe point too: the saved tables keep their caps
                 checkpoint.save(self, {"step": step, "epoch": self.config.training.epochs, "batch": 0})
-            evaluation = self._log_eval(log, step) if self.config.data.eval else None
+            evaluation = self._final_eval(log, step) if self.config.data.eval else None
             summary = self._summary(step, rows, evaluation) | {"compile_s": compiling()}
             log.write(json.dumps({"event": "end", **summary}) + "\n")
         plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "metrics.png")
@@ -223,6 +224,12 @@ class Trainer:
                     return step, rows, False
         return step, rows, True
 
+    def _final_eval(self, log, step: int) -> Evaluation:  # type: ignore[no-untyped-def]
+        """The evaluation at the last step: the one `eval_every` made there, if it did."""
+        if self._last_eval is not None and self._last_eval[0] == step:
+            return self._last_eval[1]
+        return self._log_eval(log, step)
+
     def _log_eval(self, log, step: int) -> Evaluation:  # type: ignore[no-untyped-def]
         start = time.perf_counter()
         evaluation = self.evaluate(self.config.data.eval)
@@ -232,6 +239,7 @@ class Trainer:
         shown = "  ".join(f"{t} AUC {a:.4f}" for t, a in evaluation.auc.items())
         skipped = f"  ({evaluation.bad_rows} bad rows skipped)" if evaluation.bad_rows else ""
         print(f"  eval at step {step}: {shown}{skipped}", flush=True)
+        self._last_eval = (step, evaluation)
         return evaluation
 
     def _log(self, log, epoch: int, step: int, rows: int, start: float, losses: list[float]) -> None:  # type: ignore[no-untyped-def]
