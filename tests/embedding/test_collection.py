@@ -390,3 +390,75 @@ def test_backward_after_evict_is_refused_instead_of_updating_reused_rows(optimiz
     collection.tables[0].evict()
     with pytest.raises(BatchError, match="before an evict"):
         collection.backward(ctx, torch.ones(2, 1, DIM))
+
+
+def test_a_lookup_from_before_a_remove_is_refused_instead_of_writing_a_reused_row():
+    table = _collection([0], ["sum"]).tables[0]
+    stale = table.lookup_or_insert(np.array([1], np.int64))
+    table.remove(np.array([1], np.int64))
+    table.lookup_or_insert(np.array([2], np.int64))  # takes the freed row
+    before = table.lookup(np.array([2], np.int64)).copy()
+    with pytest.raises(BatchError, match=r"before an evict\(\) or remove\(\)"):
+        table.apply_grouped(stale, np.full((1, DIM), 100.0, np.float32), np.zeros(1, np.int64), np.ones(1, np.float32))
+    np.testing.assert_array_equal(table.lookup(np.array([2], np.int64)), before)
+
+
+def test_a_context_pools_and_updates_only_its_own_batch_and_only_once():
+    collection = _collection([0, 0], ["sum", "sum"])
+    small = SparseBatch.from_lists({"f0": [[1], [2]], "f1": [[3], [4]]})
+    ctx = collection.lookup(small)
+    for other in (SparseBatch.from_lists({"f0": [[1]] * 3, "f1": [[3]] * 3}),  # another shape
+                  SparseBatch.from_lists({"f0": [[1, 2], []], "f1": [[3], [4]]})):  # same ids, other bags
+        with pytest.raises(BatchError, match="this context was looked up for another batch"):
+            collection.pool(other, ctx)
+    collection.pool(small, ctx)
+    collection.backward(ctx, torch.ones(2, 2, DIM))
+    with pytest.raises(BatchError, match="update was applied already"):
+        collection.backward(ctx, torch.ones(2, 2, DIM))
+    with pytest.raises(ConfigError, match=r"no table 'nope' in this collection; it has \['t0'\]"):
+        collection.table("nope")
+
+
+def test_two_collections_sharing_tables_in_either_order_do_not_deadlock():
+    a, b = (TableConfig(name=n, dim=DIM, optimizer=Sgd(lr=0.1)) for n in ("a", "b"))
+    first = EmbeddingCollection([a, b], [EmbeddingFeature(name="x", table="a"), EmbeddingFeature(name="y", table="b")])
+    second = EmbeddingCollection(list(reversed(first.tables)),
+                                 [EmbeddingFeature(name="x", table="a"), EmbeddingFeature(name="y", table="b")])
+    batch = SparseBatch.from_lists({"x": [[1], [2]], "y": [[3], [4]]})
+
+    def train(collection: EmbeddingCollection) -> None:
+        for _ in range(3000):
+            _, ctx = collection.forward(batch)
+            collection.backward(ctx, torch.ones(2, 2, DIM))
+
+    import threading
+
+    runs = [threading.Thread(target=train, args=(c,), daemon=True) for c in (first, second)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(timeout=60)
+    assert not any(run.is_alive() for run in runs), "deadlocked"
+
+
+def test_apply_grouped_refuses_what_its_kernel_would_misread():
+    table = _collection([0], ["sum"], optimizer=Adagrad(lr=0.1)).tables[0]
+    lookup = table.lookup_or_insert(np.array([1, 2], np.int64))
+    ones = np.ones(2, np.float32)
+    for grad, sources, reason in [
+        (np.full((2, DIM), 2.0), np.arange(2), "must be a float32 numpy array"),  # float64 read as float32
+        (torch.ones(2, DIM), np.arange(2), "must be a float32 numpy array"),
+        (np.ones((2, DIM), np.float32), np.array([0, 10**9]), "sources must be integer rows of the 2 gradient rows"),
+        (np.ones((2, DIM), np.float32), np.array([0.0, 1.0]), "sources must be integer rows"),
+    ]:
+        with pytest.raises(BatchError, match=reason):
+            table.apply_grouped(lookup, grad, sources, ones)
+    strided = np.ones((2, 2 * DIM), np.float32)
+    strided[:, 1::2] = 1e4
+    table.apply_grouped(lookup, strided[:, ::2], np.arange(2), ones)  # copied, not read past its columns
+    assert np.abs(table.pull_rows(np.array([1, 2], np.int64))[0].state).max() == 1.0  # Adagrad's sum of g**2
+
+
+def test_from_lists_refuses_ids_that_are_not_integers():
+    with pytest.raises(BatchError, match="ids must be integers"):
+        SparseBatch.from_lists({"a": [[1.5, 2.9]]})

@@ -112,6 +112,8 @@ class SparseBatch:
         if len(sizes) > 1:
             raise BatchError(f"SparseBatch.from_lists: every feature needs the same number of samples, got {sizes}")
         flat = [bag for key in keys for bag in bags[key]]
+        if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for bag in flat for i in bag):
+            raise BatchError("SparseBatch.from_lists: ids must be integers")
         flat_weights = None
         if weights is not None:
             flat_weights = [w for key in keys for bag in weights[key] for w in bag]

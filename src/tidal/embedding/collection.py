@@ -22,9 +22,10 @@ __all__ = ["EmbeddingCollection", "PooledContext"]
 _DTYPES = {torch.float32, torch.bfloat16, torch.float16}
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class PooledContext:
-    """What `backward` needs from `forward`: row handles and per-id scales of the batch."""
+    """What `backward` needs from `forward`: row handles and per-id scales of the batch.
+    One `backward` uses it up."""
 
     lookups: dict[int, tuple[slice | np.ndarray, RowLookup]]  # table -> (its ids, their rows)
     offsets: np.ndarray  # [F * B + 1] int64
@@ -32,6 +33,7 @@ class PooledContext:
     feature_tables: np.ndarray  # [F] int64, position in `tables`
     batch_size: int
     train: bool
+    applied: bool = False  # its update landed: a second backward would apply it twice
 
 
 class EmbeddingCollection:
@@ -78,6 +80,8 @@ class EmbeddingCollection:
         return sum(t.evict() for t in self.tables)
 
     def table(self, name: str) -> EmbeddingTable:
+        if name not in self._table_index:
+            raise ConfigError(f"no table {name!r} in this collection; it has {sorted(self._table_index)}")
         return self.tables[self._table_index[name]]
 
     # ------------------------------------------------------------------ forward
@@ -112,6 +116,7 @@ class EmbeddingCollection:
         """The pooled `[B, F, D]` embeddings of the rows `ctx` found for `batch`."""
         if dtype not in _DTYPES:
             raise BatchError(f"pooled dtype must be one of float32, bfloat16, float16, got {dtype}")
+        self._check_context(batch, ctx)
         handles = self._handles(ctx)
         if out is not None and dtype != torch.float32:
             raise BatchError(f"out receives float32 output; pooling to {dtype} allocates its own")
@@ -125,6 +130,17 @@ class EmbeddingCollection:
         run_split(pooling.pool, batch.batch_size, self.threads, directories, widths,
                   ctx.feature_tables, handles, ctx.offsets, ctx.scales, pooled.numpy())
         return pooled.to(dtype)
+
+    def _check_context(self, batch: SparseBatch, ctx: PooledContext) -> None:
+        """`ctx` is `lookup(batch)`'s, and its rows are still theirs (no eviction since)."""
+        if (ctx.batch_size, ctx.feature_tables.shape[0], ctx.scales.shape[0]) != \
+                (batch.batch_size, len(batch.keys), batch.values.shape[0]) \
+                or not (ctx.offsets is batch.offsets or np.array_equal(ctx.offsets, batch.offsets)):
+            raise BatchError(f"this context was looked up for another batch ({ctx.batch_size} samples x "
+                             f"{ctx.feature_tables.shape[0]} features, {ctx.scales.shape[0]} ids), not this one "
+                             f"({batch.batch_size} x {len(batch.keys)}, {batch.values.shape[0]} ids)")
+        for t, (_, lookup) in ctx.lookups.items():
+            self.tables[t].check_lookup(lookup)
 
     @staticmethod
     def _handles(ctx: PooledContext) -> np.ndarray:
@@ -192,7 +208,10 @@ class EmbeddingCollection:
         `_sgd_by_sample`)."""
         if not ctx.train:
             raise BatchError("backward needs a context from forward(train=True); this one was read-only")
+        if ctx.applied:
+            raise BatchError("this context's update was applied already; look the batch up again for another step")
         grad_rows = self._grad_rows(ctx, grad).reshape(-1, self.dim)  # float32, or uint16 bfloat16 bits
+        ctx.applied = True
         if self.threads == 1 and all(self.tables[t].optimizer.code == rw.SGD for t in ctx.lookups):
             self._sgd_by_sample(ctx, grad_rows)
             return
@@ -207,7 +226,8 @@ class EmbeddingCollection:
         directories, widths = self._directories()
         rates = np.array([t.optimizer.hyper[rw.LR] for t in self.tables], dtype=np.float32)
         with ExitStack() as held:
-            for t, (_, lookup) in sorted(ctx.lookups.items()):  # tables in one order: no deadlock
+            # tables in one order, whatever collection lists them: no deadlock
+            for t, (_, lookup) in sorted(ctx.lookups.items(), key=lambda item: id(self.tables[item[0]])):
                 held.enter_context(self.tables[t].updating_in_place(lookup))
             pooling.sgd_by_sample(directories, widths, ctx.feature_tables, self._handles(ctx), ctx.offsets,
                                   ctx.scales, grad_rows, rates, 0, ctx.batch_size)

@@ -424,11 +424,19 @@ class EmbeddingTable:
         `grad` is `[N, dim]` float32 (or uint16 bfloat16 bits); `sources` and `scales`
         have one entry per key of the lookup.
         """
-        self._check_lookup(lookup)
+        self.check_lookup(lookup)
         n = lookup.handles.shape[0]
+        if not isinstance(grad, np.ndarray) or grad.dtype not in (np.float32, np.uint16):
+            raise BatchError(f"table {self.name!r}: gradient rows must be a float32 numpy array (or uint16 bfloat16 "
+                             f"bits), got {getattr(grad, 'dtype', type(grad).__name__)}")
+        grad = np.ascontiguousarray(grad)
+        sources, scales = np.asarray(sources), np.asarray(scales, dtype=np.float32)
         if grad.ndim != 2 or grad.shape[1] != self.dim or sources.shape != (n,) or scales.shape != (n,):
             raise BatchError(f"table {self.name!r}: gradient rows {list(grad.shape)} with {sources.shape[0]} "
                              f"sources and {scales.shape[0]} scales do not fit {n} keys of dim {self.dim}")
+        if sources.dtype.kind not in "iu" or (n and not 0 <= sources.min() <= sources.max() < grad.shape[0]):
+            raise BatchError(f"table {self.name!r}: sources must be integer rows of the {grad.shape[0]} gradient rows")
+        sources = sources.astype(np.int64, copy=False)
         step = self._next_update()
         cost = np.diff(lookup.key_offsets)  # a gradient row read per key (plain SGD: and its row updated)
         if lookup.shard_offsets is not None:
@@ -443,7 +451,7 @@ class EmbeddingTable:
         (a kernel that visits rows of all shards, such as `pooling.sgd_by_sample`); the
         rows are marked seen on the way out. Locks are taken in shard order, as by every
         caller that holds more than one."""
-        self._check_lookup(lookup)
+        self.check_lookup(lookup)
         self._next_update()
         with ExitStack() as held:
             for shard in self._shards:
@@ -460,10 +468,11 @@ class EmbeddingTable:
         later batches were looked up meanwhile (as a pipeline does)."""
         return lookup.seen_at <= self._saved_step
 
-    def _check_lookup(self, lookup: RowLookup) -> None:
+    def check_lookup(self, lookup: RowLookup) -> None:
+        """A `BatchError` unless `lookup` came from this table since its last eviction."""
         if lookup.table != id(self) or lookup.epoch != self._epoch:
             raise BatchError(f"table {self.name!r}: this RowLookup came from another table or from "
-                             "before an evict(); look the keys up again")
+                             "before an evict() or remove(); look the keys up again")
 
     def _apply_in_shard(self, s: int, lookup: RowLookup, gradient: tuple, step: int) -> None:
         shard = self._shards[s]
@@ -558,6 +567,9 @@ class EmbeddingTable:
                     shard.evicted.append(mine[present])
                 shard.ctl[ix.C_EVICTED] += int(present.sum())
                 removed += int(present.sum())
+        if removed:
+            with self._counter_lock:
+                self._epoch += 1  # the freed rows will be reused: earlier lookups may no longer use them
         return removed
 
     # ------------------------------------------------------------------ eviction
