@@ -290,6 +290,26 @@ def test_load_refuses_json_when_garbled(saved, name):
     assert str(path) in str(error.value)
 
 
+def _edit_json(path: Path, change) -> None:  # type: ignore[no-untyped-def]
+    content = json.loads(path.read_text())
+    change(content)
+    path.write_text(json.dumps(content))
+
+
+@pytest.mark.parametrize("name, change, reason", [
+    ("CHAIN.json", lambda c: c["chain"].append("../elsewhere/000001-full"), "which are not checkpoint folders"),
+    ("000002-delta/manifest.json", lambda c: c["tables"]["emb"]["files"].update({"shard-00.safetensors": {}}),
+     "each with bytes and sha256"),
+    ("000002-delta/manifest.json", lambda c: c["tables"]["emb"].update(files=[]), "each with bytes and sha256"),
+    ("000002-delta/manifest.json", lambda c: c["tables"]["emb"]["clocks"].update(step=-5), "clocks need integer"),
+])
+def test_load_refuses_a_manifest_or_chain_edited_out_of_shape(saved, name, change, reason):
+    _edit_json(saved / name, change)
+    with pytest.raises(CorruptCheckpointError, match=reason) as error:
+        EmbeddingTable.load(saved)
+    assert str(saved / name) in str(error.value)
+
+
 def test_load_raises_checkpoint_error_when_root_missing(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         EmbeddingTable.load(tmp_path / "nowhere")

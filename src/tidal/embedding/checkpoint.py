@@ -46,6 +46,7 @@ VERSION = 1
 CHAIN = "CHAIN.json"
 MANIFEST = "manifest.json"
 _OURS = re.compile(r"\d{6}-(full|delta)|\.tmp-\d{6}-(full|delta)-\d+")  # directories a save writes
+_SAVED = re.compile(r"\d{6}-(full|delta)")  # those of a finished save
 
 
 def save(root: str | os.PathLike, tables: Sequence[EmbeddingTable]) -> Path:
@@ -180,6 +181,9 @@ def _chain(root: Path) -> list[str]:
     chain = _read_json(path).get("chain")
     if not isinstance(chain, list) or not chain or not str(chain[0]).endswith("-full"):
         raise CorruptCheckpointError(f"{path}: expected a chain starting with a full checkpoint, got {chain!r}")
+    foreign = [name for name in chain if not (isinstance(name, str) and _SAVED.fullmatch(name))]
+    if foreign:  # only folders a save wrote beside it: never a path out of the root
+        raise CorruptCheckpointError(f"{path}: names {foreign}, which are not checkpoint folders (NNNNNN-full or -delta)")
     return chain
 
 
@@ -192,11 +196,13 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
         )
     tables = manifest.get("tables")
     fields_ok = isinstance(tables, dict) and all(
-        isinstance(e, dict) and {"config", "clocks", "files"} <= set(e) for e in tables.values())
+        isinstance(e, dict) and {"config", "clocks", "files"} <= set(e) and isinstance(e["files"], dict)
+        and all(isinstance(f, dict) and {"bytes", "sha256"} <= set(f) for f in e["files"].values())
+        for e in tables.values())
     if manifest.get("kind") not in ("full", "delta") or "id" not in manifest or not fields_ok:
         raise CorruptCheckpointError(
-            f"{directory / MANIFEST}: expected kind, id and tables with config, clocks and files; "
-            f"the manifest is incomplete"
+            f"{directory / MANIFEST}: expected kind, id and tables with config, clocks and files "
+            f"(each with bytes and sha256); the manifest is incomplete"
         )
     return manifest
 
@@ -230,7 +236,8 @@ def _restore(directory: Path, table: EmbeddingTable, entry: dict[str, Any]) -> N
     for s, (relative, expected) in enumerate(sorted(files.items())):
         table.restore_shard(s, _read_shard(directory / relative, expected, table))
     clocks = entry["clocks"]
-    if not isinstance(clocks, dict) or not all(isinstance(clocks.get(k), int) for k in ("step", "updates", "saved_step")):
+    if not isinstance(clocks, dict) or not all(isinstance(clocks.get(k), int) and clocks[k] >= -1
+                                               for k in ("step", "updates", "saved_step")):
         raise CorruptCheckpointError(f"{directory / MANIFEST}: table {table.name!r}: clocks need integer "
                                      f"step, updates and saved_step, got {clocks!r}")
     table.restore_clocks(clocks)
