@@ -494,6 +494,19 @@ def test_push_rows_refuses_repeated_keys_and_reports_rows_refused_by_the_cap():
     assert stored.sum() == 2 and table.stats().dropped_full == 1
 
 
+@pytest.mark.parametrize("counts", [None, "short"])
+def test_push_rows_checks_its_metadata_before_writing_a_row(counts):
+    from tidal.config import Eviction
+
+    table = make_table(eviction=Eviction(capacity_policy="lfu"))
+    block, _ = make_table().pull_rows(arr(1, 2, 3))
+    bad = type(block)(keys=block.keys, values=block.values, state=block.state, last_seen=block.last_seen,
+                      counts=None if counts is None else block.counts[:2])
+    with pytest.raises(BatchError, match="pushed last_seen and counts must have one entry per key"):
+        table.push_rows(bad)
+    assert table.stats().rows == 0  # nothing half written
+
+
 def test_memory_budget_below_one_row_is_a_config_error():
     from tidal.errors import ConfigError
 

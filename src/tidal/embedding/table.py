@@ -531,6 +531,10 @@ class EmbeddingTable:
                 f"table {self.name!r}: pushed values and state must have shapes {expected[0]} and "
                 f"{expected[1]}, got {values.shape} and {state.shape}"
             )
+        metadata = {"last_seen": np.shape(block.last_seen), "counts": np.shape(block.counts)}
+        if any(shape != (len(keys),) for shape in metadata.values()):  # checked before any row is written
+            raise BatchError(f"table {self.name!r}: pushed last_seen and counts must have one entry per key "
+                             f"({len(keys)}), got shapes {metadata}")
         rows = np.concatenate([values, state], axis=1)
         handles = self._resolve(keys, step=self._step, insert=True, distinct=False, force=True, count=False).handles
         run_split(pooling.scatter_rows, len(keys), self.threads, self.arena.directory, self.width, handles, rows)
