@@ -352,14 +352,14 @@ def _columns(tensors: dict, specs: dict[str, InputSpec], mode: str) -> tuple[dic
 
 def _column(spec: InputSpec, tensors: dict) -> pa.Array:
     value = tensors[spec.name]
+    if spec.kind != "number" and not isinstance(value, pa.Array) and value.dtype.kind == "f":
+        raise RequestError(f"input {spec.name!r}: ids must be BYTES or INT64, got floating point values")
     if spec.separator is not None and spec.name + LENGTHS in tensors:
         return _checked(spec, _joined(spec, value, tensors[spec.name + LENGTHS]))
     if spec.kind == "number":  # strings went to _numbers_from_text
         return _numbers(spec.name, value)
     if isinstance(value, pa.Array):
         return _checked(spec, value)
-    if value.dtype.kind == "f":
-        raise RequestError(f"input {spec.name!r}: ids must be BYTES or INT64, got floating point values")
     return pc.cast(pa.array(value), pa.string())
 
 
@@ -426,8 +426,6 @@ def _joined(spec: InputSpec, values: np.ndarray | pa.Array, lengths: np.ndarray 
     """Flat values + bag lengths as the joined strings a data file holds ("a|b|c")."""
     if isinstance(lengths, pa.Array) or lengths.dtype.kind != "i" or (lengths < 0).any():
         raise RequestError(f"input {spec.name + LENGTHS!r}: lengths must be INT32 or INT64 values >= 0")
-    if not isinstance(values, pa.Array) and values.dtype.kind == "f" and spec.kind != "number":
-        raise RequestError(f"input {spec.name!r}: ids must be BYTES or INT64, got floating point values")
     strings = values if isinstance(values, pa.Array) else pc.cast(pa.array(values), pa.string())
     if len(lengths) and int(lengths.max()) > len(strings):
         raise RequestError(f"input {spec.name + LENGTHS!r}: a bag of {int(lengths.max())} values, "
