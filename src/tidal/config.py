@@ -75,7 +75,8 @@ class Initializer(_Model):
     """Initial row values: `uniform` U(-scale, scale), `normal` N(0, scale²) or `zeros`.
 
     Rows are created during training steps, so the initializer is on the hot path:
-    `uniform` costs about a tenth of `normal` per row.
+    `normal` costs about two and a half times `uniform` per row (0.86 against 0.32 ms
+    for 11,000 rows of dim 64).
     """
 
     kind: Literal["uniform", "normal", "zeros"] = "uniform"

@@ -13,6 +13,7 @@ import tidal
 from tidal.config import Initializer, TableConfig
 from tidal.embedding import EmbeddingTable
 from tidal.embedding.hashing import INIT_KINDS, init_row, mix64, table_seed
+from tidal.mixing import GOLDEN
 
 from keys import ADVERSARIAL, INT64_MAX, INT64_MIN, M64, as_int64, unmix64
 
@@ -126,6 +127,22 @@ def test_normal_init_has_zero_mean_and_scale_std_when_many_values(dim):
     assert abs(values.mean()) < 5 * scale / np.sqrt(values.size)
     assert values.std() == pytest.approx(scale, rel=0.02)
     assert np.mean(np.abs(values) < scale) == pytest.approx(0.6827, abs=0.01)
+
+
+def test_normal_init_equals_box_muller_with_exact_functions_when_same_bits():
+    """The polynomial log, sine and cosine stay within float32 rounding of the exact ones."""
+    seed, scale, dim = table_seed(3, "emb"), 0.5, 7
+    for key in some_keys(2000):
+        row = np.empty(dim, dtype=np.float32)
+        init_row(row, np.int64(key), seed, INIT_KINDS["normal"], scale)
+        state = int(mix64(np.uint64((int(key) & M64) ^ int(seed))))
+        expected = []
+        for p in range((dim + 1) // 2):
+            bits = int(mix64(np.uint64((state + 2 * p * int(GOLDEN)) & M64)))
+            u1, u2 = (bits >> 40) / 2**24, ((bits >> 8) & 0xFFFFFF) / 2**24
+            radius = scale * np.sqrt(-2.0 * np.log(1.0 - u1))
+            expected += [radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)]
+        np.testing.assert_allclose(row, expected[:dim], rtol=0, atol=2e-6 * scale)
 
 
 def test_zeros_init_gives_zero_rows_when_kind_zeros():
