@@ -220,6 +220,27 @@ def test_save_tables_round_trips_several_tables_with_deltas(tmp_path):
         save_tables_delta(tmp_path, tables[:2])
 
 
+def test_save_tables_refuses_a_table_name_twice_and_leaves_nothing_behind(tmp_path):
+    table = _trained(1, name="users")
+    with pytest.raises(CheckpointError, match=r"\['users'\] more than once"):
+        save_tables(tmp_path / "ckpt", [table, _trained(2, name="users")])
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_failed_save_removes_its_staging_folder_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    table = _trained(1, name="users")
+    save_tables(tmp_path, [table])
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("tidal.embedding.checkpoint.save_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_tables(tmp_path, [table])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000001-full", "CHAIN.json"]
+    _assert_same_table(table, load_tables(tmp_path)["users"])
+
+
 def test_checkpoint_files_are_json_or_safetensors_without_pickle(tmp_path):
     table = _trained()
     table.save(tmp_path)

@@ -431,6 +431,15 @@ def test_apply_gradients_raises_batch_error_when_grad_shape_wrong(shape):
         table.apply_gradients(arr(1, 2, 3), np.ones(shape, np.float32))
 
 
+def test_apply_gradients_raises_batch_error_when_grads_are_not_readable_as_floats():
+    torch = pytest.importorskip("torch")
+    table = make_table(name="items")
+    insert(table, arr(1, 2, 3))
+    for grads in (torch.ones(3, 4, dtype=torch.bfloat16), [["a"] * 4] * 3):
+        with pytest.raises(BatchError, match=r"'items': grads must be a float array of shape \(3, 4\)"):
+            table.apply_gradients(arr(1, 2, 3), grads)
+
+
 def test_apply_grouped_refuses_a_lookup_from_another_table_or_gradients_that_do_not_fit():
     table, other = make_table(), make_table()
     lookup = other.lookup_or_insert(arr(1, 2))

@@ -98,6 +98,10 @@ def load(root: str | os.PathLike, *, threads: int = 1) -> dict[str, EmbeddingTab
 
 
 def _save(root: Path, tables: Sequence[EmbeddingTable], *, delta: bool) -> Path:
+    names = [t.name for t in tables]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise CheckpointError(f"{root}: a checkpoint holds each table once, by name; got {repeated} more than once")
     root.mkdir(parents=True, exist_ok=True)
     chain = _chain(root) if (root / CHAIN).exists() else []
     number = int(chain[-1].split("-")[0]) + 1 if chain else 1
@@ -106,10 +110,14 @@ def _save(root: Path, tables: Sequence[EmbeddingTable], *, delta: bool) -> Path:
     staging = root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    manifest = {"format": FORMAT, "version": VERSION, "kind": "delta" if delta else "full", "id": checkpoint_id,
-                "tables": {t.name: _write_table(staging, t, delta) for t in tables}}
-    write_json_atomic(staging / MANIFEST, manifest)
-    fsync_path(staging)
+    try:
+        manifest = {"format": FORMAT, "version": VERSION, "kind": "delta" if delta else "full", "id": checkpoint_id,
+                    "tables": {t.name: _write_table(staging, t, delta) for t in tables}}
+        write_json_atomic(staging / MANIFEST, manifest)
+        fsync_path(staging)
+    except BaseException:  # a full disk, say: leave no half-written folder behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     shutil.rmtree(root / name, ignore_errors=True)  # left by a save killed before its commit
     os.replace(staging, root / name)
     fsync_path(root)

@@ -408,7 +408,12 @@ class EmbeddingTable:
         `grads` is `[n, dim]` float32.
         """
         keys = self._keys(keys)
-        grads = np.ascontiguousarray(grads, dtype=np.float32)
+        try:
+            grads = np.ascontiguousarray(grads, dtype=np.float32)
+        except (TypeError, ValueError) as e:  # a bfloat16 torch tensor, strings, ...
+            raise BatchError(f"table {self.name!r}: grads must be a float array of shape {(keys.shape[0], self.dim)} "
+                             f"that numpy can read, got {type(grads).__name__} {getattr(grads, 'dtype', '')} ({e}); "
+                             f"convert it first, e.g. tensor.float().numpy()") from e
         if grads.shape != (keys.shape[0], self.dim):
             raise BatchError(
                 f"table {self.name!r}: grads must have shape {(keys.shape[0], self.dim)} "
