@@ -151,7 +151,8 @@ class CountAdmission(_Model):
 
     Counts of keys not yet admitted live in a count-min sketch of `sketch_width` x 4
     counters per shard, so memory stays bounded however many rare keys arrive; a
-    sketch may over-count (admit a key early), never under-count.
+    sketch may over-count (admit a key early), never under-count. Every sighting of a
+    key in the batch that admits it reads and updates its new row, the earlier ones too.
     """
 
     kind: Literal["count"] = "count"

@@ -232,6 +232,28 @@ def test_count_admission_creates_row_on_third_sighting_when_min_count_3():
     assert np.abs(table.lookup(arr(7))).max() > 0 and (s.rows, s.admitted, s.not_admitted) == (1, 1, 2)
 
 
+@BOTH_LOOKUPS
+def test_count_admission_gives_every_sighting_in_a_batch_the_row_its_last_sighting_created(optimizer):
+    """Key 7 is admitted by its second sighting in the batch: its first sighting reads the
+    same row, not zeros, and both sightings' gradients reach it."""
+    table = make_table(admission=CountAdmission(min_count=2), optimizer=optimizer, num_shards=2,
+                       eviction=Eviction(capacity_policy="lfu"), max_rows=100)
+    keys = arr(7, 5, 7, 9, 9, 9)  # 5 is seen once: turned away
+    lookup = table.lookup_or_insert(keys)
+    assert lookup.handles[0] == lookup.handles[2] >= 0 and lookup.handles[1] == -1
+    assert lookup.handles[3] == lookup.handles[4] == lookup.handles[5] >= 0
+    s = table.stats()
+    assert (s.rows, s.admitted, s.not_admitted) == (2, 2, 1)
+    if lookup.unique is not None:  # each row listed once, every sighting numbered
+        assert len(lookup.unique) == 2 and (lookup.numbers >= 0).sum() == 5
+    assert table.pull_rows(arr(7, 9))[0].counts.tolist() == [2, 3]
+    before = table.lookup(arr(7))
+    grad = np.arange(24, dtype=np.float32).reshape(6, 4)
+    table.apply_grouped(lookup, grad, np.arange(6), np.ones(6, np.float32))
+    if optimizer.kind == "sgd":
+        np.testing.assert_allclose(table.lookup(arr(7)), before - optimizer.lr * (grad[0] + grad[2]), rtol=1e-6)
+
+
 def test_probability_admission_admits_about_30_percent_reproducibly_when_p_0_3():
     keys, admission = np.arange(20_000, dtype=np.int64) * 7919, ProbabilityAdmission(probability=0.3)
     first, again, other = (insert(make_table(admission=admission, num_shards=8, seed=seed), keys)

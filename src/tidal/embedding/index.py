@@ -117,7 +117,10 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, or
     (and misses) in the statistics; internal reads pass False.
 
     `out` = (handles [n] in the caller's order: key i's at order[i], numbers [n],
-    unique local rows [hi - lo], their saved last_seen [hi - lo], unique count [1]).
+    unique local rows [hi - lo], their saved last_seen [hi - lo], unique count [1],
+    refused [hi - lo], refused count [1]). Under count admission, `refused` lists the
+    sightings turned away, for `admit_earlier_sightings` to finish with; its length
+    may be 0 otherwise.
     With `distinct`, numbers[i] numbers the distinct rows of this shard in order of
     first sight, -1 for a key without a row, and the caller ends with `unmark` once the
     whole range is resolved; without it only the handles are written (the other arrays
@@ -127,7 +130,7 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, or
     `admission` = (kind, min count, probability, seed). Returns the position reached:
     `hi` when done, earlier when `ctl[C_NEED]` asks the caller to grow something.
     """
-    handles, numbers, unique, previous, n_unique = out
+    handles, numbers, unique, previous, n_unique, refused, n_refused = out
     ctl[C_NEED] = NEED_NOTHING
     first = _home_rows(slots, row_keys, last_seen, keys, hashes, lo, hi, distinct or insert)
     created = np.empty(hi - lo, dtype=np.int64)  # local rows created here, valued at the end
@@ -151,6 +154,9 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, or
                 break
             if not _admit(keys[i], hashes[i], step, admission, sketch):
                 ctl[C_NOT_ADMITTED] += 1
+                if refused.shape[0] > 0:
+                    refused[n_refused[0]] = i
+                    n_refused[0] += 1
             elif ctl[C_LIVE] >= ctl[C_ROW_LIMIT]:
                 ctl[C_DROPPED_FULL] += 1
             else:
@@ -184,6 +190,26 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, or
     _init_rows(rows, created[:n_created], row_keys, shard)
     ctl[C_LOOKUPS] += (end - lo) * count
     return end
+
+
+@numba.njit(nogil=True, cache=True)
+def admit_earlier_sightings(slots, row_keys, last_seen, counts, ctl, keys, hashes, order, shard, distinct, out):  # type: ignore[no-untyped-def]
+    """End a count-admission resolve: a key whose later sighting in the batch created its
+    row gives that row to its earlier sightings, which admission had turned away, so that
+    every sighting of a key in one batch reads and updates the same row. `out` as in
+    `resolve`."""
+    handles, numbers, unique, previous, n_unique, refused, n_refused = out
+    for r in range(n_refused[0]):
+        i = refused[r]
+        _, row = _probe(slots, row_keys, keys[i], hashes[i])
+        if row < 0:  # turned away at every sighting
+            continue
+        ctl[C_NOT_ADMITTED] -= 1
+        if counts.shape[0] > 0:
+            counts[row] += 1
+        handles[order[i]] = (np.int64(row) << SHARD_BITS) | shard
+        if distinct:
+            numbers[i] = _number(last_seen, unique, previous, n_unique, row)
 
 
 @numba.njit(nogil=True, inline="always")

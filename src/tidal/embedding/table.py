@@ -368,14 +368,19 @@ class EmbeddingTable:
         rows = np.empty(end - position if distinct else 0, dtype=np.int64)
         previous = np.empty(rows.shape[0], dtype=np.uint32)
         n_rows = np.zeros(1, dtype=np.int64)
+        counted = insert and admission[0] == ix.ADMIT_COUNT
+        refused, n_refused = np.empty(end - position if counted else 0, dtype=np.int64), np.zeros(1, dtype=np.int64)
+        out = (handles, numbers, rows, previous, n_rows, refused, n_refused)
         with shard.lock:
             try:
                 while position < end:
                     position = ix.resolve(
                         shard.slots, shard.row_keys, shard.last_seen, shard.counts, shard.free_rows,
                         shard.ctl, keys, hashes, order, position, end, step, s, self._row_settings(),
-                        admission, shard.sketch, insert, count, distinct, (handles, numbers, rows, previous, n_rows))
+                        admission, shard.sketch, insert, count, distinct, out)
                     self._grow(s, shard)
+                ix.admit_earlier_sightings(shard.slots, shard.row_keys, shard.last_seen, shard.counts, shard.ctl,
+                                           keys, hashes, order, s, distinct, out)
             finally:  # even if growing failed, no row may stay marked
                 ix.unmark(shard.last_seen, rows, previous, n_rows[0], step, insert)
         return rows[: n_rows[0]]
