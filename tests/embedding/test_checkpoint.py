@@ -122,9 +122,12 @@ def test_full_save_load_reproduces_table_with_adam_admission_lfu(tmp_path):
                          ids=["adam", "sgd", "adagrad"])
 def test_full_plus_deltas_reproduce_live_table_with_evictions_and_reinsertion(tmp_path, optimizer):
     table = _trained(steps=6, eviction=Eviction(capacity_policy="lfu", ttl_steps=10), max_rows=600, optimizer=optimizer)
+    at_save = np.arange(30, 60, dtype=np.int64)
+    table.lookup_or_insert(at_save)
     table.save(tmp_path)
     for round_ in range(3):
-        touched = [_train(table, 100 * round_ + i, n=150) for i in range(3)]
+        # a delta holds the rows seen since the save and those of the save's own step
+        touched = [at_save] + [_train(table, 100 * round_ + i, n=150) for i in range(3)]
         evicted = table.evict()
         removed_keys = np.arange(0, 30, dtype=np.int64) + round_  # hot keys, surely present
         removed = table.remove(removed_keys)
@@ -134,13 +137,14 @@ def test_full_plus_deltas_reproduce_live_table_with_evictions_and_reinsertion(tm
         for _ in range(2):
             table.lookup_or_insert(removed_keys)
         touched.append(removed_keys)
+        at_save = removed_keys
         touched_keys = np.unique(np.concatenate(touched))
         live_touched = touched_keys[table.pull_rows(touched_keys)[1]]  # before: pulls count as lookups
         table.save_delta(tmp_path)
 
         delta = _shard_arrays(sorted(tmp_path.glob("*-delta"))[-1])
         delta_keys = np.concatenate([a["keys"] for a in delta])
-        assert np.array_equal(np.sort(delta_keys), live_touched)  # only rows touched since the save
+        assert np.array_equal(np.sort(delta_keys), live_touched)
         assert 0 < len(delta_keys) < table.stats().rows  # fewer than a full save would hold
         assert sum(len(a["evicted"]) for a in delta) == evicted + removed
         assert set(removed_keys) <= set(np.concatenate([a["evicted"] for a in delta]))

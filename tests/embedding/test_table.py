@@ -285,6 +285,50 @@ def test_ttl_evicts_rows_unseen_for_more_than_ttl_steps_when_evict_called(optimi
 
 
 @BOTH_LOOKUPS
+def test_saves_take_no_step_so_rows_age_toward_their_ttl_by_lookups_only(optimizer, tmp_path):
+    saved, unsaved = (make_table(eviction=Eviction(ttl_steps=3), optimizer=optimizer) for _ in range(2))
+    for table in (saved, unsaved):
+        insert(table, arr(1, 2))  # step 1
+        sight(table, (2, 2))  # steps 2, 3
+    for n in range(3):
+        saved.save(tmp_path / f"full-{n}")
+    for table in (saved, unsaved):
+        sight(table, (2, 1))  # step 4: key 1 unseen for exactly 3 steps
+        assert table.step == 4 and table.evict() == 0
+    assert saved.pull_rows(arr(1, 2))[0].last_seen.tolist() == unsaved.pull_rows(arr(1, 2))[0].last_seen.tolist() == [1, 4]
+
+
+@BOTH_LOOKUPS
+def test_lookups_given_their_steps_out_of_order_leave_the_table_of_lookups_in_order(optimizer):
+    """A pipeline may look batch 3 up before batch 2: each row keeps the latest step
+    that saw it, and the table's step is the latest given. (Under admission, which
+    sighting creates a row depends on their order: the engine keeps lookups in order.)"""
+    batches = {1: arr(1, 2, 3), 2: arr(2, 4, 4), 3: arr(3, 4, 5)}
+    in_order, shuffled = (make_table(optimizer=optimizer, num_shards=2) for _ in range(2))
+    for step in (1, 2, 3):
+        in_order.lookup_or_insert(batches[step])
+    for step in (3, 1, 2):
+        shuffled.lookup_or_insert(batches[step], step=step)
+    keys = arr(1, 2, 3, 4, 5)
+    a, b = in_order.pull_rows(keys), shuffled.pull_rows(keys)
+    assert a[1].tolist() == b[1].tolist() and a[0].last_seen.tolist() == b[0].last_seen.tolist()
+    np.testing.assert_array_equal(a[0].values, b[0].values)
+    assert in_order.step == shuffled.step == 3
+
+
+def test_lookup_refuses_a_step_before_the_last_save(tmp_path):
+    table = make_table()
+    insert(table, arr(1))
+    insert(table, arr(2))
+    table.save(tmp_path)
+    with pytest.raises(BatchError, match=r"not before the last save \(step 2\), got 1"):
+        table.lookup_or_insert(arr(3), step=1)
+    with pytest.raises(BatchError, match="at least 1"):
+        make_table().lookup_or_insert(arr(3), step=0)
+    assert table.lookup_or_insert(arr(3), step=2).handles[0] >= 0  # the save's own step: in the next delta
+
+
+@BOTH_LOOKUPS
 def test_lru_cap_evicts_oldest_rows_when_over_max_rows(optimizer):
     table = make_table(num_shards=8, max_rows=3, eviction=Eviction(capacity_policy="lru"), optimizer=optimizer)
     sight(table, *[(key, 1) for key in (1, 2, 3, 4, 5, 1)])

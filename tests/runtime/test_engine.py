@@ -56,12 +56,25 @@ def _tables(trainer: Trainer) -> dict[int, np.ndarray]:
     return dict(zip(keys.tolist(), rows))
 
 
+def _metadata(trainer: Trainer) -> list[dict[int, tuple[int, int]]]:
+    """Each table's key -> (last seen step, count)."""
+    found = []
+    for table in trainer.collection.tables:
+        shards = [table.snapshot_shard(s, since_save=False) for s in range(table.num_shards)]
+        keys, seen, counts = (np.concatenate([s[name] for s in shards]).tolist() for name in ("keys", "last_seen", "counts"))
+        found.append(dict(zip(keys, zip(seen, counts))))
+    return found
+
+
 def _assert_bitwise_equal(a: Trainer, b: Trainer) -> None:
+    """Weights, rows and row metadata (so a resumed run evicts alike) bit for bit."""
     for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
         assert torch.equal(x, y), name
     rows_a, rows_b = _tables(a), _tables(b)
     assert rows_a.keys() == rows_b.keys()
     assert all(np.array_equal(rows_a[k], rows_b[k]) for k in rows_a)
+    assert _metadata(a) == _metadata(b)
+    assert [t.step for t in a.collection.tables] == [t.step for t in b.collection.tables]
 
 
 def _no_worker_threads() -> bool:

@@ -86,28 +86,34 @@ def test_config_errors_name_the_key_path(tmp_path, capsys):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)"))])
 def test_resume_reaches_the_same_weights_and_tables_as_an_uninterrupted_run(tmp_path, device):
+    """With TTL eviction, so that the rows' steps must agree too: saves take no step."""
     import numpy as np
 
-    config = _config(tmp_path, checkpoint_every=7, device=device)
+    config = _config(tmp_path, checkpoint_every=7, device=device, evict_every=3)
     config["data"]["eval"] = None
+    config["tables"][0]["eviction"] = {"ttl_steps": 4}
 
-    def in_dir(name: str) -> RunConfig:
-        return RunConfig(**{**config, "training": {**config["training"], "run_dir": str(tmp_path / name)}})
+    def in_dir(name: str, **training) -> RunConfig:
+        return RunConfig(**{**config, "training": {**config["training"], "run_dir": str(tmp_path / name), **training}})
 
     whole = Trainer(in_dir("whole"))
     total_steps = whole.fit()["steps"]
     Trainer(in_dir("split")).fit(max_steps=21)  # stops right after the checkpoint of step 21
     resumed = Trainer(in_dir("split"))
     assert resumed.fit(resume=True)["steps"] == total_steps
-    for name, tensor in whole.model.state_dict().items():
-        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
-    a, b = whole.collection.tables[0], resumed.collection.tables[0]
-    keys = np.concatenate([a.snapshot_shard(s, since_save=False)["keys"] for s in range(a.num_shards)])
-    assert a.stats().rows == b.stats().rows == len(keys)
-    (rows_a, found_a), (rows_b, found_b) = a.pull_rows(keys), b.pull_rows(keys)
-    assert found_a.all() and found_b.all()
-    np.testing.assert_array_equal(rows_a.values, rows_b.values)
-    np.testing.assert_array_equal(rows_a.state, rows_b.state)
+    other_saves = Trainer(in_dir("other", checkpoint_every=5))
+    other_saves.fit()
+    for run in (resumed, other_saves):
+        for name, tensor in whole.model.state_dict().items():
+            assert torch.equal(tensor, run.model.state_dict()[name]), name
+        a, b = whole.collection.tables[0], run.collection.tables[0]
+        keys = np.concatenate([a.snapshot_shard(s, since_save=False)["keys"] for s in range(a.num_shards)])
+        assert a.stats().rows == b.stats().rows == len(keys) and a.stats().evicted == b.stats().evicted > 0
+        (rows_a, found_a), (rows_b, found_b) = a.pull_rows(keys), b.pull_rows(keys)
+        assert found_a.all() and found_b.all()
+        np.testing.assert_array_equal(rows_a.values, rows_b.values)
+        np.testing.assert_array_equal(rows_a.state, rows_b.state)
+        np.testing.assert_array_equal(rows_a.last_seen, rows_b.last_seen)
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):

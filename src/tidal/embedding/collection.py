@@ -100,11 +100,13 @@ class EmbeddingCollection:
         ctx = self.lookup(batch, train=train)
         return self.pool(batch, ctx, dtype=dtype, out=out), ctx
 
-    def lookup(self, batch: SparseBatch, *, train: bool = True) -> PooledContext:
-        """Find (with `train`: find or create) the row of every id of `batch`."""
+    def lookup(self, batch: SparseBatch, *, train: bool = True, step: int | None = None) -> PooledContext:
+        """Find (with `train`: find or create) the row of every id of `batch`; `step` is
+        the training step of the tables' lookups (default: the next one, see
+        `EmbeddingTable.lookup_or_insert`)."""
         feature_tables = self._feature_tables(batch)
         offsets = batch.offsets
-        lookups = self._lookup(batch, offsets, feature_tables, train)
+        lookups = self._lookup(batch, offsets, feature_tables, train, step)
         modes = np.array([pooling.MODES[self.features[k].pooling] for k in batch.keys], dtype=np.int64)
         weights = batch.weights if batch.weights is not None else np.zeros(0, np.float32)
         scales = pooling.id_scales(offsets, weights, modes, batch.batch_size)
@@ -172,7 +174,7 @@ class EmbeddingCollection:
         return np.array([self._table_index[self.features[k].table] for k in batch.keys], dtype=np.int64)
 
     def _lookup(self, batch: SparseBatch, offsets: np.ndarray, feature_tables: np.ndarray,
-                train: bool) -> dict[int, tuple[slice | np.ndarray, RowLookup]]:
+                train: bool, step: int | None) -> dict[int, tuple[slice | np.ndarray, RowLookup]]:
         """One lookup per table over the ids of all features it serves."""
         starts = offsets[np.arange(len(batch.keys) + 1) * batch.batch_size]  # feature f: starts[f]:starts[f+1]
         lookups = {}
@@ -186,7 +188,7 @@ class EmbeddingCollection:
             else:
                 positions = np.concatenate([np.arange(starts[f], starts[f + 1]) for f in served])
             keys = batch.values[positions]
-            lookups[t] = (positions, table.lookup_or_insert(keys) if train else table.find(keys))
+            lookups[t] = (positions, table.lookup_or_insert(keys, step=step) if train else table.find(keys))
         return lookups
 
     def _directories(self) -> tuple[np.ndarray, np.ndarray]:

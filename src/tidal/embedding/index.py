@@ -112,7 +112,7 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, or
     the way.
 
     With `insert` (training) an admitted key's row is created on first sight and every
-    found row is marked seen at `step`; without it (serving) the index is only read and
+    found row is marked seen at `step` (or a later step that saw it); without it (serving) the index is only read and
     absent keys are counted as misses. With `count`, the keys are counted as lookups
     (and misses) in the statistics; internal reads pass False.
 
@@ -170,8 +170,9 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, or
                 ctl[C_ADMITTED] += 1
                 slots[pos] = _entry(hashes[i], row)
                 row_keys[row] = keys[i]
+                last_seen[row] = 0  # a reused row must not inherit the evicted key's step or count
                 if counts.shape[0] > 0:
-                    counts[row] = 0  # a reused row must not inherit the evicted key's count
+                    counts[row] = 0
                 created[n_created] = row
                 n_created += 1
         if row < 0:
@@ -185,7 +186,7 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, or
         handles[order[i]] = (np.int64(row) << SHARD_BITS) | shard
         if distinct:
             numbers[i] = _number(last_seen, unique, previous, n_unique, row)
-        elif insert:
+        elif insert and last_seen[row] < step:  # the latest step that saw it
             last_seen[row] = np.uint32(step)
     _init_rows(rows, created[:n_created], row_keys, shard)
     ctl[C_LOOKUPS] += (end - lo) * count
@@ -255,9 +256,10 @@ def _number(last_seen, unique, previous, n_unique, row):  # type: ignore[no-unty
 
 @numba.njit(nogil=True, cache=True)
 def unmark(last_seen, unique, previous, count, step, insert):  # type: ignore[no-untyped-def]
-    """End a resolve: numbered rows are marked seen at `step` (insert) or restored."""
+    """End a resolve: numbered rows are marked seen at `step` (insert; unless a later
+    step saw them already) or restored."""
     for k in range(count):
-        last_seen[unique[k]] = np.uint32(step) if insert else previous[k]
+        last_seen[unique[k]] = max(previous[k], np.uint32(step)) if insert else previous[k]
 
 
 @numba.njit(nogil=True, inline="always")

@@ -199,9 +199,9 @@ class EmbeddingTable:
         self.width = config.dim + self.optimizer.state_width
         self.arena = Arena(config.num_shards, self.width)
         self._seed = table_seed(config.seed, config.name)
-        self._step = 0  # lookup_or_insert calls (and saves) so far
+        self._step = 0  # the latest training step looked up
         self._updates = 0  # optimizer steps so far
-        self._saved_step = -1  # rows last seen after this step go into the next delta
+        self._saved_step = -1  # rows last seen at or after this step go into the next delta
         self._epoch = 0  # evict() calls so far: a RowLookup is valid within one epoch
         self._counter_lock = threading.Lock()
         self._shards = [self._new_shard(s) for s in range(config.num_shards)]
@@ -288,12 +288,18 @@ class EmbeddingTable:
     def step(self) -> int:
         return self._step
 
-    def _next_step(self) -> int:
+    def _take_step(self, step: int | None) -> int:
+        """The step of a training lookup (`step`, or the one after the latest); the
+        table's step becomes the latest of them."""
         with self._counter_lock:
-            if self._step + 1 >= ix.MARK:
+            step = self._step + 1 if step is None else int(step)
+            if step >= ix.MARK:
                 raise TidalError(f"table {self.name!r}: the step counter reached its limit of {int(ix.MARK) - 1} steps")
-            self._step += 1
-            return self._step
+            if step < max(self._saved_step, 1):
+                raise BatchError(f"table {self.name!r}: a lookup's step must be at least 1 and not before the last "
+                                 f"save (step {self._saved_step}), got {step}")
+            self._step = max(self._step, step)
+            return step
 
     def _next_update(self) -> int:
         with self._counter_lock:
@@ -313,13 +319,18 @@ class EmbeddingTable:
 
     # ------------------------------------------------------------------ lookups
 
-    def lookup_or_insert(self, keys: np.ndarray) -> RowLookup:
-        """Rows of `keys` for training (one step), creating admitted rows on first sight.
+    def lookup_or_insert(self, keys: np.ndarray, *, step: int | None = None) -> RowLookup:
+        """Rows of `keys` for training step `step` (default: the one after the latest),
+        creating admitted rows on first sight.
 
         Keys turned away by admission (or by a full table) get handle -1. Handles stay
-        valid until the next `evict()`.
+        valid until the next `evict()`. Rows keep the latest step that looked them up,
+        so lookups given their batches' steps may come in any order (a pipeline looking
+        batches up on several threads) and leave every row's step, and so its TTL, as
+        lookups in step order would. Under admission, which sighting creates a row still
+        depends on the order of the sightings.
         """
-        return self._resolve(self._keys(keys), step=self._next_step(), insert=True,
+        return self._resolve(self._keys(keys), step=self._take_step(step), insert=True,
                              distinct=self.optimizer.sums_keys_first)
 
     def find(self, keys: np.ndarray, *, count: bool = True) -> RowLookup:
@@ -476,7 +487,7 @@ class EmbeddingTable:
         lookup marked them, so that the next delta checkpoint holds the update; no
         otherwise, so that rows keep the step of the batch that used them, whatever
         later batches were looked up meanwhile (as a pipeline does)."""
-        return lookup.seen_at <= self._saved_step
+        return lookup.seen_at < self._saved_step
 
     def check_lookup(self, lookup: RowLookup) -> None:
         """A `BatchError` unless `lookup` came from this table since its last eviction."""
@@ -641,7 +652,7 @@ class EmbeddingTable:
         with shard.lock:
             local = ix.live_rows(shard.slots)
             if since_save:
-                local = local[shard.last_seen[local].astype(np.int64) > self._saved_step]
+                local = local[shard.last_seen[local].astype(np.int64) >= self._saved_step]
             rows = self._gather((local << SHARD_BITS) | s)
             arrays = {
                 "keys": shard.row_keys[local], "values": rows[:, : self.dim],
@@ -672,10 +683,11 @@ class EmbeddingTable:
     def clocks_after_save(self) -> dict[str, int]:
         """The step counters as they will be once the checkpoint being written commits.
 
-        The save takes a step of its own, so rows written after it are marked later
-        than `saved_step` and the next delta sees them.
+        A save takes no step (so saves do not age rows toward their TTL); the next delta
+        holds the rows seen at the save's step or later, so rows a lookup of that step
+        touches after the save are in it too, and a few written before it again.
         """
-        return {"step": self._step + 1, "updates": self._updates, "saved_step": self._step}
+        return {"step": self._step, "updates": self._updates, "saved_step": self._step}
 
     def clocks(self) -> dict[str, int]:
         """The step counters now (lookup steps, updates, the step of the last save)."""

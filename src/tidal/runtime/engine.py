@@ -67,6 +67,7 @@ class Engine:
         self.dense: list[Any] = []
         self.assigned: dict[int, int] = {}  # batch id -> slot reading it
         self.looked_up: dict[int, int] = {}  # batch id -> slot that found its rows; not pooled yet
+        self.finding: set[int] = set()  # batch ids whose lookup (or forward, which looks up) may be running
         self.flights: dict[int, _Flight] = {}
         self.retry: list[int] = []  # batch ids to look up again
         self.pending: dict[Any, tuple[str, int]] = {}  # handle -> (kind, batch id)
@@ -229,7 +230,11 @@ class Engine:
             if not self._may_pool():
                 self._look_ahead()
                 return
-            slot = self.looked_up.pop(batch_id) if batch_id in self.looked_up else self.assigned.pop(batch_id)
+            if batch_id in self.looked_up:
+                slot = self.looked_up.pop(batch_id)
+            else:
+                slot = self.assigned.pop(batch_id)
+                self.finding.add(batch_id)
             self.next_forward = max(self.next_forward, batch_id + 1)
             worker = self.sparse[slot]
             handles = self.backend.call(worker, "forward", batch_id, returns=1 + len(self.dense))
@@ -238,12 +243,18 @@ class Engine:
             self.pending[handles[0]] = ("forward", batch_id)
 
     def _look_ahead(self) -> None:
-        """Have the rows of the next waiting batches found while they wait to be pooled."""
+        """Have the rows of the next waiting batches found while they wait to be pooled.
+
+        In sync mode a lookup starts only once every earlier batch's has ended: lookups
+        create rows and count sightings for admission, so they must come in batch order
+        for the tables to end as the reference trainer's do.
+        """
         while self.assigned and len(self.looked_up) < _LOOK_AHEAD:
             batch_id = min(self.assigned)
-            if not self._may_look_up(batch_id):
+            if not self._may_look_up(batch_id) or (self.runtime.mode == "sync" and self.finding):
                 return
             slot = self.looked_up[batch_id] = self.assigned.pop(batch_id)
+            self.finding.add(batch_id)
             self.pending[self.backend.call(self.sparse[slot], "look_up", batch_id)[0]] = ("look_up", batch_id)
 
     def _issue_dense(self) -> None:
@@ -261,6 +272,8 @@ class Engine:
 
     def _complete(self, handle: Any) -> None:
         kind, batch_id = self.pending.pop(handle)
+        if kind in ("look_up", "forward"):  # its lookup has ended, whether it failed or not
+            self.finding.discard(batch_id)
         try:
             result = self.backend.get(handle)
         except TidalError:

@@ -139,13 +139,16 @@ class EmbeddingShard:
         self.collection, self.nice = collection, nice
         self._contexts: dict[int, Any] = {}
         self._lock = threading.Lock()
+        # batch k of this run is the tables' step first_step + k + 1, in whatever order
+        # the lookups come: rows keep the step of their batch, as in the reference trainer
+        self._first_step = max((t.step for t in collection.tables), default=0)
 
     def look_up(self, batch_id: int, batch: SparseBatch) -> dict[str, float]:
         """Find (or create) the rows of `batch` for its later `forward`: this reads no
         values, so it may run while earlier batches' updates are still coming."""
         lower_priority(self.nice)
         start = time.perf_counter()
-        ctx = self.collection.lookup(batch)
+        ctx = self.collection.lookup(batch, step=self._first_step + batch_id + 1)
         with self._lock:
             self._contexts[batch_id] = ctx
         return {"lookup": time.perf_counter() - start}
