@@ -32,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_port, default=8000)
     serve.add_argument("--model-name", help="the model's name in the URLs (default: the bundle directory's name)")
     serve.add_argument("--no-batching", action="store_true", help="run every request alone (no merging or splitting)")
-    serve.add_argument("--max-batch-rows", type=int, help="default: the config's serving.max_batch_rows")
+    serve.add_argument("--max-batch-rows", type=int, help="default: the config's serving.max_batch_rows "
+                       "(a smaller value lowers serving.chunk_rows with it)")
+    serve.add_argument("--chunk-rows", type=int, help="default: the config's serving.chunk_rows")
     serve.add_argument("--max-delay-ms", type=float, help="default: the config's serving.max_delay_ms")
     serve.add_argument("--sparse-threads", type=int, help="default: the config's serving.sparse_threads")
     gen = commands.add_parser("gen-data", help="write Criteo-like files with a planted logistic ground truth")
@@ -235,8 +237,9 @@ def _serve(args: argparse.Namespace) -> int:
     from tidal.errors import TidalError
     from tidal.serving import Service, listen, load_bundle, serve
 
-    overrides = {k: v for k, v in {"max_batch_rows": args.max_batch_rows, "max_delay_ms": args.max_delay_ms,
-                                   "sparse_threads": args.sparse_threads}.items() if v is not None}
+    overrides = {k: v for k, v in {"max_batch_rows": args.max_batch_rows, "chunk_rows": args.chunk_rows,
+                                   "max_delay_ms": args.max_delay_ms, "sparse_threads": args.sparse_threads}.items()
+                 if v is not None}
     name = args.model_name or Path(args.bundle).resolve().name
     try:
         sock = listen(args.host, args.port)

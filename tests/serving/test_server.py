@@ -18,6 +18,7 @@ import pytest
 import tritonclient.http as triton
 from serving_helpers import file_rows, numpy_strings, with_user_of
 
+from tidal.errors import ConfigError
 from tidal.serving import Service, start_server
 from tidal.serving.protocol import infer_request, input_specs
 
@@ -395,3 +396,16 @@ def test_overload_answers_503_with_retry_after(bundle, trainer):
     assert codes[0] == 200 and codes[-1] == 503
     overloaded = next(r for r in results if r[0] == 503)
     assert overloaded[2]["Retry-After"] == "1" and "rows are waiting" in overloaded[1]["error"]
+
+
+def test_a_max_batch_rows_below_chunk_rows_lowers_chunk_rows_unless_both_are_given(bundle):
+    assert bundle.config.serving.chunk_rows == 64
+    for overrides, chunk_rows in [({"max_batch_rows": 40}, 40), ({"max_batch_rows": 200}, 64),
+                                  ({"max_batch_rows": 40, "chunk_rows": 20}, 20)]:
+        service = Service(bundle, name="ctr", **overrides)
+        try:
+            assert (service.settings.chunk_rows, service.batcher.chunk_rows) == (chunk_rows, chunk_rows)
+        finally:
+            service.close()
+    with pytest.raises(ConfigError, match=r"chunk_rows \(50\) must be at most max_batch_rows \(40\)"):
+        Service(bundle, name="ctr", max_batch_rows=40, chunk_rows=50)

@@ -63,8 +63,13 @@ class Service:
     """One bundle behind the protocol: predictor, batcher, sessions and metrics."""
 
     def __init__(self, bundle: Bundle, *, name: str = "tidal", batching: bool = True, **overrides: object) -> None:
+        """`overrides` replace fields of the bundle's `serving` config; a `max_batch_rows`
+        below its `chunk_rows` lowers `chunk_rows` with it, unless that is given too."""
         self.name = name
-        self.settings = ServingConfig(**{**bundle.config.serving.model_dump(), **overrides})
+        settings = bundle.config.serving.model_dump()
+        if "max_batch_rows" in overrides and "chunk_rows" not in overrides:
+            settings["chunk_rows"] = min(settings["chunk_rows"], overrides["max_batch_rows"])
+        self.settings = ServingConfig(**{**settings, **overrides})
         self.predictor = Predictor(bundle)
         self.specs = input_specs(bundle.config)
         self.outputs = [*self.predictor.targets, "score"]
