@@ -3,7 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # The CPU build of torch lies on local disk; an unpinned torch would pull a CUDA build.
+# Where pip's index holds only the CUDA build (PyPI on Linux), give PyPI's CPU index:
+#   make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH := torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: demo test bench clean
 
@@ -11,7 +14,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml Makefile
-	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) $(TORCH)
 	$(BIN)/pip install --quiet -e ".[dev,ray]"
 	touch $@
 

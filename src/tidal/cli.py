@@ -200,8 +200,10 @@ def _eval(args: argparse.Namespace) -> int:
     from tidal.data.readers import BadRows
     from tidal.errors import TidalError
     from tidal.runtime import Trainer, checkpoint
+    from tidal.runtime.workers import dense_device
 
     try:
+        dense_device(args.device, key="--device")
         directory = checkpoint.find(Path(args.checkpoint))
         saved = checkpoint.read_meta(directory)["config"]
         config = RunConfig(**{**saved, "training": {**saved["training"], "device": args.device}})

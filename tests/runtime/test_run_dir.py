@@ -96,6 +96,12 @@ def test_eval_takes_one_checkpoint_and_a_device(run, capsys, tmp_path):
     assert "click: AUC 0." in capsys.readouterr().out
 
 
+def test_eval_names_the_device_flag_when_no_gpu_is_there(run, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", *run["data"]["train"], "--device", "cuda"]) == 2
+    assert "--device is 'cuda', but torch sees no CUDA device" in capsys.readouterr().err
+
+
 def test_export_never_replaces_what_is_not_a_bundle(run, capsys, tmp_path):
     run_dir = tmp_path / "run"
     kept = sorted(p.name for p in run_dir.iterdir())
