@@ -18,6 +18,7 @@ import torch
 from tidal.config import Adagrad, Adam, CountAdmission, EmbeddingFeature, Eviction, Sgd, TableConfig
 from tidal.data.batch import SparseBatch
 from tidal.embedding import EmbeddingCollection, EmbeddingTable, load_tables, save_tables, save_tables_delta
+from tidal.embedding.checkpoint import SEAL, sealed
 from tidal.errors import CheckpointError, CorruptCheckpointError
 
 DIM = 6
@@ -316,9 +317,11 @@ def test_load_refuses_json_when_garbled(saved, name):
 
 
 def _edit_json(path: Path, change) -> None:  # type: ignore[no-untyped-def]
+    """Change a JSON file; a sealed one is sealed again, so that what its reader checks
+    beyond the seal is what is tested."""
     content = json.loads(path.read_text())
     change(content)
-    path.write_text(json.dumps(content))
+    path.write_text(json.dumps(sealed(content) if SEAL in content else content))
 
 
 @pytest.mark.parametrize("name, change, reason", [
@@ -333,6 +336,20 @@ def test_load_refuses_a_manifest_or_chain_edited_out_of_shape(saved, name, chang
     with pytest.raises(CorruptCheckpointError, match=reason) as error:
         EmbeddingTable.load(saved)
     assert str(saved / name) in str(error.value)
+
+
+def test_load_refuses_a_manifest_edited_without_its_seal_and_reads_one_written_before_seals(saved):
+    path = saved / "000002-delta" / "manifest.json"
+    text = path.read_text()
+    content = json.loads(text)
+    content["tables"]["emb"]["config"]["optimizer"]["lr"] *= 2  # still valid JSON, still a valid config
+    path.write_text(json.dumps(content))
+    with pytest.raises(CorruptCheckpointError, match="manifest.json: altered or damaged: its content's sha256"):
+        EmbeddingTable.load(saved)
+    older = {**json.loads(text), "version": 1}
+    del older[SEAL]
+    path.write_text(json.dumps(older))
+    EmbeddingTable.load(saved)
 
 
 def test_load_raises_checkpoint_error_when_root_missing(tmp_path):

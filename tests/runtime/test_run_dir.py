@@ -11,6 +11,7 @@ from runtime.test_trainer import _config
 
 from tidal.cli import main
 from tidal.config import RunConfig
+from tidal.embedding.checkpoint import sealed
 from tidal.errors import ConfigError, CorruptCheckpointError, DataError
 from tidal.runtime import Trainer, checkpoint
 
@@ -73,7 +74,7 @@ def test_a_run_dir_that_is_a_file_is_refused(tmp_path):
     (lambda ck: (ck / "trainer.json").write_text('{"position": '), "trainer.json: not valid JSON"),
     (lambda ck: (ck / "dense.safetensors").unlink(), "dense.safetensors: missing"),
     (lambda ck: (ck / "dense.safetensors").write_bytes((ck / "dense.safetensors").read_bytes()[:100]),
-     "dense.safetensors: truncated or damaged"),
+     "dense.safetensors: expected"),
 ])
 def test_a_damaged_checkpoint_is_refused_naming_the_file(run, capsys, tmp_path, damage, reason):
     run_dir = tmp_path / "run"
@@ -91,7 +92,7 @@ def test_eval_takes_one_checkpoint_and_a_device(run, capsys, tmp_path):
     directory = checkpoint.latest(tmp_path / "run")
     meta = json.loads((directory / "trainer.json").read_text())
     meta["config"]["training"]["device"] = "cuda"  # trained on a GPU machine
-    (directory / "trainer.json").write_text(json.dumps(meta))
+    (directory / "trainer.json").write_text(json.dumps(sealed(meta)))
     assert main(["eval", "--checkpoint", str(directory), "--data", *run["data"]["train"], "--device", "cpu"]) == 0
     assert "click: AUC 0." in capsys.readouterr().out
 

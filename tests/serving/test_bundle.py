@@ -9,13 +9,15 @@ import zipfile
 import numpy as np
 import pytest
 
+from tidal.cli import main
 from tidal.errors import CheckpointError, CorruptCheckpointError
+from tidal.embedding.checkpoint import sealed
 from tidal.serving import export, load_bundle
 
 
 def test_bundle_holds_manifest_tables_and_program_without_pickle(bundle_dir, bundle, trainer):
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
-    assert manifest["targets"] == ["ctr", "cvr"] and manifest["version"] == 1 and manifest["created"]
+    assert manifest["targets"] == ["ctr", "cvr"] and manifest["version"] == 2 and manifest["created"]
     assert manifest["inputs"][0] == {"name": "C1", "kind": "ids", "side": "both", "separator": None, "also": []}
     assert manifest["config"]["serving"]["buckets"] == [1, 4, 16, 64, 256]
     assert manifest["config"]["serving"]["fusion"] == {"kind": "product", "weights": {"ctr": 1.0, "cvr": 0.5}}
@@ -55,17 +57,43 @@ def test_a_damaged_bundle_is_refused_naming_the_file(bundle_dir, tmp_path):
         load_bundle(copy)
 
 
-def _with_manifest(bundle_dir, tmp_path, change) -> object:  # type: ignore[no-untyped-def]
+def _with_manifest(bundle_dir, tmp_path, change, *, seal=True) -> object:  # type: ignore[no-untyped-def]
+    """A copy of the bundle whose manifest `change` rewrote, with its sha256 updated (`seal`) or left as it was."""
     copy = shutil.copytree(bundle_dir, tmp_path / "copy")
     manifest = json.loads((copy / "manifest.json").read_text())
     change(manifest)
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    (copy / "manifest.json").write_text(json.dumps(sealed(manifest) if seal else manifest))
     return copy
 
 
+def test_an_edited_manifest_is_refused_naming_it(bundle_dir, tmp_path, capsys):
+    copy = shutil.copytree(bundle_dir, tmp_path / "copy")
+    text = (copy / "manifest.json").read_text()
+    assert '"transform": "log"' in text
+    (copy / "manifest.json").write_text(text.replace('"transform": "log"', '"transform": "none"', 1))
+    with pytest.raises(CorruptCheckpointError, match="manifest.json: altered or damaged: its content's sha256"):
+        load_bundle(copy)
+    assert main(["serve", str(copy), "--port", "0"]) == 2
+    captured = capsys.readouterr()
+    assert "manifest.json: altered or damaged" in captured.err and "serving" not in captured.out
+
+
+def test_a_manifest_without_its_sha256_loads_only_as_a_version_1_bundle(bundle_dir, tmp_path):
+    unsealed = _with_manifest(bundle_dir, tmp_path, lambda m: m.pop("content_sha256"), seal=False)
+    with pytest.raises(CorruptCheckpointError, match="manifest.json: lacks content_sha256"):
+        load_bundle(unsealed)
+    shutil.rmtree(unsealed)
+    demoted = _with_manifest(bundle_dir, tmp_path, lambda m: m.update(version=1), seal=False)
+    with pytest.raises(CorruptCheckpointError, match="manifest.json: altered or damaged"):
+        load_bundle(demoted)
+    shutil.rmtree(demoted)
+    older = _with_manifest(bundle_dir, tmp_path, lambda m: [m.update(version=1), m.pop("content_sha256")], seal=False)
+    assert load_bundle(older).targets == ["ctr", "cvr"]  # as a Tidal before version 2 wrote it
+
+
 def test_a_manifest_of_another_version_or_with_other_inputs_is_refused(bundle_dir, tmp_path):
-    newer = _with_manifest(bundle_dir, tmp_path, lambda m: m.update(version=2))
-    with pytest.raises(CheckpointError, match="bundle version 2, this Tidal reads version 1"):
+    newer = _with_manifest(bundle_dir, tmp_path, lambda m: m.update(version=3))
+    with pytest.raises(CheckpointError, match="bundle version 3, this Tidal reads versions 1 and 2"):
         load_bundle(newer)
     shutil.rmtree(newer)
     moved = _with_manifest(bundle_dir, tmp_path, lambda m: m["inputs"][0].update(side="item"))

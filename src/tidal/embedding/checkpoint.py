@@ -5,7 +5,8 @@ Layout of a checkpoint root::
     root/
       CHAIN.json                    which checkpoints to apply, in order
       000001-full/
-        manifest.json               tables: config, clocks, files with size and sha256
+        manifest.json               tables: config, clocks, files with size and sha256;
+                                    the sha256 of its own content (content_sha256)
         <table>/shard-00.safetensors    keys, values, state, last_seen, counts, ...
       000002-delta/
         manifest.json
@@ -14,8 +15,10 @@ Layout of a checkpoint root::
 A save writes its directory under a temporary name, fsyncs every file, renames the
 directory into place, and only then replaces CHAIN.json (write, fsync, rename). A save
 killed at any point leaves the previous CHAIN.json, and so the previous checkpoint,
-loadable. Loading checks every file's size and sha256 before reading it, and refuses a
-truncated, altered or missing file with a message naming it.
+loadable. Loading checks each manifest against its own sha256 and every file's size
+and sha256 before reading it, and refuses a truncated, altered or missing file with a
+message naming it (version 1 manifests, written before they carried their sha256, are
+read unchecked).
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 __all__ = ["fsync_path", "load", "save", "save_delta", "write_json_atomic"]
 
 FORMAT = "tidal-embedding-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: a manifest carries the sha256 of its own content
+UNSEALED = 1  # the older version still read, whose manifests carry none
+SEAL = "content_sha256"  # the key of a JSON file's sha256 of its own content
 CHAIN = "CHAIN.json"
 MANIFEST = "manifest.json"
 _OURS = re.compile(r"\d{6}-(full|delta)|\.tmp-\d{6}-(full|delta)-\d+")  # directories a save writes
@@ -113,7 +118,7 @@ def _save(root: Path, tables: Sequence[EmbeddingTable], *, delta: bool) -> Path:
     try:
         manifest = {"format": FORMAT, "version": VERSION, "kind": "delta" if delta else "full", "id": checkpoint_id,
                     "tables": {t.name: _write_table(staging, t, delta) for t in tables}}
-        write_json_atomic(staging / MANIFEST, manifest)
+        write_json_atomic(staging / MANIFEST, sealed(manifest))
         fsync_path(staging)
     except BaseException:  # a full disk, say: leave no half-written folder behind
         shutil.rmtree(staging, ignore_errors=True)
@@ -135,7 +140,7 @@ def _write_table(directory: Path, table: EmbeddingTable, delta: bool) -> dict[st
     for s in range(table.num_shards):
         relative = f"{table.name}/shard-{s:02d}.safetensors"
         save_file(table.snapshot_shard(s, since_save=delta), str(directory / relative))
-        files[relative] = _fingerprint(directory / relative, sync=True)
+        files[relative] = fingerprint(directory / relative, sync=True)
     fsync_path(directory / table.name)
     return {"config": table.config.model_dump(mode="json"), "clocks": table.clocks_after_save(), "files": files}
 
@@ -169,7 +174,8 @@ def _remove_unreferenced(root: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def _fingerprint(path: Path, *, sync: bool = False) -> dict[str, Any]:
+def fingerprint(path: Path, *, sync: bool = False) -> dict[str, Any]:
+    """The size and sha256 of a file (with `sync`, flushed to disk on the way)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
@@ -177,6 +183,42 @@ def _fingerprint(path: Path, *, sync: bool = False) -> dict[str, Any]:
         if sync:
             os.fsync(f.fileno())
     return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def check_file(path: Path, expected: dict[str, Any], listed_in: str) -> None:
+    """Refuse a missing file, or one whose size or sha256 is not the `expected`
+    fingerprint that `listed_in` records for it."""
+    if not path.exists():
+        raise CorruptCheckpointError(f"{path}: missing; the checkpoint is incomplete")
+    found = fingerprint(path)
+    if found["bytes"] != expected["bytes"]:
+        raise CorruptCheckpointError(f"{path}: expected {expected['bytes']} bytes, found {found['bytes']} "
+                                     f"(truncated or overwritten)")
+    if found["sha256"] != expected["sha256"]:
+        raise CorruptCheckpointError(f"{path}: content does not match its sha256 in {listed_in} (altered or corrupted)")
+
+
+def sealed(content: dict[str, Any]) -> dict[str, Any]:
+    """`content` as JSON reads it back, plus the sha256 of that content under `SEAL`
+    (any earlier one replaced): an edited or damaged file is then refused even where it
+    is still valid JSON."""
+    body = json.loads(json.dumps({k: v for k, v in content.items() if k != SEAL}))
+    return {**body, SEAL: _content_sha256(body)}
+
+
+def check_seal(path: Path, content: dict[str, Any]) -> None:
+    """Refuse the JSON `content` read from `path` unless it carries its own sha256."""
+    if SEAL not in content:
+        raise CorruptCheckpointError(f"{path}: lacks {SEAL}, the sha256 of its content; damaged or edited")
+    found = _content_sha256({k: v for k, v in content.items() if k != SEAL})
+    if found != content[SEAL]:
+        raise CorruptCheckpointError(f"{path}: altered or damaged: its content's sha256 is {found[:12]}..., "
+                                     f"its {SEAL} says {str(content[SEAL])[:12]}...")
+
+
+def _content_sha256(content: dict[str, Any]) -> str:
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------- reading
@@ -197,11 +239,13 @@ def _chain(root: Path) -> list[str]:
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
     manifest = _read_json(directory / MANIFEST)
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    if manifest.get("format") != FORMAT or manifest.get("version") not in (UNSEALED, VERSION):
         raise CorruptCheckpointError(
-            f"{directory / MANIFEST}: expected format {FORMAT!r} version {VERSION}, "
+            f"{directory / MANIFEST}: expected format {FORMAT!r} version {UNSEALED} or {VERSION}, "
             f"got {manifest.get('format')!r} version {manifest.get('version')!r}"
         )
+    if SEAL in manifest or manifest["version"] == VERSION:
+        check_seal(directory / MANIFEST, manifest)
     tables = manifest.get("tables")
     fields_ok = isinstance(tables, dict) and all(
         isinstance(e, dict) and {"config", "clocks", "files"} <= set(e) and isinstance(e["files"], dict)
@@ -252,15 +296,7 @@ def _restore(directory: Path, table: EmbeddingTable, entry: dict[str, Any]) -> N
 
 
 def _read_shard(path: Path, expected: dict[str, Any], table: EmbeddingTable) -> dict[str, np.ndarray]:
-    if not path.exists():
-        raise CorruptCheckpointError(f"{path}: file is missing")
-    found = _fingerprint(path)
-    if found["bytes"] != expected["bytes"]:
-        raise CorruptCheckpointError(
-            f"{path}: expected {expected['bytes']} bytes, found {found['bytes']} (truncated or overwritten)"
-        )
-    if found["sha256"] != expected["sha256"]:
-        raise CorruptCheckpointError(f"{path}: content does not match its sha256 in the manifest (altered or corrupted)")
+    check_file(path, expected, listed_in="the manifest")
     try:
         arrays = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:

@@ -6,11 +6,16 @@ Layout under ``<run_dir>/checkpoints``::
     step-00000120/
       tables/                 the embedding tables (tidal.embedding.checkpoint format)
       dense.safetensors       model weights, Adam state tensors, torch RNG state
-      trainer.json            step, epoch, batches done in the epoch, optimizer settings, config
+      trainer.json            step, epoch, batches done in the epoch, optimizer settings, config,
+                              the size and sha256 of dense.safetensors, and the sha256 of its
+                              own content (content_sha256)
 
 A checkpoint is written under a temporary name and renamed into place before LATEST
 is replaced (write, fsync, rename), so a crash at any point leaves the previous one
-whole. No pickle: tensors go to safetensors, everything else to JSON.
+whole. No pickle: tensors go to safetensors, everything else to JSON. Loading refuses
+an altered or truncated trainer.json or dense.safetensors with a message naming it;
+a trainer.json written before these hashes (neither files nor content_sha256) loads
+unchecked.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tidal.embedding import load_tables, save_tables
-from tidal.embedding.checkpoint import fsync_path, write_json_atomic
+from tidal.embedding.checkpoint import SEAL, check_file, check_seal, fingerprint, fsync_path, sealed, write_json_atomic
 from tidal.errors import CheckpointError, CorruptCheckpointError
 
 if TYPE_CHECKING:
@@ -35,6 +40,8 @@ if TYPE_CHECKING:
 __all__ = ["find", "latest", "load_dense", "read_meta", "restore", "save"]
 
 LATEST = "LATEST"
+DENSE = "dense.safetensors"
+_META_KEYS = ("position", "config", "param_groups", "bad_rows")
 
 
 def save(trainer: Trainer, position: dict[str, int]) -> Path:
@@ -48,12 +55,12 @@ def save(trainer: Trainer, position: dict[str, int]) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     save_tables(staging / "tables", trainer.collection.tables)
-    save_file(_dense_tensors(trainer), str(staging / "dense.safetensors"))
-    fsync_path(staging / "dense.safetensors")
-    write_json_atomic(staging / "trainer.json", {
+    save_file(_dense_tensors(trainer), str(staging / DENSE))
+    write_json_atomic(staging / "trainer.json", sealed({
         "position": position, "config": trainer.config.model_dump(mode="json"),
         "param_groups": _param_groups(trainer.optimizer),
-        "bad_rows": {"count": trainer.bad_rows.count, "examples": trainer.bad_rows.examples}})
+        "bad_rows": {"count": trainer.bad_rows.count, "examples": trainer.bad_rows.examples},
+        "files": {DENSE: fingerprint(staging / DENSE, sync=True)}}))
     fsync_path(staging)
     shutil.rmtree(root / name, ignore_errors=True)  # left by a save that died before LATEST named it
     os.replace(staging, root / name)
@@ -85,23 +92,44 @@ def find(path: Path) -> Path:
 
 
 def read_meta(directory: Path) -> dict[str, Any]:
-    """A checkpoint's trainer.json: position, config, optimizer settings, bad rows."""
-    meta = _json(directory / "trainer.json")
-    missing = [k for k in ("position", "config", "param_groups", "bad_rows") if k not in meta]
+    """A checkpoint's trainer.json: position, config, optimizer settings, bad rows and
+    the fingerprint of dense.safetensors (absent in checkpoints written before it was)."""
+    path = directory / "trainer.json"
+    meta = _json(path)
+    hashed = SEAL in meta or "files" in meta  # neither: written by a Tidal that recorded no hashes
+    if hashed:
+        check_seal(path, meta)
+    missing = [k for k in _META_KEYS + (("files",) if hashed else ()) if k not in meta]
     if missing:
-        raise CorruptCheckpointError(f"{directory / 'trainer.json'}: lacks {missing}")
+        raise CorruptCheckpointError(f"{path}: lacks {missing}")
+    if hashed and not _is_fingerprint(_dense_entry(meta)):
+        raise CorruptCheckpointError(f"{path}: expected files.{DENSE} with bytes and sha256, "
+                                     f"got {meta['files']!r:.200}")
     return meta
 
 
 def load_dense(directory: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's dense tensors: model weights, Adam state, RNG state."""
-    path = directory / "dense.safetensors"
+    """A checkpoint's dense tensors: model weights, Adam state, RNG state; checked
+    against the size and sha256 that trainer.json records for them."""
+    path = directory / DENSE
+    expected = _dense_entry(read_meta(directory))
+    if expected is not None:
+        check_file(path, expected, listed_in="trainer.json")
     try:
         return load_file(str(path))
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{path}: missing; the checkpoint is incomplete") from None
     except (SafetensorError, OSError) as exc:
         raise CorruptCheckpointError(f"{path}: truncated or damaged ({exc})") from None
+
+
+def _dense_entry(meta: dict[str, Any]) -> Any:
+    files = meta.get("files")
+    return files.get(DENSE) if isinstance(files, dict) else None
+
+
+def _is_fingerprint(value: Any) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("bytes"), int) and isinstance(value.get("sha256"), str)
 
 
 def _json(path: Path) -> dict[str, Any]:

@@ -6,20 +6,22 @@ Layout::
       manifest.json                format, version, creation time, the request's inputs
                                    (column, kind, side), targets, the run config
                                    (features, tables, model, serving: fusion and
-                                   bucket sizes), and the size and sha256 of every
-                                   other file
+                                   bucket sizes), the size and sha256 of every
+                                   other file, and the sha256 of its own content
+                                   (content_sha256, from version 2)
       tables/<name>.safetensors    keys [N] int64, values [N, D] float32 or float16
       dense.pt2                    the dense network as a `torch.export` program
 
 No pickle anywhere: tensors are safetensors, the program's graph is JSON with raw
 weights, and its sample inputs are left out (the one member `torch.export.save` would
-pickle is empty). Loading checks every file against the manifest and refuses a
-corrupt or incomplete bundle with a message naming the file.
+pickle is empty). Loading checks the manifest against its content_sha256 and every
+other file against the manifest, and refuses a corrupt, altered or incomplete bundle
+with a message naming the file. Version 1 bundles, written before the manifest carried
+its own sha256, still load; their manifest alone goes unchecked.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -36,7 +38,7 @@ from safetensors.numpy import load_file, save_file
 from tidal.config import RunConfig
 from tidal.data.extract import Extractor
 from tidal.embedding import load_tables
-from tidal.embedding.checkpoint import fsync_path, write_json_atomic
+from tidal.embedding.checkpoint import SEAL, check_seal, fingerprint, fsync_path, sealed, write_json_atomic
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.models import RankingModel
 from tidal.runtime import checkpoint
@@ -45,7 +47,8 @@ from tidal.serving.protocol import input_specs
 __all__ = ["Bundle", "export", "load_bundle"]
 
 FORMAT = "tidal-serving-bundle"
-VERSION = 1
+VERSION = 2  # 2: the manifest carries the sha256 of its own content
+UNSEALED = 1  # the older version this one reads, whose manifest carries none
 MANIFEST = "manifest.json"
 PROGRAM = "dense.pt2"
 _SAMPLE_INPUTS = "data/sample_inputs/"  # the archive member torch.export would pickle
@@ -149,27 +152,20 @@ def _save_program(model: RankingModel, config: RunConfig, path: Path) -> None:
 
 def _manifest(config: RunConfig, directory: Path, staging: Path, dtype: str) -> dict:
     extractor = Extractor(config.features)
-    files = {str(p.relative_to(staging)): _fingerprint(p) for p in sorted(staging.rglob("*")) if p.is_file()}
-    return {"format": FORMAT, "version": VERSION, "created_unix_s": time.time(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "source_checkpoint": directory.name, "table_dtype": dtype,
-            "targets": [f.name for f in extractor.labels],
-            "inputs": _inputs(config),  # what a request carries
-            "config": config.model_dump(mode="json"),
-            "files": files}
+    files = {str(p.relative_to(staging)): fingerprint(p, sync=True) for p in sorted(staging.rglob("*")) if p.is_file()}
+    manifest = {"format": FORMAT, "version": VERSION, "created_unix_s": time.time(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "source_checkpoint": directory.name, "table_dtype": dtype,
+                "targets": [f.name for f in extractor.labels],
+                "inputs": _inputs(config),  # what a request carries
+                "config": config.model_dump(mode="json"),
+                "files": files}
+    return sealed(manifest)  # its own sha256, so that an edited manifest is refused
 
 
 def _inputs(config: RunConfig) -> list[dict]:
     """The request inputs of a config, as the manifest lists them (JSON values)."""
     return json.loads(json.dumps([asdict(spec) for spec in input_specs(config).values()]))
-
-
-def _fingerprint(path: Path) -> dict:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 # ---------------------------------------------------------------------- loading
@@ -202,8 +198,11 @@ def _read_manifest(path: Path) -> dict:
     keys = {"format", "version", "targets", "config", "files"}
     if not isinstance(manifest, dict) or not keys <= set(manifest) or manifest["format"] != FORMAT:
         raise CorruptCheckpointError(f"{file}: expected a {FORMAT} manifest with {sorted(keys)}")
-    if manifest["version"] != VERSION:
-        raise CheckpointError(f"{file}: bundle version {manifest['version']}, this Tidal reads version {VERSION}")
+    if SEAL in manifest or manifest["version"] == VERSION:
+        check_seal(file, manifest)
+    if manifest["version"] not in (UNSEALED, VERSION):
+        raise CheckpointError(f"{file}: bundle version {manifest['version']}, this Tidal reads versions "
+                              f"{UNSEALED} and {VERSION}")
     needed = {PROGRAM} | {f"tables/{t['name']}.safetensors" for t in manifest["config"].get("tables", [])}
     if not needed <= set(manifest["files"]):
         raise CorruptCheckpointError(f"{file}: lists no {sorted(needed - set(manifest['files']))}")
@@ -213,7 +212,7 @@ def _read_manifest(path: Path) -> dict:
 def _check_file(file: Path, expected: dict) -> None:
     if not file.exists():
         raise CorruptCheckpointError(f"{file}: missing; the bundle is incomplete (export it again)")
-    found = _fingerprint(file)
+    found = fingerprint(file)
     if found != expected:
         raise CorruptCheckpointError(f"{file}: {found['bytes']} bytes with sha256 {found['sha256'][:12]}..., the manifest "
                                      f"says {expected['bytes']} bytes, {expected['sha256'][:12]}...: corrupt or altered")

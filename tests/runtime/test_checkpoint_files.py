@@ -1,0 +1,110 @@
+"""A run checkpoint's own files: dense.safetensors is checked against the size and sha256
+in trainer.json, and trainer.json against the sha256 of its content; checkpoints written
+before these hashes still load."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from runtime.test_trainer import _config
+
+from tidal.cli import main
+from tidal.config import RunConfig
+from tidal.errors import CorruptCheckpointError
+from tidal.runtime import Trainer, checkpoint
+from tidal.serving import load_bundle
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A finished one-epoch run (no eval data): its config dict."""
+    config = _config(tmp_path_factory.mktemp("checkpoint-files"), epochs=1)
+    config["data"]["eval"] = None
+    Trainer(RunConfig(**config)).fit()
+    return config
+
+
+@pytest.fixture
+def saved(run, tmp_path):
+    """A copy of the run's latest checkpoint, free to damage."""
+    return shutil.copytree(checkpoint.latest(Path(run["training"]["run_dir"])), tmp_path / "step")
+
+
+def _weight_offset(path) -> int:  # type: ignore[no-untyped-def]
+    """Where the first float32 model weight starts in a safetensors file."""
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    name = next(k for k, v in sorted(header.items()) if k.startswith("model.") and v["dtype"] == "F32")
+    return 8 + size + header[name]["data_offsets"][0]
+
+
+def _refused_everywhere(run, directory, reason, capsys):  # type: ignore[no-untyped-def]
+    with pytest.raises(CorruptCheckpointError, match=reason):
+        checkpoint.restore(Trainer(RunConfig(**run)), directory)
+    assert main(["eval", "--checkpoint", str(directory), "--data", *run["data"]["train"]]) == 2
+    assert main(["export", "--checkpoint", str(directory), "--out", str(directory.parent / "bundle")]) == 2
+    err = capsys.readouterr().err
+    assert len(re.findall(reason, err)) == 2 and "Traceback" not in err
+    assert not (directory.parent / "bundle").exists()
+
+
+def test_a_checkpoint_records_its_dense_fingerprint_and_round_trips(run, saved, capsys):
+    meta = json.loads((saved / "trainer.json").read_text())
+    dense = saved / "dense.safetensors"
+    assert meta["files"]["dense.safetensors"]["bytes"] == dense.stat().st_size
+    assert len(meta["files"]["dense.safetensors"]["sha256"]) == 64 and len(meta["content_sha256"]) == 64
+    trainer = Trainer(RunConfig(**run))
+    assert checkpoint.restore(trainer, saved) == meta["position"]
+    for name, tensor in checkpoint.load_dense(saved).items():
+        if name.startswith("model."):
+            assert torch.equal(trainer.model.state_dict()[name[len("model."):]], tensor), name
+    assert main(["eval", "--checkpoint", str(saved), "--data", *run["data"]["train"]]) == 0
+    assert main(["export", "--checkpoint", str(saved), "--out", str(saved.parent / "bundle")]) == 0
+    assert load_bundle(saved.parent / "bundle").manifest["source_checkpoint"] == "step"
+    assert "click: AUC 0." in capsys.readouterr().out
+
+
+def test_four_altered_bytes_of_a_weight_are_refused_naming_the_file(run, saved, capsys):
+    dense = saved / "dense.safetensors"
+    data = bytearray(dense.read_bytes())
+    at = _weight_offset(dense)
+    data[at:at + 4] = struct.pack("<f", 1234.5)
+    dense.write_bytes(bytes(data))
+    _refused_everywhere(run, saved, r"dense.safetensors: content does not match its sha256 in trainer.json", capsys)
+
+
+@pytest.mark.parametrize("change", [lambda data: data[:-8], lambda data: data + b"\0" * 8])
+def test_a_truncated_or_grown_dense_file_is_refused_naming_it(run, saved, capsys, change):
+    dense = saved / "dense.safetensors"
+    dense.write_bytes(change(dense.read_bytes()))
+    _refused_everywhere(run, saved, r"dense.safetensors: expected \d+ bytes, found \d+ \(truncated or overwritten\)",
+                        capsys)
+
+
+def test_an_altered_trainer_json_is_refused_naming_it(run, saved, capsys):
+    meta = saved / "trainer.json"
+    text = meta.read_text()
+    assert '"lr": 0.003' in text
+    meta.write_text(text.replace('"lr": 0.003', '"lr": 0.009', 1))  # still valid JSON
+    _refused_everywhere(run, saved, r"trainer.json: altered or damaged: its content's sha256", capsys)
+    unsealed = json.loads(text)
+    del unsealed["content_sha256"]
+    meta.write_text(json.dumps(unsealed))
+    _refused_everywhere(run, saved, r"trainer.json: lacks content_sha256", capsys)
+
+
+def test_a_checkpoint_written_before_the_hashes_still_loads(run, saved, capsys):
+    meta = json.loads((saved / "trainer.json").read_text())
+    older = {k: v for k, v in meta.items() if k not in ("files", "content_sha256")}
+    (saved / "trainer.json").write_text(json.dumps(older, indent=1))
+    assert checkpoint.restore(Trainer(RunConfig(**run)), saved) == meta["position"]
+    assert main(["eval", "--checkpoint", str(saved), "--data", *run["data"]["train"]]) == 0
+    assert main(["export", "--checkpoint", str(saved), "--out", str(saved.parent / "bundle")]) == 0
+    assert "click: AUC 0." in capsys.readouterr().out
