@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import re
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -10,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tidal.data import BadRows, generate, read_batches
+from tidal.data import readers
 from tidal.data.criteo import CRITEO_COLUMNS
 from tidal.errors import DataError
 
@@ -68,11 +71,12 @@ def test_fail_mode_stops_at_the_first_bad_row_naming_it(tmp_path, text, first):
         list(read_batches(path, columns=SMALL, checks=CHECKS, on_bad_row="fail"))
 
 
-@pytest.mark.parametrize("bad", ["1\tx\tb\n", "1\t5\n"])
+@pytest.mark.parametrize("bad", ["1\tx\tb\n", "1\t5\n", "1\t\xff\n"])  # \xff: not UTF-8 once written as Latin-1
 def test_fail_mode_hands_out_no_row_from_the_bad_one_on(tmp_path, bad):
-    path = _write(tmp_path / "d.tsv", "1\t5\ta\n" * 70_000 + bad + "1\t5\ta\n" * 7)  # several parser blocks
+    path = tmp_path / "d.tsv"
+    path.write_bytes(("1\t5\ta\n" * 70_000 + bad + "1\t5\ta\n" * 7).encode("latin-1"))  # several parser blocks
     handed = []
-    with pytest.raises(DataError, match=r"d\.tsv:70001: "):
+    with pytest.raises(DataError, match=r"d\.tsv:70001: .*\(on_bad_row is 'fail'\)$"):
         for batch in read_batches(path, columns=SMALL, checks=CHECKS, on_bad_row="fail", batch_rows=200):
             handed.append(batch.num_rows)
     assert 0 < sum(handed) <= 70_000
@@ -153,16 +157,14 @@ def test_batches_hold_exactly_batch_rows_across_files(tmp_path):
 @pytest.mark.parametrize("kind", ["tsv", "csv"])
 @pytest.mark.parametrize("batch_rows", [50, 65536])
 def test_every_bad_row_is_located_across_parser_blocks(tmp_path, monkeypatch, kind, batch_rows):
-    """40 bad rows of five kinds, some right after another, at random lines of a file
+    """40 bad rows of six kinds, some right after another, at random lines of a file
     the parser reads in several blocks: each reported at its own line, no good row lost."""
-    from tidal.data import readers
-
     monkeypatch.setattr(readers, "_MAX_EXAMPLES", 1_000)
     sep, header = ("\t", "") if kind == "tsv" else (",", "label,I1,C1\n")
     rng = np.random.default_rng(1)
     rows = [f"{k % 2}{sep}{k}{sep}c{k}" for k in range(20_000)]
     spoilers = [lambda k: f"1{sep}{k}", lambda k: f"0{sep}x{k}{sep}c{k}", lambda k: "", lambda k: f"2{sep}{k}{sep}c{k}",
-                lambda k: f"1{sep}{k}{sep}\xff{k}"]  # not UTF-8 once written as Latin-1
+                lambda k: f"1{sep}{k}{sep}\xff{k}", lambda k: f"0{sep}\xfe{k}"]  # not UTF-8 once written as Latin-1
     starts = rng.choice(np.arange(1, 19_990, 2), 20, replace=False)
     bad = sorted({int(k) for s in starts for k in (s, s + 1)})  # pairs: a bad row right after a bad row
     for n, k in enumerate(bad):
@@ -174,7 +176,7 @@ def test_every_bad_row_is_located_across_parser_blocks(tmp_path, monkeypatch, ki
                                                    bad_rows=report)))
     first_line = 2 if header else 1
     assert [int(e.removeprefix(f"{path}:").split(":")[0]) for e in report.examples] == [k + first_line for k in bad]
-    assert report.count == len(bad) == 40 and sum("not UTF-8" in e for e in report.examples) == 8
+    assert report.count == len(bad) == 40 and sum("not UTF-8" in e for e in report.examples) == 12
     assert read.column("C1").to_pylist() == [f"c{k}" for k in range(20_000) if k not in set(bad)]
 
 
@@ -232,12 +234,37 @@ def test_a_field_that_is_not_utf8_is_a_bad_row_not_a_failed_file(tmp_path, kind)
         list(read_batches(path, columns=SMALL, checks=CHECKS, on_bad_row="fail"))
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # pyarrow's, unavoidable
-def test_a_short_line_that_is_not_utf8_names_its_line(tmp_path):
-    path = tmp_path / "d.tsv"
-    path.write_bytes(b"1\t5\ta\n1\t\xff\n")  # pyarrow cannot hand the line to the bad-row handler
-    with pytest.raises(DataError, match=r"d\.tsv:2: expected 3 columns, found 2, in a line that is not UTF-8 text$"):
-        list(read_batches(path, columns=SMALL))
+@pytest.mark.parametrize("name", ["d.tsv", "d.csv", "d.tsv.gz"])
+def test_a_line_of_the_wrong_width_that_is_not_utf8_is_a_bad_row(tmp_path, monkeypatch, name):
+    """pyarrow cannot hand such a line to the bad-row handler; it is skipped and reported
+    all the same, as are the bad rows of every kind after it, and nothing is printed."""
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)  # what Python would print
+    monkeypatch.setattr(readers, "_quiet_installed", False)  # so the reader's filter goes in front of it
+    sep, header = (b",", b"label,I1,C1\n") if ".csv" in name else (b"\t", b"")
+    rows = [b"1%s%d%sc%d" % (sep, k, sep, k) for k in range(8)]
+    rows[0] = b"1" + sep + b"\xff\xfe"  # the wrong width, not UTF-8: the file's first row
+    rows[3] = b"1" + sep + b"3" + sep + b"\xff"  # not UTF-8
+    rows[4] = b"1" + sep + b"4"  # the wrong width
+    rows[6] = b"0\xff"  # the wrong width, not UTF-8
+    data = header + b"\n".join(rows) + b"\n"
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    report = BadRows()
+    read = pa.Table.from_batches(list(read_batches(path, columns=SMALL, checks=CHECKS, bad_rows=report)))
+    assert read.column("C1").to_pylist() == ["c1", "c2", "c5", "c7"]
+    line = [k + 1 + bool(header) for k in range(8)]
+    assert report.examples == [
+        f"{path}:{line[0]}: expected 3 columns, found 2, in a line that is not UTF-8 text",
+        f"{path}:{line[3]}: column 'C1': not UTF-8 text",
+        f"{path}:{line[4]}: expected 3 columns, found 2",
+        f"{path}:{line[6]}: expected 3 columns, found 1, in a line that is not UTF-8 text",
+    ]
+    assert read.num_rows + report.count == len(rows)
+    with pytest.raises(DataError, match=rf"{re.escape(name)}:{line[0]}: expected 3 columns, found 2, in a line that is "
+                                        r"not UTF-8 text \(on_bad_row is 'fail'\)$"):
+        list(read_batches(path, columns=SMALL, checks=CHECKS, on_bad_row="fail"))
+    assert unraisable == []
 
 
 def test_gzip_content_needs_a_name_ending_in_gz(tmp_path):

@@ -16,10 +16,12 @@ import functools
 import glob
 import os
 import re
+import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -43,6 +45,8 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _TO_STRING = pc.CastOptions(pa.string(), allow_invalid_utf8=True)  # binary fields are checked row by row
 CRITEO_CHECKS: dict[str, str] = {"label": "label", **{c: "integer" for c in CRITEO_DENSE}}
 _MAX_EXAMPLES = 20
+_WIDTH_ERROR = re.compile(r"Row #(\d+): Expected (\d+) columns, got (\d+)")  # pyarrow's, when its handler fails
+_ASCII = bytes(range(128)) + b"?" * 128  # a translation: bytes from 0x80 on to '?'
 
 
 @dataclass
@@ -170,32 +174,136 @@ def _text(path: str, kind: str, columns: Sequence[str],
           batch_rows: int) -> Iterator[tuple[pa.RecordBatch, _Lines, list[tuple[int, str]]]]:
     """(batch, where its rows came from, (line, reason) of the rows dropped up to its
     last line: of the wrong width or not UTF-8 text) from a TSV or CSV file; those
-    after its last row come with an empty batch."""
+    after its last row come with an empty batch. pyarrow fails on a line of the wrong
+    width that is not UTF-8 text (it cannot hand it to the bad-row handler): the rest of
+    such a file is read again, from its first row not yet handed on, through `_Mended`."""
     _check_not_gzip(path)
     if kind == "csv":
         _check_header(path, columns)
     skipped: list[int] = []
     dropped: list[tuple[int, str]] = []  # not yet handed on with a batch
+    mended: set[int] = set()  # lines `_Mended` mended
 
     def handle(row: pacsv.InvalidRow) -> str:
-        dropped.append((row.number, f"expected {row.expected_columns} columns, found {row.actual_columns}"))
-        skipped.append(row.number)
+        line = row.number + shift
+        why = f"expected {row.expected_columns} columns, found {row.actual_columns}"
+        dropped.append((line, why + (", in a line that is not UTF-8 text" if line in mended else "")))
+        skipped.append(line)
         return "skip"
 
+    setattr(handle, _QUIET, True)
+    _quiet_undecodable_rows()
+
     block_bytes = max(1 << 16, batch_rows * 300)  # Criteo rows: ~300 bytes
-    next_line = 2 if kind == "csv" else 1  # a CSV file starts with its header
-    try:
-        for batch in _open_text(path, kind, columns, block_bytes, handle):
-            del skipped[: bisect.bisect_left(skipped, next_line)]  # lines of earlier batches
-            lines = _Lines(next_line, tuple(skipped))
-            next_line = lines.of(batch.num_rows - 1) + 1 if batch.num_rows else next_line
-            batch, lines = _without_non_utf8(batch, lines, columns, dropped)
-            yield batch, lines, _take_before(dropped, next_line)
-    except (pa.ArrowInvalid, pa.ArrowKeyError, OSError) as exc:  # OSError: a broken .gz file
-        raise _read_error(path, kind, exc, block_bytes, next_line) from None
+    first_line = next_line = 2 if kind == "csv" else 1  # a CSV file starts with its header
+    source: str | _Mended = path
+    shift = 0  # the file's line numbers less the source's
+    while True:
+        try:
+            for batch in _open_text(source, kind, columns, block_bytes, handle):
+                del skipped[: bisect.bisect_left(skipped, next_line)]  # lines of earlier batches
+                lines = _Lines(next_line, tuple(skipped))
+                next_line = lines.of(batch.num_rows - 1) + 1 if batch.num_rows else next_line
+                batch, lines = _without_non_utf8(batch, lines, columns, dropped)
+                yield batch, lines, _take_before(dropped, next_line)
+            break
+        except (pa.ArrowInvalid, pa.ArrowKeyError, OSError) as exc:  # OSError: a broken .gz file
+            if isinstance(source, _Mended) or not _WIDTH_ERROR.search(str(exc)):
+                raise _read_error(path, kind, exc, block_bytes, next_line, shift) from None
+            del skipped[:], dropped[:]  # all from `next_line` on: read again
+            source, shift = _Mended(path, kind, columns, next_line, mended), next_line - first_line
     if dropped:
         empty = pa.RecordBatch.from_pydict({c: pa.array([], pa.string()) for c in columns})
         yield empty, _Lines(next_line), sorted(dropped)
+
+
+_QUIET = "_tidal_bad_row_handler"  # marks the handlers whose undecodable rows pyarrow may not report
+_quiet_lock = threading.Lock()
+_quiet_installed = False
+
+
+def _quiet_undecodable_rows() -> None:
+    """Have Python drop pyarrow's report (through sys.unraisablehook) that it could not
+    hand one of our bad-row handlers a line that is not UTF-8 text: the read error that
+    follows is handled, and the line counted. Installed once, in front of whatever hook
+    is there; every other report passes through."""
+    global _quiet_installed
+    with _quiet_lock:
+        if _quiet_installed:
+            return
+        previous = sys.unraisablehook
+
+        def hook(unraisable: Any) -> None:
+            ours = getattr(unraisable.object, _QUIET, False) and issubclass(unraisable.exc_type, UnicodeDecodeError)
+            if not ours:
+                previous(unraisable)
+
+        sys.unraisablehook = hook
+        _quiet_installed = True
+
+
+class _Mended:
+    """The TSV or CSV file `path` from line `first` on (after its header, for CSV) as a
+    stream for pyarrow, in which each line that is not UTF-8 text and of the wrong width
+    has '?' for its bytes from 0x80 on (its fields stay as many), so that pyarrow can hand
+    it to the bad-row handler. Their numbers go to `mended`. Slower than pyarrow reading
+    the file itself (each line is looked at in Python)."""
+
+    closed = False
+
+    def __init__(self, path: str, kind: str, columns: Sequence[str], first: int, mended: set[int]) -> None:
+        self.kind, self.columns, self.first, self.mended = kind, columns, first, mended
+        self._stream = pa.input_stream(path)  # gunzips d.tsv.gz as pyarrow's reader does
+        self._line, self._rest = 1, b""  # the number of the line `_rest` begins, and that line so far
+        self._header = b""  # a CSV file's first line
+        self._ready, self._ended = b"", False
+
+    def read(self, size: int = -1) -> bytes:
+        while not self._ready and not self._ended:
+            self._ready = self._next_lines(max(size, 1 << 16))
+        size = size if size >= 0 else len(self._ready)
+        taken, self._ready = self._ready[:size], self._ready[size:]
+        return taken
+
+    def close(self) -> None:
+        self._stream.close()
+        self.closed = True
+
+    def _next_lines(self, size: int) -> bytes:
+        data = self._stream.read(size)
+        *lines, self._rest = (self._rest + data).split(b"\n")
+        if not data:  # the end: the last line may lack its newline
+            self._ended = True
+            lines, self._rest = [self._rest] if self._rest else [], b""
+        numbers = range(self._line, self._line + len(lines))
+        self._line += len(lines)
+        if self.kind == "csv" and numbers and numbers[0] == 1:
+            self._header = lines[0]
+        kept = {n: line for n, line in zip(numbers, lines) if n >= self.first or n == 1 and self.kind == "csv"}
+        odd = {n: line.translate(_ASCII) for n, line in kept.items()
+               if n >= self.first and not line.isascii() and not _is_utf8(line)}
+        wrong = _of_wrong_width(list(odd.values()), self._header, self.kind, self.columns)
+        for n in (n for n, is_wrong in zip(odd, wrong) if is_wrong):
+            kept[n] = odd[n]
+            self.mended.add(n)
+        return b"\n".join(kept.values()) + b"\n" if kept else b""
+
+
+def _of_wrong_width(lines: list[bytes], header: bytes, kind: str, columns: Sequence[str]) -> list[bool]:
+    """Whether pyarrow reads each of `lines` (ASCII, below `header` for CSV) with the
+    wrong number of fields."""
+    if not lines:
+        return []
+    wrong = [False] * len(lines)
+    before = 2 if kind == "csv" else 1  # the row number of lines[0]
+
+    def handle(row: pacsv.InvalidRow) -> str:
+        wrong[row.number - before] = True
+        return "skip"
+
+    data = b"\n".join([header, *lines] if kind == "csv" else lines) + b"\n"
+    _open_text(pa.BufferReader(data), kind, columns, max(1 << 16, len(data)), handle).read_all()
+    return wrong
 
 
 def _check_not_gzip(path: str) -> None:
@@ -221,17 +329,18 @@ def _check_header(path: str, columns: Sequence[str]) -> None:
         raise DataError(f"{path}: the CSV header lacks columns {missing}; it has {names}")
 
 
-def _read_error(path: str, kind: str, exc: Exception, block_bytes: int, next_line: int) -> DataError:
+def _read_error(path: str, kind: str, exc: Exception, block_bytes: int, next_line: int, shift: int) -> DataError:
     message = str(exc)
     if "straddl" in message:  # "straddling object straddles two block boundaries"
         line = _first_long_line(path, block_bytes, next_line)
         where = f"{path}:{line}: the line" if line else f"{path}: a row from line {next_line} on"
         return DataError(f"{where} is longer than the parser's block ({block_bytes} bytes); shorten it, or raise "
                          f"batch_rows (the block holds 300 bytes a batch row, at least 64 KiB)")
-    width = re.search(r"Row #(\d+): Expected (\d+) columns, got (\d+)", message)
+    width = _WIDTH_ERROR.search(message)
     if width:  # our handler skips such a row unless pyarrow fails to decode it for the handler
-        line, expected, found = width.groups()
-        return DataError(f"{path}:{line}: expected {expected} columns, found {found}, in a line that is not UTF-8 text")
+        row, expected, found = width.groups()
+        return DataError(f"{path}:{int(row) + shift}: expected {expected} columns, found {found}, "
+                         f"in a line that is not UTF-8 text")
     return DataError(f"{path}: cannot read it as {kind.upper()} ({message})")
 
 
@@ -292,11 +401,11 @@ def _take_before(found: list[tuple[int, str]], line: int) -> list[tuple[int, str
     return taken
 
 
-def _open_text(path: str, kind: str, columns: Sequence[str], block_bytes: int,
+def _open_text(source: str | _Mended | pa.NativeFile, kind: str, columns: Sequence[str], block_bytes: int,
                handler: Callable[[pacsv.InvalidRow], str]) -> pacsv.CSVStreamingReader:
     header = kind == "csv"
     return pacsv.open_csv(
-        path,
+        source,
         read_options=pacsv.ReadOptions(column_names=None if header else list(columns), use_threads=False,
                                        block_size=block_bytes),
         parse_options=pacsv.ParseOptions(delimiter="\t" if kind == "tsv" else ",", invalid_row_handler=handler,
