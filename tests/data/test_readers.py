@@ -307,3 +307,23 @@ def test_a_blank_line_is_reported_as_an_empty_line(tmp_path):
     assert report.examples == [f"{path}:2: an empty line (every field empty)"]
     with pytest.raises(DataError, match=r"d\.tsv:2: an empty line \(every field empty\) \(on_bad_row is 'fail'\)"):
         list(read_batches(path, columns=SMALL, on_bad_row="fail"))
+
+
+@pytest.mark.parametrize("kind", ["tsv", "csv"])
+def test_a_file_read_again_past_such_a_line_hands_on_each_row_once(tmp_path, kind):
+    """The parser numbers rows, not physical lines: a quoted newline (CSV) or a bare
+    carriage return (a line end to the parser) before the line must not shift the row
+    the second read starts from. The line lies several parser blocks in."""
+    sep = b"," if kind == "csv" else b"\t"
+    rows = [b"%d%s%d%sc%d" % (k % 2, sep, k, sep, k) for k in range(40_000)]
+    rows[5] = b'1,5,"c5\nmore"' if kind == "csv" else b"1\t5\tc5\rX"  # CSV: one row; TSV: "X" is a bad row
+    rows[30_000] = b"1" + sep + b"\xff"
+    path = tmp_path / f"d.{kind}"
+    path.write_bytes((b"label,I1,C1\n" if kind == "csv" else b"") + b"\n".join(rows) + b"\n")
+    report = BadRows()
+    read = pa.Table.from_batches(list(read_batches(path, columns=SMALL, checks=CHECKS, bad_rows=report, batch_rows=50)))
+    names = read.column("C1").to_pylist()
+    expected = [f"c{k}" for k in range(40_000) if k != 30_000]
+    expected[5] = "c5\nmore" if kind == "csv" else "c5"
+    assert names == expected
+    assert report.count == (1 if kind == "csv" else 2)

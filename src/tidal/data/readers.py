@@ -175,8 +175,9 @@ def _text(path: str, kind: str, columns: Sequence[str],
     """(batch, where its rows came from, (line, reason) of the rows dropped up to its
     last line: of the wrong width or not UTF-8 text) from a TSV or CSV file; those
     after its last row come with an empty batch. pyarrow fails on a line of the wrong
-    width that is not UTF-8 text (it cannot hand it to the bad-row handler): the rest of
-    such a file is read again, from its first row not yet handed on, through `_Mended`."""
+    width that is not UTF-8 text (it cannot hand it to the bad-row handler): such a file
+    is read again through `_Mended`, its rows handed on already passed over (the parser
+    numbers rows, not physical lines, so the file is parsed again from its start)."""
     _check_not_gzip(path)
     if kind == "csv":
         _check_header(path, columns)
@@ -185,33 +186,33 @@ def _text(path: str, kind: str, columns: Sequence[str],
     mended: set[int] = set()  # lines `_Mended` mended
 
     def handle(row: pacsv.InvalidRow) -> str:
-        line = row.number + shift
         why = f"expected {row.expected_columns} columns, found {row.actual_columns}"
-        dropped.append((line, why + (", in a line that is not UTF-8 text" if line in mended else "")))
-        skipped.append(line)
+        if row.number >= resume:  # else reported before the file was read again
+            dropped.append((row.number, why + (", in a line that is not UTF-8 text" if row.number in mended else "")))
+        skipped.append(row.number)
         return "skip"
 
     setattr(handle, _QUIET, True)
     _quiet_undecodable_rows()
 
     block_bytes = max(1 << 16, batch_rows * 300)  # Criteo rows: ~300 bytes
-    first_line = next_line = 2 if kind == "csv" else 1  # a CSV file starts with its header
+    first_line = next_line = resume = 2 if kind == "csv" else 1  # a CSV file starts with its header
     source: str | _Mended = path
-    shift = 0  # the file's line numbers less the source's
     while True:
         try:
             for batch in _open_text(source, kind, columns, block_bytes, handle):
                 del skipped[: bisect.bisect_left(skipped, next_line)]  # lines of earlier batches
                 lines = _Lines(next_line, tuple(skipped))
                 next_line = lines.of(batch.num_rows - 1) + 1 if batch.num_rows else next_line
+                batch, lines = _from_line(batch, lines, resume)
                 batch, lines = _without_non_utf8(batch, lines, columns, dropped)
                 yield batch, lines, _take_before(dropped, next_line)
             break
         except (pa.ArrowInvalid, pa.ArrowKeyError, OSError) as exc:  # OSError: a broken .gz file
             if isinstance(source, _Mended) or not _WIDTH_ERROR.search(str(exc)):
-                raise _read_error(path, kind, exc, block_bytes, next_line, shift) from None
+                raise _read_error(path, kind, exc, block_bytes, next_line) from None
             del skipped[:], dropped[:]  # all from `next_line` on: read again
-            source, shift = _Mended(path, kind, columns, next_line, mended), next_line - first_line
+            source, resume, next_line = _Mended(path, kind, columns, mended), next_line, first_line
     if dropped:
         empty = pa.RecordBatch.from_pydict({c: pa.array([], pa.string()) for c in columns})
         yield empty, _Lines(next_line), sorted(dropped)
@@ -242,17 +243,25 @@ def _quiet_undecodable_rows() -> None:
         _quiet_installed = True
 
 
+def _from_line(batch: pa.RecordBatch, lines: _Lines, first: int) -> tuple[pa.RecordBatch, _Lines]:
+    """`batch` without its rows on lines before `first`, and where the rest came from."""
+    if not batch.num_rows or lines.of(0) >= first:
+        return batch, lines
+    before = bisect.bisect_left([lines.of(r) for r in range(batch.num_rows)], first)
+    return batch.slice(before), _Lines(lines.of(before) if before < batch.num_rows else first, lines.skipped)
+
+
 class _Mended:
-    """The TSV or CSV file `path` from line `first` on (after its header, for CSV) as a
-    stream for pyarrow, in which each line that is not UTF-8 text and of the wrong width
-    has '?' for its bytes from 0x80 on (its fields stay as many), so that pyarrow can hand
-    it to the bad-row handler. Their numbers go to `mended`. Slower than pyarrow reading
-    the file itself (each line is looked at in Python)."""
+    """The TSV or CSV file `path` as a stream for pyarrow, in which each line that is
+    not UTF-8 text and of the wrong width has '?' for its bytes from 0x80 on (its fields
+    stay as many), so that pyarrow can hand it to the bad-row handler. Their numbers go
+    to `mended`. Slower than pyarrow reading the file itself (each line is looked at in
+    Python)."""
 
     closed = False
 
-    def __init__(self, path: str, kind: str, columns: Sequence[str], first: int, mended: set[int]) -> None:
-        self.kind, self.columns, self.first, self.mended = kind, columns, first, mended
+    def __init__(self, path: str, kind: str, columns: Sequence[str], mended: set[int]) -> None:
+        self.kind, self.columns, self.mended = kind, columns, mended
         self._stream = pa.input_stream(path)  # gunzips d.tsv.gz as pyarrow's reader does
         self._line, self._rest = 1, b""  # the number of the line `_rest` begins, and that line so far
         self._header = b""  # a CSV file's first line
@@ -275,18 +284,17 @@ class _Mended:
         if not data:  # the end: the last line may lack its newline
             self._ended = True
             lines, self._rest = [self._rest] if self._rest else [], b""
-        numbers = range(self._line, self._line + len(lines))
+        first = self._line
         self._line += len(lines)
-        if self.kind == "csv" and numbers and numbers[0] == 1:
+        if self.kind == "csv" and first == 1 and lines:
             self._header = lines[0]
-        kept = {n: line for n, line in zip(numbers, lines) if n >= self.first or n == 1 and self.kind == "csv"}
-        odd = {n: line.translate(_ASCII) for n, line in kept.items()
-               if n >= self.first and not line.isascii() and not _is_utf8(line)}
+        odd = {n: line.translate(_ASCII) for n, line in enumerate(lines, first)
+               if not (n == 1 and self.kind == "csv") and not line.isascii() and not _is_utf8(line)}
         wrong = _of_wrong_width(list(odd.values()), self._header, self.kind, self.columns)
         for n in (n for n, is_wrong in zip(odd, wrong) if is_wrong):
-            kept[n] = odd[n]
+            lines[n - first] = odd[n]
             self.mended.add(n)
-        return b"\n".join(kept.values()) + b"\n" if kept else b""
+        return b"\n".join(lines) + b"\n" if lines else b""
 
 
 def _of_wrong_width(lines: list[bytes], header: bytes, kind: str, columns: Sequence[str]) -> list[bool]:
@@ -329,7 +337,7 @@ def _check_header(path: str, columns: Sequence[str]) -> None:
         raise DataError(f"{path}: the CSV header lacks columns {missing}; it has {names}")
 
 
-def _read_error(path: str, kind: str, exc: Exception, block_bytes: int, next_line: int, shift: int) -> DataError:
+def _read_error(path: str, kind: str, exc: Exception, block_bytes: int, next_line: int) -> DataError:
     message = str(exc)
     if "straddl" in message:  # "straddling object straddles two block boundaries"
         line = _first_long_line(path, block_bytes, next_line)
@@ -339,7 +347,7 @@ def _read_error(path: str, kind: str, exc: Exception, block_bytes: int, next_lin
     width = _WIDTH_ERROR.search(message)
     if width:  # our handler skips such a row unless pyarrow fails to decode it for the handler
         row, expected, found = width.groups()
-        return DataError(f"{path}:{int(row) + shift}: expected {expected} columns, found {found}, "
+        return DataError(f"{path}:{row}: expected {expected} columns, found {found}, "
                          f"in a line that is not UTF-8 text")
     return DataError(f"{path}: cannot read it as {kind.upper()} ({message})")
 
