@@ -164,8 +164,9 @@ def test_full_plus_deltas_reproduce_live_table_with_evictions_and_reinsertion(tm
 @pytest.mark.parametrize("optimizer", [Sgd(lr=0.1), Adagrad(lr=0.1)], ids=["sgd", "adagrad"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_rows_looked_up_before_a_save_and_updated_after_are_in_the_next_delta(tmp_path, threads, optimizer):
-    """An update marks its rows seen again when the table took a step since the lookup
-    (here the save's): plain SGD on one thread updates in place, otherwise shard by
+    """An update marks its rows seen again when a save came after the step of its lookup
+    (here a later batch's lookup came first, as in a pipeline, so the lookup's step is
+    before the save's): plain SGD on one thread updates in place, otherwise shard by
     shard (Adagrad from the rows its lookup listed, SGD from the keys' handles)."""
     config = _config(num_shards=2, optimizer=optimizer, admission=None, eviction=None, max_rows=None)
     collection = EmbeddingCollection([config], [EmbeddingFeature(name="f", table="emb")], threads=threads)
@@ -173,6 +174,7 @@ def test_rows_looked_up_before_a_save_and_updated_after_are_in_the_next_delta(tm
     keys = np.arange(3000, dtype=np.int64)
     batch = SparseBatch(keys=["f"], values=keys, lengths=np.ones(3000, np.int32), batch_size=3000)
     _, ctx = collection.forward(batch)
+    table.lookup_or_insert(keys[:1])  # the next batch's lookup
     table.save(tmp_path)
     collection.backward(ctx, torch.ones(3000, 1, table.dim))
     table.save_delta(tmp_path)

@@ -298,6 +298,20 @@ def test_saves_take_no_step_so_rows_age_toward_their_ttl_by_lookups_only(optimiz
     assert saved.pull_rows(arr(1, 2))[0].last_seen.tolist() == unsaved.pull_rows(arr(1, 2))[0].last_seen.tolist() == [1, 4]
 
 
+def test_apply_gradients_marks_its_rows_seen_whether_or_not_the_table_was_saved(tmp_path):
+    found = []
+    for saved in (False, True):
+        table = make_table(eviction=Eviction(ttl_steps=3))
+        insert(table, arr(1, 2))  # step 1
+        sight(table, (2, 2))  # steps 2, 3
+        if saved:
+            table.save(tmp_path / "full")
+        table.apply_gradients(arr(1), np.ones((1, 4), np.float32))  # at step 3
+        sight(table, (2, 2))  # steps 4, 5
+        found.append((table.pull_rows(arr(1, 2))[0].last_seen.tolist(), table.evict()))
+    assert found == [([3, 5], 0), ([3, 5], 0)]
+
+
 @BOTH_LOOKUPS
 def test_lookups_given_their_steps_out_of_order_leave_the_table_of_lookups_in_order(optimizer):
     """A pipeline may look batch 3 up before batch 2: each row keeps the latest step
@@ -321,9 +335,9 @@ def test_lookup_refuses_a_step_before_the_last_save(tmp_path):
     insert(table, arr(1))
     insert(table, arr(2))
     table.save(tmp_path)
-    with pytest.raises(BatchError, match=r"not before the last save \(step 2\), got 1"):
+    with pytest.raises(BatchError, match=r"may not be before the last save \(step 2\), got 1"):
         table.lookup_or_insert(arr(3), step=1)
-    with pytest.raises(BatchError, match="at least 1"):
+    with pytest.raises(BatchError, match="must be at least 1, got 0"):
         make_table().lookup_or_insert(arr(3), step=0)
     assert table.lookup_or_insert(arr(3), step=2).handles[0] >= 0  # the save's own step: in the next delta
 

@@ -10,7 +10,7 @@ Layout of a checkpoint root::
         <table>/shard-00.safetensors    keys, values, state, last_seen, counts, ...
       000002-delta/
         manifest.json
-        <table>/shard-00.safetensors    rows touched since 000001 + keys removed since
+        <table>/shard-00.safetensors    rows touched from 000001's step on + keys removed since
 
 A save writes its directory under a temporary name, fsyncs every file, renames the
 directory into place, and only then replaces CHAIN.json (write, fsync, rename). A save

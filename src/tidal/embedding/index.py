@@ -121,9 +121,9 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, or
     refused [hi - lo], refused count [1]). Under count admission, `refused` lists the
     sightings turned away, for `admit_earlier_sightings` to finish with; its length
     may be 0 otherwise.
-    With `distinct`, numbers[i] numbers the distinct rows of this shard in order of
-    first sight, -1 for a key without a row, and the caller ends with `unmark` once the
-    whole range is resolved; without it only the handles are written (the other arrays
+    With `distinct`, numbers[i] numbers the distinct rows of this shard in the order
+    they were first found or created, -1 for a key without a row, and the caller ends
+    with `unmark` once the whole range is resolved; without it only the handles are written (the other arrays
     may be empty), and with `insert` each found row is marked seen as it is found.
 
     `rows` = (directory, width, dim, seed, init kind, init scale, initial state value);

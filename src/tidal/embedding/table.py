@@ -295,9 +295,11 @@ class EmbeddingTable:
             step = self._step + 1 if step is None else int(step)
             if step >= ix.MARK:
                 raise TidalError(f"table {self.name!r}: the step counter reached its limit of {int(ix.MARK) - 1} steps")
-            if step < max(self._saved_step, 1):
-                raise BatchError(f"table {self.name!r}: a lookup's step must be at least 1 and not before the last "
-                                 f"save (step {self._saved_step}), got {step}")
+            if step < 1:
+                raise BatchError(f"table {self.name!r}: a lookup's step must be at least 1, got {step}")
+            if step < self._saved_step:
+                raise BatchError(f"table {self.name!r}: a lookup's step may not be before the last save "
+                                 f"(step {self._saved_step}), got {step}")
             self._step = max(self._step, step)
             return step
 
@@ -486,8 +488,9 @@ class EmbeddingTable:
         """Whether updated rows must be marked seen now: yes when a save came after the
         lookup marked them, so that the next delta checkpoint holds the update; no
         otherwise, so that rows keep the step of the batch that used them, whatever
-        later batches were looked up meanwhile (as a pipeline does)."""
-        return lookup.seen_at < self._saved_step
+        later batches were looked up meanwhile (as a pipeline does). Rows found by
+        `find` (`apply_gradients`), which marks none, are marked whenever updated."""
+        return lookup.seen_at < 0 or lookup.seen_at < self._saved_step
 
     def check_lookup(self, lookup: RowLookup) -> None:
         """A `BatchError` unless `lookup` came from this table since its last eviction."""
@@ -646,8 +649,8 @@ class EmbeddingTable:
     # ------------------------------------------------------------------ checkpoints
 
     def snapshot_shard(self, s: int, *, since_save: bool) -> dict[str, np.ndarray]:
-        """Shard `s` as arrays: every live row, or (delta) rows seen since the last save
-        plus the keys removed since then. Call at a safe point (no training running)."""
+        """Shard `s` as arrays: every live row, or (delta) rows seen from the last save's
+        step on plus the keys removed since that save. Call at a safe point (no training running)."""
         shard = self._shards[s]
         with shard.lock:
             local = ix.live_rows(shard.slots)

@@ -67,8 +67,9 @@ class Service:
         below its `chunk_rows` lowers `chunk_rows` with it, unless that is given too."""
         self.name = name
         settings = bundle.config.serving.model_dump()
-        if "max_batch_rows" in overrides and "chunk_rows" not in overrides:
-            settings["chunk_rows"] = min(settings["chunk_rows"], overrides["max_batch_rows"])
+        rows = overrides.get("max_batch_rows")
+        if isinstance(rows, int) and rows >= 1 and "chunk_rows" not in overrides:  # else the config names it
+            settings["chunk_rows"] = min(settings["chunk_rows"], rows)
         self.settings = ServingConfig(**{**settings, **overrides})
         self.predictor = Predictor(bundle)
         self.specs = input_specs(bundle.config)
