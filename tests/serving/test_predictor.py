@@ -92,6 +92,10 @@ def test_a_cached_user_state_scores_like_the_user_row(trainer, predictor):
     piece = _piece(predictor, rows)
     state = predictor.user_state(piece.user)
     assert state.pooled.shape == (1, 3, 8) and state.dense.shape == (1, 2)
+    # the cross's user column, copied out of the request's strings: a slice would keep them all alive
+    assert list(state.shared) == ["C1"] and piece.user.column("C1").get_total_buffer_size() > 1000
+    assert state.shared["C1"].get_total_buffer_size() < 64
+    assert state.nbytes == state.pooled.nbytes + state.dense.nbytes + state.shared["C1"].get_total_buffer_size()
     np.testing.assert_array_equal(predictor.predict([Piece(items=piece.items, state=state)]), predictor.predict([piece]))
 
 

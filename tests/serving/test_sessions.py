@@ -49,9 +49,9 @@ def test_an_entry_counts_its_id_its_shared_columns_and_its_objects():
     cache.start("x" * 200, _state())
     shared = {"C1": pa.array(["a-user-value"])}
     cache.start("y", UserState(pooled=torch.zeros(1, 3, 8), dense=torch.zeros(1, 2), shared=shared))
-    assert cache.bytes == (104 + 200 + _ENTRY_BYTES) + (104 + shared["C1"].nbytes + 1 + _ENTRY_BYTES)
+    assert cache.bytes == (104 + 200 + _ENTRY_BYTES) + (104 + shared["C1"].get_total_buffer_size() + 1 + _ENTRY_BYTES)
     cache.end("x" * 200)
-    assert cache.bytes == 104 + shared["C1"].nbytes + 1 + _ENTRY_BYTES
+    assert cache.bytes == 104 + shared["C1"].get_total_buffer_size() + 1 + _ENTRY_BYTES
 
 
 def test_ended_and_unknown_sessions_are_told_apart():

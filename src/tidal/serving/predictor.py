@@ -47,7 +47,8 @@ class UserState:
 
     @property
     def nbytes(self) -> int:
-        return self.pooled.nbytes + self.dense.nbytes + sum(a.nbytes for a in self.shared.values())
+        """The bytes this state keeps alive (an Arrow slice keeps its whole buffers)."""
+        return self.pooled.nbytes + self.dense.nbytes + sum(a.get_total_buffer_size() for a in self.shared.values())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,7 +140,8 @@ class Predictor:
     def user_state(self, user: pa.RecordBatch) -> UserState:
         """The pooled user side of one request's user row (what a session caches)."""
         pooled, dense = self._user_side([user])
-        shared = {c: user.column(c) for c in self.item_columns if c in self.user_columns}
+        # copies: the column is a slice of the request's strings, which it would keep alive
+        shared = {c: pa.concat_arrays([user.column(c)]) for c in self.item_columns if c in self.user_columns}
         return UserState(pooled=pooled, dense=dense, shared=shared)
 
     def sparse(self, pieces: Sequence[Piece]) -> tuple[torch.Tensor, torch.Tensor]:
