@@ -248,6 +248,27 @@ def test_failed_save_removes_its_staging_folder_and_keeps_the_previous_checkpoin
     _assert_same_table(table, load_tables(tmp_path)["users"])
 
 
+def test_removed_keys_are_kept_for_a_delta_only_up_to_the_rows_a_shard_holds(tmp_path):
+    """A run that never writes deltas must not keep every evicted key: past what a shard
+    holds (at least 65,536 keys), the record is dropped and a delta refused until a full
+    save."""
+    table = EmbeddingTable(_config(admission=None, eviction=None, max_rows=None, num_shards=1))
+    table.lookup_or_insert(np.arange(70_000, dtype=np.int64))
+    table.save(tmp_path)
+    table.remove(np.arange(60_000, dtype=np.int64))
+    assert table._shards[0].evicted_count == 60_000  # kept: a delta can list them
+    table.remove(np.arange(60_000, 70_000, dtype=np.int64))
+    assert table._shards[0].evicted == [] and table._shards[0].evicted_dropped
+    with pytest.raises(CheckpointError, match=r"shard 0 lost more rows since the last save \(70000\) than it holds"):
+        table.save_delta(tmp_path)
+    assert [p.name for p in sorted(tmp_path.iterdir())] == ["000001-full", "CHAIN.json"]
+    table.lookup_or_insert(np.arange(5, dtype=np.int64))
+    table.save(tmp_path)
+    table.remove(np.arange(2, dtype=np.int64))
+    table.save_delta(tmp_path)
+    _assert_same_table(table, EmbeddingTable.load(tmp_path))
+
+
 def test_checkpoint_files_are_json_or_safetensors_without_pickle(tmp_path):
     table = _trained()
     table.save(tmp_path)

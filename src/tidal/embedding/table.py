@@ -42,6 +42,7 @@ _MAX_LOAD = 0.75
 _ROW_ARRAY_GROWTH = 1.25
 _UNLIMITED = 1 << 62
 _INDEX_BYTES_PER_ROW = 24  # slots at load <= 0.75, the key, last_seen: measured 20-24
+_KEPT_REMOVALS = 1 << 16  # removed keys a shard always keeps for the next delta
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,10 +133,30 @@ class _Shard:
         self.counts = np.zeros(0, dtype=np.uint32)
         self.free_rows = np.zeros(0, dtype=np.int64)
         self.sketch = np.zeros((ix.SKETCH_DEPTH, sketch_width), dtype=np.uint16)
-        self.evicted: list[np.ndarray] = []  # keys evicted since the last save
+        self.evicted: list[np.ndarray] = []  # keys removed since the last save, for the next delta
+        self.evicted_count = 0
+        self.evicted_dropped = False  # more were removed than kept: no delta until the next save
         self.ctl = np.zeros(ix.C_SIZE, dtype=np.int64)
         self.ctl[ix.C_MAX_LIVE] = int(self.slots.shape[0] * _MAX_LOAD)
         self.ctl[ix.C_ROW_LIMIT] = row_limit
+
+    def record_removed(self, keys: np.ndarray) -> None:
+        """Keep removed `keys` for the next delta checkpoint, unless more keys were removed
+        since the last save than the shard holds rows (and at least `_KEPT_REMOVALS`): a
+        delta would then outweigh a full checkpoint, and the record would grow without
+        bound in a run that never writes one. It is dropped until the next save."""
+        if self.evicted_dropped:
+            return
+        self.evicted_count += len(keys)
+        if self.evicted_count > max(int(self.ctl[ix.C_LIVE]), _KEPT_REMOVALS):
+            self.evicted.clear()
+            self.evicted_dropped = True
+        else:
+            self.evicted.append(keys)
+
+    def forget_removed(self) -> None:
+        self.evicted.clear()
+        self.evicted_count, self.evicted_dropped = 0, False
 
     def grow_index(self) -> None:
         new_slots = np.full(2 * self.slots.shape[0], ix.EMPTY, dtype=np.int32)
@@ -592,7 +613,7 @@ class EmbeddingTable:
                 shard.reserve_free(len(mine))
                 present = ix.remove(shard.slots, shard.row_keys, shard.free_rows, shard.ctl, mine)
                 if self._saved_step >= 0:  # only a delta after a save needs them
-                    shard.evicted.append(mine[present])
+                    shard.record_removed(mine[present])
                 shard.ctl[ix.C_EVICTED] += int(present.sum())
                 removed += int(present.sum())
         if removed:
@@ -664,6 +685,11 @@ class EmbeddingTable:
                 "counters": shard.ctl[ix.C_LOOKUPS : ix.C_SIZE].copy(), "sketch": shard.sketch,
             }
             if since_save:
+                if shard.evicted_dropped:
+                    raise CheckpointError(
+                        f"table {self.name!r}: shard {s} lost more rows since the last save ({shard.evicted_count}) "
+                        f"than it holds, so their keys were not kept; a delta would outweigh a full checkpoint: "
+                        f"save a full one (save_tables)")
                 arrays["evicted"] = np.concatenate([np.zeros(0, np.int64), *shard.evicted])
         return {name: np.ascontiguousarray(a) for name, a in arrays.items()}
 
@@ -681,7 +707,7 @@ class EmbeddingTable:
         with shard.lock:
             shard.ctl[ix.C_LOOKUPS : ix.C_SIZE] = arrays["counters"]
             shard.sketch[...] = arrays["sketch"]
-            shard.evicted.clear()
+            shard.forget_removed()
 
     def clocks_after_save(self) -> dict[str, int]:
         """The step counters as they will be once the checkpoint being written commits.
@@ -706,7 +732,7 @@ class EmbeddingTable:
         self.checkpoint_id = checkpoint_id
         for shard in self._shards:
             with shard.lock:
-                shard.evicted.clear()
+                shard.forget_removed()
 
     def save(self, root: str | os.PathLike) -> None:
         """A full checkpoint of this table under `root` (see tidal.embedding.checkpoint)."""
