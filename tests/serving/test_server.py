@@ -376,6 +376,41 @@ def test_hang_ups_and_unknown_models_are_counted_apart_from_server_errors(server
     assert after.get("error", 0) == before.get("error", 0)
 
 
+def test_a_client_that_hangs_up_while_its_request_waits_is_counted_gone_and_not_scored(bundle, trainer):
+    service = Service(bundle, name="ctr")
+    running = start_server(service)
+    gate, original, scored = threading.Event(), service.predictor.sparse, []
+
+    def gated(pieces):
+        gate.wait()
+        scored.append(sum(p.rows for p in pieces))
+        return original(pieces)
+
+    service.predictor.sparse = gated
+    specs = input_specs(bundle.config)
+    first = json.dumps(infer_request(with_user_of(file_rows(trainer, 3), specs), specs)).encode()
+    second = json.dumps(infer_request(with_user_of(file_rows(trainer, 5), specs), specs)).encode()
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(_post, running, "/v2/models/ctr/infer", first)  # held at the gate
+            while not service.batcher._in_flight:
+                time.sleep(0.01)
+            with _partial_request(running, len(second), second):  # the whole body, then a hang-up
+                time.sleep(0.3)
+            deadline = time.monotonic() + 10
+            while _outcomes(running).get("client_gone", 0) < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            gate.set()
+            assert answer.result()[0] == 200
+        time.sleep(0.3)  # a batch holding the second request would have been scored by now
+        outcomes = _outcomes(running)
+    finally:
+        gate.set()
+        running.stop()
+    assert outcomes["client_gone"] == 1 and outcomes["ok"] == 1
+    assert scored == [3]  # the second request left the queue unscored
+
+
 def test_overload_answers_503_with_retry_after(bundle, trainer):
     service = Service(bundle, name="ctr", max_queue_rows=20)
     running = start_server(service)

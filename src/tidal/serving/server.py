@@ -30,8 +30,9 @@ import socket
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -56,6 +57,7 @@ from tidal.serving.sessions import SessionCache, SessionError
 
 __all__ = ["RunningServer", "Service", "create_app", "listen", "serve", "start_server"]
 
+T = TypeVar("T")
 _DATATYPES = {"ids": "BYTES", "integer": "BYTES", "number": "FP64"}  # FP64: training parses numbers as float64
 
 
@@ -197,14 +199,14 @@ def create_app(service: Service) -> Starlette:
         start = time.perf_counter()
         try:
             body = await _read_body(request, service.settings.max_body_bytes)
-            content, headers = await service.infer(body, request.headers.get(HEADER))
+            content, headers = await _unless_gone(request, service.infer(body, request.headers.get(HEADER)))
         except (RequestError, SessionError) as exc:
             service.metrics.requests.labels("bad_request").inc()
             return _error(getattr(exc, "status", 400), str(exc))
         except Overloaded as exc:
             service.metrics.requests.labels("overloaded").inc()
             return _error(503, str(exc), {"Retry-After": "1"})
-        except ClientDisconnect:  # the client hung up mid-body: nobody to answer, and no fault of the server
+        except ClientDisconnect:  # the client hung up: nobody to answer, and no fault of the server
             service.metrics.requests.labels("client_gone").inc()
             return _error(400, "the client closed the connection before its body ended")
         except Exception as exc:  # a failed batch: this request learns why, the server goes on
@@ -254,6 +256,27 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     if len(message) > _MESSAGE_CHARS:
         message = f"{message[:_MESSAGE_CHARS]}... ({len(message)} characters)"
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def _unless_gone(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result, unless the client hangs up first: then `work` is cancelled (its
+    candidates leave the queue unless a batch took them already) and `ClientDisconnect`
+    is raised."""
+    task, gone = asyncio.ensure_future(work), asyncio.ensure_future(_hung_up(request))
+    try:
+        await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()
+        raise ClientDisconnect()
+    return task.result()
+
+
+async def _hung_up(request: Request) -> None:
+    """Return once the client has closed the connection (its body is read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
