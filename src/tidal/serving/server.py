@@ -208,7 +208,7 @@ def create_app(service: Service) -> Starlette:
             return _error(503, str(exc), {"Retry-After": "1"})
         except ClientDisconnect:  # the client hung up: nobody to answer, and no fault of the server
             service.metrics.requests.labels("client_gone").inc()
-            return _error(400, "the client closed the connection before its body ended")
+            return _error(400, "the client closed the connection before its answer")
         except Exception as exc:  # a failed batch: this request learns why, the server goes on
             service.metrics.requests.labels("error").inc()
             return _error(500, f"{type(exc).__name__}: {exc}")
@@ -265,10 +265,12 @@ async def _unless_gone(request: Request, work: Awaitable[T]) -> T:
     task, gone = asyncio.ensure_future(work), asyncio.ensure_future(_hung_up(request))
     try:
         await asyncio.wait([task, gone], return_when=asyncio.FIRST_COMPLETED)
-    finally:
+    finally:  # also when this request itself is cancelled (the server shutting down)
         gone.cancel()
-    if not task.done():
-        task.cancel()
+        abandoned = not task.done()
+        if abandoned:
+            task.cancel()
+    if abandoned:
         raise ClientDisconnect()
     return task.result()
 
