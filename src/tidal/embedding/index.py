@@ -112,9 +112,10 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, or
     the way.
 
     With `insert` (training) an admitted key's row is created on first sight and every
-    found row is marked seen at `step` (or a later step that saw it); without it (serving) the index is only read and
-    absent keys are counted as misses. With `count`, the keys are counted as lookups
-    (and misses) in the statistics; internal reads pass False.
+    found row is marked seen at `step` (or a later step that saw it); without it
+    (serving) the index is only read and absent keys are counted as misses. With
+    `count`, the keys are counted as lookups (and misses) in the statistics; internal
+    reads pass False.
 
     `out` = (handles [n] in the caller's order: key i's at order[i], numbers [n],
     unique local rows [hi - lo], their saved last_seen [hi - lo], unique count [1],
@@ -123,8 +124,9 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, or
     may be 0 otherwise.
     With `distinct`, numbers[i] numbers the distinct rows of this shard in the order
     they were first found or created, -1 for a key without a row, and the caller ends
-    with `unmark` once the whole range is resolved; without it only the handles are written (the other arrays
-    may be empty), and with `insert` each found row is marked seen as it is found.
+    with `unmark` once the whole range is resolved; without it only the handles are
+    written (the other arrays may be empty), and with `insert` each found row is marked
+    seen as it is found.
 
     `rows` = (directory, width, dim, seed, init kind, init scale, initial state value);
     `admission` = (kind, min count, probability, seed). Returns the position reached:
