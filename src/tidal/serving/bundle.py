@@ -198,11 +198,11 @@ def _read_manifest(path: Path) -> dict:
     keys = {"format", "version", "targets", "config", "files"}
     if not isinstance(manifest, dict) or not keys <= set(manifest) or manifest["format"] != FORMAT:
         raise CorruptCheckpointError(f"{file}: expected a {FORMAT} manifest with {sorted(keys)}")
-    if SEAL in manifest or manifest["version"] == VERSION:
-        check_seal(file, manifest)
     if manifest["version"] not in (UNSEALED, VERSION):
         raise CheckpointError(f"{file}: bundle version {manifest['version']}, this Tidal reads versions "
                               f"{UNSEALED} and {VERSION}")
+    if SEAL in manifest or manifest["version"] == VERSION:
+        check_seal(file, manifest)
     needed = {PROGRAM} | {f"tables/{t['name']}.safetensors" for t in manifest["config"].get("tables", [])}
     if not needed <= set(manifest["files"]):
         raise CorruptCheckpointError(f"{file}: lists no {sorted(needed - set(manifest['files']))}")
