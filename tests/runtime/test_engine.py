@@ -545,3 +545,35 @@ def test_a_resumed_run_keeps_the_worker_schedule_it_had_reached(data, tmp_path):
     assert first.fit(max_steps=12)["runtime"]["sparse_workers"] == [(0, 1), (5, 3)]
     resumed = _trainer(data, tmp_path, runtime, checkpoint_every=10)
     assert resumed.fit(resume=True)["runtime"]["sparse_workers"] == [(10, 3)]
+
+
+def test_a_batch_whose_worker_went_for_another_batch_is_retried_without_losing_a_try():
+    """Replacing a worker fails the calls queued on it: those are not their batches'
+    failures, and three of them in a row once lost a healthy batch."""
+    from types import SimpleNamespace
+
+    from tidal.config import RuntimeConfig
+    from tidal.runtime.engine import Engine, _Flight
+
+    class Backend:
+        def start_sparse(self, slot):
+            return object()
+
+        def stop(self, worker):
+            pass
+
+        def forget(self, batch_id):
+            pass
+
+    trainer = SimpleNamespace(config=SimpleNamespace(runtime=RuntimeConfig(sparse_workers=2, mode="async"),
+                                                     data=SimpleNamespace(batch_size=512)))
+    engine = Engine(trainer, Backend(), telemetry=None)
+    engine.sparse = {0: object(), 1: object()}
+    for _ in range(3):  # batch 5 was on slot 1's worker each time another batch's failure replaced it
+        engine.flights[5] = _Flight(slot=1, worker=object(), staleness=0)
+        engine._failed("forward", 5, RuntimeError("sparse worker 1 closed before batch 5 was read"))
+    assert engine.retry == [5, 5, 5] and engine.lost["batches"] == 0 and engine.failures == []
+    for attempt in range(3):  # its own failures: the worker in its slot failed
+        engine.flights[5] = _Flight(slot=1, worker=engine.sparse[1], staleness=0)
+        engine._failed("forward", 5, RuntimeError("cannot pool this batch"))
+    assert engine.lost["batches"] == 1 and len(engine.failures) == 4  # three replacements, one loss

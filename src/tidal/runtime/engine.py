@@ -290,10 +290,10 @@ class Engine:
         if kind == "dense":
             raise TidalError(f"dense worker failed on batch {batch_id} (step {self.start_step + batch_id + 1}): "
                              f"{exc!r}. The run stopped; continue it from the last checkpoint with --resume") from exc
-        if self.sparse.get(flight.slot) is flight.worker:  # not replaced yet
+        if self.sparse.get(flight.slot) is flight.worker:  # its own failure: else the worker went for another's
             self._replace(flight.slot, batch_id, kind, exc)
-        self.attempts[kind, batch_id] = self.attempts.get((kind, batch_id), 0) + 1
-        if self.attempts[kind, batch_id] >= _MAX_ATTEMPTS:
+            self.attempts[kind, batch_id] = self.attempts.get((kind, batch_id), 0) + 1
+        if self.attempts.get((kind, batch_id), 0) >= _MAX_ATTEMPTS:
             self._lose(batch_id, flight, f"{kind} failed {_MAX_ATTEMPTS} times: {exc!r}")
         elif kind == "forward":
             del self.flights[batch_id]
