@@ -185,6 +185,11 @@ def fingerprint(path: Path, *, sync: bool = False) -> dict[str, Any]:
     return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
+def is_fingerprint(value: Any) -> bool:
+    """Whether `value` is a file entry as `fingerprint` writes it."""
+    return isinstance(value, dict) and isinstance(value.get("bytes"), int) and isinstance(value.get("sha256"), str)
+
+
 def check_file(path: Path, expected: dict[str, Any], listed_in: str) -> None:
     """Refuse a missing file, or one whose size or sha256 is not the `expected`
     fingerprint that `listed_in` records for it."""
@@ -249,7 +254,7 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     tables = manifest.get("tables")
     fields_ok = isinstance(tables, dict) and all(
         isinstance(e, dict) and {"config", "clocks", "files"} <= set(e) and isinstance(e["files"], dict)
-        and all(isinstance(f, dict) and {"bytes", "sha256"} <= set(f) for f in e["files"].values())
+        and all(is_fingerprint(f) for f in e["files"].values())
         for e in tables.values())
     if manifest.get("kind") not in ("full", "delta") or "id" not in manifest or not fields_ok:
         raise CorruptCheckpointError(

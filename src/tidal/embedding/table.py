@@ -413,8 +413,9 @@ class EmbeddingTable:
                         shard.ctl, keys, hashes, order, position, end, step, s, self._row_settings(),
                         admission, shard.sketch, insert, count, distinct, out)
                     self._grow(s, shard)
-                ix.admit_earlier_sightings(shard.slots, shard.row_keys, shard.last_seen, shard.counts, shard.ctl,
-                                           keys, hashes, order, s, distinct, out)
+                if counted:
+                    ix.admit_earlier_sightings(shard.slots, shard.row_keys, shard.last_seen, shard.counts, shard.ctl,
+                                               keys, hashes, order, s, distinct, out)
             finally:  # even if growing failed, no row may stay marked
                 ix.unmark(shard.last_seen, rows, previous, n_rows[0], step, insert)
         return rows[: n_rows[0]]

@@ -31,7 +31,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tidal.embedding import load_tables, save_tables
-from tidal.embedding.checkpoint import SEAL, check_file, check_seal, fingerprint, fsync_path, sealed, write_json_atomic
+from tidal.embedding.checkpoint import (SEAL, check_file, check_seal, fingerprint, fsync_path, is_fingerprint, sealed,
+                                        write_json_atomic)
 from tidal.errors import CheckpointError, CorruptCheckpointError
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ def read_meta(directory: Path) -> dict[str, Any]:
     missing = [k for k in _META_KEYS + (("files",) if hashed else ()) if k not in meta]
     if missing:
         raise CorruptCheckpointError(f"{path}: lacks {missing}")
-    if hashed and not _is_fingerprint(_dense_entry(meta)):
+    if hashed and not is_fingerprint(_dense_entry(meta)):
         raise CorruptCheckpointError(f"{path}: expected files.{DENSE} with bytes and sha256, "
                                      f"got {meta['files']!r:.200}")
     return meta
@@ -126,10 +127,6 @@ def load_dense(directory: Path) -> dict[str, torch.Tensor]:
 def _dense_entry(meta: dict[str, Any]) -> Any:
     files = meta.get("files")
     return files.get(DENSE) if isinstance(files, dict) else None
-
-
-def _is_fingerprint(value: Any) -> bool:
-    return isinstance(value, dict) and isinstance(value.get("bytes"), int) and isinstance(value.get("sha256"), str)
 
 
 def _json(path: Path) -> dict[str, Any]:
