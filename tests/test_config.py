@@ -114,3 +114,19 @@ def test_error_paths_are_the_keys_of_the_config_not_pydantics_union_branches():
     assert "RunConfig: tables.0.optimizer.lr: Input should be greater than 0, got -1" in lines
     with pytest.raises(ConfigError, match=r"tables.0.name: Field required"):
         RunConfig(**_run(tables=[{"dim": 8}]))
+
+
+def test_a_boolean_where_a_number_goes_is_refused_not_read_as_one(tmp_path):
+    with pytest.raises(ConfigError, match="TableConfig 't': dim: expected a number, got the boolean True"):
+        TableConfig(name="t", dim=True)
+    with pytest.raises(ConfigError, match="eviction.ttl_steps: expected a number, got the boolean False"):
+        TableConfig(name="t", dim=8, eviction={"ttl_steps": False})
+    config = tmp_path / "run.yaml"
+    config.write_text("data: {train: x.tsv, batch_size: true}\nfeatures: [{kind: sparse, name: u, columns: [C1], table: ids},"
+                      " {kind: label, name: click, column: label}]\ntables: [{name: ids, dim: 8, optimizer: {kind: sgd, lr: 1e-3}}]\n")
+    with pytest.raises(ConfigError, match="data.batch_size: expected a number, got the boolean True"):
+        RunConfig.from_yaml(str(config))
+    config.write_text(config.read_text().replace("batch_size: true", "batch_size: 64"))
+    loaded = RunConfig.from_yaml(str(config))  # YAML reads 1e-3 as a string: still a number here
+    assert loaded.data.batch_size == 64 and loaded.tables[0].optimizer.lr == 1e-3
+    assert Adam(per_row_bias_correction=True).per_row_bias_correction

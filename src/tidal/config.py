@@ -55,6 +55,17 @@ DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # a device for dense math
 _FLOAT32_MAX = 3.4028234663852886e38  # scores are float32
 
 
+def _refuse_boolean(value: Any) -> Any:
+    """A number field's check: pydantic would read `true` and `false` as 1 and 0."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got the boolean {value}")
+    return value
+
+
+_Int = Annotated[int, pydantic.BeforeValidator(_refuse_boolean)]
+_Float = Annotated[float, pydantic.BeforeValidator(_refuse_boolean)]
+
+
 class _Model(BaseModel):
     """A frozen model whose validation errors are `ConfigError`s with readable lines."""
 
@@ -80,31 +91,31 @@ class Initializer(_Model):
     """
 
     kind: Literal["uniform", "normal", "zeros"] = "uniform"
-    scale: float = Field(0.01, ge=0.0, allow_inf_nan=False)
+    scale: _Float = Field(0.01, ge=0.0, allow_inf_nan=False)
 
 
 class Sgd(_Model):
     """Plain SGD: ``w -= lr * g``."""
 
     kind: Literal["sgd"] = "sgd"
-    lr: float = Field(0.01, gt=0.0, allow_inf_nan=False)
+    lr: _Float = Field(0.01, gt=0.0, allow_inf_nan=False)
 
 
 class Adagrad(_Model):
     """Adagrad as `torch.optim.Adagrad` (lr_decay 0): one accumulator per element."""
 
     kind: Literal["adagrad"] = "adagrad"
-    lr: float = Field(0.01, gt=0.0, allow_inf_nan=False)
-    eps: float = Field(1e-10, gt=0.0, allow_inf_nan=False)
-    initial_accumulator_value: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    lr: _Float = Field(0.01, gt=0.0, allow_inf_nan=False)
+    eps: _Float = Field(1e-10, gt=0.0, allow_inf_nan=False)
+    initial_accumulator_value: _Float = Field(0.0, ge=0.0, allow_inf_nan=False)
 
 
 class RowWiseAdagrad(_Model):
     """Row-wise Adagrad (fbgemm style): one accumulator per row, the mean of g²."""
 
     kind: Literal["rowwise_adagrad"] = "rowwise_adagrad"
-    lr: float = Field(0.01, gt=0.0, allow_inf_nan=False)
-    eps: float = Field(1e-10, gt=0.0, allow_inf_nan=False)
+    lr: _Float = Field(0.01, gt=0.0, allow_inf_nan=False)
+    eps: _Float = Field(1e-10, gt=0.0, allow_inf_nan=False)
 
 
 class Adam(_Model):
@@ -117,10 +128,10 @@ class Adam(_Model):
     """
 
     kind: Literal["adam"] = "adam"
-    lr: float = Field(1e-3, gt=0.0, allow_inf_nan=False)
-    beta1: float = Field(0.9, ge=0.0, lt=1.0)
-    beta2: float = Field(0.999, ge=0.0, lt=1.0)
-    eps: float = Field(1e-8, gt=0.0, allow_inf_nan=False)
+    lr: _Float = Field(1e-3, gt=0.0, allow_inf_nan=False)
+    beta1: _Float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: _Float = Field(0.999, ge=0.0, lt=1.0)
+    eps: _Float = Field(1e-8, gt=0.0, allow_inf_nan=False)
     per_row_bias_correction: bool = False
 
 
@@ -128,17 +139,17 @@ class AdamW(Adam):
     """Lazy Adam with decoupled weight decay (`torch.optim.AdamW`) on present rows."""
 
     kind: Literal["adamw"] = "adamw"  # type: ignore[assignment]
-    weight_decay: float = Field(0.01, ge=0.0, allow_inf_nan=False)
+    weight_decay: _Float = Field(0.01, ge=0.0, allow_inf_nan=False)
 
 
 class Ftrl(_Model):
     """FTRL-proximal (McMahan et al. 2013), per coordinate, with L1 and L2."""
 
     kind: Literal["ftrl"] = "ftrl"
-    alpha: float = Field(0.05, gt=0.0, allow_inf_nan=False)
-    beta: float = Field(1.0, gt=0.0, allow_inf_nan=False)
-    l1: float = Field(0.0, ge=0.0, allow_inf_nan=False)
-    l2: float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    alpha: _Float = Field(0.05, gt=0.0, allow_inf_nan=False)
+    beta: _Float = Field(1.0, gt=0.0, allow_inf_nan=False)
+    l1: _Float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    l2: _Float = Field(0.0, ge=0.0, allow_inf_nan=False)
 
 
 OptimizerConfig = Annotated[
@@ -156,15 +167,15 @@ class CountAdmission(_Model):
     """
 
     kind: Literal["count"] = "count"
-    min_count: int = Field(2, ge=1, le=65535)
-    sketch_width: int = Field(1 << 16, ge=64, le=1 << 30)
+    min_count: _Int = Field(2, ge=1, le=65535)
+    sketch_width: _Int = Field(1 << 16, ge=64, le=1 << 30)
 
 
 class ProbabilityAdmission(_Model):
     """Create a row on a sighting with probability `probability` (reproducible)."""
 
     kind: Literal["probability"] = "probability"
-    probability: float = Field(gt=0.0, le=1.0)
+    probability: _Float = Field(gt=0.0, le=1.0)
 
 
 class Eviction(_Model):
@@ -175,7 +186,7 @@ class Eviction(_Model):
     frequently (`lfu`) or least recently (`lru`) used.
     """
 
-    ttl_steps: int | None = Field(None, gt=0)
+    ttl_steps: _Int | None = Field(None, gt=0)
     capacity_policy: Literal["lfu", "lru"] = "lru"
 
 
@@ -183,18 +194,18 @@ class TableConfig(_Model):
     """One embedding table. See the module docstring for an example."""
 
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
-    dim: int = Field(gt=0, le=65536)
+    dim: _Int = Field(gt=0, le=65536)
     initializer: Initializer = Initializer()
     optimizer: OptimizerConfig = Sgd()
     admission: CountAdmission | ProbabilityAdmission | None = Field(None, discriminator="kind")
     eviction: Eviction | None = None
-    max_rows: int | None = Field(None, gt=0)
-    memory_bytes: int | None = Field(None, gt=0)
+    max_rows: _Int | None = Field(None, gt=0)
+    memory_bytes: _Int | None = Field(None, gt=0)
     # Rows whose memory is allocated and written when the table is built, so that
     # creating them while training faults in no fresh page; the table grows past them.
-    reserve_rows: int = Field(0, ge=0)
+    reserve_rows: _Int = Field(0, ge=0)
     num_shards: Literal[1, 2, 4, 8, 16, 32, 64] = 8
-    seed: int = Field(0, ge=0, lt=1 << 63)
+    seed: _Int = Field(0, ge=0, lt=1 << 63)
 
 
 class EmbeddingFeature(_Model):
@@ -234,7 +245,7 @@ class SparseFeature(_Model):
     separator: str | None = Field(None, min_length=1)
     hashed: bool = True
     namespace: str | None = None
-    buckets: list[Annotated[float, Field(allow_inf_nan=False)]] | None = Field(None, min_length=1)
+    buckets: list[Annotated[_Float, Field(allow_inf_nan=False)]] | None = Field(None, min_length=1)
     missing: Literal["empty", "default"] = "empty"
     side: Literal["user", "item", "context"] = "item"
 
@@ -260,7 +271,7 @@ class DenseFeature(_Model):
     name: str = Field(min_length=1, max_length=128)
     column: str = Field(min_length=1)
     transform: Literal["none", "log"] = "none"
-    missing_value: float = Field(0.0, allow_inf_nan=False)
+    missing_value: _Float = Field(0.0, allow_inf_nan=False)
     side: Literal["user", "item", "context"] = "item"  # as for SparseFeature
 
 
@@ -270,7 +281,7 @@ class LabelFeature(_Model):
     kind: Literal["label"] = "label"
     name: str = Field(min_length=1, max_length=128)
     column: str = Field(min_length=1)
-    weight: float = Field(1.0, gt=0.0, allow_inf_nan=False)
+    weight: _Float = Field(1.0, gt=0.0, allow_inf_nan=False)
 
 
 FeatureConfig = Annotated[SparseFeature | DenseFeature | LabelFeature, Field(discriminator="kind")]
@@ -284,13 +295,13 @@ class ModelConfig(_Model):
     """
 
     kind: Literal["dlrm", "deepfm", "dcn", "wide_deep"] = "dlrm"
-    bottom_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [64], min_length=1)
-    hidden_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [128, 64], min_length=1)
-    cross_layers: int = Field(2, ge=1, le=16)
+    bottom_sizes: list[Annotated[_Int, Field(gt=0)]] = Field(default_factory=lambda: [64], min_length=1)
+    hidden_sizes: list[Annotated[_Int, Field(gt=0)]] = Field(default_factory=lambda: [128, 64], min_length=1)
+    cross_layers: _Int = Field(2, ge=1, le=16)
     head: Literal["linear", "mmoe"] = "linear"
-    experts: int = Field(4, ge=1, le=64)
-    expert_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [128], min_length=1)
-    tower_sizes: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [64], min_length=1)
+    experts: _Int = Field(4, ge=1, le=64)
+    expert_sizes: list[Annotated[_Int, Field(gt=0)]] = Field(default_factory=lambda: [128], min_length=1)
+    tower_sizes: list[Annotated[_Int, Field(gt=0)]] = Field(default_factory=lambda: [64], min_length=1)
 
 
 class DataConfig(_Model):
@@ -301,7 +312,7 @@ class DataConfig(_Model):
     format: Literal["tsv", "csv", "parquet"] | None = None
     columns: list[str] | None = None  # a TSV file's columns, in order; default: Criteo's layout
     on_bad_row: Literal["skip", "fail"] = "skip"
-    batch_size: int = Field(1024, ge=1, le=1 << 20)
+    batch_size: _Int = Field(1024, ge=1, le=1 << 20)
 
     @pydantic.field_validator("columns")
     @classmethod
@@ -324,16 +335,16 @@ class TrainingConfig(_Model):
     it natively (GPUs, CPUs with AMX or AVX512-BF16), float32 elsewhere.
     """
 
-    epochs: int = Field(1, ge=1)
-    lr: float = Field(1e-3, gt=0.0, allow_inf_nan=False)  # the dense network's Adam
-    seed: int = Field(0, ge=0, lt=1 << 63)
-    log_every: int = Field(50, ge=1)
-    threads: int = Field(1, ge=1, le=256)
+    epochs: _Int = Field(1, ge=1)
+    lr: _Float = Field(1e-3, gt=0.0, allow_inf_nan=False)  # the dense network's Adam
+    seed: _Int = Field(0, ge=0, lt=1 << 63)
+    log_every: _Int = Field(50, ge=1)
+    threads: _Int = Field(1, ge=1, le=256)
     device: str = Field("cpu", pattern=DEVICE_PATTERN)
     run_dir: str = Field("runs/latest", min_length=1)
-    checkpoint_every: int | None = Field(None, ge=1)  # steps between checkpoints; None: only at the end
-    eval_every: int | None = Field(None, ge=1)  # steps between evaluations on data.eval; None: only at the end
-    evict_every: int = Field(100, ge=1)  # steps between the safe points where tables with eviction or admission evict
+    checkpoint_every: _Int | None = Field(None, ge=1)  # steps between checkpoints; None: only at the end
+    eval_every: _Int | None = Field(None, ge=1)  # steps between evaluations on data.eval; None: only at the end
+    evict_every: _Int = Field(100, ge=1)  # steps between the safe points where tables with eviction or admission evict
     precision: Literal["float32", "bfloat16", "auto"] = "float32"  # of the dense network's products in training
 
 
@@ -361,21 +372,21 @@ class RuntimeConfig(_Model):
     """
 
     backend: Literal["local", "ray"] = "local"
-    sparse_workers: int = Field(1, ge=1, le=256)
-    dense_workers: int = Field(1, ge=1, le=64)
+    sparse_workers: _Int = Field(1, ge=1, le=256)
+    dense_workers: _Int = Field(1, ge=1, le=64)
     mode: Literal["sync", "async"] = "sync"
-    max_inflight: int = Field(4, ge=1, le=1024)
-    read_ahead: int = Field(4, ge=1, le=1024)  # batches parsed and extracted ahead, per sparse worker
+    max_inflight: _Int = Field(4, ge=1, le=1024)
+    read_ahead: _Int = Field(4, ge=1, le=1024)  # batches parsed and extracted ahead, per sparse worker
     transfer_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    dense_threads: int | None = Field(None, ge=1, le=256)
+    dense_threads: _Int | None = Field(None, ge=1, le=256)
     device: str = Field("auto", pattern=DEVICE_PATTERN)
-    loss_scale: float = Field(1024.0, ge=1.0, le=2.0**24)
+    loss_scale: _Float = Field(1024.0, ge=1.0, le=2.0**24)
     colocated_sparse_worker: bool = False  # one more sparse worker beside the first dense worker
-    embedding_shards: int = Field(1, ge=1, le=256)  # ray: embedding-shard actors (tables placed table-wise)
+    embedding_shards: _Int = Field(1, ge=1, le=256)  # ray: embedding-shard actors (tables placed table-wise)
     ray_address: str | None = None
-    telemetry_every_s: float = Field(5.0, gt=0.0)
-    sparse_nice: int = Field(10, ge=0, le=19)
-    sparse_workers_at: dict[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1, le=256)]] = Field(default_factory=dict)
+    telemetry_every_s: _Float = Field(5.0, gt=0.0)
+    sparse_nice: _Int = Field(10, ge=0, le=19)
+    sparse_workers_at: dict[Annotated[_Int, Field(ge=1)], Annotated[_Int, Field(ge=1, le=256)]] = Field(default_factory=dict)
 
 
 class Fusion(_Model):
@@ -415,17 +426,17 @@ class ServingConfig(_Model):
     """
 
     fusion: Fusion = Fusion()
-    buckets: list[Annotated[int, Field(gt=0, le=1 << 16)]] = Field(default_factory=lambda: [1, 4, 16, 64, 256, 1024],
+    buckets: list[Annotated[_Int, Field(gt=0, le=1 << 16)]] = Field(default_factory=lambda: [1, 4, 16, 64, 256, 1024],
                                                                    min_length=1)
-    max_batch_rows: int = Field(1024, ge=1, le=1 << 16)
-    max_delay_ms: float = Field(2.0, ge=0.0, le=10_000.0)
-    chunk_rows: int = Field(256, ge=1, le=1 << 16)
-    sparse_threads: int = Field(2, ge=1, le=256)
-    dense_threads: int | None = Field(1, ge=1, le=256)  # torch's threads, process-wide; None: torch's default
-    max_queue_rows: int = Field(65_536, ge=1)
-    max_body_bytes: int = Field(32 << 20, ge=1024)
-    session_ttl_s: float = Field(300.0, gt=0.0)
-    session_memory_bytes: int = Field(256 << 20, ge=1024)
+    max_batch_rows: _Int = Field(1024, ge=1, le=1 << 16)
+    max_delay_ms: _Float = Field(2.0, ge=0.0, le=10_000.0)
+    chunk_rows: _Int = Field(256, ge=1, le=1 << 16)
+    sparse_threads: _Int = Field(2, ge=1, le=256)
+    dense_threads: _Int | None = Field(1, ge=1, le=256)  # torch's threads, process-wide; None: torch's default
+    max_queue_rows: _Int = Field(65_536, ge=1)
+    max_body_bytes: _Int = Field(32 << 20, ge=1024)
+    session_ttl_s: _Float = Field(300.0, gt=0.0)
+    session_memory_bytes: _Int = Field(256 << 20, ge=1024)
     table_dtype: Literal["float32", "float16"] = "float32"  # how the bundle stores the tables
 
     @pydantic.model_validator(mode="after")
