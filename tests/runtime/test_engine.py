@@ -415,6 +415,27 @@ def test_resume_from_an_engine_checkpoint_equals_an_uninterrupted_run(data, refe
     _assert_bitwise_equal(reference, resumed)
 
 
+def test_a_run_resumed_after_a_batch_lost_before_its_lookup_keeps_the_steps_of_an_unstopped_one(data, tmp_path, monkeypatch):
+    lost = {"id": 9}  # batch 9 (step 10, just before the checkpoint) never looks its rows up
+    for method in ("look_up", "forward"):
+        original = getattr(SparseWorker, method)
+
+        def poisoned(worker, k, *args, _original=original):
+            if k == lost["id"]:
+                raise RuntimeError("cannot read this batch")
+            return _original(worker, k, *args)
+
+        monkeypatch.setattr(SparseWorker, method, poisoned)
+    runtime = {"sparse_workers": 2, **EXACT}
+    unstopped = _trainer(data, tmp_path / "unstopped", runtime)
+    assert unstopped.fit()["runtime"]["lost_batches"] == 1
+    _trainer(data, tmp_path / "stopped", runtime, checkpoint_every=10).fit(max_steps=15)
+    lost["id"] = None  # the resumed run's batch ids count from its checkpoint: none is lost
+    resumed = _trainer(data, tmp_path / "stopped", runtime, checkpoint_every=10)
+    resumed.fit(resume=True)
+    _assert_bitwise_equal(unstopped, resumed)
+
+
 NO_CUDA = not torch.cuda.is_available()
 NO_CUDA_REASON = "needs a CUDA device (torch.cuda.is_available() is False)"
 

@@ -124,13 +124,16 @@ class Engine:
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self, start_step: int, max_steps: int | None, on_done: Any, at_barrier: Any) -> tuple[int, bool]:
-        """Train until the data ends (True) or `max_steps` (False); the last step.
+    def run(self, start: dict[str, int], max_steps: int | None, on_done: Any, at_barrier: Any) -> tuple[int, bool]:
+        """Train from position `start` (step, epoch, batch) until the data ends (True) or
+        `max_steps` (False); the last step.
 
         `on_done(step, meta, loss)` is called for every batch whose update landed,
         `at_barrier(step, position)` when a barrier step is reached.
         """
+        start_step = start["step"]
         self.start_step, self.max_steps = start_step, max_steps
+        self.placement = {-1: (start["epoch"], start["batch"] - 1)}  # where the batch before id 0 was
         self.on_done, self.at_barrier = on_done, at_barrier
         passed = [s for s in self.runtime.sparse_workers_at if s <= start_step]  # a resumed run's schedule so far
         if passed:
@@ -191,9 +194,12 @@ class Engine:
         return self.max_steps is not None and self.start_step + self.done >= self.max_steps
 
     def _position(self) -> dict[str, int]:
-        step = self.start_step + self.done
-        epoch, index = self.placement[max(k for k in self.placement if k < self.done)]
-        return {"step": step, "epoch": epoch, "batch": index + 1}
+        """Where a run resumed from this step goes on. Batches lost before they were read
+        (ids after the last one placed) count as trained: it goes on after them (in the
+        epoch of the last batch placed; past its end, the reader starts the next one)."""
+        last = max(k for k in self.placement if k < self.done)
+        epoch, index = self.placement[last]
+        return {"step": self.start_step + self.done, "epoch": epoch, "batch": index + self.done - last}
 
     # ------------------------------------------------------------------ issuing work
 
@@ -322,7 +328,8 @@ class Engine:
         self.telemetry.add("sparse", meta["timings"])
         self.placement[batch_id] = (meta["epoch"], meta["index"])
         if len(self.placement) > 4 * self.runtime.max_inflight + 16:  # keep what _position may need
-            self.placement = {k: v for k, v in self.placement.items() if k >= self.done - 1}
+            latest = max(k for k in self.placement if k < self.done)
+            self.placement = {k: v for k, v in self.placement.items() if k >= latest}
         flight.meta = meta
         self.dispatch.append(Ticket(batch_id=batch_id, producer=flight.slot, rows=meta["rows"], location=flight.slices))
 

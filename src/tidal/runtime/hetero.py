@@ -15,8 +15,9 @@ from tidal.runtime.telemetry import Telemetry
 __all__ = ["make_backend", "train"]
 
 
-def make_backend(trainer: Any, spec: ReaderSpec | MemorySpec) -> Any:
-    """The backend the run's config names, placing workers for `trainer` reading `spec`."""
+def make_backend(trainer: Any, spec: ReaderSpec | MemorySpec, first_step: int = 0) -> Any:
+    """The backend the run's config names, placing workers for `trainer` reading `spec`
+    from the run's step `first_step` on."""
     if trainer.config.runtime.backend == "ray":
         try:
             from tidal.runtime.ray_backend import RayBackend
@@ -24,10 +25,10 @@ def make_backend(trainer: Any, spec: ReaderSpec | MemorySpec) -> Any:
             raise ConfigError(f"runtime.backend is 'ray', but Ray cannot be imported ({exc}); "
                               "install it with: pip install 'tidal[ray]'") from None
 
-        return RayBackend(trainer, spec)
+        return RayBackend(trainer, spec, first_step)
     from tidal.runtime.local import LocalBackend
 
-    return LocalBackend(trainer, spec)
+    return LocalBackend(trainer, spec, first_step)
 
 
 def train(trainer: Any, log: IO[str], position: dict[str, int], max_steps: int | None,
@@ -43,11 +44,11 @@ def train(trainer: Any, log: IO[str], position: dict[str, int], max_steps: int |
         spec = trainer.reader_spec(config.data.train, epochs=config.training.epochs,
                                    start_epoch=position["epoch"], start_batch=position["batch"])
     telemetry = Telemetry(trainer.run_dir / "telemetry.json", config.runtime.telemetry_every_s)
-    backend = make_backend(trainer, spec)
+    backend = make_backend(trainer, spec, position["step"])
     engine = trainer.engine = Engine(trainer, backend, telemetry)
     progress = _Progress(trainer, log)
     try:
-        step, finished = engine.run(position["step"], max_steps, progress.done,
+        step, finished = engine.run(position, max_steps, progress.done,
                                     lambda step, at: _barrier(trainer, backend, log, step, at))
         backend.pull_state()
     finally:

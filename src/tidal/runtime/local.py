@@ -69,10 +69,10 @@ def _split(done: cf.Future, parts: list[cf.Future]) -> None:
 class LocalBackend:
     """Threads in one process: one shared source, one shared store, M dense replicas."""
 
-    def __init__(self, trainer: Any, spec: Any) -> None:
+    def __init__(self, trainer: Any, spec: Any, first_step: int) -> None:
         self.trainer, self.runtime = trainer, trainer.config.runtime
         self.source = BatchSource(spec, shared=True)
-        self.store = EmbeddingShard(trainer.collection, nice=self.runtime.sparse_nice)
+        self.store = EmbeddingShard(trainer.collection, nice=self.runtime.sparse_nice, first_step=first_step)
         self._all_reduce = ThreadAllReduce(self.runtime.dense_workers) if self.runtime.dense_workers > 1 else None
         self._actors: list[_ThreadActor] = []
         self._dense: list[_ThreadActor] = []

@@ -53,9 +53,10 @@ def _table_state(table: EmbeddingTable) -> dict:
 
 
 class _ShardActor(EmbeddingShard):
-    def __init__(self, tables: list, features: list, threads: int, state: dict | None, nice: int) -> None:
+    def __init__(self, tables: list, features: list, threads: int, state: dict | None, nice: int,
+                 first_step: int) -> None:
         torch.set_num_threads(threads)  # a process of its own: more torch threads than cores only spin
-        super().__init__(_collection(tables, features, threads, state), nice=nice)
+        super().__init__(_collection(tables, features, threads, state), nice=nice, first_step=first_step)
 
     def forward(self, batch_id: int, batch: SparseBatch,  # type: ignore[override]
                 dtype: torch.dtype = torch.float32) -> tuple[np.ndarray, dict[str, float]]:
@@ -175,8 +176,9 @@ def _check_reachable(address: str | None) -> None:
 class RayBackend:
     """Sparse workers, dense workers and embedding shards as Ray actors."""
 
-    def __init__(self, trainer: Any, spec: ReaderSpec) -> None:
+    def __init__(self, trainer: Any, spec: ReaderSpec, first_step: int = 0) -> None:
         self.trainer, self.runtime, self.spec = trainer, trainer.config.runtime, spec
+        self.first_step = first_step
         self.started_ray = not ray.is_initialized()
         if self.started_ray:
             workers = self.runtime.sparse_workers + self.runtime.dense_workers + self.runtime.embedding_shards + 1
@@ -209,7 +211,7 @@ class RayBackend:
             features = [f for f in self.trainer.collection.features.values() if f.table in names]
             state = {t.name: _table_state(t) for t in tables}
             shards.append(actor.remote([t.config for t in tables], features, self.threads, state,
-                                       self.runtime.sparse_nice))
+                                       self.runtime.sparse_nice, self.first_step))
             features_of.append([f.name for f in features])
         return shards, features_of
 

@@ -135,13 +135,16 @@ def _fp16_scale(grad: torch.Tensor, loss_scale: float) -> float:
 class EmbeddingShard:
     """Tables that pool batches and keep each batch's lookup until its update comes."""
 
-    def __init__(self, collection: EmbeddingCollection, *, nice: int = 0) -> None:
+    def __init__(self, collection: EmbeddingCollection, *, nice: int = 0, first_step: int = 0) -> None:
+        """`first_step`: the run's step before its first batch (a resumed run's checkpoint
+        step). Batch k of the run is the tables' step first_step + k + 1, in whatever
+        order the lookups come: rows keep the step of their batch, as in the reference
+        trainer. Tables saved ahead of it (by a version whose saves took a step) go on
+        from their own step."""
         self.collection, self.nice = collection, nice
         self._contexts: dict[int, Any] = {}
         self._lock = threading.Lock()
-        # batch k of this run is the tables' step first_step + k + 1, in whatever order
-        # the lookups come: rows keep the step of their batch, as in the reference trainer
-        self._first_step = max((t.step for t in collection.tables), default=0)
+        self._first_step = max([first_step] + [t.step for t in collection.tables])
 
     def look_up(self, batch_id: int, batch: SparseBatch) -> dict[str, float]:
         """Find (or create) the rows of `batch` for its later `forward`: this reads no
