@@ -419,6 +419,34 @@ def test_a_context_pools_and_updates_only_its_own_batch_and_only_once():
         collection.table("nope")
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_backward_that_failed_half_way_applies_the_rest_when_called_again(threads, monkeypatch):
+    batch = SparseBatch.from_lists({"f0": [[1], [2, 5]], "f1": [[3], [1]]})
+    grad = torch.randn(2, 2, DIM, generator=torch.Generator().manual_seed(0))
+    clean, failing = (_collection([0, 1], ["sum", "mean"], threads, optimizer=Adagrad(lr=0.5)) for _ in range(2))
+    contexts = [c.forward(batch)[1] for c in (clean, failing)]
+    clean.backward(contexts[0], grad)
+    second = failing.tables[1]
+    original = type(second).apply_grouped
+
+    def fails_once(table, *args):
+        if table is second and not fails_once.raised:
+            fails_once.raised = True
+            raise MemoryError("no memory for the update buffer")
+        return original(table, *args)
+
+    fails_once.raised = False
+    monkeypatch.setattr(type(second), "apply_grouped", fails_once)
+    with pytest.raises(MemoryError):
+        failing.backward(contexts[1], grad)
+    failing.backward(contexts[1], grad)  # the first table's update is not applied twice
+    for a, b in zip(clean.tables, failing.tables):
+        np.testing.assert_array_equal(a.pull_rows(np.arange(6))[0].state, b.pull_rows(np.arange(6))[0].state)
+        np.testing.assert_array_equal(a.lookup(np.arange(6)), b.lookup(np.arange(6)))
+    with pytest.raises(BatchError, match="update was applied already"):
+        failing.backward(contexts[1], grad)
+
+
 def test_two_collections_sharing_tables_in_either_order_do_not_deadlock():
     a, b = (TableConfig(name=n, dim=DIM, optimizer=Sgd(lr=0.1)) for n in ("a", "b"))
     first = EmbeddingCollection([a, b], [EmbeddingFeature(name="x", table="a"), EmbeddingFeature(name="y", table="b")])

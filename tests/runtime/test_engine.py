@@ -15,6 +15,7 @@ import torch
 
 from runtime.test_trainer import _config
 from tidal.config import RunConfig
+from tidal.embedding import EmbeddingCollection
 from tidal.errors import DataError, TidalError
 from tidal.models import resolve_precision
 from tidal.runtime import Trainer
@@ -208,6 +209,24 @@ def test_failed_sparse_worker_is_replaced_and_nothing_is_lost(data, reference, t
     assert [(f["batch"], f["stage"]) for f in report["sparse_worker_failures"]] == [(5, method)]
     _assert_bitwise_equal(reference, trainer)  # the failure struck before the lookup / the update
     assert _no_worker_threads()
+
+
+def test_an_update_failing_once_inside_the_store_is_applied_by_the_replacement(data, reference, tmp_path, monkeypatch):
+    original, calls = EmbeddingCollection.backward, []
+
+    def fails_at_the_fifth(collection, ctx, grad):
+        calls.append(1)
+        if len(calls) == 5:
+            raise MemoryError("no memory for the update buffer")
+        return original(collection, ctx, grad)
+
+    monkeypatch.setattr(EmbeddingCollection, "backward", fails_at_the_fifth)
+    trainer = _trainer(data, tmp_path, {"sparse_workers": 2, **EXACT})
+    summary = trainer.fit()
+    report = summary["runtime"]
+    assert report["lost_samples"] == 0 and summary["rows"] == 12_000
+    assert [f["stage"] for f in report["sparse_worker_failures"]] == ["backward"]
+    _assert_bitwise_equal(reference, trainer)
 
 
 def test_failed_look_up_ahead_is_raised_by_the_forward_and_nothing_is_lost(data, reference, tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,7 +25,8 @@ _DTYPES = {torch.float32, torch.bfloat16, torch.float16}
 @dataclass(kw_only=True)
 class PooledContext:
     """What `backward` needs from `forward`: row handles and per-id scales of the batch.
-    One `backward` uses it up."""
+    One `backward` uses it up; a `backward` that failed may be called again, and applies
+    what the failed one had not."""
 
     lookups: dict[int, tuple[slice | np.ndarray, RowLookup]]  # table -> (its ids, their rows)
     offsets: np.ndarray  # [F * B + 1] int64
@@ -34,6 +35,7 @@ class PooledContext:
     batch_size: int
     train: bool
     applied: bool = False  # its update landed: a second backward would apply it twice
+    updated: set[int] = field(default_factory=set)  # tables whose update landed
 
 
 class EmbeddingCollection:
@@ -213,13 +215,15 @@ class EmbeddingCollection:
         if ctx.applied:
             raise BatchError("this context's update was applied already; look the batch up again for another step")
         grad_rows = self._grad_rows(ctx, grad).reshape(-1, self.dim)  # float32, or uint16 bfloat16 bits
-        ctx.applied = True
-        if self.threads == 1 and all(self.tables[t].optimizer.code == rw.SGD for t in ctx.lookups):
+        if self.threads == 1 and not ctx.updated and all(self.tables[t].optimizer.code == rw.SGD for t in ctx.lookups):
             self._sgd_by_sample(ctx, grad_rows)
-            return
-        sources = pooling.id_sources(ctx.offsets, ctx.batch_size)
-        for t, (positions, lookup) in ctx.lookups.items():
-            self.tables[t].apply_grouped(lookup, grad_rows, sources[positions], ctx.scales[positions])
+        else:
+            sources = pooling.id_sources(ctx.offsets, ctx.batch_size)
+            for t, (positions, lookup) in ctx.lookups.items():
+                if t not in ctx.updated:
+                    self.tables[t].apply_grouped(lookup, grad_rows, sources[positions], ctx.scales[positions])
+                    ctx.updated.add(t)
+        ctx.applied = True
 
     def _sgd_by_sample(self, ctx: PooledContext, grad_rows: np.ndarray) -> None:
         """Plain SGD on one thread: each id's scaled gradient is subtracted from its row in

@@ -25,6 +25,7 @@ import queue
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ __all__ = ["DenseWorker", "EmbeddingShard", "SparseWorker", "ThreadAllReduce", "
            "fix_gemm_threads", "pool_dtype", "received", "transfer_dtype"]
 
 _FP16_MAX = 65504.0
+_RECENT_UPDATES = 256  # batch ids whose update landed, for a retry of an update split over shards
 
 
 def transfer_dtype(runtime: Any, precision: str) -> str:
@@ -143,6 +145,7 @@ class EmbeddingShard:
         from their own step."""
         self.collection, self.nice = collection, nice
         self._contexts: dict[int, Any] = {}
+        self._applied: deque[int] = deque(maxlen=_RECENT_UPDATES)
         self._lock = threading.Lock()
         self._first_step = max([first_step] + [t.step for t in collection.tables])
 
@@ -183,8 +186,13 @@ class EmbeddingShard:
         lower_priority(self.nice)
         start = time.perf_counter()
         with self._lock:
-            ctx = self._contexts.pop(batch_id)
-        self.collection.backward(ctx, grad)
+            if batch_id in self._applied:  # a retry of an update that landed here (another part of it failed)
+                return {"update": 0.0}
+            ctx = self._contexts[batch_id]
+        self.collection.backward(ctx, grad)  # kept until it lands: a failed update is tried again
+        with self._lock:
+            del self._contexts[batch_id]
+            self._applied.append(batch_id)
         return {"update": time.perf_counter() - start}
 
     def drop(self, batch_id: int) -> None:
