@@ -124,7 +124,9 @@ class Adam(_Model):
     By default the bias correction uses the table's global step, exactly as
     `torch.optim.SparseAdam`. With ``per_row_bias_correction=True`` each row keeps its
     own step count (one extra float per row), so a rare row is corrected as if it were
-    the only parameter, which is what per-row `torch.optim.Adam` instances would do.
+    the only parameter, which is what one `torch.optim.SparseAdam` per row would do.
+    Either way eps is added before the bias correction, as SparseAdam adds it
+    (`torch.optim.Adam` adds it after: early steps of small gradients differ).
     """
 
     kind: Literal["adam"] = "adam"

@@ -91,6 +91,26 @@ def test_table_seed_stable_when_python_hash_seed_differs():
     assert table_seed(5, "user_id") != table_seed(6, "user_id") != table_seed(5, "user")
 
 
+def test_initial_values_identical_when_compiled_for_another_cpu(tmp_path):
+    """A worker on an older CPU (here: numba's generic x86-64 target, without FMA or
+    AVX) creates the same rows bit for bit: no kernel may let the compiler reorder or
+    fuse float operations by the CPU it compiles for."""
+    keys = np.arange(-3000, 3000)
+    code = ("import sys, numpy as np; from tidal import EmbeddingTable, TableConfig, Initializer\n"
+            "for kind in ('normal', 'uniform'):\n"
+            "    t = EmbeddingTable(TableConfig(name='x', dim=64, initializer=Initializer(kind=kind, scale=0.05)))\n"
+            f"    k = np.arange({keys[0]}, {keys[-1] + 1}); t.lookup_or_insert(k)\n"
+            "    np.save(sys.argv[1] + kind + '.npy', t.lookup(k))\n")
+    src = os.path.dirname(os.path.dirname(tidal.__file__))
+    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "generic_")], env=env, check=True)
+    for kind in ("normal", "uniform"):
+        table = EmbeddingTable(TableConfig(name="x", dim=64, initializer=Initializer(kind=kind, scale=0.05)))
+        table.lookup_or_insert(keys)
+        np.testing.assert_array_equal(np.load(tmp_path / f"generic_{kind}.npy"), table.lookup(keys), err_msg=kind)
+
+
 # ------------------------------------------------------------------ distributions
 
 

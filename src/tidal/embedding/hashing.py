@@ -35,7 +35,7 @@ def _two_units(bits: np.uint64) -> tuple[np.float32, np.float32]:
     return high, low
 
 
-@numba.njit(nogil=True, fastmath=True)
+@numba.njit(nogil=True)
 def init_row(out: np.ndarray, key: np.int64, seed: np.uint64, kind: int, scale: float) -> None:
     """Write the initial values of `key` into `out` ([dim] float32).
 
@@ -43,6 +43,8 @@ def init_row(out: np.ndarray, key: np.int64, seed: np.uint64, kind: int, scale: 
     come from splitmix64 started at mix64(key ^ seed): uniform dim d takes its d-th
     output (one output per value, a loop that vectorizes: rows are created on the
     training hot path); normal takes two values from each output (Box-Muller).
+    Compiled without fastmath: it would let the compiler fuse and reorder the float
+    operations by the CPU it compiles for, and rows would differ between machines.
     """
     if kind == 0:
         out[:] = 0.0
