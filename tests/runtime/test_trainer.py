@@ -12,7 +12,7 @@ from tidal.cli import main
 from tidal.config import RunConfig
 from tidal.data import generate
 from tidal.data.criteo import CRITEO_DENSE, CRITEO_SPARSE
-from tidal.errors import ConfigError
+from tidal.errors import ConfigError, DataError
 from tidal.runtime import Trainer
 
 
@@ -236,3 +236,28 @@ def test_the_last_step_is_evaluated_once_when_eval_every_lands_on_it(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["event"] == "eval"] == [12, 24]
     assert summary["eval"]["auc"] == [r for r in records if r["event"] == "eval"][-1]["auc"]
+
+
+class _Sharpened(torch.nn.Module):
+    """A model's logits times `factor`: the same ranking, far more confident."""
+
+    def __init__(self, model: torch.nn.Module, factor: float) -> None:
+        super().__init__()
+        self.model, self.factor = model, factor
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(*inputs) * self.factor
+
+
+def test_evaluation_ranks_and_scores_logits_that_float32_probabilities_would_round_to_one(tmp_path):
+    config = _config(tmp_path, epochs=1)
+    trainer = Trainer(RunConfig(**config))
+    trainer.fit(max_steps=5)
+    plain = trainer.evaluate(config["data"]["eval"])
+    trainer.model = _Sharpened(trainer.model, 1000.0)  # sigmoid of most logits is 0 or 1 in float32
+    sharp = trainer.evaluate(config["data"]["eval"])
+    assert sharp.auc["click"] == plain.auc["click"]
+    assert sharp.logloss["click"] > 17.0  # clipped probabilities capped it at 16.1
+    trainer.model = _Sharpened(trainer.model, float("nan"))
+    with pytest.raises(DataError, match="AUC needs numeric scores, got 4000 NaN of 4000"):
+        trainer.evaluate(config["data"]["eval"])

@@ -154,6 +154,10 @@ def _standard_normal(bits: np.ndarray) -> np.ndarray:
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Exact ROC AUC with ties counted half (the Mann-Whitney statistic), vectorized."""
+    unknown = int(np.isnan(scores).sum())
+    if unknown:
+        raise DataError(f"AUC needs numeric scores, got {unknown} NaN of {len(scores)}; the model's outputs are not "
+                        f"numbers (did training diverge? try a lower learning rate)")
     labels = np.asarray(labels).astype(bool)
     positives, negatives = int(labels.sum()), int((~labels).sum())
     if positives == 0 or negatives == 0:

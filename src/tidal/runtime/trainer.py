@@ -36,8 +36,6 @@ from tidal.runtime.workers import dense_device, fix_gemm_threads
 
 __all__ = ["Evaluation", "Trainer"]
 
-_EPS = 1e-7
-
 
 @dataclass(frozen=True, kw_only=True)
 class Evaluation:
@@ -263,18 +261,19 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, paths: str | list[str]) -> Evaluation:
         """Exact AUC and log loss of every target over the files at `paths` (no updates),
-        with the bad rows met in them."""
+        with the bad rows met in them. Both are computed from the logits, which keep
+        apart the scores that float32 probabilities would round to 1."""
         self.model.eval()
-        scores, labels, bad_rows = [], [], BadRows()
+        logits, labels, bad_rows = [], [], BadRows()
         for batch in self.batches(paths, bad_rows):
             pooled, _ = self.collection.forward(batch, train=False)
-            scores.append(torch.sigmoid(self.model(pooled.to(self.device), self._dense(batch))).cpu().numpy())
+            logits.append(self.model(pooled.to(self.device), self._dense(batch)).float().cpu().numpy())
             labels.append(batch.labels)
-        if not scores:
+        if not logits:
             raise DataError(f"no valid rows to evaluate in {paths}: {bad_rows.summary()}")
-        p, y = np.concatenate(scores), np.concatenate(labels)
-        clipped = np.clip(p, _EPS, 1 - _EPS)
-        logloss = -(y * np.log(clipped) + (1 - y) * np.log(1 - clipped)).mean(0)
-        return Evaluation(rows=len(y), auc={t: auc(y[:, k], p[:, k]) for k, t in enumerate(self.targets)},
+        z, y = np.concatenate(logits).astype(np.float64), np.concatenate(labels)
+        aucs = {t: auc(y[:, k], z[:, k]) for k, t in enumerate(self.targets)}  # first: it refuses NaN
+        logloss = (np.logaddexp(0.0, z) - y * z).mean(0)  # binary cross-entropy of the logits
+        return Evaluation(rows=len(y), auc=aucs,
                           logloss={t: float(logloss[k]) for k, t in enumerate(self.targets)},
                           bad_rows=bad_rows.count, bad_row_examples=bad_rows.examples)
