@@ -408,7 +408,11 @@ def test_a_context_pools_and_updates_only_its_own_batch_and_only_once():
     small = SparseBatch.from_lists({"f0": [[1], [2]], "f1": [[3], [4]]})
     ctx = collection.lookup(small)
     for other in (SparseBatch.from_lists({"f0": [[1]] * 3, "f1": [[3]] * 3}),  # another shape
-                  SparseBatch.from_lists({"f0": [[1, 2], []], "f1": [[3], [4]]})):  # same ids, other bags
+                  SparseBatch.from_lists({"f0": [[1, 2], []], "f1": [[3], [4]]}),  # same ids, other bags
+                  SparseBatch.from_lists({"f0": [[2], [1]], "f1": [[3], [4]]}),  # same bags, other ids
+                  SparseBatch.from_lists({"f1": [[1], [2]], "f0": [[3], [4]]}),  # features in another order
+                  SparseBatch.from_lists({"f0": [[1], [2]], "f1": [[3], [4]]},
+                                         weights={"f0": [[2.0], [1.0]], "f1": [[1.0], [1.0]]})):  # other weights
         with pytest.raises(BatchError, match="this context was looked up for another batch"):
             collection.pool(other, ctx)
     collection.pool(small, ctx)

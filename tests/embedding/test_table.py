@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from tidal.config import (Adagrad, Adam, CountAdmission, Eviction, Initializer, ProbabilityAdmission, Sgd,
                           TableConfig)
 from tidal.embedding import EmbeddingTable, pooling
+from tidal.embedding.table import RowBlock
 from tidal.embedding._memory import CHUNK_ROWS, SHARD_BITS
 from tidal.errors import BatchError
 
@@ -488,6 +490,71 @@ def test_no_update_lost_when_six_threads_update_the_same_64_rows(optimizer, thre
         np.testing.assert_array_equal(rows.values[:, 0], -per_batch.sum(axis=0))
     else:
         np.testing.assert_array_equal(rows.state[:, 0], (per_batch**2).sum(axis=0))
+
+
+def _push(table: EmbeddingTable, keys: np.ndarray, value: float) -> None:
+    table.push_rows(RowBlock(keys=keys, values=np.full((len(keys), table.dim), value, np.float32),
+                             state=np.zeros((len(keys), table.optimizer.state_width), np.float32),
+                             last_seen=np.zeros(len(keys), np.uint32), counts=np.zeros(len(keys), np.uint32)))
+
+
+def _while_rows_are_removed_and_reused(table: EmbeddingTable, keys: np.ndarray, work, seconds: float = 1.5) -> np.ndarray:
+    """Run `work()` over and over while another thread writes ones into the rows of
+    `keys`, removes half of them and has new keys take their rows, holding twos;
+    returns the new keys."""
+    stop, reused = threading.Event(), []
+
+    def remove_and_reuse():
+        base = 10**9
+        while not stop.is_set():
+            _push(table, keys, 1.0)
+            table.remove(keys[::2])
+            reused.append(np.arange(base, base + len(keys) // 2))
+            _push(table, reused[-1], 2.0)
+            base += len(keys)
+
+    remover = threading.Thread(target=remove_and_reuse)
+    remover.start()
+    deadline = time.perf_counter() + seconds
+    try:
+        while time.perf_counter() < deadline:
+            work()
+    finally:
+        stop.set()
+        remover.join()
+    return np.concatenate(reused)
+
+
+@pytest.mark.parametrize("num_shards", [1, 8])
+def test_an_update_racing_a_remove_never_lands_in_a_row_another_key_took(num_shards):
+    """An audit's race: rows freed while a lookup held them went to new keys, and the
+    lookup's update wrote into them."""
+    table = make_table(num_shards=num_shards, optimizer=Sgd(lr=1.0), initializer=Initializer(kind="zeros"), threads=2)
+    keys, refused = np.arange(2000, dtype=np.int64), []
+
+    def train():
+        lookup = table.lookup_or_insert(keys)
+        try:
+            table.apply_grouped(lookup, np.full((len(keys), 4), -1000.0, np.float32), np.arange(len(keys)),
+                                np.ones(len(keys), np.float32))
+        except BatchError:
+            refused.append(1)
+
+    reused = _while_rows_are_removed_and_reused(table, keys, train)
+    assert refused  # the race did happen
+    assert (table.lookup(reused) == 2.0).all()  # as pushed: no stale update reached them
+
+
+def test_a_lookup_racing_a_remove_reads_no_row_another_key_took():
+    table = make_table(num_shards=8, optimizer=Sgd(lr=1.0), initializer=Initializer(kind="zeros"), threads=2)
+    keys, seen = np.arange(2000, dtype=np.int64), []
+
+    def read():
+        values = table.lookup(keys)[:, 0]
+        seen.append(bool(np.isin(values, (0.0, 1.0)).all()))  # its own row (new, or ones), or absent
+
+    _while_rows_are_removed_and_reused(table, keys, read)
+    assert len(seen) > 10 and all(seen)
 
 
 # -- bad input -----------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ class PooledContext:
     feature_tables: np.ndarray  # [F] int64, position in `tables`
     batch_size: int
     train: bool
+    batch: tuple[tuple[str, ...], np.ndarray, np.ndarray | None]  # its batch's keys, values and weights
     applied: bool = False  # its update landed: a second backward would apply it twice
     updated: set[int] = field(default_factory=set)  # tables whose update landed
 
@@ -112,8 +113,8 @@ class EmbeddingCollection:
         modes = np.array([pooling.MODES[self.features[k].pooling] for k in batch.keys], dtype=np.int64)
         weights = batch.weights if batch.weights is not None else np.zeros(0, np.float32)
         scales = pooling.id_scales(offsets, weights, modes, batch.batch_size)
-        return PooledContext(lookups=lookups, offsets=offsets, scales=scales,
-                             feature_tables=feature_tables, batch_size=batch.batch_size, train=train)
+        return PooledContext(lookups=lookups, offsets=offsets, scales=scales, feature_tables=feature_tables,
+                             batch_size=batch.batch_size, train=train, batch=(batch.keys, batch.values, batch.weights))
 
     def pool(self, batch: SparseBatch, ctx: PooledContext, *, dtype: torch.dtype = torch.float32,
              out: torch.Tensor | None = None) -> torch.Tensor:
@@ -137,9 +138,9 @@ class EmbeddingCollection:
 
     def _check_context(self, batch: SparseBatch, ctx: PooledContext) -> None:
         """`ctx` is `lookup(batch)`'s, and its rows are still theirs (no eviction since)."""
-        if (ctx.batch_size, ctx.feature_tables.shape[0], ctx.scales.shape[0]) != \
-                (batch.batch_size, len(batch.keys), batch.values.shape[0]) \
-                or not (ctx.offsets is batch.offsets or np.array_equal(ctx.offsets, batch.offsets)):
+        keys, values, weights = ctx.batch
+        if (ctx.batch_size, keys) != (batch.batch_size, batch.keys) or not (
+                _same(ctx.offsets, batch.offsets) and _same(values, batch.values) and _same(weights, batch.weights)):
             raise BatchError(f"this context was looked up for another batch ({ctx.batch_size} samples x "
                              f"{ctx.feature_tables.shape[0]} features, {ctx.scales.shape[0]} ids), not this one "
                              f"({batch.batch_size} x {len(batch.keys)}, {batch.values.shape[0]} ids)")
@@ -248,6 +249,10 @@ class EmbeddingCollection:
                 return _bits(grad.contiguous())
             grad = grad.to(torch.float32).contiguous().numpy()
         return np.ascontiguousarray(grad, dtype=np.float32)
+
+
+def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    return a is b or (a is not None and b is not None and np.array_equal(a, b))
 
 
 def _bits(tensor: torch.Tensor) -> np.ndarray:

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -87,8 +88,9 @@ class RowLookup:
     key's gradient to its row as it comes: listing the distinct rows costs about a tenth
     of a lookup, and only the other optimizers need the sum of a row's gradients first.
 
-    `table` and `epoch` say which table made it and between which evictions: handles
-    are only valid there, so `apply_grouped` refuses a lookup from elsewhere or older.
+    `table` and `epochs` say which table made it and, shard by shard, between which
+    removals of rows (`remove`, `evict`): handles are only valid there, so
+    `apply_grouped` refuses a lookup from elsewhere or older.
     `seen_at` is the step its rows were marked seen at (-1: a `find`, which marks none).
     """
 
@@ -99,7 +101,7 @@ class RowLookup:
     shard_offsets: np.ndarray | None
     numbers: np.ndarray | None
     table: int  # id() of the table
-    epoch: int  # the table's eviction count when it was made
+    epochs: np.ndarray  # [S] each shard's epoch when the lookup read it
     seen_at: int
 
 
@@ -126,6 +128,7 @@ class _Shard:
 
     def __init__(self, row_limit: int, track_counts: bool, sketch_width: int) -> None:
         self.lock = threading.Lock()
+        self.epoch = 0  # bumped, under the lock, whenever rows are freed
         self.slots = np.full(1024, ix.EMPTY, dtype=np.int32)
         self.row_keys = np.zeros(0, dtype=np.int64)
         self.last_seen = np.zeros(0, dtype=np.uint32)
@@ -223,7 +226,6 @@ class EmbeddingTable:
         self._step = 0  # the latest training step looked up
         self._updates = 0  # optimizer steps so far
         self._saved_step = -1  # rows last seen at or after this step go into the next delta
-        self._epoch = 0  # evict() calls so far: a RowLookup is valid within one epoch
         self._counter_lock = threading.Lock()
         self._shards = [self._new_shard(s) for s in range(config.num_shards)]
         self.checkpoint_id: str | None = None  # the full checkpoint a delta would extend
@@ -364,19 +366,37 @@ class EmbeddingTable:
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Values `[n, dim]` float32 of `keys` for serving; absent keys read as zeros."""
-        return self._gather(self._handles(keys, count=True), columns=self.dim)
+        keys = self._keys(keys)
+        return self._consistent(lambda found: self._gather(found.handles, columns=self.dim), keys)
 
-    def _handles(self, keys: np.ndarray, *, count: bool) -> np.ndarray:
-        """The row handles of `keys` (-1 when absent), the index only read."""
-        return self._resolve(self._keys(keys), step=self._step, insert=False, distinct=False, count=count).handles
+    def _consistent(self, read: Callable[[RowLookup], Any], keys: np.ndarray) -> Any:
+        """`read` of the rows of `keys`, again until no row was removed meanwhile: a freed
+        row may have gone to another key while `read` copied it. Only the first lookup
+        counts in the statistics."""
+        count = True
+        while True:
+            found = self._resolve(keys, step=self._step, insert=False, distinct=False, count=count)
+            result = read(found)
+            if self._is_current(found):
+                return result
+            count = False
+
+    def _is_current(self, lookup: RowLookup, shard: int | None = None) -> bool:
+        """Whether no row of `lookup` (of `shard` only, if given) was removed since it was made."""
+        if lookup.table != id(self):
+            return False
+        if shard is not None:
+            return bool(lookup.epochs[shard] == self._shards[shard].epoch)
+        return all(lookup.epochs[s] == shard.epoch for s, shard in enumerate(self._shards))
 
     def _resolve(self, keys: np.ndarray, *, step: int, insert: bool, distinct: bool, force: bool = False,
                  count: bool = True) -> RowLookup:
         keys, hashes, order, offsets = ix.group_by_shard(keys, self.num_shards)
         handles = np.empty(keys.shape[0], dtype=np.int64)
         numbers = np.empty(keys.shape[0] if distinct else 0, dtype=np.int64)
+        epochs = np.array([shard.epoch for shard in self._shards], dtype=np.int64)  # a shard resolving sets its own
         found: list[np.ndarray] = [np.zeros(0, np.int64)] * self.num_shards
-        route = (keys, hashes, order, offsets, handles, numbers)
+        route = (keys, hashes, order, offsets, handles, numbers, epochs)
         settings = (step, insert, count, distinct, self._admission_settings(force))
 
         def in_shard(s: int) -> None:
@@ -384,7 +404,7 @@ class EmbeddingTable:
 
         run_tasks([partial(in_shard, s) for s in _largest_first(np.diff(offsets))], self.threads)
         lookup = RowLookup(handles=handles, key_offsets=offsets, order=order, unique=None, shard_offsets=None,
-                           numbers=None, table=id(self), epoch=self._epoch, seen_at=step if insert else -1)
+                           numbers=None, table=id(self), epochs=epochs, seen_at=step if insert else -1)
         if not distinct:
             return lookup
         bases = np.zeros(self.num_shards + 1, dtype=np.int64)
@@ -395,7 +415,7 @@ class EmbeddingTable:
     def _resolve_in_shard(self, s: int, route: tuple, settings: tuple) -> np.ndarray:
         """Resolve shard `s`'s part of a batch under its lock; its distinct local rows
         (none without `distinct`)."""
-        keys, hashes, order, offsets, handles, numbers = route
+        keys, hashes, order, offsets, handles, numbers, epochs = route
         step, insert, count, distinct, admission = settings
         shard = self._shards[s]
         position, end = int(offsets[s]), int(offsets[s + 1])
@@ -406,6 +426,7 @@ class EmbeddingTable:
         refused, n_refused = np.empty(end - position if counted else 0, dtype=np.int64), np.zeros(1, dtype=np.int64)
         out = (handles, numbers, rows, previous, n_rows, refused, n_refused)
         with shard.lock:
+            epochs[s] = shard.epoch
             try:
                 while position < end:
                     position = ix.resolve(
@@ -501,6 +522,7 @@ class EmbeddingTable:
         with ExitStack() as held:
             for shard in self._shards:
                 held.enter_context(shard.lock)
+            self.check_lookup(lookup)  # again, under the locks: no remove frees its rows from here on
             yield
             if self._needs_marking(lookup):
                 for s, shard in enumerate(self._shards):
@@ -514,9 +536,10 @@ class EmbeddingTable:
         `find` (`apply_gradients`), which marks none, are marked whenever updated."""
         return lookup.seen_at < 0 or lookup.seen_at < self._saved_step
 
-    def check_lookup(self, lookup: RowLookup) -> None:
-        """A `BatchError` unless `lookup` came from this table since its last eviction."""
-        if lookup.table != id(self) or lookup.epoch != self._epoch:
+    def check_lookup(self, lookup: RowLookup, shard: int | None = None) -> None:
+        """A `BatchError` unless `lookup` came from this table and none of its rows (of
+        `shard` only, if given) was removed since."""
+        if not self._is_current(lookup, shard):
             raise BatchError(f"table {self.name!r}: this RowLookup came from another table or from "
                              "before an evict() or remove(); look the keys up again")
 
@@ -529,6 +552,7 @@ class EmbeddingTable:
             lo, hi = int(lookup.shard_offsets[s]), int(lookup.shard_offsets[s + 1])
         grouping = (lookup.order, numbers, lookup.handles, int(keys[s]), int(keys[s + 1]))
         with shard.lock:
+            self.check_lookup(lookup, s)  # again, under the lock: a remove frees rows and moves the epoch under it
             pooling.apply_grouped(self.arena.directory, self.width, unique, grouping, gradient,
                                   self.optimizer.code, self.optimizer.hyper, step, lo, hi)
             if self._needs_marking(lookup):
@@ -542,7 +566,9 @@ class EmbeddingTable:
         Absent keys come back as zero rows with found False.
         """
         keys = self._keys(keys)
-        handles = self._handles(keys, count=False)
+        return self._consistent(lambda found: self._pull(keys, found.handles), keys)
+
+    def _pull(self, keys: np.ndarray, handles: np.ndarray) -> tuple[RowBlock, np.ndarray]:
         rows = self._gather(handles)
         last_seen = np.zeros(keys.shape[0], dtype=np.uint32)
         counts = np.zeros(keys.shape[0], dtype=np.uint32)
@@ -605,6 +631,8 @@ class EmbeddingTable:
         """Delete the rows of `keys` (absent keys are skipped); returns how many went.
 
         Removed rows count as evicted and are recorded for the next delta checkpoint.
+        Lookups made before (or while) it runs are refused by the updates they are
+        given to, since their rows may go to other keys: look the keys up again.
         """
         grouped, _, _, offsets = ix.group_by_shard(self._keys(keys), self.num_shards)
         removed = 0
@@ -616,10 +644,8 @@ class EmbeddingTable:
                 if self._saved_step >= 0:  # only a delta after a save needs them
                     shard.record_removed(mine[present])
                 shard.ctl[ix.C_EVICTED] += int(present.sum())
+                shard.epoch += bool(present.any())  # with the rows freed: lookups that hold them are stale
                 removed += int(present.sum())
-        if removed:
-            with self._counter_lock:
-                self._epoch += 1  # the freed rows will be reused: earlier lookups may no longer use them
         return removed
 
     # ------------------------------------------------------------------ eviction
@@ -635,8 +661,9 @@ class EmbeddingTable:
         eviction = self.config.eviction
         if eviction is None:
             return 0
-        with self._counter_lock:
-            self._epoch += 1  # handles taken before now may point at reused rows
+        for shard in self._shards:  # lookups from before a safe point are refused, even if no row goes
+            with shard.lock:
+                shard.epoch += 1
         evicted = 0
         if eviction.ttl_steps is not None:
             stale = [keys[self._step - seen.astype(np.int64) > eviction.ttl_steps]
