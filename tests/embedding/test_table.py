@@ -300,6 +300,16 @@ def test_saves_take_no_step_so_rows_age_toward_their_ttl_by_lookups_only(optimiz
     assert saved.pull_rows(arr(1, 2))[0].last_seen.tolist() == unsaved.pull_rows(arr(1, 2))[0].last_seen.tolist() == [1, 4]
 
 
+def test_a_save_committing_after_later_lookups_leaves_their_steps_and_updates_counted(tmp_path):
+    table = make_table(optimizer=Adam(lr=0.1))
+    insert(table, arr(1, 2))
+    clocks = table.clocks_after_save()  # a save begins; another thread goes on training meanwhile
+    insert(table, arr(1))
+    table.apply_gradients(arr(1), np.ones((1, 4), np.float32))
+    table.mark_saved(clocks, "ckpt-1")
+    assert table.clocks() == {"step": 2, "updates": 1, "saved_step": 1}
+
+
 def test_apply_gradients_marks_its_rows_seen_whether_or_not_the_table_was_saved(tmp_path):
     found = []
     for saved in (False, True):

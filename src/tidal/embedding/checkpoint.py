@@ -64,7 +64,10 @@ def save(root: str | os.PathLike, tables: Sequence[EmbeddingTable]) -> Path:
 
 def save_delta(root: str | os.PathLike, tables: Sequence[EmbeddingTable]) -> Path:
     """A delta checkpoint: for each table, rows touched and keys removed since its last
-    save. The chain under `root` must start with a full checkpoint of the same tables."""
+    save. The chain under `root` must start with a full checkpoint of the same tables.
+
+    Call at a safe point, as `save`.
+    """
     root = Path(root)
     full = _read_manifest(root / _chain(root)[0]) if (root / CHAIN).exists() else {"tables": {}}
     names = set(full["tables"])
@@ -136,13 +139,14 @@ def _save(root: Path, tables: Sequence[EmbeddingTable], *, delta: bool) -> Path:
 
 def _write_table(directory: Path, table: EmbeddingTable, delta: bool) -> dict[str, Any]:
     (directory / table.name).mkdir()
+    clocks = table.clocks_after_save()  # before the rows: the next delta holds whatever moves after
     files = {}
     for s in range(table.num_shards):
         relative = f"{table.name}/shard-{s:02d}.safetensors"
         save_file(table.snapshot_shard(s, since_save=delta), str(directory / relative))
         files[relative] = fingerprint(directory / relative, sync=True)
     fsync_path(directory / table.name)
-    return {"config": table.config.model_dump(mode="json"), "clocks": table.clocks_after_save(), "files": files}
+    return {"config": table.config.model_dump(mode="json"), "clocks": clocks, "files": files}
 
 
 def write_json_atomic(path: Path, content: dict[str, Any]) -> None:

@@ -755,8 +755,10 @@ class EmbeddingTable:
             self._step, self._updates, self._saved_step = clocks["step"], clocks["updates"], clocks["saved_step"]
 
     def mark_saved(self, clocks: dict[str, int], checkpoint_id: str) -> None:
-        """The checkpoint written with `clocks` committed: the next delta starts here."""
-        self.restore_clocks(clocks)
+        """The checkpoint written with `clocks` committed: the next delta starts here.
+        The step counters stay as they are: lookups made meanwhile keep theirs."""
+        with self._counter_lock:
+            self._saved_step = clocks["saved_step"]
         self.checkpoint_id = checkpoint_id
         for shard in self._shards:
             with shard.lock:
