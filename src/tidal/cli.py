@@ -149,6 +149,7 @@ def _train(args: argparse.Namespace) -> int:
     from tidal.data.readers import BadRows
     from tidal.errors import TidalError
     from tidal.runtime import Trainer
+    from tidal.runtime.trainer import shown_auc
 
     try:
         config = RunConfig.from_yaml(args.config)
@@ -169,7 +170,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"  {example}")
     if summary["eval"]:
         for target, value in summary["eval"]["auc"].items():
-            print(f"  eval {target}: AUC {value:.4f}  log loss {summary['eval']['logloss'][target]:.4f} "
+            print(f"  eval {target}: AUC {shown_auc(value)}  log loss {summary['eval']['logloss'][target]:.4f} "
                   f"on {summary['eval']['rows']:,d} rows")
         if summary["eval"]["bad_rows"]:
             print(f"  eval data: {BadRows(summary['eval']['bad_rows'], summary['eval']['bad_row_examples']).summary()}")
@@ -200,6 +201,7 @@ def _eval(args: argparse.Namespace) -> int:
     from tidal.data.readers import BadRows
     from tidal.errors import TidalError
     from tidal.runtime import Trainer, checkpoint
+    from tidal.runtime.trainer import shown_auc
     from tidal.runtime.workers import dense_device
 
     try:
@@ -214,7 +216,7 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"tidal eval: {exc}", file=sys.stderr)
         return 2
     for target, value in result.auc.items():
-        print(f"{target}: AUC {value:.4f}  log loss {result.logloss[target]:.4f}  on {result.rows:,d} rows")
+        print(f"{target}: AUC {shown_auc(value)}  log loss {result.logloss[target]:.4f}  on {result.rows:,d} rows")
     print(f"bad rows: {BadRows(result.bad_rows, result.bad_row_examples).summary()}")
     return 0
 

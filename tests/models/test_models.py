@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tidal.config import ModelConfig
-from tidal.errors import ConfigError
+from tidal.errors import BatchError, ConfigError
 from tidal.models import DLRM, DeepFM, MMoEHead, RankingModel, compute_precision
 
 B, F, D, DD, T = 5, 4, 8, 3, 2
@@ -136,3 +136,12 @@ def test_invalid_sizes_are_config_errors():
         RankingModel(ModelConfig(), num_features=F, dim=D, dense_features=DD, num_targets=0)
     with pytest.raises(ConfigError, match=r"hidden_sizes\.0: Input should be greater than 0"):
         ModelConfig(hidden_sizes=[0])
+
+
+@pytest.mark.parametrize("kind", ["dlrm", "deepfm", "dcn", "wide_deep"])
+@pytest.mark.parametrize("pooled_shape, dense_shape", [((B, D, F), (B, DD)), ((B, F, D), (B, DD + 1)),
+                                                       ((B, F, D), (B + 1, DD)), ((B, F * D), (B, DD))])
+def test_inputs_of_the_wrong_shape_are_refused_naming_the_expected_ones(kind, pooled_shape, dense_shape):
+    model = RankingModel(ModelConfig(kind=kind), num_features=F, dim=D, dense_features=DD, num_targets=T)
+    with pytest.raises(BatchError, match=rf"expected pooled \[B, {F}, {D}\] and dense \[B, {DD}\], got"):
+        model(torch.zeros(pooled_shape), torch.zeros(dense_shape))

@@ -101,6 +101,9 @@ def test_eval_names_the_device_flag_when_no_gpu_is_there(run, capsys, tmp_path, 
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", *run["data"]["train"], "--device", "cuda"]) == 2
     assert "--device is 'cuda', but torch sees no CUDA device" in capsys.readouterr().err
+    for device in ("gpu", "CPU", "meta"):
+        assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", *run["data"]["train"], "--device", device]) == 2
+        assert f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}" in capsys.readouterr().err
 
 
 def test_export_never_replaces_what_is_not_a_bundle(run, capsys, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from tidal.cli import main
 from tidal.config import RunConfig
 from tidal.data import generate
 from tidal.data.criteo import CRITEO_DENSE, CRITEO_SPARSE
-from tidal.errors import ConfigError, DataError
+from tidal.errors import BatchError, ConfigError, DataError
 from tidal.runtime import Trainer
 
 
@@ -261,3 +262,42 @@ def test_evaluation_ranks_and_scores_logits_that_float32_probabilities_would_rou
     trainer.model = _Sharpened(trainer.model, float("nan"))
     with pytest.raises(DataError, match="AUC needs numeric scores, got 4000 NaN of 4000"):
         trainer.evaluate(config["data"]["eval"])
+
+
+def test_a_step_refuses_a_batch_laid_out_otherwise_than_the_config(tmp_path):
+    config = _config(tmp_path, epochs=1)
+    trainer = Trainer(RunConfig(**config))
+    batch = next(trainer.batches(config["data"]["train"]))
+    swapped = replace(batch.select(list(reversed(batch.keys))), dense=batch.dense, labels=batch.labels)
+    with pytest.raises(BatchError, match=r"sparse features must be the config's, in its order: expected \['C1', 'C2'"):
+        trainer.step(swapped)
+    with pytest.raises(BatchError, match=r"labels must be \[B, 1\] = \[512, 1\] \(one column per target\), got None"):
+        trainer.step(replace(batch, labels=None))
+    with pytest.raises(BatchError, match=r"dense must be \[B, 13\] = \[512, 13\] \(one column per dense feature\), "
+                                         r"got \(512, 12\)"):
+        trainer.step(replace(batch, dense=batch.dense[:, :12]))
+    assert trainer.step(batch) > 0.0
+
+
+@pytest.mark.parametrize("max_steps", [0, -3, 2.5, True])
+def test_fit_refuses_a_max_steps_that_is_not_a_step(tmp_path, max_steps):
+    with pytest.raises(ConfigError, match=f"max_steps is the step to stop after: an integer >= 1, .* got {max_steps!r}"):
+        Trainer(RunConfig(**_config(tmp_path))).fit(max_steps=max_steps)
+
+
+def test_resume_refuses_a_max_steps_the_checkpoint_is_past(tmp_path):
+    config = _config(tmp_path, epochs=1, checkpoint_every=4)
+    Trainer(RunConfig(**config)).fit(max_steps=6)
+    with pytest.raises(ConfigError, match="max_steps 3 is not past the checkpoint's step 4: nothing would train"):
+        Trainer(RunConfig(**config)).fit(resume=True, max_steps=3)
+
+
+def test_eval_data_of_one_class_has_no_auc_and_the_run_still_finishes(tmp_path, capsys):
+    config = _config(tmp_path, epochs=1)
+    one_class = tmp_path / "one_class.tsv"
+    lines = [line for path in config["data"]["eval"] for line in open(path) if line.startswith("0\t")]
+    one_class.write_text("".join(lines[:300]))
+    config["data"]["eval"] = [str(one_class)]
+    summary = Trainer(RunConfig(**config)).fit(max_steps=3)
+    assert summary["eval"]["auc"] == {"click": None} and summary["eval"]["logloss"]["click"] > 0.0
+    assert "click AUC n/a (one class in the data)" in capsys.readouterr().out

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from tidal.config import ModelConfig
-from tidal.errors import ConfigError
+from tidal.errors import BatchError, ConfigError
 from tidal.models.common import (PRECISIONS, LinearHead, MMoEHead, compute_precision, mlp, resolve_precision,
                                  weighted_bce)
 from tidal.models.dcn import DCNv2
@@ -33,6 +33,7 @@ class RankingModel(nn.Module):
         if bad:
             raise ConfigError(f"RankingModel: needs at least one feature, dim and target (dense may be 0), got {bad}")
         self.config = config
+        self.num_features, self.dim, self.dense_features = num_features, dim, dense_features
         self.body = _body(config, num_features, dim, dense_features)
         width = self.body.out_features
         self.head = (LinearHead(width, num_targets) if config.head == "linear" else
@@ -40,6 +41,12 @@ class RankingModel(nn.Module):
                               tower_sizes=config.tower_sizes))
 
     def forward(self, pooled: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """Logits `[B, T]` of pooled embeddings `[B, F, D]` and dense features `[B, Dd]`."""
+        pooled_shape, dense_shape = tuple(pooled.shape), tuple(dense.shape)
+        if (len(pooled_shape), len(dense_shape)) != (3, 2) or pooled_shape[1:] != (self.num_features, self.dim) \
+                or dense_shape[1] != self.dense_features or dense_shape[0] != pooled_shape[0]:
+            raise BatchError(f"RankingModel: expected pooled [B, {self.num_features}, {self.dim}] and dense "
+                             f"[B, {self.dense_features}], got {list(pooled_shape)} and {list(dense_shape)}")
         return self.head(self.body(pooled, dense))  # [B, T]
 
 

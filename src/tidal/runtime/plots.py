@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -22,7 +23,8 @@ def plot_metrics(metrics: Path, out: Path) -> None:
     loss_axes.plot([r["step"] for r in train], [r["loss"] for r in train], marker=".")
     loss_axes.set(title="training loss", xlabel="step", ylabel="weighted BCE")
     for target in sorted({t for r in evals for t in r["auc"]}):
-        auc_axes.plot([r["step"] for r in evals], [r["auc"][target] for r in evals], marker="o", label=target)
+        values = [r["auc"][target] for r in evals]
+        auc_axes.plot([r["step"] for r in evals], [np.nan if v is None else v for v in values], marker="o", label=target)
     auc_axes.set(title="eval AUC", xlabel="step", ylabel="AUC")
     if evals:
         auc_axes.legend()

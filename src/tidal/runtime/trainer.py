@@ -26,7 +26,7 @@ from tidal.data.extract import Extractor
 from tidal.data.generate import auc
 from tidal.data.readers import BadRows, expand_paths, format_of
 from tidal.embedding import EmbeddingCollection
-from tidal.errors import ConfigError, DataError, TidalError
+from tidal.errors import BatchError, ConfigError, DataError, TidalError
 from tidal.models import PRECISIONS, RankingModel, compute_precision, resolve_precision, weighted_bce
 from tidal.runtime import checkpoint
 from tidal.runtime.plots import plot_metrics
@@ -34,18 +34,32 @@ from tidal.runtime.source import ReaderSpec
 from tidal.runtime.telemetry import compile_clock
 from tidal.runtime.workers import dense_device, fix_gemm_threads
 
-__all__ = ["Evaluation", "Trainer"]
+__all__ = ["Evaluation", "Trainer", "shown_auc"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class Evaluation:
-    """Exact AUC and log loss per target on held-out rows, and the bad rows skipped."""
+    """Exact AUC and log loss per target on held-out rows, and the bad rows skipped. A
+    target whose rows hold one class only has no AUC (None): nothing to rank."""
 
     rows: int
-    auc: dict[str, float]
+    auc: dict[str, float | None]
     logloss: dict[str, float]
     bad_rows: int = 0
     bad_row_examples: list[str] = field(default_factory=list)
+
+
+def _target_auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    """AUC of one target, None when its rows hold one class (NaN scores are refused)."""
+    positives = np.count_nonzero(labels)
+    if 0 < positives < len(labels) or np.isnan(scores).any():
+        return auc(labels, scores)
+    return None
+
+
+def shown_auc(value: float | None) -> str:
+    """An AUC as the CLI and the logs print it."""
+    return "n/a (one class in the data)" if value is None else f"{value:.4f}"
 
 
 class Trainer:
@@ -118,7 +132,10 @@ class Trainer:
         self.engine.resize(count)
 
     def step(self, batch: SparseBatch) -> float:
-        """One training step on `batch`; its loss."""
+        """One training step on `batch`; its loss. The batch holds the config's sparse
+        features in the config's order, its dense features and its labels, as
+        `extract` makes them."""
+        self._check_batch(batch)
         self.model.train()
         pooled, ctx = self.collection.forward(batch, dtype=PRECISIONS[self.precision])  # [B, F, D]
         pooled = pooled.to(self.device).requires_grad_(True)
@@ -131,6 +148,21 @@ class Trainer:
         self.optimizer.step()
         self.collection.backward(ctx, pooled.grad.cpu())
         return float(loss.item())
+
+    def _check_batch(self, batch: SparseBatch) -> None:
+        """A BatchError unless `batch` is laid out as `extract` lays it out."""
+        if not isinstance(batch, SparseBatch):
+            raise BatchError(f"a training step takes a SparseBatch, got {type(batch).__name__}")
+        sparse = tuple(f.name for f in self.extractor.sparse)
+        if batch.keys != sparse:
+            raise BatchError(f"the batch's sparse features must be the config's, in its order: expected {list(sparse)}, "
+                             f"got {list(batch.keys)} (Trainer.extract makes batches in that order)")
+        shapes = {"labels": (batch.labels, len(self.targets)), "dense": (batch.dense, len(self.extractor.dense))}
+        for name, (array, width) in shapes.items():
+            shape = None if array is None else tuple(np.shape(array))
+            if shape != (batch.batch_size, width) and not (name == "dense" and width == 0 and array is None):
+                raise BatchError(f"the batch's {name} must be [B, {width}] = [{batch.batch_size}, {width}] "
+                                 f"(one column per {'target' if name == 'labels' else 'dense feature'}), got {shape}")
 
     def _dense(self, batch: SparseBatch) -> torch.Tensor:
         """The dense features `[B, Dd]` on the trainer's device."""
@@ -149,10 +181,16 @@ class Trainer:
         the same order, so the result equals an uninterrupted run's. Without it, a
         run_dir that holds a run's checkpoints is refused rather than mixed with them.
         """
+        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+            raise ConfigError(f"max_steps is the step to stop after: an integer >= 1, or None for every epoch; "
+                              f"got {max_steps!r}")
         self._check_data_paths()
         position = {"step": 0, "epoch": 0, "batch": 0}
         if resume:
             position = checkpoint.restore(self, checkpoint.latest(self.run_dir))
+            if max_steps is not None and max_steps <= position["step"]:
+                raise ConfigError(f"max_steps {max_steps} is not past the checkpoint's step {position['step']}: "
+                                  f"nothing would train")
         else:
             self._check_fresh_run_dir()
         with open(self.run_dir / "metrics.jsonl", "a" if resume else "w") as log, compile_clock() as compiling:
@@ -234,7 +272,7 @@ class Trainer:
         self._eval_s += time.perf_counter() - start
         log.write(json.dumps({"event": "eval", "step": step, **asdict(evaluation)}) + "\n")
         log.flush()
-        shown = "  ".join(f"{t} AUC {a:.4f}" for t, a in evaluation.auc.items())
+        shown = "  ".join(f"{t} AUC {shown_auc(a)}" for t, a in evaluation.auc.items())
         skipped = f"  ({evaluation.bad_rows} bad rows skipped)" if evaluation.bad_rows else ""
         print(f"  eval at step {step}: {shown}{skipped}", flush=True)
         self._last_eval = (step, evaluation)
@@ -272,7 +310,7 @@ class Trainer:
         if not logits:
             raise DataError(f"no valid rows to evaluate in {paths}: {bad_rows.summary()}")
         z, y = np.concatenate(logits).astype(np.float64), np.concatenate(labels)
-        aucs = {t: auc(y[:, k], z[:, k]) for k, t in enumerate(self.targets)}  # first: it refuses NaN
+        aucs = {t: _target_auc(y[:, k], z[:, k]) for k, t in enumerate(self.targets)}  # first: it refuses NaN
         logloss = (np.logaddexp(0.0, z) - y * z).mean(0)  # binary cross-entropy of the logits
         return Evaluation(rows=len(y), auc=aucs,
                           logloss={t: float(logloss[k]) for k, t in enumerate(self.targets)},

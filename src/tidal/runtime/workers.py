@@ -22,6 +22,7 @@ import ctypes
 import math
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tidal.config import DEVICE_PATTERN
 from tidal.data.batch import SparseBatch
 from tidal.data.extract import Extractor
 from tidal.embedding import EmbeddingCollection
@@ -61,6 +63,8 @@ def transfer_dtype(runtime: Any, precision: str) -> str:
 def dense_device(device: str, rank: int = 0, key: str = "runtime.device") -> torch.device:
     """Where dense worker `rank` runs (`device` as the config key `key` gives it):
     `auto` is one GPU per rank (round robin) when there are GPUs, else the CPU."""
+    if not isinstance(device, str) or not re.fullmatch(DEVICE_PATTERN, device):
+        raise ConfigError(f"{key} must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if device == "auto":
         device = f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
