@@ -73,3 +73,88 @@ def test_lengths_beyond_int32_and_fractional_batch_size_are_refused():
         SparseBatch(keys=("a",), values=[1], lengths=np.array([2**32 + 1, 1], np.int64), batch_size=2)
     with pytest.raises(BatchError, match="batch_size must be an integer, got 2.0"):
         SparseBatch(keys=("a",), values=[1, 2], lengths=[1, 1], batch_size=2.0)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"weights": [1.0, np.nan, 1.0]}, r"weights must be finite numbers .*; 1 of 3 are not, e\.g\. nan at id 1"),
+    ({"weights": [np.inf, -np.inf, 1.0]}, r"weights must be finite numbers .*; 2 of 3 are not, e\.g\. inf at id 0"),
+    ({"dense": [[0.0, 1.0], [np.nan, 2.0], [1.0, np.inf]]},
+     r"dense must be finite numbers .*; 2 of 6 are not, e\.g\. nan at row 1, column 0"),
+    ({"dense": np.full((3, 1), 1e39)}, r"dense must be finite numbers .*; 3 of 3 are not, e\.g\. inf at row 0"),
+])
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # 1e39 as float32
+def test_non_finite_weights_or_dense_are_refused_naming_the_field(kwargs, message):
+    base = {"keys": ("a",), "values": [1, 2, 3], "lengths": [1, 1, 1], "batch_size": 3}
+    with pytest.raises(BatchError, match=message):
+        SparseBatch(**{**base, **kwargs})
+
+
+@pytest.mark.parametrize(("labels", "example"), [
+    ([[1.0], [2.0], [0.0]], r"2\.0 at row 1, column 0"),
+    ([[-1.0], [0.0], [1.0]], r"-1\.0 at row 0, column 0"),
+    ([[0.0], [1.0], [np.nan]], r"nan at row 2, column 0"),
+    ([[0.0], [np.inf], [1.0]], r"inf at row 1, column 0"),
+])
+def test_labels_outside_zero_to_one_are_refused(labels, example):
+    with pytest.raises(BatchError, match=rf"labels must be numbers in \[0, 1\] .*; 1 of 3 are not, e\.g\. {example}"):
+        SparseBatch(keys=("a",), values=[1, 2, 3], lengths=[1, 1, 1], batch_size=3, labels=labels)
+
+
+def test_soft_labels_and_empty_batches_are_accepted():
+    batch = SparseBatch(keys=("a",), values=[1, 2, 3], lengths=[1, 1, 1], batch_size=3,
+                        labels=[[0.0], [0.25], [1.0]], dense=np.zeros((3, 2)), weights=[0.5, 1.0, -2.0])
+    assert batch.labels.ravel().tolist() == [0.0, 0.25, 1.0]
+    empty = SparseBatch(keys=("a",), values=[], lengths=[], batch_size=0, labels=np.zeros((0, 1)),
+                        dense=np.zeros((0, 2)), weights=[])
+    assert empty.labels.shape == (0, 1)
+
+
+@pytest.mark.parametrize(("weights", "message"), [
+    ({"a": [[0.5], [1.0, 9.0]]}, r"feature 'a', sample 0: 2 ids but 1 weights; give one weight per id"),
+    ({"a": [[0.5, 1.0]]}, r"weights of 'a' must have one bag per sample \(2\), got 1"),
+    ({"a": [[0.5, 1.0], [2.0]], "typo": [[1.0]]}, r"got \['a', 'typo'\] \(missing \[\], unknown \['typo'\]\)"),
+    ({}, r"weights must have the features of the ids, \['a'\]; got \[\] \(missing \['a'\], unknown \[\]\)"),
+    ({"a": [0.5, 1.0]}, r"weights of 'a', sample 0: expected a bag"),
+])
+def test_from_lists_weights_misaligned_with_ids_are_refused(weights, message):
+    with pytest.raises(BatchError, match=message):
+        SparseBatch.from_lists({"a": [[1, 2], [3]]}, weights=weights)
+
+
+@pytest.mark.parametrize(("bags", "message"), [
+    ({"a": [1, 2]}, r"feature 'a', sample 0: expected a bag \(a list, maybe empty\), got int 1"),
+    ({"a": ["12"]}, r"feature 'a', sample 0: expected a bag \(a list, maybe empty\), got str '12'"),
+    ({"a": 5}, r"feature 'a' must be a list of bags, one per sample, got int 5"),
+    ({"a": [[2**64]]}, r"ids must fit in 64 bits \(int64, or uint64\), got 18446744073709551616"),
+    ({"a": [[-(2**63) - 1]]}, r"ids must fit in 64 bits \(int64, or uint64\), got -9223372036854775809"),
+])
+def test_from_lists_refuses_bags_that_are_not_lists_of_64_bit_ids(bags, message):
+    with pytest.raises(BatchError, match=message):
+        SparseBatch.from_lists(bags)
+
+
+def test_from_lists_takes_uint64_ids_as_the_constructor_does():
+    ids = [2**64 - 1, 2**63, 5, np.uint64(2**64 - 2)]
+    from_lists = SparseBatch.from_lists({"a": [ids]})
+    built = SparseBatch(keys=("a",), values=np.array(ids, np.uint64), lengths=[4], batch_size=1)
+    assert from_lists.values.tolist() == built.values.tolist() == [-1, -(2**63), 5, -2]
+
+
+def test_unknown_feature_is_named_by_select_and_feature_range():
+    batch = SparseBatch.from_lists({"a": [[1]], "b": [[2]]})
+    with pytest.raises(BatchError, match=r"no feature 'zz'; the batch has features \['a', 'b'\]"):
+        batch.select(["b", "zz"])
+    with pytest.raises(BatchError, match=r"no feature 'zz'; the batch has features \['a', 'b'\]"):
+        batch.feature_range("zz")
+    with pytest.raises(BatchError, match="keys must be a list of feature names, got the string 'ab'"):
+        batch.select("ab")
+
+
+@pytest.mark.parametrize(("keys", "message"), [
+    ("ab", r"keys must be a sequence of feature names, got the string 'ab'; write \('ab',\) for one feature"),
+    ((1, 2), r"feature keys must be strings, got 1 \(int\) in \(1, 2\)"),
+    (None, "keys must be a sequence of feature names, got None"),
+])
+def test_keys_that_are_not_a_sequence_of_strings_are_refused(keys, message):
+    with pytest.raises(BatchError, match=message):
+        SparseBatch(keys=keys, values=[1, 2], lengths=[1, 1], batch_size=1)

@@ -139,3 +139,43 @@ def test_multi_value_bags_survive_nulls_and_take_a_default_when_empty():
     assert out.values[2] == default and out.values[3] == default
     with pytest.raises(ConfigError, match="choose one of separator, buckets and hashed=false"):
         SparseFeature(name="x", columns=["a"], table="t", separator="|", hashed=False)
+
+
+_DIRECT = [SparseFeature(name="user", columns=["u"], table="t"), DenseFeature(name="n", column="n"),
+           DenseFeature(name="m", column="m", transform="log"), LabelFeature(name="click", column="y")]
+
+
+@pytest.mark.parametrize(("column", "values", "message"), [
+    ("y", ["1", "yes"], r"label feature 'click' \(column 'y'\): expected numbers .*'yes'"),
+    ("y", ["1", "2"], r"label feature 'click' \(column 'y'\): expected 0 or 1 \(or a soft label in \[0, 1\]\), "
+                      r"got '2' in row 1"),
+    ("y", pa.array([-1.0, 0.0]), r"label feature 'click' .*: expected 0 or 1 .*, got -1\.0 in row 0"),
+    ("y", ["", "1"], r"label feature 'click' .*: a label is missing in row 0"),
+    ("m", ["3", "abc"], r"dense feature 'm' \(column 'm'\): expected numbers \(or nothing\), .*'abc'"),
+    ("n", ["1", "1e400"], r"dense feature 'n' \(column 'n'\): expected numbers within float32's range .*, "
+                          r"got '1e400' in row 1"),
+    ("n", ["1e39", "1"], r"dense feature 'n' .*: expected numbers within float32's range .*, got '1e39' in row 0"),
+    ("n", pa.array([1.0, float("inf")]), r"dense feature 'n' .*: expected numbers within float32's range .*, got inf"),
+    ("u", pa.array([1, 2]), r"feature 'user' reads its column\(s\) as text: expected string columns, "
+                            r"got column 'u' of type int64"),
+])
+def test_bad_values_from_direct_callers_are_named_with_their_feature(column, values, message):
+    batch = {"u": ["x", "y"], "n": ["1", "2"], "m": ["3", "4"], "y": ["1", "0"], column: values}
+    with pytest.raises(DataError, match=message):
+        Extractor(_DIRECT)(pa.record_batch(batch))
+
+
+def test_a_table_or_a_dict_is_refused_naming_what_came():
+    batch = {"u": ["x"], "n": ["1"], "m": ["3"], "y": ["1"]}
+    with pytest.raises(DataError, match=r"expected a pyarrow\.RecordBatch, got Table; pass table\.combine_chunks"):
+        Extractor(_DIRECT)(pa.table(batch))
+    with pytest.raises(DataError, match=r"expected a pyarrow\.RecordBatch, got dict$"):
+        Extractor(_DIRECT)(batch)
+
+
+def test_soft_labels_numeric_columns_and_large_logs_are_still_read():
+    batch = pa.record_batch({"u": ["x", "y"], "n": pa.array([1.0, float("nan")]), "m": ["1e39", ""],
+                             "y": pa.array([0.25, 1.0])})
+    out = Extractor(_DIRECT)(batch)
+    assert out.labels.ravel().tolist() == [0.25, 1.0]
+    np.testing.assert_allclose(out.dense, [[1.0, math.log1p(1e39)], [0.0, 0.0]], rtol=1e-6)  # NaN: missing

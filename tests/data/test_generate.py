@@ -80,3 +80,25 @@ def test_splits_share_the_truth_but_not_the_rows(tmp_path):
     held_out = generate(tmp_path / "eval", rows=500, seed=5, split=1)
     assert open(train.paths[0]).read() != open(held_out.paths[0]).read()
     assert abs(train.ceiling_auc - held_out.ceiling_auc) < 0.05
+
+
+def test_out_folder_that_cannot_be_created_is_a_config_error(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ConfigError, match=r"--out .*a-file/sub: cannot create the folder \(Not a directory\)"):
+        generate(tmp_path / "a-file" / "sub", rows=10)
+    assert main(["gen-data", "--out", str(tmp_path / "a-file" / "sub"), "--rows", "10"]) == 2
+    assert "cannot create the folder (Not a directory)" in capsys.readouterr().err
+    assert main(["gen-data", "--out", "", "--rows", "10"]) == 2
+    assert "--out is empty; expected a folder to write the data to" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"rows": 10.5}, "rows must be an integer, got 10.5"),
+    ({"rows": "10"}, "rows must be an integer, got '10'"),
+    ({"rows": 10, "files": 2.0}, "files must be an integer, got 2.0"),
+    ({"rows": 10, "seed": True}, "seed must be an integer, got True"),
+])
+def test_counts_that_are_not_integers_are_refused(tmp_path, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        generate(tmp_path, **kwargs)
+    assert list(tmp_path.iterdir()) == []

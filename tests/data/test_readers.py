@@ -327,3 +327,26 @@ def test_a_file_read_again_past_such_a_line_hands_on_each_row_once(tmp_path, kin
     expected[5] = "c5\nmore" if kind == "csv" else "c5"
     assert names == expected
     assert report.count == (1 if kind == "csv" else 2)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"file_format": "TSV"}, r"file_format must be one of \['tsv', 'csv', 'parquet'\] .*; got 'TSV'"),
+    ({"file_format": "json"}, r"file_format must be one of \['tsv', 'csv', 'parquet'\] .*; got 'json'"),
+    ({"batch_rows": 0}, "batch_rows must be an integer >= 1, got 0"),
+    ({"batch_rows": -1}, "batch_rows must be an integer >= 1, got -1"),
+    ({"batch_rows": 2.5}, "batch_rows must be an integer >= 1, got 2.5"),
+    ({"columns": ["label", "label"], "checks": {}}, r"columns must name each column once, got \['label'\]"),
+    ({"columns": "la", "checks": {}}, r"columns must be a list of column names, got 'la'; write \['la'\]"),
+    ({"columns": [], "checks": {}}, r"columns must be a non-empty list of names \(strings\), got \[\]"),
+    ({"columns": ["label", 1], "checks": {}}, r"columns must be a non-empty list of names \(strings\)"),
+])
+def test_read_options_that_would_be_misread_are_refused(tmp_path, options, message):
+    path = _write(tmp_path / "d.tsv", "1\t5\ta\n0\t6\tb\n")
+    with pytest.raises(DataError, match=message):
+        list(read_batches(path, **{"columns": SMALL, **options}))
+
+
+def test_read_options_given_as_documented_are_read(tmp_path):
+    path = _write(tmp_path / "d.txt", "1\t5\ta\n0\t6\tb\n")
+    rows = [b.num_rows for b in read_batches(path, columns=tuple(SMALL), file_format="tsv", batch_rows=np.int64(1))]
+    assert rows == [1, 1]

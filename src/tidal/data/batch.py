@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numba
@@ -34,7 +34,8 @@ class SparseBatch:
         labels   = [B, T] float32 or None               one column per target
 
     Arrays are converted to the dtypes above and checked on construction; a batch that
-    does not add up raises `BatchError` saying which array is wrong and how.
+    does not add up raises `BatchError` saying which array is wrong and how. Weights and
+    dense features must be finite, labels within [0, 1] (soft labels are fine).
     """
 
     keys: tuple[str, ...]
@@ -47,17 +48,17 @@ class SparseBatch:
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
-        set_(self, "keys", tuple(self.keys))
+        set_(self, "keys", _keys(self.keys))
         if not isinstance(self.batch_size, (int, np.integer)) or isinstance(self.batch_size, bool):
             raise BatchError(f"SparseBatch: batch_size must be an integer, got {self.batch_size!r}")
         set_(self, "values", _array(self.values, np.int64, "values", 1))
         set_(self, "lengths", _lengths(self.lengths))
         if self.weights is not None:
-            set_(self, "weights", _array(self.weights, np.float32, "weights", 1))
+            set_(self, "weights", _finite(_array(self.weights, np.float32, "weights", 1), "weights"))
         if self.dense is not None:
-            set_(self, "dense", _array(self.dense, np.float32, "dense", 2))
+            set_(self, "dense", _finite(_array(self.dense, np.float32, "dense", 2), "dense"))
         if self.labels is not None:
-            set_(self, "labels", _array(self.labels, np.float32, "labels", 2))
+            set_(self, "labels", _labels(_array(self.labels, np.float32, "labels", 2)))
         self._check()
 
     def _check(self) -> None:
@@ -89,40 +90,97 @@ class SparseBatch:
 
     def feature_range(self, key: str) -> tuple[int, int]:
         """The [start, end) positions of feature `key`'s ids in `values`."""
-        f = self.keys.index(key)
+        f = self._index(key)
         offsets = self.offsets
         return int(offsets[f * self.batch_size]), int(offsets[(f + 1) * self.batch_size])
 
     def select(self, keys: Sequence[str]) -> SparseBatch:
         """The features `keys` of this batch (in that order), without dense or labels."""
+        if isinstance(keys, str):
+            raise BatchError(f"SparseBatch.select: keys must be a list of feature names, got the string {keys!r}")
         offsets, b = self.offsets, self.batch_size
-        spans = [(int(offsets[f * b]), int(offsets[(f + 1) * b]), f) for f in map(self.keys.index, keys)]
+        spans = [(int(offsets[f * b]), int(offsets[(f + 1) * b]), f) for f in map(self._index, keys)]
         pick = np.concatenate([np.arange(lo, hi) for lo, hi, _ in spans]) if spans else np.zeros(0, np.int64)
         return SparseBatch(keys=tuple(keys), batch_size=b, values=self.values[pick],
                            lengths=np.concatenate([self.lengths[f * b : (f + 1) * b] for _, _, f in spans] or [np.zeros(0, np.int32)]),
                            weights=None if self.weights is None else self.weights[pick])
 
+    def _index(self, key: str) -> int:
+        """The position of feature `key` in `keys`."""
+        if key not in self.keys:
+            raise BatchError(f"SparseBatch: no feature {key!r}; the batch has features {list(self.keys)}")
+        return self.keys.index(key)
+
     @classmethod
     def from_lists(cls, bags: Mapping[str, Sequence[Sequence[int]]], *,
                    weights: Mapping[str, Sequence[Sequence[float]]] | None = None,
                    **extra: np.ndarray) -> SparseBatch:
-        """Build a batch from ``{feature: [ids of sample 0, ids of sample 1, ...]}``."""
+        """Build a batch from ``{feature: [ids of sample 0, ids of sample 1, ...]}``; ids
+        are int64, or uint64 as the constructor takes them (2**64 - 1 is id -1), and
+        `weights` has the same features and one weight per id."""
         keys = tuple(bags)
+        for key in keys:
+            _check_bags(bags[key], f"feature {key!r}")
         sizes = {len(samples) for samples in bags.values()}
         if len(sizes) > 1:
             raise BatchError(f"SparseBatch.from_lists: every feature needs the same number of samples, got {sizes}")
         flat = [bag for key in keys for bag in bags[key]]
         if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for bag in flat for i in bag):
             raise BatchError("SparseBatch.from_lists: ids must be integers")
-        flat_weights = None
-        if weights is not None:
-            flat_weights = [w for key in keys for bag in weights[key] for w in bag]
+        flat_weights = None if weights is None else _flat_weights(bags, weights)
         return cls(
-            keys=keys, batch_size=sizes.pop() if sizes else 0,
-            values=np.array([i for bag in flat for i in bag], dtype=np.int64),
+            keys=keys, batch_size=sizes.pop() if sizes else 0, values=_ids([i for bag in flat for i in bag]),
             lengths=np.array([len(bag) for bag in flat], dtype=np.int32),
             weights=None if flat_weights is None else np.array(flat_weights, np.float32), **extra,
         )
+
+
+def _check_bags(samples: object, what: str) -> None:
+    """`samples` must be a list of bags (lists of ids or weights), one per sample."""
+    def is_list(x: object) -> bool:
+        return isinstance(x, Collection) and not isinstance(x, (str, bytes, Mapping))
+
+    if not is_list(samples):
+        raise BatchError(f"SparseBatch.from_lists: {what} must be a list of bags, one per sample, "
+                         f"got {type(samples).__name__} {samples!r:.60}")
+    bad = next((b for b, bag in enumerate(samples) if not is_list(bag)), None)  # type: ignore[arg-type]
+    if bad is not None:
+        bag = list(samples)[bad]  # type: ignore[call-overload]
+        raise BatchError(f"SparseBatch.from_lists: {what}, sample {bad}: expected a bag (a list, maybe empty), "
+                         f"got {type(bag).__name__} {bag!r:.60}; write [[1], [2, 3]] for bags of one and two ids")
+
+
+def _flat_weights(bags: Mapping[str, Sequence[Sequence[int]]],
+                  weights: Mapping[str, Sequence[Sequence[float]]]) -> list[float]:
+    """Every weight in the order of the ids, once each bag of weights matches its bag of ids."""
+    missing, unknown = [k for k in bags if k not in weights], [k for k in weights if k not in bags]
+    if missing or unknown:
+        raise BatchError(f"SparseBatch.from_lists: weights must have the features of the ids, {list(bags)}; "
+                         f"got {list(weights)} (missing {missing}, unknown {unknown})")
+    for key, samples in bags.items():
+        _check_bags(weights[key], f"weights of {key!r}")
+        if len(weights[key]) != len(samples):
+            raise BatchError(f"SparseBatch.from_lists: weights of {key!r} must have one bag per sample "
+                             f"({len(samples)}), got {len(weights[key])}")
+        for b, (ids, ws) in enumerate(zip(samples, weights[key])):
+            if len(ids) != len(ws):
+                raise BatchError(f"SparseBatch.from_lists: feature {key!r}, sample {b}: {len(ids)} ids but "
+                                 f"{len(ws)} weights; give one weight per id")
+    return [w for key in bags for bag in weights[key] for w in bag]
+
+
+def _ids(ids: list[int]) -> np.ndarray:
+    """int64 ids; those from 2**63 to 2**64 - 1 (uint64) wrap around as the constructor's do."""
+    try:
+        return np.array(ids, dtype=np.int64)
+    except OverflowError:
+        pass
+    ids = [int(i) for i in ids]
+    outside = next((i for i in ids if not -(1 << 63) <= i < 1 << 64), None)
+    if outside is not None:
+        raise BatchError(f"SparseBatch.from_lists: ids must fit in 64 bits (int64, or uint64), got {outside}; "
+                         f"hash larger ids into that range first")
+    return np.array([i - (1 << 64) if i >= 1 << 63 else i for i in ids], dtype=np.int64)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -149,6 +207,43 @@ def _array(value: object, dtype: type, name: str, ndim: int) -> np.ndarray:
     copy = np.array(array, dtype=dtype, order="C")
     copy.flags.writeable = False
     return copy
+
+
+def _keys(keys: object) -> tuple[str, ...]:
+    """The feature names as a tuple: a sequence of strings, not one string."""
+    if isinstance(keys, (str, bytes)):
+        raise BatchError(f"SparseBatch: keys must be a sequence of feature names, got the string {keys!r}; "
+                         f"write ({keys!r},) for one feature")
+    try:
+        names = tuple(keys)  # type: ignore[arg-type]
+    except TypeError:
+        raise BatchError(f"SparseBatch: keys must be a sequence of feature names, got {keys!r}") from None
+    wrong = [k for k in names if not isinstance(k, str)]
+    if wrong:
+        raise BatchError(f"SparseBatch: feature keys must be strings, got {wrong[0]!r} ({type(wrong[0]).__name__}) "
+                         f"in {names}")
+    return names
+
+
+def _finite(array: np.ndarray, name: str) -> np.ndarray:
+    """`array`, refused if it holds NaN or an infinity (one vectorized pass when it does not)."""
+    if not np.isfinite(array).all():
+        _refuse(array, ~np.isfinite(array), name, "finite numbers (no NaN or infinity, |x| < 3.4e38)")
+    return array
+
+
+def _labels(array: np.ndarray) -> np.ndarray:
+    """`array`, refused if a label is outside [0, 1] or NaN (two cheap reductions when none is)."""
+    if array.size and not (array.min() >= 0 and array.max() <= 1):  # False for NaN too
+        _refuse(array, ~((array >= 0) & (array <= 1)), "labels", "numbers in [0, 1] (soft labels are fine)")
+    return array
+
+
+def _refuse(array: np.ndarray, bad: np.ndarray, name: str, expected: str) -> None:
+    at = tuple(int(i) for i in np.argwhere(bad)[0])
+    where = f"id {at[0]}" if len(at) == 1 else f"row {at[0]}, column {at[1]}"
+    raise BatchError(f"SparseBatch: {name} must be {expected}; {int(bad.sum())} of {array.size} are not, e.g. "
+                     f"{array[at]} at {where}; clean or drop those rows before building the batch")
 
 
 def _lengths(value: object) -> np.ndarray:

@@ -62,19 +62,31 @@ class Extractor:
         return checks | {f.column: "label" for f in self.labels}
 
     def __call__(self, batch: pa.RecordBatch) -> SparseBatch:
+        if not isinstance(batch, pa.RecordBatch):
+            hint = "; pass table.combine_chunks().to_batches()[0]" if isinstance(batch, pa.Table) else ""
+            raise DataError(f"Extractor: expected a pyarrow.RecordBatch, got {type(batch).__name__}{hint}")
         missing = [c for c in self.columns if c not in batch.schema.names]
         if missing:
             raise DataError(f"batch lacks columns {missing} that the features read; it has {batch.schema.names}")
+        self._check_text(batch.schema)
         bags = self._simple_bags(batch) | {f.name: self._bags(f, batch) for f in self.sparse if f.name not in self._simple}
         bags = [bags[f.name] for f in self.sparse]
         dense = _dense(self.dense, batch) if self.dense else None
-        labels = np.stack([_number(batch.column(f.column), np.nan) for f in self.labels], axis=1) if self.labels else None
-        if labels is not None and np.isnan(labels).any():
-            raise DataError("a label is missing: the reader should have refused that row (pass required= labels)")
+        labels = _labels(self.labels, batch) if self.labels else None
         return SparseBatch(keys=[f.name for f in self.sparse], batch_size=batch.num_rows,
                            values=np.concatenate([v for v, _ in bags]) if bags else np.zeros(0, np.int64),
                            lengths=np.concatenate([n for _, n in bags]) if bags else np.zeros(0, np.int32),
                            dense=dense, labels=labels)
+
+    def _check_text(self, schema: pa.Schema) -> None:
+        """Every column a sparse feature hashes or reads ids from must hold strings, as
+        the readers give them (bucketed columns are numbers, of any type)."""
+        for f in self.sparse:
+            wrong = [f"column {c!r} of type {schema.field(c).type}" for c in f.columns if f.buckets is None
+                     and not _is_text(schema.field(c).type)]
+            if wrong:
+                raise DataError(f"feature {f.name!r} reads its column(s) as text: expected string columns, got "
+                                f"{', '.join(wrong)}; cast them with pyarrow.compute.cast(column, pyarrow.string())")
 
     def _simple_bags(self, batch: pa.RecordBatch) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """(ids, bag lengths) of every feature that hashes one string column, in one
@@ -96,7 +108,7 @@ class Extractor:
             ids, lengths = _multi_value(batch.column(feature.columns[0]), feature.separator, seed)
             return _default_for_empty_bags(ids, lengths, seed) if feature.missing == "default" else (ids, lengths)
         elif feature.buckets is not None:
-            ids, missing = _bucket(batch.column(feature.columns[0]), feature.buckets, seed)
+            ids, missing = _bucket(batch.column(feature.columns[0]), feature.buckets, seed, feature.name)
         elif feature.hashed:
             ids, missing = hash_strings(batch.column(feature.columns[0]), seed)
         else:
@@ -141,8 +153,8 @@ def _integer_ids(column: pa.Array, name: str) -> tuple[np.ndarray, np.ndarray]:
     return ids, missing
 
 
-def _bucket(column: pa.Array, boundaries: list[float], seed: int) -> tuple[np.ndarray, np.ndarray]:
-    values = _number(column, np.nan)
+def _bucket(column: pa.Array, boundaries: list[float], seed: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    values = _number(column, np.nan, f"feature {name!r}")
     missing = np.isnan(values)
     buckets = np.searchsorted(np.asarray(boundaries), values, side="right")
     return mix64_array(buckets.astype(np.int64) ^ np.int64(seed & 0x7FFFFFFFFFFFFFFF)), missing
@@ -159,23 +171,66 @@ def _cross(columns: list[pa.Array], seed: int) -> tuple[np.ndarray, np.ndarray]:
     return combined, missing
 
 
-def _number(column: pa.Array, missing_value: float) -> np.ndarray:
+def _is_text(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def _number(column: pa.Array, missing_value: float, what: str) -> np.ndarray:
     """float64 of every value (strings as read from files, or numbers as a serving
-    request sends them); empty strings and nulls give `missing_value`."""
-    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+    request sends them); empty strings and nulls give `missing_value`. A value that is
+    not a number is a `DataError` naming `what` (the readers count such rows as bad)."""
+    if _is_text(column.type):
         column = pc.if_else(pc.equal(pc.utf8_length(column), 0), None, column)
-    return pc.fill_null(pc.cast(column, pa.float64()), missing_value).to_numpy(zero_copy_only=False)
+    try:
+        numbers = pc.cast(column, pa.float64())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise DataError(f"{what}: expected numbers (or nothing), got a value that is not one ({exc}); "
+                        f"read files with read_batches(checks=extractor.checks) to skip such rows") from None
+    return pc.fill_null(numbers, missing_value).to_numpy(zero_copy_only=False)
+
+
+def _labels(features: list[LabelFeature], batch: pa.RecordBatch) -> np.ndarray:
+    """`[B, T]` float64 of the labels: each must be there and within [0, 1]."""
+    labels = np.stack([_number(batch.column(f.column), np.nan, _named(f)) for f in features], axis=1)
+    if labels.size and not (labels.min() >= 0 and labels.max() <= 1):  # False for NaN too
+        row, t = (int(i) for i in np.argwhere(~((labels >= 0) & (labels <= 1)))[0])
+        value = batch.column(features[t].column)[row].as_py()
+        if np.isnan(labels[row, t]):
+            raise DataError(f"{_named(features[t])}: a label is missing in row {row}: the reader should have "
+                            f"refused that row (pass required= labels)")
+        raise DataError(f"{_named(features[t])}: expected 0 or 1 (or a soft label in [0, 1]), got {value!r} "
+                        f"in row {row}")
+    return labels
+
+
+def _joint_numbers(columns: list[pa.Array]) -> np.ndarray | None:
+    """`[len(columns), rows]` float64 of columns of one type, parsed in one call; None if
+    a value is not a number."""
+    try:
+        return _number(pa.concat_arrays(columns), np.nan, "dense").reshape(len(columns), -1)
+    except DataError:
+        return None
+
+
+def _named(feature: DenseFeature | LabelFeature) -> str:
+    return f"{feature.kind} feature {feature.name!r} (column {feature.column!r})"
 
 
 def _dense(features: list[DenseFeature], batch: pa.RecordBatch) -> np.ndarray:
     """`[B, Dd]` float32 of the dense features, parsed in one call when their columns
     share a type; a missing value is the feature's `missing_value`, untransformed."""
     columns = [batch.column(f.column) for f in features]
-    if len({c.type for c in columns}) == 1:
-        values = _number(pa.concat_arrays(columns), np.nan).reshape(len(features), batch.num_rows)  # [Dd, B]
-    else:
-        values = np.stack([_number(c, np.nan) for c in columns])
+    values = _joint_numbers(columns) if len({c.type for c in columns}) == 1 else None  # [Dd, B]
+    if values is None:  # of several types, or a value that is not a number: named with its feature
+        values = np.stack([_number(c, np.nan, _named(f)) for f, c in zip(features, columns)])
     log = np.array([f.transform == "log" for f in features])[:, None]
     values = np.where(log, np.sign(values) * np.log1p(np.abs(values)), values)
     missing = np.array([f.missing_value for f in features])[:, None]
-    return np.ascontiguousarray(np.where(np.isnan(values), missing, values).T, dtype=np.float32)
+    with np.errstate(over="ignore"):  # beyond float32: refused just below
+        dense = np.ascontiguousarray(np.where(np.isnan(values), missing, values).T, dtype=np.float32)
+    if not np.isfinite(dense).all():
+        row, d = (int(i) for i in np.argwhere(~np.isfinite(dense))[0])
+        raise DataError(f"{_named(features[d])}: expected numbers within float32's range (|x| < 3.4e38), got "
+                        f"{columns[d][row].as_py()!r} in row {row}; read files with read_batches("
+                        f"checks=extractor.checks) to skip such rows")
+    return dense

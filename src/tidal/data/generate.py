@@ -50,10 +50,7 @@ def generate(out_dir: str | Path, *, rows: int, files: int = 1, file_format: Lit
     Files an earlier run wrote to `out_dir` (part-NNNNN.*, truth.json) are replaced.
     """
     _check(rows, files, file_format, vocabulary, zipf_a, seed, split)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"gen-data: --out {out} is a file; expected a folder to write the data to")
-    out.mkdir(parents=True, exist_ok=True)
+    out = _folder(out_dir)
     for earlier in [*out.glob("part-[0-9][0-9][0-9][0-9][0-9].tsv"), *out.glob("part-[0-9][0-9][0-9][0-9][0-9].parquet"),
                     *out.glob("truth.json")]:
         earlier.unlink()
@@ -74,7 +71,26 @@ def generate(out_dir: str | Path, *, rows: int, files: int = 1, file_format: Lit
     return data
 
 
+def _folder(out_dir: str | Path) -> Path:
+    """The folder `out_dir`, created if need be; a `ConfigError` if it cannot be."""
+    if str(out_dir) == "":
+        raise ConfigError("gen-data: --out is empty; expected a folder to write the data to "
+                          "(--out . for the current folder)")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"gen-data: --out {out} is a file; expected a folder to write the data to")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"gen-data: --out {out}: cannot create the folder ({exc.strerror or exc}); "
+                          f"expected a folder that can be created and written to") from None
+    return out
+
+
 def _check(rows: int, files: int, file_format: str, vocabulary: int, zipf_a: float, seed: int, split: int) -> None:
+    for name, value in {"rows": rows, "files": files, "vocabulary": vocabulary, "seed": seed, "split": split}.items():
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+            raise ConfigError(f"gen-data: {name} must be an integer, got {value!r}")
     problems = [
         (0 <= seed < 2**32, f"seed must be between 0 and 2**32 - 1, got {seed}"),
         (0 <= split < 2**32, f"split must be between 0 and 2**32 - 1, got {split}"),

@@ -18,7 +18,7 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +45,7 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _TO_STRING = pc.CastOptions(pa.string(), allow_invalid_utf8=True)  # binary fields are checked row by row
 CRITEO_CHECKS: dict[str, str] = {"label": "label", **{c: "integer" for c in CRITEO_DENSE}}
 _MAX_EXAMPLES = 20
+_FORMATS = ("tsv", "csv", "parquet")
 _WIDTH_ERROR = re.compile(r"Row #(\d+): Expected (\d+) columns, got (\d+)")  # pyarrow's, when its handler fails
 _ASCII = bytes(range(128)) + b"?" * 128  # a translation: bytes from 0x80 on to '?'
 
@@ -102,8 +103,7 @@ def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
     they must hold: "integer" or "number" (or nothing), or "label" (0 or 1); by default,
     Criteo's label and counts among `columns`.
     """
-    if on_bad_row not in ("skip", "fail"):
-        raise DataError(f"on_bad_row must be 'skip' or 'fail', got {on_bad_row!r}")
+    columns = _check_options(columns, file_format, batch_rows, on_bad_row)
     if checks is None:
         checks = {c: k for c, k in CRITEO_CHECKS.items() if c in columns}
     unknown = {c: k for c, k in checks.items() if k not in _PATTERNS or c not in columns}
@@ -112,6 +112,26 @@ def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
     report = bad_rows if bad_rows is not None else BadRows()
     yield from _exactly(_checked(expand_paths(paths), columns, checks, file_format, batch_rows, report, on_bad_row),
                         batch_rows)
+
+
+def _check_options(columns: Sequence[str], file_format: str | None, batch_rows: int, on_bad_row: str) -> list[str]:
+    """`columns` as a list, once the options are ones `read_batches` reads as documented."""
+    if on_bad_row not in ("skip", "fail"):
+        raise DataError(f"on_bad_row must be 'skip' or 'fail', got {on_bad_row!r}")
+    if file_format is not None and file_format not in _FORMATS:
+        raise DataError(f"file_format must be one of {list(_FORMATS)} (lowercase), or None to follow each file's "
+                        f"suffix; got {file_format!r}")
+    if not isinstance(batch_rows, (int, np.integer)) or isinstance(batch_rows, bool) or batch_rows < 1:
+        raise DataError(f"batch_rows must be an integer >= 1, got {batch_rows!r}")
+    if isinstance(columns, (str, bytes)) or not isinstance(columns, Iterable):
+        raise DataError(f"columns must be a list of column names, got {columns!r}; write [{columns!r}] for one column")
+    names = list(columns)
+    if not names or not all(isinstance(c, str) for c in names):
+        raise DataError(f"columns must be a non-empty list of names (strings), got {names!r}")
+    twice = sorted({c for c in names if names.count(c) > 1})
+    if twice:
+        raise DataError(f"columns must name each column once, got {twice} more than once in {names}")
+    return names
 
 
 def _checked(paths: list[str], columns: Sequence[str], checks: Mapping[str, str], file_format: str | None,
