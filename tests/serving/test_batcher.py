@@ -212,3 +212,44 @@ def test_a_request_given_up_before_its_batch_runs_does_not_hang_the_others(train
         gate.set()
         batcher.close()
         del predictor.sparse
+
+
+def test_cancelled_chunks_leave_the_queue_and_free_their_rows_when_no_batch_took_them(trainer, predictor):
+    pieces = _pieces(trainer, predictor, [2, 150, 60])
+    records = []
+    batcher = _batcher(predictor, records, max_batch_rows=64, max_queue_rows=200)
+    gate = threading.Event()
+    original = predictor.sparse
+    predictor.sparse = lambda p: gate.wait() and original(p)
+    try:
+        first = batcher.submit(pieces[0])
+        _until(lambda: batcher._in_flight == 1)  # the one thread is held: the next pieces wait
+        given_up = batcher.submit(pieces[1])  # 3 chunks of 50
+        batcher.cancel(given_up)
+        assert batcher._waiting_rows == 0 and all(f.cancelled() for f in given_up)
+        late = batcher.submit(pieces[2])  # refused as overload if the 150 rows still counted
+        gate.set()
+        assert first[0].result(timeout=30).shape == (2, 2) and late[0].result(timeout=30).shape == (60, 2)
+    finally:
+        gate.set()
+        del predictor.sparse
+        batcher.close()
+    assert sorted(r.rows for r in records) == [2, 60]  # none of the cancelled chunks was scored
+
+
+def test_the_collector_goes_on_when_every_waiting_piece_is_cancelled_while_its_batch_lingers(trainer, predictor):
+    pieces = _pieces(trainer, predictor, [2, 3])
+    records = []
+    batcher = _batcher(predictor, records, max_delay_ms=300.0)
+    try:
+        with batcher._cond:
+            batcher._arrival_gap_s = 0.0  # as after a burst: the next batch lingers to fill
+        given_up = batcher.submit(pieces[0])
+        time.sleep(0.05)  # the collector lingers with it
+        batcher.cancel(given_up)
+        time.sleep(0.4)  # the linger ends with nothing left to take
+        (future,) = batcher.submit(pieces[1])
+        assert future.result(timeout=30).shape == (3, 2)
+    finally:
+        batcher.close()
+    assert [r.rows for r in records] == [3]

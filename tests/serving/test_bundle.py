@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tidal.cli import main
-from tidal.errors import CheckpointError, CorruptCheckpointError
+from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.embedding.checkpoint import sealed
 from tidal.serving import export, load_bundle
 
@@ -38,6 +38,26 @@ def test_float16_tables_halve_the_bytes(trainer, bundle_dir, tmp_path):
     keys, values = half.tables["ids"]
     assert values.dtype == np.float16
     np.testing.assert_allclose(values, load_bundle(bundle_dir).tables["ids"][1], atol=1e-3)
+
+
+def test_float16_export_is_refused_when_values_would_overflow(trainer, tmp_path, monkeypatch):
+    from tidal.serving import bundle as module
+
+    rows = module._rows
+
+    def huge(table):  # type: ignore[no-untyped-def]
+        keys, values = rows(table)
+        values = values.copy()
+        values[:4, 0] = [7e4, -1e5, 65519.0, np.inf]  # 65519 rounds to 65504, inf stays inf: neither overflows
+        return keys, values
+
+    monkeypatch.setattr(module, "_rows", huge)
+    with pytest.raises(ConfigError, match=r"table 'ids': 2 values do not fit float16 \(largest magnitude 100000, "
+                                          r"float16's largest is 65504\); export with table dtype float32"):
+        export(trainer.run_dir, tmp_path / "half", table_dtype="float16")
+    assert list(tmp_path.iterdir()) == []  # nothing written, no staging left
+    values = load_bundle(export(trainer.run_dir, tmp_path / "full", table_dtype="float32")).tables["ids"][1]
+    assert values[1, 0] == -1e5 and values[3, 0] == np.inf
 
 
 def test_a_damaged_bundle_is_refused_naming_the_file(bundle_dir, tmp_path):

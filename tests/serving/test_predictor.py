@@ -20,9 +20,14 @@ def predictor(bundle):
 
 
 def _piece(predictor, rows: pa.RecordBatch, user_row: int = 0) -> Piece:
+    return predictor.piece(_columns(predictor, rows, user_row), rows.num_rows)
+
+
+def _columns(predictor, rows: pa.RecordBatch, user_row: int = 0) -> dict[str, pa.Array]:
+    """The columns of a request of `rows`, as the protocol decodes them."""
     decoded = decode_request(_json(infer_request(rows, input_specs(predictor.config), user_row=user_row)), None,
                              input_specs(predictor.config), [*predictor.targets, "score"])
-    return predictor.piece(decoded.columns, decoded.rows)
+    return decoded.columns
 
 
 def _json(body: dict) -> bytes:
@@ -140,6 +145,56 @@ def test_fusion_formulas_and_their_validation(predictor):
     with pytest.raises(ConfigError, match="powers must be >= 0"):
         Fusion(kind="product", weights={"ctr": -1.0})
     assert Fusion(kind="sum", weights={"ctr": -1.0}).weights == {"ctr": -1.0}
+
+
+def test_sum_fusion_ignores_a_nan_target_when_it_is_left_out_of_the_weights():
+    p = np.array([[np.nan, 0.5], [0.2, np.nan]], np.float32)
+    for kind in ("sum", "product"):
+        np.testing.assert_allclose(fuse(Fusion(kind=kind, weights={"cvr": 1.0}), p[:1], ["ctr", "cvr"]), [0.5])
+    np.testing.assert_allclose(fuse(Fusion(kind="sum", weights={"ctr": 2.0, "cvr": 0.0}), p[1:], ["ctr", "cvr"]),
+                               [0.4], rtol=1e-6)  # weighted 0: does not count either
+    assert np.isnan(fuse(Fusion(kind="sum"), p, ["ctr", "cvr"])).all()  # every target counts: NaN shows
+
+
+def test_piece_refuses_an_item_column_of_another_length_when_it_is_not_one_value(trainer, predictor):
+    rows = with_user_of(file_rows(trainer, 3), input_specs(trainer.config))
+    columns = _columns(predictor, rows.slice(0, 2))
+    with pytest.raises(BatchError, match=r"column 'C9' has 3 values; expected 2 \(one per candidate\) or 1"):
+        predictor.piece({**columns, "C9": _columns(predictor, rows)["C9"]}, 2)
+    one = predictor.piece({**columns, "C9": columns["C9"].slice(1, 1)}, 2)  # one value: every candidate's
+    assert one.items.column("C9").to_pylist() == [columns["C9"][1].as_py()] * 2
+
+
+def test_piece_and_user_row_name_the_missing_columns_when_a_request_lacks_them(trainer, predictor):
+    rows = with_user_of(file_rows(trainer, 2), input_specs(trainer.config))
+    columns = _columns(predictor, rows)
+    with pytest.raises(BatchError, match=r"missing item and context columns \['C9'\]"):
+        predictor.piece({c: a for c, a in columns.items() if c != "C9"}, 2)
+    with pytest.raises(BatchError, match=r"missing user columns \['I1'\]"):
+        predictor.piece({c: a for c, a in columns.items() if c != "I1"}, 2)
+    with pytest.raises(BatchError, match=r"user columns must hold one value .*'I1': 2"):
+        predictor.user_row({**columns, "I1": pa.concat_arrays([columns["I1"]] * 2)})
+    state = predictor.user_state(predictor.user_row(columns))  # a session's state stands for the user columns
+    items = {c: a for c, a in columns.items() if c in predictor.item_columns and c not in predictor.user_columns}
+    assert predictor.piece(items, 2, state).rows == 2
+
+
+def test_predict_gives_no_rows_when_given_no_pieces(predictor):
+    assert predictor.predict([]).shape == (0, 2)
+
+
+@pytest.mark.parametrize("device", ["gpu", "CPU", "cuda:x", "meta", 0])
+def test_predictor_refuses_a_device_when_it_is_not_auto_cpu_or_cuda(bundle, device):
+    with pytest.raises(ConfigError, match=r"Predictor\(device=...\) must be 'auto', 'cpu', 'cuda' or 'cuda:N'.*"
+                                          rf"got {device!r}"):
+        Predictor(bundle, device=device)
+
+
+def test_predictor_refuses_a_cuda_device_when_torch_does_not_see_it(bundle):
+    missing = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(ConfigError, match=rf"is '{missing}', but torch sees {torch.cuda.device_count()} CUDA devices"):
+        Predictor(bundle, device=missing)
+    assert Predictor(bundle, device="auto").device.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 NO_CUDA = not torch.cuda.is_available()

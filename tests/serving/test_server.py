@@ -411,6 +411,81 @@ def test_a_client_that_hangs_up_while_its_request_waits_is_counted_gone_and_not_
     assert scored == [3]  # the second request left the queue unscored
 
 
+def _until(condition, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_waiting_chunks_leave_the_queue_when_their_client_hangs_up(bundle, trainer):
+    """A request cut into chunks whose client hangs up: none of its chunks is scored, and
+    its rows stop counting toward max_queue_rows at once."""
+    service = Service(bundle, name="ctr", max_batch_rows=4, chunk_rows=4, sparse_threads=1, max_queue_rows=20)
+    running = start_server(service)
+    gate, original, scored = threading.Event(), service.predictor.sparse, []
+
+    def gated(pieces):
+        gate.wait()
+        scored.append(sum(p.rows for p in pieces))
+        return original(pieces)
+
+    service.predictor.sparse = gated
+    specs = input_specs(bundle.config)
+    first, second, third = (json.dumps(infer_request(with_user_of(file_rows(trainer, n), specs), specs)).encode()
+                            for n in (3, 12, 15))
+    pool = ThreadPoolExecutor(2)
+    try:
+        answer = pool.submit(_post, running, "/v2/models/ctr/infer", first)  # held at the gate
+        _until(lambda: service.batcher._in_flight, "the first request's batch")
+        with _partial_request(running, len(second), second):  # the whole body: 3 chunks of 4
+            _until(lambda: service.batcher._waiting_rows == 12, "the second request's chunks")
+        _until(lambda: _outcomes(running).get("client_gone", 0) == 1, "the hang-up")
+        _until(lambda: service.batcher._waiting_rows == 0, "the given-up chunks to leave the queue")
+        late = pool.submit(_post, running, "/v2/models/ctr/infer", third)  # 503 if the 12 rows still counted
+        _until(lambda: service.batcher._waiting_rows == 15, "the third request's chunks")
+        gate.set()
+        assert answer.result()[0] == 200 and late.result()[0] == 200
+    finally:
+        gate.set()  # before the pool waits for the requests held at it
+        pool.shutdown()
+        running.stop()
+    assert sum(scored) == 3 + 15
+
+
+def test_sequence_end_leaves_the_new_session_when_its_id_started_again_meanwhile(bundle, trainer):
+    service = Service(bundle, name="ctr")
+    running = start_server(service)
+    gate, original = threading.Event(), service.predictor.sparse
+    specs = input_specs(bundle.config)
+    page = with_user_of(file_rows(trainer, 4), specs)
+    start = infer_request(page, specs) | {"parameters": {"sequence_id": "s", "sequence_start": True}}
+    more = infer_request(page, specs) | {"parameters": {"sequence_id": "s"}}
+    more["inputs"] = [t for t in more["inputs"] if specs[t["name"]].side == "item"]  # the session holds those
+    last = more | {"parameters": {"sequence_id": "s", "sequence_end": True}}
+
+    def post(body: dict) -> tuple[int, dict, Message]:
+        return _post(running, "/v2/models/ctr/infer", json.dumps(body).encode())
+
+    pool = ThreadPoolExecutor(2)
+    try:
+        assert post(start)[0] == 200
+        old = service.sessions.get("s")
+        service.predictor.sparse = lambda pieces: gate.wait() and original(pieces)
+        ending = pool.submit(post, last)  # the old session's last page, held at the gate
+        _until(lambda: service.batcher._in_flight, "the last page's batch")
+        restarted = pool.submit(post, start)
+        _until(lambda: service.sessions._entries.get("s", (old,))[0] is not old, "the new session")
+        gate.set()
+        assert ending.result()[0] == 200 and restarted.result()[0] == 200
+        code, answer, _ = post(more)
+        assert code == 200, answer  # the new session goes on
+    finally:
+        gate.set()  # before the pool waits for the requests held at it
+        pool.shutdown()
+        running.stop()
+
+
 def test_overload_answers_503_with_retry_after(bundle, trainer):
     service = Service(bundle, name="ctr", max_queue_rows=20)
     running = start_server(service)

@@ -63,3 +63,16 @@ def test_ended_and_unknown_sessions_are_told_apart():
     with pytest.raises(SessionError, match="sequence z is unknown: never started"):
         cache.get("z")
     assert cache.bytes == 0
+
+
+def test_end_with_a_state_leaves_a_session_started_again_under_the_same_id():
+    cache = SessionCache(ttl_s=100, memory_bytes=10_000)
+    old, new = _state(), _state()
+    cache.start("a", old)
+    cache.start("a", new)  # the id starts again while a request of the old session runs
+    cache.end("a", old)  # that request's sequence_end
+    assert cache.get("a") is new and cache.bytes == ENTRY
+    cache.end("a", new)
+    with pytest.raises(SessionError, match="sequence a is unknown: it has ended"):
+        cache.get("a")
+    assert cache.bytes == 0

@@ -18,7 +18,8 @@ would only fight over the GIL, so they wait and grow). When requests arrive fast
 than `max_delay_ms` apart, a batch lingers up to that long after its oldest piece
 came, to fill; a lone request on a quiet server starts at once. With `merge=False`
 every request is a batch of its own (the unbatched baseline). A failed batch fails every piece in it; `close()`
-fails whatever still waits, so no caller hangs.
+fails whatever still waits, so no caller hangs; `cancel()` takes the waiting chunks of a request given up out of
+the queue.
 """
 
 from __future__ import annotations
@@ -118,6 +119,18 @@ class Batcher:
             self._cond.notify_all()
         return [w.future for w in waiting]
 
+    def cancel(self, futures: list[Future]) -> None:
+        """Give up on a request's chunks: those still waiting leave the queue (their rows
+        stop counting toward `max_queue_rows`); those a batch took run, unread."""
+        mine = set(futures)
+        with self._cond:
+            left = [w for w in self._waiting if w.future in mine]
+            if left:
+                self._waiting = deque(w for w in self._waiting if w.future not in mine)
+                self._waiting_rows -= sum(w.piece.rows for w in left)
+        for future in futures:
+            future.cancel()
+
     def _chunks(self, piece: Piece) -> list[Piece]:
         if piece.rows <= self.chunk_rows:
             return [piece]
@@ -179,7 +192,10 @@ class Batcher:
 
     def _take(self) -> list[_Waiting]:
         """The oldest pieces that fit one batch (a whole request when not merging),
-        leaving out those whose caller gave up; the others can no longer be cancelled."""
+        leaving out those whose caller gave up; the others can no longer be cancelled.
+        None at all when every waiting piece left while the batch lingered (`cancel`)."""
+        if not self._waiting:
+            return []
         batch = [self._waiting.popleft()]
         rows = batch[0].piece.rows
         while self._waiting and self.merge and rows + self._waiting[0].piece.rows <= self.max_batch_rows:

@@ -85,7 +85,8 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, table_dtype: st
         (staging / "tables").mkdir(parents=True)
         for name, table in load_tables(directory / "tables").items():
             keys, values = _rows(table)
-            save_file({"keys": keys, "values": values.astype(dtype)}, str(staging / "tables" / f"{name}.safetensors"))
+            save_file({"keys": keys, "values": _cast(name, values, dtype)},
+                      str(staging / "tables" / f"{name}.safetensors"))
         _save_program(_model(config, directory), config, staging / PROGRAM)
         write_json_atomic(staging / MANIFEST, _manifest(config, directory, staging, str(dtype)))
         fsync_path(staging)
@@ -94,6 +95,21 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, table_dtype: st
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # left only by a failed export
     return out
+
+
+def _cast(name: str, values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`values` as `dtype`, refused where a finite value would become infinite (float16
+    holds at most 65504); values already NaN or infinite stay so, as in float32."""
+    with np.errstate(over="ignore"):  # an overflow is refused below, by name
+        cast = values.astype(dtype)
+    if np.finfo(dtype).max >= np.finfo(values.dtype).max:  # float32 to float32: nothing can overflow
+        return cast
+    overflow = np.isfinite(values) & ~np.isfinite(cast)
+    if overflow.any():
+        raise ConfigError(f"table {name!r}: {int(overflow.sum())} values do not fit {dtype} (largest magnitude "
+                          f"{np.abs(values[overflow]).max():.6g}, {dtype}'s largest is {np.finfo(dtype).max:.6g}); "
+                          f"export with table dtype float32")
+    return cast
 
 
 def _checkpoint_dir(source: Path) -> Path:

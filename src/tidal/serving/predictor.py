@@ -18,6 +18,7 @@ as in training; ids the tables do not hold read as zeros and are counted.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -26,7 +27,7 @@ import pyarrow as pa
 import torch
 from torch.export.passes import move_to_device_pass
 
-from tidal.config import DenseFeature, Fusion, SparseFeature, TableConfig
+from tidal.config import DEVICE_PATTERN, DenseFeature, Fusion, SparseFeature, TableConfig
 from tidal.data.extract import Extractor
 from tidal.embedding import EmbeddingCollection, EmbeddingTable, RowBlock
 from tidal.errors import BatchError, ConfigError
@@ -66,9 +67,12 @@ class Piece:
 
 
 def fuse(fusion: Fusion, probabilities: np.ndarray, targets: Sequence[str]) -> np.ndarray:
-    """The fused score `[n]` of probabilities `[n, T]` (see `tidal.config.Fusion`)."""
-    weights = np.array([fusion.weights.get(t, 0.0) if fusion.weights else 1.0 for t in targets], dtype=np.float64)
-    p = probabilities.astype(np.float64)
+    """The fused score `[n]` of probabilities `[n, T]` (see `tidal.config.Fusion`). Only
+    the weighted targets are read: one left out (or weighted 0) does not count, even NaN."""
+    every = [fusion.weights.get(t, 0.0) if fusion.weights else 1.0 for t in targets]
+    counted = [k for k, w in enumerate(every) if w != 0.0]
+    weights = np.array([every[k] for k in counted], dtype=np.float64)
+    p = probabilities[:, counted].astype(np.float64)
     if fusion.kind == "sum":
         return (p @ weights).astype(np.float32)
     return np.prod(np.power(p, weights), axis=1).astype(np.float32)
@@ -77,10 +81,11 @@ def fuse(fusion: Fusion, probabilities: np.ndarray, targets: Sequence[str]) -> n
 class Predictor:
     """Scores pieces with a bundle's tables and dense program (thread-safe)."""
 
-    def __init__(self, bundle: Bundle, *, device: str | None = None) -> None:
+    def __init__(self, bundle: Bundle, *, device: str | torch.device | None = None) -> None:
+        """`device`: auto (or None: a GPU if torch sees one), cpu, cuda or cuda:N."""
         self.config = bundle.config
         self.targets = bundle.targets
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = _device(device)
         self.buckets = list(self.config.serving.buckets)
         extractor = Extractor(self.config.features)
         self._sizes = model_sizes(self.config)
@@ -122,15 +127,22 @@ class Predictor:
 
     def piece(self, columns: dict[str, pa.Array], rows: int, state: UserState | None = None) -> Piece:
         """The piece of one request's columns (one-value item columns broadcast to `rows`);
-        with `state`, the user columns are not needed."""
+        with `state`, the user columns are not needed. A missing column, or an item column
+        of neither 1 nor `rows` values, is refused (`BatchError`)."""
         if state is not None:
             columns = {**state.shared, **columns}
-        items = _record_batch({c: _broadcast(columns[c], rows) for c in self.item_columns})
+        _require(columns, self.item_columns, "item and context")
+        items = _record_batch({c: _broadcast(c, columns[c], rows) for c in self.item_columns})
         user = self.user_row(columns) if state is None and self.user_columns else None
         return Piece(items=items, user=user, state=state)
 
     def user_row(self, columns: dict[str, pa.Array]) -> pa.RecordBatch:
         """The one-row user batch of a request's columns."""
+        _require(columns, self.user_columns, "user")
+        many = {c: len(columns[c]) for c in self.user_columns if len(columns[c]) != 1}
+        if many:
+            raise BatchError(f"user columns must hold one value (the user's); got {many} (column: values); "
+                             f"send one value per user column")
         return _record_batch({c: columns[c] for c in self.user_columns})
 
     def predict(self, pieces: Sequence[Piece]) -> np.ndarray:
@@ -149,6 +161,8 @@ class Predictor:
         rows = sum(p.rows for p in pieces)
         f, d, dd = self._sizes["num_features"], self._sizes["dim"], self._sizes["dense_features"]
         pooled, dense = torch.empty(rows, f, d), torch.empty(rows, dd)
+        if not pieces:  # no candidates: nothing to extract
+            return pooled, dense
         items = _concat([p.items for p in pieces])
         pooled[:, self._item_sparse], dense[:, self._item_dense] = self._side(self._item_extract, items)
         if not self.user_columns:
@@ -255,9 +269,36 @@ def _record_batch(columns: dict[str, pa.Array]) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(list(columns.values()), names=list(columns))
 
 
-def _broadcast(array: pa.Array, rows: int) -> pa.Array:
-    """A one-value column repeated to `rows` values (others unchanged)."""
-    return array if len(array) == rows else array.take(pa.array(np.zeros(rows, np.int64)))
+def _device(device: str | torch.device | None) -> torch.device:
+    """The torch device of `Predictor`'s `device` argument, checked."""
+    name = "auto" if device is None else str(device) if isinstance(device, torch.device) else device
+    if not isinstance(name, str) or not re.fullmatch(DEVICE_PATTERN, name):
+        raise ConfigError(f"Predictor(device=...) must be 'auto', 'cpu', 'cuda' or 'cuda:N' (lower case), "
+                          f"got {device!r}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    count = torch.cuda.device_count()  # 0 without CUDA
+    if name.startswith("cuda") and (torch.device(name).index or 0) >= count:
+        seen = f"; use 'auto', 'cpu' or cuda:0 to cuda:{count - 1}" if count else "; use 'auto' or 'cpu'"
+        raise ConfigError(f"Predictor(device=...) is {name!r}, but torch sees {count} CUDA devices{seen}")
+    return torch.device(name)
+
+
+def _require(columns: dict[str, pa.Array], names: list[str], side: str) -> None:
+    """Refuse `columns` without every one of `names`, naming those missing."""
+    missing = [c for c in names if c not in columns]
+    if missing:
+        raise BatchError(f"missing {side} columns {missing}; a piece needs {names}, got {sorted(columns)}")
+
+
+def _broadcast(name: str, array: pa.Array, rows: int) -> pa.Array:
+    """Column `name` with `rows` values, a one-value column repeated; another length is refused."""
+    if len(array) == rows:
+        return array
+    if len(array) != 1:
+        raise BatchError(f"column {name!r} has {len(array)} values; expected {rows} (one per candidate) "
+                         f"or 1 (the same for every candidate)")
+    return array.take(pa.array(np.zeros(rows, np.int64)))
 
 
 def _concat(tables: Sequence[pa.RecordBatch]) -> pa.RecordBatch:

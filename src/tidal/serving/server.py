@@ -95,8 +95,8 @@ class Service:
         state = await self._session_state(decoded)
         probabilities = await self._score(decoded, state) if decoded.rows else \
             np.zeros((0, len(self.predictor.targets)), np.float32)
-        if decoded.sequence_end:
-            self.sessions.end(decoded.sequence_id)
+        if decoded.sequence_end:  # this request's session only: the id may have started again meanwhile
+            self.sessions.end(decoded.sequence_id, state)
         return encode_response(self.name, decoded, self.predictor.outputs(probabilities))
 
     async def _session_state(self, decoded: DecodedRequest) -> UserState | None:
@@ -109,8 +109,14 @@ class Service:
         return state
 
     async def _score(self, decoded: DecodedRequest, state: UserState | None) -> np.ndarray:
+        """The request's probabilities; if it is cancelled (the client hung up) or a chunk
+        fails, its other chunks are given up too, and those still waiting leave the queue."""
         futures = self.batcher.submit(self.predictor.piece(decoded.columns, decoded.rows, state))
-        return np.concatenate([await asyncio.wrap_future(f) for f in futures])
+        try:
+            return np.concatenate([await asyncio.wrap_future(f) for f in futures])
+        except BaseException:
+            self.batcher.cancel(futures)
+            raise
 
     def metadata(self) -> dict:
         inputs = [{"name": s.name, "datatype": _DATATYPES[s.kind], "shape": [1 if s.side != "item" else -1],

@@ -70,10 +70,13 @@ class SessionCache:
             self._entries.move_to_end(sequence_id)
             return entry[0]
 
-    def end(self, sequence_id: str) -> None:
-        """Release a session's state."""
+    def end(self, sequence_id: str, state: UserState | None = None) -> None:
+        """Release a session's state; with `state`, only if it is still the one under
+        `sequence_id` (not a session started again under that id meanwhile)."""
         with self._lock:
-            self._remove(sequence_id, "unknown: it has ended")
+            entry = self._entries.get(sequence_id)
+            if state is None or entry is None or entry[0] is state:
+                self._remove(sequence_id, "unknown: it has ended")
 
     def _expire(self) -> None:
         deadline = self._clock() - self.ttl_s
