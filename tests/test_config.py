@@ -11,8 +11,9 @@ from tidal.errors import ConfigError
 def test_defaults_are_valid_and_frozen():
     config = TableConfig(name="user", dim=16)
     assert config.optimizer.kind == "sgd" and config.num_shards == 8
-    with pytest.raises(Exception):
+    with pytest.raises(ConfigError, match=r"TableConfig is frozen, so dim cannot be set; make a changed copy"):
         config.dim = 3  # type: ignore[misc]
+    assert TableConfig(**{**config.model_dump(), "dim": 32}).dim == 32  # the copy the message suggests
 
 
 @pytest.mark.parametrize(

@@ -254,7 +254,10 @@ def _serve(args: argparse.Namespace) -> int:
         service = Service(load_bundle(args.bundle), name=name, batching=not args.no_batching, **overrides)
     except TidalError as exc:
         sock.close()
-        print(f"tidal serve: {exc}", file=sys.stderr)
+        message = str(exc)
+        for key in overrides:  # the flag the user typed, not the config field behind it
+            message = message.replace(f"{key}:", f"--{key.replace('_', '-')}:")
+        print(f"tidal serve: {message}", file=sys.stderr)
         return 2
     print(f"serving {name!r} at http://{args.host}:{sock.getsockname()[1]}/v2/models/{name} "
           f"(metrics at /metrics; Ctrl-C stops)", flush=True)

@@ -25,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from tidal.errors import ConfigError
 
 __all__ = [
+    "require",
+    "require_threads",
     "Adagrad",
     "Adam",
     "AdamW",
@@ -80,6 +82,11 @@ class _Model(BaseModel):
             error = ConfigError(_describe(where, exc, values))
             error.problems = _problems(exc, values)  # read by an enclosing model's validation
             raise error from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        kind = type(self).__name__
+        raise ConfigError(f"{kind} is frozen, so {name} cannot be set; make a changed copy: "
+                          f"{kind}(**{{**config.model_dump(), {name!r}: ...}})")
 
 
 class Initializer(_Model):
@@ -509,6 +516,20 @@ class RunConfig(_Model):
             return cls(**content)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+
+
+def require(value: Any, kind: type | tuple[type, ...], where: str) -> None:
+    """A `ConfigError` unless `value` is a `kind` (a config object where a dict came, say)."""
+    if not isinstance(value, kind):
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        hint = f"; build one with {kinds[0].__name__}(**values)" if isinstance(value, dict) else ""
+        raise ConfigError(f"{where}: expected {' or '.join(k.__name__ for k in kinds)}, got {type(value).__name__}{hint}")
+
+
+def require_threads(threads: Any, where: str) -> None:
+    """A `ConfigError` unless `threads` is a whole number of threads, 1 or more."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"{where}: threads must be an integer >= 1, got {threads!r}")
 
 
 def _unique_key_loader() -> type:

@@ -179,3 +179,8 @@ def test_soft_labels_numeric_columns_and_large_logs_are_still_read():
     out = Extractor(_DIRECT)(batch)
     assert out.labels.ravel().tolist() == [0.25, 1.0]
     np.testing.assert_allclose(out.dense, [[1.0, math.log1p(1e39)], [0.0, 0.0]], rtol=1e-6)  # NaN: missing
+
+
+def test_a_dict_where_a_feature_config_goes_is_refused_naming_the_classes():
+    with pytest.raises(ConfigError, match=r"Extractor: each feature: expected SparseFeature or DenseFeature or LabelFeature"):
+        Extractor([{"kind": "sparse", "name": "u", "columns": ["C1"], "table": "ids"}])

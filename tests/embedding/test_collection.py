@@ -494,3 +494,24 @@ def test_apply_grouped_refuses_what_its_kernel_would_misread():
 def test_from_lists_refuses_ids_that_are_not_integers():
     with pytest.raises(BatchError, match="ids must be integers"):
         SparseBatch.from_lists({"a": [[1.5, 2.9]]})
+
+
+def test_calls_with_the_wrong_kind_of_argument_say_what_was_expected():
+    config = TableConfig(name="t0", dim=DIM)
+    with pytest.raises(ConfigError, match="EmbeddingCollection: tables must be a list, got dict"):
+        EmbeddingCollection({"t0": config}, [EmbeddingFeature(name="f0", table="t0")])
+    with pytest.raises(ConfigError, match="EmbeddingCollection: each feature: expected EmbeddingFeature, got str"):
+        EmbeddingCollection([config], ["f0"])
+    with pytest.raises(ConfigError, match="EmbeddingCollection: threads must be an integer >= 1, got 0"):
+        EmbeddingCollection([config], [EmbeddingFeature(name="f0", table="t0")], threads=0)
+    collection = _collection([0], ["sum"])
+    with pytest.raises(BatchError, match="EmbeddingCollection takes a SparseBatch, got dict"):
+        collection.forward({"f0": [[1]]})
+    batch = SparseBatch.from_lists({"f0": [[1], [2]]})
+    with pytest.raises(BatchError, match="out must be a torch tensor that does not require grad .*, got ndarray"):
+        collection.forward(batch, out=np.zeros((2, 1, DIM), np.float32))
+    with pytest.raises(BatchError, match="got Tensor requiring grad"):
+        collection.forward(batch, out=torch.zeros(2, 1, DIM, requires_grad=True))
+    _, ctx = collection.forward(batch)
+    with pytest.raises(BatchError, match=r"must be a torch tensor or numpy array \[2, 1, 4\], got list"):
+        collection.backward(ctx, [[0.0] * DIM] * 2)

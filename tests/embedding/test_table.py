@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 
 from tidal.config import (Adagrad, Adam, CountAdmission, Eviction, Initializer, ProbabilityAdmission, Sgd,
                           TableConfig)
-from tidal.embedding import EmbeddingTable, pooling
+from tidal.embedding import EmbeddingTable, pooling, save_tables
 from tidal.embedding.table import RowBlock
 from tidal.embedding._memory import CHUNK_ROWS, SHARD_BITS
-from tidal.errors import BatchError
+from tidal.errors import BatchError, CheckpointError, ConfigError
 
 from keys import ADVERSARIAL, INT64_MAX, INT64_MIN, M64, as_int64, unmix64
 
@@ -686,3 +686,29 @@ def test_evict_ages_admission_counts_when_keys_stop_coming():
     table.evict()  # halves it to zero
     assert insert(table, arr(5))[0] == -1  # one sighting again: not yet admitted
     assert insert(table, arr(5))[0] >= 0
+
+
+def test_calls_with_the_wrong_kind_of_argument_say_what_was_expected(tmp_path):
+    with pytest.raises(ConfigError, match=r"EmbeddingTable: config: expected TableConfig, got dict; build one with"):
+        EmbeddingTable({"name": "t", "dim": 4})
+    for threads in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match=rf"table 't': threads must be an integer >= 1, got {threads!r}"):
+            make_table(threads=threads)
+    table = make_table()
+    for step in (2.7, "5", True):
+        with pytest.raises(BatchError, match=rf"a lookup's step must be an integer, got {step!r}"):
+            table.lookup_or_insert(arr(1), step=step)
+    with pytest.raises(BatchError, match=r"a lookup's step must be below 2147483648, got 1099511627776"):
+        table.lookup_or_insert(arr(1), step=2**40)
+    grads = np.ones((2, 4), np.float32)
+    grads[1, 2] = np.inf
+    with pytest.raises(BatchError, match=r"grads must be finite, got 1 NaN or infinite values; no row was updated"):
+        table.apply_gradients(arr(1, 2), grads)
+    assert table.stats().rows == 0
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CheckpointError, match=r"expected a list of EmbeddingTables to save, got EmbeddingTable"):
+        save_tables(tmp_path / "ckpt", table)
+    with pytest.raises(CheckpointError, match=r"expected a list of EmbeddingTables to save, got a list holding \['str'\]"):
+        save_tables(tmp_path / "ckpt", ["t"])
+    with pytest.raises(CheckpointError, match=r"file is a file; expected a folder to hold the checkpoints"):
+        save_tables(tmp_path / "file", [table])

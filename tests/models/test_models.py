@@ -145,3 +145,8 @@ def test_inputs_of_the_wrong_shape_are_refused_naming_the_expected_ones(kind, po
     model = RankingModel(ModelConfig(kind=kind), num_features=F, dim=D, dense_features=DD, num_targets=T)
     with pytest.raises(BatchError, match=rf"expected pooled \[B, {F}, {D}\] and dense \[B, {DD}\], got"):
         model(torch.zeros(pooled_shape), torch.zeros(dense_shape))
+
+
+def test_a_dict_where_a_model_config_goes_is_refused_naming_the_class():
+    with pytest.raises(ConfigError, match=r"RankingModel: config: expected ModelConfig, got dict; build one with ModelConfig"):
+        RankingModel({"kind": "dlrm"}, num_features=F, dim=D, dense_features=DD, num_targets=T)

@@ -301,3 +301,8 @@ def test_eval_data_of_one_class_has_no_auc_and_the_run_still_finishes(tmp_path, 
     summary = Trainer(RunConfig(**config)).fit(max_steps=3)
     assert summary["eval"]["auc"] == {"click": None} and summary["eval"]["logloss"]["click"] > 0.0
     assert "click AUC n/a (one class in the data)" in capsys.readouterr().out
+
+
+def test_a_trainer_of_a_dict_is_refused_naming_run_config(tmp_path):
+    with pytest.raises(ConfigError, match=r"Trainer: config: expected RunConfig, got dict; build one with RunConfig"):
+        Trainer(_config(tmp_path))

@@ -76,3 +76,12 @@ def test_serve_refuses_a_port_out_of_range(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["serve", "bundle", "--port", "70000"])
     assert exited.value.code == 2 and "a port is 0-65535, got 70000" in capsys.readouterr().err
+
+
+def test_serve_names_the_flag_of_a_value_out_of_range(trainer, tmp_path, capsys):
+    bundle = tmp_path / "ranker"
+    assert main(["export", "--checkpoint", str(trainer.run_dir), "--out", str(bundle)]) == 0
+    capsys.readouterr()
+    assert main(["serve", str(bundle), "--port", str(_free_port()), "--max-batch-rows", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-batch-rows: Input should be greater than or equal to 1, got 0" in err and "max_batch_rows" not in err

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tidal.config import DenseFeature, FeatureConfig, LabelFeature, SparseFeature
+from tidal.config import DenseFeature, FeatureConfig, LabelFeature, SparseFeature, require
 from tidal.data.batch import SparseBatch
 from tidal.data.hashing import hash_strings
 from tidal.errors import ConfigError, DataError
@@ -35,6 +35,8 @@ class Extractor:
     """Turns a record batch into a `SparseBatch`: sparse bags, dense matrix, labels."""
 
     def __init__(self, features: Sequence[FeatureConfig]) -> None:
+        for f in features:
+            require(f, (SparseFeature, DenseFeature, LabelFeature), "Extractor: each feature")
         names = [f.name for f in features]
         if len(set(names)) != len(names):
             raise ConfigError(f"features: names must be distinct, got {names}")

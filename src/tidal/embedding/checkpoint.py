@@ -59,7 +59,7 @@ def save(root: str | os.PathLike, tables: Sequence[EmbeddingTable]) -> Path:
 
     Call at a safe point: no training step may run on these tables meanwhile.
     """
-    return _save(Path(root), tables, delta=False)
+    return _save(_checked(root, tables), tables, delta=False)
 
 
 def save_delta(root: str | os.PathLike, tables: Sequence[EmbeddingTable]) -> Path:
@@ -68,7 +68,7 @@ def save_delta(root: str | os.PathLike, tables: Sequence[EmbeddingTable]) -> Pat
 
     Call at a safe point, as `save`.
     """
-    root = Path(root)
+    root = _checked(root, tables)
     full = _read_manifest(root / _chain(root)[0]) if (root / CHAIN).exists() else {"tables": {}}
     names = set(full["tables"])
     if names != {t.name for t in tables}:
@@ -103,6 +103,18 @@ def load(root: str | os.PathLike, *, threads: int = 1) -> dict[str, EmbeddingTab
 
 
 # ---------------------------------------------------------------------- writing
+
+
+def _checked(root: str | os.PathLike, tables: Sequence[EmbeddingTable]) -> Path:
+    """`root` as a Path, once it can hold checkpoints of `tables`, a list of tables."""
+    if not isinstance(tables, (list, tuple)) or not all(isinstance(t, EmbeddingTable) for t in tables):
+        got = type(tables).__name__ if not isinstance(tables, (list, tuple)) else \
+            f"a list holding {sorted({type(t).__name__ for t in tables})}"
+        raise CheckpointError(f"{root}: expected a list of EmbeddingTables to save, got {got}")
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise CheckpointError(f"{root} is a file; expected a folder to hold the checkpoints")
+    return root
 
 
 def _save(root: Path, tables: Sequence[EmbeddingTable], *, delta: bool) -> Path:

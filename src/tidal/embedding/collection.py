@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tidal.config import EmbeddingFeature, TableConfig
+from tidal.config import EmbeddingFeature, TableConfig, require, require_threads
 from tidal.data.batch import SparseBatch
 from tidal.embedding import pooling
 from tidal.embedding._parallel import run_split
@@ -50,6 +50,11 @@ class EmbeddingCollection:
 
     def __init__(self, tables: Sequence[TableConfig | EmbeddingTable],
                  features: Sequence[EmbeddingFeature], *, threads: int = 1) -> None:
+        require_threads(threads, "EmbeddingCollection")
+        for t in _listed(tables, "tables"):
+            require(t, (TableConfig, EmbeddingTable), "EmbeddingCollection: each table")
+        for f in _listed(features, "features"):
+            require(f, EmbeddingFeature, "EmbeddingCollection: each feature")
         self.threads = threads
         self.tables = [t if isinstance(t, EmbeddingTable) else EmbeddingTable(t, threads=threads) for t in tables]
         self._table_index = {t.name: i for i, t in enumerate(self.tables)}
@@ -163,6 +168,9 @@ class EmbeddingCollection:
         shape = (batch.batch_size, len(batch.keys), self.dim)
         if out is None:
             return torch.empty(shape, dtype=torch.float32)
+        if not isinstance(out, torch.Tensor) or out.requires_grad:
+            raise BatchError(f"out must be a torch tensor that does not require grad (the kernel writes into it), "
+                             f"got {type(out).__name__}{' requiring grad' if isinstance(out, torch.Tensor) else ''}")
         if tuple(out.shape) != shape or out.dtype != torch.float32 or not out.is_contiguous() or out.device.type != "cpu":
             raise BatchError(
                 f"out must be a contiguous float32 CPU tensor of shape [B, F, D] = {list(shape)}, "
@@ -171,6 +179,9 @@ class EmbeddingCollection:
         return out
 
     def _feature_tables(self, batch: SparseBatch) -> np.ndarray:
+        if not isinstance(batch, SparseBatch):
+            raise BatchError(f"EmbeddingCollection takes a SparseBatch, got {type(batch).__name__}; "
+                             f"build one with SparseBatch(...) or SparseBatch.from_lists(...)")
         unknown = [k for k in batch.keys if k not in self.features]
         if unknown:
             raise BatchError(f"batch has features {unknown} that no table serves; known features: {sorted(self.features)}")
@@ -241,6 +252,9 @@ class EmbeddingCollection:
 
     def _grad_rows(self, ctx: PooledContext, grad: torch.Tensor | np.ndarray) -> np.ndarray:
         expected = (ctx.batch_size, ctx.feature_tables.shape[0], self.dim)
+        if not isinstance(grad, (torch.Tensor, np.ndarray)):
+            raise BatchError(f"gradient of the pooled output must be a torch tensor or numpy array {list(expected)}, "
+                             f"got {type(grad).__name__}")
         if tuple(grad.shape) != expected:
             raise BatchError(f"gradient of the pooled output must have shape [B, F, D] = {list(expected)}, got {list(grad.shape)}")
         if isinstance(grad, torch.Tensor):
@@ -249,6 +263,13 @@ class EmbeddingCollection:
                 return _bits(grad.contiguous())
             grad = grad.to(torch.float32).contiguous().numpy()
         return np.ascontiguousarray(grad, dtype=np.float32)
+
+
+def _listed(items: object, what: str) -> Sequence:
+    """`items` if it is a list (or tuple) of them; not a single one, a dict or a string."""
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(f"EmbeddingCollection: {what} must be a list, got {type(items).__name__}")
+    return items
 
 
 def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from tidal.config import CountAdmission, ProbabilityAdmission, TableConfig
+from tidal.config import CountAdmission, ProbabilityAdmission, TableConfig, require, require_threads
 from tidal.embedding import index as ix
 from tidal.embedding import pooling
 from tidal.embedding._memory import CHUNK_ROWS, SHARD_BITS, Arena
@@ -215,6 +215,8 @@ class EmbeddingTable:
     """A sharded, collision-free embedding table. See the module docstring."""
 
     def __init__(self, config: TableConfig, *, threads: int = 1) -> None:
+        require(config, TableConfig, "EmbeddingTable: config")
+        require_threads(threads, f"table {config.name!r}")
         self.config = config
         self.name = config.name
         self.dim = config.dim
@@ -314,10 +316,14 @@ class EmbeddingTable:
     def _take_step(self, step: int | None) -> int:
         """The step of a training lookup (`step`, or the one after the latest); the
         table's step becomes the latest of them."""
+        if step is not None and (isinstance(step, bool) or not isinstance(step, (int, np.integer))):
+            raise BatchError(f"table {self.name!r}: a lookup's step must be an integer, got {step!r}")
         with self._counter_lock:
-            step = self._step + 1 if step is None else int(step)
+            given, step = step is not None, self._step + 1 if step is None else int(step)
             if step >= ix.MARK:
-                raise TidalError(f"table {self.name!r}: the step counter reached its limit of {int(ix.MARK) - 1} steps")
+                raise (BatchError(f"table {self.name!r}: a lookup's step must be below {int(ix.MARK)}, got {step}")
+                       if given else TidalError(f"table {self.name!r}: the step counter reached its limit of "
+                                                f"{int(ix.MARK) - 1} steps"))
             if step < 1:
                 raise BatchError(f"table {self.name!r}: a lookup's step must be at least 1, got {step}")
             if step < self._saved_step:
@@ -480,6 +486,9 @@ class EmbeddingTable:
                 f"table {self.name!r}: grads must have shape {(keys.shape[0], self.dim)} "
                 f"(one row per key), got {grads.shape}"
             )
+        if not np.isfinite(grads).all():  # one NaN would stay in its row's values and state for good
+            raise BatchError(f"table {self.name!r}: grads must be finite, got {int((~np.isfinite(grads)).sum())} "
+                             f"NaN or infinite values; no row was updated")
         self.apply_grouped(self.find(keys, count=False), grads, np.arange(keys.shape[0]),
                            np.ones(keys.shape[0], np.float32))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tidal.config import ModelConfig
+from tidal.config import ModelConfig, require
 from tidal.errors import BatchError, ConfigError
 from tidal.models.common import (PRECISIONS, LinearHead, MMoEHead, compute_precision, mlp, resolve_precision,
                                  weighted_bce)
@@ -28,6 +28,7 @@ class RankingModel(nn.Module):
     def __init__(self, config: ModelConfig, *, num_features: int, dim: int, dense_features: int,
                  num_targets: int) -> None:
         super().__init__()
+        require(config, ModelConfig, "RankingModel: config")
         sizes = {"num_features": num_features, "dim": dim, "dense_features": dense_features, "num_targets": num_targets}
         bad = {k: v for k, v in sizes.items() if v < (0 if k == "dense_features" else 1)}
         if bad:

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from tidal.config import RunConfig
+from tidal.config import RunConfig, require
 from tidal.data.batch import SparseBatch
 from tidal.data.criteo import CRITEO_COLUMNS
 from tidal.data.extract import Extractor
@@ -66,6 +66,7 @@ class Trainer:
     """Builds the tables, the extractor and the model of a `RunConfig`, and trains them."""
 
     def __init__(self, config: RunConfig) -> None:
+        require(config, RunConfig, "Trainer: config")
         self.config = config
         fix_gemm_threads()  # the same splits of every matrix product in every run, busy machine or not
         torch.manual_seed(config.training.seed)
