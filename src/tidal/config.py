@@ -264,8 +264,13 @@ class SparseFeature(_Model):
             raise ValueError("a cross (several columns) takes single hashed values: no separator, buckets or hashed=false")
         if sum([self.separator is not None, self.buckets is not None, not self.hashed]) > 1:
             raise ValueError("choose one of separator, buckets and hashed=false: they read the column differently")
-        if self.buckets is not None and sorted(self.buckets) != self.buckets:
-            raise ValueError(f"buckets must be ascending, got {self.buckets}")
+        if self.buckets is not None and any(a >= b for a, b in zip(self.buckets, self.buckets[1:])):
+            raise ValueError(f"buckets must be ascending, each boundary once, got {self.buckets}")
+        if len(set(self.columns)) != len(self.columns):
+            raise ValueError(f"a cross takes distinct columns, got {self.columns}")
+        if self.namespace is not None and not self.hashed:
+            raise ValueError("namespace seeds the hash of strings; with hashed=false the ids are read as they are, "
+                             "so leave namespace out")
         return self
 
     def embedding(self) -> EmbeddingFeature:

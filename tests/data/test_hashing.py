@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tidal.data import hash_strings
+from tidal.errors import DataError
 
 M64 = (1 << 64) - 1
 
@@ -63,3 +65,9 @@ def test_several_columns_hash_in_one_call_with_a_seed_each(columns, rows, seeds,
     ids, missing = hash_strings(pa.array(texts, pa.string()), np.array(seeds[:columns], np.uint64))
     assert ids.tolist() == [_reference(t, seeds[k // rows]) for k, t in enumerate(texts)]
     assert missing.tolist() == [t == "" for t in texts]
+
+
+def test_what_is_not_a_string_array_is_refused_with_the_way_to_make_one():
+    for values, got in ((pa.array([1, 2]), "int64"), (["a", "b"], "list")):
+        with pytest.raises(DataError, match=rf"hash_strings needs a pyarrow string array, got {got}; pass pyarrow.array"):
+            hash_strings(values, 7)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from tidal.cli import main
 from tidal.config import RunConfig
-from tidal.data import generate
+from tidal.data import SparseBatch, generate
 from tidal.data.criteo import CRITEO_DENSE, CRITEO_SPARSE
 from tidal.errors import BatchError, ConfigError, DataError
 from tidal.runtime import Trainer
@@ -276,6 +277,9 @@ def test_a_step_refuses_a_batch_laid_out_otherwise_than_the_config(tmp_path):
     with pytest.raises(BatchError, match=r"dense must be \[B, 13\] = \[512, 13\] \(one column per dense feature\), "
                                          r"got \(512, 12\)"):
         trainer.step(replace(batch, dense=batch.dense[:, :12]))
+    with pytest.raises(BatchError, match="a training step needs at least one sample, got an empty batch"):
+        trainer.step(SparseBatch(keys=batch.keys, batch_size=0, values=np.zeros(0, np.int64),
+                                 lengths=np.zeros(0, np.int32), dense=np.zeros((0, 13)), labels=np.zeros((0, 1))))
     assert trainer.step(batch) > 0.0
 
 

@@ -11,6 +11,7 @@ import numba
 import numpy as np
 import pyarrow as pa
 
+from tidal.errors import DataError
 from tidal.mixing import mix64
 
 __all__ = ["hash_strings"]
@@ -36,8 +37,10 @@ def hash_strings(array: pa.Array | pa.ChunkedArray, seed: int | np.ndarray) -> t
     """
     if isinstance(array, pa.ChunkedArray):
         array = pa.concat_arrays(array.chunks) if array.num_chunks else pa.array([], pa.string())
-    if not pa.types.is_string(array.type) and not pa.types.is_large_string(array.type):
-        raise TypeError(f"hash_strings needs a string array, got {array.type}")
+    if not isinstance(array, pa.Array) or not (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
+        got = array.type if isinstance(array, pa.Array) else type(array).__name__
+        raise DataError(f"hash_strings needs a pyarrow string array, got {got}; "
+                        f"pass pyarrow.array(values, pyarrow.string()) or cast the column to string first")
     seeds = np.asarray(seed, dtype=np.uint64) if np.ndim(seed) else np.array([seed & (2**64 - 1)], dtype=np.uint64)
     n = len(array)
     if n % seeds.shape[0]:

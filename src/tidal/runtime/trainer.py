@@ -154,6 +154,8 @@ class Trainer:
         """A BatchError unless `batch` is laid out as `extract` lays it out."""
         if not isinstance(batch, SparseBatch):
             raise BatchError(f"a training step takes a SparseBatch, got {type(batch).__name__}")
+        if batch.batch_size == 0:
+            raise BatchError("a training step needs at least one sample, got an empty batch")
         sparse = tuple(f.name for f in self.extractor.sparse)
         if batch.keys != sparse:
             raise BatchError(f"the batch's sparse features must be the config's, in its order: expected {list(sparse)}, "
