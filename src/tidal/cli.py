@@ -279,6 +279,10 @@ def _gen_data(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"tidal {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the folder is there, but a file in it cannot be written (read-only, disk full)
+        print(f"tidal gen-data: cannot write to --out {args.out}: {exc.strerror or exc}"
+              f"{f' ({exc.filename})' if exc.filename else ''}", file=sys.stderr)
+        return 2
     print(f"wrote {data.rows:,d} rows in {len(data.paths)} file(s) to {args.out}: "
           f"positive rate {data.positive_rate:.3f}, ceiling AUC "
           f"{'n/a (one class only)' if data.ceiling_auc is None else f'{data.ceiling_auc:.4f}'}")

@@ -92,6 +92,16 @@ def test_out_folder_that_cannot_be_created_is_a_config_error(tmp_path, capsys):
     assert "--out is empty; expected a folder to write the data to" in capsys.readouterr().err
 
 
+def test_a_file_that_cannot_be_written_is_reported_without_a_traceback(tmp_path, capsys, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "part-00000.tsv"))
+
+    monkeypatch.setattr("tidal.data.generate.generate", full_disk)
+    assert main(["gen-data", "--out", str(tmp_path), "--rows", "10"]) == 2
+    assert f"cannot write to --out {tmp_path}: No space left on device ({tmp_path / 'part-00000.tsv'})" in \
+        capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"rows": 10.5}, "rows must be an integer, got 10.5"),
     ({"rows": "10"}, "rows must be an integer, got '10'"),
