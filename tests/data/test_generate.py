@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import numpy as np
@@ -96,7 +97,7 @@ def test_a_file_that_cannot_be_written_is_reported_without_a_traceback(tmp_path,
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device", str(tmp_path / "part-00000.tsv"))
 
-    monkeypatch.setattr("tidal.data.generate.generate", full_disk)
+    monkeypatch.setattr(importlib.import_module("tidal.data.generate"), "generate", full_disk)  # the module, not the function
     assert main(["gen-data", "--out", str(tmp_path), "--rows", "10"]) == 2
     assert f"cannot write to --out {tmp_path}: No space left on device ({tmp_path / 'part-00000.tsv'})" in \
         capsys.readouterr().err
