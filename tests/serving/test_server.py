@@ -376,17 +376,24 @@ def test_hang_ups_and_unknown_models_are_counted_apart_from_server_errors(server
     assert after.get("error", 0) == before.get("error", 0)
 
 
-def test_a_client_that_hangs_up_while_its_request_waits_is_counted_gone_and_not_scored(bundle, trainer):
-    service = Service(bundle, name="ctr")
-    running = start_server(service)
+def _gated(service: Service) -> tuple[threading.Event, list[int]]:
+    """Hold every batch of `service` at a gate until it is set; the rows of each batch
+    scored are listed as they pass."""
     gate, original, scored = threading.Event(), service.predictor.sparse, []
 
-    def gated(pieces):
+    def gated(pieces):  # type: ignore[no-untyped-def]
         gate.wait()
         scored.append(sum(p.rows for p in pieces))
         return original(pieces)
 
     service.predictor.sparse = gated
+    return gate, scored
+
+
+def test_a_client_that_hangs_up_while_its_request_waits_is_counted_gone_and_not_scored(bundle, trainer):
+    service = Service(bundle, name="ctr")
+    running = start_server(service)
+    gate, scored = _gated(service)
     specs = input_specs(bundle.config)
     first = json.dumps(infer_request(with_user_of(file_rows(trainer, 3), specs), specs)).encode()
     second = json.dumps(infer_request(with_user_of(file_rows(trainer, 5), specs), specs)).encode()
@@ -423,14 +430,7 @@ def test_waiting_chunks_leave_the_queue_when_their_client_hangs_up(bundle, train
     its rows stop counting toward max_queue_rows at once."""
     service = Service(bundle, name="ctr", max_batch_rows=4, chunk_rows=4, sparse_threads=1, max_queue_rows=20)
     running = start_server(service)
-    gate, original, scored = threading.Event(), service.predictor.sparse, []
-
-    def gated(pieces):
-        gate.wait()
-        scored.append(sum(p.rows for p in pieces))
-        return original(pieces)
-
-    service.predictor.sparse = gated
+    gate, scored = _gated(service)
     specs = input_specs(bundle.config)
     first, second, third = (json.dumps(infer_request(with_user_of(file_rows(trainer, n), specs), specs)).encode()
                             for n in (3, 12, 15))
