@@ -17,6 +17,7 @@ that is allowed, for example ``TableConfig 'user_id': dim: Input should be great
 
 from __future__ import annotations
 
+import numbers
 from typing import Annotated, Any, Literal
 
 import pydantic
@@ -533,7 +534,7 @@ def require(value: Any, kind: type | tuple[type, ...], where: str) -> None:
 
 def require_threads(threads: Any, where: str) -> None:
     """A `ConfigError` unless `threads` is a whole number of threads, 1 or more."""
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
         raise ConfigError(f"{where}: threads must be an integer >= 1, got {threads!r}")
 
 

@@ -27,6 +27,7 @@ from tidal.data.criteo import criteo_features
 from tidal.data import BadRows
 from tidal.data.generate import generate
 from tidal.runtime import Telemetry, Trainer
+from tidal.runtime.trainer import shown_auc
 from tidal.serving import Service, export, load_bundle, start_server
 from tidal.serving.protocol import infer_request
 
@@ -88,7 +89,7 @@ def _compile_kernels(scratch: Path) -> None:
 def _print_summary(summary: dict, ceiling_auc: float) -> None:
     evaluation = summary["eval"]
     print("Summary")
-    print(f"  eval AUC        {evaluation['auc']['label']:.4f}   (planted ceiling {ceiling_auc:.4f})")
+    print(f"  eval AUC        {shown_auc(evaluation['auc']['label'])}   (planted ceiling {ceiling_auc:.4f})")
     print(f"  eval log loss   {evaluation['logloss']['label']:.4f}   on {evaluation['rows']:,d} rows")
     print(f"  training        {summary['rows']:,d} rows at {summary['samples_per_s']:,.0f} samples/s")
     for name, table in summary["tables"].items():

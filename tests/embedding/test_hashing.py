@@ -91,24 +91,39 @@ def test_table_seed_stable_when_python_hash_seed_differs():
     assert table_seed(5, "user_id") != table_seed(6, "user_id") != table_seed(5, "user")
 
 
+_ROWS_OF_KEYS = """
+import sys, numba, numpy as np
+from tidal.embedding.hashing import init_row
+
+@numba.njit
+def rows_of(keys, seed, kind, out):
+    for i in range(keys.shape[0]):
+        init_row(out[i], keys[i], seed, kind, 0.05)
+
+def initial_rows(keys, seed, kind):
+    out = np.empty((keys.shape[0], 64), np.float32)
+    rows_of(keys, np.uint64(seed), kind, out)
+    return out
+"""
+
+
 def test_initial_values_identical_when_compiled_for_another_cpu(tmp_path):
     """A worker on an older CPU (here: numba's generic x86-64 target, without FMA or
     AVX) creates the same rows bit for bit: no kernel may let the compiler reorder or
-    fuse float operations by the CPU it compiles for."""
-    keys = np.arange(-3000, 3000)
-    code = ("import sys, numpy as np; from tidal import EmbeddingTable, TableConfig, Initializer\n"
-            "for kind in ('normal', 'uniform'):\n"
-            "    t = EmbeddingTable(TableConfig(name='x', dim=64, initializer=Initializer(kind=kind, scale=0.05)))\n"
-            f"    k = np.arange({keys[0]}, {keys[-1] + 1}); t.lookup_or_insert(k)\n"
-            "    np.save(sys.argv[1] + kind + '.npy', t.lookup(k))\n")
+    fuse float operations by the CPU it compiles for (the table's rows are `init_row`'s,
+    as checked above)."""
+    keys, seed = np.arange(-3000, 3000), int(table_seed(0, "x"))
+    code = _ROWS_OF_KEYS + (f"for kind in (1, 2):\n    np.save(sys.argv[1] + str(kind) + '.npy', "
+                            f"initial_rows(np.arange({keys[0]}, {keys[-1] + 1}), {seed}, kind))\n")
     src = os.path.dirname(os.path.dirname(tidal.__file__))
     env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path / "cache"),
                PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "generic_")], env=env, check=True)
-    for kind in ("normal", "uniform"):
-        table = EmbeddingTable(TableConfig(name="x", dim=64, initializer=Initializer(kind=kind, scale=0.05)))
-        table.lookup_or_insert(keys)
-        np.testing.assert_array_equal(np.load(tmp_path / f"generic_{kind}.npy"), table.lookup(keys), err_msg=kind)
+    here: dict = {}
+    exec(_ROWS_OF_KEYS, here)  # the same driver, compiled for this CPU
+    for kind in (INIT_KINDS["uniform"], INIT_KINDS["normal"]):
+        np.testing.assert_array_equal(np.load(tmp_path / f"generic_{kind}.npy"), here["initial_rows"](keys, seed, kind),
+                                      err_msg=f"kind {kind}")
 
 
 # ------------------------------------------------------------------ distributions

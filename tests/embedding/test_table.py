@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -508,30 +507,24 @@ def _push(table: EmbeddingTable, keys: np.ndarray, value: float) -> None:
                              last_seen=np.zeros(len(keys), np.uint32), counts=np.zeros(len(keys), np.uint32)))
 
 
-def _while_rows_are_removed_and_reused(table: EmbeddingTable, keys: np.ndarray, work, seconds: float = 1.5) -> np.ndarray:
-    """Run `work()` over and over while another thread writes ones into the rows of
-    `keys`, removes half of them and has new keys take their rows, holding twos;
-    returns the new keys."""
-    stop, reused = threading.Event(), []
+def _while_rows_are_removed_and_reused(table: EmbeddingTable, keys: np.ndarray, work, rounds: int = 150) -> np.ndarray:
+    """Run `work()` over and over while another thread, `rounds` times, writes ones into
+    the rows of `keys`, removes half of them and has new keys take their rows, holding
+    twos; returns the new keys."""
+    reused = []
 
     def remove_and_reuse():
-        base = 10**9
-        while not stop.is_set():
+        for r in range(rounds):
             _push(table, keys, 1.0)
             table.remove(keys[::2])
-            reused.append(np.arange(base, base + len(keys) // 2))
+            reused.append(np.arange(10**9 + r * len(keys), 10**9 + r * len(keys) + len(keys) // 2))
             _push(table, reused[-1], 2.0)
-            base += len(keys)
 
     remover = threading.Thread(target=remove_and_reuse)
     remover.start()
-    deadline = time.perf_counter() + seconds
-    try:
-        while time.perf_counter() < deadline:
-            work()
-    finally:
-        stop.set()
-        remover.join()
+    while remover.is_alive():
+        work()
+    remover.join()
     return np.concatenate(reused)
 
 

@@ -8,13 +8,16 @@ import json
 import os
 import sys
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 
 from runtime.test_trainer import _config
-from tidal.config import RunConfig
+from tidal.config import EmbeddingFeature, Initializer, RunConfig, Sgd, TableConfig
+from tidal.data.batch import SparseBatch
 from tidal.embedding import EmbeddingCollection
 from tidal.errors import DataError, TidalError
 from tidal.models import resolve_precision
@@ -229,6 +232,30 @@ def test_an_update_failing_once_inside_the_store_is_applied_by_the_replacement(d
     _assert_bitwise_equal(reference, trainer)
 
 
+def test_two_overlapping_updates_of_one_batch_land_once(monkeypatch):
+    """A retry sent while the first call still runs (a replaced worker's, on a threaded
+    shard actor) waits for it and then lands nothing."""
+    collection = EmbeddingCollection([TableConfig(name="t", dim=2, optimizer=Sgd(lr=1.0),
+                                                  initializer=Initializer(kind="zeros"))],
+                                     [EmbeddingFeature(name="f", table="t")])
+    store, batch = EmbeddingShard(collection), SparseBatch.from_lists({"f": [[1], [2]]})
+    store.forward(0, batch)
+    original = EmbeddingCollection.backward
+
+    def slow(collection, ctx, grad):
+        time.sleep(0.2)
+        return original(collection, ctx, grad)
+
+    monkeypatch.setattr(EmbeddingCollection, "backward", slow)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(store.backward, 0, torch.ones(2, 1, 2))
+        time.sleep(0.05)
+        second = pool.submit(store.backward, 0, torch.ones(2, 1, 2))
+        assert first.result()["update"] > 0.0 and second.result() == {"update": 0.0}
+    np.testing.assert_array_equal(collection.tables[0].lookup(np.array([1, 2])), -np.ones((2, 2)))
+    assert store.evict() == 0  # nothing holds rows
+
+
 def test_failed_look_up_ahead_is_raised_by_the_forward_and_nothing_is_lost(data, reference, tmp_path, monkeypatch):
     looked_up = []
     original = EmbeddingShard.look_up
@@ -434,23 +461,28 @@ def test_resume_from_an_engine_checkpoint_equals_an_uninterrupted_run(data, refe
     _assert_bitwise_equal(reference, resumed)
 
 
-def test_a_run_resumed_after_a_batch_lost_before_its_lookup_keeps_the_steps_of_an_unstopped_one(data, tmp_path, monkeypatch):
-    lost = {"id": 9}  # batch 9 (step 10, just before the checkpoint) never looks its rows up
+# 24 batches an epoch: lost just before a checkpoint, or across an epoch's end (23, 24)
+@pytest.mark.parametrize("lost_ids, epochs, every", [({9}, 1, 10), ({23, 24}, 2, 25)], ids=["in_an_epoch", "across_epochs"])
+def test_a_run_resumed_after_batches_lost_before_their_lookup_equals_an_unstopped_one(data, tmp_path, monkeypatch,
+                                                                                       lost_ids, epochs, every):
+    """The resumed run goes on after the lost batches, at the steps the unstopped run gives."""
+    data = {**data, "training": {**data["training"], "epochs": epochs}}
+    lost = set(lost_ids)  # these batches never look their rows up
     for method in ("look_up", "forward"):
         original = getattr(SparseWorker, method)
 
         def poisoned(worker, k, *args, _original=original):
-            if k == lost["id"]:
+            if k in lost:
                 raise RuntimeError("cannot read this batch")
             return _original(worker, k, *args)
 
         monkeypatch.setattr(SparseWorker, method, poisoned)
     runtime = {"sparse_workers": 2, **EXACT}
     unstopped = _trainer(data, tmp_path / "unstopped", runtime)
-    assert unstopped.fit()["runtime"]["lost_batches"] == 1
-    _trainer(data, tmp_path / "stopped", runtime, checkpoint_every=10).fit(max_steps=15)
-    lost["id"] = None  # the resumed run's batch ids count from its checkpoint: none is lost
-    resumed = _trainer(data, tmp_path / "stopped", runtime, checkpoint_every=10)
+    assert unstopped.fit()["runtime"]["lost_batches"] == len(lost_ids)
+    _trainer(data, tmp_path / "stopped", runtime, checkpoint_every=every).fit(max_steps=every + 5)
+    lost.clear()  # the resumed run's batch ids count from its checkpoint: none is lost
+    resumed = _trainer(data, tmp_path / "stopped", runtime, checkpoint_every=every)
     resumed.fit(resume=True)
     _assert_bitwise_equal(unstopped, resumed)
 

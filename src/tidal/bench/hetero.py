@@ -29,6 +29,7 @@ from tidal.data.criteo import criteo_features
 from tidal.data.generate import generate
 from tidal.runtime import Trainer
 from tidal.runtime.telemetry import Telemetry
+from tidal.runtime.trainer import shown_auc
 from tidal.runtime.workers import dense_device
 
 __all__ = ["run"]
@@ -55,7 +56,7 @@ def _fit(train: list[str], held_out: list[str], run_dir: Path, runtime: dict | N
     report = summary["runtime"] or {}
     shown = f"  bottleneck {report['bottleneck']} {report['bottleneck_utilization']:.0%}" if report else ""
     print(f"  {_name(runtime, precision):<44} {summary['samples_per_s']:>9,.0f} samples/s  "
-          f"AUC {summary['eval']['auc']['label']:.4f}{shown}", flush=True)
+          f"AUC {shown_auc(summary['eval']['auc']['label'])}{shown}", flush=True)
     return summary
 
 

@@ -151,7 +151,7 @@ def _save(root: Path, tables: Sequence[EmbeddingTable], *, delta: bool) -> Path:
 
 def _write_table(directory: Path, table: EmbeddingTable, delta: bool) -> dict[str, Any]:
     (directory / table.name).mkdir()
-    clocks = table.clocks_after_save()  # before the rows: the next delta holds whatever moves after
+    clocks = table.clocks_after_save()  # before the rows, as a save at a safe point sees them
     files = {}
     for s in range(table.num_shards):
         relative = f"{table.name}/shard-{s:02d}.safetensors"

@@ -126,10 +126,22 @@ class EmbeddingCollection:
         """The pooled `[B, F, D]` embeddings of the rows `ctx` found for `batch`."""
         if dtype not in _DTYPES:
             raise BatchError(f"pooled dtype must be one of float32, bfloat16, float16, got {dtype}")
-        self._check_context(batch, ctx)
-        handles = self._handles(ctx)
         if out is not None and dtype != torch.float32:
             raise BatchError(f"out receives float32 output; pooling to {dtype} allocates its own")
+        self._check_batch(batch, ctx)
+        with self._holding_rows(ctx):  # no row of the context is removed while it is pooled
+            for t, (_, lookup) in ctx.lookups.items():
+                self.tables[t].check_lookup(lookup)
+            return self._pool(batch, ctx, dtype, out)
+
+    def _holding_rows(self, ctx: PooledContext) -> ExitStack:
+        held = ExitStack()
+        for t in sorted(ctx.lookups, key=lambda t: id(self.tables[t])):  # one order, whatever lists them
+            held.enter_context(self.tables[t].holding_rows())
+        return held
+
+    def _pool(self, batch: SparseBatch, ctx: PooledContext, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+        handles = self._handles(ctx)
         directories, widths = self._directories()
         if dtype == torch.bfloat16:  # rounded in the kernel: no float32 buffer, no second pass
             pooled = torch.empty((batch.batch_size, len(batch.keys), self.dim), dtype=torch.bfloat16)
@@ -141,16 +153,17 @@ class EmbeddingCollection:
                   ctx.feature_tables, handles, ctx.offsets, ctx.scales, pooled.numpy())
         return pooled.to(dtype)
 
-    def _check_context(self, batch: SparseBatch, ctx: PooledContext) -> None:
-        """`ctx` is `lookup(batch)`'s, and its rows are still theirs (no eviction since)."""
+    def _check_batch(self, batch: SparseBatch, ctx: PooledContext) -> None:
+        """`ctx` is `lookup(batch)`'s: the same samples, features (in order), bags, ids and weights."""
         keys, values, weights = ctx.batch
-        if (ctx.batch_size, keys) != (batch.batch_size, batch.keys) or not (
-                _same(ctx.offsets, batch.offsets) and _same(values, batch.values) and _same(weights, batch.weights)):
-            raise BatchError(f"this context was looked up for another batch ({ctx.batch_size} samples x "
-                             f"{ctx.feature_tables.shape[0]} features, {ctx.scales.shape[0]} ids), not this one "
-                             f"({batch.batch_size} x {len(batch.keys)}, {batch.values.shape[0]} ids)")
-        for t, (_, lookup) in ctx.lookups.items():
-            self.tables[t].check_lookup(lookup)
+        differ = [name for name, same in (
+            ("samples", ctx.batch_size == batch.batch_size), ("features or their order", keys == batch.keys),
+            ("bags", _same(ctx.offsets, batch.offsets)), ("ids", _same(values, batch.values)),
+            ("weights", _same(weights, batch.weights))) if not same]
+        if differ:
+            raise BatchError(f"this context was looked up for another batch: its {', '.join(differ)} differ "
+                             f"({ctx.batch_size} samples x {list(keys)}, {values.shape[0]} ids here; "
+                             f"{batch.batch_size} x {list(batch.keys)}, {batch.values.shape[0]} ids given)")
 
     @staticmethod
     def _handles(ctx: PooledContext) -> np.ndarray:

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Any
 
 import numpy as np
 
@@ -88,9 +87,9 @@ class RowLookup:
     key's gradient to its row as it comes: listing the distinct rows costs about a tenth
     of a lookup, and only the other optimizers need the sum of a row's gradients first.
 
-    `table` and `epochs` say which table made it and, shard by shard, between which
-    removals of rows (`remove`, `evict`): handles are only valid there, so
-    `apply_grouped` refuses a lookup from elsewhere or older.
+    `table` and `epoch` say which table made it and between which removals of rows
+    (`remove`, `evict`): handles are only valid there, so `apply_grouped` refuses a
+    lookup from elsewhere or older.
     `seen_at` is the step its rows were marked seen at (-1: a `find`, which marks none).
     """
 
@@ -101,7 +100,7 @@ class RowLookup:
     shard_offsets: np.ndarray | None
     numbers: np.ndarray | None
     table: int  # id() of the table
-    epochs: np.ndarray  # [S] each shard's epoch when the lookup read it
+    epoch: int  # the table's removals of rows when it was made
     seen_at: int
 
 
@@ -123,12 +122,50 @@ class RowBlock:
     counts: np.ndarray
 
 
+class _RemovalGate:
+    """Many users of a table's rows at once (lookups, reads, updates), or one removal of
+    rows: a removal waits for the uses under way and keeps new ones waiting (it goes
+    first), so a use never sees a row freed and given to another key half way through.
+    A thread must not take `using` again on the same gate while it holds it."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._users = 0
+        self._removers = 0  # waiting or removing
+        self._removing = False
+
+    @contextmanager
+    def using(self) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: not self._removers)
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._users -= 1
+                self._changed.notify_all()
+
+    @contextmanager
+    def removing(self) -> Iterator[None]:
+        with self._changed:
+            self._removers += 1
+            self._changed.wait_for(lambda: not self._users and not self._removing)
+            self._removing = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._removers -= 1
+                self._removing = False
+                self._changed.notify_all()
+
+
 class _Shard:
     """One shard's index, row metadata and control block; used under `lock` only."""
 
     def __init__(self, row_limit: int, track_counts: bool, sketch_width: int) -> None:
         self.lock = threading.Lock()
-        self.epoch = 0  # bumped, under the lock, whenever rows are freed
         self.slots = np.full(1024, ix.EMPTY, dtype=np.int32)
         self.row_keys = np.zeros(0, dtype=np.int64)
         self.last_seen = np.zeros(0, dtype=np.uint32)
@@ -229,6 +266,8 @@ class EmbeddingTable:
         self._updates = 0  # optimizer steps so far
         self._saved_step = -1  # rows last seen at or after this step go into the next delta
         self._counter_lock = threading.Lock()
+        self._gate = _RemovalGate()
+        self._epoch = 0  # removals of rows so far (under the gate): a RowLookup is valid within one
         self._shards = [self._new_shard(s) for s in range(config.num_shards)]
         self.checkpoint_id: str | None = None  # the full checkpoint a delta would extend
         if self.row_cap == 0:
@@ -355,54 +394,44 @@ class EmbeddingTable:
         creating admitted rows on first sight.
 
         Keys turned away by admission (or by a full table) get handle -1. Handles stay
-        valid until the next `evict()`. Rows keep the latest step that looked them up,
+        valid until rows are next removed (`evict`, `remove`). Rows keep the latest step that looked them up,
         so lookups given their batches' steps may come in any order (a pipeline looking
         batches up on several threads) and leave every row's step, and so its TTL, as
         lookups in step order would. Under admission, which sighting creates a row still
         depends on the order of the sightings.
         """
-        return self._resolve(self._keys(keys), step=self._take_step(step), insert=True,
-                             distinct=self.optimizer.sums_keys_first)
+        keys, step = self._keys(keys), self._take_step(step)
+        with self._gate.using():
+            return self._resolve(keys, step=step, insert=True, distinct=self.optimizer.sums_keys_first)
 
     def find(self, keys: np.ndarray, *, count: bool = True) -> RowLookup:
         """Rows of `keys` without creating any: absent keys get -1 (and, with `count`,
         count as misses; internal reads such as `apply_gradients` pass False)."""
-        return self._resolve(self._keys(keys), step=self._step, insert=False,
-                             distinct=self.optimizer.sums_keys_first, count=count)
+        keys = self._keys(keys)
+        with self._gate.using():
+            return self._resolve(keys, step=self._step, insert=False, distinct=self.optimizer.sums_keys_first,
+                                 count=count)
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Values `[n, dim]` float32 of `keys` for serving; absent keys read as zeros."""
         keys = self._keys(keys)
-        return self._consistent(lambda found: self._gather(found.handles, columns=self.dim), keys)
+        with self._gate.using():
+            return self._gather(self._resolve(keys, step=self._step, insert=False, distinct=False).handles,
+                                columns=self.dim)
 
-    def _consistent(self, read: Callable[[RowLookup], Any], keys: np.ndarray) -> Any:
-        """`read` of the rows of `keys`, again until no row was removed meanwhile: a freed
-        row may have gone to another key while `read` copied it. Only the first lookup
-        counts in the statistics."""
-        count = True
-        while True:
-            found = self._resolve(keys, step=self._step, insert=False, distinct=False, count=count)
-            result = read(found)
-            if self._is_current(found):
-                return result
-            count = False
-
-    def _is_current(self, lookup: RowLookup, shard: int | None = None) -> bool:
-        """Whether no row of `lookup` (of `shard` only, if given) was removed since it was made."""
-        if lookup.table != id(self):
-            return False
-        if shard is not None:
-            return bool(lookup.epochs[shard] == self._shards[shard].epoch)
-        return all(lookup.epochs[s] == shard.epoch for s, shard in enumerate(self._shards))
+    def holding_rows(self) -> AbstractContextManager[None]:
+        """A block in which no row of this table is removed: lookups made before it can be
+        checked (`check_lookup`) and then used without a removal freeing their rows."""
+        return self._gate.using()
 
     def _resolve(self, keys: np.ndarray, *, step: int, insert: bool, distinct: bool, force: bool = False,
                  count: bool = True) -> RowLookup:
+        """The rows of `keys`; the caller holds the gate (`using`)."""
         keys, hashes, order, offsets = ix.group_by_shard(keys, self.num_shards)
         handles = np.empty(keys.shape[0], dtype=np.int64)
         numbers = np.empty(keys.shape[0] if distinct else 0, dtype=np.int64)
-        epochs = np.array([shard.epoch for shard in self._shards], dtype=np.int64)  # a shard resolving sets its own
         found: list[np.ndarray] = [np.zeros(0, np.int64)] * self.num_shards
-        route = (keys, hashes, order, offsets, handles, numbers, epochs)
+        route = (keys, hashes, order, offsets, handles, numbers)
         settings = (step, insert, count, distinct, self._admission_settings(force))
 
         def in_shard(s: int) -> None:
@@ -410,7 +439,7 @@ class EmbeddingTable:
 
         run_tasks([partial(in_shard, s) for s in _largest_first(np.diff(offsets))], self.threads)
         lookup = RowLookup(handles=handles, key_offsets=offsets, order=order, unique=None, shard_offsets=None,
-                           numbers=None, table=id(self), epochs=epochs, seen_at=step if insert else -1)
+                           numbers=None, table=id(self), epoch=self._epoch, seen_at=step if insert else -1)
         if not distinct:
             return lookup
         bases = np.zeros(self.num_shards + 1, dtype=np.int64)
@@ -421,7 +450,7 @@ class EmbeddingTable:
     def _resolve_in_shard(self, s: int, route: tuple, settings: tuple) -> np.ndarray:
         """Resolve shard `s`'s part of a batch under its lock; its distinct local rows
         (none without `distinct`)."""
-        keys, hashes, order, offsets, handles, numbers, epochs = route
+        keys, hashes, order, offsets, handles, numbers = route
         step, insert, count, distinct, admission = settings
         shard = self._shards[s]
         position, end = int(offsets[s]), int(offsets[s + 1])
@@ -432,7 +461,6 @@ class EmbeddingTable:
         refused, n_refused = np.empty(end - position if counted else 0, dtype=np.int64), np.zeros(1, dtype=np.int64)
         out = (handles, numbers, rows, previous, n_rows, refused, n_refused)
         with shard.lock:
-            epochs[s] = shard.epoch
             try:
                 while position < end:
                     position = ix.resolve(
@@ -499,7 +527,6 @@ class EmbeddingTable:
         `grad` is `[N, dim]` float32 (or uint16 bfloat16 bits); `sources` and `scales`
         have one entry per key of the lookup.
         """
-        self.check_lookup(lookup)
         n = lookup.handles.shape[0]
         if not isinstance(grad, np.ndarray) or grad.dtype not in (np.float32, np.uint16):
             raise BatchError(f"table {self.name!r}: gradient rows must be a float32 numpy array (or uint16 bfloat16 "
@@ -512,13 +539,15 @@ class EmbeddingTable:
         if sources.dtype.kind not in "iu" or (n and not 0 <= sources.min() <= sources.max() < grad.shape[0]):
             raise BatchError(f"table {self.name!r}: sources must be integer rows of the {grad.shape[0]} gradient rows")
         sources = sources.astype(np.int64, copy=False)
-        step = self._next_update()
         cost = np.diff(lookup.key_offsets)  # a gradient row read per key (plain SGD: and its row updated)
         if lookup.shard_offsets is not None:
             cost += np.diff(lookup.shard_offsets)  # each distinct row read and written once
         gradient = (sources, scales, grad)
-        run_tasks([partial(self._apply_in_shard, s, lookup, gradient, step) for s in _largest_first(cost)],
-                  self.threads)
+        with self._gate.using():  # no row is removed from the check to the last shard's update
+            self.check_lookup(lookup)
+            step = self._next_update()
+            run_tasks([partial(self._apply_in_shard, s, lookup, gradient, step) for s in _largest_first(cost)],
+                      self.threads)
 
     @contextmanager
     def updating_in_place(self, lookup: RowLookup) -> Iterator[None]:
@@ -526,12 +555,11 @@ class EmbeddingTable:
         (a kernel that visits rows of all shards, such as `pooling.sgd_by_sample`); the
         rows are marked seen on the way out. Locks are taken in shard order, as by every
         caller that holds more than one."""
-        self.check_lookup(lookup)
-        self._next_update()
-        with ExitStack() as held:
+        with self._gate.using(), ExitStack() as held:
+            self.check_lookup(lookup)
+            self._next_update()
             for shard in self._shards:
                 held.enter_context(shard.lock)
-            self.check_lookup(lookup)  # again, under the locks: no remove frees its rows from here on
             yield
             if self._needs_marking(lookup):
                 for s, shard in enumerate(self._shards):
@@ -545,10 +573,10 @@ class EmbeddingTable:
         `find` (`apply_gradients`), which marks none, are marked whenever updated."""
         return lookup.seen_at < 0 or lookup.seen_at < self._saved_step
 
-    def check_lookup(self, lookup: RowLookup, shard: int | None = None) -> None:
-        """A `BatchError` unless `lookup` came from this table and none of its rows (of
-        `shard` only, if given) was removed since."""
-        if not self._is_current(lookup, shard):
+    def check_lookup(self, lookup: RowLookup) -> None:
+        """A `BatchError` unless `lookup` came from this table and no row was removed since
+        (check it inside `holding_rows` to use it after)."""
+        if lookup.table != id(self) or lookup.epoch != self._epoch:
             raise BatchError(f"table {self.name!r}: this RowLookup came from another table or from "
                              "before an evict() or remove(); look the keys up again")
 
@@ -561,7 +589,6 @@ class EmbeddingTable:
             lo, hi = int(lookup.shard_offsets[s]), int(lookup.shard_offsets[s + 1])
         grouping = (lookup.order, numbers, lookup.handles, int(keys[s]), int(keys[s + 1]))
         with shard.lock:
-            self.check_lookup(lookup, s)  # again, under the lock: a remove frees rows and moves the epoch under it
             pooling.apply_grouped(self.arena.directory, self.width, unique, grouping, gradient,
                                   self.optimizer.code, self.optimizer.hyper, step, lo, hi)
             if self._needs_marking(lookup):
@@ -575,7 +602,9 @@ class EmbeddingTable:
         Absent keys come back as zero rows with found False.
         """
         keys = self._keys(keys)
-        return self._consistent(lambda found: self._pull(keys, found.handles), keys)
+        with self._gate.using():
+            return self._pull(keys, self._resolve(keys, step=self._step, insert=False, distinct=False,
+                                                  count=False).handles)
 
     def _pull(self, keys: np.ndarray, handles: np.ndarray) -> tuple[RowBlock, np.ndarray]:
         rows = self._gather(handles)
@@ -617,10 +646,11 @@ class EmbeddingTable:
             raise BatchError(f"table {self.name!r}: pushed last_seen and counts must have one entry per key "
                              f"({len(keys)}), got shapes {metadata}")
         rows = np.concatenate([values, state], axis=1)
-        handles = self._resolve(keys, step=self._step, insert=True, distinct=False, force=True, count=False).handles
-        run_split(pooling.scatter_rows, len(keys), self.threads, self.arena.directory, self.width, handles, rows)
         last_seen = np.asarray(block.last_seen, np.uint32) if keep_last_seen else np.full(len(keys), self._step, np.uint32)
-        self._set_metadata(handles, last_seen, np.asarray(block.counts, np.uint32))
+        with self._gate.using():
+            handles = self._resolve(keys, step=self._step, insert=True, distinct=False, force=True, count=False).handles
+            run_split(pooling.scatter_rows, len(keys), self.threads, self.arena.directory, self.width, handles, rows)
+            self._set_metadata(handles, last_seen, np.asarray(block.counts, np.uint32))
         return handles >= 0
 
     def _set_metadata(self, handles: np.ndarray, last_seen: np.ndarray, counts: np.ndarray) -> None:
@@ -640,21 +670,23 @@ class EmbeddingTable:
         """Delete the rows of `keys` (absent keys are skipped); returns how many went.
 
         Removed rows count as evicted and are recorded for the next delta checkpoint.
-        Lookups made before (or while) it runs are refused by the updates they are
-        given to, since their rows may go to other keys: look the keys up again.
+        It waits for the lookups, reads and updates under way, and those that come
+        meanwhile wait for it. When rows went, lookups made before are refused by the
+        updates they are given to (their rows may go to other keys): look the keys up again.
         """
         grouped, _, _, offsets = ix.group_by_shard(self._keys(keys), self.num_shards)
         removed = 0
-        for s, shard in enumerate(self._shards):
-            mine = grouped[offsets[s] : offsets[s + 1]]
-            with shard.lock:
-                shard.reserve_free(len(mine))
-                present = ix.remove(shard.slots, shard.row_keys, shard.free_rows, shard.ctl, mine)
-                if self._saved_step >= 0:  # only a delta after a save needs them
-                    shard.record_removed(mine[present])
-                shard.ctl[ix.C_EVICTED] += int(present.sum())
-                shard.epoch += bool(present.any())  # with the rows freed: lookups that hold them are stale
-                removed += int(present.sum())
+        with self._gate.removing():
+            for s, shard in enumerate(self._shards):
+                mine = grouped[offsets[s] : offsets[s + 1]]
+                with shard.lock:
+                    shard.reserve_free(len(mine))
+                    present = ix.remove(shard.slots, shard.row_keys, shard.free_rows, shard.ctl, mine)
+                    if self._saved_step >= 0:  # only a delta after a save needs them
+                        shard.record_removed(mine[present])
+                    shard.ctl[ix.C_EVICTED] += int(present.sum())
+                    removed += int(present.sum())
+            self._epoch += removed > 0
         return removed
 
     # ------------------------------------------------------------------ eviction
@@ -670,9 +702,8 @@ class EmbeddingTable:
         eviction = self.config.eviction
         if eviction is None:
             return 0
-        for shard in self._shards:  # lookups from before a safe point are refused, even if no row goes
-            with shard.lock:
-                shard.epoch += 1
+        with self._gate.removing():  # lookups from before a safe point are refused, even if no row goes
+            self._epoch += 1
         evicted = 0
         if eviction.ttl_steps is not None:
             stale = [keys[self._step - seen.astype(np.int64) > eviction.ttl_steps]
@@ -747,7 +778,7 @@ class EmbeddingTable:
             shard.forget_removed()
 
     def clocks_after_save(self) -> dict[str, int]:
-        """The step counters as they will be once the checkpoint being written commits.
+        """The step counters a checkpoint records (`mark_saved` then takes its saved step).
 
         A save takes no step (so saves do not age rows toward their TTL); the next delta
         holds the rows seen at the save's step or later, so rows a lookup of that step

@@ -194,9 +194,10 @@ class Engine:
         return self.max_steps is not None and self.start_step + self.done >= self.max_steps
 
     def _position(self) -> dict[str, int]:
-        """Where a run resumed from this step goes on. Batches lost before they were read
-        (ids after the last one placed) count as trained: it goes on after them (in the
-        epoch of the last batch placed; past its end, the reader starts the next one)."""
+        """Where a run resumed from this step goes on. Batches lost before they were placed
+        (ids after the last one placed) count as trained: it goes on after them, counted
+        from the last batch placed (past the end of its epoch, the reader goes on into the
+        next one by as many batches)."""
         last = max(k for k in self.placement if k < self.done)
         epoch, index = self.placement[last]
         return {"step": self.start_step + self.done, "epoch": epoch, "batch": index + self.done - last}

@@ -69,7 +69,7 @@ def _split(done: cf.Future, parts: list[cf.Future]) -> None:
 class LocalBackend:
     """Threads in one process: one shared source, one shared store, M dense replicas."""
 
-    def __init__(self, trainer: Any, spec: Any, first_step: int) -> None:
+    def __init__(self, trainer: Any, spec: Any, first_step: int = 0) -> None:
         self.trainer, self.runtime = trainer, trainer.config.runtime
         self.source = BatchSource(spec, shared=True)
         self.store = EmbeddingShard(trainer.collection, nice=self.runtime.sparse_nice, first_step=first_step)

@@ -269,8 +269,7 @@ class RayBackend:
             raise
 
     def forget(self, batch_id: int) -> None:
-        for shard in self.shards:
-            shard.drop.remote(batch_id)
+        ray.get([shard.drop.remote(batch_id) for shard in self.shards])  # done before a barrier's evict
 
     def stop(self, actor: Any) -> None:
         if actor in self._actors:

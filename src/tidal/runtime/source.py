@@ -99,10 +99,12 @@ class BatchSource:
 
         A batch is handed on once the next one is read (or the epoch ended), so the bad
         rows met up to then, those after a file's last full batch included, go with it.
+        A start past the end of its epoch goes on into the next one, by the batches
+        beyond the end (a run stopped after lost batches that began the next epoch).
         """
+        skip = self.spec.start_batch
         for epoch in range(self.spec.start_epoch, self.spec.epochs):
             report, counted, shown = BadRows(), 0, 0
-            skip = self.spec.start_batch if epoch == self.spec.start_epoch else 0
             held: tuple[int, pa.RecordBatch | SparseBatch] | None = None
             for index, table in enumerate(chain(self.spec.epoch(report), [None])):
                 if held is not None:
@@ -111,6 +113,7 @@ class BatchSource:
                     if held[0] >= skip:  # the bad rows of skipped batches were counted before the resume
                         yield epoch, held[0], held[1], bad, examples
                 held = (index, table) if table is not None else None
+            skip = max(0, skip - index)  # index: the epoch's batches, once its end is reached
 
     def get(self, batch_id: int) -> Item | None:
         """Batch `batch_id`, or None when the stream ends before it. A batch handed out

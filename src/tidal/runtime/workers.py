@@ -149,8 +149,10 @@ class EmbeddingShard:
         from their own step."""
         self.collection, self.nice = collection, nice
         self._contexts: dict[int, Any] = {}
+        self._applying: set[int] = set()  # updates under way: their contexts are out of `_contexts`
         self._applied: deque[int] = deque(maxlen=_RECENT_UPDATES)
         self._lock = threading.Lock()
+        self._update_ended = threading.Condition(self._lock)
         self._first_step = max([first_step] + [t.step for t in collection.tables])
 
     def look_up(self, batch_id: int, batch: SparseBatch) -> dict[str, float]:
@@ -180,8 +182,9 @@ class EmbeddingShard:
     def evict(self) -> int:
         """Apply the tables' eviction (a safe point: no batch between lookup and update)."""
         with self._lock:
-            if self._contexts:
-                raise TidalError(f"evict() while batches {sorted(self._contexts)} hold rows; only at a safe point")
+            holding = sorted(self._contexts.keys() | self._applying)
+            if holding:
+                raise TidalError(f"evict() while batches {holding} hold rows; only at a safe point")
         return self.collection.evict()
 
     def backward(self, batch_id: int, grad: torch.Tensor | np.ndarray) -> dict[str, float]:
@@ -189,15 +192,34 @@ class EmbeddingShard:
         (float32, or bfloat16, which the kernel reads as it is)."""
         lower_priority(self.nice)
         start = time.perf_counter()
-        with self._lock:
-            if batch_id in self._applied:  # a retry of an update that landed here (another part of it failed)
-                return {"update": 0.0}
-            ctx = self._contexts[batch_id]
-        self.collection.backward(ctx, grad)  # kept until it lands: a failed update is tried again
-        with self._lock:
-            del self._contexts[batch_id]
-            self._applied.append(batch_id)
+        ctx = self._claim(batch_id)
+        if ctx is None:  # a retry of an update that landed here (another part of it failed)
+            return {"update": 0.0}
+        landed = False
+        try:
+            self.collection.backward(ctx, grad)
+            landed = True
+        finally:
+            with self._update_ended:
+                self._applying.discard(batch_id)
+                if landed:
+                    self._applied.append(batch_id)
+                else:  # kept for the retry
+                    self._contexts[batch_id] = ctx
+                self._update_ended.notify_all()
         return {"update": time.perf_counter() - start}
+
+    def _claim(self, batch_id: int) -> Any:
+        """The context of batch `batch_id`, taken for its update; None if the update landed
+        already. A call for an update under way waits for it to end (two calls at once come
+        from a retry sent while the first still ran), so an update lands once."""
+        with self._update_ended:
+            self._update_ended.wait_for(lambda: batch_id not in self._applying)
+            if batch_id in self._applied:
+                return None
+            ctx = self._contexts.pop(batch_id)  # a KeyError for a batch never looked up here
+            self._applying.add(batch_id)
+            return ctx
 
     def drop(self, batch_id: int) -> None:
         """Forget batch `batch_id`: its update will not come."""
