@@ -116,3 +116,47 @@ def test_no_ray_cluster_at_the_address_is_a_config_error(data, tmp_path, monkeyp
     trainer = _trainer(data, tmp_path, {"backend": "ray", "ray_address": "auto"})
     with pytest.raises(ConfigError, match="runtime.ray_address auto: no Ray cluster there"):
         RayBackend(trainer, trainer.reader_spec(data["data"]["train"]))
+
+
+@pytest.mark.parametrize("runtime", [{"sparse_workers": 4}, {"sparse_workers": 1, "sparse_workers_at": {4: 4}}],
+                         ids=["at_start", "by_the_schedule"])
+def test_more_actors_than_the_cluster_has_cpus_are_refused_before_any_starts(cluster, data, tmp_path, runtime):
+    from tidal.errors import ConfigError
+
+    trainer = _trainer(data, tmp_path, {"backend": "ray", "embedding_shards": 2, **runtime})
+    with pytest.raises(ConfigError, match="the Ray cluster has 6 CPUs, and 4 sparse workers need 7 actors"):
+        trainer.fit()
+    assert _all_actors_gone()
+
+
+def test_a_dead_shard_actor_stops_the_run_naming_it(cluster, data, tmp_path, monkeypatch):
+    from tidal.errors import TidalError
+
+    original = Engine._backward_done
+
+    def kill_a_shard(engine, batch_id, timings):
+        original(engine, batch_id, timings)
+        if batch_id == 5:
+            ray.kill(engine.backend.shards[0])
+
+    monkeypatch.setattr(Engine, "_backward_done", kill_a_shard)
+    trainer = _trainer(data, tmp_path, {"backend": "ray", "sparse_workers": 2, "embedding_shards": 2})
+    with pytest.raises(TidalError, match="an embedding shard actor died .* continue it from the last checkpoint"):
+        trainer.fit()
+    assert _all_actors_gone()
+
+
+def test_an_interrupt_while_the_shards_start_leaves_no_actor(cluster, data, tmp_path, monkeypatch):
+    from tidal.runtime.ray_backend import RayBackend
+
+    original = RayBackend._start_shards
+
+    def interrupted(backend):
+        original(backend)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RayBackend, "_start_shards", interrupted)
+    trainer = _trainer(data, tmp_path, {"backend": "ray", "embedding_shards": 2})
+    with pytest.raises(KeyboardInterrupt):
+        RayBackend(trainer, trainer.reader_spec(data["data"]["train"]))
+    assert _all_actors_gone()

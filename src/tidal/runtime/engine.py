@@ -88,6 +88,7 @@ class Engine:
         coordinator takes it up at its next turn)."""
         if sparse_workers < 1:
             raise TidalError(f"a run needs at least one sparse worker, got {sparse_workers}")
+        self.backend.check_workers(sparse_workers)
         self.target_workers = sparse_workers
 
     def _apply_resize(self) -> None:

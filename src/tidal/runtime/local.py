@@ -125,6 +125,9 @@ class LocalBackend:
     def forget(self, batch_id: int) -> None:
         self.store.drop(batch_id)
 
+    def check_workers(self, sparse_workers: int) -> None:
+        """Threads: any number of sparse workers can start."""
+
     def stop(self, actor: _ThreadActor) -> None:
         actor.close()
         self._actors.remove(actor)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
 from tidal.data.batch import SparseBatch
 from tidal.data.extract import Extractor
@@ -87,12 +87,12 @@ class _RemoteStore:
         return [(shard, batch.select([self.keys[f] for f in at])) for shard, at in self.parts]
 
     def look_up(self, batch_id: int, batch: SparseBatch) -> dict[str, float]:
-        spent = ray.get([shard.look_up.remote(batch_id, part) for shard, part in self._split(batch)])
+        spent = _all_ended([shard.look_up.remote(batch_id, part) for shard, part in self._split(batch)])
         return {"lookup": sum(s["lookup"] for s in spent)}
 
     def forward(self, batch_id: int, batch: SparseBatch,
                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, dict[str, float]]:
-        results = ray.get([shard.forward.remote(batch_id, part, dtype) for shard, part in self._split(batch)])
+        results = _all_ended([shard.forward.remote(batch_id, part, dtype) for shard, part in self._split(batch)])
         pooled = torch.empty((batch.batch_size, len(self.keys), results[0][0].shape[2]), dtype=dtype)  # [B, F, D]
         timings: dict[str, float] = {}
         for (_, at), (values, spent) in zip(self.parts, results):
@@ -103,7 +103,19 @@ class _RemoteStore:
     def backward(self, batch_id: int, grad: torch.Tensor) -> dict[str, float]:
         dtype = _name(grad.dtype)
         refs = [shard.backward.remote(batch_id, encode(grad[:, at].contiguous(), dtype), dtype) for shard, at in self.parts]
-        return {"update": sum(spent["update"] for spent in ray.get(refs))}
+        return {"update": sum(spent["update"] for spent in _all_ended(refs))}
+
+
+def _all_ended(refs: list[Any]) -> list[Any]:
+    """The results of calls to the shard actors, once every one has ended: a call that
+    failed is raised only then, so its retry meets none of them still running. A shard
+    actor that died stops the run: its tables died with it."""
+    ray.wait(refs, num_returns=len(refs))
+    try:
+        return ray.get(refs)
+    except RayActorError as exc:
+        raise TidalError(f"an embedding shard actor died ({type(exc).__name__}); its tables are gone with it. "
+                         f"The run stopped; continue it from the last checkpoint with --resume") from None
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -180,20 +192,40 @@ class RayBackend:
         self.trainer, self.runtime, self.spec = trainer, trainer.config.runtime, spec
         self.first_step = first_step
         self.started_ray = not ray.is_initialized()
+        most = max([self.runtime.sparse_workers, *self.runtime.sparse_workers_at.values()])  # the schedule's peak
         if self.started_ray:
-            workers = self.runtime.sparse_workers + self.runtime.dense_workers + self.runtime.embedding_shards + 1
             _check_reachable(self.runtime.ray_address)
             try:
                 ray.init(address=self.runtime.ray_address, include_dashboard=False, log_to_driver=True,
-                         num_cpus=None if self.runtime.ray_address else max(os.cpu_count() or 1, workers))
+                         num_cpus=None if self.runtime.ray_address else max(os.cpu_count() or 1,
+                                                                              self._actors_needed(most) + 1))
             except ConnectionError as exc:  # no cluster at 'auto', or something else answers at the address
                 raise ConfigError(f"runtime.ray_address {self.runtime.ray_address}: no Ray cluster there ({exc}); "
                                   f"start one (ray start --head) or leave ray_address out for a local Ray") from None
         self.threads = trainer.config.training.threads
         self.features = list(trainer.config.features)
-        self.shards, self.features_of = self._start_shards()
         self.dense_node: str | None = None
-        self._actors: list[Any] = list(self.shards)
+        self._actors: list[Any] = []
+        try:
+            self.check_workers(most)
+            self.shards, self.features_of = self._start_shards()
+        except BaseException:  # Ctrl-C while the tables are copied out, say: leave nothing running
+            self.shutdown()
+            raise
+
+    def _actors_needed(self, sparse_workers: int) -> int:
+        """Actors (of one CPU each) of a run with `sparse_workers` sparse workers."""
+        shards = min(self.runtime.embedding_shards, len(self.trainer.collection.tables))
+        return sparse_workers + int(self.runtime.colocated_sparse_worker) + self.runtime.dense_workers + shards
+
+    def check_workers(self, sparse_workers: int) -> None:
+        """A `ConfigError` unless the cluster has a CPU for every actor of a run with
+        `sparse_workers` sparse workers (else the last ones would wait for one forever)."""
+        needed, cpus = self._actors_needed(sparse_workers), int(ray.cluster_resources().get("CPU", 0))
+        if needed > cpus:
+            raise ConfigError(f"the Ray cluster has {cpus} CPUs, and {sparse_workers} sparse workers need {needed} "
+                              f"actors of one CPU each (with the dense workers and embedding shards); "
+                              f"add nodes or run fewer sparse workers")
 
     def _start_shards(self) -> tuple[list[Any], list[list[str]]]:
         """Tables dealt over the shard actors, biggest first onto the least loaded."""
@@ -212,6 +244,7 @@ class RayBackend:
             state = {t.name: _table_state(t) for t in tables}
             shards.append(actor.remote([t.config for t in tables], features, self.threads, state,
                                        self.runtime.sparse_nice, self.first_step))
+            self._actors.append(shards[-1])
             features_of.append([f.name for f in features])
         return shards, features_of
 
