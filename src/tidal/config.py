@@ -26,8 +26,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from tidal.errors import ConfigError
 
 __all__ = [
-    "require",
-    "require_threads",
     "Adagrad",
     "Adam",
     "AdamW",
@@ -52,6 +50,8 @@ __all__ = [
     "SparseFeature",
     "TableConfig",
     "TrainingConfig",
+    "require",
+    "require_threads",
 ]
 
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # a device for dense math

@@ -140,7 +140,8 @@ class EmbeddingCollection:
             held.enter_context(self.tables[t].holding_rows())
         return held
 
-    def _pool(self, batch: SparseBatch, ctx: PooledContext, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    def _pool(self, batch: SparseBatch, ctx: PooledContext, dtype: torch.dtype,
+              out: torch.Tensor | None) -> torch.Tensor:
         handles = self._handles(ctx)
         directories, widths = self._directories()
         if dtype == torch.bfloat16:  # rounded in the kernel: no float32 buffer, no second pass

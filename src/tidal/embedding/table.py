@@ -394,10 +394,10 @@ class EmbeddingTable:
         creating admitted rows on first sight.
 
         Keys turned away by admission (or by a full table) get handle -1. Handles stay
-        valid until rows are next removed (`evict`, `remove`). Rows keep the latest step that looked them up,
-        so lookups given their batches' steps may come in any order (a pipeline looking
-        batches up on several threads) and leave every row's step, and so its TTL, as
-        lookups in step order would. Under admission, which sighting creates a row still
+        valid until rows are next removed (`evict`, `remove`). Rows keep the latest
+        step that looked them up, so lookups given their batches' steps may come in any
+        order (a pipeline looking batches up on several threads) and leave every row's
+        step, and so its TTL, as lookups in step order would. Under admission, which sighting creates a row still
         depends on the order of the sightings.
         """
         keys, step = self._keys(keys), self._take_step(step)

@@ -23,8 +23,8 @@ def plot_metrics(metrics: Path, out: Path) -> None:
     loss_axes.plot([r["step"] for r in train], [r["loss"] for r in train], marker=".")
     loss_axes.set(title="training loss", xlabel="step", ylabel="weighted BCE")
     for target in sorted({t for r in evals for t in r["auc"]}):
-        values = [r["auc"][target] for r in evals]
-        auc_axes.plot([r["step"] for r in evals], [np.nan if v is None else v for v in values], marker="o", label=target)
+        values = [np.nan if r["auc"][target] is None else r["auc"][target] for r in evals]  # None: one class
+        auc_axes.plot([r["step"] for r in evals], values, marker="o", label=target)
     auc_axes.set(title="eval AUC", xlabel="step", ylabel="AUC")
     if evals:
         auc_axes.legend()
