@@ -522,9 +522,11 @@ def _while_rows_are_removed_and_reused(table: EmbeddingTable, keys: np.ndarray, 
 
     remover = threading.Thread(target=remove_and_reuse)
     remover.start()
-    while remover.is_alive():
-        work()
-    remover.join()
+    try:
+        while remover.is_alive():
+            work()
+    finally:  # a failing `work` too: the remover's rounds end before the test does
+        remover.join()
     return np.concatenate(reused)
 
 
@@ -705,3 +707,16 @@ def test_calls_with_the_wrong_kind_of_argument_say_what_was_expected(tmp_path):
         save_tables(tmp_path / "ckpt", ["t"])
     with pytest.raises(CheckpointError, match=r"file is a file; expected a folder to hold the checkpoints"):
         save_tables(tmp_path / "file", [table])
+
+
+def test_apply_gradients_is_never_refused_by_a_removal_between_its_find_and_its_update():
+    table = make_table(num_shards=8, optimizer=Sgd(lr=1.0), initializer=Initializer(kind="zeros"), threads=2)
+    keys, calls = np.arange(2000, dtype=np.int64), []
+    kept = keys[1::2]  # the remover takes only keys[::2]
+
+    def update():
+        table.apply_gradients(kept, np.zeros((len(kept), 4), np.float32))  # a BatchError here fails the test
+        calls.append(1)
+
+    _while_rows_are_removed_and_reused(table, keys, update)
+    assert len(calls) > 10

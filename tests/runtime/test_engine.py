@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -256,6 +257,34 @@ def test_two_overlapping_updates_of_one_batch_land_once(monkeypatch):
     assert store.evict() == 0  # nothing holds rows
 
 
+def test_a_batch_given_up_while_its_update_runs_or_looked_up_late_holds_no_rows(monkeypatch):
+    """A drop that meets its batch's update under way waits for it; a lookup of a batch
+    whose update landed (a replaced worker's late call) keeps nothing: either would
+    stop the run at the next eviction."""
+    collection = EmbeddingCollection([TableConfig(name="t", dim=2, eviction={"ttl_steps": 100})],
+                                     [EmbeddingFeature(name="f", table="t")])
+    store, batch = EmbeddingShard(collection), SparseBatch.from_lists({"f": [[1], [2]]})
+    original = EmbeddingCollection.backward
+
+    def slow_then_failing(collection, ctx, grad):
+        time.sleep(0.2)
+        raise MemoryError("no memory for the update buffer")
+
+    store.forward(0, batch)
+    monkeypatch.setattr(EmbeddingCollection, "backward", slow_then_failing)
+    with ThreadPoolExecutor(1) as pool:
+        update = pool.submit(store.backward, 0, torch.ones(2, 1, 2))
+        time.sleep(0.05)
+        store.drop(0)  # the batch is given up while its update still runs
+        with pytest.raises(MemoryError):
+            update.result()
+    monkeypatch.setattr(EmbeddingCollection, "backward", original)
+    store.forward(1, batch)
+    store.backward(1, torch.ones(2, 1, 2))
+    store.look_up(1, batch)  # late
+    assert store.evict() == 0
+
+
 def test_failed_look_up_ahead_is_raised_by_the_forward_and_nothing_is_lost(data, reference, tmp_path, monkeypatch):
     looked_up = []
     original = EmbeddingShard.look_up
@@ -482,9 +511,11 @@ def test_a_run_resumed_after_batches_lost_before_their_lookup_equals_an_unstoppe
     assert unstopped.fit()["runtime"]["lost_batches"] == len(lost_ids)
     _trainer(data, tmp_path / "stopped", runtime, checkpoint_every=every).fit(max_steps=every + 5)
     lost.clear()  # the resumed run's batch ids count from its checkpoint: none is lost
-    resumed = _trainer(data, tmp_path / "stopped", runtime, checkpoint_every=every)
-    resumed.fit(resume=True)
-    _assert_bitwise_equal(unstopped, resumed)
+    shutil.copytree(tmp_path / "stopped", tmp_path / "by_the_reference")
+    for run_dir, resumed_runtime in (("stopped", runtime), ("by_the_reference", None)):  # the engine's, or none
+        resumed = _trainer(data, tmp_path / run_dir, resumed_runtime, checkpoint_every=every)
+        resumed.fit(resume=True)
+        _assert_bitwise_equal(unstopped, resumed)
 
 
 NO_CUDA = not torch.cuda.is_available()

@@ -160,3 +160,16 @@ def test_an_interrupt_while_the_shards_start_leaves_no_actor(cluster, data, tmp_
     with pytest.raises(KeyboardInterrupt):
         RayBackend(trainer, trainer.reader_spec(data["data"]["train"]))
     assert _all_actors_gone()
+
+
+def test_the_colocated_sparse_worker_counts_once_among_the_actors(data, tmp_path, monkeypatch):
+    from tidal.errors import ConfigError
+    from tidal.runtime.ray_backend import RayBackend
+
+    trainer = _trainer(data, tmp_path, {"backend": "ray", "sparse_workers": 2, "colocated_sparse_worker": True})
+    backend = RayBackend.__new__(RayBackend)  # its checks only: no actor started
+    backend.trainer, backend.runtime = trainer, trainer.config.runtime
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 5.0})
+    backend.check_workers(3)  # the run's 3 sparse actors (the colocated one among them), 1 dense, 1 shard
+    with pytest.raises(ConfigError, match="the Ray cluster has 5 CPUs, and 4 sparse workers need 6 actors"):
+        backend.check_workers(4)

@@ -129,16 +129,11 @@ class EmbeddingCollection:
         if out is not None and dtype != torch.float32:
             raise BatchError(f"out receives float32 output; pooling to {dtype} allocates its own")
         self._check_batch(batch, ctx)
-        with self._holding_rows(ctx):  # no row of the context is removed while it is pooled
-            for t, (_, lookup) in ctx.lookups.items():
-                self.tables[t].check_lookup(lookup)
+        with ExitStack() as held:  # no row of the context is removed while it is pooled
+            for t in sorted(ctx.lookups, key=lambda t: id(self.tables[t])):  # one order, whatever lists them
+                held.enter_context(self.tables[t].holding_rows())
+                self.tables[t].check_lookup(ctx.lookups[t][1])
             return self._pool(batch, ctx, dtype, out)
-
-    def _holding_rows(self, ctx: PooledContext) -> ExitStack:
-        held = ExitStack()
-        for t in sorted(ctx.lookups, key=lambda t: id(self.tables[t])):  # one order, whatever lists them
-            held.enter_context(self.tables[t].holding_rows())
-        return held
 
     def _pool(self, batch: SparseBatch, ctx: PooledContext, dtype: torch.dtype,
               out: torch.Tensor | None) -> torch.Tensor:

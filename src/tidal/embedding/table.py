@@ -517,8 +517,10 @@ class EmbeddingTable:
         if not np.isfinite(grads).all():  # one NaN would stay in its row's values and state for good
             raise BatchError(f"table {self.name!r}: grads must be finite, got {int((~np.isfinite(grads)).sum())} "
                              f"NaN or infinite values; no row was updated")
-        self.apply_grouped(self.find(keys, count=False), grads, np.arange(keys.shape[0]),
-                           np.ones(keys.shape[0], np.float32))
+        with self._gate.using():  # found and updated with no removal between
+            lookup = self._resolve(keys, step=self._step, insert=False, distinct=self.optimizer.sums_keys_first,
+                                   count=False)
+            self._apply(lookup, self._gradient(lookup, grads, np.arange(keys.shape[0]), np.ones(keys.shape[0])))
 
     def apply_grouped(self, lookup: RowLookup, grad: np.ndarray, sources: np.ndarray, scales: np.ndarray) -> None:
         """One fused optimizer step on the distinct rows of `lookup`: each row takes the
@@ -527,6 +529,13 @@ class EmbeddingTable:
         `grad` is `[N, dim]` float32 (or uint16 bfloat16 bits); `sources` and `scales`
         have one entry per key of the lookup.
         """
+        gradient = self._gradient(lookup, grad, sources, scales)
+        with self._gate.using():  # no row is removed from the check to the last shard's update
+            self.check_lookup(lookup)
+            self._apply(lookup, gradient)
+
+    def _gradient(self, lookup: RowLookup, grad: np.ndarray, sources: np.ndarray, scales: np.ndarray) -> tuple:
+        """(sources, scales, grad) of an update of `lookup`, checked and in the kernel's dtypes."""
         n = lookup.handles.shape[0]
         if not isinstance(grad, np.ndarray) or grad.dtype not in (np.float32, np.uint16):
             raise BatchError(f"table {self.name!r}: gradient rows must be a float32 numpy array (or uint16 bfloat16 "
@@ -538,16 +547,16 @@ class EmbeddingTable:
                              f"sources and {scales.shape[0]} scales do not fit {n} keys of dim {self.dim}")
         if sources.dtype.kind not in "iu" or (n and not 0 <= sources.min() <= sources.max() < grad.shape[0]):
             raise BatchError(f"table {self.name!r}: sources must be integer rows of the {grad.shape[0]} gradient rows")
-        sources = sources.astype(np.int64, copy=False)
+        return sources.astype(np.int64, copy=False), scales, grad
+
+    def _apply(self, lookup: RowLookup, gradient: tuple) -> None:
+        """The update of a current `lookup`, shard by shard; the caller holds the gate."""
         cost = np.diff(lookup.key_offsets)  # a gradient row read per key (plain SGD: and its row updated)
         if lookup.shard_offsets is not None:
             cost += np.diff(lookup.shard_offsets)  # each distinct row read and written once
-        gradient = (sources, scales, grad)
-        with self._gate.using():  # no row is removed from the check to the last shard's update
-            self.check_lookup(lookup)
-            step = self._next_update()
-            run_tasks([partial(self._apply_in_shard, s, lookup, gradient, step) for s in _largest_first(cost)],
-                      self.threads)
+        step = self._next_update()
+        run_tasks([partial(self._apply_in_shard, s, lookup, gradient, step) for s in _largest_first(cost)],
+                  self.threads)
 
     @contextmanager
     def updating_in_place(self, lookup: RowLookup) -> Iterator[None]:

@@ -192,7 +192,8 @@ class RayBackend:
         self.trainer, self.runtime, self.spec = trainer, trainer.config.runtime, spec
         self.first_step = first_step
         self.started_ray = not ray.is_initialized()
-        most = max([self.runtime.sparse_workers, *self.runtime.sparse_workers_at.values()])  # the schedule's peak
+        first = self.runtime.sparse_workers + int(self.runtime.colocated_sparse_worker)
+        most = max([first, *self.runtime.sparse_workers_at.values()])  # sparse actors at the schedule's peak
         if self.started_ray:
             _check_reachable(self.runtime.ray_address)
             try:
@@ -214,9 +215,10 @@ class RayBackend:
             raise
 
     def _actors_needed(self, sparse_workers: int) -> int:
-        """Actors (of one CPU each) of a run with `sparse_workers` sparse workers."""
+        """Actors (of one CPU each) of a run with `sparse_workers` sparse workers in all
+        (a colocated one included)."""
         shards = min(self.runtime.embedding_shards, len(self.trainer.collection.tables))
-        return sparse_workers + int(self.runtime.colocated_sparse_worker) + self.runtime.dense_workers + shards
+        return sparse_workers + self.runtime.dense_workers + shards
 
     def check_workers(self, sparse_workers: int) -> None:
         """A `ConfigError` unless the cluster has a CPU for every actor of a run with

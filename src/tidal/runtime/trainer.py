@@ -132,13 +132,15 @@ class Trainer:
                              "a runtime section, called while fit() runs")
         self.engine.resize(count)
 
-    def step(self, batch: SparseBatch) -> float:
+    def step(self, batch: SparseBatch, *, step: int | None = None) -> float:
         """One training step on `batch`; its loss. The batch holds the config's sparse
         features in the config's order, its dense features and its labels, as
-        `extract` makes them."""
+        `extract` makes them. `step` is the tables' step of its lookups (default: the one
+        after the latest; `fit` gives the run's step, as the heterogeneous engine does)."""
         self._check_batch(batch)
         self.model.train()
-        pooled, ctx = self.collection.forward(batch, dtype=PRECISIONS[self.precision])  # [B, F, D]
+        ctx = self.collection.lookup(batch, step=step)
+        pooled = self.collection.pool(batch, ctx, dtype=PRECISIONS[self.precision])  # [B, F, D]
         pooled = pooled.to(self.device).requires_grad_(True)
         with compute_precision(self.device, self.precision):
             logits = self.model(pooled, self._dense(batch))  # [B, T]
@@ -239,16 +241,16 @@ class Trainer:
         """Steps up to the end (or `max_steps`): (last step, rows trained now, finished)."""
         training = self.config.training
         step, rows, recent, start = position["step"], 0, [], time.perf_counter()
+        skip = position["batch"]  # past its epoch's end (an engine run's lost batches): into the next, as BatchSource
         for epoch in range(position["epoch"], training.epochs):
-            skip = position["batch"] if epoch == position["epoch"] else 0
-            report = BadRows()
+            report, n = BadRows(), -1
             if epoch == 0:  # the first pass reads every row, skipped or not: it counts each bad row once
                 self.bad_rows = report
             for n, table in enumerate(self._tables(self.config.data.train, report)):
                 if n < skip:  # done before the checkpoint we resumed from
                     continue
                 batch = self.extract(table)
-                recent.append(self.step(batch))
+                recent.append(self.step(batch, step=step + 1))
                 step, rows = step + 1, rows + batch.batch_size
                 if self.collection.evicts and step % training.evict_every == 0:
                     self.collection.evict()  # a safe point: this step's update has landed
@@ -261,6 +263,7 @@ class Trainer:
                     checkpoint.save(self, {"step": step, "epoch": epoch, "batch": n + 1})
                 if max_steps is not None and step >= max_steps:
                     return step, rows, False
+            skip = max(0, skip - (n + 1))
         return step, rows, True
 
     def _final_eval(self, log, step: int) -> Evaluation:  # type: ignore[no-untyped-def]

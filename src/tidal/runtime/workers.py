@@ -46,7 +46,7 @@ __all__ = ["DenseWorker", "EmbeddingShard", "SparseWorker", "ThreadAllReduce", "
            "fix_gemm_threads", "pool_dtype", "received", "transfer_dtype"]
 
 _FP16_MAX = 65504.0
-_RECENT_UPDATES = 256  # batch ids whose update landed, for a retry of an update split over shards
+_RECENT_UPDATES = 256  # batch ids whose update landed or was given up: a late or repeated call does nothing
 
 
 def transfer_dtype(runtime: Any, precision: str) -> str:
@@ -150,7 +150,7 @@ class EmbeddingShard:
         self.collection, self.nice = collection, nice
         self._contexts: dict[int, Any] = {}
         self._applying: set[int] = set()  # updates under way: their contexts are out of `_contexts`
-        self._applied: deque[int] = deque(maxlen=_RECENT_UPDATES)
+        self._done: deque[int] = deque(maxlen=_RECENT_UPDATES)  # batches whose update landed or was given up
         self._lock = threading.Lock()
         self._update_ended = threading.Condition(self._lock)
         self._first_step = max([first_step] + [t.step for t in collection.tables])
@@ -162,7 +162,8 @@ class EmbeddingShard:
         start = time.perf_counter()
         ctx = self.collection.lookup(batch, step=self._first_step + batch_id + 1)
         with self._lock:
-            self._contexts[batch_id] = ctx
+            if batch_id not in self._done and batch_id not in self._applying:  # else a late call of a replaced worker
+                self._contexts[batch_id] = ctx
         return {"lookup": time.perf_counter() - start}
 
     def forward(self, batch_id: int, batch: SparseBatch,
@@ -203,7 +204,7 @@ class EmbeddingShard:
             with self._update_ended:
                 self._applying.discard(batch_id)
                 if landed:
-                    self._applied.append(batch_id)
+                    self._done.append(batch_id)
                 else:  # kept for the retry
                     self._contexts[batch_id] = ctx
                 self._update_ended.notify_all()
@@ -215,16 +216,18 @@ class EmbeddingShard:
         from a retry sent while the first still ran), so an update lands once."""
         with self._update_ended:
             self._update_ended.wait_for(lambda: batch_id not in self._applying)
-            if batch_id in self._applied:
+            if batch_id in self._done:
                 return None
             ctx = self._contexts.pop(batch_id)  # a KeyError for a batch never looked up here
             self._applying.add(batch_id)
             return ctx
 
     def drop(self, batch_id: int) -> None:
-        """Forget batch `batch_id`: its update will not come."""
-        with self._lock:
+        """Forget batch `batch_id`: its update will not come (one under way ends first)."""
+        with self._update_ended:
+            self._update_ended.wait_for(lambda: batch_id not in self._applying)
             self._contexts.pop(batch_id, None)
+            self._done.append(batch_id)
 
 
 class SparseWorker:
