@@ -111,6 +111,23 @@ def test_a_big_request_is_split_into_chunks_and_merged_back_in_order(trainer, pr
     np.testing.assert_allclose(merged, predictor.predict([piece]), rtol=1e-5)
 
 
+def test_a_big_request_within_the_batch_bound_still_runs_as_chunks_beside_each_other(trainer, predictor):
+    """The defaults' case: chunks of 64 rows, batches of up to 256. The chunks of one
+    request used to be merged straight back into one batch, on one thread."""
+    (piece,) = _pieces(trainer, predictor, [200])
+    small = _pieces(trainer, predictor, [5])
+    records = []
+    batcher = _batcher(predictor, records, sparse_threads=2)
+    try:
+        futures = batcher.submit(piece) + batcher.submit(small[0])
+        merged = np.concatenate([f.result(timeout=30) for f in futures[:-1]])
+        futures[-1].result(timeout=30)
+    finally:
+        batcher.close()
+    assert len(futures) == 5 and sorted(r.rows for r in records) == [50, 50, 50, 55]  # another request may join
+    np.testing.assert_allclose(merged, predictor.predict([piece]), rtol=1e-5)
+
+
 def test_without_merging_each_request_is_its_own_batch(trainer, predictor):
     pieces = _pieces(trainer, predictor, [3, 300])
     records = []

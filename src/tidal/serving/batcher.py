@@ -63,6 +63,7 @@ class _Waiting:
     piece: Piece
     future: Future
     queued_s: float
+    request: int  # the request it is a chunk of: chunks of one request go to batches of their own
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,6 +90,7 @@ class Batcher:
         self._on_batch = on_batch  # called with a BatchRecord after each batch
         self._waiting: deque[_Waiting] = deque()
         self._waiting_rows = 0
+        self._requests = 0  # submitted so far
         self._in_flight = 0
         self._last_arrival_s = time.perf_counter()
         self._arrival_gap_s = 1.0  # running mean of the seconds between requests
@@ -113,7 +115,8 @@ class Batcher:
             now = time.perf_counter()
             self._arrival_gap_s += _GAP_WEIGHT * (now - self._last_arrival_s - self._arrival_gap_s)
             self._last_arrival_s = now
-            waiting = [_Waiting(p, Future(), now) for p in pieces]
+            self._requests += 1
+            waiting = [_Waiting(p, Future(), now, self._requests) for p in pieces]
             self._waiting.extend(waiting)
             self._waiting_rows += piece.rows
             self._cond.notify_all()
@@ -191,16 +194,19 @@ class Batcher:
         return self._in_flight < self._depth and self._waiting_rows >= self.chunk_rows // 2
 
     def _take(self) -> list[_Waiting]:
-        """The oldest pieces that fit one batch (a whole request when not merging),
-        leaving out those whose caller gave up; the others can no longer be cancelled.
+        """The oldest pieces that fit one batch (a whole request when not merging), at most
+        one chunk of each request, so that a big request's chunks run beside each other;
+        leaving out those whose caller gave up, the others can no longer be cancelled.
         None at all when every waiting piece left while the batch lingered (`cancel`)."""
         if not self._waiting:
             return []
         batch = [self._waiting.popleft()]
-        rows = batch[0].piece.rows
-        while self._waiting and self.merge and rows + self._waiting[0].piece.rows <= self.max_batch_rows:
+        rows, requests = batch[0].piece.rows, {batch[0].request}
+        while self._waiting and self.merge and rows + self._waiting[0].piece.rows <= self.max_batch_rows \
+                and self._waiting[0].request not in requests:
             batch.append(self._waiting.popleft())
             rows += batch[-1].piece.rows
+            requests.add(batch[-1].request)
         self._waiting_rows -= rows
         return [w for w in batch if w.future.set_running_or_notify_cancel()]
 
