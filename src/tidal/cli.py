@@ -13,7 +13,7 @@ _NOTED_COMPILE_S = 1.0  # a run that spent longer compiling kernels says so besi
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tidal", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="generate data, train DLRM, evaluate and summarize")
+    demo = commands.add_parser("demo", help="generate data, train DLRM, evaluate it, export it and serve it, then summarize")
     demo.add_argument("--rows", type=int, default=300_000, help="training rows to generate (default 300,000)")
     train = commands.add_parser("train", help="train a model from a YAML run config")
     train.add_argument("--config", required=True, help="the YAML file: data, features, tables, model, training")
