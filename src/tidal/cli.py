@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve a bundle over the Open Inference Protocol (KServe v2 HTTP)")
     serve.add_argument("bundle", help="a directory written by tidal export")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=_port, default=8000)
+    serve.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
     serve.add_argument("--model-name", help="the model's name in the URLs (default: the bundle directory's name)")
     serve.add_argument("--no-batching", action="store_true", help="run every request alone (no merging or splitting)")
     serve.add_argument("--max-batch-rows", type=int, help="default: the config's serving.max_batch_rows "
@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--sparse-threads", type=int, help="default: the config's serving.sparse_threads")
     gen = commands.add_parser("gen-data", help="write Criteo-like files with a planted logistic ground truth")
     gen.add_argument("--out", required=True, help="directory to write part-NNNNN.<format> and truth.json into")
-    gen.add_argument("--rows", type=int, default=1_000_000)
+    gen.add_argument("--rows", type=int, default=1_000_000, help="rows to write (default 1,000,000)")
     gen.add_argument("--files", type=int, default=1)
     gen.add_argument("--format", choices=["tsv", "parquet"], default="tsv")
     gen.add_argument("--seed", type=int, default=0, help="fixes the planted truth")

@@ -310,3 +310,14 @@ def test_eval_data_of_one_class_has_no_auc_and_the_run_still_finishes(tmp_path, 
 def test_a_trainer_of_a_dict_is_refused_naming_run_config(tmp_path):
     with pytest.raises(ConfigError, match=r"Trainer: config: expected RunConfig, got dict; build one with RunConfig"):
         Trainer(_config(tmp_path))
+
+
+def test_a_feature_reading_a_column_the_layout_lacks_says_which_layout(tmp_path):
+    config = _config(tmp_path, epochs=1)
+    config["features"].append({"kind": "sparse", "name": "extra", "columns": ["C99"], "table": "ids"})
+    with pytest.raises(DataError, match=r"the features read columns \['C99'\], which the default TSV layout "
+                                        r"\(Criteo's: data.columns is not set\) lacks"):
+        Trainer(RunConfig(**config)).fit()
+    config["data"]["columns"] = ["label", "C1"]
+    with pytest.raises(DataError, match=r"which data.columns lacks; it lists \['label', 'C1'\]"):
+        Trainer(RunConfig(**config)).fit()

@@ -117,7 +117,8 @@ class Trainer:
         columns = (data.columns or list(CRITEO_COLUMNS)) if tsv else self.extractor.columns
         missing = [c for c in self.extractor.columns if c not in columns]
         if missing:
-            raise DataError(f"data.columns lacks {missing}, which the features read; it lists {columns}")
+            listed = "data.columns" if data.columns else "the default TSV layout (Criteo's: data.columns is not set)"
+            raise DataError(f"the features read columns {missing}, which {listed} lacks; it lists {columns}")
         return ReaderSpec(files=files, columns=list(columns), checks=dict(self.extractor.checks),
                           file_format=data.format, batch_rows=data.batch_size, on_bad_row=data.on_bad_row,
                           epochs=epochs, start_epoch=start_epoch, start_batch=start_batch)
