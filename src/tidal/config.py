@@ -50,6 +50,7 @@ __all__ = [
     "SparseFeature",
     "TableConfig",
     "TrainingConfig",
+    "is_whole_number",
     "require",
     "require_threads",
 ]
@@ -532,9 +533,14 @@ def require(value: Any, kind: type | tuple[type, ...], where: str) -> None:
         raise ConfigError(f"{where}: expected {' or '.join(k.__name__ for k in kinds)}, got {type(value).__name__}{hint}")
 
 
+def is_whole_number(value: Any) -> bool:
+    """Whether `value` is an integer (Python's or numpy's), and not a boolean."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def require_threads(threads: Any, where: str) -> None:
     """A `ConfigError` unless `threads` is a whole number of threads, 1 or more."""
-    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
+    if not is_whole_number(threads) or threads < 1:
         raise ConfigError(f"{where}: threads must be an integer >= 1, got {threads!r}")
 
 

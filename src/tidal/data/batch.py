@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from tidal.config import is_whole_number
 from tidal.errors import BatchError
 
 __all__ = ["SparseBatch"]
@@ -49,7 +50,7 @@ class SparseBatch:
     def __post_init__(self) -> None:
         set_ = object.__setattr__
         set_(self, "keys", _keys(self.keys))
-        if not isinstance(self.batch_size, (int, np.integer)) or isinstance(self.batch_size, bool):
+        if not is_whole_number(self.batch_size):
             raise BatchError(f"SparseBatch: batch_size must be an integer, got {self.batch_size!r}")
         set_(self, "values", _array(self.values, np.int64, "values", 1))
         set_(self, "lengths", _lengths(self.lengths))
@@ -125,7 +126,7 @@ class SparseBatch:
         if len(sizes) > 1:
             raise BatchError(f"SparseBatch.from_lists: every feature needs the same number of samples, got {sizes}")
         flat = [bag for key in keys for bag in bags[key]]
-        if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for bag in flat for i in bag):
+        if not all(is_whole_number(i) for bag in flat for i in bag):
             raise BatchError("SparseBatch.from_lists: ids must be integers")
         flat_weights = None if weights is None else _flat_weights(bags, weights)
         return cls(

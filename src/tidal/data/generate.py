@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from tidal.config import is_whole_number
 from tidal.data.criteo import CRITEO_DENSE, CRITEO_SPARSE
 from tidal.errors import ConfigError, DataError
 from tidal.mixing import mix64_array
@@ -89,7 +90,7 @@ def _folder(out_dir: str | Path) -> Path:
 
 def _check(rows: int, files: int, file_format: str, vocabulary: int, zipf_a: float, seed: int, split: int) -> None:
     for name, value in {"rows": rows, "files": files, "vocabulary": vocabulary, "seed": seed, "split": split}.items():
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+        if not is_whole_number(value):
             raise ConfigError(f"gen-data: {name} must be an integer, got {value!r}")
     problems = [
         (0 <= seed < 2**32, f"seed must be between 0 and 2**32 - 1, got {seed}"),

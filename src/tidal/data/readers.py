@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from tidal.config import is_whole_number
 from tidal.data.criteo import CRITEO_COLUMNS, CRITEO_DENSE
 from tidal.errors import DataError
 
@@ -121,7 +122,7 @@ def _check_options(columns: Sequence[str], file_format: str | None, batch_rows: 
     if file_format is not None and file_format not in _FORMATS:
         raise DataError(f"file_format must be one of {list(_FORMATS)} (lowercase), or None to follow each file's "
                         f"suffix; got {file_format!r}")
-    if not isinstance(batch_rows, (int, np.integer)) or isinstance(batch_rows, bool) or batch_rows < 1:
+    if not is_whole_number(batch_rows) or batch_rows < 1:
         raise DataError(f"batch_rows must be an integer >= 1, got {batch_rows!r}")
     if isinstance(columns, (str, bytes)) or not isinstance(columns, Iterable):
         raise DataError(f"columns must be a list of column names, got {columns!r}; write [{columns!r}] for one column")

@@ -27,7 +27,8 @@ from functools import partial
 
 import numpy as np
 
-from tidal.config import CountAdmission, ProbabilityAdmission, TableConfig, require, require_threads
+from tidal.config import (CountAdmission, ProbabilityAdmission, TableConfig, is_whole_number, require,
+                          require_threads)
 from tidal.embedding import index as ix
 from tidal.embedding import pooling
 from tidal.embedding._memory import CHUNK_ROWS, SHARD_BITS, Arena
@@ -355,7 +356,7 @@ class EmbeddingTable:
     def _take_step(self, step: int | None) -> int:
         """The step of a training lookup (`step`, or the one after the latest); the
         table's step becomes the latest of them."""
-        if step is not None and (isinstance(step, bool) or not isinstance(step, (int, np.integer))):
+        if step is not None and not is_whole_number(step):
             raise BatchError(f"table {self.name!r}: a lookup's step must be an integer, got {step!r}")
         with self._counter_lock:
             given, step = step is not None, self._step + 1 if step is None else int(step)
@@ -409,8 +410,11 @@ class EmbeddingTable:
         count as misses; internal reads such as `apply_gradients` pass False)."""
         keys = self._keys(keys)
         with self._gate.using():
-            return self._resolve(keys, step=self._step, insert=False, distinct=self.optimizer.sums_keys_first,
-                                 count=count)
+            return self._find(keys, count)
+
+    def _find(self, keys: np.ndarray, count: bool) -> RowLookup:
+        """`find` for a caller that holds the gate."""
+        return self._resolve(keys, step=self._step, insert=False, distinct=self.optimizer.sums_keys_first, count=count)
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Values `[n, dim]` float32 of `keys` for serving; absent keys read as zeros."""
@@ -518,8 +522,7 @@ class EmbeddingTable:
             raise BatchError(f"table {self.name!r}: grads must be finite, got {int((~np.isfinite(grads)).sum())} "
                              f"NaN or infinite values; no row was updated")
         with self._gate.using():  # found and updated with no removal between
-            lookup = self._resolve(keys, step=self._step, insert=False, distinct=self.optimizer.sums_keys_first,
-                                   count=False)
+            lookup = self._find(keys, count=False)
             self._apply(lookup, self._gradient(lookup, grads, np.arange(keys.shape[0]), np.ones(keys.shape[0])))
 
     def apply_grouped(self, lookup: RowLookup, grad: np.ndarray, sources: np.ndarray, scales: np.ndarray) -> None:

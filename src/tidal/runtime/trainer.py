@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from tidal.config import RunConfig, require
+from tidal.config import RunConfig, is_whole_number, require
 from tidal.data.batch import SparseBatch
 from tidal.data.criteo import CRITEO_COLUMNS
 from tidal.data.extract import Extractor
@@ -187,7 +187,7 @@ class Trainer:
         the same order, so the result equals an uninterrupted run's. Without it, a
         run_dir that holds a run's checkpoints is refused rather than mixed with them.
         """
-        if max_steps is not None and (isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1):
+        if max_steps is not None and (not is_whole_number(max_steps) or max_steps < 1):
             raise ConfigError(f"max_steps is the step to stop after: an integer >= 1, or None for every epoch; "
                               f"got {max_steps!r}")
         self._check_data_paths()
