@@ -104,6 +104,37 @@ def test_an_address_nothing_answers_at_fails_in_seconds_naming_it():
     _check_reachable(None)
 
 
+def test_an_address_where_something_else_answers_fails_in_seconds(monkeypatch):
+    """A dashboard's port (HTTP/1.1) or a listener that never answers is not taken for a
+    cluster: ray.init would wait there for minutes."""
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from tidal.errors import ConfigError
+    from tidal.runtime import ray_backend
+
+    monkeypatch.setattr(ray_backend, "_CONNECT_S", 1.0)
+    web = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    silent = socket.create_server(("127.0.0.1", 0))
+    try:
+        start = time.monotonic()
+        for port in (web.server_address[1], silent.getsockname()[1]):
+            with pytest.raises(ConfigError, match=f"127.0.0.1:{port}: something answers there, but not a Ray cluster"):
+                ray_backend._check_reachable(f"127.0.0.1:{port}")
+        assert time.monotonic() - start < 5
+    finally:
+        web.shutdown()
+        silent.close()
+
+
+def test_a_real_cluster_passes_the_address_check(cluster):
+    from tidal.runtime.ray_backend import _check_reachable
+
+    _check_reachable(ray.get_runtime_context().gcs_address)
+
+
 def test_no_ray_cluster_at_the_address_is_a_config_error(data, tmp_path, monkeypatch):
     from tidal.errors import ConfigError
     from tidal.runtime.ray_backend import RayBackend

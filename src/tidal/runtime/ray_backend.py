@@ -169,20 +169,42 @@ class _DenseActor(DenseWorker):
 
 
 _CONNECT_S = 5.0
+# An HTTP/2 client's opening: the preface and an empty SETTINGS frame. Ray's GCS and
+# its client server speak gRPC, so they answer with a SETTINGS frame of their own.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_SETTINGS_FRAME = 4
 
 
 def _check_reachable(address: str | None) -> None:
-    """Fail fast on a cluster address nothing answers at: Ray itself retries for minutes."""
+    """Fail fast on a cluster address nothing answers at, or something other than Ray
+    (a dashboard's port, say): Ray itself retries for minutes."""
     if address is None or address in ("auto", "local"):
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not port.isdigit():
         raise ConfigError(f"runtime.ray_address must be 'auto', 'host:port' or 'ray://host:port', got {address!r}")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=_CONNECT_S).close()
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=_CONNECT_S) as conn:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("0", "false", ""):
+                _check_speaks_grpc(conn, address)
     except OSError as exc:
         raise ConfigError(f"runtime.ray_address {address}: nothing answers there within {_CONNECT_S:g} s "
                           f"({exc.strerror or exc}); start the cluster (ray start --head) or fix the address") from None
+
+
+def _check_speaks_grpc(conn: socket.socket, address: str) -> None:
+    """A `ConfigError` unless the server at `conn` opens an HTTP/2 (gRPC) session."""
+    conn.sendall(_HTTP2_PREFACE)
+    head = b""
+    try:
+        while len(head) < 9 and (chunk := conn.recv(9 - len(head))):
+            head += chunk
+    except (TimeoutError, ConnectionError):
+        pass
+    if len(head) < 9 or head[3] != _SETTINGS_FRAME:
+        raise ConfigError(f"runtime.ray_address {address}: something answers there, but not a Ray cluster (no gRPC "
+                          f"session; it sent {head[:40]!r}); use the address `ray start --head` prints (port 6379 by "
+                          f"default; the dashboard's 8265 is not it)")
 
 
 class RayBackend:
