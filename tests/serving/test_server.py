@@ -360,6 +360,37 @@ def test_a_body_that_stops_coming_gets_a_408(server, monkeypatch):
     assert answer.startswith("HTTP/1.1 408") and "did not arrive within 0.3 s" in answer
 
 
+def test_headers_that_trickle_in_or_never_come_get_a_408_and_the_server_keeps_serving(server, monkeypatch):
+    """A slowloris client (headers a byte at a time) is cut off; one that connects and
+    sends nothing is too, before and after a first request on the connection."""
+    import tidal.serving.server as server_module
+
+    monkeypatch.setattr(server_module, "_HEADER_TIMEOUT_S", 0.5)
+    host, port = server.url.removeprefix("http://").split(":")
+    start = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        for byte in b"POST /v2/models/ctr/infer HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+            try:
+                conn.sendall(bytes([byte]))
+            except OSError:  # cut off
+                break
+            time.sleep(0.02)
+        answer = conn.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 408") and "headers did not arrive within 0.5 s" in answer
+    assert time.monotonic() - start < 5
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        assert conn.recv(4096).startswith(b"HTTP/1.1 408")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(f"GET /v2/health/live HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        first = conn.recv(4096)
+        time.sleep(0.1)
+        conn.sendall(b"GET /v2/health/live HTTP/1.1\r\n")  # the second request's headers never end
+        second = conn.recv(4096)
+    assert first.startswith(b"HTTP/1.1 200") and second.startswith(b"HTTP/1.1 408")
+    monkeypatch.setattr(server_module, "_HEADER_TIMEOUT_S", 10.0)
+    assert urllib.request.urlopen(server.url + "/v2/health/ready", timeout=30).status == 200
+
+
 def test_hang_ups_and_unknown_models_are_counted_apart_from_server_errors(server, rows):
     before = _outcomes(server)
     for _ in range(3):

@@ -16,8 +16,8 @@ Outputs are one FP32 probability tensor per target and the fused `score`. Triton
 sequence parameters (`sequence_id`, `sequence_start`, `sequence_end`) drive stateful
 sessions. Bodies may come gzip- or deflate-compressed (`Content-Encoding`). Every
 error is `{"error": reason}`: a malformed request gets 400, a body over the limit or a
-request with more candidates than `max_queue_rows` 413, a body not sent within 30 s
-408, an unknown model or route 404; under overload the server answers 503 with
+request with more candidates than `max_queue_rows` 413, headers not sent within 10 s
+or a body within 30 s 408, an unknown model or route 404; under overload the server answers 503 with
 Retry-After instead of letting the queue grow. Binds to 127.0.0.1 unless told otherwise.
 """
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import socket
 import threading
 import time
@@ -44,6 +45,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 import tidal
 from tidal.config import Fusion, ServingConfig
@@ -256,6 +258,7 @@ _MESSAGE_CHARS = 2000  # an error message quoting what came is cut here
 _FUSION_BODY_BYTES = 1 << 16
 _DRAIN_BYTES = 64 << 20  # an oversize body up to this size is read and dropped before the 413
 _BODY_TIMEOUT_S = 30.0  # a body must arrive within this
+_HEADER_TIMEOUT_S = 10.0  # a request's headers must arrive within this
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -382,8 +385,57 @@ class RunningServer:
             self._gc.__exit__(None, None, None)
 
 
+class _TimedHeaders(HttpToolsProtocol):
+    """uvicorn's HTTP protocol with a deadline for each request's headers.
+
+    uvicorn waits as long as a client likes for headers (its keep-alive timeout only
+    runs between requests, and any byte restarts it), so a few thousand clients
+    trickling them in (slowloris) would hold every file descriptor of the server. The
+    clock starts when a connection opens and when a response completes with no request
+    waiting; a client whose headers are not complete within `_HEADER_TIMEOUT_S` gets a
+    408 and is disconnected.
+    """
+
+    _header_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._start_header_clock()
+
+    def on_headers_complete(self) -> None:
+        self._stop_header_clock()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.cycle is None or self.cycle.response_complete:  # no request of the pipeline started
+            self._start_header_clock()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_header_clock()
+        super().connection_lost(exc)
+
+    def _start_header_clock(self) -> None:
+        self._stop_header_clock()
+        self._header_deadline = self.loop.call_later(_HEADER_TIMEOUT_S, self._headers_too_late)
+
+    def _stop_header_clock(self) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_too_late(self) -> None:
+        self._header_deadline = None
+        if self.transport.is_closing():
+            return
+        body = json.dumps({"error": f"the request headers did not arrive within {_HEADER_TIMEOUT_S:g} s"}).encode()
+        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                             b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        self.transport.close()
+
+
 def _uvicorn(service: Service) -> uvicorn.Server:
-    config = uvicorn.Config(create_app(service), log_level="warning", access_log=False, http="httptools",
+    config = uvicorn.Config(create_app(service), log_level="warning", access_log=False, http=_TimedHeaders,
                             loop="uvloop", timeout_graceful_shutdown=5)
     return uvicorn.Server(config)
 
