@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--chunk-rows", type=int, help="default: the config's serving.chunk_rows")
     serve.add_argument("--max-delay-ms", type=float, help="default: the config's serving.max_delay_ms")
     serve.add_argument("--sparse-threads", type=int, help="default: the config's serving.sparse_threads")
+    serve.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="settings",
+                       help="replace a field of the bundle's serving config, the value in YAML (repeatable), e.g. "
+                            "--set max_queue_rows=100000 --set 'buckets=[1, 8, 64, 512]'")
     gen = commands.add_parser("gen-data", help="write Criteo-like files with a planted logistic ground truth")
     gen.add_argument("--out", required=True, help="directory to write part-NNNNN.<format> and truth.json into")
     gen.add_argument("--rows", type=int, default=1_000_000, help="rows to write (default 1,000,000)")
@@ -238,12 +241,18 @@ def _export(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tidal.errors import TidalError
+    from tidal.errors import ConfigError, TidalError
     from tidal.serving import Service, listen, load_bundle, serve
 
-    overrides = {k: v for k, v in {"max_batch_rows": args.max_batch_rows, "chunk_rows": args.chunk_rows,
-                                   "max_delay_ms": args.max_delay_ms, "sparse_threads": args.sparse_threads}.items()
-                 if v is not None}
+    flags = {k: v for k, v in {"max_batch_rows": args.max_batch_rows, "chunk_rows": args.chunk_rows,
+                               "max_delay_ms": args.max_delay_ms, "sparse_threads": args.sparse_threads}.items()
+             if v is not None}
+    try:
+        settings = _serving_settings(args.settings, flags)
+    except ConfigError as exc:
+        print(f"tidal serve: {exc}", file=sys.stderr)
+        return 2
+    overrides = {**flags, **settings}
     name = args.model_name or Path(args.bundle).resolve().name
     try:
         sock = listen(args.host, args.port)
@@ -256,7 +265,7 @@ def _serve(args: argparse.Namespace) -> int:
         sock.close()
         message = str(exc)
         for key in overrides:  # the flag the user typed, not the config field behind it
-            message = message.replace(f"{key}:", f"--{key.replace('_', '-')}:")
+            message = message.replace(f"{key}:", f"--set {key}:" if key in settings else f"--{key.replace('_', '-')}:")
         print(f"tidal serve: {message}", file=sys.stderr)
         return 2
     print(f"serving {name!r} at http://{args.host}:{sock.getsockname()[1]}/v2/models/{name} "
@@ -267,6 +276,34 @@ def _serve(args: argparse.Namespace) -> int:
         pass
     print("stopped", flush=True)
     return 0
+
+
+def _serving_settings(entries: list[str], flags: dict) -> dict:
+    """`--set FIELD=VALUE` entries as serving-config overrides (values parsed as YAML)."""
+    import yaml
+
+    from tidal.config import ServingConfig
+    from tidal.errors import ConfigError
+
+    settings = {}
+    for entry in entries:
+        field, equals, text = entry.partition("=")
+        field = field.strip()
+        if not equals:
+            raise ConfigError(f"--set takes FIELD=VALUE, got {entry!r}")
+        if field == "table_dtype":
+            raise ConfigError("--set table_dtype: the tables' dtype is fixed when the bundle is written "
+                              "(tidal export --table-dtype)")
+        if field not in ServingConfig.model_fields:
+            raise ConfigError(f"--set {field}: no such serving field; the fields are "
+                              f"{', '.join(f for f in ServingConfig.model_fields if f != 'table_dtype')}")
+        if field in flags or field in settings:
+            raise ConfigError(f"--set {field}: given twice (by --set or by its own flag)")
+        try:
+            settings[field] = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {field}: the value is not YAML: {exc}") from None
+    return settings
 
 
 def _gen_data(args: argparse.Namespace) -> int:

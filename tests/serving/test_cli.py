@@ -40,7 +40,8 @@ def test_export_then_serve_then_stop_with_ctrl_c(trainer, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(trainer.run_dir), "--out", str(bundle), "--table-dtype", "float16"]) == 0
     assert f"serve it with: tidal serve {bundle}" in capsys.readouterr().out
     port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "tidal.cli", "serve", str(bundle), "--port", str(port)],
+    process = subprocess.Popen([sys.executable, "-m", "tidal.cli", "serve", str(bundle), "--port", str(port),
+                                "--set", "fusion={kind: sum, weights: {ctr: 2.0}}"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     url = f"http://127.0.0.1:{port}"
@@ -48,6 +49,8 @@ def test_export_then_serve_then_stop_with_ctrl_c(trainer, tmp_path, capsys):
         _wait_ready(url, process)
         with urllib.request.urlopen(url + "/v2/models/ranker") as response:
             assert [o["name"] for o in json.loads(response.read())["outputs"]] == ["ctr", "cvr", "score"]
+        with urllib.request.urlopen(url + "/v2/models/ranker/fusion") as response:  # as --set gave it
+            assert json.loads(response.read()) == {"kind": "sum", "weights": {"ctr": 2.0}}
     finally:
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=60)
@@ -85,3 +88,12 @@ def test_serve_names_the_flag_of_a_value_out_of_range(trainer, tmp_path, capsys)
     assert main(["serve", str(bundle), "--port", str(_free_port()), "--max-batch-rows", "0"]) == 2
     err = capsys.readouterr().err
     assert "--max-batch-rows: Input should be greater than or equal to 1, got 0" in err and "max_batch_rows" not in err
+    for setting, expected in [("max_queue_rows=0", "--set max_queue_rows: Input should be greater than or equal to 1"),
+                              ("nonsense=1", "--set nonsense: no such serving field; the fields are fusion, buckets"),
+                              ("table_dtype=float16", "fixed when the bundle is written (tidal export --table-dtype)"),
+                              ("chunk_rows", "--set takes FIELD=VALUE, got 'chunk_rows'"),
+                              ("buckets=[1, 2", "--set buckets: the value is not YAML")]:
+        assert main(["serve", str(bundle), "--port", str(_free_port()), "--set", setting]) == 2
+        assert expected in capsys.readouterr().err, setting
+    assert main(["serve", str(bundle), "--port", str(_free_port()), "--chunk-rows", "8", "--set", "chunk_rows=4"]) == 2
+    assert "--set chunk_rows: given twice" in capsys.readouterr().err

@@ -180,6 +180,31 @@ def test_a_session_idle_past_the_servers_ttl_has_expired(bundle, rows):
         running.stop()
 
 
+def test_serving_settings_given_to_the_service_replace_the_bundles(bundle, rows):
+    """Buckets and fusion given at serve time are the ones used, and score as the
+    bundle's own; a largest bucket over what the exported program takes is refused."""
+    from tidal.config import Fusion
+    from tidal.serving.protocol import decode_request
+
+    fusion = Fusion(kind="sum", weights={"ctr": 2.0})
+    plain, service = Service(bundle), Service(bundle, buckets=[2, 8, 32], fusion=fusion)
+    try:
+        assert service.predictor.buckets == [2, 8, 32] and service.predictor.fusion == fusion
+        assert (service.settings.max_batch_rows, service.settings.chunk_rows) == (32, 32)  # lowered to fit
+        specs = input_specs(bundle.config)
+        page = with_user_of(rows.slice(0, 40), specs)
+        columns = decode_request(json.dumps(infer_request(page, specs)).encode(), None, specs, []).columns
+        probabilities = service.predictor.predict([service.predictor.piece(columns, 40)])
+        assert np.allclose(probabilities, plain.predictor.predict([plain.predictor.piece(columns, 40)]), atol=1e-6)
+        assert np.allclose(service.predictor.fuse(probabilities), 2.0 * probabilities[:, 0])
+    finally:
+        plain.close()
+        service.close()
+    largest = bundle.config.serving.buckets[-1]
+    with pytest.raises(ConfigError, match=f"buckets: the largest, {2 * largest}, is over the largest batch the bundle"):
+        Service(bundle, buckets=[1, 2 * largest])
+
+
 def _bad_requests(rows, specs) -> list[tuple[bytes, dict, int, str]]:
     """(body, headers, status, reason) of every kind of bad request."""
     good = infer_request(rows, specs)

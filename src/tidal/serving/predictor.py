@@ -27,7 +27,7 @@ import pyarrow as pa
 import torch
 from torch.export.passes import move_to_device_pass
 
-from tidal.config import DEVICE_PATTERN, DenseFeature, Fusion, SparseFeature, TableConfig
+from tidal.config import DEVICE_PATTERN, DenseFeature, Fusion, ServingConfig, SparseFeature, TableConfig
 from tidal.data.extract import Extractor
 from tidal.embedding import EmbeddingCollection, EmbeddingTable, RowBlock
 from tidal.errors import BatchError, ConfigError
@@ -81,12 +81,20 @@ def fuse(fusion: Fusion, probabilities: np.ndarray, targets: Sequence[str]) -> n
 class Predictor:
     """Scores pieces with a bundle's tables and dense program (thread-safe)."""
 
-    def __init__(self, bundle: Bundle, *, device: str | torch.device | None = None) -> None:
-        """`device`: auto (or None: a GPU if torch sees one), cpu, cuda or cuda:N."""
+    def __init__(self, bundle: Bundle, *, device: str | torch.device | None = None,
+                 serving: ServingConfig | None = None) -> None:
+        """`device`: auto (or None: a GPU if torch sees one), cpu, cuda or cuda:N.
+        `serving` replaces the bundle's serving settings (its buckets and fusion are used
+        here); its largest bucket must fit the bundle's dense program."""
         self.config = bundle.config
         self.targets = bundle.targets
         self.device = _device(device)
-        self.buckets = list(self.config.serving.buckets)
+        serving = serving or self.config.serving
+        largest = self.config.serving.buckets[-1]
+        if serving.buckets[-1] > largest:
+            raise ConfigError(f"buckets: the largest, {serving.buckets[-1]}, is over the largest batch the bundle's "
+                              f"dense program takes, {largest} (its serving.buckets when it was exported)")
+        self.buckets = list(serving.buckets)
         extractor = Extractor(self.config.features)
         self._sizes = model_sizes(self.config)
         self._user_extract, self._item_extract = _sided(extractor.sparse, extractor.dense)
@@ -97,7 +105,7 @@ class Predictor:
         self.collection = EmbeddingCollection(_serving_tables(bundle), [f.embedding() for f in extractor.sparse])
         program = bundle.program if self.device.type == "cpu" else move_to_device_pass(bundle.program, self.device)
         self._program = program.module()  # constants the graph made on the CPU move too
-        self._fusion = self.config.serving.fusion
+        self.set_fusion(serving.fusion)
         if not self.item_columns:
             raise ConfigError("serving needs at least one item or context feature: candidates are scored by them")
 

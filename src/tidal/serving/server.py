@@ -67,15 +67,10 @@ class Service:
     """One bundle behind the protocol: predictor, batcher, sessions and metrics."""
 
     def __init__(self, bundle: Bundle, *, name: str = "tidal", batching: bool = True, **overrides: object) -> None:
-        """`overrides` replace fields of the bundle's `serving` config; a `max_batch_rows`
-        below its `chunk_rows` lowers `chunk_rows` with it, unless that is given too."""
+        """`overrides` replace fields of the bundle's `serving` config (see `_settings`)."""
         self.name = name
-        settings = bundle.config.serving.model_dump()
-        rows = overrides.get("max_batch_rows")
-        if isinstance(rows, int) and rows >= 1 and "chunk_rows" not in overrides:  # else the config names it
-            settings["chunk_rows"] = min(settings["chunk_rows"], rows)
-        self.settings = ServingConfig(**{**settings, **overrides})
-        self.predictor = Predictor(bundle)
+        self.settings = _settings(bundle.config.serving, overrides)
+        self.predictor = Predictor(bundle, serving=self.settings)
         self.specs = input_specs(bundle.config)
         self.outputs = [*self.predictor.targets, "score"]
         self.sessions = SessionCache(ttl_s=self.settings.session_ttl_s, memory_bytes=self.settings.session_memory_bytes)
@@ -133,6 +128,20 @@ class Service:
             self.batcher.close()
         finally:
             torch.set_num_threads(self._torch_threads)
+
+
+def _settings(serving: ServingConfig, overrides: dict) -> ServingConfig:
+    """`serving` with `overrides`. Smaller buckets lower `max_batch_rows` to the largest,
+    and a smaller `max_batch_rows` lowers `chunk_rows`, unless those are given too."""
+    settings = {**serving.model_dump(), **overrides}
+    buckets = overrides.get("buckets")
+    if "max_batch_rows" not in overrides and isinstance(buckets, list) and buckets \
+            and all(isinstance(b, int) for b in buckets):
+        settings["max_batch_rows"] = min(settings["max_batch_rows"], max(buckets))
+    rows = settings["max_batch_rows"]
+    if "chunk_rows" not in overrides and isinstance(rows, int) and rows >= 1:  # else the config names it
+        settings["chunk_rows"] = min(settings["chunk_rows"], rows)
+    return ServingConfig(**settings)
 
 
 class _Metrics:
