@@ -118,6 +118,22 @@ def test_resume_reaches_the_same_weights_and_tables_as_an_uninterrupted_run(tmp_
         np.testing.assert_array_equal(rows_a.last_seen, rows_b.last_seen)
 
 
+def test_cli_says_which_steps_a_resumed_run_trained(tmp_path, capsys):
+    config = _config(tmp_path, checkpoint_every=5, epochs=1)
+    config["data"]["eval"] = None
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    trainer = Trainer(RunConfig(**config))
+    trainer.fit(max_steps=5)
+    assert main(["train", "--config", str(path), "--resume"]) == 0
+    end = json.loads((trainer.run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    last, rows = end["steps"], end["rows"]
+    assert end["resumed_from"] == 5 and (last - 6) * config["data"]["batch_size"] < rows
+    assert f"trained steps 6-{last} (resumed after step 5), {rows:,d} rows at" in capsys.readouterr().out
+    assert main(["train", "--config", str(path), "--resume"]) == 0
+    assert f"trained nothing: the run had ended at step {last}, 0 rows at" in capsys.readouterr().out
+
+
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
     from tidal.errors import CheckpointError
 

@@ -179,7 +179,9 @@ class Trainer:
     def fit(self, *, resume: bool = False, max_steps: int | None = None) -> dict:
         """Train for the configured epochs (or `max_steps`), checkpointing on the way
         and at the end (stopping at `max_steps` writes no extra checkpoint). The
-        summary's rows and speed count this call's steps; speed leaves out evaluation.
+        summary's `steps` is the last step trained, `resumed_from` the checkpoint's step
+        it started after (0 for a fresh run); its rows and speed count this call's steps;
+        speed leaves out evaluation.
         Its `compile_s` is the part of the run numba spent compiling kernels on their
         first use on this machine (0 once its disk cache holds them).
 
@@ -215,7 +217,8 @@ class Trainer:
                     self.collection.evict()  # the end is a safe point too: the saved tables keep their caps
                 checkpoint.save(self, {"step": step, "epoch": self.config.training.epochs, "batch": 0})
             evaluation = self._final_eval(log, step) if self.config.data.eval else None
-            summary = self._summary(step, rows, evaluation) | {"compile_s": compiling()}
+            summary = self._summary(step, rows, evaluation) | {"compile_s": compiling(),
+                                                                "resumed_from": position["step"]}
             log.write(json.dumps({"event": "end", **summary}) + "\n")
         plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "metrics.png")
         return summary
