@@ -160,6 +160,18 @@ def test_more_actors_than_the_cluster_has_cpus_are_refused_before_any_starts(clu
     assert _all_actors_gone()
 
 
+def test_a_run_waiting_for_cpus_other_work_holds_says_so_and_runs_once_they_free(cluster, data, tmp_path, capsys):
+    import threading
+
+    holder = ray.remote(num_cpus=5)(type("Holder", (), {"ready": lambda self: True})).remote()
+    ray.get(holder.ready.remote())
+    threading.Timer(3.0, ray.kill, args=(holder,)).start()
+    summary = _trainer(data, tmp_path, {"backend": "ray", "sparse_workers": 1, "embedding_shards": 2}).fit()
+    assert "the Ray cluster has 1 free CPUs and the run starts 4 actors" in capsys.readouterr().out
+    assert summary["rows"] == 12_000
+    assert _all_actors_gone()
+
+
 def test_a_dead_shard_actor_stops_the_run_naming_it(cluster, data, tmp_path, monkeypatch):
     from tidal.errors import TidalError
 

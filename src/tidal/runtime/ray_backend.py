@@ -231,6 +231,7 @@ class RayBackend:
         self._actors: list[Any] = []
         try:
             self.check_workers(most)
+            self._say_if_cpus_are_taken(self._actors_needed(first))
             self.shards, self.features_of = self._start_shards()
         except BaseException:  # Ctrl-C while the tables are copied out, say: leave nothing running
             self.shutdown()
@@ -250,6 +251,14 @@ class RayBackend:
             raise ConfigError(f"the Ray cluster has {cpus} CPUs, and {sparse_workers} sparse workers need {needed} "
                               f"actors of one CPU each (with the dense workers and embedding shards); "
                               f"add nodes or run fewer sparse workers")
+
+    def _say_if_cpus_are_taken(self, needed: int) -> None:
+        """Say so when other work holds CPUs the run's first actors need: they wait until
+        it frees them (or an autoscaling cluster grows)."""
+        free = int(ray.available_resources().get("CPU", 0))
+        if needed > free:
+            print(f"  the Ray cluster has {free} free CPUs and the run starts {needed} actors of one CPU each; "
+                  f"they wait until other work frees the rest", flush=True)
 
     def _start_shards(self) -> tuple[list[Any], list[list[str]]]:
         """Tables dealt over the shard actors, biggest first onto the least loaded."""
