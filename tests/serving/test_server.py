@@ -88,6 +88,42 @@ def test_health_and_metadata_through_tritonclient(server, client):
     assert not client.is_model_ready("other")
 
 
+def test_model_config_statistics_and_repository_index_through_tritonclient(bundle, rows):
+    from tidal.serving import split_rows
+
+    running = start_server(Service(bundle, name="ranker", chunk_rows=64))
+    try:
+        client = triton.InferenceServerClient(running.url.removeprefix("http://"))
+        config, metadata = client.get_model_config("ranker"), client.get_model_metadata("ranker")
+        assert [(i["name"], i["dims"]) for i in config["input"]] == [(i["name"], i["shape"]) for i in metadata["inputs"]]
+        assert config["max_batch_size"] == 0 and config["output"][-1] == {"name": "score", "data_type": "TYPE_FP32",
+                                                                          "dims": [-1]}
+        assert config["dynamic_batching"]["preferred_batch_size"] == bundle.config.serving.buckets
+        assert config["parameters"]["chunk_rows"] == {"string_value": "64"}
+        assert client.get_model_config("ranker", "1") == config
+        assert client.get_model_repository_index() == [{"name": "ranker", "version": "1", "state": "READY"}]
+        assert client.get_inference_statistics("ranker")["model_stats"][0]["execution_count"] == 0
+        specs = input_specs(bundle.config)
+        candidates = with_user_of(rows.slice(0, 200), specs)
+        for _ in range(3):
+            client.infer("ranker", _inputs(candidates, specs, binary=True))
+        assert _post(running, "/v2/models/ranker/infer", b"{")[0] == 400
+        stats = client.get_inference_statistics("ranker")["model_stats"][0]
+        phases, batches = stats["inference_stats"], stats["batch_stats"]
+        assert (phases["success"]["count"], phases["fail"]["count"], stats["inference_count"]) == (3, 1, 600)
+        assert phases["queue"]["count"] == 3 * len(split_rows(200, 64))
+        assert stats["execution_count"] == phases["compute_infer"]["count"] == sum(b["compute_infer"]["count"]
+                                                                                 for b in batches)
+        assert sum(b["batch_size"] * b["compute_input"]["count"] for b in batches) == 600
+        assert all(phases[p]["ns"] > 0 for p in ("success", "fail", "queue", "compute_input", "compute_infer"))
+        assert stats["last_inference"] > 0
+        assert client.get_inference_statistics()["model_stats"] == [stats]
+        with pytest.raises(triton.InferenceServerException, match="unknown model 'other'"):
+            client.get_model_config("other")
+    finally:
+        running.stop()
+
+
 @pytest.mark.parametrize("binary", [False, True])
 def test_infer_with_json_and_binary_tensors(server, client, rows, binary):
     specs = input_specs(server.service.predictor.config)
@@ -353,8 +389,8 @@ def test_the_one_version_has_its_routes_and_every_error_is_json(server, rows):
     assert _post(server, "/v2/models/ctr/versions/1/infer", body)[0] == 200
     code, answer, _ = _post(server, "/v2/models/ctr/versions/2/infer", body)
     assert code == 404 and "no version '2'" in answer["error"]
-    for method, path, status in [("GET", "/v2/models/ctr/config", 404), ("DELETE", "/v2/models/ctr/infer", 405),
-                                 ("GET", "/v2/repository/index", 404)]:
+    for method, path, status in [("GET", "/v2/models/ctr/configs", 404), ("DELETE", "/v2/models/ctr/infer", 405),
+                                 ("GET", "/v2/repository/index", 405)]:
         request = urllib.request.Request(server.url + path, method=method)
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(request, timeout=30)

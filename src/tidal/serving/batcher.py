@@ -68,11 +68,13 @@ class _Waiting:
 
 @dataclass(frozen=True, kw_only=True)
 class BatchRecord:
-    """What one batch did, for metrics: rows, pieces, queue and compute seconds."""
+    """What one batch did, for metrics: rows, pieces, queue and compute seconds
+    (`queue_s` the oldest piece's wait, `waited_s` all pieces' waits summed)."""
 
     rows: int
     pieces: int
     queue_s: float
+    waited_s: float
     sparse_s: float
     dense_s: float
 
@@ -233,13 +235,14 @@ class Batcher:
             self._fail(batch, exc)
             return
         self._finished()
+        if self._on_batch is not None:  # first: a caller that has its answer finds the batch counted
+            waits = [start - w.queued_s for w in batch]
+            self._on_batch(BatchRecord(rows=len(probabilities), pieces=len(batch), queue_s=max(waits),
+                                       waited_s=sum(waits), sparse_s=sparse_s, dense_s=time.perf_counter() - dense_start))
         done = 0
         for w in batch:
             w.future.set_result(probabilities[done : done + w.piece.rows])
             done += w.piece.rows
-        if self._on_batch is not None:
-            self._on_batch(BatchRecord(rows=done, pieces=len(batch), queue_s=start - min(w.queued_s for w in batch),
-                                       sparse_s=sparse_s, dense_s=time.perf_counter() - dense_start))
 
     def _fail(self, batch: list[_Waiting], exc: BaseException) -> None:
         self._finished()

@@ -7,6 +7,9 @@ Routes::
     GET  /v2/models/{name}                model metadata: inputs and outputs
     GET  /v2/models/{name}/ready
     POST /v2/models/{name}/infer          JSON tensors or the binary tensor extension
+    GET  /v2/models/{name}/config         Triton's model configuration (`tidal.serving.triton`)
+    GET  /v2/models/{name}/stats          Triton's inference statistics (also /v2/models/stats)
+    POST /v2/repository/index             the one model, READY
     GET  /v2/models/{name}/fusion         the value model now in use (Tidal extension)
     PUT  /v2/models/{name}/fusion         change it without a restart: {"kind", "weights"}
     GET  /metrics                         Prometheus metrics
@@ -56,6 +59,7 @@ from tidal.serving.predictor import Predictor, UserState
 from tidal.serving.protocol import HEADER, LENGTHS, DecodedRequest, RequestError, decode_request, encode_response, \
     input_specs, json_object
 from tidal.serving.sessions import SessionCache, SessionError
+from tidal.serving.triton import Statistics, model_config
 
 __all__ = ["RunningServer", "Service", "create_app", "listen", "serve", "start_server"]
 
@@ -75,10 +79,11 @@ class Service:
         self.outputs = [*self.predictor.targets, "score"]
         self.sessions = SessionCache(ttl_s=self.settings.session_ttl_s, memory_bytes=self.settings.session_memory_bytes)
         self.metrics = _Metrics(self)
+        self.statistics = Statistics()
         s = self.settings
         self.batcher = Batcher(self.predictor, max_batch_rows=s.max_batch_rows, max_delay_ms=s.max_delay_ms,
                                chunk_rows=s.chunk_rows, sparse_threads=s.sparse_threads, max_queue_rows=s.max_queue_rows,
-                               merge=batching, on_batch=self.metrics.batch)
+                               merge=batching, on_batch=self._batch_done)
         self._torch_threads = torch.get_num_threads()  # restored by close()
         if s.dense_threads is not None:
             torch.set_num_threads(s.dense_threads)
@@ -94,7 +99,14 @@ class Service:
             np.zeros((0, len(self.predictor.targets)), np.float32)
         if decoded.sequence_end:  # this request's session only: the id may have started again meanwhile
             self.sessions.end(decoded.sequence_id, state)
-        return encode_response(self.name, decoded, self.predictor.outputs(probabilities))
+        start = time.perf_counter()
+        response = encode_response(self.name, decoded, self.predictor.outputs(probabilities))
+        self.statistics.output(time.perf_counter() - start)
+        return response
+
+    def _batch_done(self, record: BatchRecord) -> None:
+        self.metrics.batch(record)
+        self.statistics.batch(record)
 
     async def _session_state(self, decoded: DecodedRequest) -> UserState | None:
         if decoded.sequence_id is None:
@@ -214,25 +226,41 @@ def create_app(service: Service) -> Starlette:
             service.metrics.requests.labels("not_found").inc()
             return missing
         start = time.perf_counter()
+        outcome, response = await _answer(request)
+        service.metrics.requests.labels(outcome).inc()
+        service.statistics.request(outcome == "ok", time.perf_counter() - start)
+        if outcome == "ok":
+            service.metrics.latency.observe(time.perf_counter() - start)
+        return response
+
+    async def _answer(request: Request) -> tuple[str, Response]:
+        """(outcome, response) of an infer request."""
         try:
             body = await _read_body(request, service.settings.max_body_bytes)
             content, headers = await _unless_gone(request, service.infer(body, request.headers.get(HEADER)))
         except (RequestError, SessionError) as exc:
-            service.metrics.requests.labels("bad_request").inc()
-            return _error(getattr(exc, "status", 400), str(exc))
+            return "bad_request", _error(getattr(exc, "status", 400), str(exc))
         except Overloaded as exc:
-            service.metrics.requests.labels("overloaded").inc()
-            return _error(503, str(exc), {"Retry-After": "1"})
+            return "overloaded", _error(503, str(exc), {"Retry-After": "1"})
         except ClientDisconnect:  # the client hung up: nobody to answer, and no fault of the server
-            service.metrics.requests.labels("client_gone").inc()
-            return _error(400, "the client closed the connection before its answer")
+            return "client_gone", _error(400, "the client closed the connection before its answer")
         except Exception as exc:  # a failed batch: this request learns why, the server goes on
-            service.metrics.requests.labels("error").inc()
-            return _error(500, f"{type(exc).__name__}: {exc}")
-        service.metrics.requests.labels("ok").inc()
-        service.metrics.latency.observe(time.perf_counter() - start)
-        return Response(content, media_type="application/json" if not headers else "application/octet-stream",
-                        headers=headers)
+            return "error", _error(500, f"{type(exc).__name__}: {exc}")
+        return "ok", Response(content, media_type="application/json" if not headers else "application/octet-stream",
+                              headers=headers)
+
+    async def config(request: Request) -> JSONResponse:
+        return model_or_404(request) or JSONResponse(model_config(service.metadata(), service.settings))
+
+    async def stats(request: Request) -> JSONResponse:
+        if "name" in request.path_params:
+            missing = model_or_404(request)
+            if missing is not None:
+                return missing
+        return JSONResponse(service.statistics.json(service.name))
+
+    async def repository_index(request: Request) -> JSONResponse:
+        return JSONResponse([{"name": service.name, "version": "1", "state": "READY"}])
 
     async def fusion(request: Request) -> JSONResponse:
         missing = model_or_404(request)
@@ -254,9 +282,11 @@ def create_app(service: Service) -> Starlette:
         return _error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", exc.headers)
 
     model_routes = [("", model_metadata, ["GET"]), ("/ready", model_ready, ["GET"]), ("/infer", infer, ["POST"]),
+                    ("/config", config, ["GET"]), ("/stats", stats, ["GET"]),
                     ("/fusion", fusion, ["GET", "PUT"])]
     return Starlette(routes=[
         Route("/v2", server_metadata), Route("/v2/health/live", healthy), Route("/v2/health/ready", healthy),
+        Route("/v2/models/stats", stats), Route("/v2/repository/index", repository_index, methods=["POST"]),
         *[Route(f"/v2/models/{{name}}{version}{path}", endpoint, methods=methods)
           for version in ("", "/versions/{version}") for path, endpoint, methods in model_routes],
         Route("/metrics", metrics),

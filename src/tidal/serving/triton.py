@@ -1,0 +1,100 @@
+"""Triton's model configuration and inference statistics, for the `tritonclient` calls
+beyond the Open Inference Protocol: `get_model_config`, `get_inference_statistics` and
+`get_model_repository_index`.
+
+The configuration says what the server does, in Triton's terms: `max_batch_size` 0
+(a request carries its own candidate dimension, which the server merges and splits
+itself; `dynamic_batching` gives the buckets and the longest wait), the inputs and
+outputs of the model's metadata, and the session time-out as `sequence_batching`.
+Statistics count as Triton's do: requests that succeeded or failed with their time end
+to end, every chunk's wait in the queue, each batch's sparse stage (`compute_input`),
+dense stage (`compute_infer`) and response encoding (`compute_output`, per request),
+`inference_count` the candidates scored and `execution_count` the batches run.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from tidal.config import ServingConfig
+from tidal.serving.batcher import BatchRecord
+
+__all__ = ["Statistics", "model_config"]
+
+_TYPES = {"BYTES": "TYPE_STRING", "FP64": "TYPE_FP64", "FP32": "TYPE_FP32", "INT32": "TYPE_INT32"}
+
+
+def model_config(metadata: dict, settings: ServingConfig) -> dict:
+    """Triton's configuration of a model with this metadata, served with `settings`."""
+    inputs = [{"name": i["name"], "data_type": _TYPES[i["datatype"]], "format": "FORMAT_NONE", "dims": i["shape"],
+               "optional": i.get("optional", False)} for i in metadata["inputs"]]
+    outputs = [{"name": o["name"], "data_type": _TYPES[o["datatype"]], "dims": o["shape"]} for o in metadata["outputs"]]
+    tidal = {"max_batch_rows": settings.max_batch_rows, "chunk_rows": settings.chunk_rows,
+             "max_queue_rows": settings.max_queue_rows, "sparse_threads": settings.sparse_threads}
+    return {"name": metadata["name"], "platform": metadata["platform"], "backend": "tidal", "max_batch_size": 0,
+            "input": inputs, "output": outputs,
+            "dynamic_batching": {"preferred_batch_size": list(settings.buckets),
+                                 "max_queue_delay_microseconds": round(settings.max_delay_ms * 1000)},
+            "sequence_batching": {"max_sequence_idle_microseconds": round(settings.session_ttl_s * 1e6)},
+            "parameters": {k: {"string_value": str(v)} for k, v in tidal.items()}}
+
+
+class _Duration:
+    """A count and the nanoseconds they took, as Triton reports them."""
+
+    def __init__(self) -> None:
+        self.count = self.ns = 0
+
+    def add(self, seconds: float, count: int = 1) -> None:
+        self.count += count
+        self.ns += round(seconds * 1e9)
+
+    def json(self) -> dict:
+        return {"count": self.count, "ns": self.ns}
+
+
+class Statistics:
+    """One model's inference statistics, kept as requests and batches finish (thread-safe)."""
+
+    _PHASES = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit",
+               "cache_miss")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._phases = {p: _Duration() for p in self._PHASES}  # no response cache: its two stay at 0
+        self._by_size: dict[int, tuple[_Duration, _Duration]] = {}
+        self._candidates = self._batches = self._last_ms = 0
+
+    def request(self, ok: bool, seconds: float) -> None:
+        """One infer request answered: a success or a failure (bad request, overload, error)."""
+        with self._lock:
+            self._phases["success" if ok else "fail"].add(seconds)
+            if ok:
+                self._last_ms = int(time.time() * 1000)
+
+    def output(self, seconds: float) -> None:
+        with self._lock:
+            self._phases["compute_output"].add(seconds)
+
+    def batch(self, record: BatchRecord) -> None:
+        with self._lock:
+            self._candidates += record.rows
+            self._batches += 1
+            self._phases["queue"].add(record.waited_s, record.pieces)
+            self._phases["compute_input"].add(record.sparse_s)
+            self._phases["compute_infer"].add(record.dense_s)
+            sparse, dense = self._by_size.setdefault(record.rows, (_Duration(), _Duration()))
+            sparse.add(record.sparse_s)
+            dense.add(record.dense_s)
+
+    def json(self, name: str) -> dict:
+        """Triton's statistics response for the model `name` (its one version, '1')."""
+        with self._lock:
+            batches = [{"batch_size": size, "compute_input": sparse.json(), "compute_infer": dense.json(),
+                        "compute_output": {"count": 0, "ns": 0}}
+                       for size, (sparse, dense) in sorted(self._by_size.items())]
+            return {"model_stats": [{
+                "name": name, "version": "1", "last_inference": self._last_ms, "inference_count": self._candidates,
+                "execution_count": self._batches,
+                "inference_stats": {p: d.json() for p, d in self._phases.items()}, "batch_stats": batches}]}
