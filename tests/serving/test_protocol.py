@@ -59,6 +59,22 @@ def test_int64_ids_hash_as_their_decimal_strings_and_numbers_come_in_any_form(sp
     assert texts.columns["I5"].to_pylist() == [1.5, None]  # empty: missing, as in a file
 
 
+def test_missing_numbers_come_as_null_or_nan_and_values_past_the_type_are_refused(specs):
+    json_null = _decode(specs, _request(specs, 3, I5={"name": "I5", "datatype": "FP64", "shape": [3],
+                                                      "data": [1.5, None, 2.0]}))
+    assert json_null.columns["I5"].to_pylist() == [1.5, None, 2.0]  # missing, as an empty field in a file
+    nan = np.array([np.nan, 4.0], "<f4").tobytes()
+    body = _request(specs, 2, I5={"name": "I5", "datatype": "FP32", "shape": [2], "parameters": {"binary_data_size": 8}})
+    assert _decode(specs, body, nan).columns["I5"].to_pylist() == [None, 4.0]
+    with pytest.raises(RequestError, match="'I5': a value does not fit FP32: 1e\\+308 at position 1"):
+        _decode(specs, _request(specs, 2, I5={"name": "I5", "datatype": "FP32", "shape": [2], "data": [1.0, 1e308]}))
+    inf = np.array([np.inf, 4.0], "<f4").tobytes()
+    with pytest.raises(RequestError, match="'I5': values must be finite or NaN \\(missing\\), got inf at position 0"):
+        _decode(specs, body, inf)
+    with pytest.raises(RequestError, match="'C9': INT64 data must be integers"):
+        _decode(specs, _request(specs, 2, C9={"name": "C9", "datatype": "INT64", "shape": [2], "data": [1, None]}))
+
+
 def test_binary_tensors_decode_like_json(specs):
     strings = [b"v0", b"\xc3\xa9t\xc3\xa9"]
     raw = b"".join(len(s).to_bytes(4, "little") + s for s in strings)
@@ -79,6 +95,10 @@ def test_a_one_value_item_input_is_broadcast_and_a_start_may_come_without_candid
     assert start.rows == 0 and start.sequence_id == "u1"
     with pytest.raises(RequestError, match="missing inputs"):
         _decode(specs, users_only)
+    end = _decode(specs, {"inputs": []}, sequence_id="u1", sequence_end=True)  # an end without candidates
+    assert end.rows == 0 and end.columns == {} and end.sequence_end
+    with pytest.raises(RequestError, match="missing inputs"):
+        _decode(specs, {"inputs": []})
 
 
 def test_binary_outputs_follow_the_header(specs):
@@ -95,11 +115,16 @@ def test_binary_outputs_follow_the_header(specs):
         _decode(specs, {**_request(specs, 1), "outputs": [{"name": "nope"}]})
 
 
-def test_binary_data_output_makes_every_wanted_output_binary(specs):
+def test_binary_data_output_makes_every_wanted_output_binary_unless_one_says_otherwise(specs):
     every = _decode(specs, _request(specs, 2), binary_data_output=True)
     assert every.outputs is None and every.binary_outputs == set(OUTPUTS)
     listed = _decode(specs, {**_request(specs, 2), "outputs": [{"name": "ctr"}]}, binary_data_output=True)
     assert listed.outputs == ["ctr"] and listed.binary_outputs == {"ctr"}
+    overridden = _decode(specs, {**_request(specs, 2), "outputs": [
+        {"name": "ctr"}, {"name": "score", "parameters": {"binary_data": False}}]}, binary_data_output=True)
+    assert overridden.outputs == ["ctr", "score"] and overridden.binary_outputs == {"ctr"}
+    with pytest.raises(RequestError, match=r"outputs names \['ctr'\] more than once"):
+        _decode(specs, {**_request(specs, 2), "outputs": [{"name": "ctr"}, {"name": "score"}, {"name": "ctr"}]})
     assert _decode(specs, _request(specs, 2)).binary_outputs == set()
     with pytest.raises(RequestError, match=r"\['binary_data_output'\] must be true or false"):
         _decode(specs, _request(specs, 2), binary_data_output="yes")

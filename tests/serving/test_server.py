@@ -149,6 +149,10 @@ def test_a_full_sequence_start_pages_end(server, client, rows):
     with pytest.raises(triton.InferenceServerException, match="sequence 77 is unknown: it has ended"):
         client.infer("ctr", _inputs(pages[1], specs, binary=True, skip_user=True), sequence_id=77)
     assert len(server.service.sessions) == 0
+    client.infer("ctr", _inputs(pages[0], specs, binary=True), sequence_id=78, sequence_start=True)
+    assert len(server.service.sessions) == 1
+    ended = client.infer("ctr", [], sequence_id=78, sequence_end=True)  # an end without candidates
+    assert ended.as_numpy("score").shape == (0,) and len(server.service.sessions) == 0
 
 
 def test_the_fusion_changes_on_the_running_server(server, rows):
@@ -376,6 +380,18 @@ def test_compressed_requests_score_as_plain_ones(server, rows, algorithm):
     body = gzip.compress(raw) if algorithm == "gzip" else zlib.compress(raw)
     code, answer, _ = _post(server, "/v2/models/ctr/infer", body, {"Content-Encoding": algorithm})
     assert code == 200 and np.allclose(answer["outputs"][0]["data"], result.as_numpy("ctr"), rtol=1e-6)
+    code, answer, _ = _post(server, "/v2/models/ctr/infer", body + b"\x00garbage", {"Content-Encoding": algorithm})
+    assert code == 400 and ("not valid gzip data" if algorithm == "gzip" else "bytes after its data ends") \
+        in answer["error"]
+
+
+def test_a_gzip_body_of_several_members_reads_as_their_concatenation(server, rows):
+    specs = input_specs(server.service.predictor.config)
+    raw = json.dumps(infer_request(with_user_of(rows.slice(0, 5), specs), specs)).encode()
+    whole = _post(server, "/v2/models/ctr/infer", raw)
+    members = gzip.compress(raw[:100]) + gzip.compress(raw[100:])
+    code, answer, _ = _post(server, "/v2/models/ctr/infer", members, {"Content-Encoding": "gzip"})
+    assert code == whole[0] == 200 and answer["outputs"] == whole[1]["outputs"]
 
 
 def test_the_one_version_has_its_routes_and_every_error_is_json(server, rows):
@@ -450,6 +466,19 @@ def test_headers_that_trickle_in_or_never_come_get_a_408_and_the_server_keeps_se
     assert first.startswith(b"HTTP/1.1 200") and second.startswith(b"HTTP/1.1 408")
     monkeypatch.setattr(server_module, "_HEADER_TIMEOUT_S", 10.0)
     assert urllib.request.urlopen(server.url + "/v2/health/ready", timeout=30).status == 200
+
+
+def test_headers_over_the_size_limit_get_a_431_and_the_server_keeps_serving(server):
+    import tidal.serving.server as server_module
+
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        # just past the limit, so that the server has read it all when it answers (no reset)
+        conn.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * server_module._HEADER_BYTES)
+        answer = conn.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 431") and f"take more than {server_module._HEADER_BYTES} bytes" in answer
+    request = urllib.request.Request(server.url + "/v2/health/ready", headers={"X-Fine": "a" * 8000})
+    assert urllib.request.urlopen(request, timeout=30).status == 200
 
 
 def test_hang_ups_and_unknown_models_are_counted_apart_from_server_errors(server, rows):

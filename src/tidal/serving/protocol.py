@@ -234,13 +234,22 @@ def _tensor_header(k: int, tensor: object) -> tuple[str, str, int, bool]:
 
 
 def _from_json(name: str, datatype: str, flat: list) -> np.ndarray:
-    allowed = (int,) if datatype.startswith("INT") else (int, float)
+    """The values of a numeric tensor; null in floating point data is a missing value
+    (NaN, as in training's files)."""
+    allowed = (int,) if datatype.startswith("INT") else (int, float, type(None))
     if not all(type(v) in allowed for v in flat):
-        raise RequestError(f"input {name!r}: {datatype} data must be {'integers' if len(allowed) == 1 else 'numbers'}")
+        raise RequestError(f"input {name!r}: {datatype} data must be "
+                           f"{'integers' if len(allowed) == 1 else 'numbers or null (missing)'}")
     try:
-        return np.asarray(flat, dtype=_NUMERIC[datatype])
+        with np.errstate(over="ignore"):
+            values = np.asarray(flat, dtype=_NUMERIC[datatype])
     except OverflowError:
         raise RequestError(f"input {name!r}: a value does not fit {datatype}") from None
+    if values.dtype.kind == "f" and np.isinf(values).any():
+        k = int(np.flatnonzero(np.isinf(values))[0])
+        if np.isfinite(float(flat[k])):
+            raise RequestError(f"input {name!r}: a value does not fit {datatype}: {flat[k]!r} at position {k}")
+    return values
 
 
 def _from_binary(name: str, datatype: str, count: int, raw: memoryview) -> np.ndarray | pa.Array:
@@ -331,11 +340,12 @@ def _columns(tensors: dict, specs: dict[str, InputSpec], mode: str) -> tuple[dic
 
     `mode` is stateless, start or continue: a continuing session's request carries no
     user inputs, nor the user's values that item features read too (side "both"): they
-    came with its start. A start may come without candidates.
+    came with its start. A sequence's request may come without candidates: a start with
+    only the user's inputs, an end with none at all.
     """
     required = [s for s in specs.values() if not (mode == "continue" and s.side != "item")]
-    if mode == "start" and not any(specs[n].side == "item" for n in tensors if n in specs):
-        required = [s for s in required if s.side != "item"]  # a start without candidates
+    if mode != "stateless" and not any(specs[n].side == "item" for n in tensors if n in specs):
+        required = [s for s in required if s.side != "item"]  # no candidates
     missing = [s.name for s in required if s.name not in tensors]
     if missing:
         raise RequestError(f"missing inputs {missing}; the model reads " +
@@ -374,11 +384,13 @@ def _checked(spec: InputSpec, strings: pa.Array) -> pa.Array:
 
 
 def _numbers(name: str, value: np.ndarray) -> pa.Array:
+    """float64 numbers, NaN (missing, as in training's files) given as null."""
     numbers = value.astype(np.float64)
-    bad = np.flatnonzero(~np.isfinite(numbers))
+    bad = np.flatnonzero(np.isinf(numbers))
     if bad.size:
-        raise RequestError(f"input {name!r}: values must be finite, got {numbers[bad[0]]} at position {bad[0]}")
-    return pa.array(numbers)
+        raise RequestError(f"input {name!r}: values must be finite or NaN (missing), got {numbers[bad[0]]} at "
+                           f"position {bad[0]}")
+    return pa.array(numbers, mask=np.isnan(numbers))
 
 
 def _numbers_from_text(texts: dict[str, pa.Array]) -> dict[str, pa.Array]:
@@ -458,12 +470,15 @@ def _outputs(request: dict, outputs: Sequence[str], binary_all: bool) -> tuple[l
         return None, set(outputs) if binary_all else set()
     if not isinstance(wanted, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in wanted):
         raise RequestError("outputs must be a list of objects with a name")
-    unknown = sorted({o["name"] for o in wanted} - set(outputs))
+    names = [o["name"] for o in wanted]
+    unknown = sorted(set(names) - set(outputs))
     if unknown:
         raise RequestError(f"unknown outputs {unknown}; the model gives {list(outputs)}")
-    binary = {o["name"] for o in wanted
-              if binary_all or _parameters_of(o, f"output {o['name']!r}").get("binary_data") is True}
-    return [o["name"] for o in wanted], binary
+    if len(set(names)) < len(names):
+        raise RequestError(f"outputs names {sorted({n for n in names if names.count(n) > 1})} more than once")
+    binary = {o["name"] for o in wanted  # an output's own binary_data overrides binary_data_output
+              if _parameters_of(o, f"output {o['name']!r}").get("binary_data", binary_all) is True}
+    return names, binary
 
 
 # ---------------------------------------------------------------------- encoding

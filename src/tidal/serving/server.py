@@ -19,9 +19,10 @@ Outputs are one FP32 probability tensor per target and the fused `score`. Triton
 sequence parameters (`sequence_id`, `sequence_start`, `sequence_end`) drive stateful
 sessions. Bodies may come gzip- or deflate-compressed (`Content-Encoding`). Every
 error is `{"error": reason}`: a malformed request gets 400, a body over the limit or a
-request with more candidates than `max_queue_rows` 413, headers not sent within 10 s
-or a body within 30 s 408, an unknown model or route 404; under overload the server answers 503 with
-Retry-After instead of letting the queue grow. Binds to 127.0.0.1 unless told otherwise.
+request with more candidates than `max_queue_rows` 413, headers over 64 KiB 431,
+headers not sent within 10 s or a body within 30 s 408, an unknown model or route 404;
+under overload the server answers 503 with Retry-After instead of letting the queue
+grow. Binds to 127.0.0.1 unless told otherwise.
 """
 
 from __future__ import annotations
@@ -298,6 +299,7 @@ _FUSION_BODY_BYTES = 1 << 16
 _DRAIN_BYTES = 64 << 20  # an oversize body up to this size is read and dropped before the 413
 _BODY_TIMEOUT_S = 30.0  # a body must arrive within this
 _HEADER_TIMEOUT_S = 10.0  # a request's headers must arrive within this
+_HEADER_BYTES = 64 << 10  # and take at most this many bytes
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -369,16 +371,24 @@ def _decompressed(body: bytes, encoding: str, limit: int) -> bytes:
         return body
     if encoding not in _WBITS:
         raise RequestError(f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or none", status=415)
-    inflater = zlib.decompressobj(_WBITS[encoding])
-    try:
-        plain = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise RequestError(f"the body is not valid {encoding} data: {exc}") from None
-    if len(plain) > limit:
-        raise RequestError(f"the body decompresses to more than {limit} bytes, over the limit of {limit}", status=413)
-    if not inflater.eof:
-        raise RequestError(f"the {encoding} body ends before its data does")
-    return plain
+    parts, size, rest = [], 0, body
+    while True:  # a gzip body may hold several members, one after another (RFC 1952)
+        inflater = zlib.decompressobj(_WBITS[encoding])
+        try:
+            parts.append(inflater.decompress(rest, limit + 1 - size))
+        except zlib.error as exc:
+            raise RequestError(f"the body is not valid {encoding} data: {exc}") from None
+        size += len(parts[-1])
+        if size > limit:
+            raise RequestError(f"the body decompresses to more than {limit} bytes, over the limit of {limit}",
+                               status=413)
+        if not inflater.eof:
+            raise RequestError(f"the {encoding} body ends before its data does")
+        rest = inflater.unused_data
+        if not rest:
+            return b"".join(parts)
+        if encoding == "deflate":
+            raise RequestError(f"the deflate body has {len(rest)} bytes after its data ends")
 
 
 # ---------------------------------------------------------------------- running
@@ -425,17 +435,29 @@ class RunningServer:
 
 
 class _TimedHeaders(HttpToolsProtocol):
-    """uvicorn's HTTP protocol with a deadline for each request's headers.
+    """uvicorn's HTTP protocol with a deadline and a size limit for each request's headers.
 
     uvicorn waits as long as a client likes for headers (its keep-alive timeout only
     runs between requests, and any byte restarts it), so a few thousand clients
-    trickling them in (slowloris) would hold every file descriptor of the server. The
-    clock starts when a connection opens and when a response completes with no request
-    waiting; a client whose headers are not complete within `_HEADER_TIMEOUT_S` gets a
-    408 and is disconnected.
+    trickling them in (slowloris) would hold every file descriptor of the server; and
+    it buffers headers of any size. The clock starts when a connection opens and when a
+    response completes with no request waiting; a client whose headers are not complete
+    within `_HEADER_TIMEOUT_S` gets a 408, one whose headers run past `_HEADER_BYTES` a
+    431, and is disconnected.
     """
 
     _header_deadline: asyncio.TimerHandle | None = None
+    _header_bytes = 0
+
+    def data_received(self, data: bytes) -> None:
+        awaiting = self._header_deadline is not None
+        super().data_received(data)
+        if awaiting and self._header_deadline is not None:  # all of it went to headers still unfinished
+            self._header_bytes += len(data)
+            if self._header_bytes > _HEADER_BYTES:
+                self._stop_header_clock()
+                self._refuse(b"431 Request Header Fields Too Large",
+                             f"the request headers take more than {_HEADER_BYTES} bytes")
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -456,6 +478,7 @@ class _TimedHeaders(HttpToolsProtocol):
 
     def _start_header_clock(self) -> None:
         self._stop_header_clock()
+        self._header_bytes = 0
         self._header_deadline = self.loop.call_later(_HEADER_TIMEOUT_S, self._headers_too_late)
 
     def _stop_header_clock(self) -> None:
@@ -465,11 +488,15 @@ class _TimedHeaders(HttpToolsProtocol):
 
     def _headers_too_late(self) -> None:
         self._header_deadline = None
+        self._refuse(b"408 Request Timeout", f"the request headers did not arrive within {_HEADER_TIMEOUT_S:g} s")
+
+    def _refuse(self, status: bytes, message: str) -> None:
+        """Answer `status` with `message` as the error and close the connection."""
         if self.transport.is_closing():
             return
-        body = json.dumps({"error": f"the request headers did not arrive within {_HEADER_TIMEOUT_S:g} s"}).encode()
-        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                             b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        body = json.dumps({"error": message}).encode()
+        self.transport.write(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                             b"content-length: %d\r\n\r\n%s" % (status, len(body), body))
         self.transport.close()
 
 
