@@ -118,6 +118,8 @@ def test_binary_outputs_follow_the_header(specs):
 def test_binary_data_output_makes_every_wanted_output_binary_unless_one_says_otherwise(specs):
     every = _decode(specs, _request(specs, 2), binary_data_output=True)
     assert every.outputs is None and every.binary_outputs == set(OUTPUTS)
+    none_named = _decode(specs, {**_request(specs, 2), "outputs": []}, binary_data_output=True)
+    assert none_named.outputs is None and none_named.binary_outputs == set(OUTPUTS)
     listed = _decode(specs, {**_request(specs, 2), "outputs": [{"name": "ctr"}]}, binary_data_output=True)
     assert listed.outputs == ["ctr"] and listed.binary_outputs == {"ctr"}
     overridden = _decode(specs, {**_request(specs, 2), "outputs": [

@@ -466,7 +466,7 @@ def _rows(columns: dict[str, pa.Array], specs: dict[str, InputSpec]) -> int:
 
 def _outputs(request: dict, outputs: Sequence[str], binary_all: bool) -> tuple[list[str] | None, set[str]]:
     wanted = request.get("outputs")
-    if wanted is None:
+    if wanted is None or wanted == []:  # none named: all of them, as Triton answers
         return None, set(outputs) if binary_all else set()
     if not isinstance(wanted, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in wanted):
         raise RequestError("outputs must be a list of objects with a name")
