@@ -17,9 +17,36 @@ def test_demo_trains_and_reports_auc_beside_the_ceiling(capsys):
     assert "eval at step 2:" not in out  # the two warm-up steps train quietly
     assert "sparse  lookup" in out and "dense   dense" in out  # the engine's stage table
     assert result["served_candidates"] == 100 and "session 7: start + 50" in out
-    assert "a malformed request         400: input 'I5': values must be finite, got inf at position 1" in out
+    assert "a malformed request         400: input 'I5': values must be finite or NaN (missing), got inf at position 1" in out
 
 
 def test_demo_refuses_too_few_rows(capsys):
     assert main(["demo", "--rows", "10"]) == 2
     assert "--rows must be at least 1,000, got 10" in capsys.readouterr().err
+
+
+def test_train_and_export_report_a_full_disk_without_a_traceback(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import yaml
+    from runtime.test_trainer import _config
+
+    import tidal.runtime.checkpoint
+    import tidal.serving.bundle
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "checkpoints"))
+
+    config = _config(tmp_path, checkpoint_every=5)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.setattr(tidal.runtime.checkpoint, "save", disk_full)
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "tidal train: a file could not be written or read: No space left on device" in err
+    assert "`tidal train --resume` continues from it" in err
+    monkeypatch.undo()
+    assert main(["train", "--config", str(path)]) == 0
+    monkeypatch.setattr(tidal.serving.bundle, "write_json_atomic", disk_full)
+    assert main(["export", "--checkpoint", config["training"]["run_dir"], "--out", str(tmp_path / "bundle")]) == 2
+    assert "tidal export: a file could not be written or read: No space left on device" in capsys.readouterr().err

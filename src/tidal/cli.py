@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from safetensors import SafetensorError
+
 __all__ = ["main"]
 
 _NOTED_COMPILE_S = 1.0  # a run that spent longer compiling kernels says so beside its speed
@@ -43,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("gen-data", help="write Criteo-like files with a planted logistic ground truth")
     gen.add_argument("--out", required=True, help="directory to write part-NNNNN.<format> and truth.json into")
     gen.add_argument("--rows", type=int, default=1_000_000, help="rows to write (default 1,000,000)")
-    gen.add_argument("--files", type=int, default=1)
+    gen.add_argument("--files", type=int, default=1,
+                     help="how many files (part-00000, ...) to share the rows between (default 1, at most --rows)")
     gen.add_argument("--format", choices=["tsv", "parquet"], default="tsv")
     gen.add_argument("--seed", type=int, default=0, help="fixes the planted truth")
     gen.add_argument("--split", type=int, default=0, help="other rows of the same truth (e.g. 1 for eval data)")
@@ -160,6 +163,9 @@ def _train(args: argparse.Namespace) -> int:
     except TidalError as exc:
         print(f"tidal train: {exc}", file=sys.stderr)
         return 2
+    except (OSError, SafetensorError) as exc:
+        return _write_failed("train", exc, "the last checkpoint written is intact: `tidal train --resume` continues "
+                                           "from it")
     except KeyboardInterrupt:
         print("tidal train: interrupted; `tidal train --resume` continues from the last checkpoint written",
               file=sys.stderr)
@@ -236,9 +242,19 @@ def _export(args: argparse.Namespace) -> int:
     except TidalError as exc:
         print(f"tidal export: {exc}", file=sys.stderr)
         return 2
+    except (OSError, SafetensorError) as exc:
+        return _write_failed("export", exc, "an earlier bundle at --out is intact")
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"wrote the serving bundle {out} ({size / 2**20:,.1f} MiB); serve it with: tidal serve {out}")
     return 0
+
+
+def _write_failed(command: str, exc: Exception, consequence: str) -> int:
+    """Report a file that could not be written or read (a full or read-only disk, say)."""
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    print(f"tidal {command}: a file could not be written or read: {getattr(exc, 'strerror', None) or exc}{where}; "
+          f"{consequence}", file=sys.stderr)
+    return 2
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -310,10 +326,13 @@ def _serving_settings(entries: list[str], flags: dict) -> dict:
 
 
 def _gen_data(args: argparse.Namespace) -> int:
-    from tidal.data.generate import generate
+    from tidal.data.generate import check_arguments, generate
     from tidal.errors import ConfigError
 
-    try:
+    flags = {"rows": "--rows", "files": "--files", "file_format": "--format", "seed": "--seed", "split": "--split"}
+    try:  # checked here first, so that a message names the flag (--rows), not generate's argument (rows)
+        check_arguments(rows=args.rows, files=args.files, file_format=args.format, seed=args.seed, split=args.split,
+                        names=flags)
         data = generate(args.out, rows=args.rows, files=args.files, file_format=args.format, seed=args.seed,
                         split=args.split)
     except ConfigError as exc:
@@ -323,7 +342,8 @@ def _gen_data(args: argparse.Namespace) -> int:
         print(f"tidal gen-data: cannot write to --out {args.out}: {exc.strerror or exc}"
               f"{f' ({exc.filename})' if exc.filename else ''}", file=sys.stderr)
         return 2
-    print(f"wrote {data.rows:,d} rows in {len(data.paths)} file(s) to {args.out}: "
+    files = len(data.paths)
+    print(f"wrote {data.rows:,d} row{'s' * (data.rows != 1)} in {files} file{'s' * (files != 1)} to {args.out}: "
           f"positive rate {data.positive_rate:.3f}, ceiling AUC "
           f"{'n/a (one class only)' if data.ceiling_auc is None else f'{data.ceiling_auc:.4f}'}")
     return 0

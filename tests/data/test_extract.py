@@ -184,3 +184,20 @@ def test_soft_labels_numeric_columns_and_large_logs_are_still_read():
 def test_a_dict_where_a_feature_config_goes_is_refused_naming_the_classes():
     with pytest.raises(ConfigError, match=r"Extractor: each feature: expected SparseFeature or DenseFeature or LabelFeature"):
         Extractor([{"kind": "sparse", "name": "u", "columns": ["C1"], "table": "ids"}])
+
+
+def test_float32s_largest_value_is_a_number_and_the_range_message_is_exact():
+    """3.4028235e38 (float32's maximum as numpy writes it) is in range; the message
+    says exactly where the range ends (it once said |x| < 3.4e38)."""
+    dense = Extractor([DenseFeature(name="n", column="n")])(pa.record_batch({"n": ["3.4028235e38", "-3.4028235e38"]}))
+    assert dense.dense.ravel().tolist() == [float(np.finfo(np.float32).max), -float(np.finfo(np.float32).max)]
+    with pytest.raises(DataError, match=r"expected numbers within float32's range \(\|x\| <= 3\.4028235e38\), "
+                                        r"got '3\.5e38' in row 0"):
+        Extractor([DenseFeature(name="n", column="n")])(pa.record_batch({"n": ["3.5e38"]}))
+
+
+@pytest.mark.parametrize("text, id_", [("-9223372036854775808", -2**63), ("9223372036854775807", 2**63 - 1),
+                                       ("0009223372036854775807", 2**63 - 1), ("-0", 0)])
+def test_raw_ids_span_int64(text, id_):
+    out = Extractor([SparseFeature(name="item", columns=["i"], table="t", hashed=False)])(pa.record_batch({"i": [text]}))
+    assert out.values.tolist() == [id_]

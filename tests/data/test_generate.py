@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -40,15 +41,15 @@ def test_same_seed_writes_the_same_files_and_truth(tmp_path):
 
 def test_cli_writes_data_and_refuses_bad_arguments(tmp_path, capsys):
     assert main(["gen-data", "--out", str(tmp_path), "--rows", "200", "--format", "parquet"]) == 0
-    assert "wrote 200 rows in 1 file(s)" in capsys.readouterr().out
+    assert "wrote 200 rows in 1 file to" in capsys.readouterr().out
     assert (tmp_path / "part-00000.parquet").exists()
     assert main(["gen-data", "--out", str(tmp_path), "--rows", "10", "--files", "20"]) == 2
-    assert "files must be between 1 and rows (10), got 20" in capsys.readouterr().err
+    assert "--files must be between 1 and --rows (10), got 20" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="zipf_a must be > 1"):
         generate(tmp_path, rows=5, zipf_a=1.0)
     for flag, value in [("--seed", "-1"), ("--split", "-1"), ("--seed", str(2**70))]:
         assert main(["gen-data", "--out", str(tmp_path / "x"), "--rows", "10", flag, value]) == 2
-        assert f"{flag[2:]} must be between 0 and 2**32 - 1, got {value}" in capsys.readouterr().err
+        assert f"gen-data: {flag} must be between 0 and 2**32 - 1, got {value}" in capsys.readouterr().err
     (tmp_path / "a-file").write_text("x")
     assert main(["gen-data", "--out", str(tmp_path / "a-file"), "--rows", "10"]) == 2
     assert "a-file is a file" in capsys.readouterr().err
@@ -113,3 +114,20 @@ def test_counts_that_are_not_integers_are_refused(tmp_path, kwargs, message):
     with pytest.raises(ConfigError, match=message):
         generate(tmp_path, **kwargs)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_messages_name_the_flags_and_count_in_the_singular(tmp_path, capsys):
+    for args, message in [(["--rows", "0"], "tidal gen-data: --rows must be >= 1, got 0"),
+                          (["--rows", "5", "--files", "0"], "tidal gen-data: --files must be between 1 and --rows (5), got 0")]:
+        assert main(["gen-data", "--out", str(tmp_path / "x"), *args]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # refused before anything is written
+    with pytest.raises(ConfigError, match="gen-data: rows must be >= 1, got 0"):  # the API names its arguments
+        generate(tmp_path / "y", rows=0)
+    assert main(["gen-data", "--out", str(tmp_path / "one"), "--rows", "1"]) == 0
+    assert f"wrote 1 row in 1 file to {tmp_path / 'one'}:" in capsys.readouterr().out
+    assert main(["gen-data", "--out", str(tmp_path / "two"), "--rows", "1500", "--files", "2"]) == 0
+    assert f"wrote 1,500 rows in 2 files to {tmp_path / 'two'}:" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["gen-data", "--help"])
+    assert re.search(r"--files FILES\s+how many files", capsys.readouterr().out)

@@ -232,7 +232,7 @@ def _dense(features: list[DenseFeature], batch: pa.RecordBatch) -> np.ndarray:
         dense = np.ascontiguousarray(np.where(np.isnan(values), missing, values).T, dtype=np.float32)
     if not np.isfinite(dense).all():
         row, d = (int(i) for i in np.argwhere(~np.isfinite(dense))[0])
-        raise DataError(f"{_named(features[d])}: expected numbers within float32's range (|x| < 3.4e38), got "
+        raise DataError(f"{_named(features[d])}: expected numbers within float32's range (|x| <= 3.4028235e38), got "
                         f"{columns[d][row].as_py()!r} in row {row}; read files with read_batches("
                         f"checks=extractor.checks) to skip such rows")
     return dense

@@ -12,6 +12,7 @@ known, so is the best AUC any model can reach on the data: `ceiling_auc`, writte
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -26,7 +27,7 @@ from tidal.data.criteo import CRITEO_DENSE, CRITEO_SPARSE
 from tidal.errors import ConfigError, DataError
 from tidal.mixing import mix64_array
 
-__all__ = ["GeneratedData", "auc", "generate"]
+__all__ = ["GeneratedData", "auc", "check_arguments", "generate"]
 
 _CHUNK_ROWS = 100_000
 
@@ -50,7 +51,8 @@ def generate(out_dir: str | Path, *, rows: int, files: int = 1, file_format: Lit
     draws different rows from that same truth: train on split 0, evaluate on split 1.
     Files an earlier run wrote to `out_dir` (part-NNNNN.*, truth.json) are replaced.
     """
-    _check(rows, files, file_format, vocabulary, zipf_a, seed, split)
+    check_arguments(rows=rows, files=files, file_format=file_format, vocabulary=vocabulary, zipf_a=zipf_a, seed=seed,
+                    split=split)
     out = _folder(out_dir)
     for earlier in [*out.glob("part-[0-9][0-9][0-9][0-9][0-9].tsv"), *out.glob("part-[0-9][0-9][0-9][0-9][0-9].parquet"),
                     *out.glob("truth.json")]:
@@ -88,18 +90,23 @@ def _folder(out_dir: str | Path) -> Path:
     return out
 
 
-def _check(rows: int, files: int, file_format: str, vocabulary: int, zipf_a: float, seed: int, split: int) -> None:
-    for name, value in {"rows": rows, "files": files, "vocabulary": vocabulary, "seed": seed, "split": split}.items():
+def check_arguments(*, rows: int, files: int = 1, file_format: str = "tsv", vocabulary: int = 1_000_000,
+                    zipf_a: float = 1.2, seed: int = 0, split: int = 0, names: Mapping[str, str] | None = None) -> None:
+    """A `ConfigError` naming the first of `generate`'s arguments it cannot write data
+    with. `names` says how the message calls an argument (`tidal gen-data`: by its flag,
+    {"rows": "--rows"}); by default, by its name."""
+    name = {a: a for a in ("rows", "files", "file_format", "vocabulary", "zipf_a", "seed", "split")} | dict(names or {})
+    for arg, value in {"rows": rows, "files": files, "vocabulary": vocabulary, "seed": seed, "split": split}.items():
         if not is_whole_number(value):
-            raise ConfigError(f"gen-data: {name} must be an integer, got {value!r}")
+            raise ConfigError(f"gen-data: {name[arg]} must be an integer, got {value!r}")
     problems = [
-        (0 <= seed < 2**32, f"seed must be between 0 and 2**32 - 1, got {seed}"),
-        (0 <= split < 2**32, f"split must be between 0 and 2**32 - 1, got {split}"),
-        (rows >= 1, f"rows must be >= 1, got {rows}"),
-        (1 <= files <= rows, f"files must be between 1 and rows ({rows}), got {files}"),
-        (file_format in ("tsv", "parquet"), f"file_format must be 'tsv' or 'parquet', got {file_format!r}"),
-        (vocabulary >= 1, f"vocabulary must be >= 1, got {vocabulary}"),
-        (zipf_a > 1.0, f"zipf_a must be > 1, got {zipf_a}"),
+        (0 <= seed < 2**32, f"{name['seed']} must be between 0 and 2**32 - 1, got {seed}"),
+        (0 <= split < 2**32, f"{name['split']} must be between 0 and 2**32 - 1, got {split}"),
+        (rows >= 1, f"{name['rows']} must be >= 1, got {rows}"),
+        (1 <= files <= rows, f"{name['files']} must be between 1 and {name['rows']} ({rows}), got {files}"),
+        (file_format in ("tsv", "parquet"), f"{name['file_format']} must be 'tsv' or 'parquet', got {file_format!r}"),
+        (vocabulary >= 1, f"{name['vocabulary']} must be >= 1, got {vocabulary}"),
+        (zipf_a > 1.0, f"{name['zipf_a']} must be > 1, got {zipf_a}"),
     ]
     for ok, message in problems:
         if not ok:

@@ -1,27 +1,29 @@
 """Streaming readers of Criteo-style TSV, CSV and Parquet files (pyarrow).
 
 Files are read in record batches, one file after the other, so no file has to fit in
-memory. Every column comes out as a string column (Parquet columns are cast), and
-checked columns are checked row by row without Python loops: a row with the wrong
-number of columns, an empty line, a field that is not UTF-8 text, an unparsable number
-or a label that is not 0 or 1 is a bad row. Bad rows are counted and described (file,
-line, reason) in a `BadRows` report and skipped, or, with ``on_bad_row="fail"``, stop
-the run with a `DataError` naming the first one.
+memory. Every column comes out as a string column (Parquet columns are cast, booleans
+as 1 and 0), and checked columns are checked row by row without Python loops: a row
+with the wrong number of columns, an empty line, a line holding a carriage return
+other than in a CRLF line end, a field that is not UTF-8 text, an unparsable number
+or a label that is not 0 or 1 is a bad row. Bad rows are counted and described
+(file, line, reason) in a `BadRows` report and skipped, or, with
+``on_bad_row="fail"``, stop the run with a `DataError` naming the first one.
+
+Text files are cut here into pieces of whole records (lines, or CSV records whose
+quoted values span lines), each handed to pyarrow's parser whole. Lines end at a line
+feed (``\\n``, or ``\\r\\n``), as `wc -l` and editors count them, so every row keeps the
+number of the physical line it starts on; a line of any length (up to 1 GiB) is read.
 """
 
 from __future__ import annotations
 
-import bisect
-import functools
+import codecs
 import glob
 import os
-import re
-import sys
-import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -35,20 +37,25 @@ from tidal.errors import DataError
 
 __all__ = ["BadRows", "CRITEO_CHECKS", "expand_paths", "format_of", "read_batches"]
 
+_INT64_MAX, _INT64_MIN = "9223372036854775807", "-9223372036854775808"  # 2**63 - 1 and -2**63, written out
+_FLOAT32_MAX = 3.4028235e38  # float32's largest value as numpy writes it (it reads back as that value)
 _PATTERNS = {  # what a checked column must hold; "label" may not be empty, the others may
-    "integer": r"^-?[0-9]{1,18}$",  # up to 18 digits: always inside int64
+    "integer": r"^-?[0-9]+$",  # and within int64's range: see `_within_int64`
     "number": r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$",
     "label": r"^[01]$",
 }
-_EXPECTED = {"integer": "an integer (up to 18 digits) or nothing",
-             "number": "a number within float32's range (|x| < 3.4e38) or nothing", "label": "0 or 1"}
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_EXPECTED = {"integer": f"an integer within int64's range ({_INT64_MIN} to {_INT64_MAX}) or nothing",
+             "number": "a number within float32's range (|x| <= 3.4028235e38) or nothing", "label": "0 or 1"}
 _TO_STRING = pc.CastOptions(pa.string(), allow_invalid_utf8=True)  # binary fields are checked row by row
 CRITEO_CHECKS: dict[str, str] = {"label": "label", **{c: "integer" for c in CRITEO_DENSE}}
 _MAX_EXAMPLES = 20
 _FORMATS = ("tsv", "csv", "parquet")
-_WIDTH_ERROR = re.compile(r"Row #(\d+): Expected (\d+) columns, got (\d+)")  # pyarrow's, when its handler fails
 _ASCII = bytes(range(128)) + b"?" * 128  # a translation: bytes from 0x80 on to '?'
+_PIECE_BYTES = 1 << 22  # how much text is read and parsed at a time (more when one record is longer)
+_MAX_RECORD_BYTES = 1 << 30  # a longer record is an error: pyarrow's string columns hold at most 2 GiB
+_CR_INSIDE = "a carriage return (\\r) inside the line; lines end at \\n or \\r\\n"
+_UNCLOSED = "a quoted value that is not closed before the end of the file"
+_EMPTY_LINE = "an empty line"
 
 
 @dataclass
@@ -77,15 +84,32 @@ class BadRows:
 
 
 def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """A file, a glob, or a list of them, as a sorted list of existing files."""
+    """A file, a glob, or a list of them, as a sorted list of existing files. A glob's
+    matches that are folders are passed over (data/* may match data/old/)."""
     items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     found: list[str] = []
-    for item in items:
-        matches = sorted(glob.glob(str(item))) if glob.has_magic(str(item)) else [str(item)]
-        if not matches or not all(Path(m).is_file() for m in matches):
-            raise DataError(f"no data file at {item!s}: expected a file, a glob matching files, or a list of them")
-        found += matches
+    for item in map(str, items):
+        if glob.has_magic(item):
+            found += _files_matching(item)
+        elif Path(item).is_dir():
+            raise DataError(f"{item} is a folder; expected a data file, a glob matching files (such as "
+                            f"{os.path.join(item, '*.tsv')}), or a list of them")
+        elif Path(item).is_file():
+            found.append(item)
+        else:
+            raise DataError(f"no data file at {item}: expected a file, a glob matching files, or a list of them")
     return found
+
+
+def _files_matching(pattern: str) -> list[str]:
+    """The files that `pattern` matches, sorted; an error if it matches none."""
+    matches = sorted(glob.glob(pattern))
+    files = [m for m in matches if Path(m).is_file()]
+    if not files:
+        what = f"it matches only folders ({', '.join(matches[:3])}{', ...' if len(matches) > 3 else ''})" \
+            if matches else "it matches nothing"
+        raise DataError(f"no data file at {pattern}: {what}; expected a file, a glob matching files, or a list of them")
+    return files
 
 
 def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
@@ -96,13 +120,14 @@ def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
     """Record batches of string columns from every file, bad rows removed.
 
     TSV files have no header and the columns of `columns` (Criteo's layout by default);
-    CSV files have a header line; Parquet files must hold every column of `columns`.
-    The format follows the file suffix unless `file_format` says otherwise; a name
-    ending in .gz (d.tsv.gz) is read gunzipped, and an empty file has no rows. Batches
-    hold exactly `batch_rows` rows, the last one fewer. Empty
-    fields are kept as empty strings (missing values). `checks` maps columns to what
-    they must hold: "integer" or "number" (or nothing), or "label" (0 or 1); by default,
-    Criteo's label and counts among `columns`.
+    CSV files have a header line, and quoted values may span lines; Parquet files must
+    hold every column of `columns`. The format follows the file suffix unless
+    `file_format` says otherwise; a name ending in .gz (d.tsv.gz, d.tsv.GZ) is read
+    gunzipped, and an empty file has no rows. Lines end at \\n or \\r\\n. Batches hold
+    exactly `batch_rows` rows, the last one fewer. Empty fields are kept as empty
+    strings (missing values), as are Parquet nulls. `checks` maps columns to what they
+    must hold: "integer" (int64) or "number" (float32), or nothing, or "label" (0 or
+    1); by default, Criteo's label and counts among `columns`.
     """
     columns = _check_options(columns, file_format, batch_rows, on_bad_row)
     if checks is None:
@@ -142,7 +167,7 @@ def _checked(paths: list[str], columns: Sequence[str], checks: Mapping[str, str]
         try:
             if os.path.getsize(path) == 0:  # no rows, like a CSV file of just a header
                 continue
-            batches = _parquet(path, columns, batch_rows) if kind == "parquet" else _text(path, kind, columns, batch_rows)
+            batches = _parquet(path, columns, batch_rows) if kind == "parquet" else _text(path, kind, columns)
             for batch, lines, dropped in batches:
                 yield _valid_rows(batch, path, lines, checks, report, on_bad_row, dropped)
         except OSError as exc:  # gone or unreadable since the run started
@@ -168,7 +193,7 @@ def _exactly(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.Record
 def format_of(path: str) -> str:
     """tsv, csv or parquet, from the file name (d.tsv.gz is tsv)."""
     name = Path(path).name.lower()
-    suffix = Path(name.removesuffix(".gz")).suffix  # pyarrow gunzips d.tsv.gz itself
+    suffix = Path(name.removesuffix(".gz")).suffix  # d.tsv.gz is read gunzipped
     formats = {".tsv": "tsv", ".txt": "tsv", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
     if suffix not in formats or (name.endswith(".gz") and formats[suffix] == "parquet"):
         raise DataError(f"{path}: cannot tell the format from the suffix {Path(path).suffix.lower()!r}; "
@@ -176,231 +201,329 @@ def format_of(path: str) -> str:
     return formats[suffix]
 
 
-@dataclass(frozen=True)
-class _Lines:
-    """Where the rows of a batch came from: row r is the r-th line from `first` that is
-    not in `skipped` (lines at or after `first` that the parser dropped, ascending)."""
-
-    first: int
-    skipped: tuple[int, ...] = ()
-
-    def of(self, row: int) -> int:
-        line = self.first + row
-        for dropped in self.skipped:
-            line += dropped <= line
-        return line
+_Rows = tuple[pa.RecordBatch, np.ndarray, list[tuple[int, str]]]  # a batch, each row's line, (line, why) of bad ones
 
 
-def _text(path: str, kind: str, columns: Sequence[str],
-          batch_rows: int) -> Iterator[tuple[pa.RecordBatch, _Lines, list[tuple[int, str]]]]:
-    """(batch, where its rows came from, (line, reason) of the rows dropped up to its
-    last line: of the wrong width or not UTF-8 text) from a TSV or CSV file; those
-    after its last row come with an empty batch. pyarrow fails on a line of the wrong
-    width that is not UTF-8 text (it cannot hand it to the bad-row handler): such a file
-    is read again through `_Mended`, its rows handed on already passed over (the parser
-    numbers rows, not physical lines, so the file is parsed again from its start)."""
+def _text(path: str, kind: str, columns: Sequence[str]) -> Iterator[_Rows]:
+    """(batch, the line each of its rows starts on, (line, reason) of the records left
+    out of it: of the wrong width, empty, holding a stray carriage return, or not UTF-8
+    text where a read column is) for each piece of a TSV or CSV file. A CSV file's first
+    record is its header."""
     _check_not_gzip(path)
-    if kind == "csv":
-        _check_header(path, columns)
-    skipped: list[int] = []
-    dropped: list[tuple[int, str]] = []  # not yet handed on with a batch
-    mended: set[int] = set()  # lines `_Mended` mended
-
-    def handle(row: pacsv.InvalidRow) -> str:
-        why = f"expected {row.expected_columns} columns, found {row.actual_columns}"
-        if row.number >= resume:  # else reported before the file was read again
-            dropped.append((row.number, why + (", in a line that is not UTF-8 text" if row.number in mended else "")))
-        skipped.append(row.number)
-        return "skip"
-
-    setattr(handle, _QUIET, True)
-    _quiet_undecodable_rows()
-
-    block_bytes = max(1 << 16, batch_rows * 300)  # Criteo rows: ~300 bytes
-    first_line = next_line = resume = 2 if kind == "csv" else 1  # a CSV file starts with its header
-    source: str | _Mended = path
-    while True:
-        try:
-            for batch in _open_text(source, kind, columns, block_bytes, handle):
-                del skipped[: bisect.bisect_left(skipped, next_line)]  # lines of earlier batches
-                lines = _Lines(next_line, tuple(skipped))
-                next_line = lines.of(batch.num_rows - 1) + 1 if batch.num_rows else next_line
-                batch, lines = _from_line(batch, lines, resume)
-                batch, lines = _without_non_utf8(batch, lines, columns, dropped)
-                yield batch, lines, _take_before(dropped, next_line)
-            break
-        except (pa.ArrowInvalid, pa.ArrowKeyError, OSError) as exc:  # OSError: a broken .gz file
-            if isinstance(source, _Mended) or not _WIDTH_ERROR.search(str(exc)):
-                raise _read_error(path, kind, exc, block_bytes, next_line) from None
-            del skipped[:], dropped[:]  # all from `next_line` on: read again
-            source, resume, next_line = _Mended(path, kind, columns, mended), next_line, first_line
-    if dropped:
-        empty = pa.RecordBatch.from_pydict({c: pa.array([], pa.string()) for c in columns})
-        yield empty, _Lines(next_line), sorted(dropped)
+    names = None if kind == "csv" else list(columns)
+    for piece in _pieces(path, kind):
+        if names is None:
+            header, text = _split_first_record(piece.text)
+            names = _header_names(path, header, columns)
+            feeds = header.count(b"\n")
+            piece = _Piece(text, piece.line + feeds, piece.feeds - feeds, piece.last)
+        if piece.text:
+            yield _read_piece(path, piece, kind, names, columns)
 
 
-_QUIET = "_tidal_bad_row_handler"  # marks the handlers whose undecodable rows pyarrow may not report
-_quiet_lock = threading.Lock()
-_quiet_installed = False
+class _Piece(NamedTuple):
+    """Whole records of a TSV or CSV file."""
+
+    text: bytes
+    line: int  # the number of its first line in the file
+    feeds: int  # how many line feeds it holds
+    last: bool  # whether the file ends with it
 
 
-def _quiet_undecodable_rows() -> None:
-    """Have Python drop pyarrow's report (through sys.unraisablehook) that it could not
-    hand one of our bad-row handlers a line that is not UTF-8 text: the read error that
-    follows is handled, and the line counted. Installed once, in front of whatever hook
-    is there; every other report passes through."""
-    global _quiet_installed
-    with _quiet_lock:
-        if _quiet_installed:
-            return
-        previous = sys.unraisablehook
-
-        def hook(unraisable: Any) -> None:
-            ours = getattr(unraisable.object, _QUIET, False) and issubclass(unraisable.exc_type, UnicodeDecodeError)
-            if not ours:
-                previous(unraisable)
-
-        sys.unraisablehook = hook
-        _quiet_installed = True
-
-
-def _from_line(batch: pa.RecordBatch, lines: _Lines, first: int) -> tuple[pa.RecordBatch, _Lines]:
-    """`batch` without its rows on lines before `first`, and where the rest came from."""
-    if not batch.num_rows or lines.of(0) >= first:
-        return batch, lines
-    before = bisect.bisect_left([lines.of(r) for r in range(batch.num_rows)], first)
-    return batch.slice(before), _Lines(lines.of(before) if before < batch.num_rows else first, lines.skipped)
-
-
-class _Mended:
-    """The TSV or CSV file `path` as a stream for pyarrow, in which each line that is
-    not UTF-8 text and of the wrong width has '?' for its bytes from 0x80 on (its fields
-    stay as many), so that pyarrow can hand it to the bad-row handler. Their numbers go
-    to `mended`. Slower than pyarrow reading the file itself (each line is looked at in
-    Python)."""
-
-    closed = False
-
-    def __init__(self, path: str, kind: str, columns: Sequence[str], mended: set[int]) -> None:
-        self.kind, self.columns, self.mended = kind, columns, mended
-        self._stream = pa.input_stream(path)  # gunzips d.tsv.gz as pyarrow's reader does
-        self._line, self._rest = 1, b""  # the number of the line `_rest` begins, and that line so far
-        self._header = b""  # a CSV file's first line
-        self._ready, self._ended = b"", False
-
-    def read(self, size: int = -1) -> bytes:
-        while not self._ready and not self._ended:
-            self._ready = self._next_lines(max(size, 1 << 16))
-        size = size if size >= 0 else len(self._ready)
-        taken, self._ready = self._ready[:size], self._ready[size:]
-        return taken
-
-    def close(self) -> None:
-        self._stream.close()
-        self.closed = True
-
-    def _next_lines(self, size: int) -> bytes:
-        data = self._stream.read(size)
-        *lines, self._rest = (self._rest + data).split(b"\n")
-        if not data:  # the end: the last line may lack its newline
-            self._ended = True
-            lines, self._rest = [self._rest] if self._rest else [], b""
-        first = self._line
-        self._line += len(lines)
-        if self.kind == "csv" and first == 1 and lines:
-            self._header = lines[0]
-        odd = {n: line.translate(_ASCII) for n, line in enumerate(lines, first)
-               if not (n == 1 and self.kind == "csv") and not line.isascii() and not _is_utf8(line)}
-        wrong = _of_wrong_width(list(odd.values()), self._header, self.kind, self.columns)
-        for n in (n for n, is_wrong in zip(odd, wrong) if is_wrong):
-            lines[n - first] = odd[n]
-            self.mended.add(n)
-        return b"\n".join(lines) + b"\n" if lines else b""
+def _pieces(path: str, kind: str) -> Iterator[_Piece]:
+    """The text of a TSV or CSV file, gunzipped if its name ends in .gz (whatever the
+    case), in pieces of about `_PIECE_BYTES` that end where a record ends: a piece grows
+    to hold a longer record. A UTF-8 byte order mark opening the file is dropped."""
+    line, rest, size, start = 1, b"", _PIECE_BYTES, True
+    with pa.input_stream(path, compression="gzip" if path.lower().endswith(".gz") else None) as stream:
+        while True:
+            data = _read(stream, size, path)
+            text = rest + data
+            if start and not (data and codecs.BOM_UTF8.startswith(text)):  # past where a byte order mark would end
+                text, start = text.removeprefix(codecs.BOM_UTF8), False
+            if not data:  # the end: the last record may lack its line feed
+                if text:
+                    yield _Piece(text, line, text.count(b"\n"), last=True)
+                return
+            cut = _end_of_last_record(text, kind)
+            if not cut:  # no record ends in `text` yet: read as much again
+                if len(text) > _MAX_RECORD_BYTES:
+                    raise DataError(f"{path}:{line}: a record longer than {_MAX_RECORD_BYTES >> 20} MiB starts on this "
+                                    f"line; expected lines (records) that end within it"
+                                    + (" (does a quote open a value that is never closed?)" if kind == "csv" else ""))
+                rest, size = text, max(len(text), _PIECE_BYTES)
+                continue
+            feeds = text.count(b"\n", 0, cut)
+            yield _Piece(text[:cut], line, feeds, last=False)
+            line += feeds
+            rest, size = text[cut:], _PIECE_BYTES
 
 
-def _of_wrong_width(lines: list[bytes], header: bytes, kind: str, columns: Sequence[str]) -> list[bool]:
-    """Whether pyarrow reads each of `lines` (ASCII, below `header` for CSV) with the
-    wrong number of fields."""
-    if not lines:
-        return []
-    wrong = [False] * len(lines)
-    before = 2 if kind == "csv" else 1  # the row number of lines[0]
-
-    def handle(row: pacsv.InvalidRow) -> str:
-        wrong[row.number - before] = True
-        return "skip"
-
-    data = b"\n".join([header, *lines] if kind == "csv" else lines) + b"\n"
-    _open_text(pa.BufferReader(data), kind, columns, max(1 << 16, len(data)), handle).read_all()
-    return wrong
-
-
-def _check_not_gzip(path: str) -> None:
-    """pyarrow gunzips a file only when its name ends in .gz."""
-    with open(path, "rb") as file:
-        if file.read(2) == b"\x1f\x8b" and not path.lower().endswith(".gz"):
-            raise DataError(f"{path}: the file looks gzip-compressed (it starts with bytes 1f 8b) but its name "
-                            f"does not end in .gz; name it {Path(path).name}.gz, or gunzip it")
-
-
-def _check_header(path: str, columns: Sequence[str]) -> None:
+def _read(stream: pa.NativeFile, size: int, path: str) -> bytes:
     try:
-        with pa.input_stream(path) as stream:  # gunzips d.csv.gz as pyarrow's reader does
-            first_line = stream.read(1 << 20).split(b"\n", 1)[0] + b"\n"
-        names = pacsv.read_csv(pa.BufferReader(first_line)).column_names
-    except (pa.ArrowInvalid, OSError, UnicodeDecodeError):
-        return  # pyarrow's reader says what is wrong
+        return stream.read(size)
+    except (OSError, pa.ArrowInvalid) as exc:  # a damaged or cut-off .gz file
+        raise DataError(f"{path}: cannot read it ({exc})") from None
+
+
+def _end_of_last_record(text: bytes, kind: str) -> int:
+    """Where the last whole record of `text` ends, after its line feed; 0 if none does."""
+    last = text.rfind(b"\n")
+    if kind == "tsv" or last < 0 or b'"' not in text:
+        return last + 1
+    quotes = _Quotes(text)
+    if not quotes.inside(np.array([last]))[0]:  # as a rule: no quoted value spans the last line end
+        return last + 1
+    ends = _record_ends(text, quotes)
+    return int(ends[-1]) + 1 if len(ends) else 0
+
+
+def _record_ends(text: bytes, quotes: _Quotes | None) -> np.ndarray:
+    """Where the line feeds that end records are in `text`: all of them, but those inside
+    quoted values of CSV text."""
+    feeds = np.flatnonzero(np.frombuffer(text, np.uint8) == ord("\n"))
+    return feeds if quotes is None else feeds[~quotes.inside(feeds)]
+
+
+class _Quotes:
+    """Where the quoted values of CSV text open and close, as pyarrow reads them: a quote
+    opens a value at the start of a field; within one, two quotes stand for one and a
+    single one closes it. Inside quotes, line feeds and carriage returns are text."""
+
+    def __init__(self, text: bytes) -> None:
+        quotes = np.flatnonzero(np.frombuffer(text, np.uint8) == ord('"'))
+        self.opens, self.closes = quotes[0::2], quotes[1::2]  # as when every quote is where RFC 4180 puts it
+        if not _open_fields(text, self.opens):  # a quote inside an unquoted value (5 "inch): text to pyarrow
+            self.opens, self.closes = _paired_quotes(text, quotes)
+        self.unclosed = len(self.closes) < len(self.opens)  # open at the end of the text
+        if self.unclosed:
+            self.closes = np.append(self.closes, len(text))
+
+    def inside(self, positions: np.ndarray) -> np.ndarray:
+        """Whether each of `positions` (of bytes that are not quotes) is inside a quoted value."""
+        return np.searchsorted(self.opens, positions) > np.searchsorted(self.closes, positions)
+
+
+def _open_fields(text: bytes, opens: np.ndarray) -> bool:
+    """Whether every quote of `opens` starts a field (after a comma, a line end or the
+    start of the text) or follows a quote (two quotes inside a value): then pairing
+    the quotes in order finds the quoted values as pyarrow does."""
+    before = np.frombuffer(text, np.uint8)[opens[opens > 0] - 1]
+    return bool(np.isin(before, np.frombuffer(b',\n\r"', np.uint8)).all())
+
+
+def _paired_quotes(text: bytes, quotes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(opens, closes) of the quoted values, quote by quote as pyarrow's parser goes:
+    slower than pairing them in order, for CSV text with quotes inside unquoted values."""
+    opens: list[int] = []
+    closes: list[int] = []
+    escaped = -1  # the second quote of a pair inside a value
+    for q in quotes.tolist():
+        if q == escaped:
+            continue
+        if len(opens) > len(closes):  # inside a quoted value
+            if text[q + 1: q + 2] == b'"':
+                escaped = q + 1
+            else:
+                closes.append(q)
+        elif q == 0 or text[q - 1] in b",\n\r":
+            opens.append(q)
+    return np.array(opens, np.int64), np.array(closes, np.int64)
+
+
+def _split_first_record(text: bytes) -> tuple[bytes, bytes]:
+    """(the first record of CSV text, with its line feed; the rest)."""
+    ends = _record_ends(text, _Quotes(text) if b'"' in text else None)
+    cut = int(ends[0]) + 1 if len(ends) else len(text)
+    return text[:cut], text[cut:]
+
+
+def _header_names(path: str, header: bytes, columns: Sequence[str]) -> list[str]:
+    """The column names of a CSV file's header (its first record), which must name each
+    of `columns` once. Bytes that are not UTF-8 text read as U+FFFD."""
+    line = header.removesuffix(b"\n").removesuffix(b"\r").decode("utf-8", "replace").encode()
+    try:
+        names = pacsv.read_csv(pa.BufferReader(line + b"\n"), read_options=pacsv.ReadOptions(use_threads=False),
+                               parse_options=pacsv.ParseOptions(newlines_in_values=True)).column_names
+    except pa.ArrowInvalid as exc:
+        raise DataError(f"{path}:1: cannot read the CSV header ({exc}); expected a line of column names") from None
     twice = sorted({c for c in columns if names.count(c) > 1})
     if twice:
         raise DataError(f"{path}: the CSV header names columns {twice} more than once; expected each once, got {names}")
     missing = [c for c in columns if c not in names]
     if missing:
         raise DataError(f"{path}: the CSV header lacks columns {missing}; it has {names}")
+    return names
 
 
-def _read_error(path: str, kind: str, exc: Exception, block_bytes: int, next_line: int) -> DataError:
-    message = str(exc)
-    if "straddl" in message:  # "straddling object straddles two block boundaries"
-        line = _first_long_line(path, block_bytes, next_line)
-        where = f"{path}:{line}: the line" if line else f"{path}: a row from line {next_line} on"
-        return DataError(f"{where} is longer than the parser's block ({block_bytes} bytes); shorten it, or raise "
-                         f"batch_rows (the block holds 300 bytes a batch row, at least 64 KiB)")
-    width = _WIDTH_ERROR.search(message)
-    if width:  # our handler skips such a row unless pyarrow fails to decode it for the handler
-        row, expected, found = width.groups()
-        return DataError(f"{path}:{row}: expected {expected} columns, found {found}, "
-                         f"in a line that is not UTF-8 text")
-    return DataError(f"{path}: cannot read it as {kind.upper()} ({message})")
+def _read_piece(path: str, piece: _Piece, kind: str, names: list[str], columns: Sequence[str]) -> _Rows:
+    """The rows of `piece` (of the columns `names`) as a batch of `columns`, the line
+    each row starts on, and (line, reason) of the records left out. Most text is read
+    as it stands, each line a record; text with lines that are not (empty ones, which
+    pyarrow skips, or CSV values spanning lines) or that pyarrow would misread goes
+    through `_Records`."""
+    text, line = piece.text, piece.line
+    lines = line + np.arange(piece.feeds + (not text.endswith(b"\n")))
+    batch, wrong = _parse(text, kind, names, columns) if _is_plain(text, kind, piece.last) else (None, [])
+    dropped: list[tuple[int, str]] = []
+    if batch is None or batch.num_rows + len(wrong) != len(lines):  # a line that is not one record as it stands
+        records = _Records(text, line, kind)
+        bad = records.bad(kind, names, columns)
+        kept, lines = records.without(bad)
+        dropped = [(int(records.lines[k]), why) for k, why in bad.items()]
+        batch, wrong = _parse(kept, kind, names, columns)
+    if batch.num_rows + len(wrong) != len(lines):  # never hand on rows under the wrong line numbers
+        raise DataError(f"{path}:{line}: pyarrow read {batch.num_rows + len(wrong)} records from this line on, where "
+                        f"there are {len(lines)}; the reader cannot tell which line each row is on")
+    dropped += [(int(lines[k]), f"expected {expected} columns, found {found}") for k, expected, found in wrong]
+    lines = np.delete(lines, [k for k, _, _ in wrong])
+    batch, lines = _without_non_utf8(batch, lines, columns, dropped)
+    return batch, lines, dropped
 
 
-def _first_long_line(path: str, max_bytes: int, start: int) -> int | None:
-    """The number of the first line from line `start` on that is longer than `max_bytes`."""
-    line, length = 1, 0  # of the line read so far
-    with pa.input_stream(path) as stream:
-        while chunk := stream.read(1 << 20):
-            *ended, rest = chunk.split(b"\n")
-            for part in ended:
-                if length + len(part) > max_bytes and line >= start:
-                    return line
-                line, length = line + 1, 0
-            length += len(rest)
-    return line if length > max_bytes and line >= start else None
+def _is_plain(text: bytes, kind: str, last: bool) -> bool:
+    """Whether pyarrow reads `text` (whole records; `last`: the file's end) as it
+    stands, as far as its bytes tell: no carriage return but in a \\r\\n line end
+    (pyarrow would end a row there), nothing that is not UTF-8 text (pyarrow cannot
+    hand such a line to the bad-row handler) and, in CSV, no quoted value left open at
+    the end of the file (pyarrow would take the rest of it as the value). Lines that
+    are not one record each (empty ones, quoted line feeds) show as records missing."""
+    if (b"\r" in text and text.count(b"\r") != text.count(b"\r\n")) or not (text.isascii() or _is_utf8(text)):
+        return False
+    return not (kind == "csv" and last and b'"' in text and _Quotes(text).unclosed)
 
 
-def _without_non_utf8(batch: pa.RecordBatch, lines: _Lines, names: Sequence[str],
-                      dropped: list[tuple[int, str]]) -> tuple[pa.RecordBatch, _Lines]:
+class _Records:
+    """The records of a piece of TSV or CSV text: where each starts and stops (its line
+    feed left out), and the line it starts on. Finds those pyarrow would misread (see
+    `bad`) and leaves them out (`without`), so that every other line is read as it is."""
+
+    def __init__(self, text: bytes, line: int, kind: str) -> None:
+        self.text, self.bytes = text, np.frombuffer(text, np.uint8)
+        self.quotes = _Quotes(text) if kind == "csv" and b'"' in text else None
+        ends = _record_ends(text, self.quotes)
+        self.starts, self.stops = np.concatenate([[0], ends + 1]), np.concatenate([ends, [len(text)]])
+        if self.starts[-1] == len(text):  # the text ends with a line feed: no record after it
+            self.starts, self.stops = self.starts[:-1], self.stops[:-1]
+        feeds = np.flatnonzero(self.bytes == ord("\n"))
+        self.lines = line + np.searchsorted(feeds, self.starts)
+
+    def bad(self, kind: str, names: list[str], columns: Sequence[str]) -> dict[int, str]:
+        """{record: why} of the records that are empty lines, that hold a carriage return
+        other than in a \\r\\n line end (pyarrow would end a row there, but `wc -l` and
+        editors do not end a line), whose quoted value is never closed, or that are not
+        UTF-8 text and of the wrong width (pyarrow cannot hand those to the bad-row handler)."""
+        why = dict.fromkeys(np.flatnonzero(self._empty()).tolist(), _EMPTY_LINE)
+        for k in self._of(self._stray_returns()).tolist():
+            why.setdefault(k, _CR_INSIDE)
+        if self.quotes is not None and self.quotes.unclosed:
+            why.setdefault(int(self._of(self.quotes.opens[-1:])[0]), _UNCLOSED)
+        for k, (expected, found) in self._non_utf8_of_wrong_width(kind, names, columns, set(why)).items():
+            why[k] = f"expected {expected} columns, found {found}, in a line that is not UTF-8 text"
+        return dict(sorted(why.items()))
+
+    def without(self, bad: Iterable[int]) -> tuple[bytes, np.ndarray]:
+        """The text without the records `bad`, and the line each record left starts on."""
+        bad = sorted(bad)
+        if not bad:
+            return self.text, self.lines
+        parts, at = [], 0
+        for k in bad:
+            parts.append(self.text[at: self.starts[k]])
+            at = int(self.starts[k + 1]) if k + 1 < len(self.starts) else len(self.text)
+        parts.append(self.text[at:])
+        keep = np.ones(len(self.starts), dtype=bool)
+        keep[bad] = False
+        return b"".join(parts), self.lines[keep]
+
+    def _of(self, positions: np.ndarray) -> np.ndarray:
+        """The record that holds each byte of `positions`."""
+        return np.searchsorted(self.starts, positions, side="right") - 1
+
+    def _record(self, k: int) -> bytes:
+        return self.text[self.starts[k]: self.stops[k]]
+
+    def _empty(self) -> np.ndarray:
+        """Whether each record is an empty line (nothing, or just the \\r of \\r\\n)."""
+        length = self.stops - self.starts
+        return (length == 0) | ((length == 1) & (self.bytes[np.minimum(self.starts, len(self.text) - 1)] == ord("\r")))
+
+    def _stray_returns(self) -> np.ndarray:
+        """Where the carriage returns are that are not followed by a line feed (nor inside
+        a quoted CSV value)."""
+        returns = np.flatnonzero(self.bytes == ord("\r"))
+        after = np.minimum(returns + 1, len(self.text) - 1)
+        stray = returns[(returns + 1 == len(self.text)) | (self.bytes[after] != ord("\n"))]
+        return stray if self.quotes is None else stray[~self.quotes.inside(stray)]
+
+    def _non_utf8_of_wrong_width(self, kind: str, names: list[str], columns: Sequence[str],
+                                 passed: set[int]) -> dict[int, tuple[int, int]]:
+        """{record: (columns expected, columns found)} of the records, but those `passed`,
+        that are not UTF-8 text and of the wrong width, found by parsing them with their
+        bytes from 0x80 on read as '?' (a field count the same)."""
+        if self.text.isascii():
+            return {}
+        near = np.unique(self._of(np.flatnonzero(self.bytes >= 0x80))).tolist()
+        odd = [k for k in near if k not in passed and not _is_utf8(self._record(k))]
+        if not odd:
+            return {}
+        _, wrong = _parse(b"\n".join(self._record(k).translate(_ASCII) for k in odd) + b"\n", kind, names, columns[:1])
+        return {odd[k]: (expected, found) for k, expected, found in wrong}
+
+
+def _parse(text: bytes, kind: str, names: list[str], columns: Sequence[str],
+           ) -> tuple[pa.RecordBatch, list[tuple[int, int, int]]]:
+    """The string columns `columns` of the records of `text` (whole records, of the
+    columns `names`, each record UTF-8 text or of the right width), parsed by pyarrow in
+    one block, and (record, columns expected, columns found) of those of the wrong
+    width, which it leaves out. Records are counted from 0."""
+    wrong: list[tuple[int, int, int]] = []
+    if not text:
+        return pa.RecordBatch.from_pydict({c: pa.array([], pa.string()) for c in columns}), wrong
+
+    def handle(row: pacsv.InvalidRow) -> str:
+        wrong.append((row.number - 1, row.expected_columns, row.actual_columns))
+        return "skip"
+
+    if text.startswith(codecs.BOM_UTF8):  # a value's, not the file's (dropped already): pyarrow would drop it
+        text = codecs.BOM_UTF8 + text
+    table = pacsv.read_csv(
+        pa.BufferReader(text),
+        read_options=pacsv.ReadOptions(column_names=names, use_threads=False, block_size=len(text) + 1),
+        parse_options=pacsv.ParseOptions(delimiter="\t" if kind == "tsv" else ",", invalid_row_handler=handle,
+                                         quote_char=False if kind == "tsv" else '"',  # TSV has no quoting
+                                         newlines_in_values=kind == "csv"),  # and empty lines skipped
+        convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns},
+                                             include_columns=list(columns), strings_can_be_null=False,
+                                             check_utf8=False),  # checked row by row instead
+    )
+    batches = table.select(list(columns)).combine_chunks().to_batches()
+    return (batches[0] if batches else pa.RecordBatch.from_pydict({c: pa.array([], pa.string()) for c in columns}),
+            wrong)
+
+
+def _check_not_gzip(path: str) -> None:
+    """Only a name ending in .gz is read gunzipped."""
+    with open(path, "rb") as file:
+        if file.read(2) == b"\x1f\x8b" and not path.lower().endswith(".gz"):
+            raise DataError(f"{path}: the file looks gzip-compressed (it starts with bytes 1f 8b) but its name "
+                            f"does not end in .gz; name it {Path(path).name}.gz, or gunzip it")
+
+
+def _without_non_utf8(batch: pa.RecordBatch, lines: np.ndarray, names: Sequence[str],
+                      dropped: list[tuple[int, str]]) -> tuple[pa.RecordBatch, np.ndarray]:
     """`batch` without the rows whose fields in `names` are not UTF-8 text, added to
-    `dropped`, and where its rows came from."""
+    `dropped`, and the lines of the rows left."""
     bad: dict[int, str] = {}  # row -> why
     for name in names:
         for row in _not_utf8(batch.column(name)):
             bad.setdefault(row, f"column {name!r}: not UTF-8 text")
     if not bad:
         return batch, lines
-    dropped += [(lines.of(row), why) for row, why in bad.items()]
+    dropped += [(int(lines[row]), why) for row, why in bad.items()]
     keep = np.ones(batch.num_rows, dtype=bool)
     keep[list(bad)] = False
-    return batch.filter(pa.array(keep)), _Lines(lines.first, tuple(sorted([*lines.skipped, *map(lines.of, bad)])))
+    return batch.filter(pa.array(keep)), lines[keep]
 
 
 def _not_utf8(column: pa.Array) -> list[int]:
@@ -423,41 +546,23 @@ def _is_utf8(raw: bytes) -> bool:
     return True
 
 
-def _take_before(found: list[tuple[int, str]], line: int) -> list[tuple[int, str]]:
-    """Remove and return the entries of `found` before `line`, in line order."""
-    taken = sorted(f for f in found if f[0] < line)
-    found[:] = [f for f in found if f[0] >= line]
-    return taken
-
-
-def _open_text(source: str | _Mended | pa.NativeFile, kind: str, columns: Sequence[str], block_bytes: int,
-               handler: Callable[[pacsv.InvalidRow], str]) -> pacsv.CSVStreamingReader:
-    header = kind == "csv"
-    return pacsv.open_csv(
-        source,
-        read_options=pacsv.ReadOptions(column_names=None if header else list(columns), use_threads=False,
-                                       block_size=block_bytes),
-        parse_options=pacsv.ParseOptions(delimiter="\t" if kind == "tsv" else ",", invalid_row_handler=handler,
-                                         quote_char=False if kind == "tsv" else '"',  # TSV has no quoting
-                                         ignore_empty_lines=False),  # a blank line is a bad row, and counts
-        convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns},
-                                             include_columns=list(columns), strings_can_be_null=False,
-                                             check_utf8=False),  # checked row by row instead
-    )
-
-
-def _parquet(path: str, columns: Sequence[str],
-             batch_rows: int) -> Iterator[tuple[pa.RecordBatch, _Lines, list[tuple[int, str]]]]:
+def _parquet(path: str, columns: Sequence[str], batch_rows: int) -> Iterator[_Rows]:
     source = _open_parquet(path, columns)
-    binary = [c for c in columns if _is_binary(source.schema_arrow.field(c).type)]  # may hold more than UTF-8
     row = 1
     for read in source.iter_batches(batch_size=batch_rows, columns=list(columns)):
-        strings = [pc.fill_null(pc.cast(read.column(c), options=_TO_STRING), "") for c in columns]
-        dropped: list[tuple[int, str]] = []
-        batch, lines = _without_non_utf8(pa.RecordBatch.from_arrays(strings, names=list(columns)), _Lines(row),
-                                         binary, dropped)
+        strings = pa.RecordBatch.from_arrays([_as_strings(read.column(c)) for c in columns], names=list(columns))
+        dropped: list[tuple[int, str]] = []  # string and binary columns may hold more than UTF-8 text
+        batch, lines = _without_non_utf8(strings, np.arange(row, row + read.num_rows), columns, dropped)
         yield batch, lines, dropped
         row += read.num_rows
+
+
+def _as_strings(column: pa.Array) -> pa.Array:
+    """A Parquet column as strings, as a text file would hold it: booleans as 1 and 0,
+    nulls as empty strings (missing values)."""
+    if pa.types.is_boolean(column.type):
+        column = pc.cast(column, pa.int8())
+    return pc.fill_null(pc.cast(column, options=_TO_STRING), "")
 
 
 def _open_parquet(path: str, columns: Sequence[str]) -> pq.ParquetFile:
@@ -485,12 +590,7 @@ def _to_string(kind: pa.DataType) -> bool:
     return True
 
 
-def _is_binary(kind: pa.DataType) -> bool:
-    return any(f(kind) for f in (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_fixed_size_binary,
-                                 pa.types.is_binary_view))
-
-
-def _valid_rows(batch: pa.RecordBatch, path: str, lines: _Lines, checks: Mapping[str, str], report: BadRows,
+def _valid_rows(batch: pa.RecordBatch, path: str, lines: np.ndarray, checks: Mapping[str, str], report: BadRows,
                 on_bad_row: str, dropped: list[tuple[int, str]]) -> pa.RecordBatch:
     """`batch` without the rows whose checked fields do not hold what they must. Those
     and the rows `dropped` among them are reported in line order, or, in fail mode,
@@ -499,9 +599,8 @@ def _valid_rows(batch: pa.RecordBatch, path: str, lines: _Lines, checks: Mapping
     for name, kind in checks.items():
         column = batch.column(name)
         for row in np.flatnonzero(~_fine(column, kind).to_numpy(zero_copy_only=False)):
-            bad.setdefault(int(row), f"column {name!r}: expected {_EXPECTED[kind]}, got {column[row].as_py()!r}")
-    bad.update(dict.fromkeys(_empty_rows(batch, list(bad)), "an empty line (every field empty)"))
-    found = sorted([(lines.of(row), why) for row, why in bad.items()] + dropped)
+            bad.setdefault(int(row), f"column {name!r}: expected {_EXPECTED[kind]}, got {_shown(column[row].as_py())}")
+    found = sorted([(int(lines[row]), why) for row, why in bad.items()] + dropped)
     if found and on_bad_row == "fail":
         line, reason = found[0]
         raise DataError(f"{path}:{line}: {reason} (on_bad_row is 'fail')")
@@ -514,21 +613,29 @@ def _valid_rows(batch: pa.RecordBatch, path: str, lines: _Lines, checks: Mapping
     return batch.filter(pa.array(good))
 
 
-def _empty_rows(batch: pa.RecordBatch, rows: list[int]) -> list[int]:
-    """Those of `rows` whose every field is empty, as pyarrow reads a blank line."""
-    if not rows:
-        return []
-    taken = batch.take(rows)
-    empty = functools.reduce(pc.and_, [pc.equal(pc.binary_length(c), 0) for c in taken.columns])
-    return [row for row, is_empty in zip(rows, empty.to_pylist()) if is_empty]
+def _shown(value: str) -> str:
+    """A field's value as a bad row's reason shows it."""
+    return repr(value) if value else "a missing value (an empty field, or null)"
 
 
 def _fine(column: pa.Array, kind: str) -> pa.Array:
     """Which fields of `column` hold what `kind` asks for."""
     fine = pc.match_substring_regex(column, _PATTERNS[kind])
+    if kind == "integer" and len(column) and pc.max(pc.utf8_length(column)).as_py() >= 19:
+        fine = pc.and_(fine, _within_int64(column))
     if kind == "number":  # written as a number, yet 1e999 reads as infinity and 1e39 overflows float32
         values = pc.cast(pc.if_else(fine, column, "0"), pa.float64())
         fine = pc.and_(fine, pc.less_equal(pc.abs(values), _FLOAT32_MAX))
     if kind != "label":
         fine = pc.or_(fine, pc.equal(pc.utf8_length(column), 0))
     return fine
+
+
+def _within_int64(column: pa.Array) -> pa.Array:
+    """Whether each integer of `column` (as the "integer" pattern has them) is within
+    int64's range: its digits, leading zeros left out, compared as text with int64's
+    bounds, since no number type holds every such integer."""
+    digits = pc.replace_substring_regex(column, r"^-?0*", "")
+    count = pc.utf8_length(digits)
+    bound = pc.if_else(pc.starts_with(column, "-"), _INT64_MIN[1:], _INT64_MAX)
+    return pc.or_(pc.less(count, 19), pc.and_(pc.equal(count, 19), pc.less_equal(digits, bound)))
