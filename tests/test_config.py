@@ -36,6 +36,15 @@ def test_invalid_table_config_names_field_value_and_range(values, message):
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize("name", [".", "..", "manifest.json", "manifest.json.partial"])
+def test_table_names_that_clash_with_the_checkpoint_layout_are_refused(name):
+    with pytest.raises(ConfigError) as info:
+        TableConfig(name=name, dim=4)
+    assert f"TableConfig {name!r}: name: {name!r} is reserved by the checkpoint layout" in str(info.value)
+    assert "'.', '..', 'manifest.json', 'manifest.json.partial'" in str(info.value)
+    assert TableConfig(name=f"{name.strip('.')}x.json", dim=4).dim == 4  # only the names themselves
+
+
 def test_every_problem_is_reported_at_once():
     with pytest.raises(ConfigError) as info:
         TableConfig(name="t", dim=-1, max_rows=0)

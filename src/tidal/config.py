@@ -57,6 +57,9 @@ __all__ = [
 
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # a device for dense math
 _FLOAT32_MAX = 3.4028234663852886e38  # scores are float32
+# names a table's checkpoint folder cannot take (tidal.embedding.checkpoint): the
+# folders themselves, and the manifest beside them and the file it is written through
+_RESERVED_TABLE_NAMES = (".", "..", "manifest.json", "manifest.json.partial")
 
 
 def _refuse_boolean(value: Any) -> Any:
@@ -217,6 +220,17 @@ class TableConfig(_Model):
     reserve_rows: _Int = Field(0, ge=0)
     num_shards: Literal[1, 2, 4, 8, 16, 32, 64] = 8
     seed: _Int = Field(0, ge=0, lt=1 << 63)
+
+    @pydantic.field_validator("name")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        """A table's checkpoint files go in a folder named after it, beside the
+        checkpoint's manifest: names that are that manifest (or the file it is written
+        through) or the current and parent folders would clash with the layout."""
+        if name in _RESERVED_TABLE_NAMES:
+            raise ValueError(f"{name!r} is reserved by the checkpoint layout (a table's files go in a folder named "
+                             f"after it): table names may not be {', '.join(map(repr, _RESERVED_TABLE_NAMES))}")
+        return name
 
 
 class EmbeddingFeature(_Model):

@@ -100,6 +100,24 @@ def test_delta_refused_when_tables_were_last_saved_elsewhere(tmp_path):
     table.save_delta(tmp_path / "b")
 
 
+def test_a_second_writer_of_one_root_is_refused_a_delta_that_would_mix_two_histories(tmp_path):
+    _trained().save(tmp_path)
+    first, second = EmbeddingTable.load(tmp_path), EmbeddingTable.load(tmp_path)  # a run and its twin
+    _train(first, 11)
+    _train(second, 12)
+    first.save_delta(tmp_path)
+    with pytest.raises(CheckpointError, match=r"CHAIN.json: ends with 000002-delta, but tables \['emb'\] were last "
+                                              r"saved to or loaded from \['000001-full'\]: another writer saved"):
+        second.save_delta(tmp_path)
+    _assert_same_table(first, EmbeddingTable.load(tmp_path))
+    _train(first, 13)
+    first.save_delta(tmp_path)  # the writer the chain ends with goes on
+    second.save(tmp_path)  # a full checkpoint starts the chain afresh: then the other is behind
+    _assert_same_table(second, EmbeddingTable.load(tmp_path))
+    with pytest.raises(CheckpointError, match="last saved to another checkpoint"):
+        first.save_delta(tmp_path)
+
+
 def test_cleanup_leaves_foreign_directories_alone(tmp_path):
     (tmp_path / "123456-my-notes").mkdir()
     table = _trained()
@@ -359,6 +377,53 @@ def test_load_refuses_a_manifest_or_chain_edited_out_of_shape(saved, name, chang
     with pytest.raises(CorruptCheckpointError, match=reason) as error:
         EmbeddingTable.load(saved)
     assert str(saved / name) in str(error.value)
+
+
+@pytest.fixture
+def chain_of_two_deltas(saved) -> Path:
+    table = EmbeddingTable.load(saved)
+    _train(table, 9)
+    table.save_delta(saved)
+    return saved
+
+
+def _other_chains_delta(root: Path) -> None:
+    """Put in `root` the first delta of another chain of a table with the same config."""
+    other = _trained(seed=4, steps=3)
+    other.save(root.parent / "other")
+    _train(other, 5)
+    other.save_delta(root.parent / "other")
+    (root / "000002-delta" / "manifest.json").write_bytes((root.parent / "other" / "000002-delta" / "manifest.json").read_bytes())
+    for shard in (root / "000002-delta" / "emb").iterdir():
+        shard.write_bytes((root.parent / "other" / "000002-delta" / "emb" / shard.name).read_bytes())
+
+
+def _as_full(root: Path) -> None:
+    _edit_json(root / "000002-delta" / "manifest.json", lambda c: c.update(kind="full"))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda root: _edit_json(root / "CHAIN.json", lambda c: c["chain"].__setitem__(2, "000002-delta")),
+     r"lists 000002-delta where 000003-delta should come: a chain is one full checkpoint, then deltas numbered"),
+    (lambda root: _edit_json(root / "CHAIN.json", lambda c: c["chain"].__setitem__(1, "000003-delta")),
+     r"lists 000003-delta where 000002-delta should come"),
+    (lambda root: _edit_json(root / "CHAIN.json", lambda c: c["chain"].__setitem__(2, "000004-delta")),
+     r"lists 000004-delta where 000003-delta should come"),
+    (lambda root: _edit_json(root / "CHAIN.json", lambda c: c["chain"].insert(1, "000001-full")),
+     r"lists 000001-full where 000002-delta should come"),
+    (lambda root: _edit_json(root / "CHAIN.json", lambda c: c.update(format="tidal-embedding-checkpoinu")),
+     r"expected format 'tidal-embedding-checkpoint' version 1 or 2, got 'tidal-embedding-checkpoinu' version 2"),
+    (lambda root: _edit_json(root / "CHAIN.json", lambda c: c.update(version=3)), r"got .* version 3"),
+    (lambda root: _edit_json(root / "CHAIN.json", lambda c: c.pop("version")), r"got .* version None"),
+    (_other_chains_delta, r"lists 000002-delta, a delta of another full checkpoint \(id \w{12}\.\.\., the chain's"),
+    (_as_full, r"lists 000002-delta, whose manifest.json is of a full checkpoint, not a delta one"),
+])
+def test_load_refuses_a_chain_that_no_save_writes_naming_chain_json(chain_of_two_deltas, damage, reason):
+    """One flipped bit of CHAIN.json (000003 -> 000002) once loaded the state of the save before."""
+    damage(chain_of_two_deltas)
+    with pytest.raises(CorruptCheckpointError, match=reason) as error:
+        EmbeddingTable.load(chain_of_two_deltas)
+    assert str(chain_of_two_deltas / "CHAIN.json") in str(error.value)
 
 
 def test_load_refuses_a_manifest_edited_without_its_seal_and_reads_one_written_before_seals(saved):

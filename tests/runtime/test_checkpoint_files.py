@@ -5,9 +5,12 @@ before these hashes still load."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,8 @@ from runtime.test_trainer import _config
 
 from tidal.cli import main
 from tidal.config import RunConfig
-from tidal.errors import CorruptCheckpointError
+from tidal.embedding.checkpoint import sealed
+from tidal.errors import CheckpointError, CorruptCheckpointError
 from tidal.runtime import Trainer, checkpoint
 from tidal.serving import load_bundle
 
@@ -108,3 +112,81 @@ def test_a_checkpoint_written_before_the_hashes_still_loads(run, saved, capsys):
     assert main(["eval", "--checkpoint", str(saved), "--data", *run["data"]["train"]]) == 0
     assert main(["export", "--checkpoint", str(saved), "--out", str(saved.parent / "bundle")]) == 0
     assert "click: AUC 0." in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def other_tables(run, tmp_path_factory):
+    """The tables folder of another run's checkpoint: the same table, trained with SGD."""
+    config = {**run, "tables": [{**run["tables"][0], "optimizer": {"kind": "sgd", "lr": 0.5}}],
+              "training": {**run["training"], "run_dir": str(tmp_path_factory.mktemp("other") / "run"),
+                           "checkpoint_every": 5}}
+    Trainer(RunConfig(**config)).fit(max_steps=5)
+    return checkpoint.latest(Path(config["training"]["run_dir"])) / "tables"
+
+
+def test_tables_of_another_save_are_refused(run, saved, other_tables, capsys):
+    """trainer.json once fingerprinted dense.safetensors alone: another run's tables
+    folder in their place restored silently, its optimizer state read as this run's."""
+    shutil.rmtree(saved / "tables")
+    shutil.copytree(other_tables, saved / "tables")
+    reason = (r"tables/000001-full/manifest.json: not the file saved with this checkpoint \(\d+ bytes, sha256 \w{12}"
+              r"\.\.\.; trainer.json records \d+ bytes, \w{12}\.\.\.\): these tables belong to another save")
+    with pytest.raises(CorruptCheckpointError, match=reason):
+        checkpoint.restore(Trainer(RunConfig(**run)), saved)
+    assert main(["eval", "--checkpoint", str(saved), "--data", *run["data"]["train"]]) == 2
+    assert re.search(reason, capsys.readouterr().err)
+    assert main(["export", "--checkpoint", str(saved), "--out", str(saved.parent / "bundle")]) == 2
+    assert re.search(reason, capsys.readouterr().err)
+
+
+def test_tables_whose_config_is_not_the_runs_are_refused_naming_the_table(run, saved, other_tables):
+    """Where trainer.json predates the tables' fingerprints, their configs still tell."""
+    shutil.rmtree(saved / "tables")
+    shutil.copytree(other_tables, saved / "tables")
+    meta = json.loads((saved / "trainer.json").read_text())
+    meta["files"] = {"dense.safetensors": meta["files"]["dense.safetensors"]}
+    (saved / "trainer.json").write_text(json.dumps(sealed(meta)))
+    with pytest.raises(CheckpointError, match=r"tables: table 'ids' was saved with another config \(optimizer: "
+                                              r"\{'kind': 'sgd', 'lr': 0.5\} there, \{'kind': 'adagrad', .*\} in the run "
+                                              r"config\); these tables belong to another run"):
+        checkpoint.restore(Trainer(RunConfig(**run)), saved)
+
+
+def test_a_checkpoint_lists_the_fingerprints_of_its_tables_json_files(saved):
+    files = json.loads((saved / "trainer.json").read_text())["files"]
+    assert sorted(files) == ["dense.safetensors", "tables/000001-full/manifest.json", "tables/CHAIN.json"]
+    assert files["tables/CHAIN.json"]["bytes"] == (saved / "tables" / "CHAIN.json").stat().st_size
+
+
+def _trainer_in(run, run_dir) -> Trainer:  # type: ignore[no-untyped-def]
+    return Trainer(RunConfig(**{**run, "training": {**run["training"], "run_dir": str(run_dir)}}))
+
+
+def test_a_failed_save_removes_its_staging_and_keeps_the_previous_checkpoint(run, tmp_path, monkeypatch):
+    trainer = _trainer_in(run, tmp_path / "run")
+    first = checkpoint.save(trainer, {"step": 3, "epoch": 0, "batch": 3})
+
+    def disk_full(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        checkpoint.save(trainer, {"step": 4, "epoch": 0, "batch": 4})
+    assert sorted(p.name for p in first.parent.iterdir()) == ["LATEST", first.name]
+    assert checkpoint.latest(tmp_path / "run") == first
+
+
+def test_a_save_removes_staging_of_ended_processes_not_of_running_ones(run, tmp_path):
+    """Staging is named after its process: a save once removed every other save's,
+    a running one's too (a second run into the same folder: a bare FileNotFoundError)."""
+    root = tmp_path / "run" / "checkpoints"
+    root.mkdir(parents=True)
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    staging = {owner: root / f".tmp-step-00000003-epoch-0{suffix}" for owner, suffix in [
+        ("this process", f"-{os.getpid()}"), ("ended", f"-{int(ended.stdout)}"), ("running", f"-{os.getppid()}"),
+        ("an older Tidal", "")]}
+    for folder in staging.values():
+        folder.mkdir()
+    saved = checkpoint.save(_trainer_in(run, tmp_path / "run"), {"step": 4, "epoch": 0, "batch": 4})
+    assert saved.name == "step-00000004-epoch-0"
+    assert sorted(p.name for p in root.iterdir()) == sorted(["LATEST", saved.name, staging["running"].name])

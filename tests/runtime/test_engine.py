@@ -22,7 +22,7 @@ from tidal.data.batch import SparseBatch
 from tidal.embedding import EmbeddingCollection
 from tidal.errors import DataError, TidalError
 from tidal.models import resolve_precision
-from tidal.runtime import Trainer
+from tidal.runtime import Trainer, checkpoint
 from tidal.runtime.workers import (DenseWorker, EmbeddingShard, SparseWorker, _fp16_scale, decode, encode,
                                    lower_priority)
 
@@ -615,11 +615,32 @@ def test_tables_evict_at_safe_points_as_the_reference_does(data, tmp_path):
     engine = _trainer(config, tmp_path / "engine", {"sparse_workers": 2, **EXACT}, evict_every=5)
     engine.fit()
     _assert_bitwise_equal(single, engine)  # rows keep the step of their batch, whatever was looked up ahead
+    engine.collection.evict()  # the run ends 4 steps after its last safe point (20), which is no extra one
     stats = engine.collection.tables[0].stats()
     assert stats.rows <= 8000 and stats.evicted > 10_000
     grown = _trainer(data, tmp_path / "grown", {"sparse_workers": 2, **EXACT})
     grown.fit()
     assert grown.collection.tables[0].stats().rows > 3 * stats.rows  # without eviction
+
+
+def test_a_run_stopped_by_max_steps_does_what_is_due_at_that_step_as_the_reference_does(data, tmp_path):
+    """The eviction, evaluation and checkpoint of step max_steps happen before the run
+    stops (they once were skipped), so sync mode is the reference trainer there too."""
+    held_out = tmp_path / "held_out.tsv"
+    held_out.write_text("".join(open(data["data"]["train"][0]).readlines()[:1000]))
+    config = {**data, "data": {**data["data"], "eval": [str(held_out)]},
+              "tables": [{**data["tables"][0], "eviction": {"ttl_steps": 2}}]}
+    summaries = {}
+    for name, runtime in (("reference", None), ("engine", {"sparse_workers": 2, **EXACT})):
+        trainer = _trainer(config, tmp_path / name, runtime, evict_every=5, eval_every=5, checkpoint_every=5)
+        summaries[name] = (trainer, trainer.fit(max_steps=10))
+    (reference, expected), (engine, summary) = summaries["reference"], summaries["engine"]
+    _assert_bitwise_equal(reference, engine)
+    assert summary["eval"] == expected["eval"] and summary["tables"] == expected["tables"]
+    for trainer in (reference, engine):
+        assert checkpoint.latest(trainer.run_dir).name == "step-00000010-epoch-0"
+        records = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if r["event"] == "eval"] == [5, 10]
 
 
 @pytest.mark.parametrize("runtime", [None, {"sparse_workers": 2}])

@@ -4,6 +4,8 @@ runs, damaged checkpoints, no valid data, exports aimed at the wrong place."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -32,6 +34,71 @@ def test_a_fresh_run_into_a_folder_holding_a_run_is_refused(run, tmp_path):
     with pytest.raises(ConfigError, match="holds an earlier run's checkpoints: pass --resume"):
         Trainer(RunConfig(**other)).fit()
     assert checkpoint.latest(tmp_path / "run") == before and (before / "trainer.json").read_bytes() == written
+
+
+def test_a_second_run_into_a_run_dir_in_use_is_refused_naming_the_first(tmp_path):
+    """Two runs into one folder once removed each other's checkpoint staging and both
+    truncated metrics.jsonl; the first holds run.lock while it trains."""
+    config = _config(tmp_path, epochs=1, checkpoint_every=5)
+    config["data"]["eval"] = None
+    run_dir = tmp_path / "run"
+    Trainer(RunConfig(**config)).fit(max_steps=5)
+    files = _contents(run_dir)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(run_dir / "run.lock")], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        for resume in (False, True):
+            with pytest.raises(ConfigError, match=rf"training.run_dir .*run: another run \(pid {holder.pid}\) is using "
+                                                  rf"it \(.*run.lock is locked\); wait for it to end"):
+                Trainer(RunConfig(**config)).fit(resume=resume, max_steps=1)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _contents(run_dir) == files  # untouched
+    assert Trainer(RunConfig(**config)).fit(resume=True, max_steps=6)["steps"] == 6  # the lock went with its process
+
+
+def _contents(run_dir) -> dict:  # type: ignore[no-untyped-def]
+    """Every file of a run folder but its lock, which names the holder: path -> bytes."""
+    return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != checkpoint.LOCK}
+
+
+_HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+os.write(fd, f"{os.getpid()}\\n".encode())
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_fresh_run_whose_checkpoints_folder_is_a_file_is_refused_before_training(tmp_path):
+    config = _config(tmp_path, epochs=1)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("x")
+    with pytest.raises(ConfigError, match=r"training.run_dir .*run: .*checkpoints is a file; expected the folder of "
+                                          r"the run's checkpoints there"):
+        Trainer(RunConfig(**config)).fit()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints"]
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+    """The records the abandoned continuation logged past the checkpoint, a torn last
+    line among them, go, and so do the end summaries of the parts that stopped: the
+    resumed run logs those steps again, and the log reads as one run."""
+    config = _config(tmp_path, epochs=1, checkpoint_every=5, log_every=1)
+    config["data"]["eval"] = None
+    Trainer(RunConfig(**config)).fit(max_steps=7)  # steps 6 and 7 are trained again
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with open(metrics, "a") as log:
+        log.write('{"event": "train", "epoch": 0, "st')  # killed while writing
+    Trainer(RunConfig(**config)).fit(resume=True, max_steps=10)  # stops at its checkpoint
+    Trainer(RunConfig(**config)).fit(resume=True)
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "train"] == list(range(1, 25))
+    assert [r["event"] for r in records].count("end") == 1 and records[-1]["resumed_from"] == 10
 
 
 def test_resume_applies_the_configs_learning_rate(run):

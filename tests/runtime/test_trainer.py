@@ -118,6 +118,42 @@ def test_resume_reaches_the_same_weights_and_tables_as_an_uninterrupted_run(tmp_
         np.testing.assert_array_equal(rows_a.last_seen, rows_b.last_seen)
 
 
+def _assert_same_state(a: Trainer, b: Trainer) -> None:
+    """Dense weights, and every table's rows, row metadata and counters, bit for bit
+    (not its memory, which a loaded table lays out afresh)."""
+    for name, tensor in a.model.state_dict().items():
+        assert torch.equal(tensor, b.model.state_dict()[name]), name
+    counters = ("rows", "lookups", "misses", "admitted", "not_admitted", "evicted", "dropped_full")
+    for x, y in zip(a.collection.tables, b.collection.tables):
+        assert [getattr(x.stats(), c) for c in counters] == [getattr(y.stats(), c) for c in counters]
+        assert x.clocks() == y.clocks()
+        keys = np.concatenate([x.snapshot_shard(s, since_save=False)["keys"] for s in range(x.num_shards)])
+        (rows_x, found_x), (rows_y, found_y) = x.pull_rows(keys), y.pull_rows(keys)
+        assert found_x.all() and found_y.all()
+        for field in ("values", "state", "last_seen", "counts"):
+            np.testing.assert_array_equal(getattr(rows_x, field), getattr(rows_y, field), err_msg=field)
+
+
+def test_a_run_resumed_with_more_epochs_matches_one_that_had_them_from_the_start(tmp_path):
+    """24 steps an epoch, a safe point every 5: the first run ends off the schedule, and
+    its end once evicted there, baking an eviction the longer run never made into the
+    checkpoint it resumes from."""
+    config = _config(tmp_path, evict_every=5)
+    config["data"]["eval"] = None
+    config["tables"][0] |= {"eviction": {"ttl_steps": 4, "capacity_policy": "lfu"}, "max_rows": 3000}
+
+    def in_dir(name: str, **training) -> RunConfig:
+        return RunConfig(**{**config, "training": {**config["training"], "run_dir": str(tmp_path / name), **training}})
+
+    assert Trainer(in_dir("extended", epochs=1)).fit()["tables"]["ids"]["rows"] > 3000  # the rows of steps 21-24
+    extended = Trainer(in_dir("extended", epochs=2))
+    assert extended.fit(resume=True)["resumed_from"] == 24
+    whole = Trainer(in_dir("whole", epochs=2))
+    whole.fit()
+    _assert_same_state(whole, extended)
+    assert whole.collection.tables[0].stats().evicted > 0
+
+
 def test_cli_says_which_steps_a_resumed_run_trained(tmp_path, capsys):
     config = _config(tmp_path, checkpoint_every=5, epochs=1)
     config["data"]["eval"] = None

@@ -9,9 +9,13 @@ import zipfile
 import numpy as np
 import pytest
 
+from serving_helpers import serving_config
 from tidal.cli import main
+from tidal.config import RunConfig
+from tidal.embedding import load_tables
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.embedding.checkpoint import sealed
+from tidal.runtime import Trainer, checkpoint
 from tidal.serving import export, load_bundle
 
 
@@ -128,3 +132,19 @@ def test_a_manifest_of_another_version_or_with_other_inputs_is_refused(bundle_di
 def test_export_without_a_checkpoint_says_so(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint to export"):
         export(tmp_path, tmp_path / "bundle")
+
+
+def test_export_applies_the_caps_that_the_checkpoint_at_a_runs_end_may_exceed(tmp_path):
+    """A run ends off its evict_every schedule (16 steps, a safe point every 5) with the
+    rows of its last step: its checkpoint is an uninterrupted run's state there, and the
+    bundle holds the rows that the TTL and the row cap keep."""
+    config = serving_config(tmp_path).model_dump(mode="json")
+    config["tables"][0] |= {"eviction": {"ttl_steps": 3, "capacity_policy": "lfu"}, "max_rows": 2000}
+    config["training"]["evict_every"] = 5
+    trainer = Trainer(RunConfig(**config))
+    trainer.fit()
+    saved = load_tables(checkpoint.latest(trainer.run_dir) / "tables")["ids"]
+    assert saved.stats().rows > 2000
+    keys, values = load_bundle(export(trainer.run_dir, tmp_path / "bundle")).tables["ids"]
+    assert saved.evict() > 0 and len(keys) == saved.stats().rows <= 2000
+    np.testing.assert_array_equal(values, saved.lookup(keys))

@@ -18,7 +18,14 @@ killed at any point leaves the previous CHAIN.json, and so the previous checkpoi
 loadable. Loading checks each manifest against its own sha256 and every file's size
 and sha256 before reading it, and refuses a truncated, altered or missing file with a
 message naming it (version 1 manifests, written before they carried their sha256, are
-read unchecked).
+read unchecked). CHAIN.json is checked for what a save writes: its format and version,
+one full checkpoint, then deltas numbered on from it with no repeat or gap, each of
+them written for that full checkpoint (its id); so a damaged chain is refused rather
+than loaded as an older state.
+
+One writer per root: a table remembers the chain entry it last wrote or was loaded
+from, and a delta is refused when the chain ends elsewhere (another writer saved to
+the root since): its rows would mix with that writer's into a state neither had.
 """
 
 from __future__ import annotations
@@ -69,19 +76,21 @@ def save_delta(root: str | os.PathLike, tables: Sequence[EmbeddingTable]) -> Pat
     Call at a safe point, as `save`.
     """
     root = _checked(root, tables)
-    full = _read_manifest(root / _chain(root)[0]) if (root / CHAIN).exists() else {"tables": {}}
+    chain = _chain(root) if (root / CHAIN).exists() else []
+    full = _read_manifest(root / chain[0]) if chain else {"tables": {}}
     names = set(full["tables"])
     if names != {t.name for t in tables}:
         raise CheckpointError(
             f"{root}: a delta needs a full checkpoint of the same tables first; the chain holds "
             f"{sorted(names) or 'nothing'}, the delta {sorted(t.name for t in tables)}"
         )
-    strangers = [t.name for t in tables if t.checkpoint_id != full.get("id")]
+    strangers = [t.name for t in tables if _full_id(t.checkpoint_id) != full.get("id")]
     if strangers:
         raise CheckpointError(
             f"{root}: tables {strangers} were last saved to another checkpoint, so a delta here "
             f"would miss rows; save a full checkpoint here first"
         )
+    _check_one_writer(root, tables, _head(full["id"], chain[-1]))
     return _save(root, tables, delta=True)
 
 
@@ -89,8 +98,11 @@ def load(root: str | os.PathLike, *, threads: int = 1) -> dict[str, EmbeddingTab
     """The tables of the checkpoint under `root`: the full one, then each delta in order."""
     root = Path(root)
     tables: dict[str, EmbeddingTable] = {}
-    for name in _chain(root):
+    chain = _chain(root)
+    full_id = None
+    for name in chain:
         manifest = _read_manifest(root / name)
+        full_id = _check_in_chain(root, name, manifest, full_id)
         for table_name, entry in manifest["tables"].items():
             if manifest["kind"] == "full":
                 tables[table_name] = EmbeddingTable(_config(root / name, entry), threads=threads)
@@ -98,8 +110,32 @@ def load(root: str | os.PathLike, *, threads: int = 1) -> dict[str, EmbeddingTab
                 raise CorruptCheckpointError(f"{root / name / MANIFEST}: table {table_name!r} is not in the full checkpoint")
             _restore(root / name, tables[table_name], entry)
     for table in tables.values():
-        table.checkpoint_id = manifest["id"]
+        table.checkpoint_id = _head(full_id, chain[-1])
     return tables
+
+
+def _head(full_id: str, entry: str) -> str:
+    """What a table records as the checkpoint a delta of it extends: the id of the
+    chain's full checkpoint and the chain entry it last wrote or was loaded from."""
+    return f"{full_id}/{entry}"
+
+
+def _full_id(head: str | None) -> str | None:
+    """The full checkpoint's id in a table's `_head` (None: never saved or loaded)."""
+    return None if head is None else head.split("/")[0]
+
+
+def _check_one_writer(root: Path, tables: Sequence[EmbeddingTable], head: str) -> None:
+    """Refuse a delta of tables whose last save or load is not the chain's last entry:
+    another writer (a second copy loaded from this root) saved here since, and a delta
+    on top of its entries would load as a state neither writer had."""
+    behind = {t.name: str(t.checkpoint_id).split("/")[-1] for t in tables if t.checkpoint_id != head}
+    if behind:
+        raise CheckpointError(
+            f"{root / CHAIN}: ends with {head.split('/')[-1]}, but tables {sorted(behind)} were last saved to or "
+            f"loaded from {sorted(set(behind.values()))}: another writer saved to this root since, and a delta "
+            f"would mix its changes with theirs; save a full checkpoint instead (to this root or another)"
+        )
 
 
 # ---------------------------------------------------------------------- writing
@@ -144,7 +180,7 @@ def _save(root: Path, tables: Sequence[EmbeddingTable], *, delta: bool) -> Path:
     write_json_atomic(root / CHAIN, {"format": FORMAT, "version": VERSION, "chain": (chain + [name]) if delta else [name]})
     fsync_path(root)
     for table in tables:
-        table.mark_saved(manifest["tables"][table.name]["clocks"], checkpoint_id)
+        table.mark_saved(manifest["tables"][table.name]["clocks"], _head(checkpoint_id, name))
     _remove_unreferenced(root)
     return root / name
 
@@ -246,16 +282,50 @@ def _content_sha256(content: dict[str, Any]) -> str:
 
 
 def _chain(root: Path) -> list[str]:
+    """The checkpoint folders CHAIN.json lists, in order, once the list is one a save
+    writes: a full checkpoint, then deltas numbered on from it, each number once."""
     path = root / CHAIN
     if not path.exists():
         raise CheckpointError(f"{root}: no checkpoint here ({CHAIN} is missing)")
-    chain = _read_json(path).get("chain")
+    content = _read_json(path)
+    if content.get("format") != FORMAT or content.get("version") not in (UNSEALED, VERSION):
+        raise CorruptCheckpointError(f"{path}: expected format {FORMAT!r} version {UNSEALED} or {VERSION}, "
+                                     f"got {content.get('format')!r} version {content.get('version')!r}")
+    chain = content.get("chain")
     if not isinstance(chain, list) or not chain or not str(chain[0]).endswith("-full"):
         raise CorruptCheckpointError(f"{path}: expected a chain starting with a full checkpoint, got {chain!r}")
     foreign = [name for name in chain if not (isinstance(name, str) and _SAVED.fullmatch(name))]
     if foreign:  # only folders a save wrote beside it: never a path out of the root
         raise CorruptCheckpointError(f"{path}: names {foreign}, which are not checkpoint folders (NNNNNN-full or -delta)")
+    _check_numbering(path, chain)
     return chain
+
+
+def _check_numbering(path: Path, chain: list[str]) -> None:
+    """Refuse a chain that is not one full checkpoint, then deltas numbered on from it
+    by one: a repeat or gap means CHAIN.json was damaged, and would load another state."""
+    first = int(chain[0].split("-")[0])
+    expected = [chain[0]] + [f"{first + k:06d}-delta" for k in range(1, len(chain))]
+    if chain != expected:
+        wrong, want = next((name, want) for name, want in zip(chain, expected) if name != want)
+        raise CorruptCheckpointError(f"{path}: lists {wrong} where {want} should come: a chain "
+                                     f"is one full checkpoint, then deltas numbered on from it by one, each once; "
+                                     f"got {chain}")
+
+
+def _check_in_chain(root: Path, name: str, manifest: dict[str, Any], full_id: str | None) -> str:
+    """The chain's full checkpoint id (`full_id`, None at its first entry), once the
+    manifest of entry `name` is of its folder's kind and, for a delta, of that full
+    checkpoint: a delta of another chain would apply its rows to the wrong state."""
+    kind = name.split("-")[1]
+    if manifest["kind"] != kind:
+        raise CorruptCheckpointError(f"{root / CHAIN}: lists {name}, whose {MANIFEST} is of a {manifest['kind']} "
+                                     f"checkpoint, not a {kind} one")
+    if full_id is not None and manifest["id"] != full_id:
+        raise CorruptCheckpointError(f"{root / CHAIN}: lists {name}, a delta of another full checkpoint (id "
+                                     f"{str(manifest['id'])[:12]}..., the chain's is {full_id[:12]}...); "
+                                     f"the chain mixes two checkpoints")
+    return manifest["id"] if full_id is None else full_id
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:

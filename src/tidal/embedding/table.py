@@ -270,7 +270,7 @@ class EmbeddingTable:
         self._gate = _RemovalGate()
         self._epoch = 0  # removals of rows so far (under the gate): a RowLookup is valid within one
         self._shards = [self._new_shard(s) for s in range(config.num_shards)]
-        self.checkpoint_id: str | None = None  # the full checkpoint a delta would extend
+        self.checkpoint_id: str | None = None  # what a delta would extend: '<full checkpoint id>/<chain entry>'
         if self.row_cap == 0:
             raise ConfigError(
                 f"table {self.name!r}: memory_bytes={config.memory_bytes} pays for no row of "

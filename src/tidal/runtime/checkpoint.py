@@ -7,22 +7,33 @@ Layout under ``<run_dir>/checkpoints``::
       tables/                 the embedding tables (tidal.embedding.checkpoint format)
       dense.safetensors       model weights, Adam state tensors, torch RNG state
       trainer.json            step, epoch, batches done in the epoch, optimizer settings, config,
-                              the size and sha256 of dense.safetensors, and the sha256 of its
-                              own content (content_sha256)
+                              the size and sha256 of dense.safetensors and of the tables'
+                              CHAIN.json and manifests, and the sha256 of its own content
+                              (content_sha256)
 
-A checkpoint is written under a temporary name and renamed into place before LATEST
-is replaced (write, fsync, rename), so a crash at any point leaves the previous one
-whole. No pickle: tensors go to safetensors, everything else to JSON. Loading refuses
-an altered or truncated trainer.json or dense.safetensors with a message naming it;
-a trainer.json written before these hashes (neither files nor content_sha256) loads
-unchecked.
+A checkpoint is written under a temporary name (``.tmp-<name>-<pid>``) and renamed
+into place before LATEST is replaced (write, fsync, rename), so a crash at any point
+leaves the previous one whole; a save that fails (a full disk) removes its temporary
+folder. No pickle: tensors go to safetensors, everything else to JSON. Loading refuses
+an altered or truncated trainer.json or dense.safetensors with a message naming it,
+and tables that are not the ones saved with it (their manifests' fingerprints differ)
+or whose configs are not the run's; a trainer.json written before these hashes
+(neither files nor content_sha256) loads unchecked, but for the tables' configs.
+
+A run holds ``<run_dir>/run.lock`` (`hold_run_dir`) while it trains: a second run
+into the same folder is refused, rather than removing the first one's checkpoints and
+truncating its metrics.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import re
 import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,47 +41,132 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tidal.embedding import load_tables, save_tables
-from tidal.embedding.checkpoint import (SEAL, check_file, check_seal, fingerprint, fsync_path, is_fingerprint, sealed,
-                                        write_json_atomic)
-from tidal.errors import CheckpointError, CorruptCheckpointError
+from tidal.config import TableConfig
+from tidal.embedding import EmbeddingTable, load_tables, save_tables
+from tidal.embedding.checkpoint import (CHAIN, MANIFEST, SEAL, check_file, check_seal, fingerprint, fsync_path,
+                                        is_fingerprint, sealed, write_json_atomic)
+from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 
 if TYPE_CHECKING:
     from tidal.runtime.trainer import Trainer
 
-__all__ = ["find", "latest", "load_dense", "read_meta", "restore", "save"]
+__all__ = ["find", "hold_run_dir", "latest", "load_checked_tables", "load_dense", "read_meta", "restore", "save"]
 
 LATEST = "LATEST"
 DENSE = "dense.safetensors"
+TABLES = "tables"
+LOCK = "run.lock"
 _META_KEYS = ("position", "config", "param_groups", "bad_rows")
+_TABLE_FILE = re.compile(rf"{TABLES}/({re.escape(CHAIN)}|\d{{6}}-(full|delta)/{re.escape(MANIFEST)})")  # fingerprinted
+_STAGING = re.compile(r"\.tmp-step-\d+-epoch-\d+-(\d+)")  # a save's temporary folder, ending with its pid
+_UNCHECKED_TABLE_FIELDS = {"reserve_rows"}  # memory set aside when a table is built: no part of its state
+
+
+@contextmanager
+def hold_run_dir(run_dir: Path) -> Iterator[None]:
+    """Hold `run_dir` for one run: an exclusive lock on its run.lock (which records the
+    holder's pid) until the block ends; the system drops it if the process dies. A
+    second run into the folder is refused at once: it would remove the first one's
+    checkpoint staging and truncate its metrics."""
+    path = run_dir / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            pid = f" (pid {holder})" if holder.isdigit() else ""
+            raise ConfigError(f"training.run_dir {run_dir}: another run{pid} is using it ({path} is locked); wait for "
+                              f"it to end, or choose another run_dir") from None
+        _record_holder(fd, f"{os.getpid()}\n")
+        try:
+            yield
+        finally:
+            _record_holder(fd, "")  # no pid of a run that has ended
+    finally:
+        os.close(fd)  # which releases the lock
+
+
+def _record_holder(fd: int, pid: str) -> None:
+    """Write `pid` into the run's lock file, for the message of a run refused; only
+    informative, so a full disk does not stop the run here."""
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, pid.encode(), 0)
+    except OSError:
+        pass
 
 
 def save(trainer: Trainer, position: dict[str, int]) -> Path:
-    """Write a checkpoint of `trainer` at `position` (step, epoch, batches done)."""
+    """Write a checkpoint of `trainer` at `position` (step, epoch, batches done); a save
+    that fails removes what it wrote and raises."""
     root = trainer.run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{position['step']:08d}-epoch-{position['epoch']}"
     if (root / LATEST).exists() and json.loads((root / LATEST).read_text())["checkpoint"] == name:
         return root / name  # this very position is already saved
-    staging = root / f".tmp-{name}"
+    staging = root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    save_tables(staging / "tables", trainer.collection.tables)
+    try:
+        staging.mkdir()
+        _write(trainer, position, staging)
+        shutil.rmtree(root / name, ignore_errors=True)  # left by a save that died before LATEST named it
+        os.replace(staging, root / name)
+    except BaseException:  # a full or read-only disk, say: leave no half-written folder behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    fsync_path(root)
+    write_json_atomic(root / LATEST, {"checkpoint": name})
+    _remove_superseded(root, name)
+    return root / name
+
+
+def _write(trainer: Trainer, position: dict[str, int], staging: Path) -> None:
+    """The files of a checkpoint, in `staging`; trainer.json last, with the fingerprints
+    of the dense tensors and of the tables' chain and manifests (which tie the tables,
+    shard files included, to this checkpoint)."""
+    save_tables(staging / TABLES, trainer.collection.tables)
     save_file(_dense_tensors(trainer), str(staging / DENSE))
+    tables = {str(p.relative_to(staging)): fingerprint(p, sync=True) for p in _table_files(staging / TABLES)}
     write_json_atomic(staging / "trainer.json", sealed({
         "position": position, "config": trainer.config.model_dump(mode="json"),
         "param_groups": _param_groups(trainer.optimizer),
         "bad_rows": {"count": trainer.bad_rows.count, "examples": trainer.bad_rows.examples},
-        "files": {DENSE: fingerprint(staging / DENSE, sync=True)}}))
+        "files": {DENSE: fingerprint(staging / DENSE, sync=True), **tables}}))
     fsync_path(staging)
-    shutil.rmtree(root / name, ignore_errors=True)  # left by a save that died before LATEST named it
-    os.replace(staging, root / name)
-    fsync_path(root)
-    write_json_atomic(root / LATEST, {"checkpoint": name})
-    for old in root.iterdir():
-        if old.name not in (name, LATEST) and (old.name.startswith("step-") or old.name.startswith(".tmp-")):
-            shutil.rmtree(old, ignore_errors=True)
-    return root / name
+
+
+def _table_files(root: Path) -> list[Path]:
+    """The JSON files of a tables checkpoint: its chain and its entries' manifests."""
+    return [root / CHAIN, *sorted(root.glob(f"*/{MANIFEST}"))]
+
+
+def _remove_superseded(root: Path, name: str) -> None:
+    """Remove the checkpoints before `name`, and the temporary folders of saves that
+    died: this process's or a process's that has ended (one still running may be saving)."""
+    for entry in root.iterdir():
+        if entry.name.startswith("step-") and entry.name != name or _stale_staging(entry.name):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _stale_staging(name: str) -> bool:
+    """Whether `name` is a save's temporary folder whose process is this one or has
+    ended (one without a pid was left by a Tidal that named none)."""
+    if not name.startswith(".tmp-"):
+        return False
+    found = _STAGING.fullmatch(name)
+    return found is None or int(found.group(1)) == os.getpid() or not _running(int(found.group(1)))
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists (a save it began may still be writing)."""
+    try:
+        os.kill(pid, 0)  # no signal: only whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def latest(run_dir: Path) -> Path:
@@ -106,7 +202,16 @@ def read_meta(directory: Path) -> dict[str, Any]:
     if hashed and not is_fingerprint(_dense_entry(meta)):
         raise CorruptCheckpointError(f"{path}: expected files.{DENSE} with bytes and sha256, "
                                      f"got {meta['files']!r:.200}")
+    if hashed and not _table_files_in_shape(meta["files"]):
+        raise CorruptCheckpointError(f"{path}: expected files to list {DENSE} and the tables' {CHAIN} and "
+                                     f"{MANIFEST} files, each with bytes and sha256, got {meta['files']!r:.300}")
     return meta
+
+
+def _table_files_in_shape(files: dict[str, Any]) -> bool:
+    """Whether trainer.json's files beside the dense one are tables' JSON files (never
+    a path out of the checkpoint), each with a fingerprint."""
+    return all(_TABLE_FILE.fullmatch(k) and is_fingerprint(v) for k, v in files.items() if k != DENSE)
 
 
 def load_dense(directory: Path) -> dict[str, torch.Tensor]:
@@ -150,8 +255,8 @@ def restore(trainer: Trainer, directory: Path) -> dict[str, int]:
     if changed:
         raise CheckpointError(f"{directory}: the config changed since this checkpoint ({', '.join(changed)}); "
                               f"resume with the config it was written with")
-    tables = load_tables(directory / "tables", threads=trainer.config.training.threads)
-    trainer.collection.tables = [tables[t.name] for t in trainer.collection.tables]
+    trainer.collection.tables = load_checked_tables(directory, meta, trainer.config.tables,
+                                                     trainer.config.training.threads)
     tensors = load_dense(directory)
     trainer.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     trainer.optimizer.load_state_dict({"state": _optimizer_state(tensors), "param_groups": meta["param_groups"]})
@@ -160,6 +265,49 @@ def restore(trainer: Trainer, directory: Path) -> dict[str, int]:
     torch.set_rng_state(tensors["rng.torch"])
     trainer.bad_rows.count, trainer.bad_rows.examples = meta["bad_rows"]["count"], list(meta["bad_rows"]["examples"])
     return meta["position"]
+
+
+def load_checked_tables(directory: Path, meta: dict[str, Any], configs: Sequence[TableConfig],
+                        threads: int = 1) -> list[EmbeddingTable]:
+    """The checkpoint's tables, in the order of `configs` (the run's), once they are the
+    ones saved with it (trainer.json's fingerprints of their chain and manifests, where
+    it has them) and each table's config is the run's."""
+    _check_table_files(directory, meta)
+    tables = load_tables(directory / TABLES, threads=threads)
+    missing = sorted({c.name for c in configs} - set(tables))
+    if missing:
+        raise CheckpointError(f"{directory / TABLES}: holds tables {sorted(tables)}; the run config's {missing} "
+                              f"are not among them, so these tables belong to another run")
+    for config in configs:
+        _check_table_config(directory, tables[config.name].config, config)
+    return [tables[c.name] for c in configs]
+
+
+def _check_table_files(directory: Path, meta: dict[str, Any]) -> None:
+    """Refuse tables whose chain or manifests are not the ones trainer.json recorded:
+    a tables folder of another save would otherwise load as if it were this one's."""
+    listed = {k: v for k, v in meta.get("files", {}).items() if k != DENSE}  # the chain pins its entries
+    for relative, expected in listed.items():  # none in a trainer.json written before tables were fingerprinted
+        path = directory / relative
+        if not path.is_file():
+            raise CorruptCheckpointError(f"{path}: missing; the checkpoint is incomplete")
+        found = fingerprint(path)
+        if found != expected:
+            raise CorruptCheckpointError(
+                f"{path}: not the file saved with this checkpoint ({found['bytes']} bytes, sha256 "
+                f"{found['sha256'][:12]}...; trainer.json records {expected['bytes']} bytes, "
+                f"{expected['sha256'][:12]}...): these tables belong to another save, or were altered")
+
+
+def _check_table_config(directory: Path, saved: TableConfig, config: TableConfig) -> None:
+    """Refuse a table whose saved config differs from the run's in what shapes its
+    state or its training (dim, optimizer, admission, eviction, shards, ...)."""
+    found, expected = saved.model_dump(mode="json"), config.model_dump(mode="json")
+    changed = sorted(k for k in expected if k not in _UNCHECKED_TABLE_FIELDS and found.get(k) != expected[k])
+    if changed:
+        shown = "; ".join(f"{k}: {found.get(k)!r} there, {expected[k]!r} in the run config" for k in changed)
+        raise CheckpointError(f"{directory / TABLES}: table {config.name!r} was saved with another config ({shown}); "
+                              f"these tables belong to another run")
 
 
 def _dense_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:

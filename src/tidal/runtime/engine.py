@@ -130,7 +130,9 @@ class Engine:
         `max_steps` (False); the last step.
 
         `on_done(step, meta, loss)` is called for every batch whose update landed,
-        `at_barrier(step, position)` when a barrier step is reached.
+        `at_barrier(step, position)` when a barrier step is reached, `max_steps`
+        included: the eviction, evaluation and checkpoint due at the step a run stops
+        at happen before it stops, as in the reference trainer.
         """
         start_step = start["step"]
         self.start_step, self.max_steps = start_step, max_steps
@@ -150,13 +152,13 @@ class Engine:
             self._issue_dense()
             self._sample()
             if self._at_barrier():
-                if self._stop_here():
-                    return start_step + self.done, False
                 step = start_step + self.done
-                if step in self.runtime.sparse_workers_at:
+                if step in self.runtime.sparse_workers_at and not self._stop_here():
                     self.resize(self.runtime.sparse_workers_at[step])
                 self._sample()
-                self.at_barrier(step, self._position())
+                self.at_barrier(step, self._position())  # at max_steps too: what is due there, as the reference does
+                if self._stop_here():
+                    return step, False
                 self.telemetry.skip()  # a checkpoint or an evaluation is not training time
                 self.barrier = self._next_barrier(self.done + 1)
                 continue

@@ -10,6 +10,7 @@ Progress goes to the terminal and, one JSON object per line, to
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -60,6 +61,38 @@ def _target_auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
 def shown_auc(value: float | None) -> str:
     """An AUC as the CLI and the logs print it."""
     return "n/a (one class in the data)" if value is None else f"{value:.4f}"
+
+
+def _keep_records_up_to(metrics: Path, step: int) -> None:
+    """Drop the records of `metrics` (a run's metrics.jsonl) past `step`, the checkpoint
+    a run resumes from, any line a killed run left torn, and the end summary of the
+    part that stopped: the resumed run logs those steps again and ends the log with its
+    own summary, so that the log reads as one run. The file is replaced atomically."""
+    if not metrics.exists():
+        return
+    lines = metrics.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if (logged := _logged_step(line)) is not None and logged <= step]
+    if kept == lines:
+        return
+    partial = metrics.with_name(metrics.name + ".partial")
+    with open(partial, "w") as f:
+        f.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, metrics)
+
+
+def _logged_step(line: str) -> int | None:
+    """The step a metrics.jsonl line was logged at (0 for a record of none), or None
+    for a line to drop on resume: not a JSON record (torn), or a run's end summary."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or record.get("event") == "end":
+        return None
+    logged = record.get("step", 0)
+    return logged if isinstance(logged, int) else 0
 
 
 class Trainer:
@@ -186,21 +219,34 @@ class Trainer:
         first use on this machine (0 once its disk cache holds them).
 
         With `resume`, continue from the run's latest checkpoint: the same batches in
-        the same order, so the result equals an uninterrupted run's. Without it, a
-        run_dir that holds a run's checkpoints is refused rather than mixed with them.
+        the same order, so the result equals an uninterrupted run's (metrics.jsonl
+        loses the records past that checkpoint, which this run logs again, and the
+        stopped part's end summary). Without
+        it, a run_dir that holds a run's checkpoints is refused rather than mixed with
+        them. A run holds its run_dir while it trains: a second one into it is refused.
         """
         if max_steps is not None and (not is_whole_number(max_steps) or max_steps < 1):
             raise ConfigError(f"max_steps is the step to stop after: an integer >= 1, or None for every epoch; "
                               f"got {max_steps!r}")
         self._check_data_paths()
+        self._check_run_dir(resume)
+        with checkpoint.hold_run_dir(self.run_dir):
+            summary = self._fit(resume, max_steps)
+            plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "metrics.png")
+        return summary
+
+    def _fit(self, resume: bool, max_steps: int | None) -> dict:
+        """`fit` once the run holds its run_dir."""
         position = {"step": 0, "epoch": 0, "batch": 0}
         if resume:
             position = checkpoint.restore(self, checkpoint.latest(self.run_dir))
             if max_steps is not None and max_steps <= position["step"]:
                 raise ConfigError(f"max_steps {max_steps} is not past the checkpoint's step {position['step']}: "
                                   f"nothing would train")
-        else:
-            self._check_fresh_run_dir()
+            _keep_records_up_to(self.run_dir / "metrics.jsonl", position["step"])
+        elif (self.run_dir / "checkpoints" / checkpoint.LATEST).exists():
+            raise ConfigError(f"training.run_dir {self.run_dir} holds an earlier run's checkpoints: pass --resume "
+                              f"(fit(resume=True)) to continue it, or choose another run_dir, or delete that one")
         with open(self.run_dir / "metrics.jsonl", "a" if resume else "w") as log, compile_clock() as compiling:
             start = time.perf_counter()
             if self.config.runtime is None:
@@ -212,15 +258,12 @@ class Trainer:
             self.elapsed_s = time.perf_counter() - start - self._eval_s
             if step == 0:
                 raise DataError(f"no valid rows to train on in data.train: {self.bad_rows.summary()}")
-            if finished:
-                if self.collection.evicts and step % self.config.training.evict_every:
-                    self.collection.evict()  # the end is a safe point too: the saved tables keep their caps
+            if finished:  # no eviction off the evict_every schedule: a longer run resumed here must match
                 checkpoint.save(self, {"step": step, "epoch": self.config.training.epochs, "batch": 0})
             evaluation = self._final_eval(log, step) if self.config.data.eval else None
             summary = self._summary(step, rows, evaluation) | {"compile_s": compiling(),
                                                                 "resumed_from": position["step"]}
             log.write(json.dumps({"event": "end", **summary}) + "\n")
-        plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "metrics.png")
         return summary
 
     def _check_data_paths(self) -> None:
@@ -233,13 +276,19 @@ class Trainer:
             except DataError as exc:
                 raise DataError(f"{key}: {exc}") from None
 
-    def _check_fresh_run_dir(self) -> None:
+    def _check_run_dir(self, resume: bool) -> None:
+        """The run_dir can take this run: a folder (made for a fresh run) whose
+        checkpoints, if there, are a folder too, and which holds one to resume from."""
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise ConfigError(f"training.run_dir {self.run_dir} is a file; expected a folder for the run")
-        if (self.run_dir / "checkpoints" / checkpoint.LATEST).exists():
-            raise ConfigError(f"training.run_dir {self.run_dir} holds an earlier run's checkpoints: pass --resume "
-                              f"(fit(resume=True)) to continue it, or choose another run_dir, or delete that one")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoints = self.run_dir / "checkpoints"
+        if checkpoints.exists() and not checkpoints.is_dir():
+            raise ConfigError(f"training.run_dir {self.run_dir}: {checkpoints} is a file; expected the folder of the "
+                              f"run's checkpoints there (or nothing): move that file away, or choose another run_dir")
+        if resume:
+            checkpoint.latest(self.run_dir)  # a clear error, before anything is written, when there is none
+        else:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _train(self, log, position: dict, max_steps: int | None) -> tuple[int, int, bool]:  # type: ignore[no-untyped-def]
         """Steps up to the end (or `max_steps`): (last step, rows trained now, finished)."""

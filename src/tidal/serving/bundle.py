@@ -37,7 +37,6 @@ from safetensors.numpy import load_file, save_file
 
 from tidal.config import RunConfig
 from tidal.data.extract import Extractor
-from tidal.embedding import load_tables
 from tidal.embedding.checkpoint import SEAL, check_seal, fingerprint, fsync_path, sealed, write_json_atomic
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.models import RankingModel
@@ -71,9 +70,14 @@ class Bundle:
 
 def export(source: str | os.PathLike, out: str | os.PathLike, *, table_dtype: str | None = None) -> Path:
     """Write the bundle of a run directory's latest checkpoint (or of one checkpoint
-    directory) to `out`. `table_dtype` (float32 or float16) overrides the config's."""
+    directory) to `out`. `table_dtype` (float32 or float16) overrides the config's.
+
+    The tables are evicted first (TTL and row caps, on the copy loaded here): a
+    checkpoint holds the state of the run at its step, rows created since the last
+    `evict_every` safe point included, and a bundle serves within the caps."""
     directory = _checkpoint_dir(Path(source))
-    config = RunConfig(**checkpoint.read_meta(directory)["config"])
+    meta = checkpoint.read_meta(directory)
+    config = RunConfig(**meta["config"])
     dtype = np.dtype(table_dtype or config.serving.table_dtype)
     if dtype not in (np.float32, np.float16):
         raise ConfigError(f"table dtype must be float32 or float16, got {table_dtype!r}")
@@ -83,10 +87,11 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, table_dtype: st
     shutil.rmtree(staging, ignore_errors=True)
     try:
         (staging / "tables").mkdir(parents=True)
-        for name, table in load_tables(directory / "tables").items():
+        for table in checkpoint.load_checked_tables(directory, meta, config.tables):
+            table.evict()  # the caps, on this copy: a checkpoint holds the rows of the steps since the last eviction
             keys, values = _rows(table)
-            save_file({"keys": keys, "values": _cast(name, values, dtype)},
-                      str(staging / "tables" / f"{name}.safetensors"))
+            save_file({"keys": keys, "values": _cast(table.name, values, dtype)},
+                      str(staging / "tables" / f"{table.name}.safetensors"))
         _save_program(_model(config, directory), config, staging / PROGRAM)
         write_json_atomic(staging / MANIFEST, _manifest(config, directory, staging, str(dtype)))
         fsync_path(staging)
