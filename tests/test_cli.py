@@ -27,6 +27,7 @@ def test_demo_refuses_too_few_rows(capsys):
 
 def test_train_and_export_report_a_full_disk_without_a_traceback(tmp_path, capsys, monkeypatch):
     import errno
+    import shutil
 
     import yaml
     from runtime.test_trainer import _config
@@ -40,12 +41,23 @@ def test_train_and_export_report_a_full_disk_without_a_traceback(tmp_path, capsy
     config = _config(tmp_path, checkpoint_every=5)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
+    save = tidal.runtime.checkpoint.save
     monkeypatch.setattr(tidal.runtime.checkpoint, "save", disk_full)
     assert main(["train", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert "tidal train: a file could not be written or read: No space left on device" in err
-    assert "`tidal train --resume` continues from it" in err
+    assert "no checkpoint was written" in err  # the first save failed
+    calls = []
+
+    def second_save_fails(*args, **kwargs):
+        calls.append(1)
+        return save(*args, **kwargs) if len(calls) == 1 else disk_full()
+
+    monkeypatch.setattr(tidal.runtime.checkpoint, "save", second_save_fails)
+    assert main(["train", "--config", str(path)]) == 2
+    assert "the last checkpoint written is intact: `tidal train --resume` continues from it" in capsys.readouterr().err
     monkeypatch.undo()
+    shutil.rmtree(config["training"]["run_dir"])
     assert main(["train", "--config", str(path)]) == 0
     monkeypatch.setattr(tidal.serving.bundle, "write_json_atomic", disk_full)
     assert main(["export", "--checkpoint", config["training"]["run_dir"], "--out", str(tmp_path / "bundle")]) == 2

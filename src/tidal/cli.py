@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
+from pathlib import Path
 
 from safetensors import SafetensorError
+
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO, errno.EPERM}
 
 __all__ = ["main"]
 
@@ -157,6 +161,7 @@ def _train(args: argparse.Namespace) -> int:
     from tidal.runtime import Trainer
     from tidal.runtime.trainer import shown_auc
 
+    config = None
     try:
         config = RunConfig.from_yaml(args.config)
         summary = Trainer(config).fit(resume=args.resume)
@@ -164,8 +169,11 @@ def _train(args: argparse.Namespace) -> int:
         print(f"tidal train: {exc}", file=sys.stderr)
         return 2
     except (OSError, SafetensorError) as exc:
+        if not _is_disk_error(exc):
+            raise
+        saved = config is not None and (Path(config.training.run_dir) / "checkpoints" / "LATEST").exists()
         return _write_failed("train", exc, "the last checkpoint written is intact: `tidal train --resume` continues "
-                                           "from it")
+                                           "from it" if saved else "no checkpoint was written")
     except KeyboardInterrupt:
         print("tidal train: interrupted; `tidal train --resume` continues from the last checkpoint written",
               file=sys.stderr)
@@ -207,8 +215,6 @@ def _print_runtime(report: dict, run_dir: str) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from tidal.config import RunConfig
     from tidal.data.readers import BadRows
     from tidal.errors import TidalError
@@ -243,10 +249,18 @@ def _export(args: argparse.Namespace) -> int:
         print(f"tidal export: {exc}", file=sys.stderr)
         return 2
     except (OSError, SafetensorError) as exc:
+        if not _is_disk_error(exc):
+            raise
         return _write_failed("export", exc, "an earlier bundle at --out is intact")
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     print(f"wrote the serving bundle {out} ({size / 2**20:,.1f} MiB); serve it with: tidal serve {out}")
     return 0
+
+
+def _is_disk_error(exc: Exception) -> bool:
+    """Whether `exc` is a file that could not be written or read (not, say, a lost
+    connection, also an OSError)."""
+    return isinstance(exc, SafetensorError) or exc.filename is not None or exc.errno in _DISK_ERRORS
 
 
 def _write_failed(command: str, exc: Exception, consequence: str) -> int:
@@ -258,8 +272,6 @@ def _write_failed(command: str, exc: Exception, consequence: str) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from tidal.errors import ConfigError, TidalError
     from tidal.serving import Service, listen, load_bundle, serve
 

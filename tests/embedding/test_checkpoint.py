@@ -118,6 +118,51 @@ def test_a_second_writer_of_one_root_is_refused_a_delta_that_would_mix_two_histo
         first.save_delta(tmp_path)
 
 
+def test_two_writers_saving_at_once_take_turns_and_the_second_is_refused(tmp_path, monkeypatch):
+    """Without the root's lock both read the same chain, numbered their deltas alike,
+    and the second replaced the first one's folder: a mixed state that loaded."""
+    import threading
+
+    import tidal.embedding.checkpoint as ckpt
+
+    _trained().save(tmp_path)
+    first, second = EmbeddingTable.load(tmp_path), EmbeddingTable.load(tmp_path)
+    _train(first, 11)
+    _train(second, 12)
+    writing, go_on = threading.Event(), threading.Event()
+    write_table = ckpt._write_table
+
+    def slow_write(staging, table, delta):  # the first writer holds on while writing
+        if table is first:
+            writing.set()
+            go_on.wait(10)
+        return write_table(staging, table, delta)
+
+    monkeypatch.setattr(ckpt, "_write_table", slow_write)
+    saving = threading.Thread(target=first.save_delta, args=(tmp_path,))
+    saving.start()
+    assert writing.wait(10)
+    refused = []
+
+    def second_save():
+        try:
+            second.save_delta(tmp_path)
+        except CheckpointError as exc:
+            refused.append(str(exc))
+
+    other = threading.Thread(target=second_save)
+    other.start()
+    other.join(0.5)
+    assert other.is_alive()  # waiting for the first save to commit
+    go_on.set()
+    saving.join(10)
+    other.join(10)
+    assert refused and "another writer saved" in refused[0]
+    _assert_same_table(first, EmbeddingTable.load(tmp_path))
+    with pytest.raises(CheckpointError, match="no tables to save"):
+        ckpt.save_delta(tmp_path / "fresh", [])
+
+
 def test_cleanup_leaves_foreign_directories_alone(tmp_path):
     (tmp_path / "123456-my-notes").mkdir()
     table = _trained()

@@ -461,7 +461,7 @@ class _Records:
         """{record: (columns expected, columns found)} of the records, but those `passed`,
         that are not UTF-8 text and of the wrong width, found by parsing them with their
         bytes from 0x80 on read as '?' (a field count the same)."""
-        if self.text.isascii():
+        if self.text.isascii() or _is_utf8(self.text):
             return {}
         near = np.unique(self._of(np.flatnonzero(self.bytes >= 0x80))).tolist()
         odd = [k for k in near if k not in passed and not _is_utf8(self._record(k))]

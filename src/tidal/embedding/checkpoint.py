@@ -25,18 +25,21 @@ than loaded as an older state.
 
 One writer per root: a table remembers the chain entry it last wrote or was loaded
 from, and a delta is refused when the chain ends elsewhere (another writer saved to
-the root since): its rows would mix with that writer's into a state neither had.
+the root since): its rows would mix with that writer's into a state neither had. Saves
+to one root take turns (each locks the folder from reading CHAIN.json to writing it).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +69,9 @@ def save(root: str | os.PathLike, tables: Sequence[EmbeddingTable]) -> Path:
 
     Call at a safe point: no training step may run on these tables meanwhile.
     """
-    return _save(_checked(root, tables), tables, delta=False)
+    root = _checked(root, tables)
+    with _one_save_at_a_time(root):
+        return _save(root, tables, delta=False)
 
 
 def save_delta(root: str | os.PathLike, tables: Sequence[EmbeddingTable]) -> Path:
@@ -76,6 +81,14 @@ def save_delta(root: str | os.PathLike, tables: Sequence[EmbeddingTable]) -> Pat
     Call at a safe point, as `save`.
     """
     root = _checked(root, tables)
+    with _one_save_at_a_time(root):
+        _check_extends_chain(root, tables)
+        return _save(root, tables, delta=True)
+
+
+def _check_extends_chain(root: Path, tables: Sequence[EmbeddingTable]) -> None:
+    """Refuse a delta of `tables` that the chain under `root` cannot take: one of other
+    tables, of tables last saved elsewhere, or after another writer's entries."""
     chain = _chain(root) if (root / CHAIN).exists() else []
     full = _read_manifest(root / chain[0]) if chain else {"tables": {}}
     names = set(full["tables"])
@@ -91,7 +104,20 @@ def save_delta(root: str | os.PathLike, tables: Sequence[EmbeddingTable]) -> Pat
             f"would miss rows; save a full checkpoint here first"
         )
     _check_one_writer(root, tables, _head(full["id"], chain[-1]))
-    return _save(root, tables, delta=True)
+
+
+@contextmanager
+def _one_save_at_a_time(root: Path) -> Iterator[None]:
+    """Lock the folder `root` while a save reads CHAIN.json, writes and commits: a
+    second writer's save waits, then finds the first one's entry (and its delta is
+    refused) instead of both numbering theirs the same."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # which releases the lock
 
 
 def load(root: str | os.PathLike, *, threads: int = 1) -> dict[str, EmbeddingTable]:
@@ -147,6 +173,12 @@ def _checked(root: str | os.PathLike, tables: Sequence[EmbeddingTable]) -> Path:
         got = type(tables).__name__ if not isinstance(tables, (list, tuple)) else \
             f"a list holding {sorted({type(t).__name__ for t in tables})}"
         raise CheckpointError(f"{root}: expected a list of EmbeddingTables to save, got {got}")
+    if not tables:
+        raise CheckpointError(f"{root}: no tables to save; expected a list of at least one EmbeddingTable")
+    names = [t.name for t in tables]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise CheckpointError(f"{root}: a checkpoint holds each table once, by name; got {repeated} more than once")
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise CheckpointError(f"{root} is a file; expected a folder to hold the checkpoints")
@@ -154,11 +186,6 @@ def _checked(root: str | os.PathLike, tables: Sequence[EmbeddingTable]) -> Path:
 
 
 def _save(root: Path, tables: Sequence[EmbeddingTable], *, delta: bool) -> Path:
-    names = [t.name for t in tables]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise CheckpointError(f"{root}: a checkpoint holds each table once, by name; got {repeated} more than once")
-    root.mkdir(parents=True, exist_ok=True)
     chain = _chain(root) if (root / CHAIN).exists() else []
     number = int(chain[-1].split("-")[0]) + 1 if chain else 1
     name = f"{number:06d}-{'delta' if delta else 'full'}"
