@@ -30,6 +30,7 @@ from tidal.mixing import mix64_array
 __all__ = ["GeneratedData", "auc", "check_arguments", "generate"]
 
 _CHUNK_ROWS = 100_000
+_VOCABULARY, _ZIPF_A = 1_000_000, 1.2  # the defaults of `generate` and `check_arguments`
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,7 +44,7 @@ class GeneratedData:
 
 
 def generate(out_dir: str | Path, *, rows: int, files: int = 1, file_format: Literal["tsv", "parquet"] = "tsv",
-             seed: int = 0, split: int = 0, vocabulary: int = 1_000_000, zipf_a: float = 1.2,
+             seed: int = 0, split: int = 0, vocabulary: int = _VOCABULARY, zipf_a: float = _ZIPF_A,
              sparse_scale: float = 0.6, bias: float = -1.2) -> GeneratedData:
     """Write `rows` rows over `files` files into `out_dir`, plus ``truth.json``.
 
@@ -90,8 +91,9 @@ def _folder(out_dir: str | Path) -> Path:
     return out
 
 
-def check_arguments(*, rows: int, files: int = 1, file_format: str = "tsv", vocabulary: int = 1_000_000,
-                    zipf_a: float = 1.2, seed: int = 0, split: int = 0, names: Mapping[str, str] | None = None) -> None:
+def check_arguments(*, rows: int, files: int = 1, file_format: str = "tsv", vocabulary: int = _VOCABULARY,
+                    zipf_a: float = _ZIPF_A, seed: int = 0, split: int = 0, names: Mapping[str, str] | None = None,
+                    ) -> None:
     """A `ConfigError` naming the first of `generate`'s arguments it cannot write data
     with. `names` says how the message calls an argument (`tidal gen-data`: by its flag,
     {"rows": "--rows"}); by default, by its name."""
