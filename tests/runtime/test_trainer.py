@@ -154,6 +154,22 @@ def test_a_run_resumed_with_more_epochs_matches_one_that_had_them_from_the_start
     assert whole.collection.tables[0].stats().evicted > 0
 
 
+def test_a_resumed_finished_run_logs_one_final_evaluation_as_an_uninterrupted_run(tmp_path):
+    config = _config(tmp_path, eval_every=10)
+
+    def evals(name: str, epochs: int, resume: bool = False) -> list[tuple[int, bool]]:
+        run = RunConfig(**{**config, "training": {**config["training"], "run_dir": str(tmp_path / name), "epochs": epochs}})
+        Trainer(run).fit(resume=resume)
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r.get("final", False)) for r in records if r["event"] == "eval"]
+
+    assert evals("resumed", epochs=1) == [(10, False), (20, False), (24, True)]
+    whole = evals("whole", epochs=2)
+    assert whole == [(10, False), (20, False), (30, False), (40, False), (48, True)]
+    assert evals("resumed", epochs=2, resume=True) == whole
+    assert evals("resumed", epochs=2, resume=True) == whole  # nothing left to train: the end is made again
+
+
 def test_cli_says_which_steps_a_resumed_run_trained(tmp_path, capsys):
     config = _config(tmp_path, checkpoint_every=5, epochs=1)
     config["data"]["eval"] = None

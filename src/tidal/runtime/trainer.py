@@ -65,9 +65,10 @@ def shown_auc(value: float | None) -> str:
 
 def _keep_records_up_to(metrics: Path, step: int) -> None:
     """Drop the records of `metrics` (a run's metrics.jsonl) past `step`, the checkpoint
-    a run resumes from, any line a killed run left torn, and the end summary of the
-    part that stopped: the resumed run logs those steps again and ends the log with its
-    own summary, so that the log reads as one run. The file is replaced atomically."""
+    a run resumes from, any line a killed run left torn, and the end of the part that
+    stopped (its summary, and its final evaluation where `eval_every` made none): the
+    resumed run logs those steps again and ends the log with its own, so that the log
+    reads as one run. The file is replaced atomically."""
     if not metrics.exists():
         return
     lines = metrics.read_text().splitlines(keepends=True)
@@ -84,12 +85,13 @@ def _keep_records_up_to(metrics: Path, step: int) -> None:
 
 def _logged_step(line: str) -> int | None:
     """The step a metrics.jsonl line was logged at (0 for a record of none), or None
-    for a line to drop on resume: not a JSON record (torn), or a run's end summary."""
+    for a line to drop on resume: not a JSON record (torn), a run's end summary or its
+    final evaluation."""
     try:
         record = json.loads(line)
     except ValueError:
         return None
-    if not isinstance(record, dict) or record.get("event") == "end":
+    if not isinstance(record, dict) or record.get("event") == "end" or record.get("final") is True:
         return None
     logged = record.get("step", 0)
     return logged if isinstance(logged, int) else 0
@@ -323,13 +325,16 @@ class Trainer:
         """The evaluation at the last step: the one `eval_every` made there, if it did."""
         if self._last_eval is not None and self._last_eval[0] == step:
             return self._last_eval[1]
-        return self._log_eval(log, step)
+        return self._log_eval(log, step, final=True)
 
-    def _log_eval(self, log, step: int) -> Evaluation:  # type: ignore[no-untyped-def]
+    def _log_eval(self, log, step: int, final: bool = False) -> Evaluation:  # type: ignore[no-untyped-def]
+        """Evaluate and log it; `final` marks the run's closing evaluation, which a
+        resumed run drops from the log and makes again at its own end."""
         start = time.perf_counter()
         evaluation = self.evaluate(self.config.data.eval)
         self._eval_s += time.perf_counter() - start
-        log.write(json.dumps({"event": "eval", "step": step, **asdict(evaluation)}) + "\n")
+        final_mark = {"final": True} if final else {}
+        log.write(json.dumps({"event": "eval", "step": step, **final_mark, **asdict(evaluation)}) + "\n")
         log.flush()
         shown = "  ".join(f"{t} AUC {shown_auc(a)}" for t, a in evaluation.auc.items())
         skipped = f"  ({evaluation.bad_rows} bad rows skipped)" if evaluation.bad_rows else ""
