@@ -151,6 +151,8 @@ def test_a_full_sequence_start_pages_end(server, client, rows):
     assert len(server.service.sessions) == 0
     client.infer("ctr", _inputs(pages[0], specs, binary=True), sequence_id=78, sequence_start=True)
     assert len(server.service.sessions) == 1
+    with pytest.raises(triton.InferenceServerException, match='sequence "78" is unknown: never started'):
+        client.infer("ctr", _inputs(pages[1], specs, binary=True, skip_user=True), sequence_id="78")  # not 78
     ended = client.infer("ctr", [], sequence_id=78, sequence_end=True)  # an end without candidates
     assert ended.as_numpy("score").shape == (0,) and len(server.service.sessions) == 0
 

@@ -24,7 +24,7 @@ def test_idle_sessions_expire_after_the_ttl():
     cache.get("a")  # used: its idle time restarts
     now[0] = 12.0
     assert cache.get("a") is not None
-    with pytest.raises(SessionError, match="sequence b is expired: idle for more than 10 s"):
+    with pytest.raises(SessionError, match="sequence \"b\" is expired: idle for more than 10 s"):
         cache.get("b")
     assert cache.expired == 1 and len(cache) == 1 and cache.bytes == ENTRY
 
@@ -35,7 +35,7 @@ def test_the_least_recently_used_session_goes_when_memory_runs_out():
         cache.start(name, _state())
     cache.get("a")
     cache.start("d", _state())  # 4 entries > the cap: b, the least recently used, goes
-    with pytest.raises(SessionError, match="sequence b is evicted: the session cache was full"):
+    with pytest.raises(SessionError, match="sequence \"b\" is evicted: the session cache was full"):
         cache.get("b")
     assert (len(cache), cache.evicted, cache.bytes) == (3, 1, 3 * ENTRY)
     with pytest.raises(SessionError, match="exceeds the cache"):
@@ -58,9 +58,9 @@ def test_ended_and_unknown_sessions_are_told_apart():
     cache = SessionCache(ttl_s=100, memory_bytes=10_000)
     cache.start("a", _state())
     cache.end("a")
-    with pytest.raises(SessionError, match="sequence a is unknown: it has ended"):
+    with pytest.raises(SessionError, match="sequence \"a\" is unknown: it has ended"):
         cache.get("a")
-    with pytest.raises(SessionError, match="sequence z is unknown: never started"):
+    with pytest.raises(SessionError, match="sequence \"z\" is unknown: never started"):
         cache.get("z")
     assert cache.bytes == 0
 
@@ -73,6 +73,6 @@ def test_end_with_a_state_leaves_a_session_started_again_under_the_same_id():
     cache.end("a", old)  # that request's sequence_end
     assert cache.get("a") is new and cache.bytes == ENTRY
     cache.end("a", new)
-    with pytest.raises(SessionError, match="sequence a is unknown: it has ended"):
+    with pytest.raises(SessionError, match="sequence \"a\" is unknown: it has ended"):
         cache.get("a")
     assert cache.bytes == 0

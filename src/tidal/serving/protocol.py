@@ -67,7 +67,7 @@ class DecodedRequest:
     columns: dict[str, pa.Array]
     rows: int  # candidates
     request_id: str | None = None
-    sequence_id: str | None = None
+    sequence_id: int | str | None = None  # 5 and "5" are two sequences, as in Triton
     sequence_start: bool = False
     sequence_end: bool = False
     outputs: list[str] | None = None  # requested output names; None: all
@@ -321,7 +321,7 @@ def _parameters(request: dict) -> dict:
     active = sequence_id not in (None, 0, "")
     if not active and (flags["sequence_start"] or flags["sequence_end"]):
         raise RequestError("sequence_start and sequence_end need a sequence_id")
-    return {"sequence_id": str(sequence_id) if active else None, "sequence_start": flags["sequence_start"],
+    return {"sequence_id": sequence_id if active else None, "sequence_start": flags["sequence_start"],
             "sequence_end": flags["sequence_end"], "binary_data_output": flags["binary_data_output"]}
 
 

@@ -1,5 +1,8 @@
 """The session cache: per-user state of stateful requests, keyed by `sequence_id`.
 
+An id is an unsigned integer or a string, as in Triton: 5 and "5" are two sessions,
+and messages name a string id in quotes.
+
 Three requests make a session (Triton's sequence parameters): `sequence_start`
 computes the user side once and caches it; continuing requests score pages of
 candidates against it; `sequence_end` releases it. Idle state expires after
@@ -8,6 +11,7 @@ candidates against it; `sequence_end` releases it. Idle state expires after
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import OrderedDict
@@ -22,6 +26,14 @@ _REMEMBERED = 10_000  # ids of recently expired or evicted sessions, to say why 
 _ENTRY_BYTES = 1_280  # an entry's objects beyond its state's arrays (measured: 1,343 bytes for 68 of tensors)
 
 
+SequenceId = int | str
+
+
+def _named(sequence_id: SequenceId) -> str:
+    """`sequence 5` or `sequence "5"`, as a message names a session."""
+    return f"sequence {json.dumps(sequence_id)}"
+
+
 class SessionError(TidalError):
     """A request names a session that does not exist (unknown, ended, expired or evicted)."""
 
@@ -33,8 +45,8 @@ class SessionCache:
         self.ttl_s = ttl_s
         self.memory_bytes = memory_bytes
         self._clock = clock
-        self._entries: OrderedDict[str, tuple[UserState, float, int]] = OrderedDict()  # (state, last use, bytes), oldest use first
-        self._gone: OrderedDict[str, str] = OrderedDict()  # id -> why it left
+        self._entries: OrderedDict[SequenceId, tuple[UserState, float, int]] = OrderedDict()  # (state, last use, bytes), oldest use first
+        self._gone: OrderedDict[SequenceId, str] = OrderedDict()  # id -> why it left
         self._lock = threading.Lock()
         self.bytes = 0
         self.expired = 0
@@ -43,11 +55,11 @@ class SessionCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def start(self, sequence_id: str, state: UserState) -> None:
+    def start(self, sequence_id: SequenceId, state: UserState) -> None:
         """Cache `state` for `sequence_id` (replacing any earlier one)."""
-        size = state.nbytes + len(sequence_id) + _ENTRY_BYTES
+        size = state.nbytes + len(str(sequence_id)) + _ENTRY_BYTES
         if size > self.memory_bytes:
-            raise SessionError(f"sequence {sequence_id}: its state ({size} bytes) exceeds the cache "
+            raise SessionError(f"{_named(sequence_id)}: its state ({size} bytes) exceeds the cache "
                                f"({self.memory_bytes} bytes)")
         with self._lock:
             self._expire()
@@ -58,19 +70,19 @@ class SessionCache:
                 self.evicted += 1
                 self._remove(next(iter(self._entries)), "evicted: the session cache was full")
 
-    def get(self, sequence_id: str) -> UserState:
+    def get(self, sequence_id: SequenceId) -> UserState:
         """The state of a live session (its idle time restarts), or a `SessionError` saying why not."""
         with self._lock:
             self._expire()
             entry = self._entries.get(sequence_id)
             if entry is None:
                 why = self._gone.get(sequence_id, "unknown: never started, or already ended")
-                raise SessionError(f"sequence {sequence_id} is {why}; send sequence_start with its user features")
+                raise SessionError(f"{_named(sequence_id)} is {why}; send sequence_start with its user features")
             self._entries[sequence_id] = (entry[0], self._clock(), entry[2])
             self._entries.move_to_end(sequence_id)
             return entry[0]
 
-    def end(self, sequence_id: str, state: UserState | None = None) -> None:
+    def end(self, sequence_id: SequenceId, state: UserState | None = None) -> None:
         """Release a session's state; with `state`, only if it is still the one under
         `sequence_id` (not a session started again under that id meanwhile)."""
         with self._lock:
@@ -87,7 +99,7 @@ class SessionCache:
             self.expired += 1
             self._remove(sequence_id, f"expired: idle for more than {self.ttl_s:g} s")
 
-    def _remove(self, sequence_id: str, why: str | None) -> None:
+    def _remove(self, sequence_id: SequenceId, why: str | None) -> None:
         entry = self._entries.pop(sequence_id, None)
         if entry is not None:
             self.bytes -= entry[2]
