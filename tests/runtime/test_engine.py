@@ -285,6 +285,31 @@ def test_a_batch_given_up_while_its_update_runs_or_looked_up_late_holds_no_rows(
     assert store.evict() == 0
 
 
+def test_a_retried_batch_is_looked_up_once_so_admission_counts_each_sighting_once():
+    """A batch looked up ahead whose worker was replaced comes again from another worker
+    (two calls at once, or one after the other): a second lookup would count its keys
+    twice, admitting keys under min_count=2 that the batch saw once."""
+    collection = EmbeddingCollection([TableConfig(name="t", dim=2, admission={"kind": "count", "min_count": 2})],
+                                     [EmbeddingFeature(name="f", table="t")])
+    store, batch = EmbeddingShard(collection), SparseBatch.from_lists({"f": [[1], [2], [3]]})
+    original = EmbeddingCollection.lookup
+
+    def slow(collection, batch, **kwargs):
+        time.sleep(0.1)
+        return original(collection, batch, **kwargs)
+
+    with ThreadPoolExecutor(2) as pool, pytest.MonkeyPatch.context() as patched:
+        patched.setattr(EmbeddingCollection, "lookup", slow)
+        first, second = pool.submit(store.look_up, 0, batch), pool.submit(store.look_up, 0, batch)
+        assert sorted(f.result()["lookup"] > 0.0 for f in (first, second)) == [False, True]
+    assert store.look_up(0, batch) == {"lookup": 0.0}
+    pooled, timings = store.forward(0, batch)
+    assert "lookup" not in timings and collection.tables[0].stats().rows == 0
+    store.backward(0, torch.ones(3, 1, 2))
+    store.look_up(1, batch)  # the next batch: the second sighting admits them
+    assert collection.tables[0].stats().rows == 3
+
+
 def test_failed_look_up_ahead_is_raised_by_the_forward_and_nothing_is_lost(data, reference, tmp_path, monkeypatch):
     looked_up = []
     original = EmbeddingShard.look_up

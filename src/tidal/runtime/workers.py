@@ -149,6 +149,7 @@ class EmbeddingShard:
         from their own step."""
         self.collection, self.nice = collection, nice
         self._contexts: dict[int, Any] = {}
+        self._looking: set[int] = set()  # lookups under way
         self._applying: set[int] = set()  # updates under way: their contexts are out of `_contexts`
         self._done: deque[int] = deque(maxlen=_RECENT_UPDATES)  # batches whose update landed or was given up
         self._lock = threading.Lock()
@@ -157,13 +158,28 @@ class EmbeddingShard:
 
     def look_up(self, batch_id: int, batch: SparseBatch) -> dict[str, float]:
         """Find (or create) the rows of `batch` for its later `forward`: this reads no
-        values, so it may run while earlier batches' updates are still coming."""
+        values, so it may run while earlier batches' updates are still coming.
+
+        A batch is looked up once: a retry of it (its worker was replaced after this
+        lookup) and a replaced worker's late call find the first lookup and do nothing,
+        so admission counts and LFU counts see each sighting once, as in a run without
+        failures. Two calls at once take turns."""
         lower_priority(self.nice)
         start = time.perf_counter()
-        ctx = self.collection.lookup(batch, step=self._first_step + batch_id + 1)
-        with self._lock:
-            if batch_id not in self._done and batch_id not in self._applying:  # else a late call of a replaced worker
-                self._contexts[batch_id] = ctx
+        with self._update_ended:
+            self._update_ended.wait_for(lambda: batch_id not in self._looking)
+            if batch_id in self._contexts or batch_id in self._applying or batch_id in self._done:
+                return {"lookup": 0.0}
+            self._looking.add(batch_id)
+        ctx = None
+        try:
+            ctx = self.collection.lookup(batch, step=self._first_step + batch_id + 1)
+        finally:
+            with self._update_ended:
+                self._looking.discard(batch_id)
+                if ctx is not None:
+                    self._contexts[batch_id] = ctx
+                self._update_ended.notify_all()
         return {"lookup": time.perf_counter() - start}
 
     def forward(self, batch_id: int, batch: SparseBatch,
