@@ -228,7 +228,7 @@ def _eval(args: argparse.Namespace) -> int:
         saved = checkpoint.read_meta(directory)["config"]
         config = RunConfig(**{**saved, "training": {**saved["training"], "device": args.device}})
         trainer = Trainer(config)
-        checkpoint.restore(trainer, directory)
+        checkpoint.restore(trainer, directory, check_data=False)  # the training files may be gone
         result = trainer.evaluate(args.data)
     except TidalError as exc:
         print(f"tidal eval: {exc}", file=sys.stderr)

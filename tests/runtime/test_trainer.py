@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -15,7 +16,7 @@ from tidal.config import RunConfig
 from tidal.data import SparseBatch, generate
 from tidal.data.criteo import CRITEO_DENSE, CRITEO_SPARSE
 from tidal.errors import BatchError, ConfigError, DataError
-from tidal.runtime import Trainer
+from tidal.runtime import Trainer, checkpoint
 
 
 def _config(tmp_path, **training) -> dict:
@@ -204,6 +205,7 @@ def test_cli_eval_scores_the_latest_checkpoint(tmp_path, capsys):
     capsys.readouterr()
     with open(config["data"]["eval"][0], "a") as f:
         f.write("2" + "\t1" * 39 + "\n")
+    os.remove(config["data"]["train"][0])  # evaluating needs no training file
     assert main(["eval", "--checkpoint", config["training"]["run_dir"], "--data", *config["data"]["eval"]]) == 0
     out = capsys.readouterr().out
     assert "click: AUC 0." in out and "on 4,000 rows" in out
@@ -228,8 +230,46 @@ def test_resume_refuses_a_changed_config(tmp_path):
     config["data"]["eval"] = None
     Trainer(RunConfig(**config)).fit(max_steps=3)
     config["model"]["hidden_sizes"] = [16]
-    with pytest.raises(CheckpointError, match=r"the config changed since this checkpoint \(model\)"):
+    config["data"]["batch_size"] = 256
+    with pytest.raises(CheckpointError, match=r"the config changed since this checkpoint \(data.batch_size: 512 there, "
+                                              r"256 now; model.hidden_sizes\[0\]: 32 there, 16 now\)"):
         Trainer(RunConfig(**config)).fit(resume=True)
+
+
+def test_resume_refuses_training_files_that_changed_since_the_checkpoint(tmp_path):
+    from tidal.errors import CheckpointError
+
+    config = _config(tmp_path, epochs=1, checkpoint_every=3)
+    config["data"] |= {"eval": None, "train": str(tmp_path / "train" / "*.tsv")}
+    Trainer(RunConfig(**config)).fit(max_steps=3)
+    first = sorted((tmp_path / "train").glob("*.tsv"))[0]
+    earlier = first.with_name("0" + first.name)  # sorts first: its batches would pass as trained
+    earlier.write_text(first.read_text())
+    with pytest.raises(CheckpointError, match=rf"no longer names the files this checkpoint was reading "
+                                              rf"\({earlier} is new\)"):
+        Trainer(RunConfig(**config)).fit(resume=True)
+    earlier.unlink()
+    with open(first, "a") as f:
+        f.write(first.read_text().splitlines(keepends=True)[0])
+    with pytest.raises(CheckpointError, match=r"\.tsv was [0-9,]+ bytes, now [0-9,]+\)"):
+        Trainer(RunConfig(**config)).fit(resume=True)
+
+
+def test_a_finished_run_resumed_with_fewer_epochs_trains_nothing_and_keeps_its_checkpoint(tmp_path):
+    config = _config(tmp_path, epochs=2, checkpoint_every=30)
+    config["data"]["eval"] = None
+
+    def fit(epochs: int, **kwargs) -> dict:
+        return Trainer(RunConfig(**{**config, "training": {**config["training"], "epochs": epochs}})).fit(**kwargs)
+
+    fit(2, max_steps=30)  # a checkpoint inside the second epoch
+    assert checkpoint.latest(tmp_path / "run").name == "step-00000030-epoch-1"
+    assert fit(1, resume=True)["steps"] == 30
+    assert checkpoint.latest(tmp_path / "run").name == "step-00000030-epoch-1"  # not moved back to epoch 1's end
+    assert fit(2, resume=True)["steps"] == 48
+    assert fit(1, resume=True)["steps"] == 48
+    assert checkpoint.latest(tmp_path / "run").name == "step-00000048-epoch-2"
+    assert fit(3, resume=True)["steps"] == 72
 
 
 def test_compile_clock_counts_the_first_compile_of_a_kernel_and_not_its_later_calls():

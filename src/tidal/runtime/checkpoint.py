@@ -7,9 +7,9 @@ Layout under ``<run_dir>/checkpoints``::
       tables/                 the embedding tables (tidal.embedding.checkpoint format)
       dense.safetensors       model weights, Adam state tensors, torch RNG state
       trainer.json            step, epoch, batches done in the epoch, optimizer settings, config,
-                              the size and sha256 of dense.safetensors and of the tables'
-                              CHAIN.json and manifests, and the sha256 of its own content
-                              (content_sha256)
+                              the training files it was reading (names and sizes), the size
+                              and sha256 of dense.safetensors and of the tables' CHAIN.json
+                              and manifests, and the sha256 of its own content (content_sha256)
 
 A checkpoint is written under a temporary name (``.tmp-<name>-<pid>``) and renamed
 into place before LATEST is replaced (write, fsync, rename), so a crash at any point
@@ -18,7 +18,9 @@ folder. No pickle: tensors go to safetensors, everything else to JSON. Loading r
 an altered or truncated trainer.json or dense.safetensors with a message naming it,
 and tables that are not the ones saved with it (their manifests' fingerprints differ)
 or whose configs are not the run's; a trainer.json written before these hashes
-(neither files nor content_sha256) loads unchecked, but for the tables' configs.
+(neither files nor content_sha256) loads unchecked, but for the tables' configs. A
+resume is refused when the training files differ from the ones the checkpoint was
+reading (a file added, gone or resized): its position counts batches of those files.
 
 A run holds ``<run_dir>/run.lock`` (`hold_run_dir`) while it trains: a second run
 into the same folder is refused, rather than removing the first one's checkpoints and
@@ -42,6 +44,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tidal.config import TableConfig
+from tidal.data.readers import expand_paths
 from tidal.embedding import EmbeddingTable, load_tables, save_tables
 from tidal.embedding.checkpoint import (CHAIN, MANIFEST, SEAL, check_file, check_seal, fingerprint, fsync_path,
                                         is_fingerprint, sealed, write_json_atomic)
@@ -59,6 +62,7 @@ LOCK = "run.lock"
 _META_KEYS = ("position", "config", "param_groups", "bad_rows")
 _TABLE_FILE = re.compile(rf"{TABLES}/({re.escape(CHAIN)}|\d{{6}}-(full|delta)/{re.escape(MANIFEST)})")  # fingerprinted
 _STAGING = re.compile(r"\.tmp-step-\d+-epoch-\d+-(\d+)")  # a save's temporary folder, ending with its pid
+_MAY_CHANGE = ("training", "runtime", "serving")  # config sections a resume may change
 _UNCHECKED_TABLE_FIELDS = {"reserve_rows"}  # memory set aside when a table is built: no part of its state
 
 
@@ -132,8 +136,13 @@ def _write(trainer: Trainer, position: dict[str, int], staging: Path) -> None:
         "position": position, "config": trainer.config.model_dump(mode="json"),
         "param_groups": _param_groups(trainer.optimizer),
         "bad_rows": {"count": trainer.bad_rows.count, "examples": trainer.bad_rows.examples},
-        "files": {DENSE: fingerprint(staging / DENSE, sync=True), **tables}}))
+        "data_files": _data_files(trainer), "files": {DENSE: fingerprint(staging / DENSE, sync=True), **tables}}))
     fsync_path(staging)
+
+
+def _data_files(trainer: Trainer) -> list[list[Any]]:
+    """[name, bytes] of each training file, in the order the run reads them."""
+    return [[name, os.path.getsize(name)] for name in expand_paths(trainer.config.data.train)]
 
 
 def _table_files(root: Path) -> list[Path]:
@@ -246,15 +255,21 @@ def _json(path: Path) -> dict[str, Any]:
     return value
 
 
-def restore(trainer: Trainer, directory: Path) -> dict[str, int]:
+def restore(trainer: Trainer, directory: Path, *, check_data: bool = True) -> dict[str, int]:
     """Load the checkpoint in `directory` into `trainer`; the position to continue from.
-    The training section may differ from the checkpoint's: its learning rate applies."""
+    The training section may differ from the checkpoint's: its learning rate applies.
+    With `check_data` (to train on), the training files must be the checkpoint's."""
     meta = read_meta(directory)
     saved, current = meta["config"], trainer.config.model_dump(mode="json")
-    changed = sorted(k for k in saved if saved[k] != current.get(k) and k not in ("training", "runtime", "serving"))
+    changed = _changes({k: v for k, v in saved.items() if k not in _MAY_CHANGE},
+                       {k: v for k, v in current.items() if k not in _MAY_CHANGE})
     if changed:
-        raise CheckpointError(f"{directory}: the config changed since this checkpoint ({', '.join(changed)}); "
+        shown = "; ".join(f"{path}: {old!r} there, {new!r} now" for path, old, new in changed[:5])
+        more = f"; and {len(changed) - 5} more" if len(changed) > 5 else ""
+        raise CheckpointError(f"{directory}: the config changed since this checkpoint ({shown}{more}); "
                               f"resume with the config it was written with")
+    if check_data and "data_files" in meta:  # not in checkpoints written before it was recorded
+        _check_data_files(directory, meta["data_files"], _data_files(trainer))
     trainer.collection.tables = load_checked_tables(directory, meta, trainer.config.tables,
                                                      trainer.config.training.threads)
     tensors = load_dense(directory)
@@ -265,6 +280,34 @@ def restore(trainer: Trainer, directory: Path) -> dict[str, int]:
     torch.set_rng_state(tensors["rng.torch"])
     trainer.bad_rows.count, trainer.bad_rows.examples = meta["bad_rows"]["count"], list(meta["bad_rows"]["examples"])
     return meta["position"]
+
+
+def _changes(saved: Any, current: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    """(key path, saved value, current value) of every leaf where two configs differ."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [change for key in sorted(saved.keys() | current.keys(), key=str)
+                for change in _changes(saved.get(key), current.get(key), f"{path}.{key}" if path else str(key))]
+    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
+        return [change for i, (a, b) in enumerate(zip(saved, current)) for change in _changes(a, b, f"{path}[{i}]")]
+    return [] if saved == current else [(path, saved, current)]
+
+
+def _check_data_files(directory: Path, saved: list[list[Any]], current: list[list[Any]]) -> None:
+    """Refuse a resume whose training files are not the checkpoint's: its position is a
+    count of batches of those files, in their order."""
+    if saved == current:
+        return
+    before, now = dict(map(tuple, saved)), dict(map(tuple, current))
+    differences = ([f"{name} is new" for name in now if name not in before]
+                   + [f"{name} is gone" for name in before if name not in now]
+                   + [f"{name} was {before[name]:,d} bytes, now {now[name]:,d}"
+                      for name in now if name in before and before[name] != now[name]])
+    if not differences:
+        differences = ["the files are read in another order"]
+    shown = "; ".join(differences[:5]) + (f"; and {len(differences) - 5} more" if len(differences) > 5 else "")
+    raise CheckpointError(f"{directory}: data.train no longer names the files this checkpoint was reading ({shown}); "
+                          f"its position counts batches of those files, so resume with them as they were, or start "
+                          f"a fresh run")
 
 
 def load_checked_tables(directory: Path, meta: dict[str, Any], configs: Sequence[TableConfig],

@@ -260,7 +260,8 @@ class Trainer:
             self.elapsed_s = time.perf_counter() - start - self._eval_s
             if step == 0:
                 raise DataError(f"no valid rows to train on in data.train: {self.bad_rows.summary()}")
-            if finished:  # no eviction off the evict_every schedule: a longer run resumed here must match
+            if finished and step > position["step"]:  # no eviction off the evict_every schedule: a longer run
+                # resumed here must match; a resume that trained nothing keeps its checkpoint (and its position)
                 checkpoint.save(self, {"step": step, "epoch": self.config.training.epochs, "batch": 0})
             evaluation = self._final_eval(log, step) if self.config.data.eval else None
             summary = self._summary(step, rows, evaluation) | {"compile_s": compiling(),
