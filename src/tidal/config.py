@@ -340,7 +340,9 @@ class DataConfig(_Model):
     train: str | Annotated[list[str], Field(min_length=1)]
     eval: str | list[str] | None = None
     format: Literal["tsv", "csv", "parquet"] | None = None
-    columns: list[str] | None = None  # a TSV file's columns, in order; default: Criteo's layout
+    # the columns of files without a header, in order: TSV files (default: Criteo's layout), or CSV files
+    # without a header line (set, it says they have none); Parquet files name their own
+    columns: list[str] | None = None
     on_bad_row: Literal["skip", "fail"] = "skip"
     batch_size: _Int = Field(1024, ge=1, le=1 << 20)
 

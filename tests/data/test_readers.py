@@ -107,6 +107,13 @@ def test_csv_has_a_header_and_parquet_must_hold_every_column(tmp_path):
         list(read_batches(tmp_path / "d.parquet", columns=SMALL))
 
 
+def test_a_csv_without_a_header_takes_its_columns_by_position(tmp_path):
+    csv = _write(tmp_path / "d.csv", '1,7,"z,1"\n0,,y\n')
+    rows = list(read_batches(csv, columns=["label", "I1", "C1"], checks=CHECKS, csv_header=False))
+    assert pa.Table.from_batches(rows).to_pylist() == [{"label": "1", "I1": "7", "C1": "z,1"},
+                                                      {"label": "0", "I1": "", "C1": "y"}]
+
+
 @pytest.mark.parametrize(("paths", "message"), [
     ("nowhere/*.tsv", "no data file at nowhere/\\*.tsv"),
     ("missing.tsv", "no data file at missing.tsv"),

@@ -7,6 +7,9 @@ import os
 from dataclasses import replace
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -413,6 +416,24 @@ def test_eval_data_of_one_class_has_no_auc_and_the_run_still_finishes(tmp_path, 
     summary = Trainer(RunConfig(**config)).fit(max_steps=3)
     assert summary["eval"]["auc"] == {"click": None} and summary["eval"]["logloss"]["click"] > 0.0
     assert "click AUC n/a (one class in the data)" in capsys.readouterr().out
+
+
+def test_data_columns_read_csv_files_without_a_header_and_are_refused_for_parquet(tmp_path):
+    config = _config(tmp_path, epochs=1)
+    names = ["label", *CRITEO_DENSE, *CRITEO_SPARSE]
+    for split in ("train", "eval"):
+        tsv = pa.csv.read_csv(config["data"][split][0], read_options=pa.csv.ReadOptions(column_names=names),
+                              parse_options=pa.csv.ParseOptions(delimiter="\t"),
+                              convert_options=pa.csv.ConvertOptions(column_types={n: pa.string() for n in names}))
+        pa.csv.write_csv(tsv, tmp_path / f"{split}.csv", pa.csv.WriteOptions(include_header=False))
+        pq.write_table(tsv, tmp_path / f"{split}.parquet")
+    config["data"] |= {"train": str(tmp_path / "train.csv"), "eval": str(tmp_path / "eval.csv"), "columns": names}
+    summary = Trainer(RunConfig(**config)).fit(max_steps=3)
+    assert summary["rows"] == 3 * 512 and summary["bad_rows"] == 0 and summary["eval"]["rows"] == 4_000
+    config["data"] |= {"train": str(tmp_path / "train.parquet"), "eval": None}
+    config["training"]["run_dir"] = str(tmp_path / "parquet_run")
+    with pytest.raises(DataError, match=r"data.columns lists the columns of files without a header .* is Parquet"):
+        Trainer(RunConfig(**config)).fit()
 
 
 def test_a_trainer_of_a_dict_is_refused_naming_run_config(tmp_path):

@@ -116,11 +116,12 @@ def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
                  columns: Sequence[str] = CRITEO_COLUMNS, checks: Mapping[str, str] | None = None,
                  file_format: Literal["tsv", "csv", "parquet"] | None = None, batch_rows: int = 65536,
                  on_bad_row: Literal["skip", "fail"] = "skip", bad_rows: BadRows | None = None,
-                 ) -> Iterator[pa.RecordBatch]:
+                 csv_header: bool = True) -> Iterator[pa.RecordBatch]:
     """Record batches of string columns from every file, bad rows removed.
 
     TSV files have no header and the columns of `columns` (Criteo's layout by default);
-    CSV files have a header line, and quoted values may span lines; Parquet files must
+    CSV files have a header line (without `csv_header`, none: their columns are those
+    of `columns`, as a TSV file's), and quoted values may span lines; Parquet files must
     hold every column of `columns`. The format follows the file suffix unless
     `file_format` says otherwise; a name ending in .gz (d.tsv.gz, d.tsv.GZ) is read
     gunzipped, and an empty file has no rows. Lines end at \\n or \\r\\n. Batches hold
@@ -136,7 +137,8 @@ def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
     if unknown:
         raise DataError(f"checks must name read columns and one of {sorted(_PATTERNS)}, got {unknown}")
     report = bad_rows if bad_rows is not None else BadRows()
-    yield from _exactly(_checked(expand_paths(paths), columns, checks, file_format, batch_rows, report, on_bad_row),
+    files = expand_paths(paths)
+    yield from _exactly(_checked(files, columns, checks, file_format, batch_rows, report, on_bad_row, csv_header),
                         batch_rows)
 
 
@@ -161,13 +163,14 @@ def _check_options(columns: Sequence[str], file_format: str | None, batch_rows: 
 
 
 def _checked(paths: list[str], columns: Sequence[str], checks: Mapping[str, str], file_format: str | None,
-             batch_rows: int, report: BadRows, on_bad_row: str) -> Iterator[pa.RecordBatch]:
+             batch_rows: int, report: BadRows, on_bad_row: str, csv_header: bool) -> Iterator[pa.RecordBatch]:
     for path in paths:
         kind = file_format or format_of(path)
         try:
             if os.path.getsize(path) == 0:  # no rows, like a CSV file of just a header
                 continue
-            batches = _parquet(path, columns, batch_rows) if kind == "parquet" else _text(path, kind, columns)
+            batches = (_parquet(path, columns, batch_rows) if kind == "parquet"
+                       else _text(path, kind, columns, header=kind == "csv" and csv_header))
             for batch, lines, dropped in batches:
                 yield _valid_rows(batch, path, lines, checks, report, on_bad_row, dropped)
         except OSError as exc:  # gone or unreadable since the run started
@@ -204,13 +207,13 @@ def format_of(path: str) -> str:
 _Rows = tuple[pa.RecordBatch, np.ndarray, list[tuple[int, str]]]  # a batch, each row's line, (line, why) of bad ones
 
 
-def _text(path: str, kind: str, columns: Sequence[str]) -> Iterator[_Rows]:
+def _text(path: str, kind: str, columns: Sequence[str], *, header: bool) -> Iterator[_Rows]:
     """(batch, the line each of its rows starts on, (line, reason) of the records left
     out of it: of the wrong width, empty, holding a stray carriage return, or not UTF-8
-    text where a read column is) for each piece of a TSV or CSV file. A CSV file's first
-    record is its header."""
+    text where a read column is) for each piece of a TSV or CSV file. With `header`,
+    the file's first record is its header; else its columns are `columns`."""
     _check_not_gzip(path)
-    names = None if kind == "csv" else list(columns)
+    names = None if header else list(columns)
     for piece in _pieces(path, kind):
         if names is None:
             header, text = _split_first_record(piece.text)

@@ -148,15 +148,20 @@ class Trainer:
             examples = {kind: f for f, kind in formats.items()}
             raise DataError(f"the data files mix formats ({', '.join(f'{f} is {k}' for k, f in examples.items())}); "
                             f"every file of a list must have the same format and columns")
-        tsv = formats[files[0]] == "tsv"
-        columns = (data.columns or list(CRITEO_COLUMNS)) if tsv else self.extractor.columns
+        kind = formats[files[0]]
+        if kind == "parquet" and data.columns:
+            raise DataError(f"data.columns lists the columns of files without a header (TSV, or CSV without a header "
+                            f"line), but {files[0]} is Parquet, which names its own columns: remove data.columns")
+        positional = kind == "tsv" or data.columns is not None  # columns by position, not by a header's names
+        columns = (data.columns or list(CRITEO_COLUMNS)) if positional else self.extractor.columns
         missing = [c for c in self.extractor.columns if c not in columns]
         if missing:
             listed = "data.columns" if data.columns else "the default TSV layout (Criteo's: data.columns is not set)"
             raise DataError(f"the features read columns {missing}, which {listed} lacks; it lists {columns}")
         return ReaderSpec(files=files, columns=list(columns), checks=dict(self.extractor.checks),
                           file_format=data.format, batch_rows=data.batch_size, on_bad_row=data.on_bad_row,
-                          epochs=epochs, start_epoch=start_epoch, start_batch=start_batch)
+                          epochs=epochs, start_epoch=start_epoch, start_batch=start_batch,
+                          csv_header=data.columns is None)
 
     # ------------------------------------------------------------------ training
 
