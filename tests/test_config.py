@@ -100,12 +100,30 @@ def _run(**changes) -> dict:
     ({"training": {"run_dir": ""}}, "training.run_dir"),
     ({"training": {"seed": -1}}, "training.seed"),
     ({"training": {"seed": 2**64}}, "training.seed"),
+    ({"model": {"kind": "deepfm", "bottom_sizes": [7], "cross_layers": 9, "experts": 9}},
+     "RunConfig: model: bottom_sizes (it needs kind: dlrm), cross_layers (it needs kind: dcn), experts (it needs "
+     "head: mmoe) would have no effect here: remove them, or set what they need"),
+    ({"runtime": {"max_inflight": 64, "ray_address": "auto", "embedding_shards": 5, "loss_scale": 7}},
+     "runtime: ray_address (it needs backend: ray), embedding_shards (it needs backend: ray), max_inflight (it needs "
+     "mode: async), loss_scale (it needs transfer_dtype: float16) would have no effect here"),
+    ({"training": {"eval_every": 2}}, "RunConfig: training.eval_every is 2, but data.eval names no files to evaluate on"),
+    ({"training": {"device": "auto"}, "runtime": {}},
+     "training.device is 'auto', but with a runtime section the dense workers go where runtime.device says"),
 ])
 def test_an_inconsistent_run_config_says_what_is_wrong(changes, message):
     with pytest.raises(ConfigError) as info:
         RunConfig(**_run(**changes))
     assert message in str(info.value)
     RunConfig(**_run())  # the unchanged config is valid
+
+
+def test_fields_that_apply_are_taken_and_a_saved_config_loads_again():
+    applying = RunConfig(**_run(model={"kind": "dcn", "cross_layers": 3, "head": "mmoe", "experts": 2},
+                                runtime={"backend": "ray", "mode": "async", "max_inflight": 8, "embedding_shards": 2,
+                                         "transfer_dtype": "float16", "loss_scale": 64}))
+    assert applying.model.cross_layers == 3 and applying.runtime.loss_scale == 64
+    for config in (applying, RunConfig(**_run())):  # every field dumped, defaults included
+        assert RunConfig(**config.model_dump(mode="json")) == config
 
 
 def test_a_yaml_file_naming_a_key_twice_or_not_utf8_is_refused(tmp_path):

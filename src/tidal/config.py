@@ -94,6 +94,16 @@ class _Model(BaseModel):
                           f"{kind}(**{{**config.model_dump(), {name!r}: ...}})")
 
 
+def _refuse_unused(model: BaseModel, needs: dict[str, tuple[bool, str]]) -> None:
+    """Refuse fields given a value other than their default where they would have no
+    effect: `needs` maps a field to (whether it applies, what it needs)."""
+    unused = [f"{name} (it needs {need})" for name, (applies, need) in needs.items()
+              if not applies and getattr(model, name) != type(model).model_fields[name].get_default(call_default_factory=True)]
+    if unused:
+        them = "them, or set what they need" if len(unused) > 1 else "it, or set what it needs"
+        raise ValueError(f"{', '.join(unused)} would have no effect here: remove {them}")
+
+
 class Initializer(_Model):
     """Initial row values: `uniform` U(-scale, scale), `normal` N(0, scale²) or `zeros`.
 
@@ -333,6 +343,14 @@ class ModelConfig(_Model):
     expert_sizes: list[Annotated[_Int, Field(gt=0)]] = Field(default_factory=lambda: [128], min_length=1)
     tower_sizes: list[Annotated[_Int, Field(gt=0)]] = Field(default_factory=lambda: [64], min_length=1)
 
+    @pydantic.model_validator(mode="after")
+    def _fields_apply(self) -> ModelConfig:
+        mmoe = (self.head == "mmoe", "head: mmoe")
+        _refuse_unused(self, {"bottom_sizes": (self.kind == "dlrm", "kind: dlrm"),
+                              "cross_layers": (self.kind == "dcn", "kind: dcn"),
+                              "experts": mmoe, "expert_sizes": mmoe, "tower_sizes": mmoe})
+        return self
+
 
 class DataConfig(_Model):
     """Where the samples come from and how they are read."""
@@ -419,6 +437,14 @@ class RuntimeConfig(_Model):
     telemetry_every_s: _Float = Field(5.0, gt=0.0)
     sparse_nice: _Int = Field(10, ge=0, le=19)
     sparse_workers_at: dict[Annotated[_Int, Field(ge=1)], Annotated[_Int, Field(ge=1, le=256)]] = Field(default_factory=dict)
+
+    @pydantic.model_validator(mode="after")
+    def _fields_apply(self) -> RuntimeConfig:
+        ray = (self.backend == "ray", "backend: ray")
+        _refuse_unused(self, {"ray_address": ray, "embedding_shards": ray,
+                              "max_inflight": (self.mode == "async", "mode: async"),
+                              "loss_scale": (self.transfer_dtype == "float16", "transfer_dtype: float16")})
+        return self
 
 
 class Fusion(_Model):
@@ -516,6 +542,12 @@ class RunConfig(_Model):
         unknown = sorted(set(self.serving.fusion.weights) - set(targets))
         if unknown:
             raise ValueError(f"serving.fusion.weights names {unknown}, which are not targets; targets: {targets}")
+        if self.training.eval_every is not None and not self.data.eval:
+            raise ValueError(f"training.eval_every is {self.training.eval_every}, but data.eval names no files to "
+                             f"evaluate on: set data.eval, or remove eval_every")
+        if self.runtime is not None and self.training.device != TrainingConfig.model_fields["device"].default:
+            raise ValueError(f"training.device is {self.training.device!r}, but with a runtime section the dense "
+                             f"workers go where runtime.device says: set that instead")
         return self
 
     @classmethod
@@ -581,7 +613,8 @@ def _unique_key_loader() -> type:
 
 
 def _describe(where: str, exc: pydantic.ValidationError, values: dict) -> str:
-    return "\n".join(f"{where}: {path}: {msg}" for path, msg in _problems(exc, values))
+    return "\n".join(f"{where}: {msg}" if path == "(root)" else f"{where}: {path}: {msg}"
+                     for path, msg in _problems(exc, values))
 
 
 def _problems(exc: pydantic.ValidationError, values: dict) -> list[tuple[str, str]]:
@@ -592,7 +625,8 @@ def _problems(exc: pydantic.ValidationError, values: dict) -> list[tuple[str, st
         nested = isinstance(inner, ConfigError) and hasattr(inner, "problems")
         path = ".".join(_keys_of(err["loc"], values, inside=nested))
         if nested:
-            found += [(f"{path}.{sub}".strip("."), msg) for sub, msg in inner.problems]
+            found += [(".".join(p for p in (path, sub) if p and p != "(root)") or "(root)", msg)
+                      for sub, msg in inner.problems]
         elif err["type"] == "value_error":  # our own check: its message says what came
             found.append((path or "(root)", err["msg"].removeprefix("Value error, ")))
         else:

@@ -54,7 +54,7 @@ __all__ = ["CONFIGS", "run"]
 
 BATCH = 4096
 LR_SPARSE, LR_DENSE = 0.05, 0.001
-RUNTIME = {"backend": "local", "sparse_workers": 1, "dense_workers": 1, "max_inflight": 2, "telemetry_every_s": 1e6}
+RUNTIME = {"backend": "local", "sparse_workers": 1, "dense_workers": 1, "telemetry_every_s": 1e6}
 # Threads of the dense network and of the sparse kernels, by mode. Async overlaps the
 # stages, so each takes one core; sync runs them mostly one after the other, so each
 # takes every core (2026-11-29, sync, 200k rows, three rounds: 51-60k samples/s with one
@@ -94,7 +94,7 @@ def _tidal(shape: _Shape, paths: list[str], run_dir: Path, seed: int, mode: str,
         model={"kind": "dlrm", "bottom_sizes": shape.bottom, "hidden_sizes": shape.top},
         training={"lr": LR_DENSE, "run_dir": str(run_dir), "threads": THREADS[mode], "log_every": 1 << 30,
                   "precision": "auto", "seed": seed},
-        runtime=RUNTIME | {"mode": mode, "dense_threads": THREADS[mode]})
+        runtime=RUNTIME | {"mode": mode, "dense_threads": THREADS[mode]} | ({"max_inflight": 2} if mode == "async" else {}))
     return Trainer(config)
 
 
