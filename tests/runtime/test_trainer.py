@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -172,6 +173,38 @@ def test_a_resumed_finished_run_logs_one_final_evaluation_as_an_uninterrupted_ru
     assert whole == [(10, False), (20, False), (30, False), (40, False), (48, True)]
     assert evals("resumed", epochs=2, resume=True) == whole
     assert evals("resumed", epochs=2, resume=True) == whole  # nothing left to train: the end is made again
+
+
+def test_a_resumed_run_logs_rows_and_losses_as_an_uninterrupted_run(tmp_path):
+    config = _config(tmp_path, epochs=1, log_every=4, checkpoint_every=5)
+    config["data"]["eval"] = None
+
+    def logged(name: str) -> list[tuple]:
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["rows"], r["loss"]) for r in records if r["event"] == "train"]
+
+    def in_dir(name: str) -> RunConfig:
+        return RunConfig(**{**config, "training": {**config["training"], "run_dir": str(tmp_path / name)}})
+
+    Trainer(in_dir("whole")).fit()
+    Trainer(in_dir("resumed")).fit(max_steps=7)  # resumes after step 5, inside the window of steps 5-8
+    Trainer(in_dir("resumed")).fit(resume=True)
+    assert logged("resumed") == logged("whole") and len(logged("whole")) == 6
+    assert logged("whole")[-1][1] == 12_000
+
+
+def test_the_logged_speed_leaves_out_evaluation_as_the_summary_does(tmp_path, monkeypatch):
+    evaluate = Trainer.evaluate
+
+    def slow(trainer, paths):
+        time.sleep(1.0)
+        return evaluate(trainer, paths)
+
+    monkeypatch.setattr(Trainer, "evaluate", slow)
+    summary = Trainer(RunConfig(**_config(tmp_path, epochs=1, log_every=20, eval_every=10))).fit()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["samples_per_s"] for r in records if r["event"] == "train"]
+    assert len(logged) == 1 and logged[0] > 0.6 * summary["samples_per_s"]  # 2 s of evaluation would make it < 0.4
 
 
 def test_cli_says_which_steps_a_resumed_run_trained(tmp_path, capsys):

@@ -7,7 +7,9 @@ Layout under ``<run_dir>/checkpoints``::
       tables/                 the embedding tables (tidal.embedding.checkpoint format)
       dense.safetensors       model weights, Adam state tensors, torch RNG state
       trainer.json            step, epoch, batches done in the epoch, optimizer settings, config,
-                              the training files it was reading (names and sizes), the size
+                              the rows trained and the losses not yet logged (for the log of
+                              a resumed run), the training files it was reading (names and
+                              sizes), the size
                               and sha256 of dense.safetensors and of the tables' CHAIN.json
                               and manifests, and the sha256 of its own content (content_sha256)
 
@@ -136,7 +138,7 @@ def _write(trainer: Trainer, position: dict[str, int], staging: Path) -> None:
         "position": position, "config": trainer.config.model_dump(mode="json"),
         "param_groups": _param_groups(trainer.optimizer),
         "bad_rows": {"count": trainer.bad_rows.count, "examples": trainer.bad_rows.examples},
-        "data_files": _data_files(trainer), "files": {DENSE: fingerprint(staging / DENSE, sync=True), **tables}}))
+        "data_files": _data_files(trainer), "progress": trainer.progress.state(), "files": {DENSE: fingerprint(staging / DENSE, sync=True), **tables}}))
     fsync_path(staging)
 
 
@@ -279,6 +281,8 @@ def restore(trainer: Trainer, directory: Path, *, check_data: bool = True) -> di
         group["lr"] = trainer.config.training.lr
     torch.set_rng_state(tensors["rng.torch"])
     trainer.bad_rows.count, trainer.bad_rows.examples = meta["bad_rows"]["count"], list(meta["bad_rows"]["examples"])
+    progress = meta.get("progress", {"rows": 0, "losses": []})  # absent in checkpoints written before it was kept
+    trainer.progress.rows_before, trainer.progress.losses = progress["rows"], list(progress["losses"])
     return meta["position"]
 
 

@@ -3,7 +3,6 @@ the backend and the numbers of sparse and dense workers (see `tidal.runtime.engi
 
 from __future__ import annotations
 
-import time
 from typing import IO, Any
 
 from tidal.errors import ConfigError
@@ -32,8 +31,9 @@ def make_backend(trainer: Any, spec: ReaderSpec | MemorySpec, first_step: int = 
 
 
 def train(trainer: Any, log: IO[str], position: dict[str, int], max_steps: int | None,
-          spec: ReaderSpec | MemorySpec | None = None) -> tuple[int, int, bool]:
-    """Train from `position` to the end (or `max_steps`): (last step, rows trained, finished).
+          spec: ReaderSpec | MemorySpec | None = None) -> tuple[int, bool]:
+    """Train from `position` to the end (or `max_steps`): (last step, finished); the
+    rows and losses go to `trainer.progress`.
 
     The batches are the config's training files, or those of `spec`. The telemetry and
     fault report land in `trainer.runtime_report` and in ``<run_dir>/telemetry.json``;
@@ -46,33 +46,24 @@ def train(trainer: Any, log: IO[str], position: dict[str, int], max_steps: int |
     telemetry = Telemetry(trainer.run_dir / "telemetry.json", config.runtime.telemetry_every_s)
     backend = make_backend(trainer, spec, position["step"])
     engine = trainer.engine = Engine(trainer, backend, telemetry)
-    progress = _Progress(trainer, log)
     try:
-        step, finished = engine.run(position, max_steps, progress.done,
+        step, finished = engine.run(position, max_steps, lambda *done: _done(trainer, log, *done),
                                     lambda step, at: _barrier(trainer, backend, log, step, at))
         backend.pull_state()
     finally:
         trainer.engine = None
         backend.shutdown()
         trainer.runtime_report = telemetry.finish(engine.report())
-    return step, progress.rows, finished
+    return step, finished
 
 
-class _Progress:
-    """Counts rows and bad rows of finished batches, and logs every `log_every` steps."""
-
-    def __init__(self, trainer: Any, log: IO[str]) -> None:
-        self.trainer, self.log = trainer, log
-        self.rows, self.losses, self.start = 0, [], time.perf_counter()
-
-    def done(self, step: int, meta: dict, loss: float) -> None:
-        if meta["epoch"] == 0:  # later epochs read the same rows again
-            self.trainer.bad_rows.extend(meta["bad_rows"], meta["bad_examples"])
-        self.rows += meta["rows"]
-        self.losses.append(loss)
-        if step % self.trainer.config.training.log_every == 0:
-            self.trainer._log(self.log, meta["epoch"], step, self.rows, self.start, self.losses)
-            self.losses = []
+def _done(trainer: Any, log: IO[str], step: int, meta: dict, loss: float) -> None:
+    """Count a finished batch's rows, bad rows and loss, and log every `log_every` steps."""
+    if meta["epoch"] == 0:  # later epochs read the same rows again
+        trainer.bad_rows.extend(meta["bad_rows"], meta["bad_examples"])
+    trainer.progress.add(meta["rows"], loss)
+    if step % trainer.config.training.log_every == 0:
+        trainer._log(log, meta["epoch"], step)
 
 
 def _barrier(trainer: Any, backend: Any, log: IO[str], step: int, position: dict[str, int]) -> None:

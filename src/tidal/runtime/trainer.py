@@ -97,6 +97,35 @@ def _logged_step(line: str) -> int | None:
     return logged if isinstance(logged, int) else 0
 
 
+class RunProgress:
+    """What a run's log counts: rows from the run's first step (a resumed run goes on
+    from its checkpoint's count), the losses since the last log record, and this call's
+    speed, evaluation left out."""
+
+    def __init__(self, rows_before: int = 0, losses: list[float] | None = None) -> None:
+        self.rows_before = rows_before  # trained before this call: by the run a resume continues
+        self.rows = 0  # trained by this call
+        self.losses = list(losses or [])  # of the steps since the last log record
+        self.start, self.eval_s = time.perf_counter(), 0.0
+
+    def add(self, rows: int, loss: float) -> None:
+        self.rows += rows
+        self.losses.append(loss)
+
+    def record(self, epoch: int, step: int, bad_rows: int) -> dict:
+        """The log record at `step`; the losses start again."""
+        seconds = time.perf_counter() - self.start - self.eval_s
+        record = {"event": "train", "epoch": epoch, "step": step, "rows": self.rows_before + self.rows,
+                  "loss": float(np.mean(self.losses)), "samples_per_s": self.rows / max(seconds, 1e-9),
+                  "bad_rows": bad_rows}
+        self.losses = []
+        return record
+
+    def state(self) -> dict:
+        """What a checkpoint keeps, for the log of a run resumed from it."""
+        return {"rows": self.rows_before + self.rows, "losses": list(self.losses)}
+
+
 class Trainer:
     """Builds the tables, the extractor and the model of a `RunConfig`, and trains them."""
 
@@ -121,7 +150,7 @@ class Trainer:
         self.elapsed_s = 0.0
         self.runtime_report: dict | None = None  # telemetry and faults of a heterogeneous run
         self.engine = None  # the heterogeneous engine while one trains
-        self._eval_s = 0.0  # spent evaluating during fit, left out of its speed
+        self.progress = RunProgress()  # of the run fit trains
         self._last_eval: tuple[int, Evaluation] | None = None  # (step, result) of the latest evaluation
 
     # ------------------------------------------------------------------ data
@@ -245,8 +274,9 @@ class Trainer:
     def _fit(self, resume: bool, max_steps: int | None) -> dict:
         """`fit` once the run holds its run_dir."""
         position = {"step": 0, "epoch": 0, "batch": 0}
+        self.progress = RunProgress()
         if resume:
-            position = checkpoint.restore(self, checkpoint.latest(self.run_dir))
+            position = checkpoint.restore(self, checkpoint.latest(self.run_dir))  # its progress too
             if max_steps is not None and max_steps <= position["step"]:
                 raise ConfigError(f"max_steps {max_steps} is not past the checkpoint's step {position['step']}: "
                                   f"nothing would train")
@@ -255,14 +285,15 @@ class Trainer:
             raise ConfigError(f"training.run_dir {self.run_dir} holds an earlier run's checkpoints: pass --resume "
                               f"(fit(resume=True)) to continue it, or choose another run_dir, or delete that one")
         with open(self.run_dir / "metrics.jsonl", "a" if resume else "w") as log, compile_clock() as compiling:
-            start = time.perf_counter()
+            self.progress.start = time.perf_counter()
             if self.config.runtime is None:
-                step, rows, finished = self._train(log, position, max_steps)
+                step, finished = self._train(log, position, max_steps)
             else:
                 from tidal.runtime.hetero import train
 
-                step, rows, finished = train(self, log, position, max_steps)
-            self.elapsed_s = time.perf_counter() - start - self._eval_s
+                step, finished = train(self, log, position, max_steps)
+            rows = self.progress.rows
+            self.elapsed_s = time.perf_counter() - self.progress.start - self.progress.eval_s
             if step == 0:
                 raise DataError(f"no valid rows to train on in data.train: {self.bad_rows.summary()}")
             if finished and step > position["step"]:  # no eviction off the evict_every schedule: a longer run
@@ -298,10 +329,10 @@ class Trainer:
         else:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
-    def _train(self, log, position: dict, max_steps: int | None) -> tuple[int, int, bool]:  # type: ignore[no-untyped-def]
-        """Steps up to the end (or `max_steps`): (last step, rows trained now, finished)."""
+    def _train(self, log, position: dict, max_steps: int | None) -> tuple[int, bool]:  # type: ignore[no-untyped-def]
+        """Steps up to the end (or `max_steps`): (last step, finished)."""
         training = self.config.training
-        step, rows, recent, start = position["step"], 0, [], time.perf_counter()
+        step = position["step"]
         skip = position["batch"]  # past its epoch's end (an engine run's lost batches): into the next, as BatchSource
         for epoch in range(position["epoch"], training.epochs):
             report, n = BadRows(), -1
@@ -311,21 +342,20 @@ class Trainer:
                 if n < skip:  # done before the checkpoint we resumed from
                     continue
                 batch = self.extract(table)
-                recent.append(self.step(batch, step=step + 1))
-                step, rows = step + 1, rows + batch.batch_size
+                self.progress.add(batch.batch_size, self.step(batch, step=step + 1))
+                step += 1
                 if self.collection.evicts and step % training.evict_every == 0:
                     self.collection.evict()  # a safe point: this step's update has landed
                 if step % training.log_every == 0:
-                    self._log(log, epoch, step, rows, start, recent)
-                    recent = []
+                    self._log(log, epoch, step)
                 if training.eval_every and self.config.data.eval and step % training.eval_every == 0:
                     self._log_eval(log, step)
                 if training.checkpoint_every and step % training.checkpoint_every == 0:
                     checkpoint.save(self, {"step": step, "epoch": epoch, "batch": n + 1})
                 if max_steps is not None and step >= max_steps:
-                    return step, rows, False
+                    return step, False
             skip = max(0, skip - (n + 1))
-        return step, rows, True
+        return step, True
 
     def _final_eval(self, log, step: int) -> Evaluation:  # type: ignore[no-untyped-def]
         """The evaluation at the last step: the one `eval_every` made there, if it did."""
@@ -338,7 +368,7 @@ class Trainer:
         resumed run drops from the log and makes again at its own end."""
         start = time.perf_counter()
         evaluation = self.evaluate(self.config.data.eval)
-        self._eval_s += time.perf_counter() - start
+        self.progress.eval_s += time.perf_counter() - start
         final_mark = {"final": True} if final else {}
         log.write(json.dumps({"event": "eval", "step": step, **final_mark, **asdict(evaluation)}) + "\n")
         log.flush()
@@ -348,9 +378,9 @@ class Trainer:
         self._last_eval = (step, evaluation)
         return evaluation
 
-    def _log(self, log, epoch: int, step: int, rows: int, start: float, losses: list[float]) -> None:  # type: ignore[no-untyped-def]
-        record = {"event": "train", "epoch": epoch, "step": step, "rows": rows, "loss": float(np.mean(losses)),
-                  "samples_per_s": rows / (time.perf_counter() - start), "bad_rows": self.bad_rows.count}
+    def _log(self, log, epoch: int, step: int) -> None:  # type: ignore[no-untyped-def]
+        """Log the progress at `step` (rows from the run's start; speed of this call)."""
+        record = self.progress.record(epoch, step, self.bad_rows.count)
         log.write(json.dumps(record) + "\n")
         log.flush()
         print(f"  epoch {epoch}  step {step:6d}  loss {record['loss']:.4f}  "
