@@ -316,7 +316,9 @@ class DenseFeature(_Model):
 
 
 class LabelFeature(_Model):
-    """A prediction target in `column` (0 or 1); `weight` scales its loss."""
+    """A prediction target in `column` (0 or 1). `weight` is its share of the loss: the
+    loss is the weighted mean of the targets' log losses (the weights normalized to sum
+    to 1), so only the targets' relative weights count, and one target's changes nothing."""
 
     kind: Literal["label"] = "label"
     name: str = Field(min_length=1, max_length=128)

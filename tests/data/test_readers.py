@@ -125,7 +125,8 @@ def test_missing_files_are_a_clear_error(paths, message):
 
 def test_unknown_suffix_asks_for_a_format(tmp_path):
     path = _write(tmp_path / "d.dat", "1\n")
-    with pytest.raises(DataError, match=r"cannot tell the format from the suffix '\.dat'"):
+    with pytest.raises(DataError, match=r"cannot tell the format from the suffix '\.dat'.* name the format "
+                                        r"\(data.format in a run config, file_format in read_batches\)"):
         list(read_batches(path))
 
 

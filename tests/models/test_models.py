@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -34,6 +36,16 @@ def test_every_model_maps_pooled_and_dense_to_one_logit_per_target(kind, head):
     assert pooled.grad is not None and pooled.grad.abs().sum() > 0  # the sparse side gets a gradient
     assert dense.grad.abs().sum() > 0
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("kind", ["dlrm", "deepfm", "dcn", "wide_deep"])
+def test_every_model_takes_no_dense_features_without_a_warning(kind):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = RankingModel(ModelConfig(kind=kind), num_features=F, dim=D, dense_features=0, num_targets=1)
+    pooled, _ = _inputs()
+    model(pooled, torch.zeros(B, 0))[:, 0].sum().backward()
+    assert pooled.grad.abs().sum() > 0
 
 
 def test_dcn_cross_layers_follow_x0_times_wx_plus_b_plus_x():

@@ -19,7 +19,7 @@ from tidal.cli import main
 from tidal.config import RunConfig
 from tidal.data import SparseBatch, generate
 from tidal.data.criteo import CRITEO_DENSE, CRITEO_SPARSE
-from tidal.errors import BatchError, ConfigError, DataError
+from tidal.errors import BatchError, ConfigError, DataError, TidalError
 from tidal.runtime import Trainer, checkpoint
 
 
@@ -205,6 +205,15 @@ def test_the_logged_speed_leaves_out_evaluation_as_the_summary_does(tmp_path, mo
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = [r["samples_per_s"] for r in records if r["event"] == "train"]
     assert len(logged) == 1 and logged[0] > 0.6 * summary["samples_per_s"]  # 2 s of evaluation would make it < 0.4
+
+
+@pytest.mark.parametrize("runtime", [None, {"mode": "sync"}])
+def test_a_run_whose_loss_is_not_finite_stops_saying_at_which_step(tmp_path, runtime):
+    config = _config(tmp_path, epochs=1, lr=1000.0)
+    config["tables"][0]["optimizer"] = {"kind": "sgd", "lr": 1e30}
+    config["data"]["eval"] = None
+    with pytest.raises(TidalError, match=r"training diverged at step (\d+): its loss is nan; .* Lower training.lr"):
+        Trainer(RunConfig(**config, runtime=runtime)).fit()
 
 
 def test_cli_says_which_steps_a_resumed_run_trained(tmp_path, capsys):

@@ -200,7 +200,8 @@ def format_of(path: str) -> str:
     formats = {".tsv": "tsv", ".txt": "tsv", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
     if suffix not in formats or (name.endswith(".gz") and formats[suffix] == "parquet"):
         raise DataError(f"{path}: cannot tell the format from the suffix {Path(path).suffix.lower()!r}; "
-                        f"use .tsv, .csv or .parquet (.tsv.gz or .csv.gz if gzip-compressed), or pass file_format")
+                        f"use .tsv, .csv or .parquet (.tsv.gz or .csv.gz if gzip-compressed), or name the format "
+                        f"(data.format in a run config, file_format in read_batches)")
     return formats[suffix]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -11,10 +12,14 @@ __all__ = ["LinearHead", "MMoEHead", "PRECISIONS", "compute_precision", "mlp", "
 
 
 def mlp(in_features: int, sizes: Sequence[int], *, last_activation: bool = True) -> nn.Sequential:
-    """Linear layers of `sizes` with ReLU between them (and after the last, by default)."""
+    """Linear layers of `sizes` with ReLU between them (and after the last, by default).
+    With no input features (a model without dense features) the first layer is its
+    bias alone: a learned constant."""
     layers: list[nn.Module] = []
     for k, size in enumerate(sizes):
-        layers.append(nn.Linear(in_features, size))
+        with warnings.catch_warnings():  # torch warns that initializing a weight of no elements does nothing
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op")
+            layers.append(nn.Linear(in_features, size))
         if last_activation or k < len(sizes) - 1:
             layers.append(nn.ReLU())
         in_features = size

@@ -10,6 +10,7 @@ Progress goes to the terminal and, one JSON object per line, to
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -108,7 +109,12 @@ class RunProgress:
         self.losses = list(losses or [])  # of the steps since the last log record
         self.start, self.eval_s = time.perf_counter(), 0.0
 
-    def add(self, rows: int, loss: float) -> None:
+    def add(self, step: int, rows: int, loss: float) -> None:
+        """Count a trained step; a loss that is not finite stops the run (its weights are lost)."""
+        if not math.isfinite(loss):
+            raise TidalError(f"training diverged at step {step}: its loss is {loss}; the weights are no longer "
+                             f"finite. Lower training.lr or the tables' learning rates, and resume from a "
+                             f"checkpoint before this step, or start again")
         self.rows += rows
         self.losses.append(loss)
 
@@ -342,8 +348,8 @@ class Trainer:
                 if n < skip:  # done before the checkpoint we resumed from
                     continue
                 batch = self.extract(table)
-                self.progress.add(batch.batch_size, self.step(batch, step=step + 1))
                 step += 1
+                self.progress.add(step, batch.batch_size, self.step(batch, step=step))
                 if self.collection.evicts and step % training.evict_every == 0:
                     self.collection.evict()  # a safe point: this step's update has landed
                 if step % training.log_every == 0:
