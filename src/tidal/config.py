@@ -229,7 +229,7 @@ class TableConfig(_Model):
     # creating them while training faults in no fresh page; the table grows past them.
     reserve_rows: _Int = Field(0, ge=0)
     num_shards: Literal[1, 2, 4, 8, 16, 32, 64] = 8
-    seed: _Int = Field(0, ge=0, lt=1 << 63)
+    seed: _Int = Field(0, ge=0, lt=1 << 63)  # of the rows' initial values (not training.seed, the dense weights')
 
     @pydantic.field_validator("name")
     @classmethod
@@ -389,7 +389,7 @@ class TrainingConfig(_Model):
 
     epochs: _Int = Field(1, ge=1)
     lr: _Float = Field(1e-3, gt=0.0, allow_inf_nan=False)  # the dense network's Adam
-    seed: _Int = Field(0, ge=0, lt=1 << 63)
+    seed: _Int = Field(0, ge=0, lt=1 << 63)  # the dense weights'; each table's rows follow its own `seed`
     log_every: _Int = Field(50, ge=1)
     threads: _Int = Field(1, ge=1, le=256)
     device: str = Field("cpu", pattern=DEVICE_PATTERN)
