@@ -128,6 +128,31 @@ def test_a_big_request_within_the_batch_bound_still_runs_as_chunks_beside_each_o
     np.testing.assert_allclose(merged, predictor.predict([piece]), rtol=1e-5)
 
 
+def test_requests_behind_a_big_one_join_its_first_chunks_batch_instead_of_waiting_for_all_of_them(trainer, predictor):
+    blocker, big, *small = _pieces(trainer, predictor, [1, 640, 1, 2])
+    records = []
+    batcher = _batcher(predictor, records)
+    gate = threading.Event()
+    blocked = predictor.sparse
+    predictor.sparse = lambda p: gate.wait() and blocked(p)  # hold the first batch so the rest queue up
+    try:
+        first = batcher.submit(blocker)
+        _until(lambda: batcher._in_flight == 1)
+        chunks = batcher.submit(big)
+        futures = [f for piece in small for f in batcher.submit(piece)]
+        gate.set()
+        results = [f.result(timeout=30) for f in futures]
+        assert not chunks[-1].done()  # the small ones did not wait for the big one's 10 chunks
+        merged = np.concatenate([f.result(timeout=30) for f in chunks])
+        first[0].result(timeout=30)
+    finally:
+        del predictor.sparse
+        batcher.close()
+    assert len(chunks) == 10 and [(r.pieces, r.rows) for r in records[:3]] == [(1, 1), (3, 67), (1, 64)]
+    np.testing.assert_allclose(merged, predictor.predict([big]), rtol=1e-5)
+    np.testing.assert_allclose(np.concatenate(results), predictor.predict(small), rtol=1e-5)
+
+
 def test_without_merging_each_request_is_its_own_batch(trainer, predictor):
     pieces = _pieces(trainer, predictor, [3, 300])
     records = []

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -90,7 +90,7 @@ class Batcher:
         self.max_delay_s = max_delay_ms / 1000.0
         self.max_queue_rows = max_queue_rows
         self._on_batch = on_batch  # called with a BatchRecord after each batch
-        self._waiting: deque[_Waiting] = deque()
+        self._waiting: OrderedDict[int, deque[_Waiting]] = OrderedDict()  # request -> its pieces, oldest first
         self._waiting_rows = 0
         self._requests = 0  # submitted so far
         self._in_flight = 0
@@ -119,7 +119,7 @@ class Batcher:
             self._last_arrival_s = now
             self._requests += 1
             waiting = [_Waiting(p, Future(), now, self._requests) for p in pieces]
-            self._waiting.extend(waiting)
+            self._waiting[self._requests] = deque(waiting)
             self._waiting_rows += piece.rows
             self._cond.notify_all()
         return [w.future for w in waiting]
@@ -129,10 +129,13 @@ class Batcher:
         stop counting toward `max_queue_rows`); those a batch took run, unread."""
         mine = set(futures)
         with self._cond:
-            left = [w for w in self._waiting if w.future in mine]
-            if left:
-                self._waiting = deque(w for w in self._waiting if w.future not in mine)
-                self._waiting_rows -= sum(w.piece.rows for w in left)
+            for request, pieces in list(self._waiting.items()):
+                left = [w for w in pieces if w.future in mine]
+                if left:
+                    self._waiting_rows -= sum(w.piece.rows for w in left)
+                    self._waiting[request] = deque(w for w in pieces if w.future not in mine)
+                    if not self._waiting[request]:
+                        del self._waiting[request]
         for future in futures:
             future.cancel()
 
@@ -146,7 +149,8 @@ class Batcher:
         """Stop taking pieces, fail those still waiting, and join the threads."""
         with self._cond:
             self._closed = True
-            left, self._waiting = list(self._waiting), deque()
+            left = [w for pieces in self._waiting.values() for w in pieces]
+            self._waiting.clear()
             self._cond.notify_all()
         for w in left:
             if w.future.set_running_or_notify_cancel():  # a caller that gave up needs no answer
@@ -173,7 +177,7 @@ class Batcher:
         with self._cond:
             while not self._closed and not self._may_start():
                 self._cond.wait()
-            deadline = self._waiting[0].queued_s + self.max_delay_s if self._waiting else 0.0
+            deadline = next(iter(self._waiting.values()))[0].queued_s + self.max_delay_s if self._waiting else 0.0
             while self.merge and not self._closed and self._waiting_rows < self.max_batch_rows \
                     and self._arrival_gap_s < self.max_delay_s:
                 left = deadline - time.perf_counter()
@@ -196,19 +200,23 @@ class Batcher:
         return self._in_flight < self._depth and self._waiting_rows >= self.chunk_rows // 2
 
     def _take(self) -> list[_Waiting]:
-        """The oldest pieces that fit one batch (a whole request when not merging), at most
-        one chunk of each request, so that a big request's chunks run beside each other;
-        leaving out those whose caller gave up, the others can no longer be cancelled.
-        None at all when every waiting piece left while the batch lingered (`cancel`)."""
-        if not self._waiting:
-            return []
-        batch = [self._waiting.popleft()]
-        rows, requests = batch[0].piece.rows, {batch[0].request}
-        while self._waiting and self.merge and rows + self._waiting[0].piece.rows <= self.max_batch_rows \
-                and self._waiting[0].request not in requests:
-            batch.append(self._waiting.popleft())
+        """The next piece of each waiting request, oldest request first, as many as fit
+        one batch (a whole request when not merging): at most one chunk of a request, so
+        that a big request's chunks run beside each other, and requests behind it join
+        its chunks' batches rather than wait for all of them. Those whose caller gave
+        up are left out; the others can no longer be cancelled. None at all when every
+        waiting piece left while the batch lingered (`cancel`)."""
+        batch: list[_Waiting] = []
+        rows = 0
+        for request, pieces in list(self._waiting.items()):
+            if batch and (not self.merge or rows >= self.max_batch_rows):
+                break
+            if batch and rows + pieces[0].piece.rows > self.max_batch_rows:
+                continue  # a later, smaller piece may fit
+            batch.append(pieces.popleft())
             rows += batch[-1].piece.rows
-            requests.add(batch[-1].request)
+            if not pieces:
+                del self._waiting[request]
         self._waiting_rows -= rows
         return [w for w in batch if w.future.set_running_or_notify_cancel()]
 
