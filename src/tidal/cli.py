@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--chunk-rows", type=int, help="default: the config's serving.chunk_rows")
     serve.add_argument("--max-delay-ms", type=float, help="default: the config's serving.max_delay_ms")
     serve.add_argument("--sparse-threads", type=int, help="default: the config's serving.sparse_threads")
+    serve.add_argument("--exit-timeout-s", type=_seconds, default=30.0,
+                       help="on Ctrl-C or SIGTERM, how long the requests held may still run; those still queued "
+                            "a second before get a 503 (default 30)")
     serve.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="settings",
                        help="replace a field of the bundle's serving config, the value in YAML (repeatable), e.g. "
                             "--set max_queue_rows=100000 --set 'buckets=[1, 8, 64, 512]'")
@@ -90,6 +93,13 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"a port is 0-65535, got {port}")
     return port
+
+
+def _seconds(text: str) -> float:
+    seconds = float(text)
+    if not 0.0 <= seconds <= 3600.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"seconds are 0-3600, got {text}")
+    return seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,7 +312,7 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"serving {name!r} at http://{args.host}:{sock.getsockname()[1]}/v2/models/{name} "
           f"(metrics at /metrics; Ctrl-C stops)", flush=True)
     try:
-        serve(service, sock)
+        serve(service, sock, exit_timeout_s=args.exit_timeout_s)
     except KeyboardInterrupt:  # the server has shut down; uvicorn passes the Ctrl-C on
         pass
     print("stopped", flush=True)

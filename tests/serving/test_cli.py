@@ -35,7 +35,8 @@ def _wait_ready(url: str, process: subprocess.Popen) -> None:
     raise AssertionError("the server did not become ready")
 
 
-def test_export_then_serve_then_stop_with_ctrl_c(trainer, tmp_path, capsys):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_export_then_serve_then_stop_with_ctrl_c_or_sigterm(trainer, tmp_path, capsys, stop):
     bundle = tmp_path / "ranker"
     assert main(["export", "--checkpoint", str(trainer.run_dir), "--out", str(bundle), "--table-dtype", "float16"]) == 0
     assert f"serve it with: tidal serve {bundle}" in capsys.readouterr().out
@@ -52,10 +53,10 @@ def test_export_then_serve_then_stop_with_ctrl_c(trainer, tmp_path, capsys):
         with urllib.request.urlopen(url + "/v2/models/ranker/fusion") as response:  # as --set gave it
             assert json.loads(response.read()) == {"kind": "sum", "weights": {"ctr": 2.0}}
     finally:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop)
         out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
-    assert f"serving 'ranker' at {url}/v2/models/ranker" in out
+    assert f"serving 'ranker' at {url}/v2/models/ranker" in out and out.endswith("stopped\n")
 
 
 def test_export_and_serve_refuse_what_is_not_there(tmp_path, capsys):
@@ -73,6 +74,15 @@ def test_serve_refuses_a_port_in_use_before_loading_anything(tmp_path, capsys):
         assert main(["serve", str(tmp_path / "not-even-a-bundle"), "--port", str(port)]) == 2
     captured = capsys.readouterr()
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in captured.err and "serving" not in captured.out
+
+
+def test_serve_refuses_a_port_another_server_holds_while_it_loads_its_bundle(tmp_path, capsys):
+    from tidal.serving import listen
+
+    with listen("127.0.0.1", 0) as first:  # another tidal serve, still loading its bundle
+        port = first.getsockname()[1]
+        assert main(["serve", str(tmp_path / "not-even-a-bundle"), "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in capsys.readouterr().err
 
 
 def test_serve_refuses_a_port_out_of_range(capsys):

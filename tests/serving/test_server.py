@@ -548,6 +548,32 @@ def _until(condition, what: str) -> None:  # type: ignore[no-untyped-def]
         time.sleep(0.01)
 
 
+def test_a_stopping_server_finishes_running_batches_and_answers_queued_requests_503_before_its_deadline(bundle, trainer):
+    service = Service(bundle, name="ctr", max_batch_rows=4, chunk_rows=4, sparse_threads=1)
+    running = start_server(service, exit_timeout_s=1.5)
+    gate, scored = _gated(service)
+    specs = input_specs(bundle.config)
+    held, *queued = (json.dumps(infer_request(with_user_of(file_rows(trainer, n), specs), specs)).encode()
+                     for n in (3, 4, 2))
+    pool = ThreadPoolExecutor(4)
+    try:
+        answer = pool.submit(_post, running, "/v2/models/ctr/infer", held)  # held at the gate
+        _until(lambda: service.batcher._in_flight, "the first request's batch")
+        refused = [pool.submit(_post, running, "/v2/models/ctr/infer", body) for body in queued]
+        _until(lambda: service.batcher._waiting_rows == 6, "the queued requests")
+        stopping = pool.submit(running.stop)
+        for future in refused:  # half a second into the stop, not at its deadline
+            status, body, headers = future.result()
+            assert (status, body) == (503, {"error": "the server shut down before this request ran"})
+        gate.set()
+        assert answer.result()[0] == 200  # the batch that ran finished
+        stopping.result()
+    finally:
+        gate.set()
+        pool.shutdown()
+    assert scored == [3]
+
+
 def test_waiting_chunks_leave_the_queue_when_their_client_hangs_up(bundle, trainer):
     """A request cut into chunks whose client hangs up: none of its chunks is scored, and
     its rows stop counting toward max_queue_rows at once."""

@@ -38,7 +38,7 @@ import torch
 from tidal.errors import TidalError
 from tidal.serving.predictor import Piece, Predictor
 
-__all__ = ["BatchRecord", "Batcher", "Overloaded", "split_rows"]
+__all__ = ["BatchRecord", "Batcher", "Overloaded", "ShuttingDown", "split_rows"]
 
 
 _GAP_WEIGHT = 0.1  # of the newest gap in the running mean of gaps between requests
@@ -46,6 +46,10 @@ _GAP_WEIGHT = 0.1  # of the newest gap in the running mean of gaps between reque
 
 class Overloaded(TidalError):
     """More rows wait than the batcher's bound: the caller should retry later."""
+
+
+class ShuttingDown(TidalError):
+    """The batcher is closed (the server is stopping): the request did not run."""
 
 
 def split_rows(rows: int, chunk_rows: int) -> list[tuple[int, int]]:
@@ -111,7 +115,7 @@ class Batcher:
         pieces = self._chunks(piece) if self.merge else [piece]
         with self._cond:
             if self._closed:
-                raise TidalError("the batcher is closed: the server is shutting down")
+                raise ShuttingDown("the server is shutting down; this request did not run")
             if self._waiting_rows and self._waiting_rows + piece.rows > self.max_queue_rows:
                 raise Overloaded(f"{self._waiting_rows} rows are waiting (bound {self.max_queue_rows}); retry later")
             now = time.perf_counter()
@@ -154,7 +158,7 @@ class Batcher:
             self._cond.notify_all()
         for w in left:
             if w.future.set_running_or_notify_cancel():  # a caller that gave up needs no answer
-                w.future.set_exception(TidalError("the server shut down before this request ran"))
+                w.future.set_exception(ShuttingDown("the server shut down before this request ran"))
         self._collector.join()
         self._sparse.shutdown(wait=True)
         if self._dense is not None:

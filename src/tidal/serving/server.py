@@ -23,6 +23,11 @@ request with more candidates than `max_queue_rows` 413, headers over 64 KiB 431,
 headers not sent within 10 s or a body within 30 s 408, an unknown model or route 404;
 under overload the server answers 503 with Retry-After instead of letting the queue
 grow. Binds to 127.0.0.1 unless told otherwise.
+
+Stopping (Ctrl-C or SIGTERM, as Triton): the server stops accepting connections and
+lets the requests it holds run for up to `exit_timeout_s` (30 s); a second before
+that deadline, those still queued get a 503 ("the server shut down before this request
+ran"), so that none is cut off without an answer. A second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import signal
 import socket
 import threading
 import time
@@ -54,7 +60,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 import tidal
 from tidal.config import Fusion, ServingConfig
 from tidal.errors import ConfigError
-from tidal.serving.batcher import Batcher, BatchRecord, Overloaded
+from tidal.serving.batcher import Batcher, BatchRecord, Overloaded, ShuttingDown
 from tidal.serving.bundle import Bundle
 from tidal.serving.predictor import Predictor, UserState
 from tidal.serving.protocol import HEADER, LENGTHS, DecodedRequest, RequestError, decode_request, encode_response, \
@@ -243,6 +249,8 @@ def create_app(service: Service) -> Starlette:
             return "bad_request", _error(getattr(exc, "status", 400), str(exc))
         except Overloaded as exc:
             return "overloaded", _error(503, str(exc), {"Retry-After": "1"})
+        except ShuttingDown as exc:  # another replica may take it
+            return "shutting_down", _error(503, str(exc), {"Connection": "close"})
         except ClientDisconnect:  # the client hung up: nobody to answer, and no fault of the server
             return "client_gone", _error(400, "the client closed the connection before its answer")
         except Exception as exc:  # a failed batch: this request learns why, the server goes on
@@ -421,11 +429,12 @@ class RunningServer:
 
     url: str
     service: Service
-    _server: uvicorn.Server
+    _server: _Server
     _thread: threading.Thread
     _gc: contextlib.AbstractContextManager
 
     def stop(self) -> None:
+        self._server.begin_exit()
         self._server.should_exit = True
         self._thread.join()
         try:
@@ -500,29 +509,55 @@ class _TimedHeaders(HttpToolsProtocol):
         self.transport.close()
 
 
-def _uvicorn(service: Service) -> uvicorn.Server:
-    config = uvicorn.Config(create_app(service), log_level="warning", access_log=False, http=_TimedHeaders,
-                            loop="uvloop", timeout_graceful_shutdown=5)
-    return uvicorn.Server(config)
+_EXIT_TIMEOUT_S = 30.0  # as Triton's --exit-timeout-secs
+_LAST_ANSWERS_S = 1.0  # before the exit deadline: requests still queued are answered 503
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server that, once told to stop, answers the requests still queued a
+    second before its deadline (uvicorn would cancel them, each with a bare 500)."""
+
+    def __init__(self, service: Service, exit_timeout_s: float) -> None:
+        super().__init__(uvicorn.Config(create_app(service), log_level="warning", access_log=False,
+                                        http=_TimedHeaders, loop="uvloop", timeout_graceful_shutdown=exit_timeout_s))
+        self._refuse_queued = threading.Timer(max(0.0, exit_timeout_s - _LAST_ANSWERS_S), service.batcher.close)
+        self._refuse_queued.daemon = True
+        self._exiting = False
+
+    def handle_exit(self, sig: int, frame: object) -> None:  # uvicorn's signal handler
+        self.begin_exit()
+        super().handle_exit(sig, frame)
+
+    def begin_exit(self) -> None:
+        """Start the clock of the requests still queued (once)."""
+        if not self._exiting:
+            self._exiting = True
+            self._refuse_queued.start()
+
+    def end(self) -> None:
+        self._refuse_queued.cancel()
 
 
 def listen(host: str, port: int) -> socket.socket:
-    """A socket bound to (host, port) for `serve` (port 0: any free port); a port in
-    use raises `OSError` here, before anything else starts."""
+    """A socket listening on (host, port) for `serve` (port 0: any free port); a port
+    in use raises `OSError` here, before anything else starts (connections wait in its
+    backlog until the server runs)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(2048)  # at once: two sockets that only bind may share a port, and the second never serves
     except OSError:
         sock.close()
         raise
     return sock
 
 
-def start_server(service: Service, *, host: str = "127.0.0.1", port: int = 0) -> RunningServer:
+def start_server(service: Service, *, host: str = "127.0.0.1", port: int = 0,
+                 exit_timeout_s: float = _EXIT_TIMEOUT_S) -> RunningServer:
     """Serve `service` from a background thread (port 0: any free port); returns once it listens."""
     sock = listen(host, port)
-    server = _uvicorn(service)
+    server = _Server(service, exit_timeout_s)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="tidal-server", daemon=True)
     quiet_gc = _serving_gc()
     quiet_gc.__enter__()
@@ -536,11 +571,24 @@ def start_server(service: Service, *, host: str = "127.0.0.1", port: int = 0) ->
                          _gc=quiet_gc)
 
 
-def serve(service: Service, sock: socket.socket) -> None:
-    """Serve `service` on `sock` (from `listen`) in this thread until interrupted (Ctrl-C)."""
-    server = _uvicorn(service)
+def serve(service: Service, sock: socket.socket, *, exit_timeout_s: float = _EXIT_TIMEOUT_S) -> None:
+    """Serve `service` on `sock` (from `listen`) in this thread until interrupted (Ctrl-C
+    or SIGTERM; see the module docstring). uvicorn passes the signal on once it has
+    stopped: either one then raises KeyboardInterrupt here, after the service closed."""
+    server = _Server(service, exit_timeout_s)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
     try:
         with _serving_gc():
             server.run(sockets=[sock])
     finally:
-        service.close()
+        server.end()
+        try:
+            service.close()
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(sig: int, frame: object) -> None:
+    raise KeyboardInterrupt
