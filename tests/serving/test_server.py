@@ -157,6 +157,25 @@ def test_a_full_sequence_start_pages_end(server, client, rows):
     assert ended.as_numpy("score").shape == (0,) and len(server.service.sessions) == 0
 
 
+def test_expired_sessions_leave_on_a_stateless_request_or_a_metrics_scrape(bundle, rows):
+    running = start_server(Service(bundle, name="ctr", session_ttl_s=0.2))
+    try:
+        client = triton.InferenceServerClient(running.url.removeprefix("http://"))
+        specs = input_specs(running.service.predictor.config)
+        page = with_user_of(rows.slice(0, 5), specs)
+        for sequence in (1, 2):
+            client.infer("ctr", _inputs(page, specs, binary=True), sequence_id=sequence, sequence_start=True)
+        assert len(running.service.sessions) == 2
+        time.sleep(0.3)
+        assert "tidal_session_cache_entries 0.0" in urllib.request.urlopen(running.url + "/metrics").read().decode()
+        client.infer("ctr", _inputs(page, specs, binary=True), sequence_id=3, sequence_start=True)
+        time.sleep(0.3)
+        client.infer("ctr", _inputs(page, specs, binary=True))  # stateless
+        assert len(running.service.sessions) == 0 and running.service.sessions.bytes == 0
+    finally:
+        running.stop()
+
+
 def test_the_fusion_changes_on_the_running_server(server, rows):
     specs = input_specs(server.service.predictor.config)
     body = json.dumps(infer_request(with_user_of(rows.slice(0, 5), specs), specs)).encode()

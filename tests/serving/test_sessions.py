@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tidal.serving import SessionCache, SessionError, UserState
-from tidal.serving.sessions import _ENTRY_BYTES
+from tidal.serving.sessions import _ARRAY_BYTES, _ENTRY_BYTES
 
 ENTRY = 104 + 1 + _ENTRY_BYTES  # a 3-feature state under a one-character id
 
@@ -49,9 +49,20 @@ def test_an_entry_counts_its_id_its_shared_columns_and_its_objects():
     cache.start("x" * 200, _state())
     shared = {"C1": pa.array(["a-user-value"])}
     cache.start("y", UserState(pooled=torch.zeros(1, 3, 8), dense=torch.zeros(1, 2), shared=shared))
-    assert cache.bytes == (104 + 200 + _ENTRY_BYTES) + (104 + shared["C1"].get_total_buffer_size() + 1 + _ENTRY_BYTES)
+    with_shared = 104 + shared["C1"].get_total_buffer_size() + _ARRAY_BYTES + 1 + _ENTRY_BYTES
+    assert cache.bytes == (104 + 200 + _ENTRY_BYTES) + with_shared
     cache.end("x" * 200)
-    assert cache.bytes == 104 + shared["C1"].get_total_buffer_size() + 1 + _ENTRY_BYTES
+    assert cache.bytes == with_shared
+
+
+def test_expire_drops_idle_sessions_without_a_session_request():
+    now = [0.0]
+    cache = SessionCache(ttl_s=10, memory_bytes=10_000, clock=lambda: now[0])
+    cache.start("a", _state())
+    now[0] = 11.0
+    assert len(cache) == 1
+    cache.expire()
+    assert (len(cache), cache.bytes, cache.expired) == (0, 0, 1)
 
 
 def test_ended_and_unknown_sessions_are_told_apart():

@@ -97,6 +97,7 @@ class Service:
 
     async def infer(self, body: bytes, header_length: str | None) -> tuple[bytes, dict[str, str]]:
         """Answer one infer request body: (response body, extra headers)."""
+        self.sessions.expire()
         decoded = decode_request(body, header_length, self.specs, self.outputs)
         if decoded.rows > self.settings.max_queue_rows:
             raise RequestError(f"the request has {decoded.rows} candidates; this server takes at most "
@@ -179,7 +180,7 @@ class _Metrics:
                                  registry=self.registry, buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 1))
         self.sessions = Gauge("tidal_session_cache_entries", "Live sessions", registry=self.registry)
         self.session_bytes = Gauge("tidal_session_cache_bytes", "Bytes of cached session state", registry=self.registry)
-        self.sessions.set_function(lambda: len(service.sessions))
+        self.sessions.set_function(lambda: service.sessions.expire() or len(service.sessions))  # live ones only
         self.session_bytes.set_function(lambda: service.sessions.bytes)
         self.registry.register(_IdCounts(service.predictor))
 
