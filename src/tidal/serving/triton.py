@@ -6,10 +6,13 @@ The configuration says what the server does, in Triton's terms: `max_batch_size`
 (a request carries its own candidate dimension, which the server merges and splits
 itself; `dynamic_batching` gives the buckets and the longest wait), the inputs and
 outputs of the model's metadata, and the session time-out as `sequence_batching`.
-Statistics count as Triton's do: requests that succeeded or failed with their time end
-to end, every chunk's wait in the queue, each batch's sparse stage (`compute_input`),
-dense stage (`compute_infer`) and response encoding (`compute_output`, per request),
-`inference_count` the candidates scored and `execution_count` the batches run.
+Statistics have Triton's fields, counted in Tidal's units where the two differ: requests
+that succeeded or failed with their time end to end, and `compute_output` (response
+encoding), per request as in Triton; but `queue` per piece waiting (a request cut into
+chunks counts each chunk's wait) and `compute_input` (the sparse stage) and
+`compute_infer` (the dense stage) per batch, so each phase's `ns / count` is the mean
+of its own unit. `inference_count` is the candidates scored (a request given up after
+its batch took it included) and `execution_count` the batches run.
 """
 
 from __future__ import annotations
