@@ -9,9 +9,9 @@ Layout under ``<run_dir>/checkpoints``::
       trainer.json            step, epoch, batches done in the epoch, optimizer settings, config,
                               the rows trained and the losses not yet logged (for the log of
                               a resumed run), the training files it was reading (names and
-                              sizes), the size
-                              and sha256 of dense.safetensors and of the tables' CHAIN.json
-                              and manifests, and the sha256 of its own content (content_sha256)
+                              sizes), the size and sha256 of dense.safetensors and of the
+                              tables' CHAIN.json and manifests, and the sha256 of its own
+                              content (content_sha256)
 
 A checkpoint is written under a temporary name (``.tmp-<name>-<pid>``) and renamed
 into place before LATEST is replaced (write, fsync, rename), so a crash at any point
@@ -138,7 +138,8 @@ def _write(trainer: Trainer, position: dict[str, int], staging: Path) -> None:
         "position": position, "config": trainer.config.model_dump(mode="json"),
         "param_groups": _param_groups(trainer.optimizer),
         "bad_rows": {"count": trainer.bad_rows.count, "examples": trainer.bad_rows.examples},
-        "data_files": _data_files(trainer), "progress": trainer.progress.state(), "files": {DENSE: fingerprint(staging / DENSE, sync=True), **tables}}))
+        "data_files": _data_files(trainer), "progress": trainer.progress.state(),
+        "files": {DENSE: fingerprint(staging / DENSE, sync=True), **tables}}))
     fsync_path(staging)
 
 

@@ -438,6 +438,7 @@ class RunningServer:
         self._server.begin_exit()
         self._server.should_exit = True
         self._thread.join()
+        self._server.end()
         try:
             self.service.close()
         finally:
