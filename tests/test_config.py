@@ -107,8 +107,6 @@ def _run(**changes) -> dict:
      "runtime: ray_address (it needs backend: ray), embedding_shards (it needs backend: ray), max_inflight (it needs "
      "mode: async), loss_scale (it needs transfer_dtype: float16) would have no effect here"),
     ({"training": {"eval_every": 2}}, "RunConfig: training.eval_every is 2, but data.eval names no files to evaluate on"),
-    ({"training": {"device": "auto"}, "runtime": {}},
-     "training.device is 'auto', but with a runtime section the dense workers go where runtime.device says"),
 ])
 def test_an_inconsistent_run_config_says_what_is_wrong(changes, message):
     with pytest.raises(ConfigError) as info:

@@ -380,7 +380,9 @@ class TrainingConfig(_Model):
 
     `device` is where the single-process trainer runs the dense network (`cpu`, the
     reference, by default; `auto` takes a GPU when there is one); the heterogeneous
-    engine places its dense workers by `runtime.device` instead. `precision: bfloat16`
+    engine places its dense workers by `runtime.device`, and keeps the trainer's model
+    (evaluated there) on `device`: when the two are one device, the first dense worker
+    trains that model in place. `precision: bfloat16`
     trains the dense network under autocast (see `tidal.models.compute_precision`):
     its matrix products run in bfloat16, its weights and optimizer stay float32, and the
     pooled embeddings enter it as bfloat16. `auto` is bfloat16 where the device computes
@@ -547,9 +549,6 @@ class RunConfig(_Model):
         if self.training.eval_every is not None and not self.data.eval:
             raise ValueError(f"training.eval_every is {self.training.eval_every}, but data.eval names no files to "
                              f"evaluate on: set data.eval, or remove eval_every")
-        if self.runtime is not None and self.training.device != TrainingConfig.model_fields["device"].default:
-            raise ValueError(f"training.device is {self.training.device!r}, but with a runtime section the dense "
-                             f"workers go where runtime.device says: set that instead")
         return self
 
     @classmethod

@@ -44,8 +44,8 @@ def _config(train: list[str], held_out: list[str], run_dir: Path, runtime: dict 
         features=[f.model_dump() for f in criteo_features(table="ids")],
         tables=[{"name": "ids", "dim": 64, "optimizer": {"kind": "sgd", "lr": 0.05}}],
         model={"kind": "dlrm", "bottom_sizes": [256], "hidden_sizes": [256]},
-        training={"lr": 0.001, "log_every": 1_000_000, "run_dir": str(run_dir), "threads": threads,
-                  "precision": precision, **({"device": "auto"} if runtime is None else {})},  # else runtime.device
+        training={"lr": 0.001, "log_every": 1_000_000, "run_dir": str(run_dir), "threads": threads, "device": "auto",
+                  "precision": precision},
         runtime=runtime)
 
 
