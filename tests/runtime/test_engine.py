@@ -308,6 +308,14 @@ def test_a_retried_batch_is_looked_up_once_so_admission_counts_each_sighting_onc
     store.backward(0, torch.ones(3, 1, 2))
     store.look_up(1, batch)  # the next batch: the second sighting admits them
     assert collection.tables[0].stats().rows == 3
+    with ThreadPoolExecutor(1) as pool, pytest.MonkeyPatch.context() as patched:
+        patched.setattr(EmbeddingCollection, "lookup", slow)
+        late = pool.submit(store.look_up, 2, batch)  # a replaced worker's, still running when its batch is given up
+        time.sleep(0.05)
+        store.drop(2)
+        late.result()
+    store.drop(1)
+    assert store.evict() == 0  # the dropped batch holds no rows
 
 
 def test_failed_look_up_ahead_is_raised_by_the_forward_and_nothing_is_lost(data, reference, tmp_path, monkeypatch):

@@ -73,6 +73,8 @@ def test_ended_and_unknown_sessions_are_told_apart():
         cache.get("a")
     with pytest.raises(SessionError, match="sequence \"z\" is unknown: never started"):
         cache.get("z")
+    with pytest.raises(SessionError, match="sequence \"usuário-7\" is unknown"):  # as the client wrote it
+        cache.get("usuário-7")
     assert cache.bytes == 0
 
 

@@ -153,7 +153,7 @@ class EmbeddingShard:
         self._applying: set[int] = set()  # updates under way: their contexts are out of `_contexts`
         self._done: deque[int] = deque(maxlen=_RECENT_UPDATES)  # batches whose update landed or was given up
         self._lock = threading.Lock()
-        self._update_ended = threading.Condition(self._lock)
+        self._changed = threading.Condition(self._lock)
         self._first_step = max([first_step] + [t.step for t in collection.tables])
 
     def look_up(self, batch_id: int, batch: SparseBatch) -> dict[str, float]:
@@ -166,8 +166,8 @@ class EmbeddingShard:
         failures. Two calls at once take turns."""
         lower_priority(self.nice)
         start = time.perf_counter()
-        with self._update_ended:
-            self._update_ended.wait_for(lambda: batch_id not in self._looking)
+        with self._changed:
+            self._changed.wait_for(lambda: batch_id not in self._looking)
             if batch_id in self._contexts or batch_id in self._applying or batch_id in self._done:
                 return {"lookup": 0.0}
             self._looking.add(batch_id)
@@ -175,11 +175,11 @@ class EmbeddingShard:
         try:
             ctx = self.collection.lookup(batch, step=self._first_step + batch_id + 1)
         finally:
-            with self._update_ended:
+            with self._changed:
                 self._looking.discard(batch_id)
-                if ctx is not None:
+                if ctx is not None and batch_id not in self._done:  # else dropped meanwhile: its rows are not held
                     self._contexts[batch_id] = ctx
-                self._update_ended.notify_all()
+                self._changed.notify_all()
         return {"lookup": time.perf_counter() - start}
 
     def forward(self, batch_id: int, batch: SparseBatch,
@@ -217,21 +217,21 @@ class EmbeddingShard:
             self.collection.backward(ctx, grad)
             landed = True
         finally:
-            with self._update_ended:
+            with self._changed:
                 self._applying.discard(batch_id)
                 if landed:
                     self._done.append(batch_id)
                 else:  # kept for the retry
                     self._contexts[batch_id] = ctx
-                self._update_ended.notify_all()
+                self._changed.notify_all()
         return {"update": time.perf_counter() - start}
 
     def _claim(self, batch_id: int) -> Any:
         """The context of batch `batch_id`, taken for its update; None if the update landed
         already. A call for an update under way waits for it to end (two calls at once come
         from a retry sent while the first still ran), so an update lands once."""
-        with self._update_ended:
-            self._update_ended.wait_for(lambda: batch_id not in self._applying)
+        with self._changed:
+            self._changed.wait_for(lambda: batch_id not in self._applying)
             if batch_id in self._done:
                 return None
             ctx = self._contexts.pop(batch_id)  # a KeyError for a batch never looked up here
@@ -240,8 +240,8 @@ class EmbeddingShard:
 
     def drop(self, batch_id: int) -> None:
         """Forget batch `batch_id`: its update will not come (one under way ends first)."""
-        with self._update_ended:
-            self._update_ended.wait_for(lambda: batch_id not in self._applying)
+        with self._changed:
+            self._changed.wait_for(lambda: batch_id not in self._applying)
             self._contexts.pop(batch_id, None)
             self._done.append(batch_id)
 

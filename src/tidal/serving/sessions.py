@@ -35,7 +35,7 @@ SequenceId = int | str
 
 def _named(sequence_id: SequenceId) -> str:
     """`sequence 5` or `sequence "5"`, as a message names a session."""
-    return f"sequence {json.dumps(sequence_id)}"
+    return f"sequence {json.dumps(sequence_id, ensure_ascii=False)}"
 
 
 class SessionError(TidalError):
@@ -76,8 +76,8 @@ class SessionCache:
 
     def expire(self) -> None:
         """Drop the sessions idle past the TTL now (`start` and `get` do it too; the
-        server also calls it on every request and metrics scrape, so that expired
-        state leaves without session traffic)."""
+        server also calls it on every infer request and metrics scrape, so that
+        expired state leaves without session traffic)."""
         with self._lock:
             self._expire()
 
