@@ -236,7 +236,7 @@ def _eval(args: argparse.Namespace) -> int:
         dense_device(args.device, key="--device")
         directory = checkpoint.find(Path(args.checkpoint))
         saved = checkpoint.read_meta(directory)["config"]
-        config = RunConfig(**{**saved, "training": {**saved["training"], "device": args.device}})
+        config = RunConfig.from_saved({**saved, "training": {**saved["training"], "device": args.device}})
         trainer = Trainer(config)
         checkpoint.restore(trainer, directory, check_data=False)  # the training files may be gone
         result = trainer.evaluate(args.data)

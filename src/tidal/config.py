@@ -18,6 +18,9 @@ that is allowed, for example ``TableConfig 'user_id': dim: Input should be great
 from __future__ import annotations
 
 import numbers
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Annotated, Any, Literal
 
 import pydantic
@@ -94,11 +97,17 @@ class _Model(BaseModel):
                           f"{kind}(**{{**config.model_dump(), {name!r}: ...}})")
 
 
-def _refuse_unused(model: BaseModel, needs: dict[str, tuple[bool, str]]) -> None:
+_SAVED = ContextVar("saved", default=False)  # reading a saved config back: fields without effect pass
+
+
+def _refuse_unused(model: BaseModel, unused: dict[str, str]) -> None:
     """Refuse fields given a value other than their default where they would have no
-    effect: `needs` maps a field to (whether it applies, what it needs)."""
-    unused = [f"{name} (it needs {need})" for name, (applies, need) in needs.items()
-              if not applies and getattr(model, name) != type(model).model_fields[name].get_default(call_default_factory=True)]
+    effect: `unused` maps such a field to what it needs. A saved config, written before
+    these checks, passes (`RunConfig.from_saved`)."""
+    if _SAVED.get():
+        return
+    unused = [f"{name} (it needs {need})" for name, need in unused.items()
+              if getattr(model, name) != type(model).model_fields[name].get_default(call_default_factory=True)]
     if unused:
         them = "them, or set what they need" if len(unused) > 1 else "it, or set what it needs"
         raise ValueError(f"{', '.join(unused)} would have no effect here: remove {them}")
@@ -345,12 +354,18 @@ class ModelConfig(_Model):
     expert_sizes: list[Annotated[_Int, Field(gt=0)]] = Field(default_factory=lambda: [128], min_length=1)
     tower_sizes: list[Annotated[_Int, Field(gt=0)]] = Field(default_factory=lambda: [64], min_length=1)
 
+    def unused_fields(self) -> dict[str, str]:
+        """The fields this kind and head do not read, each with what it needs."""
+        needs = {"bottom_sizes": "kind: dlrm", "cross_layers": "kind: dcn",
+                 **dict.fromkeys(("experts", "expert_sizes", "tower_sizes"), "head: mmoe")}
+        used = {"dlrm": {"bottom_sizes"}, "dcn": {"cross_layers"}}.get(self.kind, set())
+        if self.head == "mmoe":
+            used |= {"experts", "expert_sizes", "tower_sizes"}
+        return {name: need for name, need in needs.items() if name not in used}
+
     @pydantic.model_validator(mode="after")
     def _fields_apply(self) -> ModelConfig:
-        mmoe = (self.head == "mmoe", "head: mmoe")
-        _refuse_unused(self, {"bottom_sizes": (self.kind == "dlrm", "kind: dlrm"),
-                              "cross_layers": (self.kind == "dcn", "kind: dcn"),
-                              "experts": mmoe, "expert_sizes": mmoe, "tower_sizes": mmoe})
+        _refuse_unused(self, self.unused_fields())
         return self
 
 
@@ -444,10 +459,11 @@ class RuntimeConfig(_Model):
 
     @pydantic.model_validator(mode="after")
     def _fields_apply(self) -> RuntimeConfig:
-        ray = (self.backend == "ray", "backend: ray")
-        _refuse_unused(self, {"ray_address": ray, "embedding_shards": ray,
-                              "max_inflight": (self.mode == "async", "mode: async"),
-                              "loss_scale": (self.transfer_dtype == "float16", "transfer_dtype: float16")})
+        needs = {"ray_address": (self.backend == "ray", "backend: ray"),
+                 "embedding_shards": (self.backend == "ray", "backend: ray"),
+                 "max_inflight": (self.mode == "async", "mode: async"),
+                 "loss_scale": (self.transfer_dtype == "float16", "transfer_dtype: float16")}
+        _refuse_unused(self, {name: need for name, (applies, need) in needs.items() if not applies})
         return self
 
 
@@ -546,10 +562,17 @@ class RunConfig(_Model):
         unknown = sorted(set(self.serving.fusion.weights) - set(targets))
         if unknown:
             raise ValueError(f"serving.fusion.weights names {unknown}, which are not targets; targets: {targets}")
-        if self.training.eval_every is not None and not self.data.eval:
+        if self.training.eval_every is not None and not self.data.eval and not _SAVED.get():
             raise ValueError(f"training.eval_every is {self.training.eval_every}, but data.eval names no files to "
                              f"evaluate on: set data.eval, or remove eval_every")
         return self
+
+    @classmethod
+    def from_saved(cls, values: dict) -> RunConfig:
+        """A config read back from a checkpoint or a bundle: one saved before a field
+        without effect was refused still loads (the field has none)."""
+        with _reading_saved():
+            return cls(**values)
 
     @classmethod
     def from_yaml(cls, path: str) -> RunConfig:
@@ -572,6 +595,15 @@ class RunConfig(_Model):
             return cls(**content)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+
+
+@contextmanager
+def _reading_saved() -> Iterator[None]:
+    token = _SAVED.set(True)
+    try:
+        yield
+    finally:
+        _SAVED.reset(token)
 
 
 def require(value: Any, kind: type | tuple[type, ...], where: str) -> None:

@@ -281,6 +281,23 @@ def test_resume_refuses_a_changed_config(tmp_path):
         Trainer(RunConfig(**config)).fit(resume=True)
 
 
+def test_a_run_saved_with_a_field_now_refused_for_having_no_effect_still_evaluates_exports_and_resumes(tmp_path, capsys):
+    from tidal.serving import load_bundle
+
+    config = _config(tmp_path, epochs=1, checkpoint_every=3)
+    config["model"]["cross_layers"] = 5  # no effect on a DLRM; accepted before such fields were refused
+    Trainer(RunConfig.from_saved(config)).fit(max_steps=3)  # as a Tidal of that time wrote it
+    run_dir = config["training"]["run_dir"]
+    assert main(["eval", "--checkpoint", run_dir, "--data", *config["data"]["eval"], "--device", "cpu"]) == 0
+    assert main(["export", "--checkpoint", run_dir, "--out", str(tmp_path / "bundle")]) == 0
+    assert load_bundle(tmp_path / "bundle").config.model.cross_layers == 5
+    with pytest.raises(ConfigError, match="cross_layers"):
+        RunConfig(**config)  # written today, it is refused
+    del config["model"]["cross_layers"]
+    assert Trainer(RunConfig(**config)).fit(resume=True)["resumed_from"] == 3  # and may go
+    assert "AUC" in capsys.readouterr().out
+
+
 def test_resume_refuses_training_files_that_changed_since_the_checkpoint(tmp_path):
     from tidal.errors import CheckpointError
 

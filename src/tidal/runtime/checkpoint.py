@@ -263,9 +263,11 @@ def restore(trainer: Trainer, directory: Path, *, check_data: bool = True) -> di
     The training section may differ from the checkpoint's: its learning rate applies.
     With `check_data` (to train on), the training files must be the checkpoint's."""
     meta = read_meta(directory)
-    saved, current = meta["config"], trainer.config.model_dump(mode="json")
-    changed = _changes({k: v for k, v in saved.items() if k not in _MAY_CHANGE},
-                       {k: v for k, v in current.items() if k not in _MAY_CHANGE})
+    unused = trainer.config.model.unused_fields()  # may differ: they have no effect (and may be saved set)
+    saved, current = ({k: {f: x for f, x in v.items() if f not in unused} if k == "model" else v
+                       for k, v in config.items() if k not in _MAY_CHANGE}
+                      for config in (meta["config"], trainer.config.model_dump(mode="json")))
+    changed = _changes(saved, current)
     if changed:
         shown = "; ".join(f"{path}: {old!r} there, {new!r} now" for path, old, new in changed[:5])
         more = f"; and {len(changed) - 5} more" if len(changed) > 5 else ""

@@ -77,7 +77,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, table_dtype: st
     `evict_every` safe point included, and a bundle serves within the caps."""
     directory = _checkpoint_dir(Path(source))
     meta = checkpoint.read_meta(directory)
-    config = RunConfig(**meta["config"])
+    config = RunConfig.from_saved(meta["config"])
     dtype = np.dtype(table_dtype or config.serving.table_dtype)
     if dtype not in (np.float32, np.float16):
         raise ConfigError(f"table dtype must be float32 or float16, got {table_dtype!r}")
@@ -199,7 +199,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     for relative, expected in manifest["files"].items():
         _check_file(path / relative, expected)
     try:
-        config = RunConfig(**manifest["config"])
+        config = RunConfig.from_saved(manifest["config"])
     except ConfigError as exc:
         raise CorruptCheckpointError(f"{path / MANIFEST}: its config is not valid: {exc}") from None
     if manifest.get("inputs") != _inputs(config):
