@@ -317,6 +317,34 @@ def test_resume_refuses_training_files_that_changed_since_the_checkpoint(tmp_pat
         Trainer(RunConfig(**config)).fit(resume=True)
 
 
+def test_a_checkpoint_records_the_training_files_the_run_began_with(tmp_path, monkeypatch):
+    """A file landing under the glob while the run trains is not among the ones it reads:
+    the checkpoint must not record it, and one removed meanwhile must not fail the save."""
+    from tidal.errors import CheckpointError
+
+    config = _config(tmp_path, epochs=1, checkpoint_every=3)
+    config["data"] |= {"eval": None, "train": str(tmp_path / "train" / "*.tsv")}
+    first = sorted((tmp_path / "train").glob("*.tsv"))[0]
+    landing = first.with_name("0" + first.name)
+    step = Trainer.step
+
+    def landing_at_step_2(trainer, batch, **kwargs):
+        if kwargs.get("step") == 2:
+            landing.write_text(first.read_text())
+        return step(trainer, batch, **kwargs)
+
+    monkeypatch.setattr(Trainer, "step", landing_at_step_2)
+    Trainer(RunConfig(**config)).fit(max_steps=3)
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match=rf"\({landing} is new\)"):
+        Trainer(RunConfig(**config)).fit(resume=True)
+    config["data"]["train"] = str(landing)
+    config["training"]["run_dir"] = str(tmp_path / "gone")
+    trainer = Trainer(RunConfig(**config))
+    monkeypatch.setattr(Trainer, "step", lambda t, batch, **kw: landing.unlink(missing_ok=True) or step(t, batch, **kw))
+    assert trainer.fit(max_steps=3)["steps"] == 3  # its file was removed after it was opened: the save still works
+
+
 def test_a_finished_run_resumed_with_fewer_epochs_trains_nothing_and_keeps_its_checkpoint(tmp_path):
     config = _config(tmp_path, epochs=2, checkpoint_every=30)
     config["data"]["eval"] = None

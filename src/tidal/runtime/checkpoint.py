@@ -138,14 +138,14 @@ def _write(trainer: Trainer, position: dict[str, int], staging: Path) -> None:
         "position": position, "config": trainer.config.model_dump(mode="json"),
         "param_groups": _param_groups(trainer.optimizer),
         "bad_rows": {"count": trainer.bad_rows.count, "examples": trainer.bad_rows.examples},
-        "data_files": _data_files(trainer), "progress": trainer.progress.state(),
+        "data_files": trainer.data_files, "progress": trainer.progress.state(),
         "files": {DENSE: fingerprint(staging / DENSE, sync=True), **tables}}))
     fsync_path(staging)
 
 
-def _data_files(trainer: Trainer) -> list[list[Any]]:
-    """[name, bytes] of each training file, in the order the run reads them."""
-    return [[name, os.path.getsize(name)] for name in expand_paths(trainer.config.data.train)]
+def data_files(paths: str | list[str]) -> list[list[Any]]:
+    """[name, bytes] of each training file at `paths`, in the order a run reads them."""
+    return [[name, os.path.getsize(name)] for name in expand_paths(paths)]
 
 
 def _table_files(root: Path) -> list[Path]:
@@ -274,7 +274,7 @@ def restore(trainer: Trainer, directory: Path, *, check_data: bool = True) -> di
         raise CheckpointError(f"{directory}: the config changed since this checkpoint ({shown}{more}); "
                               f"resume with the config it was written with")
     if check_data and "data_files" in meta:  # not in checkpoints written before it was recorded
-        _check_data_files(directory, meta["data_files"], _data_files(trainer))
+        _check_data_files(directory, meta["data_files"], trainer.data_files)
     trainer.collection.tables = load_checked_tables(directory, meta, trainer.config.tables,
                                                      trainer.config.training.threads)
     tensors = load_dense(directory)

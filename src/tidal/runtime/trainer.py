@@ -157,6 +157,7 @@ class Trainer:
         self.runtime_report: dict | None = None  # telemetry and faults of a heterogeneous run
         self.engine = None  # the heterogeneous engine while one trains
         self.progress = RunProgress()  # of the run fit trains
+        self.data_files: list[list] = []  # [name, bytes] of the training files, when fit began (for checkpoints)
         self._last_eval: tuple[int, Evaluation] | None = None  # (step, result) of the latest evaluation
 
     # ------------------------------------------------------------------ data
@@ -271,6 +272,7 @@ class Trainer:
             raise ConfigError(f"max_steps is the step to stop after: an integer >= 1, or None for every epoch; "
                               f"got {max_steps!r}")
         self._check_data_paths()
+        self.data_files = checkpoint.data_files(self.config.data.train)  # what the positions of this run count
         self._check_run_dir(resume)
         with checkpoint.hold_run_dir(self.run_dir):
             summary = self._fit(resume, max_steps)
