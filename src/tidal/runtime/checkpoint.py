@@ -274,7 +274,7 @@ def restore(trainer: Trainer, directory: Path, *, check_data: bool = True) -> di
         raise CheckpointError(f"{directory}: the config changed since this checkpoint ({shown}{more}); "
                               f"resume with the config it was written with")
     if check_data and "data_files" in meta:  # not in checkpoints written before it was recorded
-        _check_data_files(directory, meta["data_files"], trainer.data_files)
+        _check_data_files(directory, meta["data_files"], trainer.data_files or data_files(trainer.config.data.train))
     trainer.collection.tables = load_checked_tables(directory, meta, trainer.config.tables,
                                                      trainer.config.training.threads)
     tensors = load_dense(directory)
