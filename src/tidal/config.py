@@ -375,9 +375,10 @@ class DataConfig(_Model):
     train: str | Annotated[list[str], Field(min_length=1)]
     eval: str | list[str] | None = None
     format: Literal["tsv", "csv", "parquet"] | None = None
-    # the columns of files without a header, in order: TSV files (default: Criteo's layout), or CSV files
-    # without a header line (set, it says they have none); Parquet files name their own
-    columns: list[str] | None = None
+    # the columns of files without a header, in order: TSV files, and CSV files when csv_header is false
+    # (default: Criteo's layout); CSV files with a header line and Parquet files name their own
+    columns: list[str] | None = Field(None, min_length=1)
+    csv_header: bool = True  # whether CSV files open with a line of column names
     on_bad_row: Literal["skip", "fail"] = "skip"
     batch_size: _Int = Field(1024, ge=1, le=1 << 20)
 

@@ -505,22 +505,34 @@ def test_eval_data_of_one_class_has_no_auc_and_the_run_still_finishes(tmp_path, 
     assert "click AUC n/a (one class in the data)" in capsys.readouterr().out
 
 
-def test_data_columns_read_csv_files_without_a_header_and_are_refused_for_parquet(tmp_path):
+def test_csv_files_without_a_header_take_data_columns_and_a_setting_no_file_reads_is_refused(tmp_path):
     config = _config(tmp_path, epochs=1)
     names = ["label", *CRITEO_DENSE, *CRITEO_SPARSE]
-    for split in ("train", "eval"):
-        tsv = pa.csv.read_csv(config["data"][split][0], read_options=pa.csv.ReadOptions(column_names=names),
-                              parse_options=pa.csv.ParseOptions(delimiter="\t"),
-                              convert_options=pa.csv.ConvertOptions(column_types={n: pa.string() for n in names}))
-        pa.csv.write_csv(tsv, tmp_path / f"{split}.csv", pa.csv.WriteOptions(include_header=False))
-        pq.write_table(tsv, tmp_path / f"{split}.parquet")
-    config["data"] |= {"train": str(tmp_path / "train.csv"), "eval": str(tmp_path / "eval.csv"), "columns": names}
-    summary = Trainer(RunConfig(**config)).fit(max_steps=3)
-    assert summary["rows"] == 3 * 512 and summary["bad_rows"] == 0 and summary["eval"]["rows"] == 4_000
-    config["data"] |= {"train": str(tmp_path / "train.parquet"), "eval": None}
-    config["training"]["run_dir"] = str(tmp_path / "parquet_run")
-    with pytest.raises(DataError, match=r"data.columns lists the columns of files without a header .* is Parquet"):
-        Trainer(RunConfig(**config)).fit()
+    tsv = pa.csv.read_csv(config["data"]["eval"][0], read_options=pa.csv.ReadOptions(column_names=names),
+                          parse_options=pa.csv.ParseOptions(delimiter="\t"),
+                          convert_options=pa.csv.ConvertOptions(column_types={n: pa.string() for n in names}))
+    pa.csv.write_csv(tsv, tmp_path / "bare.csv", pa.csv.WriteOptions(include_header=False))
+    pa.csv.write_csv(tsv.select(names[::-1]), tmp_path / "headed.csv")  # its own order, named
+    pq.write_table(tsv, tmp_path / "eval.parquet")
+    shuffled = names[1:] + names[:1]  # a TSV layout that is not Criteo's
+    with open(config["data"]["train"][0]) as source, open(tmp_path / "train.tsv", "w") as target:
+        target.writelines("\t".join(line.rstrip("\n").split("\t")[1:] + line.split("\t")[:1]) + "\n" for line in source)
+
+    def fit(name: str, **data) -> dict:
+        run = {**config, "data": {**config["data"], "train": str(tmp_path / "train.tsv"), "columns": shuffled, **data},
+               "training": {**config["training"], "run_dir": str(tmp_path / name)}}
+        return Trainer(RunConfig(**run)).fit(max_steps=3)
+
+    evals = {name: fit(name, eval=str(tmp_path / file), **extra)["eval"] for name, file, extra in [
+        ("headed", "headed.csv", {}), ("parquet", "eval.parquet", {}),
+        ("bare", "bare.csv", {"columns": names, "csv_header": False, "train": str(tmp_path / "bare.csv")})]}
+    assert evals["headed"] == evals["parquet"] and evals["headed"]["rows"] == 4_000 and evals["headed"]["bad_rows"] == 0
+    assert evals["bare"]["rows"] == 4_000 and evals["bare"]["bad_rows"] == 0
+    with pytest.raises(ConfigError, match=r"data.columns names the columns of TSV files .* but the data files are "
+                                          r"CSV with a header line and Parquet, which name their own: remove it"):
+        fit("refused", train=str(tmp_path / "headed.csv"), eval=str(tmp_path / "eval.parquet"))
+    with pytest.raises(ConfigError, match=r"data.csv_header is false, but no data file is CSV \(tsv\)"):
+        fit("refused", eval=None, csv_header=False)
 
 
 def test_a_trainer_of_a_dict_is_refused_naming_run_config(tmp_path):

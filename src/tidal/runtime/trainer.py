@@ -184,11 +184,7 @@ class Trainer:
             examples = {kind: f for f, kind in formats.items()}
             raise DataError(f"the data files mix formats ({', '.join(f'{f} is {k}' for k, f in examples.items())}); "
                             f"every file of a list must have the same format and columns")
-        kind = formats[files[0]]
-        if kind == "parquet" and data.columns:
-            raise DataError(f"data.columns lists the columns of files without a header (TSV, or CSV without a header "
-                            f"line), but {files[0]} is Parquet, which names its own columns: remove data.columns")
-        positional = kind == "tsv" or data.columns is not None  # columns by position, not by a header's names
+        positional = self._positional(formats[files[0]])  # columns by position, not by a header's names
         columns = (data.columns or list(CRITEO_COLUMNS)) if positional else self.extractor.columns
         missing = [c for c in self.extractor.columns if c not in columns]
         if missing:
@@ -197,7 +193,12 @@ class Trainer:
         return ReaderSpec(files=files, columns=list(columns), checks=dict(self.extractor.checks),
                           file_format=data.format, batch_rows=data.batch_size, on_bad_row=data.on_bad_row,
                           epochs=epochs, start_epoch=start_epoch, start_batch=start_batch,
-                          csv_header=data.columns is None)
+                          csv_header=data.csv_header)
+
+    def _positional(self, kind: str) -> bool:
+        """Whether files of format `kind` have their columns by position (`data.columns`,
+        Criteo's by default): TSV, and CSV without a header line."""
+        return kind == "tsv" or (kind == "csv" and not self.config.data.csv_header)
 
     # ------------------------------------------------------------------ training
 
@@ -314,14 +315,24 @@ class Trainer:
         return summary
 
     def _check_data_paths(self) -> None:
-        """Every data file named, found before anything trains (an error names its key)."""
+        """Every data file named, found and readable as the config says before anything
+        trains (an error names its key); the layout settings apply to some of them."""
         data = self.config.data
+        kinds = set()
         for key, paths in (("data.train", data.train), ("data.eval", data.eval)):
             try:
                 if paths:
-                    expand_paths(paths)
+                    kinds |= {data.format or format_of(f) for f in self.reader_spec(paths).files}
             except DataError as exc:
                 raise DataError(f"{key}: {exc}") from None
+        if data.columns is not None and not any(map(self._positional, kinds)):
+            shown = " and ".join({"csv": "CSV with a header line", "parquet": "Parquet"}[k] for k in sorted(kinds))
+            raise ConfigError(f"data.columns names the columns of TSV files and of CSV files without a header line "
+                              f"(data.csv_header: false), but the data files are {shown}, which name their own: "
+                              f"remove it")
+        if not data.csv_header and "csv" not in kinds:
+            raise ConfigError(f"data.csv_header is false, but no data file is CSV ({' and '.join(sorted(kinds))}): "
+                              f"remove it")
 
     def _check_run_dir(self, resume: bool) -> None:
         """The run_dir can take this run: a folder (made for a fresh run) whose
