@@ -272,6 +272,7 @@ def test_cancelled_chunks_leave_the_queue_and_free_their_rows_when_no_batch_took
         late = batcher.submit(pieces[2])  # refused as overload if the 150 rows still counted
         gate.set()
         assert first[0].result(timeout=30).shape == (2, 2) and late[0].result(timeout=30).shape == (60, 2)
+        assert not batcher._waiting and not batcher._request_of  # nothing kept of the pieces gone
     finally:
         gate.set()
         del predictor.sparse

@@ -137,9 +137,8 @@ def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
     if unknown:
         raise DataError(f"checks must name read columns and one of {sorted(_PATTERNS)}, got {unknown}")
     report = bad_rows if bad_rows is not None else BadRows()
-    files = expand_paths(paths)
-    yield from _exactly(_checked(files, columns, checks, file_format, batch_rows, report, on_bad_row, csv_header),
-                        batch_rows)
+    yield from _exactly(_checked(expand_paths(paths), columns, checks, file_format, batch_rows, report, on_bad_row,
+                                 csv_header), batch_rows)
 
 
 def _check_options(columns: Sequence[str], file_format: str | None, batch_rows: int, on_bad_row: str) -> list[str]:

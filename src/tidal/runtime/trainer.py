@@ -103,10 +103,10 @@ class RunProgress:
     from its checkpoint's count), the losses since the last log record, and this call's
     speed, evaluation left out."""
 
-    def __init__(self, rows_before: int = 0, losses: list[float] | None = None) -> None:
-        self.rows_before = rows_before  # trained before this call: by the run a resume continues
+    def __init__(self) -> None:
+        self.rows_before = 0  # trained before this call: by the run a resume continues (set by restore)
         self.rows = 0  # trained by this call
-        self.losses = list(losses or [])  # of the steps since the last log record
+        self.losses: list[float] = []  # of the steps since the last log record
         self.start, self.eval_s = time.perf_counter(), 0.0
 
     def add(self, step: int, rows: int, loss: float) -> None:
@@ -265,7 +265,8 @@ class Trainer:
         With `resume`, continue from the run's latest checkpoint: the same batches in
         the same order, so the result equals an uninterrupted run's (metrics.jsonl
         loses the records past that checkpoint, which this run logs again, and the
-        stopped part's end summary). Without
+        stopped part's end summary and final evaluation; a checkpoint written before
+        checkpoints kept the run's row count resumes counting rows from 0). Without
         it, a run_dir that holds a run's checkpoints is refused rather than mixed with
         them. A run holds its run_dir while it trains: a second one into it is refused.
         """

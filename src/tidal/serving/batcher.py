@@ -95,6 +95,7 @@ class Batcher:
         self.max_queue_rows = max_queue_rows
         self._on_batch = on_batch  # called with a BatchRecord after each batch
         self._waiting: OrderedDict[int, deque[_Waiting]] = OrderedDict()  # request -> its pieces, oldest first
+        self._request_of: dict[Future, int] = {}  # the request of each waiting piece's future
         self._waiting_rows = 0
         self._requests = 0  # submitted so far
         self._in_flight = 0
@@ -124,6 +125,7 @@ class Batcher:
             self._requests += 1
             waiting = [_Waiting(p, Future(), now, self._requests) for p in pieces]
             self._waiting[self._requests] = deque(waiting)
+            self._request_of.update((w.future, self._requests) for w in waiting)
             self._waiting_rows += piece.rows
             self._cond.notify_all()
         return [w.future for w in waiting]
@@ -133,13 +135,12 @@ class Batcher:
         stop counting toward `max_queue_rows`); those a batch took run, unread."""
         mine = set(futures)
         with self._cond:
-            for request, pieces in list(self._waiting.items()):
-                left = [w for w in pieces if w.future in mine]
-                if left:
-                    self._waiting_rows -= sum(w.piece.rows for w in left)
-                    self._waiting[request] = deque(w for w in pieces if w.future not in mine)
-                    if not self._waiting[request]:
-                        del self._waiting[request]
+            for request in {self._request_of.pop(f) for f in futures if f in self._request_of}:
+                pieces = self._waiting[request]
+                self._waiting_rows -= sum(w.piece.rows for w in pieces if w.future in mine)
+                self._waiting[request] = deque(w for w in pieces if w.future not in mine)
+                if not self._waiting[request]:
+                    del self._waiting[request]
         for future in futures:
             future.cancel()
 
@@ -155,6 +156,7 @@ class Batcher:
             self._closed = True
             left = [w for pieces in self._waiting.values() for w in pieces]
             self._waiting.clear()
+            self._request_of.clear()
             self._cond.notify_all()
         for w in left:
             if w.future.set_running_or_notify_cancel():  # a caller that gave up needs no answer
@@ -218,6 +220,7 @@ class Batcher:
             if batch and rows + pieces[0].piece.rows > self.max_batch_rows:
                 continue  # a later, smaller piece may fit
             batch.append(pieces.popleft())
+            del self._request_of[batch[-1].future]
             rows += batch[-1].piece.rows
             if not pieces:
                 del self._waiting[request]

@@ -27,7 +27,9 @@ grow. Binds to 127.0.0.1 unless told otherwise.
 Stopping (Ctrl-C or SIGTERM, as Triton): the server stops accepting connections and
 lets the requests it holds run for up to `exit_timeout_s` (30 s); a second before
 that deadline, those still queued get a 503 ("the server shut down before this request
-ran"), so that none is cut off without an answer. A second Ctrl-C stops at once.
+ran"), so that only a batch still running then could be cut off. A second Ctrl-C
+stops at once. The socket listens from `listen` on: connections made while the bundle
+loads wait in its backlog.
 """
 
 from __future__ import annotations
