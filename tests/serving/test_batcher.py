@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -38,6 +40,18 @@ def _batcher(predictor, records, **settings) -> Batcher:
     return Batcher(predictor, **options)
 
 
+@contextlib.contextmanager
+def _held(predictor) -> Iterator[threading.Event]:  # type: ignore[no-untyped-def]
+    """Hold every batch at a gate until it is set, so that the requests behind the first queue up."""
+    gate, blocked = threading.Event(), predictor.sparse
+    predictor.sparse = lambda p: gate.wait() and blocked(p)
+    try:
+        yield gate
+    finally:
+        gate.set()
+        del predictor.sparse
+
+
 def _until(condition) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + 30
     while not condition():
@@ -55,17 +69,14 @@ def test_small_concurrent_requests_are_merged_into_one_batch(trainer, predictor)
     pieces = _pieces(trainer, predictor, [1] * 12)
     records = []
     batcher = _batcher(predictor, records)
-    gate = threading.Event()
-    blocked = predictor.sparse
-    predictor.sparse = lambda p: gate.wait() and blocked(p)  # hold the first batch so the rest queue up
     try:
-        futures = [batcher.submit(pieces[0])]
-        _until(lambda: batcher._in_flight == 1)
-        futures += [batcher.submit(p) for p in pieces[1:]]
-        gate.set()
-        results = [f.result(timeout=30) for fs in futures for f in fs]
+        with _held(predictor) as gate:
+            futures = [batcher.submit(pieces[0])]
+            _until(lambda: batcher._in_flight == 1)
+            futures += [batcher.submit(p) for p in pieces[1:]]
+            gate.set()
+            results = [f.result(timeout=30) for fs in futures for f in fs]
     finally:
-        del predictor.sparse
         batcher.close()
     assert [r.pieces for r in records] == [1, 11]  # the first went alone, the other 11 waited together
     expected = np.concatenate([predictor.predict([p]) for p in pieces])
@@ -132,21 +143,18 @@ def test_requests_behind_a_big_one_join_its_first_chunks_batch_instead_of_waitin
     blocker, big, *small = _pieces(trainer, predictor, [1, 640, 1, 2])
     records = []
     batcher = _batcher(predictor, records)
-    gate = threading.Event()
-    blocked = predictor.sparse
-    predictor.sparse = lambda p: gate.wait() and blocked(p)  # hold the first batch so the rest queue up
     try:
-        first = batcher.submit(blocker)
-        _until(lambda: batcher._in_flight == 1)
-        chunks = batcher.submit(big)
-        futures = [f for piece in small for f in batcher.submit(piece)]
-        gate.set()
-        results = [f.result(timeout=30) for f in futures]
-        assert not chunks[-1].done()  # the small ones did not wait for the big one's 10 chunks
-        merged = np.concatenate([f.result(timeout=30) for f in chunks])
-        first[0].result(timeout=30)
+        with _held(predictor) as gate:
+            first = batcher.submit(blocker)
+            _until(lambda: batcher._in_flight == 1)
+            chunks = batcher.submit(big)
+            futures = [f for piece in small for f in batcher.submit(piece)]
+            gate.set()
+            results = [f.result(timeout=30) for f in futures]
+            assert not chunks[-1].done()  # the small ones did not wait for the big one's 10 chunks
+            merged = np.concatenate([f.result(timeout=30) for f in chunks])
+            first[0].result(timeout=30)
     finally:
-        del predictor.sparse
         batcher.close()
     assert len(chunks) == 10 and [(r.pieces, r.rows) for r in records[:3]] == [(1, 1), (3, 67), (1, 64)]
     np.testing.assert_allclose(merged, predictor.predict([big]), rtol=1e-5)
