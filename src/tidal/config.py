@@ -100,6 +100,11 @@ class _Model(BaseModel):
 _SAVED = ContextVar("saved", default=False)  # reading a saved config back: fields without effect pass
 
 
+def _unused(needs: dict[str, tuple[bool, str]]) -> dict[str, str]:
+    """Of fields mapped to (whether they apply, what they need): those that do not apply."""
+    return {name: need for name, (applies, need) in needs.items() if not applies}
+
+
 def _refuse_unused(model: BaseModel, unused: dict[str, str]) -> None:
     """Refuse fields given a value other than their default where they would have no
     effect: `unused` maps such a field to what it needs. A saved config, written before
@@ -356,12 +361,10 @@ class ModelConfig(_Model):
 
     def unused_fields(self) -> dict[str, str]:
         """The fields this kind and head do not read, each with what it needs."""
-        needs = {"bottom_sizes": "kind: dlrm", "cross_layers": "kind: dcn",
-                 **dict.fromkeys(("experts", "expert_sizes", "tower_sizes"), "head: mmoe")}
-        used = {"dlrm": {"bottom_sizes"}, "dcn": {"cross_layers"}}.get(self.kind, set())
-        if self.head == "mmoe":
-            used |= {"experts", "expert_sizes", "tower_sizes"}
-        return {name: need for name, need in needs.items() if name not in used}
+        mmoe = (self.head == "mmoe", "head: mmoe")
+        return _unused({"bottom_sizes": (self.kind == "dlrm", "kind: dlrm"),
+                        "cross_layers": (self.kind == "dcn", "kind: dcn"),
+                        "experts": mmoe, "expert_sizes": mmoe, "tower_sizes": mmoe})
 
     @pydantic.model_validator(mode="after")
     def _fields_apply(self) -> ModelConfig:
@@ -460,11 +463,10 @@ class RuntimeConfig(_Model):
 
     @pydantic.model_validator(mode="after")
     def _fields_apply(self) -> RuntimeConfig:
-        needs = {"ray_address": (self.backend == "ray", "backend: ray"),
-                 "embedding_shards": (self.backend == "ray", "backend: ray"),
-                 "max_inflight": (self.mode == "async", "mode: async"),
-                 "loss_scale": (self.transfer_dtype == "float16", "transfer_dtype: float16")}
-        _refuse_unused(self, {name: need for name, (applies, need) in needs.items() if not applies})
+        ray = (self.backend == "ray", "backend: ray")
+        _refuse_unused(self, _unused({"ray_address": ray, "embedding_shards": ray,
+                                      "max_inflight": (self.mode == "async", "mode: async"),
+                                      "loss_scale": (self.transfer_dtype == "float16", "transfer_dtype: float16")}))
         return self
 
 
