@@ -107,6 +107,8 @@ def _run(**changes) -> dict:
      "runtime: ray_address (it needs backend: ray), embedding_shards (it needs backend: ray), max_inflight (it needs "
      "mode: async), loss_scale (it needs transfer_dtype: float16) would have no effect here"),
     ({"training": {"eval_every": 2}}, "RunConfig: training.eval_every is 2, but data.eval names no files to evaluate on"),
+    ({"features": [{"kind": "sparse", "name": "user", "columns": ["C1"], "table": "ids"},
+                   {"kind": "label", "name": "score", "column": "label"}]}, "a label may not be named 'score'"),
 ])
 def test_an_inconsistent_run_config_says_what_is_wrong(changes, message):
     with pytest.raises(ConfigError) as info:

@@ -562,6 +562,9 @@ class RunConfig(_Model):
         if not any(isinstance(f, SparseFeature) for f in self.features):
             raise ValueError("features need at least one sparse feature (kind: sparse)")
         targets = [f.name for f in self.features if isinstance(f, LabelFeature)]
+        if "score" in targets:
+            raise ValueError("a label may not be named 'score': the server's fused score has that name, and would "
+                             "hide the target's probability; rename the label")
         unknown = sorted(set(self.serving.fusion.weights) - set(targets))
         if unknown:
             raise ValueError(f"serving.fusion.weights names {unknown}, which are not targets; targets: {targets}")

@@ -69,8 +69,27 @@ def test_missing_numbers_come_as_null_or_nan_and_values_past_the_type_are_refuse
     with pytest.raises(RequestError, match="'I5': a value does not fit FP32: 1e\\+308 at position 1"):
         _decode(specs, _request(specs, 2, I5={"name": "I5", "datatype": "FP32", "shape": [2], "data": [1.0, 1e308]}))
     inf = np.array([np.inf, 4.0], "<f4").tobytes()
-    with pytest.raises(RequestError, match="'I5': values must be finite or NaN \\(missing\\), got inf at position 0"):
+    with pytest.raises(RequestError, match="'I5': values must be finite and within float32's range .* or NaN "
+                                           "\\(missing\\); got inf at position 0"):
         _decode(specs, body, inf)
+
+
+@pytest.mark.parametrize("datatype, value", [("FP64", 1e39), ("FP64", -3.4028236e38), ("BYTES", "1e39")])
+def test_numbers_past_float32_are_refused_as_training_counts_them_bad_rows(specs, datatype, value):
+    """Checked before batching: found later, inside a batch, they failed every request of it with a 500."""
+    with pytest.raises(RequestError, match=r"'I5': values must be finite and within float32's range \(\|x\| <= "
+                                           r"3.4028235e\+38\), as in training's files"):
+        _decode(specs, _request(specs, 2, I5={"name": "I5", "datatype": datatype, "shape": [2],
+                                              "data": ["1" if datatype == "BYTES" else 1.0, value]}))
+    edge = _decode(specs, _request(specs, 2, I5={"name": "I5", "datatype": "FP64", "shape": [2],
+                                                 "data": [3.4028235e38, -3.4028235e38]}))
+    assert edge.columns["I5"].to_pylist() == [3.4028235e38, -3.4028235e38]  # as a file may hold them
+
+
+def test_fp32_numbers_are_read_by_their_shortest_decimal_as_a_float32_file_value_is(specs):
+    values = np.array([0.7, 0.1, 123456.79], "<f4")
+    body = _request(specs, 3, I5={"name": "I5", "datatype": "FP32", "shape": [3], "parameters": {"binary_data_size": 12}})
+    assert _decode(specs, body, values.tobytes()).columns["I5"].to_pylist() == [0.7, 0.1, 123456.79]  # not 0.69999998...
     with pytest.raises(RequestError, match="'C9': INT64 data must be integers"):
         _decode(specs, _request(specs, 2, C9={"name": "C9", "datatype": "INT64", "shape": [2], "data": [1, None]}))
 

@@ -38,7 +38,7 @@ from tidal.errors import DataError
 __all__ = ["BadRows", "CRITEO_CHECKS", "expand_paths", "format_of", "read_batches"]
 
 _INT64_MAX, _INT64_MIN = "9223372036854775807", "-9223372036854775808"  # 2**63 - 1 and -2**63, written out
-_FLOAT32_MAX = 3.4028235e38  # float32's largest value as numpy writes it (it reads back as that value)
+FLOAT32_MAX = 3.4028235e38  # float32's largest value as numpy writes it (it reads back as that value)
 _PATTERNS = {  # what a checked column must hold; "label" may not be empty, the others may
     "integer": r"^-?[0-9]+$",  # and within int64's range: see `_within_int64`
     "number": r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$",
@@ -628,7 +628,7 @@ def _fine(column: pa.Array, kind: str) -> pa.Array:
         fine = pc.and_(fine, _within_int64(column))
     if kind == "number":  # written as a number, yet 1e999 reads as infinity and 1e39 overflows float32
         values = pc.cast(pc.if_else(fine, column, "0"), pa.float64())
-        fine = pc.and_(fine, pc.less_equal(pc.abs(values), _FLOAT32_MAX))
+        fine = pc.and_(fine, pc.less_equal(pc.abs(values), FLOAT32_MAX))
     if kind != "label":
         fine = pc.or_(fine, pc.equal(pc.utf8_length(column), 0))
     return fine

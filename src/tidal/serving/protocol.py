@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tidal.config import DenseFeature, RunConfig, SparseFeature
+from tidal.data.readers import FLOAT32_MAX
 from tidal.errors import TidalError
 
 __all__ = ["DecodedRequest", "InputSpec", "RequestError", "decode_request", "encode_response", "infer_request",
@@ -384,13 +385,25 @@ def _checked(spec: InputSpec, strings: pa.Array) -> pa.Array:
 
 
 def _numbers(name: str, value: np.ndarray) -> pa.Array:
-    """float64 numbers, NaN (missing, as in training's files) given as null."""
-    numbers = value.astype(np.float64)
-    bad = np.flatnonzero(np.isinf(numbers))
+    """float64 numbers, NaN (missing, as in training's files) given as null. FP32 values
+    are read as training reads a float32 file value, by their shortest decimal (0.7f as
+    0.7, not 0.69999998), so that one on a bucket boundary falls where it fell there."""
+    if value.dtype == np.float32:
+        numbers = pc.cast(pc.cast(pa.array(value), pa.string()), pa.float64()).to_numpy(zero_copy_only=False)
+    else:
+        numbers = value.astype(np.float64)
+    bad = np.flatnonzero(_beyond_float32(numbers))
     if bad.size:
-        raise RequestError(f"input {name!r}: values must be finite or NaN (missing), got {numbers[bad[0]]} at "
+        raise RequestError(f"input {name!r}: values must be finite and within float32's range (|x| <= "
+                           f"{FLOAT32_MAX}), as in training's files, or NaN (missing); got {numbers[bad[0]]} at "
                            f"position {bad[0]}")
     return pa.array(numbers, mask=np.isnan(numbers))
+
+
+def _beyond_float32(numbers: np.ndarray) -> np.ndarray:
+    """Which numbers training's files could not hold: infinite or past float32's range."""
+    with np.errstate(invalid="ignore"):
+        return np.abs(numbers) > FLOAT32_MAX
 
 
 def _numbers_from_text(texts: dict[str, pa.Array]) -> dict[str, pa.Array]:
@@ -404,11 +417,13 @@ def _numbers_from_text(texts: dict[str, pa.Array]) -> dict[str, pa.Array]:
         bad = next(n for n, a in texts.items() if not _parses(a))
         raise RequestError(f"input {bad!r}: BYTES values must be numbers (or empty for missing)") from None
     values = numbers.to_numpy(zero_copy_only=False)
-    bad = np.flatnonzero(np.isinf(values) | (np.isnan(values) & ~np.asarray(numbers.is_null())))
+    bad = np.flatnonzero(_beyond_float32(values) | (np.isnan(values) & ~np.asarray(numbers.is_null())))
     arrays, start = {}, 0
     for name, text in texts.items():
         if bad.size and start <= bad[0] < start + len(text):
-            raise RequestError(f"input {name!r}: values must be finite, got {values[bad[0]]} at position {bad[0] - start}")
+            raise RequestError(f"input {name!r}: values must be finite and within float32's range (|x| <= "
+                               f"{FLOAT32_MAX}), as in training's files; got {values[bad[0]]} at position "
+                               f"{bad[0] - start}")
         arrays[name] = numbers.slice(start, len(text))
         start += len(text)
     return arrays
