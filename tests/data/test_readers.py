@@ -208,6 +208,15 @@ def test_parquet_rows_are_checked_and_located_by_row_number(tmp_path):
     assert [e.removeprefix(f"{path}:").split(":")[0] for e in report.examples] == ["300", "450", "600"]
 
 
+def test_a_parquet_nan_is_a_missing_value_as_a_null_is_and_as_the_server_reads_it(tmp_path):
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"label": [1, 0], "I1": pa.array([float("nan"), 2.5], pa.float32()), "C1": ["a", "b"]}),
+                   path)
+    report = BadRows()
+    read = pa.Table.from_batches(list(read_batches(path, columns=SMALL, checks={"I1": "number"}, bad_rows=report)))
+    assert read.column("I1").to_pylist() == ["", "2.5"] and report.count == 0
+
+
 def test_criteo_columns_are_checked_by_default(tmp_path):
     data = generate(tmp_path, rows=50, seed=2)
     with open(data.paths[0], "a") as f:

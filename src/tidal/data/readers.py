@@ -562,9 +562,12 @@ def _parquet(path: str, columns: Sequence[str], batch_rows: int) -> Iterator[_Ro
 
 def _as_strings(column: pa.Array) -> pa.Array:
     """A Parquet column as strings, as a text file would hold it: booleans as 1 and 0,
-    nulls as empty strings (missing values)."""
+    nulls and floating-point NaN (pandas' missing value) as empty strings (missing
+    values, as the server reads a NaN too)."""
     if pa.types.is_boolean(column.type):
         column = pc.cast(column, pa.int8())
+    elif pa.types.is_floating(column.type):
+        column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
     return pc.fill_null(pc.cast(column, options=_TO_STRING), "")
 
 
