@@ -17,7 +17,7 @@ def test_demo_trains_and_reports_auc_beside_the_ceiling(capsys):
     assert "eval at step 2:" not in out  # the two warm-up steps train quietly
     assert "sparse  lookup" in out and "dense   dense" in out  # the engine's stage table
     assert result["served_candidates"] == 100 and "session 7: start + 50" in out
-    assert "a malformed request         400: input 'I5': values must be finite, got inf at position 1" in out
+    assert "a malformed request         400: input 'I5': values must be finite and within float32's range" in out
 
 
 def test_demo_refuses_too_few_rows(capsys):
