@@ -263,11 +263,9 @@ def restore(trainer: Trainer, directory: Path, *, check_data: bool = True) -> di
     The training section may differ from the checkpoint's: its learning rate applies.
     With `check_data` (to train on), the training files must be the checkpoint's."""
     meta = read_meta(directory)
-    unused = trainer.config.model.unused_fields()  # may differ: they have no effect (and may be saved set)
-    saved, current = ({k: {f: x for f, x in v.items() if f not in unused} if k == "model" else v
-                       for k, v in config.items() if k not in _MAY_CHANGE}
-                      for config in (meta["config"], trainer.config.model_dump(mode="json")))
-    changed = _changes(saved, current)
+    unused = trainer.config.model.unused_fields()
+    changed = _changes(_kept_on_resume(meta["config"], unused),
+                       _kept_on_resume(trainer.config.model_dump(mode="json"), unused))
     if changed:
         shown = "; ".join(f"{path}: {old!r} there, {new!r} now" for path, old, new in changed[:5])
         more = f"; and {len(changed) - 5} more" if len(changed) > 5 else ""
@@ -287,6 +285,15 @@ def restore(trainer: Trainer, directory: Path, *, check_data: bool = True) -> di
     progress = meta.get("progress", {"rows": 0, "losses": []})  # absent in checkpoints written before it was kept
     trainer.progress.rows_before, trainer.progress.losses = progress["rows"], list(progress["losses"])
     return meta["position"]
+
+
+def _kept_on_resume(config: dict[str, Any], unused: dict[str, str]) -> dict[str, Any]:
+    """The part of a config a resume must keep: its sections but training, runtime and
+    serving, without the model fields its kind does not read (saved set, before such
+    fields were refused, they may go)."""
+    kept = {k: v for k, v in config.items() if k not in _MAY_CHANGE}
+    kept["model"] = {f: v for f, v in kept.get("model", {}).items() if f not in unused}
+    return kept
 
 
 def _changes(saved: Any, current: Any, path: str = "") -> list[tuple[str, Any, Any]]:
