@@ -213,8 +213,8 @@ class Batcher:
         up are left out; the others can no longer be cancelled. None at all when every
         waiting piece left while the batch lingered (`cancel`)."""
         batch: list[_Waiting] = []
-        rows = 0
-        for request, pieces in list(self._waiting.items()):
+        rows, emptied = 0, []
+        for request, pieces in self._waiting.items():
             if batch and (not self.merge or rows >= self.max_batch_rows):
                 break
             if batch and rows + pieces[0].piece.rows > self.max_batch_rows:
@@ -223,7 +223,9 @@ class Batcher:
             del self._request_of[batch[-1].future]
             rows += batch[-1].piece.rows
             if not pieces:
-                del self._waiting[request]
+                emptied.append(request)
+        for request in emptied:
+            del self._waiting[request]
         self._waiting_rows -= rows
         return [w for w in batch if w.future.set_running_or_notify_cancel()]
 
