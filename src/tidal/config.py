@@ -273,6 +273,10 @@ class SparseFeature(_Model):
     """Raw ids from one column (or a cross of several), looked up in `table`.
 
     - `separator`: the column holds several values per row ("a|b|c"): a multi-value bag.
+    - `weight_separator`: each value of a bag carries its weight after this separator
+      ("a:0.5|b:2" with ":"), split at its last occurrence, so ids may hold it; the
+      weight multiplies the id's row in the pooling (a weighted sum, mean or sqrtn). A
+      value without a weight, or one that is not a finite float32, is a bad row.
     - `hashed`: strings become int64 ids with a stable 64-bit hash seeded by `namespace`
       (default: the feature name), so equal strings of two features get different ids
       unless they share a namespace; with ``hashed: false`` the column holds integer ids.
@@ -292,6 +296,7 @@ class SparseFeature(_Model):
     table: str = Field(min_length=1, max_length=128)
     pooling: Literal["sum", "mean", "sqrtn"] = "sum"
     separator: str | None = Field(None, min_length=1)
+    weight_separator: str | None = Field(None, min_length=1)
     hashed: bool = True
     namespace: str | None = None
     buckets: list[Annotated[_Float, Field(allow_inf_nan=False)]] | None = Field(None, min_length=1)
@@ -308,13 +313,29 @@ class SparseFeature(_Model):
             raise ValueError(f"buckets must be ascending, each boundary once, got {self.buckets}")
         if len(set(self.columns)) != len(self.columns):
             raise ValueError(f"a cross takes distinct columns, got {self.columns}")
+        if self.weight_separator is not None:
+            self._check_weight_separator()
         if self.namespace is not None and not self.hashed:
             raise ValueError("namespace seeds the hash of strings; with hashed=false the ids are read as they are, "
                              "so leave namespace out")
         return self
 
+    def _check_weight_separator(self) -> None:
+        if self.separator is None:
+            raise ValueError(f"weight_separator {self.weight_separator!r} splits the values of a bag: it needs a "
+                             f"separator (\"a:0.5|b:2\" is separator '|' and weight_separator ':')")
+        if self.weight_separator in self.separator or self.separator in self.weight_separator:
+            raise ValueError(f"weight_separator {self.weight_separator!r} and separator {self.separator!r} must not "
+                             f"hold one another, or a bag could not be split")
+        if any(c in _NUMBER_CHARS for c in self.weight_separator):
+            raise ValueError(f"weight_separator {self.weight_separator!r} holds a character of a number "
+                             f"({_NUMBER_CHARS}): a weight could not be told from it")
+
     def embedding(self) -> EmbeddingFeature:
         return EmbeddingFeature(name=self.name, table=self.table, pooling=self.pooling)
+
+
+_NUMBER_CHARS = "0123456789.eE+-"
 
 
 class DenseFeature(_Model):

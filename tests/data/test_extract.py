@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from tidal.config import DenseFeature, LabelFeature, SparseFeature
 from tidal.data import hash_strings
 from tidal.data.extract import Extractor, feature_seed
+from tidal.data.readers import WeightedBags
 from tidal.errors import ConfigError, DataError
 
 
@@ -139,6 +140,31 @@ def test_multi_value_bags_survive_nulls_and_take_a_default_when_empty():
     assert out.values[2] == default and out.values[3] == default
     with pytest.raises(ConfigError, match="choose one of separator, buckets and hashed=false"):
         SparseFeature(name="x", columns=["a"], table="t", separator="|", hashed=False)
+
+
+def test_weighted_bags_split_each_value_at_its_last_weight_separator():
+    tags = SparseFeature(name="tags", columns=["t"], table="t", separator="|", weight_separator=":", missing="default")
+    plain = SparseFeature(name="plain", columns=["t"], table="t", separator="|", namespace="tags")
+    out = Extractor([tags, SparseFeature(name="u", columns=["u"], table="t")])(
+        pa.record_batch({"t": ["url:a:b:2|x:-0.5", None, "x:1e-3||"], "u": ["p", "q", "r"]}))
+    assert out.lengths.tolist() == [2, 1, 1, 1, 1, 1]  # the empty bag takes the default id
+    np.testing.assert_array_equal(out.weights, np.float32([2, -0.5, 1, 1e-3, 1, 1, 1]))
+    assert out.values[0] == _hash("url:a:b", feature_seed(tags)) and out.values[2] == _hash("\x00missing", feature_seed(tags))
+    assert Extractor([plain])(pa.record_batch({"t": ["url:a:b"]})).values[0] == out.values[0]  # the id part, hashed
+    assert Extractor([tags]).checks == {"t": WeightedBags("|", ":")}
+    with pytest.raises(DataError, match=r"feature 'tags': expected bag values split by '\|', each an id, ':' and a "
+                                        r"weight .* got a value without one; read files with read_batches\(checks="):
+        Extractor([tags])(pa.record_batch({"t": ["a:1|b"]}))
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"weight_separator": ":"}, "weight_separator ':' splits the values of a bag: it needs a separator"),
+    ({"separator": "::", "weight_separator": ":"}, "weight_separator ':' and separator '::' must not hold one another"),
+    ({"separator": "|", "weight_separator": "e"}, r"weight_separator 'e' holds a character of a number"),
+])
+def test_a_weight_separator_needs_a_separator_apart_from_it_and_from_numbers(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        SparseFeature(name="x", columns=["a"], table="t", **settings)
 
 
 _DIRECT = [SparseFeature(name="user", columns=["u"], table="t"), DenseFeature(name="n", column="n"),

@@ -130,6 +130,20 @@ def test_unknown_suffix_asks_for_a_format(tmp_path):
         list(read_batches(path))
 
 
+def test_weighted_bag_values_without_a_weight_within_float32_are_bad_rows(tmp_path):
+    values = ["a:0.5|b:2", "a:0.5|b", "a:x", "x:y:-1.5e3||", "", "a:1e39", ":2", "a:1|b:inf", "a:nan"]
+    path = _write(tmp_path / "d.tsv", "".join(f"1\t{k}\t{v}\n" for k, v in enumerate(values)))
+    report = BadRows()
+    check = readers.WeightedBags("|", ":")
+    rows = pa.Table.from_batches(list(read_batches(path, columns=SMALL, checks={"C1": check}, bad_rows=report)))
+    assert rows.column("I1").to_pylist() == ["0", "3", "4"]
+    assert report.count == 6 and report.examples[0] == (
+        f"{path}:2: column 'C1': expected bag values split by '|', each an id, ':' and a weight within float32's "
+        f"range (|x| <= 3.4028235e38), or nothing, got 'a:0.5|b'")
+    with pytest.raises(DataError, match=r"d\.tsv:2: column 'C1': expected bag values .* \(on_bad_row is 'fail'\)"):
+        list(read_batches(path, columns=SMALL, checks={"C1": check}, on_bad_row="fail"))
+
+
 def test_a_row_without_its_label_is_a_bad_row(tmp_path):
     path = _write(tmp_path / "d.tsv", "1\t5\ta\n\t6\tb\n")
     report = BadRows()

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 from tidal.config import DenseFeature, FeatureConfig, LabelFeature, SparseFeature, require
 from tidal.data.batch import SparseBatch
 from tidal.data.hashing import hash_strings
+from tidal.data.readers import WeightedBags, weighted_values
 from tidal.errors import ConfigError, DataError
 from tidal.mixing import mix64_array
 
@@ -43,10 +44,24 @@ class Extractor:
         self.sparse = [f for f in features if isinstance(f, SparseFeature)]
         self.dense = [f for f in features if isinstance(f, DenseFeature)]
         self.labels = [f for f in features if isinstance(f, LabelFeature)]
+        self._one_reading()
         self._seeds = {f.name: feature_seed(f) for f in self.sparse}
         self._simple = {f.name: f for f in self.sparse  # one string column hashed to one id
                         if len(f.columns) == 1 and f.hashed and f.separator is None and f.buckets is None}
         self._simple_seeds = np.array([self._seeds[name] for name in self._simple], dtype=np.uint64)
+
+    def _one_reading(self) -> None:
+        """A column of weighted bags is read only as such, with the same separators."""
+        for f in self.sparse:
+            if f.weight_separator is None:
+                continue
+            column, read = f.columns[0], (f.separator, f.weight_separator)
+            others = [g.name for g in self.sparse if column in g.columns and (g.separator, g.weight_separator) != read]
+            others += [g.name for g in (*self.dense, *self.labels) if g.column == column]
+            if others:
+                raise ConfigError(f"column {column!r} holds weighted bags for feature {f.name!r} (separator "
+                                  f"{f.separator!r}, weight_separator {f.weight_separator!r}), but {others} read it "
+                                  f"another way; read it with the same separators, or from a column of its own")
 
     @property
     def columns(self) -> list[str]:
@@ -55,12 +70,15 @@ class Extractor:
         return list(dict.fromkeys(used))
 
     @property
-    def checks(self) -> dict[str, str]:
-        """What the reader must check each column holds: labels 0 or 1, numbers, raw ids.
-        A column read in two ways gets the stricter check (an integer is also a number)."""
-        checks = {f.columns[0]: "number" for f in self.sparse if f.buckets is not None}
+    def checks(self) -> dict[str, str | WeightedBags]:
+        """What the reader must check each column holds: labels 0 or 1, numbers, raw ids,
+        weighted bags. A column read in two ways gets the stricter check (an integer is
+        also a number); weighted bags are read only as such (see `_one_reading`)."""
+        checks: dict[str, str | WeightedBags] = {f.columns[0]: "number" for f in self.sparse if f.buckets is not None}
         checks |= {f.column: "number" for f in self.dense}
         checks |= {f.columns[0]: "integer" for f in self.sparse if not f.hashed}
+        checks |= {f.columns[0]: WeightedBags(f.separator, f.weight_separator)  # type: ignore[arg-type]
+                   for f in self.sparse if f.weight_separator is not None}
         return checks | {f.column: "label" for f in self.labels}
 
     def __call__(self, batch: pa.RecordBatch) -> SparseBatch:
@@ -76,9 +94,9 @@ class Extractor:
         dense = _dense(self.dense, batch) if self.dense else None
         labels = _labels(self.labels, batch) if self.labels else None
         return SparseBatch(keys=[f.name for f in self.sparse], batch_size=batch.num_rows,
-                           values=np.concatenate([v for v, _ in bags]) if bags else np.zeros(0, np.int64),
-                           lengths=np.concatenate([n for _, n in bags]) if bags else np.zeros(0, np.int32),
-                           dense=dense, labels=labels)
+                           values=np.concatenate([v for v, _, _ in bags]) if bags else np.zeros(0, np.int64),
+                           lengths=np.concatenate([n for _, n, _ in bags]) if bags else np.zeros(0, np.int32),
+                           weights=_weights(bags), dense=dense, labels=labels)
 
     def _check_text(self, schema: pa.Schema) -> None:
         """Every column a sparse feature hashes or reads ids from must hold strings, as
@@ -90,8 +108,8 @@ class Extractor:
                 raise DataError(f"feature {f.name!r} reads its column(s) as text: expected string columns, got "
                                 f"{', '.join(wrong)}; cast them with pyarrow.compute.cast(column, pyarrow.string())")
 
-    def _simple_bags(self, batch: pa.RecordBatch) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """(ids, bag lengths) of every feature that hashes one string column, in one
+    def _simple_bags(self, batch: pa.RecordBatch) -> dict[str, _Bags]:
+        """(ids, bag lengths, no weights) of every feature that hashes one string column, in one
         kernel call over all their columns (the same ids as one call per feature)."""
         columns = [batch.column(f.columns[0]) for f in self._simple.values()]
         if not columns or len({c.type for c in columns}) > 1:
@@ -101,14 +119,14 @@ class Extractor:
         return {name: _single_value(ids[k * n : (k + 1) * n], missing[k * n : (k + 1) * n], f.missing, self._seeds[name])
                 for k, (name, f) in enumerate(self._simple.items())}
 
-    def _bags(self, feature: SparseFeature, batch: pa.RecordBatch) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, bag lengths) of one feature over the batch."""
+    def _bags(self, feature: SparseFeature, batch: pa.RecordBatch) -> _Bags:
+        """(ids, bag lengths, weights or None) of one feature over the batch."""
         seed = self._seeds[feature.name]
         if len(feature.columns) > 1:
             ids, missing = _cross([batch.column(c) for c in feature.columns], seed)
         elif feature.separator is not None:
-            ids, lengths = _multi_value(batch.column(feature.columns[0]), feature.separator, seed)
-            return _default_for_empty_bags(ids, lengths, seed) if feature.missing == "default" else (ids, lengths)
+            bags = _multi_value(batch.column(feature.columns[0]), feature, seed)
+            return _default_for_empty_bags(bags, seed) if feature.missing == "default" else bags
         elif feature.buckets is not None:
             ids, missing = _bucket(batch.column(feature.columns[0]), feature.buckets, seed, feature.name)
         elif feature.hashed:
@@ -118,32 +136,49 @@ class Extractor:
         return _single_value(ids, missing, feature.missing, seed)
 
 
-def _single_value(ids: np.ndarray, missing: np.ndarray, policy: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+_Bags = tuple[np.ndarray, np.ndarray, np.ndarray | None]  # ids, bag lengths, float32 weights or None
+
+
+def _weights(bags: list[_Bags]) -> np.ndarray | None:
+    """Every id's weight when a feature has weights (1 for the ids of the others), else None."""
+    if all(w is None for _, _, w in bags):
+        return None
+    return np.concatenate([np.ones(ids.shape[0], np.float32) if w is None else w for ids, _, w in bags])
+
+
+def _single_value(ids: np.ndarray, missing: np.ndarray, policy: str, seed: int) -> _Bags:
     if policy == "default":
         default, _ = hash_strings(pa.array([_MISSING]), seed)
-        return np.where(missing, default[0], ids), np.ones(ids.shape[0], dtype=np.int32)
-    return ids[~missing], (~missing).astype(np.int32)
+        return np.where(missing, default[0], ids), np.ones(ids.shape[0], dtype=np.int32), None
+    return ids[~missing], (~missing).astype(np.int32), None
 
 
-def _default_for_empty_bags(ids: np.ndarray, lengths: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Give every empty bag the feature's default id."""
+def _default_for_empty_bags(bags: _Bags, seed: int) -> _Bags:
+    """Give every empty bag the feature's default id (of weight 1)."""
+    ids, lengths, weights = bags
     empty = lengths == 0
     if not empty.any():
-        return ids, lengths
+        return bags
     default = hash_strings(pa.array([_MISSING]), seed)[0][0]
-    ends = np.cumsum(lengths)
-    filled = np.insert(ids, ends[empty], default)  # each empty bag gets one id where it starts
-    return filled, np.where(empty, 1, lengths).astype(np.int32)
+    starts = np.cumsum(lengths)[empty]  # each empty bag gets one id where it starts
+    filled = np.where(empty, 1, lengths).astype(np.int32)
+    return np.insert(ids, starts, default), filled, None if weights is None else np.insert(weights, starts, 1.0)
 
 
-def _multi_value(column: pa.Array, separator: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split every row on `separator`; empty tokens (and null rows) are dropped."""
-    lists = pc.split_pattern(pc.fill_null(column, ""), separator)
-    tokens = pc.list_flatten(lists)
+def _multi_value(column: pa.Array, feature: SparseFeature, seed: int) -> _Bags:
+    """Split every row on the feature's separator, and each value into id and weight
+    when it has a weight separator; empty values (and null rows) are dropped."""
+    lists = pc.split_pattern(pc.fill_null(column, ""), feature.separator)
+    tokens, weights = pc.list_flatten(lists), None
+    if feature.weight_separator is not None:
+        tokens, weights = weighted_values(tokens, feature.weight_separator)
+        if np.isnan(weights).any():
+            raise DataError(f"feature {feature.name!r}: expected {WeightedBags(feature.separator, feature.weight_separator).expected}"  # type: ignore[arg-type]
+                            f", got a value without one; read files with read_batches(checks=extractor.checks) to skip such rows")
     ids, empty = hash_strings(tokens, seed)
     row_of_token = np.repeat(np.arange(len(lists)), pc.list_value_length(lists).to_numpy(zero_copy_only=False))
     lengths = np.bincount(row_of_token[~empty], minlength=len(lists)).astype(np.int32)
-    return ids[~empty], lengths
+    return ids[~empty], lengths, None if weights is None else weights[~empty].astype(np.float32)
 
 
 def _integer_ids(column: pa.Array, name: str) -> tuple[np.ndarray, np.ndarray]:

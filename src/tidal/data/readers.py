@@ -5,7 +5,7 @@ memory. Every column comes out as a string column (Parquet columns are cast, boo
 as 1 and 0), and checked columns are checked row by row without Python loops: a row
 with the wrong number of columns, an empty line, a line holding a carriage return
 other than in a CRLF line end, a field that is not UTF-8 text, an unparsable number
-or a label that is not 0 or 1 is a bad row. Bad rows are counted and described
+a label that is not 0 or 1, or a weighted bag value without a weight, is a bad row. Bad rows are counted and described
 (file, line, reason) in a `BadRows` report and skipped, or, with
 ``on_bad_row="fail"``, stop the run with a `DataError` naming the first one.
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import codecs
 import glob
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,19 +36,58 @@ from tidal.config import is_whole_number
 from tidal.data.criteo import CRITEO_COLUMNS, CRITEO_DENSE
 from tidal.errors import DataError
 
-__all__ = ["BadRows", "CRITEO_CHECKS", "expand_paths", "format_of", "read_batches"]
+__all__ = ["BadRows", "CRITEO_CHECKS", "WeightedBags", "expand_paths", "format_of", "read_batches", "weighted_values"]
 
 _INT64_MAX, _INT64_MIN = "9223372036854775807", "-9223372036854775808"  # 2**63 - 1 and -2**63, written out
 FLOAT32_MAX = 3.4028235e38  # float32's largest value as numpy writes it (it reads back as that value)
+_NUMBER = r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
 _PATTERNS = {  # what a checked column must hold; "label" may not be empty, the others may
     "integer": r"^-?[0-9]+$",  # and within int64's range: see `_within_int64`
-    "number": r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$",
+    "number": f"^{_NUMBER}$",
     "label": r"^[01]$",
 }
 _EXPECTED = {"integer": f"an integer within int64's range ({_INT64_MIN} to {_INT64_MAX}) or nothing",
              "number": "a number within float32's range (|x| <= 3.4028235e38) or nothing", "label": "0 or 1"}
 _TO_STRING = pc.CastOptions(pa.string(), allow_invalid_utf8=True)  # binary fields are checked row by row
 CRITEO_CHECKS: dict[str, str] = {"label": "label", **{c: "integer" for c in CRITEO_DENSE}}
+
+
+@dataclass(frozen=True)
+class WeightedBags:
+    """The check of a column of weighted bags such as "a:0.5|b:2": every value (between
+    `separator`s; empty ones are left out) is an id, `weight_separator` and a weight
+    within float32's range."""
+
+    separator: str
+    weight_separator: str
+
+    @property
+    def expected(self) -> str:
+        return (f"bag values split by {self.separator!r}, each an id, {self.weight_separator!r} and a weight within "
+                "float32's range (|x| <= 3.4028235e38), or nothing")
+
+    def bad(self, column: pa.Array) -> np.ndarray:
+        """Which rows of a string column hold a value that is not so."""
+        lists = pc.split_pattern(pc.fill_null(column, ""), self.separator)
+        _, weights = weighted_values(pc.list_flatten(lists), self.weight_separator)
+        rows = np.repeat(np.arange(len(lists)), pc.list_value_length(lists).to_numpy(zero_copy_only=False))
+        bad = np.zeros(len(lists), dtype=bool)
+        bad[rows[np.isnan(weights)]] = True
+        return bad
+
+
+def weighted_values(values: pa.Array, weight_separator: str) -> tuple[pa.Array, np.ndarray]:
+    """(ids, weights) of weighted bag values "id<weight_separator>weight", split at the
+    separator's last occurrence (ids may hold it): the id strings, and the weights as
+    float64, NaN for a value without a weight within float32's range. An empty value
+    gives an empty id of weight 1 (bags leave empty values out)."""
+    parts = pc.extract_regex(values, f"^(?P<id>.+){re.escape(weight_separator)}(?P<weight>{_NUMBER})$")
+    weights = np.array(pc.cast(pc.struct_field(parts, "weight"), pa.float64()))  # a copy; NaN: no match
+    with np.errstate(invalid="ignore"):
+        weights[np.abs(weights) > FLOAT32_MAX] = np.nan
+    empty = pc.equal(pc.utf8_length(values), 0).to_numpy(zero_copy_only=False)
+    weights[empty] = 1.0
+    return pc.if_else(pc.is_null(parts), "", pc.struct_field(parts, "id")), weights
 _MAX_EXAMPLES = 20
 _FORMATS = ("tsv", "csv", "parquet")
 _ASCII = bytes(range(128)) + b"?" * 128  # a translation: bytes from 0x80 on to '?'
@@ -113,7 +153,7 @@ def _files_matching(pattern: str) -> list[str]:
 
 
 def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
-                 columns: Sequence[str] = CRITEO_COLUMNS, checks: Mapping[str, str] | None = None,
+                 columns: Sequence[str] = CRITEO_COLUMNS, checks: Mapping[str, str | WeightedBags] | None = None,
                  file_format: Literal["tsv", "csv", "parquet"] | None = None, batch_rows: int = 65536,
                  on_bad_row: Literal["skip", "fail"] = "skip", bad_rows: BadRows | None = None,
                  csv_header: bool = True) -> Iterator[pa.RecordBatch]:
@@ -128,12 +168,13 @@ def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
     exactly `batch_rows` rows, the last one fewer. Empty fields are kept as empty
     strings (missing values), as are Parquet nulls. `checks` maps columns to what they
     must hold: "integer" (int64) or "number" (float32), or nothing, or "label" (0 or
-    1); by default, Criteo's label and counts among `columns`.
+    1), or weighted bags (a `WeightedBags`); by default, Criteo's label and counts
+    among `columns`.
     """
     columns = _check_options(columns, file_format, batch_rows, on_bad_row)
     if checks is None:
         checks = {c: k for c, k in CRITEO_CHECKS.items() if c in columns}
-    unknown = {c: k for c, k in checks.items() if k not in _PATTERNS or c not in columns}
+    unknown = {c: k for c, k in checks.items() if not (isinstance(k, WeightedBags) or k in _PATTERNS) or c not in columns}
     if unknown:
         raise DataError(f"checks must name read columns and one of {sorted(_PATTERNS)}, got {unknown}")
     report = bad_rows if bad_rows is not None else BadRows()
@@ -161,7 +202,7 @@ def _check_options(columns: Sequence[str], file_format: str | None, batch_rows: 
     return names
 
 
-def _checked(paths: list[str], columns: Sequence[str], checks: Mapping[str, str], file_format: str | None,
+def _checked(paths: list[str], columns: Sequence[str], checks: Mapping[str, str | WeightedBags], file_format: str | None,
              batch_rows: int, report: BadRows, on_bad_row: str, csv_header: bool) -> Iterator[pa.RecordBatch]:
     for path in paths:
         kind = file_format or format_of(path)
@@ -596,7 +637,7 @@ def _to_string(kind: pa.DataType) -> bool:
     return True
 
 
-def _valid_rows(batch: pa.RecordBatch, path: str, lines: np.ndarray, checks: Mapping[str, str], report: BadRows,
+def _valid_rows(batch: pa.RecordBatch, path: str, lines: np.ndarray, checks: Mapping[str, str | WeightedBags], report: BadRows,
                 on_bad_row: str, dropped: list[tuple[int, str]]) -> pa.RecordBatch:
     """`batch` without the rows whose checked fields do not hold what they must. Those
     and the rows `dropped` among them are reported in line order, or, in fail mode,
@@ -604,8 +645,9 @@ def _valid_rows(batch: pa.RecordBatch, path: str, lines: np.ndarray, checks: Map
     bad: dict[int, str] = {}  # row -> why (its first bad column)
     for name, kind in checks.items():
         column = batch.column(name)
-        for row in np.flatnonzero(~_fine(column, kind).to_numpy(zero_copy_only=False)):
-            bad.setdefault(int(row), f"column {name!r}: expected {_EXPECTED[kind]}, got {_shown(column[row].as_py())}")
+        for row in np.flatnonzero(_bad(column, kind)):
+            expected = kind.expected if isinstance(kind, WeightedBags) else _EXPECTED[kind]
+            bad.setdefault(int(row), f"column {name!r}: expected {expected}, got {_shown(column[row].as_py())}")
     found = sorted([(int(lines[row]), why) for row, why in bad.items()] + dropped)
     if found and on_bad_row == "fail":
         line, reason = found[0]
@@ -622,6 +664,13 @@ def _valid_rows(batch: pa.RecordBatch, path: str, lines: np.ndarray, checks: Map
 def _shown(value: str) -> str:
     """A field's value as a bad row's reason shows it."""
     return repr(value) if value else "a missing value (an empty field, or null)"
+
+
+def _bad(column: pa.Array, kind: str | WeightedBags) -> np.ndarray:
+    """Which rows of `column` do not hold what `kind` asks for."""
+    if isinstance(kind, WeightedBags):
+        return kind.bad(column)
+    return ~_fine(column, kind).to_numpy(zero_copy_only=False)
 
 
 def _fine(column: pa.Array, kind: str) -> pa.Array:

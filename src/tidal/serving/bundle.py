@@ -185,8 +185,10 @@ def _manifest(config: RunConfig, directory: Path, staging: Path, dtype: str) -> 
 
 
 def _inputs(config: RunConfig) -> list[dict]:
-    """The request inputs of a config, as the manifest lists them (JSON values)."""
-    return json.loads(json.dumps([asdict(spec) for spec in input_specs(config).values()]))
+    """The request inputs of a config, as the manifest lists them (JSON values). An
+    unweighted input leaves `weight_separator` out, as bundles made before it did."""
+    specs = [asdict(spec) for spec in input_specs(config).values()]
+    return json.loads(json.dumps([{k: v for k, v in spec.items() if k != "weight_separator" or v} for spec in specs]))
 
 
 # ---------------------------------------------------------------------- loading

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tidal.config import DenseFeature, RunConfig, SparseFeature
-from tidal.data.readers import FLOAT32_MAX
+from tidal.data.readers import FLOAT32_MAX, WeightedBags
 from tidal.errors import TidalError
 
 __all__ = ["DecodedRequest", "InputSpec", "RequestError", "decode_request", "encode_response", "infer_request",
@@ -58,6 +58,7 @@ class InputSpec:
     kind: str  # ids (hashed strings) | integer (raw integer ids) | number
     side: str  # user (one value per request) | item (one per candidate) | both (a user value some item feature reads too)
     separator: str | None = None  # a multi-value column
+    weight_separator: str | None = None  # a multi-value column whose values carry weights ("a:0.5|b:2")
     also: tuple[str, ...] = ()  # other kinds the column is read as (each checked): integer, number
 
 
@@ -91,9 +92,11 @@ def _spec(column: str, features: list[SparseFeature | DenseFeature]) -> InputSpe
     kinds = {_kind(f) for f in features}
     sides = {"user" if f.side == "user" else "item" for f in features}
     separators = {f.separator for f in features if isinstance(f, SparseFeature) and f.separator}
+    weighted = {f.weight_separator for f in features if isinstance(f, SparseFeature) and f.weight_separator}
     kind = next(iter(kinds)) if len(kinds) == 1 else "ids"  # read several ways: keep the file's strings
     return InputSpec(name=column, kind=kind, side=sides.pop() if len(sides) == 1 else "both",
-                     separator=separators.pop() if separators else None, also=tuple(sorted(kinds - {kind, "ids"})))
+                     separator=separators.pop() if separators else None,
+                     weight_separator=weighted.pop() if weighted else None, also=tuple(sorted(kinds - {kind, "ids"})))
 
 
 def _kind(feature: SparseFeature | DenseFeature) -> str:
@@ -371,16 +374,24 @@ def _column(spec: InputSpec, tensors: dict) -> pa.Array:
         return _numbers(spec.name, value)
     if isinstance(value, pa.Array):
         return _checked(spec, value)
-    return pc.cast(pa.array(value), pa.string())
+    strings = pc.cast(pa.array(value), pa.string())
+    return _checked(spec, strings) if spec.weight_separator is not None else strings  # INT64 ids carry no weights
 
 
 def _checked(spec: InputSpec, strings: pa.Array) -> pa.Array:
-    """`strings`, once every way the features read them parses (integer ids, numbers)."""
+    """`strings`, once every way the features read them parses (integer ids, numbers,
+    weighted bags)."""
     for kind in {spec.kind, *spec.also}:
         if kind == "integer":
             _check_integers(spec.name, strings)
         elif kind == "number":
             _numbers_from_text({spec.name: strings})
+    if spec.weight_separator is not None:
+        check = WeightedBags(spec.separator, spec.weight_separator)  # type: ignore[arg-type]
+        bad = np.flatnonzero(check.bad(strings))
+        if bad.size:
+            raise RequestError(f"input {spec.name!r}: expected {check.expected}, got {strings[int(bad[0])].as_py()!r} "
+                               f"at position {bad[0]}")
     return strings
 
 

@@ -1,0 +1,104 @@
+"""Weighted bags ("a:0.5|b:2") from a file to a served score: the weights reach the
+pooling in training and in serving, and a value without its weight is a bad row there
+and a 400 here."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from tidal.config import RunConfig
+from tidal.errors import ConfigError
+from tidal.runtime import Trainer
+from tidal.serving import Predictor, RequestError, export, load_bundle
+from tidal.serving.protocol import decode_request, infer_request, input_specs
+
+ROWS = 6_000
+
+
+def _write_csv(path, rng: np.random.Generator) -> None:
+    """Each row holds the same two tags; only their weights tell the label (up if the
+    first outweighs the second), so a model that did not see the weights stays at chance."""
+    up, down = rng.uniform(0, 1, ROWS), rng.uniform(0, 1, ROWS)
+    labels = (up > down).astype(int)
+    lines = ["label,user,tags"]
+    lines += [f"{y},u{i % 50},up:{a:.4f}|down:{b:.4f}" for i, (y, a, b) in enumerate(zip(labels, up, down))]
+    lines += ["1,u1,up:0.5|down", "0,u2,up:0.5|down:1e39"]  # a weight missing, one past float32's range
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _config(tmp_path) -> RunConfig:
+    _write_csv(tmp_path / "train.csv", np.random.default_rng(0))
+    return RunConfig(
+        data={"train": str(tmp_path / "train.csv"), "batch_size": 256},
+        features=[
+            {"kind": "sparse", "name": "user", "columns": ["user"], "table": "ids", "side": "user"},
+            {"kind": "sparse", "name": "tags", "columns": ["tags"], "table": "ids", "separator": "|",
+             "weight_separator": ":"},
+            {"kind": "label", "name": "click", "column": "label"},
+        ],
+        tables=[{"name": "ids", "dim": 4, "optimizer": {"kind": "adagrad", "lr": 0.1}}],
+        model={"kind": "dlrm", "bottom_sizes": [4], "hidden_sizes": [16]},
+        training={"epochs": 3, "lr": 0.01, "log_every": 1000, "run_dir": str(tmp_path / "run")},
+        serving={"buckets": [1, 8, 64], "max_batch_rows": 64, "chunk_rows": 64},
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("weighted")
+    trainer = Trainer(_config(root))
+    summary = trainer.fit()
+    return trainer, summary, Predictor(load_bundle(export(trainer.run_dir, root / "bundle")))
+
+
+def _rows(tags: list[str]) -> pa.RecordBatch:
+    return pa.record_batch({"label": ["0"] * len(tags), "user": ["u1"] * len(tags), "tags": tags})
+
+
+def _request(trainer, rows: pa.RecordBatch) -> bytes:
+    return json.dumps(infer_request(rows, input_specs(trainer.config))).encode()
+
+
+def test_training_reads_the_weights_and_counts_values_without_one_as_bad_rows(trained):
+    trainer, summary, _ = trained
+    assert summary["bad_rows"] == 2
+    batch = trainer.extract(_rows(["up:0.25|down:2", "down:1e-3||"]))
+    np.testing.assert_array_equal(batch.weights, np.float32([1, 1, 0.25, 2, 1e-3]))  # the users' ids weigh 1
+    rows = _rows([f"up:{a}|down:{b}" for a, b in [(0.9, 0.1), (0.1, 0.9), (0.7, 0.2), (0.3, 0.8)]])
+    with torch.no_grad():
+        trainer.model.eval()
+        batch = trainer.extract(rows)
+        pooled, _ = trainer.collection.forward(batch, train=False)
+        p = torch.sigmoid(trainer.model(pooled, torch.zeros(4, 0)))[:, 0].numpy()
+    assert p[0] > 0.8 and p[2] > 0.6 and p[1] < 0.2 and p[3] < 0.4  # learnt from the weights alone
+
+
+def test_served_scores_equal_the_trained_models_and_a_value_without_weight_is_refused(trained):
+    trainer, _, predictor = trained
+    rows = _rows(["up:0.9|down:0.1", "down:0.3|up:0.2|up:0.5", ""])
+    specs = input_specs(trainer.config)
+    assert specs["tags"].weight_separator == ":"
+    decoded = decode_request(_request(trainer, rows), None, specs, [*predictor.targets, "score"])
+    served = predictor.predict([predictor.piece(decoded.columns, decoded.rows)])
+    with torch.no_grad():
+        pooled, _ = trainer.collection.forward(trainer.extract(rows), train=False)
+        expected = torch.sigmoid(trainer.model(pooled, torch.zeros(3, 0))).numpy()
+    np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-6)
+    for value in ("up:0.9|down", "up:inf", "up:1e39|down:1"):
+        with pytest.raises(RequestError, match=rf"input 'tags': expected bag values split by '\|', each an id, "
+                                               rf"':' and a weight .* got '{value}' at position 1"):
+            decode_request(_request(trainer, _rows(["up:1|down:2", value])), None, specs, ["score"])
+
+
+def test_a_weighted_column_is_read_only_as_weighted_bags_with_its_separators(tmp_path):
+    config = _config(tmp_path).model_dump()
+    config["features"].append({"kind": "sparse", "name": "raw_tags", "columns": ["tags"], "table": "ids",
+                               "separator": "|"})
+    with pytest.raises(ConfigError, match=r"column 'tags' holds weighted bags for feature 'tags' \(separator '\|', "
+                                          r"weight_separator ':'\), but \['raw_tags'\] read it another way"):
+        Trainer(RunConfig(**config))
