@@ -53,7 +53,7 @@ def test_cli_refuses_bad_thread_count(capsys):
     assert "--threads must be >= 1, got [0]" in capsys.readouterr().err
 
 
-def test_peers_take_turns_in_blocks_and_the_first_step_of_a_turn_is_not_timed():
+def test_peers_take_turns_in_blocks_each_round_led_by_the_next_and_the_first_step_of_a_turn_is_not_timed():
     import time
 
     from tidal.bench.sparse import _median_step_s
@@ -67,10 +67,10 @@ def test_peers_take_turns_in_blocks_and_the_first_step_of_a_turn_is_not_timed():
             time.sleep(0.03 if slow else 0.001)
         return run_one
 
-    medians = _median_step_s({"a": step("a"), "b": step("b")}, list(range(6)), warmup=0, block=4)
-    assert order == [("a", n) for n in range(4)] + [("b", n) for n in range(4)] + \
-        [("a", 4), ("a", 5), ("b", 4), ("b", 5)]
-    assert medians["a"] < 0.01 and medians["b"] < 0.01
+    medians = _median_step_s({"a": step("a"), "b": step("b"), "c": step("c")}, list(range(10)), warmup=0, block=4)
+    turn = lambda names, batches: [(name, n) for name in names for n in batches]  # noqa: E731
+    assert order == turn("abc", range(4)) + turn("bca", range(4, 8)) + turn("cab", range(8, 10))
+    assert medians["a"] < 0.01 and medians["b"] < 0.01 and medians["c"] < 0.01
 
 
 def test_figures_follow_from_the_step_times(monkeypatch):

@@ -115,11 +115,15 @@ def _median_step_s(steps: dict[str, _Step], batches: list[_Batch], warmup: int,
     Taking turns exposes every peer to the same background load of a shared machine,
     and the median ignores the odd step that a neighbour's burst slowed down. The first
     step of each turn is not timed: it pays for what the other peer left behind (torch's
-    OpenMP threads spin for milliseconds after its step, holding a core).
+    OpenMP threads spin for milliseconds after its step, holding a core). Each round of
+    turns starts with the next peer, since a peer's place in the round moves its figure
+    by a few percent (the same step measured 2% faster going first than second).
     """
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for first in range(0, len(batches), block):
-        for name, step in steps.items():
+    names = list(steps)
+    for turn, first in enumerate(range(0, len(batches), block)):
+        for name in names[turn % len(names):] + names[: turn % len(names)]:
+            step = steps[name]
             for n in range(first, min(first + block, len(batches))):
                 start = time.perf_counter()
                 step(batches[n])
