@@ -284,6 +284,7 @@ def _write_failed(command: str, exc: Exception, consequence: str) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from tidal.errors import ConfigError, TidalError
     from tidal.serving import Service, listen, load_bundle, serve
+    from tidal.serving.server import sigterm_interrupts
 
     flags = {k: v for k, v in {"max_batch_rows": args.max_batch_rows, "chunk_rows": args.chunk_rows,
                                "max_delay_ms": args.max_delay_ms, "sparse_threads": args.sparse_threads}.items()
@@ -301,7 +302,12 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"tidal serve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     try:
-        service = Service(load_bundle(args.bundle), name=name, batching=not args.no_batching, **overrides)
+        with sigterm_interrupts():  # a SIGTERM while loading stops as Ctrl-C does
+            service = Service(load_bundle(args.bundle), name=name, batching=not args.no_batching, **overrides)
+    except KeyboardInterrupt:
+        sock.close()
+        print("stopped before serving", flush=True)
+        return 0
     except TidalError as exc:
         sock.close()
         message = str(exc)

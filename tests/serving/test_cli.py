@@ -107,3 +107,35 @@ def test_serve_names_the_flag_of_a_value_out_of_range(trainer, tmp_path, capsys)
         assert expected in capsys.readouterr().err, setting
     assert main(["serve", str(bundle), "--port", str(_free_port()), "--chunk-rows", "8", "--set", "chunk_rows=4"]) == 2
     assert "--set chunk_rows: given twice" in capsys.readouterr().err
+
+
+def test_serve_stopped_by_sigterm_while_it_loads_its_bundle_exits_as_ctrl_c_does(tmp_path):
+    """A SIGTERM before serving (here: while the bundle loads) ends the process as a
+    Ctrl-C does, saying so, with status 0; it used to die of the signal (143)."""
+    script = ("import os, signal, sys, time\n"
+              "import tidal.serving\n"
+              "from tidal.cli import main\n"
+              "def loading(path):\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    time.sleep(60)\n"
+              "tidal.serving.load_bundle = loading\n"
+              f"sys.exit(main(['serve', {str(tmp_path)!r}, '--port', '{_free_port()}']))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "stopped before serving\n"
+
+
+def test_a_second_sigterm_makes_a_stopping_server_stop_at_once_as_a_second_ctrl_c_does(bundle):
+    from tidal.serving import Service
+    from tidal.serving.server import _Server
+
+    service = Service(bundle)
+    server = _Server(service, exit_timeout_s=30.0)
+    try:
+        server.handle_exit(signal.SIGTERM, None)
+        assert server.should_exit and not server.force_exit  # the first lets the requests held finish
+        server.handle_exit(signal.SIGTERM, None)
+        assert server.force_exit
+    finally:
+        server.end()
+        service.close()

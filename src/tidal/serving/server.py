@@ -28,7 +28,7 @@ Stopping (Ctrl-C or SIGTERM, as Triton): the server stops accepting connections 
 lets the requests it holds run for up to `exit_timeout_s` (30 s); a second before
 that deadline, those still queued get a 503 ("the server shut down before this request
 ran"), so that only a batch still running then could be cut off. A second Ctrl-C
-stops at once. The socket listens from `listen` on: connections made while the bundle
+or SIGTERM stops at once. The socket listens from `listen` on: connections made while the bundle
 loads wait in its backlog.
 """
 
@@ -529,6 +529,8 @@ class _Server(uvicorn.Server):
         self._exiting = False
 
     def handle_exit(self, sig: int, frame: object) -> None:  # uvicorn's signal handler
+        if self._exiting and sig == signal.SIGTERM:  # a second SIGTERM stops at once, as a second Ctrl-C does
+            self.force_exit = True
         self.begin_exit()
         super().handle_exit(sig, frame)
 
@@ -580,18 +582,27 @@ def serve(service: Service, sock: socket.socket, *, exit_timeout_s: float = _EXI
     or SIGTERM; see the module docstring). uvicorn passes the signal on once it has
     stopped: either one then raises KeyboardInterrupt here, after the service closed."""
     server = _Server(service, exit_timeout_s)
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
-    try:
-        with _serving_gc():
-            server.run(sockets=[sock])
-    finally:
-        server.end()
+    with sigterm_interrupts():
         try:
-            service.close()
+            with _serving_gc():
+                server.run(sockets=[sock])
         finally:
-            if main:
-                signal.signal(signal.SIGTERM, previous)
+            server.end()
+            service.close()
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """A block in which SIGTERM raises KeyboardInterrupt, as Ctrl-C does (in the main
+    thread; elsewhere signals cannot be handled, and nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _interrupt(sig: int, frame: object) -> None:
