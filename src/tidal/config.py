@@ -56,6 +56,7 @@ __all__ = [
     "is_whole_number",
     "require",
     "require_threads",
+    "weighted_bag_problem",
 ]
 
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # a device for dense math
@@ -274,9 +275,12 @@ class SparseFeature(_Model):
 
     - `separator`: the column holds several values per row ("a|b|c"): a multi-value bag.
     - `weight_separator`: each value of a bag carries its weight after this separator
-      ("a:0.5|b:2" with ":"), split at its last occurrence, so ids may hold it; the
-      weight multiplies the id's row in the pooling (a weighted sum, mean or sqrtn). A
-      value without a weight, or one that is not a finite float32, is a bad row.
+      ("a:0.5|b:2" with ":"), split at its last occurrence, so ids may hold it (and a
+      value without a weight whose id holds it, "item:5", reads as weight 5). The
+      weight multiplies the id's row in the pooling: sum gives sum(w * row), mean
+      sum(w * row) / n and sqrtn sum(w * row) / sqrt(n) over the n values of the bag.
+      A value without a weight, or with one past float32's range, is a bad row;
+      neither separator may hold a character of a number.
     - `hashed`: strings become int64 ids with a stable 64-bit hash seeded by `namespace`
       (default: the feature name), so equal strings of two features get different ids
       unless they share a namespace; with ``hashed: false`` the column holds integer ids.
@@ -324,18 +328,31 @@ class SparseFeature(_Model):
         if self.separator is None:
             raise ValueError(f"weight_separator {self.weight_separator!r} splits the values of a bag: it needs a "
                              f"separator (\"a:0.5|b:2\" is separator '|' and weight_separator ':')")
-        if self.weight_separator in self.separator or self.separator in self.weight_separator:
-            raise ValueError(f"weight_separator {self.weight_separator!r} and separator {self.separator!r} must not "
-                             f"hold one another, or a bag could not be split")
-        if any(c in _NUMBER_CHARS for c in self.weight_separator):
-            raise ValueError(f"weight_separator {self.weight_separator!r} holds a character of a number "
-                             f"({_NUMBER_CHARS}): a weight could not be told from it")
+        problem = weighted_bag_problem(self.separator, self.weight_separator)  # type: ignore[arg-type]
+        if problem:
+            raise ValueError(problem)
 
     def embedding(self) -> EmbeddingFeature:
         return EmbeddingFeature(name=self.name, table=self.table, pooling=self.pooling)
 
 
 _NUMBER_CHARS = "0123456789.eE+-"
+
+
+def weighted_bag_problem(separator: str, weight_separator: str) -> str | None:
+    """Why bags split by `separator`, each value "id<weight_separator>weight", could not
+    be read (None when they can): neither separator may be empty, hold the other, or
+    hold a character of a number."""
+    if not separator or not weight_separator:
+        return f"separator {separator!r} and weight_separator {weight_separator!r} may not be empty"
+    if weight_separator in separator or separator in weight_separator:
+        return (f"weight_separator {weight_separator!r} and separator {separator!r} must not hold one another, or a "
+                f"bag could not be split")
+    for name, text in (("weight_separator", weight_separator), ("separator", separator)):
+        if any(c in _NUMBER_CHARS for c in text):
+            return (f"{name} {text!r} holds a character of a number ({_NUMBER_CHARS}): a weight could not be told "
+                    f"from it")
+    return None
 
 
 class DenseFeature(_Model):

@@ -152,15 +152,16 @@ def test_weighted_bags_split_each_value_at_its_last_weight_separator():
     assert out.values[0] == _hash("url:a:b", feature_seed(tags)) and out.values[2] == _hash("\x00missing", feature_seed(tags))
     assert Extractor([plain])(pa.record_batch({"t": ["url:a:b"]})).values[0] == out.values[0]  # the id part, hashed
     assert Extractor([tags]).checks == {"t": WeightedBags("|", ":")}
-    with pytest.raises(DataError, match=r"feature 'tags': expected bag values split by '\|', each an id, ':' and a "
-                                        r"weight .* got a value without one; read files with read_batches\(checks="):
-        Extractor([tags])(pa.record_batch({"t": ["a:1|b"]}))
+    with pytest.raises(DataError, match=r"feature 'tags', row 1: the value 'b' is not an id, ':' and a weight; "
+                                        r"expected bag values split by '\|', .* read files with read_batches\(checks="):
+        Extractor([tags])(pa.record_batch({"t": ["a:1", "a:1|b"]}))
 
 
 @pytest.mark.parametrize(("settings", "message"), [
     ({"weight_separator": ":"}, "weight_separator ':' splits the values of a bag: it needs a separator"),
     ({"separator": "::", "weight_separator": ":"}, "weight_separator ':' and separator '::' must not hold one another"),
     ({"separator": "|", "weight_separator": "e"}, r"weight_separator 'e' holds a character of a number"),
+    ({"separator": ".", "weight_separator": ":"}, r"separator '\.' holds a character of a number"),
 ])
 def test_a_weight_separator_needs_a_separator_apart_from_it_and_from_numbers(settings, message):
     with pytest.raises(ConfigError, match=message):

@@ -137,11 +137,21 @@ def test_weighted_bag_values_without_a_weight_within_float32_are_bad_rows(tmp_pa
     check = readers.WeightedBags("|", ":")
     rows = pa.Table.from_batches(list(read_batches(path, columns=SMALL, checks={"C1": check}, bad_rows=report)))
     assert rows.column("I1").to_pylist() == ["0", "3", "4"]
-    assert report.count == 6 and report.examples[0] == (
-        f"{path}:2: column 'C1': expected bag values split by '|', each an id, ':' and a weight within float32's "
-        f"range (|x| <= 3.4028235e38), or nothing, got 'a:0.5|b'")
-    with pytest.raises(DataError, match=r"d\.tsv:2: column 'C1': expected bag values .* \(on_bad_row is 'fail'\)"):
+    expected = ("expected bag values split by '|', each an id, ':' and a weight within float32's range "
+                "(|x| <= 3.4028235e38), or nothing")
+    assert report.count == 6 and report.examples[:4] == [
+        f"{path}:2: column 'C1': the value 'b' is not an id, ':' and a weight; {expected}",
+        f"{path}:3: column 'C1': the value 'a:x' has a weight that is not a number; {expected}",
+        f"{path}:6: column 'C1': the value 'a:1e39' has a weight beyond float32's range; {expected}",
+        f"{path}:7: column 'C1': the value ':2' is not an id, ':' and a weight; {expected}",
+    ]
+    with pytest.raises(DataError, match=r"d\.tsv:2: column 'C1': the value 'b' .* \(on_bad_row is 'fail'\)"):
         list(read_batches(path, columns=SMALL, checks={"C1": check}, on_bad_row="fail"))
+    quoted = _write(tmp_path / "d.csv", 'label,I1,C1\n1,0,"line\nbreak:0.5|b:2"\n')  # an id may span lines
+    assert pa.Table.from_batches(list(read_batches(quoted, columns=SMALL, checks={"C1": check}))).num_rows == 1
+    for separators in (("|", ""), ("|", "|"), (".", ":"), ("|", "1")):
+        with pytest.raises(DataError, match=r"WeightedBags: .*separator"):
+            readers.WeightedBags(*separators)
 
 
 def test_a_row_without_its_label_is_a_bad_row(tmp_path):

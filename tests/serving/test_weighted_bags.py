@@ -14,7 +14,7 @@ import torch
 from tidal.config import RunConfig
 from tidal.errors import ConfigError
 from tidal.runtime import Trainer
-from tidal.serving import Predictor, RequestError, export, load_bundle
+from tidal.serving import Predictor, RequestError, Service, export, load_bundle
 from tidal.serving.protocol import decode_request, infer_request, input_specs
 
 ROWS = 6_000
@@ -53,7 +53,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("weighted")
     trainer = Trainer(_config(root))
     summary = trainer.fit()
-    return trainer, summary, Predictor(load_bundle(export(trainer.run_dir, root / "bundle")))
+    bundle = load_bundle(export(trainer.run_dir, root / "bundle"))
+    return trainer, summary, Predictor(bundle), bundle
 
 
 def _rows(tags: list[str]) -> pa.RecordBatch:
@@ -65,7 +66,7 @@ def _request(trainer, rows: pa.RecordBatch) -> bytes:
 
 
 def test_training_reads_the_weights_and_counts_values_without_one_as_bad_rows(trained):
-    trainer, summary, _ = trained
+    trainer, summary, _, _ = trained
     assert summary["bad_rows"] == 2
     batch = trainer.extract(_rows(["up:0.25|down:2", "down:1e-3||"]))
     np.testing.assert_array_equal(batch.weights, np.float32([1, 1, 0.25, 2, 1e-3]))  # the users' ids weigh 1
@@ -79,7 +80,7 @@ def test_training_reads_the_weights_and_counts_values_without_one_as_bad_rows(tr
 
 
 def test_served_scores_equal_the_trained_models_and_a_value_without_weight_is_refused(trained):
-    trainer, _, predictor = trained
+    trainer, _, predictor, _ = trained
     rows = _rows(["up:0.9|down:0.1", "down:0.3|up:0.2|up:0.5", ""])
     specs = input_specs(trainer.config)
     assert specs["tags"].weight_separator == ":"
@@ -89,10 +90,39 @@ def test_served_scores_equal_the_trained_models_and_a_value_without_weight_is_re
         pooled, _ = trainer.collection.forward(trainer.extract(rows), train=False)
         expected = torch.sigmoid(trainer.model(pooled, torch.zeros(3, 0))).numpy()
     np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-6)
-    for value in ("up:0.9|down", "up:inf", "up:1e39|down:1"):
-        with pytest.raises(RequestError, match=rf"input 'tags': expected bag values split by '\|', each an id, "
-                                               rf"':' and a weight .* got '{value}' at position 1"):
+    for value, problem in [("up:0.9|down", "the value 'down' is not an id, ':' and a weight"),
+                           ("up:inf", "the value 'up:inf' has a weight that is not a number"),
+                           ("up:1e39|down:1", "the value 'up:1e39' has a weight beyond float32's range")]:
+        with pytest.raises(RequestError, match=rf"input 'tags', bag 1: {problem}; expected bag values split by "
+                                               rf"'\|', each an id, ':' and a weight within float32's range"):
             decode_request(_request(trainer, _rows(["up:1|down:2", value])), None, specs, ["score"])
+
+
+def test_flat_weighted_values_beside_lengths_are_checked_one_by_one_and_ids_must_be_strings(trained):
+    trainer, _, _, bundle = trained
+    specs = input_specs(trainer.config)
+
+    def request(values: dict) -> bytes:
+        inputs = [{"name": "user", "datatype": "BYTES", "shape": [1], "data": ["u1"]}]
+        inputs += [{"name": name, "datatype": kind, "shape": [len(data)], "data": data}
+                   for name, (kind, data) in values.items()]
+        return json.dumps({"inputs": inputs}).encode()
+
+    flat = {"tags": ("BYTES", ["up:0.9", "down:0.1", "up:0.3"]), "tags.lengths": ("INT32", [2, 1])}
+    decoded = decode_request(request(flat), None, specs, ["score"])
+    assert decoded.columns["tags"].to_pylist() == ["up:0.9|down:0.1", "up:0.3"]
+    flat["tags"] = ("BYTES", ["up:0.9", "down:0.1", "up"])
+    with pytest.raises(RequestError, match=r"input 'tags', value 2: the value 'up' is not an id, ':' and a weight"):
+        decode_request(request(flat), None, specs, ["score"])
+    with pytest.raises(RequestError, match=r"input 'tags': weighted bags come as BYTES strings 'id:weight', got int64"):
+        decode_request(request({"tags": ("INT64", [5, 6])}), None, specs, ["score"])
+    service = Service(bundle)
+    try:
+        inputs = {i["name"]: i for i in service.metadata()["inputs"]}
+    finally:
+        service.close()
+    assert inputs["tags"]["parameters"] == {"side": "item", "separator": "|", "weight_separator": ":"}
+    assert inputs["user"]["parameters"] == {"side": "user"}
 
 
 def test_a_weighted_column_is_read_only_as_weighted_bags_with_its_separators(tmp_path):

@@ -170,13 +170,16 @@ def _multi_value(column: pa.Array, feature: SparseFeature, seed: int) -> _Bags:
     when it has a weight separator; empty values (and null rows) are dropped."""
     lists = pc.split_pattern(pc.fill_null(column, ""), feature.separator)
     tokens, weights = pc.list_flatten(lists), None
-    if feature.weight_separator is not None:
-        tokens, weights = weighted_values(tokens, feature.weight_separator)
-        if np.isnan(weights).any():
-            raise DataError(f"feature {feature.name!r}: expected {WeightedBags(feature.separator, feature.weight_separator).expected}"  # type: ignore[arg-type]
-                            f", got a value without one; read files with read_batches(checks=extractor.checks) to skip such rows")
-    ids, empty = hash_strings(tokens, seed)
     row_of_token = np.repeat(np.arange(len(lists)), pc.list_value_length(lists).to_numpy(zero_copy_only=False))
+    if feature.weight_separator is not None:
+        check = WeightedBags(feature.separator, feature.weight_separator)  # type: ignore[arg-type]
+        values, (tokens, weights) = tokens, weighted_values(tokens, feature.weight_separator)
+        bad = np.flatnonzero(np.isnan(weights))
+        if bad.size:
+            problem = check.problem(values[int(bad[0])].as_py())
+            raise DataError(f"feature {feature.name!r}, row {row_of_token[bad[0]]}: {problem}; expected "
+                            f"{check.expected}; read files with read_batches(checks=extractor.checks) to skip such rows")
+    ids, empty = hash_strings(tokens, seed)
     lengths = np.bincount(row_of_token[~empty], minlength=len(lists)).astype(np.int32)
     return ids[~empty], lengths, None if weights is None else weights[~empty].astype(np.float32)
 

@@ -4,10 +4,11 @@ Files are read in record batches, one file after the other, so no file has to fi
 memory. Every column comes out as a string column (Parquet columns are cast, booleans
 as 1 and 0), and checked columns are checked row by row without Python loops: a row
 with the wrong number of columns, an empty line, a line holding a carriage return
-other than in a CRLF line end, a field that is not UTF-8 text, an unparsable number
-a label that is not 0 or 1, or a weighted bag value without a weight, is a bad row. Bad rows are counted and described
-(file, line, reason) in a `BadRows` report and skipped, or, with
-``on_bad_row="fail"``, stop the run with a `DataError` naming the first one.
+other than in a CRLF line end, a field that is not UTF-8 text, an unparsable number,
+a label that is not 0 or 1, or a weighted bag value without its weight, is a bad row.
+Bad rows are counted and described (file, line, reason) in a `BadRows` report and
+skipped, or, with ``on_bad_row="fail"``, stop the run with a `DataError` naming the
+first one.
 
 Text files are cut here into pieces of whole records (lines, or CSV records whose
 quoted values span lines), each handed to pyarrow's parser whole. Lines end at a line
@@ -32,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from tidal.config import is_whole_number
+from tidal.config import is_whole_number, weighted_bag_problem
 from tidal.data.criteo import CRITEO_COLUMNS, CRITEO_DENSE
 from tidal.errors import DataError
 
@@ -61,33 +62,63 @@ class WeightedBags:
     separator: str
     weight_separator: str
 
+    def __post_init__(self) -> None:
+        problem = weighted_bag_problem(self.separator, self.weight_separator)
+        if problem:
+            raise DataError(f"WeightedBags: {problem}")
+
     @property
     def expected(self) -> str:
         return (f"bag values split by {self.separator!r}, each an id, {self.weight_separator!r} and a weight within "
                 "float32's range (|x| <= 3.4028235e38), or nothing")
 
+    def values(self, column: pa.Array) -> tuple[pa.Array, np.ndarray]:
+        """(every row's values, flat; the row each one is in)."""
+        lists = pc.split_pattern(pc.fill_null(column, ""), self.separator)
+        rows = np.repeat(np.arange(len(lists)), pc.list_value_length(lists).to_numpy(zero_copy_only=False))
+        return pc.list_flatten(lists), rows
+
     def bad(self, column: pa.Array) -> np.ndarray:
         """Which rows of a string column hold a value that is not so."""
-        lists = pc.split_pattern(pc.fill_null(column, ""), self.separator)
-        _, weights = weighted_values(pc.list_flatten(lists), self.weight_separator)
-        rows = np.repeat(np.arange(len(lists)), pc.list_value_length(lists).to_numpy(zero_copy_only=False))
-        bad = np.zeros(len(lists), dtype=bool)
-        bad[rows[np.isnan(weights)]] = True
+        values, rows = self.values(column)
+        bad = np.zeros(len(column), dtype=bool)
+        bad[rows[np.isnan(weighted_values(values, self.weight_separator)[1])]] = True
         return bad
+
+    def problem(self, value: str) -> str:
+        """What is wrong with one bag value the check refused."""
+        key, split, weight = value.rpartition(self.weight_separator)
+        if not split or not key:
+            return f"the value {value!r} is not an id, {self.weight_separator!r} and a weight"
+        if re.fullmatch(_NUMBER, weight):
+            return f"the value {value!r} has a weight beyond float32's range"
+        return f"the value {value!r} has a weight that is not a number"
+
+    def first_problem(self, field: str) -> str:
+        """What is wrong with the first refused value of one field."""
+        values = [v for v in field.split(self.separator) if v]
+        weights = weighted_values(pa.array(values, pa.string()), self.weight_separator)[1]
+        return self.problem(values[int(np.flatnonzero(np.isnan(weights))[0])])
 
 
 def weighted_values(values: pa.Array, weight_separator: str) -> tuple[pa.Array, np.ndarray]:
     """(ids, weights) of weighted bag values "id<weight_separator>weight", split at the
     separator's last occurrence (ids may hold it): the id strings, and the weights as
-    float64, NaN for a value without a weight within float32's range. An empty value
-    gives an empty id of weight 1 (bags leave empty values out)."""
-    parts = pc.extract_regex(values, f"^(?P<id>.+){re.escape(weight_separator)}(?P<weight>{_NUMBER})$")
-    weights = np.array(pc.cast(pc.struct_field(parts, "weight"), pa.float64()))  # a copy; NaN: no match
+    float64, NaN for a value without an id or a weight within float32's range. An
+    empty value gives an empty id of weight 1 (bags leave empty values out)."""
+    parts = pc.split_pattern(values, weight_separator, max_splits=1, reverse=True)
+    starts = parts.offsets.to_numpy()[:-1] - parts.offsets[0].as_py()
+    pieces = pc.list_flatten(parts)
+    two = pc.list_value_length(parts).to_numpy(zero_copy_only=False) == 2
+    ids = pieces.take(pa.array(starts))
+    text = pieces.take(pa.array(np.where(two, starts + 1, starts)))
+    fine = pc.and_(pc.match_substring_regex(text, f"^{_NUMBER}$"), pc.greater(pc.utf8_length(ids), 0))
+    fine = pc.and_(fine, pa.array(two))
+    weights = np.array(pc.cast(pc.if_else(fine, text, None), pa.float64()))  # a copy: NaN where not fine
     with np.errstate(invalid="ignore"):
         weights[np.abs(weights) > FLOAT32_MAX] = np.nan
-    empty = pc.equal(pc.utf8_length(values), 0).to_numpy(zero_copy_only=False)
-    weights[empty] = 1.0
-    return pc.if_else(pc.is_null(parts), "", pc.struct_field(parts, "id")), weights
+    weights[np.asarray(pc.equal(pc.utf8_length(values), 0).fill_null(False))] = 1.0
+    return ids, weights
 _MAX_EXAMPLES = 20
 _FORMATS = ("tsv", "csv", "parquet")
 _ASCII = bytes(range(128)) + b"?" * 128  # a translation: bytes from 0x80 on to '?'
@@ -176,7 +207,7 @@ def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
         checks = {c: k for c, k in CRITEO_CHECKS.items() if c in columns}
     unknown = {c: k for c, k in checks.items() if not (isinstance(k, WeightedBags) or k in _PATTERNS) or c not in columns}
     if unknown:
-        raise DataError(f"checks must name read columns and one of {sorted(_PATTERNS)}, got {unknown}")
+        raise DataError(f"checks must name read columns and one of {sorted(_PATTERNS)} or a WeightedBags, got {unknown}")
     report = bad_rows if bad_rows is not None else BadRows()
     yield from _exactly(_checked(expand_paths(paths), columns, checks, file_format, batch_rows, report, on_bad_row,
                                  csv_header), batch_rows)
@@ -646,8 +677,7 @@ def _valid_rows(batch: pa.RecordBatch, path: str, lines: np.ndarray, checks: Map
     for name, kind in checks.items():
         column = batch.column(name)
         for row in np.flatnonzero(_bad(column, kind)):
-            expected = kind.expected if isinstance(kind, WeightedBags) else _EXPECTED[kind]
-            bad.setdefault(int(row), f"column {name!r}: expected {expected}, got {_shown(column[row].as_py())}")
+            bad.setdefault(int(row), _reason(name, kind, column[row].as_py()))
     found = sorted([(int(lines[row]), why) for row, why in bad.items()] + dropped)
     if found and on_bad_row == "fail":
         line, reason = found[0]
@@ -664,6 +694,13 @@ def _valid_rows(batch: pa.RecordBatch, path: str, lines: np.ndarray, checks: Map
 def _shown(value: str) -> str:
     """A field's value as a bad row's reason shows it."""
     return repr(value) if value else "a missing value (an empty field, or null)"
+
+
+def _reason(name: str, kind: str | WeightedBags, field: str) -> str:
+    """Why a field of column `name` is bad."""
+    if isinstance(kind, WeightedBags):
+        return f"column {name!r}: {kind.first_problem(field)}; expected {kind.expected}"
+    return f"column {name!r}: expected {_EXPECTED[kind]}, got {_shown(field)}"
 
 
 def _bad(column: pa.Array, kind: str | WeightedBags) -> np.ndarray:

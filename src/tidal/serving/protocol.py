@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tidal.config import DenseFeature, RunConfig, SparseFeature
-from tidal.data.readers import FLOAT32_MAX, WeightedBags
+from tidal.data.readers import FLOAT32_MAX, WeightedBags, weighted_values
 from tidal.errors import TidalError
 
 __all__ = ["DecodedRequest", "InputSpec", "RequestError", "decode_request", "encode_response", "infer_request",
@@ -58,7 +58,7 @@ class InputSpec:
     kind: str  # ids (hashed strings) | integer (raw integer ids) | number
     side: str  # user (one value per request) | item (one per candidate) | both (a user value some item feature reads too)
     separator: str | None = None  # a multi-value column
-    weight_separator: str | None = None  # a multi-value column whose values carry weights ("a:0.5|b:2")
+    weight_separator: str | None = None  # its values carry weights ("a:0.5|b:2")
     also: tuple[str, ...] = ()  # other kinds the column is read as (each checked): integer, number
 
 
@@ -366,33 +366,45 @@ def _columns(tensors: dict, specs: dict[str, InputSpec], mode: str) -> tuple[dic
 
 def _column(spec: InputSpec, tensors: dict) -> pa.Array:
     value = tensors[spec.name]
+    if spec.weight_separator is not None and not isinstance(value, pa.Array):
+        raise RequestError(f"input {spec.name!r}: weighted bags come as BYTES strings 'id{spec.weight_separator}weight', "
+                           f"got {value.dtype} values")
     if spec.kind != "number" and not isinstance(value, pa.Array) and value.dtype.kind == "f":
         raise RequestError(f"input {spec.name!r}: ids must be BYTES or INT64, got floating point values")
     if spec.separator is not None and spec.name + LENGTHS in tensors:
+        if spec.weight_separator is not None:
+            _check_weighted(spec, value, flat=True)
         return _checked(spec, _joined(spec, value, tensors[spec.name + LENGTHS]))
     if spec.kind == "number":  # strings went to _numbers_from_text
         return _numbers(spec.name, value)
     if isinstance(value, pa.Array):
+        if spec.weight_separator is not None:
+            _check_weighted(spec, value, flat=False)
         return _checked(spec, value)
-    strings = pc.cast(pa.array(value), pa.string())
-    return _checked(spec, strings) if spec.weight_separator is not None else strings  # INT64 ids carry no weights
+    return pc.cast(pa.array(value), pa.string())
 
 
 def _checked(spec: InputSpec, strings: pa.Array) -> pa.Array:
-    """`strings`, once every way the features read them parses (integer ids, numbers,
-    weighted bags)."""
+    """`strings`, once every way the features read them parses (integer ids, numbers)."""
     for kind in {spec.kind, *spec.also}:
         if kind == "integer":
             _check_integers(spec.name, strings)
         elif kind == "number":
             _numbers_from_text({spec.name: strings})
-    if spec.weight_separator is not None:
-        check = WeightedBags(spec.separator, spec.weight_separator)  # type: ignore[arg-type]
-        bad = np.flatnonzero(check.bad(strings))
-        if bad.size:
-            raise RequestError(f"input {spec.name!r}: expected {check.expected}, got {strings[int(bad[0])].as_py()!r} "
-                               f"at position {bad[0]}")
     return strings
+
+
+def _check_weighted(spec: InputSpec, strings: pa.Array, *, flat: bool) -> None:
+    """Every value of a weighted input has its weight: `strings` holds one bag value
+    each (`flat`, beside lengths) or whole bags."""
+    check = WeightedBags(spec.separator, spec.weight_separator)  # type: ignore[arg-type]
+    strings = pc.fill_null(strings, "")
+    bad = np.isnan(weighted_values(strings, check.weight_separator)[1]) if flat else check.bad(strings)
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        text = strings[k].as_py()
+        problem = f"value {k}: {check.problem(text)}" if flat else f"bag {k}: {check.first_problem(text)}"
+        raise RequestError(f"input {spec.name!r}, {problem}; expected {check.expected}")
 
 
 def _numbers(name: str, value: np.ndarray) -> pa.Array:

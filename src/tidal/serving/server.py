@@ -65,8 +65,8 @@ from tidal.errors import ConfigError
 from tidal.serving.batcher import Batcher, BatchRecord, Overloaded, ShuttingDown
 from tidal.serving.bundle import Bundle
 from tidal.serving.predictor import Predictor, UserState
-from tidal.serving.protocol import HEADER, LENGTHS, DecodedRequest, RequestError, decode_request, encode_response, \
-    input_specs, json_object
+from tidal.serving.protocol import HEADER, LENGTHS, DecodedRequest, InputSpec, RequestError, decode_request, \
+    encode_response, input_specs, json_object
 from tidal.serving.sessions import SessionCache, SessionError
 from tidal.serving.triton import Statistics, model_config
 
@@ -139,7 +139,7 @@ class Service:
 
     def metadata(self) -> dict:
         inputs = [{"name": s.name, "datatype": _DATATYPES[s.kind], "shape": [1 if s.side != "item" else -1],
-                   "parameters": {"side": s.side}} for s in self.specs.values()]
+                   "parameters": _parameters(s)} for s in self.specs.values()]
         inputs += [{"name": s.name + LENGTHS, "datatype": "INT32", "shape": [-1], "optional": True}
                    for s in self.specs.values() if s.separator]
         return {"name": self.name, "versions": ["1"], "platform": "tidal", "inputs": inputs,
@@ -511,6 +511,13 @@ class _TimedHeaders(HttpToolsProtocol):
         self.transport.write(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
                              b"content-length: %d\r\n\r\n%s" % (status, len(body), body))
         self.transport.close()
+
+
+def _parameters(spec: InputSpec) -> dict:
+    """What a client needs to know of an input beyond its type: whose value it is, and
+    how its bags are split (values, and a value's weight)."""
+    splits = {"separator": spec.separator, "weight_separator": spec.weight_separator}
+    return {"side": spec.side, **{k: v for k, v in splits.items() if v is not None}}
 
 
 _EXIT_TIMEOUT_S = 30.0  # as Triton's --exit-timeout-secs
