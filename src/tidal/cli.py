@@ -301,26 +301,29 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"tidal serve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    try:
-        with sigterm_interrupts():  # a SIGTERM while loading stops as Ctrl-C does
+    with sigterm_interrupts():  # from here on a SIGTERM stops as Ctrl-C does
+        try:
             service = Service(load_bundle(args.bundle), name=name, batching=not args.no_batching, **overrides)
-    except KeyboardInterrupt:
-        sock.close()
-        print("stopped before serving", flush=True)
-        return 0
-    except TidalError as exc:
-        sock.close()
-        message = str(exc)
-        for key in overrides:  # the flag the user typed, not the config field behind it
-            message = message.replace(f"{key}:", f"--set {key}:" if key in settings else f"--{key.replace('_', '-')}:")
-        print(f"tidal serve: {message}", file=sys.stderr)
-        return 2
-    print(f"serving {name!r} at http://{args.host}:{sock.getsockname()[1]}/v2/models/{name} "
-          f"(metrics at /metrics; Ctrl-C stops)", flush=True)
-    try:
-        serve(service, sock, exit_timeout_s=args.exit_timeout_s)
-    except KeyboardInterrupt:  # the server has shut down; uvicorn passes the Ctrl-C on
-        pass
+        except KeyboardInterrupt:
+            sock.close()
+            print("stopped before serving", flush=True)
+            return 0
+        except TidalError as exc:
+            sock.close()
+            message = str(exc)
+            for key in overrides:  # the flag the user typed, not the config field behind it
+                flag = f"--set {key}:" if key in settings else f"--{key.replace('_', '-')}:"
+                message = message.replace(f"{key}:", flag)
+            print(f"tidal serve: {message}", file=sys.stderr)
+            return 2
+        try:
+            print(f"serving {name!r} at http://{args.host}:{sock.getsockname()[1]}/v2/models/{name} "
+                  f"(metrics at /metrics; Ctrl-C stops)", flush=True)
+            serve(service, sock, exit_timeout_s=args.exit_timeout_s)
+        except KeyboardInterrupt:  # the server has shut down and closed the service; uvicorn passes the signal on
+            pass
+        finally:
+            service.close()  # again, if the signal came before serving began
     print("stopped", flush=True)
     return 0
 

@@ -279,8 +279,8 @@ class SparseFeature(_Model):
       value without a weight whose id holds it, "item:5", reads as weight 5). The
       weight multiplies the id's row in the pooling: sum gives sum(w * row), mean
       sum(w * row) / n and sqrtn sum(w * row) / sqrt(n) over the n values of the bag.
-      A value without a weight, or with one past float32's range, is a bad row;
-      neither separator may hold a character of a number.
+      A value that is not an id, the separator and a number within float32's range
+      is a bad row; neither separator may hold a character of a number.
     - `hashed`: strings become int64 ids with a stable 64-bit hash seeded by `namespace`
       (default: the feature name), so equal strings of two features get different ids
       unless they share a namespace; with ``hashed: false`` the column holds integer ids.

@@ -68,8 +68,8 @@ def test_peers_take_turns_in_blocks_each_round_led_by_the_next_and_the_first_ste
         return run_one
 
     medians = _median_step_s({"a": step("a"), "b": step("b"), "c": step("c")}, list(range(10)), warmup=0, block=4)
-    turn = lambda names, batches: [(name, n) for name in names for n in batches]  # noqa: E731
-    assert order == turn("abc", range(4)) + turn("bca", range(4, 8)) + turn("cab", range(8, 10))
+    round_ = lambda names, batches: [(name, n) for name in names for n in batches]  # noqa: E731
+    assert order == round_("abc", range(4)) + round_("bca", range(4, 8)) + round_("cab", range(8, 10))
     assert medians["a"] < 0.01 and medians["b"] < 0.01 and medians["c"] < 0.01
 
 

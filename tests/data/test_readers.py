@@ -147,6 +147,10 @@ def test_weighted_bag_values_without_a_weight_within_float32_are_bad_rows(tmp_pa
     ]
     with pytest.raises(DataError, match=r"d\.tsv:2: column 'C1': the value 'b' .* \(on_bad_row is 'fail'\)"):
         list(read_batches(path, columns=SMALL, checks={"C1": check}, on_bad_row="fail"))
+    rows, first = check.refused(pa.array(["a:1", "b|c:x", None, "d:1|e:f|g"]))  # each row's first refused value
+    assert rows.tolist() == [1, 3] and first == ["b", "e:f"]
+    ids, weights = readers.weighted_values(pa.array([None, "a:1"]), ":")
+    assert ids.to_pylist() == ["", "a"] and weights.tolist() == [1.0, 1.0]  # a null is an empty value
     quoted = _write(tmp_path / "d.csv", 'label,I1,C1\n1,0,"line\nbreak:0.5|b:2"\n')  # an id may span lines
     assert pa.Table.from_batches(list(read_batches(quoted, columns=SMALL, checks={"C1": check}))).num_rows == 1
     for separators in (("|", ""), ("|", "|"), (".", ":"), ("|", "1")):

@@ -109,20 +109,28 @@ def test_serve_names_the_flag_of_a_value_out_of_range(trainer, tmp_path, capsys)
     assert "--set chunk_rows: given twice" in capsys.readouterr().err
 
 
-def test_serve_stopped_by_sigterm_while_it_loads_its_bundle_exits_as_ctrl_c_does(tmp_path):
-    """A SIGTERM before serving (here: while the bundle loads) ends the process as a
-    Ctrl-C does, saying so, with status 0; it used to die of the signal (143)."""
+@pytest.mark.parametrize("when", ["loading", "starting"])
+def test_serve_stopped_by_sigterm_before_it_serves_exits_as_ctrl_c_does(trainer, tmp_path, when):
+    """A SIGTERM before serving (while the bundle loads, or while the server starts)
+    ends the process as a Ctrl-C does, saying so, with status 0; it used to die of the
+    signal (143)."""
+    bundle = tmp_path / "ranker"
+    assert main(["export", "--checkpoint", str(trainer.run_dir), "--out", str(bundle)]) == 0
+    patched = "tidal.serving.load_bundle" if when == "loading" else "tidal.serving.server.create_app"
     script = ("import os, signal, sys, time\n"
-              "import tidal.serving\n"
+              "import tidal.serving, tidal.serving.server\n"
               "from tidal.cli import main\n"
-              "def loading(path):\n"
+              "def stopped_here(*args):\n"
               "    os.kill(os.getpid(), signal.SIGTERM)\n"
               "    time.sleep(60)\n"
-              "tidal.serving.load_bundle = loading\n"
-              f"sys.exit(main(['serve', {str(tmp_path)!r}, '--port', '{_free_port()}']))\n")
+              f"{patched} = stopped_here\n"
+              f"sys.exit(main(['serve', {str(bundle)!r}, '--port', '{_free_port()}']))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout == "stopped before serving\n"
+    if when == "loading":
+        assert done.stdout == "stopped before serving\n"
+    else:
+        assert done.stdout.startswith("serving 'ranker' at") and done.stdout.endswith("\nstopped\n")
 
 
 def test_a_second_sigterm_makes_a_stopping_server_stop_at_once_as_a_second_ctrl_c_does(bundle):

@@ -112,7 +112,11 @@ def test_flat_weighted_values_beside_lengths_are_checked_one_by_one_and_ids_must
     decoded = decode_request(request(flat), None, specs, ["score"])
     assert decoded.columns["tags"].to_pylist() == ["up:0.9|down:0.1", "up:0.3"]
     flat["tags"] = ("BYTES", ["up:0.9", "down:0.1", "up"])
-    with pytest.raises(RequestError, match=r"input 'tags', value 2: the value 'up' is not an id, ':' and a weight"):
+    with pytest.raises(RequestError, match=r"input 'tags', value 2: the value 'up' is not an id, ':' and a weight; "
+                                           r"expected an id, ':' and a weight within float32's range"):
+        decode_request(request(flat), None, specs, ["score"])
+    flat["tags"] = ("BYTES", ["up:0.9|down", "down:0.1", "up:1"])  # a flat value is one value, not a bag
+    with pytest.raises(RequestError, match=r"input 'tags': a value holds the separator '\|'"):
         decode_request(request(flat), None, specs, ["score"])
     with pytest.raises(RequestError, match=r"input 'tags': weighted bags come as BYTES strings 'id:weight', got int64"):
         decode_request(request({"tags": ("INT64", [5, 6])}), None, specs, ["score"])
@@ -125,10 +129,13 @@ def test_flat_weighted_values_beside_lengths_are_checked_one_by_one_and_ids_must
     assert inputs["user"]["parameters"] == {"side": "user"}
 
 
-def test_a_weighted_column_is_read_only_as_weighted_bags_with_its_separators(tmp_path):
+@pytest.mark.parametrize("other", [
+    {"kind": "sparse", "name": "raw_tags", "columns": ["tags"], "table": "ids", "separator": "|"},
+    {"kind": "dense", "name": "raw_tags", "column": "tags"},
+])
+def test_a_weighted_column_is_read_only_as_weighted_bags_with_its_separators(tmp_path, other):
     config = _config(tmp_path).model_dump()
-    config["features"].append({"kind": "sparse", "name": "raw_tags", "columns": ["tags"], "table": "ids",
-                               "separator": "|"})
+    config["features"].append(other)
     with pytest.raises(ConfigError, match=r"column 'tags' holds weighted bags for feature 'tags' \(separator '\|', "
                                           r"weight_separator ':'\), but \['raw_tags'\] read it another way"):
         Trainer(RunConfig(**config))

@@ -117,12 +117,13 @@ def _median_step_s(steps: dict[str, _Step], batches: list[_Batch], warmup: int,
     step of each turn is not timed: it pays for what the other peer left behind (torch's
     OpenMP threads spin for milliseconds after its step, holding a core). Each round of
     turns starts with the next peer, since a peer's place in the round moves its figure
-    by a few percent (the same step measured 2% faster going first than second).
+    by a few percent (the same step measured 2% faster going first in a round).
     """
     times: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
-    for turn, first in enumerate(range(0, len(batches), block)):
-        for name in names[turn % len(names):] + names[: turn % len(names)]:
+    for round_, first in enumerate(range(0, len(batches), block)):
+        lead = round_ % len(names)  # round k starts with peer k
+        for name in names[lead:] + names[:lead]:
             step = steps[name]
             for n in range(first, min(first + block, len(batches))):
                 start = time.perf_counter()

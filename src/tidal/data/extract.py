@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from tidal.config import DenseFeature, FeatureConfig, LabelFeature, SparseFeature, require
 from tidal.data.batch import SparseBatch
 from tidal.data.hashing import hash_strings
-from tidal.data.readers import WeightedBags, weighted_values
+from tidal.data.readers import WeightedBags, split_bags, weighted_values
 from tidal.errors import ConfigError, DataError
 from tidal.mixing import mix64_array
 
@@ -168,9 +168,8 @@ def _default_for_empty_bags(bags: _Bags, seed: int) -> _Bags:
 def _multi_value(column: pa.Array, feature: SparseFeature, seed: int) -> _Bags:
     """Split every row on the feature's separator, and each value into id and weight
     when it has a weight separator; empty values (and null rows) are dropped."""
-    lists = pc.split_pattern(pc.fill_null(column, ""), feature.separator)
-    tokens, weights = pc.list_flatten(lists), None
-    row_of_token = np.repeat(np.arange(len(lists)), pc.list_value_length(lists).to_numpy(zero_copy_only=False))
+    tokens, row_of_token = split_bags(column, feature.separator)  # type: ignore[arg-type]
+    weights = None
     if feature.weight_separator is not None:
         check = WeightedBags(feature.separator, feature.weight_separator)  # type: ignore[arg-type]
         values, (tokens, weights) = tokens, weighted_values(tokens, feature.weight_separator)
@@ -180,7 +179,7 @@ def _multi_value(column: pa.Array, feature: SparseFeature, seed: int) -> _Bags:
             raise DataError(f"feature {feature.name!r}, row {row_of_token[bad[0]]}: {problem}; expected "
                             f"{check.expected}; read files with read_batches(checks=extractor.checks) to skip such rows")
     ids, empty = hash_strings(tokens, seed)
-    lengths = np.bincount(row_of_token[~empty], minlength=len(lists)).astype(np.int32)
+    lengths = np.bincount(row_of_token[~empty], minlength=len(column)).astype(np.int32)
     return ids[~empty], lengths, None if weights is None else weights[~empty].astype(np.float32)
 
 

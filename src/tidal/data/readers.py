@@ -37,7 +37,8 @@ from tidal.config import is_whole_number, weighted_bag_problem
 from tidal.data.criteo import CRITEO_COLUMNS, CRITEO_DENSE
 from tidal.errors import DataError
 
-__all__ = ["BadRows", "CRITEO_CHECKS", "WeightedBags", "expand_paths", "format_of", "read_batches", "weighted_values"]
+__all__ = ["BadRows", "CRITEO_CHECKS", "WeightedBags", "expand_paths", "format_of", "read_batches", "split_bags",
+           "weighted_values"]
 
 _INT64_MAX, _INT64_MIN = "9223372036854775807", "-9223372036854775808"  # 2**63 - 1 and -2**63, written out
 FLOAT32_MAX = 3.4028235e38  # float32's largest value as numpy writes it (it reads back as that value)
@@ -72,18 +73,18 @@ class WeightedBags:
         return (f"bag values split by {self.separator!r}, each an id, {self.weight_separator!r} and a weight within "
                 "float32's range (|x| <= 3.4028235e38), or nothing")
 
-    def values(self, column: pa.Array) -> tuple[pa.Array, np.ndarray]:
-        """(every row's values, flat; the row each one is in)."""
-        lists = pc.split_pattern(pc.fill_null(column, ""), self.separator)
-        rows = np.repeat(np.arange(len(lists)), pc.list_value_length(lists).to_numpy(zero_copy_only=False))
-        return pc.list_flatten(lists), rows
+    @property
+    def value_expected(self) -> str:
+        """What one value of a bag must be."""
+        return f"an id, {self.weight_separator!r} and a weight within float32's range (|x| <= 3.4028235e38)"
 
-    def bad(self, column: pa.Array) -> np.ndarray:
-        """Which rows of a string column hold a value that is not so."""
-        values, rows = self.values(column)
-        bad = np.zeros(len(column), dtype=bool)
-        bad[rows[np.isnan(weighted_values(values, self.weight_separator)[1])]] = True
-        return bad
+    def refused(self, column: pa.Array) -> tuple[np.ndarray, list[str]]:
+        """The rows of a string column that hold a value that is not so, and the first
+        such value of each."""
+        values, rows = split_bags(column, self.separator)
+        refused = np.flatnonzero(np.isnan(weighted_values(values, self.weight_separator)[1]))
+        bad_rows, first = np.unique(rows[refused], return_index=True)
+        return bad_rows, values.take(pa.array(refused[first], pa.int64())).to_pylist()
 
     def problem(self, value: str) -> str:
         """What is wrong with one bag value the check refused."""
@@ -94,18 +95,21 @@ class WeightedBags:
             return f"the value {value!r} has a weight beyond float32's range"
         return f"the value {value!r} has a weight that is not a number"
 
-    def first_problem(self, field: str) -> str:
-        """What is wrong with the first refused value of one field."""
-        values = [v for v in field.split(self.separator) if v]
-        weights = weighted_values(pa.array(values, pa.string()), self.weight_separator)[1]
-        return self.problem(values[int(np.flatnonzero(np.isnan(weights))[0])])
+
+def split_bags(column: pa.Array, separator: str) -> tuple[pa.Array, np.ndarray]:
+    """(every row's values split on `separator`, flat; the row each one is in). A null
+    row reads as an empty one, which holds one empty value."""
+    lists = pc.split_pattern(pc.fill_null(column, ""), separator)
+    rows = np.repeat(np.arange(len(lists)), pc.list_value_length(lists).to_numpy(zero_copy_only=False))
+    return pc.list_flatten(lists), rows
 
 
 def weighted_values(values: pa.Array, weight_separator: str) -> tuple[pa.Array, np.ndarray]:
     """(ids, weights) of weighted bag values "id<weight_separator>weight", split at the
     separator's last occurrence (ids may hold it): the id strings, and the weights as
     float64, NaN for a value without an id or a weight within float32's range. An
-    empty value gives an empty id of weight 1 (bags leave empty values out)."""
+    empty value (or null) gives an empty id of weight 1 (bags leave empty values out)."""
+    values = pc.fill_null(values, "")
     parts = pc.split_pattern(values, weight_separator, max_splits=1, reverse=True)
     starts = parts.offsets.to_numpy()[:-1] - parts.offsets[0].as_py()
     pieces = pc.list_flatten(parts)
@@ -117,8 +121,10 @@ def weighted_values(values: pa.Array, weight_separator: str) -> tuple[pa.Array, 
     weights = np.array(pc.cast(pc.if_else(fine, text, None), pa.float64()))  # a copy: NaN where not fine
     with np.errstate(invalid="ignore"):
         weights[np.abs(weights) > FLOAT32_MAX] = np.nan
-    weights[np.asarray(pc.equal(pc.utf8_length(values), 0).fill_null(False))] = 1.0
+    weights[np.asarray(pc.equal(pc.utf8_length(values), 0))] = 1.0
     return ids, weights
+
+
 _MAX_EXAMPLES = 20
 _FORMATS = ("tsv", "csv", "parquet")
 _ASCII = bytes(range(128)) + b"?" * 128  # a translation: bytes from 0x80 on to '?'
@@ -675,9 +681,8 @@ def _valid_rows(batch: pa.RecordBatch, path: str, lines: np.ndarray, checks: Map
     the first of them stops the run."""
     bad: dict[int, str] = {}  # row -> why (its first bad column)
     for name, kind in checks.items():
-        column = batch.column(name)
-        for row in np.flatnonzero(_bad(column, kind)):
-            bad.setdefault(int(row), _reason(name, kind, column[row].as_py()))
+        for row, reason in _refused(name, kind, batch.column(name)):
+            bad.setdefault(row, reason)
     found = sorted([(int(lines[row]), why) for row, why in bad.items()] + dropped)
     if found and on_bad_row == "fail":
         line, reason = found[0]
@@ -696,18 +701,15 @@ def _shown(value: str) -> str:
     return repr(value) if value else "a missing value (an empty field, or null)"
 
 
-def _reason(name: str, kind: str | WeightedBags, field: str) -> str:
-    """Why a field of column `name` is bad."""
+def _refused(name: str, kind: str | WeightedBags, column: pa.Array) -> Iterator[tuple[int, str]]:
+    """Each row of column `name` that does not hold what `kind` asks for, and why."""
     if isinstance(kind, WeightedBags):
-        return f"column {name!r}: {kind.first_problem(field)}; expected {kind.expected}"
-    return f"column {name!r}: expected {_EXPECTED[kind]}, got {_shown(field)}"
-
-
-def _bad(column: pa.Array, kind: str | WeightedBags) -> np.ndarray:
-    """Which rows of `column` do not hold what `kind` asks for."""
-    if isinstance(kind, WeightedBags):
-        return kind.bad(column)
-    return ~_fine(column, kind).to_numpy(zero_copy_only=False)
+        rows, values = kind.refused(column)
+        for row, value in zip(rows.tolist(), values):
+            yield row, f"column {name!r}: {kind.problem(value)}; expected {kind.expected}"
+        return
+    for row in np.flatnonzero(~_fine(column, kind).to_numpy(zero_copy_only=False)):
+        yield int(row), f"column {name!r}: expected {_EXPECTED[kind]}, got {_shown(column[row].as_py())}"
 
 
 def _fine(column: pa.Array, kind: str) -> pa.Array:

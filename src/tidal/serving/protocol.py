@@ -372,14 +372,15 @@ def _column(spec: InputSpec, tensors: dict) -> pa.Array:
     if spec.kind != "number" and not isinstance(value, pa.Array) and value.dtype.kind == "f":
         raise RequestError(f"input {spec.name!r}: ids must be BYTES or INT64, got floating point values")
     if spec.separator is not None and spec.name + LENGTHS in tensors:
+        joined = _joined(spec, value, tensors[spec.name + LENGTHS])
         if spec.weight_separator is not None:
-            _check_weighted(spec, value, flat=True)
-        return _checked(spec, _joined(spec, value, tensors[spec.name + LENGTHS]))
+            _check_weighted_values(spec, value)
+        return _checked(spec, joined)
     if spec.kind == "number":  # strings went to _numbers_from_text
         return _numbers(spec.name, value)
     if isinstance(value, pa.Array):
         if spec.weight_separator is not None:
-            _check_weighted(spec, value, flat=False)
+            _check_weighted_bags(spec, value)
         return _checked(spec, value)
     return pc.cast(pa.array(value), pa.string())
 
@@ -394,17 +395,21 @@ def _checked(spec: InputSpec, strings: pa.Array) -> pa.Array:
     return strings
 
 
-def _check_weighted(spec: InputSpec, strings: pa.Array, *, flat: bool) -> None:
-    """Every value of a weighted input has its weight: `strings` holds one bag value
-    each (`flat`, beside lengths) or whole bags."""
+def _check_weighted_bags(spec: InputSpec, bags: pa.Array) -> None:
+    """Every value of every bag of a weighted input has its weight."""
     check = WeightedBags(spec.separator, spec.weight_separator)  # type: ignore[arg-type]
-    strings = pc.fill_null(strings, "")
-    bad = np.isnan(weighted_values(strings, check.weight_separator)[1]) if flat else check.bad(strings)
-    if bad.any():
-        k = int(np.flatnonzero(bad)[0])
-        text = strings[k].as_py()
-        problem = f"value {k}: {check.problem(text)}" if flat else f"bag {k}: {check.first_problem(text)}"
-        raise RequestError(f"input {spec.name!r}, {problem}; expected {check.expected}")
+    rows, values = check.refused(bags)
+    if rows.size:
+        raise RequestError(f"input {spec.name!r}, bag {rows[0]}: {check.problem(values[0])}; expected {check.expected}")
+
+
+def _check_weighted_values(spec: InputSpec, values: pa.Array) -> None:
+    """Every value of a weighted input sent flat (beside its lengths) has its weight."""
+    check = WeightedBags(spec.separator, spec.weight_separator)  # type: ignore[arg-type]
+    bad = np.flatnonzero(np.isnan(weighted_values(values, check.weight_separator)[1]))
+    if bad.size:
+        raise RequestError(f"input {spec.name!r}, value {bad[0]}: {check.problem(values[int(bad[0])].as_py())}; "
+                           f"expected {check.value_expected}")
 
 
 def _numbers(name: str, value: np.ndarray) -> pa.Array:

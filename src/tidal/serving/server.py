@@ -27,9 +27,9 @@ grow. Binds to 127.0.0.1 unless told otherwise.
 Stopping (Ctrl-C or SIGTERM, as Triton): the server stops accepting connections and
 lets the requests it holds run for up to `exit_timeout_s` (30 s); a second before
 that deadline, those still queued get a 503 ("the server shut down before this request
-ran"), so that only a batch still running then could be cut off. A second Ctrl-C
-or SIGTERM stops at once. The socket listens from `listen` on: connections made while the bundle
-loads wait in its backlog.
+ran"), so that only a batch still running then could be cut off. A second Ctrl-C or
+SIGTERM stops at once. The socket listens from `listen` on: connections made while the
+bundle loads wait in its backlog.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ class Service:
 
     def metadata(self) -> dict:
         inputs = [{"name": s.name, "datatype": _DATATYPES[s.kind], "shape": [1 if s.side != "item" else -1],
-                   "parameters": _parameters(s)} for s in self.specs.values()]
+                   "parameters": _input_parameters(s)} for s in self.specs.values()]
         inputs += [{"name": s.name + LENGTHS, "datatype": "INT32", "shape": [-1], "optional": True}
                    for s in self.specs.values() if s.separator]
         return {"name": self.name, "versions": ["1"], "platform": "tidal", "inputs": inputs,
@@ -513,7 +513,7 @@ class _TimedHeaders(HttpToolsProtocol):
         self.transport.close()
 
 
-def _parameters(spec: InputSpec) -> dict:
+def _input_parameters(spec: InputSpec) -> dict:
     """What a client needs to know of an input beyond its type: whose value it is, and
     how its bags are split (values, and a value's weight)."""
     splits = {"separator": spec.separator, "weight_separator": spec.weight_separator}
@@ -588,13 +588,15 @@ def serve(service: Service, sock: socket.socket, *, exit_timeout_s: float = _EXI
     """Serve `service` on `sock` (from `listen`) in this thread until interrupted (Ctrl-C
     or SIGTERM; see the module docstring). uvicorn passes the signal on once it has
     stopped: either one then raises KeyboardInterrupt here, after the service closed."""
-    server = _Server(service, exit_timeout_s)
     with sigterm_interrupts():
+        server = None
         try:
+            server = _Server(service, exit_timeout_s)
             with _serving_gc():
                 server.run(sockets=[sock])
         finally:
-            server.end()
+            if server is not None:
+                server.end()
             service.close()
 
 
