@@ -171,10 +171,10 @@ def _multi_value(column: pa.Array, feature: SparseFeature, seed: int) -> _Bags:
     tokens, row_of_token = split_bags(column, feature.separator)  # type: ignore[arg-type]
     weights = None
     if feature.weight_separator is not None:
-        check = WeightedBags(feature.separator, feature.weight_separator)  # type: ignore[arg-type]
         values, (tokens, weights) = tokens, weighted_values(tokens, feature.weight_separator)
         bad = np.flatnonzero(np.isnan(weights))
         if bad.size:
+            check = WeightedBags(feature.separator, feature.weight_separator)  # type: ignore[arg-type]
             problem = check.problem(values[int(bad[0])].as_py())
             raise DataError(f"feature {feature.name!r}, row {row_of_token[bad[0]]}: {problem}; expected "
                             f"{check.expected}; read files with read_batches(checks=extractor.checks) to skip such rows")

@@ -48,8 +48,9 @@ _PATTERNS = {  # what a checked column must hold; "label" may not be empty, the 
     "number": f"^{_NUMBER}$",
     "label": r"^[01]$",
 }
+_WITHIN_FLOAT32 = "within float32's range (|x| <= 3.4028235e38)"
 _EXPECTED = {"integer": f"an integer within int64's range ({_INT64_MIN} to {_INT64_MAX}) or nothing",
-             "number": "a number within float32's range (|x| <= 3.4028235e38) or nothing", "label": "0 or 1"}
+             "number": f"a number {_WITHIN_FLOAT32} or nothing", "label": "0 or 1"}
 _TO_STRING = pc.CastOptions(pa.string(), allow_invalid_utf8=True)  # binary fields are checked row by row
 CRITEO_CHECKS: dict[str, str] = {"label": "label", **{c: "integer" for c in CRITEO_DENSE}}
 
@@ -70,13 +71,13 @@ class WeightedBags:
 
     @property
     def expected(self) -> str:
-        return (f"bag values split by {self.separator!r}, each an id, {self.weight_separator!r} and a weight within "
-                "float32's range (|x| <= 3.4028235e38), or nothing")
+        """What a field must be."""
+        return f"bag values split by {self.separator!r}, each {self.value_expected}, or nothing"
 
     @property
     def value_expected(self) -> str:
         """What one value of a bag must be."""
-        return f"an id, {self.weight_separator!r} and a weight within float32's range (|x| <= 3.4028235e38)"
+        return f"an id, {self.weight_separator!r} and a weight {_WITHIN_FLOAT32}"
 
     def refused(self, column: pa.Array) -> tuple[np.ndarray, list[str]]:
         """The rows of a string column that hold a value that is not so, and the first
