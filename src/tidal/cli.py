@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import sys
 from pathlib import Path
 
@@ -32,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True, help="the run directory (training.run_dir) or one checkpoint")
     export.add_argument("--out", required=True, help="the bundle directory to write (an earlier bundle there is replaced)")
     export.add_argument("--table-dtype", choices=["float32", "float16"], help="default: the config's serving.table_dtype")
+    export.add_argument("--delta", action="store_true",
+                        help="write into the bundle at --out only what changed since what it serves (rows and the "
+                             "dense network); a running tidal serve of it applies the delta without a restart")
     serve = commands.add_parser("serve", help="serve a bundle over the Open Inference Protocol (KServe v2 HTTP)")
     serve.add_argument("bundle", help="a directory written by tidal export")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -43,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--chunk-rows", type=int, help="default: the config's serving.chunk_rows")
     serve.add_argument("--max-delay-ms", type=float, help="default: the config's serving.max_delay_ms")
     serve.add_argument("--sparse-threads", type=int, help="default: the config's serving.sparse_threads")
+    serve.add_argument("--delta-poll-s", type=float, help="look for new deltas of the bundle (tidal export --delta) "
+                       "this often and apply them (default: the config's serving.delta_poll_s; unset: only on "
+                       "POST /v2/repository/models/NAME/load)")
     serve.add_argument("--exit-timeout-s", type=_seconds, default=30.0,
                        help="on Ctrl-C or SIGTERM, how long the requests held may still run; those still queued "
                             "a second before get a 503 (default 30)")
@@ -251,10 +258,14 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from tidal.errors import TidalError
-    from tidal.serving import export
+    from tidal.serving import export, export_delta
 
+    if args.delta and args.table_dtype:
+        print("tidal export: --table-dtype applies to a full export; a delta keeps its bundle's", file=sys.stderr)
+        return 2
     try:
-        out = export(args.checkpoint, args.out, table_dtype=args.table_dtype)
+        out = export_delta(args.checkpoint, args.out) if args.delta else \
+            export(args.checkpoint, args.out, table_dtype=args.table_dtype)
     except TidalError as exc:
         print(f"tidal export: {exc}", file=sys.stderr)
         return 2
@@ -263,8 +274,18 @@ def _export(args: argparse.Namespace) -> int:
             raise
         return _write_failed("export", exc, "an earlier bundle at --out is intact")
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    print(f"wrote the serving bundle {out} ({size / 2**20:,.1f} MiB); serve it with: tidal serve {out}")
+    if args.delta:
+        print(f"wrote delta {out.name} into {args.out} ({size / 2**20:,.1f} MiB): {_delta_counts(out)}; a tidal serve "
+              f"of it applies it on POST /v2/repository/models/NAME/load or at its next --delta-poll-s")
+    else:
+        print(f"wrote the serving bundle {out} ({size / 2**20:,.1f} MiB); serve it with: tidal serve {out}")
     return 0
+
+
+def _delta_counts(folder: Path) -> str:
+    tables = json.loads((folder / "manifest.json").read_text())["tables"]
+    return ", ".join(f"table {name!r} {c['changed']:,d} rows changed, {c['removed']:,d} removed"
+                     for name, c in tables.items())
 
 
 def _is_disk_error(exc: Exception) -> bool:
@@ -287,7 +308,8 @@ def _serve(args: argparse.Namespace) -> int:
     from tidal.serving.server import sigterm_interrupts
 
     flags = {k: v for k, v in {"max_batch_rows": args.max_batch_rows, "chunk_rows": args.chunk_rows,
-                               "max_delay_ms": args.max_delay_ms, "sparse_threads": args.sparse_threads}.items()
+                               "max_delay_ms": args.max_delay_ms, "sparse_threads": args.sparse_threads,
+                               "delta_poll_s": args.delta_poll_s}.items()
              if v is not None}
     try:
         settings = _serving_settings(args.settings, flags)

@@ -541,7 +541,9 @@ class ServingConfig(_Model):
     `max_queue_rows` bounds the rows waiting; beyond it a request gets 503.
     `dense_threads` is torch's thread count in the serving process: 1 by default,
     since serving batches are small and idle OpenMP threads spin on the cores the
-    sparse stage and the HTTP loop need.
+    sparse stage and the HTTP loop need. With `delta_poll_s`, the server looks for new
+    deltas of its bundle (`tidal export --delta`) that often and applies them; without
+    it, on `POST /v2/repository/models/{name}/load`.
     """
 
     fusion: Fusion = Fusion()
@@ -557,6 +559,7 @@ class ServingConfig(_Model):
     session_ttl_s: _Float = Field(300.0, gt=0.0)
     session_memory_bytes: _Int = Field(256 << 20, ge=1024)
     table_dtype: Literal["float32", "float16"] = "float32"  # how the bundle stores the tables
+    delta_poll_s: _Float | None = Field(None, gt=0.0)  # how often `tidal serve` looks for new deltas; None: on request
 
     @pydantic.model_validator(mode="after")
     def _fits_buckets(self) -> ServingConfig:

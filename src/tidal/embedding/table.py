@@ -35,6 +35,7 @@ from tidal.embedding._memory import CHUNK_ROWS, SHARD_BITS, Arena
 from tidal.embedding._parallel import run_split, run_tasks
 from tidal.embedding.hashing import INIT_KINDS, table_seed
 from tidal.errors import BatchError, CheckpointError, ConfigError, TidalError
+from tidal.gate import Gate
 from tidal.optim.rowwise import OptimizerKernel
 
 __all__ = ["EmbeddingTable", "RowBlock", "RowLookup", "TableStats"]
@@ -121,45 +122,6 @@ class RowBlock:
     state: np.ndarray
     last_seen: np.ndarray
     counts: np.ndarray
-
-
-class _RemovalGate:
-    """Many users of a table's rows at once (lookups, reads, updates), or one removal of
-    rows: a removal waits for the uses under way and keeps new ones waiting (it goes
-    first), so a use never sees a row freed and given to another key half way through.
-    A thread must not take `using` again on the same gate while it holds it."""
-
-    def __init__(self) -> None:
-        self._changed = threading.Condition()
-        self._users = 0
-        self._removers = 0  # waiting or removing
-        self._removing = False
-
-    @contextmanager
-    def using(self) -> Iterator[None]:
-        with self._changed:
-            self._changed.wait_for(lambda: not self._removers)
-            self._users += 1
-        try:
-            yield
-        finally:
-            with self._changed:
-                self._users -= 1
-                self._changed.notify_all()
-
-    @contextmanager
-    def removing(self) -> Iterator[None]:
-        with self._changed:
-            self._removers += 1
-            self._changed.wait_for(lambda: not self._users and not self._removing)
-            self._removing = True
-        try:
-            yield
-        finally:
-            with self._changed:
-                self._removers -= 1
-                self._removing = False
-                self._changed.notify_all()
 
 
 class _Shard:
@@ -267,7 +229,7 @@ class EmbeddingTable:
         self._updates = 0  # optimizer steps so far
         self._saved_step = -1  # rows last seen at or after this step go into the next delta
         self._counter_lock = threading.Lock()
-        self._gate = _RemovalGate()
+        self._gate = Gate()
         self._epoch = 0  # removals of rows so far (under the gate): a RowLookup is valid within one
         self._shards = [self._new_shard(s) for s in range(config.num_shards)]
         self.checkpoint_id: str | None = None  # what a delta would extend: '<full checkpoint id>/<chain entry>'
@@ -402,14 +364,14 @@ class EmbeddingTable:
         depends on the order of the sightings.
         """
         keys, step = self._keys(keys), self._take_step(step)
-        with self._gate.using():
+        with self._gate.shared():
             return self._resolve(keys, step=step, insert=True, distinct=self.optimizer.sums_keys_first)
 
     def find(self, keys: np.ndarray, *, count: bool = True) -> RowLookup:
         """Rows of `keys` without creating any: absent keys get -1 (and, with `count`,
         count as misses; internal reads such as `apply_gradients` pass False)."""
         keys = self._keys(keys)
-        with self._gate.using():
+        with self._gate.shared():
             return self._find(keys, count)
 
     def _find(self, keys: np.ndarray, count: bool) -> RowLookup:
@@ -419,14 +381,14 @@ class EmbeddingTable:
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """Values `[n, dim]` float32 of `keys` for serving; absent keys read as zeros."""
         keys = self._keys(keys)
-        with self._gate.using():
+        with self._gate.shared():
             return self._gather(self._resolve(keys, step=self._step, insert=False, distinct=False).handles,
                                 columns=self.dim)
 
     def holding_rows(self) -> AbstractContextManager[None]:
         """A block in which no row of this table is removed: lookups made before it can be
         checked (`check_lookup`) and then used without a removal freeing their rows."""
-        return self._gate.using()
+        return self._gate.shared()
 
     def _resolve(self, keys: np.ndarray, *, step: int, insert: bool, distinct: bool, force: bool = False,
                  count: bool = True) -> RowLookup:
@@ -521,7 +483,7 @@ class EmbeddingTable:
         if not np.isfinite(grads).all():  # one NaN would stay in its row's values and state for good
             raise BatchError(f"table {self.name!r}: grads must be finite, got {int((~np.isfinite(grads)).sum())} "
                              f"NaN or infinite values; no row was updated")
-        with self._gate.using():  # found and updated with no removal between
+        with self._gate.shared():  # found and updated with no removal between
             lookup = self._find(keys, count=False)
             self._apply(lookup, self._gradient(lookup, grads, np.arange(keys.shape[0]), np.ones(keys.shape[0])))
 
@@ -533,7 +495,7 @@ class EmbeddingTable:
         have one entry per key of the lookup.
         """
         gradient = self._gradient(lookup, grad, sources, scales)
-        with self._gate.using():  # no row is removed from the check to the last shard's update
+        with self._gate.shared():  # no row is removed from the check to the last shard's update
             self.check_lookup(lookup)
             self._apply(lookup, gradient)
 
@@ -567,7 +529,7 @@ class EmbeddingTable:
         (a kernel that visits rows of all shards, such as `pooling.sgd_by_sample`); the
         rows are marked seen on the way out. Locks are taken in shard order, as by every
         caller that holds more than one."""
-        with self._gate.using(), ExitStack() as held:
+        with self._gate.shared(), ExitStack() as held:
             self.check_lookup(lookup)
             self._next_update()
             for shard in self._shards:
@@ -614,7 +576,7 @@ class EmbeddingTable:
         Absent keys come back as zero rows with found False.
         """
         keys = self._keys(keys)
-        with self._gate.using():
+        with self._gate.shared():
             return self._pull(keys, self._resolve(keys, step=self._step, insert=False, distinct=False,
                                                   count=False).handles)
 
@@ -659,7 +621,7 @@ class EmbeddingTable:
                              f"({len(keys)}), got shapes {metadata}")
         rows = np.concatenate([values, state], axis=1)
         last_seen = np.asarray(block.last_seen, np.uint32) if keep_last_seen else np.full(len(keys), self._step, np.uint32)
-        with self._gate.using():
+        with self._gate.shared():
             handles = self._resolve(keys, step=self._step, insert=True, distinct=False, force=True, count=False).handles
             run_split(pooling.scatter_rows, len(keys), self.threads, self.arena.directory, self.width, handles, rows)
             self._set_metadata(handles, last_seen, np.asarray(block.counts, np.uint32))
@@ -688,7 +650,7 @@ class EmbeddingTable:
         """
         grouped, _, _, offsets = ix.group_by_shard(self._keys(keys), self.num_shards)
         removed = 0
-        with self._gate.removing():
+        with self._gate.exclusive():
             for s, shard in enumerate(self._shards):
                 mine = grouped[offsets[s] : offsets[s + 1]]
                 with shard.lock:
@@ -714,7 +676,7 @@ class EmbeddingTable:
         eviction = self.config.eviction
         if eviction is None:
             return 0
-        with self._gate.removing():  # lookups from before a safe point are refused, even if no row goes
+        with self._gate.exclusive():  # lookups from before a safe point are refused, even if no row goes
             self._epoch += 1
         evicted = 0
         if eviction.ttl_steps is not None:

@@ -33,10 +33,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from tidal.errors import TidalError
-from tidal.serving.predictor import Piece, Predictor
+from tidal.serving.predictor import Piece, Predictor, SparseOutput
 
 __all__ = ["BatchRecord", "Batcher", "Overloaded", "ShuttingDown", "split_rows"]
 
@@ -234,20 +233,19 @@ class Batcher:
     def _run_sparse(self, batch: list[_Waiting]) -> None:
         start = time.perf_counter()
         try:
-            pooled, dense = self.predictor.sparse([w.piece for w in batch])
+            stage = self.predictor.sparse([w.piece for w in batch])
         except BaseException as exc:  # every request of the batch learns why
             self._fail(batch, exc)
             return
         if self._dense is None:  # CPU: the dense network runs in this thread, no hand-off
-            self._run_dense(batch, pooled, dense, start, time.perf_counter() - start)
+            self._run_dense(batch, stage, start, time.perf_counter() - start)
         else:
-            self._dense.submit(self._run_dense, batch, pooled, dense, start, time.perf_counter() - start)
+            self._dense.submit(self._run_dense, batch, stage, start, time.perf_counter() - start)
 
-    def _run_dense(self, batch: list[_Waiting], pooled: torch.Tensor, dense: torch.Tensor, start: float,
-                   sparse_s: float) -> None:
+    def _run_dense(self, batch: list[_Waiting], stage: SparseOutput, start: float, sparse_s: float) -> None:
         dense_start = time.perf_counter()
         try:
-            probabilities = self.predictor.dense(pooled, dense)
+            probabilities = self.predictor.dense(stage)
         except BaseException as exc:
             self._fail(batch, exc)
             return

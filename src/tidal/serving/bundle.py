@@ -11,13 +11,16 @@ Layout::
                                    (content_sha256, from version 2)
       tables/<name>.safetensors    keys [N] int64, values [N, D] float32 or float16
       dense.pt2                    the dense network as a `torch.export` program
+      deltas/                      online updates written since (`tidal export --delta`;
+                                   `tidal.serving.delta` draws their layout)
 
 No pickle anywhere: tensors are safetensors, the program's graph is JSON with raw
 weights, and its sample inputs are left out (the one member `torch.export.save` would
 pickle is empty). Loading checks the manifest against its content_sha256 and every
 other file against the manifest, and refuses a corrupt, altered or incomplete bundle
 with a message naming the file. Version 1 bundles, written before the manifest carried
-its own sha256, still load; their manifest alone goes unchecked.
+its own sha256, still load; their manifest alone goes unchecked (and take no deltas).
+Loading applies the bundle's deltas in order; each is checked as the base is.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import warnings
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,9 +45,11 @@ from tidal.embedding.checkpoint import SEAL, check_seal, fingerprint, fsync_path
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.models import RankingModel
 from tidal.runtime import checkpoint
+from tidal.serving.delta import (DELTA_FORMAT, DELTA_VERSION, DELTAS, Position, RowChanges, apply_rows, delta_name,
+                                 diff_rows, is_delta_name)
 from tidal.serving.protocol import input_specs
 
-__all__ = ["Bundle", "export", "load_bundle"]
+__all__ = ["Bundle", "Delta", "export", "export_delta", "load_bundle", "read_deltas", "read_program"]
 
 FORMAT = "tidal-serving-bundle"
 VERSION = 2  # 2: the manifest carries the sha256 of its own content
@@ -55,13 +61,15 @@ _SAMPLE_INPUTS = "data/sample_inputs/"  # the archive member torch.export would 
 
 @dataclass(frozen=True, kw_only=True)
 class Bundle:
-    """A loaded bundle: its manifest, config, tables as (keys, values) and dense program."""
+    """A loaded bundle: its manifest, config, tables as (keys, values) and dense program,
+    its deltas applied (`position` says up to which)."""
 
     path: Path
     manifest: dict
     config: RunConfig
-    tables: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (keys [N] int64, values [N, D])
+    tables: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (keys [N] int64 ascending, values [N, D])
     program: torch.export.ExportedProgram
+    position: Position | None  # None: a version 1 bundle, which takes no deltas
 
     @property
     def targets(self) -> list[str]:
@@ -100,6 +108,79 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, table_dtype: st
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # left only by a failed export
     return out
+
+
+def export_delta(source: str | os.PathLike, bundle_dir: str | os.PathLike) -> Path:
+    """Write into the bundle at `bundle_dir` the delta from what it serves (its base and
+    its deltas) to a checkpoint of the same model (a run directory's latest, or one
+    checkpoint directory): rows new or changed, keys no longer served, and the dense
+    program. A running `tidal serve` of the bundle applies it without a restart.
+    Returns the delta's folder."""
+    directory = _checkpoint_dir(Path(source))
+    meta = checkpoint.read_meta(directory)
+    config = RunConfig.from_saved(meta["config"])
+    served = load_bundle(bundle_dir)
+    if served.position is None:
+        raise CheckpointError(f"{served.path}: a version 1 bundle takes no deltas; export it in full first")
+    _check_same_model(served, config)
+    folder = served.path / DELTAS
+    sequence = served.position.sequence + 1
+    staging = folder / f".tmp-{delta_name(sequence)}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        (staging / "tables").mkdir(parents=True)
+        counts = _write_changes(served, checkpoint.load_checked_tables(directory, meta, config.tables), staging)
+        _save_program(_model(config, directory), served.config, staging / PROGRAM)
+        write_json_atomic(staging / MANIFEST, _delta_manifest(served.position, served, directory, staging, counts))
+        fsync_path(staging)
+        return _publish(staging, folder / delta_name(sequence))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # left only by a failed export
+
+
+def _check_same_model(served: Bundle, config: RunConfig) -> None:
+    """A delta must fit its bundle: the same features (so the same inputs and targets),
+    model and tables; only the rows and the dense weights may change."""
+    differ = [what for what, theirs, ours in (
+        ("features", served.config.features, config.features), ("model", served.config.model, config.model),
+        ("tables (names and dims)", [(t.name, t.dim) for t in served.config.tables],
+         [(t.name, t.dim) for t in config.tables])) if theirs != ours]
+    if differ:
+        raise ConfigError(f"--delta: the checkpoint's {' and '.join(differ)} differ from the bundle's ({served.path}); "
+                          f"a delta changes only rows and dense weights: export a full bundle instead")
+
+
+def _write_changes(served: Bundle, tables: list, staging: Path) -> dict[str, dict[str, int]]:
+    """Each table's changes from what `served` serves, written under `staging`; their counts."""
+    dtype = np.dtype(served.manifest["table_dtype"])
+    counts = {}
+    for table in tables:
+        table.evict()  # the caps, as a full export applies them
+        keys, values = _rows(table)
+        changes = diff_rows(*served.tables[table.name], keys, _cast(table.name, values, dtype))
+        save_file({"keys": changes.keys, "values": changes.values, "removed": changes.removed},
+                  str(staging / "tables" / f"{table.name}.safetensors"))
+        counts[table.name] = {"changed": len(changes.keys), "removed": len(changes.removed)}
+    return counts
+
+
+def _delta_manifest(position: Position, served: Bundle, directory: Path, staging: Path, counts: dict) -> dict:
+    return sealed({"format": DELTA_FORMAT, "version": DELTA_VERSION, "sequence": position.sequence + 1,
+                   "base": position.base, "previous": position.seal, **_created(),
+                   "source_checkpoint": directory.name, "table_dtype": served.manifest["table_dtype"],
+                   "tables": counts, "files": _files(staging)})
+
+
+def _publish(staging: Path, final: Path) -> Path:
+    """Rename a written delta into place; refused if another export took its sequence meanwhile."""
+    try:
+        os.rename(staging, final)
+    except OSError:
+        if final.exists():
+            raise CheckpointError(f"{final}: written by another export meanwhile; export the delta again") from None
+        raise
+    fsync_path(final.parent)
+    return final
 
 
 def _cast(name: str, values: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -173,15 +254,22 @@ def _save_program(model: RankingModel, config: RunConfig, path: Path) -> None:
 
 def _manifest(config: RunConfig, directory: Path, staging: Path, dtype: str) -> dict:
     extractor = Extractor(config.features)
-    files = {str(p.relative_to(staging)): fingerprint(p, sync=True) for p in sorted(staging.rglob("*")) if p.is_file()}
-    manifest = {"format": FORMAT, "version": VERSION, "created_unix_s": time.time(),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    manifest = {"format": FORMAT, "version": VERSION, **_created(),
                 "source_checkpoint": directory.name, "table_dtype": dtype,
                 "targets": [f.name for f in extractor.labels],
                 "inputs": _inputs(config),  # what a request carries
                 "config": config.model_dump(mode="json"),
-                "files": files}
+                "files": _files(staging)}
     return sealed(manifest)  # its own sha256, so that an edited manifest is refused
+
+
+def _created() -> dict:
+    return {"created_unix_s": time.time(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _files(staging: Path) -> dict[str, dict]:
+    """The size and sha256 of every file under `staging`, by relative path (flushed to disk)."""
+    return {str(p.relative_to(staging)): fingerprint(p, sync=True) for p in sorted(staging.rglob("*")) if p.is_file()}
 
 
 def _inputs(config: RunConfig) -> list[dict]:
@@ -195,7 +283,8 @@ def _inputs(config: RunConfig) -> list[dict]:
 
 
 def load_bundle(path: str | os.PathLike) -> Bundle:
-    """Load and check a bundle; a missing, truncated or altered file is refused by name."""
+    """Load and check a bundle, its deltas applied in order; a missing, truncated or
+    altered file is refused by name."""
     path = Path(path)
     manifest = _read_manifest(path)
     for relative, expected in manifest["files"].items():
@@ -207,17 +296,19 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     if manifest.get("inputs") != _inputs(config):
         raise CorruptCheckpointError(f"{path / MANIFEST}: its inputs do not match its features; export it again")
     tables = {t.name: _read_table(path / "tables" / f"{t.name}.safetensors", t.dim) for t in config.tables}
-    return Bundle(path=path, manifest=manifest, config=config, tables=tables, program=_read_program(path / PROGRAM))
+    program, position = path / PROGRAM, Position(base=manifest[SEAL]) if SEAL in manifest else None
+    for delta in read_deltas(path, position, config) if position else []:
+        tables = {name: apply_rows(*rows, delta.tables[name]) for name, rows in tables.items()}
+        program, position = delta.path / PROGRAM, delta.position
+    return Bundle(path=path, manifest=manifest, config=config, tables=tables, program=read_program(program),
+                  position=position)
 
 
 def _read_manifest(path: Path) -> dict:
     file = path / MANIFEST
     if not file.exists():
         raise CheckpointError(f"{path}: not a serving bundle ({MANIFEST} is missing); write one with tidal export")
-    try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(f"{file}: not valid JSON ({exc})") from None
+    manifest = _read_json(file)
     keys = {"format", "version", "targets", "config", "files"}
     if not isinstance(manifest, dict) or not keys <= set(manifest) or manifest["format"] != FORMAT:
         raise CorruptCheckpointError(f"{file}: expected a {FORMAT} manifest with {sorted(keys)}")
@@ -230,6 +321,81 @@ def _read_manifest(path: Path) -> dict:
     if not needed <= set(manifest["files"]):
         raise CorruptCheckpointError(f"{file}: lists no {sorted(needed - set(manifest['files']))}")
     return manifest
+
+
+def _read_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(f"{file}: not valid JSON ({exc})") from None
+
+
+# ---------------------------------------------------------------------- deltas
+
+
+@dataclass(frozen=True, kw_only=True)
+class Delta:
+    """One delta of a bundle, read and checked: its rows per table, and where the bundle
+    stands once it is applied. Its dense program is `path / dense.pt2` (`read_program`)."""
+
+    path: Path
+    manifest: dict
+    position: Position
+    tables: dict[str, RowChanges]
+
+
+def read_deltas(path: str | os.PathLike, position: Position, config: RunConfig) -> list[Delta]:
+    """The deltas of the bundle at `path` that follow `position`, in order, each checked
+    (its files, and that it follows the base and the delta before it). Refused when the
+    bundle is no longer the base of `position` (a full export replaced it)."""
+    path = Path(path)
+    base = _read_manifest(path).get(SEAL)
+    if base != position.base:
+        raise CheckpointError(f"{path}: replaced by another full export since it was loaded (its manifest's sha256 "
+                              f"is now {str(base)[:12]}..., was {position.base[:12]}...); load it again (restart "
+                              f"tidal serve) to serve it")
+    folder = path / DELTAS
+    names = sorted(p.name for p in folder.iterdir() if is_delta_name(p.name)) if folder.is_dir() else []
+    deltas = []
+    for name in (n for n in names if int(n) > position.sequence):
+        deltas.append(_read_delta(folder / name, position, config))
+        position = deltas[-1].position
+    return deltas
+
+
+def _read_delta(folder: Path, position: Position, config: RunConfig) -> Delta:
+    file = folder / MANIFEST
+    manifest = _read_json(file) if file.exists() else None
+    keys = {"format", "version", "sequence", "base", "previous", "table_dtype", "files"}
+    if not isinstance(manifest, dict) or not keys <= set(manifest) or manifest["format"] != DELTA_FORMAT:
+        raise CorruptCheckpointError(f"{file}: expected a {DELTA_FORMAT} manifest with {sorted(keys)}")
+    if manifest["version"] != DELTA_VERSION:
+        raise CheckpointError(f"{file}: delta version {manifest['version']}, this Tidal reads version {DELTA_VERSION}")
+    check_seal(file, manifest)
+    _check_follows(file, manifest, position)
+    needed = {PROGRAM} | {f"tables/{t.name}.safetensors" for t in config.tables}
+    if not needed <= set(manifest["files"]):
+        raise CorruptCheckpointError(f"{file}: lists no {sorted(needed - set(manifest['files']))}")
+    for relative, expected in manifest["files"].items():
+        _check_file(folder / relative, expected)
+    dtype = np.dtype(manifest["table_dtype"])
+    tables = {t.name: _read_changes(folder / "tables" / f"{t.name}.safetensors", t.dim, dtype) for t in config.tables}
+    return Delta(path=folder, manifest=manifest, tables=tables,
+                 position=Position(base=position.base, sequence=position.sequence + 1, seal=manifest[SEAL]))
+
+
+def _check_follows(file: Path, manifest: dict, position: Position) -> None:
+    """Refuse a delta that is not the next one for a bundle at `position`."""
+    expected = position.sequence + 1
+    if manifest["sequence"] != expected or file.parent.name != delta_name(expected):
+        raise CheckpointError(f"{file}: delta {manifest['sequence']} in folder {file.parent.name}, but the bundle "
+                              f"stands at delta {position.sequence}: delta {delta_name(expected)} is missing")
+    if manifest["base"] != position.base:
+        raise CheckpointError(f"{file}: written for another bundle (base sha256 {str(manifest['base'])[:12]}..., this "
+                              f"one's is {position.base[:12]}...); export the delta from this bundle")
+    if manifest["previous"] != position.seal:
+        raise CheckpointError(f"{file}: follows another delta {position.sequence} than the one applied; the deltas "
+                              f"of this bundle were rewritten: load it again (restart tidal serve)")
 
 
 def _check_file(file: Path, expected: dict) -> None:
@@ -250,7 +416,21 @@ def _read_table(file: Path, dim: int) -> tuple[np.ndarray, np.ndarray]:
     return keys, values
 
 
-def _read_program(file: Path) -> torch.export.ExportedProgram:
+def _read_changes(file: Path, dim: int, dtype: np.dtype) -> RowChanges:
+    arrays = load_file(str(file))
+    keys, values, removed = arrays.get("keys"), arrays.get("values"), arrays.get("removed")
+    if keys is None or values is None or removed is None or not _ascending_keys(keys) \
+            or not _ascending_keys(removed) or values.shape != (keys.shape[0], dim) or values.dtype != dtype:
+        raise CorruptCheckpointError(f"{file}: expected keys [n] and removed [m], int64 and ascending, and values "
+                                     f"[n, {dim}] {dtype}")
+    return RowChanges(keys=keys, values=values, removed=removed)
+
+
+def _ascending_keys(keys: np.ndarray) -> bool:
+    return keys.dtype == np.int64 and keys.ndim == 1 and bool(np.all(keys[1:] > keys[:-1]))
+
+
+def read_program(file: Path) -> torch.export.ExportedProgram:
     with zipfile.ZipFile(file) as archive:
         pickled = [i.filename for i in archive.infolist() if _SAMPLE_INPUTS in i.filename and i.file_size]
     if pickled:

@@ -14,6 +14,11 @@ a big one) are scored together::
 
 The extraction is training's own `Extractor` (per side), so a row gives the same ids
 as in training; ids the tables do not hold read as zeros and are counted.
+
+Online updates (`Predictor.update`) apply a bundle's new deltas in place, between
+sparse stages: a batch is scored with the rows and the dense program from before a
+delta, or with both from after it, never a mix. Cached session states keep the rows
+they were pooled from.
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ from tidal.config import DEVICE_PATTERN, DenseFeature, Fusion, ServingConfig, Sp
 from tidal.data.extract import Extractor
 from tidal.embedding import EmbeddingCollection, EmbeddingTable, RowBlock
 from tidal.errors import BatchError, ConfigError
-from tidal.serving.bundle import Bundle, model_sizes
+from tidal.gate import Gate
+from tidal.serving.bundle import Bundle, Delta, model_sizes, read_program
+from tidal.serving.delta import Position
 
-__all__ = ["Piece", "Predictor", "UserState", "fuse"]
+__all__ = ["Piece", "Predictor", "SparseOutput", "UserState", "fuse"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,6 +57,16 @@ class UserState:
     def nbytes(self) -> int:
         """The bytes this state keeps alive (an Arrow slice keeps its whole buffers)."""
         return self.pooled.nbytes + self.dense.nbytes + sum(a.get_total_buffer_size() for a in self.shared.values())
+
+
+@dataclass(frozen=True, kw_only=True)
+class SparseOutput:
+    """The sparse stage's output for the dense stage: the inputs, and the dense program
+    of the same state of the bundle (an update may come between the two stages)."""
+
+    pooled: torch.Tensor  # [N, F, D]
+    dense: torch.Tensor  # [N, Dd]
+    program: torch.nn.Module
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,11 +120,37 @@ class Predictor:
         self.user_columns = self._user_extract.columns
         self.item_columns = self._item_extract.columns
         self.collection = EmbeddingCollection(_serving_tables(bundle), [f.embedding() for f in extractor.sparse])
-        program = bundle.program if self.device.type == "cpu" else move_to_device_pass(bundle.program, self.device)
-        self._program = program.module()  # constants the graph made on the CPU move too
+        self._program = self._module(bundle.program)
+        self._gate = Gate()  # scoring shares it; an update takes it alone
+        self.position: Position | None = bundle.position  # the last delta applied (None: a version 1 bundle)
         self.set_fusion(serving.fusion)
         if not self.item_columns:
             raise ConfigError("serving needs at least one item or context feature: candidates are scored by them")
+
+    def _module(self, program: torch.export.ExportedProgram) -> torch.nn.Module:
+        """`program` on the predictor's device (the constants the graph made on the CPU too)."""
+        return (program if self.device.type == "cpu" else move_to_device_pass(program, self.device)).module()
+
+    # ------------------------------------------------------------------ online updates
+
+    def update(self, deltas: Sequence[Delta]) -> None:
+        """Apply `deltas` (those following `position`, in order, as `read_deltas` gives
+        them) to the tables and take the last one's dense program. Waits for the sparse
+        stages under way; those that come meanwhile wait for it."""
+        if not deltas:
+            return
+        if self.position is None or deltas[0].position.sequence != self.position.sequence + 1 \
+                or deltas[0].manifest["previous"] != self.position.seal:
+            raise ConfigError(f"delta {deltas[0].position.sequence} does not follow the predictor's position "
+                              f"{self.position}; read the deltas that follow it")
+        module = self._module(read_program(deltas[-1].path / "dense.pt2"))  # before taking the gate
+        blocks = [(self.collection.table(name), changes.removed, _row_block(changes.keys, changes.values))
+                  for delta in deltas for name, changes in delta.tables.items()]
+        with self._gate.exclusive():
+            for table, removed, block in blocks:
+                table.remove(removed)
+                table.push_rows(block)
+            self._program, self.position = module, deltas[-1].position
 
     # ------------------------------------------------------------------ fusion
 
@@ -155,17 +198,23 @@ class Predictor:
 
     def predict(self, pieces: Sequence[Piece]) -> np.ndarray:
         """Probabilities `[sum of rows, T]` of the pieces' candidates, in order."""
-        return self.dense(*self.sparse(pieces))
+        return self.dense(self.sparse(pieces))
 
     def user_state(self, user: pa.RecordBatch) -> UserState:
         """The pooled user side of one request's user row (what a session caches)."""
-        pooled, dense = self._user_side([user])
+        with self._gate.shared():
+            pooled, dense = self._user_side([user])
         # copies: the column is a slice of the request's strings, which it would keep alive
         shared = {c: pa.concat_arrays([user.column(c)]) for c in self.item_columns if c in self.user_columns}
         return UserState(pooled=pooled, dense=dense, shared=shared)
 
-    def sparse(self, pieces: Sequence[Piece]) -> tuple[torch.Tensor, torch.Tensor]:
+    def sparse(self, pieces: Sequence[Piece]) -> SparseOutput:
         """The sparse stage: pooled `[N, F, D]` and dense features `[N, Dd]` of all rows."""
+        with self._gate.shared():  # every table and the program before an update, or all after it
+            pooled, dense = self._sparse(pieces)
+            return SparseOutput(pooled=pooled, dense=dense, program=self._program)
+
+    def _sparse(self, pieces: Sequence[Piece]) -> tuple[torch.Tensor, torch.Tensor]:
         rows = sum(p.rows for p in pieces)
         f, d, dd = self._sizes["num_features"], self._sizes["dim"], self._sizes["dense_features"]
         pooled, dense = torch.empty(rows, f, d), torch.empty(rows, dd)
@@ -181,21 +230,22 @@ class Predictor:
         dense[:, self._user_dense] = user_dense[user_of_row]
         return pooled, dense
 
-    def dense(self, pooled: torch.Tensor, dense: torch.Tensor) -> np.ndarray:
+    def dense(self, stage: SparseOutput) -> np.ndarray:
         """The dense stage on the device: probabilities `[n, T]`, in batches of the
         largest bucket at most, each padded to a bucket."""
-        step = self.buckets[-1]
-        parts = [self._dense_bucket(pooled[i : i + step], dense[i : i + step]) for i in range(0, pooled.shape[0], step)]
+        step, pooled, dense = self.buckets[-1], stage.pooled, stage.dense
+        parts = [self._dense_bucket(stage.program, pooled[i : i + step], dense[i : i + step])
+                 for i in range(0, pooled.shape[0], step)]
         return np.concatenate(parts) if parts else np.zeros((0, len(self.targets)), np.float32)
 
-    def _dense_bucket(self, pooled: torch.Tensor, dense: torch.Tensor) -> np.ndarray:
+    def _dense_bucket(self, program: torch.nn.Module, pooled: torch.Tensor, dense: torch.Tensor) -> np.ndarray:
         n = pooled.shape[0]
         padded, padded_dense = _padded(pooled, self.bucket(n)), _padded(dense, self.bucket(n))
         self._check_shapes(padded, padded_dense)
         if self.device.type == "cuda":  # pinned host buffers, so the copies overlap
             padded, padded_dense = padded.pin_memory(), padded_dense.pin_memory()
         with torch.no_grad():
-            logits = self._program(padded.to(self.device, non_blocking=True),
+            logits = program(padded.to(self.device, non_blocking=True),
                                    padded_dense.to(self.device, non_blocking=True))  # [bucket, T]
         return torch.sigmoid(logits[:n]).float().cpu().numpy()
 
@@ -321,10 +371,15 @@ def _serving_tables(bundle: Bundle) -> list[EmbeddingTable]:
     """The bundle's rows in read-only tables: no optimizer state, admission or eviction."""
     tables = []
     for config in bundle.config.tables:
-        keys, values = bundle.tables[config.name]
         table = EmbeddingTable(TableConfig(name=config.name, dim=config.dim, num_shards=config.num_shards,
                                            initializer=config.initializer, seed=config.seed))
-        table.push_rows(RowBlock(keys=keys, values=values.astype(np.float32), state=np.zeros((len(keys), 0), np.float32),
-                                 last_seen=np.zeros(len(keys), np.uint32), counts=np.zeros(len(keys), np.uint32)))
+        table.push_rows(_row_block(*bundle.tables[config.name]))
         tables.append(table)
     return tables
+
+
+def _row_block(keys: np.ndarray, values: np.ndarray) -> RowBlock:
+    """Serving rows as a block to push: float32 values, no optimizer state or counts."""
+    n = len(keys)
+    return RowBlock(keys=keys, values=values.astype(np.float32), state=np.zeros((n, 0), np.float32),
+                    last_seen=np.zeros(n, np.uint32), counts=np.zeros(n, np.uint32))

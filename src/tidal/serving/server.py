@@ -10,6 +10,8 @@ Routes::
     GET  /v2/models/{name}/config         Triton's model configuration (`tidal.serving.triton`)
     GET  /v2/models/{name}/stats          Triton's inference statistics (also /v2/models/stats)
     POST /v2/repository/index             the one model, READY
+    POST /v2/repository/models/{name}/load
+                                          apply the bundle's new deltas (`tidal.serving.online`)
     GET  /v2/models/{name}/fusion         the value model now in use (Tidal extension)
     PUT  /v2/models/{name}/fusion         change it without a restart: {"kind", "weights"}
     GET  /metrics                         Prometheus metrics
@@ -51,7 +53,7 @@ import numpy as np
 import torch
 import uvicorn
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -61,9 +63,10 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 import tidal
 from tidal.config import Fusion, ServingConfig
-from tidal.errors import ConfigError
+from tidal.errors import ConfigError, TidalError
 from tidal.serving.batcher import Batcher, BatchRecord, Overloaded, ShuttingDown
 from tidal.serving.bundle import Bundle
+from tidal.serving.online import Updater
 from tidal.serving.predictor import Predictor, UserState
 from tidal.serving.protocol import HEADER, LENGTHS, DecodedRequest, InputSpec, RequestError, decode_request, \
     encode_response, input_specs, json_object
@@ -84,6 +87,7 @@ class Service:
         self.name = name
         self.settings = _settings(bundle.config.serving, overrides)
         self.predictor = Predictor(bundle, serving=self.settings)
+        self.updater = Updater(self.predictor, bundle.path, poll_s=self.settings.delta_poll_s)
         self.specs = input_specs(bundle.config)
         self.outputs = [*self.predictor.targets, "score"]
         self.sessions = SessionCache(ttl_s=self.settings.session_ttl_s, memory_bytes=self.settings.session_memory_bytes)
@@ -147,6 +151,7 @@ class Service:
 
     def close(self) -> None:
         try:
+            self.updater.close()
             self.batcher.close()
         finally:
             torch.set_num_threads(self._torch_threads)
@@ -185,6 +190,7 @@ class _Metrics:
         self.sessions.set_function(lambda: service.sessions.expire() or len(service.sessions))  # live ones only
         self.session_bytes.set_function(lambda: service.sessions.bytes)
         self.registry.register(_IdCounts(service.predictor))
+        self.registry.register(_Deltas(service.updater))
 
     def batch(self, record: BatchRecord) -> None:
         self.batch_rows.observe(record.rows)
@@ -203,6 +209,22 @@ class _IdCounts:
         lookups, misses = self._predictor.id_counts()
         yield CounterMetricFamily("tidal_ids", "Ids looked up", value=lookups)
         yield CounterMetricFamily("tidal_unknown_ids", "Ids the tables do not hold (read as zeros)", value=misses)
+
+
+class _Deltas:
+    """The bundle's deltas: the one served, how many were applied and refused, and when."""
+
+    def __init__(self, updater: Updater) -> None:
+        self._updater = updater
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        u = self._updater
+        yield GaugeMetricFamily("tidal_bundle_delta", "The bundle's last delta served (0: its base alone)", value=u.delta)
+        yield CounterMetricFamily("tidal_bundle_deltas_applied", "Deltas applied since the start", value=u.deltas_applied)
+        yield CounterMetricFamily("tidal_bundle_update_failures", "Updates refused (nothing applied)", value=u.failures)
+        if u.updated_unix_s is not None:
+            yield GaugeMetricFamily("tidal_bundle_updated_unix_seconds", "When a delta was last applied",
+                                    value=u.updated_unix_s)
 
 
 # ---------------------------------------------------------------------- HTTP
@@ -274,6 +296,18 @@ def create_app(service: Service) -> Starlette:
     async def repository_index(request: Request) -> JSONResponse:
         return JSONResponse([{"name": service.name, "version": "1", "state": "READY"}])
 
+    async def load(request: Request) -> JSONResponse:
+        missing = model_or_404(request)
+        if missing is not None:
+            return missing
+        try:
+            update = await asyncio.to_thread(service.updater.update)
+        except (TidalError, OSError) as exc:
+            return _error(409, f"the bundle's deltas were not applied ({exc}); still serving delta "
+                               f"{service.updater.delta}")
+        return JSONResponse({"delta": update.delta, "applied": update.applied, "rows_changed": update.rows_changed,
+                             "rows_removed": update.rows_removed, "seconds": update.seconds})
+
     async def fusion(request: Request) -> JSONResponse:
         missing = model_or_404(request)
         if missing is not None:
@@ -299,6 +333,7 @@ def create_app(service: Service) -> Starlette:
     return Starlette(routes=[
         Route("/v2", server_metadata), Route("/v2/health/live", healthy), Route("/v2/health/ready", healthy),
         Route("/v2/models/stats", stats), Route("/v2/repository/index", repository_index, methods=["POST"]),
+        Route("/v2/repository/models/{name}/load", load, methods=["POST"]),
         *[Route(f"/v2/models/{{name}}{version}{path}", endpoint, methods=methods)
           for version in ("", "/versions/{version}") for path, endpoint, methods in model_routes],
         Route("/metrics", metrics),

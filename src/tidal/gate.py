@@ -1,0 +1,52 @@
+"""A gate shared by many users at once, or held by one exclusive holder."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+__all__ = ["Gate"]
+
+
+class Gate:
+    """Many holders of `shared` at once, or one of `exclusive`: an exclusive holder
+    waits for the shared ones under way and keeps new ones waiting (it goes first), so
+    no shared holder sees the state half way through an exclusive change.
+
+    The embedding tables guard their rows with one (lookups and updates share it, a
+    removal of rows takes it alone); a serving predictor guards its tables and program
+    with another (scoring shares it, an online update takes it alone). A thread must not
+    take `shared` again on the same gate while it holds it."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._users = 0
+        self._exclusive_waiting = 0  # waiting or holding
+        self._exclusive_held = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: not self._exclusive_waiting)
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._users -= 1
+                self._changed.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._changed:
+            self._exclusive_waiting += 1
+            self._changed.wait_for(lambda: not self._users and not self._exclusive_held)
+            self._exclusive_held = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._exclusive_waiting -= 1
+                self._exclusive_held = False
+                self._changed.notify_all()

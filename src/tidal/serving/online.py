@@ -1,0 +1,108 @@
+"""Online updates of a running server: its bundle's new deltas, applied in place.
+
+`tidal export --delta` writes a delta into the bundle a server serves
+(`tidal.serving.delta` draws the layout); the server applies it on
+`POST /v2/repository/models/{name}/load` (Triton's model repository extension, so
+`tritonclient`'s `load_model` triggers it), and every `serving.delta_poll_s` seconds
+when that is set. A delta that cannot be applied (damaged, out of order, or the bundle
+replaced by a full export) is refused with the reason and changes nothing: the server
+goes on serving what it served.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tidal.errors import CheckpointError, TidalError
+from tidal.serving.bundle import read_deltas
+from tidal.serving.predictor import Predictor
+
+__all__ = ["Update", "Updater"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Update:
+    """What one update applied."""
+
+    applied: int  # deltas
+    delta: int  # the last delta now served (0: the base alone)
+    rows_changed: int
+    rows_removed: int
+    seconds: float
+
+    def summary(self) -> str:
+        if not self.applied:
+            return f"no new delta (serving delta {self.delta})"
+        return (f"applied {self.applied} delta{'s' if self.applied > 1 else ''}, now serving delta {self.delta}: "
+                f"{self.rows_changed:,d} rows changed, {self.rows_removed:,d} removed, in {self.seconds * 1e3:.1f} ms")
+
+
+class Updater:
+    """Brings a predictor up to the newest deltas of its bundle: on demand (`update`),
+    and every `poll_s` seconds from a thread of its own when `poll_s` is given (each
+    update it applies is printed, and each new reason for refusing one)."""
+
+    def __init__(self, predictor: Predictor, bundle_path: Path, *, poll_s: float | None = None) -> None:
+        self._predictor = predictor
+        self._path = Path(bundle_path)
+        self._lock = threading.Lock()  # one update at a time: the poller's and a request's
+        self.deltas_applied = 0
+        self.failures = 0
+        self.updated_unix_s: float | None = None
+        self._stop = threading.Event()
+        self._poller = None
+        if poll_s is not None:
+            self._poller = threading.Thread(target=self._poll, args=(poll_s,), name="tidal-deltas", daemon=True)
+            self._poller.start()
+
+    @property
+    def delta(self) -> int:
+        position = self._predictor.position
+        return position.sequence if position else 0
+
+    def update(self) -> Update:
+        """Apply the deltas written since the last one applied; refused (`TidalError`)
+        with nothing changed when one cannot be."""
+        with self._lock:
+            try:
+                return self._update()
+            except (TidalError, OSError):
+                self.failures += 1
+                raise
+
+    def _update(self) -> Update:
+        position = self._predictor.position
+        if position is None:
+            raise CheckpointError(f"{self._path}: a version 1 bundle takes no deltas; export it again in full")
+        start = time.perf_counter()
+        deltas = read_deltas(self._path, position, self._predictor.config)
+        self._predictor.update(deltas)
+        if deltas:
+            self.deltas_applied += len(deltas)
+            self.updated_unix_s = time.time()
+        changes = [c for d in deltas for c in d.tables.values()]
+        return Update(applied=len(deltas), delta=self.delta, rows_changed=sum(len(c.keys) for c in changes),
+                      rows_removed=sum(len(c.removed) for c in changes), seconds=time.perf_counter() - start)
+
+    def _poll(self, every_s: float) -> None:
+        reported = ""
+        while not self._stop.wait(every_s):
+            try:
+                update = self.update()
+            except (TidalError, OSError) as exc:
+                if str(exc) != reported:  # once per reason, not at every poll
+                    print(f"tidal serve: deltas not applied: {exc}", file=sys.stderr, flush=True)
+                reported = str(exc)
+                continue
+            reported = ""
+            if update.applied:
+                print(f"tidal serve: {update.summary()}", flush=True)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join()

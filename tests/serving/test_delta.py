@@ -1,0 +1,309 @@
+"""Online updates: deltas exported into a bundle, checked on load, applied by a running server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.http as triton
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from serving_helpers import file_rows, serving_config, with_user_of
+
+from tidal.cli import main
+from tidal.config import RunConfig
+from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
+from tidal.runtime import Trainer
+from tidal.serving import Piece, Predictor, Service, export, export_delta, load_bundle, start_server
+from tidal.serving.bundle import read_deltas
+from tidal.serving.delta import apply_rows, diff_rows
+from tidal.serving.protocol import infer_request, input_specs
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run exported as a bundle half way (`base`), then trained to its end (`full`:
+    the full export of its last checkpoint)."""
+    root = tmp_path_factory.mktemp("delta")
+    saved = serving_config(root).model_dump()
+    config = RunConfig(**{**saved, "training": {**saved["training"], "checkpoint_every": 8}})
+    Trainer(config).fit(max_steps=8)
+    base = export(config.training.run_dir, root / "base")
+    trainer = Trainer(config)
+    trainer.fit(resume=True)
+    return SimpleNamespace(run_dir=Path(config.training.run_dir), base=base, config=config, trainer=trainer,
+                           full=export(config.training.run_dir, root / "full"))
+
+
+@pytest.fixture
+def bundle_dir(run, tmp_path):
+    return Path(shutil.copytree(run.base, tmp_path / "bundle"))
+
+
+def _same_rows(a, b) -> None:  # type: ignore[no-untyped-def]
+    for name in b.tables:
+        np.testing.assert_array_equal(a.tables[name][0], b.tables[name][0])
+        np.testing.assert_array_equal(a.tables[name][1], b.tables[name][1])
+
+
+# ---------------------------------------------------------------------- the rows of a delta
+
+_ROWS = st.dictionaries(st.integers(-(2**63), 2**63 - 1), st.integers(0, 3), max_size=40)
+
+
+def _table(rows: dict[int, int], dtype: type) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted keys and values [n, 2]; value code 3 is a row holding NaN."""
+    keys = np.array(sorted(rows), dtype=np.int64)
+    values = np.array([[rows[k], np.nan if rows[k] == 3 else -rows[k]] for k in keys], dtype=dtype).reshape(-1, 2)
+    return keys, values
+
+
+@settings(max_examples=200, deadline=None)
+@given(old=_ROWS, new=_ROWS, dtype=st.sampled_from([np.float32, np.float16]))
+def test_a_deltas_rows_turn_the_old_rows_into_the_new_ones(old, new, dtype):
+    old_keys, old_values = _table(old, dtype)
+    keys, values = _table(new, dtype)
+    changes = diff_rows(old_keys, old_values, keys, values)
+    applied_keys, applied_values = apply_rows(old_keys, old_values, changes)
+    np.testing.assert_array_equal(applied_keys, keys)
+    assert applied_values.tobytes() == values.tobytes()  # bit for bit, NaN rows included
+    assert set(changes.removed.tolist()) == set(old) - set(new)
+    assert set(changes.keys.tolist()) == {k for k in new if old.get(k) != new[k]}  # a NaN row kept is unchanged
+
+
+# ---------------------------------------------------------------------- export and load
+
+
+def test_the_base_and_its_delta_serve_what_a_full_export_of_the_checkpoint_does(run, bundle_dir):
+    base = load_bundle(bundle_dir)
+    assert base.position.sequence == 0 and base.position.base == base.manifest["content_sha256"]
+    folder = export_delta(run.run_dir, bundle_dir)
+    assert folder == bundle_dir / "deltas" / "000001"
+    served, full = load_bundle(bundle_dir), load_bundle(run.full)
+    _same_rows(served, full)
+    pooled, dense = torch.randn(16, 28, 8), torch.randn(16, 13)
+    assert torch.equal(served.program.module()(pooled, dense), full.program.module()(pooled, dense))
+    assert not torch.equal(base.program.module()(pooled, dense), full.program.module()(pooled, dense))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    old_keys, old_values = base.tables["ids"]
+    keys, values = full.tables["ids"]
+    stayed = np.isin(keys, old_keys)
+    changed = (~stayed).sum() + (values[stayed] != old_values[np.isin(old_keys, keys)]).any(axis=1).sum()
+    assert manifest["tables"] == {"ids": {"changed": int(changed), "removed": 0}} and 0 < changed < len(keys)
+    assert (manifest["sequence"], manifest["previous"], manifest["base"]) == (1, None, base.position.base)
+    assert served.position.sequence == 1 and served.position.seal == manifest["content_sha256"]
+
+
+def test_a_delta_of_an_unchanged_checkpoint_changes_no_row_and_follows_the_one_before(run, bundle_dir):
+    first = json.loads((export_delta(run.run_dir, bundle_dir) / "manifest.json").read_text())
+    second = json.loads((export_delta(run.run_dir, bundle_dir) / "manifest.json").read_text())
+    assert second["tables"] == {"ids": {"changed": 0, "removed": 0}}
+    assert (second["sequence"], second["previous"]) == (2, first["content_sha256"])
+    assert load_bundle(bundle_dir).position.sequence == 2
+    _same_rows(load_bundle(bundle_dir), load_bundle(run.full))
+
+
+def test_keys_the_checkpoint_no_longer_holds_are_removed_by_the_delta(run, bundle_dir, monkeypatch):
+    from tidal.serving import bundle as module
+
+    rows, gone = module._rows, load_bundle(bundle_dir).tables["ids"][0][:10]
+    monkeypatch.setattr(module, "_rows", lambda table: tuple(a[~np.isin(rows(table)[0], gone)] for a in rows(table)))
+    manifest = json.loads((export_delta(run.run_dir, bundle_dir) / "manifest.json").read_text())
+    assert manifest["tables"]["ids"]["removed"] == 10
+    keys, _ = load_bundle(bundle_dir).tables["ids"]
+    assert not np.isin(gone, keys).any() and len(keys) == len(load_bundle(run.full).tables["ids"][0]) - 10
+    predictor = Predictor(load_bundle(run.base))
+    predictor.update(read_deltas(bundle_dir, predictor.position, predictor.config))
+    table = predictor.collection.table("ids")
+    assert not table.lookup(gone).any() and table.stats().rows == len(keys)
+
+
+def test_a_damaged_or_altered_delta_is_refused_by_name(run, bundle_dir):
+    folder = export_delta(run.run_dir, bundle_dir)
+    table = folder / "tables" / "ids.safetensors"
+    table.write_bytes(table.read_bytes()[:-8])
+    with pytest.raises(CorruptCheckpointError, match=rf"{table}: .* bytes with sha256 .*: corrupt or altered"):
+        load_bundle(bundle_dir)
+    shutil.rmtree(folder)
+    manifest_file = export_delta(run.run_dir, bundle_dir) / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    manifest_file.write_text(json.dumps({**manifest, "sequence": 1, "tables": {}}))
+    with pytest.raises(CorruptCheckpointError, match=rf"{manifest_file}: altered or damaged"):
+        load_bundle(bundle_dir)
+
+
+def test_a_missing_delta_one_for_another_bundle_or_a_rewritten_chain_is_refused(run, bundle_dir, tmp_path):
+    export_delta(run.run_dir, bundle_dir)
+    export_delta(run.run_dir, bundle_dir)
+    other = Path(shutil.copytree(run.full, tmp_path / "other"))
+    shutil.copytree(bundle_dir / "deltas", other / "deltas")
+    with pytest.raises(CheckpointError, match=r"000001/manifest.json: written for another bundle .*export the delta "
+                                              r"from this bundle"):
+        load_bundle(other)
+    predictor = Predictor(load_bundle(bundle_dir))  # at delta 2
+    shutil.rmtree(bundle_dir / "deltas" / "000002")
+    export_delta(run.run_dir, bundle_dir)  # another delta 2
+    export_delta(run.run_dir, bundle_dir)
+    with pytest.raises(CheckpointError, match=r"000003/manifest.json: follows another delta 2 than the one applied"):
+        read_deltas(bundle_dir, predictor.position, predictor.config)
+    shutil.rmtree(bundle_dir / "deltas" / "000001")
+    with pytest.raises(CheckpointError, match=r"000002/manifest.json: delta 2 in folder 000002, but the bundle stands "
+                                              r"at delta 0: delta 000001 is missing"):
+        load_bundle(bundle_dir)
+
+
+def test_a_delta_being_written_is_not_read(run, bundle_dir):
+    (bundle_dir / "deltas" / ".tmp-000001-4242" / "tables").mkdir(parents=True)
+    assert load_bundle(bundle_dir).position.sequence == 0
+    assert export_delta(run.run_dir, bundle_dir).name == "000001"
+
+
+def test_a_delta_of_another_model_or_into_a_version_1_bundle_is_refused(run, bundle_dir):
+    from tidal.serving.bundle import _check_same_model
+
+    saved = run.config.model_dump()
+    other = RunConfig(**{**saved, "model": {**saved["model"], "hidden_sizes": [8]}})
+    with pytest.raises(ConfigError, match=r"--delta: the checkpoint's model differ from the bundle's .*export a full "
+                                          r"bundle instead"):
+        _check_same_model(load_bundle(bundle_dir), other)
+    manifest_file = bundle_dir / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    del manifest["content_sha256"]
+    manifest_file.write_text(json.dumps({**manifest, "version": 1}))
+    with pytest.raises(CheckpointError, match="a version 1 bundle takes no deltas; export it in full first"):
+        export_delta(run.run_dir, bundle_dir)
+
+
+def test_a_delta_whose_sequence_another_export_took_meanwhile_is_refused(run, bundle_dir, monkeypatch):
+    from tidal.serving import bundle as module
+
+    load = module.load_bundle
+
+    def racing(path):  # type: ignore[no-untyped-def]
+        served = load(path)
+        (Path(path) / "deltas" / "000001" / "tables").mkdir(parents=True)  # the other export's
+        return served
+
+    monkeypatch.setattr(module, "load_bundle", racing)
+    with pytest.raises(CheckpointError, match=r"000001: written by another export meanwhile; export the delta again"):
+        export_delta(run.run_dir, bundle_dir)
+    assert [p.name for p in (bundle_dir / "deltas").iterdir()] == ["000001"]  # no staging folder left
+
+
+def test_export_delta_on_the_command_line(run, bundle_dir, capsys):
+    assert main(["export", "--checkpoint", str(run.run_dir), "--out", str(bundle_dir), "--delta"]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote delta 000001 into {bundle_dir}" in out and "table 'ids' " in out and "rows changed, 0 removed" in out
+    assert main(["export", "--checkpoint", str(run.run_dir), "--out", str(bundle_dir), "--delta",
+                 "--table-dtype", "float16"]) == 2
+    assert "--table-dtype applies to a full export" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- a running server
+
+
+def _scores(client, rows, specs) -> np.ndarray:  # type: ignore[no-untyped-def]
+    request = infer_request(rows, specs)
+    inputs = []
+    for tensor in request["inputs"]:
+        inputs.append(triton.InferInput(tensor["name"], tensor["shape"], "BYTES"))
+        inputs[-1].set_data_from_numpy(np.array([v.encode() for v in tensor["data"]], dtype=object))
+    return client.infer("ctr", inputs).as_numpy("score")
+
+
+def _piece(predictor: Predictor, rows) -> Piece:  # type: ignore[no-untyped-def]
+    import pyarrow as pa
+
+    return Piece(items=pa.RecordBatch.from_pydict({c: rows.column(c) for c in predictor.item_columns}),
+                 user=pa.RecordBatch.from_pydict({c: rows.column(c).slice(0, 1) for c in predictor.user_columns}))
+
+
+def _metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
+        line = next(line for line in response.read().decode().splitlines() if line.startswith(name + " "))
+    return float(line.split()[1])
+
+
+def test_a_running_server_applies_a_delta_on_load_and_refuses_a_damaged_one(run, bundle_dir):
+    specs = input_specs(run.config)
+    rows = with_user_of(file_rows(run.trainer, 100), specs)
+    full = Predictor(load_bundle(run.full))
+    running = start_server(Service(load_bundle(bundle_dir), name="ctr"))
+    try:
+        client = triton.InferenceServerClient(running.url.removeprefix("http://"))
+        before = _scores(client, rows, specs)
+        client.load_model("ctr")  # nothing new: nothing changes
+        np.testing.assert_array_equal(_scores(client, rows, specs), before)
+        export_delta(run.run_dir, bundle_dir)
+        client.load_model("ctr")
+        after = _scores(client, rows, specs)
+        np.testing.assert_allclose(after, full.outputs(full.predict([_piece(full, rows)]))["score"], rtol=1e-6)
+        assert not np.allclose(after, before)
+        assert _metric(running.url, "tidal_bundle_delta") == 1 and _metric(running.url, "tidal_bundle_deltas_applied_total") == 1
+        table = export_delta(run.run_dir, bundle_dir) / "tables" / "ids.safetensors"
+        table.write_bytes(b"not a table")
+        with pytest.raises(triton.InferenceServerException, match=r"the bundle's deltas were not applied \(.*ids"
+                                                                  r".safetensors: .*corrupt or altered\); still "
+                                                                  r"serving delta 1"):
+            client.load_model("ctr")
+        np.testing.assert_array_equal(_scores(client, rows, specs), after)
+        assert _metric(running.url, "tidal_bundle_update_failures_total") == 1
+    finally:
+        running.stop()
+
+
+def test_a_server_polling_its_bundle_applies_new_deltas_and_reports_a_refusal_once(run, bundle_dir, capsys):
+    service = Service(load_bundle(bundle_dir), delta_poll_s=0.02)
+    try:
+        export_delta(run.run_dir, bundle_dir)
+        _until(lambda: service.updater.delta == 1, "delta 1")
+        table = export_delta(run.run_dir, bundle_dir) / "tables" / "ids.safetensors"
+        table.write_bytes(b"damaged")
+        _until(lambda: service.updater.failures >= 5, "five refusals")
+        assert service.updater.delta == 1
+    finally:
+        service.close()
+    captured = capsys.readouterr()
+    assert "tidal serve: applied 1 delta, now serving delta 1: " in captured.out
+    assert captured.err.count("tidal serve: deltas not applied: ") == 1
+
+
+def test_batches_scored_while_a_delta_applies_see_the_old_state_or_the_new_one(run, bundle_dir):
+    specs = input_specs(run.config)
+    rows = with_user_of(file_rows(run.trainer, 200), specs)
+    predictor = Predictor(load_bundle(bundle_dir))
+    old = predictor.predict([_piece(predictor, rows)])
+    export_delta(run.run_dir, bundle_dir)
+    new = Predictor(load_bundle(run.full)).predict([_piece(predictor, rows)])
+    results, stop = [], threading.Event()
+
+    def score() -> None:
+        while not stop.is_set():
+            results.append(predictor.predict([_piece(predictor, rows)]))
+
+    threads = [threading.Thread(target=score) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    predictor.update(read_deltas(bundle_dir, predictor.position, predictor.config))
+    time.sleep(0.2)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert [np.allclose(r, old, rtol=1e-6) or np.allclose(r, new, rtol=1e-6) for r in results] == [True] * len(results)
+    assert np.allclose(results[-1], new, rtol=1e-6) and np.allclose(results[0], old, rtol=1e-6)
+
+
+def _until(condition, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + 20
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
