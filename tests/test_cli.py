@@ -18,6 +18,8 @@ def test_demo_trains_and_reports_auc_beside_the_ceiling(capsys):
     assert "sparse  lookup" in out and "dense   dense" in out  # the engine's stage table
     assert result["served_candidates"] == 100 and "session 7: start + 50" in out
     assert "a malformed request         400: input 'I5': values must be finite and within float32's range" in out
+    assert "  online update               delta 000001: " in out and " rows changed, applied in " in out
+    assert out.count("1 user x 100 candidates") == 2  # again, after the update
 
 
 def test_demo_refuses_too_few_rows(capsys):

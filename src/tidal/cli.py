@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--table-dtype", choices=["float32", "float16"], help="default: the config's serving.table_dtype")
     export.add_argument("--delta", action="store_true",
                         help="write into the bundle at --out only what changed since what it serves (rows and the "
-                             "dense network); a running tidal serve of it applies the delta without a restart")
+                             "dense weights); a running tidal serve of it applies the delta without a restart")
     serve = commands.add_parser("serve", help="serve a bundle over the Open Inference Protocol (KServe v2 HTTP)")
     serve.add_argument("bundle", help="a directory written by tidal export")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

@@ -1,5 +1,6 @@
 """`tidal demo`: generate data, train DLRM on collision-free tables, evaluate, summarize,
-then export the model and serve a few requests through the KServe v2 server.
+then export the model and serve a few requests through the KServe v2 server; train on
+while it serves and update it online with a delta.
 
 The generated data plants a logistic truth over Zipf-distributed raw ids, so the best
 AUC any model can reach is known and printed beside the one Tidal reached. Training
@@ -28,7 +29,7 @@ from tidal.data import BadRows
 from tidal.data.generate import generate
 from tidal.runtime import Telemetry, Trainer
 from tidal.runtime.trainer import shown_auc
-from tidal.serving import Service, export, load_bundle, start_server
+from tidal.serving import Service, export, export_delta, load_bundle, start_server
 from tidal.serving.protocol import infer_request
 
 _USER_COLUMNS = ("C1", "C2", "C3", "I1", "I2")
@@ -63,7 +64,7 @@ def run(rows: int = 300_000) -> dict:
         _print_summary(summary, held_out.ceiling_auc)
         bundle = export(trainer.run_dir, Path(scratch) / "bundle")
         candidates = next(iter(trainer.reader_spec(held_out.paths).epoch(BadRows()))).slice(0, 200)
-        summary["serving"] = _serve(bundle, candidates)
+        summary["serving"] = _serve(bundle, candidates, trainer.config)
     print(json.dumps({"eval_auc": summary["eval"]["auc"]["label"], "ceiling_auc": held_out.ceiling_auc,
                       "samples_per_s": summary["samples_per_s"], "served_candidates": summary["serving"]["candidates"]}))
     return summary
@@ -99,8 +100,9 @@ def _print_summary(summary: dict, ceiling_auc: float) -> None:
     print("  " + Telemetry.table(summary["runtime"]).replace("\n", "\n  "))
 
 
-def _serve(bundle: Path, candidates: pa.RecordBatch) -> dict:
-    """Serve the bundle on a free local port and send it a few requests."""
+def _serve(bundle: Path, candidates: pa.RecordBatch, config: RunConfig) -> dict:
+    """Serve the bundle on a free local port, send it a few requests, then update it
+    online from a second epoch of training."""
     size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
     print(f"Serving the exported bundle ({size / 2**20:.1f} MiB, no pickle) over KServe v2 HTTP on 127.0.0.1")
     running = start_server(Service(load_bundle(bundle), name="ctr"))
@@ -121,9 +123,27 @@ def _serve(bundle: Path, candidates: pa.RecordBatch) -> dict:
         bad = infer_request(candidates.slice(0, 3), specs)
         next(t for t in bad["inputs"] if t["name"] == "I5")["data"][1] = "inf"
         print(f"  a malformed request         400: {_post(url, bad)[0]['error']}")
+        _update_online(running.url, bundle, config, infer_request(candidates.slice(0, 100), specs))
     finally:
         running.stop()
     return {"candidates": len(scores), "best": int(scores.argmax())}
+
+
+def _update_online(url: str, bundle: Path, config: RunConfig, request: dict) -> None:
+    """Train a second epoch while the server serves, export the delta into its bundle,
+    have the server apply it, and score the same request again."""
+    print("Training on while the server serves (a second epoch), then tidal export --delta", flush=True)
+    more = RunConfig(**{**config.model_dump(), "training": {**config.training.model_dump(), "epochs": 2}})
+    with contextlib.redirect_stdout(io.StringIO()):
+        Trainer(more).fit(resume=True)
+    delta = export_delta(more.training.run_dir, bundle)
+    update, _ = _post(f"{url}/v2/repository/models/ctr/load", {})
+    answer, ms = _post(f"{url}/v2/models/ctr/infer", request)
+    scores = np.array(answer["outputs"][-1]["data"])
+    print(f"  online update               delta {delta.name}: {update['rows_changed']:,d} rows changed, applied in "
+          f"{update['seconds'] * 1e3:.0f} ms (batches waited {update['paused_s'] * 1e3:.1f} ms)")
+    print(f"  1 user x 100 candidates     {ms:5.1f} ms   best candidate {int(scores.argmax())}, "
+          f"scores {scores.min():.3f}..{scores.max():.3f}")
 
 
 def _post(url: str, body: dict) -> tuple[dict, float]:

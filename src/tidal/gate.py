@@ -41,7 +41,12 @@ class Gate:
     def exclusive(self) -> Iterator[None]:
         with self._changed:
             self._exclusive_waiting += 1
-            self._changed.wait_for(lambda: not self._users and not self._exclusive_held)
+            try:
+                self._changed.wait_for(lambda: not self._users and not self._exclusive_held)
+            except BaseException:  # interrupted while waiting: the shared holders must not wait for it
+                self._exclusive_waiting -= 1
+                self._changed.notify_all()
+                raise
             self._exclusive_held = True
         try:
             yield

@@ -8,6 +8,7 @@ import pytest
 
 from tidal.bench import serve
 from tidal.cli import main
+from tidal.serving import load_bundle
 
 
 @pytest.mark.slow
@@ -22,6 +23,20 @@ def test_summary_reports_every_figure(capsys):
         assert summary[key] > 0, key
     assert all(point["errors"] == 0 for point in summary["points"]) and len(summary["points"]) == 6
     assert "session page of 100" in out
+    assert summary["update_speedup"] > 0 and 0 < summary["update_rows_changed"] <= summary["table_rows"]
+    assert "online update (000001: " in out
+
+
+def test_an_online_update_is_measured_against_a_full_reload(tmp_path, capsys):
+    bundle, rows, run_dir = serve._train_and_export(tmp_path, rows=8192)
+    assert rows.num_rows == 100 * serve._BODIES and load_bundle(bundle).manifest["source_checkpoint"].startswith("step-00000002-")
+    figures = serve._update_cost(bundle, run_dir, repeats=2)
+    manifest = json.loads((bundle / "deltas" / "000001" / "manifest.json").read_text())
+    assert figures["update_rows_changed"] == manifest["tables"]["ids"]["changed"] > 0
+    assert figures["table_rows"] == len(load_bundle(bundle).tables["ids"][0])
+    assert 0 < figures["update_pause_ms"] < figures["update_ms"] and figures["reload_ms"] > 0
+    assert figures["update_speedup"] == pytest.approx(figures["reload_ms"] / figures["update_ms"], rel=0.02)
+    assert "against" in capsys.readouterr().out
 
 
 def test_cli_refuses_a_run_of_no_time(capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
@@ -24,7 +25,7 @@ from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.runtime import Trainer
 from tidal.serving import Piece, Predictor, Service, export, export_delta, load_bundle, start_server
 from tidal.serving.bundle import read_deltas
-from tidal.serving.delta import apply_rows, diff_rows
+from tidal.serving.delta import apply_rows, delta_names, diff_rows, merge_changes
 from tidal.serving.protocol import infer_request, input_specs
 
 
@@ -77,6 +78,21 @@ def test_a_deltas_rows_turn_the_old_rows_into_the_new_ones(old, new, dtype):
     assert applied_values.tobytes() == values.tobytes()  # bit for bit, NaN rows included
     assert set(changes.removed.tolist()) == set(old) - set(new)
     assert set(changes.keys.tolist()) == {k for k in new if old.get(k) != new[k]}  # a NaN row kept is unchanged
+
+
+@settings(max_examples=200, deadline=None)
+@given(old=_ROWS, mid=_ROWS, new=_ROWS)
+def test_two_deltas_merged_make_the_same_rows_as_applied_one_after_the_other(old, mid, new):
+    tables = [_table(rows, np.float32) for rows in (old, mid, new)]
+    first, then = diff_rows(*tables[0], *tables[1]), diff_rows(*tables[1], *tables[2])
+    keys, values = apply_rows(*tables[0], merge_changes(first, then))
+    np.testing.assert_array_equal(keys, tables[2][0])
+    assert values.tobytes() == tables[2][1].tobytes()
+
+
+def test_delta_folders_are_read_in_sequence_order_past_six_digits():
+    names = ["000010", "1000000", ".tmp-000011-42", "999999", "notes", "000002"]
+    assert delta_names(names) == ["000002", "000010", "999999", "1000000"]
 
 
 # ---------------------------------------------------------------------- export and load
@@ -145,18 +161,23 @@ def test_a_missing_delta_one_for_another_bundle_or_a_rewritten_chain_is_refused(
     export_delta(run.run_dir, bundle_dir)
     other = Path(shutil.copytree(run.full, tmp_path / "other"))
     shutil.copytree(bundle_dir / "deltas", other / "deltas")
-    with pytest.raises(CheckpointError, match=r"000001/manifest.json: written for another bundle .*export the delta "
-                                              r"from this bundle"):
+    with pytest.raises(CheckpointError, match=r"000001/manifest.json: written for another bundle \(base sha256 .*\)\. "
+                                              r"Delta 000001 and those after it cannot be applied: remove them to "
+                                              r"serve the deltas before, or export the bundle in full"):
         load_bundle(other)
     predictor = Predictor(load_bundle(bundle_dir))  # at delta 2
     shutil.rmtree(bundle_dir / "deltas" / "000002")
     export_delta(run.run_dir, bundle_dir)  # another delta 2
     export_delta(run.run_dir, bundle_dir)
-    with pytest.raises(CheckpointError, match=r"000003/manifest.json: follows another delta 2 than the one applied"):
+    with pytest.raises(CheckpointError, match=r"bundle: had its deltas rewritten \(delta 000002 is gone or another "
+                                              r"one\) since it was loaded; load it again \(restart tidal serve\)"):
         read_deltas(bundle_dir, predictor.position, predictor.config)
+    shutil.rmtree(bundle_dir / "deltas" / "000002")  # rolled back to delta 1 ...
+    with pytest.raises(CheckpointError, match=r"bundle: had its deltas rewritten \(delta 000002 is gone"):
+        read_deltas(bundle_dir, predictor.position, predictor.config)  # ... which a server at delta 2 is told too
     shutil.rmtree(bundle_dir / "deltas" / "000001")
-    with pytest.raises(CheckpointError, match=r"000002/manifest.json: delta 2 in folder 000002, but the bundle stands "
-                                              r"at delta 0: delta 000001 is missing"):
+    with pytest.raises(CheckpointError, match=r"000003/manifest.json: holds delta 3, but delta 1 comes next after "
+                                              r"delta 0\. Delta 000003 and those after it cannot be applied"):
         load_bundle(bundle_dir)
 
 
@@ -178,7 +199,7 @@ def test_a_delta_of_another_model_or_into_a_version_1_bundle_is_refused(run, bun
     manifest = json.loads(manifest_file.read_text())
     del manifest["content_sha256"]
     manifest_file.write_text(json.dumps({**manifest, "version": 1}))
-    with pytest.raises(CheckpointError, match="a version 1 bundle takes no deltas; export it in full first"):
+    with pytest.raises(CheckpointError, match="a version 1 bundle takes no deltas; export it again in full"):
         export_delta(run.run_dir, bundle_dir)
 
 
@@ -196,6 +217,38 @@ def test_a_delta_whose_sequence_another_export_took_meanwhile_is_refused(run, bu
     with pytest.raises(CheckpointError, match=r"000001: written by another export meanwhile; export the delta again"):
         export_delta(run.run_dir, bundle_dir)
     assert [p.name for p in (bundle_dir / "deltas").iterdir()] == ["000001"]  # no staging folder left
+
+
+def test_a_delta_is_not_published_into_a_bundle_a_full_export_replaced_meanwhile(run, bundle_dir, monkeypatch):
+    from tidal.serving import bundle as module
+
+    load = module.load_bundle
+
+    def replaced(path):  # type: ignore[no-untyped-def]
+        served = load(path)
+        export(run.run_dir, path)  # a full export lands while the delta is written
+        return served
+
+    monkeypatch.setattr(module, "load_bundle", replaced)
+    with pytest.raises(CheckpointError, match=r"bundle: was replaced by another full export while this delta was "
+                                              r"written; export the delta again"):
+        export_delta(run.run_dir, bundle_dir)
+    monkeypatch.undo()
+    assert [p.name for p in (bundle_dir / "deltas").iterdir()] == []
+    assert load_bundle(bundle_dir).position.sequence == 0
+
+
+def test_the_folders_of_delta_exports_that_died_are_removed_by_the_next(run, bundle_dir):
+    import subprocess
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    dead = bundle_dir / "deltas" / f".tmp-000001-{ended.pid}"
+    running = bundle_dir / "deltas" / f".tmp-000001-{os.getppid()}"  # a live process: maybe still writing
+    for folder in (dead, running):
+        (folder / "tables").mkdir(parents=True)
+    export_delta(run.run_dir, bundle_dir)
+    assert sorted(p.name for p in (bundle_dir / "deltas").iterdir()) == sorted(["000001", running.name])
 
 
 def test_export_delta_on_the_command_line(run, bundle_dir, capsys):
@@ -250,12 +303,15 @@ def test_a_running_server_applies_a_delta_on_load_and_refuses_a_damaged_one(run,
         assert _metric(running.url, "tidal_bundle_delta") == 1 and _metric(running.url, "tidal_bundle_deltas_applied_total") == 1
         table = export_delta(run.run_dir, bundle_dir) / "tables" / "ids.safetensors"
         table.write_bytes(b"not a table")
-        with pytest.raises(triton.InferenceServerException, match=r"the bundle's deltas were not applied \(.*ids"
-                                                                  r".safetensors: .*corrupt or altered\); still "
-                                                                  r"serving delta 1"):
+        with pytest.raises(triton.InferenceServerException, match=r"\[409\] the bundle's deltas were not applied \(.*ids"
+                                                                  r".safetensors: .*corrupt or altered\. Delta 000002 "
+                                                                  r"and those after .*\); still serving delta 1"):
             client.load_model("ctr")
         np.testing.assert_array_equal(_scores(client, rows, specs), after)
-        assert _metric(running.url, "tidal_bundle_update_failures_total") == 1
+        assert _metric(running.url, "tidal_bundle_updates_refused_total") == 1
+        with pytest.raises(triton.InferenceServerException, match=r"\[400\] load: this server loads only its bundle's "
+                                                                  r"new deltas, with no parameters; got \['config'\]"):
+            client.load_model("ctr", config="{}")
     finally:
         running.stop()
 
@@ -267,7 +323,7 @@ def test_a_server_polling_its_bundle_applies_new_deltas_and_reports_a_refusal_on
         _until(lambda: service.updater.delta == 1, "delta 1")
         table = export_delta(run.run_dir, bundle_dir) / "tables" / "ids.safetensors"
         table.write_bytes(b"damaged")
-        _until(lambda: service.updater.failures >= 5, "five refusals")
+        _until(lambda: service.updater.refused >= 5, "five refusals")
         assert service.updater.delta == 1
     finally:
         service.close()
@@ -307,3 +363,97 @@ def _until(condition, what: str) -> None:  # type: ignore[no-untyped-def]
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
+
+
+def test_dense_weights_that_are_not_the_bundles_are_refused_by_name(run, bundle_dir):
+    from safetensors.torch import save_file
+
+    from tidal.embedding.checkpoint import fingerprint, sealed
+
+    folder = export_delta(run.run_dir, bundle_dir)
+    weights = folder / "dense.safetensors"
+    save_file({"head.out.weight": torch.zeros(2, 3)}, str(weights))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["dense.safetensors"] = fingerprint(weights)
+    (folder / "manifest.json").write_text(json.dumps(sealed(manifest)))  # a well-formed delta of another model
+    with pytest.raises(CorruptCheckpointError, match=rf"{weights}: expected the bundle's dense weights \['body.bottom"
+                                                     rf".*\(names, shapes and dtypes\); these differ: "):
+        load_bundle(bundle_dir)
+    predictor = Predictor(load_bundle(run.base))
+    with pytest.raises(CorruptCheckpointError, match=rf"{weights}: expected the bundle's dense weights"):
+        predictor.update(read_deltas(bundle_dir, predictor.position, predictor.config))
+    assert predictor.position.sequence == 0
+
+
+def test_a_delta_of_another_table_dtype_is_refused(run, bundle_dir):
+    from tidal.embedding.checkpoint import sealed
+
+    folder = export_delta(run.run_dir, bundle_dir)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps(sealed({**manifest, "table_dtype": "float16"})))
+    with pytest.raises(CorruptCheckpointError, match=r"000001/manifest.json: tables of float16, the bundle's are "
+                                                     r"float32\. Delta 000001 and those after it cannot be applied"):
+        load_bundle(bundle_dir)
+
+
+def test_a_session_started_before_an_update_is_scored_with_the_new_rows_after_it(run, bundle_dir):
+    specs = input_specs(run.config)
+    rows = with_user_of(file_rows(run.trainer, 50), specs)
+    predictor = Predictor(load_bundle(bundle_dir))
+    piece = _piece(predictor, rows)
+    state = predictor.user_state(piece.user)
+    with_state = Piece(items=piece.items, state=state)
+    np.testing.assert_array_equal(predictor.predict([with_state]), predictor.predict([piece]))
+    export_delta(run.run_dir, bundle_dir)
+    predictor.update(read_deltas(bundle_dir, predictor.position, predictor.config))
+    full = Predictor(load_bundle(run.full))
+    np.testing.assert_allclose(predictor.predict([with_state, piece]), full.predict([piece, piece]), rtol=1e-6)
+
+
+def test_an_update_that_fails_part_way_makes_the_server_unready_and_refuses_more(run, bundle_dir, monkeypatch):
+    from tidal.embedding import EmbeddingTable
+
+    running = start_server(Service(load_bundle(bundle_dir), name="ctr"))
+    try:
+        export_delta(run.run_dir, bundle_dir)
+
+        def no_memory(self, block):  # type: ignore[no-untyped-def]
+            raise MemoryError("no room for the rows")
+
+        monkeypatch.setattr(EmbeddingTable, "push_rows", no_memory)
+        client = triton.InferenceServerClient(running.url.removeprefix("http://"))
+        with pytest.raises(triton.InferenceServerException, match=r"\[409\] .*\(MemoryError: no room for the rows\); "
+                                                                  r"the tables were left part way between delta 0 and "
+                                                                  r"delta 1 by a failed update"):
+            client.load_model("ctr")
+        monkeypatch.undo()
+        assert not client.is_server_ready() and not client.is_model_ready("ctr") and client.is_server_live()
+        with pytest.raises(triton.InferenceServerException, match=r"part way between delta 0 and delta 1 .*; restart "
+                                                                  r"to serve a whole state"):
+            client.load_model("ctr")
+    finally:
+        running.stop()
+
+
+def test_the_poller_goes_on_after_an_unexpected_error_and_its_period_is_bounded(run, bundle_dir, capsys, monkeypatch):
+    from tidal.serving import online
+
+    reads = online.read_deltas
+    calls = []
+
+    def flaky(*args):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("a surprise")
+        return reads(*args)
+
+    monkeypatch.setattr(online, "read_deltas", flaky)
+    service = Service(load_bundle(bundle_dir), delta_poll_s=0.02)
+    try:
+        export_delta(run.run_dir, bundle_dir)
+        _until(lambda: service.updater.delta == 1, "delta 1 after the error")
+    finally:
+        service.close()
+    assert "tidal serve: deltas not applied: ValueError: a surprise" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="delta_poll_s"):
+        Service(load_bundle(bundle_dir), delta_poll_s=1e10)

@@ -100,7 +100,9 @@ def test_a_cached_user_state_scores_like_the_user_row(trainer, predictor):
     # the cross's user column, copied out of the request's strings: a slice would keep them all alive
     assert list(state.shared) == ["C1"] and piece.user.column("C1").get_total_buffer_size() > 1000
     assert state.shared["C1"].get_total_buffer_size() < 64
-    assert state.nbytes == state.pooled.nbytes + state.dense.nbytes + state.shared["C1"].get_total_buffer_size()
+    assert state.user.num_rows == 1 and state.user.get_total_buffer_size() < 64 * state.user.num_columns  # copied too
+    assert state.nbytes == state.pooled.nbytes + state.dense.nbytes + state.user.get_total_buffer_size() \
+        + state.shared["C1"].get_total_buffer_size()
     np.testing.assert_array_equal(predictor.predict([Piece(items=piece.items, state=state)]), predictor.predict([piece]))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pytest
 import torch
 
@@ -11,8 +12,12 @@ from tidal.serving.sessions import _ARRAY_BYTES, _ENTRY_BYTES
 ENTRY = 104 + 1 + _ENTRY_BYTES  # a 3-feature state under a one-character id
 
 
+NO_USER = pa.RecordBatch.from_pydict({})  # no user columns: the state's bytes are its tensors
+
+
 def _state(features: int = 3) -> UserState:
-    return UserState(pooled=torch.zeros(1, features, 8), dense=torch.zeros(1, 2))  # 3 * 32 + 8 = 104 bytes
+    return UserState(pooled=torch.zeros(1, features, 8), dense=torch.zeros(1, 2), user=NO_USER,
+                     position=None)  # 3 * 32 + 8 = 104 bytes
 
 
 def test_idle_sessions_expire_after_the_ttl():
@@ -43,16 +48,18 @@ def test_the_least_recently_used_session_goes_when_memory_runs_out():
 
 
 def test_an_entry_counts_its_id_its_shared_columns_and_its_objects():
-    import pyarrow as pa
-
     cache = SessionCache(ttl_s=100, memory_bytes=1 << 20)
     cache.start("x" * 200, _state())
     shared = {"C1": pa.array(["a-user-value"])}
-    cache.start("y", UserState(pooled=torch.zeros(1, 3, 8), dense=torch.zeros(1, 2), shared=shared))
+    cache.start("y", UserState(pooled=torch.zeros(1, 3, 8), dense=torch.zeros(1, 2), user=NO_USER, position=None,
+                               shared=shared))
     with_shared = 104 + shared["C1"].get_total_buffer_size() + _ARRAY_BYTES + 1 + _ENTRY_BYTES
     assert cache.bytes == (104 + 200 + _ENTRY_BYTES) + with_shared
     cache.end("x" * 200)
     assert cache.bytes == with_shared
+    user = pa.RecordBatch.from_pydict({"C1": ["a-user-value"], "C2": ["another"]})
+    cache.start("z", UserState(pooled=torch.zeros(1, 3, 8), dense=torch.zeros(1, 2), user=user, position=None))
+    assert cache.bytes == with_shared + 104 + user.get_total_buffer_size() + 2 * _ARRAY_BYTES + 1 + _ENTRY_BYTES
 
 
 def test_expire_drops_idle_sessions_without_a_session_request():

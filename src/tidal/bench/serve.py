@@ -10,12 +10,19 @@ shapes: one user + one candidate, and one user + 100 candidates (the same JSON
 bodies for every server). It reports QPS, p50 and p99 per point. The session
 speedup is a continuing page of 100 candidates (the user cached by `sequence_start`)
 against the same request sent stateless, both at concurrency 1 on (a).
+
+The served bundle is exported half way through training; the delta to the end of
+training (`tidal export --delta`) then measures an online update: the time a predictor
+takes to read and apply it, the part of that time new batches wait, against reloading
+the whole updated bundle into a new predictor (what a restart or a full model reload
+costs, the process start left out).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import multiprocessing
 import multiprocessing.pool
 import socket
@@ -31,7 +38,8 @@ from tidal.data import BadRows
 from tidal.data.criteo import criteo_features
 from tidal.data.generate import generate
 from tidal.runtime import Trainer
-from tidal.serving import Predictor, Service, export, load_bundle, start_server
+from tidal.serving import Predictor, Service, export, export_delta, load_bundle, start_server
+from tidal.serving.online import Updater
 from tidal.serving.protocol import HEADER, decode_request, encode_response, infer_request, input_specs
 
 __all__ = ["run"]
@@ -39,42 +47,49 @@ __all__ = ["run"]
 _USER = {*(f"C{i}" for i in range(1, 14)), *(f"I{i}" for i in range(1, 7))}
 _PATH = "/v2/models/ctr/infer"
 _BODIES = 64  # distinct requests per shape, cycled
+_BATCH_ROWS = 2048  # the served model's training batch
 
 
 def run(*, quick: bool = False, seconds: float = 5.0, with_ray: bool = True, as_json: bool = False) -> dict:
     concurrencies = [64] if quick else [1, 16, 64]
     seconds = min(seconds, 3.0) if quick else seconds
     with tempfile.TemporaryDirectory() as scratch, multiprocessing.get_context("spawn").Pool(1) as load:
-        bundle, rows = _train_and_export(Path(scratch), rows=20_000 if quick else 100_000)
+        bundle, rows, run_dir = _train_and_export(Path(scratch), rows=20_000 if quick else 100_000)
         specs = input_specs(load_bundle(bundle).config)
         bodies = {shape: _bodies(specs, rows, shape) for shape in (1, 100)}
         results = {}
         for system in ["tidal", "unbatched"] + (["rayserve"] if with_ray else []):
             results[system] = _measure_system(load, system, bundle, bodies, concurrencies, seconds)
         session = _session_speedup(load, bundle, specs, rows, seconds)
-    summary = _summary(results, session)
+        update = _update_cost(bundle, run_dir)
+    summary = _summary(results, session) | update
     if as_json:
         print(json.dumps(summary))
     return summary
 
 
-def _train_and_export(root: Path, rows: int) -> tuple[Path, pa.RecordBatch]:
+def _train_and_export(root: Path, rows: int) -> tuple[Path, pa.RecordBatch, Path]:
+    """The bundle of the run half way, the candidates' rows, and the run (trained to its end)."""
     print(f"Training the served model (DLRM, dim 16, {rows:,d} generated rows)", flush=True)
     data = generate(root / "data", rows=rows, seed=0)
     features = [{**f.model_dump(), **({"side": "user"} if f.name in _USER else {})} for f in criteo_features("ids")]
-    config = RunConfig(data={"train": data.paths, "batch_size": 2048}, features=features,
+    half = max(1, math.ceil(rows / _BATCH_ROWS) // 2)
+    config = RunConfig(data={"train": data.paths, "batch_size": _BATCH_ROWS}, features=features,
                        tables=[{"name": "ids", "dim": 16, "optimizer": {"kind": "adagrad", "lr": 0.05}}],
                        model={"kind": "dlrm", "bottom_sizes": [64], "hidden_sizes": [128, 64]},
-                       training={"lr": 0.002, "log_every": 1_000_000, "run_dir": str(root / "run")})
+                       training={"lr": 0.002, "log_every": 1_000_000, "run_dir": str(root / "run"),
+                                 "checkpoint_every": half})
+    Trainer(config).fit(max_steps=half)
+    bundle = export(config.training.run_dir, root / "bundle")
     trainer = Trainer(config)
-    trainer.fit()
+    trainer.fit(resume=True)
     batches, needed = [], 100 * _BODIES
     for batch in trainer.reader_spec(data.paths).epoch(BadRows()):
         batches.append(batch)
         if sum(b.num_rows for b in batches) >= needed:
             break
     candidates = pa.Table.from_batches(batches).combine_chunks().slice(0, needed).to_batches()[0]
-    return export(trainer.run_dir, root / "bundle"), candidates
+    return bundle, candidates, trainer.run_dir
 
 
 def _bodies(specs: dict, rows: pa.RecordBatch, candidates: int, **options: object) -> list[bytes]:
@@ -123,6 +138,27 @@ def _session_speedup(load: multiprocessing.pool.Pool, bundle: Path, specs: dict,
     print(f"  session page of 100: p50 {page['p50_ms']:.2f} ms against {stateless['p50_ms']:.2f} ms stateless",
           flush=True)
     return {"page": page, "stateless": stateless}
+
+
+def _update_cost(bundle: Path, run_dir: Path, repeats: int = 3) -> dict:
+    """An online update (the delta from half way to the end of training) against
+    reloading the whole updated bundle; medians of `repeats`."""
+    at_base = [Predictor(load_bundle(bundle)) for _ in range(repeats)]
+    delta = export_delta(run_dir, bundle)
+    updates = [Updater(p, bundle).update() for p in at_base]
+    reloads = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        Predictor(load_bundle(bundle))
+        reloads.append(time.perf_counter() - start)
+    update_ms, pause_ms = (float(np.median([getattr(u, a) for u in updates])) * 1e3 for a in ("seconds", "paused_s"))
+    reload_ms = float(np.median(reloads)) * 1e3
+    rows = len(load_bundle(bundle).tables["ids"][0])
+    print(f"  online update ({delta.name}: {updates[0].rows_changed:,d} of {rows:,d} rows changed): {update_ms:.1f} ms, "
+          f"batches waiting {pause_ms:.1f} ms of it, against {reload_ms:.1f} ms reloading the bundle", flush=True)
+    return {"update_ms": round(update_ms, 2), "update_pause_ms": round(pause_ms, 2), "reload_ms": round(reload_ms, 2),
+            "update_speedup": round(reload_ms / update_ms, 2), "update_rows_changed": updates[0].rows_changed,
+            "table_rows": rows}
 
 
 def _summary(results: dict, session: dict) -> dict:

@@ -55,7 +55,8 @@ from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 if TYPE_CHECKING:
     from tidal.runtime.trainer import Trainer
 
-__all__ = ["find", "hold_run_dir", "latest", "load_checked_tables", "load_dense", "read_meta", "restore", "save"]
+__all__ = ["find", "hold_run_dir", "latest", "load_checked_tables", "load_dense", "process_running", "read_meta", "restore",
+           "save"]
 
 LATEST = "LATEST"
 DENSE = "dense.safetensors"
@@ -167,10 +168,10 @@ def _stale_staging(name: str) -> bool:
     if not name.startswith(".tmp-"):
         return False
     found = _STAGING.fullmatch(name)
-    return found is None or int(found.group(1)) == os.getpid() or not _running(int(found.group(1)))
+    return found is None or int(found.group(1)) == os.getpid() or not process_running(int(found.group(1)))
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
     """Whether process `pid` exists (a save it began may still be writing)."""
     try:
         os.kill(pid, 0)  # no signal: only whether the process exists

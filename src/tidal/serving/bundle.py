@@ -25,8 +25,10 @@ Loading applies the bundle's deltas in order; each is checked as the base is.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import shutil
 import time
 import warnings
@@ -38,6 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
+from safetensors.torch import load_file as load_torch
+from safetensors.torch import save_file as save_torch
 
 from tidal.config import RunConfig
 from tidal.data.extract import Extractor
@@ -46,16 +50,19 @@ from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.models import RankingModel
 from tidal.runtime import checkpoint
 from tidal.serving.delta import (DELTA_FORMAT, DELTA_VERSION, DELTAS, Position, RowChanges, apply_rows, delta_name,
-                                 diff_rows, is_delta_name)
+                                 delta_names, diff_rows, merge_changes)
 from tidal.serving.protocol import input_specs
 
-__all__ = ["Bundle", "Delta", "export", "export_delta", "load_bundle", "read_deltas", "read_program"]
+__all__ = ["Bundle", "Delta", "export", "export_delta", "load_bundle", "merged", "read_deltas", "with_weights"]
 
 FORMAT = "tidal-serving-bundle"
 VERSION = 2  # 2: the manifest carries the sha256 of its own content
 UNSEALED = 1  # the older version this one reads, whose manifest carries none
 MANIFEST = "manifest.json"
 PROGRAM = "dense.pt2"
+WEIGHTS = "dense.safetensors"  # a delta's dense weights: the base's program runs them
+NO_DELTAS = "a version 1 bundle takes no deltas; export it again in full"
+_STAGING = re.compile(r"\.tmp-\d+-(\d+)")  # a delta being written, ending with its exporter's pid
 _SAMPLE_INPUTS = "data/sample_inputs/"  # the archive member torch.export would pickle
 
 
@@ -114,28 +121,44 @@ def export_delta(source: str | os.PathLike, bundle_dir: str | os.PathLike) -> Pa
     """Write into the bundle at `bundle_dir` the delta from what it serves (its base and
     its deltas) to a checkpoint of the same model (a run directory's latest, or one
     checkpoint directory): rows new or changed, keys no longer served, and the dense
-    program. A running `tidal serve` of the bundle applies it without a restart.
+    weights. A running `tidal serve` of the bundle applies it without a restart.
     Returns the delta's folder."""
     directory = _checkpoint_dir(Path(source))
     meta = checkpoint.read_meta(directory)
     config = RunConfig.from_saved(meta["config"])
     served = load_bundle(bundle_dir)
     if served.position is None:
-        raise CheckpointError(f"{served.path}: a version 1 bundle takes no deltas; export it in full first")
+        raise CheckpointError(f"{served.path}: {NO_DELTAS}")
     _check_same_model(served, config)
-    folder = served.path / DELTAS
+    folder = _deltas_folder(served.path)
     sequence = served.position.sequence + 1
     staging = folder / f".tmp-{delta_name(sequence)}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
     try:
-        (staging / "tables").mkdir(parents=True)
+        staging.mkdir()
+        (staging / "tables").mkdir()
         counts = _write_changes(served, checkpoint.load_checked_tables(directory, meta, config.tables), staging)
-        _save_program(_model(config, directory), served.config, staging / PROGRAM)
+        save_torch({k: v.contiguous() for k, v in _model(config, directory).state_dict().items()},
+                   str(staging / WEIGHTS))
         write_json_atomic(staging / MANIFEST, _delta_manifest(served.position, served, directory, staging, counts))
+        fsync_path(staging / "tables")
         fsync_path(staging)
-        return _publish(staging, folder / delta_name(sequence))
+        return _publish(staging, folder / delta_name(sequence), served.path, served.position)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # left only by a failed export
+
+
+def _deltas_folder(bundle: Path) -> Path:
+    """The bundle's deltas folder, made (and flushed to disk) if new, without the
+    temporary folders of delta exports that died."""
+    folder = bundle / DELTAS
+    if not folder.is_dir():
+        folder.mkdir()
+        fsync_path(bundle)
+    for entry in folder.iterdir():
+        found = _STAGING.fullmatch(entry.name)
+        if found and (int(found.group(1)) == os.getpid() or not checkpoint.process_running(int(found.group(1)))):
+            shutil.rmtree(entry, ignore_errors=True)
+    return folder
 
 
 def _check_same_model(served: Bundle, config: RunConfig) -> None:
@@ -143,8 +166,8 @@ def _check_same_model(served: Bundle, config: RunConfig) -> None:
     model and tables; only the rows and the dense weights may change."""
     differ = [what for what, theirs, ours in (
         ("features", served.config.features, config.features), ("model", served.config.model, config.model),
-        ("tables (names and dims)", [(t.name, t.dim) for t in served.config.tables],
-         [(t.name, t.dim) for t in config.tables])) if theirs != ours]
+        ("tables (names and dims)", {t.name: t.dim for t in served.config.tables},
+         {t.name: t.dim for t in config.tables})) if theirs != ours]
     if differ:
         raise ConfigError(f"--delta: the checkpoint's {' and '.join(differ)} differ from the bundle's ({served.path}); "
                           f"a delta changes only rows and dense weights: export a full bundle instead")
@@ -171,8 +194,12 @@ def _delta_manifest(position: Position, served: Bundle, directory: Path, staging
                    "tables": counts, "files": _files(staging)})
 
 
-def _publish(staging: Path, final: Path) -> Path:
-    """Rename a written delta into place; refused if another export took its sequence meanwhile."""
+def _publish(staging: Path, final: Path, bundle: Path, position: Position) -> Path:
+    """Rename a written delta into place; refused if the bundle left `position` meanwhile
+    (a full export replaced it) or another export took this delta's sequence."""
+    moved = _moved_from(bundle, _read_manifest(bundle), position)
+    if moved:
+        raise CheckpointError(f"{bundle}: {moved} while this delta was written; export the delta again")
     try:
         os.rename(staging, final)
     except OSError:
@@ -296,12 +323,14 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     if manifest.get("inputs") != _inputs(config):
         raise CorruptCheckpointError(f"{path / MANIFEST}: its inputs do not match its features; export it again")
     tables = {t.name: _read_table(path / "tables" / f"{t.name}.safetensors", t.dim) for t in config.tables}
-    program, position = path / PROGRAM, Position(base=manifest[SEAL]) if SEAL in manifest else None
-    for delta in read_deltas(path, position, config) if position else []:
-        tables = {name: apply_rows(*rows, delta.tables[name]) for name, rows in tables.items()}
-        program, position = delta.path / PROGRAM, delta.position
-    return Bundle(path=path, manifest=manifest, config=config, tables=tables, program=read_program(program),
-                  position=position)
+    program, position = _read_program(path / PROGRAM), Position(base=manifest[SEAL]) if SEAL in manifest else None
+    deltas = read_deltas(path, position, config) if position else []
+    if deltas:
+        changes = merged(deltas)
+        tables = {name: apply_rows(*rows, changes[name]) for name, rows in tables.items()}
+        position = deltas[-1].position
+        with_weights(program.state_dict, deltas[-1])  # the program of a fresh load is nobody else's
+    return Bundle(path=path, manifest=manifest, config=config, tables=tables, program=program, position=position)
 
 
 def _read_manifest(path: Path) -> dict:
@@ -335,13 +364,14 @@ def _read_json(file: Path) -> Any:
 
 @dataclass(frozen=True, kw_only=True)
 class Delta:
-    """One delta of a bundle, read and checked: its rows per table, and where the bundle
-    stands once it is applied. Its dense program is `path / dense.pt2` (`read_program`)."""
+    """One delta of a bundle, read and checked: its rows per table, the dense weights,
+    and where the bundle stands once it is applied."""
 
     path: Path
     manifest: dict
     position: Position
     tables: dict[str, RowChanges]
+    weights: dict[str, torch.Tensor]  # the dense network's state dict, for the base's program
 
 
 def read_deltas(path: str | os.PathLike, position: Position, config: RunConfig) -> list[Delta]:
@@ -349,21 +379,42 @@ def read_deltas(path: str | os.PathLike, position: Position, config: RunConfig) 
     (its files, and that it follows the base and the delta before it). Refused when the
     bundle is no longer the base of `position` (a full export replaced it)."""
     path = Path(path)
-    base = _read_manifest(path).get(SEAL)
-    if base != position.base:
-        raise CheckpointError(f"{path}: replaced by another full export since it was loaded (its manifest's sha256 "
-                              f"is now {str(base)[:12]}..., was {position.base[:12]}...); load it again (restart "
-                              f"tidal serve) to serve it")
+    manifest = _read_manifest(path)
+    moved = _moved_from(path, manifest, position)
+    if moved:
+        raise CheckpointError(f"{path}: {moved} since it was loaded; load it again (restart tidal serve) to serve it")
     folder = path / DELTAS
-    names = sorted(p.name for p in folder.iterdir() if is_delta_name(p.name)) if folder.is_dir() else []
-    deltas = []
-    for name in (n for n in names if int(n) > position.sequence):
-        deltas.append(_read_delta(folder / name, position, config))
+    deltas: list[Delta] = []
+    for name in delta_names([p.name for p in folder.iterdir()] if folder.is_dir() else []):
+        if int(name) <= position.sequence:
+            continue
+        try:
+            deltas.append(_read_delta(folder / name, position, config, manifest["table_dtype"]))
+        except CheckpointError as exc:
+            raise type(exc)(f"{exc}. Delta {name} and those after it cannot be applied: remove them to serve the "
+                            f"deltas before, or export the bundle in full") from None
         position = deltas[-1].position
     return deltas
 
 
-def _read_delta(folder: Path, position: Position, config: RunConfig) -> Delta:
+def merged(deltas: list[Delta]) -> dict[str, RowChanges]:
+    """The row changes of `deltas` in order, as one per table."""
+    return {name: functools.reduce(merge_changes, [d.tables[name] for d in deltas]) for name in deltas[0].tables}
+
+
+def _moved_from(path: Path, manifest: dict, position: Position) -> str | None:
+    """Why the bundle at `path` (with `manifest`) no longer stands at `position`, or None."""
+    if manifest.get(SEAL) != position.base:
+        return "was replaced by another full export"
+    if position.sequence:
+        file = path / DELTAS / delta_name(position.sequence) / MANIFEST
+        found = _read_json(file) if file.exists() else None
+        if not isinstance(found, dict) or found.get(SEAL) != position.seal:
+            return f"had its deltas rewritten (delta {delta_name(position.sequence)} is gone or another one)"
+    return None
+
+
+def _read_delta(folder: Path, position: Position, config: RunConfig, table_dtype: str) -> Delta:
     file = folder / MANIFEST
     manifest = _read_json(file) if file.exists() else None
     keys = {"format", "version", "sequence", "base", "previous", "table_dtype", "files"}
@@ -373,14 +424,16 @@ def _read_delta(folder: Path, position: Position, config: RunConfig) -> Delta:
         raise CheckpointError(f"{file}: delta version {manifest['version']}, this Tidal reads version {DELTA_VERSION}")
     check_seal(file, manifest)
     _check_follows(file, manifest, position)
-    needed = {PROGRAM} | {f"tables/{t.name}.safetensors" for t in config.tables}
+    if manifest["table_dtype"] != table_dtype:
+        raise CorruptCheckpointError(f"{file}: tables of {manifest['table_dtype']}, the bundle's are {table_dtype}")
+    needed = {WEIGHTS} | {f"tables/{t.name}.safetensors" for t in config.tables}
     if not needed <= set(manifest["files"]):
         raise CorruptCheckpointError(f"{file}: lists no {sorted(needed - set(manifest['files']))}")
     for relative, expected in manifest["files"].items():
         _check_file(folder / relative, expected)
-    dtype = np.dtype(manifest["table_dtype"])
+    dtype = np.dtype(table_dtype)
     tables = {t.name: _read_changes(folder / "tables" / f"{t.name}.safetensors", t.dim, dtype) for t in config.tables}
-    return Delta(path=folder, manifest=manifest, tables=tables,
+    return Delta(path=folder, manifest=manifest, tables=tables, weights=load_torch(str(folder / WEIGHTS)),
                  position=Position(base=position.base, sequence=position.sequence + 1, seal=manifest[SEAL]))
 
 
@@ -388,14 +441,13 @@ def _check_follows(file: Path, manifest: dict, position: Position) -> None:
     """Refuse a delta that is not the next one for a bundle at `position`."""
     expected = position.sequence + 1
     if manifest["sequence"] != expected or file.parent.name != delta_name(expected):
-        raise CheckpointError(f"{file}: delta {manifest['sequence']} in folder {file.parent.name}, but the bundle "
-                              f"stands at delta {position.sequence}: delta {delta_name(expected)} is missing")
+        raise CheckpointError(f"{file}: holds delta {manifest['sequence']}, but delta {expected} comes next after "
+                              f"delta {position.sequence}")
     if manifest["base"] != position.base:
         raise CheckpointError(f"{file}: written for another bundle (base sha256 {str(manifest['base'])[:12]}..., this "
-                              f"one's is {position.base[:12]}...); export the delta from this bundle")
+                              f"one's is {position.base[:12]}...)")
     if manifest["previous"] != position.seal:
-        raise CheckpointError(f"{file}: follows another delta {position.sequence} than the one applied; the deltas "
-                              f"of this bundle were rewritten: load it again (restart tidal serve)")
+        raise CheckpointError(f"{file}: follows another delta {position.sequence} than this bundle's")
 
 
 def _check_file(file: Path, expected: dict) -> None:
@@ -430,7 +482,21 @@ def _ascending_keys(keys: np.ndarray) -> bool:
     return keys.dtype == np.int64 and keys.ndim == 1 and bool(np.all(keys[1:] > keys[:-1]))
 
 
-def read_program(file: Path) -> torch.export.ExportedProgram:
+def with_weights(state: dict[str, torch.Tensor], delta: Delta) -> None:
+    """Copy `delta`'s dense weights into `state` (a program's state dict, in place),
+    refused unless they are the same tensors: names, shapes and dtypes."""
+    found = {k: (tuple(v.shape), v.dtype) for k, v in delta.weights.items()}
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+    if found != expected:
+        differ = sorted(set(found.items()) ^ set(expected.items()))[:4]
+        raise CorruptCheckpointError(f"{delta.path / WEIGHTS}: expected the bundle's dense weights {sorted(expected)} "
+                                     f"(names, shapes and dtypes); these differ: {differ}")
+    with torch.no_grad():
+        for name, tensor in delta.weights.items():
+            state[name].copy_(tensor)
+
+
+def _read_program(file: Path) -> torch.export.ExportedProgram:
     with zipfile.ZipFile(file) as archive:
         pickled = [i.filename for i in archive.infolist() if _SAMPLE_INPUTS in i.filename and i.file_size]
     if pickled:

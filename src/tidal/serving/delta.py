@@ -16,11 +16,13 @@ applies new deltas in place, between batches, without a restart. Layout::
           tables/<name>.safetensors
                                  keys [n] int64 and values [n, D]: rows new or changed;
                                  removed [m] int64: keys no longer served (evicted)
-          dense.pt2              the dense network at the delta's checkpoint, whole
+          dense.safetensors      the dense network's weights at the delta's checkpoint
+                                 (the base's program runs them: the model is the same)
         000002/ ...
 
 A delta names the base and the delta it follows, so one applied out of order, or onto
-another bundle, is refused. The base and its deltas in order serve exactly what a full
+another bundle, is refused. Weights and not a program: loading a `torch.export`
+program takes some 150 ms, copying weights into a copy of the one served under 10. The base and its deltas in order serve exactly what a full
 export of the last delta's checkpoint would (a test checks it). A full export replaces
 the bundle, deltas included.
 
@@ -38,21 +40,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DELTAS", "DELTA_FORMAT", "DELTA_VERSION", "Position", "RowChanges", "apply_rows", "delta_name", "diff_rows",
-           "is_delta_name"]
+__all__ = ["DELTAS", "DELTA_FORMAT", "DELTA_VERSION", "Position", "RowChanges", "apply_rows", "delta_name",
+           "delta_names", "diff_rows", "merge_changes"]
 
 DELTAS = "deltas"  # the folder of a bundle that holds its deltas
 DELTA_FORMAT = "tidal-serving-delta"
 DELTA_VERSION = 1
-_NAME = re.compile(r"\d{6}")  # a finished delta's folder; a delta being written is `.tmp-<sequence>-<pid>`
+_NAME = re.compile(r"\d{6,}")  # a finished delta's folder; a delta being written is `.tmp-<sequence>-<pid>`
 
 
 def delta_name(sequence: int) -> str:
     return f"{sequence:06d}"
 
 
-def is_delta_name(name: str) -> bool:
-    return _NAME.fullmatch(name) is not None
+def delta_names(names: list[str]) -> list[str]:
+    """The names of finished deltas among `names`, in sequence order."""
+    return sorted((n for n in names if _NAME.fullmatch(n)), key=int)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,6 +101,17 @@ def apply_rows(old_keys: np.ndarray, old_values: np.ndarray, changes: RowChanges
     values = np.concatenate([old_values[~gone], changes.values.astype(old_values.dtype)])
     order = np.argsort(keys, kind="stable")
     return keys[order], values[order]
+
+
+def merge_changes(first: RowChanges, then: RowChanges) -> RowChanges:
+    """The changes of `first` followed by those of `then`, as one: a row `then` changes
+    or removes is its; a key `first` removed and `then` brings back is no longer removed."""
+    kept = ~np.isin(first.keys, then.keys) & ~np.isin(first.keys, then.removed)
+    keys = np.concatenate([first.keys[kept], then.keys])
+    values = np.concatenate([first.values[kept], then.values.astype(first.values.dtype)])
+    order = np.argsort(keys, kind="stable")
+    removed = np.union1d(first.removed[~np.isin(first.removed, then.keys)], then.removed)
+    return RowChanges(keys=keys[order], values=values[order], removed=removed.astype(np.int64))
 
 
 def _bits(values: np.ndarray) -> np.ndarray:

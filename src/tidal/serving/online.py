@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tidal.errors import CheckpointError, TidalError
-from tidal.serving.bundle import read_deltas
+from tidal.serving.bundle import NO_DELTAS, merged, read_deltas
 from tidal.serving.predictor import Predictor
 
-__all__ = ["Update", "Updater"]
+__all__ = ["Update", "Updater", "refusal"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,13 +32,15 @@ class Update:
     delta: int  # the last delta now served (0: the base alone)
     rows_changed: int
     rows_removed: int
-    seconds: float
+    seconds: float  # reading the deltas and applying them
+    paused_s: float  # of which new batches waited
 
     def summary(self) -> str:
         if not self.applied:
             return f"no new delta (serving delta {self.delta})"
         return (f"applied {self.applied} delta{'s' if self.applied > 1 else ''}, now serving delta {self.delta}: "
-                f"{self.rows_changed:,d} rows changed, {self.rows_removed:,d} removed, in {self.seconds * 1e3:.1f} ms")
+                f"{self.rows_changed:,d} rows changed, {self.rows_removed:,d} removed, in {self.seconds * 1e3:.1f} ms "
+                f"(batches waited {self.paused_s * 1e3:.1f} ms of it)")
 
 
 class Updater:
@@ -51,7 +53,7 @@ class Updater:
         self._path = Path(bundle_path)
         self._lock = threading.Lock()  # one update at a time: the poller's and a request's
         self.deltas_applied = 0
-        self.failures = 0
+        self.refused = 0
         self.updated_unix_s: float | None = None
         self._stop = threading.Event()
         self._poller = None
@@ -64,39 +66,46 @@ class Updater:
         position = self._predictor.position
         return position.sequence if position else 0
 
+    def serving(self) -> str:
+        """What the predictor serves, in words: the delta, or why its tables are torn."""
+        return self._predictor.torn or f"still serving delta {self.delta}"
+
     def update(self) -> Update:
-        """Apply the deltas written since the last one applied; refused (`TidalError`)
-        with nothing changed when one cannot be."""
+        """Apply the deltas written since the last one applied. When one cannot be, the
+        exception says why (`refusal`) and nothing changed, unless the apply itself
+        failed half way (`Predictor.torn`)."""
         with self._lock:
             try:
                 return self._update()
-            except (TidalError, OSError):
-                self.failures += 1
+            except Exception:
+                self.refused += 1
                 raise
 
     def _update(self) -> Update:
         position = self._predictor.position
         if position is None:
-            raise CheckpointError(f"{self._path}: a version 1 bundle takes no deltas; export it again in full")
+            raise CheckpointError(f"{self._path}: {NO_DELTAS}")
         start = time.perf_counter()
         deltas = read_deltas(self._path, position, self._predictor.config)
-        self._predictor.update(deltas)
+        paused_s = self._predictor.update(deltas)
         if deltas:
             self.deltas_applied += len(deltas)
             self.updated_unix_s = time.time()
-        changes = [c for d in deltas for c in d.tables.values()]
+        changes = list(merged(deltas).values()) if deltas else []
         return Update(applied=len(deltas), delta=self.delta, rows_changed=sum(len(c.keys) for c in changes),
-                      rows_removed=sum(len(c.removed) for c in changes), seconds=time.perf_counter() - start)
+                      rows_removed=sum(len(c.removed) for c in changes), seconds=time.perf_counter() - start,
+                      paused_s=paused_s)
 
     def _poll(self, every_s: float) -> None:
         reported = ""
         while not self._stop.wait(every_s):
             try:
                 update = self.update()
-            except (TidalError, OSError) as exc:
-                if str(exc) != reported:  # once per reason, not at every poll
-                    print(f"tidal serve: deltas not applied: {exc}", file=sys.stderr, flush=True)
-                reported = str(exc)
+            except Exception as exc:  # noqa: BLE001 - reported; the poller must go on
+                reason = refusal(exc)
+                if reason != reported:  # once per reason, not at every poll
+                    print(f"tidal serve: deltas not applied: {reason}", file=sys.stderr, flush=True)
+                reported = reason
                 continue
             reported = ""
             if update.applied:
@@ -106,3 +115,9 @@ class Updater:
         self._stop.set()
         if self._poller is not None:
             self._poller.join()
+
+
+def refusal(exc: Exception) -> str:
+    """Why an update was refused, in words: the message of Tidal's and the system's
+    errors (they name the file), the type too of anything else."""
+    return str(exc) if isinstance(exc, (TidalError, OSError)) else f"{type(exc).__name__}: {exc}"

@@ -16,14 +16,17 @@ The extraction is training's own `Extractor` (per side), so a row gives the same
 as in training; ids the tables do not hold read as zeros and are counted.
 
 Online updates (`Predictor.update`) apply a bundle's new deltas in place, between
-sparse stages: a batch is scored with the rows and the dense program from before a
-delta, or with both from after it, never a mix. Cached session states keep the rows
-they were pooled from.
+sparse stages: a batch is scored with the rows and the dense weights from before a
+delta, or with both from after it, never a mix. A session's cached user state pooled
+before an update is pooled again from its user row by each batch that scores it after.
 """
 
 from __future__ import annotations
 
+import copy
 import re
+import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -35,9 +38,9 @@ from torch.export.passes import move_to_device_pass
 from tidal.config import DEVICE_PATTERN, DenseFeature, Fusion, ServingConfig, SparseFeature, TableConfig
 from tidal.data.extract import Extractor
 from tidal.embedding import EmbeddingCollection, EmbeddingTable, RowBlock
-from tidal.errors import BatchError, ConfigError
+from tidal.errors import BatchError, CheckpointError, ConfigError
 from tidal.gate import Gate
-from tidal.serving.bundle import Bundle, Delta, model_sizes, read_program
+from tidal.serving.bundle import NO_DELTAS, Bundle, Delta, merged, model_sizes, with_weights
 from tidal.serving.delta import Position
 
 __all__ = ["Piece", "Predictor", "SparseOutput", "UserState", "fuse"]
@@ -47,16 +50,20 @@ __all__ = ["Piece", "Predictor", "SparseOutput", "UserState", "fuse"]
 class UserState:
     """The user side of a request, pooled: what a session caches. `shared` holds the
     user's raw values of the columns that item features read too (a user x item
-    cross, say): a continuing request takes them from here."""
+    cross, say): a continuing request takes them from here. `user` is the user row
+    itself, pooled again when the bundle was updated since (`position`)."""
 
     pooled: torch.Tensor  # [1, Fu, D]
     dense: torch.Tensor  # [1, Du]
+    user: pa.RecordBatch  # the one user row
+    position: Position | None  # the bundle's state it was pooled at
     shared: dict[str, pa.Array] = field(default_factory=dict)  # column -> its one value
 
     @property
     def nbytes(self) -> int:
         """The bytes this state keeps alive (an Arrow slice keeps its whole buffers)."""
-        return self.pooled.nbytes + self.dense.nbytes + sum(a.get_total_buffer_size() for a in self.shared.values())
+        arrays = [*self.user.columns, *self.shared.values()]
+        return self.pooled.nbytes + self.dense.nbytes + sum(a.get_total_buffer_size() for a in arrays)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,37 +127,61 @@ class Predictor:
         self.user_columns = self._user_extract.columns
         self.item_columns = self._item_extract.columns
         self.collection = EmbeddingCollection(_serving_tables(bundle), [f.embedding() for f in extractor.sparse])
-        self._program = self._module(bundle.program)
+        program = bundle.program if self.device.type == "cpu" else move_to_device_pass(bundle.program, self.device)
+        self._program = program.module()  # constants the graph made on the CPU move too
         self._gate = Gate()  # scoring shares it; an update takes it alone
         self.position: Position | None = bundle.position  # the last delta applied (None: a version 1 bundle)
+        self.torn: str | None = None  # why the tables are between two deltas, after a failed update
         self.set_fusion(serving.fusion)
         if not self.item_columns:
             raise ConfigError("serving needs at least one item or context feature: candidates are scored by them")
 
-    def _module(self, program: torch.export.ExportedProgram) -> torch.nn.Module:
-        """`program` on the predictor's device (the constants the graph made on the CPU too)."""
-        return (program if self.device.type == "cpu" else move_to_device_pass(program, self.device)).module()
-
     # ------------------------------------------------------------------ online updates
 
-    def update(self, deltas: Sequence[Delta]) -> None:
+    def update(self, deltas: Sequence[Delta]) -> float:
         """Apply `deltas` (those following `position`, in order, as `read_deltas` gives
-        them) to the tables and take the last one's dense program. Waits for the sparse
-        stages under way; those that come meanwhile wait for it."""
+        them) to the tables and take the last one's dense weights. Waits for the sparse
+        stages under way; those that come meanwhile wait for it. Returns the seconds it
+        held them back (the weights are loaded and the rows converted before).
+
+        An update that fails part way (memory ran out) leaves the tables between two
+        deltas: `torn` then says so, and further updates are refused (restart)."""
         if not deltas:
-            return
-        if self.position is None or deltas[0].position.sequence != self.position.sequence + 1 \
-                or deltas[0].manifest["previous"] != self.position.seal:
-            raise ConfigError(f"delta {deltas[0].position.sequence} does not follow the predictor's position "
-                              f"{self.position}; read the deltas that follow it")
-        module = self._module(read_program(deltas[-1].path / "dense.pt2"))  # before taking the gate
+            return 0.0
+        module = self._program_with(deltas[-1])  # before taking the gate
         blocks = [(self.collection.table(name), changes.removed, _row_block(changes.keys, changes.values))
-                  for delta in deltas for name, changes in delta.tables.items()]
+                  for name, changes in merged(list(deltas)).items()]
         with self._gate.exclusive():
-            for table, removed, block in blocks:
-                table.remove(removed)
-                table.push_rows(block)
+            self._check_follows(deltas[0])
+            start = time.perf_counter()
+            try:
+                for table, removed, block in blocks:
+                    table.remove(removed)
+                    table.push_rows(block)
+            except BaseException as exc:
+                self.torn = (f"the tables were left part way between delta {self.position.sequence} and delta "
+                             f"{deltas[-1].position.sequence} by a failed update ({type(exc).__name__}: {exc})")
+                raise
             self._program, self.position = module, deltas[-1].position
+            return time.perf_counter() - start
+
+    def _check_follows(self, delta: Delta) -> None:
+        if self.torn is not None:
+            raise CheckpointError(f"{self.torn}; restart to serve a whole state")
+        if self.position is None:
+            raise CheckpointError(NO_DELTAS)
+        if (delta.position.sequence, delta.manifest["previous"]) != (self.position.sequence + 1, self.position.seal):
+            raise CheckpointError(f"{delta.path}: delta {delta.position.sequence} does not follow the delta "
+                                  f"served, {self.position.sequence}; read the deltas that follow it")
+
+    def _program_with(self, delta: Delta) -> torch.nn.Module:
+        """A copy of the program served, with `delta`'s dense weights (batches under way
+        keep the one they took)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)  # torch's own, from its tree specs
+            module = copy.deepcopy(self._program)
+        with_weights(module.state_dict(), delta)  # its tensors, on its device
+        return module
 
     # ------------------------------------------------------------------ fusion
 
@@ -202,11 +233,13 @@ class Predictor:
 
     def user_state(self, user: pa.RecordBatch) -> UserState:
         """The pooled user side of one request's user row (what a session caches)."""
+        # copies: the columns are slices of the request's strings, which they would keep alive
+        user = _record_batch({c: pa.concat_arrays([user.column(c)]) for c in user.schema.names})
         with self._gate.shared():
             pooled, dense = self._user_side([user])
-        # copies: the column is a slice of the request's strings, which it would keep alive
-        shared = {c: pa.concat_arrays([user.column(c)]) for c in self.item_columns if c in self.user_columns}
-        return UserState(pooled=pooled, dense=dense, shared=shared)
+            position = self.position
+        shared = {c: user.column(c) for c in self.item_columns if c in self.user_columns}
+        return UserState(pooled=pooled, dense=dense, user=user, position=position, shared=shared)
 
     def sparse(self, pieces: Sequence[Piece]) -> SparseOutput:
         """The sparse stage: pooled `[N, F, D]` and dense features `[N, Dd]` of all rows."""
@@ -266,14 +299,16 @@ class Predictor:
                              f"got {list(pooled.shape)} and {list(dense.shape)}")
 
     def _users(self, pieces: Sequence[Piece]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pooled user row per piece: cached, or computed for all stateless ones at once."""
-        fresh = [p.user for p in pieces if p.state is None]
+        """One pooled user row per piece: cached, or computed at once for the stateless
+        ones and those whose state was pooled before an update."""
+        cached = [p.state is not None and p.state.position == self.position for p in pieces]
+        fresh = [p.user if p.state is None else p.state.user for p, c in zip(pieces, cached) if not c]
         if any(u is None for u in fresh):
             raise BatchError("a piece needs its user row or a cached user state")
         pooled, dense = self._user_side(fresh) if fresh else (None, None)
         pooled_rows, dense_rows, k = [], [], 0
-        for p in pieces:
-            if p.state is not None:
+        for p, c in zip(pieces, cached):
+            if c:
                 pooled_rows.append(p.state.pooled)
                 dense_rows.append(p.state.dense)
             else:

@@ -63,10 +63,10 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 import tidal
 from tidal.config import Fusion, ServingConfig
-from tidal.errors import ConfigError, TidalError
+from tidal.errors import ConfigError
 from tidal.serving.batcher import Batcher, BatchRecord, Overloaded, ShuttingDown
 from tidal.serving.bundle import Bundle
-from tidal.serving.online import Updater
+from tidal.serving.online import Updater, refusal
 from tidal.serving.predictor import Predictor, UserState
 from tidal.serving.protocol import HEADER, LENGTHS, DecodedRequest, InputSpec, RequestError, decode_request, \
     encode_response, input_specs, json_object
@@ -87,7 +87,9 @@ class Service:
         self.name = name
         self.settings = _settings(bundle.config.serving, overrides)
         self.predictor = Predictor(bundle, serving=self.settings)
-        self.updater = Updater(self.predictor, bundle.path, poll_s=self.settings.delta_poll_s)
+        if self.settings.delta_poll_s is not None and bundle.position is None:
+            raise ConfigError(f"delta_poll_s: {bundle.path} is a version 1 bundle, which takes no deltas; export it "
+                              f"again in full")
         self.specs = input_specs(bundle.config)
         self.outputs = [*self.predictor.targets, "score"]
         self.sessions = SessionCache(ttl_s=self.settings.session_ttl_s, memory_bytes=self.settings.session_memory_bytes)
@@ -100,6 +102,7 @@ class Service:
         self._torch_threads = torch.get_num_threads()  # restored by close()
         if s.dense_threads is not None:
             torch.set_num_threads(s.dense_threads)
+        self.updater = Updater(self.predictor, bundle.path, poll_s=s.delta_poll_s)  # last: it may start a thread
 
     async def infer(self, body: bytes, header_length: str | None) -> tuple[bytes, dict[str, str]]:
         """Answer one infer request body: (response body, extra headers)."""
@@ -190,7 +193,7 @@ class _Metrics:
         self.sessions.set_function(lambda: service.sessions.expire() or len(service.sessions))  # live ones only
         self.session_bytes.set_function(lambda: service.sessions.bytes)
         self.registry.register(_IdCounts(service.predictor))
-        self.registry.register(_Deltas(service.updater))
+        self.registry.register(_Deltas(service))
 
     def batch(self, record: BatchRecord) -> None:
         self.batch_rows.observe(record.rows)
@@ -214,14 +217,14 @@ class _IdCounts:
 class _Deltas:
     """The bundle's deltas: the one served, how many were applied and refused, and when."""
 
-    def __init__(self, updater: Updater) -> None:
-        self._updater = updater
+    def __init__(self, service: Service) -> None:
+        self._service = service  # its updater is made after the metrics
 
     def collect(self):  # type: ignore[no-untyped-def]
-        u = self._updater
+        u = self._service.updater
         yield GaugeMetricFamily("tidal_bundle_delta", "The bundle's last delta served (0: its base alone)", value=u.delta)
         yield CounterMetricFamily("tidal_bundle_deltas_applied", "Deltas applied since the start", value=u.deltas_applied)
-        yield CounterMetricFamily("tidal_bundle_update_failures", "Updates refused (nothing applied)", value=u.failures)
+        yield CounterMetricFamily("tidal_bundle_updates_refused", "Updates refused", value=u.refused)
         if u.updated_unix_s is not None:
             yield GaugeMetricFamily("tidal_bundle_updated_unix_seconds", "When a delta was last applied",
                                     value=u.updated_unix_s)
@@ -243,14 +246,21 @@ def create_app(service: Service) -> Starlette:
         return JSONResponse({"name": "tidal", "version": tidal.__version__,
                              "extensions": ["binary_tensor_data", "sequence", "tidal_fusion"]})
 
-    async def healthy(request: Request) -> Response:
+    async def live(request: Request) -> Response:
         return Response(status_code=200)
+
+    def torn() -> JSONResponse | None:
+        """A 503 while a failed update has left the tables between two deltas."""
+        return service.predictor.torn and _error(503, f"not ready: {service.predictor.torn}; restart the server")
+
+    async def ready(request: Request) -> Response:
+        return torn() or Response(status_code=200)
 
     async def model_metadata(request: Request) -> JSONResponse:
         return model_or_404(request) or JSONResponse(service.metadata())
 
     async def model_ready(request: Request) -> Response:
-        return model_or_404(request) or Response(status_code=200)
+        return model_or_404(request) or torn() or Response(status_code=200)
 
     async def infer(request: Request) -> Response:
         missing = model_or_404(request)
@@ -301,12 +311,19 @@ def create_app(service: Service) -> Starlette:
         if missing is not None:
             return missing
         try:
+            body = json_object(await _read_body(request, _CONTROL_BODY_BYTES) or b"{}")
+        except (RequestError, ClientDisconnect) as exc:
+            return _error(getattr(exc, "status", 400), f"load: {exc}")
+        if body.get("parameters"):
+            return _error(400, f"load: this server loads only its bundle's new deltas, with no parameters; got "
+                               f"{sorted(body['parameters'])}")
+        try:
             update = await asyncio.to_thread(service.updater.update)
-        except (TidalError, OSError) as exc:
-            return _error(409, f"the bundle's deltas were not applied ({exc}); still serving delta "
-                               f"{service.updater.delta}")
+        except Exception as exc:  # noqa: BLE001 - the reason goes to the client; the server goes on
+            return _error(409, f"the bundle's deltas were not applied ({refusal(exc)}); {service.updater.serving()}")
         return JSONResponse({"delta": update.delta, "applied": update.applied, "rows_changed": update.rows_changed,
-                             "rows_removed": update.rows_removed, "seconds": update.seconds})
+                             "rows_removed": update.rows_removed, "seconds": update.seconds,
+                             "paused_s": update.paused_s})
 
     async def fusion(request: Request) -> JSONResponse:
         missing = model_or_404(request)
@@ -314,7 +331,7 @@ def create_app(service: Service) -> Starlette:
             return missing
         if request.method == "PUT":
             try:
-                service.predictor.set_fusion(Fusion(**json_object(await _read_body(request, _FUSION_BODY_BYTES))))
+                service.predictor.set_fusion(Fusion(**json_object(await _read_body(request, _CONTROL_BODY_BYTES))))
             except RequestError as exc:
                 return _error(exc.status, f"fusion: {exc}")
             except (ConfigError, TypeError, ClientDisconnect) as exc:
@@ -331,7 +348,7 @@ def create_app(service: Service) -> Starlette:
                     ("/config", config, ["GET"]), ("/stats", stats, ["GET"]),
                     ("/fusion", fusion, ["GET", "PUT"])]
     return Starlette(routes=[
-        Route("/v2", server_metadata), Route("/v2/health/live", healthy), Route("/v2/health/ready", healthy),
+        Route("/v2", server_metadata), Route("/v2/health/live", live), Route("/v2/health/ready", ready),
         Route("/v2/models/stats", stats), Route("/v2/repository/index", repository_index, methods=["POST"]),
         Route("/v2/repository/models/{name}/load", load, methods=["POST"]),
         *[Route(f"/v2/models/{{name}}{version}{path}", endpoint, methods=methods)
@@ -341,7 +358,7 @@ def create_app(service: Service) -> Starlette:
 
 
 _MESSAGE_CHARS = 2000  # an error message quoting what came is cut here
-_FUSION_BODY_BYTES = 1 << 16
+_CONTROL_BODY_BYTES = 1 << 16  # a fusion or load request's body
 _DRAIN_BYTES = 64 << 20  # an oversize body up to this size is read and dropped before the 413
 _BODY_TIMEOUT_S = 30.0  # a body must arrive within this
 _HEADER_TIMEOUT_S = 10.0  # a request's headers must arrive within this

@@ -61,7 +61,8 @@ class SessionCache:
 
     def start(self, sequence_id: SequenceId, state: UserState) -> None:
         """Cache `state` for `sequence_id` (replacing any earlier one)."""
-        size = state.nbytes + len(str(sequence_id)) + _ENTRY_BYTES + _ARRAY_BYTES * len(state.shared)
+        arrays = len(state.shared) + state.user.num_columns
+        size = state.nbytes + len(str(sequence_id)) + _ENTRY_BYTES + _ARRAY_BYTES * arrays
         if size > self.memory_bytes:
             raise SessionError(f"{_named(sequence_id)}: its state ({size} bytes) exceeds the cache "
                                f"({self.memory_bytes} bytes)")
