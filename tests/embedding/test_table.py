@@ -648,9 +648,10 @@ def test_mark_seen_skips_keys_without_a_row():
 def test_push_rows_refuses_repeated_keys_and_reports_rows_refused_by_the_cap():
     table = make_table(max_rows=2)
     block, _ = make_table().pull_rows(arr(1, 2, 3))
-    with pytest.raises(BatchError, match="pushed keys must be distinct"):
-        table.push_rows(type(block)(keys=arr(1, 1), values=block.values[:2], state=block.state[:2],
-                                    last_seen=block.last_seen[:2], counts=block.counts[:2]))
+    for repeated in (arr(1, 1, 2), arr(3, 1, 3)):  # in order or not
+        with pytest.raises(BatchError, match="pushed keys must be distinct"):
+            table.push_rows(type(block)(keys=repeated, values=block.values, state=block.state,
+                                        last_seen=block.last_seen, counts=block.counts))
     stored = table.push_rows(block)
     assert stored.sum() == 2 and table.stats().dropped_full == 1
 
