@@ -339,8 +339,8 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"tidal serve: {message}", file=sys.stderr)
             return 2
         try:
-            print(f"serving {name!r} at http://{args.host}:{sock.getsockname()[1]}/v2/models/{name} "
-                  f"(metrics at /metrics; Ctrl-C stops)", flush=True)
+            print(f"serving {name!r}{_delta_served(service)} at http://{args.host}:{sock.getsockname()[1]}/v2/models/"
+                  f"{name} (metrics at /metrics; Ctrl-C stops)", flush=True)
             serve(service, sock, exit_timeout_s=args.exit_timeout_s)
         except KeyboardInterrupt:  # the server has shut down and closed the service; uvicorn passes the signal on
             pass
@@ -348,6 +348,12 @@ def _serve(args: argparse.Namespace) -> int:
             service.close()  # again, if the signal came before serving began
     print("stopped", flush=True)
     return 0
+
+
+def _delta_served(service) -> str:  # type: ignore[no-untyped-def]
+    """", with its delta N" when the bundle's deltas were applied at load."""
+    delta = service.updater.delta
+    return f", with its delta {delta}" if delta else ""
 
 
 def _serving_settings(entries: list[str], flags: dict) -> dict:

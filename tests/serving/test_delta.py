@@ -252,9 +252,18 @@ def test_the_folders_of_delta_exports_that_died_are_removed_by_the_next(run, bun
 
 
 def test_export_delta_on_the_command_line(run, bundle_dir, capsys):
+    from tidal.cli import _delta_served
+
+    def announced() -> str:  # what tidal serve says it serves
+        service = Service(load_bundle(bundle_dir))
+        service.close()
+        return _delta_served(service)
+
+    assert announced() == ""
     assert main(["export", "--checkpoint", str(run.run_dir), "--out", str(bundle_dir), "--delta"]) == 0
     out = capsys.readouterr().out
     assert f"wrote delta 000001 into {bundle_dir}" in out and "table 'ids' " in out and "rows changed, 0 removed" in out
+    assert announced() == ", with its delta 1"
     assert main(["export", "--checkpoint", str(run.run_dir), "--out", str(bundle_dir), "--delta",
                  "--table-dtype", "float16"]) == 2
     assert "--table-dtype applies to a full export" in capsys.readouterr().err
