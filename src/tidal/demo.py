@@ -138,6 +138,9 @@ def _update_online(url: str, bundle: Path, config: RunConfig, request: dict) -> 
         Trainer(more).fit(resume=True)
     delta = export_delta(more.training.run_dir, bundle)
     update, _ = _post(f"{url}/v2/repository/models/ctr/load", {})
+    if "error" in update:
+        print(f"  online update               refused: {update['error']}")
+        return
     answer, ms = _post(f"{url}/v2/models/ctr/infer", request)
     scores = np.array(answer["outputs"][-1]["data"])
     print(f"  online update               delta {delta.name}: {update['rows_changed']:,d} rows changed, applied in "

@@ -7,6 +7,7 @@ import os
 import shutil
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -243,8 +244,8 @@ def test_the_folders_of_delta_exports_that_died_are_removed_by_the_next(run, bun
 
     ended = subprocess.Popen(["true"])
     ended.wait()
-    dead = bundle_dir / "deltas" / f".tmp-000001-{ended.pid}"
-    running = bundle_dir / "deltas" / f".tmp-000001-{os.getppid()}"  # a live process: maybe still writing
+    dead = bundle_dir / "deltas" / f".tmp-000001-{ended.pid}-0a1b"
+    running = bundle_dir / "deltas" / f".tmp-000001-{os.getppid()}-2c3d"  # a live process: maybe still writing
     for folder in (dead, running):
         (folder / "tables").mkdir(parents=True)
     export_delta(run.run_dir, bundle_dir)
@@ -321,6 +322,11 @@ def test_a_running_server_applies_a_delta_on_load_and_refuses_a_damaged_one(run,
         with pytest.raises(triton.InferenceServerException, match=r"\[400\] load: this server loads only its bundle's "
                                                                   r"new deltas, with no parameters; got \['config'\]"):
             client.load_model("ctr", config="{}")
+        request = urllib.request.Request(running.url + "/v2/repository/models/ctr/load", method="POST",
+                                         data=json.dumps({"parameters": 5}).encode())
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 400 and b"with no parameters; got 5" in refused.value.read()
     finally:
         running.stop()
 
@@ -381,13 +387,15 @@ def test_dense_weights_that_are_not_the_bundles_are_refused_by_name(run, bundle_
 
     folder = export_delta(run.run_dir, bundle_dir)
     weights = folder / "dense.safetensors"
-    save_file({"head.out.weight": torch.zeros(2, 3)}, str(weights))
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["files"]["dense.safetensors"] = fingerprint(weights)
-    (folder / "manifest.json").write_text(json.dumps(sealed(manifest)))  # a well-formed delta of another model
-    with pytest.raises(CorruptCheckpointError, match=rf"{weights}: expected the bundle's dense weights \['body.bottom"
-                                                     rf".*\(names, shapes and dtypes\); these differ: "):
-        load_bundle(bundle_dir)
+    good = load_bundle(run.full).program.state_dict
+    for other in ({"head.out.weight": torch.zeros(2, 3)}, {k: v.double() for k, v in good.items()}):
+        save_file({k: v.contiguous() for k, v in other.items()}, str(weights))
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["files"]["dense.safetensors"] = fingerprint(weights)
+        (folder / "manifest.json").write_text(json.dumps(sealed(manifest)))  # a well-formed delta of another model
+        with pytest.raises(CorruptCheckpointError, match=rf"{weights}: expected the bundle's dense weights "
+                                                         rf"\['body.bottom.*\(names, shapes and dtypes\); these differ: "):
+            load_bundle(bundle_dir)
     predictor = Predictor(load_bundle(run.base))
     with pytest.raises(CorruptCheckpointError, match=rf"{weights}: expected the bundle's dense weights"):
         predictor.update(read_deltas(bundle_dir, predictor.position, predictor.config))
@@ -437,6 +445,9 @@ def test_an_update_that_fails_part_way_makes_the_server_unready_and_refuses_more
             client.load_model("ctr")
         monkeypatch.undo()
         assert not client.is_server_ready() and not client.is_model_ready("ctr") and client.is_server_live()
+        rows = with_user_of(file_rows(run.trainer, 5), input_specs(run.config))
+        with pytest.raises(triton.InferenceServerException, match=r"\[503\] not ready: the tables were left part way"):
+            _scores(client, rows, input_specs(run.config))
         with pytest.raises(triton.InferenceServerException, match=r"part way between delta 0 and delta 1 .*; restart "
                                                                   r"to serve a whole state"):
             client.load_model("ctr")

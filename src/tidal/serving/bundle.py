@@ -29,6 +29,7 @@ import functools
 import json
 import os
 import re
+import secrets
 import shutil
 import time
 import warnings
@@ -62,7 +63,7 @@ MANIFEST = "manifest.json"
 PROGRAM = "dense.pt2"
 WEIGHTS = "dense.safetensors"  # a delta's dense weights: the base's program runs them
 NO_DELTAS = "a version 1 bundle takes no deltas; export it again in full"
-_STAGING = re.compile(r"\.tmp-\d+-(\d+)")  # a delta being written, ending with its exporter's pid
+_STAGING = re.compile(r"\.tmp-\d+-(\d+)-[0-9a-f]+")  # a delta being written: sequence, exporter's pid, a nonce
 _SAMPLE_INPUTS = "data/sample_inputs/"  # the archive member torch.export would pickle
 
 
@@ -132,7 +133,7 @@ def export_delta(source: str | os.PathLike, bundle_dir: str | os.PathLike) -> Pa
     _check_same_model(served, config)
     folder = _deltas_folder(served.path)
     sequence = served.position.sequence + 1
-    staging = folder / f".tmp-{delta_name(sequence)}-{os.getpid()}"
+    staging = folder / f".tmp-{delta_name(sequence)}-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         staging.mkdir()
         (staging / "tables").mkdir()
@@ -152,11 +153,11 @@ def _deltas_folder(bundle: Path) -> Path:
     temporary folders of delta exports that died."""
     folder = bundle / DELTAS
     if not folder.is_dir():
-        folder.mkdir()
+        folder.mkdir(exist_ok=True)  # another export may make it too
         fsync_path(bundle)
     for entry in folder.iterdir():
         found = _STAGING.fullmatch(entry.name)
-        if found and (int(found.group(1)) == os.getpid() or not checkpoint.process_running(int(found.group(1)))):
+        if found and not checkpoint.process_running(int(found.group(1))):
             shutil.rmtree(entry, ignore_errors=True)
     return folder
 
@@ -488,7 +489,7 @@ def with_weights(state: dict[str, torch.Tensor], delta: Delta) -> None:
     found = {k: (tuple(v.shape), v.dtype) for k, v in delta.weights.items()}
     expected = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
     if found != expected:
-        differ = sorted(set(found.items()) ^ set(expected.items()))[:4]
+        differ = sorted(set(found.items()) ^ set(expected.items()), key=str)[:4]
         raise CorruptCheckpointError(f"{delta.path / WEIGHTS}: expected the bundle's dense weights {sorted(expected)} "
                                      f"(names, shapes and dtypes); these differ: {differ}")
     with torch.no_grad():

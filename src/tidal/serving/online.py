@@ -6,7 +6,9 @@
 `tritonclient`'s `load_model` triggers it), and every `serving.delta_poll_s` seconds
 when that is set. A delta that cannot be applied (damaged, out of order, or the bundle
 replaced by a full export) is refused with the reason and changes nothing: the server
-goes on serving what it served.
+goes on serving what it served. An update that fails while it changes the tables (memory
+ran out) leaves them between two states: the server then refuses to score (503) until it
+is restarted.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class Updater:
 
     def _update(self) -> Update:
         position = self._predictor.position
+        self._predictor.check_whole()
         if position is None:
             raise CheckpointError(f"{self._path}: {NO_DELTAS}")
         start = time.perf_counter()

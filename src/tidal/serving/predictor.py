@@ -17,7 +17,8 @@ as in training; ids the tables do not hold read as zeros and are counted.
 
 Online updates (`Predictor.update`) apply a bundle's new deltas in place, between
 sparse stages: a batch is scored with the rows and the dense weights from before a
-delta, or with both from after it, never a mix. A session's cached user state pooled
+delta, or with both from after it, never a mix (a request of more candidates than
+`chunk_rows` is scored in several batches, and an update may come between them). A session's cached user state pooled
 before an update is pooled again from its user row by each batch that scores it after.
 """
 
@@ -151,9 +152,9 @@ class Predictor:
         module = self._program_with(deltas[-1])  # before taking the gate
         blocks = [(self.collection.table(name), changes.removed, _row_block(changes.keys, changes.values))
                   for name, changes in merged(list(deltas)).items()]
+        start = time.perf_counter()  # new batches wait from here: for those under way, then for the update
         with self._gate.exclusive():
             self._check_follows(deltas[0])
-            start = time.perf_counter()
             try:
                 for table, removed, block in blocks:
                     table.remove(removed)
@@ -165,12 +166,17 @@ class Predictor:
             self._program, self.position = module, deltas[-1].position
             return time.perf_counter() - start
 
-    def _check_follows(self, delta: Delta) -> None:
+    def check_whole(self) -> None:
+        """Refuse (`CheckpointError`) while a failed update has left the tables torn."""
         if self.torn is not None:
             raise CheckpointError(f"{self.torn}; restart to serve a whole state")
+
+    def _check_follows(self, delta: Delta) -> None:
+        self.check_whole()
         if self.position is None:
             raise CheckpointError(NO_DELTAS)
-        if (delta.position.sequence, delta.manifest["previous"]) != (self.position.sequence + 1, self.position.seal):
+        if (delta.position.base, delta.position.sequence, delta.manifest["previous"]) != \
+                (self.position.base, self.position.sequence + 1, self.position.seal):
             raise CheckpointError(f"{delta.path}: delta {delta.position.sequence} does not follow the delta "
                                   f"served, {self.position.sequence}; read the deltas that follow it")
 
@@ -279,7 +285,7 @@ class Predictor:
             padded, padded_dense = padded.pin_memory(), padded_dense.pin_memory()
         with torch.no_grad():
             logits = program(padded.to(self.device, non_blocking=True),
-                                   padded_dense.to(self.device, non_blocking=True))  # [bucket, T]
+                             padded_dense.to(self.device, non_blocking=True))  # [bucket, T]
         return torch.sigmoid(logits[:n]).float().cpu().numpy()
 
     def bucket(self, rows: int) -> int:

@@ -267,6 +267,9 @@ def create_app(service: Service) -> Starlette:
         if missing is not None:
             service.metrics.requests.labels("not_found").inc()
             return missing
+        if service.predictor.torn:  # its tables are between two states: no score from them
+            service.metrics.requests.labels("error").inc()
+            return torn()
         start = time.perf_counter()
         outcome, response = await _answer(request)
         service.metrics.requests.labels(outcome).inc()
@@ -315,8 +318,9 @@ def create_app(service: Service) -> Starlette:
         except (RequestError, ClientDisconnect) as exc:
             return _error(getattr(exc, "status", 400), f"load: {exc}")
         if body.get("parameters"):
+            given = sorted(body["parameters"]) if isinstance(body["parameters"], dict) else body["parameters"]
             return _error(400, f"load: this server loads only its bundle's new deltas, with no parameters; got "
-                               f"{sorted(body['parameters'])}")
+                               f"{given!r}")
         try:
             update = await asyncio.to_thread(service.updater.update)
         except Exception as exc:  # noqa: BLE001 - the reason goes to the client; the server goes on
