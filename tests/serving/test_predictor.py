@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -73,7 +75,8 @@ def test_the_dense_stage_sees_only_bucket_sizes_and_padding_never_reaches_an_out
     alone = np.concatenate([predictor.predict([_piece(predictor, rows.slice(i, 1))]) for i in range(3)])
     seen = []
     program = predictor._program
-    monkeypatch.setattr(predictor, "_program", lambda p, d: seen.append(p.shape[0]) or program(p, d))
+    counting = SimpleNamespace(forward=lambda p, d: seen.append(p.shape[0]) or program(p, d))
+    monkeypatch.setattr(predictor, "_program", counting)
     np.testing.assert_allclose(predictor.predict([piece.__class__(items=piece.items.slice(0, 3), user=piece.user)]),
                                alone, rtol=1e-6)
     predictor.predict([piece])  # 70 rows: one bucket of 256
@@ -84,6 +87,11 @@ def test_the_dense_stage_sees_only_bucket_sizes_and_padding_never_reaches_an_out
         predictor._check_shapes(torch.zeros(5, 28, 8), torch.zeros(5, 13))
     with pytest.raises(BatchError, match="expected pooled"):  # the dense part is guarded too
         predictor._check_shapes(torch.zeros(4, 28, 8), torch.zeros(4, 12))
+    from tidal.serving.predictor import SparseOutput
+
+    with pytest.raises(BatchError, match=r"expected pooled .* got \[4, 27, 8\]"):  # before the program runs
+        predictor.dense(SparseOutput(pooled=torch.zeros(3, 27, 8), dense=torch.zeros(3, 13), program=counting.forward))
+    assert seen == [4, 256]
     from tidal.serving import predictor as module
 
     padded = module._padded
