@@ -21,10 +21,11 @@ applies new deltas in place, between batches, without a restart. Layout::
         000002/ ...
 
 A delta names the base and the delta it follows, so one applied out of order, or onto
-another bundle, is refused. Weights and not a program: loading a `torch.export`
-program takes some 150 ms, copying weights into a copy of the one served under 10. The base and its deltas in order serve exactly what a full
-export of the last delta's checkpoint would (a test checks it). A full export replaces
-the bundle, deltas included.
+another bundle, is refused. It carries weights and not a program: loading a
+`torch.export` program takes some 150 ms, copying weights into a copy of the one served
+under 10. The base and its deltas in order serve exactly what a full export of the last
+delta's checkpoint would (a test checks it). A full export replaces the bundle, deltas
+included.
 
     base rows         delta 1                        served after delta 1
     key  value        keys/values    removed         key  value

@@ -18,8 +18,9 @@ as in training; ids the tables do not hold read as zeros and are counted.
 Online updates (`Predictor.update`) apply a bundle's new deltas in place, between
 sparse stages: a batch is scored with the rows and the dense weights from before a
 delta, or with both from after it, never a mix (a request of more candidates than
-`chunk_rows` is scored in several batches, and an update may come between them). A session's cached user state pooled
-before an update is pooled again from its user row by each batch that scores it after.
+`chunk_rows` is scored in several batches, and an update may come between them). A
+session's cached user state pooled before an update is pooled again from its user row
+by each batch that scores it after.
 """
 
 from __future__ import annotations

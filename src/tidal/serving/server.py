@@ -65,7 +65,7 @@ import tidal
 from tidal.config import Fusion, ServingConfig
 from tidal.errors import ConfigError
 from tidal.serving.batcher import Batcher, BatchRecord, Overloaded, ShuttingDown
-from tidal.serving.bundle import Bundle
+from tidal.serving.bundle import NO_DELTAS, Bundle
 from tidal.serving.online import Updater, refusal
 from tidal.serving.predictor import Predictor, UserState
 from tidal.serving.protocol import HEADER, LENGTHS, DecodedRequest, InputSpec, RequestError, decode_request, \
@@ -88,8 +88,7 @@ class Service:
         self.settings = _settings(bundle.config.serving, overrides)
         self.predictor = Predictor(bundle, serving=self.settings)
         if self.settings.delta_poll_s is not None and bundle.position is None:
-            raise ConfigError(f"delta_poll_s: {bundle.path} is a version 1 bundle, which takes no deltas; export it "
-                              f"again in full")
+            raise ConfigError(f"delta_poll_s: {bundle.path}: {NO_DELTAS}")
         self.specs = input_specs(bundle.config)
         self.outputs = [*self.predictor.targets, "score"]
         self.sessions = SessionCache(ttl_s=self.settings.session_ttl_s, memory_bytes=self.settings.session_memory_bytes)
