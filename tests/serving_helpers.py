@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +66,11 @@ def with_user_of(rows: pa.RecordBatch, specs: dict, user_row: int = 0) -> pa.Rec
 
 def numpy_strings(values: list[str]) -> np.ndarray:
     return np.array([v.encode() for v in values], dtype=object)
+
+
+def until(condition, what: str, timeout_s: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    """Wait for `condition()` to hold, failing the test after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)

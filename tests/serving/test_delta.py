@@ -18,7 +18,7 @@ import torch
 import tritonclient.http as triton
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from serving_helpers import file_rows, serving_config, with_user_of
+from serving_helpers import file_rows, serving_config, until, with_user_of
 
 from tidal.cli import main
 from tidal.config import RunConfig
@@ -335,10 +335,10 @@ def test_a_server_polling_its_bundle_applies_new_deltas_and_reports_a_refusal_on
     service = Service(load_bundle(bundle_dir), delta_poll_s=0.02)
     try:
         export_delta(run.run_dir, bundle_dir)
-        _until(lambda: service.updater.delta == 1, "delta 1")
+        until(lambda: service.updater.delta == 1, "delta 1")
         table = export_delta(run.run_dir, bundle_dir) / "tables" / "ids.safetensors"
         table.write_bytes(b"damaged")
-        _until(lambda: service.updater.refused >= 5, "five refusals")
+        until(lambda: service.updater.refused >= 5, "five refusals")
         assert service.updater.delta == 1
     finally:
         service.close()
@@ -371,13 +371,6 @@ def test_batches_scored_while_a_delta_applies_see_the_old_state_or_the_new_one(r
         t.join()
     assert [np.allclose(r, old, rtol=1e-6) or np.allclose(r, new, rtol=1e-6) for r in results] == [True] * len(results)
     assert np.allclose(results[-1], new, rtol=1e-6) and np.allclose(results[0], old, rtol=1e-6)
-
-
-def _until(condition, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + 20
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def test_dense_weights_that_are_not_the_bundles_are_refused_by_name(run, bundle_dir):
@@ -471,7 +464,7 @@ def test_the_poller_goes_on_after_an_unexpected_error_and_its_period_is_bounded(
     service = Service(load_bundle(bundle_dir), delta_poll_s=0.02)
     try:
         export_delta(run.run_dir, bundle_dir)
-        _until(lambda: service.updater.delta == 1, "delta 1 after the error")
+        until(lambda: service.updater.delta == 1, "delta 1 after the error")
     finally:
         service.close()
     assert "tidal serve: deltas not applied: ValueError: a surprise" in capsys.readouterr().err

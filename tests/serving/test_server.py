@@ -16,7 +16,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from serving_helpers import file_rows, numpy_strings, with_user_of
+from serving_helpers import file_rows, numpy_strings, until, with_user_of
 
 from tidal.errors import ConfigError
 from tidal.serving import Service, start_server
@@ -560,13 +560,6 @@ def test_a_client_that_hangs_up_while_its_request_waits_is_counted_gone_and_not_
     assert scored == [3]  # the second request left the queue unscored
 
 
-def _until(condition, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + 10
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 def test_a_stopping_server_finishes_running_batches_and_answers_queued_requests_503_before_its_deadline(bundle, trainer):
     service = Service(bundle, name="ctr", max_batch_rows=4, chunk_rows=4, sparse_threads=1)
     running = start_server(service, exit_timeout_s=1.5)
@@ -577,9 +570,9 @@ def test_a_stopping_server_finishes_running_batches_and_answers_queued_requests_
     pool = ThreadPoolExecutor(4)
     try:
         answer = pool.submit(_post, running, "/v2/models/ctr/infer", held)  # held at the gate
-        _until(lambda: service.batcher._in_flight, "the first request's batch")
+        until(lambda: service.batcher._in_flight, "the first request's batch")
         refused = [pool.submit(_post, running, "/v2/models/ctr/infer", body) for body in queued]
-        _until(lambda: service.batcher._waiting_rows == 6, "the queued requests")
+        until(lambda: service.batcher._waiting_rows == 6, "the queued requests")
         stopping = pool.submit(running.stop)
         for future in refused:  # half a second into the stop, not at its deadline
             status, body, headers = future.result()
@@ -605,13 +598,13 @@ def test_waiting_chunks_leave_the_queue_when_their_client_hangs_up(bundle, train
     pool = ThreadPoolExecutor(2)
     try:
         answer = pool.submit(_post, running, "/v2/models/ctr/infer", first)  # held at the gate
-        _until(lambda: service.batcher._in_flight, "the first request's batch")
+        until(lambda: service.batcher._in_flight, "the first request's batch")
         with _partial_request(running, len(second), second):  # the whole body: 3 chunks of 4
-            _until(lambda: service.batcher._waiting_rows == 12, "the second request's chunks")
-        _until(lambda: _outcomes(running).get("client_gone", 0) == 1, "the hang-up")
-        _until(lambda: service.batcher._waiting_rows == 0, "the given-up chunks to leave the queue")
+            until(lambda: service.batcher._waiting_rows == 12, "the second request's chunks")
+        until(lambda: _outcomes(running).get("client_gone", 0) == 1, "the hang-up")
+        until(lambda: service.batcher._waiting_rows == 0, "the given-up chunks to leave the queue")
         late = pool.submit(_post, running, "/v2/models/ctr/infer", third)  # 503 if the 12 rows still counted
-        _until(lambda: service.batcher._waiting_rows == 15, "the third request's chunks")
+        until(lambda: service.batcher._waiting_rows == 15, "the third request's chunks")
         gate.set()
         assert answer.result()[0] == 200 and late.result()[0] == 200
     finally:
@@ -641,9 +634,9 @@ def test_sequence_end_leaves_the_new_session_when_its_id_started_again_meanwhile
         old = service.sessions.get("s")
         service.predictor.sparse = lambda pieces: gate.wait() and original(pieces)
         ending = pool.submit(post, last)  # the old session's last page, held at the gate
-        _until(lambda: service.batcher._in_flight, "the last page's batch")
+        until(lambda: service.batcher._in_flight, "the last page's batch")
         restarted = pool.submit(post, start)
-        _until(lambda: service.sessions._entries.get("s", (old,))[0] is not old, "the new session")
+        until(lambda: service.sessions._entries.get("s", (old,))[0] is not old, "the new session")
         gate.set()
         assert ending.result()[0] == 200 and restarted.result()[0] == 200
         code, answer, _ = post(more)
