@@ -273,13 +273,13 @@ def test_export_delta_on_the_command_line(run, bundle_dir, capsys):
 # ---------------------------------------------------------------------- a running server
 
 
-def _scores(client, rows, specs) -> np.ndarray:  # type: ignore[no-untyped-def]
-    request = infer_request(rows, specs)
+def _scores(client, rows, specs, *, with_user: bool = True, **sequence) -> np.ndarray:  # type: ignore[no-untyped-def]
+    request = infer_request(rows, specs, with_user=with_user)
     inputs = []
     for tensor in request["inputs"]:
         inputs.append(triton.InferInput(tensor["name"], tensor["shape"], "BYTES"))
         inputs[-1].set_data_from_numpy(np.array([v.encode() for v in tensor["data"]], dtype=object))
-    return client.infer("ctr", inputs).as_numpy("score")
+    return client.infer("ctr", inputs, **sequence).as_numpy("score")
 
 
 def _piece(predictor: Predictor, rows) -> Piece:  # type: ignore[no-untyped-def]
@@ -327,6 +327,26 @@ def test_a_running_server_applies_a_delta_on_load_and_refuses_a_damaged_one(run,
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=30)
         assert refused.value.code == 400 and b"with no parameters; got 5" in refused.value.read()
+    finally:
+        running.stop()
+
+
+def test_a_session_spanning_an_update_is_pooled_again_once_and_scores_with_the_new_rows(run, bundle_dir):
+    specs = input_specs(run.config)
+    rows = with_user_of(file_rows(run.trainer, 40), specs)
+    full = Predictor(load_bundle(run.full))
+    running = start_server(Service(load_bundle(bundle_dir), name="ctr"))
+    try:
+        client = triton.InferenceServerClient(running.url.removeprefix("http://"))
+        _scores(client, rows.slice(0, 20), specs, sequence_id=7, sequence_start=True)
+        export_delta(run.run_dir, bundle_dir)
+        client.load_model("ctr")
+        page = rows.slice(20, 20)
+        expected = full.outputs(full.predict([_piece(full, page)]))["score"]
+        for _ in range(2):  # the first page pools the user again; the second finds the new state cached
+            np.testing.assert_allclose(_scores(client, page, specs, with_user=False, sequence_id=7), expected,
+                                       rtol=1e-6)
+            assert running.service.sessions.get(7).position.sequence == 1
     finally:
         running.stop()
 

@@ -96,3 +96,18 @@ def test_end_with_a_state_leaves_a_session_started_again_under_the_same_id():
     with pytest.raises(SessionError, match="sequence \"a\" is unknown: it has ended"):
         cache.get("a")
     assert cache.bytes == 0
+
+
+def test_a_refreshed_state_replaces_the_old_one_only_if_the_session_still_holds_it():
+    cache = SessionCache(ttl_s=100, memory_bytes=1 << 20)
+    old, new, other = _state(), _state(), _state()
+    cache.start("a", old)
+    cache.refresh("a", old, new)
+    assert cache.get("a") is new
+    cache.refresh("a", old, other)  # started again meanwhile (here: refreshed): not the old one any more
+    assert cache.get("a") is new
+    cache.end("a")
+    cache.refresh("a", new, other)  # ended meanwhile
+    with pytest.raises(SessionError, match="it has ended"):
+        cache.get("a")
+    assert cache.bytes == 0

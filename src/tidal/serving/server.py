@@ -128,7 +128,12 @@ class Service:
         if decoded.sequence_id is None:
             return None
         if not decoded.sequence_start:
-            return self.sessions.get(decoded.sequence_id)
+            state = self.sessions.get(decoded.sequence_id)
+            if state.position != self.predictor.position:  # pooled before an update: pool it again, once
+                fresh = await asyncio.to_thread(self.predictor.user_state, state.user)
+                self.sessions.refresh(decoded.sequence_id, state, fresh)
+                state = fresh
+            return state
         state = await asyncio.to_thread(self.predictor.user_state, self.predictor.user_row(decoded.columns))
         self.sessions.start(decoded.sequence_id, state)
         return state

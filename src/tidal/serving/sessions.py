@@ -61,19 +61,36 @@ class SessionCache:
 
     def start(self, sequence_id: SequenceId, state: UserState) -> None:
         """Cache `state` for `sequence_id` (replacing any earlier one)."""
-        arrays = len(state.shared) + state.user.num_columns
-        size = state.nbytes + len(str(sequence_id)) + _ENTRY_BYTES + _ARRAY_BYTES * arrays
+        size = self._size(sequence_id, state)
         if size > self.memory_bytes:
             raise SessionError(f"{_named(sequence_id)}: its state ({size} bytes) exceeds the cache "
                                f"({self.memory_bytes} bytes)")
         with self._lock:
-            self._expire()
-            self._remove(sequence_id, None)
-            self._entries[sequence_id] = (state, self._clock(), size)
-            self.bytes += size
-            while self.bytes > self.memory_bytes:
-                self.evicted += 1
-                self._remove(next(iter(self._entries)), "evicted: the session cache was full")
+            self._store(sequence_id, state, size)
+
+    def refresh(self, sequence_id: SequenceId, old: UserState, new: UserState) -> None:
+        """Put `new` in the place of `old` (a state pooled again after an online update),
+        unless the session ended or started again meanwhile."""
+        size = self._size(sequence_id, new)
+        with self._lock:
+            entry = self._entries.get(sequence_id)
+            if entry is not None and entry[0] is old and size <= self.memory_bytes:
+                self._store(sequence_id, new, size)
+
+    @staticmethod
+    def _size(sequence_id: SequenceId, state: UserState) -> int:
+        arrays = len(state.shared) + state.user.num_columns
+        return state.nbytes + len(str(sequence_id)) + _ENTRY_BYTES + _ARRAY_BYTES * arrays
+
+    def _store(self, sequence_id: SequenceId, state: UserState, size: int) -> None:
+        """Cache `state` as the most recently used (under the lock), evicting others over the cap."""
+        self._expire()
+        self._remove(sequence_id, None)
+        self._entries[sequence_id] = (state, self._clock(), size)
+        self.bytes += size
+        while self.bytes > self.memory_bytes:
+            self.evicted += 1
+            self._remove(next(iter(self._entries)), "evicted: the session cache was full")
 
     def expire(self) -> None:
         """Drop the sessions idle past the TTL now (`start` and `get` do it too; the
