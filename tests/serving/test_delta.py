@@ -138,7 +138,8 @@ def test_keys_the_checkpoint_no_longer_holds_are_removed_by_the_delta(run, bundl
     keys, _ = load_bundle(bundle_dir).tables["ids"]
     assert not np.isin(gone, keys).any() and len(keys) == len(load_bundle(run.full).tables["ids"][0]) - 10
     predictor = Predictor(load_bundle(run.base))
-    predictor.update(read_deltas(bundle_dir, predictor.position, predictor.config))
+    applied = predictor.update(read_deltas(bundle_dir, predictor.position, predictor.config))
+    assert (applied.rows_changed, applied.rows_removed) == (manifest["tables"]["ids"]["changed"], 10)
     table = predictor.collection.table("ids")
     assert not table.lookup(gone).any() and table.stats().rows == len(keys)
 

@@ -34,6 +34,7 @@ import shutil
 import time
 import warnings
 import zipfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -398,7 +399,7 @@ def read_deltas(path: str | os.PathLike, position: Position, config: RunConfig) 
     return deltas
 
 
-def merged(deltas: list[Delta]) -> dict[str, RowChanges]:
+def merged(deltas: Sequence[Delta]) -> dict[str, RowChanges]:
     """The row changes of `deltas` in order, as one per table."""
     return {name: functools.reduce(merge_changes, [d.tables[name] for d in deltas]) for name in deltas[0].tables}
 

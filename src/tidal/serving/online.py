@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tidal.errors import CheckpointError, TidalError
-from tidal.serving.bundle import NO_DELTAS, merged, read_deltas
+from tidal.serving.bundle import NO_DELTAS, read_deltas
 from tidal.serving.predictor import Predictor
 
 __all__ = ["Update", "Updater", "refusal"]
@@ -90,14 +90,12 @@ class Updater:
             raise CheckpointError(f"{self._path}: {NO_DELTAS}")
         start = time.perf_counter()
         deltas = read_deltas(self._path, position, self._predictor.config)
-        paused_s = self._predictor.update(deltas)
+        applied = self._predictor.update(deltas)
         if deltas:
             self.deltas_applied += len(deltas)
             self.updated_unix_s = time.time()
-        changes = list(merged(deltas).values()) if deltas else []
-        return Update(applied=len(deltas), delta=self.delta, rows_changed=sum(len(c.keys) for c in changes),
-                      rows_removed=sum(len(c.removed) for c in changes), seconds=time.perf_counter() - start,
-                      paused_s=paused_s)
+        return Update(applied=len(deltas), delta=self.delta, rows_changed=applied.rows_changed,
+                      rows_removed=applied.rows_removed, seconds=time.perf_counter() - start, paused_s=applied.paused_s)
 
     def _poll(self, every_s: float) -> None:
         reported = ""

@@ -45,7 +45,7 @@ from tidal.gate import Gate
 from tidal.serving.bundle import NO_DELTAS, Bundle, Delta, merged, model_sizes, with_weights
 from tidal.serving.delta import Position
 
-__all__ = ["Piece", "Predictor", "SparseOutput", "UserState", "fuse"]
+__all__ = ["Applied", "Piece", "Predictor", "SparseOutput", "UserState", "fuse"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,6 +66,15 @@ class UserState:
         """The bytes this state keeps alive (an Arrow slice keeps its whole buffers)."""
         arrays = [*self.user.columns, *self.shared.values()]
         return self.pooled.nbytes + self.dense.nbytes + sum(a.get_total_buffer_size() for a in arrays)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Applied:
+    """What `Predictor.update` changed, and how long new batches waited for it."""
+
+    rows_changed: int
+    rows_removed: int
+    paused_s: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,19 +149,19 @@ class Predictor:
 
     # ------------------------------------------------------------------ online updates
 
-    def update(self, deltas: Sequence[Delta]) -> float:
+    def update(self, deltas: Sequence[Delta]) -> Applied:
         """Apply `deltas` (those following `position`, in order, as `read_deltas` gives
         them) to the tables and take the last one's dense weights. Waits for the sparse
-        stages under way; those that come meanwhile wait for it. Returns the seconds it
-        held them back (the weights are loaded and the rows converted before).
+        stages under way; those that come meanwhile wait for it (the weights are loaded
+        and the rows converted before).
 
         An update that fails part way (memory ran out) leaves the tables between two
         deltas: `torn` then says so, and further updates are refused (restart)."""
         if not deltas:
-            return 0.0
+            return Applied(rows_changed=0, rows_removed=0, paused_s=0.0)
         module = self._program_with(deltas[-1])  # before taking the gate
-        blocks = [(self.collection.table(name), changes.removed, _row_block(changes.keys, changes.values))
-                  for name, changes in merged(list(deltas)).items()]
+        changes = merged(deltas)
+        blocks = [(self.collection.table(name), c.removed, _row_block(c.keys, c.values)) for name, c in changes.items()]
         start = time.perf_counter()  # new batches wait from here: for those under way, then for the update
         with self._gate.exclusive():
             self._check_follows(deltas[0])
@@ -165,7 +174,9 @@ class Predictor:
                              f"{deltas[-1].position.sequence} by a failed update ({type(exc).__name__}: {exc})")
                 raise
             self._program, self.position = module, deltas[-1].position
-            return time.perf_counter() - start
+            return Applied(rows_changed=sum(len(c.keys) for c in changes.values()),
+                           rows_removed=sum(len(c.removed) for c in changes.values()),
+                           paused_s=time.perf_counter() - start)
 
     def check_whole(self) -> None:
         """Refuse (`CheckpointError`) while a failed update has left the tables torn."""
