@@ -721,3 +721,23 @@ def test_apply_gradients_is_never_refused_by_a_removal_between_its_find_and_its_
 
     _while_rows_are_removed_and_reused(table, keys, update)
     assert len(calls) > 10
+
+
+@pytest.mark.parametrize("policy", [None, "lfu"])
+def test_pushed_rows_keep_their_counts_and_are_marked_seen_now_in_every_shard(policy):
+    from tidal.config import Eviction
+
+    eviction = Eviction(capacity_policy=policy) if policy else None  # lfu keeps counts
+    table = make_table(num_shards=4, eviction=eviction, max_rows=1000)
+    table.lookup_or_insert(arr(99), step=7)  # the table's step is 7
+    keys = np.arange(-20, 20, dtype=np.int64) * 1_000_003
+    values = np.arange(len(keys) * 4, dtype=np.float32).reshape(-1, 4)
+    counts = np.arange(len(keys), dtype=np.uint32) + 3
+    from tidal.embedding import RowBlock
+
+    table.push_rows(RowBlock(keys=keys, values=values, state=np.zeros((len(keys), 0), np.float32),
+                             last_seen=np.zeros(len(keys), np.uint32), counts=counts))
+    block, found = table.pull_rows(keys)
+    assert found.all() and np.array_equal(block.values, values)
+    assert np.array_equal(block.last_seen, np.full(len(keys), table.step, np.uint32))
+    assert np.array_equal(block.counts, counts if policy else np.zeros_like(counts))

@@ -233,6 +233,16 @@ def mark_seen(last_seen, handles, now):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(nogil=True, cache=True)
+def scatter_metadata(target, handles, positions, values):  # type: ignore[no-untyped-def]
+    """target[row] = values[p] for the keys at `positions` (one shard's) that have a row
+    (handles[p] >= 0): a shard's last-seen steps or counts, set for pushed rows."""
+    for p in positions:
+        handle = handles[p]
+        if handle >= 0:
+            target[handle >> SHARD_BITS] = values[p]
+
+
+@numba.njit(nogil=True, cache=True)
 def keys_by_row(order, numbers, lo, hi, n_rows):  # type: ignore[no-untyped-def]
     """One shard's keys (positions order[lo:hi], their rows numbered 0..n_rows-1 by
     `numbers`, -1 for none) grouped by row, a counting sort: returns (starts

@@ -620,21 +620,21 @@ class EmbeddingTable:
         if any(shape != (len(keys),) for shape in metadata.values()):  # checked before any row is written
             raise BatchError(f"table {self.name!r}: pushed last_seen and counts must have one entry per key "
                              f"({len(keys)}), got shapes {metadata}")
-        rows = np.concatenate([values, state], axis=1)
+        rows = np.concatenate([values, state], axis=1) if state.shape[1] else np.ascontiguousarray(values)
         last_seen = np.asarray(block.last_seen, np.uint32) if keep_last_seen else np.full(len(keys), self._step, np.uint32)
         with self._gate.shared():
-            handles = self._resolve(keys, step=self._step, insert=True, distinct=False, force=True, count=False).handles
-            run_split(pooling.scatter_rows, len(keys), self.threads, self.arena.directory, self.width, handles, rows)
-            self._set_metadata(handles, last_seen, np.asarray(block.counts, np.uint32))
-        return handles >= 0
+            lookup = self._resolve(keys, step=self._step, insert=True, distinct=False, force=True, count=False)
+            run_split(pooling.scatter_rows, len(keys), self.threads, self.arena.directory, self.width, lookup.handles, rows)
+            self._set_metadata(lookup, last_seen, np.asarray(block.counts, np.uint32))
+        return lookup.handles >= 0
 
-    def _set_metadata(self, handles: np.ndarray, last_seen: np.ndarray, counts: np.ndarray) -> None:
+    def _set_metadata(self, lookup: RowLookup, last_seen: np.ndarray, counts: np.ndarray) -> None:
         for s, shard in enumerate(self._shards):
-            mine = self._in_shard(handles, s)
+            mine = lookup.order[lookup.key_offsets[s] : lookup.key_offsets[s + 1]]  # positions of shard s's keys
             with shard.lock:
-                shard.last_seen[handles[mine] >> SHARD_BITS] = last_seen[mine]
+                pooling.scatter_metadata(shard.last_seen, lookup.handles, mine, last_seen)
                 if shard.track_counts:
-                    shard.counts[handles[mine] >> SHARD_BITS] = counts[mine]
+                    pooling.scatter_metadata(shard.counts, lookup.handles, mine, counts)
 
     @staticmethod
     def _in_shard(handles: np.ndarray, s: int) -> np.ndarray:
