@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -290,6 +291,16 @@ def _piece(predictor: Predictor, rows) -> Piece:  # type: ignore[no-untyped-def]
                  user=pa.RecordBatch.from_pydict({c: rows.column(c).slice(0, 1) for c in predictor.user_columns}))
 
 
+@contextlib.contextmanager
+def _serving(bundle_dir: Path):  # type: ignore[no-untyped-def]
+    """A server of the bundle at `bundle_dir` and a tritonclient of it."""
+    running = start_server(Service(load_bundle(bundle_dir), name="ctr"))
+    try:
+        yield running, triton.InferenceServerClient(running.url.removeprefix("http://"))
+    finally:
+        running.stop()
+
+
 def _metric(url: str, name: str) -> float:
     with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
         line = next(line for line in response.read().decode().splitlines() if line.startswith(name + " "))
@@ -300,9 +311,7 @@ def test_a_running_server_applies_a_delta_on_load_and_refuses_a_damaged_one(run,
     specs = input_specs(run.config)
     rows = with_user_of(file_rows(run.trainer, 100), specs)
     full = Predictor(load_bundle(run.full))
-    running = start_server(Service(load_bundle(bundle_dir), name="ctr"))
-    try:
-        client = triton.InferenceServerClient(running.url.removeprefix("http://"))
+    with _serving(bundle_dir) as (running, client):
         before = _scores(client, rows, specs)
         client.load_model("ctr")  # nothing new: nothing changes
         np.testing.assert_array_equal(_scores(client, rows, specs), before)
@@ -311,7 +320,8 @@ def test_a_running_server_applies_a_delta_on_load_and_refuses_a_damaged_one(run,
         after = _scores(client, rows, specs)
         np.testing.assert_allclose(after, full.outputs(full.predict([_piece(full, rows)]))["score"], rtol=1e-6)
         assert not np.allclose(after, before)
-        assert _metric(running.url, "tidal_bundle_delta") == 1 and _metric(running.url, "tidal_bundle_deltas_applied_total") == 1
+        assert _metric(running.url, "tidal_bundle_delta") == 1
+        assert _metric(running.url, "tidal_bundle_deltas_applied_total") == 1
         table = export_delta(run.run_dir, bundle_dir) / "tables" / "ids.safetensors"
         table.write_bytes(b"not a table")
         with pytest.raises(triton.InferenceServerException, match=r"\[409\] the bundle's deltas were not applied \(.*ids"
@@ -328,17 +338,13 @@ def test_a_running_server_applies_a_delta_on_load_and_refuses_a_damaged_one(run,
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=30)
         assert refused.value.code == 400 and b"with no parameters; got 5" in refused.value.read()
-    finally:
-        running.stop()
 
 
 def test_a_session_spanning_an_update_is_pooled_again_once_and_scores_with_the_new_rows(run, bundle_dir):
     specs = input_specs(run.config)
     rows = with_user_of(file_rows(run.trainer, 40), specs)
     full = Predictor(load_bundle(run.full))
-    running = start_server(Service(load_bundle(bundle_dir), name="ctr"))
-    try:
-        client = triton.InferenceServerClient(running.url.removeprefix("http://"))
+    with _serving(bundle_dir) as (running, client):
         _scores(client, rows.slice(0, 20), specs, sequence_id=7, sequence_start=True)
         export_delta(run.run_dir, bundle_dir)
         client.load_model("ctr")
@@ -348,8 +354,6 @@ def test_a_session_spanning_an_update_is_pooled_again_once_and_scores_with_the_n
             np.testing.assert_allclose(_scores(client, page, specs, with_user=False, sequence_id=7), expected,
                                        rtol=1e-6)
             assert running.service.sessions.get(7).position.sequence == 1
-    finally:
-        running.stop()
 
 
 def test_a_server_polling_its_bundle_applies_new_deltas_and_reports_a_refusal_once(run, bundle_dir, capsys):
@@ -444,15 +448,13 @@ def test_a_session_started_before_an_update_is_scored_with_the_new_rows_after_it
 def test_an_update_that_fails_part_way_makes_the_server_unready_and_refuses_more(run, bundle_dir, monkeypatch):
     from tidal.embedding import EmbeddingTable
 
-    running = start_server(Service(load_bundle(bundle_dir), name="ctr"))
-    try:
+    with _serving(bundle_dir) as (running, client):
         export_delta(run.run_dir, bundle_dir)
 
         def no_memory(self, block):  # type: ignore[no-untyped-def]
             raise MemoryError("no room for the rows")
 
         monkeypatch.setattr(EmbeddingTable, "push_rows", no_memory)
-        client = triton.InferenceServerClient(running.url.removeprefix("http://"))
         with pytest.raises(triton.InferenceServerException, match=r"\[409\] .*\(MemoryError: no room for the rows\); "
                                                                   r"the tables were left part way between delta 0 and "
                                                                   r"delta 1 by a failed update"):
@@ -465,8 +467,6 @@ def test_an_update_that_fails_part_way_makes_the_server_unready_and_refuses_more
         with pytest.raises(triton.InferenceServerException, match=r"part way between delta 0 and delta 1 .*; restart "
                                                                   r"to serve a whole state"):
             client.load_model("ctr")
-    finally:
-        running.stop()
 
 
 def test_the_poller_goes_on_after_an_unexpected_error_and_its_period_is_bounded(run, bundle_dir, capsys, monkeypatch):
