@@ -559,7 +559,7 @@ class ServingConfig(_Model):
     session_ttl_s: _Float = Field(300.0, gt=0.0)
     session_memory_bytes: _Int = Field(256 << 20, ge=1024)
     table_dtype: Literal["float32", "float16"] = "float32"  # how the bundle stores the tables
-    delta_poll_s: _Float | None = Field(None, gt=0.0, le=86_400.0)  # how often `tidal serve` looks for new deltas; None: on request
+    delta_poll_s: _Float | None = Field(None, gt=0.0, le=86_400.0)  # between looks for new deltas; None: on request
 
     @pydantic.model_validator(mode="after")
     def _fits_buckets(self) -> ServingConfig:

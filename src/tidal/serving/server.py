@@ -226,8 +226,10 @@ class _Deltas:
 
     def collect(self):  # type: ignore[no-untyped-def]
         u = self._service.updater
-        yield GaugeMetricFamily("tidal_bundle_delta", "The bundle's last delta served (0: its base alone)", value=u.delta)
-        yield CounterMetricFamily("tidal_bundle_deltas_applied", "Deltas applied since the start", value=u.deltas_applied)
+        yield GaugeMetricFamily("tidal_bundle_delta", "The bundle's last delta served (0: its base alone)",
+                                value=u.delta)
+        yield CounterMetricFamily("tidal_bundle_deltas_applied", "Deltas applied since the start",
+                                  value=u.deltas_applied)
         yield CounterMetricFamily("tidal_bundle_updates_refused", "Updates refused", value=u.refused)
         if u.updated_unix_s is not None:
             yield GaugeMetricFamily("tidal_bundle_updated_unix_seconds", "When a delta was last applied",
