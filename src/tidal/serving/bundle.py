@@ -141,7 +141,8 @@ def export_delta(source: str | os.PathLike, bundle_dir: str | os.PathLike) -> Pa
         counts = _write_changes(served, checkpoint.load_checked_tables(directory, meta, config.tables), staging)
         save_torch({k: v.contiguous() for k, v in _model(config, directory).state_dict().items()},
                    str(staging / WEIGHTS))
-        write_json_atomic(staging / MANIFEST, _delta_manifest(served.position, served, directory, staging, counts))
+        manifest = _delta_manifest(served.position, served.manifest["table_dtype"], directory, staging, counts)
+        write_json_atomic(staging / MANIFEST, manifest)
         fsync_path(staging / "tables")
         fsync_path(staging)
         return _publish(staging, folder / delta_name(sequence), served.path, served.position)
@@ -189,10 +190,10 @@ def _write_changes(served: Bundle, tables: list, staging: Path) -> dict[str, dic
     return counts
 
 
-def _delta_manifest(position: Position, served: Bundle, directory: Path, staging: Path, counts: dict) -> dict:
+def _delta_manifest(position: Position, table_dtype: str, directory: Path, staging: Path, counts: dict) -> dict:
     return sealed({"format": DELTA_FORMAT, "version": DELTA_VERSION, "sequence": position.sequence + 1,
                    "base": position.base, "previous": position.seal, **_created(),
-                   "source_checkpoint": directory.name, "table_dtype": served.manifest["table_dtype"],
+                   "source_checkpoint": directory.name, "table_dtype": table_dtype,
                    "tables": counts, "files": _files(staging)})
 
 
