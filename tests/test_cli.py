@@ -17,6 +17,7 @@ def test_demo_trains_and_reports_auc_beside_the_ceiling(capsys):
     assert "eval at step 2:" not in out  # the two warm-up steps train quietly
     assert "sparse  lookup" in out and "dense   dense" in out  # the engine's stage table
     assert result["served_candidates"] == 100 and "session 7: start + 50" in out
+    assert "over KServe v2 HTTP on 127.0.0.1, its dense network on onnxruntime" in out
     assert "a malformed request         400: input 'I5': values must be finite and within float32's range" in out
     assert "  online update               delta 000001: " in out and " rows changed, applied in " in out
     assert out.count("1 user x 100 candidates") == 2  # again, after the update

@@ -1,4 +1,4 @@
-"""The `tidal` command line: demo, train, eval, export, serve, gen-data, bench sparse|data|train|quality|hetero|serve."""
+"""The `tidal` command line: demo, train, eval, export, serve, gen-data, bench sparse|data|train|quality|hetero|serve|dense."""
 
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True, help="the run directory (training.run_dir) or one checkpoint")
     export.add_argument("--out", required=True, help="the bundle directory to write (an earlier bundle there is replaced)")
     export.add_argument("--table-dtype", choices=["float32", "float16"], help="default: the config's serving.table_dtype")
+    export.add_argument("--backend", choices=["torch", "onnxruntime"],
+                        help="what tidal serve runs the dense network with; onnxruntime adds an ONNX model to the "
+                             "bundle, checked against the torch program (default: the config's serving.backend)")
     export.add_argument("--delta", action="store_true",
                         help="write into the bundle at --out only what changed since what it serves (rows and the "
                              "dense weights); a running tidal serve of it applies the delta without a restart")
@@ -47,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--chunk-rows", type=int, help="default: the config's serving.chunk_rows")
     serve.add_argument("--max-delay-ms", type=float, help="default: the config's serving.max_delay_ms")
     serve.add_argument("--sparse-threads", type=int, help="default: the config's serving.sparse_threads")
+    serve.add_argument("--backend", choices=["torch", "onnxruntime"],
+                       help="what runs the dense network (default: the bundle's serving.backend); onnxruntime "
+                            "needs a bundle exported with --backend onnxruntime")
     serve.add_argument("--delta-poll-s", type=float, help="look for new deltas of the bundle (tidal export --delta) "
                        "this often and apply them (default: the config's serving.delta_poll_s; unset: only on "
                        "POST /v2/repository/models/NAME/load)")
@@ -89,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--seconds", type=float, default=5.0, help="measured seconds per point (default 5)")
     serve_bench.add_argument("--no-ray", action="store_true", help="leave out the Ray Serve peer")
     serve_bench.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    dense_bench = which.add_parser("dense", help="the serving dense stage on ONNX Runtime against torch, per bucket")
+    dense_bench.add_argument("--quick", action="store_true", help="100 calls per point instead of 400")
+    dense_bench.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     data = which.add_parser("data", help="rows/s read from TSV and Parquet and extracted into batches")
     data.add_argument("--rows", type=int, default=500_000, help="rows generated per format (default 500,000)")
     data.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
@@ -161,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tidal bench hetero: --rows must be at least {2 * hetero.BATCH}, got {args.rows}", file=sys.stderr)
             return 2
         hetero.run(rows=args.rows, mode=args.mode, with_ray=not args.no_ray, as_json=args.json)
+    elif args.benchmark == "dense":
+        from tidal.bench import dense
+
+        dense.run(quick=args.quick, as_json=args.json)
     elif args.benchmark == "data":
         from tidal.bench import data
 
@@ -260,12 +273,13 @@ def _export(args: argparse.Namespace) -> int:
     from tidal.errors import TidalError
     from tidal.serving import export, export_delta
 
-    if args.delta and args.table_dtype:
-        print("tidal export: --table-dtype applies to a full export; a delta keeps its bundle's", file=sys.stderr)
-        return 2
+    for flag, value in (("--table-dtype", args.table_dtype), ("--backend", args.backend)):
+        if args.delta and value:
+            print(f"tidal export: {flag} applies to a full export; a delta keeps its bundle's", file=sys.stderr)
+            return 2
     try:
         out = export_delta(args.checkpoint, args.out) if args.delta else \
-            export(args.checkpoint, args.out, table_dtype=args.table_dtype)
+            export(args.checkpoint, args.out, table_dtype=args.table_dtype, backend=args.backend)
     except TidalError as exc:
         print(f"tidal export: {exc}", file=sys.stderr)
         return 2
@@ -309,7 +323,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     flags = {k: v for k, v in {"max_batch_rows": args.max_batch_rows, "chunk_rows": args.chunk_rows,
                                "max_delay_ms": args.max_delay_ms, "sparse_threads": args.sparse_threads,
-                               "delta_poll_s": args.delta_poll_s}.items()
+                               "delta_poll_s": args.delta_poll_s, "backend": args.backend}.items()
              if v is not None}
     try:
         settings = _serving_settings(args.settings, flags)
@@ -340,7 +354,8 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
         try:
             print(f"serving {name!r}{_delta_served(service)} at http://{args.host}:{sock.getsockname()[1]}/v2/models/"
-                  f"{name} (metrics at /metrics; Ctrl-C stops)", flush=True)
+                  f"{name} (dense network on {service.predictor.backend}; metrics at /metrics; Ctrl-C stops)",
+                  flush=True)
             serve(service, sock, exit_timeout_s=args.exit_timeout_s)
         except KeyboardInterrupt:  # the server has shut down and closed the service; uvicorn passes the signal on
             pass

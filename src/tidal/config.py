@@ -543,7 +543,11 @@ class ServingConfig(_Model):
     since serving batches are small and idle OpenMP threads spin on the cores the
     sparse stage and the HTTP loop need. With `delta_poll_s`, the server looks for new
     deltas of its bundle (`tidal export --delta`) that often and applies them; without
-    it, on `POST /v2/repository/models/{name}/load`.
+    it, on `POST /v2/repository/models/{name}/load`. `backend` runs the dense network:
+    `torch` (its `torch.export` program, on the CPU or a GPU) or `onnxruntime` (ONNX
+    Runtime on the CPU, several times faster at small batches; the bundle then holds
+    an ONNX model as well, checked against the program when it is written: `tidal
+    export --backend onnxruntime`).
     """
 
     fusion: Fusion = Fusion()
@@ -560,6 +564,7 @@ class ServingConfig(_Model):
     session_memory_bytes: _Int = Field(256 << 20, ge=1024)
     table_dtype: Literal["float32", "float16"] = "float32"  # how the bundle stores the tables
     delta_poll_s: _Float | None = Field(None, gt=0.0, le=86_400.0)  # between looks for new deltas; None: on request
+    backend: Literal["torch", "onnxruntime"] = "torch"  # what runs the dense network
 
     @pydantic.model_validator(mode="after")
     def _fits_buckets(self) -> ServingConfig:

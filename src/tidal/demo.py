@@ -1,6 +1,6 @@
 """`tidal demo`: generate data, train DLRM on collision-free tables, evaluate, summarize,
-then export the model and serve a few requests through the KServe v2 server; train on
-while it serves and update it online with a delta.
+then export the model and serve a few requests through the KServe v2 server (the dense
+network on ONNX Runtime); train on while it serves and update it online with a delta.
 
 The generated data plants a logistic truth over Zipf-distributed raw ids, so the best
 AUC any model can reach is known and printed beside the one Tidal reached. Training
@@ -62,7 +62,9 @@ def run(rows: int = 300_000) -> dict:
         trainer = Trainer(_config(train.paths, held_out.paths, Path(scratch) / "run"))
         summary = trainer.fit()
         _print_summary(summary, held_out.ceiling_auc)
-        bundle = export(trainer.run_dir, Path(scratch) / "bundle")
+        print("Exporting the serving bundle, its dense network converted for ONNX Runtime and checked against "
+              "its torch program", flush=True)
+        bundle = export(trainer.run_dir, Path(scratch) / "bundle", backend="onnxruntime")
         candidates = next(iter(trainer.reader_spec(held_out.paths).epoch(BadRows()))).slice(0, 200)
         summary["serving"] = _serve(bundle, candidates, trainer.config)
     print(json.dumps({"eval_auc": summary["eval"]["auc"]["label"], "ceiling_auc": held_out.ceiling_auc,
@@ -104,8 +106,9 @@ def _serve(bundle: Path, candidates: pa.RecordBatch, config: RunConfig) -> dict:
     """Serve the bundle on a free local port, send it a few requests, then update it
     online from a second epoch of training."""
     size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
-    print(f"Serving the exported bundle ({size / 2**20:.1f} MiB, no pickle) over KServe v2 HTTP on 127.0.0.1")
     running = start_server(Service(load_bundle(bundle), name="ctr"))
+    print(f"Serving the exported bundle ({size / 2**20:.1f} MiB, no pickle) over KServe v2 HTTP on 127.0.0.1, "
+          f"its dense network on {running.service.predictor.backend}")
     try:
         specs = running.service.specs
         url = f"{running.url}/v2/models/ctr/infer"

@@ -16,12 +16,13 @@ def test_summary_reports_every_figure(capsys):
     summary = serve.run(quick=True, seconds=1.0, as_json=True)
     out = capsys.readouterr().out
     assert json.loads(out.strip().splitlines()[-1]) == json.loads(json.dumps(summary))
-    for system in ("tidal", "unbatched", "rayserve"):
+    for system in ("tidal", "tidal_onnxruntime", "unbatched", "rayserve"):
         for shape in (1, 100):
             assert summary[f"{system}_qps_{shape}"] > 0 and summary[f"{system}_p99_ms_{shape}"] > 0
-    for key in ("ratio_vs_unbatched", "ratio_vs_rayserve", "session_speedup"):
+    for key in ("ratio_vs_unbatched", "ratio_vs_rayserve", "session_speedup", "ratio_onnxruntime_vs_torch_1",
+                "ratio_onnxruntime_vs_torch_100"):
         assert summary[key] > 0, key
-    assert all(point["errors"] == 0 for point in summary["points"]) and len(summary["points"]) == 6
+    assert all(point["errors"] == 0 for point in summary["points"]) and len(summary["points"]) == 8
     assert "session page of 100" in out
     assert summary["update_speedup"] > 0 and 0 < summary["update_rows_changed"] <= summary["table_rows"]
     assert "online update (000001: " in out
@@ -30,6 +31,8 @@ def test_summary_reports_every_figure(capsys):
 def test_an_online_update_is_measured_against_a_full_reload(tmp_path, capsys):
     bundle, rows, run_dir = serve._train_and_export(tmp_path, rows=8192)
     assert rows.num_rows == 100 * serve._BODIES and load_bundle(bundle).manifest["source_checkpoint"].startswith("step-00000002-")
+    onnx = load_bundle(serve._onnx_bundle(bundle))  # the same checkpoint, for the onnxruntime backend
+    assert onnx.onnx is not None and onnx.manifest["source_checkpoint"] == load_bundle(bundle).manifest["source_checkpoint"]
     figures = serve._update_cost(bundle, run_dir, repeats=2)
     manifest = json.loads((bundle / "deltas" / "000001" / "manifest.json").read_text())
     assert figures["update_rows_changed"] == manifest["tables"]["ids"]["changed"] > 0
@@ -74,16 +77,18 @@ def test_qps_counts_every_answer_the_window_saw():
 
 def test_summary_figures_follow_from_the_points():
     """Ratios at the top concurrency: against the unbatched server on one-candidate
-    requests, against Ray Serve on 100-candidate ones; sessions by their p50s."""
+    requests, against Ray Serve on 100-candidate ones, ONNX Runtime against torch on
+    both; sessions by their p50s."""
     def point(qps, p99):
         return {"qps": qps, "p50_ms": 1.0, "p99_ms": p99, "errors": 0}
 
     results = {system: {(shape, c): point(base * shape_gain * c, 5.0 * c) for shape, shape_gain in ((1, 10), (100, 1))
                         for c in (1, 8)}
-               for system, base in (("tidal", 4.0), ("unbatched", 1.0), ("rayserve", 2.0))}
+               for system, base in (("tidal", 4.0), ("tidal_onnxruntime", 5.0), ("unbatched", 1.0), ("rayserve", 2.0))}
     session = {"stateless": {"p50_ms": 30.0}, "page": {"p50_ms": 12.0}}
     summary = serve._summary(results, session)
     assert summary["concurrency"] == 8
     assert (summary["tidal_qps_1"], summary["unbatched_qps_1"], summary["tidal_qps_100"]) == (320.0, 80.0, 32.0)
     assert (summary["ratio_vs_unbatched"], summary["ratio_vs_rayserve"], summary["session_speedup"]) == (4.0, 2.0, 2.5)
-    assert summary["tidal_p99_ms_100"] == 40.0 and len(summary["points"]) == 12
+    assert summary["ratio_onnxruntime_vs_torch_1"] == summary["ratio_onnxruntime_vs_torch_100"] == 1.25
+    assert summary["tidal_p99_ms_100"] == 40.0 and len(summary["points"]) == 16

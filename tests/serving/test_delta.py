@@ -40,10 +40,11 @@ def run(tmp_path_factory):
     config = RunConfig(**{**saved, "training": {**saved["training"], "checkpoint_every": 8}})
     Trainer(config).fit(max_steps=8)
     base = export(config.training.run_dir, root / "base")
+    onnx_base = export(config.training.run_dir, root / "onnx-base", backend="onnxruntime")
     trainer = Trainer(config)
     trainer.fit(resume=True)
-    return SimpleNamespace(run_dir=Path(config.training.run_dir), base=base, config=config, trainer=trainer,
-                           full=export(config.training.run_dir, root / "full"))
+    return SimpleNamespace(run_dir=Path(config.training.run_dir), base=base, onnx_base=onnx_base, config=config,
+                           trainer=trainer, full=export(config.training.run_dir, root / "full"))
 
 
 @pytest.fixture
@@ -267,9 +268,9 @@ def test_export_delta_on_the_command_line(run, bundle_dir, capsys):
     out = capsys.readouterr().out
     assert f"wrote delta 000001 into {bundle_dir}" in out and "table 'ids' " in out and "rows changed, 0 removed" in out
     assert announced() == ", with its delta 1"
-    assert main(["export", "--checkpoint", str(run.run_dir), "--out", str(bundle_dir), "--delta",
-                 "--table-dtype", "float16"]) == 2
-    assert "--table-dtype applies to a full export" in capsys.readouterr().err
+    for flag, value in (("--table-dtype", "float16"), ("--backend", "onnxruntime")):
+        assert main(["export", "--checkpoint", str(run.run_dir), "--out", str(bundle_dir), "--delta", flag, value]) == 2
+        assert f"{flag} applies to a full export; a delta keeps its bundle's" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------- a running server
@@ -338,6 +339,24 @@ def test_a_running_server_applies_a_delta_on_load_and_refuses_a_damaged_one(run,
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=30)
         assert refused.value.code == 400 and b"with no parameters; got 5" in refused.value.read()
+
+
+def test_a_server_on_onnxruntime_applies_a_delta_and_scores_as_a_full_export(run, tmp_path):
+    bundle_dir = Path(shutil.copytree(run.onnx_base, tmp_path / "bundle"))
+    specs = input_specs(run.config)
+    rows = with_user_of(file_rows(run.trainer, 100), specs)
+    full = Predictor(load_bundle(run.full))
+    expected = full.outputs(full.predict([_piece(full, rows)]))["score"]
+    with _serving(bundle_dir) as (running, client):
+        assert running.service.predictor.backend == "onnxruntime"
+        before = _scores(client, rows, specs)
+        export_delta(run.run_dir, bundle_dir)
+        client.load_model("ctr")
+        after = _scores(client, rows, specs)
+    np.testing.assert_allclose(after, expected, rtol=1e-5)
+    assert not np.allclose(before, expected, rtol=1e-3)
+    reloaded = Predictor(load_bundle(bundle_dir))  # the base and its delta, loaded afresh
+    np.testing.assert_array_equal(reloaded.outputs(reloaded.predict([_piece(reloaded, rows)]))["score"], after)
 
 
 def test_a_session_spanning_an_update_is_pooled_again_once_and_scores_with_the_new_rows(run, bundle_dir):

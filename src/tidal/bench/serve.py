@@ -1,9 +1,10 @@
 """`tidal bench serve`: the server against itself unbatched and against Ray Serve.
 
 One model, trained here on generated Criteo-like data (DLRM, dim 16; C1-C13 and
-I1-I6 are the user's features, the rest the item's), exported and served three ways:
-(a) Tidal with auto-batching, (b) Tidal with batching off (every request alone),
-(c) the same predictor in a Ray Serve deployment whose `@serve.batch` merges
+I1-I6 are the user's features, the rest the item's), exported and served four ways:
+(a) Tidal with auto-batching, (b) the same with its dense network on ONNX Runtime
+(`serving.backend: onnxruntime`), (c) Tidal with batching off (every request alone),
+(d) the same predictor in a Ray Serve deployment whose `@serve.batch` merges
 requests up to the same row budget. A closed-loop load generator in another process
 keeps `concurrency` requests in flight over keep-alive connections, for two request
 shapes: one user + one candidate, and one user + 100 candidates (the same JSON
@@ -58,8 +59,9 @@ def run(*, quick: bool = False, seconds: float = 5.0, with_ray: bool = True, as_
         specs = input_specs(load_bundle(bundle).config)
         bodies = {shape: _bodies(specs, rows, shape) for shape in (1, 100)}
         results = {}
-        for system in ["tidal", "unbatched"] + (["rayserve"] if with_ray else []):
-            results[system] = _measure_system(load, system, bundle, bodies, concurrencies, seconds)
+        for system in ["tidal", "tidal_onnxruntime", "unbatched"] + (["rayserve"] if with_ray else []):
+            served = _onnx_bundle(bundle) if system == "tidal_onnxruntime" else bundle
+            results[system] = _measure_system(load, system, served, bodies, concurrencies, seconds)
         session = _session_speedup(load, bundle, specs, rows, seconds)
         update = _update_cost(bundle, run_dir)
     summary = _summary(results, session) | update
@@ -81,6 +83,7 @@ def _train_and_export(root: Path, rows: int) -> tuple[Path, pa.RecordBatch, Path
                                  "checkpoint_every": half})
     Trainer(config).fit(max_steps=half)
     bundle = export(config.training.run_dir, root / "bundle")
+    export(config.training.run_dir, _onnx_bundle(bundle), backend="onnxruntime")
     trainer = Trainer(config)
     trainer.fit(resume=True)
     batches, needed = [], 100 * _BODIES
@@ -90,6 +93,11 @@ def _train_and_export(root: Path, rows: int) -> tuple[Path, pa.RecordBatch, Path
             break
     candidates = pa.Table.from_batches(batches).combine_chunks().slice(0, needed).to_batches()[0]
     return bundle, candidates, trainer.run_dir
+
+
+def _onnx_bundle(bundle: Path) -> Path:
+    """Where the bundle of the same checkpoint for the onnxruntime backend lies."""
+    return bundle.with_name(bundle.name + "-onnxruntime")
 
 
 def _bodies(specs: dict, rows: pa.RecordBatch, candidates: int, **options: object) -> list[bytes]:
@@ -104,7 +112,7 @@ def _measure_system(load: multiprocessing.pool.Pool, system: str, bundle: Path, 
         for shape, shape_bodies in bodies.items():
             for concurrency in concurrencies:
                 point = load.apply(_load_process, (server[0], shape_bodies, concurrency, seconds))
-                print(f"  {system:<10} {shape:>3} candidate(s)  concurrency {concurrency:>2}: {point['qps']:8,.0f} QPS  "
+                print(f"  {system:<17} {shape:>3} candidate(s)  concurrency {concurrency:>2}: {point['qps']:8,.0f} QPS  "
                       f"p50 {point['p50_ms']:6.2f} ms  p99 {point['p99_ms']:7.2f} ms  errors {point['errors']}",
                       flush=True)
                 points[(shape, concurrency)] = point
@@ -117,7 +125,7 @@ def _start(system: str, bundle: Path) -> tuple[int, object]:
     """(port, stop function) of a running server."""
     if system == "rayserve":
         return _start_ray_serve(bundle)
-    running = start_server(Service(load_bundle(bundle), name="ctr", batching=system == "tidal"))
+    running = start_server(Service(load_bundle(bundle), name="ctr", batching=system != "unbatched"))
     return int(running.url.rsplit(":", 1)[1]), running.stop
 
 
@@ -169,6 +177,9 @@ def _summary(results: dict, session: dict) -> dict:
             summary[f"{system}_qps_{shape}"] = round(points[(shape, top)]["qps"], 1)
             summary[f"{system}_p99_ms_{shape}"] = round(points[(shape, top)]["p99_ms"], 2)
     summary["ratio_vs_unbatched"] = round(summary["tidal_qps_1"] / summary["unbatched_qps_1"], 2)
+    for shape in (1, 100):
+        summary[f"ratio_onnxruntime_vs_torch_{shape}"] = round(summary[f"tidal_onnxruntime_qps_{shape}"]
+                                                               / summary[f"tidal_qps_{shape}"], 2)
     if "rayserve" in results:
         summary["ratio_vs_rayserve"] = round(summary["tidal_qps_100"] / summary["rayserve_qps_100"], 2)
     summary["session_speedup"] = round(session["stateless"]["p50_ms"] / session["page"]["p50_ms"], 2)

@@ -11,6 +11,8 @@ Layout::
                                    (content_sha256, from version 2)
       tables/<name>.safetensors    keys [N] int64, values [N, D] float32 or float16
       dense.pt2                    the dense network as a `torch.export` program
+      dense.onnx                   the same network as an ONNX model, for the
+                                   onnxruntime backend (only when exported for it)
       deltas/                      online updates written since (`tidal export --delta`;
                                    `tidal.serving.delta` draws their layout)
 
@@ -45,7 +47,8 @@ from safetensors.numpy import load_file, save_file
 from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
 
-from tidal.config import RunConfig
+from tidal.compile import to_onnx
+from tidal.config import RunConfig, ServingConfig
 from tidal.data.extract import Extractor
 from tidal.embedding.checkpoint import SEAL, check_seal, fingerprint, fsync_path, sealed, write_json_atomic
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
@@ -62,6 +65,7 @@ VERSION = 2  # 2: the manifest carries the sha256 of its own content
 UNSEALED = 1  # the older version this one reads, whose manifest carries none
 MANIFEST = "manifest.json"
 PROGRAM = "dense.pt2"
+ONNX = "dense.onnx"
 WEIGHTS = "dense.safetensors"  # a delta's dense weights: the base's program runs them
 NO_DELTAS = "a version 1 bundle takes no deltas; export it again in full"
 _STAGING = re.compile(r"\.tmp-\d+-(\d+)-[0-9a-f]+")  # a delta being written: sequence, exporter's pid, a nonce
@@ -78,6 +82,7 @@ class Bundle:
     config: RunConfig
     tables: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (keys [N] int64 ascending, values [N, D])
     program: torch.export.ExportedProgram
+    onnx: bytes | None  # the ONNX model of the program, when exported for the onnxruntime backend
     position: Position | None  # None: a version 1 bundle, which takes no deltas
 
     @property
@@ -85,16 +90,19 @@ class Bundle:
         return list(self.manifest["targets"])
 
 
-def export(source: str | os.PathLike, out: str | os.PathLike, *, table_dtype: str | None = None) -> Path:
+def export(source: str | os.PathLike, out: str | os.PathLike, *, table_dtype: str | None = None,
+           backend: str | None = None) -> Path:
     """Write the bundle of a run directory's latest checkpoint (or of one checkpoint
-    directory) to `out`. `table_dtype` (float32 or float16) overrides the config's.
+    directory) to `out`. `table_dtype` (float32 or float16) and `backend` (torch or
+    onnxruntime: with onnxruntime the bundle holds an ONNX model too) override the
+    config's serving settings.
 
     The tables are evicted first (TTL and row caps, on the copy loaded here): a
     checkpoint holds the state of the run at its step, rows created since the last
     `evict_every` safe point included, and a bundle serves within the caps."""
     directory = _checkpoint_dir(Path(source))
     meta = checkpoint.read_meta(directory)
-    config = RunConfig.from_saved(meta["config"])
+    config = _with_backend(RunConfig.from_saved(meta["config"]), backend)
     dtype = np.dtype(table_dtype or config.serving.table_dtype)
     if dtype not in (np.float32, np.float16):
         raise ConfigError(f"table dtype must be float32 or float16, got {table_dtype!r}")
@@ -109,7 +117,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, table_dtype: st
             keys, values = _rows(table)
             save_file({"keys": keys, "values": _cast(table.name, values, dtype)},
                       str(staging / "tables" / f"{table.name}.safetensors"))
-        _save_program(_model(config, directory), config, staging / PROGRAM)
+        _save_program(_model(config, directory), config, staging)
         write_json_atomic(staging / MANIFEST, _manifest(config, directory, staging, str(dtype)))
         fsync_path(staging)
         shutil.rmtree(out, ignore_errors=True)
@@ -270,16 +278,27 @@ def model_sizes(config: RunConfig) -> dict[str, int]:
             "dense_features": len(extractor.dense), "num_targets": len(extractor.labels)}
 
 
-def _save_program(model: RankingModel, config: RunConfig, path: Path) -> None:
-    """`model` as a torch.export program whose batch size may be any of 1..largest bucket."""
+def _save_program(model: RankingModel, config: RunConfig, staging: Path) -> None:
+    """`model` as a torch.export program whose batch size may be any of 1..largest
+    bucket, and as an ONNX model checked against it for the onnxruntime backend."""
     sizes = model_sizes(config)
     example = (torch.zeros(2, sizes["num_features"], sizes["dim"]), torch.zeros(2, sizes["dense_features"]))
     batch = torch.export.Dim("batch", min=1, max=config.serving.buckets[-1])
     program = torch.export.export(model, example, dynamic_shapes=({0: batch}, {0: batch}))
+    if config.serving.backend == "onnxruntime":
+        (staging / ONNX).write_bytes(to_onnx(program, example, config.serving.buckets))
     program._example_inputs = None  # otherwise saved as a pickle
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="No complete tensor found")  # torch's note on CPU weights
-        torch.export.save(program, str(path))
+        torch.export.save(program, str(staging / PROGRAM))
+
+
+def _with_backend(config: RunConfig, backend: str | None) -> RunConfig:
+    """`config` with its serving backend replaced (checked as the config checks it)."""
+    if backend is None:
+        return config
+    serving = ServingConfig(**{**config.serving.model_dump(), "backend": backend})
+    return RunConfig(**{**config.model_dump(), "serving": serving.model_dump()})
 
 
 def _manifest(config: RunConfig, directory: Path, staging: Path, dtype: str) -> dict:
@@ -327,13 +346,15 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         raise CorruptCheckpointError(f"{path / MANIFEST}: its inputs do not match its features; export it again")
     tables = {t.name: _read_table(path / "tables" / f"{t.name}.safetensors", t.dim) for t in config.tables}
     program, position = _read_program(path / PROGRAM), Position(base=manifest[SEAL]) if SEAL in manifest else None
+    onnx = (path / ONNX).read_bytes() if ONNX in manifest["files"] else None
     deltas = read_deltas(path, position, config) if position else []
     if deltas:
         changes = merged(deltas)
         tables = {name: apply_rows(*rows, changes[name]) for name, rows in tables.items()}
         position = deltas[-1].position
         with_weights(program.state_dict, deltas[-1])  # the program of a fresh load is nobody else's
-    return Bundle(path=path, manifest=manifest, config=config, tables=tables, program=program, position=position)
+    return Bundle(path=path, manifest=manifest, config=config, tables=tables, program=program, onnx=onnx,
+                  position=position)
 
 
 def _read_manifest(path: Path) -> dict:

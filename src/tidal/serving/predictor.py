@@ -37,6 +37,7 @@ import pyarrow as pa
 import torch
 from torch.export.passes import move_to_device_pass
 
+from tidal.compile import OnnxProgram
 from tidal.config import DEVICE_PATTERN, DenseFeature, Fusion, ServingConfig, SparseFeature, TableConfig
 from tidal.data.extract import Extractor
 from tidal.embedding import EmbeddingCollection, EmbeddingTable, RowBlock
@@ -123,8 +124,8 @@ class Predictor:
         here); its largest bucket must fit the bundle's dense program."""
         self.config = bundle.config
         self.targets = bundle.targets
-        self.device = _device(device)
         serving = serving or self.config.serving
+        self.device = _device(device, serving.backend)
         largest = self.config.serving.buckets[-1]
         if serving.buckets[-1] > largest:
             raise ConfigError(f"buckets: the largest, {serving.buckets[-1]}, is over the largest batch the bundle's "
@@ -138,8 +139,8 @@ class Predictor:
         self.user_columns = self._user_extract.columns
         self.item_columns = self._item_extract.columns
         self.collection = EmbeddingCollection(_serving_tables(bundle), [f.embedding() for f in extractor.sparse])
-        program = bundle.program if self.device.type == "cpu" else move_to_device_pass(bundle.program, self.device)
-        self._program = program.module()  # constants the graph made on the CPU move too
+        self.backend = serving.backend
+        self._program = _dense_program(bundle, serving, self.device)
         self._gate = Gate()  # scoring shares it; an update takes it alone
         self.position: Position | None = bundle.position  # the last delta applied (None: a version 1 bundle)
         self.torn: str | None = None  # why the tables are between two deltas, after a failed update
@@ -192,9 +193,13 @@ class Predictor:
             raise CheckpointError(f"{delta.path}: delta {delta.position.sequence} does not follow the delta "
                                   f"served, {self.position.sequence}; read the deltas that follow it")
 
-    def _program_with(self, delta: Delta) -> torch.nn.Module:
+    def _program_with(self, delta: Delta) -> torch.nn.Module | OnnxProgram:
         """A copy of the program served, with `delta`'s dense weights (batches under way
         keep the one they took)."""
+        if isinstance(self._program, OnnxProgram):
+            weights = {name: tensor.clone() for name, tensor in self._program.state_dict().items()}
+            with_weights(weights, delta)
+            return self._program.with_weights(weights)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)  # torch's own, from its tree specs
             module = copy.deepcopy(self._program)
@@ -382,14 +387,31 @@ def _record_batch(columns: dict[str, pa.Array]) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(list(columns.values()), names=list(columns))
 
 
-def _device(device: str | torch.device | None) -> torch.device:
-    """The torch device of `Predictor`'s `device` argument, checked."""
+def _dense_program(bundle: Bundle, serving: ServingConfig, device: torch.device) -> torch.nn.Module | OnnxProgram:
+    """What runs the dense network: the bundle's torch program on `device`, or its ONNX
+    model in ONNX Runtime (with the program's weights: those of its last delta)."""
+    if serving.backend == "onnxruntime":
+        if bundle.onnx is None:
+            raise ConfigError(f"backend: onnxruntime needs the ONNX model, and bundle {bundle.path} holds none (it "
+                              f"was exported for backend {bundle.config.serving.backend}); export it with tidal "
+                              f"export --backend onnxruntime, or serve it with backend torch")
+        weights = {name: tensor.detach().numpy().copy() for name, tensor in bundle.program.state_dict.items()}
+        return OnnxProgram(bundle.onnx, weights, threads=serving.dense_threads)
+    program = bundle.program if device.type == "cpu" else move_to_device_pass(bundle.program, device)
+    return program.module()  # constants the graph made on the CPU move too
+
+
+def _device(device: str | torch.device | None, backend: str) -> torch.device:
+    """The torch device of `Predictor`'s `device` argument, checked: onnxruntime runs on the CPU."""
     name = "auto" if device is None else str(device) if isinstance(device, torch.device) else device
     if not isinstance(name, str) or not re.fullmatch(DEVICE_PATTERN, name):
         raise ConfigError(f"Predictor(device=...) must be 'auto', 'cpu', 'cuda' or 'cuda:N' (lower case), "
                           f"got {device!r}")
+    if backend == "onnxruntime" and name != "cpu" and name != "auto":
+        raise ConfigError(f"Predictor(device=...) is {name!r}, but backend onnxruntime runs the dense network on "
+                          f"the CPU; use device 'cpu' (or 'auto'), or backend torch")
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() and backend == "torch" else "cpu")
     count = torch.cuda.device_count()  # 0 without CUDA
     if name.startswith("cuda") and (torch.device(name).index or 0) >= count:
         seen = f"; use 'auto', 'cpu' or cuda:0 to cuda:{count - 1}" if count else "; use 'auto' or 'cpu'"

@@ -1,0 +1,126 @@
+"""The ONNX Runtime backend: conversion checked against the torch program, new weights by name."""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from tidal.compile import OnnxProgram, to_onnx
+from tidal.config import ModelConfig
+from tidal.errors import CheckpointError, ConfigError
+from tidal.models import RankingModel
+
+BUCKETS = [1, 4, 64]
+KINDS = [("dlrm", {}, 3), ("dcn", {}, 3), ("deepfm", {}, 0), ("wide_deep", {}, 2), ("dlrm", {"head": "mmoe"}, 3)]
+
+
+def _program(kind: str, extra: dict, dense: int, seed: int = 0) -> tuple:  # type: ignore[type-arg]
+    torch.manual_seed(seed)
+    model = RankingModel(ModelConfig(kind=kind, **extra), num_features=4, dim=8, dense_features=dense,
+                         num_targets=2).eval()
+    example = (torch.zeros(2, 4, 8), torch.zeros(2, dense))
+    batch = torch.export.Dim("batch", min=1, max=BUCKETS[-1])
+    return torch.export.export(model, example, dynamic_shapes=({0: batch}, {0: batch})), example
+
+
+def _weights(program) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
+    return {n: t.detach().numpy().copy() for n, t in program.module().state_dict().items()}
+
+
+@pytest.mark.parametrize(("kind", "extra", "dense"), KINDS)
+def test_every_network_converts_and_scores_as_its_program_at_every_bucket(kind, extra, dense):
+    program, example = _program(kind, extra, dense)
+    onnx = OnnxProgram(to_onnx(program, example, BUCKETS), _weights(program), threads=1)
+    module = program.module()
+    for rows in [*BUCKETS, 7]:  # any batch size up to the largest bucket runs
+        pooled, dense_in = torch.randn(rows, 4, 8), torch.randn(rows, dense)
+        with torch.no_grad():
+            expected = module(pooled, dense_in)
+        found = onnx.forward(pooled, dense_in)
+        assert found.shape == (rows, 2) and found.dtype == torch.float32
+        torch.testing.assert_close(found, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_converting_leaves_the_programs_weights_as_they_were():
+    program, example = _program("dlrm", {}, 3)
+    before = {n: t.detach().clone() for n, t in program.state_dict.items()}
+    to_onnx(program, example, BUCKETS)
+    assert all(torch.equal(program.state_dict[n], t) for n, t in before.items())
+    assert all(torch.equal(program.module().state_dict()[n], t) for n, t in before.items())
+
+
+@pytest.mark.parametrize(("kind", "extra", "dense"), [KINDS[0], KINDS[1], KINDS[4]])
+def test_new_weights_put_in_by_name_score_as_the_program_with_those_weights(kind, extra, dense):
+    program, example = _program(kind, extra, dense)
+    onnx = OnnxProgram(to_onnx(program, example, BUCKETS), _weights(program), threads=1)
+    trained, _ = _program(kind, extra, dense, seed=1)  # the same network, other weights
+    new = trained.module().state_dict()
+    updated = onnx.with_weights(new)
+    pooled, dense_in = torch.randn(9, 4, 8), torch.randn(9, dense)
+    with torch.no_grad():
+        expected, before = trained.module()(pooled, dense_in), program.module()(pooled, dense_in)
+    torch.testing.assert_close(updated.forward(pooled, dense_in), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(onnx.forward(pooled, dense_in), before, rtol=1e-4, atol=1e-5)  # the old one goes on
+    assert not torch.allclose(expected, before)
+    assert all(torch.equal(updated.state_dict()[n], t) for n, t in new.items())
+
+
+def test_a_conversion_that_does_not_score_as_the_program_is_refused(monkeypatch):
+    program, example = _program("dlrm", {}, 3)
+    other, _ = _program("dcn", {}, 3)  # another network of the same inputs and outputs
+    convert = torch.onnx.export
+    monkeypatch.setattr(torch.onnx, "export", lambda _, *args, **kwargs: convert(other, *args, **kwargs))
+    with pytest.raises(CheckpointError, match=r"the ONNX model of the dense network differs from its torch program "
+                                              r"at batch 1: shape \[1, 2\] against \[1, 2\], largest difference"):
+        to_onnx(program, example, BUCKETS)
+
+
+def test_a_conversion_whose_weights_cannot_be_replaced_by_name_is_refused(monkeypatch):
+    program, example = _program("dlrm", {}, 3)
+    replace = OnnxProgram.with_weights
+    # as if the converter had folded the weights into constants: new weights would not reach them
+    monkeypatch.setattr(OnnxProgram, "with_weights", lambda self, weights: replace(self, {
+        f"renamed.{n}": t for n, t in weights.items()}))
+    with pytest.raises(CheckpointError, match=r"differs from its torch program at batch 1"):
+        to_onnx(program, example, BUCKETS)
+
+
+def test_concurrent_calls_of_one_session_each_get_their_own_scores():
+    program, example = _program("dcn", {}, 3)
+    onnx = OnnxProgram(to_onnx(program, example, BUCKETS), _weights(program), threads=1)
+    inputs = [(torch.randn(r, 4, 8), torch.randn(r, 3)) for r in (1, 4, 17, 64) * 4]
+    expected = [onnx.forward(*i) for i in inputs]
+    found: dict[int, torch.Tensor] = {}
+
+    def score(k: int) -> None:
+        for _ in range(20):
+            found[k] = onnx.forward(*inputs[k])
+
+    threads = [threading.Thread(target=score, args=(k,)) for k in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(found[k], expected[k]) for k in range(len(inputs)))
+
+
+def test_a_damaged_model_is_refused_by_onnx_runtime():
+    with pytest.raises(CheckpointError, match="ONNX Runtime refused the dense network's ONNX model"):
+        OnnxProgram(b"not an onnx model", {}, threads=1)
+
+
+def test_without_the_onnx_extra_the_error_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    program, example = _program("dlrm", {}, 3)
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else find(name, *a))
+    with pytest.raises(ConfigError, match=r"pip install 'tidal\[onnx\]'"):
+        to_onnx(program, example, BUCKETS)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now fails
+    with pytest.raises(ConfigError, match=r"pip install 'tidal\[onnx\]'"):
+        OnnxProgram(b"", {}, threads=1)

@@ -1,0 +1,112 @@
+"""The dense network on ONNX Runtime: bundles that carry its ONNX model, and the
+predictor and server running it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import tritonclient.http as triton
+from serving_helpers import file_rows, with_user_of
+
+from tidal.cli import main
+from tidal.config import ServingConfig
+from tidal.errors import ConfigError, CorruptCheckpointError
+from tidal.serving import Piece, Predictor, Service, export, load_bundle, start_server
+from tidal.serving.protocol import infer_request, input_specs
+
+
+@pytest.fixture(scope="module")
+def onnx_bundle_dir(trainer, tmp_path_factory):
+    return export(trainer.run_dir, tmp_path_factory.mktemp("onnx") / "bundle", backend="onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def onnx_predictor(onnx_bundle_dir):
+    return Predictor(load_bundle(onnx_bundle_dir))
+
+
+def _pieces(predictor: Predictor, rows: pa.RecordBatch, sizes: list[int]) -> list[Piece]:
+    pieces, start = [], 0
+    for size in sizes:
+        part = rows.slice(start, size)
+        pieces.append(Piece(items=pa.RecordBatch.from_pydict({c: part.column(c) for c in predictor.item_columns}),
+                            user=pa.RecordBatch.from_pydict({c: part.column(c).slice(0, 1)
+                                                             for c in predictor.user_columns})))
+        start += size
+    return pieces
+
+
+def test_an_onnxruntime_bundle_holds_its_onnx_model_checked_as_every_file(onnx_bundle_dir, bundle_dir, tmp_path):
+    manifest = json.loads((onnx_bundle_dir / "manifest.json").read_text())
+    assert "dense.onnx" in manifest["files"] and manifest["config"]["serving"]["backend"] == "onnxruntime"
+    assert "dense.onnx" not in json.loads((bundle_dir / "manifest.json").read_text())["files"]  # torch: none
+    damaged = Path(shutil.copytree(onnx_bundle_dir, tmp_path / "damaged"))
+    model = damaged / "dense.onnx"
+    model.write_bytes(model.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(CorruptCheckpointError, match=rf"{model}"):
+        load_bundle(damaged)
+
+
+@pytest.mark.parametrize("sizes", [[1], [3, 1, 5], [100], [64, 200]])
+def test_onnxruntime_scores_as_the_torch_program_whatever_the_batch(trainer, onnx_predictor, bundle, sizes):
+    rows = file_rows(trainer, sum(sizes))
+    torch_predictor = Predictor(bundle)
+    assert (onnx_predictor.backend, torch_predictor.backend) == ("onnxruntime", "torch")
+    found = onnx_predictor.predict(_pieces(onnx_predictor, rows, sizes))
+    expected = torch_predictor.predict(_pieces(torch_predictor, rows, sizes))
+    assert found.shape == (sum(sizes), 2)
+    np.testing.assert_allclose(found, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_either_backend_serves_an_onnxruntime_bundle_and_onnxruntime_needs_one(onnx_bundle_dir, bundle):
+    onnx_bundle = load_bundle(onnx_bundle_dir)
+    torch_serving = ServingConfig(**{**onnx_bundle.config.serving.model_dump(), "backend": "torch"})
+    assert Predictor(onnx_bundle, serving=torch_serving).backend == "torch"
+    onnx_serving = ServingConfig(**{**bundle.config.serving.model_dump(), "backend": "onnxruntime"})
+    with pytest.raises(ConfigError, match=r"backend: onnxruntime needs the ONNX model, and bundle .* holds none \(it "
+                                          r"was exported for backend torch\); export it with tidal export --backend "
+                                          r"onnxruntime, or serve it with backend torch"):
+        Predictor(bundle, serving=onnx_serving)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0"])
+def test_onnxruntime_runs_on_the_cpu_and_refuses_a_gpu(onnx_bundle_dir, device):
+    onnx_bundle = load_bundle(onnx_bundle_dir)
+    assert Predictor(onnx_bundle, device="auto").device.type == "cpu"
+    with pytest.raises(ConfigError, match=rf"device=...\) is '{device}', but backend onnxruntime runs the dense "
+                                          r"network on the CPU"):
+        Predictor(onnx_bundle, device=device)
+
+
+def test_a_server_on_onnxruntime_answers_tritonclient_as_one_on_torch(trainer, onnx_bundle_dir, bundle):
+    specs = input_specs(trainer.config)
+    rows = with_user_of(file_rows(trainer, 30), specs)
+    scores = {}
+    for backend, loaded in (("onnxruntime", load_bundle(onnx_bundle_dir)), ("torch", bundle)):
+        running = start_server(Service(loaded, name="ctr"))
+        try:
+            client = triton.InferenceServerClient(running.url.removeprefix("http://"))
+            request = infer_request(rows, specs)
+            inputs = []
+            for tensor in request["inputs"]:
+                inputs.append(triton.InferInput(tensor["name"], tensor["shape"], "BYTES"))
+                inputs[-1].set_data_from_numpy(np.array([v.encode() for v in tensor["data"]], dtype=object))
+            scores[backend] = client.infer("ctr", inputs).as_numpy("score")
+            assert running.service.predictor.backend == backend
+        finally:
+            running.stop()
+    np.testing.assert_allclose(scores["onnxruntime"], scores["torch"], rtol=1e-5)
+
+
+def test_export_and_serve_take_the_backend_on_the_command_line(trainer, bundle_dir, tmp_path, capsys):
+    out = tmp_path / "bundle"
+    assert main(["export", "--checkpoint", str(trainer.run_dir), "--out", str(out), "--backend", "onnxruntime"]) == 0
+    assert (out / "dense.onnx").is_file()
+    capsys.readouterr()
+    assert main(["serve", str(bundle_dir), "--backend", "onnxruntime", "--port", "0"]) == 2
+    assert "tidal serve: --backend: onnxruntime needs the ONNX model" in capsys.readouterr().err

@@ -1,0 +1,50 @@
+"""Imports point one way: a layer imports from the layers below it and its own, never
+from one above (DESIGN.md, Layout)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import tidal
+
+LAYERS = [  # lowest first
+    {"errors", "config", "mixing", "gate"},
+    {"data", "embedding", "optim", "models"},
+    {"runtime", "passmode"},
+    {"compile"},  # compiled forms of the dense network: what serving runs
+    {"serving"},
+    {"bench", "demo"},
+    {"cli"},
+]
+LEVEL = {name: level for level, names in enumerate(LAYERS) for name in names}
+ROOT = Path(tidal.__file__).parent
+
+
+def _imported(tree: ast.AST) -> list[str]:
+    """The tidal subpackages and modules a module imports (`tidal.x` -> "x")."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "tidal":
+            found += [alias.name for alias in node.names]  # from tidal import demo
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tidal."):
+            found.append(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found += [a.name.split(".")[1] for a in node.names if a.name.startswith("tidal.")]
+    return found
+
+
+def test_every_module_belongs_to_a_layer():
+    tops = {p.name.removesuffix(".py") for p in ROOT.iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()}
+    assert tops - {"__init__"} <= set(LEVEL), "a new top-level module or subpackage needs its place in LAYERS"
+
+
+def test_no_module_imports_from_a_layer_above_its_own():
+    upward = []
+    for file in sorted(ROOT.rglob("*.py")):
+        top = file.relative_to(ROOT).parts[0].removesuffix(".py")
+        if top == "__init__":  # the public API gathers every layer
+            continue
+        upward += [f"{file.relative_to(ROOT)} imports tidal.{name}" for name in _imported(ast.parse(file.read_text()))
+                   if LEVEL[name] > LEVEL[top]]
+    assert upward == []
