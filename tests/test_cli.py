@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from tidal.cli import main
+from tidal.compile import onnx_available
 
 
 def test_demo_trains_and_reports_auc_beside_the_ceiling(capsys):
@@ -17,7 +18,8 @@ def test_demo_trains_and_reports_auc_beside_the_ceiling(capsys):
     assert "eval at step 2:" not in out  # the two warm-up steps train quietly
     assert "sparse  lookup" in out and "dense   dense" in out  # the engine's stage table
     assert result["served_candidates"] == 100 and "session 7: start + 50" in out
-    assert "over KServe v2 HTTP on 127.0.0.1, its dense network on onnxruntime" in out
+    backend = "onnxruntime" if onnx_available() else "torch"  # the onnx extra, when installed
+    assert f"over KServe v2 HTTP on 127.0.0.1, its dense network on {backend}" in out
     assert "a malformed request         400: input 'I5': values must be finite and within float32's range" in out
     assert "  online update               delta 000001: " in out and " rows changed, applied in " in out
     assert out.count("1 user x 100 candidates") == 2  # again, after the update
@@ -65,3 +67,16 @@ def test_train_and_export_report_a_full_disk_without_a_traceback(tmp_path, capsy
     monkeypatch.setattr(tidal.serving.bundle, "write_json_atomic", disk_full)
     assert main(["export", "--checkpoint", config["training"]["run_dir"], "--out", str(tmp_path / "bundle")]) == 2
     assert "tidal export: a file could not be written or read: No space left on device" in capsys.readouterr().err
+
+
+def test_demo_and_bench_dense_say_what_to_install_without_the_onnx_extra(monkeypatch, capsys):
+    from tidal import demo
+    from tidal.bench import dense
+
+    monkeypatch.setattr(demo, "onnx_available", lambda: False)
+    assert demo._backend() == "torch"
+    assert "for the torch backend (the onnxruntime backend needs the onnx extra: pip install 'tidal[onnx]')" in \
+        capsys.readouterr().out
+    monkeypatch.setattr(dense, "onnx_available", lambda: False)
+    assert main(["bench", "dense", "--quick"]) == 2
+    assert "tidal bench dense: the onnxruntime backend needs the onnx extra" in capsys.readouterr().err

@@ -539,9 +539,10 @@ class ServingConfig(_Model):
     `chunk_rows` candidates is cut into about equal chunks that run in parallel. The
     dense network only sees batch sizes from `buckets` (batches are padded).
     `max_queue_rows` bounds the rows waiting; beyond it a request gets 503.
-    `dense_threads` is torch's thread count in the serving process: 1 by default,
-    since serving batches are small and idle OpenMP threads spin on the cores the
-    sparse stage and the HTTP loop need. With `delta_poll_s`, the server looks for new
+    `dense_threads` is the dense network's thread count in the serving process (torch's,
+    process-wide, or ONNX Runtime's intra-op threads): 1 by default, since serving
+    batches are small and idle OpenMP threads spin on the cores the sparse stage and
+    the HTTP loop need. With `delta_poll_s`, the server looks for new
     deltas of its bundle (`tidal export --delta`) that often and applies them; without
     it, on `POST /v2/repository/models/{name}/load`. `backend` runs the dense network:
     `torch` (its `torch.export` program, on the CPU or a GPU) or `onnxruntime` (ONNX
@@ -557,7 +558,7 @@ class ServingConfig(_Model):
     max_delay_ms: _Float = Field(2.0, ge=0.0, le=10_000.0)
     chunk_rows: _Int = Field(256, ge=1, le=1 << 16)
     sparse_threads: _Int = Field(2, ge=1, le=256)
-    dense_threads: _Int | None = Field(1, ge=1, le=256)  # torch's threads, process-wide; None: torch's default
+    dense_threads: _Int | None = Field(1, ge=1, le=256)  # None: torch's default, or one per core for onnxruntime
     max_queue_rows: _Int = Field(65_536, ge=1)
     max_body_bytes: _Int = Field(32 << 20, ge=1024)
     session_ttl_s: _Float = Field(300.0, gt=0.0)

@@ -29,6 +29,7 @@ from tidal.data import BadRows
 from tidal.data.generate import generate
 from tidal.runtime import Telemetry, Trainer
 from tidal.runtime.trainer import shown_auc
+from tidal.compile import ONNX_MISSING, onnx_available
 from tidal.serving import Service, export, export_delta, load_bundle, start_server
 from tidal.serving.protocol import infer_request
 
@@ -62,14 +63,23 @@ def run(rows: int = 300_000) -> dict:
         trainer = Trainer(_config(train.paths, held_out.paths, Path(scratch) / "run"))
         summary = trainer.fit()
         _print_summary(summary, held_out.ceiling_auc)
-        print("Exporting the serving bundle, its dense network converted for ONNX Runtime and checked against "
-              "its torch program", flush=True)
-        bundle = export(trainer.run_dir, Path(scratch) / "bundle", backend="onnxruntime")
+        bundle = export(trainer.run_dir, Path(scratch) / "bundle", backend=_backend())
         candidates = next(iter(trainer.reader_spec(held_out.paths).epoch(BadRows()))).slice(0, 200)
         summary["serving"] = _serve(bundle, candidates, trainer.config)
     print(json.dumps({"eval_auc": summary["eval"]["auc"]["label"], "ceiling_auc": held_out.ceiling_auc,
                       "samples_per_s": summary["samples_per_s"], "served_candidates": summary["serving"]["candidates"]}))
     return summary
+
+
+def _backend() -> str:
+    """ONNX Runtime for the served dense network when the onnx extra is installed (make
+    installs it), else torch."""
+    if onnx_available():
+        print("Exporting the serving bundle, its dense network converted for ONNX Runtime and checked against "
+              "its torch program", flush=True)
+        return "onnxruntime"
+    print(f"Exporting the serving bundle for the torch backend ({ONNX_MISSING})", flush=True)
+    return "torch"
 
 
 def _compile_kernels(scratch: Path) -> None:

@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from tidal.bench import dense
 from tidal.cli import main
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
 
 
 def test_every_network_and_bucket_is_measured_and_summarized(monkeypatch, capsys):

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import sys
 import threading
+from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
-from tidal.compile import OnnxProgram, to_onnx
+from tidal.compile import OnnxProgram, export_program, to_onnx
 from tidal.config import ModelConfig
-from tidal.errors import CheckpointError, ConfigError
+from tidal.errors import BatchError, CheckpointError, ConfigError
 from tidal.models import RankingModel
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
 
 BUCKETS = [1, 4, 64]
 KINDS = [("dlrm", {}, 3), ("dcn", {}, 3), ("deepfm", {}, 0), ("wide_deep", {}, 2), ("dlrm", {"head": "mmoe"}, 3)]
@@ -23,18 +26,17 @@ def _program(kind: str, extra: dict, dense: int, seed: int = 0) -> tuple:  # typ
     model = RankingModel(ModelConfig(kind=kind, **extra), num_features=4, dim=8, dense_features=dense,
                          num_targets=2).eval()
     example = (torch.zeros(2, 4, 8), torch.zeros(2, dense))
-    batch = torch.export.Dim("batch", min=1, max=BUCKETS[-1])
-    return torch.export.export(model, example, dynamic_shapes=({0: batch}, {0: batch})), example
+    return export_program(model, example, BUCKETS[-1]), example
 
 
-def _weights(program) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
-    return {n: t.detach().numpy().copy() for n, t in program.module().state_dict().items()}
+def _onnx(program, example) -> OnnxProgram:  # type: ignore[no-untyped-def]
+    return OnnxProgram.of(to_onnx(program, example, BUCKETS), program, threads=1)
 
 
 @pytest.mark.parametrize(("kind", "extra", "dense"), KINDS)
 def test_every_network_converts_and_scores_as_its_program_at_every_bucket(kind, extra, dense):
     program, example = _program(kind, extra, dense)
-    onnx = OnnxProgram(to_onnx(program, example, BUCKETS), _weights(program), threads=1)
+    onnx = _onnx(program, example)
     module = program.module()
     for rows in [*BUCKETS, 7]:  # any batch size up to the largest bucket runs
         pooled, dense_in = torch.randn(rows, 4, 8), torch.randn(rows, dense)
@@ -56,7 +58,7 @@ def test_converting_leaves_the_programs_weights_as_they_were():
 @pytest.mark.parametrize(("kind", "extra", "dense"), [KINDS[0], KINDS[1], KINDS[4]])
 def test_new_weights_put_in_by_name_score_as_the_program_with_those_weights(kind, extra, dense):
     program, example = _program(kind, extra, dense)
-    onnx = OnnxProgram(to_onnx(program, example, BUCKETS), _weights(program), threads=1)
+    onnx = _onnx(program, example)
     trained, _ = _program(kind, extra, dense, seed=1)  # the same network, other weights
     new = trained.module().state_dict()
     updated = onnx.with_weights(new)
@@ -71,27 +73,73 @@ def test_new_weights_put_in_by_name_score_as_the_program_with_those_weights(kind
 
 def test_a_conversion_that_does_not_score_as_the_program_is_refused(monkeypatch):
     program, example = _program("dlrm", {}, 3)
-    other, _ = _program("dcn", {}, 3)  # another network of the same inputs and outputs
     convert = torch.onnx.export
-    monkeypatch.setattr(torch.onnx, "export", lambda _, *args, **kwargs: convert(other, *args, **kwargs))
+
+    def mistaken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        proto = convert(*args, **kwargs).model_proto
+        next(n for n in proto.graph.node if n.op_type == "Relu").op_type = "Sigmoid"  # a model of another network
+        return SimpleNamespace(model_proto=proto)
+
+    monkeypatch.setattr(torch.onnx, "export", mistaken)
     with pytest.raises(CheckpointError, match=r"the ONNX model of the dense network differs from its torch program "
                                               r"at batch 1: shape \[1, 2\] against \[1, 2\], largest difference"):
         to_onnx(program, example, BUCKETS)
 
 
-def test_a_conversion_whose_weights_cannot_be_replaced_by_name_is_refused(monkeypatch):
+def test_a_conversion_that_folds_a_weight_away_or_fails_is_refused(monkeypatch):
     program, example = _program("dlrm", {}, 3)
-    replace = OnnxProgram.with_weights
-    # as if the converter had folded the weights into constants: new weights would not reach them
-    monkeypatch.setattr(OnnxProgram, "with_weights", lambda self, weights: replace(self, {
-        f"renamed.{n}": t for n, t in weights.items()}))
-    with pytest.raises(CheckpointError, match=r"differs from its torch program at batch 1"):
+    convert = torch.onnx.export
+
+    def folded(*args, **kwargs):  # type: ignore[no-untyped-def]
+        proto = convert(*args, **kwargs).model_proto
+        next(i for i in proto.graph.initializer if i.name == "head.out.bias").name = "val_folded"
+        return SimpleNamespace(model_proto=proto)
+
+    monkeypatch.setattr(torch.onnx, "export", folded)
+    with pytest.raises(CheckpointError, match=r"holds no initializer of the name and shape of weights "
+                                              r"\['head.out.bias'\], so new weights could not reach them"):
         to_onnx(program, example, BUCKETS)
+
+    def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("no ONNX function for aten::frobnicate")
+
+    monkeypatch.setattr(torch.onnx, "export", failing)
+    with pytest.raises(CheckpointError, match=r"torch's ONNX exporter could not convert the dense network \("
+                                              r"RuntimeError: no ONNX function for aten::frobnicate\); export it "
+                                              r"with backend torch"):
+        to_onnx(program, example, BUCKETS)
+
+
+def test_new_weights_of_other_names_shapes_or_dtypes_are_refused():
+    program, example = _program("dlrm", {}, 3)
+    onnx = _onnx(program, example)
+    weights = onnx.state_dict()
+    for name, change in (("head.out.bias", lambda w: w.pop("head.out.bias")),
+                         ("head.out.bias", lambda w: w.update({"head.out.bias": torch.zeros(3)})),
+                         ("head.out.bias", lambda w: w.update({"head.out.bias": w["head.out.bias"].double()})),
+                         ("extra", lambda w: w.update({"extra": torch.zeros(1)}))):
+        other = dict(weights)
+        change(other)
+        with pytest.raises(CheckpointError, match=rf"new dense weights must be the ONNX model's .* \(names, shapes "
+                                                  rf"and dtypes\); these differ: .*'{name}'"):
+            onnx.with_weights(other)
+
+
+def test_its_state_dict_is_a_copy_and_its_inputs_must_be_float32():
+    program, example = _program("dlrm", {}, 3)
+    onnx = _onnx(program, example)
+    pooled, dense = torch.randn(4, 4, 8), torch.randn(4, 3)
+    before = onnx.forward(pooled, dense)
+    for tensor in onnx.state_dict().values():
+        tensor.zero_()
+    assert torch.equal(onnx.forward(pooled, dense), before)
+    with pytest.raises(BatchError, match=r"takes float32 pooled and dense inputs, got torch.float64 and torch.float32"):
+        onnx.forward(pooled.double(), dense)
 
 
 def test_concurrent_calls_of_one_session_each_get_their_own_scores():
     program, example = _program("dcn", {}, 3)
-    onnx = OnnxProgram(to_onnx(program, example, BUCKETS), _weights(program), threads=1)
+    onnx = _onnx(program, example)
     inputs = [(torch.randn(r, 4, 8), torch.randn(r, 3)) for r in (1, 4, 17, 64) * 4]
     expected = [onnx.forward(*i) for i in inputs]
     found: dict[int, torch.Tensor] = {}

@@ -18,7 +18,8 @@ import time
 import numpy as np
 import torch
 
-from tidal.compile import OnnxProgram, to_onnx
+from tidal.compile import ONNX_MISSING, OnnxProgram, export_program, onnx_available, to_onnx
+from tidal.errors import ConfigError
 from tidal.config import ModelConfig
 from tidal.models import RankingModel
 
@@ -34,6 +35,8 @@ TARGET = 1.5
 
 
 def run(*, quick: bool = False, as_json: bool = False) -> dict:
+    if not onnx_available():
+        raise ConfigError(ONNX_MISSING)
     calls = 100 if quick else 400
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -61,10 +64,8 @@ def _programs() -> list[tuple[str, tuple]]:
         model = RankingModel(ModelConfig(**spec), num_features=FEATURES, dim=DIM, dense_features=DENSE,
                              num_targets=TARGETS).eval()
         example = (torch.zeros(2, FEATURES, DIM), torch.zeros(2, DENSE))
-        batch = torch.export.Dim("batch", min=1, max=BUCKETS[-1])
-        program = torch.export.export(model, example, dynamic_shapes=({0: batch}, {0: batch}))
-        weights = {n: t.detach().numpy().copy() for n, t in program.state_dict.items()}
-        onnx = OnnxProgram(to_onnx(program, example, BUCKETS), weights, threads=1)
+        program = export_program(model, example, BUCKETS[-1])  # as tidal export writes them
+        onnx = OnnxProgram.of(to_onnx(program, example, BUCKETS), program, threads=1)
         out.append((name, (program.module().forward, onnx.forward)))
     return out
 

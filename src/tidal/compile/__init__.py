@@ -1,6 +1,7 @@
-"""Compiled forms of the dense network for serving: the ONNX Runtime backend
-(`tidal.compile.ort`), each program checked against the eager network it came from."""
+"""Compiled forms of the dense network for serving: the `torch.export` program and
+the ONNX Runtime backend (`tidal.compile.ort`), each checked against the network it
+came from."""
 
-from tidal.compile.ort import ONNX_MISSING, OnnxProgram, to_onnx
+from tidal.compile.ort import ONNX_MISSING, OnnxProgram, export_program, onnx_available, to_onnx
 
-__all__ = ["ONNX_MISSING", "OnnxProgram", "to_onnx"]
+__all__ = ["ONNX_MISSING", "OnnxProgram", "export_program", "onnx_available", "to_onnx"]

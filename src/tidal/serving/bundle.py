@@ -47,8 +47,8 @@ from safetensors.numpy import load_file, save_file
 from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
 
-from tidal.compile import to_onnx
-from tidal.config import RunConfig, ServingConfig
+from tidal.compile import export_program, to_onnx
+from tidal.config import RunConfig
 from tidal.data.extract import Extractor
 from tidal.embedding.checkpoint import SEAL, check_seal, fingerprint, fsync_path, sealed, write_json_atomic
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
@@ -283,8 +283,7 @@ def _save_program(model: RankingModel, config: RunConfig, staging: Path) -> None
     bucket, and as an ONNX model checked against it for the onnxruntime backend."""
     sizes = model_sizes(config)
     example = (torch.zeros(2, sizes["num_features"], sizes["dim"]), torch.zeros(2, sizes["dense_features"]))
-    batch = torch.export.Dim("batch", min=1, max=config.serving.buckets[-1])
-    program = torch.export.export(model, example, dynamic_shapes=({0: batch}, {0: batch}))
+    program = export_program(model, example, config.serving.buckets[-1])
     if config.serving.backend == "onnxruntime":
         (staging / ONNX).write_bytes(to_onnx(program, example, config.serving.buckets))
     program._example_inputs = None  # otherwise saved as a pickle
@@ -294,11 +293,11 @@ def _save_program(model: RankingModel, config: RunConfig, staging: Path) -> None
 
 
 def _with_backend(config: RunConfig, backend: str | None) -> RunConfig:
-    """`config` with its serving backend replaced (checked as the config checks it)."""
+    """`config` (a checkpoint's) with its serving backend replaced."""
     if backend is None:
         return config
-    serving = ServingConfig(**{**config.serving.model_dump(), "backend": backend})
-    return RunConfig(**{**config.model_dump(), "serving": serving.model_dump()})
+    saved = config.model_dump(mode="json")
+    return RunConfig.from_saved({**saved, "serving": {**saved["serving"], "backend": backend}})
 
 
 def _manifest(config: RunConfig, directory: Path, staging: Path, dtype: str) -> dict:

@@ -139,7 +139,6 @@ class Predictor:
         self.user_columns = self._user_extract.columns
         self.item_columns = self._item_extract.columns
         self.collection = EmbeddingCollection(_serving_tables(bundle), [f.embedding() for f in extractor.sparse])
-        self.backend = serving.backend
         self._program = _dense_program(bundle, serving, self.device)
         self._gate = Gate()  # scoring shares it; an update takes it alone
         self.position: Position | None = bundle.position  # the last delta applied (None: a version 1 bundle)
@@ -147,6 +146,11 @@ class Predictor:
         self.set_fusion(serving.fusion)
         if not self.item_columns:
             raise ConfigError("serving needs at least one item or context feature: candidates are scored by them")
+
+    @property
+    def backend(self) -> str:
+        """What runs the dense network: `torch` or `onnxruntime`."""
+        return "onnxruntime" if isinstance(self._program, OnnxProgram) else "torch"
 
     # ------------------------------------------------------------------ online updates
 
@@ -197,7 +201,7 @@ class Predictor:
         """A copy of the program served, with `delta`'s dense weights (batches under way
         keep the one they took)."""
         if isinstance(self._program, OnnxProgram):
-            weights = {name: tensor.clone() for name, tensor in self._program.state_dict().items()}
+            weights = self._program.state_dict()  # a copy
             with_weights(weights, delta)
             return self._program.with_weights(weights)
         with warnings.catch_warnings():
@@ -395,8 +399,7 @@ def _dense_program(bundle: Bundle, serving: ServingConfig, device: torch.device)
             raise ConfigError(f"backend: onnxruntime needs the ONNX model, and bundle {bundle.path} holds none (it "
                               f"was exported for backend {bundle.config.serving.backend}); export it with tidal "
                               f"export --backend onnxruntime, or serve it with backend torch")
-        weights = {name: tensor.detach().numpy().copy() for name, tensor in bundle.program.state_dict.items()}
-        return OnnxProgram(bundle.onnx, weights, threads=serving.dense_threads)
+        return OnnxProgram.of(bundle.onnx, bundle.program, threads=serving.dense_threads)
     program = bundle.program if device.type == "cpu" else move_to_device_pass(bundle.program, device)
     return program.module()  # constants the graph made on the CPU move too
 
