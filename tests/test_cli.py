@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from tidal.cli import main
 from tidal.compile import onnx_available
@@ -73,8 +74,25 @@ def test_demo_and_bench_dense_say_what_to_install_without_the_onnx_extra(monkeyp
     from tidal import demo
     from tidal.bench import dense
 
+    from tidal.errors import CheckpointError
+
+    backends = []
+
+    def export(run_dir, out, *, backend):  # type: ignore[no-untyped-def]
+        backends.append(backend)
+        if backend == "onnxruntime":
+            raise CheckpointError("the ONNX model of the dense network differs from its torch program at batch 1")
+        return out
+
+    monkeypatch.setattr(demo, "export", export)
+    monkeypatch.setattr(demo, "onnx_available", lambda: True)
+    demo._export(Path("run"), Path("bundle"))  # the conversion refused: torch instead
+    assert backends == ["onnxruntime", "torch"]
+    assert "differs from its torch program at batch 1: exporting for the torch backend instead" in \
+        capsys.readouterr().out
     monkeypatch.setattr(demo, "onnx_available", lambda: False)
-    assert demo._backend() == "torch"
+    demo._export(Path("run"), Path("bundle"))
+    assert backends[2:] == ["torch"]
     assert "for the torch backend (the onnxruntime backend needs the onnx extra: pip install 'tidal[onnx]')" in \
         capsys.readouterr().out
     monkeypatch.setattr(dense, "onnx_available", lambda: False)

@@ -172,11 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         hetero.run(rows=args.rows, mode=args.mode, with_ray=not args.no_ray, as_json=args.json)
     elif args.benchmark == "dense":
         from tidal.bench import dense
-        from tidal.errors import ConfigError
+        from tidal.errors import TidalError
 
         try:
             dense.run(quick=args.quick, as_json=args.json)
-        except ConfigError as exc:
+        except TidalError as exc:
             print(f"tidal bench dense: {exc}", file=sys.stderr)
             return 2
     elif args.benchmark == "data":

@@ -1,6 +1,7 @@
 """`tidal demo`: generate data, train DLRM on collision-free tables, evaluate, summarize,
 then export the model and serve a few requests through the KServe v2 server (the dense
-network on ONNX Runtime); train on while it serves and update it online with a delta.
+network on ONNX Runtime when the onnx extra is installed); train on while it serves and
+update it online with a delta.
 
 The generated data plants a logistic truth over Zipf-distributed raw ids, so the best
 AUC any model can reach is known and printed beside the one Tidal reached. Training
@@ -23,13 +24,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from tidal.compile import ONNX_MISSING, onnx_available
 from tidal.config import RunConfig
-from tidal.data.criteo import criteo_features
 from tidal.data import BadRows
+from tidal.data.criteo import criteo_features
 from tidal.data.generate import generate
+from tidal.errors import CheckpointError
 from tidal.runtime import Telemetry, Trainer
 from tidal.runtime.trainer import shown_auc
-from tidal.compile import ONNX_MISSING, onnx_available
 from tidal.serving import Service, export, export_delta, load_bundle, start_server
 from tidal.serving.protocol import infer_request
 
@@ -63,7 +65,7 @@ def run(rows: int = 300_000) -> dict:
         trainer = Trainer(_config(train.paths, held_out.paths, Path(scratch) / "run"))
         summary = trainer.fit()
         _print_summary(summary, held_out.ceiling_auc)
-        bundle = export(trainer.run_dir, Path(scratch) / "bundle", backend=_backend())
+        bundle = _export(trainer.run_dir, Path(scratch) / "bundle")
         candidates = next(iter(trainer.reader_spec(held_out.paths).epoch(BadRows()))).slice(0, 200)
         summary["serving"] = _serve(bundle, candidates, trainer.config)
     print(json.dumps({"eval_auc": summary["eval"]["auc"]["label"], "ceiling_auc": held_out.ceiling_auc,
@@ -71,15 +73,19 @@ def run(rows: int = 300_000) -> dict:
     return summary
 
 
-def _backend() -> str:
-    """ONNX Runtime for the served dense network when the onnx extra is installed (make
-    installs it), else torch."""
-    if onnx_available():
-        print("Exporting the serving bundle, its dense network converted for ONNX Runtime and checked against "
-              "its torch program", flush=True)
-        return "onnxruntime"
-    print(f"Exporting the serving bundle for the torch backend ({ONNX_MISSING})", flush=True)
-    return "torch"
+def _export(run_dir: Path, out: Path) -> Path:
+    """The serving bundle, its dense network for ONNX Runtime when the onnx extra is
+    installed (make installs it) and the conversion holds, else for torch."""
+    if not onnx_available():
+        print(f"Exporting the serving bundle for the torch backend ({ONNX_MISSING})", flush=True)
+        return export(run_dir, out, backend="torch")
+    print("Exporting the serving bundle, its dense network converted for ONNX Runtime and checked against "
+          "its torch program", flush=True)
+    try:
+        return export(run_dir, out, backend="onnxruntime")
+    except CheckpointError as exc:
+        print(f"  {exc}: exporting for the torch backend instead", flush=True)
+        return export(run_dir, out, backend="torch")
 
 
 def _compile_kernels(scratch: Path) -> None:

@@ -137,6 +137,37 @@ def test_its_state_dict_is_a_copy_and_its_inputs_must_be_float32():
         onnx.forward(pooled.double(), dense)
 
 
+def test_a_network_with_a_weight_that_is_one_number_converts_and_takes_new_weights():
+    class Tempered(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.out, self.temperature = torch.nn.Linear(35, 2), torch.nn.Parameter(torch.tensor(2.0))
+
+        def forward(self, pooled: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.cat([pooled.flatten(1), dense], dim=1)) / self.temperature
+
+    example = (torch.zeros(2, 4, 8), torch.zeros(2, 3))
+    program = export_program(Tempered().eval(), example, BUCKETS[-1])
+    onnx = _onnx(program, example)
+    assert onnx.state_dict()["temperature"].shape == ()
+    weights = {**onnx.state_dict(), "temperature": torch.tensor(4.0)}
+    pooled, dense = torch.randn(3, 4, 8), torch.randn(3, 3)
+    torch.testing.assert_close(onnx.with_weights(weights).forward(pooled, dense), onnx.forward(pooled, dense) / 2)
+
+
+def test_a_model_onnx_runtime_cannot_run_is_refused_with_what_to_do(monkeypatch):
+    program, example = _program("dlrm", {}, 3)
+
+    def failing(self, pooled, dense):  # type: ignore[no-untyped-def]
+        raise RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions")
+
+    monkeypatch.setattr(OnnxProgram, "forward", failing)
+    with pytest.raises(CheckpointError, match=r"ONNX Runtime could not run the ONNX model of the dense network at "
+                                              r"batch 1 \(RuntimeError: .*INVALID_ARGUMENT.*\); export it with "
+                                              r"backend torch"):
+        to_onnx(program, example, BUCKETS)
+
+
 def test_concurrent_calls_of_one_session_each_get_their_own_scores():
     program, example = _program("dcn", {}, 3)
     onnx = _onnx(program, example)

@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 import tritonclient.http as triton
 from serving_helpers import file_rows, with_user_of
 
 from tidal.cli import main
 from tidal.compile import OnnxProgram
-from tidal.config import RunConfig, ServingConfig
+from tidal.config import ServingConfig
 from tidal.errors import ConfigError, CorruptCheckpointError
 from tidal.serving import Piece, Predictor, Service, export, load_bundle, start_server
-from tidal.serving.bundle import _with_backend
 from tidal.serving.protocol import infer_request, input_specs
 
 pytest.importorskip("onnxruntime")
@@ -109,19 +109,24 @@ def test_a_server_on_onnxruntime_answers_tritonclient_as_one_on_torch(trainer, o
     np.testing.assert_allclose(scores["onnxruntime"], scores["torch"], rtol=1e-4)  # torch may run on a GPU
 
 
-def test_export_and_serve_take_the_backend_on_the_command_line(trainer, bundle_dir, tmp_path, capsys):
+def test_export_and_serve_take_the_backend_on_the_command_line(trainer, bundle_dir, tmp_path, capsys, monkeypatch):
+    from tidal import serving
+
     out = tmp_path / "bundle"
     assert main(["export", "--checkpoint", str(trainer.run_dir), "--out", str(out), "--backend", "onnxruntime"]) == 0
     assert (out / "dense.onnx").is_file()
     capsys.readouterr()
+    monkeypatch.setattr(serving, "serve", lambda *args, **kwargs: pytest.fail("served a bundle it had to refuse"))
     assert main(["serve", str(bundle_dir), "--backend", "onnxruntime", "--port", "0"]) == 2
     assert "tidal serve: --backend: onnxruntime needs the ONNX model" in capsys.readouterr().err
 
 
-def test_the_backend_of_a_saved_config_is_replaced_as_the_checkpoint_reads_it(trainer):
-    saved = trainer.config.model_dump(mode="json")
-    # a field a new config refuses without data.eval, which a checkpoint's config may hold
-    old = RunConfig.from_saved({**saved, "training": {**saved["training"], "eval_every": 10}})
-    config = _with_backend(old, "onnxruntime")
-    assert config.serving.backend == "onnxruntime" and config.training.eval_every == 10
-    assert _with_backend(old, None) is old
+
+def test_dense_weights_of_another_network_are_refused_by_the_deltas_file(onnx_predictor, tmp_path):
+    from tidal.serving.bundle import Delta
+
+    weights = {**onnx_predictor._program.state_dict(), "head.out.bias": torch.zeros(5)}
+    delta = Delta(path=tmp_path / "000001", manifest={}, position=onnx_predictor.position, tables={}, weights=weights)
+    with pytest.raises(CorruptCheckpointError, match=rf"{tmp_path / '000001' / 'dense.safetensors'}: new dense "
+                                                     r"weights must be the ONNX model's .*'head.out.bias'"):
+        onnx_predictor._program_with(delta)

@@ -148,3 +148,15 @@ def test_export_applies_the_caps_that_the_checkpoint_at_a_runs_end_may_exceed(tm
     keys, values = load_bundle(export(trainer.run_dir, tmp_path / "bundle")).tables["ids"]
     assert saved.evict() > 0 and len(keys) == saved.stats().rows <= 2000
     np.testing.assert_array_equal(values, saved.lookup(keys))
+
+
+def test_the_backend_of_a_saved_config_is_replaced_as_the_checkpoint_reads_it(trainer):
+    from tidal.config import RunConfig
+    from tidal.serving.bundle import _with_backend
+
+    saved = trainer.config.model_dump(mode="json")
+    # a field a new config refuses without data.eval, which a checkpoint's config may hold
+    old = RunConfig.from_saved({**saved, "training": {**saved["training"], "eval_every": 10}})
+    config = _with_backend(old, "onnxruntime")
+    assert config.serving.backend == "onnxruntime" and config.training.eval_every == 10
+    assert _with_backend(old, None) is old

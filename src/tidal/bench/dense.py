@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from tidal.compile import ONNX_MISSING, OnnxProgram, export_program, onnx_available, to_onnx
-from tidal.errors import ConfigError
 from tidal.config import ModelConfig
+from tidal.errors import ConfigError
 from tidal.models import RankingModel
 
 __all__ = ["run"]

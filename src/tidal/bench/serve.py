@@ -3,7 +3,7 @@
 One model, trained here on generated Criteo-like data (DLRM, dim 16; C1-C13 and
 I1-I6 are the user's features, the rest the item's), exported and served four ways:
 (a) Tidal with auto-batching, (b) the same with its dense network on ONNX Runtime
-(`serving.backend: onnxruntime`), (c) Tidal with batching off (every request alone),
+(`serving.backend: onnxruntime`; left out without the onnx extra), (c) Tidal with batching off (every request alone),
 (d) the same predictor in a Ray Serve deployment whose `@serve.batch` merges
 requests up to the same row budget. A closed-loop load generator in another process
 keeps `concurrency` requests in flight over keep-alive connections, for two request

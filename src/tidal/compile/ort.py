@@ -105,7 +105,11 @@ def _check_outputs(onnx_program: OnnxProgram, module: torch.nn.Module, weights: 
         dense = torch.randn(rows, *example[1].shape[1:], generator=generator)
         with torch.no_grad():
             expected = torch.func.functional_call(module, weights, (pooled, dense)).numpy()
-        found = onnx_program.forward(pooled, dense).numpy()
+        try:
+            found = onnx_program.forward(pooled, dense).numpy()
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own unexported error types
+            raise CheckpointError(f"ONNX Runtime could not run the ONNX model of the dense network at batch {rows} "
+                                  f"({type(exc).__name__}: {exc}); export it with backend torch") from None
         error = float(np.max(np.abs(found - expected), initial=0.0)) if found.shape == expected.shape else np.inf
         allowed = TOLERANCE * max(1.0, float(np.max(np.abs(expected), initial=0.0)))
         if not error <= allowed:
@@ -120,9 +124,10 @@ class OnnxProgram:
     torch tensors). Thread-safe: ONNX Runtime runs concurrent calls of one session and
     releases the GIL while it runs.
 
-    `weights` (the torch program's state dict) replace the model's initializers of
-    their names; `threads` is ONNX Runtime's intra-op thread count (None: one per
-    core). The session keeps the weights' memory: the caller must not write them."""
+    `weights`, the torch program's state dict (`to_onnx` checked that the model holds
+    an initializer of each name and shape), replace the model's initializers of their
+    names; `threads` is ONNX Runtime's intra-op thread count (None: one per core). The
+    session keeps the weights' memory: the caller must not write them."""
 
     def __init__(self, model: bytes, weights: dict[str, torch.Tensor], *, threads: int | None) -> None:
         try:
@@ -130,7 +135,7 @@ class OnnxProgram:
         except ImportError:
             raise ConfigError(ONNX_MISSING) from None
         self._model, self._threads = model, threads
-        self._weights = {name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in weights.items()}
+        self._weights = {name: t.detach().cpu().contiguous().numpy() for name, t in weights.items()}
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or 0
         options.inter_op_num_threads = 1

@@ -41,9 +41,9 @@ from tidal.compile import OnnxProgram
 from tidal.config import DEVICE_PATTERN, DenseFeature, Fusion, ServingConfig, SparseFeature, TableConfig
 from tidal.data.extract import Extractor
 from tidal.embedding import EmbeddingCollection, EmbeddingTable, RowBlock
-from tidal.errors import BatchError, CheckpointError, ConfigError
+from tidal.errors import BatchError, CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.gate import Gate
-from tidal.serving.bundle import NO_DELTAS, Bundle, Delta, merged, model_sizes, with_weights
+from tidal.serving.bundle import NO_DELTAS, WEIGHTS, Bundle, Delta, merged, model_sizes, with_weights
 from tidal.serving.delta import Position
 
 __all__ = ["Applied", "Piece", "Predictor", "SparseOutput", "UserState", "fuse"]
@@ -201,9 +201,10 @@ class Predictor:
         """A copy of the program served, with `delta`'s dense weights (batches under way
         keep the one they took)."""
         if isinstance(self._program, OnnxProgram):
-            weights = self._program.state_dict()  # a copy
-            with_weights(weights, delta)
-            return self._program.with_weights(weights)
+            try:
+                return self._program.with_weights(delta.weights)  # checked there; a new session owns them
+            except CheckpointError as exc:
+                raise CorruptCheckpointError(f"{delta.path / WEIGHTS}: {exc}") from None
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)  # torch's own, from its tree specs
             module = copy.deepcopy(self._program)
