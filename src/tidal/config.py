@@ -534,8 +534,9 @@ class Fusion(_Model):
 class ServingConfig(_Model):
     """How `tidal serve` batches, splits, pads and caches (see `tidal.serving`).
 
-    Rows of concurrent requests merge into one batch up to `max_batch_rows`, waiting
-    at most `max_delay_ms` while the pipeline is busy; a request of more than
+    Rows of concurrent requests merge into one batch up to `max_batch_rows`, a batch
+    lingering up to `max_delay_ms` for more rows while requests come closer than that
+    (see `tidal.serving.batcher`); a request of more than
     `chunk_rows` candidates is cut into about equal chunks that run in parallel. The
     dense network only sees batch sizes from `buckets` (batches are padded).
     `max_queue_rows` bounds the rows waiting; beyond it a request gets 503.

@@ -109,6 +109,30 @@ def test_a_lone_request_starts_at_once_and_busy_traffic_lingers_to_fill_a_batch(
     assert records[-1].pieces == 3
 
 
+def test_under_load_a_small_batch_lingers_from_when_it_could_start_not_from_its_oldest_piece(trainer, predictor):
+    """The pieces that waited behind a running batch are past their own `max_delay_ms`
+    when it ends; being few, they still wait that long for more, which join them."""
+    pieces = _pieces(trainer, predictor, [1] * 7)
+    records = []
+    batcher = _batcher(predictor, records, max_delay_ms=300.0)
+    try:
+        with _held(predictor) as gate:
+            futures = batcher.submit(pieces[0])
+            _until(lambda: batcher._in_flight == 1)
+            futures += [f for p in pieces[1:6] for f in batcher.submit(p)]
+            batcher._arrival_gap_s = 0.0  # as under load: requests close together
+            time.sleep(0.4)  # the five waiting are now past their max_delay_ms
+            gate.set()
+            _until(lambda: len(records) == 1)
+            time.sleep(0.05)
+            futures += batcher.submit(pieces[6])  # comes while the small batch lingers
+            for future in futures:
+                future.result(timeout=30)
+    finally:
+        batcher.close()
+    assert [r.pieces for r in records] == [1, 6]
+
+
 def test_a_big_request_is_split_into_chunks_and_merged_back_in_order(trainer, predictor):
     (piece,) = _pieces(trainer, predictor, [150])
     records = []
