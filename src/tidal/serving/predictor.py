@@ -442,10 +442,7 @@ def _broadcast(name: str, array: pa.Array, rows: int) -> pa.Array:
 
 def _concat(tables: Sequence[pa.RecordBatch]) -> pa.RecordBatch:
     """The rows of several batches of the same columns as one batch (one C++ call)."""
-    if len(tables) == 1:
-        return tables[0]
-    merged = pa.Table.from_batches(tables).combine_chunks()
-    return pa.RecordBatch.from_arrays([c.chunk(0) for c in merged.columns], names=merged.column_names)
+    return tables[0] if len(tables) == 1 else pa.concat_batches(tables)  # 60 us for 8 small ones, a table 160
 
 
 def _serving_tables(bundle: Bundle) -> list[EmbeddingTable]:
