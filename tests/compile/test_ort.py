@@ -86,7 +86,7 @@ def test_a_conversion_that_does_not_score_as_the_program_is_refused(monkeypatch)
         to_onnx(program, example, BUCKETS)
 
 
-def test_a_conversion_that_folds_a_weight_away_or_fails_is_refused(monkeypatch):
+def test_a_conversion_that_folds_a_weight_away_is_refused(monkeypatch):
     program, example = _program("dlrm", {}, 3)
     convert = torch.onnx.export
 
@@ -98,15 +98,6 @@ def test_a_conversion_that_folds_a_weight_away_or_fails_is_refused(monkeypatch):
     monkeypatch.setattr(torch.onnx, "export", folded)
     with pytest.raises(CheckpointError, match=r"holds no initializer of the name and shape of weights "
                                               r"\['head.out.bias'\], so new weights could not reach them"):
-        to_onnx(program, example, BUCKETS)
-
-    def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
-        raise RuntimeError("no ONNX function for aten::frobnicate")
-
-    monkeypatch.setattr(torch.onnx, "export", failing)
-    with pytest.raises(CheckpointError, match=r"torch's ONNX exporter could not convert the dense network \("
-                                              r"RuntimeError: no ONNX function for aten::frobnicate\); export it "
-                                              r"with backend torch"):
         to_onnx(program, example, BUCKETS)
 
 
@@ -155,16 +146,21 @@ def test_a_network_with_a_weight_that_is_one_number_converts_and_takes_new_weigh
     torch.testing.assert_close(onnx.with_weights(weights).forward(pooled, dense), onnx.forward(pooled, dense) / 2)
 
 
-def test_a_model_onnx_runtime_cannot_run_is_refused_with_what_to_do(monkeypatch):
+@pytest.mark.parametrize(("owner", "name", "error", "match"), [
+    (torch.onnx, "export", "no ONNX function for aten::frobnicate",
+     r"torch's ONNX exporter could not convert the dense network \(RuntimeError: no ONNX function"),
+    (OnnxProgram, "forward", "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions",
+     r"ONNX Runtime could not run the ONNX model of the dense network at batch 1 \(RuntimeError: .*INVALID_ARGUMENT"),
+])
+def test_a_network_the_exporter_or_onnx_runtime_fails_on_is_refused_with_what_to_do(owner, name, error, match,
+                                                                                   monkeypatch):
     program, example = _program("dlrm", {}, 3)
 
-    def failing(self, pooled, dense):  # type: ignore[no-untyped-def]
-        raise RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions")
+    def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError(error)
 
-    monkeypatch.setattr(OnnxProgram, "forward", failing)
-    with pytest.raises(CheckpointError, match=r"ONNX Runtime could not run the ONNX model of the dense network at "
-                                              r"batch 1 \(RuntimeError: .*INVALID_ARGUMENT.*\); export it with "
-                                              r"backend torch"):
+    monkeypatch.setattr(owner, name, failing)
+    with pytest.raises(CheckpointError, match=match + r".*\); export it with backend torch"):
         to_onnx(program, example, BUCKETS)
 
 

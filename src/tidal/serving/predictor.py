@@ -119,9 +119,10 @@ class Predictor:
 
     def __init__(self, bundle: Bundle, *, device: str | torch.device | None = None,
                  serving: ServingConfig | None = None) -> None:
-        """`device`: auto (or None: a GPU if torch sees one), cpu, cuda or cuda:N.
-        `serving` replaces the bundle's serving settings (its buckets and fusion are used
-        here); its largest bucket must fit the bundle's dense program."""
+        """`device`: auto (or None: a GPU if torch sees one and the backend is torch), cpu,
+        cuda or cuda:N. `serving` replaces the bundle's serving settings (its buckets,
+        fusion, backend and dense threads are used here); its largest bucket must fit
+        the bundle's dense program."""
         self.config = bundle.config
         self.targets = bundle.targets
         serving = serving or self.config.serving
