@@ -228,3 +228,15 @@ def test_float32s_largest_value_is_a_number_and_the_range_message_is_exact():
 def test_raw_ids_span_int64(text, id_):
     out = Extractor([SparseFeature(name="item", columns=["i"], table="t", hashed=False)])(pa.record_batch({"i": [text]}))
     assert out.values.tolist() == [id_]
+
+
+def test_a_batch_of_another_schema_is_checked_after_one_that_passed():
+    extract = Extractor(_DIRECT)
+    good = {"u": ["x", "y"], "n": ["1", "2"], "m": ["3", "4"], "y": ["1", "0"]}
+    assert extract(pa.record_batch(good)).batch_size == 2
+    assert extract(pa.record_batch(good)).batch_size == 2  # the same schema again
+    with pytest.raises(DataError, match=r"feature 'user' reads its column\(s\) as text: .*column 'u' of type int64"):
+        extract(pa.record_batch({**good, "u": pa.array([1, 2])}))
+    with pytest.raises(DataError, match=r"batch lacks columns \['u'\]"):
+        extract(pa.record_batch({k: v for k, v in good.items() if k != "u"}))
+    assert extract(pa.record_batch(good)).batch_size == 2
