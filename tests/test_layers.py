@@ -11,7 +11,7 @@ import tidal
 LAYERS = [  # lowest first
     {"errors", "config", "mixing", "gate"},
     {"data", "embedding", "optim", "models"},
-    {"runtime", "passmode"},  # passmode: DESIGN's HPC pass mode, not written yet
+    {"runtime", "passmode"},
     {"compile"},  # compiled forms of the dense network: what serving runs
     {"serving"},
     {"bench", "demo"},

@@ -44,6 +44,7 @@ __all__ = [
     "LabelFeature",
     "ModelConfig",
     "OptimizerConfig",
+    "PassModeConfig",
     "ProbabilityAdmission",
     "RowWiseAdagrad",
     "RunConfig",
@@ -508,6 +509,26 @@ class RuntimeConfig(_Model):
         return self
 
 
+class PassModeConfig(_Model):
+    """HPC pass mode (as AIBox and HugeCTR's HBM parameter server train): the run trains
+    in passes of `batches_per_pass` batches.
+
+    Before a pass, each table looks the pass's keys up once (creating rows, applying
+    admission: a key admitted anywhere in the pass trains from its start) and the
+    pass's rows move to `training.device` by their difference with the last pass's:
+    rows both use stay there, and only the others move. The pass then trains with plain
+    index gathers and adds on that device. Every row goes back to its table before a
+    checkpoint, an evaluation, an eviction and the end of the run, which therefore
+    fall at the ends of passes: `training.checkpoint_every`, `eval_every` and (for
+    tables that evict or admit) `evict_every` must be multiples of `batches_per_pass`.
+    With `look_ahead`, the next pass is read, extracted and planned, and its rows
+    pulled, while this one trains (not across those points, where the tables change).
+    """
+
+    batches_per_pass: _Int = Field(64, ge=1, le=1 << 20)
+    look_ahead: bool = True
+
+
 class Fusion(_Model):
     """The value model: one score per candidate from the targets' probabilities.
 
@@ -581,7 +602,8 @@ class ServingConfig(_Model):
 
 class RunConfig(_Model):
     """One YAML file: data, features, tables, model and training; with `runtime`, the
-    heterogeneous engine trains it, without it the single-process reference trainer."""
+    heterogeneous engine trains it, with `passmode` the pass-mode trainer, with
+    neither the single-process reference trainer."""
 
     data: DataConfig
     features: list[FeatureConfig] = Field(min_length=1)
@@ -589,6 +611,7 @@ class RunConfig(_Model):
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
     runtime: RuntimeConfig | None = None
+    passmode: PassModeConfig | None = None
     serving: ServingConfig = ServingConfig()
 
     @pydantic.model_validator(mode="after")
@@ -619,7 +642,22 @@ class RunConfig(_Model):
         if self.training.eval_every is not None and not self.data.eval and not _SAVED.get():
             raise ValueError(f"training.eval_every is {self.training.eval_every}, but data.eval names no files to "
                              f"evaluate on: set data.eval, or remove eval_every")
+        self._check_passmode()
         return self
+
+    def _check_passmode(self) -> None:
+        if self.passmode is None:
+            return
+        if self.runtime is not None:
+            raise ValueError("runtime (the heterogeneous engine) and passmode are two ways to train a run: keep one")
+        every = self.passmode.batches_per_pass
+        evicts = any(t.eviction is not None or t.admission is not None for t in self.tables)
+        due = {"checkpoint_every": self.training.checkpoint_every, "eval_every": self.training.eval_every,
+               "evict_every": self.training.evict_every if evicts else None}
+        for key, steps in due.items():
+            if steps is not None and steps % every:
+                raise ValueError(f"training.{key} is {steps}, but in pass mode it falls at the end of a pass: give a "
+                                 f"multiple of passmode.batches_per_pass ({every}), e.g. {max(1, round(steps / every)) * every}")
 
     @classmethod
     def from_saved(cls, values: dict) -> RunConfig:

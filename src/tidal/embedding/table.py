@@ -334,6 +334,12 @@ class EmbeddingTable:
             self._step = max(self._step, step)
             return step
 
+    def count_update(self) -> int:
+        """Count one optimizer step applied to this table's rows elsewhere (pass mode
+        trains a pass's rows on a device); its number, the step Adam's bias correction
+        uses without per-row steps."""
+        return self._next_update()
+
     def _next_update(self) -> int:
         with self._counter_lock:
             self._updates += 1
@@ -595,14 +601,16 @@ class EmbeddingTable:
                          last_seen=last_seen, counts=counts)
         return block, handles >= 0
 
-    def push_rows(self, block: RowBlock) -> np.ndarray:
+    def push_rows(self, block: RowBlock, *, keep_last_seen: bool = False) -> np.ndarray:
         """Insert or overwrite rows with their optimizer state and lookup counts.
 
-        The rows count as written now (so the next delta checkpoint holds them).
+        The rows count as written now (so the next delta checkpoint holds them), or,
+        with `keep_last_seen`, at the block's `last_seen` steps (rows trained elsewhere
+        coming back: their steps say when they were last used).
         Admission does not apply (the rows were admitted where they came from); the row
         cap does: returns a mask of the rows stored, False where the table was full.
         """
-        return self._push(block, keep_last_seen=False)
+        return self._push(block, keep_last_seen=keep_last_seen)
 
     def _push(self, block: RowBlock, *, keep_last_seen: bool) -> np.ndarray:
         keys = self._keys(block.keys)

@@ -216,10 +216,16 @@ class Trainer:
         `extract` makes them. `step` is the tables' step of its lookups (default: the one
         after the latest; `fit` gives the run's step, as the heterogeneous engine does)."""
         self._check_batch(batch)
-        self.model.train()
         ctx = self.collection.lookup(batch, step=step)
-        pooled = self.collection.pool(batch, ctx, dtype=PRECISIONS[self.precision])  # [B, F, D]
-        pooled = pooled.to(self.device).requires_grad_(True)
+        loss, grad = self.dense_step(batch, self.collection.pool(batch, ctx, dtype=PRECISIONS[self.precision]))
+        self.collection.backward(ctx, grad.cpu())
+        return loss
+
+    def dense_step(self, batch: SparseBatch, pooled: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """The dense network's training step on `batch` given its pooled embeddings
+        `[B, F, D]`: its loss, and the gradient of `pooled` (on the training device)."""
+        self.model.train()
+        pooled = pooled.to(self.device, PRECISIONS[self.precision]).requires_grad_(True)
         with compute_precision(self.device, self.precision):
             logits = self.model(pooled, self._dense(batch))  # [B, T]
         labels = torch.tensor(batch.labels).to(self.device)
@@ -227,8 +233,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        self.collection.backward(ctx, pooled.grad.cpu())
-        return float(loss.item())
+        return float(loss.item()), pooled.grad
 
     def _check_batch(self, batch: SparseBatch) -> None:
         """A BatchError unless `batch` is laid out as `extract` lays it out."""
@@ -296,12 +301,16 @@ class Trainer:
                               f"(fit(resume=True)) to continue it, or choose another run_dir, or delete that one")
         with open(self.run_dir / "metrics.jsonl", "a" if resume else "w") as log, compile_clock() as compiling:
             self.progress.start = time.perf_counter()
-            if self.config.runtime is None:
-                step, finished = self._train(log, position, max_steps)
-            else:
+            if self.config.runtime is not None:
                 from tidal.runtime.hetero import train
 
                 step, finished = train(self, log, position, max_steps)
+            elif self.config.passmode is not None:
+                from tidal.passmode.train import train
+
+                step, finished = train(self, log, position, max_steps)
+            else:
+                step, finished = self._train(log, position, max_steps)
             rows = self.progress.rows
             self.elapsed_s = time.perf_counter() - self.progress.start - self.progress.eval_s
             if step == 0:
@@ -349,32 +358,36 @@ class Trainer:
         else:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
-    def _train(self, log, position: dict, max_steps: int | None) -> tuple[int, bool]:  # type: ignore[no-untyped-def]
-        """Steps up to the end (or `max_steps`): (last step, finished)."""
-        training = self.config.training
-        step = position["step"]
+    def training_batches(self, position: dict) -> Iterator[tuple[int, int, SparseBatch]]:
+        """The run's batches from `position` on, as (epoch, number in the epoch, batch);
+        the first epoch's bad rows are counted in `bad_rows` as it is read."""
         skip = position["batch"]  # past its epoch's end (an engine run's lost batches): into the next, as BatchSource
-        for epoch in range(position["epoch"], training.epochs):
+        for epoch in range(position["epoch"], self.config.training.epochs):
             report, n = BadRows(), -1
             if epoch == 0:  # the first pass reads every row, skipped or not: it counts each bad row once
                 self.bad_rows = report
             for n, table in enumerate(self._tables(self.config.data.train, report)):
-                if n < skip:  # done before the checkpoint we resumed from
-                    continue
-                batch = self.extract(table)
-                step += 1
-                self.progress.add(step, batch.batch_size, self.step(batch, step=step))
-                if self.collection.evicts and step % training.evict_every == 0:
-                    self.collection.evict()  # a safe point: this step's update has landed
-                if step % training.log_every == 0:
-                    self._log(log, epoch, step)
-                if training.eval_every and self.config.data.eval and step % training.eval_every == 0:
-                    self._log_eval(log, step)
-                if training.checkpoint_every and step % training.checkpoint_every == 0:
-                    checkpoint.save(self, {"step": step, "epoch": epoch, "batch": n + 1})
-                if max_steps is not None and step >= max_steps:
-                    return step, False
+                if n >= skip:  # the others were done before the checkpoint we resumed from
+                    yield epoch, n, self.extract(table)
             skip = max(0, skip - (n + 1))
+
+    def _train(self, log, position: dict, max_steps: int | None) -> tuple[int, bool]:  # type: ignore[no-untyped-def]
+        """Steps up to the end (or `max_steps`): (last step, finished)."""
+        training = self.config.training
+        step = position["step"]
+        for epoch, n, batch in self.training_batches(position):
+            step += 1
+            self.progress.add(step, batch.batch_size, self.step(batch, step=step))
+            if self.collection.evicts and step % training.evict_every == 0:
+                self.collection.evict()  # a safe point: this step's update has landed
+            if step % training.log_every == 0:
+                self._log(log, epoch, step)
+            if training.eval_every and self.config.data.eval and step % training.eval_every == 0:
+                self._log_eval(log, step)
+            if training.checkpoint_every and step % training.checkpoint_every == 0:
+                checkpoint.save(self, {"step": step, "epoch": epoch, "batch": n + 1})
+            if max_steps is not None and step >= max_steps:
+                return step, False
         return step, True
 
     def _final_eval(self, log, step: int) -> Evaluation:  # type: ignore[no-untyped-def]

@@ -1,0 +1,119 @@
+"""A pass's rows on its device: one table for all embedding tables, trained with plain
+index gathers and adds.
+
+Every embedding table has the same dim, so all of them share one `values` tensor
+`[slots, D]` (one gather pools every feature of a batch) and one `state` tensor
+`[slots, W]` (W the widest optimizer state; a table's rows use its first columns).
+Slot 0 holds no row and stays zero. Rows come in and go back by the difference
+between consecutive passes (`tidal.passmode.plan`); `flush` writes every row back to
+its table, at the points where the tables must be current (checkpoints, evaluation,
+eviction, the end of a run).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tidal.embedding.collection import EmbeddingCollection
+from tidal.embedding.table import RowBlock
+from tidal.passmode.optim import update_rows
+from tidal.passmode.plan import BatchSlots, PassPlan, Residency
+
+__all__ = ["DeviceRows"]
+
+_GROWTH = 1.25  # the device table grows by at least a quarter, so a growing run copies it rarely
+
+
+class DeviceRows:
+    """The rows of the current pass on `device`. See the module docstring."""
+
+    def __init__(self, collection: EmbeddingCollection, device: torch.device | str) -> None:
+        self.collection = collection
+        self.device = torch.device(device)
+        self.dim = collection.dim
+        width = max(t.optimizer.state_width for t in collection.tables)
+        self.values = torch.zeros((1, self.dim), dtype=torch.float32, device=self.device)  # [slots, D]
+        self.state = torch.zeros((1, width), dtype=torch.float32, device=self.device)  # [slots, W]
+        self.residency = Residency.empty(len(collection.tables))
+        self.last_step = 0  # the last step of the pass the rows here were last used in
+
+    # ------------------------------------------------------------------ moves
+
+    def swap(self, plan: PassPlan) -> None:
+        """Make the device hold `plan`'s rows: write its leaving rows back, then place
+        its entering ones (a leaving row's slot may take an entering one)."""
+        for t, move in enumerate(plan.moves):
+            self._write_back(t, move.leaving_keys, move.leaving_slots)
+        self._grow(plan.residency.size)
+        for move in plan.moves:
+            slots = self._tensor(move.entering_slots)
+            self.values.index_copy_(0, slots, self._tensor(move.entering.values))
+            width = move.entering.state.shape[1]
+            if width:
+                self.state[:, :width].index_copy_(0, slots, self._tensor(move.entering.state))
+        self.residency = plan.residency
+        self.last_step = plan.last_step
+
+    def flush(self) -> None:
+        """Write every row back to its table; the rows stay here."""
+        for t, (keys, slots) in enumerate(zip(self.residency.keys, self.residency.slots)):
+            self._write_back(t, keys, slots)
+
+    def release(self) -> None:
+        """Write every row back and hold none (before the tables evict: the next pass
+        pulls its rows again)."""
+        self.flush()
+        self.residency = Residency.empty(len(self.collection.tables))
+
+    def _write_back(self, t: int, keys: np.ndarray, slots: np.ndarray) -> None:
+        """Rows `keys` from `slots` into table `t`, last used at `last_step`; their
+        lookup counts are the table's (the pass's lookup counted them)."""
+        if keys.shape[0] == 0:
+            return
+        table = self.collection.tables[t]
+        index = self._tensor(slots)
+        values = self.values.index_select(0, index).cpu().numpy()
+        state = self.state[:, : table.optimizer.state_width].index_select(0, index).cpu().numpy()
+        counts = table.pull_rows(keys)[0].counts
+        block = RowBlock(keys=keys, values=values, state=state, counts=counts,
+                         last_seen=np.full(keys.shape[0], self.last_step, np.uint32))
+        table.push_rows(block, keep_last_seen=True)
+
+    def _grow(self, size: int) -> None:
+        if size <= self.values.shape[0]:
+            return
+        size = max(size, int(self.values.shape[0] * _GROWTH))
+        more = size - self.values.shape[0]
+        self.values = torch.cat([self.values, self.values.new_zeros((more, self.values.shape[1]))])
+        self.state = torch.cat([self.state, self.state.new_zeros((more, self.state.shape[1]))])
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        array = np.ascontiguousarray(array)
+        if not array.flags.writeable:  # a batch's own arrays: torch takes only writable ones
+            array = array.copy()
+        return torch.from_numpy(array).to(self.device, non_blocking=True)
+
+    # ------------------------------------------------------------------ training
+
+    def pool(self, item: BatchSlots) -> torch.Tensor:
+        """The pooled embeddings `[B, F, D]` float32 of a batch of the pass."""
+        batch = item.batch
+        bags = F.embedding_bag(self._tensor(item.slots), self.values, self._tensor(item.offsets), mode="sum",
+                               per_sample_weights=self._tensor(item.scales), include_last_offset=True)  # [F * B, D]
+        return bags.view(len(batch.keys), batch.batch_size, self.dim).transpose(0, 1).contiguous()
+
+    def update(self, item: BatchSlots, grad: torch.Tensor) -> None:
+        """Each table's optimizer step on the rows of `item`, given the gradient of its
+        pooled output `[B, F, D]`: each row takes the sum of its ids' scaled gradients."""
+        rows = grad.detach().to(self.device, torch.float32).reshape(-1, self.dim)  # [B * F, D]
+        for update in item.updates:
+            table = self.collection.tables[update.table]
+            step = table.count_update()
+            if update.slots.shape[0] == 0:
+                continue
+            scaled = rows.index_select(0, self._tensor(update.sources)) * self._tensor(update.scales)[:, None]
+            summed = torch.zeros((update.slots.shape[0], self.dim), dtype=torch.float32, device=self.device)
+            summed.index_add_(0, self._tensor(update.inverse), scaled)
+            update_rows(table.optimizer, self.values, self.state, self._tensor(update.slots), summed, step)

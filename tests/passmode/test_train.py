@@ -1,0 +1,138 @@
+"""Pass-mode training against the reference trainer, and its own resumes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tidal.config import RunConfig
+from tidal.data import generate
+from tidal.data.criteo import CRITEO_DENSE, CRITEO_SPARSE
+from tidal.errors import ConfigError
+from tidal.runtime import Trainer
+
+
+def _config(tmp_path, optimizer=None, passmode=None, **training) -> dict:
+    train = generate(tmp_path / "train", rows=6_000, seed=1)
+    return {
+        "data": {"train": train.paths, "batch_size": 512},
+        "features": [
+            *({"kind": "sparse", "name": c, "columns": [c], "table": "ids" if k % 2 else "more"}
+              for k, c in enumerate(CRITEO_SPARSE)),
+            *({"kind": "dense", "name": c, "column": c, "transform": "log"} for c in CRITEO_DENSE),
+            {"kind": "label", "name": "click", "column": "label"},
+        ],
+        "tables": [{"name": "ids", "dim": 8, "optimizer": optimizer or {"kind": "adagrad", "lr": 0.05}},
+                   {"name": "more", "dim": 8, "optimizer": {"kind": "sgd", "lr": 0.05}}],
+        "model": {"kind": "dlrm", "bottom_sizes": [16], "hidden_sizes": [32]},
+        "training": {"epochs": 2, "lr": 0.003, "log_every": 5, "run_dir": str(tmp_path / "run"), **training},
+        **({"passmode": passmode} if passmode is not None else {}),
+    }
+
+
+def _run(config: dict, tmp_path, name: str, **passmode) -> Trainer:
+    config = {**config, "training": {**config["training"], "run_dir": str(tmp_path / name)}}
+    if passmode:
+        config["passmode"] = passmode
+    trainer = Trainer(RunConfig(**config))
+    trainer.fit()
+    return trainer
+
+
+def _rows(trainer: Trainer, t: int) -> tuple[np.ndarray, object]:
+    table = trainer.collection.tables[t]
+    keys = np.sort(np.concatenate([table.snapshot_shard(s, since_save=False)["keys"] for s in range(table.num_shards)]))
+    block, found = table.pull_rows(keys)
+    assert found.all()
+    return keys, block
+
+
+@pytest.mark.parametrize("optimizer", [{"kind": "adagrad", "lr": 0.05}, {"kind": "adam", "lr": 0.01},
+                                       {"kind": "ftrl", "alpha": 0.05, "l1": 0.001}], ids=lambda o: o["kind"])
+def test_pass_mode_trains_as_the_reference_trainer(tmp_path, optimizer):
+    config = _config(tmp_path, optimizer)
+    reference = _run(config, tmp_path, "reference")
+    passes = _run(config, tmp_path, "passes", batches_per_pass=4)
+    for t in range(2):
+        (keys_a, a), (keys_b, b) = _rows(reference, t), _rows(passes, t)
+        np.testing.assert_array_equal(keys_a, keys_b)
+        np.testing.assert_allclose(b.values, a.values, rtol=1e-3, atol=1e-4)  # float rounding, 24 steps on
+        np.testing.assert_allclose(b.state, a.state, rtol=1e-3, atol=1e-4)
+        assert reference.collection.tables[t].clocks() == passes.collection.tables[t].clocks()
+    for name, tensor in reference.model.state_dict().items():
+        torch.testing.assert_close(passes.model.state_dict()[name], tensor, rtol=1e-3, atol=1e-4)
+    assert passes.progress.rows == reference.progress.rows == 12_000
+
+
+def _assert_same_tables_and_weights(a: Trainer, b: Trainer) -> None:
+    for name, tensor in a.model.state_dict().items():
+        assert torch.equal(tensor, b.model.state_dict()[name]), name
+    for t in range(len(a.collection.tables)):
+        (keys_a, rows_a), (keys_b, rows_b) = _rows(a, t), _rows(b, t)
+        np.testing.assert_array_equal(keys_a, keys_b)
+        for field in ("values", "state", "last_seen"):
+            np.testing.assert_array_equal(getattr(rows_a, field), getattr(rows_b, field), err_msg=field)
+        assert a.collection.tables[t].stats().evicted == b.collection.tables[t].stats().evicted
+
+
+def test_a_resumed_pass_mode_run_matches_an_uninterrupted_one_bit_for_bit(tmp_path):
+    """With TTL eviction, so that the rows' steps must agree too."""
+    config = _config(tmp_path, checkpoint_every=6, evict_every=3, passmode={"batches_per_pass": 3})
+    config["tables"][0]["eviction"] = {"ttl_steps": 4}
+    whole = _run(config, tmp_path, "whole")
+    assert whole.collection.tables[0].stats().evicted > 0
+    split = {**config, "training": {**config["training"], "run_dir": str(tmp_path / "split")}}
+    Trainer(RunConfig(**split)).fit(max_steps=12)
+    resumed = Trainer(RunConfig(**split))
+    assert resumed.fit(resume=True)["steps"] == 24  # 12 batches an epoch
+    _assert_same_tables_and_weights(whole, resumed)
+
+
+def test_planning_the_next_pass_ahead_changes_nothing(tmp_path):
+    config = _config(tmp_path, passmode={"batches_per_pass": 5})
+    ahead = _run(config, tmp_path, "ahead")
+    in_turn = _run(config, tmp_path, "in_turn", batches_per_pass=5, look_ahead=False)
+    _assert_same_tables_and_weights(ahead, in_turn)
+
+
+def test_a_run_stopped_mid_pass_writes_its_rows_back(tmp_path):
+    config = _config(tmp_path, passmode={"batches_per_pass": 8})
+    config["training"]["run_dir"] = str(tmp_path / "stopped")
+    stopped = Trainer(RunConfig(**config))
+    summary = stopped.fit(max_steps=5)
+    assert summary["steps"] == 5
+    reference = Trainer(RunConfig(**{**config, "passmode": None,
+                                     "training": {**config["training"], "run_dir": str(tmp_path / "reference")}}))
+    reference.fit(max_steps=5)
+    for t in range(2):
+        (keys_a, a), (keys_b, b) = _rows(reference, t), _rows(stopped, t)
+        np.testing.assert_array_equal(keys_a, keys_b)
+        np.testing.assert_allclose(b.values, a.values, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize(("training", "passmode", "expected"), [
+    ({"checkpoint_every": 10}, {"batches_per_pass": 4}, "training.checkpoint_every is 10, but in pass mode it falls "
+                                                         "at the end of a pass: give a multiple of passmode.batches_per_pass (4), e.g. 8"),
+    ({"eval_every": 6}, {"batches_per_pass": 4}, "training.eval_every is 6"),
+    ({}, {"batches_per_pass": 0}, "batches_per_pass"),
+])
+def test_pass_mode_settings_that_cannot_hold_are_refused(tmp_path, training, passmode, expected):
+    config = _config(tmp_path, passmode=passmode, **training)
+    config["data"]["eval"] = config["data"]["train"]
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        RunConfig(**config)
+
+
+def test_pass_mode_and_the_heterogeneous_engine_are_refused_together(tmp_path):
+    config = _config(tmp_path, passmode={"batches_per_pass": 4})
+    with pytest.raises(ConfigError, match="runtime .* and passmode are two ways to train a run: keep one"):
+        RunConfig(**{**config, "runtime": {"backend": "local"}})
+
+
+def test_evict_every_must_fit_the_passes_only_when_a_table_evicts(tmp_path):
+    config = _config(tmp_path, evict_every=10, passmode={"batches_per_pass": 4})
+    RunConfig(**config)  # nothing evicts: no safe point is needed
+    config["tables"][1]["eviction"] = {"ttl_steps": 100}
+    with pytest.raises(ConfigError, match="training.evict_every is 10"):
+        RunConfig(**config)
