@@ -1,4 +1,4 @@
-"""The `tidal` command line: demo, train, eval, export, serve, gen-data, bench sparse|data|train|quality|hetero|serve|dense."""
+"""The `tidal` command line: demo, train, eval, export, serve, gen-data, bench sparse|data|train|quality|hetero|serve|dense|pass."""
 
 from __future__ import annotations
 
@@ -95,6 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--seconds", type=float, default=5.0, help="measured seconds per point (default 5)")
     serve_bench.add_argument("--no-ray", action="store_true", help="leave out the Ray Serve peer")
     serve_bench.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    pass_bench = which.add_parser("pass", help="pass-mode training samples/s against the reference trainer")
+    pass_bench.add_argument("--quick", action="store_true", help="200,000 rows instead of 400,000")
+    pass_bench.add_argument("--batches-per-pass", type=int, default=16, help="batches in a pass (default 16)")
+    pass_bench.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     dense_bench = which.add_parser("dense", help="the serving dense stage on ONNX Runtime against torch, per bucket")
     dense_bench.add_argument("--quick", action="store_true", help="100 calls per point instead of 400")
     dense_bench.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
@@ -170,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tidal bench hetero: --rows must be at least {2 * hetero.BATCH}, got {args.rows}", file=sys.stderr)
             return 2
         hetero.run(rows=args.rows, mode=args.mode, with_ray=not args.no_ray, as_json=args.json)
+    elif args.benchmark == "pass":
+        from tidal.bench import passmode
+
+        if args.batches_per_pass < 1:
+            print(f"tidal bench pass: --batches-per-pass must be >= 1, got {args.batches_per_pass}", file=sys.stderr)
+            return 2
+        passmode.run(rows=200_000 if args.quick else 400_000, batches_per_pass=args.batches_per_pass, as_json=args.json)
     elif args.benchmark == "dense":
         from tidal.bench import dense
         from tidal.errors import TidalError

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
-from tidal.config import CountAdmission, EmbeddingFeature, Eviction, Sgd, TableConfig
+from tidal.config import Adagrad, Adam, CountAdmission, EmbeddingFeature, Eviction, Sgd, TableConfig
 from tidal.data import SparseBatch
 from tidal.embedding import EmbeddingCollection
+from tidal.errors import ConfigError
 from tidal.passmode.plan import ZERO_SLOT, Residency, plan_pass
 from tidal.passmode.rows import DeviceRows
 
 
-def _collection(**table) -> EmbeddingCollection:
-    tables = [TableConfig(name="a", dim=4, optimizer=Sgd(lr=0.5), **table), TableConfig(name="b", dim=4)]
+def _collection(optimizer=None, **table) -> EmbeddingCollection:
+    tables = [TableConfig(name="a", dim=4, optimizer=optimizer or Sgd(lr=0.5), **table), TableConfig(name="b", dim=4)]
     features = [EmbeddingFeature(name="x", table="a"), EmbeddingFeature(name="y", table="b", pooling="mean"),
                 EmbeddingFeature(name="z", table="a", pooling="sqrtn")]
     return EmbeddingCollection(tables, features)
@@ -45,7 +47,7 @@ def test_the_next_pass_moves_only_the_rows_that_differ_and_reuses_freed_slots():
 
 
 def test_ids_without_a_row_read_slot_zero_and_move_nothing():
-    collection = _collection(admission=CountAdmission(min_count=3))
+    collection = _collection(Adagrad(), admission=CountAdmission(min_count=3))
     plan = _plan(collection, [_batch([[1, 1], [2]], [[7], [8]], [[1], [9]]), _batch([[2]], [[7]], [[9]])])
     table_a = plan.moves[0]
     assert table_a.entering.keys.tolist() == [1]  # seen three times in the pass; 2 and 9 twice
@@ -53,7 +55,19 @@ def test_ids_without_a_row_read_slot_zero_and_move_nothing():
     a_slot = plan.residency.slots[0][0]
     assert first.slots[:3].tolist() == [a_slot, a_slot, ZERO_SLOT]  # x: 1, 1 | 2
     update = next(u for u in first.updates if u.table == 0)
-    assert update.slots.tolist() == [a_slot] and update.inverse.tolist() == [0, 0, 0]  # x's 1, 1 and z's 1
+    assert update.distinct.tolist() == [a_slot] and update.inverse.tolist() == [0, 0, 0]  # x's 1, 1 and z's 1
+    sgd = next(u for u in first.updates if u.table == 1)  # plain SGD lists no distinct rows: it adds id by id
+    assert sgd.distinct is None and sgd.slots.shape == (2,)
+
+
+def test_each_batch_numbers_its_own_distinct_rows():
+    collection = _collection(Adagrad())
+    plan = _plan(collection, [_batch([[5, 6], [5]], [[7], [7]], [[6], [8]]), _batch([[8]], [[7]], [[6]])])
+    for item in plan.batches:
+        update = next(u for u in item.updates if u.table == 0)
+        assert np.unique(update.distinct).shape == update.distinct.shape
+        np.testing.assert_array_equal(update.distinct[update.inverse], update.slots)
+    assert plan.batches[1].updates[0].distinct.shape == (2,)  # 8 and 6, not the pass's three keys
 
 
 def test_device_pooling_equals_the_collection_s_for_every_pooling_mode_and_weight():
@@ -106,3 +120,49 @@ def test_the_device_table_grows_and_slot_zero_stays_zero():
     np.testing.assert_array_equal(rows.values[torch.from_numpy(plan.residency.slots[0])].numpy(),
                                   collection.tables[0].lookup(keys))
     assert torch.equal(rows.values[ZERO_SLOT], torch.zeros(4))
+
+
+def test_one_id_bags_pool_by_one_gather_in_sample_order():
+    collection = _collection()
+    batch = _batch([[1], [2]], [[7], [8]], [[3], [1]])
+    plan = _plan(collection, [batch])
+    item = plan.batches[0]
+    assert item.gather is None and item.scales is not None  # y and z pool by mean and sqrtn: scales, no gather
+    batch = SparseBatch.from_lists({"x": [[1], [2]], "z": [[3], [1]]})
+    collection = EmbeddingCollection([TableConfig(name="a", dim=4)], [EmbeddingFeature(name="x", table="a"),
+                                                                      EmbeddingFeature(name="z", table="a")])
+    plan = _plan(collection, [batch])
+    rows = DeviceRows(collection, "cpu")
+    rows.swap(plan)
+    assert plan.batches[0].gather is not None
+    expected, _ = collection.forward(batch, train=False)
+    assert torch.equal(rows.pool(plan.batches[0]), expected)
+
+
+@pytest.mark.parametrize("optimizer", [Sgd(lr=0.3), Adagrad(lr=0.3), Adam(lr=0.1)], ids=lambda o: o.kind)
+def test_compiled_and_torch_updates_agree(optimizer):
+    batch = _batch([[1, 1], [2]], [[7], [8]], [[1, 5], []], weights={"x": [[0.5, 2.0], [1.0]], "y": [[1.0], [3.0]],
+                                                                      "z": [[2.0, 1.0], []]})
+    results = []
+    for compiled in (True, False):
+        collection = _collection(optimizer)
+        plan = _plan(collection, [batch])
+        rows = DeviceRows(collection, "cpu", compiled=compiled)
+        rows.swap(plan)
+        for _ in range(3):
+            rows.update(plan.batches[0], torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4) / 10 - 1)
+        results.append((rows.values.clone(), rows.state.clone()))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-6)
+    assert not torch.equal(results[0][0], _plan_values(optimizer, batch))  # the rows did move
+
+
+def _plan_values(optimizer, batch) -> torch.Tensor:
+    collection = _collection(optimizer)
+    rows = DeviceRows(collection, "cpu")
+    rows.swap(_plan(collection, [batch]))
+    return rows.values
+
+
+def test_compiled_updates_are_refused_off_the_cpu():
+    with pytest.raises(ConfigError, match="compiled row updates run on the CPU only, not on meta"):
+        DeviceRows(_collection(), "meta", compiled=True)

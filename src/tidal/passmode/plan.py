@@ -29,8 +29,9 @@ from tidal.embedding import pooling
 from tidal.embedding.collection import EmbeddingCollection
 from tidal.embedding.table import EmbeddingTable, RowBlock
 from tidal.errors import TidalError
+from tidal.passmode._kernels import distinct_keys
 
-__all__ = ["ZERO_SLOT", "BatchSlots", "PassPlan", "Residency", "TableMove", "TableUpdate", "plan_pass"]
+__all__ = ["ZERO_SLOT", "BatchSlots", "PassPlan", "Residency", "TableMove", "TableUpdate", "counts_sightings", "plan_pass"]
 
 ZERO_SLOT = 0
 
@@ -75,17 +76,22 @@ class TableMove:
 class TableUpdate:
     """One table's sparse update in a batch, its ids with a row only.
 
-    sources  [m] int64    each id's gradient row, ``b * F + f``, of the gradient `[B * F, D]`
-    scales   [m] float32  each id's pooling scale
-    inverse  [m] int64    each id's position in `slots`
-    slots    [u] int64    the distinct slots the update moves
+    sources   [m] int64    each id's gradient row, ``b * F + f``, of the gradient `[B * F, D]`
+    scales    [m] float32  each id's pooling scale (None: all 1)
+    slots     [m] int64    each id's slot
+    distinct  [u] int64    the distinct slots, each taking the sum of its ids' gradients
+    inverse   [m] int64    each id's position in `distinct`
+
+    `distinct` and `inverse` are None for plain SGD, which adds each id's gradient as
+    it comes (the same sum).
     """
 
     table: int
     sources: np.ndarray
-    scales: np.ndarray
-    inverse: np.ndarray
+    scales: np.ndarray | None
     slots: np.ndarray
+    distinct: np.ndarray | None
+    inverse: np.ndarray | None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,7 +100,10 @@ class BatchSlots:
 
     slots    [n] int64          the slot of every id of `batch`, in its order
     offsets  [F * B + 1] int64  the batch's bags (feature-major, as `SparseBatch`)
-    scales   [n] float32        each id's pooling scale (its weight, mean or sqrtn)
+    scales   [n] float32        each id's pooling scale (its weight, mean or sqrtn); None
+                                when all are 1
+    gather   [B * F] int64      when every bag holds one id of scale 1: the slots in
+                                sample-major order, so pooling is one row gather; else None
     """
 
     batch: SparseBatch
@@ -102,7 +111,8 @@ class BatchSlots:
     index: int  # the batch's number in its epoch
     slots: np.ndarray
     offsets: np.ndarray
-    scales: np.ndarray
+    scales: np.ndarray | None
+    gather: np.ndarray | None
     updates: tuple[TableUpdate, ...]
 
 
@@ -131,27 +141,33 @@ def plan_pass(collection: EmbeddingCollection, batches: Sequence[tuple[int, int,
     """
     last_step = first_step + len(batches) - 1
     positions = [_table_positions(collection, b) for _, _, b in batches]
-    free, size = [before.free], before.size
-    keys, slots, moves, id_slots = [], [], [], []
+    free, size = before.free, before.size
+    keys, slots, moves, id_keys = [], [], [], []
     for t, table in enumerate(collection.tables):
         ids = np.concatenate([batch.values[p[t]] for (_, _, batch), p in zip(batches, positions) if t in p] or
                              [np.zeros(0, np.int64)])
-        rows = _rows_of_pass(table, ids, last_step)
-        kept = np.isin(before.keys[t], rows, assume_unique=True)
-        entering = rows[~np.isin(rows, before.keys[t], assume_unique=True)]
-        free.append(before.slots[t][~kept])
-        pool = np.concatenate(free)
-        taken = min(pool.shape[0], entering.shape[0])
-        entering_slots = np.concatenate([pool[:taken], np.arange(size, size + entering.shape[0] - taken)])
-        free, size = [pool[taken:]], size + entering.shape[0] - taken
-        moves.append(TableMove(leaving_keys=before.keys[t][~kept], leaving_slots=before.slots[t][~kept],
+        distinct, inverse = distinct_keys(ids)
+        has_row = _have_rows(table, ids, distinct, last_step)
+        rows = distinct[has_row]  # ascending: the table's keys on the device for this pass
+        stays, at = _found_in(before.keys[t], rows)
+        leaving = np.ones(before.keys[t].shape[0], dtype=bool)
+        leaving[at[stays]] = False
+        free = np.concatenate([free, before.slots[t][leaving]])
+        entering = rows[~stays]
+        taken = min(free.shape[0], entering.shape[0])
+        entering_slots = np.concatenate([free[:taken], np.arange(size, size + entering.shape[0] - taken)])
+        free, size = free[taken:], size + entering.shape[0] - taken
+        moves.append(TableMove(leaving_keys=before.keys[t][leaving], leaving_slots=before.slots[t][leaving],
                                entering=_pulled(table, entering), entering_slots=entering_slots))
-        table_keys, table_slots = _merged(before.keys[t][kept], before.slots[t][kept], entering, entering_slots)
-        keys.append(table_keys)
-        slots.append(table_slots)
-        id_slots.append(_slots_of(ids, table_keys, table_slots))
-    residency = Residency(keys=tuple(keys), slots=tuple(slots), free=np.concatenate(free), size=size)
-    return PassPlan(first_step=first_step, batches=_batch_slots(collection, batches, positions, id_slots),
+        row_slots = np.empty(rows.shape[0], np.int64)
+        row_slots[stays], row_slots[~stays] = before.slots[t][at[stays]], entering_slots
+        key_slots = np.full(distinct.shape[0], ZERO_SLOT, np.int64)
+        key_slots[has_row] = row_slots
+        keys.append(rows)
+        slots.append(row_slots)
+        id_keys.append((inverse, key_slots))
+    residency = Residency(keys=tuple(keys), slots=tuple(slots), free=free, size=size)
+    return PassPlan(first_step=first_step, batches=_batch_slots(collection, batches, positions, id_keys),
                     moves=moves, residency=residency)
 
 
@@ -165,17 +181,27 @@ def _table_positions(collection: EmbeddingCollection, batch: SparseBatch) -> dic
     return {t: np.concatenate(runs) for t, runs in positions.items()}
 
 
-def _rows_of_pass(table: EmbeddingTable, ids: np.ndarray, step: int) -> np.ndarray:
-    """The distinct keys of `ids` that have a row once the pass's lookup made them,
-    ascending. A table that counts sightings (admission, or LFU eviction) sees every
-    id; the others each distinct key once."""
-    keys = np.unique(ids)
-    counted = table.config.admission is not None or (
-        table.config.eviction is not None and table.config.eviction.capacity_policy == "lfu")
-    if counted:
+def _have_rows(table: EmbeddingTable, ids: np.ndarray, distinct: np.ndarray, step: int) -> np.ndarray:
+    """Which of the pass's `distinct` keys have a row once its lookup made them. A table
+    that counts sightings (admission, or LFU eviction) sees every id; the others each
+    distinct key once."""
+    if table.config.admission is not None or counts_sightings(table):
         table.lookup_or_insert(ids, step=step)
-        return keys[table.find(keys, count=False).handles >= 0]
-    return keys[table.lookup_or_insert(keys, step=step).handles >= 0]
+        return table.find(distinct, count=False).handles >= 0
+    return table.lookup_or_insert(distinct, step=step).handles >= 0
+
+
+def counts_sightings(table: EmbeddingTable) -> bool:
+    """Whether `table` counts each row's lookups (its eviction is least frequently used)."""
+    return table.config.eviction is not None and table.config.eviction.capacity_policy == "lfu"
+
+
+def _found_in(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which of `keys` are in `sorted_keys`, and where (valid where found)."""
+    if sorted_keys.shape[0] == 0:
+        return np.zeros(keys.shape[0], dtype=bool), np.zeros(keys.shape[0], np.int64)
+    at = np.minimum(np.searchsorted(sorted_keys, keys), sorted_keys.shape[0] - 1)
+    return sorted_keys[at] == keys, at
 
 
 def _pulled(table: EmbeddingTable, keys: np.ndarray) -> RowBlock:
@@ -186,44 +212,56 @@ def _pulled(table: EmbeddingTable, keys: np.ndarray) -> RowBlock:
     return block
 
 
-def _merged(kept_keys: np.ndarray, kept_slots: np.ndarray, new_keys: np.ndarray,
-            new_slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Two key -> slot lists merged, keys ascending."""
-    keys = np.concatenate([kept_keys, new_keys])
-    order = np.argsort(keys, kind="stable")
-    return keys[order], np.concatenate([kept_slots, new_slots])[order]
-
-
-def _slots_of(ids: np.ndarray, keys: np.ndarray, slots: np.ndarray) -> np.ndarray:
-    """The slot of every id (`ZERO_SLOT` where its key has no row)."""
-    if keys.shape[0] == 0:
-        return np.full(ids.shape[0], ZERO_SLOT, np.int64)
-    at = np.minimum(np.searchsorted(keys, ids), keys.shape[0] - 1)
-    return np.where(keys[at] == ids, slots[at], ZERO_SLOT)
-
-
 def _batch_slots(collection: EmbeddingCollection, batches: Sequence[tuple[int, int, SparseBatch]],
-                 positions: list[dict[int, np.ndarray]], id_slots: list[np.ndarray]) -> list[BatchSlots]:
-    """Each batch's share of the pass's slots, table by table, with its updates."""
+                 positions: list[dict[int, np.ndarray]], id_keys: list[tuple[np.ndarray, np.ndarray]]) -> list[BatchSlots]:
+    """Each batch's share of the pass's slots, table by table, with its updates.
+    `id_keys[t]` is (the pass key of each of table t's ids, in batch order; the slot
+    of each pass key)."""
     taken = [0] * len(collection.tables)
     planned = []
     for (epoch, index, batch), where in zip(batches, positions):
         slots = np.full(batch.values.shape[0], ZERO_SLOT, np.int64)
-        for t, p in where.items():
-            slots[p] = id_slots[t][taken[t] : taken[t] + p.shape[0]]
-            taken[t] += p.shape[0]
-        modes = np.array([pooling.MODES[collection.features[k].pooling] for k in batch.keys], dtype=np.int64)
-        weights = batch.weights if batch.weights is not None else np.zeros(0, np.float32)
-        scales = pooling.id_scales(batch.offsets, weights, modes, batch.batch_size)
+        scales = _scales(collection, batch)
         sources = pooling.id_sources(batch.offsets, batch.batch_size)
-        updates = tuple(_update(t, p, slots, sources, scales) for t, p in where.items())
+        updates = []
+        for t, p in where.items():
+            pass_keys, key_slots = id_keys[t][0][taken[t] : taken[t] + p.shape[0]], id_keys[t][1]
+            taken[t] += p.shape[0]
+            slots[p] = key_slots[pass_keys]
+            updates.append(_update(collection.tables[t], t, p, slots, pass_keys, key_slots.shape[0], sources, scales))
+        one_each = scales is None and slots.shape[0] == batch.lengths.shape[0] and bool((batch.lengths == 1).all())
+        gather = slots.reshape(len(batch.keys), batch.batch_size).T.ravel() if one_each else None
         planned.append(BatchSlots(batch=batch, epoch=epoch, index=index, slots=slots, offsets=batch.offsets,
-                                  scales=scales, updates=updates))
+                                  scales=scales, gather=gather, updates=tuple(updates)))
     return planned
 
 
-def _update(t: int, positions: np.ndarray, slots: np.ndarray, sources: np.ndarray, scales: np.ndarray) -> TableUpdate:
-    with_row = positions[slots[positions] != ZERO_SLOT]
-    distinct, inverse = np.unique(slots[with_row], return_inverse=True)
-    return TableUpdate(table=t, sources=sources[with_row], scales=scales[with_row], inverse=inverse.reshape(-1),
-                       slots=distinct)
+def _scales(collection: EmbeddingCollection, batch: SparseBatch) -> np.ndarray | None:
+    """Each id's pooling scale, or None when every one is 1 (sums of unweighted ids)."""
+    modes = np.array([pooling.MODES[collection.features[k].pooling] for k in batch.keys], dtype=np.int64)
+    if batch.weights is None and not modes.any():
+        return None
+    weights = batch.weights if batch.weights is not None else np.zeros(0, np.float32)
+    return pooling.id_scales(batch.offsets, weights, modes, batch.batch_size)
+
+
+def _update(table: EmbeddingTable, t: int, positions: np.ndarray, slots: np.ndarray, pass_keys: np.ndarray,
+            num_keys: int, sources: np.ndarray, scales: np.ndarray | None) -> TableUpdate:
+    """Table `t`'s update in a batch whose ids at `positions` are its ids, `pass_keys`
+    their keys' numbers in the pass (of `num_keys`)."""
+    with_row = slots[positions] != ZERO_SLOT
+    ids = positions[with_row]
+    scaled = None if scales is None else scales[ids]
+    if not table.optimizer.sums_keys_first:  # plain SGD adds each id's gradient as it comes
+        return TableUpdate(table=t, sources=sources[ids], scales=scaled, slots=slots[ids], distinct=None, inverse=None)
+    keys = pass_keys[with_row]
+    present = np.zeros(num_keys, dtype=bool)
+    present[keys] = True
+    numbered = np.flatnonzero(present)
+    number = np.empty(num_keys, np.int64)
+    number[numbered] = np.arange(numbered.shape[0])
+    inverse = number[keys]
+    distinct = np.empty(numbered.shape[0], np.int64)
+    distinct[inverse] = slots[ids]
+    return TableUpdate(table=t, sources=sources[ids], scales=scaled, slots=slots[ids], distinct=distinct,
+                       inverse=inverse)

@@ -18,8 +18,11 @@ import torch.nn.functional as F
 
 from tidal.embedding.collection import EmbeddingCollection
 from tidal.embedding.table import RowBlock
+from tidal.optim import rowwise as rw
 from tidal.passmode.optim import update_rows
-from tidal.passmode.plan import BatchSlots, PassPlan, Residency
+from tidal.errors import ConfigError
+from tidal.passmode._kernels import optimizer_step, sgd_add
+from tidal.passmode.plan import BatchSlots, PassPlan, Residency, TableUpdate, counts_sightings
 
 __all__ = ["DeviceRows"]
 
@@ -29,9 +32,15 @@ _GROWTH = 1.25  # the device table grows by at least a quarter, so a growing run
 class DeviceRows:
     """The rows of the current pass on `device`. See the module docstring."""
 
-    def __init__(self, collection: EmbeddingCollection, device: torch.device | str) -> None:
+    def __init__(self, collection: EmbeddingCollection, device: torch.device | str, *,
+                 compiled: bool | None = None) -> None:
         self.collection = collection
         self.device = torch.device(device)
+        # on the CPU the store's kind of compiled kernels update rows (torch's index_add_ costs 4x);
+        # elsewhere torch's ops, which the CPU also runs when `compiled` is False
+        self.compiled = self.device.type == "cpu" if compiled is None else compiled
+        if self.compiled and self.device.type != "cpu":
+            raise ConfigError(f"compiled row updates run on the CPU only, not on {self.device}")
         self.dim = collection.dim
         width = max(t.optimizer.state_width for t in collection.tables)
         self.values = torch.zeros((1, self.dim), dtype=torch.float32, device=self.device)  # [slots, D]
@@ -69,14 +78,15 @@ class DeviceRows:
 
     def _write_back(self, t: int, keys: np.ndarray, slots: np.ndarray) -> None:
         """Rows `keys` from `slots` into table `t`, last used at `last_step`; their
-        lookup counts are the table's (the pass's lookup counted them)."""
+        lookup counts (kept by LFU tables only) are the table's: the pass's lookup
+        counted them."""
         if keys.shape[0] == 0:
             return
         table = self.collection.tables[t]
         index = self._tensor(slots)
         values = self.values.index_select(0, index).cpu().numpy()
         state = self.state[:, : table.optimizer.state_width].index_select(0, index).cpu().numpy()
-        counts = table.pull_rows(keys)[0].counts
+        counts = table.pull_rows(keys)[0].counts if counts_sightings(table) else np.zeros(keys.shape[0], np.uint32)
         block = RowBlock(keys=keys, values=values, state=state, counts=counts,
                          last_seen=np.full(keys.shape[0], self.last_step, np.uint32))
         table.push_rows(block, keep_last_seen=True)
@@ -100,20 +110,45 @@ class DeviceRows:
     def pool(self, item: BatchSlots) -> torch.Tensor:
         """The pooled embeddings `[B, F, D]` float32 of a batch of the pass."""
         batch = item.batch
+        if item.gather is not None:  # one id a bag: the rows themselves, sample by sample
+            return self.values.index_select(0, self._tensor(item.gather)).view(batch.batch_size, len(batch.keys), self.dim)
+        scales = None if item.scales is None else self._tensor(item.scales)
         bags = F.embedding_bag(self._tensor(item.slots), self.values, self._tensor(item.offsets), mode="sum",
-                               per_sample_weights=self._tensor(item.scales), include_last_offset=True)  # [F * B, D]
+                               per_sample_weights=scales, include_last_offset=True)  # [F * B, D]
         return bags.view(len(batch.keys), batch.batch_size, self.dim).transpose(0, 1).contiguous()
 
     def update(self, item: BatchSlots, grad: torch.Tensor) -> None:
         """Each table's optimizer step on the rows of `item`, given the gradient of its
         pooled output `[B, F, D]`: each row takes the sum of its ids' scaled gradients."""
-        rows = grad.detach().to(self.device, torch.float32).reshape(-1, self.dim)  # [B * F, D]
+        rows = grad.detach().to(self.device, torch.float32).reshape(-1, self.dim).contiguous()  # [B * F, D]
         for update in item.updates:
             table = self.collection.tables[update.table]
             step = table.count_update()
             if update.slots.shape[0] == 0:
                 continue
-            scaled = rows.index_select(0, self._tensor(update.sources)) * self._tensor(update.scales)[:, None]
-            summed = torch.zeros((update.slots.shape[0], self.dim), dtype=torch.float32, device=self.device)
-            summed.index_add_(0, self._tensor(update.inverse), scaled)
-            update_rows(table.optimizer, self.values, self.state, self._tensor(update.slots), summed, step)
+            if self.compiled:
+                self._update_compiled(table.optimizer, update, rows.numpy(), step)
+            else:
+                self._update_torch(table.optimizer, update, rows, step)
+
+    def _update_compiled(self, optimizer: rw.OptimizerKernel, update: TableUpdate, grad: np.ndarray, step: int) -> None:
+        scales = _NO_SCALES if update.scales is None else update.scales
+        if update.distinct is None:  # plain SGD: each id's gradient added as it comes
+            sgd_add(self.values.numpy(), update.slots, grad, update.sources, scales, np.float32(optimizer.hyper[rw.LR]))
+        else:
+            optimizer_step(self.values.numpy(), self.state.numpy(), optimizer.state_width, update.distinct,
+                           update.inverse, grad, update.sources, scales, optimizer.code, optimizer.hyper, step)
+
+    def _update_torch(self, optimizer: rw.OptimizerKernel, update: TableUpdate, grad: torch.Tensor, step: int) -> None:
+        scaled = grad.index_select(0, self._tensor(update.sources))  # [m, D]
+        if update.scales is not None:
+            scaled *= self._tensor(update.scales)[:, None]
+        if update.distinct is None:
+            self.values.index_add_(0, self._tensor(update.slots), scaled, alpha=-float(optimizer.hyper[rw.LR]))
+            return
+        summed = torch.zeros((update.distinct.shape[0], self.dim), dtype=torch.float32, device=self.device)
+        summed.index_add_(0, self._tensor(update.inverse), scaled)
+        update_rows(optimizer, self.values, self.state, self._tensor(update.distinct), summed, step)
+
+
+_NO_SCALES = np.zeros(0, np.float32)

@@ -18,8 +18,10 @@ except when this one ends at a safe point (the tables change there).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import IO, Any
 
 from tidal.data.batch import SparseBatch
@@ -33,16 +35,25 @@ __all__ = ["train"]
 class _Passes:
     """The run's batches cut into passes, each planned against the rows before it."""
 
-    def __init__(self, trainer: Any, position: dict[str, int], max_steps: int | None) -> None:
+    def __init__(self, trainer: Any, batches: Iterable[tuple[int, int, SparseBatch]], position: dict[str, int],
+                 max_steps: int | None) -> None:
         self.trainer = trainer
         self.every = trainer.config.passmode.batches_per_pass
-        self.batches: Iterator[tuple[int, int, SparseBatch]] = trainer.training_batches(position)
+        self.batches: Iterator[tuple[int, int, SparseBatch]] = iter(batches)
         self.step = position["step"]  # the last step planned
         self.max_steps = max_steps
         self.finished = False  # the data ran out (not max_steps)
+        self.plan_s = 0.0  # reading, extracting and planning, on whichever thread
 
     def next(self, before: Residency) -> PassPlan | None:
         """The next pass's plan, the device holding `before`; None after the last."""
+        start = time.perf_counter()
+        try:
+            return self._next(before)
+        finally:
+            self.plan_s += time.perf_counter() - start
+
+    def _next(self, before: Residency) -> PassPlan | None:
         end = (self.step // self.every + 1) * self.every
         if self.max_steps is not None:
             end = min(end, self.max_steps)
@@ -58,29 +69,63 @@ class _Passes:
         return plan
 
 
-def train(trainer: Any, log: IO[str], position: dict[str, int], max_steps: int | None) -> tuple[int, bool]:
+def train(trainer: Any, log: IO[str], position: dict[str, int], max_steps: int | None,
+          batches: Iterable[tuple[int, int, SparseBatch]] | None = None) -> tuple[int, bool]:
     """Train from `position` to the end (or `max_steps`) in passes: (last step,
     finished); rows and losses go to `trainer.progress`. Every row is back in its
-    table when it returns."""
+    table when it returns. The batches are the run's training files from `position`
+    on, or `batches` ((epoch, number in the epoch, batch) each, extracted as
+    `Trainer.extract` does)."""
     rows = DeviceRows(trainer.collection, trainer.device)
-    passes = _Passes(trainer, position, max_steps)
+    passes = _Passes(trainer, trainer.training_batches(position) if batches is None else batches, position, max_steps)
     ahead = ThreadPoolExecutor(1, thread_name_prefix="tidal-pass-plan")
-    step = position["step"]
+    step, report = position["step"], _Report()
     try:
-        plan = passes.next(rows.residency)
+        plan = report.timed("wait_s", passes.next, rows.residency)
         while plan is not None:
-            rows.swap(plan)
+            report.count(plan)
+            report.timed("swap_s", rows.swap, plan)
             safe = _safe_point(trainer, plan.last_step)
             look_ahead = trainer.config.passmode.look_ahead and not safe
             planned = ahead.submit(passes.next, plan.residency) if look_ahead else None
-            step = _train_pass(trainer, rows, plan, log)
+            step = report.timed("train_s", _train_pass, trainer, rows, plan, log)
             if safe:
-                _at_safe_point(trainer, rows, log, plan)
-            plan = planned.result() if planned is not None else passes.next(rows.residency)
-        rows.flush()
+                report.timed("safe_point_s", _at_safe_point, trainer, rows, log, plan)
+            plan = report.timed("wait_s", planned.result if planned is not None else partial(passes.next, rows.residency))
+        report.timed("safe_point_s", rows.flush)
     finally:
         ahead.shutdown()  # after a failed pass too: the plan running ahead must not touch the tables later
+        trainer.runtime_report = {"passmode": report.summary(passes.plan_s)}
     return step, passes.finished
+
+
+class _Report:
+    """Where a pass-mode run's time went, and how many rows moved."""
+
+    def __init__(self) -> None:
+        self.seconds = {"wait_s": 0.0, "swap_s": 0.0, "train_s": 0.0, "safe_point_s": 0.0}
+        self.passes = self.rows = self.rows_in = self.rows_out = 0
+
+    def timed(self, key: str, work: Callable[..., Any], *args: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return work(*args)
+        finally:
+            self.seconds[key] += time.perf_counter() - start
+
+    def count(self, plan: PassPlan) -> None:
+        self.passes += 1
+        self.rows += plan.residency.rows
+        self.rows_in += sum(m.entering.keys.shape[0] for m in plan.moves)
+        self.rows_out += sum(m.leaving_keys.shape[0] for m in plan.moves)
+
+    def summary(self, plan_s: float) -> dict:
+        """The figures: `wait_s` is the training thread waiting for plans (all of the
+        planning without look-ahead), `plan_s` the planning wherever it ran, `kept_share`
+        the share of a pass's rows already on the device from the pass before."""
+        return {"passes": self.passes, "rows_per_pass": self.rows / max(self.passes, 1),
+                "kept_share": 1.0 - self.rows_in / max(self.rows, 1), "rows_in": self.rows_in,
+                "rows_out": self.rows_out, "plan_s": plan_s, **self.seconds}
 
 
 def _safe_point(trainer: Any, step: int) -> bool:

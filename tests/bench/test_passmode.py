@@ -1,0 +1,28 @@
+"""`tidal bench pass`: both sides train the same batches and the summary follows from the runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tidal.bench import passmode
+from tidal.cli import main
+
+
+def test_both_sides_train_every_batch_and_the_summary_follows(monkeypatch, capsys):
+    monkeypatch.setattr(passmode, "BATCH", 512)
+    summary = passmode.run(rows=6_000, batches_per_pass=4, as_json=True)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
+    assert summary["rows"] == 6_000 and summary["device"] in ("cpu", "cuda")
+    ratio = summary["passmode_samples_per_s"] / summary["reference_samples_per_s"]
+    assert summary["ratio_vs_reference"] == pytest.approx(ratio)
+    assert abs(summary["passmode_auc"] - summary["reference_auc"]) < 0.01  # the same training, to float rounding
+    report = summary["passmode_report"]
+    assert report["passes"] == 3 and 0.0 < report["kept_share"] < 1.0  # 12 batches in passes of 4
+    assert report["rows_in"] == round(report["rows_per_pass"] * 3 * (1 - report["kept_share"]))
+
+
+def test_the_cli_refuses_an_empty_pass(capsys):
+    assert main(["bench", "pass", "--batches-per-pass", "0"]) == 2
+    assert "--batches-per-pass must be >= 1, got 0" in capsys.readouterr().err
