@@ -242,10 +242,22 @@ def _train(args: argparse.Namespace) -> int:
             print(f"  eval data: {BadRows(summary['eval']['bad_rows'], summary['eval']['bad_row_examples']).summary()}")
     for name, table in summary["tables"].items():
         print(f"  table {name}: {table['rows']:,d} rows, {table['bytes'] / 2**20:.1f} MiB")
-    if summary["runtime"]:
+    if summary["runtime"] and "passmode" in summary["runtime"]:
+        _print_passes(summary["runtime"]["passmode"])
+    elif summary["runtime"]:
         _print_runtime(summary["runtime"], config.training.run_dir)
     print(f"  metrics: {config.training.run_dir}/metrics.jsonl")
     return 0
+
+
+def _print_passes(report: dict) -> None:
+    """A pass-mode run's passes, the rows they moved and where its time went."""
+    print(f"  pass mode: {report['passes']:,d} passes of {report['rows_per_pass']:,.0f} rows on average, "
+          f"{report['kept_share']:.0%} of them already on the device from the pass before "
+          f"({report['rows_in']:,d} rows moved in, {report['rows_out']:,d} out before the end)")
+    print(f"    training {report['train_s']:.1f} s, swapping rows {report['swap_s']:.1f} s, safe points (rows written "
+          f"back, evictions, evaluations, checkpoints) {report['safe_point_s']:.1f} s; planning {report['plan_s']:.1f} s, "
+          f"training waiting for it {report['wait_s']:.1f} s")
 
 
 def _print_runtime(report: dict, run_dir: str) -> None:

@@ -9,7 +9,7 @@ import torch
 from tidal.config import Adagrad, Adam, CountAdmission, EmbeddingFeature, Eviction, Sgd, TableConfig
 from tidal.data import SparseBatch
 from tidal.embedding import EmbeddingCollection
-from tidal.errors import ConfigError
+from tidal.errors import ConfigError, TidalError
 from tidal.passmode.plan import ZERO_SLOT, Residency, plan_pass
 from tidal.passmode.rows import DeviceRows
 
@@ -166,3 +166,17 @@ def _plan_values(optimizer, batch) -> torch.Tensor:
 def test_compiled_updates_are_refused_off_the_cpu():
     with pytest.raises(ConfigError, match="compiled row updates run on the CPU only, not on meta"):
         DeviceRows(_collection(), "meta", compiled=True)
+
+
+def test_a_pass_too_big_for_the_device_says_how_big_and_what_to_do(monkeypatch):
+    collection = _collection()
+    rows = DeviceRows(collection, "cpu")
+    plan = _plan(collection, [_batch([list(range(100))], [[7]], [[1000]])])
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch, "cat", out_of_memory)
+    with pytest.raises(TidalError, match=r"a pass needs 103 rows on cpu \(0\.00 GiB\), more than it has free; give "
+                                         r"passmode\.batches_per_pass fewer batches"):
+        rows.swap(plan)

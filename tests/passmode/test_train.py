@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+import yaml
 
+from tidal.cli import main
 from tidal.config import RunConfig
 from tidal.data import generate
 from tidal.data.criteo import CRITEO_DENSE, CRITEO_SPARSE
@@ -136,3 +140,46 @@ def test_evict_every_must_fit_the_passes_only_when_a_table_evicts(tmp_path):
     config["tables"][1]["eviction"] = {"ttl_steps": 100}
     with pytest.raises(ConfigError, match="training.evict_every is 10"):
         RunConfig(**config)
+
+
+def test_cli_trains_in_passes_and_says_what_moved(tmp_path, capsys):
+    config = _config(tmp_path, checkpoint_every=8, passmode={"batches_per_pass": 4})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "trained 24 steps, 12,000 rows" in out
+    assert "pass mode: 6 passes of " in out and "% of them already on the device from the pass before" in out
+    report = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["runtime"]["passmode"]
+    assert report["passes"] == 6 and 0.0 < report["kept_share"] < 1.0
+    assert f"({report['rows_in']:,d} rows moved in, {report['rows_out']:,d} out before the end)" in out
+    assert (tmp_path / "run" / "checkpoints" / "LATEST").exists()
+
+
+def test_after_a_failed_step_the_tables_hold_every_step_before_it(tmp_path, monkeypatch):
+    config = _config(tmp_path)
+    config["training"]["epochs"] = 1
+    failing_at = 7
+    steps = {"n": 0}
+    dense_step = Trainer.dense_step
+
+    def fail_at_step(self, batch, pooled):
+        steps["n"] += 1
+        if steps["n"] == failing_at:
+            raise RuntimeError("the dense network failed")
+        return dense_step(self, batch, pooled)
+
+    monkeypatch.setattr(Trainer, "dense_step", fail_at_step)
+    trainers = []
+    for name, passmode in (("reference", None), ("passes", {"batches_per_pass": 4})):
+        steps["n"] = 0
+        trainer = Trainer(RunConfig(**{**config, "passmode": passmode,
+                                       "training": {**config["training"], "run_dir": str(tmp_path / name)}}))
+        with pytest.raises(RuntimeError, match="the dense network failed"):
+            trainer.fit()
+        trainers.append(trainer)
+    for t in range(2):  # pass mode made the rows of the whole failed pass (and maybe the next) when it planned them
+        (keys_a, a), (keys_b, b) = _rows(trainers[0], t), _rows(trainers[1], t)
+        at = np.searchsorted(keys_b, keys_a)
+        np.testing.assert_array_equal(keys_b[at], keys_a)
+        np.testing.assert_allclose(b.values[at], a.values, rtol=1e-3, atol=1e-4)  # steps 5 and 6 included

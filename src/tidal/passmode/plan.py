@@ -129,6 +129,15 @@ class PassPlan:
     def last_step(self) -> int:
         return self.first_step + len(self.batches) - 1
 
+    def kept(self) -> Residency:
+        """The rows that stay on the device from the pass before (its residency
+        without the entering rows)."""
+        stays = [~np.isin(keys, move.entering.keys, assume_unique=True)
+                 for keys, move in zip(self.residency.keys, self.moves)]
+        return Residency(keys=tuple(k[m] for k, m in zip(self.residency.keys, stays)),
+                         slots=tuple(s[m] for s, m in zip(self.residency.slots, stays)),
+                         free=self.residency.free, size=self.residency.size)
+
 
 def plan_pass(collection: EmbeddingCollection, batches: Sequence[tuple[int, int, SparseBatch]],
               before: Residency, first_step: int) -> PassPlan:

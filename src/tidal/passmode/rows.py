@@ -20,7 +20,7 @@ from tidal.embedding.collection import EmbeddingCollection
 from tidal.embedding.table import RowBlock
 from tidal.optim import rowwise as rw
 from tidal.passmode.optim import update_rows
-from tidal.errors import ConfigError
+from tidal.errors import ConfigError, TidalError
 from tidal.passmode._kernels import optimizer_step, sgd_add
 from tidal.passmode.plan import BatchSlots, PassPlan, Residency, TableUpdate, counts_sightings
 
@@ -55,6 +55,7 @@ class DeviceRows:
         its entering ones (a leaving row's slot may take an entering one)."""
         for t, move in enumerate(plan.moves):
             self._write_back(t, move.leaving_keys, move.leaving_slots)
+        self.residency = plan.kept()  # until the entering rows are in: what a flush may write back
         self._grow(plan.residency.size)
         for move in plan.moves:
             slots = self._tensor(move.entering_slots)
@@ -94,10 +95,17 @@ class DeviceRows:
     def _grow(self, size: int) -> None:
         if size <= self.values.shape[0]:
             return
+        needed = size
         size = max(size, int(self.values.shape[0] * _GROWTH))
         more = size - self.values.shape[0]
-        self.values = torch.cat([self.values, self.values.new_zeros((more, self.values.shape[1]))])
-        self.state = torch.cat([self.state, self.state.new_zeros((more, self.state.shape[1]))])
+        try:
+            self.values = torch.cat([self.values, self.values.new_zeros((more, self.values.shape[1]))])
+            self.state = torch.cat([self.state, self.state.new_zeros((more, self.state.shape[1]))])
+        except torch.OutOfMemoryError:
+            row_bytes = 4 * (self.values.shape[1] + self.state.shape[1])
+            raise TidalError(f"pass mode: a pass needs {needed:,d} rows on {self.device} "
+                             f"({needed * row_bytes / 2**30:.2f} GiB), more than it has free; give "
+                             f"passmode.batches_per_pass fewer batches") from None
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         array = np.ascontiguousarray(array)

@@ -93,10 +93,24 @@ def train(trainer: Any, log: IO[str], position: dict[str, int], max_steps: int |
                 report.timed("safe_point_s", _at_safe_point, trainer, rows, log, plan)
             plan = report.timed("wait_s", planned.result if planned is not None else partial(passes.next, rows.residency))
         report.timed("safe_point_s", rows.flush)
+    except BaseException as exc:
+        _write_back_after(exc, rows, ahead)
+        raise
     finally:
         ahead.shutdown()  # after a failed pass too: the plan running ahead must not touch the tables later
         trainer.runtime_report = {"passmode": report.summary(passes.plan_s)}
     return step, passes.finished
+
+
+def _write_back_after(failure: BaseException, rows: DeviceRows, ahead: ThreadPoolExecutor) -> None:
+    """After a failed step, the rows trained so far go back to their tables, as the
+    reference trainer's tables hold every step before a failed one."""
+    ahead.shutdown()  # the plan running ahead must not change the tables meanwhile
+    try:
+        rows.flush()
+    except Exception as exc:  # the device itself may be what failed
+        failure.add_note(f"pass mode: the rows trained since the last write-back could not go back to their tables "
+                         f"({type(exc).__name__}: {exc}); resume from the last checkpoint")
 
 
 class _Report:
