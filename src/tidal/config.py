@@ -513,9 +513,10 @@ class PassModeConfig(_Model):
     """HPC pass mode (as AIBox and HugeCTR's HBM parameter server train): the run trains
     in passes of `batches_per_pass` batches.
 
-    Before a pass, each table looks the pass's keys up once (creating rows, applying
-    admission: a key admitted anywhere in the pass trains from its start) and the
-    pass's rows move to `training.device` by their difference with the last pass's:
+    Before a pass, each table looks its keys up (each key once, at the step of the
+    batch that first holds it; every sighting in a table with admission or LFU
+    eviction), creating, admitting and refusing rows as the reference trainer does, and
+    the pass's rows move to `training.device` by their difference with the last pass's:
     rows both use stay there, and only the others move. The pass then trains with plain
     index gathers and adds on that device. Every row goes back to its table before a
     checkpoint, an evaluation, an eviction and the end of the run, which therefore
@@ -525,7 +526,7 @@ class PassModeConfig(_Model):
     pulled, while this one trains (not across those points, where the tables change).
     """
 
-    batches_per_pass: _Int = Field(64, ge=1, le=1 << 20)
+    batches_per_pass: _Int = Field(50, ge=1, le=1 << 20)  # 50 divides evict_every's default, 100
     look_ahead: bool = True
 
 
@@ -656,8 +657,10 @@ class RunConfig(_Model):
                "evict_every": self.training.evict_every if evicts else None}
         for key, steps in due.items():
             if steps is not None and steps % every:
-                raise ValueError(f"training.{key} is {steps}, but in pass mode it falls at the end of a pass: give a "
-                                 f"multiple of passmode.batches_per_pass ({every}), e.g. {max(1, round(steps / every)) * every}")
+                default = "" if key in self.training.model_fields_set else " (its default)"
+                raise ValueError(f"training.{key} is {steps}{default}, but in pass mode it falls at the end of a pass: "
+                                 f"give a multiple of passmode.batches_per_pass ({every}), e.g. "
+                                 f"{max(1, round(steps / every)) * every}")
 
     @classmethod
     def from_saved(cls, values: dict) -> RunConfig:

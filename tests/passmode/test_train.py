@@ -183,3 +183,60 @@ def test_after_a_failed_step_the_tables_hold_every_step_before_it(tmp_path, monk
         at = np.searchsorted(keys_b, keys_a)
         np.testing.assert_array_equal(keys_b[at], keys_a)
         np.testing.assert_allclose(b.values[at], a.values, rtol=1e-3, atol=1e-4)  # steps 5 and 6 included
+
+
+@pytest.mark.parametrize("settings", [
+    {"admission": {"kind": "probability", "probability": 0.2}},
+    {"admission": {"kind": "count", "min_count": 2}},
+    {"max_rows": 800},  # full early: which keys get the rows is the order they came in
+    {"eviction": {"ttl_steps": 2}},
+    {"max_rows": 800, "eviction": {"capacity_policy": "lru"}},
+    {"max_rows": 800, "eviction": {"capacity_policy": "lfu"}},
+], ids=["probability", "count", "row_cap", "ttl", "lru", "lfu"])
+def test_pass_mode_admits_caps_and_evicts_the_rows_the_reference_trainer_does(tmp_path, settings):
+    config = _config(tmp_path, evict_every=4)
+    config["training"]["epochs"] = 1
+    config["tables"][0] |= settings
+    reference = _run(config, tmp_path, "reference")
+    passes = _run(config, tmp_path, "passes", batches_per_pass=4)
+    (keys_a, a), (keys_b, b) = _rows(reference, 0), _rows(passes, 0)
+    np.testing.assert_array_equal(keys_b, keys_a)
+    np.testing.assert_array_equal(b.last_seen, a.last_seen)  # TTL and LRU ages
+    np.testing.assert_allclose(b.values, a.values, rtol=1e-3, atol=1e-4)
+    stats_a, stats_b = reference.collection.tables[0].stats(), passes.collection.tables[0].stats()
+    assert (stats_b.rows, stats_b.admitted, stats_b.evicted) == (stats_a.rows, stats_a.admitted, stats_a.evicted)
+    if "lfu" in str(settings):
+        np.testing.assert_array_equal(b.counts, a.counts)
+
+
+def test_a_table_no_feature_reads_keeps_its_step(tmp_path):
+    config = _config(tmp_path, passmode={"batches_per_pass": 4})
+    config["tables"].append({"name": "unused", "dim": 8})
+    trainer = _run(config, tmp_path, "run")
+    assert trainer.collection.table("unused").clocks()["step"] == 0
+    assert trainer.collection.table("ids").clocks()["step"] == 24
+
+
+def test_a_pass_mode_run_resumes_with_its_passes_changed_or_without_them(tmp_path):
+    config = _config(tmp_path, checkpoint_every=8, passmode={"batches_per_pass": 4})
+    Trainer(RunConfig(**config)).fit(max_steps=8)
+    for passmode in ({"batches_per_pass": 8, "look_ahead": False}, None):
+        resumed = Trainer(RunConfig(**{**config, "passmode": passmode}))
+        assert resumed.fit(resume=True, max_steps=16 if passmode else 24)["steps"] == (16 if passmode else 24)
+
+
+NO_CUDA = not torch.cuda.is_available()
+NO_CUDA_REASON = "needs a CUDA device (torch.cuda.is_available() is False)"
+
+
+@pytest.mark.skipif(NO_CUDA, reason=NO_CUDA_REASON)
+def test_on_a_gpu_pass_mode_trains_as_on_the_cpu_and_repeats_itself_bit_for_bit(tmp_path):
+    config = _config(tmp_path, {"kind": "adagrad", "lr": 0.05}, passmode={"batches_per_pass": 4})
+    cpu = _run(config, tmp_path, "cpu")
+    gpu = [_run({**config, "training": {**config["training"], "device": "cuda"}}, tmp_path, f"gpu{n}") for n in range(2)]
+    assert gpu[0].device.type == "cuda"
+    _assert_same_tables_and_weights(gpu[0], gpu[1])  # the sums of a row's gradients in a fixed order
+    for t in range(2):
+        (keys_a, a), (keys_b, b) = _rows(cpu, t), _rows(gpu[0], t)
+        np.testing.assert_array_equal(keys_a, keys_b)
+        np.testing.assert_allclose(b.values, a.values, rtol=1e-3, atol=1e-4)

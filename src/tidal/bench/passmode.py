@@ -57,6 +57,7 @@ def run(*, rows: int = 400_000, batches_per_pass: int = 16, as_json: bool = Fals
         seconds: dict[str, list[float]] = {side: [] for side in SIDES}
         aucs: dict[str, list[float]] = {side: [] for side in SIDES}
         report: dict = {}
+        device = "cpu"
         for round_ in range(ROUNDS):
             for side in SIDES if round_ % 2 == 0 else SIDES[::-1]:
                 every = batches_per_pass if side == "passmode" else None
@@ -64,7 +65,8 @@ def run(*, rows: int = 400_000, batches_per_pass: int = 16, as_json: bool = Fals
                 seconds[side].append(_train(trainer, train))
                 aucs[side].append(_auc(trainer, held_out))
                 report = trainer.runtime_report if side == "passmode" else report
-    return _summary(train, seconds, aucs, report, batches_per_pass, as_json)
+                device = trainer.device.type
+    return _summary(train, seconds, aucs, report | {"device": device}, batches_per_pass, as_json)
 
 
 def _batches(paths: list[str]) -> list[SparseBatch]:
@@ -110,8 +112,7 @@ def _auc(trainer: Trainer, batches: list[SparseBatch]) -> float:
 def _summary(train: list[SparseBatch], seconds: dict, aucs: dict, report: dict, batches_per_pass: int,
              as_json: bool) -> dict:
     rows = sum(b.batch_size for b in train)
-    summary: dict = {"rows": rows, "batches_per_pass": batches_per_pass,
-                     "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    summary: dict = {"rows": rows, "batches_per_pass": batches_per_pass, "device": report["device"]}
     for side in SIDES:
         summary[f"{side}_samples_per_s"] = rows / min(seconds[side])
         summary[f"{side}_auc"] = float(np.mean(aucs[side]))

@@ -12,8 +12,9 @@ __all__ = ["distinct_keys", "optimizer_step", "sgd_add"]
 
 
 @numba.njit(nogil=True, cache=True)
-def distinct_keys(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct keys of `ids` ascending, and each id's position among them.
+def distinct_keys(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct keys of `ids` ascending; each id's key (its position among them);
+    and each key's first and last sighting (positions in `ids`).
 
     A hash set finds each key's first sighting (a pass holds a million ids or more, of
     which a fifth to a third distinct: sorting them all costs four times as much), then
@@ -26,7 +27,9 @@ def distinct_keys(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mask = np.uint64(capacity - 1)
     numbers = np.full(capacity, -1, np.int64)  # a slot's key, as its number in `seen`
     seen = np.empty(n, np.int64)
-    first = np.empty(n, np.int64)  # each id's key, numbered in order of first sighting
+    first = np.empty(n, np.int64)  # each key's first sighting, keys numbered as first seen
+    last = np.empty(n, np.int64)
+    key_of = np.empty(n, np.int64)  # each id's key, numbered as first seen
     count = 0
     for i in range(n):
         key = ids[i]
@@ -36,15 +39,17 @@ def distinct_keys(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if numbers[j] < 0:
             numbers[j] = count
             seen[count] = key
+            first[count] = i
             count += 1
-        first[i] = numbers[j]
+        key_of[i] = numbers[j]
+        last[key_of[i]] = i
     order = np.argsort(seen[:count])
     rank = np.empty(count, np.int64)
     rank[order] = np.arange(count)
     inverse = np.empty(n, np.int64)
     for i in range(n):
-        inverse[i] = rank[first[i]]
-    return seen[:count][order], inverse
+        inverse[i] = rank[key_of[i]]
+    return seen[:count][order], inverse, first[:count][order], last[:count][order]
 
 
 @numba.njit(nogil=True, cache=True)

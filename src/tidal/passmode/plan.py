@@ -2,7 +2,8 @@
 
 Pass mode (AIBox, HugeCTR's HBM parameter server) trains a pass of batches on rows
 held in one device table. Before the pass, each embedding table looks the pass's keys
-up once (creating rows, applying admission), and the rows move by difference: rows
+up (creating and admitting rows as the reference trainer would), and the rows move by
+difference: rows
 of the last pass that this one also uses stay where they are; the others go back to
 their table, and the pass's other rows come in::
 
@@ -81,17 +82,14 @@ class TableUpdate:
     slots     [m] int64    each id's slot
     distinct  [u] int64    the distinct slots, each taking the sum of its ids' gradients
     inverse   [m] int64    each id's position in `distinct`
-
-    `distinct` and `inverse` are None for plain SGD, which adds each id's gradient as
-    it comes (the same sum).
     """
 
     table: int
     sources: np.ndarray
     scales: np.ndarray | None
     slots: np.ndarray
-    distinct: np.ndarray | None
-    inverse: np.ndarray | None
+    distinct: np.ndarray
+    inverse: np.ndarray
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,6 +122,7 @@ class PassPlan:
     batches: list[BatchSlots]
     moves: list[TableMove]
     residency: Residency  # after the moves
+    last_steps: tuple[np.ndarray, ...]  # per table [n_t] uint32: the step each row of `residency` was last used at
 
     @property
     def last_step(self) -> int:
@@ -144,40 +143,77 @@ def plan_pass(collection: EmbeddingCollection, batches: Sequence[tuple[int, int,
     """The plan of a pass over `batches` ((epoch, index, batch) each) whose first step
     is `first_step`, the device table holding `before`.
 
-    Each table takes one training lookup of the pass's keys, at the pass's last step
-    (rows are created and admission applies: a key admitted anywhere in the pass
-    trains from its start), and its entering rows are pulled.
+    Each table looks the pass's keys up before it trains, each key at the step of the
+    batch that first holds it (every sighting, at its own step, in a table that counts
+    them: admission, LFU eviction), so rows are created, admitted and refused (a table
+    at its cap) as the reference trainer does; its entering rows are pulled.
     """
-    last_step = first_step + len(batches) - 1
     positions = [_table_positions(collection, b) for _, _, b in batches]
-    free, size = before.free, before.size
-    keys, slots, moves, id_keys = [], [], [], []
-    for t, table in enumerate(collection.tables):
-        ids = np.concatenate([batch.values[p[t]] for (_, _, batch), p in zip(batches, positions) if t in p] or
-                             [np.zeros(0, np.int64)])
-        distinct, inverse = distinct_keys(ids)
-        has_row = _have_rows(table, ids, distinct, last_step)
-        rows = distinct[has_row]  # ascending: the table's keys on the device for this pass
-        stays, at = _found_in(before.keys[t], rows)
-        leaving = np.ones(before.keys[t].shape[0], dtype=bool)
-        leaving[at[stays]] = False
-        free = np.concatenate([free, before.slots[t][leaving]])
-        entering = rows[~stays]
-        taken = min(free.shape[0], entering.shape[0])
-        entering_slots = np.concatenate([free[:taken], np.arange(size, size + entering.shape[0] - taken)])
-        free, size = free[taken:], size + entering.shape[0] - taken
-        moves.append(TableMove(leaving_keys=before.keys[t][leaving], leaving_slots=before.slots[t][leaving],
-                               entering=_pulled(table, entering), entering_slots=entering_slots))
-        row_slots = np.empty(rows.shape[0], np.int64)
-        row_slots[stays], row_slots[~stays] = before.slots[t][at[stays]], entering_slots
-        key_slots = np.full(distinct.shape[0], ZERO_SLOT, np.int64)
-        key_slots[has_row] = row_slots
-        keys.append(rows)
-        slots.append(row_slots)
-        id_keys.append((inverse, key_slots))
-    residency = Residency(keys=tuple(keys), slots=tuple(slots), free=free, size=size)
-    return PassPlan(first_step=first_step, batches=_batch_slots(collection, batches, positions, id_keys),
-                    moves=moves, residency=residency)
+    pool = _SlotPool(before.free, before.size)
+    tables = [_plan_table(table, t, batches, positions, before, first_step, pool)
+              for t, table in enumerate(collection.tables)]
+    residency = Residency(keys=tuple(p.keys for p in tables), slots=tuple(p.slots for p in tables), free=pool.free,
+                          size=pool.size)
+    return PassPlan(first_step=first_step, batches=_batch_slots(collection, batches, positions, tables),
+                    moves=[p.move for p in tables], residency=residency, last_steps=tuple(p.last_steps for p in tables))
+
+
+@dataclass(frozen=True, kw_only=True)
+class _TablePlan:
+    """One table's part of a pass: its rows on the device, their slots and the steps
+    of their last use, its move, and the key (`inverse`) of each of its ids in batch
+    order with each key's slot (`key_slots`); `sighted` (None: every id) says which
+    ids read their row: under admission, a key's sightings before the batch that
+    admitted it read zeros, as in the reference trainer."""
+
+    keys: np.ndarray
+    slots: np.ndarray
+    last_steps: np.ndarray
+    move: TableMove
+    inverse: np.ndarray
+    key_slots: np.ndarray
+    sighted: np.ndarray | None
+
+
+class _SlotPool:
+    """Slots of the device table to give out: freed ones first, then new ones."""
+
+    def __init__(self, free: np.ndarray, size: int) -> None:
+        self.free, self.size = free, size
+
+    def give_back(self, slots: np.ndarray) -> None:
+        self.free = np.concatenate([self.free, slots])
+
+    def take(self, count: int) -> np.ndarray:
+        reused = min(count, self.free.shape[0])
+        taken = np.concatenate([self.free[:reused], np.arange(self.size, self.size + count - reused)])
+        self.free, self.size = self.free[reused:], self.size + count - reused
+        return taken
+
+
+def _plan_table(table: EmbeddingTable, t: int, batches: Sequence[tuple[int, int, SparseBatch]],
+                positions: list[dict[int, np.ndarray]], before: Residency, first_step: int,
+                pool: _SlotPool) -> _TablePlan:
+    runs = [batch.values[p[t]] if t in p else np.zeros(0, np.int64) for (_, _, batch), p in zip(batches, positions)]
+    ids, ends = np.concatenate(runs), np.cumsum([r.shape[0] for r in runs])
+    distinct, inverse, first, last = distinct_keys(ids)
+    lookups = _Lookups(ids=ids, ends=ends, served=[t in p for p in positions], first_step=first_step)
+    has_row, sighted = _have_rows(table, lookups, distinct, first)
+    rows = distinct[has_row]  # ascending: the table's keys on the device for this pass
+    stays, at = _found_in(before.keys[t], rows)
+    leaving = np.ones(before.keys[t].shape[0], dtype=bool)
+    leaving[at[stays]] = False
+    pool.give_back(before.slots[t][leaving])
+    entering_slots = pool.take(int((~stays).sum()))
+    move = TableMove(leaving_keys=before.keys[t][leaving], leaving_slots=before.slots[t][leaving],
+                     entering=_pulled(table, rows[~stays]), entering_slots=entering_slots)
+    row_slots = np.empty(rows.shape[0], np.int64)
+    row_slots[stays], row_slots[~stays] = before.slots[t][at[stays]], entering_slots
+    key_slots = np.full(distinct.shape[0], ZERO_SLOT, np.int64)
+    key_slots[has_row] = row_slots
+    last_steps = (first_step + lookups.batch_of(last[has_row])).astype(np.uint32)
+    return _TablePlan(keys=rows, slots=row_slots, last_steps=last_steps, move=move, inverse=inverse,
+                      key_slots=key_slots, sighted=sighted)
 
 
 def _table_positions(collection: EmbeddingCollection, batch: SparseBatch) -> dict[int, np.ndarray]:
@@ -190,14 +226,44 @@ def _table_positions(collection: EmbeddingCollection, batch: SparseBatch) -> dic
     return {t: np.concatenate(runs) for t, runs in positions.items()}
 
 
-def _have_rows(table: EmbeddingTable, ids: np.ndarray, distinct: np.ndarray, step: int) -> np.ndarray:
-    """Which of the pass's `distinct` keys have a row once its lookup made them. A table
-    that counts sightings (admission, or LFU eviction) sees every id; the others each
-    distinct key once."""
+@dataclass(frozen=True, kw_only=True)
+class _Lookups:
+    """A table's ids in a pass: batch i's are ``ids[ends[i - 1]:ends[i]]`` (none where
+    `served[i]` is False: no feature of the batch reads the table), at step
+    ``first_step + i``."""
+
+    ids: np.ndarray
+    ends: np.ndarray
+    served: list[bool]
+    first_step: int
+
+    def batch_of(self, positions: np.ndarray) -> np.ndarray:
+        """The batch of each id at `positions`."""
+        return np.searchsorted(self.ends, positions, side="right")
+
+
+def _have_rows(table: EmbeddingTable, lookups: _Lookups, distinct: np.ndarray,
+               first: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Which of the pass's `distinct` keys (first seen at ids `first`) have a row once
+    the pass's lookups made them, and, in a table that counts sightings (admission, LFU
+    eviction), which ids had their row at their own step (None elsewhere: all that
+    have one). Every batch that reads the table looks up, as in the reference trainer
+    (so the table's step moves as there): its new keys in the order they come, or, in
+    a table that counts sightings, all its ids."""
+    starts = np.concatenate([[0], lookups.ends[:-1]]).astype(np.int64)
     if table.config.admission is not None or counts_sightings(table):
-        table.lookup_or_insert(ids, step=step)
-        return table.find(distinct, count=False).handles >= 0
-    return table.lookup_or_insert(distinct, step=step).handles >= 0
+        sighted = np.zeros(lookups.ids.shape[0], dtype=bool)  # the ids whose key had a row at their step
+        for i in np.flatnonzero(lookups.served):
+            found = table.lookup_or_insert(lookups.ids[starts[i] : lookups.ends[i]], step=lookups.first_step + int(i))
+            sighted[starts[i] : lookups.ends[i]] = found.handles >= 0
+        return table.find(distinct, count=False).handles >= 0, sighted
+    arrival = np.argsort(first)  # the keys as they come, as the reference creates their rows
+    bounds = np.searchsorted(lookups.batch_of(first[arrival]), np.arange(lookups.ends.shape[0] + 1))
+    has_row = np.zeros(distinct.shape[0], dtype=bool)
+    for i in np.flatnonzero(lookups.served):
+        new = arrival[bounds[i] : bounds[i + 1]]
+        has_row[new] = table.lookup_or_insert(distinct[new], step=lookups.first_step + int(i)).handles >= 0
+    return has_row, None
 
 
 def counts_sightings(table: EmbeddingTable) -> bool:
@@ -222,10 +288,8 @@ def _pulled(table: EmbeddingTable, keys: np.ndarray) -> RowBlock:
 
 
 def _batch_slots(collection: EmbeddingCollection, batches: Sequence[tuple[int, int, SparseBatch]],
-                 positions: list[dict[int, np.ndarray]], id_keys: list[tuple[np.ndarray, np.ndarray]]) -> list[BatchSlots]:
-    """Each batch's share of the pass's slots, table by table, with its updates.
-    `id_keys[t]` is (the pass key of each of table t's ids, in batch order; the slot
-    of each pass key)."""
+                 positions: list[dict[int, np.ndarray]], tables: list[_TablePlan]) -> list[BatchSlots]:
+    """Each batch's share of the pass's slots, table by table, with its updates."""
     taken = [0] * len(collection.tables)
     planned = []
     for (epoch, index, batch), where in zip(batches, positions):
@@ -234,10 +298,11 @@ def _batch_slots(collection: EmbeddingCollection, batches: Sequence[tuple[int, i
         sources = pooling.id_sources(batch.offsets, batch.batch_size)
         updates = []
         for t, p in where.items():
-            pass_keys, key_slots = id_keys[t][0][taken[t] : taken[t] + p.shape[0]], id_keys[t][1]
+            mine = slice(taken[t], taken[t] + p.shape[0])
+            pass_keys, key_slots, sighted = tables[t].inverse[mine], tables[t].key_slots, tables[t].sighted
             taken[t] += p.shape[0]
-            slots[p] = key_slots[pass_keys]
-            updates.append(_update(collection.tables[t], t, p, slots, pass_keys, key_slots.shape[0], sources, scales))
+            slots[p] = key_slots[pass_keys] if sighted is None else np.where(sighted[mine], key_slots[pass_keys], ZERO_SLOT)
+            updates.append(_update(t, p, slots, pass_keys, key_slots.shape[0], sources, scales))
         one_each = scales is None and slots.shape[0] == batch.lengths.shape[0] and bool((batch.lengths == 1).all())
         gather = slots.reshape(len(batch.keys), batch.batch_size).T.ravel() if one_each else None
         planned.append(BatchSlots(batch=batch, epoch=epoch, index=index, slots=slots, offsets=batch.offsets,
@@ -254,16 +319,12 @@ def _scales(collection: EmbeddingCollection, batch: SparseBatch) -> np.ndarray |
     return pooling.id_scales(batch.offsets, weights, modes, batch.batch_size)
 
 
-def _update(table: EmbeddingTable, t: int, positions: np.ndarray, slots: np.ndarray, pass_keys: np.ndarray,
-            num_keys: int, sources: np.ndarray, scales: np.ndarray | None) -> TableUpdate:
+def _update(t: int, positions: np.ndarray, slots: np.ndarray, pass_keys: np.ndarray, num_keys: int,
+            sources: np.ndarray, scales: np.ndarray | None) -> TableUpdate:
     """Table `t`'s update in a batch whose ids at `positions` are its ids, `pass_keys`
     their keys' numbers in the pass (of `num_keys`)."""
     with_row = slots[positions] != ZERO_SLOT
-    ids = positions[with_row]
-    scaled = None if scales is None else scales[ids]
-    if not table.optimizer.sums_keys_first:  # plain SGD adds each id's gradient as it comes
-        return TableUpdate(table=t, sources=sources[ids], scales=scaled, slots=slots[ids], distinct=None, inverse=None)
-    keys = pass_keys[with_row]
+    ids, keys = positions[with_row], pass_keys[with_row]
     present = np.zeros(num_keys, dtype=bool)
     present[keys] = True
     numbered = np.flatnonzero(present)
@@ -272,5 +333,5 @@ def _update(table: EmbeddingTable, t: int, positions: np.ndarray, slots: np.ndar
     inverse = number[keys]
     distinct = np.empty(numbered.shape[0], np.int64)
     distinct[inverse] = slots[ids]
-    return TableUpdate(table=t, sources=sources[ids], scales=scaled, slots=slots[ids], distinct=distinct,
-                       inverse=inverse)
+    return TableUpdate(table=t, sources=sources[ids], scales=None if scales is None else scales[ids], slots=slots[ids],
+                       distinct=distinct, inverse=inverse)

@@ -12,16 +12,19 @@ eviction, the end of a run).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from tidal.embedding.collection import EmbeddingCollection
 from tidal.embedding.table import RowBlock
-from tidal.optim import rowwise as rw
-from tidal.passmode.optim import update_rows
 from tidal.errors import ConfigError, TidalError
+from tidal.optim import rowwise as rw
 from tidal.passmode._kernels import optimizer_step, sgd_add
+from tidal.passmode.optim import update_rows
 from tidal.passmode.plan import BatchSlots, PassPlan, Residency, TableUpdate, counts_sightings
 
 __all__ = ["DeviceRows"]
@@ -40,13 +43,14 @@ class DeviceRows:
         # elsewhere torch's ops, which the CPU also runs when `compiled` is False
         self.compiled = self.device.type == "cpu" if compiled is None else compiled
         if self.compiled and self.device.type != "cpu":
-            raise ConfigError(f"compiled row updates run on the CPU only, not on {self.device}")
+            raise ConfigError(f"compiled row updates run on the CPU only, not on {self.device}: pass compiled=False "
+                              f"(or None, which chooses by the device)")
         self.dim = collection.dim
         width = max(t.optimizer.state_width for t in collection.tables)
         self.values = torch.zeros((1, self.dim), dtype=torch.float32, device=self.device)  # [slots, D]
         self.state = torch.zeros((1, width), dtype=torch.float32, device=self.device)  # [slots, W]
         self.residency = Residency.empty(len(collection.tables))
-        self.last_step = 0  # the last step of the pass the rows here were last used in
+        self.last_steps = np.zeros(1, np.uint32)  # [slots] the step each slot's row was last used at
 
     # ------------------------------------------------------------------ moves
 
@@ -64,7 +68,8 @@ class DeviceRows:
             if width:
                 self.state[:, :width].index_copy_(0, slots, self._tensor(move.entering.state))
         self.residency = plan.residency
-        self.last_step = plan.last_step
+        for slots, steps in zip(plan.residency.slots, plan.last_steps):
+            self.last_steps[slots] = steps
 
     def flush(self) -> None:
         """Write every row back to its table; the rows stay here."""
@@ -78,9 +83,9 @@ class DeviceRows:
         self.residency = Residency.empty(len(self.collection.tables))
 
     def _write_back(self, t: int, keys: np.ndarray, slots: np.ndarray) -> None:
-        """Rows `keys` from `slots` into table `t`, last used at `last_step`; their
-        lookup counts (kept by LFU tables only) are the table's: the pass's lookup
-        counted them."""
+        """Rows `keys` from `slots` into table `t`, with the steps they were last used at
+        (their TTL and LRU age); their lookup counts (kept by LFU tables only) are the
+        table's: the pass's lookups counted them."""
         if keys.shape[0] == 0:
             return
         table = self.collection.tables[t]
@@ -88,9 +93,11 @@ class DeviceRows:
         values = self.values.index_select(0, index).cpu().numpy()
         state = self.state[:, : table.optimizer.state_width].index_select(0, index).cpu().numpy()
         counts = table.pull_rows(keys)[0].counts if counts_sightings(table) else np.zeros(keys.shape[0], np.uint32)
-        block = RowBlock(keys=keys, values=values, state=state, counts=counts,
-                         last_seen=np.full(keys.shape[0], self.last_step, np.uint32))
-        table.push_rows(block, keep_last_seen=True)
+        block = RowBlock(keys=keys, values=values, state=state, counts=counts, last_seen=self.last_steps[slots])
+        stored = table.push_rows(block, keep_last_seen=True)
+        if not stored.all():  # the rows were the table's: overwriting them takes no new row
+            raise TidalError(f"table {table.name!r}: {int((~stored).sum())} rows trained in pass mode could not be "
+                             f"written back (the table refused them as full); this is a bug in Tidal")
 
     def _grow(self, size: int) -> None:
         if size <= self.values.shape[0]:
@@ -104,8 +111,9 @@ class DeviceRows:
         except torch.OutOfMemoryError:
             row_bytes = 4 * (self.values.shape[1] + self.state.shape[1])
             raise TidalError(f"pass mode: a pass needs {needed:,d} rows on {self.device} "
-                             f"({needed * row_bytes / 2**30:.2f} GiB), more than it has free; give "
+                             f"({needed * row_bytes / 2**30:.2f} GiB), and the device could not allocate them; give "
                              f"passmode.batches_per_pass fewer batches") from None
+        self.last_steps = np.concatenate([self.last_steps, np.zeros(more, np.uint32)])
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         array = np.ascontiguousarray(array)
@@ -141,7 +149,7 @@ class DeviceRows:
 
     def _update_compiled(self, optimizer: rw.OptimizerKernel, update: TableUpdate, grad: np.ndarray, step: int) -> None:
         scales = _NO_SCALES if update.scales is None else update.scales
-        if update.distinct is None:  # plain SGD: each id's gradient added as it comes
+        if optimizer.code == rw.SGD:  # each id's gradient added as it comes: the same sum, no listing first
             sgd_add(self.values.numpy(), update.slots, grad, update.sources, scales, np.float32(optimizer.hyper[rw.LR]))
         else:
             optimizer_step(self.values.numpy(), self.state.numpy(), optimizer.state_width, update.distinct,
@@ -151,12 +159,21 @@ class DeviceRows:
         scaled = grad.index_select(0, self._tensor(update.sources))  # [m, D]
         if update.scales is not None:
             scaled *= self._tensor(update.scales)[:, None]
-        if update.distinct is None:
-            self.values.index_add_(0, self._tensor(update.slots), scaled, alpha=-float(optimizer.hyper[rw.LR]))
-            return
         summed = torch.zeros((update.distinct.shape[0], self.dim), dtype=torch.float32, device=self.device)
-        summed.index_add_(0, self._tensor(update.inverse), scaled)
+        with _deterministic():  # a GPU's index_add_ adds with atomics, in no fixed order, unless asked
+            summed.index_add_(0, self._tensor(update.inverse), scaled)
         update_rows(optimizer, self.values, self.state, self._tensor(update.distinct), summed, step)
+
+
+@contextmanager
+def _deterministic() -> Iterator[None]:
+    """Deterministic algorithms for the block (torch's setting is process-wide)."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
 
 
 _NO_SCALES = np.zeros(0, np.float32)

@@ -166,11 +166,13 @@ def _train_pass(trainer: Any, rows: DeviceRows, plan: PassPlan, log: IO[str]) ->
 def _at_safe_point(trainer: Any, rows: DeviceRows, log: IO[str], plan: PassPlan) -> None:
     """Rows back in their tables; evict, evaluate and checkpoint as due at the pass's end."""
     training, data, step = trainer.config.training, trainer.config.data, plan.last_step
-    if trainer.collection.evicts and step % training.evict_every == 0:
-        rows.release()  # an evicted row must not stay here
-        trainer.collection.evict()
+    evicting = trainer.collection.evicts and step % training.evict_every == 0
+    if evicting and any(t.config.eviction is not None for t in trainer.collection.tables):
+        rows.release()  # an evicted row must not stay here, nor a row with the step it had before it went back
     else:
         rows.flush()
+    if evicting:
+        trainer.collection.evict()
     if training.eval_every and data.eval and step % training.eval_every == 0:
         trainer._log_eval(log, step)
     if training.checkpoint_every and step % training.checkpoint_every == 0:

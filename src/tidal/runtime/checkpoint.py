@@ -65,7 +65,7 @@ LOCK = "run.lock"
 _META_KEYS = ("position", "config", "param_groups", "bad_rows")
 _TABLE_FILE = re.compile(rf"{TABLES}/({re.escape(CHAIN)}|\d{{6}}-(full|delta)/{re.escape(MANIFEST)})")  # fingerprinted
 _STAGING = re.compile(r"\.tmp-step-\d+-epoch-\d+-(\d+)")  # a save's temporary folder, ending with its pid
-_MAY_CHANGE = ("training", "runtime", "serving")  # config sections a resume may change
+_MAY_CHANGE = ("training", "runtime", "passmode", "serving")  # config sections a resume may change
 _UNCHECKED_TABLE_FIELDS = {"reserve_rows"}  # memory set aside when a table is built: no part of its state
 
 
