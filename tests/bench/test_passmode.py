@@ -17,10 +17,12 @@ def test_both_sides_train_every_batch_and_the_summary_follows(monkeypatch, capsy
     assert summary["rows"] == 6_000 and summary["device"] in ("cpu", "cuda")
     ratio = summary["passmode_samples_per_s"] / summary["reference_samples_per_s"]
     assert summary["ratio_vs_reference"] == pytest.approx(ratio)
-    assert abs(summary["passmode_auc"] - summary["reference_auc"]) < 0.01  # the same training, to float rounding
+    if summary["device"] == "cpu":
+        assert summary["passmode_auc"] == summary["reference_auc"]  # the same training, bit for bit
+    assert abs(summary["passmode_auc"] - summary["reference_auc"]) < 0.01  # on a GPU, to rounding
     report = summary["passmode_report"]
     assert report["passes"] == 3 and 0.0 < report["kept_share"] < 1.0  # 12 batches in passes of 4
-    assert report["rows_per_pass"] < report["rows_in"] < 3 * report["rows_per_pass"]  # the first pass brings all
+    assert report["rows_in"] > report["rows_per_pass"]  # the first pass brings all its rows, the others some
     assert 0 < report["rows_out"] < report["rows_in"]  # the last pass's rows go back at the end, not as leaving
 
 

@@ -115,16 +115,51 @@ def test_compiled_updates_are_refused_off_the_cpu():
 
 
 def test_a_pass_too_big_for_the_device_says_how_big_and_what_to_do(monkeypatch):
+    import tidal.passmode.rows
+
     collection = collection_of()
     rows = DeviceRows(collection, "cpu")
     plan = plan_of(collection, [batch_of([list(range(100))], [[7]], [[1000]])])
 
-    def out_of_memory(*args, **kwargs):
+    def out_of_memory(tensor, size):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(torch, "cat", out_of_memory)
+    monkeypatch.setattr(tidal.passmode.rows, "_grown", out_of_memory)
     with pytest.raises(TidalError, match=r"a pass needs 103 rows on cpu \(0\.00 GiB\), and the device could not allocate "
-                                         r"them; give "
-                                         r"passmode\.batches_per_pass fewer batches"):
+                                         r"them; give passmode\.batches_per_pass fewer batches"):
         rows.swap(plan)
 
+
+def test_rows_go_back_in_pieces_and_only_when_trained(monkeypatch):
+    import tidal.passmode.rows
+
+    monkeypatch.setattr(tidal.passmode.rows, "_WRITE_BACK_ROWS", 7)
+    collection = collection_of()
+    rows = DeviceRows(collection, "cpu")
+    plan = plan_of(collection, [batch_of([list(range(50))], [[7]], [[1000]])])
+    rows.swap(plan)
+    rows.update(plan.batches[0], torch.ones(1, 3, 4))
+    pushed = []
+    push_rows = collection.tables[0].push_rows
+    monkeypatch.setattr(collection.tables[0], "push_rows", lambda block, **kw: pushed.append(len(block.keys)) or
+                        push_rows(block, **kw))
+    rows.flush()
+    assert pushed == [7] * 7 + [2]  # 51 rows of table a, seven at a time
+    keys = plan.residency.keys[0]
+    np.testing.assert_array_equal(collection.tables[0].lookup(keys),
+                                  rows.values[torch.from_numpy(plan.residency.slots[0])].numpy())
+    rows.flush()  # nothing trained since: nothing to write
+    assert len(pushed) == 8
+
+
+def test_the_deterministic_block_restores_the_caller_s_settings():
+    from tidal.passmode.rows import _deterministic
+
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with _deterministic():
+            assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])

@@ -35,8 +35,8 @@ from tidal.data.extract import Extractor
 from tidal.data.generate import auc, generate
 from tidal.data.readers import read_batches
 from tidal.embedding._parallel import cpu_count
-from tidal.passmode.train import train as train_in_passes
 from tidal.runtime import Trainer
+from tidal.runtime.passes import train as train_in_passes
 
 __all__ = ["run"]
 

@@ -1,9 +1,9 @@
 """HPC pass mode: a pass's rows trained on a device table, moved by difference.
 
-`plan_pass` (CPU) looks a pass's keys up once and gives every id a device slot;
+`plan_pass` (CPU) looks a pass's keys up and gives every id a device slot;
 `DeviceRows` holds the rows on the device, pools and updates them with index gathers
 and adds (`update_rows`: the store's optimizers in torch), and writes them back;
-`tidal.passmode.train` runs a `Trainer`'s run pass by pass (config section `passmode`).
+`tidal.runtime.passes` runs a `Trainer`'s run pass by pass (config section `passmode`).
 """
 
 from tidal.passmode.optim import update_rows

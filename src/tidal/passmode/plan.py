@@ -96,8 +96,8 @@ class TableUpdate:
 class BatchSlots:
     """One batch of a pass with what the device needs for it.
 
-    slots    [n] int64          the slot of every id of `batch`, in its order
-    offsets  [F * B + 1] int64  the batch's bags (feature-major, as `SparseBatch`)
+    slots    [n] int64          the slot of every id of `batch`, in its order (its bags are
+                                `batch.offsets`, feature-major)
     scales   [n] float32        each id's pooling scale (its weight, mean or sqrtn); None
                                 when all are 1
     gather   [B * F] int64      when every bag holds one id of scale 1: the slots in
@@ -108,7 +108,6 @@ class BatchSlots:
     epoch: int
     index: int  # the batch's number in its epoch
     slots: np.ndarray
-    offsets: np.ndarray
     scales: np.ndarray | None
     gather: np.ndarray | None
     updates: tuple[TableUpdate, ...]
@@ -305,8 +304,8 @@ def _batch_slots(collection: EmbeddingCollection, batches: Sequence[tuple[int, i
             updates.append(_update(t, p, slots, pass_keys, key_slots.shape[0], sources, scales))
         one_each = scales is None and slots.shape[0] == batch.lengths.shape[0] and bool((batch.lengths == 1).all())
         gather = slots.reshape(len(batch.keys), batch.batch_size).T.ravel() if one_each else None
-        planned.append(BatchSlots(batch=batch, epoch=epoch, index=index, slots=slots, offsets=batch.offsets,
-                                  scales=scales, gather=gather, updates=tuple(updates)))
+        planned.append(BatchSlots(batch=batch, epoch=epoch, index=index, slots=slots, scales=scales, gather=gather,
+                                  updates=tuple(updates)))
     return planned
 
 

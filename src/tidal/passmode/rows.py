@@ -30,6 +30,7 @@ from tidal.passmode.plan import BatchSlots, PassPlan, Residency, TableUpdate, co
 __all__ = ["DeviceRows"]
 
 _GROWTH = 1.25  # the device table grows by at least a quarter, so a growing run copies it rarely
+_WRITE_BACK_ROWS = 1 << 18  # rows gathered on the device at a time to go back
 
 
 class DeviceRows:
@@ -51,6 +52,7 @@ class DeviceRows:
         self.state = torch.zeros((1, width), dtype=torch.float32, device=self.device)  # [slots, W]
         self.residency = Residency.empty(len(collection.tables))
         self.last_steps = np.zeros(1, np.uint32)  # [slots] the step each slot's row was last used at
+        self.trained = False  # some row here was updated since it came or last went back
 
     # ------------------------------------------------------------------ moves
 
@@ -72,9 +74,13 @@ class DeviceRows:
             self.last_steps[slots] = steps
 
     def flush(self) -> None:
-        """Write every row back to its table; the rows stay here."""
+        """Write every row back to its table (unless none was trained since the last
+        flush); the rows stay here."""
+        if not self.trained:
+            return
         for t, (keys, slots) in enumerate(zip(self.residency.keys, self.residency.slots)):
             self._write_back(t, keys, slots)
+        self.trained = False
 
     def release(self) -> None:
         """Write every row back and hold none (before the tables evict: the next pass
@@ -86,18 +92,18 @@ class DeviceRows:
         """Rows `keys` from `slots` into table `t`, with the steps they were last used at
         (their TTL and LRU age); their lookup counts (kept by LFU tables only) are the
         table's: the pass's lookups counted them."""
-        if keys.shape[0] == 0:
-            return
         table = self.collection.tables[t]
-        index = self._tensor(slots)
-        values = self.values.index_select(0, index).cpu().numpy()
-        state = self.state[:, : table.optimizer.state_width].index_select(0, index).cpu().numpy()
-        counts = table.pull_rows(keys)[0].counts if counts_sightings(table) else np.zeros(keys.shape[0], np.uint32)
-        block = RowBlock(keys=keys, values=values, state=state, counts=counts, last_seen=self.last_steps[slots])
-        stored = table.push_rows(block, keep_last_seen=True)
-        if not stored.all():  # the rows were the table's: overwriting them takes no new row
-            raise TidalError(f"table {table.name!r}: {int((~stored).sum())} rows trained in pass mode could not be "
-                             f"written back (the table refused them as full); this is a bug in Tidal")
+        for lo in range(0, keys.shape[0], _WRITE_BACK_ROWS):  # in pieces: no second copy of the device table
+            part, index = keys[lo : lo + _WRITE_BACK_ROWS], slots[lo : lo + _WRITE_BACK_ROWS]
+            on_device = self._tensor(index)
+            values = self.values.index_select(0, on_device).cpu().numpy()
+            state = self.state[:, : table.optimizer.state_width].index_select(0, on_device).cpu().numpy()
+            counts = table.pull_rows(part)[0].counts if counts_sightings(table) else np.zeros(part.shape[0], np.uint32)
+            block = RowBlock(keys=part, values=values, state=state, counts=counts, last_seen=self.last_steps[index])
+            stored = table.push_rows(block, keep_last_seen=True)
+            if not stored.all():  # the rows were the table's: overwriting them takes no new row
+                raise TidalError(f"table {table.name!r}: {int((~stored).sum())} rows trained in pass mode could not "
+                                 f"be written back (the table refused them as full); this is a bug in Tidal")
 
     def _grow(self, size: int) -> None:
         if size <= self.values.shape[0]:
@@ -106,8 +112,7 @@ class DeviceRows:
         size = max(size, int(self.values.shape[0] * _GROWTH))
         more = size - self.values.shape[0]
         try:
-            self.values = torch.cat([self.values, self.values.new_zeros((more, self.values.shape[1]))])
-            self.state = torch.cat([self.state, self.state.new_zeros((more, self.state.shape[1]))])
+            self.values, self.state = _grown(self.values, size), _grown(self.state, size)
         except torch.OutOfMemoryError:
             row_bytes = 4 * (self.values.shape[1] + self.state.shape[1])
             raise TidalError(f"pass mode: a pass needs {needed:,d} rows on {self.device} "
@@ -129,7 +134,7 @@ class DeviceRows:
         if item.gather is not None:  # one id a bag: the rows themselves, sample by sample
             return self.values.index_select(0, self._tensor(item.gather)).view(batch.batch_size, len(batch.keys), self.dim)
         scales = None if item.scales is None else self._tensor(item.scales)
-        bags = F.embedding_bag(self._tensor(item.slots), self.values, self._tensor(item.offsets), mode="sum",
+        bags = F.embedding_bag(self._tensor(item.slots), self.values, self._tensor(batch.offsets), mode="sum",
                                per_sample_weights=scales, include_last_offset=True)  # [F * B, D]
         return bags.view(len(batch.keys), batch.batch_size, self.dim).transpose(0, 1).contiguous()
 
@@ -137,6 +142,7 @@ class DeviceRows:
         """Each table's optimizer step on the rows of `item`, given the gradient of its
         pooled output `[B, F, D]`: each row takes the sum of its ids' scaled gradients."""
         rows = grad.detach().to(self.device, torch.float32).reshape(-1, self.dim).contiguous()  # [B * F, D]
+        self.trained = True
         for update in item.updates:
             table = self.collection.tables[update.table]
             step = table.count_update()
@@ -165,15 +171,23 @@ class DeviceRows:
         update_rows(optimizer, self.values, self.state, self._tensor(update.distinct), summed, step)
 
 
+def _grown(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """`tensor` with zero rows added up to `rows` (the old and the new one at once, no
+    third buffer)."""
+    grown = tensor.new_zeros((rows, tensor.shape[1]))
+    grown[: tensor.shape[0]] = tensor
+    return grown
+
+
 @contextmanager
 def _deterministic() -> Iterator[None]:
     """Deterministic algorithms for the block (torch's setting is process-wide)."""
-    was = torch.are_deterministic_algorithms_enabled()
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(was)
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
 
 
 _NO_SCALES = np.zeros(0, np.float32)

@@ -68,11 +68,11 @@ def _done(trainer: Any, log: IO[str], step: int, meta: dict, loss: float) -> Non
 
 def _barrier(trainer: Any, backend: Any, log: IO[str], step: int, position: dict[str, int]) -> None:
     """Evict, evaluate and checkpoint when due (every update has landed, nothing is in flight)."""
-    training, data = trainer.config.training, trainer.config.data
-    if trainer.collection.evicts and step % training.evict_every == 0:
+    due = trainer.due(step)
+    if due.evict:
         backend.evict()
     backend.pull_state()
-    if training.eval_every and data.eval and step % training.eval_every == 0:
+    if due.evaluate:
         trainer._log_eval(log, step)
-    if training.checkpoint_every and step % training.checkpoint_every == 0:
+    if due.checkpoint:
         checkpoint.save(trainer, position)

@@ -132,6 +132,19 @@ class RunProgress:
         return {"rows": self.rows_before + self.rows, "losses": list(self.losses)}
 
 
+@dataclass(frozen=True)
+class Due:
+    """What falls after a step: an eviction (tables that evict or admit), an
+    evaluation, a checkpoint."""
+
+    evict: bool
+    evaluate: bool
+    checkpoint: bool
+
+    def __bool__(self) -> bool:
+        return self.evict or self.evaluate or self.checkpoint
+
+
 class Trainer:
     """Builds the tables, the extractor and the model of a `RunConfig`, and trains them."""
 
@@ -306,7 +319,7 @@ class Trainer:
 
                 step, finished = train(self, log, position, max_steps)
             elif self.config.passmode is not None:
-                from tidal.passmode.train import train
+                from tidal.runtime.passes import train
 
                 step, finished = train(self, log, position, max_steps)
             else:
@@ -358,6 +371,13 @@ class Trainer:
         else:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
+    def due(self, step: int) -> Due:
+        """What falls after `step` by the config: an eviction, an evaluation, a checkpoint."""
+        training, data = self.config.training, self.config.data
+        return Due(evict=self.collection.evicts and step % training.evict_every == 0,
+                   evaluate=bool(training.eval_every and data.eval and step % training.eval_every == 0),
+                   checkpoint=bool(training.checkpoint_every and step % training.checkpoint_every == 0))
+
     def training_batches(self, position: dict) -> Iterator[tuple[int, int, SparseBatch]]:
         """The run's batches from `position` on, as (epoch, number in the epoch, batch);
         the first epoch's bad rows are counted in `bad_rows` as it is read."""
@@ -373,18 +393,18 @@ class Trainer:
 
     def _train(self, log, position: dict, max_steps: int | None) -> tuple[int, bool]:  # type: ignore[no-untyped-def]
         """Steps up to the end (or `max_steps`): (last step, finished)."""
-        training = self.config.training
         step = position["step"]
         for epoch, n, batch in self.training_batches(position):
             step += 1
             self.progress.add(step, batch.batch_size, self.step(batch, step=step))
-            if self.collection.evicts and step % training.evict_every == 0:
+            due = self.due(step)
+            if due.evict:
                 self.collection.evict()  # a safe point: this step's update has landed
-            if step % training.log_every == 0:
+            if step % self.config.training.log_every == 0:
                 self._log(log, epoch, step)
-            if training.eval_every and self.config.data.eval and step % training.eval_every == 0:
+            if due.evaluate:
                 self._log_eval(log, step)
-            if training.checkpoint_every and step % training.checkpoint_every == 0:
+            if due.checkpoint:
                 checkpoint.save(self, {"step": step, "epoch": epoch, "batch": n + 1})
             if max_steps is not None and step >= max_steps:
                 return step, False

@@ -85,7 +85,7 @@ def train(trainer: Any, log: IO[str], position: dict[str, int], max_steps: int |
         while plan is not None:
             report.count(plan)
             report.timed("swap_s", rows.swap, plan)
-            safe = _safe_point(trainer, plan.last_step)
+            safe = bool(trainer.due(plan.last_step))  # the tables must be current after the pass
             look_ahead = trainer.config.passmode.look_ahead and not safe
             planned = ahead.submit(passes.next, plan.residency) if look_ahead else None
             step = report.timed("train_s", _train_pass, trainer, rows, plan, log)
@@ -142,15 +142,6 @@ class _Report:
                 "rows_out": self.rows_out, "plan_s": plan_s, **self.seconds}
 
 
-def _safe_point(trainer: Any, step: int) -> bool:
-    """Whether the tables must be current after `step`: an eviction, evaluation or
-    checkpoint falls there."""
-    training, data = trainer.config.training, trainer.config.data
-    return bool((trainer.collection.evicts and step % training.evict_every == 0)
-                or (training.eval_every and data.eval and step % training.eval_every == 0)
-                or (training.checkpoint_every and step % training.checkpoint_every == 0))
-
-
 def _train_pass(trainer: Any, rows: DeviceRows, plan: PassPlan, log: IO[str]) -> int:
     """Train the batches of `plan` on the device rows; the pass's last step."""
     log_every = trainer.config.training.log_every
@@ -165,16 +156,15 @@ def _train_pass(trainer: Any, rows: DeviceRows, plan: PassPlan, log: IO[str]) ->
 
 def _at_safe_point(trainer: Any, rows: DeviceRows, log: IO[str], plan: PassPlan) -> None:
     """Rows back in their tables; evict, evaluate and checkpoint as due at the pass's end."""
-    training, data, step = trainer.config.training, trainer.config.data, plan.last_step
-    evicting = trainer.collection.evicts and step % training.evict_every == 0
-    if evicting and any(t.config.eviction is not None for t in trainer.collection.tables):
+    due = trainer.due(plan.last_step)
+    if due.evict and any(t.config.eviction is not None for t in trainer.collection.tables):
         rows.release()  # an evicted row must not stay here, nor a row with the step it had before it went back
     else:
         rows.flush()
-    if evicting:
+    if due.evict:
         trainer.collection.evict()
-    if training.eval_every and data.eval and step % training.eval_every == 0:
-        trainer._log_eval(log, step)
-    if training.checkpoint_every and step % training.checkpoint_every == 0:
+    if due.evaluate:
+        trainer._log_eval(log, plan.last_step)
+    if due.checkpoint:
         last = plan.batches[-1]
-        checkpoint.save(trainer, {"step": step, "epoch": last.epoch, "batch": last.index + 1})
+        checkpoint.save(trainer, {"step": plan.last_step, "epoch": last.epoch, "batch": last.index + 1})
