@@ -140,7 +140,14 @@ class PassPlan:
 def plan_pass(collection: EmbeddingCollection, batches: Sequence[tuple[int, int, SparseBatch]],
               before: Residency, first_step: int) -> PassPlan:
     """The plan of a pass over `batches` ((epoch, index, batch) each) whose first step
-    is `first_step`, the device table holding `before`.
+    is `first_step`, the device table holding `before`. Each batch's ids get their
+    slots in its own (feature-major) order::
+
+        batch     F=2 features "x" (table a), "z" (table a), B=2 samples
+        values    [ 7, 9, 7 | 9 ]           x: [7, 9] [7]   z: [9] []
+        lengths   [ 2, 1, 1, 0 ]
+        slots     [ 1, 2, 1 | 2 ]           key 7 -> slot 1, key 9 -> slot 2
+        update a  distinct [1, 2], inverse [0, 1, 0, 1]
 
     Each table looks the pass's keys up before it trains, each key at the step of the
     batch that first holds it (every sighting, at its own step, in a table that counts
