@@ -163,3 +163,18 @@ def test_the_deterministic_block_restores_the_caller_s_settings():
         assert torch.is_deterministic_algorithms_warn_only_enabled()
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_releasing_a_table_frees_its_slots_and_keeps_the_others_rows():
+    collection = collection_of()
+    rows = DeviceRows(collection, "cpu")
+    first = plan_of(collection, [batch_of([[1, 2]], [[7]], [[3]])])
+    rows.swap(first)
+    assert first.moves[0].entering.values.shape == (3, 0)  # placed: the plan keeps only their keys
+    rows.release([0])
+    assert rows.residency.keys[0].size == 0 and rows.residency.keys[1].tolist() == [7]
+    assert sorted(rows.residency.free.tolist()) == sorted(first.residency.slots[0].tolist())
+    second = plan_of(collection, [batch_of([[1]], [[7]], [[2]])], rows.residency, first_step=2)
+    assert second.moves[0].entering.keys.tolist() == [1, 2]  # pulled again, into the freed slots
+    assert set(second.moves[0].entering_slots.tolist()) <= set(first.residency.slots[0].tolist())
+    assert second.moves[1].entering.keys.size == 0  # table b's row stayed

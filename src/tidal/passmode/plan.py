@@ -119,7 +119,7 @@ class PassPlan:
 
     first_step: int
     batches: list[BatchSlots]
-    moves: list[TableMove]
+    moves: list[TableMove]  # `DeviceRows.swap` keeps only the keys of the rows it placed
     residency: Residency  # after the moves
     last_steps: tuple[np.ndarray, ...]  # per table [n_t] uint32: the step each row of `residency` was last used at
 

@@ -12,8 +12,9 @@ eviction, the end of a run).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -63,12 +64,13 @@ class DeviceRows:
             self._write_back(t, move.leaving_keys, move.leaving_slots)
         self.residency = plan.kept()  # until the entering rows are in: what a flush may write back
         self._grow(plan.residency.size)
-        for move in plan.moves:
+        for t, move in enumerate(plan.moves):
             slots = self._tensor(move.entering_slots)
             self.values.index_copy_(0, slots, self._tensor(move.entering.values))
             width = move.entering.state.shape[1]
             if width:
                 self.state[:, :width].index_copy_(0, slots, self._tensor(move.entering.state))
+            plan.moves[t] = replace(move, entering=_keys_only(move.entering))  # the pulled rows live here now
         self.residency = plan.residency
         for slots, steps in zip(plan.residency.slots, plan.last_steps):
             self.last_steps[slots] = steps
@@ -82,11 +84,15 @@ class DeviceRows:
             self._write_back(t, keys, slots)
         self.trained = False
 
-    def release(self) -> None:
-        """Write every row back and hold none (before the tables evict: the next pass
-        pulls its rows again)."""
+    def release(self, tables: Collection[int]) -> None:
+        """Write every row back, and hold none of `tables` (before they evict: the next
+        pass pulls their rows again); their slots are free for others."""
         self.flush()
-        self.residency = Residency.empty(len(self.collection.tables))
+        held = self.residency
+        empty = np.zeros(0, np.int64)
+        self.residency = Residency(keys=tuple(empty if t in tables else k for t, k in enumerate(held.keys)),
+                                   slots=tuple(empty if t in tables else s for t, s in enumerate(held.slots)),
+                                   free=np.concatenate([held.free, *(held.slots[t] for t in tables)]), size=held.size)
 
     def _write_back(self, t: int, keys: np.ndarray, slots: np.ndarray) -> None:
         """Rows `keys` from `slots` into table `t`, with the steps they were last used at
@@ -169,6 +175,12 @@ class DeviceRows:
         with _deterministic():  # a GPU's index_add_ adds with atomics, in no fixed order, unless asked
             summed.index_add_(0, self._tensor(update.inverse), scaled)
         update_rows(optimizer, self.values, self.state, self._tensor(update.distinct), summed, step)
+
+
+def _keys_only(block: RowBlock) -> RowBlock:
+    """`block` without its values and state (what a plan keeps of the rows it pulled)."""
+    none = np.zeros((block.keys.shape[0], 0), np.float32)
+    return replace(block, values=none, state=none)
 
 
 def _grown(tensor: torch.Tensor, rows: int) -> torch.Tensor:

@@ -157,8 +157,9 @@ def _train_pass(trainer: Any, rows: DeviceRows, plan: PassPlan, log: IO[str]) ->
 def _at_safe_point(trainer: Any, rows: DeviceRows, log: IO[str], plan: PassPlan) -> None:
     """Rows back in their tables; evict, evaluate and checkpoint as due at the pass's end."""
     due = trainer.due(plan.last_step)
-    if due.evict and any(t.config.eviction is not None for t in trainer.collection.tables):
-        rows.release()  # an evicted row must not stay here, nor a row with the step it had before it went back
+    evicting = [t for t, table in enumerate(trainer.collection.tables) if table.config.eviction is not None]
+    if due.evict and evicting:
+        rows.release(evicting)  # an evicted row must not stay here, nor a row with the step it had before it went back
     else:
         rows.flush()
     if due.evict:
