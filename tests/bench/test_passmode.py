@@ -7,16 +7,19 @@ import json
 import pytest
 
 from tidal.bench import passmode
+from tidal.bench import train as bench_train
 from tidal.cli import main
 
 
-def test_both_sides_train_every_batch_and_the_summary_follows(monkeypatch, capsys):
-    monkeypatch.setattr(passmode, "BATCH", 512)
+def test_every_side_trains_every_batch_and_the_summary_follows(monkeypatch, capsys):
+    monkeypatch.setattr(bench_train, "BATCH", 512)
     summary = passmode.run(rows=6_000, batches_per_pass=4, as_json=True)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == summary
     assert summary["rows"] == 6_000 and summary["device"] in ("cpu", "cuda")
     ratio = summary["passmode_samples_per_s"] / summary["reference_samples_per_s"]
     assert summary["ratio_vs_reference"] == pytest.approx(ratio)
+    assert summary["ratio_vs_torch"] == pytest.approx(summary["passmode_samples_per_s"] / summary["torch_samples_per_s"])
+    assert 0.0 < summary["torch_auc"] < 1.0 and summary["torch_samples_per_s"] > 0
     if summary["device"] == "cpu":
         assert summary["passmode_auc"] == summary["reference_auc"]  # the same training, bit for bit
     assert abs(summary["passmode_auc"] - summary["reference_auc"]) < 0.01  # on a GPU, to rounding

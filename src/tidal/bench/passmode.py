@@ -1,20 +1,24 @@
-"""`tidal bench pass`: pass-mode training against Tidal's reference trainer.
+"""`tidal bench pass`: pass-mode training against Tidal's reference trainer and a plain
+PyTorch DLRM.
 
-Data: generated Criteo-like rows, extracted once into in-memory batches of 4096 (26
-one-id features, 13 dense), so neither side pays for parsing. The model is `bench
-train`'s embedding-heavy config: one collision-free table of dim 64 (SGD) and a DLRM
-(Adam), the dense products in bfloat16 where the CPU has them. Peers, each training a
-fresh model on all batches, twice, in turns (the order reversed in the second round;
-the faster run counts):
+Data, model and peer are `bench train`'s embedding-heavy config (a): generated
+Criteo-like rows extracted once into in-memory batches of 4096 (26 one-id features, 13
+dense), so no side pays for parsing; one collision-free table of dim 64 (SGD) and a
+DLRM (Adam), the dense products in bfloat16 where the device computes them natively.
+Sides, each training a fresh model on all batches, twice, in turns (the order
+reversed in the second round; the faster run counts):
 
-- `reference`: the single-process trainer (`Trainer.step`: look up, pool, dense step,
-  sparse update, batch after batch), the sparse kernels on every core;
+- `torch`: the usual PyTorch loop over 26 modulo-hashed `nn.EmbeddingBag(sparse=True)`
+  tables of as many bytes as Tidal's table ends up holding (on the GPU when there is
+  one, tables included), float32;
+- `reference`: Tidal's single-process trainer (`Trainer.step`: look up, pool, dense
+  step, sparse update, batch after batch), the sparse kernels on every core;
 - `passmode`: the same run in passes of `batches_per_pass` batches, the next pass
-  planned on a second thread while one trains, rows and dense network on the training
-  device (`training.device: auto`: a GPU when there is one, as for the reference).
+  planned on a second thread while one trains.
 
-Reports samples/s, the ratio, each side's AUC on held-out rows (the same training
-twice: they must agree), and where pass mode's time went (`runtime_report`).
+Tidal's sides run on `training.device: auto` (a GPU when there is one). Reports
+samples/s, the ratios, each side's AUC on held-out rows, and where pass mode's time
+went (its `runtime_report`).
 """
 
 from __future__ import annotations
@@ -28,58 +32,57 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tidal.bench import train as bench_train
 from tidal.config import RunConfig
 from tidal.data.batch import SparseBatch
 from tidal.data.criteo import criteo_features
-from tidal.data.extract import Extractor
-from tidal.data.generate import auc, generate
-from tidal.data.readers import read_batches
+from tidal.data.generate import generate
 from tidal.embedding._parallel import cpu_count
 from tidal.runtime import Trainer
 from tidal.runtime.passes import train as train_in_passes
 
 __all__ = ["run"]
 
-BATCH = 4096
 ROUNDS = 2
-SIDES = ("reference", "passmode")
+SIDES = ("torch", "reference", "passmode")
+SHAPE = bench_train.CONFIGS[""]  # (a), embedding-heavy
 
 
 def run(*, rows: int = 400_000, batches_per_pass: int = 16, as_json: bool = False) -> dict:
-    """Both sides on `rows` generated training rows (and a fifth as many held out)."""
+    """Every side on `rows` generated training rows (and a fifth as many held out)."""
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
         data = generate(scratch / "train", rows=rows, seed=3)
-        train, held_out = _batches(data.paths), _batches(generate(scratch / "eval", rows=max(rows // 5, 1_000), seed=3,
-                                                                  split=1).paths)
-        _train(_trainer(data.paths, scratch / "warm", None), train[:2])  # compile the kernels first
-        _train(_trainer(data.paths, scratch / "warm_pass", batches_per_pass), train[:2])
+        train = bench_train._batches(data.paths)
+        held_out = bench_train._batches(generate(scratch / "eval", rows=max(rows // 5, 1_000), seed=3, split=1).paths)
+        torch_rows = bench_train._equal_bytes_rows(SHAPE, np.unique(np.concatenate([b.values for b in train])).shape[0])
+        for every in (None, batches_per_pass):  # compile the kernels first
+            _train(_trainer(data.paths, scratch / f"warm{every}", every), train[:2])
         seconds: dict[str, list[float]] = {side: [] for side in SIDES}
         aucs: dict[str, list[float]] = {side: [] for side in SIDES}
         report: dict = {}
-        device = "cpu"
         for round_ in range(ROUNDS):
             for side in SIDES if round_ % 2 == 0 else SIDES[::-1]:
-                every = batches_per_pass if side == "passmode" else None
-                trainer = _trainer(data.paths, scratch / f"{side}{round_}", every, seed=round_)
+                torch.manual_seed(round_)
+                if side == "torch":
+                    peer, spent = bench_train._train_torch(SHAPE, torch_rows, train)
+                    seconds[side].append(spent)
+                    aucs[side].append(bench_train._auc(peer, held_out))
+                    continue
+                trainer = _trainer(data.paths, scratch / f"{side}{round_}", batches_per_pass if side == "passmode"
+                                   else None, seed=round_)
                 seconds[side].append(_train(trainer, train))
                 aucs[side].append(_auc(trainer, held_out))
-                report = trainer.runtime_report if side == "passmode" else report
-                device = trainer.device.type
-    return _summary(train, seconds, aucs, report | {"device": device}, batches_per_pass, as_json)
-
-
-def _batches(paths: list[str]) -> list[SparseBatch]:
-    extractor = Extractor(criteo_features(table="ids"))
-    return [extractor(t) for t in read_batches(paths, batch_rows=BATCH) if t.num_rows]
+                report = trainer.runtime_report | {"device": trainer.device.type} if side == "passmode" else report
+    return _summary(train, seconds, aucs, report, batches_per_pass, as_json)
 
 
 def _trainer(paths: list[str], run_dir: Path, batches_per_pass: int | None, seed: int = 0) -> Trainer:
     config = RunConfig(
         data={"train": paths}, features=[f.model_dump() for f in criteo_features(table="ids")],
-        tables=[{"name": "ids", "dim": 64, "optimizer": {"kind": "sgd", "lr": 0.05}}],
-        model={"kind": "dlrm", "bottom_sizes": [256], "hidden_sizes": [256]},
-        training={"lr": 0.001, "run_dir": str(run_dir), "threads": cpu_count(), "log_every": 1 << 30,
+        tables=[bench_train._table(SHAPE).model_dump()],
+        model={"kind": "dlrm", "bottom_sizes": SHAPE.bottom, "hidden_sizes": SHAPE.top},
+        training={"lr": bench_train.LR_DENSE, "run_dir": str(run_dir), "threads": cpu_count(), "log_every": 1 << 30,
                   "precision": "auto", "seed": seed, "device": "auto"},
         passmode=None if batches_per_pass is None else {"batches_per_pass": batches_per_pass})
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -101,12 +104,10 @@ def _train(trainer: Trainer, batches: list[SparseBatch]) -> float:
     return time.perf_counter() - start
 
 
-@torch.no_grad()
 def _auc(trainer: Trainer, batches: list[SparseBatch]) -> float:
     trainer.model.eval()
-    scores = [trainer.model(trainer.collection.forward(b, train=False)[0].to(trainer.device),
-                            torch.tensor(b.dense).to(trainer.device)).float().cpu().numpy().ravel() for b in batches]
-    return auc(np.concatenate([b.labels.ravel() for b in batches]), np.concatenate(scores))
+    return bench_train._auc(lambda b: trainer.model(trainer.collection.forward(b, train=False)[0].to(trainer.device),
+                                                    torch.tensor(b.dense).to(trainer.device)).float(), batches)
 
 
 def _summary(train: list[SparseBatch], seconds: dict, aucs: dict, report: dict, batches_per_pass: int,
@@ -117,13 +118,15 @@ def _summary(train: list[SparseBatch], seconds: dict, aucs: dict, report: dict, 
         summary[f"{side}_samples_per_s"] = rows / min(seconds[side])
         summary[f"{side}_auc"] = float(np.mean(aucs[side]))
     summary["ratio_vs_reference"] = summary["passmode_samples_per_s"] / summary["reference_samples_per_s"]
+    summary["ratio_vs_torch"] = summary["passmode_samples_per_s"] / summary["torch_samples_per_s"]
     summary["passmode_report"] = report.get("passmode", {})
-    print(f"reference: {summary['reference_samples_per_s']:,.0f} samples/s (AUC {summary['reference_auc']:.4f})")
+    for side in SIDES:
+        print(f"{side:>9}: {summary[f'{side}_samples_per_s']:,.0f} samples/s (AUC {summary[f'{side}_auc']:.4f})")
     passes = summary["passmode_report"]
-    print(f"pass mode: {summary['passmode_samples_per_s']:,.0f} samples/s (AUC {summary['passmode_auc']:.4f})  "
-          f"x{summary['ratio_vs_reference']:.2f}; {passes.get('passes', 0)} passes of {batches_per_pass} batches, "
-          f"{passes.get('kept_share', 0.0):.0%} of a pass's rows already on the device, planning "
-          f"{passes.get('plan_s', 0.0):.1f} s (training waited {passes.get('wait_s', 0.0):.1f} s for it)", flush=True)
+    print(f"pass mode x{summary['ratio_vs_reference']:.2f} the reference, x{summary['ratio_vs_torch']:.2f} torch; "
+          f"{passes.get('passes', 0)} passes of {batches_per_pass} batches, {passes.get('kept_share', 0.0):.0%} of a "
+          f"pass's rows already on the device, planning {passes.get('plan_s', 0.0):.1f} s (training waited "
+          f"{passes.get('wait_s', 0.0):.1f} s for it)", flush=True)
     if as_json:
         print(json.dumps(summary))
     return summary
