@@ -253,7 +253,7 @@ def _train(args: argparse.Namespace) -> int:
 def _print_passes(report: dict) -> None:
     """A pass-mode run's passes, the rows they moved and where its time went."""
     print(f"  pass mode: {report['passes']:,d} passes of {report['rows_per_pass']:,.0f} rows on average, "
-          f"{report['kept_share']:.0%} of them already on the device from the pass before "
+          f"{report['kept_share']:.0%} of a pass's rows already on the device from the pass before (after the first) "
           f"({report['rows_in']:,d} rows moved in, {report['rows_out']:,d} out before the end)")
     print(f"    training {report['train_s']:.1f} s, swapping rows {report['swap_s']:.1f} s, safe points (rows written "
           f"back, evictions, evaluations, checkpoints) {report['safe_point_s']:.1f} s; planning {report['plan_s']:.1f} s, "

@@ -178,3 +178,23 @@ def test_releasing_a_table_frees_its_slots_and_keeps_the_others_rows():
     assert second.moves[0].entering.keys.tolist() == [1, 2]  # pulled again, into the freed slots
     assert set(second.moves[0].entering_slots.tolist()) <= set(first.residency.slots[0].tolist())
     assert second.moves[1].entering.keys.size == 0  # table b's row stayed
+
+
+def test_rows_that_leave_after_a_flush_are_not_written_again(monkeypatch):
+    collection = collection_of()
+    rows = DeviceRows(collection, "cpu")
+    first = plan_of(collection, [batch_of([[1, 2]], [[7]], [[3]])])
+    rows.swap(first)
+    rows.update(first.batches[0], torch.ones(1, 3, 4))
+    rows.flush()
+    pushed = []
+    push_rows = collection.tables[0].push_rows
+    monkeypatch.setattr(collection.tables[0], "push_rows", lambda block, **kw: pushed.append(block.keys.tolist()) or
+                        push_rows(block, **kw))
+    second = plan_of(collection, [batch_of([[4]], [[7]], [[5]])], rows.residency, first_step=2)
+    rows.swap(second)  # 1, 2 and 3 leave, as their table holds them since the flush
+    assert pushed == []
+    rows.update(second.batches[0], torch.ones(1, 3, 4))
+    third = plan_of(collection, [batch_of([[1]], [[7]], [[2]])], rows.residency, first_step=3)
+    rows.swap(third)  # trained since: 4 and 5 go back
+    assert pushed == [[4, 5]]

@@ -149,7 +149,7 @@ def test_cli_trains_in_passes_and_says_what_moved(tmp_path, capsys):
     assert main(["train", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "trained 24 steps, 12,000 rows" in out
-    assert "pass mode: 6 passes of " in out and "% of them already on the device from the pass before" in out
+    assert "pass mode: 6 passes of " in out and "% of a pass's rows already on the device from the pass before" in out
     report = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["runtime"]["passmode"]
     assert report["passes"] == 6 and 0.0 < report["kept_share"] < 1.0
     assert f"({report['rows_in']:,d} rows moved in, {report['rows_out']:,d} out before the end)" in out

@@ -16,7 +16,9 @@ reversed in the second round; the faster run counts):
 - `passmode`: the same run in passes of `batches_per_pass` batches, the next pass
   planned on a second thread while one trains.
 
-Tidal's sides run on `training.device: auto` (a GPU when there is one). Reports
+Tidal's sides run on `training.device: auto` (a GPU when there is one), their table
+reserving the rows the run will create (as the peer's tables are allocated before the
+clock starts). Reports
 samples/s, the ratios, each side's AUC on held-out rows, and where pass mode's time
 went (its `runtime_report`).
 """
@@ -55,7 +57,8 @@ def run(*, rows: int = 400_000, batches_per_pass: int = 16, as_json: bool = Fals
         data = generate(scratch / "train", rows=rows, seed=3)
         train = bench_train._batches(data.paths)
         held_out = bench_train._batches(generate(scratch / "eval", rows=max(rows // 5, 1_000), seed=3, split=1).paths)
-        torch_rows = bench_train._equal_bytes_rows(SHAPE, np.unique(np.concatenate([b.values for b in train])).shape[0])
+        distinct_ids = np.unique(np.concatenate([b.values for b in train])).shape[0]
+        torch_rows = bench_train._equal_bytes_rows(SHAPE, distinct_ids)
         for every in (None, batches_per_pass):  # compile the kernels first
             _train(_trainer(data.paths, scratch / f"warm{every}", every), train[:2])
         seconds: dict[str, list[float]] = {side: [] for side in SIDES}
@@ -70,17 +73,20 @@ def run(*, rows: int = 400_000, batches_per_pass: int = 16, as_json: bool = Fals
                     aucs[side].append(bench_train._auc(peer, held_out))
                     continue
                 trainer = _trainer(data.paths, scratch / f"{side}{round_}", batches_per_pass if side == "passmode"
-                                   else None, seed=round_)
+                                   else None, seed=round_, reserve_rows=distinct_ids)
                 seconds[side].append(_train(trainer, train))
                 aucs[side].append(_auc(trainer, held_out))
                 report = trainer.runtime_report | {"device": trainer.device.type} if side == "passmode" else report
     return _summary(train, seconds, aucs, report, batches_per_pass, as_json)
 
 
-def _trainer(paths: list[str], run_dir: Path, batches_per_pass: int | None, seed: int = 0) -> Trainer:
+def _trainer(paths: list[str], run_dir: Path, batches_per_pass: int | None, seed: int = 0,
+             reserve_rows: int = 0) -> Trainer:
+    """A fresh Tidal run (dense weights from `seed`); with `reserve_rows`, its table's
+    memory is allocated before the clock starts, as the peer's fixed tables are."""
     config = RunConfig(
         data={"train": paths}, features=[f.model_dump() for f in criteo_features(table="ids")],
-        tables=[bench_train._table(SHAPE).model_dump()],
+        tables=[bench_train._table(SHAPE, reserve_rows).model_dump()],
         model={"kind": "dlrm", "bottom_sizes": SHAPE.bottom, "hidden_sizes": SHAPE.top},
         training={"lr": bench_train.LR_DENSE, "run_dir": str(run_dir), "threads": cpu_count(), "log_every": 1 << 30,
                   "precision": "auto", "seed": seed, "device": "auto"},

@@ -7,7 +7,7 @@ Every embedding table has the same dim, so all of them share one `values` tensor
 Slot 0 holds no row and stays zero. Rows come in and go back by the difference
 between consecutive passes (`tidal.passmode.plan`); `flush` writes every row back to
 its table, at the points where the tables must be current (checkpoints, evaluation,
-eviction, the end of a run).
+the end of a run), and `release` also drops the rows of tables about to evict.
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ class DeviceRows:
     def swap(self, plan: PassPlan) -> None:
         """Make the device hold `plan`'s rows: write its leaving rows back, then place
         its entering ones (a leaving row's slot may take an entering one)."""
-        for t, move in enumerate(plan.moves):
-            self._write_back(t, move.leaving_keys, move.leaving_slots)
+        if self.trained:  # else their tables hold them as they are here (flushed since)
+            for t, move in enumerate(plan.moves):
+                self._write_back(t, move.leaving_keys, move.leaving_slots)
         self.residency = plan.kept()  # until the entering rows are in: what a flush may write back
         self._grow(plan.residency.size)
         for t, move in enumerate(plan.moves):

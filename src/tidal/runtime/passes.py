@@ -119,6 +119,7 @@ class _Report:
     def __init__(self) -> None:
         self.seconds = {"wait_s": 0.0, "swap_s": 0.0, "train_s": 0.0, "safe_point_s": 0.0}
         self.passes = self.rows = self.rows_in = self.rows_out = 0
+        self.later_rows = self.later_rows_in = 0  # of the passes after the first, which finds none there
 
     def timed(self, key: str, work: Callable[..., Any], *args: Any) -> Any:
         start = time.perf_counter()
@@ -128,18 +129,23 @@ class _Report:
             self.seconds[key] += time.perf_counter() - start
 
     def count(self, plan: PassPlan) -> None:
+        rows, rows_in = plan.residency.rows, sum(m.entering.keys.shape[0] for m in plan.moves)
+        if self.passes:
+            self.later_rows += rows
+            self.later_rows_in += rows_in
         self.passes += 1
-        self.rows += plan.residency.rows
-        self.rows_in += sum(m.entering.keys.shape[0] for m in plan.moves)
+        self.rows += rows
+        self.rows_in += rows_in
         self.rows_out += sum(m.leaving_keys.shape[0] for m in plan.moves)
 
     def summary(self, plan_s: float) -> dict:
         """The figures: `wait_s` is the training thread waiting for plans (all of the
         planning without look-ahead), `plan_s` the planning wherever it ran, `kept_share`
-        the share of a pass's rows already on the device from the pass before."""
+        the share of a pass's rows already on the device from the pass before, over the
+        passes after the first (0 with one pass)."""
         return {"passes": self.passes, "rows_per_pass": self.rows / max(self.passes, 1),
-                "kept_share": 1.0 - self.rows_in / max(self.rows, 1), "rows_in": self.rows_in,
-                "rows_out": self.rows_out, "plan_s": plan_s, **self.seconds}
+                "kept_share": 1.0 - self.later_rows_in / self.later_rows if self.later_rows else 0.0,
+                "rows_in": self.rows_in, "rows_out": self.rows_out, "plan_s": plan_s, **self.seconds}
 
 
 def _train_pass(trainer: Any, rows: DeviceRows, plan: PassPlan, log: IO[str]) -> int:
