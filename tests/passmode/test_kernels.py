@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from tidal.config import Adagrad, Adam, Ftrl, RowWiseAdagrad, TableConfig
 from tidal.embedding import EmbeddingTable
 from tidal.embedding.table import RowBlock
-from tidal.passmode._kernels import distinct_keys, optimizer_step, sgd_add
+from tidal.passmode._kernels import distinct_keys, ids_by_row, optimizer_step, sgd_add
 
 from keys import ADVERSARIAL
 
@@ -66,3 +66,14 @@ def test_an_optimizer_step_on_device_rows_equals_the_store_s(optimizer, keys, se
     np.testing.assert_allclose(values, after.values, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(state[:, :width], after.state, rtol=1e-5, atol=1e-6)
     assert (state[:, width:] == 1.0).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 5), max_size=50))
+def test_ids_grouped_by_row_keep_their_order_within_each_row(inverse):
+    inverse = np.array(inverse, dtype=np.int64)
+    rows = int(inverse.max()) + 1 if inverse.size else 0
+    order, offsets = ids_by_row(inverse, rows)
+    for u in range(rows):
+        np.testing.assert_array_equal(order[offsets[u] : offsets[u + 1]], np.flatnonzero(inverse == u))
+    assert offsets[-1] == inverse.shape[0]

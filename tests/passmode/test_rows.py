@@ -152,19 +152,6 @@ def test_rows_go_back_in_pieces_and_only_when_trained(monkeypatch):
     assert len(pushed) == 8
 
 
-def test_the_deterministic_block_restores_the_caller_s_settings():
-    from tidal.passmode.rows import _deterministic
-
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    try:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        with _deterministic():
-            assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
-        assert torch.is_deterministic_algorithms_warn_only_enabled()
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-
-
 def test_releasing_a_table_frees_its_slots_and_keeps_the_others_rows():
     collection = collection_of()
     rows = DeviceRows(collection, "cpu")

@@ -8,7 +8,7 @@ import numpy as np
 from tidal.mixing import mix64
 from tidal.optim import rowwise as rw
 
-__all__ = ["distinct_keys", "optimizer_step", "sgd_add"]
+__all__ = ["distinct_keys", "ids_by_row", "optimizer_step", "sgd_add"]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -84,3 +84,20 @@ def optimizer_step(values, state, width, distinct, inverse, grad, sources, scale
         rw.update_row(code, row, summed[u], hyper, step)
         values[slot] = row[:dim]
         state[slot, :width] = row[dim:]
+
+
+@numba.njit(nogil=True, cache=True)
+def ids_by_row(inverse: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ids grouped by the row they update (`inverse[k]`, of `rows`), each row's in
+    their order: ``order[offsets[u]:offsets[u + 1]]`` are row u's ids (a counting sort)."""
+    offsets = np.zeros(rows + 1, np.int64)
+    for k in range(inverse.shape[0]):
+        offsets[inverse[k] + 1] += 1
+    for u in range(rows):
+        offsets[u + 1] += offsets[u]
+    order = np.empty(inverse.shape[0], np.int64)
+    filled = offsets[:-1].copy()
+    for k in range(inverse.shape[0]):
+        order[filled[inverse[k]]] = k
+        filled[inverse[k]] += 1
+    return order, offsets

@@ -12,8 +12,7 @@ the end of a run), and `release` also drops the rows of tables about to evict.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from collections.abc import Collection
 from dataclasses import replace
 
 import numpy as np
@@ -24,7 +23,7 @@ from tidal.embedding.collection import EmbeddingCollection
 from tidal.embedding.table import RowBlock
 from tidal.errors import ConfigError, TidalError
 from tidal.optim import rowwise as rw
-from tidal.passmode._kernels import optimizer_step, sgd_add
+from tidal.passmode._kernels import ids_by_row, optimizer_step, sgd_add
 from tidal.passmode.optim import update_rows
 from tidal.passmode.plan import BatchSlots, PassPlan, Residency, TableUpdate, counts_sightings
 
@@ -169,12 +168,11 @@ class DeviceRows:
                            update.inverse, grad, update.sources, scales, optimizer.code, optimizer.hyper, step)
 
     def _update_torch(self, optimizer: rw.OptimizerKernel, update: TableUpdate, grad: torch.Tensor, step: int) -> None:
-        scaled = grad.index_select(0, self._tensor(update.sources))  # [m, D]
-        if update.scales is not None:
-            scaled *= self._tensor(update.scales)[:, None]
-        summed = torch.zeros((update.distinct.shape[0], self.dim), dtype=torch.float32, device=self.device)
-        with _deterministic():  # a GPU's index_add_ adds with atomics, in no fixed order, unless asked
-            summed.index_add_(0, self._tensor(update.inverse), scaled)
+        order, offsets = ids_by_row(update.inverse, update.distinct.shape[0])
+        scales = None if update.scales is None else self._tensor(update.scales[order])
+        # each row's gradients summed in its ids' order, on any device (a GPU's index_add_ adds in no fixed order)
+        summed = F.embedding_bag(self._tensor(update.sources[order]), grad, self._tensor(offsets), mode="sum",
+                                 per_sample_weights=scales, include_last_offset=True)  # [u, D]
         update_rows(optimizer, self.values, self.state, self._tensor(update.distinct), summed, step)
 
 
@@ -190,17 +188,6 @@ def _grown(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     grown = tensor.new_zeros((rows, tensor.shape[1]))
     grown[: tensor.shape[0]] = tensor
     return grown
-
-
-@contextmanager
-def _deterministic() -> Iterator[None]:
-    """Deterministic algorithms for the block (torch's setting is process-wide)."""
-    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was, warn_only=warn_only)
 
 
 _NO_SCALES = np.zeros(0, np.float32)
