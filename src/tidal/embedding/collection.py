@@ -113,13 +113,36 @@ class EmbeddingCollection:
         the training step of the tables' lookups (default: the next one, see
         `EmbeddingTable.lookup_or_insert`)."""
         feature_tables = self._feature_tables(batch)
-        offsets = batch.offsets
-        lookups = self._lookup(batch, offsets, feature_tables, train, step)
+        lookups = self._lookup(batch, feature_tables, train, step)
+        return PooledContext(lookups=lookups, offsets=batch.offsets, scales=self.id_scales(batch),
+                             feature_tables=feature_tables, batch_size=batch.batch_size, train=train,
+                             batch=(batch.keys, batch.values, batch.weights))
+
+    def id_scales(self, batch: SparseBatch) -> np.ndarray:
+        """Each id's pooling scale `[n]` float32: its weight (1 without weights) times 1,
+        1/n or 1/sqrt(n) by its feature's pooling (sum, mean, sqrtn) over its bag of n."""
         modes = np.array([pooling.MODES[self.features[k].pooling] for k in batch.keys], dtype=np.int64)
         weights = batch.weights if batch.weights is not None else np.zeros(0, np.float32)
-        scales = pooling.id_scales(offsets, weights, modes, batch.batch_size)
-        return PooledContext(lookups=lookups, offsets=offsets, scales=scales, feature_tables=feature_tables,
-                             batch_size=batch.batch_size, train=train, batch=(batch.keys, batch.values, batch.weights))
+        return pooling.id_scales(batch.offsets, weights, modes, batch.batch_size)
+
+    def table_positions(self, batch: SparseBatch) -> dict[int, slice | np.ndarray]:
+        """Where the ids of each table (by its position in `tables`) sit in
+        `batch.values`: the runs of the features it serves, a slice when they are side
+        by side. Tables no feature of the batch reads are left out."""
+        return self._positions(batch, self._feature_tables(batch))
+
+    def _positions(self, batch: SparseBatch, feature_tables: np.ndarray) -> dict[int, slice | np.ndarray]:
+        starts = batch.offsets[np.arange(len(batch.keys) + 1) * batch.batch_size]  # feature f: starts[f]:starts[f+1]
+        positions: dict[int, slice | np.ndarray] = {}
+        for t in range(len(self.tables)):
+            served = np.flatnonzero(feature_tables == t)
+            if served.shape[0] == 0:
+                continue
+            if np.all(np.diff(served) == 1):  # one contiguous run of features: no copy
+                positions[t] = slice(int(starts[served[0]]), int(starts[served[-1] + 1]))
+            else:
+                positions[t] = np.concatenate([np.arange(starts[f], starts[f + 1]) for f in served])
+        return positions
 
     def pool(self, batch: SparseBatch, ctx: PooledContext, *, dtype: torch.dtype = torch.float32,
              out: torch.Tensor | None = None) -> torch.Tensor:
@@ -196,21 +219,12 @@ class EmbeddingCollection:
             raise BatchError(f"batch has features {unknown} that no table serves; known features: {sorted(self.features)}")
         return np.array([self._table_index[self.features[k].table] for k in batch.keys], dtype=np.int64)
 
-    def _lookup(self, batch: SparseBatch, offsets: np.ndarray, feature_tables: np.ndarray,
+    def _lookup(self, batch: SparseBatch, feature_tables: np.ndarray,
                 train: bool, step: int | None) -> dict[int, tuple[slice | np.ndarray, RowLookup]]:
         """One lookup per table over the ids of all features it serves."""
-        starts = offsets[np.arange(len(batch.keys) + 1) * batch.batch_size]  # feature f: starts[f]:starts[f+1]
         lookups = {}
-        for t, table in enumerate(self.tables):
-            served = np.flatnonzero(feature_tables == t)
-            if served.shape[0] == 0:
-                continue
-            positions: slice | np.ndarray
-            if np.all(np.diff(served) == 1):  # one contiguous run of features: no copy
-                positions = slice(int(starts[served[0]]), int(starts[served[-1] + 1]))
-            else:
-                positions = np.concatenate([np.arange(starts[f], starts[f + 1]) for f in served])
-            keys = batch.values[positions]
+        for t, positions in self._positions(batch, feature_tables).items():
+            keys, table = batch.values[positions], self.tables[t]
             lookups[t] = (positions, table.lookup_or_insert(keys, step=step) if train else table.find(keys))
         return lookups
 

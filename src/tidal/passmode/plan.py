@@ -154,7 +154,7 @@ def plan_pass(collection: EmbeddingCollection, batches: Sequence[tuple[int, int,
     them: admission, LFU eviction), so rows are created, admitted and refused (a table
     at its cap) as the reference trainer does; its entering rows are pulled.
     """
-    positions = [_table_positions(collection, b) for _, _, b in batches]
+    positions = [{t: _indices(p) for t, p in collection.table_positions(b).items()} for _, _, b in batches]
     pool = _SlotPool(before.free, before.size)
     tables = [_plan_table(table, t, batches, positions, before, first_step, pool)
               for t, table in enumerate(collection.tables)]
@@ -220,16 +220,6 @@ def _plan_table(table: EmbeddingTable, t: int, batches: Sequence[tuple[int, int,
     last_steps = (first_step + lookups.batch_of(last[has_row])).astype(np.uint32)
     return _TablePlan(keys=rows, slots=row_slots, last_steps=last_steps, move=move, inverse=inverse,
                       key_slots=key_slots, sighted=sighted)
-
-
-def _table_positions(collection: EmbeddingCollection, batch: SparseBatch) -> dict[int, np.ndarray]:
-    """Where each table's ids sit in `batch.values` (the runs of its features' ids)."""
-    names = [t.name for t in collection.tables]
-    starts = batch.offsets[np.arange(len(batch.keys) + 1) * batch.batch_size]
-    positions: dict[int, list[np.ndarray]] = {}
-    for f, key in enumerate(batch.keys):
-        positions.setdefault(names.index(collection.features[key].table), []).append(np.arange(starts[f], starts[f + 1]))
-    return {t: np.concatenate(runs) for t, runs in positions.items()}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -318,11 +308,14 @@ def _batch_slots(collection: EmbeddingCollection, batches: Sequence[tuple[int, i
 
 def _scales(collection: EmbeddingCollection, batch: SparseBatch) -> np.ndarray | None:
     """Each id's pooling scale, or None when every one is 1 (sums of unweighted ids)."""
-    modes = np.array([pooling.MODES[collection.features[k].pooling] for k in batch.keys], dtype=np.int64)
-    if batch.weights is None and not modes.any():
+    if batch.weights is None and all(collection.features[k].pooling == "sum" for k in batch.keys):
         return None
-    weights = batch.weights if batch.weights is not None else np.zeros(0, np.float32)
-    return pooling.id_scales(batch.offsets, weights, modes, batch.batch_size)
+    return collection.id_scales(batch)
+
+
+def _indices(positions: slice | np.ndarray) -> np.ndarray:
+    """`EmbeddingCollection.table_positions`' positions as an index array."""
+    return np.arange(positions.start, positions.stop) if isinstance(positions, slice) else positions
 
 
 def _update(t: int, positions: np.ndarray, slots: np.ndarray, pass_keys: np.ndarray, num_keys: int,
