@@ -1,4 +1,4 @@
-"""The `tidal` command line: demo, train, eval, export, serve, gen-data, bench sparse|data|train|quality|hetero|serve|dense|pass."""
+"""The `tidal` command line: demo, train, eval, export, serve, gen-data, bench sparse|data|train|quality|hetero|serve|dense|rewrite|pass."""
 
 from __future__ import annotations
 
@@ -102,6 +102,10 @@ def _parser() -> argparse.ArgumentParser:
     dense_bench = which.add_parser("dense", help="the serving dense stage on ONNX Runtime against torch, per bucket")
     dense_bench.add_argument("--quick", action="store_true", help="100 calls per point instead of 400")
     dense_bench.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    rewrite_bench = which.add_parser("rewrite", help="the torch serving program rewritten by the graph rules against "
+                                                     "the program as exported, per bucket")
+    rewrite_bench.add_argument("--quick", action="store_true", help="100 calls per point instead of 400")
+    rewrite_bench.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     data = which.add_parser("data", help="rows/s read from TSV and Parquet and extracted into batches")
     data.add_argument("--rows", type=int, default=500_000, help="rows generated per format (default 500,000)")
     data.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
@@ -190,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         except TidalError as exc:
             print(f"tidal bench dense: {exc}", file=sys.stderr)
             return 2
+    elif args.benchmark == "rewrite":
+        from tidal.bench import rewrite
+
+        rewrite.run(quick=args.quick, as_json=args.json)
     elif args.benchmark == "data":
         from tidal.bench import data
 
@@ -344,6 +352,15 @@ def _write_failed(command: str, exc: Exception, consequence: str) -> int:
     return 2
 
 
+def _dense_backend(predictor) -> str:  # type: ignore[no-untyped-def]
+    """What runs the dense network, with the graph rules it runs rewritten by and any
+    rule left out although its pattern was found (its outputs differed)."""
+    kept = [o.rule for o in predictor.rewrites if o.kept]
+    dropped = [f"{o.rule} left out: {o.reason}" for o in predictor.rewrites if o.places and not o.kept]
+    rules = f", rewritten by {', '.join(kept)}" if kept else ""
+    return predictor.backend + rules + "".join(f"; {d}" for d in dropped)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from tidal.errors import ConfigError, TidalError
     from tidal.serving import Service, listen, load_bundle, serve
@@ -382,7 +399,7 @@ def _serve(args: argparse.Namespace) -> int:
             return 2
         try:
             print(f"serving {name!r}{_delta_served(service)} at http://{args.host}:{sock.getsockname()[1]}/v2/models/"
-                  f"{name} (dense network on {service.predictor.backend}; metrics at /metrics; Ctrl-C stops)",
+                  f"{name} (dense network on {_dense_backend(service.predictor)}; metrics at /metrics; Ctrl-C stops)",
                   flush=True)
             serve(service, sock, exit_timeout_s=args.exit_timeout_s)
         except KeyboardInterrupt:  # the server has shut down and closed the service; uvicorn passes the signal on

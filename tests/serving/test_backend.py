@@ -129,4 +129,4 @@ def test_dense_weights_of_another_network_are_refused_by_the_deltas_file(onnx_pr
     delta = Delta(path=tmp_path / "000001", manifest={}, position=onnx_predictor.position, tables={}, weights=weights)
     with pytest.raises(CorruptCheckpointError, match=rf"{tmp_path / '000001' / 'dense.safetensors'}: new dense "
                                                      r"weights must be the ONNX model's .*'head.out.bias'"):
-        onnx_predictor._program_with(delta)
+        onnx_predictor._source_with(delta)

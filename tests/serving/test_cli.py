@@ -56,7 +56,7 @@ def test_export_then_serve_then_stop_with_ctrl_c_or_sigterm(trainer, tmp_path, c
         process.send_signal(stop)
         out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
-    assert f"serving 'ranker' at {url}/v2/models/ranker (dense network on torch;" in out and out.endswith("stopped\n")
+    assert f"serving 'ranker' at {url}/v2/models/ranker (dense network on torch, rewritten by gather_slices;" in out and out.endswith("stopped\n")
 
 
 def test_export_and_serve_refuse_what_is_not_there(tmp_path, capsys):

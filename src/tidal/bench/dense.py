@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from tidal.config import ModelConfig
 from tidal.errors import ConfigError
 from tidal.models import RankingModel
 
-__all__ = ["run"]
+__all__ = ["medians_ms", "run"]
 
 BUCKETS = [1, 4, 16, 64, 256, 1024]  # serving.buckets' default
 NETWORKS = {"dlrm": {"kind": "dlrm", "bottom_sizes": [64], "hidden_sizes": [128, 64]},
@@ -70,21 +71,26 @@ def _programs() -> list[tuple[str, tuple]]:
     return out
 
 
-def _measure(name: str, bucket: int, programs: tuple, calls: int, block: int = 20) -> dict:
-    """Median ms per call of each peer, taking turns `block` calls at a time."""
-    pooled, dense = torch.randn(bucket, FEATURES, DIM), torch.randn(bucket, DENSE)
-    times: list[list[float]] = [[], []]
-    with torch.no_grad():
-        for _ in range(0, calls, block):
-            for peer, forward in enumerate(programs):
-                forward(pooled, dense)  # the first call of a turn is not timed
-                for _ in range(block):
-                    start = time.perf_counter()
-                    forward(pooled, dense)
-                    times[peer].append(time.perf_counter() - start)
-    torch_ms, onnx_ms = (float(np.median(t)) * 1e3 for t in times)
+def _measure(name: str, bucket: int, programs: tuple, calls: int) -> dict:
+    torch_ms, onnx_ms = medians_ms(programs, (torch.randn(bucket, FEATURES, DIM), torch.randn(bucket, DENSE)), calls)
     point = {"network": name, "batch": bucket, "torch_ms": round(torch_ms, 4), "onnxruntime_ms": round(onnx_ms, 4),
              "ratio_vs_torch": round(torch_ms / onnx_ms, 2)}
     print(f"  {name:<7} batch {bucket:>5}: torch {torch_ms:7.3f} ms  onnxruntime {onnx_ms:7.3f} ms  "
           f"{point['ratio_vs_torch']:5.2f}x", flush=True)
     return point
+
+
+def medians_ms(programs: Sequence[Callable[..., object]], inputs: tuple[torch.Tensor, ...], calls: int,
+               block: int = 20) -> list[float]:
+    """Median ms per call of each of `programs` on `inputs`, taking turns `block` calls
+    at a time (the first call of a turn is not timed)."""
+    times: list[list[float]] = [[] for _ in programs]
+    with torch.no_grad():
+        for _ in range(0, calls, block):
+            for peer, forward in enumerate(programs):
+                forward(*inputs)
+                for _ in range(block):
+                    start = time.perf_counter()
+                    forward(*inputs)
+                    times[peer].append(time.perf_counter() - start)
+    return [float(np.median(t)) * 1e3 for t in times]

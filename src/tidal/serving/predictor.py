@@ -37,7 +37,7 @@ import pyarrow as pa
 import torch
 from torch.export.passes import move_to_device_pass
 
-from tidal.compile import OnnxProgram
+from tidal.compile import OnnxProgram, RuleOutcome, rewrite
 from tidal.config import DEVICE_PATTERN, DenseFeature, Fusion, ServingConfig, SparseFeature, TableConfig
 from tidal.data.extract import Extractor
 from tidal.embedding import EmbeddingCollection, EmbeddingTable, RowBlock
@@ -140,7 +140,9 @@ class Predictor:
         self.user_columns = self._user_extract.columns
         self.item_columns = self._item_extract.columns
         self.collection = EmbeddingCollection(_serving_tables(bundle), [f.embedding() for f in extractor.sparse])
-        self._program = _dense_program(bundle, serving, self.device)
+        self._rewrite = serving.rewrite
+        self._source = _dense_program(bundle, serving, self.device)  # as exported, with the last delta's weights
+        self._program, self.rewrites = self._rewritten(self._source)  # what scores
         self._gate = Gate()  # scoring shares it; an update takes it alone
         self.position: Position | None = bundle.position  # the last delta applied (None: a version 1 bundle)
         self.torn: str | None = None  # why the tables are between two deltas, after a failed update
@@ -165,7 +167,8 @@ class Predictor:
         deltas: `torn` then says so, and further updates are refused (restart)."""
         if not deltas:
             return Applied(rows_changed=0, rows_removed=0, paused_s=0.0)
-        module = self._program_with(deltas[-1])  # before taking the gate
+        source = self._source_with(deltas[-1])  # before taking the gate
+        program, rewrites = self._rewritten(source)
         changes = merged(deltas)
         blocks = [(self.collection.table(name), c.removed, _row_block(c.keys, c.values)) for name, c in changes.items()]
         start = time.perf_counter()  # new batches wait from here: for those under way, then for the update
@@ -179,7 +182,8 @@ class Predictor:
                 self.torn = (f"the tables were left part way between delta {self.position.sequence} and delta "
                              f"{deltas[-1].position.sequence} by a failed update ({type(exc).__name__}: {exc})")
                 raise
-            self._program, self.position = module, deltas[-1].position
+            self._source, self._program, self.rewrites = source, program, rewrites
+            self.position = deltas[-1].position
             return Applied(rows_changed=sum(len(c.keys) for c in changes.values()),
                            rows_removed=sum(len(c.removed) for c in changes.values()),
                            paused_s=time.perf_counter() - start)
@@ -198,19 +202,33 @@ class Predictor:
             raise CheckpointError(f"{delta.path}: delta {delta.position.sequence} does not follow the delta "
                                   f"served, {self.position.sequence}; read the deltas that follow it")
 
-    def _program_with(self, delta: Delta) -> torch.nn.Module | OnnxProgram:
-        """A copy of the program served, with `delta`'s dense weights (batches under way
-        keep the one they took)."""
-        if isinstance(self._program, OnnxProgram):
+    def _source_with(self, delta: Delta) -> torch.nn.Module | OnnxProgram:
+        """A copy of the program as exported, with `delta`'s dense weights (batches
+        under way keep the one they took)."""
+        if isinstance(self._source, OnnxProgram):
             try:
-                return self._program.with_weights(delta.weights)  # checked there; a new session owns them
+                return self._source.with_weights(delta.weights)  # checked there; a new session owns them
             except CheckpointError as exc:
                 raise CorruptCheckpointError(f"{delta.path / WEIGHTS}: {exc}") from None
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)  # torch's own, from its tree specs
-            module = copy.deepcopy(self._program)
+            module = copy.deepcopy(self._source)
         with_weights(module.state_dict(), delta)  # its tensors, on its device
         return module
+
+    def _rewritten(self, source: torch.nn.Module | OnnxProgram) -> tuple[torch.nn.Module | OnnxProgram,
+                                                                          tuple[RuleOutcome, ...]]:
+        """The program that scores: `source` rewritten by `tidal.compile.rules` (torch
+        backend, `serving.rewrite`), each rule checked on random inputs of every bucket
+        size; `source` itself otherwise."""
+        if isinstance(source, OnnxProgram) or not self._rewrite:
+            return source, ()
+        generator = torch.Generator().manual_seed(0)
+        f, d, dd = self._sizes["num_features"], self._sizes["dim"], self._sizes["dense_features"]
+        inputs = [(torch.randn(rows, f, d, generator=generator).to(self.device),
+                   torch.randn(rows, dd, generator=generator).to(self.device)) for rows in self.buckets]
+        done = rewrite(source, inputs)
+        return done.module, done.outcomes
 
     # ------------------------------------------------------------------ fusion
 

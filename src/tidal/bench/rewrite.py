@@ -1,0 +1,86 @@
+"""`tidal bench rewrite`: the torch serving backend's program rewritten by the graph
+rules (`tidal.compile.rules`), against the program as exported.
+
+The networks of `tidal bench dense` (DLRM, DCN-v2, DeepFM: 26 sparse features of dim
+16, 13 dense features, two targets) and two more, Wide & Deep and a DLRM with an MMoE
+head (four experts), at every bucket size a request pads to, on one thread
+(`serving.dense_threads`' default). Peers, taking turns on the same inputs: the
+`torch.export` program as the torch backend ran it before the rules (its module's
+`forward`), and the same program rewritten, as the torch backend runs it now. Reports
+the median milliseconds per call, the ratio exported / rewritten per network and
+bucket, and the rules each network was rewritten by.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from tidal.bench.dense import BUCKETS, DENSE, DIM, FEATURES, NETWORKS, TARGETS, medians_ms
+from tidal.compile import export_program, rewrite
+from tidal.config import ModelConfig
+from tidal.models import RankingModel
+
+__all__ = ["run"]
+
+MORE_NETWORKS = {"wide_deep": {"kind": "wide_deep", "hidden_sizes": [256, 128]},
+                 "dlrm_mmoe": {**NETWORKS["dlrm"], "head": "mmoe", "experts": 4, "expert_sizes": [64],
+                               "tower_sizes": [32]}}
+SMALL = 16  # the target: the rewritten program at least TARGET x the exported at every batch up to this size,
+TARGET = 1.5  # on every network a rule rewrites,
+FLOOR = 0.95  # and nowhere below FLOOR x (the noise of these runs)
+
+
+def run(*, quick: bool = False, as_json: bool = False) -> dict:
+    calls = 100 if quick else 400
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        networks = _networks()
+        points = [_measure(name, bucket, programs, calls) for name, (programs, _) in networks.items()
+                  for bucket in BUCKETS]
+    finally:
+        torch.set_num_threads(threads)
+    summary = _summary(points, {name: rules for name, (_, rules) in networks.items()})
+    print(f"rewritten at least {TARGET}x the program at batches up to {SMALL} on every rewritten network, and "
+          f"nowhere below {FLOOR}x: {'met' if summary['target_met'] else 'NOT met'} (lowest up to {SMALL} "
+          f"{summary['min_ratio_up_to_16']:.2f}x, lowest anywhere {summary['min_ratio']:.2f}x)")
+    if as_json:
+        print(json.dumps(summary))
+    return summary
+
+
+def _networks() -> dict[str, tuple[tuple, list[str]]]:
+    """name -> ((exported forward, rewritten forward), the rules kept) of each network,
+    with random weights, rewritten as the torch backend does (checked at every bucket)."""
+    out = {}
+    for name, spec in {**NETWORKS, **MORE_NETWORKS}.items():
+        torch.manual_seed(0)
+        model = RankingModel(ModelConfig(**spec), num_features=FEATURES, dim=DIM, dense_features=DENSE,
+                             num_targets=TARGETS).eval()
+        program = export_program(model, (torch.zeros(2, FEATURES, DIM), torch.zeros(2, DENSE)), BUCKETS[-1]).module()
+        done = rewrite(program, [(torch.randn(b, FEATURES, DIM), torch.randn(b, DENSE)) for b in BUCKETS])
+        print(f"  {name:<9} rewritten by {', '.join(done.kept) or 'no rule'}", flush=True)
+        out[name] = ((program.forward, done.module.forward), done.kept)
+    return out
+
+
+def _measure(name: str, bucket: int, programs: tuple, calls: int) -> dict:
+    exported_ms, rewritten_ms = medians_ms(programs, (torch.randn(bucket, FEATURES, DIM),
+                                                      torch.randn(bucket, DENSE)), calls)
+    point = {"network": name, "batch": bucket, "exported_ms": round(exported_ms, 4),
+             "rewritten_ms": round(rewritten_ms, 4), "ratio_vs_exported": round(exported_ms / rewritten_ms, 2)}
+    print(f"  {name:<9} batch {bucket:>5}: exported {exported_ms:7.3f} ms  rewritten {rewritten_ms:7.3f} ms  "
+          f"{point['ratio_vs_exported']:5.2f}x", flush=True)
+    return point
+
+
+def _summary(points: list[dict], rules: dict[str, list[str]]) -> dict:
+    small = [p["ratio_vs_exported"] for p in points if rules[p["network"]] and p["batch"] <= SMALL]
+    ratios = [p["ratio_vs_exported"] for p in points]
+    lowest_small = min(small, default=0.0)  # no network rewritten: not met
+    return {"threads": 1, "rules": rules, "points": points, "min_ratio_up_to_16": lowest_small,
+            "min_ratio": min(ratios), "geomean_ratio": round(float(np.exp(np.mean(np.log(ratios)))), 2),
+            "target_met": lowest_small >= TARGET and min(ratios) >= FLOOR}
