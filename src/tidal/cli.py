@@ -33,9 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True, help="the run directory (training.run_dir) or one checkpoint")
     export.add_argument("--out", required=True, help="the bundle directory to write (an earlier bundle there is replaced)")
     export.add_argument("--table-dtype", choices=["float32", "float16"], help="default: the config's serving.table_dtype")
-    export.add_argument("--backend", choices=["torch", "onnxruntime"],
+    export.add_argument("--backend", choices=["torch", "onnxruntime", "aotinductor"],
                         help="what tidal serve runs the dense network with; onnxruntime adds an ONNX model to the "
-                             "bundle, checked against the torch program (default: the config's serving.backend)")
+                             "bundle, aotinductor the network compiled for this CPU (a C++ compiler is needed), each "
+                             "checked against the torch program (default: the config's serving.backend)")
     export.add_argument("--delta", action="store_true",
                         help="write into the bundle at --out only what changed since what it serves (rows and the "
                              "dense weights); a running tidal serve of it applies the delta without a restart")
@@ -50,9 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--chunk-rows", type=int, help="default: the config's serving.chunk_rows")
     serve.add_argument("--max-delay-ms", type=float, help="default: the config's serving.max_delay_ms")
     serve.add_argument("--sparse-threads", type=int, help="default: the config's serving.sparse_threads")
-    serve.add_argument("--backend", choices=["torch", "onnxruntime"],
+    serve.add_argument("--backend", choices=["torch", "onnxruntime", "aotinductor"],
                        help="what runs the dense network (default: the bundle's serving.backend); onnxruntime "
-                            "needs a bundle exported with --backend onnxruntime")
+                            "and aotinductor need a bundle exported with that --backend")
     serve.add_argument("--delta-poll-s", type=float, help="look for new deltas of the bundle (tidal export --delta) "
                        "this often and apply them (default: the config's serving.delta_poll_s; unset: only on "
                        "POST /v2/repository/models/NAME/load)")

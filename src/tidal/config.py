@@ -571,7 +571,9 @@ class ServingConfig(_Model):
     `torch` (its `torch.export` program, on the CPU or a GPU) or `onnxruntime` (ONNX
     Runtime on the CPU, several times faster at small batches; the bundle then holds
     an ONNX model as well, checked against the program when it is written: `tidal
-    export --backend onnxruntime`). With `rewrite` (the default), the torch backend runs
+    export --backend onnxruntime`) or `aotinductor` (the network compiled to native code
+    for the exporting CPU by AOTInductor, which needs a C++ compiler where the bundle is
+    written: `tidal export --backend aotinductor`; checked as the ONNX model is). With `rewrite` (the default), the torch backend runs
     the program rewritten by `tidal.compile.rules`, each checked against the
     program when the bundle (or a delta) is loaded: the same scores from fewer
     operators, up to twice as fast at small batches (`tidal bench rewrite`).
@@ -591,7 +593,7 @@ class ServingConfig(_Model):
     session_memory_bytes: _Int = Field(256 << 20, ge=1024)
     table_dtype: Literal["float32", "float16"] = "float32"  # how the bundle stores the tables
     delta_poll_s: _Float | None = Field(None, gt=0.0, le=86_400.0)  # between looks for new deltas; None: on request
-    backend: Literal["torch", "onnxruntime"] = "torch"  # what runs the dense network
+    backend: Literal["torch", "onnxruntime", "aotinductor"] = "torch"  # what runs the dense network
     rewrite: bool = True  # the torch backend runs the program rewritten (false: as exported)
 
     @pydantic.model_validator(mode="after")

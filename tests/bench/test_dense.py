@@ -9,12 +9,18 @@ import pytest
 
 from tidal.bench import dense
 from tidal.cli import main
+from tidal.compile import AOTI_MISSING, aoti_available
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 
-def test_every_network_and_bucket_is_measured_and_summarized(monkeypatch, capsys):
+@pytest.mark.slow
+@pytest.mark.parametrize("with_aoti", [True, False])
+def test_every_network_and_bucket_is_measured_and_summarized(monkeypatch, capsys, with_aoti):
+    if with_aoti and not aoti_available():
+        pytest.skip(AOTI_MISSING)
+    monkeypatch.setattr(dense, "aoti_available", lambda: with_aoti)
     monkeypatch.setattr(dense, "BUCKETS", [1, 16, 64, 256])
     monkeypatch.setattr(dense, "NETWORKS", {"dlrm": dense.NETWORKS["dlrm"], "dcn": dense.NETWORKS["dcn"]})
     assert main(["bench", "dense", "--quick", "--json"]) == 0
@@ -22,11 +28,23 @@ def test_every_network_and_bucket_is_measured_and_summarized(monkeypatch, capsys
     summary = json.loads(out.strip().splitlines()[-1])
     assert [(p["network"], p["batch"]) for p in summary["points"]] == [
         (n, b) for n in ("dlrm", "dcn") for b in (1, 16, 64, 256)]
-    for p in summary["points"]:
-        assert p["torch_ms"] > 0 and p["onnxruntime_ms"] > 0
-        assert abs(p["ratio_vs_torch"] - p["torch_ms"] / p["onnxruntime_ms"]) < 0.01 + 1e-3 * p["ratio_vs_torch"]
-    small = [p["ratio_vs_torch"] for p in summary["points"] if p["batch"] <= 64]
-    assert summary["min_ratio_up_to_64"] == min(small) and summary["target_met"] == (min(small) >= dense.TARGET)
-    ratios = [p["ratio_vs_torch"] for p in summary["points"]]
-    assert summary["geomean_ratio"] == round(float(np.exp(np.mean(np.log(ratios)))), 2)
-    assert "dcn     batch   256: torch" in out and "at batches up to 64: " in out
+    met = {}
+    for backend, prefix in (("onnxruntime", ""), ("aotinductor", "aotinductor_")):
+        if backend == "aotinductor" and not with_aoti:
+            assert all(p["aotinductor_ms"] is None and p["aotinductor_ratio_vs_torch"] is None
+                       for p in summary["points"])
+            assert summary["aotinductor_min_ratio_up_to_64"] is None and summary["aotinductor_target_met"] is None
+            assert "Leaving out AOTInductor: the aotinductor backend compiles" in out
+            continue
+        for p in summary["points"]:
+            ratio = p[f"{prefix}ratio_vs_torch"]
+            assert p["torch_ms"] > 0 and p[f"{backend}_ms"] > 0
+            assert abs(ratio - p["torch_ms"] / p[f"{backend}_ms"]) < 0.01 + 1e-3 * ratio
+        small = [p[f"{prefix}ratio_vs_torch"] for p in summary["points"] if p["batch"] <= 64]
+        ratios = [p[f"{prefix}ratio_vs_torch"] for p in summary["points"]]
+        assert summary[f"{prefix}min_ratio_up_to_64"] == min(small)
+        assert summary[f"{prefix}geomean_ratio"] == round(float(np.exp(np.mean(np.log(ratios)))), 2)
+        met[backend] = min(small) >= dense.TARGET
+        assert f"{backend} at least 1.5x torch at batches up to 64: " in out
+    assert summary["target_met"] == met["onnxruntime"] and summary["aotinductor_target_met"] == met.get("aotinductor")
+    assert "dcn     batch   256: torch" in out

@@ -8,7 +8,7 @@ import pytest
 
 from tidal.bench import serve
 from tidal.cli import main
-from tidal.compile import onnx_available
+from tidal.compile import aoti_available, onnx_available
 from tidal.serving import load_bundle
 
 
@@ -17,13 +17,14 @@ def test_summary_reports_every_figure(capsys):
     summary = serve.run(quick=True, seconds=1.0, as_json=True)
     out = capsys.readouterr().out
     assert json.loads(out.strip().splitlines()[-1]) == json.loads(json.dumps(summary))
-    systems = ("tidal", "tidal_onnxruntime", "unbatched", "rayserve") if onnx_available() else \
-        ("tidal", "unbatched", "rayserve")
+    compiled = [b for b, available in (("onnxruntime", onnx_available()), ("aotinductor", aoti_available()))
+                if available]
+    systems = ("tidal", *(f"tidal_{b}" for b in compiled), "unbatched", "rayserve")
     for system in systems:
         for shape in (1, 100):
             assert summary[f"{system}_qps_{shape}"] > 0 and summary[f"{system}_p99_ms_{shape}"] > 0
-    onnx = ("ratio_onnxruntime_vs_torch_1", "ratio_onnxruntime_vs_torch_100") if onnx_available() else ()
-    for key in ("ratio_vs_unbatched", "ratio_vs_rayserve", "session_speedup", *onnx):
+    ratios = [f"ratio_{b}_vs_torch_{shape}" for b in compiled for shape in (1, 100)]
+    for key in ("ratio_vs_unbatched", "ratio_vs_rayserve", "session_speedup", *ratios):
         assert summary[key] > 0, key
     assert all(point["errors"] == 0 for point in summary["points"]) and len(summary["points"]) == 2 * len(systems)
     assert "session page of 100" in out
@@ -34,9 +35,11 @@ def test_summary_reports_every_figure(capsys):
 def test_an_online_update_is_measured_against_a_full_reload(tmp_path, capsys):
     bundle, rows, run_dir = serve._train_and_export(tmp_path, rows=8192)
     assert rows.num_rows == 100 * serve._BODIES and load_bundle(bundle).manifest["source_checkpoint"].startswith("step-00000002-")
-    if onnx_available():  # the same checkpoint, for the onnxruntime backend
-        onnx = load_bundle(serve._onnx_bundle(bundle))
-        assert onnx.onnx is not None and onnx.manifest["source_checkpoint"] == load_bundle(bundle).manifest["source_checkpoint"]
+    for backend, available, held in (("onnxruntime", onnx_available(), "onnx"), ("aotinductor", aoti_available(), "aoti")):
+        if available:  # the same checkpoint, for the compiled backend
+            compiled = load_bundle(serve._compiled_bundle(bundle, backend))
+            assert getattr(compiled, held) is not None
+            assert compiled.manifest["source_checkpoint"] == load_bundle(bundle).manifest["source_checkpoint"]
     figures = serve._update_cost(bundle, run_dir, repeats=2)
     manifest = json.loads((bundle / "deltas" / "000001" / "manifest.json").read_text())
     assert figures["update_rows_changed"] == manifest["tables"]["ids"]["changed"] > 0
@@ -81,18 +84,20 @@ def test_qps_counts_every_answer_the_window_saw():
 
 def test_summary_figures_follow_from_the_points():
     """Ratios at the top concurrency: against the unbatched server on one-candidate
-    requests, against Ray Serve on 100-candidate ones, ONNX Runtime against torch on
-    both; sessions by their p50s."""
+    requests, against Ray Serve on 100-candidate ones, each compiled backend against torch
+    on both; sessions by their p50s."""
     def point(qps, p99):
         return {"qps": qps, "p50_ms": 1.0, "p99_ms": p99, "errors": 0}
 
     results = {system: {(shape, c): point(base * shape_gain * c, 5.0 * c) for shape, shape_gain in ((1, 10), (100, 1))
                         for c in (1, 8)}
-               for system, base in (("tidal", 4.0), ("tidal_onnxruntime", 5.0), ("unbatched", 1.0), ("rayserve", 2.0))}
+               for system, base in (("tidal", 4.0), ("tidal_onnxruntime", 5.0), ("tidal_aotinductor", 6.0),
+                                    ("unbatched", 1.0), ("rayserve", 2.0))}
     session = {"stateless": {"p50_ms": 30.0}, "page": {"p50_ms": 12.0}}
     summary = serve._summary(results, session)
     assert summary["concurrency"] == 8
     assert (summary["tidal_qps_1"], summary["unbatched_qps_1"], summary["tidal_qps_100"]) == (320.0, 80.0, 32.0)
     assert (summary["ratio_vs_unbatched"], summary["ratio_vs_rayserve"], summary["session_speedup"]) == (4.0, 2.0, 2.5)
     assert summary["ratio_onnxruntime_vs_torch_1"] == summary["ratio_onnxruntime_vs_torch_100"] == 1.25
-    assert summary["tidal_p99_ms_100"] == 40.0 and len(summary["points"]) == 16
+    assert summary["ratio_aotinductor_vs_torch_1"] == summary["ratio_aotinductor_vs_torch_100"] == 1.5
+    assert summary["tidal_p99_ms_100"] == 40.0 and len(summary["points"]) == 20

@@ -109,6 +109,14 @@ def _relu_to_sigmoid(module: fx.GraphModule) -> int:
     return len(nodes)
 
 
+def _relu_to_nan(module: fx.GraphModule) -> int:
+    """ReLU replaced by log: NaN wherever the input is negative."""
+    nodes = [n for n in module.graph.nodes if n.op == "call_function" and n.target is ATEN.relu.default]
+    for node in nodes:
+        node.target = ATEN.log.default
+    return len(nodes)
+
+
 def _bmm_of_wrong_shapes(module: fx.GraphModule) -> int:
     node = next(n for n in module.graph.nodes if n.op == "call_function" and n.target is ATEN.bmm.default)
     node.args = (node.args[0], node.args[0])  # [B, V, D] x [B, V, D]: fails unless V == D
@@ -121,6 +129,7 @@ def _raises(module: fx.GraphModule) -> int:
 
 @pytest.mark.parametrize("rule, reason", [
     (Rule(name="relu_to_sigmoid", apply=_relu_to_sigmoid), r"its outputs differ from the program's at batch 1 by "),
+    (Rule(name="relu_to_nan", apply=_relu_to_nan), r"its outputs differ from the program's at batch 1 by inf"),
     (Rule(name="bad_bmm", apply=_bmm_of_wrong_shapes), r"the rewritten graph failed at batch 1: RuntimeError"),
     (Rule(name="raises", apply=_raises), r"it failed on this graph: RuntimeError: cannot rewrite"),
 ])

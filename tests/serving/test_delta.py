@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from serving_helpers import file_rows, serving_config, until, with_user_of
 
 from tidal.cli import main
-from tidal.compile import ONNX_MISSING, OnnxProgram, onnx_available
+from tidal.compile import AOTI_MISSING, ONNX_MISSING, aoti_available, onnx_available
 from tidal.config import RunConfig
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.runtime import Trainer
@@ -41,10 +41,11 @@ def run(tmp_path_factory):
     config = RunConfig(**{**saved, "training": {**saved["training"], "checkpoint_every": 8}})
     Trainer(config).fit(max_steps=8)
     base = export(config.training.run_dir, root / "base")
-    onnx_base = export(config.training.run_dir, root / "onnx-base", backend="onnxruntime") if onnx_available() else None
+    compiled = {b: export(config.training.run_dir, root / f"{b}-base", backend=b) for b, available
+                in (("onnxruntime", onnx_available()), ("aotinductor", aoti_available())) if available}
     trainer = Trainer(config)
     trainer.fit(resume=True)
-    return SimpleNamespace(run_dir=Path(config.training.run_dir), base=base, onnx_base=onnx_base, config=config,
+    return SimpleNamespace(run_dir=Path(config.training.run_dir), base=base, compiled=compiled, config=config,
                            trainer=trainer, full=export(config.training.run_dir, root / "full"))
 
 
@@ -342,21 +343,23 @@ def test_a_running_server_applies_a_delta_on_load_and_refuses_a_damaged_one(run,
         assert refused.value.code == 400 and b"with no parameters; got 5" in refused.value.read()
 
 
-@pytest.mark.skipif(not onnx_available(), reason=ONNX_MISSING)
-def test_a_server_on_onnxruntime_applies_a_delta_and_scores_as_a_full_export(run, tmp_path):
-    bundle_dir = Path(shutil.copytree(run.onnx_base, tmp_path / "bundle"))
+@pytest.mark.parametrize("backend, missing", [("onnxruntime", ONNX_MISSING), ("aotinductor", AOTI_MISSING)])
+def test_a_server_on_a_compiled_backend_applies_a_delta_and_scores_as_a_full_export(run, tmp_path, backend, missing):
+    if backend not in run.compiled:
+        pytest.skip(missing)
+    bundle_dir = Path(shutil.copytree(run.compiled[backend], tmp_path / "bundle"))
     specs = input_specs(run.config)
     rows = with_user_of(file_rows(run.trainer, 100), specs)
     full = Predictor(load_bundle(run.full), device="cpu")
     expected = full.outputs(full.predict([_piece(full, rows)]))["score"]
     with _serving(bundle_dir) as (running, client):
         served = running.service.predictor._program
-        assert isinstance(served, OnnxProgram)
+        assert running.service.predictor.backend == backend
         before = _scores(client, rows, specs)
         export_delta(run.run_dir, bundle_dir)
         client.load_model("ctr")
         after = _scores(client, rows, specs)
-        assert isinstance(running.service.predictor._program, OnnxProgram) and running.service.predictor._program is not served
+        assert running.service.predictor.backend == backend and running.service.predictor._program is not served
     np.testing.assert_allclose(after, expected, rtol=1e-5)
     assert not np.allclose(before, expected, rtol=1e-3)
     reloaded = Predictor(load_bundle(bundle_dir))  # the base and its delta, loaded afresh

@@ -1,9 +1,10 @@
 """`tidal bench serve`: the server against itself unbatched and against Ray Serve.
 
 One model, trained here on generated Criteo-like data (DLRM, dim 16; C1-C13 and
-I1-I6 are the user's features, the rest the item's), exported and served four ways:
+I1-I6 are the user's features, the rest the item's), exported and served five ways:
 (a) Tidal with auto-batching, (b) the same with its dense network on ONNX Runtime
-(`serving.backend: onnxruntime`; left out without the onnx extra), (c) Tidal with batching off (every request alone),
+(`serving.backend: onnxruntime`; left out without the onnx extra) and compiled by
+AOTInductor (`aotinductor`; left out without a C++ compiler), (c) Tidal with batching off (every request alone),
 (d) the same predictor in a Ray Serve deployment whose `@serve.batch` merges
 requests up to the same row budget. A closed-loop load generator in another process
 keeps `concurrency` requests in flight over keep-alive connections, for two request
@@ -34,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from tidal.compile import ONNX_MISSING, onnx_available
+from tidal.compile import AOTI_MISSING, ONNX_MISSING, aoti_available, onnx_available
 from tidal.config import RunConfig
 from tidal.data import BadRows
 from tidal.data.criteo import criteo_features
@@ -60,9 +61,9 @@ def run(*, quick: bool = False, seconds: float = 5.0, with_ray: bool = True, as_
         specs = input_specs(load_bundle(bundle).config)
         bodies = {shape: _bodies(specs, rows, shape) for shape in (1, 100)}
         results = {}
-        onnx = ["tidal_onnxruntime"] if onnx_available() else []
-        for system in ["tidal", *onnx, "unbatched"] + (["rayserve"] if with_ray else []):
-            served = _onnx_bundle(bundle) if system == "tidal_onnxruntime" else bundle
+        compiled = [f"tidal_{backend}" for backend in _compiled_backends()]
+        for system in ["tidal", *compiled, "unbatched"] + (["rayserve"] if with_ray else []):
+            served = _compiled_bundle(bundle, system.removeprefix("tidal_")) if system in compiled else bundle
             results[system] = _measure_system(load, system, served, bodies, concurrencies, seconds)
         session = _session_speedup(load, bundle, specs, rows, seconds)
         update = _update_cost(bundle, run_dir)
@@ -85,10 +86,8 @@ def _train_and_export(root: Path, rows: int) -> tuple[Path, pa.RecordBatch, Path
                                  "checkpoint_every": half})
     Trainer(config).fit(max_steps=half)
     bundle = export(config.training.run_dir, root / "bundle")
-    if onnx_available():
-        export(config.training.run_dir, _onnx_bundle(bundle), backend="onnxruntime")
-    else:
-        print(f"Leaving out the onnxruntime backend: {ONNX_MISSING}", flush=True)
+    for backend in _compiled_backends():
+        export(config.training.run_dir, _compiled_bundle(bundle, backend), backend=backend)
     trainer = Trainer(config)
     trainer.fit(resume=True)
     batches, needed = [], 100 * _BODIES
@@ -100,9 +99,21 @@ def _train_and_export(root: Path, rows: int) -> tuple[Path, pa.RecordBatch, Path
     return bundle, candidates, trainer.run_dir
 
 
-def _onnx_bundle(bundle: Path) -> Path:
-    """Where the bundle of the same checkpoint for the onnxruntime backend lies."""
-    return bundle.with_name(bundle.name + "-onnxruntime")
+def _compiled_backends() -> list[str]:
+    """The compiled dense backends this machine can export for (the others reported)."""
+    backends = []
+    for backend, available, missing in (("onnxruntime", onnx_available, ONNX_MISSING),
+                                        ("aotinductor", aoti_available, AOTI_MISSING)):
+        if available():
+            backends.append(backend)
+        else:
+            print(f"Leaving out the {backend} backend: {missing}", flush=True)
+    return backends
+
+
+def _compiled_bundle(bundle: Path, backend: str) -> Path:
+    """Where the bundle of the same checkpoint for a compiled backend lies."""
+    return bundle.with_name(f"{bundle.name}-{backend}")
 
 
 def _bodies(specs: dict, rows: pa.RecordBatch, candidates: int, **options: object) -> list[bytes]:
@@ -182,9 +193,10 @@ def _summary(results: dict, session: dict) -> dict:
             summary[f"{system}_qps_{shape}"] = round(points[(shape, top)]["qps"], 1)
             summary[f"{system}_p99_ms_{shape}"] = round(points[(shape, top)]["p99_ms"], 2)
     summary["ratio_vs_unbatched"] = round(summary["tidal_qps_1"] / summary["unbatched_qps_1"], 2)
-    for shape in (1, 100) if "tidal_onnxruntime" in results else ():
-        summary[f"ratio_onnxruntime_vs_torch_{shape}"] = round(summary[f"tidal_onnxruntime_qps_{shape}"]
-                                                               / summary[f"tidal_qps_{shape}"], 2)
+    for backend in ("onnxruntime", "aotinductor"):
+        for shape in (1, 100) if f"tidal_{backend}" in results else ():
+            summary[f"ratio_{backend}_vs_torch_{shape}"] = round(summary[f"tidal_{backend}_qps_{shape}"]
+                                                                 / summary[f"tidal_qps_{shape}"], 2)
     if "rayserve" in results:
         summary["ratio_vs_rayserve"] = round(summary["tidal_qps_100"] / summary["rayserve_qps_100"], 2)
     summary["session_speedup"] = round(session["stateless"]["p50_ms"] / session["page"]["p50_ms"], 2)

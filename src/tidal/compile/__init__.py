@@ -1,9 +1,12 @@
 """Compiled forms of the dense network for serving: the `torch.export` program, its
-graph rewritten by rules (`tidal.compile.rules`) and the ONNX Runtime backend
-(`tidal.compile.ort`), each checked against the network it came from."""
+graph rewritten by rules (`tidal.compile.rules`), the ONNX Runtime backend
+(`tidal.compile.ort`) and the AOTInductor backend (`tidal.compile.aoti`), each checked
+against the network it came from."""
 
+from tidal.compile.aoti import AOTI_MISSING, AotiProgram, aoti_available, cpu_features, missing_cpu_features, to_aoti
 from tidal.compile.ort import ONNX_MISSING, OnnxProgram, export_program, onnx_available, to_onnx
 from tidal.compile.rules import RULES, Rewritten, Rule, RuleOutcome, rewrite
 
-__all__ = ["ONNX_MISSING", "OnnxProgram", "RULES", "Rewritten", "Rule", "RuleOutcome", "export_program",
-           "onnx_available", "rewrite", "to_onnx"]
+__all__ = ["AOTI_MISSING", "AotiProgram", "ONNX_MISSING", "OnnxProgram", "RULES", "Rewritten", "Rule", "RuleOutcome",
+           "aoti_available", "cpu_features", "export_program", "missing_cpu_features", "onnx_available", "rewrite",
+           "to_aoti", "to_onnx"]

@@ -20,15 +20,14 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-import numpy as np
 import torch
 
+from tidal.compile._checks import check_outputs
 from tidal.errors import BatchError, CheckpointError, ConfigError
 
 __all__ = ["ONNX_MISSING", "OnnxProgram", "export_program", "onnx_available", "to_onnx"]
 
 ONNX_MISSING = "the onnxruntime backend needs the onnx extra: pip install 'tidal[onnx]'"
-TOLERANCE = 1e-4  # largest difference from the program allowed, relative to its largest logit (at least 1)
 
 
 def onnx_available() -> bool:
@@ -68,9 +67,10 @@ def to_onnx(program: torch.export.ExportedProgram, example: tuple[torch.Tensor, 
     model = proto.SerializeToString()
     onnx_program = OnnxProgram(model, weights, threads=1)
     generator = torch.Generator().manual_seed(seed)
-    _check_outputs(onnx_program, module, weights, example, buckets, generator)
+    checked = {"runner": "ONNX Runtime", "what": "the ONNX model of the dense network"}
+    check_outputs(onnx_program.forward, module, weights, example, buckets, generator, **checked)
     other = {n: t * 1.25 + 0.01 if t.is_floating_point() else t for n, t in weights.items()}
-    _check_outputs(onnx_program.with_weights(other), module, other, example, buckets, generator)
+    check_outputs(onnx_program.with_weights(other).forward, module, other, example, buckets, generator, **checked)
     return model
 
 
@@ -94,28 +94,6 @@ def _check_initializers(weights: dict[str, torch.Tensor], held: dict[str, tuple[
     if lost:
         raise CheckpointError(f"the ONNX model of the dense network holds no initializer of the name and shape of "
                               f"weights {lost[:4]}, so new weights could not reach them; export it with backend torch")
-
-
-def _check_outputs(onnx_program: OnnxProgram, module: torch.nn.Module, weights: dict[str, torch.Tensor],
-                   example: tuple[torch.Tensor, torch.Tensor], buckets: Sequence[int],
-                   generator: torch.Generator) -> None:
-    """`onnx_program` against `module` running `weights`, on random inputs of every bucket size."""
-    for rows in buckets:
-        pooled = torch.randn(rows, *example[0].shape[1:], generator=generator)
-        dense = torch.randn(rows, *example[1].shape[1:], generator=generator)
-        with torch.no_grad():
-            expected = torch.func.functional_call(module, weights, (pooled, dense)).numpy()
-        try:
-            found = onnx_program.forward(pooled, dense).numpy()
-        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own unexported error types
-            raise CheckpointError(f"ONNX Runtime could not run the ONNX model of the dense network at batch {rows} "
-                                  f"({type(exc).__name__}: {exc}); export it with backend torch") from None
-        error = float(np.max(np.abs(found - expected), initial=0.0)) if found.shape == expected.shape else np.inf
-        allowed = TOLERANCE * max(1.0, float(np.max(np.abs(expected), initial=0.0)))
-        if not error <= allowed:
-            raise CheckpointError(f"the ONNX model of the dense network differs from its torch program at batch "
-                                  f"{rows}: shape {list(found.shape)} against {list(expected.shape)}, largest "
-                                  f"difference {error:.3g} (allowed {allowed:.3g}); export it with backend torch")
 
 
 class OnnxProgram:

@@ -40,9 +40,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from tidal.compile._checks import TOLERANCE
+
 __all__ = ["RULES", "Rewritten", "Rule", "RuleOutcome", "TOLERANCE", "rewrite"]
 
-TOLERANCE = 1e-4  # largest difference from the program allowed, relative to its largest output (at least 1)
 ATEN = torch.ops.aten
 MIN_LINEARS = 3  # linear layers of one input merged (see merge_linears)
 
@@ -139,7 +140,8 @@ def _check(name: str, places: int, candidate: fx.GraphModule, inputs: Sequence[t
 
 def _difference(found: object, want: object) -> float:
     """The largest difference of two outputs (tensors or tuples of them), relative to
-    the largest of `want` (at least 1); infinite when their shapes or kinds differ."""
+    the largest of `want` (at least 1); infinite when their shapes or kinds differ, or
+    where one holds NaN and the other not."""
     found_all, want_all = torch.utils._pytree.tree_leaves(found), torch.utils._pytree.tree_leaves(want)
     if len(found_all) != len(want_all):
         return float("inf")
@@ -147,8 +149,10 @@ def _difference(found: object, want: object) -> float:
     for f, w in zip(found_all, want_all):
         if not isinstance(f, torch.Tensor) or not isinstance(w, torch.Tensor) or f.shape != w.shape:
             return float("inf")
-        scale = max(1.0, float(w.abs().max())) if w.numel() else 1.0
-        worst = max(worst, float((f.float() - w.float()).abs().max()) / scale if w.numel() else 0.0)
+        if w.numel():
+            f, w = f.float(), w.float()
+            apart = torch.where(f.isnan() & w.isnan(), 0.0, (f - w).abs()).nan_to_num(nan=float("inf"))
+            worst = max(worst, float(apart.max()) / max(1.0, float(w.nan_to_num().abs().max())))
     return worst
 
 
@@ -207,7 +211,7 @@ def _gather_slices(module: fx.GraphModule) -> int:
         parts, dim = list(cat.args[0]), cat.args[1] if len(cat.args) > 1 else 0
         for begin, end, source, index in reversed(_row_slice_runs(parts, dim)):
             with module.graph.inserting_before(cat):
-                positions = _constant(module, torch.tensor(index, device=_device(module)), "gather_index")
+                positions = _constant(module, torch.tensor(index, dtype=torch.long, device=_device(module)), "gather_index")
                 flat = module.graph.call_function(ATEN.flatten.using_ints, (source, 1))  # [B, R C]
                 parts[begin:end] = [module.graph.call_function(ATEN.index_select.default, (flat, 1, positions))]
             places += 1

@@ -13,6 +13,9 @@ Layout::
       dense.pt2                    the dense network as a `torch.export` program
       dense.onnx                   the same network as an ONNX model, for the
                                    onnxruntime backend (only when exported for it)
+      dense-aotinductor.pt2        the same network compiled by AOTInductor, for the
+                                   aotinductor backend (only when exported for it;
+                                   the manifest lists the CPU features it may use)
       deltas/                      online updates written since (`tidal export --delta`;
                                    `tidal.serving.delta` draws their layout)
 
@@ -47,7 +50,7 @@ from safetensors.numpy import load_file, save_file
 from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
 
-from tidal.compile import export_program, to_onnx
+from tidal.compile import cpu_features, export_program, to_aoti, to_onnx
 from tidal.config import RunConfig
 from tidal.data.extract import Extractor
 from tidal.embedding.checkpoint import SEAL, check_seal, fingerprint, fsync_path, sealed, write_json_atomic
@@ -66,6 +69,7 @@ UNSEALED = 1  # the older version this one reads, whose manifest carries none
 MANIFEST = "manifest.json"
 PROGRAM = "dense.pt2"
 ONNX = "dense.onnx"
+AOTI = "dense-aotinductor.pt2"
 WEIGHTS = "dense.safetensors"  # a delta's dense weights: the base's program runs them
 NO_DELTAS = "a version 1 bundle takes no deltas; export it again in full"
 _STAGING = re.compile(r"\.tmp-\d+-(\d+)-[0-9a-f]+")  # a delta being written: sequence, exporter's pid, a nonce
@@ -83,6 +87,7 @@ class Bundle:
     tables: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (keys [N] int64 ascending, values [N, D])
     program: torch.export.ExportedProgram
     onnx: bytes | None  # the ONNX model of the program, when exported for the onnxruntime backend
+    aoti: Path | None  # the AOTInductor package of the program, when exported for the aotinductor backend
     position: Position | None  # None: a version 1 bundle, which takes no deltas
 
     @property
@@ -93,9 +98,9 @@ class Bundle:
 def export(source: str | os.PathLike, out: str | os.PathLike, *, table_dtype: str | None = None,
            backend: str | None = None) -> Path:
     """Write the bundle of a run directory's latest checkpoint (or of one checkpoint
-    directory) to `out`. `table_dtype` (float32 or float16) and `backend` (torch or
-    onnxruntime: with onnxruntime the bundle holds an ONNX model too) override the
-    config's serving settings.
+    directory) to `out`. `table_dtype` (float32 or float16) and `backend` (torch,
+    onnxruntime or aotinductor: the bundle then holds an ONNX model or an AOTInductor
+    package too) override the config's serving settings.
 
     The tables are evicted first (TTL and row caps, on the copy loaded here): a
     checkpoint holds the state of the run at its step, rows created since the last
@@ -286,6 +291,8 @@ def _save_program(model: RankingModel, config: RunConfig, staging: Path) -> None
     program = export_program(model, example, config.serving.buckets[-1])
     if config.serving.backend == "onnxruntime":
         (staging / ONNX).write_bytes(to_onnx(program, example, config.serving.buckets))
+    if config.serving.backend == "aotinductor":
+        to_aoti(program, example, config.serving.buckets, staging / AOTI)
     program._example_inputs = None  # otherwise saved as a pickle
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="No complete tensor found")  # torch's note on CPU weights
@@ -308,6 +315,8 @@ def _manifest(config: RunConfig, directory: Path, staging: Path, dtype: str) -> 
                 "inputs": _inputs(config),  # what a request carries
                 "config": config.model_dump(mode="json"),
                 "files": _files(staging)}
+    if config.serving.backend == "aotinductor":
+        manifest["cpu_features"] = cpu_features()  # what the package was compiled for
     return sealed(manifest)  # its own sha256, so that an edited manifest is refused
 
 
@@ -346,6 +355,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     tables = {t.name: _read_table(path / "tables" / f"{t.name}.safetensors", t.dim) for t in config.tables}
     program, position = _read_program(path / PROGRAM), Position(base=manifest[SEAL]) if SEAL in manifest else None
     onnx = (path / ONNX).read_bytes() if ONNX in manifest["files"] else None
+    aoti = path / AOTI if AOTI in manifest["files"] else None
     deltas = read_deltas(path, position, config) if position else []
     if deltas:
         changes = merged(deltas)
@@ -353,7 +363,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         position = deltas[-1].position
         with_weights(program.state_dict, deltas[-1])  # the program of a fresh load is nobody else's
     return Bundle(path=path, manifest=manifest, config=config, tables=tables, program=program, onnx=onnx,
-                  position=position)
+                  aoti=aoti, position=position)
 
 
 def _read_manifest(path: Path) -> dict:

@@ -37,7 +37,7 @@ import pyarrow as pa
 import torch
 from torch.export.passes import move_to_device_pass
 
-from tidal.compile import OnnxProgram, RuleOutcome, rewrite
+from tidal.compile import AotiProgram, OnnxProgram, RuleOutcome, missing_cpu_features, rewrite
 from tidal.config import DEVICE_PATTERN, DenseFeature, Fusion, ServingConfig, SparseFeature, TableConfig
 from tidal.data.extract import Extractor
 from tidal.embedding import EmbeddingCollection, EmbeddingTable, RowBlock
@@ -115,7 +115,11 @@ def fuse(fusion: Fusion, probabilities: np.ndarray, targets: Sequence[str]) -> n
 
 
 class Predictor:
-    """Scores pieces with a bundle's tables and dense program (thread-safe)."""
+    """Scores pieces with a bundle's tables and dense program (thread-safe).
+
+    On the torch backend the program runs rewritten by the graph rules
+    (`tidal.compile.rules`; `serving.rewrite`); `rewrites` holds each rule's outcome
+    (empty on onnxruntime or with `rewrite: false`)."""
 
     def __init__(self, bundle: Bundle, *, device: str | torch.device | None = None,
                  serving: ServingConfig | None = None) -> None:
@@ -152,8 +156,10 @@ class Predictor:
 
     @property
     def backend(self) -> str:
-        """What runs the dense network: `torch` or `onnxruntime`."""
-        return "onnxruntime" if isinstance(self._program, OnnxProgram) else "torch"
+        """What runs the dense network: `torch`, `onnxruntime` or `aotinductor`."""
+        if isinstance(self._program, OnnxProgram):
+            return "onnxruntime"
+        return "aotinductor" if isinstance(self._program, AotiProgram) else "torch"
 
     # ------------------------------------------------------------------ online updates
 
@@ -202,10 +208,10 @@ class Predictor:
             raise CheckpointError(f"{delta.path}: delta {delta.position.sequence} does not follow the delta "
                                   f"served, {self.position.sequence}; read the deltas that follow it")
 
-    def _source_with(self, delta: Delta) -> torch.nn.Module | OnnxProgram:
+    def _source_with(self, delta: Delta) -> torch.nn.Module | OnnxProgram | AotiProgram:
         """A copy of the program as exported, with `delta`'s dense weights (batches
         under way keep the one they took)."""
-        if isinstance(self._source, OnnxProgram):
+        if isinstance(self._source, (OnnxProgram, AotiProgram)):
             try:
                 return self._source.with_weights(delta.weights)  # checked there; a new session owns them
             except CheckpointError as exc:
@@ -216,12 +222,12 @@ class Predictor:
         with_weights(module.state_dict(), delta)  # its tensors, on its device
         return module
 
-    def _rewritten(self, source: torch.nn.Module | OnnxProgram) -> tuple[torch.nn.Module | OnnxProgram,
-                                                                          tuple[RuleOutcome, ...]]:
+    def _rewritten(self, source: torch.nn.Module | OnnxProgram | AotiProgram) \
+            -> tuple[torch.nn.Module | OnnxProgram | AotiProgram, tuple[RuleOutcome, ...]]:
         """The program that scores: `source` rewritten by `tidal.compile.rules` (torch
         backend, `serving.rewrite`), each rule checked on random inputs of every bucket
         size; `source` itself otherwise."""
-        if isinstance(source, OnnxProgram) or not self._rewrite:
+        if isinstance(source, (OnnxProgram, AotiProgram)) or not self._rewrite:
             return source, ()
         generator = torch.Generator().manual_seed(0)
         f, d, dd = self._sizes["num_features"], self._sizes["dim"], self._sizes["dense_features"]
@@ -411,27 +417,44 @@ def _record_batch(columns: dict[str, pa.Array]) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(list(columns.values()), names=list(columns))
 
 
-def _dense_program(bundle: Bundle, serving: ServingConfig, device: torch.device) -> torch.nn.Module | OnnxProgram:
-    """What runs the dense network: the bundle's torch program on `device`, or its ONNX
-    model in ONNX Runtime (with the program's weights: those of its last delta)."""
+def _dense_program(bundle: Bundle, serving: ServingConfig,
+                   device: torch.device) -> torch.nn.Module | OnnxProgram | AotiProgram:
+    """What runs the dense network: the bundle's torch program on `device`, its ONNX
+    model in ONNX Runtime or its AOTInductor package (with the program's weights: those
+    of its last delta)."""
     if serving.backend == "onnxruntime":
-        if bundle.onnx is None:
-            raise ConfigError(f"backend: onnxruntime needs the ONNX model, and bundle {bundle.path} holds none (it "
-                              f"was exported for backend {bundle.config.serving.backend}); export it with tidal "
-                              f"export --backend onnxruntime, or serve it with backend torch")
-        return OnnxProgram.of(bundle.onnx, bundle.program, threads=serving.dense_threads)
+        return OnnxProgram.of(_compiled(bundle, bundle.onnx, "onnxruntime", "the ONNX model"), bundle.program,
+                              threads=serving.dense_threads)
+    if serving.backend == "aotinductor":
+        package = _compiled(bundle, bundle.aoti, "aotinductor", "the AOTInductor package")
+        missing = missing_cpu_features(bundle.manifest.get("cpu_features", []))
+        if missing:
+            raise ConfigError(f"backend: aotinductor runs a package compiled for the CPU of the machine that exported "
+                              f"bundle {bundle.path}, which had {missing} and this one lacks; export it again on a "
+                              f"machine like this one, or serve it with backend torch")
+        return AotiProgram.of(package, bundle.program)
     program = bundle.program if device.type == "cpu" else move_to_device_pass(bundle.program, device)
     return program.module()  # constants the graph made on the CPU move too
 
 
+def _compiled(bundle: Bundle, held: object, backend: str, what: str) -> object:
+    """`held` (the bundle's compiled form for `backend`), refused when it holds none."""
+    if held is None:
+        raise ConfigError(f"backend: {backend} needs {what}, and bundle {bundle.path} holds none (it was exported "
+                          f"for backend {bundle.config.serving.backend}); export it with tidal export --backend "
+                          f"{backend}, or serve it with backend torch")
+    return held
+
+
 def _device(device: str | torch.device | None, backend: str) -> torch.device:
-    """The torch device of `Predictor`'s `device` argument, checked: onnxruntime runs on the CPU."""
+    """The torch device of `Predictor`'s `device` argument, checked: onnxruntime and
+    aotinductor run on the CPU."""
     name = "auto" if device is None else str(device) if isinstance(device, torch.device) else device
     if not isinstance(name, str) or not re.fullmatch(DEVICE_PATTERN, name):
         raise ConfigError(f"Predictor(device=...) must be 'auto', 'cpu', 'cuda' or 'cuda:N' (lower case), "
                           f"got {device!r}")
-    if backend == "onnxruntime" and name != "cpu" and name != "auto":
-        raise ConfigError(f"Predictor(device=...) is {name!r}, but backend onnxruntime runs the dense network on "
+    if backend != "torch" and name != "cpu" and name != "auto":
+        raise ConfigError(f"Predictor(device=...) is {name!r}, but backend {backend} runs the dense network on "
                           f"the CPU; use device 'cpu' (or 'auto'), or backend torch")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() and backend == "torch" else "cpu")
