@@ -7,8 +7,12 @@ import errno
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError
+
+if TYPE_CHECKING:  # imported where used: the command line starts without torch
+    from tidal.serving import Predictor
 
 _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO, errno.EPERM}
 
@@ -353,11 +357,13 @@ def _write_failed(command: str, exc: Exception, consequence: str) -> int:
     return 2
 
 
-def _dense_backend(predictor) -> str:  # type: ignore[no-untyped-def]
+def _dense_backend(predictor: Predictor) -> str:
     """What runs the dense network, with the graph rules it runs rewritten by and any
-    rule left out although its pattern was found (its outputs differed)."""
+    rule left out for another reason than finding nothing to rewrite."""
+    from tidal.compile import NOT_FOUND
+
     kept = [o.rule for o in predictor.rewrites if o.kept]
-    dropped = [f"{o.rule} left out: {o.reason}" for o in predictor.rewrites if o.places and not o.kept]
+    dropped = [f"{o.rule} left out: {o.reason}" for o in predictor.rewrites if not o.kept and o.reason != NOT_FOUND]
     rules = f", rewritten by {', '.join(kept)}" if kept else ""
     return predictor.backend + rules + "".join(f"; {d}" for d in dropped)
 

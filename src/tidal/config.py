@@ -563,7 +563,8 @@ class ServingConfig(_Model):
     dense network only sees batch sizes from `buckets` (batches are padded).
     `max_queue_rows` bounds the rows waiting; beyond it a request gets 503.
     `dense_threads` is the dense network's thread count in the serving process (torch's,
-    process-wide, or ONNX Runtime's intra-op threads): 1 by default, since serving
+    process-wide, which the aotinductor backend's products use too, or ONNX Runtime's
+    intra-op threads): 1 by default, since serving
     batches are small and idle OpenMP threads spin on the cores the sparse stage and
     the HTTP loop need. With `delta_poll_s`, the server looks for new
     deltas of its bundle (`tidal export --delta`) that often and applies them; without

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tidal.compile import AOTI_MISSING, AotiProgram, aoti_available, cpu_features, export_program, missing_cpu_features
-from tidal.compile import aoti, to_aoti
+from tidal.compile import AOTI_MISSING, AotiProgram, aoti_available, compiled_for, export_program, to_aoti, unfit_here
+from tidal.compile import aoti
+from tidal.compile.aoti import missing_cpu_features
 from tidal.config import ModelConfig
 from tidal.errors import CheckpointError, ConfigError
 from tidal.models import RankingModel
@@ -115,10 +116,18 @@ def test_a_failed_compile_or_a_missing_compiler_is_reported(tmp_path, monkeypatc
     assert not out.exists()
 
 
-def test_the_cpu_features_a_package_may_use_are_checked_against_this_cpu(monkeypatch):
-    here = cpu_features()
-    assert missing_cpu_features(here) == [] and missing_cpu_features([*here, "avx10_9"]) == ["avx10_9"]
-    if Path("/proc/cpuinfo").exists():
-        assert here and all(aoti._ISA.match(f) for f in here)
-    monkeypatch.setattr(aoti, "cpu_features", lambda: ["sse2"])
+def test_a_package_runs_only_with_the_torch_and_the_cpu_extensions_it_was_compiled_for(monkeypatch):
+    here = compiled_for()
+    assert unfit_here(here) is None and here["torch_version"] == torch.__version__
+    if Path("/proc/cpuinfo").exists():  # x86's LZCNT shows as abm, and -march=native uses it
+        flags = Path("/proc/cpuinfo").read_text()
+        assert here["cpu_features"] and all(aoti._ISA.match(f) for f in here["cpu_features"])
+        assert ("abm" in flags.split()) == ("abm" in here["cpu_features"])
+    assert unfit_here({**here, "torch_version": "2.0.0"}) == (f"it was compiled by torch 2.0.0, and this is torch "
+                                                            f"{torch.__version__}")
+    monkeypatch.setattr(aoti, "cpu_features", lambda: ["sse2"])  # an older CPU than the compiler's
     assert missing_cpu_features(["sse2", "avx2", "fma"]) == ["avx2", "fma"]
+    assert unfit_here({**here, "cpu_features": ["sse2", "avx2"]}) == ("it was compiled for a CPU with ['avx2'], "
+                                                                      "which this one lacks")
+    monkeypatch.setattr(aoti, "cpu_features", lambda: [])  # /proc/cpuinfo unreadable: nothing to check against
+    assert missing_cpu_features(["avx2"]) == []

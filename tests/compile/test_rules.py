@@ -191,6 +191,50 @@ def test_stacked_slices_of_other_networks_become_one_view_with_the_softmax_on_it
     _same_outputs(graph, done.module, inputs)
 
 
+class _StackWrittenInPlace(nn.Module):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        stacked = torch.stack([x[:, 0:2], x[:, 2:4]], dim=1)  # as a view of x, the write below would reach x
+        stacked.mul_(2)
+        return stacked + y.sum()
+
+
+def test_a_graph_that_writes_in_place_is_left_as_it_is():
+    example = (torch.randn(2, 4), torch.randn(2, 4))
+    batch = torch.export.Dim("batch", min=1, max=64)
+    graph = torch.export.export(_StackWrittenInPlace(), example, dynamic_shapes=({0: batch}, {0: batch})).module()
+    x = torch.randn(3, 4)
+    kept = x.clone()
+    done = rewrite(graph, [(x, torch.randn(3, 4))])
+    assert done.module is graph and done.kept == [] and torch.equal(x, kept)
+    assert all(o.reason.startswith("the graph writes tensors in place (aten.mul_.Tensor)") for o in done.outcomes)
+
+
+class _Gathers(nn.Module):
+    def forward(self, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        # negative rows and bounds, a missing bound, a bound past the end
+        return torch.cat([t[:, -1, -2:], t[:, 0, :-1], t[:, 1, 1:99], u.flatten(1)], dim=1)
+
+
+class _OtherStacks(nn.Module):
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        last = torch.stack([x[:, 0:2], x[:, 2:4]], dim=-1)  # [B, 2, 2] interleaved: not a view of x
+        first = torch.stack([y[:, 0:2], y[:, 2:4]], dim=0)  # [2, B, 2]
+        return last.flatten(1) + first.sum(0).repeat(1, 2)
+
+
+def test_gathers_take_any_bounds_and_stacks_on_other_dimensions_are_left_alone():
+    batch = torch.export.Dim("batch", min=1, max=64)
+    gathers = torch.export.export(_Gathers(), (torch.randn(2, 3, 4), torch.randn(2, 2)),
+                                  dynamic_shapes=({0: batch}, {0: batch})).module()
+    inputs = [(torch.randn(b, 3, 4), torch.randn(b, 2)) for b in (1, 5)]
+    done = rewrite(gathers, inputs)
+    assert done.kept == ["gather_slices"] and _count(done.module, ATEN.select.int) == 0
+    assert all(torch.equal(done.module(*args), gathers(*args)) for args in inputs)
+    stacks = torch.export.export(_OtherStacks(), (torch.randn(2, 4), torch.randn(2, 4)),
+                                 dynamic_shapes=({0: batch}, {0: batch})).module()
+    assert rewrite(stacks, [(torch.randn(3, 4), torch.randn(3, 4))]).kept == []
+
+
 class _Products(nn.Module):
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.einsum("bij,bkj->bik", a, b)

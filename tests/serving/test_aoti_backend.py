@@ -13,7 +13,7 @@ import pytest
 from serving_helpers import file_rows
 
 from tidal.cli import main
-from tidal.compile import AOTI_MISSING, AotiProgram, aoti, aoti_available, cpu_features
+from tidal.compile import AOTI_MISSING, AotiProgram, aoti, aoti_available, compiled_for
 from tidal.config import ServingConfig
 from tidal.errors import ConfigError, CorruptCheckpointError
 from tidal.serving import Piece, Predictor, export, load_bundle
@@ -45,7 +45,7 @@ def _pieces(predictor: Predictor, rows: pa.RecordBatch, sizes: list[int]) -> lis
 def test_an_aotinductor_bundle_holds_its_package_and_the_cpu_it_was_compiled_for(aoti_bundle_dir, tmp_path):
     manifest = json.loads((aoti_bundle_dir / "manifest.json").read_text())
     assert "dense-aotinductor.pt2" in manifest["files"] and manifest["config"]["serving"]["backend"] == "aotinductor"
-    assert manifest["cpu_features"] == cpu_features()
+    assert manifest["aotinductor"] == compiled_for()  # the torch and the CPU extensions it was compiled for
     damaged = Path(shutil.copytree(aoti_bundle_dir, tmp_path / "damaged"))
     package = damaged / "dense-aotinductor.pt2"
     package.write_bytes(package.read_bytes()[:-8] + b"\0" * 8)
@@ -72,11 +72,17 @@ def test_aotinductor_needs_its_package_a_cpu_like_the_exporters_and_no_gpu(aoti_
     compiled = load_bundle(aoti_bundle_dir)
     with pytest.raises(ConfigError, match=r"is 'cuda', but backend aotinductor runs the dense network on the CPU"):
         Predictor(compiled, device="cuda")
+    monkeypatch.setattr(aoti.torch, "__version__", "2.0.0")  # another torch than the exporter's
+    with pytest.raises(ConfigError, match=r"backend: aotinductor cannot run the package of bundle .* here: it was "
+                                          r"compiled by torch .*, and this is torch 2.0.0; export it again on a "
+                                          r"machine like this one, or serve it with backend torch"):
+        Predictor(compiled)
+    monkeypatch.undo()
+    if not compiled.manifest["aotinductor"]["cpu_features"]:
+        pytest.skip("/proc/cpuinfo could not be read where the bundle was exported: no CPU extensions to check")
     monkeypatch.setattr(aoti, "cpu_features", lambda: ["sse2"])  # an older CPU than the exporter's
-    if compiled.manifest["cpu_features"] not in ([], ["sse2"]):
-        with pytest.raises(ConfigError, match=r"compiled for the CPU of the machine that exported bundle .*, which "
-                                              r"had \[.*\] and this one lacks; export it again on a machine like this"):
-            Predictor(compiled)
+    with pytest.raises(ConfigError, match=r"here: it was compiled for a CPU with \[.*\], which this one lacks"):
+        Predictor(compiled)
 
 
 def test_serve_takes_aotinductor_on_the_command_line(aoti_bundle_dir, bundle_dir, capsys, monkeypatch):

@@ -89,11 +89,13 @@ def test_the_rewritten_program_on_a_gpu_scores_as_on_the_cpu(run):
 
 def test_tidal_serve_names_the_rules_kept_and_those_left_out_with_why():
     from tidal.cli import _dense_backend
-    from tidal.compile import RuleOutcome
+    from tidal.compile import NOT_FOUND, RuleOutcome
 
     outcomes = (RuleOutcome(rule="gather_slices", places=1, kept=True, difference=0.0, reason="same outputs"),
                 RuleOutcome(rule="merge_linears", places=1, kept=False, difference=0.5, reason="its outputs differ"),
-                RuleOutcome(rule="einsum_bmm", places=0, kept=False, difference=None, reason="not in the graph"))
+                RuleOutcome(rule="stack_slices", places=0, kept=False, difference=None, reason="it failed: KeyError"),
+                RuleOutcome(rule="einsum_bmm", places=0, kept=False, difference=None, reason=NOT_FOUND))
     line = _dense_backend(SimpleNamespace(backend="torch", rewrites=outcomes))
-    assert line == "torch, rewritten by gather_slices; merge_linears left out: its outputs differ"
+    assert line == ("torch, rewritten by gather_slices; merge_linears left out: its outputs differ; stack_slices left "
+                    "out: it failed: KeyError")
     assert _dense_backend(SimpleNamespace(backend="onnxruntime", rewrites=())) == "onnxruntime"

@@ -66,10 +66,11 @@ def run(*, quick: bool = False, as_json: bool = False) -> dict:
 def _backend_summary(points: list[dict], backend: str, prefix: str) -> tuple[dict, bool | None]:
     """The lowest ratio up to batch SMALL and the geometric mean of one backend, and
     whether it met the target (None where it was left out)."""
-    ratios = [p[f"{prefix}ratio_vs_torch"] for p in points if p[f"{prefix}ratio_vs_torch"] is not None]
-    if not ratios:
+    measured = [p for p in points if p[f"{prefix}ratio_vs_torch"] is not None]
+    if not measured:
         return {f"{prefix}min_ratio_up_to_64": None, f"{prefix}geomean_ratio": None}, None
-    small = min(r for p, r in zip(points, ratios) if p["batch"] <= SMALL)
+    ratios = [p[f"{prefix}ratio_vs_torch"] for p in measured]
+    small = min(p[f"{prefix}ratio_vs_torch"] for p in measured if p["batch"] <= SMALL)
     print(f"{backend} at least {TARGET}x torch at batches up to {SMALL}: {'met' if small >= TARGET else 'NOT met'} "
           f"(lowest {small:.2f}x)")
     return {f"{prefix}min_ratio_up_to_64": small,

@@ -3,10 +3,11 @@ graph rewritten by rules (`tidal.compile.rules`), the ONNX Runtime backend
 (`tidal.compile.ort`) and the AOTInductor backend (`tidal.compile.aoti`), each checked
 against the network it came from."""
 
-from tidal.compile.aoti import AOTI_MISSING, AotiProgram, aoti_available, cpu_features, missing_cpu_features, to_aoti
+from tidal.compile._checks import differing
+from tidal.compile.aoti import AOTI_MISSING, AotiProgram, aoti_available, compiled_for, to_aoti, unfit_here
 from tidal.compile.ort import ONNX_MISSING, OnnxProgram, export_program, onnx_available, to_onnx
-from tidal.compile.rules import RULES, Rewritten, Rule, RuleOutcome, rewrite
+from tidal.compile.rules import NOT_FOUND, RULES, Rewritten, Rule, RuleOutcome, rewrite
 
-__all__ = ["AOTI_MISSING", "AotiProgram", "ONNX_MISSING", "OnnxProgram", "RULES", "Rewritten", "Rule", "RuleOutcome",
-           "aoti_available", "cpu_features", "export_program", "missing_cpu_features", "onnx_available", "rewrite",
-           "to_aoti", "to_onnx"]
+__all__ = ["AOTI_MISSING", "AotiProgram", "NOT_FOUND", "ONNX_MISSING", "OnnxProgram", "RULES", "Rewritten", "Rule",
+           "RuleOutcome", "aoti_available", "compiled_for", "differing", "export_program", "onnx_available", "rewrite",
+           "to_aoti", "to_onnx", "unfit_here"]

@@ -1,15 +1,49 @@
 """What every compiled form of the dense network is checked by: its outputs against
-the torch program's on random inputs."""
+the torch program's on random inputs, with the program's weights and with others
+loaded by name (as a delta loads them)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
 import torch
 
 from tidal.errors import CheckpointError
 
+__all__ = ["TOLERANCE", "Compiled", "check_compiled", "check_outputs", "differing"]
+
 TOLERANCE = 1e-4  # largest difference from the program allowed, relative to its largest logit (at least 1)
+
+
+class Compiled(Protocol):
+    """A compiled form of the dense network: it scores, and takes new weights by name."""
+
+    def forward(self, pooled: torch.Tensor, dense: torch.Tensor) -> torch.Tensor: ...
+
+    def with_weights(self, weights: dict[str, torch.Tensor]) -> Compiled: ...
+
+
+def check_compiled(compiled: Compiled, module: torch.nn.Module, weights: dict[str, torch.Tensor],
+                   example: tuple[torch.Tensor, torch.Tensor], sizes: Sequence[int], seed: int, *,
+                   runner: str, what: str) -> None:
+    """`compiled` (running `weights`) against `module` on random inputs of every size,
+    then again with other weights loaded by name against `module` running those: a
+    weight the compiled form folded into a constant would keep its old value."""
+    generator = torch.Generator().manual_seed(seed)
+    check_outputs(compiled.forward, module, weights, example, sizes, generator, runner=runner, what=what)
+    other = {n: t * 1.25 + 0.01 if t.is_floating_point() else t for n, t in weights.items()}
+    check_outputs(compiled.with_weights(other).forward, module, other, example, sizes, generator, runner=runner,
+                  what=what)
+
+
+def differing(found: Mapping[str, Any], expected: Mapping[str, Any]) -> list[tuple[str, tuple]]:
+    """The first few names, with (shape, dtype), that `found` and `expected` (tensors or
+    arrays by name) do not share: empty when they are the same tensors."""
+    def signatures(tensors: Mapping[str, Any]) -> set[tuple[str, tuple]]:
+        return {(n, (tuple(t.shape), str(t.dtype).removeprefix("torch."))) for n, t in tensors.items()}
+
+    return sorted(signatures(found) ^ signatures(expected), key=str)[:4]
 
 
 def check_outputs(run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], module: torch.nn.Module,

@@ -10,9 +10,11 @@ its own name in the package (`always_keep_tensor_constants`; without it AOTInduc
 bakes small ones, biases of a few values, into the code, where no delta could reach
 them), and a new runner of the same package is loaded with them.
 
-The package is compiled for the instruction set of the exporting CPU (`-march=native`):
-`cpu_features()` lists what it may use, the bundle records it, and a CPU lacking any
-of it is refused before the package is loaded (it would stop at an illegal instruction).
+The package is compiled for the instruction set of the exporting CPU (`-march=native`)
+and links the torch that compiled it: `compiled_for()` says both, the bundle records
+it, and `unfit_here` refuses another torch or a CPU lacking any of those extensions
+before the package is loaded (it would stop at an illegal instruction, or compute wrong
+values with one that older CPUs run as another).
 """
 
 from __future__ import annotations
@@ -28,20 +30,38 @@ from pathlib import Path
 
 import torch
 
-from tidal.compile._checks import check_outputs
+from tidal.compile._checks import check_compiled, differing
 from tidal.errors import BatchError, CheckpointError, ConfigError
 
-__all__ = ["AOTI_MISSING", "AotiProgram", "aoti_available", "cpu_features", "missing_cpu_features", "to_aoti"]
+__all__ = ["AOTI_MISSING", "AotiProgram", "aoti_available", "compiled_for", "cpu_features", "missing_cpu_features",
+           "to_aoti", "unfit_here"]
 
 AOTI_MISSING = ("the aotinductor backend compiles the dense network with a C++ compiler where the bundle is written, "
                 "and none was found (g++, c++ or clang++ on PATH); install one, or export with backend torch")
 _INDUCTOR = {"always_keep_tensor_constants": True}  # every weight a constant of its name: deltas reach them all
-_ISA = re.compile(r"(sse|ssse|avx|fma|f16c|bmi|amx|adx|popcnt|lzcnt|movbe|vpclmul|gfni|vaes|sha|asimd|sve|neon)")
+_ISA = re.compile(r"(sse|ssse|avx|fma|f16c|bmi|abm|amx|adx|aes|pclmul|popcnt|lzcnt|movbe|vpclmul|gfni|vaes|sha|"
+                  r"asimd|sve|neon|bf16|i8mm)")  # instruction-set extensions -march=native may use
 
 
 def aoti_available() -> bool:
-    """Whether a C++ compiler is on PATH for AOTInductor."""
-    return any(shutil.which(name) for name in ("g++", "c++", "clang++"))
+    """Whether a C++ compiler is on PATH for AOTInductor (and this torch has it)."""
+    has_api = hasattr(torch._inductor, "aoti_compile_and_package")
+    return has_api and any(shutil.which(name) for name in ("g++", "c++", "clang++"))
+
+
+def compiled_for() -> dict:
+    """What a package compiled here is tied to, as a bundle's manifest records it: the
+    torch that compiled it (its runtime links that torch) and this CPU's extensions."""
+    return {"torch_version": torch.__version__, "cpu_features": cpu_features()}
+
+
+def unfit_here(recorded: dict) -> str | None:
+    """Why a package compiled for `recorded` (`compiled_for()` where it was compiled)
+    cannot run here, or None."""
+    if recorded.get("torch_version") != torch.__version__:
+        return f"it was compiled by torch {recorded.get('torch_version')}, and this is torch {torch.__version__}"
+    missing = missing_cpu_features(recorded.get("cpu_features", []))
+    return f"it was compiled for a CPU with {missing}, which this one lacks" if missing else None
 
 
 def cpu_features() -> list[str]:
@@ -57,7 +77,8 @@ def cpu_features() -> list[str]:
 
 
 def missing_cpu_features(needed: Sequence[str]) -> list[str]:
-    """Those of `needed` (a package's `cpu_features` when compiled) this CPU lacks."""
+    """Those of `needed` (a package's `cpu_features` when compiled) this CPU lacks
+    (none where /proc/cpuinfo cannot be read: nothing to check against)."""
     here = set(cpu_features())
     return sorted(set(needed) - here) if here else []
 
@@ -92,11 +113,8 @@ def _check(package: Path, program: torch.export.ExportedProgram, example: tuple[
     weights = {name: tensor.detach().clone() for name, tensor in program.state_dict.items()}
     compiled = AotiProgram(package, weights)  # refused unless every weight is a constant of its name
     sizes = sorted({*buckets, *(max(1, (a + b) // 2) for a, b in zip([0, *buckets], buckets))})
-    generator = torch.Generator().manual_seed(seed)
-    checked = {"runner": "AOTInductor", "what": "the AOTInductor package of the dense network"}
-    check_outputs(compiled.forward, module, weights, example, sizes, generator, **checked)
-    other = {n: t * 1.25 + 0.01 if t.is_floating_point() else t for n, t in weights.items()}
-    check_outputs(compiled.with_weights(other).forward, module, other, example, sizes, generator, **checked)
+    check_compiled(compiled, module, weights, example, sizes, seed, runner="AOTInductor",
+                   what="the AOTInductor package of the dense network")
 
 
 @contextmanager
@@ -125,9 +143,10 @@ class AotiProgram:
         self._package = package
         try:
             self._model = torch._inductor.aoti_load_package(str(package))
+            self.constants = frozenset(self._model.get_constant_fqns())
         except Exception as exc:  # noqa: BLE001 - the loader raises its own error types
-            raise CheckpointError(f"{package}: AOTInductor could not load the package: {exc}") from None
-        self.constants = frozenset(self._model.get_constant_fqns())
+            raise CheckpointError(f"{package}: AOTInductor could not load the package ({type(exc).__name__}: {exc}); "
+                                  f"export the bundle again with this torch, or serve it with backend torch") from None
         self._weights = {n: t.detach().cpu().contiguous() for n, t in weights.items()}
         self._load(self._weights)
 
@@ -163,10 +182,8 @@ class AotiProgram:
         """A new runner of the same package running `weights`, which must be the same
         tensors as `state_dict`'s (names, shapes and dtypes); this one goes on running
         its own."""
-        found = {n: (tuple(t.shape), t.dtype) for n, t in weights.items()}
-        expected = {n: (tuple(t.shape), t.dtype) for n, t in self._weights.items()}
-        if found != expected:
-            differ = sorted(set(found.items()) ^ set(expected.items()), key=str)[:4]
-            raise CheckpointError(f"new dense weights must be the AOTInductor package's {sorted(expected)} (names, "
+        differ = differing(weights, self._weights)
+        if differ:
+            raise CheckpointError(f"new dense weights must be the AOTInductor package's {sorted(self._weights)} (names, "
                                   f"shapes and dtypes); these differ: {differ}")
         return AotiProgram(self._package, weights)

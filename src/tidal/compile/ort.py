@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
-from tidal.compile._checks import check_outputs
+from tidal.compile._checks import check_compiled, differing
 from tidal.errors import BatchError, CheckpointError, ConfigError
 
 __all__ = ["ONNX_MISSING", "OnnxProgram", "export_program", "onnx_available", "to_onnx"]
@@ -65,12 +65,8 @@ def to_onnx(program: torch.export.ExportedProgram, example: tuple[torch.Tensor, 
     weights = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
     _check_initializers(weights, {i.name: tuple(i.dims) for i in proto.graph.initializer})
     model = proto.SerializeToString()
-    onnx_program = OnnxProgram(model, weights, threads=1)
-    generator = torch.Generator().manual_seed(seed)
-    checked = {"runner": "ONNX Runtime", "what": "the ONNX model of the dense network"}
-    check_outputs(onnx_program.forward, module, weights, example, buckets, generator, **checked)
-    other = {n: t * 1.25 + 0.01 if t.is_floating_point() else t for n, t in weights.items()}
-    check_outputs(onnx_program.with_weights(other).forward, module, other, example, buckets, generator, **checked)
+    check_compiled(OnnxProgram(model, weights, threads=1), module, weights, example, buckets, seed,
+                   runner="ONNX Runtime", what="the ONNX model of the dense network")
     return model
 
 
@@ -148,10 +144,8 @@ class OnnxProgram:
         """A new session of the same model running `weights`, which must be the same
         tensors as `state_dict`'s (names, shapes and dtypes); this one goes on running
         its own. The new session keeps the tensors' memory."""
-        found = {n: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in weights.items()}
-        expected = {n: (a.shape, str(a.dtype)) for n, a in self._weights.items()}
-        if found != expected:
-            differ = sorted(set(found.items()) ^ set(expected.items()), key=str)[:4]
-            raise CheckpointError(f"new dense weights must be the ONNX model's {sorted(expected)} (names, shapes and "
+        differ = differing(weights, self._weights)
+        if differ:
+            raise CheckpointError(f"new dense weights must be the ONNX model's {sorted(self._weights)} (names, shapes and "
                                   f"dtypes); these differ: {differ}")
         return OnnxProgram(self._model, weights, threads=self._threads)

@@ -15,7 +15,8 @@ Layout::
                                    onnxruntime backend (only when exported for it)
       dense-aotinductor.pt2        the same network compiled by AOTInductor, for the
                                    aotinductor backend (only when exported for it;
-                                   the manifest lists the CPU features it may use)
+                                   the manifest records the torch and the CPU
+                                   extensions it was compiled for)
       deltas/                      online updates written since (`tidal export --delta`;
                                    `tidal.serving.delta` draws their layout)
 
@@ -50,7 +51,7 @@ from safetensors.numpy import load_file, save_file
 from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
 
-from tidal.compile import cpu_features, export_program, to_aoti, to_onnx
+from tidal.compile import compiled_for, differing, export_program, to_aoti, to_onnx
 from tidal.config import RunConfig
 from tidal.data.extract import Extractor
 from tidal.embedding.checkpoint import SEAL, check_seal, fingerprint, fsync_path, sealed, write_json_atomic
@@ -316,7 +317,7 @@ def _manifest(config: RunConfig, directory: Path, staging: Path, dtype: str) -> 
                 "config": config.model_dump(mode="json"),
                 "files": _files(staging)}
     if config.serving.backend == "aotinductor":
-        manifest["cpu_features"] = cpu_features()  # what the package was compiled for
+        manifest["aotinductor"] = compiled_for()  # the torch and the CPU the package was compiled for
     return sealed(manifest)  # its own sha256, so that an edited manifest is refused
 
 
@@ -518,11 +519,9 @@ def _ascending_keys(keys: np.ndarray) -> bool:
 def with_weights(state: dict[str, torch.Tensor], delta: Delta) -> None:
     """Copy `delta`'s dense weights into `state` (a program's state dict, in place),
     refused unless they are the same tensors: names, shapes and dtypes."""
-    found = {k: (tuple(v.shape), v.dtype) for k, v in delta.weights.items()}
-    expected = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
-    if found != expected:
-        differ = sorted(set(found.items()) ^ set(expected.items()), key=str)[:4]
-        raise CorruptCheckpointError(f"{delta.path / WEIGHTS}: expected the bundle's dense weights {sorted(expected)} "
+    differ = differing(delta.weights, state)
+    if differ:
+        raise CorruptCheckpointError(f"{delta.path / WEIGHTS}: expected the bundle's dense weights {sorted(state)} "
                                      f"(names, shapes and dtypes); these differ: {differ}")
     with torch.no_grad():
         for name, tensor in delta.weights.items():

@@ -30,6 +30,7 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,7 +38,7 @@ import pyarrow as pa
 import torch
 from torch.export.passes import move_to_device_pass
 
-from tidal.compile import AotiProgram, OnnxProgram, RuleOutcome, missing_cpu_features, rewrite
+from tidal.compile import AotiProgram, OnnxProgram, RuleOutcome, rewrite, unfit_here
 from tidal.config import DEVICE_PATTERN, DenseFeature, Fusion, ServingConfig, SparseFeature, TableConfig
 from tidal.data.extract import Extractor
 from tidal.embedding import EmbeddingCollection, EmbeddingTable, RowBlock
@@ -47,6 +48,8 @@ from tidal.serving.bundle import NO_DELTAS, WEIGHTS, Bundle, Delta, merged, mode
 from tidal.serving.delta import Position
 
 __all__ = ["Applied", "Piece", "Predictor", "SparseOutput", "UserState", "fuse"]
+
+_Held = TypeVar("_Held")  # a compiled form a bundle may hold: the ONNX model's bytes, the package's path
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,7 +122,7 @@ class Predictor:
 
     On the torch backend the program runs rewritten by the graph rules
     (`tidal.compile.rules`; `serving.rewrite`); `rewrites` holds each rule's outcome
-    (empty on onnxruntime or with `rewrite: false`)."""
+    (empty on onnxruntime and aotinductor, or with `rewrite: false`)."""
 
     def __init__(self, bundle: Bundle, *, device: str | torch.device | None = None,
                  serving: ServingConfig | None = None) -> None:
@@ -173,6 +176,7 @@ class Predictor:
         deltas: `torn` then says so, and further updates are refused (restart)."""
         if not deltas:
             return Applied(rows_changed=0, rows_removed=0, paused_s=0.0)
+        self._check_follows(deltas[0])  # before the work below (checked again under the gate)
         source = self._source_with(deltas[-1])  # before taking the gate
         program, rewrites = self._rewritten(source)
         changes = merged(deltas)
@@ -427,17 +431,16 @@ def _dense_program(bundle: Bundle, serving: ServingConfig,
                               threads=serving.dense_threads)
     if serving.backend == "aotinductor":
         package = _compiled(bundle, bundle.aoti, "aotinductor", "the AOTInductor package")
-        missing = missing_cpu_features(bundle.manifest.get("cpu_features", []))
-        if missing:
-            raise ConfigError(f"backend: aotinductor runs a package compiled for the CPU of the machine that exported "
-                              f"bundle {bundle.path}, which had {missing} and this one lacks; export it again on a "
-                              f"machine like this one, or serve it with backend torch")
+        unfit = unfit_here(bundle.manifest.get("aotinductor", {}))
+        if unfit:
+            raise ConfigError(f"backend: aotinductor cannot run the package of bundle {bundle.path} here: {unfit}; "
+                              f"export it again on a machine like this one, or serve it with backend torch")
         return AotiProgram.of(package, bundle.program)
     program = bundle.program if device.type == "cpu" else move_to_device_pass(bundle.program, device)
     return program.module()  # constants the graph made on the CPU move too
 
 
-def _compiled(bundle: Bundle, held: object, backend: str, what: str) -> object:
+def _compiled(bundle: Bundle, held: _Held | None, backend: str, what: str) -> _Held:
     """`held` (the bundle's compiled form for `backend`), refused when it holds none."""
     if held is None:
         raise ConfigError(f"backend: {backend} needs {what}, and bundle {bundle.path} holds none (it was exported "
