@@ -64,6 +64,50 @@ def with_user_of(rows: pa.RecordBatch, specs: dict, user_row: int = 0) -> pa.Rec
     return pa.RecordBatch.from_arrays(columns, names=rows.schema.names)
 
 
+def pieces(predictor, rows: pa.RecordBatch, sizes: list[int]) -> list:  # type: ignore[no-untyped-def]
+    """`rows` cut into pieces of `sizes` candidates, each for the user of its first row."""
+    from tidal.serving import Piece
+
+    out, start = [], 0
+    for size in sizes:
+        part = rows.slice(start, size)
+        out.append(Piece(items=pa.RecordBatch.from_pydict({c: part.column(c) for c in predictor.item_columns}),
+                         user=pa.RecordBatch.from_pydict({c: part.column(c).slice(0, 1)
+                                                          for c in predictor.user_columns})))
+        start += size
+    return out
+
+
+def assert_scores_as_torch(compiled, bundle, trainer: Trainer, sizes: list[int]) -> None:  # type: ignore[no-untyped-def]
+    """`compiled` (a predictor on a compiled backend) scores pieces of `sizes` candidates
+    as a predictor of `bundle` on the torch program does."""
+    from tidal.serving import Predictor
+
+    rows = file_rows(trainer, sum(sizes))
+    torch_predictor = Predictor(bundle, device="cpu")
+    assert torch_predictor.backend == "torch"
+    found = compiled.predict(pieces(compiled, rows, sizes))
+    assert found.shape == (sum(sizes), 2)
+    np.testing.assert_allclose(found, torch_predictor.predict(pieces(torch_predictor, rows, sizes)), rtol=1e-5,
+                               atol=1e-6)
+
+
+def assert_damaged_file_refused(bundle_dir: Path, name: str, scratch: Path) -> None:
+    """A copy of the bundle at `bundle_dir` whose file `name` lost its last bytes is refused by the file's name."""
+    import shutil
+
+    import pytest
+
+    from tidal.errors import CorruptCheckpointError
+    from tidal.serving import load_bundle
+
+    damaged = Path(shutil.copytree(bundle_dir, scratch / "damaged"))
+    file = damaged / name
+    file.write_bytes(file.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(CorruptCheckpointError, match=str(file)):
+        load_bundle(damaged)
+
+
 def numpy_strings(values: list[str]) -> np.ndarray:
     return np.array([v.encode() for v in values], dtype=object)
 

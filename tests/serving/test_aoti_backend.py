@@ -4,19 +4,15 @@ predictor and server running it."""
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 import pytest
-from serving_helpers import file_rows
+from serving_helpers import assert_damaged_file_refused, assert_scores_as_torch
 
 from tidal.cli import main
 from tidal.compile import AOTI_MISSING, AotiProgram, aoti, aoti_available, compiled_for
 from tidal.config import ServingConfig
-from tidal.errors import ConfigError, CorruptCheckpointError
-from tidal.serving import Piece, Predictor, export, load_bundle
+from tidal.errors import ConfigError
+from tidal.serving import Predictor, export, load_bundle
 
 pytestmark = [pytest.mark.skipif(not aoti_available(), reason=AOTI_MISSING), pytest.mark.slow]
 
@@ -31,37 +27,17 @@ def aoti_predictor(aoti_bundle_dir):
     return Predictor(load_bundle(aoti_bundle_dir))
 
 
-def _pieces(predictor: Predictor, rows: pa.RecordBatch, sizes: list[int]) -> list[Piece]:
-    pieces, start = [], 0
-    for size in sizes:
-        part = rows.slice(start, size)
-        pieces.append(Piece(items=pa.RecordBatch.from_pydict({c: part.column(c) for c in predictor.item_columns}),
-                            user=pa.RecordBatch.from_pydict({c: part.column(c).slice(0, 1)
-                                                             for c in predictor.user_columns})))
-        start += size
-    return pieces
-
-
 def test_an_aotinductor_bundle_holds_its_package_and_the_cpu_it_was_compiled_for(aoti_bundle_dir, tmp_path):
     manifest = json.loads((aoti_bundle_dir / "manifest.json").read_text())
     assert "dense-aotinductor.pt2" in manifest["files"] and manifest["config"]["serving"]["backend"] == "aotinductor"
     assert manifest["aotinductor"] == compiled_for()  # the torch and the CPU extensions it was compiled for
-    damaged = Path(shutil.copytree(aoti_bundle_dir, tmp_path / "damaged"))
-    package = damaged / "dense-aotinductor.pt2"
-    package.write_bytes(package.read_bytes()[:-8] + b"\0" * 8)
-    with pytest.raises(CorruptCheckpointError, match=rf"{package}"):
-        load_bundle(damaged)
+    assert_damaged_file_refused(aoti_bundle_dir, "dense-aotinductor.pt2", tmp_path)
 
 
 @pytest.mark.parametrize("sizes", [[1], [3, 1, 5], [100], [64, 200]])
 def test_aotinductor_scores_as_the_torch_program_whatever_the_batch(trainer, aoti_predictor, bundle, sizes):
-    rows = file_rows(trainer, sum(sizes))
-    torch_predictor = Predictor(bundle, device="cpu")
     assert isinstance(aoti_predictor._program, AotiProgram) and aoti_predictor.backend == "aotinductor"
-    found = aoti_predictor.predict(_pieces(aoti_predictor, rows, sizes))
-    expected = torch_predictor.predict(_pieces(torch_predictor, rows, sizes))
-    assert found.shape == (sum(sizes), 2)
-    np.testing.assert_allclose(found, expected, rtol=1e-5, atol=1e-6)
+    assert_scores_as_torch(aoti_predictor, bundle, trainer, sizes)
 
 
 def test_aotinductor_needs_its_package_a_cpu_like_the_exporters_and_no_gpu(aoti_bundle_dir, bundle, monkeypatch):

@@ -4,21 +4,18 @@ predictor and server running it."""
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 import tritonclient.http as triton
-from serving_helpers import file_rows, with_user_of
+from serving_helpers import assert_damaged_file_refused, assert_scores_as_torch, file_rows, with_user_of
 
 from tidal.cli import main
 from tidal.compile import OnnxProgram
 from tidal.config import ServingConfig
 from tidal.errors import ConfigError, CorruptCheckpointError
-from tidal.serving import Piece, Predictor, Service, export, load_bundle, start_server
+from tidal.serving import Predictor, Service, export, load_bundle, start_server
 from tidal.serving.protocol import infer_request, input_specs
 
 pytest.importorskip("onnxruntime")
@@ -35,38 +32,17 @@ def onnx_predictor(onnx_bundle_dir):
     return Predictor(load_bundle(onnx_bundle_dir))
 
 
-def _pieces(predictor: Predictor, rows: pa.RecordBatch, sizes: list[int]) -> list[Piece]:
-    pieces, start = [], 0
-    for size in sizes:
-        part = rows.slice(start, size)
-        pieces.append(Piece(items=pa.RecordBatch.from_pydict({c: part.column(c) for c in predictor.item_columns}),
-                            user=pa.RecordBatch.from_pydict({c: part.column(c).slice(0, 1)
-                                                             for c in predictor.user_columns})))
-        start += size
-    return pieces
-
-
 def test_an_onnxruntime_bundle_holds_its_onnx_model_checked_as_every_file(onnx_bundle_dir, bundle_dir, tmp_path):
     manifest = json.loads((onnx_bundle_dir / "manifest.json").read_text())
     assert "dense.onnx" in manifest["files"] and manifest["config"]["serving"]["backend"] == "onnxruntime"
     assert "dense.onnx" not in json.loads((bundle_dir / "manifest.json").read_text())["files"]  # torch: none
-    damaged = Path(shutil.copytree(onnx_bundle_dir, tmp_path / "damaged"))
-    model = damaged / "dense.onnx"
-    model.write_bytes(model.read_bytes()[:-8] + b"\0" * 8)
-    with pytest.raises(CorruptCheckpointError, match=rf"{model}"):
-        load_bundle(damaged)
+    assert_damaged_file_refused(onnx_bundle_dir, "dense.onnx", tmp_path)
 
 
 @pytest.mark.parametrize("sizes", [[1], [3, 1, 5], [100], [64, 200]])
 def test_onnxruntime_scores_as_the_torch_program_whatever_the_batch(trainer, onnx_predictor, bundle, sizes):
-    rows = file_rows(trainer, sum(sizes))
-    torch_predictor = Predictor(bundle, device="cpu")
     assert isinstance(onnx_predictor._program, OnnxProgram) and onnx_predictor.backend == "onnxruntime"
-    assert torch_predictor.backend == "torch"
-    found = onnx_predictor.predict(_pieces(onnx_predictor, rows, sizes))
-    expected = torch_predictor.predict(_pieces(torch_predictor, rows, sizes))
-    assert found.shape == (sum(sizes), 2)
-    np.testing.assert_allclose(found, expected, rtol=1e-5, atol=1e-6)
+    assert_scores_as_torch(onnx_predictor, bundle, trainer, sizes)
 
 
 def test_either_backend_serves_an_onnxruntime_bundle_and_onnxruntime_needs_one(onnx_bundle_dir, bundle):
