@@ -104,7 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     pass_bench.add_argument("--quick", action="store_true", help="200,000 rows instead of 400,000")
     pass_bench.add_argument("--batches-per-pass", type=int, default=16, help="batches in a pass (default 16)")
     pass_bench.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
-    dense_bench = which.add_parser("dense", help="the serving dense stage on ONNX Runtime against torch, per bucket")
+    dense_bench = which.add_parser("dense", help="the serving dense stage on ONNX Runtime and AOTInductor against "
+                                                 "torch, per bucket")
     dense_bench.add_argument("--quick", action="store_true", help="100 calls per point instead of 400")
     dense_bench.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     rewrite_bench = which.add_parser("rewrite", help="the torch serving program rewritten by the graph rules against "

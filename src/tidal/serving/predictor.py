@@ -30,8 +30,8 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from typing import TypeVar
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
