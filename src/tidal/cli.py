@@ -111,6 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     rewrite_bench = which.add_parser("rewrite", help="the torch serving program rewritten by the graph rules against "
                                                      "the program as exported, per bucket")
     rewrite_bench.add_argument("--quick", action="store_true", help="100 calls per point instead of 400")
+    rewrite_bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                               help="where the programs run (default cpu)")
     rewrite_bench.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     data = which.add_parser("data", help="rows/s read from TSV and Parquet and extracted into batches")
     data.add_argument("--rows", type=int, default=500_000, help="rows generated per format (default 500,000)")
@@ -201,9 +203,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tidal bench dense: {exc}", file=sys.stderr)
             return 2
     elif args.benchmark == "rewrite":
+        import torch
+
         from tidal.bench import rewrite
 
-        rewrite.run(quick=args.quick, as_json=args.json)
+        if args.device == "cuda" and not torch.cuda.is_available():
+            print("tidal bench rewrite: --device cuda, but torch sees no CUDA device; use --device cpu",
+                  file=sys.stderr)
+            return 2
+        rewrite.run(quick=args.quick, as_json=args.json, device=args.device)
     elif args.benchmark == "data":
         from tidal.bench import data
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
+import torch
 
 from tidal.bench import dense, rewrite
 from tidal.cli import main
+
+CUDA_MISSING = "needs a CUDA device (torch.cuda.is_available() is False)"
 
 
 def test_every_network_and_bucket_is_measured_and_summarized(monkeypatch, capsys):
@@ -30,3 +34,20 @@ def test_every_network_and_bucket_is_measured_and_summarized(monkeypatch, capsys
     assert summary["target_met"] == (min(small) >= rewrite.TARGET and min(ratios) >= rewrite.FLOOR)
     assert summary["geomean_ratio"] == round(float(np.exp(np.mean(np.log(ratios)))), 2)
     assert "dcn       rewritten by no rule" in out and "dlrm_mmoe batch    64: exported" in out
+    assert summary["device"] == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refuses cuda only where torch sees no CUDA device")
+def test_cuda_is_refused_without_a_cuda_device(capsys):
+    assert main(["bench", "rewrite", "--device", "cuda"]) == 2
+    assert "--device cuda, but torch sees no CUDA device; use --device cpu" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=CUDA_MISSING)
+def test_the_programs_run_on_a_gpu_when_asked(monkeypatch):
+    monkeypatch.setattr(rewrite, "BUCKETS", [1, 16])
+    monkeypatch.setattr(rewrite, "NETWORKS", {"dlrm": dense.NETWORKS["dlrm"]})
+    monkeypatch.setattr(rewrite, "MORE_NETWORKS", {})
+    summary = rewrite.run(quick=True, device="cuda")
+    assert summary["device"] == "cuda" and summary["rules"] == {"dlrm": ["gather_slices"]}
+    assert all(p["exported_ms"] > 0 and p["rewritten_ms"] > 0 for p in summary["points"])

@@ -8,15 +8,18 @@ head (four experts), at every bucket size a request pads to, on one thread
 `torch.export` program as the torch backend ran it before the rules (its module's
 `forward`), and the same program rewritten, as the torch backend runs it now. Reports
 the median milliseconds per call, the ratio exported / rewritten per network and
-bucket, and the rules each network was rewritten by.
+bucket, and the rules each network was rewritten by. `--device cuda` runs both on a
+GPU, as the torch backend runs there.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import numpy as np
 import torch
+from torch.export.passes import move_to_device_pass
 
 from tidal.bench.dense import BUCKETS, DENSE, DIM, FEATURES, NETWORKS, TARGETS, medians_ms
 from tidal.compile import export_program, rewrite
@@ -33,17 +36,19 @@ TARGET = 1.5  # on every network a rule rewrites,
 FLOOR = 0.95  # and nowhere below FLOOR x (the noise of these runs)
 
 
-def run(*, quick: bool = False, as_json: bool = False) -> dict:
+def run(*, quick: bool = False, as_json: bool = False, device: str = "cpu") -> dict:
+    """The benchmark on `device` (cpu, or cuda: the programs moved there as the torch
+    backend moves them, each call waited for)."""
     calls = 100 if quick else 400
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        networks = _networks()
-        points = [_measure(name, bucket, programs, calls) for name, (programs, _) in networks.items()
-                  for bucket in BUCKETS]
+        networks = _networks(torch.device(device))
+        points = [_measure(name, bucket, programs, calls, torch.device(device)) for name, (programs, _)
+                  in networks.items() for bucket in BUCKETS]
     finally:
         torch.set_num_threads(threads)
-    summary = _summary(points, {name: rules for name, (_, rules) in networks.items()})
+    summary = {"device": device, **_summary(points, {name: rules for name, (_, rules) in networks.items()})}
     print(f"rewritten at least {TARGET}x the program at batches up to {SMALL} on every rewritten network, and "
           f"nowhere below {FLOOR}x: {'met' if summary['target_met'] else 'NOT met'} (lowest up to {SMALL} "
           f"{summary['min_ratio_up_to_16']:.2f}x, lowest anywhere {summary['min_ratio']:.2f}x)")
@@ -52,7 +57,7 @@ def run(*, quick: bool = False, as_json: bool = False) -> dict:
     return summary
 
 
-def _networks() -> dict[str, tuple[tuple, list[str]]]:
+def _networks(device: torch.device) -> dict[str, tuple[tuple, list[str]]]:
     """name -> ((exported forward, rewritten forward), the rules kept) of each network,
     with random weights, rewritten as the torch backend does (checked at every bucket)."""
     out = {}
@@ -60,16 +65,33 @@ def _networks() -> dict[str, tuple[tuple, list[str]]]:
         torch.manual_seed(0)
         model = RankingModel(ModelConfig(**spec), num_features=FEATURES, dim=DIM, dense_features=DENSE,
                              num_targets=TARGETS).eval()
-        program = export_program(model, (torch.zeros(2, FEATURES, DIM), torch.zeros(2, DENSE)), BUCKETS[-1]).module()
-        done = rewrite(program, [(torch.randn(b, FEATURES, DIM), torch.randn(b, DENSE)) for b in BUCKETS])
+        program = export_program(model, (torch.zeros(2, FEATURES, DIM), torch.zeros(2, DENSE)), BUCKETS[-1])
+        module = (program if device.type == "cpu" else move_to_device_pass(program, device)).module()
+        done = rewrite(module, [_inputs(b, device) for b in BUCKETS])
         print(f"  {name:<9} rewritten by {', '.join(done.kept) or 'no rule'}", flush=True)
-        out[name] = ((program.forward, done.module.forward), done.kept)
+        out[name] = ((_waited(module.forward, device), _waited(done.module.forward, device)), done.kept)
     return out
 
 
-def _measure(name: str, bucket: int, programs: tuple, calls: int) -> dict:
-    exported_ms, rewritten_ms = medians_ms(programs, (torch.randn(bucket, FEATURES, DIM),
-                                                      torch.randn(bucket, DENSE)), calls)
+def _inputs(rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(rows, FEATURES, DIM, device=device), torch.randn(rows, DENSE, device=device)
+
+
+def _waited(forward: Callable[..., torch.Tensor], device: torch.device) -> Callable[..., torch.Tensor]:
+    """`forward`, returning once its work on `device` is done (a GPU's kernels run on after the call)."""
+    if device.type == "cpu":
+        return forward
+
+    def waited(*args: torch.Tensor) -> torch.Tensor:
+        out = forward(*args)
+        torch.cuda.synchronize(device)
+        return out
+
+    return waited
+
+
+def _measure(name: str, bucket: int, programs: tuple, calls: int, device: torch.device) -> dict:
+    exported_ms, rewritten_ms = medians_ms(programs, _inputs(bucket, device), calls)
     point = {"network": name, "batch": bucket, "exported_ms": round(exported_ms, 4),
              "rewritten_ms": round(rewritten_ms, 4), "ratio_vs_exported": round(exported_ms / rewritten_ms, 2)}
     print(f"  {name:<9} batch {bucket:>5}: exported {exported_ms:7.3f} ms  rewritten {rewritten_ms:7.3f} ms  "
