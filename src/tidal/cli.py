@@ -372,9 +372,12 @@ def _dense_backend(predictor: Predictor) -> str:
     from tidal.compile import NOT_FOUND
 
     kept = [o.rule for o in predictor.rewrites if o.kept]
-    dropped = [f"{o.rule} left out: {o.reason}" for o in predictor.rewrites if not o.kept and o.reason != NOT_FOUND]
+    dropped: dict[str, list[str]] = {}  # reason -> the rules left out for it
+    for o in predictor.rewrites:
+        if not o.kept and o.reason != NOT_FOUND:
+            dropped.setdefault(o.reason, []).append(o.rule)
     rules = f", rewritten by {', '.join(kept)}" if kept else ""
-    return predictor.backend + rules + "".join(f"; {d}" for d in dropped)
+    return predictor.backend + rules + "".join(f"; {', '.join(r)} left out: {why}" for why, r in dropped.items())
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -125,6 +125,8 @@ def test_a_package_runs_only_with_the_torch_and_the_cpu_extensions_it_was_compil
         assert ("abm" in flags.split()) == ("abm" in here["cpu_features"])
     assert unfit_here({**here, "torch_version": "2.0.0"}) == (f"it was compiled by torch 2.0.0, and this is torch "
                                                             f"{torch.__version__}")
+    assert unfit_here({}) == ("its bundle does not record the torch and the CPU it was compiled for (an older Tidal "
+                              "exported it)")
     monkeypatch.setattr(aoti, "cpu_features", lambda: ["sse2"])  # an older CPU than the compiler's
     assert missing_cpu_features(["sse2", "avx2", "fma"]) == ["avx2", "fma"]
     assert unfit_here({**here, "cpu_features": ["sse2", "avx2"]}) == ("it was compiled for a CPU with ['avx2'], "

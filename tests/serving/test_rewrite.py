@@ -14,6 +14,7 @@ import torch
 from serving_helpers import file_rows, serving_config
 
 from tidal.config import RunConfig, ServingConfig
+from tidal.errors import CheckpointError
 from tidal.runtime import Trainer
 from tidal.serving import Piece, Predictor, export, export_delta, load_bundle
 from tidal.serving.bundle import read_deltas
@@ -72,6 +73,24 @@ def test_a_delta_reaches_the_rewritten_program(run, tmp_path):
     assert [o.rule for o in predictor.rewrites if o.kept] == MMOE_RULES
 
 
+def test_batches_under_way_keep_their_program_and_a_delta_applied_twice_is_refused(run, tmp_path):
+    bundle_dir = Path(shutil.copytree(run.base, tmp_path / "bundle"))
+    predictor = _predictor(bundle_dir, rewrite=True)
+    piece = _piece(predictor, file_rows(run.trainer, 20))
+    before = predictor.predict([piece])
+    under_way = predictor.sparse([piece])  # its dense stage comes after the update
+    export_delta(run.run_dir, bundle_dir)
+    deltas = read_deltas(bundle_dir, predictor.position, predictor.config)
+    predictor.update(deltas)
+    np.testing.assert_array_equal(predictor.dense(under_way), before)  # the old rows and the old program
+    assert not np.allclose(predictor.predict([piece]), before, rtol=1e-4)
+    program = predictor._program
+    with pytest.raises(CheckpointError, match=r"delta 1 does not follow the delta served, 1; read the deltas that "
+                                              r"follow it"):
+        predictor.update(deltas)
+    assert predictor._program is program and predictor.position.sequence == 1
+
+
 def _merged_weight(predictor: Predictor) -> torch.Tensor:
     """The weight of the rewritten program's one linear layer of the MMoE experts and gates."""
     module = predictor._program
@@ -94,8 +113,9 @@ def test_tidal_serve_names_the_rules_kept_and_those_left_out_with_why():
     outcomes = (RuleOutcome(rule="gather_slices", places=1, kept=True, difference=0.0, reason="same outputs"),
                 RuleOutcome(rule="merge_linears", places=1, kept=False, difference=0.5, reason="its outputs differ"),
                 RuleOutcome(rule="stack_slices", places=0, kept=False, difference=None, reason="it failed: KeyError"),
-                RuleOutcome(rule="einsum_bmm", places=0, kept=False, difference=None, reason=NOT_FOUND))
+                RuleOutcome(rule="einsum_bmm", places=0, kept=False, difference=None, reason=NOT_FOUND),
+                RuleOutcome(rule="more", places=0, kept=False, difference=None, reason="it failed: KeyError"))
     line = _dense_backend(SimpleNamespace(backend="torch", rewrites=outcomes))
-    assert line == ("torch, rewritten by gather_slices; merge_linears left out: its outputs differ; stack_slices left "
-                    "out: it failed: KeyError")
+    assert line == ("torch, rewritten by gather_slices; merge_linears left out: its outputs differ; stack_slices, more "
+                    "left out: it failed: KeyError")
     assert _dense_backend(SimpleNamespace(backend="onnxruntime", rewrites=())) == "onnxruntime"

@@ -45,8 +45,8 @@ _ISA = re.compile(r"(sse|ssse|avx|fma|f16c|bmi|abm|amx|adx|aes|pclmul|popcnt|lzc
 
 def aoti_available() -> bool:
     """Whether a C++ compiler is on PATH for AOTInductor (and this torch has it)."""
-    has_api = hasattr(torch._inductor, "aoti_compile_and_package")
-    return has_api and any(shutil.which(name) for name in ("g++", "c++", "clang++"))
+    has_compiler = any(shutil.which(name) for name in ("g++", "c++", "clang++"))
+    return has_compiler and hasattr(torch._inductor, "aoti_compile_and_package")
 
 
 def compiled_for() -> dict:
@@ -57,7 +57,10 @@ def compiled_for() -> dict:
 
 def unfit_here(recorded: dict) -> str | None:
     """Why a package compiled for `recorded` (`compiled_for()` where it was compiled)
-    cannot run here, or None."""
+    cannot run here, or None. The torch must be the same build (`2.13.0+cpu` is not
+    `2.13.0+cu128`): the package links the one that compiled it."""
+    if not recorded:
+        return "its bundle does not record the torch and the CPU it was compiled for (an older Tidal exported it)"
     if recorded.get("torch_version") != torch.__version__:
         return f"it was compiled by torch {recorded.get('torch_version')}, and this is torch {torch.__version__}"
     missing = missing_cpu_features(recorded.get("cpu_features", []))

@@ -52,7 +52,8 @@ MIN_LINEARS = 3  # linear layers of one input merged (see merge_linears)
 @dataclass(frozen=True, kw_only=True)
 class Rule:
     """A rewrite of one pattern: `apply(module)` rewrites its graph in place and says
-    at how many places."""
+    at how many places. It may add weights and leave old ones unread, never write one:
+    the module it gets shares its weights with the program being served."""
 
     name: str
     apply: Callable[[fx.GraphModule], int]
