@@ -282,13 +282,14 @@ def _device(module: fx.GraphModule) -> torch.device:
 
 
 def _merge_linears(module: fx.GraphModule) -> int:
-    groups: dict[fx.Node, list[fx.Node]] = defaultdict(list)
+    groups: dict[fx.Node, list[tuple[fx.Node, tuple[torch.Tensor, torch.Tensor]]]] = defaultdict(list)
     for node in module.graph.nodes:
-        if _is(node, ATEN.linear.default) and _linear_weights(module, node) is not None:
-            groups[node.args[0]].append(node)
+        found = _linear_weights(module, node) if _is(node, ATEN.linear.default) else None
+        if found is not None:
+            groups[node.args[0]].append((node, found))
     places = 0
-    for source, linears in groups.items():
-        weights = [_linear_weights(module, n) for n in linears]
+    for source, group in groups.items():
+        linears, weights = [n for n, _ in group], [w for _, w in group]
         if len(linears) >= MIN_LINEARS and len({(w.shape[1], w.dtype, w.device) for w, _ in weights}) == 1:
             _merge(module, source, linears, weights)
             places += 1
