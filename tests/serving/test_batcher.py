@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -328,3 +328,59 @@ def test_the_collector_goes_on_when_every_waiting_piece_is_cancelled_while_its_b
     finally:
         batcher.close()
     assert [r.rows for r in records] == [3]
+
+
+def _logged(predictor) -> list[list[int]]:  # type: ignore[no-untyped-def]
+    """The rows of each piece of each batch whose sparse stage ran, in order."""
+    log, original = [], predictor.sparse
+    predictor.sparse = lambda p: log.append([piece.rows for piece in p]) or original(p)
+    return log
+
+
+def _inside_between_requests(batcher: Batcher, seen: Callable[[], object]) -> tuple[threading.Thread, list]:
+    """A thread in `between_requests` recording `seen()` there; wait until it is waiting."""
+    inside: list = []
+
+    def hold() -> None:
+        with batcher.between_requests():
+            inside.append(seen())
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    _until(lambda: batcher._holds == 1)
+    return thread, inside
+
+
+def test_between_requests_waits_for_the_chunks_of_requests_under_way_and_holds_back_new_ones(trainer, predictor):
+    big, small = _pieces(trainer, predictor, [256, 5])
+    batcher = _batcher(predictor, [], max_batch_rows=69)  # a chunk of 64 and the small request fit one batch
+    try:
+        with _held(predictor) as gate:
+            log = _logged(predictor)
+            chunks = batcher.submit(big)
+            _until(lambda: batcher._in_flight == 1)  # its first chunk is taken: the request is under way
+            late = batcher.submit(small)
+            thread, inside = _inside_between_requests(batcher, lambda: (list(log), late[0].running()))
+            gate.set()
+            thread.join(timeout=30)
+            assert inside == [([[64]] * 4, False)]  # every chunk of the big one, the small one not started
+            assert late[0].result(timeout=30).shape == (5, 2) and log[-1] == [5]
+            assert np.concatenate([f.result(timeout=30) for f in chunks]).shape == (256, 2)
+    finally:
+        batcher.close()
+
+
+def test_chunks_given_up_while_their_request_is_under_way_do_not_hold_an_update_back(trainer, predictor):
+    (big,) = _pieces(trainer, predictor, [256])
+    batcher = _batcher(predictor, [])
+    try:
+        with _held(predictor) as gate:
+            chunks = batcher.submit(big)
+            _until(lambda: batcher._in_flight == 1)
+            batcher.cancel(chunks)  # three chunks leave the queue; the first one runs
+            thread, inside = _inside_between_requests(batcher, lambda: batcher._under_way.copy())
+            gate.set()
+            thread.join(timeout=30)
+            assert inside == [{}] and not thread.is_alive()
+    finally:
+        batcher.close()

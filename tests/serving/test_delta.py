@@ -424,6 +424,34 @@ def test_batches_scored_while_a_delta_applies_see_the_old_state_or_the_new_one(r
     assert np.allclose(results[-1], new, rtol=1e-6) and np.allclose(results[0], old, rtol=1e-6)
 
 
+def test_a_request_whose_chunks_span_an_update_is_scored_by_one_state(run, bundle_dir):
+    specs = input_specs(run.config)
+    rows = with_user_of(file_rows(run.trainer, 160), specs)
+    service = Service(load_bundle(bundle_dir), chunk_rows=16, max_batch_rows=16, sparse_threads=1)
+    predictor = service.predictor
+    old = predictor.predict([_piece(predictor, rows)])
+    new = Predictor(load_bundle(run.full)).predict([_piece(predictor, rows)])
+    export_delta(run.run_dir, bundle_dir)
+    original = predictor.sparse
+    predictor.sparse = lambda pieces: time.sleep(0.05) or original(pieces)  # 10 chunks, 0.5 s at least
+    try:
+        chunks = service.batcher.submit(_piece(predictor, rows))
+        until(lambda: chunks[0].running(), "the request under way")
+        update = threading.Thread(target=service.updater.update)
+        update.start()
+        until(lambda: service.batcher._holds == 1, "the update waiting")
+        assert not chunks[-1].done()  # it came while the request was part way
+        scored = np.concatenate([f.result(timeout=30) for f in chunks])
+        update.join(timeout=30)
+        assert service.updater.delta == 1
+        after = np.concatenate([f.result(timeout=30) for f in service.batcher.submit(_piece(predictor, rows))])
+    finally:
+        del predictor.sparse
+        service.close()
+    np.testing.assert_allclose(scored, old, rtol=1e-6)  # every chunk before the update
+    np.testing.assert_allclose(after, new, rtol=1e-6)
+
+
 def test_dense_weights_that_are_not_the_bundles_are_refused_by_name(run, bundle_dir):
     from safetensors.torch import save_file
 

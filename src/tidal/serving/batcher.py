@@ -23,6 +23,11 @@ starts at once. With `merge=False`
 every request is a batch of its own (the unbatched baseline). A failed batch fails every piece in it; `close()`
 fails whatever still waits, so no caller hangs; `cancel()` takes the waiting chunks of a request given up out of
 the queue.
+
+An online update changes the tables and the program between two batches. So that no
+request has some chunks scored before it and others after, the update runs inside
+`between_requests()`: the requests under way (a chunk taken) finish their chunks' sparse
+stages, while requests not yet started wait, and start after the update.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -101,6 +107,8 @@ class Batcher:
         self._waiting_rows = 0
         self._requests = 0  # submitted so far
         self._in_flight = 0
+        self._under_way: dict[int, int] = {}  # request with a chunk taken -> its chunks whose sparse stage has not ended
+        self._holds = 0  # `between_requests` callers: requests not under way wait
         self._last_arrival_s = time.perf_counter()
         self._arrival_gap_s = 1.0  # running mean of the seconds between requests
         self._depth = sparse_threads
@@ -139,9 +147,11 @@ class Batcher:
         with self._cond:
             for request in {self._request_of.pop(f) for f in futures if f in self._request_of}:
                 pieces = self._waiting[request]
+                left = deque(w for w in pieces if w.future not in mine)
                 self._waiting_rows -= sum(w.piece.rows for w in pieces if w.future in mine)
-                self._waiting[request] = deque(w for w in pieces if w.future not in mine)
-                if not self._waiting[request]:
+                self._chunks_ended(request, len(pieces) - len(left))
+                self._waiting[request] = left
+                if not left:
                     del self._waiting[request]
         for future in futures:
             future.cancel()
@@ -159,6 +169,7 @@ class Batcher:
             left = [w for pieces in self._waiting.values() for w in pieces]
             self._waiting.clear()
             self._request_of.clear()
+            self._under_way.clear()
             self._cond.notify_all()
         for w in left:
             if w.future.set_running_or_notify_cancel():  # a caller that gave up needs no answer
@@ -167,6 +178,32 @@ class Batcher:
         self._sparse.shutdown(wait=True)
         if self._dense is not None:
             self._dense.shutdown(wait=True)
+
+    @contextmanager
+    def between_requests(self) -> Iterator[None]:
+        """A block that no request spans: it starts when every request under way (a
+        chunk taken by a batch) has finished its chunks' sparse stages, and requests not
+        yet under way wait until it ends. An online update runs in it, so that each
+        request is scored by one state of the tables and program."""
+        with self._cond:
+            self._holds += 1
+        try:
+            with self._cond:
+                self._cond.wait_for(lambda: not self._under_way or self._closed)
+            yield
+        finally:
+            with self._cond:
+                self._holds -= 1
+                self._cond.notify_all()
+
+    def _chunks_ended(self, request: int, count: int) -> None:
+        """`count` chunks of `request` have run their sparse stage or will not run
+        (called holding `_cond`)."""
+        if request in self._under_way:
+            self._under_way[request] -= count
+            if self._under_way[request] <= 0:
+                del self._under_way[request]
+                self._cond.notify_all()
 
     # ------------------------------------------------------------------ collector
 
@@ -214,7 +251,7 @@ class Batcher:
     def _may_start(self) -> bool:
         """Start now: the pipeline is idle, or a free thread gets a batch big enough to
         gain from running beside another (small ones would only fight for the GIL)."""
-        if not self._waiting:
+        if not any(self._may_take(request) for request in self._waiting):
             return False
         if self._in_flight == 0 or not self.merge:
             return self._in_flight < self._depth
@@ -232,8 +269,9 @@ class Batcher:
         for request, pieces in self._waiting.items():
             if batch and (not self.merge or rows >= self.max_batch_rows):
                 break
-            if batch and rows + pieces[0].piece.rows > self.max_batch_rows:
-                continue  # a later, smaller piece may fit
+            if not self._may_take(request) or (batch and rows + pieces[0].piece.rows > self.max_batch_rows):
+                continue  # held back by `between_requests`, or a later, smaller piece may fit
+            self._under_way.setdefault(request, len(pieces))
             batch.append(pieces.popleft())
             del self._request_of[batch[-1].future]
             rows += batch[-1].piece.rows
@@ -242,7 +280,18 @@ class Batcher:
         for request in emptied:
             del self._waiting[request]
         self._waiting_rows -= rows
-        return [w for w in batch if w.future.set_running_or_notify_cancel()]
+        running = []
+        for w in batch:
+            if w.future.set_running_or_notify_cancel():
+                running.append(w)
+            else:  # its caller gave up: it will not run
+                self._chunks_ended(w.request, 1)
+        return running
+
+    def _may_take(self, request: int) -> bool:
+        """Whether a batch may take the next chunk of `request`: any, unless an update
+        waits (`between_requests`) and the request is not under way."""
+        return not self._holds or request in self._under_way
 
     # ------------------------------------------------------------------ stages
 
@@ -253,6 +302,10 @@ class Batcher:
         except BaseException as exc:  # every request of the batch learns why
             self._fail(batch, exc)
             return
+        finally:
+            with self._cond:
+                for w in batch:
+                    self._chunks_ended(w.request, 1)
         if self._dense is None:  # CPU: the dense network runs in this thread, no hand-off
             self._run_dense(batch, stage, start, time.perf_counter() - start)
         else:

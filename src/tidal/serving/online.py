@@ -8,7 +8,9 @@ when that is set. A delta that cannot be applied (damaged, out of order, or the 
 replaced by a full export) is refused with the reason and changes nothing: the server
 goes on serving what it served. An update that fails while it changes the tables (memory
 ran out) leaves them between two states: the server then refuses to score (503) until it
-is restarted.
+is restarted. A request is scored by one state: an update waits for the requests under
+way to finish their chunks' sparse stages, and those that come meanwhile wait for it
+(`Batcher.between_requests`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,11 +52,14 @@ class Update:
 class Updater:
     """Brings a predictor up to the newest deltas of its bundle: on demand (`update`),
     and every `poll_s` seconds from a thread of its own when `poll_s` is given (each
-    update it applies is printed, and each new reason for refusing one)."""
+    update it applies is printed, and each new reason for refusing one). Each update
+    changes the predictor inside `between()` (`Predictor.update`)."""
 
-    def __init__(self, predictor: Predictor, bundle_path: Path, *, poll_s: float | None = None) -> None:
+    def __init__(self, predictor: Predictor, bundle_path: Path, *, poll_s: float | None = None,
+                 between: Callable[[], AbstractContextManager[object]] = nullcontext) -> None:
         self._predictor = predictor
         self._path = Path(bundle_path)
+        self._between = between
         self._lock = threading.Lock()  # one update at a time: the poller's and a request's
         self.deltas_applied = 0
         self.refused = 0
@@ -90,7 +97,7 @@ class Updater:
             raise CheckpointError(f"{self._path}: {NO_DELTAS}")
         start = time.perf_counter()
         deltas = read_deltas(self._path, position, self._predictor.config)
-        applied = self._predictor.update(deltas)
+        applied = self._predictor.update(deltas, self._between)
         if deltas:
             self.deltas_applied += len(deltas)
             self.updated_unix_s = time.time()

@@ -30,6 +30,7 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -166,11 +167,13 @@ class Predictor:
 
     # ------------------------------------------------------------------ online updates
 
-    def update(self, deltas: Sequence[Delta]) -> Applied:
+    def update(self, deltas: Sequence[Delta],
+               between: Callable[[], AbstractContextManager[object]] = nullcontext) -> Applied:
         """Apply `deltas` (those following `position`, in order, as `read_deltas` gives
         them) to the tables and take the last one's dense weights. Waits for the sparse
         stages under way; those that come meanwhile wait for it (the weights are loaded
-        and the rows converted before).
+        and the rows converted before). The change runs inside `between()` too: a
+        batcher's `between_requests`, so that no request is scored part before it.
 
         An update that fails part way (memory ran out) leaves the tables between two
         deltas: `torn` then says so, and further updates are refused (restart)."""
@@ -182,7 +185,7 @@ class Predictor:
         changes = merged(deltas)
         blocks = [(self.collection.table(name), c.removed, _row_block(c.keys, c.values)) for name, c in changes.items()]
         start = time.perf_counter()  # new batches wait from here: for those under way, then for the update
-        with self._gate.exclusive():
+        with between(), self._gate.exclusive():
             self._check_follows(deltas[0])
             try:
                 for table, removed, block in blocks:

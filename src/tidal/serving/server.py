@@ -101,7 +101,8 @@ class Service:
         self._torch_threads = torch.get_num_threads()  # restored by close()
         if s.dense_threads is not None:
             torch.set_num_threads(s.dense_threads)
-        self.updater = Updater(self.predictor, bundle.path, poll_s=s.delta_poll_s)  # last: it may start a thread
+        self.updater = Updater(self.predictor, bundle.path, poll_s=s.delta_poll_s,  # last: it may start a thread
+                               between=self.batcher.between_requests)
 
     async def infer(self, body: bytes, header_length: str | None) -> tuple[bytes, dict[str, str]]:
         """Answer one infer request body: (response body, extra headers)."""
