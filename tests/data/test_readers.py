@@ -88,6 +88,40 @@ def test_fail_mode_hands_out_no_row_from_the_bad_one_on(tmp_path, monkeypatch, b
     assert 0 < sum(handed) <= 70_000
 
 
+def _every_other_bad(tmp_path, rows: int, name: str = "d.tsv"):  # type: ignore[no-untyped-def]
+    """A file of `rows` rows, every other one of the wrong width (half bad)."""
+    return _write(tmp_path / name, "".join("1\t5\ta\n" if k % 2 else "1\t5\n" for k in range(rows)))
+
+
+@pytest.mark.parametrize("batch_rows", [100, 65536])
+def test_more_bad_rows_than_max_bad_fraction_stop_the_read_part_way_saying_why(tmp_path, monkeypatch, batch_rows):
+    monkeypatch.setattr(readers, "_PIECE_BYTES", 1 << 14)  # 2,000-odd rows a piece
+    path = _every_other_bad(tmp_path, 100_000)
+    handed = []
+    with pytest.raises(DataError, match=rf"^(\d|,)+ of the (\d|,)+ rows read were bad \(50\.0%\), more than "
+                                        rf"max_bad_fraction allows \(10\.0%\): the files may not have the layout the "
+                                        rf"run expects\. The first: {path}:1: expected 3 columns, found 2\. Fix the files, "
+                                        rf"or set data\.max_bad_fraction \(1\.0 skips any number\)$"):
+        for batch in read_batches(path, columns=SMALL, checks=CHECKS, batch_rows=batch_rows):
+            handed.append(batch.num_rows)
+    assert sum(handed) < 10_000  # stopped soon after 10,000 rows read, not at the end of the file
+
+
+def test_bad_rows_within_max_bad_fraction_or_fewer_rows_than_judged_are_skipped(tmp_path):
+    path = _every_other_bad(tmp_path, 30_000)
+    report = BadRows()
+    assert sum(b.num_rows for b in read_batches(path, columns=SMALL, checks=CHECKS, bad_rows=report,
+                                                max_bad_fraction=0.5)) == 15_000
+    assert (report.count, report.read) == (15_000, 30_000)
+    small = _every_other_bad(tmp_path, readers.JUDGED_FROM - 2, "small.tsv")  # too few rows to judge a share by
+    assert sum(b.num_rows for b in read_batches(small, columns=SMALL, checks=CHECKS)) == readers.JUDGED_FROM // 2 - 1
+    with pytest.raises(DataError, match=r"^15,000 of the 30,000 rows read were bad \(50\.0%\), more than "
+                                        r"max_bad_fraction allows \(49\.0%\)"):
+        list(read_batches(path, columns=SMALL, checks=CHECKS, max_bad_fraction=0.49))
+    with pytest.raises(DataError, match=r"max_bad_fraction must be a share of the rows read, from 0 to 1, got 1\.5"):
+        list(read_batches(path, columns=SMALL, checks=CHECKS, max_bad_fraction=1.5))
+
+
 def test_numbers_beyond_float32_are_bad_rows_not_infinities(tmp_path):
     path = _write(tmp_path / "d.tsv", "".join(f"1\t{v}\t{k}\n" for k, v in
                                              enumerate(["3.4e38", "1e999", "-1e39", "3.5e38", "1e-999", "-2.5", ""])))

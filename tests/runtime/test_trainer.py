@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import replace
 
@@ -71,6 +72,22 @@ def test_cli_trains_from_yaml_and_reports_bad_rows(tmp_path, capsys, monkeypatch
     assert "eval data: 2 bad rows skipped" in out and f"{config['data']['eval'][0]}:4001: expected 40 columns" in out
     assert "s of the run went to compiling Tidal's kernels on their first use here" in out
     assert "eval click: AUC" in out
+
+
+def test_a_run_whose_data_is_mostly_bad_rows_stops_saying_so_unless_max_bad_fraction_allows_them(tmp_path, capsys):
+    config = _config(tmp_path, epochs=1)
+    config["data"]["eval"] = None
+    wrong = tmp_path / "train" / "commas.tsv"  # another file's rows, comma-separated: one column each
+    wrong.write_text(open(config["data"]["train"][0]).read().replace("\t", ","))
+    config["data"]["train"] = [*config["data"]["train"], str(wrong)]
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", "--config", str(path)]) == 2
+    assert re.search(rf"of the (\d|,)+ rows read were bad \((\d|\.)+%\), more than max_bad_fraction allows \(10\.0%\).*"
+                     rf"The first: {wrong}:1: expected 40 columns, found 1", capsys.readouterr().err)
+    config["data"]["max_bad_fraction"] = 0.5
+    summary = Trainer(RunConfig(**config)).fit()
+    assert summary["bad_rows"] == 12_000 and summary["rows"] == 12_000
 
 
 def test_config_errors_name_the_key_path(tmp_path, capsys):

@@ -8,7 +8,10 @@ other than in a CRLF line end, a field that is not UTF-8 text, an unparsable num
 a label that is not 0 or 1, or a weighted bag value without its weight, is a bad row.
 Bad rows are counted and described (file, line, reason) in a `BadRows` report and
 skipped, or, with ``on_bad_row="fail"``, stop the run with a `DataError` naming the
-first one.
+first one. Skipped, they may be at most `max_bad_fraction` of the rows read (judged
+after each piece of a file, from `JUDGED_FROM` rows read on): more, and
+the files are most likely not what the run expects (another delimiter, other columns),
+so the read stops with a `DataError` saying so.
 
 Text files are cut here into pieces of whole records (lines, or CSV records whose
 quoted values span lines), each handed to pyarrow's parser whole. Lines end at a line
@@ -127,6 +130,7 @@ def weighted_values(values: pa.Array, weight_separator: str) -> tuple[pa.Array, 
 
 
 _MAX_EXAMPLES = 20
+JUDGED_FROM = 10_000  # rows read before the share of bad ones is judged: fewer say little
 _FORMATS = ("tsv", "csv", "parquet")
 _ASCII = bytes(range(128)) + b"?" * 128  # a translation: bytes from 0x80 on to '?'
 _PIECE_BYTES = 1 << 22  # how much text is read and parsed at a time (more when one record is longer)
@@ -142,6 +146,7 @@ class BadRows:
 
     count: int = 0
     examples: list[str] = field(default_factory=list)
+    read: int = 0  # rows read, good and bad (counted by the reader; not kept in checkpoints)
 
     def add(self, path: str, line: int | None, reason: str) -> None:
         self.count += 1
@@ -194,7 +199,7 @@ def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
                  columns: Sequence[str] = CRITEO_COLUMNS, checks: Mapping[str, str | WeightedBags] | None = None,
                  file_format: Literal["tsv", "csv", "parquet"] | None = None, batch_rows: int = 65536,
                  on_bad_row: Literal["skip", "fail"] = "skip", bad_rows: BadRows | None = None,
-                 csv_header: bool = True) -> Iterator[pa.RecordBatch]:
+                 csv_header: bool = True, max_bad_fraction: float = 0.1) -> Iterator[pa.RecordBatch]:
     """Record batches of string columns from every file, bad rows removed.
 
     TSV files have no header and the columns of `columns` (Criteo's layout by default);
@@ -207,17 +212,21 @@ def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
     strings (missing values), as are Parquet nulls. `checks` maps columns to what they
     must hold: "integer" (int64) or "number" (float32), or nothing, or "label" (0 or
     1), or weighted bags (a `WeightedBags`); by default, Criteo's label and counts
-    among `columns`.
+    among `columns`. Bad rows are skipped while they are at most `max_bad_fraction` of
+    the rows read (1.0: however many); see the module docstring.
     """
     columns = _check_options(columns, file_format, batch_rows, on_bad_row)
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise DataError(f"max_bad_fraction must be a share of the rows read, from 0 to 1, got {max_bad_fraction!r}")
     if checks is None:
         checks = {c: k for c, k in CRITEO_CHECKS.items() if c in columns}
     unknown = {c: k for c, k in checks.items() if not (isinstance(k, WeightedBags) or k in _PATTERNS) or c not in columns}
     if unknown:
         raise DataError(f"checks must name read columns and one of {sorted(_PATTERNS)} or a WeightedBags, got {unknown}")
     report = bad_rows if bad_rows is not None else BadRows()
-    yield from _exactly(_checked(expand_paths(paths), columns, checks, file_format, batch_rows, report, on_bad_row,
-                                 csv_header), batch_rows)
+    checked = _checked(expand_paths(paths), columns, checks, file_format, batch_rows, report, on_bad_row, csv_header,
+                       max_bad_fraction)
+    yield from _exactly(checked, batch_rows)
 
 
 def _check_options(columns: Sequence[str], file_format: str | None, batch_rows: int, on_bad_row: str) -> list[str]:
@@ -241,7 +250,8 @@ def _check_options(columns: Sequence[str], file_format: str | None, batch_rows: 
 
 
 def _checked(paths: list[str], columns: Sequence[str], checks: Mapping[str, str | WeightedBags], file_format: str | None,
-             batch_rows: int, report: BadRows, on_bad_row: str, csv_header: bool) -> Iterator[pa.RecordBatch]:
+             batch_rows: int, report: BadRows, on_bad_row: str, csv_header: bool,
+             max_bad_fraction: float) -> Iterator[pa.RecordBatch]:
     for path in paths:
         kind = file_format or format_of(path)
         try:
@@ -250,9 +260,22 @@ def _checked(paths: list[str], columns: Sequence[str], checks: Mapping[str, str 
             batches = (_parquet(path, columns, batch_rows) if kind == "parquet"
                        else _text(path, kind, columns, header=kind == "csv" and csv_header))
             for batch, lines, dropped in batches:
-                yield _valid_rows(batch, path, lines, checks, report, on_bad_row, dropped)
+                valid = _valid_rows(batch, path, lines, checks, report, on_bad_row, dropped)
+                _check_bad_share(report, max_bad_fraction)
+                yield valid
         except OSError as exc:  # gone or unreadable since the run started
             raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def _check_bad_share(report: BadRows, most: float) -> None:
+    """Stop the read when more than `most` of the rows read were bad (from
+    `JUDGED_FROM` rows read on)."""
+    if report.read < JUDGED_FROM or report.count <= most * report.read:
+        return
+    first = f" The first: {report.examples[0]}." if report.examples else ""
+    raise DataError(f"{report.count:,d} of the {report.read:,d} rows read were bad ({report.count / report.read:.1%}), more than "
+                    f"max_bad_fraction allows ({most:.1%}): the files may not have the layout the run expects.{first} "
+                    f"Fix the files, or set data.max_bad_fraction (1.0 skips any number)")
 
 
 def _exactly(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
@@ -685,6 +708,7 @@ def _valid_rows(batch: pa.RecordBatch, path: str, lines: np.ndarray, checks: Map
         for row, reason in _refused(name, kind, batch.column(name)):
             bad.setdefault(row, reason)
     found = sorted([(int(lines[row]), why) for row, why in bad.items()] + dropped)
+    report.read += batch.num_rows + len(dropped)
     if found and on_bad_row == "fail":
         line, reason = found[0]
         raise DataError(f"{path}:{line}: {reason} (on_bad_row is 'fail')")

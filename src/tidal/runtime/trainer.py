@@ -206,7 +206,7 @@ class Trainer:
         return ReaderSpec(files=files, columns=list(columns), checks=dict(self.extractor.checks),
                           file_format=data.format, batch_rows=data.batch_size, on_bad_row=data.on_bad_row,
                           epochs=epochs, start_epoch=start_epoch, start_batch=start_batch,
-                          csv_header=data.csv_header)
+                          csv_header=data.csv_header, max_bad_fraction=data.max_bad_fraction)
 
     def _positional(self, kind: str) -> bool:
         """Whether files of format `kind` have their columns by position (`data.columns`,
