@@ -518,9 +518,57 @@ def test_an_update_that_fails_part_way_makes_the_server_unready_and_refuses_more
         rows = with_user_of(file_rows(run.trainer, 5), input_specs(run.config))
         with pytest.raises(triton.InferenceServerException, match=r"\[503\] not ready: the tables were left part way"):
             _scores(client, rows, input_specs(run.config))
-        with pytest.raises(triton.InferenceServerException, match=r"part way between delta 0 and delta 1 .*; restart "
-                                                                  r"to serve a whole state"):
+        with pytest.raises(triton.InferenceServerException, match=r"part way between delta 0 and delta 1 .*; restart, "
+                                                                  r"or export the bundle in full, to serve a whole state"):
             client.load_model("ctr")
+        export(run.run_dir, bundle_dir)  # a full export ends it
+        client.load_model("ctr")
+        assert client.is_server_ready() and client.is_model_ready("ctr")
+        full = Predictor(load_bundle(run.full))
+        np.testing.assert_allclose(_scores(client, rows, input_specs(run.config)),
+                                   full.outputs(full.predict([_piece(full, rows)]))["score"], rtol=1e-6)
+
+
+def test_a_full_export_that_replaced_the_bundle_is_loaded_and_served_without_a_restart(run, bundle_dir, capsys):
+    specs = input_specs(run.config)
+    rows = with_user_of(file_rows(run.trainer, 60), specs)
+    full = Predictor(load_bundle(run.full))
+    expected = full.outputs(full.predict([_piece(full, rows)]))["score"]
+    service = Service(load_bundle(bundle_dir), delta_poll_s=0.02)
+    try:
+        before = service.predictor.predict([_piece(full, rows)])
+        lookups = service.predictor.id_counts()[0]
+        export(run.run_dir, bundle_dir)
+        until(lambda: service.updater.reloads == 1, "the bundle loaded again")
+        np.testing.assert_allclose(service.predictor.outputs(service.predictor.predict([_piece(full, rows)]))["score"],
+                                   expected, rtol=1e-6)
+        assert not np.allclose(before, full.predict([_piece(full, rows)]), rtol=1e-3)
+        assert service.predictor.id_counts()[0] > lookups  # counted on from before the reload
+        export_delta(run.run_dir, bundle_dir)  # the new base's deltas follow it
+        until(lambda: service.updater.delta == 1, "its delta 1")
+        assert (service.updater.reloads, service.updater.deltas_applied, service.updater.refused) == (1, 1, 0)
+    finally:
+        service.close()
+    assert "tidal serve: loaded the bundle again (it was replaced by another full export), now serving delta 0: " \
+           in capsys.readouterr().out
+
+
+def test_a_full_export_of_another_model_is_refused_and_the_old_one_served(run, bundle_dir, tmp_path):
+    saved = run.config.model_dump()
+    other = RunConfig(**{**saved, "tables": [{**saved["tables"][0], "dim": 4}],
+                         "training": {**saved["training"], "run_dir": str(tmp_path / "other"), "checkpoint_every": 2}})
+    Trainer(other).fit(max_steps=2)
+    specs = input_specs(run.config)
+    rows = with_user_of(file_rows(run.trainer, 20), specs)
+    with _serving(bundle_dir) as (running, client):
+        before = _scores(client, rows, specs)
+        export(other.training.run_dir, bundle_dir)
+        with pytest.raises(triton.InferenceServerException, match=r"\[409\] .*bundle: a full export of another model "
+                                                                  r"replaced the bundle \(its sizes differ from those "
+                                                                  r"served\); restart tidal serve to serve it\); still "
+                                                                  r"serving delta 0"):
+            client.load_model("ctr")
+        np.testing.assert_array_equal(_scores(client, rows, specs), before)
 
 
 def test_the_poller_goes_on_after_an_unexpected_error_and_its_period_is_bounded(run, bundle_dir, capsys, monkeypatch):

@@ -62,7 +62,8 @@ from tidal.serving.delta import (DELTA_FORMAT, DELTA_VERSION, DELTAS, Position, 
                                  delta_names, diff_rows, merge_changes)
 from tidal.serving.protocol import input_specs
 
-__all__ = ["Bundle", "Delta", "export", "export_delta", "load_bundle", "merged", "read_deltas", "with_weights"]
+__all__ = ["Bundle", "Delta", "export", "export_delta", "load_bundle", "merged", "moved_since", "read_deltas",
+           "with_weights"]
 
 FORMAT = "tidal-serving-bundle"
 VERSION = 2  # 2: the manifest carries the sha256 of its own content
@@ -434,6 +435,13 @@ def read_deltas(path: str | os.PathLike, position: Position, config: RunConfig) 
 def merged(deltas: Sequence[Delta]) -> dict[str, RowChanges]:
     """The row changes of `deltas` in order, as one per table."""
     return {name: functools.reduce(merge_changes, [d.tables[name] for d in deltas]) for name in deltas[0].tables}
+
+
+def moved_since(path: str | os.PathLike, position: Position) -> str | None:
+    """Why the bundle at `path` no longer stands at `position`, in words (a full export
+    replaced it, or its deltas were rewritten), or None: its new deltas follow."""
+    path = Path(path)
+    return _moved_from(path, _read_manifest(path), position)
 
 
 def _moved_from(path: Path, manifest: dict, position: Position) -> str | None:

@@ -4,11 +4,13 @@
 (`tidal.serving.delta` draws the layout); the server applies it on
 `POST /v2/repository/models/{name}/load` (Triton's model repository extension, so
 `tritonclient`'s `load_model` triggers it), and every `serving.delta_poll_s` seconds
-when that is set. A delta that cannot be applied (damaged, out of order, or the bundle
-replaced by a full export) is refused with the reason and changes nothing: the server
-goes on serving what it served. An update that fails while it changes the tables (memory
-ran out) leaves them between two states: the server then refuses to score (503) until it
-is restarted. A request is scored by one state: an update waits for the requests under
+when that is set. When a full export of the same model replaced the bundle (or its
+deltas were rewritten), the server loads the bundle again, beside what it serves, and
+swaps it in. A delta that cannot be applied (damaged, out of order), or a bundle of
+another model, is refused with the reason and changes nothing: the server goes on
+serving what it served. An update that fails while it changes the tables (memory ran
+out) leaves them between two states: the server then refuses to score (503) until it
+is restarted or a full export is loaded. A request is scored by one state: an update waits for the requests under
 way to finish their chunks' sparse stages, and those that come meanwhile wait for it
 (`Batcher.between_requests`).
 """
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tidal.errors import CheckpointError, TidalError
-from tidal.serving.bundle import NO_DELTAS, read_deltas
+from tidal.serving.bundle import NO_DELTAS, load_bundle, moved_since, read_deltas
 from tidal.serving.predictor import Predictor
 
 __all__ = ["Update", "Updater", "refusal"]
@@ -40,8 +42,13 @@ class Update:
     rows_removed: int
     seconds: float  # reading the deltas and applying them
     paused_s: float  # of which new batches waited
+    reloaded: str | None = None  # why the whole bundle was loaded again (then rows_changed: the rows loaded)
 
     def summary(self) -> str:
+        if self.reloaded:
+            return (f"loaded the bundle again (it {self.reloaded}), now serving delta {self.delta}: "
+                    f"{self.rows_changed:,d} rows, in {self.seconds * 1e3:.1f} ms (batches waited "
+                    f"{self.paused_s * 1e3:.1f} ms of it)")
         if not self.applied:
             return f"no new delta (serving delta {self.delta})"
         return (f"applied {self.applied} delta{'s' if self.applied > 1 else ''}, now serving delta {self.delta}: "
@@ -62,6 +69,7 @@ class Updater:
         self._between = between
         self._lock = threading.Lock()  # one update at a time: the poller's and a request's
         self.deltas_applied = 0
+        self.reloads = 0  # of the whole bundle, after a full export replaced it
         self.refused = 0
         self.updated_unix_s: float | None = None
         self._stop = threading.Event()
@@ -80,9 +88,10 @@ class Updater:
         return self._predictor.torn or f"still serving delta {self.delta}"
 
     def update(self) -> Update:
-        """Apply the deltas written since the last one applied. When one cannot be, the
-        exception says why (`refusal`) and nothing changed, unless the apply itself
-        failed half way (`Predictor.torn`)."""
+        """Apply the deltas written since the last one applied, or load the bundle again
+        when a full export replaced it. When that cannot be, the exception says why
+        (`refusal`) and nothing changed, unless the apply itself failed half way
+        (`Predictor.torn`)."""
         with self._lock:
             try:
                 return self._update()
@@ -92,10 +101,13 @@ class Updater:
 
     def _update(self) -> Update:
         position = self._predictor.position
-        self._predictor.check_whole()
         if position is None:
             raise CheckpointError(f"{self._path}: {NO_DELTAS}")
         start = time.perf_counter()
+        moved = moved_since(self._path, position)
+        if moved:
+            return self._reload(moved, start)
+        self._predictor.check_whole()
         deltas = read_deltas(self._path, position, self._predictor.config)
         applied = self._predictor.update(deltas, self._between)
         if deltas:
@@ -103,6 +115,14 @@ class Updater:
             self.updated_unix_s = time.time()
         return Update(applied=len(deltas), delta=self.delta, rows_changed=applied.rows_changed,
                       rows_removed=applied.rows_removed, seconds=time.perf_counter() - start, paused_s=applied.paused_s)
+
+    def _reload(self, moved: str, start: float) -> Update:
+        bundle = load_bundle(self._path)
+        paused_s = self._predictor.reload(bundle, self._between)
+        self.reloads += 1
+        self.updated_unix_s = time.time()
+        return Update(applied=0, delta=self.delta, rows_changed=sum(len(keys) for keys, _ in bundle.tables.values()),
+                      rows_removed=0, seconds=time.perf_counter() - start, paused_s=paused_s, reloaded=moved)
 
     def _poll(self, every_s: float) -> None:
         reported = ""
@@ -116,7 +136,7 @@ class Updater:
                 reported = reason
                 continue
             reported = ""
-            if update.applied:
+            if update.applied or update.reloaded:
                 print(f"tidal serve: {update.summary()}", flush=True)
 
     def close(self) -> None:

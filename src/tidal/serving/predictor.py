@@ -134,6 +134,7 @@ class Predictor:
         self.config = bundle.config
         self.targets = bundle.targets
         serving = serving or self.config.serving
+        self.serving = serving
         self.device = _device(device, serving.backend)
         largest = self.config.serving.buckets[-1]
         if serving.buckets[-1] > largest:
@@ -154,6 +155,7 @@ class Predictor:
         self._gate = Gate()  # scoring shares it; an update takes it alone
         self.position: Position | None = bundle.position  # the last delta applied (None: a version 1 bundle)
         self.torn: str | None = None  # why the tables are between two deltas, after a failed update
+        self._ids_before = (0, 0)  # id_counts of the tables before a reload
         self.set_fusion(serving.fusion)
         if not self.item_columns:
             raise ConfigError("serving needs at least one item or context feature: candidates are scored by them")
@@ -176,7 +178,8 @@ class Predictor:
         batcher's `between_requests`, so that no request is scored part before it.
 
         An update that fails part way (memory ran out) leaves the tables between two
-        deltas: `torn` then says so, and further updates are refused (restart)."""
+        deltas: `torn` then says so, and further updates are refused (restart, or
+        `reload` a full export)."""
         if not deltas:
             return Applied(rows_changed=0, rows_removed=0, paused_s=0.0)
         self._check_follows(deltas[0])  # before the work below (checked again under the gate)
@@ -201,10 +204,31 @@ class Predictor:
                            rows_removed=sum(len(c.removed) for c in changes.values()),
                            paused_s=time.perf_counter() - start)
 
+    def reload(self, bundle: Bundle, between: Callable[[], AbstractContextManager[object]] = nullcontext) -> float:
+        """Serve `bundle` from now on: a full export of the same model that replaced the
+        bundle served (same features, targets and sizes; else `CheckpointError`, restart).
+        Its tables and program are loaded beside those served, then swapped in inside
+        `between()` and the gate, as an update is; a torn state ends. Returns the
+        seconds new batches waited."""
+        fresh = Predictor(bundle, device=self.device, serving=self.serving)
+        differ = [what for what, mine, its in (("features", self.config.features, fresh.config.features),
+                                               ("targets", self.targets, fresh.targets),
+                                               ("sizes", self._sizes, fresh._sizes)) if mine != its]
+        if differ:
+            raise CheckpointError(f"{bundle.path}: a full export of another model replaced the bundle (its "
+                                  f"{' and '.join(differ)} differ from those served); restart tidal serve to serve it")
+        start = time.perf_counter()
+        with between(), self._gate.exclusive():
+            self._ids_before = self.id_counts()
+            self.config, self.collection = fresh.config, fresh.collection
+            self._source, self._program, self.rewrites = fresh._source, fresh._program, fresh.rewrites
+            self.position, self.torn = fresh.position, None
+        return time.perf_counter() - start
+
     def check_whole(self) -> None:
         """Refuse (`CheckpointError`) while a failed update has left the tables torn."""
         if self.torn is not None:
-            raise CheckpointError(f"{self.torn}; restart to serve a whole state")
+            raise CheckpointError(f"{self.torn}; restart, or export the bundle in full, to serve a whole state")
 
     def _check_follows(self, delta: Delta) -> None:
         self.check_whole()
@@ -395,9 +419,10 @@ class Predictor:
     # ------------------------------------------------------------------ statistics
 
     def id_counts(self) -> tuple[int, int]:
-        """(ids looked up, ids the tables did not hold) since loading."""
+        """(ids looked up, ids the tables did not hold) since loading, reloads included."""
         stats = [t.stats() for t in self.collection.tables]
-        return sum(s.lookups for s in stats), sum(s.misses for s in stats)
+        lookups, misses = sum(s.lookups for s in stats), sum(s.misses for s in stats)
+        return self._ids_before[0] + lookups, self._ids_before[1] + misses
 
 
 def _sided(sparse: list[SparseFeature], dense: list[DenseFeature]) -> tuple[Extractor, Extractor]:

@@ -231,6 +231,8 @@ class _Deltas:
                                 value=u.delta)
         yield CounterMetricFamily("tidal_bundle_deltas_applied", "Deltas applied since the start",
                                   value=u.deltas_applied)
+        yield CounterMetricFamily("tidal_bundle_reloads", "Loads of the whole bundle after a full export replaced it",
+                                  value=u.reloads)
         yield CounterMetricFamily("tidal_bundle_updates_refused", "Updates refused", value=u.refused)
         if u.updated_unix_s is not None:
             yield GaugeMetricFamily("tidal_bundle_updated_unix_seconds", "When a delta was last applied",
@@ -258,7 +260,8 @@ def create_app(service: Service) -> Starlette:
 
     def torn() -> JSONResponse | None:
         """A 503 while a failed update has left the tables between two deltas."""
-        return service.predictor.torn and _error(503, f"not ready: {service.predictor.torn}; restart the server")
+        return service.predictor.torn and _error(503, f"not ready: {service.predictor.torn}; restart the server, or "
+                                                               f"export its bundle in full")
 
     async def ready(request: Request) -> Response:
         return torn() or Response(status_code=200)
@@ -334,7 +337,7 @@ def create_app(service: Service) -> Starlette:
             return _error(409, f"the bundle's deltas were not applied ({refusal(exc)}); {service.updater.serving()}")
         return JSONResponse({"delta": update.delta, "applied": update.applied, "rows_changed": update.rows_changed,
                              "rows_removed": update.rows_removed, "seconds": update.seconds,
-                             "paused_s": update.paused_s})
+                             "paused_s": update.paused_s, "reloaded": update.reloaded})
 
     async def fusion(request: Request) -> JSONResponse:
         missing = model_or_404(request)
