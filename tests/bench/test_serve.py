@@ -32,7 +32,7 @@ def test_summary_reports_every_figure(capsys):
     assert "online update (000001: " in out
 
 
-def test_an_online_update_is_measured_against_a_full_reload(tmp_path, capsys):
+def test_an_online_update_is_measured_against_a_full_reload(tmp_path, capsys, monkeypatch):
     bundle, rows, run_dir = serve._train_and_export(tmp_path, rows=8192)
     assert rows.num_rows == 100 * serve._BODIES and load_bundle(bundle).manifest["source_checkpoint"].startswith("step-00000002-")
     for backend, available, held in (("onnxruntime", onnx_available(), "onnx"), ("aotinductor", aoti_available(), "aoti")):
@@ -40,13 +40,23 @@ def test_an_online_update_is_measured_against_a_full_reload(tmp_path, capsys):
             compiled = load_bundle(serve._compiled_bundle(bundle, backend))
             assert getattr(compiled, held) is not None
             assert compiled.manifest["source_checkpoint"] == load_bundle(bundle).manifest["source_checkpoint"]
+    changed, export_delta = [], serve.export_delta
+
+    def counted(*args):  # type: ignore[no-untyped-def]
+        folder = export_delta(*args)
+        changed.append(json.loads((folder / "manifest.json").read_text())["tables"]["ids"]["changed"])
+        return folder
+
+    monkeypatch.setattr(serve, "export_delta", counted)
     figures = serve._update_cost(bundle, run_dir, repeats=2)
-    manifest = json.loads((bundle / "deltas" / "000001" / "manifest.json").read_text())
-    assert figures["update_rows_changed"] == manifest["tables"]["ids"]["changed"] > 0
+    assert figures["update_rows_changed"] == changed[0] > 0
+    assert not (bundle / "deltas").exists()  # the full export replaced the bundle and its delta
     assert figures["table_rows"] == len(load_bundle(bundle).tables["ids"][0])
     assert 0 < figures["update_pause_ms"] < figures["update_ms"] and figures["reload_ms"] > 0
     assert figures["update_speedup"] == pytest.approx(figures["reload_ms"] / figures["update_ms"], rel=0.02)
-    assert "against" in capsys.readouterr().out
+    assert 0 < figures["reload_in_place_pause_ms"] < figures["reload_in_place_ms"]
+    out = capsys.readouterr().out
+    assert "against" in out and "a full export loaded in place by a running predictor: " in out
 
 
 def test_cli_refuses_a_run_of_no_time(capsys):

@@ -17,7 +17,9 @@ The served bundle is exported half way through training; the delta to the end of
 training (`tidal export --delta`) then measures an online update: the time a predictor
 takes to read and apply it, the part of that time new batches wait, against reloading
 the whole updated bundle into a new predictor (what a restart or a full model reload
-costs, the process start left out).
+costs, the process start left out). Last, a full export of the same checkpoint into the
+bundle, which the updated predictors load in place: its time, and the part of it new
+batches wait (the swap).
 """
 
 from __future__ import annotations
@@ -166,7 +168,8 @@ def _session_speedup(load: multiprocessing.pool.Pool, bundle: Path, specs: dict,
 
 def _update_cost(bundle: Path, run_dir: Path, repeats: int = 3) -> dict:
     """An online update (the delta from half way to the end of training) against
-    reloading the whole updated bundle; medians of `repeats`."""
+    reloading the whole updated bundle; then a full export of the same checkpoint into
+    the bundle, which the updated predictors load in place. Medians of `repeats`."""
     at_base = [Predictor(load_bundle(bundle)) for _ in range(repeats)]
     delta = export_delta(run_dir, bundle)
     updates = [Updater(p, bundle).update() for p in at_base]
@@ -180,9 +183,16 @@ def _update_cost(bundle: Path, run_dir: Path, repeats: int = 3) -> dict:
     rows = len(load_bundle(bundle).tables["ids"][0])
     print(f"  online update ({delta.name}: {updates[0].rows_changed:,d} of {rows:,d} rows changed): {update_ms:.1f} ms, "
           f"batches waiting {pause_ms:.1f} ms of it, against {reload_ms:.1f} ms reloading the bundle", flush=True)
+    export(run_dir, bundle)
+    in_place = [Updater(p, bundle).update() for p in at_base]
+    in_place_ms, in_place_pause_ms = (float(np.median([getattr(u, a) for u in in_place])) * 1e3
+                                      for a in ("seconds", "paused_s"))
+    print(f"  a full export loaded in place by a running predictor: {in_place_ms:.1f} ms, batches waiting "
+          f"{in_place_pause_ms:.2f} ms of it", flush=True)
     return {"update_ms": round(update_ms, 2), "update_pause_ms": round(pause_ms, 2), "reload_ms": round(reload_ms, 2),
             "update_speedup": round(reload_ms / update_ms, 2), "update_rows_changed": updates[0].rows_changed,
-            "table_rows": rows}
+            "table_rows": rows, "reload_in_place_ms": round(in_place_ms, 2),
+            "reload_in_place_pause_ms": round(in_place_pause_ms, 3)}
 
 
 def _summary(results: dict, session: dict) -> dict:
