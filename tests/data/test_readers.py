@@ -100,8 +100,8 @@ def test_more_bad_rows_than_max_bad_fraction_stop_the_read_part_way_saying_why(t
     handed = []
     with pytest.raises(DataError, match=rf"^(\d|,)+ of the (\d|,)+ rows read were bad \(50\.0%\), more than "
                                         rf"max_bad_fraction allows \(10\.0%\): the files may not have the layout the "
-                                        rf"run expects\. The first: {path}:1: expected 3 columns, found 2\. Fix the files, "
-                                        rf"or set data\.max_bad_fraction \(1\.0 skips any number\)$"):
+                                        rf"run expects\. The first: {path}:1: expected 3 columns, found 2\. Fix the "
+                                        rf"files, or set data\.max_bad_fraction \(1\.0 skips any number\)$"):
         for batch in read_batches(path, columns=SMALL, checks=CHECKS, batch_rows=batch_rows):
             handed.append(batch.num_rows)
     assert sum(handed) < 10_000  # stopped soon after 10,000 rows read, not at the end of the file

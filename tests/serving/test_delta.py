@@ -519,7 +519,8 @@ def test_an_update_that_fails_part_way_makes_the_server_unready_and_refuses_more
         with pytest.raises(triton.InferenceServerException, match=r"\[503\] not ready: the tables were left part way"):
             _scores(client, rows, input_specs(run.config))
         with pytest.raises(triton.InferenceServerException, match=r"part way between delta 0 and delta 1 .*; restart, "
-                                                                  r"or export the bundle in full, to serve a whole state"):
+                                                                  r"or export the bundle in full, to serve a whole "
+                                                                  r"state"):
             client.load_model("ctr")
         export(run.run_dir, bundle_dir)  # a full export ends it
         client.load_model("ctr")

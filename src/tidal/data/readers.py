@@ -273,7 +273,8 @@ def _check_bad_share(report: BadRows, most: float) -> None:
     if report.read < JUDGED_FROM or report.count <= most * report.read:
         return
     first = f" The first: {report.examples[0]}." if report.examples else ""
-    raise DataError(f"{report.count:,d} of the {report.read:,d} rows read were bad ({report.count / report.read:.1%}), more than "
+    share = report.count / report.read
+    raise DataError(f"{report.count:,d} of the {report.read:,d} rows read were bad ({share:.1%}), more than "
                     f"max_bad_fraction allows ({most:.1%}): the files may not have the layout the run expects.{first} "
                     f"Fix the files, or set data.max_bad_fraction (1.0 skips any number)")
 

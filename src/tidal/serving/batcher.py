@@ -107,7 +107,7 @@ class Batcher:
         self._waiting_rows = 0
         self._requests = 0  # submitted so far
         self._in_flight = 0
-        self._under_way: dict[int, int] = {}  # request with a chunk taken -> its chunks whose sparse stage has not ended
+        self._under_way: dict[int, int] = {}  # request with a chunk taken -> its chunks whose sparse stage is to end
         self._holds = 0  # `between_requests` callers: requests not under way wait
         self._last_arrival_s = time.perf_counter()
         self._arrival_gap_s = 1.0  # running mean of the seconds between requests

@@ -10,9 +10,9 @@ swaps it in. A delta that cannot be applied (damaged, out of order), or a bundle
 another model, is refused with the reason and changes nothing: the server goes on
 serving what it served. An update that fails while it changes the tables (memory ran
 out) leaves them between two states: the server then refuses to score (503) until it
-is restarted or a full export is loaded. A request is scored by one state: an update waits for the requests under
-way to finish their chunks' sparse stages, and those that come meanwhile wait for it
-(`Batcher.between_requests`).
+is restarted or a full export is loaded. A request is scored by one state: an update
+waits for the requests under way to finish their chunks' sparse stages, and those that
+come meanwhile wait for it (`Batcher.between_requests`).
 """
 
 from __future__ import annotations
