@@ -422,7 +422,8 @@ class DataConfig(_Model):
     columns: list[str] | None = Field(None, min_length=1)
     csv_header: bool = True  # whether CSV files open with a line of column names
     on_bad_row: Literal["skip", "fail"] = "skip"
-    # skipped bad rows may be at most this share of the rows read (judged from 10,000 rows on); 1.0: any number
+    # skipped bad rows may be at most this share of the rows read, and of each file's (judged from 10,000 rows on:
+    # on_bad_row "fail" allows none at all); 1.0: any number
     max_bad_fraction: float = Field(0.1, ge=0.0, le=1.0)
     batch_size: _Int = Field(1024, ge=1, le=1 << 20)
 

@@ -384,3 +384,37 @@ def test_chunks_given_up_while_their_request_is_under_way_do_not_hold_an_update_
             assert inside == [{}] and not thread.is_alive()
     finally:
         batcher.close()
+
+
+def test_a_failed_batch_ends_its_requests_chunks_and_close_releases_an_update_waiting(trainer, predictor):
+    big, = _pieces(trainer, predictor, [128])
+    batcher = _batcher(predictor, [])
+    gate, original = threading.Event(), predictor.sparse
+
+    def fails(pieces):  # type: ignore[no-untyped-def]
+        gate.wait()
+        raise TidalError("the sparse stage failed")
+
+    predictor.sparse = fails
+    try:
+        chunks = batcher.submit(big)
+        _until(lambda: batcher._in_flight == 1)
+        thread, inside = _inside_between_requests(batcher, lambda: batcher._under_way.copy())
+        gate.set()
+        thread.join(timeout=30)
+        assert inside == [{}] and all(isinstance(f.exception(timeout=30), TidalError) for f in chunks)
+        predictor.sparse = lambda p: gate.wait(60) and original(p)
+        gate.clear()
+        chunks = batcher.submit(big)
+        _until(lambda: batcher._in_flight == 1)
+        thread, inside = _inside_between_requests(batcher, lambda: chunks[0].done())
+        closing = threading.Thread(target=batcher.close)  # it waits for the chunk under way to end
+        closing.start()
+        thread.join(timeout=30)
+        assert inside == [False]  # the update waiting was let go before the chunk under way ended
+        gate.set()
+        closing.join(timeout=30)
+    finally:
+        gate.set()
+        batcher.close()
+        del predictor.sparse

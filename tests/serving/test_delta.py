@@ -27,6 +27,7 @@ from tidal.config import RunConfig
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.runtime import Trainer
 from tidal.serving import Piece, Predictor, Service, export, export_delta, load_bundle, start_server
+from tidal.serving import predictor as predictor_module
 from tidal.serving.bundle import read_deltas
 from tidal.serving.delta import apply_rows, delta_names, diff_rows, merge_changes
 from tidal.serving.protocol import infer_request, input_specs
@@ -176,7 +177,8 @@ def test_a_missing_delta_one_for_another_bundle_or_a_rewritten_chain_is_refused(
     export_delta(run.run_dir, bundle_dir)  # another delta 2
     export_delta(run.run_dir, bundle_dir)
     with pytest.raises(CheckpointError, match=r"bundle: had its deltas rewritten \(delta 000002 is gone or another "
-                                              r"one\) since it was loaded; load it again \(restart tidal serve\)"):
+                                              r"one\) since it was loaded; load it again to serve it \(a running tidal "
+                                              r"serve does at its next update\)"):
         read_deltas(bundle_dir, predictor.position, predictor.config)
     shutil.rmtree(bundle_dir / "deltas" / "000002")  # rolled back to delta 1 ...
     with pytest.raises(CheckpointError, match=r"bundle: had its deltas rewritten \(delta 000002 is gone"):
@@ -201,10 +203,7 @@ def test_a_delta_of_another_model_or_into_a_version_1_bundle_is_refused(run, bun
     with pytest.raises(ConfigError, match=r"--delta: the checkpoint's model differ from the bundle's .*export a full "
                                           r"bundle instead"):
         _check_same_model(load_bundle(bundle_dir), other)
-    manifest_file = bundle_dir / "manifest.json"
-    manifest = json.loads(manifest_file.read_text())
-    del manifest["content_sha256"]
-    manifest_file.write_text(json.dumps({**manifest, "version": 1}))
+    _as_version_1(bundle_dir)
     with pytest.raises(CheckpointError, match="a version 1 bundle takes no deltas; export it again in full"):
         export_delta(run.run_dir, bundle_dir)
 
@@ -327,14 +326,15 @@ def test_a_running_server_applies_a_delta_on_load_and_refuses_a_damaged_one(run,
         assert _metric(running.url, "tidal_bundle_deltas_applied_total") == 1
         table = export_delta(run.run_dir, bundle_dir) / "tables" / "ids.safetensors"
         table.write_bytes(b"not a table")
-        with pytest.raises(triton.InferenceServerException, match=r"\[409\] the bundle's deltas were not applied \(.*ids"
+        with pytest.raises(triton.InferenceServerException, match=r"\[409\] the bundle was not updated \(.*ids"
                                                                   r".safetensors: .*corrupt or altered\. Delta 000002 "
                                                                   r"and those after .*\); still serving delta 1"):
             client.load_model("ctr")
         np.testing.assert_array_equal(_scores(client, rows, specs), after)
         assert _metric(running.url, "tidal_bundle_updates_refused_total") == 1
-        with pytest.raises(triton.InferenceServerException, match=r"\[400\] load: this server loads only its bundle's "
-                                                                  r"new deltas, with no parameters; got \['config'\]"):
+        with pytest.raises(triton.InferenceServerException, match=r"\[400\] load: this server loads only its bundle as "
+                                                                  r"it now stands, with no parameters; got "
+                                                                  r"\['config'\]"):
             client.load_model("ctr", config="{}")
         request = urllib.request.Request(running.url + "/v2/repository/models/ctr/load", method="POST",
                                          data=json.dumps({"parameters": 5}).encode())
@@ -540,6 +540,7 @@ def test_a_full_export_that_replaced_the_bundle_is_loaded_and_served_without_a_r
         before = service.predictor.predict([_piece(full, rows)])
         lookups = service.predictor.id_counts()[0]
         export(run.run_dir, bundle_dir)
+        assert sorted(p.name for p in bundle_dir.parent.iterdir()) == ["bundle"]  # the old one moved aside, then gone
         until(lambda: service.updater.reloads == 1, "the bundle loaded again")
         np.testing.assert_allclose(service.predictor.outputs(service.predictor.predict([_piece(full, rows)]))["score"],
                                    expected, rtol=1e-6)
@@ -554,7 +555,29 @@ def test_a_full_export_that_replaced_the_bundle_is_loaded_and_served_without_a_r
            in capsys.readouterr().out
 
 
-def test_a_full_export_of_another_model_is_refused_and_the_old_one_served(run, bundle_dir, tmp_path):
+def _as_version_1(bundle_dir: Path) -> None:
+    manifest_file = bundle_dir / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    del manifest["content_sha256"]
+    manifest_file.write_text(json.dumps({**manifest, "version": 1}))
+
+
+def test_a_server_of_a_version_1_bundle_loads_a_full_export_that_replaced_it(run, bundle_dir):
+    _as_version_1(bundle_dir)
+    service = Service(load_bundle(bundle_dir))
+    try:
+        assert service.predictor.position is None
+        with pytest.raises(CheckpointError, match="a version 1 bundle takes no deltas; export it again in full"):
+            service.updater.update()
+        export(run.run_dir, bundle_dir)
+        update = service.updater.update()
+        assert update.reload_reason == "was replaced by a full export that takes deltas"
+        assert service.predictor.position is not None and update.rows_changed == len(load_bundle(run.full).tables["ids"][0])
+    finally:
+        service.close()
+
+
+def test_a_full_export_of_another_model_is_refused_and_the_old_one_served(run, bundle_dir, tmp_path, monkeypatch):
     saved = run.config.model_dump()
     other = RunConfig(**{**saved, "tables": [{**saved["tables"][0], "dim": 4}],
                          "training": {**saved["training"], "run_dir": str(tmp_path / "other"), "checkpoint_every": 2}})
@@ -564,12 +587,40 @@ def test_a_full_export_of_another_model_is_refused_and_the_old_one_served(run, b
     with _serving(bundle_dir) as (running, client):
         before = _scores(client, rows, specs)
         export(other.training.run_dir, bundle_dir)
-        with pytest.raises(triton.InferenceServerException, match=r"\[409\] .*bundle: a full export of another model "
-                                                                  r"replaced the bundle \(its sizes differ from those "
-                                                                  r"served\); restart tidal serve to serve it\); still "
-                                                                  r"serving delta 0"):
-            client.load_model("ctr")
+        loads = []
+        monkeypatch.setattr(predictor_module, "load_bundle", lambda path: loads.append(path))
+        for _ in range(2):
+            with pytest.raises(triton.InferenceServerException, match=r"\[409\] .*bundle: a full export of another "
+                                                                      r"model replaced the bundle \(its sizes differ from "
+                                                                      r"those served\); restart tidal serve to serve "
+                                                                      r"it\); still serving delta 0"):
+                client.load_model("ctr")
+        assert loads == []  # refused from its manifest, before its tables are loaded
         np.testing.assert_array_equal(_scores(client, rows, specs), before)
+
+
+def test_a_full_export_refused_once_it_is_loaded_is_not_loaded_again_until_another_replaces_it(run, bundle_dir,
+                                                                                              monkeypatch):
+    service = Service(load_bundle(bundle_dir))
+    export(run.run_dir, bundle_dir)
+    loads, load_bundle_checked = [], predictor_module.load_bundle
+    monkeypatch.setattr(predictor_module, "load_bundle", lambda path: loads.append(path) or load_bundle_checked(path))
+    smaller = predictor_module.Predictor.__init__
+
+    def no_room(self, bundle, **settings):  # type: ignore[no-untyped-def]
+        raise ConfigError("buckets: the largest is over the largest batch the bundle's dense program takes")  # as built
+
+    try:
+        monkeypatch.setattr(predictor_module.Predictor, "__init__", no_room)
+        for _ in range(3):
+            with pytest.raises(ConfigError, match="over the largest batch"):
+                service.updater.update()
+        assert len(loads) == 1 and service.updater.refused == 3 and service.predictor.position.sequence == 0
+        monkeypatch.setattr(predictor_module.Predictor, "__init__", smaller)
+        export(run.run_dir, bundle_dir)  # another export: tried again
+        assert service.updater.update().reload_reason and len(loads) == 2
+    finally:
+        service.close()
 
 
 def test_the_poller_goes_on_after_an_unexpected_error_and_its_period_is_bounded(run, bundle_dir, capsys, monkeypatch):

@@ -8,8 +8,9 @@ other than in a CRLF line end, a field that is not UTF-8 text, an unparsable num
 a label that is not 0 or 1, or a weighted bag value without its weight, is a bad row.
 Bad rows are counted and described (file, line, reason) in a `BadRows` report and
 skipped, or, with ``on_bad_row="fail"``, stop the run with a `DataError` naming the
-first one. Skipped, they may be at most `max_bad_fraction` of the rows read (judged
-after each piece of a file, from `JUDGED_FROM` rows read on): more, and
+first one. Skipped, they may be at most `max_bad_fraction` of the rows read, and of
+each file's (judged after each piece of a file, from `JUDGED_FROM` rows on: a share of
+fewer says little, so `on_bad_row="fail"` is the way to allow none at all): more, and
 the files are most likely not what the run expects (another delimiter, other columns),
 so the read stops with a `DataError` saying so.
 
@@ -254,6 +255,7 @@ def _checked(paths: list[str], columns: Sequence[str], checks: Mapping[str, str 
              max_bad_fraction: float) -> Iterator[pa.RecordBatch]:
     for path in paths:
         kind = file_format or format_of(path)
+        before = BadRows(count=report.count, read=report.read)
         try:
             if os.path.getsize(path) == 0:  # no rows, like a CSV file of just a header
                 continue
@@ -261,20 +263,23 @@ def _checked(paths: list[str], columns: Sequence[str], checks: Mapping[str, str 
                        else _text(path, kind, columns, header=kind == "csv" and csv_header))
             for batch, lines, dropped in batches:
                 valid = _valid_rows(batch, path, lines, checks, report, on_bad_row, dropped)
+                in_file = BadRows(count=report.count - before.count, read=report.read - before.read,
+                                  examples=[e for e in report.examples if e.startswith(f"{path}:")])
+                _check_bad_share(in_file, max_bad_fraction, f" of {path}")
                 _check_bad_share(report, max_bad_fraction)
                 yield valid
         except OSError as exc:  # gone or unreadable since the run started
             raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
 
 
-def _check_bad_share(report: BadRows, most: float) -> None:
-    """Stop the read when more than `most` of the rows read were bad (from
-    `JUDGED_FROM` rows read on)."""
-    if report.read < JUDGED_FROM or report.count <= most * report.read:
+def _check_bad_share(rows: BadRows, most: float, where: str = "") -> None:
+    """Stop the read when more than `most` of the rows read (`where`: of one file, or
+    of all so far) were bad, from `JUDGED_FROM` rows on."""
+    bad, read = rows.count, rows.read
+    if read < JUDGED_FROM or bad <= most * read:
         return
-    first = f" The first: {report.examples[0]}." if report.examples else ""
-    share = report.count / report.read
-    raise DataError(f"{report.count:,d} of the {report.read:,d} rows read were bad ({share:.1%}), more than "
+    first = f" The first: {rows.examples[0]}." if rows.examples else ""
+    raise DataError(f"{bad:,d} of the {read:,d} rows read{where} were bad ({bad / read:.1%}), more than "
                     f"max_bad_fraction allows ({most:.1%}): the files may not have the layout the run expects.{first} "
                     f"Fix the files, or set data.max_bad_fraction (1.0 skips any number)")
 

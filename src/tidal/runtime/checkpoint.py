@@ -66,6 +66,7 @@ _META_KEYS = ("position", "config", "param_groups", "bad_rows")
 _TABLE_FILE = re.compile(rf"{TABLES}/({re.escape(CHAIN)}|\d{{6}}-(full|delta)/{re.escape(MANIFEST)})")  # fingerprinted
 _STAGING = re.compile(r"\.tmp-step-\d+-epoch-\d+-(\d+)")  # a save's temporary folder, ending with its pid
 _MAY_CHANGE = ("training", "runtime", "passmode", "serving")  # config sections a resume may change
+_DATA_MAY_CHANGE = ("on_bad_row", "max_bad_fraction")  # how bad rows are met, not which rows are read
 _UNCHECKED_TABLE_FIELDS = {"reserve_rows"}  # memory set aside when a table is built: no part of its state
 
 
@@ -289,10 +290,12 @@ def restore(trainer: Trainer, directory: Path, *, check_data: bool = True) -> di
 
 
 def _kept_on_resume(config: dict[str, Any], unused: dict[str, str]) -> dict[str, Any]:
-    """The part of a config a resume must keep: its sections but training, runtime and
-    serving, without the model fields its kind does not read (saved set, before such
-    fields were refused, they may go)."""
+    """The part of a config a resume must keep: its sections but training, runtime,
+    passmode and serving, without the data fields that say how bad rows are met, nor
+    the model fields its kind does not read (saved set, before such fields were
+    refused, they may go)."""
     kept = {k: v for k, v in config.items() if k not in _MAY_CHANGE}
+    kept["data"] = {f: v for f, v in kept.get("data", {}).items() if f not in _DATA_MAY_CHANGE}
     kept["model"] = {f: v for f, v in kept.get("model", {}).items() if f not in unused}
     return kept
 

@@ -62,8 +62,8 @@ from tidal.serving.delta import (DELTA_FORMAT, DELTA_VERSION, DELTAS, Position, 
                                  delta_names, diff_rows, merge_changes)
 from tidal.serving.protocol import input_specs
 
-__all__ = ["Bundle", "Delta", "export", "export_delta", "load_bundle", "merged", "moved_since", "read_deltas",
-           "with_weights"]
+__all__ = ["Bundle", "Delta", "Head", "export", "export_delta", "load_bundle", "merged", "moved_since", "peek",
+           "read_deltas", "with_weights"]
 
 FORMAT = "tidal-serving-bundle"
 VERSION = 2  # 2: the manifest carries the sha256 of its own content
@@ -76,6 +76,15 @@ WEIGHTS = "dense.safetensors"  # a delta's dense weights: the base's program run
 NO_DELTAS = "a version 1 bundle takes no deltas; export it again in full"
 _STAGING = re.compile(r"\.tmp-\d+-(\d+)-[0-9a-f]+")  # a delta being written: sequence, exporter's pid, a nonce
 _SAMPLE_INPUTS = "data/sample_inputs/"  # the archive member torch.export would pickle
+
+
+@dataclass(frozen=True, kw_only=True)
+class Head:
+    """What a bundle serves, from its manifest alone (`peek`)."""
+
+    seal: str | None  # its base's fingerprint (None: a version 1 bundle, which takes no deltas)
+    config: RunConfig
+    targets: list[str]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,11 +136,21 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, table_dtype: st
         _save_program(_model(config, directory), config, staging)
         write_json_atomic(staging / MANIFEST, _manifest(config, directory, staging, str(dtype)))
         fsync_path(staging)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(staging, out)
+        _replace_folder(out, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # left only by a failed export
     return out
+
+
+def _replace_folder(out: Path, new: Path) -> None:
+    """Put folder `new` in the place of `out` by two renames, so that a server reading
+    `out` meanwhile finds it missing for an instant at most, not half removed."""
+    old = out.parent / f".old-{out.name}-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.rename(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def export_delta(source: str | os.PathLike, bundle_dir: str | os.PathLike) -> Path:
@@ -348,10 +367,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     manifest = _read_manifest(path)
     for relative, expected in manifest["files"].items():
         _check_file(path / relative, expected)
-    try:
-        config = RunConfig.from_saved(manifest["config"])
-    except ConfigError as exc:
-        raise CorruptCheckpointError(f"{path / MANIFEST}: its config is not valid: {exc}") from None
+    config = _config_of(path, manifest)
     if manifest.get("inputs") != _inputs(config):
         raise CorruptCheckpointError(f"{path / MANIFEST}: its inputs do not match its features; export it again")
     tables = {t.name: _read_table(path / "tables" / f"{t.name}.safetensors", t.dim) for t in config.tables}
@@ -366,6 +382,21 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         with_weights(program.state_dict, deltas[-1])  # the program of a fresh load is nobody else's
     return Bundle(path=path, manifest=manifest, config=config, tables=tables, program=program, onnx=onnx,
                   aoti=aoti, position=position)
+
+
+def peek(path: str | os.PathLike) -> Head:
+    """What the bundle at `path` serves, from its manifest alone (checked; no other file
+    is read): to decide whether to load it."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    return Head(seal=manifest.get(SEAL), config=_config_of(path, manifest), targets=list(manifest["targets"]))
+
+
+def _config_of(path: Path, manifest: dict) -> RunConfig:
+    try:
+        return RunConfig.from_saved(manifest["config"])
+    except ConfigError as exc:
+        raise CorruptCheckpointError(f"{path / MANIFEST}: its config is not valid: {exc}") from None
 
 
 def _read_manifest(path: Path) -> dict:
@@ -417,7 +448,8 @@ def read_deltas(path: str | os.PathLike, position: Position, config: RunConfig) 
     manifest = _read_manifest(path)
     moved = _moved_from(path, manifest, position)
     if moved:
-        raise CheckpointError(f"{path}: {moved} since it was loaded; load it again (restart tidal serve) to serve it")
+        raise CheckpointError(f"{path}: {moved} since it was loaded; load it again to serve it (a running tidal serve "
+                              f"does at its next update)")
     folder = path / DELTAS
     deltas: list[Delta] = []
     for name in delta_names([p.name for p in folder.iterdir()] if folder.is_dir() else []):
@@ -437,11 +469,15 @@ def merged(deltas: Sequence[Delta]) -> dict[str, RowChanges]:
     return {name: functools.reduce(merge_changes, [d.tables[name] for d in deltas]) for name in deltas[0].tables}
 
 
-def moved_since(path: str | os.PathLike, position: Position) -> str | None:
+def moved_since(path: str | os.PathLike, position: Position | None) -> str | None:
     """Why the bundle at `path` no longer stands at `position`, in words (a full export
-    replaced it, or its deltas were rewritten), or None: its new deltas follow."""
+    replaced it, or its deltas were rewritten), or None: its new deltas follow (or,
+    at position None, it is still a version 1 bundle, which takes none)."""
     path = Path(path)
-    return _moved_from(path, _read_manifest(path), position)
+    manifest = _read_manifest(path)
+    if position is None:
+        return "was replaced by a full export that takes deltas" if SEAL in manifest else None
+    return _moved_from(path, manifest, position)
 
 
 def _moved_from(path: Path, manifest: dict, position: Position) -> str | None:

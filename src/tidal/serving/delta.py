@@ -2,7 +2,7 @@
 
 `tidal export --delta` writes, into an existing bundle, what changed since the state
 that bundle serves (its base and the deltas already in it); a running `tidal serve`
-applies new deltas in place, between batches, without a restart. Layout::
+applies new deltas in place, between requests, without a restart. Layout::
 
     BUNDLE/
       manifest.json, tables/, dense.pt2     the base, as a full `tidal export` wrote it

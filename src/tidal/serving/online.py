@@ -25,8 +25,8 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from tidal.errors import CheckpointError, TidalError
-from tidal.serving.bundle import NO_DELTAS, load_bundle, moved_since, read_deltas
+from tidal.errors import CheckpointError, ConfigError, TidalError
+from tidal.serving.bundle import NO_DELTAS, moved_since, peek, read_deltas
 from tidal.serving.predictor import Predictor
 
 __all__ = ["Update", "Updater", "refusal"]
@@ -42,11 +42,11 @@ class Update:
     rows_removed: int
     seconds: float  # reading the deltas and applying them
     paused_s: float  # of which new batches waited
-    reloaded: str | None = None  # why the whole bundle was loaded again (then rows_changed: the rows loaded)
+    reload_reason: str | None = None  # why the whole bundle was loaded again (then rows_changed: the rows loaded)
 
     def summary(self) -> str:
-        if self.reloaded:
-            return (f"loaded the bundle again (it {self.reloaded}), now serving delta {self.delta}: "
+        if self.reload_reason:
+            return (f"loaded the bundle again (it {self.reload_reason}), now serving delta {self.delta}: "
                     f"{self.rows_changed:,d} rows, in {self.seconds * 1e3:.1f} ms (batches waited "
                     f"{self.paused_s * 1e3:.1f} ms of it)")
         if not self.applied:
@@ -70,6 +70,7 @@ class Updater:
         self._lock = threading.Lock()  # one update at a time: the poller's and a request's
         self.deltas_applied = 0
         self.reloads = 0  # of the whole bundle, after a full export replaced it
+        self._refused_export: tuple[str | None, TidalError] | None = None  # (seal, why) of a full export refused
         self.refused = 0
         self.updated_unix_s: float | None = None
         self._stop = threading.Event()
@@ -101,12 +102,12 @@ class Updater:
 
     def _update(self) -> Update:
         position = self._predictor.position
-        if position is None:
-            raise CheckpointError(f"{self._path}: {NO_DELTAS}")
         start = time.perf_counter()
         moved = moved_since(self._path, position)
         if moved:
             return self._reload(moved, start)
+        if position is None:
+            raise CheckpointError(f"{self._path}: {NO_DELTAS}")
         self._predictor.check_whole()
         deltas = read_deltas(self._path, position, self._predictor.config)
         applied = self._predictor.update(deltas, self._between)
@@ -117,12 +118,21 @@ class Updater:
                       rows_removed=applied.rows_removed, seconds=time.perf_counter() - start, paused_s=applied.paused_s)
 
     def _reload(self, moved: str, start: float) -> Update:
-        bundle = load_bundle(self._path)
-        paused_s = self._predictor.reload(bundle, self._between)
+        """Load the full export that replaced the bundle. One refused is not loaded again
+        at every poll: only once another export replaced it."""
+        seal = peek(self._path).seal
+        if self._refused_export is not None and self._refused_export[0] == seal:
+            refused = self._refused_export[1]
+            raise type(refused)(str(refused))
+        try:
+            applied = self._predictor.reload(self._path, self._between)
+        except (CheckpointError, ConfigError) as exc:  # this export will not do, however often it is read
+            self._refused_export = (seal, exc)
+            raise
         self.reloads += 1
         self.updated_unix_s = time.time()
-        return Update(applied=0, delta=self.delta, rows_changed=sum(len(keys) for keys, _ in bundle.tables.values()),
-                      rows_removed=0, seconds=time.perf_counter() - start, paused_s=paused_s, reloaded=moved)
+        return Update(applied=0, delta=self.delta, rows_changed=applied.rows_changed, rows_removed=0,
+                      seconds=time.perf_counter() - start, paused_s=applied.paused_s, reload_reason=moved)
 
     def _poll(self, every_s: float) -> None:
         reported = ""
@@ -136,7 +146,7 @@ class Updater:
                 reported = reason
                 continue
             reported = ""
-            if update.applied or update.reloaded:
+            if update.applied or update.reload_reason:
                 print(f"tidal serve: {update.summary()}", flush=True)
 
     def close(self) -> None:

@@ -32,6 +32,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -40,12 +41,13 @@ import torch
 from torch.export.passes import move_to_device_pass
 
 from tidal.compile import AotiProgram, OnnxProgram, RuleOutcome, rewrite, unfit_here
-from tidal.config import DEVICE_PATTERN, DenseFeature, Fusion, ServingConfig, SparseFeature, TableConfig
+from tidal.config import DEVICE_PATTERN, DenseFeature, Fusion, RunConfig, ServingConfig, SparseFeature, TableConfig
 from tidal.data.extract import Extractor
 from tidal.embedding import EmbeddingCollection, EmbeddingTable, RowBlock
 from tidal.errors import BatchError, CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.gate import Gate
-from tidal.serving.bundle import NO_DELTAS, WEIGHTS, Bundle, Delta, merged, model_sizes, with_weights
+from tidal.serving.bundle import (NO_DELTAS, WEIGHTS, Bundle, Delta, load_bundle, merged, model_sizes, peek,
+                                  with_weights)
 from tidal.serving.delta import Position
 
 __all__ = ["Applied", "Piece", "Predictor", "SparseOutput", "UserState", "fuse"]
@@ -155,7 +157,7 @@ class Predictor:
         self._gate = Gate()  # scoring shares it; an update takes it alone
         self.position: Position | None = bundle.position  # the last delta applied (None: a version 1 bundle)
         self.torn: str | None = None  # why the tables are between two deltas, after a failed update
-        self._ids_before = (0, 0)  # id_counts of the tables before a reload
+        self._retired_id_counts = (0, 0)  # id_counts of the tables a reload replaced
         self.set_fusion(serving.fusion)
         if not self.item_columns:
             raise ConfigError("serving needs at least one item or context feature: candidates are scored by them")
@@ -204,26 +206,36 @@ class Predictor:
                            rows_removed=sum(len(c.removed) for c in changes.values()),
                            paused_s=time.perf_counter() - start)
 
-    def reload(self, bundle: Bundle, between: Callable[[], AbstractContextManager[object]] = nullcontext) -> float:
-        """Serve `bundle` from now on: a full export of the same model that replaced the
-        bundle served (same features, targets and sizes; else `CheckpointError`, restart).
-        Its tables and program are loaded beside those served, then swapped in inside
-        `between()` and the gate, as an update is; a torn state ends. Returns the
-        seconds new batches waited."""
+    def reload(self, path: Path, between: Callable[[], AbstractContextManager[object]] = nullcontext) -> Applied:
+        """Serve the bundle at `path` from now on: a full export that replaced the bundle
+        served, of a model with the same inputs and outputs (features, targets and
+        sizes, checked from its manifest first; else `CheckpointError`: restart). Its
+        tables and program are loaded beside those served, with this predictor's
+        serving settings, then swapped in inside `between()` and the gate, as an update
+        is; a torn state ends. Returns the rows loaded and how long new batches waited."""
+        head = peek(path)
+        self._check_serves_like(path, head.config, head.targets)
+        bundle = load_bundle(path)
+        self._check_serves_like(path, bundle.config, bundle.targets)  # another export may have come meanwhile
+        rows = sum(len(keys) for keys, _ in bundle.tables.values())
         fresh = Predictor(bundle, device=self.device, serving=self.serving)
-        differ = [what for what, mine, its in (("features", self.config.features, fresh.config.features),
-                                               ("targets", self.targets, fresh.targets),
-                                               ("sizes", self._sizes, fresh._sizes)) if mine != its]
-        if differ:
-            raise CheckpointError(f"{bundle.path}: a full export of another model replaced the bundle (its "
-                                  f"{' and '.join(differ)} differ from those served); restart tidal serve to serve it")
+        del bundle  # its arrays: the fresh tables hold copies
         start = time.perf_counter()
         with between(), self._gate.exclusive():
-            self._ids_before = self.id_counts()
+            self._retired_id_counts = self._id_counts()
             self.config, self.collection = fresh.config, fresh.collection
             self._source, self._program, self.rewrites = fresh._source, fresh._program, fresh.rewrites
             self.position, self.torn = fresh.position, None
-        return time.perf_counter() - start
+        return Applied(rows_changed=rows, rows_removed=0, paused_s=time.perf_counter() - start)
+
+    def _check_serves_like(self, path: Path, config: RunConfig, targets: list[str]) -> None:
+        """Refuse (`CheckpointError`) a bundle whose requests or responses would differ."""
+        differ = [what for what, mine, its in (("features", self.config.features, config.features),
+                                               ("targets", self.targets, targets),
+                                               ("sizes", self._sizes, model_sizes(config))) if mine != its]
+        if differ:
+            raise CheckpointError(f"{path}: a full export of another model replaced the bundle (its "
+                                  f"{' and '.join(differ)} differ from those served); restart tidal serve to serve it")
 
     def check_whole(self) -> None:
         """Refuse (`CheckpointError`) while a failed update has left the tables torn."""
@@ -420,9 +432,13 @@ class Predictor:
 
     def id_counts(self) -> tuple[int, int]:
         """(ids looked up, ids the tables did not hold) since loading, reloads included."""
+        with self._gate.shared():  # not half way through a reload
+            return self._id_counts()
+
+    def _id_counts(self) -> tuple[int, int]:
         stats = [t.stats() for t in self.collection.tables]
         lookups, misses = sum(s.lookups for s in stats), sum(s.misses for s in stats)
-        return self._ids_before[0] + lookups, self._ids_before[1] + misses
+        return self._retired_id_counts[0] + lookups, self._retired_id_counts[1] + misses
 
 
 def _sided(sparse: list[SparseFeature], dense: list[DenseFeature]) -> tuple[Extractor, Extractor]:

@@ -11,7 +11,8 @@ Routes::
     GET  /v2/models/{name}/stats          Triton's inference statistics (also /v2/models/stats)
     POST /v2/repository/index             the one model, READY
     POST /v2/repository/models/{name}/load
-                                          apply the bundle's new deltas (`tidal.serving.online`)
+                                          apply the bundle's new deltas, or load the full
+                                          export that replaced it (`tidal.serving.online`)
     GET  /v2/models/{name}/fusion         the value model now in use (Tidal extension)
     PUT  /v2/models/{name}/fusion         change it without a restart: {"kind", "weights"}
     GET  /metrics                         Prometheus metrics
@@ -235,7 +236,7 @@ class _Deltas:
                                   value=u.reloads)
         yield CounterMetricFamily("tidal_bundle_updates_refused", "Updates refused", value=u.refused)
         if u.updated_unix_s is not None:
-            yield GaugeMetricFamily("tidal_bundle_updated_unix_seconds", "When a delta was last applied",
+            yield GaugeMetricFamily("tidal_bundle_updated_unix_seconds", "When a delta or a full export was last loaded",
                                     value=u.updated_unix_s)
 
 
@@ -329,15 +330,15 @@ def create_app(service: Service) -> Starlette:
             return _error(getattr(exc, "status", 400), f"load: {exc}")
         if body.get("parameters"):
             given = sorted(body["parameters"]) if isinstance(body["parameters"], dict) else body["parameters"]
-            return _error(400, f"load: this server loads only its bundle's new deltas, with no parameters; got "
+            return _error(400, f"load: this server loads only its bundle as it now stands, with no parameters; got "
                                f"{given!r}")
         try:
             update = await asyncio.to_thread(service.updater.update)
         except Exception as exc:  # noqa: BLE001 - the reason goes to the client; the server goes on
-            return _error(409, f"the bundle's deltas were not applied ({refusal(exc)}); {service.updater.serving()}")
+            return _error(409, f"the bundle was not updated ({refusal(exc)}); {service.updater.serving()}")
         return JSONResponse({"delta": update.delta, "applied": update.applied, "rows_changed": update.rows_changed,
                              "rows_removed": update.rows_removed, "seconds": update.seconds,
-                             "paused_s": update.paused_s, "reloaded": update.reloaded})
+                             "paused_s": update.paused_s, "reload_reason": update.reload_reason})
 
     async def fusion(request: Request) -> JSONResponse:
         missing = model_or_404(request)
