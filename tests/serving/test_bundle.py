@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import zipfile
 
@@ -35,6 +36,26 @@ def test_bundle_holds_manifest_tables_and_program_without_pickle(bundle_dir, bun
     table = trainer.collection.table("ids")
     assert keys.shape[0] == table.stats().rows and np.all(np.diff(keys) > 0)
     np.testing.assert_array_equal(values, table.lookup(keys))
+
+
+def test_an_export_that_fails_to_put_the_new_bundle_in_place_leaves_the_old_one_and_cleans_up_dead_exports(
+        trainer, bundle_dir, tmp_path, monkeypatch):
+    out = shutil.copytree(bundle_dir, tmp_path / "served")
+    dead = [tmp_path / ".tmp-served-999999999", tmp_path / ".old-served-999999999"]  # exports killed part way
+    for folder in dead:
+        folder.mkdir()
+    real_replace = os.replace
+
+    def fails(source, target):  # type: ignore[no-untyped-def]
+        if str(target) == str(out):
+            raise OSError("no room")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", fails)
+    with pytest.raises(OSError, match="no room"):
+        export(trainer.run_dir, out)
+    assert load_bundle(out).manifest == load_bundle(bundle_dir).manifest  # the old bundle, back in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["served"]  # no staging, old or dead exports' folders
 
 
 def test_float16_tables_halve_the_bytes(trainer, bundle_dir, tmp_path):

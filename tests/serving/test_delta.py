@@ -395,7 +395,7 @@ def test_a_server_polling_its_bundle_applies_new_deltas_and_reports_a_refusal_on
         service.close()
     captured = capsys.readouterr()
     assert "tidal serve: applied 1 delta, now serving delta 1: " in captured.out
-    assert captured.err.count("tidal serve: deltas not applied: ") == 1
+    assert captured.err.count("tidal serve: bundle not updated: ") == 1
 
 
 def test_batches_scored_while_a_delta_applies_see_the_old_state_or_the_new_one(run, bundle_dir):
@@ -599,26 +599,34 @@ def test_a_full_export_of_another_model_is_refused_and_the_old_one_served(run, b
         np.testing.assert_array_equal(_scores(client, rows, specs), before)
 
 
-def test_a_full_export_refused_once_it_is_loaded_is_not_loaded_again_until_another_replaces_it(run, bundle_dir,
-                                                                                              monkeypatch):
+def test_a_full_export_this_server_cannot_run_is_not_loaded_again_until_another_replaces_it(run, bundle_dir,
+                                                                                             monkeypatch):
     service = Service(load_bundle(bundle_dir))
     export(run.run_dir, bundle_dir)
     loads, load_bundle_checked = [], predictor_module.load_bundle
     monkeypatch.setattr(predictor_module, "load_bundle", lambda path: loads.append(path) or load_bundle_checked(path))
     smaller = predictor_module.Predictor.__init__
 
-    def no_room(self, bundle, **settings):  # type: ignore[no-untyped-def]
-        raise ConfigError("buckets: the largest is over the largest batch the bundle's dense program takes")  # as built
+    def refuse(error):  # type: ignore[no-untyped-def]
+        def init(self, bundle, **settings):  # type: ignore[no-untyped-def]
+            raise error
+        return init
 
     try:
-        monkeypatch.setattr(predictor_module.Predictor, "__init__", no_room)
+        monkeypatch.setattr(predictor_module.Predictor, "__init__", refuse(CorruptCheckpointError("a damaged file")))
+        for _ in range(2):  # a file may be repaired: tried again
+            with pytest.raises(CorruptCheckpointError, match="a damaged file"):
+                service.updater.update()
+        assert len(loads) == 2
+        monkeypatch.setattr(predictor_module.Predictor, "__init__", refuse(ConfigError(
+            "buckets: the largest is over the largest batch the bundle's dense program takes")))  # as built
         for _ in range(3):
             with pytest.raises(ConfigError, match="over the largest batch"):
                 service.updater.update()
-        assert len(loads) == 1 and service.updater.refused == 3 and service.predictor.position.sequence == 0
+        assert len(loads) == 3 and service.updater.refused == 5 and service.predictor.position.sequence == 0
         monkeypatch.setattr(predictor_module.Predictor, "__init__", smaller)
         export(run.run_dir, bundle_dir)  # another export: tried again
-        assert service.updater.update().reload_reason and len(loads) == 2
+        assert service.updater.update().reload_reason and len(loads) == 4
     finally:
         service.close()
 
@@ -642,6 +650,6 @@ def test_the_poller_goes_on_after_an_unexpected_error_and_its_period_is_bounded(
         until(lambda: service.updater.delta == 1, "delta 1 after the error")
     finally:
         service.close()
-    assert "tidal serve: deltas not applied: ValueError: a surprise" in capsys.readouterr().err
+    assert "tidal serve: bundle not updated: ValueError: a surprise" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="delta_poll_s"):
         Service(load_bundle(bundle_dir), delta_poll_s=1e10)

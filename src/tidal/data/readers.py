@@ -255,16 +255,17 @@ def _checked(paths: list[str], columns: Sequence[str], checks: Mapping[str, str 
              max_bad_fraction: float) -> Iterator[pa.RecordBatch]:
     for path in paths:
         kind = file_format or format_of(path)
-        before = BadRows(count=report.count, read=report.read)
+        in_file = BadRows()  # this file's, added to `report` piece by piece
         try:
             if os.path.getsize(path) == 0:  # no rows, like a CSV file of just a header
                 continue
             batches = (_parquet(path, columns, batch_rows) if kind == "parquet"
                        else _text(path, kind, columns, header=kind == "csv" and csv_header))
             for batch, lines, dropped in batches:
-                valid = _valid_rows(batch, path, lines, checks, report, on_bad_row, dropped)
-                in_file = BadRows(count=report.count - before.count, read=report.read - before.read,
-                                  examples=[e for e in report.examples if e.startswith(f"{path}:")])
+                counted, shown, read = in_file.count, len(in_file.examples), in_file.read
+                valid = _valid_rows(batch, path, lines, checks, in_file, on_bad_row, dropped)
+                report.extend(in_file.count - counted, in_file.examples[shown:])
+                report.read += in_file.read - read
                 _check_bad_share(in_file, max_bad_fraction, f" of {path}")
                 _check_bad_share(report, max_bad_fraction)
                 yield valid

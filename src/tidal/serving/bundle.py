@@ -144,13 +144,30 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, table_dtype: st
 
 def _replace_folder(out: Path, new: Path) -> None:
     """Put folder `new` in the place of `out` by two renames, so that a server reading
-    `out` meanwhile finds it missing for an instant at most, not half removed."""
+    `out` meanwhile finds it missing for an instant at most, not half removed. If the
+    second rename fails, the old folder goes back. What exports killed part way left
+    beside `out` (their pids gone) is removed first."""
+    _remove_left_behind(out)
     old = out.parent / f".old-{out.name}-{os.getpid()}"
-    shutil.rmtree(old, ignore_errors=True)
     if out.exists():
         os.rename(out, old)
-    os.replace(new, out)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        if old.exists():
+            os.rename(old, out)
+        raise
+    fsync_path(out.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_left_behind(out: Path) -> None:
+    """The staging and old folders of exports into `out` whose process is gone."""
+    left = re.compile(rf"\.(tmp|old)-{re.escape(out.name)}-(\d+)")
+    for entry in out.parent.iterdir() if out.parent.is_dir() else []:
+        found = left.fullmatch(entry.name)
+        if found and int(found.group(2)) != os.getpid() and not checkpoint.process_running(int(found.group(2))):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def export_delta(source: str | os.PathLike, bundle_dir: str | os.PathLike) -> Path:

@@ -70,7 +70,7 @@ class Updater:
         self._lock = threading.Lock()  # one update at a time: the poller's and a request's
         self.deltas_applied = 0
         self.reloads = 0  # of the whole bundle, after a full export replaced it
-        self._refused_export: tuple[str | None, TidalError] | None = None  # (seal, why) of a full export refused
+        self._refused_export: tuple[str | None, ConfigError] | None = None  # (seal, why) of a full export unfit here
         self.refused = 0
         self.updated_unix_s: float | None = None
         self._stop = threading.Event()
@@ -118,15 +118,16 @@ class Updater:
                       rows_removed=applied.rows_removed, seconds=time.perf_counter() - start, paused_s=applied.paused_s)
 
     def _reload(self, moved: str, start: float) -> Update:
-        """Load the full export that replaced the bundle. One refused is not loaded again
-        at every poll: only once another export replaced it."""
+        """Load the full export that replaced the bundle. One this server cannot run
+        (`ConfigError`: its backend's file or its batch sizes) is not loaded again at
+        every poll, only once another export replaced it; a damaged file may be
+        repaired, so that refusal is not kept."""
         seal = peek(self._path).seal
         if self._refused_export is not None and self._refused_export[0] == seal:
-            refused = self._refused_export[1]
-            raise type(refused)(str(refused))
+            raise ConfigError(str(self._refused_export[1]))
         try:
             applied = self._predictor.reload(self._path, self._between)
-        except (CheckpointError, ConfigError) as exc:  # this export will not do, however often it is read
+        except ConfigError as exc:
             self._refused_export = (seal, exc)
             raise
         self.reloads += 1
@@ -142,7 +143,7 @@ class Updater:
             except Exception as exc:  # noqa: BLE001 - reported; the poller must go on
                 reason = refusal(exc)
                 if reason != reported:  # once per reason, not at every poll
-                    print(f"tidal serve: deltas not applied: {reason}", file=sys.stderr, flush=True)
+                    print(f"tidal serve: bundle not updated: {reason}", file=sys.stderr, flush=True)
                 reported = reason
                 continue
             reported = ""

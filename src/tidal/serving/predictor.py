@@ -157,7 +157,7 @@ class Predictor:
         self._gate = Gate()  # scoring shares it; an update takes it alone
         self.position: Position | None = bundle.position  # the last delta applied (None: a version 1 bundle)
         self.torn: str | None = None  # why the tables are between two deltas, after a failed update
-        self._retired_id_counts = (0, 0)  # id_counts of the tables a reload replaced
+        self._counting = ((0, 0), self.collection)  # (id counts of the tables reloads replaced, the tables now)
         self.set_fusion(serving.fusion)
         if not self.item_columns:
             raise ConfigError("serving needs at least one item or context feature: candidates are scored by them")
@@ -222,7 +222,7 @@ class Predictor:
         del bundle  # its arrays: the fresh tables hold copies
         start = time.perf_counter()
         with between(), self._gate.exclusive():
-            self._retired_id_counts = self._id_counts()
+            self._counting = (self.id_counts(), fresh.collection)  # one assignment: metrics read it without the gate
             self.config, self.collection = fresh.config, fresh.collection
             self._source, self._program, self.rewrites = fresh._source, fresh._program, fresh.rewrites
             self.position, self.torn = fresh.position, None
@@ -432,13 +432,9 @@ class Predictor:
 
     def id_counts(self) -> tuple[int, int]:
         """(ids looked up, ids the tables did not hold) since loading, reloads included."""
-        with self._gate.shared():  # not half way through a reload
-            return self._id_counts()
-
-    def _id_counts(self) -> tuple[int, int]:
-        stats = [t.stats() for t in self.collection.tables]
-        lookups, misses = sum(s.lookups for s in stats), sum(s.misses for s in stats)
-        return self._retired_id_counts[0] + lookups, self._retired_id_counts[1] + misses
+        (lookups, misses), collection = self._counting
+        stats = [t.stats() for t in collection.tables]
+        return lookups + sum(s.lookups for s in stats), misses + sum(s.misses for s in stats)
 
 
 def _sided(sparse: list[SparseFeature], dense: list[DenseFeature]) -> tuple[Extractor, Extractor]:
