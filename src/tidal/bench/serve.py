@@ -44,7 +44,7 @@ from tidal.data.criteo import criteo_features
 from tidal.data.generate import generate
 from tidal.runtime import Trainer
 from tidal.serving import Predictor, Service, export, export_delta, load_bundle, start_server
-from tidal.serving.online import Updater
+from tidal.serving.online import Update, Updater
 from tidal.serving.protocol import HEADER, decode_request, encode_response, infer_request, input_specs
 
 __all__ = ["run"]
@@ -178,21 +178,25 @@ def _update_cost(bundle: Path, run_dir: Path, repeats: int = 3) -> dict:
         start = time.perf_counter()
         Predictor(load_bundle(bundle))
         reloads.append(time.perf_counter() - start)
-    update_ms, pause_ms = (float(np.median([getattr(u, a) for u in updates])) * 1e3 for a in ("seconds", "paused_s"))
+    update_ms, pause_ms = _median_ms(updates)
     reload_ms = float(np.median(reloads)) * 1e3
     rows = len(load_bundle(bundle).tables["ids"][0])
     print(f"  online update ({delta.name}: {updates[0].rows_changed:,d} of {rows:,d} rows changed): {update_ms:.1f} ms, "
           f"batches waiting {pause_ms:.1f} ms of it, against {reload_ms:.1f} ms reloading the bundle", flush=True)
     export(run_dir, bundle)
     in_place = [Updater(p, bundle).update() for p in at_base]
-    in_place_ms, in_place_pause_ms = (float(np.median([getattr(u, a) for u in in_place])) * 1e3
-                                      for a in ("seconds", "paused_s"))
+    in_place_ms, in_place_pause_ms = _median_ms(in_place)
     print(f"  a full export loaded in place by a running predictor: {in_place_ms:.1f} ms, batches waiting "
           f"{in_place_pause_ms:.2f} ms of it", flush=True)
     return {"update_ms": round(update_ms, 2), "update_pause_ms": round(pause_ms, 2), "reload_ms": round(reload_ms, 2),
             "update_speedup": round(reload_ms / update_ms, 2), "update_rows_changed": updates[0].rows_changed,
             "table_rows": rows, "reload_in_place_ms": round(in_place_ms, 2),
             "reload_in_place_pause_ms": round(in_place_pause_ms, 3)}
+
+
+def _median_ms(updates: list[Update]) -> tuple[float, float]:
+    """Median milliseconds of the updates' whole time and of new batches' wait."""
+    return tuple(float(np.median([getattr(u, a) for u in updates])) * 1e3 for a in ("seconds", "paused_s"))
 
 
 def _summary(results: dict, session: dict) -> dict:
