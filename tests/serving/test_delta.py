@@ -309,7 +309,7 @@ def _metric(url: str, name: str) -> float:
     return float(line.split()[1])
 
 
-def test_a_running_server_applies_a_delta_on_load_and_refuses_a_damaged_one(run, bundle_dir):
+def test_a_running_server_applies_deltas_on_load_up_to_a_damaged_one(run, bundle_dir):
     specs = input_specs(run.config)
     rows = with_user_of(file_rows(run.trainer, 100), specs)
     full = Predictor(load_bundle(run.full))
@@ -324,14 +324,22 @@ def test_a_running_server_applies_a_delta_on_load_and_refuses_a_damaged_one(run,
         assert not np.allclose(after, before)
         assert _metric(running.url, "tidal_bundle_delta") == 1
         assert _metric(running.url, "tidal_bundle_deltas_applied_total") == 1
+        export_delta(run.run_dir, bundle_dir)
         table = export_delta(run.run_dir, bundle_dir) / "tables" / "ids.safetensors"
         table.write_bytes(b"not a table")
+        with pytest.raises(triton.InferenceServerException, match=r"\[409\] the bundle was updated only in part: "
+                                                                  r"applied 1 delta, now serving delta 2: .*; the next "
+                                                                  r"delta was not \(.*ids.safetensors: .*corrupt or "
+                                                                  r"altered\. Delta 000003 and those after .*\)"):
+            client.load_model("ctr")  # delta 2 applied, delta 3 not
+        assert _metric(running.url, "tidal_bundle_delta") == 2
         with pytest.raises(triton.InferenceServerException, match=r"\[409\] the bundle was not updated \(.*ids"
-                                                                  r".safetensors: .*corrupt or altered\. Delta 000002 "
-                                                                  r"and those after .*\); still serving delta 1"):
+                                                                  r".safetensors: .*corrupt or altered\. Delta 000003 "
+                                                                  r"and those after .*\); still serving delta 2"):
             client.load_model("ctr")
-        np.testing.assert_array_equal(_scores(client, rows, specs), after)
-        assert _metric(running.url, "tidal_bundle_updates_refused_total") == 1
+        np.testing.assert_array_equal(_scores(client, rows, specs), after)  # delta 2: the same checkpoint again
+        assert _metric(running.url, "tidal_bundle_updates_refused_total") == 2
+        assert _metric(running.url, "tidal_bundle_deltas_applied_total") == 2
         with pytest.raises(triton.InferenceServerException, match=r"\[400\] load: this server loads only its bundle as "
                                                                   r"it now stands, with no parameters; got "
                                                                   r"\['config'\]"):
@@ -396,6 +404,24 @@ def test_a_server_polling_its_bundle_applies_new_deltas_and_reports_a_refusal_on
     captured = capsys.readouterr()
     assert "tidal serve: applied 1 delta, now serving delta 1: " in captured.out
     assert captured.err.count("tidal serve: bundle not updated: ") == 1
+
+
+def test_a_polling_server_applies_the_deltas_before_a_damaged_one_and_reports_it_once(run, bundle_dir, tmp_path,
+                                                                                      capsys):
+    staged = Path(shutil.copytree(bundle_dir, tmp_path / "staged"))
+    export_delta(run.run_dir, staged)
+    (export_delta(run.run_dir, staged) / "tables" / "ids.safetensors").write_bytes(b"damaged")
+    service = Service(load_bundle(bundle_dir), delta_poll_s=0.02)
+    try:
+        (staged / "deltas").rename(bundle_dir / "deltas")  # both come before the next poll
+        until(lambda: service.updater.refused >= 3, "three refusals")
+        assert (service.updater.delta, service.updater.deltas_applied) == (1, 1)
+    finally:
+        service.close()
+    captured = capsys.readouterr()
+    assert captured.out.count("tidal serve: applied 1 delta, now serving delta 1: ") == 1
+    assert captured.err.count("tidal serve: bundle not updated: ") == 1
+    assert "Delta 000002 and those after it cannot be applied" in captured.err
 
 
 def test_batches_scored_while_a_delta_applies_see_the_old_state_or_the_new_one(run, bundle_dir):

@@ -63,7 +63,7 @@ from tidal.serving.delta import (DELTA_FORMAT, DELTA_VERSION, DELTAS, Position, 
 from tidal.serving.protocol import input_specs
 
 __all__ = ["Bundle", "Delta", "Head", "export", "export_delta", "load_bundle", "merged", "moved_since", "peek",
-           "read_deltas", "with_weights"]
+           "read_deltas", "readable_deltas", "with_weights"]
 
 FORMAT = "tidal-serving-bundle"
 VERSION = 2  # 2: the manifest carries the sha256 of its own content
@@ -459,8 +459,20 @@ class Delta:
 
 def read_deltas(path: str | os.PathLike, position: Position, config: RunConfig) -> list[Delta]:
     """The deltas of the bundle at `path` that follow `position`, in order, each checked
-    (its files, and that it follows the base and the delta before it). Refused when the
-    bundle is no longer the base of `position` (a full export replaced it)."""
+    (its files, and that it follows the base and the delta before it). Refused when one
+    cannot be applied, or when the bundle is no longer the base of `position` (a full
+    export replaced it)."""
+    deltas, stopped = readable_deltas(path, position, config)
+    if stopped is not None:
+        raise stopped
+    return deltas
+
+
+def readable_deltas(path: str | os.PathLike, position: Position,
+                    config: RunConfig) -> tuple[list[Delta], CheckpointError | None]:
+    """As `read_deltas`, but up to the first delta that cannot be applied (damaged, or
+    not following the one before it): the deltas before it, and the error that says
+    why it cannot (None when every one can)."""
     path = Path(path)
     manifest = _read_manifest(path)
     moved = _moved_from(path, manifest, position)
@@ -475,10 +487,10 @@ def read_deltas(path: str | os.PathLike, position: Position, config: RunConfig) 
         try:
             deltas.append(_read_delta(folder / name, position, config, manifest["table_dtype"]))
         except CheckpointError as exc:
-            raise type(exc)(f"{exc}. Delta {name} and those after it cannot be applied: remove them to serve the "
-                            f"deltas before, or export the bundle in full") from None
+            return deltas, type(exc)(f"{exc}. Delta {name} and those after it cannot be applied: remove them to "
+                                     f"serve the deltas before, or export the bundle in full")
         position = deltas[-1].position
-    return deltas
+    return deltas, None
 
 
 def merged(deltas: Sequence[Delta]) -> dict[str, RowChanges]:

@@ -6,9 +6,10 @@
 `tritonclient`'s `load_model` triggers it), and every `serving.delta_poll_s` seconds
 when that is set. When a full export of the same model replaced the bundle (or its
 deltas were rewritten), the server loads the bundle again, beside what it serves, and
-swaps it in. A delta that cannot be applied (damaged, out of order), or a bundle of
-another model, is refused with the reason and changes nothing: the server goes on
-serving what it served. An update that fails while it changes the tables (memory ran
+swaps it in. A delta that cannot be applied (damaged, out of order) is refused with
+the reason, with those after it, and the deltas before it are applied; a bundle of
+another model is refused and changes nothing: the server goes on serving what it
+served. An update that fails while it changes the tables (memory ran
 out) leaves them between two states: the server then refuses to score (503) until it
 is restarted or a full export is loaded. A request is scored by one state: an update
 waits for the requests under way to finish their chunks' sparse stages, and those that
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tidal.errors import CheckpointError, ConfigError, TidalError
-from tidal.serving.bundle import NO_DELTAS, moved_since, peek, read_deltas
+from tidal.serving.bundle import NO_DELTAS, moved_since, peek, readable_deltas
 from tidal.serving.predictor import Predictor
 
 __all__ = ["Update", "Updater", "refusal"]
@@ -43,6 +44,7 @@ class Update:
     seconds: float  # reading the deltas and applying them
     paused_s: float  # of which new batches waited
     reload_reason: str | None = None  # why the whole bundle was loaded again (then rows_changed: the rows loaded)
+    refused: str | None = None  # why the delta after those applied cannot be (it and those after it were not)
 
     def summary(self) -> str:
         if self.reload_reason:
@@ -90,9 +92,10 @@ class Updater:
 
     def update(self) -> Update:
         """Apply the deltas written since the last one applied, or load the bundle again
-        when a full export replaced it. When that cannot be, the exception says why
-        (`refusal`) and nothing changed, unless the apply itself failed half way
-        (`Predictor.torn`)."""
+        when a full export replaced it. A delta that cannot be applied stops the update
+        there: those before it are applied, and `Update.refused` says why. When nothing
+        can be, the exception says why (`refusal`) and nothing changed, unless the apply
+        itself failed half way (`Predictor.torn`)."""
         with self._lock:
             try:
                 return self._update()
@@ -109,13 +112,18 @@ class Updater:
         if position is None:
             raise CheckpointError(f"{self._path}: {NO_DELTAS}")
         self._predictor.check_whole()
-        deltas = read_deltas(self._path, position, self._predictor.config)
+        deltas, stopped = readable_deltas(self._path, position, self._predictor.config)
+        if stopped is not None and not deltas:
+            raise stopped
         applied = self._predictor.update(deltas, self._between)
         if deltas:
             self.deltas_applied += len(deltas)
             self.updated_unix_s = time.time()
+        if stopped is not None:
+            self.refused += 1
         return Update(applied=len(deltas), delta=self.delta, rows_changed=applied.rows_changed,
-                      rows_removed=applied.rows_removed, seconds=time.perf_counter() - start, paused_s=applied.paused_s)
+                      rows_removed=applied.rows_removed, seconds=time.perf_counter() - start, paused_s=applied.paused_s,
+                      refused=None if stopped is None else refusal(stopped))
 
     def _reload(self, moved: str, start: float) -> Update:
         """Load the full export that replaced the bundle. One this server cannot run
@@ -142,13 +150,13 @@ class Updater:
                 update = self.update()
             except Exception as exc:  # noqa: BLE001 - reported; the poller must go on
                 reason = refusal(exc)
-                if reason != reported:  # once per reason, not at every poll
-                    print(f"tidal serve: bundle not updated: {reason}", file=sys.stderr, flush=True)
-                reported = reason
-                continue
-            reported = ""
-            if update.applied or update.reload_reason:
-                print(f"tidal serve: {update.summary()}", flush=True)
+            else:
+                if update.applied or update.reload_reason:
+                    print(f"tidal serve: {update.summary()}", flush=True)
+                reason = update.refused or ""
+            if reason and reason != reported:  # once per reason, not at every poll
+                print(f"tidal serve: bundle not updated: {reason}", file=sys.stderr, flush=True)
+            reported = reason
 
     def close(self) -> None:
         self._stop.set()

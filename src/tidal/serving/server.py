@@ -336,6 +336,9 @@ def create_app(service: Service) -> Starlette:
             update = await asyncio.to_thread(service.updater.update)
         except Exception as exc:  # noqa: BLE001 - the reason goes to the client; the server goes on
             return _error(409, f"the bundle was not updated ({refusal(exc)}); {service.updater.serving()}")
+        if update.refused:
+            return _error(409, f"the bundle was updated only in part: {update.summary()}; the next delta was not "
+                               f"({update.refused})")
         return JSONResponse({"delta": update.delta, "applied": update.applied, "rows_changed": update.rows_changed,
                              "rows_removed": update.rows_removed, "seconds": update.seconds,
                              "paused_s": update.paused_s, "reload_reason": update.reload_reason})
