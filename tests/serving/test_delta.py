@@ -660,7 +660,7 @@ def test_a_full_export_this_server_cannot_run_is_not_loaded_again_until_another_
 def test_the_poller_goes_on_after_an_unexpected_error_and_its_period_is_bounded(run, bundle_dir, capsys, monkeypatch):
     from tidal.serving import online
 
-    reads = online.read_deltas
+    reads = online.readable_deltas
     calls = []
 
     def flaky(*args):  # type: ignore[no-untyped-def]
@@ -669,7 +669,7 @@ def test_the_poller_goes_on_after_an_unexpected_error_and_its_period_is_bounded(
             raise ValueError("a surprise")
         return reads(*args)
 
-    monkeypatch.setattr(online, "read_deltas", flaky)
+    monkeypatch.setattr(online, "readable_deltas", flaky)
     service = Service(load_bundle(bundle_dir), delta_poll_s=0.02)
     try:
         export_delta(run.run_dir, bundle_dir)
