@@ -75,6 +75,35 @@ def test_a_checkpoint_records_its_dense_fingerprint_and_round_trips(run, saved, 
     assert "click: AUC 0." in capsys.readouterr().out
 
 
+def test_a_checkpoint_being_read_is_removed_only_by_a_save_after_the_reading(run, tmp_path):
+    config = RunConfig(**{**run, "training": {**run["training"], "run_dir": str(tmp_path / "run")}})
+    run_dir = Path(shutil.copytree(run["training"]["run_dir"], tmp_path / "run"))
+    trainer = Trainer(config)
+    position = checkpoint.restore(trainer, checkpoint.latest(run_dir))
+    with checkpoint.reading(run_dir) as held:
+        second = checkpoint.save(trainer, {**position, "step": position["step"] + 1})
+        assert checkpoint.latest(run_dir) == second and held != second
+        assert checkpoint.restore(Trainer(config), held) == position  # superseded, still whole
+    third = checkpoint.save(trainer, {**position, "step": position["step"] + 2})
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [checkpoint.LATEST, third.name]
+
+
+def test_reading_a_run_whose_latest_went_meanwhile_takes_the_new_latest(run, monkeypatch):
+    run_dir, find, calls = Path(run["training"]["run_dir"]), checkpoint.find, []
+
+    def superseded_once(path):  # type: ignore[no-untyped-def]
+        calls.append(path)
+        return path / "checkpoints" / "step-00000001-epoch-0" if len(calls) == 1 else find(path)
+
+    monkeypatch.setattr(checkpoint, "find", superseded_once)
+    with checkpoint.reading(run_dir) as directory:
+        assert directory == find(run_dir) and len(calls) == 2
+    monkeypatch.setattr(checkpoint, "find", lambda path: path / "gone")
+    with pytest.raises(CheckpointError, match=r"superseded and removed 20 times while it was being opened; try again"):
+        with checkpoint.reading(run_dir):
+            pass
+
+
 def test_four_altered_bytes_of_a_weight_are_refused_naming_the_file(run, saved, capsys):
     dense = saved / "dense.safetensors"
     data = bytearray(dense.read_bytes())

@@ -13,6 +13,7 @@ from runtime.test_trainer import _config
 
 from tidal.cli import main
 from tidal.config import RunConfig
+from tidal.data import generate
 from tidal.embedding.checkpoint import sealed
 from tidal.errors import ConfigError, CorruptCheckpointError, DataError
 from tidal.runtime import Trainer, checkpoint
@@ -106,6 +107,15 @@ def test_resume_applies_the_configs_learning_rate(run):
     trainer = Trainer(RunConfig(**changed))
     trainer.fit(resume=True)
     assert [g["lr"] for g in trainer.optimizer.param_groups] == [0.0007]
+
+
+def test_a_run_resumed_with_other_eval_data_evaluates_that(run, tmp_path):
+    """What a run evaluates is no part of what it trains: a run stopped by its eval data
+    resumes with other data and finishes."""
+    held_out = generate(tmp_path / "held-out", rows=1_000, seed=2, split=1)
+    changed = {**run, "data": {**run["data"], "eval": held_out.paths}}
+    summary = Trainer(RunConfig(**changed)).fit(resume=True)
+    assert summary["eval"]["rows"] == 1_000
 
 
 def test_no_valid_rows_fail_training_and_evaluation_saying_why(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -25,7 +26,8 @@ from tidal.cli import main
 from tidal.compile import AOTI_MISSING, ONNX_MISSING, aoti_available, onnx_available
 from tidal.config import RunConfig
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
-from tidal.runtime import Trainer
+from tidal.embedding.checkpoint import SEAL, sealed
+from tidal.runtime import Trainer, checkpoint
 from tidal.serving import Piece, Predictor, Service, export, export_delta, load_bundle, start_server
 from tidal.serving import predictor as predictor_module
 from tidal.serving.bundle import read_deltas
@@ -53,6 +55,28 @@ def run(tmp_path_factory):
 @pytest.fixture
 def bundle_dir(run, tmp_path):
     return Path(shutil.copytree(run.base, tmp_path / "bundle"))
+
+
+_LATER = itertools.count(1)
+
+
+def _delta(run, bundle_dir: Path) -> Path:  # type: ignore[no-untyped-def]
+    """Export into `bundle_dir` a delta of the run's last checkpoint, saved again at a
+    later step each time (the same rows and weights): a bundle that serves a checkpoint
+    takes no second delta of that very one."""
+    return export_delta(_later_checkpoint(run.run_dir, next(_LATER)), bundle_dir)
+
+
+def _later_checkpoint(run_dir: Path, steps: int) -> Path:
+    """A copy of the run's latest checkpoint whose trainer.json says it was saved
+    `steps` steps later."""
+    source = checkpoint.latest(run_dir)
+    meta = json.loads((source / "trainer.json").read_text())
+    meta["position"]["step"] += steps
+    meta.pop(SEAL)
+    copy = Path(shutil.copytree(source, run_dir.parent / "later" / str(steps) / source.name))
+    (copy / "trainer.json").write_text(json.dumps(sealed(meta)))
+    return copy
 
 
 def _same_rows(a, b) -> None:  # type: ignore[no-untyped-def]
@@ -107,7 +131,7 @@ def test_delta_folders_are_read_in_sequence_order_past_six_digits():
 def test_the_base_and_its_delta_serve_what_a_full_export_of_the_checkpoint_does(run, bundle_dir):
     base = load_bundle(bundle_dir)
     assert base.position.sequence == 0 and base.position.base == base.manifest["content_sha256"]
-    folder = export_delta(run.run_dir, bundle_dir)
+    folder = _delta(run, bundle_dir)
     assert folder == bundle_dir / "deltas" / "000001"
     served, full = load_bundle(bundle_dir), load_bundle(run.full)
     _same_rows(served, full)
@@ -125,8 +149,8 @@ def test_the_base_and_its_delta_serve_what_a_full_export_of_the_checkpoint_does(
 
 
 def test_a_delta_of_an_unchanged_checkpoint_changes_no_row_and_follows_the_one_before(run, bundle_dir):
-    first = json.loads((export_delta(run.run_dir, bundle_dir) / "manifest.json").read_text())
-    second = json.loads((export_delta(run.run_dir, bundle_dir) / "manifest.json").read_text())
+    first = json.loads((_delta(run, bundle_dir) / "manifest.json").read_text())
+    second = json.loads((_delta(run, bundle_dir) / "manifest.json").read_text())
     assert second["tables"] == {"ids": {"changed": 0, "removed": 0}}
     assert (second["sequence"], second["previous"]) == (2, first["content_sha256"])
     assert load_bundle(bundle_dir).position.sequence == 2
@@ -138,7 +162,7 @@ def test_keys_the_checkpoint_no_longer_holds_are_removed_by_the_delta(run, bundl
 
     rows, gone = module._rows, load_bundle(bundle_dir).tables["ids"][0][:10]
     monkeypatch.setattr(module, "_rows", lambda table: tuple(a[~np.isin(rows(table)[0], gone)] for a in rows(table)))
-    manifest = json.loads((export_delta(run.run_dir, bundle_dir) / "manifest.json").read_text())
+    manifest = json.loads((_delta(run, bundle_dir) / "manifest.json").read_text())
     assert manifest["tables"]["ids"]["removed"] == 10
     keys, _ = load_bundle(bundle_dir).tables["ids"]
     assert not np.isin(gone, keys).any() and len(keys) == len(load_bundle(run.full).tables["ids"][0]) - 10
@@ -150,22 +174,38 @@ def test_keys_the_checkpoint_no_longer_holds_are_removed_by_the_delta(run, bundl
 
 
 def test_a_damaged_or_altered_delta_is_refused_by_name(run, bundle_dir):
-    folder = export_delta(run.run_dir, bundle_dir)
+    folder = _delta(run, bundle_dir)
     table = folder / "tables" / "ids.safetensors"
     table.write_bytes(table.read_bytes()[:-8])
     with pytest.raises(CorruptCheckpointError, match=rf"{table}: .* bytes with sha256 .*: corrupt or altered"):
         load_bundle(bundle_dir)
     shutil.rmtree(folder)
-    manifest_file = export_delta(run.run_dir, bundle_dir) / "manifest.json"
+    manifest_file = _delta(run, bundle_dir) / "manifest.json"
     manifest = json.loads(manifest_file.read_text())
     manifest_file.write_text(json.dumps({**manifest, "sequence": 1, "tables": {}}))
     with pytest.raises(CorruptCheckpointError, match=rf"{manifest_file}: altered or damaged"):
         load_bundle(bundle_dir)
 
 
+def test_a_delta_of_the_checkpoint_served_is_not_written_and_one_of_an_older_is_refused(run, tmp_path):
+    bundle = Path(shutil.copytree(run.full, tmp_path / "bundle"))  # serves the run's last checkpoint
+    assert export_delta(run.run_dir, bundle) is None
+    assert delta_names(os.listdir(bundle / "deltas") if (bundle / "deltas").exists() else []) == []
+    step = json.loads((checkpoint.latest(run.run_dir) / "trainer.json").read_text())["position"]["step"]
+    with pytest.raises(CheckpointError, match=rf"a checkpoint of step {step - 1}, older than the one .*bundle serves "
+                                              rf"\(step-0+{step}-epoch-\d+, step {step}, in the base\); a delta from "
+                                              rf"it would roll the served model back\. Export it in full"):
+        export_delta(_later_checkpoint(run.run_dir, -1), bundle)
+    later = _later_checkpoint(run.run_dir, 1000)
+    assert export_delta(later, bundle).name == "000001"
+    assert export_delta(later, bundle) is None  # delta 1 serves it
+    with pytest.raises(CheckpointError, match=rf"older than .*step {step + 1000}, in delta 1\)"):
+        export_delta(run.run_dir, bundle)
+
+
 def test_a_missing_delta_one_for_another_bundle_or_a_rewritten_chain_is_refused(run, bundle_dir, tmp_path):
-    export_delta(run.run_dir, bundle_dir)
-    export_delta(run.run_dir, bundle_dir)
+    _delta(run, bundle_dir)
+    _delta(run, bundle_dir)
     other = Path(shutil.copytree(run.full, tmp_path / "other"))
     shutil.copytree(bundle_dir / "deltas", other / "deltas")
     with pytest.raises(CheckpointError, match=r"000001/manifest.json: written for another bundle \(base sha256 .*\)\. "
@@ -174,8 +214,8 @@ def test_a_missing_delta_one_for_another_bundle_or_a_rewritten_chain_is_refused(
         load_bundle(other)
     predictor = Predictor(load_bundle(bundle_dir))  # at delta 2
     shutil.rmtree(bundle_dir / "deltas" / "000002")
-    export_delta(run.run_dir, bundle_dir)  # another delta 2
-    export_delta(run.run_dir, bundle_dir)
+    _delta(run, bundle_dir)  # another delta 2
+    _delta(run, bundle_dir)
     with pytest.raises(CheckpointError, match=r"bundle: had its deltas rewritten \(delta 000002 is gone or another "
                                               r"one\) since it was loaded; load it again to serve it \(a running tidal "
                                               r"serve does at its next update\)"):
@@ -192,7 +232,7 @@ def test_a_missing_delta_one_for_another_bundle_or_a_rewritten_chain_is_refused(
 def test_a_delta_being_written_is_not_read(run, bundle_dir):
     (bundle_dir / "deltas" / ".tmp-000001-4242" / "tables").mkdir(parents=True)
     assert load_bundle(bundle_dir).position.sequence == 0
-    assert export_delta(run.run_dir, bundle_dir).name == "000001"
+    assert _delta(run, bundle_dir).name == "000001"
 
 
 def test_a_delta_of_another_model_or_into_a_version_1_bundle_is_refused(run, bundle_dir):
@@ -205,7 +245,7 @@ def test_a_delta_of_another_model_or_into_a_version_1_bundle_is_refused(run, bun
         _check_same_model(load_bundle(bundle_dir), other)
     _as_version_1(bundle_dir)
     with pytest.raises(CheckpointError, match="a version 1 bundle takes no deltas; export it again in full"):
-        export_delta(run.run_dir, bundle_dir)
+        _delta(run, bundle_dir)
 
 
 def test_a_delta_whose_sequence_another_export_took_meanwhile_is_refused(run, bundle_dir, monkeypatch):
@@ -220,7 +260,7 @@ def test_a_delta_whose_sequence_another_export_took_meanwhile_is_refused(run, bu
 
     monkeypatch.setattr(module, "load_bundle", racing)
     with pytest.raises(CheckpointError, match=r"000001: written by another export meanwhile; export the delta again"):
-        export_delta(run.run_dir, bundle_dir)
+        _delta(run, bundle_dir)
     assert [p.name for p in (bundle_dir / "deltas").iterdir()] == ["000001"]  # no staging folder left
 
 
@@ -237,7 +277,7 @@ def test_a_delta_is_not_published_into_a_bundle_a_full_export_replaced_meanwhile
     monkeypatch.setattr(module, "load_bundle", replaced)
     with pytest.raises(CheckpointError, match=r"bundle: was replaced by another full export while this delta was "
                                               r"written; export the delta again"):
-        export_delta(run.run_dir, bundle_dir)
+        _delta(run, bundle_dir)
     monkeypatch.undo()
     assert [p.name for p in (bundle_dir / "deltas").iterdir()] == []
     assert load_bundle(bundle_dir).position.sequence == 0
@@ -252,7 +292,7 @@ def test_the_folders_of_delta_exports_that_died_are_removed_by_the_next(run, bun
     running = bundle_dir / "deltas" / f".tmp-000001-{os.getppid()}-2c3d"  # a live process: maybe still writing
     for folder in (dead, running):
         (folder / "tables").mkdir(parents=True)
-    export_delta(run.run_dir, bundle_dir)
+    _delta(run, bundle_dir)
     assert sorted(p.name for p in (bundle_dir / "deltas").iterdir()) == sorted(["000001", running.name])
 
 
@@ -317,15 +357,15 @@ def test_a_running_server_applies_deltas_on_load_up_to_a_damaged_one(run, bundle
         before = _scores(client, rows, specs)
         client.load_model("ctr")  # nothing new: nothing changes
         np.testing.assert_array_equal(_scores(client, rows, specs), before)
-        export_delta(run.run_dir, bundle_dir)
+        _delta(run, bundle_dir)
         client.load_model("ctr")
         after = _scores(client, rows, specs)
         np.testing.assert_allclose(after, full.outputs(full.predict([_piece(full, rows)]))["score"], rtol=1e-6)
         assert not np.allclose(after, before)
         assert _metric(running.url, "tidal_bundle_delta") == 1
         assert _metric(running.url, "tidal_bundle_deltas_applied_total") == 1
-        export_delta(run.run_dir, bundle_dir)
-        table = export_delta(run.run_dir, bundle_dir) / "tables" / "ids.safetensors"
+        _delta(run, bundle_dir)
+        table = _delta(run, bundle_dir) / "tables" / "ids.safetensors"
         table.write_bytes(b"not a table")
         with pytest.raises(triton.InferenceServerException, match=r"\[409\] the bundle was updated only in part: "
                                                                   r"applied 1 delta, now serving delta 2: .*; the next "
@@ -364,7 +404,7 @@ def test_a_server_on_a_compiled_backend_applies_a_delta_and_scores_as_a_full_exp
         served = running.service.predictor._program
         assert running.service.predictor.backend == backend
         before = _scores(client, rows, specs)
-        export_delta(run.run_dir, bundle_dir)
+        _delta(run, bundle_dir)
         client.load_model("ctr")
         after = _scores(client, rows, specs)
         assert running.service.predictor.backend == backend and running.service.predictor._program is not served
@@ -380,7 +420,7 @@ def test_a_session_spanning_an_update_is_pooled_again_once_and_scores_with_the_n
     full = Predictor(load_bundle(run.full))
     with _serving(bundle_dir) as (running, client):
         _scores(client, rows.slice(0, 20), specs, sequence_id=7, sequence_start=True)
-        export_delta(run.run_dir, bundle_dir)
+        _delta(run, bundle_dir)
         client.load_model("ctr")
         page = rows.slice(20, 20)
         expected = full.outputs(full.predict([_piece(full, page)]))["score"]
@@ -393,9 +433,9 @@ def test_a_session_spanning_an_update_is_pooled_again_once_and_scores_with_the_n
 def test_a_server_polling_its_bundle_applies_new_deltas_and_reports_a_refusal_once(run, bundle_dir, capsys):
     service = Service(load_bundle(bundle_dir), delta_poll_s=0.02)
     try:
-        export_delta(run.run_dir, bundle_dir)
+        _delta(run, bundle_dir)
         until(lambda: service.updater.delta == 1, "delta 1")
-        table = export_delta(run.run_dir, bundle_dir) / "tables" / "ids.safetensors"
+        table = _delta(run, bundle_dir) / "tables" / "ids.safetensors"
         table.write_bytes(b"damaged")
         until(lambda: service.updater.refused >= 5, "five refusals")
         assert service.updater.delta == 1
@@ -409,8 +449,8 @@ def test_a_server_polling_its_bundle_applies_new_deltas_and_reports_a_refusal_on
 def test_a_polling_server_applies_the_deltas_before_a_damaged_one_and_reports_it_once(run, bundle_dir, tmp_path,
                                                                                       capsys):
     staged = Path(shutil.copytree(bundle_dir, tmp_path / "staged"))
-    export_delta(run.run_dir, staged)
-    (export_delta(run.run_dir, staged) / "tables" / "ids.safetensors").write_bytes(b"damaged")
+    _delta(run, staged)
+    (_delta(run, staged) / "tables" / "ids.safetensors").write_bytes(b"damaged")
     service = Service(load_bundle(bundle_dir), delta_poll_s=0.02)
     try:
         (staged / "deltas").rename(bundle_dir / "deltas")  # both come before the next poll
@@ -429,7 +469,7 @@ def test_batches_scored_while_a_delta_applies_see_the_old_state_or_the_new_one(r
     rows = with_user_of(file_rows(run.trainer, 200), specs)
     predictor = Predictor(load_bundle(bundle_dir))
     old = predictor.predict([_piece(predictor, rows)])
-    export_delta(run.run_dir, bundle_dir)
+    _delta(run, bundle_dir)
     new = Predictor(load_bundle(run.full)).predict([_piece(predictor, rows)])
     results, stop = [], threading.Event()
 
@@ -457,7 +497,7 @@ def test_a_request_whose_chunks_span_an_update_is_scored_by_one_state(run, bundl
     predictor = service.predictor
     old = predictor.predict([_piece(predictor, rows)])
     new = Predictor(load_bundle(run.full)).predict([_piece(predictor, rows)])
-    export_delta(run.run_dir, bundle_dir)
+    _delta(run, bundle_dir)
     original = predictor.sparse
     predictor.sparse = lambda pieces: time.sleep(0.05) or original(pieces)  # 10 chunks, 0.5 s at least
     try:
@@ -483,7 +523,7 @@ def test_dense_weights_that_are_not_the_bundles_are_refused_by_name(run, bundle_
 
     from tidal.embedding.checkpoint import fingerprint, sealed
 
-    folder = export_delta(run.run_dir, bundle_dir)
+    folder = _delta(run, bundle_dir)
     weights = folder / "dense.safetensors"
     good = load_bundle(run.full).program.state_dict
     for other in ({"head.out.weight": torch.zeros(2, 3)}, {k: v.double() for k, v in good.items()}):
@@ -503,7 +543,7 @@ def test_dense_weights_that_are_not_the_bundles_are_refused_by_name(run, bundle_
 def test_a_delta_of_another_table_dtype_is_refused(run, bundle_dir):
     from tidal.embedding.checkpoint import sealed
 
-    folder = export_delta(run.run_dir, bundle_dir)
+    folder = _delta(run, bundle_dir)
     manifest = json.loads((folder / "manifest.json").read_text())
     (folder / "manifest.json").write_text(json.dumps(sealed({**manifest, "table_dtype": "float16"})))
     with pytest.raises(CorruptCheckpointError, match=r"000001/manifest.json: tables of float16, the bundle's are "
@@ -519,7 +559,7 @@ def test_a_session_started_before_an_update_is_scored_with_the_new_rows_after_it
     state = predictor.user_state(piece.user)
     with_state = Piece(items=piece.items, state=state)
     np.testing.assert_array_equal(predictor.predict([with_state]), predictor.predict([piece]))
-    export_delta(run.run_dir, bundle_dir)
+    _delta(run, bundle_dir)
     predictor.update(read_deltas(bundle_dir, predictor.position, predictor.config))
     full = Predictor(load_bundle(run.full))
     np.testing.assert_allclose(predictor.predict([with_state, piece]), full.predict([piece, piece]), rtol=1e-6)
@@ -529,7 +569,7 @@ def test_an_update_that_fails_part_way_makes_the_server_unready_and_refuses_more
     from tidal.embedding import EmbeddingTable
 
     with _serving(bundle_dir) as (running, client):
-        export_delta(run.run_dir, bundle_dir)
+        _delta(run, bundle_dir)
 
         def no_memory(self, block):  # type: ignore[no-untyped-def]
             raise MemoryError("no room for the rows")
@@ -572,7 +612,7 @@ def test_a_full_export_that_replaced_the_bundle_is_loaded_and_served_without_a_r
                                    expected, rtol=1e-6)
         assert not np.allclose(before, full.predict([_piece(full, rows)]), rtol=1e-3)
         assert service.predictor.id_counts()[0] > lookups  # counted on from before the reload
-        export_delta(run.run_dir, bundle_dir)  # the new base's deltas follow it
+        _delta(run, bundle_dir)  # the new base's deltas follow it
         until(lambda: service.updater.delta == 1, "its delta 1")
         assert (service.updater.reloads, service.updater.deltas_applied, service.updater.refused) == (1, 1, 0)
     finally:
@@ -672,7 +712,7 @@ def test_the_poller_goes_on_after_an_unexpected_error_and_its_period_is_bounded(
     monkeypatch.setattr(online, "readable_deltas", flaky)
     service = Service(load_bundle(bundle_dir), delta_poll_s=0.02)
     try:
-        export_delta(run.run_dir, bundle_dir)
+        _delta(run, bundle_dir)
         until(lambda: service.updater.delta == 1, "delta 1 after the error")
     finally:
         service.close()

@@ -24,6 +24,10 @@ or whose configs are not the run's; a trainer.json written before these hashes
 resume is refused when the training files differ from the ones the checkpoint was
 reading (a file added, gone or resized): its position counts batches of those files.
 
+A save removes the checkpoints it supersedes, but not one being read: an export or an
+evaluation holds the checkpoint it reads (`reading`, a shared lock on its
+trainer.json), and a later save removes it once the reading is over.
+
 A run holds ``<run_dir>/run.lock`` (`hold_run_dir`) while it trains: a second run
 into the same folder is refused, rather than removing the first one's checkpoints and
 truncating its metrics.
@@ -55,8 +59,8 @@ from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 if TYPE_CHECKING:
     from tidal.runtime.trainer import Trainer
 
-__all__ = ["find", "hold_run_dir", "latest", "load_checked_tables", "load_dense", "process_running", "read_meta", "restore",
-           "save"]
+__all__ = ["find", "hold_run_dir", "latest", "load_checked_tables", "load_dense", "process_running", "read_meta",
+           "reading", "restore", "save"]
 
 LATEST = "LATEST"
 DENSE = "dense.safetensors"
@@ -66,8 +70,9 @@ _META_KEYS = ("position", "config", "param_groups", "bad_rows")
 _TABLE_FILE = re.compile(rf"{TABLES}/({re.escape(CHAIN)}|\d{{6}}-(full|delta)/{re.escape(MANIFEST)})")  # fingerprinted
 _STAGING = re.compile(r"\.tmp-step-\d+-epoch-\d+-(\d+)")  # a save's temporary folder, ending with its pid
 _MAY_CHANGE = ("training", "runtime", "passmode", "serving")  # config sections a resume may change
-_DATA_MAY_CHANGE = ("on_bad_row", "max_bad_fraction")  # how bad rows are met, not which rows are read
+_DATA_MAY_CHANGE = ("eval", "on_bad_row", "max_bad_fraction")  # what is evaluated, how bad rows are met
 _UNCHECKED_TABLE_FIELDS = {"reserve_rows"}  # memory set aside when a table is built: no part of its state
+_HOLD_TRIES = 20  # a reader's tries at holding a run's latest checkpoint while saves replace it
 
 
 @contextmanager
@@ -156,11 +161,56 @@ def _table_files(root: Path) -> list[Path]:
 
 
 def _remove_superseded(root: Path, name: str) -> None:
-    """Remove the checkpoints before `name`, and the temporary folders of saves that
-    died: this process's or a process's that has ended (one still running may be saving)."""
+    """Remove the checkpoints before `name` that no one is reading (`reading`; one being
+    read goes at a later save), and the temporary folders of saves that died: this
+    process's or a process's that has ended (one still running may be saving)."""
     for entry in root.iterdir():
-        if entry.name.startswith("step-") and entry.name != name or _stale_staging(entry.name):
+        if entry.name.startswith("step-") and entry.name != name:
+            _remove_unread(entry)
+        elif _stale_staging(entry.name):
             shutil.rmtree(entry, ignore_errors=True)
+
+
+def _remove_unread(directory: Path) -> None:
+    """Remove checkpoint `directory` unless a reader holds it (a shared lock on its
+    trainer.json); the exclusive lock is held while it is removed."""
+    try:
+        fd = os.open(directory / "trainer.json", os.O_RDONLY)
+    except OSError:  # an incomplete folder: no reader can hold it
+        shutil.rmtree(directory, ignore_errors=True)
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return
+    try:
+        shutil.rmtree(directory, ignore_errors=True)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def reading(path: Path) -> Iterator[Path]:
+    """The checkpoint at `path` (a checkpoint directory, or a run directory's latest),
+    held while the block reads it: a run training meanwhile does not remove it when a
+    newer checkpoint supersedes it (a later save does, once the block ended). When a
+    run's latest was removed before it could be held, the new latest is taken."""
+    for _ in range(_HOLD_TRIES):
+        directory = find(path)
+        try:
+            fd = os.open(directory / "trainer.json", os.O_RDONLY)
+        except FileNotFoundError:
+            continue  # superseded and removed since LATEST was read
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # waits while a run removes it
+            if (directory / "trainer.json").exists():
+                yield directory
+                return
+        finally:
+            os.close(fd)
+    raise CheckpointError(f"{path}: its latest checkpoint was superseded and removed {_HOLD_TRIES} times while it "
+                          f"was being opened; try again")
 
 
 def _stale_staging(name: str) -> bool:

@@ -41,6 +41,7 @@ import time
 import warnings
 import zipfile
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -115,15 +116,19 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, table_dtype: st
 
     The tables are evicted first (TTL and row caps, on the copy loaded here): a
     checkpoint holds the state of the run at its step, rows created since the last
-    `evict_every` safe point included, and a bundle serves within the caps."""
-    directory = _checkpoint_dir(Path(source))
+    `evict_every` safe point included, and a bundle serves within the caps. A run
+    training meanwhile keeps the checkpoint until the export has read it."""
+    with _reading(Path(source)) as directory:
+        return _export(directory, Path(source), Path(out), table_dtype, backend)
+
+
+def _export(directory: Path, source: Path, out: Path, table_dtype: str | None, backend: str | None) -> Path:
     meta = checkpoint.read_meta(directory)
     config = _with_backend(RunConfig.from_saved(meta["config"]), backend)
     dtype = np.dtype(table_dtype or config.serving.table_dtype)
     if dtype not in (np.float32, np.float16):
         raise ConfigError(f"table dtype must be float32 or float16, got {table_dtype!r}")
-    out = Path(out)
-    _check_replaceable(out, Path(source))
+    _check_replaceable(out, source)
     staging = out.parent / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -134,7 +139,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, table_dtype: st
             save_file({"keys": keys, "values": _cast(table.name, values, dtype)},
                       str(staging / "tables" / f"{table.name}.safetensors"))
         _save_program(_model(config, directory), config, staging)
-        write_json_atomic(staging / MANIFEST, _manifest(config, directory, staging, str(dtype)))
+        write_json_atomic(staging / MANIFEST, _manifest(config, _source(directory, meta), staging, str(dtype)))
         fsync_path(staging)
         _replace_folder(out, staging)
     finally:
@@ -175,14 +180,23 @@ def export_delta(source: str | os.PathLike, bundle_dir: str | os.PathLike) -> Pa
     its deltas) to a checkpoint of the same model (a run directory's latest, or one
     checkpoint directory): rows new or changed, keys no longer served, and the dense
     weights. A running `tidal serve` of the bundle applies it without a restart.
-    Returns the delta's folder."""
-    directory = _checkpoint_dir(Path(source))
+    Returns the delta's folder, or None when the bundle already serves this very
+    checkpoint (nothing to write). A checkpoint older than the one served is refused:
+    its delta would roll the served model back. A run training meanwhile keeps the
+    checkpoint until the export has read it."""
+    with _reading(Path(source)) as directory:
+        return _export_delta(directory, bundle_dir)
+
+
+def _export_delta(directory: Path, bundle_dir: str | os.PathLike) -> Path | None:
     meta = checkpoint.read_meta(directory)
     config = RunConfig.from_saved(meta["config"])
     served = load_bundle(bundle_dir)
     if served.position is None:
         raise CheckpointError(f"{served.path}: {NO_DELTAS}")
     _check_same_model(served, config)
+    if _serves_already(served, _source(directory, meta)):
+        return None
     folder = _deltas_folder(served.path)
     sequence = served.position.sequence + 1
     staging = folder / f".tmp-{delta_name(sequence)}-{os.getpid()}-{secrets.token_hex(4)}"
@@ -192,7 +206,8 @@ def export_delta(source: str | os.PathLike, bundle_dir: str | os.PathLike) -> Pa
         counts = _write_changes(served, checkpoint.load_checked_tables(directory, meta, config.tables), staging)
         save_torch({k: v.contiguous() for k, v in _model(config, directory).state_dict().items()},
                    str(staging / WEIGHTS))
-        manifest = _delta_manifest(served.position, served.manifest["table_dtype"], directory, staging, counts)
+        manifest = _delta_manifest(served.position, served.manifest["table_dtype"], _source(directory, meta), staging,
+                                   counts)
         write_json_atomic(staging / MANIFEST, manifest)
         fsync_path(staging / "tables")
         fsync_path(staging)
@@ -241,11 +256,42 @@ def _write_changes(served: Bundle, tables: list, staging: Path) -> dict[str, dic
     return counts
 
 
-def _delta_manifest(position: Position, table_dtype: str, directory: Path, staging: Path, counts: dict) -> dict:
+def _delta_manifest(position: Position, table_dtype: str, source: dict, staging: Path, counts: dict) -> dict:
     return sealed({"format": DELTA_FORMAT, "version": DELTA_VERSION, "sequence": position.sequence + 1,
-                   "base": position.base, "previous": position.seal, **_created(),
-                   "source_checkpoint": directory.name, "table_dtype": table_dtype,
-                   "tables": counts, "files": _files(staging)})
+                   "base": position.base, "previous": position.seal, **_created(), **source,
+                   "table_dtype": table_dtype, "tables": counts, "files": _files(staging)})
+
+
+def _source(directory: Path, meta: dict) -> dict:
+    """What a manifest records of the checkpoint it was exported from: its folder's
+    name, its step and its trainer.json's sha256 (None in checkpoints older than it)."""
+    return {"source_checkpoint": directory.name, "source_step": meta["position"]["step"],
+            "source_sha256": meta.get(SEAL)}
+
+
+def _serves_already(served: Bundle, source: dict) -> bool:
+    """Whether `served` already serves the checkpoint of `source` (`_source`); refused
+    when that checkpoint is older than the one it serves. Bundles exported before
+    manifests recorded the step are not compared."""
+    newest = _newest_manifest(served)
+    if "source_step" not in newest:
+        return False
+    if source["source_sha256"] is not None and source["source_sha256"] == newest["source_sha256"]:
+        return True
+    if source["source_step"] < newest["source_step"]:
+        where = f"delta {served.position.sequence}" if served.position.sequence else "the base"
+        raise CheckpointError(f"{source['source_checkpoint']}: a checkpoint of step {source['source_step']}, older "
+                              f"than the one {served.path} serves ({newest['source_checkpoint']}, step "
+                              f"{newest['source_step']}, in {where}); a delta from it would roll the served model "
+                              f"back. Export it in full (without --delta) to serve it")
+    return False
+
+
+def _newest_manifest(served: Bundle) -> dict:
+    """The manifest of what `served` serves last: its newest delta's, or its own."""
+    if not served.position.sequence:
+        return served.manifest
+    return _read_json(served.path / DELTAS / delta_name(served.position.sequence) / MANIFEST)
 
 
 def _publish(staging: Path, final: Path, bundle: Path, position: Position) -> Path:
@@ -279,11 +325,12 @@ def _cast(name: str, values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return cast
 
 
-def _checkpoint_dir(source: Path) -> Path:
+def _reading(source: Path) -> AbstractContextManager[Path]:
+    """The checkpoint to export, held while it is read (`checkpoint.reading`)."""
     if not (source / "trainer.json").exists() and not (source / "checkpoints" / checkpoint.LATEST).exists():
         raise CheckpointError(f"{source}: no checkpoint to export (expected a run directory with checkpoints/"
                               f"{checkpoint.LATEST}, or a checkpoint directory with trainer.json); train first")
-    return checkpoint.find(source)
+    return checkpoint.reading(source)
 
 
 def _check_replaceable(out: Path, source: Path) -> None:
@@ -345,10 +392,9 @@ def _with_backend(config: RunConfig, backend: str | None) -> RunConfig:
     return RunConfig.from_saved({**saved, "serving": {**saved["serving"], "backend": backend}})
 
 
-def _manifest(config: RunConfig, directory: Path, staging: Path, dtype: str) -> dict:
+def _manifest(config: RunConfig, source: dict, staging: Path, dtype: str) -> dict:
     extractor = Extractor(config.features)
-    manifest = {"format": FORMAT, "version": VERSION, **_created(),
-                "source_checkpoint": directory.name, "table_dtype": dtype,
+    manifest = {"format": FORMAT, "version": VERSION, **_created(), **source, "table_dtype": dtype,
                 "targets": [f.name for f in extractor.labels],
                 "inputs": _inputs(config),  # what a request carries
                 "config": config.model_dump(mode="json"),
