@@ -166,13 +166,15 @@ def test_sum_fusion_ignores_a_nan_target_when_it_is_left_out_of_the_weights():
     assert np.isnan(fuse(Fusion(kind="sum"), p, ["ctr", "cvr"])).all()  # every target counts: NaN shows
 
 
-def test_piece_refuses_an_item_column_of_another_length_when_it_is_not_one_value(trainer, predictor):
+def test_piece_refuses_an_item_column_of_another_length_even_of_one_value(trainer, predictor):
     rows = with_user_of(file_rows(trainer, 3), input_specs(trainer.config))
     columns = _columns(predictor, rows.slice(0, 2))
-    with pytest.raises(BatchError, match=r"column 'C9' has 3 values; expected 2 \(one per candidate\) or 1"):
+    with pytest.raises(BatchError, match=r"column 'C9' has 3 values; expected 2 \(one per candidate: an item feature"):
         predictor.piece({**columns, "C9": _columns(predictor, rows)["C9"]}, 2)
-    one = predictor.piece({**columns, "C9": columns["C9"].slice(1, 1)}, 2)  # one value: every candidate's
-    assert one.items.column("C9").to_pylist() == [columns["C9"][1].as_py()] * 2
+    with pytest.raises(BatchError, match=r"column 'C9' has 1 value; expected 2 \(one per candidate: an item feature"):
+        predictor.piece({**columns, "C9": columns["C9"].slice(1, 1)}, 2)  # broadcast, it gave wrong scores
+    piece = predictor.piece(columns, 2)  # the user's C1, which the item feature C1xC6 reads too: every candidate's
+    assert len(columns["C1"]) == 1 and piece.items.column("C1").to_pylist() == [columns["C1"][0].as_py()] * 2
 
 
 def test_piece_and_user_row_name_the_missing_columns_when_a_request_lacks_them(trainer, predictor):

@@ -10,7 +10,7 @@ import pytest
 from serving_helpers import serving_config
 
 from tidal.serving import RequestError
-from tidal.serving.protocol import decode_request, encode_response, input_specs
+from tidal.serving.protocol import context_inputs, decode_request, encode_response, input_specs
 
 OUTPUTS = ["ctr", "cvr", "score"]
 
@@ -106,9 +106,76 @@ def test_binary_tensors_decode_like_json(specs):
     assert decoded.columns["C9"].to_pylist() == ["v0", "été"] and decoded.columns["I5"].to_pylist() == [3.0, 4.0]
 
 
-def test_a_one_value_item_input_is_broadcast_and_a_start_may_come_without_candidates(specs):
-    decoded = _decode(specs, _request(specs, 4, C9={"name": "C9", "datatype": "BYTES", "shape": [1], "data": ["x"]}))
-    assert decoded.rows == 4 and len(decoded.columns["C9"]) == 1  # broadcast when the piece is built
+def test_a_one_value_item_input_is_refused_when_the_request_has_more_candidates(specs):
+    """Broadcast, a truncated item column scored every candidate with its one value: wrong scores with a 200."""
+    one = {"name": "C9", "datatype": "BYTES", "shape": [1], "data": ["x"]}
+    with pytest.raises(RequestError, match=r"^input 'C9' is an item feature: expected 4 values \(one per candidate, "
+                                           r"as 'C4' has\), got 1; send every item input with one value per "
+                                           r"candidate \(only user and context inputs may come once"):
+        _decode(specs, _request(specs, 4, C9=one))
+    with pytest.raises(RequestError, match=r"^input 'C9' is an item feature: expected 4 values .*, got 3"):
+        _decode(specs, _request(specs, 4, C9={**one, "shape": [3], "data": ["x", "y", "z"]}))
+    in_a_session = r"^input 'C9' is an item feature: expected 4 values .*, got 1"
+    with pytest.raises(RequestError, match=in_a_session):
+        _decode(specs, {"inputs": [t for t in _request(specs, 4, C9=one)["inputs"] if specs[t["name"]].side == "item"]},
+                sequence_id=3)
+    assert _decode(specs, _request(specs, 1, C9=one)).rows == 1  # one candidate: one value is its own
+
+
+def test_two_item_inputs_of_different_sizes_are_refused_naming_the_short_one(tmp_path):
+    specs = input_specs(_sided_config(tmp_path, item=("A", "B")))
+    body = {"inputs": [{"name": "A", "datatype": "BYTES", "shape": [1], "data": ["a"]},
+                       {"name": "B", "datatype": "BYTES", "shape": [2], "data": ["b", "c"]}]}
+    with pytest.raises(RequestError, match=r"^input 'A' is an item feature: expected 2 values \(one per candidate, "
+                                           r"as 'B' has\), got 1"):
+        _decode(specs, body)
+
+
+def test_user_and_context_inputs_of_one_value_stand_for_every_candidate(tmp_path):
+    config = _sided_config(tmp_path, user=("U",), context=("X",), item=("A",))
+    specs, context = input_specs(config), context_inputs(config)
+    assert context == {"X"} and specs["X"].side == "item"  # as bundles' manifests have it
+
+    def body(user: int, ctx: int, items: int) -> dict:
+        return {"inputs": [{"name": name, "datatype": "BYTES", "shape": [n], "data": [f"{name}{k}" for k in range(n)]}
+                           for name, n in (("U", user), ("X", ctx), ("A", items))]}
+
+    once = decode_request(json.dumps(body(1, 1, 3)).encode(), None, specs, OUTPUTS, context=context)
+    assert once.rows == 3 and once.columns["U"].to_pylist() == ["U0"] and once.columns["X"].to_pylist() == ["X0"]
+    assert decode_request(json.dumps(body(1, 3, 3)).encode(), None, specs, OUTPUTS, context=context).rows == 3
+    with pytest.raises(RequestError, match=r"^input 'X' is a context feature: expected 3 values \(one per candidate, "
+                                           r"as 'A' has\) or 1 \(the same for every candidate\), got 2"):
+        decode_request(json.dumps(body(1, 2, 3)).encode(), None, specs, OUTPUTS, context=context)
+    with pytest.raises(RequestError, match=r"user inputs carry one value per request, got \{'U': 3\}"):
+        decode_request(json.dumps(body(3, 1, 3)).encode(), None, specs, OUTPUTS, context=context)
+    with pytest.raises(RequestError, match="input 'X' is an item feature"):  # not named a context input: per candidate
+        decode_request(json.dumps(body(1, 1, 3)).encode(), None, specs, OUTPUTS)
+
+
+def _sided_config(root, **sides: tuple[str, ...]):  # type: ignore[no-untyped-def]
+    """A config of one hashed feature per column, of the side named."""
+    from tidal.config import RunConfig
+
+    features = [{"kind": "sparse", "name": column.lower(), "columns": [column], "table": "t", "side": side}
+                for side, columns in sides.items() for column in columns]
+    return RunConfig(data={"train": str(root / "none.tsv")}, tables=[{"name": "t", "dim": 4}],
+                     features=[*features, {"kind": "label", "name": "y", "column": "label"}])
+
+
+@pytest.mark.parametrize("sequence_id, came", [(None, "none"), (0, "0, which is not a sequence id"),
+                                               ("", "'', which is not a sequence id")])
+def test_sequence_flags_are_refused_when_no_sequence_id_or_0_comes(specs, sequence_id, came):
+    ids = {} if sequence_id is None else {"sequence_id": sequence_id}
+    with pytest.raises(RequestError, match=rf"^sequence_start needs a sequence: expected a non-zero sequence_id, "
+                                           rf"got {came}"):
+        _decode(specs, _request(specs, 2), sequence_start=True, **ids)
+    with pytest.raises(RequestError, match=r"^sequence_start and sequence_end need a sequence: .* or leave "
+                                           r"sequence_start and sequence_end out"):
+        _decode(specs, _request(specs, 2), sequence_start=True, sequence_end=True, **ids)
+    assert _decode(specs, _request(specs, 2), **ids).sequence_id is None  # 0 alone: a stateless request, as in Triton
+
+
+def test_a_start_may_come_without_candidates_and_an_end_without_inputs(specs):
     users_only = {"inputs": [t for t in _request(specs, 1)["inputs"] if specs[t["name"]].side != "item"]}
     start = _decode(specs, users_only, sequence_id="u1", sequence_start=True)
     assert start.rows == 0 and start.sequence_id == "u1"

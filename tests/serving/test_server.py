@@ -88,6 +88,14 @@ def test_health_and_metadata_through_tritonclient(server, client):
     assert not client.is_model_ready("other")
 
 
+def test_model_metadata_says_side_context_when_an_input_may_come_once_for_every_candidate():
+    from tidal.serving.protocol import InputSpec
+    from tidal.serving.server import _input_parameters
+
+    spec = InputSpec(name="hour", kind="ids", side="item")  # a context column's spec, as manifests hold it
+    assert _input_parameters(spec, True) == {"side": "context"} and _input_parameters(spec, False) == {"side": "item"}
+
+
 def test_model_config_statistics_and_repository_index_through_tritonclient(bundle, rows):
     from tidal.serving import split_rows
 
@@ -322,7 +330,10 @@ def _bad_requests(rows, specs) -> list[tuple[bytes, dict, int, str]]:
          "not 1 length-prefixed BYTES"),
         (binary, {"Inference-Header-Content-Length": str(len(binary) + 50)}, 400, "but the body has"),
         (huge + b"\x00" * 8, {"Inference-Header-Content-Length": str(len(huge))}, 400, "need at least"),
-        (altered(lambda b: b.update(parameters={"sequence_start": True})), {}, 400, "need a sequence_id"),
+        (altered(lambda b: b.update(parameters={"sequence_start": True})), {}, 400,
+         "sequence_start needs a sequence: expected a non-zero sequence_id, got none"),
+        (altered(lambda b: b.update(parameters={"sequence_id": 0, "sequence_start": True})), {}, 400,
+         "expected a non-zero sequence_id, got 0, which is not a sequence id (as in Triton, 0"),
         (altered(lambda b: b.update(parameters={"sequence_id": 1.5})), {}, 400, "sequence_id must be an integer or a string"),
         (altered(lambda b: b["inputs"].extend([{"name": "C7.lengths", "datatype": "INT64", "shape": [rows.num_rows],
                                                 "data": [-1] + [0] * (rows.num_rows - 1)}])
@@ -335,7 +346,10 @@ def _bad_requests(rows, specs) -> list[tuple[bytes, dict, int, str]]:
         (binary.replace(b'"binary_data_size": 9', b'"binary_data_size": -1'),
          {"Inference-Header-Content-Length": str(len(binary) + 1)}, 400, "binary_data_size must be a byte count"),
         (altered(lambda b: tensor(b, "C9").update(shape=[rows.num_rows - 2], data=tensor(b, "C9")["data"][:-2])),
-         {}, 400, "item inputs must all have n values"),
+         {}, 400, f"input 'C9' is an item feature: expected {rows.num_rows} values (one per candidate, as 'C4' has), "
+                  f"got {rows.num_rows - 2}"),
+        (altered(lambda b: tensor(b, "C9").update(shape=[1], data=tensor(b, "C9")["data"][:1])), {}, 400,
+         f"input 'C9' is an item feature: expected {rows.num_rows} values (one per candidate, as 'C4' has), got 1"),
         (json.dumps(good).encode() + b"junk", {"Inference-Header-Content-Length": str(len(json.dumps(good).encode()))},
          400, "add up to 0 bytes, but 4 follow the header"),
         (b'{"inputs": [], "id": ' + b"1" * 5000 + b"}", {}, 400, "not valid JSON"),
@@ -347,9 +361,6 @@ def _bad_requests(rows, specs) -> list[tuple[bytes, dict, int, str]]:
                                                 "data": [1] * rows.num_rows}])
                  or tensor(b, "C7").update(datatype="FP64", data=[2.5] * rows.num_rows)), {}, 400,
          "'C7': ids must be BYTES or INT64, got floating point values"),
-        (altered(lambda b: [t.update(shape=[1], data=t["data"][:1]) for t in b["inputs"]]
-                 and tensor(b, "C9").update(shape=[70_000], data=[""] * 70_000)), {}, 413,
-         "the request has 70000 candidates; this server takes at most 65536"),
         (gzipped[:-20], {"Content-Encoding": "gzip"}, 400, "the gzip body ends before its data does"),
         (b"\x1f\x8bnot gzip", {"Content-Encoding": "gzip"}, 400, "not valid gzip data"),
         (gzip.compress(b" " * (2 << 20)), {"Content-Encoding": "gzip"}, 413, "decompresses to more than 1048576"),
@@ -381,6 +392,36 @@ def test_a_barrage_of_bad_requests_gets_400s_and_the_server_keeps_serving(server
     for name in ("tidal_unknown_ids_total", "tidal_ids_total", "tidal_session_cache_entries", "tidal_queue_seconds",
                  'tidal_compute_seconds_count{stage="dense"}', "tidal_session_cache_bytes"):
         assert name in metrics
+
+
+def test_an_item_input_of_one_value_gets_a_400_while_user_inputs_of_one_value_score(server, rows):
+    specs = input_specs(server.service.predictor.config)
+    candidates = with_user_of(rows.slice(0, 2), specs)
+    good = infer_request(candidates, specs)
+    assert {t["name"]: t["shape"] for t in good["inputs"] if t["name"] in ("C1", "C2", "I1", "C4", "C9")} == \
+        {"C1": [1], "C2": [1], "I1": [1], "C4": [2], "C9": [2]}  # the user's values once, the items' per candidate
+    code, answer, _ = _post(server, "/v2/models/ctr/infer", json.dumps(good).encode())
+    assert code == 200, answer
+    np.testing.assert_allclose(answer["outputs"][0]["data"], _expected(server, candidates)[:, 0], rtol=1e-5)
+    truncated = json.loads(json.dumps(good))
+    c9 = next(t for t in truncated["inputs"] if t["name"] == "C9")
+    c9.update(shape=[1], data=c9["data"][:1])
+    code, answer, _ = _post(server, "/v2/models/ctr/infer", json.dumps(truncated).encode())
+    assert code == 400 and answer["error"].startswith("input 'C9' is an item feature: expected 2 values (one per "
+                                                      "candidate, as 'C4' has), got 1; ")
+    assert _post(server, "/v2/models/ctr/infer", json.dumps(good).encode())[0] == 200  # the server goes on
+
+
+def test_a_request_of_more_candidates_than_max_queue_rows_gets_a_413(bundle, trainer):
+    running = start_server(Service(bundle, name="ctr", max_queue_rows=20))
+    specs = input_specs(bundle.config)
+    try:
+        code, answer, _ = _post(running, "/v2/models/ctr/infer", json.dumps(infer_request(
+            with_user_of(file_rows(trainer, 21), specs), specs)).encode())
+    finally:
+        running.stop()
+    assert (code, answer["error"]) == (413, "the request has 21 candidates; this server takes at most 20 in one "
+                                            "request (max_queue_rows)")
 
 
 def test_an_oversize_body_gets_its_413_not_a_reset(server):

@@ -3,7 +3,8 @@ per-target probabilities and the value-model fusion.
 
 A request scores the candidates of one user. Each feature declares its side: the
 `user` features come once per request (one row, or a session's cached state), the
-`item` and `context` features once per candidate. Pieces (a request, or a chunk of
+`item` features once per candidate, the `context` features once per candidate or
+once for all of them. Pieces (a request, or a chunk of
 a big one) are scored together::
 
     piece 0: user u0 (1 row)  items i0 i1 i2      piece 1: state of u1  items i3 i4
@@ -49,6 +50,7 @@ from tidal.gate import Gate
 from tidal.serving.bundle import (NO_DELTAS, WEIGHTS, Bundle, Delta, load_bundle, merged, model_sizes, peek,
                                   with_weights)
 from tidal.serving.delta import Position
+from tidal.serving.protocol import context_inputs
 
 __all__ = ["Applied", "Piece", "Predictor", "SparseOutput", "UserState", "fuse"]
 
@@ -150,6 +152,8 @@ class Predictor:
         self._user_dense, self._item_dense = _positions(extractor.dense)
         self.user_columns = self._user_extract.columns
         self.item_columns = self._item_extract.columns
+        # the columns of one value per candidate, never broadcast: item features', not the user's nor context's
+        self._per_candidate = frozenset(self.item_columns) - set(self.user_columns) - context_inputs(self.config)
         self.collection = EmbeddingCollection(_serving_tables(bundle), [f.embedding() for f in extractor.sparse])
         self._rewrite = serving.rewrite
         self._source = _dense_program(bundle, serving, self.device)  # as exported, with the last delta's weights
@@ -304,13 +308,14 @@ class Predictor:
     # ------------------------------------------------------------------ stages
 
     def piece(self, columns: dict[str, pa.Array], rows: int, state: UserState | None = None) -> Piece:
-        """The piece of one request's columns (one-value item columns broadcast to `rows`);
-        with `state`, the user columns are not needed. A missing column, or an item column
-        of neither 1 nor `rows` values, is refused (`BatchError`)."""
+        """The piece of one request's columns (one-value context columns, and the user's
+        columns an item feature reads, broadcast to `rows`); with `state`, the user
+        columns are not needed. A missing column, an item column of other than `rows`
+        values, or a context column of neither 1 nor `rows`, is refused (`BatchError`)."""
         if state is not None:
             columns = {**state.shared, **columns}
         _require(columns, self.item_columns, "item and context")
-        items = _record_batch({c: _broadcast(c, columns[c], rows) for c in self.item_columns})
+        items = _record_batch({c: _broadcast(c, columns[c], rows, c in self._per_candidate) for c in self.item_columns})
         user = self.user_row(columns) if state is None and self.user_columns else None
         return Piece(items=items, user=user, state=state)
 
@@ -515,10 +520,14 @@ def _require(columns: dict[str, pa.Array], names: list[str], side: str) -> None:
         raise BatchError(f"missing {side} columns {missing}; a piece needs {names}, got {sorted(columns)}")
 
 
-def _broadcast(name: str, array: pa.Array, rows: int) -> pa.Array:
-    """Column `name` with `rows` values, a one-value column repeated; another length is refused."""
+def _broadcast(name: str, array: pa.Array, rows: int, per_candidate: bool) -> pa.Array:
+    """Column `name` with `rows` values, a one-value column repeated unless it is
+    `per_candidate` (an item feature's); another length is refused."""
     if len(array) == rows:
         return array
+    if per_candidate:
+        raise BatchError(f"column {name!r} has {len(array)} value{'s' if len(array) != 1 else ''}; expected {rows} "
+                         f"(one per candidate: an item feature reads it); send one value per candidate")
     if len(array) != 1:
         raise BatchError(f"column {name!r} has {len(array)} values; expected {rows} (one per candidate) "
                          f"or 1 (the same for every candidate)")

@@ -1,9 +1,16 @@
 """The Open Inference Protocol (KServe v2) body: JSON tensors and the binary extension.
 
 A request names one input tensor per raw column the features read, as in training
-(Criteo's ``C1``...``C26`` and ``I1``...``I13``, say). Item and context columns have
-one value per candidate (shape ``[n]`` or ``[n, 1]``; a ``[1]`` tensor is broadcast);
-user columns have one value (``[1]``). Ids come as BYTES (the strings of the data
+(Criteo's ``C1``...``C26`` and ``I1``...``I13``, say). A request scoring n candidates
+carries each column by the side of the features that read it::
+
+    user     C2 [1]         the user's one value, for every candidate (so too a
+                            user column an item feature reads, for a cross)
+    context  hour [1]|[n]   one value for every candidate, or one per candidate
+    item     C9 [n]         one value per candidate, never broadcast: a short
+                            column is refused (400), not read as wrong scores
+
+(``[n, 1]`` reads as ``[n]``). Ids come as BYTES (the strings of the data
 files) or INT64; numbers as FP64 (exact: training parses numbers as float64), FP32,
 INT64 or BYTES; a null or an empty string is a missing value, as an empty field of a
 file. A multi-value column comes as its joined strings (``"a|b|c"``, as in files) or
@@ -20,7 +27,8 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import numba
@@ -32,8 +40,8 @@ from tidal.config import DenseFeature, RunConfig, SparseFeature
 from tidal.data.readers import FLOAT32_MAX, WeightedBags, weighted_values
 from tidal.errors import TidalError
 
-__all__ = ["DecodedRequest", "InputSpec", "RequestError", "decode_request", "encode_response", "infer_request",
-           "input_specs", "json_object"]
+__all__ = ["DecodedRequest", "InputSpec", "RequestError", "context_inputs", "decode_request", "encode_response",
+           "infer_request", "input_specs", "json_object"]
 
 HEADER = "inference-header-content-length"
 MAX_SEQUENCE_ID = 256  # characters of a string sequence_id
@@ -56,7 +64,9 @@ class InputSpec:
 
     name: str
     kind: str  # ids (hashed strings) | integer (raw integer ids) | number
-    side: str  # user (one value per request) | item (one per candidate) | both (a user value some item feature reads too)
+    # user (one value per request) | item (one per candidate) | both (a user value some item feature reads too);
+    # a context column is "item" here, as in bundles' manifests (`context_inputs` names those)
+    side: str
     separator: str | None = None  # a multi-value column
     weight_separator: str | None = None  # its values carry weights ("a:0.5|b:2")
     also: tuple[str, ...] = ()  # other kinds the column is read as (each checked): integer, number
@@ -78,6 +88,18 @@ class DecodedRequest:
 
 def input_specs(config: RunConfig) -> dict[str, InputSpec]:
     """The request inputs of a config's features, by column name."""
+    return {column: _spec(column, features) for column, features in _readers(config).items()}
+
+
+def context_inputs(config: RunConfig) -> frozenset[str]:
+    """The inputs only context features read: a request may send one value of each for
+    every candidate. (An input an item feature reads too has one value per candidate.)"""
+    return frozenset(column for column, features in _readers(config).items()
+                     if all(f.side == "context" for f in features))
+
+
+def _readers(config: RunConfig) -> dict[str, list[SparseFeature | DenseFeature]]:
+    """The features that read each raw column, by column name, in the config's order."""
     readers: dict[str, list[SparseFeature | DenseFeature]] = {}
     for feature in config.features:
         if isinstance(feature, SparseFeature):
@@ -85,7 +107,7 @@ def input_specs(config: RunConfig) -> dict[str, InputSpec]:
                 readers.setdefault(column, []).append(feature)
         elif isinstance(feature, DenseFeature):
             readers.setdefault(feature.column, []).append(feature)
-    return {column: _spec(column, features) for column, features in readers.items()}
+    return readers
 
 
 def _spec(column: str, features: list[SparseFeature | DenseFeature]) -> InputSpec:
@@ -109,8 +131,10 @@ def _kind(feature: SparseFeature | DenseFeature) -> str:
 
 
 def decode_request(body: bytes, header_length: str | None, specs: dict[str, InputSpec],
-                   outputs: Sequence[str]) -> DecodedRequest:
-    """Parse and check one infer request body against the model's inputs and outputs."""
+                   outputs: Sequence[str], *, context: Collection[str] = frozenset()) -> DecodedRequest:
+    """Parse and check one infer request body against the model's inputs and outputs.
+    `context`: the item-side inputs that may come as one value for every candidate
+    (`context_inputs`); every other item input must have one value per candidate."""
     header, binary = _split_body(body, header_length)
     request = _json_object(header)
     tensors = _tensors(request, binary)
@@ -119,7 +143,8 @@ def decode_request(body: bytes, header_length: str | None, specs: dict[str, Inpu
     if unknown:
         raise RequestError(f"unknown inputs {unknown}; the model takes {sorted(specs)}")
     mode = "stateless" if params["sequence_id"] is None else "start" if params["sequence_start"] else "continue"
-    columns, rows = _columns(tensors, specs, mode)
+    columns = _columns(tensors, specs, mode)
+    rows = _rows(columns, specs, context)
     wanted, binary_outputs = _outputs(request, outputs, params.pop("binary_data_output"))
     return DecodedRequest(columns=columns, rows=rows, request_id=_request_id(request), outputs=wanted,
                           binary_outputs=binary_outputs, **params)
@@ -324,9 +349,20 @@ def _parameters(request: dict) -> dict:
         raise RequestError(f"parameters {sorted(bad)} must be true or false, got {bad}")
     active = sequence_id not in (None, 0, "")
     if not active and (flags["sequence_start"] or flags["sequence_end"]):
-        raise RequestError("sequence_start and sequence_end need a sequence_id")
+        raise RequestError(_flags_without_sequence(sequence_id, [k for k in ("sequence_start", "sequence_end")
+                                                                 if flags[k]]))
     return {"sequence_id": sequence_id if active else None, "sequence_start": flags["sequence_start"],
             "sequence_end": flags["sequence_end"], "binary_data_output": flags["binary_data_output"]}
+
+
+def _flags_without_sequence(sequence_id: int | str | None, flags: list[str]) -> str:
+    """Why sequence flags without a sequence are refused: no id came, or 0 or "" (which,
+    as in Triton, mean no sequence)."""
+    named = " and ".join(flags)
+    came = "none" if sequence_id is None else \
+        f"{sequence_id!r}, which is not a sequence id (as in Triton, 0 and \"\" mean no sequence)"
+    return (f"{named} {'needs' if len(flags) == 1 else 'need'} a sequence: expected a non-zero sequence_id, got "
+            f"{came}; send the session's id (an unsigned integer or a non-empty string), or leave {named} out")
 
 
 def _request_id(request: dict) -> str | None:
@@ -339,8 +375,8 @@ def _request_id(request: dict) -> str | None:
 # ---------------------------------------------------------------------- columns
 
 
-def _columns(tensors: dict, specs: dict[str, InputSpec], mode: str) -> tuple[dict[str, pa.Array], int]:
-    """The columns as Arrow arrays (not yet broadcast) and the number of candidates.
+def _columns(tensors: dict, specs: dict[str, InputSpec], mode: str) -> dict[str, pa.Array]:
+    """The columns as Arrow arrays (not yet broadcast).
 
     `mode` is stateless, start or continue: a continuing session's request carries no
     user inputs, nor the user's values that item features read too (side "both"): they
@@ -360,8 +396,7 @@ def _columns(tensors: dict, specs: dict[str, InputSpec], mode: str) -> tuple[dic
                            f"got {sent}")
     texts = {s.name: tensors[s.name] for s in required if s.kind == "number" and isinstance(tensors[s.name], pa.Array)
              and not (s.separator and s.name + LENGTHS in tensors)}
-    columns = _numbers_from_text(texts) | {s.name: _column(s, tensors) for s in required if s.name not in texts}
-    return columns, _rows(columns, specs)
+    return _numbers_from_text(texts) | {s.name: _column(s, tensors) for s in required if s.name not in texts}
 
 
 def _column(spec: InputSpec, tensors: dict) -> pa.Array:
@@ -494,17 +529,40 @@ def _joined(spec: InputSpec, values: np.ndarray | pa.Array, lengths: np.ndarray 
     return pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), strings), spec.separator)
 
 
-def _rows(columns: dict[str, pa.Array], specs: dict[str, InputSpec]) -> int:
-    sizes = {c: len(a) for c, a in columns.items()}
+def _rows(columns: dict[str, pa.Array], specs: dict[str, InputSpec], context: Collection[str]) -> int:
+    """The number of candidates: the values of every item input. A user input has one
+    value; so may a `context` input, for every candidate."""
+    sizes = {c: len(columns[c]) for c in specs if c in columns}  # in the model's order
     users = {c: n for c, n in sizes.items() if specs[c].side != "item" and n != 1}
     if users:
         raise RequestError(f"user inputs carry one value per request, got {users}")
-    items = {n for c, n in sizes.items() if specs[c].side == "item"} - {1}
-    if len(items) > 1:
-        raise RequestError(f"item inputs must all have n values (or 1, broadcast), got sizes {sizes}")
-    if items:
-        return items.pop()
-    return 1 if any(specs[c].side == "item" for c in columns) else 0
+    items = {c: n for c, n in sizes.items() if specs[c].side == "item"}
+    if not items:
+        return 0
+    rows, example = _candidates(items, context)
+    for name, n in items.items():
+        if n != rows and not (n == 1 and name in context):
+            raise RequestError(_unlike_candidates(name, n, rows, example, name in context))
+    return rows
+
+
+def _candidates(items: dict[str, int], context: Collection[str]) -> tuple[int, str]:
+    """(candidates, an input that has one value per candidate): the size most item
+    inputs have (a tie: the larger), one-value context inputs left out."""
+    sized = {c: n for c, n in items.items() if n != 1 or c not in context} or items
+    counts = Counter(sized.values())
+    rows = max(counts, key=lambda n: (counts[n], n))
+    return rows, next(c for c, n in sized.items() if n == rows)
+
+
+def _unlike_candidates(name: str, n: int, rows: int, example: str, is_context: bool) -> str:
+    """Why item input `name` of `n` values is refused in a request of `rows` candidates."""
+    expected = f"{rows} value{'s' if rows != 1 else ''} (one per candidate, as {example!r} has)"
+    if is_context:
+        return (f"input {name!r} is a context feature: expected {expected} or 1 (the same for every candidate), "
+                f"got {n}")
+    return (f"input {name!r} is an item feature: expected {expected}, got {n}; send every item input with one value "
+            f"per candidate (only user and context inputs may come once for all of them)")
 
 
 def _outputs(request: dict, outputs: Sequence[str], binary_all: bool) -> tuple[list[str] | None, set[str]]:

@@ -13,6 +13,9 @@ Routes::
     POST /v2/repository/models/{name}/load
                                           apply the bundle's new deltas, or load the full
                                           export that replaced it (`tidal.serving.online`)
+    POST /v2/repository/models/{name}/unload
+                                          refused (400): the server serves its one bundle
+                                          until it is stopped
     GET  /v2/models/{name}/fusion         the value model now in use (Tidal extension)
     PUT  /v2/models/{name}/fusion         change it without a restart: {"kind", "weights"}
     GET  /metrics                         Prometheus metrics
@@ -43,6 +46,7 @@ import gc
 import json
 import signal
 import socket
+import sys
 import threading
 import time
 import zlib
@@ -67,10 +71,10 @@ from tidal.config import Fusion, ServingConfig
 from tidal.errors import ConfigError
 from tidal.serving.batcher import Batcher, BatchRecord, Overloaded, ShuttingDown
 from tidal.serving.bundle import NO_DELTAS, Bundle
-from tidal.serving.online import Updater, refusal
+from tidal.serving.online import Update, Updater, refusal
 from tidal.serving.predictor import Predictor, UserState
-from tidal.serving.protocol import HEADER, LENGTHS, DecodedRequest, InputSpec, RequestError, decode_request, \
-    encode_response, input_specs, json_object
+from tidal.serving.protocol import HEADER, LENGTHS, DecodedRequest, InputSpec, RequestError, context_inputs, \
+    decode_request, encode_response, input_specs, json_object
 from tidal.serving.sessions import SessionCache, SessionError
 from tidal.serving.triton import Statistics, model_config
 
@@ -91,6 +95,7 @@ class Service:
         if self.settings.delta_poll_s is not None and bundle.position is None:
             raise ConfigError(f"delta_poll_s: {bundle.path}: {NO_DELTAS}")
         self.specs = input_specs(bundle.config)
+        self.context = context_inputs(bundle.config)  # item-side inputs that may come once for every candidate
         self.outputs = [*self.predictor.targets, "score"]
         self.sessions = SessionCache(ttl_s=self.settings.session_ttl_s, memory_bytes=self.settings.session_memory_bytes)
         self.metrics = _Metrics(self)
@@ -108,7 +113,7 @@ class Service:
     async def infer(self, body: bytes, header_length: str | None) -> tuple[bytes, dict[str, str]]:
         """Answer one infer request body: (response body, extra headers)."""
         self.sessions.expire()
-        decoded = decode_request(body, header_length, self.specs, self.outputs)
+        decoded = decode_request(body, header_length, self.specs, self.outputs, context=self.context)
         if decoded.rows > self.settings.max_queue_rows:
             raise RequestError(f"the request has {decoded.rows} candidates; this server takes at most "
                                f"{self.settings.max_queue_rows} in one request (max_queue_rows)", status=413)
@@ -152,7 +157,7 @@ class Service:
 
     def metadata(self) -> dict:
         inputs = [{"name": s.name, "datatype": _DATATYPES[s.kind], "shape": [1 if s.side != "item" else -1],
-                   "parameters": _input_parameters(s)} for s in self.specs.values()]
+                   "parameters": _input_parameters(s, s.name in self.context)} for s in self.specs.values()]
         inputs += [{"name": s.name + LENGTHS, "datatype": "INT32", "shape": [-1], "optional": True}
                    for s in self.specs.values() if s.separator]
         return {"name": self.name, "versions": ["1"], "platform": "tidal", "inputs": inputs,
@@ -334,14 +339,22 @@ def create_app(service: Service) -> Starlette:
                                f"{given!r}")
         try:
             update = await asyncio.to_thread(service.updater.update)
-        except Exception as exc:  # noqa: BLE001 - the reason goes to the client; the server goes on
+        except Exception as exc:  # noqa: BLE001 - the reason goes to the client and the log; the server goes on
+            _log_update(None, refusal(exc))
             return _error(409, f"the bundle was not updated ({refusal(exc)}); {service.updater.serving()}")
+        _log_update(update, update.refused)
         if update.refused:
             return _error(409, f"the bundle was updated only in part: {update.summary()}; the next delta was not "
                                f"({update.refused})")
         return JSONResponse({"delta": update.delta, "applied": update.applied, "rows_changed": update.rows_changed,
                              "rows_removed": update.rows_removed, "seconds": update.seconds,
                              "paused_s": update.paused_s, "reload_reason": update.reload_reason})
+
+    async def unload(request: Request) -> JSONResponse:
+        return model_or_404(request) or _error(
+            400, f"unload: tidal serve does not unload its model {service.name!r}: it serves one bundle for its "
+                 f"lifetime; stop the server (Ctrl-C or SIGTERM) to stop serving it (POST "
+                 f"/v2/repository/models/{service.name}/load applies the bundle's new deltas)")
 
     async def fusion(request: Request) -> JSONResponse:
         missing = model_or_404(request)
@@ -369,6 +382,7 @@ def create_app(service: Service) -> Starlette:
         Route("/v2", server_metadata), Route("/v2/health/live", live), Route("/v2/health/ready", ready),
         Route("/v2/models/stats", stats), Route("/v2/repository/index", repository_index, methods=["POST"]),
         Route("/v2/repository/models/{name}/load", load, methods=["POST"]),
+        Route("/v2/repository/models/{name}/unload", unload, methods=["POST"]),
         *[Route(f"/v2/models/{{name}}{version}{path}", endpoint, methods=methods)
           for version in ("", "/versions/{version}") for path, endpoint, methods in model_routes],
         Route("/metrics", metrics),
@@ -381,6 +395,15 @@ _DRAIN_BYTES = 64 << 20  # an oversize body up to this size is read and dropped 
 _BODY_TIMEOUT_S = 30.0  # a body must arrive within this
 _HEADER_TIMEOUT_S = 10.0  # a request's headers must arrive within this
 _HEADER_BYTES = 64 << 10  # and take at most this many bytes
+
+
+def _log_update(update: Update | None, refused: str | None) -> None:
+    """The server's log lines of a load request's update, as the poller writes them:
+    what it applied or loaded (stdout), and why it stopped or changed nothing (stderr)."""
+    if update is not None and (update.applied or update.reload_reason):
+        print(f"tidal serve: {update.summary()}", flush=True)
+    if refused:
+        print(f"tidal serve: bundle not updated: {refused}", file=sys.stderr, flush=True)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -583,11 +606,12 @@ class _TimedHeaders(HttpToolsProtocol):
         self.transport.close()
 
 
-def _input_parameters(spec: InputSpec) -> dict:
-    """What a client needs to know of an input beyond its type: whose value it is, and
-    how its bags are split (values, and a value's weight)."""
+def _input_parameters(spec: InputSpec, is_context: bool) -> dict:
+    """What a client needs to know of an input beyond its type: whose value it is (a
+    context input may come once for every candidate), and how its bags are split
+    (values, and a value's weight)."""
     splits = {"separator": spec.separator, "weight_separator": spec.weight_separator}
-    return {"side": spec.side, **{k: v for k, v in splits.items() if v is not None}}
+    return {"side": "context" if is_context else spec.side, **{k: v for k, v in splits.items() if v is not None}}
 
 
 _EXIT_TIMEOUT_S = 30.0  # as Triton's --exit-timeout-secs
