@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
-from tidal.cli import main
+import pytest
+
+from tidal.cli import _url_segment, main
 from tidal.compile import onnx_available
 
 
@@ -98,3 +101,38 @@ def test_demo_and_bench_dense_say_what_to_install_without_the_onnx_extra(monkeyp
     monkeypatch.setattr(dense, "onnx_available", lambda: False)
     assert main(["bench", "dense", "--quick"]) == 2
     assert "tidal bench dense: the onnxruntime backend needs the onnx extra" in capsys.readouterr().err
+
+
+def _interrupt(*args, **kwargs):  # type: ignore[no-untyped-def]
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize(("argv", "module", "function", "message"), [
+    (["export", "--checkpoint", "run", "--out", "BUNDLE"], "tidal.serving", "export",
+     "tidal export: interrupted; the bundle at BUNDLE is unchanged (the export was writing a temporary folder, now "
+     "removed, to rename into place once complete)"),
+    (["export", "--delta", "--checkpoint", "run", "--out", "BUNDLE"], "tidal.serving", "export_delta",
+     "tidal export: interrupted; the bundle at BUNDLE is unchanged"),
+    (["eval", "--checkpoint", "run", "--data", "d.tsv"], "tidal.runtime.workers", "dense_device",
+     "tidal eval: interrupted; nothing was written (eval writes no file)"),
+])
+def test_ctrl_c_says_in_one_line_what_it_left_and_exits_130(tmp_path, monkeypatch, capsys, argv, module, function,
+                                                             message):
+    monkeypatch.setattr(importlib.import_module(module), function, _interrupt)
+    bundle = str(tmp_path / "bundle")
+    assert main([bundle if a == "BUNDLE" else a for a in argv]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith(message.replace("BUNDLE", bundle)) and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name", ["my model/v2", "a/b", "..", "modèle", "a?b", ""])
+def test_serve_refuses_a_model_name_that_cannot_be_a_url_path_segment(tmp_path, capsys, name):
+    assert main(["serve", str(tmp_path), "--model-name", name]) == 2
+    assert capsys.readouterr().err == f"tidal serve: --model-name must be made of letters, digits, '.', '_' and '-' " \
+                                      f"(not '.' or '..' alone), as it is a segment of the URLs' path " \
+                                      f"(/v2/models/NAME); got {name!r}\n"
+
+
+@pytest.mark.parametrize("name", ["dlrm", "ctr-v2.1_b", "A.B", "..."])
+def test_a_model_name_of_letters_digits_dots_underscores_and_dashes_is_a_url_path_segment(name):
+    assert _url_segment(name)

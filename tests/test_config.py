@@ -22,12 +22,13 @@ def test_defaults_are_valid_and_frozen():
         ({"dim": 0}, "TableConfig 'user': dim: Input should be greater than 0, got 0"),
         ({"num_shards": 3}, "num_shards: Input should be 1, 2, 4, 8, 16, 32 or 64, got 3"),
         ({"optimizer": {"kind": "adam", "beta1": 1.5}}, "optimizer.beta1: Input should be less than 1, got 1.5"),
-        ({"optimizer": {"kind": "nadam"}}, "does not match any of the expected tags: 'sgd', 'adagrad'"),
+        ({"optimizer": {"kind": "nadam"}},
+         "optimizer: unknown kind 'nadam'; did you mean 'adam'? allowed: 'sgd', 'adagrad'"),
         ({"eviction": {"ttl_steps": 0}}, "eviction.ttl_steps: Input should be greater than 0, got 0"),
         ({"admission": {"kind": "probability", "probability": 2}}, "probability: Input should be less than or equal to 1, got 2"),
         ({"max_rows": -5}, "max_rows: Input should be greater than 0, got -5"),
         ({"initializer": {"kind": "xavier"}}, "initializer.kind: Input should be 'uniform', 'normal' or 'zeros', got 'xavier'"),
-        ({"colour": "red"}, "colour: Extra inputs are not permitted, got 'red'"),
+        ({"colour": "red"}, "TableConfig 'user': unknown key 'colour'; allowed: admission, dim, eviction,"),
     ],
 )
 def test_invalid_table_config_names_field_value_and_range(values, message):
@@ -146,8 +147,57 @@ def test_error_paths_are_the_keys_of_the_config_not_pydantics_union_branches():
     assert "RunConfig: data.train.1: Input should be a valid string, got 5" in lines
     assert "RunConfig: features.0.pooling: Input should be 'sum', 'mean' or 'sqrtn', got 'max'" in lines
     assert "RunConfig: tables.0.optimizer.lr: Input should be greater than 0, got -1" in lines
-    with pytest.raises(ConfigError, match=r"tables.0.name: Field required"):
+    with pytest.raises(ConfigError, match=r"^RunConfig: tables\.0: required key 'name' is missing$"):
         RunConfig(**_run(tables=[{"dim": 8}]))
+
+
+def test_unknown_key_message_suggests_the_closest_key_and_lists_the_allowed_ones():
+    run = _run()
+    run["features"][0]["seperator"] = "|"
+    with pytest.raises(ConfigError) as info:
+        RunConfig(**run)
+    assert str(info.value) == ("RunConfig: features.0 (user): unknown key 'seperator'; did you mean 'separator'? "
+                               "allowed: buckets, columns, hashed, kind, missing, name, namespace, pooling, separator, "
+                               "side, table, weight_separator")
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"trainign": {}}, "RunConfig: unknown key 'trainign'; did you mean 'training'? allowed: data, features, model,"),
+    ({"training": {"lrr": 0.1}},
+     "RunConfig: training: unknown key 'lrr'; did you mean 'lr'? allowed: checkpoint_every,"),
+    ({"serving": {"fusion": {"zzz": 1}}}, "RunConfig: serving.fusion: unknown key 'zzz'; allowed: kind, weights"),
+])
+def test_unknown_key_message_names_the_place_that_holds_it_at_any_depth(changes, message):
+    with pytest.raises(ConfigError) as info:
+        RunConfig(**_run(**changes))
+    assert str(info.value).startswith(message)
+
+
+def test_missing_key_message_names_the_key_without_the_whole_config():
+    run = _run()
+    del run["tables"]
+    with pytest.raises(ConfigError) as info:
+        RunConfig(**run)
+    assert str(info.value) == "RunConfig: required key 'tables' is missing"
+
+
+@pytest.mark.parametrize(("where", "kind", "message"), [
+    ("feature", "spares", "RunConfig: features.0 (user): unknown kind 'spares'; did you mean 'sparse'? "
+                          "allowed: 'sparse', 'dense', 'label'"),
+    ("optimizer", "adagard", "RunConfig: tables.0.optimizer: unknown kind 'adagard'; did you mean 'adagrad'? "
+                             "allowed: 'sgd', 'adagrad', 'rowwise_adagrad', 'adam', 'adamw', 'ftrl'"),
+    ("feature", None, "RunConfig: features.0 (user): required key 'kind' is missing; "
+                      "allowed: 'sparse', 'dense', 'label'"),
+])
+def test_unknown_kind_message_suggests_the_closest_kind(where, kind, message):
+    run = _run()
+    target = run["features"][0] if where == "feature" else run["tables"][0].setdefault("optimizer", {})
+    target.pop("kind", None)
+    if kind is not None:
+        target["kind"] = kind
+    with pytest.raises(ConfigError) as info:
+        RunConfig(**run)
+    assert str(info.value) == message
 
 
 def test_a_boolean_where_a_number_goes_is_refused_not_read_as_one(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,6 +15,7 @@ from safetensors import SafetensorError
 if TYPE_CHECKING:  # imported where used: the command line starts without torch
     from tidal.serving import Predictor
 
+_MODEL_NAME = re.compile(r"[A-Za-z0-9._-]+")  # a URL path segment that needs no escaping
 _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO, errno.EPERM}
 
 __all__ = ["main"]
@@ -295,24 +297,27 @@ def _print_runtime(report: dict, run_dir: str) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from tidal.config import RunConfig
-    from tidal.data.readers import BadRows
     from tidal.errors import TidalError
-    from tidal.runtime import Trainer, checkpoint
-    from tidal.runtime.trainer import shown_auc
-    from tidal.runtime.workers import dense_device
 
     try:
+        from tidal.config import RunConfig
+        from tidal.data.readers import BadRows
+        from tidal.runtime import Trainer, checkpoint
+        from tidal.runtime.trainer import shown_auc
+        from tidal.runtime.workers import dense_device
+
         dense_device(args.device, key="--device")
-        directory = checkpoint.find(Path(args.checkpoint))
-        saved = checkpoint.read_meta(directory)["config"]
-        config = RunConfig.from_saved({**saved, "training": {**saved["training"], "device": args.device}})
-        trainer = Trainer(config)
-        checkpoint.restore(trainer, directory, check_data=False)  # the training files may be gone
+        with checkpoint.reading(Path(args.checkpoint)) as directory:  # a run training meanwhile keeps it
+            saved = checkpoint.read_meta(directory)["config"]
+            config = RunConfig.from_saved({**saved, "training": {**saved["training"], "device": args.device}})
+            trainer = Trainer(config)
+            checkpoint.restore(trainer, directory, check_data=False)  # the training files may be gone
         result = trainer.evaluate(args.data)
     except TidalError as exc:
         print(f"tidal eval: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return _interrupted("eval", "nothing was written (eval writes no file)")
     for target, value in result.auc.items():
         print(f"{target}: AUC {shown_auc(value)}  log loss {result.logloss[target]:.4f}  on {result.rows:,d} rows")
     print(f"bad rows: {BadRows(result.bad_rows, result.bad_row_examples).summary()}")
@@ -321,13 +326,14 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from tidal.errors import TidalError
-    from tidal.serving import export, export_delta
 
     for flag, value in (("--table-dtype", args.table_dtype), ("--backend", args.backend)):
         if args.delta and value:
             print(f"tidal export: {flag} applies to a full export; a delta keeps its bundle's", file=sys.stderr)
             return 2
     try:
+        from tidal.serving import export, export_delta
+
         out = export_delta(args.checkpoint, args.out) if args.delta else \
             export(args.checkpoint, args.out, table_dtype=args.table_dtype, backend=args.backend)
     except TidalError as exc:
@@ -337,6 +343,9 @@ def _export(args: argparse.Namespace) -> int:
         if not _is_disk_error(exc):
             raise
         return _write_failed("export", exc, "an earlier bundle at --out is intact")
+    except KeyboardInterrupt:
+        return _interrupted("export", f"the bundle at {args.out} is unchanged (the export was writing a temporary "
+                                      f"folder, now removed, to rename into place once complete)")
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     if args.delta:
         print(f"wrote delta {out.name} into {args.out} ({size / 2**20:,.1f} MiB): {_delta_counts(out)}; a tidal serve "
@@ -364,6 +373,13 @@ def _write_failed(command: str, exc: Exception, consequence: str) -> int:
     print(f"tidal {command}: a file could not be written or read: {getattr(exc, 'strerror', None) or exc}{where}; "
           f"{consequence}", file=sys.stderr)
     return 2
+
+
+def _interrupted(command: str, state: str) -> int:
+    """Report Ctrl-C in one line, with the state it left (`state`); 130, as a shell
+    reports a command stopped by SIGINT."""
+    print(f"tidal {command}: interrupted; {state}", file=sys.stderr)
+    return 130
 
 
 def _dense_backend(predictor: Predictor) -> str:
@@ -395,6 +411,10 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"tidal serve: {exc}", file=sys.stderr)
         return 2
     overrides = {**flags, **settings}
+    if args.model_name is not None and not _url_segment(args.model_name):
+        print(f"tidal serve: --model-name must be made of letters, digits, '.', '_' and '-' (not '.' or '..' alone), "
+              f"as it is a segment of the URLs' path (/v2/models/NAME); got {args.model_name!r}", file=sys.stderr)
+        return 2
     name = args.model_name or Path(args.bundle).resolve().name
     try:
         sock = listen(args.host, args.port)
@@ -427,6 +447,11 @@ def _serve(args: argparse.Namespace) -> int:
             service.close()  # again, if the signal came before serving began
     print("stopped", flush=True)
     return 0
+
+
+def _url_segment(name: str) -> bool:
+    """Whether `name` can be a segment of a URL's path as it is (no escaping, no '/')."""
+    return _MODEL_NAME.fullmatch(name) is not None and name not in (".", "..")
 
 
 def _delta_served(service) -> str:  # type: ignore[no-untyped-def]
@@ -464,7 +489,7 @@ def _serving_settings(entries: list[str], flags: dict) -> dict:
 
 
 def _gen_data(args: argparse.Namespace) -> int:
-    from tidal.data.generate import check_arguments, generate
+    from tidal.data.generate import AFTER_THE_FILES_WERE_IN_PLACE, check_arguments, generate
     from tidal.errors import ConfigError
 
     flags = {"rows": "--rows", "files": "--files", "file_format": "--format", "seed": "--seed", "split": "--split"}
@@ -480,10 +505,19 @@ def _gen_data(args: argparse.Namespace) -> int:
         print(f"tidal gen-data: cannot write to --out {args.out}: {exc.strerror or exc}"
               f"{f' ({exc.filename})' if exc.filename else ''}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        in_place = exc.args == (AFTER_THE_FILES_WERE_IN_PLACE,)
+        return _interrupted("gen-data", f"{args.out} holds the whole new data set, which was being put in place"
+                            if in_place else f"the files being written were removed: {args.out} holds what it held "
+                                             f"before")
     files = len(data.paths)
     print(f"wrote {data.rows:,d} row{'s' * (data.rows != 1)} in {files} file{'s' * (files != 1)} to {args.out}: "
           f"positive rate {data.positive_rate:.3f}, ceiling AUC "
           f"{'n/a (one class only)' if data.ceiling_auc is None else f'{data.ceiling_auc:.4f}'}")
+    if data.replaced:
+        shown = ", ".join(data.replaced[:3]) + (", ..." if len(data.replaced) > 3 else "")
+        print(f"  replaced {len(data.replaced)} earlier file{'s' * (len(data.replaced) != 1)} in {args.out} "
+              f"({shown})")
     return 0
 
 

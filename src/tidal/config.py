@@ -17,11 +17,13 @@ that is allowed, for example ``TableConfig 'user_id': dim: Input should be great
 
 from __future__ import annotations
 
+import difflib
 import numbers
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
@@ -89,8 +91,8 @@ class _Model(BaseModel):
         except pydantic.ValidationError as exc:
             name = values.get("name")
             where = type(self).__name__ + (f" {name!r}" if isinstance(name, str) else "")
-            error = ConfigError(_describe(where, exc, values))
-            error.problems = _problems(exc, values)  # read by an enclosing model's validation
+            error = ConfigError(_describe(where, exc, values, type(self)))
+            error.problems = _problems(exc, values, type(self))  # read by an enclosing model's validation
             raise error from None
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -750,26 +752,89 @@ def _unique_key_loader() -> type:
     return Loader
 
 
-def _describe(where: str, exc: pydantic.ValidationError, values: dict) -> str:
+def _describe(where: str, exc: pydantic.ValidationError, values: dict, model: type[BaseModel] | None = None) -> str:
     return "\n".join(f"{where}: {msg}" if path == "(root)" else f"{where}: {path}: {msg}"
-                     for path, msg in _problems(exc, values))
+                     for path, msg in _problems(exc, values, model))
 
 
-def _problems(exc: pydantic.ValidationError, values: dict) -> list[tuple[str, str]]:
-    """(dotted path, 'what is wrong, got value') for every error, nested ones flattened."""
+def _problems(exc: pydantic.ValidationError, values: dict,
+              model: type[BaseModel] | None = None) -> list[tuple[str, str]]:
+    """(dotted path, 'what is wrong, got value') for every error, nested ones flattened.
+    `model` is the class `values` were given to: an unknown key's message lists its keys."""
     found = []
     for err in exc.errors(include_url=False):
         inner = err.get("ctx", {}).get("error")
         nested = isinstance(inner, ConfigError) and hasattr(inner, "problems")
-        path = ".".join(_keys_of(err["loc"], values, inside=nested))
+        parts = _keys_of(err["loc"], values, inside=nested)
         if nested:
-            found += [(".".join(p for p in (path, sub) if p and p != "(root)") or "(root)", msg)
-                      for sub, msg in inner.problems]
+            found += [(_joined(parts, sub, err["loc"], values), msg) for sub, msg in inner.problems]
+        elif err["type"] in ("extra_forbidden", "missing"):  # the path ends at the key: name the place that has it
+            place = _joined(parts[:-1], "(root)", err["loc"][:-1], values)
+            found.append((place, _key_problem(err, model if len(err["loc"]) == 1 else None)))
+        elif err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            found.append((_joined(parts, "(root)", err["loc"], values), _tag_problem(err, model)))
         elif err["type"] == "value_error":  # our own check: its message says what came
-            found.append((path or "(root)", err["msg"].removeprefix("Value error, ")))
+            found.append((".".join(parts) or "(root)", err["msg"].removeprefix("Value error, ")))
         else:
-            found.append((path or "(root)", f"{err['msg']}, got {_shown(err.get('input'))}"))
+            found.append((".".join(parts) or "(root)", f"{err['msg']}, got {_shown(err.get('input'))}"))
     return found
+
+
+def _joined(parts: list[str], sub: str, loc: tuple, values: Any) -> str:
+    """`parts` then a nested model's own path `sub`; where `sub` is that model itself,
+    a list item is named by its `name`: ``features.0 (user)``."""
+    if sub != "(root)":
+        return ".".join([*parts, sub])
+    return ".".join(parts) + _item_name(loc, values) if parts else "(root)"
+
+
+def _item_name(loc: tuple, values: Any) -> str:
+    """" (NAME)" when `loc` reaches a list item with a string `name`, else ""."""
+    index = None
+    for part in loc:
+        if _holds(values, part):
+            index, values = (part if isinstance(values, list) else None), values[part]
+    name = values.get("name") if isinstance(values, dict) else None
+    return f" ({name})" if index is not None and isinstance(name, str) and 0 < len(name) <= 128 else ""
+
+
+def _key_problem(err: dict, model: type[BaseModel] | None) -> str:
+    """An unknown key, with the closest allowed one and the allowed keys, or a missing one."""
+    key = str(err["loc"][-1])
+    if err["type"] == "missing":
+        return f"required key {key!r} is missing"
+    allowed = sorted(model.model_fields) if model is not None else []
+    listed = f" allowed: {', '.join(allowed)}" if allowed else ""
+    return f"unknown key {key!r}{_closest(key, allowed, listed)}"
+
+
+def _tag_problem(err: dict, model: type[BaseModel] | None) -> str:
+    """A `kind` that names no branch of a union, with the closest one, or a missing `kind`."""
+    ctx = err.get("ctx", {})
+    key = str(ctx.get("discriminator", "kind")).strip("'")
+    if err["type"] == "union_tag_not_found":
+        field = model.model_fields.get(err["loc"][0]) if model is not None and err["loc"] else None
+        tags = _tags_in(field.annotation, key) if field is not None else []
+        return f"required key {key!r} is missing" + (f"; allowed: {', '.join(map(repr, tags))}" if tags else "")
+    expected = str(ctx.get("expected_tags", ""))
+    tag, tags = str(ctx.get("tag")), re.findall(r"'([^']*)'", expected)
+    return f"unknown {key} {tag!r}{_closest(tag, tags, f' allowed: {expected}' if expected else '')}"
+
+
+def _closest(text: str, allowed: list[str], listed: str) -> str:
+    """"; did you mean 'X'?" and then `listed` (which starts with a space), or ";" and it."""
+    match = difflib.get_close_matches(text, allowed, n=1)
+    if match:
+        return f"; did you mean {match[0]!r}?{listed}"
+    return f";{listed}" if listed else ""
+
+
+def _tags_in(annotation: Any, key: str) -> list[str]:
+    """The values of `key` that pick the models of a union inside `annotation` (in lists too)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        field = annotation.model_fields.get(key)
+        return [a for a in get_args(field.annotation) if isinstance(a, str)] if field else []
+    return [tag for arg in get_args(annotation) for tag in _tags_in(arg, key)]
 
 
 def _keys_of(loc: tuple, values: Any, inside: bool = False) -> list[str]:

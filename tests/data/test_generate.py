@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import signal
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from hypothesis import strategies as st
 from tidal.cli import main
 from tidal.data import auc, generate
 from tidal.errors import ConfigError
+
+generate_module = importlib.import_module("tidal.data.generate")  # the package exports the function under its name
 
 
 def _brute_auc(labels, scores):
@@ -61,6 +64,8 @@ def test_a_second_run_replaces_the_first_runs_files_and_one_class_has_no_ceiling
     data = generate(tmp_path, rows=40, files=2, file_format="parquet")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "part-00000.parquet", "part-00001.parquet",
                                                           "truth.json"]
+    assert data.replaced == ["part-00000.tsv", "part-00001.tsv", "part-00002.tsv", "part-00003.tsv", "truth.json"]
+    assert "replaced" not in json.loads((tmp_path / "truth.json").read_text())
     assert json.loads((tmp_path / "truth.json").read_text())["paths"] == data.paths
     one_row = generate(tmp_path / "one", rows=1)
     assert one_row.ceiling_auc is None
@@ -131,3 +136,65 @@ def test_cli_messages_name_the_flags_and_count_in_the_singular(tmp_path, capsys)
     with pytest.raises(SystemExit):
         main(["gen-data", "--help"])
     assert re.search(r"--files FILES\s+how many files", capsys.readouterr().out)
+
+
+def _contents(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_cli_says_which_earlier_files_it_replaced(tmp_path, capsys):
+    assert main(["gen-data", "--out", str(tmp_path), "--rows", "30", "--files", "2"]) == 0
+    assert "replaced" not in capsys.readouterr().out  # nothing was there
+    assert main(["gen-data", "--out", str(tmp_path), "--rows", "30"]) == 0
+    assert f"  replaced 3 earlier files in {tmp_path} (part-00000.tsv, part-00001.tsv, truth.json)" in \
+        capsys.readouterr().out.splitlines()
+    assert sorted(_contents(tmp_path)) == ["part-00000.tsv", "truth.json"]
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError])
+def test_an_interrupted_or_failed_run_leaves_the_folder_as_it_was(tmp_path, monkeypatch, capsys, failure):
+    generate(tmp_path, rows=40, files=2, seed=5)
+    before = _contents(tmp_path)
+    write = generate_module._write_file
+
+    def stops_in_the_second_file(path, *args):  # type: ignore[no-untyped-def]
+        if path.name.startswith(".part-00001"):
+            path.write_text("1\t2\n")  # a few complete lines, as a run stopped part way leaves
+            raise failure()
+        return write(path, *args)
+
+    monkeypatch.setattr(generate_module, "_write_file", stops_in_the_second_file)
+    code = main(["gen-data", "--out", str(tmp_path), "--rows", "30", "--files", "3"])
+    err = capsys.readouterr().err
+    if failure is KeyboardInterrupt:
+        assert code == 130
+        assert err == f"tidal gen-data: interrupted; the files being written were removed: {tmp_path} holds what it " \
+                      f"held before\n"
+    else:
+        assert code == 2 and err.startswith(f"tidal gen-data: cannot write to --out {tmp_path}")
+    assert _contents(tmp_path) == before  # no new file, no temporary one, the earlier ones as they were
+
+
+def test_ctrl_c_as_the_files_are_renamed_takes_effect_once_they_all_are(tmp_path, monkeypatch, capsys):
+    generate(tmp_path, rows=40, files=2, seed=5)
+    put_in_place = generate_module._put_in_place
+
+    def interrupted_then(*args):  # type: ignore[no-untyped-def]
+        signal.raise_signal(signal.SIGINT)
+        return put_in_place(*args)
+
+    monkeypatch.setattr(generate_module, "_put_in_place", interrupted_then)
+    assert main(["gen-data", "--out", str(tmp_path), "--rows", "30", "--seed", "6"]) == 130
+    assert capsys.readouterr().err == f"tidal gen-data: interrupted; {tmp_path} holds the whole new data set, which " \
+                                      f"was being put in place\n"
+    assert sorted(_contents(tmp_path)) == ["part-00000.tsv", "truth.json"]
+    assert len((tmp_path / "part-00000.tsv").read_text().splitlines()) == 30
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works as before again
+
+
+def test_a_run_killed_outright_leaves_temporary_files_the_next_run_removes(tmp_path):
+    (tmp_path / ".part-00000.tsv.partial").write_text("1\t2\n")
+    (tmp_path / ".truth.json.partial").write_text("{")
+    (tmp_path / ".notes.partial").write_text("mine")
+    generate(tmp_path, rows=10)
+    assert sorted(_contents(tmp_path)) == [".notes.partial", "part-00000.tsv", "truth.json"]

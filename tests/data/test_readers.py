@@ -392,12 +392,32 @@ def test_a_line_longer_than_a_piece_is_read_whatever_the_batch_size(tmp_path, mo
     assert report.examples == [f"{path}:5: column 'I1': expected {INT64}, got 'x'"]
 
 
-@pytest.mark.parametrize("name", ["d.tsv", "d.csv", "d.parquet"])
+@pytest.mark.parametrize("name", ["d.tsv", "d.csv"])
 def test_an_empty_file_has_no_rows(tmp_path, name):
     (tmp_path / name).touch()
     report = BadRows()
     assert list(read_batches(tmp_path / name, columns=SMALL, bad_rows=report)) == []
-    assert report.count == 0
+    assert report.count == 0 and report.empty_files == [str(tmp_path / name)]
+
+
+def test_files_without_rows_are_named_in_the_report_once_per_file(tmp_path):
+    empty, header = (tmp_path / "a.tsv"), _write(tmp_path / "b.csv", "label,I1,C1\n")
+    full = _write(tmp_path / "c.tsv", "1\t5\ta\n")
+    empty.touch()
+    report = BadRows()
+    for _ in range(2):  # a second epoch over the same files names none again
+        list(read_batches([empty, header, full], columns=SMALL, bad_rows=report))
+    assert report.empty_files == [str(empty), str(header)]
+    assert report.none_valid() == f"{empty}, {header} hold no rows"
+    report.add("c.tsv", 1, "bad")
+    assert report.none_valid() == f"{empty}, {header} hold no rows; 1 bad rows skipped:\n  c.tsv:1: bad"
+    assert BadRows().none_valid() == "no bad rows"
+
+
+def test_an_empty_parquet_file_is_refused_as_unreadable(tmp_path):
+    (tmp_path / "d.parquet").touch()
+    with pytest.raises(DataError, match=r"d\.parquet: not a readable Parquet file \(.*0 bytes\); write it again"):
+        list(read_batches(tmp_path / "d.parquet", columns=SMALL))
 
 
 def test_a_csv_header_naming_a_column_twice_is_an_error(tmp_path):

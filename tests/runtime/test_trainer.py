@@ -90,6 +90,33 @@ def test_a_run_whose_data_is_mostly_bad_rows_stops_saying_so_unless_max_bad_frac
     assert summary["bad_rows"] == 12_000 and summary["rows"] == 12_000
 
 
+def _empty_data_config(tmp_path, train: list[str]) -> dict:
+    return {"data": {"train": train, "batch_size": 64},
+            "features": [{"kind": "sparse", "name": "C1", "columns": ["C1"], "table": "ids"},
+                         {"kind": "label", "name": "click", "column": "label"}],
+            "tables": [{"name": "ids", "dim": 4}], "training": {"run_dir": str(tmp_path / "run")}}
+
+
+@pytest.mark.parametrize("runtime", [None, {"mode": "sync"}])
+def test_training_files_without_rows_are_named_when_nothing_trains(tmp_path, runtime):
+    (tmp_path / "bad").mkdir()
+    empty = tmp_path / "bad" / "empty.tsv"
+    empty.touch()
+    trainer = Trainer(RunConfig(**_empty_data_config(tmp_path, [str(empty)]), runtime=runtime))
+    with pytest.raises(DataError, match=rf"^no valid rows to train on in data.train: {re.escape(str(empty))} holds no "
+                                        rf"rows$"):
+        trainer.fit()
+    with pytest.raises(DataError, match=rf"^no valid rows to evaluate in .*: {re.escape(str(empty))} holds no rows$"):
+        trainer.evaluate([str(empty)])
+
+
+def test_an_empty_parquet_training_file_is_refused_as_unreadable(tmp_path):
+    empty = tmp_path / "empty.parquet"
+    empty.touch()
+    with pytest.raises(DataError, match=r"empty\.parquet: not a readable Parquet file \(.*0 bytes\)"):
+        Trainer(RunConfig(**_empty_data_config(tmp_path, [str(empty)]))).fit()
+
+
 def test_config_errors_name_the_key_path(tmp_path, capsys):
     config = _config(tmp_path)
     config["features"][0]["table"] = "nowhere"

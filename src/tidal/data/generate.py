@@ -12,8 +12,11 @@ known, so is the best AUC any model can reach on the data: `ceiling_auc`, writte
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+import signal
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -27,10 +30,13 @@ from tidal.data.criteo import CRITEO_DENSE, CRITEO_SPARSE
 from tidal.errors import ConfigError, DataError
 from tidal.mixing import mix64_array
 
-__all__ = ["GeneratedData", "auc", "check_arguments", "generate"]
+__all__ = ["AFTER_THE_FILES_WERE_IN_PLACE", "GeneratedData", "auc", "check_arguments", "generate"]
 
 _CHUNK_ROWS = 100_000
 _VOCABULARY, _ZIPF_A = 1_000_000, 1.2  # the defaults of `generate` and `check_arguments`
+_PARTIAL = ".partial"  # the suffix of a file being written (after a leading '.': hidden)
+# what a KeyboardInterrupt says when Ctrl-C came as the files were put in place: it took effect once they were
+AFTER_THE_FILES_WERE_IN_PLACE = "after the new files were in place"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +47,7 @@ class GeneratedData:
     rows: int
     positive_rate: float
     ceiling_auc: float | None  # AUC of the true probabilities: no model can do better; None with one class only
+    replaced: list[str] = field(default_factory=list)  # earlier files in the folder it replaced (not in truth.json)
 
 
 def generate(out_dir: str | Path, *, rows: int, files: int = 1, file_format: Literal["tsv", "parquet"] = "tsv",
@@ -50,29 +57,81 @@ def generate(out_dir: str | Path, *, rows: int, files: int = 1, file_format: Lit
 
     `seed` fixes the planted truth (every id's effect, the dense weights); `split`
     draws different rows from that same truth: train on split 0, evaluate on split 1.
-    Files an earlier run wrote to `out_dir` (part-NNNNN.*, truth.json) are replaced.
+    Every file is written under a temporary name (.NAME.partial) and renamed into place
+    once all are complete, truth.json last; files an earlier run wrote to `out_dir`
+    (part-NNNNN.*, truth.json) are replaced then (`replaced` names them). A run that
+    fails or is interrupted removes its temporary files and leaves `out_dir` as it was;
+    Ctrl-C as the files are renamed takes effect once they all are (the KeyboardInterrupt
+    then says `AFTER_THE_FILES_WERE_IN_PLACE`).
     """
     check_arguments(rows=rows, files=files, file_format=file_format, vocabulary=vocabulary, zipf_a=zipf_a, seed=seed,
                     split=split)
     out = _folder(out_dir)
-    for earlier in [*out.glob("part-[0-9][0-9][0-9][0-9][0-9].tsv"), *out.glob("part-[0-9][0-9][0-9][0-9][0-9].parquet"),
-                    *out.glob("truth.json")]:
-        earlier.unlink()
+    for stale in [*out.glob(f".part-[0-9][0-9][0-9][0-9][0-9].*{_PARTIAL}"), *out.glob(f".truth.json{_PARTIAL}")]:
+        stale.unlink(missing_ok=True)  # left by a run killed outright
+    temporary: list[Path] = []
+    try:
+        data = _write_files(out, temporary, rows=rows, files=files, file_format=file_format, seed=seed, split=split,
+                            vocabulary=vocabulary, zipf_a=zipf_a, sparse_scale=sparse_scale, bias=bias)
+        with _interrupts_deferred():  # the earlier files go and the new ones come at once
+            return replace(data, replaced=_put_in_place(out, temporary))
+    finally:
+        for path in temporary:  # none, once all were renamed
+            path.unlink(missing_ok=True)
+
+
+def _write_files(out: Path, temporary: list[Path], *, rows: int, files: int, file_format: str, seed: int, split: int,
+                 vocabulary: int, zipf_a: float, sparse_scale: float, bias: float) -> GeneratedData:
+    """Write the files and truth.json under temporary names, each added to `temporary`
+    before it is begun; what they hold."""
     dense_weights = np.random.default_rng(seed).normal(0.0, 0.15, len(CRITEO_DENSE))
     rng = np.random.default_rng([seed, split])
     paths, probabilities, labels = [], [], []
     for f in range(files):
         path = out / f"part-{f:05d}.{file_format}"
+        temporary.append(out / f".{path.name}{_PARTIAL}")
         share = rows // files + (f < rows % files)
-        p, y = _write_file(path, share, file_format, rng, seed, vocabulary, zipf_a, sparse_scale, bias, dense_weights)
+        p, y = _write_file(temporary[-1], share, file_format, rng, seed, vocabulary, zipf_a, sparse_scale, bias,
+                           dense_weights)
         paths.append(str(path))
         probabilities.append(p)
         labels.append(y)
     p, y = np.concatenate(probabilities), np.concatenate(labels)
     ceiling = auc(y, p) if 0 < y.sum() < len(y) else None
     data = GeneratedData(paths=paths, rows=rows, positive_rate=float(y.mean()), ceiling_auc=ceiling)
-    (out / "truth.json").write_text(json.dumps(asdict(data), indent=1))
+    temporary.append(out / f".truth.json{_PARTIAL}")
+    temporary[-1].write_text(json.dumps({k: v for k, v in asdict(data).items() if k != "replaced"}, indent=1))
     return data
+
+
+def _put_in_place(out: Path, temporary: list[Path]) -> list[str]:
+    """Remove the earlier run's files (truth.json first), then rename each temporary
+    file to its name (truth.json last); the earlier files' names, sorted."""
+    earlier = [*out.glob("truth.json"), *out.glob("part-[0-9][0-9][0-9][0-9][0-9].tsv"),
+               *out.glob("part-[0-9][0-9][0-9][0-9][0-9].parquet")]
+    for path in earlier:
+        path.unlink()
+    for path in temporary:
+        path.rename(out / path.name.removeprefix(".").removesuffix(_PARTIAL))
+    return sorted(path.name for path in earlier)
+
+
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """A block Ctrl-C does not cut short: it takes effect at the block's end. (Python
+    delivers signals to the main thread only, so elsewhere there is nothing to defer.)"""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if caught:
+            raise KeyboardInterrupt(AFTER_THE_FILES_WERE_IN_PLACE)
 
 
 def _folder(out_dir: str | Path) -> Path:
@@ -119,19 +178,22 @@ def _write_file(path: Path, rows: int, file_format: str, rng: np.random.Generato
                 zipf_a: float, sparse_scale: float, bias: float, dense_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Write one file chunk by chunk; the true probabilities and labels of its rows."""
     probabilities, labels, writer = [], [], None
-    for start in range(0, rows, _CHUNK_ROWS):
-        n = min(_CHUNK_ROWS, rows - start)
-        table, p, y = _chunk(n, rng, seed, vocabulary, zipf_a, sparse_scale, bias, dense_weights)
-        if file_format == "parquet":
-            writer = writer or pq.ParquetWriter(path, table.schema)
-            writer.write_table(table)
-        else:
-            with open(path, "ab" if start else "wb") as sink:
-                pacsv.write_csv(table, sink, pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none"))
-        probabilities.append(p)
-        labels.append(y)
-    if writer is not None:
-        writer.close()
+    try:
+        for start in range(0, rows, _CHUNK_ROWS):
+            n = min(_CHUNK_ROWS, rows - start)
+            table, p, y = _chunk(n, rng, seed, vocabulary, zipf_a, sparse_scale, bias, dense_weights)
+            if file_format == "parquet":
+                writer = writer or pq.ParquetWriter(path, table.schema)
+                writer.write_table(table)
+            else:
+                with open(path, "ab" if start else "wb") as sink:
+                    pacsv.write_csv(table, sink, pacsv.WriteOptions(include_header=False, delimiter="\t",
+                                                                    quoting_style="none"))
+            probabilities.append(p)
+            labels.append(y)
+    finally:  # also on a failure: the file is then removed
+        if writer is not None:
+            writer.close()
     return np.concatenate(probabilities), np.concatenate(labels)
 
 

@@ -148,6 +148,7 @@ class BadRows:
     count: int = 0
     examples: list[str] = field(default_factory=list)
     read: int = 0  # rows read, good and bad (counted by the reader; not kept in checkpoints)
+    empty_files: list[str] = field(default_factory=list)  # files that held no rows at all (as `read`)
 
     def add(self, path: str, line: int | None, reason: str) -> None:
         self.count += 1
@@ -165,6 +166,14 @@ class BadRows:
         shown = "\n  ".join(self.examples)
         more = f"\n  ... and {self.count - len(self.examples)} more" if self.count > len(self.examples) else ""
         return f"{self.count} bad rows skipped:\n  {shown}{more}"
+
+    def none_valid(self) -> str:
+        """Why no valid row came: the files that held no rows at all, then the bad rows."""
+        files = self.empty_files
+        said = [f"{', '.join(files)} {'holds' if len(files) == 1 else 'hold'} no rows"] if files else []
+        if self.count or not said:
+            said.append(self.summary())
+        return "; ".join(said)
 
 
 def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
@@ -257,11 +266,7 @@ def _checked(paths: list[str], columns: Sequence[str], checks: Mapping[str, str 
         kind = file_format or format_of(path)
         in_file = BadRows()  # this file's, added to `report` piece by piece
         try:
-            if os.path.getsize(path) == 0:  # no rows, like a CSV file of just a header
-                continue
-            batches = (_parquet(path, columns, batch_rows) if kind == "parquet"
-                       else _text(path, kind, columns, header=kind == "csv" and csv_header))
-            for batch, lines, dropped in batches:
+            for batch, lines, dropped in _file_rows(path, kind, columns, batch_rows, csv_header):
                 counted, shown, read = in_file.count, len(in_file.examples), in_file.read
                 valid = _valid_rows(batch, path, lines, checks, in_file, on_bad_row, dropped)
                 report.extend(in_file.count - counted, in_file.examples[shown:])
@@ -269,8 +274,20 @@ def _checked(paths: list[str], columns: Sequence[str], checks: Mapping[str, str 
                 _check_bad_share(in_file, max_bad_fraction, f" of {path}")
                 _check_bad_share(report, max_bad_fraction)
                 yield valid
+            if in_file.read == 0 and path not in report.empty_files:
+                report.empty_files.append(path)
         except OSError as exc:  # gone or unreadable since the run started
             raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def _file_rows(path: str, kind: str, columns: Sequence[str], batch_rows: int, csv_header: bool) -> Iterator[_Rows]:
+    """The rows of one file. An empty text file has none, like a CSV file of just a
+    header; an empty Parquet file is no Parquet file (it has no footer) and is refused."""
+    if kind == "parquet":
+        return _parquet(path, columns, batch_rows)
+    if os.path.getsize(path) == 0:
+        return iter(())
+    return _text(path, kind, columns, header=kind == "csv" and csv_header)
 
 
 def _check_bad_share(rows: BadRows, most: float, where: str = "") -> None:
@@ -684,7 +701,8 @@ def _open_parquet(path: str, columns: Sequence[str]) -> pq.ParquetFile:
     try:
         source = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+        raise DataError(f"{path}: not a readable Parquet file ({exc}); write it again, or leave it out of the files "
+                        f"read") from None
     schema = source.schema_arrow
     missing = [c for c in columns if c not in schema.names]
     if missing:

@@ -327,7 +327,7 @@ class Trainer:
             rows = self.progress.rows
             self.elapsed_s = time.perf_counter() - self.progress.start - self.progress.eval_s
             if step == 0:
-                raise DataError(f"no valid rows to train on in data.train: {self.bad_rows.summary()}")
+                raise DataError(f"no valid rows to train on in data.train: {self._why_no_rows().none_valid()}")
             if finished and step > position["step"]:  # no eviction off the evict_every schedule: a longer run
                 # resumed here must match; a resume that trained nothing keeps its checkpoint (and its position)
                 checkpoint.save(self, {"step": step, "epoch": self.config.training.epochs, "batch": 0})
@@ -336,6 +336,17 @@ class Trainer:
                                                                 "resumed_from": position["step"]}
             log.write(json.dumps({"event": "end", **summary}) + "\n")
         return summary
+
+    def _why_no_rows(self) -> BadRows:
+        """The training data's report, once no row trained. A run whose batches came
+        from the engine has none (its bad rows are counted with the batches): the files,
+        which hold no valid row, are read again to say why."""
+        if self.bad_rows.count or self.bad_rows.empty_files:
+            return self.bad_rows
+        report = BadRows()
+        for _ in self._tables(self.config.data.train, report):
+            pass
+        return report
 
     def _check_data_paths(self) -> None:
         """Every data file named, found and readable as the config says before anything
@@ -461,7 +472,7 @@ class Trainer:
             logits.append(self.model(pooled.to(self.device), self._dense(batch)).float().cpu().numpy())
             labels.append(batch.labels)
         if not logits:
-            raise DataError(f"no valid rows to evaluate in {paths}: {bad_rows.summary()}")
+            raise DataError(f"no valid rows to evaluate in {paths}: {bad_rows.none_valid()}")
         z, y = np.concatenate(logits).astype(np.float64), np.concatenate(labels)
         aucs = {t: _target_auc(y[:, k], z[:, k]) for k, t in enumerate(self.targets)}  # first: it refuses NaN
         logloss = (np.logaddexp(0.0, z) - y * z).mean(0)  # binary cross-entropy of the logits
