@@ -346,6 +346,9 @@ def _export(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return _interrupted("export", f"the bundle at {args.out} is unchanged (the export was writing a temporary "
                                       f"folder, now removed, to rename into place once complete)")
+    if out is None:  # a delta of the checkpoint the bundle serves already
+        print(f"no delta written: {args.out} already serves this checkpoint (nothing changed since)")
+        return 0
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     if args.delta:
         print(f"wrote delta {out.name} into {args.out} ({size / 2**20:,.1f} MiB): {_delta_counts(out)}; a tidal serve "

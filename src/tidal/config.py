@@ -293,8 +293,9 @@ class SparseFeature(_Model):
     - `columns` of two or more: a cross, one id per row from the combined values.
     - `missing`: an empty value gives an empty bag, or the feature's default id.
     - `side`: whom the value describes when serving. A request carries one `user`
-      row (a stateful session computes it once and caches it) and one row per
-      candidate for `item` and `context` features.
+      row (a stateful session computes it once and caches it), one row per
+      candidate for `item` features, and for `context` features one row per
+      candidate or one for all of them.
     """
 
     kind: Literal["sparse"] = "sparse"

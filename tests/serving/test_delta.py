@@ -309,6 +309,10 @@ def test_export_delta_on_the_command_line(run, bundle_dir, capsys):
     out = capsys.readouterr().out
     assert f"wrote delta 000001 into {bundle_dir}" in out and "table 'ids' " in out and "rows changed, 0 removed" in out
     assert announced() == ", with its delta 1"
+    assert main(["export", "--checkpoint", str(run.run_dir), "--out", str(bundle_dir), "--delta"]) == 0
+    assert capsys.readouterr().out == f"no delta written: {bundle_dir} already serves this checkpoint (nothing " \
+                                      f"changed since)\n"
+    assert announced() == ", with its delta 1"
     for flag, value in (("--table-dtype", "float16"), ("--backend", "onnxruntime")):
         assert main(["export", "--checkpoint", str(run.run_dir), "--out", str(bundle_dir), "--delta", flag, value]) == 2
         assert f"{flag} applies to a full export; a delta keeps its bundle's" in capsys.readouterr().err
