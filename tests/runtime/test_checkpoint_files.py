@@ -4,6 +4,7 @@ before these hashes still load."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -11,6 +12,8 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ from runtime.test_trainer import _config
 
 from tidal.cli import main
 from tidal.config import RunConfig
-from tidal.embedding.checkpoint import sealed
+from tidal.embedding.checkpoint import sealed, write_json_atomic
 from tidal.errors import CheckpointError, CorruptCheckpointError
 from tidal.runtime import Trainer, checkpoint
 from tidal.serving import load_bundle
@@ -75,17 +78,50 @@ def test_a_checkpoint_records_its_dense_fingerprint_and_round_trips(run, saved, 
     assert "click: AUC 0." in capsys.readouterr().out
 
 
-def test_a_checkpoint_being_read_is_removed_only_by_a_save_after_the_reading(run, tmp_path):
+def test_a_checkpoint_being_read_outlives_the_save_that_supersedes_it_and_goes_with_its_reader(run, tmp_path):
     config = RunConfig(**{**run, "training": {**run["training"], "run_dir": str(tmp_path / "run")}})
     run_dir = Path(shutil.copytree(run["training"]["run_dir"], tmp_path / "run"))
     trainer = Trainer(config)
     position = checkpoint.restore(trainer, checkpoint.latest(run_dir))
-    with checkpoint.reading(run_dir) as held:
+    with checkpoint.reading(run_dir) as held, checkpoint.reading(held) as again:  # two readers
         second = checkpoint.save(trainer, {**position, "step": position["step"] + 1})
-        assert checkpoint.latest(run_dir) == second and held != second
+        assert checkpoint.latest(run_dir) == second and held == again != second
         assert checkpoint.restore(Trainer(config), held) == position  # superseded, still whole
-    third = checkpoint.save(trainer, {**position, "step": position["step"] + 2})
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [checkpoint.LATEST, third.name]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [checkpoint.LATEST, second.name]
+    with checkpoint.reading(second):  # the latest stays
+        pass
+    assert checkpoint.latest(run_dir) == second
+
+
+def test_a_reader_waiting_while_a_save_removes_its_checkpoint_takes_the_new_latest(run, tmp_path):
+    run_dir = Path(shutil.copytree(run["training"]["run_dir"], tmp_path / "run"))
+    old = checkpoint.latest(run_dir)
+    removing = os.open(old / "trainer.json", os.O_RDONLY)
+    fcntl.flock(removing, fcntl.LOCK_EX)  # as a save removing it holds it
+    got = []
+
+    def read() -> None:
+        with checkpoint.reading(run_dir) as directory:
+            got.append(directory)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    time.sleep(0.3)  # the reader opened the old checkpoint and waits for it
+    new = Path(shutil.copytree(old, old.parent / "step-99999999-epoch-9"))
+    write_json_atomic(old.parent / checkpoint.LATEST, {"checkpoint": new.name})
+    shutil.rmtree(old)
+    os.close(removing)
+    reader.join(timeout=30)
+    assert got == [new]
+
+
+def test_a_checkpoint_directory_removed_as_it_is_opened_is_refused_saying_so(run, tmp_path, monkeypatch):
+    saved = Path(shutil.copytree(checkpoint.latest(Path(run["training"]["run_dir"])), tmp_path / "step"))
+    monkeypatch.setattr(checkpoint, "find", lambda path: path / "gone")
+    with pytest.raises(CheckpointError, match=r"step: a newer checkpoint of its run superseded it and the run removed "
+                                              r"it while it was being opened; name the run directory"):
+        with checkpoint.reading(saved):
+            pass
 
 
 def test_reading_a_run_whose_latest_went_meanwhile_takes_the_new_latest(run, monkeypatch):

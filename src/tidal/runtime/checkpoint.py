@@ -26,7 +26,7 @@ reading (a file added, gone or resized): its position counts batches of those fi
 
 A save removes the checkpoints it supersedes, but not one being read: an export or an
 evaluation holds the checkpoint it reads (`reading`, a shared lock on its
-trainer.json), and a later save removes it once the reading is over.
+trainer.json), and its last reader removes it once the reading is over.
 
 A run holds ``<run_dir>/run.lock`` (`hold_run_dir`) while it trains: a second run
 into the same folder is refused, rather than removing the first one's checkpoints and
@@ -176,8 +176,10 @@ def _remove_unread(directory: Path) -> None:
     trainer.json); the exclusive lock is held while it is removed."""
     try:
         fd = os.open(directory / "trainer.json", os.O_RDONLY)
-    except OSError:  # an incomplete folder: no reader can hold it
+    except (FileNotFoundError, NotADirectoryError):  # an incomplete folder: no reader can hold it
         shutil.rmtree(directory, ignore_errors=True)
+        return
+    except OSError:  # cannot tell whether a reader holds it: left for a later save
         return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -194,23 +196,59 @@ def _remove_unread(directory: Path) -> None:
 def reading(path: Path) -> Iterator[Path]:
     """The checkpoint at `path` (a checkpoint directory, or a run directory's latest),
     held while the block reads it: a run training meanwhile does not remove it when a
-    newer checkpoint supersedes it (a later save does, once the block ended). When a
-    run's latest was removed before it could be held, the new latest is taken."""
+    newer checkpoint supersedes it. The last reader of a superseded checkpoint removes
+    it as its block ends (or a later save does). When a run's latest was removed
+    before it could be held, the new latest is taken."""
+    given = (path / "trainer.json").is_file()  # a checkpoint directory itself, not a run's latest
     for _ in range(_HOLD_TRIES):
         directory = find(path)
         try:
             fd = os.open(directory / "trainer.json", os.O_RDONLY)
         except FileNotFoundError:
+            _check_not_gone(path, given)
             continue  # superseded and removed since LATEST was read
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)  # waits while a run removes it
-            if (directory / "trainer.json").exists():
-                yield directory
+            if _same_file(fd, directory / "trainer.json"):
+                try:
+                    yield directory
+                finally:
+                    os.close(fd)
+                    fd = -1
+                    _remove_if_superseded(directory)
                 return
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
+        _check_not_gone(path, given)
     raise CheckpointError(f"{path}: its latest checkpoint was superseded and removed {_HOLD_TRIES} times while it "
                           f"was being opened; try again")
+
+
+def _check_not_gone(path: Path, given: bool) -> None:
+    """Refuse a checkpoint directory named by the caller that a save removed meanwhile."""
+    if given:
+        raise CheckpointError(f"{path}: a newer checkpoint of its run superseded it and the run removed it while it "
+                              f"was being opened; name the run directory to read its latest checkpoint")
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether `path` is still the file open as `fd` (not removed, nor made again)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _remove_if_superseded(directory: Path) -> None:
+    """Remove a run's checkpoint that a newer one superseded, unless a reader holds it."""
+    pointer = directory.parent / LATEST
+    try:
+        superseded = directory.name.startswith("step-") and _json(pointer).get("checkpoint") != directory.name
+    except CheckpointError:  # no run's checkpoints folder (a copy, say): not ours to remove
+        return
+    if superseded:
+        _remove_unread(directory)
 
 
 def _stale_staging(name: str) -> bool:
