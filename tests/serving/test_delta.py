@@ -67,12 +67,13 @@ def _delta(run, bundle_dir: Path) -> Path:  # type: ignore[no-untyped-def]
     return export_delta(_later_checkpoint(run.run_dir, next(_LATER)), bundle_dir)
 
 
-def _later_checkpoint(run_dir: Path, steps: int) -> Path:
+def _later_checkpoint(run_dir: Path, steps: int, run_id: str | None = None) -> Path:
     """A copy of the run's latest checkpoint whose trainer.json says it was saved
-    `steps` steps later."""
+    `steps` steps later (by another run, with `run_id`)."""
     source = checkpoint.latest(run_dir)
     meta = json.loads((source / "trainer.json").read_text())
     meta["position"]["step"] += steps
+    meta["run_id"] = run_id or meta["run_id"]
     meta.pop(SEAL)
     copy = Path(shutil.copytree(source, run_dir.parent / "later" / str(steps) / source.name))
     (copy / "trainer.json").write_text(json.dumps(sealed(meta)))
@@ -196,6 +197,9 @@ def test_a_delta_of_the_checkpoint_served_is_not_written_and_one_of_an_older_is_
                                               rf"\(step-0+{step}-epoch-\d+, step {step}, in the base\); a delta from "
                                               rf"it would roll the served model back\. Export it in full"):
         export_delta(_later_checkpoint(run.run_dir, -1), bundle)
+    retrained = _later_checkpoint(run.run_dir, -2, run_id="another run")  # of the same model, at an earlier step
+    assert export_delta(retrained, bundle).name == "000001"
+    shutil.rmtree(bundle / "deltas" / "000001")
     later = _later_checkpoint(run.run_dir, 1000)
     assert export_delta(later, bundle).name == "000001"
     assert export_delta(later, bundle) is None  # delta 1 serves it

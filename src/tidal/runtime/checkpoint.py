@@ -6,7 +6,8 @@ Layout under ``<run_dir>/checkpoints``::
     step-00000120/
       tables/                 the embedding tables (tidal.embedding.checkpoint format)
       dense.safetensors       model weights, Adam state tensors, torch RNG state
-      trainer.json            step, epoch, batches done in the epoch, optimizer settings, config,
+      trainer.json            the run's id (made by a fresh run, kept by its resumes), step,
+                              epoch, batches done in the epoch, optimizer settings, config,
                               the rows trained and the losses not yet logged (for the log of
                               a resumed run), the training files it was reading (names and
                               sizes), the size and sha256 of dense.safetensors and of the
@@ -142,7 +143,7 @@ def _write(trainer: Trainer, position: dict[str, int], staging: Path) -> None:
     save_file(_dense_tensors(trainer), str(staging / DENSE))
     tables = {str(p.relative_to(staging)): fingerprint(p, sync=True) for p in _table_files(staging / TABLES)}
     write_json_atomic(staging / "trainer.json", sealed({
-        "position": position, "config": trainer.config.model_dump(mode="json"),
+        "run_id": trainer.run_id, "position": position, "config": trainer.config.model_dump(mode="json"),
         "param_groups": _param_groups(trainer.optimizer),
         "bad_rows": {"count": trainer.bad_rows.count, "examples": trainer.bad_rows.examples},
         "data_files": trainer.data_files, "progress": trainer.progress.state(),
@@ -372,6 +373,7 @@ def restore(trainer: Trainer, directory: Path, *, check_data: bool = True) -> di
         group["lr"] = trainer.config.training.lr
     torch.set_rng_state(tensors["rng.torch"])
     trainer.bad_rows.count, trainer.bad_rows.examples = meta["bad_rows"]["count"], list(meta["bad_rows"]["examples"])
+    trainer.run_id = meta.get("run_id", trainer.run_id)  # a resume goes on with its run's id
     progress = meta.get("progress", {"rows": 0, "losses": []})  # absent in checkpoints written before it was kept
     trainer.progress.rows_before, trainer.progress.losses = progress["rows"], list(progress["losses"])
     return meta["position"]

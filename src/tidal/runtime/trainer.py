@@ -13,6 +13,7 @@ import json
 import math
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -151,6 +152,7 @@ class Trainer:
     def __init__(self, config: RunConfig) -> None:
         require(config, RunConfig, "Trainer: config")
         self.config = config
+        self.run_id = uuid.uuid4().hex  # this run's, in its checkpoints; a resume takes its checkpoint's
         fix_gemm_threads()  # the same splits of every matrix product in every run, busy machine or not
         torch.manual_seed(config.training.seed)
         self.extractor = Extractor(config.features)

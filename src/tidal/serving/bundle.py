@@ -175,7 +175,7 @@ def _remove_left_behind(out: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def export_delta(source: str | os.PathLike, bundle_dir: str | os.PathLike) -> Path:
+def export_delta(source: str | os.PathLike, bundle_dir: str | os.PathLike) -> Path | None:
     """Write into the bundle at `bundle_dir` the delta from what it serves (its base and
     its deltas) to a checkpoint of the same model (a run directory's latest, or one
     checkpoint directory): rows new or changed, keys no longer served, and the dense
@@ -264,24 +264,25 @@ def _delta_manifest(position: Position, table_dtype: str, source: dict, staging:
 
 def _source(directory: Path, meta: dict) -> dict:
     """What a manifest records of the checkpoint it was exported from: its folder's
-    name, its step and its trainer.json's sha256 (None in checkpoints older than it)."""
-    return {"source_checkpoint": directory.name, "source_step": meta["position"]["step"],
-            "source_sha256": meta.get(SEAL)}
+    name, its run's id, its step and its trainer.json's sha256 (the id and the sha256
+    are None in checkpoints written before them)."""
+    return {"source_checkpoint": directory.name, "source_run": meta.get("run_id"),
+            "source_step": meta["position"]["step"], "source_sha256": meta.get(SEAL)}
 
 
 def _serves_already(served: Bundle, source: dict) -> bool:
     """Whether `served` already serves the checkpoint of `source` (`_source`); refused
-    when that checkpoint is older than the one it serves. Bundles exported before
-    manifests recorded the step are not compared."""
+    when that checkpoint is an earlier one of the same run. Checkpoints of another run
+    (a retraining), or exported before manifests recorded their run, are not compared."""
     newest = _newest_manifest(served)
-    if "source_step" not in newest:
-        return False
-    if source["source_sha256"] is not None and source["source_sha256"] == newest["source_sha256"]:
+    if source["source_sha256"] is not None and source["source_sha256"] == newest.get("source_sha256"):
         return True
+    if source["source_run"] is None or source["source_run"] != newest.get("source_run"):
+        return False
     if source["source_step"] < newest["source_step"]:
         where = f"delta {served.position.sequence}" if served.position.sequence else "the base"
         raise CheckpointError(f"{source['source_checkpoint']}: a checkpoint of step {source['source_step']}, older "
-                              f"than the one {served.path} serves ({newest['source_checkpoint']}, step "
+                              f"than the one of the same run {served.path} serves ({newest['source_checkpoint']}, step "
                               f"{newest['source_step']}, in {where}); a delta from it would roll the served model "
                               f"back. Export it in full (without --delta) to serve it")
     return False
