@@ -451,7 +451,7 @@ def test_a_server_polling_its_bundle_applies_new_deltas_and_reports_a_refusal_on
         service.close()
     captured = capsys.readouterr()
     assert "tidal serve: applied 1 delta, now serving delta 1: " in captured.out
-    assert captured.err.count("tidal serve: bundle not updated: ") == 1
+    assert captured.err.count("tidal serve: bundle not updated past delta 1: ") == 1
 
 
 def test_a_polling_server_applies_the_deltas_before_a_damaged_one_and_reports_it_once(run, bundle_dir, tmp_path,
@@ -468,8 +468,8 @@ def test_a_polling_server_applies_the_deltas_before_a_damaged_one_and_reports_it
         service.close()
     captured = capsys.readouterr()
     assert captured.out.count("tidal serve: applied 1 delta, now serving delta 1: ") == 1
-    assert captured.err.count("tidal serve: bundle not updated: ") == 1
-    assert "Delta 000002 and those after it cannot be applied" in captured.err
+    assert captured.err.count("tidal serve: bundle not updated past delta 1: ") == 1
+    assert "Delta 000002 and those after it cannot be applied: remove them or export them again" in captured.err
 
 
 def test_batches_scored_while_a_delta_applies_see_the_old_state_or_the_new_one(run, bundle_dir):
@@ -724,6 +724,6 @@ def test_the_poller_goes_on_after_an_unexpected_error_and_its_period_is_bounded(
         until(lambda: service.updater.delta == 1, "delta 1 after the error")
     finally:
         service.close()
-    assert "tidal serve: bundle not updated: ValueError: a surprise" in capsys.readouterr().err
+    assert "tidal serve: bundle not updated past delta 0: ValueError: a surprise" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="delta_poll_s"):
         Service(load_bundle(bundle_dir), delta_poll_s=1e10)

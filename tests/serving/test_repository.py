@@ -63,5 +63,5 @@ def test_a_load_request_logs_what_it_changed_to_stdout_and_a_refusal_to_stderr(r
     code, answer = _post(running, "/v2/repository/models/ctr/load")
     assert code == 409 and "manifest.json is missing" in answer["error"]
     logged = capsys.readouterr()
-    assert logged.out == "" and logged.err == f"tidal serve: bundle not updated: {copy}: not a serving bundle " \
+    assert logged.out == "" and logged.err == f"tidal serve: bundle not updated past delta 0: {copy}: not a serving bundle " \
                                               f"(manifest.json is missing); write one with tidal export\n"

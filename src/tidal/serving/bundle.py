@@ -511,7 +511,7 @@ def read_deltas(path: str | os.PathLike, position: Position, config: RunConfig) 
     export replaced it)."""
     deltas, stopped = readable_deltas(path, position, config)
     if stopped is not None:
-        raise stopped
+        raise type(stopped)(f"{stopped}: remove them to serve the deltas before, or export the bundle in full")
     return deltas
 
 
@@ -534,8 +534,7 @@ def readable_deltas(path: str | os.PathLike, position: Position,
         try:
             deltas.append(_read_delta(folder / name, position, config, manifest["table_dtype"]))
         except CheckpointError as exc:
-            return deltas, type(exc)(f"{exc}. Delta {name} and those after it cannot be applied: remove them to "
-                                     f"serve the deltas before, or export the bundle in full")
+            return deltas, type(exc)(f"{exc}. Delta {name} and those after it cannot be applied")
         position = deltas[-1].position
     return deltas, None
 

@@ -30,7 +30,7 @@ from tidal.errors import CheckpointError, ConfigError, TidalError
 from tidal.serving.bundle import NO_DELTAS, moved_since, peek, readable_deltas
 from tidal.serving.predictor import Predictor
 
-__all__ = ["Update", "Updater", "refusal"]
+__all__ = ["Update", "Updater", "log_update", "refusal"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,8 +113,10 @@ class Updater:
             raise CheckpointError(f"{self._path}: {NO_DELTAS}")
         self._predictor.check_whole()
         deltas, stopped = readable_deltas(self._path, position, self._predictor.config)
-        if stopped is not None and not deltas:
-            raise stopped
+        if stopped is not None:  # what to do, for a server that serves the deltas before
+            stopped = type(stopped)(f"{stopped}: remove them or export them again, or export the bundle in full")
+            if not deltas:
+                raise stopped
         applied = self._predictor.update(deltas, self._between)
         if deltas:
             self.deltas_applied += len(deltas)
@@ -146,22 +148,29 @@ class Updater:
     def _poll(self, every_s: float) -> None:
         reported = ""
         while not self._stop.wait(every_s):
+            update = None
             try:
                 update = self.update()
             except Exception as exc:  # noqa: BLE001 - reported; the poller must go on
                 reason = refusal(exc)
             else:
-                if update.applied or update.reload_reason:
-                    print(f"tidal serve: {update.summary()}", flush=True)
                 reason = update.refused or ""
-            if reason and reason != reported:  # once per reason, not at every poll
-                print(f"tidal serve: bundle not updated: {reason}", file=sys.stderr, flush=True)
+            log_update(update, reason if reason != reported else None, self.delta)  # a reason once, not every poll
             reported = reason
 
     def close(self) -> None:
         self._stop.set()
         if self._poller is not None:
             self._poller.join()
+
+
+def log_update(update: Update | None, refused: str | None, delta: int) -> None:
+    """A server's log lines of an update: what it applied or loaded (stdout), and why
+    the bundle was not updated past `delta` (stderr)."""
+    if update is not None and (update.applied or update.reload_reason):
+        print(f"tidal serve: {update.summary()}", flush=True)
+    if refused:
+        print(f"tidal serve: bundle not updated past delta {delta}: {refused}", file=sys.stderr, flush=True)
 
 
 def refusal(exc: Exception) -> str:

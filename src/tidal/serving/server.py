@@ -46,7 +46,6 @@ import gc
 import json
 import signal
 import socket
-import sys
 import threading
 import time
 import zlib
@@ -71,7 +70,7 @@ from tidal.config import Fusion, ServingConfig
 from tidal.errors import ConfigError
 from tidal.serving.batcher import Batcher, BatchRecord, Overloaded, ShuttingDown
 from tidal.serving.bundle import NO_DELTAS, Bundle
-from tidal.serving.online import Update, Updater, refusal
+from tidal.serving.online import Updater, log_update, refusal
 from tidal.serving.predictor import Predictor, UserState
 from tidal.serving.protocol import HEADER, LENGTHS, DecodedRequest, InputSpec, RequestError, context_inputs, \
     decode_request, encode_response, input_specs, json_object
@@ -340,9 +339,9 @@ def create_app(service: Service) -> Starlette:
         try:
             update = await asyncio.to_thread(service.updater.update)
         except Exception as exc:  # noqa: BLE001 - the reason goes to the client and the log; the server goes on
-            _log_update(None, refusal(exc))
+            log_update(None, refusal(exc), service.updater.delta)
             return _error(409, f"the bundle was not updated ({refusal(exc)}); {service.updater.serving()}")
-        _log_update(update, update.refused)
+        log_update(update, update.refused, service.updater.delta)
         if update.refused:
             return _error(409, f"the bundle was updated only in part: {update.summary()}; the next delta was not "
                                f"({update.refused})")
@@ -395,15 +394,6 @@ _DRAIN_BYTES = 64 << 20  # an oversize body up to this size is read and dropped 
 _BODY_TIMEOUT_S = 30.0  # a body must arrive within this
 _HEADER_TIMEOUT_S = 10.0  # a request's headers must arrive within this
 _HEADER_BYTES = 64 << 10  # and take at most this many bytes
-
-
-def _log_update(update: Update | None, refused: str | None) -> None:
-    """The server's log lines of a load request's update, as the poller writes them:
-    what it applied or loaded (stdout), and why it stopped or changed nothing (stderr)."""
-    if update is not None and (update.applied or update.reload_reason):
-        print(f"tidal serve: {update.summary()}", flush=True)
-    if refused:
-        print(f"tidal serve: bundle not updated: {refused}", file=sys.stderr, flush=True)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
