@@ -109,10 +109,10 @@ def _interrupt(*args, **kwargs):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize(("argv", "module", "function", "message"), [
     (["export", "--checkpoint", "run", "--out", "BUNDLE"], "tidal.serving", "export",
-     "tidal export: interrupted; the bundle at BUNDLE is unchanged (the export was writing a temporary folder, now "
-     "removed, to rename into place once complete)"),
+     "tidal export: interrupted; the bundle at BUNDLE is whole: the earlier one, or the new one if the interrupt came "
+     "as it was renamed into place"),
     (["export", "--delta", "--checkpoint", "run", "--out", "BUNDLE"], "tidal.serving", "export_delta",
-     "tidal export: interrupted; the bundle at BUNDLE is unchanged"),
+     "tidal export: interrupted; the bundle at BUNDLE is whole"),
     (["eval", "--checkpoint", "run", "--data", "d.tsv"], "tidal.runtime.workers", "dense_device",
      "tidal eval: interrupted; nothing was written (eval writes no file)"),
 ])

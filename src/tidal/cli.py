@@ -344,8 +344,8 @@ def _export(args: argparse.Namespace) -> int:
             raise
         return _write_failed("export", exc, "an earlier bundle at --out is intact")
     except KeyboardInterrupt:
-        return _interrupted("export", f"the bundle at {args.out} is unchanged (the export was writing a temporary "
-                                      f"folder, now removed, to rename into place once complete)")
+        return _interrupted("export", f"the bundle at {args.out} is whole: the earlier one, or the new one if the "
+                                      f"interrupt came as it was renamed into place")
     if out is None:  # a delta of the checkpoint the bundle serves already
         print(f"no delta written: {args.out} already serves this checkpoint (nothing changed since)")
         return 0

@@ -192,6 +192,23 @@ def test_ctrl_c_as_the_files_are_renamed_takes_effect_once_they_all_are(tmp_path
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works as before again
 
 
+def test_a_rename_that_fails_leaves_no_truth_json_and_its_error_is_not_hidden_by_ctrl_c(tmp_path, monkeypatch):
+    generate(tmp_path, rows=40, files=2, seed=5)
+    replace, calls = generate_module.os.replace, []
+
+    def second_fails(*args):  # type: ignore[no-untyped-def]
+        calls.append(args)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)  # and a Ctrl-C meanwhile
+            raise PermissionError(13, "Permission denied")
+        return replace(*args)
+
+    monkeypatch.setattr(generate_module.os, "replace", second_fails)
+    with pytest.raises(PermissionError):
+        generate(tmp_path, rows=30, files=2, seed=6)
+    assert "truth.json" not in _contents(tmp_path)  # not a whole data set, and it does not say it is
+
+
 def test_a_run_killed_outright_leaves_temporary_files_the_next_run_removes(tmp_path):
     (tmp_path / ".part-00000.tsv.partial").write_text("1\t2\n")
     (tmp_path / ".truth.json.partial").write_text("{")

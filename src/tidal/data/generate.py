@@ -12,6 +12,7 @@ known, so is the best AUC any model can reach on the data: `ceiling_auc`, writte
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 from collections.abc import Iterator, Mapping
@@ -60,7 +61,8 @@ def generate(out_dir: str | Path, *, rows: int, files: int = 1, file_format: Lit
     Every file is written under a temporary name (.NAME.partial) and renamed into place
     once all are complete, truth.json last; files an earlier run wrote to `out_dir`
     (part-NNNNN.*, truth.json) are replaced then (`replaced` names them). A run that
-    fails or is interrupted removes its temporary files and leaves `out_dir` as it was;
+    fails or is interrupted while it writes removes its temporary files and leaves
+    `out_dir` as it was (one that fails as it renames leaves no truth.json);
     Ctrl-C as the files are renamed takes effect once they all are (the KeyboardInterrupt
     then says `AFTER_THE_FILES_WERE_IN_PLACE`).
     """
@@ -105,14 +107,18 @@ def _write_files(out: Path, temporary: list[Path], *, rows: int, files: int, fil
 
 
 def _put_in_place(out: Path, temporary: list[Path]) -> list[str]:
-    """Remove the earlier run's files (truth.json first), then rename each temporary
-    file to its name (truth.json last); the earlier files' names, sorted."""
+    """Rename each temporary file over its name, truth.json last, the earlier run's
+    truth.json removed first and its other files last (so a failure part way leaves
+    no truth.json to say the data set is whole); the earlier files' names, sorted."""
     earlier = [*out.glob("truth.json"), *out.glob("part-[0-9][0-9][0-9][0-9][0-9].tsv"),
                *out.glob("part-[0-9][0-9][0-9][0-9][0-9].parquet")]
-    for path in earlier:
-        path.unlink()
-    for path in temporary:
-        path.rename(out / path.name.removeprefix(".").removesuffix(_PARTIAL))
+    (out / "truth.json").unlink(missing_ok=True)
+    final = [out / path.name.removeprefix(".").removesuffix(_PARTIAL) for path in temporary]
+    for path, name in zip(temporary[:-1], final[:-1]):
+        os.replace(path, name)
+    for path in set(earlier) - set(final):
+        path.unlink(missing_ok=True)
+    os.replace(temporary[-1], final[-1])  # truth.json
     return sorted(path.name for path in earlier)
 
 
@@ -130,8 +136,8 @@ def _interrupts_deferred() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        if caught:
-            raise KeyboardInterrupt(AFTER_THE_FILES_WERE_IN_PLACE)
+    if caught:  # not when the block failed: its error says more
+        raise KeyboardInterrupt(AFTER_THE_FILES_WERE_IN_PLACE)
 
 
 def _folder(out_dir: str | Path) -> Path:
