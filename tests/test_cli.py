@@ -133,6 +133,12 @@ def test_serve_refuses_a_model_name_that_cannot_be_a_url_path_segment(tmp_path, 
                                       f"(/v2/models/NAME); got {name!r}\n"
 
 
+def test_serve_refuses_a_bundle_folder_name_that_cannot_be_a_url_path_segment(tmp_path, capsys):
+    assert main(["serve", str(tmp_path / "ctr model")]) == 2
+    assert capsys.readouterr().err.endswith("got 'ctr model' (the bundle folder's name; give another with "
+                                            "--model-name)\n")
+
+
 @pytest.mark.parametrize("name", ["dlrm", "ctr-v2.1_b", "A.B", "..."])
 def test_a_model_name_of_letters_digits_dots_underscores_and_dashes_is_a_url_path_segment(name):
     assert _url_segment(name)

@@ -414,11 +414,12 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"tidal serve: {exc}", file=sys.stderr)
         return 2
     overrides = {**flags, **settings}
-    if args.model_name is not None and not _url_segment(args.model_name):
+    name = args.model_name if args.model_name is not None else Path(args.bundle).resolve().name
+    if not _url_segment(name):
+        given = "" if args.model_name is not None else " (the bundle folder's name; give another with --model-name)"
         print(f"tidal serve: --model-name must be made of letters, digits, '.', '_' and '-' (not '.' or '..' alone), "
-              f"as it is a segment of the URLs' path (/v2/models/NAME); got {args.model_name!r}", file=sys.stderr)
+              f"as it is a segment of the URLs' path (/v2/models/NAME); got {name!r}{given}", file=sys.stderr)
         return 2
-    name = args.model_name or Path(args.bundle).resolve().name
     try:
         sock = listen(args.host, args.port)
     except OSError as exc:

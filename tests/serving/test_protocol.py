@@ -146,6 +146,9 @@ def test_user_and_context_inputs_of_one_value_stand_for_every_candidate(tmp_path
     with pytest.raises(RequestError, match=r"^input 'X' is a context feature: expected 3 values \(one per candidate, "
                                            r"as 'A' has\) or 1 \(the same for every candidate\), got 2"):
         decode_request(json.dumps(body(1, 2, 3)).encode(), None, specs, OUTPUTS, context=context)
+    with pytest.raises(RequestError, match=r"^input 'X' is a context feature: expected 1 value \(one per candidate, "
+                                           r"as 'A' has\) or 1"):  # the item input sets the count, not the context's
+        decode_request(json.dumps(body(1, 3, 1)).encode(), None, specs, OUTPUTS, context=context)
     with pytest.raises(RequestError, match=r"user inputs carry one value per request, got \{'U': 3\}"):
         decode_request(json.dumps(body(3, 1, 3)).encode(), None, specs, OUTPUTS, context=context)
     with pytest.raises(RequestError, match="input 'X' is an item feature"):  # not named a context input: per candidate

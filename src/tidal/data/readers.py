@@ -170,7 +170,8 @@ class BadRows:
     def none_valid(self) -> str:
         """Why no valid row came: the files that held no rows at all, then the bad rows."""
         files = self.empty_files
-        said = [f"{', '.join(files)} {'holds' if len(files) == 1 else 'hold'} no rows"] if files else []
+        shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+        said = [f"{shown} {'holds' if len(files) == 1 else 'hold'} no rows"] if files else []
         if self.count or not said:
             said.append(self.summary())
         return "; ".join(said)

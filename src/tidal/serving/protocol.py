@@ -548,8 +548,8 @@ def _rows(columns: dict[str, pa.Array], specs: dict[str, InputSpec], context: Co
 
 def _candidates(items: dict[str, int], context: Collection[str]) -> tuple[int, str]:
     """(candidates, an input that has one value per candidate): the size most item
-    inputs have (a tie: the larger), one-value context inputs left out."""
-    sized = {c: n for c, n in items.items() if n != 1 or c not in context} or items
+    inputs have (a tie: the larger), context inputs counted only where no other is."""
+    sized = {c: n for c, n in items.items() if c not in context} or items
     counts = Counter(sized.values())
     rows = max(counts, key=lambda n: (counts[n], n))
     return rows, next(c for c, n in sized.items() if n == rows)
