@@ -163,7 +163,7 @@ def _table_files(root: Path) -> list[Path]:
 
 def _remove_superseded(root: Path, name: str) -> None:
     """Remove the checkpoints before `name` that no one is reading (`reading`; one being
-    read goes at a later save), and the temporary folders of saves that died: this
+    read goes when its last reader is done), and the temporary folders of saves that died: this
     process's or a process's that has ended (one still running may be saving)."""
     for entry in root.iterdir():
         if entry.name.startswith("step-") and entry.name != name:
