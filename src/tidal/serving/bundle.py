@@ -181,8 +181,8 @@ def export_delta(source: str | os.PathLike, bundle_dir: str | os.PathLike) -> Pa
     checkpoint directory): rows new or changed, keys no longer served, and the dense
     weights. A running `tidal serve` of the bundle applies it without a restart.
     Returns the delta's folder, or None when the bundle already serves this very
-    checkpoint (nothing to write). A checkpoint older than the one served is refused:
-    its delta would roll the served model back. A run training meanwhile keeps the
+    checkpoint (nothing to write). An earlier checkpoint of the run it serves is
+    refused: its delta would roll the served model back. A run training meanwhile keeps the
     checkpoint until the export has read it."""
     with _reading(Path(source)) as directory:
         return _export_delta(directory, bundle_dir)
