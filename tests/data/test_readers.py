@@ -420,6 +420,15 @@ def test_an_empty_parquet_file_is_refused_as_unreadable(tmp_path):
         list(read_batches(tmp_path / "d.parquet", columns=SMALL))
 
 
+def test_layouts_are_checked_before_a_row_is_read_where_a_file_names_its_columns(tmp_path):
+    csv = _write(tmp_path / "d.csv", "label,I1,C1\n1,2,a\n")
+    tsv, empty = _write(tmp_path / "d.tsv", "1\t2\n"), _write(tmp_path / "e.csv", "")
+    readers.check_layout([str(csv), str(tsv), str(empty)], SMALL)  # a TSV file names none: its rows are checked
+    with pytest.raises(DataError, match=r"d\.csv: the CSV header lacks columns \['C2'\]"):
+        readers.check_layout([str(tsv), str(csv)], [*SMALL, "C2"])
+    readers.check_layout([str(csv)], [*SMALL, "C2"], csv_header=False)  # then its first line is a row
+
+
 def test_a_csv_header_naming_a_column_twice_is_an_error(tmp_path):
     path = _write(tmp_path / "d.csv", "label,I1,C1,I1,x,x\n1,2,a,3,4,5\n")
     with pytest.raises(DataError, match=r"d\.csv: the CSV header names columns \['I1'\] more than once"):

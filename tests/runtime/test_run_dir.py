@@ -138,6 +138,20 @@ def test_data_files_are_looked_for_before_anything_trains(tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.parametrize("key", ["train", "eval"])
+def test_a_parquet_file_lacking_a_column_is_refused_before_anything_trains(tmp_path, key):
+    import pyarrow.parquet as pq
+
+    config = _config(tmp_path, epochs=1)
+    good = generate(tmp_path / "parquet", rows=2_000, seed=1, file_format="parquet").paths
+    lacking = tmp_path / "lacking.parquet"
+    pq.write_table(pq.read_table(good[0]).drop_columns(["C1"]), lacking)
+    config["data"] |= {"train": good, "eval": good, key: [*good, str(lacking)]}
+    with pytest.raises(DataError, match=rf"data.{key}: .*lacking.parquet: Parquet file lacks columns \['C1'\]"):
+        Trainer(RunConfig(**config)).fit()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_a_run_dir_that_is_a_file_is_refused(tmp_path):
     config = _config(tmp_path, epochs=1, run_dir=str(tmp_path / "a-file"))
     (tmp_path / "a-file").write_text("x")

@@ -41,8 +41,8 @@ from tidal.config import is_whole_number, weighted_bag_problem
 from tidal.data.criteo import CRITEO_COLUMNS, CRITEO_DENSE
 from tidal.errors import DataError
 
-__all__ = ["BadRows", "CRITEO_CHECKS", "WeightedBags", "expand_paths", "format_of", "read_batches", "split_bags",
-           "weighted_values"]
+__all__ = ["BadRows", "CRITEO_CHECKS", "WeightedBags", "check_layout", "expand_paths", "format_of", "read_batches",
+           "split_bags", "weighted_values"]
 
 _INT64_MAX, _INT64_MIN = "9223372036854775807", "-9223372036854775808"  # 2**63 - 1 and -2**63, written out
 FLOAT32_MAX = 3.4028235e38  # float32's largest value as numpy writes it (it reads back as that value)
@@ -279,6 +279,23 @@ def _checked(paths: list[str], columns: Sequence[str], checks: Mapping[str, str 
                 report.empty_files.append(path)
         except OSError as exc:  # gone or unreadable since the run started
             raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def check_layout(paths: Sequence[str], columns: Sequence[str], file_format: str | None = None,
+                 csv_header: bool = True) -> None:
+    """Refuse, before a row is read, each file whose own layout lacks one of `columns`:
+    a Parquet file by its footer, a CSV file by its header line. (TSV files, and CSV
+    files without a header line, name no columns: their rows are checked as they are
+    read.)"""
+    for path in paths:
+        kind = file_format or format_of(path)
+        if kind == "parquet":
+            _open_parquet(path, columns)
+        elif kind == "csv" and csv_header and os.path.getsize(path):
+            _check_not_gzip(path)
+            first = next(_pieces(path, kind), None)
+            if first is not None:
+                _header_names(path, _split_first_record(first.text)[0], columns)
 
 
 def _file_rows(path: str, kind: str, columns: Sequence[str], batch_rows: int, csv_header: bool) -> Iterator[_Rows]:

@@ -27,7 +27,7 @@ from tidal.data.batch import SparseBatch
 from tidal.data.criteo import CRITEO_COLUMNS
 from tidal.data.extract import Extractor
 from tidal.data.generate import auc
-from tidal.data.readers import BadRows, expand_paths, format_of
+from tidal.data.readers import BadRows, check_layout, expand_paths, format_of
 from tidal.embedding import EmbeddingCollection
 from tidal.errors import BatchError, ConfigError, DataError, TidalError
 from tidal.models import PRECISIONS, RankingModel, compute_precision, resolve_precision, weighted_bce
@@ -352,13 +352,16 @@ class Trainer:
 
     def _check_data_paths(self) -> None:
         """Every data file named, found and readable as the config says before anything
-        trains (an error names its key); the layout settings apply to some of them."""
+        trains, a file that names its columns naming the ones read (an error names its
+        key); the layout settings apply to some of them."""
         data = self.config.data
         kinds = set()
         for key, paths in (("data.train", data.train), ("data.eval", data.eval)):
             try:
                 if paths:
-                    kinds |= {data.format or format_of(f) for f in self.reader_spec(paths).files}
+                    spec = self.reader_spec(paths)
+                    kinds |= {data.format or format_of(f) for f in spec.files}
+                    check_layout(spec.files, spec.columns, spec.file_format, spec.csv_header)
             except DataError as exc:
                 raise DataError(f"{key}: {exc}") from None
         if data.columns is not None and not any(map(self._positional, kinds)):
