@@ -115,10 +115,17 @@ def _interrupt(*args, **kwargs):  # type: ignore[no-untyped-def]
      "tidal export: interrupted; the bundle at BUNDLE is whole"),
     (["eval", "--checkpoint", "run", "--data", "d.tsv"], "tidal.runtime.workers", "dense_device",
      "tidal eval: interrupted; nothing was written (eval writes no file)"),
+    (["train", "--config", "run.yaml"], "tidal.config", "RunConfig.from_yaml",
+     "tidal train: interrupted; no checkpoint was written: run the same command again"),
+    (["train", "--config", "run.yaml"], "tidal.cli", "_train", "tidal train: interrupted; stopped before it finished"),
+    (["bench", "sparse", "--quick"], "tidal.bench.sparse", "run",
+     "tidal bench sparse: interrupted; stopped before it finished"),
 ])
 def test_ctrl_c_says_in_one_line_what_it_left_and_exits_130(tmp_path, monkeypatch, capsys, argv, module, function,
                                                              message):
-    monkeypatch.setattr(importlib.import_module(module), function, _interrupt)
+    owner, _, name = function.rpartition(".")
+    monkeypatch.setattr(getattr(importlib.import_module(module), owner) if owner else importlib.import_module(module),
+                        name, _interrupt)
     bundle = str(tmp_path / "bundle")
     assert main([bundle if a == "BUNDLE" else a for a in argv]) == 130
     err = capsys.readouterr().err

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from safetensors import SafetensorError
 
 if TYPE_CHECKING:  # imported where used: the command line starts without torch
+    from tidal.config import RunConfig
     from tidal.serving import Predictor
 
 _MODEL_NAME = re.compile(r"[A-Za-z0-9._-]+")  # a URL path segment that needs no escaping
@@ -30,7 +31,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--rows", type=int, default=300_000, help="training rows to generate (default 300,000)")
     train = commands.add_parser("train", help="train a model from a YAML run config")
     train.add_argument("--config", required=True, help="the YAML file: data, features, tables, model, training")
-    train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    start = train.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    start.add_argument("--init-from", metavar="CHECKPOINT",
+                       help="start a fresh run on the config's data from another run's latest checkpoint (its run "
+                            "directory) or from a checkpoint directory: its tables, dense weights and step")
     evaluate = commands.add_parser("eval", help="AUC and log loss of a run's latest checkpoint on data files")
     evaluate.add_argument("--checkpoint", required=True, help="the run directory (training.run_dir) or one checkpoint")
     evaluate.add_argument("--data", required=True, nargs="+", help="files or globs to evaluate on")
@@ -138,6 +143,15 @@ def _seconds(text: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        return _command(args)
+    except KeyboardInterrupt:  # one a command does not meet itself: while torch loads, say, or in a benchmark
+        name = args.command if args.command != "bench" else f"bench {args.benchmark}"
+        return _interrupted(name, "stopped before it finished")
+
+
+def _command(args: argparse.Namespace) -> int:
+    """Run the command `args` names; its exit code."""
     if args.command == "demo":
         from tidal import demo
 
@@ -224,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _saved(config: RunConfig | None) -> bool:
+    """Whether the run of `config` has a checkpoint to resume from."""
+    return config is not None and (Path(config.training.run_dir) / "checkpoints" / "LATEST").exists()
+
+
 def _train(args: argparse.Namespace) -> int:
     from tidal.config import RunConfig
     from tidal.data.readers import BadRows
@@ -234,22 +253,23 @@ def _train(args: argparse.Namespace) -> int:
     config = None
     try:
         config = RunConfig.from_yaml(args.config)
-        summary = Trainer(config).fit(resume=args.resume)
+        summary = Trainer(config).fit(resume=args.resume, init_from=args.init_from)
     except TidalError as exc:
         print(f"tidal train: {exc}", file=sys.stderr)
         return 2
     except (OSError, SafetensorError) as exc:
         if not _is_disk_error(exc):
             raise
-        saved = config is not None and (Path(config.training.run_dir) / "checkpoints" / "LATEST").exists()
         return _write_failed("train", exc, "the last checkpoint written is intact: `tidal train --resume` continues "
-                                           "from it" if saved else "no checkpoint was written")
+                                           "from it" if _saved(config) else "no checkpoint was written")
     except KeyboardInterrupt:
-        print("tidal train: interrupted; `tidal train --resume` continues from the last checkpoint written",
-              file=sys.stderr)
+        go_on = ("`tidal train --resume` continues from the last checkpoint written" if _saved(config)
+                 else "no checkpoint was written: run the same command again")
+        print(f"tidal train: interrupted; {go_on}", file=sys.stderr)
         return 130
     steps, first = summary["steps"], summary["resumed_from"]
-    trained = f"{steps:,d} steps" if not first else f"steps {first + 1:,d}-{steps:,d} (resumed after step {first:,d})" \
+    after = f"started from {args.init_from} at its step {first:,d}" if args.init_from else f"resumed after step {first:,d}"
+    trained = f"{steps:,d} steps" if not first else f"steps {first + 1:,d}-{steps:,d} ({after})" \
         if steps > first else f"nothing: the run had ended at step {steps:,d}"
     print(f"trained {trained}, {summary['rows']:,d} rows at {summary['samples_per_s']:,.0f} samples/s; "
           f"bad rows: {summary['bad_rows']}")

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -215,3 +218,37 @@ def test_a_run_killed_outright_leaves_temporary_files_the_next_run_removes(tmp_p
     (tmp_path / ".notes.partial").write_text("mine")
     generate(tmp_path, rows=10)
     assert sorted(_contents(tmp_path)) == [".notes.partial", "part-00000.tsv", "truth.json"]
+
+
+def _ended_process_id() -> int:
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
+def test_a_run_removes_the_temporary_files_of_ended_runs_only(tmp_path):
+    live, ended = os.getppid(), _ended_process_id()
+    still_writing = [f".part-00000.tsv.{live}-0a1b2c3d.partial", f".truth.json.{live}-0a1b2c3d.partial"]
+    for name in [*still_writing, f".part-00000.tsv.{ended}-99ff.partial", f".truth.json.{ended}-99ff.partial"]:
+        (tmp_path / name).write_text("1\t2\n")
+    generate(tmp_path, rows=10)
+    assert sorted(_contents(tmp_path)) == [*sorted(still_writing), "part-00000.tsv", "truth.json"]
+
+
+def test_runs_into_one_folder_at_once_do_not_touch_each_others_temporary_files(tmp_path, monkeypatch):
+    write, names = generate_module._write_file, []
+
+    def another_run_meanwhile(path, *args):  # type: ignore[no-untyped-def]
+        names.append(path.name)
+        if path.name.startswith(".part-00001") and len(names) == 2:  # the first run, half way
+            generate(tmp_path, rows=20, files=2, seed=7)  # the same process: its files are of a live one
+        return write(path, *args)
+
+    monkeypatch.setattr(generate_module, "_write_file", another_run_meanwhile)
+    first = generate(tmp_path, rows=30, files=2, seed=5)
+    assert all(re.fullmatch(rf"\.part-0000[01]\.tsv\.{os.getpid()}-[0-9a-f]{{8}}\.partial", name) for name in names)
+    assert len({name.split(".")[3] for name in names}) == 2  # each run its own token
+    assert sorted(_contents(tmp_path)) == ["part-00000.tsv", "part-00001.tsv", "truth.json"]
+    assert json.loads((tmp_path / "truth.json").read_text())["paths"] == first.paths
+    assert sum(len(open(p).readlines()) for p in first.paths) == 30  # the first run's files, whole
+    assert first.replaced == ["part-00000.tsv", "part-00001.tsv", "truth.json"]  # the second run's

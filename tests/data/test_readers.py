@@ -422,11 +422,56 @@ def test_an_empty_parquet_file_is_refused_as_unreadable(tmp_path):
 
 def test_layouts_are_checked_before_a_row_is_read_where_a_file_names_its_columns(tmp_path):
     csv = _write(tmp_path / "d.csv", "label,I1,C1\n1,2,a\n")
-    tsv, empty = _write(tmp_path / "d.tsv", "1\t2\n"), _write(tmp_path / "e.csv", "")
-    readers.check_layout([str(csv), str(tsv), str(empty)], SMALL)  # a TSV file names none: its rows are checked
+    tsv, empty = _write(tmp_path / "d.tsv", "1\t2\ta\n"), _write(tmp_path / "e.csv", "")
+    readers.check_layout([str(csv), str(tsv), str(empty)], SMALL)
     with pytest.raises(DataError, match=r"d\.csv: the CSV header lacks columns \['C2'\]"):
-        readers.check_layout([str(tsv), str(csv)], [*SMALL, "C2"])
-    readers.check_layout([str(csv)], [*SMALL, "C2"], csv_header=False)  # then its first line is a row
+        readers.check_layout([str(csv)], [*SMALL, "C2"])
+    readers.check_layout([str(csv)], ["x", "y", "z"], csv_header=False)  # then its first line is a row
+    with pytest.raises(DataError, match=r"gone\.tsv: cannot read it \(No such file or directory\)"):
+        readers.check_layout([str(tmp_path / "gone.tsv")], SMALL)  # removed since it was found
+
+
+_BY_POSITION = r"by position \(data\.columns in a run config, or Criteo's layout when not set\)"
+
+
+@pytest.mark.parametrize("name", ["d.tsv", "d.tsv.gz"])
+def test_a_tsv_file_of_another_width_is_refused_before_a_row_is_read(tmp_path, name):
+    text = b"1\t2\n" * 30
+    (tmp_path / name).write_bytes(gzip.compress(text) if name.endswith(".gz") else text)
+    with pytest.raises(DataError, match=rf"{re.escape(name)}: its first 20 records have 2 fields \(tab-separated\), "
+                                        rf"expected 3, the columns \['label', 'I1', 'C1'\] {_BY_POSITION}"):
+        readers.check_layout([str(_write(tmp_path / "good.tsv", "1\t2\ta\n")), str(tmp_path / name)], SMALL)
+
+
+def test_criteo_rows_without_their_label_are_refused_before_a_row_is_read(tmp_path):
+    path = _write(tmp_path / "x.tsv", ("\t".join("7" * 39) + "\n\n") * 25)  # empty lines passed over
+    with pytest.raises(DataError, match=r"x\.tsv: its first 20 records have 39 fields \(tab-separated\), expected 40, "
+                                        r"the columns \['label', 'I1', 'I2', .*'C26'\] by position"):
+        readers.check_layout([str(path)], CRITEO_COLUMNS)
+
+
+def test_a_csv_file_without_a_header_line_of_another_width_is_refused_before_a_row_is_read(tmp_path):
+    path = _write(tmp_path / "d.csv", '1,"a,b\nc"\n\n0,"x,y"\r\n1,2,3,4\n')  # quoted commas and line feeds are text
+    with pytest.raises(DataError, match=r"d\.csv: its first 3 records have 2 or 4 fields \(comma-separated\), "
+                                        r"expected 3, the columns \['label', 'I1', 'C1'\] by position"):
+        readers.check_layout([str(path)], SMALL, csv_header=False)
+    with pytest.raises(DataError, match=r"d\.csv: its first record has 2 fields \(comma-separated\), expected 3"):
+        readers.check_layout([str(_write(path, '"1,2",3\n'))], SMALL, csv_header=False)
+    readers.check_layout([str(_write(path, '1,"2,3\n",4\n'))], SMALL, csv_header=False)
+
+
+def test_a_file_whose_first_records_are_not_all_of_another_width_passes_and_its_bad_rows_are_counted(tmp_path):
+    path = _write(tmp_path / "d.tsv", "1\t2\n" + "1\t2\ta\n" * 3)
+    readers.check_layout([str(path)], SMALL)
+    report = BadRows()
+    assert sum(b.num_rows for b in read_batches(path, columns=SMALL, bad_rows=report)) == 3
+    assert report.examples == [f"{path}:1: expected 3 columns, found 2"]
+    readers.check_layout([str(_write(tmp_path / "blank.tsv", "\n\r\n" * 5))], SMALL)  # no record: left to the read
+    only_first_20 = _write(tmp_path / "late.tsv", "1\t2\n" * 10 + "1\t2\t3\t4\n" * 10 + "1\t2\ta\n")
+    with pytest.raises(DataError, match=r"late\.tsv: its first 20 records have 2 or 4 fields"):
+        readers.check_layout([str(only_first_20)], SMALL)
+    wide = _write(tmp_path / "wide.tsv", "1\t2\n" + ("1\t" + "x" * 70_000 + "\n") * 3 + "1\t2\ta\n")
+    readers.check_layout([str(wide)], SMALL)  # records longer than a piece read: the sample grows to hold them
 
 
 def test_a_csv_header_naming_a_column_twice_is_an_error(tmp_path):

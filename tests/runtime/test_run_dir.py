@@ -121,7 +121,7 @@ def test_a_run_resumed_with_other_eval_data_evaluates_that(run, tmp_path):
 def test_no_valid_rows_fail_training_and_evaluation_saying_why(tmp_path):
     config = _config(tmp_path, epochs=1)
     bad = tmp_path / "bad.tsv"
-    bad.write_text("1\tnot-enough-columns\n" * 3)
+    bad.write_text(("2" + "\t" * 39 + "\n") * 3)  # Criteo's 40 columns, the label neither 0 nor 1
     config["data"] = {**config["data"], "train": [str(bad)], "eval": None}
     with pytest.raises(DataError, match=r"no valid rows to train on in data.train: 3 bad rows skipped:\n  .*bad.tsv:1"):
         Trainer(RunConfig(**config)).fit()

@@ -22,6 +22,7 @@ from tidal.data import SparseBatch, generate
 from tidal.data.criteo import CRITEO_DENSE, CRITEO_SPARSE
 from tidal.errors import BatchError, ConfigError, DataError, TidalError
 from tidal.runtime import Trainer, checkpoint
+from trainer_helpers import assert_same_state
 
 
 def _config(tmp_path, **training) -> dict:
@@ -77,15 +78,19 @@ def test_cli_trains_from_yaml_and_reports_bad_rows(tmp_path, capsys, monkeypatch
 def test_a_run_whose_data_is_mostly_bad_rows_stops_saying_so_unless_max_bad_fraction_allows_them(tmp_path, capsys):
     config = _config(tmp_path, epochs=1)
     config["data"]["eval"] = None
-    wrong = tmp_path / "train" / "commas.tsv"  # another file's rows, comma-separated: one column each
-    wrong.write_text(open(config["data"]["train"][0]).read().replace("\t", ","))
+    good = open(config["data"]["train"][0]).read()
+    wrong = tmp_path / "train" / "commas.tsv"  # one good line, then another file's rows comma-separated: one column each
+    wrong.write_text(good[:good.index("\n") + 1] + good.replace("\t", ","))
     config["data"]["train"] = [*config["data"]["train"], str(wrong)]
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["train", "--config", str(path)]) == 2
     assert re.search(rf"of the (\d|,)+ rows read of {wrong} were bad \((\d|\.)+%\), more than max_bad_fraction allows \(10\.0%\).*"
-                     rf"The first: {wrong}:1: expected 40 columns, found 1", capsys.readouterr().err)
-    config["data"]["max_bad_fraction"] = 1.0
+                     rf"The first: {wrong}:2: expected 40 columns, found 1", capsys.readouterr().err)
+    wrong.write_text(good.replace("\t", ","))  # no good line to begin with: refused before anything trains
+    assert main(["train", "--config", str(path)]) == 2
+    assert f"data.train: {wrong}: its first 20 records have 1 field (tab-separated), expected 40" in capsys.readouterr().err
+    config["data"]["max_bad_fraction"] = 1.0  # any share of bad rows taken: the file is read, and skipped
     summary = Trainer(RunConfig(**config)).fit()
     assert summary["bad_rows"] == 12_000 and summary["rows"] == 12_000
 
@@ -167,22 +172,6 @@ def test_resume_reaches_the_same_weights_and_tables_as_an_uninterrupted_run(tmp_
         np.testing.assert_array_equal(rows_a.last_seen, rows_b.last_seen)
 
 
-def _assert_same_state(a: Trainer, b: Trainer) -> None:
-    """Dense weights, and every table's rows, row metadata and counters, bit for bit
-    (not its memory, which a loaded table lays out afresh)."""
-    for name, tensor in a.model.state_dict().items():
-        assert torch.equal(tensor, b.model.state_dict()[name]), name
-    counters = ("rows", "lookups", "misses", "admitted", "not_admitted", "evicted", "dropped_full")
-    for x, y in zip(a.collection.tables, b.collection.tables):
-        assert [getattr(x.stats(), c) for c in counters] == [getattr(y.stats(), c) for c in counters]
-        assert x.clocks() == y.clocks()
-        keys = np.concatenate([x.snapshot_shard(s, since_save=False)["keys"] for s in range(x.num_shards)])
-        (rows_x, found_x), (rows_y, found_y) = x.pull_rows(keys), y.pull_rows(keys)
-        assert found_x.all() and found_y.all()
-        for field in ("values", "state", "last_seen", "counts"):
-            np.testing.assert_array_equal(getattr(rows_x, field), getattr(rows_y, field), err_msg=field)
-
-
 def test_a_run_resumed_with_more_epochs_matches_one_that_had_them_from_the_start(tmp_path):
     """24 steps an epoch, a safe point every 5: the first run ends off the schedule, and
     its end once evicted there, baking an eviction the longer run never made into the
@@ -199,7 +188,7 @@ def test_a_run_resumed_with_more_epochs_matches_one_that_had_them_from_the_start
     assert extended.fit(resume=True)["resumed_from"] == 24
     whole = Trainer(in_dir("whole", epochs=2))
     whole.fit()
-    _assert_same_state(whole, extended)
+    assert_same_state(whole, extended)
     assert whole.collection.tables[0].stats().evicted > 0
 
 

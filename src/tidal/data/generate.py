@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import signal
 import threading
 from collections.abc import Iterator, Mapping
@@ -36,6 +38,8 @@ __all__ = ["AFTER_THE_FILES_WERE_IN_PLACE", "GeneratedData", "auc", "check_argum
 _CHUNK_ROWS = 100_000
 _VOCABULARY, _ZIPF_A = 1_000_000, 1.2  # the defaults of `generate` and `check_arguments`
 _PARTIAL = ".partial"  # the suffix of a file being written (after a leading '.': hidden)
+# a file being written, .NAME.PID-TOKEN.partial: NAME once whole, PID the writing process's (none: an earlier version's)
+_TEMPORARY = re.compile(r"\.(?P<name>part-[0-9]{5}\.[^.]+|truth\.json)(?:\.(?P<pid>[0-9]+)-[0-9a-f]+)?\.partial")
 # what a KeyboardInterrupt says when Ctrl-C came as the files were put in place: it took effect once they were
 AFTER_THE_FILES_WERE_IN_PLACE = "after the new files were in place"
 
@@ -58,23 +62,26 @@ def generate(out_dir: str | Path, *, rows: int, files: int = 1, file_format: Lit
 
     `seed` fixes the planted truth (every id's effect, the dense weights); `split`
     draws different rows from that same truth: train on split 0, evaluate on split 1.
-    Every file is written under a temporary name (.NAME.partial) and renamed into place
-    once all are complete, truth.json last; files an earlier run wrote to `out_dir`
-    (part-NNNNN.*, truth.json) are replaced then (`replaced` names them). A run that
-    fails or is interrupted while it writes removes its temporary files and leaves
-    `out_dir` as it was (one that fails as it renames leaves no truth.json);
+    Every file is written under a temporary name of its own (.NAME.PID-TOKEN.partial:
+    the process id and a random token, so runs into one folder at once do not touch
+    each other's) and renamed into place once all are complete, truth.json last; files
+    an earlier run wrote to `out_dir` (part-NNNNN.*, truth.json) are replaced then
+    (`replaced` names them). A run that fails or is interrupted while it writes removes
+    its temporary files and leaves `out_dir` as it was (one that fails as it renames
+    leaves no truth.json); the temporary files of a run killed outright are removed by
+    the next run, once the process that wrote them is no longer running;
     Ctrl-C as the files are renamed takes effect once they all are (the KeyboardInterrupt
     then says `AFTER_THE_FILES_WERE_IN_PLACE`).
     """
     check_arguments(rows=rows, files=files, file_format=file_format, vocabulary=vocabulary, zipf_a=zipf_a, seed=seed,
                     split=split)
     out = _folder(out_dir)
-    for stale in [*out.glob(f".part-[0-9][0-9][0-9][0-9][0-9].*{_PARTIAL}"), *out.glob(f".truth.json{_PARTIAL}")]:
-        stale.unlink(missing_ok=True)  # left by a run killed outright
+    _remove_leftovers(out)
+    run = f"{os.getpid()}-{secrets.token_hex(4)}"  # in this run's temporary names: its own
     temporary: list[Path] = []
     try:
-        data = _write_files(out, temporary, rows=rows, files=files, file_format=file_format, seed=seed, split=split,
-                            vocabulary=vocabulary, zipf_a=zipf_a, sparse_scale=sparse_scale, bias=bias)
+        data = _write_files(out, temporary, run, rows=rows, files=files, file_format=file_format, seed=seed,
+                            split=split, vocabulary=vocabulary, zipf_a=zipf_a, sparse_scale=sparse_scale, bias=bias)
         with _interrupts_deferred():  # the earlier files go and the new ones come at once
             return replace(data, replaced=_put_in_place(out, temporary))
     finally:
@@ -82,16 +89,48 @@ def generate(out_dir: str | Path, *, rows: int, files: int = 1, file_format: Lit
             path.unlink(missing_ok=True)
 
 
-def _write_files(out: Path, temporary: list[Path], *, rows: int, files: int, file_format: str, seed: int, split: int,
-                 vocabulary: int, zipf_a: float, sparse_scale: float, bias: float) -> GeneratedData:
-    """Write the files and truth.json under temporary names, each added to `temporary`
-    before it is begun; what they hold."""
+def _remove_leftovers(out: Path) -> None:
+    """Remove the temporary files in `out` of runs killed outright: those whose process
+    is no longer running (or that name none), not those of a run still writing."""
+    for path in out.glob(f".*{_PARTIAL}"):
+        match = _TEMPORARY.fullmatch(path.name)
+        if match and not (match["pid"] and _running(int(match["pid"]))):
+            path.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (a run it began may still be writing)."""
+    if pid <= 0:  # no one process's id (os.kill would signal a group)
+        return False
+    try:
+        os.kill(pid, 0)  # no signal: only whether the process exists
+    except PermissionError:  # another user's
+        return True
+    except (OSError, OverflowError):  # ProcessLookupError: none has that id
+        return False
+    return True
+
+
+def _temporary(final: Path, run: str) -> Path:
+    """The name `final` is written under by the run `run` (PID-TOKEN)."""
+    return final.with_name(f".{final.name}.{run}{_PARTIAL}")
+
+
+def _final(temporary: Path) -> Path:
+    """The name a temporary file (.NAME.PID-TOKEN.partial) is renamed to once it is whole."""
+    return temporary.with_name(temporary.name.removeprefix(".").rsplit(".", 2)[0])
+
+
+def _write_files(out: Path, temporary: list[Path], run: str, *, rows: int, files: int, file_format: str, seed: int,
+                 split: int, vocabulary: int, zipf_a: float, sparse_scale: float, bias: float) -> GeneratedData:
+    """Write the files and truth.json under the temporary names of the run `run`
+    (PID-TOKEN), each added to `temporary` before it is begun; what they hold."""
     dense_weights = np.random.default_rng(seed).normal(0.0, 0.15, len(CRITEO_DENSE))
     rng = np.random.default_rng([seed, split])
     paths, probabilities, labels = [], [], []
     for f in range(files):
         path = out / f"part-{f:05d}.{file_format}"
-        temporary.append(out / f".{path.name}{_PARTIAL}")
+        temporary.append(_temporary(path, run))
         share = rows // files + (f < rows % files)
         p, y = _write_file(temporary[-1], share, file_format, rng, seed, vocabulary, zipf_a, sparse_scale, bias,
                            dense_weights)
@@ -101,7 +140,7 @@ def _write_files(out: Path, temporary: list[Path], *, rows: int, files: int, fil
     p, y = np.concatenate(probabilities), np.concatenate(labels)
     ceiling = auc(y, p) if 0 < y.sum() < len(y) else None
     data = GeneratedData(paths=paths, rows=rows, positive_rate=float(y.mean()), ceiling_auc=ceiling)
-    temporary.append(out / f".truth.json{_PARTIAL}")
+    temporary.append(_temporary(out / "truth.json", run))
     temporary[-1].write_text(json.dumps({k: v for k, v in asdict(data).items() if k != "replaced"}, indent=1))
     return data
 
@@ -113,7 +152,7 @@ def _put_in_place(out: Path, temporary: list[Path]) -> list[str]:
     earlier = [*out.glob("truth.json"), *out.glob("part-[0-9][0-9][0-9][0-9][0-9].tsv"),
                *out.glob("part-[0-9][0-9][0-9][0-9][0-9].parquet")]
     (out / "truth.json").unlink(missing_ok=True)
-    final = [out / path.name.removeprefix(".").removesuffix(_PARTIAL) for path in temporary]
+    final = [_final(path) for path in temporary]
     for path, name in zip(temporary[:-1], final[:-1]):
         os.replace(path, name)
     for path in set(earlier) - set(final):

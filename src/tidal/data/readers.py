@@ -135,6 +135,7 @@ JUDGED_FROM = 10_000  # rows read before the share of bad ones is judged: fewer 
 _FORMATS = ("tsv", "csv", "parquet")
 _ASCII = bytes(range(128)) + b"?" * 128  # a translation: bytes from 0x80 on to '?'
 _PIECE_BYTES = 1 << 22  # how much text is read and parsed at a time (more when one record is longer)
+_SAMPLE_RECORDS, _SAMPLE_BYTES = 20, 1 << 16  # the records `check_layout` reads, and how much text at a time
 _MAX_RECORD_BYTES = 1 << 30  # a longer record is an error: pyarrow's string columns hold at most 2 GiB
 _CR_INSIDE = "a carriage return (\\r) inside the line; lines end at \\n or \\r\\n"
 _UNCLOSED = "a quoted value that is not closed before the end of the file"
@@ -282,20 +283,69 @@ def _checked(paths: list[str], columns: Sequence[str], checks: Mapping[str, str 
 
 
 def check_layout(paths: Sequence[str], columns: Sequence[str], file_format: str | None = None,
-                 csv_header: bool = True) -> None:
+                 csv_header: bool = True, *, widths: bool = True) -> None:
     """Refuse, before a row is read, each file whose own layout lacks one of `columns`:
-    a Parquet file by its footer, a CSV file by its header line. (TSV files, and CSV
-    files without a header line, name no columns: their rows are checked as they are
-    read.)"""
+    a Parquet file by its footer, a CSV file by its header line. TSV files, and CSV
+    files without a header line, name no columns: `columns` are theirs by position, and
+    such a file is refused when none of its first 20 records (`_SAMPLE_RECORDS`; empty
+    lines passed over) has as many fields, unless `widths` is False (a run that takes
+    any share of bad rows). (A single record of another width is a bad row, counted as
+    the file is read.) An empty file is left to the read."""
     for path in paths:
         kind = file_format or format_of(path)
-        if kind == "parquet":
-            _open_parquet(path, columns)
-        elif kind == "csv" and csv_header and os.path.getsize(path):
-            _check_not_gzip(path)
-            first = next(_pieces(path, kind), None)
+        try:
+            _check_file_layout(path, kind, columns, csv_header, widths)
+        except OSError as exc:  # gone or unreadable since it was found
+            raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def _check_file_layout(path: str, kind: str, columns: Sequence[str], csv_header: bool, widths: bool) -> None:
+    """`check_layout` of one file, of format `kind`."""
+    if kind == "parquet":
+        _open_parquet(path, columns)
+    elif os.path.getsize(path):
+        _check_not_gzip(path)
+        if kind == "csv" and csv_header:
+            first = next(_pieces(path, kind, _SAMPLE_BYTES), None)
             if first is not None:
                 _header_names(path, _split_first_record(first.text)[0], columns)
+        elif widths:
+            _check_widths(path, kind, columns)
+
+
+def _check_widths(path: str, kind: str, columns: Sequence[str]) -> None:
+    """Refuse the TSV or CSV file at `path` (without a header) when none of its first
+    records has a field for each of `columns`."""
+    widths = _first_widths(path, kind, _SAMPLE_RECORDS)
+    if len(widths) and not (widths == len(columns)).any():
+        first = f"first {len(widths)} records have" if len(widths) > 1 else "first record has"
+        separated = "tab-separated" if kind == "tsv" else "comma-separated"
+        counts = _counts(widths)
+        raise DataError(f"{path}: its {first} {counts} field{'' if counts == '1' else 's'} ({separated}), expected "
+                        f"{len(columns)}, "
+                        f"the columns {list(columns)} by position (data.columns in a run config, or Criteo's "
+                        f"layout when not set)")
+
+
+def _first_widths(path: str, kind: str, most: int) -> np.ndarray:
+    """How many fields each of the first `most` records of a TSV or CSV file holds,
+    empty lines passed over; the file is read only that far, and at most about
+    `_PIECE_BYTES` (or one longer record) of it."""
+    widths, read = np.array([], np.int64), 0
+    for piece in _pieces(path, kind, _SAMPLE_BYTES):
+        widths = np.concatenate([widths, _Records(piece.text, piece.line, kind).widths(kind)])[:most]
+        read += len(piece.text)
+        if len(widths) == most or read >= _PIECE_BYTES:
+            break
+    return widths
+
+
+def _counts(widths: np.ndarray) -> str:
+    """The numbers of fields of some records, in words: 39, 39 or 41, from 2 to 41."""
+    seen = np.unique(widths).tolist()
+    if len(seen) > 2:
+        return f"from {seen[0]} to {seen[-1]}"
+    return " or ".join(map(str, seen))
 
 
 def _file_rows(path: str, kind: str, columns: Sequence[str], batch_rows: int, csv_header: bool) -> Iterator[_Rows]:
@@ -377,11 +427,13 @@ class _Piece(NamedTuple):
     last: bool  # whether the file ends with it
 
 
-def _pieces(path: str, kind: str) -> Iterator[_Piece]:
+def _pieces(path: str, kind: str, piece_bytes: int | None = None) -> Iterator[_Piece]:
     """The text of a TSV or CSV file, gunzipped if its name ends in .gz (whatever the
-    case), in pieces of about `_PIECE_BYTES` that end where a record ends: a piece grows
-    to hold a longer record. A UTF-8 byte order mark opening the file is dropped."""
-    line, rest, size, start = 1, b"", _PIECE_BYTES, True
+    case), in pieces of about `piece_bytes` (`_PIECE_BYTES` by default) that end where a
+    record ends: a piece grows to hold a longer record. A UTF-8 byte order mark opening
+    the file is dropped."""
+    piece_bytes = piece_bytes or _PIECE_BYTES
+    line, rest, size, start = 1, b"", piece_bytes, True
     with pa.input_stream(path, compression="gzip" if path.lower().endswith(".gz") else None) as stream:
         while True:
             data = _read(stream, size, path)
@@ -398,12 +450,12 @@ def _pieces(path: str, kind: str) -> Iterator[_Piece]:
                     raise DataError(f"{path}:{line}: a record longer than {_MAX_RECORD_BYTES >> 20} MiB starts on this "
                                     f"line; expected lines (records) that end within it"
                                     + (" (does a quote open a value that is never closed?)" if kind == "csv" else ""))
-                rest, size = text, max(len(text), _PIECE_BYTES)
+                rest, size = text, max(len(text), piece_bytes)
                 continue
             feeds = text.count(b"\n", 0, cut)
             yield _Piece(text[:cut], line, feeds, last=False)
             line += feeds
-            rest, size = text[cut:], _PIECE_BYTES
+            rest, size = text[cut:], piece_bytes
 
 
 def _read(stream: pa.NativeFile, size: int, path: str) -> bytes:
@@ -582,6 +634,14 @@ class _Records:
         keep = np.ones(len(self.starts), dtype=bool)
         keep[bad] = False
         return b"".join(parts), self.lines[keep]
+
+    def widths(self, kind: str) -> np.ndarray:
+        """How many fields each record that is not an empty line holds: its delimiters
+        outside quoted values, plus one."""
+        delimiters = np.flatnonzero(self.bytes == ord("\t" if kind == "tsv" else ","))
+        if self.quotes is not None:
+            delimiters = delimiters[~self.quotes.inside(delimiters)]
+        return (np.bincount(self._of(delimiters), minlength=len(self.starts)) + 1)[~self._empty()]
 
     def _of(self, positions: np.ndarray) -> np.ndarray:
         """The record that holds each byte of `positions`."""

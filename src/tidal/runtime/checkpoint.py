@@ -6,7 +6,8 @@ Layout under ``<run_dir>/checkpoints``::
     step-00000120/
       tables/                 the embedding tables (tidal.embedding.checkpoint format)
       dense.safetensors       model weights, Adam state tensors, torch RNG state
-      trainer.json            the run's id (made by a fresh run, kept by its resumes), step,
+      trainer.json            the run's id (made by a fresh run, kept by its resumes), the
+                              checkpoint a warm-started run began from (origin), step,
                               epoch, batches done in the epoch, optimizer settings, config,
                               the rows trained and the losses not yet logged (for the log of
                               a resumed run), the training files it was reading (names and
@@ -24,6 +25,8 @@ or whose configs are not the run's; a trainer.json written before these hashes
 (neither files nor content_sha256) loads unchecked, but for the tables' configs. A
 resume is refused when the training files differ from the ones the checkpoint was
 reading (a file added, gone or resized): its position counts batches of those files.
+A warm start (`start_from`) begins a fresh run on other data from another run's
+checkpoint: its model and step, not its data position.
 
 A save removes the checkpoints it supersedes, but not one being read: an export or an
 evaluation holds the checkpoint it reads (`reading`, a shared lock on its
@@ -41,7 +44,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,7 +64,7 @@ if TYPE_CHECKING:
     from tidal.runtime.trainer import Trainer
 
 __all__ = ["find", "hold_run_dir", "latest", "load_checked_tables", "load_dense", "process_running", "read_meta",
-           "reading", "restore", "save"]
+           "reading", "restore", "save", "start_from"]
 
 LATEST = "LATEST"
 DENSE = "dense.safetensors"
@@ -143,7 +146,7 @@ def _write(trainer: Trainer, position: dict[str, int], staging: Path) -> None:
     save_file(_dense_tensors(trainer), str(staging / DENSE))
     tables = {str(p.relative_to(staging)): fingerprint(p, sync=True) for p in _table_files(staging / TABLES)}
     write_json_atomic(staging / "trainer.json", sealed({
-        "run_id": trainer.run_id, "position": position, "config": trainer.config.model_dump(mode="json"),
+        "run_id": trainer.run_id, "origin": trainer.origin, "position": position, "config": trainer.config.model_dump(mode="json"),
         "param_groups": _param_groups(trainer.optimizer),
         "bad_rows": {"count": trainer.bad_rows.count, "examples": trainer.bad_rows.examples},
         "data_files": trainer.data_files, "progress": trainer.progress.state(),
@@ -354,16 +357,49 @@ def restore(trainer: Trainer, directory: Path, *, check_data: bool = True) -> di
     The training section may differ from the checkpoint's: its learning rate applies.
     With `check_data` (to train on), the training files must be the checkpoint's."""
     meta = read_meta(directory)
+    _check_config(directory, meta, trainer, _kept_on_resume,
+                  "resume with the config it was written with")
+    if check_data and "data_files" in meta:  # not in checkpoints written before it was recorded
+        _check_data_files(directory, meta["data_files"], trainer.data_files or data_files(trainer.config.data.train))
+    torch.set_rng_state(_load_model(trainer, directory, meta)["rng.torch"])
+    trainer.bad_rows.count, trainer.bad_rows.examples = meta["bad_rows"]["count"], list(meta["bad_rows"]["examples"])
+    trainer.run_id = meta.get("run_id", trainer.run_id)  # a resume goes on with its run's id
+    trainer.origin = meta.get("origin")
+    progress = meta.get("progress", {"rows": 0, "losses": []})  # absent in checkpoints written before it was kept
+    trainer.progress.rows_before, trainer.progress.losses = progress["rows"], list(progress["losses"])
+    return meta["position"]
+
+
+def start_from(trainer: Trainer, directory: Path) -> dict[str, int]:
+    """Load the model of the checkpoint in `directory`, another run's, into `trainer`, a
+    fresh run on data of its own (a warm start): the tables and the dense weights with
+    their optimizer state, at the checkpoint's step, so that rows' ages and schedules go
+    on from it. The data position, bad rows, logged progress, RNG and run id are the new
+    run's, and the config may differ from the checkpoint's in its data and in what a
+    resume may change. The position to train from."""
+    meta = read_meta(directory)
+    _check_config(directory, meta, trainer, _kept_on_warm_start,
+                  "a warm start keeps the features, tables and model; only the data and the training may change")
+    _load_model(trainer, directory, meta)
+    trainer.origin = {"checkpoint": str(directory), "run_id": meta.get("run_id"), "step": meta["position"]["step"],
+                      "sha256": meta.get(SEAL)}
+    return {"step": meta["position"]["step"], "epoch": 0, "batch": 0}
+
+
+def _check_config(directory: Path, meta: dict[str, Any], trainer: Trainer,
+                  kept: Callable[[dict[str, Any], dict[str, str]], dict[str, Any]], advice: str) -> None:
+    """Refuse a checkpoint whose config differs from the trainer's in what `kept` keeps."""
     unused = trainer.config.model.unused_fields()
-    changed = _changes(_kept_on_resume(meta["config"], unused),
-                       _kept_on_resume(trainer.config.model_dump(mode="json"), unused))
+    changed = _changes(kept(meta["config"], unused), kept(trainer.config.model_dump(mode="json"), unused))
     if changed:
         shown = "; ".join(f"{path}: {old!r} there, {new!r} now" for path, old, new in changed[:5])
         more = f"; and {len(changed) - 5} more" if len(changed) > 5 else ""
-        raise CheckpointError(f"{directory}: the config changed since this checkpoint ({shown}{more}); "
-                              f"resume with the config it was written with")
-    if check_data and "data_files" in meta:  # not in checkpoints written before it was recorded
-        _check_data_files(directory, meta["data_files"], trainer.data_files or data_files(trainer.config.data.train))
+        raise CheckpointError(f"{directory}: the config changed since this checkpoint ({shown}{more}); {advice}")
+
+
+def _load_model(trainer: Trainer, directory: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The checkpoint's tables, dense weights and dense optimizer state into `trainer`
+    (the learning rate is the trainer's config's); its dense tensors."""
     trainer.collection.tables = load_checked_tables(directory, meta, trainer.config.tables,
                                                      trainer.config.training.threads)
     tensors = load_dense(directory)
@@ -371,12 +407,7 @@ def restore(trainer: Trainer, directory: Path, *, check_data: bool = True) -> di
     trainer.optimizer.load_state_dict({"state": _optimizer_state(tensors), "param_groups": meta["param_groups"]})
     for group in trainer.optimizer.param_groups:
         group["lr"] = trainer.config.training.lr
-    torch.set_rng_state(tensors["rng.torch"])
-    trainer.bad_rows.count, trainer.bad_rows.examples = meta["bad_rows"]["count"], list(meta["bad_rows"]["examples"])
-    trainer.run_id = meta.get("run_id", trainer.run_id)  # a resume goes on with its run's id
-    progress = meta.get("progress", {"rows": 0, "losses": []})  # absent in checkpoints written before it was kept
-    trainer.progress.rows_before, trainer.progress.losses = progress["rows"], list(progress["losses"])
-    return meta["position"]
+    return tensors
 
 
 def _kept_on_resume(config: dict[str, Any], unused: dict[str, str]) -> dict[str, Any]:
@@ -388,6 +419,11 @@ def _kept_on_resume(config: dict[str, Any], unused: dict[str, str]) -> dict[str,
     kept["data"] = {f: v for f, v in kept.get("data", {}).items() if f not in _DATA_MAY_CHANGE}
     kept["model"] = {f: v for f, v in kept.get("model", {}).items() if f not in unused}
     return kept
+
+
+def _kept_on_warm_start(config: dict[str, Any], unused: dict[str, str]) -> dict[str, Any]:
+    """The part of a config a warm start must keep: a resume's, but for the data."""
+    return {k: v for k, v in _kept_on_resume(config, unused).items() if k != "data"}
 
 
 def _changes(saved: Any, current: Any, path: str = "") -> list[tuple[str, Any, Any]]:

@@ -153,6 +153,7 @@ class Trainer:
         require(config, RunConfig, "Trainer: config")
         self.config = config
         self.run_id = uuid.uuid4().hex  # this run's, in its checkpoints; a resume takes its checkpoint's
+        self.origin: dict | None = None  # the checkpoint a warm start began this run from (checkpoint.start_from)
         fix_gemm_threads()  # the same splits of every matrix product in every run, busy machine or not
         torch.manual_seed(config.training.seed)
         self.extractor = Extractor(config.features)
@@ -273,11 +274,13 @@ class Trainer:
             return torch.zeros(batch.batch_size, 0, device=self.device)
         return torch.tensor(batch.dense).to(self.device)
 
-    def fit(self, *, resume: bool = False, max_steps: int | None = None) -> dict:
+    def fit(self, *, resume: bool = False, max_steps: int | None = None,
+            init_from: str | os.PathLike | None = None) -> dict:
         """Train for the configured epochs (or `max_steps`), checkpointing on the way
         and at the end (stopping at `max_steps` writes no extra checkpoint). The
         summary's `steps` is the last step trained, `resumed_from` the checkpoint's step
-        it started after (0 for a fresh run); its rows and speed count this call's steps;
+        it started after (0 for a fresh run), `origin` the checkpoint a warm start began
+        the run from (None for others); its rows and speed count this call's steps;
         speed leaves out evaluation.
         Its `compile_s` is the part of the run numba spent compiling kernels on their
         first use on this machine (0 once its disk cache holds them).
@@ -289,31 +292,39 @@ class Trainer:
         checkpoints kept the run's row count resumes counting rows from 0). Without
         it, a run_dir that holds a run's checkpoints is refused rather than mixed with
         them. A run holds its run_dir while it trains: a second one into it is refused.
+
+        With `init_from` (a run directory, for its latest checkpoint, or a checkpoint
+        directory of another run), a fresh run starts from that checkpoint's model: its
+        tables and dense weights with their optimizer state, at its step (steps and
+        `max_steps` go on from there), on this config's data from its start. The
+        features, tables and model must be the checkpoint's (`checkpoint.start_from`).
         """
         if max_steps is not None and (not is_whole_number(max_steps) or max_steps < 1):
             raise ConfigError(f"max_steps is the step to stop after: an integer >= 1, or None for every epoch; "
                               f"got {max_steps!r}")
+        if resume and init_from is not None:
+            raise ConfigError("resume continues this run from its own checkpoint, init_from starts it from another "
+                              "run's: give one of them")
         self._check_data_paths()
         self.data_files = checkpoint.data_files(self.config.data.train)  # what the positions of this run count
+        origin = None if init_from is None else Path(init_from)
+        if origin is not None:
+            checkpoint.find(origin)  # a clear error, before anything is written, when there is none
         self._check_run_dir(resume)
         with checkpoint.hold_run_dir(self.run_dir):
-            summary = self._fit(resume, max_steps)
+            summary = self._fit(resume, max_steps, origin)
             plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "metrics.png")
         return summary
 
-    def _fit(self, resume: bool, max_steps: int | None) -> dict:
+    def _fit(self, resume: bool, max_steps: int | None, origin: Path | None) -> dict:
         """`fit` once the run holds its run_dir."""
-        position = {"step": 0, "epoch": 0, "batch": 0}
-        self.progress = RunProgress()
+        position = self._start(resume, origin)
+        if max_steps is not None and max_steps <= position["step"]:
+            raise ConfigError(f"max_steps {max_steps} is not past the checkpoint's step {position['step']}: "
+                              f"nothing would train")
         if resume:
-            position = checkpoint.restore(self, checkpoint.latest(self.run_dir))  # its progress too
-            if max_steps is not None and max_steps <= position["step"]:
-                raise ConfigError(f"max_steps {max_steps} is not past the checkpoint's step {position['step']}: "
-                                  f"nothing would train")
             _keep_records_up_to(self.run_dir / "metrics.jsonl", position["step"])
-        elif (self.run_dir / "checkpoints" / checkpoint.LATEST).exists():
-            raise ConfigError(f"training.run_dir {self.run_dir} holds an earlier run's checkpoints: pass --resume "
-                              f"(fit(resume=True)) to continue it, or choose another run_dir, or delete that one")
+        first = position["step"]
         with open(self.run_dir / "metrics.jsonl", "a" if resume else "w") as log, compile_clock() as compiling:
             self.progress.start = time.perf_counter()
             if self.config.runtime is not None:
@@ -328,16 +339,31 @@ class Trainer:
                 step, finished = self._train(log, position, max_steps)
             rows = self.progress.rows
             self.elapsed_s = time.perf_counter() - self.progress.start - self.progress.eval_s
-            if step == 0:
+            if step == first and not resume:  # a resume may find nothing left to train
                 raise DataError(f"no valid rows to train on in data.train: {self._why_no_rows().none_valid()}")
-            if finished and step > position["step"]:  # no eviction off the evict_every schedule: a longer run
+            if finished and step > first:  # no eviction off the evict_every schedule: a longer run
                 # resumed here must match; a resume that trained nothing keeps its checkpoint (and its position)
                 checkpoint.save(self, {"step": step, "epoch": self.config.training.epochs, "batch": 0})
             evaluation = self._final_eval(log, step) if self.config.data.eval else None
-            summary = self._summary(step, rows, evaluation) | {"compile_s": compiling(),
-                                                                "resumed_from": position["step"]}
+            summary = self._summary(step, rows, evaluation) | {"compile_s": compiling(), "resumed_from": first,
+                                                                "origin": self.origin}
             log.write(json.dumps({"event": "end", **summary}) + "\n")
         return summary
+
+    def _start(self, resume: bool, origin: Path | None) -> dict[str, int]:
+        """The position the run trains from: its own latest checkpoint's (`resume`),
+        the start of its data at the step of the checkpoint `origin` (a warm start), or
+        the start; the checkpoint is loaded, held meanwhile against a run replacing it."""
+        self.progress = RunProgress()
+        if resume:
+            return checkpoint.restore(self, checkpoint.latest(self.run_dir))  # its progress too
+        if (self.run_dir / "checkpoints" / checkpoint.LATEST).exists():
+            raise ConfigError(f"training.run_dir {self.run_dir} holds an earlier run's checkpoints: pass --resume "
+                              f"(fit(resume=True)) to continue it, or choose another run_dir, or delete that one")
+        if origin is None:
+            return {"step": 0, "epoch": 0, "batch": 0}
+        with checkpoint.reading(origin) as directory:
+            return checkpoint.start_from(self, directory)
 
     def _why_no_rows(self) -> BadRows:
         """The training data's report, once no row trained. A run whose batches came
@@ -352,8 +378,9 @@ class Trainer:
 
     def _check_data_paths(self) -> None:
         """Every data file named, found and readable as the config says before anything
-        trains, a file that names its columns naming the ones read (an error names its
-        key); the layout settings apply to some of them."""
+        trains, a file that names its columns naming the ones read, and one that does not
+        holding as many fields in one of its first records (but where any share of bad
+        rows is taken); an error names its key. The layout settings apply to some of them."""
         data = self.config.data
         kinds = set()
         for key, paths in (("data.train", data.train), ("data.eval", data.eval)):
@@ -361,7 +388,8 @@ class Trainer:
                 if paths:
                     spec = self.reader_spec(paths)
                     kinds |= {data.format or format_of(f) for f in spec.files}
-                    check_layout(spec.files, spec.columns, spec.file_format, spec.csv_header)
+                    check_layout(spec.files, spec.columns, spec.file_format, spec.csv_header,
+                                 widths=data.max_bad_fraction < 1.0)
             except DataError as exc:
                 raise DataError(f"{key}: {exc}") from None
         if data.columns is not None and not any(map(self._positional, kinds)):

@@ -1,0 +1,121 @@
+"""Warm starts: a fresh run on new data from another run's checkpoint (`init_from`)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from tidal.cli import main
+from tidal.config import RunConfig
+from tidal.data import generate
+from tidal.data.criteo import CRITEO_DENSE, CRITEO_SPARSE
+from tidal.errors import CheckpointError, ConfigError, DataError
+from tidal.runtime import Trainer
+from trainer_helpers import assert_same_state
+
+DAY_ROWS, BATCH = 6_000, 500  # 12 whole batches a day: a run over both days reads the same batches
+
+
+@pytest.fixture(scope="module")
+def days(tmp_path_factory) -> dict[str, list[str]]:
+    root = tmp_path_factory.mktemp("days")
+    return {"day1": generate(root / "day1", rows=DAY_ROWS, seed=1).paths,
+            "day2": generate(root / "day2", rows=DAY_ROWS, seed=1, split=1).paths}
+
+
+def _config(train: list[str], run_dir, *, runtime: dict | None = None, passmode: dict | None = None,
+            **training) -> RunConfig:
+    """TTL eviction and an admission count, so that rows' ages and counts must go on
+    across the warm start."""
+    return RunConfig(**{
+        "data": {"train": train, "batch_size": BATCH},
+        "features": [
+            *({"kind": "sparse", "name": c, "columns": [c], "table": "ids"} for c in CRITEO_SPARSE),
+            *({"kind": "dense", "name": c, "column": c, "transform": "log"} for c in CRITEO_DENSE),
+            {"kind": "label", "name": "click", "column": "label"},
+        ],
+        "tables": [{"name": "ids", "dim": 8, "optimizer": {"kind": "adagrad", "lr": 0.05},
+                    "admission": {"kind": "count", "min_count": 2}, "eviction": {"ttl_steps": 6}}],
+        "model": {"kind": "dlrm", "bottom_sizes": [16], "hidden_sizes": [32]},
+        "training": {"epochs": 1, "lr": 0.003, "log_every": 5, "evict_every": 5, "checkpoint_every": 7,
+                     "run_dir": str(run_dir), **training},
+        "runtime": runtime, "passmode": passmode})
+
+
+@pytest.mark.parametrize("mode", [{}, {"runtime": {"mode": "sync", "sparse_workers": 2}},
+                                  {"passmode": {"batches_per_pass": 4}, "checkpoint_every": 8, "evict_every": 4}], ids=["reference", "sync", "passmode"])
+def test_a_warm_start_on_the_next_days_data_equals_one_run_over_both_days(days, tmp_path, mode):
+    first = Trainer(_config(days["day1"], tmp_path / "day1", **mode))
+    assert first.fit()["steps"] == 12
+    second = Trainer(_config(days["day2"], tmp_path / "day2", **mode))
+    summary = second.fit(init_from=tmp_path / "day1")
+    assert summary["steps"] == 24 and summary["resumed_from"] == 12 and summary["rows"] == DAY_ROWS
+    assert summary["origin"]["run_id"] == first.run_id != second.run_id and summary["origin"]["step"] == 12
+    both = Trainer(_config(days["day1"] + days["day2"], tmp_path / "both", **mode))
+    assert both.fit()["steps"] == 24
+    assert_same_state(both, second)
+    assert both.collection.tables[0].stats().evicted > 0
+
+
+def test_a_warm_start_may_change_the_data_and_the_training_but_not_the_model(days, tmp_path):
+    Trainer(_config(days["day1"], tmp_path / "day1")).fit()
+    other = _config(days["day2"], tmp_path / "day2").model_dump()
+    other["tables"][0]["dim"] = 16
+    with pytest.raises(CheckpointError, match=r"tables\[0\]\.dim: 8 there, 16 now\); a warm start keeps the features, "
+                                              r"tables and model; only the data and the training may change"):
+        Trainer(RunConfig(**other)).fit(init_from=tmp_path / "day1")
+    changed = _config(days["day2"], tmp_path / "day2", lr=0.001, epochs=2).model_dump()
+    changed["data"] |= {"batch_size": 300, "eval": days["day1"]}
+    trainer = Trainer(RunConfig(**changed))
+    summary = trainer.fit(init_from=tmp_path / "day1" / "checkpoints" / "step-00000012-epoch-1")
+    assert summary["steps"] == 12 + 2 * 20 and trainer.optimizer.param_groups[0]["lr"] == 0.001
+    assert summary["eval"]["rows"] == DAY_ROWS
+
+
+def test_a_warm_start_is_refused_where_it_cannot_begin(days, tmp_path):
+    Trainer(_config(days["day1"], tmp_path / "day1")).fit()
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        Trainer(_config(days["day2"], tmp_path / "day2")).fit(init_from=tmp_path / "nowhere")
+    assert not (tmp_path / "day2").exists()  # refused before anything was written
+    with pytest.raises(ConfigError, match="give one of them"):
+        Trainer(_config(days["day2"], tmp_path / "day2")).fit(resume=True, init_from=tmp_path / "day1")
+    with pytest.raises(ConfigError, match="max_steps 12 is not past the checkpoint's step 12"):
+        Trainer(_config(days["day2"], tmp_path / "day2")).fit(init_from=tmp_path / "day1", max_steps=12)
+    with pytest.raises(ConfigError, match="holds an earlier run's checkpoints"):
+        Trainer(_config(days["day2"], tmp_path / "day1")).fit(init_from=tmp_path / "day1")
+    empty = tmp_path / "empty.tsv"
+    empty.touch()
+    with pytest.raises(DataError, match="no valid rows to train on in data.train: .*empty.tsv holds no rows"):
+        Trainer(_config([str(empty)], tmp_path / "empty")).fit(init_from=tmp_path / "day1")
+
+
+def test_a_warm_started_run_resumes_to_the_state_of_one_never_stopped(days, tmp_path):
+    Trainer(_config(days["day1"], tmp_path / "day1")).fit()
+    whole = Trainer(_config(days["day2"], tmp_path / "whole"))
+    whole.fit(init_from=tmp_path / "day1")
+    Trainer(_config(days["day2"], tmp_path / "split")).fit(init_from=tmp_path / "day1", max_steps=16)  # saved at 14
+    resumed = Trainer(_config(days["day2"], tmp_path / "split"))
+    summary = resumed.fit(resume=True)
+    assert summary["resumed_from"] == 14 and summary["origin"] == whole.origin
+    assert_same_state(whole, resumed)
+
+
+def test_cli_starts_a_run_from_another_runs_checkpoint_and_exports_a_delta_of_it(days, tmp_path, capsys):
+    from tidal.serving.bundle import export, export_delta
+
+    Trainer(_config(days["day1"], tmp_path / "day1")).fit()
+    path = tmp_path / "day2.yaml"
+    path.write_text(yaml.safe_dump(_config(days["day2"], tmp_path / "day2").model_dump(mode="json")))
+    assert main(["train", "--config", str(path), "--init-from", str(tmp_path / "day1")]) == 0
+    assert f"trained steps 13-24 (started from {tmp_path / 'day1'} at its step 12), 6,000 rows" in capsys.readouterr().out
+    end = json.loads((tmp_path / "day2" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert end["origin"]["checkpoint"].endswith("step-00000012-epoch-1")
+    with pytest.raises(SystemExit):
+        main(["train", "--config", str(path), "--resume", "--init-from", str(tmp_path / "day1")])
+    assert "not allowed with argument" in capsys.readouterr().err
+    export(tmp_path / "day1", tmp_path / "bundle")
+    delta = export_delta(tmp_path / "day2", tmp_path / "bundle")  # another run's later model: a delta of it is served
+    manifest = json.loads((delta / "manifest.json").read_text())
+    assert manifest["source_step"] == 24 and manifest["tables"]["ids"]["changed"] > 0
