@@ -386,7 +386,7 @@ def test_a_running_server_applies_deltas_on_load_up_to_a_damaged_one(run, bundle
                                                                   r"and those after .*\); still serving delta 2"):
             client.load_model("ctr")
         np.testing.assert_array_equal(_scores(client, rows, specs), after)  # delta 2: the same checkpoint again
-        assert _metric(running.url, "tidal_bundle_updates_refused_total") == 2
+        assert _metric(running.url, "tidal_bundle_updates_refused_total") == 1  # delta 3's refusal, met twice
         assert _metric(running.url, "tidal_bundle_deltas_applied_total") == 2
         with pytest.raises(triton.InferenceServerException, match=r"\[400\] load: this server loads only its bundle as "
                                                                   r"it now stands, with no parameters; got "
@@ -438,40 +438,116 @@ def test_a_session_spanning_an_update_is_pooled_again_once_and_scores_with_the_n
             assert running.service.sessions.get(7).position.sequence == 1
 
 
-def test_a_server_polling_its_bundle_applies_new_deltas_and_reports_a_refusal_once(run, bundle_dir, capsys):
+def _counted_polls(monkeypatch) -> list:  # type: ignore[no-untyped-def]
+    """A list that grows by one each time an update reads the bundle's deltas."""
+    from tidal.serving import online
+
+    reads, polls = online.readable_deltas, []
+    monkeypatch.setattr(online, "readable_deltas", lambda *args: polls.append(1) or reads(*args))
+    return polls
+
+
+def _more_polls(polls: list, count: int) -> None:
+    seen = len(polls)
+    until(lambda: len(polls) >= seen + count, f"{count} more polls")
+
+
+def test_a_server_polling_its_bundle_applies_new_deltas_and_reports_a_refusal_once(run, bundle_dir, tmp_path,
+                                                                                   capsys, monkeypatch):
+    polls = _counted_polls(monkeypatch)
     service = Service(load_bundle(bundle_dir), delta_poll_s=0.02)
     try:
         _delta(run, bundle_dir)
         until(lambda: service.updater.delta == 1, "delta 1")
-        table = _delta(run, bundle_dir) / "tables" / "ids.safetensors"
-        table.write_bytes(b"damaged")
-        until(lambda: service.updater.refused >= 5, "five refusals")
+        damaged = _delta(run, Path(shutil.copytree(bundle_dir, tmp_path / "staged")))
+        (damaged / "tables" / "ids.safetensors").write_bytes(b"damaged")
+        damaged.rename(bundle_dir / "deltas" / damaged.name)  # whole and damaged at once: no poll applies it first
+        until(lambda: service.updater.refused >= 1, "a refusal")
+        _more_polls(polls, 5)
         assert service.updater.delta == 1
     finally:
         service.close()
     captured = capsys.readouterr()
     assert "tidal serve: applied 1 delta, now serving delta 1: " in captured.out
-    refusals = captured.err.splitlines()  # five polls or more, each reason once (a poll may read the file as it is
-    assert refusals and len(set(refusals)) == len(refusals)  # being damaged, another reason)
-    assert all(line.startswith("tidal serve: bundle not updated past delta 1: ") for line in refusals)
+    refusals = captured.err.splitlines()  # five polls or more, the refusal reported and counted once
+    assert len(refusals) == service.updater.refused == 1
+    assert refusals[0].startswith("tidal serve: bundle not updated past delta 1: ")
 
 
 def test_a_polling_server_applies_the_deltas_before_a_damaged_one_and_reports_it_once(run, bundle_dir, tmp_path,
-                                                                                      capsys):
+                                                                                      capsys, monkeypatch):
     staged = Path(shutil.copytree(bundle_dir, tmp_path / "staged"))
     _delta(run, staged)
     (_delta(run, staged) / "tables" / "ids.safetensors").write_bytes(b"damaged")
+    polls = _counted_polls(monkeypatch)
     service = Service(load_bundle(bundle_dir), delta_poll_s=0.02)
     try:
         (staged / "deltas").rename(bundle_dir / "deltas")  # both come before the next poll
-        until(lambda: service.updater.refused >= 3, "three refusals")
-        assert (service.updater.delta, service.updater.deltas_applied) == (1, 1)
+        until(lambda: service.updater.refused >= 1, "a refusal")
+        _more_polls(polls, 3)
+        assert (service.updater.delta, service.updater.deltas_applied, service.updater.refused) == (1, 1, 1)
     finally:
         service.close()
     captured = capsys.readouterr()
     assert captured.out.count("tidal serve: applied 1 delta, now serving delta 1: ") == 1
     assert captured.err.count("tidal serve: bundle not updated past delta 1: ") == 1
     assert "Delta 000002 and those after it cannot be applied: remove them or export them again" in captured.err
+
+
+def _damage(file: Path, damaged: bytes) -> None:
+    """Replace `file` by `damaged` at once: a poll reads the one or the other, never a part."""
+    staged = file.with_name(file.name + ".new")
+    staged.write_bytes(damaged)
+    os.replace(staged, file)
+
+
+def test_a_polling_server_counts_each_refusal_once_however_often_it_meets_it(run, bundle_dir, tmp_path, monkeypatch):
+    staged = Path(shutil.copytree(bundle_dir, tmp_path / "staged"))
+    table = _delta(run, staged) / "tables" / "ids.safetensors"
+    table.write_bytes(b"damaged")
+    polls = _counted_polls(monkeypatch)
+    running = start_server(Service(load_bundle(bundle_dir), delta_poll_s=0.02))
+    refused = lambda: _metric(running.url, "tidal_bundle_updates_refused_total")  # noqa: E731
+    try:
+        (staged / "deltas").rename(bundle_dir / "deltas")
+        until(lambda: running.service.updater.refused >= 1, "a refusal")
+        _more_polls(polls, 5)
+        assert refused() == 1 and running.service.updater.refused == 1
+        _damage(bundle_dir / "deltas" / "000001" / "tables" / "ids.safetensors", b"damaged again")  # another reason
+        until(lambda: running.service.updater.refused >= 2, "another refusal")
+        _more_polls(polls, 5)
+        assert refused() == 2 and running.service.updater.delta == 0
+    finally:
+        running.stop()
+
+
+def test_the_same_refusal_counts_once_until_its_delta_is_rewritten(run, bundle_dir, tmp_path):
+    service = Service(load_bundle(bundle_dir))
+
+    def damaged_delta(staging: str) -> None:
+        staged = Path(shutil.copytree(bundle_dir, tmp_path / staging))
+        (_delta(run, staged) / "tables" / "ids.safetensors").write_bytes(b"damaged")
+        (staged / "deltas" / "000001").rename(bundle_dir / "deltas" / "000001")
+
+    def refusals(updates: int) -> set[str]:
+        reasons = set()
+        for _ in range(updates):
+            with pytest.raises(CorruptCheckpointError, match="Delta 000001 and those after it cannot be applied") \
+                    as refused:
+                service.updater.update()
+            reasons.add(str(refused.value))
+        return reasons
+
+    try:
+        (bundle_dir / "deltas").mkdir(exist_ok=True)
+        damaged_delta("first")
+        first = refusals(3)
+        assert len(first) == 1 and service.updater.refused == 1
+        shutil.rmtree(bundle_dir / "deltas" / "000001")
+        damaged_delta("again")  # the same delta, damaged the same way: rewritten, so another refusal of the same reason
+        assert refusals(3) == first and service.updater.refused == 2
+    finally:
+        service.close()
 
 
 def test_batches_scored_while_a_delta_applies_see_the_old_state_or_the_new_one(run, bundle_dir):
@@ -699,7 +775,8 @@ def test_a_full_export_this_server_cannot_run_is_not_loaded_again_until_another_
         for _ in range(3):
             with pytest.raises(ConfigError, match="over the largest batch"):
                 service.updater.update()
-        assert len(loads) == 3 and service.updater.refused == 5 and service.predictor.position.sequence == 0
+        assert len(loads) == 3 and service.predictor.position.sequence == 0
+        assert service.updater.refused == 2  # two reasons, each met again by later updates
         monkeypatch.setattr(predictor_module.Predictor, "__init__", smaller)
         export(run.run_dir, bundle_dir)  # another export: tried again
         assert service.updater.update().reload_reason and len(loads) == 4

@@ -18,8 +18,10 @@ import pytest
 import tritonclient.http as triton
 from serving_helpers import file_rows, numpy_strings, until, with_user_of
 
+from tidal.config import RunConfig
 from tidal.errors import ConfigError
-from tidal.serving import Service, start_server
+from tidal.runtime import Trainer
+from tidal.serving import Service, export, load_bundle, start_server
 from tidal.serving.protocol import infer_request, input_specs
 
 
@@ -94,6 +96,65 @@ def test_model_metadata_says_side_context_when_an_input_may_come_once_for_every_
 
     spec = InputSpec(name="hour", kind="ids", side="item")  # a context column's spec, as manifests hold it
     assert _input_parameters(spec, True) == {"side": "context"} and _input_parameters(spec, False) == {"side": "item"}
+
+
+_LARGE_ID = 1 << 62  # past float64's exact integers: read as anything but int64, another id
+
+
+def _integer_id_config(root) -> RunConfig:
+    """One column of each kind: a hashed user, integer item ids (hashed: false), a price."""
+    lines = ["label,user,item_id,price"]
+    lines += [f"{k % 2},u{k % 7},{_LARGE_ID + k % 13},{k % 5 + 0.5}" for k in range(1_024)]
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+    return RunConfig(
+        data={"train": str(root / "train.csv"), "batch_size": 256},
+        features=[{"kind": "sparse", "name": "user", "columns": ["user"], "table": "ids", "side": "user"},
+                  {"kind": "sparse", "name": "item", "columns": ["item_id"], "table": "ids", "hashed": False},
+                  {"kind": "dense", "name": "price", "column": "price"},
+                  {"kind": "label", "name": "click", "column": "label"}],
+        tables=[{"name": "ids", "dim": 4}],
+        model={"kind": "dlrm", "bottom_sizes": [4], "hidden_sizes": [8]},
+        training={"epochs": 1, "log_every": 1000, "run_dir": str(root / "run")},
+        serving={"buckets": [1, 8], "max_batch_rows": 8, "chunk_rows": 8})
+
+
+def _from_metadata(metadata: dict, values: dict[str, list]) -> list:
+    """tritonclient inputs of `values`, each of the datatype the model metadata gives it."""
+    inputs = []
+    for described in metadata["inputs"]:
+        if described["name"] not in values:
+            continue
+        datatype, data = described["datatype"], values[described["name"]]
+        array = numpy_strings(data) if datatype == "BYTES" else np.array(data, dtype=triton.triton_to_np_dtype(datatype))
+        tensor = triton.InferInput(described["name"], [len(data)], datatype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def test_metadata_gives_integer_ids_as_int64_and_a_request_of_its_datatypes_scores_as_the_files_strings(tmp_path):
+    trainer = Trainer(_integer_id_config(tmp_path))
+    trainer.fit()
+    running = start_server(Service(load_bundle(export(trainer.run_dir, tmp_path / "bundle")), name="ranker"))
+    try:
+        client = triton.InferenceServerClient(running.url.removeprefix("http://"))
+        metadata, config = client.get_model_metadata("ranker"), client.get_model_config("ranker")
+        assert {i["name"]: i["datatype"] for i in metadata["inputs"]} == \
+               {"user": "BYTES", "item_id": "INT64", "price": "FP64"}
+        assert {i["name"]: i["data_type"] for i in config["input"]} == \
+               {"user": "TYPE_STRING", "item_id": "TYPE_INT64", "price": "TYPE_FP64"}
+        ids = [_LARGE_ID + k for k in (3, 12, 0)]
+        misses = running.service.predictor.id_counts()[1]
+        typed = client.infer("ranker", _from_metadata(metadata, {"user": ["u2"], "item_id": ids,
+                                                                 "price": [0.5, 2.5, 4.5]}))
+        assert running.service.predictor.id_counts()[1] == misses  # every id found: read as it was sent
+        strings = {"user": ["u2"], "item_id": [str(i) for i in ids], "price": ["0.5", "2.5", "4.5"]}
+        body = {"inputs": [{"name": n, "datatype": "BYTES", "shape": [len(v)], "data": v} for n, v in strings.items()]}
+        status, as_files, _ = _post(running, "/v2/models/ranker/infer", json.dumps(body).encode())
+        assert status == 200
+        np.testing.assert_array_equal(typed.as_numpy("score"), np.float32(as_files["outputs"][-1]["data"]))
+    finally:
+        running.stop()
 
 
 def test_model_config_statistics_and_repository_index_through_tritonclient(bundle, rows):

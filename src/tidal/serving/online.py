@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tidal.errors import CheckpointError, ConfigError, TidalError
-from tidal.serving.bundle import NO_DELTAS, moved_since, peek, readable_deltas
+from tidal.serving.bundle import MANIFEST, NO_DELTAS, moved_since, peek, readable_deltas
+from tidal.serving.delta import DELTAS, delta_name
 from tidal.serving.predictor import Predictor
 
 __all__ = ["Update", "Updater", "log_update", "refusal"]
@@ -61,8 +62,12 @@ class Update:
 class Updater:
     """Brings a predictor up to the newest deltas of its bundle: on demand (`update`),
     and every `poll_s` seconds from a thread of its own when `poll_s` is given (each
-    update it applies is printed, and each new reason for refusing one). Each update
-    changes the predictor inside `between()` (`Predictor.update`)."""
+    update it applies is printed, and each new refusal). Each update changes the
+    predictor inside `between()` (`Predictor.update`).
+
+    `refused` counts refusals once each: an update that meets the refusal the one
+    before it met (the same reason, and the bundle and its next delta as they were) is
+    not counted again; another reason, another delta or that delta rewritten is."""
 
     def __init__(self, predictor: Predictor, bundle_path: Path, *, poll_s: float | None = None,
                  between: Callable[[], AbstractContextManager[object]] = nullcontext) -> None:
@@ -73,7 +78,8 @@ class Updater:
         self.deltas_applied = 0
         self.reloads = 0  # of the whole bundle, after a full export replaced it
         self._refused_export: tuple[str | None, ConfigError] | None = None  # (seal, why) of a full export unfit here
-        self.refused = 0
+        self.refused = 0  # distinct refusals (see the class docstring)
+        self._last_refusal: tuple[str, tuple] | None = None  # (reason, what it met) of the last update, if refused
         self.updated_unix_s: float | None = None
         self._stop = threading.Event()
         self._poller = None
@@ -96,12 +102,36 @@ class Updater:
         there: those before it are applied, and `Update.refused` says why. When nothing
         can be, the exception says why (`refusal`) and nothing changed, unless the apply
         itself failed half way (`Predictor.torn`)."""
+        outcome, _ = self._attempt()
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def _attempt(self) -> tuple[Update | Exception, bool]:
+        """(the update, or the error that refused it whole; whether it met a new
+        refusal): `update`'s work, its refusal counted unless the last update met it too."""
         with self._lock:
             try:
-                return self._update()
-            except Exception:
-                self.refused += 1
-                raise
+                update = self._update()
+            except Exception as exc:  # noqa: BLE001 - given back to the caller
+                return exc, self._count_refusal(refusal(exc))
+            return update, self._count_refusal(update.refused)
+
+    def _count_refusal(self, reason: str | None) -> bool:
+        """Note the refusal an update met (`reason`; None when it met none), and count
+        it in `refused` unless the update before met the same one. Whether it was new."""
+        met = None if reason is None else (reason, self._refused_files())
+        new = met is not None and met != self._last_refusal
+        self._last_refusal = met
+        if new:
+            self.refused += 1
+        return new
+
+    def _refused_files(self) -> tuple:
+        """The bundle's manifest and the delta after the one served (its folder and its
+        manifest), as they stand: a refusal met again after one was rewritten is another."""
+        delta = self._path / DELTAS / delta_name(self.delta + 1)
+        return _stamp(self._path / MANIFEST), _stamp(delta), _stamp(delta / MANIFEST)
 
     def _update(self) -> Update:
         position = self._predictor.position
@@ -121,8 +151,6 @@ class Updater:
         if deltas:
             self.deltas_applied += len(deltas)
             self.updated_unix_s = time.time()
-        if stopped is not None:
-            self.refused += 1
         return Update(applied=len(deltas), delta=self.delta, rows_changed=applied.rows_changed,
                       rows_removed=applied.rows_removed, seconds=time.perf_counter() - start, paused_s=applied.paused_s,
                       refused=None if stopped is None else refusal(stopped))
@@ -146,17 +174,11 @@ class Updater:
                       seconds=time.perf_counter() - start, paused_s=applied.paused_s, reload_reason=moved)
 
     def _poll(self, every_s: float) -> None:
-        reported = ""
         while not self._stop.wait(every_s):
-            update = None
-            try:
-                update = self.update()
-            except Exception as exc:  # noqa: BLE001 - reported; the poller must go on
-                reason = refusal(exc)
-            else:
-                reason = update.refused or ""
-            log_update(update, reason if reason != reported else None, self.delta)  # a reason once, not every poll
-            reported = reason
+            outcome, new = self._attempt()  # the poller goes on after any error: it is reported
+            update = outcome if isinstance(outcome, Update) else None
+            reason = outcome.refused if isinstance(outcome, Update) else refusal(outcome)
+            log_update(update, reason if new else None, self.delta)  # a refusal once, not every poll
 
     def close(self) -> None:
         self._stop.set()
@@ -171,6 +193,15 @@ def log_update(update: Update | None, refused: str | None, delta: int) -> None:
         print(f"tidal serve: {update.summary()}", flush=True)
     if refused:
         print(f"tidal serve: bundle not updated past delta {delta}: {refused}", file=sys.stderr, flush=True)
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """Which file or folder is at `path` (inode, modification time), None when none is."""
+    try:
+        found = path.stat()
+    except OSError:
+        return None
+    return found.st_ino, found.st_mtime_ns
 
 
 def refusal(exc: Exception) -> str:

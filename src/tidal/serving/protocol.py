@@ -11,7 +11,8 @@ carries each column by the side of the features that read it::
                             column is refused (400), not read as wrong scores
 
 (``[n, 1]`` reads as ``[n]``). Ids come as BYTES (the strings of the data
-files) or INT64; numbers as FP64 (exact: training parses numbers as float64), FP32,
+files) or INT64 (model metadata gives integer ids, ``hashed: false``, as INT64 and
+hashed ids as BYTES); numbers as FP64 (exact: training parses numbers as float64), FP32,
 INT64 or BYTES; a null or an empty string is a missing value, as an empty field of a
 file. A multi-value column comes as its joined strings (``"a|b|c"``, as in files) or
 as all values flat plus a ``<column>.lengths`` tensor with one bag length per candidate. With the binary

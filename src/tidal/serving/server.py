@@ -80,7 +80,12 @@ from tidal.serving.triton import Statistics, model_config
 __all__ = ["RunningServer", "Service", "create_app", "listen", "serve", "start_server"]
 
 T = TypeVar("T")
-_DATATYPES = {"ids": "BYTES", "integer": "BYTES", "number": "FP64"}  # FP64: training parses numbers as float64
+# The datatype model metadata gives each kind of input, as training reads the column:
+# ids are hashed as the file's strings are (as INT64, "007" would come as 7, another id);
+# integer ids (`hashed: false`, one value a row) are read as int64, so INT64 values are
+# those ids as they are (a missing one still comes as an empty BYTES string); numbers
+# are parsed as float64.
+_DATATYPES = {"ids": "BYTES", "integer": "INT64", "number": "FP64"}
 
 
 class Service:
@@ -238,7 +243,8 @@ class _Deltas:
                                   value=u.deltas_applied)
         yield CounterMetricFamily("tidal_bundle_reloads", "Loads of the whole bundle after a full export replaced it",
                                   value=u.reloads)
-        yield CounterMetricFamily("tidal_bundle_updates_refused", "Updates refused", value=u.refused)
+        yield CounterMetricFamily("tidal_bundle_updates_refused", "Updates refused, each refusal once however often "
+                                  "it is met again", value=u.refused)
         if u.updated_unix_s is not None:
             yield GaugeMetricFamily("tidal_bundle_updated_unix_seconds", "When a delta or a full export was last loaded",
                                     value=u.updated_unix_s)

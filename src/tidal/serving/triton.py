@@ -25,7 +25,8 @@ from tidal.serving.batcher import BatchRecord
 
 __all__ = ["Statistics", "model_config"]
 
-_TYPES = {"BYTES": "TYPE_STRING", "FP64": "TYPE_FP64", "FP32": "TYPE_FP32", "INT32": "TYPE_INT32"}
+_TYPES = {"BYTES": "TYPE_STRING", "FP64": "TYPE_FP64", "FP32": "TYPE_FP32", "INT64": "TYPE_INT64",
+          "INT32": "TYPE_INT32"}
 
 
 def model_config(metadata: dict, settings: ServingConfig) -> dict:
