@@ -127,7 +127,7 @@ def save(trainer: Trainer, position: dict[str, int]) -> Path:
     try:
         staging.mkdir()
         _write(trainer, position, staging)
-        shutil.rmtree(root / name, ignore_errors=True)  # left by a save that died before LATEST named it
+        _remove_unread(root / name, wait=True)  # left by a save that died before LATEST named it
         os.replace(staging, root / name)
     except BaseException:  # a full or read-only disk, say: leave no half-written folder behind
         shutil.rmtree(staging, ignore_errors=True)
@@ -175,9 +175,10 @@ def _remove_superseded(root: Path, name: str) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def _remove_unread(directory: Path) -> None:
+def _remove_unread(directory: Path, *, wait: bool = False) -> None:
     """Remove checkpoint `directory` unless a reader holds it (a shared lock on its
-    trainer.json); the exclusive lock is held while it is removed."""
+    trainer.json), or with `wait` once its readers are done; the exclusive lock is held
+    while it is removed."""
     try:
         fd = os.open(directory / "trainer.json", os.O_RDONLY)
     except (FileNotFoundError, NotADirectoryError):  # an incomplete folder: no reader can hold it
@@ -186,7 +187,7 @@ def _remove_unread(directory: Path) -> None:
     except OSError:  # cannot tell whether a reader holds it: left for a later save
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         return
