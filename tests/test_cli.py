@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ def test_demo_trains_and_reports_auc_beside_the_ceiling(capsys):
     backend = "onnxruntime" if onnx_available() else "torch"  # the onnx extra, when installed
     assert f"over KServe v2 HTTP on 127.0.0.1, its dense network on {backend}" in out
     assert "a malformed request         400: input 'I5': values must be finite and within float32's range" in out
+    assert re.search(r"  next day                    1 step on from the first run's step 3, eval AUC 0\.\d+\n", out)
     assert "  online update               delta 000001: " in out and " rows changed, applied in " in out
     assert out.count("1 user x 100 candidates") == 2  # again, after the update
 

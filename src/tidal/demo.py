@@ -1,7 +1,8 @@
 """`tidal demo`: generate data, train DLRM on collision-free tables, evaluate, summarize,
 then export the model and serve a few requests through the KServe v2 server (the dense
-network on ONNX Runtime when the onnx extra is installed); train on while it serves and
-update it online with a delta.
+network on ONNX Runtime when the onnx extra is installed); while it serves, train on the
+next day's data from the first run's checkpoint (a warm start) and update the server
+online with a delta.
 
 The generated data plants a logistic truth over Zipf-distributed raw ids, so the best
 AUC any model can reach is known and printed beside the one Tidal reached. Training
@@ -56,9 +57,11 @@ def _config(train: list[str], held_out: list[str], run_dir: Path) -> RunConfig:
 def run(rows: int = 300_000) -> dict:
     """The whole path on `rows` generated training rows (and a quarter as many held out)."""
     with tempfile.TemporaryDirectory() as scratch:
-        print(f"Generating {rows:,d} training and {rows // 4:,d} held-out rows (Criteo layout, planted truth)")
+        print(f"Generating {rows:,d} training, {rows // 4:,d} held-out and {rows // 4:,d} next-day rows (Criteo "
+              f"layout, planted truth)")
         train = generate(Path(scratch) / "train", rows=rows, files=2, seed=0)
         held_out = generate(Path(scratch) / "eval", rows=rows // 4, seed=0, split=1)
+        next_day = generate(Path(scratch) / "next-day", rows=rows // 4, seed=0, split=2)
         _compile_kernels(Path(scratch))
         print("Training DLRM, every raw id in its own row: 2 sparse workers feed 1 dense worker "
               "(in a temporary run directory)")
@@ -67,7 +70,8 @@ def run(rows: int = 300_000) -> dict:
         _print_summary(summary, held_out.ceiling_auc)
         bundle = _export(trainer.run_dir, Path(scratch) / "bundle")
         candidates = next(iter(trainer.reader_spec(held_out.paths).epoch(BadRows()))).slice(0, 200)
-        summary["serving"] = _serve(bundle, candidates, trainer.config)
+        day_two = _config(next_day.paths, held_out.paths, Path(scratch) / "run-next-day")
+        summary["serving"] = _serve(bundle, candidates, day_two, trainer.run_dir)
     print(json.dumps({"eval_auc": summary["eval"]["auc"]["label"], "ceiling_auc": held_out.ceiling_auc,
                       "samples_per_s": summary["samples_per_s"], "served_candidates": summary["serving"]["candidates"]}))
     return summary
@@ -118,9 +122,9 @@ def _print_summary(summary: dict, ceiling_auc: float) -> None:
     print("  " + Telemetry.table(summary["runtime"]).replace("\n", "\n  "))
 
 
-def _serve(bundle: Path, candidates: pa.RecordBatch, config: RunConfig) -> dict:
+def _serve(bundle: Path, candidates: pa.RecordBatch, day_two: RunConfig, day_one: Path) -> dict:
     """Serve the bundle on a free local port, send it a few requests, then update it
-    online from a second epoch of training."""
+    online from the run of `day_two`, warm-started from the run in `day_one`."""
     size = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file())
     running = start_server(Service(load_bundle(bundle), name="ctr"))
     print(f"Serving the exported bundle ({size / 2**20:.1f} MiB, no pickle) over KServe v2 HTTP on 127.0.0.1, "
@@ -142,20 +146,24 @@ def _serve(bundle: Path, candidates: pa.RecordBatch, config: RunConfig) -> dict:
         bad = infer_request(candidates.slice(0, 3), specs)
         next(t for t in bad["inputs"] if t["name"] == "I5")["data"][1] = "inf"
         print(f"  a malformed request         400: {_post(url, bad)[0]['error']}")
-        _update_online(running.url, bundle, config, infer_request(candidates.slice(0, 100), specs))
+        _update_online(running.url, bundle, day_two, day_one, infer_request(candidates.slice(0, 100), specs))
     finally:
         running.stop()
     return {"candidates": len(scores), "best": int(scores.argmax())}
 
 
-def _update_online(url: str, bundle: Path, config: RunConfig, request: dict) -> None:
-    """Train a second epoch while the server serves, export the delta into its bundle,
-    have the server apply it, and score the same request again."""
-    print("Training on while the server serves (a second epoch), then tidal export --delta", flush=True)
-    more = RunConfig(**{**config.model_dump(), "training": {**config.training.model_dump(), "epochs": 2}})
+def _update_online(url: str, bundle: Path, day_two: RunConfig, day_one: Path, request: dict) -> None:
+    """Train on the next day's data from the first run's checkpoint while the server
+    serves, export the delta into its bundle, have the server apply it, and score the
+    same request again."""
+    print("Training on the next day's data while the server serves (tidal train --init-from the first run), "
+          "then tidal export --delta", flush=True)
     with contextlib.redirect_stdout(io.StringIO()):
-        Trainer(more).fit(resume=True)
-    delta = export_delta(more.training.run_dir, bundle)
+        summary = Trainer(day_two).fit(init_from=day_one)
+    steps, first = summary["steps"] - summary["resumed_from"], summary["resumed_from"]
+    print(f"  next day                    {steps:,d} step{'s' if steps != 1 else ''} on from the first run's step "
+          f"{first:,d}, eval AUC {shown_auc(summary['eval']['auc']['label'])}")
+    delta = export_delta(day_two.training.run_dir, bundle)
     update, _ = _post(f"{url}/v2/repository/models/ctr/load", {})
     if "error" in update:
         print(f"  online update               refused: {update['error']}")
