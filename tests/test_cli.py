@@ -66,7 +66,8 @@ def test_train_and_export_report_a_full_disk_without_a_traceback(tmp_path, capsy
 
     monkeypatch.setattr(tidal.runtime.checkpoint, "save", second_save_fails)
     assert main(["train", "--config", str(path)]) == 2
-    assert "the last checkpoint written is intact: `tidal train --resume` continues from it" in capsys.readouterr().err
+    assert f"the last checkpoint written is intact: `tidal train --config {path} --resume` continues from it" in \
+        capsys.readouterr().err
     monkeypatch.undo()
     shutil.rmtree(config["training"]["run_dir"])
     assert main(["train", "--config", str(path)]) == 0
@@ -111,10 +112,11 @@ def _interrupt(*args, **kwargs):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize(("argv", "module", "function", "message"), [
     (["export", "--checkpoint", "run", "--out", "BUNDLE"], "tidal.serving", "export",
-     "tidal export: interrupted; the bundle at BUNDLE is whole: the earlier one, or the new one if the interrupt came "
+     "tidal export: interrupted; the bundle at BUNDLE is whole: as it was, or the new one if the interrupt came "
      "as it was renamed into place"),
     (["export", "--delta", "--checkpoint", "run", "--out", "BUNDLE"], "tidal.serving", "export_delta",
-     "tidal export: interrupted; the bundle at BUNDLE is whole"),
+     "tidal export: interrupted; the bundle at BUNDLE is whole: as it was, or with the new delta if the interrupt came "
+     "as it was renamed into place"),
     (["eval", "--checkpoint", "run", "--data", "d.tsv"], "tidal.runtime.workers", "dense_device",
      "tidal eval: interrupted; nothing was written (eval writes no file)"),
     (["train", "--config", "run.yaml"], "tidal.config", "RunConfig.from_yaml",

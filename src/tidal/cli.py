@@ -238,6 +238,12 @@ def _command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resume(args: argparse.Namespace) -> str:
+    """The command that resumes the run `args` began (without --init-from: the run has
+    checkpoints of its own once it wrote one)."""
+    return f"`tidal train --config {args.config} --resume`" + (" (without --init-from)" if args.init_from else "")
+
+
 def _saved(config: RunConfig | None) -> bool:
     """Whether the run of `config` has a checkpoint to resume from."""
     return config is not None and (Path(config.training.run_dir) / "checkpoints" / "LATEST").exists()
@@ -260,10 +266,10 @@ def _train(args: argparse.Namespace) -> int:
     except (OSError, SafetensorError) as exc:
         if not _is_disk_error(exc):
             raise
-        return _write_failed("train", exc, "the last checkpoint written is intact: `tidal train --resume` continues "
-                                           "from it" if _saved(config) else "no checkpoint was written")
+        return _write_failed("train", exc, f"the last checkpoint written is intact: {_resume(args)} continues from it"
+                             if _saved(config) else "no checkpoint was written")
     except KeyboardInterrupt:
-        go_on = ("`tidal train --resume` continues from the last checkpoint written" if _saved(config)
+        go_on = (f"{_resume(args)} continues from the last checkpoint written" if _saved(config)
                  else "no checkpoint was written: run the same command again")
         print(f"tidal train: interrupted; {go_on}", file=sys.stderr)
         return 130
@@ -364,8 +370,9 @@ def _export(args: argparse.Namespace) -> int:
             raise
         return _write_failed("export", exc, "an earlier bundle at --out is intact")
     except KeyboardInterrupt:
-        return _interrupted("export", f"the bundle at {args.out} is whole: the earlier one, or the new one if the "
-                                      f"interrupt came as it was renamed into place")
+        new = "with the new delta" if args.delta else "the new one"
+        return _interrupted("export", f"the bundle at {args.out} is whole: as it was, or {new} if the interrupt came "
+                                      f"as it was renamed into place")
     if out is None:  # a delta of the checkpoint the bundle serves already
         print(f"no delta written: {args.out} already serves this checkpoint (nothing changed since)")
         return 0

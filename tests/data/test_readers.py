@@ -439,21 +439,21 @@ def test_a_tsv_file_of_another_width_is_refused_before_a_row_is_read(tmp_path, n
     text = b"1\t2\n" * 30
     (tmp_path / name).write_bytes(gzip.compress(text) if name.endswith(".gz") else text)
     with pytest.raises(DataError, match=rf"{re.escape(name)}: its first 20 records have 2 fields \(tab-separated\), "
-                                        rf"expected 3, the columns \['label', 'I1', 'C1'\] {_BY_POSITION}"):
+                                        rf"expected 3, the columns label, I1, C1 {_BY_POSITION}"):
         readers.check_layout([str(_write(tmp_path / "good.tsv", "1\t2\ta\n")), str(tmp_path / name)], SMALL)
 
 
 def test_criteo_rows_without_their_label_are_refused_before_a_row_is_read(tmp_path):
     path = _write(tmp_path / "x.tsv", ("\t".join("7" * 39) + "\n\n") * 25)  # empty lines passed over
     with pytest.raises(DataError, match=r"x\.tsv: its first 20 records have 39 fields \(tab-separated\), expected 40, "
-                                        r"the columns \['label', 'I1', 'I2', .*'C26'\] by position"):
+                                        r"the columns label, I1, I2, \.\.\., C26 by position"):
         readers.check_layout([str(path)], CRITEO_COLUMNS)
 
 
 def test_a_csv_file_without_a_header_line_of_another_width_is_refused_before_a_row_is_read(tmp_path):
     path = _write(tmp_path / "d.csv", '1,"a,b\nc"\n\n0,"x,y"\r\n1,2,3,4\n')  # quoted commas and line feeds are text
     with pytest.raises(DataError, match=r"d\.csv: its first 3 records have 2 or 4 fields \(comma-separated\), "
-                                        r"expected 3, the columns \['label', 'I1', 'C1'\] by position"):
+                                        r"expected 3, the columns label, I1, C1 by position"):
         readers.check_layout([str(path)], SMALL, csv_header=False)
     with pytest.raises(DataError, match=r"d\.csv: its first record has 2 fields \(comma-separated\), expected 3"):
         readers.check_layout([str(_write(path, '"1,2",3\n'))], SMALL, csv_header=False)

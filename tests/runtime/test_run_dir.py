@@ -221,7 +221,10 @@ def test_ctrl_c_in_train_says_how_to_go_on(run, capsys, tmp_path, monkeypatch):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(run))
     assert main(["train", "--config", str(path)]) == 130
-    assert "interrupted; `tidal train --resume` continues" in capsys.readouterr().err
+    assert f"interrupted; `tidal train --config {path} --resume` continues" in capsys.readouterr().err
+    assert main(["train", "--config", str(path), "--init-from", "elsewhere"]) == 130
+    assert f"interrupted; `tidal train --config {path} --resume` (without --init-from) continues" in \
+        capsys.readouterr().err
 
 
 def test_a_list_of_files_in_two_formats_is_refused(tmp_path):

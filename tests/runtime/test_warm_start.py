@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -64,7 +65,13 @@ def test_a_warm_start_may_change_the_data_and_the_training_but_not_the_model(day
     other = _config(days["day2"], tmp_path / "day2").model_dump()
     other["tables"][0]["dim"] = 16
     with pytest.raises(CheckpointError, match=r"tables\[0\]\.dim: 8 there, 16 now\); a warm start keeps the features, "
-                                              r"tables and model; only the data and the training may change"):
+                                              r"tables and model; only the data, training, runtime, passmode and "
+                                              r"serving sections may change"):
+        Trainer(RunConfig(**other)).fit(init_from=tmp_path / "day1")
+    assert not (tmp_path / "day2").exists()  # refused before anything was written
+    other = _config(days["day2"], tmp_path / "day2").model_dump()
+    other["features"].insert(1, {**other["features"][0], "name": "C1b"})
+    with pytest.raises(CheckpointError, match=r"\(features\['C1b'\]: None there, \{.*\} now\); a warm start"):
         Trainer(RunConfig(**other)).fit(init_from=tmp_path / "day1")
     changed = _config(days["day2"], tmp_path / "day2", lr=0.001, epochs=2).model_dump()
     changed["data"] |= {"batch_size": 300, "eval": days["day1"]}
@@ -76,19 +83,25 @@ def test_a_warm_start_may_change_the_data_and_the_training_but_not_the_model(day
 
 def test_a_warm_start_is_refused_where_it_cannot_begin(days, tmp_path):
     Trainer(_config(days["day1"], tmp_path / "day1")).fit()
-    with pytest.raises(CheckpointError, match="holds no checkpoint"):
-        Trainer(_config(days["day2"], tmp_path / "day2")).fit(init_from=tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a-file").touch()
+    for given, reason in [("nowhere", "no such folder; expected a run directory"), ("a-file", "a file; expected"),
+                          ("empty", "holds no checkpoint"), ("day1/checkpoints", "a run's checkpoints folder; name the "
+                                                                                 "run directory")]:
+        with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / given}: {reason}")):
+            Trainer(_config(days["day2"], tmp_path / "day2")).fit(init_from=tmp_path / given)
     assert not (tmp_path / "day2").exists()  # refused before anything was written
     with pytest.raises(ConfigError, match="give one of them"):
         Trainer(_config(days["day2"], tmp_path / "day2")).fit(resume=True, init_from=tmp_path / "day1")
     with pytest.raises(ConfigError, match="max_steps 12 is not past the checkpoint's step 12"):
         Trainer(_config(days["day2"], tmp_path / "day2")).fit(init_from=tmp_path / "day1", max_steps=12)
-    with pytest.raises(ConfigError, match="holds an earlier run's checkpoints"):
+    with pytest.raises(ConfigError, match="holds an earlier run's checkpoints; a warm start is a fresh run: give it "
+                                          "a run_dir of its own"):
         Trainer(_config(days["day2"], tmp_path / "day1")).fit(init_from=tmp_path / "day1")
     empty = tmp_path / "empty.tsv"
     empty.touch()
     with pytest.raises(DataError, match="no valid rows to train on in data.train: .*empty.tsv holds no rows"):
-        Trainer(_config([str(empty)], tmp_path / "empty")).fit(init_from=tmp_path / "day1")
+        Trainer(_config([str(empty)], tmp_path / "no-rows")).fit(init_from=tmp_path / "day1")
 
 
 def test_a_warm_started_run_resumes_to_the_state_of_one_never_stopped(days, tmp_path):
@@ -119,3 +132,41 @@ def test_cli_starts_a_run_from_another_runs_checkpoint_and_exports_a_delta_of_it
     delta = export_delta(tmp_path / "day2", tmp_path / "bundle")  # another run's later model: a delta of it is served
     manifest = json.loads((delta / "manifest.json").read_text())
     assert manifest["source_step"] == 24 and manifest["tables"]["ids"]["changed"] > 0
+
+
+def test_a_warm_start_says_where_it_starts_and_what_an_unfinished_origin_left(days, tmp_path, capsys):
+    Trainer(_config(days["day1"], tmp_path / "day1")).fit(max_steps=7)  # the checkpoint of step 7, of 12
+    Trainer(_config(days["day2"], tmp_path / "day2")).fit(init_from=tmp_path / "day1")
+    assert (f"  warm start from {tmp_path / 'day1' / 'checkpoints' / 'step-00000007-epoch-0'} at its step 7, which its "
+            f"run wrote part way through (step 7, epoch 1 of 1, 7 batches into it): the rest of that run's data is not "
+            f"trained\n") in capsys.readouterr().out
+    Trainer(_config(days["day2"], tmp_path / "day3")).fit(init_from=tmp_path / "day2")
+    assert "at its step 19\n" in capsys.readouterr().out  # a finished run: nothing more to say
+
+
+def test_a_failed_final_evaluation_says_the_training_is_done_and_how_to_evaluate_it(days, tmp_path):
+    wrong = tmp_path / "wrong-eval.tsv"
+    wrong.write_text(("2" + "\t" * 39 + "\n") * 3)  # Criteo's width, the label neither 0 nor 1
+    config = _config(days["day1"], tmp_path / "day1").model_dump()
+    config["data"]["eval"] = [str(wrong)]
+    with pytest.raises(DataError, match=r"(?s)^the run trained to step 12 and saved its checkpoint, but its final "
+                                        r"evaluation failed: no valid rows to evaluate .*\nTo evaluate it, give "
+                                        r"data.eval files in the layout of the training data and resume the run"):
+        Trainer(RunConfig(**config)).fit()
+    config["data"]["eval"] = days["day2"]
+    assert Trainer(RunConfig(**config)).fit(resume=True)["eval"]["rows"] == DAY_ROWS
+
+
+def test_a_delta_of_the_run_a_served_model_was_warm_started_from_is_refused_as_a_rollback(days, tmp_path):
+    from tidal.serving.bundle import export, export_delta
+
+    Trainer(_config(days["day1"], tmp_path / "day1")).fit()
+    Trainer(_config(days["day2"], tmp_path / "day2")).fit(init_from=tmp_path / "day1")
+    Trainer(_config(days["day1"], tmp_path / "day3")).fit(init_from=tmp_path / "day2")
+    export(tmp_path / "day1", tmp_path / "bundle")
+    assert export_delta(tmp_path / "day3", tmp_path / "bundle") is not None  # two generations on
+    for older in ("day1", "day2"):
+        with pytest.raises(CheckpointError, match=r"of the run that the model .* serves \(step-00000036-epoch-1, in "
+                                                  r"delta 1\) was warm-started from, at its step (12|24) .*; a delta "
+                                                  r"from it would roll the served model back"):
+            export_delta(tmp_path / older, tmp_path / "bundle")

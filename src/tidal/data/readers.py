@@ -321,10 +321,10 @@ def _check_widths(path: str, kind: str, columns: Sequence[str]) -> None:
         first = f"first {len(widths)} records have" if len(widths) > 1 else "first record has"
         separated = "tab-separated" if kind == "tsv" else "comma-separated"
         counts = _counts(widths)
+        shown = ", ".join(columns) if len(columns) <= 6 else f"{', '.join(columns[:3])}, ..., {columns[-1]}"
         raise DataError(f"{path}: its {first} {counts} field{'' if counts == '1' else 's'} ({separated}), expected "
-                        f"{len(columns)}, "
-                        f"the columns {list(columns)} by position (data.columns in a run config, or Criteo's "
-                        f"layout when not set)")
+                        f"{len(columns)}, the columns {shown} by position (data.columns in a run config, or "
+                        f"Criteo's layout when not set)")
 
 
 def _first_widths(path: str, kind: str, most: int) -> np.ndarray:

@@ -63,8 +63,8 @@ from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 if TYPE_CHECKING:
     from tidal.runtime.trainer import Trainer
 
-__all__ = ["find", "hold_run_dir", "latest", "load_checked_tables", "load_dense", "process_running", "read_meta",
-           "reading", "restore", "save", "start_from"]
+__all__ = ["check_start", "find", "hold_run_dir", "latest", "load_checked_tables", "load_dense", "process_running",
+           "read_meta", "reading", "restore", "save", "start_from"]
 
 LATEST = "LATEST"
 DENSE = "dense.safetensors"
@@ -76,6 +76,8 @@ _STAGING = re.compile(r"\.tmp-step-\d+-epoch-\d+-(\d+)")  # a save's temporary f
 _MAY_CHANGE = ("training", "runtime", "passmode", "serving")  # config sections a resume may change
 _DATA_MAY_CHANGE = ("eval", "on_bad_row", "max_bad_fraction")  # what is evaluated, how bad rows are met
 _UNCHECKED_TABLE_FIELDS = {"reserve_rows"}  # memory set aside when a table is built: no part of its state
+_WARM_START_KEEPS = ("a warm start keeps the features, tables and model; only the data, training, runtime, passmode "
+                     "and serving sections may change")
 _HOLD_TRIES = 20  # a reader's tries at holding a run's latest checkpoint while saves replace it
 
 
@@ -292,7 +294,17 @@ def latest(run_dir: Path) -> Path:
 
 def find(path: Path) -> Path:
     """The checkpoint at `path`: a checkpoint directory itself, or a run directory's latest."""
-    return path if (path / "trainer.json").is_file() else latest(path)
+    if (path / "trainer.json").is_file():
+        return path
+    expected = "expected a run directory (holding checkpoints/) or one checkpoint folder (holding trainer.json)"
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such folder; {expected}")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: a file; {expected}")
+    if path.name == "checkpoints" and (path / LATEST).is_file():
+        raise CheckpointError(f"{path}: a run's checkpoints folder; name the run directory ({path.parent}) for its "
+                              f"latest checkpoint, or one checkpoint folder in it")
+    return latest(path)
 
 
 def read_meta(directory: Path) -> dict[str, Any]:
@@ -377,14 +389,33 @@ def start_from(trainer: Trainer, directory: Path) -> dict[str, int]:
     their optimizer state, at the checkpoint's step, so that rows' ages and schedules go
     on from it. The data position, bad rows, logged progress, RNG and run id are the new
     run's, and the config may differ from the checkpoint's in its data and in what a
-    resume may change. The position to train from."""
+    resume may change. The position to train from; it says where it starts, and what
+    the checkpoint's run left untrained when it was written before that run's end."""
     meta = read_meta(directory)
-    _check_config(directory, meta, trainer, _kept_on_warm_start,
-                  "a warm start keeps the features, tables and model; only the data and the training may change")
+    _check_config(directory, meta, trainer, _kept_on_warm_start, _WARM_START_KEEPS)
     _load_model(trainer, directory, meta)
-    trainer.origin = {"checkpoint": str(directory), "run_id": meta.get("run_id"), "step": meta["position"]["step"],
-                      "sha256": meta.get(SEAL)}
+    trainer.origin = {"checkpoint": str(directory.resolve()), "run_id": meta.get("run_id"),
+                      "step": meta["position"]["step"], "sha256": meta.get(SEAL), "origin": meta.get("origin")}
+    unfinished = _unfinished(meta)
+    print(f"  warm start from {directory} at its step {meta['position']['step']:,d}"
+          + (f", {unfinished}" if unfinished else ""), flush=True)
     return {"step": meta["position"]["step"], "epoch": 0, "batch": 0}
+
+
+def _unfinished(meta: dict[str, Any]) -> str | None:
+    """What a checkpoint written part way through its run left untrained, in words; None
+    for the one written at the run's end."""
+    position, epochs = meta["position"], meta["config"]["training"]["epochs"]
+    if position["epoch"] >= epochs:
+        return None
+    return (f"which its run wrote part way through (step {position['step']:,d}, epoch {position['epoch'] + 1} of "
+            f"{epochs}, {position['batch']:,d} batches into it): the rest of that run's data is not trained")
+
+
+def check_start(trainer: Trainer, directory: Path) -> None:
+    """Refuse a warm start of `trainer` from the checkpoint in `directory` whose model
+    is not the trainer's (`start_from` checks it again as it loads)."""
+    _check_config(directory, read_meta(directory), trainer, _kept_on_warm_start, _WARM_START_KEEPS)
 
 
 def _check_config(directory: Path, meta: dict[str, Any], trainer: Trainer,
@@ -432,9 +463,31 @@ def _changes(saved: Any, current: Any, path: str = "") -> list[tuple[str, Any, A
     if isinstance(saved, dict) and isinstance(current, dict):
         return [change for key in sorted(saved.keys() | current.keys(), key=str)
                 for change in _changes(saved.get(key), current.get(key), f"{path}.{key}" if path else str(key))]
-    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
-        return [change for i, (a, b) in enumerate(zip(saved, current)) for change in _changes(a, b, f"{path}[{i}]")]
+    if isinstance(saved, list) and isinstance(current, list):
+        if _names(saved) and _names(current) and _names(saved) != _names(current):
+            return _named_changes(saved, current, path)
+        if len(saved) == len(current):
+            return [change for i, (a, b) in enumerate(zip(saved, current)) for change in _changes(a, b, f"{path}[{i}]")]
     return [] if saved == current else [(path, saved, current)]
+
+
+def _names(items: list[Any]) -> list[str] | None:
+    """The names of a list of named entries (features, tables), in order; None for another list."""
+    if items and all(isinstance(i, dict) and isinstance(i.get("name"), str) for i in items):
+        return [i["name"] for i in items]
+    return None
+
+
+def _named_changes(saved: list[dict], current: list[dict], path: str) -> list[tuple[str, Any, Any]]:
+    """`_changes` of two lists of named entries, entry by name: those added, removed or
+    changed, and their order where the ones in both come in another."""
+    before, now = {i["name"]: i for i in saved}, {i["name"]: i for i in current}
+    changes = [change for name in [*before, *(n for n in now if n not in before)]
+               for change in _changes(before.get(name), now.get(name), f"{path}[{name!r}]")]
+    kept_before, kept_now = [n for n in before if n in now], [n for n in now if n in before]
+    if kept_before != kept_now:
+        changes.append((f"{path} (order)", kept_before, kept_now))
+    return changes
 
 
 def _check_data_files(directory: Path, saved: list[list[Any]], current: list[list[Any]]) -> None:

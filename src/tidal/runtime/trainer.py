@@ -308,8 +308,8 @@ class Trainer:
         self._check_data_paths()
         self.data_files = checkpoint.data_files(self.config.data.train)  # what the positions of this run count
         origin = None if init_from is None else Path(init_from)
-        if origin is not None:
-            checkpoint.find(origin)  # a clear error, before anything is written, when there is none
+        if origin is not None:  # a clear error before anything is written: no checkpoint there, or another model's
+            checkpoint.check_start(self, checkpoint.find(origin))
         self._check_run_dir(resume)
         with checkpoint.hold_run_dir(self.run_dir):
             summary = self._fit(resume, max_steps, origin)
@@ -358,6 +358,9 @@ class Trainer:
         if resume:
             return checkpoint.restore(self, checkpoint.latest(self.run_dir))  # its progress too
         if (self.run_dir / "checkpoints" / checkpoint.LATEST).exists():
+            if origin is not None:
+                raise ConfigError(f"training.run_dir {self.run_dir} holds an earlier run's checkpoints; a warm start "
+                                  f"is a fresh run: give it a run_dir of its own")
             raise ConfigError(f"training.run_dir {self.run_dir} holds an earlier run's checkpoints: pass --resume "
                               f"(fit(resume=True)) to continue it, or choose another run_dir, or delete that one")
         if origin is None:
@@ -455,10 +458,22 @@ class Trainer:
         return step, True
 
     def _final_eval(self, log, step: int) -> Evaluation:  # type: ignore[no-untyped-def]
-        """The evaluation at the last step: the one `eval_every` made there, if it did."""
+        """The evaluation at the last step: the one `eval_every` made there, if it did.
+        One that fails says that the training is done and saved."""
         if self._last_eval is not None and self._last_eval[0] == step:
             return self._last_eval[1]
-        return self._log_eval(log, step, final=True)
+        try:
+            return self._log_eval(log, step, final=True)
+        except DataError as exc:
+            saved = " and saved its checkpoint" if self._saved_at(step) else ""
+            raise DataError(f"the run trained to step {step:,d}{saved}, but its final evaluation failed: {exc}\nTo "
+                            f"evaluate it, give data.eval files in the layout of the training data and resume the run "
+                            f"(--resume; a finished run trains nothing more)") from None
+
+    def _saved_at(self, step: int) -> bool:
+        """Whether the run's latest checkpoint is the one of `step`."""
+        pointer = self.run_dir / "checkpoints" / checkpoint.LATEST
+        return pointer.exists() and json.loads(pointer.read_text())["checkpoint"].startswith(f"step-{step:08d}-")
 
     def _log_eval(self, log, step: int, final: bool = False) -> Evaluation:  # type: ignore[no-untyped-def]
         """Evaluate and log it; `final` marks the run's closing evaluation, which a

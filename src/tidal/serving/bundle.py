@@ -40,7 +40,7 @@ import shutil
 import time
 import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -264,10 +264,12 @@ def _delta_manifest(position: Position, table_dtype: str, source: dict, staging:
 
 def _source(directory: Path, meta: dict) -> dict:
     """What a manifest records of the checkpoint it was exported from: its folder's
-    name, its run's id, its step and its trainer.json's sha256 (the id and the sha256
-    are None in checkpoints written before them)."""
+    name, its run's id, its step, its trainer.json's sha256 (the id and the sha256 are
+    None in checkpoints written before them) and the checkpoint a warm start began its
+    run from (`origin`, with that one's own; None for a run from scratch)."""
     return {"source_checkpoint": directory.name, "source_run": meta.get("run_id"),
-            "source_step": meta["position"]["step"], "source_sha256": meta.get(SEAL)}
+            "source_step": meta["position"]["step"], "source_sha256": meta.get(SEAL),
+            "source_origin": meta.get("origin")}
 
 
 def _serves_already(served: Bundle, source: dict) -> bool:
@@ -277,15 +279,29 @@ def _serves_already(served: Bundle, source: dict) -> bool:
     newest = _newest_manifest(served)
     if source["source_sha256"] is not None and source["source_sha256"] == newest.get("source_sha256"):
         return True
-    if source["source_run"] is None or source["source_run"] != newest.get("source_run"):
+    if source["source_run"] is None:
         return False
-    if source["source_step"] < newest["source_step"]:
-        where = f"delta {served.position.sequence}" if served.position.sequence else "the base"
+    where = f"delta {served.position.sequence}" if served.position.sequence else "the base"
+    if source["source_run"] == newest.get("source_run") and source["source_step"] < newest["source_step"]:
         raise CheckpointError(f"{source['source_checkpoint']}: a checkpoint of step {source['source_step']}, older "
                               f"than the one of the same run {served.path} serves ({newest['source_checkpoint']}, step "
                               f"{newest['source_step']}, in {where}); a delta from it would roll the served model "
                               f"back. Export it in full (without --delta) to serve it")
+    for ancestor in _ancestors(newest.get("source_origin")):
+        if ancestor["run_id"] == source["source_run"] and source["source_step"] <= ancestor["step"]:
+            raise CheckpointError(
+                f"{source['source_checkpoint']}: a checkpoint of step {source['source_step']} of the run that the "
+                f"model {served.path} serves ({newest['source_checkpoint']}, in {where}) was warm-started from, at "
+                f"its step {ancestor['step']} ({ancestor['checkpoint']}); a delta from it would roll the served model "
+                f"back. Export it in full (without --delta) to serve it")
     return False
+
+
+def _ancestors(origin: dict | None) -> Iterator[dict]:
+    """The checkpoints a warm-started run began from, nearest first (`origin` and its own)."""
+    while origin is not None:
+        yield origin
+        origin = origin.get("origin")
 
 
 def _newest_manifest(served: Bundle) -> dict:
