@@ -19,6 +19,7 @@ def test_demo_trains_and_reports_auc_beside_the_ceiling(capsys):
     result = json.loads(out.strip().splitlines()[-1])
     assert 0.5 < result["eval_auc"] < result["ceiling_auc"] <= 1.0
     assert "planted ceiling" in out and "bad rows        0" in out
+    assert re.search(r"  eval GAUC       (0\.\d+|n/a)   by user \(C1\), over [\d,]+ users", out)
     assert out.index("Compiling Tidal's kernels") < out.index("  ready in") < out.index("Training DLRM")
     assert "eval at step 2:" not in out  # the two warm-up steps train quietly
     assert "sparse  lookup" in out and "dense   dense" in out  # the engine's stage table

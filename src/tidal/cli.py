@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True, help="the run directory (training.run_dir) or one checkpoint")
     evaluate.add_argument("--data", required=True, nargs="+", help="files or globs to evaluate on")
     evaluate.add_argument("--device", default="auto", help="where the dense network runs (default auto: a GPU if any)")
+    evaluate.add_argument("--group-by", metavar="FEATURE",
+                          help="also the group AUC (GAUC) over the ids of this sparse feature, a user id say "
+                               "(default: the run's data.eval_group_by)")
     export = commands.add_parser("export", help="write a serving bundle from a run's latest checkpoint")
     export.add_argument("--checkpoint", required=True, help="the run directory (training.run_dir) or one checkpoint")
     export.add_argument("--out", required=True, help="the bundle directory to write (an earlier bundle there is replaced)")
@@ -254,7 +257,7 @@ def _train(args: argparse.Namespace) -> int:
     from tidal.data.readers import BadRows
     from tidal.errors import TidalError
     from tidal.runtime import Trainer
-    from tidal.runtime.trainer import shown_auc
+    from tidal.runtime.trainer import Evaluation, shown_auc, shown_gauc
 
     config = None
     try:
@@ -285,9 +288,10 @@ def _train(args: argparse.Namespace) -> int:
     for example in summary["bad_row_examples"]:
         print(f"  {example}")
     if summary["eval"]:
-        for target, value in summary["eval"]["auc"].items():
-            print(f"  eval {target}: AUC {shown_auc(value)}  log loss {summary['eval']['logloss'][target]:.4f} "
-                  f"on {summary['eval']['rows']:,d} rows")
+        evaluation = Evaluation(**summary["eval"])
+        for target, value in evaluation.auc.items():
+            print(f"  eval {target}: AUC {shown_auc(value)}  log loss {evaluation.logloss[target]:.4f} "
+                  f"on {evaluation.rows:,d} rows{shown_gauc(evaluation, target)}")
         if summary["eval"]["bad_rows"]:
             print(f"  eval data: {BadRows(summary['eval']['bad_rows'], summary['eval']['bad_row_examples']).summary()}")
     for name, table in summary["tables"].items():
@@ -329,7 +333,7 @@ def _eval(args: argparse.Namespace) -> int:
         from tidal.config import RunConfig
         from tidal.data.readers import BadRows
         from tidal.runtime import Trainer, checkpoint
-        from tidal.runtime.trainer import shown_auc
+        from tidal.runtime.trainer import shown_auc, shown_gauc
         from tidal.runtime.workers import dense_device
 
         dense_device(args.device, key="--device")
@@ -338,14 +342,15 @@ def _eval(args: argparse.Namespace) -> int:
             config = RunConfig.from_saved({**saved, "training": {**saved["training"], "device": args.device}})
             trainer = Trainer(config)
             checkpoint.restore(trainer, directory, check_data=False)  # the training files may be gone
-        result = trainer.evaluate(args.data)
+        result = trainer.evaluate(args.data, group_by=args.group_by)
     except TidalError as exc:
         print(f"tidal eval: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return _interrupted("eval", "nothing was written (eval writes no file)")
     for target, value in result.auc.items():
-        print(f"{target}: AUC {shown_auc(value)}  log loss {result.logloss[target]:.4f}  on {result.rows:,d} rows")
+        print(f"{target}: AUC {shown_auc(value)}  log loss {result.logloss[target]:.4f}  on {result.rows:,d} rows"
+              f"{shown_gauc(result, target)}")
     print(f"bad rows: {BadRows(result.bad_rows, result.bad_row_examples).summary()}")
     return 0
 

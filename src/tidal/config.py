@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 import numbers
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Annotated, Any, Literal, get_args
@@ -56,6 +56,7 @@ __all__ = [
     "SparseFeature",
     "TableConfig",
     "TrainingConfig",
+    "check_group_feature",
     "is_whole_number",
     "require",
     "require_threads",
@@ -429,6 +430,8 @@ class DataConfig(_Model):
     # on_bad_row "fail" allows none at all); 1.0: any number
     max_bad_fraction: float = Field(0.1, ge=0.0, le=1.0)
     batch_size: _Int = Field(1024, ge=1, le=1 << 20)
+    # a sparse feature of one id a row (a user id, say): evaluations also give the group AUC (GAUC) over its ids
+    eval_group_by: str | None = Field(None, min_length=1)
 
     @pydantic.field_validator("columns")
     @classmethod
@@ -437,6 +440,17 @@ class DataConfig(_Model):
         if repeated:
             raise ValueError(f"data.columns names {repeated} more than once")
         return columns
+
+
+def check_group_feature(features: Sequence[FeatureConfig], name: str, key: str) -> None:
+    """Refuse `name` (at `key`) as the group of a group AUC unless it is a sparse
+    feature of one id a row: a multi-value bag has no one group."""
+    sparse = {f.name: f for f in features if isinstance(f, SparseFeature)}
+    if name not in sparse:
+        raise ValueError(f"{key} is {name!r}; expected a sparse feature, one of {sorted(sparse)}")
+    if sparse[name].separator is not None:
+        raise ValueError(f"{key} is {name!r}, a multi-value bag (separator {sparse[name].separator!r}); expected a "
+                         f"feature of one id a row, whose id is the row's group")
 
 
 class TrainingConfig(_Model):
@@ -653,11 +667,21 @@ class RunConfig(_Model):
         unknown = sorted(set(self.serving.fusion.weights) - set(targets))
         if unknown:
             raise ValueError(f"serving.fusion.weights names {unknown}, which are not targets; targets: {targets}")
+        self._check_eval_group()
         if self.training.eval_every is not None and not self.data.eval and not _SAVED.get():
             raise ValueError(f"training.eval_every is {self.training.eval_every}, but data.eval names no files to "
                              f"evaluate on: set data.eval, or remove eval_every")
         self._check_passmode()
         return self
+
+    def _check_eval_group(self) -> None:
+        group = self.data.eval_group_by
+        if group is None:
+            return
+        if not self.data.eval and not _SAVED.get():
+            raise ValueError(f"data.eval_group_by is {group!r}, but data.eval names no files to evaluate on: set "
+                             f"data.eval, or remove eval_group_by")
+        check_group_feature(self.features, group, "data.eval_group_by")
 
     def _check_passmode(self) -> None:
         if self.passmode is None:

@@ -43,7 +43,7 @@ __all__ = ["run"]
 
 def _config(train: list[str], held_out: list[str], run_dir: Path) -> RunConfig:
     return RunConfig(
-        data={"train": train, "eval": held_out, "batch_size": 2048},
+        data={"train": train, "eval": held_out, "batch_size": 2048, "eval_group_by": "C1"},  # C1: the user
         features=[{**f.model_dump(), **({"side": "user"} if f.name in _USER_COLUMNS else {})}
                   for f in criteo_features(table="ids")],
         tables=[{"name": "ids", "dim": 16, "optimizer": {"kind": "adagrad", "lr": 0.05}}],
@@ -114,6 +114,9 @@ def _print_summary(summary: dict, ceiling_auc: float) -> None:
     print("Summary")
     print(f"  eval AUC        {shown_auc(evaluation['auc']['label'])}   (planted ceiling {ceiling_auc:.4f})")
     print(f"  eval log loss   {evaluation['logloss']['label']:.4f}   on {evaluation['rows']:,d} rows")
+    gauc, users = evaluation["gauc"]["label"], evaluation["gauc_groups"]["label"]
+    print(f"  eval GAUC       {'n/a' if gauc is None else f'{gauc:.4f}'}   by user (C1), over {users:,d} users with "
+          f"both labels")
     print(f"  training        {summary['rows']:,d} rows at {summary['samples_per_s']:,.0f} samples/s")
     for name, table in summary["tables"].items():
         print(f"  table {name:9} {table['rows']:,d} rows, {table['bytes'] / 2**20:,.1f} MiB")

@@ -74,7 +74,7 @@ _META_KEYS = ("position", "config", "param_groups", "bad_rows")
 _TABLE_FILE = re.compile(rf"{TABLES}/({re.escape(CHAIN)}|\d{{6}}-(full|delta)/{re.escape(MANIFEST)})")  # fingerprinted
 _STAGING = re.compile(r"\.tmp-step-\d+-epoch-\d+-(\d+)")  # a save's temporary folder, ending with its pid
 _MAY_CHANGE = ("training", "runtime", "passmode", "serving")  # config sections a resume may change
-_DATA_MAY_CHANGE = ("eval", "on_bad_row", "max_bad_fraction")  # what is evaluated, how bad rows are met
+_DATA_MAY_CHANGE = ("eval", "eval_group_by", "on_bad_row", "max_bad_fraction")  # what is evaluated, how bad rows are met
 _UNCHECKED_TABLE_FIELDS = {"reserve_rows"}  # memory set aside when a table is built: no part of its state
 _WARM_START_KEEPS = ("a warm start keeps the features, tables and model; only the data, training, runtime, passmode "
                      "and serving sections may change")

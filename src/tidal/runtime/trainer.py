@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from tidal.config import RunConfig, is_whole_number, require
+from tidal.config import RunConfig, check_group_feature, is_whole_number, require
 from tidal.data.batch import SparseBatch
 from tidal.data.criteo import CRITEO_COLUMNS
 from tidal.data.extract import Extractor
@@ -37,19 +37,25 @@ from tidal.runtime.source import ReaderSpec
 from tidal.runtime.telemetry import compile_clock
 from tidal.runtime.workers import dense_device, fix_gemm_threads
 
-__all__ = ["Evaluation", "Trainer", "shown_auc"]
+__all__ = ["Evaluation", "Trainer", "group_auc", "shown_auc", "shown_gauc"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class Evaluation:
     """Exact AUC and log loss per target on held-out rows, and the bad rows skipped. A
-    target whose rows hold one class only has no AUC (None): nothing to rank."""
+    target whose rows hold one class only has no AUC (None): nothing to rank. With a
+    group feature (a user id, say), also each target's group AUC (GAUC): the AUC within
+    each group whose rows hold both classes, averaged weighted by the group's rows (rows
+    without an id in that feature belong to no group)."""
 
     rows: int
     auc: dict[str, float | None]
     logloss: dict[str, float]
     bad_rows: int = 0
     bad_row_examples: list[str] = field(default_factory=list)
+    group_by: str | None = None  # the feature whose ids group the rows for `gauc`
+    gauc: dict[str, float | None] | None = None  # each target's group AUC: its groups' AUCs weighted by their rows
+    gauc_groups: dict[str, int] | None = None  # the groups that hold both classes of the target: those it averages
 
 
 def _target_auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
@@ -60,9 +66,43 @@ def _target_auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     return None
 
 
+def group_auc(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> tuple[float | None, int]:
+    """The group AUC of one target and the number of groups it averages: the exact AUC
+    (ties counted half) within each group that holds both classes, weighted by the
+    group's rows; None when no group holds both."""
+    if len(groups) == 0:
+        return None, 0
+    order = np.lexsort((scores, groups))  # by group, then by score
+    group, label, score = groups[order], labels[order].astype(bool), scores[order]
+    new_group = np.r_[True, group[1:] != group[:-1]]
+    starts = np.flatnonzero(new_group)
+    ties = np.flatnonzero(new_group | np.r_[True, score[1:] != score[:-1]])  # runs of one score in one group
+    tie_ends = np.r_[ties[1:], len(group)]
+    ranks = np.repeat((ties + tie_ends + 1) / 2.0, tie_ends - ties) - starts[np.cumsum(new_group) - 1]
+    sizes = np.diff(np.r_[starts, len(group)])
+    positives = np.add.reduceat(label.astype(np.int64), starts)
+    negatives = sizes - positives
+    both = (positives > 0) & (negatives > 0)
+    if not both.any():
+        return None, 0
+    rank_sums = np.add.reduceat(np.where(label, ranks, 0.0), starts)[both]
+    p, n = positives[both], negatives[both]
+    return float(np.average((rank_sums - p * (p + 1) / 2.0) / (p * n), weights=sizes[both])), int(both.sum())
+
+
 def shown_auc(value: float | None) -> str:
     """An AUC as the CLI and the logs print it."""
     return "n/a (one class in the data)" if value is None else f"{value:.4f}"
+
+
+def shown_gauc(evaluation: Evaluation, target: str) -> str:
+    """A target's group AUC as the CLI and the logs print it after its AUC ('' without one)."""
+    if evaluation.gauc is None:
+        return ""
+    value, groups = evaluation.gauc[target], evaluation.gauc_groups[target]
+    if value is None:
+        return f"  GAUC by {evaluation.group_by} n/a (no group holds both classes)"
+    return f"  GAUC by {evaluation.group_by} {value:.4f} over {groups:,d} groups"
 
 
 def _keep_records_up_to(metrics: Path, step: int) -> None:
@@ -484,7 +524,7 @@ class Trainer:
         final_mark = {"final": True} if final else {}
         log.write(json.dumps({"event": "eval", "step": step, **final_mark, **asdict(evaluation)}) + "\n")
         log.flush()
-        shown = "  ".join(f"{t} AUC {shown_auc(a)}" for t, a in evaluation.auc.items())
+        shown = "  ".join(f"{t} AUC {shown_auc(a)}{shown_gauc(evaluation, t)}" for t, a in evaluation.auc.items())
         skipped = f"  ({evaluation.bad_rows} bad rows skipped)" if evaluation.bad_rows else ""
         print(f"  eval at step {step}: {shown}{skipped}", flush=True)
         self._last_eval = (step, evaluation)
@@ -509,21 +549,59 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def evaluate(self, paths: str | list[str]) -> Evaluation:
+    def evaluate(self, paths: str | list[str], *, group_by: str | None = None) -> Evaluation:
         """Exact AUC and log loss of every target over the files at `paths` (no updates),
-        with the bad rows met in them. Both are computed from the logits, which keep
-        apart the scores that float32 probabilities would round to 1."""
+        with the bad rows met in them, and the group AUC over the ids of the sparse
+        feature `group_by` (by default the config's `data.eval_group_by`). AUCs are
+        computed from the logits, which keep apart the scores that float32
+        probabilities would round to 1."""
+        group_by = group_by or self.config.data.eval_group_by
+        group_index = self._group_index(group_by)
         self.model.eval()
-        logits, labels, bad_rows = [], [], BadRows()
+        logits, labels, groups, has_id, bad_rows = [], [], [], [], BadRows()
         for batch in self.batches(paths, bad_rows):
             pooled, _ = self.collection.forward(batch, train=False)
             logits.append(self.model(pooled.to(self.device), self._dense(batch)).float().cpu().numpy())
             labels.append(batch.labels)
+            if group_index is not None:
+                ids, present = _row_ids(batch, group_index)
+                groups.append(ids)
+                has_id.append(present)
         if not logits:
             raise DataError(f"no valid rows to evaluate in {paths}: {bad_rows.none_valid()}")
         z, y = np.concatenate(logits).astype(np.float64), np.concatenate(labels)
         aucs = {t: _target_auc(y[:, k], z[:, k]) for k, t in enumerate(self.targets)}  # first: it refuses NaN
         logloss = (np.logaddexp(0.0, z) - y * z).mean(0)  # binary cross-entropy of the logits
+        grouped = {} if group_index is None else self._group_aucs(np.concatenate(groups), np.concatenate(has_id), y, z)
         return Evaluation(rows=len(y), auc=aucs,
                           logloss={t: float(logloss[k]) for k, t in enumerate(self.targets)},
-                          bad_rows=bad_rows.count, bad_row_examples=bad_rows.examples)
+                          bad_rows=bad_rows.count, bad_row_examples=bad_rows.examples,
+                          group_by=group_by if grouped else None,
+                          gauc={t: g for t, (g, _) in grouped.items()} if grouped else None,
+                          gauc_groups={t: n for t, (_, n) in grouped.items()} if grouped else None)
+
+    def _group_index(self, group_by: str | None) -> int | None:
+        """The position of feature `group_by` among the batches' sparse features."""
+        if group_by is None:
+            return None
+        try:
+            check_group_feature(self.config.features, group_by, "the group feature")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return [f.name for f in self.extractor.sparse].index(group_by)
+
+    def _group_aucs(self, groups: np.ndarray, has_id: np.ndarray, y: np.ndarray,
+                    z: np.ndarray) -> dict[str, tuple[float | None, int]]:
+        """Each target's (group AUC, groups averaged) over the rows with a group id."""
+        return {t: group_auc(groups[has_id], y[has_id, k], z[has_id, k]) for k, t in enumerate(self.targets)}
+
+
+def _row_ids(batch: SparseBatch, feature: int) -> tuple[np.ndarray, np.ndarray]:
+    """The id of sparse feature `feature` in each row of `batch` (a feature of one id a
+    row), and whether the row has one (not a missing value)."""
+    b = batch.batch_size
+    offsets = batch.offsets[feature * b:(feature + 1) * b + 1]
+    present = np.diff(offsets) > 0
+    ids = np.zeros(b, dtype=np.int64)
+    ids[present] = batch.values[offsets[:-1][present]]
+    return ids, present

@@ -1,0 +1,132 @@
+"""The group AUC (GAUC) of evaluations: each group's AUC, weighted by its rows."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from tidal.cli import main
+from tidal.config import RunConfig
+from tidal.data import generate
+from tidal.data.criteo import CRITEO_DENSE, CRITEO_SPARSE
+from tidal.data.generate import auc
+from tidal.errors import ConfigError
+from tidal.runtime import Trainer
+from tidal.runtime.trainer import group_auc
+
+
+def _reference(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> tuple[float | None, int]:
+    """Group by group with the plain AUC: the weighted mean over groups of both classes."""
+    aucs, weights = [], []
+    for g in np.unique(groups):
+        mine = groups == g
+        if 0 < labels[mine].sum() < mine.sum():
+            aucs.append(auc(labels[mine], scores[mine]))
+            weights.append(mine.sum())
+    return (float(np.average(aucs, weights=weights)), len(aucs)) if aucs else (None, 0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_group_auc_matches_a_group_by_group_reference_with_ties_and_one_class_groups(seed):
+    rng = np.random.default_rng(seed)
+    n = 2_000
+    extremes = np.array([np.iinfo(np.int64).min, -1, 0, np.iinfo(np.int64).max])  # every int64 is a group
+    groups = rng.choice(np.r_[extremes, rng.integers(-(1 << 62), 1 << 62, 60)], n)
+    labels = rng.random(n) < rng.choice([0.0, 0.3, 1.0], n)  # some groups of one class
+    scores = np.round(rng.normal(size=n) + labels, 1)  # ties, within groups and across them
+    value, counted = group_auc(groups, labels, scores)
+    expected, expected_counted = _reference(groups, labels, scores)
+    assert counted == expected_counted > 0
+    assert value == pytest.approx(expected, rel=1e-12)
+
+
+def test_group_auc_of_no_group_with_both_classes_is_none():
+    assert group_auc(np.arange(4), np.array([0, 1, 0, 1]), np.zeros(4)) == (None, 0)
+    assert group_auc(np.zeros(0, np.int64), np.zeros(0), np.zeros(0)) == (None, 0)
+
+
+def _config(tmp_path, **data) -> dict:
+    train = generate(tmp_path / "train", rows=6_000, seed=1)
+    held_out = generate(tmp_path / "eval", rows=2_000, seed=1, split=1)
+    return {
+        "data": {"train": train.paths, "eval": held_out.paths, "batch_size": 500, **data},
+        "features": [
+            *({"kind": "sparse", "name": c, "columns": [c], "table": "ids"} for c in CRITEO_SPARSE),
+            *({"kind": "dense", "name": c, "column": c, "transform": "log"} for c in CRITEO_DENSE),
+            {"kind": "label", "name": "click", "column": "label"},
+        ],
+        "tables": [{"name": "ids", "dim": 8, "optimizer": {"kind": "adagrad", "lr": 0.05}}],
+        "model": {"kind": "dlrm", "bottom_sizes": [16], "hidden_sizes": [32]},
+        "training": {"epochs": 1, "lr": 0.003, "log_every": 10, "eval_every": 6, "run_dir": str(tmp_path / "run")},
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run evaluated with C1 as its group: its trainer and config."""
+    config = _config(tmp_path_factory.mktemp("gauc"), eval_group_by="C1")
+    trainer = Trainer(RunConfig(**config))
+    trainer.fit()
+    return trainer, config
+
+
+def _with_column(source: str, target, column: int, values) -> str:  # type: ignore[no-untyped-def]
+    """`source`'s TSV rows with field `column` replaced by `values(row number)`."""
+    lines = open(source).read().splitlines()
+    rows = [line.split("\t") for line in lines]
+    for i, row in enumerate(rows):
+        row[column] = values(i)
+    target.write_text("".join("\t".join(row) + "\n" for row in rows))
+    return str(target)
+
+
+def test_a_run_logs_and_reports_the_group_auc_of_its_evaluations(trained):
+    trainer, config = trained
+    records = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [6, 12] and all(r["group_by"] == "C1" for r in evals)
+    final = records[-1]["eval"]
+    assert 0.0 < final["gauc"]["click"] < 1.0 and final["gauc_groups"]["click"] > 10
+    assert final["gauc"] == evals[-1]["gauc"]
+
+
+def test_one_group_gives_the_auc_and_rows_without_an_id_belong_to_none(trained, tmp_path):
+    trainer, config = trained
+    source = config["data"]["eval"][0]
+    one_group = _with_column(source, tmp_path / "one.tsv", 14, lambda i: "same")  # C1 is column 14
+    whole = trainer.evaluate([one_group])
+    assert whole.gauc["click"] == pytest.approx(whole.auc["click"], rel=1e-12) and whole.gauc_groups == {"click": 1}
+    with_missing = tmp_path / "with-missing.tsv"
+    without_id = _with_column(source, tmp_path / "none.tsv", 14, lambda i: "")
+    with_missing.write_text(open(one_group).read() + open(without_id).read())
+    assert trainer.evaluate([str(with_missing)]).gauc == whole.gauc  # the rows without a C1 id are in no group
+    own = trainer.evaluate([_with_column(source, tmp_path / "own.tsv", 14, str)])  # a group a row: one class each
+    assert own.gauc == {"click": None} and own.gauc_groups == {"click": 0}
+
+
+def test_eval_on_the_command_line_groups_by_the_feature_it_is_given(trained, capsys):
+    trainer, config = trained
+    assert main(["eval", "--checkpoint", str(trainer.run_dir), "--data", *config["data"]["eval"],
+                 "--group-by", "C2"]) == 0
+    assert re.search(r"click: AUC 0\.\d+  log loss \d\.\d+  on 2,000 rows  GAUC by C2 0\.\d+ over [\d,]+ groups\n",
+                     capsys.readouterr().out)
+    assert main(["eval", "--checkpoint", str(trainer.run_dir), "--data", *config["data"]["eval"],
+                 "--group-by", "I1"]) == 2
+    assert "the group feature is 'I1'; expected a sparse feature, one of ['C1', " in capsys.readouterr().err
+
+
+def test_the_group_feature_is_checked_with_the_config(tmp_path):
+    config = _config(tmp_path, eval_group_by="nope")
+    with pytest.raises(ConfigError, match=r"data.eval_group_by is 'nope'; expected a sparse feature, one of \['C1'"):
+        RunConfig(**config)
+    config["data"]["eval_group_by"] = "C1"
+    config["features"][0]["separator"] = "|"
+    with pytest.raises(ConfigError, match=r"data.eval_group_by is 'C1', a multi-value bag \(separator '\|'\)"):
+        RunConfig(**config)
+    config = _config(tmp_path, eval_group_by="C1", eval=None)
+    config["training"]["eval_every"] = None
+    with pytest.raises(ConfigError, match="data.eval_group_by is 'C1', but data.eval names no files to evaluate on"):
+        RunConfig(**config)
