@@ -9,7 +9,7 @@ from pathlib import Path
 import tidal
 
 LAYERS = [  # lowest first
-    {"errors", "config", "mixing", "gate"},
+    {"errors", "config", "mixing", "gate", "processes"},
     {"data", "embedding", "optim", "models"},
     {"runtime", "passmode"},
     {"compile"},  # compiled forms of the dense network: what serving runs

@@ -249,7 +249,9 @@ def _resume(args: argparse.Namespace) -> str:
 
 def _saved(config: RunConfig | None) -> bool:
     """Whether the run of `config` has a checkpoint to resume from."""
-    return config is not None and (Path(config.training.run_dir) / "checkpoints" / "LATEST").exists()
+    from tidal.runtime import checkpoint
+
+    return config is not None and checkpoint.latest_name(Path(config.training.run_dir)) is not None
 
 
 def _train(args: argparse.Namespace) -> int:

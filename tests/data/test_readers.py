@@ -460,6 +460,17 @@ def test_a_csv_file_without_a_header_line_of_another_width_is_refused_before_a_r
     readers.check_layout([str(_write(path, '1,"2,3\n",4\n'))], SMALL, csv_header=False)
 
 
+def test_the_width_check_leaves_line_end_and_quote_errors_to_the_reader_which_names_them(tmp_path):
+    returns = _write(tmp_path / "cr.tsv", "1\t2\ta\r" * 5)  # lines ending in \r alone: one line to the reader
+    readers.check_layout([str(returns)], SMALL)
+    with pytest.raises(DataError, match=r"cr\.tsv:1: a carriage return \(\\r\) inside the line"):
+        list(read_batches(returns, columns=SMALL, on_bad_row="fail"))
+    unclosed = _write(tmp_path / "q.csv", '1,2,"a\n1,2,b\n')  # a quote never closed: the rest is one value
+    readers.check_layout([str(unclosed)], SMALL, csv_header=False)
+    with pytest.raises(DataError, match="q\\.csv:1: a quoted value that is not closed before the end of the file"):
+        list(read_batches(unclosed, columns=SMALL, on_bad_row="fail", csv_header=False))
+
+
 def test_a_file_whose_first_records_are_not_all_of_another_width_passes_and_its_bad_rows_are_counted(tmp_path):
     path = _write(tmp_path / "d.tsv", "1\t2\n" + "1\t2\ta\n" * 3)
     readers.check_layout([str(path)], SMALL)

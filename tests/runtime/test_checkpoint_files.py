@@ -118,27 +118,34 @@ def test_a_reader_waiting_while_a_save_removes_its_checkpoint_takes_the_new_late
 def test_a_save_waits_for_the_reader_of_a_folder_a_dead_save_left_under_its_name(run, tmp_path):
     """A save that died after renaming its folder into place, before LATEST named it,
     leaves a whole checkpoint that a reader may name; the save of that step again
-    replaces it once the reader is done, not under it."""
+    replaces it once the reader is done, not under it, and the reader's leaving does
+    not remove the new one."""
     run_dir = Path(shutil.copytree(run["training"]["run_dir"], tmp_path / "run"))
     trainer = Trainer(RunConfig(**{**run, "training": {**run["training"], "run_dir": str(run_dir)}}))
     position = checkpoint.restore(trainer, checkpoint.latest(run_dir))
     later = {**position, "step": position["step"] + 1}
-    left = Path(shutil.copytree(checkpoint.latest(run_dir), run_dir / "checkpoints" / f"step-{later['step']:08d}-epoch-"
-                                                                                       f"{later['epoch']}"))
-    read = []
+    name = f"step-{later['step']:08d}-epoch-{later['epoch']}"
+    left = Path(shutil.copytree(checkpoint.latest(run_dir), run_dir / "checkpoints" / name))
+    holding, release, read, saved = threading.Event(), threading.Event(), [], []
 
     def reader() -> None:
         with checkpoint.reading(left) as directory:
-            time.sleep(1.0)  # the save comes meanwhile
+            holding.set()
+            release.wait(timeout=30)
             read.append(checkpoint.restore(Trainer(trainer.config), directory, check_data=False))
 
-    thread = threading.Thread(target=reader)
-    thread.start()
-    time.sleep(0.3)
-    saved = checkpoint.save(trainer, later)
-    thread.join(timeout=30)
-    assert read == [position] and saved == left and checkpoint.latest(run_dir) == saved
-    assert checkpoint.read_meta(saved)["position"] == later
+    threads = [threading.Thread(target=reader), threading.Thread(target=lambda: saved.append(checkpoint.save(
+        trainer, later)))]
+    threads[0].start()
+    assert holding.wait(timeout=30)
+    threads[1].start()
+    threads[1].join(timeout=0.5)
+    assert threads[1].is_alive()  # the save waits for the reader
+    release.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert read == [position] and saved == [left] and checkpoint.latest(run_dir) == left
+    assert checkpoint.read_meta(left)["position"] == later  # the new one, still there
 
 
 def test_a_checkpoint_directory_removed_as_it_is_opened_is_refused_saying_so(run, tmp_path, monkeypatch):

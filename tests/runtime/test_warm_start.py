@@ -166,7 +166,7 @@ def test_a_delta_of_the_run_a_served_model_was_warm_started_from_is_refused_as_a
     export(tmp_path / "day1", tmp_path / "bundle")
     assert export_delta(tmp_path / "day3", tmp_path / "bundle") is not None  # two generations on
     for older in ("day1", "day2"):
-        with pytest.raises(CheckpointError, match=r"of the run that the model .* serves \(step-00000036-epoch-1, in "
-                                                  r"delta 1\) was warm-started from, at its step (12|24) .*; a delta "
-                                                  r"from it would roll the served model back"):
+        with pytest.raises(CheckpointError, match=r"of a run that the model .* serves \(step-00000036-epoch-1, in "
+                                                  r"delta 1\) descends from by warm starts, from its step (12|24) .*; "
+                                                  r"a delta from it would roll the served model back"):
             export_delta(tmp_path / older, tmp_path / "bundle")

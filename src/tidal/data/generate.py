@@ -32,6 +32,7 @@ from tidal.config import is_whole_number
 from tidal.data.criteo import CRITEO_DENSE, CRITEO_SPARSE
 from tidal.errors import ConfigError, DataError
 from tidal.mixing import mix64_array
+from tidal.processes import process_running
 
 __all__ = ["AFTER_THE_FILES_WERE_IN_PLACE", "GeneratedData", "auc", "check_arguments", "generate"]
 
@@ -94,21 +95,8 @@ def _remove_leftovers(out: Path) -> None:
     is no longer running (or that name none), not those of a run still writing."""
     for path in out.glob(f".*{_PARTIAL}"):
         match = _TEMPORARY.fullmatch(path.name)
-        if match and not (match["pid"] and _running(int(match["pid"]))):
+        if match and not (match["pid"] and process_running(int(match["pid"]))):
             path.unlink(missing_ok=True)
-
-
-def _running(pid: int) -> bool:
-    """Whether process `pid` exists on this machine (a run it began may still be writing)."""
-    if pid <= 0:  # no one process's id (os.kill would signal a group)
-        return False
-    try:
-        os.kill(pid, 0)  # no signal: only whether the process exists
-    except PermissionError:  # another user's
-        return True
-    except (OSError, OverflowError):  # ProcessLookupError: none has that id
-        return False
-    return True
 
 
 def _temporary(final: Path, run: str) -> Path:

@@ -636,12 +636,17 @@ class _Records:
         return b"".join(parts), self.lines[keep]
 
     def widths(self, kind: str) -> np.ndarray:
-        """How many fields each record that is not an empty line holds: its delimiters
-        outside quoted values, plus one."""
+        """How many fields each record holds (its delimiters outside quoted values, plus
+        one), but empty lines and the records the reader refuses for their line ends or
+        an unclosed quote (`bad` says why)."""
         delimiters = np.flatnonzero(self.bytes == ord("\t" if kind == "tsv" else ","))
         if self.quotes is not None:
             delimiters = delimiters[~self.quotes.inside(delimiters)]
-        return (np.bincount(self._of(delimiters), minlength=len(self.starts)) + 1)[~self._empty()]
+        skipped = self._empty()
+        skipped[self._of(self._stray_returns())] = True
+        if self.quotes is not None and self.quotes.unclosed:
+            skipped[self._of(self.quotes.opens[-1:])] = True
+        return (np.bincount(self._of(delimiters), minlength=len(self.starts)) + 1)[~skipped]
 
     def _of(self, positions: np.ndarray) -> np.ndarray:
         """The record that holds each byte of `positions`."""

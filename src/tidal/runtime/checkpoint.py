@@ -59,11 +59,12 @@ from tidal.embedding import EmbeddingTable, load_tables, save_tables
 from tidal.embedding.checkpoint import (CHAIN, MANIFEST, SEAL, check_file, check_seal, fingerprint, fsync_path,
                                         is_fingerprint, sealed, write_json_atomic)
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
+from tidal.processes import process_running
 
 if TYPE_CHECKING:
     from tidal.runtime.trainer import Trainer
 
-__all__ = ["check_start", "find", "hold_run_dir", "latest", "load_checked_tables", "load_dense", "process_running",
+__all__ = ["check_start", "find", "hold_run_dir", "latest", "latest_name", "load_checked_tables", "load_dense",
            "read_meta", "reading", "restore", "save", "start_from"]
 
 LATEST = "LATEST"
@@ -78,6 +79,7 @@ _DATA_MAY_CHANGE = ("eval", "eval_group_by", "on_bad_row", "max_bad_fraction")  
 _UNCHECKED_TABLE_FIELDS = {"reserve_rows"}  # memory set aside when a table is built: no part of its state
 _WARM_START_KEEPS = ("a warm start keeps the features, tables and model; only the data, training, runtime, passmode "
                      "and serving sections may change")
+_ANCESTORS_KEPT = 100  # the warm starts back that a run's origin records (a rollback is refused across them)
 _HOLD_TRIES = 20  # a reader's tries at holding a run's latest checkpoint while saves replace it
 
 
@@ -122,7 +124,7 @@ def save(trainer: Trainer, position: dict[str, int]) -> Path:
     root = trainer.run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{position['step']:08d}-epoch-{position['epoch']}"
-    if (root / LATEST).exists() and json.loads((root / LATEST).read_text())["checkpoint"] == name:
+    if latest_name(trainer.run_dir) == name:
         return root / name  # this very position is already saved
     staging = root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -177,14 +179,16 @@ def _remove_superseded(root: Path, name: str) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def _remove_unread(directory: Path, *, wait: bool = False) -> None:
+def _remove_unread(directory: Path, *, wait: bool = False, inode: int | None = None) -> None:
     """Remove checkpoint `directory` unless a reader holds it (a shared lock on its
-    trainer.json), or with `wait` once its readers are done; the exclusive lock is held
-    while it is removed."""
+    trainer.json), or with `wait` once its readers are done, and (given `inode`) unless
+    its trainer.json is another file than that one; the exclusive lock is held while it
+    is removed."""
     try:
         fd = os.open(directory / "trainer.json", os.O_RDONLY)
     except (FileNotFoundError, NotADirectoryError):  # an incomplete folder: no reader can hold it
-        shutil.rmtree(directory, ignore_errors=True)
+        if inode is None:  # else the one read is gone already, and a save may be putting a new one there
+            shutil.rmtree(directory, ignore_errors=True)
         return
     except OSError:  # cannot tell whether a reader holds it: left for a later save
         return
@@ -194,7 +198,8 @@ def _remove_unread(directory: Path, *, wait: bool = False) -> None:
         os.close(fd)
         return
     try:
-        shutil.rmtree(directory, ignore_errors=True)
+        if inode is None or os.fstat(fd).st_ino == inode:
+            shutil.rmtree(directory, ignore_errors=True)
     finally:
         os.close(fd)
 
@@ -217,12 +222,13 @@ def reading(path: Path) -> Iterator[Path]:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)  # waits while a run removes it
             if _same_file(fd, directory / "trainer.json"):
+                held = os.fstat(fd).st_ino
                 try:
                     yield directory
                 finally:
                     os.close(fd)
                     fd = -1
-                    _remove_if_superseded(directory)
+                    _remove_if_superseded(directory, held)
                 return
         finally:
             if fd >= 0:
@@ -247,15 +253,17 @@ def _same_file(fd: int, path: Path) -> bool:
         return False
 
 
-def _remove_if_superseded(directory: Path) -> None:
-    """Remove a run's checkpoint that a newer one superseded, unless a reader holds it."""
+def _remove_if_superseded(directory: Path, held: int) -> None:
+    """Remove a run's checkpoint that a newer one superseded, unless a reader holds it
+    or it is no longer the one read (its trainer.json not the inode `held`: a save put
+    a new checkpoint under its name)."""
     pointer = directory.parent / LATEST
     try:
         superseded = directory.name.startswith("step-") and _json(pointer).get("checkpoint") != directory.name
     except CheckpointError:  # no run's checkpoints folder (a copy, say): not ours to remove
         return
     if superseded:
-        _remove_unread(directory)
+        _remove_unread(directory, inode=held)
 
 
 def _stale_staging(name: str) -> bool:
@@ -267,15 +275,14 @@ def _stale_staging(name: str) -> bool:
     return found is None or int(found.group(1)) == os.getpid() or not process_running(int(found.group(1)))
 
 
-def process_running(pid: int) -> bool:
-    """Whether process `pid` exists (a save it began may still be writing)."""
+def latest_name(run_dir: Path) -> str | None:
+    """The name LATEST gives the newest checkpoint of the run in `run_dir`; None when the
+    run has none (or LATEST names none)."""
     try:
-        os.kill(pid, 0)  # no signal: only whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
+        name = _json(run_dir / "checkpoints" / LATEST).get("checkpoint")
+    except CheckpointError:
+        return None
+    return name if isinstance(name, str) else None
 
 
 def latest(run_dir: Path) -> Path:
@@ -395,11 +402,21 @@ def start_from(trainer: Trainer, directory: Path) -> dict[str, int]:
     _check_config(directory, meta, trainer, _kept_on_warm_start, _WARM_START_KEEPS)
     _load_model(trainer, directory, meta)
     trainer.origin = {"checkpoint": str(directory.resolve()), "run_id": meta.get("run_id"),
-                      "step": meta["position"]["step"], "sha256": meta.get(SEAL), "origin": meta.get("origin")}
+                      "step": meta["position"]["step"], "sha256": meta.get(SEAL),
+                      "ancestors": _ancestors(meta.get("origin"))}
     unfinished = _unfinished(meta)
     print(f"  warm start from {directory} at its step {meta['position']['step']:,d}"
           + (f", {unfinished}" if unfinished else ""), flush=True)
     return {"step": meta["position"]["step"], "epoch": 0, "batch": 0}
+
+
+def _ancestors(origin: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The checkpoints the run warm-started from `origin` descends from: `origin` and
+    those its run descends from, nearest first, the `_ANCESTORS_KEPT` nearest."""
+    if origin is None:
+        return []
+    own = {k: origin[k] for k in ("checkpoint", "run_id", "step")}
+    return [own, *origin.get("ancestors", [])][:_ANCESTORS_KEPT]
 
 
 def _unfinished(meta: dict[str, Any]) -> str | None:

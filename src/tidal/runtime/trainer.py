@@ -15,7 +15,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -349,7 +349,8 @@ class Trainer:
         self.data_files = checkpoint.data_files(self.config.data.train)  # what the positions of this run count
         origin = None if init_from is None else Path(init_from)
         if origin is not None:  # a clear error before anything is written: no checkpoint there, or another model's
-            checkpoint.check_start(self, checkpoint.find(origin))
+            with checkpoint.reading(origin) as directory:
+                checkpoint.check_start(self, directory)
         self._check_run_dir(resume)
         with checkpoint.hold_run_dir(self.run_dir):
             summary = self._fit(resume, max_steps, origin)
@@ -508,12 +509,12 @@ class Trainer:
             saved = " and saved its checkpoint" if self._saved_at(step) else ""
             raise DataError(f"the run trained to step {step:,d}{saved}, but its final evaluation failed: {exc}\nTo "
                             f"evaluate it, give data.eval files in the layout of the training data and resume the run "
-                            f"(--resume; a finished run trains nothing more)") from None
+                            f"(--resume, without --init-from; a run that reached the end of its data trains nothing "
+                            f"more)") from None
 
     def _saved_at(self, step: int) -> bool:
         """Whether the run's latest checkpoint is the one of `step`."""
-        pointer = self.run_dir / "checkpoints" / checkpoint.LATEST
-        return pointer.exists() and json.loads(pointer.read_text())["checkpoint"].startswith(f"step-{step:08d}-")
+        return (checkpoint.latest_name(self.run_dir) or "").startswith(f"step-{step:08d}-")
 
     def _log_eval(self, log, step: int, final: bool = False) -> Evaluation:  # type: ignore[no-untyped-def]
         """Evaluate and log it; `final` marks the run's closing evaluation, which a
@@ -572,13 +573,15 @@ class Trainer:
         z, y = np.concatenate(logits).astype(np.float64), np.concatenate(labels)
         aucs = {t: _target_auc(y[:, k], z[:, k]) for k, t in enumerate(self.targets)}  # first: it refuses NaN
         logloss = (np.logaddexp(0.0, z) - y * z).mean(0)  # binary cross-entropy of the logits
-        grouped = {} if group_index is None else self._group_aucs(np.concatenate(groups), np.concatenate(has_id), y, z)
-        return Evaluation(rows=len(y), auc=aucs,
-                          logloss={t: float(logloss[k]) for k, t in enumerate(self.targets)},
-                          bad_rows=bad_rows.count, bad_row_examples=bad_rows.examples,
-                          group_by=group_by if grouped else None,
-                          gauc={t: g for t, (g, _) in grouped.items()} if grouped else None,
-                          gauc_groups={t: n for t, (_, n) in grouped.items()} if grouped else None)
+        evaluation = Evaluation(rows=len(y), auc=aucs, logloss={t: float(logloss[k]) for k, t in enumerate(self.targets)},
+                                bad_rows=bad_rows.count, bad_row_examples=bad_rows.examples)
+        if group_index is None:
+            return evaluation
+        with_id = np.concatenate(has_id)  # rows without an id in the group feature belong to no group
+        grouped = {t: group_auc(np.concatenate(groups)[with_id], y[with_id, k], z[with_id, k])
+                   for k, t in enumerate(self.targets)}
+        return replace(evaluation, group_by=group_by, gauc={t: g for t, (g, _) in grouped.items()},
+                       gauc_groups={t: n for t, (_, n) in grouped.items()})
 
     def _group_index(self, group_by: str | None) -> int | None:
         """The position of feature `group_by` among the batches' sparse features."""
@@ -589,11 +592,6 @@ class Trainer:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         return [f.name for f in self.extractor.sparse].index(group_by)
-
-    def _group_aucs(self, groups: np.ndarray, has_id: np.ndarray, y: np.ndarray,
-                    z: np.ndarray) -> dict[str, tuple[float | None, int]]:
-        """Each target's (group AUC, groups averaged) over the rows with a group id."""
-        return {t: group_auc(groups[has_id], y[has_id, k], z[has_id, k]) for k, t in enumerate(self.targets)}
 
 
 def _row_ids(batch: SparseBatch, feature: int) -> tuple[np.ndarray, np.ndarray]:

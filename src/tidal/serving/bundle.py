@@ -40,7 +40,7 @@ import shutil
 import time
 import warnings
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,6 +58,7 @@ from tidal.data.extract import Extractor
 from tidal.embedding.checkpoint import SEAL, check_seal, fingerprint, fsync_path, sealed, write_json_atomic
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.models import RankingModel
+from tidal.processes import process_running
 from tidal.runtime import checkpoint
 from tidal.serving.delta import (DELTA_FORMAT, DELTA_VERSION, DELTAS, Position, RowChanges, apply_rows, delta_name,
                                  delta_names, diff_rows, merge_changes)
@@ -171,7 +172,7 @@ def _remove_left_behind(out: Path) -> None:
     left = re.compile(rf"\.(tmp|old)-{re.escape(out.name)}-(\d+)")
     for entry in out.parent.iterdir() if out.parent.is_dir() else []:
         found = left.fullmatch(entry.name)
-        if found and int(found.group(2)) != os.getpid() and not checkpoint.process_running(int(found.group(2))):
+        if found and int(found.group(2)) != os.getpid() and not process_running(int(found.group(2))):
             shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -225,7 +226,7 @@ def _deltas_folder(bundle: Path) -> Path:
         fsync_path(bundle)
     for entry in folder.iterdir():
         found = _STAGING.fullmatch(entry.name)
-        if found and not checkpoint.process_running(int(found.group(1))):
+        if found and not process_running(int(found.group(1))):
             shutil.rmtree(entry, ignore_errors=True)
     return folder
 
@@ -290,18 +291,17 @@ def _serves_already(served: Bundle, source: dict) -> bool:
     for ancestor in _ancestors(newest.get("source_origin")):
         if ancestor["run_id"] == source["source_run"] and source["source_step"] <= ancestor["step"]:
             raise CheckpointError(
-                f"{source['source_checkpoint']}: a checkpoint of step {source['source_step']} of the run that the "
-                f"model {served.path} serves ({newest['source_checkpoint']}, in {where}) was warm-started from, at "
-                f"its step {ancestor['step']} ({ancestor['checkpoint']}); a delta from it would roll the served model "
-                f"back. Export it in full (without --delta) to serve it")
+                f"{source['source_checkpoint']}: a checkpoint of step {source['source_step']} of a run that the "
+                f"model {served.path} serves ({newest['source_checkpoint']}, in {where}) descends from by warm "
+                f"starts, from its step {ancestor['step']} ({ancestor['checkpoint']}); a delta from it would roll the "
+                f"served model back. Export it in full (without --delta) to serve it")
     return False
 
 
-def _ancestors(origin: dict | None) -> Iterator[dict]:
-    """The checkpoints a warm-started run began from, nearest first (`origin` and its own)."""
-    while origin is not None:
-        yield origin
-        origin = origin.get("origin")
+def _ancestors(origin: dict | None) -> list[dict]:
+    """The checkpoints a warm-started run descends from, nearest first: its `origin`
+    and the ones that recorded (the nearest 100)."""
+    return [] if origin is None else [origin, *origin.get("ancestors", [])]
 
 
 def _newest_manifest(served: Bundle) -> dict:
