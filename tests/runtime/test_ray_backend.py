@@ -58,6 +58,18 @@ def test_ray_sync_with_two_shards_is_bitwise_the_reference(cluster, data, tmp_pa
     assert _all_actors_gone()
 
 
+def test_a_ray_run_warm_started_from_a_checkpoint_is_bitwise_the_reference_one(cluster, data, tmp_path):
+    """The shard actors take the rows of the checkpoint the run starts from."""
+    _trainer(data, tmp_path / "day1", None).fit()
+    reference = _trainer(data, tmp_path / "ref", None)
+    reference.fit(init_from=tmp_path / "day1")
+    trainer = _trainer(data, tmp_path / "ray", {"backend": "ray", "sparse_workers": 2, "embedding_shards": 2, **EXACT})
+    summary = trainer.fit(init_from=tmp_path / "day1")
+    assert summary["resumed_from"] == summary["steps"] // 2 > 0
+    _assert_bitwise_equal(reference, trainer)
+    assert _all_actors_gone()
+
+
 def test_ray_async_with_two_dense_workers_all_reduces(cluster, data, tmp_path):
     trainer = _trainer(data, tmp_path, {"backend": "ray", "sparse_workers": 2, "dense_workers": 2,
                                          "mode": "async", "max_inflight": 3})
