@@ -214,3 +214,16 @@ def test_a_boolean_where_a_number_goes_is_refused_not_read_as_one(tmp_path):
     loaded = RunConfig.from_yaml(str(config))  # YAML reads 1e-3 as a string: still a number here
     assert loaded.data.batch_size == 64 and loaded.tables[0].optimizer.lr == 1e-3
     assert Adam(per_row_bias_correction=True).per_row_bias_correction
+
+
+@pytest.mark.parametrize("section", ["runtime", "passmode"])
+def test_a_yaml_section_with_nothing_under_it_is_refused_not_read_as_absent(tmp_path, section):
+    config = tmp_path / "run.yaml"
+    config.write_text("data: {train: x.tsv}\nfeatures: [{kind: sparse, name: u, columns: [C1], table: ids}, "
+                      "{kind: label, name: click, column: label}]\ntables: [{name: ids, dim: 8}]\n"
+                      f"{section}:\n")
+    with pytest.raises(ConfigError, match=rf"run\.yaml: {section}: has no value; give its settings \(\{{\}} for the "
+                                          rf"defaults\), or remove it \(or write {section}: null\)"):
+        RunConfig.from_yaml(str(config))
+    config.write_text(config.read_text().replace(f"{section}:\n", f"{section}: {{}}\n"))
+    assert getattr(RunConfig.from_yaml(str(config)), section) is not None

@@ -351,7 +351,7 @@ def _eval(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return _interrupted("eval", "nothing was written (eval writes no file)")
     for target, value in result.auc.items():
-        print(f"{target}: AUC {shown_auc(value)}  log loss {result.logloss[target]:.4f}  on {result.rows:,d} rows"
+        print(f"{target}: AUC {shown_auc(value)}  log loss {result.logloss[target]:.4f} on {result.rows:,d} rows"
               f"{shown_gauc(result, target)}")
     print(f"bad rows: {BadRows(result.bad_rows, result.bad_row_examples).summary()}")
     return 0

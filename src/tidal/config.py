@@ -64,6 +64,10 @@ __all__ = [
 ]
 
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # a device for dense math
+# a top-level section key with nothing after it and nothing indented under it (YAML reads it as null)
+_EMPTY_SECTION = {key: re.compile(rf"^{key}:[ \t]*(#[^\n]*)?(\n|\Z)(?!([ \t]*(#[^\n]*)?\n)*[ \t]+[^\s#])",
+                                  re.MULTILINE)
+                  for key in ("runtime", "passmode")}
 _FLOAT32_MAX = 3.4028234663852886e38  # scores are float32
 # names a table's checkpoint folder cannot take (tidal.embedding.checkpoint): the
 # folders themselves, and the manifest beside them and the file it is written through
@@ -447,7 +451,9 @@ def check_group_feature(features: Sequence[FeatureConfig], name: str, key: str) 
     feature of one id a row: a multi-value bag has no one group."""
     sparse = {f.name: f for f in features if isinstance(f, SparseFeature)}
     if name not in sparse:
-        raise ValueError(f"{key} is {name!r}; expected a sparse feature, one of {sorted(sparse)}")
+        kind = next((f" (a {f.kind} feature)" for f in features if f.name == name), "")
+        raise ValueError(f"{key} is {name!r}{kind}; expected a sparse feature"
+                         f"{_closest(name, list(sparse), f' one of {sorted(sparse)}')}")
     if sparse[name].separator is not None:
         raise ValueError(f"{key} is {name!r}, a multi-value bag (separator {sparse[name].separator!r}); expected a "
                          f"feature of one id a row, whose id is the row's group")
@@ -713,7 +719,8 @@ class RunConfig(_Model):
 
         try:
             with open(path, encoding="utf-8") as f:
-                content = yaml.load(f, Loader=_unique_key_loader())
+                text = f.read()
+            content = yaml.load(text, Loader=_unique_key_loader())
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read the config ({exc.strerror})") from None
         except UnicodeDecodeError as exc:
@@ -723,6 +730,10 @@ class RunConfig(_Model):
         if not isinstance(content, dict):
             raise ConfigError(f"{path}: expected a mapping with data, features, tables, model, training; "
                               f"got {type(content).__name__}")
+        empty = [key for key in ("runtime", "passmode") if _EMPTY_SECTION[key].search(text)]
+        if empty:  # YAML reads a section with nothing under it as null, which means no such section
+            raise ConfigError(f"{path}: {empty[0]}: has no value; give its settings ({{}} for the defaults), or "
+                              f"remove it (or write {empty[0]}: null)")
         try:
             return cls(**content)
         except ConfigError as exc:

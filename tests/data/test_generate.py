@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import json
 import os
@@ -9,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -252,3 +254,19 @@ def test_runs_into_one_folder_at_once_do_not_touch_each_others_temporary_files(t
     assert json.loads((tmp_path / "truth.json").read_text())["paths"] == first.paths
     assert sum(len(open(p).readlines()) for p in first.paths) == 30  # the first run's files, whole
     assert first.replaced == ["part-00000.tsv", "part-00001.tsv", "truth.json"]  # the second run's
+
+
+def test_a_run_puts_its_files_in_place_while_no_other_run_into_the_folder_does(tmp_path):
+    """Runs into one folder take turns at renaming, so it ends with one run's files."""
+    out = tmp_path / "data"
+    out.mkdir()
+    other = os.open(out, os.O_RDONLY)
+    fcntl.flock(other, fcntl.LOCK_EX)  # as another run putting its files in place holds it
+    done = []
+    run = threading.Thread(target=lambda: done.append(generate(out, rows=200, seed=1)))
+    run.start()
+    run.join(timeout=3.0)
+    assert run.is_alive() and not (out / "truth.json").exists()  # written, waiting to be put in place
+    os.close(other)
+    run.join(timeout=30)
+    assert done and (out / "truth.json").exists()

@@ -15,7 +15,7 @@ from tidal.data.criteo import CRITEO_DENSE, CRITEO_SPARSE
 from tidal.data.generate import auc
 from tidal.errors import ConfigError
 from tidal.runtime import Trainer
-from tidal.runtime.trainer import group_auc
+from tidal.runtime.trainer import group_auc, shown_gauc
 
 
 def _reference(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> tuple[float | None, int]:
@@ -104,25 +104,48 @@ def test_one_group_gives_the_auc_and_rows_without_an_id_belong_to_none(trained, 
     with_missing = tmp_path / "with-missing.tsv"
     without_id = _with_column(source, tmp_path / "none.tsv", 14, lambda i: "")
     with_missing.write_text(open(one_group).read() + open(without_id).read())
-    assert trainer.evaluate([str(with_missing)]).gauc == whole.gauc  # the rows without a C1 id are in no group
+    partly = trainer.evaluate([str(with_missing)])
+    assert partly.gauc == whole.gauc and partly.gauc_rows == 2_000 and partly.rows == 4_000  # the rows without an id
+    assert shown_gauc(partly, "click").endswith(" over 1 group (2,000 rows without a C1 id left out)")
     own = trainer.evaluate([_with_column(source, tmp_path / "own.tsv", 14, str)])  # a group a row: one class each
     assert own.gauc == {"click": None} and own.gauc_groups == {"click": 0}
+
+
+def test_rows_given_the_default_id_of_a_missing_value_belong_to_no_group(trained, tmp_path):
+    trainer, config = trained
+    source = config["data"]["eval"][0]
+    half = _with_column(source, tmp_path / "half.tsv", 14, lambda i: "" if i % 2 else "same")
+    defaulted = Trainer(RunConfig(**{**config, "features": [{**f, "missing": "default"} if f["name"] == "C1" else f
+                                                            for f in config["features"]]}))
+    defaulted.model.load_state_dict(trainer.model.state_dict())
+    evaluation = defaulted.evaluate([half])
+    kept = _with_column(source, tmp_path / "kept.tsv", 14, lambda i: "same")
+    only_kept = defaulted.evaluate([str(_every_other(kept, tmp_path / "only-kept.tsv"))])
+    assert evaluation.gauc_groups == {"click": 1}  # the rows without a C1 are not a second group
+    assert evaluation.gauc["click"] == pytest.approx(only_kept.auc["click"], rel=1e-12)
+
+
+def _every_other(source: str, target):  # type: ignore[no-untyped-def]
+    """The even rows of `source`."""
+    target.write_text("".join(open(source).readlines()[::2]))
+    return target
 
 
 def test_eval_on_the_command_line_groups_by_the_feature_it_is_given(trained, capsys):
     trainer, config = trained
     assert main(["eval", "--checkpoint", str(trainer.run_dir), "--data", *config["data"]["eval"],
                  "--group-by", "C2"]) == 0
-    assert re.search(r"click: AUC 0\.\d+  log loss \d\.\d+  on 2,000 rows  GAUC by C2 0\.\d+ over [\d,]+ groups\n",
+    assert re.search(r"click: AUC 0\.\d+  log loss \d\.\d+ on 2,000 rows  GAUC by C2 0\.\d+ over [\d,]+ groups\n",
                      capsys.readouterr().out)
     assert main(["eval", "--checkpoint", str(trainer.run_dir), "--data", *config["data"]["eval"],
                  "--group-by", "I1"]) == 2
-    assert "the group feature is 'I1'; expected a sparse feature, one of ['C1', " in capsys.readouterr().err
+    assert "the group feature (data.eval_group_by, --group-by) is 'I1' (a dense feature); expected a sparse feature; " \
+           "one of ['C1', " in capsys.readouterr().err
 
 
 def test_the_group_feature_is_checked_with_the_config(tmp_path):
     config = _config(tmp_path, eval_group_by="nope")
-    with pytest.raises(ConfigError, match=r"data.eval_group_by is 'nope'; expected a sparse feature, one of \['C1'"):
+    with pytest.raises(ConfigError, match=r"data.eval_group_by is 'nope'; expected a sparse feature; one of \['C1'"):
         RunConfig(**config)
     config["data"]["eval_group_by"] = "C1"
     config["features"][0]["separator"] = "|"

@@ -806,3 +806,16 @@ def test_the_poller_goes_on_after_an_unexpected_error_and_its_period_is_bounded(
     assert "tidal serve: bundle not updated past delta 0: ValueError: a surprise" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="delta_poll_s"):
         Service(load_bundle(bundle_dir), delta_poll_s=1e10)
+
+
+def test_checkpoints_bundles_and_deltas_are_readable_as_the_umask_allows(run, tmp_path):
+    """safetensors writes its files for their owner alone: a server run as another user
+    could not read the tables a training user exported."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    bundle = export(run.run_dir, tmp_path / "bundle")
+    delta = _delta(run, bundle)
+    for folder in (checkpoint.latest(run.run_dir), bundle, delta):
+        modes = {str(p.relative_to(folder)): oct(p.stat().st_mode & 0o777) for p in folder.rglob("*") if p.is_file()}
+        assert any(name.endswith(".safetensors") for name in modes)
+        assert set(modes.values()) == {oct(0o666 & ~umask)}, modes

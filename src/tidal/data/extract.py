@@ -82,6 +82,14 @@ class Extractor:
                    for f in self.sparse if f.weight_separator is not None}
         return checks | {f.column: "label" for f in self.labels}
 
+    def missing_id(self, name: str) -> int | None:
+        """The id sparse feature `name` gives a row whose value is missing (`missing:
+        default`); None when such a row has no id (`missing: empty`)."""
+        feature = next(f for f in self.sparse if f.name == name)
+        if feature.missing != "default":
+            return None
+        return int(hash_strings(pa.array([_MISSING]), self._seeds[name])[0][0])
+
     def __call__(self, batch: pa.RecordBatch) -> SparseBatch:
         if not isinstance(batch, pa.RecordBatch):
             hint = "; pass table.combine_chunks().to_batches()[0]" if isinstance(batch, pa.Table) else ""

@@ -11,6 +11,7 @@ known, so is the best AUC any model can reach on the data: `ceiling_auc`, writte
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -136,16 +137,23 @@ def _write_files(out: Path, temporary: list[Path], run: str, *, rows: int, files
 def _put_in_place(out: Path, temporary: list[Path]) -> list[str]:
     """Rename each temporary file over its name, truth.json last, the earlier run's
     truth.json removed first and its other files last (so a failure part way leaves
-    no truth.json to say the data set is whole); the earlier files' names, sorted."""
-    earlier = [*out.glob("truth.json"), *out.glob("part-[0-9][0-9][0-9][0-9][0-9].tsv"),
-               *out.glob("part-[0-9][0-9][0-9][0-9][0-9].parquet")]
-    (out / "truth.json").unlink(missing_ok=True)
-    final = [_final(path) for path in temporary]
-    for path, name in zip(temporary[:-1], final[:-1]):
-        os.replace(path, name)
-    for path in set(earlier) - set(final):
-        path.unlink(missing_ok=True)
-    os.replace(temporary[-1], final[-1])  # truth.json
+    no truth.json to say the data set is whole); the earlier files' names, sorted. Runs
+    into one folder put their files in place one at a time (a lock on the folder), so
+    the folder ends holding one run's files, not a mix."""
+    folder = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        earlier = [*out.glob("truth.json"), *out.glob("part-[0-9][0-9][0-9][0-9][0-9].tsv"),
+                   *out.glob("part-[0-9][0-9][0-9][0-9][0-9].parquet")]
+        (out / "truth.json").unlink(missing_ok=True)
+        final = [_final(path) for path in temporary]
+        for path, name in zip(temporary[:-1], final[:-1]):
+            os.replace(path, name)
+        for path in set(earlier) - set(final):
+            path.unlink(missing_ok=True)
+        os.replace(temporary[-1], final[-1])  # truth.json
+    finally:
+        os.close(folder)  # and with it the lock
     return sorted(path.name for path in earlier)
 
 

@@ -52,8 +52,10 @@ from tidal.embedding import index as ix
 from tidal.embedding.table import EmbeddingTable
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 
-__all__ = ["fsync_path", "load", "save", "save_delta", "write_json_atomic"]
+__all__ = ["as_umask_allows", "fsync_path", "load", "save", "save_delta", "write_json_atomic"]
 
+_UMASK = os.umask(0o022)  # read once, as a module loads: os.umask can only be read by setting it
+os.umask(_UMASK)
 FORMAT = "tidal-embedding-checkpoint"
 VERSION = 2  # 2: a manifest carries the sha256 of its own content
 UNSEALED = 1  # the older version still read, whose manifests carry none
@@ -219,6 +221,7 @@ def _write_table(directory: Path, table: EmbeddingTable, delta: bool) -> dict[st
     for s in range(table.num_shards):
         relative = f"{table.name}/shard-{s:02d}.safetensors"
         save_file(table.snapshot_shard(s, since_save=delta), str(directory / relative))
+        as_umask_allows(directory / relative)
         files[relative] = fingerprint(directory / relative, sync=True)
     fsync_path(directory / table.name)
     return {"config": table.config.model_dump(mode="json"), "clocks": clocks, "files": files}
@@ -232,6 +235,13 @@ def write_json_atomic(path: Path, content: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(partial, path)
+
+
+def as_umask_allows(path: Path | str) -> None:
+    """Give the file at `path` the permissions a file made by open() gets (0666 less the
+    umask): safetensors writes its files readable by their owner alone, so a server run
+    as another user could not read a bundle's tables."""
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 def fsync_path(path: Path) -> None:

@@ -56,8 +56,8 @@ from safetensors.torch import load_file, save_file
 from tidal.config import TableConfig
 from tidal.data.readers import expand_paths
 from tidal.embedding import EmbeddingTable, load_tables, save_tables
-from tidal.embedding.checkpoint import (CHAIN, MANIFEST, SEAL, check_file, check_seal, fingerprint, fsync_path,
-                                        is_fingerprint, sealed, write_json_atomic)
+from tidal.embedding.checkpoint import (CHAIN, MANIFEST, SEAL, as_umask_allows, check_file, check_seal, fingerprint,
+                                        fsync_path, is_fingerprint, sealed, write_json_atomic)
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.processes import process_running
 
@@ -148,6 +148,7 @@ def _write(trainer: Trainer, position: dict[str, int], staging: Path) -> None:
     shard files included, to this checkpoint)."""
     save_tables(staging / TABLES, trainer.collection.tables)
     save_file(_dense_tensors(trainer), str(staging / DENSE))
+    as_umask_allows(staging / DENSE)
     tables = {str(p.relative_to(staging)): fingerprint(p, sync=True) for p in _table_files(staging / TABLES)}
     write_json_atomic(staging / "trainer.json", sealed({
         "run_id": trainer.run_id, "origin": trainer.origin, "position": position, "config": trainer.config.model_dump(mode="json"),

@@ -56,6 +56,7 @@ class Evaluation:
     group_by: str | None = None  # the feature whose ids group the rows for `gauc`
     gauc: dict[str, float | None] | None = None  # each target's group AUC: its groups' AUCs weighted by their rows
     gauc_groups: dict[str, int] | None = None  # the groups that hold both classes of the target: those it averages
+    gauc_rows: int | None = None  # the rows with an id in the group feature (the others belong to no group)
 
 
 def _target_auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
@@ -99,10 +100,12 @@ def shown_gauc(evaluation: Evaluation, target: str) -> str:
     """A target's group AUC as the CLI and the logs print it after its AUC ('' without one)."""
     if evaluation.gauc is None:
         return ""
-    value, groups = evaluation.gauc[target], evaluation.gauc_groups[target]
-    if value is None:
-        return f"  GAUC by {evaluation.group_by} n/a (no group holds both classes)"
-    return f"  GAUC by {evaluation.group_by} {value:.4f} over {groups:,d} groups"
+    value, groups, by = evaluation.gauc[target], evaluation.gauc_groups[target], evaluation.group_by
+    notes = [] if value is not None else ["no group holds both classes"]
+    if evaluation.gauc_rows != evaluation.rows:
+        notes.append(f"{evaluation.rows - evaluation.gauc_rows:,d} rows without a {by} id left out")
+    shown = "n/a" if value is None else f"{value:.4f} over {groups:,d} group{'s' if groups != 1 else ''}"
+    return f"  GAUC by {by} {shown}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def _keep_records_up_to(metrics: Path, step: int) -> None:
@@ -556,8 +559,9 @@ class Trainer:
         feature `group_by` (by default the config's `data.eval_group_by`). AUCs are
         computed from the logits, which keep apart the scores that float32
         probabilities would round to 1."""
-        group_by = group_by or self.config.data.eval_group_by
+        group_by = self.config.data.eval_group_by if group_by is None else group_by
         group_index = self._group_index(group_by)
+        missing_id = None if group_by is None else self.extractor.missing_id(group_by)
         self.model.eval()
         logits, labels, groups, has_id, bad_rows = [], [], [], [], BadRows()
         for batch in self.batches(paths, bad_rows):
@@ -567,7 +571,7 @@ class Trainer:
             if group_index is not None:
                 ids, present = _row_ids(batch, group_index)
                 groups.append(ids)
-                has_id.append(present)
+                has_id.append(present if missing_id is None else present & (ids != missing_id))
         if not logits:
             raise DataError(f"no valid rows to evaluate in {paths}: {bad_rows.none_valid()}")
         z, y = np.concatenate(logits).astype(np.float64), np.concatenate(labels)
@@ -581,14 +585,14 @@ class Trainer:
         grouped = {t: group_auc(np.concatenate(groups)[with_id], y[with_id, k], z[with_id, k])
                    for k, t in enumerate(self.targets)}
         return replace(evaluation, group_by=group_by, gauc={t: g for t, (g, _) in grouped.items()},
-                       gauc_groups={t: n for t, (_, n) in grouped.items()})
+                       gauc_groups={t: n for t, (_, n) in grouped.items()}, gauc_rows=int(with_id.sum()))
 
     def _group_index(self, group_by: str | None) -> int | None:
         """The position of feature `group_by` among the batches' sparse features."""
         if group_by is None:
             return None
         try:
-            check_group_feature(self.config.features, group_by, "the group feature")
+            check_group_feature(self.config.features, group_by, "the group feature (data.eval_group_by, --group-by)")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         return [f.name for f in self.extractor.sparse].index(group_by)

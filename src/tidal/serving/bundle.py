@@ -55,7 +55,8 @@ from safetensors.torch import save_file as save_torch
 from tidal.compile import compiled_for, differing, export_program, to_aoti, to_onnx
 from tidal.config import RunConfig
 from tidal.data.extract import Extractor
-from tidal.embedding.checkpoint import SEAL, check_seal, fingerprint, fsync_path, sealed, write_json_atomic
+from tidal.embedding.checkpoint import (SEAL, as_umask_allows, check_seal, fingerprint, fsync_path, sealed,
+                                        write_json_atomic)
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.models import RankingModel
 from tidal.processes import process_running
@@ -140,6 +141,7 @@ def _export(directory: Path, source: Path, out: Path, table_dtype: str | None, b
             save_file({"keys": keys, "values": _cast(table.name, values, dtype)},
                       str(staging / "tables" / f"{table.name}.safetensors"))
         _save_program(_model(config, directory), config, staging)
+        _readable_as_umask_allows(staging)
         write_json_atomic(staging / MANIFEST, _manifest(config, _source(directory, meta), staging, str(dtype)))
         fsync_path(staging)
         _replace_folder(out, staging)
@@ -207,6 +209,7 @@ def _export_delta(directory: Path, bundle_dir: str | os.PathLike) -> Path | None
         counts = _write_changes(served, checkpoint.load_checked_tables(directory, meta, config.tables), staging)
         save_torch({k: v.contiguous() for k, v in _model(config, directory).state_dict().items()},
                    str(staging / WEIGHTS))
+        _readable_as_umask_allows(staging)
         manifest = _delta_manifest(served.position, served.manifest["table_dtype"], _source(directory, meta), staging,
                                    counts)
         write_json_atomic(staging / MANIFEST, manifest)
@@ -215,6 +218,13 @@ def _export_delta(directory: Path, bundle_dir: str | os.PathLike) -> Path | None
         return _publish(staging, folder / delta_name(sequence), served.path, served.position)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # left only by a failed export
+
+
+def _readable_as_umask_allows(staging: Path) -> None:
+    """Every file written under `staging` with the permissions open() would give it."""
+    for path in staging.rglob("*"):
+        if path.is_file():
+            as_umask_allows(path)
 
 
 def _deltas_folder(bundle: Path) -> Path:

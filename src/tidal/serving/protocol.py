@@ -268,8 +268,9 @@ def _from_json(name: str, datatype: str, flat: list) -> np.ndarray:
     (NaN, as in training's files)."""
     allowed = (int,) if datatype.startswith("INT") else (int, float, type(None))
     if not all(type(v) in allowed for v in flat):
+        missing = " (a missing value comes as an empty BYTES string, or null in FP32 or FP64 data)"
         raise RequestError(f"input {name!r}: {datatype} data must be "
-                           f"{'integers' if len(allowed) == 1 else 'numbers or null (missing)'}")
+                           f"{'integers' + missing if len(allowed) == 1 else 'numbers or null (missing)'}")
     try:
         with np.errstate(over="ignore"):
             values = np.asarray(flat, dtype=_NUMERIC[datatype])
