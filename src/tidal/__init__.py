@@ -4,14 +4,16 @@ Every raw feature ID gets its own embedding row (no modulo hashing); CPUs do the
 work, the dense network runs wherever it runs best.
 
 The public names load lazily (PEP 562): `import tidal` (and so the `tidal` command
-line, whose package this is) imports no submodule; the first use of a name imports the
-module that defines it, which may load torch, numba and pyarrow.
+line, whose package this is) imports only `tidal.errors`; the first use of another name
+imports the module that defines it, which may load torch, numba and pyarrow.
 """
 
 from __future__ import annotations
 
 from importlib import import_module as _import_module
 from typing import TYPE_CHECKING
+
+from tidal.errors import BatchError, CheckpointError, ConfigError, CorruptCheckpointError, DataError, TidalError
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports these
     from tidal.config import (
@@ -44,7 +46,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ im
         save_tables,
         save_tables_delta,
     )
-    from tidal.errors import BatchError, CheckpointError, ConfigError, CorruptCheckpointError, DataError, TidalError
     from tidal.models import RankingModel
 
 __version__ = "0.1.0"
@@ -89,7 +90,7 @@ __all__ = [
     "save_tables_delta",
 ]
 
-# the module that defines each public name: the imports under TYPE_CHECKING above
+# the module that defines each public name but the errors (light, imported above): those under TYPE_CHECKING
 _MODULE_NAMES = {
     "tidal.config": (
         "Adagrad",
@@ -120,14 +121,6 @@ _MODULE_NAMES = {
         "load_tables",
         "save_tables",
         "save_tables_delta",
-    ),
-    "tidal.errors": (
-        "BatchError",
-        "CheckpointError",
-        "ConfigError",
-        "CorruptCheckpointError",
-        "DataError",
-        "TidalError",
     ),
     "tidal.models": ("RankingModel",),
 }
