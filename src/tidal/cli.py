@@ -279,7 +279,8 @@ def _train(args: argparse.Namespace) -> int:
         print(f"tidal train: interrupted; {go_on}", file=sys.stderr)
         return 130
     steps, first = summary["steps"], summary["resumed_from"]
-    after = f"started from {args.init_from} at its step {first:,d}" if args.init_from else f"resumed after step {first:,d}"
+    after = (f"started from {args.init_from} at its step {first:,d}" if args.init_from
+             else f"resumed after step {first:,d}")
     trained = f"{steps:,d} steps" if not first else f"steps {first + 1:,d}-{steps:,d} ({after})" \
         if steps > first else f"nothing: the run had ended at step {steps:,d}"
     print(f"trained {trained}, {summary['rows']:,d} rows at {summary['samples_per_s']:,.0f} samples/s; "

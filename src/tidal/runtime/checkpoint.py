@@ -75,7 +75,8 @@ _META_KEYS = ("position", "config", "param_groups", "bad_rows")
 _TABLE_FILE = re.compile(rf"{TABLES}/({re.escape(CHAIN)}|\d{{6}}-(full|delta)/{re.escape(MANIFEST)})")  # fingerprinted
 _STAGING = re.compile(r"\.tmp-step-\d+-epoch-\d+-(\d+)")  # a save's temporary folder, ending with its pid
 _MAY_CHANGE = ("training", "runtime", "passmode", "serving")  # config sections a resume may change
-_DATA_MAY_CHANGE = ("eval", "eval_group_by", "on_bad_row", "max_bad_fraction")  # what is evaluated, how bad rows are met
+# what data a resume may change: what is evaluated and how, how bad rows are met
+_DATA_MAY_CHANGE = ("eval", "eval_group_by", "on_bad_row", "max_bad_fraction")
 _UNCHECKED_TABLE_FIELDS = {"reserve_rows"}  # memory set aside when a table is built: no part of its state
 _WARM_START_KEEPS = ("a warm start keeps the features, tables and model; only the data, training, runtime, passmode "
                      "and serving sections may change")
@@ -151,7 +152,8 @@ def _write(trainer: Trainer, position: dict[str, int], staging: Path) -> None:
     as_umask_allows(staging / DENSE)
     tables = {str(p.relative_to(staging)): fingerprint(p, sync=True) for p in _table_files(staging / TABLES)}
     write_json_atomic(staging / "trainer.json", sealed({
-        "run_id": trainer.run_id, "origin": trainer.origin, "position": position, "config": trainer.config.model_dump(mode="json"),
+        "run_id": trainer.run_id, "origin": trainer.origin, "position": position,
+        "config": trainer.config.model_dump(mode="json"),
         "param_groups": _param_groups(trainer.optimizer),
         "bad_rows": {"count": trainer.bad_rows.count, "examples": trainer.bad_rows.examples},
         "data_files": trainer.data_files, "progress": trainer.progress.state(),

@@ -577,7 +577,8 @@ class Trainer:
         z, y = np.concatenate(logits).astype(np.float64), np.concatenate(labels)
         aucs = {t: _target_auc(y[:, k], z[:, k]) for k, t in enumerate(self.targets)}  # first: it refuses NaN
         logloss = (np.logaddexp(0.0, z) - y * z).mean(0)  # binary cross-entropy of the logits
-        evaluation = Evaluation(rows=len(y), auc=aucs, logloss={t: float(logloss[k]) for k, t in enumerate(self.targets)},
+        evaluation = Evaluation(rows=len(y), auc=aucs,
+                                logloss={t: float(logloss[k]) for k, t in enumerate(self.targets)},
                                 bad_rows=bad_rows.count, bad_row_examples=bad_rows.examples)
         if group_index is None:
             return evaluation
