@@ -227,3 +227,16 @@ def test_a_yaml_section_with_nothing_under_it_is_refused_not_read_as_absent(tmp_
         RunConfig.from_yaml(str(config))
     config.write_text(config.read_text().replace(f"{section}:\n", f"{section}: {{}}\n"))
     assert getattr(RunConfig.from_yaml(str(config)), section) is not None
+
+
+def test_a_key_of_another_section_is_said_to_belong_there(tmp_path):
+    base = {"data": {"train": "x.tsv"}, "tables": [{"name": "ids", "dim": 8}],
+            "features": [{"kind": "sparse", "name": "u", "columns": ["C1"], "table": "ids"},
+                         {"kind": "label", "name": "click", "column": "label"}]}
+    with pytest.raises(ConfigError, match=r"^RunConfig: training: unknown key 'eval_group_by'; it belongs under data "
+                                          r"\(data.eval_group_by\)$"):
+        RunConfig(**base, training={"eval_group_by": "u"})
+    with pytest.raises(ConfigError, match=r"data: unknown key 'epochs'; it belongs under training \(training.epochs\)"):
+        RunConfig(**{**base, "data": {"train": "x.tsv", "epochs": 2}})
+    with pytest.raises(ConfigError, match=r"passmode: unknown key 'device'; allowed: "):  # training's and runtime's
+        RunConfig(**base, passmode={"device": "cpu"})

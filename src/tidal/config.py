@@ -23,7 +23,7 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
@@ -841,7 +841,22 @@ def _key_problem(err: dict, model: type[BaseModel] | None) -> str:
         return f"required key {key!r} is missing"
     allowed = sorted(model.model_fields) if model is not None else []
     listed = f" allowed: {', '.join(allowed)}" if allowed else ""
+    home = [name for name, section in _sections().items() if key in section.model_fields and section is not model]
+    if model in _sections().values() and len(home) == 1:
+        return f"unknown key {key!r}; it belongs under {home[0]} ({home[0]}.{key})"
     return f"unknown key {key!r}{_closest(key, allowed, listed)}"
+
+
+def _sections() -> dict[str, type[BaseModel]]:
+    """The sections of a run config that are one model each (data, training, ...): their
+    name and model."""
+    found = {}
+    for name, field in RunConfig.model_fields.items():
+        options = (field.annotation, *(get_args(field.annotation) if get_origin(field.annotation) is not list else ()))
+        models = [a for a in options if isinstance(a, type) and issubclass(a, BaseModel)]
+        if models:
+            found[name] = models[0]
+    return found
 
 
 def _tag_problem(err: dict, model: type[BaseModel] | None) -> str:

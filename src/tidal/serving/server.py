@@ -302,7 +302,7 @@ def create_app(service: Service) -> Starlette:
     async def _answer(request: Request) -> tuple[str, Response]:
         """(outcome, response) of an infer request."""
         try:
-            body = await _read_body(request, service.settings.max_body_bytes)
+            body = await _read_body(request, service.settings.max_body_bytes, "serving.max_body_bytes")
             content, headers = await _unless_gone(request, service.infer(body, request.headers.get(HEADER)))
         except (RequestError, SessionError) as exc:
             return "bad_request", _error(getattr(exc, "status", 400), str(exc))
@@ -431,14 +431,18 @@ async def _hung_up(request: Request) -> None:
         pass
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, setting: str | None = None) -> bytes:
     """The body, decompressed, or a 413 for one over `limit` (before or after
-    decompressing), a 408 for one not sent within 30 s."""
+    decompressing; naming the `setting` that sets it), a 408 for one not sent within 30 s."""
     try:
         body = await asyncio.wait_for(_receive(request, limit), _BODY_TIMEOUT_S)
+        return _decompressed(body, request.headers.get("content-encoding", "identity").strip().lower(), limit)
     except asyncio.TimeoutError:
         raise RequestError(f"the body did not arrive within {_BODY_TIMEOUT_S:g} s", status=408) from None
-    return _decompressed(body, request.headers.get("content-encoding", "identity").strip().lower(), limit)
+    except RequestError as exc:
+        if exc.status != 413 or setting is None:
+            raise
+        raise RequestError(f"{exc} ({setting})", status=413) from None
 
 
 async def _receive(request: Request, limit: int) -> bytes:
