@@ -18,6 +18,7 @@ that is allowed, for example ``TableConfig 'user_id': dim: Input should be great
 from __future__ import annotations
 
 import difflib
+import math
 import numbers
 import re
 from collections.abc import Iterator, Sequence
@@ -44,6 +45,7 @@ __all__ = [
     "Fusion",
     "Initializer",
     "LabelFeature",
+    "LrSchedule",
     "ModelConfig",
     "OptimizerConfig",
     "PassModeConfig",
@@ -459,6 +461,37 @@ def check_group_feature(features: Sequence[FeatureConfig], name: str, key: str) 
                          f"feature of one id a row, whose id is the row's group")
 
 
+class LrSchedule(_Model):
+    """The dense network's learning rate by step: from `training.lr / warmup_steps` up to
+    `training.lr` over the first `warmup_steps` steps, then (`decay`: linear or cosine)
+    down to `min_lr` over the next `decay_steps`, and `min_lr` after them. The step is the
+    run's, so a resumed or warm-started run goes on where its checkpoint was."""
+
+    warmup_steps: _Int = Field(0, ge=0)
+    decay: Literal["none", "linear", "cosine"] = "none"
+    decay_steps: _Int | None = Field(None, ge=1)
+    min_lr: _Float = Field(0.0, ge=0.0, allow_inf_nan=False)
+
+    @pydantic.model_validator(mode="after")
+    def _decay_settings(self) -> LrSchedule:
+        if self.decay != "none" and self.decay_steps is None:
+            raise ValueError(f"decay is {self.decay!r}: give decay_steps, the steps it takes to reach min_lr")
+        if self.decay == "none" and ("decay_steps" in self.model_fields_set or "min_lr" in self.model_fields_set):
+            raise ValueError("decay_steps and min_lr apply to a decay (linear or cosine); decay is 'none': set it, "
+                             "or remove them")
+        return self
+
+    def lr_at(self, lr: float, step: int) -> float:
+        """The learning rate of step `step` (from 1) for a peak of `lr`."""
+        if step <= self.warmup_steps:
+            return lr * step / self.warmup_steps
+        if self.decay == "none":
+            return lr
+        done = min(1.0, (step - self.warmup_steps) / self.decay_steps)
+        share = 1.0 - done if self.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
+        return self.min_lr + (lr - self.min_lr) * share
+
+
 class TrainingConfig(_Model):
     """How long and how fast to train, and where the run writes its logs.
 
@@ -484,6 +517,11 @@ class TrainingConfig(_Model):
     eval_every: _Int | None = Field(None, ge=1)  # steps between evaluations on data.eval; None: only at the end
     evict_every: _Int = Field(100, ge=1)  # steps between the safe points where tables with eviction or admission evict
     precision: Literal["float32", "bfloat16", "auto"] = "float32"  # of the dense network's products in training
+    lr_schedule: LrSchedule | None = None  # warmup and decay of `lr`; None: `lr` throughout
+
+    def lr_at(self, step: int) -> float:
+        """The dense network's learning rate at step `step` of the run."""
+        return self.lr if self.lr_schedule is None else self.lr_schedule.lr_at(self.lr, step)
 
 
 class RuntimeConfig(_Model):

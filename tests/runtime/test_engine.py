@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from runtime.test_trainer import _config
-from tidal.config import EmbeddingFeature, Initializer, RunConfig, Sgd, TableConfig
+from tidal.config import EmbeddingFeature, Initializer, RunConfig, Sgd, TableConfig, TrainingConfig
 from tidal.data.batch import SparseBatch
 from tidal.embedding import EmbeddingCollection
 from tidal.errors import DataError, TidalError
@@ -368,7 +368,7 @@ def test_batch_failing_every_forward_is_given_up_and_reported(data, tmp_path, mo
 def test_dense_failure_stops_the_run_with_a_clear_error(data, tmp_path, monkeypatch):
     from tidal.runtime.workers import DenseWorker
 
-    def broken(worker, payload):
+    def broken(worker, payload, step):
         raise RuntimeError("device lost")
 
     monkeypatch.setattr(DenseWorker, "step", broken)
@@ -383,11 +383,11 @@ def test_run_stopped_by_a_dense_failure_resumes_from_its_checkpoint(data, refere
     original = DenseWorker.step
     steps = []
 
-    def fails_at_the_13th_step(worker, payload):
+    def fails_at_the_13th_step(worker, payload, step):
         steps.append(1)
         if len(steps) == 13:
             raise RuntimeError("device lost")
-        return original(worker, payload)
+        return original(worker, payload, step)
 
     runtime = {"sparse_workers": 2, **EXACT}
     monkeypatch.setattr(DenseWorker, "step", fails_at_the_13th_step)
@@ -569,10 +569,10 @@ def test_dense_worker_on_cuda_matches_the_cpu_one(dtype):
                "labels": np.ones((64, 1), np.float32), "total_rows": 64, "dtype": dtype}
     results = []
     for device in ("cpu", "cuda"):
-        worker = DenseWorker(0, model=copy.deepcopy(model), lr=1e-3, optimizer_state=None,
+        worker = DenseWorker(0, model=copy.deepcopy(model), training=TrainingConfig(lr=1e-3), optimizer_state=None,
                              loss_weights=torch.ones(1), all_reduce=None, loss_scale=1.0, device=device)
         for _ in range(2):  # the second step reuses the pinned buffers
-            meta, grad = worker.step(payload)
+            meta, grad = worker.step(payload, 1)
         results.append((meta["loss"], decode(grad["grad"], dtype) / grad["scale"], worker.state()["model"]))
     assert abs(results[0][0] - results[1][0]) < 1e-4
     assert torch.allclose(results[0][1], results[1][1], atol=1e-5 if dtype == "float32" else 1e-3)

@@ -163,11 +163,11 @@ def test_after_a_failed_step_the_tables_hold_every_step_before_it(tmp_path, monk
     steps = {"n": 0}
     dense_step = Trainer.dense_step
 
-    def fail_at_step(self, batch, pooled):
+    def fail_at_step(self, batch, pooled, *, step):
         steps["n"] += 1
         if steps["n"] == failing_at:
             raise RuntimeError("the dense network failed")
-        return dense_step(self, batch, pooled)
+        return dense_step(self, batch, pooled, step=step)
 
     monkeypatch.setattr(Trainer, "dense_step", fail_at_step)
     trainers = []

@@ -60,6 +60,7 @@ from tidal.embedding.checkpoint import (CHAIN, MANIFEST, SEAL, as_umask_allows, 
                                         fsync_path, is_fingerprint, sealed, write_json_atomic)
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.processes import process_running
+from tidal.runtime.workers import set_lr
 
 if TYPE_CHECKING:
     from tidal.runtime.trainer import Trainer
@@ -457,8 +458,7 @@ def _load_model(trainer: Trainer, directory: Path, meta: dict[str, Any]) -> dict
     tensors = load_dense(directory)
     trainer.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     trainer.optimizer.load_state_dict({"state": _optimizer_state(tensors), "param_groups": meta["param_groups"]})
-    for group in trainer.optimizer.param_groups:
-        group["lr"] = trainer.config.training.lr
+    set_lr(trainer.optimizer, trainer.config.training.lr)  # the schedule's, step by step, where there is one
     return tensors
 
 

@@ -271,7 +271,8 @@ class Engine:
         while self.dispatch and self.dense_running < _DENSE_AHEAD:
             ticket = self.dispatch.popleft()
             flight = self.flights[ticket.batch_id]
-            flight.dense = [self.backend.call(worker, "step", part, returns=2)
+            step = self.start_step + ticket.batch_id + 1  # the run's step of the batch, as its lookup's
+            flight.dense = [self.backend.call(worker, "step", part, step, returns=2)
                             for worker, part in zip(self.dense, ticket.location)]
             for meta, _ in flight.dense:
                 self.pending[meta] = ("dense", ticket.batch_id)

@@ -152,7 +152,7 @@ def _train_pass(trainer: Any, rows: DeviceRows, plan: PassPlan, log: IO[str]) ->
     """Train the batches of `plan` on the device rows; the pass's last step."""
     log_every = trainer.config.training.log_every
     for step, item in enumerate(plan.batches, start=plan.first_step):
-        loss, grad = trainer.dense_step(item.batch, rows.pool(item))
+        loss, grad = trainer.dense_step(item.batch, rows.pool(item), step=step)
         rows.update(item, grad)
         trainer.progress.add(step, item.batch.batch_size, loss)
         if step % log_every == 0:

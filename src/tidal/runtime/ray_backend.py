@@ -295,7 +295,8 @@ class RayBackend:
 
     def start_dense(self) -> list[Any]:
         trainer = self.trainer
-        kwargs = {"model": trainer.model, "lr": trainer.config.training.lr, "threads": self.runtime.dense_threads or torch.get_num_threads(),
+        kwargs = {"model": trainer.model, "training": trainer.config.training,
+                  "threads": self.runtime.dense_threads or torch.get_num_threads(),
                   "optimizer_state": trainer.optimizer.state_dict() if trainer.optimizer.state else None,
                   "loss_weights": trainer.loss_weights, "loss_scale": self.runtime.loss_scale,
                   "precision": trainer.config.training.precision}

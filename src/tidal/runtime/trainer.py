@@ -35,7 +35,7 @@ from tidal.runtime import checkpoint
 from tidal.runtime.plots import plot_metrics
 from tidal.runtime.source import ReaderSpec
 from tidal.runtime.telemetry import compile_clock
-from tidal.runtime.workers import dense_device, fix_gemm_threads
+from tidal.runtime.workers import dense_device, fix_gemm_threads, set_lr
 
 __all__ = ["Evaluation", "Trainer", "group_auc", "shown_auc", "shown_gauc"]
 
@@ -276,13 +276,16 @@ class Trainer:
         after the latest; `fit` gives the run's step, as the heterogeneous engine does)."""
         self._check_batch(batch)
         ctx = self.collection.lookup(batch, step=step)
-        loss, grad = self.dense_step(batch, self.collection.pool(batch, ctx, dtype=PRECISIONS[self.precision]))
+        loss, grad = self.dense_step(batch, self.collection.pool(batch, ctx, dtype=PRECISIONS[self.precision]),
+                                     step=self.collection.tables[0].step if step is None else step)
         self.collection.backward(ctx, grad.cpu())
         return loss
 
-    def dense_step(self, batch: SparseBatch, pooled: torch.Tensor) -> tuple[float, torch.Tensor]:
-        """The dense network's training step on `batch` given its pooled embeddings
+    def dense_step(self, batch: SparseBatch, pooled: torch.Tensor, *, step: int) -> tuple[float, torch.Tensor]:
+        """The dense network's training step on `batch`, the run's step `step` (its
+        learning rate follows `training.lr_schedule`), given its pooled embeddings
         `[B, F, D]`: its loss, and the gradient of `pooled` (on the training device)."""
+        set_lr(self.optimizer, self.config.training.lr_at(step))
         self.model.train()
         pooled = pooled.to(self.device, PRECISIONS[self.precision]).requires_grad_(True)
         with compute_precision(self.device, self.precision):

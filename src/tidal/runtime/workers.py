@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tidal.config import DEVICE_PATTERN
+from tidal.config import DEVICE_PATTERN, TrainingConfig
 from tidal.data.batch import SparseBatch
 from tidal.data.extract import Extractor
 from tidal.embedding import EmbeddingCollection
@@ -43,7 +43,7 @@ from tidal.models import compute_precision, resolve_precision, weighted_bce
 from tidal.runtime.source import BatchSource, Item
 
 __all__ = ["DenseWorker", "EmbeddingShard", "SparseWorker", "ThreadAllReduce", "decode", "dense_device", "encode",
-           "fix_gemm_threads", "pool_dtype", "received", "transfer_dtype"]
+           "fix_gemm_threads", "pool_dtype", "received", "set_lr", "transfer_dtype"]
 
 _FP16_MAX = 65504.0
 _RECENT_UPDATES = 256  # batch ids whose update landed or was given up: a late or repeated call does nothing
@@ -402,7 +402,7 @@ class DenseWorker:
     under autocast, and bfloat16 pooled rows enter it as they came.
     """
 
-    def __init__(self, rank: int, *, model: torch.nn.Module, lr: float, optimizer_state: dict | None,
+    def __init__(self, rank: int, *, model: torch.nn.Module, training: TrainingConfig, optimizer_state: dict | None,
                  loss_weights: torch.Tensor, all_reduce: Callable[[int, list[torch.Tensor]], None] | None,
                  loss_scale: float, device: str = "auto", precision: str = "float32") -> None:
         self.rank = rank
@@ -410,7 +410,8 @@ class DenseWorker:
         self.precision = resolve_precision(self.device, precision)
         fix_gemm_threads()
         self.model = model.to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
+        self.training = training  # its learning rate by step
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=training.lr)
         if optimizer_state:
             self.optimizer.load_state_dict(optimizer_state)
         self.loss_weights = loss_weights.to(self.device)
@@ -418,8 +419,9 @@ class DenseWorker:
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._pinned: dict[str, torch.Tensor] = {}
 
-    def step(self, payload: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Train on one slice: (meta with its loss share and timings, gradient payload)."""
+    def step(self, payload: dict[str, Any], step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Train on one slice of the run's step `step`: (meta with its loss share and
+        timings, gradient payload)."""
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
             start = time.perf_counter()
             pooled, dense, labels = self._inputs(payload)
@@ -430,6 +432,7 @@ class DenseWorker:
             loss = weighted_bce(logits.float(), labels, self.loss_weights, payload["total_rows"])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            set_lr(self.optimizer, self.training.lr_at(step))
             if self.all_reduce is not None:
                 self.all_reduce(self.rank, [p.grad if p.grad is not None else torch.zeros_like(p)
                                             for p in self.model.parameters()])
@@ -469,3 +472,9 @@ class DenseWorker:
         """The model's and the optimizer's state, on the CPU."""
         return {"model": {k: v.cpu() for k, v in self.model.state_dict().items()},
                 "optimizer": self.optimizer.state_dict()}
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Give every parameter group of `optimizer` the learning rate `lr`."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
