@@ -879,8 +879,9 @@ def _key_problem(err: dict, model: type[BaseModel] | None) -> str:
         return f"required key {key!r} is missing"
     allowed = sorted(model.model_fields) if model is not None else []
     listed = f" allowed: {', '.join(allowed)}" if allowed else ""
-    home = [name for name, section in _sections().items() if key in section.model_fields and section is not model]
-    if model in _sections().values() and len(home) == 1:
+    sections = _sections()
+    home = [name for name, section in sections.items() if key in section.model_fields and section is not model]
+    if model in sections.values() and len(home) == 1:
         return f"unknown key {key!r}; it belongs under {home[0]} ({home[0]}.{key})"
     return f"unknown key {key!r}{_closest(key, allowed, listed)}"
 

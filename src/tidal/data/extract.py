@@ -88,7 +88,7 @@ class Extractor:
         feature = next(f for f in self.sparse if f.name == name)
         if feature.missing != "default":
             return None
-        return int(hash_strings(pa.array([_MISSING]), self._seeds[name])[0][0])
+        return _default_id(self._seeds[name])
 
     def __call__(self, batch: pa.RecordBatch) -> SparseBatch:
         if not isinstance(batch, pa.RecordBatch):
@@ -162,10 +162,14 @@ def _weights(bags: list[_Bags]) -> np.ndarray | None:
     return np.concatenate([np.ones(ids.shape[0], np.float32) if w is None else w for ids, _, w in bags])
 
 
+def _default_id(seed: int) -> int:
+    """The id a feature of hash seed `seed` gives a missing value (`missing: default`)."""
+    return int(hash_strings(pa.array([_MISSING]), seed)[0][0])
+
+
 def _single_value(ids: np.ndarray, missing: np.ndarray, policy: str, seed: int) -> _Bags:
     if policy == "default":
-        default, _ = hash_strings(pa.array([_MISSING]), seed)
-        return np.where(missing, default[0], ids), np.ones(ids.shape[0], dtype=np.int32), None
+        return np.where(missing, _default_id(seed), ids), np.ones(ids.shape[0], dtype=np.int32), None
     return ids[~missing], (~missing).astype(np.int32), None
 
 
@@ -175,7 +179,7 @@ def _default_for_empty_bags(bags: _Bags, seed: int) -> _Bags:
     empty = lengths == 0
     if not empty.any():
         return bags
-    default = hash_strings(pa.array([_MISSING]), seed)[0][0]
+    default = _default_id(seed)
     starts = np.cumsum(lengths)[empty]  # each empty bag gets one id where it starts
     filled = np.where(empty, 1, lengths).astype(np.int32)
     return np.insert(ids, starts, default), filled, None if weights is None else np.insert(weights, starts, 1.0)

@@ -65,8 +65,8 @@ from tidal.runtime.workers import set_lr
 if TYPE_CHECKING:
     from tidal.runtime.trainer import Trainer
 
-__all__ = ["check_start", "find", "hold_run_dir", "latest", "latest_name", "load_checked_tables", "load_dense",
-           "read_meta", "reading", "restore", "save", "start_from"]
+__all__ = ["check_start", "find", "hold_run_dir", "latest", "latest_name", "lineage", "load_checked_tables",
+           "load_dense", "read_meta", "reading", "restore", "save", "start_from"]
 
 LATEST = "LATEST"
 DENSE = "dense.safetensors"
@@ -407,16 +407,17 @@ def start_from(trainer: Trainer, directory: Path) -> dict[str, int]:
     _load_model(trainer, directory, meta)
     trainer.origin = {"checkpoint": str(directory.resolve()), "run_id": meta.get("run_id"),
                       "step": meta["position"]["step"], "sha256": meta.get(SEAL),
-                      "ancestors": _ancestors(meta.get("origin"))}
+                      "ancestors": lineage(meta.get("origin"))}
     unfinished = _unfinished(meta)
     print(f"  warm start from {directory} at its step {meta['position']['step']:,d}"
           + (f", {unfinished}" if unfinished else ""), flush=True)
     return {"step": meta["position"]["step"], "epoch": 0, "batch": 0}
 
 
-def _ancestors(origin: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The checkpoints the run warm-started from `origin` descends from: `origin` and
-    those its run descends from, nearest first, the `_ANCESTORS_KEPT` nearest."""
+def lineage(origin: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The checkpoints a run warm-started from `origin` (a trainer.json's or a manifest's)
+    descends from: `origin` and those its run descends from, nearest first, the
+    `_ANCESTORS_KEPT` nearest; each its checkpoint, run id and step."""
     if origin is None:
         return []
     own = {k: origin[k] for k in ("checkpoint", "run_id", "step")}

@@ -298,7 +298,7 @@ def _serves_already(served: Bundle, source: dict) -> bool:
                               f"than the one of the same run {served.path} serves ({newest['source_checkpoint']}, step "
                               f"{newest['source_step']}, in {where}); a delta from it would roll the served model "
                               f"back. Export it in full (without --delta) to serve it")
-    for ancestor in _ancestors(newest.get("source_origin")):
+    for ancestor in checkpoint.lineage(newest.get("source_origin")):
         if ancestor["run_id"] == source["source_run"] and source["source_step"] <= ancestor["step"]:
             raise CheckpointError(
                 f"{source['source_checkpoint']}: a checkpoint of step {source['source_step']} of a run that the "
@@ -306,12 +306,6 @@ def _serves_already(served: Bundle, source: dict) -> bool:
                 f"starts, from its step {ancestor['step']} ({ancestor['checkpoint']}); a delta from it would roll the "
                 f"served model back. Export it in full (without --delta) to serve it")
     return False
-
-
-def _ancestors(origin: dict | None) -> list[dict]:
-    """The checkpoints a warm-started run descends from, nearest first: its `origin`
-    and the ones that recorded (the nearest 100)."""
-    return [] if origin is None else [origin, *origin.get("ancestors", [])]
 
 
 def _newest_manifest(served: Bundle) -> dict:
