@@ -211,9 +211,22 @@ def test_a_boolean_where_a_number_goes_is_refused_not_read_as_one(tmp_path):
     with pytest.raises(ConfigError, match="data.batch_size: expected a number, got the boolean True"):
         RunConfig.from_yaml(str(config))
     config.write_text(config.read_text().replace("batch_size: true", "batch_size: 64"))
-    loaded = RunConfig.from_yaml(str(config))  # YAML reads 1e-3 as a string: still a number here
+    loaded = RunConfig.from_yaml(str(config))
     assert loaded.data.batch_size == 64 and loaded.tables[0].optimizer.lr == 1e-3
     assert Adam(per_row_bias_correction=True).per_row_bias_correction
+
+
+def test_numbers_with_an_exponent_are_numbers_whole_ones_where_an_integer_goes(tmp_path):
+    config = tmp_path / "run.yaml"  # YAML 1.1 reads 1e3 and 1e-3 as strings: 1e3 was refused for an integer
+    config.write_text("data: {train: x.tsv, batch_size: 1e3}\nfeatures: [{kind: sparse, name: u, columns: [C1], "
+                      "table: ids}, {kind: label, name: click, column: label}]\n"
+                      "tables: [{name: ids, dim: 8, reserve_rows: 2.5E+6, optimizer: {kind: sgd, lr: 5e-3}}]\n")
+    loaded = RunConfig.from_yaml(str(config))
+    assert loaded.data.batch_size == 1000 and isinstance(loaded.data.batch_size, int)
+    assert loaded.tables[0].reserve_rows == 2_500_000 and loaded.tables[0].optimizer.lr == 5e-3
+    config.write_text(config.read_text().replace("batch_size: 1e3", "batch_size: 1e-3"))
+    with pytest.raises(ConfigError, match="data.batch_size: .*fractional part.*got 0.001"):
+        RunConfig.from_yaml(str(config))
 
 
 @pytest.mark.parametrize("section", ["runtime", "passmode"])

@@ -503,7 +503,7 @@ def _serving_settings(entries: list[str], flags: dict) -> dict:
     """`--set FIELD=VALUE` entries as serving-config overrides (values parsed as YAML)."""
     import yaml
 
-    from tidal.config import ServingConfig
+    from tidal.config import ServingConfig, yaml_loader
     from tidal.errors import ConfigError
 
     settings = {}
@@ -521,7 +521,7 @@ def _serving_settings(entries: list[str], flags: dict) -> dict:
         if field in flags or field in settings:
             raise ConfigError(f"--set {field}: given twice (by --set or by its own flag)")
         try:
-            settings[field] = yaml.safe_load(text)
+            settings[field] = yaml.load(text, Loader=yaml_loader())
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {field}: the value is not YAML: {exc}") from None
     return settings

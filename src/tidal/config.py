@@ -465,12 +465,15 @@ class LrSchedule(_Model):
     """The dense network's learning rate by step: from `training.lr / warmup_steps` up to
     `training.lr` over the first `warmup_steps` steps, then (`decay`: linear or cosine)
     down to `min_lr` over the next `decay_steps`, and `min_lr` after them. The step is the
-    run's, so a resumed or warm-started run goes on where its checkpoint was."""
+    run's, so a resumed or warm-started run goes on where its checkpoint was. With
+    `tables`, every table's optimizer follows the same curve relative to its own rate:
+    its `lr` (FTRL's `alpha`) times the dense rate's share of `training.lr` at that step."""
 
     warmup_steps: _Int = Field(0, ge=0)
     decay: Literal["none", "linear", "cosine"] = "none"
     decay_steps: _Int | None = Field(None, ge=1)
     min_lr: _Float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    tables: bool = False  # the tables' learning rates follow it too
 
     @pydantic.model_validator(mode="after")
     def _decay_settings(self) -> LrSchedule:
@@ -522,6 +525,15 @@ class TrainingConfig(_Model):
     def lr_at(self, step: int) -> float:
         """The dense network's learning rate at step `step` of the run."""
         return self.lr if self.lr_schedule is None else self.lr_schedule.lr_at(self.lr, step)
+
+    @property
+    def schedules_tables(self) -> bool:
+        """Whether the tables' learning rates follow the schedule (`lr_schedule.tables`)."""
+        return self.lr_schedule is not None and self.lr_schedule.tables
+
+    def table_lr_scale(self, step: int) -> float:
+        """The factor on every table's learning rate at step `step` (with `schedules_tables`)."""
+        return self.lr_at(step) / self.lr
 
 
 class RuntimeConfig(_Model):
@@ -758,7 +770,7 @@ class RunConfig(_Model):
         try:
             with open(path, encoding="utf-8") as f:
                 text = f.read()
-            content = yaml.load(text, Loader=_unique_key_loader())
+            content = yaml.load(text, Loader=yaml_loader())
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read the config ({exc.strerror})") from None
         except UnicodeDecodeError as exc:
@@ -806,8 +818,9 @@ def require_threads(threads: Any, where: str) -> None:
         raise ConfigError(f"{where}: threads must be an integer >= 1, got {threads!r}")
 
 
-def _unique_key_loader() -> type:
-    """yaml's safe loader, refusing a mapping that names a key twice (plain YAML keeps the last silently)."""
+def yaml_loader() -> type:
+    """yaml's safe loader, with YAML 1.2's floats (`1e3` and `1e-3` are numbers, not strings), refusing a
+    mapping that names a key twice (plain YAML keeps the last silently)."""
     import yaml
 
     class Loader(yaml.SafeLoader):
@@ -823,7 +836,11 @@ def _unique_key_loader() -> type:
                 seen.add(key)
             return super().construct_mapping(node, deep=deep)
 
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
     return Loader
+
+
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
 
 
 def _describe(where: str, exc: pydantic.ValidationError, values: dict, model: type[BaseModel] | None = None) -> str:

@@ -101,6 +101,8 @@ def test_serve_names_the_flag_of_a_value_out_of_range(trainer, tmp_path, capsys)
     assert main(["serve", str(bundle), "--port", str(_free_port()), "--delta-poll-s", "0"]) == 2
     assert "--delta-poll-s: Input should be greater than 0, got 0" in capsys.readouterr().err
     for setting, expected in [("max_queue_rows=0", "--set max_queue_rows: Input should be greater than or equal to 1"),
+                              ("max_queue_rows=1e-1", "--set max_queue_rows: Input should be a valid integer, got a "
+                                                      "number with a fractional part, got 0.1"),
                               ("nonsense=1", "--set nonsense: no such serving field; the fields are fusion, buckets"),
                               ("table_dtype=float16", "fixed when the bundle is written (tidal export --table-dtype)"),
                               ("chunk_rows", "--set takes FIELD=VALUE, got 'chunk_rows'"),
