@@ -85,8 +85,9 @@ def test_one_id_bags_pool_by_one_gather_in_sample_order():
     assert torch.equal(rows.pool(plan.batches[0]), expected)
 
 
+@pytest.mark.parametrize("lr_scale", [1.0, 0.25])
 @pytest.mark.parametrize("optimizer", [Sgd(lr=0.3), Adagrad(lr=0.3), Adam(lr=0.1)], ids=lambda o: o.kind)
-def test_compiled_and_torch_updates_agree(optimizer):
+def test_compiled_and_torch_updates_agree(optimizer, lr_scale):
     batch = batch_of([[1, 1], [2]], [[7], [8]], [[1, 5], []], weights={"x": [[0.5, 2.0], [1.0]], "y": [[1.0], [3.0]],
                                                                       "z": [[2.0, 1.0], []]})
     results = []
@@ -96,7 +97,7 @@ def test_compiled_and_torch_updates_agree(optimizer):
         rows = DeviceRows(collection, "cpu", compiled=compiled)
         rows.swap(plan)
         for _ in range(3):
-            rows.update(plan.batches[0], torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4) / 10 - 1)
+            rows.update(plan.batches[0], torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4) / 10 - 1, lr_scale)
         results.append((rows.values.clone(), rows.state.clone()))
     torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-6)
     assert not torch.equal(results[0][0], _plan_values(optimizer, batch))  # the rows did move

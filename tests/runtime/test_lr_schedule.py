@@ -1,15 +1,18 @@
-"""The dense network's learning rate schedule (`training.lr_schedule`): warmup, then a
-linear or cosine decay, by the run's step, on every way a run trains."""
+"""The learning rate schedule (`training.lr_schedule`): warmup, then a linear or cosine
+decay, by the run's step, of the dense network's rate and (with `tables`) the tables',
+on every way a run trains."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from runtime.test_engine import EXACT, _assert_bitwise_equal, _trainer
+from runtime.test_engine import EXACT, _assert_bitwise_equal, _tables, _trainer
 from runtime.test_trainer import _config
+from tidal import EmbeddingCollection, EmbeddingFeature, SparseBatch, TableConfig
 from tidal.config import TrainingConfig
 from tidal.errors import ConfigError
 from trainer_helpers import assert_same_state
@@ -36,8 +39,55 @@ def test_a_schedule_is_checked_with_the_config():
         TrainingConfig(lr_schedule={"decay_steps": 10})
 
 
-def _scheduled(config: dict) -> dict:
-    return {**config, "training": {**config["training"], "lr_schedule": SCHEDULE}}
+def test_the_tables_share_of_the_schedule_is_the_dense_rates_share_of_its_peak():
+    training = TrainingConfig(lr=0.01, lr_schedule={**SCHEDULE, "tables": True})
+    assert training.schedules_tables and not TrainingConfig(lr=0.01, lr_schedule=SCHEDULE).schedules_tables
+    assert [training.table_lr_scale(s) for s in (1, 5, 1_000)] == pytest.approx([0.2, 1.0, 0.01])
+
+
+@pytest.mark.parametrize("optimizer,threads", [({"kind": "sgd", "lr": 0.1}, 1), ({"kind": "sgd", "lr": 0.1}, 2),
+                                               ({"kind": "adagrad", "lr": 0.1}, 1),
+                                               ({"kind": "ftrl", "alpha": 0.1}, 1)],
+                         ids=["sgd", "sgd-2-threads", "adagrad", "ftrl"])
+def test_a_collections_lr_scale_multiplies_every_tables_rate_at_its_lookups_step(optimizer, threads):
+    """Scaled by a half, each optimizer lands where one at half the rate does, bit for bit;
+    the scale is asked for each update at the step its batch was looked up at."""
+    halved = {k: v / 2 if k in ("lr", "alpha") else v for k, v in optimizer.items()}
+    features = [EmbeddingFeature(name="a", table="t"), EmbeddingFeature(name="b", table="t", pooling="mean")]
+    steps: list[int] = []
+
+    def collection(config: dict, lr_scale=None) -> EmbeddingCollection:  # type: ignore[no-untyped-def]
+        return EmbeddingCollection([TableConfig(name="t", dim=4, optimizer=config)], features, threads=threads,
+                                   lr_scale=lr_scale)
+
+    scaled = collection(optimizer, lambda step: steps.append(step) or 0.5)
+    slower, unscaled = collection(halved), collection(optimizer)
+    batch = SparseBatch.from_lists({"a": [[1], [2], [1]], "b": [[1, 3], [], [2, 2]]})
+    grad = torch.linspace(-1.0, 1.0, 3 * 2 * 4).reshape(3, 2, 4)
+    for _ in range(3):
+        for trained in (scaled, slower, unscaled):
+            _, ctx = trained.forward(batch)
+            trained.backward(ctx, grad)
+    keys = np.array([1, 2, 3])
+    assert steps == [1, 2, 3]
+    assert np.array_equal(scaled.table("t").lookup(keys), slower.table("t").lookup(keys))
+    assert not np.array_equal(scaled.table("t").lookup(keys), unscaled.table("t").lookup(keys))
+
+
+def _scheduled(config: dict, tables: bool = False) -> dict:
+    return {**config, "training": {**config["training"], "lr_schedule": {**SCHEDULE, "tables": tables}}}
+
+
+def test_the_tables_follow_the_schedule_when_it_says_so(tmp_path):
+    config = _config(tmp_path, epochs=1)
+    config["data"]["eval"] = None
+    dense_only = _trainer(_scheduled(config), tmp_path / "dense", None)
+    dense_only.fit()
+    both = _trainer(_scheduled(config, tables=True), tmp_path / "both", None)
+    both.fit()
+    rows, scheduled_rows = _tables(dense_only), _tables(both)
+    assert rows.keys() == scheduled_rows.keys()
+    assert not any(np.array_equal(rows[k], scheduled_rows[k]) for k in rows)  # each row's first update was smaller
 
 
 def test_the_reference_trainer_follows_the_schedule_and_resumes_on_it(tmp_path):
@@ -45,12 +95,12 @@ def test_the_reference_trainer_follows_the_schedule_and_resumes_on_it(tmp_path):
     config["data"]["eval"] = None
     plain = _trainer(config, tmp_path / "plain", None)
     plain.fit()
-    whole = _trainer(_scheduled(config), tmp_path / "whole", None)
+    whole = _trainer(_scheduled(config, tables=True), tmp_path / "whole", None)
     steps = whole.fit()["steps"]
     assert whole.optimizer.param_groups[0]["lr"] == pytest.approx(whole.config.training.lr_at(steps))
     assert not all(torch.equal(a, b) for a, b in zip(plain.model.parameters(), whole.model.parameters()))
-    _trainer(_scheduled(config), tmp_path / "split", None).fit(max_steps=10)  # saved at 7
-    resumed = _trainer(_scheduled(config), tmp_path / "split", None)
+    _trainer(_scheduled(config, tables=True), tmp_path / "split", None).fit(max_steps=10)  # saved at 7
+    resumed = _trainer(_scheduled(config, tables=True), tmp_path / "split", None)
     resumed.fit(resume=True)
     assert_same_state(whole, resumed)
 
@@ -60,13 +110,15 @@ def test_the_reference_trainer_follows_the_schedule_and_resumes_on_it(tmp_path):
 def test_the_engine_and_pass_mode_follow_the_schedule_as_the_reference_trainer(tmp_path, mode):
     config = _config(tmp_path, epochs=1)
     config["data"]["eval"] = None
-    reference = _trainer(_scheduled(config), tmp_path / "reference", None)
+    reference = _trainer(_scheduled(config, tables=True), tmp_path / "reference", None)
     reference.fit()
-    trainer = _trainer({**_scheduled(config), **mode}, tmp_path / "run", None)
+    trainer = _trainer({**_scheduled(config, tables=True), **mode}, tmp_path / "run", None)
     trainer.fit()
     if "runtime" in mode:
         _assert_bitwise_equal(reference, trainer)
     else:  # pass mode trains to rounding of the reference (sums in another order)
         for a, b in zip(reference.model.parameters(), trainer.model.parameters()):
             assert torch.allclose(a, b, atol=1e-4)
+        rows, passed = _tables(reference), _tables(trainer)
+        assert rows.keys() == passed.keys() and all(np.allclose(rows[k], passed[k], atol=1e-4) for k in rows)
     assert trainer.optimizer.param_groups[0]["lr"] == reference.optimizer.param_groups[0]["lr"]

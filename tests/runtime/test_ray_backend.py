@@ -44,8 +44,11 @@ def _all_actors_gone(timeout_s: float = 20.0) -> bool:
 
 
 def test_ray_sync_with_two_shards_is_bitwise_the_reference(cluster, data, tmp_path):
-    """With eviction on, so that the shard actors evict at the same safe points too."""
-    evicting = {**data, "tables": [{**t, "eviction": {"ttl_steps": 2}, "max_rows": 4000} for t in data["tables"]]}
+    """With eviction on, so that the shard actors evict at the same safe points too, and the
+    tables' learning rates on a schedule, which the shard actors follow by each batch's step."""
+    schedule = {"warmup_steps": 4, "decay": "linear", "decay_steps": 20, "tables": True}
+    evicting = {**data, "tables": [{**t, "eviction": {"ttl_steps": 2}, "max_rows": 4000} for t in data["tables"]],
+                "training": {**data["training"], "lr_schedule": schedule}}
     reference = _trainer(evicting, tmp_path / "ref", None, evict_every=5)
     reference.fit()
     trainer = _trainer(evicting, tmp_path / "ray", {"backend": "ray", "sparse_workers": 2, "embedding_shards": 2,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -46,16 +46,20 @@ class EmbeddingCollection:
     when training) and pools every feature in one pass; ``backward(ctx, grad)`` turns
     the gradient of the pooled output into one gradient per unique row (duplicates
     summed, mean/sqrtn scaling applied) and applies each table's fused optimizer.
+    `lr_scale`, given a training step, gives the factor on every table's learning rate
+    for the update of a batch looked up at that step (a schedule's; none: 1 throughout).
     """
 
     def __init__(self, tables: Sequence[TableConfig | EmbeddingTable],
-                 features: Sequence[EmbeddingFeature], *, threads: int = 1) -> None:
+                 features: Sequence[EmbeddingFeature], *, threads: int = 1,
+                 lr_scale: Callable[[int], float] | None = None) -> None:
         require_threads(threads, "EmbeddingCollection")
         for t in _listed(tables, "tables"):
             require(t, (TableConfig, EmbeddingTable), "EmbeddingCollection: each table")
         for f in _listed(features, "features"):
             require(f, EmbeddingFeature, "EmbeddingCollection: each feature")
         self.threads = threads
+        self.lr_scale = lr_scale
         self.tables = [t if isinstance(t, EmbeddingTable) else EmbeddingTable(t, threads=threads) for t in tables]
         self._table_index = {t.name: i for i, t in enumerate(self.tables)}
         self.features = {f.name: f for f in features}
@@ -86,6 +90,10 @@ class EmbeddingCollection:
         """Every table's `EmbeddingTable.evict` (a safe point: no lookup still in use);
         the rows evicted."""
         return sum(t.evict() for t in self.tables)
+
+    def lr_scale_at(self, step: int) -> float:
+        """The factor on every table's learning rate at training step `step`."""
+        return 1.0 if self.lr_scale is None else float(self.lr_scale(step))
 
     def table(self, name: str) -> EmbeddingTable:
         if name not in self._table_index:
@@ -250,22 +258,23 @@ class EmbeddingCollection:
         if ctx.applied:
             raise BatchError("this context's update was applied already; look the batch up again for another step")
         grad_rows = self._grad_rows(ctx, grad).reshape(-1, self.dim)  # float32, or uint16 bfloat16 bits
+        lr_scale = self.lr_scale_at(max((lookup.seen_at for _, lookup in ctx.lookups.values()), default=0))
         if self.threads == 1 and not ctx.updated and all(self.tables[t].optimizer.code == rw.SGD for t in ctx.lookups):
-            self._sgd_by_sample(ctx, grad_rows)
+            self._sgd_by_sample(ctx, grad_rows, lr_scale)
         else:
             sources = pooling.id_sources(ctx.offsets, ctx.batch_size)
             for t, (positions, lookup) in ctx.lookups.items():
                 if t not in ctx.updated:
-                    self.tables[t].apply_grouped(lookup, grad_rows, sources[positions], ctx.scales[positions])
+                    self.tables[t].apply_grouped(lookup, grad_rows, sources[positions], ctx.scales[positions], lr_scale)
                     ctx.updated.add(t)
         ctx.applied = True
 
-    def _sgd_by_sample(self, ctx: PooledContext, grad_rows: np.ndarray) -> None:
+    def _sgd_by_sample(self, ctx: PooledContext, grad_rows: np.ndarray, lr_scale: float) -> None:
         """Plain SGD on one thread: each id's scaled gradient is subtracted from its row in
         sample order (`pooling.sgd_by_sample`), which reads the gradient front to back.
         Grouping a row's ids first would read it at random, and costs a tenth more time."""
         directories, widths = self._directories()
-        rates = np.array([t.optimizer.hyper[rw.LR] for t in self.tables], dtype=np.float32)
+        rates = np.array([t.optimizer.hyper_at(lr_scale)[rw.LR] for t in self.tables], dtype=np.float32)
         with ExitStack() as held:
             # tables in one order, whatever collection lists them: no deadlock
             for t, (_, lookup) in sorted(ctx.lookups.items(), key=lambda item: id(self.tables[item[0]])):

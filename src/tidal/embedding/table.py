@@ -493,17 +493,19 @@ class EmbeddingTable:
             lookup = self._find(keys, count=False)
             self._apply(lookup, self._gradient(lookup, grads, np.arange(keys.shape[0]), np.ones(keys.shape[0])))
 
-    def apply_grouped(self, lookup: RowLookup, grad: np.ndarray, sources: np.ndarray, scales: np.ndarray) -> None:
+    def apply_grouped(self, lookup: RowLookup, grad: np.ndarray, sources: np.ndarray, scales: np.ndarray,
+                      lr_scale: float = 1.0) -> None:
         """One fused optimizer step on the distinct rows of `lookup`: each row takes the
         sum, over its keys k, of ``scales[k] * grad[sources[k]]``.
 
         `grad` is `[N, dim]` float32 (or uint16 bfloat16 bits); `sources` and `scales`
-        have one entry per key of the lookup.
+        have one entry per key of the lookup. `lr_scale` multiplies the optimizer's
+        learning rate for this step (a schedule's).
         """
         gradient = self._gradient(lookup, grad, sources, scales)
         with self._gate.shared():  # no row is removed from the check to the last shard's update
             self.check_lookup(lookup)
-            self._apply(lookup, gradient)
+            self._apply(lookup, gradient, lr_scale)
 
     def _gradient(self, lookup: RowLookup, grad: np.ndarray, sources: np.ndarray, scales: np.ndarray) -> tuple:
         """(sources, scales, grad) of an update of `lookup`, checked and in the kernel's dtypes."""
@@ -520,13 +522,13 @@ class EmbeddingTable:
             raise BatchError(f"table {self.name!r}: sources must be integer rows of the {grad.shape[0]} gradient rows")
         return sources.astype(np.int64, copy=False), scales, grad
 
-    def _apply(self, lookup: RowLookup, gradient: tuple) -> None:
+    def _apply(self, lookup: RowLookup, gradient: tuple, lr_scale: float = 1.0) -> None:
         """The update of a current `lookup`, shard by shard; the caller holds the gate."""
         cost = np.diff(lookup.key_offsets)  # a gradient row read per key (plain SGD: and its row updated)
         if lookup.shard_offsets is not None:
             cost += np.diff(lookup.shard_offsets)  # each distinct row read and written once
-        step = self._next_update()
-        run_tasks([partial(self._apply_in_shard, s, lookup, gradient, step) for s in _largest_first(cost)],
+        step, hyper = self._next_update(), self.optimizer.hyper_at(lr_scale)
+        run_tasks([partial(self._apply_in_shard, s, lookup, gradient, step, hyper) for s in _largest_first(cost)],
                   self.threads)
 
     @contextmanager
@@ -560,7 +562,7 @@ class EmbeddingTable:
             raise BatchError(f"table {self.name!r}: this RowLookup came from another table or from "
                              "before an evict() or remove(); look the keys up again")
 
-    def _apply_in_shard(self, s: int, lookup: RowLookup, gradient: tuple, step: int) -> None:
+    def _apply_in_shard(self, s: int, lookup: RowLookup, gradient: tuple, step: int, hyper: np.ndarray) -> None:
         shard = self._shards[s]
         keys = lookup.key_offsets
         numbers, unique, lo, hi = _NOT_LISTED, _NOT_LISTED, 0, 0  # plain SGD's lookups list no rows
@@ -570,7 +572,7 @@ class EmbeddingTable:
         grouping = (lookup.order, numbers, lookup.handles, int(keys[s]), int(keys[s + 1]))
         with shard.lock:
             pooling.apply_grouped(self.arena.directory, self.width, unique, grouping, gradient,
-                                  self.optimizer.code, self.optimizer.hyper, step, lo, hi)
+                                  self.optimizer.code, hyper, step, lo, hi)
             if self._needs_marking(lookup):
                 pooling.mark_seen(shard.last_seen, _handles_in_shard(lookup, s), np.uint32(self._step))
 

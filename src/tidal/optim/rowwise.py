@@ -44,6 +44,14 @@ class OptimizerKernel:
         # so a lookup must list its distinct rows; SGD adds each key's gradient as it comes
         self.sums_keys_first = self.code != SGD
 
+    def hyper_at(self, lr_scale: float) -> np.ndarray:
+        """The hyper-parameters with the learning rate (FTRL's alpha) times `lr_scale`."""
+        if lr_scale == 1.0:
+            return self.hyper
+        hyper = self.hyper.copy()
+        hyper[LR] *= lr_scale
+        return hyper
+
 
 _CODES = {Sgd: SGD, Adagrad: ADAGRAD, RowWiseAdagrad: ROWWISE_ADAGRAD, Adam: ADAM,
           AdamW: ADAMW, Ftrl: FTRL}

@@ -19,14 +19,15 @@ __all__ = ["update_rows"]
 
 
 def update_rows(kernel: rw.OptimizerKernel, values: torch.Tensor, state: torch.Tensor, slots: torch.Tensor,
-                grad: torch.Tensor, step: int) -> None:
+                grad: torch.Tensor, step: int, lr_scale: float = 1.0) -> None:
     """One optimizer step of `kernel` on rows `slots` ([U] int64, distinct) of `values`
     and `state`, given each row's summed gradient `grad` ([U, D] float32). `step` is the
-    table's optimizer step (Adam's bias correction without per-row steps)."""
+    table's optimizer step (Adam's bias correction without per-row steps); `lr_scale`
+    multiplies its learning rate."""
     width = kernel.state_width
     rows = values.index_select(0, slots)  # [U, D]
     own = state[:, :width]
-    new_values, new_state = _UPDATES[kernel.code](rows, own.index_select(0, slots), grad, kernel.hyper, step)
+    new_values, new_state = _UPDATES[kernel.code](rows, own.index_select(0, slots), grad, kernel.hyper_at(lr_scale), step)
     values.index_copy_(0, slots, new_values.to(values.dtype))
     if width:
         own.index_copy_(0, slots, new_state.to(state.dtype))

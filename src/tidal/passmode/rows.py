@@ -144,9 +144,10 @@ class DeviceRows:
                                per_sample_weights=scales, include_last_offset=True)  # [F * B, D]
         return bags.view(len(batch.keys), batch.batch_size, self.dim).transpose(0, 1).contiguous()
 
-    def update(self, item: BatchSlots, grad: torch.Tensor) -> None:
+    def update(self, item: BatchSlots, grad: torch.Tensor, lr_scale: float = 1.0) -> None:
         """Each table's optimizer step on the rows of `item`, given the gradient of its
-        pooled output `[B, F, D]`: each row takes the sum of its ids' scaled gradients."""
+        pooled output `[B, F, D]`: each row takes the sum of its ids' scaled gradients.
+        `lr_scale` multiplies every table's learning rate (a schedule's)."""
         rows = grad.detach().to(self.device, torch.float32).reshape(-1, self.dim).contiguous()  # [B * F, D]
         self.trained = True
         for update in item.updates:
@@ -155,25 +156,27 @@ class DeviceRows:
             if update.slots.shape[0] == 0:
                 continue
             if self.compiled:
-                self._update_compiled(table.optimizer, update, rows.numpy(), step)
+                self._update_compiled(table.optimizer, update, rows.numpy(), step, lr_scale)
             else:
-                self._update_torch(table.optimizer, update, rows, step)
+                self._update_torch(table.optimizer, update, rows, step, lr_scale)
 
-    def _update_compiled(self, optimizer: rw.OptimizerKernel, update: TableUpdate, grad: np.ndarray, step: int) -> None:
-        scales = _NO_SCALES if update.scales is None else update.scales
+    def _update_compiled(self, optimizer: rw.OptimizerKernel, update: TableUpdate, grad: np.ndarray, step: int,
+                         lr_scale: float) -> None:
+        scales, hyper = _NO_SCALES if update.scales is None else update.scales, optimizer.hyper_at(lr_scale)
         if optimizer.code == rw.SGD:  # each id's gradient added as it comes: the same sum, no listing first
-            sgd_add(self.values.numpy(), update.slots, grad, update.sources, scales, np.float32(optimizer.hyper[rw.LR]))
+            sgd_add(self.values.numpy(), update.slots, grad, update.sources, scales, np.float32(hyper[rw.LR]))
         else:
             optimizer_step(self.values.numpy(), self.state.numpy(), optimizer.state_width, update.distinct,
-                           update.inverse, grad, update.sources, scales, optimizer.code, optimizer.hyper, step)
+                           update.inverse, grad, update.sources, scales, optimizer.code, hyper, step)
 
-    def _update_torch(self, optimizer: rw.OptimizerKernel, update: TableUpdate, grad: torch.Tensor, step: int) -> None:
+    def _update_torch(self, optimizer: rw.OptimizerKernel, update: TableUpdate, grad: torch.Tensor, step: int,
+                      lr_scale: float) -> None:
         order, offsets = ids_by_row(update.inverse, update.distinct.shape[0])
         scales = None if update.scales is None else self._tensor(update.scales[order])
         # each row's gradients summed in its ids' order, on any device (a GPU's index_add_ adds in no fixed order)
         summed = F.embedding_bag(self._tensor(update.sources[order]), grad, self._tensor(offsets), mode="sum",
                                  per_sample_weights=scales, include_last_offset=True)  # [u, D]
-        update_rows(optimizer, self.values, self.state, self._tensor(update.distinct), summed, step)
+        update_rows(optimizer, self.values, self.state, self._tensor(update.distinct), summed, step, lr_scale)
 
 
 def _keys_only(block: RowBlock) -> RowBlock:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -36,7 +37,8 @@ from tidal.runtime.workers import (DenseWorker, EmbeddingShard, SparseWorker, en
 __all__ = ["RayBackend"]
 
 
-def _collection(tables: list, features: list, threads: int, state: dict | None) -> EmbeddingCollection:
+def _collection(tables: list, features: list, threads: int, state: dict | None,
+                lr_scale: Callable[[int], float] | None = None) -> EmbeddingCollection:
     """Tables built from their configs, loaded from `state` (snapshot arrays and clocks)."""
     built = [EmbeddingTable(t, threads=threads) for t in tables]
     for table in built:
@@ -44,7 +46,7 @@ def _collection(tables: list, features: list, threads: int, state: dict | None) 
             for s, arrays in enumerate(state[table.name]["shards"]):
                 table.restore_shard(s, arrays)
             table.restore_clocks(state[table.name]["clocks"])
-    return EmbeddingCollection(built, features, threads=threads)
+    return EmbeddingCollection(built, features, threads=threads, lr_scale=lr_scale)
 
 
 def _table_state(table: EmbeddingTable) -> dict:
@@ -54,9 +56,9 @@ def _table_state(table: EmbeddingTable) -> dict:
 
 class _ShardActor(EmbeddingShard):
     def __init__(self, tables: list, features: list, threads: int, state: dict | None, nice: int,
-                 first_step: int) -> None:
+                 first_step: int, lr_scale: Callable[[int], float] | None) -> None:
         torch.set_num_threads(threads)  # a process of its own: more torch threads than cores only spin
-        super().__init__(_collection(tables, features, threads, state), nice=nice, first_step=first_step)
+        super().__init__(_collection(tables, features, threads, state, lr_scale), nice=nice, first_step=first_step)
 
     def forward(self, batch_id: int, batch: SparseBatch,  # type: ignore[override]
                 dtype: torch.dtype = torch.float32) -> tuple[np.ndarray, dict[str, float]]:
@@ -276,7 +278,7 @@ class RayBackend:
             features = [f for f in self.trainer.collection.features.values() if f.table in names]
             state = {t.name: _table_state(t) for t in tables}
             shards.append(actor.remote([t.config for t in tables], features, self.threads, state,
-                                       self.runtime.sparse_nice, self.first_step))
+                                       self.runtime.sparse_nice, self.first_step, self.trainer.collection.lr_scale))
             self._actors.append(shards[-1])
             features_of.append([f.name for f in features])
         return shards, features_of

@@ -200,8 +200,10 @@ class Trainer:
         fix_gemm_threads()  # the same splits of every matrix product in every run, busy machine or not
         torch.manual_seed(config.training.seed)
         self.extractor = Extractor(config.features)
+        training = config.training
         self.collection = EmbeddingCollection(config.tables, [f.embedding() for f in self.extractor.sparse],
-                                              threads=config.training.threads)
+                                              threads=training.threads,
+                                              lr_scale=training.table_lr_scale if training.schedules_tables else None)
         self.device = dense_device(config.training.device, key="training.device")
         self.model = RankingModel(config.model, num_features=len(self.extractor.sparse), dim=self.collection.dim,
                                   dense_features=len(self.extractor.dense), num_targets=len(self.extractor.labels))
