@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--init-from", metavar="CHECKPOINT",
                        help="start a fresh run on the config's data from another run's latest checkpoint (its run "
                             "directory) or from a checkpoint directory: its tables, dense weights and step")
-    evaluate = commands.add_parser("eval", help="AUC and log loss of a run's latest checkpoint on data files")
+    evaluate = commands.add_parser("eval", help="AUC, log loss, normalized entropy and calibration of a run's latest checkpoint "
+                                                    "on data files")
     evaluate.add_argument("--checkpoint", required=True, help="the run directory (training.run_dir) or one checkpoint")
     evaluate.add_argument("--data", required=True, nargs="+", help="files or globs to evaluate on")
     evaluate.add_argument("--device", default="auto", help="where the dense network runs (default auto: a GPU if any)")
@@ -259,7 +260,7 @@ def _train(args: argparse.Namespace) -> int:
     from tidal.data.readers import BadRows
     from tidal.errors import TidalError
     from tidal.runtime import Trainer
-    from tidal.runtime.trainer import Evaluation, shown_auc, shown_gauc
+    from tidal.runtime.trainer import Evaluation, shown_evaluation
 
     config = None
     try:
@@ -292,9 +293,8 @@ def _train(args: argparse.Namespace) -> int:
         print(f"  {example}")
     if summary["eval"]:
         evaluation = Evaluation(**summary["eval"])
-        for target, value in evaluation.auc.items():
-            print(f"  eval {target}: AUC {shown_auc(value)}  log loss {evaluation.logloss[target]:.4f} "
-                  f"on {evaluation.rows:,d} rows{shown_gauc(evaluation, target)}")
+        for target in evaluation.auc:
+            print(f"  eval {target}: {shown_evaluation(evaluation, target)}")
         if summary["eval"]["bad_rows"]:
             print(f"  eval data: {BadRows(summary['eval']['bad_rows'], summary['eval']['bad_row_examples']).summary()}")
     for name, table in summary["tables"].items():
@@ -336,7 +336,7 @@ def _eval(args: argparse.Namespace) -> int:
         from tidal.config import RunConfig
         from tidal.data.readers import BadRows
         from tidal.runtime import Trainer, checkpoint
-        from tidal.runtime.trainer import shown_auc, shown_gauc
+        from tidal.runtime.trainer import shown_evaluation
         from tidal.runtime.workers import dense_device
 
         dense_device(args.device, key="--device")
@@ -351,9 +351,8 @@ def _eval(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         return _interrupted("eval", "nothing was written (eval writes no file)")
-    for target, value in result.auc.items():
-        print(f"{target}: AUC {shown_auc(value)}  log loss {result.logloss[target]:.4f} on {result.rows:,d} rows"
-              f"{shown_gauc(result, target)}")
+    for target in result.auc:
+        print(f"{target}: {shown_evaluation(result, target)}")
     print(f"bad rows: {BadRows(result.bad_rows, result.bad_row_examples).summary()}")
     return 0
 

@@ -113,7 +113,8 @@ def _print_summary(summary: dict, ceiling_auc: float) -> None:
     evaluation = summary["eval"]
     print("Summary")
     print(f"  eval AUC        {shown_auc(evaluation['auc']['label'])}   (planted ceiling {ceiling_auc:.4f})")
-    print(f"  eval log loss   {evaluation['logloss']['label']:.4f}   on {evaluation['rows']:,d} rows")
+    print(f"  eval log loss   {evaluation['logloss']['label']:.4f}   on {evaluation['rows']:,d} rows (normalized "
+          f"entropy {evaluation['normalized_entropy']['label']:.4f}, calibration {evaluation['calibration']['label']:.3f})")
     gauc, users = evaluation["gauc"]["label"], evaluation["gauc_groups"]["label"]
     print(f"  eval GAUC       {'n/a' if gauc is None else f'{gauc:.4f}'}   by user (C1), over {users:,d} users with "
           f"both labels")

@@ -135,7 +135,8 @@ def test_eval_on_the_command_line_groups_by_the_feature_it_is_given(trained, cap
     trainer, config = trained
     assert main(["eval", "--checkpoint", str(trainer.run_dir), "--data", *config["data"]["eval"],
                  "--group-by", "C2"]) == 0
-    assert re.search(r"click: AUC 0\.\d+  log loss \d\.\d+ on 2,000 rows  GAUC by C2 0\.\d+ over [\d,]+ groups\n",
+    assert re.search(r"click: AUC 0\.\d+  log loss \d\.\d+  NE 0\.\d+  calibration \d\.\d+ on 2,000 rows  "
+                     r"GAUC by C2 0\.\d+ over [\d,]+ groups\n",
                      capsys.readouterr().out)
     assert main(["eval", "--checkpoint", str(trainer.run_dir), "--data", *config["data"]["eval"],
                  "--group-by", "I1"]) == 2

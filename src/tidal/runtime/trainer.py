@@ -43,7 +43,11 @@ __all__ = ["Evaluation", "Trainer", "group_auc", "shown_auc", "shown_gauc"]
 @dataclass(frozen=True, kw_only=True)
 class Evaluation:
     """Exact AUC and log loss per target on held-out rows, and the bad rows skipped. A
-    target whose rows hold one class only has no AUC (None): nothing to rank. With a
+    target whose rows hold one class only has no AUC (None): nothing to rank. The
+    normalized entropy is the log loss over the entropy of the target's positive rate
+    (1 for a model that predicts that rate for every row, lower is better; None with
+    one class), the calibration the mean predicted probability over the positive rate
+    (1 is calibrated; None without positives). With a
     group feature (a user id, say), also each target's group AUC (GAUC): the AUC within
     each group whose rows hold both classes, averaged weighted by the group's rows (rows
     without an id in that feature belong to no group)."""
@@ -51,12 +55,30 @@ class Evaluation:
     rows: int
     auc: dict[str, float | None]
     logloss: dict[str, float]
+    normalized_entropy: dict[str, float | None] = field(default_factory=dict)
+    calibration: dict[str, float | None] = field(default_factory=dict)
     bad_rows: int = 0
     bad_row_examples: list[str] = field(default_factory=list)
     group_by: str | None = None  # the feature whose ids group the rows for `gauc`
     gauc: dict[str, float | None] | None = None  # each target's group AUC: its groups' AUCs weighted by their rows
     gauc_groups: dict[str, int] | None = None  # the groups that hold both classes of the target: those it averages
     gauc_rows: int | None = None  # the rows with an id in the group feature (the others belong to no group)
+
+
+def normalized_entropy(labels: np.ndarray, logits: np.ndarray) -> float | None:
+    """The log loss of `logits` over the entropy of the positive rate of `labels` (0/1);
+    None with one class."""
+    rate = float(np.mean(labels))
+    if rate in (0.0, 1.0):
+        return None
+    logloss = float(np.mean(np.logaddexp(0.0, logits) - labels * logits))
+    return logloss / -(rate * math.log(rate) + (1.0 - rate) * math.log(1.0 - rate))
+
+
+def calibration(labels: np.ndarray, logits: np.ndarray) -> float | None:
+    """The mean predicted probability over the positive rate; None without positives."""
+    rate = float(np.mean(labels))
+    return None if rate == 0.0 else float(np.mean(np.exp(-np.logaddexp(0.0, -logits)))) / rate  # sigmoid, no overflow
 
 
 def _target_auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
@@ -94,6 +116,14 @@ def group_auc(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> tup
 def shown_auc(value: float | None) -> str:
     """An AUC as the CLI and the logs print it."""
     return "n/a (one class in the data)" if value is None else f"{value:.4f}"
+
+
+def shown_evaluation(evaluation: Evaluation, target: str) -> str:
+    """A target's evaluation as the CLI prints it."""
+    ne, calibration = evaluation.normalized_entropy.get(target), evaluation.calibration.get(target)
+    return (f"AUC {shown_auc(evaluation.auc[target])}  log loss {evaluation.logloss[target]:.4f}  "
+            f"NE {'n/a' if ne is None else f'{ne:.4f}'}  calibration {'n/a' if calibration is None else f'{calibration:.3f}'}"
+            f" on {evaluation.rows:,d} rows{shown_gauc(evaluation, target)}")
 
 
 def shown_gauc(evaluation: Evaluation, target: str) -> str:
@@ -582,9 +612,11 @@ class Trainer:
         z, y = np.concatenate(logits).astype(np.float64), np.concatenate(labels)
         aucs = {t: _target_auc(y[:, k], z[:, k]) for k, t in enumerate(self.targets)}  # first: it refuses NaN
         logloss = (np.logaddexp(0.0, z) - y * z).mean(0)  # binary cross-entropy of the logits
-        evaluation = Evaluation(rows=len(y), auc=aucs,
-                                logloss={t: float(logloss[k]) for k, t in enumerate(self.targets)},
-                                bad_rows=bad_rows.count, bad_row_examples=bad_rows.examples)
+        evaluation = Evaluation(
+            rows=len(y), auc=aucs, logloss={t: float(logloss[k]) for k, t in enumerate(self.targets)},
+            normalized_entropy={t: normalized_entropy(y[:, k], z[:, k]) for k, t in enumerate(self.targets)},
+            calibration={t: calibration(y[:, k], z[:, k]) for k, t in enumerate(self.targets)},
+            bad_rows=bad_rows.count, bad_row_examples=bad_rows.examples)
         if group_index is None:
             return evaluation
         with_id = np.concatenate(has_id)  # rows without an id in the group feature belong to no group
