@@ -73,6 +73,8 @@ def test_lengths_beyond_int32_and_fractional_batch_size_are_refused():
         SparseBatch(keys=("a",), values=[1], lengths=np.array([2**32 + 1, 1], np.int64), batch_size=2)
     with pytest.raises(BatchError, match="batch_size must be an integer, got 2.0"):
         SparseBatch(keys=("a",), values=[1, 2], lengths=[1, 1], batch_size=2.0)
+    with pytest.raises(BatchError, match="batch_size must be 0 or more, got -1"):
+        SparseBatch(keys=(), values=[], lengths=[], batch_size=-1)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

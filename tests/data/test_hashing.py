@@ -71,3 +71,19 @@ def test_what_is_not_a_string_array_is_refused_with_the_way_to_make_one():
     for values, got in ((pa.array([1, 2]), "int64"), (["a", "b"], "list")):
         with pytest.raises(DataError, match=rf"hash_strings needs a pyarrow string array, got {got}; pass pyarrow.array"):
             hash_strings(values, 7)
+
+
+def test_a_seed_of_any_integer_type_hashes_as_its_64_bits_and_anything_else_is_refused():
+    strings = pa.array(["x", "y"], pa.string())
+    expected = [_reference(t, 7) for t in ("x", "y")]
+    for seed in (7, np.int32(7), np.int64(7), np.uint64(7), np.array([7], np.int64)):
+        assert hash_strings(strings, seed)[0].tolist() == expected, repr(seed)
+    assert hash_strings(strings, np.int64(-1))[0].tolist() == hash_strings(strings, M64)[0].tolist()
+    for seed, message in ((7.0, r"the seed must be an integer of 64 bits \(signed or not\), got 7.0"),
+                          (True, "got True"), (M64 + 8, f"got {M64 + 8}"),
+                          (np.array([], np.uint64), r"the seeds must be a 1-D array of integers, one per column, got "
+                                                    r"uint64 of shape \(0,\)"),
+                          (np.array([0.5]), "got float64 of shape"),
+                          (np.array([1, 2, 3]), "2 strings do not split into 3 columns of equal length")):
+        with pytest.raises(DataError, match=message):
+            hash_strings(strings, seed)

@@ -101,7 +101,8 @@ def test_more_bad_rows_than_max_bad_fraction_stop_the_read_part_way_saying_why(t
     with pytest.raises(DataError, match=rf"^(\d|,)+ of the (\d|,)+ rows read of {path} were bad \(50\.0%\), more than "
                                         rf"max_bad_fraction allows \(10\.0%\): the files may not have the layout the "
                                         rf"run expects\. The first: {path}:1: expected 3 columns, found 2\. Fix the "
-                                        rf"files, or set data\.max_bad_fraction \(1\.0 skips any number\)$"):
+                                        rf"files, or raise max_bad_fraction \(data\.max_bad_fraction in a run config; 1\.0 "
+                                        rf"skips any number\)$"):
         for batch in read_batches(path, columns=SMALL, checks=CHECKS, batch_rows=batch_rows):
             handed.append(batch.num_rows)
     assert sum(handed) < 10_000  # stopped soon after 10,000 rows read, not at the end of the file

@@ -98,6 +98,9 @@ def test_delta_refused_when_tables_were_last_saved_elsewhere(tmp_path):
     with pytest.raises(CheckpointError, match="last saved to another checkpoint"):
         table.save_delta(tmp_path / "a")
     table.save_delta(tmp_path / "b")
+    with pytest.raises(CheckpointError, match=r"tables \['emb'\] were never saved nor loaded, so a delta here would "
+                                              r"miss rows; save a full checkpoint here first"):
+        _trained().save_delta(tmp_path / "b")
 
 
 def test_a_second_writer_of_one_root_is_refused_a_delta_that_would_mix_two_histories(tmp_path):

@@ -365,6 +365,27 @@ def test_bad_inputs_raise_clear_errors():
         collection.forward(SparseBatch.from_lists({"f0": [[1]]}), dtype=torch.int64)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("optimizer", [Sgd(lr=1.0), Adagrad(lr=0.1)], ids=lambda o: o.kind)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_gradient_with_a_nan_or_an_infinity_is_refused_before_any_row_moves(threads, optimizer, dtype, bad):
+    """As apply_gradients refuses one: a NaN would stay in its row for good."""
+    collection = _collection([0, 0, 1], ["sum", "mean", "sum"], threads=threads, optimizer=optimizer)
+    batch = SparseBatch.from_lists({"f0": [[1], [2], [3]], "f1": [[1, 4], [], [5]], "f2": [[6], [7], [8]]})
+    keys = np.arange(1, 9)
+    _, ctx = collection.forward(batch)
+    before = [t.lookup(keys) for t in collection.tables]
+    grad = torch.ones(3, 3, DIM, dtype=dtype)
+    grad[2, 1, 3] = bad
+    with pytest.raises(BatchError, match=r"gradient of the pooled output must be finite, got 1 NaN or infinite values "
+                                         r"\(the first at sample 2, feature 1\); no row was updated"):
+        collection.backward(ctx, grad)
+    assert all(np.array_equal(b, t.lookup(keys)) for b, t in zip(before, collection.tables))
+    collection.backward(ctx, torch.ones(3, 3, DIM, dtype=dtype))  # the context is still good
+    assert not np.array_equal(before[0], collection.tables[0].lookup(keys))
+
+
 def test_config_errors_name_the_problem():
     tables = [TableConfig(name="a", dim=4), TableConfig(name="b", dim=8)]
     with pytest.raises(ConfigError, match="same dim"):
@@ -492,8 +513,8 @@ def test_apply_grouped_refuses_what_its_kernel_would_misread():
 
 
 def test_from_lists_refuses_ids_that_are_not_integers():
-    with pytest.raises(BatchError, match="ids must be integers"):
-        SparseBatch.from_lists({"a": [[1.5, 2.9]]})
+    with pytest.raises(BatchError, match=r"feature 'b', sample 1: ids must be integers, got 2.9 \(float\)"):
+        SparseBatch.from_lists({"a": [[1], [2]], "b": [[3], [4, 2.9]]})
 
 
 def test_calls_with_the_wrong_kind_of_argument_say_what_was_expected():

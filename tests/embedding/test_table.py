@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -177,6 +179,20 @@ def test_reserved_rows_are_allocated_up_front_and_fill_without_a_new_chunk():
     assert reserved.stats().overhead_bytes_per_row <= plain.stats().overhead_bytes_per_row
     insert(reserved, np.arange(2 * CHUNK_ROWS, dtype=np.int64) - 10**9)  # grows past the reserve
     assert reserved.stats().rows == 5 * CHUNK_ROWS and reserved.stats().allocated_bytes > allocated
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads the resident memory from /proc (Linux)")
+def test_a_few_reserved_wide_rows_touch_the_memory_of_those_rows_not_of_their_whole_chunks():
+    """8 rows of dim 1024 with Adam are 96 KiB; their chunks, 16,384 rows a shard, 768 MiB."""
+    before = _resident_bytes()
+    table = EmbeddingTable(TableConfig(name="wide", dim=1024, optimizer=Adam(), num_shards=4, reserve_rows=8))
+    assert table.stats().allocated_bytes == 4 * CHUNK_ROWS * table.width * 4
+    assert _resident_bytes() - before < 64 << 20
 
 
 def test_reserve_beyond_the_row_cap_is_a_config_error():
@@ -741,3 +757,14 @@ def test_pushed_rows_keep_their_counts_and_are_marked_seen_now_in_every_shard(po
     assert found.all() and np.array_equal(block.values, values)
     assert np.array_equal(block.last_seen, np.full(len(keys), table.step, np.uint32))
     assert np.array_equal(block.counts, counts if policy else np.zeros_like(counts))
+
+
+def test_no_keys_as_an_empty_list_are_no_keys_and_a_tracked_gradient_tensor_is_read_as_its_values():
+    table = make_table()
+    assert table.lookup_or_insert([]).handles.shape == (0,) and table.lookup([]).shape == (0, table.dim)
+    table.remove([])
+    table.apply_gradients([], np.zeros((0, table.dim), np.float32))
+    insert(table, np.array([5]))
+    before = table.lookup([5])
+    table.apply_gradients([5], torch.ones(1, table.dim, requires_grad=True))  # as backward takes one
+    assert not np.array_equal(before, table.lookup([5]))

@@ -66,7 +66,9 @@ class SparseBatch:
         f, b = len(self.keys), self.batch_size
         if len(set(self.keys)) != f:
             raise BatchError(f"SparseBatch: feature keys must be distinct, got {self.keys}")
-        if b < 0 or self.lengths.shape[0] != f * b:
+        if b < 0:
+            raise BatchError(f"SparseBatch: batch_size must be 0 or more, got {b}")
+        if self.lengths.shape[0] != f * b:
             raise BatchError(
                 f"SparseBatch: lengths must have F * B = {f} * {b} = {f * b} entries "
                 f"(feature-major), got {self.lengths.shape[0]}"
@@ -125,9 +127,12 @@ class SparseBatch:
         sizes = {len(samples) for samples in bags.values()}
         if len(sizes) > 1:
             raise BatchError(f"SparseBatch.from_lists: every feature needs the same number of samples, got {sizes}")
+        for key in keys:
+            for sample, bag in enumerate(bags[key]):
+                for wrong in (i for i in bag if not is_whole_number(i)):
+                    raise BatchError(f"SparseBatch.from_lists: feature {key!r}, sample {sample}: ids must be "
+                                     f"integers, got {wrong!r} ({type(wrong).__name__})")
         flat = [bag for key in keys for bag in bags[key]]
-        if not all(is_whole_number(i) for bag in flat for i in bag):
-            raise BatchError("SparseBatch.from_lists: ids must be integers")
         flat_weights = None if weights is None else _flat_weights(bags, weights)
         return cls(
             keys=keys, batch_size=sizes.pop() if sizes else 0, values=_ids([i for bag in flat for i in bag]),

@@ -41,10 +41,11 @@ def hash_strings(array: pa.Array | pa.ChunkedArray, seed: int | np.ndarray) -> t
         got = array.type if isinstance(array, pa.Array) else type(array).__name__
         raise DataError(f"hash_strings needs a pyarrow string array, got {got}; "
                         f"pass pyarrow.array(values, pyarrow.string()) or cast the column to string first")
-    seeds = np.asarray(seed, dtype=np.uint64) if np.ndim(seed) else np.array([seed & (2**64 - 1)], dtype=np.uint64)
+    seeds = _seeds(seed)
     n = len(array)
     if n % seeds.shape[0]:
-        raise ValueError(f"hash_strings: {n} strings do not split into {seeds.shape[0]} columns of equal length")
+        raise DataError(f"hash_strings: {n} strings do not split into {seeds.shape[0]} columns of equal length "
+                        f"(one a seed)")
     offset_type = np.int64 if pa.types.is_large_string(array.type) else np.int32
     buffers = array.buffers()
     offsets = np.frombuffer(buffers[1], dtype=offset_type)[array.offset : array.offset + n + 1].astype(np.int64)
@@ -55,3 +56,17 @@ def hash_strings(array: pa.Array | pa.ChunkedArray, seed: int | np.ndarray) -> t
     if array.null_count:
         missing |= ~np.asarray(array.is_valid())
     return ids, missing
+
+
+def _seeds(seed: int | np.ndarray) -> np.ndarray:
+    """`seed` as a non-empty uint64 array: an integer of 64 bits (signed or not; numpy's
+    too) or a 1-D array of them."""
+    if np.ndim(seed) == 0:
+        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not -(2**63) <= int(seed) < 2**64:
+            raise DataError(f"hash_strings: the seed must be an integer of 64 bits (signed or not), got {seed!r}")
+        return np.array([int(seed) & (2**64 - 1)], dtype=np.uint64)
+    seeds = np.asarray(seed)
+    if seeds.ndim != 1 or seeds.shape[0] == 0 or seeds.dtype.kind not in "iu":
+        raise DataError(f"hash_strings: the seeds must be a 1-D array of integers, one per column, got "
+                        f"{seeds.dtype} of shape {seeds.shape}")
+    return seeds.astype(np.uint64)

@@ -367,7 +367,8 @@ def _check_bad_share(rows: BadRows, most: float, where: str = "") -> None:
     first = f" The first: {rows.examples[0]}." if rows.examples else ""
     raise DataError(f"{bad:,d} of the {read:,d} rows read{where} were bad ({bad / read:.1%}), more than "
                     f"max_bad_fraction allows ({most:.1%}): the files may not have the layout the run expects.{first} "
-                    f"Fix the files, or set data.max_bad_fraction (1.0 skips any number)")
+                    f"Fix the files, or raise max_bad_fraction (data.max_bad_fraction in a run config; 1.0 skips "
+                    f"any number)")
 
 
 def _exactly(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:

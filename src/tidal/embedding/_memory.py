@@ -186,16 +186,16 @@ class Arena:
     def rows_capacity(self, shard: int) -> int:
         return len(self.chunks[shard]) * CHUNK_ROWS
 
-    def add_chunk(self, shard: int, *, touch: bool = False) -> None:
+    def add_chunk(self, shard: int, *, touch_rows: int = 0) -> None:
         """Give `shard` one more chunk of rows (contents undefined until written).
 
-        With `touch` its pages are written now: rows created in it later then cost no
-        page fault, which is the dearest part of creating a row where the kernel (or
-        a hypervisor under it) must find and zero a fresh page.
+        The pages of its first `touch_rows` rows are written now: rows created there
+        later then cost no page fault, which is the dearest part of creating a row where
+        the kernel (or a hypervisor under it) must find and zero a fresh page. The
+        others take memory only once rows are created in them.
         """
         chunk = _aligned_empty(CHUNK_ROWS * self.width).reshape(CHUNK_ROWS, self.width)
-        if touch:
-            chunk.fill(0.0)
+        chunk[:touch_rows].fill(0.0)
         with self._lock:
             self._publish(shard, chunk)
 

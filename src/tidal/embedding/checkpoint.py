@@ -99,6 +99,10 @@ def _check_extends_chain(root: Path, tables: Sequence[EmbeddingTable]) -> None:
             f"{root}: a delta needs a full checkpoint of the same tables first; the chain holds "
             f"{sorted(names) or 'nothing'}, the delta {sorted(t.name for t in tables)}"
         )
+    never = [t.name for t in tables if t.checkpoint_id is None]
+    if never:
+        raise CheckpointError(f"{root}: tables {never} were never saved nor loaded, so a delta here would miss "
+                              f"rows; save a full checkpoint here first (or load this one)")
     strangers = [t.name for t in tables if _full_id(t.checkpoint_id) != full.get("id")]
     if strangers:
         raise CheckpointError(

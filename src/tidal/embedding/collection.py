@@ -258,6 +258,7 @@ class EmbeddingCollection:
         if ctx.applied:
             raise BatchError("this context's update was applied already; look the batch up again for another step")
         grad_rows = self._grad_rows(ctx, grad).reshape(-1, self.dim)  # float32, or uint16 bfloat16 bits
+        self._check_finite(grad_rows, ctx)
         lr_scale = self.lr_scale_at(max((lookup.seen_at for _, lookup in ctx.lookups.values()), default=0))
         if self.threads == 1 and not ctx.updated and all(self.tables[t].optimizer.code == rw.SGD for t in ctx.lookups):
             self._sgd_by_sample(ctx, grad_rows, lr_scale)
@@ -281,6 +282,21 @@ class EmbeddingCollection:
                 held.enter_context(self.tables[t].updating_in_place(lookup))
             pooling.sgd_by_sample(directories, widths, ctx.feature_tables, self._handles(ctx), ctx.offsets,
                                   ctx.scales, grad_rows, rates, 0, ctx.batch_size)
+
+    def _check_finite(self, grad_rows: np.ndarray, ctx: PooledContext) -> None:
+        """A `BatchError` naming the first NaN or infinity of the gradient, before any row
+        takes it (one would stay in its row's values and state for good)."""
+        bits = grad_rows.view(np.uint32 if grad_rows.dtype == np.float32 else np.uint16)
+        exponent = bits.dtype.type(0x7F800000 if bits.dtype == np.uint32 else 0x7F80)
+        flags = np.zeros(bits.shape[0], dtype=np.bool_)
+        run_split(pooling.find_nonfinite, bits.shape[0], self.threads, bits.reshape(-1), bits.shape[1], exponent, flags)
+        if flags.any():
+            bad = (bits & exponent) == exponent
+            first = int(np.flatnonzero(bad.any(axis=1))[0])
+            features = ctx.feature_tables.shape[0]
+            raise BatchError(f"gradient of the pooled output must be finite, got {int(bad.sum()):,d} NaN or infinite "
+                             f"values (the first at sample {first // features}, feature {first % features}); "
+                             f"no row was updated")
 
     def _grad_rows(self, ctx: PooledContext, grad: torch.Tensor | np.ndarray) -> np.ndarray:
         expected = (ctx.batch_size, ctx.feature_tables.shape[0], self.dim)

@@ -243,7 +243,8 @@ class EmbeddingTable:
     # ------------------------------------------------------------------ set-up
 
     def _reserve(self, rows: int) -> None:
-        """Allocate and touch the chunks of `rows` rows, split evenly over the shards."""
+        """Allocate chunks for `rows` rows, split evenly over the shards, and touch the
+        memory of those rows (not the whole of their chunks: a chunk of wide rows is large)."""
         most = ix.MAX_SHARD_ROWS * self.num_shards
         if self.row_cap is not None:
             most = min(most, self.row_cap)
@@ -252,8 +253,8 @@ class EmbeddingTable:
                               f"give at most {most} (max_rows, memory_bytes and num_shards set the limit)")
         per_shard = -(-rows // self.num_shards)
         for s in range(self.num_shards):
-            while self.arena.rows_capacity(s) < per_shard:
-                self.arena.add_chunk(s, touch=True)
+            while (capacity := self.arena.rows_capacity(s)) < per_shard:
+                self.arena.add_chunk(s, touch_rows=min(per_shard - capacity, CHUNK_ROWS))
 
     def _new_shard(self, s: int) -> _Shard:
         eviction = self.config.eviction
@@ -349,6 +350,8 @@ class EmbeddingTable:
 
     def _keys(self, keys: np.ndarray) -> np.ndarray:
         keys = np.asarray(keys)
+        if keys.shape == (0,):  # no ids, whatever their type ([] reads as float64)
+            return np.empty(0, dtype=np.int64)
         if keys.ndim != 1 or keys.dtype.kind not in "iu":
             raise BatchError(
                 f"table {self.name!r}: keys must be a 1-D integer array of raw ids, got "
@@ -475,6 +478,8 @@ class EmbeddingTable:
         `grads` is `[n, dim]` float32.
         """
         keys = self._keys(keys)
+        if hasattr(grads, "detach"):  # a torch tensor, perhaps one autograd tracks or on a GPU
+            grads = grads.detach().cpu()
         try:
             grads = np.ascontiguousarray(grads, dtype=np.float32)
         except (TypeError, ValueError) as e:  # a bfloat16 torch tensor, strings, ...
@@ -608,7 +613,9 @@ class EmbeddingTable:
 
         The rows count as written now (so the next delta checkpoint holds them), or,
         with `keep_last_seen`, at the block's `last_seen` steps (rows trained elsewhere
-        coming back: their steps say when they were last used).
+        coming back: their steps say when they were last used); a row pushed so at a
+        step before the table's last save is not in the next delta, so push only rows
+        unchanged since then that way.
         Admission does not apply (the rows were admitted where they came from); the row
         cap does: returns a mask of the rows stored, False where the table was full.
         """
