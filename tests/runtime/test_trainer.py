@@ -240,13 +240,15 @@ def test_the_logged_speed_leaves_out_evaluation_as_the_summary_does(tmp_path, mo
     assert len(logged) == 1 and logged[0] > 0.6 * summary["samples_per_s"]  # 2 s of evaluation would make it < 0.4
 
 
-@pytest.mark.parametrize("runtime", [None, {"mode": "sync"}])
-def test_a_run_whose_loss_is_not_finite_stops_saying_at_which_step(tmp_path, runtime):
+@pytest.mark.parametrize("way", [{}, {"runtime": {"mode": "sync"}}, {"passmode": {"batches_per_pass": 4}}],
+                         ids=["reference", "sync", "passmode"])
+def test_a_run_whose_loss_is_not_finite_stops_saying_at_which_step(tmp_path, way):
+    """Before the sparse update of that step, which would refuse its gradient."""
     config = _config(tmp_path, epochs=1, lr=1000.0)
     config["tables"][0]["optimizer"] = {"kind": "sgd", "lr": 1e30}
     config["data"]["eval"] = None
     with pytest.raises(TidalError, match=r"training diverged at step (\d+): its loss is nan; .* Lower training.lr"):
-        Trainer(RunConfig(**config, runtime=runtime)).fit()
+        Trainer(RunConfig(**config, **way)).fit()
 
 
 def test_cli_says_which_steps_a_resumed_run_trained(tmp_path, capsys):

@@ -25,6 +25,7 @@ from typing import Any
 
 from tidal.errors import TidalError
 from tidal.runtime.telemetry import Telemetry
+from tidal.runtime.workers import check_loss
 
 __all__ = ["Engine", "Ticket"]
 
@@ -349,6 +350,7 @@ class Engine:
         if flight.ranks_left:
             return
         self.dense_running -= 1
+        check_loss(flight.loss, self.start_step + batch_id + 1)
         self._send_backward(batch_id, flight)
 
     def _send_backward(self, batch_id: int, flight: _Flight) -> None:

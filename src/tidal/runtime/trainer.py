@@ -35,7 +35,7 @@ from tidal.runtime import checkpoint
 from tidal.runtime.plots import plot_metrics
 from tidal.runtime.source import ReaderSpec
 from tidal.runtime.telemetry import compile_clock
-from tidal.runtime.workers import dense_device, fix_gemm_threads, set_lr
+from tidal.runtime.workers import check_loss, dense_device, fix_gemm_threads, set_lr
 
 __all__ = ["Evaluation", "Trainer", "group_auc", "shown_auc", "shown_gauc"]
 
@@ -184,11 +184,7 @@ class RunProgress:
         self.start, self.eval_s = time.perf_counter(), 0.0
 
     def add(self, step: int, rows: int, loss: float) -> None:
-        """Count a trained step; a loss that is not finite stops the run (its weights are lost)."""
-        if not math.isfinite(loss):
-            raise TidalError(f"training diverged at step {step}: its loss is {loss}; the weights are no longer "
-                             f"finite. Lower training.lr or the tables' learning rates, and resume from a "
-                             f"checkpoint before this step, or start again")
+        """Count a trained step."""
         self.rows += rows
         self.losses.append(loss)
 
@@ -327,6 +323,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        check_loss(loss.item(), step)
         return float(loss.item()), pooled.grad
 
     def _check_batch(self, batch: SparseBatch) -> None:

@@ -42,8 +42,8 @@ from tidal.errors import ConfigError, TidalError
 from tidal.models import compute_precision, resolve_precision, weighted_bce
 from tidal.runtime.source import BatchSource, Item
 
-__all__ = ["DenseWorker", "EmbeddingShard", "SparseWorker", "ThreadAllReduce", "decode", "dense_device", "encode",
-           "fix_gemm_threads", "pool_dtype", "received", "set_lr", "transfer_dtype"]
+__all__ = ["DenseWorker", "EmbeddingShard", "SparseWorker", "ThreadAllReduce", "check_loss", "decode", "dense_device",
+           "encode", "fix_gemm_threads", "pool_dtype", "received", "set_lr", "transfer_dtype"]
 
 _FP16_MAX = 65504.0
 _RECENT_UPDATES = 256  # batch ids whose update landed or was given up: a late or repeated call does nothing
@@ -472,6 +472,15 @@ class DenseWorker:
         """The model's and the optimizer's state, on the CPU."""
         return {"model": {k: v.cpu() for k, v in self.model.state_dict().items()},
                 "optimizer": self.optimizer.state_dict()}
+
+
+def check_loss(loss: float, step: int) -> None:
+    """A loss that is not finite stops the run at its step, before the sparse update
+    (whose gradient would not be finite either)."""
+    if not math.isfinite(loss):
+        raise TidalError(f"training diverged at step {step}: its loss is {loss}; the weights are no longer "
+                         f"finite. Lower training.lr or the tables' learning rates, and resume from a "
+                         f"checkpoint before this step, or start again")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
