@@ -146,9 +146,12 @@ def _seconds(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tidal.processes import sigterm_interrupts
+
     args = _parser().parse_args(argv)
     try:
-        return _command(args)
+        with sigterm_interrupts():  # every command stops on a SIGTERM as on a Ctrl-C
+            return _command(args)
     except KeyboardInterrupt:  # one a command does not meet itself: while torch loads, say, or in a benchmark
         name = args.command if args.command != "bench" else f"bench {args.benchmark}"
         return _interrupted(name, "stopped before it finished")
@@ -436,7 +439,6 @@ def _dense_backend(predictor: Predictor) -> str:
 def _serve(args: argparse.Namespace) -> int:
     from tidal.errors import ConfigError, TidalError
     from tidal.serving import Service, listen, load_bundle, serve
-    from tidal.serving.server import sigterm_interrupts
 
     flags = {k: v for k, v in {"max_batch_rows": args.max_batch_rows, "chunk_rows": args.chunk_rows,
                                "max_delay_ms": args.max_delay_ms, "sparse_threads": args.sparse_threads,
@@ -459,30 +461,29 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"tidal serve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
-    with sigterm_interrupts():  # from here on a SIGTERM stops as Ctrl-C does
-        try:
-            service = Service(load_bundle(args.bundle), name=name, batching=not args.no_batching, **overrides)
-        except KeyboardInterrupt:
-            sock.close()
-            print("stopped before serving", flush=True)
-            return 0
-        except TidalError as exc:
-            sock.close()
-            message = str(exc)
-            for key in overrides:  # the flag the user typed, not the config field behind it
-                flag = f"--set {key}:" if key in settings else f"--{key.replace('_', '-')}:"
-                message = message.replace(f"{key}:", flag)
-            print(f"tidal serve: {message}", file=sys.stderr)
-            return 2
-        try:
-            print(f"serving {name!r}{_delta_served(service)} at http://{args.host}:{sock.getsockname()[1]}/v2/models/"
-                  f"{name} (dense network on {_dense_backend(service.predictor)}; metrics at /metrics; Ctrl-C stops)",
-                  flush=True)
-            serve(service, sock, exit_timeout_s=args.exit_timeout_s)
-        except KeyboardInterrupt:  # the server has shut down and closed the service; uvicorn passes the signal on
-            pass
-        finally:
-            service.close()  # again, if the signal came before serving began
+    try:
+        service = Service(load_bundle(args.bundle), name=name, batching=not args.no_batching, **overrides)
+    except KeyboardInterrupt:
+        sock.close()
+        print("stopped before serving", flush=True)
+        return 0
+    except TidalError as exc:
+        sock.close()
+        message = str(exc)
+        for key in overrides:  # the flag the user typed, not the config field behind it
+            flag = f"--set {key}:" if key in settings else f"--{key.replace('_', '-')}:"
+            message = message.replace(f"{key}:", flag)
+        print(f"tidal serve: {message}", file=sys.stderr)
+        return 2
+    try:
+        print(f"serving {name!r}{_delta_served(service)} at http://{args.host}:{sock.getsockname()[1]}/v2/models/"
+              f"{name} (dense network on {_dense_backend(service.predictor)}; metrics at /metrics; Ctrl-C stops)",
+              flush=True)
+        serve(service, sock, exit_timeout_s=args.exit_timeout_s)
+    except KeyboardInterrupt:  # the server has shut down and closed the service; uvicorn passes the signal on
+        pass
+    finally:
+        service.close()  # again, if the signal came before serving began
     print("stopped", flush=True)
     return 0
 

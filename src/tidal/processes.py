@@ -1,11 +1,15 @@
-"""Whether a process that left files behind (a save's staging, a run's temporary
-files) may still be writing them."""
+"""Processes: whether one that left files behind (a save's staging, a run's temporary
+files) may still be writing them, and a SIGTERM met as a Ctrl-C."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
+from collections.abc import Iterator
 
-__all__ = ["process_running"]
+__all__ = ["keeping_sigterm", "process_running", "sigterm_interrupts"]
 
 
 def process_running(pid: int) -> bool:
@@ -20,3 +24,34 @@ def process_running(pid: int) -> bool:
     except (OSError, OverflowError):  # ProcessLookupError: none has that id
         return False
     return True
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """A block in which SIGTERM raises KeyboardInterrupt, as Ctrl-C does (in the main
+    thread; elsewhere signals cannot be handled, and nothing changes): a job stopped by
+    its scheduler (Kubernetes, Slurm, systemd) ends as one stopped by hand."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def keeping_sigterm() -> Iterator[None]:
+    """A block after which SIGTERM is handled as before it, whatever a library did in it
+    (Ray's start installs handlers that exit with status 15, or abort with a stack dump)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)  # at the C level too, where Ray's own may sit
+
+
+def _interrupt(sig: int, frame: object) -> None:
+    raise KeyboardInterrupt

@@ -25,6 +25,7 @@ from tidal.models import resolve_precision
 from tidal.runtime import Trainer, checkpoint
 from tidal.runtime.workers import (DenseWorker, EmbeddingShard, SparseWorker, _fp16_scale, decode, encode,
                                    lower_priority)
+from trainer_helpers import stop_with_sigterm
 
 
 @pytest.fixture(scope="module")
@@ -734,3 +735,16 @@ def test_a_batch_whose_worker_went_for_another_batch_is_retried_without_losing_a
         engine.flights[5] = _Flight(slot=1, worker=engine.sparse[1], staleness=0)
         engine._failed("forward", 5, RuntimeError("cannot pool this batch"))
     assert engine.lost["batches"] == 1 and len(engine.failures) == 4  # three replacements, one loss
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", [None, {"mode": "sync", "sparse_workers": 2}], ids=["reference", "engine"])
+def test_a_sigterm_stops_a_training_run_as_ctrl_c_does(tmp_path, runtime):
+    """As a scheduler (Kubernetes, Slurm, systemd) ends a job: one line, exit code 130,
+    no worker left; it used to end the process by the signal, saying nothing."""
+    config = _config(tmp_path, epochs=50, log_every=1, checkpoint_every=5)
+    config["data"]["eval"] = None
+    done = stop_with_sigterm({**config, "runtime": runtime}, tmp_path)
+    assert done.returncode == 130, done.stderr
+    assert "tidal train: interrupted; `tidal train --config " in done.stderr
+    assert "--resume` continues from the last checkpoint written" in done.stderr and "Traceback" not in done.stderr

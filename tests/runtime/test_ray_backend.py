@@ -10,6 +10,7 @@ import pytest
 from runtime.test_engine import EXACT, _assert_bitwise_equal, _trainer
 from runtime.test_trainer import _config
 from tidal.runtime.engine import Engine
+from trainer_helpers import stop_with_sigterm
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -232,3 +233,14 @@ def test_the_colocated_sparse_worker_counts_once_among_the_actors(data, tmp_path
     backend.check_workers(3)  # the run's 3 sparse actors (the colocated one among them), 1 dense, 1 shard
     with pytest.raises(ConfigError, match="the Ray cluster has 5 CPUs, and 4 sparse workers need 6 actors"):
         backend.check_workers(4)
+
+
+def test_a_sigterm_stops_a_ray_run_as_ctrl_c_does(data, tmp_path):
+    """Ray's start replaces Python's SIGTERM handler with one that aborts the process
+    with a stack dump (exit 134); the run takes it back."""
+    config = {**data, "training": {**data["training"], "epochs": 50, "log_every": 1, "checkpoint_every": 5,
+                                   "run_dir": str(tmp_path / "run")},
+              "runtime": {"backend": "ray", "sparse_workers": 1, "embedding_shards": 1}}
+    done = stop_with_sigterm(config, tmp_path)
+    assert done.returncode == 130, done.stderr
+    assert "tidal train: interrupted; `tidal train --config " in done.stderr and "SIGTERM received" not in done.stderr

@@ -30,6 +30,7 @@ from tidal.data.batch import SparseBatch
 from tidal.data.extract import Extractor
 from tidal.embedding import EmbeddingCollection, EmbeddingTable
 from tidal.errors import ConfigError, TidalError
+from tidal.processes import keeping_sigterm
 from tidal.runtime.source import BatchSource, ReaderSpec
 from tidal.runtime.workers import (DenseWorker, EmbeddingShard, SparseWorker, encode, flatten, received, transfer_dtype,
                                    unflatten)
@@ -221,9 +222,10 @@ class RayBackend:
         if self.started_ray:
             _check_reachable(self.runtime.ray_address)
             try:
-                ray.init(address=self.runtime.ray_address, include_dashboard=False, log_to_driver=True,
-                         num_cpus=None if self.runtime.ray_address else max(os.cpu_count() or 1,
-                                                                              self._actors_needed(most) + 1))
+                with keeping_sigterm():  # a SIGTERM stops the run as a Ctrl-C does, not by Ray's exit
+                    ray.init(address=self.runtime.ray_address, include_dashboard=False, log_to_driver=True,
+                             num_cpus=None if self.runtime.ray_address else max(os.cpu_count() or 1,
+                                                                                  self._actors_needed(most) + 1))
             except ConnectionError as exc:  # no cluster at 'auto', or something else answers at the address
                 raise ConfigError(f"runtime.ray_address {self.runtime.ray_address}: no Ray cluster there ({exc}); "
                                   f"start one (ray start --head) or leave ray_address out for a local Ray") from None

@@ -68,6 +68,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 import tidal
 from tidal.config import Fusion, ServingConfig
 from tidal.errors import ConfigError
+from tidal.processes import sigterm_interrupts
 from tidal.serving.batcher import Batcher, BatchRecord, Overloaded, ShuttingDown
 from tidal.serving.bundle import NO_DELTAS, Bundle
 from tidal.serving.online import Updater, log_update, refusal
@@ -694,19 +695,3 @@ def serve(service: Service, sock: socket.socket, *, exit_timeout_s: float = _EXI
             service.close()
 
 
-@contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """A block in which SIGTERM raises KeyboardInterrupt, as Ctrl-C does (in the main
-    thread; elsewhere signals cannot be handled, and nothing changes)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _interrupt(sig: int, frame: object) -> None:
-    raise KeyboardInterrupt
