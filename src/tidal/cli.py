@@ -312,12 +312,18 @@ def _train(args: argparse.Namespace) -> int:
 
 def _print_passes(report: dict) -> None:
     """A pass-mode run's passes, the rows they moved and where its time went."""
-    print(f"  pass mode: {report['passes']:,d} passes of {report['rows_per_pass']:,.0f} rows on average, "
-          f"{report['kept_share']:.0%} of a pass's rows already on the device from the pass before (after the first) "
-          f"({report['rows_in']:,d} rows moved in, {report['rows_out']:,d} out before the end)")
+    kept = (f"{report['kept_share']:.0%} of a pass's rows already on the device from the pass before (after the "
+            f"first)" if report["passes"] > 1 else "the whole run in it")
+    print(f"  pass mode: {_count(report['passes'], 'pass')} of {report['rows_per_pass']:,.0f} rows on average, "
+          f"{kept} ({report['rows_in']:,d} rows moved in, {report['rows_out']:,d} out before the end)")
     print(f"    training {report['train_s']:.1f} s, swapping rows {report['swap_s']:.1f} s, safe points (rows written "
           f"back, evictions, evaluations, checkpoints) {report['safe_point_s']:.1f} s; planning {report['plan_s']:.1f} s, "
           f"training waiting for it {report['wait_s']:.1f} s")
+
+
+def _count(n: int, thing: str) -> str:
+    """`n` things, in English ('1 pass', '3 passes')."""
+    return f"{n:,d} {thing}" if n == 1 else f"{n:,d} {thing}{'es' if thing.endswith('s') else 's'}"
 
 
 def _print_runtime(report: dict, run_dir: str) -> None:

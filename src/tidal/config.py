@@ -522,6 +522,13 @@ class TrainingConfig(_Model):
     precision: Literal["float32", "bfloat16", "auto"] = "float32"  # of the dense network's products in training
     lr_schedule: LrSchedule | None = None  # warmup and decay of `lr`; None: `lr` throughout
 
+    @pydantic.model_validator(mode="after")
+    def _decays_down(self) -> TrainingConfig:
+        if self.lr_schedule is not None and self.lr_schedule.min_lr > self.lr:
+            raise ValueError(f"lr_schedule.min_lr is {self.lr_schedule.min_lr}, above lr ({self.lr}): a decay goes "
+                             f"down to min_lr; give one of at most {self.lr}")
+        return self
+
     def lr_at(self, step: int) -> float:
         """The dense network's learning rate at step `step` of the run."""
         return self.lr if self.lr_schedule is None else self.lr_schedule.lr_at(self.lr, step)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -154,6 +155,11 @@ def test_cli_trains_in_passes_and_says_what_moved(tmp_path, capsys):
     assert report["passes"] == 6 and 0.0 < report["kept_share"] < 1.0
     assert f"({report['rows_in']:,d} rows moved in, {report['rows_out']:,d} out before the end)" in out
     assert (tmp_path / "run" / "checkpoints" / "LATEST").exists()
+    one = {**config, "training": {**config["training"], "run_dir": str(tmp_path / "one")}, "passmode": {"batches_per_pass": 24}}
+    del one["training"]["checkpoint_every"]
+    path.write_text(yaml.safe_dump(one))
+    assert main(["train", "--config", str(path)]) == 0
+    assert re.search(r"pass mode: 1 pass of [\d,]+ rows on average, the whole run in it \(", capsys.readouterr().out)
 
 
 def test_after_a_failed_step_the_tables_hold_every_step_before_it(tmp_path, monkeypatch):

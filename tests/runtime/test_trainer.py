@@ -49,6 +49,8 @@ def test_training_learns_the_planted_signal_and_logs_it(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["event"] == "train"]
     assert losses[-1] < losses[0]
+    times = [r["time"] for r in records]  # when each was written, to plot against or to see a resume's gap
+    assert times == sorted(times) and abs(times[-1] - time.time()) < 60
     assert records[-1]["event"] == "end" and records[-1]["tables"]["ids"]["rows"] > 1_000
     evals = [r for r in records if r["event"] == "eval"]
     assert len(evals) >= 3 and evals[-1]["auc"]["click"] == summary["eval"]["auc"]["click"]

@@ -19,6 +19,7 @@ stops the run.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,7 +145,9 @@ class Engine:
             self.resize(self.runtime.sparse_workers_at[max(passed)])
         self.dense = self.backend.start_dense()
         self._apply_resize()
+        self.backend.wait_ready([*self.sparse.values(), *self.dense])
         self.telemetry.restart()  # worker start-up is not training time
+        self.trainer.progress.start = time.perf_counter()  # nor for the run's speed
         self.barrier = self._next_barrier(1)
         while True:
             self._apply_resize()

@@ -3,6 +3,7 @@ the backend and the numbers of sparse and dense workers (see `tidal.runtime.engi
 
 from __future__ import annotations
 
+import time
 from typing import IO, Any
 
 from tidal.errors import ConfigError
@@ -49,6 +50,7 @@ def train(trainer: Any, log: IO[str], position: dict[str, int], max_steps: int |
     try:
         step, finished = engine.run(position, max_steps, lambda *done: _done(trainer, log, *done),
                                     lambda step, at: _barrier(trainer, backend, log, step, at))
+        trainer.progress.stopped = time.perf_counter()  # stopping the workers (Ray's too) is not training time
         backend.pull_state()
     finally:
         trainer.engine = None

@@ -114,6 +114,10 @@ class LocalBackend:
         return actor.call(method, args, returns)
 
     @staticmethod
+    def wait_ready(actors: list[_ThreadActor]) -> None:
+        """Threads are ready as soon as they start."""
+
+    @staticmethod
     def wait(handles: list[cf.Future], timeout_s: float) -> list[cf.Future]:
         done, _ = cf.wait(handles, timeout=timeout_s, return_when=cf.FIRST_COMPLETED)
         return list(done)

@@ -319,6 +319,12 @@ class RayBackend:
         return self.dense
 
     @staticmethod
+    def wait_ready(actors: list[Any]) -> None:
+        """Wait until `actors` have started (each its own process importing torch and the
+        kernels: seconds on a small machine, which are not training time)."""
+        ray.get([actor.__ray_ready__.remote() for actor in actors])
+
+    @staticmethod
     def call(actor: Any, method: str, *args: Any, returns: int = 1) -> list[Any]:
         refs = getattr(actor, method).options(num_returns=returns).remote(*args)
         return [refs] if returns == 1 else list(refs)

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pyarrow as pa
@@ -158,6 +159,11 @@ def _keep_records_up_to(metrics: Path, step: int) -> None:
     os.replace(partial, metrics)
 
 
+def _write_record(log: IO[str], record: dict) -> None:
+    """One line of metrics.jsonl: `record` and when it was written (`time`, Unix seconds)."""
+    log.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+
+
 def _logged_step(line: str) -> int | None:
     """The step a metrics.jsonl line was logged at (0 for a record of none), or None
     for a line to drop on resume: not a JSON record (torn), a run's end summary or its
@@ -182,6 +188,12 @@ class RunProgress:
         self.rows = 0  # trained by this call
         self.losses: list[float] = []  # of the steps since the last log record
         self.start, self.eval_s = time.perf_counter(), 0.0
+        self.stopped: float | None = None  # when training ended, if it was before its workers stopped
+
+    def training_s(self) -> float:
+        """Seconds spent training by this call: from `start` (its workers ready) to the
+        end of its last step, evaluations left out."""
+        return (self.stopped or time.perf_counter()) - self.start - self.eval_s
 
     def add(self, step: int, rows: int, loss: float) -> None:
         """Count a trained step."""
@@ -190,7 +202,7 @@ class RunProgress:
 
     def record(self, epoch: int, step: int, bad_rows: int) -> dict:
         """The log record at `step`; the losses start again."""
-        seconds = time.perf_counter() - self.start - self.eval_s
+        seconds = self.training_s()
         record = {"event": "train", "epoch": epoch, "step": step, "rows": self.rows_before + self.rows,
                   "loss": float(np.mean(self.losses)), "samples_per_s": self.rows / max(seconds, 1e-9),
                   "bad_rows": bad_rows}
@@ -403,7 +415,9 @@ class Trainer:
         first = position["step"]
         with open(self.run_dir / "metrics.jsonl", "a" if resume else "w") as log, compile_clock() as compiling:
             self.progress.start = time.perf_counter()
-            if self.config.runtime is not None:
+            if position["epoch"] >= self.config.training.epochs:  # a resume of a finished run: no reader, no
+                step, finished = first, True                          # worker, its telemetry left as it was
+            elif self.config.runtime is not None:
                 from tidal.runtime.hetero import train
 
                 step, finished = train(self, log, position, max_steps)
@@ -414,7 +428,7 @@ class Trainer:
             else:
                 step, finished = self._train(log, position, max_steps)
             rows = self.progress.rows
-            self.elapsed_s = time.perf_counter() - self.progress.start - self.progress.eval_s
+            self.elapsed_s = self.progress.training_s()
             if step == first and not resume:  # a resume may find nothing left to train
                 raise DataError(f"no valid rows to train on in data.train: {self._why_no_rows().none_valid()}")
             if finished and step > first:  # no eviction off the evict_every schedule: a longer run
@@ -423,7 +437,7 @@ class Trainer:
             evaluation = self._final_eval(log, step) if self.config.data.eval else None
             summary = self._summary(step, rows, evaluation) | {"compile_s": compiling(), "resumed_from": first,
                                                                 "origin": self.origin}
-            log.write(json.dumps({"event": "end", **summary}) + "\n")
+            _write_record(log, {"event": "end", **summary})
         return summary
 
     def _start(self, resume: bool, origin: Path | None) -> dict[str, int]:
@@ -558,7 +572,7 @@ class Trainer:
         evaluation = self.evaluate(self.config.data.eval)
         self.progress.eval_s += time.perf_counter() - start
         final_mark = {"final": True} if final else {}
-        log.write(json.dumps({"event": "eval", "step": step, **final_mark, **asdict(evaluation)}) + "\n")
+        _write_record(log, {"event": "eval", "step": step, **final_mark, **asdict(evaluation)})
         log.flush()
         shown = "  ".join(f"{t} AUC {shown_auc(a)}{shown_gauc(evaluation, t)}" for t, a in evaluation.auc.items())
         skipped = f"  ({evaluation.bad_rows} bad rows skipped)" if evaluation.bad_rows else ""
@@ -569,13 +583,14 @@ class Trainer:
     def _log(self, log, epoch: int, step: int) -> None:  # type: ignore[no-untyped-def]
         """Log the progress at `step` (rows from the run's start; speed of this call)."""
         record = self.progress.record(epoch, step, self.bad_rows.count)
-        log.write(json.dumps(record) + "\n")
+        _write_record(log, record)
         log.flush()
         print(f"  epoch {epoch}  step {step:6d}  loss {record['loss']:.4f}  "
               f"{record['samples_per_s']:,.0f} samples/s  bad rows {self.bad_rows.count}", flush=True)
 
     def _summary(self, steps: int, rows: int, evaluation: Evaluation | None) -> dict:
-        return {"steps": steps, "rows": rows, "samples_per_s": rows / max(self.elapsed_s, 1e-9),
+        return {"steps": steps, "rows": rows, "run_rows": self.progress.rows_before + rows,
+                "samples_per_s": rows / max(self.elapsed_s, 1e-9),
                 "bad_rows": self.bad_rows.count, "bad_row_examples": self.bad_rows.examples,
                 "runtime": self.runtime_report,
                 "eval": asdict(evaluation) if evaluation else None,
