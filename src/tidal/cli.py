@@ -444,6 +444,7 @@ def _dense_backend(predictor: Predictor) -> str:
 
 def _serve(args: argparse.Namespace) -> int:
     from tidal.errors import ConfigError, TidalError
+    from tidal.processes import SIGTERM_CAME
     from tidal.serving import Service, listen, load_bundle, serve
 
     flags = {k: v for k, v in {"max_batch_rows": args.max_batch_rows, "chunk_rows": args.chunk_rows,
@@ -469,6 +470,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     try:
         service = Service(load_bundle(args.bundle), name=name, batching=not args.no_batching, **overrides)
+        if SIGTERM_CAME.is_set():  # one that landed in a finalizer, which dropped its KeyboardInterrupt
+            service.close()
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         sock.close()
         print("stopped before serving", flush=True)

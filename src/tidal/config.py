@@ -630,6 +630,9 @@ class Fusion(_Model):
         if self.kind == "product" and negative:
             raise ValueError(f"a product's powers must be >= 0 (a zero probability would score infinity), got {negative}")
         total = sum(abs(w) for w in self.weights.values())
+        if self.weights and total == 0.0:
+            raise ValueError(f"every weight is 0, so every candidate would score the same; give a target a weight "
+                             f"(or leave weights out: 1 each), got {dict(self.weights)}")
         if self.kind == "sum" and total > _FLOAT32_MAX:
             raise ValueError(f"a sum's weights must add up (in absolute value) to at most {_FLOAT32_MAX:.4g}, "
                              f"float32's largest number, so that scores stay finite; got {total:.4g}")

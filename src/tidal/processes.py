@@ -9,7 +9,7 @@ import signal
 import threading
 from collections.abc import Iterator
 
-__all__ = ["keeping_sigterm", "process_running", "sigterm_interrupts"]
+__all__ = ["SIGTERM_CAME", "keeping_sigterm", "process_running", "sigterm_interrupts"]
 
 
 def process_running(pid: int) -> bool:
@@ -30,10 +30,14 @@ def process_running(pid: int) -> bool:
 def sigterm_interrupts() -> Iterator[None]:
     """A block in which SIGTERM raises KeyboardInterrupt, as Ctrl-C does (in the main
     thread; elsewhere signals cannot be handled, and nothing changes): a job stopped by
-    its scheduler (Kubernetes, Slurm, systemd) ends as one stopped by hand."""
+    its scheduler (Kubernetes, Slurm, systemd) ends as one stopped by hand. Python
+    drops an exception raised where the signal lands inside a finalizer (a weakref's
+    callback, say), so `SIGTERM_CAME` tells whether one came all the same."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    if signal.getsignal(signal.SIGTERM) is not _interrupt:  # the outermost such block
+        SIGTERM_CAME.clear()
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         yield
@@ -53,5 +57,9 @@ def keeping_sigterm() -> Iterator[None]:
             signal.signal(signal.SIGTERM, handler)  # at the C level too, where Ray's own may sit
 
 
+SIGTERM_CAME = threading.Event()
+
+
 def _interrupt(sig: int, frame: object) -> None:
+    SIGTERM_CAME.set()
     raise KeyboardInterrupt

@@ -253,7 +253,7 @@ def test_overload_is_refused_and_close_fails_what_waits(trainer, predictor):
         first = batcher.submit(pieces[0])
         _until(lambda: batcher._in_flight == 1)  # taken by the collector, held by the gate
         waiting = batcher.submit(pieces[1])
-        with pytest.raises(Overloaded, match="rows are waiting"):
+        with pytest.raises(Overloaded, match=r"40 rows are waiting and this request brings 40 \(bound 50\); retry later"):
             batcher.submit(pieces[2])
         closer = threading.Thread(target=batcher.close)
         closer.start()

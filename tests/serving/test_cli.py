@@ -64,6 +64,13 @@ def test_export_and_serve_refuse_what_is_not_there(tmp_path, capsys):
     assert "no checkpoint to export" in capsys.readouterr().err
     assert main(["serve", str(tmp_path)]) == 2
     assert "not a serving bundle" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "nope")]) == 2
+    assert f"{tmp_path / 'nope'}: no such file or folder; give a bundle folder written by tidal export" in \
+        capsys.readouterr().err
+    (tmp_path / "checkpoints").mkdir()
+    assert main(["serve", str(tmp_path)]) == 2
+    assert f"a training run's folder, not a serving bundle; write one from it with tidal export --checkpoint " \
+           f"{tmp_path} --out BUNDLE" in capsys.readouterr().err
 
 
 def test_serve_refuses_a_port_in_use_before_loading_anything(tmp_path, capsys):
@@ -113,25 +120,30 @@ def test_serve_names_the_flag_of_a_value_out_of_range(trainer, tmp_path, capsys)
     assert "--set chunk_rows: given twice" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("when", ["loading", "starting"])
+@pytest.mark.parametrize("when", ["loading", "loading, in a finalizer", "starting"])
 def test_serve_stopped_by_sigterm_before_it_serves_exits_as_ctrl_c_does(trainer, tmp_path, when):
     """A SIGTERM before serving (while the bundle loads, or while the server starts)
     ends the process as a Ctrl-C does, saying so, with status 0; it used to die of the
-    signal (143)."""
+    signal (143). One landing in a finalizer, which drops the KeyboardInterrupt it
+    raises, is not lost: the server served anyway."""
     bundle = tmp_path / "ranker"
     assert main(["export", "--checkpoint", str(trainer.run_dir), "--out", str(bundle)]) == 0
-    patched = "tidal.serving.load_bundle" if when == "loading" else "tidal.serving.server.create_app"
+    patched = "tidal.serving.load_bundle" if when.startswith("loading") else "tidal.serving.server.create_app"
+    stop = ("    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(60)\n" if when != "loading, in a finalizer" else
+            "    try:\n        os.kill(os.getpid(), signal.SIGTERM)\n        time.sleep(1)\n"
+            "    except KeyboardInterrupt:\n        pass  # as Python drops it in a weakref's callback\n"
+            "    return loaded(*args)\n")
     script = ("import os, signal, sys, time\n"
               "import tidal.serving, tidal.serving.server\n"
               "from tidal.cli import main\n"
+              f"loaded = {patched}\n"
               "def stopped_here(*args):\n"
-              "    os.kill(os.getpid(), signal.SIGTERM)\n"
-              "    time.sleep(60)\n"
+              f"{stop}"
               f"{patched} = stopped_here\n"
               f"sys.exit(main(['serve', {str(bundle)!r}, '--port', '{_free_port()}']))\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    if when == "loading":
+    if when.startswith("loading"):
         assert done.stdout == "stopped before serving\n"
     else:
         assert done.stdout.startswith("serving 'ranker' at") and done.stdout.endswith("\nstopped\n")

@@ -202,6 +202,8 @@ def test_binary_outputs_follow_the_header(specs):
     np.testing.assert_array_equal(np.frombuffer(body[size:], "<f4"), [1.0, 2.0])
     with pytest.raises(RequestError, match=r"unknown outputs \['nope'\]"):
         _decode(specs, {**_request(specs, 1), "outputs": [{"name": "nope"}]})
+    with pytest.raises(RequestError, match=r"output 'score': parameter binary_data must be true or false, got 'yes'"):
+        _decode(specs, {**_request(specs, 1), "outputs": [{"name": "score", "parameters": {"binary_data": "yes"}}]})
 
 
 def test_binary_data_output_makes_every_wanted_output_binary_unless_one_says_otherwise(specs):

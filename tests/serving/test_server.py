@@ -275,6 +275,7 @@ def _put_fusion(server, body: bytes) -> tuple[int, dict]:
     (b'{"kind": "max"}', "kind"),
     (b'{"kind": "sum", "weights": {"ltv": 1.0}}', "ltv"),
     (b'{"kind": "product", "weights": {"ctr": -1.0}}', "powers must be >= 0"),
+    (b'{"kind": "product", "weights": {"ctr": 0.0}}', "every weight is 0, so every candidate would score the same"),
     (b'{"kind": ', "not valid JSON"),
     (b'{"kind": "sum", "weights": {"ctr": 1e39}}', "add up (in absolute value) to at most 3.403e+38"),
     (b'{"kind": "sum", "weights": {"ctr": true}}', "weights.ctr: Input should be a valid number, got True"),

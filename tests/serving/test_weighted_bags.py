@@ -4,6 +4,7 @@ and a 400 here."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import numpy as np
@@ -139,3 +140,19 @@ def test_a_weighted_column_is_read_only_as_weighted_bags_with_its_separators(tmp
     with pytest.raises(ConfigError, match=r"column 'tags' holds weighted bags for feature 'tags' \(separator '\|', "
                                           r"weight_separator ':'\), but \['raw_tags'\] read it another way"):
         Trainer(RunConfig(**config))
+
+
+def test_inputs_that_overflow_the_network_get_a_400_naming_the_candidates_not_a_500_or_nan_scores(trained):
+    """A weight within float32's range passes the checks, but a few of them overflow the
+    pooled sum: the binary path answered a 200 with NaN scores, the JSON one a 500."""
+    trainer, _, _, bundle = trained
+    service = Service(bundle)
+    try:
+        huge = "|".join(["up:3e38"] * 4)
+        with pytest.raises(RequestError, match=r"the model's outputs are not numbers for 2 of the candidates \(1, 3\): "
+                                               r"their inputs overflow its arithmetic .*; nothing was scored"):
+            asyncio.run(service.infer(_request(trainer, _rows(["up:1|down:2", huge, "up:0.5", huge])), None))
+        body, _ = asyncio.run(service.infer(_request(trainer, _rows(["up:1|down:2"])), None))  # and it goes on
+        assert json.loads(body)["outputs"][0]["data"][0] > 0.0
+    finally:
+        service.close()

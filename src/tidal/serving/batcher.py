@@ -128,7 +128,8 @@ class Batcher:
             if self._closed:
                 raise ShuttingDown("the server is shutting down; this request did not run")
             if self._waiting_rows and self._waiting_rows + piece.rows > self.max_queue_rows:
-                raise Overloaded(f"{self._waiting_rows} rows are waiting (bound {self.max_queue_rows}); retry later")
+                raise Overloaded(f"{self._waiting_rows} rows are waiting and this request brings {piece.rows} "
+                                 f"(bound {self.max_queue_rows}); retry later")
             now = time.perf_counter()
             self._arrival_gap_s += _GAP_WEIGHT * (now - self._last_arrival_s - self._arrival_gap_s)
             self._last_arrival_s = now

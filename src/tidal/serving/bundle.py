@@ -485,6 +485,11 @@ def _config_of(path: Path, manifest: dict) -> RunConfig:
 
 def _read_manifest(path: Path) -> dict:
     file = path / MANIFEST
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder; give a bundle folder written by tidal export")
+    if (path / "checkpoints").is_dir():
+        raise CheckpointError(f"{path}: a training run's folder, not a serving bundle; write one from it with "
+                              f"tidal export --checkpoint {path} --out BUNDLE")
     if not file.exists():
         raise CheckpointError(f"{path}: not a serving bundle ({MANIFEST} is missing); write one with tidal export")
     manifest = _read_json(file)

@@ -579,8 +579,13 @@ def _outputs(request: dict, outputs: Sequence[str], binary_all: bool) -> tuple[l
         raise RequestError(f"unknown outputs {unknown}; the model gives {list(outputs)}")
     if len(set(names)) < len(names):
         raise RequestError(f"outputs names {sorted({n for n in names if names.count(n) > 1})} more than once")
-    binary = {o["name"] for o in wanted  # an output's own binary_data overrides binary_data_output
-              if _parameters_of(o, f"output {o['name']!r}").get("binary_data", binary_all) is True}
+    binary = set()
+    for o in wanted:  # an output's own binary_data overrides binary_data_output
+        flag = _parameters_of(o, f"output {o['name']!r}").get("binary_data", binary_all)
+        if not isinstance(flag, bool):
+            raise RequestError(f"output {o['name']!r}: parameter binary_data must be true or false, got {flag!r}")
+        if flag:
+            binary.add(o["name"])
     return names, binary
 
 

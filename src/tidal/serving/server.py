@@ -128,7 +128,9 @@ class Service:
         if decoded.sequence_end:  # this request's session only: the id may have started again meanwhile
             self.sessions.end(decoded.sequence_id, state)
         start = time.perf_counter()
-        response = encode_response(self.name, decoded, self.predictor.outputs(probabilities))
+        outputs = self.predictor.outputs(probabilities)
+        _refuse_unscored(outputs)
+        response = encode_response(self.name, decoded, outputs)
         self.statistics.output(time.perf_counter() - start)
         return response
 
@@ -502,6 +504,17 @@ def _decompressed(body: bytes, encoding: str, limit: int) -> bytes:
 _GC_THRESHOLD = (50_000, 50, 50)  # young collections every 50,000 allocations instead of 700
 
 
+def _refuse_unscored(outputs: dict[str, np.ndarray]) -> None:
+    """A 400 naming the candidates whose outputs are not numbers: inputs the checks let
+    through (a weighted bag's weight near float32's limit, say) can overflow the network."""
+    bad = np.flatnonzero(~np.all([np.isfinite(values) for values in outputs.values()], axis=0))
+    if bad.size:
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if bad.size > 10 else "")
+        raise RequestError(f"the model's outputs are not numbers for {bad.size} of the candidates ({shown}): "
+                           f"their inputs overflow its arithmetic (a weight or a number too large, say); "
+                           f"nothing was scored")
+
+
 @contextlib.contextmanager
 def _serving_gc() -> Iterator[None]:
     """Keep the garbage collector off the request path while serving: objects made at
@@ -624,7 +637,7 @@ class _Server(uvicorn.Server):
     second before its deadline (uvicorn would cancel them, each with a bare 500)."""
 
     def __init__(self, service: Service, exit_timeout_s: float) -> None:
-        super().__init__(uvicorn.Config(create_app(service), log_level="warning", access_log=False,
+        super().__init__(uvicorn.Config(create_app(service), log_level="warning", access_log=False, lifespan="off",
                                         http=_TimedHeaders, loop="uvloop", timeout_graceful_shutdown=exit_timeout_s))
         self._refuse_queued = threading.Timer(max(0.0, exit_timeout_s - _LAST_ANSWERS_S), service.batcher.close)
         self._refuse_queued.daemon = True
