@@ -156,3 +156,15 @@ def test_inputs_that_overflow_the_network_get_a_400_naming_the_candidates_not_a_
         assert json.loads(body)["outputs"][0]["data"][0] > 0.0
     finally:
         service.close()
+
+
+def test_an_evaluated_row_whose_outputs_overflow_is_a_bad_row_not_a_diverged_training(trained, tmp_path):
+    trainer = trained[0]
+    huge = "|".join(["up:3e38"] * 4)
+    path = tmp_path / "eval.csv"
+    path.write_text(f"label,user,tags\n1,u1,up:0.9|down:0.1\n0,u2,{huge}\n0,u3,up:0.1|down:0.9\n1,u4,up:0.8\n")
+    evaluation = trainer.evaluate(str(path))
+    assert evaluation.rows == 3 and evaluation.bad_rows == 1 and evaluation.auc["click"] is not None
+    assert evaluation.bad_row_examples == ["evaluated row 1 (from 0, in the files' order): the model's outputs are not "
+                                           "numbers; its inputs overflow the network (a weighted bag's weight or a "
+                                           "dense number too large, say)"]

@@ -622,7 +622,9 @@ class Trainer:
         if not logits:
             raise DataError(f"no valid rows to evaluate in {paths}: {bad_rows.none_valid()}")
         z, y = np.concatenate(logits).astype(np.float64), np.concatenate(labels)
-        aucs = {t: _target_auc(y[:, k], z[:, k]) for k, t in enumerate(self.targets)}  # first: it refuses NaN
+        scored = self._scored_rows(z, bad_rows)
+        z, y = z[scored], y[scored]
+        aucs = {t: _target_auc(y[:, k], z[:, k]) for k, t in enumerate(self.targets)}
         logloss = (np.logaddexp(0.0, z) - y * z).mean(0)  # binary cross-entropy of the logits
         evaluation = Evaluation(
             rows=len(y), auc=aucs, logloss={t: float(logloss[k]) for k, t in enumerate(self.targets)},
@@ -631,11 +633,29 @@ class Trainer:
             bad_rows=bad_rows.count, bad_row_examples=bad_rows.examples)
         if group_index is None:
             return evaluation
-        with_id = np.concatenate(has_id)  # rows without an id in the group feature belong to no group
-        grouped = {t: group_auc(np.concatenate(groups)[with_id], y[with_id, k], z[with_id, k])
+        with_id = np.concatenate(has_id)[scored]  # rows without an id in the group feature belong to no group
+        grouped = {t: group_auc(np.concatenate(groups)[scored][with_id], y[with_id, k], z[with_id, k])
                    for k, t in enumerate(self.targets)}
         return replace(evaluation, group_by=group_by, gauc={t: g for t, (g, _) in grouped.items()},
                        gauc_groups={t: n for t, (_, n) in grouped.items()}, gauc_rows=int(with_id.sum()))
+
+    def _scored_rows(self, logits: np.ndarray, bad_rows: BadRows) -> np.ndarray:
+        """Which evaluated rows have outputs that are numbers. The others are bad rows: a
+        row's inputs may pass every check and still overflow the network (a weighted
+        bag's weight near float32's limit, say); when every row is so, training diverged."""
+        scored = np.isfinite(logits).all(axis=1)
+        if scored.all():
+            return scored
+        if not scored.any():
+            raise DataError(f"the model's outputs are not numbers for any of the {len(logits):,d} rows evaluated: "
+                            f"training diverged (try a lower learning rate), or every row's inputs overflow it")
+        unscored = np.flatnonzero(~scored)
+        why = [f"evaluated row {i} (from 0, in the files' order): the model's outputs are not numbers; its inputs "
+               f"overflow the network (a weighted bag's weight or a dense number too large, say)" for i in unscored[:5]]
+        if self.config.data.on_bad_row == "fail":
+            raise DataError(f"{why[0]} (data.on_bad_row is 'fail')")
+        bad_rows.extend(int(unscored.size), why)
+        return scored
 
     def _group_index(self, group_by: str | None) -> int | None:
         """The position of feature `group_by` among the batches' sparse features."""
