@@ -738,6 +738,11 @@ class RunConfig(_Model):
             raise ValueError(f"training.eval_every is {self.training.eval_every}, but data.eval names no files to "
                              f"evaluate on: set data.eval, or remove eval_every")
         self._check_passmode()
+        ftrl = [t.name for t in self.tables if isinstance(t.optimizer, Ftrl)]
+        if self.training.schedules_tables and ftrl:
+            raise ValueError(f"training.lr_schedule.tables: tables {ftrl} use FTRL, whose alpha sets the scale of "
+                             f"the weights rather than a step size (a schedule would move every weight, and a rate "
+                             f"of 0 divides by 0); use another optimizer there, or leave tables out of the schedule")
         return self
 
     def _check_eval_group(self) -> None:

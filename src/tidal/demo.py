@@ -109,14 +109,19 @@ def _compile_kernels(scratch: Path) -> None:
     print(f"  ready in {time.perf_counter() - start:.1f} s")
 
 
+def _shown(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
 def _print_summary(summary: dict, ceiling_auc: float) -> None:
     evaluation = summary["eval"]
     print("Summary")
     print(f"  eval AUC        {shown_auc(evaluation['auc']['label'])}   (planted ceiling {ceiling_auc:.4f})")
     print(f"  eval log loss   {evaluation['logloss']['label']:.4f}   on {evaluation['rows']:,d} rows (normalized "
-          f"entropy {evaluation['normalized_entropy']['label']:.4f}, calibration {evaluation['calibration']['label']:.3f})")
+          f"entropy {_shown(evaluation['normalized_entropy']['label'], 4)}, calibration "
+          f"{_shown(evaluation['calibration']['label'], 3)})")
     gauc, users = evaluation["gauc"]["label"], evaluation["gauc_groups"]["label"]
-    print(f"  eval GAUC       {'n/a' if gauc is None else f'{gauc:.4f}'}   by user (C1), over {users:,d} users with "
+    print(f"  eval GAUC       {_shown(gauc, 4)}   by user (C1), over {users:,d} users with "
           f"both labels")
     print(f"  training        {summary['rows']:,d} rows at {summary['samples_per_s']:,.0f} samples/s")
     for name, table in summary["tables"].items():

@@ -386,6 +386,16 @@ def test_a_gradient_with_a_nan_or_an_infinity_is_refused_before_any_row_moves(th
     assert not np.array_equal(before[0], collection.tables[0].lookup(keys))
 
 
+@pytest.mark.parametrize("where", [0, 3_999])
+def test_a_nan_in_any_part_of_a_gradient_split_over_threads_is_found(where):
+    collection = _collection([0], ["sum"], threads=2)
+    _, ctx = collection.forward(SparseBatch.from_lists({"f0": [[k] for k in range(4_000)]}))
+    grad = torch.zeros(4_000, 1, DIM)
+    grad[where, 0, 1] = float("nan")
+    with pytest.raises(BatchError, match=rf"got 1 NaN or infinite values \(the first at sample {where}, feature 0\)"):
+        collection.backward(ctx, grad)
+
+
 def test_config_errors_name_the_problem():
     tables = [TableConfig(name="a", dim=4), TableConfig(name="b", dim=8)]
     with pytest.raises(ConfigError, match="same dim"):

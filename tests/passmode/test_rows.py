@@ -90,17 +90,21 @@ def test_one_id_bags_pool_by_one_gather_in_sample_order():
 def test_compiled_and_torch_updates_agree(optimizer, lr_scale):
     batch = batch_of([[1, 1], [2]], [[7], [8]], [[1, 5], []], weights={"x": [[0.5, 2.0], [1.0]], "y": [[1.0], [3.0]],
                                                                       "z": [[2.0, 1.0], []]})
-    results = []
-    for compiled in (True, False):
+
+    def trained(compiled: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         collection = collection_of(optimizer)
         plan = plan_of(collection, [batch])
         rows = DeviceRows(collection, "cpu", compiled=compiled)
         rows.swap(plan)
         for _ in range(3):
-            rows.update(plan.batches[0], torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4) / 10 - 1, lr_scale)
-        results.append((rows.values.clone(), rows.state.clone()))
+            rows.update(plan.batches[0], torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4) / 10 - 1, scale)
+        return rows.values.clone(), rows.state.clone()
+
+    results = [trained(compiled, lr_scale) for compiled in (True, False)]
     torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-6)
     assert not torch.equal(results[0][0], _plan_values(optimizer, batch))  # the rows did move
+    if lr_scale != 1.0:  # by the scaled rate, on either path
+        assert not torch.equal(results[1][0], trained(False, 1.0)[0])
 
 
 def _plan_values(optimizer, batch) -> torch.Tensor:

@@ -768,12 +768,14 @@ def test_the_speed_leaves_out_the_workers_start_and_stop(data, tmp_path, monkeyp
     assert json.loads((tmp_path / "telemetry.json").read_text())["final"]["elapsed_s"] < wall - 3.0
 
 
-def test_a_resume_with_nothing_left_to_train_leaves_the_runs_telemetry_as_it_was(data, tmp_path):
+def test_a_resume_with_nothing_left_to_train_leaves_the_runs_telemetry_as_it_was(data, tmp_path, monkeypatch):
+    import tidal.runtime.hetero
+
     _trainer(data, tmp_path, {"sparse_workers": 1}).fit()
     telemetry = (tmp_path / "telemetry.json").read_bytes()
-    resumed = _trainer(data, tmp_path, {"sparse_workers": 1})
-    summary = resumed.fit(resume=True)
-    assert summary["rows"] == 0 and summary["run_rows"] == 12_000 and resumed.engine is None
+    monkeypatch.setattr(tidal.runtime.hetero, "make_backend", lambda *args: pytest.fail("a worker started"))
+    summary = _trainer(data, tmp_path, {"sparse_workers": 1}).fit(resume=True)
+    assert summary["rows"] == 0 and summary["run_rows"] == 12_000
     assert (tmp_path / "telemetry.json").read_bytes() == telemetry
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["event"] == "end" and records[-1]["run_rows"] == 12_000

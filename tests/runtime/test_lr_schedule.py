@@ -13,7 +13,7 @@ import torch
 from runtime.test_engine import EXACT, _assert_bitwise_equal, _tables, _trainer
 from runtime.test_trainer import _config
 from tidal import EmbeddingCollection, EmbeddingFeature, SparseBatch, TableConfig
-from tidal.config import TrainingConfig
+from tidal.config import RunConfig, TrainingConfig
 from tidal.errors import ConfigError
 from trainer_helpers import assert_same_state
 
@@ -32,11 +32,16 @@ def test_the_learning_rate_warms_up_then_decays_to_its_floor():
     assert cosine.lr_at(1) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
 
 
-def test_a_schedule_is_checked_with_the_config():
+def test_a_schedule_is_checked_with_the_config(tmp_path):
     with pytest.raises(ConfigError, match="decay is 'cosine': give decay_steps"):
         TrainingConfig(lr_schedule={"decay": "cosine"})
     with pytest.raises(ConfigError, match="decay_steps and min_lr apply to a decay"):
         TrainingConfig(lr_schedule={"decay_steps": 10})
+    config = _scheduled(_config(tmp_path, epochs=1), tables=True)
+    config["tables"][0]["optimizer"] = {"kind": "ftrl"}
+    with pytest.raises(ConfigError, match=r"training.lr_schedule.tables: tables \['ids'\] use FTRL, whose alpha sets "
+                                          r"the scale of the weights rather than a step size"):
+        RunConfig(**config)
     with pytest.raises(ConfigError, match=r"lr_schedule.min_lr is 0.5, above lr \(0.001\): a decay goes down to "
                                           r"min_lr; give one of at most 0.001"):
         TrainingConfig(lr=0.001, lr_schedule={"decay": "linear", "decay_steps": 10, "min_lr": 0.5})

@@ -249,7 +249,7 @@ def test_a_run_whose_loss_is_not_finite_stops_saying_at_which_step(tmp_path, way
     config = _config(tmp_path, epochs=1, lr=1000.0)
     config["tables"][0]["optimizer"] = {"kind": "sgd", "lr": 1e30}
     config["data"]["eval"] = None
-    with pytest.raises(TidalError, match=r"training diverged at step (\d+): its loss is nan; .* Lower training.lr"):
+    with pytest.raises(TidalError, match=r"training diverged at step (\d+): its loss is nan[;.].* lower training.lr"):
         Trainer(RunConfig(**config, **way)).fit()
 
 
@@ -498,9 +498,13 @@ def test_evaluation_ranks_and_scores_logits_that_float32_probabilities_would_rou
     sharp = trainer.evaluate(config["data"]["eval"])
     assert sharp.auc["click"] == plain.auc["click"]
     assert sharp.logloss["click"] > 17.0  # clipped probabilities capped it at 16.1
+    trainer.model = _Sharpened(trainer.model.model, float("inf"))  # sure of every answer: probabilities 0 and 1
+    sure = trainer.evaluate(config["data"]["eval"])
+    assert sure.rows == 4_000 and sure.bad_rows == 0 and sure.logloss["click"] == float("inf")
+    assert sure.auc["click"] is not None and sure.calibration["click"] is not None
     trainer.model = _Sharpened(trainer.model, float("nan"))
-    with pytest.raises(DataError, match="the model's outputs are not numbers for any of the 4,000 rows evaluated: "
-                                        "training diverged"):
+    with pytest.raises(DataError, match=r"the model's outputs are not numbers for 4,000 of the 4,000 rows evaluated "
+                                        r"\(100.0%, more than data.max_bad_fraction allows\): training most likely diverged"):
         trainer.evaluate(config["data"]["eval"])
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tidal.config import RunConfig
-from tidal.errors import ConfigError
+from tidal.errors import ConfigError, DataError, TidalError
 from tidal.runtime import Trainer
 from tidal.serving import Predictor, RequestError, Service, export, load_bundle
 from tidal.serving.protocol import decode_request, infer_request, input_specs
@@ -159,12 +159,32 @@ def test_inputs_that_overflow_the_network_get_a_400_naming_the_candidates_not_a_
 
 
 def test_an_evaluated_row_whose_outputs_overflow_is_a_bad_row_not_a_diverged_training(trained, tmp_path):
+    """Up to data.max_bad_fraction of them (10%); more, and training most likely diverged."""
     trainer = trained[0]
     huge = "|".join(["up:3e38"] * 4)
+    rows = [f"{i % 2},u{i},up:0.{i}|down:0.{9 - i % 9}" for i in range(19)]
     path = tmp_path / "eval.csv"
-    path.write_text(f"label,user,tags\n1,u1,up:0.9|down:0.1\n0,u2,{huge}\n0,u3,up:0.1|down:0.9\n1,u4,up:0.8\n")
+    path.write_text("label,user,tags\n" + "\n".join(rows[:3] + [f"0,u2,{huge}"] + rows[3:]) + "\n")
     evaluation = trainer.evaluate(str(path))
-    assert evaluation.rows == 3 and evaluation.bad_rows == 1 and evaluation.auc["click"] is not None
-    assert evaluation.bad_row_examples == ["evaluated row 1 (from 0, in the files' order): the model's outputs are not "
-                                           "numbers; its inputs overflow the network (a weighted bag's weight or a "
-                                           "dense number too large, say)"]
+    assert evaluation.rows == 19 and evaluation.bad_rows == 1 and evaluation.auc["click"] is not None
+    assert evaluation.bad_row_examples == ["valid row 3 of the evaluation (from 0, in the files' order, bad rows left "
+                                           "out): the model's outputs are not numbers; its inputs overflow the network "
+                                           "(a weighted bag's weight or a dense number too large, say)"]
+    path.write_text("label,user,tags\n" + "\n".join(rows[:3] + [f"0,u2,{huge}"] * 3) + "\n")
+    with pytest.raises(DataError, match=r"not numbers for 3 of the 6 rows evaluated \(50.0%, more than "
+                                        r"data.max_bad_fraction allows\): training most likely diverged"):
+        trainer.evaluate(str(path))
+
+
+def test_a_training_row_whose_outputs_overflow_stops_the_run_naming_it_in_its_batch(tmp_path):
+    """Before any weight takes the step; it said only to lower the learning rate."""
+    config = _config(tmp_path)
+    rows = (tmp_path / "train.csv").read_text().splitlines()
+    rows.insert(5, "1,u3," + "|".join(["up:3e38"] * 1000))  # the first batch's 5th row (from 1): its sum is inf
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    trainer = Trainer(config)
+    with pytest.raises(TidalError, match=r"training diverged at step 1: its loss is nan; 1 of the batch's 256 rows have "
+                                         r"outputs that are not numbers \(rows 4, from 0\): if it is only those, "
+                                         r"their inputs overflow the network"):
+        trainer.fit()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())

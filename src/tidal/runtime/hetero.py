@@ -63,7 +63,7 @@ def _done(trainer: Any, log: IO[str], step: int, meta: dict, loss: float) -> Non
     """Count a finished batch's rows, bad rows and loss, and log every `log_every` steps."""
     if meta["epoch"] == 0:  # later epochs read the same rows again
         trainer.bad_rows.extend(meta["bad_rows"], meta["bad_examples"])
-    trainer.progress.add(step, meta["rows"], loss)
+    trainer.progress.add(meta["rows"], loss)
     if step % trainer.config.training.log_every == 0:
         trainer._log(log, meta["epoch"], step)
 

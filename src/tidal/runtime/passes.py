@@ -154,7 +154,7 @@ def _train_pass(trainer: Any, rows: DeviceRows, plan: PassPlan, log: IO[str]) ->
     for step, item in enumerate(plan.batches, start=plan.first_step):
         loss, grad = trainer.dense_step(item.batch, rows.pool(item), step=step)
         rows.update(item, grad, trainer.collection.lr_scale_at(step))
-        trainer.progress.add(step, item.batch.batch_size, loss)
+        trainer.progress.add(item.batch.batch_size, loss)
         if step % log_every == 0:
             trainer._log(log, item.epoch, step)
     return plan.last_step

@@ -318,11 +318,14 @@ class RayBackend:
             ray.get([d.join_group.remote(address, port, len(self.dense)) for d in self.dense])
         return self.dense
 
-    @staticmethod
-    def wait_ready(actors: list[Any]) -> None:
-        """Wait until `actors` have started (each its own process importing torch and the
-        kernels: seconds on a small machine, which are not training time)."""
-        ray.get([actor.__ray_ready__.remote() for actor in actors])
+    def wait_ready(self, actors: list[Any]) -> None:
+        """Wait until `actors` and the embedding shards have started (each its own process
+        importing torch and the kernels, the shards loading their tables: seconds on a
+        small machine, which are not training time)."""
+        try:
+            ray.get([actor.__ray_ready__.remote() for actor in [*self.shards, *actors]])
+        except RayActorError as exc:
+            raise TidalError(f"a Ray actor of the run failed to start: {str(exc)[:2000]}") from None
 
     @staticmethod
     def call(actor: Any, method: str, *args: Any, returns: int = 1) -> list[Any]:

@@ -32,6 +32,7 @@ from tidal.data.readers import BadRows, check_layout, expand_paths, format_of
 from tidal.embedding import EmbeddingCollection
 from tidal.errors import BatchError, ConfigError, DataError, TidalError
 from tidal.models import PRECISIONS, RankingModel, compute_precision, resolve_precision, weighted_bce
+from tidal.processes import SIGTERM_CAME
 from tidal.runtime import checkpoint
 from tidal.runtime.plots import plot_metrics
 from tidal.runtime.source import ReaderSpec
@@ -72,7 +73,7 @@ def normalized_entropy(labels: np.ndarray, logits: np.ndarray) -> float | None:
     rate = float(np.mean(labels))
     if rate in (0.0, 1.0):
         return None
-    logloss = float(np.mean(np.logaddexp(0.0, logits) - labels * logits))
+    logloss = float(np.mean(np.where(labels > 0, np.logaddexp(0.0, -logits), np.logaddexp(0.0, logits))))
     return logloss / -(rate * math.log(rate) + (1.0 - rate) * math.log(1.0 - rate))
 
 
@@ -83,11 +84,9 @@ def calibration(labels: np.ndarray, logits: np.ndarray) -> float | None:
 
 
 def _target_auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
-    """AUC of one target, None when its rows hold one class (NaN scores are refused)."""
+    """AUC of one target, None when its rows hold one class."""
     positives = np.count_nonzero(labels)
-    if 0 < positives < len(labels) or np.isnan(scores).any():
-        return auc(labels, scores)
-    return None
+    return auc(labels, scores) if 0 < positives < len(labels) else None
 
 
 def group_auc(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> tuple[float | None, int]:
@@ -195,8 +194,11 @@ class RunProgress:
         end of its last step, evaluations left out."""
         return (self.stopped or time.perf_counter()) - self.start - self.eval_s
 
-    def add(self, step: int, rows: int, loss: float) -> None:
-        """Count a trained step."""
+    def add(self, rows: int, loss: float) -> None:
+        """Count a trained step; a SIGTERM that Python dropped (it landed in a finalizer)
+        stops the run here as one that was not."""
+        if SIGTERM_CAME.is_set():
+            raise KeyboardInterrupt
         self.rows += rows
         self.losses.append(loss)
 
@@ -332,10 +334,10 @@ class Trainer:
             logits = self.model(pooled, self._dense(batch))  # [B, T]
         labels = torch.tensor(batch.labels).to(self.device)
         loss = weighted_bce(logits.float(), labels, self.loss_weights.to(self.device), batch.batch_size)
+        check_loss(loss.item(), step, logits.detach())  # before any weight takes the step
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        check_loss(loss.item(), step)
         return float(loss.item()), pooled.grad
 
     def _check_batch(self, batch: SparseBatch) -> None:
@@ -533,7 +535,7 @@ class Trainer:
         step = position["step"]
         for epoch, n, batch in self.training_batches(position):
             step += 1
-            self.progress.add(step, batch.batch_size, self.step(batch, step=step))
+            self.progress.add(batch.batch_size, self.step(batch, step=step))
             due = self.due(step)
             if due.evict:
                 self.collection.evict()  # a safe point: this step's update has landed
@@ -625,7 +627,8 @@ class Trainer:
         scored = self._scored_rows(z, bad_rows)
         z, y = z[scored], y[scored]
         aucs = {t: _target_auc(y[:, k], z[:, k]) for k, t in enumerate(self.targets)}
-        logloss = (np.logaddexp(0.0, z) - y * z).mean(0)  # binary cross-entropy of the logits
+        logloss = np.where(y > 0, np.logaddexp(0.0, -z), np.logaddexp(0.0, z)).mean(0)  # binary cross-entropy of the
+        # logits, infinite ones included (a sure, right answer costs 0; a sure, wrong one costs infinity)
         evaluation = Evaluation(
             rows=len(y), auc=aucs, logloss={t: float(logloss[k]) for k, t in enumerate(self.targets)},
             normalized_entropy={t: normalized_entropy(y[:, k], z[:, k]) for k, t in enumerate(self.targets)},
@@ -640,18 +643,23 @@ class Trainer:
                        gauc_groups={t: n for t, (_, n) in grouped.items()}, gauc_rows=int(with_id.sum()))
 
     def _scored_rows(self, logits: np.ndarray, bad_rows: BadRows) -> np.ndarray:
-        """Which evaluated rows have outputs that are numbers. The others are bad rows: a
-        row's inputs may pass every check and still overflow the network (a weighted
-        bag's weight near float32's limit, say); when every row is so, training diverged."""
-        scored = np.isfinite(logits).all(axis=1)
+        """Which evaluated rows have outputs that are numbers (an infinite logit is one: a
+        probability of 0 or 1, as served). The others are bad rows: a row's inputs may
+        pass every check and still overflow the network (a weighted bag's weight near
+        float32's limit, say); more of them than `data.max_bad_fraction` allows, and
+        training most likely diverged."""
+        scored = ~np.isnan(logits).any(axis=1)
         if scored.all():
             return scored
-        if not scored.any():
-            raise DataError(f"the model's outputs are not numbers for any of the {len(logits):,d} rows evaluated: "
-                            f"training diverged (try a lower learning rate), or every row's inputs overflow it")
         unscored = np.flatnonzero(~scored)
-        why = [f"evaluated row {i} (from 0, in the files' order): the model's outputs are not numbers; its inputs "
-               f"overflow the network (a weighted bag's weight or a dense number too large, say)" for i in unscored[:5]]
+        share = unscored.size / len(logits)
+        if share > self.config.data.max_bad_fraction or not scored.any():
+            raise DataError(f"the model's outputs are not numbers for {unscored.size:,d} of the {len(logits):,d} "
+                            f"rows evaluated ({share:.1%}, more than data.max_bad_fraction allows): training most "
+                            f"likely diverged (try a lower learning rate)")
+        why = [f"valid row {i} of the evaluation (from 0, in the files' order, bad rows left out): the model's "
+               f"outputs are not numbers; its inputs overflow the network (a weighted bag's weight or a dense number "
+               f"too large, say)" for i in unscored[:5]]
         if self.config.data.on_bad_row == "fail":
             raise DataError(f"{why[0]} (data.on_bad_row is 'fail')")
         bad_rows.extend(int(unscored.size), why)

@@ -474,13 +474,21 @@ class DenseWorker:
                 "optimizer": self.optimizer.state_dict()}
 
 
-def check_loss(loss: float, step: int) -> None:
+def check_loss(loss: float, step: int, logits: torch.Tensor | None = None) -> None:
     """A loss that is not finite stops the run at its step, before the sparse update
-    (whose gradient would not be finite either)."""
-    if not math.isfinite(loss):
-        raise TidalError(f"training diverged at step {step}: its loss is {loss}; the weights are no longer "
-                         f"finite. Lower training.lr or the tables' learning rates, and resume from a "
-                         f"checkpoint before this step, or start again")
+    (whose gradient would not be finite either), naming the rows of the batch (from
+    its `logits`, `[B, T]`) whose outputs are not numbers."""
+    if math.isfinite(loss):
+        return
+    rows = [] if logits is None else torch.nonzero(~torch.isfinite(logits).all(dim=1)).flatten().tolist()
+    culprits = ""
+    if 0 < len(rows) < logits.shape[0]:  # type: ignore[union-attr]
+        shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
+        culprits = (f"; {len(rows)} of the batch's {logits.shape[0]} rows have outputs that are not numbers "  # type: ignore[union-attr]
+                    f"(rows {shown}, from 0): if it is only those, their inputs overflow the network (a weighted "
+                    f"bag's weight or a dense number near float32's limit, say): fix or drop them")
+    raise TidalError(f"training diverged at step {step}: its loss is {loss}{culprits}. Else lower training.lr or "
+                     f"the tables' learning rates, and resume from a checkpoint before this step, or start again")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -125,11 +125,11 @@ class Service:
         state = await self._session_state(decoded)
         probabilities = await self._score(decoded, state) if decoded.rows else \
             np.zeros((0, len(self.predictor.targets)), np.float32)
+        outputs = self.predictor.outputs(probabilities)
+        _refuse_unscored(outputs)  # before the session ends: a refused request changes nothing
         if decoded.sequence_end:  # this request's session only: the id may have started again meanwhile
             self.sessions.end(decoded.sequence_id, state)
         start = time.perf_counter()
-        outputs = self.predictor.outputs(probabilities)
-        _refuse_unscored(outputs)
         response = encode_response(self.name, decoded, outputs)
         self.statistics.output(time.perf_counter() - start)
         return response
