@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tidal.config import DenseFeature, RunConfig, SparseFeature
-from tidal.data.readers import FLOAT32_MAX, WeightedBags, weighted_values
+from tidal.data.readers import FLOAT32_MAX, INTEGER_PATTERN, WeightedBags, weighted_values
 from tidal.errors import TidalError
 
 __all__ = ["DecodedRequest", "InputSpec", "RequestError", "context_inputs", "decode_request", "encode_response",
@@ -480,7 +480,9 @@ def _numbers_from_text(texts: dict[str, pa.Array]) -> dict[str, pa.Array]:
         numbers = _parse(joined, pa.float64())
     except pa.ArrowInvalid:
         bad = next(n for n, a in texts.items() if not _parses(a))
-        raise RequestError(f"input {bad!r}: BYTES values must be numbers (or empty for missing)") from None
+        position, value = _first_unparsed(texts[bad], pa.float64())
+        raise RequestError(f"input {bad!r}: BYTES values must be numbers (or empty for missing), got {value!r} at "
+                           f"position {position}") from None
     values = numbers.to_numpy(zero_copy_only=False)
     bad = np.flatnonzero(_beyond_float32(values) | (np.isnan(values) & ~np.asarray(numbers.is_null())))
     arrays, start = {}, 0
@@ -494,12 +496,17 @@ def _numbers_from_text(texts: dict[str, pa.Array]) -> dict[str, pa.Array]:
     return arrays
 
 
-def _parses(text: pa.Array) -> bool:
+def _parses(text: pa.Array, to: pa.DataType = pa.float64()) -> bool:
     try:
-        _parse(text, pa.float64())
+        _parse(text, to)
     except pa.ArrowInvalid:
         return False
     return True
+
+
+def _first_unparsed(text: pa.Array, to: pa.DataType) -> tuple[int, str]:
+    """The position and value of the first string of `text` that is not a `to` (one is not)."""
+    return next((i, value) for i, value in enumerate(text.to_pylist()) if not _parses(pa.array([value]), to))
 
 
 def _parse(text: pa.Array, to: pa.DataType) -> pa.Array:
@@ -508,10 +515,19 @@ def _parse(text: pa.Array, to: pa.DataType) -> pa.Array:
 
 
 def _check_integers(name: str, value: pa.Array) -> None:
-    try:
-        _parse(value, pa.int64())
-    except pa.ArrowInvalid:
-        raise RequestError(f"input {name!r}: ids must be integers (the feature is not hashed)") from None
+    """Every string an integer id within int64's range, or empty, as training's files hold
+    them (Arrow's cast also takes '+5' and hexadecimal, which a file's reader does not)."""
+    if len(value) == 0:
+        return
+    written = pc.or_(pc.match_substring_regex(value, INTEGER_PATTERN), pc.equal(pc.utf8_length(value), 0))
+    if not pc.all(written).as_py():
+        position = pc.index(written, False).as_py()
+    elif not _parses(value, pa.int64()):
+        position = _first_unparsed(value, pa.int64())[0]
+    else:
+        return
+    raise RequestError(f"input {name!r}: ids must be integers within int64's range, in decimal (the feature is not "
+                       f"hashed), got {value[position].as_py()!r} at position {position}")
 
 
 def _joined(spec: InputSpec, values: np.ndarray | pa.Array, lengths: np.ndarray | pa.Array) -> pa.Array:
