@@ -44,6 +44,16 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--group-by", metavar="FEATURE",
                           help="also the group AUC (GAUC) over the ids of this sparse feature, a user id say "
                                "(default: the run's data.eval_group_by)")
+    read = evaluate.add_argument_group("how the files are read (default: as the run's data section says)")
+    read.add_argument("--format", choices=["tsv", "csv", "parquet"],
+                      help="the files' format (default: the run's data.format, else each file's suffix)")
+    read.add_argument("--columns", nargs="+", metavar="COLUMN",
+                      help="the columns of TSV files and of CSV files without a header line, in order")
+    read.add_argument("--csv-header", action=argparse.BooleanOptionalAction,
+                      help="whether CSV files open with a line of column names")
+    read.add_argument("--max-bad-fraction", type=float, metavar="SHARE",
+                      help="the most bad rows skipped, as a share of the rows read (1 skips any number)")
+    read.add_argument("--on-bad-row", choices=["skip", "fail"], help="skip a bad row (counted), or stop at it")
     export = commands.add_parser("export", help="write a serving bundle from a run's latest checkpoint")
     export.add_argument("--checkpoint", required=True, help="the run directory (training.run_dir) or one checkpoint")
     export.add_argument("--out", required=True, help="the bundle directory to write (an earlier bundle there is replaced)")
@@ -339,7 +349,7 @@ def _print_runtime(report: dict, run_dir: str) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from tidal.errors import TidalError
+    from tidal.errors import DataError, TidalError
 
     try:
         from tidal.config import RunConfig
@@ -349,12 +359,20 @@ def _eval(args: argparse.Namespace) -> int:
         from tidal.runtime.workers import dense_device
 
         dense_device(args.device, key="--device")
+        reading = {"format": args.format, "columns": args.columns, "csv_header": args.csv_header,
+                   "max_bad_fraction": args.max_bad_fraction, "on_bad_row": args.on_bad_row}
         with checkpoint.reading(Path(args.checkpoint)) as directory:  # a run training meanwhile keeps it
             saved = checkpoint.read_meta(directory)["config"]
-            config = RunConfig.from_saved({**saved, "training": {**saved["training"], "device": args.device}})
-            trainer = Trainer(config)
+            saved = {**saved, "training": {**saved["training"], "device": args.device}}
+            trainer = Trainer(RunConfig.from_saved(saved))
             checkpoint.restore(trainer, directory, check_data=False)  # the training files may be gone
+        data = {**saved["data"], **{k: v for k, v in reading.items() if v is not None}}
+        trainer.config = RunConfig.from_saved({**saved, "data": data})  # how these files are read
         result = trainer.evaluate(args.data, group_by=args.group_by)
+    except DataError as exc:
+        print(f"tidal eval: {exc}\n(the files are read as the run's data section says; --format, --columns, "
+              f"--csv-header and --max-bad-fraction say otherwise)", file=sys.stderr)
+        return 2
     except TidalError as exc:
         print(f"tidal eval: {exc}", file=sys.stderr)
         return 2

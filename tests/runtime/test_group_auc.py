@@ -156,3 +156,32 @@ def test_the_group_feature_is_checked_with_the_config(tmp_path):
     config["training"]["eval_every"] = None
     with pytest.raises(ConfigError, match="data.eval_group_by is 'C1', but data.eval names no files to evaluate on"):
         RunConfig(**config)
+
+
+def test_eval_reads_files_as_its_flags_say_and_checks_their_layout_first(trained, tmp_path, capsys):
+    trainer, config = trained
+    source = config["data"]["eval"][0]
+    lines = open(source).read().splitlines(keepends=True)
+
+    def evaluate(path, *flags: str) -> tuple[int, str, str]:
+        code = main(["eval", "--checkpoint", str(trainer.run_dir), "--data", str(path), *flags])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    unnamed = tmp_path / "rows.data"
+    unnamed.write_text("".join(lines))
+    code, _, err = evaluate(unnamed)
+    assert code == 2 and "cannot tell the format from the suffix '.data'" in err and "--format" in err
+    code, _, err = evaluate(unnamed, "--format", "tsv")
+    assert code == 0, err
+    narrow = tmp_path / "narrow.tsv"
+    narrow.write_text("".join("\t".join(line.split("\t")[:3]) + "\n" for line in lines))
+    code, _, err = evaluate(narrow)
+    assert code == 2 and "its first 20 records have 3 fields (tab-separated), expected 40" in err
+    fifth_bad = tmp_path / "fifth-bad.tsv"
+    fifth_bad.write_text("".join(line if i % 5 else "x\t" + line for i, line in enumerate(lines * 6)))  # judged
+    # from 10,000 rows on
+    code, _, err = evaluate(fifth_bad)
+    assert code == 2 and "were bad (20.0%), more than max_bad_fraction allows (10.0%)" in err
+    code, out, _ = evaluate(fifth_bad, "--max-bad-fraction", "0.5")
+    assert code == 0 and "on 9,600 rows" in out and "bad rows: 2400 bad rows skipped" in out

@@ -610,6 +610,9 @@ class Trainer:
         probabilities would round to 1."""
         group_by = self.config.data.eval_group_by if group_by is None else group_by
         group_index = self._group_index(group_by)
+        spec = self.reader_spec(paths)
+        check_layout(spec.files, spec.columns, spec.file_format, spec.csv_header,
+                     widths=self.config.data.max_bad_fraction < 1.0)
         missing_id = None if group_by is None else self.extractor.missing_id(group_by)
         self.model.eval()
         logits, labels, groups, has_id, bad_rows = [], [], [], [], BadRows()
