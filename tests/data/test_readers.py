@@ -735,6 +735,10 @@ def test_a_glob_passes_over_folders_and_a_folder_alone_is_named(tmp_path):
     with pytest.raises(DataError, match=r"/old is a folder; expected a data file, a glob matching files \(such as "
                                         r".*/old/\*\.tsv\)"):
         list(read_batches(tmp_path / "old", columns=SMALL))
+    for twice in ([tmp_path / "a.tsv", tmp_path / "a.tsv"], [str(tmp_path / "*.tsv"), tmp_path / "b.tsv"],
+                  [tmp_path / "a.tsv", str(tmp_path / "old" / ".." / "a.tsv")]):
+        with pytest.raises(DataError, match=r"[ab].tsv is named more than once .*, so its rows would be read twice"):
+            list(read_batches(twice, columns=SMALL))
 
 
 def test_the_float32_maximum_is_a_number_and_the_message_says_so_exactly(tmp_path):

@@ -181,7 +181,8 @@ class BadRows:
 
 def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
     """A file, a glob, or a list of them, as a sorted list of existing files. A glob's
-    matches that are folders are passed over (data/* may match data/old/)."""
+    matches that are folders are passed over (data/* may match data/old/); a file named
+    twice (or by a name and a glob) is refused, as it would be read twice."""
     items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     found: list[str] = []
     for item in map(str, items):
@@ -194,6 +195,11 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
             found.append(item)
         else:
             raise DataError(f"no data file at {item}: expected a file, a glob matching files, or a list of them")
+    real = [os.path.realpath(f) for f in found]
+    twice = next((f for f, r in zip(found, real) if real.count(r) > 1), None)
+    if twice is not None:
+        raise DataError(f"{twice} is named more than once (by two names or globs that match it), so its rows would be "
+                        f"read twice; name each file once (training.epochs reads all of them again)")
     return found
 
 
