@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,7 +72,7 @@ def test_a_second_run_replaces_the_first_runs_files_and_one_class_has_no_ceiling
                                                           "truth.json"]
     assert data.replaced == ["part-00000.tsv", "part-00001.tsv", "part-00002.tsv", "part-00003.tsv", "truth.json"]
     assert "replaced" not in json.loads((tmp_path / "truth.json").read_text())
-    assert json.loads((tmp_path / "truth.json").read_text())["paths"] == data.paths
+    assert json.loads((tmp_path / "truth.json").read_text())["paths"] == [Path(p).name for p in data.paths]
     one_row = generate(tmp_path / "one", rows=1)
     assert one_row.ceiling_auc is None
 
@@ -251,7 +252,7 @@ def test_runs_into_one_folder_at_once_do_not_touch_each_others_temporary_files(t
     assert all(re.fullmatch(rf"\.part-0000[01]\.tsv\.{os.getpid()}-[0-9a-f]{{8}}\.partial", name) for name in names)
     assert len({name.split(".")[3] for name in names}) == 2  # each run its own token
     assert sorted(_contents(tmp_path)) == ["part-00000.tsv", "part-00001.tsv", "truth.json"]
-    assert json.loads((tmp_path / "truth.json").read_text())["paths"] == first.paths
+    assert json.loads((tmp_path / "truth.json").read_text())["paths"] == [Path(p).name for p in first.paths]
     assert sum(len(open(p).readlines()) for p in first.paths) == 30  # the first run's files, whole
     assert first.replaced == ["part-00000.tsv", "part-00001.tsv", "truth.json"]  # the second run's
 

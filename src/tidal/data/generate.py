@@ -130,7 +130,8 @@ def _write_files(out: Path, temporary: list[Path], run: str, *, rows: int, files
     ceiling = auc(y, p) if 0 < y.sum() < len(y) else None
     data = GeneratedData(paths=paths, rows=rows, positive_rate=float(y.mean()), ceiling_auc=ceiling)
     temporary.append(_temporary(out / "truth.json", run))
-    temporary[-1].write_text(json.dumps({k: v for k, v in asdict(data).items() if k != "replaced"}, indent=1))
+    truth = {k: v for k, v in asdict(data).items() if k != "replaced"}  # the files by name: truth.json's folder's
+    temporary[-1].write_text(json.dumps({**truth, "paths": [Path(p).name for p in paths]}, indent=1))
     return data
 
 
