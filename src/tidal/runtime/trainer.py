@@ -320,7 +320,7 @@ class Trainer:
         ctx = self.collection.lookup(batch, step=step)
         loss, grad = self.dense_step(batch, self.collection.pool(batch, ctx, dtype=PRECISIONS[self.precision]),
                                      step=self.collection.tables[0].step if step is None else step)
-        self.collection.backward(ctx, grad.cpu())
+        self.collection.backward(ctx, grad.cpu(), check_finite=False)  # dense_step checked the loss
         return loss
 
     def dense_step(self, batch: SparseBatch, pooled: torch.Tensor, *, step: int) -> tuple[float, torch.Tensor]:
