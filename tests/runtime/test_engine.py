@@ -219,11 +219,11 @@ def test_failed_sparse_worker_is_replaced_and_nothing_is_lost(data, reference, t
 def test_an_update_failing_once_inside_the_store_is_applied_by_the_replacement(data, reference, tmp_path, monkeypatch):
     original, calls = EmbeddingCollection.backward, []
 
-    def fails_at_the_fifth(collection, ctx, grad):
+    def fails_at_the_fifth(collection, ctx, grad, **kwargs):
         calls.append(1)
         if len(calls) == 5:
             raise MemoryError("no memory for the update buffer")
-        return original(collection, ctx, grad)
+        return original(collection, ctx, grad, **kwargs)
 
     monkeypatch.setattr(EmbeddingCollection, "backward", fails_at_the_fifth)
     trainer = _trainer(data, tmp_path, {"sparse_workers": 2, **EXACT})
@@ -244,9 +244,9 @@ def test_two_overlapping_updates_of_one_batch_land_once(monkeypatch):
     store.forward(0, batch)
     original = EmbeddingCollection.backward
 
-    def slow(collection, ctx, grad):
+    def slow(collection, ctx, grad, **kwargs):
         time.sleep(0.2)
-        return original(collection, ctx, grad)
+        return original(collection, ctx, grad, **kwargs)
 
     monkeypatch.setattr(EmbeddingCollection, "backward", slow)
     with ThreadPoolExecutor(2) as pool:
@@ -267,7 +267,7 @@ def test_a_batch_given_up_while_its_update_runs_or_looked_up_late_holds_no_rows(
     store, batch = EmbeddingShard(collection), SparseBatch.from_lists({"f": [[1], [2]]})
     original = EmbeddingCollection.backward
 
-    def slow_then_failing(collection, ctx, grad):
+    def slow_then_failing(collection, ctx, grad, **kwargs):
         time.sleep(0.2)
         raise MemoryError("no memory for the update buffer")
 
