@@ -39,7 +39,8 @@ from tidal.runtime.source import ReaderSpec
 from tidal.runtime.telemetry import compile_clock
 from tidal.runtime.workers import check_loss, dense_device, fix_gemm_threads, set_lr
 
-__all__ = ["Evaluation", "Trainer", "group_auc", "shown_auc", "shown_gauc"]
+__all__ = ["Evaluation", "Trainer", "calibration", "group_auc", "normalized_entropy", "shown_auc", "shown_evaluation",
+           "shown_gauc"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,10 +121,11 @@ def shown_auc(value: float | None) -> str:
 
 def shown_evaluation(evaluation: Evaluation, target: str) -> str:
     """A target's evaluation as the CLI prints it."""
-    ne, calibration = evaluation.normalized_entropy.get(target), evaluation.calibration.get(target)
+    ne, calibrated = evaluation.normalized_entropy.get(target), evaluation.calibration.get(target)
     return (f"AUC {shown_auc(evaluation.auc[target])}  log loss {evaluation.logloss[target]:.4f}  "
-            f"NE {'n/a' if ne is None else f'{ne:.4f}'}  calibration {'n/a' if calibration is None else f'{calibration:.3f}'}"
-            f" on {evaluation.rows:,d} rows{shown_gauc(evaluation, target)}")
+            f"NE {'n/a' if ne is None else f'{ne:.4f}'}  "
+            f"calibration {'n/a' if calibrated is None else f'{calibrated:.3f}'} "
+            f"on {evaluation.rows:,d} rows{shown_gauc(evaluation, target)}")
 
 
 def shown_gauc(evaluation: Evaluation, target: str) -> str:
