@@ -59,16 +59,16 @@ def test_export_then_serve_then_stop_with_ctrl_c_or_sigterm(trainer, tmp_path, c
     assert f"serving 'ranker' at {url}/v2/models/ranker (dense network on torch, rewritten by gather_slices;" in out and out.endswith("stopped\n")
 
 
-def test_export_and_serve_refuse_what_is_not_there(tmp_path, capsys):
+def test_export_and_serve_refuse_what_is_not_there(tmp_path, capsys):  # on any free port: 8000 may be taken
     assert main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
     assert "no checkpoint to export" in capsys.readouterr().err
-    assert main(["serve", str(tmp_path)]) == 2
+    assert main(["serve", str(tmp_path), "--port", "0"]) == 2
     assert "not a serving bundle" in capsys.readouterr().err
-    assert main(["serve", str(tmp_path / "nope")]) == 2
+    assert main(["serve", str(tmp_path / "nope"), "--port", "0"]) == 2
     assert f"{tmp_path / 'nope'}: no such file or folder; give a bundle folder written by tidal export" in \
         capsys.readouterr().err
     (tmp_path / "checkpoints").mkdir()
-    assert main(["serve", str(tmp_path)]) == 2
+    assert main(["serve", str(tmp_path), "--port", "0"]) == 2
     assert f"a training run's folder, not a serving bundle; write one from it with tidal export --checkpoint " \
            f"{tmp_path} --out BUNDLE" in capsys.readouterr().err
 
