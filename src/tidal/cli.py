@@ -353,7 +353,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     try:
         from tidal.config import RunConfig
-        from tidal.data.readers import BadRows
+        from tidal.data.readers import BadRows, expand_paths, format_of
         from tidal.runtime import Trainer, checkpoint
         from tidal.runtime.trainer import shown_evaluation
         from tidal.runtime.workers import dense_device
@@ -368,6 +368,7 @@ def _eval(args: argparse.Namespace) -> int:
             checkpoint.restore(trainer, directory, check_data=False)  # the training files may be gone
         data = {**saved["data"], **{k: v for k, v in reading.items() if v is not None}}
         trainer.config = RunConfig.from_saved({**saved, "data": data})  # how these files are read
+        _check_eval_flags(args, {data["format"] or format_of(f) for f in expand_paths(args.data)})
         result = trainer.evaluate(args.data, group_by=args.group_by)
     except DataError as exc:
         print(f"tidal eval: {exc}\n(the files are read as the run's data section says; --format, --columns, "
@@ -382,6 +383,20 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"{target}: {shown_evaluation(result, target)}")
     print(f"bad rows: {BadRows(result.bad_rows, result.bad_row_examples).summary()}")
     return 0
+
+
+def _check_eval_flags(args: argparse.Namespace, kinds: set[str]) -> None:
+    """Refuse --columns and --no-csv-header where no file of the formats `kinds` reads them."""
+    from tidal.errors import ConfigError
+
+    positional = "tsv" in kinds or ("csv" in kinds and args.csv_header is False)
+    if args.columns and not positional:
+        raise ConfigError(f"--columns names the columns of TSV files and of CSV files without a header line "
+                          f"(--no-csv-header), but these files are {' and '.join(sorted(kinds))}, which name their "
+                          f"own: leave it out")
+    if args.csv_header is False and "csv" not in kinds:
+        raise ConfigError(f"--no-csv-header is for CSV files, but these files are {' and '.join(sorted(kinds))}: "
+                          f"leave it out")
 
 
 def _export(args: argparse.Namespace) -> int:

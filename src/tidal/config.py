@@ -467,7 +467,8 @@ class LrSchedule(_Model):
     down to `min_lr` over the next `decay_steps`, and `min_lr` after them. The step is the
     run's, so a resumed or warm-started run goes on where its checkpoint was. With
     `tables`, every table's optimizer follows the same curve relative to its own rate:
-    its `lr` (FTRL's `alpha`) times the dense rate's share of `training.lr` at that step."""
+    its `lr` times the dense rate's share of `training.lr` at that step (FTRL's alpha is
+    no step size: a run with FTRL tables refuses `tables`)."""
 
     warmup_steps: _Int = Field(0, ge=0)
     decay: Literal["none", "linear", "cosine"] = "none"

@@ -11,7 +11,7 @@ import pytest
 from tidal.cli import main
 from tidal.config import RunConfig
 from tidal.data import generate
-from tidal.data.criteo import CRITEO_DENSE, CRITEO_SPARSE
+from tidal.data.criteo import CRITEO_COLUMNS, CRITEO_DENSE, CRITEO_SPARSE
 from tidal.data.generate import auc
 from tidal.errors import ConfigError
 from tidal.runtime import Trainer
@@ -185,3 +185,9 @@ def test_eval_reads_files_as_its_flags_say_and_checks_their_layout_first(trained
     assert code == 2 and "were bad (20.0%), more than max_bad_fraction allows (10.0%)" in err
     code, out, _ = evaluate(fifth_bad, "--max-bad-fraction", "0.5")
     assert code == 0 and "on 9,600 rows" in out and "bad rows: 2400 bad rows skipped" in out
+    code, _, err = evaluate(source, "--no-csv-header")  # settings no file would read are refused, as training's
+    assert code == 2 and "--no-csv-header is for CSV files, but these files are tsv: leave it out" in err
+    headed = tmp_path / "headed.csv"
+    headed.write_text(",".join(CRITEO_COLUMNS) + "\n" + "".join(line.replace("\t", ",") for line in lines[:50]))
+    code, _, err = evaluate(headed, "--columns", *CRITEO_COLUMNS)
+    assert code == 2 and "--columns names the columns of TSV files" in err and "these files are csv" in err

@@ -4,6 +4,7 @@ on every way a run trains."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -106,6 +107,10 @@ def test_the_reference_trainer_follows_the_schedule_and_resumes_on_it(tmp_path):
     whole = _trainer(_scheduled(config, tables=True), tmp_path / "whole", None)
     steps = whole.fit()["steps"]
     assert whole.optimizer.param_groups[0]["lr"] == pytest.approx(whole.config.training.lr_at(steps))
+    logged = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    training = whole.config.training  # each train record says the rates of its step
+    assert [(r["lr"], r["table_lr_scale"]) for r in logged if r["event"] == "train"] == \
+        [(training.lr_at(r["step"]), training.table_lr_scale(r["step"])) for r in logged if r["event"] == "train"]
     assert not all(torch.equal(a, b) for a, b in zip(plain.model.parameters(), whole.model.parameters()))
     _trainer(_scheduled(config, tables=True), tmp_path / "split", None).fit(max_steps=10)  # saved at 7
     resumed = _trainer(_scheduled(config, tables=True), tmp_path / "split", None)

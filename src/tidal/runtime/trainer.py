@@ -489,6 +489,12 @@ class Trainer:
                                  widths=data.max_bad_fraction < 1.0)
             except DataError as exc:
                 raise DataError(f"{key}: {exc}") from None
+        self._check_reading_settings(kinds)
+
+    def _check_reading_settings(self, kinds: set[str]) -> None:
+        """Refuse data.columns and data.csv_header: false where no file of the formats
+        `kinds` reads them."""
+        data = self.config.data
         if data.columns is not None and not any(map(self._positional, kinds)):
             shown = " and ".join({"csv": "CSV with a header line", "parquet": "Parquet"}[k] for k in sorted(kinds))
             raise ConfigError(f"data.columns names the columns of TSV files and of CSV files without a header line "
@@ -586,10 +592,14 @@ class Trainer:
 
     def _log(self, log, epoch: int, step: int) -> None:  # type: ignore[no-untyped-def]
         """Log the progress at `step` (rows from the run's start; speed of this call)."""
-        record = self.progress.record(epoch, step, self.bad_rows.count)
+        training = self.config.training
+        rates = {"lr": training.lr_at(step)} | ({"table_lr_scale": training.table_lr_scale(step)}
+                                                if training.schedules_tables else {})
+        record = self.progress.record(epoch, step, self.bad_rows.count) | rates
         _write_record(log, record)
         log.flush()
-        print(f"  epoch {epoch}  step {step:6d}  loss {record['loss']:.4f}  "
+        shown = f"  lr {rates['lr']:.3g}" if training.lr_schedule is not None else ""
+        print(f"  epoch {epoch}  step {step:6d}  loss {record['loss']:.4f}{shown}  "
               f"{record['samples_per_s']:,.0f} samples/s  bad rows {self.bad_rows.count}", flush=True)
 
     def _summary(self, steps: int, rows: int, evaluation: Evaluation | None) -> dict:
