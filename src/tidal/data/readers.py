@@ -41,8 +41,8 @@ from tidal.config import is_whole_number, weighted_bag_problem
 from tidal.data.criteo import CRITEO_COLUMNS, CRITEO_DENSE
 from tidal.errors import DataError
 
-__all__ = ["BadRows", "CRITEO_CHECKS", "INTEGER_PATTERN", "WeightedBags", "check_layout", "expand_paths", "format_of", "read_batches",
-           "split_bags", "weighted_values"]
+__all__ = ["BadRows", "CRITEO_CHECKS", "INTEGER_PATTERN", "WeightedBags", "check_layout", "expand_paths", "format_of",
+           "read_batches", "split_bags", "weighted_values"]
 
 _INT64_MAX, _INT64_MIN = "9223372036854775807", "-9223372036854775808"  # 2**63 - 1 and -2**63, written out
 FLOAT32_MAX = 3.4028235e38  # float32's largest value as numpy writes it (it reads back as that value)
