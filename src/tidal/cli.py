@@ -298,7 +298,7 @@ def _train(args: argparse.Namespace) -> int:
     trained = f"{steps:,d} steps" if not first else f"steps {first + 1:,d}-{steps:,d} ({after})" \
         if steps > first else f"nothing: the run had ended at step {steps:,d}"
     print(f"trained {trained}, {summary['rows']:,d} rows at {summary['samples_per_s']:,.0f} samples/s; "
-          f"bad rows: {summary['bad_rows']}")
+          f"bad rows: {summary['bad_rows']:,}")
     if summary["compile_s"] >= _NOTED_COMPILE_S:
         print(f"  {summary['compile_s']:.1f} s of the run went to compiling Tidal's kernels on their first use here; "
               "numba keeps them on disk, so later runs skip it")

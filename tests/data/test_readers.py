@@ -411,7 +411,7 @@ def test_files_without_rows_are_named_in_the_report_once_per_file(tmp_path):
     assert report.empty_files == [str(empty), str(header)]
     assert report.none_valid() == f"{empty}, {header} hold no rows"
     report.add("c.tsv", 1, "bad")
-    assert report.none_valid() == f"{empty}, {header} hold no rows; 1 bad rows skipped:\n  c.tsv:1: bad"
+    assert report.none_valid() == f"{empty}, {header} hold no rows; 1 bad row skipped:\n  c.tsv:1: bad"
     assert BadRows().none_valid() == "no bad rows"
 
 

@@ -291,7 +291,7 @@ def test_cli_eval_scores_the_latest_checkpoint(tmp_path, capsys):
     assert main(["eval", "--checkpoint", config["training"]["run_dir"], "--data", *config["data"]["eval"]]) == 0
     out = capsys.readouterr().out
     assert "click: AUC 0." in out and "on 4,000 rows" in out
-    assert f"bad rows: 1 bad rows skipped:\n  {config['data']['eval'][0]}:4001: column 'label'" in out  # not training's
+    assert f"bad rows: 1 bad row skipped:\n  {config['data']['eval'][0]}:4001: column 'label'" in out  # not training's
     assert main(["eval", "--checkpoint", str(tmp_path / "nowhere"), "--data", "x"]) == 2
 
 

@@ -166,8 +166,8 @@ class BadRows:
         if not self.count:
             return "no bad rows"
         shown = "\n  ".join(self.examples)
-        more = f"\n  ... and {self.count - len(self.examples)} more" if self.count > len(self.examples) else ""
-        return f"{self.count} bad rows skipped:\n  {shown}{more}"
+        more = f"\n  ... and {self.count - len(self.examples):,} more" if self.count > len(self.examples) else ""
+        return f"{self.count:,} bad row{'s' if self.count != 1 else ''} skipped:\n  {shown}{more}"
 
     def none_valid(self) -> str:
         """Why no valid row came: the files that held no rows at all, then the bad rows."""

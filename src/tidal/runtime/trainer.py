@@ -585,7 +585,8 @@ class Trainer:
         _write_record(log, {"event": "eval", "step": step, **final_mark, **asdict(evaluation)})
         log.flush()
         shown = "  ".join(f"{t} AUC {shown_auc(a)}{shown_gauc(evaluation, t)}" for t, a in evaluation.auc.items())
-        skipped = f"  ({evaluation.bad_rows} bad rows skipped)" if evaluation.bad_rows else ""
+        bad = evaluation.bad_rows
+        skipped = f"  ({bad:,} bad row{'s' if bad != 1 else ''} skipped)" if bad else ""
         print(f"  eval at step {step}: {shown}{skipped}", flush=True)
         self._last_eval = (step, evaluation)
         return evaluation
@@ -600,7 +601,7 @@ class Trainer:
         log.flush()
         shown = f"  lr {rates['lr']:.3g}" if training.lr_schedule is not None else ""
         print(f"  epoch {epoch}  step {step:6d}  loss {record['loss']:.4f}{shown}  "
-              f"{record['samples_per_s']:,.0f} samples/s  bad rows {self.bad_rows.count}", flush=True)
+              f"{record['samples_per_s']:,.0f} samples/s  bad rows {self.bad_rows.count:,}", flush=True)
 
     def _summary(self, steps: int, rows: int, evaluation: Evaluation | None) -> dict:
         return {"steps": steps, "rows": rows, "run_rows": self.progress.rows_before + rows,
