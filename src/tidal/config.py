@@ -221,7 +221,9 @@ class CountAdmission(_Model):
 
 
 class ProbabilityAdmission(_Model):
-    """Create a row on a sighting with probability `probability` (reproducible)."""
+    """Create a row with probability `probability`, drawn once per key and step (a key
+    seen many times in one batch draws once; reproducible from the key, the table's
+    seed and the step)."""
 
     kind: Literal["probability"] = "probability"
     probability: _Float = Field(gt=0.0, le=1.0)
@@ -248,6 +250,9 @@ class TableConfig(_Model):
     optimizer: OptimizerConfig = Sgd()
     admission: CountAdmission | ProbabilityAdmission | None = Field(None, discriminator="kind")
     eviction: Eviction | None = None
+    # The row cap: `max_rows`, or the rows `memory_bytes` pays for at 4 * (dim + state)
+    # + 24 bytes a row. A row count: memory is allocated in chunks of 16,384 rows a shard
+    # and the count-admission sketch comes on top.
     max_rows: _Int | None = Field(None, gt=0)
     memory_bytes: _Int | None = Field(None, gt=0)
     # Rows whose memory is allocated and written when the table is built, so that

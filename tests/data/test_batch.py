@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from tidal.data import SparseBatch
 from tidal.errors import BatchError
@@ -40,7 +41,8 @@ def test_full_int64_range_is_kept():
         ({"values": [1.5, 2.0, 3.0]}, "values must be integers, got dtype float64"),
         ({"weights": [1.0]}, r"weights must have one entry per id \(3\), got 1"),
         ({"dense": np.ones((2, 4))}, "dense must have B = 3 rows, got 2"),
-        ({"labels": np.ones(3)}, r"labels must be 2-D, got shape \(3,\)"),
+        ({"labels": np.ones(3)}, r"labels must be 2-D \[B, T\], one column per target \(labels\[:, None\] for a single "
+                                  r"target\), got shape \(3,\)"),
     ],
 )
 def test_inconsistent_batch_is_refused_with_reason(kwargs, message):
@@ -114,13 +116,27 @@ def test_soft_labels_and_empty_batches_are_accepted():
 @pytest.mark.parametrize(("weights", "message"), [
     ({"a": [[0.5], [1.0, 9.0]]}, r"feature 'a', sample 0: 2 ids but 1 weights; give one weight per id"),
     ({"a": [[0.5, 1.0]]}, r"weights of 'a' must have one bag per sample \(2\), got 1"),
-    ({"a": [[0.5, 1.0], [2.0]], "typo": [[1.0]]}, r"got \['a', 'typo'\] \(missing \[\], unknown \['typo'\]\)"),
-    ({}, r"weights must have the features of the ids, \['a'\]; got \[\] \(missing \['a'\], unknown \[\]\)"),
+    ({"a": [[0.5, 1.0], [2.0]], "typo": [[1.0]]}, r"weights name features \['typo'\] that have no ids; the features are \['a'\]"),
     ({"a": [0.5, 1.0]}, r"weights of 'a', sample 0: expected a bag"),
 ])
 def test_from_lists_weights_misaligned_with_ids_are_refused(weights, message):
     with pytest.raises(BatchError, match=message):
         SparseBatch.from_lists({"a": [[1, 2], [3]]}, weights=weights)
+
+
+def test_from_lists_weighs_the_features_weights_leaves_out_1():
+    batch = SparseBatch.from_lists({"a": [[1, 2], [3]], "b": [[4], []]}, weights={"b": [[0.5], []]})
+    assert batch.weights.tolist() == [1.0, 1.0, 1.0, 0.5]
+    unweighted = SparseBatch.from_lists({"a": [[1, 2], [3]]}, weights={})
+    assert unweighted.weights.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_torch_tensors_are_taken_as_their_values():
+    weights = torch.tensor([0.5, 2.0], requires_grad=True)  # off a model, say
+    batch = SparseBatch(keys=("a",), values=torch.tensor([7, 8]), lengths=torch.tensor([1, 1]), batch_size=2,
+                        weights=weights * 1.0, labels=torch.tensor([[1.0], [0.0]]))
+    assert batch.values.tolist() == [7, 8] and batch.weights.tolist() == [0.5, 2.0]
+    assert batch.labels.dtype == np.float32 and not batch.weights.flags.writeable
 
 
 @pytest.mark.parametrize(("bags", "message"), [

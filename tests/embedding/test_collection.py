@@ -345,6 +345,8 @@ def test_forward_into_given_buffer_reuses_it():
     torch.testing.assert_close(pooled, collection.forward(batch)[0])
     with pytest.raises(BatchError, match=r"out must be a contiguous float32 CPU tensor of shape \[B, F, D\] = \[2, 1, 4\]"):
         collection.forward(batch, out=torch.empty(2, 2, DIM))
+    with pytest.raises(BatchError, match=r"got torch.float32 \[2, 1, 4\] on cpu, not contiguous"):
+        collection.forward(batch, out=torch.empty(DIM, 1, 2).transpose(0, 2))
 
 
 def test_shared_table_serves_two_features_with_one_row_per_key():
@@ -546,3 +548,13 @@ def test_calls_with_the_wrong_kind_of_argument_say_what_was_expected():
     _, ctx = collection.forward(batch)
     with pytest.raises(BatchError, match=r"must be a torch tensor or numpy array \[2, 1, 4\], got list"):
         collection.backward(ctx, [[0.0] * DIM] * 2)
+    grad = torch.zeros(2, 1, DIM)
+    with pytest.raises(BatchError, match=r"backward\(ctx, grad\) takes the PooledContext .*, got Tensor; are the "
+                                         r"arguments swapped\?"):
+        collection.backward(grad, ctx)
+    with pytest.raises(BatchError, match=r"pool\(batch, ctx\) takes the PooledContext .*, got SparseBatch"):
+        collection.pool(ctx, batch)
+    for wrong in (torch.zeros(2, 1, DIM, dtype=torch.complex64), np.full((2, 1, DIM), "x")):
+        with pytest.raises(BatchError, match=r"must hold real numbers .*, got dtype"):
+            collection.backward(ctx, wrong)
+    collection.backward(ctx, grad)  # the refused calls left the context unused

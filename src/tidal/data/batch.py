@@ -36,7 +36,9 @@ class SparseBatch:
 
     Arrays are converted to the dtypes above and checked on construction; a batch that
     does not add up raises `BatchError` saying which array is wrong and how. Weights and
-    dense features must be finite, labels within [0, 1] (soft labels are fine).
+    dense features must be finite, labels within [0, 1] (soft labels are fine). The
+    batch keeps read-only copies (`torch.tensor(batch.labels)` copies them for a model;
+    `torch.from_numpy` would warn that they are not writable).
     """
 
     keys: tuple[str, ...]
@@ -120,7 +122,7 @@ class SparseBatch:
                    **extra: np.ndarray) -> SparseBatch:
         """Build a batch from ``{feature: [ids of sample 0, ids of sample 1, ...]}``; ids
         are int64, or uint64 as the constructor takes them (2**64 - 1 is id -1), and
-        `weights` has the same features and one weight per id."""
+        `weights` gives one weight per id of the features it names (the others weigh 1)."""
         keys = tuple(bags)
         for key in keys:
             _check_bags(bags[key], f"feature {key!r}")
@@ -158,11 +160,13 @@ def _check_bags(samples: object, what: str) -> None:
 
 def _flat_weights(bags: Mapping[str, Sequence[Sequence[int]]],
                   weights: Mapping[str, Sequence[Sequence[float]]]) -> list[float]:
-    """Every weight in the order of the ids, once each bag of weights matches its bag of ids."""
-    missing, unknown = [k for k in bags if k not in weights], [k for k in weights if k not in bags]
-    if missing or unknown:
-        raise BatchError(f"SparseBatch.from_lists: weights must have the features of the ids, {list(bags)}; "
-                         f"got {list(weights)} (missing {missing}, unknown {unknown})")
+    """Every weight in the order of the ids, once each bag of weights matches its bag of
+    ids; a feature `weights` does not name weighs 1 an id."""
+    unknown = [k for k in weights if k not in bags]
+    if unknown:
+        raise BatchError(f"SparseBatch.from_lists: weights name features {unknown} that have no ids; "
+                         f"the features are {list(bags)}")
+    weights = {key: weights.get(key, [[1.0] * len(bag) for bag in samples]) for key, samples in bags.items()}
     for key, samples in bags.items():
         _check_bags(weights[key], f"weights of {key!r}")
         if len(weights[key]) != len(samples):
@@ -202,10 +206,13 @@ def _offsets(lengths: np.ndarray) -> np.ndarray:
 
 
 def _array(value: object, dtype: type, name: str, ndim: int) -> np.ndarray:
-    """A read-only copy with `dtype`: the batch cannot change under the kernels reading it."""
+    """A read-only copy with `dtype`: the batch cannot change under the kernels reading it.
+    A torch tensor is taken as its values: detached, and copied to the CPU from a device."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch, without importing it in the data layer
+        value = value.detach().cpu()
     array = np.asarray(value)
     if array.ndim != ndim:
-        raise BatchError(f"SparseBatch: {name} must be {ndim}-D, got shape {array.shape}")
+        raise BatchError(f"SparseBatch: {name} must be {ndim}-D{_SHAPES.get(name, '')}, got shape {array.shape}")
     if array.size and array.dtype.kind not in "iufb":
         raise BatchError(f"SparseBatch: {name} must be numeric, got dtype {array.dtype}")
     if np.dtype(dtype).kind == "i" and array.size and array.dtype.kind == "f":
@@ -213,6 +220,10 @@ def _array(value: object, dtype: type, name: str, ndim: int) -> np.ndarray:
     copy = np.array(array, dtype=dtype, order="C")
     copy.flags.writeable = False
     return copy
+
+
+_SHAPES = {"labels": " [B, T], one column per target (labels[:, None] for a single target)",
+           "dense": " [B, Dd], one column per dense feature"}
 
 
 def _keys(keys: object) -> tuple[str, ...]:

@@ -564,8 +564,9 @@ class EmbeddingTable:
         """A `BatchError` unless `lookup` came from this table and no row was removed since
         (check it inside `holding_rows` to use it after)."""
         if lookup.table != id(self) or lookup.epoch != self._epoch:
-            raise BatchError(f"table {self.name!r}: this RowLookup came from another table or from "
-                             "before an evict() or remove(); look the keys up again")
+            raise BatchError(f"table {self.name!r}: this lookup (a RowLookup, or the context forward() returned) "
+                             "came from another table or from before an evict() or remove() of its rows; look the "
+                             "keys up again (call forward again)")
 
     def _apply_in_shard(self, s: int, lookup: RowLookup, gradient: tuple, step: int, hyper: np.ndarray) -> None:
         shard = self._shards[s]
