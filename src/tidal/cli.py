@@ -430,7 +430,9 @@ def _export(args: argparse.Namespace) -> int:
         print(f"wrote delta {out.name} into {args.out} ({size / 2**20:,.1f} MiB): {_delta_counts(out)}; a tidal serve "
               f"of it applies it on POST /v2/repository/models/NAME/load or at its next --delta-poll-s")
     else:
-        print(f"wrote the serving bundle {out} ({size / 2**20:,.1f} MiB); serve it with: tidal serve {out}")
+        manifest = json.loads((out / "manifest.json").read_text())
+        print(f"wrote the serving bundle {out} ({size / 2**20:,.1f} MiB; backend {manifest['config']['serving']['backend']}, "
+              f"{manifest['table_dtype']} tables); serve it with: tidal serve {out}")
     return 0
 
 

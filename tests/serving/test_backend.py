@@ -91,7 +91,10 @@ def test_export_and_serve_take_the_backend_on_the_command_line(trainer, bundle_d
     out = tmp_path / "bundle"
     assert main(["export", "--checkpoint", str(trainer.run_dir), "--out", str(out), "--backend", "onnxruntime"]) == 0
     assert (out / "dense.onnx").is_file()
-    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(trainer.run_dir), "--out", str(out)]) == 0  # kept over the bundle it replaces
+    assert (out / "dense.onnx").is_file() and "backend onnxruntime, float32 tables" in capsys.readouterr().out
+    assert main(["export", "--checkpoint", str(trainer.run_dir), "--out", str(out), "--backend", "torch"]) == 0
+    assert not (out / "dense.onnx").exists() and "backend torch" in capsys.readouterr().out
     monkeypatch.setattr(serving, "serve", lambda *args, **kwargs: pytest.fail("served a bundle it had to refuse"))
     assert main(["serve", str(bundle_dir), "--backend", "onnxruntime", "--port", "0"]) == 2
     assert "tidal serve: --backend: onnxruntime needs the ONNX model" in capsys.readouterr().err

@@ -167,7 +167,9 @@ def test_model_config_statistics_and_repository_index_through_tritonclient(bundl
         assert [(i["name"], i["dims"]) for i in config["input"]] == [(i["name"], i["shape"]) for i in metadata["inputs"]]
         assert config["max_batch_size"] == 0 and config["output"][-1] == {"name": "score", "data_type": "TYPE_FP32",
                                                                           "dims": [-1]}
-        assert config["dynamic_batching"]["preferred_batch_size"] == bundle.config.serving.buckets
+        assert "dynamic_batching" not in config and "sequence_batching" not in config  # not Triton's meanings
+        buckets = ",".join(map(str, bundle.config.serving.buckets))
+        assert config["parameters"]["buckets"] == {"string_value": buckets}
         assert config["parameters"]["chunk_rows"] == {"string_value": "64"}
         assert client.get_model_config("ranker", "1") == config
         assert client.get_model_repository_index() == [{"name": "ranker", "version": "1", "state": "READY"}]
@@ -601,6 +603,9 @@ def test_headers_over_the_size_limit_get_a_431_and_the_server_keeps_serving(serv
         conn.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * server_module._HEADER_BYTES)
         answer = conn.recv(4096).decode()
     assert answer.startswith("HTTP/1.1 431") and f"take more than {server_module._HEADER_BYTES} bytes" in answer
+    with socket.create_connection((host, int(port)), timeout=30) as conn:  # ended, and read with the rest: counted too
+        conn.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n")
+        assert conn.recv(4096).startswith(b"HTTP/1.1 431")
     request = urllib.request.Request(server.url + "/v2/health/ready", headers={"X-Fine": "a" * 8000})
     assert urllib.request.urlopen(request, timeout=30).status == 200
 
@@ -718,7 +723,7 @@ def test_waiting_chunks_leave_the_queue_when_their_client_hangs_up(bundle, train
 
 
 def test_sequence_end_leaves_the_new_session_when_its_id_started_again_meanwhile(bundle, trainer):
-    service = Service(bundle, name="ctr")
+    service = Service(bundle, name="ctr", batching=False)  # each request a batch of its own, on 2 sparse threads
     running = start_server(service)
     gate, original = threading.Event(), service.predictor.sparse
     specs = input_specs(bundle.config)
@@ -735,13 +740,21 @@ def test_sequence_end_leaves_the_new_session_when_its_id_started_again_meanwhile
     try:
         assert post(start)[0] == 200
         old = service.sessions.get("s")
-        service.predictor.sparse = lambda pieces: gate.wait() and original(pieces)
-        ending = pool.submit(post, last)  # the old session's last page, held at the gate
-        until(lambda: service.batcher._in_flight, "the last page's batch")
-        restarted = pool.submit(post, start)
-        until(lambda: service.sessions._entries.get("s", (old,))[0] is not old, "the new session")
+        held = []
+
+        def sparse(pieces):  # type: ignore[no-untyped-def]
+            if not held:  # the first batch, the old session's last page: held at the gate
+                held.append(pieces)
+                gate.wait()
+            return original(pieces)
+
+        service.predictor.sparse = sparse
+        ending = pool.submit(post, last)
+        until(lambda: held, "the last page's batch")
+        restarted = pool.submit(post, start)  # scored on the second sparse thread, and cached
+        assert restarted.result()[0] == 200 and service.sessions._entries["s"][0] is not old
         gate.set()
-        assert ending.result()[0] == 200 and restarted.result()[0] == 200
+        assert ending.result()[0] == 200
         code, answer, _ = post(more)
         assert code == 200, answer  # the new session goes on
     finally:
@@ -756,10 +769,12 @@ def test_overload_answers_503_with_retry_after(bundle, trainer):
     gate, original = threading.Event(), service.predictor.sparse
     service.predictor.sparse = lambda pieces: gate.wait() and original(pieces)
     specs = input_specs(bundle.config)
-    body = json.dumps(infer_request(with_user_of(file_rows(trainer, 15), specs), specs)).encode()
+    request = infer_request(with_user_of(file_rows(trainer, 15), specs), specs)
+    bodies = [json.dumps(request | {"parameters": {"sequence_id": s, "sequence_start": True}}).encode()
+              for s in range(1, 5)]
     try:
         with ThreadPoolExecutor(4) as pool:
-            answers = [pool.submit(_post, running, "/v2/models/ctr/infer", body) for _ in range(4)]
+            answers = [pool.submit(_post, running, "/v2/models/ctr/infer", body) for body in bodies]
             wait(answers, return_when=FIRST_COMPLETED)  # the refused one: the others wait at the gate
             gate.set()
             results = [a.result() for a in answers]
@@ -770,6 +785,8 @@ def test_overload_answers_503_with_retry_after(bundle, trainer):
     assert codes[0] == 200 and codes[-1] == 503
     overloaded = next(r for r in results if r[0] == 503)
     assert overloaded[2]["Retry-After"] == "1" and "rows are waiting" in overloaded[1]["error"]
+    started = {s for s, (code, _, _) in zip(range(1, 5), results) if code == 200}
+    assert set(service.sessions._entries) == started  # a refused start starts no session
 
 
 def test_a_max_batch_rows_below_chunk_rows_lowers_chunk_rows_unless_both_are_given(bundle):

@@ -114,7 +114,8 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, table_dtype: st
     """Write the bundle of a run directory's latest checkpoint (or of one checkpoint
     directory) to `out`. `table_dtype` (float32 or float16) and `backend` (torch,
     onnxruntime or aotinductor: the bundle then holds an ONNX model or an AOTInductor
-    package too) override the config's serving settings.
+    package too) override the config's serving settings; left out, those of the bundle
+    `out` holds, if any, are kept (a server of it needs the same backend).
 
     The tables are evicted first (TTL and row caps, on the copy loaded here): a
     checkpoint holds the state of the run at its step, rows created since the last
@@ -126,6 +127,8 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, table_dtype: st
 
 def _export(directory: Path, source: Path, out: Path, table_dtype: str | None, backend: str | None) -> Path:
     meta = checkpoint.read_meta(directory)
+    replaced = _replaced_settings(out)
+    backend, table_dtype = backend or replaced.get("backend"), table_dtype or replaced.get("table_dtype")
     config = _with_backend(RunConfig.from_saved(meta["config"]), backend)
     dtype = np.dtype(table_dtype or config.serving.table_dtype)
     if dtype not in (np.float32, np.float16):
@@ -363,6 +366,15 @@ def _check_replaceable(out: Path, source: Path) -> None:
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise CheckpointError(f"--out {out} is a folder that is not a serving bundle; a bundle replaces only an "
                               f"earlier bundle or an empty folder")
+
+
+def _replaced_settings(out: Path) -> dict:
+    """The serving backend and table dtype of the bundle at `out`, if one is there."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+        return {"backend": manifest["config"]["serving"]["backend"], "table_dtype": manifest["table_dtype"]}
+    except (OSError, ValueError, KeyError, TypeError):  # no bundle there (or not one to go by)
+        return {}
 
 
 def _rows(table) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]

@@ -126,7 +126,9 @@ class Service:
         probabilities = await self._score(decoded, state) if decoded.rows else \
             np.zeros((0, len(self.predictor.targets)), np.float32)
         outputs = self.predictor.outputs(probabilities)
-        _refuse_unscored(outputs)  # before the session ends: a refused request changes nothing
+        _refuse_unscored(outputs)  # before the session starts or ends: a refused request changes nothing
+        if decoded.sequence_start:
+            self.sessions.start(decoded.sequence_id, state)
         if decoded.sequence_end:  # this request's session only: the id may have started again meanwhile
             self.sessions.end(decoded.sequence_id, state)
         start = time.perf_counter()
@@ -148,9 +150,8 @@ class Service:
                 self.sessions.refresh(decoded.sequence_id, state, fresh)
                 state = fresh
             return state
-        state = await asyncio.to_thread(self.predictor.user_state, self.predictor.user_row(decoded.columns))
-        self.sessions.start(decoded.sequence_id, state)
-        return state
+        # cached once the request is scored (`infer`): one refused, a 503 say, starts no session
+        return await asyncio.to_thread(self.predictor.user_state, self.predictor.user_row(decoded.columns))
 
     async def _score(self, decoded: DecodedRequest, state: UserState | None) -> np.ndarray:
         """The request's probabilities; if it is cancelled (the client hung up) or a chunk
@@ -568,16 +569,19 @@ class _TimedHeaders(HttpToolsProtocol):
 
     _header_deadline: asyncio.TimerHandle | None = None
     _header_bytes = 0
+    _header_tail = b""  # the last bytes of headers so far: their end may be split over two reads
 
     def data_received(self, data: bytes) -> None:
-        awaiting = self._header_deadline is not None
-        super().data_received(data)
-        if awaiting and self._header_deadline is not None:  # all of it went to headers still unfinished
-            self._header_bytes += len(data)
+        if self._header_deadline is not None:  # headers under way: count their bytes up to their end
+            end = (self._header_tail + data).find(b"\r\n\r\n")
+            self._header_bytes += len(data) if end < 0 else end + 4 - len(self._header_tail)
+            self._header_tail = data[-3:]
             if self._header_bytes > _HEADER_BYTES:
                 self._stop_header_clock()
                 self._refuse(b"431 Request Header Fields Too Large",
                              f"the request headers take more than {_HEADER_BYTES} bytes")
+                return
+        super().data_received(data)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -598,7 +602,7 @@ class _TimedHeaders(HttpToolsProtocol):
 
     def _start_header_clock(self) -> None:
         self._stop_header_clock()
-        self._header_bytes = 0
+        self._header_bytes, self._header_tail = 0, b""
         self._header_deadline = self.loop.call_later(_HEADER_TIMEOUT_S, self._headers_too_late)
 
     def _stop_header_clock(self) -> None:

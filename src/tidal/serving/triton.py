@@ -4,8 +4,10 @@ beyond the Open Inference Protocol: `get_model_config`, `get_inference_statistic
 
 The configuration says what the server does, in Triton's terms: `max_batch_size` 0
 (a request carries its own candidate dimension, which the server merges and splits
-itself; `dynamic_batching` gives the buckets and the longest wait), the inputs and
-outputs of the model's metadata, and the session time-out as `sequence_batching`.
+itself), the inputs and outputs of the model's metadata, and Tidal's batching and
+session settings as `parameters`. Neither `dynamic_batching` (which Triton allows only
+with a `max_batch_size` above 0) nor `sequence_batching` (which would tell Triton's tools
+that every request needs a sequence id: here sessions are optional) is set.
 Statistics have Triton's fields, counted in Tidal's units where the two differ: requests
 that succeeded or failed with their time end to end, and `compute_output` (response
 encoding), per request as in Triton; but `queue` per piece waiting (a request cut into
@@ -35,13 +37,11 @@ def model_config(metadata: dict, settings: ServingConfig) -> dict:
                "optional": i.get("optional", False)} for i in metadata["inputs"]]
     outputs = [{"name": o["name"], "data_type": _TYPES[o["datatype"]], "dims": o["shape"]} for o in metadata["outputs"]]
     tidal = {"max_batch_rows": settings.max_batch_rows, "chunk_rows": settings.chunk_rows,
-             "max_queue_rows": settings.max_queue_rows, "sparse_threads": settings.sparse_threads}
+             "max_queue_rows": settings.max_queue_rows, "sparse_threads": settings.sparse_threads,
+             "max_delay_ms": settings.max_delay_ms, "buckets": ",".join(map(str, settings.buckets)),
+             "session_ttl_s": settings.session_ttl_s}
     return {"name": metadata["name"], "platform": metadata["platform"], "backend": "tidal", "max_batch_size": 0,
-            "input": inputs, "output": outputs,
-            "dynamic_batching": {"preferred_batch_size": list(settings.buckets),
-                                 "max_queue_delay_microseconds": round(settings.max_delay_ms * 1000)},
-            "sequence_batching": {"max_sequence_idle_microseconds": round(settings.session_ttl_s * 1e6)},
-            "parameters": {k: {"string_value": str(v)} for k, v in tidal.items()}}
+            "input": inputs, "output": outputs, "parameters": {k: {"string_value": str(v)} for k, v in tidal.items()}}
 
 
 class _Duration:
