@@ -108,6 +108,17 @@ def _run(**changes) -> dict:
      "runtime: ray_address (it needs backend: ray), embedding_shards (it needs backend: ray), max_inflight (it needs "
      "mode: async), loss_scale (it needs transfer_dtype: float16) would have no effect here"),
     ({"training": {"eval_every": 2}}, "RunConfig: training.eval_every is 2, but data.eval names no files to evaluate on"),
+    ({"tables": [{"name": "ids", "dim": 8, "initializer": {"kind": "zeros", "scale": 0.5}}]},
+     "tables.0.initializer: scale (it needs kind: uniform or normal) would have no effect here"),
+    ({"tables": [{"name": "ids", "dim": 8, "eviction": {"capacity_policy": "lfu"}}]},
+     "tables.0 (ids): eviction.capacity_policy (it needs max_rows or memory_bytes) would have no effect here"),
+    ({"tables": [{"name": "ids", "dim": 8}, {"name": "spare", "dim": 8}]},
+     "tables ['spare'] are read by no sparse feature: remove them, or name them in a feature's table"),
+    ({"features": [{"kind": "sparse", "name": "user", "columns": ["C1"], "table": "ids"},
+                   {"kind": "label", "name": "click", "column": "label", "weight": 5}]},
+     "label 'click': weight 5 would have no effect (a weight is a target's share of the loss, and this is the only"),
+    ({"training": {"evict_every": 7}},
+     "training.evict_every (7) would have no effect: no table has an eviction or admission policy; remove it"),
     ({"features": [{"kind": "sparse", "name": "user", "columns": ["C1"], "table": "ids"},
                    {"kind": "label", "name": "score", "column": "label"}]}, "a label may not be named 'score'"),
 ])
@@ -229,17 +240,27 @@ def test_numbers_with_an_exponent_are_numbers_whole_ones_where_an_integer_goes(t
         RunConfig.from_yaml(str(config))
 
 
-@pytest.mark.parametrize("section", ["runtime", "passmode"])
-def test_a_yaml_section_with_nothing_under_it_is_refused_not_read_as_absent(tmp_path, section):
+@pytest.mark.parametrize(("section", "text", "line", "written"), [
+    ("runtime", "runtime:\n", 4, "runtime: {}\n"),
+    ("passmode", "passmode:  # comment\n", 4, "passmode: {}\n"),
+    ("eviction", "tables:\n  - name: ids\n    dim: 8\n    eviction:\n    #  capacity_policy: lfu\n", 6,
+     "tables:\n  - name: ids\n    dim: 8\n    eviction: {}\n"),
+    ("lr_schedule", "training:\n  lr_schedule:\n", 5, "training:\n  lr_schedule: {}\n"),
+])
+def test_a_yaml_section_with_nothing_under_it_is_refused_not_read_as_absent(tmp_path, section, text, line, written):
     config = tmp_path / "run.yaml"
-    config.write_text("data: {train: x.tsv}\nfeatures: [{kind: sparse, name: u, columns: [C1], table: ids}, "
-                      "{kind: label, name: click, column: label}]\ntables: [{name: ids, dim: 8}]\n"
-                      f"{section}:\n")
-    with pytest.raises(ConfigError, match=rf"run\.yaml: {section}: has no value; give its settings \(\{{\}} for the "
-                                          rf"defaults\), or remove it \(or write {section}: null\)"):
+    head = "data: {train: x.tsv}\nfeatures: [{kind: sparse, name: u, columns: [C1], table: ids}, " \
+           "{kind: label, name: click, column: label}]\n"
+    tables = "" if section == "eviction" else "tables: [{name: ids, dim: 8}]\n"
+    config.write_text(head + tables + text)
+    with pytest.raises(ConfigError, match=rf"run\.yaml: line {line}: {section}: has no value; give its settings "
+                                          rf"\(\{{\}} for the defaults\), or remove it \(or write {section}: null\)"):
         RunConfig.from_yaml(str(config))
-    config.write_text(config.read_text().replace(f"{section}:\n", f"{section}: {{}}\n"))
-    assert getattr(RunConfig.from_yaml(str(config)), section) is not None
+    for body, present in ((written, True), (text.replace(f"{section}:", f"{section}: null", 1), False)):
+        config.write_text(head + tables + body)
+        loaded = RunConfig.from_yaml(str(config))
+        owner = {"eviction": loaded.tables[0], "lr_schedule": loaded.training}.get(section, loaded)
+        assert (getattr(owner, section) is not None) == present
 
 
 def test_a_key_of_another_section_is_said_to_belong_there(tmp_path):

@@ -273,7 +273,7 @@ def _train(args: argparse.Namespace) -> int:
     from tidal.data.readers import BadRows
     from tidal.errors import TidalError
     from tidal.runtime import Trainer
-    from tidal.runtime.trainer import Evaluation, shown_evaluation
+    from tidal.runtime.trainer import Evaluation, shown_evaluation, shown_table
 
     config = None
     try:
@@ -311,7 +311,7 @@ def _train(args: argparse.Namespace) -> int:
         if summary["eval"]["bad_rows"]:
             print(f"  eval data: {BadRows(summary['eval']['bad_rows'], summary['eval']['bad_row_examples']).summary()}")
     for name, table in summary["tables"].items():
-        print(f"  table {name}: {table['rows']:,d} rows, {table['bytes'] / 2**20:.1f} MiB")
+        print(f"  {shown_table(name, table)}")
     if summary["runtime"] and "passmode" in summary["runtime"]:
         _print_passes(summary["runtime"]["passmode"])
     elif summary["runtime"]:
@@ -349,7 +349,7 @@ def _print_runtime(report: dict, run_dir: str) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from tidal.errors import DataError, TidalError
+    from tidal.errors import ConfigError, DataError, TidalError
 
     try:
         from tidal.config import RunConfig
@@ -366,8 +366,16 @@ def _eval(args: argparse.Namespace) -> int:
             saved = {**saved, "training": {**saved["training"], "device": args.device}}
             trainer = Trainer(RunConfig.from_saved(saved))
             checkpoint.restore(trainer, directory, check_data=False)  # the training files may be gone
-        data = {**saved["data"], **{k: v for k, v in reading.items() if v is not None}}
-        trainer.config = RunConfig.from_saved({**saved, "data": data})  # how these files are read
+        trainer.collection.evict()  # within the tables' caps, as `tidal export` serves them
+        given = {k: v for k, v in reading.items() if v is not None}
+        data = {**saved["data"], **given}
+        try:
+            trainer.config = RunConfig.from_saved({**saved, "data": data})  # how these files are read
+        except ConfigError as exc:
+            message = str(exc)
+            for key in given:  # the flag the user typed, not the config field behind it
+                message = message.replace(f"data.{key}", f"--{key.replace('_', '-')}")
+            raise ConfigError(message) from None
         _check_eval_flags(args, {data["format"] or format_of(f) for f in expand_paths(args.data)})
         result = trainer.evaluate(args.data, group_by=args.group_by)
     except DataError as exc:
@@ -516,8 +524,8 @@ def _serve(args: argparse.Namespace) -> int:
         sock.close()
         message = str(exc)
         for key in overrides:  # the flag the user typed, not the config field behind it
-            flag = f"--set {key}:" if key in settings else f"--{key.replace('_', '-')}:"
-            message = message.replace(f"{key}:", flag)
+            flag = f"--set {key}" if key in settings else f"--{key.replace('_', '-')}"
+            message = message.replace(f"{key}:", f"{flag}:").replace(f"{key} (", f"{flag} (")
         print(f"tidal serve: {message}", file=sys.stderr)
         return 2
     try:

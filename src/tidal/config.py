@@ -66,10 +66,8 @@ __all__ = [
 ]
 
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # a device for dense math
-# a top-level section key with nothing after it and nothing indented under it (YAML reads it as null)
-_EMPTY_SECTION = {key: re.compile(rf"^{key}:[ \t]*(#[^\n]*)?(\n|\Z)(?!([ \t]*(#[^\n]*)?\n)*[ \t]+[^\s#])",
-                                  re.MULTILINE)
-                  for key in ("runtime", "passmode")}
+# optional sections, absent when null: one written with nothing under it (which YAML reads as null) is refused
+_SECTIONS = ("runtime", "passmode", "eviction", "admission", "lr_schedule")
 _FLOAT32_MAX = 3.4028234663852886e38  # scores are float32
 # names a table's checkpoint folder cannot take (tidal.embedding.checkpoint): the
 # folders themselves, and the manifest beside them and the file it is written through
@@ -116,13 +114,14 @@ def _unused(needs: dict[str, tuple[bool, str]]) -> dict[str, str]:
     return {name: need for name, (applies, need) in needs.items() if not applies}
 
 
-def _refuse_unused(model: BaseModel, unused: dict[str, str]) -> None:
+def _refuse_unused(model: BaseModel, unused: dict[str, str], where: str = "") -> None:
     """Refuse fields given a value other than their default where they would have no
-    effect: `unused` maps such a field to what it needs. A saved config, written before
-    these checks, passes (`RunConfig.from_saved`)."""
+    effect: `unused` maps such a field to what it needs; `where` is the path to `model`
+    within the one validated. A saved config, written before these checks, passes
+    (`RunConfig.from_saved`)."""
     if _SAVED.get():
         return
-    unused = [f"{name} (it needs {need})" for name, need in unused.items()
+    unused = [f"{where}{name} (it needs {need})" for name, need in unused.items()
               if getattr(model, name) != type(model).model_fields[name].get_default(call_default_factory=True)]
     if unused:
         them = "them, or set what they need" if len(unused) > 1 else "it, or set what it needs"
@@ -139,6 +138,11 @@ class Initializer(_Model):
 
     kind: Literal["uniform", "normal", "zeros"] = "uniform"
     scale: _Float = Field(0.01, ge=0.0, allow_inf_nan=False)
+
+    @pydantic.model_validator(mode="after")
+    def _scale_applies(self) -> Initializer:
+        _refuse_unused(self, _unused({"scale": (self.kind != "zeros", "kind: uniform or normal")}))
+        return self
 
 
 class Sgd(_Model):
@@ -260,6 +264,14 @@ class TableConfig(_Model):
     reserve_rows: _Int = Field(0, ge=0)
     num_shards: Literal[1, 2, 4, 8, 16, 32, 64] = 8
     seed: _Int = Field(0, ge=0, lt=1 << 63)  # of the rows' initial values (not training.seed, the dense weights')
+
+    @pydantic.model_validator(mode="after")
+    def _policy_applies(self) -> TableConfig:
+        if self.eviction is not None:
+            capped = self.max_rows is not None or self.memory_bytes is not None
+            _refuse_unused(self.eviction, _unused({"capacity_policy": (capped, "max_rows or memory_bytes")}),
+                           "eviction.")
+        return self
 
     @pydantic.field_validator("name")
     @classmethod
@@ -744,12 +756,32 @@ class RunConfig(_Model):
             raise ValueError(f"training.eval_every is {self.training.eval_every}, but data.eval names no files to "
                              f"evaluate on: set data.eval, or remove eval_every")
         self._check_passmode()
+        self._check_unused()
         ftrl = [t.name for t in self.tables if isinstance(t.optimizer, Ftrl)]
         if self.training.schedules_tables and ftrl:
             raise ValueError(f"training.lr_schedule.tables: tables {ftrl} use FTRL, whose alpha sets the scale of "
                              f"the weights rather than a step size (a schedule would move every weight, and a rate "
                              f"of 0 divides by 0); use another optimizer there, or leave tables out of the schedule")
         return self
+
+    def _check_unused(self) -> None:
+        """Refuse what would have no effect: a table no feature reads, the weight of a
+        lone label, `evict_every` where no table evicts or admits."""
+        if _SAVED.get():
+            return
+        read = {f.table for f in self.features if isinstance(f, SparseFeature)}
+        unread = [t.name for t in self.tables if t.name not in read]
+        if unread:
+            raise ValueError(f"tables {unread} are read by no sparse feature: remove them, or name them in a "
+                             f"feature's table")
+        labels = [f for f in self.features if isinstance(f, LabelFeature)]
+        if len(labels) == 1 and labels[0].weight != 1.0:
+            raise ValueError(f"label {labels[0].name!r}: weight {labels[0].weight:g} would have no effect (a weight "
+                             f"is a target's share of the loss, and this is the only target): remove it")
+        evicts = any(t.eviction is not None or t.admission is not None for t in self.tables)
+        if self.training.evict_every != TrainingConfig.model_fields["evict_every"].default and not evicts:
+            raise ValueError(f"training.evict_every ({self.training.evict_every}) would have no effect: no table has "
+                             f"an eviction or admission policy; remove it")
 
     def _check_eval_group(self) -> None:
         group = self.data.eval_group_by
@@ -792,6 +824,8 @@ class RunConfig(_Model):
             with open(path, encoding="utf-8") as f:
                 text = f.read()
             content = yaml.load(text, Loader=yaml_loader())
+        except ConfigError as exc:  # from the loader
+            raise ConfigError(f"{path}: {exc}") from None
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read the config ({exc.strerror})") from None
         except UnicodeDecodeError as exc:
@@ -801,10 +835,6 @@ class RunConfig(_Model):
         if not isinstance(content, dict):
             raise ConfigError(f"{path}: expected a mapping with data, features, tables, model, training; "
                               f"got {type(content).__name__}")
-        empty = [key for key in ("runtime", "passmode") if _EMPTY_SECTION[key].search(text)]
-        if empty:  # YAML reads a section with nothing under it as null, which means no such section
-            raise ConfigError(f"{path}: {empty[0]}: has no value; give its settings ({{}} for the defaults), or "
-                              f"remove it (or write {empty[0]}: null)")
         try:
             return cls(**content)
         except ConfigError as exc:
@@ -841,13 +871,15 @@ def require_threads(threads: Any, where: str) -> None:
 
 def yaml_loader() -> type:
     """yaml's safe loader, with YAML 1.2's floats (`1e3` and `1e-3` are numbers, not strings), refusing a
-    mapping that names a key twice (plain YAML keeps the last silently)."""
+    mapping that names a key twice (plain YAML keeps the last silently) and, with a
+    `ConfigError`, an optional section written with nothing under it (YAML reads it as
+    null, which would mean no such section: `eviction:` would turn eviction off)."""
     import yaml
 
     class Loader(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
             seen = set()
-            for key_node, _ in node.value:
+            for key_node, value_node in node.value:
                 key = self.construct_object(key_node, deep=True)
                 if not isinstance(key, (str, int, float, bool, type(None))):
                     continue  # an unhashable key: the base loader says so
@@ -855,6 +887,9 @@ def yaml_loader() -> type:
                     raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} appears twice in one mapping",
                                                             key_node.start_mark)
                 seen.add(key)
+                if key in _SECTIONS and value_node.tag == "tag:yaml.org,2002:null" and value_node.value == "":
+                    raise ConfigError(f"line {key_node.start_mark.line + 1}: {key}: has no value; give its settings "
+                                      f"({{}} for the defaults), or remove it (or write {key}: null)")
             return super().construct_mapping(node, deep=deep)
 
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))

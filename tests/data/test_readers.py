@@ -215,7 +215,7 @@ def test_a_row_without_its_label_is_a_bad_row(tmp_path):
     report = BadRows()
     rows = pa.Table.from_batches(list(read_batches(path, columns=SMALL, checks=CHECKS, bad_rows=report)))
     assert rows.num_rows == 1
-    assert report.examples == [f"{path}:2: column 'label': expected 0 or 1, got a missing value (an empty field, or null)"]
+    assert report.examples == [f"{path}:2: column 'label': expected 0 or 1 (or 0.0 or 1.0), got a missing value (an empty field, or null)"]
 
 
 def test_tsv_quotes_are_plain_characters_and_blank_lines_keep_their_numbers(tmp_path):
@@ -231,12 +231,13 @@ def test_tsv_quotes_are_plain_characters_and_blank_lines_keep_their_numbers(tmp_
 
 
 def test_number_checks_accept_decimals_and_labels_must_be_zero_or_one(tmp_path):
-    path = _write(tmp_path / "d.tsv", "1\t0.5\ta\n1\t1e3\tb\n2\t1\tc\n1\t99999999999999999999\td\n")
+    path = _write(tmp_path / "d.tsv", "1\t0.5\ta\n1.0\t1e3\tb\n2\t1\tc\n0.\t99999999999999999999\td\n0.5\t1\te\n")
     report = BadRows()
     rows = pa.Table.from_batches(list(read_batches(path, columns=SMALL, checks={"label": "label", "I1": "number"},
                                                    bad_rows=report)))
-    assert rows.column("C1").to_pylist() == ["a", "b", "d"]
-    assert report.examples == [f"{path}:3: column 'label': expected 0 or 1, got '2'"]
+    assert rows.column("C1").to_pylist() == ["a", "b", "d"]  # 1.0 and 0. as a float column's text has them
+    assert report.examples == [f"{path}:3: column 'label': expected 0 or 1 (or 0.0 or 1.0), got '2'",
+                               f"{path}:5: column 'label': expected 0 or 1 (or 0.0 or 1.0), got '0.5'"]
     strict = BadRows()
     list(read_batches(path, columns=SMALL, checks={"I1": "integer"}, bad_rows=strict))
     assert strict.count == 3  # 0.5, 1e3 and the 20-digit id are not int64 integers
@@ -666,7 +667,7 @@ def test_csv_values_spanning_lines_are_read_and_rows_keep_their_physical_lines(t
     small = _write(tmp_path / "s.csv", 'label,I1,C1\n1,5,"a\nb"\n0,6,cd\n1,x,ef\n1,7,"\n\n"\n2,8,gh\n')
     list(read_batches(small, columns=SMALL, checks=CHECKS, bad_rows=report))
     assert report.examples == [f"{small}:5: column 'I1': expected {INT64}, got 'x'",
-                               f"{small}:9: column 'label': expected 0 or 1, got '2'"]
+                               f"{small}:9: column 'label': expected 0 or 1 (or 0.0 or 1.0), got '2'"]
 
 
 def test_a_csv_quote_that_is_never_closed_is_a_bad_row_not_the_rest_of_the_file(tmp_path):
@@ -721,7 +722,7 @@ def test_parquet_boolean_labels_read_as_1_and_0_and_a_null_one_is_named_missing(
                                                    checks=extractor.checks, bad_rows=report)))
     assert rows.column("clicked").to_pylist() == ["1", "0", "1"]
     assert extractor(rows.to_batches()[0]).labels.ravel().tolist() == [1.0, 0.0, 1.0]
-    assert report.examples == [f"{tmp_path / 'd.parquet'}:3: column 'clicked': expected 0 or 1, got a missing value "
+    assert report.examples == [f"{tmp_path / 'd.parquet'}:3: column 'clicked': expected 0 or 1 (or 0.0 or 1.0), got a missing value "
                                f"(an empty field, or null)"]
 
 

@@ -22,6 +22,7 @@ from tidal.data import SparseBatch, generate
 from tidal.data.criteo import CRITEO_DENSE, CRITEO_SPARSE
 from tidal.errors import BatchError, ConfigError, DataError, TidalError
 from tidal.runtime import Trainer, checkpoint
+from tidal.runtime.trainer import shown_table
 from trainer_helpers import assert_same_state
 
 
@@ -185,13 +186,38 @@ def test_a_run_resumed_with_more_epochs_matches_one_that_had_them_from_the_start
     def in_dir(name: str, **training) -> RunConfig:
         return RunConfig(**{**config, "training": {**config["training"], "run_dir": str(tmp_path / name), **training}})
 
-    assert Trainer(in_dir("extended", epochs=1)).fit()["tables"]["ids"]["rows"] > 3000  # the rows of steps 21-24
+    Trainer(in_dir("extended", epochs=1)).fit()
+    saved = Trainer(in_dir("extended", epochs=1))
+    checkpoint.restore(saved, checkpoint.latest(tmp_path / "extended"))
+    assert saved.collection.tables[0].stats().rows > 3000  # the rows of steps 21-24
     extended = Trainer(in_dir("extended", epochs=2))
     assert extended.fit(resume=True)["resumed_from"] == 24
     whole = Trainer(in_dir("whole", epochs=2))
     whole.fit()
     assert_same_state(whole, extended)
     assert whole.collection.tables[0].stats().evicted > 0
+
+
+def test_the_final_evaluation_and_tidal_eval_score_the_tables_within_their_caps_as_exported(tmp_path, capsys):
+    config = _config(tmp_path, epochs=1, evict_every=5)  # 24 steps: the last safe point is step 20
+    config["tables"][0] |= {"eviction": {"capacity_policy": "lfu"}, "max_rows": 3000}
+    summary = Trainer(RunConfig(**config)).fit()
+    table = summary["tables"]["ids"]
+    assert table["rows"] <= 3000 and table["evicted"] > 0 and table["admitted"] == table["rows"] + table["evicted"]
+    assert f"({table['admitted']:,d} created, {table['evicted']:,d} evicted)" in shown_table("ids", table)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", *config["data"]["eval"]]) == 0
+    assert f"AUC {summary['eval']['auc']['click']:.4f}" in capsys.readouterr().out
+
+
+def test_the_summary_says_how_many_ids_a_full_table_without_eviction_turned_away(tmp_path):
+    config = _config(tmp_path, epochs=1)
+    config["data"]["eval"] = None
+    config["tables"][0]["max_rows"] = 500
+    table = Trainer(RunConfig(**config)).fit()["tables"]["ids"]
+    assert table["rows"] == 500 and table["dropped_full"] > 100_000
+    assert (f"{table['dropped_full']:,d} sightings of new ids got no row: the table was at its row cap with no "
+            f"eviction") in shown_table("ids", table)
 
 
 def test_a_resumed_finished_run_logs_one_final_evaluation_as_an_uninterrupted_run(tmp_path):

@@ -113,7 +113,8 @@ def test_serve_names_the_flag_of_a_value_out_of_range(trainer, tmp_path, capsys)
                               ("nonsense=1", "--set nonsense: no such serving field; the fields are fusion, buckets"),
                               ("table_dtype=float16", "fixed when the bundle is written (tidal export --table-dtype)"),
                               ("chunk_rows", "--set takes FIELD=VALUE, got 'chunk_rows'"),
-                              ("buckets=[1, 2", "--set buckets: the value is not YAML")]:
+                              ("buckets=[1, 2", "--set buckets: the value is not YAML"),
+                              ("max_batch_rows=60000", "--set max_batch_rows (60000) must fit the largest bucket")]:
         assert main(["serve", str(bundle), "--port", str(_free_port()), "--set", setting]) == 2
         assert expected in capsys.readouterr().err, setting
     assert main(["serve", str(bundle), "--port", str(_free_port()), "--chunk-rows", "8", "--set", "chunk_rows=4"]) == 2

@@ -51,11 +51,11 @@ INTEGER_PATTERN = r"^-?[0-9]+$"  # an integer id or number as files hold it (and
 _PATTERNS = {  # what a checked column must hold; "label" may not be empty, the others may
     "integer": INTEGER_PATTERN,  # and within int64's range: see `_within_int64`
     "number": f"^{_NUMBER}$",
-    "label": r"^[01]$",
+    "label": r"^[01](?:\.0*)?$",  # 1.0 too, as a float column's text (and Parquet's 1.0) has it
 }
 _WITHIN_FLOAT32 = "within float32's range (|x| <= 3.4028235e38)"
 _EXPECTED = {"integer": f"an integer within int64's range ({_INT64_MIN} to {_INT64_MAX}) or nothing",
-             "number": f"a number {_WITHIN_FLOAT32} or nothing", "label": "0 or 1"}
+             "number": f"a number {_WITHIN_FLOAT32} or nothing", "label": "0 or 1 (or 0.0 or 1.0)"}
 _TO_STRING = pc.CastOptions(pa.string(), allow_invalid_utf8=True)  # binary fields are checked row by row
 CRITEO_CHECKS: dict[str, str] = {"label": "label", **{c: "integer" for c in CRITEO_DENSE}}
 

@@ -29,7 +29,7 @@ from tidal.data.criteo import CRITEO_COLUMNS
 from tidal.data.extract import Extractor
 from tidal.data.generate import auc
 from tidal.data.readers import BadRows, check_layout, expand_paths, format_of
-from tidal.embedding import EmbeddingCollection
+from tidal.embedding import EmbeddingCollection, TableStats
 from tidal.errors import BatchError, ConfigError, DataError, TidalError
 from tidal.models import PRECISIONS, RankingModel, compute_precision, resolve_precision, weighted_bce
 from tidal.processes import SIGTERM_CAME
@@ -126,6 +126,26 @@ def shown_evaluation(evaluation: Evaluation, target: str) -> str:
             f"NE {'n/a' if ne is None else f'{ne:.4f}'}  "
             f"calibration {'n/a' if calibrated is None else f'{calibrated:.3f}'} "
             f"on {evaluation.rows:,d} rows{shown_gauc(evaluation, target)}")
+
+
+def _table_summary(stats: TableStats) -> dict:
+    """A table's size and what became of the ids it was given, over the whole run."""
+    return {"rows": stats.rows, "bytes": stats.value_bytes + stats.state_bytes + stats.index_bytes + stats.metadata_bytes,
+            "admitted": stats.admitted, "evicted": stats.evicted, "not_admitted": stats.not_admitted,
+            "dropped_full": stats.dropped_full}
+
+
+def shown_table(name: str, table: dict) -> str:
+    """A table's line in the CLI's run summary: its size, and the ids that got no row."""
+    line = f"table {name}: {table['rows']:,d} rows, {table['bytes'] / 2**20:.1f} MiB"
+    if table["evicted"]:
+        line += f" ({table['admitted']:,d} created, {table['evicted']:,d} evicted)"
+    if table["not_admitted"]:
+        line += f"; {table['not_admitted']:,d} sightings of new ids not admitted (yet)"
+    if table["dropped_full"]:
+        line += (f"; {table['dropped_full']:,d} sightings of new ids got no row: the table was at its row cap with no "
+                 f"eviction to make room (they read zeros; give the table an eviction, or a higher cap)")
+    return line
 
 
 def shown_gauc(evaluation: Evaluation, target: str) -> str:
@@ -438,7 +458,10 @@ class Trainer:
             if finished and step > first:  # no eviction off the evict_every schedule: a longer run
                 # resumed here must match; a resume that trained nothing keeps its checkpoint (and its position)
                 checkpoint.save(self, {"step": step, "epoch": self.config.training.epochs, "batch": 0})
-            evaluation = self._final_eval(log, step) if self.config.data.eval else None
+            # the tables as `tidal export` serves them, within their caps (past the checkpoint: a resumed run must
+            # match one that had more epochs, which evict only every evict_every steps)
+            evicted = self.collection.evict() if self.collection.evicts else 0
+            evaluation = self._final_eval(log, step, evicted) if self.config.data.eval else None
             summary = self._summary(step, rows, evaluation) | {"compile_s": compiling(), "resumed_from": first,
                                                                 "origin": self.origin}
             _write_record(log, {"event": "end", **summary})
@@ -557,10 +580,10 @@ class Trainer:
                 return step, False
         return step, True
 
-    def _final_eval(self, log, step: int) -> Evaluation:  # type: ignore[no-untyped-def]
-        """The evaluation at the last step: the one `eval_every` made there, if it did.
-        One that fails says that the training is done and saved."""
-        if self._last_eval is not None and self._last_eval[0] == step:
+    def _final_eval(self, log, step: int, evicted: int) -> Evaluation:  # type: ignore[no-untyped-def]
+        """The evaluation at the last step: the one `eval_every` made there, if it did and
+        no row was `evicted` since. One that fails says that the training is done and saved."""
+        if self._last_eval is not None and self._last_eval[0] == step and not evicted:
             return self._last_eval[1]
         try:
             return self._log_eval(log, step, final=True)
@@ -609,8 +632,7 @@ class Trainer:
                 "bad_rows": self.bad_rows.count, "bad_row_examples": self.bad_rows.examples,
                 "runtime": self.runtime_report,
                 "eval": asdict(evaluation) if evaluation else None,
-                "tables": {t.name: {"rows": s.rows, "bytes": s.value_bytes + s.state_bytes + s.index_bytes + s.metadata_bytes}
-                           for t in self.collection.tables for s in [t.stats()]}}
+                "tables": {t.name: _table_summary(t.stats()) for t in self.collection.tables}}
 
     # ------------------------------------------------------------------ evaluation
 
