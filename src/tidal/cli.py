@@ -488,7 +488,7 @@ def _dense_backend(predictor: Predictor) -> str:
 def _serve(args: argparse.Namespace) -> int:
     from tidal.errors import ConfigError, TidalError
     from tidal.processes import SIGTERM_CAME
-    from tidal.serving import Service, listen, load_bundle, serve
+    from tidal.serving import LoadingAnswers, Service, listen, load_bundle, serve
 
     flags = {k: v for k, v in {"max_batch_rows": args.max_batch_rows, "chunk_rows": args.chunk_rows,
                                "max_delay_ms": args.max_delay_ms, "sparse_threads": args.sparse_threads,
@@ -511,8 +511,12 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"tidal serve: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 2
+    loading = LoadingAnswers(sock, f"bundle {args.bundle}")
     try:
-        service = Service(load_bundle(args.bundle), name=name, batching=not args.no_batching, **overrides)
+        try:
+            service = Service(load_bundle(args.bundle), name=name, batching=not args.no_batching, **overrides)
+        finally:
+            loading.stop()
         if SIGTERM_CAME.is_set():  # one that landed in a finalizer, which dropped its KeyboardInterrupt
             service.close()
             raise KeyboardInterrupt

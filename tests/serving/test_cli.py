@@ -92,6 +92,32 @@ def test_serve_refuses_a_port_another_server_holds_while_it_loads_its_bundle(tmp
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in capsys.readouterr().err
 
 
+def test_while_the_bundle_loads_live_answers_200_and_every_other_request_503(tmp_path):
+    from urllib.error import HTTPError
+
+    from tidal.serving import LoadingAnswers, listen
+
+    bundle = tmp_path / "ranker"
+    with listen("127.0.0.1", 0) as sock:
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        loading = LoadingAnswers(sock, f"bundle {bundle}")
+        try:
+            assert urllib.request.urlopen(url + "/v2/health/live", timeout=10).status == 200
+            for path, body in [("/v2/health/ready", None), ("/v2/models/ranker/infer", b'{"inputs": []}')]:
+                with pytest.raises(HTTPError) as refused:
+                    urllib.request.urlopen(urllib.request.Request(url + path, data=body), timeout=10)
+                assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "1"
+                assert json.loads(refused.value.read()) == {"error": f"not ready: loading bundle {bundle}"}
+            with socket.create_connection(sock.getsockname(), timeout=10) as silent:  # sends nothing: let go
+                assert silent.recv(100) == b""
+        finally:
+            loading.stop()
+        with socket.create_connection(sock.getsockname(), timeout=0.5) as waiting:  # in the backlog, for the server
+            waiting.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            with pytest.raises(TimeoutError):
+                waiting.recv(100)
+
+
 def test_serve_refuses_a_port_out_of_range(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["serve", "bundle", "--port", "70000"])

@@ -34,8 +34,8 @@ Stopping (Ctrl-C or SIGTERM, as Triton): the server stops accepting connections 
 lets the requests it holds run for up to `exit_timeout_s` (30 s); a second before
 that deadline, those still queued get a 503 ("the server shut down before this request
 ran"), so that only a batch still running then could be cut off. A second Ctrl-C or
-SIGTERM stops at once. The socket listens from `listen` on: connections made while the
-bundle loads wait in its backlog.
+SIGTERM stops at once. The socket listens from `listen` on; while the bundle loads,
+`LoadingAnswers` answers liveness probes 200 and the rest 503.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import select
 import signal
 import socket
 import threading
@@ -78,7 +79,7 @@ from tidal.serving.protocol import HEADER, LENGTHS, DecodedRequest, InputSpec, R
 from tidal.serving.sessions import SessionCache, SessionError
 from tidal.serving.triton import Statistics, model_config
 
-__all__ = ["RunningServer", "Service", "create_app", "listen", "serve", "start_server"]
+__all__ = ["LoadingAnswers", "RunningServer", "Service", "create_app", "listen", "serve", "start_server"]
 
 T = TypeVar("T")
 # The datatype model metadata gives each kind of input, as training reads the column:
@@ -404,6 +405,7 @@ _DRAIN_BYTES = 64 << 20  # an oversize body up to this size is read and dropped 
 _BODY_TIMEOUT_S = 30.0  # a body must arrive within this
 _HEADER_TIMEOUT_S = 10.0  # a request's headers must arrive within this
 _HEADER_BYTES = 64 << 10  # and take at most this many bytes
+_LOADING_READ_S = 2.0  # the most a request's headers may take while the bundle loads
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -676,6 +678,53 @@ def listen(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+class LoadingAnswers:
+    """Answers on a listening socket while the bundle loads, before the server takes it
+    over: `GET /v2/health/live` 200 (the process is alive, as Triton answers during a
+    load, so an orchestrator's liveness probe does not kill a server loading a large
+    bundle) and every other request 503 with Retry-After, its `ready` included. Each
+    connection gets one answer and is closed. `stop` hands the socket on."""
+
+    def __init__(self, sock: socket.socket, loading: str) -> None:
+        self._sock = sock
+        self._body = json.dumps({"error": f"not ready: loading {loading}"}).encode()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._answer_until_stopped, name="tidal-loading", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join()
+
+    def _answer_until_stopped(self) -> None:
+        while not self._stopping.is_set():
+            if not select.select([self._sock], [], [], 0.05)[0]:
+                continue
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:  # the client left already
+                continue
+            with conn:
+                self._answer(conn)
+
+    def _answer(self, conn: socket.socket) -> None:
+        conn.settimeout(_LOADING_READ_S)
+        head = b""
+        try:
+            while b"\r\n\r\n" not in head and len(head) <= _HEADER_BYTES:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                head += chunk
+            method, _, rest = head.partition(b" ")
+            live = method in (b"GET", b"HEAD") and rest.split(b" ", 1)[0].rstrip(b"/") == b"/v2/health/live"
+            status, body = (b"200 OK", b"") if live else (b"503 Service Unavailable\r\nretry-after: 1", self._body)
+            conn.sendall(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                         b"content-length: %d\r\n\r\n%s" % (status, len(body), body))
+        except OSError:  # timed out, or the client left
+            pass
 
 
 def start_server(service: Service, *, host: str = "127.0.0.1", port: int = 0,
