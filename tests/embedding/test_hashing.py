@@ -21,7 +21,7 @@ from keys import ADVERSARIAL, INT64_MAX, INT64_MIN, M64, as_int64, unmix64
 
 def make_table(*, name="emb", seed=0, kind="uniform", scale=0.05, dim=8, num_shards=8, threads=1):
     config = TableConfig(name=name, dim=dim, seed=seed, num_shards=num_shards,
-                         initializer=Initializer(kind=kind, scale=scale))
+                         initializer=Initializer(kind=kind, **({"scale": scale} if kind != "zeros" else {})))
     return EmbeddingTable(config, threads=threads)
 
 
@@ -181,7 +181,7 @@ def test_normal_init_equals_box_muller_with_exact_functions_when_same_bits():
 
 
 def test_zeros_init_gives_zero_rows_when_kind_zeros():
-    table = make_table(kind="zeros", scale=1.0)
+    table = make_table(kind="zeros")
     keys = some_keys(500)
     np.testing.assert_array_equal(initial_values(table, keys), 0.0)
     assert table.stats().rows == len(keys)

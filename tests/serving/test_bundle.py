@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import zipfile
 
 import numpy as np
@@ -40,10 +41,14 @@ def test_bundle_holds_manifest_tables_and_program_without_pickle(bundle_dir, bun
 
 def test_an_export_that_fails_to_put_the_new_bundle_in_place_leaves_the_old_one_and_cleans_up_dead_exports(
         trainer, bundle_dir, tmp_path, monkeypatch):
+    from tidal.serving import _folders
+
     out = shutil.copytree(bundle_dir, tmp_path / "served")
-    dead = [tmp_path / ".tmp-served-999999999", tmp_path / ".old-served-999999999"]  # exports killed part way
+    dead = [tmp_path / ".tmp-served-1-0a1b", tmp_path / ".old-served-1-2c3d"]  # exports killed part way
     for folder in dead:
         folder.mkdir()
+        os.utime(folder, (time.time() - 60, time.time() - 60))
+    monkeypatch.setattr(_folders, "_exchange", lambda a, b: False)  # a system that swaps no folders: two renames
     real_replace = os.replace
 
     def fails(source, target):  # type: ignore[no-untyped-def]
@@ -56,6 +61,26 @@ def test_an_export_that_fails_to_put_the_new_bundle_in_place_leaves_the_old_one_
         export(trainer.run_dir, out)
     assert load_bundle(out).manifest == load_bundle(bundle_dir).manifest  # the old bundle, back in place
     assert sorted(p.name for p in tmp_path.iterdir()) == ["served"]  # no staging, old or dead exports' folders
+
+
+def test_a_bundle_set_aside_by_an_export_killed_between_its_renames_is_named_and_put_back(trainer, bundle_dir,
+                                                                                          tmp_path):
+    out = tmp_path / "served"
+    aside = shutil.copytree(bundle_dir, tmp_path / ".old-served-1-0a1b")  # out renamed aside, the new one not in
+    os.utime(aside, (time.time() - 60, time.time() - 60))
+    with pytest.raises(CheckpointError, match=rf"served: missing, and {aside} holds the bundle an export killed part "
+                                              rf"way set aside; the next tidal export --out {out} puts it back"):
+        load_bundle(out)
+    export(trainer.run_dir, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["served"]
+    assert load_bundle(out).manifest["source_sha256"] == load_bundle(bundle_dir).manifest["source_sha256"]
+
+
+def test_an_export_over_a_bundle_swaps_them_at_once(trainer, bundle_dir, tmp_path, monkeypatch):
+    out = shutil.copytree(bundle_dir, tmp_path / "served")
+    monkeypatch.setattr(os, "rename", lambda *args: pytest.fail("set aside first"))  # the two renames' first
+    export(trainer.run_dir, out, table_dtype="float16")
+    assert load_bundle(out).manifest["table_dtype"] == "float16" and sorted(p.name for p in tmp_path.iterdir()) == ["served"]
 
 
 def test_float16_tables_halve_the_bytes(trainer, bundle_dir, tmp_path):

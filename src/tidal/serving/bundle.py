@@ -35,8 +35,6 @@ import functools
 import json
 import os
 import re
-import secrets
-import shutil
 import time
 import warnings
 import zipfile
@@ -59,8 +57,8 @@ from tidal.embedding.checkpoint import (SEAL, as_umask_allows, check_seal, finge
                                         write_json_atomic)
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.models import RankingModel
-from tidal.processes import process_running
 from tidal.runtime import checkpoint
+from tidal.serving._folders import put_in_place, remove_abandoned, staging
 from tidal.serving.delta import (DELTA_FORMAT, DELTA_VERSION, DELTAS, Position, RowChanges, apply_rows, delta_name,
                                  delta_names, diff_rows, merge_changes)
 from tidal.serving.protocol import input_specs
@@ -77,7 +75,7 @@ ONNX = "dense.onnx"
 AOTI = "dense-aotinductor.pt2"
 WEIGHTS = "dense.safetensors"  # a delta's dense weights: the base's program runs them
 NO_DELTAS = "a version 1 bundle takes no deltas; export it again in full"
-_STAGING = re.compile(r"\.tmp-\d+-(\d+)-[0-9a-f]+")  # a delta being written: sequence, exporter's pid, a nonce
+_STAGING = re.compile(r"\.tmp-\d+-\d+-[0-9a-f]+")  # a delta being written: sequence, exporter's pid, a nonce
 _SAMPLE_INPUTS = "data/sample_inputs/"  # the archive member torch.export would pickle
 
 
@@ -127,6 +125,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, table_dtype: st
 
 def _export(directory: Path, source: Path, out: Path, table_dtype: str | None, backend: str | None) -> Path:
     meta = checkpoint.read_meta(directory)
+    remove_abandoned(out.parent, _left_beside(out), restore_to=out)
     replaced = _replaced_settings(out)
     backend, table_dtype = backend or replaced.get("backend"), table_dtype or replaced.get("table_dtype")
     config = _with_backend(RunConfig.from_saved(meta["config"]), backend)
@@ -134,51 +133,25 @@ def _export(directory: Path, source: Path, out: Path, table_dtype: str | None, b
     if dtype not in (np.float32, np.float16):
         raise ConfigError(f"table dtype must be float32 or float16, got {table_dtype!r}")
     _check_replaceable(out, source)
-    staging = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        (staging / "tables").mkdir(parents=True)
+    with staging(out.parent, out.name) as folder:
+        (folder / "tables").mkdir()
         for table in checkpoint.load_checked_tables(directory, meta, config.tables):
             table.evict()  # the caps, on this copy: a checkpoint holds the rows of the steps since the last eviction
             keys, values = _rows(table)
             save_file({"keys": keys, "values": _cast(table.name, values, dtype)},
-                      str(staging / "tables" / f"{table.name}.safetensors"))
-        _save_program(_model(config, directory), config, staging)
-        _readable_as_umask_allows(staging)
-        write_json_atomic(staging / MANIFEST, _manifest(config, _source(directory, meta), staging, str(dtype)))
-        fsync_path(staging)
-        _replace_folder(out, staging)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # left only by a failed export
+                      str(folder / "tables" / f"{table.name}.safetensors"))
+        _save_program(_model(config, directory), config, folder)
+        _readable_as_umask_allows(folder)
+        write_json_atomic(folder / MANIFEST, _manifest(config, _source(directory, meta), folder, str(dtype)))
+        fsync_path(folder)
+        put_in_place(folder, out)  # a server reading `out` meanwhile finds the old or the new bundle, whole
     return out
 
 
-def _replace_folder(out: Path, new: Path) -> None:
-    """Put folder `new` in the place of `out` by two renames, so that a server reading
-    `out` meanwhile finds it missing for an instant at most, not half removed. If the
-    second rename fails, the old folder goes back. What exports killed part way left
-    beside `out` (their pids gone) is removed first."""
-    _remove_left_behind(out)
-    old = out.parent / f".old-{out.name}-{os.getpid()}"
-    if out.exists():
-        os.rename(out, old)
-    try:
-        os.replace(new, out)
-    except BaseException:
-        if old.exists():
-            os.rename(old, out)
-        raise
-    fsync_path(out.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _remove_left_behind(out: Path) -> None:
-    """The staging and old folders of exports into `out` whose process is gone."""
-    left = re.compile(rf"\.(tmp|old)-{re.escape(out.name)}-(\d+)")
-    for entry in out.parent.iterdir() if out.parent.is_dir() else []:
-        found = left.fullmatch(entry.name)
-        if found and int(found.group(2)) != os.getpid() and not process_running(int(found.group(2))):
-            shutil.rmtree(entry, ignore_errors=True)
+def _left_beside(out: Path) -> re.Pattern:
+    """The names of the folders exports into `out` write beside it: their staging, and
+    (where the system cannot swap two folders at once) the bundle they set aside."""
+    return re.compile(rf"\.(tmp|old)-{re.escape(out.name)}-\d+(-[0-9a-f]+)?")
 
 
 def export_delta(source: str | os.PathLike, bundle_dir: str | os.PathLike) -> Path | None:
@@ -205,22 +178,18 @@ def _export_delta(directory: Path, bundle_dir: str | os.PathLike) -> Path | None
         return None
     folder = _deltas_folder(served.path)
     sequence = served.position.sequence + 1
-    staging = folder / f".tmp-{delta_name(sequence)}-{os.getpid()}-{secrets.token_hex(4)}"
-    try:
-        staging.mkdir()
-        (staging / "tables").mkdir()
-        counts = _write_changes(served, checkpoint.load_checked_tables(directory, meta, config.tables), staging)
+    with staging(folder, delta_name(sequence)) as written:
+        (written / "tables").mkdir()
+        counts = _write_changes(served, checkpoint.load_checked_tables(directory, meta, config.tables), written)
         save_torch({k: v.contiguous() for k, v in _model(config, directory).state_dict().items()},
-                   str(staging / WEIGHTS))
-        _readable_as_umask_allows(staging)
-        manifest = _delta_manifest(served.position, served.manifest["table_dtype"], _source(directory, meta), staging,
+                   str(written / WEIGHTS))
+        _readable_as_umask_allows(written)
+        manifest = _delta_manifest(served.position, served.manifest["table_dtype"], _source(directory, meta), written,
                                    counts)
-        write_json_atomic(staging / MANIFEST, manifest)
-        fsync_path(staging / "tables")
-        fsync_path(staging)
-        return _publish(staging, folder / delta_name(sequence), served.path, served.position)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # left only by a failed export
+        write_json_atomic(written / MANIFEST, manifest)
+        fsync_path(written / "tables")
+        fsync_path(written)
+        return _publish(written, folder / delta_name(sequence), served.path, served.position)
 
 
 def _readable_as_umask_allows(staging: Path) -> None:
@@ -237,10 +206,7 @@ def _deltas_folder(bundle: Path) -> Path:
     if not folder.is_dir():
         folder.mkdir(exist_ok=True)  # another export may make it too
         fsync_path(bundle)
-    for entry in folder.iterdir():
-        found = _STAGING.fullmatch(entry.name)
-        if found and not process_running(int(found.group(1))):
-            shutil.rmtree(entry, ignore_errors=True)
+    remove_abandoned(folder, _STAGING)
     return folder
 
 
@@ -498,6 +464,10 @@ def _config_of(path: Path, manifest: dict) -> RunConfig:
 def _read_manifest(path: Path) -> dict:
     file = path / MANIFEST
     if not path.exists():
+        aside = sorted(path.parent.glob(f".old-{path.name}-*")) if path.parent.is_dir() else []
+        if aside:
+            raise CheckpointError(f"{path}: missing, and {aside[0]} holds the bundle an export killed part way "
+                                  f"set aside; the next tidal export --out {path} puts it back (or rename it)")
         raise CheckpointError(f"{path}: no such file or folder; give a bundle folder written by tidal export")
     if (path / "checkpoints").is_dir():
         raise CheckpointError(f"{path}: a training run's folder, not a serving bundle; write one from it with "
