@@ -72,9 +72,13 @@ def test_train_and_export_report_a_full_disk_without_a_traceback(tmp_path, capsy
     monkeypatch.undo()
     shutil.rmtree(config["training"]["run_dir"])
     assert main(["train", "--config", str(path)]) == 0
-    monkeypatch.setattr(tidal.serving.bundle, "write_json_atomic", disk_full)
+    def disk_full_unnamed(*args, **kwargs):  # as safetensors reports it: no file named
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tidal.serving.bundle, "write_json_atomic", disk_full_unnamed)
     assert main(["export", "--checkpoint", config["training"]["run_dir"], "--out", str(tmp_path / "bundle")]) == 2
-    assert "tidal export: a file could not be written or read: No space left on device" in capsys.readouterr().err
+    assert (f"tidal export: a file could not be written or read: No space left on device (writing under "
+            f"{tmp_path / 'bundle'})") in capsys.readouterr().err
 
 
 def test_demo_and_bench_dense_say_what_to_install_without_the_onnx_extra(monkeypatch, capsys):

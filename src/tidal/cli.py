@@ -286,7 +286,7 @@ def _train(args: argparse.Namespace) -> int:
         if not _is_disk_error(exc):
             raise
         return _write_failed("train", exc, f"the last checkpoint written is intact: {_resume(args)} continues from it"
-                             if _saved(config) else "no checkpoint was written")
+                             if _saved(config) else "no checkpoint was written", config.training.run_dir)
     except KeyboardInterrupt:
         go_on = (f"{_resume(args)} continues from the last checkpoint written" if _saved(config)
                  else "no checkpoint was written: run the same command again")
@@ -365,7 +365,8 @@ def _eval(args: argparse.Namespace) -> int:
             saved = checkpoint.read_meta(directory)["config"]
             saved = {**saved, "training": {**saved["training"], "device": args.device}}
             trainer = Trainer(RunConfig.from_saved(saved))
-            checkpoint.restore(trainer, directory, check_data=False)  # the training files may be gone
+            step = checkpoint.restore(trainer, directory, check_data=False)["step"]  # the training files may be gone
+            name = directory.name
         trainer.collection.evict()  # within the tables' caps, as `tidal export` serves them
         given = {k: v for k, v in reading.items() if v is not None}
         data = {**saved["data"], **given}
@@ -387,6 +388,7 @@ def _eval(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         return _interrupted("eval", "nothing was written (eval writes no file)")
+    print(f"checkpoint {name}, step {step:,d}")
     for target in result.auc:
         print(f"{target}: {shown_evaluation(result, target)}")
     print(f"bad rows: {BadRows(result.bad_rows, result.bad_row_examples).summary()}")
@@ -425,7 +427,7 @@ def _export(args: argparse.Namespace) -> int:
     except (OSError, SafetensorError) as exc:
         if not _is_disk_error(exc):
             raise
-        return _write_failed("export", exc, "an earlier bundle at --out is intact")
+        return _write_failed("export", exc, "an earlier bundle at --out is intact", args.out)
     except KeyboardInterrupt:
         new = "with the new delta" if args.delta else "the new one"
         return _interrupted("export", f"the bundle at {args.out} is whole: as it was, or {new} if the interrupt came "
@@ -439,8 +441,9 @@ def _export(args: argparse.Namespace) -> int:
               f"of it applies it on POST /v2/repository/models/NAME/load or at its next --delta-poll-s")
     else:
         manifest = json.loads((out / "manifest.json").read_text())
-        print(f"wrote the serving bundle {out} ({size / 2**20:,.1f} MiB; backend {manifest['config']['serving']['backend']}, "
-              f"{manifest['table_dtype']} tables); serve it with: tidal serve {out}")
+        print(f"wrote the serving bundle {out} of step {manifest['source_step']:,d} ({size / 2**20:,.1f} MiB; backend "
+              f"{manifest['config']['serving']['backend']}, {manifest['table_dtype']} tables); serve it with: "
+              f"tidal serve {out}")
     return 0
 
 
@@ -456,9 +459,10 @@ def _is_disk_error(exc: Exception) -> bool:
     return isinstance(exc, SafetensorError) or exc.filename is not None or exc.errno in _DISK_ERRORS
 
 
-def _write_failed(command: str, exc: Exception, consequence: str) -> int:
-    """Report a file that could not be written or read (a full or read-only disk, say)."""
-    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+def _write_failed(command: str, exc: Exception, consequence: str, folder: str) -> int:
+    """Report a file that could not be written or read (a full or read-only disk, say),
+    named, or else the folder being written (`folder`)."""
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else f" (writing under {folder})"
     print(f"tidal {command}: a file could not be written or read: {getattr(exc, 'strerror', None) or exc}{where}; "
           f"{consequence}", file=sys.stderr)
     return 2

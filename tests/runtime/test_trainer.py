@@ -207,7 +207,8 @@ def test_the_final_evaluation_and_tidal_eval_score_the_tables_within_their_caps_
     assert f"({table['admitted']:,d} created, {table['evicted']:,d} evicted)" in shown_table("ids", table)
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", *config["data"]["eval"]]) == 0
-    assert f"AUC {summary['eval']['auc']['click']:.4f}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"AUC {summary['eval']['auc']['click']:.4f}" in out and ", step 24\n" in out
 
 
 def test_the_summary_says_how_many_ids_a_full_table_without_eviction_turned_away(tmp_path):

@@ -39,7 +39,8 @@ def _wait_ready(url: str, process: subprocess.Popen) -> None:
 def test_export_then_serve_then_stop_with_ctrl_c_or_sigterm(trainer, tmp_path, capsys, stop):
     bundle = tmp_path / "ranker"
     assert main(["export", "--checkpoint", str(trainer.run_dir), "--out", str(bundle), "--table-dtype", "float16"]) == 0
-    assert f"serve it with: tidal serve {bundle}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"serve it with: tidal serve {bundle}" in out and f"wrote the serving bundle {bundle} of step " in out
     port = _free_port()
     process = subprocess.Popen([sys.executable, "-m", "tidal.cli", "serve", str(bundle), "--port", str(port),
                                 "--set", "fusion={kind: sum, weights: {ctr: 2.0}}"],
