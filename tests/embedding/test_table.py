@@ -676,7 +676,7 @@ def test_push_rows_refuses_repeated_keys_and_reports_rows_refused_by_the_cap():
 def test_push_rows_checks_its_metadata_before_writing_a_row(counts):
     from tidal.config import Eviction
 
-    table = make_table(eviction=Eviction(capacity_policy="lfu"))
+    table = make_table(eviction=Eviction(capacity_policy="lfu"), max_rows=100)  # LFU keeps counts
     block, _ = make_table().pull_rows(arr(1, 2, 3))
     bad = type(block)(keys=block.keys, values=block.values, state=block.state, last_seen=block.last_seen,
                       counts=None if counts is None else block.counts[:2])

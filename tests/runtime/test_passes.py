@@ -137,7 +137,11 @@ def test_pass_mode_and_the_heterogeneous_engine_are_refused_together(tmp_path):
 
 def test_evict_every_must_fit_the_passes_only_when_a_table_evicts(tmp_path):
     config = _config(tmp_path, evict_every=10, passmode={"batches_per_pass": 4})
-    RunConfig(**config)  # nothing evicts: no safe point is needed
+    with pytest.raises(ConfigError, match=r"training.evict_every \(10\) would have no effect"):
+        RunConfig(**config)  # nothing evicts: no safe point is needed
+    config["training"].pop("evict_every")
+    RunConfig(**config)  # its default, 100, does not fit passes of 4 either, and needs not
+    config["training"]["evict_every"] = 10
     config["tables"][1]["eviction"] = {"ttl_steps": 100}
     with pytest.raises(ConfigError, match="training.evict_every is 10"):
         RunConfig(**config)
@@ -200,7 +204,7 @@ def test_after_a_failed_step_the_tables_hold_every_step_before_it(tmp_path, monk
     {"max_rows": 800, "eviction": {"capacity_policy": "lfu"}},
 ], ids=["probability", "count", "row_cap", "ttl", "lru", "lfu"])
 def test_pass_mode_admits_caps_and_evicts_the_rows_the_reference_trainer_does(tmp_path, settings):
-    config = _config(tmp_path, evict_every=4)
+    config = _config(tmp_path, **({} if settings == {"max_rows": 800} else {"evict_every": 4}))  # a cap alone evicts nothing
     config["training"]["epochs"] = 1
     config["tables"][0] |= settings
     reference = _run(config, tmp_path, "reference")
@@ -218,7 +222,9 @@ def test_pass_mode_admits_caps_and_evicts_the_rows_the_reference_trainer_does(tm
 def test_a_table_no_feature_reads_keeps_its_step(tmp_path):
     config = _config(tmp_path, passmode={"batches_per_pass": 4})
     config["tables"].append({"name": "unused", "dim": 8})
-    trainer = _run(config, tmp_path, "run")
+    config["training"]["run_dir"] = str(tmp_path / "run")
+    trainer = Trainer(RunConfig.from_saved(config))  # as a run saved before such a table was refused goes on
+    trainer.fit()
     assert trainer.collection.table("unused").clocks()["step"] == 0
     assert trainer.collection.table("ids").clocks()["step"] == 24
 
