@@ -286,7 +286,8 @@ def _train(args: argparse.Namespace) -> int:
         if not _is_disk_error(exc):
             raise
         return _write_failed("train", exc, f"the last checkpoint written is intact: {_resume(args)} continues from it"
-                             if _saved(config) else "no checkpoint was written", config.training.run_dir)
+                             if _saved(config) else "no checkpoint was written",
+                             config.training.run_dir if config else args.config)
     except KeyboardInterrupt:
         go_on = (f"{_resume(args)} continues from the last checkpoint written" if _saved(config)
                  else "no checkpoint was written: run the same command again")

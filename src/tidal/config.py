@@ -59,6 +59,8 @@ __all__ = [
     "TableConfig",
     "TrainingConfig",
     "check_group_feature",
+    "effective_fields",
+    "effective_table_fields",
     "is_whole_number",
     "require",
     "require_threads",
@@ -264,6 +266,13 @@ class TableConfig(_Model):
     reserve_rows: _Int = Field(0, ge=0)
     num_shards: Literal[1, 2, 4, 8, 16, 32, 64] = 8
     seed: _Int = Field(0, ge=0, lt=1 << 63)  # of the rows' initial values (not training.seed, the dense weights')
+
+    @classmethod
+    def from_saved(cls, values: dict) -> TableConfig:
+        """A table config read back from a checkpoint: one saved before a field without
+        effect was refused still loads (the field has none)."""
+        with _reading_saved():
+            return cls(**values)
 
     @pydantic.model_validator(mode="after")
     def _policy_applies(self) -> TableConfig:
@@ -764,6 +773,11 @@ class RunConfig(_Model):
                              f"of 0 divides by 0); use another optimizer there, or leave tables out of the schedule")
         return self
 
+    @property
+    def evicts(self) -> bool:
+        """Whether some table evicts or admits: `training.evict_every` has work then."""
+        return any(t.eviction is not None or t.admission is not None for t in self.tables)
+
     def _check_unused(self) -> None:
         """Refuse what would have no effect: a table no feature reads, the weight of a
         lone label, `evict_every` where no table evicts or admits."""
@@ -778,8 +792,7 @@ class RunConfig(_Model):
         if len(labels) == 1 and labels[0].weight != 1.0:
             raise ValueError(f"label {labels[0].name!r}: weight {labels[0].weight:g} would have no effect (a weight "
                              f"is a target's share of the loss, and this is the only target): remove it")
-        evicts = any(t.eviction is not None or t.admission is not None for t in self.tables)
-        if self.training.evict_every != TrainingConfig.model_fields["evict_every"].default and not evicts:
+        if self.training.evict_every != TrainingConfig.model_fields["evict_every"].default and not self.evicts:
             raise ValueError(f"training.evict_every ({self.training.evict_every}) would have no effect: no table has "
                              f"an eviction or admission policy; remove it")
 
@@ -798,9 +811,8 @@ class RunConfig(_Model):
         if self.runtime is not None:
             raise ValueError("runtime (the heterogeneous engine) and passmode are two ways to train a run: keep one")
         every = self.passmode.batches_per_pass
-        evicts = any(t.eviction is not None or t.admission is not None for t in self.tables)
         due = {"checkpoint_every": self.training.checkpoint_every, "eval_every": self.training.eval_every,
-               "evict_every": self.training.evict_every if evicts else None}
+               "evict_every": self.training.evict_every if self.evicts else None}
         for key, steps in due.items():
             if steps is not None and steps % every:
                 default = "" if key in self.training.model_fields_set else " (its default)"
@@ -839,6 +851,31 @@ class RunConfig(_Model):
             return cls(**content)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
+
+
+def effective_fields(config: dict) -> dict:
+    """A run config's values (as `model_dump(mode="json")` gives them) without the
+    fields that have no effect, which a config saved before they were refused may hold:
+    the tables no sparse feature reads, a zeros initializer's scale, an eviction's
+    capacity policy without a row cap, a lone label's weight. Two configs that differ
+    only there train alike."""
+    features = config.get("features", [])
+    read = {f.get("table") for f in features if f.get("kind") == "sparse"}
+    labels = [f for f in features if f.get("kind") == "label"]
+    return {**config, "tables": [effective_table_fields(t) for t in config.get("tables", []) if t.get("name") in read],
+            "features": [{k: v for k, v in f.items() if not (k == "weight" and len(labels) == 1)}
+                         if f.get("kind") == "label" else f for f in features]}
+
+
+def effective_table_fields(table: dict) -> dict:
+    """A table config's values without a zeros initializer's scale and an eviction's
+    capacity policy without a row cap (see `effective_fields`)."""
+    table = dict(table)
+    if (table.get("initializer") or {}).get("kind") == "zeros":
+        table["initializer"] = {k: v for k, v in table["initializer"].items() if k != "scale"}
+    if table.get("eviction") and table.get("max_rows") is None and table.get("memory_bytes") is None:
+        table["eviction"] = {k: v for k, v in table["eviction"].items() if k != "capacity_policy"}
+    return table
 
 
 @contextmanager
@@ -888,8 +925,9 @@ def yaml_loader() -> type:
                                                             key_node.start_mark)
                 seen.add(key)
                 if key in _SECTIONS and value_node.tag == "tag:yaml.org,2002:null" and value_node.value == "":
-                    raise ConfigError(f"line {key_node.start_mark.line + 1}: {key}: has no value; give its settings "
-                                      f"({{}} for the defaults), or remove it (or write {key}: null)")
+                    defaults = " ({} for the defaults)" if key in ("runtime", "passmode") else ""
+                    raise ConfigError(f"line {key_node.start_mark.line + 1}: {key}: has no value; give its settings"
+                                      f"{defaults}, or remove it (or write {key}: null)")
             return super().construct_mapping(node, deep=deep)
 
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))

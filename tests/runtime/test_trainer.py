@@ -211,6 +211,23 @@ def test_the_final_evaluation_and_tidal_eval_score_the_tables_within_their_caps_
     assert f"AUC {summary['eval']['auc']['click']:.4f}" in out and ", step 24\n" in out
 
 
+def test_a_run_saved_with_fields_now_refused_for_having_no_effect_resumes_without_them(tmp_path):
+    config = _config(tmp_path, epochs=2, checkpoint_every=10)
+    config["data"]["eval"] = None
+    config["tables"][0] |= {"initializer": {"kind": "zeros", "scale": 0.5}, "eviction": {"capacity_policy": "lfu",
+                                                                                         "ttl_steps": 1000}}
+    config["tables"].append({"name": "spare", "dim": 8})
+    config["features"][-1]["weight"] = 3.0
+    Trainer(RunConfig.from_saved(config)).fit(max_steps=30)  # as a run saved before these were refused
+    with pytest.raises(ConfigError, match="would have no effect"):
+        RunConfig(**config)
+    clean = {**config, "tables": [{**config["tables"][0], "initializer": {"kind": "zeros"},
+                                   "eviction": {"ttl_steps": 1000}}],
+             "features": [*config["features"][:-1], {k: v for k, v in config["features"][-1].items() if k != "weight"}]}
+    assert Trainer(RunConfig(**clean)).fit(resume=True)["steps"] == 48
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "bundle")]) == 0
+
+
 def test_the_summary_says_how_many_ids_a_full_table_without_eviction_turned_away(tmp_path):
     config = _config(tmp_path, epochs=1)
     config["data"]["eval"] = None

@@ -47,7 +47,7 @@ def test_an_export_that_fails_to_put_the_new_bundle_in_place_leaves_the_old_one_
     dead = [tmp_path / ".tmp-served-1-0a1b", tmp_path / ".old-served-1-2c3d"]  # exports killed part way
     for folder in dead:
         folder.mkdir()
-        os.utime(folder, (time.time() - 60, time.time() - 60))
+        os.utime(folder, (time.time() - 120, time.time() - 120))
     monkeypatch.setattr(_folders, "_exchange", lambda a, b: False)  # a system that swaps no folders: two renames
     real_replace = os.replace
 
@@ -63,24 +63,39 @@ def test_an_export_that_fails_to_put_the_new_bundle_in_place_leaves_the_old_one_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["served"]  # no staging, old or dead exports' folders
 
 
+def _fails(*args: object) -> None:
+    raise CheckpointError("stopped here")
+
+
 def test_a_bundle_set_aside_by_an_export_killed_between_its_renames_is_named_and_put_back(trainer, bundle_dir,
-                                                                                          tmp_path):
+                                                                                          tmp_path, monkeypatch):
+    from tidal.serving import bundle as bundle_module
+
     out = tmp_path / "served"
     aside = shutil.copytree(bundle_dir, tmp_path / ".old-served-1-0a1b")  # out renamed aside, the new one not in
-    os.utime(aside, (time.time() - 60, time.time() - 60))
+    os.utime(aside, (time.time() - 120, time.time() - 120))
     with pytest.raises(CheckpointError, match=rf"served: missing, and {aside} holds the bundle an export killed part "
-                                              rf"way set aside; the next tidal export --out {out} puts it back"):
+                                              rf"way set aside; rename it back to serve it \(the next tidal export --out {out} puts it back"):
         load_bundle(out)
-    export(trainer.run_dir, out)
+    monkeypatch.setattr(bundle_module, "_check_replaceable", _fails)  # the next export stops once it is put back
+    with pytest.raises(CheckpointError, match="stopped here"):
+        export(trainer.run_dir, out)
+    assert load_bundle(out).manifest == load_bundle(bundle_dir).manifest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["served"]
-    assert load_bundle(out).manifest["source_sha256"] == load_bundle(bundle_dir).manifest["source_sha256"]
 
 
 def test_an_export_over_a_bundle_swaps_them_at_once(trainer, bundle_dir, tmp_path, monkeypatch):
+    from tidal.serving import _folders
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    if not _folders._exchange(tmp_path / "a", tmp_path / "b"):
+        pytest.skip("this system or filesystem cannot swap two folders at once")
     out = shutil.copytree(bundle_dir, tmp_path / "served")
     monkeypatch.setattr(os, "rename", lambda *args: pytest.fail("set aside first"))  # the two renames' first
     export(trainer.run_dir, out, table_dtype="float16")
-    assert load_bundle(out).manifest["table_dtype"] == "float16" and sorted(p.name for p in tmp_path.iterdir()) == ["served"]
+    assert load_bundle(out).manifest["table_dtype"] == "float16"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "served"]
 
 
 def test_float16_tables_halve_the_bytes(trainer, bundle_dir, tmp_path):

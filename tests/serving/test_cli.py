@@ -102,16 +102,20 @@ def test_while_the_bundle_loads_live_answers_200_and_every_other_request_503(tmp
     with listen("127.0.0.1", 0) as sock:
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         loading = LoadingAnswers(sock, f"bundle {bundle}")
+        silent = socket.create_connection(sock.getsockname(), timeout=10)  # sends nothing: holds up no one
         try:
+            start = time.monotonic()
             assert urllib.request.urlopen(url + "/v2/health/live", timeout=10).status == 200
-            for path, body in [("/v2/health/ready", None), ("/v2/models/ranker/infer", b'{"inputs": []}')]:
+            assert time.monotonic() - start < 1.0
+            for path, body in [("/v2/health/ready", None), ("/v2/models/ranker/infer", b'{"inputs": []}'),
+                               ("/v2/models/ranker/infer", b"x" * (4 << 20))]:  # a body it does not read: no reset
                 with pytest.raises(HTTPError) as refused:
                     urllib.request.urlopen(urllib.request.Request(url + path, data=body), timeout=10)
                 assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "1"
                 assert json.loads(refused.value.read()) == {"error": f"not ready: loading bundle {bundle}"}
-            with socket.create_connection(sock.getsockname(), timeout=10) as silent:  # sends nothing: let go
-                assert silent.recv(100) == b""
+            assert silent.recv(100) == b""  # let go at its deadline
         finally:
+            silent.close()
             loading.stop()
         with socket.create_connection(sock.getsockname(), timeout=0.5) as waiting:  # in the backlog, for the server
             waiting.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")

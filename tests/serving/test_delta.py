@@ -290,19 +290,22 @@ def test_a_delta_is_not_published_into_a_bundle_a_full_export_replaced_meanwhile
 def test_the_folders_of_delta_exports_that_died_are_removed_by_the_next(run, bundle_dir):
     import fcntl
 
-    # each by process 1, as exports in containers are: the lock a writer holds tells them apart
-    dead, running, new = (bundle_dir / "deltas" / f".tmp-000001-1-{nonce}" for nonce in ("0a1b", "2c3d", "4e5f"))
-    for folder in (dead, running, new):
+    # each by process 1, as exports in containers are: the lock file a writer holds tells them apart
+    dead, running, unlocked, young = (bundle_dir / "deltas" / f".tmp-000001-1-{nonce}" for nonce in ("0a", "2c", "4e", "6f"))
+    for folder in (dead, running, unlocked, young):
         (folder / "tables").mkdir(parents=True)
     for folder in (dead, running):
-        os.utime(folder, (time.time() - 60, time.time() - 60))  # the new one's writer may not have locked it yet
-    held = os.open(running, os.O_RDONLY)
+        (bundle_dir / "deltas" / f"{folder.name}.lock").touch()
+    for folder in (dead, running, unlocked):
+        os.utime(folder, (time.time() - 120, time.time() - 120))  # a young one without a lock file may be an older
+    held = os.open(bundle_dir / "deltas" / f"{running.name}.lock", os.O_RDWR)  # Tidal's, still at work
     try:
         fcntl.flock(held, fcntl.LOCK_EX)  # its writer, still at work
         _delta(run, bundle_dir)
     finally:
         os.close(held)
-    assert sorted(p.name for p in (bundle_dir / "deltas").iterdir()) == sorted(["000001", running.name, new.name])
+    assert sorted(p.name for p in (bundle_dir / "deltas").iterdir()) == sorted(
+        ["000001", running.name, f"{running.name}.lock", young.name])
 
 
 def test_export_delta_on_the_command_line(run, bundle_dir, capsys):

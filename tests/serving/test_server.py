@@ -606,6 +606,13 @@ def test_headers_over_the_size_limit_get_a_431_and_the_server_keeps_serving(serv
     with socket.create_connection((host, int(port)), timeout=30) as conn:  # ended, and read with the rest: counted too
         conn.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n")
         assert conn.recv(4096).startswith(b"HTTP/1.1 431")
+    body = b"x" * 100_000
+    with socket.create_connection((host, int(port)), timeout=30) as conn:  # headers ended across tiny reads: no body
+        for piece in (f"POST /v2/models/ctr/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n".encode(),
+                      b"\r", b"\n" + body):  # a read of 1 byte between
+            conn.sendall(piece)
+            time.sleep(0.2)
+        assert conn.recv(4096).startswith(b"HTTP/1.1 400")  # not JSON: read as a request, not refused as headers
     request = urllib.request.Request(server.url + "/v2/health/ready", headers={"X-Fine": "a" * 8000})
     assert urllib.request.urlopen(request, timeout=30).status == 200
 

@@ -406,7 +406,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _config(directory: Path, entry: dict[str, Any]) -> TableConfig:
     try:
-        return TableConfig(**entry["config"])
+        return TableConfig.from_saved(entry["config"])  # saved before a field without effect was refused, too
     except (ConfigError, KeyError, TypeError) as exc:
         raise CorruptCheckpointError(f"{directory / MANIFEST}: invalid table config ({exc})") from None
 

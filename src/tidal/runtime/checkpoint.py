@@ -53,7 +53,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tidal.config import TableConfig
+from tidal.config import TableConfig, effective_fields, effective_table_fields
 from tidal.data.readers import expand_paths
 from tidal.embedding import EmbeddingTable, load_tables, save_tables
 from tidal.embedding.checkpoint import (CHAIN, MANIFEST, SEAL, as_umask_allows, check_file, check_seal, fingerprint,
@@ -466,9 +466,9 @@ def _load_model(trainer: Trainer, directory: Path, meta: dict[str, Any]) -> dict
 def _kept_on_resume(config: dict[str, Any], unused: dict[str, str]) -> dict[str, Any]:
     """The part of a config a resume must keep: its sections but training, runtime,
     passmode and serving, without the data fields that say how bad rows are met, nor
-    the model fields its kind does not read (saved set, before such fields were
-    refused, they may go)."""
-    kept = {k: v for k, v in config.items() if k not in _MAY_CHANGE}
+    the fields without effect, the model's its kind does not read among them (saved
+    set, before such fields were refused, they may go)."""
+    kept = {k: v for k, v in effective_fields(config).items() if k not in _MAY_CHANGE}
     kept["data"] = {f: v for f, v in kept.get("data", {}).items() if f not in _DATA_MAY_CHANGE}
     kept["model"] = {f: v for f, v in kept.get("model", {}).items() if f not in unused}
     return kept
@@ -564,7 +564,7 @@ def _check_table_files(directory: Path, meta: dict[str, Any]) -> None:
 def _check_table_config(directory: Path, saved: TableConfig, config: TableConfig) -> None:
     """Refuse a table whose saved config differs from the run's in what shapes its
     state or its training (dim, optimizer, admission, eviction, shards, ...)."""
-    found, expected = saved.model_dump(mode="json"), config.model_dump(mode="json")
+    found, expected = (effective_table_fields(c.model_dump(mode="json")) for c in (saved, config))
     changed = sorted(k for k in expected if k not in _UNCHECKED_TABLE_FIELDS and found.get(k) != expected[k])
     if changed:
         shown = "; ".join(f"{k}: {found.get(k)!r} there, {expected[k]!r} in the run config" for k in changed)

@@ -2,9 +2,10 @@
 then put in place; what a killed export left is found by its lock, not its pid.
 
 A process id says nothing across containers (in each, an export may be process 1), so
-a staging folder is held by an exclusive `flock` on the folder itself while it is
-written: the system drops the lock when the writer dies, and a later export removes
-the folders nobody holds. A bundle replaced in full is swapped with its new version in
+a staging folder is held by an exclusive `flock` on a lock file beside it (made before
+the folder, removed after it; a file, as NFS locks no folder) while it is written: the
+system drops the lock when the writer dies, and a later export removes the folders
+nobody holds, with their lock files. A bundle replaced in full is swapped with its new version in
 one `renameat2(RENAME_EXCHANGE)` where Linux and the filesystem allow it, so that its
 path never goes missing; elsewhere by two renames, and a bundle left aside by an export
 killed between them is put back by the next one.
@@ -28,7 +29,7 @@ from tidal.embedding.checkpoint import fsync_path
 
 __all__ = ["put_in_place", "remove_abandoned", "staging"]
 
-_SETTLING_S = 10.0  # a folder younger than this may be a writer's that has not taken its lock yet
+_SETTLING_S = 60.0  # a folder without a lock file, younger than this, may be an older Tidal's still written
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 
@@ -37,12 +38,13 @@ def staging(parent: Path, prefix: str) -> Iterator[Path]:
     """A new folder `parent/.tmp-{prefix}-{pid}-{nonce}`, locked while the block runs and
     removed after it unless it was renamed away (into place)."""
     folder = parent / f".tmp-{prefix}-{os.getpid()}-{secrets.token_hex(4)}"
-    folder.mkdir(parents=True)
-    try:
-        with _held(folder):
+    parent.mkdir(parents=True, exist_ok=True)
+    with _held(folder):
+        try:
+            folder.mkdir()
             yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def remove_abandoned(parent: Path, pattern: re.Pattern, restore_to: Path | None = None) -> None:
@@ -57,6 +59,7 @@ def remove_abandoned(parent: Path, pattern: re.Pattern, restore_to: Path | None 
             fsync_path(parent)
         else:
             shutil.rmtree(entry, ignore_errors=True)
+        _lock_file(entry).unlink(missing_ok=True)
 
 
 def put_in_place(new: Path, out: Path) -> None:
@@ -68,7 +71,7 @@ def put_in_place(new: Path, out: Path) -> None:
         shutil.rmtree(new, ignore_errors=True)  # the old folder now
         return
     old = out.parent / f".old-{out.name}-{os.getpid()}-{secrets.token_hex(4)}"
-    with _held(out):  # aside, it is this export's: no other may put it back meanwhile
+    with _held(old):  # set aside, it is this export's: no other may put it back meanwhile
         if out.exists():
             os.rename(out, old)
         try:
@@ -81,32 +84,36 @@ def put_in_place(new: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _lock_file(folder: Path) -> Path:
+    return folder.with_name(folder.name + ".lock")
+
+
 @contextlib.contextmanager
 def _held(folder: Path) -> Iterator[None]:
-    """An exclusive lock on `folder`, if it exists, while the block runs."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except FileNotFoundError:
-        yield
-        return
+    """An exclusive lock on `folder`'s lock file, made for the block and removed after it."""
+    lock = _lock_file(folder)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
+        lock.unlink(missing_ok=True)
         os.close(fd)
 
 
-def _abandoned(path: Path) -> bool:
-    """Whether no writer holds folder `path` (and it is old enough to have been locked)."""
+def _abandoned(folder: Path) -> bool:
+    """Whether no writer holds `folder`: its lock file is free, or gone with a folder old
+    enough (one left by a Tidal that made none)."""
     try:
-        if time.time() - path.stat().st_mtime < _SETTLING_S:
+        fd = os.open(_lock_file(folder), os.O_RDWR)
+    except FileNotFoundError:
+        try:
+            return time.time() - folder.stat().st_mtime > _SETTLING_S
+        except OSError:  # gone meanwhile
             return False
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # gone meanwhile, or not ours to read
-        return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except OSError:  # held (or this filesystem locks nothing: leave it)
         return False
     finally:
         os.close(fd)

@@ -464,10 +464,13 @@ def _config_of(path: Path, manifest: dict) -> RunConfig:
 def _read_manifest(path: Path) -> dict:
     file = path / MANIFEST
     if not path.exists():
-        aside = sorted(path.parent.glob(f".old-{path.name}-*")) if path.parent.is_dir() else []
+        beside = _left_beside(path)
+        aside = sorted(p for p in path.parent.glob(f".old-{path.name}-*") if beside.fullmatch(p.name)) \
+            if path.parent.is_dir() else []
         if aside:
             raise CheckpointError(f"{path}: missing, and {aside[0]} holds the bundle an export killed part way "
-                                  f"set aside; the next tidal export --out {path} puts it back (or rename it)")
+                                  f"set aside; rename it back to serve it (the next tidal export --out {path} puts "
+                                  f"it back before it replaces it)")
         raise CheckpointError(f"{path}: no such file or folder; give a bundle folder written by tidal export")
     if (path / "checkpoints").is_dir():
         raise CheckpointError(f"{path}: a training run's folder, not a serving bundle; write one from it with "

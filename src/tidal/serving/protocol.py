@@ -597,10 +597,11 @@ def _outputs(request: dict, outputs: Sequence[str], binary_all: bool) -> tuple[l
         raise RequestError(f"outputs names {sorted({n for n in names if names.count(n) > 1})} more than once")
     binary = set()
     for o in wanted:  # an output's own binary_data overrides binary_data_output
-        if _parameters_of(o, f"output {o['name']!r}").get("class_count", 0):
+        params = _parameters_of(o, f"output {o['name']!r}")
+        if params.get("class_count", 0):
             raise RequestError(f"output {o['name']!r}: class_count asks for Triton's classification extension, "
                                f"which this server does not have; its outputs are one probability per candidate")
-        flag = _parameters_of(o, f"output {o['name']!r}").get("binary_data", binary_all)
+        flag = params.get("binary_data", binary_all)
         if not isinstance(flag, bool):
             raise RequestError(f"output {o['name']!r}: parameter binary_data must be true or false, got {flag!r}")
         if flag:

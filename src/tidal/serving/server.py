@@ -405,7 +405,7 @@ _DRAIN_BYTES = 64 << 20  # an oversize body up to this size is read and dropped 
 _BODY_TIMEOUT_S = 30.0  # a body must arrive within this
 _HEADER_TIMEOUT_S = 10.0  # a request's headers must arrive within this
 _HEADER_BYTES = 64 << 10  # and take at most this many bytes
-_LOADING_READ_S = 2.0  # the most a request's headers may take while the bundle loads
+_LOADING_READ_S = 2.0  # the most a request may take while the bundle loads (its head read, its body drained)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -575,9 +575,11 @@ class _TimedHeaders(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._header_deadline is not None:  # headers under way: count their bytes up to their end
-            end = (self._header_tail + data).find(b"\r\n\r\n")
+            seen = self._header_tail + data
+            start = len(seen) - len(seen.lstrip(b"\r\n")) if not self._header_bytes else 0  # empty lines first
+            end = seen.find(b"\r\n\r\n", start)
             self._header_bytes += len(data) if end < 0 else end + 4 - len(self._header_tail)
-            self._header_tail = data[-3:]
+            self._header_tail = seen[-3:]
             if self._header_bytes > _HEADER_BYTES:
                 self._stop_header_clock()
                 self._refuse(b"431 Request Header Fields Too Large",
@@ -620,9 +622,7 @@ class _TimedHeaders(HttpToolsProtocol):
         """Answer `status` with `message` as the error and close the connection."""
         if self.transport.is_closing():
             return
-        body = json.dumps({"error": message}).encode()
-        self.transport.write(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                             b"content-length: %d\r\n\r\n%s" % (status, len(body), body))
+        self.transport.write(_raw_response(status, json.dumps({"error": message}).encode()))
         self.transport.close()
 
 
@@ -685,20 +685,22 @@ class LoadingAnswers:
     over: `GET /v2/health/live` 200 (the process is alive, as Triton answers during a
     load, so an orchestrator's liveness probe does not kill a server loading a large
     bundle) and every other request 503 with Retry-After, its `ready` included. Each
-    connection gets one answer and is closed. `stop` hands the socket on."""
+    connection, on a thread of its own (a slow client holds up no probe), gets one
+    answer within `_LOADING_READ_S` and is closed. `stop` hands the socket on."""
 
     def __init__(self, sock: socket.socket, loading: str) -> None:
         self._sock = sock
         self._body = json.dumps({"error": f"not ready: loading {loading}"}).encode()
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._answer_until_stopped, name="tidal-loading", daemon=True)
+        self._thread = threading.Thread(target=self._accept_until_stopped, name="tidal-loading", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        """Accept no more connections (those accepted end on their own, within their deadline)."""
         self._stopping.set()
         self._thread.join()
 
-    def _answer_until_stopped(self) -> None:
+    def _accept_until_stopped(self) -> None:
         while not self._stopping.is_set():
             if not select.select([self._sock], [], [], 0.05)[0]:
                 continue
@@ -706,25 +708,50 @@ class LoadingAnswers:
                 conn, _ = self._sock.accept()
             except OSError:  # the client left already
                 continue
-            with conn:
-                self._answer(conn)
+            threading.Thread(target=self._answer, args=(conn,), name="tidal-loading-answer", daemon=True).start()
 
     def _answer(self, conn: socket.socket) -> None:
-        conn.settimeout(_LOADING_READ_S)
-        head = b""
-        try:
-            while b"\r\n\r\n" not in head and len(head) <= _HEADER_BYTES:
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                head += chunk
-            method, _, rest = head.partition(b" ")
-            live = method in (b"GET", b"HEAD") and rest.split(b" ", 1)[0].rstrip(b"/") == b"/v2/health/live"
-            status, body = (b"200 OK", b"") if live else (b"503 Service Unavailable\r\nretry-after: 1", self._body)
-            conn.sendall(b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
-                         b"content-length: %d\r\n\r\n%s" % (status, len(body), body))
-        except OSError:  # timed out, or the client left
-            pass
+        deadline = time.monotonic() + _LOADING_READ_S
+        with conn:
+            try:
+                head = _read_head(conn, deadline)
+                method, _, rest = head.partition(b" ")
+                live = method in (b"GET", b"HEAD") and rest.split(b" ", 1)[0].rstrip(b"/") == b"/v2/health/live"
+                if live:
+                    conn.sendall(_raw_response(b"200 OK", b""))
+                elif head:
+                    conn.sendall(_raw_response(b"503 Service Unavailable", self._body, b"retry-after: 1\r\n"))
+                    conn.shutdown(socket.SHUT_WR)
+                    _drain(conn, deadline)  # a body left unread would reset the connection before the answer is read
+            except OSError:  # timed out, or the client left
+                pass
+
+
+def _read_head(conn: socket.socket, deadline: float) -> bytes:
+    """A request's head (its bytes up to the empty line, or up to `_HEADER_BYTES`);
+    b"" if the client sent none before `deadline`."""
+    head = b""
+    while b"\r\n\r\n" not in head and len(head) <= _HEADER_BYTES:
+        conn.settimeout(max(0.0, deadline - time.monotonic()))
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        head += chunk
+    return head
+
+
+def _drain(conn: socket.socket, deadline: float) -> None:
+    """Read and drop what the client still sends, until it closes or `deadline`."""
+    while time.monotonic() < deadline:
+        conn.settimeout(max(0.0, deadline - time.monotonic()))
+        if not conn.recv(65536):
+            return
+
+
+def _raw_response(status: bytes, body: bytes, headers: bytes = b"") -> bytes:
+    """An HTTP/1.1 response that closes its connection, written out (off the ASGI app)."""
+    return (b"HTTP/1.1 %s\r\ncontent-type: application/json\r\nconnection: close\r\n%scontent-length: %d\r\n\r\n%s"
+            % (status, headers, len(body), body))
 
 
 def start_server(service: Service, *, host: str = "127.0.0.1", port: int = 0,
