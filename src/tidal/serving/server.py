@@ -667,8 +667,8 @@ class _Server(uvicorn.Server):
 
 def listen(host: str, port: int) -> socket.socket:
     """A socket listening on (host, port) for `serve` (port 0: any free port); a port
-    in use raises `OSError` here, before anything else starts (connections wait in its
-    backlog until the server runs)."""
+    in use raises `OSError` here, before anything else starts (until the server runs,
+    `LoadingAnswers` answers its connections, or they wait in its backlog)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
