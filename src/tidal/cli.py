@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--group-by", metavar="FEATURE",
                           help="also the group AUC (GAUC) over the ids of this sparse feature, a user id say "
                                "(default: the run's data.eval_group_by)")
+    evaluate.add_argument("--no-group-by", action="store_true",
+                          help="no group AUC, even where the run's data.eval_group_by names a feature")
     read = evaluate.add_argument_group("how the files are read (default: as the run's data section says)")
     read.add_argument("--format", choices=["tsv", "csv", "parquet"],
                       help="the files' format (default: the run's data.format, else each file's suffix)")
@@ -369,8 +371,10 @@ def _eval(args: argparse.Namespace) -> int:
             step = checkpoint.restore(trainer, directory, check_data=False)["step"]  # the training files may be gone
             name = directory.name
         trainer.collection.evict()  # within the tables' caps, as `tidal export` serves them
+        if args.no_group_by and args.group_by:
+            raise ConfigError(f"--group-by {args.group_by} and --no-group-by contradict each other: give one")
         given = {k: v for k, v in reading.items() if v is not None}
-        data = {**saved["data"], **given}
+        data = {**saved["data"], **given, **({"eval_group_by": None} if args.no_group_by else {})}
         try:
             trainer.config = RunConfig.from_saved({**saved, "data": data})  # how these files are read
         except ConfigError as exc:

@@ -142,6 +142,15 @@ def test_eval_on_the_command_line_groups_by_the_feature_it_is_given(trained, cap
                  "--group-by", "I1"]) == 2
     assert "the group feature (data.eval_group_by, --group-by) is 'I1' (a dense feature); expected a sparse feature; " \
            "one of ['C1', " in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(trainer.run_dir), "--data", *config["data"]["eval"]]) == 0
+    assert "GAUC by C1" in capsys.readouterr().out  # the run's group
+    assert main(["eval", "--checkpoint", str(trainer.run_dir), "--data", *config["data"]["eval"],
+                 "--no-group-by"]) == 0
+    out = capsys.readouterr().out
+    assert "click: AUC 0." in out and "GAUC" not in out
+    assert main(["eval", "--checkpoint", str(trainer.run_dir), "--data", *config["data"]["eval"],
+                 "--no-group-by", "--group-by", "C2"]) == 2
+    assert "--group-by C2 and --no-group-by contradict each other" in capsys.readouterr().err
 
 
 def test_the_group_feature_is_checked_with_the_config(tmp_path):
