@@ -8,6 +8,6 @@ from tidal.serving.protocol import RequestError
 from tidal.serving.server import LoadingAnswers, RunningServer, Service, create_app, listen, serve, start_server
 from tidal.serving.sessions import SessionCache, SessionError
 
-__all__ = ["Batcher", "Bundle", "LoadingAnswers", "Overloaded", "Piece", "Predictor", "RequestError", "RunningServer", "Service",
-           "SessionCache", "SessionError", "UserState", "create_app", "export", "export_delta", "fuse", "listen",
+__all__ = ["Batcher", "Bundle", "LoadingAnswers", "Overloaded", "Piece", "Predictor", "RequestError", "RunningServer",
+           "Service", "SessionCache", "SessionError", "UserState", "create_app", "export", "export_delta", "fuse", "listen",
            "load_bundle", "serve", "split_rows", "start_server"]

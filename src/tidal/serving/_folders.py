@@ -5,10 +5,10 @@ A process id says nothing across containers (in each, an export may be process 1
 a staging folder is held by an exclusive `flock` on a lock file beside it (made before
 the folder, removed after it; a file, as NFS locks no folder) while it is written: the
 system drops the lock when the writer dies, and a later export removes the folders
-nobody holds, with their lock files. A bundle replaced in full is swapped with its new version in
-one `renameat2(RENAME_EXCHANGE)` where Linux and the filesystem allow it, so that its
-path never goes missing; elsewhere by two renames, and a bundle left aside by an export
-killed between them is put back by the next one.
+nobody holds, with their lock files. A bundle replaced in full is swapped with its new
+version in one `renameat2(RENAME_EXCHANGE)` where Linux and the filesystem allow it, so
+that its path never goes missing; elsewhere by two renames, and a bundle left aside by
+an export killed between them is put back by the next one.
 """
 
 from __future__ import annotations
