@@ -542,7 +542,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"tidal serve: {message}", file=sys.stderr)
         return 2
     try:
-        print(f"serving {name!r}{_delta_served(service)} at http://{args.host}:{sock.getsockname()[1]}/v2/models/"
+        print(f"serving {name!r}{_served(service)} at http://{args.host}:{sock.getsockname()[1]}/v2/models/"
               f"{name} (dense network on {_dense_backend(service.predictor)}; metrics at /metrics; Ctrl-C stops)",
               flush=True)
         serve(service, sock, exit_timeout_s=args.exit_timeout_s)
@@ -559,10 +559,12 @@ def _url_segment(name: str) -> bool:
     return _MODEL_NAME.fullmatch(name) is not None and name not in (".", "..")
 
 
-def _delta_served(service) -> str:  # type: ignore[no-untyped-def]
-    """", with its delta N" when the bundle's deltas were applied at load."""
-    delta = service.updater.delta
-    return f", with its delta {delta}" if delta else ""
+def _served(service) -> str:  # type: ignore[no-untyped-def]
+    """" (checkpoint C, with its delta N)": what the service serves, as far as its
+    bundle records it."""
+    source, delta = service.predictor.source, service.updater.delta
+    said = ([str(source)] if source else []) + ([f"with its delta {delta}"] if delta else [])
+    return f" ({', '.join(said)})" if said else ""
 
 
 def _serving_settings(entries: list[str], flags: dict) -> dict:

@@ -14,6 +14,7 @@ import urllib.request
 import pytest
 
 from tidal.cli import main
+from tidal.runtime import checkpoint
 
 
 def _free_port() -> int:
@@ -57,7 +58,9 @@ def test_export_then_serve_then_stop_with_ctrl_c_or_sigterm(trainer, tmp_path, c
         process.send_signal(stop)
         out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
-    assert f"serving 'ranker' at {url}/v2/models/ranker (dense network on torch, rewritten by gather_slices;" in out and out.endswith("stopped\n")
+    served = checkpoint.latest_name(trainer.run_dir)
+    assert f"serving 'ranker' (checkpoint {served}) at {url}/v2/models/ranker (dense network on torch, rewritten by " \
+           f"gather_slices;" in out and out.endswith("stopped\n")
 
 
 def test_export_and_serve_refuse_what_is_not_there(tmp_path, capsys):  # on any free port: 8000 may be taken
@@ -178,7 +181,7 @@ def test_serve_stopped_by_sigterm_before_it_serves_exits_as_ctrl_c_does(trainer,
     if when.startswith("loading"):
         assert done.stdout == "stopped before serving\n"
     else:
-        assert done.stdout.startswith("serving 'ranker' at") and done.stdout.endswith("\nstopped\n")
+        assert done.stdout.startswith("serving 'ranker' (checkpoint step-") and done.stdout.endswith("\nstopped\n")
 
 
 def test_a_second_sigterm_makes_a_stopping_server_stop_at_once_as_a_second_ctrl_c_does(bundle):

@@ -309,22 +309,24 @@ def test_the_folders_of_delta_exports_that_died_are_removed_by_the_next(run, bun
 
 
 def test_export_delta_on_the_command_line(run, bundle_dir, capsys):
-    from tidal.cli import _delta_served
+    from tidal.cli import _served
 
     def announced() -> str:  # what tidal serve says it serves
         service = Service(load_bundle(bundle_dir))
         service.close()
-        return _delta_served(service)
+        return _served(service)
 
-    assert announced() == ""
+    base = json.loads((bundle_dir / "manifest.json").read_text())["source_checkpoint"]
+    assert announced() == f" (checkpoint {base})"
     assert main(["export", "--checkpoint", str(run.run_dir), "--out", str(bundle_dir), "--delta"]) == 0
     out = capsys.readouterr().out
     assert f"wrote delta 000001 into {bundle_dir}" in out and "table 'ids' " in out and "rows changed, 0 removed" in out
-    assert announced() == ", with its delta 1"
+    latest = checkpoint.latest_name(run.run_dir)
+    assert announced() == f" (checkpoint {latest}, with its delta 1)"
     assert main(["export", "--checkpoint", str(run.run_dir), "--out", str(bundle_dir), "--delta"]) == 0
     assert capsys.readouterr().out == f"no delta written: {bundle_dir} already serves this checkpoint (nothing " \
                                       f"changed since)\n"
-    assert announced() == ", with its delta 1"
+    assert announced() == f" (checkpoint {latest}, with its delta 1)"
     for flag, value in (("--table-dtype", "float16"), ("--backend", "onnxruntime")):
         assert main(["export", "--checkpoint", str(run.run_dir), "--out", str(bundle_dir), "--delta", flag, value]) == 2
         assert f"{flag} applies to a full export; a delta keeps its bundle's" in capsys.readouterr().err
@@ -373,18 +375,24 @@ def test_a_running_server_applies_deltas_on_load_up_to_a_damaged_one(run, bundle
         before = _scores(client, rows, specs)
         client.load_model("ctr")  # nothing new: nothing changes
         np.testing.assert_array_equal(_scores(client, rows, specs), before)
-        _delta(run, bundle_dir)
+        base_step = _metric(running.url, "tidal_bundle_source_step")
+        assert base_step == json.loads((bundle_dir / "manifest.json").read_text())["source_step"]
+        delta = _delta(run, bundle_dir)
         client.load_model("ctr")
         after = _scores(client, rows, specs)
         np.testing.assert_allclose(after, full.outputs(full.predict([_piece(full, rows)]))["score"], rtol=1e-6)
         assert not np.allclose(after, before)
         assert _metric(running.url, "tidal_bundle_delta") == 1
+        step = json.loads((delta / "manifest.json").read_text())["source_step"]
+        assert step > base_step and _metric(running.url, "tidal_bundle_source_step") == step  # the delta's checkpoint
+        assert client.get_model_config("ctr")["parameters"]["source_step"] == {"string_value": str(step)}
         assert _metric(running.url, "tidal_bundle_deltas_applied_total") == 1
         _delta(run, bundle_dir)
         table = _delta(run, bundle_dir) / "tables" / "ids.safetensors"
         table.write_bytes(b"not a table")
         with pytest.raises(triton.InferenceServerException, match=r"\[409\] the bundle was updated only in part: "
-                                                                  r"applied 1 delta, now serving delta 2: .*; the next "
+                                                                  r"applied 1 delta, now serving delta 2 of checkpoint "
+                                                                  r"step-\d+-epoch-\d+: .*; the next "
                                                                   r"delta was not \(.*ids.safetensors: .*corrupt or "
                                                                   r"altered\. Delta 000003 and those after .*\)"):
             client.load_model("ctr")  # delta 2 applied, delta 3 not
@@ -476,7 +484,7 @@ def test_a_server_polling_its_bundle_applies_new_deltas_and_reports_a_refusal_on
     finally:
         service.close()
     captured = capsys.readouterr()
-    assert "tidal serve: applied 1 delta, now serving delta 1: " in captured.out
+    assert "tidal serve: applied 1 delta, now serving delta 1 of checkpoint step-" in captured.out
     refusals = captured.err.splitlines()  # five polls or more, the refusal reported and counted once
     assert len(refusals) == service.updater.refused == 1
     assert refusals[0].startswith("tidal serve: bundle not updated past delta 1: ")
@@ -497,7 +505,7 @@ def test_a_polling_server_applies_the_deltas_before_a_damaged_one_and_reports_it
     finally:
         service.close()
     captured = capsys.readouterr()
-    assert captured.out.count("tidal serve: applied 1 delta, now serving delta 1: ") == 1
+    assert captured.out.count("tidal serve: applied 1 delta, now serving delta 1 of checkpoint step-") == 1
     assert captured.err.count("tidal serve: bundle not updated past delta 1: ") == 1
     assert "Delta 000002 and those after it cannot be applied: remove them or export them again" in captured.err
 
@@ -711,8 +719,8 @@ def test_a_full_export_that_replaced_the_bundle_is_loaded_and_served_without_a_r
         assert (service.updater.reloads, service.updater.deltas_applied, service.updater.refused) == (1, 1, 0)
     finally:
         service.close()
-    assert "tidal serve: loaded the bundle again (it was replaced by another full export), now serving delta 0: " \
-           in capsys.readouterr().out
+    assert "tidal serve: loaded the bundle again (it was replaced by another full export), now serving delta 0 of " \
+           "checkpoint step-" in capsys.readouterr().out
 
 
 def _as_version_1(bundle_dir: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import tritonclient.http as triton
 
+from tidal.runtime import checkpoint
 from tidal.serving import Service, export, load_bundle, start_server
 
 
@@ -56,9 +57,11 @@ def test_a_load_request_logs_what_it_changed_to_stdout_and_a_refusal_to_stderr(r
     export(trainer.run_dir, copy)  # a full export replaces the bundle
     code, answer = _post(running, "/v2/repository/models/ctr/load")
     assert code == 200 and answer["reload_reason"] == "was replaced by another full export"
+    served = checkpoint.latest_name(trainer.run_dir)
+    assert (answer["source_checkpoint"], answer["source_step"]) == (served, int(served.split("-")[1]))
     logged = capsys.readouterr()
-    assert logged.out.startswith("tidal serve: loaded the bundle again (it was replaced by another full export), now "
-                                 "serving delta 0: ") and logged.err == ""
+    assert logged.out.startswith(f"tidal serve: loaded the bundle again (it was replaced by another full export), now "
+                                 f"serving delta 0 of checkpoint {served}: ") and logged.err == ""
     (copy / "manifest.json").unlink()
     code, answer = _post(running, "/v2/repository/models/ctr/load")
     assert code == 409 and "manifest.json is missing" in answer["error"]

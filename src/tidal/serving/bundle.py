@@ -59,8 +59,8 @@ from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.models import RankingModel
 from tidal.runtime import checkpoint
 from tidal.serving._folders import put_in_place, remove_abandoned, staging
-from tidal.serving.delta import (DELTA_FORMAT, DELTA_VERSION, DELTAS, Position, RowChanges, apply_rows, delta_name,
-                                 delta_names, diff_rows, merge_changes)
+from tidal.serving.delta import (DELTA_FORMAT, DELTA_VERSION, DELTAS, Position, RowChanges, Source, apply_rows,
+                                 delta_name, delta_names, diff_rows, merge_changes)
 from tidal.serving.protocol import input_specs
 
 __all__ = ["Bundle", "Delta", "Head", "export", "export_delta", "load_bundle", "merged", "moved_since", "peek",
@@ -101,6 +101,7 @@ class Bundle:
     onnx: bytes | None  # the ONNX model of the program, when exported for the onnxruntime backend
     aoti: Path | None  # the AOTInductor package of the program, when exported for the aotinductor backend
     position: Position | None  # None: a version 1 bundle, which takes no deltas
+    source: Source | None  # the checkpoint of its last delta applied, or its own (None: not recorded)
 
     @property
     def targets(self) -> list[str]:
@@ -437,13 +438,14 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     onnx = (path / ONNX).read_bytes() if ONNX in manifest["files"] else None
     aoti = path / AOTI if AOTI in manifest["files"] else None
     deltas = read_deltas(path, position, config) if position else []
+    source = Source.of(manifest)
     if deltas:
         changes = merged(deltas)
         tables = {name: apply_rows(*rows, changes[name]) for name, rows in tables.items()}
-        position = deltas[-1].position
+        position, source = deltas[-1].position, Source.of(deltas[-1].manifest)
         with_weights(program.state_dict, deltas[-1])  # the program of a fresh load is nobody else's
     return Bundle(path=path, manifest=manifest, config=config, tables=tables, program=program, onnx=onnx,
-                  aoti=aoti, position=position)
+                  aoti=aoti, position=position, source=source)
 
 
 def peek(path: str | os.PathLike) -> Head:

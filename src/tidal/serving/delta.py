@@ -41,8 +41,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["DELTAS", "DELTA_FORMAT", "DELTA_VERSION", "Position", "RowChanges", "apply_rows", "delta_name",
-           "delta_names", "diff_rows", "merge_changes"]
+__all__ = ["DELTAS", "DELTA_FORMAT", "DELTA_VERSION", "Position", "RowChanges", "Source", "apply_rows",
+           "delta_name", "delta_names", "diff_rows", "merge_changes"]
 
 DELTAS = "deltas"  # the folder of a bundle that holds its deltas
 DELTA_FORMAT = "tidal-serving-delta"
@@ -66,6 +66,27 @@ class Position:
     base: str  # the bundle manifest's content_sha256
     sequence: int = 0  # the last delta applied; 0: the base alone
     seal: str | None = None  # that delta manifest's content_sha256
+
+
+@dataclass(frozen=True, kw_only=True)
+class Source:
+    """The training checkpoint a served state was exported from."""
+
+    checkpoint: str  # its folder's name
+    run: str | None  # its run's id (None: a checkpoint written before runs had one)
+    step: int
+
+    @classmethod
+    def of(cls, manifest: dict) -> Source | None:
+        """The source a bundle's or a delta's manifest records (None: a bundle exported
+        before manifests recorded it)."""
+        if "source_step" not in manifest:
+            return None
+        return cls(checkpoint=manifest["source_checkpoint"], run=manifest.get("source_run"),
+                   step=manifest["source_step"])
+
+    def __str__(self) -> str:
+        return f"checkpoint {self.checkpoint}"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from tidal.errors import CheckpointError, ConfigError, TidalError
 from tidal.serving.bundle import MANIFEST, NO_DELTAS, moved_since, peek, readable_deltas
-from tidal.serving.delta import DELTAS, delta_name
+from tidal.serving.delta import DELTAS, Source, delta_name
 from tidal.serving.predictor import Predictor
 
 __all__ = ["Update", "Updater", "log_update", "refusal"]
@@ -46,15 +46,17 @@ class Update:
     paused_s: float  # of which new batches waited
     reload_reason: str | None = None  # why the whole bundle was loaded again (then rows_changed: the rows loaded)
     refused: str | None = None  # why the delta after those applied cannot be (it and those after it were not)
+    source: Source | None = None  # the checkpoint now served, when its manifest records it
 
     def summary(self) -> str:
+        served = f"delta {self.delta}" + (f" of {self.source}" if self.source else "")
         if self.reload_reason:
-            return (f"loaded the bundle again (it {self.reload_reason}), now serving delta {self.delta}: "
+            return (f"loaded the bundle again (it {self.reload_reason}), now serving {served}: "
                     f"{self.rows_changed:,d} rows, in {self.seconds * 1e3:.1f} ms (batches waited "
                     f"{self.paused_s * 1e3:.1f} ms of it)")
         if not self.applied:
-            return f"no new delta (serving delta {self.delta})"
-        return (f"applied {self.applied} delta{'s' if self.applied > 1 else ''}, now serving delta {self.delta}: "
+            return f"no new delta (serving {served})"
+        return (f"applied {self.applied} delta{'s' if self.applied > 1 else ''}, now serving {served}: "
                 f"{self.rows_changed:,d} rows changed, {self.rows_removed:,d} removed, in {self.seconds * 1e3:.1f} ms "
                 f"(batches waited {self.paused_s * 1e3:.1f} ms of it)")
 
@@ -153,7 +155,7 @@ class Updater:
             self.updated_unix_s = time.time()
         return Update(applied=len(deltas), delta=self.delta, rows_changed=applied.rows_changed,
                       rows_removed=applied.rows_removed, seconds=time.perf_counter() - start, paused_s=applied.paused_s,
-                      refused=None if stopped is None else refusal(stopped))
+                      refused=None if stopped is None else refusal(stopped), source=self._predictor.source)
 
     def _reload(self, moved: str, start: float) -> Update:
         """Load the full export that replaced the bundle. One this server cannot run
@@ -171,7 +173,8 @@ class Updater:
         self.reloads += 1
         self.updated_unix_s = time.time()
         return Update(applied=0, delta=self.delta, rows_changed=applied.rows_changed, rows_removed=0,
-                      seconds=time.perf_counter() - start, paused_s=applied.paused_s, reload_reason=moved)
+                      seconds=time.perf_counter() - start, paused_s=applied.paused_s, reload_reason=moved,
+                      source=self._predictor.source)
 
     def _poll(self, every_s: float) -> None:
         while not self._stop.wait(every_s):

@@ -49,7 +49,7 @@ from tidal.errors import BatchError, CheckpointError, ConfigError, CorruptCheckp
 from tidal.gate import Gate
 from tidal.serving.bundle import (NO_DELTAS, WEIGHTS, Bundle, Delta, load_bundle, merged, model_sizes, peek,
                                   with_weights)
-from tidal.serving.delta import Position
+from tidal.serving.delta import Position, Source
 from tidal.serving.protocol import context_inputs
 
 __all__ = ["Applied", "Piece", "Predictor", "SparseOutput", "UserState", "fuse"]
@@ -160,6 +160,7 @@ class Predictor:
         self._program, self.rewrites = self._rewritten(self._source)  # what scores
         self._gate = Gate()  # scoring shares it; an update takes it alone
         self.position: Position | None = bundle.position  # the last delta applied (None: a version 1 bundle)
+        self.source: Source | None = bundle.source  # the checkpoint of what it serves
         self.torn: str | None = None  # why the tables are between two deltas, after a failed update
         self._counting = ((0, 0), self.collection)  # (id counts of the tables reloads replaced, the tables now)
         self.set_fusion(serving.fusion)
@@ -205,7 +206,7 @@ class Predictor:
                              f"{deltas[-1].position.sequence} by a failed update ({type(exc).__name__}: {exc})")
                 raise
             self._source, self._program, self.rewrites = source, program, rewrites
-            self.position = deltas[-1].position
+            self.position, self.source = deltas[-1].position, Source.of(deltas[-1].manifest)
             return Applied(rows_changed=sum(len(c.keys) for c in changes.values()),
                            rows_removed=sum(len(c.removed) for c in changes.values()),
                            paused_s=time.perf_counter() - start)
@@ -229,7 +230,7 @@ class Predictor:
             self._counting = (self.id_counts(), fresh.collection)  # one assignment: metrics read it without the gate
             self.config, self.collection = fresh.config, fresh.collection
             self._source, self._program, self.rewrites = fresh._source, fresh._program, fresh.rewrites
-            self.position, self.torn = fresh.position, None
+            self.position, self.source, self.torn = fresh.position, fresh.source, None
         return Applied(rows_changed=rows, rows_removed=0, paused_s=time.perf_counter() - start)
 
     def _check_serves_like(self, path: Path, config: RunConfig, targets: list[str]) -> None:

@@ -244,6 +244,10 @@ class _Deltas:
         u = self._service.updater
         yield GaugeMetricFamily("tidal_bundle_delta", "The bundle's last delta served (0: its base alone)",
                                 value=u.delta)
+        source = self._service.predictor.source
+        if source is not None:
+            yield GaugeMetricFamily("tidal_bundle_source_step", "The training step of the checkpoint served (the "
+                                    "last delta's)", value=source.step)
         yield CounterMetricFamily("tidal_bundle_deltas_applied", "Deltas applied since the start",
                                   value=u.deltas_applied)
         yield CounterMetricFamily("tidal_bundle_reloads", "Loads of the whole bundle after a full export replaced it",
@@ -323,7 +327,8 @@ def create_app(service: Service) -> Starlette:
                               headers=headers)
 
     async def config(request: Request) -> JSONResponse:
-        return model_or_404(request) or JSONResponse(model_config(service.metadata(), service.settings))
+        return model_or_404(request) or JSONResponse(
+            model_config(service.metadata(), service.settings, service.predictor.source))
 
     async def stats(request: Request) -> JSONResponse:
         if "name" in request.path_params:
@@ -358,7 +363,9 @@ def create_app(service: Service) -> Starlette:
                                f"({update.refused})")
         return JSONResponse({"delta": update.delta, "applied": update.applied, "rows_changed": update.rows_changed,
                              "rows_removed": update.rows_removed, "seconds": update.seconds,
-                             "paused_s": update.paused_s, "reload_reason": update.reload_reason})
+                             "paused_s": update.paused_s, "reload_reason": update.reload_reason,
+                             "source_checkpoint": update.source and update.source.checkpoint,
+                             "source_step": update.source and update.source.step})
 
     async def unload(request: Request) -> JSONResponse:
         return model_or_404(request) or _error(

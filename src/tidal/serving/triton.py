@@ -24,6 +24,7 @@ import time
 
 from tidal.config import ServingConfig
 from tidal.serving.batcher import BatchRecord
+from tidal.serving.delta import Source
 
 __all__ = ["Statistics", "model_config"]
 
@@ -31,8 +32,9 @@ _TYPES = {"BYTES": "TYPE_STRING", "FP64": "TYPE_FP64", "FP32": "TYPE_FP32", "INT
           "INT32": "TYPE_INT32"}
 
 
-def model_config(metadata: dict, settings: ServingConfig) -> dict:
-    """Triton's configuration of a model with this metadata, served with `settings`."""
+def model_config(metadata: dict, settings: ServingConfig, source: Source | None) -> dict:
+    """Triton's configuration of a model with this metadata, served with `settings`;
+    its parameters also name the checkpoint served (`source`, when recorded)."""
     inputs = [{"name": i["name"], "data_type": _TYPES[i["datatype"]], "format": "FORMAT_NONE", "dims": i["shape"],
                "optional": i.get("optional", False)} for i in metadata["inputs"]]
     outputs = [{"name": o["name"], "data_type": _TYPES[o["datatype"]], "dims": o["shape"]} for o in metadata["outputs"]]
@@ -40,6 +42,8 @@ def model_config(metadata: dict, settings: ServingConfig) -> dict:
              "max_queue_rows": settings.max_queue_rows, "sparse_threads": settings.sparse_threads,
              "max_delay_ms": settings.max_delay_ms, "buckets": ",".join(map(str, settings.buckets)),
              "session_ttl_s": settings.session_ttl_s}
+    if source is not None:
+        tidal |= {"source_step": source.step, "source_checkpoint": source.checkpoint, "source_run": source.run or ""}
     return {"name": metadata["name"], "platform": metadata["platform"], "backend": "tidal", "max_batch_size": 0,
             "input": inputs, "output": outputs, "parameters": {k: {"string_value": str(v)} for k, v in tidal.items()}}
 
