@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from tidal.config import Adam, CountAdmission, Eviction, Initializer, ProbabilityAdmission, RunConfig, TableConfig
@@ -275,3 +277,28 @@ def test_a_key_of_another_section_is_said_to_belong_there(tmp_path):
         RunConfig(**{**base, "data": {"train": "x.tsv", "epochs": 2}})
     with pytest.raises(ConfigError, match=r"passmode: unknown key 'device'; allowed: "):  # training's and runtime's
         RunConfig(**base, passmode={"device": "cpu"})
+
+
+def test_set_overrides_replace_values_of_the_file_by_key_path_naming_list_elements_by_name_or_index(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("data: {train: x.tsv, batch_size: 64}\nfeatures: [{kind: sparse, name: u, columns: [C1], "
+                      "table: ids}, {kind: label, name: click, column: label}]\n"
+                      "tables: [{name: ids, dim: 8, optimizer: {kind: sgd, lr: 5e-3}}]\n")
+    loaded = RunConfig.from_yaml(str(config), ["training.lr=2e-2", "tables.ids.dim=16", "features.0.columns=[C2, C3]",
+                                               "tables.0.optimizer={kind: adagrad}", "runtime.mode=sync"])
+    assert loaded.training.lr == 0.02 and loaded.tables[0].dim == 16 and loaded.features[0].columns == ["C2", "C3"]
+    assert loaded.tables[0].optimizer.kind == "adagrad" and loaded.runtime.mode == "sync"  # a section made on the way
+    assert RunConfig.from_yaml(str(config)).tables[0].dim == 8  # the file itself unchanged
+    for entry, message in [
+        ("tables.items.dim=16", "--set tables.items.dim: tables has no element named 'items' (its names: ids; or an "
+                                "index from 0 to 0)"),
+        ("training.lr", "--set takes KEY.PATH=VALUE (training.lr=0.01, tables.items.dim=32), got 'training.lr'"),
+        ("training.lr=", "--set takes KEY.PATH=VALUE"),
+        ("data.batch_size.x=1", "--set data.batch_size.x: data.batch_size is 64, not a mapping or a list"),
+        ("training.lr=[1", "--set training.lr: the value is not YAML"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            RunConfig.from_yaml(str(config), [entry])
+    with pytest.raises(ConfigError, match=re.escape(f"{config} with --set training.lrr=1: RunConfig: training: "
+                                                    "unknown key 'lrr'")):
+        RunConfig.from_yaml(str(config), ["training.lrr=1"])

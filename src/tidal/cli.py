@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     start.add_argument("--init-from", metavar="CHECKPOINT",
                        help="start a fresh run on the config's data from another run's latest checkpoint (its run "
                             "directory) or from a checkpoint directory: its tables, dense weights and step")
+    train.add_argument("--set", action="append", default=[], dest="settings", metavar="KEY.PATH=VALUE",
+                       help="replace a value of the config, the value in YAML (repeatable); a list's element by its "
+                            "name or index, e.g. --set training.lr=0.01 --set tables.items.dim=32")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the whole config as the run would use it (defaults filled in) and exit")
     evaluate = commands.add_parser("eval", help="AUC, log loss, normalized entropy and calibration of a run's latest checkpoint "
                                                     "on data files")
     evaluate.add_argument("--checkpoint", required=True, help="the run directory (training.run_dir) or one checkpoint")
@@ -271,6 +276,8 @@ def _saved(config: RunConfig | None) -> bool:
 
 
 def _train(args: argparse.Namespace) -> int:
+    import yaml
+
     from tidal.config import RunConfig
     from tidal.data.readers import BadRows
     from tidal.errors import TidalError
@@ -279,7 +286,10 @@ def _train(args: argparse.Namespace) -> int:
 
     config = None
     try:
-        config = RunConfig.from_yaml(args.config)
+        config = RunConfig.from_yaml(args.config, args.settings)
+        if args.print_config:
+            print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
+            return 0
         summary = Trainer(config).fit(resume=args.resume, init_from=args.init_from)
     except TidalError as exc:
         print(f"tidal train: {exc}", file=sys.stderr)

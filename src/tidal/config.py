@@ -828,8 +828,10 @@ class RunConfig(_Model):
             return cls(**values)
 
     @classmethod
-    def from_yaml(cls, path: str) -> RunConfig:
-        """Load and validate a YAML run config; errors name the key path and the value."""
+    def from_yaml(cls, path: str, overrides: Sequence[str] = ()) -> RunConfig:
+        """Load and validate a YAML run config; errors name the key path and the value.
+        `overrides` are `KEY.PATH=VALUE` entries (`tidal train --set`) applied to what the
+        file gives before it is validated (`override`)."""
         import yaml
 
         try:
@@ -847,10 +849,58 @@ class RunConfig(_Model):
         if not isinstance(content, dict):
             raise ConfigError(f"{path}: expected a mapping with data, features, tables, model, training; "
                               f"got {type(content).__name__}")
+        for entry in overrides:
+            override(content, entry)
         try:
             return cls(**content)
         except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
+            given = f" with --set {' '.join(overrides)}" if overrides else ""
+            raise ConfigError(f"{path}{given}: {exc}") from None
+
+
+def override(content: dict, entry: str) -> None:
+    """Set one value of a run config's YAML content from `KEY.PATH=VALUE` (`--set`): the
+    value is read as YAML; a list's element is named by its `name` (`tables.items.dim`)
+    or its index (`features.0.table`); missing mappings on the way are made."""
+    import yaml
+
+    key, equals, text = entry.partition("=")
+    parts = key.strip().split(".")
+    if not equals or not all(parts) or not text.strip():
+        raise ConfigError(f"--set takes KEY.PATH=VALUE (training.lr=0.01, tables.items.dim=32), got {entry!r}")
+    try:
+        value = yaml.load(text, Loader=yaml_loader())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: the value is not YAML: {exc}") from None
+    node: Any = content
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[:depth]) or "the config"
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            index = _element(node, part, key, where)
+            if last:
+                node[index] = value
+            node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            elif node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        else:
+            raise ConfigError(f"--set {key}: {where} is {node!r}, not a mapping or a list to set {part!r} in")
+
+
+def _element(items: list, part: str, key: str, where: str) -> int:
+    """The index of the element `part` names in the list `items`: its `name`, or its index."""
+    names = [item.get("name") if isinstance(item, dict) else None for item in items]
+    if part in names:
+        return names.index(part)
+    if part.isdigit() and int(part) < len(items):
+        return int(part)
+    named = ", ".join(str(n) for n in names if n is not None) or "none"
+    indexes = f"; or an index from 0 to {len(items) - 1}" if items else "; it is empty"
+    raise ConfigError(f"--set {key}: {where} has no element named {part!r} (its names: {named}{indexes})")
 
 
 def effective_fields(config: dict) -> dict:

@@ -78,6 +78,21 @@ def test_cli_trains_from_yaml_and_reports_bad_rows(tmp_path, capsys, monkeypatch
     assert "eval click: AUC" in out
 
 
+def test_cli_prints_the_config_as_the_run_would_use_it_with_set_overrides(tmp_path, capsys):
+    config = _config(tmp_path, epochs=1)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", "--config", str(path), "--set", "training.epochs=3", "--set", "tables.ids.dim=4",
+                 "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == RunConfig.from_yaml(str(path), ["training.epochs=3", "tables.ids.dim=4"]).model_dump(mode="json")
+    assert printed["training"]["epochs"] == 3 and printed["tables"][0]["dim"] == 4
+    assert printed["training"]["evict_every"] == 100 and printed["tables"][0]["initializer"]["kind"]  # defaults shown
+    assert not (tmp_path / "run").exists()  # nothing trained
+    assert main(["train", "--config", str(path), "--set", "tables.items.dim=4"]) == 2
+    assert "tidal train: --set tables.items.dim: tables has no element named 'items'" in capsys.readouterr().err
+
+
 def test_a_run_whose_data_is_mostly_bad_rows_stops_saying_so_unless_max_bad_fraction_allows_them(tmp_path, capsys):
     config = _config(tmp_path, epochs=1)
     config["data"]["eval"] = None
