@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import re
@@ -158,3 +159,12 @@ def test_serve_refuses_a_bundle_folder_name_that_cannot_be_a_url_path_segment(tm
 @pytest.mark.parametrize("name", ["dlrm", "ctr-v2.1_b", "A.B", "..."])
 def test_a_model_name_of_letters_digits_dots_underscores_and_dashes_is_a_url_path_segment(name):
     assert _url_segment(name)
+
+
+def test_the_resume_command_a_train_names_repeats_its_set_overrides_quoted_for_a_shell():
+    from tidal.cli import _resume
+
+    args = argparse.Namespace(config="run.yaml", settings=["training.lr=0.01", "features.0.columns=[C1, C2]"],
+                              init_from=None)
+    assert _resume(args) == "`tidal train --config run.yaml --set training.lr=0.01 --set 'features.0.columns=[C1, " \
+                            "C2]' --resume`"

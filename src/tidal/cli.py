@@ -6,6 +6,7 @@ import argparse
 import errno
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -265,7 +266,8 @@ def _command(args: argparse.Namespace) -> int:
 def _resume(args: argparse.Namespace) -> str:
     """The command that resumes the run `args` began (without --init-from: the run has
     checkpoints of its own once it wrote one)."""
-    return f"`tidal train --config {args.config} --resume`" + (" (without --init-from)" if args.init_from else "")
+    sets = "".join(f" --set {shlex.quote(entry)}" for entry in args.settings)
+    return f"`tidal train --config {args.config}{sets} --resume`" + (" (without --init-from)" if args.init_from else "")
 
 
 def _saved(config: RunConfig | None) -> bool:
