@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from runtime.test_trainer import _config
@@ -288,3 +289,28 @@ def test_a_save_removes_staging_of_ended_processes_not_of_running_ones(run, tmp_
     saved = checkpoint.save(_trainer_in(run, tmp_path / "run"), {"step": 4, "epoch": 0, "batch": 4})
     assert saved.name == "step-00000004-epoch-0"
     assert sorted(p.name for p in root.iterdir()) == sorted(["LATEST", saved.name, staging["running"].name])
+
+
+def test_the_end_of_a_run_whose_last_step_was_just_saved_links_that_checkpoints_tables(run, tmp_path, monkeypatch):
+    written = []
+    save_tables = checkpoint.save_tables
+
+    def counted(root, tables):  # type: ignore[no-untyped-def]
+        written.append(Path(root).parent.name)
+        return save_tables(root, tables)
+
+    monkeypatch.setattr(checkpoint, "save_tables", counted)
+    config = {**run, "training": {**run["training"], "run_dir": str(tmp_path / "run"), "checkpoint_every": 8}}
+    trainer = Trainer(RunConfig(**config))
+    assert trainer.fit()["steps"] == 24  # 12,000 rows in batches of 512
+    assert written == [f".tmp-step-{step:08d}-epoch-0-{os.getpid()}" for step in (8, 16, 24)]  # the end's, at
+    # step 24 too, linked the tables of step 24's
+    final = checkpoint.latest(tmp_path / "run")
+    assert final.name == "step-00000024-epoch-1" and sorted(p.name for p in final.parent.iterdir()) == \
+        ["LATEST", final.name]
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "bundle")]) == 0  # checked
+    keys, values = load_bundle(tmp_path / "bundle").tables["ids"]
+    table = trainer.collection.table("ids")
+    np.testing.assert_array_equal(table.lookup(keys), values)  # the tables as the run ended
+    resumed = Trainer(RunConfig(**{**config, "training": {**config["training"], "epochs": 2}}))
+    assert resumed.fit(resume=True)["steps"] == 48  # a longer run goes on from the linked checkpoint

@@ -132,7 +132,7 @@ def save(trainer: Trainer, position: dict[str, int]) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir()
-        _write(trainer, position, staging)
+        _write(trainer, position, staging, _same_tables(trainer, root, position["step"]))
         _remove_unread(root / name, wait=True)  # left by a save that died before LATEST named it
         os.replace(staging, root / name)
     except BaseException:  # a full or read-only disk, say: leave no half-written folder behind
@@ -140,18 +140,32 @@ def save(trainer: Trainer, position: dict[str, int]) -> Path:
         raise
     fsync_path(root)
     write_json_atomic(root / LATEST, {"checkpoint": name})
+    trainer.last_saved = (position["step"], name)
     _remove_superseded(root, name)
     return root / name
 
 
-def _write(trainer: Trainer, position: dict[str, int], staging: Path) -> None:
+def _same_tables(trainer: Trainer, root: Path, step: int) -> Path | None:
+    """The latest checkpoint, when this trainer saved it at `step` too (the periodic
+    save of a run's last step, before the one of its end): no step ran since, so the
+    tables are as it holds them, and the new checkpoint links their files."""
+    if trainer.last_saved is None or trainer.last_saved[0] != step:
+        return None
+    name = trainer.last_saved[1]
+    return root / name if latest_name(trainer.run_dir) == name else None
+
+
+def _write(trainer: Trainer, position: dict[str, int], staging: Path, same_tables: Path | None) -> None:
     """The files of a checkpoint, in `staging`; trainer.json last, with the fingerprints
     of the dense tensors and of the tables' chain and manifests (which tie the tables,
-    shard files included, to this checkpoint)."""
-    save_tables(staging / TABLES, trainer.collection.tables)
+    shard files included, to this checkpoint). The tables are linked from the checkpoint
+    `same_tables` when given and the file system links files, else written."""
+    tables = _linked_tables(same_tables, staging) if same_tables is not None else None
+    if tables is None:
+        save_tables(staging / TABLES, trainer.collection.tables)
+        tables = {str(p.relative_to(staging)): fingerprint(p, sync=True) for p in _table_files(staging / TABLES)}
     save_file(_dense_tensors(trainer), str(staging / DENSE))
     as_umask_allows(staging / DENSE)
-    tables = {str(p.relative_to(staging)): fingerprint(p, sync=True) for p in _table_files(staging / TABLES)}
     write_json_atomic(staging / "trainer.json", sealed({
         "run_id": trainer.run_id, "origin": trainer.origin, "position": position,
         "config": trainer.config.model_dump(mode="json"),
@@ -160,6 +174,21 @@ def _write(trainer: Trainer, position: dict[str, int], staging: Path) -> None:
         "data_files": trainer.data_files, "progress": trainer.progress.state(),
         "files": {DENSE: fingerprint(staging / DENSE, sync=True), **tables}}))
     fsync_path(staging)
+
+
+def _linked_tables(source: Path, staging: Path) -> dict[str, dict] | None:
+    """Hard links in `staging` to the tables files of checkpoint `source`, and their
+    fingerprints as its trainer.json records them; None (and no link left) where the
+    file system does not link files or `source` went meanwhile."""
+    try:
+        recorded = json.loads((source / "trainer.json").read_text())["files"]
+        shutil.copytree(source / TABLES, staging / TABLES, copy_function=os.link)
+        for folder in [staging / TABLES, *(p for p in (staging / TABLES).rglob("*") if p.is_dir())]:
+            fsync_path(folder)  # the links themselves
+    except OSError:
+        shutil.rmtree(staging / TABLES, ignore_errors=True)
+        return None
+    return {path: value for path, value in recorded.items() if path != DENSE}
 
 
 def data_files(paths: str | list[str]) -> list[list[Any]]:

@@ -259,6 +259,7 @@ class Trainer:
         self.config = config
         self.run_id = uuid.uuid4().hex  # this run's, in its checkpoints; a resume takes its checkpoint's
         self.origin: dict | None = None  # the checkpoint a warm start began this run from (checkpoint.start_from)
+        self.last_saved: tuple[int, str] | None = None  # (step, folder) of the checkpoint it last wrote
         fix_gemm_threads()  # the same splits of every matrix product in every run, busy machine or not
         torch.manual_seed(config.training.seed)
         self.extractor = Extractor(config.features)
