@@ -29,7 +29,7 @@ bench: $(VENV)/.installed
 	$(BIN)/pip install --quiet --no-deps fbgemm-gpu-cpu==1.8.0 || echo "fbgemm unavailable: benchmarking without it"
 	$(BIN)/tidal bench sparse
 
-# compiled kernels are cached next to the sources; clear them after editing a constant
+# compiled kernels are cached next to the sources; clear them after editing Tidal's source
 clean:
 	find src -name '*.nb[ic]' -delete
 	rm -rf $(VENV) .pytest_cache .hypothesis

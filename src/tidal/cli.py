@@ -397,8 +397,10 @@ def _eval(args: argparse.Namespace) -> int:
         _check_eval_flags(args, {data["format"] or format_of(f) for f in expand_paths(args.data)})
         result = trainer.evaluate(args.data, group_by=args.group_by)
     except DataError as exc:
-        print(f"tidal eval: {exc}\n(the files are read as the run's data section says; --format, --columns, "
-              f"--csv-header and --max-bad-fraction say otherwise)", file=sys.stderr)
+        hint = "" if str(exc).startswith("no data file at") else (
+            "\n(the files are read as the run's data section says; --format, --columns, --csv-header, "
+            "--max-bad-fraction and --on-bad-row say otherwise)")
+        print(f"tidal eval: {exc}{hint}", file=sys.stderr)
         return 2
     except TidalError as exc:
         print(f"tidal eval: {exc}", file=sys.stderr)

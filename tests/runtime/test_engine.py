@@ -606,8 +606,8 @@ def test_sync_fp32_on_cuda_is_bitwise_the_reference_trainer_on_cuda(data, tmp_pa
 @pytest.mark.skipif(not NO_CUDA, reason="checks the error seen without a CUDA device")
 def test_asking_for_cuda_without_one_is_a_clear_error(data, tmp_path):
     with pytest.raises(TidalError, match="runtime.device is 'cuda', but torch sees no CUDA device"):
-        _trainer(data, tmp_path, {"sparse_workers": 1, "device": "cuda"}).fit()
-    assert _no_worker_threads()
+        _trainer(data, tmp_path, {"sparse_workers": 1, "device": "cuda"})  # refused before a run_dir is made
+    assert _no_worker_threads() and not any(tmp_path.glob("**/metrics.jsonl"))
     with pytest.raises(TidalError, match="training.device is 'cuda:0', but torch sees no CUDA device"):
         _trainer(data, tmp_path, None, device="cuda:0")
 

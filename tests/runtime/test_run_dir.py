@@ -188,6 +188,16 @@ def test_eval_takes_one_checkpoint_and_a_device(run, capsys, tmp_path):
     assert "click: AUC 0." in capsys.readouterr().out
 
 
+def test_eval_says_which_flags_read_files_otherwise_where_files_could_not_be_read(run, capsys, tmp_path):
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "nothere.tsv")]) == 2
+    assert capsys.readouterr().err == f"tidal eval: no data file at {tmp_path / 'nothere.tsv'}: expected a file, a " \
+                                      f"glob matching files, or a list of them\n"  # no hint: no file to read otherwise
+    (tmp_path / "wrong.tsv").write_text("1\t2\n" * 30)
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "wrong.tsv")]) == 2
+    assert capsys.readouterr().err.endswith("--format, --columns, --csv-header, --max-bad-fraction and --on-bad-row "
+                                            "say otherwise)\n")
+
+
 def test_eval_names_the_device_flag_when_no_gpu_is_there(run, capsys, tmp_path, monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", *run["data"]["train"], "--device", "cuda"]) == 2

@@ -154,6 +154,10 @@ def test_user_and_context_inputs_of_one_value_stand_for_every_candidate(tmp_path
         decode_request(json.dumps(body(3, 1, 3)).encode(), None, specs, OUTPUTS, context=context)
     with pytest.raises(RequestError, match="input 'X' is an item feature"):  # not named a context input: per candidate
         decode_request(json.dumps(body(1, 1, 3)).encode(), None, specs, OUTPUTS)
+    without = {"inputs": body(1, 1, 3)["inputs"][2:]}  # as the model's metadata says: X is a context input
+    with pytest.raises(RequestError, match=r"^missing inputs \['U', 'X'\]; the model reads U \(user\), X \(context\), "
+                                           r"A \(item\)$"):
+        decode_request(json.dumps(without).encode(), None, specs, OUTPUTS, context=context)
 
 
 def _sided_config(root, **sides: tuple[str, ...]):  # type: ignore[no-untyped-def]

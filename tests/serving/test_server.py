@@ -171,6 +171,8 @@ def test_model_config_statistics_and_repository_index_through_tritonclient(bundl
         buckets = ",".join(map(str, bundle.config.serving.buckets))
         assert config["parameters"]["buckets"] == {"string_value": buckets}
         assert config["parameters"]["chunk_rows"] == {"string_value": "64"}
+        assert {"max_body_bytes", "session_memory_bytes", "dense_threads", "backend"} <= set(config["parameters"])
+        assert "fusion" not in config["parameters"] and "delta_poll_s" not in config["parameters"]  # its route; unset
         assert client.get_model_config("ranker", "1") == config
         assert client.get_model_repository_index() == [{"name": "ranker", "version": "1", "state": "READY"}]
         assert client.get_inference_statistics("ranker")["model_stats"][0]["execution_count"] == 0

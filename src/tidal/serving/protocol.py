@@ -144,7 +144,7 @@ def decode_request(body: bytes, header_length: str | None, specs: dict[str, Inpu
     if unknown:
         raise RequestError(f"unknown inputs {unknown}; the model takes {sorted(specs)}")
     mode = "stateless" if params["sequence_id"] is None else "start" if params["sequence_start"] else "continue"
-    columns = _columns(tensors, specs, mode)
+    columns = _columns(tensors, specs, mode, context)
     rows = _rows(columns, specs, context)
     wanted, binary_outputs = _outputs(request, outputs, params.pop("binary_data_output"))
     return DecodedRequest(columns=columns, rows=rows, request_id=_request_id(request), outputs=wanted,
@@ -377,21 +377,22 @@ def _request_id(request: dict) -> str | None:
 # ---------------------------------------------------------------------- columns
 
 
-def _columns(tensors: dict, specs: dict[str, InputSpec], mode: str) -> dict[str, pa.Array]:
+def _columns(tensors: dict, specs: dict[str, InputSpec], mode: str, context: Collection[str]) -> dict[str, pa.Array]:
     """The columns as Arrow arrays (not yet broadcast).
 
     `mode` is stateless, start or continue: a continuing session's request carries no
     user inputs, nor the user's values that item features read too (side "both"): they
     came with its start. A sequence's request may come without candidates: a start with
-    only the user's inputs, an end with none at all.
+    only the user's inputs, an end with none at all. `context` names the context inputs,
+    for the message of a request that lacks some.
     """
     required = [s for s in specs.values() if not (mode == "continue" and s.side != "item")]
     if mode != "stateless" and not any(specs[n].side == "item" for n in tensors if n in specs):
         required = [s for s in required if s.side != "item"]  # no candidates
     missing = [s.name for s in required if s.name not in tensors]
     if missing:
-        raise RequestError(f"missing inputs {missing}; the model reads " +
-                           ", ".join(f"{s.name} ({s.side})" for s in specs.values()))
+        raise RequestError(f"missing inputs {missing}; the model reads " +  # each input's side as its metadata says
+                           ", ".join(f"{s.name} ({'context' if s.name in context else s.side})" for s in specs.values()))
     sent = sorted(n for n in tensors if n in specs and specs[n].side != "item")
     if mode == "continue" and sent:
         raise RequestError(f"a continuing sequence request carries no user inputs: they came with sequence_start; "

@@ -33,15 +33,14 @@ _TYPES = {"BYTES": "TYPE_STRING", "FP64": "TYPE_FP64", "FP32": "TYPE_FP32", "INT
 
 
 def model_config(metadata: dict, settings: ServingConfig, source: Source | None) -> dict:
-    """Triton's configuration of a model with this metadata, served with `settings`;
-    its parameters also name the checkpoint served (`source`, when recorded)."""
+    """Triton's configuration of a model with this metadata, served with `settings`:
+    its parameters are the settings (but the fusion, which has a route of its own, and
+    those unset) and the checkpoint served (`source`, when recorded)."""
     inputs = [{"name": i["name"], "data_type": _TYPES[i["datatype"]], "format": "FORMAT_NONE", "dims": i["shape"],
                "optional": i.get("optional", False)} for i in metadata["inputs"]]
     outputs = [{"name": o["name"], "data_type": _TYPES[o["datatype"]], "dims": o["shape"]} for o in metadata["outputs"]]
-    tidal = {"max_batch_rows": settings.max_batch_rows, "chunk_rows": settings.chunk_rows,
-             "max_queue_rows": settings.max_queue_rows, "sparse_threads": settings.sparse_threads,
-             "max_delay_ms": settings.max_delay_ms, "buckets": ",".join(map(str, settings.buckets)),
-             "session_ttl_s": settings.session_ttl_s}
+    tidal = {k: v for k, v in settings.model_dump().items() if k != "fusion" and v is not None}  # fusion: its route
+    tidal["buckets"] = ",".join(map(str, settings.buckets))
     if source is not None:
         tidal |= {"source_step": source.step, "source_checkpoint": source.checkpoint, "source_run": source.run or ""}
     return {"name": metadata["name"], "platform": metadata["platform"], "backend": "tidal", "max_batch_size": 0,
