@@ -18,7 +18,8 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 BUCKETS = [1, 4, 64]
-KINDS = [("dlrm", {}, 3), ("dcn", {}, 3), ("deepfm", {}, 0), ("wide_deep", {}, 2), ("dlrm", {"head": "mmoe"}, 3)]
+KINDS = [("dlrm", {}, 3), ("dcn", {}, 3), ("deepfm", {}, 0), ("wide_deep", {}, 2), ("dlrm", {"head": "mmoe"}, 3),
+         ("dlrm", {}, 0)]  # without dense features, its bottom layer is a learned constant
 
 
 def _program(kind: str, extra: dict, dense: int, seed: int = 0) -> tuple:  # type: ignore[type-arg]
@@ -55,7 +56,7 @@ def test_converting_leaves_the_programs_weights_as_they_were():
     assert all(torch.equal(program.module().state_dict()[n], t) for n, t in before.items())
 
 
-@pytest.mark.parametrize(("kind", "extra", "dense"), [KINDS[0], KINDS[1], KINDS[4]])
+@pytest.mark.parametrize(("kind", "extra", "dense"), [KINDS[0], KINDS[1], KINDS[4], KINDS[5]])
 def test_new_weights_put_in_by_name_score_as_the_program_with_those_weights(kind, extra, dense):
     program, example = _program(kind, extra, dense)
     onnx = _onnx(program, example)

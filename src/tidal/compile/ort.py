@@ -86,7 +86,9 @@ def _quiet_exporter() -> Iterator[None]:
 
 
 def _check_initializers(weights: dict[str, torch.Tensor], held: dict[str, tuple[int, ...]]) -> None:
-    lost = sorted(n for n, t in weights.items() if held.get(n) != tuple(t.shape))
+    """Refuse a model that lacks an initializer for a weight of the program (but one of
+    no element, as the weight of a layer of no input: nothing to reach)."""
+    lost = sorted(n for n, t in weights.items() if t.numel() and held.get(n) != tuple(t.shape))
     if lost:
         raise CheckpointError(f"the ONNX model of the dense network holds no initializer of the name and shape of "
                               f"weights {lost[:4]}, so new weights could not reach them; export it with backend torch")
@@ -114,8 +116,9 @@ class OnnxProgram:
         options.intra_op_num_threads = threads or 0
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep, as torch's
-        self._values = [onnxruntime.OrtValue.ortvalue_from_numpy(a) for a in self._weights.values()]  # kept alive
-        for name, value in zip(self._weights, self._values):
+        held = {name: a for name, a in self._weights.items() if a.size}  # a weight of no element holds nothing
+        self._values = [onnxruntime.OrtValue.ortvalue_from_numpy(a) for a in held.values()]  # kept alive
+        for name, value in zip(held, self._values):
             options.add_initializer(name, value)  # replaces the model's initializer of that name
         try:
             self._session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])

@@ -19,11 +19,23 @@ def mlp(in_features: int, sizes: Sequence[int], *, last_activation: bool = True)
     for k, size in enumerate(sizes):
         with warnings.catch_warnings():  # torch warns that initializing a weight of no elements does nothing
             warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op")
-            layers.append(nn.Linear(in_features, size))
+            layers.append(nn.Linear(in_features, size) if in_features else _LearnedConstant(size))
         if last_activation or k < len(sizes) - 1:
             layers.append(nn.ReLU())
         in_features = size
     return nn.Sequential(*layers)
+
+
+class _LearnedConstant(nn.Linear):
+    """A linear layer of no input features: its bias, the same for every row. Written
+    out as such (not a product with an empty matrix), so that exporters keep the bias a
+    weight a delta can reach rather than folding it into a constant."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(0, size)  # its weight has no element; kept, so checkpoints hold the layer as before
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bias.expand(x.shape[0], -1)
 
 
 class LinearHead(nn.Module):
