@@ -123,6 +123,25 @@ def _run(**changes) -> dict:
      "training.evict_every (7) would have no effect: no table has an eviction or admission policy; remove it"),
     ({"features": [{"kind": "sparse", "name": "user", "columns": ["C1"], "table": "ids"},
                    {"kind": "label", "name": "score", "column": "label"}]}, "a label may not be named 'score'"),
+    ({"features": [{"kind": "sparse", "name": "user", "columns": ["C1", "C2"], "table": "ids", "pooling": "mean"},
+                   {"kind": "label", "name": "click", "column": "label"}]},
+     "features.0 (user): pooling (it needs a separator: a bag of several ids a row; one id pools alike every way) "
+     "would have no effect here"),
+    ({"tables": [{"name": "ids", "dim": 8, "eviction": {}}]}, "tables.0 (ids): eviction would evict nothing: give it "
+                                                               "ttl_steps, or give the table max_rows or memory_bytes"),
+    ({"tables": [{"name": "ids", "dim": 8, "admission": {"kind": "count", "min_count": 1}}]},
+     "admission {'kind': 'count', 'min_count': 1, 'sketch_width': 65536} admits every key on first sight"),
+    ({"tables": [{"name": "ids", "dim": 8, "admission": {"kind": "probability", "probability": 1.0}}]},
+     "admits every key on first sight, as no admission does: remove it"),
+    ({"training": {"lr_schedule": {"warmup_steps": 1, "tables": True}}},
+     "a schedule of warmup_steps 1 and no decay keeps training.lr at every step"),
+    ({"features": [{"kind": "sparse", "name": "user", "columns": ["C1"], "table": "ids"},
+                   {"kind": "dense", "name": "leak", "column": "label"},
+                   {"kind": "label", "name": "click", "column": "label"}]},
+     "feature 'leak' reads column 'label', label 'click''s: a model given its target as an input learns nothing"),
+    ({"features": [{"kind": "sparse", "name": "user", "columns": ["C1", "buy"], "table": "ids"},
+                   {"kind": "label", "name": "click", "column": "label"}, {"kind": "label", "name": "buy", "column": "buy"}]},
+     "feature 'user' reads column 'buy', label 'buy''s"),
 ])
 def test_an_inconsistent_run_config_says_what_is_wrong(changes, message):
     with pytest.raises(ConfigError) as info:
@@ -246,8 +265,8 @@ def test_numbers_with_an_exponent_are_numbers_whole_ones_where_an_integer_goes(t
     ("runtime", "runtime:\n", 4, "runtime: {}\n"),
     ("passmode", "passmode:  # comment\n", 4, "passmode: {}\n"),
     ("eviction", "tables:\n  - name: ids\n    dim: 8\n    eviction:\n    #  capacity_policy: lfu\n", 6,
-     "tables:\n  - name: ids\n    dim: 8\n    eviction: {}\n"),
-    ("lr_schedule", "training:\n  lr_schedule:\n", 5, "training:\n  lr_schedule: {}\n"),
+     "tables:\n  - name: ids\n    dim: 8\n    eviction: {ttl_steps: 10}\n"),
+    ("lr_schedule", "training:\n  lr_schedule:\n", 5, "training:\n  lr_schedule: {warmup_steps: 10}\n"),
 ])
 def test_a_yaml_section_with_nothing_under_it_is_refused_not_read_as_absent(tmp_path, section, text, line, written):
     config = tmp_path / "run.yaml"

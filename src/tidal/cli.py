@@ -519,6 +519,7 @@ def _serve(args: argparse.Namespace) -> int:
              if v is not None}
     try:
         settings = _serving_settings(args.settings, flags)
+        _check_batching_flags(args.no_batching, flags, settings)
     except ConfigError as exc:
         print(f"tidal serve: {exc}", file=sys.stderr)
         return 2
@@ -566,6 +567,19 @@ def _serve(args: argparse.Namespace) -> int:
         service.close()  # again, if the signal came before serving began
     print("stopped", flush=True)
     return 0
+
+
+def _check_batching_flags(no_batching: bool, flags: dict, settings: dict) -> None:
+    """Refuse batching settings (by their flags, or `--set`) beside --no-batching, which
+    runs every request alone."""
+    from tidal.errors import ConfigError
+
+    batching = ("max_batch_rows", "chunk_rows", "max_delay_ms")
+    unused = [f"--{key.replace('_', '-')}" for key in batching if key in flags] + \
+        [f"--set {key}" for key in batching if key in settings]
+    if no_batching and unused:
+        raise ConfigError(f"--no-batching runs every request alone, so {', '.join(unused)} would have no effect: "
+                          f"remove {'them' if len(unused) > 1 else 'it'}, or --no-batching")
 
 
 def _url_segment(name: str) -> bool:

@@ -217,8 +217,11 @@ class CountAdmission(_Model):
 
     Counts of keys not yet admitted live in a count-min sketch of `sketch_width` x 4
     counters per shard, so memory stays bounded however many rare keys arrive; a
-    sketch may over-count (admit a key early), never under-count. Every sighting of a
-    key in the batch that admits it reads and updates its new row, the earlier ones too.
+    sketch may over-count (admit a key early), never under-count. The counts halve at
+    every safe point (`EmbeddingTable.evict`, every `training.evict_every` steps in a
+    run), so a key must keep coming back to earn its row: one seen once between two safe
+    points never reaches 2. Every sighting of a key in the batch that admits it reads and
+    updates its new row, the earlier ones too.
     """
 
     kind: Literal["count"] = "count"
@@ -233,6 +236,13 @@ class ProbabilityAdmission(_Model):
 
     kind: Literal["probability"] = "probability"
     probability: _Float = Field(gt=0.0, le=1.0)
+
+
+def _admits_all(admission: CountAdmission | ProbabilityAdmission | dict | None) -> bool:
+    """Whether `admission` (a config, or its saved values) admits every key on first sight."""
+    if isinstance(admission, BaseModel):
+        admission = admission.model_dump()
+    return bool(admission) and (admission.get("min_count") == 1 or admission.get("probability") == 1.0)
 
 
 class Eviction(_Model):
@@ -276,10 +286,18 @@ class TableConfig(_Model):
 
     @pydantic.model_validator(mode="after")
     def _policy_applies(self) -> TableConfig:
+        capped = self.max_rows is not None or self.memory_bytes is not None
         if self.eviction is not None:
-            capped = self.max_rows is not None or self.memory_bytes is not None
             _refuse_unused(self.eviction, _unused({"capacity_policy": (capped, "max_rows or memory_bytes")}),
                            "eviction.")
+        if _SAVED.get():
+            return self
+        if self.eviction is not None and self.eviction.ttl_steps is None and not capped:
+            raise ValueError("eviction would evict nothing: give it ttl_steps, or give the table max_rows or "
+                             "memory_bytes (a cap), or remove it")
+        if _admits_all(self.admission):
+            raise ValueError(f"admission {self.admission.model_dump()} admits every key on first sight, as no "  # type: ignore[union-attr]
+                             f"admission does: remove it")
         return self
 
     @pydantic.field_validator("name")
@@ -359,6 +377,8 @@ class SparseFeature(_Model):
         if self.namespace is not None and not self.hashed:
             raise ValueError("namespace seeds the hash of strings; with hashed=false the ids are read as they are, "
                              "so leave namespace out")
+        _refuse_unused(self, _unused({"pooling": (self.separator is not None, "a separator: a bag of several ids "
+                                                                               "a row; one id pools alike every way")}))
         return self
 
     def _check_weight_separator(self) -> None:
@@ -480,8 +500,9 @@ def check_group_feature(features: Sequence[FeatureConfig], name: str, key: str) 
     sparse = {f.name: f for f in features if isinstance(f, SparseFeature)}
     if name not in sparse:
         kind = next((f" (a {f.kind} feature)" for f in features if f.name == name), "")
-        raise ValueError(f"{key} is {name!r}{kind}; expected a sparse feature"
-                         f"{_closest(name, list(sparse), f' one of {sorted(sparse)}')}")
+        single = [n for n, f in sparse.items() if f.separator is None]
+        raise ValueError(f"{key} is {name!r}{kind}; expected a sparse feature of one id a row"
+                         f"{_closest(name, single, f' one of {sorted(single)}')}")
     if sparse[name].separator is not None:
         raise ValueError(f"{key} is {name!r}, a multi-value bag (separator {sparse[name].separator!r}); expected a "
                          f"feature of one id a row, whose id is the row's group")
@@ -509,6 +530,9 @@ class LrSchedule(_Model):
         if self.decay == "none" and ("decay_steps" in self.model_fields_set or "min_lr" in self.model_fields_set):
             raise ValueError("decay_steps and min_lr apply to a decay (linear or cosine); decay is 'none': set it, "
                              "or remove them")
+        if self.decay == "none" and self.warmup_steps <= 1 and not _SAVED.get():
+            raise ValueError(f"a schedule of warmup_steps {self.warmup_steps} and no decay keeps training.lr at every "
+                             f"step: give warmup_steps over 1 or a decay, or remove lr_schedule")
         return self
 
     def lr_at(self, lr: float, step: int) -> float:
@@ -766,6 +790,7 @@ class RunConfig(_Model):
                              f"evaluate on: set data.eval, or remove eval_every")
         self._check_passmode()
         self._check_unused()
+        self._check_label_columns()
         ftrl = [t.name for t in self.tables if isinstance(t.optimizer, Ftrl)]
         if self.training.schedules_tables and ftrl:
             raise ValueError(f"training.lr_schedule.tables: tables {ftrl} use FTRL, whose alpha sets the scale of "
@@ -795,6 +820,21 @@ class RunConfig(_Model):
         if self.training.evict_every != TrainingConfig.model_fields["evict_every"].default and not self.evicts:
             raise ValueError(f"training.evict_every ({self.training.evict_every}) would have no effect: no table has "
                              f"an eviction or admission policy; remove it")
+
+    def _check_label_columns(self) -> None:
+        """Refuse a label column read by an input feature: the model would learn the
+        target from itself, and ask it of every request served."""
+        if _SAVED.get():
+            return
+        labels = {f.column: f.name for f in self.features if isinstance(f, LabelFeature)}
+        for feature in self.features:
+            columns = feature.columns if isinstance(feature, SparseFeature) else \
+                [feature.column] if isinstance(feature, DenseFeature) else []
+            leaked = [c for c in columns if c in labels]
+            if leaked:
+                raise ValueError(f"feature {feature.name!r} reads column {leaked[0]!r}, label "
+                                 f"{labels[leaked[0]]!r}'s: a model given its target as an input learns nothing "
+                                 f"it could serve; read another column")
 
     def _check_eval_group(self) -> None:
         group = self.data.eval_group_by
@@ -906,25 +946,38 @@ def _element(items: list, part: str, key: str, where: str) -> int:
 def effective_fields(config: dict) -> dict:
     """A run config's values (as `model_dump(mode="json")` gives them) without the
     fields that have no effect, which a config saved before they were refused may hold:
-    the tables no sparse feature reads, a zeros initializer's scale, an eviction's
-    capacity policy without a row cap, a lone label's weight. Two configs that differ
-    only there train alike."""
+    the tables no sparse feature reads, a lone label's weight, the pooling of a feature of
+    one id a row, and a table's (`effective_table_fields`). Two configs that differ only
+    there train alike."""
     features = config.get("features", [])
     read = {f.get("table") for f in features if f.get("kind") == "sparse"}
     labels = [f for f in features if f.get("kind") == "label"]
     return {**config, "tables": [effective_table_fields(t) for t in config.get("tables", []) if t.get("name") in read],
-            "features": [{k: v for k, v in f.items() if not (k == "weight" and len(labels) == 1)}
-                         if f.get("kind") == "label" else f for f in features]}
+            "features": [_effective_feature_fields(f, lone_label=len(labels) == 1) for f in features]}
+
+
+def _effective_feature_fields(feature: dict, *, lone_label: bool) -> dict:
+    if feature.get("kind") == "label" and lone_label:
+        return {k: v for k, v in feature.items() if k != "weight"}
+    if feature.get("kind") == "sparse" and feature.get("separator") is None:
+        return {k: v for k, v in feature.items() if k != "pooling"}
+    return feature
 
 
 def effective_table_fields(table: dict) -> dict:
-    """A table config's values without a zeros initializer's scale and an eviction's
-    capacity policy without a row cap (see `effective_fields`)."""
+    """A table config's values without a zeros initializer's scale, an eviction's
+    capacity policy without a row cap, an eviction that evicts nothing and an admission
+    of every key (see `effective_fields`)."""
     table = dict(table)
+    capped = table.get("max_rows") is not None or table.get("memory_bytes") is not None
     if (table.get("initializer") or {}).get("kind") == "zeros":
         table["initializer"] = {k: v for k, v in table["initializer"].items() if k != "scale"}
-    if table.get("eviction") and table.get("max_rows") is None and table.get("memory_bytes") is None:
+    if table.get("eviction") and not capped:
         table["eviction"] = {k: v for k, v in table["eviction"].items() if k != "capacity_policy"}
+        if table["eviction"].get("ttl_steps") is None:
+            table["eviction"] = None
+    if _admits_all(table.get("admission")):
+        table["admission"] = None
     return table
 
 

@@ -140,8 +140,8 @@ def test_eval_on_the_command_line_groups_by_the_feature_it_is_given(trained, cap
                      capsys.readouterr().out)
     assert main(["eval", "--checkpoint", str(trainer.run_dir), "--data", *config["data"]["eval"],
                  "--group-by", "I1"]) == 2
-    assert "the group feature (data.eval_group_by, --group-by) is 'I1' (a dense feature); expected a sparse feature; " \
-           "one of ['C1', " in capsys.readouterr().err
+    assert "the group feature (data.eval_group_by, --group-by) is 'I1' (a dense feature); expected a sparse feature " \
+           "of one id a row; one of ['C1', " in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(trainer.run_dir), "--data", *config["data"]["eval"]]) == 0
     assert "GAUC by C1" in capsys.readouterr().out  # the run's group
     assert main(["eval", "--checkpoint", str(trainer.run_dir), "--data", *config["data"]["eval"],
@@ -155,10 +155,13 @@ def test_eval_on_the_command_line_groups_by_the_feature_it_is_given(trained, cap
 
 def test_the_group_feature_is_checked_with_the_config(tmp_path):
     config = _config(tmp_path, eval_group_by="nope")
-    with pytest.raises(ConfigError, match=r"data.eval_group_by is 'nope'; expected a sparse feature; one of \['C1'"):
+    with pytest.raises(ConfigError, match=r"data.eval_group_by is 'nope'; expected a sparse feature of one id a row; "
+                                          r"one of \['C1'"):
         RunConfig(**config)
-    config["data"]["eval_group_by"] = "C1"
     config["features"][0]["separator"] = "|"
+    with pytest.raises(ConfigError, match=r"expected a sparse feature of one id a row; one of \['C10', "):
+        RunConfig(**config)  # bags are not offered
+    config["data"]["eval_group_by"] = "C1"
     with pytest.raises(ConfigError, match=r"data.eval_group_by is 'C1', a multi-value bag \(separator '\|'\)"):
         RunConfig(**config)
     config = _config(tmp_path, eval_group_by="C1", eval=None)

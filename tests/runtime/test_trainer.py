@@ -230,15 +230,18 @@ def test_a_run_saved_with_fields_now_refused_for_having_no_effect_resumes_withou
     config = _config(tmp_path, epochs=2, checkpoint_every=10)
     config["data"]["eval"] = None
     config["tables"][0] |= {"initializer": {"kind": "zeros", "scale": 0.5}, "eviction": {"capacity_policy": "lfu",
-                                                                                         "ttl_steps": 1000}}
+                                                                                         "ttl_steps": 1000},
+                            "admission": {"kind": "count", "min_count": 1}}
     config["tables"].append({"name": "spare", "dim": 8})
     config["features"][-1]["weight"] = 3.0
+    config["features"][0]["pooling"] = "mean"  # of one id a row
     Trainer(RunConfig.from_saved(config)).fit(max_steps=30)  # as a run saved before these were refused
     with pytest.raises(ConfigError, match="would have no effect"):
         RunConfig(**config)
     clean = {**config, "tables": [{**config["tables"][0], "initializer": {"kind": "zeros"},
-                                   "eviction": {"ttl_steps": 1000}}],
-             "features": [*config["features"][:-1], {k: v for k, v in config["features"][-1].items() if k != "weight"}]}
+                                   "eviction": {"ttl_steps": 1000}, "admission": None}],
+             "features": [{k: v for k, v in config["features"][0].items() if k != "pooling"}, *config["features"][1:-1],
+                          {k: v for k, v in config["features"][-1].items() if k != "weight"}]}
     assert Trainer(RunConfig(**clean)).fit(resume=True)["steps"] == 48
     assert main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "bundle")]) == 0
 

@@ -132,6 +132,12 @@ def test_serve_refuses_a_port_out_of_range(capsys):
     assert exited.value.code == 2 and "a port is 0-65535, got 70000" in capsys.readouterr().err
 
 
+def test_serve_refuses_batching_settings_beside_no_batching(capsys):
+    assert main(["serve", "bundle", "--no-batching", "--max-batch-rows", "8", "--set", "max_delay_ms=1"]) == 2
+    assert capsys.readouterr().err == "tidal serve: --no-batching runs every request alone, so --max-batch-rows, " \
+                                      "--set max_delay_ms would have no effect: remove them, or --no-batching\n"
+
+
 def test_serve_names_the_flag_of_a_value_out_of_range(trainer, tmp_path, capsys):
     bundle = tmp_path / "ranker"
     assert main(["export", "--checkpoint", str(trainer.run_dir), "--out", str(bundle)]) == 0

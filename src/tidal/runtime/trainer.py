@@ -137,7 +137,7 @@ def _table_summary(stats: TableStats) -> dict:
 
 def shown_table(name: str, table: dict) -> str:
     """A table's line in the CLI's run summary: its size, and the ids that got no row."""
-    line = f"table {name}: {table['rows']:,d} rows, {table['bytes'] / 2**20:.1f} MiB"
+    line = f"table {name}: {table['rows']:,d} row{'' if table['rows'] == 1 else 's'}, {table['bytes'] / 2**20:.1f} MiB"
     if table["evicted"]:
         line += f" ({table['admitted']:,d} created, {table['evicted']:,d} evicted)"
     if table["not_admitted"]:
