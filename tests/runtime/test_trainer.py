@@ -376,7 +376,10 @@ def test_resume_refuses_a_changed_config(tmp_path):
     config["model"]["hidden_sizes"] = [16]
     config["data"]["batch_size"] = 256
     with pytest.raises(CheckpointError, match=r"the config changed since this checkpoint \(data.batch_size: 512 there, "
-                                              r"256 now; model.hidden_sizes\[0\]: 32 there, 16 now\)"):
+                                              r"256 now; model.hidden_sizes\[0\]: 32 there, 16 now\); resume with the "
+                                              r"config it was written with \(a resume may change the training, runtime, "
+                                              r"passmode, serving sections and data.eval, data.eval_group_by, "
+                                              r"data.on_bad_row, data.max_bad_fraction, nothing else\)$"):
         Trainer(RunConfig(**config)).fit(resume=True)
     config["model"]["hidden_sizes"], config["data"]["batch_size"] = [32], 512
     config["data"] |= {"max_bad_fraction": 0.5, "on_bad_row": "fail"}  # how bad rows are met may change
