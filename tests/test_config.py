@@ -130,18 +130,18 @@ def _run(**changes) -> dict:
     ({"tables": [{"name": "ids", "dim": 8, "eviction": {}}]}, "tables.0 (ids): eviction would evict nothing: give it "
                                                                "ttl_steps, or give the table max_rows or memory_bytes"),
     ({"tables": [{"name": "ids", "dim": 8, "admission": {"kind": "count", "min_count": 1}}]},
-     "admission {'kind': 'count', 'min_count': 1, 'sketch_width': 65536} admits every key on first sight"),
+     "tables.0 (ids): admission with min_count 1 admits every key on first sight, as no admission does"),
     ({"tables": [{"name": "ids", "dim": 8, "admission": {"kind": "probability", "probability": 1.0}}]},
-     "admits every key on first sight, as no admission does: remove it"),
+     "admission with probability 1.0 admits every key on first sight, as no admission does: remove it"),
     ({"training": {"lr_schedule": {"warmup_steps": 1, "tables": True}}},
      "a schedule of warmup_steps 1 and no decay keeps training.lr at every step"),
     ({"features": [{"kind": "sparse", "name": "user", "columns": ["C1"], "table": "ids"},
                    {"kind": "dense", "name": "leak", "column": "label"},
                    {"kind": "label", "name": "click", "column": "label"}]},
-     "feature 'leak' reads column 'label', label 'click''s: a model given its target as an input learns nothing"),
+     "feature 'leak' reads column 'label', which label 'click' reads: a model given its target as an input learns"),
     ({"features": [{"kind": "sparse", "name": "user", "columns": ["C1", "buy"], "table": "ids"},
                    {"kind": "label", "name": "click", "column": "label"}, {"kind": "label", "name": "buy", "column": "buy"}]},
-     "feature 'user' reads column 'buy', label 'buy''s"),
+     "feature 'user' reads column 'buy', which label 'buy' reads"),
 ])
 def test_an_inconsistent_run_config_says_what_is_wrong(changes, message):
     with pytest.raises(ConfigError) as info:

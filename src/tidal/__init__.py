@@ -13,7 +13,8 @@ from __future__ import annotations
 from importlib import import_module as _import_module
 from typing import TYPE_CHECKING
 
-from tidal.errors import BatchError, CheckpointError, ConfigError, CorruptCheckpointError, DataError, TidalError
+from tidal.errors import (BatchError, CheckpointError, ConfigError, CorruptCheckpointError, DataError, DataPathError,
+                          TidalError)
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports these
     from tidal.config import (
@@ -61,6 +62,7 @@ __all__ = [
     "CorruptCheckpointError",
     "CountAdmission",
     "DataError",
+    "DataPathError",
     "DenseFeature",
     "EmbeddingCollection",
     "EmbeddingFeature",

@@ -267,7 +267,7 @@ def _resume(args: argparse.Namespace) -> str:
     """The command that resumes the run `args` began (without --init-from: the run has
     checkpoints of its own once it wrote one)."""
     sets = "".join(f" --set {shlex.quote(entry)}" for entry in args.settings)
-    return f"`tidal train --config {args.config}{sets} --resume`" + (" (without --init-from)" if args.init_from else "")
+    return f"`tidal train --config {shlex.quote(args.config)}{sets} --resume`" + (" (without --init-from)" if args.init_from else "")
 
 
 def _saved(config: RunConfig | None) -> bool:
@@ -364,7 +364,7 @@ def _print_runtime(report: dict, run_dir: str) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from tidal.errors import ConfigError, DataError, TidalError
+    from tidal.errors import ConfigError, DataError, DataPathError, TidalError
 
     try:
         from tidal.config import RunConfig
@@ -397,7 +397,7 @@ def _eval(args: argparse.Namespace) -> int:
         _check_eval_flags(args, {data["format"] or format_of(f) for f in expand_paths(args.data)})
         result = trainer.evaluate(args.data, group_by=args.group_by)
     except DataError as exc:
-        hint = "" if str(exc).startswith("no data file at") else (
+        hint = "" if isinstance(exc, DataPathError) else (
             "\n(the files are read as the run's data section says; --format, --columns, --csv-header, "
             "--max-bad-fraction and --on-bad-row say otherwise)")
         print(f"tidal eval: {exc}{hint}", file=sys.stderr)

@@ -296,8 +296,9 @@ class TableConfig(_Model):
             raise ValueError("eviction would evict nothing: give it ttl_steps, or give the table max_rows or "
                              "memory_bytes (a cap), or remove it")
         if _admits_all(self.admission):
-            raise ValueError(f"admission {self.admission.model_dump()} admits every key on first sight, as no "  # type: ignore[union-attr]
-                             f"admission does: remove it")
+            setting = "min_count 1" if self.admission.kind == "count" else "probability 1.0"  # type: ignore[union-attr]
+            raise ValueError(f"admission with {setting} admits every key on first sight, as no admission does: "
+                             f"remove it")
         return self
 
     @pydantic.field_validator("name")
@@ -527,7 +528,7 @@ class LrSchedule(_Model):
     def _decay_settings(self) -> LrSchedule:
         if self.decay != "none" and self.decay_steps is None:
             raise ValueError(f"decay is {self.decay!r}: give decay_steps, the steps it takes to reach min_lr")
-        if self.decay == "none" and ("decay_steps" in self.model_fields_set or "min_lr" in self.model_fields_set):
+        if self.decay == "none" and (self.decay_steps is not None or self.min_lr != 0.0):
             raise ValueError("decay_steps and min_lr apply to a decay (linear or cosine); decay is 'none': set it, "
                              "or remove them")
         if self.decay == "none" and self.warmup_steps <= 1 and not _SAVED.get():
@@ -599,7 +600,8 @@ class RuntimeConfig(_Model):
 
     `backend`: `local` (threads in this process, shared tables) or `ray` (the same
     workers as Ray actors, tables in embedding-shard actors; `ray_address` names an
-    existing cluster, none starts a local Ray). `mode`: `sync` lands every batch's
+    existing cluster; none: that of the Ray job the run is (`RAY_ADDRESS`), else a local
+    Ray of the run's own, even where another Ray runs). `mode`: `sync` lands every batch's
     sparse update before the next batch's lookup (parsing and extraction run ahead);
     `async` lets up to `max_inflight` batches sit between lookup and update.
     `transfer_dtype` is how pooled embeddings and their gradients travel; `auto` is
@@ -832,8 +834,8 @@ class RunConfig(_Model):
                 [feature.column] if isinstance(feature, DenseFeature) else []
             leaked = [c for c in columns if c in labels]
             if leaked:
-                raise ValueError(f"feature {feature.name!r} reads column {leaked[0]!r}, label "
-                                 f"{labels[leaked[0]]!r}'s: a model given its target as an input learns nothing "
+                raise ValueError(f"feature {feature.name!r} reads column {leaked[0]!r}, which label "
+                                 f"{labels[leaked[0]]!r} reads: a model given its target as an input learns nothing "
                                  f"it could serve; read another column")
 
     def _check_eval_group(self) -> None:

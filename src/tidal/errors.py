@@ -24,6 +24,7 @@ __all__ = [
     "ConfigError",
     "CorruptCheckpointError",
     "DataError",
+    "DataPathError",
     "TidalError",
 ]
 
@@ -42,6 +43,10 @@ class BatchError(TidalError, ValueError):
 
 class DataError(TidalError, ValueError):
     """A data file cannot be read, or a row is bad and the run was told to fail on it."""
+
+
+class DataPathError(DataError):
+    """A data path names no file to read: nothing there, a folder, a file named twice."""
 
 
 class CheckpointError(TidalError):

@@ -38,6 +38,8 @@ def test_a_schedule_is_checked_with_the_config(tmp_path):
         TrainingConfig(lr_schedule={"decay": "cosine"})
     with pytest.raises(ConfigError, match="decay_steps and min_lr apply to a decay"):
         TrainingConfig(lr_schedule={"decay_steps": 10})
+    warmup = TrainingConfig(lr_schedule={"warmup_steps": 10})  # as a checkpoint or --print-config writes it back:
+    assert TrainingConfig(**warmup.model_dump(mode="json")) == warmup  # every field, the unset ones at their defaults
     config = _scheduled(_config(tmp_path, epochs=1), tables=True)
     config["tables"][0]["optimizer"] = {"kind": "ftrl"}
     with pytest.raises(ConfigError, match=r"training.lr_schedule.tables: tables \['ids'\] use FTRL, whose alpha sets "

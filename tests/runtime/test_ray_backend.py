@@ -165,6 +165,33 @@ def test_no_ray_cluster_at_the_address_is_a_config_error(data, tmp_path, monkeyp
         RayBackend(trainer, trainer.reader_spec(data["data"]["train"]))
 
 
+@pytest.mark.parametrize(("address", "env", "expected"), [(None, None, "local"), (None, "10.0.0.1:6379", "10.0.0.1:6379"),
+                                                     ("auto", "10.0.0.1:6379", "auto")])
+def test_without_an_address_a_run_starts_a_local_ray_of_its_own_or_joins_its_jobs(data, tmp_path, monkeypatch, address,
+                                                                                   env, expected):
+    """A local Ray of its own even when another runs on the machine (ray.init without an
+    address would join that one, and refuse the CPU count given)."""
+    from tidal.runtime.ray_backend import RayBackend
+
+    calls = []
+
+    def init(**kwargs):  # type: ignore[no-untyped-def]
+        calls.append(kwargs)
+        raise KeyboardInterrupt  # stop there
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr("tidal.runtime.ray_backend._check_reachable", lambda address: None)
+    if env:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    else:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    trainer = _trainer(data, tmp_path, {"backend": "ray", **({"ray_address": address} if address else {})})
+    with pytest.raises(KeyboardInterrupt):
+        RayBackend(trainer, trainer.reader_spec(data["data"]["train"]))
+    assert calls[0]["address"] == expected and (calls[0]["num_cpus"] is None) == (expected != "local")
+
+
 @pytest.mark.parametrize("runtime", [{"sparse_workers": 4}, {"sparse_workers": 1, "sparse_workers_at": {4: 4}}],
                          ids=["at_start", "by_the_schedule"])
 def test_more_actors_than_the_cluster_has_cpus_are_refused_before_any_starts(cluster, data, tmp_path, runtime):

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from tidal.config import is_whole_number, weighted_bag_problem
 from tidal.data.criteo import CRITEO_COLUMNS, CRITEO_DENSE
-from tidal.errors import DataError
+from tidal.errors import DataError, DataPathError
 
 __all__ = ["BadRows", "CRITEO_CHECKS", "INTEGER_PATTERN", "WeightedBags", "check_layout", "expand_paths", "format_of",
            "read_batches", "split_bags", "weighted_values"]
@@ -189,17 +189,17 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
         if glob.has_magic(item):
             found += _files_matching(item)
         elif Path(item).is_dir():
-            raise DataError(f"{item} is a folder; expected a data file, a glob matching files (such as "
-                            f"{os.path.join(item, '*.tsv')}), or a list of them")
+            raise DataPathError(f"{item} is a folder; expected a data file, a glob matching files (such as "
+                                f"{os.path.join(item, '*.tsv')}), or a list of them")
         elif Path(item).is_file():
             found.append(item)
         else:
-            raise DataError(f"no data file at {item}: expected a file, a glob matching files, or a list of them")
+            raise DataPathError(f"no data file at {item}: expected a file, a glob matching files, or a list of them")
     real = [os.path.realpath(f) for f in found]
     twice = next((f for f, r in zip(found, real) if real.count(r) > 1), None)
     if twice is not None:
-        raise DataError(f"{twice} is named more than once (by two names or globs that match it), so its rows would be "
-                        f"read twice; name each file once (training.epochs reads all of them again)")
+        raise DataPathError(f"{twice} is named more than once (by two names or globs that match it), so its rows "
+                            f"would be read twice; name each file once (training.epochs reads all of them again)")
     return found
 
 
@@ -210,7 +210,8 @@ def _files_matching(pattern: str) -> list[str]:
     if not files:
         what = f"it matches only folders ({', '.join(matches[:3])}{', ...' if len(matches) > 3 else ''})" \
             if matches else "it matches nothing"
-        raise DataError(f"no data file at {pattern}: {what}; expected a file, a glob matching files, or a list of them")
+        raise DataPathError(f"no data file at {pattern}: {what}; expected a file, a glob matching files, or a list of "
+                            f"them")
     return files
 
 

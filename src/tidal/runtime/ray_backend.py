@@ -221,14 +221,17 @@ class RayBackend:
         most = max([first, *self.runtime.sparse_workers_at.values()])  # sparse actors at the schedule's peak
         if self.started_ray:
             _check_reachable(self.runtime.ray_address)
+            # none: the cluster of a Ray job (RAY_ADDRESS), else a local Ray of its own, even beside a running one
+            address = self.runtime.ray_address or os.environ.get("RAY_ADDRESS") or "local"
             try:
                 with keeping_sigterm():  # a SIGTERM stops the run as a Ctrl-C does, not by Ray's exit
-                    ray.init(address=self.runtime.ray_address, include_dashboard=False, log_to_driver=True,
-                             num_cpus=None if self.runtime.ray_address else max(os.cpu_count() or 1,
-                                                                                  self._actors_needed(most) + 1))
+                    ray.init(address=address, include_dashboard=False, log_to_driver=True,
+                             num_cpus=max(os.cpu_count() or 1, self._actors_needed(most) + 1) if address == "local"
+                             else None)
             except ConnectionError as exc:  # no cluster at 'auto', or something else answers at the address
-                raise ConfigError(f"runtime.ray_address {self.runtime.ray_address}: no Ray cluster there ({exc}); "
-                                  f"start one (ray start --head) or leave ray_address out for a local Ray") from None
+                key = "runtime.ray_address" if self.runtime.ray_address else "RAY_ADDRESS"
+                raise ConfigError(f"{key} {address}: no Ray cluster there ({exc}); start one (ray start --head) or "
+                                  f"leave {key} out for a local Ray") from None
         self.threads = trainer.config.training.threads
         self.features = list(trainer.config.features)
         self.dense_node: str | None = None

@@ -268,8 +268,8 @@ class Trainer:
                                               threads=training.threads,
                                               lr_scale=training.table_lr_scale if training.schedules_tables else None)
         self.device = dense_device(config.training.device, key="training.device")
-        if config.runtime is not None:  # refused here, before the run makes its run_dir
-            dense_device(config.runtime.device)
+        if config.runtime is not None and config.runtime.backend == "local":  # refused here, before the run makes
+            dense_device(config.runtime.device)  # its run_dir (a Ray cluster's devices are its nodes')
         self.model = RankingModel(config.model, num_features=len(self.extractor.sparse), dim=self.collection.dim,
                                   dense_features=len(self.extractor.dense), num_targets=len(self.extractor.labels))
         self.model.to(self.device)

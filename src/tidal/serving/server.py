@@ -246,8 +246,8 @@ class _Deltas:
                                 value=u.delta)
         source = self._service.predictor.source
         if source is not None:
-            yield GaugeMetricFamily("tidal_bundle_source_step", "The training step of the checkpoint served (the "
-                                    "last delta's)", value=source.step)
+            yield GaugeMetricFamily("tidal_bundle_source_step", "The training step of the checkpoint served (of "
+                                    "its last delta, when one is applied)", value=source.step)
         yield CounterMetricFamily("tidal_bundle_deltas_applied", "Deltas applied since the start",
                                   value=u.deltas_applied)
         yield CounterMetricFamily("tidal_bundle_reloads", "Loads of the whole bundle after a full export replaced it",

@@ -4,8 +4,8 @@ beyond the Open Inference Protocol: `get_model_config`, `get_inference_statistic
 
 The configuration says what the server does, in Triton's terms: `max_batch_size` 0
 (a request carries its own candidate dimension, which the server merges and splits
-itself), the inputs and outputs of the model's metadata, and Tidal's batching and
-session settings as `parameters`. Neither `dynamic_batching` (which Triton allows only
+itself), the inputs and outputs of the model's metadata, and Tidal's serving settings
+(but the fusion) and the checkpoint served as `parameters`. Neither `dynamic_batching` (which Triton allows only
 with a `max_batch_size` above 0) nor `sequence_batching` (which would tell Triton's tools
 that every request needs a sequence id: here sessions are optional) is set.
 Statistics have Triton's fields, counted in Tidal's units where the two differ: requests
