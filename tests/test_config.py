@@ -133,6 +133,8 @@ def _run(**changes) -> dict:
      "tables.0 (ids): admission with min_count 1 admits every key on first sight, as no admission does"),
     ({"tables": [{"name": "ids", "dim": 8, "admission": {"kind": "probability", "probability": 1.0}}]},
      "admission with probability 1.0 admits every key on first sight, as no admission does: remove it"),
+    ({"runtime": {"backend": "ray", "embedding_shards": 2}},
+     "runtime.embedding_shards is 2, but tables go to shard actors whole and there are 1: give at most 1"),
     ({"training": {"lr_schedule": {"warmup_steps": 1, "tables": True}}},
      "a schedule of warmup_steps 1 and no decay keeps training.lr at every step"),
     ({"features": [{"kind": "sparse", "name": "user", "columns": ["C1"], "table": "ids"},

@@ -14,7 +14,7 @@ from importlib import import_module as _import_module
 from typing import TYPE_CHECKING
 
 from tidal.errors import (BatchError, CheckpointError, ConfigError, CorruptCheckpointError, DataError, DataPathError,
-                          TidalError)
+                          RunStoppedError, TidalError)
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports these
     from tidal.config import (
@@ -79,6 +79,7 @@ __all__ = [
     "RowBlock",
     "RowLookup",
     "RowWiseAdagrad",
+    "RunStoppedError",
     "Sgd",
     "SparseBatch",
     "SparseFeature",

@@ -270,6 +270,13 @@ def _resume(args: argparse.Namespace) -> str:
     return f"`tidal train --config {shlex.quote(args.config)}{sets} --resume`" + (" (without --init-from)" if args.init_from else "")
 
 
+def _go_on(args: argparse.Namespace, config: RunConfig | None) -> str:
+    """How to go on with a run that stopped part way."""
+    if _saved(config):
+        return f"{_resume(args)} continues from the last checkpoint written"
+    return "no checkpoint was written: run the same command again"
+
+
 def _saved(config: RunConfig | None) -> bool:
     """Whether the run of `config` has a checkpoint to resume from."""
     from tidal.runtime import checkpoint
@@ -282,7 +289,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from tidal.config import RunConfig
     from tidal.data.readers import BadRows
-    from tidal.errors import TidalError
+    from tidal.errors import RunStoppedError, TidalError
     from tidal.runtime import Trainer
     from tidal.runtime.trainer import Evaluation, shown_evaluation, shown_table
 
@@ -293,6 +300,9 @@ def _train(args: argparse.Namespace) -> int:
             print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
             return 0
         summary = Trainer(config).fit(resume=args.resume, init_from=args.init_from)
+    except RunStoppedError as exc:
+        print(f"tidal train: {exc.what}. The run stopped; {_go_on(args, config)}", file=sys.stderr)
+        return 2
     except TidalError as exc:
         print(f"tidal train: {exc}", file=sys.stderr)
         return 2
@@ -303,9 +313,7 @@ def _train(args: argparse.Namespace) -> int:
                              if _saved(config) else "no checkpoint was written",
                              config.training.run_dir if config else args.config)
     except KeyboardInterrupt:
-        go_on = (f"{_resume(args)} continues from the last checkpoint written" if _saved(config)
-                 else "no checkpoint was written: run the same command again")
-        print(f"tidal train: interrupted; {go_on}", file=sys.stderr)
+        print(f"tidal train: interrupted; {_go_on(args, config)}", file=sys.stderr)
         return 130
     steps, first = summary["steps"], summary["resumed_from"]
     after = (f"started from {args.init_from} at its step {first:,d}" if args.init_from

@@ -793,6 +793,9 @@ class RunConfig(_Model):
         self._check_passmode()
         self._check_unused()
         self._check_label_columns()
+        if self.runtime is not None and self.runtime.embedding_shards > len(self.tables) and not _SAVED.get():
+            raise ValueError(f"runtime.embedding_shards is {self.runtime.embedding_shards}, but tables go to shard "
+                             f"actors whole and there are {len(self.tables)}: give at most {len(self.tables)}")
         ftrl = [t.name for t in self.tables if isinstance(t.optimizer, Ftrl)]
         if self.training.schedules_tables and ftrl:
             raise ValueError(f"training.lr_schedule.tables: tables {ftrl} use FTRL, whose alpha sets the scale of "

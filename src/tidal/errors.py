@@ -25,6 +25,7 @@ __all__ = [
     "CorruptCheckpointError",
     "DataError",
     "DataPathError",
+    "RunStoppedError",
     "TidalError",
 ]
 
@@ -47,6 +48,18 @@ class DataError(TidalError, ValueError):
 
 class DataPathError(DataError):
     """A data path names no file to read: nothing there, a folder, a file named twice."""
+
+
+class RunStoppedError(TidalError):
+    """A run stopped part way: a worker or a table shard it cannot do without died
+    (`what`). Its last checkpoint, if it wrote one, resumes it."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what}. The run stopped; its last checkpoint, if it wrote one, resumes it")
+        self.what = what
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return type(self), (self.what,)  # from a Ray actor to the driver as it was raised
 
 
 class CheckpointError(TidalError):

@@ -15,12 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from runtime.test_trainer import _config
 from tidal.config import EmbeddingFeature, Initializer, RunConfig, Sgd, TableConfig, TrainingConfig
 from tidal.data.batch import SparseBatch
 from tidal.embedding import EmbeddingCollection
-from tidal.errors import DataError, TidalError
+from tidal.errors import DataError, RunStoppedError, TidalError
 from tidal.models import resolve_precision
 from tidal.runtime import Trainer, checkpoint
 from tidal.runtime.workers import (DenseWorker, EmbeddingShard, SparseWorker, _fp16_scale, decode, encode,
@@ -373,9 +374,37 @@ def test_dense_failure_stops_the_run_with_a_clear_error(data, tmp_path, monkeypa
         raise RuntimeError("device lost")
 
     monkeypatch.setattr(DenseWorker, "step", broken)
-    with pytest.raises(TidalError, match="dense worker failed on batch 0.*--resume"):
+    with pytest.raises(RunStoppedError, match="dense worker failed on batch 0 .*device lost.*The run stopped; its "
+                                              "last checkpoint, if it wrote one, resumes it"):
         _trainer(data, tmp_path, {"sparse_workers": 2, "dense_workers": 2}).fit()
     assert _no_worker_threads()
+
+
+def test_the_command_line_says_how_to_go_on_with_a_run_a_dead_worker_stopped(data, tmp_path, monkeypatch, capsys):
+    from tidal.cli import main
+    from tidal.runtime.workers import DenseWorker
+
+    original, steps = DenseWorker.step, []
+
+    def fails_at_the_3rd_step(worker, payload, step):  # type: ignore[no-untyped-def]
+        steps.append(1)
+        if len(steps) == 3:
+            raise RuntimeError("device lost")
+        return original(worker, payload, step)
+
+    monkeypatch.setattr(DenseWorker, "step", fails_at_the_3rd_step)
+    config = {**data, "training": {**data["training"], "run_dir": str(tmp_path / "run")},
+              "runtime": {"sparse_workers": 1, "mode": "sync"}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == "tidal train: dense worker failed on batch 2 (step 3): RuntimeError('device " \
+                                      "lost'). The run stopped; no checkpoint was written: run the same command again\n"
+    steps.clear()
+    path.write_text(yaml.safe_dump({**config, "training": {**config["training"], "checkpoint_every": 2}}))
+    assert main(["train", "--config", str(path)]) == 2
+    assert capsys.readouterr().err.endswith(f"The run stopped; `tidal train --config {path} --resume` continues from "
+                                            f"the last checkpoint written\n")
 
 
 def test_run_stopped_by_a_dense_failure_resumes_from_its_checkpoint(data, reference, tmp_path, monkeypatch):

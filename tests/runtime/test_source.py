@@ -44,6 +44,16 @@ def test_a_private_source_reads_past_the_batches_it_was_not_asked_for():
     assert len(spec.reads) == 7 + 5
 
 
+def test_the_batch_a_private_source_hands_out_carries_the_parsing_of_those_it_dropped(monkeypatch):
+    ticks = iter(range(1_000))
+    monkeypatch.setattr("tidal.runtime.source.time.perf_counter", lambda: float(next(ticks)))  # each read: 1 s
+    source = BatchSource(_CountingSpec(10), shared=False)
+    assert source.get(2).parse_s == 3.0  # batches 0 and 1 dropped on the way, for the reader's busy share
+    assert source.get(3).parse_s == 1.0
+    shared = BatchSource(_CountingSpec(10), shared=True)
+    assert shared.get(2).parse_s == 1.0 and shared.get(0).parse_s == 1.0  # kept for others: each its own
+
+
 @pytest.mark.parametrize("shared", [True, False])
 def test_a_retried_batch_comes_back_from_memory_and_an_old_one_is_read_again_without_keeping_the_rest(shared):
     spec = _CountingSpec(1000)

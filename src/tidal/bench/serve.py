@@ -249,7 +249,7 @@ def _start_ray_serve(bundle: Path) -> tuple[int, object]:
     from ray import serve
 
     port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "ERROR"})
     batched = type("RayServePredictor", (_RayServePredictor,), {
         "score": serve.batch(max_batch_size=1024, batch_wait_timeout_s=0.002,

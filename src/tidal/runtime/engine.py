@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from tidal.errors import TidalError
+from tidal.errors import RunStoppedError, TidalError
 from tidal.runtime.telemetry import Telemetry
 from tidal.runtime.workers import check_loss
 
@@ -303,8 +303,8 @@ class Engine:
             return
         flight = self.flights[batch_id]
         if kind == "dense":
-            raise TidalError(f"dense worker failed on batch {batch_id} (step {self.start_step + batch_id + 1}): "
-                             f"{exc!r}. The run stopped; continue it from the last checkpoint with --resume") from exc
+            raise RunStoppedError(f"dense worker failed on batch {batch_id} (step {self.start_step + batch_id + 1}): "
+                                  f"{exc!r}") from exc
         if self.sparse.get(flight.slot) is flight.worker:  # its own failure: else the worker went for another's
             self._replace(flight.slot, batch_id, kind, exc)
             self.attempts[kind, batch_id] = self.attempts.get((kind, batch_id), 0) + 1

@@ -29,7 +29,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from tidal.data.batch import SparseBatch
 from tidal.data.extract import Extractor
 from tidal.embedding import EmbeddingCollection, EmbeddingTable
-from tidal.errors import ConfigError, TidalError
+from tidal.errors import ConfigError, RunStoppedError, TidalError
 from tidal.processes import keeping_sigterm
 from tidal.runtime.source import BatchSource, ReaderSpec
 from tidal.runtime.workers import (DenseWorker, EmbeddingShard, SparseWorker, encode, flatten, received, transfer_dtype,
@@ -117,8 +117,8 @@ def _all_ended(refs: list[Any]) -> list[Any]:
     try:
         return ray.get(refs)
     except RayActorError as exc:
-        raise TidalError(f"an embedding shard actor died ({type(exc).__name__}); its tables are gone with it. "
-                         f"The run stopped; continue it from the last checkpoint with --resume") from None
+        raise RunStoppedError(f"an embedding shard actor died ({type(exc).__name__}); its tables are gone with "
+                              f"it") from None
 
 
 def _name(dtype: torch.dtype) -> str:

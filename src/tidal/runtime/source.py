@@ -14,7 +14,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import chain
 
 import pyarrow as pa
@@ -135,6 +135,7 @@ class BatchSource:
             raise self._error
         if batch_id < self._next_id:  # handed out or dropped before: read again from the start
             self._rewind()
+        dropped_s = 0.0  # parsing the batches read and not kept: the one asked for carries it
         while not self._ended and self._next_id <= batch_id:
             try:
                 item = self._read()
@@ -143,7 +144,10 @@ class BatchSource:
                 raise self._error from exc
             if item is not None and self._keeps(item.batch_id, batch_id):
                 self._kept[item.batch_id] = item
-        return self._kept.pop(batch_id, None)
+            elif item is not None:
+                dropped_s += item.parse_s
+        found = self._kept.pop(batch_id, None)
+        return found and replace(found, parse_s=found.parse_s + dropped_s)
 
     def _keeps(self, read_id: int, asked_id: int) -> bool:
         """Whether to keep a batch just read: the one asked for, and in a shared source
