@@ -153,9 +153,11 @@ def test_an_inconsistent_run_config_says_what_is_wrong(changes, message):
 
 
 def test_fields_that_apply_are_taken_and_a_saved_config_loads_again():
-    applying = RunConfig(**_run(model={"kind": "dcn", "cross_layers": 3, "head": "mmoe", "experts": 2},
-                                runtime={"backend": "ray", "mode": "async", "max_inflight": 8, "embedding_shards": 2,
-                                         "transfer_dtype": "float16", "loss_scale": 64}))
+    two_tables = _run(tables=[{"name": "ids", "dim": 8}, {"name": "more", "dim": 8}])
+    two_tables["features"].insert(1, {"kind": "sparse", "name": "item", "columns": ["C2"], "table": "more"})
+    applying = RunConfig(**two_tables, model={"kind": "dcn", "cross_layers": 3, "head": "mmoe", "experts": 2},
+                         runtime={"backend": "ray", "mode": "async", "max_inflight": 8, "embedding_shards": 2,
+                                  "transfer_dtype": "float16", "loss_scale": 64})
     assert applying.model.cross_layers == 3 and applying.runtime.loss_scale == 64
     for config in (applying, RunConfig(**_run())):  # every field dumped, defaults included
         assert RunConfig(**config.model_dump(mode="json")) == config
