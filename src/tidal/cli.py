@@ -360,10 +360,14 @@ def _count(n: int, thing: str) -> str:
 
 
 def _print_runtime(report: dict, run_dir: str) -> None:
-    """The heterogeneous run's stage table, its worker failures and lost samples."""
+    """The heterogeneous run's stage table, its sparse workers when their number
+    changed, their failures and lost samples."""
     from tidal.runtime.telemetry import Telemetry
 
     print(Telemetry.table(report))
+    counts = report["sparse_workers"]
+    if len(counts) > 1:
+        print("  sparse workers: " + ", ".join(f"{n} from step {step:,d}" for step, n in counts))
     for failure in report["sparse_worker_failures"]:
         print(f"  sparse worker {failure['worker']} failed in {failure['stage']} of batch {failure['batch']}: "
               f"{failure['error']} (replaced; the batch was done again)")

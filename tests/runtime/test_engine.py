@@ -527,17 +527,16 @@ def test_set_sparse_workers_from_another_thread_while_training(data, tmp_path, m
 
 
 def test_cli_train_prints_the_stage_table(data, tmp_path, capsys):
-    import yaml
-
     from tidal.cli import main
 
     config = {**data, "training": {**data["training"], "run_dir": str(tmp_path / "run")},
-              "runtime": {"sparse_workers": 2, "mode": "async", "telemetry_every_s": 0.02}}
+              "runtime": {"sparse_workers": 2, "mode": "async", "telemetry_every_s": 0.02, "sparse_workers_at": {10: 1}}}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["train", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "dense   dense" in out and "sparse  lookup" in out and "lost samples: 0" in out
+    assert "sparse workers: 2 from step 0, 1 from step 10" in out
     assert "samples/s  busy: reader" in out  # the periodic line
     assert "reader  parse" in out and "reader  transfer" not in out  # readers only parse and extract
     saved = json.loads((tmp_path / "run" / "telemetry.json").read_text())

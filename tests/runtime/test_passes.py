@@ -147,6 +147,17 @@ def test_evict_every_must_fit_the_passes_only_when_a_table_evicts(tmp_path):
         RunConfig(**config)
 
 
+def test_rows_written_back_and_dropped_for_an_eviction_count_as_moved_out(tmp_path):
+    config = _config(tmp_path, epochs=1, evict_every=4, passmode={"batches_per_pass": 4})
+    for table in config["tables"]:
+        table["eviction"] = {"ttl_steps": 1000}
+    trainer = Trainer(RunConfig(**config))
+    trainer.fit()
+    report = trainer.runtime_report["passmode"]
+    assert report["kept_share"] == 0.0  # every pass starts without rows: the last one's left for the eviction
+    assert report["rows_out"] == report["rows_in"] > 0  # each pass's rows left at its end's eviction (0 counted before)
+
+
 def test_cli_trains_in_passes_and_says_what_moved(tmp_path, capsys):
     config = _config(tmp_path, checkpoint_every=8, passmode={"batches_per_pass": 4})
     path = tmp_path / "run.yaml"

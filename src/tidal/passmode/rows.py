@@ -84,15 +84,17 @@ class DeviceRows:
             self._write_back(t, keys, slots)
         self.trained = False
 
-    def release(self, tables: Collection[int]) -> None:
+    def release(self, tables: Collection[int]) -> int:
         """Write every row back, and hold none of `tables` (before they evict: the next
-        pass pulls their rows again); their slots are free for others."""
+        pass pulls their rows again); their slots are free for others. The rows of
+        `tables` it held."""
         self.flush()
         held = self.residency
         empty = np.zeros(0, np.int64)
         self.residency = Residency(keys=tuple(empty if t in tables else k for t, k in enumerate(held.keys)),
                                    slots=tuple(empty if t in tables else s for t, s in enumerate(held.slots)),
                                    free=np.concatenate([held.free, *(held.slots[t] for t in tables)]), size=held.size)
+        return sum(held.keys[t].shape[0] for t in tables)
 
     def _write_back(self, t: int, keys: np.ndarray, slots: np.ndarray) -> None:
         """Rows `keys` from `slots` into table `t`, with the steps they were last used at

@@ -90,7 +90,7 @@ def train(trainer: Any, log: IO[str], position: dict[str, int], max_steps: int |
             planned = ahead.submit(passes.next, plan.residency) if look_ahead else None
             step = report.timed("train_s", _train_pass, trainer, rows, plan, log)
             if safe:
-                report.timed("safe_point_s", _at_safe_point, trainer, rows, log, plan)
+                report.rows_out += report.timed("safe_point_s", _at_safe_point, trainer, rows, log, plan)
             plan = report.timed("wait_s", planned.result if planned is not None else partial(passes.next, rows.residency))
         report.timed("safe_point_s", rows.flush)
     except BaseException as exc:
@@ -160,12 +160,14 @@ def _train_pass(trainer: Any, rows: DeviceRows, plan: PassPlan, log: IO[str]) ->
     return plan.last_step
 
 
-def _at_safe_point(trainer: Any, rows: DeviceRows, log: IO[str], plan: PassPlan) -> None:
-    """Rows back in their tables; evict, evaluate and checkpoint as due at the pass's end."""
+def _at_safe_point(trainer: Any, rows: DeviceRows, log: IO[str], plan: PassPlan) -> int:
+    """Rows back in their tables; evict, evaluate and checkpoint as due at the pass's end.
+    The rows it took off the device (those of tables that evict, when they do)."""
     due = trainer.due(plan.last_step)
     evicting = [t for t, table in enumerate(trainer.collection.tables) if table.config.eviction is not None]
+    released = 0
     if due.evict and evicting:
-        rows.release(evicting)  # an evicted row must not stay here, nor a row with the step it had before it went back
+        released = rows.release(evicting)  # an evicted row must not stay here, nor one with the step it had before
     else:
         rows.flush()
     if due.evict:
@@ -175,3 +177,4 @@ def _at_safe_point(trainer: Any, rows: DeviceRows, log: IO[str], plan: PassPlan)
     if due.checkpoint:
         last = plan.batches[-1]
         checkpoint.save(trainer, {"step": plan.last_step, "epoch": last.epoch, "batch": last.index + 1})
+    return released
