@@ -151,7 +151,12 @@ def test_a_real_cluster_passes_the_address_check(cluster):
     _check_reachable(ray.get_runtime_context().gcs_address)
 
 
-def test_no_ray_cluster_at_the_address_is_a_config_error(data, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("address", "message"), [
+    ("auto", "runtime.ray_address auto: no Ray cluster there"),
+    ("10.0.0.1:6379", "runtime.ray_address 10.0.0.1:6379: a Ray cluster answers there but refused this driver "
+                      r"\(.*\); check that both run the same Ray and share its authentication token")])
+def test_no_ray_cluster_at_the_address_or_one_that_refuses_is_a_config_error(data, tmp_path, monkeypatch, address,
+                                                                            message):
     from tidal.errors import ConfigError
     from tidal.runtime.ray_backend import RayBackend
 
@@ -160,8 +165,9 @@ def test_no_ray_cluster_at_the_address_is_a_config_error(data, tmp_path, monkeyp
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", no_cluster)
-    trainer = _trainer(data, tmp_path, {"backend": "ray", "ray_address": "auto"})
-    with pytest.raises(ConfigError, match="runtime.ray_address auto: no Ray cluster there"):
+    monkeypatch.setattr("tidal.runtime.ray_backend._check_reachable", lambda address: None)  # a Ray answers there
+    trainer = _trainer(data, tmp_path, {"backend": "ray", "ray_address": address})
+    with pytest.raises(ConfigError, match=message):
         RayBackend(trainer, trainer.reader_spec(data["data"]["train"]))
 
 

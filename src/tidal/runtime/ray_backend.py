@@ -228,8 +228,11 @@ class RayBackend:
                     ray.init(address=address, include_dashboard=False, log_to_driver=True,
                              num_cpus=max(os.cpu_count() or 1, self._actors_needed(most) + 1) if address == "local"
                              else None)
-            except ConnectionError as exc:  # no cluster at 'auto', or something else answers at the address
+            except ConnectionError as exc:  # no cluster at 'auto', or one that refused this driver
                 key = "runtime.ray_address" if self.runtime.ray_address else "RAY_ADDRESS"
+                if self.runtime.ray_address not in (None, "auto"):  # _check_reachable found a Ray cluster there
+                    raise ConfigError(f"{key} {address}: a Ray cluster answers there but refused this driver ({exc}); "
+                                      f"check that both run the same Ray and share its authentication token") from None
                 raise ConfigError(f"{key} {address}: no Ray cluster there ({exc}); start one (ray start --head) or "
                                   f"leave {key} out for a local Ray") from None
         self.threads = trainer.config.training.threads
