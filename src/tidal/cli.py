@@ -267,7 +267,8 @@ def _resume(args: argparse.Namespace) -> str:
     """The command that resumes the run `args` began (without --init-from: the run has
     checkpoints of its own once it wrote one)."""
     sets = "".join(f" --set {shlex.quote(entry)}" for entry in args.settings)
-    return f"`tidal train --config {shlex.quote(args.config)}{sets} --resume`" + (" (without --init-from)" if args.init_from else "")
+    without = " (without --init-from)" if args.init_from else ""
+    return f"`tidal train --config {shlex.quote(args.config)}{sets} --resume`{without}"
 
 
 def _go_on(args: argparse.Namespace, config: RunConfig | None) -> str:

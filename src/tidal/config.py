@@ -21,6 +21,7 @@ import difflib
 import math
 import numbers
 import re
+import shlex
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -899,7 +900,8 @@ class RunConfig(_Model):
         try:
             return cls(**content)
         except ConfigError as exc:
-            given = f" with --set {' '.join(overrides)}" if overrides else ""
+            given = "".join(f" --set {shlex.quote(entry)}" for entry in overrides)
+            given = f" with{given}" if given else ""
             raise ConfigError(f"{path}{given}: {exc}") from None
 
 
