@@ -312,6 +312,13 @@ def test_set_overrides_replace_values_of_the_file_by_key_path_naming_list_elemen
     assert loaded.training.lr == 0.02 and loaded.tables[0].dim == 16 and loaded.features[0].columns == ["C2", "C3"]
     assert loaded.tables[0].optimizer.kind == "adagrad" and loaded.runtime.mode == "sync"  # a section made on the way
     assert RunConfig.from_yaml(str(config)).tables[0].dim == 8  # the file itself unchanged
+    shared = tmp_path / "shared.yaml"  # two tables of one optimizer, by a YAML alias
+    shared.write_text("data: {train: x.tsv}\nfeatures: [{kind: sparse, name: u, columns: [C1], table: a}, {kind: sparse, "
+                      "name: i, columns: [C2], table: b}, {kind: label, name: click, column: label}]\n"
+                      "tables: [{name: a, dim: 8, optimizer: &opt {kind: sgd, lr: 0.1}}, {name: b, dim: 8, "
+                      "optimizer: *opt}]\n")
+    tables = RunConfig.from_yaml(str(shared), ["tables.a.optimizer.lr=0.5"]).tables
+    assert (tables[0].optimizer.lr, tables[1].optimizer.lr) == (0.5, 0.1)  # the one named, not the alias's other
     for entry, message in [
         ("tables.items.dim=16", "--set tables.items.dim: tables has no element named 'items' (its names: ids; or an "
                                 "index from 0 to 0)"),

@@ -895,6 +895,8 @@ class RunConfig(_Model):
         if not isinstance(content, dict):
             raise ConfigError(f"{path}: expected a mapping with data, features, tables, model, training; "
                               f"got {type(content).__name__}")
+        if overrides:
+            content = _unshared(content)  # a YAML alias shares its anchor's mapping: --set changes one place
         for entry in overrides:
             override(content, entry)
         try:
@@ -903,6 +905,16 @@ class RunConfig(_Model):
             given = "".join(f" --set {shlex.quote(entry)}" for entry in overrides)
             given = f" with{given}" if given else ""
             raise ConfigError(f"{path}{given}: {exc}") from None
+
+
+def _unshared(node: Any) -> Any:
+    """A copy of YAML content in which no mapping or list appears twice (as an anchor
+    and its aliases do; `copy.deepcopy` keeps them shared)."""
+    if isinstance(node, dict):
+        return {key: _unshared(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_unshared(value) for value in node]
+    return node
 
 
 def override(content: dict, entry: str) -> None:

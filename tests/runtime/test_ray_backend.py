@@ -222,7 +222,7 @@ def test_a_run_waiting_for_cpus_other_work_holds_says_so_and_runs_once_they_free
 
 
 def test_a_dead_shard_actor_stops_the_run_naming_it(cluster, data, tmp_path, monkeypatch):
-    from tidal.errors import TidalError
+    from tidal.errors import RunStoppedError
 
     original = Engine._backward_done
 
@@ -233,9 +233,11 @@ def test_a_dead_shard_actor_stops_the_run_naming_it(cluster, data, tmp_path, mon
 
     monkeypatch.setattr(Engine, "_backward_done", kill_a_shard)
     trainer = _trainer(data, tmp_path, {"backend": "ray", "sparse_workers": 2, "embedding_shards": 2})
-    with pytest.raises(TidalError, match="an embedding shard actor died .* its last checkpoint, if it wrote one, "
-                                         "resumes it"):
+    with pytest.raises(RunStoppedError, match="an embedding shard actor died .* its last checkpoint, if it wrote one, "
+                                              "resumes it") as stopped:
         trainer.fit()
+    assert str(stopped.value).count("The run stopped") == 1  # raised in a Ray actor, and brought over whole
+    assert stopped.value.what.startswith("an embedding shard actor died")
     assert _all_actors_gone()
 
 

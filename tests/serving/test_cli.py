@@ -58,7 +58,7 @@ def test_export_then_serve_then_stop_with_ctrl_c_or_sigterm(trainer, tmp_path, c
         process.send_signal(stop)
         out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
-    served = checkpoint.latest_name(trainer.run_dir)
+    served = f"{checkpoint.latest_name(trainer.run_dir)} of run {trainer.run_id[:8]}"
     assert f"serving 'ranker' (checkpoint {served}) at {url}/v2/models/ranker (dense network on torch, rewritten by " \
            f"gather_slices;" in out and out.endswith("stopped\n")
 

@@ -316,12 +316,13 @@ def test_export_delta_on_the_command_line(run, bundle_dir, capsys):
         service.close()
         return _served(service)
 
-    base = json.loads((bundle_dir / "manifest.json").read_text())["source_checkpoint"]
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    base = f"{manifest['source_checkpoint']} of run {manifest['source_run'][:8]}"
     assert announced() == f" (checkpoint {base})"
     assert main(["export", "--checkpoint", str(run.run_dir), "--out", str(bundle_dir), "--delta"]) == 0
     out = capsys.readouterr().out
     assert f"wrote delta 000001 into {bundle_dir}" in out and "table 'ids' " in out and "rows changed, 0 removed" in out
-    latest = checkpoint.latest_name(run.run_dir)
+    latest = f"{checkpoint.latest_name(run.run_dir)} of run {manifest['source_run'][:8]}"  # the same run's
     assert announced() == f" (checkpoint {latest}, with its delta 1)"
     assert main(["export", "--checkpoint", str(run.run_dir), "--out", str(bundle_dir), "--delta"]) == 0
     assert capsys.readouterr().out == f"no delta written: {bundle_dir} already serves this checkpoint (nothing " \
@@ -392,7 +393,7 @@ def test_a_running_server_applies_deltas_on_load_up_to_a_damaged_one(run, bundle
         table.write_bytes(b"not a table")
         with pytest.raises(triton.InferenceServerException, match=r"\[409\] the bundle was updated only in part: "
                                                                   r"applied 1 delta, now serving delta 2 of checkpoint "
-                                                                  r"step-\d+-epoch-\d+: .*; the next "
+                                                                  r"step-\d+-epoch-\d+ of run [0-9a-f]{8}: .*; the next "
                                                                   r"delta was not \(.*ids.safetensors: .*corrupt or "
                                                                   r"altered\. Delta 000003 and those after .*\)"):
             client.load_model("ctr")  # delta 2 applied, delta 3 not

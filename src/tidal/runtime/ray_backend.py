@@ -230,7 +230,7 @@ class RayBackend:
                              else None)
             except ConnectionError as exc:  # no cluster at 'auto', or one that refused this driver
                 key = "runtime.ray_address" if self.runtime.ray_address else "RAY_ADDRESS"
-                if self.runtime.ray_address not in (None, "auto"):  # _check_reachable found a Ray cluster there
+                if self.runtime.ray_address not in (None, "auto", "local"):  # _check_reachable found a Ray there
                     raise ConfigError(f"{key} {address}: a Ray cluster answers there but refused this driver ({exc}); "
                                       f"check that both run the same Ray and share its authentication token") from None
                 raise ConfigError(f"{key} {address}: no Ray cluster there ({exc}); start one (ray start --head) or "

@@ -86,7 +86,8 @@ class Source:
                    step=manifest["source_step"])
 
     def __str__(self) -> str:
-        return f"checkpoint {self.checkpoint}"
+        """Its folder's name and, as two runs name theirs alike, its run's id (the start)."""
+        return f"checkpoint {self.checkpoint}" + (f" of run {self.run[:8]}" if self.run else "")
 
 
 @dataclass(frozen=True, kw_only=True)
