@@ -298,6 +298,18 @@ def test_a_parquet_nan_is_a_missing_value_as_a_null_is_and_as_the_server_reads_i
     assert read.column("I1").to_pylist() == ["", "2.5"] and report.count == 0
 
 
+def test_whole_numbers_of_a_parquet_float_column_read_as_the_integers_they_are(tmp_path):
+    """As pandas writes an integer id column with nulls: a double 947926754721.0 is the
+    id 947926754721, as an int64 file and a request send it (not "9.47926754721e+11")."""
+    doubles, ints = tmp_path / "doubles.parquet", tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"label": [1, 0, 1], "I1": pa.array([2.5, 1e20, 16777216.0], pa.float32()),
+                             "C1": [947926754721.0, None, 1.5]}), doubles)
+    pq.write_table(pa.table({"label": [1], "I1": [3], "C1": [947926754721]}), ints)
+    read = pa.Table.from_batches(list(read_batches([doubles, ints], columns=SMALL, checks={})))
+    assert read.column("C1").to_pylist() == ["947926754721", "", "1.5", "947926754721"]
+    assert read.column("I1").to_pylist() == ["2.5", "1e+20", "16777216", "3"]  # numbers read as before
+
+
 def test_criteo_columns_are_checked_by_default(tmp_path):
     data = generate(tmp_path, rows=50, seed=2)
     with open(data.paths[0], "a") as f:
@@ -310,7 +322,8 @@ def test_criteo_columns_are_checked_by_default(tmp_path):
 def test_parquet_columns_of_lists_or_structs_are_a_clear_error(tmp_path):
     pq.write_table(pa.table({"label": ["1"], "I1": [[1, 2]], "C1": [{"a": 1}]}), tmp_path / "d.parquet")
     with pytest.raises(DataError, match=r"d\.parquet: column 'I1' has type list<.*>; column 'C1' has type struct<.*>; "
-                                        r"expected strings or numbers"):
+                                        r"expected strings or numbers \(a bag of values is one string a row, the "
+                                        r"values joined by the feature's separator: Spark's array_join"):
         list(read_batches(tmp_path / "d.parquet", columns=SMALL))
 
 
@@ -726,15 +739,19 @@ def test_parquet_boolean_labels_read_as_1_and_0_and_a_null_one_is_named_missing(
                                f"(an empty field, or null)"]
 
 
-def test_a_glob_passes_over_folders_and_a_folder_alone_is_named(tmp_path):
+def test_a_glob_passes_over_folders_and_spark_s_marker_files_and_a_folder_alone_is_named(tmp_path):
     (tmp_path / "old").mkdir()
     for name in ("a.tsv", "b.tsv"):
         _write(tmp_path / name, "1\t5\tab\n")
+    (tmp_path / "_SUCCESS").touch()  # as Spark leaves beside its parts
+    _write(tmp_path / "_hidden.tsv", "1\t5\tab\n")
     assert sum(b.num_rows for b in read_batches(str(tmp_path / "*"), columns=SMALL)) == 2
-    with pytest.raises(DataError, match=r"no data file at .*/o\*: it matches only folders \(.*/old\)"):
+    with pytest.raises(DataError, match=r"no data file at .*/o\*: it matches only folders or files of names "
+                                        r"beginning with _ or \. \(.*/old\)"):
         list(read_batches(str(tmp_path / "o*"), columns=SMALL))
+    assert sum(b.num_rows for b in read_batches(tmp_path / "_hidden.tsv", columns=SMALL)) == 1  # named: read
     with pytest.raises(DataError, match=r"/old is a folder; expected a data file, a glob matching files \(such as "
-                                        r".*/old/\*\.tsv\)"):
+                                        r".*/old/\*\.parquet or .*/old/\*\.tsv\)"):
         list(read_batches(tmp_path / "old", columns=SMALL))
     for twice in ([tmp_path / "a.tsv", tmp_path / "a.tsv"], [str(tmp_path / "*.tsv"), tmp_path / "b.tsv"],
                   [tmp_path / "a.tsv", str(tmp_path / "old" / ".." / "a.tsv")]):

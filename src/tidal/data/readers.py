@@ -190,7 +190,8 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
             found += _files_matching(item)
         elif Path(item).is_dir():
             raise DataPathError(f"{item} is a folder; expected a data file, a glob matching files (such as "
-                                f"{os.path.join(item, '*.tsv')}), or a list of them")
+                                f"{os.path.join(item, '*.parquet')} or {os.path.join(item, '*.tsv')}), or a list of "
+                                f"them")
         elif Path(item).is_file():
             found.append(item)
         else:
@@ -204,12 +205,13 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
 
 
 def _files_matching(pattern: str) -> list[str]:
-    """The files that `pattern` matches, sorted; an error if it matches none."""
+    """The files that `pattern` matches, sorted, but those whose names begin with "_" or
+    "." (as Spark and Hive leave `_SUCCESS` beside their data); an error if none."""
     matches = sorted(glob.glob(pattern))
-    files = [m for m in matches if Path(m).is_file()]
+    files = [m for m in matches if Path(m).is_file() and not Path(m).name.startswith(("_", "."))]
     if not files:
-        what = f"it matches only folders ({', '.join(matches[:3])}{', ...' if len(matches) > 3 else ''})" \
-            if matches else "it matches nothing"
+        what = f"it matches only folders or files of names beginning with _ or . ({', '.join(matches[:3])}" \
+            f"{', ...' if len(matches) > 3 else ''})" if matches else "it matches nothing"
         raise DataPathError(f"no data file at {pattern}: {what}; expected a file, a glob matching files, or a list of "
                             f"them")
     return files
@@ -781,12 +783,25 @@ def _parquet(path: str, columns: Sequence[str], batch_rows: int) -> Iterator[_Ro
 def _as_strings(column: pa.Array) -> pa.Array:
     """A Parquet column as strings, as a text file would hold it: booleans as 1 and 0,
     nulls and floating-point NaN (pandas' missing value) as empty strings (missing
-    values, as the server reads a NaN too)."""
+    values, as the server reads a NaN too), and whole floating-point numbers as the
+    integers they are (pandas writes an integer column with nulls as doubles: an id
+    947926754721.0 is the id 947926754721, not "9.47926754721e+11")."""
     if pa.types.is_boolean(column.type):
         column = pc.cast(column, pa.int8())
     elif pa.types.is_floating(column.type):
         column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
+        return pc.fill_null(_whole_as_integers(column), "")
     return pc.fill_null(pc.cast(column, options=_TO_STRING), "")
+
+
+def _whole_as_integers(column: pa.Array) -> pa.Array:
+    """Floating-point values as strings, those that are whole numbers (up to 2^24 for
+    float32, 2^53 for float64: where the shortest decimal of each is that integer, so a
+    dense value reads the same either way) as integers."""
+    limit = float(1 << (24 if column.type == pa.float32() else 53))
+    whole = pc.and_(pc.equal(pc.floor(column), column), pc.less_equal(pc.abs(column), limit))
+    integers = pc.cast(pc.if_else(whole, column, pa.scalar(0, column.type)), pa.int64(), safe=False)
+    return pc.if_else(whole, pc.cast(integers, pa.string()), pc.cast(column, options=_TO_STRING))
 
 
 def _open_parquet(path: str, columns: Sequence[str]) -> pq.ParquetFile:
@@ -802,7 +817,10 @@ def _open_parquet(path: str, columns: Sequence[str]) -> pq.ParquetFile:
     types = {c: schema.field(c).type for c in columns}
     unreadable = [f"column {c!r} has type {t}" for c, t in types.items() if not _to_string(t)]
     if unreadable:
-        raise DataError(f"{path}: {'; '.join(unreadable)}; expected strings or numbers")
+        lists = any(pa.types.is_list(t) or pa.types.is_large_list(t) for t in types.values())
+        bags = (" (a bag of values is one string a row, the values joined by the feature's separator: Spark's "
+                "array_join(col, '|') for separator '|')") if lists else ""
+        raise DataError(f"{path}: {'; '.join(unreadable)}; expected strings or numbers{bags}")
     return source
 
 
