@@ -7,9 +7,11 @@ import os
 import shutil
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from serving_helpers import serving_config
 from tidal.cli import main
@@ -37,6 +39,29 @@ def test_bundle_holds_manifest_tables_and_program_without_pickle(bundle_dir, bun
     table = trainer.collection.table("ids")
     assert keys.shape[0] == table.stats().rows and np.all(np.diff(keys) > 0)
     np.testing.assert_array_equal(values, table.lookup(keys))
+
+
+def test_a_program_marking_a_weight_pickled_is_refused_before_anything_is_unpickled(bundle_dir, tmp_path, monkeypatch):
+    """torch.export.load would unpickle such a weight, running what it names: a hostile
+    bundle's author reseals its manifest and hashes, so only the archive tells."""
+    from tidal.embedding.checkpoint import fingerprint
+
+    hostile = Path(shutil.copytree(bundle_dir, tmp_path / "hostile"))
+    with zipfile.ZipFile(bundle_dir / "dense.pt2") as source, \
+            zipfile.ZipFile(hostile / "dense.pt2", "w", zipfile.ZIP_STORED) as out:
+        for info in source.infolist():
+            data = source.read(info.filename)
+            if info.filename.endswith("weights/model_weights_config.json"):
+                config = json.loads(data)
+                next(iter(config["config"].values()))["use_pickle"] = True
+                data = json.dumps(config).encode()
+            out.writestr(info, data)
+    manifest = json.loads((hostile / "manifest.json").read_text())
+    manifest["files"]["dense.pt2"] = fingerprint(hostile / "dense.pt2")
+    (hostile / "manifest.json").write_text(json.dumps(sealed({k: v for k, v in manifest.items() if k != "content_sha256"})))
+    monkeypatch.setattr(torch.export, "load", lambda *args, **kwargs: pytest.fail("the archive was loaded"))
+    with pytest.raises(CorruptCheckpointError, match=r"dense\.pt2: holds a pickle \(.*model_weights_config\.json: "):
+        load_bundle(hostile)
 
 
 def test_an_export_that_fails_to_put_the_new_bundle_in_place_leaves_the_old_one_and_cleans_up_dead_exports(
@@ -149,6 +174,24 @@ def _with_manifest(bundle_dir, tmp_path, change, *, seal=True) -> object:  # typ
     change(manifest)
     (copy / "manifest.json").write_text(json.dumps(sealed(manifest) if seal else manifest))
     return copy
+
+
+def test_a_manifest_listing_a_file_outside_its_folder_or_one_that_is_not_a_regular_file_is_refused(bundle_dir,
+                                                                                                 tmp_path):
+    outside = tmp_path / "secret"
+    outside.write_bytes(b"not the bundle's")
+    escaping = _with_manifest(bundle_dir, tmp_path, lambda m: m["files"].update({"../secret": {"bytes": 1, "sha256": ""}}))
+    with pytest.raises(CorruptCheckpointError, match=r"manifest\.json: lists '\.\./secret', which is not a file inside"):
+        load_bundle(escaping)
+    shutil.rmtree(escaping)
+    linked = _with_manifest(bundle_dir, tmp_path, lambda m: m["files"].update({"link": {"bytes": 1, "sha256": ""}}))
+    (linked / "link").symlink_to(outside)  # a link out of the folder
+    with pytest.raises(CorruptCheckpointError, match=r"lists 'link', which is not a file inside"):
+        load_bundle(linked)
+    (linked / "link").unlink()
+    os.mkfifo(linked / "link")  # reading it would wait for ever
+    with pytest.raises(CorruptCheckpointError, match=r"link: not a regular file"):
+        load_bundle(linked)
 
 
 def test_an_edited_manifest_is_refused_naming_it(bundle_dir, tmp_path, capsys):

@@ -21,7 +21,7 @@ from serving_helpers import file_rows, numpy_strings, until, with_user_of
 from tidal.config import RunConfig
 from tidal.errors import ConfigError
 from tidal.runtime import Trainer
-from tidal.serving import Service, export, load_bundle, start_server
+from tidal.serving import RequestError, Service, export, load_bundle, start_server
 from tidal.serving.protocol import infer_request, input_specs
 
 
@@ -520,6 +520,20 @@ def test_a_gzip_body_of_several_members_reads_as_their_concatenation(server, row
     members = gzip.compress(raw[:100]) + gzip.compress(raw[100:])
     code, answer, _ = _post(server, "/v2/models/ctr/infer", members, {"Content-Encoding": "gzip"})
     assert code == whole[0] == 200 and answer["outputs"] == whole[1]["outputs"]
+
+
+def test_a_body_of_many_gzip_members_or_one_of_many_pieces_decompresses_in_linear_time():
+    from tidal.serving.server import _decompressed
+
+    tiny = gzip.compress(b"x")
+    start = time.perf_counter()
+    assert _decompressed(tiny * 200_000, "gzip", 1 << 20) == b"x" * 200_000  # each member copied the rest: minutes
+    assert time.perf_counter() - start < 20
+    noise = np.random.default_rng(0).bytes(300_000)  # members across the pieces the inflater is given
+    assert _decompressed(gzip.compress(noise) + gzip.compress(noise[:7]), "gzip", 1 << 20) == noise + noise[:7]
+    assert _decompressed(zlib.compress(noise), "deflate", 1 << 20) == noise
+    with pytest.raises(RequestError, match="decompresses to more than 299999 bytes"):
+        _decompressed(gzip.compress(noise), "gzip", 299_999)
 
 
 def test_the_one_version_has_its_routes_and_every_error_is_json(server, rows):

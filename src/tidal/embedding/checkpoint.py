@@ -283,11 +283,22 @@ def is_fingerprint(value: Any) -> bool:
     return isinstance(value, dict) and isinstance(value.get("bytes"), int) and isinstance(value.get("sha256"), str)
 
 
+def listed_file(folder: Path, relative: Any, listed_in: Path) -> Path:
+    """`folder / relative`, a file that the manifest `listed_in` names: refused unless
+    it is a relative path that stays inside `folder` (symbolic links followed)."""
+    if not isinstance(relative, str) or Path(relative).is_absolute() or ".." in Path(relative).parts \
+            or not (folder / relative).resolve().is_relative_to(folder.resolve()):
+        raise CorruptCheckpointError(f"{listed_in}: lists {relative!r}, which is not a file inside {folder}")
+    return folder / relative
+
+
 def check_file(path: Path, expected: dict[str, Any], listed_in: str) -> None:
-    """Refuse a missing file, or one whose size or sha256 is not the `expected`
-    fingerprint that `listed_in` records for it."""
+    """Refuse a missing file, one that is not a regular file, or one whose size or
+    sha256 is not the `expected` fingerprint that `listed_in` records for it."""
     if not path.exists():
         raise CorruptCheckpointError(f"{path}: missing; the checkpoint is incomplete")
+    if not path.is_file():
+        raise CorruptCheckpointError(f"{path}: not a regular file")
     found = fingerprint(path)
     if found["bytes"] != expected["bytes"]:
         raise CorruptCheckpointError(f"{path}: expected {expected['bytes']} bytes, found {found['bytes']} "
@@ -418,7 +429,7 @@ def _restore(directory: Path, table: EmbeddingTable, entry: dict[str, Any]) -> N
             f"{directory / MANIFEST}: table {table.name!r} needs {table.num_shards} shard files, lists {len(files)}"
         )
     for s, (relative, expected) in enumerate(sorted(files.items())):
-        table.restore_shard(s, _read_shard(directory / relative, expected, table))
+        table.restore_shard(s, _read_shard(listed_file(directory, relative, directory / MANIFEST), expected, table))
     clocks = entry["clocks"]
     if not isinstance(clocks, dict) or not all(isinstance(clocks.get(k), int) and clocks[k] >= -1
                                                for k in ("step", "updates", "saved_step")):

@@ -53,8 +53,8 @@ from safetensors.torch import save_file as save_torch
 from tidal.compile import compiled_for, differing, export_program, to_aoti, to_onnx
 from tidal.config import RunConfig
 from tidal.data.extract import Extractor
-from tidal.embedding.checkpoint import (SEAL, as_umask_allows, check_seal, fingerprint, fsync_path, sealed,
-                                        write_json_atomic)
+from tidal.embedding.checkpoint import (SEAL, as_umask_allows, check_seal, fingerprint, fsync_path, listed_file,
+                                        sealed, write_json_atomic)
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.models import RankingModel
 from tidal.runtime import checkpoint
@@ -429,7 +429,7 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     path = Path(path)
     manifest = _read_manifest(path)
     for relative, expected in manifest["files"].items():
-        _check_file(path / relative, expected)
+        _check_file(listed_file(path, relative, path / MANIFEST), expected)
     config = _config_of(path, manifest)
     if manifest.get("inputs") != _inputs(config):
         raise CorruptCheckpointError(f"{path / MANIFEST}: its inputs do not match its features; export it again")
@@ -595,7 +595,7 @@ def _read_delta(folder: Path, position: Position, config: RunConfig, table_dtype
     if not needed <= set(manifest["files"]):
         raise CorruptCheckpointError(f"{file}: lists no {sorted(needed - set(manifest['files']))}")
     for relative, expected in manifest["files"].items():
-        _check_file(folder / relative, expected)
+        _check_file(listed_file(folder, relative, file), expected)
     dtype = np.dtype(table_dtype)
     tables = {t.name: _read_changes(folder / "tables" / f"{t.name}.safetensors", t.dim, dtype) for t in config.tables}
     return Delta(path=folder, manifest=manifest, tables=tables, weights=load_torch(str(folder / WEIGHTS)),
@@ -618,6 +618,8 @@ def _check_follows(file: Path, manifest: dict, position: Position) -> None:
 def _check_file(file: Path, expected: dict) -> None:
     if not file.exists():
         raise CorruptCheckpointError(f"{file}: missing; the bundle is incomplete (export it again)")
+    if not file.is_file():
+        raise CorruptCheckpointError(f"{file}: not a regular file")
     found = fingerprint(file)
     if found != expected:
         raise CorruptCheckpointError(f"{file}: {found['bytes']} bytes with sha256 {found['sha256'][:12]}..., the manifest "
@@ -647,6 +649,21 @@ def _ascending_keys(keys: np.ndarray) -> bool:
     return keys.dtype == np.int64 and keys.ndim == 1 and bool(np.all(keys[1:] > keys[:-1]))
 
 
+def _pickled_tensors(archive: zipfile.ZipFile) -> list[str]:
+    """The weights and constants a torch.export archive marks as pickled (`use_pickle`:
+    torch.export.load would unpickle them, running whatever code they name); a
+    config that is not the JSON torch writes counts as one."""
+    found = []
+    for name in archive.namelist():
+        if re.search(r"/data/(weights|constants)/[^/]*_config\.json$", name):
+            try:
+                entries = json.loads(archive.read(name))["config"].items()
+                found += [f"{name}: {key}" for key, entry in entries if entry.get("use_pickle") is not False]
+            except (ValueError, KeyError, TypeError, AttributeError):
+                found.append(name)
+    return found
+
+
 def with_weights(state: dict[str, torch.Tensor], delta: Delta) -> None:
     """Copy `delta`'s dense weights into `state` (a program's state dict, in place),
     refused unless they are the same tensors: names, shapes and dtypes."""
@@ -662,6 +679,7 @@ def with_weights(state: dict[str, torch.Tensor], delta: Delta) -> None:
 def _read_program(file: Path) -> torch.export.ExportedProgram:
     with zipfile.ZipFile(file) as archive:
         pickled = [i.filename for i in archive.infolist() if _SAMPLE_INPUTS in i.filename and i.file_size]
+        pickled += _pickled_tensors(archive)
     if pickled:
         raise CorruptCheckpointError(f"{file}: holds a pickle ({pickled[0]}); bundles never do, export it again")
     with warnings.catch_warnings():

@@ -482,30 +482,35 @@ async def _receive(request: Request, limit: int) -> bytes:
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS}
 
 
+_INFLATE_PIECE = 1 << 16  # bytes of a compressed body given to the inflater at a time
+
+
 def _decompressed(body: bytes, encoding: str, limit: int) -> bytes:
     """`body` decoded from its `Content-Encoding`, at most `limit` bytes of it."""
     if encoding == "identity":
         return body
     if encoding not in _WBITS:
         raise RequestError(f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or none", status=415)
-    parts, size, rest = [], 0, body
+    view, offset, parts, size = memoryview(body), 0, [], 0
     while True:  # a gzip body may hold several members, one after another (RFC 1952)
         inflater = zlib.decompressobj(_WBITS[encoding])
-        try:
-            parts.append(inflater.decompress(rest, limit + 1 - size))
-        except zlib.error as exc:
-            raise RequestError(f"the body is not valid {encoding} data: {exc}") from None
-        size += len(parts[-1])
-        if size > limit:
-            raise RequestError(f"the body decompresses to more than {limit} bytes, over the limit of {limit}",
-                               status=413)
+        while not inflater.eof and offset < len(body):  # in pieces: a member's leftover input is a small copy
+            piece = view[offset : offset + _INFLATE_PIECE]
+            try:
+                parts.append(inflater.decompress(piece, limit + 1 - size))
+            except zlib.error as exc:
+                raise RequestError(f"the body is not valid {encoding} data: {exc}") from None
+            size += len(parts[-1])
+            if size > limit:
+                raise RequestError(f"the body decompresses to more than {limit} bytes, over the limit of {limit}",
+                                   status=413)
+            offset += len(piece) - len(inflater.unused_data)  # all of it, but what follows the member's end
         if not inflater.eof:
             raise RequestError(f"the {encoding} body ends before its data does")
-        rest = inflater.unused_data
-        if not rest:
+        if offset == len(body):
             return b"".join(parts)
         if encoding == "deflate":
-            raise RequestError(f"the deflate body has {len(rest)} bytes after its data ends")
+            raise RequestError(f"the deflate body has {len(body) - offset} bytes after its data ends")
 
 
 # ---------------------------------------------------------------------- running
