@@ -93,14 +93,14 @@ class _Model(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    def __init__(self, **values: Any) -> None:
+    def __init__(model, /, **values: Any) -> None:  # noqa: N805 - not `self`: a config may hold a key 'self'
         try:
             super().__init__(**values)
         except pydantic.ValidationError as exc:
             name = values.get("name")
-            where = type(self).__name__ + (f" {name!r}" if isinstance(name, str) else "")
-            error = ConfigError(_describe(where, exc, values, type(self)))
-            error.problems = _problems(exc, values, type(self))  # read by an enclosing model's validation
+            where = type(model).__name__ + (f" {name!r}" if isinstance(name, str) else "")
+            error = ConfigError(_describe(where, exc, values, type(model)))
+            error.problems = _problems(exc, values, type(model))  # read by an enclosing model's validation
             raise error from None
 
     def __setattr__(self, name: str, value: Any) -> None:

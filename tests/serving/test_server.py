@@ -285,6 +285,7 @@ def _put_fusion(server, body: bytes) -> tuple[int, dict]:
     (b'{"kind": "sum", "weights": {"ctr": true}}', "weights.ctr: Input should be a valid number, got True"),
     (b'{"kind": "sum", "weights": {"ctr": ' + b"1" * 5000 + b"}}", "not valid JSON"),
     (b'{"kind": "sum", "weights": {"ctr": "' + b"a" * 50_000 + b'"}}', "... (50002 characters)"),
+    (b'{"self": 1}', "unknown key 'self'; allowed: kind, weights"),
 ])
 def test_a_bad_fusion_gets_a_400_naming_it_and_the_old_fusion_stays(server, body, reason):
     before = json.loads(urllib.request.urlopen(server.url + "/v2/models/ctr/fusion", timeout=30).read())
