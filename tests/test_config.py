@@ -319,6 +319,10 @@ def test_set_overrides_replace_values_of_the_file_by_key_path_naming_list_elemen
                       "optimizer: *opt}]\n")
     tables = RunConfig.from_yaml(str(shared), ["tables.a.optimizer.lr=0.5"]).tables
     assert (tables[0].optimizer.lr, tables[1].optimizer.lr) == (0.5, 0.1)  # the one named, not the alias's other
+    bomb = "\n".join(f"b{k}: &b{k} [{', '.join([f'*b{k - 1}'] * 10)}]" for k in range(1, 9))
+    shared.write_text(shared.read_text() + "a: &b0 x\n" + bomb + "\n")  # 10^8 values, as aliases of aliases
+    with pytest.raises(ConfigError, match="more than 1,000,000 values once its YAML aliases are expanded"):
+        RunConfig.from_yaml(str(shared), ["training.lr=0.5"])
     for entry, message in [
         ("tables.items.dim=16", "--set tables.items.dim: tables has no element named 'items' (its names: ids; or an "
                                 "index from 0 to 0)"),

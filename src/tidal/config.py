@@ -907,14 +907,22 @@ class RunConfig(_Model):
             raise ConfigError(f"{path}{given}: {exc}") from None
 
 
-def _unshared(node: Any) -> Any:
+def _unshared(node: Any, budget: list[int] | None = None) -> Any:
     """A copy of YAML content in which no mapping or list appears twice (as an anchor
-    and its aliases do; `copy.deepcopy` keeps them shared)."""
+    and its aliases do; `copy.deepcopy` keeps them shared). Aliases of aliases expand
+    exponentially: past `_MOST_VALUES` values, refused."""
+    budget = [_MOST_VALUES] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ConfigError(f"the config holds more than {_MOST_VALUES:,d} values once its YAML aliases are expanded")
     if isinstance(node, dict):
-        return {key: _unshared(value) for key, value in node.items()}
+        return {key: _unshared(value, budget) for key, value in node.items()}
     if isinstance(node, list):
-        return [_unshared(value) for value in node]
+        return [_unshared(value, budget) for value in node]
     return node
+
+
+_MOST_VALUES = 1_000_000
 
 
 def override(content: dict, entry: str) -> None:
