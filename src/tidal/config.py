@@ -794,9 +794,6 @@ class RunConfig(_Model):
         self._check_passmode()
         self._check_unused()
         self._check_label_columns()
-        if self.runtime is not None and self.runtime.embedding_shards > len(self.tables) and not _SAVED.get():
-            raise ValueError(f"runtime.embedding_shards is {self.runtime.embedding_shards}, but tables go to shard "
-                             f"actors whole and there are {len(self.tables)}: give at most {len(self.tables)}")
         ftrl = [t.name for t in self.tables if isinstance(t.optimizer, Ftrl)]
         if self.training.schedules_tables and ftrl:
             raise ValueError(f"training.lr_schedule.tables: tables {ftrl} use FTRL, whose alpha sets the scale of "
@@ -811,7 +808,8 @@ class RunConfig(_Model):
 
     def _check_unused(self) -> None:
         """Refuse what would have no effect: a table no feature reads, the weight of a
-        lone label, `evict_every` where no table evicts or admits."""
+        lone label, `evict_every` where no table evicts or admits, embedding shards
+        beyond the tables."""
         if _SAVED.get():
             return
         read = {f.table for f in self.features if isinstance(f, SparseFeature)}
@@ -826,6 +824,9 @@ class RunConfig(_Model):
         if self.training.evict_every != TrainingConfig.model_fields["evict_every"].default and not self.evicts:
             raise ValueError(f"training.evict_every ({self.training.evict_every}) would have no effect: no table has "
                              f"an eviction or admission policy; remove it")
+        if self.runtime is not None and self.runtime.embedding_shards > len(self.tables):
+            raise ValueError(f"runtime.embedding_shards is {self.runtime.embedding_shards}, but tables go to shard "
+                             f"actors whole and there are {len(self.tables)}: give at most {len(self.tables)}")
 
     def _check_label_columns(self) -> None:
         """Refuse a label column read by an input feature: the model would learn the
