@@ -38,7 +38,12 @@ __all__ = [
     "AdamW",
     "CountAdmission",
     "DataConfig",
+    "DenseAdagrad",
+    "DenseAdam",
+    "DenseAdamW",
     "DenseFeature",
+    "DenseOptimizerConfig",
+    "DenseSgd",
     "EmbeddingFeature",
     "Eviction",
     "FeatureConfig",
@@ -548,6 +553,61 @@ class LrSchedule(_Model):
         return self.min_lr + (lr - self.min_lr) * share
 
 
+class DenseAdam(_Model):
+    """The dense network's default optimizer, `torch.optim.Adam`; `weight_decay` is an
+    L2 term added to the gradient."""
+
+    kind: Literal["adam"] = "adam"
+    beta1: _Float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: _Float = Field(0.999, ge=0.0, lt=1.0)
+    eps: _Float = Field(1e-8, gt=0.0, allow_inf_nan=False)
+    weight_decay: _Float = Field(0.0, ge=0.0, allow_inf_nan=False)
+
+    def torch_settings(self) -> dict[str, Any]:
+        """The keyword arguments of the torch optimizer, the learning rate aside."""
+        return {"betas": (self.beta1, self.beta2), "eps": self.eps, "weight_decay": self.weight_decay}
+
+
+class DenseAdamW(DenseAdam):
+    """`torch.optim.AdamW`: Adam with decoupled weight decay."""
+
+    kind: Literal["adamw"] = "adamw"  # type: ignore[assignment]
+    weight_decay: _Float = Field(0.01, ge=0.0, allow_inf_nan=False)
+
+
+class DenseSgd(_Model):
+    """`torch.optim.SGD`, with `momentum` (and Nesterov's) and an L2 `weight_decay`."""
+
+    kind: Literal["sgd"] = "sgd"
+    momentum: _Float = Field(0.0, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: _Float = Field(0.0, ge=0.0, allow_inf_nan=False)
+
+    @pydantic.model_validator(mode="after")
+    def _nesterov_has_momentum(self) -> DenseSgd:
+        _refuse_unused(self, _unused({"nesterov": (self.momentum > 0.0, "a momentum above 0")}))
+        return self
+
+    def torch_settings(self) -> dict[str, Any]:
+        return {"momentum": self.momentum, "nesterov": self.nesterov, "weight_decay": self.weight_decay}
+
+
+class DenseAdagrad(_Model):
+    """`torch.optim.Adagrad` (lr_decay 0), with an L2 `weight_decay`."""
+
+    kind: Literal["adagrad"] = "adagrad"
+    eps: _Float = Field(1e-10, gt=0.0, allow_inf_nan=False)
+    initial_accumulator_value: _Float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    weight_decay: _Float = Field(0.0, ge=0.0, allow_inf_nan=False)
+
+    def torch_settings(self) -> dict[str, Any]:
+        return {"eps": self.eps, "initial_accumulator_value": self.initial_accumulator_value,
+                "weight_decay": self.weight_decay}
+
+
+DenseOptimizerConfig = Annotated[DenseAdam | DenseAdamW | DenseSgd | DenseAdagrad, Field(discriminator="kind")]
+
+
 class TrainingConfig(_Model):
     """How long and how fast to train, and where the run writes its logs.
 
@@ -563,7 +623,8 @@ class TrainingConfig(_Model):
     """
 
     epochs: _Int = Field(1, ge=1)
-    lr: _Float = Field(1e-3, gt=0.0, allow_inf_nan=False)  # the dense network's Adam
+    lr: _Float = Field(1e-3, gt=0.0, allow_inf_nan=False)  # the dense network's optimizer's
+    optimizer: DenseOptimizerConfig = Field(default_factory=DenseAdam)  # the dense network's: adam, adamw, sgd, adagrad
     seed: _Int = Field(0, ge=0, lt=1 << 63)  # the dense weights'; each table's rows follow its own `seed`
     log_every: _Int = Field(50, ge=1)
     threads: _Int = Field(1, ge=1, le=256)
@@ -574,6 +635,12 @@ class TrainingConfig(_Model):
     evict_every: _Int = Field(100, ge=1)  # steps between the safe points where tables with eviction or admission evict
     precision: Literal["float32", "bfloat16", "auto"] = "float32"  # of the dense network's products in training
     lr_schedule: LrSchedule | None = None  # warmup and decay of `lr`; None: `lr` throughout
+
+    @pydantic.field_validator("optimizer", mode="before")
+    @classmethod
+    def _adam_by_default(cls, value: Any) -> Any:
+        """Settings without a kind are the default optimizer's (Adam's)."""
+        return {"kind": "adam", **value} if isinstance(value, dict) and "kind" not in value else value
 
     @pydantic.model_validator(mode="after")
     def _decays_down(self) -> TrainingConfig:

@@ -62,7 +62,9 @@ def test_ray_sync_with_two_shards_is_bitwise_the_reference(cluster, data, tmp_pa
 
 
 def test_a_ray_run_warm_started_from_a_checkpoint_is_bitwise_the_reference_one(cluster, data, tmp_path):
-    """The shard actors take the rows of the checkpoint the run starts from."""
+    """The shard actors take the rows of the checkpoint the run starts from, the dense
+    workers its dense optimizer's state (SGD's momentum here)."""
+    data = {**data, "training": {**data["training"], "optimizer": {"kind": "sgd", "momentum": 0.9}}}
     _trainer(data, tmp_path / "day1", None).fit()
     reference = _trainer(data, tmp_path / "ref", None)
     reference.fit(init_from=tmp_path / "day1")

@@ -5,7 +5,7 @@ Layout under ``<run_dir>/checkpoints``::
     LATEST                    the name of the newest complete checkpoint
     step-00000120/
       tables/                 the embedding tables (tidal.embedding.checkpoint format)
-      dense.safetensors       model weights, Adam state tensors, torch RNG state
+      dense.safetensors       model weights, dense optimizer state tensors, torch RNG state
       trainer.json            the run's id (made by a fresh run, kept by its resumes), the
                               checkpoint a warm-started run began from (origin), step,
                               epoch, batches done in the epoch, optimizer settings, config,
@@ -60,7 +60,6 @@ from tidal.embedding.checkpoint import (CHAIN, MANIFEST, SEAL, as_umask_allows, 
                                         fsync_path, is_fingerprint, sealed, write_json_atomic)
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.processes import process_running
-from tidal.runtime.workers import set_lr
 
 if TYPE_CHECKING:
     from tidal.runtime.trainer import Trainer
@@ -374,7 +373,7 @@ def _table_files_in_shape(files: dict[str, Any]) -> bool:
 
 
 def load_dense(directory: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's dense tensors: model weights, Adam state, RNG state; checked
+    """A checkpoint's dense tensors: model weights, optimizer state, RNG state; checked
     against the size and sha256 that trainer.json records for them."""
     path = directory / DENSE
     expected = _dense_entry(read_meta(directory))
@@ -488,9 +487,18 @@ def _load_model(trainer: Trainer, directory: Path, meta: dict[str, Any]) -> dict
                                                      trainer.config.training.threads)
     tensors = load_dense(directory)
     trainer.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    trainer.optimizer.load_state_dict({"state": _optimizer_state(tensors), "param_groups": meta["param_groups"]})
-    set_lr(trainer.optimizer, trainer.config.training.lr)  # the schedule's, step by step, where there is one
+    saved, chosen = _dense_optimizer_kind(meta["config"]), trainer.config.training.optimizer.kind
+    if saved == chosen:  # its settings, the learning rate among them, are the config's
+        trainer.optimizer.load_state_dict({"state": _optimizer_state(tensors),
+                                           "param_groups": trainer.optimizer.state_dict()["param_groups"]})
+    else:
+        print(f"  the dense optimizer is {chosen}, {saved} in {directory}: {chosen}'s state starts afresh", flush=True)
     return tensors
+
+
+def _dense_optimizer_kind(config: dict[str, Any]) -> str:
+    """The dense optimizer of a saved config (Adam before there was a choice)."""
+    return config["training"].get("optimizer", {}).get("kind", "adam")
 
 
 def _kept_on_resume(config: dict[str, Any], unused: dict[str, str]) -> dict[str, Any]:
@@ -606,7 +614,8 @@ def _dense_tensors(trainer: Trainer) -> dict[str, torch.Tensor]:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in trainer.model.state_dict().items()}
     for index, state in trainer.optimizer.state_dict()["state"].items():
         for key, value in state.items():
-            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).cpu().contiguous()
+            if value is not None:  # SGD's momentum buffer without momentum
+                tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).cpu().contiguous()
     tensors["rng.torch"] = torch.get_rng_state()
     return tensors
 

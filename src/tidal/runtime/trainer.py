@@ -2,7 +2,7 @@
 
 One step: read and extract a batch, `lookup_or_insert` + pool every sparse feature,
 run the dense network, take the weighted binary cross-entropy over the targets,
-backpropagate, step the dense optimizer (Adam) and apply the fused sparse update.
+backpropagate, step the dense optimizer (`training.optimizer`) and apply the fused sparse update.
 Progress goes to the terminal and, one JSON object per line, to
 ``<run_dir>/metrics.jsonl``; the loss and AUC curves to ``<run_dir>/metrics.png``.
 """
@@ -37,7 +37,7 @@ from tidal.runtime import checkpoint
 from tidal.runtime.plots import plot_metrics
 from tidal.runtime.source import ReaderSpec
 from tidal.runtime.telemetry import compile_clock
-from tidal.runtime.workers import check_loss, dense_device, fix_gemm_threads, set_lr
+from tidal.runtime.workers import check_loss, dense_device, dense_optimizer, fix_gemm_threads, set_lr
 
 __all__ = ["Evaluation", "Trainer", "calibration", "group_auc", "normalized_entropy", "shown_auc", "shown_evaluation",
            "shown_gauc"]
@@ -274,7 +274,7 @@ class Trainer:
                                   dense_features=len(self.extractor.dense), num_targets=len(self.extractor.labels))
         self.model.to(self.device)
         self.precision = resolve_precision(self.device, config.training.precision)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.training.lr)
+        self.optimizer = dense_optimizer(self.model, config.training)
         self.loss_weights = torch.tensor([f.weight for f in self.extractor.labels])
         self.targets = [f.name for f in self.extractor.labels]
         self.bad_rows = BadRows()  # of the training data, counted on its first pass

@@ -6,7 +6,7 @@
                     dense worker, and applies the sparse update when the gradient of
                     those rows comes back
     DenseWorker     the dense network on one row slice: forward, loss, backward,
-                    all-reduce of the gradients with the other dense workers, Adam step
+                    all-reduce of the gradients with the other dense workers, optimizer step
     EmbeddingShard  tables and the lookups in flight (keyed by batch id); the sparse
                     workers of one process share one, on Ray each is an actor
 
@@ -411,7 +411,7 @@ class DenseWorker:
         fix_gemm_threads()
         self.model = model.to(self.device)
         self.training = training  # its learning rate by step
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=training.lr)
+        self.optimizer = dense_optimizer(self.model, training)
         if optimizer_state:
             self.optimizer.load_state_dict(optimizer_state)
         self.loss_weights = loss_weights.to(self.device)
@@ -489,6 +489,16 @@ def check_loss(loss: float, step: int, logits: torch.Tensor | None = None) -> No
                     f"bag's weight or a dense number near float32's limit, say): fix or drop them")
     raise TidalError(f"training diverged at step {step}: its loss is {loss}{culprits}. Else lower training.lr or "
                      f"the tables' learning rates, and resume from a checkpoint before this step, or start again")
+
+
+_DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
+                     "adagrad": torch.optim.Adagrad}
+
+
+def dense_optimizer(model: torch.nn.Module, training: TrainingConfig) -> torch.optim.Optimizer:
+    """The optimizer `training.optimizer` names, over `model`'s parameters."""
+    chosen = training.optimizer
+    return _DENSE_OPTIMIZERS[chosen.kind](model.parameters(), lr=training.lr, **chosen.torch_settings())
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
