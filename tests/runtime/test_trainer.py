@@ -588,7 +588,7 @@ def test_a_step_refuses_a_batch_laid_out_otherwise_than_the_config(tmp_path):
     with pytest.raises(BatchError, match="a training step needs at least one sample, got an empty batch"):
         trainer.step(SparseBatch(keys=batch.keys, batch_size=0, values=np.zeros(0, np.int64),
                                  lengths=np.zeros(0, np.int32), dense=np.zeros((0, 13)), labels=np.zeros((0, 1))))
-    assert trainer.step(batch) > 0.0
+    assert trainer.step(batch)[0] > 0.0
 
 
 @pytest.mark.parametrize("max_steps", [0, -3, 2.5, True])

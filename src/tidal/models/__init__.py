@@ -12,14 +12,14 @@ from torch import nn
 from tidal.config import ModelConfig, require
 from tidal.errors import BatchError, ConfigError
 from tidal.models.common import (PRECISIONS, LinearHead, MMoEHead, compute_precision, mlp, resolve_precision,
-                                 weighted_bce)
+                                 step_losses, weighted_bce)
 from tidal.models.dcn import DCNv2
 from tidal.models.deepfm import DeepFM
 from tidal.models.dlrm import DLRM
 from tidal.models.wide_deep import WideDeep
 
 __all__ = ["DCNv2", "DLRM", "DeepFM", "LinearHead", "MMoEHead", "PRECISIONS", "RankingModel", "WideDeep",
-           "compute_precision", "mlp", "resolve_precision", "weighted_bce"]
+           "compute_precision", "mlp", "resolve_precision", "step_losses", "weighted_bce"]
 
 
 class RankingModel(nn.Module):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["LinearHead", "MMoEHead", "PRECISIONS", "compute_precision", "mlp", "resolve_precision", "weighted_bce"]
+__all__ = ["LinearHead", "MMoEHead", "PRECISIONS", "compute_precision", "mlp", "resolve_precision", "step_losses",
+           "weighted_bce"]
 
 
 def mlp(in_features: int, sizes: Sequence[int], *, last_activation: bool = True) -> nn.Sequential:
@@ -75,15 +77,22 @@ class MMoEHead(nn.Module):
         return torch.cat([tower(mixed[:, t]) for t, tower in enumerate(self.towers)], dim=1)  # [B, T]
 
 
-def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, total_rows: int) -> torch.Tensor:
+def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor,
+                 total_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Binary cross-entropy per target, summed over these rows and divided by
-    `total_rows`, then averaged over targets with `weights`: `[B, T]` -> scalar.
+    `total_rows`, then averaged over targets with `weights`: `[B, T]` -> (the scalar
+    to train on, each target's loss `[T]`).
 
     With `total_rows` the batch size this is the mean loss of the batch; when a batch
     is cut into row slices, the slices' losses (and gradients) add up to it.
     """
     per_target = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(0) / total_rows
-    return (per_target * weights).sum() / weights.sum()
+    return (per_target * weights).sum() / weights.sum(), per_target
+
+
+def step_losses(loss: torch.Tensor, per_target: torch.Tensor) -> np.ndarray:
+    """A step's losses as the run logs them: the weighted total, then each target's."""
+    return np.concatenate([[loss.item()], per_target.detach().cpu().double().numpy()])
 
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -420,6 +420,7 @@ def restore(trainer: Trainer, directory: Path, *, check_data: bool = True) -> di
     trainer.origin = meta.get("origin")
     progress = meta.get("progress", {"rows": 0, "losses": []})  # absent in checkpoints written before it was kept
     trainer.progress.rows_before, trainer.progress.losses = progress["rows"], list(progress["losses"])
+    trainer.progress.target_losses = list(progress.get("target_losses", []))  # absent before they were kept
     return meta["position"]
 
 

@@ -24,6 +24,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from tidal.errors import RunStoppedError, TidalError
 from tidal.runtime.telemetry import Telemetry
 from tidal.runtime.workers import check_loss
@@ -56,7 +58,7 @@ class _Flight:
     meta: dict | None = None  # what the forward said
     dense: list[Any] = field(default_factory=list)  # (meta, grad) handles per dense rank
     ranks_left: int = 0
-    loss: float = 0.0
+    loss: np.ndarray | float = 0.0  # the slices' `step_losses`, summed
 
 
 class Engine:
@@ -131,7 +133,7 @@ class Engine:
         """Train from position `start` (step, epoch, batch) until the data ends (True) or
         `max_steps` (False); the last step.
 
-        `on_done(step, meta, loss)` is called for every batch whose update landed,
+        `on_done(step, meta, losses)` is called for every batch whose update landed,
         `at_barrier(step, position)` when a barrier step is reached, `max_steps`
         included: the eviction, evaluation and checkpoint due at the step a run stops
         at happen before it stops, as in the reference trainer.
@@ -353,7 +355,7 @@ class Engine:
         if flight.ranks_left:
             return
         self.dense_running -= 1
-        check_loss(flight.loss, self.start_step + batch_id + 1)
+        check_loss(flight.loss[0], self.start_step + batch_id + 1)  # type: ignore[index]
         self._send_backward(batch_id, flight)
 
     def _send_backward(self, batch_id: int, flight: _Flight) -> None:

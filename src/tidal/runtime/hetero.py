@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from typing import IO, Any
 
+import numpy as np
+
 from tidal.errors import ConfigError
 from tidal.runtime import checkpoint
 from tidal.runtime.engine import Engine
@@ -59,11 +61,11 @@ def train(trainer: Any, log: IO[str], position: dict[str, int], max_steps: int |
     return step, finished
 
 
-def _done(trainer: Any, log: IO[str], step: int, meta: dict, loss: float) -> None:
-    """Count a finished batch's rows, bad rows and loss, and log every `log_every` steps."""
+def _done(trainer: Any, log: IO[str], step: int, meta: dict, losses: np.ndarray) -> None:
+    """Count a finished batch's rows, bad rows and losses, and log every `log_every` steps."""
     if meta["epoch"] == 0:  # later epochs read the same rows again
         trainer.bad_rows.extend(meta["bad_rows"], meta["bad_examples"])
-    trainer.progress.add(meta["rows"], loss)
+    trainer.progress.add(meta["rows"], losses)
     if step % trainer.config.training.log_every == 0:
         trainer._log(log, meta["epoch"], step)
 

@@ -31,7 +31,7 @@ from tidal.data.generate import auc
 from tidal.data.readers import BadRows, check_layout, expand_paths, format_of
 from tidal.embedding import EmbeddingCollection, TableStats
 from tidal.errors import BatchError, ConfigError, DataError, TidalError
-from tidal.models import PRECISIONS, RankingModel, compute_precision, resolve_precision, weighted_bce
+from tidal.models import PRECISIONS, RankingModel, compute_precision, resolve_precision, step_losses, weighted_bce
 from tidal.processes import SIGTERM_CAME
 from tidal.runtime import checkpoint
 from tidal.runtime.plots import plot_metrics
@@ -201,13 +201,15 @@ def _logged_step(line: str) -> int | None:
 
 class RunProgress:
     """What a run's log counts: rows from the run's first step (a resumed run goes on
-    from its checkpoint's count), the losses since the last log record, and this call's
-    speed, evaluation left out."""
+    from its checkpoint's count), the losses since the last log record (each target's
+    too, when there are several `targets`), and this call's speed, evaluation left out."""
 
-    def __init__(self) -> None:
+    def __init__(self, targets: list[str]) -> None:
+        self.targets = targets
         self.rows_before = 0  # trained before this call: by the run a resume continues (set by restore)
         self.rows = 0  # trained by this call
         self.losses: list[float] = []  # of the steps since the last log record
+        self.target_losses: list[list[float]] = []  # of the same steps (but those of a checkpoint before they were kept)
         self.start, self.eval_s = time.perf_counter(), 0.0
         self.stopped: float | None = None  # when training ended, if it was before its workers stopped
 
@@ -216,13 +218,14 @@ class RunProgress:
         end of its last step, evaluations left out."""
         return (self.stopped or time.perf_counter()) - self.start - self.eval_s
 
-    def add(self, rows: int, loss: float) -> None:
-        """Count a trained step; a SIGTERM that Python dropped (it landed in a finalizer)
+    def add(self, rows: int, losses: np.ndarray) -> None:
+        """Count a trained step of `losses` (`tidal.models.step_losses`); a SIGTERM that Python dropped (it landed in a finalizer)
         stops the run here as one that was not."""
         if SIGTERM_CAME.is_set():
             raise KeyboardInterrupt
         self.rows += rows
-        self.losses.append(loss)
+        self.losses.append(float(losses[0]))
+        self.target_losses.append([float(x) for x in losses[1:]])
 
     def record(self, epoch: int, step: int, bad_rows: int) -> dict:
         """The log record at `step`; the losses start again."""
@@ -230,12 +233,15 @@ class RunProgress:
         record = {"event": "train", "epoch": epoch, "step": step, "rows": self.rows_before + self.rows,
                   "loss": float(np.mean(self.losses)), "samples_per_s": self.rows / max(seconds, 1e-9),
                   "bad_rows": bad_rows}
-        self.losses = []
+        if len(self.targets) > 1 and self.target_losses:
+            record["target_loss"] = dict(zip(self.targets, np.mean(self.target_losses, axis=0).tolist()))
+        self.losses, self.target_losses = [], []
         return record
 
     def state(self) -> dict:
         """What a checkpoint keeps, for the log of a run resumed from it."""
-        return {"rows": self.rows_before + self.rows, "losses": list(self.losses)}
+        return {"rows": self.rows_before + self.rows, "losses": list(self.losses),
+                "target_losses": list(self.target_losses)}
 
 
 @dataclass(frozen=True)
@@ -282,7 +288,7 @@ class Trainer:
         self.elapsed_s = 0.0
         self.runtime_report: dict | None = None  # telemetry and faults of a heterogeneous run
         self.engine = None  # the heterogeneous engine while one trains
-        self.progress = RunProgress()  # of the run fit trains
+        self.progress = RunProgress(self.targets)  # of the run fit trains
         self.data_files: list[list] = []  # [name, bytes] of the training files, when fit began (for checkpoints)
         self._last_eval: tuple[int, Evaluation] | None = None  # (step, result) of the latest evaluation
 
@@ -336,8 +342,9 @@ class Trainer:
                              "a runtime section, called while fit() runs")
         self.engine.resize(count)
 
-    def step(self, batch: SparseBatch, *, step: int | None = None) -> float:
-        """One training step on `batch`; its loss. The batch holds the config's sparse
+    def step(self, batch: SparseBatch, *, step: int | None = None) -> np.ndarray:
+        """One training step on `batch`; its losses: the weighted total, then each
+        target's (`tidal.models.step_losses`). The batch holds the config's sparse
         features in the config's order, its dense features and its labels, as
         `extract` makes them. `step` is the tables' step of its lookups (default: the one
         after the latest; `fit` gives the run's step, as the heterogeneous engine does)."""
@@ -348,22 +355,22 @@ class Trainer:
         self.collection.backward(ctx, grad.cpu(), check_finite=False)  # dense_step checked the loss
         return loss
 
-    def dense_step(self, batch: SparseBatch, pooled: torch.Tensor, *, step: int) -> tuple[float, torch.Tensor]:
+    def dense_step(self, batch: SparseBatch, pooled: torch.Tensor, *, step: int) -> tuple[np.ndarray, torch.Tensor]:
         """The dense network's training step on `batch`, the run's step `step` (its
         learning rate follows `training.lr_schedule`), given its pooled embeddings
-        `[B, F, D]`: its loss, and the gradient of `pooled` (on the training device)."""
+        `[B, F, D]`: its losses (as `step`'s), and the gradient of `pooled` (on the training device)."""
         set_lr(self.optimizer, self.config.training.lr_at(step))
         self.model.train()
         pooled = pooled.to(self.device, PRECISIONS[self.precision]).requires_grad_(True)
         with compute_precision(self.device, self.precision):
             logits = self.model(pooled, self._dense(batch))  # [B, T]
         labels = torch.tensor(batch.labels).to(self.device)
-        loss = weighted_bce(logits.float(), labels, self.loss_weights.to(self.device), batch.batch_size)
+        loss, per_target = weighted_bce(logits.float(), labels, self.loss_weights.to(self.device), batch.batch_size)
         check_loss(loss.item(), step, logits.detach())  # before any weight takes the step
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return float(loss.item()), pooled.grad
+        return step_losses(loss, per_target), pooled.grad
 
     def _check_batch(self, batch: SparseBatch) -> None:
         """A BatchError unless `batch` is laid out as `extract` lays it out."""
@@ -474,7 +481,7 @@ class Trainer:
         """The position the run trains from: its own latest checkpoint's (`resume`),
         the start of its data at the step of the checkpoint `origin` (a warm start), or
         the start; the checkpoint is loaded, held meanwhile against a run replacing it."""
-        self.progress = RunProgress()
+        self.progress = RunProgress(self.targets)
         if resume:
             return checkpoint.restore(self, checkpoint.latest(self.run_dir))  # its progress too
         if (self.run_dir / "checkpoints" / checkpoint.LATEST).exists():
@@ -625,7 +632,8 @@ class Trainer:
         record = self.progress.record(epoch, step, self.bad_rows.count) | rates
         _write_record(log, record)
         log.flush()
-        shown = f"  lr {rates['lr']:.3g}" if training.lr_schedule is not None else ""
+        targets = ", ".join(f"{t} {v:.4f}" for t, v in record.get("target_loss", {}).items())
+        shown = (f" ({targets})" if targets else "") + (f"  lr {rates['lr']:.3g}" if training.lr_schedule is not None else "")
         print(f"  epoch {epoch}  step {step:6d}  loss {record['loss']:.4f}{shown}  "
               f"{record['samples_per_s']:,.0f} samples/s  bad rows {self.bad_rows.count:,}", flush=True)
 

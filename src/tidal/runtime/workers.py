@@ -39,7 +39,7 @@ from tidal.data.batch import SparseBatch
 from tidal.data.extract import Extractor
 from tidal.embedding import EmbeddingCollection
 from tidal.errors import ConfigError, TidalError
-from tidal.models import compute_precision, resolve_precision, weighted_bce
+from tidal.models import compute_precision, resolve_precision, step_losses, weighted_bce
 from tidal.runtime.source import BatchSource, Item
 
 __all__ = ["DenseWorker", "EmbeddingShard", "SparseWorker", "ThreadAllReduce", "check_loss", "decode", "dense_device",
@@ -420,8 +420,8 @@ class DenseWorker:
         self._pinned: dict[str, torch.Tensor] = {}
 
     def step(self, payload: dict[str, Any], step: int) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Train on one slice of the run's step `step`: (meta with its loss share and
-        timings, gradient payload)."""
+        """Train on one slice of the run's step `step`: (meta with its share of the
+        losses (`step_losses`) and timings, gradient payload)."""
         with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
             start = time.perf_counter()
             pooled, dense, labels = self._inputs(payload)
@@ -429,7 +429,7 @@ class DenseWorker:
             self.model.train()
             with compute_precision(self.device, self.precision):
                 logits = self.model(pooled, dense)  # [b, T]
-            loss = weighted_bce(logits.float(), labels, self.loss_weights, payload["total_rows"])
+            loss, per_target = weighted_bce(logits.float(), labels, self.loss_weights, payload["total_rows"])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             set_lr(self.optimizer, self.training.lr_at(step))
@@ -438,7 +438,7 @@ class DenseWorker:
                                             for p in self.model.parameters()])
             self.optimizer.step()
             grad = self._grad_payload(pooled.grad, payload["dtype"])  # waits for the stream
-        return {"loss": float(loss.detach()), "timings": {"transfer": middle - start, "dense": time.perf_counter() - middle}}, grad
+        return {"loss": step_losses(loss, per_target), "timings": {"transfer": middle - start, "dense": time.perf_counter() - middle}}, grad
 
     def _inputs(self, payload: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         as_sent = payload["dtype"] == "bfloat16" and self.precision == "bfloat16"
