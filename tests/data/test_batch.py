@@ -39,6 +39,8 @@ def test_full_int64_range_is_kept():
         ({"lengths": [1, 1, -1]}, "lengths must be >= 0"),
         ({"values": [1, 2, 3, 4]}, r"values must have sum\(lengths\) = 3 ids, got 4"),
         ({"values": [1.5, 2.0, 3.0]}, "values must be integers, got dtype float64"),
+        ({"values": [True, False, True]}, "values must be integers, got dtype bool"),
+        ({"lengths": [True, True, True]}, "lengths must be integers, got dtype bool"),
         ({"weights": [1.0]}, r"weights must have one entry per id \(3\), got 1"),
         ({"dense": np.ones((2, 4))}, "dense must have B = 3 rows, got 2"),
         ({"labels": np.ones(3)}, r"labels must be 2-D \[B, T\], one column per target \(labels\[:, None\] for a single "

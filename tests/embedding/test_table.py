@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -683,6 +684,40 @@ def test_push_rows_checks_its_metadata_before_writing_a_row(counts):
     with pytest.raises(BatchError, match="pushed last_seen and counts must have one entry per key"):
         table.push_rows(bad)
     assert table.stats().rows == 0  # nothing half written
+
+
+@pytest.mark.parametrize(("last_seen", "shown"), [(np.array([5, 1 << 31], np.int64), "5 to 2147483648"),
+                                                 (np.array([5, -1]), "-1 to 5"),
+                                                 (np.array([5.0, 6.0]), "float64")])
+def test_push_rows_refuses_steps_no_table_reaches(last_seen, shown):
+    """A step's top bit marks rows while a lookup runs: a row pushed with it would take
+    other keys' gradients, and its table's checkpoint would not load."""
+    table = make_table(optimizer=Adagrad(lr=0.1))
+    block, _ = make_table(optimizer=Adagrad(lr=0.1)).pull_rows(arr(1, 2))
+    with pytest.raises(BatchError, match=f"pushed last_seen must be steps from 0 to 2147483647, got {shown}; no row"):
+        table.push_rows(replace(block, last_seen=last_seen), keep_last_seen=True)
+    assert table.stats().rows == 0
+    assert table.push_rows(replace(block, last_seen=last_seen), keep_last_seen=False).all()  # stamped now
+
+
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+@pytest.mark.parametrize("where", ["values", "state"])
+def test_push_rows_refuses_numbers_that_are_not_finite(bad, where):
+    table = make_table(optimizer=Adagrad(lr=0.1))
+    block, _ = make_table(optimizer=Adagrad(lr=0.1)).pull_rows(arr(1, 2, 3))
+    getattr(block, where)[1, -1] = bad
+    with pytest.raises(BatchError, match=r"pushed values and state must be finite, got NaN or infinite numbers in 1 "
+                                         r"row \(the first of key 2\); no row was written"):
+        table.push_rows(block)
+    assert table.stats().rows == 0
+
+
+def test_a_cap_without_eviction_under_one_row_a_shard_is_refused():
+    with pytest.raises(ConfigError, match=r"a row cap of 3 \(max_rows\) is under its 8 shards; without eviction each "
+                                          r"shard keeps an even share of the cap"):
+        make_table(num_shards=8, max_rows=3)
+    make_table(num_shards=8, max_rows=3, eviction=Eviction(capacity_policy="lru"))  # evict() trims the whole table
+    make_table(num_shards=8, max_rows=8)
 
 
 def test_memory_budget_below_one_row_is_a_config_error():

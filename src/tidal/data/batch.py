@@ -215,7 +215,7 @@ def _array(value: object, dtype: type, name: str, ndim: int) -> np.ndarray:
         raise BatchError(f"SparseBatch: {name} must be {ndim}-D{_SHAPES.get(name, '')}, got shape {array.shape}")
     if array.size and array.dtype.kind not in "iufb":
         raise BatchError(f"SparseBatch: {name} must be numeric, got dtype {array.dtype}")
-    if np.dtype(dtype).kind == "i" and array.size and array.dtype.kind == "f":
+    if np.dtype(dtype).kind == "i" and array.size and array.dtype.kind in "fb":
         raise BatchError(f"SparseBatch: {name} must be integers, got dtype {array.dtype}")
     copy = np.array(array, dtype=dtype, order="C")
     copy.flags.writeable = False

@@ -64,7 +64,7 @@ class TableStats:
     admitted: int  # rows created
     not_admitted: int  # sightings of keys that admission turned away
     evicted: int
-    dropped_full: int  # new keys refused because the table was at its row cap
+    dropped_full: int  # new keys refused because their shard held its share of the row cap (no eviction)
 
     @property
     def overhead_bytes_per_row(self) -> float:
@@ -238,9 +238,20 @@ class EmbeddingTable:
                 f"table {self.name!r}: memory_bytes={config.memory_bytes} pays for no row of "
                 f"{self.bytes_per_row} bytes; give at least {self.bytes_per_row}"
             )
+        self._check_cap()
         self._reserve(config.reserve_rows)
 
     # ------------------------------------------------------------------ set-up
+
+    def _check_cap(self) -> None:
+        """Refuse a cap without eviction under one row a shard: each shard keeps its even
+        share of the cap (`_shard_row_limit`), so some would take no key at all."""
+        cap = self.row_cap
+        if cap is not None and self.config.eviction is None and cap < self.num_shards:
+            given = "max_rows" if cap == self.config.max_rows else "memory_bytes"
+            raise ConfigError(f"table {self.name!r}: a row cap of {cap} ({given}) is under its {self.num_shards} "
+                              f"shards; without eviction each shard keeps an even share of the cap, so some would "
+                              f"take no key: give a cap of at least {self.num_shards} rows, or fewer num_shards")
 
     def _reserve(self, rows: int) -> None:
         """Allocate chunks for `rows` rows, split evenly over the shards, and touch the
@@ -639,12 +650,36 @@ class EmbeddingTable:
             raise BatchError(f"table {self.name!r}: pushed last_seen and counts must have one entry per key "
                              f"({len(keys)}), got shapes {metadata}")
         rows = np.concatenate([values, state], axis=1) if state.shape[1] else np.ascontiguousarray(values)
-        last_seen = np.asarray(block.last_seen, np.uint32) if keep_last_seen else np.full(len(keys), self._step, np.uint32)
+        self._check_finite_rows(rows, keys)
+        last_seen = self._steps(block.last_seen) if keep_last_seen else np.full(len(keys), self._step, np.uint32)
         with self._gate.shared():
             lookup = self._resolve(keys, step=self._step, insert=True, distinct=False, force=True, count=False)
             run_split(pooling.scatter_rows, len(keys), self.threads, self.arena.directory, self.width, lookup.handles, rows)
             self._set_metadata(lookup, last_seen, np.asarray(block.counts, np.uint32))
         return lookup.handles >= 0
+
+    def _check_finite_rows(self, rows: np.ndarray, keys: np.ndarray) -> None:
+        """A `BatchError` naming the first pushed row holding a NaN or an infinity (it
+        would be served, and trained from, for good)."""
+        flags = np.zeros(rows.shape[0], np.bool_)
+        run_split(pooling.find_nonfinite, rows.shape[0], self.threads, rows.view(np.uint32).reshape(-1), rows.shape[1],
+                  np.uint32(0x7F800000), flags)
+        if flags.any():
+            bad = ~np.isfinite(rows).all(axis=1)
+            count = int(bad.sum())
+            raise BatchError(f"table {self.name!r}: pushed values and state must be finite, got NaN or infinite "
+                             f"numbers in {count:,d} row{'s' if count != 1 else ''} (the first of key "
+                             f"{int(keys[np.argmax(bad)])}); no row was written")
+
+    def _steps(self, last_seen: np.ndarray) -> np.ndarray:
+        """Pushed `last_seen` steps as the table keeps them; a `BatchError` for one no
+        table reaches (a step's top bit marks rows while a lookup runs)."""
+        steps = np.asarray(last_seen)
+        if steps.size and (steps.dtype.kind not in "iu" or steps.min() < 0 or steps.max() >= ix.MARK):
+            shown = steps.dtype if steps.dtype.kind not in "iu" else f"{steps.min()} to {steps.max()}"
+            raise BatchError(f"table {self.name!r}: pushed last_seen must be steps from 0 to {int(ix.MARK) - 1}, "
+                             f"got {shown}; no row was written")
+        return steps.astype(np.uint32)
 
     def _set_metadata(self, lookup: RowLookup, last_seen: np.ndarray, counts: np.ndarray) -> None:
         for s, shard in enumerate(self._shards):
@@ -760,9 +795,6 @@ class EmbeddingTable:
             self.remove(arrays["evicted"])
         block = RowBlock(keys=arrays["keys"], values=arrays["values"], state=arrays["state"],
                          last_seen=arrays["last_seen"], counts=arrays["counts"])
-        if block.last_seen.shape[0] and int(block.last_seen.max()) >= ix.MARK:
-            raise BatchError(f"table {self.name!r}: last_seen steps must be below {int(ix.MARK)}, "
-                             f"got {int(block.last_seen.max())}")
         self._push(block, keep_last_seen=True)
         shard = self._shards[s]
         with shard.lock:
