@@ -72,3 +72,18 @@ def test_one_target_logs_its_loss_once(two_targets, tmp_path):
               "model": {"kind": "dlrm", "bottom_sizes": [8], "hidden_sizes": [16]}}
     _trainer(config, tmp_path / "run", None).fit()
     assert all("target_loss" not in r for r in _train_records(tmp_path / "run"))
+
+
+def test_the_plot_draws_each_targets_loss(two_targets, tmp_path, monkeypatch):
+    from tidal.runtime import plots
+
+    drawn = []
+    original = plots.plt.Axes.plot
+
+    def plot(axes, x, y, *args, **kwargs):  # type: ignore[no-untyped-def]
+        drawn.append(kwargs.get("label"))
+        return original(axes, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(plots.plt.Axes, "plot", plot)
+    _trainer(two_targets, tmp_path / "run", None).fit()
+    assert drawn[:3] == ["weighted", "buy", "click"] and (tmp_path / "run" / "metrics.png").stat().st_size > 0

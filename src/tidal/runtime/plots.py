@@ -15,13 +15,19 @@ __all__ = ["plot_metrics"]
 
 
 def plot_metrics(metrics: Path, out: Path) -> None:
-    """Training loss by step (left) and eval AUC per target by step (right)."""
+    """Training loss by step, the weighted and each target's (left), and eval AUC per target
+    by step (right)."""
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     train = [r for r in records if r.get("event") == "train"]
     evals = [r for r in records if r.get("event") == "eval"]
     figure, (loss_axes, auc_axes) = plt.subplots(1, 2, figsize=(10, 4))
-    loss_axes.plot([r["step"] for r in train], [r["loss"] for r in train], marker=".")
-    loss_axes.set(title="training loss", xlabel="step", ylabel="weighted BCE")
+    loss_axes.plot([r["step"] for r in train], [r["loss"] for r in train], marker=".", label="weighted")
+    for target in sorted({t for r in train for t in r.get("target_loss", {})}):  # with several targets
+        loss_axes.plot([r["step"] for r in train], [r.get("target_loss", {}).get(target, np.nan) for r in train],
+                       marker=".", label=target)
+    loss_axes.set(title="training loss", xlabel="step", ylabel="BCE")
+    if any("target_loss" in r for r in train):
+        loss_axes.legend()
     for target in sorted({t for r in evals for t in r["auc"]}):
         values = [np.nan if r["auc"][target] is None else r["auc"][target] for r in evals]  # None: one class
         auc_axes.plot([r["step"] for r in evals], values, marker="o", label=target)
