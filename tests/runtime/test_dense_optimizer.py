@@ -108,3 +108,29 @@ def test_dense_optimizer_settings_are_checked(tmp_path):
         TrainingConfig(optimizer={"kind": "lamb"})
     with pytest.raises(ConfigError, match="momentum"):
         TrainingConfig(optimizer={"kind": "adam", "momentum": 0.9})
+
+
+def test_clip_grad_norm_scales_the_dense_gradient_down_to_it(tmp_path):
+    config = _config(tmp_path, epochs=1)
+    config["training"] |= {"optimizer": {"kind": "sgd"}, "clip_grad_norm": 1e-3}
+    trainer = _trainer(config, tmp_path / "run", None)
+    batch = next(trainer.batches(config["data"]["train"]))
+    pooled = trainer.collection.pool(batch, trainer.collection.lookup(batch, step=1))
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.dense_step(batch, pooled, step=1)
+    moved = torch.cat([(old - new.detach()).flatten() for old, new in zip(before, trainer.model.parameters())]) / 0.003
+    assert float(moved.norm()) == pytest.approx(1e-3, rel=1e-3)  # the gradient's norm is far above it
+
+
+def test_the_engine_clips_as_the_reference_trainer(tmp_path):
+    config = _config(tmp_path, epochs=1)
+    config["data"]["eval"] = None
+    config["training"] |= {"optimizer": MOMENTUM, "clip_grad_norm": 0.05}
+    reference = _trainer(config, tmp_path / "reference", None)
+    reference.fit()
+    engine = _trainer(config, tmp_path / "engine", {"mode": "sync", "sparse_workers": 2, **EXACT})
+    engine.fit()
+    _assert_bitwise_equal(reference, engine)
+    unclipped = _trainer({**config, "training": {**config["training"], "clip_grad_norm": None}}, tmp_path / "plain", None)
+    unclipped.fit()
+    assert not all(torch.equal(a, b) for a, b in zip(unclipped.model.parameters(), reference.model.parameters()))

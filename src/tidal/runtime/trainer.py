@@ -37,7 +37,7 @@ from tidal.runtime import checkpoint
 from tidal.runtime.plots import plot_metrics
 from tidal.runtime.source import ReaderSpec
 from tidal.runtime.telemetry import compile_clock
-from tidal.runtime.workers import check_loss, dense_device, dense_optimizer, fix_gemm_threads, set_lr
+from tidal.runtime.workers import check_loss, clip_gradients, dense_device, dense_optimizer, fix_gemm_threads, set_lr
 
 __all__ = ["Evaluation", "Trainer", "calibration", "group_auc", "normalized_entropy", "shown_auc", "shown_evaluation",
            "shown_gauc"]
@@ -369,6 +369,7 @@ class Trainer:
         check_loss(loss.item(), step, logits.detach())  # before any weight takes the step
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        clip_gradients(self.model, self.config.training)
         self.optimizer.step()
         return step_losses(loss, per_target), pooled.grad
 

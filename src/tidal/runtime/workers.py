@@ -436,6 +436,7 @@ class DenseWorker:
             if self.all_reduce is not None:
                 self.all_reduce(self.rank, [p.grad if p.grad is not None else torch.zeros_like(p)
                                             for p in self.model.parameters()])
+            clip_gradients(self.model, self.training)  # the whole batch's gradient, after the all-reduce
             self.optimizer.step()
             grad = self._grad_payload(pooled.grad, payload["dtype"])  # waits for the stream
         return {"loss": step_losses(loss, per_target), "timings": {"transfer": middle - start, "dense": time.perf_counter() - middle}}, grad
@@ -499,6 +500,12 @@ def dense_optimizer(model: torch.nn.Module, training: TrainingConfig) -> torch.o
     """The optimizer `training.optimizer` names, over `model`'s parameters."""
     chosen = training.optimizer
     return _DENSE_OPTIMIZERS[chosen.kind](model.parameters(), lr=training.lr, **chosen.torch_settings())
+
+
+def clip_gradients(model: torch.nn.Module, training: TrainingConfig) -> None:
+    """Scale `model`'s gradient down to the norm `training.clip_grad_norm`, when set."""
+    if training.clip_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), training.clip_grad_norm)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
