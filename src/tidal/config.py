@@ -769,7 +769,11 @@ class ServingConfig(_Model):
     (see `tidal.serving.batcher`); a request of more than
     `chunk_rows` candidates is cut into about equal chunks that run in parallel. The
     dense network only sees batch sizes from `buckets` (batches are padded).
-    `max_queue_rows` bounds the rows waiting; beyond it a request gets 503.
+    `max_queue_rows` bounds the rows waiting; beyond it a request gets 503. A request
+    body may hold `max_body_bytes` (413 beyond), and the bodies of the requests under
+    way together `max_held_body_bytes` (compressed and decompressed; by default 16
+    bodies of the largest size, 512 MiB; a request that would pass it gets 503): many
+    slow or big requests at once cannot exhaust memory.
     `dense_threads` is the dense network's thread count in the serving process (torch's,
     process-wide, which the aotinductor backend's products use too, or ONNX Runtime's
     intra-op threads): 1 by default, since serving
@@ -798,6 +802,7 @@ class ServingConfig(_Model):
     dense_threads: _Int | None = Field(1, ge=1, le=256)  # None: torch's default, or one per core for onnxruntime
     max_queue_rows: _Int = Field(65_536, ge=1)
     max_body_bytes: _Int = Field(32 << 20, ge=1024)
+    max_held_body_bytes: _Int | None = Field(None, ge=1024)  # None: 16 x max_body_bytes
     session_ttl_s: _Float = Field(300.0, gt=0.0)
     session_memory_bytes: _Int = Field(256 << 20, ge=1024)
     table_dtype: Literal["float32", "float16"] = "float32"  # how the bundle stores the tables
@@ -813,7 +818,15 @@ class ServingConfig(_Model):
             raise ValueError(f"max_batch_rows ({self.max_batch_rows}) must fit the largest bucket ({self.buckets[-1]})")
         if self.chunk_rows > self.max_batch_rows:
             raise ValueError(f"chunk_rows ({self.chunk_rows}) must be at most max_batch_rows ({self.max_batch_rows})")
+        if self.max_held_body_bytes is not None and self.max_held_body_bytes < self.max_body_bytes:
+            raise ValueError(f"max_held_body_bytes ({self.max_held_body_bytes}) must be at least max_body_bytes "
+                             f"({self.max_body_bytes}): else a body of the allowed size could never be held")
         return self
+
+    @property
+    def held_body_bytes(self) -> int:
+        """The bytes of request bodies the server holds at once, at most."""
+        return self.max_held_body_bytes if self.max_held_body_bytes is not None else 16 * self.max_body_bytes
 
 
 class RunConfig(_Model):

@@ -824,3 +824,34 @@ def test_a_max_batch_rows_below_chunk_rows_lowers_chunk_rows_unless_both_are_giv
             service.close()
     with pytest.raises(ConfigError, match=r"chunk_rows \(50\) must be at most max_batch_rows \(40\)"):
         Service(bundle, name="ctr", max_batch_rows=40, chunk_rows=50)
+
+
+def test_bodies_held_at_once_past_their_budget_get_a_503_and_the_budget_comes_back(bundle, rows):
+    """A slow client holding most of the budget: another request's body would pass it,
+    and is refused (read to its end first) until the slow one is answered."""
+    running = start_server(Service(bundle, name="ctr", max_body_bytes=4096, max_held_body_bytes=6000))
+    specs = input_specs(bundle.config)
+    body = json.dumps(infer_request(with_user_of(rows.slice(0, 2), specs), specs)).encode()
+    body += b" " * (3000 - len(body))  # JSON's whitespace
+    try:
+        slow = _partial_request(running, 4000, b" " * 3500)
+        time.sleep(0.5)  # the server holds what came
+        code, answer, headers = _post(running, "/v2/models/ctr/infer", body)
+        assert (code, headers["Retry-After"]) == (503, "1")
+        assert answer["error"] == ("the server holds 3,500 bytes of request bodies, and this one would pass the limit "
+                                   "of 6,000 (serving.max_held_body_bytes); retry later")
+        with slow:
+            slow.sendall(b" " * 500)  # a body of spaces: not JSON
+            assert slow.recv(4096).decode().startswith("HTTP/1.1 400")
+        assert _post(running, "/v2/models/ctr/infer", body)[0] == 200
+        assert running.service.bodies.held == 0 and _outcomes(running)["overloaded"] == 1
+    finally:
+        running.stop()
+
+
+def test_the_held_bodies_budget_is_checked_with_the_serving_config():
+    from tidal.config import ServingConfig
+
+    assert ServingConfig().held_body_bytes == 16 * (32 << 20)
+    with pytest.raises(ConfigError, match=r"max_held_body_bytes \(2048\) must be at least max_body_bytes \(4096\)"):
+        ServingConfig(max_body_bytes=4096, max_held_body_bytes=2048)

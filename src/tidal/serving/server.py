@@ -27,8 +27,9 @@ sessions. Bodies may come gzip- or deflate-compressed (`Content-Encoding`). Ever
 error is `{"error": reason}`: a malformed request gets 400, a body over the limit or a
 request with more candidates than `max_queue_rows` 413, headers over 64 KiB 431,
 headers not sent within 10 s or a body within 30 s 408, an unknown model or route 404;
-under overload the server answers 503 with Retry-After instead of letting the queue
-grow. Binds to 127.0.0.1 unless told otherwise.
+under overload (more rows waiting than `max_queue_rows`, or the bodies of the requests
+under way past `max_held_body_bytes`) the server answers 503 with Retry-After instead
+of letting the queue or its memory grow. Binds to 127.0.0.1 unless told otherwise.
 
 Stopping (Ctrl-C or SIGTERM, as Triton): the server stops accepting connections and
 lets the requests it holds run for up to `exit_timeout_s` (30 s); a second before
@@ -104,6 +105,7 @@ class Service:
         self.context = context_inputs(bundle.config)  # item-side inputs that may come once for every candidate
         self.outputs = [*self.predictor.targets, "score"]
         self.sessions = SessionCache(ttl_s=self.settings.session_ttl_s, memory_bytes=self.settings.session_memory_bytes)
+        self.bodies = BodyBudget(self.settings.held_body_bytes)
         self.metrics = _Metrics(self)
         self.statistics = Statistics()
         s = self.settings
@@ -310,8 +312,9 @@ def create_app(service: Service) -> Starlette:
 
     async def _answer(request: Request) -> tuple[str, Response]:
         """(outcome, response) of an infer request."""
+        held = service.bodies.holding()
         try:
-            body = await _read_body(request, service.settings.max_body_bytes, "serving.max_body_bytes")
+            body = await _read_body(request, service.settings.max_body_bytes, "serving.max_body_bytes", held)
             content, headers = await _unless_gone(request, service.infer(body, request.headers.get(HEADER)))
         except (RequestError, SessionError) as exc:
             return "bad_request", _error(getattr(exc, "status", 400), str(exc))
@@ -323,6 +326,8 @@ def create_app(service: Service) -> Starlette:
             return "client_gone", _error(400, "the client closed the connection before its answer")
         except Exception as exc:  # a failed batch: this request learns why, the server goes on
             return "error", _error(500, f"{type(exc).__name__}: {exc}")
+        finally:
+            held.release()
         return "ok", Response(content, media_type="application/json" if not headers else "application/octet-stream",
                               headers=headers)
 
@@ -444,12 +449,45 @@ async def _hung_up(request: Request) -> None:
         pass
 
 
-async def _read_body(request: Request, limit: int, setting: str | None = None) -> bytes:
+class BodyBudget:
+    """The bytes of request bodies held at once, up to `limit`: a request whose body
+    would pass it is refused as an overload (503). The event loop's alone: no lock."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = limit, 0
+
+    def holding(self) -> _Held:
+        """What one request holds, given back by its `release`."""
+        return _Held(self)
+
+
+class _Held:
+    def __init__(self, budget: BodyBudget) -> None:
+        self.budget, self.size = budget, 0
+
+    def take(self, size: int) -> None:
+        budget = self.budget
+        if budget.held + size > budget.limit:
+            raise Overloaded(f"the server holds {budget.held:,d} bytes of request bodies, and this one would pass the "
+                             f"limit of {budget.limit:,d} (serving.max_held_body_bytes); retry later")
+        budget.held += size
+        self.size += size
+
+    def release(self) -> None:
+        self.budget.held -= self.size
+        self.size = 0
+
+
+async def _read_body(request: Request, limit: int, setting: str | None = None, held: _Held | None = None) -> bytes:
     """The body, decompressed, or a 413 for one over `limit` (before or after
-    decompressing; naming the `setting` that sets it), a 408 for one not sent within 30 s."""
+    decompressing; naming the `setting` that sets it), a 408 for one not sent within 30 s;
+    counted in `held` as it comes (an `Overloaded` past its budget)."""
     try:
-        body = await asyncio.wait_for(_receive(request, limit), _BODY_TIMEOUT_S)
-        return _decompressed(body, request.headers.get("content-encoding", "identity").strip().lower(), limit)
+        body = await asyncio.wait_for(_receive(request, limit, held), _BODY_TIMEOUT_S)
+        plain = _decompressed(body, request.headers.get("content-encoding", "identity").strip().lower(), limit)
+        if held is not None and plain is not body:
+            held.take(len(plain))
+        return plain
     except asyncio.TimeoutError:
         raise RequestError(f"the body did not arrive within {_BODY_TIMEOUT_S:g} s", status=408) from None
     except RequestError as exc:
@@ -458,24 +496,34 @@ async def _read_body(request: Request, limit: int, setting: str | None = None) -
         raise RequestError(f"{exc} ({setting})", status=413) from None
 
 
-async def _receive(request: Request, limit: int) -> bytes:
-    """The body as sent. An oversize body (up to 64 MiB) is read to its end before the
-    413: a server that answers and closes while the client is still sending makes the
-    client's kernel see a reset instead of the answer."""
+async def _receive(request: Request, limit: int, held: _Held | None) -> bytes:
+    """The body as sent, counted in `held`. An oversize body, or one past `held`'s
+    budget, (up to 64 MiB) is read to its end before the 413 or 503: a server that
+    answers and closes while the client is still sending makes the client's kernel see
+    a reset instead of the answer."""
     declared = request.headers.get("content-length")
     declared_size = int(declared) if declared is not None and declared.isdigit() else None
-    chunks, size = [], 0
+    chunks: list[bytes] = []
+    size, refused = 0, None
     if declared_size is None or declared_size <= _DRAIN_BYTES:
         async for chunk in request.stream():
             size += len(chunk)
-            if size <= limit:
-                chunks.append(chunk)
+            if size <= limit and refused is None:
+                try:
+                    if held is not None:
+                        held.take(len(chunk))
+                    chunks.append(chunk)
+                except Overloaded as exc:  # drained from here on, held no more
+                    refused, chunks = exc, []
+                    held.release()  # type: ignore[union-attr]
             elif size > _DRAIN_BYTES:
                 break
     if declared_size is not None and declared_size > limit:
         raise RequestError(f"the body has {declared_size} bytes, over the limit of {limit}", status=413)
     if size > limit:
         raise RequestError(f"the body has more than {limit} bytes, over the limit of {limit}", status=413)
+    if refused is not None:
+        raise refused
     return b"".join(chunks)
 
 
