@@ -17,6 +17,7 @@ import pytest
 from tidal.config import DenseFeature, LabelFeature, SparseFeature
 from tidal.data import BadRows, Extractor, generate, read_batches
 from tidal.data import readers
+from tidal.data.readers import Bags
 from tidal.data.criteo import CRITEO_COLUMNS
 from tidal.errors import DataError
 
@@ -319,12 +320,35 @@ def test_criteo_columns_are_checked_by_default(tmp_path):
     assert report.count == 1 and "column 'I1': expected an integer" in report.examples[0]
 
 
-def test_parquet_columns_of_lists_or_structs_are_a_clear_error(tmp_path):
+def test_parquet_columns_of_lists_not_read_as_bags_or_of_structs_are_a_clear_error(tmp_path):
     pq.write_table(pa.table({"label": ["1"], "I1": [[1, 2]], "C1": [{"a": 1}]}), tmp_path / "d.parquet")
     with pytest.raises(DataError, match=r"d\.parquet: column 'I1' has type list<.*>; column 'C1' has type struct<.*>; "
-                                        r"expected strings or numbers \(a bag of values is one string a row, the "
-                                        r"values joined by the feature's separator: Spark's array_join"):
+                                        r"expected strings or numbers, or lists of them for bags \(a list column is "
+                                        r"read as the bags of a sparse feature with a separator"):
         list(read_batches(tmp_path / "d.parquet", columns=SMALL))
+    pq.write_table(pa.table({"label": ["1"], "I1": ["1"], "C1": [[{"a": 1}]]}), tmp_path / "d.parquet")
+    with pytest.raises(DataError, match=r"column 'C1' has type list<element: struct<a: int64>>; expected strings or "
+                                        r"numbers, or lists of them for bags$"):
+        list(read_batches(tmp_path / "d.parquet", columns=SMALL, checks={"C1": Bags("|")}))
+
+
+def test_parquet_list_columns_read_as_bags_are_their_values_joined(tmp_path):
+    """As Spark and pandas write multi-valued features: nulls (of a list or a value) and
+    empty lists are empty bags or values, whole doubles integers; a value holding the
+    separator is a bad row, reported by its row."""
+    pq.write_table(pa.table({
+        "label": [1, 0, 1, 0, 1],
+        "I1": pa.array([[1, 2, 3], None, [], [4, None, 5], [6]], pa.list_(pa.int64())),
+        "C1": pa.array([["a", "b"], ["c|d"], None, ["e"], []], pa.list_(pa.string())),
+        "C2": pa.array([[1.0, 2.5], [3.0], [], None, [7.0]], pa.large_list(pa.float64()))}), tmp_path / "d.parquet")
+    report = BadRows()
+    read = pa.Table.from_batches(list(read_batches(tmp_path / "d.parquet", columns=["label", "I1", "C1", "C2"],
+                                                   checks={"I1": Bags("|"), "C1": Bags("|"), "C2": Bags(",")},
+                                                   bad_rows=report)))
+    assert read.to_pydict() == {"label": ["1", "1", "0", "1"], "I1": ["1|2|3", "", "4||5", "6"],
+                                "C1": ["a|b", "", "e", ""], "C2": ["1,2.5", "", "", "7"]}
+    assert report.examples == [f"{tmp_path / 'd.parquet'}:2: column 'C1': a value of its list holds the bags' "
+                               f"separator '|'"]
 
 
 def test_parquet_binary_fields_that_are_not_utf8_are_bad_rows(tmp_path):

@@ -157,6 +157,16 @@ def test_a_run_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(ConfigError, match="training.run_dir .*a-file is a file"):
         Trainer(RunConfig(**config)).fit()
+    config["training"]["run_dir"] = str(tmp_path / "a-file" / "run")
+    with pytest.raises(ConfigError, match=r"training.run_dir .*a-file/run: cannot make the folder \(Not a directory"):
+        Trainer(RunConfig(**config)).fit()
+
+
+def test_a_run_dir_whose_lock_cannot_be_written_is_refused(tmp_path):
+    config = _config(tmp_path, epochs=1, run_dir=str(tmp_path / "run"))
+    (tmp_path / "run" / "run.lock").mkdir(parents=True)  # as a read-only folder would, for root too
+    with pytest.raises(ConfigError, match=r"training.run_dir .*run: cannot write there \(Is a directory: .*run.lock\)"):
+        Trainer(RunConfig(**config)).fit()
 
 
 @pytest.mark.parametrize("damage, reason", [

@@ -659,3 +659,31 @@ def test_a_feature_reading_a_column_the_layout_lacks_says_which_layout(tmp_path)
     config["data"]["columns"] = ["label", "C1"]
     with pytest.raises(DataError, match=r"which data.columns lacks; it lists \['label', 'C1'\]"):
         Trainer(RunConfig(**config)).fit()
+
+
+def test_a_parquet_list_column_trains_as_the_bags_of_its_values_joined(tmp_path):
+    """Spark's and pandas' multi-valued column, read by a feature with a separator,
+    trains bit for bit as the same bags written as text; read by any other feature it
+    is refused before the run starts."""
+    rng = np.random.default_rng(0)
+    tags = [rng.integers(0, 50, rng.integers(0, 4)).tolist() for _ in range(2048)]
+    columns = {"label": rng.integers(0, 2, 2048), "user": rng.integers(0, 300, 2048)}
+    pq.write_table(pa.table({**columns, "tags": pa.array(tags, pa.list_(pa.int64()))}), tmp_path / "lists.parquet")
+    pq.write_table(pa.table({**columns, "tags": ["|".join(map(str, t)) for t in tags]}), tmp_path / "text.parquet")
+
+    def config(name: str, tags_feature: dict) -> dict:
+        return {"data": {"train": [str(tmp_path / name)], "batch_size": 256},
+                "features": [{"kind": "sparse", "name": "user", "columns": ["user"], "table": "ids"},
+                             {"kind": "sparse", "name": "tags", "columns": ["tags"], "table": "ids", **tags_feature},
+                             {"kind": "label", "name": "click", "column": "label"}],
+                "tables": [{"name": "ids", "dim": 8, "optimizer": {"kind": "adagrad", "lr": 0.05}}],
+                "training": {"run_dir": str(tmp_path / f"run-{name}")}}
+
+    bag = {"separator": "|", "pooling": "mean"}
+    lists, text = Trainer(RunConfig(**config("lists.parquet", bag))), Trainer(RunConfig(**config("text.parquet", bag)))
+    lists.fit()
+    text.fit()
+    assert_same_state(lists, text)
+    with pytest.raises(DataError, match=r"data.train: .*lists\.parquet: column 'tags' has type list<element: int64>; "
+                                        r"expected strings or numbers, or lists of them for bags \(a list column"):
+        Trainer(RunConfig(**config("lists.parquet", {}))).fit()

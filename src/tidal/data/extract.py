@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from tidal.config import DenseFeature, FeatureConfig, LabelFeature, SparseFeature, require
 from tidal.data.batch import SparseBatch
 from tidal.data.hashing import hash_strings
-from tidal.data.readers import WeightedBags, split_bags, weighted_values
+from tidal.data.readers import Bags, WeightedBags, split_bags, weighted_values
 from tidal.errors import ConfigError, DataError
 from tidal.mixing import mix64_array
 
@@ -71,11 +71,14 @@ class Extractor:
         return list(dict.fromkeys(used))
 
     @property
-    def checks(self) -> dict[str, str | WeightedBags]:
+    def checks(self) -> dict[str, str | Bags | WeightedBags]:
         """What the reader must check each column holds: labels 0 or 1, numbers, raw ids,
-        weighted bags. A column read in two ways gets the stricter check (an integer is
-        also a number); weighted bags are read only as such (see `_one_reading`)."""
-        checks: dict[str, str | WeightedBags] = {f.columns[0]: "number" for f in self.sparse if f.buckets is not None}
+        bags (which a Parquet list column may hold), weighted bags. A column read in two
+        ways gets the stricter check (an integer is also a number); weighted bags are
+        read only as such (see `_one_reading`)."""
+        checks: dict[str, str | Bags | WeightedBags] = {f.columns[0]: Bags(f.separator)  # type: ignore[arg-type]
+                                                        for f in self.sparse if f.separator is not None}
+        checks |= {f.columns[0]: "number" for f in self.sparse if f.buckets is not None}
         checks |= {f.column: "number" for f in self.dense}
         checks |= {f.columns[0]: "integer" for f in self.sparse if not f.hashed}
         checks |= {f.columns[0]: WeightedBags(f.separator, f.weight_separator)  # type: ignore[arg-type]

@@ -2,7 +2,8 @@
 
 Files are read in record batches, one file after the other, so no file has to fit in
 memory. Every column comes out as a string column (Parquet columns are cast, booleans
-as 1 and 0), and checked columns are checked row by row without Python loops: a row
+as 1 and 0; a Parquet list column checked as bags, `Bags` or `WeightedBags`, as its
+values joined by the bags' separator, a row whose values hold it being a bad row), and checked columns are checked row by row without Python loops: a row
 with the wrong number of columns, an empty line, a line holding a carriage return
 other than in a CRLF line end, a field that is not UTF-8 text, an unparsable number,
 a label that is not 0 or 1, or a weighted bag value without its weight, is a bad row.
@@ -41,7 +42,7 @@ from tidal.config import is_whole_number, weighted_bag_problem
 from tidal.data.criteo import CRITEO_COLUMNS, CRITEO_DENSE
 from tidal.errors import DataError, DataPathError
 
-__all__ = ["BadRows", "CRITEO_CHECKS", "INTEGER_PATTERN", "WeightedBags", "check_layout", "expand_paths", "format_of",
+__all__ = ["BadRows", "Bags", "CRITEO_CHECKS", "INTEGER_PATTERN", "WeightedBags", "check_layout", "expand_paths", "format_of",
            "read_batches", "split_bags", "weighted_values"]
 
 _INT64_MAX, _INT64_MIN = "9223372036854775807", "-9223372036854775808"  # 2**63 - 1 and -2**63, written out
@@ -58,6 +59,14 @@ _EXPECTED = {"integer": f"an integer within int64's range ({_INT64_MIN} to {_INT
              "number": f"a number {_WITHIN_FLOAT32} or nothing", "label": "0 or 1 (or 0.0 or 1.0)"}
 _TO_STRING = pc.CastOptions(pa.string(), allow_invalid_utf8=True)  # binary fields are checked row by row
 CRITEO_CHECKS: dict[str, str] = {"label": "label", **{c: "integer" for c in CRITEO_DENSE}}
+
+
+@dataclass(frozen=True)
+class Bags:
+    """A column of bags of ids such as "a|b|c": its values between `separator`s. Text
+    holds them so; a Parquet list column's values are read joined by `separator`."""
+
+    separator: str
 
 
 @dataclass(frozen=True)
@@ -218,7 +227,7 @@ def _files_matching(pattern: str) -> list[str]:
 
 
 def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
-                 columns: Sequence[str] = CRITEO_COLUMNS, checks: Mapping[str, str | WeightedBags] | None = None,
+                 columns: Sequence[str] = CRITEO_COLUMNS, checks: Mapping[str, str | Bags | WeightedBags] | None = None,
                  file_format: Literal["tsv", "csv", "parquet"] | None = None, batch_rows: int = 65536,
                  on_bad_row: Literal["skip", "fail"] = "skip", bad_rows: BadRows | None = None,
                  csv_header: bool = True, max_bad_fraction: float = 0.1) -> Iterator[pa.RecordBatch]:
@@ -242,7 +251,8 @@ def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
         raise DataError(f"max_bad_fraction must be a share of the rows read, from 0 to 1, got {max_bad_fraction!r}")
     if checks is None:
         checks = {c: k for c, k in CRITEO_CHECKS.items() if c in columns}
-    unknown = {c: k for c, k in checks.items() if not (isinstance(k, WeightedBags) or k in _PATTERNS) or c not in columns}
+    unknown = {c: k for c, k in checks.items() if not (isinstance(k, (Bags, WeightedBags)) or k in _PATTERNS)
+               or c not in columns}
     if unknown:
         raise DataError(f"checks must name read columns and one of {sorted(_PATTERNS)} or a WeightedBags, got {unknown}")
     report = bad_rows if bad_rows is not None else BadRows()
@@ -271,14 +281,14 @@ def _check_options(columns: Sequence[str], file_format: str | None, batch_rows: 
     return names
 
 
-def _checked(paths: list[str], columns: Sequence[str], checks: Mapping[str, str | WeightedBags], file_format: str | None,
+def _checked(paths: list[str], columns: Sequence[str], checks: Mapping[str, str | Bags | WeightedBags], file_format: str | None,
              batch_rows: int, report: BadRows, on_bad_row: str, csv_header: bool,
              max_bad_fraction: float) -> Iterator[pa.RecordBatch]:
     for path in paths:
         kind = file_format or format_of(path)
         in_file = BadRows()  # this file's, added to `report` piece by piece
         try:
-            for batch, lines, dropped in _file_rows(path, kind, columns, batch_rows, csv_header):
+            for batch, lines, dropped in _file_rows(path, kind, columns, batch_rows, csv_header, _separators(checks)):
                 counted, shown, read = in_file.count, len(in_file.examples), in_file.read
                 valid = _valid_rows(batch, path, lines, checks, in_file, on_bad_row, dropped)
                 report.extend(in_file.count - counted, in_file.examples[shown:])
@@ -292,27 +302,36 @@ def _checked(paths: list[str], columns: Sequence[str], checks: Mapping[str, str 
             raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
 
 
+def _separators(checks: Mapping[str, str | Bags | WeightedBags]) -> dict[str, str]:
+    """The columns checked as bags, and their bags' separators."""
+    return {c: k.separator for c, k in checks.items() if isinstance(k, (Bags, WeightedBags))}
+
+
 def check_layout(paths: Sequence[str], columns: Sequence[str], file_format: str | None = None,
-                 csv_header: bool = True, *, widths: bool = True) -> None:
+                 csv_header: bool = True, *, widths: bool = True,
+                 checks: Mapping[str, str | Bags | WeightedBags] | None = None) -> None:
     """Refuse, before a row is read, each file whose own layout lacks one of `columns`:
     a Parquet file by its footer, a CSV file by its header line. TSV files, and CSV
     files without a header line, name no columns: `columns` are theirs by position, and
     such a file is refused when none of its first 20 records (`_SAMPLE_RECORDS`; empty
     lines passed over) has as many fields, unless `widths` is False (a run that takes
     any share of bad rows). (A single record of another width is a bad row, counted as
-    the file is read.) An empty file is left to the read."""
+    the file is read.) An empty file is left to the read. A Parquet list column is
+    read only where `checks` reads it as bags."""
+    bags = _separators(checks or {})
     for path in paths:
         kind = file_format or format_of(path)
         try:
-            _check_file_layout(path, kind, columns, csv_header, widths)
+            _check_file_layout(path, kind, columns, csv_header, widths, bags)
         except OSError as exc:  # gone or unreadable since it was found
             raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
 
 
-def _check_file_layout(path: str, kind: str, columns: Sequence[str], csv_header: bool, widths: bool) -> None:
+def _check_file_layout(path: str, kind: str, columns: Sequence[str], csv_header: bool, widths: bool,
+                       bags: Mapping[str, str]) -> None:
     """`check_layout` of one file, of format `kind`."""
     if kind == "parquet":
-        _open_parquet(path, columns)
+        _open_parquet(path, columns, bags)
     elif os.path.getsize(path):
         _check_not_gzip(path)
         if kind == "csv" and csv_header:
@@ -358,11 +377,13 @@ def _counts(widths: np.ndarray) -> str:
     return " or ".join(map(str, seen))
 
 
-def _file_rows(path: str, kind: str, columns: Sequence[str], batch_rows: int, csv_header: bool) -> Iterator[_Rows]:
-    """The rows of one file. An empty text file has none, like a CSV file of just a
-    header; an empty Parquet file is no Parquet file (it has no footer) and is refused."""
+def _file_rows(path: str, kind: str, columns: Sequence[str], batch_rows: int, csv_header: bool,
+               bags: Mapping[str, str]) -> Iterator[_Rows]:
+    """The rows of one file (the columns in `bags` hold bags of that separator). An
+    empty text file has none, like a CSV file of just a header; an empty Parquet file
+    is no Parquet file (it has no footer) and is refused."""
     if kind == "parquet":
-        return _parquet(path, columns, batch_rows)
+        return _parquet(path, columns, batch_rows, bags)
     if os.path.getsize(path) == 0:
         return iter(())
     return _text(path, kind, columns, header=kind == "csv" and csv_header)
@@ -734,10 +755,11 @@ def _check_not_gzip(path: str) -> None:
 
 
 def _without_non_utf8(batch: pa.RecordBatch, lines: np.ndarray, names: Sequence[str],
-                      dropped: list[tuple[int, str]]) -> tuple[pa.RecordBatch, np.ndarray]:
-    """`batch` without the rows whose fields in `names` are not UTF-8 text, added to
-    `dropped`, and the lines of the rows left."""
-    bad: dict[int, str] = {}  # row -> why
+                      dropped: list[tuple[int, str]],
+                      bad: dict[int, str] | None = None) -> tuple[pa.RecordBatch, np.ndarray]:
+    """`batch` without the rows whose fields in `names` are not UTF-8 text and those
+    already `bad` (row -> why), added to `dropped`, and the lines of the rows left."""
+    bad = dict(bad or {})
     for name in names:
         for row in _not_utf8(batch.column(name)):
             bad.setdefault(row, f"column {name!r}: not UTF-8 text")
@@ -769,15 +791,35 @@ def _is_utf8(raw: bytes) -> bool:
     return True
 
 
-def _parquet(path: str, columns: Sequence[str], batch_rows: int) -> Iterator[_Rows]:
-    source = _open_parquet(path, columns)
+def _parquet(path: str, columns: Sequence[str], batch_rows: int, bags: Mapping[str, str]) -> Iterator[_Rows]:
+    source = _open_parquet(path, columns, bags)
     row = 1
     for read in source.iter_batches(batch_size=batch_rows, columns=list(columns)):
-        strings = pa.RecordBatch.from_arrays([_as_strings(read.column(c)) for c in columns], names=list(columns))
+        bad: dict[int, str] = {}  # row -> why: a list value holding its bags' separator
+        strings = pa.RecordBatch.from_arrays([_column_strings(read.column(c), c, bags, bad) for c in columns],
+                                             names=list(columns))
         dropped: list[tuple[int, str]] = []  # string and binary columns may hold more than UTF-8 text
-        batch, lines = _without_non_utf8(strings, np.arange(row, row + read.num_rows), columns, dropped)
+        batch, lines = _without_non_utf8(strings, np.arange(row, row + read.num_rows), columns, dropped, bad)
         yield batch, lines, dropped
         row += read.num_rows
+
+
+def _column_strings(column: pa.Array, name: str, bags: Mapping[str, str], bad: dict[int, str]) -> pa.Array:
+    """A Parquet column as strings; a list column (of bags) as its values joined by its
+    bags' separator, the rows where a value holds that separator added to `bad`."""
+    if not _is_list(column.type):
+        return _as_strings(column)
+    separator = bags[name]
+    values = _as_strings(column.values)  # of the whole list array, as its offsets count
+    lists = type(column).from_arrays(column.offsets, values, mask=column.is_null())
+    holding = pc.match_substring(pc.list_flatten(lists), separator).to_numpy(zero_copy_only=False)
+    for row in np.unique(pc.list_parent_indices(lists).to_numpy()[holding]).tolist():
+        bad.setdefault(row, f"column {name!r}: a value of its list holds the bags' separator {separator!r}")
+    return pc.fill_null(pc.binary_join(lists, separator), "")
+
+
+def _is_list(kind: pa.DataType) -> bool:
+    return pa.types.is_list(kind) or pa.types.is_large_list(kind)
 
 
 def _as_strings(column: pa.Array) -> pa.Array:
@@ -804,7 +846,7 @@ def _whole_as_integers(column: pa.Array) -> pa.Array:
     return pc.if_else(whole, pc.cast(integers, pa.string()), pc.cast(column, options=_TO_STRING))
 
 
-def _open_parquet(path: str, columns: Sequence[str]) -> pq.ParquetFile:
+def _open_parquet(path: str, columns: Sequence[str], bags: Mapping[str, str]) -> pq.ParquetFile:
     try:
         source = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
@@ -815,12 +857,14 @@ def _open_parquet(path: str, columns: Sequence[str]) -> pq.ParquetFile:
     if missing:
         raise DataError(f"{path}: Parquet file lacks columns {missing}; it has {schema.names}")
     types = {c: schema.field(c).type for c in columns}
-    unreadable = [f"column {c!r} has type {t}" for c, t in types.items() if not _to_string(t)]
+    readable = {c: _to_string(t.value_type) if _is_list(t) and c in bags else _to_string(t) for c, t in types.items()}
+    unreadable = [f"column {c!r} has type {t}" for c, t in types.items() if not readable[c]]
     if unreadable:
-        lists = any(pa.types.is_list(t) or pa.types.is_large_list(t) for t in types.values())
-        bags = (" (a bag of values is one string a row, the values joined by the feature's separator: Spark's "
-                "array_join(col, '|') for separator '|')") if lists else ""
-        raise DataError(f"{path}: {'; '.join(unreadable)}; expected strings or numbers{bags}")
+        lists = any(_is_list(t) and c not in bags for c, t in types.items())
+        hint = (" (a list column is read as the bags of a sparse feature with a separator: a feature of one id a "
+                "row, a cross, a bucketed or dense feature or a label reads strings or numbers)") if lists else ""
+        raise DataError(f"{path}: {'; '.join(unreadable)}; expected strings or numbers, or lists of them for "
+                        f"bags{hint}")
     return source
 
 
@@ -833,7 +877,7 @@ def _to_string(kind: pa.DataType) -> bool:
     return True
 
 
-def _valid_rows(batch: pa.RecordBatch, path: str, lines: np.ndarray, checks: Mapping[str, str | WeightedBags], report: BadRows,
+def _valid_rows(batch: pa.RecordBatch, path: str, lines: np.ndarray, checks: Mapping[str, str | Bags | WeightedBags], report: BadRows,
                 on_bad_row: str, dropped: list[tuple[int, str]]) -> pa.RecordBatch:
     """`batch` without the rows whose checked fields do not hold what they must. Those
     and the rows `dropped` among them are reported in line order, or, in fail mode,
@@ -861,8 +905,10 @@ def _shown(value: str) -> str:
     return repr(value) if value else "a missing value (an empty field, or null)"
 
 
-def _refused(name: str, kind: str | WeightedBags, column: pa.Array) -> Iterator[tuple[int, str]]:
+def _refused(name: str, kind: str | Bags | WeightedBags, column: pa.Array) -> Iterator[tuple[int, str]]:
     """Each row of column `name` that does not hold what `kind` asks for, and why."""
+    if isinstance(kind, Bags):  # any text splits into values
+        return
     if isinstance(kind, WeightedBags):
         rows, values = kind.refused(column)
         for row, value in zip(rows.tolist(), values):

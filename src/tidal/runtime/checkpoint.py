@@ -91,7 +91,11 @@ def hold_run_dir(run_dir: Path) -> Iterator[None]:
     second run into the folder is refused at once: it would remove the first one's
     checkpoint staging and truncate its metrics."""
     path = run_dir / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:  # a folder the run may not write to
+        raise ConfigError(f"training.run_dir {run_dir}: cannot write there ({exc.strerror or exc}: {path}); give the "
+                          f"run a folder it may write to") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

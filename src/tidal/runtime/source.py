@@ -20,7 +20,7 @@ from itertools import chain
 import pyarrow as pa
 
 from tidal.data.batch import SparseBatch
-from tidal.data.readers import BadRows, WeightedBags, read_batches
+from tidal.data.readers import BadRows, Bags, WeightedBags, read_batches
 from tidal.errors import DataError, TidalError
 
 __all__ = ["BatchSource", "Item", "MemorySpec", "ReaderSpec"]
@@ -34,7 +34,7 @@ class ReaderSpec:
 
     files: list[str]
     columns: list[str]
-    checks: dict[str, str | WeightedBags]
+    checks: dict[str, str | Bags | WeightedBags]
     file_format: str | None
     batch_rows: int
     on_bad_row: str

@@ -520,7 +520,7 @@ class Trainer:
                     spec = self.reader_spec(paths)
                     kinds |= {data.format or format_of(f) for f in spec.files}
                     check_layout(spec.files, spec.columns, spec.file_format, spec.csv_header,
-                                 widths=data.max_bad_fraction < 1.0)
+                                 widths=data.max_bad_fraction < 1.0, checks=spec.checks)
             except DataError as exc:
                 raise DataError(f"{key}: {exc}") from None
         self._check_reading_settings(kinds)
@@ -550,7 +550,11 @@ class Trainer:
         if resume:
             checkpoint.latest(self.run_dir)  # a clear error, before anything is written, when there is none
         else:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a file on the way, no permission, ...
+                raise ConfigError(f"training.run_dir {self.run_dir}: cannot make the folder ({exc.strerror or exc}"
+                                  f"{f': {exc.filename}' if exc.filename else ''}); choose another run_dir") from None
 
     def due(self, step: int) -> Due:
         """What falls after `step` by the config: an eviction, an evaluation, a checkpoint."""
@@ -659,7 +663,7 @@ class Trainer:
         group_index = self._group_index(group_by)
         spec = self.reader_spec(paths)
         check_layout(spec.files, spec.columns, spec.file_format, spec.csv_header,
-                     widths=self.config.data.max_bad_fraction < 1.0)
+                     widths=self.config.data.max_bad_fraction < 1.0, checks=spec.checks)
         missing_id = None if group_by is None else self.extractor.missing_id(group_by)
         self.model.eval()
         logits, labels, groups, has_id, bad_rows = [], [], [], [], BadRows()
