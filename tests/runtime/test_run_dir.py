@@ -162,6 +162,18 @@ def test_a_run_dir_that_is_a_file_is_refused(tmp_path):
         Trainer(RunConfig(**config)).fit()
 
 
+def test_a_fresh_run_does_not_overwrite_a_metrics_log_no_tidal_run_wrote(tmp_path):
+    config = _config(tmp_path, epochs=1, run_dir=str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"epoch": 1, "acc": 0.9}\n')
+    with pytest.raises(ConfigError, match=r"training.run_dir .*run holds a metrics.jsonl that no Tidal run wrote"):
+        Trainer(RunConfig(**config)).fit(max_steps=2)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == '{"epoch": 1, "acc": 0.9}\n'
+    (tmp_path / "run" / "metrics.jsonl").unlink()
+    Trainer(RunConfig(**config)).fit(max_steps=2)  # a Tidal run's log, of a run that wrote no checkpoint:
+    Trainer(RunConfig(**config)).fit(max_steps=2)  # started again
+
+
 def test_a_run_dir_whose_lock_cannot_be_written_is_refused(tmp_path):
     config = _config(tmp_path, epochs=1, run_dir=str(tmp_path / "run"))
     (tmp_path / "run" / "run.lock").mkdir(parents=True)  # as a read-only folder would, for root too

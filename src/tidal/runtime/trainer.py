@@ -180,6 +180,23 @@ def _keep_records_up_to(metrics: Path, step: int) -> None:
     os.replace(partial, metrics)
 
 
+def _refuse_foreign_log(run_dir: Path) -> None:
+    """Refuse a fresh run into `run_dir` where its metrics.jsonl, which the run writes
+    anew, was not written by a Tidal run (whose records begin with their event, the
+    first one too when a killed run left it torn)."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file() or metrics.stat().st_size == 0:
+        return
+    with open(metrics, "rb") as f:
+        first = f.read(len(_RECORD_START))
+    if first != _RECORD_START:
+        raise ConfigError(f"training.run_dir {run_dir} holds a metrics.jsonl that no Tidal run wrote, which a run "
+                          f"there would overwrite: choose another run_dir, or move that file away")
+
+
+_RECORD_START = b'{"event": "'  # of every line of a run's metrics.jsonl
+
+
 def _write_record(log: IO[str], record: dict) -> None:
     """One line of metrics.jsonl: `record` and when it was written (`time`, Unix seconds)."""
     log.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
@@ -550,6 +567,7 @@ class Trainer:
         if resume:
             checkpoint.latest(self.run_dir)  # a clear error, before anything is written, when there is none
         else:
+            _refuse_foreign_log(self.run_dir)
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
             except OSError as exc:  # a file on the way, no permission, ...
