@@ -156,8 +156,18 @@ def test_csv_has_a_header_and_parquet_must_hold_every_column(tmp_path):
     assert pa.Table.from_batches(list(read_batches(csv, columns=SMALL, checks=CHECKS))).to_pylist() == [
         {"label": "1", "I1": "7", "C1": "z"}]
     pq.write_table(pa.table({"label": [1], "C1": ["a"]}), tmp_path / "d.parquet")
-    with pytest.raises(DataError, match=r"lacks columns \['I1'\]"):
+    with pytest.raises(DataError, match=r"lacks columns \['I1'\]; it has 2 columns: \['label', 'C1'\]$"):
         list(read_batches(tmp_path / "d.parquet", columns=SMALL))
+
+
+def test_a_wide_file_lacking_a_column_names_the_closest_and_not_all_of_its_columns(tmp_path):
+    pq.write_table(pa.table({"label": [1], "I_1": [2], **{f"f{k}": [k] for k in range(500)}}), tmp_path / "d.parquet")
+    with pytest.raises(DataError) as caught:
+        list(read_batches(tmp_path / "d.parquet", columns=["label", "I1"], checks={}))
+    message = str(caught.value)
+    assert message.endswith("Parquet file lacks columns ['I1'] (did you mean 'I_1' for 'I1'?); it has 502 columns: "
+                            "['label', 'I_1', 'f0', 'f1', 'f2', 'f3', 'f4', 'f5', 'f6', 'f7', 'f8', 'f9', 'f10', 'f11', "
+                            "'f12', 'f13', 'f14', 'f15', 'f16', 'f17', '... 482 more']")
 
 
 def test_a_csv_without_a_header_takes_its_columns_by_position(tmp_path):

@@ -24,6 +24,7 @@ number of the physical line it starts on; a line of any length (up to 1 GiB) is 
 from __future__ import annotations
 
 import codecs
+import difflib
 import glob
 import os
 import re
@@ -583,8 +584,20 @@ def _header_names(path: str, header: bytes, columns: Sequence[str]) -> list[str]
         raise DataError(f"{path}: the CSV header names columns {twice} more than once; expected each once, got {names}")
     missing = [c for c in columns if c not in names]
     if missing:
-        raise DataError(f"{path}: the CSV header lacks columns {missing}; it has {names}")
+        raise DataError(f"{path}: the CSV header lacks columns {missing}{_lacking(missing, names)}")
     return names
+
+
+_NAMES_SHOWN = 20  # of a file's columns, in a message about those it lacks
+
+
+def _lacking(missing: list[str], names: list[str]) -> str:
+    """What a file has instead of the columns `missing`: the names closest to each, and
+    its columns (the first `_NAMES_SHOWN` of a wide file)."""
+    close = {m: found[0] for m in missing if (found := difflib.get_close_matches(m, names, n=1))}
+    hint = f" (did you mean {', '.join(f'{found!r} for {m!r}' for m, found in close.items())}?)" if close else ""
+    shown = names if len(names) <= _NAMES_SHOWN else [*names[:_NAMES_SHOWN], f"... {len(names) - _NAMES_SHOWN} more"]
+    return f"{hint}; it has {len(names)} columns: {shown}"
 
 
 def _read_piece(path: str, piece: _Piece, kind: str, names: list[str], columns: Sequence[str]) -> _Rows:
@@ -855,7 +868,7 @@ def _open_parquet(path: str, columns: Sequence[str], bags: Mapping[str, str]) ->
     schema = source.schema_arrow
     missing = [c for c in columns if c not in schema.names]
     if missing:
-        raise DataError(f"{path}: Parquet file lacks columns {missing}; it has {schema.names}")
+        raise DataError(f"{path}: Parquet file lacks columns {missing}{_lacking(missing, schema.names)}")
     types = {c: schema.field(c).type for c in columns}
     readable = {c: _to_string(t.value_type) if _is_list(t) and c in bags else _to_string(t) for c, t in types.items()}
     unreadable = [f"column {c!r} has type {t}" for c, t in types.items() if not readable[c]]
