@@ -625,7 +625,7 @@ class TrainingConfig(_Model):
     epochs: _Int = Field(1, ge=1)
     lr: _Float = Field(1e-3, gt=0.0, allow_inf_nan=False)  # the dense network's optimizer's
     optimizer: DenseOptimizerConfig = Field(default_factory=DenseAdam)  # the dense network's: adam, adamw, sgd, adagrad
-    clip_grad_norm: _Float | None = Field(None, gt=0.0, allow_inf_nan=False)  # of the dense weights' gradient; not the tables'
+    clip_grad_norm: _Float | None = Field(None, gt=0.0, allow_inf_nan=False)  # of the dense weights' gradient
     seed: _Int = Field(0, ge=0, lt=1 << 63)  # the dense weights'; each table's rows follow its own `seed`
     log_every: _Int = Field(50, ge=1)
     threads: _Int = Field(1, ge=1, le=256)

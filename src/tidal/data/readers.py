@@ -3,8 +3,9 @@
 Files are read in record batches, one file after the other, so no file has to fit in
 memory. Every column comes out as a string column (Parquet columns are cast, booleans
 as 1 and 0; a Parquet list column checked as bags, `Bags` or `WeightedBags`, as its
-values joined by the bags' separator, a row whose values hold it being a bad row), and checked columns are checked row by row without Python loops: a row
-with the wrong number of columns, an empty line, a line holding a carriage return
+values joined by the bags' separator, a row whose values hold it being a bad row),
+and checked columns are checked row by row without Python loops: a row with the
+wrong number of columns, an empty line, a line holding a carriage return
 other than in a CRLF line end, a field that is not UTF-8 text, an unparsable number,
 a label that is not 0 or 1, or a weighted bag value without its weight, is a bad row.
 Bad rows are counted and described (file, line, reason) in a `BadRows` report and
@@ -43,8 +44,8 @@ from tidal.config import is_whole_number, weighted_bag_problem
 from tidal.data.criteo import CRITEO_COLUMNS, CRITEO_DENSE
 from tidal.errors import DataError, DataPathError
 
-__all__ = ["BadRows", "Bags", "CRITEO_CHECKS", "INTEGER_PATTERN", "WeightedBags", "check_layout", "expand_paths", "format_of",
-           "read_batches", "split_bags", "weighted_values"]
+__all__ = ["BadRows", "Bags", "CRITEO_CHECKS", "INTEGER_PATTERN", "WeightedBags", "check_layout", "expand_paths",
+           "format_of", "read_batches", "split_bags", "weighted_values"]
 
 _INT64_MAX, _INT64_MIN = "9223372036854775807", "-9223372036854775808"  # 2**63 - 1 and -2**63, written out
 FLOAT32_MAX = 3.4028235e38  # float32's largest value as numpy writes it (it reads back as that value)
@@ -110,6 +111,9 @@ class WeightedBags:
         if re.fullmatch(_NUMBER, weight):
             return f"the value {value!r} has a weight beyond float32's range"
         return f"the value {value!r} has a weight that is not a number"
+
+
+_Check = str | Bags | WeightedBags  # what a checked column must hold: a pattern's name, or bags
 
 
 def split_bags(column: pa.Array, separator: str) -> tuple[pa.Array, np.ndarray]:
@@ -228,7 +232,7 @@ def _files_matching(pattern: str) -> list[str]:
 
 
 def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
-                 columns: Sequence[str] = CRITEO_COLUMNS, checks: Mapping[str, str | Bags | WeightedBags] | None = None,
+                 columns: Sequence[str] = CRITEO_COLUMNS, checks: Mapping[str, _Check] | None = None,
                  file_format: Literal["tsv", "csv", "parquet"] | None = None, batch_rows: int = 65536,
                  on_bad_row: Literal["skip", "fail"] = "skip", bad_rows: BadRows | None = None,
                  csv_header: bool = True, max_bad_fraction: float = 0.1) -> Iterator[pa.RecordBatch]:
@@ -282,7 +286,7 @@ def _check_options(columns: Sequence[str], file_format: str | None, batch_rows: 
     return names
 
 
-def _checked(paths: list[str], columns: Sequence[str], checks: Mapping[str, str | Bags | WeightedBags], file_format: str | None,
+def _checked(paths: list[str], columns: Sequence[str], checks: Mapping[str, _Check], file_format: str | None,
              batch_rows: int, report: BadRows, on_bad_row: str, csv_header: bool,
              max_bad_fraction: float) -> Iterator[pa.RecordBatch]:
     for path in paths:
@@ -303,14 +307,14 @@ def _checked(paths: list[str], columns: Sequence[str], checks: Mapping[str, str 
             raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
 
 
-def _separators(checks: Mapping[str, str | Bags | WeightedBags]) -> dict[str, str]:
+def _separators(checks: Mapping[str, _Check]) -> dict[str, str]:
     """The columns checked as bags, and their bags' separators."""
     return {c: k.separator for c, k in checks.items() if isinstance(k, (Bags, WeightedBags))}
 
 
 def check_layout(paths: Sequence[str], columns: Sequence[str], file_format: str | None = None,
                  csv_header: bool = True, *, widths: bool = True,
-                 checks: Mapping[str, str | Bags | WeightedBags] | None = None) -> None:
+                 checks: Mapping[str, _Check] | None = None) -> None:
     """Refuse, before a row is read, each file whose own layout lacks one of `columns`:
     a Parquet file by its footer, a CSV file by its header line. TSV files, and CSV
     files without a header line, name no columns: `columns` are theirs by position, and
@@ -890,7 +894,7 @@ def _to_string(kind: pa.DataType) -> bool:
     return True
 
 
-def _valid_rows(batch: pa.RecordBatch, path: str, lines: np.ndarray, checks: Mapping[str, str | Bags | WeightedBags], report: BadRows,
+def _valid_rows(batch: pa.RecordBatch, path: str, lines: np.ndarray, checks: Mapping[str, _Check], report: BadRows,
                 on_bad_row: str, dropped: list[tuple[int, str]]) -> pa.RecordBatch:
     """`batch` without the rows whose checked fields do not hold what they must. Those
     and the rows `dropped` among them are reported in line order, or, in fail mode,
@@ -918,7 +922,7 @@ def _shown(value: str) -> str:
     return repr(value) if value else "a missing value (an empty field, or null)"
 
 
-def _refused(name: str, kind: str | Bags | WeightedBags, column: pa.Array) -> Iterator[tuple[int, str]]:
+def _refused(name: str, kind: _Check, column: pa.Array) -> Iterator[tuple[int, str]]:
     """Each row of column `name` that does not hold what `kind` asks for, and why."""
     if isinstance(kind, Bags):  # any text splits into values
         return

@@ -226,7 +226,7 @@ class RunProgress:
         self.rows_before = 0  # trained before this call: by the run a resume continues (set by restore)
         self.rows = 0  # trained by this call
         self.losses: list[float] = []  # of the steps since the last log record
-        self.target_losses: list[list[float]] = []  # of the same steps (but those of a checkpoint before they were kept)
+        self.target_losses: list[list[float]] = []  # of the same steps (not in checkpoints of before they were kept)
         self.start, self.eval_s = time.perf_counter(), 0.0
         self.stopped: float | None = None  # when training ended, if it was before its workers stopped
 
@@ -236,8 +236,8 @@ class RunProgress:
         return (self.stopped or time.perf_counter()) - self.start - self.eval_s
 
     def add(self, rows: int, losses: np.ndarray) -> None:
-        """Count a trained step of `losses` (`tidal.models.step_losses`); a SIGTERM that Python dropped (it landed in a finalizer)
-        stops the run here as one that was not."""
+        """Count a trained step of `losses` (`tidal.models.step_losses`); a SIGTERM that
+        Python dropped (it landed in a finalizer) stops the run here as one that was not."""
         if SIGTERM_CAME.is_set():
             raise KeyboardInterrupt
         self.rows += rows
@@ -656,7 +656,8 @@ class Trainer:
         _write_record(log, record)
         log.flush()
         targets = ", ".join(f"{t} {v:.4f}" for t, v in record.get("target_loss", {}).items())
-        shown = (f" ({targets})" if targets else "") + (f"  lr {rates['lr']:.3g}" if training.lr_schedule is not None else "")
+        shown = f" ({targets})" if targets else ""
+        shown += f"  lr {rates['lr']:.3g}" if training.lr_schedule is not None else ""
         print(f"  epoch {epoch}  step {step:6d}  loss {record['loss']:.4f}{shown}  "
               f"{record['samples_per_s']:,.0f} samples/s  bad rows {self.bad_rows.count:,}", flush=True)
 

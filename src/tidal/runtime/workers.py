@@ -439,7 +439,8 @@ class DenseWorker:
             clip_gradients(self.model, self.training)  # the whole batch's gradient, after the all-reduce
             self.optimizer.step()
             grad = self._grad_payload(pooled.grad, payload["dtype"])  # waits for the stream
-        return {"loss": step_losses(loss, per_target), "timings": {"transfer": middle - start, "dense": time.perf_counter() - middle}}, grad
+        timings = {"transfer": middle - start, "dense": time.perf_counter() - middle}
+        return {"loss": step_losses(loss, per_target), "timings": timings}, grad
 
     def _inputs(self, payload: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         as_sent = payload["dtype"] == "bfloat16" and self.precision == "bfloat16"
