@@ -379,6 +379,26 @@ def test_load_refuses_shard_when_bytes_flipped(saved, kind):
     assert str(path) in str(error.value)
 
 
+@pytest.mark.parametrize("name", ["values", "state"])
+def test_load_refuses_a_shard_holding_numbers_that_are_not_finite(tmp_path, name):
+    """Resealed by hand (a seal proves no more than that the files agree): no trained
+    table holds a NaN, and one would be served and trained from for good."""
+    from safetensors.numpy import save_file
+
+    from tidal.embedding.checkpoint import fingerprint
+
+    _trained(steps=3, optimizer=Adagrad(lr=0.1)).save(tmp_path)
+    path = _shard_file(tmp_path, "full")
+    arrays = load_file(str(path))
+    arrays[name][1, 0] = np.nan
+    save_file(arrays, str(path))
+    manifest = path.parent.parent / "manifest.json"
+    _edit_json(manifest, lambda c: c["tables"]["emb"]["files"].update({f"emb/{path.name}": fingerprint(path)}))
+    with pytest.raises(CorruptCheckpointError, match=rf"{path}: '{name}' holds NaN or infinite numbers in 1 row \(the "
+                                                     rf"first of key {int(arrays['keys'][1])}\), which training never"):
+        EmbeddingTable.load(tmp_path)
+
+
 def test_load_refuses_shard_when_truncated(saved):
     path = _shard_file(saved)
     data = path.read_bytes()

@@ -643,6 +643,27 @@ def test_dense_weights_that_are_not_the_bundles_are_refused_by_name(run, bundle_
     assert predictor.position.sequence == 0
 
 
+def test_a_delta_of_rows_that_are_not_finite_is_refused_before_a_row_changes(run, bundle_dir):
+    """A hand-resealed delta: the predictor keeps serving the state it has, whole."""
+    from safetensors.numpy import load_file, save_file
+
+    from tidal.embedding.checkpoint import fingerprint
+
+    predictor = Predictor(load_bundle(run.base))
+    folder = _delta(run, bundle_dir)
+    table = folder / "tables" / "ids.safetensors"
+    arrays = load_file(str(table))
+    arrays["values"][0, 3] = np.inf
+    save_file(arrays, str(table))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["tables/ids.safetensors"] = fingerprint(table)
+    (folder / "manifest.json").write_text(json.dumps(sealed(manifest)))
+    with pytest.raises(CorruptCheckpointError, match=rf"{table}: 'values' holds NaN or infinite numbers in 1 row \(the "
+                                                     rf"first of key {int(arrays['keys'][0])}\), which training never"):
+        predictor.update(read_deltas(bundle_dir, predictor.position, predictor.config))
+    assert predictor.position.sequence == 0 and predictor.torn is None
+
+
 def test_a_delta_of_another_table_dtype_is_refused(run, bundle_dir):
     from tidal.embedding.checkpoint import sealed
 

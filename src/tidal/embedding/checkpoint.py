@@ -49,6 +49,7 @@ from safetensors.numpy import load_file, save_file
 
 from tidal.config import TableConfig
 from tidal.embedding import index as ix
+from tidal.embedding.pooling import nonfinite_rows
 from tidal.embedding.table import EmbeddingTable
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 
@@ -461,3 +462,8 @@ def _check_shapes(path: Path, arrays: dict[str, np.ndarray], table: EmbeddingTab
             raise CorruptCheckpointError(f"{path}: {name!r} should be {np.dtype(dtype)} {shape}, got {got}")
     if n and int(arrays["last_seen"].max()) >= ix.MARK:
         raise CorruptCheckpointError(f"{path}: 'last_seen' holds steps of {int(ix.MARK)} or more, which no table reaches")
+    for name in ("values", "state"):
+        if (bad := nonfinite_rows(arrays[name])).size:
+            rows = f"{bad.size:,d} row{'s' if bad.size != 1 else ''}"
+            raise CorruptCheckpointError(f"{path}: {name!r} holds NaN or infinite numbers in {rows} (the first of key "
+                                         f"{int(arrays['keys'][bad[0]])}), which training never writes")

@@ -20,6 +20,7 @@ from numba import types
 from numba.extending import overload
 
 from tidal.embedding._memory import SHARD_BITS, float_row, prefetch, prefetch_row, row_in, row_of, store_fence, stream
+from tidal.embedding._parallel import run_split
 from tidal.optim import rowwise as rw
 
 __all__ = ["MODES"]
@@ -180,6 +181,24 @@ def find_nonfinite(bits, width, exponent, flags, lo, hi):  # type: ignore[no-unt
     for i in range(part.shape[0]):
         found = max(found, part[i] & exponent)
     flags[lo] = found == exponent
+
+
+_EXPONENTS = {np.dtype(np.float32): (np.uint32, np.uint32(0x7F800000)),
+              np.dtype(np.float16): (np.uint16, np.uint16(0x7C00))}
+
+
+def nonfinite_rows(rows: np.ndarray, threads: int = 1) -> np.ndarray:
+    """The indices of the rows of the C-contiguous float32 or float16 `[N, D]` array
+    `rows` that hold a NaN or an infinity: one pass over its bits, without a temporary
+    of its size, when there is none."""
+    n = rows.shape[0]
+    if n == 0 or rows.shape[1] == 0:
+        return np.zeros(0, np.int64)
+    view, exponent = _EXPONENTS[rows.dtype]
+    flags = np.zeros(n, np.bool_)
+    run_split(find_nonfinite, n, threads, np.ascontiguousarray(rows).view(view).reshape(-1), rows.shape[1],
+              exponent, flags)
+    return np.flatnonzero(~np.isfinite(rows).all(axis=1)) if flags.any() else np.zeros(0, np.int64)
 
 
 @numba.njit(nogil=True, cache=True)

@@ -661,15 +661,11 @@ class EmbeddingTable:
     def _check_finite_rows(self, rows: np.ndarray, keys: np.ndarray) -> None:
         """A `BatchError` naming the first pushed row holding a NaN or an infinity (it
         would be served, and trained from, for good)."""
-        flags = np.zeros(rows.shape[0], np.bool_)
-        run_split(pooling.find_nonfinite, rows.shape[0], self.threads, rows.view(np.uint32).reshape(-1), rows.shape[1],
-                  np.uint32(0x7F800000), flags)
-        if flags.any():
-            bad = ~np.isfinite(rows).all(axis=1)
-            count = int(bad.sum())
+        bad = pooling.nonfinite_rows(rows, self.threads)
+        if bad.size:
             raise BatchError(f"table {self.name!r}: pushed values and state must be finite, got NaN or infinite "
-                             f"numbers in {count:,d} row{'s' if count != 1 else ''} (the first of key "
-                             f"{int(keys[np.argmax(bad)])}); no row was written")
+                             f"numbers in {bad.size:,d} row{'s' if bad.size != 1 else ''} (the first of key "
+                             f"{int(keys[bad[0]])}); no row was written")
 
     def _steps(self, last_seen: np.ndarray) -> np.ndarray:
         """Pushed `last_seen` steps as the table keeps them; a `BatchError` for one no

@@ -55,6 +55,7 @@ from tidal.config import RunConfig
 from tidal.data.extract import Extractor
 from tidal.embedding.checkpoint import (SEAL, as_umask_allows, check_seal, fingerprint, fsync_path, listed_file,
                                         sealed, write_json_atomic)
+from tidal.embedding.pooling import nonfinite_rows
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.models import RankingModel
 from tidal.runtime import checkpoint
@@ -632,7 +633,18 @@ def _read_table(file: Path, dim: int) -> tuple[np.ndarray, np.ndarray]:
     if keys is None or values is None or keys.dtype != np.int64 or values.ndim != 2 \
             or values.shape != (keys.shape[0], dim) or values.dtype not in (np.float32, np.float16):
         raise CorruptCheckpointError(f"{file}: expected keys [N] int64 and values [N, {dim}] float32/float16")
+    _check_finite(file, keys, values)
     return keys, values
+
+
+def _check_finite(file: Path, keys: np.ndarray, values: np.ndarray) -> None:
+    """Refuse rows holding a NaN or an infinity: no trained table holds one, and every
+    score of their ids would be refused."""
+    bad = nonfinite_rows(values)
+    if bad.size:
+        rows = f"{bad.size:,d} row{'s' if bad.size != 1 else ''}"
+        raise CorruptCheckpointError(f"{file}: 'values' holds NaN or infinite numbers in {rows} (the first of key "
+                                     f"{int(keys[bad[0]])}), which training never writes")
 
 
 def _read_changes(file: Path, dim: int, dtype: np.dtype) -> RowChanges:
@@ -642,6 +654,7 @@ def _read_changes(file: Path, dim: int, dtype: np.dtype) -> RowChanges:
             or not _ascending_keys(removed) or values.shape != (keys.shape[0], dim) or values.dtype != dtype:
         raise CorruptCheckpointError(f"{file}: expected keys [n] and removed [m], int64 and ascending, and values "
                                      f"[n, {dim}] {dtype}")
+    _check_finite(file, keys, values)
     return RowChanges(keys=keys, values=values, removed=removed)
 
 
