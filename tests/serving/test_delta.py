@@ -233,6 +233,15 @@ def test_a_missing_delta_one_for_another_bundle_or_a_rewritten_chain_is_refused(
         load_bundle(bundle_dir)
 
 
+def test_a_delta_in_a_folder_of_another_number_is_refused_saying_so(run, bundle_dir):
+    _delta(run, bundle_dir)
+    _delta(run, bundle_dir)
+    (bundle_dir / "deltas" / "000002").rename(bundle_dir / "deltas" / "000003")
+    with pytest.raises(CheckpointError, match=r"000003/manifest.json: holds delta 2, which comes next after delta 1, "
+                                              r"but its folder is 000003, not 000002: a delta folder was renamed"):
+        load_bundle(bundle_dir)
+
+
 def test_a_delta_being_written_is_not_read(run, bundle_dir):
     (bundle_dir / "deltas" / ".tmp-000001-4242" / "tables").mkdir(parents=True)
     assert load_bundle(bundle_dir).position.sequence == 0
@@ -743,6 +752,29 @@ def test_a_full_export_that_replaced_the_bundle_is_loaded_and_served_without_a_r
         service.close()
     assert "tidal serve: loaded the bundle again (it was replaced by another full export), now serving delta 0 of " \
            "checkpoint step-" in capsys.readouterr().out
+
+
+def test_a_full_export_landing_while_an_update_looks_for_deltas_is_loaded_not_refused(run, bundle_dir, monkeypatch):
+    from tidal.serving import online
+
+    service = Service(load_bundle(bundle_dir))
+    looks = []
+
+    def export_lands_after_the_look(path, position):  # type: ignore[no-untyped-def]
+        looks.append(position)
+        if len(looks) == 1:
+            export(run.run_dir, bundle_dir)
+            return None  # what the look saw: the bundle as loaded
+        return online_moved_since(path, position)
+
+    online_moved_since = online.moved_since
+    monkeypatch.setattr(online, "moved_since", export_lands_after_the_look)
+    try:
+        update = service.updater.update()
+        assert update.reload_reason is not None and len(looks) == 2
+        assert (service.updater.reloads, service.updater.refused) == (1, 0)
+    finally:
+        service.close()
 
 
 def _as_version_1(bundle_dir: Path) -> None:

@@ -855,3 +855,21 @@ def test_the_held_bodies_budget_is_checked_with_the_serving_config():
     assert ServingConfig().held_body_bytes == 16 * (32 << 20)
     with pytest.raises(ConfigError, match=r"max_held_body_bytes \(2048\) must be at least max_body_bytes \(4096\)"):
         ServingConfig(max_body_bytes=4096, max_held_body_bytes=2048)
+
+
+def test_a_request_under_way_when_the_server_is_stopped_at_once_gets_a_503(bundle):
+    """A second SIGTERM cuts off the requests under way: each is told so, not given a
+    bare 500 (and the log no traceback)."""
+    import signal
+
+    running = start_server(Service(bundle, name="ctr"))
+    try:
+        with _partial_request(running, 1000, b'{"inputs": [') as conn:  # its body still coming
+            time.sleep(0.3)
+            running._server.handle_exit(signal.SIGTERM, None)
+            running._server.handle_exit(signal.SIGTERM, None)
+            running._thread.join(timeout=30)
+            answer = conn.recv(4096).decode()
+    finally:
+        running.stop()
+    assert answer.startswith("HTTP/1.1 503") and "the server was stopped at once (a second Ctrl-C or SIGTERM)" in answer

@@ -606,9 +606,13 @@ def _read_delta(folder: Path, position: Position, config: RunConfig, table_dtype
 def _check_follows(file: Path, manifest: dict, position: Position) -> None:
     """Refuse a delta that is not the next one for a bundle at `position`."""
     expected = position.sequence + 1
-    if manifest["sequence"] != expected or file.parent.name != delta_name(expected):
+    if manifest["sequence"] != expected:
         raise CheckpointError(f"{file}: holds delta {manifest['sequence']}, but delta {expected} comes next after "
                               f"delta {position.sequence}")
+    if file.parent.name != delta_name(expected):
+        raise CheckpointError(f"{file}: holds delta {expected}, which comes next after delta {position.sequence}, but "
+                              f"its folder is {file.parent.name}, not {delta_name(expected)}: a delta folder was "
+                              f"renamed or copied")
     if manifest["base"] != position.base:
         raise CheckpointError(f"{file}: written for another bundle (base sha256 {str(manifest['base'])[:12]}..., this "
                               f"one's is {position.base[:12]}...)")

@@ -144,7 +144,13 @@ class Updater:
         if position is None:
             raise CheckpointError(f"{self._path}: {NO_DELTAS}")
         self._predictor.check_whole()
-        deltas, stopped = readable_deltas(self._path, position, self._predictor.config)
+        try:
+            deltas, stopped = readable_deltas(self._path, position, self._predictor.config)
+        except CheckpointError:
+            moved = moved_since(self._path, position)
+            if moved:  # a full export landed since the look above
+                return self._reload(moved, start)
+            raise
         if stopped is not None:  # what to do, for a server that serves the deltas before
             stopped = type(stopped)(f"{stopped}: remove them or export them again, or export the bundle in full")
             if not deltas:

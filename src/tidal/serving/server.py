@@ -35,7 +35,7 @@ Stopping (Ctrl-C or SIGTERM, as Triton): the server stops accepting connections 
 lets the requests it holds run for up to `exit_timeout_s` (30 s); a second before
 that deadline, those still queued get a 503 ("the server shut down before this request
 ran"), so that only a batch still running then could be cut off. A second Ctrl-C or
-SIGTERM stops at once. The socket listens from `listen` on; while the bundle loads,
+SIGTERM stops at once, answering the requests under way 503. The socket listens from `listen` on; while the bundle loads,
 `LoadingAnswers` answers liveness probes 200 and the rest 503.
 """
 
@@ -106,6 +106,7 @@ class Service:
         self.outputs = [*self.predictor.targets, "score"]
         self.sessions = SessionCache(ttl_s=self.settings.session_ttl_s, memory_bytes=self.settings.session_memory_bytes)
         self.bodies = BodyBudget(self.settings.held_body_bytes)
+        self.stopped_at_once = False  # a second Ctrl-C or SIGTERM: the requests under way are cut off
         self.metrics = _Metrics(self)
         self.statistics = Statistics()
         s = self.settings
@@ -324,6 +325,11 @@ def create_app(service: Service) -> Starlette:
             return "shutting_down", _error(503, str(exc), {"Connection": "close"})
         except ClientDisconnect:  # the client hung up: nobody to answer, and no fault of the server
             return "client_gone", _error(400, "the client closed the connection before its answer")
+        except asyncio.CancelledError:
+            if not service.stopped_at_once:
+                raise
+            return "shutting_down", _error(503, "the server was stopped at once (a second Ctrl-C or SIGTERM) before "
+                                                "this request was answered", {"Connection": "close"})
         except Exception as exc:  # a failed batch: this request learns why, the server goes on
             return "error", _error(500, f"{type(exc).__name__}: {exc}")
         finally:
@@ -703,6 +709,7 @@ class _Server(uvicorn.Server):
     second before its deadline (uvicorn would cancel them, each with a bare 500)."""
 
     def __init__(self, service: Service, exit_timeout_s: float) -> None:
+        self._service = service
         super().__init__(uvicorn.Config(create_app(service), log_level="warning", access_log=False, lifespan="off",
                                         http=_TimedHeaders, loop="uvloop", timeout_graceful_shutdown=exit_timeout_s))
         self._refuse_queued = threading.Timer(max(0.0, exit_timeout_s - _LAST_ANSWERS_S), service.batcher.close)
@@ -714,6 +721,7 @@ class _Server(uvicorn.Server):
             self.force_exit = True
         self.begin_exit()
         super().handle_exit(sig, frame)
+        self._service.stopped_at_once = self.force_exit
 
     def begin_exit(self) -> None:
         """Start the clock of the requests still queued (once)."""
