@@ -35,8 +35,9 @@ Stopping (Ctrl-C or SIGTERM, as Triton): the server stops accepting connections 
 lets the requests it holds run for up to `exit_timeout_s` (30 s); a second before
 that deadline, those still queued get a 503 ("the server shut down before this request
 ran"), so that only a batch still running then could be cut off. A second Ctrl-C or
-SIGTERM stops at once, answering the requests under way 503. The socket listens from `listen` on; while the bundle loads,
-`LoadingAnswers` answers liveness probes 200 and the rest 503.
+SIGTERM stops at once, answering the requests under way 503. The socket listens from
+`listen` on; while the bundle loads, `LoadingAnswers` answers liveness probes 200 and
+the rest 503.
 """
 
 from __future__ import annotations
