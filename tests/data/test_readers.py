@@ -717,11 +717,19 @@ def test_csv_values_spanning_lines_are_read_and_rows_keep_their_physical_lines(t
                                f"{small}:9: column 'label': expected 0 or 1 (or 0.0 or 1.0), got '2'"]
 
 
-def test_a_csv_quote_that_is_never_closed_is_a_bad_row_not_the_rest_of_the_file(tmp_path):
-    path = _write(tmp_path / "d.csv", 'label,I1,C1\n1,5,ab\n1,6,"cd\n0,7,ef\n')
-    report = BadRows()
-    assert sum(b.num_rows for b in read_batches(path, columns=SMALL, checks=CHECKS, bad_rows=report)) == 1
-    assert report.examples == [f"{path}:3: a quoted value that is not closed before the end of the file"]
+def test_a_csv_quote_that_is_never_closed_is_a_bad_row_not_the_rest_of_the_file(tmp_path, monkeypatch):
+    """The line of the stray quote is the bad row, and those after it are read (two
+    stray quotes pair up as one quoted value: CSV cannot tell them from one), however
+    the file is cut into pieces."""
+    path = _write(tmp_path / "d.csv", 'label,I1,C1\n1,5,ab\n1,6,"cd\n0,7,ef\n' + "0,9,h\n" * 2000)
+    for piece_bytes in (1 << 22, 64):
+        monkeypatch.setattr(readers, "_PIECE_BYTES", piece_bytes)
+        report = BadRows()
+        read = pa.Table.from_batches(list(read_batches(path, columns=SMALL, checks=CHECKS, bad_rows=report)))
+        assert read.column("C1").to_pylist() == ["ab", "ef"] + ["h"] * 2000
+        assert report.examples == [f"{path}:3: a quoted value that is not closed before the end of the file"]
+    last = _write(tmp_path / "e.csv", 'label,I1,C1\n1,5,ab\n1,6,"cd\n')  # on the last line
+    assert sum(b.num_rows for b in read_batches(last, columns=SMALL, checks=CHECKS)) == 1
 
 
 def test_quotes_inside_unquoted_csv_values_are_text(tmp_path, monkeypatch):

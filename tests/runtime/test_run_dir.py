@@ -14,6 +14,7 @@ from runtime.test_trainer import _config
 from tidal.cli import main
 from tidal.config import RunConfig
 from tidal.data import generate
+from tidal.data.criteo import CRITEO_COLUMNS
 from tidal.embedding.checkpoint import sealed
 from tidal.errors import ConfigError, CorruptCheckpointError, DataError
 from tidal.runtime import Trainer, checkpoint
@@ -152,6 +153,18 @@ def test_a_parquet_file_lacking_a_column_is_refused_before_anything_trains(tmp_p
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.parametrize("key", ["train", "eval"])
+@pytest.mark.parametrize("name, content", [("none.tsv", ""), ("none.csv", ",".join(CRITEO_COLUMNS) + "\n"),
+                                           ("none.tsv", "\n\n")], ids=["empty", "header only", "blank lines"])
+def test_data_files_of_which_none_holds_a_row_are_refused_before_anything_trains(tmp_path, key, name, content):
+    config = _config(tmp_path, epochs=1)
+    (tmp_path / name).write_text(content)
+    config["data"][key] = [str(tmp_path / name)]
+    with pytest.raises(DataError, match=rf"data.{key}: .*{name} holds no rows \(a CSV file's header line aside\)"):
+        Trainer(RunConfig(**config)).fit()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_a_run_dir_that_is_a_file_is_refused(tmp_path):
     config = _config(tmp_path, epochs=1, run_dir=str(tmp_path / "a-file"))
     (tmp_path / "a-file").write_text("x")
@@ -236,7 +249,8 @@ def test_export_never_replaces_what_is_not_a_bundle(run, capsys, tmp_path):
     (tmp_path / "notes" / "todo.txt").write_text("mine")
     (tmp_path / "a-file").write_text("x")
     for out, reason in [(run_dir, "holds the checkpoint being exported"), (tmp_path, "holds the checkpoint"),
-                        (tmp_path / "notes", "not a serving bundle"), (tmp_path / "a-file", "is a file")]:
+                        (tmp_path / "notes", "not a serving bundle"), (tmp_path / "a-file", "is a file"),
+                        (tmp_path / "a-file" / "b", "a-file is a file, so no folder can be made there")]:
         assert main(["export", "--checkpoint", str(run_dir), "--out", str(out)]) == 2
         assert reason in capsys.readouterr().err
     assert sorted(p.name for p in run_dir.iterdir()) == kept and (tmp_path / "notes" / "todo.txt").exists()
@@ -260,8 +274,6 @@ def test_ctrl_c_in_train_says_how_to_go_on(run, capsys, tmp_path, monkeypatch):
 
 
 def test_a_list_of_files_in_two_formats_is_refused(tmp_path):
-    from tidal.data import generate
-
     config = _config(tmp_path, epochs=1)
     parquet = generate(tmp_path / "pq", rows=500, seed=1, split=2, file_format="parquet")
     config["data"] = {**config["data"], "train": parquet.paths + config["data"]["train"], "eval": None}

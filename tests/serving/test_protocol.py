@@ -209,8 +209,9 @@ def test_binary_outputs_follow_the_header(specs):
         _decode(specs, {**_request(specs, 1), "outputs": [{"name": "nope"}]})
     with pytest.raises(RequestError, match=r"output 'score': parameter binary_data must be true or false, got 'yes'"):
         _decode(specs, {**_request(specs, 1), "outputs": [{"name": "score", "parameters": {"binary_data": "yes"}}]})
-    with pytest.raises(RequestError, match=r"output 'score': class_count asks for Triton's classification extension"):
-        _decode(specs, {**_request(specs, 1), "outputs": [{"name": "score", "parameters": {"class_count": 2}}]})
+    for key in ("class_count", "classification"):  # tritonclient sends the latter
+        with pytest.raises(RequestError, match=rf"output 'score': {key} asks for Triton's classification extension"):
+            _decode(specs, {**_request(specs, 1), "outputs": [{"name": "score", "parameters": {key: 2}}]})
 
 
 def test_binary_data_output_makes_every_wanted_output_binary_unless_one_says_otherwise(specs):

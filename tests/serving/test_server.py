@@ -209,6 +209,14 @@ def test_infer_with_json_and_binary_tensors(server, client, rows, binary):
     np.testing.assert_allclose(result.as_numpy("score"), expected[:, 0] * expected[:, 1] ** 0.5, rtol=1e-5)
 
 
+def test_tritonclients_classification_request_gets_a_400(server, client, rows):
+    specs = input_specs(server.service.predictor.config)
+    with pytest.raises(triton.InferenceServerException, match="classification asks for Triton's classification "
+                                                              "extension, which this server does not have"):
+        client.infer("ctr", _inputs(with_user_of(rows.slice(0, 3), specs), specs, binary=True),
+                     outputs=[triton.InferRequestedOutput("ctr", class_count=2)])
+
+
 def test_a_full_sequence_start_pages_end(server, client, rows):
     specs = input_specs(server.service.predictor.config)
     candidates = with_user_of(rows.slice(0, 90), specs)
@@ -362,6 +370,7 @@ def _bad_requests(rows, specs) -> list[tuple[bytes, dict, int, str]]:
     gzipped = gzip.compress(json.dumps(good).encode())
     return [
         (b'{"inputs": [', {}, 400, "not valid JSON"),
+        (b"", {}, 400, "the request has no body; expected"),
         (b"[1, 2]", {}, 400, "expected a JSON object"),
         (altered(lambda b: tensor(b, "C9").update(datatype="FP32", data=[1.5] * rows.num_rows)), {}, 400,
          "ids must be BYTES or INT64"),

@@ -45,7 +45,7 @@ from tidal.data.criteo import CRITEO_COLUMNS, CRITEO_DENSE
 from tidal.errors import DataError, DataPathError
 
 __all__ = ["BadRows", "Bags", "CRITEO_CHECKS", "INTEGER_PATTERN", "WeightedBags", "check_layout", "expand_paths",
-           "format_of", "read_batches", "split_bags", "weighted_values"]
+           "format_of", "holds_rows", "read_batches", "split_bags", "weighted_values"]
 
 _INT64_MAX, _INT64_MIN = "9223372036854775807", "-9223372036854775808"  # 2**63 - 1 and -2**63, written out
 FLOAT32_MAX = 3.4028235e38  # float32's largest value as numpy writes it (it reads back as that value)
@@ -332,6 +332,20 @@ def check_layout(paths: Sequence[str], columns: Sequence[str], file_format: str 
             raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
 
 
+def holds_rows(path: str, kind: str, csv_header: bool = True) -> bool:
+    """Whether the data file at `path` (of format `kind`) holds a record, a CSV file's
+    header line aside (blank lines are none); read only as far as the first one."""
+    if kind == "parquet":
+        return _open_parquet(path, [], {}).metadata.num_rows > 0
+    header = kind == "csv" and csv_header
+    for piece in _pieces(path, kind, _SAMPLE_BYTES):
+        text = _split_first_record(piece.text)[1] if header else piece.text
+        header = False
+        if text.strip():
+            return True
+    return False
+
+
 def _check_file_layout(path: str, kind: str, columns: Sequence[str], csv_header: bool, widths: bool,
                        bags: Mapping[str, str]) -> None:
     """`check_layout` of one file, of format `kind`."""
@@ -478,8 +492,7 @@ def _pieces(path: str, kind: str, piece_bytes: int | None = None) -> Iterator[_P
             if start and not (data and codecs.BOM_UTF8.startswith(text)):  # past where a byte order mark would end
                 text, start = text.removeprefix(codecs.BOM_UTF8), False
             if not data:  # the end: the last record may lack its line feed
-                if text:
-                    yield _Piece(text, line, text.count(b"\n"), last=True)
+                yield from _last_pieces(text, line, kind)
                 return
             cut = _end_of_last_record(text, kind)
             if not cut:  # no record ends in `text` yet: read as much again
@@ -493,6 +506,33 @@ def _pieces(path: str, kind: str, piece_bytes: int | None = None) -> Iterator[_P
             yield _Piece(text[:cut], line, feeds, last=False)
             line += feeds
             rest, size = text[cut:], piece_bytes
+
+
+def _last_pieces(text: bytes, line: int, kind: str) -> Iterator[_Piece]:
+    """The end of a file, from line `line`. In CSV, a quote opening a value that is
+    never closed would make the rest of the file that value: the text is cut after the
+    line that quote is on instead (that record a bad row), and the lines after it are
+    read as records of their own."""
+    while text:
+        cut = _after_unclosed_quote(text) if kind == "csv" else None
+        if cut is None:
+            yield _Piece(text, line, text.count(b"\n"), last=True)
+            return
+        feeds = text.count(b"\n", 0, cut)
+        yield _Piece(text[:cut], line, feeds, last=True)  # whose record of the quote is refused as unclosed
+        text, line = text[cut:], line + feeds
+
+
+def _after_unclosed_quote(text: bytes) -> int | None:
+    """Where the line after that of a quote left open at the end of CSV `text` starts;
+    None when every quoted value closes, or when that quote is on the last line."""
+    if b'"' not in text:
+        return None
+    quotes = _Quotes(text)
+    if not quotes.unclosed:
+        return None
+    feed = text.find(b"\n", int(quotes.opens[-1]))
+    return feed + 1 if 0 <= feed < len(text) - 1 else None
 
 
 def _read(stream: pa.NativeFile, size: int, path: str) -> bytes:
@@ -588,17 +628,19 @@ def _header_names(path: str, header: bytes, columns: Sequence[str]) -> list[str]
         raise DataError(f"{path}: the CSV header names columns {twice} more than once; expected each once, got {names}")
     missing = [c for c in columns if c not in names]
     if missing:
-        raise DataError(f"{path}: the CSV header lacks columns {missing}{_lacking(missing, names)}")
+        raise DataError(f"{path}: the CSV header lacks columns {missing}{_lacking(missing, names, columns)}")
     return names
 
 
 _NAMES_SHOWN = 20  # of a file's columns, in a message about those it lacks
 
 
-def _lacking(missing: list[str], names: list[str]) -> str:
-    """What a file has instead of the columns `missing`: the names closest to each, and
-    its columns (the first `_NAMES_SHOWN` of a wide file)."""
-    close = {m: found[0] for m in missing if (found := difflib.get_close_matches(m, names, n=1))}
+def _lacking(missing: list[str], names: list[str], columns: Sequence[str]) -> str:
+    """What a file has instead of the columns `missing` (of those read, `columns`): the
+    closest of its names that no feature reads, and its columns (the first
+    `_NAMES_SHOWN` of a wide file)."""
+    unread = [n for n in names if n not in columns]
+    close = {m: found[0] for m in missing if (found := difflib.get_close_matches(m, unread, n=1))}
     hint = f" (did you mean {', '.join(f'{found!r} for {m!r}' for m, found in close.items())}?)" if close else ""
     shown = names if len(names) <= _NAMES_SHOWN else [*names[:_NAMES_SHOWN], f"... {len(names) - _NAMES_SHOWN} more"]
     return f"{hint}; it has {len(names)} columns: {shown}"
@@ -872,7 +914,7 @@ def _open_parquet(path: str, columns: Sequence[str], bags: Mapping[str, str]) ->
     schema = source.schema_arrow
     missing = [c for c in columns if c not in schema.names]
     if missing:
-        raise DataError(f"{path}: Parquet file lacks columns {missing}{_lacking(missing, schema.names)}")
+        raise DataError(f"{path}: Parquet file lacks columns {missing}{_lacking(missing, schema.names, columns)}")
     types = {c: schema.field(c).type for c in columns}
     readable = {c: _to_string(t.value_type) if _is_list(t) and c in bags else _to_string(t) for c, t in types.items()}
     unreadable = [f"column {c!r} has type {t}" for c, t in types.items() if not readable[c]]

@@ -28,7 +28,7 @@ from tidal.data.batch import SparseBatch
 from tidal.data.criteo import CRITEO_COLUMNS
 from tidal.data.extract import Extractor
 from tidal.data.generate import auc
-from tidal.data.readers import BadRows, check_layout, expand_paths, format_of
+from tidal.data.readers import BadRows, check_layout, expand_paths, format_of, holds_rows
 from tidal.embedding import EmbeddingCollection, TableStats
 from tidal.errors import BatchError, ConfigError, DataError, TidalError
 from tidal.models import PRECISIONS, RankingModel, compute_precision, resolve_precision, step_losses, weighted_bce
@@ -178,6 +178,13 @@ def _keep_records_up_to(metrics: Path, step: int) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(partial, metrics)
+
+
+def _check_holds_rows(files: list[str], file_format: str | None, csv_header: bool) -> None:
+    """Refuse data files of which none holds a row: nothing would train, or evaluate."""
+    if not any(holds_rows(f, file_format or format_of(f), csv_header) for f in files):
+        shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+        raise DataError(f"{shown} {'holds' if len(files) == 1 else 'hold'} no rows (a CSV file's header line aside)")
 
 
 def _refuse_foreign_log(run_dir: Path) -> None:
@@ -538,6 +545,7 @@ class Trainer:
                     kinds |= {data.format or format_of(f) for f in spec.files}
                     check_layout(spec.files, spec.columns, spec.file_format, spec.csv_header,
                                  widths=data.max_bad_fraction < 1.0, checks=spec.checks)
+                    _check_holds_rows(spec.files, data.format, data.csv_header)
             except DataError as exc:
                 raise DataError(f"{key}: {exc}") from None
         self._check_reading_settings(kinds)

@@ -331,6 +331,9 @@ def _check_replaceable(out: Path, source: Path) -> None:
         raise CheckpointError(f"--out {out} holds the checkpoint being exported ({source}); choose another folder")
     if out.is_file() or out.is_symlink():
         raise CheckpointError(f"--out {out} is a file; expected a folder to write the bundle to")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise CheckpointError(f"--out {out}: {blocking} is a file, so no folder can be made there; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise CheckpointError(f"--out {out} is a folder that is not a serving bundle; a bundle replaces only an "
                               f"earlier bundle or an empty folder")

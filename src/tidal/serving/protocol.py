@@ -165,6 +165,8 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvi
 
 def json_object(body: bytes, expected: str = "a JSON object") -> dict:
     """A request body that must be a JSON object; `expected` describes it in the error."""
+    if not body.strip():
+        raise RequestError(f"the request has no body; expected {expected}")
     try:
         value = json.loads(body)
     except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, bad UTF-8, an integer of 4,300+ digits
@@ -599,8 +601,9 @@ def _outputs(request: dict, outputs: Sequence[str], binary_all: bool) -> tuple[l
     binary = set()
     for o in wanted:  # an output's own binary_data overrides binary_data_output
         params = _parameters_of(o, f"output {o['name']!r}")
-        if params.get("class_count", 0):
-            raise RequestError(f"output {o['name']!r}: class_count asks for Triton's classification extension, "
+        asked = next((key for key in ("classification", "class_count") if params.get(key, 0)), None)
+        if asked:  # tritonclient's InferRequestedOutput(class_count=k) sends "classification": k
+            raise RequestError(f"output {o['name']!r}: {asked} asks for Triton's classification extension, "
                                f"which this server does not have; its outputs are one probability per candidate")
         flag = params.get("binary_data", binary_all)
         if not isinstance(flag, bool):
