@@ -185,6 +185,11 @@ def test_error_paths_are_the_keys_of_the_config_not_pydantics_union_branches():
     assert "RunConfig: tables.0.optimizer.lr: Input should be greater than 0, got -1" in lines
     with pytest.raises(ConfigError, match=r"^RunConfig: tables\.0: required key 'name' is missing$"):
         RunConfig(**_run(tables=[{"dim": 8}]))
+    # a key named as the branch its kind picks: said once
+    admitting = {"name": "ids", "dim": 8, "admission": {"kind": "probability", "probability": 2}}
+    with pytest.raises(ConfigError, match=r"^RunConfig: tables\.0\.admission\.probability: Input should be less "
+                                          r"than or equal to 1, got 2$"):
+        RunConfig(**_run(tables=[admitting]))
 
 
 def test_unknown_key_message_suggests_the_closest_key_and_lists_the_allowed_ones():

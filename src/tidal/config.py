@@ -1257,6 +1257,9 @@ def _keys_of(loc: tuple, values: Any, inside: bool = False) -> list[str]:
     parts = []
     for k, part in enumerate(loc):
         last = k + 1 == len(loc)
+        if isinstance(values, dict) and values.get("kind") == part and \
+                ((last and inside) or (not last and _holds(values, loc[k + 1]))):
+            continue  # the branch a kind picks, though a key has its name (probability: {kind: probability})
         if _holds(values, part):
             parts.append(str(part))
             values = values[part]
