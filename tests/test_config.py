@@ -180,7 +180,8 @@ def test_error_paths_are_the_keys_of_the_config_not_pydantics_union_branches():
     with pytest.raises(ConfigError) as info:
         RunConfig(**run)
     lines = str(info.value).splitlines()
-    assert "RunConfig: data.train.1: Input should be a valid string, got 5" in lines
+    assert "RunConfig: data.train: expected a file, a glob, or a non-empty list of them (strings), got ['a.tsv', 5]" \
+        in lines
     assert "RunConfig: features.0.pooling: Input should be 'sum', 'mean' or 'sqrtn', got 'max'" in lines
     assert "RunConfig: tables.0.optimizer.lr: Input should be greater than 0, got -1" in lines
     with pytest.raises(ConfigError, match=r"^RunConfig: tables\.0: required key 'name' is missing$"):

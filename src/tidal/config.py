@@ -492,6 +492,16 @@ class DataConfig(_Model):
     # a sparse feature of one id a row (a user id, say): evaluations also give the group AUC (GAUC) over its ids
     eval_group_by: str | None = Field(None, min_length=1)
 
+    @pydantic.field_validator("train", "eval", mode="before")
+    @classmethod
+    def _paths(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
+        """A file, a glob or a non-empty list of them (eval may be none)."""
+        if info.field_name == "eval" and value in (None, []):
+            return value
+        if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+            return value
+        raise ValueError(f"expected a file, a glob, or a non-empty list of them (strings), got {_shown(value)}")
+
     @pydantic.field_validator("columns")
     @classmethod
     def _columns_unique(cls, columns: list[str] | None) -> list[str] | None:
