@@ -495,6 +495,8 @@ def _write_failed(command: str, exc: Exception, consequence: str, folder: str) -
     """Report a file that could not be written or read (a full or read-only disk, say),
     named, or else the folder being written (`folder`)."""
     where = f" ({exc.filename})" if getattr(exc, "filename", None) else f" (writing under {folder})"
+    if getattr(exc, "filename2", None):  # a rename: the second path is where it failed to go
+        where = f" (moving {exc.filename} to {exc.filename2})"
     print(f"tidal {command}: a file could not be written or read: {getattr(exc, 'strerror', None) or exc}{where}; "
           f"{consequence}", file=sys.stderr)
     return 2

@@ -642,6 +642,7 @@ class TrainingConfig(_Model):
     device: str = Field("cpu", pattern=DEVICE_PATTERN)
     run_dir: str = Field("runs/latest", min_length=1)
     checkpoint_every: _Int | None = Field(None, ge=1)  # steps between checkpoints; None: only at the end
+    keep_checkpoints: _Int = Field(1, ge=1, le=10_000)  # the newest kept, each whole (an older one to fall back on)
     eval_every: _Int | None = Field(None, ge=1)  # steps between evaluations on data.eval; None: only at the end
     evict_every: _Int = Field(100, ge=1)  # steps between the safe points where tables with eviction or admission evict
     precision: Literal["float32", "bfloat16", "auto"] = "float32"  # of the dense network's products in training

@@ -16,8 +16,9 @@ from tidal.config import RunConfig
 from tidal.data import generate
 from tidal.data.criteo import CRITEO_COLUMNS
 from tidal.embedding.checkpoint import sealed
-from tidal.errors import ConfigError, CorruptCheckpointError, DataError
+from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError, DataError
 from tidal.runtime import Trainer, checkpoint
+from trainer_helpers import assert_same_state
 
 
 @pytest.fixture
@@ -36,6 +37,56 @@ def test_a_fresh_run_into_a_folder_holding_a_run_is_refused(run, tmp_path):
     with pytest.raises(ConfigError, match="holds an earlier run's checkpoints: pass --resume"):
         Trainer(RunConfig(**other)).fit()
     assert checkpoint.latest(tmp_path / "run") == before and (before / "trainer.json").read_bytes() == written
+
+
+def test_a_run_whose_latest_pointer_was_lost_is_not_replaced_and_says_how_to_go_on(run, tmp_path):
+    before = checkpoint.latest(tmp_path / "run")
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    (before.parent / "LATEST").unlink()
+    with pytest.raises(ConfigError, match="holds an earlier run's checkpoints: pass --resume"):
+        Trainer(RunConfig(**run)).fit()  # it would have removed the checkpoint at its first save
+    assert (before / "trainer.json").is_file() and (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+    with pytest.raises(CheckpointError, match=rf"LATEST is missing, but the run's checkpoints folder holds "
+                                              rf"{before.name}: to go on from the newest, write LATEST again "
+                                              rf"\({{\"checkpoint\": \"{before.name}\"}}\)"):
+        Trainer(RunConfig(**run)).fit(resume=True)
+
+
+def test_keep_checkpoints_keeps_the_newest_and_a_damaged_latest_says_to_resume_from_the_one_before(tmp_path):
+    config = _config(tmp_path, epochs=1, checkpoint_every=5, keep_checkpoints=2)
+    config["data"]["eval"] = None
+    Trainer(RunConfig(**config)).fit(max_steps=15)
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["LATEST", "step-00000010-epoch-0", "step-00000015-epoch-0"]
+    (root / "step-00000015-epoch-0" / "dense.safetensors").write_bytes(b"damaged")
+    with pytest.raises(CorruptCheckpointError, match=r"dense.safetensors: .*; the run kept an earlier checkpoint, "
+                                                     r"step-00000010-epoch-0: to resume from it \(the steps since are "
+                                                     r"trained again\), write LATEST naming it"):
+        Trainer(RunConfig(**config)).fit(resume=True)
+    (root / "LATEST").write_text('{"checkpoint": "step-00000010-epoch-0"}')  # as it says
+    whole = Trainer(RunConfig(**{**config, "training": {**config["training"], "run_dir": str(tmp_path / "whole")}}))
+    whole.fit()
+    resumed = Trainer(RunConfig(**config))
+    resumed.fit(resume=True)
+    assert_same_state(whole, resumed)
+
+
+def test_a_damaged_latest_checkpoint_of_a_run_keeping_one_says_so(run, tmp_path):
+    (checkpoint.latest(tmp_path / "run") / "dense.safetensors").write_bytes(b"damaged")
+    with pytest.raises(CorruptCheckpointError, match=r"the run kept no earlier checkpoint \(training.keep_checkpoints "
+                                                     r"keeps as many as it says\): restore the file, or train again"):
+        Trainer(RunConfig(**run)).fit(resume=True)
+
+
+def test_a_file_where_a_checkpoint_goes_is_named(tmp_path):
+    config = _config(tmp_path, epochs=1, checkpoint_every=5)
+    config["data"]["eval"] = None
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "step-00000010-epoch-0").write_text("x")
+    with pytest.raises(CheckpointError, match=r"checkpoints/step-00000010-epoch-0 is a file, where the checkpoint of "
+                                              r"step 10 goes; move it away, then --resume goes on"):
+        Trainer(RunConfig(**config)).fit()
+    assert checkpoint.latest(tmp_path / "run").name == "step-00000005-epoch-0"
 
 
 def test_a_second_run_into_a_run_dir_in_use_is_refused_naming_the_first(tmp_path):

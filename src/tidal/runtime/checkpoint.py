@@ -64,8 +64,9 @@ from tidal.processes import process_running
 if TYPE_CHECKING:
     from tidal.runtime.trainer import Trainer
 
-__all__ = ["check_start", "find", "hold_run_dir", "latest", "latest_name", "lineage", "load_checked_tables",
-           "load_dense", "read_meta", "reading", "restore", "save", "start_from"]
+__all__ = ["check_start", "find", "hold_run_dir", "holds_checkpoints", "latest", "latest_name",
+           "lineage", "load_checked_tables", "load_dense", "read_meta", "reading", "restore", "restore_latest", "save",
+           "start_from"]
 
 LATEST = "LATEST"
 DENSE = "dense.safetensors"
@@ -131,6 +132,9 @@ def save(trainer: Trainer, position: dict[str, int]) -> Path:
     name = f"step-{position['step']:08d}-epoch-{position['epoch']}"
     if latest_name(trainer.run_dir) == name:
         return root / name  # this very position is already saved
+    if (root / name).exists() and not (root / name).is_dir():
+        raise CheckpointError(f"{root / name} is a file, where the checkpoint of step {position['step']} goes; move "
+                              f"it away, then --resume goes on from the last checkpoint written")
     staging = root / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -144,7 +148,7 @@ def save(trainer: Trainer, position: dict[str, int]) -> Path:
     fsync_path(root)
     write_json_atomic(root / LATEST, {"checkpoint": name})
     trainer.last_saved = (position["step"], name)
-    _remove_superseded(root, name)
+    _remove_superseded(root, name, trainer.config.training.keep_checkpoints)
     return root / name
 
 
@@ -204,12 +208,15 @@ def _table_files(root: Path) -> list[Path]:
     return [root / CHAIN, *sorted(root.glob(f"*/{MANIFEST}"))]
 
 
-def _remove_superseded(root: Path, name: str) -> None:
-    """Remove the checkpoints before `name` that no one is reading (`reading`; one being
-    read goes when its last reader is done), and the temporary folders of saves that died: this
-    process's or a process's that has ended (one still running may be saving)."""
+def _remove_superseded(root: Path, name: str, keep: int) -> None:
+    """Remove the checkpoints but `name` and the `keep` - 1 newest complete ones before it
+    that no one is reading (`reading`; one being read goes when its last reader is done),
+    and the temporary folders of saves that died: this process's or a process's that has
+    ended (one still running may be saving)."""
+    earlier = [n for n in _complete_folders(root.parent) if n < name]
+    kept = {name, *(earlier[max(0, len(earlier) - (keep - 1)):] if keep > 1 else [])}
     for entry in root.iterdir():
-        if entry.name.startswith("step-") and entry.name != name:
+        if entry.name.startswith("step-") and entry.name not in kept:
             _remove_unread(entry)
         elif _stale_staging(entry.name):
             shutil.rmtree(entry, ignore_errors=True)
@@ -321,10 +328,29 @@ def latest_name(run_dir: Path) -> str | None:
     return name if isinstance(name, str) else None
 
 
+def _complete_folders(run_dir: Path) -> list[str]:
+    """The names of the checkpoint folders in `run_dir` that were written whole (they
+    hold trainer.json), oldest first, whatever LATEST says."""
+    root = run_dir / "checkpoints"
+    names = [p.name for p in root.glob("step-*") if (p / "trainer.json").is_file()] if root.is_dir() else []
+    return sorted(names)
+
+
+def holds_checkpoints(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a run's checkpoints (a fresh run there would replace them)."""
+    return (run_dir / "checkpoints" / LATEST).exists() or bool(_complete_folders(run_dir))
+
+
 def latest(run_dir: Path) -> Path:
     """The newest complete checkpoint of a run, or a clear error if there is none."""
     pointer = run_dir / "checkpoints" / LATEST
     if not pointer.exists():
+        folders = _complete_folders(run_dir)
+        if folders:  # the pointer was lost, not the checkpoints
+            raise CheckpointError(f"{pointer} is missing, but the run's checkpoints folder holds {', '.join(folders)}: "
+                                  f"to go on from the newest, write LATEST again ({{\"checkpoint\": \"{folders[-1]}\"}}), "
+                                  f"or name that folder where a checkpoint is asked for (tidal eval and export "
+                                  f"--checkpoint)")
         raise CheckpointError(f"{run_dir}: holds no checkpoint ({pointer} is missing); train a run there first")
     name = _json(pointer).get("checkpoint")
     if not isinstance(name, str) or not name.startswith("step-"):
@@ -426,6 +452,23 @@ def restore(trainer: Trainer, directory: Path, *, check_data: bool = True) -> di
     trainer.progress.rows_before, trainer.progress.losses = progress["rows"], list(progress["losses"])
     trainer.progress.target_losses = list(progress.get("target_losses", []))  # absent before they were kept
     return meta["position"]
+
+
+def restore_latest(trainer: Trainer) -> dict[str, int]:
+    """`restore` the latest checkpoint of the trainer's run; a damaged one is refused
+    saying how to go on (from an earlier checkpoint, where the run kept one)."""
+    directory = latest(trainer.run_dir)
+    try:
+        return restore(trainer, directory)
+    except CorruptCheckpointError as exc:
+        earlier = [n for n in _complete_folders(trainer.run_dir) if n < directory.name]
+        if earlier:
+            way = (f"the run kept an earlier checkpoint, {earlier[-1]}: to resume from it (the steps since are "
+                   f"trained again), write LATEST naming it ({{\"checkpoint\": \"{earlier[-1]}\"}})")
+        else:
+            way = ("the run kept no earlier checkpoint (training.keep_checkpoints keeps as many as it says): restore "
+                   "the file, or train again")
+        raise CorruptCheckpointError(f"{exc}; {way}") from None
 
 
 def start_from(trainer: Trainer, directory: Path) -> dict[str, int]:

@@ -508,8 +508,8 @@ class Trainer:
         the start; the checkpoint is loaded, held meanwhile against a run replacing it."""
         self.progress = RunProgress(self.targets)
         if resume:
-            return checkpoint.restore(self, checkpoint.latest(self.run_dir))  # its progress too
-        if (self.run_dir / "checkpoints" / checkpoint.LATEST).exists():
+            return checkpoint.restore_latest(self)  # its progress too
+        if checkpoint.holds_checkpoints(self.run_dir):
             if origin is not None:
                 raise ConfigError(f"training.run_dir {self.run_dir} holds an earlier run's checkpoints; a warm start "
                                   f"is a fresh run: give it a run_dir of its own")
