@@ -182,9 +182,11 @@ def _keep_records_up_to(metrics: Path, step: int) -> None:
 
 def _check_holds_rows(files: list[str], file_format: str | None, csv_header: bool) -> None:
     """Refuse data files of which none holds a row: nothing would train, or evaluate."""
-    if not any(holds_rows(f, file_format or format_of(f), csv_header) for f in files):
+    kinds = {f: file_format or format_of(f) for f in files}
+    if not any(holds_rows(f, kind, csv_header) for f, kind in kinds.items()):
         shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
-        raise DataError(f"{shown} {'holds' if len(files) == 1 else 'hold'} no rows (a CSV file's header line aside)")
+        aside = " (but a header line)" if csv_header and "csv" in kinds.values() else ""
+        raise DataError(f"{shown} {'holds' if len(files) == 1 else 'hold'} no rows{aside}")
 
 
 def _refuse_foreign_log(run_dir: Path) -> None:
