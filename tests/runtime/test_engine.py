@@ -552,6 +552,19 @@ def test_resume_from_an_engine_checkpoint_equals_an_uninterrupted_run(data, refe
     _assert_bitwise_equal(reference, resumed)
 
 
+def test_a_resume_with_two_dense_workers_gives_each_its_own_optimizer_state(data, tmp_path):
+    """Loading one state dict into two optimizers shares its tensors: each worker then
+    stepped them, Adam's step count rising twice a step."""
+    runtime = {"sparse_workers": 2, "dense_workers": 2, **EXACT}
+    whole = _trainer(data, tmp_path / "whole", runtime)
+    whole.fit()
+    _trainer(data, tmp_path / "split", runtime, checkpoint_every=10).fit(max_steps=15)
+    resumed = _trainer(data, tmp_path / "split", runtime, checkpoint_every=10)
+    resumed.fit(resume=True)
+    assert {float(state["step"]) for state in resumed.optimizer.state.values()} == {24.0}
+    _assert_bitwise_equal(whole, resumed)
+
+
 # 24 batches an epoch: lost just before a checkpoint, or across an epoch's end (23, 24)
 @pytest.mark.parametrize("lost_ids, epochs, every", [({9}, 1, 10), ({23, 24}, 2, 25)], ids=["in_an_epoch", "across_epochs"])
 def test_a_run_resumed_after_batches_lost_before_their_lookup_equals_an_unstopped_one(data, tmp_path, monkeypatch,

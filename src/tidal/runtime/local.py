@@ -97,7 +97,8 @@ class LocalBackend:
         for rank in range(self.runtime.dense_workers):
             shared = rank == 0 and dense_device(self.runtime.device, rank) == trainer.device
             model = trainer.model if shared else copy.deepcopy(trainer.model)
-            worker = DenseWorker(rank, model=model, training=trainer.config.training, optimizer_state=optimizer_state,
+            worker = DenseWorker(rank, model=model, training=trainer.config.training,
+                                 optimizer_state=copy.deepcopy(optimizer_state),  # loading it shares its tensors
                                  loss_weights=trainer.loss_weights, all_reduce=self._all_reduce,
                                  loss_scale=self.runtime.loss_scale, device=self.runtime.device,
                                  precision=trainer.config.training.precision)
