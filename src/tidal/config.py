@@ -283,6 +283,12 @@ class TableConfig(_Model):
     num_shards: Literal[1, 2, 4, 8, 16, 32, 64] = 8
     seed: _Int = Field(0, ge=0, lt=1 << 63)  # of the rows' initial values (not training.seed, the dense weights')
 
+    @pydantic.field_validator("optimizer", mode="before")
+    @classmethod
+    def _kind_alone(cls, value: Any) -> Any:
+        """A kind alone (`optimizer: adagrad`) takes that optimizer's defaults."""
+        return {"kind": value} if isinstance(value, str) else value
+
     @classmethod
     def from_saved(cls, values: dict) -> TableConfig:
         """A table config read back from a checkpoint: one saved before a field without
@@ -651,8 +657,18 @@ class TrainingConfig(_Model):
     @pydantic.field_validator("optimizer", mode="before")
     @classmethod
     def _adam_by_default(cls, value: Any) -> Any:
-        """Settings without a kind are the default optimizer's (Adam's)."""
-        return {"kind": "adam", **value} if isinstance(value, dict) and "kind" not in value else value
+        """A kind alone (`optimizer: sgd`) takes that optimizer's defaults; settings
+        without a kind are the default optimizer's (Adam's)."""
+        if isinstance(value, str):
+            return {"kind": value}
+        if not isinstance(value, dict) or "kind" in value:
+            return value
+        foreign = sorted(set(value) - set(DenseAdam.model_fields))
+        if foreign:
+            kinds = ", ".join(repr(k) for k in _tags_in(DenseOptimizerConfig, "kind"))
+            raise ValueError(f"settings without a kind are those of the default optimizer, adam, and {foreign} are "
+                             f"not adam's: give the kind too (one of {kinds})")
+        return {"kind": "adam", **value}
 
     @pydantic.model_validator(mode="after")
     def _decays_down(self) -> TrainingConfig:

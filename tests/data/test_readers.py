@@ -334,7 +334,7 @@ def test_parquet_columns_of_lists_not_read_as_bags_or_of_structs_are_a_clear_err
     pq.write_table(pa.table({"label": ["1"], "I1": [[1, 2]], "C1": [{"a": 1}]}), tmp_path / "d.parquet")
     with pytest.raises(DataError, match=r"d\.parquet: column 'I1' has type list<.*>; column 'C1' has type struct<.*>; "
                                         r"expected strings or numbers, or lists of them for bags \(a list column is "
-                                        r"read as the bags of a sparse feature with a separator"):
+                                        r"read as bags, where every feature that reads it is a sparse feature "):
         list(read_batches(tmp_path / "d.parquet", columns=SMALL))
     pq.write_table(pa.table({"label": ["1"], "I1": ["1"], "C1": [[{"a": 1}]]}), tmp_path / "d.parquet")
     with pytest.raises(DataError, match=r"column 'C1' has type list<element: struct<a: int64>>; expected strings or "

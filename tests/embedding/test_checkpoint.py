@@ -399,6 +399,18 @@ def test_load_refuses_a_shard_holding_numbers_that_are_not_finite(tmp_path, name
         EmbeddingTable.load(tmp_path)
 
 
+def test_a_table_whose_rows_overflowed_is_not_saved_and_the_checkpoints_before_still_load(tmp_path):
+    table = EmbeddingTable(TableConfig(name="emb", dim=4, optimizer=Sgd(lr=10.0), num_shards=1))
+    table.lookup_or_insert(np.array([1, 2, 3]))
+    table.save(tmp_path)
+    table.apply_gradients(np.array([3]), np.full((1, 4), 3e38, np.float32))  # finite, but lr times it is not
+    for save in (table.save_delta, table.save):
+        with pytest.raises(CheckpointError, match=r"table 'emb': values holds NaN or infinite numbers in 1 row \(the "
+                                                  r"first of key 3\): an update overflowed float32"):
+            save(tmp_path)
+    assert EmbeddingTable.load(tmp_path).stats().rows == 3 and not list(tmp_path.glob(".tmp-*"))
+
+
 def test_load_refuses_shard_when_truncated(saved):
     path = _shard_file(saved)
     data = path.read_bytes()

@@ -700,6 +700,15 @@ def test_push_rows_refuses_steps_no_table_reaches(last_seen, shown):
     assert table.push_rows(replace(block, last_seen=last_seen), keep_last_seen=False).all()  # stamped now
 
 
+@pytest.mark.parametrize(("counts", "shown"), [(np.array([1, -1]), "-1 to 1"), (np.array([1.0, np.nan]), "float64")])
+def test_push_rows_refuses_counts_that_are_not_whole_numbers_a_uint32_holds(counts, shown):
+    table = make_table(optimizer=Adagrad(lr=0.1), eviction=Eviction(capacity_policy="lfu"), max_rows=100)
+    block, _ = make_table(optimizer=Adagrad(lr=0.1)).pull_rows(arr(1, 2))
+    with pytest.raises(BatchError, match=f"pushed counts must be whole numbers from 0 to 4294967295, got {shown}"):
+        table.push_rows(replace(block, counts=counts))
+    assert table.stats().rows == 0
+
+
 @pytest.mark.parametrize("bad", [np.inf, np.nan])
 @pytest.mark.parametrize("where", ["values", "state"])
 def test_push_rows_refuses_numbers_that_are_not_finite(bad, where):

@@ -101,6 +101,18 @@ def test_a_resume_that_changes_the_optimizer_starts_its_state_afresh_and_says_so
     assert all(torch.equal(a, s["momentum_buffer"]) for a, s in zip(buffers, again.optimizer.state.values()))
 
 
+def test_an_optimizer_given_by_its_kind_alone_takes_its_defaults():
+    from tidal.config import TableConfig
+
+    assert TrainingConfig(optimizer="sgd").optimizer.model_dump() == {"kind": "sgd", "momentum": 0.0,
+                                                                       "nesterov": False, "weight_decay": 0.0}
+    assert TableConfig(name="t", dim=4, optimizer="adagrad").optimizer.kind == "adagrad"
+    with pytest.raises(ConfigError, match=r"settings without a kind are those of the default optimizer, adam, and "
+                                          r"\['momentum'\] are not adam's: give the kind too \(one of 'adam', "
+                                          r"'adamw', 'sgd', 'adagrad'\)"):
+        TrainingConfig(optimizer={"momentum": 0.9})
+
+
 def test_dense_optimizer_settings_are_checked(tmp_path):
     with pytest.raises(ConfigError, match=r"nesterov \(it needs a momentum above 0\) would have no effect"):
         TrainingConfig(optimizer={"kind": "sgd", "nesterov": True})

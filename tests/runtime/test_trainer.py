@@ -686,3 +686,8 @@ def test_a_parquet_list_column_trains_as_the_bags_of_its_values_joined(tmp_path)
     with pytest.raises(DataError, match=r"data.train: .*lists\.parquet: column 'tags' has type list<element: int64>; "
                                         r"expected strings or numbers, or lists of them for bags \(a list column"):
         Trainer(RunConfig(**config("lists.parquet", {}))).fit()
+    twice = config("lists.parquet", bag)  # read by a second feature another way: refused, not joined for one of them
+    twice["features"].append({"kind": "sparse", "name": "tags2", "columns": ["tags"], "table": "ids", "separator": ","})
+    with pytest.raises(DataError, match=r"column 'tags' has type list<element: int64>; .*where every feature that "
+                                        r"reads it is a sparse feature with the same separator"):
+        Trainer(RunConfig(**twice)).fit()

@@ -76,14 +76,24 @@ class Extractor:
         bags (which a Parquet list column may hold), weighted bags. A column read in two
         ways gets the stricter check (an integer is also a number); weighted bags are
         read only as such (see `_one_reading`)."""
-        checks: dict[str, str | Bags | WeightedBags] = {f.columns[0]: Bags(f.separator)  # type: ignore[arg-type]
-                                                        for f in self.sparse if f.separator is not None}
+        checks: dict[str, str | Bags | WeightedBags] = {c: Bags(s) for c, s in self._bag_columns().items()}
         checks |= {f.columns[0]: "number" for f in self.sparse if f.buckets is not None}
         checks |= {f.column: "number" for f in self.dense}
         checks |= {f.columns[0]: "integer" for f in self.sparse if not f.hashed}
         checks |= {f.columns[0]: WeightedBags(f.separator, f.weight_separator)  # type: ignore[arg-type]
                    for f in self.sparse if f.weight_separator is not None}
         return checks | {f.column: "label" for f in self.labels}
+
+    def _bag_columns(self) -> dict[str, str]:
+        """The columns every feature reads as bags of one separator, and it (a Parquet
+        list column is read only so: joined by that separator)."""
+        readings: dict[str, set[str | None]] = {}
+        for f in self.sparse:
+            for column in f.columns:
+                readings.setdefault(column, set()).add(f.separator if len(f.columns) == 1 else None)
+        for g in (*self.dense, *self.labels):
+            readings.setdefault(g.column, set()).add(None)
+        return {c: next(iter(s)) for c, s in readings.items() if len(s) == 1 and None not in s}  # type: ignore[misc]
 
     def missing_id(self, name: str) -> int | None:
         """The id sparse feature `name` gives a row whose value is missing (`missing:

@@ -920,8 +920,9 @@ def _open_parquet(path: str, columns: Sequence[str], bags: Mapping[str, str]) ->
     unreadable = [f"column {c!r} has type {t}" for c, t in types.items() if not readable[c]]
     if unreadable:
         lists = any(_is_list(t) and c not in bags for c, t in types.items())
-        hint = (" (a list column is read as the bags of a sparse feature with a separator: a feature of one id a "
-                "row, a cross, a bucketed or dense feature or a label reads strings or numbers)") if lists else ""
+        hint = (" (a list column is read as bags, where every feature that reads it is a sparse feature with the "
+                "same separator: a feature of one id a row, a cross, a bucketed or dense feature or a label reads "
+                "strings or numbers)") if lists else ""
         raise DataError(f"{path}: {'; '.join(unreadable)}; expected strings or numbers, or lists of them for "
                         f"bags{hint}")
     return source

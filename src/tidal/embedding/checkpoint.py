@@ -225,11 +225,24 @@ def _write_table(directory: Path, table: EmbeddingTable, delta: bool) -> dict[st
     files = {}
     for s in range(table.num_shards):
         relative = f"{table.name}/shard-{s:02d}.safetensors"
-        save_file(table.snapshot_shard(s, since_save=delta), str(directory / relative))
+        arrays = table.snapshot_shard(s, since_save=delta)
+        _refuse_nonfinite(table.name, arrays)
+        save_file(arrays, str(directory / relative))
         as_umask_allows(directory / relative)
         files[relative] = fingerprint(directory / relative, sync=True)
     fsync_path(directory / table.name)
     return {"config": table.config.model_dump(mode="json"), "clocks": clocks, "files": files}
+
+
+def _refuse_nonfinite(table: str, arrays: dict[str, np.ndarray]) -> None:
+    """A `CheckpointError` for a shard's rows holding a NaN or an infinity: a load would
+    refuse them (no save is written that cannot be read back)."""
+    for name in ("values", "state"):
+        if (bad := nonfinite_rows(arrays[name])).size:
+            rows = f"{bad.size:,d} row{'s' if bad.size != 1 else ''}"
+            raise CheckpointError(f"table {table!r}: {name} holds NaN or infinite numbers in {rows} (the first of key "
+                                  f"{int(arrays['keys'][bad[0]])}): an update overflowed float32 (a learning rate or "
+                                  f"a gradient too large); nothing was saved")
 
 
 def write_json_atomic(path: Path, content: dict[str, Any]) -> None:

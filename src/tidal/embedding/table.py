@@ -652,10 +652,11 @@ class EmbeddingTable:
         rows = np.concatenate([values, state], axis=1) if state.shape[1] else np.ascontiguousarray(values)
         self._check_finite_rows(rows, keys)
         last_seen = self._steps(block.last_seen) if keep_last_seen else np.full(len(keys), self._step, np.uint32)
+        counts = self._counts(block.counts)
         with self._gate.shared():
             lookup = self._resolve(keys, step=self._step, insert=True, distinct=False, force=True, count=False)
             run_split(pooling.scatter_rows, len(keys), self.threads, self.arena.directory, self.width, lookup.handles, rows)
-            self._set_metadata(lookup, last_seen, np.asarray(block.counts, np.uint32))
+            self._set_metadata(lookup, last_seen, counts)
         return lookup.handles >= 0
 
     def _check_finite_rows(self, rows: np.ndarray, keys: np.ndarray) -> None:
@@ -676,6 +677,16 @@ class EmbeddingTable:
             raise BatchError(f"table {self.name!r}: pushed last_seen must be steps from 0 to {int(ix.MARK) - 1}, "
                              f"got {shown}; no row was written")
         return steps.astype(np.uint32)
+
+    def _counts(self, counts: np.ndarray) -> np.ndarray:
+        """Pushed lookup counts as the table keeps them (uint32); a `BatchError` for one
+        that is not a whole number from 0 to 2**32 - 1."""
+        found = np.asarray(counts)
+        if found.size and (found.dtype.kind not in "iu" or found.min() < 0 or found.max() > np.iinfo(np.uint32).max):
+            shown = found.dtype if found.dtype.kind not in "iu" else f"{found.min()} to {found.max()}"
+            raise BatchError(f"table {self.name!r}: pushed counts must be whole numbers from 0 to "
+                             f"{np.iinfo(np.uint32).max}, got {shown}; no row was written")
+        return found.astype(np.uint32)
 
     def _set_metadata(self, lookup: RowLookup, last_seen: np.ndarray, counts: np.ndarray) -> None:
         for s, shard in enumerate(self._shards):
