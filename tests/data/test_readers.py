@@ -732,6 +732,31 @@ def test_a_csv_quote_that_is_never_closed_is_a_bad_row_not_the_rest_of_the_file(
     assert sum(b.num_rows for b in read_batches(last, columns=SMALL, checks=CHECKS)) == 1
 
 
+def test_a_stray_quote_is_not_closed_by_a_quote_inside_a_value_lines_later(tmp_path):
+    """A quote that text follows closes no value spanning lines: the stray quote's line
+    is the bad row, not the thousands of lines up to a quote inside some later value."""
+    lines = ["label,I1,C1", *(f"{k % 2},{k},id{k}" for k in range(3000))]
+    lines[101], lines[2901] = '0,5,"idx', '1,7,id7"7'
+    path = _write(tmp_path / "d.csv", "\n".join(lines) + "\n")
+    report = BadRows()
+    read = pa.Table.from_batches(list(read_batches(path, columns=SMALL, checks=CHECKS, bad_rows=report)))
+    assert read.num_rows == 2999 and 'id7"7' in read.column("C1").to_pylist()
+    assert report.examples == [f"{path}:102: a quoted value that is not closed before the end of the file"]
+
+
+def test_a_bad_record_spanning_lines_counts_each_line(tmp_path):
+    """Every value quoted (pandas, Spark): one that lost its closing quote takes in the
+    next line, and both lines count as bad rows."""
+    lines = ['"label","I1","C1"', *(f'"{k % 2}","{k}","id{k}"' for k in range(50))]
+    lines[11] = '"0","5","idx'
+    path = _write(tmp_path / "d.csv", "\n".join(lines) + "\n")
+    report = BadRows()
+    assert sum(b.num_rows for b in read_batches(path, columns=SMALL, checks=CHECKS, bad_rows=report)) == 48
+    assert report.examples == [
+        f"{path}:12: expected 3 columns, found 5, in a record of lines 12 to 13 (does a quote open a value there that a "
+        f"later one closes?)", f"{path}:13: inside the bad record that begins on line 12"]
+
+
 def test_quotes_inside_unquoted_csv_values_are_text(tmp_path, monkeypatch):
     """A quote opens a value only at the start of a field (pyarrow's reading), so 5 "inch
     is text, and a quoted value after it still spans its lines, however the file is cut."""

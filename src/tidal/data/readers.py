@@ -569,7 +569,7 @@ class _Quotes:
     def __init__(self, text: bytes) -> None:
         quotes = np.flatnonzero(np.frombuffer(text, np.uint8) == ord('"'))
         self.opens, self.closes = quotes[0::2], quotes[1::2]  # as when every quote is where RFC 4180 puts it
-        if not _open_fields(text, self.opens):  # a quote inside an unquoted value (5 "inch): text to pyarrow
+        if not (_open_fields(text, self.opens) and _closed_fields(text, self.closes)):  # a quote inside a value
             self.opens, self.closes = _paired_quotes(text, quotes)
         self.unclosed = len(self.closes) < len(self.opens)  # open at the end of the text
         if self.unclosed:
@@ -588,9 +588,20 @@ def _open_fields(text: bytes, opens: np.ndarray) -> bool:
     return bool(np.isin(before, np.frombuffer(b',\n\r"', np.uint8)).all())
 
 
+def _closed_fields(text: bytes, closes: np.ndarray) -> bool:
+    """Whether every quote of `closes` ends its field (a delimiter, a line end or the end
+    of the text follows it) or is followed by a quote (two quotes inside a value)."""
+    after = np.frombuffer(text, np.uint8)[closes[closes + 1 < len(text)] + 1]
+    return bool(np.isin(after, np.frombuffer(b',\n\r"', np.uint8)).all())
+
+
 def _paired_quotes(text: bytes, quotes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(opens, closes) of the quoted values, quote by quote as pyarrow's parser goes:
-    slower than pairing them in order, for CSV text with quotes inside unquoted values."""
+    slower than pairing them in order, for CSV text with quotes inside values. One
+    difference: a value spanning lines is not closed by a quote that text follows (as
+    pyarrow would, taking that text into the value too): such a quote is text, so a
+    stray quote opening a value is found unclosed (`_last_pieces`), not paired with a
+    quote inside a value thousands of lines on."""
     opens: list[int] = []
     closes: list[int] = []
     escaped = -1  # the second quote of a pair inside a value
@@ -600,7 +611,7 @@ def _paired_quotes(text: bytes, quotes: np.ndarray) -> tuple[np.ndarray, np.ndar
         if len(opens) > len(closes):  # inside a quoted value
             if text[q + 1: q + 2] == b'"':
                 escaped = q + 1
-            else:
+            elif text[q + 1: q + 2] in (b",", b"\n", b"\r", b"") or b"\n" not in text[opens[-1]: q]:
                 closes.append(q)
         elif q == 0 or text[q - 1] in b",\n\r":
             opens.append(q)
@@ -654,21 +665,35 @@ def _read_piece(path: str, piece: _Piece, kind: str, names: list[str], columns: 
     through `_Records`."""
     text, line = piece.text, piece.line
     lines = line + np.arange(piece.feeds + (not text.endswith(b"\n")))
+    spans = np.ones(len(lines), np.int64)  # the lines each record covers
     batch, wrong = _parse(text, kind, names, columns) if _is_plain(text, kind, piece.last) else (None, [])
     dropped: list[tuple[int, str]] = []
     if batch is None or batch.num_rows + len(wrong) != len(lines):  # a line that is not one record as it stands
         records = _Records(text, line, kind)
         bad = records.bad(kind, names, columns)
         kept, lines = records.without(bad)
-        dropped = [(int(records.lines[k]), why) for k, why in bad.items()]
+        all_spans, spans = records.spans(), np.delete(records.spans(), list(bad))
+        dropped = [entry for k, why in bad.items() for entry in _bad_lines(int(records.lines[k]), all_spans[k], why)]
         batch, wrong = _parse(kept, kind, names, columns)
     if batch.num_rows + len(wrong) != len(lines):  # never hand on rows under the wrong line numbers
         raise DataError(f"{path}:{line}: pyarrow read {batch.num_rows + len(wrong)} records from this line on, where "
                         f"there are {len(lines)}; the reader cannot tell which line each row is on")
-    dropped += [(int(lines[k]), f"expected {expected} columns, found {found}") for k, expected, found in wrong]
+    dropped += [entry for k, expected, found in wrong
+                for entry in _bad_lines(int(lines[k]), spans[k], f"expected {expected} columns, found {found}")]
     lines = np.delete(lines, [k for k, _, _ in wrong])
     batch, lines = _without_non_utf8(batch, lines, columns, dropped)
     return batch, lines, dropped
+
+
+def _bad_lines(first: int, span: int, why: str) -> list[tuple[int, str]]:
+    """(line, reason) of a bad record beginning on line `first` and covering `span`
+    lines: each line counts, so that a quote opening a value across thousands of lines
+    is thousands of bad rows (judged by max_bad_fraction), not one."""
+    if span == 1:
+        return [(first, why)]
+    return [(first, f"{why}, in a record of lines {first} to {first + span - 1} (does a quote open a value there "
+                    f"that a later one closes?)"),
+            *((first + j, f"inside the bad record that begins on line {first}") for j in range(1, span))]
 
 
 def _is_plain(text: bytes, kind: str, last: bool) -> bool:
@@ -711,6 +736,13 @@ class _Records:
         for k, (expected, found) in self._non_utf8_of_wrong_width(kind, names, columns, set(why)).items():
             why[k] = f"expected {expected} columns, found {found}, in a line that is not UTF-8 text"
         return dict(sorted(why.items()))
+
+    def spans(self) -> np.ndarray:
+        """How many lines each record covers (more than one: a quoted value spans them)."""
+        feeds = np.flatnonzero(self.bytes == ord("\n"))
+        inner = np.searchsorted(feeds, self.stops) - np.searchsorted(feeds, self.starts)
+        ends_line = (self.stops > self.starts) & (self.bytes[np.maximum(self.stops - 1, 0)] == ord("\n"))
+        return 1 + inner - ends_line  # a record left open to the end of its text holds that text's last line feed
 
     def without(self, bad: Iterable[int]) -> tuple[bytes, np.ndarray]:
         """The text without the records `bad`, and the line each record left starts on."""
