@@ -516,7 +516,7 @@ def test_the_width_check_leaves_line_end_and_quote_errors_to_the_reader_which_na
         list(read_batches(returns, columns=SMALL, on_bad_row="fail"))
     unclosed = _write(tmp_path / "q.csv", '1,2,"a\n1,2,b\n')  # a quote never closed: the rest is one value
     readers.check_layout([str(unclosed)], SMALL, csv_header=False)
-    with pytest.raises(DataError, match="q\\.csv:1: a quoted value that is not closed before the end of the file"):
+    with pytest.raises(DataError, match="q\\.csv:1: a quote opens a value that no quote closes"):
         list(read_batches(unclosed, columns=SMALL, on_bad_row="fail", csv_header=False))
 
 
@@ -727,21 +727,29 @@ def test_a_csv_quote_that_is_never_closed_is_a_bad_row_not_the_rest_of_the_file(
         report = BadRows()
         read = pa.Table.from_batches(list(read_batches(path, columns=SMALL, checks=CHECKS, bad_rows=report)))
         assert read.column("C1").to_pylist() == ["ab", "ef"] + ["h"] * 2000
-        assert report.examples == [f"{path}:3: a quoted value that is not closed before the end of the file"]
+        assert report.examples == [f"{path}:3: a quote opens a value that no quote closes"]
     last = _write(tmp_path / "e.csv", 'label,I1,C1\n1,5,ab\n1,6,"cd\n')  # on the last line
     assert sum(b.num_rows for b in read_batches(last, columns=SMALL, checks=CHECKS)) == 1
 
 
-def test_a_stray_quote_is_not_closed_by_a_quote_inside_a_value_lines_later(tmp_path):
-    """A quote that text follows closes no value spanning lines: the stray quote's line
-    is the bad row, not the thousands of lines up to a quote inside some later value."""
+def test_a_stray_quote_that_nothing_closes_mid_file_is_cut_after_its_line(tmp_path, monkeypatch):
+    """Not held to the end of the file: past `_STRAY_QUOTE_BYTES` of text no quote
+    closed, the quote's line is the bad row and reading goes on."""
+    monkeypatch.setattr(readers, "_STRAY_QUOTE_BYTES", 1 << 10)
+    monkeypatch.setattr(readers, "_PIECE_BYTES", 256)
     lines = ["label,I1,C1", *(f"{k % 2},{k},id{k}" for k in range(3000))]
-    lines[101], lines[2901] = '0,5,"idx', '1,7,id7"7'
+    lines[101] = '0,5,"idx'
     path = _write(tmp_path / "d.csv", "\n".join(lines) + "\n")
     report = BadRows()
     read = pa.Table.from_batches(list(read_batches(path, columns=SMALL, checks=CHECKS, bad_rows=report)))
-    assert read.num_rows == 2999 and 'id7"7' in read.column("C1").to_pylist()
-    assert report.examples == [f"{path}:102: a quoted value that is not closed before the end of the file"]
+    assert read.num_rows == 2999 and report.examples == [
+        f"{path}:102: a quote opens a value that no quote closes"]
+
+
+def test_a_value_spanning_lines_closed_by_a_quote_that_text_follows_reads_as_pyarrow_reads_it(tmp_path):
+    path = _write(tmp_path / "d.csv", 'label,I1,C1\n1,5,"a\nb"x\n0,6,c\n1,7,"d"\n0,8,e\n')
+    read = pa.Table.from_batches(list(read_batches(path, columns=SMALL, checks=CHECKS)))
+    assert read.column("C1").to_pylist() == ["a\nbx", "c", "d", "e"]
 
 
 def test_a_bad_record_spanning_lines_counts_each_line(tmp_path):

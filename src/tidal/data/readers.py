@@ -152,8 +152,9 @@ _ASCII = bytes(range(128)) + b"?" * 128  # a translation: bytes from 0x80 on to 
 _PIECE_BYTES = 1 << 22  # how much text is read and parsed at a time (more when one record is longer)
 _SAMPLE_RECORDS, _SAMPLE_BYTES = 20, 1 << 16  # the records `check_layout` reads, and how much text at a time
 _MAX_RECORD_BYTES = 1 << 30  # a longer record is an error: pyarrow's string columns hold at most 2 GiB
+_STRAY_QUOTE_BYTES = 64 << 20  # a CSV quote no quote closes within this much text opens no value: a stray one
 _CR_INSIDE = "a carriage return (\\r) inside the line; lines end at \\n or \\r\\n"
-_UNCLOSED = "a quoted value that is not closed before the end of the file"
+_UNCLOSED = "a quote opens a value that no quote closes"
 _EMPTY_LINE = "an empty line"
 
 
@@ -259,7 +260,8 @@ def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
     unknown = {c: k for c, k in checks.items() if not (isinstance(k, (Bags, WeightedBags)) or k in _PATTERNS)
                or c not in columns}
     if unknown:
-        raise DataError(f"checks must name read columns and one of {sorted(_PATTERNS)} or a WeightedBags, got {unknown}")
+        raise DataError(f"checks must name read columns and one of {sorted(_PATTERNS)}, a Bags or a WeightedBags, "
+                        f"got {unknown}")
     report = bad_rows if bad_rows is not None else BadRows()
     checked = _checked(expand_paths(paths), columns, checks, file_format, batch_rows, report, on_bad_row, csv_header,
                        max_bad_fraction)
@@ -475,7 +477,7 @@ class _Piece(NamedTuple):
     text: bytes
     line: int  # the number of its first line in the file
     feeds: int  # how many line feeds it holds
-    last: bool  # whether the file ends with it
+    last: bool  # whether the file ends with it (or a stray quote's record does: `_STRAY_QUOTE_BYTES`)
 
 
 def _pieces(path: str, kind: str, piece_bytes: int | None = None) -> Iterator[_Piece]:
@@ -495,6 +497,12 @@ def _pieces(path: str, kind: str, piece_bytes: int | None = None) -> Iterator[_P
                 yield from _last_pieces(text, line, kind)
                 return
             cut = _end_of_last_record(text, kind)
+            stray = None if cut or kind != "csv" or len(text) <= _STRAY_QUOTE_BYTES else _after_unclosed_quote(text)
+            if stray:  # a quote that nothing closes in that much text: a stray one, its line a bad row
+                feeds = text.count(b"\n", 0, stray)
+                yield _Piece(text[:stray], line, feeds, last=True)
+                line, rest, size = line + feeds, text[stray:], piece_bytes
+                continue
             if not cut:  # no record ends in `text` yet: read as much again
                 if len(text) > _MAX_RECORD_BYTES:
                     raise DataError(f"{path}:{line}: a record longer than {_MAX_RECORD_BYTES >> 20} MiB starts on this "
@@ -569,7 +577,7 @@ class _Quotes:
     def __init__(self, text: bytes) -> None:
         quotes = np.flatnonzero(np.frombuffer(text, np.uint8) == ord('"'))
         self.opens, self.closes = quotes[0::2], quotes[1::2]  # as when every quote is where RFC 4180 puts it
-        if not (_open_fields(text, self.opens) and _closed_fields(text, self.closes)):  # a quote inside a value
+        if not _open_fields(text, self.opens):  # a quote inside an unquoted value (5 "inch): text to pyarrow
             self.opens, self.closes = _paired_quotes(text, quotes)
         self.unclosed = len(self.closes) < len(self.opens)  # open at the end of the text
         if self.unclosed:
@@ -588,20 +596,9 @@ def _open_fields(text: bytes, opens: np.ndarray) -> bool:
     return bool(np.isin(before, np.frombuffer(b',\n\r"', np.uint8)).all())
 
 
-def _closed_fields(text: bytes, closes: np.ndarray) -> bool:
-    """Whether every quote of `closes` ends its field (a delimiter, a line end or the end
-    of the text follows it) or is followed by a quote (two quotes inside a value)."""
-    after = np.frombuffer(text, np.uint8)[closes[closes + 1 < len(text)] + 1]
-    return bool(np.isin(after, np.frombuffer(b',\n\r"', np.uint8)).all())
-
-
 def _paired_quotes(text: bytes, quotes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(opens, closes) of the quoted values, quote by quote as pyarrow's parser goes:
-    slower than pairing them in order, for CSV text with quotes inside values. One
-    difference: a value spanning lines is not closed by a quote that text follows (as
-    pyarrow would, taking that text into the value too): such a quote is text, so a
-    stray quote opening a value is found unclosed (`_last_pieces`), not paired with a
-    quote inside a value thousands of lines on."""
+    slower than pairing them in order, for CSV text with quotes inside unquoted values."""
     opens: list[int] = []
     closes: list[int] = []
     escaped = -1  # the second quote of a pair inside a value
@@ -611,7 +608,7 @@ def _paired_quotes(text: bytes, quotes: np.ndarray) -> tuple[np.ndarray, np.ndar
         if len(opens) > len(closes):  # inside a quoted value
             if text[q + 1: q + 2] == b'"':
                 escaped = q + 1
-            elif text[q + 1: q + 2] in (b",", b"\n", b"\r", b"") or b"\n" not in text[opens[-1]: q]:
+            else:
                 closes.append(q)
         elif q == 0 or text[q - 1] in b",\n\r":
             opens.append(q)
