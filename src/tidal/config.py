@@ -307,6 +307,10 @@ class TableConfig(_Model):
         if self.eviction is not None and self.eviction.ttl_steps is None and not capped:
             raise ValueError("eviction would evict nothing: give it ttl_steps, or give the table max_rows or "
                              "memory_bytes (a cap), or remove it")
+        if self.eviction is None and self.max_rows is not None and self.max_rows < self.num_shards:
+            raise ValueError(f"max_rows {self.max_rows} is under num_shards ({self.num_shards}); without eviction each "
+                             f"shard keeps an even share of the cap, so some would take no key: give max_rows of at "
+                             f"least {self.num_shards}, or fewer num_shards")
         if _admits_all(self.admission):
             setting = "min_count 1" if self.admission.kind == "count" else "probability 1.0"  # type: ignore[union-attr]
             raise ValueError(f"admission with {setting} admits every key on first sight, as no admission does: "

@@ -722,8 +722,8 @@ def test_push_rows_refuses_numbers_that_are_not_finite(bad, where):
 
 
 def test_a_cap_without_eviction_under_one_row_a_shard_is_refused():
-    with pytest.raises(ConfigError, match=r"a row cap of 3 \(max_rows\) is under its 8 shards; without eviction each "
-                                          r"shard keeps an even share of the cap"):
+    with pytest.raises(ConfigError, match=r"max_rows 3 is under num_shards \(8\); without eviction each shard keeps "
+                                          r"an even share of the cap"):
         make_table(num_shards=8, max_rows=3)
     make_table(num_shards=8, max_rows=3, eviction=Eviction(capacity_policy="lru"))  # evict() trims the whole table
     make_table(num_shards=8, max_rows=8)

@@ -146,3 +146,7 @@ def test_the_engine_clips_as_the_reference_trainer(tmp_path):
     unclipped = _trainer({**config, "training": {**config["training"], "clip_grad_norm": None}}, tmp_path / "plain", None)
     unclipped.fit()
     assert not all(torch.equal(a, b) for a, b in zip(unclipped.model.parameters(), reference.model.parameters()))
+    two = _trainer(config, tmp_path / "two", {"mode": "sync", "sparse_workers": 2, "dense_workers": 2, **EXACT})
+    two.fit()  # clipped after their all-reduce: the whole batch's gradient, as one worker clips it (to round-off)
+    for a, b in zip(reference.model.parameters(), two.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)

@@ -777,6 +777,25 @@ def test_a_full_export_landing_while_an_update_looks_for_deltas_is_loaded_not_re
         service.close()
 
 
+def test_a_full_export_landing_while_the_deltas_are_read_is_loaded_not_refused(run, bundle_dir, monkeypatch):
+    """The delta read then no longer follows the bundle: that refusal is the export's landing."""
+    from tidal.serving import online
+
+    service = Service(load_bundle(bundle_dir))
+    _delta(run, bundle_dir)
+
+    def read_as_the_export_lands(path, position, config):  # type: ignore[no-untyped-def]
+        export(run.run_dir, bundle_dir)
+        return [], CheckpointError(f"{path}/deltas/000001/manifest.json: written for another bundle")
+
+    monkeypatch.setattr(online, "readable_deltas", read_as_the_export_lands)
+    try:
+        assert service.updater.update().reload_reason is not None
+        assert (service.updater.reloads, service.updater.refused) == (1, 0)
+    finally:
+        service.close()
+
+
 def _as_version_1(bundle_dir: Path) -> None:
     manifest_file = bundle_dir / "manifest.json"
     manifest = json.loads(manifest_file.read_text())

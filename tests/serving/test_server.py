@@ -844,7 +844,7 @@ def test_bodies_held_at_once_past_their_budget_get_a_503_and_the_budget_comes_ba
     body += b" " * (3000 - len(body))  # JSON's whitespace
     try:
         slow = _partial_request(running, 4000, b" " * 3500)
-        time.sleep(0.5)  # the server holds what came
+        until(lambda: running.service.bodies.held == 3500, "the server holding what came")
         code, answer, headers = _post(running, "/v2/models/ctr/infer", body)
         assert (code, headers["Retry-After"]) == (503, "1")
         assert answer["error"] == ("the server holds 3,500 bytes of request bodies, and this one would pass the limit "
@@ -874,7 +874,7 @@ def test_a_request_under_way_when_the_server_is_stopped_at_once_gets_a_503(bundl
     running = start_server(Service(bundle, name="ctr"))
     try:
         with _partial_request(running, 1000, b'{"inputs": [') as conn:  # its body still coming
-            time.sleep(0.3)
+            until(lambda: running.service.bodies.held > 0, "the server reading the body")
             running._server.handle_exit(signal.SIGTERM, None)
             running._server.handle_exit(signal.SIGTERM, None)
             running._thread.join(timeout=30)

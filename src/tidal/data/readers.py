@@ -898,12 +898,13 @@ def _column_strings(column: pa.Array, name: str, bags: Mapping[str, str], bad: d
     if not _is_list(column.type):
         return _as_strings(column)
     separator = bags[name]
-    values = _as_strings(column.values)  # of the whole list array, as its offsets count
-    lists = type(column).from_arrays(column.offsets, values, mask=column.is_null())
-    holding = pc.match_substring(pc.list_flatten(lists), separator).to_numpy(zero_copy_only=False)
-    for row in np.unique(pc.list_parent_indices(lists).to_numpy()[holding]).tolist():
+    lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy(zero_copy_only=False)  # a null list: none
+    values = _as_strings(pc.list_flatten(column))  # sliced arrays and null lists' offsets taken care of
+    holding = pc.match_substring(values, separator).to_numpy(zero_copy_only=False)
+    for row in np.unique(np.repeat(np.arange(len(column)), lengths)[holding]).tolist():
         bad.setdefault(row, f"column {name!r}: a value of its list holds the bags' separator {separator!r}")
-    return pc.fill_null(pc.binary_join(lists, separator), "")
+    lists = pa.ListArray.from_arrays(pa.array(np.concatenate([[0], np.cumsum(lengths)]), pa.int32()), values)
+    return pc.binary_join(lists, separator)
 
 
 def _is_list(kind: pa.DataType) -> bool:

@@ -49,7 +49,7 @@ from safetensors.numpy import load_file, save_file
 
 from tidal.config import TableConfig
 from tidal.embedding import index as ix
-from tidal.embedding.pooling import nonfinite_rows
+from tidal.embedding.pooling import nonfinite_note
 from tidal.embedding.table import EmbeddingTable
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 
@@ -238,11 +238,9 @@ def _refuse_nonfinite(table: str, arrays: dict[str, np.ndarray]) -> None:
     """A `CheckpointError` for a shard's rows holding a NaN or an infinity: a load would
     refuse them (no save is written that cannot be read back)."""
     for name in ("values", "state"):
-        if (bad := nonfinite_rows(arrays[name])).size:
-            rows = f"{bad.size:,d} row{'s' if bad.size != 1 else ''}"
-            raise CheckpointError(f"table {table!r}: {name} holds NaN or infinite numbers in {rows} (the first of key "
-                                  f"{int(arrays['keys'][bad[0]])}): an update overflowed float32 (a learning rate or "
-                                  f"a gradient too large); nothing was saved")
+        if note := nonfinite_note(arrays[name], arrays["keys"]):
+            raise CheckpointError(f"table {table!r}: {name} holds {note}: an update overflowed float32 (a learning "
+                                  f"rate or a gradient too large); nothing was saved")
 
 
 def write_json_atomic(path: Path, content: dict[str, Any]) -> None:
@@ -476,7 +474,5 @@ def _check_shapes(path: Path, arrays: dict[str, np.ndarray], table: EmbeddingTab
     if n and int(arrays["last_seen"].max()) >= ix.MARK:
         raise CorruptCheckpointError(f"{path}: 'last_seen' holds steps of {int(ix.MARK)} or more, which no table reaches")
     for name in ("values", "state"):
-        if (bad := nonfinite_rows(arrays[name])).size:
-            rows = f"{bad.size:,d} row{'s' if bad.size != 1 else ''}"
-            raise CorruptCheckpointError(f"{path}: {name!r} holds NaN or infinite numbers in {rows} (the first of key "
-                                         f"{int(arrays['keys'][bad[0]])}), which training never writes")
+        if note := nonfinite_note(arrays[name], arrays["keys"], table.threads):
+            raise CorruptCheckpointError(f"{path}: {name!r} holds {note}, which training never writes")

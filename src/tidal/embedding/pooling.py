@@ -172,8 +172,8 @@ def _grad_row(grad_out, r, wide):  # type: ignore[no-untyped-def]
 
 @numba.njit(nogil=True, cache=True)
 def find_nonfinite(bits, width, exponent, flags, lo, hi):  # type: ignore[no-untyped-def]
-    """flags[lo] = whether rows [lo, hi) of `bits` (rows of `width` float32 or bfloat16
-    values, flat, read as uint32 or uint16) hold a NaN or an infinity: a value whose
+    """flags[lo] = whether rows [lo, hi) of `bits` (rows of `width` float32, bfloat16 or
+    float16 values, flat, read as uint32 or uint16) hold a NaN or an infinity: a value whose
     `exponent` bits are all set. Integer operations only: the loop vectorizes, and takes
     half the time of `np.isfinite(...).all()`."""
     part = bits[lo * width:hi * width]
@@ -199,6 +199,16 @@ def nonfinite_rows(rows: np.ndarray, threads: int = 1) -> np.ndarray:
     run_split(find_nonfinite, n, threads, np.ascontiguousarray(rows).view(view).reshape(-1), rows.shape[1],
               exponent, flags)
     return np.flatnonzero(~np.isfinite(rows).all(axis=1)) if flags.any() else np.zeros(0, np.int64)
+
+
+def nonfinite_note(rows: np.ndarray, keys: np.ndarray, threads: int = 1) -> str | None:
+    """"NaN or infinite numbers in N rows (the first of key K)" for the rows of `rows`
+    (one per key of `keys`) that hold one; None when none does."""
+    bad = nonfinite_rows(rows, threads)
+    if not bad.size:
+        return None
+    rows = f"{bad.size:,d} row{'s' if bad.size != 1 else ''}"
+    return f"NaN or infinite numbers in {rows} (the first of key {int(keys[bad[0]])})"
 
 
 @numba.njit(nogil=True, cache=True)

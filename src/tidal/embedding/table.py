@@ -238,20 +238,9 @@ class EmbeddingTable:
                 f"table {self.name!r}: memory_bytes={config.memory_bytes} pays for no row of "
                 f"{self.bytes_per_row} bytes; give at least {self.bytes_per_row}"
             )
-        self._check_cap()
         self._reserve(config.reserve_rows)
 
     # ------------------------------------------------------------------ set-up
-
-    def _check_cap(self) -> None:
-        """Refuse a cap without eviction under one row a shard: each shard keeps its even
-        share of the cap (`_shard_row_limit`), so some would take no key at all."""
-        cap = self.row_cap
-        if cap is not None and self.config.eviction is None and cap < self.num_shards:
-            given = "max_rows" if cap == self.config.max_rows else "memory_bytes"
-            raise ConfigError(f"table {self.name!r}: a row cap of {cap} ({given}) is under its {self.num_shards} "
-                              f"shards; without eviction each shard keeps an even share of the cap, so some would "
-                              f"take no key: give a cap of at least {self.num_shards} rows, or fewer num_shards")
 
     def _reserve(self, rows: int) -> None:
         """Allocate chunks for `rows` rows, split evenly over the shards, and touch the
@@ -633,7 +622,8 @@ class EmbeddingTable:
         """
         return self._push(block, keep_last_seen=keep_last_seen)
 
-    def _push(self, block: RowBlock, *, keep_last_seen: bool) -> np.ndarray:
+    def _push(self, block: RowBlock, *, keep_last_seen: bool, finite: bool = False) -> np.ndarray:
+        """`push_rows`; `finite`: the rows' numbers are known finite (a checkpoint's, checked as it was read)."""
         keys = self._keys(block.keys)
         ascending = bool(np.all(keys[1:] > keys[:-1]))  # distinct at a glance, as a bundle's rows come
         if not ascending and np.unique(keys).shape[0] != keys.shape[0]:
@@ -650,7 +640,8 @@ class EmbeddingTable:
             raise BatchError(f"table {self.name!r}: pushed last_seen and counts must have one entry per key "
                              f"({len(keys)}), got shapes {metadata}")
         rows = np.concatenate([values, state], axis=1) if state.shape[1] else np.ascontiguousarray(values)
-        self._check_finite_rows(rows, keys)
+        if not finite:
+            self._check_finite_rows(rows, keys)
         last_seen = self._steps(block.last_seen) if keep_last_seen else np.full(len(keys), self._step, np.uint32)
         counts = self._counts(block.counts)
         with self._gate.shared():
@@ -662,11 +653,9 @@ class EmbeddingTable:
     def _check_finite_rows(self, rows: np.ndarray, keys: np.ndarray) -> None:
         """A `BatchError` naming the first pushed row holding a NaN or an infinity (it
         would be served, and trained from, for good)."""
-        bad = pooling.nonfinite_rows(rows, self.threads)
-        if bad.size:
-            raise BatchError(f"table {self.name!r}: pushed values and state must be finite, got NaN or infinite "
-                             f"numbers in {bad.size:,d} row{'s' if bad.size != 1 else ''} (the first of key "
-                             f"{int(keys[bad[0]])}); no row was written")
+        if note := pooling.nonfinite_note(rows, keys, self.threads):
+            raise BatchError(f"table {self.name!r}: pushed values and state must be finite, got {note}; no row was "
+                             f"written")
 
     def _steps(self, last_seen: np.ndarray) -> np.ndarray:
         """Pushed `last_seen` steps as the table keeps them; a `BatchError` for one no
@@ -802,7 +791,7 @@ class EmbeddingTable:
             self.remove(arrays["evicted"])
         block = RowBlock(keys=arrays["keys"], values=arrays["values"], state=arrays["state"],
                          last_seen=arrays["last_seen"], counts=arrays["counts"])
-        self._push(block, keep_last_seen=True)
+        self._push(block, keep_last_seen=True, finite=True)  # the reader checked them
         shard = self._shards[s]
         with shard.lock:
             shard.ctl[ix.C_LOOKUPS : ix.C_SIZE] = arrays["counters"]

@@ -92,7 +92,7 @@ def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tens
 
 def step_losses(loss: torch.Tensor, per_target: torch.Tensor) -> np.ndarray:
     """A step's losses as the run logs them: the weighted total, then each target's."""
-    return np.concatenate([[loss.item()], per_target.detach().cpu().double().numpy()])
+    return torch.cat([loss.detach()[None], per_target.detach()]).double().cpu().numpy()  # one copy off a GPU
 
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -259,7 +259,7 @@ class RunProgress:
         record = {"event": "train", "epoch": epoch, "step": step, "rows": self.rows_before + self.rows,
                   "loss": float(np.mean(self.losses)), "samples_per_s": self.rows / max(seconds, 1e-9),
                   "bad_rows": bad_rows}
-        if len(self.targets) > 1 and self.target_losses:
+        if len(self.targets) > 1 and len(self.target_losses) == len(self.losses):  # all of them (see restore)
             record["target_loss"] = dict(zip(self.targets, np.mean(self.target_losses, axis=0).tolist()))
         self.losses, self.target_losses = [], []
         return record

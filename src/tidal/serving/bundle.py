@@ -55,7 +55,7 @@ from tidal.config import RunConfig
 from tidal.data.extract import Extractor
 from tidal.embedding.checkpoint import (SEAL, as_umask_allows, check_seal, fingerprint, fsync_path, listed_file,
                                         sealed, write_json_atomic)
-from tidal.embedding.pooling import nonfinite_rows
+from tidal.embedding.pooling import nonfinite_note
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.models import RankingModel
 from tidal.runtime import checkpoint
@@ -333,7 +333,8 @@ def _check_replaceable(out: Path, source: Path) -> None:
         raise CheckpointError(f"--out {out} is a file; expected a folder to write the bundle to")
     blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
-        raise CheckpointError(f"--out {out}: {blocking} is a file, so no folder can be made there; choose another --out")
+        raise CheckpointError(f"--out {out}: {blocking} is a file, so no folder can be made there; choose another "
+                              f"--out")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise CheckpointError(f"--out {out} is a folder that is not a serving bundle; a bundle replaces only an "
                               f"earlier bundle or an empty folder")
@@ -647,11 +648,8 @@ def _read_table(file: Path, dim: int) -> tuple[np.ndarray, np.ndarray]:
 def _check_finite(file: Path, keys: np.ndarray, values: np.ndarray) -> None:
     """Refuse rows holding a NaN or an infinity: no trained table holds one, and every
     score of their ids would be refused."""
-    bad = nonfinite_rows(values)
-    if bad.size:
-        rows = f"{bad.size:,d} row{'s' if bad.size != 1 else ''}"
-        raise CorruptCheckpointError(f"{file}: 'values' holds NaN or infinite numbers in {rows} (the first of key "
-                                     f"{int(keys[bad[0]])}), which training never writes")
+    if note := nonfinite_note(values, keys):
+        raise CorruptCheckpointError(f"{file}: 'values' holds {note}, which training never writes")
 
 
 def _read_changes(file: Path, dim: int, dtype: np.dtype) -> RowChanges:

@@ -146,11 +146,15 @@ class Updater:
         self._predictor.check_whole()
         try:
             deltas, stopped = readable_deltas(self._path, position, self._predictor.config)
-        except CheckpointError:
+        except (CheckpointError, OSError):
+            deltas, stopped = [], None
             moved = moved_since(self._path, position)
-            if moved:  # a full export landed since the look above
-                return self._reload(moved, start)
-            raise
+            if not moved:
+                raise
+        else:
+            moved = moved_since(self._path, position) if stopped is not None and not deltas else None
+        if moved:  # a full export landed while the deltas were looked for
+            return self._reload(moved, start)
         if stopped is not None:  # what to do, for a server that serves the deltas before
             stopped = type(stopped)(f"{stopped}: remove them or export them again, or export the bundle in full")
             if not deltas:

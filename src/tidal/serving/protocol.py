@@ -165,7 +165,7 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvi
 
 def json_object(body: bytes, expected: str = "a JSON object") -> dict:
     """A request body that must be a JSON object; `expected` describes it in the error."""
-    if not body.strip():
+    if not body or body.isspace():
         raise RequestError(f"the request has no body; expected {expected}")
     try:
         value = json.loads(body)
