@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tidal.errors import CheckpointError, ConfigError, TidalError
-from tidal.serving.bundle import MANIFEST, NO_DELTAS, moved_since, peek, readable_deltas
-from tidal.serving.delta import DELTAS, Source, delta_name
+from tidal.serving.bundle import MANIFEST, NO_DELTAS, Delta, moved_since, peek, readable_deltas
+from tidal.serving.delta import DELTAS, Position, Source, delta_name
 from tidal.serving.predictor import Predictor
 
 __all__ = ["Update", "Updater", "log_update", "refusal"]
@@ -144,16 +144,8 @@ class Updater:
         if position is None:
             raise CheckpointError(f"{self._path}: {NO_DELTAS}")
         self._predictor.check_whole()
-        try:
-            deltas, stopped = readable_deltas(self._path, position, self._predictor.config)
-        except (CheckpointError, OSError):
-            deltas, stopped = [], None
-            moved = moved_since(self._path, position)
-            if not moved:
-                raise
-        else:
-            moved = moved_since(self._path, position) if stopped is not None and not deltas else None
-        if moved:  # a full export landed while the deltas were looked for
+        deltas, stopped, moved = self._deltas_after(position)
+        if moved:
             return self._reload(moved, start)
         if stopped is not None:  # what to do, for a server that serves the deltas before
             stopped = type(stopped)(f"{stopped}: remove them or export them again, or export the bundle in full")
@@ -166,6 +158,19 @@ class Updater:
         return Update(applied=len(deltas), delta=self.delta, rows_changed=applied.rows_changed,
                       rows_removed=applied.rows_removed, seconds=time.perf_counter() - start, paused_s=applied.paused_s,
                       refused=None if stopped is None else refusal(stopped), source=self._predictor.source)
+
+    def _deltas_after(self, position: Position) -> tuple[list[Delta], CheckpointError | None, str | None]:
+        """The deltas that follow `position` and why those after them cannot be applied
+        (`readable_deltas`), or what moved the bundle: a full export that landed while
+        they were looked for, which then made the look fail."""
+        try:
+            deltas, stopped = readable_deltas(self._path, position, self._predictor.config)
+        except (CheckpointError, OSError):
+            if moved := moved_since(self._path, position):
+                return [], None, moved
+            raise
+        moved = moved_since(self._path, position) if stopped is not None and not deltas else None
+        return deltas, stopped, moved
 
     def _reload(self, moved: str, start: float) -> Update:
         """Load the full export that replaced the bundle. One this server cannot run
