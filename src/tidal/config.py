@@ -122,6 +122,12 @@ def _unused(needs: dict[str, tuple[bool, str]]) -> dict[str, str]:
     return {name: need for name, (applies, need) in needs.items() if not applies}
 
 
+def _kind_alone(value: Any) -> Any:
+    """An optimizer given by its kind alone (`optimizer: adagrad`): that kind, its
+    settings at their defaults."""
+    return {"kind": value} if isinstance(value, str) else value
+
+
 def _refuse_unused(model: BaseModel, unused: dict[str, str], where: str = "") -> None:
     """Refuse fields given a value other than their default where they would have no
     effect: `unused` maps such a field to what it needs; `where` is the path to `model`
@@ -285,9 +291,8 @@ class TableConfig(_Model):
 
     @pydantic.field_validator("optimizer", mode="before")
     @classmethod
-    def _kind_alone(cls, value: Any) -> Any:
-        """A kind alone (`optimizer: adagrad`) takes that optimizer's defaults."""
-        return {"kind": value} if isinstance(value, str) else value
+    def _optimizer_by_kind(cls, value: Any) -> Any:
+        return _kind_alone(value)
 
     @classmethod
     def from_saved(cls, values: dict) -> TableConfig:
@@ -663,8 +668,7 @@ class TrainingConfig(_Model):
     def _adam_by_default(cls, value: Any) -> Any:
         """A kind alone (`optimizer: sgd`) takes that optimizer's defaults; settings
         without a kind are the default optimizer's (Adam's)."""
-        if isinstance(value, str):
-            return {"kind": value}
+        value = _kind_alone(value)
         if not isinstance(value, dict) or "kind" in value:
             return value
         foreign = sorted(set(value) - set(DenseAdam.model_fields))

@@ -21,7 +21,8 @@ MOMENTUM = {"kind": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 1e
 @pytest.mark.parametrize("optimizer,torch_class,settings", [
     (None, torch.optim.Adam, {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}),
     ({"eps": 1e-6}, torch.optim.Adam, {"eps": 1e-6}),  # settings without a kind: Adam's
-    ({"kind": "adam", "beta1": 0.8, "weight_decay": 0.01}, torch.optim.Adam, {"betas": (0.8, 0.999), "weight_decay": 0.01}),
+    ({"kind": "adam", "beta1": 0.8, "weight_decay": 0.01}, torch.optim.Adam,
+     {"betas": (0.8, 0.999), "weight_decay": 0.01}),
     ({"kind": "adamw"}, torch.optim.AdamW, {"weight_decay": 0.01}),
     (MOMENTUM, torch.optim.SGD, {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-4}),
     ({"kind": "adagrad", "initial_accumulator_value": 0.1}, torch.optim.Adagrad,
@@ -143,7 +144,8 @@ def test_the_engine_clips_as_the_reference_trainer(tmp_path):
     engine = _trainer(config, tmp_path / "engine", {"mode": "sync", "sparse_workers": 2, **EXACT})
     engine.fit()
     _assert_bitwise_equal(reference, engine)
-    unclipped = _trainer({**config, "training": {**config["training"], "clip_grad_norm": None}}, tmp_path / "plain", None)
+    plain = {**config, "training": {**config["training"], "clip_grad_norm": None}}
+    unclipped = _trainer(plain, tmp_path / "plain", None)
     unclipped.fit()
     assert not all(torch.equal(a, b) for a, b in zip(unclipped.model.parameters(), reference.model.parameters()))
     two = _trainer(config, tmp_path / "two", {"mode": "sync", "sparse_workers": 2, "dense_workers": 2, **EXACT})

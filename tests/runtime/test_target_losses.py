@@ -48,7 +48,8 @@ def test_each_targets_loss_is_logged_and_weighs_into_the_total(two_targets, tmp_
         assert r["loss"] == pytest.approx((r["target_loss"]["click"] + 3.0 * r["target_loss"]["buy"]) / 4.0, rel=1e-6)
     assert records[-1]["target_loss"]["buy"] < records[0]["target_loss"]["buy"]  # it learns
     first = records[0]["target_loss"]
-    assert f"loss {records[0]['loss']:.4f} (click {first['click']:.4f}, buy {first['buy']:.4f})" in capsys.readouterr().out
+    shown = f"loss {records[0]['loss']:.4f} (click {first['click']:.4f}, buy {first['buy']:.4f})"
+    assert shown in capsys.readouterr().out
 
 
 def test_the_engine_logs_the_reference_trainers_target_losses(two_targets, tmp_path):

@@ -642,8 +642,9 @@ class EmbeddingTable:
         rows = np.concatenate([values, state], axis=1) if state.shape[1] else np.ascontiguousarray(values)
         if not finite:
             self._check_finite_rows(rows, keys)
-        last_seen = self._steps(block.last_seen) if keep_last_seen else np.full(len(keys), self._step, np.uint32)
-        counts = self._counts(block.counts)
+        last_seen = (self._whole_numbers(block.last_seen, "last_seen must be steps", int(ix.MARK) - 1)  # see MARK
+                     if keep_last_seen else np.full(len(keys), self._step, np.uint32))
+        counts = self._whole_numbers(block.counts, "counts must be whole numbers", int(np.iinfo(np.uint32).max))
         with self._gate.shared():
             lookup = self._resolve(keys, step=self._step, insert=True, distinct=False, force=True, count=False)
             run_split(pooling.scatter_rows, len(keys), self.threads, self.arena.directory, self.width, lookup.handles, rows)
@@ -657,24 +658,14 @@ class EmbeddingTable:
             raise BatchError(f"table {self.name!r}: pushed values and state must be finite, got {note}; no row was "
                              f"written")
 
-    def _steps(self, last_seen: np.ndarray) -> np.ndarray:
-        """Pushed `last_seen` steps as the table keeps them; a `BatchError` for one no
-        table reaches (a step's top bit marks rows while a lookup runs)."""
-        steps = np.asarray(last_seen)
-        if steps.size and (steps.dtype.kind not in "iu" or steps.min() < 0 or steps.max() >= ix.MARK):
-            shown = steps.dtype if steps.dtype.kind not in "iu" else f"{steps.min()} to {steps.max()}"
-            raise BatchError(f"table {self.name!r}: pushed last_seen must be steps from 0 to {int(ix.MARK) - 1}, "
-                             f"got {shown}; no row was written")
-        return steps.astype(np.uint32)
-
-    def _counts(self, counts: np.ndarray) -> np.ndarray:
-        """Pushed lookup counts as the table keeps them (uint32); a `BatchError` for one
-        that is not a whole number from 0 to 2**32 - 1."""
-        found = np.asarray(counts)
-        if found.size and (found.dtype.kind not in "iu" or found.min() < 0 or found.max() > np.iinfo(np.uint32).max):
+    def _whole_numbers(self, values: np.ndarray, rule: str, most: int) -> np.ndarray:
+        """Pushed metadata as the table keeps it (uint32); a `BatchError` saying `rule` for
+        a value that is not a whole number from 0 to `most` (last_seen: below the bit that
+        marks rows while a lookup runs)."""
+        found = np.asarray(values)
+        if found.size and (found.dtype.kind not in "iu" or found.min() < 0 or found.max() > most):
             shown = found.dtype if found.dtype.kind not in "iu" else f"{found.min()} to {found.max()}"
-            raise BatchError(f"table {self.name!r}: pushed counts must be whole numbers from 0 to "
-                             f"{np.iinfo(np.uint32).max}, got {shown}; no row was written")
+            raise BatchError(f"table {self.name!r}: pushed {rule} from 0 to {most}, got {shown}; no row was written")
         return found.astype(np.uint32)
 
     def _set_metadata(self, lookup: RowLookup, last_seen: np.ndarray, counts: np.ndarray) -> None:

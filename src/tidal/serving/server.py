@@ -326,7 +326,7 @@ def create_app(service: Service) -> Starlette:
             return "shutting_down", _error(503, str(exc), {"Connection": "close"})
         except ClientDisconnect:  # the client hung up: nobody to answer, and no fault of the server
             return "client_gone", _error(400, "the client closed the connection before its answer")
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # answered only when the runner cancels every task as the server stops
             if not service.stopped_at_once:
                 raise
             return "shutting_down", _error(503, "the server was stopped at once (a second Ctrl-C or SIGTERM) before "
@@ -469,10 +469,13 @@ class BodyBudget:
 
 
 class _Held:
+    """The bytes of a `BodyBudget` that one request holds."""
+
     def __init__(self, budget: BodyBudget) -> None:
         self.budget, self.size = budget, 0
 
     def take(self, size: int) -> None:
+        """Hold `size` more bytes; `Overloaded` where the budget has not that many left."""
         budget = self.budget
         if budget.held + size > budget.limit:
             raise Overloaded(f"the server holds {budget.held:,d} bytes of request bodies, and this one would pass the "
@@ -481,6 +484,7 @@ class _Held:
         self.size += size
 
     def release(self) -> None:
+        """Give back all this request holds."""
         self.budget.held -= self.size
         self.size = 0
 
