@@ -213,7 +213,7 @@ def _remove_superseded(root: Path, name: str, keep: int) -> None:
     that no one is reading (`reading`; one being read goes when its last reader is done),
     and the temporary folders of saves that died: this process's or a process's that has
     ended (one still running may be saving)."""
-    earlier = [n for n in _complete_folders(root.parent) if _position_of(n) < _position_of(name)]
+    earlier = _folders_before(root.parent, name)
     kept = {name, *(earlier[max(0, len(earlier) - (keep - 1)):] if keep > 1 else [])}
     for entry in root.iterdir():
         if entry.name.startswith("step-") and entry.name not in kept:
@@ -336,6 +336,16 @@ def _complete_folders(run_dir: Path) -> list[str]:
     return sorted(names, key=_position_of)
 
 
+def _folders_before(run_dir: Path, name: str) -> list[str]:
+    """The complete checkpoint folders of `run_dir` of steps before checkpoint `name`'s, oldest first."""
+    return [n for n in _complete_folders(run_dir) if _position_of(n) < _position_of(name)]
+
+
+def _pointing_at(name: str) -> str:
+    """What LATEST holds when it names checkpoint `name`."""
+    return json.dumps({"checkpoint": name})
+
+
 def _position_of(name: str) -> tuple[int, ...]:
     """(step, epoch) of a checkpoint folder's name, step-SSSSSSSS-epoch-E (the step may
     outgrow its 8 digits: names do not sort as their steps do)."""
@@ -353,10 +363,10 @@ def latest(run_dir: Path) -> Path:
     if not pointer.exists():
         folders = _complete_folders(run_dir)
         if folders:  # the pointer was lost, not the checkpoints
-            pointed = json.dumps({"checkpoint": folders[-1]})
             raise CheckpointError(f"{pointer} is missing, but the run's checkpoints folder holds {', '.join(folders)}: "
-                                  f"to go on from the newest, write LATEST again ({pointed}), or name that folder "
-                                  f"where a checkpoint is asked for (tidal eval and export --checkpoint)")
+                                  f"to go on from the newest, write LATEST again ({_pointing_at(folders[-1])}), or "
+                                  f"name that folder where a checkpoint is asked for (tidal eval and export "
+                                  f"--checkpoint)")
         raise CheckpointError(f"{run_dir}: holds no checkpoint ({pointer} is missing); train a run there first")
     name = _json(pointer).get("checkpoint")
     if not isinstance(name, str) or not name.startswith("step-"):
@@ -467,10 +477,10 @@ def restore_latest(trainer: Trainer) -> dict[str, int]:
     try:
         return restore(trainer, directory)
     except CorruptCheckpointError as exc:
-        earlier = [n for n in _complete_folders(trainer.run_dir) if _position_of(n) < _position_of(directory.name)]
+        earlier = _folders_before(trainer.run_dir, directory.name)
         if earlier:
             way = (f"the run kept an earlier checkpoint, {earlier[-1]}: to resume from it (the steps since are "
-                   f"trained again), write LATEST naming it ({{\"checkpoint\": \"{earlier[-1]}\"}})")
+                   f"trained again), write LATEST naming it ({_pointing_at(earlier[-1])})")
         else:
             way = ("the run kept no earlier checkpoint (training.keep_checkpoints keeps as many as it says): restore "
                    "the file, or train again")
