@@ -38,6 +38,19 @@ def test_demo_refuses_too_few_rows(capsys):
     assert "--rows must be at least 1,000, got 10" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, usage, unknown", [
+    (["bench", "sparse", "--rows", "5"], "usage: tidal bench sparse [-h] [--quick]", "--rows 5"),
+    (["train", "--config", "run.yaml", "--bogus"], "usage: tidal train [-h] --config CONFIG", "--bogus"),
+])
+def test_an_unknown_argument_is_refused_with_the_usage_of_the_command_typed(capsys, argv, usage, unknown):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.startswith(usage)
+    assert f"error: unrecognized arguments: {unknown}" in err
+
+
 def test_train_and_export_report_a_full_disk_without_a_traceback(tmp_path, capsys, monkeypatch):
     import errno
     import shutil

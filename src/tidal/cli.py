@@ -25,8 +25,22 @@ __all__ = ["main"]
 _NOTED_COMPILE_S = 1.0  # a run that spent longer compiling kernels says so beside its speed
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser that refuses arguments it does not know with its own usage line.
+
+    Plain argparse leaves them to the top-level parser, whose usage (`tidal [-h] {demo,...}`) does not show
+    the options of the command that was typed. Sub-commands' parsers are of the same class.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, unknown = super().parse_known_args(args, namespace)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed, unknown
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tidal", description=__doc__)
+    parser = _Parser(prog="tidal", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="generate data, train DLRM, evaluate it, export it and serve it, then summarize")
     demo.add_argument("--rows", type=int, default=300_000, help="training rows to generate (default 300,000)")
