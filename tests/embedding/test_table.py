@@ -601,12 +601,20 @@ def test_apply_gradients_raises_batch_error_when_grad_shape_wrong(shape):
 
 
 def test_apply_gradients_raises_batch_error_when_grads_are_not_readable_as_floats():
-    torch = pytest.importorskip("torch")
     table = make_table(name="items")
     insert(table, arr(1, 2, 3))
-    for grads in (torch.ones(3, 4, dtype=torch.bfloat16), [["a"] * 4] * 3):
-        with pytest.raises(BatchError, match=r"'items': grads must be a float array of shape \(3, 4\)"):
-            table.apply_gradients(arr(1, 2, 3), grads)
+    with pytest.raises(BatchError, match=r"'items': grads must be a float array of shape \(3, 4\)"):
+        table.apply_gradients(arr(1, 2, 3), [["a"] * 4] * 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_apply_gradients_takes_half_precision_tensors_as_their_float32_values(dtype):
+    table, twin = make_table(), make_table()
+    grads = torch.tensor([[0.5, -1.25, 3.0, 0.0078125]] * 2, dtype=dtype)  # exact in both half precisions
+    for t, g in ((table, grads), (twin, grads.float().numpy())):
+        insert(t, arr(1, 2))
+        t.apply_gradients(arr(1, 2), g)
+    np.testing.assert_array_equal(table.lookup(arr(1, 2)), twin.lookup(arr(1, 2)))
 
 
 def test_apply_grouped_refuses_a_lookup_from_another_table_or_gradients_that_do_not_fit():

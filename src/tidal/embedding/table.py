@@ -475,14 +475,15 @@ class EmbeddingTable:
         """One optimizer step on the rows of `keys` given one gradient per key.
 
         Repeated keys have their gradients summed first; absent keys are skipped.
-        `grads` is `[n, dim]` float32.
+        `grads` is `[n, dim]`, a numpy array or a torch tensor (bfloat16 and float16 too),
+        applied as float32.
         """
         keys = self._keys(keys)
-        if hasattr(grads, "detach"):  # a torch tensor, perhaps one autograd tracks or on a GPU
-            grads = grads.detach().cpu()
+        if hasattr(grads, "detach"):  # a torch tensor, perhaps one autograd tracks, on a GPU or in bfloat16
+            grads = grads.detach().cpu().float()
         try:
             grads = np.ascontiguousarray(grads, dtype=np.float32)
-        except (TypeError, ValueError) as e:  # a bfloat16 torch tensor, strings, ...
+        except (TypeError, ValueError) as e:  # strings, ...
             raise BatchError(f"table {self.name!r}: grads must be a float array of shape {(keys.shape[0], self.dim)} "
                              f"that numpy can read, got {type(grads).__name__} {getattr(grads, 'dtype', '')} ({e}); "
                              f"convert it first, e.g. tensor.float().numpy()") from e
