@@ -852,3 +852,74 @@ def test_a_byte_order_mark_opening_the_file_is_dropped_however_the_file_is_cut(t
     path.write_bytes(b"\xef\xbb\xbf1\t5\tab\n\xef\xbb\xbf0\t6\tcd\n")  # the second: a value's, kept
     rows = pa.Table.from_batches(list(read_batches(path, columns=SMALL, checks={})))
     assert rows.column("label").to_pylist() == ["1", "\ufeff0"]
+
+
+def test_a_glob_passes_over_what_its_wildcards_match_in_folders_named_with_an_underscore_or_a_dot(tmp_path):
+    """As Spark leaves a task's uncommitted output in _temporary/; `**` is any depth of folders."""
+    for folder in ("dt=1", "dt=2/hour=3", "_temporary/0", ".staging"):
+        (tmp_path / folder).mkdir(parents=True)
+        _write(tmp_path / folder / "part-0.tsv", "1\t5\tab\n")
+    def rows(pattern):
+        return sum(b.num_rows for b in read_batches(str(tmp_path / pattern), columns=SMALL))
+
+    assert rows("*/*.tsv") == 1
+    assert rows("**/*.tsv") == 2  # dt=1 and dt=2/hour=3
+    assert rows("_temporary/*/*.tsv") == 1  # a folder the pattern names is read
+
+
+def test_half_precision_parquet_columns_read_as_their_float32_values(tmp_path):
+    values = [0.5, float("nan"), 3.0, -1.25, 2048.0]
+    half, single = tmp_path / "half.parquet", tmp_path / "single.parquet"
+    for path, kind in ((half, pa.float16()), (single, pa.float32())):
+        bags = pa.array([[v, 1.0] for v in values], pa.list_(kind))
+        pq.write_table(pa.table({"label": pa.array([1, 0, 1, 0, 1], kind), "I1": pa.array(values, kind),
+                                 "C1": bags}), path)
+    checks = {"label": "label", "I1": "number", "C1": Bags(",")}
+    read = [pa.Table.from_batches(list(read_batches(p, columns=SMALL, checks=checks))) for p in (half, single)]
+    assert read[0].equals(read[1])
+    assert read[0].column("I1").to_pylist() == ["0.5", "", "3", "-1.25", "2048"]
+
+
+def test_a_parquet_file_holding_a_column_read_twice_is_refused_naming_it(tmp_path):
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array([1]), pa.array([2]), pa.array(["a"]), pa.array(["b"])],
+                                        names=["label", "I1", "C1", "C1"]), path)
+    with pytest.raises(DataError, match=r"d\.parquet: the Parquet file holds columns \['C1'\] more than once"):
+        list(read_batches(path, columns=SMALL))
+    assert len(list(read_batches(path, columns=["label", "I1"]))) == 1  # a column no feature reads may repeat
+
+
+def test_a_csv_file_whose_lines_end_in_a_bare_carriage_return_is_refused_saying_so(tmp_path):
+    path = tmp_path / "mac.csv"
+    path.write_bytes(b"label,I1,C1\r1,5,a\r0,6,b\r")
+    expected = r"mac\.csv:1: the header line holds a carriage return \(\\r\): the file's lines seem to end in a bare"
+    with pytest.raises(DataError, match=expected):
+        readers.check_layout([str(path)], SMALL)
+    with pytest.raises(DataError, match=expected):
+        list(read_batches(path, columns=SMALL))
+
+
+def test_a_number_column_s_nan_written_as_text_is_a_missing_value_as_a_parquet_nan_is(tmp_path):
+    path = _write(tmp_path / "d.csv", "label,I1,C1\n1,NaN,a\n0,nan,b\n1,-NaN,c\n0,2.5,d\n1,NaNa,e\n")
+    report = BadRows()
+    read = pa.Table.from_batches(list(read_batches(path, columns=SMALL, checks={"I1": "number"}, bad_rows=report)))
+    assert read.column("I1").to_pylist() == ["", "", "", "2.5"]
+    assert report.count == 1 and report.examples[0].startswith(f"{path}:6: column 'I1': expected a number")
+    ids = read_batches(path, columns=["I1"], checks={"I1": "integer"}, bad_rows=BadRows(), max_bad_fraction=1.0)
+    assert sum(b.num_rows for b in ids) == 0  # an id column's "nan" is not a number column's NaN
+
+
+@pytest.mark.parametrize("start, what", [
+    (b"PAR1\x15\x04", "a Parquet file"),
+    (b"BZh91AY&SY\x00", "bzip2-compressed"),
+    (b"\xfd7zXZ\x00\x00", "xz-compressed"),
+    (b"\x28\xb5\x2f\xfd\x00", "zstd-compressed"),
+    ("label,I1,C1\n1,2,a\n".encode("utf-16"), "UTF-16 text"),
+])
+def test_a_file_read_as_text_that_is_not_text_is_refused_naming_what_it_is(tmp_path, start, what):
+    path = tmp_path / "part-00000"
+    path.write_bytes(start + b"\x00" * 64)
+    with pytest.raises(DataError, match=rf"part-00000: expected CSV text, got {re.escape(what)} \(it starts with bytes "):
+        list(read_batches(path, columns=SMALL, file_format="csv"))
+    with pytest.raises(DataError, match=rf"part-00000: expected TSV text, got {re.escape(what)}"):
+        readers.check_layout([str(path)], SMALL, "tsv")

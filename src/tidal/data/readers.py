@@ -56,6 +56,7 @@ _PATTERNS = {  # what a checked column must hold; "label" may not be empty, the 
     "number": f"^{_NUMBER}$",
     "label": r"^[01](?:\.0*)?$",  # 1.0 too, as a float column's text (and Parquet's 1.0) has it
 }
+_NAN = r"^[+-]?[nN][aA][nN]$"  # a number column's NaN written as text, read as a missing value
 _WITHIN_FLOAT32 = "within float32's range (|x| <= 3.4028235e38)"
 _EXPECTED = {"integer": f"an integer within int64's range ({_INT64_MIN} to {_INT64_MAX}) or nothing",
              "number": f"a number {_WITHIN_FLOAT32} or nothing", "label": "0 or 1 (or 0.0 or 1.0)"}
@@ -220,16 +221,23 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
 
 
 def _files_matching(pattern: str) -> list[str]:
-    """The files that `pattern` matches, sorted, but those whose names begin with "_" or
-    "." (as Spark and Hive leave `_SUCCESS` beside their data); an error if none."""
-    matches = sorted(glob.glob(pattern))
-    files = [m for m in matches if Path(m).is_file() and not Path(m).name.startswith(("_", "."))]
+    """The files that `pattern` matches (`**` any depth of folders), sorted, but those
+    whose names, or the names of the folders the pattern's wildcards matched, begin with
+    "_" or "." (as Spark and Hive leave `_SUCCESS` and `_temporary/` beside their data);
+    an error if none."""
+    fixed = next(i for i, part in enumerate(Path(pattern).parts) if glob.has_magic(part))  # folders named as they are
+    matches = sorted(glob.glob(pattern, recursive=True))
+    files = [m for m in matches if Path(m).is_file() and not _passed_over(Path(m).parts[fixed:])]
     if not files:
         what = f"it matches only folders or files of names beginning with _ or . ({', '.join(matches[:3])}" \
             f"{', ...' if len(matches) > 3 else ''})" if matches else "it matches nothing"
         raise DataPathError(f"no data file at {pattern}: {what}; expected a file, a glob matching files, or a list of "
                             f"them")
     return files
+
+
+def _passed_over(names: Sequence[str]) -> bool:
+    return any(name.startswith(("_", ".")) and name != ".." for name in names)
 
 
 def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
@@ -354,7 +362,7 @@ def _check_file_layout(path: str, kind: str, columns: Sequence[str], csv_header:
     if kind == "parquet":
         _open_parquet(path, columns, bags)
     elif os.path.getsize(path):
-        _check_not_gzip(path)
+        _check_plain_text(path, kind)
         if kind == "csv" and csv_header:
             first = next(_pieces(path, kind, _SAMPLE_BYTES), None)
             if first is not None:
@@ -459,7 +467,7 @@ def _text(path: str, kind: str, columns: Sequence[str], *, header: bool) -> Iter
     out of it: of the wrong width, empty, holding a stray carriage return, or not UTF-8
     text where a read column is) for each piece of a TSV or CSV file. With `header`,
     the file's first record is its header; else its columns are `columns`."""
-    _check_not_gzip(path)
+    _check_plain_text(path, kind)
     names = None if header else list(columns)
     for piece in _pieces(path, kind):
         if names is None:
@@ -626,6 +634,10 @@ def _header_names(path: str, header: bytes, columns: Sequence[str]) -> list[str]
     """The column names of a CSV file's header (its first record), which must name each
     of `columns` once. Bytes that are not UTF-8 text read as U+FFFD."""
     line = header.removesuffix(b"\n").removesuffix(b"\r").decode("utf-8", "replace").encode()
+    if b"\r" in line:
+        raise DataError(f"{path}:1: the header line holds a carriage return (\\r): the file's lines seem to end in a "
+                        f"bare \\r (as old Mac text files' do); expected lines ending in \\n or \\r\\n (write it "
+                        f"again so, e.g. with tr '\\r' '\\n')")
     try:
         names = pacsv.read_csv(pa.BufferReader(line + b"\n"), read_options=pacsv.ReadOptions(use_threads=False),
                                parse_options=pacsv.ParseOptions(newlines_in_values=True)).column_names
@@ -834,12 +846,27 @@ def _parse(text: bytes, kind: str, names: list[str], columns: Sequence[str],
             wrong)
 
 
-def _check_not_gzip(path: str) -> None:
-    """Only a name ending in .gz is read gunzipped."""
+_NOT_TEXT = (  # (how a file starts, what it then is, what to do) of files that are not TSV or CSV text
+    (re.compile(rb"PAR1"), "a Parquet file", "read it as Parquet (data.format: parquet, or a name ending in .parquet)"),
+    (re.compile(rb"BZh[1-9]1AY&SY"), "bzip2-compressed", "decompress it (gzip, in a file named .gz, is read as it is)"),
+    (re.compile(rb"\xfd7zXZ\x00"), "xz-compressed", "decompress it (gzip, in a file named .gz, is read as it is)"),
+    (re.compile(rb"\x28\xb5\x2f\xfd"), "zstd-compressed", "decompress it (gzip, in a file named .gz, is read as it is)"),
+    (re.compile(rb"PK\x03\x04"), "a zip archive", "unzip it"),
+    (re.compile(rb"\xff\xfe|\xfe\xff"), "UTF-16 text", "write it again as UTF-8"),
+)
+
+
+def _check_plain_text(path: str, kind: str) -> None:
+    """A TSV or CSV file must be text; only a name ending in .gz is read gunzipped."""
     with open(path, "rb") as file:
-        if file.read(2) == b"\x1f\x8b" and not path.lower().endswith(".gz"):
-            raise DataError(f"{path}: the file looks gzip-compressed (it starts with bytes 1f 8b) but its name "
-                            f"does not end in .gz; name it {Path(path).name}.gz, or gunzip it")
+        start = file.read(16)
+    if start.startswith(b"\x1f\x8b") and not path.lower().endswith(".gz"):
+        raise DataError(f"{path}: the file looks gzip-compressed (it starts with bytes 1f 8b) but its name "
+                        f"does not end in .gz; name it {Path(path).name}.gz, or gunzip it")
+    for signature, what, advice in _NOT_TEXT:
+        if signature.match(start):
+            raise DataError(f"{path}: expected {kind.upper()} text, got {what} (it starts with bytes "
+                            f"{start[:4].hex(' ')}); {advice}")
 
 
 def _without_non_utf8(batch: pa.RecordBatch, lines: np.ndarray, names: Sequence[str],
@@ -920,6 +947,8 @@ def _as_strings(column: pa.Array) -> pa.Array:
     if pa.types.is_boolean(column.type):
         column = pc.cast(column, pa.int8())
     elif pa.types.is_floating(column.type):
+        if pa.types.is_float16(column.type):  # exactly a float32, for which pyarrow has the kernels below
+            column = pc.cast(column, pa.float32())
         column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
         return pc.fill_null(_whole_as_integers(column), "")
     return pc.fill_null(pc.cast(column, options=_TO_STRING), "")
@@ -945,6 +974,10 @@ def _open_parquet(path: str, columns: Sequence[str], bags: Mapping[str, str]) ->
     missing = [c for c in columns if c not in schema.names]
     if missing:
         raise DataError(f"{path}: Parquet file lacks columns {missing}{_lacking(missing, schema.names, columns)}")
+    twice = sorted({c for c in columns if schema.names.count(c) > 1})
+    if twice:
+        raise DataError(f"{path}: the Parquet file holds columns {twice} more than once; expected each column the "
+                        f"features read once (select the columns before writing the file)")
     types = {c: schema.field(c).type for c in columns}
     readable = {c: _to_string(t.value_type) if _is_list(t) and c in bags else _to_string(t) for c, t in types.items()}
     unreadable = [f"column {c!r} has type {t}" for c, t in types.items() if not readable[c]]
@@ -972,6 +1005,7 @@ def _valid_rows(batch: pa.RecordBatch, path: str, lines: np.ndarray, checks: Map
     """`batch` without the rows whose checked fields do not hold what they must. Those
     and the rows `dropped` among them are reported in line order, or, in fail mode,
     the first of them stops the run."""
+    batch = _nan_as_missing(batch, checks)
     bad: dict[int, str] = {}  # row -> why (its first bad column)
     for name, kind in checks.items():
         for row, reason in _refused(name, kind, batch.column(name)):
@@ -988,6 +1022,17 @@ def _valid_rows(batch: pa.RecordBatch, path: str, lines: np.ndarray, checks: Map
     good = np.ones(batch.num_rows, dtype=bool)
     good[list(bad)] = False
     return batch.filter(pa.array(good))
+
+
+def _nan_as_missing(batch: pa.RecordBatch, checks: Mapping[str, _Check]) -> pa.RecordBatch:
+    """`batch` with the NaN of its number columns written as text (`NaN`, `nan`: as Spark
+    and numpy write it) as empty fields: a missing value, as a Parquet NaN is."""
+    for name, kind in checks.items():
+        column = batch.column(name)
+        nan = pc.match_substring_regex(column, _NAN) if kind == "number" else None
+        if nan is not None and pc.any(nan).as_py():
+            batch = batch.set_column(batch.schema.get_field_index(name), name, pc.if_else(nan, "", column))
+    return batch
 
 
 def _shown(value: str) -> str:
