@@ -60,6 +60,7 @@ _NAN = r"^[+-]?[nN][aA][nN]$"  # a number column's NaN written as text, read as 
 _WITHIN_FLOAT32 = "within float32's range (|x| <= 3.4028235e38)"
 _EXPECTED = {"integer": f"an integer within int64's range ({_INT64_MIN} to {_INT64_MAX}) or nothing",
              "number": f"a number {_WITHIN_FLOAT32} or nothing", "label": "0 or 1 (or 0.0 or 1.0)"}
+_BEYOND_INT64 = " (an id beyond int64's range, a uint64 id say, is read by a feature that hashes its ids: hashed: true)"
 _TO_STRING = pc.CastOptions(pa.string(), allow_invalid_utf8=True)  # binary fields are checked row by row
 CRITEO_CHECKS: dict[str, str] = {"label": "label", **{c: "integer" for c in CRITEO_DENSE}}
 
@@ -1050,7 +1051,9 @@ def _refused(name: str, kind: _Check, column: pa.Array) -> Iterator[tuple[int, s
             yield row, f"column {name!r}: {kind.problem(value)}; expected {kind.expected}"
         return
     for row in np.flatnonzero(~_fine(column, kind).to_numpy(zero_copy_only=False)):
-        yield int(row), f"column {name!r}: expected {_EXPECTED[kind]}, got {_shown(column[row].as_py())}"
+        value = column[row].as_py()
+        beyond = _BEYOND_INT64 if kind == "integer" and re.fullmatch(INTEGER_PATTERN, value) else ""
+        yield int(row), f"column {name!r}: expected {_EXPECTED[kind]}, got {_shown(value)}{beyond}"
 
 
 def _fine(column: pa.Array, kind: str) -> pa.Array:
