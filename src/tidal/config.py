@@ -150,8 +150,8 @@ class Initializer(_Model):
     for 11,000 rows of dim 64).
     """
 
-    kind: Literal["uniform", "normal", "zeros"] = "uniform"
-    scale: _Float = Field(0.01, ge=0.0, allow_inf_nan=False)
+    kind: Literal["uniform", "normal", "zeros"] = "uniform"  # the distribution, as above
+    scale: _Float = Field(0.01, ge=0.0, allow_inf_nan=False)  # uniform's bound, normal's standard deviation
 
     @pydantic.model_validator(mode="after")
     def _scale_applies(self) -> Initializer:
@@ -162,25 +162,25 @@ class Initializer(_Model):
 class Sgd(_Model):
     """Plain SGD: ``w -= lr * g``."""
 
-    kind: Literal["sgd"] = "sgd"
-    lr: _Float = Field(0.01, gt=0.0, allow_inf_nan=False)
+    kind: Literal["sgd"] = "sgd"  # chooses it: a table's `optimizer: {kind: sgd, ...}`, or `optimizer: sgd`
+    lr: _Float = Field(0.01, gt=0.0, allow_inf_nan=False)  # the learning rate
 
 
 class Adagrad(_Model):
     """Adagrad as `torch.optim.Adagrad` (lr_decay 0): one accumulator per element."""
 
-    kind: Literal["adagrad"] = "adagrad"
-    lr: _Float = Field(0.01, gt=0.0, allow_inf_nan=False)
-    eps: _Float = Field(1e-10, gt=0.0, allow_inf_nan=False)
-    initial_accumulator_value: _Float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    kind: Literal["adagrad"] = "adagrad"  # chooses it: `optimizer: {kind: adagrad, ...}`, or `optimizer: adagrad`
+    lr: _Float = Field(0.01, gt=0.0, allow_inf_nan=False)  # the learning rate
+    eps: _Float = Field(1e-10, gt=0.0, allow_inf_nan=False)  # added to the accumulator's root, in the denominator
+    initial_accumulator_value: _Float = Field(0.0, ge=0.0, allow_inf_nan=False)  # new rows' accumulators start at it
 
 
 class RowWiseAdagrad(_Model):
     """Row-wise Adagrad (fbgemm style): one accumulator per row, the mean of g²."""
 
-    kind: Literal["rowwise_adagrad"] = "rowwise_adagrad"
-    lr: _Float = Field(0.01, gt=0.0, allow_inf_nan=False)
-    eps: _Float = Field(1e-10, gt=0.0, allow_inf_nan=False)
+    kind: Literal["rowwise_adagrad"] = "rowwise_adagrad"  # chooses it: `optimizer: {kind: rowwise_adagrad, ...}`
+    lr: _Float = Field(0.01, gt=0.0, allow_inf_nan=False)  # the learning rate
+    eps: _Float = Field(1e-10, gt=0.0, allow_inf_nan=False)  # added to the accumulator's root, in the denominator
 
 
 class Adam(_Model):
@@ -194,25 +194,32 @@ class Adam(_Model):
     (`torch.optim.Adam` adds it after: early steps of small gradients differ).
     """
 
-    kind: Literal["adam"] = "adam"
-    lr: _Float = Field(1e-3, gt=0.0, allow_inf_nan=False)
-    beta1: _Float = Field(0.9, ge=0.0, lt=1.0)
-    beta2: _Float = Field(0.999, ge=0.0, lt=1.0)
-    eps: _Float = Field(1e-8, gt=0.0, allow_inf_nan=False)
-    per_row_bias_correction: bool = False
+    kind: Literal["adam"] = "adam"  # chooses it: `optimizer: {kind: adam, ...}`, or `optimizer: adam`
+    lr: _Float = Field(1e-3, gt=0.0, allow_inf_nan=False)  # the learning rate
+    beta1: _Float = Field(0.9, ge=0.0, lt=1.0)  # decay rate of the gradient's running mean (m)
+    beta2: _Float = Field(0.999, ge=0.0, lt=1.0)  # decay rate of the squared gradient's running mean (v)
+    eps: _Float = Field(1e-8, gt=0.0, allow_inf_nan=False)  # added to the denominator
+    per_row_bias_correction: bool = False  # correct by each row's own step count (see above)
 
 
 class AdamW(Adam):
-    """Lazy Adam with decoupled weight decay (`torch.optim.AdamW`) on present rows."""
+    """Lazy Adam with decoupled weight decay (`torch.optim.AdamW`) on present rows:
+    each update first scales the row by 1 - lr * `weight_decay`."""
 
     kind: Literal["adamw"] = "adamw"  # type: ignore[assignment]
     weight_decay: _Float = Field(0.01, ge=0.0, allow_inf_nan=False)
 
 
 class Ftrl(_Model):
-    """FTRL-proximal (McMahan et al. 2013), per coordinate, with L1 and L2."""
+    """FTRL-proximal (McMahan et al. 2013), per coordinate, with L1 and L2.
 
-    kind: Literal["ftrl"] = "ftrl"
+    A coordinate's rate is `alpha` / (`beta` + sqrt(n)), n the sum of its squared
+    gradients (`beta` keeps it bounded while n is small); `l1` and `l2` are the
+    strengths of the penalties, and `l1` sets to exactly 0 every weight whose
+    accumulated gradient term |z| is at most it.
+    """
+
+    kind: Literal["ftrl"] = "ftrl"  # chooses it: `optimizer: {kind: ftrl, ...}`, or `optimizer: ftrl`
     alpha: _Float = Field(0.05, gt=0.0, allow_inf_nan=False)
     beta: _Float = Field(1.0, gt=0.0, allow_inf_nan=False)
     l1: _Float = Field(0.0, ge=0.0, allow_inf_nan=False)
@@ -236,7 +243,7 @@ class CountAdmission(_Model):
     updates its new row, the earlier ones too.
     """
 
-    kind: Literal["count"] = "count"
+    kind: Literal["count"] = "count"  # chooses it: a table's `admission: {kind: count, ...}`
     min_count: _Int = Field(2, ge=1, le=65535)
     sketch_width: _Int = Field(1 << 16, ge=64, le=1 << 30)
 
@@ -246,7 +253,7 @@ class ProbabilityAdmission(_Model):
     seen many times in one batch draws once; reproducible from the key, the table's
     seed and the step)."""
 
-    kind: Literal["probability"] = "probability"
+    kind: Literal["probability"] = "probability"  # chooses it: `admission: {kind: probability, probability: ...}`
     probability: _Float = Field(gt=0.0, le=1.0)
 
 
@@ -270,7 +277,19 @@ class Eviction(_Model):
 
 
 class TableConfig(_Model):
-    """One embedding table. See the module docstring for an example."""
+    """One embedding table. See the module docstring for an example.
+
+    `name` identifies it: sparse features name it in `table`, and its checkpoint files
+    go in a folder of that name. `dim` is the width of its rows (every table of a run
+    has the same). `initializer` gives new rows their values and `optimizer` updates
+    them (a kind alone, `optimizer: adagrad`, takes that kind's defaults). `admission`
+    decides which new keys get a row (none: every key, on first sight), `eviction`
+    which rows leave (none: rows stay, and a table at its row cap refuses new keys).
+    `max_rows` or `memory_bytes` caps the rows and `reserve_rows` allocates some ahead
+    (see the comments below). `num_shards` is how many parts, each with its own index,
+    the keys are spread over by hash, so that several threads (`training.threads`)
+    work on them at once.
+    """
 
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
     dim: _Int = Field(gt=0, le=65536)
@@ -341,7 +360,7 @@ class EmbeddingFeature(_Model):
     multiply each id's row before pooling (weighted sum / mean / sqrtn).
     """
 
-    name: str = Field(min_length=1, max_length=128)
+    name: str = Field(min_length=1, max_length=128)  # the sparse feature's
     table: str = Field(min_length=1, max_length=128)
     pooling: Literal["sum", "mean", "sqrtn"] = "sum"
 
@@ -371,11 +390,11 @@ class SparseFeature(_Model):
       candidate or one for all of them.
     """
 
-    kind: Literal["sparse"] = "sparse"
-    name: str = Field(min_length=1, max_length=128)
+    kind: Literal["sparse"] = "sparse"  # in a run config's features: `kind: sparse`
+    name: str = Field(min_length=1, max_length=128)  # distinct among the run's features; the hash namespace by default
     columns: list[str] = Field(min_length=1)
     table: str = Field(min_length=1, max_length=128)
-    pooling: Literal["sum", "mean", "sqrtn"] = "sum"
+    pooling: Literal["sum", "mean", "sqrtn"] = "sum"  # how a bag's rows combine: sum, mean, or sum / sqrt(n); bags only
     separator: str | None = Field(None, min_length=1)
     weight_separator: str | None = Field(None, min_length=1)
     hashed: bool = True
@@ -438,10 +457,10 @@ class DenseFeature(_Model):
     """A number from `column`; `transform: log` gives sign(x) * log1p(|x|). An empty
     value reads as `missing_value`, untransformed."""
 
-    kind: Literal["dense"] = "dense"
-    name: str = Field(min_length=1, max_length=128)
+    kind: Literal["dense"] = "dense"  # in a run config's features: `kind: dense`
+    name: str = Field(min_length=1, max_length=128)  # distinct among the run's features
     column: str = Field(min_length=1)
-    transform: Literal["none", "log"] = "none"
+    transform: Literal["none", "log"] = "none"  # none: the number as it is; log: as above
     missing_value: _Float = Field(0.0, allow_inf_nan=False)
     side: Literal["user", "item", "context"] = "item"  # as for SparseFeature
 
@@ -451,8 +470,8 @@ class LabelFeature(_Model):
     loss is the weighted mean of the targets' log losses (the weights normalized to sum
     to 1), so only the targets' relative weights count, and one target's changes nothing."""
 
-    kind: Literal["label"] = "label"
-    name: str = Field(min_length=1, max_length=128)
+    kind: Literal["label"] = "label"  # in a run config's features: `kind: label`
+    name: str = Field(min_length=1, max_length=128)  # the target's: in metrics, served outputs, fusion weights
     column: str = Field(min_length=1)
     weight: _Float = Field(1.0, gt=0.0, allow_inf_nan=False)
 
@@ -465,6 +484,12 @@ class ModelConfig(_Model):
 
     `kind`: dlrm (bottom MLP, dot interaction, top MLP), deepfm, dcn (DCN-v2) or
     wide_deep. `head`: one linear logit per target, or an MMoE multi-task head.
+
+    `hidden_sizes` are the layer widths of the MLP on top (dlrm's top MLP, the deep MLP
+    of the others); `bottom_sizes` those of dlrm's bottom MLP on the dense features,
+    before its last layer (of the tables' dim); `cross_layers` is dcn's number of cross
+    layers. An MMoE head has `experts` expert MLPs of widths `expert_sizes`, which every
+    target mixes by its own gate, and one tower of widths `tower_sizes` per target.
     """
 
     kind: Literal["dlrm", "deepfm", "dcn", "wide_deep"] = "dlrm"
@@ -490,7 +515,15 @@ class ModelConfig(_Model):
 
 
 class DataConfig(_Model):
-    """Where the samples come from and how they are read."""
+    """Where the samples come from and how they are read.
+
+    `train` and `eval` are each a file, a glob or a list of them (no `eval`: no
+    evaluation). `format` is tsv, csv or parquet (none: each file's, from its name:
+    .tsv or .txt, .csv, .parquet or .pq, text files optionally gzipped, .gz).
+    `on_bad_row`: `skip` counts and skips a bad row, `fail` stops the run at the first.
+    `batch_size` is the rows of a batch: a training step's. For `columns`,
+    `max_bad_fraction` and `eval_group_by`, see the comments above them.
+    """
 
     train: str | Annotated[list[str], Field(min_length=1)]
     eval: str | list[str] | None = None
@@ -582,10 +615,10 @@ class DenseAdam(_Model):
     """The dense network's default optimizer, `torch.optim.Adam`; `weight_decay` is an
     L2 term added to the gradient."""
 
-    kind: Literal["adam"] = "adam"
-    beta1: _Float = Field(0.9, ge=0.0, lt=1.0)
-    beta2: _Float = Field(0.999, ge=0.0, lt=1.0)
-    eps: _Float = Field(1e-8, gt=0.0, allow_inf_nan=False)
+    kind: Literal["adam"] = "adam"  # chooses it: `training.optimizer: {kind: adam, ...}`; the default
+    beta1: _Float = Field(0.9, ge=0.0, lt=1.0)  # torch's betas[0]: decay rate of the gradient's running mean
+    beta2: _Float = Field(0.999, ge=0.0, lt=1.0)  # torch's betas[1]: decay rate of the squared gradient's running mean
+    eps: _Float = Field(1e-8, gt=0.0, allow_inf_nan=False)  # added to the denominator, as torch's
     weight_decay: _Float = Field(0.0, ge=0.0, allow_inf_nan=False)
 
     def torch_settings(self) -> dict[str, Any]:
@@ -594,7 +627,8 @@ class DenseAdam(_Model):
 
 
 class DenseAdamW(DenseAdam):
-    """`torch.optim.AdamW`: Adam with decoupled weight decay."""
+    """`torch.optim.AdamW`: Adam with decoupled weight decay: each step first scales
+    the weights by 1 - lr * `weight_decay`."""
 
     kind: Literal["adamw"] = "adamw"  # type: ignore[assignment]
     weight_decay: _Float = Field(0.01, ge=0.0, allow_inf_nan=False)
@@ -603,9 +637,9 @@ class DenseAdamW(DenseAdam):
 class DenseSgd(_Model):
     """`torch.optim.SGD`, with `momentum` (and Nesterov's) and an L2 `weight_decay`."""
 
-    kind: Literal["sgd"] = "sgd"
+    kind: Literal["sgd"] = "sgd"  # chooses it: `training.optimizer: {kind: sgd, ...}`, or `optimizer: sgd`
     momentum: _Float = Field(0.0, ge=0.0, lt=1.0)
-    nesterov: bool = False
+    nesterov: bool = False  # Nesterov momentum (needs a momentum above 0)
     weight_decay: _Float = Field(0.0, ge=0.0, allow_inf_nan=False)
 
     @pydantic.model_validator(mode="after")
@@ -620,9 +654,9 @@ class DenseSgd(_Model):
 class DenseAdagrad(_Model):
     """`torch.optim.Adagrad` (lr_decay 0), with an L2 `weight_decay`."""
 
-    kind: Literal["adagrad"] = "adagrad"
-    eps: _Float = Field(1e-10, gt=0.0, allow_inf_nan=False)
-    initial_accumulator_value: _Float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    kind: Literal["adagrad"] = "adagrad"  # chooses it: `training.optimizer: {kind: adagrad, ...}`
+    eps: _Float = Field(1e-10, gt=0.0, allow_inf_nan=False)  # added to the accumulator's root, in the denominator
+    initial_accumulator_value: _Float = Field(0.0, ge=0.0, allow_inf_nan=False)  # the accumulators' starting value
     weight_decay: _Float = Field(0.0, ge=0.0, allow_inf_nan=False)
 
     def torch_settings(self) -> dict[str, Any]:
@@ -647,15 +681,15 @@ class TrainingConfig(_Model):
     it natively (GPUs, CPUs with AMX or AVX512-BF16), float32 elsewhere.
     """
 
-    epochs: _Int = Field(1, ge=1)
+    epochs: _Int = Field(1, ge=1)  # passes over data.train
     lr: _Float = Field(1e-3, gt=0.0, allow_inf_nan=False)  # the dense network's optimizer's
     optimizer: DenseOptimizerConfig = Field(default_factory=DenseAdam)  # the dense network's: adam, adamw, sgd, adagrad
     clip_grad_norm: _Float | None = Field(None, gt=0.0, allow_inf_nan=False)  # of the dense weights' gradient
     seed: _Int = Field(0, ge=0, lt=1 << 63)  # the dense weights'; each table's rows follow its own `seed`
-    log_every: _Int = Field(50, ge=1)
-    threads: _Int = Field(1, ge=1, le=256)
+    log_every: _Int = Field(50, ge=1)  # steps between progress records (metrics.jsonl, and a printed line)
+    threads: _Int = Field(1, ge=1, le=256)  # of the tables' lookups, pooling and updates
     device: str = Field("cpu", pattern=DEVICE_PATTERN)
-    run_dir: str = Field("runs/latest", min_length=1)
+    run_dir: str = Field("runs/latest", min_length=1)  # the run's folder: metrics.jsonl, checkpoints/, telemetry.json
     checkpoint_every: _Int | None = Field(None, ge=1)  # steps between checkpoints; None: only at the end
     keep_checkpoints: _Int = Field(1, ge=1, le=10_000)  # the newest kept, each whole (an older one to fall back on)
     eval_every: _Int | None = Field(None, ge=1)  # steps between evaluations on data.eval; None: only at the end
@@ -724,8 +758,8 @@ class RuntimeConfig(_Model):
     """
 
     backend: Literal["local", "ray"] = "local"
-    sparse_workers: _Int = Field(1, ge=1, le=256)
-    dense_workers: _Int = Field(1, ge=1, le=64)
+    sparse_workers: _Int = Field(1, ge=1, le=256)  # N: each reads and pools batches and applies their sparse updates
+    dense_workers: _Int = Field(1, ge=1, le=64)  # M: each trains on a row slice of every batch; gradients all-reduced
     mode: Literal["sync", "async"] = "sync"
     max_inflight: _Int = Field(4, ge=1, le=1024)
     read_ahead: _Int = Field(4, ge=1, le=1024)  # batches parsed and extracted ahead, per sparse worker
@@ -736,7 +770,7 @@ class RuntimeConfig(_Model):
     colocated_sparse_worker: bool = False  # one more sparse worker beside the first dense worker
     embedding_shards: _Int = Field(1, ge=1, le=256)  # ray: embedding-shard actors (tables placed table-wise)
     ray_address: str | None = None
-    telemetry_every_s: _Float = Field(5.0, gt=0.0)
+    telemetry_every_s: _Float = Field(5.0, gt=0.0)  # seconds between telemetry lines (kept in telemetry.json)
     sparse_nice: _Int = Field(10, ge=0, le=19)
     sparse_workers_at: dict[Annotated[_Int, Field(ge=1)], Annotated[_Int, Field(ge=1, le=256)]] = Field(default_factory=dict)
 
@@ -778,7 +812,7 @@ class Fusion(_Model):
     empty `weights` gives every target the weight 1.
     """
 
-    kind: Literal["product", "sum"] = "product"
+    kind: Literal["product", "sum"] = "product"  # product or sum, as above
     weights: dict[str, Annotated[pydantic.StrictFloat, Field(allow_inf_nan=False)]] = Field(default_factory=dict)
 
     @pydantic.model_validator(mode="after")
@@ -827,19 +861,19 @@ class ServingConfig(_Model):
     operators, up to twice as fast at small batches (`tidal bench rewrite`).
     """
 
-    fusion: Fusion = Fusion()
+    fusion: Fusion = Fusion()  # the value model: a candidate's score from its targets' probabilities
     buckets: list[Annotated[_Int, Field(gt=0, le=1 << 16)]] = Field(default_factory=lambda: [1, 4, 16, 64, 256, 1024],
                                                                    min_length=1)
     max_batch_rows: _Int = Field(1024, ge=1, le=1 << 16)
     max_delay_ms: _Float = Field(2.0, ge=0.0, le=10_000.0)
     chunk_rows: _Int = Field(256, ge=1, le=1 << 16)
-    sparse_threads: _Int = Field(2, ge=1, le=256)
+    sparse_threads: _Int = Field(2, ge=1, le=256)  # the sparse stage's (extract, look up, pool); each runs one batch
     dense_threads: _Int | None = Field(1, ge=1, le=256)  # None: torch's default, or one per core for onnxruntime
     max_queue_rows: _Int = Field(65_536, ge=1)
     max_body_bytes: _Int = Field(32 << 20, ge=1024)
     max_held_body_bytes: _Int | None = Field(None, ge=1024)  # None: 16 x max_body_bytes
-    session_ttl_s: _Float = Field(300.0, gt=0.0)
-    session_memory_bytes: _Int = Field(256 << 20, ge=1024)
+    session_ttl_s: _Float = Field(300.0, gt=0.0)  # seconds a stateful session may sit idle before it is dropped
+    session_memory_bytes: _Int = Field(256 << 20, ge=1024)  # the session cache's cap: the least recently used go first
     table_dtype: Literal["float32", "float16"] = "float32"  # how the bundle stores the tables
     delta_poll_s: _Float | None = Field(None, gt=0.0, le=86_400.0)  # between looks for new deltas; None: on request
     backend: Literal["torch", "onnxruntime", "aotinductor"] = "torch"  # what runs the dense network
@@ -867,7 +901,9 @@ class ServingConfig(_Model):
 class RunConfig(_Model):
     """One YAML file: data, features, tables, model and training; with `runtime`, the
     heterogeneous engine trains it, with `passmode` the pass-mode trainer, with
-    neither the single-process reference trainer."""
+    neither the single-process reference trainer. `data`, `features` (at least one
+    label and one sparse feature), `tables` (those the sparse features read), `model`,
+    `training` and `serving` are the sections of those names."""
 
     data: DataConfig
     features: list[FeatureConfig] = Field(min_length=1)
