@@ -13,7 +13,7 @@ from tidal.config import RunConfig
 from tidal.data import generate
 from tidal.data.criteo import CRITEO_COLUMNS, CRITEO_DENSE, CRITEO_SPARSE
 from tidal.data.generate import auc
-from tidal.errors import ConfigError
+from tidal.errors import ConfigError, DataError
 from tidal.runtime import Trainer
 from tidal.runtime.trainer import group_auc, shown_gauc
 
@@ -46,6 +46,11 @@ def test_group_auc_matches_a_group_by_group_reference_with_ties_and_one_class_gr
 def test_group_auc_of_no_group_with_both_classes_is_none():
     assert group_auc(np.arange(4), np.array([0, 1, 0, 1]), np.zeros(4)) == (None, 0)
     assert group_auc(np.zeros(0, np.int64), np.zeros(0), np.zeros(0)) == (None, 0)
+
+
+def test_group_auc_refuses_nan_scores_as_the_auc_does():
+    with pytest.raises(DataError, match=r"group AUC needs numeric scores, got 1 NaN of 3"):
+        group_auc(np.array([1, 1, 1]), np.array([0, 1, 1]), np.array([np.nan, 0.5, 0.2]))
 
 
 def _config(tmp_path, **data) -> dict:
@@ -106,7 +111,7 @@ def test_one_group_gives_the_auc_and_rows_without_an_id_belong_to_none(trained, 
     with_missing.write_text(open(one_group).read() + open(without_id).read())
     partly = trainer.evaluate([str(with_missing)])
     assert partly.gauc == whole.gauc and partly.gauc_rows == 2_000 and partly.rows == 4_000  # the rows without an id
-    assert shown_gauc(partly, "click").endswith(" over 1 group (2,000 rows without a C1 id left out)")
+    assert shown_gauc(partly, "click").endswith(" over 1 group (2,000 rows without an id of C1 left out)")
     own = trainer.evaluate([_with_column(source, tmp_path / "own.tsv", 14, str)])  # a group a row: one class each
     assert own.gauc == {"click": None} and own.gauc_groups == {"click": 0}
 

@@ -71,6 +71,27 @@ def test_keep_checkpoints_keeps_the_newest_and_a_damaged_latest_says_to_resume_f
     assert_same_state(whole, resumed)
 
 
+def test_reading_a_kept_earlier_checkpoint_leaves_it_there_and_a_warm_start_from_it_trains(tmp_path):
+    config = _config(tmp_path, epochs=1, checkpoint_every=5, keep_checkpoints=3)
+    config["data"]["eval"] = None
+    Trainer(RunConfig(**config)).fit(max_steps=15)
+    root = tmp_path / "run" / "checkpoints"
+
+    def folders():
+        return sorted(p.name for p in root.glob("step-*"))
+
+    kept = ["step-00000005-epoch-0", "step-00000010-epoch-0", "step-00000015-epoch-0"]
+    assert folders() == kept and json.loads((root / "LATEST").read_text()) == {"checkpoint": kept[-1], "keep": 3}
+    with checkpoint.reading(root / kept[0]):  # as tidal eval and tidal export read it
+        pass
+    assert folders() == kept
+    day2 = {**config, "training": {**config["training"], "run_dir": str(tmp_path / "day2")}}
+    assert Trainer(RunConfig(**day2)).fit(init_from=root / kept[0], max_steps=8)["steps"] == 8
+    assert folders() == kept
+    Trainer(RunConfig(**config)).fit(resume=True, max_steps=20)  # a save removes the oldest, now not kept
+    assert folders() == kept[1:] + ["step-00000020-epoch-0"]
+
+
 def test_a_damaged_latest_checkpoint_of_a_run_keeping_one_says_so(run, tmp_path):
     (checkpoint.latest(tmp_path / "run") / "dense.safetensors").write_bytes(b"damaged")
     with pytest.raises(CorruptCheckpointError, match=r"the run kept no earlier checkpoint \(training.keep_checkpoints "

@@ -146,9 +146,10 @@ def save(trainer: Trainer, position: dict[str, int]) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     fsync_path(root)
-    write_json_atomic(root / LATEST, {"checkpoint": name})
+    keep = trainer.config.training.keep_checkpoints
+    write_json_atomic(root / LATEST, {"checkpoint": name, "keep": keep})  # readers remove none of those kept
     trainer.last_saved = (position["step"], name)
-    _remove_superseded(root, name, trainer.config.training.keep_checkpoints)
+    _remove_superseded(root, name, keep)
     return root / name
 
 
@@ -213,13 +214,19 @@ def _remove_superseded(root: Path, name: str, keep: int) -> None:
     that no one is reading (`reading`; one being read goes when its last reader is done),
     and the temporary folders of saves that died: this process's or a process's that has
     ended (one still running may be saving)."""
-    earlier = _folders_before(root.parent, name)
-    kept = {name, *(earlier[max(0, len(earlier) - (keep - 1)):] if keep > 1 else [])}
+    kept = _kept(root, name, keep)
     for entry in root.iterdir():
         if entry.name.startswith("step-") and entry.name not in kept:
             _remove_unread(entry)
         elif _stale_staging(entry.name):
             shutil.rmtree(entry, ignore_errors=True)
+
+
+def _kept(root: Path, name: str, keep: int) -> set[str]:
+    """The checkpoints of folder `root` a run keeps: `name`, its latest, and the `keep` - 1
+    newest complete ones before it."""
+    earlier = _folders_before(root.parent, name)
+    return {name, *(earlier[max(0, len(earlier) - (keep - 1)):] if keep > 1 else [])}
 
 
 def _remove_unread(directory: Path, *, wait: bool = False, inode: int | None = None) -> None:
@@ -297,15 +304,18 @@ def _same_file(fd: int, path: Path) -> bool:
 
 
 def _remove_if_superseded(directory: Path, held: int) -> None:
-    """Remove a run's checkpoint that a newer one superseded, unless a reader holds it
-    or it is no longer the one read (its trainer.json not the inode `held`: a save put
-    a new checkpoint under its name)."""
-    pointer = directory.parent / LATEST
+    """Remove a run's checkpoint that newer ones superseded (it is not among those its run
+    keeps: LATEST names the latest and how many it keeps, one when it does not say),
+    unless a reader holds it or it is no longer the one read (its trainer.json not the
+    inode `held`: a save put a new checkpoint under its name)."""
     try:
-        superseded = directory.name.startswith("step-") and _json(pointer).get("checkpoint") != directory.name
+        pointer = _json(directory.parent / LATEST)
     except CheckpointError:  # no run's checkpoints folder (a copy, say): not ours to remove
         return
-    if superseded:
+    latest, keep = pointer.get("checkpoint"), pointer.get("keep", 1)
+    if not (isinstance(latest, str) and type(keep) is int and keep >= 1):  # a hand-edited LATEST: remove nothing
+        return
+    if directory.name.startswith("step-") and directory.name not in _kept(directory.parent, latest, keep):
         _remove_unread(directory, inode=held)
 
 

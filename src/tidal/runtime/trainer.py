@@ -94,6 +94,10 @@ def group_auc(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> tup
     """The group AUC of one target and the number of groups it averages: the exact AUC
     (ties counted half) within each group that holds both classes, weighted by the
     group's rows; None when no group holds both."""
+    unknown = int(np.isnan(scores).sum())
+    if unknown:
+        raise DataError(f"group AUC needs numeric scores, got {unknown} NaN of {len(scores)}; leave out the rows "
+                        f"whose scores are not numbers first")
     if len(groups) == 0:
         return None, 0
     order = np.lexsort((scores, groups))  # by group, then by score
@@ -155,7 +159,7 @@ def shown_gauc(evaluation: Evaluation, target: str) -> str:
     value, groups, by = evaluation.gauc[target], evaluation.gauc_groups[target], evaluation.group_by
     notes = [] if value is not None else ["no group holds both classes"]
     if evaluation.gauc_rows != evaluation.rows:
-        notes.append(f"{evaluation.rows - evaluation.gauc_rows:,d} rows without a {by} id left out")
+        notes.append(f"{evaluation.rows - evaluation.gauc_rows:,d} rows without an id of {by} left out")
     shown = "n/a" if value is None else f"{value:.4f} over {groups:,d} group{'s' if groups != 1 else ''}"
     return f"  GAUC by {by} {shown}" + (f" ({'; '.join(notes)})" if notes else "")
 
