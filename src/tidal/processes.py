@@ -9,7 +9,7 @@ import signal
 import threading
 from collections.abc import Iterator
 
-__all__ = ["SIGTERM_CAME", "keeping_sigterm", "process_running", "sigterm_interrupts"]
+__all__ = ["SIGTERM_CAME", "deferring_interrupts", "keeping_sigterm", "process_running", "sigterm_interrupts"]
 
 
 def process_running(pid: int) -> bool:
@@ -48,13 +48,45 @@ def sigterm_interrupts() -> Iterator[None]:
 @contextlib.contextmanager
 def keeping_sigterm() -> Iterator[None]:
     """A block after which SIGTERM is handled as before it, whatever a library did in it
-    (Ray's start installs handlers that exit with status 15, or abort with a stack dump)."""
+    (Ray's start installs handlers that exit with status 15, or abort with a stack dump).
+    A SIGTERM that such a handler met in the block, exiting with its number, stops the
+    run as a Ctrl-C does."""
     handler = signal.getsignal(signal.SIGTERM)
     try:
         yield
+    except SystemExit as exc:
+        if exc.code != signal.SIGTERM:
+            raise
+        SIGTERM_CAME.set()
+        raise KeyboardInterrupt from None
     finally:
         if handler is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, handler)  # at the C level too, where Ray's own may sit
+
+
+@contextlib.contextmanager
+def deferring_interrupts() -> Iterator[None]:
+    """A block that a Ctrl-C or a SIGTERM does not break into (one that stops Ray half way
+    leaves its processes running): one that comes meanwhile is raised as a
+    KeyboardInterrupt when the block ends (unless it ends by an exception)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+
+    def note(sig: int, frame: object) -> None:
+        came.append(sig)
+        if sig == signal.SIGTERM:
+            SIGTERM_CAME.set()
+
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    if came:
+        raise KeyboardInterrupt
 
 
 SIGTERM_CAME = threading.Event()

@@ -138,6 +138,22 @@ def _contents(run_dir) -> dict:  # type: ignore[no-untyped-def]
     return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != checkpoint.LOCK}
 
 
+def test_a_resume_into_a_run_dir_whose_run_has_not_saved_yet_names_that_run(tmp_path):
+    config = _config(tmp_path, epochs=1)
+    (tmp_path / "run").mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(tmp_path / "run" / "run.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(ConfigError, match=rf"another run \(pid {holder.pid}\) is using it"):
+            Trainer(RunConfig(**config)).fit(resume=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(CheckpointError, match=r"holds no checkpoint .*; train a run there first"):
+        Trainer(RunConfig(**config)).fit(resume=True)
+
+
 _HOLD_LOCK = """
 import fcntl, os, sys, time
 fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)

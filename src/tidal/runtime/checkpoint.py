@@ -98,13 +98,7 @@ def hold_run_dir(run_dir: Path) -> Iterator[None]:
         raise ConfigError(f"training.run_dir {run_dir}: cannot write there ({exc.strerror or exc}: {path}); give the "
                           f"run a folder it may write to") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            pid = f" (pid {holder})" if holder.isdigit() else ""
-            raise ConfigError(f"training.run_dir {run_dir}: another run{pid} is using it ({path} is locked); wait for "
-                              f"it to end, or choose another run_dir") from None
+        _lock_or_refuse(fd, run_dir)
         _record_holder(fd, f"{os.getpid()}\n")
         try:
             yield
@@ -112,6 +106,29 @@ def hold_run_dir(run_dir: Path) -> Iterator[None]:
             _record_holder(fd, "")  # no pid of a run that has ended
     finally:
         os.close(fd)  # which releases the lock
+
+
+def check_not_held(run_dir: Path) -> None:
+    """Refuse `run_dir` while a run holds it (`hold_run_dir`), as a second run into it is."""
+    try:
+        fd = os.open(run_dir / LOCK, os.O_RDONLY)
+    except OSError:  # no run has held it, or it cannot be read: nothing to say
+        return
+    try:
+        _lock_or_refuse(fd, run_dir)
+    finally:
+        os.close(fd)  # which releases the lock
+
+
+def _lock_or_refuse(fd: int, run_dir: Path) -> None:
+    """Lock the run.lock open as `fd`, or refuse the run_dir naming the run that holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        pid = f" (pid {holder})" if holder.isdigit() else ""
+        raise ConfigError(f"training.run_dir {run_dir}: another run{pid} is using it ({run_dir / LOCK} is locked); "
+                          f"wait for it to end, or choose another run_dir") from None
 
 
 def _record_holder(fd: int, pid: str) -> None:

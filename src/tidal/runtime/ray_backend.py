@@ -30,7 +30,7 @@ from tidal.data.batch import SparseBatch
 from tidal.data.extract import Extractor
 from tidal.embedding import EmbeddingCollection, EmbeddingTable
 from tidal.errors import ConfigError, RunStoppedError, TidalError
-from tidal.processes import keeping_sigterm
+from tidal.processes import deferring_interrupts, keeping_sigterm
 from tidal.runtime.source import BatchSource, ReaderSpec
 from tidal.runtime.workers import (DenseWorker, EmbeddingShard, SparseWorker, encode, flatten, received, transfer_dtype,
                                    unflatten)
@@ -228,6 +228,10 @@ class RayBackend:
                     ray.init(address=address, include_dashboard=False, log_to_driver=True,
                              num_cpus=max(os.cpu_count() or 1, self._actors_needed(most) + 1) if address == "local"
                              else None)
+            except KeyboardInterrupt:  # while Ray started: stop what of it did
+                with deferring_interrupts():
+                    ray.shutdown()
+                raise
             except ConnectionError as exc:  # no cluster at 'auto', or one that refused this driver
                 key = "runtime.ray_address" if self.runtime.ray_address else "RAY_ADDRESS"
                 if self.runtime.ray_address not in (None, "auto", "local"):  # _check_reachable found a Ray there
@@ -381,8 +385,10 @@ class RayBackend:
         self.trainer.collection.tables = rebuilt.tables
 
     def shutdown(self) -> None:
-        """Kill every actor this backend started, and Ray itself if it started it."""
-        for actor in list(self._actors):
-            self.stop(actor)
-        if self.started_ray:
-            ray.shutdown()
+        """Kill every actor this backend started, and Ray itself if it started it (a Ctrl-C
+        or a SIGTERM meanwhile is raised once all are stopped)."""
+        with deferring_interrupts():
+            for actor in list(self._actors):
+                self.stop(actor)
+            if self.started_ray:
+                ray.shutdown()

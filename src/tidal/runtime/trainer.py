@@ -30,7 +30,7 @@ from tidal.data.extract import Extractor
 from tidal.data.generate import auc
 from tidal.data.readers import BadRows, check_layout, expand_paths, format_of, holds_rows
 from tidal.embedding import EmbeddingCollection, TableStats
-from tidal.errors import BatchError, ConfigError, DataError, TidalError
+from tidal.errors import BatchError, CheckpointError, ConfigError, DataError, TidalError
 from tidal.models import PRECISIONS, RankingModel, compute_precision, resolve_precision, step_losses, weighted_bce
 from tidal.processes import SIGTERM_CAME
 from tidal.runtime import checkpoint
@@ -579,7 +579,11 @@ class Trainer:
             raise ConfigError(f"training.run_dir {self.run_dir}: {checkpoints} is a file; expected the folder of the "
                               f"run's checkpoints there (or nothing): move that file away, or choose another run_dir")
         if resume:
-            checkpoint.latest(self.run_dir)  # a clear error, before anything is written, when there is none
+            try:
+                checkpoint.latest(self.run_dir)  # a clear error, before anything is written, when there is none
+            except CheckpointError:
+                checkpoint.check_not_held(self.run_dir)  # a run training there has not saved one yet: say that
+                raise
         else:
             _refuse_foreign_log(self.run_dir)
             try:
