@@ -109,6 +109,22 @@ def test_a_lone_request_starts_at_once_and_busy_traffic_lingers_to_fill_a_batch(
     assert records[-1].pieces == 3
 
 
+def test_a_client_that_waits_for_each_answer_is_never_held_to_fill_a_batch(trainer, predictor):
+    """Its requests come close together, but none finds another in the server to join."""
+    pieces = _pieces(trainer, predictor, [1] * 40)
+    records = []
+    batcher = _batcher(predictor, records, max_delay_ms=300.0)
+    try:
+        start = time.perf_counter()
+        for piece in pieces:
+            (future,) = batcher.submit(piece)
+            future.result(timeout=30)
+        took = time.perf_counter() - start
+    finally:
+        batcher.close()
+    assert batcher._arrival_gap_s < 0.3 and took < 4.0  # lingering, most would have waited 0.3 s (some 8 s in all)
+
+
 def test_under_load_a_small_batch_lingers_from_when_it_could_start_not_from_its_oldest_piece(trainer, predictor):
     """The pieces that waited behind a running batch are past their own `max_delay_ms`
     when it ends; being few, they still wait that long for more, which join them."""
@@ -120,7 +136,7 @@ def test_under_load_a_small_batch_lingers_from_when_it_could_start_not_from_its_
             futures = batcher.submit(pieces[0])
             _until(lambda: batcher._in_flight == 1)
             futures += [f for p in pieces[1:6] for f in batcher.submit(p)]
-            batcher._arrival_gap_s = 0.0  # as under load: requests close together
+            batcher._arrival_gap_s, batcher._company = 0.0, 1.0  # as under load: requests close together
             time.sleep(0.4)  # the five waiting are now past their max_delay_ms
             gate.set()
             _until(lambda: len(records) == 1)
@@ -318,7 +334,7 @@ def test_the_collector_goes_on_when_every_waiting_piece_is_cancelled_while_its_b
     batcher = _batcher(predictor, records, max_delay_ms=300.0)
     try:
         with batcher._cond:
-            batcher._arrival_gap_s = 0.0  # as after a burst: the next batch lingers to fill
+            batcher._arrival_gap_s, batcher._company = 0.0, 1.0  # as after a burst: the next batch lingers to fill
         given_up = batcher.submit(pieces[0])
         time.sleep(0.05)  # the collector lingers with it
         batcher.cancel(given_up)

@@ -15,11 +15,13 @@ wait in the bounded queue (beyond `max_queue_rows`, `submit` raises `Overloaded`
 A batch starts when the pipeline is idle, or beside a running one when it holds at
 least half of `chunk_rows` (enough work to gain from a second thread; small batches
 would only fight over the GIL, so they wait and grow). When requests arrive faster
-than `max_delay_ms` apart, a batch lingers up to that long after its oldest piece
+than `max_delay_ms` apart and many find others in the server (`_COMPANY`), a batch
+lingers up to that long after its oldest piece
 came, to fill, and a small one (under half of `chunk_rows`) up to that long after it
 could start: most of a small batch's cost is per batch, not per row (measured: one
 row costs the sparse stage 1.35 ms, 16 rows 1.8 ms). A lone request on a quiet server
-starts at once. With `merge=False`
+starts at once, and so do the requests of a client that waits for each answer before
+it sends the next (close together, yet none could join another's batch). With `merge=False`
 every request is a batch of its own (the unbatched baseline). A failed batch fails every piece in it; `close()`
 fails whatever still waits, so no caller hangs; `cancel()` takes the waiting chunks of a request given up out of
 the queue.
@@ -49,7 +51,9 @@ from tidal.serving.predictor import Piece, Predictor, SparseOutput
 __all__ = ["BatchRecord", "Batcher", "Overloaded", "ShuttingDown", "split_rows"]
 
 
-_GAP_WEIGHT = 0.1  # of the newest gap in the running mean of gaps between requests
+_GAP_WEIGHT = 0.1  # of the newest gap in the running mean of gaps between requests, and of the newest request
+# in the running share of requests that came while others were in the server
+_COMPANY = 0.2  # the share above which batches linger to fill: below it, few requests could join one
 
 
 class Overloaded(TidalError):
@@ -111,6 +115,7 @@ class Batcher:
         self._holds = 0  # `between_requests` callers: requests not under way wait
         self._last_arrival_s = time.perf_counter()
         self._arrival_gap_s = 1.0  # running mean of the seconds between requests
+        self._company = 0.0  # running share of the requests that came while others were waiting or running
         self._depth = sparse_threads
         self._cond = threading.Condition()
         self._closed = False
@@ -132,6 +137,7 @@ class Batcher:
                                  f"(bound {self.max_queue_rows}); retry later")
             now = time.perf_counter()
             self._arrival_gap_s += _GAP_WEIGHT * (now - self._last_arrival_s - self._arrival_gap_s)
+            self._company += _GAP_WEIGHT * (bool(self._waiting_rows or self._in_flight) - self._company)
             self._last_arrival_s = now
             self._requests += 1
             waiting = [_Waiting(p, Future(), now, self._requests) for p in pieces]
@@ -224,8 +230,7 @@ class Batcher:
             while not self._closed and not self._may_start():
                 self._cond.wait()
             deadline = self._linger_deadline()
-            while self.merge and not self._closed and self._waiting_rows < self.max_batch_rows \
-                    and self._arrival_gap_s < self.max_delay_s:
+            while self.merge and not self._closed and self._waiting_rows < self.max_batch_rows and self._busy():
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     break
@@ -235,6 +240,11 @@ class Batcher:
             batch = self._take()
             self._in_flight += 1
             return batch
+
+    def _busy(self) -> bool:
+        """Whether requests come closer than `max_delay_ms` apart and find others in the
+        server: then batches linger to fill."""
+        return self._arrival_gap_s < self.max_delay_s and self._company >= _COMPANY
 
     def _linger_deadline(self) -> float:
         """Until when a batch that may start waits for more rows, while requests come

@@ -89,6 +89,8 @@ T = TypeVar("T")
 # integer ids (`hashed: false`, one value a row) are read as int64, so INT64 values are
 # those ids as they are (a missing one still comes as an empty BYTES string); numbers
 # are parsed as float64.
+_EXTENSIONS = ["binary_tensor_data", "sequence", "model_repository", "model_configuration", "statistics",
+               "parameters", "tidal_fusion"]  # Triton's names, and Tidal's own
 _DATATYPES = {"ids": "BYTES", "integer": "INT64", "number": "FP64"}
 
 
@@ -276,8 +278,7 @@ def create_app(service: Service) -> Starlette:
         return None if version == "1" else _error(404, f"model {name!r} has no version {version!r}; its one version is '1'")
 
     async def server_metadata(request: Request) -> JSONResponse:
-        return JSONResponse({"name": "tidal", "version": tidal.__version__,
-                             "extensions": ["binary_tensor_data", "sequence", "tidal_fusion"]})
+        return JSONResponse({"name": "tidal", "version": tidal.__version__, "extensions": _EXTENSIONS})
 
     async def live(request: Request) -> Response:
         return Response(status_code=200)
