@@ -249,7 +249,8 @@ def test_expired_sessions_leave_on_a_stateless_request_or_a_metrics_scrape(bundl
             client.infer("ctr", _inputs(page, specs, binary=True), sequence_id=sequence, sequence_start=True)
         assert len(running.service.sessions) == 2
         time.sleep(0.3)
-        assert "tidal_session_cache_entries 0.0" in urllib.request.urlopen(running.url + "/metrics").read().decode()
+        metrics = urllib.request.urlopen(running.url + "/metrics").read().decode()
+        assert "tidal_session_cache_entries 0.0" in metrics and "tidal_session_cache_expired_total 2.0" in metrics
         client.infer("ctr", _inputs(page, specs, binary=True), sequence_id=3, sequence_start=True)
         time.sleep(0.3)
         client.infer("ctr", _inputs(page, specs, binary=True))  # stateless

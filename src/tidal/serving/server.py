@@ -219,6 +219,7 @@ class _Metrics:
         self.sessions.set_function(lambda: service.sessions.expire() or len(service.sessions))  # live ones only
         self.session_bytes.set_function(lambda: service.sessions.bytes)
         self.registry.register(_IdCounts(service.predictor))
+        self.registry.register(_SessionsGone(service))
         self.registry.register(_Deltas(service))
 
     def batch(self, record: BatchRecord) -> None:
@@ -238,6 +239,20 @@ class _IdCounts:
         lookups, misses = self._predictor.id_counts()
         yield CounterMetricFamily("tidal_ids", "Ids looked up", value=lookups)
         yield CounterMetricFamily("tidal_unknown_ids", "Ids the tables do not hold (read as zeros)", value=misses)
+
+
+class _SessionsGone:
+    """The sessions the cache let go before their end: evicted (it was full) or expired."""
+
+    def __init__(self, service: Service) -> None:
+        self._service = service
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        sessions = self._service.sessions
+        yield CounterMetricFamily("tidal_session_cache_evicted", "Sessions evicted: the cache was full (its "
+                                  "session_memory_bytes)", value=sessions.evicted)
+        yield CounterMetricFamily("tidal_session_cache_expired", "Sessions expired: idle past session_ttl_s",
+                                  value=sessions.expired)
 
 
 class _Deltas:
