@@ -39,3 +39,25 @@ def test_an_interrupt_during_a_deferring_block_is_raised_once_the_block_is_done(
         assert SIGTERM_CAME.is_set() == (sig == signal.SIGTERM)
         with deferring_interrupts():  # none came: nothing raised
             pass
+
+
+def test_a_second_interrupt_during_a_deferring_block_stops_it_at_once():
+    with sigterm_interrupts():
+        done = []
+        with pytest.raises(KeyboardInterrupt):
+            with deferring_interrupts():
+                os.kill(os.getpid(), signal.SIGTERM)
+                done.append("after the first")
+                os.kill(os.getpid(), signal.SIGINT)
+                done.append("after the second")
+        assert done == ["after the first"]
+
+
+def test_an_interrupt_the_process_ignores_stays_ignored_after_a_deferring_block():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with deferring_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

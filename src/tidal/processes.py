@@ -67,26 +67,30 @@ def keeping_sigterm() -> Iterator[None]:
 @contextlib.contextmanager
 def deferring_interrupts() -> Iterator[None]:
     """A block that a Ctrl-C or a SIGTERM does not break into (one that stops Ray half way
-    leaves its processes running): one that comes meanwhile is raised as a
-    KeyboardInterrupt when the block ends (unless it ends by an exception)."""
+    leaves its processes running): it reaches the handler it had before once the block
+    ends (unless the block ends by an exception), and a second one meanwhile at once, as
+    a KeyboardInterrupt, so that a block that hangs can still be stopped. Not nested."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
     came: list[int] = []
 
     def note(sig: int, frame: object) -> None:
+        if came:
+            raise KeyboardInterrupt
         came.append(sig)
-        if sig == signal.SIGTERM:
-            SIGTERM_CAME.set()
 
-    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        for sig in signals:
+            signal.signal(sig, note)
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-    if came:
-        raise KeyboardInterrupt
+    for sig in came:
+        signal.raise_signal(sig)
 
 
 SIGTERM_CAME = threading.Event()

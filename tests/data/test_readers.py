@@ -509,11 +509,7 @@ def test_a_csv_file_without_a_header_line_of_another_width_is_refused_before_a_r
     readers.check_layout([str(_write(path, '1,"2,3\n",4\n'))], SMALL, csv_header=False)
 
 
-def test_the_width_check_leaves_line_end_and_quote_errors_to_the_reader_which_names_them(tmp_path):
-    returns = _write(tmp_path / "cr.tsv", "1\t2\ta\r" * 5)  # lines ending in \r alone: one line to the reader
-    readers.check_layout([str(returns)], SMALL)
-    with pytest.raises(DataError, match=r"cr\.tsv:1: a carriage return \(\\r\) inside the line"):
-        list(read_batches(returns, columns=SMALL, on_bad_row="fail"))
+def test_the_width_check_leaves_quote_errors_to_the_reader_which_names_them(tmp_path):
     unclosed = _write(tmp_path / "q.csv", '1,2,"a\n1,2,b\n')  # a quote never closed: the rest is one value
     readers.check_layout([str(unclosed)], SMALL, csv_header=False)
     with pytest.raises(DataError, match="q\\.csv:1: a quote opens a value that no quote closes"):
@@ -821,8 +817,8 @@ def test_a_glob_passes_over_folders_and_spark_s_marker_files_and_a_folder_alone_
     (tmp_path / "_SUCCESS").touch()  # as Spark leaves beside its parts
     _write(tmp_path / "_hidden.tsv", "1\t5\tab\n")
     assert sum(b.num_rows for b in read_batches(str(tmp_path / "*"), columns=SMALL)) == 2
-    with pytest.raises(DataError, match=r"no data file at .*/o\*: it matches only folders or files of names "
-                                        r"beginning with _ or \. \(.*/old\)"):
+    with pytest.raises(DataError, match=r"no data file at .*/o\*: it matches only folders, and files whose names "
+                                        r"or folders' names begin with _ or \. \(.*/old\)"):
         list(read_batches(str(tmp_path / "o*"), columns=SMALL))
     assert sum(b.num_rows for b in read_batches(tmp_path / "_hidden.tsv", columns=SMALL)) == 1  # named: read
     with pytest.raises(DataError, match=r"/old is a folder; expected a data file, a glob matching files \(such as "
@@ -856,15 +852,17 @@ def test_a_byte_order_mark_opening_the_file_is_dropped_however_the_file_is_cut(t
 
 def test_a_glob_passes_over_what_its_wildcards_match_in_folders_named_with_an_underscore_or_a_dot(tmp_path):
     """As Spark leaves a task's uncommitted output in _temporary/; `**` is any depth of folders."""
-    for folder in ("dt=1", "dt=2/hour=3", "_temporary/0", ".staging"):
+    for folder in ("dt=1", "dt=2/hour=3", "_temporary/0", ".staging", "dt=4/_meta"):
         (tmp_path / folder).mkdir(parents=True)
         _write(tmp_path / folder / "part-0.tsv", "1\t5\tab\n")
+
     def rows(pattern):
         return sum(b.num_rows for b in read_batches(str(tmp_path / pattern), columns=SMALL))
 
-    assert rows("*/*.tsv") == 1
+    assert rows("*/*/*.tsv") == 1  # dt=2/hour=3, not _temporary/0 nor dt=4/_meta
     assert rows("**/*.tsv") == 2  # dt=1 and dt=2/hour=3
     assert rows("_temporary/*/*.tsv") == 1  # a folder the pattern names is read
+    assert rows("*/_meta/*.tsv") == 1  # even after a wildcard
 
 
 def test_half_precision_parquet_columns_read_as_their_float32_values(tmp_path):
@@ -889,22 +887,29 @@ def test_a_parquet_file_holding_a_column_read_twice_is_refused_naming_it(tmp_pat
     assert len(list(read_batches(path, columns=["label", "I1"]))) == 1  # a column no feature reads may repeat
 
 
-def test_a_csv_file_whose_lines_end_in_a_bare_carriage_return_is_refused_saying_so(tmp_path):
-    path = tmp_path / "mac.csv"
-    path.write_bytes(b"label,I1,C1\r1,5,a\r0,6,b\r")
-    expected = r"mac\.csv:1: the header line holds a carriage return \(\\r\): the file's lines seem to end in a bare"
-    with pytest.raises(DataError, match=expected):
+@pytest.mark.parametrize("name, text, why", [
+    ("mac.csv", b"label,I1,C1\r1,5,a\r0,6,b\r", r" its lines seem to end in a bare carriage return"),
+    ("mac.tsv", b"1\t5\ta\r0\t6\tb\r", r" its lines seem to end in a bare carriage return"),
+    ("twice.csv", b"label,I1,C1\r\r\n1,5,a\r\r\n", r"1: the line ends in \\r\\r\\n; .* sed 's/\\r\*\$//'"),
+    ("twice.tsv.gz", gzip.compress(b"1\t5\ta\r\r\n"), r"1: the line ends in \\r\\r\\n"),
+])
+def test_a_text_file_whose_lines_end_in_a_bare_or_doubled_carriage_return_is_refused_saying_so(tmp_path, name,
+                                                                                              text, why):
+    path = tmp_path / name
+    path.write_bytes(text)
+    with pytest.raises(DataError, match=rf"{re.escape(name)}:{why}"):
         readers.check_layout([str(path)], SMALL)
-    with pytest.raises(DataError, match=expected):
+    with pytest.raises(DataError, match=rf"{re.escape(name)}:{why}"):
         list(read_batches(path, columns=SMALL))
 
 
 def test_a_number_column_s_nan_written_as_text_is_a_missing_value_as_a_parquet_nan_is(tmp_path):
     path = _write(tmp_path / "d.csv", "label,I1,C1\n1,NaN,a\n0,nan,b\n1,-NaN,c\n0,2.5,d\n1,NaNa,e\n")
     report = BadRows()
-    read = pa.Table.from_batches(list(read_batches(path, columns=SMALL, checks={"I1": "number"}, bad_rows=report)))
-    assert read.column("I1").to_pylist() == ["", "", "", "2.5"]
+    read = list(read_batches(path, columns=SMALL, checks={"I1": "number"}, bad_rows=report))
     assert report.count == 1 and report.examples[0].startswith(f"{path}:6: column 'I1': expected a number")
+    dense = Extractor([DenseFeature(name="price", column="I1", missing_value=-1.0)])(read[0]).dense
+    assert dense.ravel().tolist() == [-1.0, -1.0, -1.0, 2.5]
     ids = read_batches(path, columns=["I1"], checks={"I1": "integer"}, bad_rows=BadRows(), max_bad_fraction=1.0)
     assert sum(b.num_rows for b in ids) == 0  # an id column's "nan" is not a number column's NaN
 
@@ -915,11 +920,19 @@ def test_a_number_column_s_nan_written_as_text_is_a_missing_value_as_a_parquet_n
     (b"\xfd7zXZ\x00\x00", "xz-compressed"),
     (b"\x28\xb5\x2f\xfd\x00", "zstd-compressed"),
     ("label,I1,C1\n1,2,a\n".encode("utf-16"), "UTF-16 text"),
+    (b"PK\x03\x04\x14\x00", "a zip archive"),
 ])
 def test_a_file_read_as_text_that_is_not_text_is_refused_naming_what_it_is(tmp_path, start, what):
     path = tmp_path / "part-00000"
-    path.write_bytes(start + b"\x00" * 64)
-    with pytest.raises(DataError, match=rf"part-00000: expected CSV text, got {re.escape(what)} \(it starts with bytes "):
+    path.write_bytes(start + b"\x00" * 64 + b"PAR1")  # as a Parquet file ends
+    with pytest.raises(DataError, match=rf"part-00000: expected CSV text, got {re.escape(what)}.* \(it starts with "):
         list(read_batches(path, columns=SMALL, file_format="csv"))
     with pytest.raises(DataError, match=rf"part-00000: expected TSV text, got {re.escape(what)}"):
         readers.check_layout([str(path)], SMALL, "tsv")
+
+
+def test_text_whose_first_id_starts_with_the_parquet_magic_is_read_as_text(tmp_path):
+    path = _write(tmp_path / "part-00000", "1\t5\tPAR1023\n")
+    assert sum(b.num_rows for b in read_batches(path, columns=["a", "b", "c"], file_format="tsv")) == 1
+    path.write_text("PAR1023\t5\t1\n")
+    assert sum(b.num_rows for b in read_batches(path, columns=["a", "b", "c"], file_format="tsv")) == 1

@@ -85,6 +85,13 @@ def test_reading_a_kept_earlier_checkpoint_leaves_it_there_and_a_warm_start_from
     with checkpoint.reading(root / kept[0]):  # as tidal eval and tidal export read it
         pass
     assert folders() == kept
+    latest = (root / "LATEST").read_text()
+    for pointer in ({"checkpoint": kept[-1]}, {"checkpoint": "foo", "keep": 1}):  # an earlier Tidal's, a hand's
+        (root / "LATEST").write_text(json.dumps(pointer))
+        with checkpoint.reading(root / kept[1]):
+            pass
+        assert folders() == kept  # not knowing what the run keeps, a reader removes nothing
+    (root / "LATEST").write_text(latest)
     day2 = {**config, "training": {**config["training"], "run_dir": str(tmp_path / "day2")}}
     assert Trainer(RunConfig(**day2)).fit(init_from=root / kept[0], max_steps=8)["steps"] == 8
     assert folders() == kept

@@ -109,16 +109,27 @@ def test_a_lone_request_starts_at_once_and_busy_traffic_lingers_to_fill_a_batch(
     assert records[-1].pieces == 3
 
 
-def test_a_client_that_waits_for_each_answer_is_never_held_to_fill_a_batch(trainer, predictor):
-    """Its requests come close together, but none finds another in the server to join."""
+@pytest.mark.parametrize("clients", [1, 3])
+def test_clients_that_wait_for_each_answer_are_not_held_to_fill_a_batch_once_all_are_in(trainer, predictor,
+                                                                                         clients):
+    """Their requests come close together, but once every client's is in the server no
+    other can come to join their batch."""
     pieces = _pieces(trainer, predictor, [1] * 40)
     records = []
     batcher = _batcher(predictor, records, max_delay_ms=300.0)
-    try:
-        start = time.perf_counter()
+
+    def client() -> None:
         for piece in pieces:
             (future,) = batcher.submit(piece)
             future.result(timeout=30)
+
+    try:
+        start = time.perf_counter()
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
         took = time.perf_counter() - start
     finally:
         batcher.close()
@@ -136,7 +147,7 @@ def test_under_load_a_small_batch_lingers_from_when_it_could_start_not_from_its_
             futures = batcher.submit(pieces[0])
             _until(lambda: batcher._in_flight == 1)
             futures += [f for p in pieces[1:6] for f in batcher.submit(p)]
-            batcher._arrival_gap_s, batcher._company = 0.0, 1.0  # as under load: requests close together
+            batcher._arrival_gap_s, batcher._concurrency = 0.0, 10.0  # as under load: requests close together
             time.sleep(0.4)  # the five waiting are now past their max_delay_ms
             gate.set()
             _until(lambda: len(records) == 1)
@@ -334,7 +345,7 @@ def test_the_collector_goes_on_when_every_waiting_piece_is_cancelled_while_its_b
     batcher = _batcher(predictor, records, max_delay_ms=300.0)
     try:
         with batcher._cond:
-            batcher._arrival_gap_s, batcher._company = 0.0, 1.0  # as after a burst: the next batch lingers to fill
+            batcher._arrival_gap_s, batcher._concurrency = 0.0, 10.0  # as after a burst: the next batch lingers
         given_up = batcher.submit(pieces[0])
         time.sleep(0.05)  # the collector lingers with it
         batcher.cancel(given_up)

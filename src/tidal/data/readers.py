@@ -27,12 +27,13 @@ from __future__ import annotations
 import codecs
 import difflib
 import glob
+import gzip
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import IO, Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -53,14 +54,13 @@ _NUMBER = r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
 INTEGER_PATTERN = r"^-?[0-9]+$"  # an integer id or number as files hold it (and within int64's range)
 _PATTERNS = {  # what a checked column must hold; "label" may not be empty, the others may
     "integer": INTEGER_PATTERN,  # and within int64's range: see `_within_int64`
-    "number": f"^{_NUMBER}$",
+    "number": f"^(?:{_NUMBER}|[+-]?[nN][aA][nN])$",  # NaN as Spark and numpy write it: a missing value
     "label": r"^[01](?:\.0*)?$",  # 1.0 too, as a float column's text (and Parquet's 1.0) has it
 }
-_NAN = r"^[+-]?[nN][aA][nN]$"  # a number column's NaN written as text, read as a missing value
 _WITHIN_FLOAT32 = "within float32's range (|x| <= 3.4028235e38)"
 _EXPECTED = {"integer": f"an integer within int64's range ({_INT64_MIN} to {_INT64_MAX}) or nothing",
              "number": f"a number {_WITHIN_FLOAT32} or nothing", "label": "0 or 1 (or 0.0 or 1.0)"}
-_BEYOND_INT64 = " (an id beyond int64's range, a uint64 id say, is read by a feature that hashes its ids: hashed: true)"
+_BEYOND_INT64 = " (if it is an id, a uint64 one say, a feature that hashes its ids reads it: hashed: true)"
 _TO_STRING = pc.CastOptions(pa.string(), allow_invalid_utf8=True)  # binary fields are checked row by row
 CRITEO_CHECKS: dict[str, str] = {"label": "label", **{c: "integer" for c in CRITEO_DENSE}}
 
@@ -226,19 +226,23 @@ def _files_matching(pattern: str) -> list[str]:
     whose names, or the names of the folders the pattern's wildcards matched, begin with
     "_" or "." (as Spark and Hive leave `_SUCCESS` and `_temporary/` beside their data);
     an error if none."""
-    fixed = next(i for i, part in enumerate(Path(pattern).parts) if glob.has_magic(part))  # folders named as they are
+    parts = Path(pattern).parts
+    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))  # folders named as they are
+    named = {part for part in parts[fixed:] if not glob.has_magic(part)}
     matches = sorted(glob.glob(pattern, recursive=True))
-    files = [m for m in matches if Path(m).is_file() and not _passed_over(Path(m).parts[fixed:])]
+    files = [m for m in matches if Path(m).is_file() and not _passed_over(Path(m).parts[fixed:], named)]
     if not files:
-        what = f"it matches only folders or files of names beginning with _ or . ({', '.join(matches[:3])}" \
-            f"{', ...' if len(matches) > 3 else ''})" if matches else "it matches nothing"
+        what = f"it matches only folders, and files whose names or folders' names begin with _ or . " \
+            f"({', '.join(matches[:3])}{', ...' if len(matches) > 3 else ''})" if matches else "it matches nothing"
         raise DataPathError(f"no data file at {pattern}: {what}; expected a file, a glob matching files, or a list of "
                             f"them")
     return files
 
 
-def _passed_over(names: Sequence[str]) -> bool:
-    return any(name.startswith(("_", ".")) and name != ".." for name in names)
+def _passed_over(names: Sequence[str], named: set[str]) -> bool:
+    """Whether a glob's match, by the `names` its wildcards matched (and those the pattern
+    `named` as they are), is in a folder or of a name beginning with _ or ."""
+    return any(name.startswith(("_", ".")) and name not in named and name != ".." for name in names)
 
 
 def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
@@ -635,10 +639,6 @@ def _header_names(path: str, header: bytes, columns: Sequence[str]) -> list[str]
     """The column names of a CSV file's header (its first record), which must name each
     of `columns` once. Bytes that are not UTF-8 text read as U+FFFD."""
     line = header.removesuffix(b"\n").removesuffix(b"\r").decode("utf-8", "replace").encode()
-    if b"\r" in line:
-        raise DataError(f"{path}:1: the header line holds a carriage return (\\r): the file's lines seem to end in a "
-                        f"bare \\r (as old Mac text files' do); expected lines ending in \\n or \\r\\n (write it "
-                        f"again so, e.g. with tr '\\r' '\\n')")
     try:
         names = pacsv.read_csv(pa.BufferReader(line + b"\n"), read_options=pacsv.ReadOptions(use_threads=False),
                                parse_options=pacsv.ParseOptions(newlines_in_values=True)).column_names
@@ -847,27 +847,69 @@ def _parse(text: bytes, kind: str, names: list[str], columns: Sequence[str],
             wrong)
 
 
+_LINE_ENDS_BYTES = 1 << 16  # of a text file's start, looked at for its line ends
+_DECOMPRESS = "decompress it (gzip, in a file named .gz, is read as it is)"
 _NOT_TEXT = (  # (how a file starts, what it then is, what to do) of files that are not TSV or CSV text
     (re.compile(rb"PAR1"), "a Parquet file", "read it as Parquet (data.format: parquet, or a name ending in .parquet)"),
-    (re.compile(rb"BZh[1-9]1AY&SY"), "bzip2-compressed", "decompress it (gzip, in a file named .gz, is read as it is)"),
-    (re.compile(rb"\xfd7zXZ\x00"), "xz-compressed", "decompress it (gzip, in a file named .gz, is read as it is)"),
-    (re.compile(rb"\x28\xb5\x2f\xfd"), "zstd-compressed", "decompress it (gzip, in a file named .gz, is read as it is)"),
-    (re.compile(rb"PK\x03\x04"), "a zip archive", "unzip it"),
+    (re.compile(rb"BZh[1-9]1AY&SY"), "bzip2-compressed", _DECOMPRESS),
+    (re.compile(rb"\xfd7zXZ\x00"), "xz-compressed", _DECOMPRESS),
+    (re.compile(rb"\x28\xb5\x2f\xfd"), "zstd-compressed", _DECOMPRESS),
+    (re.compile(rb"PK\x03\x04"), "a zip archive (an Excel .xlsx file is one)", "unzip it, or export it as CSV"),
     (re.compile(rb"\xff\xfe|\xfe\xff"), "UTF-16 text", "write it again as UTF-8"),
 )
 
 
 def _check_plain_text(path: str, kind: str) -> None:
-    """A TSV or CSV file must be text; only a name ending in .gz is read gunzipped."""
+    """A TSV or CSV file must be text whose lines end in \\n or \\r\\n; only a name ending
+    in .gz is read gunzipped."""
+    gzipped = path.lower().endswith(".gz")
     with open(path, "rb") as file:
         start = file.read(16)
-    if start.startswith(b"\x1f\x8b") and not path.lower().endswith(".gz"):
+        if gzipped and start.startswith(b"\x1f\x8b"):  # its text, not its compressed bytes
+            file.seek(0)
+            with gzip.open(file) as text:
+                start = _read_start(text, path)
+        else:
+            start += file.read(_LINE_ENDS_BYTES - 16)
+    if start.startswith(b"\x1f\x8b") and not gzipped:
         raise DataError(f"{path}: the file looks gzip-compressed (it starts with bytes 1f 8b) but its name "
                         f"does not end in .gz; name it {Path(path).name}.gz, or gunzip it")
     for signature, what, advice in _NOT_TEXT:
-        if signature.match(start):
+        if signature.match(start) and (what != "a Parquet file" or _ends_as_parquet(path, gzipped)):
             raise DataError(f"{path}: expected {kind.upper()} text, got {what} (it starts with bytes "
                             f"{start[:4].hex(' ')}); {advice}")
+    _check_line_ends(path, start)
+
+
+def _read_start(text: IO[bytes], path: str) -> bytes:
+    try:
+        return text.read(_LINE_ENDS_BYTES)
+    except (OSError, EOFError):  # not gzip after all, or cut short: reading it says so
+        return b""
+
+
+def _ends_as_parquet(path: str, gzipped: bool) -> bool:
+    """Whether the file at `path` also ends as every Parquet file does (a text file may
+    start with PAR1: an id PAR1023, say)."""
+    with open(path, "rb") as file:
+        file.seek(0, os.SEEK_END)
+        if gzipped or file.tell() < 8:
+            return False
+        file.seek(-4, os.SEEK_END)
+        return file.read(4) == b"PAR1"
+
+
+def _check_line_ends(path: str, start: bytes) -> None:
+    """Refuse text (`start`: its first bytes) whose lines end in a bare \\r, as old Mac
+    text files' do, or in \\r\\r\\n: its rows would be one bad line, or lines holding a
+    stray \\r."""
+    first = start.split(b"\n", 1)[0]
+    if len(first) == len(start) and start.rstrip(b"\r").count(b"\r"):  # no line feed yet, and carriage returns
+        raise DataError(f"{path}: its lines seem to end in a bare carriage return (\\r, as old Mac text files' "
+                        f"do); expected lines ending in \\n or \\r\\n (write it again so, e.g. with tr '\\r' '\\n')")
+    if first.endswith(b"\r\r"):
+        raise DataError(f"{path}:1: the line ends in \\r\\r\\n; expected lines ending in \\n or \\r\\n (write it "
+                        f"again so, e.g. with sed 's/\\r*$//')")
 
 
 def _without_non_utf8(batch: pa.RecordBatch, lines: np.ndarray, names: Sequence[str],
@@ -1006,7 +1048,6 @@ def _valid_rows(batch: pa.RecordBatch, path: str, lines: np.ndarray, checks: Map
     """`batch` without the rows whose checked fields do not hold what they must. Those
     and the rows `dropped` among them are reported in line order, or, in fail mode,
     the first of them stops the run."""
-    batch = _nan_as_missing(batch, checks)
     bad: dict[int, str] = {}  # row -> why (its first bad column)
     for name, kind in checks.items():
         for row, reason in _refused(name, kind, batch.column(name)):
@@ -1023,17 +1064,6 @@ def _valid_rows(batch: pa.RecordBatch, path: str, lines: np.ndarray, checks: Map
     good = np.ones(batch.num_rows, dtype=bool)
     good[list(bad)] = False
     return batch.filter(pa.array(good))
-
-
-def _nan_as_missing(batch: pa.RecordBatch, checks: Mapping[str, _Check]) -> pa.RecordBatch:
-    """`batch` with the NaN of its number columns written as text (`NaN`, `nan`: as Spark
-    and numpy write it) as empty fields: a missing value, as a Parquet NaN is."""
-    for name, kind in checks.items():
-        column = batch.column(name)
-        nan = pc.match_substring_regex(column, _NAN) if kind == "number" else None
-        if nan is not None and pc.any(nan).as_py():
-            batch = batch.set_column(batch.schema.get_field_index(name), name, pc.if_else(nan, "", column))
-    return batch
 
 
 def _shown(value: str) -> str:
@@ -1063,7 +1093,7 @@ def _fine(column: pa.Array, kind: str) -> pa.Array:
         fine = pc.and_(fine, _within_int64(column))
     if kind == "number":  # written as a number, yet 1e999 reads as infinity and 1e39 overflows float32
         values = pc.cast(pc.if_else(fine, column, "0"), pa.float64())
-        fine = pc.and_(fine, pc.less_equal(pc.abs(values), FLOAT32_MAX))
+        fine = pc.and_(fine, pc.or_(pc.less_equal(pc.abs(values), FLOAT32_MAX), pc.is_nan(values)))
     if kind != "label":
         fine = pc.or_(fine, pc.equal(pc.utf8_length(column), 0))
     return fine

@@ -115,15 +115,17 @@ def check_not_held(run_dir: Path) -> None:
     except OSError:  # no run has held it, or it cannot be read: nothing to say
         return
     try:
-        _lock_or_refuse(fd, run_dir)
+        _lock_or_refuse(fd, run_dir, fcntl.LOCK_SH)  # shared: a run's exclusive lock refuses it all the same
+    except OSError:  # a file system that cannot tell: nothing to say
+        pass
     finally:
         os.close(fd)  # which releases the lock
 
 
-def _lock_or_refuse(fd: int, run_dir: Path) -> None:
-    """Lock the run.lock open as `fd`, or refuse the run_dir naming the run that holds it."""
+def _lock_or_refuse(fd: int, run_dir: Path, kind: int = fcntl.LOCK_EX) -> None:
+    """Lock (`kind`) the run.lock open as `fd`, or refuse the run_dir naming the run that holds it."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
         pid = f" (pid {holder})" if holder.isdigit() else ""
@@ -321,18 +323,22 @@ def _same_file(fd: int, path: Path) -> bool:
 
 
 def _remove_if_superseded(directory: Path, held: int) -> None:
-    """Remove a run's checkpoint that newer ones superseded (it is not among those its run
-    keeps: LATEST names the latest and how many it keeps, one when it does not say),
+    """Remove a run's checkpoint that newer ones superseded (older than the latest, and
+    not among those its run keeps: LATEST names the latest and how many it keeps),
     unless a reader holds it or it is no longer the one read (its trainer.json not the
-    inode `held`: a save put a new checkpoint under its name)."""
+    inode `held`: a save put a new checkpoint under its name). Where LATEST does not say
+    (written by hand, or by a Tidal before it did), nothing: the run's next save
+    removes what it supersedes."""
     try:
         pointer = _json(directory.parent / LATEST)
     except CheckpointError:  # no run's checkpoints folder (a copy, say): not ours to remove
         return
-    latest, keep = pointer.get("checkpoint"), pointer.get("keep", 1)
-    if not (isinstance(latest, str) and type(keep) is int and keep >= 1):  # a hand-edited LATEST: remove nothing
+    latest, keep = pointer.get("checkpoint"), pointer.get("keep")
+    if not (isinstance(latest, str) and latest.startswith("step-") and type(keep) is int and keep >= 1):
         return
-    if directory.name.startswith("step-") and directory.name not in _kept(directory.parent, latest, keep):
+    name = directory.name
+    if name.startswith("step-") and _position_of(name) < _position_of(latest) \
+            and name not in _kept(directory.parent, latest, keep):
         _remove_unread(directory, inode=held)
 
 

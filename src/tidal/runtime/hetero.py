@@ -56,8 +56,10 @@ def train(trainer: Any, log: IO[str], position: dict[str, int], max_steps: int |
         backend.pull_state()
     finally:
         trainer.engine = None
-        backend.shutdown()
-        trainer.runtime_report = telemetry.finish(engine.report())
+        try:
+            backend.shutdown()  # a Ctrl-C while it stops Ray comes after it
+        finally:
+            trainer.runtime_report = telemetry.finish(engine.report())
     return step, finished
 
 

@@ -15,13 +15,15 @@ wait in the bounded queue (beyond `max_queue_rows`, `submit` raises `Overloaded`
 A batch starts when the pipeline is idle, or beside a running one when it holds at
 least half of `chunk_rows` (enough work to gain from a second thread; small batches
 would only fight over the GIL, so they wait and grow). When requests arrive faster
-than `max_delay_ms` apart and many find others in the server (`_COMPANY`), a batch
-lingers up to that long after its oldest piece
+than `max_delay_ms` apart, a batch lingers up to that long after its oldest piece
 came, to fill, and a small one (under half of `chunk_rows`) up to that long after it
 could start: most of a small batch's cost is per batch, not per row (measured: one
-row costs the sparse stage 1.35 ms, 16 rows 1.8 ms). A lone request on a quiet server
-starts at once, and so do the requests of a client that waits for each answer before
-it sends the next (close together, yet none could join another's batch). With `merge=False`
+row costs the sparse stage 1.35 ms, 16 rows 1.8 ms). It lingers only while fewer
+requests are in the server (waiting, or in a batch's sparse stage) than a request
+finds there with itself when it comes, on a running mean: clients that wait for each
+answer before they send the next are all in when that many are, and then no other
+request could come to join. A lone request on a quiet server starts at once, and so
+does the next request of a lone client that waits for each answer. With `merge=False`
 every request is a batch of its own (the unbatched baseline). A failed batch fails every piece in it; `close()`
 fails whatever still waits, so no caller hangs; `cancel()` takes the waiting chunks of a request given up out of
 the queue.
@@ -51,9 +53,8 @@ from tidal.serving.predictor import Piece, Predictor, SparseOutput
 __all__ = ["BatchRecord", "Batcher", "Overloaded", "ShuttingDown", "split_rows"]
 
 
-_GAP_WEIGHT = 0.1  # of the newest gap in the running mean of gaps between requests, and of the newest request
-# in the running share of requests that came while others were in the server
-_COMPANY = 0.2  # the share above which batches linger to fill: below it, few requests could join one
+_GAP_WEIGHT = 0.1  # of the newest request in the running means of the gaps between requests and of the
+# requests in the server when one comes
 
 
 class Overloaded(TidalError):
@@ -115,7 +116,7 @@ class Batcher:
         self._holds = 0  # `between_requests` callers: requests not under way wait
         self._last_arrival_s = time.perf_counter()
         self._arrival_gap_s = 1.0  # running mean of the seconds between requests
-        self._company = 0.0  # running share of the requests that came while others were waiting or running
+        self._concurrency = 1.0  # running mean of the requests in the server when one comes, itself included
         self._depth = sparse_threads
         self._cond = threading.Condition()
         self._closed = False
@@ -136,8 +137,9 @@ class Batcher:
                 raise Overloaded(f"{self._waiting_rows} rows are waiting and this request brings {piece.rows} "
                                  f"(bound {self.max_queue_rows}); retry later")
             now = time.perf_counter()
-            self._arrival_gap_s += _GAP_WEIGHT * (now - self._last_arrival_s - self._arrival_gap_s)
-            self._company += _GAP_WEIGHT * (bool(self._waiting_rows or self._in_flight) - self._company)
+            gap = min(now - self._last_arrival_s, 2 * self.max_delay_s)  # a quiet spell: lingering soon again
+            self._arrival_gap_s += _GAP_WEIGHT * (gap - self._arrival_gap_s)
+            self._concurrency += _GAP_WEIGHT * (self._in_server() + 1 - self._concurrency)
             self._last_arrival_s = now
             self._requests += 1
             waiting = [_Waiting(p, Future(), now, self._requests) for p in pieces]
@@ -242,9 +244,13 @@ class Batcher:
             return batch
 
     def _busy(self) -> bool:
-        """Whether requests come closer than `max_delay_ms` apart and find others in the
-        server: then batches linger to fill."""
-        return self._arrival_gap_s < self.max_delay_s and self._company >= _COMPANY
+        """Whether a batch lingers to fill: requests come closer than `max_delay_ms` apart,
+        and fewer are in the server than usually are when one comes."""
+        return self._arrival_gap_s < self.max_delay_s and self._in_server() < self._concurrency
+
+    def _in_server(self) -> int:
+        """The requests waiting or under way (a chunk in a batch's sparse stage)."""
+        return len(self._waiting.keys() | self._under_way.keys())
 
     def _linger_deadline(self) -> float:
         """Until when a batch that may start waits for more rows, while requests come
