@@ -842,7 +842,8 @@ class ServingConfig(_Model):
     body may hold `max_body_bytes` (413 beyond), and the bodies of the requests under
     way together `max_held_body_bytes` (compressed and decompressed; by default 16
     bodies of the largest size, 512 MiB; a request that would pass it gets 503): many
-    slow or big requests at once cannot exhaust memory.
+    slow or big requests at once hold bounded memory (decoded, a body's inputs may take
+    some ten times its bytes).
     `dense_threads` is the dense network's thread count in the serving process (torch's,
     process-wide, which the aotinductor backend's products use too, or ONNX Runtime's
     intra-op threads): 1 by default, since serving

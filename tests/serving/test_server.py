@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import gzip
 import json
 import socket
@@ -11,11 +13,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import weakref
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from starlette.requests import Request
 from serving_helpers import file_rows, numpy_strings, until, with_user_of
 
 from tidal.config import RunConfig
@@ -643,6 +647,70 @@ def test_headers_over_the_size_limit_get_a_431_and_the_server_keeps_serving(serv
         assert conn.recv(4096).startswith(b"HTTP/1.1 400")  # not JSON: read as a request, not refused as headers
     request = urllib.request.Request(server.url + "/v2/health/ready", headers={"X-Fine": "a" * 8000})
     assert urllib.request.urlopen(request, timeout=30).status == 200
+
+
+def test_a_body_answered_unread_does_not_count_as_the_next_request_s_headers(server):
+    """A 404 is answered before its body has come; the body's bytes are not headers."""
+    host, port = server.url.removeprefix("http://").split(":")
+    body = b"x" * 600_000  # more than the headers may take
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(f"POST /v2/models/nope/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                     + body + b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+        answers = b""
+        while answers.count(b"HTTP/1.1") < 2:
+            answers += conn.recv(65536)
+    assert answers.startswith(b"HTTP/1.1 404") and b"HTTP/1.1 200" in answers
+
+
+def test_a_client_sending_requests_without_reading_the_answers_is_not_read_on(server):
+    """Else the server parses and queues every request it sends (gigabytes of them)."""
+    host, port = server.url.removeprefix("http://").split(":")
+    requests = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n" * 100_000  # 4.1 MB
+    sent = 0
+    with socket.create_connection((host, int(port)), timeout=2) as conn:
+        try:
+            for _ in range(20):  # up to 82 MB, while the server reads on
+                conn.sendall(requests)
+                sent += len(requests)
+        except TimeoutError:  # the server stopped reading
+            pass
+    assert sent < 20 * len(requests)
+    assert urllib.request.urlopen(server.url + "/v2/health/ready", timeout=30).status == 200
+
+
+def test_a_refused_request_holds_no_reference_cycle_that_would_keep_its_body():
+    """Serving collects garbage rarely (`_serving_gc`): a cycle kept 63 MB a refused request."""
+    from tidal.serving.server import _unless_gone
+
+    class Body:
+        pass
+
+    async def refuse(body: Body) -> None:
+        raise RequestError("refused")
+
+    async def never_disconnects() -> dict:
+        await asyncio.Event().wait()
+        return {}
+
+    async def answer() -> None:
+        body = Body()
+        held = weakref.ref(body)
+        with pytest.raises(RequestError):
+            await _unless_gone(Request({"type": "http"}, never_disconnects), refuse(body))
+        del body
+        assert held() is None
+
+    gc.disable()
+    try:
+        asyncio.run(answer())
+    finally:
+        gc.enable()
+
+
+def test_an_error_naming_a_lone_surrogate_a_request_sent_is_a_400_not_a_500(server):
+    request = {"parameters": {"sequence_id": "\udc80", "sequence_end": True}, "inputs": []}  # never started
+    code, answer, _ = _post(server, "/v2/models/ctr/infer", json.dumps(request).encode())
+    assert code == 400 and answer["error"].startswith('sequence "\\udc80" is unknown'), answer
 
 
 def test_hang_ups_and_unknown_models_are_counted_apart_from_server_errors(server, rows):

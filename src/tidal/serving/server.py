@@ -446,6 +446,7 @@ _LOADING_READ_S = 2.0  # the most a request may take while the bundle loads (its
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     if len(message) > _MESSAGE_CHARS:
         message = f"{message[:_MESSAGE_CHARS]}... ({len(message)} characters)"
+    message = message.encode("utf-8", "backslashreplace").decode()  # a lone surrogate a request sent, shown as \udc80
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
@@ -463,7 +464,10 @@ async def _unless_gone(request: Request, work: Awaitable[T]) -> T:
             task.cancel()
     if abandoned:
         raise ClientDisconnect()
-    return task.result()
+    try:
+        return task.result()
+    finally:  # a refusal's traceback holds this frame, and the task its refusal: a cycle that would keep the
+        del task, gone  # request's body until a full collection, which serving holds off (_serving_gc)
 
 
 async def _hung_up(request: Request) -> None:
@@ -591,6 +595,7 @@ def _decompressed(body: bytes, encoding: str, limit: int) -> bytes:
 # ---------------------------------------------------------------------- running
 
 
+_PIPELINED_MOST = 64  # requests a connection may have waiting behind the one answered before it is read on
 _GC_THRESHOLD = (50_000, 50, 50)  # young collections every 50,000 allocations instead of 700
 
 
@@ -653,15 +658,19 @@ class _TimedHeaders(HttpToolsProtocol):
     it buffers headers of any size. The clock starts when a connection opens and when a
     response completes with no request waiting; a client whose headers are not complete
     within `_HEADER_TIMEOUT_S` gets a 408, one whose headers run past `_HEADER_BYTES` a
-    431, and is disconnected.
+    431 (counted from the end of the body of a request answered before it came, a 404
+    say), and is disconnected. It also stops reading from a client that sends requests
+    without reading the answers, while `_PIPELINED_MOST` wait (uvicorn reads on after
+    each answer, parsing as many requests as a read brings).
     """
 
     _header_deadline: asyncio.TimerHandle | None = None
     _header_bytes = 0
     _header_tail = b""  # the last bytes of headers so far: their end may be split over two reads
+    _body_read = True  # the last request's body has all come (one answered unread is still coming)
 
     def data_received(self, data: bytes) -> None:
-        if self._header_deadline is not None:  # headers under way: count their bytes up to their end
+        if self._header_deadline is not None and self._body_read:  # headers under way: count them to their end
             seen = self._header_tail + data
             start = len(seen) - len(seen.lstrip(b"\r\n")) if not self._header_bytes else 0  # empty lines first
             end = seen.find(b"\r\n\r\n", start)
@@ -680,10 +689,17 @@ class _TimedHeaders(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._stop_header_clock()
+        self._body_read = False
         super().on_headers_complete()
 
+    def on_message_complete(self) -> None:
+        self._body_read = True
+        super().on_message_complete()
+
     def on_response_complete(self) -> None:
-        super().on_response_complete()
+        super().on_response_complete()  # which reads on, and starts the next request of the pipeline
+        if len(self.pipeline) >= _PIPELINED_MOST:  # a client sending requests without reading answers: wait
+            self.flow.pause_reading()
         if self.cycle is None or self.cycle.response_complete:  # no request of the pipeline started
             self._start_header_clock()
 
