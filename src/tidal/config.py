@@ -876,7 +876,7 @@ class ServingConfig(_Model):
     session_ttl_s: _Float = Field(300.0, gt=0.0)  # seconds a stateful session may sit idle before it is dropped
     session_memory_bytes: _Int = Field(256 << 20, ge=1024)  # the session cache's cap: the least recently used go first
     table_dtype: Literal["float32", "float16"] = "float32"  # how the bundle stores the tables
-    delta_poll_s: _Float | None = Field(None, gt=0.0, le=86_400.0)  # between looks for new deltas; None: on request
+    delta_poll_s: _Float | None = Field(None, ge=0.01, le=86_400.0)  # between looks for new deltas; None: on request
     backend: Literal["torch", "onnxruntime", "aotinductor"] = "torch"  # what runs the dense network
     rewrite: bool = True  # the torch backend runs the program rewritten (false: as exported)
 

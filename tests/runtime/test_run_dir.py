@@ -157,7 +157,9 @@ def test_a_resume_into_a_run_dir_whose_run_has_not_saved_yet_names_that_run(tmp_
     finally:
         holder.kill()
         holder.wait()
-    with pytest.raises(CheckpointError, match=r"holds no checkpoint .*; train a run there first"):
+    with pytest.raises(CheckpointError, match=r"holds no checkpoint .*; train a run there first \(one that stopped "
+                                              r"before its first checkpoint starts again by its own command, "
+                                              r"--init-from included\)"):
         Trainer(RunConfig(**config)).fit(resume=True)
 
 

@@ -145,8 +145,8 @@ def test_serve_names_the_flag_of_a_value_out_of_range(trainer, tmp_path, capsys)
     assert main(["serve", str(bundle), "--port", str(_free_port()), "--max-batch-rows", "0"]) == 2
     err = capsys.readouterr().err
     assert "--max-batch-rows: Input should be greater than or equal to 1, got 0" in err and "max_batch_rows" not in err
-    assert main(["serve", str(bundle), "--port", str(_free_port()), "--delta-poll-s", "0"]) == 2
-    assert "--delta-poll-s: Input should be greater than 0, got 0" in capsys.readouterr().err
+    assert main(["serve", str(bundle), "--port", str(_free_port()), "--delta-poll-s", "1e-9"]) == 2
+    assert "--delta-poll-s: Input should be greater than or equal to 0.01, got 1e-09" in capsys.readouterr().err
     for setting, expected in [("max_queue_rows=0", "--set max_queue_rows: Input should be greater than or equal to 1"),
                               ("max_queue_rows=1e-1", "--set max_queue_rows: Input should be a valid integer, got a "
                                                       "number with a fractional part, got 0.1"),

@@ -400,7 +400,9 @@ def latest(run_dir: Path) -> Path:
                                   f"to go on from the newest, write LATEST again ({_pointing_at(folders[-1])}), or "
                                   f"name that folder where a checkpoint is asked for (tidal eval and export "
                                   f"--checkpoint)")
-        raise CheckpointError(f"{run_dir}: holds no checkpoint ({pointer} is missing); train a run there first")
+        raise CheckpointError(f"{run_dir}: holds no checkpoint ({pointer} is missing); train a run there first "
+                              f"(one that stopped before its first checkpoint starts again by its own command, "
+                              f"--init-from included)")
     name = _json(pointer).get("checkpoint")
     if not isinstance(name, str) or not name.startswith("step-"):
         raise CorruptCheckpointError(f"{pointer}: expected {{\"checkpoint\": \"step-...\"}}, got {pointer.read_text()[:200]!r}")
