@@ -754,6 +754,23 @@ def test_a_full_export_that_replaced_the_bundle_is_loaded_and_served_without_a_r
            "checkpoint step-" in capsys.readouterr().out
 
 
+def test_deltas_removed_from_under_a_server_are_refused_not_rolled_back_to_its_base(run, bundle_dir):
+    service = Service(load_bundle(bundle_dir))
+    try:
+        _delta(run, bundle_dir)
+        _delta(run, bundle_dir)
+        service.updater.update()
+        shutil.rmtree(bundle_dir / "deltas")  # as one pruning them by hand
+        with pytest.raises(CheckpointError, match=r"delta 000002, which this server serves, was removed but not the "
+                                                  r"base it builds on: .*; to drop deltas, export the bundle in full"):
+            service.updater.update()
+        assert (service.updater.delta, service.updater.reloads, service.updater.refused) == (2, 0, 1)
+        export(run.run_dir, bundle_dir)  # in full: loaded
+        assert service.updater.update().reload_reason == "was replaced by another full export"
+    finally:
+        service.close()
+
+
 def test_a_full_export_landing_while_an_update_looks_for_deltas_is_loaded_not_refused(run, bundle_dir, monkeypatch):
     from tidal.serving import online
 

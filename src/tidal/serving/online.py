@@ -178,6 +178,12 @@ class Updater:
         every poll, only once another export replaced it; a damaged file may be
         repaired, so that refusal is not kept."""
         seal = peek(self._path).seal
+        position = self._predictor.position
+        if position is not None and position.sequence and seal == position.base \
+                and not (self._path / DELTAS / delta_name(position.sequence)).is_dir():
+            raise CheckpointError(f"{self._path}: delta {delta_name(position.sequence)}, which this server serves, was "
+                                  f"removed but not the base it builds on: loading the bundle would take the model "
+                                  f"back to an earlier checkpoint; to drop deltas, export the bundle in full")
         if self._refused_export is not None and self._refused_export[0] == seal:
             raise ConfigError(str(self._refused_export[1]))
         try:
