@@ -189,6 +189,7 @@ def test_without_an_address_a_run_starts_a_local_ray_of_its_own_or_joins_its_job
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))  # of the Ray it started: none here
     monkeypatch.setattr("tidal.runtime.ray_backend._check_reachable", lambda address: None)
     if env:
         monkeypatch.setenv("RAY_ADDRESS", env)
@@ -198,6 +199,7 @@ def test_without_an_address_a_run_starts_a_local_ray_of_its_own_or_joins_its_job
     with pytest.raises(KeyboardInterrupt):
         RayBackend(trainer, trainer.reader_spec(data["data"]["train"]))
     assert calls[0]["address"] == expected and (calls[0]["num_cpus"] is None) == (expected != "local")
+    assert calls[1:] == ["shutdown"]  # an interrupted start stops what of Ray it started
 
 
 @pytest.mark.parametrize("runtime", [{"sparse_workers": 4}, {"sparse_workers": 1, "sparse_workers_at": {4: 4}}],
