@@ -18,6 +18,7 @@ from tidal.data.criteo import CRITEO_COLUMNS
 from tidal.embedding.checkpoint import sealed
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError, DataError
 from tidal.runtime import Trainer, checkpoint
+from tidal.serving import export
 from trainer_helpers import assert_same_state
 
 
@@ -63,6 +64,9 @@ def test_keep_checkpoints_keeps_the_newest_and_a_damaged_latest_says_to_resume_f
                                                      r"step-00000010-epoch-0: to resume from it \(the steps since are "
                                                      r"trained again\), write LATEST naming it"):
         Trainer(RunConfig(**config)).fit(resume=True)
+    with pytest.raises(CorruptCheckpointError, match=r"dense.safetensors: .*; the run kept an earlier checkpoint: "
+                                                     r"name it instead, .*/step-00000010-epoch-0$"):
+        export(tmp_path / "run", tmp_path / "bundle")  # an evaluation or a warm start reads it as an export does
     (root / "LATEST").write_text('{"checkpoint": "step-00000010-epoch-0"}')  # as it says
     whole = Trainer(RunConfig(**{**config, "training": {**config["training"], "run_dir": str(tmp_path / "whole")}}))
     whole.fit()

@@ -294,6 +294,8 @@ def reading(path: Path) -> Iterator[Path]:
                 held = os.fstat(fd).st_ino
                 try:
                     yield directory
+                except CorruptCheckpointError as exc:
+                    raise CorruptCheckpointError(f"{exc}{_kept_before(directory)}") from None
                 finally:
                     os.close(fd)
                     fd = -1
@@ -305,6 +307,13 @@ def reading(path: Path) -> Iterator[Path]:
         _check_not_gone(path, given)
     raise CheckpointError(f"{path}: its latest checkpoint was superseded and removed {_HOLD_TRIES} times while it "
                           f"was being opened; try again")
+
+
+def _kept_before(directory: Path) -> str:
+    """Which checkpoint to read instead of the damaged one in `directory`: the newest its
+    run kept before it, if any."""
+    earlier = _folders_before(directory.parent.parent, directory.name) if directory.parent.name == "checkpoints" else []
+    return f"; the run kept an earlier checkpoint: name it instead, {directory.parent / earlier[-1]}" if earlier else ""
 
 
 def _check_not_gone(path: Path, given: bool) -> None:
