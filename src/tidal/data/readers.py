@@ -33,7 +33,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -867,33 +867,29 @@ def _check_plain_text(path: str, kind: str) -> None:
         start = file.read(16)
         if gzipped and start.startswith(b"\x1f\x8b"):  # its text, not its compressed bytes
             file.seek(0)
-            with gzip.open(file) as text:
-                start = _read_start(text, path)
+            try:
+                with gzip.open(file) as text:
+                    start = text.read(_LINE_ENDS_BYTES)
+            except (OSError, EOFError):  # not gzip after all, or cut short: reading it says so
+                start = b""
         else:
             start += file.read(_LINE_ENDS_BYTES - 16)
     if start.startswith(b"\x1f\x8b") and not gzipped:
         raise DataError(f"{path}: the file looks gzip-compressed (it starts with bytes 1f 8b) but its name "
                         f"does not end in .gz; name it {Path(path).name}.gz, or gunzip it")
     for signature, what, advice in _NOT_TEXT:
-        if signature.match(start) and (what != "a Parquet file" or _ends_as_parquet(path, gzipped)):
+        if signature.match(start) and (what != "a Parquet file" or _ends_as_parquet(path)):
             raise DataError(f"{path}: expected {kind.upper()} text, got {what} (it starts with bytes "
                             f"{start[:4].hex(' ')}); {advice}")
     _check_line_ends(path, start)
 
 
-def _read_start(text: IO[bytes], path: str) -> bytes:
-    try:
-        return text.read(_LINE_ENDS_BYTES)
-    except (OSError, EOFError):  # not gzip after all, or cut short: reading it says so
-        return b""
-
-
-def _ends_as_parquet(path: str, gzipped: bool) -> bool:
+def _ends_as_parquet(path: str) -> bool:
     """Whether the file at `path` also ends as every Parquet file does (a text file may
     start with PAR1: an id PAR1023, say)."""
     with open(path, "rb") as file:
         file.seek(0, os.SEEK_END)
-        if gzipped or file.tell() < 8:
+        if file.tell() < 8:
             return False
         file.seek(-4, os.SEEK_END)
         return file.read(4) == b"PAR1"
