@@ -138,8 +138,8 @@ def test_a_warm_start_says_where_it_starts_and_what_an_unfinished_origin_left(da
     Trainer(_config(days["day1"], tmp_path / "day1")).fit(max_steps=7)  # the checkpoint of step 7, of 12
     Trainer(_config(days["day2"], tmp_path / "day2")).fit(init_from=tmp_path / "day1")
     assert (f"  warm start from {tmp_path / 'day1' / 'checkpoints' / 'step-00000007-epoch-0'} at its step 7, which its "
-            f"run wrote part way through (step 7, epoch 1 of 1, 7 batches into it): the rest of that run's data is not "
-            f"trained\n") in capsys.readouterr().out
+            f"run wrote part way through (step 7: 0 of 1 epochs done and 7 batches into the next): the rest of that run's "
+            f"data is not trained\n") in capsys.readouterr().out
     Trainer(_config(days["day2"], tmp_path / "day3")).fit(init_from=tmp_path / "day2")
     assert "at its step 19\n" in capsys.readouterr().out  # a finished run: nothing more to say
 

@@ -567,8 +567,8 @@ def _unfinished(meta: dict[str, Any]) -> str | None:
     position, epochs = meta["position"], meta["config"]["training"]["epochs"]
     if position["epoch"] >= epochs:
         return None
-    return (f"which its run wrote part way through (step {position['step']:,d}, epoch {position['epoch'] + 1} of "
-            f"{epochs}, {position['batch']:,d} batches into it): the rest of that run's data is not trained")
+    return (f"which its run wrote part way through (step {position['step']:,d}: {position['epoch']} of {epochs} "
+            f"epochs done and {position['batch']:,d} batches into the next): the rest of that run's data is not trained")
 
 
 def check_start(trainer: Trainer, directory: Path) -> None:
