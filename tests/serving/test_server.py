@@ -26,7 +26,7 @@ from tidal.config import RunConfig
 from tidal.errors import ConfigError
 from tidal.runtime import Trainer
 from tidal.serving import RequestError, Service, export, load_bundle, start_server
-from tidal.serving.protocol import infer_request, input_specs
+from tidal.serving.protocol import decode_request, infer_request, input_specs
 
 
 @pytest.fixture(scope="module")
@@ -511,6 +511,28 @@ def test_an_oversize_body_gets_its_413_not_a_reset(server):
     for _ in range(3):
         code, answer, _ = _post(server, "/v2/models/ctr/infer", body)
         assert code == 413 and answer["error"].endswith("over the limit of 1048576 (serving.max_body_bytes)")
+
+
+def test_a_large_body_is_decoded_off_the_event_loop_and_scores_as_a_small_one(server, rows, monkeypatch):
+    """A queue of large decodes would hold up health checks and small requests for their
+    sum: a body past 64 KiB is decoded on the decoder thread (a bad one refused from it)."""
+    import tidal.serving.server as server_module
+
+    threads = []
+
+    def recorded(*args, **kwargs):  # type: ignore[no-untyped-def]
+        threads.append(threading.current_thread().name)
+        return decode_request(*args, **kwargs)
+
+    monkeypatch.setattr(server_module, "decode_request", recorded)
+    specs = input_specs(server.service.predictor.config)
+    small = json.dumps(infer_request(with_user_of(rows.slice(0, 5), specs), specs)).encode()
+    large = small + b" " * (1 << 16)  # JSON's whitespace
+    answers = [_post(server, "/v2/models/ctr/infer", body) for body in (small, large)]
+    assert answers[0][0] == answers[1][0] == 200 and answers[0][1]["outputs"] == answers[1][1]["outputs"]
+    code, answer, _ = _post(server, "/v2/models/ctr/infer", b"[" + large)
+    assert code == 400 and "not valid JSON" in answer["error"]
+    assert threads[0] == "tidal-server" and threads[1].startswith("tidal-decode") and threads[2] == threads[1]
 
 
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
