@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import gzip
+import http.client
 import json
 import socket
 import zlib
@@ -549,6 +550,37 @@ def test_compressed_requests_score_as_plain_ones(server, rows, algorithm):
     code, answer, _ = _post(server, "/v2/models/ctr/infer", body + b"\x00garbage", {"Content-Encoding": algorithm})
     assert code == 400 and ("not valid gzip data" if algorithm == "gzip" else "bytes after its data ends") \
         in answer["error"]
+
+
+def _post_raw(server, body: bytes, headers: list[tuple[str, str]]) -> tuple[int, dict]:
+    """POST `body` with `headers` as given, a header named twice included."""
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.putrequest("POST", "/v2/models/ctr/infer")
+        for name, value in headers:
+            conn.putheader(name, value)
+        conn.endheaders(body)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_codings_a_body_is_not_decoded_by_are_refused(server, rows):
+    """Two Content-Encoding headers are one list, as one header listing both; a transfer
+    coding besides chunked is not taken off by the HTTP layer, so it is refused."""
+    specs = input_specs(server.service.predictor.config)
+    raw = json.dumps(infer_request(with_user_of(rows.slice(0, 5), specs), specs)).encode()
+    gzipped = gzip.compress(raw)
+    code, answer = _post_raw(server, gzipped, [("Content-Encoding", "gzip"), ("Content-Encoding", "identity"),
+                                               ("Content-Length", str(len(gzipped)))])
+    assert code == 415 and "Content-Encoding 'gzip, identity' is not supported" in answer["error"]
+    chunked = f"{len(gzipped):x}\r\n".encode() + gzipped + b"\r\n0\r\n\r\n"
+    code, answer = _post_raw(server, chunked, [("Transfer-Encoding", "gzip, chunked")])
+    assert code == 501 and "Transfer-Encoding 'gzip, chunked' is not supported" in answer["error"]
+    chunked = f"{len(raw):x}\r\n".encode() + raw + b"\r\n0\r\n\r\n"
+    assert _post_raw(server, chunked, [("Transfer-Encoding", "chunked")])[0] == 200
 
 
 def test_a_gzip_body_of_several_members_reads_as_their_concatenation(server, rows):

@@ -26,8 +26,9 @@ sequence parameters (`sequence_id`, `sequence_start`, `sequence_end`) drive stat
 sessions. Bodies may come gzip- or deflate-compressed (`Content-Encoding`). Every
 error is `{"error": reason}`: a malformed request gets 400, a body over the limit or a
 request with more candidates than `max_queue_rows` 413, headers over 64 KiB 431,
-headers not sent within 10 s or a body within 30 s 408, an unknown model or route 404;
-under overload (more rows waiting than `max_queue_rows`, or the bodies of the requests
+headers not sent within 10 s or a body within 30 s 408, a Content-Encoding other than
+gzip or deflate 415, a Transfer-Encoding other than chunked 501, an unknown model or
+route 404; under overload (more rows waiting than `max_queue_rows`, or the bodies of the requests
 under way past `max_held_body_bytes`) the server answers 503 with Retry-After instead
 of letting the queue or its memory grow. A body over 64 KiB is decoded on a thread of
 its own, one at a time, so that health checks and small requests are not held up by a
@@ -532,7 +533,8 @@ async def _read_body(request: Request, limit: int, setting: str | None = None, h
     counted in `held` as it comes (an `Overloaded` past its budget)."""
     try:
         body = await asyncio.wait_for(_receive(request, limit, held), _BODY_TIMEOUT_S)
-        plain = _decompressed(body, request.headers.get("content-encoding", "identity").strip().lower(), limit)
+        _check_transfer_coding(request)
+        plain = _decompressed(body, _content_coding(request), limit)
         if held is not None and plain is not body:
             held.take(len(plain))
         return plain
@@ -579,6 +581,21 @@ _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS, "x-gzip": 16 +
 
 
 _INFLATE_PIECE = 1 << 16  # bytes of a compressed body given to the inflater at a time
+
+
+def _check_transfer_coding(request: Request) -> None:
+    """Refuse (501) a transfer coding other than chunked: the HTTP layer only takes
+    the chunks apart, and a body still gzipped would be read as it came."""
+    coding = ", ".join(request.headers.getlist("transfer-encoding")).strip().lower()
+    if coding not in ("", "chunked"):
+        raise RequestError(f"Transfer-Encoding {coding!r} is not supported; send chunked or a Content-Length "
+                           f"(compress with Content-Encoding)", status=501)
+
+
+def _content_coding(request: Request) -> str:
+    """The body's Content-Encoding; several such headers are one list (RFC 9110), refused
+    by `_decompressed` as one header listing them is."""
+    return ", ".join(request.headers.getlist("content-encoding")).strip().lower() or "identity"
 
 
 def _decompressed(body: bytes, encoding: str, limit: int) -> bytes:
