@@ -8,10 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
 import pytest
+from serving_helpers import until
 
 from tidal.cli import main
 from tidal.runtime import checkpoint
@@ -124,6 +126,27 @@ def test_while_the_bundle_loads_live_answers_200_and_every_other_request_503(tmp
             waiting.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
             with pytest.raises(TimeoutError):
                 waiting.recv(100)
+
+
+def test_while_the_bundle_loads_connections_past_those_answered_at_once_wait_their_turn(monkeypatch):
+    import tidal.serving.server as server_module
+    from tidal.serving import LoadingAnswers, listen
+
+    monkeypatch.setattr(server_module, "_LOADING_ANSWERS_MOST", 2)
+    answering = lambda: sum(t.name == "tidal-loading-answer" for t in threading.enumerate())  # noqa: E731
+    with listen("127.0.0.1", 0) as sock:
+        loading = LoadingAnswers(sock, "bundle ranker")
+        silent = [socket.create_connection(sock.getsockname(), timeout=10) for _ in range(2)]
+        try:
+            until(lambda: answering() == 2, "both silent connections taken")
+            start = time.monotonic()
+            probe = f"http://127.0.0.1:{sock.getsockname()[1]}/v2/health/live"
+            assert urllib.request.urlopen(probe, timeout=10).status == 200
+            assert time.monotonic() - start > 1.0  # answered once a silent one was let go, at its 2 s deadline
+        finally:
+            for conn in silent:
+                conn.close()
+            loading.stop()
 
 
 def test_serve_refuses_a_port_out_of_range(capsys):

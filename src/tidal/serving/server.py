@@ -459,6 +459,7 @@ _BODY_TIMEOUT_S = 30.0  # a body must arrive within this
 _HEADER_TIMEOUT_S = 10.0  # a request's headers must arrive within this
 _HEADER_BYTES = 64 << 10  # and take at most this many bytes
 _LOADING_READ_S = 2.0  # the most a request may take while the bundle loads (its head read, its body drained)
+_LOADING_ANSWERS_MOST = 64  # connections answered at once while the bundle loads, each on a thread
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -825,12 +826,14 @@ class LoadingAnswers:
     load, so an orchestrator's liveness probe does not kill a server loading a large
     bundle) and every other request 503 with Retry-After, its `ready` included. Each
     connection, on a thread of its own (a slow client holds up no probe), gets one
-    answer within `_LOADING_READ_S` and is closed. `stop` hands the socket on."""
+    answer within `_LOADING_READ_S` and is closed; past `_LOADING_ANSWERS_MOST` at once,
+    the next connections wait in the listen backlog. `stop` hands the socket on."""
 
     def __init__(self, sock: socket.socket, loading: str) -> None:
         self._sock = sock
         self._body = json.dumps({"error": f"not ready: loading {loading}"}).encode()
         self._stopping = threading.Event()
+        self._answering = threading.BoundedSemaphore(_LOADING_ANSWERS_MOST)
         self._thread = threading.Thread(target=self._accept_until_stopped, name="tidal-loading", daemon=True)
         self._thread.start()
 
@@ -841,11 +844,14 @@ class LoadingAnswers:
 
     def _accept_until_stopped(self) -> None:
         while not self._stopping.is_set():
-            if not select.select([self._sock], [], [], 0.05)[0]:
+            if not self._answering.acquire(timeout=0.05):
                 continue
             try:
-                conn, _ = self._sock.accept()
+                conn = self._sock.accept()[0] if select.select([self._sock], [], [], 0.05)[0] else None
             except OSError:  # the client left already
+                conn = None
+            if conn is None:
+                self._answering.release()
                 continue
             threading.Thread(target=self._answer, args=(conn,), name="tidal-loading-answer", daemon=True).start()
 
@@ -864,6 +870,8 @@ class LoadingAnswers:
                     _drain(conn, deadline)  # a body left unread would reset the connection before the answer is read
             except OSError:  # timed out, or the client left
                 pass
+            finally:
+                self._answering.release()
 
 
 def _read_head(conn: socket.socket, deadline: float) -> bytes:
