@@ -21,6 +21,7 @@ from tidal.embedding._memory import CHUNK_ROWS, SHARD_BITS
 from tidal.errors import BatchError, CheckpointError, ConfigError
 
 from keys import ADVERSARIAL, INT64_MAX, INT64_MIN, M64, as_int64, unmix64
+from serving_helpers import until
 
 PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # plain SGD's lookups list no distinct rows, a summing optimizer's do: both paths mark and count rows
@@ -565,6 +566,25 @@ def test_an_update_racing_a_remove_never_lands_in_a_row_another_key_took(num_sha
     reused = _while_rows_are_removed_and_reused(table, keys, train)
     assert refused  # the race did happen
     assert (table.lookup(reused) == 2.0).all()  # as pushed: no stale update reached them
+
+
+def test_a_lookup_used_inside_holding_rows_while_an_eviction_waits_does_not_deadlock():
+    """An audit's hang: inside `holding_rows` the table's own methods took its gate
+    again, behind an eviction waiting for the block to end."""
+    table = make_table(optimizer=Sgd(lr=1.0), initializer=Initializer(kind="zeros"), eviction=Eviction(ttl_steps=100))
+    lookup, evicting = table.lookup_or_insert(np.arange(10)), threading.Event()
+    evictor = threading.Thread(target=lambda: (evicting.wait(), table.evict()))
+    evictor.start()
+    with table.holding_rows():
+        table.check_lookup(lookup)
+        evicting.set()
+        until(lambda: table._gate._exclusive_waiting, "the eviction waiting for the block")
+        table.apply_grouped(lookup, np.ones((10, 4), np.float32), np.arange(10), np.ones(10, np.float32))
+        assert (table.lookup(np.arange(10)) == -1.0).all()
+        with pytest.raises(RuntimeError, match="would wait for itself forever"):
+            table.remove(np.array([3]))
+    evictor.join(timeout=10)
+    assert not evictor.is_alive()
 
 
 def test_a_lookup_racing_a_remove_reads_no_row_another_key_took():

@@ -396,7 +396,9 @@ class EmbeddingTable:
 
     def holding_rows(self) -> AbstractContextManager[None]:
         """A block in which no row of this table is removed: lookups made before it can be
-        checked (`check_lookup`) and then used without a removal freeing their rows."""
+        checked (`check_lookup`) and then used without a removal freeing their rows. The
+        table's other methods may be called inside it, but not `evict` or `remove`
+        (`RuntimeError`: they would wait for the block to end)."""
         return self._gate.shared()
 
     def _resolve(self, keys: np.ndarray, *, step: int, insert: bool, distinct: bool, force: bool = False,
