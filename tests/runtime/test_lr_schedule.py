@@ -15,7 +15,7 @@ from runtime.test_engine import EXACT, _assert_bitwise_equal, _tables, _trainer
 from runtime.test_trainer import _config
 from tidal import EmbeddingCollection, EmbeddingFeature, SparseBatch, TableConfig
 from tidal.config import RunConfig, TrainingConfig
-from tidal.errors import ConfigError
+from tidal.errors import BatchError, ConfigError
 from trainer_helpers import assert_same_state
 
 SCHEDULE = {"warmup_steps": 5, "decay": "cosine", "decay_steps": 15, "min_lr": 1e-4}
@@ -83,6 +83,25 @@ def test_a_collections_lr_scale_multiplies_every_tables_rate_at_its_lookups_step
     assert steps == [1, 2, 3]
     assert np.array_equal(scaled.table("t").lookup(keys), slower.table("t").lookup(keys))
     assert not np.array_equal(scaled.table("t").lookup(keys), unscaled.table("t").lookup(keys))
+
+
+@pytest.mark.parametrize("optimizer, threads, factor", [({"kind": "sgd", "lr": 0.1}, 1, float("nan")),
+                                                       ({"kind": "adagrad", "lr": 0.1}, 1, -1.0),
+                                                       ({"kind": "sgd", "lr": 0.1}, 2, float("inf")),
+                                                       ({"kind": "ftrl", "alpha": 0.1}, 1, 0.0)])
+def test_a_factor_that_is_no_rate_is_refused_before_any_row_moves(optimizer, threads, factor):
+    """A NaN factor would stay in every row it updated, a negative one climbs the
+    gradient, and FTRL divides by its alpha (an audit's ZeroDivisionError)."""
+    collection = EmbeddingCollection([TableConfig(name="t", dim=4, optimizer=optimizer)],
+                                     [EmbeddingFeature(name="a", table="t")], threads=threads,
+                                     lr_scale=lambda step: factor)
+    batch = SparseBatch.from_lists({"a": [[1], [2, 1]]})
+    pooled, ctx = collection.forward(batch)
+    before = collection.table("t").lookup(np.array([1, 2])).copy()
+    with pytest.raises(BatchError, match=rf"lr_scale\) must be a finite number >= 0.*, got {factor}"):
+        collection.backward(ctx, torch.ones_like(pooled))
+    assert np.array_equal(collection.table("t").lookup(np.array([1, 2])), before)
+    assert collection.table("t").clocks()["updates"] == 0
 
 
 def _scheduled(config: dict, tables: bool = False) -> dict:

@@ -47,7 +47,8 @@ class EmbeddingCollection:
     the gradient of the pooled output into one gradient per unique row (duplicates
     summed, mean/sqrtn scaling applied) and applies each table's fused optimizer.
     `lr_scale`, given a training step, gives the factor on every table's learning rate
-    for the update of a batch looked up at that step (a schedule's; none: 1 throughout).
+    (FTRL's alpha) for the update of a batch looked up at that step (a schedule's; none:
+    1 throughout): a finite number >= 0, and > 0 for FTRL (`BatchError` otherwise).
     """
 
     def __init__(self, tables: Sequence[TableConfig | EmbeddingTable],

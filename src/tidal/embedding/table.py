@@ -535,7 +535,8 @@ class EmbeddingTable:
         cost = np.diff(lookup.key_offsets)  # a gradient row read per key (plain SGD: and its row updated)
         if lookup.shard_offsets is not None:
             cost += np.diff(lookup.shard_offsets)  # each distinct row read and written once
-        step, hyper = self._next_update(), self.optimizer.hyper_at(lr_scale)
+        hyper = self.optimizer.hyper_at(lr_scale)  # checked before the update is counted
+        step = self._next_update()
         run_tasks([partial(self._apply_in_shard, s, lookup, gradient, step, hyper) for s in _largest_first(cost)],
                   self.threads)
 

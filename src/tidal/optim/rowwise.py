@@ -22,6 +22,7 @@ import numba
 import numpy as np
 
 from tidal.config import Adagrad, Adam, AdamW, Ftrl, OptimizerConfig, RowWiseAdagrad, Sgd
+from tidal.errors import BatchError
 
 __all__ = ["OptimizerKernel", "adagrad_row", "adam_row", "adamw_row", "ftrl_row", "rowwise_adagrad_row",
            "sgd_row", "update_row"]
@@ -45,9 +46,15 @@ class OptimizerKernel:
         self.sums_keys_first = self.code != SGD
 
     def hyper_at(self, lr_scale: float) -> np.ndarray:
-        """The hyper-parameters with the learning rate (FTRL's alpha) times `lr_scale`."""
+        """The hyper-parameters with the learning rate (FTRL's alpha) times `lr_scale`;
+        a `BatchError` for a factor that is not a finite number >= 0 (> 0 for FTRL, which
+        divides by its alpha): a NaN would stay in every row it updated."""
         if lr_scale == 1.0:
             return self.hyper
+        if not math.isfinite(lr_scale) or lr_scale < 0 or (lr_scale == 0 and self.code == FTRL):
+            raise BatchError(f"the learning rate factor (lr_scale) must be a finite number >= 0"
+                             f"{' and > 0 for FTRL, which divides by its alpha' if self.code == FTRL else ''}, "
+                             f"got {lr_scale}")
         hyper = self.hyper.copy()
         hyper[LR] *= lr_scale
         return hyper
