@@ -556,7 +556,8 @@ def test_calls_with_the_wrong_kind_of_argument_say_what_was_expected():
         collection.backward(grad, ctx)
     with pytest.raises(BatchError, match=r"pool\(batch, ctx\) takes the PooledContext .*, got SparseBatch"):
         collection.pool(ctx, batch)
-    for wrong in (torch.zeros(2, 1, DIM, dtype=torch.complex64), np.full((2, 1, DIM), "x")):
+    for wrong in (torch.zeros(2, 1, DIM, dtype=torch.complex64), np.full((2, 1, DIM), "x"),
+                  torch.zeros(2, 1, DIM, dtype=torch.bool)):
         with pytest.raises(BatchError, match=r"must hold real numbers .*, got dtype"):
             collection.backward(ctx, wrong)
     collection.backward(ctx, grad)  # the refused calls left the context unused

@@ -623,8 +623,13 @@ def test_apply_gradients_raises_batch_error_when_grad_shape_wrong(shape):
 def test_apply_gradients_raises_batch_error_when_grads_are_not_readable_as_floats():
     table = make_table(name="items")
     insert(table, arr(1, 2, 3))
-    with pytest.raises(BatchError, match=r"'items': grads must be a float array of shape \(3, 4\)"):
-        table.apply_gradients(arr(1, 2, 3), [["a"] * 4] * 3)
+    before = table.lookup(arr(1, 2, 3)).copy()
+    for wrong, came in [([["a"] * 4] * 3, "dtype <U1"), (np.ones((3, 4), complex), "dtype complex128"),
+                        (torch.ones(3, 4, dtype=torch.complex64), "dtype complex64"),
+                        (torch.ones(3, 4, dtype=torch.bool), "dtype bool"), ([[1.0] * 4, [1.0]], "list")]:
+        with pytest.raises(BatchError, match=rf"'items': grads must be a float array of shape \(3, 4\).*got {came}"):
+            table.apply_gradients(arr(1, 2, 3), wrong)
+    np.testing.assert_array_equal(table.lookup(arr(1, 2, 3)), before)  # no row moved
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

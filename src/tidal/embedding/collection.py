@@ -316,7 +316,7 @@ class EmbeddingCollection:
                              f"got {type(grad).__name__}")
         if tuple(grad.shape) != expected:
             raise BatchError(f"gradient of the pooled output must have shape [B, F, D] = {list(expected)}, got {list(grad.shape)}")
-        if grad.is_complex() if isinstance(grad, torch.Tensor) else grad.dtype.kind not in "iuf":
+        if not _holds_real_numbers(grad):
             raise BatchError(f"gradient of the pooled output must hold real numbers (float32, bfloat16, float16, "
                              f"float64 or integers), got dtype {grad.dtype}")
         if isinstance(grad, torch.Tensor):
@@ -325,6 +325,13 @@ class EmbeddingCollection:
                 return _bits(grad.contiguous())
             grad = grad.to(torch.float32).contiguous().numpy()
         return np.ascontiguousarray(grad, dtype=np.float32)
+
+
+def _holds_real_numbers(grad: torch.Tensor | np.ndarray) -> bool:
+    """Floats or integers: not complex numbers, not booleans."""
+    if isinstance(grad, torch.Tensor):
+        return not grad.is_complex() and grad.dtype != torch.bool
+    return grad.dtype.kind in "iuf"
 
 
 def _check_context(ctx: object, call: str) -> None:

@@ -482,13 +482,18 @@ class EmbeddingTable:
         """
         keys = self._keys(keys)
         if hasattr(grads, "detach"):  # a torch tensor, perhaps one autograd tracks, on a GPU or in bfloat16
-            grads = grads.detach().cpu().float()
+            grads = grads.detach().cpu()
+            grads = grads.float().numpy() if grads.dtype.is_floating_point else grads.numpy()
         try:
-            grads = np.ascontiguousarray(grads, dtype=np.float32)
-        except (TypeError, ValueError) as e:  # strings, ...
+            grads = np.asarray(grads)
+        except (TypeError, ValueError) as e:  # a ragged list, ...
             raise BatchError(f"table {self.name!r}: grads must be a float array of shape {(keys.shape[0], self.dim)} "
-                             f"that numpy can read, got {type(grads).__name__} {getattr(grads, 'dtype', '')} ({e}); "
-                             f"convert it first, e.g. tensor.float().numpy()") from e
+                             f"that numpy can read, got {type(grads).__name__} ({e}); convert it first, e.g. "
+                             f"tensor.float().numpy()") from e
+        if grads.dtype.kind not in "iuf":
+            raise BatchError(f"table {self.name!r}: grads must be a float array of shape {(keys.shape[0], self.dim)} "
+                             f"(real numbers: floats or integers), got dtype {grads.dtype}")
+        grads = np.ascontiguousarray(grads, dtype=np.float32)
         if grads.shape != (keys.shape[0], self.dim):
             raise BatchError(
                 f"table {self.name!r}: grads must have shape {(keys.shape[0], self.dim)} "
