@@ -158,6 +158,18 @@ def test_from_lists_takes_uint64_ids_as_the_constructor_does():
     from_lists = SparseBatch.from_lists({"a": [ids]})
     built = SparseBatch(keys=("a",), values=np.array(ids, np.uint64), lengths=[4], batch_size=1)
     assert from_lists.values.tolist() == built.values.tolist() == [-1, -(2**63), 5, -2]
+    mixed = [-1, 2**64 - 1]  # one numpy integer type holds neither list: numpy alone made it float64
+    assert SparseBatch(keys=("a",), values=mixed, lengths=[2], batch_size=1).values.tolist() == [-1, -1]
+    assert SparseBatch.from_lists({"a": [mixed]}).values.tolist() == [-1, -1]
+
+
+def test_from_lists_takes_bags_of_numpy_arrays_and_torch_tensors():
+    import torch
+
+    batch = SparseBatch.from_lists({"a": [torch.tensor([1, 2]), np.array([3]), torch.tensor([], dtype=torch.int64)]})
+    assert batch.values.tolist() == [1, 2, 3] and batch.lengths.tolist() == [2, 1, 0]
+    with pytest.raises(BatchError, match=r"sample 0: ids must be integers, got 1.5 \(float\)"):
+        SparseBatch.from_lists({"a": [torch.tensor([1.5])]})
 
 
 def test_unknown_feature_is_named_by_select_and_feature_range():

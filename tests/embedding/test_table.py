@@ -612,6 +612,15 @@ def test_bad_keys_raise_batch_error_naming_table_shape_and_dtype(verb, keys):
     assert table.stats().rows == 0
 
 
+def test_a_list_of_ids_takes_uint64_ids_as_a_uint64_array_does():
+    table = make_table()
+    listed = table.lookup_or_insert([-1, 2**64 - 1, 2**63]).handles  # numpy alone made this list float64
+    assert listed.tolist() == table.lookup_or_insert(np.array([2**64 - 1, 2**64 - 1, 2**63], np.uint64)).handles.tolist()
+    assert table.stats().rows == 2
+    with pytest.raises(BatchError, match=rf"table 't': ids must fit in 64 bits \(int64, or uint64\), got {2**64}"):
+        table.lookup_or_insert([1, 2**64])
+
+
 @pytest.mark.parametrize("shape", [(3, 5), (2, 4), (3,), (3, 4, 1)])
 def test_apply_gradients_raises_batch_error_when_grad_shape_wrong(shape):
     table = make_table(name="items")

@@ -54,7 +54,8 @@ class SparseBatch:
         set_(self, "keys", _keys(self.keys))
         if not is_whole_number(self.batch_size):
             raise BatchError(f"SparseBatch: batch_size must be an integer, got {self.batch_size!r}")
-        set_(self, "values", _array(self.values, np.int64, "values", 1))
+        values = int64_ids(self.values, "SparseBatch") if whole_numbers(self.values) else self.values
+        set_(self, "values", _array(values, np.int64, "values", 1))
         set_(self, "lengths", _lengths(self.lengths))
         if self.weights is not None:
             set_(self, "weights", _finite(_array(self.weights, np.float32, "weights", 1), "weights"))
@@ -126,6 +127,7 @@ class SparseBatch:
         keys = tuple(bags)
         for key in keys:
             _check_bags(bags[key], f"feature {key!r}")
+        bags = {key: [bag.tolist() if hasattr(bag, "tolist") else bag for bag in bags[key]] for key in keys}  # arrays, tensors
         sizes = {len(samples) for samples in bags.values()}
         if len(sizes) > 1:
             raise BatchError(f"SparseBatch.from_lists: every feature needs the same number of samples, got {sizes}")
@@ -137,7 +139,7 @@ class SparseBatch:
         flat = [bag for key in keys for bag in bags[key]]
         flat_weights = None if weights is None else _flat_weights(bags, weights)
         return cls(
-            keys=keys, batch_size=sizes.pop() if sizes else 0, values=_ids([i for bag in flat for i in bag]),
+            keys=keys, batch_size=sizes.pop() if sizes else 0, values=int64_ids([i for bag in flat for i in bag], "SparseBatch.from_lists"),
             lengths=np.array([len(bag) for bag in flat], dtype=np.int32),
             weights=None if flat_weights is None else np.array(flat_weights, np.float32), **extra,
         )
@@ -179,8 +181,10 @@ def _flat_weights(bags: Mapping[str, Sequence[Sequence[int]]],
     return [w for key in bags for bag in weights[key] for w in bag]
 
 
-def _ids(ids: list[int]) -> np.ndarray:
-    """int64 ids; those from 2**63 to 2**64 - 1 (uint64) wrap around as the constructor's do."""
+def int64_ids(ids: Sequence[int], where: str) -> np.ndarray:
+    """A list of whole-number ids as int64; those from 2**63 to 2**64 - 1 (uint64) wrap
+    around as a uint64 array's do, whatever other ids the list holds (numpy alone makes
+    a list of -1 and 2**64 - 1 float64). `where` names the caller in the error."""
     try:
         return np.array(ids, dtype=np.int64)
     except OverflowError:
@@ -188,9 +192,14 @@ def _ids(ids: list[int]) -> np.ndarray:
     ids = [int(i) for i in ids]
     outside = next((i for i in ids if not -(1 << 63) <= i < 1 << 64), None)
     if outside is not None:
-        raise BatchError(f"SparseBatch.from_lists: ids must fit in 64 bits (int64, or uint64), got {outside}; "
+        raise BatchError(f"{where}: ids must fit in 64 bits (int64, or uint64), got {outside}; "
                          f"hash larger ids into that range first")
     return np.array([i - (1 << 64) if i >= 1 << 63 else i for i in ids], dtype=np.int64)
+
+
+def whole_numbers(values: object) -> bool:
+    """Whether `values` is a non-empty Python list or tuple of integers."""
+    return isinstance(values, (list, tuple)) and bool(values) and all(map(is_whole_number, values))
 
 
 @numba.njit(nogil=True, cache=True)

@@ -29,6 +29,7 @@ import numpy as np
 
 from tidal.config import (CountAdmission, ProbabilityAdmission, TableConfig, is_whole_number, require,
                           require_threads)
+from tidal.data.batch import int64_ids, whole_numbers
 from tidal.embedding import index as ix
 from tidal.embedding import pooling
 from tidal.embedding._memory import CHUNK_ROWS, SHARD_BITS, Arena
@@ -349,7 +350,7 @@ class EmbeddingTable:
     # ------------------------------------------------------------------ routing
 
     def _keys(self, keys: np.ndarray) -> np.ndarray:
-        keys = np.asarray(keys)
+        keys = int64_ids(keys, f"table {self.name!r}") if whole_numbers(keys) else np.asarray(keys)
         if keys.shape == (0,):  # no ids, whatever their type ([] reads as float64)
             return np.empty(0, dtype=np.int64)
         if keys.ndim != 1 or keys.dtype.kind not in "iu":
