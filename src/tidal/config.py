@@ -165,6 +165,10 @@ class Sgd(_Model):
     kind: Literal["sgd"] = "sgd"  # chooses it: a table's `optimizer: {kind: sgd, ...}`, or `optimizer: sgd`
     lr: _Float = Field(0.01, gt=0.0, allow_inf_nan=False)  # the learning rate
 
+    def state_width(self, dim: int) -> int:
+        """The float32s of optimizer state a row of `dim` values keeps."""
+        return 0
+
 
 class Adagrad(_Model):
     """Adagrad as `torch.optim.Adagrad` (lr_decay 0): one accumulator per element."""
@@ -174,6 +178,9 @@ class Adagrad(_Model):
     eps: _Float = Field(1e-10, gt=0.0, allow_inf_nan=False)  # added to the accumulator's root, in the denominator
     initial_accumulator_value: _Float = Field(0.0, ge=0.0, allow_inf_nan=False)  # new rows' accumulators start at it
 
+    def state_width(self, dim: int) -> int:
+        return dim
+
 
 class RowWiseAdagrad(_Model):
     """Row-wise Adagrad (fbgemm style): one accumulator per row, the mean of g²."""
@@ -181,6 +188,9 @@ class RowWiseAdagrad(_Model):
     kind: Literal["rowwise_adagrad"] = "rowwise_adagrad"  # chooses it: `optimizer: {kind: rowwise_adagrad, ...}`
     lr: _Float = Field(0.01, gt=0.0, allow_inf_nan=False)  # the learning rate
     eps: _Float = Field(1e-10, gt=0.0, allow_inf_nan=False)  # added to the accumulator's root, in the denominator
+
+    def state_width(self, dim: int) -> int:
+        return 1
 
 
 class Adam(_Model):
@@ -200,6 +210,9 @@ class Adam(_Model):
     beta2: _Float = Field(0.999, ge=0.0, lt=1.0)  # decay rate of the squared gradient's running mean (v)
     eps: _Float = Field(1e-8, gt=0.0, allow_inf_nan=False)  # added to the denominator
     per_row_bias_correction: bool = False  # correct by each row's own step count (see above)
+
+    def state_width(self, dim: int) -> int:
+        return 2 * dim + int(self.per_row_bias_correction)
 
 
 class AdamW(Adam):
@@ -224,6 +237,9 @@ class Ftrl(_Model):
     beta: _Float = Field(1.0, gt=0.0, allow_inf_nan=False)
     l1: _Float = Field(0.0, ge=0.0, allow_inf_nan=False)
     l2: _Float = Field(0.0, ge=0.0, allow_inf_nan=False)
+
+    def state_width(self, dim: int) -> int:
+        return 2 * dim
 
 
 OptimizerConfig = Annotated[
@@ -274,6 +290,9 @@ class Eviction(_Model):
 
     ttl_steps: _Int | None = Field(None, gt=0)
     capacity_policy: Literal["lfu", "lru"] = "lru"
+
+
+INDEX_BYTES_PER_ROW = 24  # what a row costs in a table's index and metadata: slots at load <= 0.75, key, last seen
 
 
 class TableConfig(_Model):
@@ -331,15 +350,36 @@ class TableConfig(_Model):
         if self.eviction is not None and self.eviction.ttl_steps is None and not capped:
             raise ValueError("eviction would evict nothing: give it ttl_steps, or give the table max_rows or "
                              "memory_bytes (a cap), or remove it")
-        if self.eviction is None and self.max_rows is not None and self.max_rows < self.num_shards:
-            raise ValueError(f"max_rows {self.max_rows} is under num_shards ({self.num_shards}); without eviction each "
-                             f"shard keeps an even share of the cap, so some would take no key: give max_rows of at "
-                             f"least {self.num_shards}, or fewer num_shards")
+        if self.memory_bytes is not None and self.memory_bytes < self.bytes_per_row:
+            raise ValueError(f"memory_bytes {self.memory_bytes} pays for no row of {self.bytes_per_row} bytes (4 x "
+                             f"(dim + optimizer state) + {INDEX_BYTES_PER_ROW} of index); give at least "
+                             f"{self.bytes_per_row}")
+        cap = self.row_cap
+        if self.eviction is None and cap is not None and cap < self.num_shards:
+            setting = f"max_rows {cap}" if cap == self.max_rows else \
+                f"memory_bytes {self.memory_bytes} (which pays for {cap} rows)"
+            raise ValueError(f"{setting} is under num_shards ({self.num_shards}); without eviction each shard keeps "
+                             f"an even share of the cap, so some would take no key: give a cap of at least "
+                             f"{self.num_shards} rows, or fewer num_shards")
         if _admits_all(self.admission):
             setting = "min_count 1" if self.admission.kind == "count" else "probability 1.0"  # type: ignore[union-attr]
             raise ValueError(f"admission with {setting} admits every key on first sight, as no admission does: "
                              f"remove it")
         return self
+
+    @property
+    def bytes_per_row(self) -> int:
+        """What one row costs against `memory_bytes`: values, optimizer state, and about
+        `INDEX_BYTES_PER_ROW` of index and metadata."""
+        return 4 * (self.dim + self.optimizer.state_width(self.dim)) + INDEX_BYTES_PER_ROW
+
+    @property
+    def row_cap(self) -> int | None:
+        """The most rows the table keeps: `max_rows`, or what `memory_bytes` pays for."""
+        caps = [self.max_rows] if self.max_rows is not None else []
+        if self.memory_bytes is not None:
+            caps.append(self.memory_bytes // self.bytes_per_row)
+        return min(caps) if caps else None
 
     @pydantic.field_validator("name")
     @classmethod

@@ -769,13 +769,16 @@ def test_a_cap_without_eviction_under_one_row_a_shard_is_refused():
         make_table(num_shards=8, max_rows=3)
     make_table(num_shards=8, max_rows=3, eviction=Eviction(capacity_policy="lru"))  # evict() trims the whole table
     make_table(num_shards=8, max_rows=8)
+    with pytest.raises(ConfigError, match=r"memory_bytes 400 \(which pays for 2 rows\) is under num_shards \(8\)"):
+        make_table(num_shards=8, dim=16, optimizer=Adagrad(), memory_bytes=400)  # 4 x (16 + 16) + 24 = 152 a row
+    assert make_table(num_shards=8, dim=16, optimizer=Adagrad(), memory_bytes=8 * 152).row_cap == 8
 
 
-def test_memory_budget_below_one_row_is_a_config_error():
-    from tidal.errors import ConfigError
+def test_memory_budget_below_one_row_is_refused_with_the_config():
+    with pytest.raises(ConfigError, match=r"memory_bytes 30 pays for no row of 40 bytes \(4 x \(dim \+ optimizer "
+                                          r"state\) \+ 24 of index\); give at least 40"):
+        TableConfig(name="t", dim=4, memory_bytes=30)
 
-    with pytest.raises(ConfigError, match="memory_bytes=30 pays for no row of 40 bytes"):
-        make_table(memory_bytes=30)
 
 
 def test_evict_ages_admission_counts_when_keys_stop_coming():

@@ -91,6 +91,8 @@ def test_cli_prints_the_config_as_the_run_would_use_it_with_set_overrides(tmp_pa
     assert not (tmp_path / "run").exists()  # nothing trained
     assert main(["train", "--config", str(path), "--set", "tables.items.dim=4"]) == 2
     assert "tidal train: --set tables.items.dim: tables has no element named 'items'" in capsys.readouterr().err
+    assert main(["train", "--config", str(path), "--set", "tables.ids.memory_bytes=10", "--print-config"]) == 2
+    assert re.search(r"tables\.0.*: .*memory_bytes 10 pays for no row of \d+ bytes", capsys.readouterr().err)
 
 
 def test_a_run_whose_data_is_mostly_bad_rows_stops_saying_so_unless_max_bad_fraction_allows_them(tmp_path, capsys):
@@ -215,10 +217,15 @@ def test_a_run_resumed_with_more_epochs_matches_one_that_had_them_from_the_start
 def test_the_final_evaluation_and_tidal_eval_score_the_tables_within_their_caps_as_exported(tmp_path, capsys):
     config = _config(tmp_path, epochs=1, evict_every=5)  # 24 steps: the last safe point is step 20
     config["tables"][0] |= {"eviction": {"capacity_policy": "lfu"}, "max_rows": 3000}
-    summary = Trainer(RunConfig(**config)).fit()
+    trainer = Trainer(RunConfig(**config))
+    summary = trainer.fit()
     table = summary["tables"]["ids"]
     assert table["rows"] <= 3000 and table["evicted"] > 0 and table["admitted"] == table["rows"] + table["evicted"]
     assert f"({table['admitted']:,d} created, {table['evicted']:,d} evicted)" in shown_table("ids", table)
+    stats = trainer.collection.tables[0].stats()  # the memory held: chunks of the most rows it had, not the rows kept
+    assert table["bytes"] == stats.allocated_bytes + stats.index_bytes + stats.metadata_bytes
+    assert stats.allocated_bytes > stats.value_bytes + stats.state_bytes
+    assert f"{table['rows']:,d} rows, {table['bytes'] / 2**20:.1f} MiB held (" in shown_table("ids", table)
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", *config["data"]["eval"]]) == 0
     out = capsys.readouterr().out

@@ -11,6 +11,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -769,6 +770,24 @@ def test_deltas_removed_from_under_a_server_are_refused_not_rolled_back_to_its_b
         assert service.updater.update().reload_reason == "was replaced by another full export"
     finally:
         service.close()
+
+
+def test_a_reload_gives_the_memory_of_the_tables_it_replaced_back_to_the_system(run, bundle_dir, monkeypatch):
+    """glibc kept the freed tables' memory and served the next copy from it, so a
+    server reloading full exports stayed near its reload peak: 8 reloads of a 75 MiB
+    bundle, 621 to 835 MB, against 640 MB once the freed memory is given back."""
+    service = Service(load_bundle(bundle_dir))
+    replaced = weakref.ref(service.predictor.collection.tables[0])
+    trimmed: list[bool] = []
+    monkeypatch.setattr(predictor_module, "give_back_freed_memory", lambda: trimmed.append(replaced() is None))
+    try:
+        export(run.run_dir, bundle_dir)
+        assert service.updater.update().reload_reason == "was replaced by another full export"
+        assert trimmed == [True]  # given back once the replaced tables were freed
+    finally:
+        service.close()
+    monkeypatch.undo()
+    predictor_module.give_back_freed_memory()  # glibc's malloc_trim here; nothing where there is none
 
 
 def test_a_full_export_landing_while_an_update_looks_for_deltas_is_loaded_not_refused(run, bundle_dir, monkeypatch):

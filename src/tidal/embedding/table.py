@@ -44,7 +44,6 @@ __all__ = ["EmbeddingTable", "RowBlock", "RowLookup", "TableStats"]
 _MAX_LOAD = 0.75
 _ROW_ARRAY_GROWTH = 1.25
 _UNLIMITED = 1 << 62
-_INDEX_BYTES_PER_ROW = 24  # slots at load <= 0.75, the key, last_seen: measured 20-24
 _KEPT_REMOVALS = 1 << 16  # removed keys a shard always keeps for the next delta
 
 
@@ -234,11 +233,6 @@ class EmbeddingTable:
         self._epoch = 0  # removals of rows so far (under the gate): a RowLookup is valid within one
         self._shards = [self._new_shard(s) for s in range(config.num_shards)]
         self.checkpoint_id: str | None = None  # what a delta would extend: '<full checkpoint id>/<chain entry>'
-        if self.row_cap == 0:
-            raise ConfigError(
-                f"table {self.name!r}: memory_bytes={config.memory_bytes} pays for no row of "
-                f"{self.bytes_per_row} bytes; give at least {self.bytes_per_row}"
-            )
         self._reserve(config.reserve_rows)
 
     # ------------------------------------------------------------------ set-up
@@ -267,16 +261,12 @@ class EmbeddingTable:
     @property
     def row_cap(self) -> int | None:
         """The most rows the table keeps: `max_rows`, or what `memory_bytes` pays for."""
-        caps = [self.config.max_rows] if self.config.max_rows is not None else []
-        if self.config.memory_bytes is not None:
-            caps.append(self.config.memory_bytes // self.bytes_per_row)
-        return min(caps) if caps else None
+        return self.config.row_cap
 
     @property
     def bytes_per_row(self) -> int:
-        """What one row costs against `memory_bytes`: values, optimizer state, and about
-        24 bytes of index and metadata."""
-        return 4 * self.width + _INDEX_BYTES_PER_ROW
+        """What one row costs against `memory_bytes` (`TableConfig.bytes_per_row`)."""
+        return self.config.bytes_per_row
 
     def _shard_row_limit(self, s: int) -> int:
         """New keys are refused past this in shard `s`; with eviction, `evict()` trims instead.

@@ -38,7 +38,7 @@ class OptimizerKernel:
 
     def __init__(self, config: OptimizerConfig, dim: int) -> None:
         self.code = _CODES[type(config)]
-        self.state_width = _state_width(config, dim)
+        self.state_width = config.state_width(dim)
         self.initial_state = getattr(config, "initial_accumulator_value", 0.0)
         self.hyper = _pack(config)
         # every optimizer but plain SGD needs the sum of a row's gradients before its update,
@@ -62,12 +62,6 @@ class OptimizerKernel:
 
 _CODES = {Sgd: SGD, Adagrad: ADAGRAD, RowWiseAdagrad: ROWWISE_ADAGRAD, Adam: ADAM,
           AdamW: ADAMW, Ftrl: FTRL}
-
-
-def _state_width(config: OptimizerConfig, dim: int) -> int:
-    if isinstance(config, Adam):  # AdamW included
-        return 2 * dim + int(config.per_row_bias_correction)
-    return {Sgd: 0, Adagrad: dim, RowWiseAdagrad: 1, Ftrl: 2 * dim}[type(config)]
 
 
 def _pack(config: OptimizerConfig) -> np.ndarray:

@@ -133,15 +133,17 @@ def shown_evaluation(evaluation: Evaluation, target: str) -> str:
 
 
 def _table_summary(stats: TableStats) -> dict:
-    """A table's size and what became of the ids it was given, over the whole run."""
-    return {"rows": stats.rows, "bytes": stats.value_bytes + stats.state_bytes + stats.index_bytes + stats.metadata_bytes,
+    """A table's size and what became of the ids it was given, over the whole run.
+    Its bytes are the memory it holds: its rows' chunks (as many as its most rows ever
+    needed, evicted rows' included), index and metadata."""
+    return {"rows": stats.rows, "bytes": stats.allocated_bytes + stats.index_bytes + stats.metadata_bytes,
             "admitted": stats.admitted, "evicted": stats.evicted, "not_admitted": stats.not_admitted,
             "dropped_full": stats.dropped_full}
 
 
 def shown_table(name: str, table: dict) -> str:
     """A table's line in the CLI's run summary: its size, and the ids that got no row."""
-    line = f"table {name}: {table['rows']:,d} row{'' if table['rows'] == 1 else 's'}, {table['bytes'] / 2**20:.1f} MiB"
+    line = f"table {name}: {table['rows']:,d} row{'' if table['rows'] == 1 else 's'}, {table['bytes'] / 2**20:.1f} MiB held"
     if table["evicted"]:
         line += f" ({table['admitted']:,d} created, {table['evicted']:,d} evicted)"
     if table["not_admitted"]:
