@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import yaml
 
 from tidal.config import Adam, CountAdmission, Eviction, Initializer, ProbabilityAdmission, RunConfig, TableConfig
 from tidal.errors import ConfigError
@@ -172,6 +173,31 @@ def test_a_yaml_file_naming_a_key_twice_or_not_utf8_is_refused(tmp_path):
     latin.write_bytes(b"data: {train: caf\xe9.tsv}\n")
     with pytest.raises(ConfigError, match="latin.yaml: not UTF-8 text"):
         RunConfig.from_yaml(str(latin))
+
+
+def test_a_yaml_key_read_as_no_name_is_refused_naming_where(tmp_path):
+    """YAML reads an unquoted on, yes, null or 1 as a boolean, null or number: pydantic
+    then failed with a bare TypeError. Steps as keys (sparse_workers_at) stay numbers."""
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(_run()) + "model: {kind: dlrm, on: true}\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: model: the key True is not a name \(YAML reads an unquoted on, "
+                                          r"off, yes, no, null or number as bool\); quote it, or remove it"):
+        RunConfig.from_yaml(str(path))
+    path.write_text(yaml.safe_dump(_run()))
+    with pytest.raises(ConfigError, match=r"with --set 'tables.ids=\{1: 2\}': tables.0: the key 1 is not a name"):
+        RunConfig.from_yaml(str(path), ["tables.ids={1: 2}"])
+    steps = RunConfig.from_yaml(str(path), ["runtime={backend: ray, sparse_workers_at: {10: 2}}"])
+    assert steps.runtime.sparse_workers_at == {10: 2}
+
+
+def test_yaml_merge_keys_share_settings_between_tables(tmp_path):
+    path = tmp_path / "run.yaml"
+    run = _run()
+    run["features"].insert(1, {"kind": "sparse", "name": "item", "columns": ["C2"], "table": "more"})
+    text = yaml.safe_dump({k: v for k, v in run.items() if k != "tables"})
+    path.write_text(text + "tables:\n  - &shared {name: ids, dim: 8, optimizer: adagrad}\n  - {<<: *shared, name: more}\n")
+    tables = RunConfig.from_yaml(str(path)).tables
+    assert [(t.name, t.dim, t.optimizer.kind) for t in tables] == [("ids", 8, "adagrad"), ("more", 8, "adagrad")]
 
 
 def test_error_paths_are_the_keys_of_the_config_not_pydantics_union_branches():

@@ -1094,11 +1094,26 @@ class RunConfig(_Model):
         for entry in overrides:
             override(content, entry)
         try:
+            _check_keys(content)
             return cls(**content)
         except ConfigError as exc:
             given = "".join(f" --set {shlex.quote(entry)}" for entry in overrides)
             given = f" with{given}" if given else ""
             raise ConfigError(f"{path}{given}: {exc}") from None
+
+
+_NUMBERED = ("sparse_workers_at",)  # the mappings whose keys are numbers (steps), not names
+
+
+def _check_keys(node: Any, where: str = "") -> None:
+    """Refuse a key that is not a name anywhere in YAML content (but in `_NUMBERED`):
+    YAML reads an unquoted `on`, `yes`, `null` or `1` as a boolean, null or number."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        if isinstance(node, dict) and not isinstance(key, str) and where.rpartition(".")[2] not in _NUMBERED:
+            raise ConfigError(f"{where or 'the config'}: the key {key!r} is not a name (YAML reads an unquoted on, "
+                              f"off, yes, no, null or number as {type(key).__name__}); quote it, or remove it")
+        _check_keys(value, f"{where}.{key}" if where else str(key))
 
 
 def _unshared(node: Any, budget: list[int] | None = None) -> Any:
@@ -1241,6 +1256,8 @@ def yaml_loader() -> type:
         def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
             seen = set()
             for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys, which the base loader merges
+                    continue
                 key = self.construct_object(key_node, deep=True)
                 if not isinstance(key, (str, int, float, bool, type(None))):
                     continue  # an unhashable key: the base loader says so
