@@ -145,6 +145,23 @@ def _run(**changes) -> dict:
     ({"features": [{"kind": "sparse", "name": "user", "columns": ["C1", "buy"], "table": "ids"},
                    {"kind": "label", "name": "click", "column": "label"}, {"kind": "label", "name": "buy", "column": "buy"}]},
      "feature 'user' reads column 'buy', which label 'buy' reads"),
+    ({"features": [{"kind": "sparse", "name": "hist", "columns": ["hist"], "table": "ids", "separator": "|"},
+                   {"kind": "dense", "name": "hl", "column": "hist.lengths"},
+                   {"kind": "label", "name": "click", "column": "label"}]},
+     "feature 'hl' reads column 'hist.lengths', the name of the served input that may carry bag column 'hist''s "
+     "lengths; rename the column"),
+    ({"features": [{"kind": "sparse", "name": "user", "columns": ["C1"], "table": "ids"},
+                   {"kind": "dense", "name": "price", "column": "I1", "missing_value": 1e39},
+                   {"kind": "label", "name": "click", "column": "label"}]},
+     "features.1.missing_value: Input should be less than or equal to 3.4028235e+38, got 1e+39"),
+    ({"features": [{"kind": "sparse", "name": "user", "columns": ["C1"], "table": "ids"},
+                   {"kind": "label", "name": "click", "column": "label", "weight": 1e-320},
+                   {"kind": "label", "name": "buy", "column": "buy"}]},
+     "weight: Input should be greater than or equal to 1e-30, got 1e-320"),
+    ({"tables": [{"name": "ids", "dim": 8, "initializer": {"kind": "normal", "scale": 1e39}}]},
+     "scale: Input should be less than or equal to 3.4028235e+38, got 1e+39"),
+    ({"data": {"train": "x.tsv", "max_bad_fraction": True}},
+     "data.max_bad_fraction: expected a number, got the boolean True"),
 ])
 def test_an_inconsistent_run_config_says_what_is_wrong(changes, message):
     with pytest.raises(ConfigError) as info:

@@ -77,6 +77,7 @@ DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # a device for dense math
 # optional sections, absent when null: one written with nothing under it (which YAML reads as null) is refused
 _SECTIONS = ("runtime", "passmode", "eviction", "admission", "lr_schedule")
 _FLOAT32_MAX = 3.4028234663852886e38  # scores are float32
+BAG_LENGTHS = ".lengths"  # a served bag column's lengths come as the input named COLUMN.lengths
 # names a table's checkpoint folder cannot take (tidal.embedding.checkpoint): the
 # folders themselves, and the manifest beside them and the file it is written through
 _RESERVED_TABLE_NAMES = (".", "..", "manifest.json", "manifest.json.partial")
@@ -151,7 +152,7 @@ class Initializer(_Model):
     """
 
     kind: Literal["uniform", "normal", "zeros"] = "uniform"  # the distribution, as above
-    scale: _Float = Field(0.01, ge=0.0, allow_inf_nan=False)  # uniform's bound, normal's standard deviation
+    scale: _Float = Field(0.01, ge=0.0, le=_FLOAT32_MAX, allow_inf_nan=False)  # uniform's bound, normal's sd
 
     @pydantic.model_validator(mode="after")
     def _scale_applies(self) -> Initializer:
@@ -501,7 +502,7 @@ class DenseFeature(_Model):
     name: str = Field(min_length=1, max_length=128)  # distinct among the run's features
     column: str = Field(min_length=1)
     transform: Literal["none", "log"] = "none"  # none: the number as it is; log: as above
-    missing_value: _Float = Field(0.0, allow_inf_nan=False)
+    missing_value: _Float = Field(0.0, ge=-_FLOAT32_MAX, le=_FLOAT32_MAX, allow_inf_nan=False)  # a float32
     side: Literal["user", "item", "context"] = "item"  # as for SparseFeature
 
 
@@ -513,7 +514,7 @@ class LabelFeature(_Model):
     kind: Literal["label"] = "label"  # in a run config's features: `kind: label`
     name: str = Field(min_length=1, max_length=128)  # the target's: in metrics, served outputs, fusion weights
     column: str = Field(min_length=1)
-    weight: _Float = Field(1.0, gt=0.0, allow_inf_nan=False)
+    weight: _Float = Field(1.0, ge=1e-30, le=1e30, allow_inf_nan=False)  # within float32's sums and products
 
 
 FeatureConfig = Annotated[SparseFeature | DenseFeature | LabelFeature, Field(discriminator="kind")]
@@ -575,7 +576,7 @@ class DataConfig(_Model):
     on_bad_row: Literal["skip", "fail"] = "skip"
     # skipped bad rows may be at most this share of the rows read, and of each file's (judged from 10,000 rows on:
     # on_bad_row "fail" allows none at all); 1.0: any number
-    max_bad_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    max_bad_fraction: _Float = Field(0.1, ge=0.0, le=1.0)
     batch_size: _Int = Field(1024, ge=1, le=1 << 20)
     # a sparse feature of one id a row (a user id, say): evaluations also give the group AUC (GAUC) over its ids
     eval_group_by: str | None = Field(None, min_length=1)
@@ -986,7 +987,7 @@ class RunConfig(_Model):
                              f"evaluate on: set data.eval, or remove eval_every")
         self._check_passmode()
         self._check_unused()
-        self._check_label_columns()
+        self._check_input_columns()
         ftrl = [t.name for t in self.tables if isinstance(t.optimizer, Ftrl)]
         if self.training.schedules_tables and ftrl:
             raise ValueError(f"training.lr_schedule.tables: tables {ftrl} use FTRL, whose alpha sets the scale of "
@@ -1021,12 +1022,15 @@ class RunConfig(_Model):
             raise ValueError(f"runtime.embedding_shards is {self.runtime.embedding_shards}, but tables go to shard "
                              f"actors whole and there are {len(self.tables)}: give at most {len(self.tables)}")
 
-    def _check_label_columns(self) -> None:
+    def _check_input_columns(self) -> None:
         """Refuse a label column read by an input feature: the model would learn the
-        target from itself, and ask it of every request served."""
+        target from itself, and ask it of every request served; and an input column
+        named as a bag column's lengths are served (`BAG_LENGTHS`)."""
         if _SAVED.get():
             return
         labels = {f.column: f.name for f in self.features if isinstance(f, LabelFeature)}
+        lengths = {c + BAG_LENGTHS for f in self.features if isinstance(f, SparseFeature) and f.separator
+                   for c in f.columns}
         for feature in self.features:
             columns = feature.columns if isinstance(feature, SparseFeature) else \
                 [feature.column] if isinstance(feature, DenseFeature) else []
@@ -1035,6 +1039,11 @@ class RunConfig(_Model):
                 raise ValueError(f"feature {feature.name!r} reads column {leaked[0]!r}, which label "
                                  f"{labels[leaked[0]]!r} reads: a model given its target as an input learns nothing "
                                  f"it could serve; read another column")
+            clash = [c for c in columns if c in lengths]
+            if clash:
+                raise ValueError(f"feature {feature.name!r} reads column {clash[0]!r}, the name of the served input "
+                                 f"that may carry bag column {clash[0].removesuffix(BAG_LENGTHS)!r}'s lengths; "
+                                 f"rename the column")
 
     def _check_eval_group(self) -> None:
         group = self.data.eval_group_by
@@ -1302,8 +1311,22 @@ def _problems(exc: pydantic.ValidationError, values: dict,
         elif err["type"] == "value_error":  # our own check: its message says what came
             found.append((".".join(parts) or "(root)", err["msg"].removeprefix("Value error, ")))
         else:
-            found.append((".".join(parts) or "(root)", f"{err['msg']}, got {_shown(err.get('input'))}"))
+            found.append((".".join(parts) or "(root)", f"{_readable_bound(err)}, got {_shown(err.get('input'))}"))
     return found
+
+
+_BOUNDS = {"less_than_equal": ("le", "less than or equal to"), "greater_than_equal": ("ge", "greater than or equal to"),
+           "less_than": ("lt", "less than"), "greater_than": ("gt", "greater than")}
+
+
+def _readable_bound(err: Any) -> str:
+    """pydantic's message, with a bound it writes in 39 digits (float32's largest)
+    or 30 decimals written as 3.4028235e+38 or 1e-30."""
+    key, words = _BOUNDS.get(err["type"], (None, None))
+    bound = err.get("ctx", {}).get(key)
+    if isinstance(bound, float) and not 1e-4 <= abs(bound) < 1e16 and bound != 0:
+        return f"Input should be {words} {bound:.8g}"
+    return err["msg"]
 
 
 def _joined(parts: list[str], sub: str, loc: tuple, values: Any) -> str:

@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tidal.config import DenseFeature, RunConfig, SparseFeature
+from tidal.config import BAG_LENGTHS, DenseFeature, RunConfig, SparseFeature
 from tidal.data.readers import FLOAT32_MAX, INTEGER_PATTERN, WeightedBags, weighted_values
 from tidal.errors import TidalError
 
@@ -46,7 +46,7 @@ __all__ = ["DecodedRequest", "InputSpec", "RequestError", "context_inputs", "dec
 
 HEADER = "inference-header-content-length"
 MAX_SEQUENCE_ID = 256  # characters of a string sequence_id
-LENGTHS = ".lengths"
+LENGTHS = BAG_LENGTHS
 _NUMERIC = {"FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "INT32": "<i4"}
 _DATATYPES = frozenset(("BYTES", *_NUMERIC))
 
