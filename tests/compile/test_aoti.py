@@ -82,6 +82,24 @@ def test_weights_of_another_network_are_refused_by_name(compiled):
 
 
 @pytest.mark.slow
+def test_a_network_without_dense_features_compiles_and_takes_new_weights(tmp_path):
+    """Its bottom layer's weight holds no values, and the package keeps no constant of
+    it: an audit's export was refused for that."""
+    torch.manual_seed(0)
+    model = RankingModel(ModelConfig(kind="dlrm", bottom_sizes=[8], hidden_sizes=[16]), num_features=FEATURES,
+                         dim=DIM, dense_features=0, num_targets=1).eval()
+    example = (torch.zeros(2, FEATURES, DIM), torch.zeros(2, 0))
+    program = export_program(model, example, BUCKETS[-1])
+    assert program.state_dict["body.bottom.0.weight"].numel() == 0
+    to_aoti(program, example, BUCKETS, tmp_path / "dense-aotinductor.pt2")
+    other = {n: t * 0.5 - 0.1 for n, t in program.state_dict.items()}
+    package = AotiProgram.of(tmp_path / "dense-aotinductor.pt2", program).with_weights(other)
+    pooled, dense = torch.randn(4, FEATURES, DIM), torch.zeros(4, 0)
+    torch.testing.assert_close(package.forward(pooled, dense),
+                               torch.func.functional_call(program.module(), other, (pooled, dense)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_a_package_that_differs_from_the_program_is_refused(compiled, monkeypatch):
     program, path = compiled
     forward = AotiProgram.forward

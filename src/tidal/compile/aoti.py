@@ -159,7 +159,8 @@ class AotiProgram:
         return cls(package, {n: t.detach().clone() for n, t in program.state_dict.items()})
 
     def _load(self, weights: dict[str, torch.Tensor]) -> None:
-        unknown = sorted(set(weights) - self.constants)
+        weights = {name: tensor for name, tensor in weights.items() if tensor.numel()}  # the package keeps no
+        unknown = sorted(set(weights) - self.constants)  # constant of a weight without values (no dense features')
         if unknown:
             raise CheckpointError(f"the AOTInductor package {self._package.name} holds no constant of the name of "
                                   f"weights {unknown[:4]}, so new weights could not reach them; export it with "
