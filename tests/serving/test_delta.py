@@ -187,6 +187,9 @@ def test_a_damaged_or_altered_delta_is_refused_by_name(run, bundle_dir):
     manifest_file.write_text(json.dumps({**manifest, "sequence": 1, "tables": {}}))
     with pytest.raises(CorruptCheckpointError, match=rf"{manifest_file}: altered or damaged"):
         load_bundle(bundle_dir)
+    manifest_file.unlink()
+    with pytest.raises(CorruptCheckpointError, match=rf"{manifest_file}: missing; the bundle is incomplete"):
+        load_bundle(bundle_dir)
 
 
 def test_a_delta_of_the_checkpoint_served_is_not_written_and_one_of_an_older_is_refused(run, tmp_path):

@@ -586,7 +586,9 @@ def _moved_from(path: Path, manifest: dict, position: Position) -> str | None:
 
 def _read_delta(folder: Path, position: Position, config: RunConfig, table_dtype: str) -> Delta:
     file = folder / MANIFEST
-    manifest = _read_json(file) if file.exists() else None
+    if not file.exists():
+        raise CorruptCheckpointError(f"{file}: missing; the bundle is incomplete (export it again)")
+    manifest = _read_json(file)
     keys = {"format", "version", "sequence", "base", "previous", "table_dtype", "files"}
     if not isinstance(manifest, dict) or not keys <= set(manifest) or manifest["format"] != DELTA_FORMAT:
         raise CorruptCheckpointError(f"{file}: expected a {DELTA_FORMAT} manifest with {sorted(keys)}")
