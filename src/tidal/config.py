@@ -1114,15 +1114,21 @@ class RunConfig(_Model):
 _NUMBERED = ("sparse_workers_at",)  # the mappings whose keys are numbers (steps), not names
 
 
-def _check_keys(node: Any, where: str = "") -> None:
+def _check_keys(node: Any, where: str = "", checked: set[int] | None = None) -> None:
     """Refuse a key that is not a name anywhere in YAML content (but in `_NUMBERED`):
-    YAML reads an unquoted `on`, `yes`, `null` or `1` as a boolean, null or number."""
+    YAML reads an unquoted `on`, `yes`, `null` or `1` as a boolean, null or number. A
+    mapping or list that aliases share is checked once (`checked`: their ids)."""
+    checked = set() if checked is None else checked
+    if id(node) in checked:
+        return
+    checked.add(id(node))
     items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
     for key, value in items:
         if isinstance(node, dict) and not isinstance(key, str) and where.rpartition(".")[2] not in _NUMBERED:
             raise ConfigError(f"{where or 'the config'}: the key {key!r} is not a name (YAML reads an unquoted on, "
                               f"off, yes, no, null or number as {type(key).__name__}); quote it, or remove it")
-        _check_keys(value, f"{where}.{key}" if where else str(key))
+        if isinstance(value, (dict, list)):
+            _check_keys(value, f"{where}.{key}" if where else str(key), checked)
 
 
 def _unshared(node: Any, budget: list[int] | None = None) -> Any:
@@ -1321,11 +1327,11 @@ _BOUNDS = {"less_than_equal": ("le", "less than or equal to"), "greater_than_equ
 
 def _readable_bound(err: Any) -> str:
     """pydantic's message, with a bound it writes in 39 digits (float32's largest)
-    or 30 decimals written as 3.4028235e+38 or 1e-30."""
+    or 30 decimals written as Python does: 3.4028234663852886e+38, 1e-30."""
     key, words = _BOUNDS.get(err["type"], (None, None))
     bound = err.get("ctx", {}).get(key)
     if isinstance(bound, float) and not 1e-4 <= abs(bound) < 1e16 and bound != 0:
-        return f"Input should be {words} {bound:.8g}"
+        return f"Input should be {words} {bound!r}"
     return err["msg"]
 
 

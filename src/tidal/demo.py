@@ -125,7 +125,7 @@ def _print_summary(summary: dict, ceiling_auc: float) -> None:
           f"both labels")
     print(f"  training        {summary['rows']:,d} rows at {summary['samples_per_s']:,.0f} samples/s")
     for name, table in summary["tables"].items():
-        print(f"  table {name:9} {table['rows']:,d} rows, {table['bytes'] / 2**20:,.1f} MiB")
+        print(f"  table {name:9} {table['rows']:,d} rows, {table['bytes'] / 2**20:,.1f} MiB held")
     print(f"  bad rows        {summary['bad_rows']:,}")
     print("Where the time went (busy fraction of each stage)")
     print("  " + Telemetry.table(summary["runtime"]).replace("\n", "\n  "))

@@ -88,20 +88,23 @@ def test_a_collections_lr_scale_multiplies_every_tables_rate_at_its_lookups_step
 @pytest.mark.parametrize("optimizer, threads, factor", [({"kind": "sgd", "lr": 0.1}, 1, float("nan")),
                                                        ({"kind": "adagrad", "lr": 0.1}, 1, -1.0),
                                                        ({"kind": "sgd", "lr": 0.1}, 2, float("inf")),
-                                                       ({"kind": "ftrl", "alpha": 0.1}, 1, 0.0)])
+                                                       ({"kind": "ftrl", "alpha": 0.1}, 1, 0.0),
+                                                       ("adagrad and ftrl", 2, 0.0)])
 def test_a_factor_that_is_no_rate_is_refused_before_any_row_moves(optimizer, threads, factor):
     """A NaN factor would stay in every row it updated, a negative one climbs the
     gradient, and FTRL divides by its alpha (an audit's ZeroDivisionError)."""
-    collection = EmbeddingCollection([TableConfig(name="t", dim=4, optimizer=optimizer)],
-                                     [EmbeddingFeature(name="a", table="t")], threads=threads,
-                                     lr_scale=lambda step: factor)
-    batch = SparseBatch.from_lists({"a": [[1], [2, 1]]})
+    optimizers = ["adagrad", "ftrl"] if optimizer == "adagrad and ftrl" else [optimizer]  # the first takes 0
+    tables = [TableConfig(name=f"t{k}", dim=4, optimizer=o) for k, o in enumerate(optimizers)]
+    collection = EmbeddingCollection(tables, [EmbeddingFeature(name=f"f{k}", table=t.name) for k, t in enumerate(tables)],
+                                     threads=threads, lr_scale=lambda step: factor)
+    batch = SparseBatch.from_lists({f"f{k}": [[1], [2, 1]] for k in range(len(tables))})
     pooled, ctx = collection.forward(batch)
-    before = collection.table("t").lookup(np.array([1, 2])).copy()
+    before = [collection.table(t.name).lookup(np.array([1, 2])).copy() for t in tables]
     with pytest.raises(BatchError, match=rf"lr_scale\) must be a finite number >= 0.*, got {factor}"):
         collection.backward(ctx, torch.ones_like(pooled))
-    assert np.array_equal(collection.table("t").lookup(np.array([1, 2])), before)
-    assert collection.table("t").clocks()["updates"] == 0
+    for t, rows in zip(tables, before):
+        assert np.array_equal(collection.table(t.name).lookup(np.array([1, 2])), rows)
+        assert collection.table(t.name).clocks()["updates"] == 0
 
 
 def _scheduled(config: dict, tables: bool = False) -> dict:

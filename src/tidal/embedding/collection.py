@@ -271,6 +271,8 @@ class EmbeddingCollection:
         if check_finite:
             self._check_finite(grad_rows, ctx)
         lr_scale = self.lr_scale_at(max((lookup.seen_at for _, lookup in ctx.lookups.values()), default=0))
+        for t in ctx.lookups:  # a factor one table refuses moves no row of another
+            self.tables[t].optimizer.hyper_at(lr_scale)
         if self.threads == 1 and not ctx.updated and all(self.tables[t].optimizer.code == rw.SGD for t in ctx.lookups):
             self._sgd_by_sample(ctx, grad_rows, lr_scale)
         else:

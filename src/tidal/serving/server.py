@@ -27,8 +27,8 @@ sessions. Bodies may come gzip- or deflate-compressed (`Content-Encoding`). Ever
 error is `{"error": reason}`: a malformed request gets 400, a body over the limit or a
 request with more candidates than `max_queue_rows` 413, headers over 64 KiB 431,
 headers not sent within 10 s or a body within 30 s 408, a Content-Encoding other than
-gzip or deflate 415, a Transfer-Encoding other than chunked 501, an unknown model or
-route 404; under overload (more rows waiting than `max_queue_rows`, or the bodies of the requests
+gzip (x-gzip) or deflate 415, a transfer coding before chunked (`gzip, chunked`) 501,
+an unknown model or route 404; under overload (more rows waiting than `max_queue_rows`, or the bodies of the requests
 under way past `max_held_body_bytes`) the server answers 503 with Retry-After instead
 of letting the queue or its memory grow. A body over 64 KiB is decoded on a thread of
 its own, one at a time, so that health checks and small requests are not held up by a
@@ -459,7 +459,7 @@ _BODY_TIMEOUT_S = 30.0  # a body must arrive within this
 _HEADER_TIMEOUT_S = 10.0  # a request's headers must arrive within this
 _HEADER_BYTES = 64 << 10  # and take at most this many bytes
 _LOADING_READ_S = 2.0  # the most a request may take while the bundle loads (its head read, its body drained)
-_LOADING_ANSWERS_MOST = 64  # connections answered at once while the bundle loads, each on a thread
+_LOADING_ANSWERS_MOST = 256  # connections answered at once while the bundle loads, each on a thread
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -585,8 +585,9 @@ _INFLATE_PIECE = 1 << 16  # bytes of a compressed body given to the inflater at 
 
 
 def _check_transfer_coding(request: Request) -> None:
-    """Refuse (501) a transfer coding other than chunked: the HTTP layer only takes
-    the chunks apart, and a body still gzipped would be read as it came."""
+    """Refuse (501) a transfer coding besides chunked (`gzip, chunked`; the HTTP layer
+    answers one without chunked itself, 400): the HTTP layer only takes the chunks
+    apart, and a body still gzipped would be read as it came."""
     coding = ", ".join(request.headers.getlist("transfer-encoding")).strip().lower()
     if coding not in ("", "chunked"):
         raise RequestError(f"Transfer-Encoding {coding!r} is not supported; send chunked or a Content-Length "
@@ -853,7 +854,11 @@ class LoadingAnswers:
             if conn is None:
                 self._answering.release()
                 continue
-            threading.Thread(target=self._answer, args=(conn,), name="tidal-loading-answer", daemon=True).start()
+            try:
+                threading.Thread(target=self._answer, args=(conn,), name="tidal-loading-answer", daemon=True).start()
+            except RuntimeError:  # no thread to be had: this client retries
+                conn.close()
+                self._answering.release()
 
     def _answer(self, conn: socket.socket) -> None:
         deadline = time.monotonic() + _LOADING_READ_S
