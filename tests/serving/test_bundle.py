@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -41,26 +42,57 @@ def test_bundle_holds_manifest_tables_and_program_without_pickle(bundle_dir, bun
     np.testing.assert_array_equal(values, table.lookup(keys))
 
 
-def test_a_program_marking_a_weight_pickled_is_refused_before_anything_is_unpickled(bundle_dir, tmp_path, monkeypatch):
-    """torch.export.load would unpickle such a weight, running what it names: a hostile
+def _first_weight(edit):  # type: ignore[no-untyped-def]
+    """A change of the archive's weights config: `edit` on its first entry."""
+    def change(name: str, data: bytes) -> list[tuple[str, bytes]]:
+        if not name.endswith("weights/model_weights_config.json"):
+            return [(name, data)]
+        config = json.loads(data)
+        edit(next(iter(config["config"].values())))
+        return [(name, json.dumps(config).encode())]
+    return change
+
+
+def _extra_member(name: str, data: bytes) -> list[tuple[str, bytes]]:
+    """A legacy weights file beside the config, which torch.export.load would unpickle."""
+    return [(name, data)] + ([(name.replace("model_weights_config.json", "model.pt"), b"pickle")]
+                             if name.endswith("weights/model_weights_config.json") else [])
+
+
+def _config_twice(name: str, data: bytes) -> list[tuple[str, bytes]]:
+    """A hostile config, then a harmless copy of the same name: torch reads the first."""
+    if not name.endswith("weights/model_weights_config.json"):
+        return [(name, data)]
+    hostile = json.loads(data)
+    next(iter(hostile["config"].values()))["use_pickle"] = True
+    return [(name, json.dumps(hostile).encode()), (name, data)]
+
+
+@pytest.mark.parametrize("change, unsafe", [
+    (_first_weight(lambda entry: entry.update(use_pickle=True)), r"model_weights_config\.json: body"),
+    (_first_weight(lambda entry: entry.update(path_name="opaque_obj_0")), r"model_weights_config\.json: body"),
+    (_extra_member, r"data/weights/model\.pt"),
+    (_config_twice, r"model_weights_config\.json"),
+], ids=["use_pickle", "opaque_object", "legacy_weights_file", "config_twice"])
+def test_a_program_torch_would_unpickle_from_is_refused_before_anything_is_unpickled(bundle_dir, tmp_path, monkeypatch,
+                                                                                      change, unsafe):
+    """torch.export.load would unpickle such a member, running what it names: a hostile
     bundle's author reseals its manifest and hashes, so only the archive tells."""
     from tidal.embedding.checkpoint import fingerprint
 
     hostile = Path(shutil.copytree(bundle_dir, tmp_path / "hostile"))
     with zipfile.ZipFile(bundle_dir / "dense.pt2") as source, \
-            zipfile.ZipFile(hostile / "dense.pt2", "w", zipfile.ZIP_STORED) as out:
+            zipfile.ZipFile(hostile / "dense.pt2", "w", zipfile.ZIP_STORED) as out, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zipfile's "Duplicate name"
         for info in source.infolist():
-            data = source.read(info.filename)
-            if info.filename.endswith("weights/model_weights_config.json"):
-                config = json.loads(data)
-                next(iter(config["config"].values()))["use_pickle"] = True
-                data = json.dumps(config).encode()
-            out.writestr(info, data)
+            for name, data in change(info.filename, source.read(info.filename)):
+                out.writestr(name, data)
     manifest = json.loads((hostile / "manifest.json").read_text())
     manifest["files"]["dense.pt2"] = fingerprint(hostile / "dense.pt2")
     (hostile / "manifest.json").write_text(json.dumps(sealed({k: v for k, v in manifest.items() if k != "content_sha256"})))
     monkeypatch.setattr(torch.export, "load", lambda *args, **kwargs: pytest.fail("the archive was loaded"))
-    with pytest.raises(CorruptCheckpointError, match=r"dense\.pt2: holds a pickle \(.*model_weights_config\.json: "):
+    with pytest.raises(CorruptCheckpointError, match=rf"dense\.pt2: holds what torch would unpickle or "
+                                                      rf"torch.export.save does not write \(.*{unsafe}"):
         load_bundle(hostile)
 
 

@@ -38,6 +38,7 @@ import re
 import time
 import warnings
 import zipfile
+from collections import Counter
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
@@ -669,17 +670,32 @@ def _ascending_keys(keys: np.ndarray) -> bool:
     return keys.dtype == np.int64 and keys.ndim == 1 and bool(np.all(keys[1:] > keys[:-1]))
 
 
-def _pickled_tensors(archive: zipfile.ZipFile) -> list[str]:
-    """The weights and constants a torch.export archive marks as pickled (`use_pickle`:
-    torch.export.load would unpickle them, running whatever code they name); a
-    config that is not the JSON torch writes counts as one."""
-    found = []
-    for name in archive.namelist():
-        if re.search(r"/data/(weights|constants)/[^/]*_config\.json$", name):
+# what torch.export.save writes under the archive's one top folder; torch.export.load
+# unpickles other members (legacy weight files, opaque and custom objects)
+_PROGRAM_MEMBERS = re.compile(r"data/weights/(weight_\d+|model_weights_config\.json)|data/constants/(tensor_\d+|"
+                              r"model_constants_config\.json)|models/model\.json|data/sample_inputs/model\.pt|"
+                              r"archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id")
+_TENSOR_FILE = re.compile(r"weight_\d+|tensor_\d+")  # the path_name of a tensor stored as its bytes
+
+
+def _unsafe_members(archive: zipfile.ZipFile) -> list[str]:
+    """What a torch.export archive holds besides the tensors, configs and graph that
+    torch.export.save writes, each a member torch.export.load could unpickle (running
+    whatever code it names): another member, one named twice (torch reads one copy,
+    this check another), a non-empty sample input, a weight or constant whose config
+    entry is pickled or not a tensor file; a config that is not the JSON torch writes."""
+    names = archive.namelist()
+    root = names[0].partition("/")[0] if names else ""
+    found = [n for n, count in Counter(names).items() if count > 1]
+    found += [n for n in names if not (n.startswith(root + "/") and _PROGRAM_MEMBERS.fullmatch(n[len(root) + 1:]))]
+    found += [i.filename for i in archive.infolist() if _SAMPLE_INPUTS in i.filename and i.file_size]
+    for name in names:
+        if name.endswith("_config.json"):
             try:
                 entries = json.loads(archive.read(name))["config"].items()
-                found += [f"{name}: {key}" for key, entry in entries if entry.get("use_pickle") is not False]
-            except (ValueError, KeyError, TypeError, AttributeError):
+                found += [f"{name}: {key}" for key, entry in entries
+                          if entry.get("use_pickle") is not False or not _TENSOR_FILE.fullmatch(entry.get("path_name"))]
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
                 found.append(name)
     return found
 
@@ -698,10 +714,10 @@ def with_weights(state: dict[str, torch.Tensor], delta: Delta) -> None:
 
 def _read_program(file: Path) -> torch.export.ExportedProgram:
     with zipfile.ZipFile(file) as archive:
-        pickled = [i.filename for i in archive.infolist() if _SAMPLE_INPUTS in i.filename and i.file_size]
-        pickled += _pickled_tensors(archive)
-    if pickled:
-        raise CorruptCheckpointError(f"{file}: holds a pickle ({pickled[0]}); bundles never do, export it again")
+        unsafe = _unsafe_members(archive)
+    if unsafe:
+        raise CorruptCheckpointError(f"{file}: holds what torch would unpickle or torch.export.save does not write "
+                                     f"({unsafe[0]}); bundles never do, export it again")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="No complete tensor found")
         return torch.export.load(str(file))
