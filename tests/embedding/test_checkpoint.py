@@ -293,6 +293,18 @@ def test_save_tables_round_trips_several_tables_with_deltas(tmp_path):
         save_tables_delta(tmp_path, tables[:2])
 
 
+def test_a_loaded_table_reserves_no_rows_whatever_its_manifest_says(tmp_path):
+    """A manifest's reservation would allocate memory that no file bounds (an audit's
+    hostile checkpoint asked for 51 GB): the rows loaded take what they need."""
+    table = EmbeddingTable(TableConfig(name="users", dim=4, reserve_rows=40_000, num_shards=2))
+    table.lookup_or_insert(np.arange(10))
+    save_tables(tmp_path, [table])
+    loaded = load_tables(tmp_path)["users"]
+    assert loaded.config.reserve_rows == 0 and loaded.stats().rows == 10
+    assert loaded.stats().allocated_bytes < table.stats().allocated_bytes
+    np.testing.assert_array_equal(loaded.lookup(np.arange(10)), table.lookup(np.arange(10)))
+
+
 def test_save_tables_refuses_a_table_name_twice_and_leaves_nothing_behind(tmp_path):
     table = _trained(1, name="users")
     with pytest.raises(CheckpointError, match=r"\['users'\] more than once"):

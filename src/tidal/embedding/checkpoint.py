@@ -428,8 +428,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _config(directory: Path, entry: dict[str, Any]) -> TableConfig:
+    """A loaded table's config: as saved (one saved before a field without effect was
+    refused, too), reserving no rows ahead: its rows take what they need as they load,
+    and a manifest's reservation would allocate memory no file bounds."""
     try:
-        return TableConfig.from_saved(entry["config"])  # saved before a field without effect was refused, too
+        return TableConfig.from_saved({**entry["config"], "reserve_rows": 0})
     except (ConfigError, KeyError, TypeError) as exc:
         raise CorruptCheckpointError(f"{directory / MANIFEST}: invalid table config ({exc})") from None
 
