@@ -191,8 +191,13 @@ def test_a_damaged_bundle_is_refused_naming_the_file(bundle_dir, tmp_path):
     table.unlink()
     with pytest.raises(CorruptCheckpointError, match="ids.safetensors: missing"):
         load_bundle(copy)
-    (copy / "manifest.json").write_text("{not json")
-    with pytest.raises(CorruptCheckpointError, match="manifest.json: not valid JSON"):
+    for damaged in ("{not json", '{"version": ' + "1" * 5000 + "}", "[" * 100_000):  # digits, nesting past limits
+        (copy / "manifest.json").write_text(damaged)
+        with pytest.raises(CorruptCheckpointError, match="manifest.json: not valid JSON"):
+            load_bundle(copy)
+    (copy / "manifest.json").write_text(json.dumps({**json.loads((bundle_dir / "manifest.json").read_text()),
+                                                    "files": ["dense.pt2"]}))
+    with pytest.raises(CorruptCheckpointError, match=r"manifest.json: expected a .* \(config and files objects\)"):
         load_bundle(copy)
     (copy / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="not a serving bundle"):

@@ -31,7 +31,7 @@ from tidal.embedding.checkpoint import SEAL, sealed
 from tidal.runtime import Trainer, checkpoint
 from tidal.serving import Piece, Predictor, Service, export, export_delta, load_bundle, start_server
 from tidal.serving import predictor as predictor_module
-from tidal.serving.bundle import read_deltas
+from tidal.serving.bundle import read_deltas, readable_deltas
 from tidal.serving.delta import apply_rows, delta_names, diff_rows, merge_changes
 from tidal.serving.protocol import infer_request, input_specs
 
@@ -190,6 +190,19 @@ def test_a_damaged_or_altered_delta_is_refused_by_name(run, bundle_dir):
     manifest_file.unlink()
     with pytest.raises(CorruptCheckpointError, match=rf"{manifest_file}: missing; the bundle is incomplete"):
         load_bundle(bundle_dir)
+
+
+def test_the_deltas_before_one_past_the_json_limits_are_read_and_it_is_named(run, bundle_dir):
+    """A number of 4,300 digits or deep nesting escaped as a bare ValueError or
+    RecursionError, which held back the good deltas before it."""
+    base = load_bundle(bundle_dir).position
+    first = _delta(run, bundle_dir)
+    manifest_file = _delta(run, bundle_dir) / "manifest.json"
+    for damaged in ('{"sequence": ' + "1" * 5000 + "}", "[" * 100_000):
+        manifest_file.write_text(damaged)
+        deltas, stopped = readable_deltas(bundle_dir, base, run.config)
+        assert [d.path for d in deltas] == [first]
+        assert isinstance(stopped, CorruptCheckpointError) and f"{manifest_file}: not valid JSON" in str(stopped)
 
 
 def test_a_delta_of_the_checkpoint_served_is_not_written_and_one_of_an_older_is_refused(run, tmp_path):

@@ -420,8 +420,10 @@ def _read_json(path: Path) -> dict[str, Any]:
             content = json.load(f)
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{path}: file is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(f"{path}: not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, a number of 4,300+ digits, deep nesting
+        raise CorruptCheckpointError(f"{path}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+    except OSError as exc:  # a folder, unreadable
+        raise CorruptCheckpointError(f"{path}: cannot be read ({exc.strerror})") from None
     if not isinstance(content, dict):
         raise CorruptCheckpointError(f"{path}: expected a JSON object, got {type(content).__name__}")
     return content

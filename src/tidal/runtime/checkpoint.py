@@ -487,8 +487,8 @@ def _json(path: Path) -> dict[str, Any]:
         value = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise CorruptCheckpointError(f"{path}: missing; the checkpoint is incomplete") from None
-    except (ValueError, OSError) as exc:
-        raise CorruptCheckpointError(f"{path}: not valid JSON, truncated or damaged ({exc})") from None
+    except (ValueError, OSError, RecursionError) as exc:
+        raise CorruptCheckpointError(f"{path}: not valid JSON, truncated or damaged ({str(exc)[:200]})") from None
     if not isinstance(value, dict):
         raise CorruptCheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value

@@ -39,7 +39,7 @@ import time
 import warnings
 import zipfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
@@ -487,8 +488,10 @@ def _read_manifest(path: Path) -> dict:
         raise CheckpointError(f"{path}: not a serving bundle ({MANIFEST} is missing); write one with tidal export")
     manifest = _read_json(file)
     keys = {"format", "version", "targets", "config", "files"}
-    if not isinstance(manifest, dict) or not keys <= set(manifest) or manifest["format"] != FORMAT:
-        raise CorruptCheckpointError(f"{file}: expected a {FORMAT} manifest with {sorted(keys)}")
+    if not isinstance(manifest, dict) or not keys <= set(manifest) or manifest["format"] != FORMAT \
+            or not isinstance(manifest["config"], dict) or not isinstance(manifest["files"], dict):
+        raise CorruptCheckpointError(f"{file}: expected a {FORMAT} manifest with {sorted(keys)} (config and files "
+                                     f"objects)")
     if manifest["version"] not in (UNSEALED, VERSION):
         raise CheckpointError(f"{file}: bundle version {manifest['version']}, this Tidal reads versions "
                               f"{UNSEALED} and {VERSION}")
@@ -503,8 +506,17 @@ def _read_manifest(path: Path) -> dict:
 def _read_json(file: Path) -> Any:
     try:
         return json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(f"{file}: not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, a number of 4,300+ digits, deep nesting
+        raise CorruptCheckpointError(f"{file}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+    except OSError as exc:  # a folder, unreadable
+        raise CorruptCheckpointError(f"{file}: cannot be read ({exc.strerror})") from None
+
+
+def _read_safetensors(file: Path, load: Callable[[str], dict] = load_file) -> dict:
+    try:
+        return load(str(file))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CorruptCheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
 
 
 # ---------------------------------------------------------------------- deltas
@@ -591,8 +603,10 @@ def _read_delta(folder: Path, position: Position, config: RunConfig, table_dtype
         raise CorruptCheckpointError(f"{file}: missing; the bundle is incomplete (export it again)")
     manifest = _read_json(file)
     keys = {"format", "version", "sequence", "base", "previous", "table_dtype", "files"}
-    if not isinstance(manifest, dict) or not keys <= set(manifest) or manifest["format"] != DELTA_FORMAT:
-        raise CorruptCheckpointError(f"{file}: expected a {DELTA_FORMAT} manifest with {sorted(keys)}")
+    if not isinstance(manifest, dict) or not keys <= set(manifest) or manifest["format"] != DELTA_FORMAT \
+            or not isinstance(manifest["files"], dict):
+        raise CorruptCheckpointError(f"{file}: expected a {DELTA_FORMAT} manifest with {sorted(keys)} (files an "
+                                     f"object)")
     if manifest["version"] != DELTA_VERSION:
         raise CheckpointError(f"{file}: delta version {manifest['version']}, this Tidal reads version {DELTA_VERSION}")
     check_seal(file, manifest)
@@ -606,7 +620,7 @@ def _read_delta(folder: Path, position: Position, config: RunConfig, table_dtype
         _check_file(listed_file(folder, relative, file), expected)
     dtype = np.dtype(table_dtype)
     tables = {t.name: _read_changes(folder / "tables" / f"{t.name}.safetensors", t.dim, dtype) for t in config.tables}
-    return Delta(path=folder, manifest=manifest, tables=tables, weights=load_torch(str(folder / WEIGHTS)),
+    return Delta(path=folder, manifest=manifest, tables=tables, weights=_read_safetensors(folder / WEIGHTS, load_torch),
                  position=Position(base=position.base, sequence=position.sequence + 1, seal=manifest[SEAL]))
 
 
@@ -639,11 +653,12 @@ def _check_file(file: Path, expected: dict) -> None:
 
 
 def _read_table(file: Path, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    arrays = load_file(str(file))
+    arrays = _read_safetensors(file)
     keys, values = arrays.get("keys"), arrays.get("values")
-    if keys is None or values is None or keys.dtype != np.int64 or values.ndim != 2 \
+    if keys is None or values is None or not _ascending_keys(keys) or values.ndim != 2 \
             or values.shape != (keys.shape[0], dim) or values.dtype not in (np.float32, np.float16):
-        raise CorruptCheckpointError(f"{file}: expected keys [N] int64 and values [N, {dim}] float32/float16")
+        raise CorruptCheckpointError(f"{file}: expected keys [N] int64 and ascending, and values [N, {dim}] "
+                                     f"float32/float16")
     _check_finite(file, keys, values)
     return keys, values
 
@@ -656,7 +671,7 @@ def _check_finite(file: Path, keys: np.ndarray, values: np.ndarray) -> None:
 
 
 def _read_changes(file: Path, dim: int, dtype: np.dtype) -> RowChanges:
-    arrays = load_file(str(file))
+    arrays = _read_safetensors(file)
     keys, values, removed = arrays.get("keys"), arrays.get("values"), arrays.get("removed")
     if keys is None or values is None or removed is None or not _ascending_keys(keys) \
             or not _ascending_keys(removed) or values.shape != (keys.shape[0], dim) or values.dtype != dtype:
