@@ -42,6 +42,36 @@ def test_bundle_holds_manifest_tables_and_program_without_pickle(bundle_dir, bun
     np.testing.assert_array_equal(values, table.lookup(keys))
 
 
+def _reseal(bundle: Path, name: str) -> None:
+    """Record file `name`'s new size and sha256 in the bundle's manifest, and seal it
+    again: what anyone who may write the bundle can do."""
+    from tidal.embedding.checkpoint import fingerprint
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"][name] = fingerprint(bundle / name)
+    (bundle / "manifest.json").write_text(json.dumps(sealed({k: v for k, v in manifest.items() if k != "content_sha256"})))
+
+
+def test_a_program_of_other_sizes_is_refused_naming_its_file(bundle_dir, tmp_path):
+    """Another model's program, resealed in: every request would have failed."""
+    from tidal.compile import export_program
+    from tidal.models import RankingModel
+    from tidal.serving import Predictor
+    from tidal.serving.bundle import model_sizes
+
+    hostile = Path(shutil.copytree(bundle_dir, tmp_path / "hostile"))
+    config = load_bundle(bundle_dir).config
+    sizes = {**model_sizes(config), "dense_features": model_sizes(config)["dense_features"] + 1}
+    example = (torch.zeros(2, sizes["num_features"], sizes["dim"]), torch.zeros(2, sizes["dense_features"]))
+    program = export_program(RankingModel(config.model, **sizes).eval(), example, config.serving.buckets[-1])
+    program._example_inputs = None  # as an export saves it: no pickle
+    torch.export.save(program, str(hostile / "dense.pt2"))
+    _reseal(hostile, "dense.pt2")
+    with pytest.raises(CorruptCheckpointError, match=rf"{hostile / 'dense.pt2'}: does not run on inputs of this "
+                                                      rf"bundle's sizes .*: RuntimeError"):
+        Predictor(load_bundle(hostile))
+
+
 def _first_weight(edit):  # type: ignore[no-untyped-def]
     """A change of the archive's weights config: `edit` on its first entry."""
     def change(name: str, data: bytes) -> list[tuple[str, bytes]]:
@@ -78,8 +108,6 @@ def test_a_program_torch_would_unpickle_from_is_refused_before_anything_is_unpic
                                                                                       change, unsafe):
     """torch.export.load would unpickle such a member, running what it names: a hostile
     bundle's author reseals its manifest and hashes, so only the archive tells."""
-    from tidal.embedding.checkpoint import fingerprint
-
     hostile = Path(shutil.copytree(bundle_dir, tmp_path / "hostile"))
     with zipfile.ZipFile(bundle_dir / "dense.pt2") as source, \
             zipfile.ZipFile(hostile / "dense.pt2", "w", zipfile.ZIP_STORED) as out, warnings.catch_warnings():
@@ -87,9 +115,7 @@ def test_a_program_torch_would_unpickle_from_is_refused_before_anything_is_unpic
         for info in source.infolist():
             for name, data in change(info.filename, source.read(info.filename)):
                 out.writestr(name, data)
-    manifest = json.loads((hostile / "manifest.json").read_text())
-    manifest["files"]["dense.pt2"] = fingerprint(hostile / "dense.pt2")
-    (hostile / "manifest.json").write_text(json.dumps(sealed({k: v for k, v in manifest.items() if k != "content_sha256"})))
+    _reseal(hostile, "dense.pt2")
     monkeypatch.setattr(torch.export, "load", lambda *args, **kwargs: pytest.fail("the archive was loaded"))
     with pytest.raises(CorruptCheckpointError, match=rf"dense\.pt2: holds what torch would unpickle or "
                                                       rf"torch.export.save does not write \(.*{unsafe}"):

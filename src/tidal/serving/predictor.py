@@ -48,8 +48,8 @@ from tidal.data.extract import Extractor
 from tidal.embedding import EmbeddingCollection, EmbeddingTable, RowBlock
 from tidal.errors import BatchError, CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.gate import Gate
-from tidal.serving.bundle import (NO_DELTAS, WEIGHTS, Bundle, Delta, load_bundle, merged, model_sizes, peek,
-                                  with_weights)
+from tidal.serving.bundle import (AOTI, NO_DELTAS, ONNX, PROGRAM, WEIGHTS, Bundle, Delta, load_bundle, merged,
+                                  model_sizes, peek, with_weights)
 from tidal.serving.delta import Position, Source
 from tidal.serving.protocol import context_inputs
 
@@ -158,6 +158,7 @@ class Predictor:
         self.collection = EmbeddingCollection(_serving_tables(bundle), [f.embedding() for f in extractor.sparse])
         self._rewrite = serving.rewrite
         self._source = _dense_program(bundle, serving, self.device)  # as exported, with the last delta's weights
+        self._check_fits(bundle)
         self._program, self.rewrites = self._rewritten(self._source)  # what scores
         self._gate = Gate()  # scoring shares it; an update takes it alone
         self.position: Position | None = bundle.position  # the last delta applied (None: a version 1 bundle)
@@ -167,6 +168,23 @@ class Predictor:
         self.set_fusion(serving.fusion)
         if not self.item_columns:
             raise ConfigError("serving needs at least one item or context feature: candidates are scored by them")
+
+    def _check_fits(self, bundle: Bundle) -> None:
+        """Refuse (`CorruptCheckpointError`) a dense program that does not take inputs of
+        the bundle's sizes or give one output per target (another model's file in its
+        place, resealed): it would fail every request."""
+        f, d, dd, t = (self._sizes[k] for k in ("num_features", "dim", "dense_features", "num_targets"))
+        file = bundle.path / {"onnxruntime": ONNX, "aotinductor": AOTI}.get(self.serving.backend, PROGRAM)
+        try:
+            with torch.no_grad():
+                logits = self._source.forward(torch.zeros(1, f, d, device=self.device),
+                                              torch.zeros(1, dd, device=self.device))
+        except Exception as exc:  # whatever the backend raises
+            raise CorruptCheckpointError(f"{file}: does not run on inputs of this bundle's sizes ({f} features of dim "
+                                         f"{d}, {dd} dense): {type(exc).__name__}: {str(exc)[:300]}") from None
+        if tuple(logits.shape) != (1, t):
+            raise CorruptCheckpointError(f"{file}: gives outputs of shape {list(logits.shape)} for one row; this "
+                                         f"bundle's {t} targets need [1, {t}]")
 
     @property
     def backend(self) -> str:
