@@ -391,23 +391,36 @@ def test_load_refuses_shard_when_bytes_flipped(saved, kind):
     assert str(path) in str(error.value)
 
 
-@pytest.mark.parametrize("name", ["values", "state"])
-def test_load_refuses_a_shard_holding_numbers_that_are_not_finite(tmp_path, name):
-    """Resealed by hand (a seal proves no more than that the files agree): no trained
-    table holds a NaN, and one would be served and trained from for good."""
+def _resealed_shard(root: Path, change) -> tuple[Path, dict]:  # type: ignore[no-untyped-def]
+    """The full checkpoint's shard file after `change` of its arrays, resealed by hand (a
+    seal proves no more than that the files agree), and its arrays."""
     from safetensors.numpy import save_file
 
     from tidal.embedding.checkpoint import fingerprint
 
-    _trained(steps=3, optimizer=Adagrad(lr=0.1)).save(tmp_path)
-    path = _shard_file(tmp_path, "full")
+    path = _shard_file(root, "full")
     arrays = load_file(str(path))
-    arrays[name][1, 0] = np.nan
+    change(arrays)
     save_file(arrays, str(path))
     manifest = path.parent.parent / "manifest.json"
     _edit_json(manifest, lambda c: c["tables"]["emb"]["files"].update({f"emb/{path.name}": fingerprint(path)}))
+    return path, arrays
+
+
+@pytest.mark.parametrize("name", ["values", "state"])
+def test_load_refuses_a_shard_holding_numbers_that_are_not_finite(tmp_path, name):
+    """No trained table holds a NaN, and one would be served and trained from for good."""
+    _trained(steps=3, optimizer=Adagrad(lr=0.1)).save(tmp_path)
+    path, arrays = _resealed_shard(tmp_path, lambda arrays: arrays[name].__setitem__((1, 0), np.nan))
     with pytest.raises(CorruptCheckpointError, match=rf"{path}: '{name}' holds NaN or infinite numbers in 1 row \(the "
                                                      rf"first of key {int(arrays['keys'][1])}\), which training never"):
+        EmbeddingTable.load(tmp_path)
+
+
+def test_load_refuses_a_shard_holding_a_key_twice_naming_it(tmp_path):
+    _trained(steps=3).save(tmp_path)
+    path, arrays = _resealed_shard(tmp_path, lambda arrays: arrays["keys"].__setitem__(1, arrays["keys"][0]))
+    with pytest.raises(CorruptCheckpointError, match=rf"{path}: 'keys' holds key {int(arrays['keys'][0])} twice"):
         EmbeddingTable.load(tmp_path)
 
 

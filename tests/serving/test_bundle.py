@@ -72,6 +72,19 @@ def test_a_program_of_other_sizes_is_refused_naming_its_file(bundle_dir, tmp_pat
         Predictor(load_bundle(hostile))
 
 
+def test_a_table_holding_a_key_twice_is_refused_naming_its_file(bundle_dir, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    hostile = Path(shutil.copytree(bundle_dir, tmp_path / "hostile"))
+    table = hostile / "tables" / "ids.safetensors"
+    arrays = load_file(str(table))
+    arrays["keys"][1] = arrays["keys"][0]
+    save_file(arrays, str(table))
+    _reseal(hostile, "tables/ids.safetensors")
+    with pytest.raises(CorruptCheckpointError, match=rf"{table}: expected keys \[N\] int64 and ascending"):
+        load_bundle(hostile)
+
+
 def _first_weight(edit):  # type: ignore[no-untyped-def]
     """A change of the archive's weights config: `edit` on its first entry."""
     def change(name: str, data: bytes) -> list[tuple[str, bytes]]:

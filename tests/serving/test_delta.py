@@ -205,6 +205,21 @@ def test_the_deltas_before_one_past_the_json_limits_are_read_and_it_is_named(run
         assert isinstance(stopped, CorruptCheckpointError) and f"{manifest_file}: not valid JSON" in str(stopped)
 
 
+def test_a_delta_or_manifest_reached_through_a_link_out_of_the_bundle_is_refused(run, bundle_dir, tmp_path):
+    base = load_bundle(bundle_dir).position
+    folder = _delta(run, bundle_dir)
+    outside = Path(shutil.move(folder, tmp_path / "elsewhere"))
+    folder.symlink_to(outside, target_is_directory=True)
+    deltas, stopped = readable_deltas(bundle_dir, base, run.config)
+    assert deltas == [] and f"{folder / 'manifest.json'}: leads outside {bundle_dir}" in str(stopped)
+    folder.unlink()
+    manifest = bundle_dir / "manifest.json"
+    shutil.move(manifest, tmp_path / "manifest.json")
+    manifest.symlink_to(tmp_path / "manifest.json")
+    with pytest.raises(CorruptCheckpointError, match=rf"{manifest}: leads outside {bundle_dir} \(through a symbolic"):
+        load_bundle(bundle_dir)
+
+
 def test_a_delta_of_the_checkpoint_served_is_not_written_and_one_of_an_older_is_refused(run, tmp_path):
     bundle = Path(shutil.copytree(run.full, tmp_path / "bundle"))  # serves the run's last checkpoint
     assert export_delta(run.run_dir, bundle) is None

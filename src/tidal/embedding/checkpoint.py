@@ -476,6 +476,9 @@ def _check_shapes(path: Path, arrays: dict[str, np.ndarray], table: EmbeddingTab
         if found is None or found.shape != shape or found.dtype != dtype:
             got = f"{found.dtype} {found.shape}" if found is not None else "nothing"
             raise CorruptCheckpointError(f"{path}: {name!r} should be {np.dtype(dtype)} {shape}, got {got}")
+    keys = np.sort(arrays["keys"])
+    if n and (twice := keys[1:][keys[1:] == keys[:-1]]).size:
+        raise CorruptCheckpointError(f"{path}: 'keys' holds key {int(twice[0])} twice; a table holds each once")
     if n and int(arrays["last_seen"].max()) >= ix.MARK:
         raise CorruptCheckpointError(f"{path}: 'last_seen' holds steps of {int(ix.MARK)} or more, which no table reaches")
     for name in ("values", "state"):

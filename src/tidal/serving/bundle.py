@@ -486,7 +486,7 @@ def _read_manifest(path: Path) -> dict:
                               f"tidal export --checkpoint {path} --out BUNDLE")
     if not file.exists():
         raise CheckpointError(f"{path}: not a serving bundle ({MANIFEST} is missing); write one with tidal export")
-    manifest = _read_json(file)
+    manifest = _read_json(_inside(file, path))
     keys = {"format", "version", "targets", "config", "files"}
     if not isinstance(manifest, dict) or not keys <= set(manifest) or manifest["format"] != FORMAT \
             or not isinstance(manifest["config"], dict) or not isinstance(manifest["files"], dict):
@@ -510,6 +510,14 @@ def _read_json(file: Path) -> Any:
         raise CorruptCheckpointError(f"{file}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
     except OSError as exc:  # a folder, unreadable
         raise CorruptCheckpointError(f"{file}: cannot be read ({exc.strerror})") from None
+
+
+def _inside(path: Path, root: Path) -> Path:
+    """`path`, refused unless it stays inside `root` once symbolic links are followed."""
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise CorruptCheckpointError(f"{path}: leads outside {root} (through a symbolic link); a bundle reads only "
+                                     f"its own files")
+    return path
 
 
 def _read_safetensors(file: Path, load: Callable[[str], dict] = load_file) -> dict:
@@ -601,7 +609,7 @@ def _read_delta(folder: Path, position: Position, config: RunConfig, table_dtype
     file = folder / MANIFEST
     if not file.exists():
         raise CorruptCheckpointError(f"{file}: missing; the bundle is incomplete (export it again)")
-    manifest = _read_json(file)
+    manifest = _read_json(_inside(file, folder.parent.parent))  # deltas/NAME/manifest.json, all in the bundle
     keys = {"format", "version", "sequence", "base", "previous", "table_dtype", "files"}
     if not isinstance(manifest, dict) or not keys <= set(manifest) or manifest["format"] != DELTA_FORMAT \
             or not isinstance(manifest["files"], dict):
