@@ -6,6 +6,8 @@ import argparse
 import importlib
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,6 +95,16 @@ def test_train_and_export_report_a_full_disk_without_a_traceback(tmp_path, capsy
     assert main(["export", "--checkpoint", config["training"]["run_dir"], "--out", str(tmp_path / "bundle")]) == 2
     assert (f"tidal export: a file could not be written or read: No space left on device (writing under "
             f"{tmp_path / 'bundle'})") in capsys.readouterr().err
+
+
+def test_a_reader_of_the_output_that_leaves_stops_the_printing_not_the_command(tmp_path):
+    """`tidal gen-data | true`: the closed pipe failed the command with a traceback (and
+    stopped a training run part way); the work now goes on, printing nothing more."""
+    command = [sys.executable, "-m", "tidal.cli", "gen-data", "--out", str(tmp_path / "data"), "--rows", "1000"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader leaves before the first line
+    assert process.wait(timeout=120) == 0 and process.stderr.read() == b""
+    assert (tmp_path / "data" / "part-00000.tsv").stat().st_size > 0
 
 
 def test_demo_and_bench_dense_say_what_to_install_without_the_onnx_extra(monkeypatch, capsys):

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import re
 import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from safetensors import SafetensorError
 
@@ -181,12 +182,47 @@ def main(argv: list[str] | None = None) -> int:
     from tidal.processes import sigterm_interrupts
 
     args = _parser().parse_args(argv)
+    stdout, sys.stdout = sys.stdout, _ReaderMayLeave(sys.stdout)
     try:
         with sigterm_interrupts():  # every command stops on a SIGTERM as on a Ctrl-C
             return _command(args)
     except KeyboardInterrupt:  # one a command does not meet itself: while torch loads, say, or in a benchmark
         name = args.command if args.command != "bench" else f"bench {args.benchmark}"
         return _interrupted(name, "stopped before it finished")
+    finally:
+        sys.stdout = stdout
+
+
+class _ReaderMayLeave:
+    """Standard output whose reader may leave (`tidal train | head`): what is printed
+    after that is dropped, and the command goes on with its work (a run trains to its
+    checkpoint, a server serves) instead of failing on a closed pipe."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._drop_from_now_on()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._drop_from_now_on()
+
+    def _drop_from_now_on(self) -> None:
+        """Point the stream's file descriptor at /dev/null: its buffer, later prints and
+        child processes' output go nowhere, without another error."""
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._stream, name)
 
 
 def _command(args: argparse.Namespace) -> int:
