@@ -141,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     hetero.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     serve_bench = which.add_parser("serve", help="QPS and latency of the server against unbatched and Ray Serve")
     serve_bench.add_argument("--quick", action="store_true", help="shorter runs, concurrency 64 only")
-    serve_bench.add_argument("--seconds", type=float, default=5.0, help="measured seconds per point (default 5)")
+    serve_bench.add_argument("--seconds", type=float, help="measured seconds per point (default 5; 3 with --quick)")
     serve_bench.add_argument("--no-ray", action="store_true", help="leave out the Ray Serve peer")
     serve_bench.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     pass_bench = which.add_parser("pass", help="pass-mode training samples/s against the reference trainer")
@@ -247,10 +247,11 @@ def _command(args: argparse.Namespace) -> int:
     elif args.benchmark == "serve":
         from tidal.bench import serve as serve_bench
 
-        if args.seconds <= 0:
+        if args.seconds is not None and not args.seconds > 0:
             print(f"tidal bench serve: --seconds must be > 0, got {args.seconds}", file=sys.stderr)
             return 2
-        serve_bench.run(quick=args.quick, seconds=args.seconds, with_ray=not args.no_ray, as_json=args.json)
+        seconds = args.seconds if args.seconds is not None else 3.0 if args.quick else 5.0
+        serve_bench.run(quick=args.quick, seconds=seconds, with_ray=not args.no_ray, as_json=args.json)
     elif args.benchmark == "sparse":
         from tidal.bench import sparse
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import signal
+from pathlib import Path
 
 import pytest
 
@@ -62,6 +65,31 @@ def test_an_online_update_is_measured_against_a_full_reload(tmp_path, capsys, mo
 def test_cli_refuses_a_run_of_no_time(capsys):
     assert main(["bench", "serve", "--seconds", "0"]) == 2
     assert "--seconds must be > 0, got 0.0" in capsys.readouterr().err
+
+
+def test_a_sigterm_while_ray_serve_starts_stops_the_benchmark_as_ctrl_c_and_stops_ray(monkeypatch):
+    """Ray's start installs SIGTERM handlers that exit (or abort with a stack dump): the
+    benchmark went down with no line of its own, and Ray's handler stayed after it."""
+    import ray
+    from ray import serve as ray_serve
+
+    def init(**kwargs):  # type: ignore[no-untyped-def]
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as Ray does
+        raise SystemExit(signal.SIGTERM)  # its handler meeting a SIGTERM
+
+    stopped: list[str] = []
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray_serve, "shutdown", lambda: stopped.append("serve"))
+    monkeypatch.setattr(ray, "shutdown", lambda: stopped.append("ray"))
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        serve._start_ray_serve(Path("bundle"))
+    assert stopped == ["serve", "ray"] and signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_the_load_generator_leaves_a_terminals_ctrl_c_to_the_benchmark():
+    with multiprocessing.get_context("spawn").Pool(1, initializer=serve._ignoring_interrupts) as pool:
+        assert pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN
 
 
 def test_qps_counts_every_answer_the_window_saw():

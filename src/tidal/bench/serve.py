@@ -29,6 +29,7 @@ import json
 import math
 import multiprocessing
 import multiprocessing.pool
+import signal
 import socket
 import tempfile
 import time
@@ -42,6 +43,7 @@ from tidal.config import RunConfig
 from tidal.data import BadRows
 from tidal.data.criteo import criteo_features
 from tidal.data.generate import generate
+from tidal.processes import deferring_interrupts, keeping_sigterm
 from tidal.runtime import Trainer
 from tidal.serving import Predictor, Service, export, export_delta, load_bundle, start_server
 from tidal.serving.online import Update, Updater
@@ -57,8 +59,8 @@ _BATCH_ROWS = 2048  # the served model's training batch
 
 def run(*, quick: bool = False, seconds: float = 5.0, with_ray: bool = True, as_json: bool = False) -> dict:
     concurrencies = [64] if quick else [1, 16, 64]
-    seconds = min(seconds, 3.0) if quick else seconds
-    with tempfile.TemporaryDirectory() as scratch, multiprocessing.get_context("spawn").Pool(1) as load:
+    with tempfile.TemporaryDirectory() as scratch, \
+            multiprocessing.get_context("spawn").Pool(1, initializer=_ignoring_interrupts) as load:
         bundle, rows, run_dir = _train_and_export(Path(scratch), rows=20_000 if quick else 100_000)
         specs = input_specs(load_bundle(bundle).config)
         bodies = {shape: _bodies(specs, rows, shape) for shape in (1, 100)}
@@ -245,23 +247,37 @@ class _RayServePredictor:
 
 
 def _start_ray_serve(bundle: Path) -> tuple[int, object]:
+    """Ray Serve on `bundle`: (port, stop function). Ray's start replaces the SIGTERM
+    handler with ones that exit or abort: Tidal's comes back, so a SIGTERM stops the
+    benchmark as a Ctrl-C does, and Ray stops with it."""
     import ray
     from ray import serve
 
-    port = _free_port()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "ERROR"})
-    batched = type("RayServePredictor", (_RayServePredictor,), {
-        "score": serve.batch(max_batch_size=1024, batch_wait_timeout_s=0.002,
-                             batch_size_fn=lambda pieces: sum(p.rows for p in pieces))(_RayServePredictor.score)})
-    deployment = serve.deployment(max_ongoing_requests=256)(batched)
-    serve.run(deployment.bind(str(bundle)), route_prefix=_PATH, name="tidal")
-
     def stop() -> None:
-        serve.shutdown()
-        ray.shutdown()
+        with deferring_interrupts():  # stopped half way, Ray's processes would go on
+            serve.shutdown()
+            ray.shutdown()
 
+    port = _free_port()
+    try:
+        with keeping_sigterm():
+            ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+            serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "ERROR"})
+            batched = type("RayServePredictor", (_RayServePredictor,), {
+                "score": serve.batch(max_batch_size=1024, batch_wait_timeout_s=0.002,
+                                     batch_size_fn=lambda pieces: sum(p.rows for p in pieces))(_RayServePredictor.score)})
+            deployment = serve.deployment(max_ongoing_requests=256)(batched)
+            serve.run(deployment.bind(str(bundle)), route_prefix=_PATH, name="tidal")
+    except BaseException:
+        stop()
+        raise
     return port, stop
+
+
+def _ignoring_interrupts() -> None:
+    """The load generator's start: a terminal's Ctrl-C reaches its process group, and the
+    benchmark's own process stops the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _free_port() -> int:
