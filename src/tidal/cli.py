@@ -116,27 +116,29 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--rows", type=int, default=1_000_000, help="rows to write (default 1,000,000)")
     gen.add_argument("--files", type=int, default=1,
                      help="how many files (part-00000, ...) to share the rows between (default 1, at most --rows)")
-    gen.add_argument("--format", choices=["tsv", "parquet"], default="tsv")
-    gen.add_argument("--seed", type=int, default=0, help="fixes the planted truth")
-    gen.add_argument("--split", type=int, default=0, help="other rows of the same truth (e.g. 1 for eval data)")
+    gen.add_argument("--format", choices=["tsv", "parquet"], default="tsv", help="file format (default tsv)")
+    gen.add_argument("--seed", type=int, default=0, help="fixes the planted truth (default 0)")
+    gen.add_argument("--split", type=int, default=0,
+                     help="other rows of the same truth (default 0; e.g. 1 for eval data)")
     bench = commands.add_parser("bench", help="run a benchmark and print its figures")
     which = bench.add_subparsers(dest="benchmark", required=True)
     sparse = which.add_parser("sparse", help="a full sparse training step against torch EmbeddingBag")
     sparse.add_argument("--quick", action="store_true", help="fewer steps: under a minute on 2 cores")
     sparse.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     sparse.add_argument("--threads", type=int, nargs="+", help="thread counts (default: 1 and all cores)")
-    sparse.add_argument("--optimizer", nargs="+", choices=["sgd", "adagrad"], default=["sgd", "adagrad"])
+    sparse.add_argument("--optimizer", nargs="+", choices=["sgd", "adagrad"], default=["sgd", "adagrad"],
+                        help="optimizers to run (default both)")
     quality = which.add_parser("quality", help="AUC of collision-free tables against hashed tables of equal bytes")
     quality.add_argument("--rows", type=int, default=1_000_000, help="training rows (default 1,000,000)")
     quality.add_argument("--vocabulary", type=int, default=1_000, help="id ranks per column (default 1,000)")
-    quality.add_argument("--epochs", type=int, default=2)
+    quality.add_argument("--epochs", type=int, default=2, help="training epochs (default 2)")
     quality.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     train_bench = which.add_parser("train", help="end-to-end training samples/s against a plain PyTorch DLRM")
     train_bench.add_argument("--quick", action="store_true", help="200,000 rows instead of 1,000,000")
     train_bench.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     hetero = which.add_parser("hetero", help="sparse workers feeding a dense worker against the sequential trainer")
     hetero.add_argument("--rows", type=int, default=400_000, help="training rows (default 400,000)")
-    hetero.add_argument("--mode", choices=["sync", "async"], default="async")
+    hetero.add_argument("--mode", choices=["sync", "async"], default="async", help="the engine's mode (default async)")
     hetero.add_argument("--no-ray", action="store_true", help="leave out the Ray backend run")
     hetero.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     serve_bench = which.add_parser("serve", help="QPS and latency of the server against unbatched and Ray Serve")
@@ -263,8 +265,9 @@ def _command(args: argparse.Namespace) -> int:
     elif args.benchmark == "quality":
         from tidal.bench import quality
 
-        if min(args.rows, args.vocabulary, args.epochs) < 1:
-            print("tidal bench quality: --rows, --vocabulary and --epochs must be >= 1", file=sys.stderr)
+        if args.rows < quality.MIN_ROWS or min(args.vocabulary, args.epochs) < 1:
+            print(f"tidal bench quality: --rows must be >= {quality.MIN_ROWS:,d} (a quarter of them is held out to "
+                  f"score), --vocabulary and --epochs >= 1", file=sys.stderr)
             return 2
         quality.run(rows=args.rows, vocabulary=args.vocabulary, epochs=args.epochs, as_json=args.json)
     elif args.benchmark == "train":

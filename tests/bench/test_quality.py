@@ -14,3 +14,10 @@ def test_summary_compares_tidal_hashed_and_ceiling(capsys):
     for key in ("tidal_auc", "hashed_auc"):
         assert 0.0 <= summary[key] <= 1.0
     assert summary["hashed_rows"] >= 1 and summary["tidal_rows"] >= 1 and summary["table_bytes"] > 0
+
+
+def test_cli_refuses_too_few_rows_to_hold_out_both_classes(capsys):
+    from tidal.cli import main
+
+    assert main(["bench", "quality", "--rows", "5"]) == 2
+    assert "tidal bench quality: --rows must be >= 1,000 (a quarter of them is held out" in capsys.readouterr().err

@@ -22,7 +22,9 @@ from tidal.data.criteo import criteo_features
 from tidal.data.generate import generate
 from tidal.runtime import Trainer
 
-__all__ = ["run"]
+__all__ = ["MIN_ROWS", "run"]
+
+MIN_ROWS = 1_000  # training rows: a quarter as many are held out, which must hold both classes to score
 
 
 class _HashedTrainer(Trainer):
