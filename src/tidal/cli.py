@@ -433,6 +433,9 @@ def _print_runtime(report: dict, run_dir: str) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from tidal.errors import ConfigError, DataError, DataPathError, TidalError
 
+    reading = {"format": args.format, "columns": args.columns, "csv_header": args.csv_header,
+               "max_bad_fraction": args.max_bad_fraction, "on_bad_row": args.on_bad_row}
+    given = {k: v for k, v in reading.items() if v is not None}  # how to read the files, as flags said
     try:
         from tidal.config import RunConfig
         from tidal.data.readers import BadRows, expand_paths, format_of
@@ -441,8 +444,6 @@ def _eval(args: argparse.Namespace) -> int:
         from tidal.runtime.workers import dense_device
 
         dense_device(args.device, key="--device")
-        reading = {"format": args.format, "columns": args.columns, "csv_header": args.csv_header,
-                   "max_bad_fraction": args.max_bad_fraction, "on_bad_row": args.on_bad_row}
         with checkpoint.reading(Path(args.checkpoint)) as directory:  # a run training meanwhile keeps it
             saved = checkpoint.read_meta(directory)["config"]
             saved = {**saved, "training": {**saved["training"], "device": args.device}}
@@ -452,25 +453,18 @@ def _eval(args: argparse.Namespace) -> int:
         trainer.collection.evict()  # within the tables' caps, as `tidal export` serves them
         if args.no_group_by and args.group_by:
             raise ConfigError(f"--group-by {args.group_by} and --no-group-by contradict each other: give one")
-        given = {k: v for k, v in reading.items() if v is not None}
         data = {**saved["data"], **given, **({"eval_group_by": None} if args.no_group_by else {})}
-        try:
-            trainer.config = RunConfig.from_saved({**saved, "data": data})  # how these files are read
-        except ConfigError as exc:
-            message = str(exc)
-            for key in given:  # the flag the user typed, not the config field behind it
-                message = message.replace(f"data.{key}", f"--{key.replace('_', '-')}")
-            raise ConfigError(message) from None
+        trainer.config = RunConfig.from_saved({**saved, "data": data})  # how these files are read
         _check_eval_flags(args, {data["format"] or format_of(f) for f in expand_paths(args.data)})
         result = trainer.evaluate(args.data, group_by=args.group_by)
     except DataError as exc:
         hint = "" if isinstance(exc, DataPathError) else (
             "\n(the files are read as the run's data section says; --format, --columns, --csv-header, "
             "--max-bad-fraction and --on-bad-row say otherwise)")
-        print(f"tidal eval: {exc}{hint}", file=sys.stderr)
+        print(f"tidal eval: {_as_flags(str(exc), given)}{hint}", file=sys.stderr)
         return 2
     except TidalError as exc:
-        print(f"tidal eval: {exc}", file=sys.stderr)
+        print(f"tidal eval: {_as_flags(str(exc), given)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return _interrupted("eval", "nothing was written (eval writes no file)")
@@ -479,6 +473,13 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"{target}: {shown_evaluation(result, target)}")
     print(f"bad rows: {BadRows(result.bad_rows, result.bad_row_examples).summary()}")
     return 0
+
+
+def _as_flags(message: str, given: dict) -> str:
+    """`message` naming the flags the user typed instead of the data settings they set."""
+    for key in given:
+        message = message.replace(f"data.{key}", f"--{key.replace('_', '-')}")
+    return message
 
 
 def _check_eval_flags(args: argparse.Namespace, kinds: set[str]) -> None:

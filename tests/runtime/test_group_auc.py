@@ -204,6 +204,8 @@ def test_eval_reads_files_as_its_flags_say_and_checks_their_layout_first(trained
     assert code == 0 and "on 9,600 rows" in out and "bad rows: 2,400 bad rows skipped" in out
     code, _, err = evaluate(fifth_bad, "--max-bad-fraction", "2")
     assert code == 2 and "--max-bad-fraction: Input should be less than or equal to 1" in err and "data." not in err
+    code, _, err = evaluate(source, "--columns", "a", "b")  # named by the flag that set them
+    assert code == 2 and "which --columns lacks; it lists ['a', 'b']" in err and "data.columns" not in err
     code, _, err = evaluate(source, "--no-csv-header")  # settings no file would read are refused, as training's
     assert code == 2 and "--no-csv-header is for CSV files, but these files are tsv: leave it out" in err
     headed = tmp_path / "headed.csv"
