@@ -449,7 +449,7 @@ def _eval(args: argparse.Namespace) -> int:
             saved = {**saved, "training": {**saved["training"], "device": args.device}}
             trainer = Trainer(RunConfig.from_saved(saved))
             step = checkpoint.restore(trainer, directory, check_data=False)["step"]  # the training files may be gone
-            name = directory.name
+            print(f"checkpoint {directory.name}, step {step:,d}", flush=True)
         trainer.collection.evict()  # within the tables' caps, as `tidal export` serves them
         if args.no_group_by and args.group_by:
             raise ConfigError(f"--group-by {args.group_by} and --no-group-by contradict each other: give one")
@@ -468,7 +468,6 @@ def _eval(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         return _interrupted("eval", "nothing was written (eval writes no file)")
-    print(f"checkpoint {name}, step {step:,d}")
     for target in result.auc:
         print(f"{target}: {shown_evaluation(result, target)}")
     print(f"bad rows: {BadRows(result.bad_rows, result.bad_row_examples).summary()}")

@@ -22,6 +22,7 @@ from tidal.data import SparseBatch, generate
 from tidal.data.criteo import CRITEO_DENSE, CRITEO_SPARSE
 from tidal.errors import BatchError, ConfigError, DataError, TidalError
 from tidal.runtime import Trainer, checkpoint
+from tidal.runtime import trainer as trainer_module
 from tidal.runtime.trainer import shown_table
 from trainer_helpers import assert_same_state
 
@@ -214,7 +215,8 @@ def test_a_run_resumed_with_more_epochs_matches_one_that_had_them_from_the_start
     assert whole.collection.tables[0].stats().evicted > 0
 
 
-def test_the_final_evaluation_and_tidal_eval_score_the_tables_within_their_caps_as_exported(tmp_path, capsys):
+def test_the_final_evaluation_and_tidal_eval_score_the_tables_within_their_caps_as_exported(tmp_path, capsys,
+                                                                                          monkeypatch):
     config = _config(tmp_path, epochs=1, evict_every=5)  # 24 steps: the last safe point is step 20
     config["tables"][0] |= {"eviction": {"capacity_policy": "lfu"}, "max_rows": 3000}
     trainer = Trainer(RunConfig(**config))
@@ -227,9 +229,11 @@ def test_the_final_evaluation_and_tidal_eval_score_the_tables_within_their_caps_
     assert stats.allocated_bytes > stats.value_bytes + stats.state_bytes
     assert f"{table['rows']:,d} rows, {table['bytes'] / 2**20:.1f} MiB held (" in shown_table("ids", table)
     capsys.readouterr()
+    monkeypatch.setattr(trainer_module, "_PROGRESS_S", 0.0)  # a long evaluation's progress, at every batch here
     assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", *config["data"]["eval"]]) == 0
     out = capsys.readouterr().out
-    assert f"AUC {summary['eval']['auc']['click']:.4f}" in out and ", step 24\n" in out
+    assert f"AUC {summary['eval']['auc']['click']:.4f}" in out and out.startswith("checkpoint step-00000024")
+    assert re.search(r"\n  evaluating: 512 rows so far \([\d,]+ rows/s\)\n", out) and "evaluating: 4,000 rows" in out
 
 
 def test_a_run_saved_with_fields_now_refused_for_having_no_effect_resumes_without_them(tmp_path):

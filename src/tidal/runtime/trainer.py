@@ -132,6 +132,25 @@ def shown_evaluation(evaluation: Evaluation, target: str) -> str:
             f"on {evaluation.rows:,d} rows{shown_gauc(evaluation, target)}")
 
 
+_PROGRESS_S = 10.0  # long work prints how far it got this often
+
+
+class _Progress:
+    """Long work's progress: a line every `_PROGRESS_S` seconds (none for short work)."""
+
+    def __init__(self, what: str) -> None:
+        self.what, self.rows = what, 0
+        self.start = self.shown = time.monotonic()
+
+    def add(self, rows: int) -> None:
+        self.rows += rows
+        now = time.monotonic()
+        if now - self.shown >= _PROGRESS_S:
+            print(f"  {self.what}: {self.rows:,d} rows so far ({self.rows / (now - self.start):,.0f} rows/s)",
+                  flush=True)
+            self.shown = now
+
+
 def _table_summary(stats: TableStats) -> dict:
     """A table's size and what became of the ids it was given, over the whole run.
     Its bytes are the memory it holds: its rows' chunks (as many as its most rows ever
@@ -706,7 +725,9 @@ class Trainer:
         missing_id = None if group_by is None else self.extractor.missing_id(group_by)
         self.model.eval()
         logits, labels, groups, has_id, bad_rows = [], [], [], [], BadRows()
+        progress = _Progress("evaluating")
         for batch in self.batches(paths, bad_rows):
+            progress.add(batch.batch_size)
             pooled, _ = self.collection.forward(batch, train=False)
             logits.append(self.model(pooled.to(self.device), self._dense(batch)).float().cpu().numpy())
             labels.append(batch.labels)
