@@ -179,6 +179,10 @@ def test_an_interrupted_or_failed_run_leaves_the_folder_as_it_was(tmp_path, monk
     else:
         assert code == 2 and err.startswith(f"tidal gen-data: cannot write to --out {tmp_path}")
     assert _contents(tmp_path) == before  # no new file, no temporary one, the earlier ones as they were
+    new = tmp_path / "new" / "day"
+    assert main(["gen-data", "--out", str(new), "--rows", "30", "--files", "3"]) == (130 if failure is
+                                                                                      KeyboardInterrupt else 2)
+    assert not new.exists() and (tmp_path / "new").exists()  # the folder it made is gone, not those above it
 
 
 def test_ctrl_c_as_the_files_are_renamed_takes_effect_once_they_all_are(tmp_path, monkeypatch, capsys):

@@ -11,6 +11,7 @@ known, so is the best AUC any model can reach on the data: `ceiling_auc`, writte
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -77,6 +78,7 @@ def generate(out_dir: str | Path, *, rows: int, files: int = 1, file_format: Lit
     """
     check_arguments(rows=rows, files=files, file_format=file_format, vocabulary=vocabulary, zipf_a=zipf_a, seed=seed,
                     split=split)
+    created = not Path(out_dir).exists()
     out = _folder(out_dir)
     _remove_leftovers(out)
     run = f"{os.getpid()}-{secrets.token_hex(4)}"  # in this run's temporary names: its own
@@ -86,9 +88,19 @@ def generate(out_dir: str | Path, *, rows: int, files: int = 1, file_format: Lit
                             split=split, vocabulary=vocabulary, zipf_a=zipf_a, sparse_scale=sparse_scale, bias=bias)
         with _interrupts_deferred():  # the earlier files go and the new ones come at once
             return replace(data, replaced=_put_in_place(out, temporary))
+    except BaseException:
+        _remove(temporary)
+        if created:
+            with contextlib.suppress(OSError):  # the folder this run made, left empty: absent, as it was
+                out.rmdir()
+        raise
     finally:
-        for path in temporary:  # none, once all were renamed
-            path.unlink(missing_ok=True)
+        _remove(temporary)  # none, once all were renamed
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 def _remove_leftovers(out: Path) -> None:
