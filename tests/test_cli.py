@@ -93,8 +93,9 @@ def test_train_and_export_report_a_full_disk_without_a_traceback(tmp_path, capsy
 
     monkeypatch.setattr(tidal.serving.bundle, "write_json_atomic", disk_full_unnamed)
     assert main(["export", "--checkpoint", config["training"]["run_dir"], "--out", str(tmp_path / "bundle")]) == 2
+    err = capsys.readouterr().err
     assert (f"tidal export: a file could not be written or read: No space left on device (writing under "
-            f"{tmp_path / 'bundle'})") in capsys.readouterr().err
+            f"{tmp_path / 'bundle'})") in err and "nothing was left at --out" in err and not (tmp_path / "bundle").exists()
 
 
 def test_a_reader_of_the_output_that_leaves_stops_the_printing_not_the_command(tmp_path):
@@ -143,8 +144,8 @@ def _interrupt(*args, **kwargs):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize(("argv", "module", "function", "message"), [
     (["export", "--checkpoint", "run", "--out", "BUNDLE"], "tidal.serving", "export",
-     "tidal export: interrupted; the bundle at BUNDLE is whole: as it was, or the new one if the interrupt came "
-     "as it was renamed into place"),
+     "tidal export: interrupted; nothing is at BUNDLE, or the new one if the interrupt came as it was renamed into "
+     "place"),
     (["export", "--delta", "--checkpoint", "run", "--out", "BUNDLE"], "tidal.serving", "export_delta",
      "tidal export: interrupted; the bundle at BUNDLE is whole: as it was, or with the new delta if the interrupt came "
      "as it was renamed into place"),

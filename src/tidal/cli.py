@@ -502,6 +502,7 @@ def _export(args: argparse.Namespace) -> int:
         if args.delta and value:
             print(f"tidal export: {flag} applies to a full export; a delta keeps its bundle's", file=sys.stderr)
             return 2
+    earlier = args.delta or Path(args.out).exists()  # a delta goes into a bundle
     try:
         from tidal.serving import export, export_delta
 
@@ -513,11 +514,12 @@ def _export(args: argparse.Namespace) -> int:
     except (OSError, SafetensorError) as exc:
         if not _is_disk_error(exc):
             raise
-        return _write_failed("export", exc, "an earlier bundle at --out is intact", args.out)
+        return _write_failed("export", exc, "the earlier bundle at --out is intact" if earlier else
+                             "nothing was left at --out", args.out)
     except KeyboardInterrupt:
         new = "with the new delta" if args.delta else "the new one"
-        return _interrupted("export", f"the bundle at {args.out} is whole: as it was, or {new} if the interrupt came "
-                                      f"as it was renamed into place")
+        was = f"the bundle at {args.out} is whole: as it was" if earlier else f"nothing is at {args.out}"
+        return _interrupted("export", f"{was}, or {new} if the interrupt came as it was renamed into place")
     if out is None:  # a delta of the checkpoint the bundle serves already
         print(f"no delta written: {args.out} already serves this checkpoint (nothing changed since)")
         return 0
