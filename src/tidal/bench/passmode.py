@@ -54,6 +54,7 @@ def run(*, rows: int = 400_000, batches_per_pass: int = 16, as_json: bool = Fals
     """Every side on `rows` generated training rows (and a fifth as many held out)."""
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
+        print(f"generating {rows:,d} training rows and their batches, then compiling Tidal's kernels ...", flush=True)
         data = generate(scratch / "train", rows=rows, seed=3)
         train = bench_train._batches(data.paths)
         held_out = bench_train._batches(generate(scratch / "eval", rows=max(rows // 5, 1_000), seed=3, split=1).paths)

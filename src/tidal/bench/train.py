@@ -213,6 +213,7 @@ def run(rows: int = 1_000_000, as_json: bool = False) -> dict:
     """Both configs on `rows` generated training rows (and a fifth as many held out)."""
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
+        print(f"generating {rows:,d} training rows and their batches, then compiling Tidal's kernels ...", flush=True)
         data = generate(scratch / "train", rows=rows, seed=3)
         held_out = _batches(generate(scratch / "eval", rows=max(rows // 5, 1_000), seed=3, split=1).paths)
         train = _batches(data.paths)
