@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -102,10 +103,15 @@ def test_a_reader_of_the_output_that_leaves_stops_the_printing_not_the_command(t
     """`tidal gen-data | true`: the closed pipe failed the command with a traceback (and
     stopped a training run part way); the work now goes on, printing nothing more."""
     command = [sys.executable, "-m", "tidal.cli", "gen-data", "--out", str(tmp_path / "data"), "--rows", "1000"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # the line stays buffered to the end
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment)
     process.stdout.close()  # the reader leaves before the first line
     assert process.wait(timeout=120) == 0 and process.stderr.read() == b""
     assert (tmp_path / "data" / "part-00000.tsv").stat().st_size > 0
+    closed = subprocess.run([*command[:5], str(tmp_path / "more"), *command[6:]], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=environment, pass_fds=(), close_fds=True,
+                            preexec_fn=lambda: os.close(1))  # started with no standard output at all
+    assert closed.returncode == 0 and closed.stderr == b""
 
 
 def test_demo_and_bench_dense_say_what_to_install_without_the_onnx_extra(monkeypatch, capsys):

@@ -184,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     from tidal.processes import sigterm_interrupts
 
     args = _parser().parse_args(argv)
-    stdout, sys.stdout = sys.stdout, _ReaderMayLeave(sys.stdout)
+    stdout = sys.stdout
+    if stdout is not None:  # None: started with standard output closed
+        sys.stdout = _ReaderMayLeave(stdout)
     try:
         with sigterm_interrupts():  # every command stops on a SIGTERM as on a Ctrl-C
             return _command(args)
@@ -192,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         name = args.command if args.command != "bench" else f"bench {args.benchmark}"
         return _interrupted(name, "stopped before it finished")
     finally:
-        sys.stdout = stdout
+        if stdout is not None:
+            sys.stdout.flush()  # what is still buffered, while a closed pipe is still met quietly
+            sys.stdout = stdout
 
 
 class _ReaderMayLeave:
@@ -252,8 +256,7 @@ def _command(args: argparse.Namespace) -> int:
         if args.seconds is not None and not args.seconds > 0:
             print(f"tidal bench serve: --seconds must be > 0, got {args.seconds}", file=sys.stderr)
             return 2
-        seconds = args.seconds if args.seconds is not None else 3.0 if args.quick else 5.0
-        serve_bench.run(quick=args.quick, seconds=seconds, with_ray=not args.no_ray, as_json=args.json)
+        serve_bench.run(quick=args.quick, seconds=args.seconds, with_ray=not args.no_ray, as_json=args.json)
     elif args.benchmark == "sparse":
         from tidal.bench import sparse
 
@@ -446,7 +449,8 @@ def _eval(args: argparse.Namespace) -> int:
         dense_device(args.device, key="--device")
         with checkpoint.reading(Path(args.checkpoint)) as directory:  # a run training meanwhile keeps it
             saved = checkpoint.read_meta(directory)["config"]
-            saved = {**saved, "training": {**saved["training"], "device": args.device}}
+            saved = {**saved, "training": {**saved["training"], "device": args.device},  # its tables are loaded:
+                     "tables": [{**t, "reserve_rows": 0} for t in saved["tables"]]}  # none reserves rows ahead
             trainer = Trainer(RunConfig.from_saved(saved))
             step = checkpoint.restore(trainer, directory, check_data=False)["step"]  # the training files may be gone
             print(f"checkpoint {directory.name}, step {step:,d}", flush=True)

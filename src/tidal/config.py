@@ -324,6 +324,7 @@ class TableConfig(_Model):
     memory_bytes: _Int | None = Field(None, gt=0)
     # Rows whose memory is allocated and written when the table is built, so that
     # creating them while training faults in no fresh page; the table grows past them.
+    # A table loaded from a checkpoint reserves none (a resume may change it).
     reserve_rows: _Int = Field(0, ge=0)
     num_shards: Literal[1, 2, 4, 8, 16, 32, 64] = 8
     seed: _Int = Field(0, ge=0, lt=1 << 63)  # of the rows' initial values (not training.seed, the dense weights')

@@ -73,18 +73,31 @@ def test_a_sigterm_while_ray_serve_starts_stops_the_benchmark_as_ctrl_c_and_stop
     import ray
     from ray import serve as ray_serve
 
+    started: list[bool] = []
+
     def init(**kwargs):  # type: ignore[no-untyped-def]
+        started.append(True)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as Ray does
         raise SystemExit(signal.SIGTERM)  # its handler meeting a SIGTERM
 
     stopped: list[str] = []
     monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "is_initialized", lambda: bool(started))
     monkeypatch.setattr(ray_serve, "shutdown", lambda: stopped.append("serve"))
     monkeypatch.setattr(ray, "shutdown", lambda: stopped.append("ray"))
     handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
         serve._start_ray_serve(Path("bundle"))
     assert stopped == ["serve", "ray"] and signal.getsignal(signal.SIGTERM) is handler
+    def fails(**kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("no Ray here")
+
+    monkeypatch.setattr(ray, "init", fails)
+    started.clear()
+    stopped.clear()
+    with pytest.raises(RuntimeError, match="no Ray here"):  # nothing started: serve.shutdown would start a Ray
+        serve._start_ray_serve(Path("bundle"))
+    assert stopped == []
 
 
 def test_the_load_generator_leaves_a_terminals_ctrl_c_to_the_benchmark():

@@ -236,6 +236,20 @@ def test_the_final_evaluation_and_tidal_eval_score_the_tables_within_their_caps_
     assert re.search(r"\n  evaluating: 512 rows so far \([\d,]+ rows/s\)\n", out) and "evaluating: 4,000 rows" in out
 
 
+def test_tidal_eval_reserves_no_rows_for_the_tables_it_loads(tmp_path, capsys, monkeypatch):
+    """The tables come from the checkpoint: a reservation trainer.json names (as a
+    hostile one may, resealed) allocates nothing."""
+    from tidal.embedding import EmbeddingTable
+
+    config = _config(tmp_path, epochs=1)
+    config["tables"][0]["reserve_rows"] = 50_000
+    Trainer(RunConfig(**config)).fit()
+    reserved, reserve = [], EmbeddingTable._reserve
+    monkeypatch.setattr(EmbeddingTable, "_reserve", lambda table, rows: reserved.append(rows) or reserve(table, rows))
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--data", *config["data"]["eval"]]) == 0
+    assert reserved and set(reserved) == {0}
+
+
 def test_a_run_saved_with_fields_now_refused_for_having_no_effect_resumes_without_them(tmp_path):
     config = _config(tmp_path, epochs=2, checkpoint_every=10)
     config["data"]["eval"] = None

@@ -72,7 +72,7 @@ def test_a_program_of_other_sizes_is_refused_naming_its_file(bundle_dir, tmp_pat
         Predictor(load_bundle(hostile))
 
 
-def test_a_table_holding_a_key_twice_is_refused_naming_its_file(bundle_dir, tmp_path):
+def test_a_table_holding_a_key_twice_or_no_safetensors_is_refused_naming_its_file(bundle_dir, tmp_path):
     from safetensors.numpy import load_file, save_file
 
     hostile = Path(shutil.copytree(bundle_dir, tmp_path / "hostile"))
@@ -83,12 +83,16 @@ def test_a_table_holding_a_key_twice_is_refused_naming_its_file(bundle_dir, tmp_
     _reseal(hostile, "tables/ids.safetensors")
     with pytest.raises(CorruptCheckpointError, match=rf"{table}: expected keys \[N\] int64 and ascending"):
         load_bundle(hostile)
+    table.write_bytes(b"\xff" * 64)  # a header length past the file
+    _reseal(hostile, "tables/ids.safetensors")
+    with pytest.raises(CorruptCheckpointError, match=rf"{table}: not a readable safetensors file"):
+        load_bundle(hostile)
 
 
-def _first_weight(edit):  # type: ignore[no-untyped-def]
-    """A change of the archive's weights config: `edit` on its first entry."""
+def _first_entry(edit, member: str = "weights/model_weights_config.json"):  # type: ignore[no-untyped-def]
+    """A change of one of the archive's configs, `member`: `edit` on its first entry."""
     def change(name: str, data: bytes) -> list[tuple[str, bytes]]:
-        if not name.endswith("weights/model_weights_config.json"):
+        if not name.endswith(member):
             return [(name, data)]
         config = json.loads(data)
         edit(next(iter(config["config"].values())))
@@ -112,8 +116,9 @@ def _config_twice(name: str, data: bytes) -> list[tuple[str, bytes]]:
 
 
 @pytest.mark.parametrize("change, unsafe", [
-    (_first_weight(lambda entry: entry.update(use_pickle=True)), r"model_weights_config\.json: body"),
-    (_first_weight(lambda entry: entry.update(path_name="opaque_obj_0")), r"model_weights_config\.json: body"),
+    (_first_entry(lambda entry: entry.update(use_pickle=True)), r"model_weights_config\.json: body"),
+    (_first_entry(lambda entry: entry.update(path_name="opaque_obj_0"), "constants/model_constants_config.json"),
+     r"model_constants_config\.json: body"),  # torch unpickles an opaque constant whatever use_pickle says
     (_extra_member, r"data/weights/model\.pt"),
     (_config_twice, r"model_weights_config\.json"),
 ], ids=["use_pickle", "opaque_object", "legacy_weights_file", "config_twice"])

@@ -612,11 +612,12 @@ def _dense_optimizer_kind(config: dict[str, Any]) -> str:
 def _kept_on_resume(config: dict[str, Any], unused: dict[str, str]) -> dict[str, Any]:
     """The part of a config a resume must keep: its sections but training, runtime,
     passmode and serving, without the data fields that say how bad rows are met, nor
-    the fields without effect, the model's its kind does not read among them (saved
+    the rows a table reserves ahead, nor the fields without effect, the model's its kind does not read among them (saved
     set, before such fields were refused, they may go)."""
     kept = {k: v for k, v in effective_fields(config).items() if k not in _MAY_CHANGE}
     kept["data"] = {f: v for f, v in kept.get("data", {}).items() if f not in _DATA_MAY_CHANGE}
     kept["model"] = {f: v for f, v in kept.get("model", {}).items() if f not in unused}
+    kept["tables"] = [{f: v for f, v in t.items() if f not in _UNCHECKED_TABLE_FIELDS} for t in kept.get("tables", [])]
     return kept
 
 

@@ -179,6 +179,8 @@ class Predictor:
             with torch.no_grad():
                 logits = self._source.forward(torch.zeros(1, f, d, device=self.device),
                                               torch.zeros(1, dd, device=self.device))
+        except (MemoryError, torch.cuda.OutOfMemoryError):  # the machine's state, not the file's
+            raise
         except Exception as exc:  # whatever the backend raises
             raise CorruptCheckpointError(f"{file}: does not run on inputs of this bundle's sizes ({f} features of dim "
                                          f"{d}, {dd} dense): {type(exc).__name__}: {str(exc)[:300]}") from None
