@@ -1026,7 +1026,7 @@ class RunConfig(_Model):
     def _check_input_columns(self) -> None:
         """Refuse a label column read by an input feature: the model would learn the
         target from itself, and ask it of every request served; and an input column
-        named as a bag column's lengths are served (`BAG_LENGTHS`)."""
+        of the name a bag column's lengths are served under (`BAG_LENGTHS`)."""
         if _SAVED.get():
             return
         labels = {f.column: f.name for f in self.features if isinstance(f, LabelFeature)}

@@ -127,7 +127,8 @@ class SparseBatch:
         keys = tuple(bags)
         for key in keys:
             _check_bags(bags[key], f"feature {key!r}")
-        bags = {key: [bag.tolist() if hasattr(bag, "tolist") else bag for bag in bags[key]] for key in keys}  # arrays, tensors
+        bags = {key: [bag.tolist() if hasattr(bag, "tolist") else bag for bag in bags[key]]  # arrays, tensors
+                for key in keys}
         sizes = {len(samples) for samples in bags.values()}
         if len(sizes) > 1:
             raise BatchError(f"SparseBatch.from_lists: every feature needs the same number of samples, got {sizes}")
@@ -139,7 +140,8 @@ class SparseBatch:
         flat = [bag for key in keys for bag in bags[key]]
         flat_weights = None if weights is None else _flat_weights(bags, weights)
         return cls(
-            keys=keys, batch_size=sizes.pop() if sizes else 0, values=int64_ids([i for bag in flat for i in bag], "SparseBatch.from_lists"),
+            keys=keys, batch_size=sizes.pop() if sizes else 0,
+            values=int64_ids([i for bag in flat for i in bag], "SparseBatch.from_lists"),
             lengths=np.array([len(bag) for bag in flat], dtype=np.int32),
             weights=None if flat_weights is None else np.array(flat_weights, np.float32), **extra,
         )
