@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tidal.cli import _url_segment, main
+from tidal.cli import main
 from tidal.compile import onnx_available
+from tidal.serving.server import is_model_name
 
 
 def test_demo_trains_and_reports_auc_beside_the_ceiling(capsys):
@@ -190,7 +191,7 @@ def test_serve_refuses_a_bundle_folder_name_that_cannot_be_a_url_path_segment(tm
 
 @pytest.mark.parametrize("name", ["dlrm", "ctr-v2.1_b", "A.B", "..."])
 def test_a_model_name_of_letters_digits_dots_underscores_and_dashes_is_a_url_path_segment(name):
-    assert _url_segment(name)
+    assert is_model_name(name)
 
 
 def test_the_resume_command_a_train_names_repeats_its_set_overrides_quoted_for_a_shell():

@@ -6,7 +6,6 @@ import argparse
 import errno
 import json
 import os
-import re
 import shlex
 import sys
 from pathlib import Path
@@ -18,7 +17,6 @@ if TYPE_CHECKING:  # imported where used: the command line starts without torch
     from tidal.config import RunConfig
     from tidal.serving import Predictor
 
-_MODEL_NAME = re.compile(r"[A-Za-z0-9._-]+")  # a URL path segment that needs no escaping
 _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO, errno.EPERM}
 
 __all__ = ["main"]
@@ -587,6 +585,7 @@ def _serve(args: argparse.Namespace) -> int:
     from tidal.errors import ConfigError, TidalError
     from tidal.processes import SIGTERM_CAME
     from tidal.serving import LoadingAnswers, Service, listen, load_bundle, serve
+    from tidal.serving.server import is_model_name
 
     flags = {k: v for k, v in {"max_batch_rows": args.max_batch_rows, "chunk_rows": args.chunk_rows,
                                "max_delay_ms": args.max_delay_ms, "sparse_threads": args.sparse_threads,
@@ -600,7 +599,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     overrides = {**flags, **settings}
     name = args.model_name if args.model_name is not None else Path(args.bundle).resolve().name
-    if not _url_segment(name):
+    if not is_model_name(name):
         given = "" if args.model_name is not None else " (the bundle folder's name; give another with --model-name)"
         print(f"tidal serve: --model-name must be made of letters, digits, '.', '_' and '-' (not '.' or '..' alone), "
               f"as it is a segment of the URLs' path (/v2/models/NAME); got {name!r}{given}", file=sys.stderr)
@@ -655,11 +654,6 @@ def _check_batching_flags(no_batching: bool, flags: dict, settings: dict) -> Non
     if no_batching and unused:
         raise ConfigError(f"--no-batching runs every request alone, so {', '.join(unused)} would have no effect: "
                           f"remove {'them' if len(unused) > 1 else 'it'}, or --no-batching")
-
-
-def _url_segment(name: str) -> bool:
-    """Whether `name` can be a segment of a URL's path as it is (no escaping, no '/')."""
-    return _MODEL_NAME.fullmatch(name) is not None and name not in (".", "..")
 
 
 def _served(service) -> str:  # type: ignore[no-untyped-def]

@@ -946,6 +946,24 @@ def test_overload_answers_503_with_retry_after(bundle, trainer):
     assert set(service.sessions._entries) == started  # a refused start starts no session
 
 
+def test_a_closed_service_an_unservable_name_or_no_bundle_is_refused_before_serving(bundle):
+    """A stopped server's service answered every request 503 while health said ready;
+    a name no URL can carry answered every model route 404."""
+    running = start_server(Service(bundle, name="ctr"))
+    running.stop()
+    with pytest.raises(ConfigError, match=r"this Service was closed .*; serve a new Service of the bundle"):
+        start_server(running.service)
+    again = start_server(Service(bundle, name="ctr"))  # a new one serves
+    again.stop()
+    for name in ("x/y", "", ".."):
+        with pytest.raises(ConfigError, match=rf"Service: name must be made of letters, .* got {name!r}"):
+            Service(bundle, name=name)
+    with pytest.raises(ConfigError, match=r"Service: bundle: expected Bundle, got str"):
+        Service("bundle")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"set_fusion: fusion: expected Fusion, got dict; build one with Fusion"):
+        again.service.predictor.set_fusion({"kind": "sum"})  # type: ignore[arg-type]
+
+
 def test_a_max_batch_rows_below_chunk_rows_lowers_chunk_rows_unless_both_are_given(bundle):
     assert bundle.config.serving.chunk_rows == 64
     for overrides, chunk_rows in [({"max_batch_rows": 40}, 40), ({"max_batch_rows": 200}, 64),

@@ -43,7 +43,8 @@ import torch
 from torch.export.passes import move_to_device_pass
 
 from tidal.compile import AotiProgram, OnnxProgram, RuleOutcome, rewrite, unfit_here
-from tidal.config import DEVICE_PATTERN, DenseFeature, Fusion, RunConfig, ServingConfig, SparseFeature, TableConfig
+from tidal.config import (DEVICE_PATTERN, DenseFeature, Fusion, RunConfig, ServingConfig, SparseFeature, TableConfig,
+                          require)
 from tidal.data.extract import Extractor
 from tidal.embedding import EmbeddingCollection, EmbeddingTable, RowBlock
 from tidal.errors import BatchError, CheckpointError, ConfigError, CorruptCheckpointError
@@ -136,6 +137,7 @@ class Predictor:
         cuda or cuda:N. `serving` replaces the bundle's serving settings (its buckets,
         fusion, backend and dense threads are used here); its largest bucket must fit
         the bundle's dense program."""
+        require(bundle, Bundle, "Predictor: bundle")
         self.config = bundle.config
         self.targets = bundle.targets
         serving = serving or self.config.serving
@@ -315,6 +317,7 @@ class Predictor:
 
     def set_fusion(self, fusion: Fusion) -> None:
         """Change the value model; requests scored from now on use it."""
+        require(fusion, Fusion, "set_fusion: fusion")
         unknown = sorted(set(fusion.weights) - set(self.targets))
         if unknown:
             raise ConfigError(f"fusion.weights names {unknown}, which are not targets; targets: {self.targets}")

@@ -50,6 +50,7 @@ import contextlib
 import functools
 import gc
 import json
+import re
 import select
 import signal
 import socket
@@ -74,7 +75,7 @@ from starlette.routing import Route
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 import tidal
-from tidal.config import Fusion, ServingConfig
+from tidal.config import Fusion, ServingConfig, require
 from tidal.errors import ConfigError
 from tidal.processes import sigterm_interrupts
 from tidal.serving.batcher import Batcher, BatchRecord, Overloaded, ShuttingDown
@@ -100,12 +101,25 @@ _DATATYPES = {"ids": "BYTES", "integer": "INT64", "number": "FP64"}
 _DECODED_INLINE_BYTES = 1 << 16  # a larger infer body is decoded on the decoder thread (`Service._decoded`)
 
 
+_MODEL_NAME = re.compile(r"[A-Za-z0-9._-]+")  # a URL path segment that needs no escaping
+
+
+def is_model_name(name: object) -> bool:
+    """Whether `name` can be a segment of a URL's path as it is (no escaping, no '/')."""
+    return isinstance(name, str) and _MODEL_NAME.fullmatch(name) is not None and name not in (".", "..")
+
+
 class Service:
     """One bundle behind the protocol: predictor, batcher, sessions and metrics."""
 
     def __init__(self, bundle: Bundle, *, name: str = "tidal", batching: bool = True, **overrides: object) -> None:
         """`overrides` replace fields of the bundle's `serving` config (see `_settings`)."""
+        require(bundle, Bundle, "Service: bundle")
+        if not is_model_name(name):
+            raise ConfigError(f"Service: name must be made of letters, digits, '.', '_' and '-' (not '.' or '..' "
+                              f"alone), as it is a segment of the URLs' path (/v2/models/NAME); got {name!r}")
         self.name = name
+        self.closed = False  # by `close`: a server's stop
         self.settings = _settings(bundle.config.serving, overrides)
         self.predictor = Predictor(bundle, serving=self.settings)
         if self.settings.delta_poll_s is not None and bundle.position is None:
@@ -196,6 +210,7 @@ class Service:
                 "outputs": [{"name": o, "datatype": "FP32", "shape": [-1]} for o in self.outputs]}
 
     def close(self) -> None:
+        self.closed = True
         try:
             self.updater.close()
             self.batcher.close()
@@ -782,6 +797,9 @@ class _Server(uvicorn.Server):
     second before its deadline (uvicorn would cancel them, each with a bare 500)."""
 
     def __init__(self, service: Service, exit_timeout_s: float) -> None:
+        if service.closed:
+            raise ConfigError("this Service was closed (a server's stop closes the service it served): it would "
+                              "answer every request 503; serve a new Service of the bundle")
         self._service = service
         super().__init__(uvicorn.Config(create_app(service), log_level="warning", access_log=False, lifespan="off",
                                         http=_TimedHeaders, loop="uvloop", timeout_graceful_shutdown=exit_timeout_s))
