@@ -489,7 +489,8 @@ def check_loss(loss: float, step: int, logits: torch.Tensor | None = None) -> No
         culprits = (f"; {len(rows)} of the batch's {logits.shape[0]} rows have outputs that are not numbers "  # type: ignore[union-attr]
                     f"(rows {shown}, from 0): if it is only those, their inputs overflow the network (a weighted "
                     f"bag's weight or a dense number near float32's limit, say): fix or drop them")
-    raise TidalError(f"training diverged at step {step}: its loss is {loss}{culprits}. Else lower training.lr or "
+    advice = "Else lower" if culprits else "Lower"
+    raise TidalError(f"training diverged at step {step}: its loss is {loss}{culprits}. {advice} training.lr or "
                      f"the tables' learning rates, and resume from a checkpoint before this step, or start again")
 
 
