@@ -585,7 +585,7 @@ def _serve(args: argparse.Namespace) -> int:
     from tidal.errors import ConfigError, TidalError
     from tidal.processes import SIGTERM_CAME
     from tidal.serving import LoadingAnswers, Service, listen, load_bundle, serve
-    from tidal.serving.server import is_model_name
+    from tidal.serving.server import MODEL_NAME_RULE, is_model_name
 
     flags = {k: v for k, v in {"max_batch_rows": args.max_batch_rows, "chunk_rows": args.chunk_rows,
                                "max_delay_ms": args.max_delay_ms, "sparse_threads": args.sparse_threads,
@@ -601,8 +601,7 @@ def _serve(args: argparse.Namespace) -> int:
     name = args.model_name if args.model_name is not None else Path(args.bundle).resolve().name
     if not is_model_name(name):
         given = "" if args.model_name is not None else " (the bundle folder's name; give another with --model-name)"
-        print(f"tidal serve: --model-name must be made of letters, digits, '.', '_' and '-' (not '.' or '..' alone), "
-              f"as it is a segment of the URLs' path (/v2/models/NAME); got {name!r}{given}", file=sys.stderr)
+        print(f"tidal serve: --model-name {MODEL_NAME_RULE}; got {name!r}{given}", file=sys.stderr)
         return 2
     try:
         sock = listen(args.host, args.port)

@@ -38,7 +38,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -457,12 +457,18 @@ def _restore(directory: Path, table: EmbeddingTable, entry: dict[str, Any]) -> N
 
 def _read_shard(path: Path, expected: dict[str, Any], table: EmbeddingTable) -> dict[str, np.ndarray]:
     check_file(path, expected, listed_in="the manifest")
-    try:
-        arrays = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CorruptCheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    arrays = read_safetensors(path)
     _check_shapes(path, arrays, table)
     return arrays
+
+
+def read_safetensors(path: Path, load: Callable[[str], dict] = load_file) -> dict:
+    """The tensors of the safetensors file `path` (`load`: numpy's or torch's reader),
+    or a `CorruptCheckpointError` naming it."""
+    try:
+        return load(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CorruptCheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
 def _check_shapes(path: Path, arrays: dict[str, np.ndarray], table: EmbeddingTable) -> None:

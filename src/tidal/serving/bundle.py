@@ -39,7 +39,7 @@ import time
 import warnings
 import zipfile
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,8 +47,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
 
@@ -56,7 +55,7 @@ from tidal.compile import compiled_for, differing, export_program, to_aoti, to_o
 from tidal.config import RunConfig
 from tidal.data.extract import Extractor
 from tidal.embedding.checkpoint import (SEAL, as_umask_allows, check_seal, fingerprint, fsync_path, listed_file,
-                                        sealed, write_json_atomic)
+                                        read_safetensors, sealed, write_json_atomic)
 from tidal.embedding.pooling import nonfinite_note
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.models import RankingModel
@@ -520,13 +519,6 @@ def _inside(path: Path, root: Path) -> Path:
     return path
 
 
-def _read_safetensors(file: Path, load: Callable[[str], dict] = load_file) -> dict:
-    try:
-        return load(str(file))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CorruptCheckpointError(f"{file}: not a readable safetensors file ({exc})") from None
-
-
 # ---------------------------------------------------------------------- deltas
 
 
@@ -628,7 +620,7 @@ def _read_delta(folder: Path, position: Position, config: RunConfig, table_dtype
         _check_file(listed_file(folder, relative, file), expected)
     dtype = np.dtype(table_dtype)
     tables = {t.name: _read_changes(folder / "tables" / f"{t.name}.safetensors", t.dim, dtype) for t in config.tables}
-    return Delta(path=folder, manifest=manifest, tables=tables, weights=_read_safetensors(folder / WEIGHTS, load_torch),
+    return Delta(path=folder, manifest=manifest, tables=tables, weights=read_safetensors(folder / WEIGHTS, load_torch),
                  position=Position(base=position.base, sequence=position.sequence + 1, seal=manifest[SEAL]))
 
 
@@ -661,7 +653,7 @@ def _check_file(file: Path, expected: dict) -> None:
 
 
 def _read_table(file: Path, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    arrays = _read_safetensors(file)
+    arrays = read_safetensors(file)
     keys, values = arrays.get("keys"), arrays.get("values")
     if keys is None or values is None or not _ascending_keys(keys) or values.ndim != 2 \
             or values.shape != (keys.shape[0], dim) or values.dtype not in (np.float32, np.float16):
@@ -679,7 +671,7 @@ def _check_finite(file: Path, keys: np.ndarray, values: np.ndarray) -> None:
 
 
 def _read_changes(file: Path, dim: int, dtype: np.dtype) -> RowChanges:
-    arrays = _read_safetensors(file)
+    arrays = read_safetensors(file)
     keys, values, removed = arrays.get("keys"), arrays.get("values"), arrays.get("removed")
     if keys is None or values is None or removed is None or not _ascending_keys(keys) \
             or not _ascending_keys(removed) or values.shape != (keys.shape[0], dim) or values.dtype != dtype:

@@ -102,6 +102,8 @@ _DECODED_INLINE_BYTES = 1 << 16  # a larger infer body is decoded on the decoder
 
 
 _MODEL_NAME = re.compile(r"[A-Za-z0-9._-]+")  # a URL path segment that needs no escaping
+MODEL_NAME_RULE = ("must be made of letters, digits, '.', '_' and '-' (not '.' or '..' alone), as it is a segment of "
+                   "the URLs' path (/v2/models/NAME)")
 
 
 def is_model_name(name: object) -> bool:
@@ -116,8 +118,7 @@ class Service:
         """`overrides` replace fields of the bundle's `serving` config (see `_settings`)."""
         require(bundle, Bundle, "Service: bundle")
         if not is_model_name(name):
-            raise ConfigError(f"Service: name must be made of letters, digits, '.', '_' and '-' (not '.' or '..' "
-                              f"alone), as it is a segment of the URLs' path (/v2/models/NAME); got {name!r}")
+            raise ConfigError(f"Service: name {MODEL_NAME_RULE}; got {name!r}")
         self.name = name
         self.closed = False  # by `close`: a server's stop
         self.settings = _settings(bundle.config.serving, overrides)
