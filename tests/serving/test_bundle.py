@@ -22,6 +22,7 @@ from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.embedding.checkpoint import sealed
 from tidal.runtime import Trainer, checkpoint
 from tidal.serving import export, load_bundle
+from tidal.serving import bundle as bundle_module
 
 
 def test_bundle_holds_manifest_tables_and_program_without_pickle(bundle_dir, bundle, trainer):
@@ -138,6 +139,32 @@ def test_a_program_torch_would_unpickle_from_is_refused_before_anything_is_unpic
     with pytest.raises(CorruptCheckpointError, match=rf"dense\.pt2: holds what torch would unpickle or "
                                                       rf"torch.export.save does not write \(.*{unsafe}"):
         load_bundle(hostile)
+
+
+def test_a_program_replaced_after_its_check_is_not_the_one_loaded(bundle_dir, tmp_path, monkeypatch):
+    """torch loads the bytes that were checked: a hostile archive put in the program's
+    place right after the check is never opened."""
+    racing = Path(shutil.copytree(bundle_dir, tmp_path / "racing"))
+    hostile = tmp_path / "hostile.pt2"
+    with zipfile.ZipFile(bundle_dir / "dense.pt2") as source, zipfile.ZipFile(hostile, "w") as out:
+        for info in source.infolist():
+            for name, data in _extra_member(info.filename, source.read(info.filename)):
+                out.writestr(name, data)
+    checked = bundle_module._unsafe_members
+
+    def check_then_swap(archive):  # type: ignore[no-untyped-def]
+        found = checked(archive)
+        shutil.copyfile(hostile, racing / "dense.pt2")
+        return found
+
+    monkeypatch.setattr(bundle_module, "_unsafe_members", check_then_swap)
+    loaded = []
+    real_load = torch.export.load
+    monkeypatch.setattr(torch.export, "load", lambda f, **kw: loaded.append(f) or real_load(f, **kw))
+    bundle = load_bundle(racing)
+    assert (racing / "dense.pt2").read_bytes() == hostile.read_bytes()  # swapped on disk...
+    assert len(loaded) == 1 and not isinstance(loaded[0], (str, os.PathLike))  # ...but torch read the checked bytes
+    assert sorted(bundle.program.state_dict) == sorted(load_bundle(bundle_dir).program.state_dict)
 
 
 def test_an_export_that_fails_to_put_the_new_bundle_in_place_leaves_the_old_one_and_cleans_up_dead_exports(

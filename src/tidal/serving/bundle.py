@@ -32,6 +32,7 @@ Loading applies the bundle's deltas in order; each is checked as the base is.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import re
@@ -728,11 +729,14 @@ def with_weights(state: dict[str, torch.Tensor], delta: Delta) -> None:
 
 
 def _read_program(file: Path) -> torch.export.ExportedProgram:
-    with zipfile.ZipFile(file) as archive:
+    """The program in `file`, read once: torch loads the very bytes checked, not a file
+    that someone could replace between the check and the load."""
+    archive_bytes = file.read_bytes()
+    with zipfile.ZipFile(io.BytesIO(archive_bytes)) as archive:
         unsafe = _unsafe_members(archive)
     if unsafe:
         raise CorruptCheckpointError(f"{file}: holds what torch would unpickle or torch.export.save does not write "
                                      f"({unsafe[0]}); bundles never do, export it again")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="No complete tensor found")
-        return torch.export.load(str(file))
+        return torch.export.load(io.BytesIO(archive_bytes))
