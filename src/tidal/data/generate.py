@@ -70,15 +70,15 @@ def generate(out_dir: str | Path, *, rows: int, files: int = 1, file_format: Lit
     each other's) and renamed into place once all are complete, truth.json last; files
     an earlier run wrote to `out_dir` (part-NNNNN.*, truth.json) are replaced then
     (`replaced` names them). A run that fails or is interrupted while it writes removes
-    its temporary files and leaves `out_dir` as it was (one that fails as it renames
-    leaves no truth.json); the temporary files of a run killed outright are removed by
+    its temporary files and leaves `out_dir` as it was (absent, with the parents the run
+    made, if it was; one that fails as it renames leaves no truth.json); the temporary files of a run killed outright are removed by
     the next run, once the process that wrote them is no longer running;
     Ctrl-C as the files are renamed takes effect once they all are (the KeyboardInterrupt
     then says `AFTER_THE_FILES_WERE_IN_PLACE`).
     """
     check_arguments(rows=rows, files=files, file_format=file_format, vocabulary=vocabulary, zipf_a=zipf_a, seed=seed,
                     split=split)
-    created = not Path(out_dir).exists()
+    created = _missing_folders(Path(out_dir))
     out = _folder(out_dir)
     _remove_leftovers(out)
     run = f"{os.getpid()}-{secrets.token_hex(4)}"  # in this run's temporary names: its own
@@ -90,12 +90,22 @@ def generate(out_dir: str | Path, *, rows: int, files: int = 1, file_format: Lit
             return replace(data, replaced=_put_in_place(out, temporary))
     except BaseException:
         _remove(temporary)
-        if created:
-            with contextlib.suppress(OSError):  # the folder this run made, left empty: absent, as it was
-                out.rmdir()
+        for folder in created:  # the folders this run made, left empty: absent, as they were
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     finally:
         _remove(temporary)  # none, once all were renamed
+
+
+def _missing_folders(out: Path) -> list[Path]:
+    """`out` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for folder in (out, *out.parents):
+        if folder.exists():
+            break
+        missing.append(folder)
+    return missing
 
 
 def _remove(paths: list[Path]) -> None:
