@@ -887,8 +887,9 @@ class ServingConfig(_Model):
     slow or big requests at once hold bounded memory (decoded, a body's inputs may take
     some ten times its bytes).
     `dense_threads` is the dense network's thread count in the serving process (torch's,
-    process-wide, which the aotinductor backend's products use too, or ONNX Runtime's
-    intra-op threads): 1 by default, since serving
+    process-wide, which the aotinductor backend's products use too: of servers running
+    at once in one process, the latest one's holds, and the last to stop puts the count
+    from before back; or ONNX Runtime's intra-op threads): 1 by default, since serving
     batches are small and idle OpenMP threads spin on the cores the sparse stage and
     the HTTP loop need. With `delta_poll_s`, the server looks for new
     deltas of its bundle (`tidal export --delta`) that often and applies them; without

@@ -28,6 +28,7 @@ from tidal.errors import ConfigError
 from tidal.runtime import Trainer
 from tidal.serving import RequestError, Service, export, load_bundle, start_server
 from tidal.serving.protocol import decode_request, infer_request, input_specs
+from tidal.serving.server import _GC_THRESHOLD as SERVING_GC_THRESHOLD
 
 
 @pytest.fixture(scope="module")
@@ -354,6 +355,24 @@ def test_serving_settings_given_to_the_service_replace_the_bundles(bundle, rows)
     largest = bundle.config.serving.buckets[-1]
     with pytest.raises(ConfigError, match=f"buckets: the largest, {2 * largest}, is over the largest batch the bundle"):
         Service(bundle, buckets=[1, 2 * largest])
+
+
+def test_servers_overlapping_in_one_process_put_torchs_threads_and_the_gc_back_as_they_were(bundle):
+    """Each server sets torch's thread count (dense_threads) and the collector's
+    thresholds for the whole process: the latest one running holds, and once the last
+    stops the values from before the first come back, in whatever order they stop."""
+    torch = pytest.importorskip("torch")
+    threads, thresholds = torch.get_num_threads(), gc.get_threshold()
+    servers = [start_server(Service(bundle, name="first", dense_threads=threads + 2))]
+    try:
+        servers.append(start_server(Service(bundle, name="second", dense_threads=threads + 1)))
+        assert (torch.get_num_threads(), gc.get_threshold()) == (threads + 1, SERVING_GC_THRESHOLD)
+        servers.pop(0).stop()
+        assert (torch.get_num_threads(), gc.get_threshold()) == (threads + 1, SERVING_GC_THRESHOLD)  # the second runs
+    finally:
+        for running in servers:
+            running.stop()
+    assert (torch.get_num_threads(), gc.get_threshold()) == (threads, thresholds)
 
 
 def _bad_requests(rows, specs) -> list[tuple[bytes, dict, int, str]]:

@@ -57,10 +57,10 @@ import socket
 import threading
 import time
 import zlib
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -137,12 +137,11 @@ class Service:
         self.batcher = Batcher(self.predictor, max_batch_rows=s.max_batch_rows, max_delay_ms=s.max_delay_ms,
                                chunk_rows=s.chunk_rows, sparse_threads=s.sparse_threads, max_queue_rows=s.max_queue_rows,
                                merge=batching, on_batch=self._batch_done)
-        self._torch_threads = torch.get_num_threads()  # restored by close()
-        if s.dense_threads is not None:
-            torch.set_num_threads(s.dense_threads)
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="tidal-decode")  # one at a time, as on the loop
-        self.updater = Updater(self.predictor, bundle.path, poll_s=s.delta_poll_s,  # last: it may start a thread
+        self.updater = Updater(self.predictor, bundle.path, poll_s=s.delta_poll_s,  # it may start a thread
                                between=self.batcher.between_requests)
+        if s.dense_threads is not None:  # last: nothing after it fails, so close() gives it back
+            _TORCH_THREADS.take(self, s.dense_threads)
 
     async def infer(self, body: bytes, header_length: str | None) -> tuple[bytes, dict[str, str]]:
         """Answer one infer request body: (response body, extra headers)."""
@@ -217,7 +216,7 @@ class Service:
             self.batcher.close()
             self._decoder.shutdown(cancel_futures=True)
         finally:
-            torch.set_num_threads(self._torch_threads)
+            _TORCH_THREADS.give_back(self)
 
 
 def _settings(serving: ServingConfig, overrides: dict) -> ServingConfig:
@@ -662,22 +661,53 @@ def _refuse_unscored(outputs: dict[str, np.ndarray]) -> None:
                            f"nothing was scored")
 
 
+class _ProcessWide:
+    """A setting of the whole process that servers change while they run: the value from
+    before the first is put back once the last is done; meanwhile the latest one's holds."""
+
+    def __init__(self, read: Callable[[], Any], write: Callable[[Any], None]) -> None:
+        self._read, self._write = read, write
+        self._lock = threading.Lock()
+        self._users: list[tuple[object, Any]] = []
+        self._before: Any = None
+
+    def take(self, user: object, value: Any) -> None:
+        with self._lock:
+            if not self._users:
+                self._before = self._read()
+            self._users.append((user, value))
+            self._write(value)
+
+    def give_back(self, user: object) -> bool:
+        """Whether `user` was the last one (a user that took nothing changes nothing)."""
+        with self._lock:
+            if all(u is not user for u, _ in self._users):
+                return False
+            self._users = [(u, v) for u, v in self._users if u is not user]
+            self._write(self._users[-1][1] if self._users else self._before)
+            return not self._users
+
+
+_TORCH_THREADS = _ProcessWide(torch.get_num_threads, torch.set_num_threads)  # `serving.dense_threads`
+_GC_THRESHOLDS = _ProcessWide(gc.get_threshold, lambda threshold: gc.set_threshold(*threshold))
+
+
 @contextlib.contextmanager
 def _serving_gc() -> Iterator[None]:
     """Keep the garbage collector off the request path while serving: objects made at
     start-up (torch, the bundle, the tables) are frozen out of its scans and young
     collections run less often. Measured at concurrency 64: p99 550 ms -> 250 ms,
     because a full collection over start-up objects paused every thread for up to
-    300 ms. Restored afterwards."""
-    threshold = gc.get_threshold()
+    300 ms. Restored once the last server of the process stops."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(*_GC_THRESHOLD)
+    server = object()
+    _GC_THRESHOLDS.take(server, _GC_THRESHOLD)
     try:
         yield
     finally:
-        gc.set_threshold(*threshold)
-        gc.unfreeze()
+        if _GC_THRESHOLDS.give_back(server):
+            gc.unfreeze()
 
 
 @dataclass
