@@ -602,6 +602,28 @@ def test_codings_a_body_is_not_decoded_by_are_refused(server, rows):
     assert _post_raw(server, chunked, [("Transfer-Encoding", "chunked")])[0] == 200
 
 
+@pytest.mark.parametrize("raw", [
+    b"POST /v2/models/ctr/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+    b"POST /v2/models/ctr/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcdef\r\n0\r\n\r\n",
+    b"POST /v2/models/ctr/infer HTTP/1.1\r\nHost x\r\n\r\n",
+], ids=["chunk_size", "chunk_overrun", "header"])
+def test_malformed_http_gets_a_400_with_the_parsers_reason_and_counts_as_a_bad_request(server, raw):
+    host, port = server.url.removeprefix("http://").split(":")
+    before = _outcomes(server)
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(raw)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and b"connection: close" in head.lower()
+    assert json.loads(body)["error"].startswith("the request is not valid HTTP/1.1: ")
+    if b"Transfer-Encoding" in raw:  # a body broke off: the request had begun
+        until(lambda: _outcomes(server).get("bad_request", 0) == before.get("bad_request", 0) + 1, "the bad request")
+        assert _outcomes(server).get("client_gone", 0) == before.get("client_gone", 0)
+    assert urllib.request.urlopen(server.url + "/v2/health/ready", timeout=30).status == 200  # and it goes on
+
+
 def test_a_gzip_body_of_several_members_reads_as_their_concatenation(server, rows):
     specs = input_specs(server.service.predictor.config)
     raw = json.dumps(infer_request(with_user_of(rows.slice(0, 5), specs), specs)).encode()

@@ -54,6 +54,7 @@ import re
 import select
 import signal
 import socket
+import sys
 import threading
 import time
 import zlib
@@ -373,7 +374,9 @@ def create_app(service: Service) -> Starlette:
             return "overloaded", _error(503, str(exc), {"Retry-After": "1"})
         except ShuttingDown as exc:  # another replica may take it
             return "shutting_down", _error(503, str(exc), {"Connection": "close"})
-        except ClientDisconnect:  # the client hung up: nobody to answer, and no fault of the server
+        except ClientDisconnect:  # the client hung up (nobody to answer, no fault of the server), or sent bad HTTP
+            if _MALFORMED in request.scope:  # answered already, by the HTTP layer
+                return "bad_request", _error(400, request.scope[_MALFORMED])
             return "client_gone", _error(400, "the client closed the connection before its answer")
         except asyncio.CancelledError:  # answered only when the runner cancels every task as the server stops
             if not service.stopped_at_once:
@@ -471,6 +474,7 @@ _MESSAGE_CHARS = 2000  # an error message quoting what came is cut here
 _CONTROL_BODY_BYTES = 1 << 16  # a fusion or load request's body
 _DRAIN_BYTES = 64 << 20  # an oversize body up to this size is read and dropped before the 413
 _BODY_TIMEOUT_S = 30.0  # a body must arrive within this
+_MALFORMED = "tidal.malformed"  # in a request's ASGI scope: why its body is not valid HTTP
 _HEADER_TIMEOUT_S = 10.0  # a request's headers must arrive within this
 _HEADER_BYTES = 64 << 10  # and take at most this many bytes
 _LOADING_READ_S = 2.0  # the most a request may take while the bundle loads (its head read, its body drained)
@@ -802,6 +806,17 @@ class _TimedHeaders(HttpToolsProtocol):
     def _headers_too_late(self) -> None:
         self._header_deadline = None
         self._refuse(b"408 Request Timeout", f"the request headers did not arrive within {_HEADER_TIMEOUT_S:g} s")
+
+    def send_400_response(self, msg: str) -> None:
+        """What HTTP/1.1 cannot parse (a request line, a header, a chunk of a body): a 400
+        with httptools' reason as every other refusal, instead of uvicorn's plain one. A
+        request whose body broke off this way counts as a bad request, not as a client
+        that hung up."""
+        parsing = sys.exc_info()[1]  # uvicorn calls this while handling the parser's error
+        reason = str(parsing) if parsing is not None and str(parsing) else msg
+        if not self._body_read and self.cycle is not None:  # the request under way: its body is what broke
+            self.cycle.scope[_MALFORMED] = reason
+        self._refuse(b"400 Bad Request", f"the request is not valid HTTP/1.1: {reason}")
 
     def _refuse(self, status: bytes, message: str) -> None:
         """Answer `status` with `message` as the error and close the connection."""
