@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve a bundle over the Open Inference Protocol (KServe v2 HTTP)")
     serve.add_argument("bundle", help="a directory written by tidal export")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
+    serve.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000; 0: a free one, printed once serving)")
     serve.add_argument("--model-name", help="the model's name in the URLs (default: the bundle directory's name)")
     serve.add_argument("--no-batching", action="store_true", help="run every request alone (no merging or splitting)")
     serve.add_argument("--max-batch-rows", type=int, help="default: the config's serving.max_batch_rows "

@@ -56,8 +56,9 @@ def test_int64_ids_hash_as_their_decimal_strings_and_numbers_come_in_any_form(sp
                                       I5={"name": "I5", "datatype": "FP32", "shape": [2, 1], "data": [[1.5], [2.0]]}))
     assert decoded.columns["C9"].to_pylist() == ["7", "-3"]
     assert decoded.columns["I5"].to_pylist() == [1.5, 2.0]
-    texts = _decode(specs, _request(specs, 2, I5={"name": "I5", "datatype": "BYTES", "shape": [2], "data": ["1.5", ""]}))
-    assert texts.columns["I5"].to_pylist() == [1.5, None]  # empty: missing, as in a file
+    texts = _decode(specs, _request(specs, 6, I5={"name": "I5", "datatype": "BYTES", "shape": [6],
+                                                  "data": ["1.5", "", "NaN", "nan", "-NAN", "+nAn"]}))
+    assert texts.columns["I5"].to_pylist() == [1.5] + [None] * 5  # empty or NaN: missing, as in a file
 
 
 def test_missing_numbers_come_as_null_or_nan_and_values_past_the_type_are_refused(specs):

@@ -270,7 +270,7 @@ def _from_json(name: str, datatype: str, flat: list) -> np.ndarray:
     (NaN, as in training's files)."""
     allowed = (int,) if datatype.startswith("INT") else (int, float, type(None))
     if not all(type(v) in allowed for v in flat):
-        missing = " (a missing value comes as an empty BYTES string, or null in FP32 or FP64 data)"
+        missing = " (a missing value comes as an empty BYTES string; a missing number also as null in FP32 or FP64 data)"
         raise RequestError(f"input {name!r}: {datatype} data must be "
                            f"{'integers' + missing if len(allowed) == 1 else 'numbers or null (missing)'}")
     try:
@@ -475,7 +475,8 @@ def _beyond_float32(numbers: np.ndarray) -> np.ndarray:
 
 
 def _numbers_from_text(texts: dict[str, pa.Array]) -> dict[str, pa.Array]:
-    """Number inputs sent as strings, parsed in one call: empty means missing (null)."""
+    """Number inputs sent as strings, parsed in one call: empty or NaN (as Spark and numpy
+    write it) means missing (null), as in training's files."""
     if not texts:
         return {}
     joined = pa.concat_arrays(list(texts.values()))
@@ -486,8 +487,9 @@ def _numbers_from_text(texts: dict[str, pa.Array]) -> dict[str, pa.Array]:
         position, value = _first_unparsed(texts[bad], pa.float64())
         raise RequestError(f"input {bad!r}: BYTES values must be numbers (or empty for missing), got {value!r} at "
                            f"position {position}") from None
-    values = numbers.to_numpy(zero_copy_only=False)
-    bad = np.flatnonzero(_beyond_float32(values) | (np.isnan(values) & ~np.asarray(numbers.is_null())))
+    values = numbers.to_numpy(zero_copy_only=False)  # null as NaN
+    numbers = pa.array(values, mask=np.isnan(values))
+    bad = np.flatnonzero(_beyond_float32(values))
     arrays, start = {}, 0
     for name, text in texts.items():
         if bad.size and start <= bad[0] < start + len(text):
