@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
                                "(default: the run's data.eval_group_by)")
     evaluate.add_argument("--no-group-by", action="store_true",
                           help="no group AUC, even where the run's data.eval_group_by names a feature")
+    evaluate.add_argument("--predictions", metavar="FILE.parquet",
+                          help="also write each evaluated row's probability and label per target to this Parquet "
+                               "file (columns TARGET and TARGET_label; the valid rows in the files' order)")
     read = evaluate.add_argument_group("how the files are read (default: as the run's data section says)")
     read.add_argument("--format", choices=["tsv", "csv", "parquet"],
                       help="the files' format (default: the run's data.format, else each file's suffix)")
@@ -441,10 +444,12 @@ def _eval(args: argparse.Namespace) -> int:
         from tidal.config import RunConfig
         from tidal.data.readers import BadRows, expand_paths, format_of
         from tidal.runtime import Trainer, checkpoint
-        from tidal.runtime.trainer import shown_evaluation
+        from tidal.runtime.trainer import predictions_file, shown_evaluation
         from tidal.runtime.workers import dense_device
 
         dense_device(args.device, key="--device")
+        if args.predictions is not None:
+            predictions_file(args.predictions)  # before the checkpoint loads, not after the evaluation
         with checkpoint.reading(Path(args.checkpoint)) as directory:  # a run training meanwhile keeps it
             saved = checkpoint.read_meta(directory)["config"]
             saved = {**saved, "training": {**saved["training"], "device": args.device},  # its tables are loaded:
@@ -458,7 +463,7 @@ def _eval(args: argparse.Namespace) -> int:
         data = {**saved["data"], **given, **({"eval_group_by": None} if args.no_group_by else {})}
         trainer.config = RunConfig.from_saved({**saved, "data": data})  # how these files are read
         _check_eval_flags(args, {data["format"] or format_of(f) for f in expand_paths(args.data)})
-        result = trainer.evaluate(args.data, group_by=args.group_by)
+        result = trainer.evaluate(args.data, group_by=args.group_by, predictions=args.predictions)
     except DataError as exc:
         hint = "" if isinstance(exc, DataPathError) else (
             "\n(the files are read as the run's data section says; --format, --columns, --csv-header, "
@@ -469,10 +474,13 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"tidal eval: {_as_flags(str(exc), given)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        return _interrupted("eval", "nothing was written (eval writes no file)")
+        return _interrupted("eval", "nothing was written (eval writes no file)" if args.predictions is None else
+                            f"{args.predictions} was written whole or not at all")
     for target in result.auc:
         print(f"{target}: {shown_evaluation(result, target)}")
     print(f"bad rows: {BadRows(result.bad_rows, result.bad_row_examples).summary()}")
+    if args.predictions is not None:
+        print(f"predictions of the {result.rows:,d} rows evaluated written to {args.predictions}")
     return 0
 
 

@@ -12,11 +12,14 @@ import threading
 import time
 import urllib.request
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
-from serving_helpers import until
+from serving_helpers import file_rows, pieces, until
 
 from tidal.cli import main
 from tidal.runtime import checkpoint
+from tidal.serving import Predictor
 
 
 def _free_port() -> int:
@@ -63,6 +66,40 @@ def test_export_then_serve_then_stop_with_ctrl_c_or_sigterm(trainer, tmp_path, c
     served = f"{checkpoint.latest_name(trainer.run_dir)} of run {trainer.run_id[:8]}"
     assert f"serving 'ranker' (checkpoint {served}) at {url}/v2/models/ranker (dense network on torch, rewritten by " \
            f"gather_slices;" in out and out.endswith("stopped\n")
+
+
+def test_eval_writes_each_rows_probabilities_as_the_server_answers_them(trainer, bundle, tmp_path, capsys):
+    """`tidal eval --predictions` gives, row by row, what a server of the same
+    checkpoint answers: each row scored as a request of its own user."""
+    out = tmp_path / "predictions.parquet"
+    assert main(["eval", "--checkpoint", str(trainer.run_dir), "--data", *trainer.config.data.train,
+                 "--predictions", str(out)]) == 0
+    written = pq.read_table(out)
+    assert written.column_names == ["ctr", "ctr_label", "cvr", "cvr_label"]
+    assert f"predictions of the {written.num_rows:,d} rows evaluated written to {out}" in capsys.readouterr().out
+    rows = file_rows(trainer, 40)
+    predictor = Predictor(bundle, device="cpu")
+    served = predictor.predict(pieces(predictor, rows, [1] * 40))
+    np.testing.assert_allclose(np.stack([written["ctr"].to_numpy()[:40], written["cvr"].to_numpy()[:40]], 1), served,
+                               rtol=1e-5, atol=1e-6)
+    labels = np.array(rows.column("label").to_pylist(), dtype=np.float32)
+    np.testing.assert_array_equal(written["ctr_label"].to_numpy()[:40], labels)
+    assert not [p for p in tmp_path.iterdir() if p.name != out.name]  # no temporary file left
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("predictions.csv", "expected a name ending in .parquet"),
+    ("missing/predictions.parquet", "its folder does not exist"),
+    (".", "expected a name ending in .parquet"),
+])
+def test_eval_refuses_a_predictions_file_it_cannot_write_before_it_evaluates(trainer, tmp_path, capsys, name, reason,
+                                                                               monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("tidal.runtime.checkpoint.reading", lambda *a: pytest.fail("the checkpoint was read"))
+    assert main(["eval", "--checkpoint", str(trainer.run_dir), "--data", *trainer.config.data.train,
+                 "--predictions", name]) == 2
+    assert capsys.readouterr().err == f"tidal eval: predictions file {name}: {reason}" + (
+        " (they are written as Parquet)\n" if "parquet" in reason else "; create it first\n")
 
 
 def test_export_and_serve_refuse_what_is_not_there(tmp_path, capsys):  # on any free port: 8000 may be taken

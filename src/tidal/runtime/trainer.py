@@ -21,6 +21,7 @@ from typing import IO
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from tidal.config import RunConfig, check_group_feature, is_whole_number, require
@@ -66,6 +67,36 @@ class Evaluation:
     gauc: dict[str, float | None] | None = None  # each target's group AUC: its groups' AUCs weighted by their rows
     gauc_groups: dict[str, int] | None = None  # the groups that hold both classes of the target: those it averages
     gauc_rows: int | None = None  # the rows with an id in the group feature (the others belong to no group)
+
+
+def predictions_file(path: str | os.PathLike) -> Path:
+    """`path` as a file evaluated rows' predictions can be written to: a `.parquet` name
+    in a folder that exists, not a folder itself; a `ConfigError` saying which it is not."""
+    path = Path(path)
+    if path.suffix != ".parquet":
+        raise ConfigError(f"predictions file {path}: expected a name ending in .parquet (they are written as Parquet)")
+    if path.is_dir():
+        raise ConfigError(f"predictions file {path}: is a folder; expected a .parquet file to write")
+    if not path.parent.is_dir():
+        raise ConfigError(f"predictions file {path}: its folder does not exist; create it first")
+    return path
+
+
+def write_predictions(path: Path, targets: list[str], logits: np.ndarray, labels: np.ndarray) -> None:
+    """Each evaluated row's probability (float32, as the server answers it) and label
+    per target, as columns `TARGET` and `TARGET_label`: the valid rows in the files'
+    order, bad rows left out. Written to a temporary name first, then renamed: an
+    interrupted write leaves no partial file."""
+    probabilities = torch.sigmoid(torch.from_numpy(logits.astype(np.float32))).numpy()
+    columns: dict[str, np.ndarray] = {}
+    for k, target in enumerate(targets):
+        columns[target], columns[f"{target}_label"] = probabilities[:, k], labels[:, k].astype(np.float32)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        pq.write_table(pa.table(columns), partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def normalized_entropy(labels: np.ndarray, logits: np.ndarray) -> float | None:
@@ -711,12 +742,17 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def evaluate(self, paths: str | list[str], *, group_by: str | None = None) -> Evaluation:
+    def evaluate(self, paths: str | list[str], *, group_by: str | None = None,
+                 predictions: str | os.PathLike | None = None) -> Evaluation:
         """Exact AUC and log loss of every target over the files at `paths` (no updates),
         with the bad rows met in them, and the group AUC over the ids of the sparse
         feature `group_by` (by default the config's `data.eval_group_by`). AUCs are
         computed from the logits, which keep apart the scores that float32
-        probabilities would round to 1."""
+        probabilities would round to 1. With `predictions`, each evaluated row's
+        probability and label per target are written to that Parquet file
+        (`write_predictions`)."""
+        if predictions is not None:
+            predictions = predictions_file(predictions)
         group_by = self.config.data.eval_group_by if group_by is None else group_by
         group_index = self._group_index(group_by)
         spec = self.reader_spec(paths)
@@ -740,6 +776,8 @@ class Trainer:
         z, y = np.concatenate(logits).astype(np.float64), np.concatenate(labels)
         scored = self._scored_rows(z, bad_rows)
         z, y = z[scored], y[scored]
+        if predictions is not None:
+            write_predictions(predictions, self.targets, z, y)
         aucs = {t: _target_auc(y[:, k], z[:, k]) for k, t in enumerate(self.targets)}
         logloss = np.where(y > 0, np.logaddexp(0.0, -z), np.logaddexp(0.0, z)).mean(0)  # binary cross-entropy of the
         # logits, infinite ones included (a sure, right answer costs 0; a sure, wrong one costs infinity)
