@@ -73,12 +73,12 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 import tidal
 from tidal.config import Fusion, ServingConfig, require
 from tidal.errors import ConfigError
-from tidal.processes import sigterm_interrupts
+from tidal.processes import deferring_interrupts, sigterm_interrupts
 from tidal.serving.batcher import Batcher, BatchRecord, Overloaded, ShuttingDown
 from tidal.serving.bundle import NO_DELTAS, Bundle
 from tidal.serving.online import Updater, log_update, refusal
@@ -570,31 +570,36 @@ async def _receive(request: Request, limit: int, held: _Held | None) -> bytes:
     """The body as sent, counted in `held`. An oversize body, or one past `held`'s
     budget, (up to 64 MiB) is read to its end before the 413 or 503: a server that
     answers and closes while the client is still sending makes the client's kernel see
-    a reset instead of the answer."""
+    a reset instead of the answer. One declared oversize by a client that waits to be
+    asked for it (`Expect: 100-continue`) is refused without asking."""
     declared = request.headers.get("content-length")
     declared_size = int(declared) if declared is not None and declared.isdigit() else None
+    waits = request.headers.get("expect", "").lower() == "100-continue"
     chunks: list[bytes] = []
     size, refused = 0, None
-    if declared_size is None or declared_size <= _DRAIN_BYTES:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size <= limit and refused is None:
-                try:
-                    if held is not None:
-                        held.take(len(chunk))
-                    chunks.append(chunk)
-                except Overloaded as exc:  # drained from here on, held no more
-                    refused, chunks = exc, []
-                    held.release()  # type: ignore[union-attr]
-            elif size > _DRAIN_BYTES:
-                break
-    if declared_size is not None and declared_size > limit:
-        raise RequestError(f"the body has {declared_size} bytes, over the limit of {limit}", status=413)
-    if size > limit:
-        raise RequestError(f"the body has more than {limit} bytes, over the limit of {limit}", status=413)
-    if refused is not None:
-        raise refused
-    return b"".join(chunks)
+    try:
+        if declared_size is None or (declared_size <= _DRAIN_BYTES and not (waits and declared_size > limit)):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size <= limit and refused is None:
+                    try:
+                        if held is not None:
+                            held.take(len(chunk))
+                        chunks.append(chunk)
+                    except Overloaded as exc:  # drained from here on, held no more
+                        refused, chunks = exc, []
+                        held.release()  # type: ignore[union-attr]
+                elif size > _DRAIN_BYTES:
+                    break
+        if declared_size is not None and declared_size > limit:
+            raise RequestError(f"the body has {declared_size} bytes, over the limit of {limit}", status=413)
+        if size > limit:
+            raise RequestError(f"the body has more than {limit} bytes, over the limit of {limit}", status=413)
+        if refused is not None:
+            raise refused
+        return b"".join(chunks)
+    finally:  # the traceback of a refusal or a hang-up keeps this frame, in cycles only a full collection frees
+        chunks.clear()
 
 
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS}
@@ -702,9 +707,12 @@ def _serving_gc() -> Iterator[None]:
     start-up (torch, the bundle, the tables) are frozen out of its scans and young
     collections run less often. Measured at concurrency 64: p99 550 ms -> 250 ms,
     because a full collection over start-up objects paused every thread for up to
-    300 ms. Restored once the last server of the process stops."""
-    gc.collect()
-    gc.freeze()
+    300 ms. Restored once the last server of the process stops. A Ctrl-C or SIGTERM
+    during the collection comes once it is over: raised in a finalizer the collection
+    runs, it would be lost, and the server would serve on."""
+    with deferring_interrupts():
+        gc.collect()
+        gc.freeze()
     server = object()
     _GC_THRESHOLDS.take(server, _GC_THRESHOLD)
     try:
@@ -754,6 +762,8 @@ class _TimedHeaders(HttpToolsProtocol):
     _header_bytes = 0
     _header_tail = b""  # the last bytes of headers so far: their end may be split over two reads
     _body_read = True  # the last request's body has all come (one answered unread is still coming)
+    _refusal: str | None = None  # why the connection's bytes are not HTTP: its 400, once earlier answers went
+    _answering: RequestResponseCycle | None = None  # the request whose app runs, or last ran
 
     def data_received(self, data: bytes) -> None:
         if self._header_deadline is not None and self._body_read:  # headers under way: count them to their end
@@ -784,6 +794,10 @@ class _TimedHeaders(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # which reads on, and starts the next request of the pipeline
+        if self._refusal is not None:  # what follows on the connection is not HTTP: nothing more is read
+            self.flow.pause_reading()
+            self._refuse_once_answered()
+            return
         if len(self.pipeline) >= _PIPELINED_MOST:  # a client sending requests without reading answers: wait
             self.flow.pause_reading()
         if self.cycle is None or self.cycle.response_complete:  # no request of the pipeline started
@@ -809,14 +823,36 @@ class _TimedHeaders(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """What HTTP/1.1 cannot parse (a request line, a header, a chunk of a body): a 400
-        with httptools' reason as every other refusal, instead of uvicorn's plain one. A
-        request whose body broke off this way counts as a bad request, not as a client
-        that hung up."""
+        with httptools' reason as every other refusal, instead of uvicorn's plain one,
+        once the requests before it on the connection are answered (uvicorn closed the
+        connection under them, and each logged a traceback). A request whose body broke
+        off this way counts as a bad request, not as a client that hung up."""
         parsing = sys.exc_info()[1]  # uvicorn calls this while handling the parser's error
         reason = str(parsing) if parsing is not None and str(parsing) else msg
-        if not self._body_read and self.cycle is not None:  # the request under way: its body is what broke
-            self.cycle.scope[_MALFORMED] = reason
-        self._refuse(b"400 Bad Request", f"the request is not valid HTTP/1.1: {reason}")
+        broken = self.cycle if not self._body_read else None  # the request whose body broke, if one did
+        if broken is not None:
+            broken.scope[_MALFORMED] = reason
+            waiting = [entry for entry in self.pipeline if entry[0] is broken]
+            if waiting:  # not started: never will be
+                self.pipeline.remove(waiting[0])
+            else:  # its app hears that the client is gone; its answer goes nowhere
+                broken.disconnected = True
+                broken.message_event.set()
+        self._stop_header_clock()
+        self.flow.pause_reading()
+        self._refusal = f"the request is not valid HTTP/1.1: {reason}"
+        self._refuse_once_answered()
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        self._answering = cycle
+        super()._start_asgi_task(cycle, app)
+
+    def _refuse_once_answered(self) -> None:
+        """Send the pending refusal of malformed HTTP once no request is being answered."""
+        answering = self._answering
+        if self._refusal is not None and not self.pipeline and (
+                answering is None or answering.response_complete or answering.disconnected):
+            self._refuse(b"400 Bad Request", self._refusal)
 
     def _refuse(self, status: bytes, message: str) -> None:
         """Answer `status` with `message` as the error and close the connection."""
