@@ -418,10 +418,13 @@ def _bad_requests(rows, specs) -> list[tuple[bytes, dict, int, str]]:
     gzipped = gzip.compress(json.dumps(good).encode())
     return [
         (b'{"inputs": [', {}, 400, "not valid JSON"),
+        (json.dumps(good).replace('"inputs"', '"inputs": [], "inputs"', 1).encode(), {}, 400,
+         "the key 'inputs' comes twice in one JSON object"),
+        (json.dumps(good).encode("utf-16"), {}, 400, "not UTF-8 text"),
         (b"", {}, 400, "the request has no body; expected"),
         (b"[1, 2]", {}, 400, "expected a JSON object"),
         (altered(lambda b: tensor(b, "C9").update(datatype="FP32", data=[1.5] * rows.num_rows)), {}, 400,
-         "ids must be BYTES or INT64"),
+         "ids must be BYTES, INT64 or INT32"),
         (altered(lambda b: tensor(b, "C9").update(datatype="COMPLEX")), {}, 400, "datatype must be one of"),
         (altered(lambda b: tensor(b, "C9").update(shape=[rows.num_rows, 2])), {}, 400, "shape must be"),
         (altered(lambda b: tensor(b, "C9").update(shape=[rows.num_rows + 1])), {}, 400, "data must be a list of"),
@@ -484,7 +487,7 @@ def _bad_requests(rows, specs) -> list[tuple[bytes, dict, int, str]]:
         (altered(lambda b: b["inputs"].extend([{"name": "C7.lengths", "datatype": "INT64", "shape": [rows.num_rows],
                                                 "data": [1] * rows.num_rows}])
                  or tensor(b, "C7").update(datatype="FP64", data=[2.5] * rows.num_rows)), {}, 400,
-         "'C7': ids must be BYTES or INT64, got floating point values"),
+         "'C7': ids must be BYTES, INT64 or INT32, got floating point values"),
         (gzipped[:-20], {"Content-Encoding": "gzip"}, 400, "the gzip body ends before its data does"),
         (b"\x1f\x8bnot gzip", {"Content-Encoding": "gzip"}, 400, "not valid gzip data"),
         (gzip.compress(b" " * (2 << 20)), {"Content-Encoding": "gzip"}, 413, "decompresses to more than 1048576"),
@@ -585,6 +588,7 @@ def test_a_client_waiting_to_send_an_oversize_body_gets_its_413_without_being_as
                      b"Content-Length: 50000000\r\n\r\n")
         answer = conn.recv(65536)
     assert answer.startswith(b"HTTP/1.1 413 ") and b"100 Continue" not in answer
+    assert b"connection: close" in answer.lower()
 
 
 def test_a_large_body_is_decoded_off_the_event_loop_and_scores_as_a_small_one(server, rows, monkeypatch):
@@ -678,6 +682,27 @@ def test_malformed_http_gets_a_400_with_the_parsers_reason_and_counts_as_a_bad_r
     assert urllib.request.urlopen(server.url + "/v2/health/ready", timeout=30).status == 200  # and it goes on
 
 
+@pytest.mark.parametrize("raw, status, reason", [
+    (b"GET /v2/health/ready HTTP/2.0\r\nHost: x\r\n\r\n", b"505", "HTTP/2.0 is not served here"),
+    (b"GET /v2/health/ready HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", b"400", "carries one Host header; this one carries 2"),
+    (b"GET /v2/health/ready HTTP/1.1\r\n\r\n", b"400", "carries one Host header; this one carries 0"),
+    (b"POST /v2/models/ctr/infer HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", b"400",
+     "an HTTP/1.0 request has no Transfer-Encoding"),
+], ids=["http2", "two_hosts", "no_host", "chunked_http10"])
+def test_framing_a_proxy_could_read_otherwise_is_refused(server, raw, status, reason):
+    """Where RFC 9112 says to refuse a request (a proxy in front may frame it or route it
+    otherwise than the server would), it is refused and the connection closed."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(raw)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 " + status) and reason in json.loads(body)["error"]
+    assert b"HTTP/1.1 200" not in answer  # nothing more was answered
+
+
 def test_requests_before_malformed_http_on_a_connection_are_answered_first(server, rows, caplog):
     """A client that pipelines requests and then sends what is not HTTP gets their
     answers in order, then the 400 (and no traceback is logged for them)."""
@@ -759,8 +784,11 @@ def test_a_body_that_stops_coming_gets_a_408(server, monkeypatch):
 
     monkeypatch.setattr(server_module, "_BODY_TIMEOUT_S", 0.3)
     with _partial_request(server, 1000, b'{"inputs": [') as conn:
-        answer = conn.recv(4096).decode()
-    assert answer.startswith("HTTP/1.1 408") and "did not arrive within 0.3 s" in answer
+        answer = b""
+        while chunk := conn.recv(4096):  # to the end: the rest of the body would be read as no request
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 0.3 s" in answer
+    assert b"connection: close" in answer.lower()
 
 
 def test_headers_that_trickle_in_or_never_come_get_a_408_and_the_server_keeps_serving(server, monkeypatch):

@@ -31,6 +31,7 @@ import json
 from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numba
 import numpy as np
@@ -168,11 +169,26 @@ def json_object(body: bytes, expected: str = "a JSON object") -> dict:
     if not body or body.isspace():
         raise RequestError(f"the request has no body; expected {expected}")
     try:
-        value = json.loads(body)
-    except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, bad UTF-8, an integer of 4,300+ digits
+        text = body.decode("utf-8-sig")  # json.loads would also take UTF-16 and UTF-32, which JSON sent may not be
+    except UnicodeDecodeError as exc:
+        raise RequestError(f"the request is not UTF-8 text, as JSON sent between systems must be: {exc}") from None
+    try:
+        value = json.loads(text, object_pairs_hook=_keys_once)
+    except (ValueError, RecursionError) as exc:  # ValueError: bad JSON, an integer of 4,300+ digits
         raise RequestError(f"the request is not valid JSON: {type(exc).__name__}: {exc}") from None
     if not isinstance(value, dict):
         raise RequestError(f"expected {expected}, got {type(value).__name__}")
+    return value
+
+
+def _keys_once(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object whose keys are distinct: one named twice is refused, not read as its
+    last value (a gateway reading the first would see another request)."""
+    value = dict(pairs)
+    if len(value) < len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
+        raise RequestError(f"the key {twice!r} comes twice in one JSON object; name each key once")
     return value
 
 
@@ -410,7 +426,7 @@ def _column(spec: InputSpec, tensors: dict) -> pa.Array:
         raise RequestError(f"input {spec.name!r}: weighted bags come as BYTES strings 'id{spec.weight_separator}weight', "
                            f"got {value.dtype} values")
     if spec.kind != "number" and not isinstance(value, pa.Array) and value.dtype.kind == "f":
-        raise RequestError(f"input {spec.name!r}: ids must be BYTES or INT64, got floating point values")
+        raise RequestError(f"input {spec.name!r}: ids must be BYTES, INT64 or INT32, got floating point values")
     if spec.separator is not None and spec.name + LENGTHS in tensors:
         joined = _joined(spec, value, tensors[spec.name + LENGTHS])
         if spec.weight_separator is not None:

@@ -369,7 +369,9 @@ def create_app(service: Service) -> Starlette:
             body = await _read_body(request, service.settings.max_body_bytes, "serving.max_body_bytes", held)
             content, headers = await _unless_gone(request, service.infer(body, request.headers.get(HEADER)))
         except (RequestError, SessionError) as exc:
-            return "bad_request", _error(getattr(exc, "status", 400), str(exc))
+            status = getattr(exc, "status", 400)
+            # a body too slow or too large may still be coming: what follows it on the connection is no request
+            return "bad_request", _error(status, str(exc), {"Connection": "close"} if status in (408, 413) else None)
         except Overloaded as exc:
             return "overloaded", _error(503, str(exc), {"Retry-After": "1"})
         except ShuttingDown as exc:  # another replica may take it
@@ -743,6 +745,20 @@ class RunningServer:
             self._gc.__exit__(None, None, None)
 
 
+def _framing_refusal(version: str, headers: list[tuple[bytes, bytes]]) -> tuple[bytes, str] | None:
+    """(status, reason) for a request whose framing or host HTTP/1.1 (RFC 9112) refuses and
+    a proxy in front might read otherwise; None for one it takes."""
+    if version not in ("1.0", "1.1"):
+        return b"505 HTTP Version Not Supported", f"HTTP/{version} is not served here; send HTTP/1.1"
+    hosts = sum(name == b"host" for name, _ in headers)
+    if hosts > 1 or (hosts == 0 and version == "1.1"):
+        expected = "one Host header" if version == "1.1" else "at most one Host header"
+        return b"400 Bad Request", f"an HTTP/{version} request carries {expected}; this one carries {hosts}"
+    if version == "1.0" and any(name == b"transfer-encoding" for name, _ in headers):
+        return b"400 Bad Request", "an HTTP/1.0 request has no Transfer-Encoding; send a Content-Length"
+    return None
+
+
 class _TimedHeaders(HttpToolsProtocol):
     """uvicorn's HTTP protocol with a deadline and a size limit for each request's headers.
 
@@ -762,7 +778,8 @@ class _TimedHeaders(HttpToolsProtocol):
     _header_bytes = 0
     _header_tail = b""  # the last bytes of headers so far: their end may be split over two reads
     _body_read = True  # the last request's body has all come (one answered unread is still coming)
-    _refusal: str | None = None  # why the connection's bytes are not HTTP: its 400, once earlier answers went
+    _refusal: tuple[bytes, str] | None = None  # why the connection's bytes are no HTTP: answered once those before are
+    _framing: tuple[bytes, str] | None = None  # why a request's framing is refused (`_framing_refusal`)
     _answering: RequestResponseCycle | None = None  # the request whose app runs, or last ran
 
     def data_received(self, data: bytes) -> None:
@@ -785,6 +802,9 @@ class _TimedHeaders(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._stop_header_clock()
+        self._framing = _framing_refusal(self.parser.get_http_version(), self.headers)
+        if self._framing is not None:  # the parser stops here, and uvicorn calls `send_400_response`
+            raise RequestError(self._framing[1])
         self._body_read = False
         super().on_headers_complete()
 
@@ -829,6 +849,7 @@ class _TimedHeaders(HttpToolsProtocol):
         off this way counts as a bad request, not as a client that hung up."""
         parsing = sys.exc_info()[1]  # uvicorn calls this while handling the parser's error
         reason = str(parsing) if parsing is not None and str(parsing) else msg
+        status, refusal = self._framing or (b"400 Bad Request", f"the request is not valid HTTP/1.1: {reason}")
         broken = self.cycle if not self._body_read else None  # the request whose body broke, if one did
         if broken is not None:
             broken.scope[_MALFORMED] = reason
@@ -840,7 +861,7 @@ class _TimedHeaders(HttpToolsProtocol):
                 broken.message_event.set()
         self._stop_header_clock()
         self.flow.pause_reading()
-        self._refusal = f"the request is not valid HTTP/1.1: {reason}"
+        self._refusal = (status, refusal)
         self._refuse_once_answered()
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
@@ -852,7 +873,7 @@ class _TimedHeaders(HttpToolsProtocol):
         answering = self._answering
         if self._refusal is not None and not self.pipeline and (
                 answering is None or answering.response_complete or answering.disconnected):
-            self._refuse(b"400 Bad Request", self._refusal)
+            self._refuse(*self._refusal)
 
     def _refuse(self, status: bytes, message: str) -> None:
         """Answer `status` with `message` as the error and close the connection."""
