@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+from glob import escape as glob_escape
 import re
 import sys
 import threading
@@ -427,6 +428,41 @@ def test_gzip_content_needs_a_name_ending_in_gz(tmp_path):
     (tmp_path / "d.tsv").rename(tmp_path / "d.tsv.gz")
     rows = pa.Table.from_batches(list(read_batches(tmp_path / "d.tsv.gz", columns=SMALL)))
     assert rows.column("C1").to_pylist() == ["a", "b"]
+    _write(tmp_path / "plain.tsv.gz", text)
+    with pytest.raises(DataError, match=r"plain\.tsv\.gz: the name ends in \.gz but the file is not gzip-compressed "
+                                        r"\(it starts with bytes 31 09 35 09, not 1f 8b\); name it plain\.tsv, or gzip it"):
+        list(read_batches(tmp_path / "plain.tsv.gz", columns=SMALL))
+
+
+def test_a_parquet_file_with_a_damaged_page_is_refused_naming_it(tmp_path):
+    """Its footer reads, so the checks at start pass; the page fails as it is read."""
+    path = tmp_path / "d.parquet"
+    rows = 4000
+    pq.write_table(pa.table({"label": np.arange(rows) % 2, "I1": np.arange(rows), "C1": [f"id{k}" for k in range(rows)]}),
+                   path, row_group_size=1000, compression="none", use_dictionary=False)
+    page = pq.ParquetFile(path).metadata.row_group(2).column(2).data_page_offset
+    damaged = bytearray(path.read_bytes())
+    damaged[page + 200 : page + 260] = bytes((b * 7 + 13) % 256 for b in damaged[page + 200 : page + 260])
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}: cannot read it \(.+\)"):
+        list(read_batches(path, columns=SMALL, checks=CHECKS, batch_rows=500))
+
+
+def test_a_file_whose_name_holds_glob_characters_is_read_by_that_name_or_an_escaped_glob(tmp_path):
+    folder = tmp_path / "run[2024]"
+    folder.mkdir()
+    path = _write(folder / "day[1].tsv", "1\t5\ta\n")
+    assert readers.expand_paths(str(path)) == [str(path)]
+    assert readers.expand_paths(glob_escape(str(folder)) + "/*.tsv") == [str(path)]
+    rows = pa.Table.from_batches(list(read_batches(readers.expand_paths(glob_escape(str(path))), columns=SMALL)))
+    assert rows.column("C1").to_pylist() == ["a"]
+
+
+def test_a_headless_csv_read_as_having_a_header_is_told_how_to_read_it(tmp_path):
+    csv = _write(tmp_path / "d.csv", "1,7,z\n0,3,y\n")
+    with pytest.raises(DataError, match=r"lacks columns .*; if that first line is a record, not column names, the "
+                                        r"files have no header line: set data\.csv_header: false"):
+        list(read_batches(csv, columns=SMALL, checks=CHECKS))
 
 
 def test_a_line_longer_than_a_piece_is_read_whatever_the_batch_size(tmp_path, monkeypatch):

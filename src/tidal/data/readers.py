@@ -203,14 +203,14 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     found: list[str] = []
     for item in map(str, items):
-        if glob.has_magic(item):
+        if Path(item).is_file():  # named as it is, even where its name holds [, ] or * (glob.escape for a glob)
+            found.append(item)
+        elif glob.has_magic(item):
             found += _files_matching(item)
         elif Path(item).is_dir():
             raise DataPathError(f"{item} is a folder; expected a data file, a glob matching files (such as "
                                 f"{os.path.join(item, '*.parquet')} or {os.path.join(item, '*.tsv')}), or a list of "
                                 f"them")
-        elif Path(item).is_file():
-            found.append(item)
         else:
             raise DataPathError(f"no data file at {item}: expected a file, a glob matching files, or a list of them")
     real = [os.path.realpath(f) for f in found]
@@ -318,8 +318,8 @@ def _checked(paths: list[str], columns: Sequence[str], checks: Mapping[str, _Che
                 yield valid
             if in_file.read == 0 and path not in report.empty_files:
                 report.empty_files.append(path)
-        except OSError as exc:  # gone or unreadable since the run started
-            raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+        except (OSError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:  # gone since the run started, damaged
+            raise DataError(f"{path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
 
 
 def _separators(checks: Mapping[str, _Check]) -> dict[str, str]:
@@ -649,7 +649,10 @@ def _header_names(path: str, header: bytes, columns: Sequence[str]) -> list[str]
         raise DataError(f"{path}: the CSV header names columns {twice} more than once; expected each once, got {names}")
     missing = [c for c in columns if c not in names]
     if missing:
-        raise DataError(f"{path}: the CSV header lacks columns {missing}{_lacking(missing, names, columns)}")
+        headless = "" if len(missing) < len(columns) else (
+            "; if that first line is a record, not column names, the files have no header line: set "
+            "data.csv_header: false, with their columns in data.columns")
+        raise DataError(f"{path}: the CSV header lacks columns {missing}{_lacking(missing, names, columns)}{headless}")
     return names
 
 
@@ -865,7 +868,8 @@ def _check_plain_text(path: str, kind: str) -> None:
     gzipped = path.lower().endswith(".gz")
     with open(path, "rb") as file:
         start = file.read(16)
-        if gzipped and start.startswith(b"\x1f\x8b"):  # its text, not its compressed bytes
+        compressed = start.startswith(b"\x1f\x8b")
+        if gzipped and compressed:  # its text, not its compressed bytes
             file.seek(0)
             try:
                 with gzip.open(file) as text:
@@ -874,9 +878,12 @@ def _check_plain_text(path: str, kind: str) -> None:
                 start = b""
         else:
             start += file.read(_LINE_ENDS_BYTES - 16)
-    if start.startswith(b"\x1f\x8b") and not gzipped:
+    if compressed and not gzipped:
         raise DataError(f"{path}: the file looks gzip-compressed (it starts with bytes 1f 8b) but its name "
                         f"does not end in .gz; name it {Path(path).name}.gz, or gunzip it")
+    if gzipped and not compressed and start:
+        raise DataError(f"{path}: the name ends in .gz but the file is not gzip-compressed (it starts with bytes "
+                        f"{start[:4].hex(' ')}, not 1f 8b); name it {Path(path).name[:-3]}, or gzip it")
     for signature, what, advice in _NOT_TEXT:
         if signature.match(start) and (what != "a Parquet file" or _ends_as_parquet(path)):
             raise DataError(f"{path}: expected {kind.upper()} text, got {what} (it starts with bytes "
