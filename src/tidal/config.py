@@ -756,9 +756,13 @@ class TrainingConfig(_Model):
 
     @pydantic.model_validator(mode="after")
     def _decays_down(self) -> TrainingConfig:
-        if self.lr_schedule is not None and self.lr_schedule.min_lr > self.lr:
-            raise ValueError(f"lr_schedule.min_lr is {self.lr_schedule.min_lr}, above lr ({self.lr}): a decay goes "
+        schedule = self.lr_schedule
+        if schedule is not None and schedule.min_lr > self.lr:
+            raise ValueError(f"lr_schedule.min_lr is {schedule.min_lr}, above lr ({self.lr}): a decay goes "
                              f"down to min_lr; give one of at most {self.lr}")
+        if schedule is not None and schedule.decay != "none" and schedule.min_lr == self.lr and not _SAVED.get():
+            raise ValueError(f"lr_schedule.min_lr is {schedule.min_lr}, lr itself: the {schedule.decay} decay would "
+                             f"keep lr at every step; give a min_lr below {self.lr}, or decay: none")
         return self
 
     def lr_at(self, step: int) -> float:
