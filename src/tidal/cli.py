@@ -386,6 +386,8 @@ def _train(args: argparse.Namespace) -> int:
               "numba keeps them on disk, so later runs skip it")
     for example in summary["bad_row_examples"]:
         print(f"  {example}")
+    if summary["bad_rows"] > len(summary["bad_row_examples"]):
+        print(f"  ... and {summary['bad_rows'] - len(summary['bad_row_examples']):,} more")
     if summary["eval"]:
         evaluation = Evaluation(**summary["eval"])
         for target in evaluation.auc:

@@ -65,14 +65,14 @@ def test_cli_trains_from_yaml_and_reports_bad_rows(tmp_path, capsys, monkeypatch
     monkeypatch.setattr(tidal.cli, "_NOTED_COMPILE_S", 0.0)  # say it however little compiled
     config = _config(tmp_path, epochs=1, eval_every=10)
     with open(config["data"]["train"][0], "a") as f:
-        f.write("1\t2\tnot-a-number\n")
+        f.write("1\t2\tnot-a-number\n" * 23)
     with open(config["data"]["eval"][0], "a") as f:
         f.write("1\t2\n" * 2)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["train", "--config", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "bad rows: 1" in out and "expected 40 columns, found 3" in out
+    assert "bad rows: 23" in out and out.count("expected 40 columns, found 3") == 20 and "\n  ... and 3 more\n" in out
     assert "(2 bad rows skipped)" in out  # each evaluation counts the eval data's own, afresh
     assert "eval data: 2 bad rows skipped" in out and f"{config['data']['eval'][0]}:4001: expected 40 columns" in out
     assert "s of the run went to compiling Tidal's kernels on their first use here" in out
