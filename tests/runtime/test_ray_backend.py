@@ -167,7 +167,7 @@ def test_no_ray_cluster_at_the_address_or_one_that_refuses_is_a_config_error(dat
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", no_cluster)
-    monkeypatch.setattr("tidal.runtime.ray_backend._check_reachable", lambda address: None)  # a Ray answers there
+    monkeypatch.setattr("tidal.runtime.ray_backend._check_reachable", lambda address, key: None)  # a Ray answers there
     trainer = _trainer(data, tmp_path, {"backend": "ray", "ray_address": address})
     with pytest.raises(ConfigError, match=message):
         RayBackend(trainer, trainer.reader_spec(data["data"]["train"]))
@@ -190,7 +190,8 @@ def test_without_an_address_a_run_starts_a_local_ray_of_its_own_or_joins_its_job
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))  # of the Ray it started: none here
-    monkeypatch.setattr("tidal.runtime.ray_backend._check_reachable", lambda address: None)
+    checked = []
+    monkeypatch.setattr("tidal.runtime.ray_backend._check_reachable", lambda *where: checked.append(where))
     if env:
         monkeypatch.setenv("RAY_ADDRESS", env)
     else:
@@ -200,6 +201,26 @@ def test_without_an_address_a_run_starts_a_local_ray_of_its_own_or_joins_its_job
         RayBackend(trainer, trainer.reader_spec(data["data"]["train"]))
     assert calls[0]["address"] == expected and (calls[0]["num_cpus"] is None) == (expected != "local")
     assert calls[1:] == ["shutdown"]  # an interrupted start stops what of Ray it started
+    assert checked == [(expected, "runtime.ray_address" if address else "RAY_ADDRESS")]  # RAY_ADDRESS's too, in seconds
+
+
+def test_a_cluster_of_another_ray_or_python_version_is_a_config_error(data, tmp_path, monkeypatch):
+    from tidal.errors import ConfigError
+    from tidal.runtime.ray_backend import RayBackend
+
+    def mismatch(**kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("Version mismatch: The cluster was started with:\n    Ray: 2.60.0\n    Python: 3.11.7\n"
+                           "This process on node 10.0.0.2 was started with:\n    Ray: 2.59.0\n    Python: 3.11.7\n")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", mismatch)
+    monkeypatch.setattr("tidal.runtime.ray_backend._check_reachable", lambda address, key: None)
+    trainer = _trainer(data, tmp_path, {"backend": "ray", "ray_address": "10.0.0.1:6379"})
+    with pytest.raises(ConfigError, match=r"runtime.ray_address 10.0.0.1:6379: the Ray cluster refused this driver "
+                                          r"\(Version mismatch: The cluster was started with: Ray: 2.60.0 Python: 3.11.7 "
+                                          r"This process .* Ray: 2.59.0 .*\); run the cluster's Ray and Python versions "
+                                          r"here"):
+        RayBackend(trainer, trainer.reader_spec(data["data"]["train"]))
 
 
 @pytest.mark.parametrize("runtime", [{"sparse_workers": 4}, {"sparse_workers": 1, "sparse_workers_at": {4: 4}}],
@@ -208,7 +229,11 @@ def test_more_actors_than_the_cluster_has_cpus_are_refused_before_any_starts(clu
     from tidal.errors import ConfigError
 
     trainer = _trainer(data, tmp_path, {"backend": "ray", "embedding_shards": 2, **runtime})
-    with pytest.raises(ConfigError, match="the Ray cluster has 6 CPUs, and 4 sparse workers need 7 actors"):
+    where = "runtime.sparse_workers_at" if "sparse_workers_at" in runtime else "runtime.sparse_workers"
+    with pytest.raises(ConfigError, match=rf"the Ray cluster has 6 CPUs, and the run needs 7 actors of one CPU each: 4 "
+                                          rf"sparse workers \({where}\), 1 dense worker \(runtime.dense_workers\), 2 "
+                                          rf"embedding shards \(runtime.embedding_shards\); add nodes or run at most 3 "
+                                          rf"sparse workers \({where}\)"):
         trainer.fit()
     assert _all_actors_gone()
 
@@ -270,8 +295,13 @@ def test_the_colocated_sparse_worker_counts_once_among_the_actors(data, tmp_path
     backend.trainer, backend.runtime = trainer, trainer.config.runtime
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 5.0})
     backend.check_workers(3)  # the run's 3 sparse actors (the colocated one among them), 1 dense, 1 shard
-    with pytest.raises(ConfigError, match="the Ray cluster has 5 CPUs, and 4 sparse workers need 6 actors"):
+    with pytest.raises(ConfigError, match=r"the Ray cluster has 5 CPUs, and the run needs 6 actors of one CPU each: 4 "
+                                          r"sparse workers \(runtime.sparse_workers_at\)"):
         backend.check_workers(4)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    with pytest.raises(ConfigError, match=r"add nodes or run fewer dense workers \(runtime.dense_workers\) or embedding "
+                                          r"shards \(runtime.embedding_shards\)$"):  # not "at most 0 sparse workers"
+        backend.check_workers(3)
 
 
 def test_a_sigterm_stops_a_ray_run_as_ctrl_c_does(data, tmp_path):

@@ -178,24 +178,25 @@ _HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 
 _SETTINGS_FRAME = 4
 
 
-def _check_reachable(address: str | None) -> None:
+def _check_reachable(address: str | None, key: str = "runtime.ray_address") -> None:
     """Fail fast on a cluster address nothing answers at, or something other than Ray
-    (a dashboard's port, say): Ray itself retries for minutes."""
+    (a dashboard's port, say): Ray itself retries for minutes. `key` names where the
+    address came from."""
     if address is None or address in ("auto", "local"):
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not port.isdigit():
-        raise ConfigError(f"runtime.ray_address must be 'auto', 'host:port' or 'ray://host:port', got {address!r}")
+        raise ConfigError(f"{key} must be 'auto', 'host:port' or 'ray://host:port', got {address!r}")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=_CONNECT_S) as conn:
             if os.environ.get("RAY_USE_TLS", "0").lower() in ("0", "false", ""):
-                _check_speaks_grpc(conn, address)
+                _check_speaks_grpc(conn, address, key)
     except OSError as exc:
-        raise ConfigError(f"runtime.ray_address {address}: nothing answers there within {_CONNECT_S:g} s "
+        raise ConfigError(f"{key} {address}: nothing answers there within {_CONNECT_S:g} s "
                           f"({exc.strerror or exc}); start the cluster (ray start --head) or fix the address") from None
 
 
-def _check_speaks_grpc(conn: socket.socket, address: str) -> None:
+def _check_speaks_grpc(conn: socket.socket, address: str, key: str) -> None:
     """A `ConfigError` unless the server at `conn` opens an HTTP/2 (gRPC) session."""
     conn.sendall(_HTTP2_PREFACE)
     head = b""
@@ -205,7 +206,7 @@ def _check_speaks_grpc(conn: socket.socket, address: str) -> None:
     except (TimeoutError, ConnectionError):
         pass
     if len(head) < 9 or head[3] != _SETTINGS_FRAME:
-        raise ConfigError(f"runtime.ray_address {address}: something answers there, but not a Ray cluster (no gRPC "
+        raise ConfigError(f"{key} {address}: something answers there, but not a Ray cluster (no gRPC "
                           f"session; it sent {head[:40]!r}); use the address `ray start --head` prints (port 6379 by "
                           f"default; the dashboard's 8265 is not it)")
 
@@ -220,9 +221,10 @@ class RayBackend:
         first = self.runtime.sparse_workers + int(self.runtime.colocated_sparse_worker)
         most = max([first, *self.runtime.sparse_workers_at.values()])  # sparse actors at the schedule's peak
         if self.started_ray:
-            _check_reachable(self.runtime.ray_address)
             # none: the cluster of a Ray job (RAY_ADDRESS), else a local Ray of its own, even beside a running one
+            key = "runtime.ray_address" if self.runtime.ray_address else "RAY_ADDRESS"
             address = self.runtime.ray_address or os.environ.get("RAY_ADDRESS") or "local"
+            _check_reachable(address, key)
             try:
                 with keeping_sigterm():  # a SIGTERM stops the run as a Ctrl-C does, not by Ray's exit
                     ray.init(address=address, include_dashboard=False, log_to_driver=True,
@@ -232,9 +234,14 @@ class RayBackend:
                 with deferring_interrupts():
                     ray.shutdown()
                 raise
+            except RuntimeError as exc:  # Ray's refusal of a driver of another Ray or Python version
+                if "mismatch" not in str(exc).lower():
+                    raise
+                versions = " ".join(str(exc).split())
+                raise ConfigError(f"{key} {address}: the Ray cluster refused this driver ({versions}); run the "
+                                  f"cluster's Ray and Python versions here") from None
             except ConnectionError as exc:  # no cluster at 'auto', or one that refused this driver
-                key = "runtime.ray_address" if self.runtime.ray_address else "RAY_ADDRESS"
-                if self.runtime.ray_address not in (None, "auto", "local"):  # _check_reachable found a Ray there
+                if address not in ("auto", "local"):  # _check_reachable found a Ray there
                     raise ConfigError(f"{key} {address}: a Ray cluster answers there but refused this driver ({exc}); "
                                       f"check that both run the same Ray and share its authentication token") from None
                 raise ConfigError(f"{key} {address}: no Ray cluster there ({exc}); start one (ray start --head) or "
@@ -262,9 +269,17 @@ class RayBackend:
         `sparse_workers` sparse workers (else the last ones would wait for one forever)."""
         needed, cpus = self._actors_needed(sparse_workers), int(ray.cluster_resources().get("CPU", 0))
         if needed > cpus:
-            raise ConfigError(f"the Ray cluster has {cpus} CPUs, and {sparse_workers} sparse workers need {needed} "
-                              f"actors of one CPU each (with the dense workers and embedding shards); "
-                              f"add nodes or run fewer sparse workers")
+            dense, shards = self.runtime.dense_workers, needed - sparse_workers - self.runtime.dense_workers
+            room = cpus - dense - shards
+            where = "runtime.sparse_workers_at" if sparse_workers > self.runtime.sparse_workers + int(
+                self.runtime.colocated_sparse_worker) else "runtime.sparse_workers"
+            advice = f"run at most {room} sparse workers ({where})" if room >= 1 else (
+                "run fewer dense workers (runtime.dense_workers) or embedding shards (runtime.embedding_shards)")
+            actors = ", ".join(f"{n} {what}{'s' * (n != 1)} ({key})" for n, what, key in (
+                (sparse_workers, "sparse worker", where), (dense, "dense worker", "runtime.dense_workers"),
+                (shards, "embedding shard", "runtime.embedding_shards")))
+            raise ConfigError(f"the Ray cluster has {cpus} CPUs, and the run needs {needed} actors of one CPU each: "
+                              f"{actors}; add nodes or {advice}")
 
     def _say_if_cpus_are_taken(self, needed: int) -> None:
         """Say so when other work holds CPUs the run's first actors need: they wait until
