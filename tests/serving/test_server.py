@@ -845,6 +845,28 @@ def test_headers_over_the_size_limit_get_a_431_and_the_server_keeps_serving(serv
     assert urllib.request.urlopen(request, timeout=30).status == 200
 
 
+def test_a_client_still_sending_when_refused_reads_its_answer_not_a_reset(server):
+    """Megabytes of headers are refused at 64 KiB; what still comes is read and dropped
+    until the client stops, so that the answer reaches it before the connection closes."""
+    host, port = server.url.removeprefix("http://").split(":")
+    failed: list[OSError] = []
+
+    def send(conn: socket.socket) -> None:
+        try:
+            conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (10 << 20))
+        except OSError as exc:  # a reset: the server closed with the bytes unread
+            failed.append(exc)
+
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        sender = threading.Thread(target=send, args=(conn,))
+        sender.start()
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+        sender.join()
+    assert answer.startswith(b"HTTP/1.1 431") and answer.rstrip().endswith(b'"}') and failed == []
+
+
 def test_a_body_answered_unread_does_not_count_as_the_next_request_s_headers(server):
     """A 404 is answered before its body has come; the body's bytes are not headers."""
     host, port = server.url.removeprefix("http://").split(":")

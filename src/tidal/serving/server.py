@@ -657,6 +657,7 @@ def _decompressed(body: bytes, encoding: str, limit: int) -> bytes:
 # ---------------------------------------------------------------------- running
 
 
+_LINGER_S = 2.0  # a refused connection reads and drops what still comes this long at most, then closes
 _PIPELINED_MOST = 64  # requests a connection may have waiting behind the one answered before it is read on
 _GC_THRESHOLD = (50_000, 50, 50)  # young collections every 50,000 allocations instead of 700
 
@@ -781,8 +782,11 @@ class _TimedHeaders(HttpToolsProtocol):
     _refusal: tuple[bytes, str] | None = None  # why the connection's bytes are no HTTP: answered once those before are
     _framing: tuple[bytes, str] | None = None  # why a request's framing is refused (`_framing_refusal`)
     _answering: RequestResponseCycle | None = None  # the request whose app runs, or last ran
+    _lingering = False  # refused: the answer is sent, and the client's bytes are dropped until it stops
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:  # refused: dropped until the client stops sending
+            return
         if self._header_deadline is not None and self._body_read:  # headers under way: count them to their end
             seen = self._header_tail + data
             start = len(seen) - len(seen.lstrip(b"\r\n")) if not self._header_bytes else 0  # empty lines first
@@ -876,11 +880,19 @@ class _TimedHeaders(HttpToolsProtocol):
             self._refuse(*self._refusal)
 
     def _refuse(self, status: bytes, message: str) -> None:
-        """Answer `status` with `message` as the error and close the connection."""
-        if self.transport.is_closing():
+        """Answer `status` with `message` as the error and close the connection once the
+        client stops sending, or after `_LINGER_S`: closed with its bytes unread, the
+        connection would make the client's kernel see a reset, which can reach it
+        before the answer does (headers of megabytes, say)."""
+        if self.transport.is_closing() or self._lingering:
             return
         self.transport.write(_raw_response(status, json.dumps({"error": message}).encode()))
-        self.transport.close()
+        self._lingering = True  # what comes from here on is read and dropped
+        self._stop_header_clock()
+        self.flow.resume_reading()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(_LINGER_S, self.transport.close)
 
 
 def _input_parameters(spec: InputSpec, is_context: bool) -> dict:
