@@ -24,9 +24,11 @@ The model routes also answer under `/v2/models/{name}/versions/1/` (the one vers
 Outputs are one FP32 probability tensor per target and the fused `score`. Triton's
 sequence parameters (`sequence_id`, `sequence_start`, `sequence_end`) drive stateful
 sessions. Bodies may come gzip- or deflate-compressed (`Content-Encoding`). Every
-error is `{"error": reason}`: a malformed request gets 400, a body over the limit or a
+error is `{"error": reason}`: a malformed request gets 400 (malformed HTTP too, once the
+requests before it on the connection are answered), a body over the limit or a
 request with more candidates than `max_queue_rows` 413, headers over 64 KiB 431,
-headers not sent within 10 s or a body within 30 s 408, a Content-Encoding other than
+headers not sent within 10 s or a body within 30 s 408, an HTTP version other than 1.0
+or 1.1 505, a Content-Encoding other than
 gzip (x-gzip) or deflate 415, a transfer coding before chunked (`gzip, chunked`) 501,
 an unknown model or route 404; under overload (more rows waiting than `max_queue_rows`, or the bodies of the requests
 under way past `max_held_body_bytes`) the server answers 503 with Retry-After instead
