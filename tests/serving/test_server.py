@@ -7,6 +7,7 @@ import gc
 import gzip
 import http.client
 import json
+import os
 import re
 import signal
 import socket
@@ -378,6 +379,39 @@ def test_servers_overlapping_in_one_process_put_torchs_threads_and_the_gc_back_a
     assert (torch.get_num_threads(), gc.get_threshold()) == (threads, thresholds)
 
 
+def test_a_ctrl_c_while_a_server_starts_leaves_the_collector_and_the_port_as_they_were(bundle):
+    thresholds, frozen, listening = gc.get_threshold(), gc.get_freeze_count(), _listening_sockets()
+
+    def interrupt(phase: str, info: dict) -> None:
+        if phase == "start" and info["generation"] == 2:
+            gc.callbacks.remove(interrupt)
+            signal.raise_signal(signal.SIGINT)
+            (lambda: None)()
+
+    service = Service(bundle, name="ctr")
+    gc.callbacks.append(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        start_server(service, port=0)
+    service.close()
+    assert (gc.get_threshold(), _listening_sockets()) == (thresholds, listening)
+    assert frozen or gc.get_freeze_count() == 0  # unfrozen, unless another server of the process keeps it so
+
+
+def _listening_sockets() -> set[str]:
+    """This process's listening sockets, by inode."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if not (inode := os.readlink(f"/proc/self/fd/{fd}")).startswith("socket:"):
+                continue
+            with socket.socket(fileno=os.dup(int(fd))) as probe:
+                if probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    found.add(inode)
+        except OSError:  # closed meanwhile
+            continue
+    return found
+
+
 def test_a_sigterm_while_the_server_freezes_its_start_up_objects_stops_it():
     """The collection at a server's start runs finalizers, in which a KeyboardInterrupt
     would be lost: the signal is taken once it is over, and stops the server then."""
@@ -581,14 +615,20 @@ def test_a_refused_or_broken_off_body_is_not_kept_in_memory(server):
     assert kept < 100_000
 
 
-def test_a_client_waiting_to_send_an_oversize_body_gets_its_413_without_being_asked_for_it(server):
+@pytest.mark.parametrize("sends_at_once", [False, True])
+def test_a_client_waiting_to_send_an_oversize_body_gets_its_413_without_being_asked_for_it(server, sends_at_once):
+    """Not asked for (no 100 Continue); a client that sends it all the same, as HTTP
+    allows, reads its 413 and goes on with its connection."""
     host, port = server.url.removeprefix("http://").split(":")
+    body = b"x" * (3 << 20)
     with socket.create_connection((host, int(port)), timeout=30) as conn:
         conn.sendall(b"POST /v2/models/ctr/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
-                     b"Content-Length: 50000000\r\n\r\n")
+                     b"Content-Length: %d\r\n\r\n" % len(body) + (body if sends_at_once else b""))
         answer = conn.recv(65536)
-    assert answer.startswith(b"HTTP/1.1 413 ") and b"100 Continue" not in answer
-    assert b"connection: close" in answer.lower()
+        assert answer.startswith(b"HTTP/1.1 413 ") and b"100 Continue" not in answer
+        if sends_at_once:
+            conn.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert until_answered(conn).startswith(b"HTTP/1.1 200")
 
 
 def test_a_large_body_is_decoded_off_the_event_loop_and_scores_as_a_small_one(server, rows, monkeypatch):
@@ -722,6 +762,21 @@ def test_requests_before_malformed_http_on_a_connection_are_answered_first(serve
     assert "Exception in ASGI application" not in caplog.text
 
 
+def test_a_request_line_whose_url_cannot_be_read_is_refused_after_the_request_before_it(server, rows):
+    host, port = server.url.removeprefix("http://").split(":")
+    specs = input_specs(server.service.predictor.config)
+    body = json.dumps(infer_request(with_user_of(rows.slice(0, 2), specs), specs)).encode()
+    before = _outcomes(server)
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(b"POST /v2/models/ctr/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                     + b"GET http://a:99999/ HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    assert re.findall(rb"HTTP/1.1 (\d+) ", answer) == [b"200", b"400"]
+    assert b"User callback error" not in answer and _outcomes(server)["ok"] == before.get("ok", 0) + 1
+
+
 def test_a_gzip_body_of_several_members_reads_as_their_concatenation(server, rows):
     specs = input_specs(server.service.predictor.config)
     raw = json.dumps(infer_request(with_user_of(rows.slice(0, 5), specs), specs)).encode()
@@ -762,6 +817,18 @@ def test_the_one_version_has_its_routes_and_every_error_is_json(server, rows):
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(request, timeout=30)
         assert caught.value.code == status and path in json.loads(caught.value.read())["error"]
+
+
+def until_answered(conn: socket.socket) -> bytes:
+    """One answer of a keep-alive connection: its head and its Content-Length of body."""
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += conn.recv(65536)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: (\d+)", head.lower()).group(1))
+    while len(body) < length:
+        body += conn.recv(65536)
+    return answer
 
 
 def _outcomes(server) -> dict[str, float]:

@@ -53,11 +53,12 @@ _DATATYPES = frozenset(("BYTES", *_NUMERIC))
 
 
 class RequestError(TidalError):
-    """A malformed request: answered with `status` and the message, the server goes on."""
+    """A malformed request: answered with `status` and the message, the server goes on.
+    With `closes`, the answer closes the connection: the request's body is still coming."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, *, closes: bool = False) -> None:
         super().__init__(message)
-        self.status = status
+        self.status, self.closes = status, closes
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -65,6 +65,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import httptools
 import numpy as np
 import torch
 import uvicorn
@@ -371,9 +372,8 @@ def create_app(service: Service) -> Starlette:
             body = await _read_body(request, service.settings.max_body_bytes, "serving.max_body_bytes", held)
             content, headers = await _unless_gone(request, service.infer(body, request.headers.get(HEADER)))
         except (RequestError, SessionError) as exc:
-            status = getattr(exc, "status", 400)
-            # a body too slow or too large may still be coming: what follows it on the connection is no request
-            return "bad_request", _error(status, str(exc), {"Connection": "close"} if status in (408, 413) else None)
+            closes = getattr(exc, "closes", False)  # what follows on the connection is the rest of a body
+            return "bad_request", _error(getattr(exc, "status", 400), str(exc), {"Connection": "close"} if closes else None)
         except Overloaded as exc:
             return "overloaded", _error(503, str(exc), {"Retry-After": "1"})
         except ShuttingDown as exc:  # another replica may take it
@@ -563,11 +563,11 @@ async def _read_body(request: Request, limit: int, setting: str | None = None, h
             held.take(len(plain))
         return plain
     except asyncio.TimeoutError:
-        raise RequestError(f"the body did not arrive within {_BODY_TIMEOUT_S:g} s", status=408) from None
+        raise RequestError(f"the body did not arrive within {_BODY_TIMEOUT_S:g} s", status=408, closes=True) from None
     except RequestError as exc:
         if exc.status != 413 or setting is None:
             raise
-        raise RequestError(f"{exc} ({setting})", status=413) from None
+        raise RequestError(f"{exc} ({setting})", status=413, closes=exc.closes) from None
 
 
 async def _receive(request: Request, limit: int, held: _Held | None) -> bytes:
@@ -575,12 +575,14 @@ async def _receive(request: Request, limit: int, held: _Held | None) -> bytes:
     budget, (up to 64 MiB) is read to its end before the 413 or 503: a server that
     answers and closes while the client is still sending makes the client's kernel see
     a reset instead of the answer. One declared oversize by a client that waits to be
-    asked for it (`Expect: 100-continue`) is refused without asking."""
+    asked for it (`Expect: 100-continue`) is refused without asking (if it sends the body
+    all the same, the HTTP layer drops it); one past 64 MiB closes the connection."""
     declared = request.headers.get("content-length")
     declared_size = int(declared) if declared is not None and declared.isdigit() else None
     waits = request.headers.get("expect", "").lower() == "100-continue"
     chunks: list[bytes] = []
     size, refused = 0, None
+    unread = declared_size is not None and declared_size > _DRAIN_BYTES and not waits  # a body left coming
     try:
         if declared_size is None or (declared_size <= _DRAIN_BYTES and not (waits and declared_size > limit)):
             async for chunk in request.stream():
@@ -594,11 +596,14 @@ async def _receive(request: Request, limit: int, held: _Held | None) -> bytes:
                         refused, chunks = exc, []
                         held.release()  # type: ignore[union-attr]
                 elif size > _DRAIN_BYTES:
+                    unread = True
                     break
         if declared_size is not None and declared_size > limit:
-            raise RequestError(f"the body has {declared_size} bytes, over the limit of {limit}", status=413)
+            raise RequestError(f"the body has {declared_size} bytes, over the limit of {limit}", status=413,
+                               closes=unread)
         if size > limit:
-            raise RequestError(f"the body has more than {limit} bytes, over the limit of {limit}", status=413)
+            raise RequestError(f"the body has more than {limit} bytes, over the limit of {limit}", status=413,
+                               closes=unread)
         if refused is not None:
             raise refused
         return b"".join(chunks)
@@ -715,12 +720,12 @@ def _serving_gc() -> Iterator[None]:
     300 ms. Restored once the last server of the process stops. A Ctrl-C or SIGTERM
     during the collection comes once it is over: raised in a finalizer the collection
     runs, it would be lost, and the server would serve on."""
-    with deferring_interrupts():
-        gc.collect()
-        gc.freeze()
     server = object()
     _GC_THRESHOLDS.take(server, _GC_THRESHOLD)
     try:
+        with deferring_interrupts():
+            gc.collect()
+            gc.freeze()
         yield
     finally:
         if _GC_THRESHOLDS.give_back(server):
@@ -811,8 +816,8 @@ class _TimedHeaders(HttpToolsProtocol):
         self._framing = _framing_refusal(self.parser.get_http_version(), self.headers)
         if self._framing is not None:  # the parser stops here, and uvicorn calls `send_400_response`
             raise RequestError(self._framing[1])
+        super().on_headers_complete()  # which may refuse the URL: then no request began
         self._body_read = False
-        super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         self._body_read = True
@@ -854,6 +859,8 @@ class _TimedHeaders(HttpToolsProtocol):
         connection under them, and each logged a traceback). A request whose body broke
         off this way counts as a bad request, not as a client that hung up."""
         parsing = sys.exc_info()[1]  # uvicorn calls this while handling the parser's error
+        if isinstance(parsing, httptools.HttpParserCallbackError) and parsing.__context__ is not None:
+            parsing = parsing.__context__  # what a callback refused, the URL say
         reason = str(parsing) if parsing is not None and str(parsing) else msg
         status, refusal = self._framing or (b"400 Bad Request", f"the request is not valid HTTP/1.1: {reason}")
         broken = self.cycle if not self._body_read else None  # the request whose body broke, if one did
@@ -1048,7 +1055,11 @@ def start_server(service: Service, *, host: str = "127.0.0.1", port: int = 0,
     server = _Server(service, exit_timeout_s)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="tidal-server", daemon=True)
     quiet_gc = _serving_gc()
-    quiet_gc.__enter__()
+    try:
+        quiet_gc.__enter__()
+    except BaseException:  # a Ctrl-C during its collection
+        sock.close()
+        raise
     thread.start()
     while not server.started:
         if not thread.is_alive():
