@@ -331,16 +331,16 @@ def _resume(args: argparse.Namespace) -> str:
 
 def _go_on(args: argparse.Namespace, config: RunConfig | None) -> str:
     """How to go on with a run that stopped part way."""
-    if _saved(config):
-        return f"{_resume(args)} continues from the last checkpoint written"
+    if last := _saved(config):
+        return f"{_resume(args)} continues from the last checkpoint written, {last}"
     return "no checkpoint was written: run the same command again"
 
 
-def _saved(config: RunConfig | None) -> bool:
-    """Whether the run of `config` has a checkpoint to resume from."""
+def _saved(config: RunConfig | None) -> str | None:
+    """The checkpoint the run of `config` resumes from, if it has one."""
     from tidal.runtime import checkpoint
 
-    return config is not None and checkpoint.latest_name(Path(config.training.run_dir)) is not None
+    return None if config is None else checkpoint.latest_name(Path(config.training.run_dir))
 
 
 def _train(args: argparse.Namespace) -> int:

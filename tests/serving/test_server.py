@@ -14,6 +14,7 @@ import socket
 import struct
 import zlib
 from email.message import Message
+from pathlib import Path
 import threading
 import time
 import urllib.error
@@ -550,9 +551,11 @@ def test_a_barrage_of_bad_requests_gets_400s_and_the_server_keeps_serving(server
     assert _post(server, "/v2/models/nope/infer", good)[0] == 404
     metrics = urllib.request.urlopen(server.url + "/metrics").read().decode()
     assert 'tidal_requests_total{outcome="bad_request"}' in metrics and "tidal_batch_rows_bucket" in metrics
-    for name in ("tidal_unknown_ids_total", "tidal_ids_total", "tidal_session_cache_entries", "tidal_queue_seconds",
-                 'tidal_compute_seconds_count{stage="dense"}', "tidal_session_cache_bytes"):
-        assert name in metrics
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    named = readme[readme.index("`/metrics` serves Prometheus metrics"):readme.index("series of the online updates")]
+    for name in [*re.findall(r"`(tidal_\w+?)(?:_\*)?`", named), "tidal_request_seconds_count", "tidal_ids_total",
+                 'tidal_compute_seconds_count{stage="dense"}', "tidal_session_cache_bytes"]:
+        assert name.rstrip("_") in metrics, name  # every series the README names
 
 
 def test_an_item_input_of_one_value_gets_a_400_while_user_inputs_of_one_value_score(server, rows):
@@ -724,15 +727,18 @@ def test_malformed_http_gets_a_400_with_the_parsers_reason_and_counts_as_a_bad_r
 
 @pytest.mark.parametrize("raw, status, reason", [
     (b"GET /v2/health/ready HTTP/2.0\r\nHost: x\r\n\r\n", b"505", "HTTP/2.0 is not served here"),
+    (b"GET /v2/health/ready HTTP/1.2\r\nHost: x\r\n\r\n", b"505", "Invalid HTTP version; send HTTP/1.1"),
     (b"GET /v2/health/ready HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", b"400", "carries one Host header; this one carries 2"),
     (b"GET /v2/health/ready HTTP/1.1\r\n\r\n", b"400", "carries one Host header; this one carries 0"),
     (b"POST /v2/models/ctr/infer HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", b"400",
      "an HTTP/1.0 request has no Transfer-Encoding"),
-], ids=["http2", "two_hosts", "no_host", "chunked_http10"])
+], ids=["http2", "http12", "two_hosts", "no_host", "chunked_http10"])
 def test_framing_a_proxy_could_read_otherwise_is_refused(server, raw, status, reason):
     """Where RFC 9112 says to refuse a request (a proxy in front may frame it or route it
-    otherwise than the server would), it is refused and the connection closed."""
+    otherwise than the server would), it is refused and the connection closed; /metrics
+    counts it."""
     host, port = server.url.removeprefix("http://").split(":")
+    before = _refusals(server).get(status.decode(), 0)
     with socket.create_connection((host, int(port)), timeout=30) as conn:
         conn.sendall(raw)
         answer = b""
@@ -741,6 +747,7 @@ def test_framing_a_proxy_could_read_otherwise_is_refused(server, raw, status, re
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 " + status) and reason in json.loads(body)["error"]
     assert b"HTTP/1.1 200" not in answer  # nothing more was answered
+    assert _refusals(server)[status.decode()] == before + 1
 
 
 def test_requests_before_malformed_http_on_a_connection_are_answered_first(server, rows, caplog):
@@ -831,10 +838,19 @@ def until_answered(conn: socket.socket) -> bytes:
     return answer
 
 
+def _refusals(server) -> dict[str, float]:
+    return _by_label(server, "tidal_http_refusals_total")
+
+
 def _outcomes(server) -> dict[str, float]:
+    return _by_label(server, "tidal_requests_total")
+
+
+def _by_label(server, counter: str) -> dict[str, float]:
+    """A counter of one label from the server's /metrics: {label value: count}."""
     metrics = urllib.request.urlopen(server.url + "/metrics", timeout=30).read().decode()
     return {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
-            if line.startswith("tidal_requests_total{")}
+            if line.startswith(counter + "{")}
 
 
 def _partial_request(server, declared: int, sent: bytes) -> socket.socket:

@@ -243,6 +243,9 @@ class _Metrics:
     def __init__(self, service: Service) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("tidal_requests", "Infer requests by outcome", ["outcome"], registry=self.registry)
+        self.http_refusals = Counter("tidal_http_refusals", "Connections the HTTP layer refused before any route "
+                                     "answered (malformed, oversized or slow headers, framing), by status", ["status"],
+                                     registry=self.registry)
         self.latency = Histogram("tidal_request_seconds", "Infer request time, end to end", registry=self.registry,
                                  buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
         self.batch_rows = Histogram("tidal_batch_rows", "Rows per batch", registry=self.registry,
@@ -767,6 +770,11 @@ def _framing_refusal(version: str, headers: list[tuple[bytes, bytes]]) -> tuple[
     return None
 
 
+def _protocol_for(service: Service) -> type[_TimedHeaders]:
+    """`_TimedHeaders` counting its refusals in `service`'s metrics."""
+    return type("_ServiceHeaders", (_TimedHeaders,), {"refusals": service.metrics.http_refusals})
+
+
 class _TimedHeaders(HttpToolsProtocol):
     """uvicorn's HTTP protocol with a deadline and a size limit for each request's headers.
 
@@ -790,6 +798,7 @@ class _TimedHeaders(HttpToolsProtocol):
     _framing: tuple[bytes, str] | None = None  # why a request's framing is refused (`_framing_refusal`)
     _answering: RequestResponseCycle | None = None  # the request whose app runs, or last ran
     _lingering = False  # refused: the answer is sent, and the client's bytes are dropped until it stops
+    refusals: Counter | None = None  # the service's count of refusals, by status (`_protocol_for`)
 
     def data_received(self, data: bytes) -> None:
         if self._lingering:  # refused: dropped until the client stops sending
@@ -862,7 +871,9 @@ class _TimedHeaders(HttpToolsProtocol):
         if isinstance(parsing, httptools.HttpParserCallbackError) and parsing.__context__ is not None:
             parsing = parsing.__context__  # what a callback refused, the URL say
         reason = str(parsing) if parsing is not None and str(parsing) else msg
-        status, refusal = self._framing or (b"400 Bad Request", f"the request is not valid HTTP/1.1: {reason}")
+        status, refusal = self._framing or (
+            (b"505 HTTP Version Not Supported", f"{reason}; send HTTP/1.1") if reason == "Invalid HTTP version"
+            else (b"400 Bad Request", f"the request is not valid HTTP/1.1: {reason}"))
         broken = self.cycle if not self._body_read else None  # the request whose body broke, if one did
         if broken is not None:
             broken.scope[_MALFORMED] = reason
@@ -895,6 +906,8 @@ class _TimedHeaders(HttpToolsProtocol):
         before the answer does (headers of megabytes, say)."""
         if self.transport.is_closing() or self._lingering:
             return
+        if self.refusals is not None:
+            self.refusals.labels(status.split()[0].decode()).inc()
         self.transport.write(_raw_response(status, json.dumps({"error": message}).encode()))
         self._lingering = True  # what comes from here on is read and dropped
         self._stop_header_clock()
@@ -926,7 +939,8 @@ class _Server(uvicorn.Server):
                               "answer every request 503; serve a new Service of the bundle")
         self._service = service
         super().__init__(uvicorn.Config(create_app(service), log_level="warning", access_log=False, lifespan="off",
-                                        http=_TimedHeaders, loop="uvloop", timeout_graceful_shutdown=exit_timeout_s))
+                                        http=_protocol_for(service), loop="uvloop",
+                                        timeout_graceful_shutdown=exit_timeout_s))
         self._refuse_queued = threading.Timer(max(0.0, exit_timeout_s - _LAST_ANSWERS_S), service.batcher.close)
         self._refuse_queued.daemon = True
         self._exiting = False
