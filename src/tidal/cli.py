@@ -648,7 +648,7 @@ def _serve(args: argparse.Namespace) -> int:
         pass
     finally:
         service.close()  # again, if the signal came before serving began
-    print("stopped", flush=True)
+    print(f"stopped serving {name!r}", flush=True)
     return 0
 
 

@@ -65,7 +65,7 @@ def test_export_then_serve_then_stop_with_ctrl_c_or_sigterm(trainer, tmp_path, c
     assert process.returncode == 0, err
     served = f"{checkpoint.latest_name(trainer.run_dir)} of run {trainer.run_id[:8]}"
     assert f"serving 'ranker' (checkpoint {served}) at {url}/v2/models/ranker (dense network on torch, rewritten by " \
-           f"gather_slices;" in out and out.endswith("stopped\n")
+           f"gather_slices;" in out and out.endswith("stopped serving 'ranker'\n")
 
 
 def test_eval_writes_each_rows_probabilities_as_the_server_answers_them(trainer, bundle, tmp_path, capsys):
@@ -247,7 +247,7 @@ def test_serve_stopped_by_sigterm_before_it_serves_exits_as_ctrl_c_does(trainer,
     if when.startswith("loading"):
         assert done.stdout == "stopped before serving\n"
     else:
-        assert done.stdout.startswith("serving 'ranker' (checkpoint step-") and done.stdout.endswith("\nstopped\n")
+        assert done.stdout.startswith("serving 'ranker' (checkpoint step-") and done.stdout.endswith("\nstopped serving 'ranker'\n")
 
 
 def test_a_second_sigterm_makes_a_stopping_server_stop_at_once_as_a_second_ctrl_c_does(bundle):
