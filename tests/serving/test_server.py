@@ -380,22 +380,39 @@ def test_servers_overlapping_in_one_process_put_torchs_threads_and_the_gc_back_a
     assert (torch.get_num_threads(), gc.get_threshold()) == (threads, thresholds)
 
 
-def test_a_ctrl_c_while_a_server_starts_leaves_the_collector_and_the_port_as_they_were(bundle):
+def test_a_ctrl_c_while_a_server_starts_leaves_the_collector_and_the_port_as_they_were(bundle, monkeypatch):
     thresholds, frozen, listening = gc.get_threshold(), gc.get_freeze_count(), _listening_sockets()
-
-    def interrupt(phase: str, info: dict) -> None:
-        if phase == "start" and info["generation"] == 2:
-            gc.callbacks.remove(interrupt)
-            signal.raise_signal(signal.SIGINT)
-            (lambda: None)()
-
     service = Service(bundle, name="ctr")
-    gc.callbacks.append(interrupt)
+    _signal_inside_the_next_collection(monkeypatch, signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         start_server(service, port=0)
     service.close()
     assert (gc.get_threshold(), _listening_sockets()) == (thresholds, listening)
     assert frozen or gc.get_freeze_count() == 0  # unfrozen, unless another server of the process keeps it so
+
+
+def _signal_inside_the_next_collection(monkeypatch, sig: int) -> None:
+    """The next `gc.collect()` of the main thread sends `sig` from inside the collection,
+    where finalizers run Python code. One that another thread's collection under way
+    makes return at once (it collects nothing, calls no callback) is tried again."""
+    collect, sent = gc.collect, []
+
+    def inside(phase: str, info: dict) -> None:
+        if phase == "start" and not sent and threading.current_thread() is threading.main_thread():
+            sent.append(sig)
+            signal.raise_signal(sig)
+            (lambda: None)()  # Python code inside the collection: where the handler runs
+
+    def collecting(*args: int) -> int:
+        gc.callbacks.append(inside)
+        try:
+            while not sent:
+                collect(*args)
+        finally:
+            gc.callbacks.remove(inside)
+        return 0
+
+    monkeypatch.setattr(gc, "collect", collecting)
 
 
 def _listening_sockets() -> set[str]:
@@ -413,23 +430,16 @@ def _listening_sockets() -> set[str]:
     return found
 
 
-def test_a_sigterm_while_the_server_freezes_its_start_up_objects_stops_it():
+def test_a_sigterm_while_the_server_freezes_its_start_up_objects_stops_it(monkeypatch):
     """The collection at a server's start runs finalizers, in which a KeyboardInterrupt
     would be lost: the signal is taken once it is over, and stops the server then."""
     from tidal.processes import sigterm_interrupts
     from tidal.serving.server import _serving_gc
 
-    def terminate(phase: str, info: dict) -> None:
-        if phase == "start" and info["generation"] == 2:
-            gc.callbacks.remove(terminate)
-            signal.raise_signal(signal.SIGTERM)
-            (lambda: None)()  # Python code inside the collection: where the handler runs
-
+    _signal_inside_the_next_collection(monkeypatch, signal.SIGTERM)
     with sigterm_interrupts(), pytest.raises(KeyboardInterrupt):
-        gc.callbacks.append(terminate)
         with _serving_gc():
             pytest.fail("the server went on to serve")
-    assert terminate not in gc.callbacks
 
 
 def _bad_requests(rows, specs) -> list[tuple[bytes, dict, int, str]]:
