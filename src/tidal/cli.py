@@ -174,6 +174,9 @@ def _port(text: str) -> int:
     return port
 
 
+_MOST_BENCH_THREADS = 256  # as serving.dense_threads: more starve the machine of threads
+
+
 def _seconds(text: str) -> float:
     seconds = float(text)
     if not 0.0 <= seconds <= 3600.0:  # also refuses nan
@@ -254,15 +257,16 @@ def _command(args: argparse.Namespace) -> int:
     elif args.benchmark == "serve":
         from tidal.bench import serve as serve_bench
 
-        if args.seconds is not None and not args.seconds > 0:
-            print(f"tidal bench serve: --seconds must be > 0, got {args.seconds}", file=sys.stderr)
+        if args.seconds is not None and not 0 < args.seconds <= 3600:  # also refuses nan and inf
+            print(f"tidal bench serve: --seconds must be > 0 and at most 3600, got {args.seconds}", file=sys.stderr)
             return 2
         serve_bench.run(quick=args.quick, seconds=args.seconds, with_ray=not args.no_ray, as_json=args.json)
     elif args.benchmark == "sparse":
         from tidal.bench import sparse
 
-        if args.threads and min(args.threads) < 1:
-            print(f"tidal bench sparse: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        if args.threads and not 1 <= min(args.threads) <= max(args.threads) <= _MOST_BENCH_THREADS:
+            print(f"tidal bench sparse: --threads must be 1 to {_MOST_BENCH_THREADS}, got {args.threads}",
+                  file=sys.stderr)
             return 2
         cfg = sparse.SparseBenchConfig.quick() if args.quick else sparse.SparseBenchConfig()
         sparse.run(cfg, as_json=args.json, threads=args.threads, optimizers=tuple(args.optimizer))

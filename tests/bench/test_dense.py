@@ -23,7 +23,10 @@ def test_every_network_and_bucket_is_measured_and_summarized(monkeypatch, capsys
     monkeypatch.setattr(dense, "aoti_available", lambda: with_aoti)
     monkeypatch.setattr(dense, "BUCKETS", [1, 16, 64, 256])
     monkeypatch.setattr(dense, "NETWORKS", {"dlrm": dense.NETWORKS["dlrm"], "dcn": dense.NETWORKS["dcn"]})
+    rewritten, rewrite = [], dense.rewrite
+    monkeypatch.setattr(dense, "rewrite", lambda module, inputs: rewritten.append(len(inputs)) or rewrite(module, inputs))
     assert main(["bench", "dense", "--quick", "--json"]) == 0
+    assert rewritten == [4, 4]  # the torch peer runs as the torch backend serves it, checked at every bucket
     out = capsys.readouterr().out
     summary = json.loads(out.strip().splitlines()[-1])
     assert [(p["network"], p["batch"]) for p in summary["points"]] == [
@@ -38,7 +41,7 @@ def test_every_network_and_bucket_is_measured_and_summarized(monkeypatch, capsys
             continue
         for p in summary["points"]:
             ratio = p[f"{prefix}ratio_vs_torch"]
-            assert p["torch_ms"] > 0 and p[f"{backend}_ms"] > 0
+            assert p["torch_ms"] > 0 and p["torch_exported_ms"] > 0 and p[f"{backend}_ms"] > 0
             assert abs(ratio - p["torch_ms"] / p[f"{backend}_ms"]) < 0.01 + 1e-3 * ratio
         small = [p[f"{prefix}ratio_vs_torch"] for p in summary["points"] if p["batch"] <= 64]
         ratios = [p[f"{prefix}ratio_vs_torch"] for p in summary["points"]]

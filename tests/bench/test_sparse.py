@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tidal.bench.sparse import SparseBenchConfig, run
 from tidal.cli import main
 
@@ -48,9 +50,10 @@ def test_freed_memory_is_kept_for_the_next_step():
     assert max(faults[1:]) < 100, faults  # handed back to the kernel each time: about 1,500 a step here
 
 
-def test_cli_refuses_bad_thread_count(capsys):
-    assert main(["bench", "sparse", "--threads", "0"]) == 2
-    assert "--threads must be >= 1, got [0]" in capsys.readouterr().err
+@pytest.mark.parametrize("threads", [["0"], ["1", "100000"]])
+def test_cli_refuses_bad_thread_count(capsys, threads):
+    assert main(["bench", "sparse", "--threads", *threads]) == 2
+    assert f"--threads must be 1 to 256, got [{', '.join(threads)}]" in capsys.readouterr().err
 
 
 def test_peers_take_turns_in_blocks_each_round_led_by_the_next_and_the_first_step_of_a_turn_is_not_timed():

@@ -3,9 +3,9 @@
 The networks a ranking server runs (DLRM, DCN-v2 and DeepFM of the serve benchmark's
 sizes: 26 sparse features of dim 16, 13 dense features, two targets), at every bucket
 size a request pads to, on one thread (`serving.dense_threads`' default). Peers, taking
-turns on the same inputs: the bundle's `torch.export` program as exported (its
-module's `forward`; `tidal bench rewrite` times it rewritten, as the torch backend now
-runs it), its ONNX model in ONNX Runtime as the onnxruntime backend runs it
+turns on the same inputs: the bundle's `torch.export` program as the torch backend runs
+it, rewritten by the graph rules (`tidal bench rewrite` times it against the program
+as exported, which is also reported here), its ONNX model in ONNX Runtime as the onnxruntime backend runs it
 (`tidal.compile.OnnxProgram`, converted and checked by `to_onnx`), and its AOTInductor
 package as the aotinductor backend runs it (`tidal.compile.AotiProgram`, compiled and
 checked by `to_aoti`; left out without a C++ compiler). Reports the median
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from tidal.compile import (AOTI_MISSING, ONNX_MISSING, AotiProgram, OnnxProgram, aoti_available, export_program,
-                           onnx_available, to_aoti, to_onnx)
+                           onnx_available, rewrite, to_aoti, to_onnx)
 from tidal.config import ModelConfig
 from tidal.errors import ConfigError
 from tidal.models import RankingModel
@@ -86,7 +86,9 @@ def _programs(scratch: Path) -> list[tuple[str, dict[str, Callable]]]:
                              num_targets=TARGETS).eval()
         example = (torch.zeros(2, FEATURES, DIM), torch.zeros(2, DENSE))
         program = export_program(model, example, BUCKETS[-1])  # as tidal export writes them
-        peers = {"torch": program.module().forward,
+        module = program.module()
+        served = rewrite(module, [(torch.randn(b, FEATURES, DIM), torch.randn(b, DENSE)) for b in BUCKETS]).module
+        peers = {"torch": served.forward, "exported": module.forward,
                  "onnxruntime": OnnxProgram.of(to_onnx(program, example, BUCKETS), program, threads=1).forward}
         if aoti_available():
             print(f"  compiling {name} with AOTInductor", flush=True)
@@ -99,8 +101,9 @@ def _programs(scratch: Path) -> list[tuple[str, dict[str, Callable]]]:
 def _measure(name: str, bucket: int, programs: dict[str, Callable], calls: int) -> dict:
     medians = dict(zip(programs, medians_ms(list(programs.values()),
                                             (torch.randn(bucket, FEATURES, DIM), torch.randn(bucket, DENSE)), calls)))
-    point: dict = {"network": name, "batch": bucket, "torch_ms": round(medians["torch"], 5)}
-    line = f"  {name:<7} batch {bucket:>5}: torch {medians['torch']:7.3f} ms"
+    point: dict = {"network": name, "batch": bucket, "torch_ms": round(medians["torch"], 5),
+                   "torch_exported_ms": round(medians["exported"], 5)}
+    line = f"  {name:<7} batch {bucket:>5}: torch {medians['torch']:7.3f} ms (as exported {medians['exported']:7.3f})"
     for backend, prefix in zip(BACKENDS, PREFIXES):
         found = medians.get(backend)
         point[f"{backend}_ms"] = None if found is None else round(found, 5)

@@ -10,7 +10,7 @@ reversed in the second round; the faster run counts):
 
 - `torch`: the usual PyTorch loop over 26 modulo-hashed `nn.EmbeddingBag(sparse=True)`
   tables of as many bytes as Tidal's table ends up holding (on the GPU when there is
-  one, tables included), float32;
+  one, tables included), its dense products in the same precision as Tidal's;
 - `reference`: Tidal's single-process trainer (`Trainer.step`: look up, pool, dense
   step, sparse update, batch after batch), the sparse kernels on every core;
 - `passmode`: the same run in passes of `batches_per_pass` batches, the next pass

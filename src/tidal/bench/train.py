@@ -11,7 +11,8 @@ AUCs compare); in config (a) also async, at most two batches in flight, each sta
 one thread (`async_tidal_`: faster, but a batch may miss the previous one's update,
 which costs AUC on longer runs). Tidal's table reserves the rows the run will create,
 as the peer's tables are allocated before the clock starts. The peer is the
-usual PyTorch loop, in float32, over the same DLRM on 26 modulo-hashed
+usual PyTorch loop, its dense products in the same precision (torch's autocast to
+bfloat16 where the CPU or GPU computes it natively, as Tidal's `auto`), over the same DLRM on 26 modulo-hashed
 `nn.EmbeddingBag(sparse=True)` tables holding as many bytes in all as Tidal's table
 ends up holding, with `torch.optim.SGD` on the tables and Adam on the dense net, torch
 using every core. Each side trains a fresh model on all batches, twice, in turns
@@ -44,7 +45,7 @@ from tidal.data.criteo import criteo_features
 from tidal.data.extract import Extractor
 from tidal.data.generate import auc, generate
 from tidal.data.readers import read_batches
-from tidal.models import RankingModel
+from tidal.models import RankingModel, compute_precision
 from tidal.runtime import Trainer
 from tidal.runtime.hetero import train as train_on_engine
 from tidal.runtime.source import MemorySpec
@@ -132,7 +133,9 @@ class _TorchDLRM(nn.Module):
             ids = torch.from_numpy(batch.values[lo:hi] % self.rows).to(device)
             bag_starts = torch.from_numpy(offsets[f * b : (f + 1) * b] - lo).to(device)
             pooled.append(table(ids, bag_starts))
-        return self.dense_net(torch.stack(pooled, dim=1), torch.tensor(batch.dense).to(device))  # [B, 1]
+        with compute_precision(device, "auto"):  # the dense products in Tidal's precision, bfloat16 where native
+            logits = self.dense_net(torch.stack(pooled, dim=1), torch.tensor(batch.dense).to(device))  # [B, 1]
+        return logits.float()
 
 
 def _train_torch(shape: _Shape, rows_per_table: int, batches: list[SparseBatch]) -> tuple[_TorchDLRM, float]:
