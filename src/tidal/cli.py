@@ -174,7 +174,7 @@ def _port(text: str) -> int:
     return port
 
 
-_MOST_BENCH_THREADS = 256  # as serving.dense_threads: more starve the machine of threads
+_MOST_BENCH_THREADS = 256  # as the configs' thread counts: more starve the machine of threads
 
 
 def _seconds(text: str) -> float:

@@ -762,7 +762,8 @@ class TrainingConfig(_Model):
                              f"down to min_lr; give one of at most {self.lr}")
         if schedule is not None and schedule.decay != "none" and schedule.min_lr == self.lr and not _SAVED.get():
             raise ValueError(f"lr_schedule.min_lr is {schedule.min_lr}, lr itself: the {schedule.decay} decay would "
-                             f"keep lr at every step; give a min_lr below {self.lr}, or decay: none")
+                             f"keep lr at every step after the warmup; give a min_lr below {self.lr}, or leave the "
+                             f"decay out (decay: none, without decay_steps and min_lr)")
         return self
 
     def lr_at(self, step: int) -> float:
@@ -891,8 +892,8 @@ class ServingConfig(_Model):
     slow or big requests at once hold bounded memory (decoded, a body's inputs may take
     some ten times its bytes).
     `dense_threads` is the dense network's thread count in the serving process (torch's,
-    process-wide, which the aotinductor backend's products use too: of servers running
-    at once in one process, the latest one's holds, and the last to stop puts the count
+    process-wide, which the aotinductor backend's products use too: of Services open at
+    once in one process, the latest one's holds, and the last to close puts the count
     from before back; or ONNX Runtime's intra-op threads): 1 by default, since serving
     batches are small and idle OpenMP threads spin on the cores the sparse stage and
     the HTTP loop need. With `delta_poll_s`, the server looks for new

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import csv
 import gzip
-from glob import escape as glob_escape
 import re
 import sys
 import threading
+from glob import escape as glob_escape
 
 import numpy as np
 import pyarrow as pa

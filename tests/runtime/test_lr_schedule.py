@@ -49,7 +49,7 @@ def test_a_schedule_is_checked_with_the_config(tmp_path):
                                           r"min_lr; give one of at most 0.001"):
         TrainingConfig(lr=0.001, lr_schedule={"decay": "linear", "decay_steps": 10, "min_lr": 0.5})
     with pytest.raises(ConfigError, match=r"lr_schedule.min_lr is 0.01, lr itself: the cosine decay would keep lr at "
-                                          r"every step; give a min_lr below 0.01, or decay: none"):
+                                          r"every step after the warmup; give a min_lr below 0.01, or leave the decay out"):
         TrainingConfig(lr=0.01, lr_schedule={"decay": "cosine", "decay_steps": 10, "min_lr": 0.01})
 
 

@@ -298,6 +298,9 @@ def test_the_colocated_sparse_worker_counts_once_among_the_actors(data, tmp_path
     with pytest.raises(ConfigError, match=r"the Ray cluster has 5 CPUs, and the run needs 6 actors of one CPU each: 4 "
                                           r"sparse workers \(runtime.sparse_workers_at\)"):
         backend.check_workers(4)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})
+    with pytest.raises(ConfigError, match=r"add nodes or run at most 1 sparse workers \(runtime.sparse_workers\)$"):
+        backend.check_workers(3)  # the setting counts the workers besides the colocated one
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     with pytest.raises(ConfigError, match=r"add nodes or run fewer dense workers \(runtime.dense_workers\) or embedding "
                                           r"shards \(runtime.embedding_shards\)$"):  # not "at most 0 sparse workers"

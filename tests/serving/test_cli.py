@@ -88,18 +88,31 @@ def test_eval_writes_each_rows_probabilities_as_the_server_answers_them(trainer,
 
 
 @pytest.mark.parametrize("name, reason", [
-    ("predictions.csv", "expected a name ending in .parquet"),
-    ("missing/predictions.parquet", "its folder does not exist"),
-    (".", "expected a name ending in .parquet"),
+    ("predictions.csv", "expected a name ending in .parquet (they are written as Parquet)"),
+    ("missing/predictions.parquet", "its folder does not exist; create it first"),
+    ("folder.parquet", "is a folder; expected a .parquet file to write"),
 ])
 def test_eval_refuses_a_predictions_file_it_cannot_write_before_it_evaluates(trainer, tmp_path, capsys, name, reason,
                                                                                monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder.parquet").mkdir()
     monkeypatch.setattr("tidal.runtime.checkpoint.reading", lambda *a: pytest.fail("the checkpoint was read"))
     assert main(["eval", "--checkpoint", str(trainer.run_dir), "--data", *trainer.config.data.train,
                  "--predictions", name]) == 2
-    assert capsys.readouterr().err == f"tidal eval: predictions file {name}: {reason}" + (
-        " (they are written as Parquet)\n" if "parquet" in reason else "; create it first\n")
+    assert capsys.readouterr().err == f"tidal eval: predictions file {name}: {reason}\n"
+
+
+def test_eval_says_when_its_predictions_cannot_be_written_after_all(trainer, tmp_path, capsys, monkeypatch):
+    def full_disk(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("pyarrow.parquet.write_table", full_disk)
+    out = tmp_path / "predictions.parquet"
+    assert main(["eval", "--checkpoint", str(trainer.run_dir), "--data", *trainer.config.data.train,
+                 "--predictions", str(out)]) == 2
+    assert capsys.readouterr().err == f"tidal eval: predictions file {out}: cannot write it (No space left on " \
+                                      f"device); the evaluation itself was done\n"
+    assert list(tmp_path.iterdir()) == []  # nothing half written
 
 
 def test_export_and_serve_refuse_what_is_not_there(tmp_path, capsys):  # on any free port: 8000 may be taken

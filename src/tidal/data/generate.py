@@ -70,8 +70,8 @@ def generate(out_dir: str | Path, *, rows: int, files: int = 1, file_format: Lit
     each other's) and renamed into place once all are complete, truth.json last; files
     an earlier run wrote to `out_dir` (part-NNNNN.*, truth.json) are replaced then
     (`replaced` names them). A run that fails or is interrupted while it writes removes
-    its temporary files and leaves `out_dir` as it was (absent, with the parents the run
-    made, if it was; one that fails as it renames leaves no truth.json); the temporary files of a run killed outright are removed by
+    its temporary files and leaves `out_dir` as it was: a folder the run made is removed,
+    with the parent folders it made (a run that fails as it renames leaves no truth.json); the temporary files of a run killed outright are removed by
     the next run, once the process that wrote them is no longer running;
     Ctrl-C as the files are renamed takes effect once they all are (the KeyboardInterrupt
     then says `AFTER_THE_FILES_WERE_IN_PLACE`).

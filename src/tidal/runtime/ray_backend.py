@@ -218,7 +218,7 @@ class RayBackend:
         self.trainer, self.runtime, self.spec = trainer, trainer.config.runtime, spec
         self.first_step = first_step
         self.started_ray = not ray.is_initialized()
-        first = self.runtime.sparse_workers + int(self.runtime.colocated_sparse_worker)
+        first = self._sparse_actors_at_start
         most = max([first, *self.runtime.sparse_workers_at.values()])  # sparse actors at the schedule's peak
         if self.started_ray:
             # none: the cluster of a Ray job (RAY_ADDRESS), else a local Ray of its own, even beside a running one
@@ -258,6 +258,11 @@ class RayBackend:
             self.shutdown()
             raise
 
+    @property
+    def _sparse_actors_at_start(self) -> int:
+        """The run's sparse workers at its start, the colocated one among them."""
+        return self.runtime.sparse_workers + int(self.runtime.colocated_sparse_worker)
+
     def _actors_needed(self, sparse_workers: int) -> int:
         """Actors (of one CPU each) of a run with `sparse_workers` sparse workers in all
         (a colocated one included)."""
@@ -270,10 +275,10 @@ class RayBackend:
         needed, cpus = self._actors_needed(sparse_workers), int(ray.cluster_resources().get("CPU", 0))
         if needed > cpus:
             dense, shards = self.runtime.dense_workers, needed - sparse_workers - self.runtime.dense_workers
-            room = cpus - dense - shards
-            where = "runtime.sparse_workers_at" if sparse_workers > self.runtime.sparse_workers + int(
-                self.runtime.colocated_sparse_worker) else "runtime.sparse_workers"
-            advice = f"run at most {room} sparse workers ({where})" if room >= 1 else (
+            scheduled = sparse_workers > self._sparse_actors_at_start
+            where = "runtime.sparse_workers_at" if scheduled else "runtime.sparse_workers"
+            fits = cpus - dense - shards - (0 if scheduled else int(self.runtime.colocated_sparse_worker))
+            advice = f"run at most {fits} sparse workers ({where})" if fits >= 1 else (
                 "run fewer dense workers (runtime.dense_workers) or embedding shards (runtime.embedding_shards)")
             actors = ", ".join(f"{n} {what}{'s' * (n != 1)} ({key})" for n, what, key in (
                 (sparse_workers, "sparse worker", where), (dense, "dense worker", "runtime.dense_workers"),
@@ -298,7 +303,7 @@ class RayBackend:
         shards, features_of = [], []
         # threaded actors: the kernels release the GIL and the tables lock per shard, so
         # several sparse workers look up and update one shard actor at once
-        concurrency = 2 * (self.runtime.sparse_workers + int(self.runtime.colocated_sparse_worker)) + 2
+        concurrency = 2 * self._sparse_actors_at_start + 2
         actor = ray.remote(num_cpus=1, max_concurrency=concurrency)(_ShardActor)
         for tables in held:
             names = {t.name for t in tables}

@@ -9,6 +9,7 @@ Progress goes to the terminal and, one JSON object per line, to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -79,6 +80,8 @@ def predictions_file(path: str | os.PathLike) -> Path:
         raise ConfigError(f"predictions file {path}: is a folder; expected a .parquet file to write")
     if not path.parent.is_dir():
         raise ConfigError(f"predictions file {path}: its folder does not exist; create it first")
+    if not os.access(path.parent, os.W_OK):
+        raise ConfigError(f"predictions file {path}: its folder cannot be written to; choose another")
     return path
 
 
@@ -95,8 +98,12 @@ def write_predictions(path: Path, targets: list[str], logits: np.ndarray, labels
     try:
         pq.write_table(pa.table(columns), partial)
         os.replace(partial, path)
+    except OSError as exc:  # a full disk, say
+        raise ConfigError(f"predictions file {path}: cannot write it ({exc.strerror or exc}); the evaluation "
+                          f"itself was done") from None
     finally:
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
 
 
 def normalized_entropy(labels: np.ndarray, logits: np.ndarray) -> float | None:

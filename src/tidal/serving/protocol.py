@@ -11,10 +11,11 @@ carries each column by the side of the features that read it::
                             column is refused (400), not read as wrong scores
 
 (``[n, 1]`` reads as ``[n]``). Ids come as BYTES (the strings of the data
-files) or INT64 (model metadata gives integer ids, ``hashed: false``, as INT64 and
+files), INT64 or INT32 (model metadata gives integer ids, ``hashed: false``, as INT64 and
 hashed ids as BYTES); numbers as FP64 (exact: training parses numbers as float64), FP32,
-INT64 or BYTES; a null or an empty string is a missing value, as an empty field of a
-file. A multi-value column comes as its joined strings (``"a|b|c"``, as in files) or
+INT64 or BYTES. An empty string is a missing value, as an empty field of a file; a
+missing number may also come as the string ``NaN`` (as training's files hold it) or as
+a null or NaN in FP32/FP64 data. A multi-value column comes as its joined strings (``"a|b|c"``, as in files) or
 as all values flat plus a ``<column>.lengths`` tensor with one bag length per candidate. With the binary
 extension the JSON header is followed by the raw tensors (header length in
 ``Inference-Header-Content-Length``; BYTES elements each prefixed by a 4-byte

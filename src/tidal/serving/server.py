@@ -243,8 +243,8 @@ class _Metrics:
     def __init__(self, service: Service) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("tidal_requests", "Infer requests by outcome", ["outcome"], registry=self.registry)
-        self.http_refusals = Counter("tidal_http_refusals", "Connections the HTTP layer refused before any route "
-                                     "answered (malformed, oversized or slow headers, framing), by status", ["status"],
+        self.http_refusals = Counter("tidal_http_refusals", "Connections the HTTP layer refused (malformed, oversized "
+                                     "or slow headers, framing, a body that broke off), by status", ["status"],
                                      registry=self.registry)
         self.latency = Histogram("tidal_request_seconds", "Infer request time, end to end", registry=self.registry,
                                  buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
@@ -711,7 +711,7 @@ class _ProcessWide:
 
 
 _TORCH_THREADS = _ProcessWide(torch.get_num_threads, torch.set_num_threads)  # `serving.dense_threads`
-_GC_THRESHOLDS = _ProcessWide(gc.get_threshold, lambda threshold: gc.set_threshold(*threshold))
+_COLLECTOR = _ProcessWide(gc.get_threshold, lambda threshold: gc.set_threshold(*threshold))
 
 
 @contextlib.contextmanager
@@ -724,14 +724,14 @@ def _serving_gc() -> Iterator[None]:
     during the collection comes once it is over: raised in a finalizer the collection
     runs, it would be lost, and the server would serve on."""
     server = object()
-    _GC_THRESHOLDS.take(server, _GC_THRESHOLD)
+    _COLLECTOR.take(server, _GC_THRESHOLD)
     try:
         with deferring_interrupts():
             gc.collect()
             gc.freeze()
         yield
     finally:
-        if _GC_THRESHOLDS.give_back(server):
+        if _COLLECTOR.give_back(server):
             gc.unfreeze()
 
 
@@ -770,13 +770,16 @@ def _framing_refusal(version: str, headers: list[tuple[bytes, bytes]]) -> tuple[
     return None
 
 
-def _protocol_for(service: Service) -> type[_TimedHeaders]:
-    """`_TimedHeaders` counting its refusals in `service`'s metrics."""
-    return type("_ServiceHeaders", (_TimedHeaders,), {"refusals": service.metrics.http_refusals})
+def _protocol_for(service: Service) -> type[_GuardedHttp]:
+    """`_GuardedHttp` counting its refusals in `service`'s metrics."""
+    return type("_ServiceHeaders", (_GuardedHttp,), {"refusals": service.metrics.http_refusals})
 
 
-class _TimedHeaders(HttpToolsProtocol):
-    """uvicorn's HTTP protocol with a deadline and a size limit for each request's headers.
+class _GuardedHttp(HttpToolsProtocol):
+    """uvicorn's HTTP protocol with a deadline and a size limit for each request's headers,
+    the framing RFC 9112 refuses refused (`_framing_refusal`), malformed HTTP answered
+    with a JSON 400 once the requests before it are (`send_400_response`), and every
+    refusal counted and read to the client's end before the connection closes (`_refuse`).
 
     uvicorn waits as long as a client likes for headers (its keep-alive timeout only
     runs between requests, and any byte restarts it), so a few thousand clients
@@ -862,11 +865,11 @@ class _TimedHeaders(HttpToolsProtocol):
         self._refuse(b"408 Request Timeout", f"the request headers did not arrive within {_HEADER_TIMEOUT_S:g} s")
 
     def send_400_response(self, msg: str) -> None:
-        """What HTTP/1.1 cannot parse (a request line, a header, a chunk of a body): a 400
-        with httptools' reason as every other refusal, instead of uvicorn's plain one,
-        once the requests before it on the connection are answered (uvicorn closed the
-        connection under them, and each logged a traceback). A request whose body broke
-        off this way counts as a bad request, not as a client that hung up."""
+        """What HTTP/1.1 cannot parse (a request line, a header, a chunk of a body) or
+        `_framing_refusal` refuses: answered with the reason as every other refusal (a 505
+        for another HTTP version, else a 400) once the requests before it on the
+        connection are answered. A request whose body broke off this way counts as a bad
+        request, not as a client that hung up."""
         parsing = sys.exc_info()[1]  # uvicorn calls this while handling the parser's error
         if isinstance(parsing, httptools.HttpParserCallbackError) and parsing.__context__ is not None:
             parsing = parsing.__context__  # what a callback refused, the URL say
