@@ -186,7 +186,7 @@ def test_an_interrupted_or_failed_run_leaves_the_folder_as_it_was(tmp_path, monk
     assert _contents(tmp_path) == before
 
 
-def test_ctrl_c_as_the_files_are_renamed_takes_effect_once_they_all_are(tmp_path, monkeypatch, capsys):
+def test_ctrl_c_as_the_files_are_renamed_takes_effect_once_they_all_are(tmp_path, monkeypatch, capsys, ctrl_c_raises):
     generate(tmp_path, rows=40, files=2, seed=5)
     put_in_place = generate_module._put_in_place
 
@@ -203,7 +203,8 @@ def test_ctrl_c_as_the_files_are_renamed_takes_effect_once_they_all_are(tmp_path
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works as before again
 
 
-def test_a_rename_that_fails_leaves_no_truth_json_and_its_error_is_not_hidden_by_ctrl_c(tmp_path, monkeypatch):
+def test_a_rename_that_fails_leaves_no_truth_json_and_its_error_is_not_hidden_by_ctrl_c(tmp_path, monkeypatch,
+                                                                                          ctrl_c_raises):
     generate(tmp_path, rows=40, files=2, seed=5)
     replace, calls = generate_module.os.replace, []
 

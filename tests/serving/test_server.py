@@ -380,7 +380,8 @@ def test_servers_overlapping_in_one_process_put_torchs_threads_and_the_gc_back_a
     assert (torch.get_num_threads(), gc.get_threshold()) == (threads, thresholds)
 
 
-def test_a_ctrl_c_while_a_server_starts_leaves_the_collector_and_the_port_as_they_were(bundle, monkeypatch):
+def test_a_ctrl_c_while_a_server_starts_leaves_the_collector_and_the_port_as_they_were(bundle, monkeypatch,
+                                                                                     ctrl_c_raises):
     thresholds, frozen, listening = gc.get_threshold(), gc.get_freeze_count(), _listening_sockets()
     service = Service(bundle, name="ctr")
     _signal_inside_the_next_collection(monkeypatch, signal.SIGINT)
