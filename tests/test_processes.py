@@ -26,7 +26,7 @@ def test_a_sigterm_that_a_library_s_handler_turns_into_its_exit_stops_as_a_ctrl_
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupt_during_a_deferring_block_is_raised_once_the_block_is_done(sig):
+def test_an_interrupt_during_a_deferring_block_is_raised_once_the_block_is_done(sig, ctrl_c_raises):
     with sigterm_interrupts():
         handlers = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
         done = []
@@ -41,7 +41,7 @@ def test_an_interrupt_during_a_deferring_block_is_raised_once_the_block_is_done(
             pass
 
 
-def test_a_second_interrupt_during_a_deferring_block_stops_it_at_once():
+def test_a_second_interrupt_during_a_deferring_block_stops_it_at_once(ctrl_c_raises):
     with sigterm_interrupts():
         done = []
         with pytest.raises(KeyboardInterrupt):
