@@ -723,13 +723,8 @@ def test_codings_a_body_is_not_decoded_by_are_refused(server, rows):
     b"POST /v2/models/ctr/infer HTTP/1.1\r\nHost x\r\n\r\n",
 ], ids=["chunk_size", "chunk_overrun", "header"])
 def test_malformed_http_gets_a_400_with_the_parsers_reason_and_counts_as_a_bad_request(server, raw):
-    host, port = server.url.removeprefix("http://").split(":")
     before = _outcomes(server)
-    with socket.create_connection((host, int(port)), timeout=30) as conn:
-        conn.sendall(raw)
-        answer = b""
-        while chunk := conn.recv(65536):
-            answer += chunk
+    answer = _exchange(server, raw)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 ") and b"connection: close" in head.lower()
     assert json.loads(body)["error"].startswith("the request is not valid HTTP/1.1: ")
@@ -751,13 +746,8 @@ def test_framing_a_proxy_could_read_otherwise_is_refused(server, raw, status, re
     """Where RFC 9112 says to refuse a request (a proxy in front may frame it or route it
     otherwise than the server would), it is refused and the connection closed; /metrics
     counts it."""
-    host, port = server.url.removeprefix("http://").split(":")
     before = _refusals(server).get(status.decode(), 0)
-    with socket.create_connection((host, int(port)), timeout=30) as conn:
-        conn.sendall(raw)
-        answer = b""
-        while chunk := conn.recv(65536):
-            answer += chunk
+    answer = _exchange(server, raw)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 " + status) and reason in json.loads(body)["error"]
     assert b"HTTP/1.1 200" not in answer  # nothing more was answered
@@ -767,16 +757,11 @@ def test_framing_a_proxy_could_read_otherwise_is_refused(server, raw, status, re
 def test_requests_before_malformed_http_on_a_connection_are_answered_first(server, rows, caplog):
     """A client that pipelines requests and then sends what is not HTTP gets their
     answers in order, then the 400 (and no traceback is logged for them)."""
-    host, port = server.url.removeprefix("http://").split(":")
     specs = input_specs(server.service.predictor.config)
     body = json.dumps(infer_request(with_user_of(rows.slice(0, 5), specs), specs)).encode()
     infer = b"POST /v2/models/ctr/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
     ready = b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n"
-    with socket.create_connection((host, int(port)), timeout=30) as conn:
-        conn.sendall(infer + ready + infer + b"GET /\x00 HTTP/1.1\r\n\r\n")
-        answer = b""
-        while chunk := conn.recv(65536):
-            answer += chunk
+    answer = _exchange(server, infer + ready + infer + b"GET /\x00 HTTP/1.1\r\n\r\n")
     statuses = re.findall(rb"HTTP/1.1 (\d+) ", answer)
     assert statuses == [b"200", b"200", b"200", b"400"]
     assert answer.rstrip().endswith(b'"}') and b"not valid HTTP/1.1" in answer
@@ -784,16 +769,11 @@ def test_requests_before_malformed_http_on_a_connection_are_answered_first(serve
 
 
 def test_a_request_line_whose_url_cannot_be_read_is_refused_after_the_request_before_it(server, rows):
-    host, port = server.url.removeprefix("http://").split(":")
     specs = input_specs(server.service.predictor.config)
     body = json.dumps(infer_request(with_user_of(rows.slice(0, 2), specs), specs)).encode()
     before = _outcomes(server)
-    with socket.create_connection((host, int(port)), timeout=30) as conn:
-        conn.sendall(b"POST /v2/models/ctr/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-                     + b"GET http://a:99999/ HTTP/1.1\r\nHost: x\r\n\r\n")
-        answer = b""
-        while chunk := conn.recv(65536):
-            answer += chunk
+    answer = _exchange(server, b"POST /v2/models/ctr/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                               + b"GET http://a:99999/ HTTP/1.1\r\nHost: x\r\n\r\n")
     assert re.findall(rb"HTTP/1.1 (\d+) ", answer) == [b"200", b"400"]
     assert b"User callback error" not in answer and _outcomes(server)["ok"] == before.get("ok", 0) + 1
 
@@ -838,6 +818,17 @@ def test_the_one_version_has_its_routes_and_every_error_is_json(server, rows):
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(request, timeout=30)
         assert caught.value.code == status and path in json.loads(caught.value.read())["error"]
+
+
+def _exchange(server, raw: bytes) -> bytes:  # type: ignore[no-untyped-def]
+    """What the server answers to `raw` sent on a connection of its own, until it closes it."""
+    host, port = server.url.removeprefix("http://").split(":")
+    answer = b""
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(raw)
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer
 
 
 def until_answered(conn: socket.socket) -> bytes:
