@@ -388,10 +388,8 @@ def _train(args: argparse.Namespace) -> int:
     if summary["compile_s"] >= _NOTED_COMPILE_S:
         print(f"  {summary['compile_s']:.1f} s of the run went to compiling Tidal's kernels on their first use here; "
               "numba keeps them on disk, so later runs skip it")
-    for example in summary["bad_row_examples"]:
-        print(f"  {example}")
-    if summary["bad_rows"] > len(summary["bad_row_examples"]):
-        print(f"  ... and {summary['bad_rows'] - len(summary['bad_row_examples']):,} more")
+    for line in BadRows(summary["bad_rows"], summary["bad_row_examples"]).listed():
+        print(f"  {line}")
     if summary["eval"]:
         evaluation = Evaluation(**summary["eval"])
         for target in evaluation.auc:

@@ -179,12 +179,16 @@ class BadRows:
         self.count += count
         self.examples += examples[: max(0, _MAX_EXAMPLES - len(self.examples))]
 
+    def listed(self) -> list[str]:
+        """The examples kept, then how many more bad rows there were."""
+        left = self.count - len(self.examples)
+        return [*self.examples, *([f"... and {left:,} more"] if left > 0 else [])]
+
     def summary(self) -> str:
         if not self.count:
             return "no bad rows"
-        shown = "\n  ".join(self.examples)
-        more = f"\n  ... and {self.count - len(self.examples):,} more" if self.count > len(self.examples) else ""
-        return f"{self.count:,} bad row{'s' if self.count != 1 else ''} skipped:\n  {shown}{more}"
+        shown = "\n  ".join(self.listed())
+        return f"{self.count:,} bad row{'s' if self.count != 1 else ''} skipped:\n  {shown}"
 
     def none_valid(self) -> str:
         """Why no valid row came: the files that held no rows at all, then the bad rows."""

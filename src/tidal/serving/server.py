@@ -772,7 +772,7 @@ def _framing_refusal(version: str, headers: list[tuple[bytes, bytes]]) -> tuple[
 
 def _protocol_for(service: Service) -> type[_GuardedHttp]:
     """`_GuardedHttp` counting its refusals in `service`'s metrics."""
-    return type("_ServiceHeaders", (_GuardedHttp,), {"refusals": service.metrics.http_refusals})
+    return type("_ServiceHttp", (_GuardedHttp,), {"refusals": service.metrics.http_refusals})
 
 
 class _GuardedHttp(HttpToolsProtocol):
