@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 
 import pytest
 
@@ -61,3 +62,83 @@ def test_an_interrupt_the_process_ignores_stays_ignored_after_a_deferring_block(
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _kernel_returning_arrays():  # type: ignore[no-untyped-def]
+    import numba
+    import numpy as np
+
+    @numba.njit(nogil=True)
+    def kernel(n):  # type: ignore[no-untyped-def]
+        total = np.zeros(1)
+        for i in range(n):
+            total[0] += np.sqrt(i)
+        return total, total.copy()  # boxed by a call back into Python, where a pending signal is handled
+
+    kernel(1)
+    return kernel
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_during_a_numba_kernel_is_raised_as_itself_once_the_kernel_returns(sig, ctrl_c_raises):
+    """Raised in numba's callback, it reached the caller as a SystemError (a Ctrl-C or a
+    SIGTERM during training ended in a traceback and exit code 1)."""
+    kernel = _kernel_returning_arrays()
+    with sigterm_interrupts():
+        timer = threading.Timer(0.2, os.kill, (os.getpid(), sig))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            for _ in range(10_000):
+                kernel(20_000_000)  # ~20 ms: the signal comes while one runs, and is met at its return
+        timer.join()
+    assert SIGTERM_CAME.is_set() == (sig == signal.SIGTERM)
+    SIGTERM_CAME.clear()  # lest a later test's training stop at its first step
+
+
+def test_a_ctrl_c_that_the_process_ignores_stays_ignored_in_a_sigterm_block():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with sigterm_interrupts():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_as_llvm_hands_numba_its_machine_code_stops_the_compile(sig, ctrl_c_raises, monkeypatch):
+    """Raised in LLVM's call back, Python dropped it: the first run's compile went on."""
+    import numba
+    from numba.core.registry import cpu_target
+
+    engine = cpu_target.target_context.codegen()._engine._ee
+    hand_over = engine._object_cache_notify
+
+    def signal_then_hand_over(*args):  # type: ignore[no-untyped-def]
+        os.kill(os.getpid(), sig)  # handled at the next line, inside LLVM's call back
+        hand_over(*args)
+
+    monkeypatch.setattr(engine, "_object_cache_notify", signal_then_hand_over)
+    with sigterm_interrupts(), pytest.raises(KeyboardInterrupt):
+        numba.njit(lambda x: x + 1)(1)
+    SIGTERM_CAME.clear()
+
+
+class _SignalsAsItIsCollected:
+    def __init__(self, sig: int) -> None:
+        self.sig = sig
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), self.sig)  # handled at the next line, inside the finalizer
+        self.sig = 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_in_a_finalizer_is_raised_in_the_code_that_ran(sig, ctrl_c_raises):
+    """Python drops an exception a finalizer raises: the interrupt was lost."""
+    done = []
+    with sigterm_interrupts(), pytest.raises(KeyboardInterrupt):
+        _SignalsAsItIsCollected(sig)  # collected at once
+        done.append("the next line")
+        done.append("the line after")
+    assert done == []
+    SIGTERM_CAME.clear()

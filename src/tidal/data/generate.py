@@ -34,7 +34,7 @@ from tidal.config import is_whole_number
 from tidal.data.criteo import CRITEO_DENSE, CRITEO_SPARSE
 from tidal.errors import ConfigError, DataError
 from tidal.mixing import mix64_array
-from tidal.processes import process_running
+from tidal.processes import ctrl_c_raises, process_running
 
 __all__ = ["AFTER_THE_FILES_WERE_IN_PLACE", "GeneratedData", "auc", "check_arguments", "generate"]
 
@@ -184,16 +184,15 @@ def _put_in_place(out: Path, temporary: list[Path]) -> list[str]:
 def _interrupts_deferred() -> Iterator[None]:
     """A block Ctrl-C does not cut short: it takes effect at the block's end. (Python
     delivers signals to the main thread only, so elsewhere there is nothing to defer.)"""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    if threading.current_thread() is not threading.main_thread() or not ctrl_c_raises():
         yield
         return
     caught: list[int] = []
-    signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
+    previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, previous)
     if caught:  # not when the block failed: its error says more
         raise KeyboardInterrupt(AFTER_THE_FILES_WERE_IN_PLACE)
 
