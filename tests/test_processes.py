@@ -6,6 +6,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 
 import pytest
 
@@ -64,6 +65,14 @@ def test_an_interrupt_the_process_ignores_stays_ignored_after_a_deferring_block(
         signal.signal(signal.SIGINT, previous)
 
 
+@pytest.fixture
+def no_sigterm_left() -> Iterator[None]:
+    """SIGTERM_CAME cleared after the test, lest a later test's training stop at its
+    first step."""
+    yield
+    SIGTERM_CAME.clear()
+
+
 def _kernel_returning_arrays():  # type: ignore[no-untyped-def]
     import numba
     import numpy as np
@@ -79,20 +88,79 @@ def _kernel_returning_arrays():  # type: ignore[no-untyped-def]
     return kernel
 
 
+def _free_for_other_threads(lock: threading.RLock) -> bool:
+    """Whether another thread can take `lock` (an interrupt that skipped its release
+    leaves every other thread waiting for it)."""
+    taken = []
+
+    def take() -> None:
+        if lock.acquire(timeout=5):
+            taken.append(True)
+            lock.release()
+
+    other = threading.Thread(target=take)
+    other.start()
+    other.join()
+    return taken == [True]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupt_during_a_numba_kernel_is_raised_as_itself_once_the_kernel_returns(sig, ctrl_c_raises):
+def test_an_interrupt_during_a_numba_kernel_is_raised_as_itself_once_the_kernel_returns(sig, ctrl_c_raises,
+                                                                                      no_sigterm_left):
     """Raised in numba's callback, it reached the caller as a SystemError (a Ctrl-C or a
     SIGTERM during training ended in a traceback and exit code 1)."""
-    kernel = _kernel_returning_arrays()
-    with sigterm_interrupts():
-        timer = threading.Timer(0.2, os.kill, (os.getpid(), sig))
-        timer.start()
-        with pytest.raises(KeyboardInterrupt):
-            for _ in range(10_000):
-                kernel(20_000_000)  # ~20 ms: the signal comes while one runs, and is met at its return
+    kernel, lock = _kernel_returning_arrays(), threading.RLock()
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), sig))
+    try:
+        with sigterm_interrupts():
+            timer.start()
+            with pytest.raises(KeyboardInterrupt):
+                for _ in range(10_000):
+                    with lock:
+                        kernel(20_000_000)  # ~20 ms: the signal comes while one runs, and is met at its return
+    finally:
+        timer.cancel()
         timer.join()
     assert SIGTERM_CAME.is_set() == (sig == signal.SIGTERM)
-    SIGTERM_CAME.clear()  # lest a later test's training stop at its first step
+    assert _free_for_other_threads(lock)
+
+
+def _numba_boxing_that_signals(sig: int):  # type: ignore[no-untyped-def]
+    """numba's boxing as a signal that came during the kernel meets it: at its start."""
+    from numba.core import serialize
+
+    namespace = {"__name__": serialize.__name__, "signal": signal, "sig": sig}
+    exec(f"def {serialize._numba_unpickle.__name__}():\n    signal.raise_signal(sig)\n    return 1\n", namespace)
+    return namespace[serialize._numba_unpickle.__name__]
+
+
+def _under(lock: threading.RLock, call):  # type: ignore[no-untyped-def]
+    with lock:
+        return call()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_met_in_numba_s_boxing_lets_the_caller_s_cleanup_run(sig, ctrl_c_raises, no_sigterm_left):
+    boxing, lock, ran = _numba_boxing_that_signals(sig), threading.RLock(), []
+    with sigterm_interrupts(), pytest.raises(KeyboardInterrupt):
+        try:
+            _under(lock, boxing)
+        finally:
+            ran.append("finally")
+    assert ran == ["finally"] and _free_for_other_threads(lock)
+
+
+def test_tracing_on_before_an_interrupt_met_in_numba_s_boxing_is_on_after_it(ctrl_c_raises):
+    def tracer(frame, event, arg):  # type: ignore[no-untyped-def]
+        return None
+
+    sys.settrace(tracer)  # as coverage or a debugger has it
+    try:
+        with pytest.raises(KeyboardInterrupt), sigterm_interrupts():
+            _numba_boxing_that_signals(signal.SIGINT)()
+        assert sys.gettrace() is tracer
+    finally:
+        sys.settrace(None)
 
 
 def test_a_ctrl_c_that_the_process_ignores_stays_ignored_in_a_sigterm_block():
@@ -105,9 +173,11 @@ def test_a_ctrl_c_that_the_process_ignores_stays_ignored_in_a_sigterm_block():
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupt_as_llvm_hands_numba_its_machine_code_stops_the_compile(sig, ctrl_c_raises, monkeypatch):
-    """Raised in LLVM's call back, Python dropped it: the first run's compile went on."""
+def test_an_interrupt_as_llvm_hands_numba_its_machine_code_stops_the_compile(sig, ctrl_c_raises, monkeypatch,
+                                                                            no_sigterm_left):
+    """Raised in LLVM's ctypes callback, Python dropped it: the first run's compile went on."""
     import numba
+    from llvmlite.binding import ffi
     from numba.core.registry import cpu_target
 
     engine = cpu_target.target_context.codegen()._engine._ee
@@ -120,7 +190,7 @@ def test_an_interrupt_as_llvm_hands_numba_its_machine_code_stops_the_compile(sig
     monkeypatch.setattr(engine, "_object_cache_notify", signal_then_hand_over)
     with sigterm_interrupts(), pytest.raises(KeyboardInterrupt):
         numba.njit(lambda x: x + 1)(1)
-    SIGTERM_CAME.clear()
+    assert _free_for_other_threads(ffi.lib._lock._lock)  # llvmlite's: other threads compile on
 
 
 class _SignalsAsItIsCollected:
@@ -132,13 +202,39 @@ class _SignalsAsItIsCollected:
         self.sig = 0
 
 
+def _collect_one_that_signals(sig: int, done: list[str]) -> None:
+    _SignalsAsItIsCollected(sig)  # collected at once
+    done.append("the rest of the function")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupt_in_a_finalizer_is_raised_in_the_code_that_ran(sig, ctrl_c_raises):
+def test_an_interrupt_in_a_finalizer_is_raised_as_the_code_that_ran_returns(sig, ctrl_c_raises, no_sigterm_left):
     """Python drops an exception a finalizer raises: the interrupt was lost."""
-    done = []
+    done: list[str] = []
     with sigterm_interrupts(), pytest.raises(KeyboardInterrupt):
-        _SignalsAsItIsCollected(sig)  # collected at once
-        done.append("the next line")
-        done.append("the line after")
-    assert done == []
-    SIGTERM_CAME.clear()
+        _collect_one_that_signals(sig, done)
+        done.append("after the function")
+    assert done == ["the rest of the function"]
+
+
+def test_no_tracing_is_left_on_where_an_interrupt_waits_on_a_frame_beyond_the_block(ctrl_c_raises,
+                                                                                  no_sigterm_left):
+    with sigterm_interrupts():
+        _SignalsAsItIsCollected(signal.SIGINT)  # its interrupt waits for this test to return
+    assert sys.gettrace() is None
+
+
+class _RaisesAsItIsCollected:
+    def __del__(self) -> None:
+        raise KeyboardInterrupt("from a worker's finalizer")
+
+
+def test_an_interrupt_a_worker_thread_s_finalizer_raises_is_reported_as_before(monkeypatch):
+    """No signal raises it there: it is the thread's own, and not the main thread's."""
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: reported.append(unraisable.exc_value.args))
+    with sigterm_interrupts():
+        worker = threading.Thread(target=_RaisesAsItIsCollected)
+        worker.start()
+        worker.join()
+    assert reported == [("from a worker's finalizer",)]

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
-__all__ = ["SIGTERM_CAME", "ctrl_c_raises", "deferring_interrupts", "keeping_sigterm", "process_running",
+__all__ = ["SIGTERM_CAME", "deferring_interrupts", "interrupting_signals", "keeping_sigterm", "process_running",
            "sigterm_interrupts"]
 
 
@@ -36,11 +36,12 @@ def sigterm_interrupts() -> Iterator[None]:
     thread; elsewhere signals cannot be handled, and nothing changes): a job stopped by
     its scheduler (Kubernetes, Slurm, systemd) ends as one stopped by hand.
 
-    Where Python handles the signal decides how it ends: inside numba's or LLVM's call
-    back from compiled code (`_CALLBACKS`, where one that came while that code ran is
-    handled), the caller got a SystemError or nothing; inside a finalizer (a weak
-    reference's callback, say), Python dropped the KeyboardInterrupt. Either is raised
-    at the next line of the code that was running. (`SIGTERM_CAME` still tells whether a
+    Where Python handles the signal decides how it ends: inside numba's boxing of the
+    arrays a kernel returns (where one that came while the kernel ran is handled), the
+    caller got a SystemError; inside a finalizer, a weak reference's callback or a ctypes
+    callback (LLVM's, as numba compiles), Python dropped the KeyboardInterrupt. The
+    kernel's caller gets the KeyboardInterrupt in place of the SystemError; the code
+    that ran the finalizer gets it as it returns. (`SIGTERM_CAME` still tells whether a
     SIGTERM came, should it be lost some other way. Ctrl-C is taken over only where it
     raised KeyboardInterrupt: one a background job ignores stays ignored.)"""
     if threading.current_thread() is not threading.main_thread():
@@ -51,20 +52,25 @@ def sigterm_interrupts() -> Iterator[None]:
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _interrupt)}
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         previous[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupt)
-    unraisablehook = sys.unraisablehook
+    unraisablehook, tracing = sys.unraisablehook, sys.gettrace()
     sys.unraisablehook = _raising_dropped_interrupts(unraisablehook)
     try:
         yield
     finally:
-        sys.unraisablehook = unraisablehook
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        sys.unraisablehook = unraisablehook  # after the handlers: no interrupt is dropped meanwhile
+        # tracing as before: Python turned it off where `_raise_on_leaving` raised, and it
+        # is still on where one waits yet for its frame to be left
+        if sys.gettrace() in (None, _no_other_frames):
+            sys.settrace(tracing)
 
 
-def ctrl_c_raises() -> bool:
-    """Whether a Ctrl-C raises KeyboardInterrupt here (not ignored, nor taken by a
-    handler of another's)."""
-    return signal.getsignal(signal.SIGINT) in (signal.default_int_handler, _interrupt)
+def interrupting_signals() -> list[int]:
+    """The signals that raise KeyboardInterrupt here: Ctrl-C's unless it is ignored or
+    another's handler takes it, and SIGTERM in a `sigterm_interrupts` block."""
+    raising = (signal.default_int_handler, _interrupt)
+    return [sig for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) in raising]
 
 
 @contextlib.contextmanager
@@ -99,9 +105,9 @@ def deferring_interrupts() -> Iterator[None]:
     previous = {sig: signal.getsignal(sig) for sig in signals}
     came: list[int] = []
 
-    def note(sig: int, frame: object) -> None:
+    def note(sig: int, frame: FrameType | None) -> None:
         if came:
-            raise KeyboardInterrupt
+            _interrupt(sig, frame)
         came.append(sig)
 
     try:
@@ -121,61 +127,67 @@ SIGTERM_CAME = threading.Event()
 def _interrupt(sig: int, frame: FrameType | None) -> None:
     if sig == signal.SIGTERM:
         SIGTERM_CAME.set()
-    callback = _callback_from_c(frame)
-    if callback is None or callback.f_back is None:
-        raise KeyboardInterrupt
-    _raise_when_back_in(callback.f_back)
+    boxing = _numba_boxing(frame)
+    if boxing is not None and boxing.f_back is not None:
+        _raise_on_leaving(boxing.f_back, KeyboardInterrupt())  # in place of the SystemError it gets
+    raise KeyboardInterrupt
 
 
-# Python functions that compiled code calls, where an exception comes out of the
-# compiled code as a SystemError or is dropped: numba boxing the arrays a kernel returns,
-# LLVM handing numba the machine code it compiled. A signal that came while the
-# compiled code ran is handled at the start of such a call.
-_CALLBACKS = {("numba.core.serialize", "_numba_unpickle"),
-              ("llvmlite.binding.executionengine", "_raw_object_cache_notify"),
-              ("llvmlite.binding.executionengine", "_raw_object_cache_getbuffer")}
+# numba boxes the arrays a kernel returns by calling this function from the compiled
+# code, which turns an exception raised in it into a SystemError; a signal that came
+# while the kernel ran is handled at its start
+_NUMBA_BOXING = ("numba.core.serialize", "_numba_unpickle")
 
 
-def _callback_from_c(frame: FrameType | None) -> FrameType | None:
-    """The outermost frame of one of `_CALLBACKS` that `frame` runs in, if any."""
+def _numba_boxing(frame: FrameType | None) -> FrameType | None:
+    """The outermost frame of numba's boxing (`_NUMBA_BOXING`) that `frame` runs in, if
+    any: an exception raised anywhere inside it leaves through the compiled code."""
     outermost = None
     while frame is not None:
-        if (frame.f_globals.get("__name__"), frame.f_code.co_name) in _CALLBACKS:
+        if (frame.f_globals.get("__name__"), frame.f_code.co_name) == _NUMBA_BOXING:
             outermost = frame
         frame = frame.f_back
     return outermost
 
 
 def _raising_dropped_interrupts(previous: Callable[[Any], object]) -> Callable[[Any], object]:
-    """A `sys.unraisablehook` that raises a KeyboardInterrupt Python dropped (one raised
-    in a finalizer or a weak reference's callback) in the code that was running, at its
-    next line; it passes anything else to `previous`."""
+    """A `sys.unraisablehook` that raises a KeyboardInterrupt Python dropped in the main
+    thread (one raised in a finalizer, a weak reference's callback or a ctypes callback)
+    as the code that was running returns; it passes anything else (a worker thread's,
+    say: signals raise in the main thread only) to `previous`."""
 
     def hook(unraisable: Any) -> None:
-        caller = sys._getframe(1)  # the frame that ran when Python called the finalizer
-        if issubclass(unraisable.exc_type, KeyboardInterrupt) and caller is not None:
-            _raise_when_back_in(caller)
-        else:
+        running = None
+        if issubclass(unraisable.exc_type, KeyboardInterrupt) and threading.current_thread() is threading.main_thread():
+            try:
+                running = sys._getframe(1)  # the frame that ran when the finalizer was called
+            except ValueError:  # none did
+                pass
+            boxing = _numba_boxing(running)
+            running = boxing.f_back if boxing is not None else running
+        if running is None:
             previous(unraisable)
+        else:
+            _raise_on_leaving(running, unraisable.exc_value or KeyboardInterrupt())
 
     return hook
 
 
-def _raise_when_back_in(caller: FrameType | None) -> None:
-    """Raise KeyboardInterrupt in `caller` (the frame whose C call called back) at its
-    next line or its return, through a trace function of that frame alone; the tracing
-    there was before is put back."""
-    if caller is None:
-        return
-    outer, own = sys.gettrace(), caller.f_trace
+def _raise_on_leaving(frame: FrameType, exc: BaseException) -> None:
+    """Raise `exc` as `frame` is left: in place of the exception it meets (where it
+    meets it: its `finally` and `with` exits run), or as it returns. A trace function of
+    that frame alone does it; Python turns all tracing off where a trace function
+    raises, and `sigterm_interrupts` puts back what there was."""
+    lines = frame.f_trace_lines
 
-    def stop(frame: FrameType, event: str, arg: object) -> None:
-        frame.f_trace = own
-        sys.settrace(outer)
-        raise KeyboardInterrupt
+    def stop(traced: FrameType, event: str, arg: object) -> Callable[..., object]:
+        if event in ("exception", "return"):
+            traced.f_trace_lines = lines
+            raise exc
+        return stop
 
-    caller.f_trace = stop
-    sys.settrace(outer or _no_other_frames)  # a frame's own trace function is called only while tracing is on
+    frame.f_trace, frame.f_trace_lines = stop, False
+    sys.settrace(sys.gettrace() or _no_other_frames)  # a frame's own trace function is called only while tracing is on
 
 
 def _no_other_frames(frame: FrameType, event: str, arg: object) -> None:

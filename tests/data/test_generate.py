@@ -186,21 +186,25 @@ def test_an_interrupted_or_failed_run_leaves_the_folder_as_it_was(tmp_path, monk
     assert _contents(tmp_path) == before
 
 
-def test_ctrl_c_as_the_files_are_renamed_takes_effect_once_they_all_are(tmp_path, monkeypatch, capsys, ctrl_c_raises):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_as_the_files_are_renamed_takes_effect_once_they_all_are(sig, tmp_path, monkeypatch, capsys,
+                                                                        ctrl_c_raises):
+    """A SIGTERM there (a scheduler's stop) removed truth.json and left old and new files."""
     generate(tmp_path, rows=40, files=2, seed=5)
-    put_in_place = generate_module._put_in_place
+    replace, sigterm_handler = generate_module.os.replace, signal.getsignal(signal.SIGTERM)
 
-    def interrupted_then(*args):  # type: ignore[no-untyped-def]
-        signal.raise_signal(signal.SIGINT)
-        return put_in_place(*args)
+    def interrupted_between(*args):  # type: ignore[no-untyped-def]
+        replace(*args)
+        signal.raise_signal(sig)
 
-    monkeypatch.setattr(generate_module, "_put_in_place", interrupted_then)
+    monkeypatch.setattr(generate_module.os, "replace", interrupted_between)
     assert main(["gen-data", "--out", str(tmp_path), "--rows", "30", "--seed", "6"]) == 130
     assert capsys.readouterr().err == f"tidal gen-data: interrupted; {tmp_path} holds the whole new data set, which " \
                                       f"was being put in place\n"
     assert sorted(_contents(tmp_path)) == ["part-00000.tsv", "truth.json"]
     assert len((tmp_path / "part-00000.tsv").read_text().splitlines()) == 30
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works as before again
+    assert signal.getsignal(signal.SIGTERM) is sigterm_handler
 
 
 def test_a_rename_that_fails_leaves_no_truth_json_and_its_error_is_not_hidden_by_ctrl_c(tmp_path, monkeypatch,

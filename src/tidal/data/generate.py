@@ -34,7 +34,7 @@ from tidal.config import is_whole_number
 from tidal.data.criteo import CRITEO_DENSE, CRITEO_SPARSE
 from tidal.errors import ConfigError, DataError
 from tidal.mixing import mix64_array
-from tidal.processes import ctrl_c_raises, process_running
+from tidal.processes import interrupting_signals, process_running
 
 __all__ = ["AFTER_THE_FILES_WERE_IN_PLACE", "GeneratedData", "auc", "check_arguments", "generate"]
 
@@ -43,7 +43,7 @@ _VOCABULARY, _ZIPF_A = 1_000_000, 1.2  # the defaults of `generate` and `check_a
 _PARTIAL = ".partial"  # the suffix of a file being written (after a leading '.': hidden)
 # a file being written, .NAME.PID-TOKEN.partial: NAME once whole, PID the writing process's (none: an earlier version's)
 _TEMPORARY = re.compile(r"\.(?P<name>part-[0-9]{5}\.[^.]+|truth\.json)(?:\.(?P<pid>[0-9]+)-[0-9a-f]+)?\.partial")
-# what a KeyboardInterrupt says when Ctrl-C came as the files were put in place: it took effect once they were
+# what a KeyboardInterrupt says when Ctrl-C or SIGTERM came as the files were put in place: it took effect once they were
 AFTER_THE_FILES_WERE_IN_PLACE = "after the new files were in place"
 
 
@@ -73,8 +73,9 @@ def generate(out_dir: str | Path, *, rows: int, files: int = 1, file_format: Lit
     its temporary files and leaves `out_dir` as it was: a folder the run made is removed,
     with the parent folders it made (a run that fails as it renames leaves no truth.json); the temporary files of a run killed outright are removed by
     the next run, once the process that wrote them is no longer running;
-    Ctrl-C as the files are renamed takes effect once they all are (the KeyboardInterrupt
-    then says `AFTER_THE_FILES_WERE_IN_PLACE`).
+    Ctrl-C (or SIGTERM, where it raises KeyboardInterrupt: `tidal.processes.sigterm_interrupts`)
+    as the files are renamed takes effect once they all are (the KeyboardInterrupt then
+    says `AFTER_THE_FILES_WERE_IN_PLACE`).
     """
     check_arguments(rows=rows, files=files, file_format=file_format, vocabulary=vocabulary, zipf_a=zipf_a, seed=seed,
                     split=split)
@@ -182,17 +183,20 @@ def _put_in_place(out: Path, temporary: list[Path]) -> list[str]:
 
 @contextmanager
 def _interrupts_deferred() -> Iterator[None]:
-    """A block Ctrl-C does not cut short: it takes effect at the block's end. (Python
-    delivers signals to the main thread only, so elsewhere there is nothing to defer.)"""
-    if threading.current_thread() is not threading.main_thread() or not ctrl_c_raises():
+    """A block Ctrl-C or SIGTERM does not cut short (where either raises KeyboardInterrupt):
+    it takes effect at the block's end. (Python delivers signals to the main thread
+    only, so elsewhere there is nothing to defer.)"""
+    signals = interrupting_signals()
+    if threading.current_thread() is not threading.main_thread() or not signals:
         yield
         return
     caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda number, frame: caught.append(number))
+    previous = {sig: signal.signal(sig, lambda number, frame: caught.append(number)) for sig in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if caught:  # not when the block failed: its error says more
         raise KeyboardInterrupt(AFTER_THE_FILES_WERE_IN_PLACE)
 
