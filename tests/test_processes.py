@@ -217,10 +217,26 @@ def test_an_interrupt_in_a_finalizer_is_raised_as_the_code_that_ran_returns(sig,
     assert done == ["the rest of the function"]
 
 
-def test_no_tracing_is_left_on_where_an_interrupt_waits_on_a_frame_beyond_the_block(ctrl_c_raises,
-                                                                                  no_sigterm_left):
-    with sigterm_interrupts():
-        _SignalsAsItIsCollected(signal.SIGINT)  # its interrupt waits for this test to return
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_in_a_finalizer_in_a_loop_is_raised_at_the_loop_s_next_turn(sig, ctrl_c_raises,
+                                                                                 no_sigterm_left):
+    """The frame that ran the finalizer may not return for the whole run."""
+    turns, lock = [], threading.RLock()
+    with sigterm_interrupts(), pytest.raises(KeyboardInterrupt):
+        for turn in range(1_000):
+            with lock:
+                turns.append(turn)
+                if turn == 3:
+                    _SignalsAsItIsCollected(sig)
+    assert turns == [0, 1, 2, 3] and _free_for_other_threads(lock)
+
+
+def test_an_interrupt_that_waits_on_a_frame_beyond_the_block_is_raised_as_the_block_ends(ctrl_c_raises,
+                                                                                      no_sigterm_left):
+    """It was lost, and tracing was left on."""
+    with pytest.raises(KeyboardInterrupt):
+        with sigterm_interrupts():
+            _SignalsAsItIsCollected(signal.SIGINT)  # its interrupt waits for this test to return
     assert sys.gettrace() is None
 
 

@@ -54,16 +54,23 @@ def sigterm_interrupts() -> Iterator[None]:
         previous[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupt)
     unraisablehook, tracing = sys.unraisablehook, sys.gettrace()
     sys.unraisablehook = _raising_dropped_interrupts(unraisablehook)
+    left: BaseException | None = None
     try:
         yield
     finally:
+        for waiting, (exc, lines) in list(_PENDING.items()):  # not left yet: raised here instead
+            waiting.f_trace, waiting.f_trace_lines = None, lines
+            left = left or exc
+        _PENDING.clear()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         sys.unraisablehook = unraisablehook  # after the handlers: no interrupt is dropped meanwhile
         # tracing as before: Python turned it off where `_raise_on_leaving` raised, and it
-        # is still on where one waits yet for its frame to be left
+        # is still on where one was waiting
         if sys.gettrace() in (None, _no_other_frames):
             sys.settrace(tracing)
+    if left is not None:
+        raise left
 
 
 def interrupting_signals() -> list[int]:
@@ -123,6 +130,9 @@ def deferring_interrupts() -> Iterator[None]:
 
 SIGTERM_CAME = threading.Event()
 
+# the frames `_raise_on_leaving` waits on, with what it raises and their line tracing before
+_PENDING: dict[FrameType, tuple[BaseException, bool]] = {}
+
 
 def _interrupt(sig: int, frame: FrameType | None) -> None:
     if sig == signal.SIGTERM:
@@ -175,18 +185,23 @@ def _raising_dropped_interrupts(previous: Callable[[Any], object]) -> Callable[[
 
 def _raise_on_leaving(frame: FrameType, exc: BaseException) -> None:
     """Raise `exc` as `frame` is left: in place of the exception it meets (where it
-    meets it: its `finally` and `with` exits run), or as it returns. A trace function of
-    that frame alone does it; Python turns all tracing off where a trace function
+    meets it: its `finally` and `with` exits run), as it returns, or at its loop's next
+    turn; at the end of the `sigterm_interrupts` block at the latest. A trace function
+    of that frame alone does it; Python turns all tracing off where a trace function
     raises, and `sigterm_interrupts` puts back what there was."""
-    lines = frame.f_trace_lines
+    lines, start = frame.f_trace_lines, frame.f_lasti
 
     def stop(traced: FrameType, event: str, arg: object) -> Callable[..., object]:
-        if event in ("exception", "return"):
+        # a line before the one it ran (a loop's next turn): the statement it was in, and
+        # any with or finally inside the loop around it, are done; blocks outside still hold it
+        if event in ("exception", "return") or (event == "line" and traced.f_lasti < start):
+            _PENDING.pop(traced, None)
             traced.f_trace_lines = lines
             raise exc
         return stop
 
-    frame.f_trace, frame.f_trace_lines = stop, False
+    _PENDING[frame] = (exc, lines)
+    frame.f_trace, frame.f_trace_lines = stop, True
     sys.settrace(sys.gettrace() or _no_other_frames)  # a frame's own trace function is called only while tracing is on
 
 
