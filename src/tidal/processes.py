@@ -41,7 +41,8 @@ def sigterm_interrupts() -> Iterator[None]:
     caller got a SystemError; inside a finalizer, a weak reference's callback or a ctypes
     callback (LLVM's, as numba compiles), Python dropped the KeyboardInterrupt. The
     kernel's caller gets the KeyboardInterrupt in place of the SystemError; the code
-    that ran the finalizer gets it as it returns. (`SIGTERM_CAME` still tells whether a
+    that ran the finalizer gets it as it returns or goes round its loop
+    (`_raise_on_leaving`). (`SIGTERM_CAME` still tells whether a
     SIGTERM came, should it be lost some other way. Ctrl-C is taken over only where it
     raised KeyboardInterrupt: one a background job ignores stays ignored.)"""
     if threading.current_thread() is not threading.main_thread():
@@ -163,7 +164,7 @@ def _numba_boxing(frame: FrameType | None) -> FrameType | None:
 def _raising_dropped_interrupts(previous: Callable[[Any], object]) -> Callable[[Any], object]:
     """A `sys.unraisablehook` that raises a KeyboardInterrupt Python dropped in the main
     thread (one raised in a finalizer, a weak reference's callback or a ctypes callback)
-    as the code that was running returns; it passes anything else (a worker thread's,
+    as the code that was running is left (`_raise_on_leaving`); it passes anything else (a worker thread's,
     say: signals raise in the main thread only) to `previous`."""
 
     def hook(unraisable: Any) -> None:

@@ -184,8 +184,10 @@ def _put_in_place(out: Path, temporary: list[Path]) -> list[str]:
 @contextmanager
 def _interrupts_deferred() -> Iterator[None]:
     """A block Ctrl-C or SIGTERM does not cut short (where either raises KeyboardInterrupt):
-    it takes effect at the block's end. (Python delivers signals to the main thread
-    only, so elsewhere there is nothing to defer.)"""
+    it takes effect at the block's end. Unlike `tidal.processes.deferring_interrupts`, a
+    second one waits too: the renames take milliseconds, and one cut short leaves two
+    data sets mixed. (Python delivers signals to the main thread only, so elsewhere
+    there is nothing to defer.)"""
     signals = interrupting_signals()
     if threading.current_thread() is not threading.main_thread() or not signals:
         yield
