@@ -183,6 +183,9 @@ _DIRECT = [SparseFeature(name="user", columns=["u"], table="t"), DenseFeature(na
                           r"got '1e400' in row 1"),
     ("n", ["1e39", "1"], r"dense feature 'n' .*: expected numbers within float32's range .*, got '1e39' in row 0"),
     ("n", pa.array([1.0, float("inf")]), r"dense feature 'n' .*: expected numbers within float32's range .*, got inf"),
+    # as training's readers and the server refuse it: the log transform would bring it within the range
+    ("m", ["1", "1e39"], r"dense feature 'm' .*: expected numbers within float32's range .*, got '1e39' in row 1"),
+    ("m", pa.array([-1e300, 1.0]), r"dense feature 'm' .*: expected numbers within float32's range .*, got -1e\+300 in row 0"),
     ("u", pa.array([1, 2]), r"feature 'user' reads its column\(s\) as text: expected string columns, "
                             r"got column 'u' of type int64"),
 ])
@@ -201,11 +204,11 @@ def test_a_table_or_a_dict_is_refused_naming_what_came():
 
 
 def test_soft_labels_numeric_columns_and_large_logs_are_still_read():
-    batch = pa.record_batch({"u": ["x", "y"], "n": pa.array([1.0, float("nan")]), "m": ["1e39", ""],
+    batch = pa.record_batch({"u": ["x", "y"], "n": pa.array([1.0, float("nan")]), "m": ["3.4028235e38", ""],
                              "y": pa.array([0.25, 1.0])})
     out = Extractor(_DIRECT)(batch)
     assert out.labels.ravel().tolist() == [0.25, 1.0]
-    np.testing.assert_allclose(out.dense, [[1.0, math.log1p(1e39)], [0.0, 0.0]], rtol=1e-6)  # NaN: missing
+    np.testing.assert_allclose(out.dense, [[1.0, math.log1p(3.4028235e38)], [0.0, 0.0]], rtol=1e-6)  # NaN: missing
 
 
 def test_a_dict_where_a_feature_config_goes_is_refused_naming_the_classes():

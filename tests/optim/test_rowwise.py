@@ -15,6 +15,8 @@ from numpy.testing import assert_allclose
 
 from tidal.config import Adagrad, Adam, AdamW, Ftrl, Initializer, RowWiseAdagrad, Sgd, TableConfig
 from tidal.embedding.table import EmbeddingTable
+from tidal.errors import BatchError, ConfigError
+from tidal.optim import OptimizerKernel
 
 DIM = 4
 KEYS = np.array([3, 17, 42, 101, 7777, 5, 1 << 40], dtype=np.int64)
@@ -220,3 +222,42 @@ def test_update_row_leaves_absent_rows_unchanged_for_random_configs(config, n, d
             acc[~absent] += g * g
             w[~absent] -= config.lr * g / (np.sqrt(acc[~absent]) + config.eps)
         assert_allclose(after, w, **TOL)
+
+
+@pytest.mark.parametrize("optimizer", [Sgd(lr=0.1), Adagrad(lr=0.1), RowWiseAdagrad(lr=0.1), Adam(lr=0.1),
+                                       AdamW(lr=0.1), Ftrl(alpha=0.1)])
+def test_a_kernel_updates_a_single_row_as_the_table_updates_its_rows(optimizer) -> None:
+    table = _table(optimizer, keys=KEYS[:1])
+    block, _ = table.pull_rows(KEYS[:1])
+    row = np.concatenate([block.values[0], block.state[0]]).astype(np.float32)
+    kernel = OptimizerKernel(optimizer, DIM)
+    grads = np.random.default_rng(3).standard_normal((STEPS, DIM))
+    for step, grad in enumerate(grads, start=1):
+        kernel.update(row, grad.tolist(), step)  # a list of Python floats is taken too
+        table.apply_gradients(KEYS[:1], grad[None].astype(np.float32))
+    values, state = _rows(table, KEYS[:1])
+    assert_allclose(row, np.concatenate([values[0], state[0]]), **TOL)
+
+
+@pytest.mark.parametrize(("row", "grad", "step", "message"), [
+    (np.zeros(DIM, np.float32), np.ones(DIM), 1, r"row must be a float32 numpy array of 8 values \(4 values and "
+                                                 r"4 of optimizer state\), got float32 of shape \[4\]"),
+    (np.zeros(2 * DIM), np.ones(DIM), 1, r"got float64 of shape \[8\]"),
+    ([0.0] * 2 * DIM, np.ones(DIM), 1, "got list"),
+    (np.zeros(2 * DIM, np.float32), np.ones(DIM + 1), 1, r"grad must be 4 numbers \(a 1-D array\), got float64 of shape \[5\]"),
+    (np.zeros(2 * DIM, np.float32), ["a"] * DIM, 1, r"grad must be 4 numbers .*got <U1"),
+    (np.zeros(2 * DIM, np.float32), np.ones(DIM), 0, "step must be a whole number >= 1, got 0"),
+])
+def test_a_kernel_refuses_a_row_or_gradient_that_does_not_fit_and_writes_nothing(row, grad, step, message) -> None:
+    kernel = OptimizerKernel(Adagrad(lr=0.1), DIM)
+    before = np.array(row, copy=True)
+    with pytest.raises(BatchError, match=message):
+        kernel.update(row, grad, step)
+    assert np.array_equal(np.asarray(row), before)
+
+
+def test_a_kernel_refuses_what_is_not_an_optimizer_config() -> None:
+    with pytest.raises(ConfigError, match=r"an optimizer config must be one of Sgd, Adagrad.*got 'adagrad'"):
+        OptimizerKernel("adagrad", DIM)
+    with pytest.raises(ConfigError, match="dim must be a whole number >= 1, got 0"):
+        OptimizerKernel(Sgd(), 0)

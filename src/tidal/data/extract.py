@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from tidal.config import DenseFeature, FeatureConfig, LabelFeature, SparseFeature, require
 from tidal.data.batch import SparseBatch
 from tidal.data.hashing import hash_strings
-from tidal.data.readers import Bags, WeightedBags, split_bags, weighted_values
+from tidal.data.readers import FLOAT32_MAX, Bags, WeightedBags, split_bags, weighted_values
 from tidal.errors import ConfigError, DataError
 from tidal.mixing import mix64_array
 
@@ -295,14 +295,14 @@ def _dense(features: list[DenseFeature], batch: pa.RecordBatch) -> np.ndarray:
     values = _joint_numbers(columns) if len({c.type for c in columns}) == 1 else None  # [Dd, B]
     if values is None:  # of several types, or a value that is not a number: named with its feature
         values = np.stack([_number(c, np.nan, _named(f)) for f, c in zip(features, columns)])
-    log = np.array([f.transform == "log" for f in features])[:, None]
-    values = np.where(log, np.sign(values) * np.log1p(np.abs(values)), values)
-    missing = np.array([f.missing_value for f in features])[:, None]
-    with np.errstate(over="ignore"):  # beyond float32: refused just below
-        dense = np.ascontiguousarray(np.where(np.isnan(values), missing, values).T, dtype=np.float32)
-    if not np.isfinite(dense).all():
-        row, d = (int(i) for i in np.argwhere(~np.isfinite(dense))[0])
+    with np.errstate(invalid="ignore"):  # NaN: missing
+        beyond = np.abs(values) > FLOAT32_MAX  # before the log transform, which would bring them within it
+    if beyond.any():
+        d, row = (int(i) for i in np.argwhere(beyond)[0])
         raise DataError(f"{_named(features[d])}: expected numbers within float32's range (|x| <= 3.4028235e38), got "
                         f"{columns[d][row].as_py()!r} in row {row}; read files with read_batches("
                         f"checks=extractor.checks) to skip such rows")
-    return dense
+    log = np.array([f.transform == "log" for f in features])[:, None]
+    values = np.where(log, np.sign(values) * np.log1p(np.abs(values)), values)
+    missing = np.array([f.missing_value for f in features])[:, None]
+    return np.ascontiguousarray(np.where(np.isnan(values), missing, values).T, dtype=np.float32)

@@ -1,5 +1,8 @@
-"""Sparse optimizers applied row-wise, with their state stored next to each row."""
+"""Sparse optimizers applied row-wise, with their state stored next to each row.
 
-from tidal.optim.rowwise import OptimizerKernel, update_row
+`OptimizerKernel(config, dim).update(row, grad, step)` applies one step to a single
+row from Python; the store's compiled kernels use `rowwise`'s functions directly."""
 
-__all__ = ["OptimizerKernel", "update_row"]
+from tidal.optim.rowwise import OptimizerKernel
+
+__all__ = ["OptimizerKernel"]

@@ -9,7 +9,7 @@ A table row is one float32 vector: the `dim` values, then the optimizer's state:
     ftrl             [ w(dim) | z(dim) | n(dim) ]
 
 `update_row` is called by compiled kernels for each unique row of a batch, with the
-row's summed gradient; the formulas follow torch.optim (SGD, Adagrad, SparseAdam,
+row's summed gradient (it checks nothing: from Python, use `OptimizerKernel.update`); the formulas follow torch.optim (SGD, Adagrad, SparseAdam,
 AdamW) and McMahan et al. 2013 (FTRL-proximal). A per-row step kept in float32 counts
 exactly up to 2**24 updates of that row.
 """
@@ -22,7 +22,7 @@ import numba
 import numpy as np
 
 from tidal.config import Adagrad, Adam, AdamW, Ftrl, OptimizerConfig, RowWiseAdagrad, Sgd
-from tidal.errors import BatchError
+from tidal.errors import BatchError, ConfigError
 
 __all__ = ["OptimizerKernel", "adagrad_row", "adam_row", "adamw_row", "ftrl_row", "rowwise_adagrad_row",
            "sgd_row", "update_row"]
@@ -37,13 +37,37 @@ class OptimizerKernel:
     """What a compiled kernel needs to know of one optimizer config."""
 
     def __init__(self, config: OptimizerConfig, dim: int) -> None:
+        if type(config) not in _CODES:
+            raise ConfigError(f"an optimizer config must be one of {', '.join(c.__name__ for c in _CODES)} "
+                              f"(tidal.Sgd(lr=0.01), ...), got {config!r}")
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+            raise ConfigError(f"dim must be a whole number >= 1, got {dim!r}")
         self.code = _CODES[type(config)]
+        self.dim = int(dim)
         self.state_width = config.state_width(dim)
         self.initial_state = getattr(config, "initial_accumulator_value", 0.0)
         self.hyper = _pack(config)
         # every optimizer but plain SGD needs the sum of a row's gradients before its update,
         # so a lookup must list its distinct rows; SGD adds each key's gradient as it comes
         self.sums_keys_first = self.code != SGD
+
+    def update(self, row: np.ndarray, grad: np.ndarray, step: int = 1, lr_scale: float = 1.0) -> None:
+        """Apply one step to `row` in place: a float32 array of the `dim` values and then
+        the `state_width` values of state (the layout above), given its gradient `grad`
+        (`dim` numbers). `step` is the table's update count (from 1), which Adam's bias
+        correction uses; `lr_scale` as in `hyper_at`."""
+        width = self.dim + self.state_width
+        if not isinstance(row, np.ndarray) or row.dtype != np.float32 or row.shape != (width,):
+            raise BatchError(f"row must be a float32 numpy array of {width} values ({self.dim} values and "
+                             f"{self.state_width} of optimizer state), got {_described(row)}")
+        if not row.flags.writeable:
+            raise BatchError("row must be writeable: the update is applied in place")
+        grad = np.asarray(grad) if isinstance(grad, (np.ndarray, list, tuple)) else grad
+        if not isinstance(grad, np.ndarray) or grad.dtype.kind not in "iuf" or grad.shape != (self.dim,):
+            raise BatchError(f"grad must be {self.dim} numbers (a 1-D array), got {_described(grad)}")
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
+            raise BatchError(f"step must be a whole number >= 1, got {step!r}")
+        update_row(self.code, row, grad.astype(np.float32), self.hyper_at(lr_scale), int(step))
 
     def hyper_at(self, lr_scale: float) -> np.ndarray:
         """The hyper-parameters with the learning rate (FTRL's alpha) times `lr_scale`;
@@ -58,6 +82,13 @@ class OptimizerKernel:
         hyper = self.hyper.copy()
         hyper[LR] *= lr_scale
         return hyper
+
+
+def _described(value: object) -> str:
+    """An argument's type, with its dtype and shape when it is an array."""
+    if isinstance(value, np.ndarray):
+        return f"{value.dtype} of shape {list(value.shape)}"
+    return type(value).__name__
 
 
 _CODES = {Sgd: SGD, Adagrad: ADAGRAD, RowWiseAdagrad: ROWWISE_ADAGRAD, Adam: ADAM,
