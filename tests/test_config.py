@@ -225,6 +225,14 @@ def test_error_paths_are_the_keys_of_the_config_not_pydantics_union_branches():
     lines = str(info.value).splitlines()
     assert "RunConfig: data.train: expected a file, a glob, or a non-empty list of them (strings), got ['a.tsv', 5]" \
         in lines
+    for data, shown in [({"train": ""}, "data.train: expected a file, a glob, or a non-empty list of them, got an "
+                                          "empty name ''"),
+                        ({"train": "a.tsv", "eval": ""}, "data.eval: expected a file, a glob, or a non-empty list of "
+                                                          "them, got an empty name '' (for no evaluation, leave "
+                                                          "data.eval out or set it to null)"),
+                        ({"train": ["a.tsv", " "]}, "got an empty name ['a.tsv', ' ']")]:
+        with pytest.raises(ConfigError, match=re.escape(shown)):  # an unset variable templated in: not "no files"
+            RunConfig(**_run(data=data))
     assert "RunConfig: features.0.pooling: Input should be 'sum', 'mean' or 'sqrtn', got 'max'" in lines
     assert "RunConfig: tables.0.optimizer.lr: Input should be greater than 0, got -1" in lines
     with pytest.raises(ConfigError, match=r"^RunConfig: tables\.0: required key 'name' is missing$"):
@@ -372,6 +380,9 @@ def test_set_overrides_replace_values_of_the_file_by_key_path_naming_list_elemen
     shared.write_text(shared.read_text() + "a: &b0 x\n" + bomb + "\n")  # 10^8 values, as aliases of aliases
     with pytest.raises(ConfigError, match="more than 1,000,000 values once its YAML aliases are expanded"):
         RunConfig.from_yaml(str(shared), ["training.lr=0.5"])
+    dotted = tmp_path / "dotted.yaml"  # a table name may hold dots: the longest name the key spells is the one
+    dotted.write_text(config.read_text().replace("table: ids", "table: u.v").replace("name: ids", "name: u.v"))
+    assert RunConfig.from_yaml(str(dotted), ["tables.u.v.dim=4"]).tables[0].dim == 4
     for entry, message in [
         ("tables.items.dim=16", "--set tables.items.dim: tables has no element named 'items' (its names: ids; or an "
                                 "index from 0 to 0)"),
@@ -385,3 +396,10 @@ def test_set_overrides_replace_values_of_the_file_by_key_path_naming_list_elemen
     with pytest.raises(ConfigError, match=re.escape(f"{config} with --set training.lrr=1: RunConfig: training: "
                                                     "unknown key 'lrr'")):
         RunConfig.from_yaml(str(config), ["training.lrr=1"])
+
+
+def test_a_normal_initializer_whose_draws_would_overflow_float32_is_refused():
+    assert TableConfig(name="t", dim=4, initializer=Initializer(kind="normal", scale=5e37)).initializer.scale == 5e37
+    with pytest.raises(ConfigError, match=r"a normal initializer's scale must be at most 5\.671e\+37, got 3e\+38: its "
+                                          r"draws reach 6 times the scale"):
+        Initializer(kind="normal", scale=3e38)

@@ -691,6 +691,10 @@ def _serving_settings(entries: list[str], flags: dict) -> dict:
         if field == "table_dtype":
             raise ConfigError("--set table_dtype: the tables' dtype is fixed when the bundle is written "
                               "(tidal export --table-dtype)")
+        if field.partition(".")[0] in ServingConfig.model_fields and "." in field:
+            whole = field.partition(".")[0]
+            raise ConfigError(f"--set {field}: a serving field is set whole, not a part of it: give {whole}'s "
+                              f"whole value as YAML (--set '{whole}={{...}}')")
         if field not in ServingConfig.model_fields:
             raise ConfigError(f"--set {field}: no such serving field; the fields are "
                               f"{', '.join(f for f in ServingConfig.model_fields if f != 'table_dtype')}")

@@ -143,6 +143,10 @@ def _refuse_unused(model: BaseModel, unused: dict[str, str], where: str = "") ->
         raise ValueError(f"{', '.join(unused)} would have no effect here: remove {them}")
 
 
+_NORMAL_REACH = 6.0  # a normal row's values stay within 5.8 scales (Box-Muller from 24-bit uniforms)
+_NORMAL_SCALE_MAX = _FLOAT32_MAX / _NORMAL_REACH
+
+
 class Initializer(_Model):
     """Initial row values: `uniform` U(-scale, scale), `normal` N(0, scale²) or `zeros`.
 
@@ -157,6 +161,9 @@ class Initializer(_Model):
     @pydantic.model_validator(mode="after")
     def _scale_applies(self) -> Initializer:
         _refuse_unused(self, _unused({"scale": (self.kind != "zeros", "kind: uniform or normal")}))
+        if self.kind == "normal" and self.scale > _NORMAL_SCALE_MAX:
+            raise ValueError(f"a normal initializer's scale must be at most {_NORMAL_SCALE_MAX:.4g}, got {self.scale:g}: "
+                             f"its draws reach {_NORMAL_REACH:g} times the scale, which must stay within float32")
         return self
 
 
@@ -588,8 +595,13 @@ class DataConfig(_Model):
         """A file, a glob or a non-empty list of them (eval may be none)."""
         if info.field_name == "eval" and value in (None, []):
             return value
-        if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+        names = [value] if isinstance(value, str) else value
+        if isinstance(names, list) and names and all(isinstance(v, str) and v.strip() for v in names):
             return value
+        if isinstance(names, list) and names and all(isinstance(v, str) for v in names):
+            unset = " (for no evaluation, leave data.eval out or set it to null)" if info.field_name == "eval" else ""
+            raise ValueError(f"expected a file, a glob, or a non-empty list of them, got an empty name "
+                             f"{_shown(value)}{unset}")
         raise ValueError(f"expected a file, a glob, or a non-empty list of them (strings), got {_shown(value)}")
 
     @pydantic.field_validator("columns")
@@ -1171,34 +1183,39 @@ def override(content: dict, entry: str) -> None:
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {key}: the value is not YAML: {exc}") from None
     node: Any = content
-    for depth, part in enumerate(parts):
-        where = ".".join(parts[:depth]) or "the config"
-        last = depth == len(parts) - 1
+    depth = 0
+    while depth < len(parts):
+        where, part = ".".join(parts[:depth]) or "the config", parts[depth]
         if isinstance(node, list):
-            index = _element(node, part, key, where)
-            if last:
+            index, used = _element(node, parts[depth:], key, where)
+            depth += used
+            if depth == len(parts):
                 node[index] = value
             node = node[index]
-        elif isinstance(node, dict):
-            if last:
-                node[part] = value
-            elif node.get(part) is None:
-                node[part] = {}
-            node = node[part]
-        else:
+            continue
+        if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {where} is {node!r}, not a mapping or a list to set {part!r} in")
+        depth += 1
+        if depth == len(parts):
+            node[part] = value
+        elif node.get(part) is None:
+            node[part] = {}
+        node = node[part]
 
 
-def _element(items: list, part: str, key: str, where: str) -> int:
-    """The index of the element `part` names in the list `items`: its `name`, or its index."""
+def _element(items: list, parts: list[str], key: str, where: str) -> tuple[int, int]:
+    """The index of the element the first of `parts` names in the list `items`, and how
+    many parts the name took: its `name` (the longest that `parts` joined by dots
+    spell, since a name may hold dots), or its index."""
     names = [item.get("name") if isinstance(item, dict) else None for item in items]
-    if part in names:
-        return names.index(part)
-    if part.isdigit() and int(part) < len(items):
-        return int(part)
+    for used in range(len(parts), 0, -1):
+        if ".".join(parts[:used]) in names:
+            return names.index(".".join(parts[:used])), used
+    if parts[0].isdigit() and int(parts[0]) < len(items):
+        return int(parts[0]), 1
     named = ", ".join(str(n) for n in names if n is not None) or "none"
     indexes = f"; or an index from 0 to {len(items) - 1}" if items else "; it is empty"
-    raise ConfigError(f"--set {key}: {where} has no element named {part!r} (its names: {named}{indexes})")
+    raise ConfigError(f"--set {key}: {where} has no element named {parts[0]!r} (its names: {named}{indexes})")
 
 
 def effective_fields(config: dict) -> dict:

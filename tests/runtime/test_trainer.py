@@ -340,6 +340,16 @@ def test_a_run_whose_loss_is_not_finite_stops_saying_at_which_step(tmp_path, way
         Trainer(RunConfig(**config, **way)).fit()
 
 
+def test_a_run_whose_loss_is_not_finite_at_its_first_step_points_at_the_starting_values(tmp_path):
+    """No learning rate has acted at step 1: lowering one would not help."""
+    config = _config(tmp_path, epochs=1)
+    config["tables"][0]["initializer"] = {"kind": "uniform", "scale": 3e38}
+    config["data"]["eval"] = None
+    with pytest.raises(TidalError, match=r"training diverged at step 1: its loss is nan\. Look at the starting values: "
+                                         r"the tables' initializer scale"):
+        Trainer(RunConfig(**config)).fit()
+
+
 def test_cli_says_which_steps_a_resumed_run_trained(tmp_path, capsys):
     config = _config(tmp_path, checkpoint_every=5, epochs=1)
     config["data"]["eval"] = None
@@ -403,8 +413,9 @@ def test_resume_refuses_a_changed_config(tmp_path):
     with pytest.raises(CheckpointError, match=r"the config changed since this checkpoint \(data.batch_size: 512 there, "
                                               r"256 now; model.hidden_sizes\[0\]: 32 there, 16 now\); resume with the "
                                               r"config it was written with \(a resume may change the training, runtime, "
-                                              r"passmode, serving sections and data.eval, data.eval_group_by, "
-                                              r"data.on_bad_row, data.max_bad_fraction, nothing else\)$"):
+                                              r"passmode, serving sections, data.eval, data.eval_group_by, "
+                                              r"data.on_bad_row, data.max_bad_fraction and the tables' reserve_rows, "
+                                              r"nothing else\)$"):
         Trainer(RunConfig(**config)).fit(resume=True)
     config["model"]["hidden_sizes"], config["data"]["batch_size"] = [32], 512
     config["data"] |= {"max_bad_fraction": 0.5, "on_bad_row": "fail"}  # how bad rows are met may change

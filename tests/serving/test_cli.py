@@ -224,6 +224,8 @@ def test_serve_names_the_flag_of_a_value_out_of_range(trainer, tmp_path, capsys)
                               ("max_queue_rows=1e-1", "--set max_queue_rows: Input should be a valid integer, got a "
                                                       "number with a fractional part, got 0.1"),
                               ("nonsense=1", "--set nonsense: no such serving field; the fields are fusion, buckets"),
+                              ("fusion.weights.click=2", "--set fusion.weights.click: a serving field is set "
+                                                         "whole, not a part of it: give fusion's whole value as YAML"),
                               ("table_dtype=float16", "fixed when the bundle is written (tidal export --table-dtype)"),
                               ("chunk_rows", "--set takes FIELD=VALUE, got 'chunk_rows'"),
                               ("buckets=[1, 2", "--set buckets: the value is not YAML"),

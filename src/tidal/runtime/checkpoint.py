@@ -501,7 +501,8 @@ def restore(trainer: Trainer, directory: Path, *, check_data: bool = True) -> di
     meta = read_meta(directory)
     _check_config(directory, meta, trainer, _kept_on_resume,
                   f"resume with the config it was written with (a resume may change the {', '.join(_MAY_CHANGE)} "
-                  f"sections and data.{', data.'.join(_DATA_MAY_CHANGE)}, nothing else)")
+                  f"sections, data.{', data.'.join(_DATA_MAY_CHANGE)} and the tables' "
+                  f"{', '.join(sorted(_UNCHECKED_TABLE_FIELDS))}, nothing else)")
     if check_data and "data_files" in meta:  # not in checkpoints written before it was recorded
         _check_data_files(directory, meta["data_files"], trainer.data_files or data_files(trainer.config.data.train))
     torch.set_rng_state(_load_model(trainer, directory, meta)["rng.torch"])

@@ -489,9 +489,13 @@ def check_loss(loss: float, step: int, logits: torch.Tensor | None = None) -> No
         culprits = (f"; {len(rows)} of the batch's {logits.shape[0]} rows have outputs that are not numbers "  # type: ignore[union-attr]
                     f"(rows {shown}, from 0): if it is only those, their inputs overflow the network (a weighted "
                     f"bag's weight or a dense number near float32's limit, say): fix or drop them")
-    advice = "Else lower" if culprits else "Lower"
-    raise TidalError(f"training diverged at step {step}: its loss is {loss}{culprits}. {advice} training.lr or "
-                     f"the tables' learning rates, and resume from a checkpoint before this step, or start again")
+    if step == 1:  # no update has acted yet
+        verb, what = "look at", "the starting values: the tables' initializer scale, the dense inputs and their transforms"
+    else:
+        verb, what = "lower", ("training.lr or the tables' learning rates, and resume from a checkpoint before this "
+                               "step, or start again")
+    advice = f"Else {verb}" if culprits else verb.capitalize()
+    raise TidalError(f"training diverged at step {step}: its loss is {loss}{culprits}. {advice} {what}")
 
 
 _DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
