@@ -197,6 +197,38 @@ def test_a_few_reserved_wide_rows_touch_the_memory_of_those_rows_not_of_their_wh
     assert _resident_bytes() - before < 64 << 20
 
 
+def _resident_bytes_of_mapping(address: int) -> int:
+    """Rss of the mapping of this process that holds `address` (from /proc/self/smaps)."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            first = line.split()[0]
+            if "-" in first and not first.endswith(":"):
+                low, high = (int(x, 16) for x in first.split("-"))
+                inside = low <= address < high
+            elif inside and first == "Rss:":
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads a mapping's resident memory from /proc (Linux)")
+@pytest.mark.parametrize("dim", [16, 32, 64])
+def test_a_chunk_of_rows_takes_the_memory_of_its_rows_and_no_more(dim):
+    """Chunks were padded by 2 MiB to start on a huge page, padding that could be
+    resident: narrow tables held up to twice what stats() reported."""
+    table = EmbeddingTable(TableConfig(name="t", dim=dim, num_shards=1, reserve_rows=CHUNK_ROWS))
+    chunk = table.arena.chunks[0][0]
+    assert chunk.nbytes == table.stats().allocated_bytes == CHUNK_ROWS * dim * 4
+    base = chunk.base
+    while isinstance(base, np.ndarray) and base.base is not None:  # down to the buffer the chunk was cut from
+        base = base.base
+    if chunk.nbytes < 2 << 20:  # no huge page fits: cache-line aligned on the heap
+        assert chunk.ctypes.data % 64 == 0 and np.asarray(base).nbytes <= chunk.nbytes + 64
+    else:  # on huge pages of a mapping of its own, whose slack is never written
+        assert chunk.ctypes.data % (2 << 20) == 0
+        assert _resident_bytes_of_mapping(chunk.ctypes.data) <= chunk.nbytes + (64 << 10)
+
+
 def test_reserve_beyond_the_row_cap_is_a_config_error():
     from tidal.errors import ConfigError
 

@@ -12,9 +12,13 @@ one compiled kernel reads rows of any chunk of any shard at the speed of a flat 
     local_row   = chunk << CHUNK_SHIFT | offset
     row address = directory[shard, chunk] + offset * width * 4
 
-Chunks start on a 2 MiB boundary, so the kernel can back them with huge pages (numpy
-asks for them on large arrays): rows read at random then cost far fewer TLB misses,
-and a new chunk faults in two pages instead of a thousand.
+A chunk of 2 MiB or more is a fresh anonymous mapping that starts its rows on a 2 MiB
+boundary and asks the kernel for huge pages there: rows read at random then cost far
+fewer TLB misses, and a new chunk faults in two pages instead of a thousand. The
+mapping's slack around the aligned rows is never written, so it takes no memory (a
+2 MiB-padded heap buffer could land on pages already written, and once held up to
+twice the rows' memory for narrow tables). Smaller chunks, which no huge page fits,
+come from the heap aligned to a cache line.
 
 The `Arena` owns the chunk arrays; the directory only borrows their addresses, so an
 arena must outlive every kernel call that reads it (the table holds it for good).
@@ -22,6 +26,7 @@ arena must outlive every kernel call that reads it (the table holds it for good)
 
 from __future__ import annotations
 
+import mmap
 import platform
 import threading
 
@@ -213,10 +218,21 @@ class Arena:
 
 
 _HUGE_PAGE = 2 << 20
+_LINE = 64
 
 
 def _aligned_empty(count: int) -> np.ndarray:
-    """An uninitialized float32 array of `count` values that starts on a 2 MiB boundary."""
-    raw = np.empty(count * 4 + _HUGE_PAGE, dtype=np.uint8)
+    """An uninitialized float32 array of `count` values: on a 2 MiB boundary of a fresh
+    mapping that asks for huge pages when it is that large (see the module docstring),
+    else on a cache-line boundary."""
+    size = count * 4
+    if size < _HUGE_PAGE or not hasattr(mmap, "MAP_ANONYMOUS"):
+        raw = np.empty(size + _LINE, dtype=np.uint8)
+        start = -raw.ctypes.data % _LINE
+        return raw[start : start + size].view(np.float32)
+    mapping = mmap.mmap(-1, size + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = np.frombuffer(mapping, dtype=np.uint8)  # keeps the mapping alive
     start = -raw.ctypes.data % _HUGE_PAGE
-    return raw[start : start + count * 4].view(np.float32)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        mapping.madvise(mmap.MADV_HUGEPAGE, start, size)
+    return raw[start : start + size].view(np.float32)
