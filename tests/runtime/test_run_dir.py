@@ -75,6 +75,16 @@ def test_keep_checkpoints_keeps_the_newest_and_a_damaged_latest_says_to_resume_f
     assert_same_state(whole, resumed)
 
 
+def test_the_periodic_save_of_a_runs_last_step_gives_way_to_the_save_at_its_end(tmp_path):
+    """It counted as one of the kept checkpoints: with two kept, the run held the same
+    step twice and no earlier one to fall back on."""
+    config = _config(tmp_path, epochs=1, checkpoint_every=8, keep_checkpoints=2)
+    config["data"]["eval"] = None
+    assert Trainer(RunConfig(**config)).fit()["steps"] == 24  # a multiple of checkpoint_every
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000016-epoch-0", "step-00000024-epoch-1"]
+
+
 def test_reading_a_kept_earlier_checkpoint_leaves_it_there_and_a_warm_start_from_it_trains(tmp_path):
     config = _config(tmp_path, epochs=1, checkpoint_every=5, keep_checkpoints=3)
     config["data"]["eval"] = None

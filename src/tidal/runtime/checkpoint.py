@@ -243,8 +243,10 @@ def _remove_superseded(root: Path, name: str, keep: int) -> None:
 
 def _kept(root: Path, name: str, keep: int) -> set[str]:
     """The checkpoints of folder `root` a run keeps: `name`, its latest, and the `keep` - 1
-    newest complete ones before it."""
-    earlier = _folders_before(root.parent, name)
+    newest complete ones of earlier steps (not one of its own step: the periodic save of
+    a run's last step, which the save at its end supersedes)."""
+    step = _position_of(name)[0]
+    earlier = [n for n in _folders_before(root.parent, name) if _position_of(n)[0] < step]
     return {name, *(earlier[max(0, len(earlier) - (keep - 1)):] if keep > 1 else [])}
 
 
