@@ -51,6 +51,9 @@ def test_a_run_whose_latest_pointer_was_lost_is_not_replaced_and_says_how_to_go_
                                               rf"{before.name}: to go on from the newest, write LATEST again "
                                               rf"\({{\"checkpoint\": \"{before.name}\"}}\)"):
         Trainer(RunConfig(**run)).fit(resume=True)
+    with pytest.raises(CheckpointError, match=rf"LATEST is missing, but the run's checkpoints folder holds "
+                                              rf"{before.name}"):  # it said "no checkpoint to export; train first"
+        export(tmp_path / "run", tmp_path / "bundle")
 
 
 def test_keep_checkpoints_keeps_the_newest_and_a_damaged_latest_says_to_resume_from_the_one_before(tmp_path):
