@@ -362,13 +362,21 @@ def test_export_applies_the_caps_that_the_checkpoint_at_a_runs_end_may_exceed(tm
     np.testing.assert_array_equal(values, saved.lookup(keys))
 
 
-def test_the_backend_of_a_saved_config_is_replaced_as_the_checkpoint_reads_it(trainer):
+def test_the_serving_settings_of_a_saved_config_are_replaced_as_the_checkpoint_reads_it(trainer):
     from tidal.config import RunConfig
-    from tidal.serving.bundle import _with_backend
+    from tidal.serving.bundle import _with_serving
 
     saved = trainer.config.model_dump(mode="json")
     # a field a new config refuses without data.eval, which a checkpoint's config may hold
     old = RunConfig.from_saved({**saved, "training": {**saved["training"], "eval_every": 10}})
-    config = _with_backend(old, "onnxruntime")
+    config = _with_serving(old, backend="onnxruntime", table_dtype=None)
     assert config.serving.backend == "onnxruntime" and config.training.eval_every == 10
-    assert _with_backend(old, None) is old
+    assert _with_serving(old, backend=None, table_dtype=None) is old
+
+
+def test_a_float16_bundles_config_says_its_tables_are_float16(trainer, tmp_path):
+    """The model config endpoint reports the bundle config's table dtype: it said float32."""
+    bundle = load_bundle(export(trainer.run_dir, tmp_path / "half", table_dtype="float16"))
+    assert bundle.config.serving.table_dtype == "float16" == bundle.manifest["table_dtype"]
+    again = load_bundle(export(trainer.run_dir, tmp_path / "half"))  # an export over it keeps its dtype
+    assert again.config.serving.table_dtype == "float16" and again.tables["ids"][1].dtype == np.float16

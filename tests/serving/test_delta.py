@@ -239,6 +239,19 @@ def test_a_delta_of_the_checkpoint_served_is_not_written_and_one_of_an_older_is_
         export_delta(run.run_dir, bundle)
 
 
+def test_a_damaged_delta_met_by_an_export_is_not_blamed_on_the_checkpoint(run, bundle_dir):
+    """The message pointed at an earlier checkpoint, which fails the same way."""
+    table = _delta(run, bundle_dir) / "tables" / "ids.safetensors"
+    table.write_bytes(table.read_bytes()[:-100])
+    earlier = Path(shutil.copytree(checkpoint.latest(run.run_dir), run.run_dir / "checkpoints" / "step-00000001-epoch-0"))
+    try:  # the run kept an earlier checkpoint
+        with pytest.raises(CorruptCheckpointError, match=r"ids\.safetensors: .*corrupt or altered") as info:
+            export_delta(run.run_dir, bundle_dir)
+    finally:
+        shutil.rmtree(earlier)
+    assert "earlier checkpoint" not in str(info.value)
+
+
 def test_a_missing_delta_one_for_another_bundle_or_a_rewritten_chain_is_refused(run, bundle_dir, tmp_path):
     _delta(run, bundle_dir)
     _delta(run, bundle_dir)

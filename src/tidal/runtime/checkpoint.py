@@ -297,6 +297,8 @@ def reading(path: Path) -> Iterator[Path]:
                 try:
                     yield directory
                 except CorruptCheckpointError as exc:
+                    if not str(exc).startswith(f"{directory}{os.sep}"):  # another file's (a bundle's, say)
+                        raise
                     raise CorruptCheckpointError(f"{exc}{_kept_before(directory)}") from None
                 finally:
                     os.close(fd)

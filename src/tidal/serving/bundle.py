@@ -132,10 +132,10 @@ def _export(directory: Path, source: Path, out: Path, table_dtype: str | None, b
     remove_abandoned(out.parent, _left_beside(out), restore_to=out)
     replaced = _replaced_settings(out)
     backend, table_dtype = backend or replaced.get("backend"), table_dtype or replaced.get("table_dtype")
-    config = _with_backend(RunConfig.from_saved(meta["config"]), backend)
-    dtype = np.dtype(table_dtype or config.serving.table_dtype)
-    if dtype not in (np.float32, np.float16):
+    if table_dtype not in (None, "float32", "float16"):
         raise ConfigError(f"table dtype must be float32 or float16, got {table_dtype!r}")
+    config = _with_serving(RunConfig.from_saved(meta["config"]), backend=backend, table_dtype=table_dtype)
+    dtype = np.dtype(config.serving.table_dtype)
     _check_replaceable(out, source)
     with staging(out.parent, out.name) as folder:
         (folder / "tables").mkdir()
@@ -391,12 +391,14 @@ def _save_program(model: RankingModel, config: RunConfig, staging: Path) -> None
         torch.export.save(program, str(staging / PROGRAM))
 
 
-def _with_backend(config: RunConfig, backend: str | None) -> RunConfig:
-    """`config` (a checkpoint's) with its serving backend replaced."""
-    if backend is None:
+def _with_serving(config: RunConfig, **settings: str | None) -> RunConfig:
+    """`config` (a checkpoint's) with the serving `settings` given (not None) replaced:
+    the bundle's config says what it serves."""
+    given = {k: v for k, v in settings.items() if v is not None}
+    if not given:
         return config
     saved = config.model_dump(mode="json")
-    return RunConfig.from_saved({**saved, "serving": {**saved["serving"], "backend": backend}})
+    return RunConfig.from_saved({**saved, "serving": {**saved["serving"], **given}})
 
 
 def _manifest(config: RunConfig, source: dict, staging: Path, dtype: str) -> dict:
