@@ -228,3 +228,14 @@ def test_the_dense_stage_on_cuda_matches_the_cpu_one(trainer, bundle, predictor)
     finally:
         batcher.close()
     np.testing.assert_allclose(merged, predictor.predict(pieces), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_a_bundles_rows_are_pushed_without_another_copy_of_float32_values(dtype):
+    """A copy was one more copy of the tables at the peak of every load and reload."""
+    from tidal.serving.predictor import _row_block
+
+    keys, values = np.arange(4, dtype=np.int64), np.ones((4, 8), dtype=dtype)
+    block = _row_block(keys, values)
+    assert block.values.dtype == np.float32 and np.array_equal(block.values, values)
+    assert np.shares_memory(block.values, values) == (dtype == np.float32)

@@ -578,9 +578,10 @@ def _serving_tables(bundle: Bundle) -> list[EmbeddingTable]:
 
 
 def _row_block(keys: np.ndarray, values: np.ndarray) -> RowBlock:
-    """Serving rows as a block to push: float32 values, no optimizer state or counts."""
+    """Serving rows as a block to push: float32 values (a float32 bundle's as they are: a
+    copy would be one more copy of the tables while they load), no optimizer state or counts."""
     n = len(keys)
-    return RowBlock(keys=keys, values=values.astype(np.float32), state=np.zeros((n, 0), np.float32),
+    return RowBlock(keys=keys, values=values.astype(np.float32, copy=False), state=np.zeros((n, 0), np.float32),
                     last_seen=np.zeros(n, np.uint32), counts=np.zeros(n, np.uint32))
 
 
