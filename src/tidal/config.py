@@ -162,8 +162,9 @@ class Initializer(_Model):
     def _scale_applies(self) -> Initializer:
         _refuse_unused(self, _unused({"scale": (self.kind != "zeros", "kind: uniform or normal")}))
         if self.kind == "normal" and self.scale > _NORMAL_SCALE_MAX:
-            raise ValueError(f"a normal initializer's scale must be at most {_NORMAL_SCALE_MAX:.4g}, got {self.scale:g}: "
-                             f"its draws reach {_NORMAL_REACH:g} times the scale, which must stay within float32")
+            raise ValueError(f"a normal initializer's scale must be at most {_NORMAL_SCALE_MAX:.4g}, got "
+                             f"{self.scale:g}: its draws reach {_NORMAL_REACH:g} times the scale, which must stay "
+                             f"within float32")
         return self
 
 

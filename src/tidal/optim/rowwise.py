@@ -9,8 +9,9 @@ A table row is one float32 vector: the `dim` values, then the optimizer's state:
     ftrl             [ w(dim) | z(dim) | n(dim) ]
 
 `update_row` is called by compiled kernels for each unique row of a batch, with the
-row's summed gradient (it checks nothing: from Python, use `OptimizerKernel.update`); the formulas follow torch.optim (SGD, Adagrad, SparseAdam,
-AdamW) and McMahan et al. 2013 (FTRL-proximal). A per-row step kept in float32 counts
+row's summed gradient (it checks nothing: from Python, use `OptimizerKernel.update`);
+the formulas follow torch.optim (SGD, Adagrad, SparseAdam, AdamW) and McMahan et al.
+2013 (FTRL-proximal). A per-row step kept in float32 counts
 exactly up to 2**24 updates of that row.
 """
 

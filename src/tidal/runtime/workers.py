@@ -490,7 +490,8 @@ def check_loss(loss: float, step: int, logits: torch.Tensor | None = None) -> No
                     f"(rows {shown}, from 0): if it is only those, their inputs overflow the network (a weighted "
                     f"bag's weight or a dense number near float32's limit, say): fix or drop them")
     if step == 1:  # no update has acted yet
-        verb, what = "look at", "the starting values: the tables' initializer scale, the dense inputs and their transforms"
+        verb, what = "look at", ("the starting values: the tables' initializer scale, the dense inputs and their "
+                                 "transforms")
     else:
         verb, what = "lower", ("training.lr or the tables' learning rates, and resume from a checkpoint before this "
                                "step, or start again")
