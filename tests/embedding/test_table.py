@@ -161,12 +161,14 @@ def test_rows_never_move_when_table_grows_into_new_chunks():
     np.testing.assert_array_equal(chunk[(handles >> SHARD_BITS) & (CHUNK_ROWS - 1)], values)
 
 
-def test_chunks_start_on_huge_page_boundaries_so_the_kernel_can_back_them_with_huge_pages():
-    table = make_table(num_shards=2)
+@pytest.mark.parametrize(("dim", "boundary"), [(32, 2 << 20), (4, 64)], ids=["2 MiB chunks", "256 KiB chunks"])
+def test_chunks_start_on_huge_page_boundaries_so_the_kernel_can_back_them_with_huge_pages(dim, boundary):
+    """Chunks too small for a huge page start on a cache line."""
+    table = make_table(num_shards=2, dim=dim)
     insert(table, np.arange(3 * CHUNK_ROWS, dtype=np.int64))
     chunks = [c for shard in table.arena.chunks for c in shard]
     assert len(chunks) >= 3
-    assert all(c.ctypes.data % (2 << 20) == 0 and c.shape == (CHUNK_ROWS, table.width) for c in chunks)
+    assert all(c.ctypes.data % boundary == 0 and c.shape == (CHUNK_ROWS, table.width) for c in chunks)
 
 
 def test_reserved_rows_are_allocated_up_front_and_fill_without_a_new_chunk():
