@@ -811,7 +811,8 @@ class RuntimeConfig(_Model):
     the dense workers: `auto` is one GPU per dense worker when there are GPUs (round
     robin), else the CPU; `cpu`, `cuda` or `cuda:N` force it.
     `sparse_workers_at` changes the number of sparse workers at given steps, for
-    example ``{1000: 4, 5000: 2}``. `sparse_nice` is the nice value (0-19, Linux) the
+    example ``{1000: 4, 5000: 2}``; the number counts the colocated worker when there
+    is one (`{10: 2}` after 2 sparse workers and the colocated one retires one). `sparse_nice` is the nice value (0-19, Linux) the
     threads doing sparse work run at: the dense workers, the usual bottleneck on a
     CPU and the feeders of a GPU, then get a core as soon as they want one, and the
     sparse work fills the time they leave; 0 runs everything alike.

@@ -810,6 +810,14 @@ def test_the_speed_leaves_out_the_workers_start_and_stop(data, tmp_path, monkeyp
     assert json.loads((tmp_path / "telemetry.json").read_text())["final"]["elapsed_s"] < wall - 3.0
 
 
+def test_a_resume_without_the_engine_leaves_no_telemetry_of_the_stopped_command(data, tmp_path):
+    """It stayed, the figures of a command whose rows past the checkpoint the resume trained again."""
+    _trainer(data, tmp_path, {"mode": "sync", "sparse_workers": 1}, checkpoint_every=5).fit(max_steps=7)
+    assert (tmp_path / "telemetry.json").is_file()
+    assert _trainer(data, tmp_path, None).fit(resume=True)["rows"] > 0  # the reference trainer
+    assert not (tmp_path / "telemetry.json").exists()
+
+
 def test_a_resume_with_nothing_left_to_train_leaves_the_runs_telemetry_as_it_was(data, tmp_path, monkeypatch):
     import tidal.runtime.hetero
 

@@ -88,6 +88,27 @@ def test_the_periodic_save_of_a_runs_last_step_gives_way_to_the_save_at_its_end(
     assert sorted(p.name for p in root.glob("step-*")) == ["step-00000016-epoch-0", "step-00000024-epoch-1"]
 
 
+def test_a_ctrl_c_as_a_save_commits_waits_until_latest_names_the_new_checkpoint(tmp_path, monkeypatch):
+    """It left the new folder beside the old one, and a LATEST.partial, which no message named."""
+    import signal
+
+    config = _config(tmp_path, epochs=1, checkpoint_every=4)
+    config["data"]["eval"] = None
+    write = checkpoint.write_json_atomic
+
+    def interrupted(path, content):  # the Ctrl-C comes as the save of step 8 writes LATEST
+        if content.get("checkpoint", "").startswith("step-00000008-"):
+            signal.raise_signal(signal.SIGINT)
+        write(path, content)
+
+    monkeypatch.setattr(checkpoint, "write_json_atomic", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(RunConfig(**config)).fit(max_steps=12)
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["LATEST", "step-00000008-epoch-0"]
+    assert json.loads((root / "LATEST").read_text())["checkpoint"] == "step-00000008-epoch-0"
+
+
 def test_reading_a_kept_earlier_checkpoint_leaves_it_there_and_a_warm_start_from_it_trains(tmp_path):
     config = _config(tmp_path, epochs=1, checkpoint_every=5, keep_checkpoints=3)
     config["data"]["eval"] = None

@@ -59,7 +59,7 @@ from tidal.embedding import EmbeddingTable, load_tables, save_tables
 from tidal.embedding.checkpoint import (CHAIN, MANIFEST, SEAL, as_umask_allows, check_file, check_seal, fingerprint,
                                         fsync_path, is_fingerprint, sealed, write_json_atomic)
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
-from tidal.processes import process_running
+from tidal.processes import deferring_interrupts, process_running
 
 if TYPE_CHECKING:
     from tidal.runtime.trainer import Trainer
@@ -159,17 +159,25 @@ def save(trainer: Trainer, position: dict[str, int]) -> Path:
     try:
         staging.mkdir()
         _write(trainer, position, staging, _same_tables(trainer, root, position["step"]))
-        _remove_unread(root / name, wait=True)  # left by a save that died before LATEST named it
-        os.replace(staging, root / name)
+        # Written whole: a Ctrl-C or SIGTERM waits until LATEST names it and what it
+        # supersedes is gone (else a folder LATEST does not name, and a LATEST.partial)
+        with deferring_interrupts():
+            _remove_unread(root / name, wait=True)  # left by a save that died before LATEST named it
+            os.replace(staging, root / name)
+            _commit(trainer, root, name, position["step"])
     except BaseException:  # a full or read-only disk, say: leave no half-written folder behind
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    return root / name
+
+
+def _commit(trainer: Trainer, root: Path, name: str, step: int) -> None:
+    """Make the checkpoint `name`, in place, the run's latest, and remove those it supersedes."""
     fsync_path(root)
     keep = trainer.config.training.keep_checkpoints
     write_json_atomic(root / LATEST, {"checkpoint": name, "keep": keep})  # readers remove none of those kept
-    trainer.last_saved = (position["step"], name)
+    trainer.last_saved = (step, name)
     _remove_superseded(root, name, keep)
-    return root / name
 
 
 def _same_tables(trainer: Trainer, root: Path, step: int) -> Path | None:

@@ -545,12 +545,14 @@ class Trainer:
                 from tidal.runtime.hetero import train
 
                 step, finished = train(self, log, position, max_steps)
-            elif self.config.passmode is not None:
-                from tidal.runtime.passes import train
+            else:  # an engine command's telemetry.json, before this resume, does not describe this run
+                (self.run_dir / "telemetry.json").unlink(missing_ok=True)
+                if self.config.passmode is not None:
+                    from tidal.runtime.passes import train
 
-                step, finished = train(self, log, position, max_steps)
-            else:
-                step, finished = self._train(log, position, max_steps)
+                    step, finished = train(self, log, position, max_steps)
+                else:
+                    step, finished = self._train(log, position, max_steps)
             rows = self.progress.rows
             self.elapsed_s = self.progress.training_s()
             if step == first and not resume:  # a resume may find nothing left to train
