@@ -233,6 +233,9 @@ def test_error_paths_are_the_keys_of_the_config_not_pydantics_union_branches():
                         ({"train": ["a.tsv", " "]}, "got an empty name ['a.tsv', ' ']")]:
         with pytest.raises(ConfigError, match=re.escape(shown)):  # an unset variable templated in: not "no files"
             RunConfig(**_run(data=data))
+    saved = RunConfig(**_run(data={"train": "a.tsv"})).model_dump(mode="json")
+    saved["data"]["eval"] = ""  # as a config saved before empty names were refused says "no evaluation"
+    assert RunConfig.from_saved(saved).data.eval is None
     assert "RunConfig: features.0.pooling: Input should be 'sum', 'mean' or 'sqrtn', got 'max'" in lines
     assert "RunConfig: tables.0.optimizer.lr: Input should be greater than 0, got -1" in lines
     with pytest.raises(ConfigError, match=r"^RunConfig: tables\.0: required key 'name' is missing$"):
@@ -383,6 +386,11 @@ def test_set_overrides_replace_values_of_the_file_by_key_path_naming_list_elemen
     dotted = tmp_path / "dotted.yaml"  # a table name may hold dots: the longest name the key spells is the one
     dotted.write_text(config.read_text().replace("table: ids", "table: u.v").replace("name: ids", "name: u.v"))
     assert RunConfig.from_yaml(str(dotted), ["tables.u.v.dim=4"]).tables[0].dim == 4
+    both = tmp_path / "both.yaml"  # a key that spells two names is refused, not guessed
+    both.write_text(dotted.read_text().replace("tables: [", "tables: [{name: u, dim: 2}, "))
+    with pytest.raises(ConfigError, match=re.escape("--set tables.u.v.dim: tables has elements named 'u' and 'u.v', "
+                                                    "so the key could mean either; name the element by its index")):
+        RunConfig.from_yaml(str(both), ["tables.u.v.dim=4"])
     for entry, message in [
         ("tables.items.dim=16", "--set tables.items.dim: tables has no element named 'items' (its names: ids; or an "
                                 "index from 0 to 0)"),

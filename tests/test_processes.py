@@ -60,6 +60,8 @@ def test_an_interrupt_the_process_ignores_stays_ignored_after_a_deferring_block(
     try:
         with deferring_interrupts():
             os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)  # a second one stopped the block at once
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # not taken over at all
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)

@@ -688,8 +688,8 @@ def _serving_settings(entries: list[str], flags: dict) -> dict:
         field = field.strip()
         if not equals:
             raise ConfigError(f"--set takes FIELD=VALUE, got {entry!r}")
-        if field == "table_dtype":
-            raise ConfigError("--set table_dtype: the tables' dtype is fixed when the bundle is written "
+        if field.partition(".")[0] == "table_dtype":
+            raise ConfigError(f"--set {field}: the tables' dtype is fixed when the bundle is written "
                               "(tidal export --table-dtype)")
         if field.partition(".")[0] in ServingConfig.model_fields and "." in field:
             whole = field.partition(".")[0]

@@ -596,6 +596,8 @@ class DataConfig(_Model):
         """A file, a glob or a non-empty list of them (eval may be none)."""
         if info.field_name == "eval" and value in (None, []):
             return value
+        if info.field_name == "eval" and value == "" and _SAVED.get():  # no evaluation, as a config saved once said
+            return None
         names = [value] if isinstance(value, str) else value
         if isinstance(names, list) and names and all(isinstance(v, str) and v.strip() for v in names):
             return value
@@ -1207,12 +1209,16 @@ def override(content: dict, entry: str) -> None:
 
 def _element(items: list, parts: list[str], key: str, where: str) -> tuple[int, int]:
     """The index of the element the first of `parts` names in the list `items`, and how
-    many parts the name took: its `name` (the longest that `parts` joined by dots
-    spell, since a name may hold dots), or its index."""
+    many parts the name took: its `name` (which `parts` joined by dots may spell, since
+    a name may hold dots; a key that spells two names is refused), or its index."""
     names = [item.get("name") if isinstance(item, dict) else None for item in items]
-    for used in range(len(parts), 0, -1):
-        if ".".join(parts[:used]) in names:
-            return names.index(".".join(parts[:used])), used
+    spelled = [used for used in range(1, len(parts) + 1) if ".".join(parts[:used]) in names]
+    if len(spelled) > 1:
+        them = " and ".join(repr(".".join(parts[:used])) for used in spelled)
+        raise ConfigError(f"--set {key}: {where} has elements named {them}, so the key could mean either; name the "
+                          f"element by its index")
+    if spelled:
+        return names.index(".".join(parts[: spelled[0]])), spelled[0]
     if parts[0].isdigit() and int(parts[0]) < len(items):
         return int(parts[0]), 1
     named = ", ".join(str(n) for n in names if n is not None) or "none"

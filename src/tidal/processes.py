@@ -109,8 +109,8 @@ def deferring_interrupts() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {sig: signal.getsignal(sig) for sig in signals}
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signals = [sig for sig, handler in previous.items() if handler != signal.SIG_IGN]  # an ignored one stays so
     came: list[int] = []
 
     def note(sig: int, frame: FrameType | None) -> None:
@@ -123,8 +123,8 @@ def deferring_interrupts() -> Iterator[None]:
             signal.signal(sig, note)
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for sig in signals:
+            signal.signal(sig, previous[sig] if previous[sig] is not None else signal.SIG_DFL)
     for sig in came:
         signal.raise_signal(sig)
 

@@ -199,21 +199,16 @@ def test_a_few_reserved_wide_rows_touch_the_memory_of_those_rows_not_of_their_wh
     assert _resident_bytes() - before < 64 << 20
 
 
-def _resident_bytes_of_mapping(address: int) -> int:
-    """Rss of the mapping of this process that holds `address` (from /proc/self/smaps)."""
-    with open("/proc/self/smaps") as f:
-        inside = False
-        for line in f:
-            first = line.split()[0]
-            if "-" in first and not first.endswith(":"):
-                low, high = (int(x, 16) for x in first.split("-"))
-                inside = low <= address < high
-            elif inside and first == "Rss:":
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no mapping holds {address:#x}")
+def _present_pages(low: int, high: int) -> list[bool]:
+    """Whether each page of [low, high) of this process is in memory (/proc/self/pagemap's bit 63)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(low // page * 8)
+        entries = np.frombuffer(f.read((high - low) // page * 8), dtype=np.uint64)
+    return [bool(e >> np.uint64(63)) for e in entries]
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads a mapping's resident memory from /proc (Linux)")
+@pytest.mark.skipif(not os.access("/proc/self/pagemap", os.R_OK), reason="reads which pages are in memory (Linux)")
 @pytest.mark.parametrize("dim", [16, 32, 64])
 def test_a_chunk_of_rows_takes_the_memory_of_its_rows_and_no_more(dim):
     """Chunks were padded by 2 MiB to start on a huge page, padding that could be
@@ -221,14 +216,17 @@ def test_a_chunk_of_rows_takes_the_memory_of_its_rows_and_no_more(dim):
     table = EmbeddingTable(TableConfig(name="t", dim=dim, num_shards=1, reserve_rows=CHUNK_ROWS))
     chunk = table.arena.chunks[0][0]
     assert chunk.nbytes == table.stats().allocated_bytes == CHUNK_ROWS * dim * 4
-    base = chunk.base
-    while isinstance(base, np.ndarray) and base.base is not None:  # down to the buffer the chunk was cut from
-        base = base.base
+    chunk.fill(1.0)  # every row written
+    raw = chunk
+    while isinstance(raw.base, np.ndarray):  # down to the buffer the chunk was cut from
+        raw = raw.base
+    low, high = chunk.ctypes.data, chunk.ctypes.data + chunk.nbytes
     if chunk.nbytes < 2 << 20:  # no huge page fits: cache-line aligned on the heap
-        assert chunk.ctypes.data % 64 == 0 and np.asarray(base).nbytes <= chunk.nbytes + 64
-    else:  # on huge pages of a mapping of its own, whose slack is never written
-        assert chunk.ctypes.data % (2 << 20) == 0
-        assert _resident_bytes_of_mapping(chunk.ctypes.data) <= chunk.nbytes + (64 << 10)
+        assert low % 64 == 0 and raw.nbytes <= chunk.nbytes + 64
+        return
+    assert low % (2 << 20) == 0  # on huge pages of a mapping of its own, whose slack is never written
+    assert all(_present_pages(low, high))
+    assert not any(_present_pages(raw.ctypes.data, low)) and not any(_present_pages(high, raw.ctypes.data + raw.nbytes))
 
 
 def test_reserve_beyond_the_row_cap_is_a_config_error():

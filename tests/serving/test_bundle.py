@@ -380,3 +380,7 @@ def test_a_float16_bundles_config_says_its_tables_are_float16(trainer, tmp_path)
     assert bundle.config.serving.table_dtype == "float16" == bundle.manifest["table_dtype"]
     again = load_bundle(export(trainer.run_dir, tmp_path / "half"))  # an export over it keeps its dtype
     assert again.config.serving.table_dtype == "float16" and again.tables["ids"][1].dtype == np.float16
+    for named in (np.float16, "f2"):  # what numpy calls float16
+        assert load_bundle(export(trainer.run_dir, tmp_path / "f2", table_dtype=named)).manifest["table_dtype"] == "float16"
+    with pytest.raises(ConfigError, match=r"table dtype must be float32 or float16, got 'int8'"):
+        export(trainer.run_dir, tmp_path / "int8", table_dtype="int8")

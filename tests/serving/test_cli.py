@@ -227,6 +227,7 @@ def test_serve_names_the_flag_of_a_value_out_of_range(trainer, tmp_path, capsys)
                               ("fusion.weights.click=2", "--set fusion.weights.click: a serving field is set "
                                                          "whole, not a part of it: give fusion's whole value as YAML"),
                               ("table_dtype=float16", "fixed when the bundle is written (tidal export --table-dtype)"),
+                              ("table_dtype.x=1", "--set table_dtype.x: the tables' dtype is fixed when the bundle"),
                               ("chunk_rows", "--set takes FIELD=VALUE, got 'chunk_rows'"),
                               ("buckets=[1, 2", "--set buckets: the value is not YAML"),
                               ("max_batch_rows=60000", "--set max_batch_rows (60000) must fit the largest bucket")]:

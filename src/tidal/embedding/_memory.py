@@ -226,13 +226,28 @@ def _aligned_empty(count: int) -> np.ndarray:
     mapping that asks for huge pages when it is that large (see the module docstring),
     else on a cache-line boundary."""
     size = count * 4
-    if size < _HUGE_PAGE or not hasattr(mmap, "MAP_ANONYMOUS"):
+    mapping = _huge_page_mapping(size + _HUGE_PAGE) if size >= _HUGE_PAGE else None
+    if mapping is None:
         raw = np.empty(size + _LINE, dtype=np.uint8)
         start = -raw.ctypes.data % _LINE
-        return raw[start : start + size].view(np.float32)
-    mapping = mmap.mmap(-1, size + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    raw = np.frombuffer(mapping, dtype=np.uint8)  # keeps the mapping alive
-    start = -raw.ctypes.data % _HUGE_PAGE
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        mapping.madvise(mmap.MADV_HUGEPAGE, start, size)
+    else:
+        raw = np.frombuffer(mapping, dtype=np.uint8)  # keeps the mapping alive
+        start = -raw.ctypes.data % _HUGE_PAGE
     return raw[start : start + size].view(np.float32)
+
+
+def _huge_page_mapping(size: int) -> mmap.mmap | None:
+    """A fresh private anonymous mapping of `size` bytes asking for huge pages, or None
+    where there is none to be had (no such mappings here, or the process's limit of
+    mappings reached). The advice covers it whole: the kernel then merges neighbouring
+    chunks' mappings into one, where advice on a part would split each in three and a
+    large table would run out of mappings (Linux allows 65,530 by default)."""
+    if not hasattr(mmap, "MAP_ANONYMOUS"):
+        return None
+    try:
+        mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError:
+        return None
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    return mapping

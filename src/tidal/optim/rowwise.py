@@ -66,8 +66,10 @@ class OptimizerKernel:
         grad = np.asarray(grad) if isinstance(grad, (np.ndarray, list, tuple)) else grad
         if not isinstance(grad, np.ndarray) or grad.dtype.kind not in "iuf" or grad.shape != (self.dim,):
             raise BatchError(f"grad must be {self.dim} numbers (a 1-D array), got {_described(grad)}")
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
-            raise BatchError(f"step must be a whole number >= 1, got {step!r}")
+        if not np.isfinite(grad).all():  # a NaN would stay in the row for good
+            raise BatchError(f"grad must be finite, got {grad.tolist()}")
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 1 <= step < 2**63:
+            raise BatchError(f"step must be a whole number from 1 to 2**63 - 1, got {step!r}")
         update_row(self.code, row, grad.astype(np.float32), self.hyper_at(lr_scale), int(step))
 
     def hyper_at(self, lr_scale: float) -> np.ndarray:

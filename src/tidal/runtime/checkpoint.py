@@ -159,10 +159,10 @@ def save(trainer: Trainer, position: dict[str, int]) -> Path:
     try:
         staging.mkdir()
         _write(trainer, position, staging, _same_tables(trainer, root, position["step"]))
+        _remove_unread(root / name, wait=True)  # left by a save that died before LATEST named it
         # Written whole: a Ctrl-C or SIGTERM waits until LATEST names it and what it
         # supersedes is gone (else a folder LATEST does not name, and a LATEST.partial)
         with deferring_interrupts():
-            _remove_unread(root / name, wait=True)  # left by a save that died before LATEST named it
             os.replace(staging, root / name)
             _commit(trainer, root, name, position["step"])
     except BaseException:  # a full or read-only disk, say: leave no half-written folder behind

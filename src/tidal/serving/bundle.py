@@ -132,8 +132,8 @@ def _export(directory: Path, source: Path, out: Path, table_dtype: str | None, b
     remove_abandoned(out.parent, _left_beside(out), restore_to=out)
     replaced = _replaced_settings(out)
     backend, table_dtype = backend or replaced.get("backend"), table_dtype or replaced.get("table_dtype")
-    if table_dtype not in (None, "float32", "float16"):
-        raise ConfigError(f"table dtype must be float32 or float16, got {table_dtype!r}")
+    if table_dtype is not None:
+        table_dtype = _dtype_name(table_dtype)
     config = _with_serving(RunConfig.from_saved(meta["config"]), backend=backend, table_dtype=table_dtype)
     dtype = np.dtype(config.serving.table_dtype)
     _check_replaceable(out, source)
@@ -389,6 +389,17 @@ def _save_program(model: RankingModel, config: RunConfig, staging: Path) -> None
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="No complete tensor found")  # torch's note on CPU weights
         torch.export.save(program, str(staging / PROGRAM))
+
+
+def _dtype_name(table_dtype: object) -> str:
+    """"float32" or "float16" for what names one of them ("f2", np.float16, ...)."""
+    try:
+        name = np.dtype(table_dtype).name  # type: ignore[call-overload]
+    except TypeError:
+        name = None
+    if name not in ("float32", "float16"):
+        raise ConfigError(f"table dtype must be float32 or float16, got {table_dtype!r}")
+    return name
 
 
 def _with_serving(config: RunConfig, **settings: str | None) -> RunConfig:
