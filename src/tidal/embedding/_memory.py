@@ -12,9 +12,9 @@ one compiled kernel reads rows of any chunk of any shard at the speed of a flat 
     local_row   = chunk << CHUNK_SHIFT | offset
     row address = directory[shard, chunk] + offset * width * 4
 
-A chunk of 2 MiB or more is a fresh anonymous mapping that starts its rows on a 2 MiB
-boundary and asks the kernel for huge pages there: rows read at random then cost far
-fewer TLB misses, and a new chunk faults in two pages instead of a thousand. The
+A chunk of 2 MiB or more is a fresh anonymous mapping, asking the kernel for huge
+pages, whose rows start on a 2 MiB boundary: rows read at random then cost far fewer
+TLB misses, and a new chunk faults in two pages instead of a thousand. The
 mapping's slack around the aligned rows is never written, so it takes no memory (a
 2 MiB-padded heap buffer could land on pages already written, and once held up to
 twice the rows' memory for narrow tables). Smaller chunks, which no huge page fits,
