@@ -599,13 +599,13 @@ class DataConfig(_Model):
         if info.field_name == "eval" and value == "" and _SAVED.get():  # no evaluation, as a config saved once said
             return None
         names = [value] if isinstance(value, str) else value
-        if isinstance(names, list) and names and all(isinstance(v, str) and v.strip() for v in names):
-            return value
-        if isinstance(names, list) and names and all(isinstance(v, str) for v in names):
+        if not (isinstance(names, list) and names and all(isinstance(v, str) for v in names)):
+            raise ValueError(f"expected a file, a glob, or a non-empty list of them (strings), got {_shown(value)}")
+        if not all(v.strip() for v in names):  # an unset variable templated in, say: not "no files"
             unset = " (for no evaluation, leave data.eval out or set it to null)" if info.field_name == "eval" else ""
             raise ValueError(f"expected a file, a glob, or a non-empty list of them, got an empty name "
                              f"{_shown(value)}{unset}")
-        raise ValueError(f"expected a file, a glob, or a non-empty list of them (strings), got {_shown(value)}")
+        return value
 
     @pydantic.field_validator("columns")
     @classmethod
@@ -814,10 +814,11 @@ class RuntimeConfig(_Model):
     robin), else the CPU; `cpu`, `cuda` or `cuda:N` force it.
     `sparse_workers_at` changes the number of sparse workers at given steps, for
     example ``{1000: 4, 5000: 2}``; the number counts the colocated worker when there
-    is one (`{10: 2}` after 2 sparse workers and the colocated one retires one). `sparse_nice` is the nice value (0-19, Linux) the
-    threads doing sparse work run at: the dense workers, the usual bottleneck on a
-    CPU and the feeders of a GPU, then get a core as soon as they want one, and the
-    sparse work fills the time they leave; 0 runs everything alike.
+    is one (`{10: 2}` after 2 sparse workers and the colocated one retires one).
+    `sparse_nice` is the nice value (0-19, Linux) the threads doing sparse work run at:
+    the dense workers, the usual bottleneck on a CPU and the feeders of a GPU, then get
+    a core as soon as they want one, and the sparse work fills the time they leave; 0
+    runs everything alike.
     """
 
     backend: Literal["local", "ray"] = "local"
