@@ -688,11 +688,11 @@ def _serving_settings(entries: list[str], flags: dict) -> dict:
         field = field.strip()
         if not equals:
             raise ConfigError(f"--set takes FIELD=VALUE, got {entry!r}")
-        if field.partition(".")[0] == "table_dtype":
+        whole, dot, _ = field.partition(".")
+        if whole == "table_dtype":
             raise ConfigError(f"--set {field}: the tables' dtype is fixed when the bundle is written "
                               "(tidal export --table-dtype)")
-        if field.partition(".")[0] in ServingConfig.model_fields and "." in field:
-            whole = field.partition(".")[0]
+        if dot and whole in ServingConfig.model_fields:
             raise ConfigError(f"--set {field}: a serving field is set whole, not a part of it: give {whole}'s "
                               f"whole value as YAML (--set '{whole}={{...}}')")
         if field not in ServingConfig.model_fields:

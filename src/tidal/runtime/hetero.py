@@ -12,7 +12,7 @@ from tidal.errors import ConfigError
 from tidal.runtime import checkpoint
 from tidal.runtime.engine import Engine
 from tidal.runtime.source import MemorySpec, ReaderSpec
-from tidal.runtime.telemetry import Telemetry
+from tidal.runtime.telemetry import TELEMETRY_FILE, Telemetry
 
 __all__ = ["make_backend", "train"]
 
@@ -46,7 +46,7 @@ def train(trainer: Any, log: IO[str], position: dict[str, int], max_steps: int |
     if spec is None:
         spec = trainer.reader_spec(config.data.train, epochs=config.training.epochs,
                                    start_epoch=position["epoch"], start_batch=position["batch"])
-    telemetry = Telemetry(trainer.run_dir / "telemetry.json", config.runtime.telemetry_every_s)
+    telemetry = Telemetry(trainer.run_dir / TELEMETRY_FILE, config.runtime.telemetry_every_s)
     backend = make_backend(trainer, spec, position["step"])
     engine = trainer.engine = Engine(trainer, backend, telemetry)
     try:

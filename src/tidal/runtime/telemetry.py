@@ -12,7 +12,9 @@ from numba.core import event
 
 from tidal.embedding.checkpoint import write_json_atomic
 
-__all__ = ["ROLES", "STAGES", "Telemetry", "compile_clock"]
+__all__ = ["ROLES", "STAGES", "TELEMETRY_FILE", "Telemetry", "compile_clock"]
+
+TELEMETRY_FILE = "telemetry.json"  # in the run folder: an engine run's telemetry
 
 # stage -> roles whose threads run it; transfer is counted on both sides of the cut.
 # Every sparse worker has two threads: its reader parses and extracts ahead while it

@@ -38,7 +38,7 @@ from tidal.processes import SIGTERM_CAME
 from tidal.runtime import checkpoint
 from tidal.runtime.plots import plot_metrics
 from tidal.runtime.source import ReaderSpec
-from tidal.runtime.telemetry import compile_clock
+from tidal.runtime.telemetry import TELEMETRY_FILE, compile_clock
 from tidal.runtime.workers import check_loss, clip_gradients, dense_device, dense_optimizer, fix_gemm_threads, set_lr
 
 __all__ = ["Evaluation", "Trainer", "calibration", "group_auc", "normalized_entropy", "shown_auc", "shown_evaluation",
@@ -545,8 +545,8 @@ class Trainer:
                 from tidal.runtime.hetero import train
 
                 step, finished = train(self, log, position, max_steps)
-            else:  # an engine command's telemetry.json, before this resume, does not describe this run
-                (self.run_dir / "telemetry.json").unlink(missing_ok=True)
+            else:  # an engine command's telemetry, before this resume, does not describe this run
+                (self.run_dir / TELEMETRY_FILE).unlink(missing_ok=True)
                 if self.config.passmode is not None:
                     from tidal.runtime.passes import train
 
