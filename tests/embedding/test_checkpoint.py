@@ -227,6 +227,25 @@ def test_full_plus_deltas_reproduce_live_table_with_evictions_and_reinsertion(tm
     _assert_same_table(table, loaded)
 
 
+def test_a_values_only_load_holds_the_values_and_evicts_as_the_full_load_but_keeps_no_state(tmp_path):
+    table = _trained(steps=6, eviction=Eviction(capacity_policy="lfu", ttl_steps=3), max_rows=500)
+    table.save(tmp_path)
+    _train(table, 77)
+    table.save_delta(tmp_path)
+    full, values_only = load_tables(tmp_path)["emb"], load_tables(tmp_path, values_only=True)["emb"]
+    assert values_only.config == full.config.model_copy(update={"optimizer": Sgd()})
+    assert values_only.stats().state_bytes == 0 < full.stats().state_bytes
+    assert values_only.clocks() == full.clocks() and _counters(values_only) == _counters(full)
+    for loaded in (full, values_only):
+        assert loaded.evict() > 0
+    expected, found = _rows(full), _rows(values_only)
+    for name in ("found", "values", "last_seen", "counts"):
+        np.testing.assert_array_equal(found[name], expected[name], err_msg=name)
+    keys, values = values_only.values_by_key()
+    assert np.all(keys[1:] > keys[:-1]) and np.array_equal(keys, ALL_KEYS[expected["found"]])
+    np.testing.assert_array_equal(values, expected["values"][expected["found"]])
+
+
 @pytest.mark.parametrize("optimizer", [Sgd(lr=0.1), Adagrad(lr=0.1)], ids=["sgd", "adagrad"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_rows_looked_up_before_a_save_and_updated_after_are_in_the_next_delta(tmp_path, threads, optimizer):
@@ -415,6 +434,18 @@ def test_load_refuses_a_shard_holding_numbers_that_are_not_finite(tmp_path, name
     with pytest.raises(CorruptCheckpointError, match=rf"{path}: '{name}' holds NaN or infinite numbers in 1 row \(the "
                                                      rf"first of key {int(arrays['keys'][1])}\), which training never"):
         EmbeddingTable.load(tmp_path)
+
+
+@pytest.mark.parametrize("state", [np.zeros((1, 3), np.float32), np.zeros((1, 12), np.float64)],
+                         ids=["narrower", "float64"])
+def test_a_values_only_load_still_refuses_a_state_of_another_shape_or_type(tmp_path, state):
+    _trained(steps=3, optimizer=Adagrad(lr=0.1)).save(tmp_path)
+    path, arrays = _resealed_shard(tmp_path, lambda arrays: arrays.__setitem__(
+        "state", np.resize(state, (len(arrays["keys"]), state.shape[1]))))
+    n = len(arrays["keys"])
+    with pytest.raises(CorruptCheckpointError, match=rf"{path}: 'state' should be float32 \({n}, 6\), "
+                                                     rf"got {state.dtype} \({n}, {state.shape[1]}\)"):
+        load_tables(tmp_path, values_only=True)
 
 
 def test_load_refuses_a_shard_holding_a_key_twice_naming_it(tmp_path):

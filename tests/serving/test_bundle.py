@@ -17,7 +17,7 @@ import torch
 from serving_helpers import serving_config
 from tidal.cli import main
 from tidal.config import RunConfig
-from tidal.embedding import load_tables
+from tidal.embedding import EmbeddingTable, load_tables
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.embedding.checkpoint import sealed
 from tidal.runtime import Trainer, checkpoint
@@ -234,17 +234,14 @@ def test_float16_tables_halve_the_bytes(trainer, bundle_dir, tmp_path):
 
 
 def test_float16_export_is_refused_when_values_would_overflow(trainer, tmp_path, monkeypatch):
-    from tidal.serving import bundle as module
-
-    rows = module._rows
+    rows = EmbeddingTable.values_by_key
 
     def huge(table):  # type: ignore[no-untyped-def]
         keys, values = rows(table)
-        values = values.copy()
         values[:3, 0] = [7e4, -1e5, 65519.0]  # 65519 rounds to 65504: no overflow
         return keys, values
 
-    monkeypatch.setattr(module, "_rows", huge)
+    monkeypatch.setattr(EmbeddingTable, "values_by_key", huge)
     with pytest.raises(ConfigError, match=r"table 'ids': 2 values do not fit float16 \(largest magnitude 100000, "
                                           r"float16's largest is 65504\); export with table dtype float32"):
         export(trainer.run_dir, tmp_path / "half", table_dtype="float16")

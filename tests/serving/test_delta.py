@@ -26,6 +26,7 @@ from serving_helpers import file_rows, serving_config, until, with_user_of
 from tidal.cli import main
 from tidal.compile import AOTI_MISSING, ONNX_MISSING, aoti_available, onnx_available
 from tidal.config import RunConfig
+from tidal.embedding import EmbeddingTable
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.embedding.checkpoint import SEAL, sealed
 from tidal.runtime import Trainer, checkpoint
@@ -150,6 +151,21 @@ def test_the_base_and_its_delta_serve_what_a_full_export_of_the_checkpoint_does(
     assert served.position.sequence == 1 and served.position.seal == manifest["content_sha256"]
 
 
+def test_exports_read_the_tables_without_their_optimizer_state(run, bundle_dir, tmp_path, monkeypatch):
+    """A bundle serves values only: an export holding the Adagrad state too took twice the memory."""
+    state_bytes, values_by_key = [], EmbeddingTable.values_by_key
+
+    def recording(table):  # type: ignore[no-untyped-def]
+        state_bytes.append(table.stats().state_bytes)
+        return values_by_key(table)
+
+    monkeypatch.setattr(EmbeddingTable, "values_by_key", recording)
+    full = load_bundle(export(run.run_dir, tmp_path / "again"))
+    _delta(run, bundle_dir)
+    assert state_bytes == [0, 0] and run.config.tables[0].optimizer.kind == "adagrad"
+    _same_rows(full, load_bundle(run.full))
+
+
 def test_a_delta_of_an_unchanged_checkpoint_changes_no_row_and_follows_the_one_before(run, bundle_dir):
     first = json.loads((_delta(run, bundle_dir) / "manifest.json").read_text())
     second = json.loads((_delta(run, bundle_dir) / "manifest.json").read_text())
@@ -160,10 +176,9 @@ def test_a_delta_of_an_unchanged_checkpoint_changes_no_row_and_follows_the_one_b
 
 
 def test_keys_the_checkpoint_no_longer_holds_are_removed_by_the_delta(run, bundle_dir, monkeypatch):
-    from tidal.serving import bundle as module
-
-    rows, gone = module._rows, load_bundle(bundle_dir).tables["ids"][0][:10]
-    monkeypatch.setattr(module, "_rows", lambda table: tuple(a[~np.isin(rows(table)[0], gone)] for a in rows(table)))
+    rows, gone = EmbeddingTable.values_by_key, load_bundle(bundle_dir).tables["ids"][0][:10]
+    monkeypatch.setattr(EmbeddingTable, "values_by_key",
+                        lambda table: tuple(a[~np.isin(rows(table)[0], gone)] for a in rows(table)))
     manifest = json.loads((_delta(run, bundle_dir) / "manifest.json").read_text())
     assert manifest["tables"]["ids"]["removed"] == 10
     keys, _ = load_bundle(bundle_dir).tables["ids"]

@@ -44,10 +44,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
-from tidal.config import TableConfig
+from tidal.config import Sgd, TableConfig
 from tidal.embedding import index as ix
 from tidal.embedding.pooling import nonfinite_note
 from tidal.embedding.table import EmbeddingTable
@@ -127,8 +127,13 @@ def _one_save_at_a_time(root: Path) -> Iterator[None]:
         os.close(fd)  # which releases the lock
 
 
-def load(root: str | os.PathLike, *, threads: int = 1) -> dict[str, EmbeddingTable]:
-    """The tables of the checkpoint under `root`: the full one, then each delta in order."""
+def load(root: str | os.PathLike, *, threads: int = 1, values_only: bool = False) -> dict[str, EmbeddingTable]:
+    """The tables of the checkpoint under `root`: the full one, then each delta in order.
+
+    With `values_only` the tables hold no optimizer state (their config's optimizer is
+    `values_only_config`'s): the state in the files is checked for its shape but never
+    read, so a table takes the memory of its values alone. For reading and serving; such
+    a table cannot continue the training."""
     root = Path(root)
     tables: dict[str, EmbeddingTable] = {}
     chain = _chain(root)
@@ -138,13 +143,20 @@ def load(root: str | os.PathLike, *, threads: int = 1) -> dict[str, EmbeddingTab
         full_id = _check_in_chain(root, name, manifest, full_id)
         for table_name, entry in manifest["tables"].items():
             if manifest["kind"] == "full":
-                tables[table_name] = EmbeddingTable(_config(root / name, entry), threads=threads)
+                config = _config(root / name, entry)
+                tables[table_name] = EmbeddingTable(values_only_config(config) if values_only else config,
+                                                    threads=threads)
             elif table_name not in tables:
                 raise CorruptCheckpointError(f"{root / name / MANIFEST}: table {table_name!r} is not in the full checkpoint")
             _restore(root / name, tables[table_name], entry)
     for table in tables.values():
         table.checkpoint_id = _head(full_id, chain[-1])
     return tables
+
+
+def values_only_config(config: TableConfig) -> TableConfig:
+    """`config` with an optimizer that keeps no state (plain SGD), for tables read only."""
+    return config.model_copy(update={"optimizer": Sgd()})
 
 
 def _head(full_id: str, entry: str) -> str:
@@ -445,8 +457,10 @@ def _restore(directory: Path, table: EmbeddingTable, entry: dict[str, Any]) -> N
         raise CorruptCheckpointError(
             f"{directory / MANIFEST}: table {table.name!r} needs {table.num_shards} shard files, lists {len(files)}"
         )
+    stored_state = table.optimizer.state_width or _stored_state_width(directory, entry)
     for s, (relative, expected) in enumerate(sorted(files.items())):
-        table.restore_shard(s, _read_shard(listed_file(directory, relative, directory / MANIFEST), expected, table))
+        path = listed_file(directory, relative, directory / MANIFEST)
+        table.restore_shard(s, _read_shard(path, expected, table, stored_state))
     clocks = entry["clocks"]
     if not isinstance(clocks, dict) or not all(isinstance(clocks.get(k), int) and clocks[k] >= -1
                                                for k in ("step", "updates", "saved_step")):
@@ -455,10 +469,35 @@ def _restore(directory: Path, table: EmbeddingTable, entry: dict[str, Any]) -> N
     table.restore_clocks(clocks)
 
 
-def _read_shard(path: Path, expected: dict[str, Any], table: EmbeddingTable) -> dict[str, np.ndarray]:
+def _stored_state_width(directory: Path, entry: dict[str, Any]) -> int:
+    """The optimizer state width of a row in the files of the manifest `entry`."""
+    config = _config(directory, entry)
+    return config.optimizer.state_width(config.dim)
+
+
+def _read_shard(path: Path, expected: dict[str, Any], table: EmbeddingTable, stored_state: int) -> dict[str, np.ndarray]:
+    """A shard file's arrays, checked; `stored_state` is the optimizer state width its
+    table was saved with. A table keeping none (`values_only`) gets its state unread."""
     check_file(path, expected, listed_in="the manifest")
-    arrays = read_safetensors(path)
-    _check_shapes(path, arrays, table)
+    unread = table.optimizer.state_width == 0 < stored_state
+    arrays = read_safetensors(path, _state_unread if unread else load_file)
+    _check_shapes(path, arrays, table, stored_state)
+    if unread:
+        arrays["state"] = np.zeros((arrays["keys"].shape[0], 0), np.float32)
+    return arrays
+
+
+def _state_unread(path: str) -> dict[str, np.ndarray]:
+    """A shard file's arrays, its float32 optimizer state left unread: in its place a
+    stand-in of its shape that takes no memory."""
+    with safe_open(path, framework="np") as file:
+        arrays = {name: file.get_tensor(name) for name in file.keys() if name != "state"}
+        if "state" in file.keys():
+            stored = file.get_slice("state")
+            if stored.get_dtype() == "F32":
+                arrays["state"] = np.broadcast_to(np.float32(0), tuple(stored.get_shape()))
+            else:  # read, for the checks to name what it is
+                arrays["state"] = file.get_tensor("state")
     return arrays
 
 
@@ -471,10 +510,10 @@ def read_safetensors(path: Path, load: Callable[[str], dict] = load_file) -> dic
         raise CorruptCheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
-def _check_shapes(path: Path, arrays: dict[str, np.ndarray], table: EmbeddingTable) -> None:
+def _check_shapes(path: Path, arrays: dict[str, np.ndarray], table: EmbeddingTable, stored_state: int) -> None:
     n = arrays["keys"].shape[0] if "keys" in arrays else -1
     expected = {"keys": ((n,), np.int64), "values": ((n, table.dim), np.float32),
-                "state": ((n, table.optimizer.state_width), np.float32), "last_seen": ((n,), np.uint32),
+                "state": ((n, stored_state), np.float32), "last_seen": ((n,), np.uint32),
                 "counts": ((n,), np.uint32), "counters": ((ix.C_SIZE - ix.C_LOOKUPS,), np.int64),
                 "sketch": (table.sketch_shape, np.uint16)}
     for name, (shape, dtype) in expected.items():
@@ -487,6 +526,6 @@ def _check_shapes(path: Path, arrays: dict[str, np.ndarray], table: EmbeddingTab
         raise CorruptCheckpointError(f"{path}: 'keys' holds key {int(twice[0])} twice; a table holds each once")
     if n and int(arrays["last_seen"].max()) >= ix.MARK:
         raise CorruptCheckpointError(f"{path}: 'last_seen' holds steps of {int(ix.MARK)} or more, which no table reaches")
-    for name in ("values", "state"):
+    for name in ("values", "state") if table.optimizer.state_width else ("values",):
         if note := nonfinite_note(arrays[name], arrays["keys"], table.threads):
             raise CorruptCheckpointError(f"{path}: {name!r} holds {note}, which training never writes")

@@ -776,6 +776,19 @@ class EmbeddingTable:
                 arrays["evicted"] = np.concatenate([np.zeros(0, np.int64), *shard.evicted])
         return {name: np.ascontiguousarray(a) for name, a in arrays.items()}
 
+    def values_by_key(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every live row as (keys [n] ascending, values [n, dim] float32), without the
+        optimizer state or a copy of it: what serving takes. Call at a safe point."""
+        keys, handles = [], []
+        for s, shard in enumerate(self._shards):
+            with shard.lock:
+                local = ix.live_rows(shard.slots)
+                keys.append(shard.row_keys[local])
+                handles.append((local << SHARD_BITS) | s)
+        all_keys = np.concatenate(keys)
+        order = np.argsort(all_keys, kind="stable")
+        return all_keys[order], self._gather(np.concatenate(handles)[order], columns=self.dim)
+
     def restore_shard(self, s: int, arrays: dict[str, np.ndarray]) -> None:
         """Apply a snapshot of shard `s`: removals first (delta), then rows, then counters."""
         if "evicted" in arrays:

@@ -57,7 +57,7 @@ from tidal.config import TableConfig, effective_fields, effective_table_fields
 from tidal.data.readers import expand_paths
 from tidal.embedding import EmbeddingTable, load_tables, save_tables
 from tidal.embedding.checkpoint import (CHAIN, MANIFEST, SEAL, as_umask_allows, check_file, check_seal, fingerprint,
-                                        fsync_path, is_fingerprint, sealed, write_json_atomic)
+                                        fsync_path, is_fingerprint, sealed, values_only_config, write_json_atomic)
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.processes import deferring_interrupts, process_running
 
@@ -690,12 +690,15 @@ def _check_data_files(directory: Path, saved: list[list[Any]], current: list[lis
 
 
 def load_checked_tables(directory: Path, meta: dict[str, Any], configs: Sequence[TableConfig],
-                        threads: int = 1) -> list[EmbeddingTable]:
+                        threads: int = 1, values_only: bool = False) -> list[EmbeddingTable]:
     """The checkpoint's tables, in the order of `configs` (the run's), once they are the
     ones saved with it (trainer.json's fingerprints of their chain and manifests, where
-    it has them) and each table's config is the run's."""
+    it has them) and each table's config is the run's. `values_only`: without their
+    optimizer state (see `tidal.embedding.load_tables`), for exports."""
     _check_table_files(directory, meta)
-    tables = load_tables(directory / TABLES, threads=threads)
+    tables = load_tables(directory / TABLES, threads=threads, values_only=values_only)
+    if values_only:
+        configs = [values_only_config(c) for c in configs]
     missing = sorted({c.name for c in configs} - set(tables))
     if missing:
         raise CheckpointError(f"{directory / TABLES}: holds tables {sorted(tables)}; the run config's {missing} "

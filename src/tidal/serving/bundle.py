@@ -139,9 +139,9 @@ def _export(directory: Path, source: Path, out: Path, table_dtype: str | None, b
     _check_replaceable(out, source)
     with staging(out.parent, out.name) as folder:
         (folder / "tables").mkdir()
-        for table in checkpoint.load_checked_tables(directory, meta, config.tables):
+        for table in checkpoint.load_checked_tables(directory, meta, config.tables, values_only=True):
             table.evict()  # the caps, on this copy: a checkpoint holds the rows of the steps since the last eviction
-            keys, values = _rows(table)
+            keys, values = table.values_by_key()
             save_file({"keys": keys, "values": _cast(table.name, values, dtype)},
                       str(folder / "tables" / f"{table.name}.safetensors"))
         _save_program(_model(config, directory), config, folder)
@@ -184,7 +184,8 @@ def _export_delta(directory: Path, bundle_dir: str | os.PathLike) -> Path | None
     sequence = served.position.sequence + 1
     with staging(folder, delta_name(sequence)) as written:
         (written / "tables").mkdir()
-        counts = _write_changes(served, checkpoint.load_checked_tables(directory, meta, config.tables), written)
+        tables = checkpoint.load_checked_tables(directory, meta, config.tables, values_only=True)
+        counts = _write_changes(served, tables, written)
         save_torch({k: v.contiguous() for k, v in _model(config, directory).state_dict().items()},
                    str(written / WEIGHTS))
         _readable_as_umask_allows(written)
@@ -232,7 +233,7 @@ def _write_changes(served: Bundle, tables: list, staging: Path) -> dict[str, dic
     counts = {}
     for table in tables:
         table.evict()  # the caps, as a full export applies them
-        keys, values = _rows(table)
+        keys, values = table.values_by_key()
         changes = diff_rows(*served.tables[table.name], keys, _cast(table.name, values, dtype))
         save_file({"keys": changes.keys, "values": changes.values, "removed": changes.removed},
                   str(staging / "tables" / f"{table.name}.safetensors"))
@@ -349,15 +350,6 @@ def _replaced_settings(out: Path) -> dict:
         return {"backend": manifest["config"]["serving"]["backend"], "table_dtype": manifest["table_dtype"]}
     except (OSError, ValueError, KeyError, TypeError):  # no bundle there (or not one to go by)
         return {}
-
-
-def _rows(table) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
-    """Every row of `table` as (keys, values), sorted by key."""
-    shards = [table.snapshot_shard(s, since_save=False) for s in range(table.num_shards)]
-    keys = np.concatenate([s["keys"] for s in shards])
-    values = np.concatenate([s["values"] for s in shards])
-    order = np.argsort(keys, kind="stable")
-    return np.ascontiguousarray(keys[order]), np.ascontiguousarray(values[order])
 
 
 def _model(config: RunConfig, directory: Path) -> RankingModel:
