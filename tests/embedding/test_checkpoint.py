@@ -436,6 +436,15 @@ def test_load_refuses_a_shard_holding_numbers_that_are_not_finite(tmp_path, name
         EmbeddingTable.load(tmp_path)
 
 
+def test_load_refuses_a_shard_holding_a_negative_sum_of_squares(tmp_path):
+    _trained(steps=3, optimizer=Adagrad(lr=0.1)).save(tmp_path)
+    path, arrays = _resealed_shard(tmp_path, lambda arrays: arrays["state"].__setitem__((2, 1), -1.0))
+    with pytest.raises(CorruptCheckpointError, match=rf"{path}: 'state' holds a negative sum of squares or step in 1 "
+                                                     rf"row \(the first of key {int(arrays['keys'][2])}\), which "
+                                                     rf"training never writes"):
+        EmbeddingTable.load(tmp_path)
+
+
 @pytest.mark.parametrize("state", [np.zeros((1, 3), np.float32), np.zeros((1, 12), np.float64)],
                          ids=["narrower", "float64"])
 def test_a_values_only_load_still_refuses_a_state_of_another_shape_or_type(tmp_path, state):

@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tidal.config import (Adagrad, Adam, CountAdmission, Eviction, Initializer, ProbabilityAdmission, Sgd,
+from tidal.config import (Adagrad, Adam, CountAdmission, Eviction, Ftrl, Initializer, ProbabilityAdmission, Sgd,
                           TableConfig)
 from tidal.embedding import EmbeddingTable, pooling, save_tables
 from tidal.embedding.table import RowBlock
@@ -793,6 +793,22 @@ def test_push_rows_refuses_numbers_that_are_not_finite(bad, where):
                                          r"row \(the first of key 2\); no row was written"):
         table.push_rows(block)
     assert table.stats().rows == 0
+
+
+@pytest.mark.parametrize(("optimizer", "column"), [(Adagrad(lr=0.1), 0), (Adam(lr=0.1), 2 * 4 - 1), (Ftrl(), 4)],
+                         ids=["adagrad", "adam v", "ftrl n"])
+def test_push_rows_refuses_a_negative_sum_of_squares_and_takes_a_negative_mean(optimizer, column):
+    """A square root of the negative accumulator would put NaN in the row for good."""
+    table = make_table(optimizer=optimizer)
+    block, _ = make_table(optimizer=optimizer).pull_rows(arr(1, 2, 3))
+    block.state[2, column] = -0.5
+    with pytest.raises(BatchError, match=rf"pushed optimizer state holds a negative sum of squares or step in 1 row "
+                                         rf"\(the first of key 3\), which {optimizer.kind} never keeps; no row"):
+        table.push_rows(block)
+    assert table.stats().rows == 0
+    if isinstance(optimizer, Adam):  # its first moment may be negative
+        block.state[2, column], block.state[2, 0] = 0.0, -0.5
+        assert table.push_rows(block).all()
 
 
 def test_a_cap_without_eviction_under_one_row_a_shard_is_refused():

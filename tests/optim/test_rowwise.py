@@ -246,7 +246,9 @@ def test_a_kernel_updates_a_single_row_as_the_table_updates_its_rows(optimizer) 
     ([0.0] * 2 * DIM, np.ones(DIM), 1, "got list"),
     (np.zeros(2 * DIM, np.float32), np.ones(DIM + 1), 1, r"grad must be 4 numbers \(a 1-D array\), got float64 of shape \[5\]"),
     (np.zeros(2 * DIM, np.float32), ["a"] * DIM, 1, r"grad must be 4 numbers .*got <U1"),
-    (np.zeros(2 * DIM, np.float32), [1.0, float("nan"), 1.0, 1.0], 1, r"grad must be finite, got \[1\.0, nan"),
+    (np.zeros(2 * DIM, np.float32), [1.0, float("nan"), 1.0, 1.0], 1, r"grad must be finite in float32 "
+                                                                       r"\(magnitudes up to 3\.4e38\), got \[1\.0, nan"),
+    (np.zeros(2 * DIM, np.float32), [1e39, 0.0, 0.0, 0.0], 1, r"grad must be finite in float32 .*, got \[1e\+39, 0"),
     (np.zeros(2 * DIM, np.float32), np.ones(DIM), 0, r"step must be a whole number from 1 to 2\*\*63 - 1, got 0"),
     (np.zeros(2 * DIM, np.float32), np.ones(DIM), 2**70, r"step must be a whole number .*, got 1180591620717411303424"),
 ])

@@ -529,3 +529,5 @@ def _check_shapes(path: Path, arrays: dict[str, np.ndarray], table: EmbeddingTab
     for name in ("values", "state") if table.optimizer.state_width else ("values",):
         if note := nonfinite_note(arrays[name], arrays["keys"], table.threads):
             raise CorruptCheckpointError(f"{path}: {name!r} holds {note}, which training never writes")
+    if note := table.optimizer.negative_state_note(arrays["state"], arrays["keys"]):
+        raise CorruptCheckpointError(f"{path}: 'state' holds {note}, which training never writes")

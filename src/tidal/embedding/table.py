@@ -642,6 +642,9 @@ class EmbeddingTable:
         rows = np.concatenate([values, state], axis=1) if state.shape[1] else np.ascontiguousarray(values)
         if not finite:
             self._check_finite_rows(rows, keys)
+            if note := self.optimizer.negative_state_note(state, keys):
+                raise BatchError(f"table {self.name!r}: pushed optimizer state holds {note}, which "
+                                 f"{self.config.optimizer.kind} never keeps; no row was written")
         last_seen = (self._whole_numbers(block.last_seen, "last_seen must be steps", int(ix.MARK) - 1)  # see MARK
                      if keep_last_seen else np.full(len(keys), self._step, np.uint32))
         counts = self._whole_numbers(block.counts, "counts must be whole numbers", int(np.iinfo(np.uint32).max))

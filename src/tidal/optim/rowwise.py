@@ -48,6 +48,9 @@ class OptimizerKernel:
         self.state_width = config.state_width(dim)
         self.initial_state = getattr(config, "initial_accumulator_value", 0.0)
         self.hyper = _pack(config)
+        # the state columns that only grow from 0 (sums of squares, Adam's step): the
+        # square root of a negative one would put NaN in the row
+        self.nonnegative = slice(dim if self.code in (ADAM, ADAMW, FTRL) else 0, None if self.code != SGD else 0)
         # every optimizer but plain SGD needs the sum of a row's gradients before its update,
         # so a lookup must list its distinct rows; SGD adds each key's gradient as it comes
         self.sums_keys_first = self.code != SGD
@@ -66,11 +69,22 @@ class OptimizerKernel:
         grad = np.asarray(grad) if isinstance(grad, (np.ndarray, list, tuple)) else grad
         if not isinstance(grad, np.ndarray) or grad.dtype.kind not in "iuf" or grad.shape != (self.dim,):
             raise BatchError(f"grad must be {self.dim} numbers (a 1-D array), got {_described(grad)}")
-        if not np.isfinite(grad).all():  # a NaN would stay in the row for good
-            raise BatchError(f"grad must be finite, got {grad.tolist()}")
+        with np.errstate(over="ignore"):  # past float32's range: infinite, and refused
+            grad32 = grad.astype(np.float32)
+        if not np.isfinite(grad32).all():  # a NaN would stay in the row for good
+            raise BatchError(f"grad must be finite in float32 (magnitudes up to 3.4e38), got {grad.tolist()}")
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or not 1 <= step < 2**63:
             raise BatchError(f"step must be a whole number from 1 to 2**63 - 1, got {step!r}")
-        update_row(self.code, row, grad.astype(np.float32), self.hyper_at(lr_scale), int(step))
+        update_row(self.code, row, grad32, self.hyper_at(lr_scale), int(step))
+
+    def negative_state_note(self, state: np.ndarray, keys: np.ndarray) -> str | None:
+        """"a negative sum of squares or step in N rows (the first of key K)" for the rows
+        of `state` ([n, state_width], one per key) that hold one; None when none does."""
+        bad = np.flatnonzero((state[:, self.nonnegative] < 0).any(axis=1))
+        if not bad.size:
+            return None
+        return (f"a negative sum of squares or step in {bad.size:,d} row{'s' if bad.size != 1 else ''} "
+                f"(the first of key {int(keys[bad[0]])})")
 
     def hyper_at(self, lr_scale: float) -> np.ndarray:
         """The hyper-parameters with the learning rate (FTRL's alpha) times `lr_scale`;
