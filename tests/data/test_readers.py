@@ -387,6 +387,27 @@ def test_a_field_that_is_not_utf8_is_a_bad_row_not_a_failed_file(tmp_path, kind)
         list(read_batches(path, columns=SMALL, checks=CHECKS, on_bad_row="fail"))
 
 
+@pytest.mark.parametrize("header", [True, False], ids=["csv", "headerless csv"])
+def test_only_the_columns_read_of_a_layout_are_parsed_and_checked(tmp_path, header):
+    """A byte that is not UTF-8 in a column no feature reads costs no row, whatever the
+    format (a Parquet file or a CSV file with a header reads only those columns too)."""
+    for kind, sep in (("tsv", "\t"), ("csv", ",")):
+        path = tmp_path / f"d.{kind}"
+        rows = [f"1{sep}{k}{sep}c{k}{sep}note".encode() for k in range(4)]
+        rows[1] = rows[1].replace(b"note", b"caf\xe9")
+        path.write_bytes(f"label{sep}I1{sep}C1{sep}note\n".encode() * (kind == "csv" and header) + b"\n".join(rows))
+        report, layout = BadRows(), [*SMALL, "note"]
+        read = pa.Table.from_batches(list(read_batches(path, columns=SMALL, layout=layout, checks=CHECKS,
+                                                       bad_rows=report, csv_header=header)))
+        assert read.column_names == SMALL and read.column("I1").to_pylist() == ["0", "1", "2", "3"]
+        assert report.count == 0
+        readers.check_layout([str(path)], SMALL, csv_header=header, layout=layout)
+    with pytest.raises(DataError, match=r"columns \['C2'\] are not in the layout \['label', 'I1', 'C1', 'note'\]"):
+        list(read_batches(path, columns=[*SMALL, "C2"], layout=layout))
+    with pytest.raises(DataError, match=r"its first 4 records have 4 fields .*expected 3, the columns label, I1, C1"):
+        readers.check_layout([str(tmp_path / "d.tsv")], SMALL, layout=SMALL)
+
+
 @pytest.mark.parametrize("name", ["d.tsv", "d.csv", "d.tsv.gz"])
 def test_a_line_of_the_wrong_width_that_is_not_utf8_is_a_bad_row(tmp_path, monkeypatch, name):
     """pyarrow cannot hand such a line to the bad-row handler; it is skipped and reported

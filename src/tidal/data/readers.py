@@ -253,12 +253,14 @@ def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
                  columns: Sequence[str] = CRITEO_COLUMNS, checks: Mapping[str, _Check] | None = None,
                  file_format: Literal["tsv", "csv", "parquet"] | None = None, batch_rows: int = 65536,
                  on_bad_row: Literal["skip", "fail"] = "skip", bad_rows: BadRows | None = None,
-                 csv_header: bool = True, max_bad_fraction: float = 0.1) -> Iterator[pa.RecordBatch]:
-    """Record batches of string columns from every file, bad rows removed.
+                 csv_header: bool = True, max_bad_fraction: float = 0.1,
+                 layout: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """Record batches of the string columns `columns` from every file, bad rows removed.
 
-    TSV files have no header and the columns of `columns` (Criteo's layout by default);
+    TSV files have no header and the columns of `layout` by position (`columns` when
+    not given; Criteo's layout by default), of which `columns` are read and checked;
     CSV files have a header line (without `csv_header`, none: their columns are those
-    of `columns`, as a TSV file's), and quoted values may span lines; Parquet files must
+    of `layout`, as a TSV file's), and quoted values may span lines; Parquet files must
     hold every column of `columns`. The format follows the file suffix unless
     `file_format` says otherwise; a name ending in .gz (d.tsv.gz, d.tsv.GZ) is read
     gunzipped, and an empty file has no rows. Lines end at \\n or \\r\\n. Batches hold
@@ -270,6 +272,7 @@ def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
     the rows read (1.0: however many); see the module docstring.
     """
     columns = _check_options(columns, file_format, batch_rows, on_bad_row)
+    layout = _checked_layout(layout, columns)
     if not 0.0 <= max_bad_fraction <= 1.0:
         raise DataError(f"max_bad_fraction must be a share of the rows read, from 0 to 1, got {max_bad_fraction!r}")
     if checks is None:
@@ -280,13 +283,14 @@ def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
         raise DataError(f"checks must name read columns and one of {sorted(_PATTERNS)}, a Bags or a WeightedBags, "
                         f"got {unknown}")
     report = bad_rows if bad_rows is not None else BadRows()
-    checked = _checked(expand_paths(paths), columns, checks, file_format, batch_rows, report, on_bad_row, csv_header,
-                       max_bad_fraction)
+    checked = _checked(expand_paths(paths), (columns, layout), checks, file_format, batch_rows, report, on_bad_row,
+                       csv_header, max_bad_fraction)
     yield from _exactly(checked, batch_rows)
 
 
 def _check_options(columns: Sequence[str], file_format: str | None, batch_rows: int, on_bad_row: str) -> list[str]:
     """`columns` as a list, once the options are ones `read_batches` reads as documented."""
+    _check_names(columns, "columns")
     if on_bad_row not in ("skip", "fail"):
         raise DataError(f"on_bad_row must be 'skip' or 'fail', got {on_bad_row!r}")
     if file_format is not None and file_format not in _FORMATS:
@@ -294,25 +298,43 @@ def _check_options(columns: Sequence[str], file_format: str | None, batch_rows: 
                         f"suffix; got {file_format!r}")
     if not is_whole_number(batch_rows) or batch_rows < 1:
         raise DataError(f"batch_rows must be an integer >= 1, got {batch_rows!r}")
+    return list(columns)
+
+
+def _check_names(columns: Sequence[str], what: str) -> None:
+    """Refuse `columns` (called `what`) unless it is a list of distinct names."""
     if isinstance(columns, (str, bytes)) or not isinstance(columns, Iterable):
-        raise DataError(f"columns must be a list of column names, got {columns!r}; write [{columns!r}] for one column")
+        raise DataError(f"{what} must be a list of column names, got {columns!r}; write [{columns!r}] for one column")
     names = list(columns)
     if not names or not all(isinstance(c, str) for c in names):
-        raise DataError(f"columns must be a non-empty list of names (strings), got {names!r}")
+        raise DataError(f"{what} must be a non-empty list of names (strings), got {names!r}")
     twice = sorted({c for c in names if names.count(c) > 1})
     if twice:
-        raise DataError(f"columns must name each column once, got {twice} more than once in {names}")
-    return names
+        raise DataError(f"{what} must name each column once, got {twice} more than once in {names}")
 
 
-def _checked(paths: list[str], columns: Sequence[str], checks: Mapping[str, _Check], file_format: str | None,
-             batch_rows: int, report: BadRows, on_bad_row: str, csv_header: bool,
+def _checked_layout(layout: Sequence[str] | None, columns: list[str]) -> list[str]:
+    """The columns of files without a header line, by position: `layout`, once it holds
+    every one of `columns`, or `columns`."""
+    if layout is None:
+        return columns
+    _check_names(layout, "layout")
+    if missing := [c for c in columns if c not in layout]:
+        raise DataError(f"columns {missing} are not in the layout {list(layout)}; files without a header line hold "
+                        f"the columns of the layout by position, and only those can be read")
+    return list(layout)
+
+
+def _checked(paths: list[str], names: tuple[list[str], list[str]], checks: Mapping[str, _Check],
+             file_format: str | None, batch_rows: int, report: BadRows, on_bad_row: str, csv_header: bool,
              max_bad_fraction: float) -> Iterator[pa.RecordBatch]:
+    """The valid rows of every file; `names` = (the columns read, the layout of files
+    without a header line)."""
     for path in paths:
         kind = file_format or format_of(path)
         in_file = BadRows()  # this file's, added to `report` piece by piece
         try:
-            for batch, lines, dropped in _file_rows(path, kind, columns, batch_rows, csv_header, _separators(checks)):
+            for batch, lines, dropped in _file_rows(path, kind, names, batch_rows, csv_header, _separators(checks)):
                 counted, shown, read = in_file.count, len(in_file.examples), in_file.read
                 valid = _valid_rows(batch, path, lines, checks, in_file, on_bad_row, dropped)
                 report.extend(in_file.count - counted, in_file.examples[shown:])
@@ -333,20 +355,21 @@ def _separators(checks: Mapping[str, _Check]) -> dict[str, str]:
 
 def check_layout(paths: Sequence[str], columns: Sequence[str], file_format: str | None = None,
                  csv_header: bool = True, *, widths: bool = True,
-                 checks: Mapping[str, _Check] | None = None) -> None:
+                 checks: Mapping[str, _Check] | None = None, layout: Sequence[str] | None = None) -> None:
     """Refuse, before a row is read, each file whose own layout lacks one of `columns`:
     a Parquet file by its footer, a CSV file by its header line. TSV files, and CSV
-    files without a header line, name no columns: `columns` are theirs by position, and
-    such a file is refused when none of its first 20 records (`_SAMPLE_RECORDS`; empty
-    lines passed over) has as many fields, unless `widths` is False (a run that takes
-    any share of bad rows). (A single record of another width is a bad row, counted as
-    the file is read.) An empty file is left to the read. A Parquet list column is
-    read only where `checks` reads it as bags."""
+    files without a header line, name no columns: the columns of `layout` (default:
+    `columns`) are theirs by position, and such a file is refused when none of its
+    first 20 records (`_SAMPLE_RECORDS`; empty lines passed over) has as many fields,
+    unless `widths` is False (a run that takes any share of bad rows). (A single record
+    of another width is a bad row, counted as the file is read.) An empty file is left
+    to the read. A Parquet list column is read only where `checks` reads it as bags."""
     bags = _separators(checks or {})
+    layout = _checked_layout(layout, list(columns))
     for path in paths:
         kind = file_format or format_of(path)
         try:
-            _check_file_layout(path, kind, columns, csv_header, widths, bags)
+            _check_file_layout(path, kind, (list(columns), layout), csv_header, widths, bags)
         except OSError as exc:  # gone or unreadable since it was found
             raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
 
@@ -365,9 +388,10 @@ def holds_rows(path: str, kind: str, csv_header: bool = True) -> bool:
     return False
 
 
-def _check_file_layout(path: str, kind: str, columns: Sequence[str], csv_header: bool, widths: bool,
+def _check_file_layout(path: str, kind: str, names: tuple[list[str], list[str]], csv_header: bool, widths: bool,
                        bags: Mapping[str, str]) -> None:
-    """`check_layout` of one file, of format `kind`."""
+    """`check_layout` of one file, of format `kind`; `names` as in `_checked`."""
+    columns, layout = names
     if kind == "parquet":
         _open_parquet(path, columns, bags)
     elif os.path.getsize(path):
@@ -377,7 +401,7 @@ def _check_file_layout(path: str, kind: str, columns: Sequence[str], csv_header:
             if first is not None:
                 _header_names(path, _split_first_record(first.text)[0], columns)
         elif widths:
-            _check_widths(path, kind, columns)
+            _check_widths(path, kind, layout)
 
 
 def _check_widths(path: str, kind: str, columns: Sequence[str]) -> None:
@@ -415,16 +439,17 @@ def _counts(widths: np.ndarray) -> str:
     return " or ".join(map(str, seen))
 
 
-def _file_rows(path: str, kind: str, columns: Sequence[str], batch_rows: int, csv_header: bool,
+def _file_rows(path: str, kind: str, names: tuple[list[str], list[str]], batch_rows: int, csv_header: bool,
                bags: Mapping[str, str]) -> Iterator[_Rows]:
-    """The rows of one file (the columns in `bags` hold bags of that separator). An
-    empty text file has none, like a CSV file of just a header; an empty Parquet file
-    is no Parquet file (it has no footer) and is refused."""
+    """The rows of one file (`names` as in `_checked`; the columns in `bags` hold bags
+    of that separator). An empty text file has none, like a CSV file of just a header;
+    an empty Parquet file is no Parquet file (it has no footer) and is refused."""
+    columns, layout = names
     if kind == "parquet":
         return _parquet(path, columns, batch_rows, bags)
     if os.path.getsize(path) == 0:
         return iter(())
-    return _text(path, kind, columns, header=kind == "csv" and csv_header)
+    return _text(path, kind, columns, None if kind == "csv" and csv_header else layout)
 
 
 def _check_bad_share(rows: BadRows, most: float, where: str = "") -> None:
@@ -471,13 +496,14 @@ def format_of(path: str) -> str:
 _Rows = tuple[pa.RecordBatch, np.ndarray, list[tuple[int, str]]]  # a batch, each row's line, (line, why) of bad ones
 
 
-def _text(path: str, kind: str, columns: Sequence[str], *, header: bool) -> Iterator[_Rows]:
-    """(batch, the line each of its rows starts on, (line, reason) of the records left
-    out of it: of the wrong width, empty, holding a stray carriage return, or not UTF-8
-    text where a read column is) for each piece of a TSV or CSV file. With `header`,
-    the file's first record is its header; else its columns are `columns`."""
+def _text(path: str, kind: str, columns: Sequence[str], layout: list[str] | None) -> Iterator[_Rows]:
+    """(batch of `columns`, the line each of its rows starts on, (line, reason) of the
+    records left out of it: of the wrong width, empty, holding a stray carriage return,
+    or not UTF-8 text where a read column is) for each piece of a TSV or CSV file. The
+    file's columns are those of `layout` by position, or (None) its first record is
+    its header."""
     _check_plain_text(path, kind)
-    names = None if header else list(columns)
+    names = layout
     for piece in _pieces(path, kind):
         if names is None:
             header, text = _split_first_record(piece.text)

@@ -33,7 +33,8 @@ class ReaderSpec:
     """Everything needed to read a run's training files again, anywhere (picklable)."""
 
     files: list[str]
-    columns: list[str]
+    columns: list[str]  # those read
+    layout: list[str] | None  # the columns of files without a header line, by position
     checks: dict[str, str | Bags | WeightedBags]
     file_format: str | None
     batch_rows: int
@@ -47,7 +48,7 @@ class ReaderSpec:
     def epoch(self, bad_rows: BadRows) -> Iterator[pa.RecordBatch]:
         return read_batches(self.files, columns=self.columns, checks=self.checks, file_format=self.file_format,  # type: ignore[arg-type]
                             batch_rows=self.batch_rows, on_bad_row=self.on_bad_row, bad_rows=bad_rows,  # type: ignore[arg-type]
-                            csv_header=self.csv_header, max_bad_fraction=self.max_bad_fraction)
+                            csv_header=self.csv_header, max_bad_fraction=self.max_bad_fraction, layout=self.layout)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -406,13 +406,13 @@ class Trainer:
             raise DataError(f"the data files mix formats ({', '.join(f'{f} is {k}' for k, f in examples.items())}); "
                             f"every file of a list must have the same format and columns")
         positional = self._positional(formats[files[0]])  # columns by position, not by a header's names
-        columns = (data.columns or list(CRITEO_COLUMNS)) if positional else self.extractor.columns
-        missing = [c for c in self.extractor.columns if c not in columns]
+        layout = (data.columns or list(CRITEO_COLUMNS)) if positional else None
+        missing = [c for c in self.extractor.columns if layout and c not in layout]
         if missing:
             listed = "data.columns" if data.columns else "the default TSV layout (Criteo's: data.columns is not set)"
-            raise DataError(f"the features read columns {missing}, which {listed} lacks; it lists {columns}")
-        return ReaderSpec(files=files, columns=list(columns), checks=dict(self.extractor.checks),
-                          file_format=data.format, batch_rows=data.batch_size, on_bad_row=data.on_bad_row,
+            raise DataError(f"the features read columns {missing}, which {listed} lacks; it lists {layout}")
+        return ReaderSpec(files=files, columns=list(self.extractor.columns), layout=layout,
+                          checks=dict(self.extractor.checks), file_format=data.format, batch_rows=data.batch_size, on_bad_row=data.on_bad_row,
                           epochs=epochs, start_epoch=start_epoch, start_batch=start_batch,
                           csv_header=data.csv_header, max_bad_fraction=data.max_bad_fraction)
 
@@ -610,7 +610,7 @@ class Trainer:
                 if paths:
                     spec = self.reader_spec(paths)
                     kinds |= {data.format or format_of(f) for f in spec.files}
-                    check_layout(spec.files, spec.columns, spec.file_format, spec.csv_header,
+                    check_layout(spec.files, spec.columns, spec.file_format, spec.csv_header, layout=spec.layout,
                                  widths=data.max_bad_fraction < 1.0, checks=spec.checks)
                     _check_holds_rows(spec.files, data.format, data.csv_header)
             except DataError as exc:
@@ -765,7 +765,7 @@ class Trainer:
         group_by = self.config.data.eval_group_by if group_by is None else group_by
         group_index = self._group_index(group_by)
         spec = self.reader_spec(paths)
-        check_layout(spec.files, spec.columns, spec.file_format, spec.csv_header,
+        check_layout(spec.files, spec.columns, spec.file_format, spec.csv_header, layout=spec.layout,
                      widths=self.config.data.max_bad_fraction < 1.0, checks=spec.checks)
         missing_id = None if group_by is None else self.extractor.missing_id(group_by)
         self.model.eval()
