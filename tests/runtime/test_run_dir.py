@@ -78,6 +78,24 @@ def test_keep_checkpoints_keeps_the_newest_and_a_damaged_latest_says_to_resume_f
     assert_same_state(whole, resumed)
 
 
+@pytest.mark.parametrize("damage", ["lost trainer.json", "LATEST names a missing folder", "LATEST cut short"])
+def test_a_latest_pointer_to_no_complete_checkpoint_names_the_kept_one_to_go_on_from(tmp_path, damage):
+    config = _config(tmp_path, epochs=1, checkpoint_every=5, keep_checkpoints=2)
+    config["data"]["eval"] = None
+    Trainer(RunConfig(**config)).fit(max_steps=15)
+    root = tmp_path / "run" / "checkpoints"
+    if damage == "lost trainer.json":  # the last file a copy of the run would write
+        (root / "step-00000015-epoch-0" / "trainer.json").unlink()
+    else:
+        (root / "LATEST").write_text('{"checkpoint": "step-00000099-epoch-9"}' if "missing" in damage else '{"checkp')
+    way = (r"the run's checkpoints folder holds step-00000010-epoch-0(, step-00000015-epoch-0)?: to go on from the "
+           r"newest, write LATEST again \({\"checkpoint\": \"step-000000(10|15)-epoch-0\"}\), or name that folder")
+    with pytest.raises(CheckpointError, match=rf"LATEST.*; {way}"):
+        Trainer(RunConfig(**config)).fit(resume=True)
+    with pytest.raises(CheckpointError, match=rf"LATEST.*; {way}"):
+        export(tmp_path / "run", tmp_path / "bundle")
+
+
 def test_the_periodic_save_of_a_runs_last_step_gives_way_to_the_save_at_its_end(tmp_path):
     """It counted as one of the kept checkpoints: with two kept, the run held the same
     step twice and no earlier one to fall back on."""

@@ -1260,6 +1260,20 @@ def test_the_held_bodies_budget_is_checked_with_the_serving_config():
         ServingConfig(max_body_bytes=4096, max_held_body_bytes=2048)
 
 
+def test_a_body_still_arriving_at_the_exit_deadline_gets_a_503(bundle):
+    """uvicorn cancels what runs at the deadline: a bare 500 and a logged traceback before."""
+    running = start_server(Service(bundle, name="ctr"), exit_timeout_s=1.5)
+    try:
+        with _partial_request(running, 1000, b'{"inputs": [') as conn:  # its body still coming
+            until(lambda: running.service.bodies.held > 0, "the server reading the body")
+            running.stop()
+            answer = conn.recv(4096).decode()
+    finally:
+        running.stop()
+    assert answer.startswith("HTTP/1.1 503") and ("the server stopped at the end of its exit timeout "
+                                                  "(--exit-timeout-s) before this request was answered") in answer
+
+
 def test_a_request_under_way_when_the_server_is_stopped_at_once_gets_a_503(bundle):
     """A second SIGTERM cuts off the requests under way: each is told so, not given a
     bare 500 (and the log no traceback)."""

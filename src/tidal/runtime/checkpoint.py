@@ -415,22 +415,38 @@ def latest(run_dir: Path) -> Path:
     """The newest complete checkpoint of a run, or a clear error if there is none."""
     pointer = run_dir / "checkpoints" / LATEST
     if not pointer.exists():
-        folders = _complete_folders(run_dir)
-        if folders:  # the pointer was lost, not the checkpoints
-            raise CheckpointError(f"{pointer} is missing, but the run's checkpoints folder holds {', '.join(folders)}: "
-                                  f"to go on from the newest, write LATEST again ({_pointing_at(folders[-1])}), or "
-                                  f"name that folder where a checkpoint is asked for (tidal eval and export "
-                                  f"--checkpoint)")
+        if way := _way_on(run_dir):  # the pointer was lost, not the checkpoints
+            raise CheckpointError(f"{pointer} is missing, but {way}")
         raise CheckpointError(f"{run_dir}: holds no checkpoint ({pointer} is missing); train a run there first "
                               f"(one that stopped before its first checkpoint starts again by its own command, "
                               f"--init-from included)")
-    name = _json(pointer).get("checkpoint")
+    try:
+        name = _json(pointer).get("checkpoint")
+    except CorruptCheckpointError as exc:
+        raise CorruptCheckpointError(f"{exc}{_also(_way_on(run_dir))}") from None
     if not isinstance(name, str) or not name.startswith("step-"):
-        raise CorruptCheckpointError(f"{pointer}: expected {{\"checkpoint\": \"step-...\"}}, got {pointer.read_text()[:200]!r}")
+        raise CorruptCheckpointError(f"{pointer}: expected {{\"checkpoint\": \"step-...\"}}, got "
+                                     f"{pointer.read_text()[:200]!r}{_also(_way_on(run_dir))}")
     directory = run_dir / "checkpoints" / name
     if not (directory / "trainer.json").exists():
-        raise CheckpointError(f"{pointer} names {directory.name}, which is incomplete or missing")
+        raise CheckpointError(f"{pointer} names {directory.name}, which is incomplete or missing"
+                              f"{_also(_way_on(run_dir))}")
     return directory
+
+
+def _way_on(run_dir: Path) -> str:
+    """How to go on when LATEST names no complete checkpoint: from the newest folder
+    that is one ("" when there is none)."""
+    folders = _complete_folders(run_dir)
+    if not folders:
+        return ""
+    return (f"the run's checkpoints folder holds {', '.join(folders)}: to go on from the newest, write LATEST again "
+            f"({_pointing_at(folders[-1])}), or name that folder where a checkpoint is asked for (tidal eval and "
+            f"export --checkpoint)")
+
+
+def _also(clause: str) -> str:
+    return f"; {clause}" if clause else ""
 
 
 def find(path: Path) -> Path:

@@ -171,6 +171,11 @@ class Batcher:
         return [Piece(items=piece.items.slice(a, b - a), user=piece.user, state=piece.state)
                 for a, b in split_rows(piece.rows, self.chunk_rows)]
 
+    @property
+    def closed(self) -> bool:
+        """Whether `close` was called (the server is stopping)."""
+        return self._closed
+
     def close(self) -> None:
         """Stop taking pieces, fail those still waiting, and join the threads."""
         with self._cond:

@@ -386,10 +386,13 @@ def create_app(service: Service) -> Starlette:
                 return "bad_request", _error(400, request.scope[_MALFORMED])
             return "client_gone", _error(400, "the client closed the connection before its answer")
         except asyncio.CancelledError:  # answered only when the runner cancels every task as the server stops
-            if not service.stopped_at_once:
+            if service.stopped_at_once:
+                why = "the server was stopped at once (a second Ctrl-C or SIGTERM)"
+            elif service.batcher.closed:  # a second before the exit deadline: a body still arriving, say
+                why = "the server stopped at the end of its exit timeout (--exit-timeout-s)"
+            else:
                 raise
-            return "shutting_down", _error(503, "the server was stopped at once (a second Ctrl-C or SIGTERM) before "
-                                                "this request was answered", {"Connection": "close"})
+            return "shutting_down", _error(503, f"{why} before this request was answered", {"Connection": "close"})
         except Exception as exc:  # a failed batch: this request learns why, the server goes on
             return "error", _error(500, f"{type(exc).__name__}: {exc}")
         finally:
