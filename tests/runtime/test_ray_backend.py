@@ -3,6 +3,7 @@ the local backend, smaller."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -100,6 +101,17 @@ def test_killed_sparse_actor_is_replaced_without_loss(cluster, data, tmp_path, m
     assert killed and report["sparse_worker_failures"] and report["sparse_worker_failures"][0]["worker"] == 0
     assert report["lost_samples"] == 0 and summary["rows"] == 12_000
     assert _all_actors_gone()
+
+
+def test_relative_data_paths_are_the_drivers_not_the_cluster_workers(cluster, data, tmp_path, monkeypatch):
+    """A cluster's workers run in the folder the cluster started in, not the driver's."""
+    driver = tmp_path / "driver"
+    driver.mkdir()
+    monkeypatch.chdir(driver)  # the cluster started elsewhere
+    relative = {**data, "data": {**data["data"], "train": [os.path.relpath(p, driver) for p in data["data"]["train"]]}}
+    assert not any(map(os.path.isabs, relative["data"]["train"]))
+    summary = _trainer(relative, tmp_path / "run", {"backend": "ray", "sparse_workers": 1}).fit()
+    assert summary["rows"] == 12_000 and summary["runtime"]["lost_samples"] == 0
 
 
 def test_an_address_nothing_answers_at_fails_in_seconds_naming_it():

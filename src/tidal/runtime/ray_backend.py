@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -215,7 +216,9 @@ class RayBackend:
     """Sparse workers, dense workers and embedding shards as Ray actors."""
 
     def __init__(self, trainer: Any, spec: ReaderSpec, first_step: int = 0) -> None:
-        self.trainer, self.runtime, self.spec = trainer, trainer.config.runtime, spec
+        self.trainer, self.runtime = trainer, trainer.config.runtime
+        # the driver's paths: a cluster's workers run in the folder the cluster started in
+        self.spec = replace(spec, files=[os.path.abspath(f) for f in spec.files])
         self.first_step = first_step
         self.started_ray = not ray.is_initialized()
         first = self._sparse_actors_at_start
