@@ -115,3 +115,11 @@ def test_zipf_ranks_follow_zipf_over_the_key_space_not_a_fold_of_numpys_unbounde
     np.testing.assert_allclose(observed, expected, atol=0.003)
     again = zipf_ranks(np.random.default_rng(0), a, 400_000, space)
     assert np.array_equal(ranks, again)  # a seed gives the same batches
+
+
+def test_memcpy_counts_the_bytes_read_and_written_as_the_step_figure_does(monkeypatch):
+    from tidal.bench import sparse
+
+    clock = iter([10.0, 12.0])
+    monkeypatch.setattr(sparse.time, "perf_counter", lambda: next(clock))
+    assert sparse.memcpy_gb_per_s(size_bytes=1 << 20, repeats=3) == 2 * (1 << 20) * 3 / 2.0 / 1e9
