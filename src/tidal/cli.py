@@ -235,6 +235,16 @@ class _ReaderMayLeave:
         return getattr(self._stream, name)
 
 
+def _say_if_busy(name: str) -> None:
+    """Warn, before a benchmark, that other work keeps the machine busy: it competes with
+    every peer, and a peer whose threads wait for each other (torch's, on every core)
+    loses most, so the figures of such a run mislead."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load >= cores / 2:
+        print(f"tidal {name}: the machine is busy (load average {load:.1f} over the last minute, on {cores} cores): "
+              f"other work slows the peers unevenly; compare figures from a quiet machine", file=sys.stderr, flush=True)
+
+
 def _command(args: argparse.Namespace) -> int:
     """Run the command `args` names; its exit code."""
     if args.command == "demo":
@@ -244,7 +254,8 @@ def _command(args: argparse.Namespace) -> int:
             print(f"tidal demo: --rows must be at least 1,000, got {args.rows}", file=sys.stderr)
             return 2
         demo.run(rows=args.rows)
-    elif args.command == "train":
+        return 0
+    if args.command == "train":
         return _train(args)
     elif args.command == "eval":
         return _eval(args)
@@ -254,7 +265,8 @@ def _command(args: argparse.Namespace) -> int:
         return _export(args)
     elif args.command == "serve":
         return _serve(args)
-    elif args.benchmark == "serve":
+    _say_if_busy(f"bench {args.benchmark}")
+    if args.benchmark == "serve":
         from tidal.bench import serve as serve_bench
 
         if args.seconds is not None and not 0 < args.seconds <= 3600:  # also refuses nan and inf

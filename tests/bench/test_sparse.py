@@ -123,3 +123,19 @@ def test_memcpy_counts_the_bytes_read_and_written_as_the_step_figure_does(monkey
     clock = iter([10.0, 12.0])
     monkeypatch.setattr(sparse.time, "perf_counter", lambda: next(clock))
     assert sparse.memcpy_gb_per_s(size_bytes=1 << 20, repeats=3) == 2 * (1 << 20) * 3 / 2.0 / 1e9
+
+
+@pytest.mark.parametrize(("load", "warned"), [(0.3, False), (1.5, True)])
+def test_a_benchmark_on_a_busy_machine_says_so_first(capsys, monkeypatch, load, warned):
+    from tidal import cli
+    from tidal.bench import sparse
+
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(sparse, "run", lambda *args, **kwargs: print("ran"))
+    assert main(["bench", "sparse", "--quick"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "ran\n"
+    assert (err == "tidal bench sparse: the machine is busy (load average 1.5 over the last minute, on 2 cores): "
+                   "other work slows the peers unevenly; compare figures from a quiet machine\n") == warned
+    assert (err == "") != warned
