@@ -977,14 +977,17 @@ def test_a_number_column_s_nan_written_as_text_is_a_missing_value_as_a_parquet_n
     (b"\xfd7zXZ\x00\x00", "xz-compressed"),
     (b"\x28\xb5\x2f\xfd\x00", "zstd-compressed"),
     ("label,I1,C1\n1,2,a\n".encode("utf-16"), "UTF-16 text"),
+    ("label,I1,C1\n1,2,a\n".encode("utf-32"), "UTF-32 text"),
     (b"PK\x03\x04\x14\x00", "a zip archive"),
 ])
-def test_a_file_read_as_text_that_is_not_text_is_refused_naming_what_it_is(tmp_path, start, what):
-    path = tmp_path / "part-00000"
-    path.write_bytes(start + b"\x00" * 64 + b"PAR1")  # as a Parquet file ends
-    with pytest.raises(DataError, match=rf"part-00000: expected CSV text, got {re.escape(what)}.* \(it starts with "):
+@pytest.mark.parametrize("name", ["part-00000", "part-00000.gz"])
+def test_a_file_read_as_text_that_is_not_text_is_refused_naming_what_it_is(tmp_path, start, what, name):
+    path = tmp_path / name
+    content = start + b"\x00" * 64 + b"PAR1"  # as a Parquet file ends
+    path.write_bytes(gzip.compress(content) if name.endswith(".gz") else content)
+    with pytest.raises(DataError, match=rf"{name}: expected CSV text, got {re.escape(what)}.* \(it starts with "):
         list(read_batches(path, columns=SMALL, file_format="csv"))
-    with pytest.raises(DataError, match=rf"part-00000: expected TSV text, got {re.escape(what)}"):
+    with pytest.raises(DataError, match=rf"{name}: expected TSV text, got {re.escape(what)}"):
         readers.check_layout([str(path)], SMALL, "tsv")
 
 
@@ -993,3 +996,6 @@ def test_text_whose_first_id_starts_with_the_parquet_magic_is_read_as_text(tmp_p
     assert sum(b.num_rows for b in read_batches(path, columns=["a", "b", "c"], file_format="tsv")) == 1
     path.write_text("PAR1023\t5\t1\n")
     assert sum(b.num_rows for b in read_batches(path, columns=["a", "b", "c"], file_format="tsv")) == 1
+    gzipped = tmp_path / "part-00001.gz"
+    gzipped.write_bytes(gzip.compress(b"PAR1023\t5\t1\n"))
+    assert sum(b.num_rows for b in read_batches(gzipped, columns=["a", "b", "c"], file_format="tsv")) == 1

@@ -888,6 +888,7 @@ _NOT_TEXT = (  # (how a file starts, what it then is, what to do) of files that 
     (re.compile(rb"\xfd7zXZ\x00"), "xz-compressed", _DECOMPRESS),
     (re.compile(rb"\x28\xb5\x2f\xfd"), "zstd-compressed", _DECOMPRESS),
     (re.compile(rb"PK\x03\x04"), "a zip archive (an Excel .xlsx file is one)", "unzip it, or export it as CSV"),
+    (re.compile(rb"\xff\xfe\x00\x00|\x00\x00\xfe\xff"), "UTF-32 text", "write it again as UTF-8"),
     (re.compile(rb"\xff\xfe|\xfe\xff"), "UTF-16 text", "write it again as UTF-8"),
 )
 
@@ -915,15 +916,19 @@ def _check_plain_text(path: str, kind: str) -> None:
         raise DataError(f"{path}: the name ends in .gz but the file is not gzip-compressed (it starts with bytes "
                         f"{start[:4].hex(' ')}, not 1f 8b); name it {Path(path).name[:-3]}, or gzip it")
     for signature, what, advice in _NOT_TEXT:
-        if signature.match(start) and (what != "a Parquet file" or _ends_as_parquet(path)):
+        if signature.match(start) and (what != "a Parquet file" or _is_parquet(path, start, gzipped)):
             raise DataError(f"{path}: expected {kind.upper()} text, got {what} (it starts with bytes "
                             f"{start[:4].hex(' ')}); {advice}")
     _check_line_ends(path, start)
 
 
-def _ends_as_parquet(path: str) -> bool:
-    """Whether the file at `path` also ends as every Parquet file does (a text file may
-    start with PAR1: an id PAR1023, say)."""
+def _is_parquet(path: str, start: bytes, gzipped: bool) -> bool:
+    """Whether the file at `path`, whose text starts with PAR1, is a Parquet file (a text
+    file may start so: an id PAR1023, say): a plain one ends as every Parquet file does,
+    and a gzipped one (whose end only a whole read would show) has a control byte no
+    text holds in its first bytes."""
+    if gzipped:
+        return re.search(rb"[\x00-\x08\x0e-\x1f]", start[4:64]) is not None
     with open(path, "rb") as file:
         file.seek(0, os.SEEK_END)
         if file.tell() < 8:
