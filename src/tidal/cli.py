@@ -8,6 +8,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -239,10 +240,31 @@ def _say_if_busy(name: str) -> None:
     """Warn, before a benchmark, that other work keeps the machine busy: it competes with
     every peer, and a peer whose threads wait for each other (torch's, on every core)
     loses most, so the figures of such a run mislead."""
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if load >= cores / 2:
-        print(f"tidal {name}: the machine is busy (load average {load:.1f} over the last minute, on {cores} cores): "
-              f"other work slows the peers unevenly; compare figures from a quiet machine", file=sys.stderr, flush=True)
+    share = busy_share()
+    if share is not None and share >= 0.5:
+        print(f"tidal {name}: the machine is busy (other work used {share:.0%} of its {os.cpu_count()} cores' time "
+              f"over the last half second): it slows the peers unevenly; compare figures from a quiet machine",
+              file=sys.stderr, flush=True)
+
+
+def busy_share(seconds: float = 0.5) -> float | None:
+    """The share of all cores' time spent on anything but idling over the next `seconds`
+    (a virtual machine's stolen time counted busy); None where /proc/stat cannot be read."""
+    try:
+        before = _cpu_times()
+        time.sleep(seconds)
+        after = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        return None
+    spent = [b - a for a, b in zip(before, after)]
+    idle = spent[3] + spent[4]  # idle and waiting for I/O
+    return 1.0 - idle / sum(spent) if sum(spent) else 0.0
+
+
+def _cpu_times() -> list[int]:
+    """The machine's CPU time so far by kind (user, nice, system, idle, iowait, ...)."""
+    with open("/proc/stat") as stat:
+        return [int(field) for field in stat.readline().split()[1:]]
 
 
 def _command(args: argparse.Namespace) -> int:

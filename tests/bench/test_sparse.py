@@ -125,17 +125,27 @@ def test_memcpy_counts_the_bytes_read_and_written_as_the_step_figure_does(monkey
     assert sparse.memcpy_gb_per_s(size_bytes=1 << 20, repeats=3) == 2 * (1 << 20) * 3 / 2.0 / 1e9
 
 
-@pytest.mark.parametrize(("load", "warned"), [(0.3, False), (1.5, True)])
-def test_a_benchmark_on_a_busy_machine_says_so_first(capsys, monkeypatch, load, warned):
+@pytest.mark.parametrize(("share", "warned"), [(0.3, False), (0.73, True), (None, False)])
+def test_a_benchmark_on_a_busy_machine_says_so_first(capsys, monkeypatch, share, warned):
     from tidal import cli
     from tidal.bench import sparse
 
-    monkeypatch.setattr(cli.os, "getloadavg", lambda: (load, load, load))
+    monkeypatch.setattr(cli, "busy_share", lambda: share)
     monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
     monkeypatch.setattr(sparse, "run", lambda *args, **kwargs: print("ran"))
     assert main(["bench", "sparse", "--quick"]) == 0
     out, err = capsys.readouterr()
     assert out == "ran\n"
-    assert (err == "tidal bench sparse: the machine is busy (load average 1.5 over the last minute, on 2 cores): "
-                   "other work slows the peers unevenly; compare figures from a quiet machine\n") == warned
+    assert (err == "tidal bench sparse: the machine is busy (other work used 73% of its 2 cores' time over the last "
+                   "half second): it slows the peers unevenly; compare figures from a quiet machine\n") == warned
     assert (err == "") != warned
+
+
+def test_the_busy_share_is_what_the_cores_spent_on_anything_but_idling(monkeypatch, machine_taken_as_quiet):
+    from tidal import cli
+
+    busy_share = machine_taken_as_quiet  # the real one
+    assert 0.0 <= busy_share(seconds=0.05) <= 1.0  # this machine's own
+    times = iter([[100, 0, 50, 800, 50, 0, 0, 0], [160, 0, 70, 900, 70, 0, 0, 100]])  # user, nice, system, idle, ...
+    monkeypatch.setattr(cli, "_cpu_times", lambda: next(times))
+    assert busy_share(seconds=0) == pytest.approx(1 - 120 / 300)  # stolen time counts busy

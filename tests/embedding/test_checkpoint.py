@@ -98,8 +98,8 @@ def test_delta_refused_when_tables_were_last_saved_elsewhere(tmp_path):
     with pytest.raises(CheckpointError, match="last saved to another checkpoint"):
         table.save_delta(tmp_path / "a")
     table.save_delta(tmp_path / "b")
-    with pytest.raises(CheckpointError, match=r"tables \['emb'\] were never saved nor loaded, so a delta here would "
-                                              r"miss rows; save a full checkpoint here first"):
+    with pytest.raises(CheckpointError, match=r"tables \['emb'\] were never saved nor loaded \(with their optimizer "
+                                              r"state\), so a delta here would miss rows; save a full checkpoint here"):
         _trained().save_delta(tmp_path / "b")
 
 
@@ -227,13 +227,17 @@ def test_full_plus_deltas_reproduce_live_table_with_evictions_and_reinsertion(tm
     _assert_same_table(table, loaded)
 
 
-def test_a_values_only_load_holds_the_values_and_evicts_as_the_full_load_but_keeps_no_state(tmp_path):
-    table = _trained(steps=6, eviction=Eviction(capacity_policy="lfu", ttl_steps=3), max_rows=500)
+@pytest.mark.parametrize("cap", [{"max_rows": 500}, {"memory_bytes": 50_000}],
+                         ids=["max_rows", "memory_bytes"])
+def test_a_values_only_load_holds_the_values_and_evicts_as_the_full_load_but_keeps_no_state(tmp_path, cap):
+    table = _trained(steps=6, eviction=Eviction(capacity_policy="lfu", ttl_steps=3), **({"max_rows": None} | cap))
     table.save(tmp_path)
     _train(table, 77)
     table.save_delta(tmp_path)
     full, values_only = load_tables(tmp_path)["emb"], load_tables(tmp_path, values_only=True)["emb"]
-    assert values_only.config == full.config.model_copy(update={"optimizer": Sgd()})
+    assert full.row_cap == 500  # what 50,000 bytes pay for at 100 bytes a row (values, Adam's state, index)
+    assert values_only.config == full.config.model_copy(update={"optimizer": Sgd(), "max_rows": 500,
+                                                                "memory_bytes": None})
     assert values_only.stats().state_bytes == 0 < full.stats().state_bytes
     assert values_only.clocks() == full.clocks() and _counters(values_only) == _counters(full)
     for loaded in (full, values_only):
@@ -244,6 +248,10 @@ def test_a_values_only_load_holds_the_values_and_evicts_as_the_full_load_but_kee
     keys, values = values_only.values_by_key()
     assert np.all(keys[1:] > keys[:-1]) and np.array_equal(keys, ALL_KEYS[expected["found"]])
     np.testing.assert_array_equal(values, expected["values"][expected["found"]])
+    chain = (tmp_path / "CHAIN.json").read_text()
+    with pytest.raises(CheckpointError, match=r"were never saved nor loaded \(with their optimizer state\)"):
+        values_only.save_delta(tmp_path)  # its empty state would break the chain
+    assert (tmp_path / "CHAIN.json").read_text() == chain and EmbeddingTable.load(tmp_path).stats().state_bytes > 0
 
 
 @pytest.mark.parametrize("optimizer", [Sgd(lr=0.1), Adagrad(lr=0.1)], ids=["sgd", "adagrad"])

@@ -46,6 +46,8 @@ def test_every_model_takes_no_dense_features_without_a_warning(kind):
     pooled, _ = _inputs()
     model(pooled, torch.zeros(B, 0))[:, 0].sum().backward()
     assert pooled.grad.abs().sum() > 0
+    untrained = [name for name, p in model.named_parameters() if p.numel() and not p.grad.abs().sum() > 0]
+    assert untrained == []  # a DLRM's bottom "constant" was all zeros behind a ReLU: it and the layer after never trained
 
 
 def test_dcn_cross_layers_follow_x0_times_wx_plus_b_plus_x():

@@ -102,8 +102,8 @@ def _check_extends_chain(root: Path, tables: Sequence[EmbeddingTable]) -> None:
         )
     never = [t.name for t in tables if t.checkpoint_id is None]
     if never:
-        raise CheckpointError(f"{root}: tables {never} were never saved nor loaded, so a delta here would miss "
-                              f"rows; save a full checkpoint here first (or load this one)")
+        raise CheckpointError(f"{root}: tables {never} were never saved nor loaded (with their optimizer state), "
+                              f"so a delta here would miss rows; save a full checkpoint here first (or load this one)")
     strangers = [t.name for t in tables if _full_id(t.checkpoint_id) != full.get("id")]
     if strangers:
         raise CheckpointError(
@@ -130,10 +130,10 @@ def _one_save_at_a_time(root: Path) -> Iterator[None]:
 def load(root: str | os.PathLike, *, threads: int = 1, values_only: bool = False) -> dict[str, EmbeddingTable]:
     """The tables of the checkpoint under `root`: the full one, then each delta in order.
 
-    With `values_only` the tables hold no optimizer state (their config's optimizer is
+    With `values_only` the tables hold no optimizer state (their config is
     `values_only_config`'s): the state in the files is checked for its shape but never
-    read, so a table takes the memory of its values alone. For reading and serving; such
-    a table cannot continue the training."""
+    read, so a table takes the memory of its values alone. For reading and serving: such
+    a table cannot continue the training, and no delta of it extends this chain."""
     root = Path(root)
     tables: dict[str, EmbeddingTable] = {}
     chain = _chain(root)
@@ -150,13 +150,14 @@ def load(root: str | os.PathLike, *, threads: int = 1, values_only: bool = False
                 raise CorruptCheckpointError(f"{root / name / MANIFEST}: table {table_name!r} is not in the full checkpoint")
             _restore(root / name, tables[table_name], entry)
     for table in tables.values():
-        table.checkpoint_id = _head(full_id, chain[-1])
+        table.checkpoint_id = None if values_only else _head(full_id, chain[-1])
     return tables
 
 
 def values_only_config(config: TableConfig) -> TableConfig:
-    """`config` with an optimizer that keeps no state (plain SGD), for tables read only."""
-    return config.model_copy(update={"optimizer": Sgd()})
+    """`config` with an optimizer that keeps no state (plain SGD), for tables read only;
+    its row cap as it was (a `memory_bytes` cap paid for the state too)."""
+    return config.model_copy(update={"optimizer": Sgd(), "max_rows": config.row_cap, "memory_bytes": None})
 
 
 def _head(full_id: str, entry: str) -> str:
@@ -475,7 +476,8 @@ def _stored_state_width(directory: Path, entry: dict[str, Any]) -> int:
     return config.optimizer.state_width(config.dim)
 
 
-def _read_shard(path: Path, expected: dict[str, Any], table: EmbeddingTable, stored_state: int) -> dict[str, np.ndarray]:
+def _read_shard(path: Path, expected: dict[str, Any], table: EmbeddingTable,
+                stored_state: int) -> dict[str, np.ndarray]:
     """A shard file's arrays, checked; `stored_state` is the optimizer state width its
     table was saved with. A table keeping none (`values_only`) gets its state unread."""
     check_file(path, expected, listed_in="the manifest")

@@ -622,8 +622,9 @@ class EmbeddingTable:
         """
         return self._push(block, keep_last_seen=keep_last_seen)
 
-    def _push(self, block: RowBlock, *, keep_last_seen: bool, finite: bool = False) -> np.ndarray:
-        """`push_rows`; `finite`: the rows' numbers are known finite (a checkpoint's, checked as it was read)."""
+    def _push(self, block: RowBlock, *, keep_last_seen: bool, checked: bool = False) -> np.ndarray:
+        """`push_rows`; `checked`: the rows' numbers are known finite and their state
+        never negative where the optimizer's is not (a checkpoint's, checked as it was read)."""
         keys = self._keys(block.keys)
         ascending = bool(np.all(keys[1:] > keys[:-1]))  # distinct at a glance, as a bundle's rows come
         if not ascending and np.unique(keys).shape[0] != keys.shape[0]:
@@ -640,7 +641,7 @@ class EmbeddingTable:
             raise BatchError(f"table {self.name!r}: pushed last_seen and counts must have one entry per key "
                              f"({len(keys)}), got shapes {metadata}")
         rows = np.concatenate([values, state], axis=1) if state.shape[1] else np.ascontiguousarray(values)
-        if not finite:
+        if not checked:
             self._check_finite_rows(rows, keys)
             if note := self.optimizer.negative_state_note(state, keys):
                 raise BatchError(f"table {self.name!r}: pushed optimizer state holds {note}, which "
@@ -798,7 +799,7 @@ class EmbeddingTable:
             self.remove(arrays["evicted"])
         block = RowBlock(keys=arrays["keys"], values=arrays["values"], state=arrays["state"],
                          last_seen=arrays["last_seen"], counts=arrays["counts"])
-        self._push(block, keep_last_seen=True, finite=True)  # the reader checked them
+        self._push(block, keep_last_seen=True, checked=True)  # the reader checked them
         shard = self._shards[s]
         with shard.lock:
             shard.ctl[ix.C_LOOKUPS : ix.C_SIZE] = arrays["counters"]

@@ -35,6 +35,9 @@ class _LearnedConstant(nn.Linear):
 
     def __init__(self, size: int) -> None:
         super().__init__(0, size)  # its weight has no element; kept, so checkpoints hold the layer as before
+        # torch draws a bias from +-1/sqrt(fan in): all zeros here, where the ReLU after it
+        # passes no gradient, and neither it nor the layer after would ever train
+        nn.init.uniform_(self.bias, 0.0, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bias.expand(x.shape[0], -1)

@@ -48,8 +48,8 @@ class OptimizerKernel:
         self.state_width = config.state_width(dim)
         self.initial_state = getattr(config, "initial_accumulator_value", 0.0)
         self.hyper = _pack(config)
-        # the state columns that only grow from 0 (sums of squares, Adam's step): the
-        # square root of a negative one would put NaN in the row
+        # the state columns that are never negative (Adagrad's and FTRL's sums of squared
+        # gradients, Adam's mean of them and its step): a root of a negative one is NaN
         self.nonnegative = slice(dim if self.code in (ADAM, ADAMW, FTRL) else 0, None if self.code != SGD else 0)
         # every optimizer but plain SGD needs the sum of a row's gradients before its update,
         # so a lookup must list its distinct rows; SGD adds each key's gradient as it comes

@@ -412,8 +412,8 @@ class Trainer:
             listed = "data.columns" if data.columns else "the default TSV layout (Criteo's: data.columns is not set)"
             raise DataError(f"the features read columns {missing}, which {listed} lacks; it lists {layout}")
         return ReaderSpec(files=files, columns=list(self.extractor.columns), layout=layout,
-                          checks=dict(self.extractor.checks), file_format=data.format, batch_rows=data.batch_size, on_bad_row=data.on_bad_row,
-                          epochs=epochs, start_epoch=start_epoch, start_batch=start_batch,
+                          checks=dict(self.extractor.checks), file_format=data.format, batch_rows=data.batch_size,
+                          on_bad_row=data.on_bad_row, epochs=epochs, start_epoch=start_epoch, start_batch=start_batch,
                           csv_header=data.csv_header, max_bad_fraction=data.max_bad_fraction)
 
     def _positional(self, kind: str) -> bool:
