@@ -161,6 +161,14 @@ def test_inputs_of_the_wrong_shape_are_refused_naming_the_expected_ones(kind, po
         model(torch.zeros(pooled_shape), torch.zeros(dense_shape))
 
 
+@pytest.mark.parametrize(("pooled_dtype", "dense_dtype"), [(torch.float64, torch.float32), (torch.float32, torch.int64)])
+def test_inputs_of_another_type_are_refused_naming_theirs(pooled_dtype, dense_dtype):
+    model = RankingModel(ModelConfig(), num_features=F, dim=D, dense_features=DD, num_targets=T)
+    with pytest.raises(BatchError, match=rf"expected pooled and dense of float32 \(or bfloat16, float16\), got "
+                                         rf"{pooled_dtype} and {dense_dtype}"):
+        model(torch.zeros(B, F, D, dtype=pooled_dtype), torch.zeros(B, DD, dtype=dense_dtype))
+
+
 def test_a_dict_where_a_model_config_goes_is_refused_naming_the_class():
     with pytest.raises(ConfigError, match=r"RankingModel: config: expected ModelConfig, got dict; build one with ModelConfig"):
         RankingModel({"kind": "dlrm"}, num_features=F, dim=D, dense_features=DD, num_targets=T)

@@ -48,7 +48,13 @@ class RankingModel(nn.Module):
                 or dense_shape[1] != self.dense_features or dense_shape[0] != pooled_shape[0]:
             raise BatchError(f"RankingModel: expected pooled [B, {self.num_features}, {self.dim}] and dense "
                              f"[B, {self.dense_features}], got {list(pooled_shape)} and {list(dense_shape)}")
+        if pooled.dtype not in _INPUT_DTYPES or dense.dtype not in _INPUT_DTYPES:
+            raise BatchError(f"RankingModel: expected pooled and dense of float32 (or bfloat16, float16), got "
+                             f"{pooled.dtype} and {dense.dtype}")
         return self.head(self.body(pooled, dense))  # [B, T]
+
+
+_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _body(config: ModelConfig, num_features: int, dim: int, dense_features: int) -> nn.Module:
