@@ -13,7 +13,7 @@ from tidal.config import RunConfig
 from tidal.data import generate
 from tidal.data.criteo import CRITEO_DENSE, CRITEO_SPARSE
 from tidal.errors import CheckpointError, ConfigError, DataError
-from tidal.runtime import Trainer
+from tidal.runtime import Trainer, checkpoint
 from trainer_helpers import assert_same_state
 
 DAY_ROWS, BATCH = 6_000, 500  # 12 whole batches a day: a run over both days reads the same batches
@@ -155,6 +155,23 @@ def test_a_failed_final_evaluation_says_the_training_is_done_and_how_to_evaluate
         Trainer(RunConfig(**config)).fit()
     config["data"]["eval"] = days["day2"]
     assert Trainer(RunConfig(**config)).fit(resume=True)["eval"]["rows"] == DAY_ROWS
+
+
+@pytest.mark.parametrize("engine", [{}, {"runtime": {"sparse_workers": 1, "mode": "sync"}},
+                                    {"passmode": {"batches_per_pass": 4}}], ids=["reference", "engine", "passmode"])
+def test_a_failed_periodic_evaluation_stops_the_run_with_the_checkpoint_of_its_step(days, tmp_path, engine):
+    """It stopped the run before the checkpoint due at that step: the steps since the last were lost."""
+    wrong = tmp_path / "wrong-eval.tsv"
+    wrong.write_text(("2" + "\t" * 39 + "\n") * 3)  # Criteo's width, the label neither 0 nor 1
+    config = _config(days["day1"], tmp_path / "day1", checkpoint_every=100, evict_every=4, **engine).model_dump()
+    config["data"]["eval"], config["training"]["eval_every"] = [str(wrong)], 8
+    with pytest.raises(DataError, match=r"(?s)^the evaluation at step 8 failed: no valid rows to evaluate .*\nThe run "
+                                        r"saved its checkpoint of that step: give data.eval files it can evaluate and "
+                                        r"resume the run \(--resume\)"):
+        Trainer(RunConfig(**config)).fit()
+    assert checkpoint.latest_name(tmp_path / "day1") == "step-00000008-epoch-0"
+    config["data"]["eval"] = days["day2"]
+    assert Trainer(RunConfig(**config)).fit(resume=True)["steps"] == 12
 
 
 def test_a_delta_of_the_run_a_served_model_was_warm_started_from_is_refused_as_a_rollback(days, tmp_path):

@@ -9,7 +9,6 @@ from typing import IO, Any
 import numpy as np
 
 from tidal.errors import ConfigError
-from tidal.runtime import checkpoint
 from tidal.runtime.engine import Engine
 from tidal.runtime.source import MemorySpec, ReaderSpec
 from tidal.runtime.telemetry import TELEMETRY_FILE, Telemetry
@@ -78,7 +77,4 @@ def _barrier(trainer: Any, backend: Any, log: IO[str], step: int, position: dict
     if due.evict:
         backend.evict()
     backend.pull_state()
-    if due.evaluate:
-        trainer._log_eval(log, step)
-    if due.checkpoint:
-        checkpoint.save(trainer, position)
+    trainer.evaluate_and_save(log, step, due, position)

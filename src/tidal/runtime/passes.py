@@ -27,7 +27,6 @@ from typing import IO, Any
 from tidal.data.batch import SparseBatch
 from tidal.passmode.plan import PassPlan, Residency, plan_pass
 from tidal.passmode.rows import DeviceRows
-from tidal.runtime import checkpoint
 
 __all__ = ["train"]
 
@@ -172,9 +171,7 @@ def _at_safe_point(trainer: Any, rows: DeviceRows, log: IO[str], plan: PassPlan)
         rows.flush()
     if due.evict:
         trainer.collection.evict()
-    if due.evaluate:
-        trainer._log_eval(log, plan.last_step)
-    if due.checkpoint:
-        last = plan.batches[-1]
-        checkpoint.save(trainer, {"step": plan.last_step, "epoch": last.epoch, "batch": last.index + 1})
+    last = plan.batches[-1]
+    trainer.evaluate_and_save(log, plan.last_step, due, {"step": plan.last_step, "epoch": last.epoch,
+                                                         "batch": last.index + 1})
     return released

@@ -684,13 +684,25 @@ class Trainer:
                 self.collection.evict()  # a safe point: this step's update has landed
             if step % self.config.training.log_every == 0:
                 self._log(log, epoch, step)
-            if due.evaluate:
-                self._log_eval(log, step)
-            if due.checkpoint:
-                checkpoint.save(self, {"step": step, "epoch": epoch, "batch": n + 1})
+            self.evaluate_and_save(log, step, due, {"step": step, "epoch": epoch, "batch": n + 1})
             if max_steps is not None and step >= max_steps:
                 return step, False
         return step, True
+
+    def evaluate_and_save(self, log, step: int, due: Due,  # type: ignore[no-untyped-def]
+                          position: dict[str, int]) -> None:
+        """Evaluate and save a checkpoint at `position` (of `step`) as `due` says. An
+        evaluation that fails stops the run once the checkpoint of this step is saved,
+        due or not: the steps since the last one are not lost to it."""
+        if due.evaluate:
+            try:
+                self._log_eval(log, step)
+            except DataError as exc:
+                checkpoint.save(self, position)
+                raise DataError(f"the evaluation at step {step:,d} failed: {exc}\nThe run saved its checkpoint of that "
+                                f"step: give data.eval files it can evaluate and resume the run (--resume)") from None
+        if due.checkpoint:
+            checkpoint.save(self, position)
 
     def _final_eval(self, log, step: int, evicted: int) -> Evaluation:  # type: ignore[no-untyped-def]
         """The evaluation at the last step: the one `eval_every` made there, if it did and
