@@ -124,6 +124,11 @@ def _run(**changes) -> dict:
      "training.evict_every (7) would have no effect: no table has an eviction or admission policy; remove it"),
     ({"features": [{"kind": "sparse", "name": "user", "columns": ["C1"], "table": "ids"},
                    {"kind": "label", "name": "score", "column": "label"}]}, "a label may not be named 'score'"),
+    ({"features": [{"kind": "sparse", "name": "user", "columns": ["C1"], "table": "ids"},
+                   {"kind": "label", "name": "click", "column": "label"},
+                   {"kind": "label", "name": "click_label", "column": "I1"}]},
+     "labels 'click' and 'click_label': a predictions file holds target 'click''s label as column 'click_label', the "
+     "other target's probability; rename one of them"),
     ({"features": [{"kind": "sparse", "name": "user", "columns": ["C1", "C2"], "table": "ids", "pooling": "mean"},
                    {"kind": "label", "name": "click", "column": "label"}]},
      "features.0 (user): pooling (it needs a separator: a bag of several ids a row; one id pools alike every way) "

@@ -282,6 +282,17 @@ class ProbabilityAdmission(_Model):
     probability: _Float = Field(gt=0.0, le=1.0)
 
 
+def label_column_clash(targets: Sequence[str]) -> str | None:
+    """Why a predictions file cannot hold `targets` (None: it can): it holds target T's
+    label as column T_label, which may be another target's name."""
+    clashing = [t for t in targets if f"{t}_label" in targets]
+    if not clashing:
+        return None
+    target = clashing[0]
+    return (f"labels {target!r} and {target + '_label'!r}: a predictions file holds target {target!r}'s label as column "
+            f"{target + '_label'!r}, the other target's probability; rename one of them")
+
+
 def _admits_all(admission: CountAdmission | ProbabilityAdmission | dict | None) -> bool:
     """Whether `admission` (a config, or its saved values) admits every key on first sight."""
     if isinstance(admission, BaseModel):
@@ -1002,6 +1013,8 @@ class RunConfig(_Model):
         if "score" in targets:
             raise ValueError("a label may not be named 'score': the server's fused score has that name, and would "
                              "hide the target's probability; rename the label")
+        if (clash := label_column_clash(targets)) and not _SAVED.get():
+            raise ValueError(clash)
         unknown = sorted(set(self.serving.fusion.weights) - set(targets))
         if unknown:
             raise ValueError(f"serving.fusion.weights names {unknown}, which are not targets; targets: {targets}")

@@ -13,6 +13,7 @@ import time
 import urllib.request
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from serving_helpers import file_rows, pieces, until
@@ -100,6 +101,16 @@ def test_eval_refuses_a_predictions_file_it_cannot_write_before_it_evaluates(tra
     assert main(["eval", "--checkpoint", str(trainer.run_dir), "--data", *trainer.config.data.train,
                  "--predictions", name]) == 2
     assert capsys.readouterr().err == f"tidal eval: predictions file {name}: {reason}\n"
+
+
+def test_eval_refuses_a_predictions_file_that_is_one_it_evaluates(trainer, tmp_path, capsys):
+    data = tmp_path / "eval.parquet"
+    pq.write_table(pa.Table.from_batches([file_rows(trainer, 40)]), data)
+    written = data.read_bytes()
+    assert main(["eval", "--checkpoint", str(trainer.run_dir), "--data", str(data), "--predictions", str(data)]) == 2
+    assert capsys.readouterr().err == (f"tidal eval: predictions file {data}: is one of the files evaluated; choose "
+                                       f"another name\n")
+    assert data.read_bytes() == written
 
 
 def test_eval_says_when_its_predictions_cannot_be_written_after_all(trainer, tmp_path, capsys, monkeypatch):

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from tidal.config import RunConfig, check_group_feature, is_whole_number, require
+from tidal.config import RunConfig, check_group_feature, is_whole_number, label_column_clash, require
 from tidal.data.batch import SparseBatch
 from tidal.data.criteo import CRITEO_COLUMNS
 from tidal.data.extract import Extractor
@@ -704,6 +704,14 @@ class Trainer:
         if due.checkpoint:
             checkpoint.save(self, position)
 
+    def _check_writable_beside(self, predictions: Path, files: list[str]) -> None:
+        """Refuse a predictions file that would replace one of the evaluated `files`, or
+        whose columns would mix up this model's targets."""
+        if predictions.resolve() in {Path(f).resolve() for f in files}:
+            raise ConfigError(f"predictions file {predictions}: is one of the files evaluated; choose another name")
+        if clash := label_column_clash(self.targets):
+            raise ConfigError(f"predictions file {predictions}: {clash}")
+
     def _final_eval(self, log, step: int, evicted: int) -> Evaluation:  # type: ignore[no-untyped-def]
         """The evaluation at the last step: the one `eval_every` made there, if it did and
         no row was `evicted` since. One that fails says that the training is done and saved."""
@@ -779,6 +787,8 @@ class Trainer:
         spec = self.reader_spec(paths)
         check_layout(spec.files, spec.columns, spec.file_format, spec.csv_header, layout=spec.layout,
                      widths=self.config.data.max_bad_fraction < 1.0, checks=spec.checks)
+        if predictions is not None:
+            self._check_writable_beside(predictions, spec.files)
         missing_id = None if group_by is None else self.extractor.missing_id(group_by)
         self.model.eval()
         logits, labels, groups, has_id, bad_rows = [], [], [], [], BadRows()
