@@ -289,8 +289,8 @@ def label_column_clash(targets: Sequence[str]) -> str | None:
     if not clashing:
         return None
     target = clashing[0]
-    return (f"labels {target!r} and {target + '_label'!r}: a predictions file holds target {target!r}'s label as column "
-            f"{target + '_label'!r}, the other target's probability; rename one of them")
+    return (f"labels {target!r} and {target + '_label'!r}: a predictions file holds target {target!r}'s label as "
+            f"column {target + '_label'!r}, the other target's probability; rename one of them")
 
 
 def _admits_all(admission: CountAdmission | ProbabilityAdmission | dict | None) -> bool:

@@ -131,8 +131,8 @@ def _summary(train: list[SparseBatch], seconds: dict, aucs: dict, report: dict, 
         print(f"{side:>9}: {summary[f'{side}_samples_per_s']:,.0f} samples/s (AUC {summary[f'{side}_auc']:.4f})")
     passes = summary["passmode_report"]
     print(f"pass mode x{summary['ratio_vs_reference']:.2f} the reference, x{summary['ratio_vs_torch']:.2f} torch; "
-          f"{passes.get('passes', 0)} passes of up to {batches_per_pass} batches, {passes.get('kept_share', 0.0):.0%} of a "
-          f"pass's rows already on the device, planning {passes.get('plan_s', 0.0):.1f} s (training waited "
+          f"{passes.get('passes', 0)} passes of up to {batches_per_pass} batches, "
+          f"{passes.get('kept_share', 0.0):.0%} of a pass's rows already on the device, planning {passes.get('plan_s', 0.0):.1f} s (training waited "
           f"{passes.get('wait_s', 0.0):.1f} s for it)", flush=True)
     if as_json:
         print(json.dumps(summary))
