@@ -42,7 +42,8 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tidal", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="generate data, train DLRM, evaluate it, export it and serve it, then summarize")
+    demo = commands.add_parser("demo", help="generate data, train DLRM, evaluate, export and serve it, retrain on the "
+                                            "next day's data and update the server online, then summarize")
     demo.add_argument("--rows", type=int, default=300_000, help="training rows to generate (default 300,000)")
     train = commands.add_parser("train", help="train a model from a YAML run config")
     train.add_argument("--config", required=True, help="the YAML file: data, features, tables, model, training")

@@ -88,3 +88,21 @@ def test_the_plot_draws_each_targets_loss(two_targets, tmp_path, monkeypatch):
     monkeypatch.setattr(plots.plt.Axes, "plot", plot)
     _trainer(two_targets, tmp_path / "run", None).fit()
     assert drawn[:3] == ["weighted", "buy", "click"] and (tmp_path / "run" / "metrics.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(("records", "notes"), [
+    ([{"event": "eval", "step": 25, "auc": {"click": 0.7}}],
+     ["no loss logged: the run took\nfewer steps than training.log_every"]),
+    ([{"event": "train", "step": 10, "loss": 0.6}, {"event": "eval", "step": 10, "auc": {"click": None}}],
+     ["no AUC: every evaluation\nsaw one class only"]),
+    ([{"event": "train", "step": 10, "loss": 0.6}], ["no AUC: no evaluation"]),
+])
+def test_a_panel_with_nothing_to_draw_says_why(tmp_path, monkeypatch, records, notes):
+    from tidal.runtime import plots
+
+    written = []
+    monkeypatch.setattr(plots, "_say", lambda axes, note: written.append(note))
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
+    plots.plot_metrics(metrics, tmp_path / "metrics.png")
+    assert written == notes and (tmp_path / "metrics.png").read_bytes().startswith(b"\x89PNG")
