@@ -161,6 +161,25 @@ def test_user_and_context_inputs_of_one_value_stand_for_every_candidate(tmp_path
         decode_request(json.dumps(without).encode(), None, specs, OUTPUTS, context=context)
 
 
+def test_a_column_split_two_ways_comes_as_the_files_strings_alone(tmp_path):
+    """Its input took one of the two separators, by the process's hash seed: the server
+    refused its own bundle in half of its starts, and joined values and lengths wrongly."""
+    from tidal.config import RunConfig
+
+    config = RunConfig(data={"train": str(tmp_path / "none.tsv")}, tables=[{"name": "t", "dim": 4}],
+                       features=[{"kind": "sparse", "name": "a", "columns": ["T"], "table": "t", "separator": "|"},
+                                 {"kind": "sparse", "name": "b", "columns": ["T"], "table": "t", "separator": ","},
+                                 {"kind": "label", "name": "y", "column": "label"}])
+    specs = input_specs(config)
+    assert specs["T"].separator is None
+    strings = {"name": "T", "datatype": "BYTES", "shape": [2], "data": ["1|2,3", "4"]}
+    assert _decode(specs, {"inputs": [strings]}).columns["T"].to_pylist() == ["1|2,3", "4"]
+    lengths = [{"name": "T", "datatype": "BYTES", "shape": [2], "data": ["1", "2"]},
+               {"name": "T.lengths", "datatype": "INT32", "shape": [1], "data": [2]}]
+    with pytest.raises(RequestError, match=r"unknown inputs \['T.lengths'\]"):
+        _decode(specs, {"inputs": lengths})
+
+
 def _sided_config(root, **sides: tuple[str, ...]):  # type: ignore[no-untyped-def]
     """A config of one hashed feature per column, of the side named."""
     from tidal.config import RunConfig

@@ -269,7 +269,7 @@ def _labels(features: list[LabelFeature], batch: pa.RecordBatch) -> np.ndarray:
         value = batch.column(features[t].column)[row].as_py()
         if np.isnan(labels[row, t]):
             raise DataError(f"{_named(features[t])}: a label is missing in row {row}: the reader should have "
-                            f"refused that row (pass required= labels)")
+                            f"refused that row (read files with read_batches(checks=extractor.checks))")
         raise DataError(f"{_named(features[t])}: expected 0 or 1 (or a soft label in [0, 1]), got {value!r} "
                         f"in row {row}")
     return labels

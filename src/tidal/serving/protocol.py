@@ -120,9 +120,12 @@ def _spec(column: str, features: list[SparseFeature | DenseFeature]) -> InputSpe
     separators = {f.separator for f in features if isinstance(f, SparseFeature) and f.separator}
     weighted = {f.weight_separator for f in features if isinstance(f, SparseFeature) and f.weight_separator}
     kind = next(iter(kinds)) if len(kinds) == 1 else "ids"  # read several ways: keep the file's strings
+    # split one way by all its features, a column may come as values and lengths; split
+    # several ways, only as the file's strings, which each feature splits its own way
     return InputSpec(name=column, kind=kind, side=sides.pop() if len(sides) == 1 else "both",
-                     separator=separators.pop() if separators else None,
-                     weight_separator=weighted.pop() if weighted else None, also=tuple(sorted(kinds - {kind, "ids"})))
+                     separator=separators.pop() if len(separators) == 1 else None,
+                     weight_separator=weighted.pop() if len(weighted) == 1 else None,
+                     also=tuple(sorted(kinds - {kind, "ids"})))
 
 
 def _kind(feature: SparseFeature | DenseFeature) -> str:
