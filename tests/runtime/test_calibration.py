@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from tidal.runtime.trainer import calibration, normalized_entropy
+from tidal.runtime.trainer import calibration, normalized_entropy, shown_figure
 
 
 def _logit(p: float) -> float:
@@ -36,3 +36,10 @@ def test_one_class_has_no_normalized_entropy_and_no_positives_no_calibration():
     assert normalized_entropy(np.zeros(3, np.float32), np.zeros(3)) is None
     assert calibration(np.zeros(3, np.float32), np.zeros(3)) is None
     assert calibration(np.ones(2, np.float32), np.zeros(2)) == pytest.approx(0.5)
+
+
+def test_a_diverged_models_loss_prints_in_a_few_significant_digits():
+    assert shown_figure(0.46871) == "0.4687"
+    assert shown_figure(123456.7) == "123456.7000"
+    assert shown_figure(3.2e31) == "3.2e+31"
+    assert shown_figure(float("inf")) == "inf"

@@ -42,7 +42,7 @@ from tidal.runtime.telemetry import TELEMETRY_FILE, compile_clock
 from tidal.runtime.workers import check_loss, clip_gradients, dense_device, dense_optimizer, fix_gemm_threads, set_lr
 
 __all__ = ["Evaluation", "Trainer", "calibration", "group_auc", "normalized_entropy", "shown_auc", "shown_evaluation",
-           "shown_gauc"]
+           "shown_figure", "shown_gauc"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,11 +161,18 @@ def shown_auc(value: float | None) -> str:
     return "n/a (one class in the data)" if value is None else f"{value:.4f}"
 
 
+def shown_figure(value: float) -> str:
+    """A loss (or a ratio of losses) as the CLI and the logs print it: 4 decimals, or 4
+    significant digits once it is too large for decimals to mean anything (a diverged
+    model's log loss of 1e30 would print 35 digits)."""
+    return f"{value:.4f}" if abs(value) < 1e6 else f"{value:.4g}"
+
+
 def shown_evaluation(evaluation: Evaluation, target: str) -> str:
     """A target's evaluation as the CLI prints it."""
     ne, calibrated = evaluation.normalized_entropy.get(target), evaluation.calibration.get(target)
-    return (f"AUC {shown_auc(evaluation.auc[target])}  log loss {evaluation.logloss[target]:.4f}  "
-            f"NE {'n/a' if ne is None else f'{ne:.4f}'}  "
+    return (f"AUC {shown_auc(evaluation.auc[target])}  log loss {shown_figure(evaluation.logloss[target])}  "
+            f"NE {'n/a' if ne is None else shown_figure(ne)}  "
             f"calibration {'n/a' if calibrated is None else f'{calibrated:.3f}'} "
             f"on {evaluation.rows:,d} rows{shown_gauc(evaluation, target)}")
 
@@ -754,10 +761,10 @@ class Trainer:
         record = self.progress.record(epoch, step, self.bad_rows.count) | rates
         _write_record(log, record)
         log.flush()
-        targets = ", ".join(f"{t} {v:.4f}" for t, v in record.get("target_loss", {}).items())
+        targets = ", ".join(f"{t} {shown_figure(v)}" for t, v in record.get("target_loss", {}).items())
         shown = f" ({targets})" if targets else ""
         shown += f"  lr {rates['lr']:.3g}" if training.lr_schedule is not None else ""
-        print(f"  epoch {epoch}  step {step:6d}  loss {record['loss']:.4f}{shown}  "
+        print(f"  epoch {epoch}  step {step:6d}  loss {shown_figure(record['loss'])}{shown}  "
               f"{record['samples_per_s']:,.0f} samples/s  bad rows {self.bad_rows.count:,}", flush=True)
 
     def _summary(self, steps: int, rows: int, evaluation: Evaluation | None) -> dict:
