@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -422,6 +423,21 @@ def test_lfu_cap_evicts_least_counted_rows_when_over_max_rows(optimizer):
 
 
 @BOTH_LOOKUPS
+def test_lfu_counts_stop_at_their_largest_value_so_the_hottest_row_stays_hottest(optimizer):
+    """An audit's find: a count near 2**32 (a warm start carries counts on) wrapped to 0,
+    and LFU then evicted the most used row first."""
+    table = make_table(max_rows=2, eviction=Eviction(capacity_policy="lfu"), optimizer=optimizer)
+    most = np.iinfo(np.uint32).max
+    table.push_rows(RowBlock(keys=arr(1, 2, 3), values=np.zeros((3, 4), np.float32),
+                             state=np.zeros((3, table.optimizer.state_width), np.float32),
+                             last_seen=np.zeros(3, np.uint32), counts=np.array([most - 1, 5, 1], np.uint32)))
+    sight(table, (1, 3))
+    assert table.pull_rows(arr(1))[0].counts.tolist() == [most]
+    assert table.evict() == 1
+    assert present(table, arr(1, 2, 3)).tolist() == [True, True, False]
+
+
+@BOTH_LOOKUPS
 def test_lfu_counts_start_fresh_when_new_key_reuses_removed_row(optimizer):
     table = make_table(max_rows=2, eviction=Eviction(capacity_policy="lfu"), optimizer=optimizer)
     sight(table, (10, 5), (20, 3))
@@ -617,6 +633,14 @@ def test_a_lookup_used_inside_holding_rows_while_an_eviction_waits_does_not_dead
             table.remove(np.array([3]))
     evictor.join(timeout=10)
     assert not evictor.is_alive()
+
+
+def test_an_eviction_refused_inside_holding_rows_leaves_admission_counts_as_they_were():
+    table = make_table(admission=CountAdmission(min_count=3), eviction=Eviction(ttl_steps=100))
+    insert(table, arr(7, 7))
+    with table.holding_rows(), pytest.raises(RuntimeError, match="would wait for itself forever"):
+        table.evict()
+    assert (insert(table, arr(7)) >= 0).tolist() == [True]  # its third sighting: admitted
 
 
 def test_a_lookup_racing_a_remove_reads_no_row_another_key_took():
@@ -851,8 +875,12 @@ def test_calls_with_the_wrong_kind_of_argument_say_what_was_expected(tmp_path):
         table.lookup_or_insert(arr(1), step=2**40)
     grads = np.ones((2, 4), np.float32)
     grads[1, 2] = np.inf
-    with pytest.raises(BatchError, match=r"grads must be finite, got 1 NaN or infinite values; no row was updated"):
-        table.apply_gradients(arr(1, 2), grads)
+    for wrong in (grads, np.where(np.isinf(grads), 1e39, grads.astype(np.float64))):  # 1e39: finite in float64, not in float32
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no numpy overflow warning before the message
+            with pytest.raises(BatchError, match=r"grads must be finite in float32 \(magnitudes up to 3\.4e38\), got 1 "
+                                                 r"NaN or infinite values; no row was updated"):
+                table.apply_gradients(arr(1, 2), wrong)
     assert table.stats().rows == 0
     (tmp_path / "file").write_text("")
     with pytest.raises(CheckpointError, match=r"expected a list of EmbeddingTables to save, got EmbeddingTable"):

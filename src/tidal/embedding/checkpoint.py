@@ -132,8 +132,8 @@ def load(root: str | os.PathLike, *, threads: int = 1, values_only: bool = False
 
     With `values_only` the tables hold no optimizer state (their config is
     `values_only_config`'s): the state in the files is checked for its shape but never
-    read, so a table takes the memory of its values alone. For reading and serving: such
-    a table cannot continue the training, and no delta of it extends this chain."""
+    read, so a table takes the memory of its values alone. For reading and serving:
+    `save` and `save_delta` refuse such a table (saved, it would train on as plain SGD)."""
     root = Path(root)
     tables: dict[str, EmbeddingTable] = {}
     chain = _chain(root)
@@ -151,6 +151,7 @@ def load(root: str | os.PathLike, *, threads: int = 1, values_only: bool = False
             _restore(root / name, tables[table_name], entry)
     for table in tables.values():
         table.checkpoint_id = None if values_only else _head(full_id, chain[-1])
+        table.values_only = values_only
     return tables
 
 
@@ -199,6 +200,10 @@ def _checked(root: str | os.PathLike, tables: Sequence[EmbeddingTable]) -> Path:
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise CheckpointError(f"{root}: a checkpoint holds each table once, by name; got {repeated} more than once")
+    if read_only := [t.name for t in tables if t.values_only]:
+        raise CheckpointError(f"{root}: tables {read_only} were loaded with values_only=True, without their optimizer "
+                              f"state: saved, they would train on as plain SGD; load them without values_only to "
+                              f"train and save")
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise CheckpointError(f"{root} is a file; expected a folder to hold the checkpoints")

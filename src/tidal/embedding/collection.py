@@ -307,8 +307,8 @@ class EmbeddingCollection:
             bad = (bits & exponent) == exponent
             first = int(np.flatnonzero(bad.any(axis=1))[0])
             features = ctx.feature_tables.shape[0]
-            raise BatchError(f"gradient of the pooled output must be finite, got {int(bad.sum()):,d} NaN or infinite "
-                             f"values (the first at sample {first // features}, feature {first % features}); "
+            raise BatchError(f"gradient of the pooled output must be finite in float32 (magnitudes up to 3.4e38), got "
+                             f"{int(bad.sum()):,d} NaN or infinite values (the first at sample {first // features}, feature {first % features}); "
                              f"no row was updated")
 
     def _grad_rows(self, ctx: PooledContext, grad: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -326,7 +326,8 @@ class EmbeddingCollection:
             if grad.dtype == torch.bfloat16:  # read as it is: widening is exact
                 return _bits(grad.contiguous())
             grad = grad.to(torch.float32).contiguous().numpy()
-        return np.ascontiguousarray(grad, dtype=np.float32)
+        with np.errstate(over="ignore"):  # a value past float32's range becomes an infinity, refused by name
+            return np.ascontiguousarray(grad, dtype=np.float32)
 
 
 def _holds_real_numbers(grad: torch.Tensor | np.ndarray) -> bool:

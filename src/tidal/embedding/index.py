@@ -35,6 +35,7 @@ EMPTY = np.int32(-1)
 (C_HIGH, C_FREE, C_LIVE, C_ROW_CAP, C_MAX_LIVE, C_ROW_LIMIT, C_NEED,
  C_LOOKUPS, C_MISSES, C_ADMITTED, C_NOT_ADMITTED, C_EVICTED, C_DROPPED_FULL, C_SIZE) = range(14)
 NEED_NOTHING, NEED_REHASH, NEED_ROWS = 0, 1, 2
+COUNT_MAX = np.uint32(0xFFFFFFFF)  # a row's lookup count (for LFU eviction) stops here
 MARK = np.uint32(1 << 31)  # last_seen of a row numbered by the running resolve (steps stay < 2**31)
 
 TAG_SHIFT = 27  # slot = tag << 27 | row: at most 2**27 rows per shard
@@ -183,7 +184,7 @@ def resolve(slots, row_keys, last_seen, counts, free_rows, ctl, keys, hashes, or
                 numbers[i] = -1
             ctl[C_MISSES] += count and not insert
             continue
-        if insert and counts.shape[0] > 0:
+        if insert and counts.shape[0] > 0 and counts[row] < COUNT_MAX:  # saturates: the hottest row stays hottest
             counts[row] += 1
         handles[order[i]] = (np.int64(row) << SHARD_BITS) | shard
         if distinct:
@@ -208,7 +209,7 @@ def admit_earlier_sightings(slots, row_keys, last_seen, counts, ctl, keys, hashe
         if row < 0:  # turned away at every sighting
             continue
         ctl[C_NOT_ADMITTED] -= 1
-        if counts.shape[0] > 0:
+        if counts.shape[0] > 0 and counts[row] < COUNT_MAX:
             counts[row] += 1
         handles[order[i]] = (np.int64(row) << SHARD_BITS) | shard
         if distinct:

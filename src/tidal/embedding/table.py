@@ -64,7 +64,7 @@ class TableStats:
     admitted: int  # rows created
     not_admitted: int  # sightings of keys that admission turned away
     evicted: int
-    dropped_full: int  # new keys refused because their shard held its share of the row cap (no eviction)
+    dropped_full: int  # sightings of new keys refused because their shard held its share of the row cap (no eviction)
 
     @property
     def overhead_bytes_per_row(self) -> float:
@@ -233,6 +233,7 @@ class EmbeddingTable:
         self._epoch = 0  # removals of rows so far (under the gate): a RowLookup is valid within one
         self._shards = [self._new_shard(s) for s in range(config.num_shards)]
         self.checkpoint_id: str | None = None  # what a delta would extend: '<full checkpoint id>/<chain entry>'
+        self.values_only = False  # loaded without its optimizer state (`load_tables(values_only=True)`): never saved
         self._reserve(config.reserve_rows)
 
     # ------------------------------------------------------------------ set-up
@@ -484,14 +485,16 @@ class EmbeddingTable:
         if grads.dtype.kind not in "iuf":
             raise BatchError(f"table {self.name!r}: grads must be a float array of shape {(keys.shape[0], self.dim)} "
                              f"(real numbers: floats or integers), got dtype {grads.dtype}")
-        grads = np.ascontiguousarray(grads, dtype=np.float32)
+        with np.errstate(over="ignore"):  # a value past float32's range becomes an infinity, refused below
+            grads = np.ascontiguousarray(grads, dtype=np.float32)
         if grads.shape != (keys.shape[0], self.dim):
             raise BatchError(
                 f"table {self.name!r}: grads must have shape {(keys.shape[0], self.dim)} "
                 f"(one row per key), got {grads.shape}"
             )
         if not np.isfinite(grads).all():  # one NaN would stay in its row's values and state for good
-            raise BatchError(f"table {self.name!r}: grads must be finite, got {int((~np.isfinite(grads)).sum())} "
+            raise BatchError(f"table {self.name!r}: grads must be finite in float32 (magnitudes up to 3.4e38), got "
+                             f"{int((~np.isfinite(grads)).sum())} "
                              f"NaN or infinite values; no row was updated")
         with self._gate.shared():  # found and updated with no removal between
             lookup = self._find(keys, count=False)
@@ -717,12 +720,13 @@ class EmbeddingTable:
         use, since evicted rows are reused. It also halves the admission counts of keys
         not yet admitted, so a key must keep coming back to earn its row.
         """
-        self._age_sketches()
         eviction = self.config.eviction
         if eviction is None:
+            self._age_sketches()
             return 0
         with self._gate.exclusive():  # lookups from before a safe point are refused, even if no row goes
             self._epoch += 1
+        self._age_sketches()  # once the gate let it through: an evict refused changes nothing
         evicted = 0
         if eviction.ttl_steps is not None:
             stale = [keys[self._step - seen.astype(np.int64) > eviction.ttl_steps]
