@@ -21,7 +21,9 @@ message naming it (version 1 manifests, written before they carried their sha256
 read unchecked). CHAIN.json is checked for what a save writes: its format and version,
 one full checkpoint, then deltas numbered on from it with no repeat or gap, each of
 them written for that full checkpoint (its id); so a damaged chain is refused rather
-than loaded as an older state.
+than loaded as an older state. A chain cut back to one of its earlier entries is not
+damaged in this sense: it is what a save killed before its commit leaves, and it loads
+as that earlier checkpoint (the next save removes the folders after it).
 
 One writer per root: a table remembers the chain entry it last wrote or was loaded
 from, and a delta is refused when the chain ends elsewhere (another writer saved to
