@@ -101,10 +101,9 @@ def test_more_bad_rows_than_max_bad_fraction_stop_the_read_part_way_saying_why(t
     path = _every_other_bad(tmp_path, 100_000)
     handed = []
     with pytest.raises(DataError, match=rf"^(\d|,)+ of the (\d|,)+ rows read of {path} were bad \(50\.0%\), more than "
-                                        rf"max_bad_fraction allows \(10\.0%\): the files may not have the layout the "
-                                        rf"run expects\. The first: {path}:1: expected 3 columns, found 2\. Fix the "
-                                        rf"files, or raise max_bad_fraction \(data\.max_bad_fraction in a run config; 1\.0 "
-                                        rf"skips any number\)$"):
+                                        rf"the (\d|,)+ that max_bad_fraction 0\.1 allows: the files may not have the "
+                                        rf"layout the run expects\. The first: {path}:1: expected 3 columns, found 2\. "
+                                        rf"Fix the files, or raise data\.max_bad_fraction \(1\.0 skips any number\)$"):
         for batch in read_batches(path, columns=SMALL, checks=CHECKS, batch_rows=batch_rows):
             handed.append(batch.num_rows)
     assert sum(handed) < 10_000  # stopped soon after 10,000 rows read, not at the end of the file
@@ -119,7 +118,7 @@ def test_bad_rows_within_max_bad_fraction_or_fewer_rows_than_judged_are_skipped(
     small = _every_other_bad(tmp_path, readers.JUDGED_FROM - 2, "small.tsv")  # too few rows to judge a share by
     assert sum(b.num_rows for b in read_batches(small, columns=SMALL, checks=CHECKS)) == readers.JUDGED_FROM // 2 - 1
     with pytest.raises(DataError, match=r"^15,000 of the 30,000 rows read of .*d\.tsv were bad \(50\.0%\), more than "
-                                        r"max_bad_fraction allows \(49\.0%\)"):
+                                        r"the 14,700 that max_bad_fraction 0\.49 allows"):
         list(read_batches(path, columns=SMALL, checks=CHECKS, max_bad_fraction=0.49))
     with pytest.raises(DataError, match=r"max_bad_fraction must be a share of the rows read, from 0 to 1, got 1\.5"):
         list(read_batches(path, columns=SMALL, checks=CHECKS, max_bad_fraction=1.5))
@@ -130,7 +129,7 @@ def test_a_file_of_another_layout_among_good_ones_is_judged_by_its_own_share_of_
     commas = _write(tmp_path / "b.tsv", "1,5,a\n" * 12_000)  # 5.7% of all rows, every one of its own bad
     report = BadRows()
     with pytest.raises(DataError, match=rf"^12,000 of the 12,000 rows read of {commas} were bad \(100\.0%\), more "
-                                        rf"than max_bad_fraction allows \(10\.0%\): .* The first: {commas}:1: expected 3 "
+                                        rf"than the 1,200 that max_bad_fraction 0\.1 allows: .* The first: {commas}:1: expected 3 "
                                         rf"columns, found 1\."):
         list(read_batches([good, commas], columns=SMALL, checks=CHECKS, bad_rows=report))
     assert (report.count, report.read) == (12_025, 212_025)  # all rows together are within the bound

@@ -106,7 +106,7 @@ def test_a_run_whose_data_is_mostly_bad_rows_stops_saying_so_unless_max_bad_frac
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["train", "--config", str(path)]) == 2
-    assert re.search(rf"of the (\d|,)+ rows read of {wrong} were bad \((\d|\.)+%\), more than max_bad_fraction allows \(10\.0%\).*"
+    assert re.search(rf"of the (\d|,)+ rows read of {wrong} were bad \((\d|\.)+%\), more than the (\d|,)+ that max_bad_fraction 0\.1 allows.*"
                      rf"The first: {wrong}:2: expected 40 columns, found 1", capsys.readouterr().err)
     wrong.write_text(good.replace("\t", ","))  # no good line to begin with: refused before anything trains
     assert main(["train", "--config", str(path)]) == 2

@@ -459,10 +459,9 @@ def _check_bad_share(rows: BadRows, most: float, where: str = "") -> None:
     if read < JUDGED_FROM or bad <= most * read:
         return
     first = f" The first: {rows.examples[0]}." if rows.examples else ""
-    raise DataError(f"{bad:,d} of the {read:,d} rows read{where} were bad ({bad / read:.1%}), more than "
-                    f"max_bad_fraction allows ({most:.1%}): the files may not have the layout the run expects.{first} "
-                    f"Fix the files, or raise max_bad_fraction (data.max_bad_fraction in a run config; 1.0 skips "
-                    f"any number)")
+    raise DataError(f"{bad:,d} of the {read:,d} rows read{where} were bad ({bad / read:.1%}), more than the "
+                    f"{int(most * read):,d} that max_bad_fraction {most:g} allows: the files may not have the layout "
+                    f"the run expects.{first} Fix the files, or raise data.max_bad_fraction (1.0 skips any number)")
 
 
 def _exactly(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
