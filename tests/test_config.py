@@ -354,6 +354,23 @@ def test_a_yaml_section_with_nothing_under_it_is_refused_not_read_as_absent(tmp_
         assert (getattr(owner, section) is not None) == present
 
 
+@pytest.mark.parametrize(("text", "line", "expected"), [
+    ("serving:\n", 4, "serving: has no value; give its settings, or remove it for the defaults"),
+    ("training:\n  optimizer:\n  lr: 0.1\n", 5, "optimizer: has no value; give its settings, or remove it for the "
+                                                 "defaults"),
+    ("model:  # DLRM\n", 4, "model: has no value; give its settings, or remove it for the defaults"),
+])
+def test_a_blank_section_with_default_settings_is_refused_by_line(tmp_path, text, line, expected):
+    config = tmp_path / "run.yaml"
+    config.write_text("data: {train: x.tsv}\nfeatures: [{kind: sparse, name: u, columns: [C1], table: ids}, "
+                      "{kind: label, name: click, column: label}]\ntables: [{name: ids, dim: 8}]\n" + text)
+    with pytest.raises(ConfigError, match=rf"run\.yaml: line {line}: {re.escape(expected)}$"):
+        RunConfig.from_yaml(str(config))
+    config.write_text(config.read_text().replace("data: {train: x.tsv}", "data:"))
+    with pytest.raises(ConfigError, match=r"run\.yaml: line 1: data: has no value; give its settings$"):
+        RunConfig.from_yaml(str(config))
+
+
 def test_a_key_of_another_section_is_said_to_belong_there(tmp_path):
     base = {"data": {"train": "x.tsv"}, "tables": [{"name": "ids", "dim": 8}],
             "features": [{"kind": "sparse", "name": "u", "columns": ["C1"], "table": "ids"},

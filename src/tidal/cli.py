@@ -714,7 +714,7 @@ def _serving_settings(entries: list[str], flags: dict) -> dict:
     """`--set FIELD=VALUE` entries as serving-config overrides (values parsed as YAML)."""
     import yaml
 
-    from tidal.config import ServingConfig, yaml_loader
+    from tidal.config import ServingConfig, closest_match, yaml_loader
     from tidal.errors import ConfigError
 
     settings = {}
@@ -731,8 +731,9 @@ def _serving_settings(entries: list[str], flags: dict) -> dict:
             raise ConfigError(f"--set {field}: a serving field is set whole, not a part of it: give {whole}'s "
                               f"whole value as YAML (--set '{whole}={{...}}')")
         if field not in ServingConfig.model_fields:
-            raise ConfigError(f"--set {field}: no such serving field; the fields are "
-                              f"{', '.join(f for f in ServingConfig.model_fields if f != 'table_dtype')}")
+            fields = [f for f in ServingConfig.model_fields if f != "table_dtype"]
+            raise ConfigError(f"--set {field}: no such serving field"
+                              f"{closest_match(field, fields, ' the fields are ' + ', '.join(fields))}")
         if field in flags or field in settings:
             raise ConfigError(f"--set {field}: given twice (by --set or by its own flag)")
         try:

@@ -65,6 +65,7 @@ __all__ = [
     "TableConfig",
     "TrainingConfig",
     "check_group_feature",
+    "closest_match",
     "effective_fields",
     "effective_table_fields",
     "is_whole_number",
@@ -76,6 +77,8 @@ __all__ = [
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"  # a device for dense math
 # optional sections, absent when null: one written with nothing under it (which YAML reads as null) is refused
 _SECTIONS = ("runtime", "passmode", "eviction", "admission", "lr_schedule")
+# sections with default settings (`data` has none), which a null cannot stand for
+_SETTINGS = ("data", "model", "training", "serving", "fusion", "optimizer", "initializer")
 _FLOAT32_MAX = 3.4028234663852886e38  # scores are float32
 BAG_LENGTHS = ".lengths"  # a served bag column's lengths come as the input named COLUMN.lengths
 # names a table's checkpoint folder cannot take (tidal.embedding.checkpoint): the
@@ -635,7 +638,7 @@ def check_group_feature(features: Sequence[FeatureConfig], name: str, key: str) 
         kind = next((f" (a {f.kind} feature)" for f in features if f.name == name), "")
         single = [n for n, f in sparse.items() if f.separator is None]
         raise ValueError(f"{key} is {name!r}{kind}; expected a sparse feature of one id a row"
-                         f"{_closest(name, single, f' one of {sorted(single)}')}")
+                         f"{closest_match(name, single, f' one of {sorted(single)}')}")
     if sparse[name].separator is not None:
         raise ValueError(f"{key} is {name!r}, a multi-value bag (separator {sparse[name].separator!r}); expected a "
                          f"feature of one id a row, whose id is the row's group")
@@ -1326,14 +1329,23 @@ def yaml_loader() -> type:
                     raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} appears twice in one mapping",
                                                             key_node.start_mark)
                 seen.add(key)
-                if key in _SECTIONS and value_node.tag == "tag:yaml.org,2002:null" and value_node.value == "":
-                    defaults = " ({} for the defaults)" if key in ("runtime", "passmode") else ""
-                    raise ConfigError(f"line {key_node.start_mark.line + 1}: {key}: has no value; give its settings"
-                                      f"{defaults}, or remove it (or write {key}: null)")
+                if value_node.tag == "tag:yaml.org,2002:null" and value_node.value == "":
+                    _refuse_blank_section(key, key_node.start_mark.line + 1)
             return super().construct_mapping(node, deep=deep)
 
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
     return Loader
+
+
+def _refuse_blank_section(key: Any, line: int) -> None:
+    """A section written with nothing under it (YAML's null) where settings belong."""
+    if key in _SECTIONS:
+        defaults = " ({} for the defaults)" if key in ("runtime", "passmode") else ""
+        raise ConfigError(f"line {line}: {key}: has no value; give its settings{defaults}, or remove it (or write "
+                          f"{key}: null)")
+    if key in _SETTINGS:
+        remove = "" if key == "data" else ", or remove it for the defaults"
+        raise ConfigError(f"line {line}: {key}: has no value; give its settings{remove}")
 
 
 _EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
@@ -1410,7 +1422,7 @@ def _key_problem(err: dict, model: type[BaseModel] | None) -> str:
     home = [name for name, section in sections.items() if key in section.model_fields and section is not model]
     if model in sections.values() and len(home) == 1:
         return f"unknown key {key!r}; it belongs under {home[0]} ({home[0]}.{key})"
-    return f"unknown key {key!r}{_closest(key, allowed, listed)}"
+    return f"unknown key {key!r}{closest_match(key, allowed, listed)}"
 
 
 def _sections() -> dict[str, type[BaseModel]]:
@@ -1435,10 +1447,10 @@ def _tag_problem(err: dict, model: type[BaseModel] | None) -> str:
         return f"required key {key!r} is missing" + (f"; allowed: {', '.join(map(repr, tags))}" if tags else "")
     expected = str(ctx.get("expected_tags", ""))
     tag, tags = str(ctx.get("tag")), re.findall(r"'([^']*)'", expected)
-    return f"unknown {key} {tag!r}{_closest(tag, tags, f' allowed: {expected}' if expected else '')}"
+    return f"unknown {key} {tag!r}{closest_match(tag, tags, f' allowed: {expected}' if expected else '')}"
 
 
-def _closest(text: str, allowed: list[str], listed: str) -> str:
+def closest_match(text: str, allowed: list[str], listed: str) -> str:
     """"; did you mean 'X'?" and then `listed` (which starts with a space), or ";" and it."""
     match = difflib.get_close_matches(text, allowed, n=1)
     if match:

@@ -140,6 +140,18 @@ def test_export_and_serve_refuse_what_is_not_there(tmp_path, capsys):  # on any 
            f"{tmp_path} --out BUNDLE" in capsys.readouterr().err
 
 
+def test_a_bundle_given_where_a_run_is_expected_is_named_a_bundle(tmp_path, capsys):
+    bundle = tmp_path / "bundle"  # what tidal export writes, as far as telling it apart goes
+    (bundle / "tables").mkdir(parents=True)
+    (bundle / "manifest.json").write_text("{}")
+    expected = f"{bundle}: a serving bundle written by tidal export, not a training run; give the run directory it " \
+               f"was exported from"
+    assert main(["export", "--checkpoint", str(bundle), "--out", str(tmp_path / "b")]) == 2
+    assert expected in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(bundle), "--data", str(bundle / "manifest.json")]) == 2
+    assert expected in capsys.readouterr().err
+
+
 def test_serve_refuses_a_port_in_use_before_loading_anything(tmp_path, capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -235,6 +247,8 @@ def test_serve_names_the_flag_of_a_value_out_of_range(trainer, tmp_path, capsys)
                               ("max_queue_rows=1e-1", "--set max_queue_rows: Input should be a valid integer, got a "
                                                       "number with a fractional part, got 0.1"),
                               ("nonsense=1", "--set nonsense: no such serving field; the fields are fusion, buckets"),
+                              ("max_queu_rows=5", "--set max_queu_rows: no such serving field; did you mean "
+                                                  "'max_queue_rows'? the fields are fusion, buckets"),
                               ("fusion.weights.click=2", "--set fusion.weights.click: a serving field is set "
                                                          "whole, not a part of it: give fusion's whole value as YAML"),
                               ("table_dtype=float16", "fixed when the bundle is written (tidal export --table-dtype)"),

@@ -65,8 +65,8 @@ if TYPE_CHECKING:
     from tidal.runtime.trainer import Trainer
 
 __all__ = ["check_start", "find", "hold_run_dir", "holds_checkpoints", "latest", "latest_name",
-           "lineage", "load_checked_tables", "load_dense", "read_meta", "reading", "restore", "restore_latest", "save",
-           "start_from"]
+           "lineage", "load_checked_tables", "load_dense", "read_meta", "reading", "refuse_bundle", "restore",
+           "restore_latest", "save", "start_from"]
 
 LATEST = "LATEST"
 DENSE = "dense.safetensors"
@@ -411,12 +411,21 @@ def holds_checkpoints(run_dir: Path) -> bool:
     return (run_dir / "checkpoints" / LATEST).exists() or bool(_complete_folders(run_dir))
 
 
+def refuse_bundle(folder: Path) -> None:
+    """A clear error where `folder`, given as a run or a checkpoint, is a serving bundle."""
+    if (folder / "manifest.json").is_file() and (folder / "tables").is_dir() and not (folder / "checkpoints").exists():
+        raise CheckpointError(f"{folder}: a serving bundle written by tidal export, not a training run; give the run "
+                              f"directory it was exported from (the bundle's manifest.json names the checkpoint, "
+                              f"source_checkpoint)")
+
+
 def latest(run_dir: Path) -> Path:
     """The newest complete checkpoint of a run, or a clear error if there is none."""
     pointer = run_dir / "checkpoints" / LATEST
     if not pointer.exists():
         if way := _way_on(run_dir):  # the pointer was lost, not the checkpoints
             raise CheckpointError(f"{pointer} is missing, but {way}")
+        refuse_bundle(run_dir)
         raise CheckpointError(f"{run_dir}: holds no checkpoint ({pointer} is missing); train a run there first "
                               f"(one that stopped before its first checkpoint starts again by its own command, "
                               f"--init-from included)")

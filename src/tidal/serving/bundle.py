@@ -323,6 +323,7 @@ def _cast(name: str, values: np.ndarray, dtype: np.dtype) -> np.ndarray:
 def _reading(source: Path) -> AbstractContextManager[Path]:
     """The checkpoint to export, held while it is read (`checkpoint.reading`)."""
     if not (source / "trainer.json").exists() and not (source / "checkpoints").is_dir():  # else reading says what is amiss
+        checkpoint.refuse_bundle(source)
         raise CheckpointError(f"{source}: no checkpoint to export (expected a run directory with checkpoints/"
                               f"{checkpoint.LATEST}, or a checkpoint directory with trainer.json); train first")
     return checkpoint.reading(source)
