@@ -525,6 +525,13 @@ def test_an_empty_parquet_file_is_refused_as_unreadable(tmp_path):
         list(read_batches(tmp_path / "d.parquet", columns=SMALL))
 
 
+def test_a_tab_separated_file_read_as_csv_is_named_so(tmp_path):
+    tabs = _write(tmp_path / "d.csv", "label\tI1\tC1\n1\t2\ta\n")
+    with pytest.raises(DataError, match=r"d\.csv: its first line holds tabs and no commas: a tab-separated file, read "
+                                        r"as CSV; read it as TSV \(format: tsv\)$"):
+        readers.check_layout([str(tabs)], SMALL)
+
+
 def test_layouts_are_checked_before_a_row_is_read_where_a_file_names_its_columns(tmp_path):
     csv = _write(tmp_path / "d.csv", "label,I1,C1\n1,2,a\n")
     tsv, empty = _write(tmp_path / "d.tsv", "1\t2\ta\n"), _write(tmp_path / "e.csv", "")

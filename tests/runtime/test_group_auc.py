@@ -191,6 +191,8 @@ def test_eval_reads_files_as_its_flags_say_and_checks_their_layout_first(trained
     assert code == 2 and "cannot tell the format from the suffix '.data'" in err and "--format" in err
     code, _, err = evaluate(unnamed, "--format", "tsv")
     assert code == 0, err
+    code, _, err = evaluate(unnamed, "--format", "csv")  # an audit's find: it said to turn off the CSV header
+    assert code == 2 and "a tab-separated file, read as CSV; read it as TSV (format: tsv)" in err
     narrow = tmp_path / "narrow.tsv"
     narrow.write_text("".join("\t".join(line.split("\t")[:3]) + "\n" for line in lines))
     code, _, err = evaluate(narrow)

@@ -677,6 +677,9 @@ def _header_names(path: str, header: bytes, columns: Sequence[str]) -> list[str]
     if twice:
         raise DataError(f"{path}: the CSV header names columns {twice} more than once; expected each once, got {names}")
     missing = [c for c in columns if c not in names]
+    if missing and len(names) == 1 and b"\t" in line:
+        raise DataError(f"{path}: its first line holds tabs and no commas: a tab-separated file, read as CSV; "
+                        f"read it as TSV (format: tsv)")
     if missing:
         headless = "" if len(missing) < len(columns) else (
             "; if that first line is a record, not column names, the files have no header line: set "
