@@ -49,6 +49,9 @@ def test_values_with_lengths_become_the_joined_strings_of_a_file(specs):
     assert decoded.columns["C7"].to_pylist() == ["a|b", "", "c"]
     with pytest.raises(RequestError, match="lengths add up to 2"):
         _decode(specs, _request(specs, 3, C7=values, **{"C7.lengths": {**lengths, "data": [1, 0, 1]}}))
+    one_bag = {**lengths, "shape": [1], "data": [3]}  # an audit's find: the count of bags was blamed on C7's values
+    with pytest.raises(RequestError, match=r"^input 'C7\.lengths' is an item feature: expected 3 values .*, got 1;"):
+        _decode(specs, _request(specs, 3, C7=values, **{"C7.lengths": one_bag}))
 
 
 def test_int64_ids_hash_as_their_decimal_strings_and_numbers_come_in_any_form(specs):

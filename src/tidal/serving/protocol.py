@@ -151,7 +151,7 @@ def decode_request(body: bytes, header_length: str | None, specs: dict[str, Inpu
         raise RequestError(f"unknown inputs {unknown}; the model takes {sorted(specs)}")
     mode = "stateless" if params["sequence_id"] is None else "start" if params["sequence_start"] else "continue"
     columns = _columns(tensors, specs, mode, context)
-    rows = _rows(columns, specs, context)
+    rows = _rows(columns, specs, context, bagged={n for n in specs if n + LENGTHS in tensors})
     wanted, binary_outputs = _outputs(request, outputs, params.pop("binary_data_output"))
     return DecodedRequest(columns=columns, rows=rows, request_id=_request_id(request), outputs=wanted,
                           binary_outputs=binary_outputs, **params)
@@ -573,9 +573,11 @@ def _joined(spec: InputSpec, values: np.ndarray | pa.Array, lengths: np.ndarray 
     return pc.binary_join(pa.ListArray.from_arrays(pa.array(offsets), strings), spec.separator)
 
 
-def _rows(columns: dict[str, pa.Array], specs: dict[str, InputSpec], context: Collection[str]) -> int:
+def _rows(columns: dict[str, pa.Array], specs: dict[str, InputSpec], context: Collection[str],
+          bagged: Collection[str] = frozenset()) -> int:
     """The number of candidates: the values of every item input. A user input has one
-    value; so may a `context` input, for every candidate."""
+    value; so may a `context` input, for every candidate. `bagged`: the inputs whose
+    bags came as flat values and lengths (their count is that of their lengths)."""
     sizes = {c: len(columns[c]) for c in specs if c in columns}  # in the model's order
     users = {c: n for c, n in sizes.items() if specs[c].side != "item" and n != 1}
     if users:
@@ -586,7 +588,8 @@ def _rows(columns: dict[str, pa.Array], specs: dict[str, InputSpec], context: Co
     rows, example = _candidates(items, context)
     for name, n in items.items():
         if n != rows and not (n == 1 and name in context):
-            raise RequestError(_unlike_candidates(name, n, rows, example, name in context))
+            shown = name + LENGTHS if name in bagged else name
+            raise RequestError(_unlike_candidates(shown, n, rows, example, name in context))
     return rows
 
 
@@ -600,7 +603,8 @@ def _candidates(items: dict[str, int], context: Collection[str]) -> tuple[int, s
 
 
 def _unlike_candidates(name: str, n: int, rows: int, example: str, is_context: bool) -> str:
-    """Why item input `name` of `n` values is refused in a request of `rows` candidates."""
+    """Why item input `name` of `n` values (or, named COLUMN.lengths, `n` bags) is
+    refused in a request of `rows` candidates."""
     expected = f"{rows} value{'s' if rows != 1 else ''} (one per candidate, as {example!r} has)"
     if is_context:
         return (f"input {name!r} is a context feature: expected {expected} or 1 (the same for every candidate), "
