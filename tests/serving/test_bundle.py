@@ -329,6 +329,10 @@ def test_a_manifest_of_another_version_or_with_other_inputs_is_refused(bundle_di
     with pytest.raises(CheckpointError, match="bundle version 3, this Tidal reads versions 1 and 2"):
         load_bundle(newer)
     shutil.rmtree(newer)
+    text = _with_manifest(bundle_dir, tmp_path, lambda m: m.update(version="2"))  # an audit's find: "version 2, ... 2"
+    with pytest.raises(CheckpointError, match="bundle version '2', this Tidal reads versions 1 and 2"):
+        load_bundle(text)
+    shutil.rmtree(text)
     moved = _with_manifest(bundle_dir, tmp_path, lambda m: m["inputs"][0].update(side="item"))
     with pytest.raises(CorruptCheckpointError, match="its inputs do not match its features"):
         load_bundle(moved)

@@ -498,8 +498,8 @@ def _read_manifest(path: Path) -> dict:
             or not isinstance(manifest["config"], dict) or not isinstance(manifest["files"], dict):
         raise CorruptCheckpointError(f"{file}: expected a {FORMAT} manifest with {sorted(keys)} (config and files "
                                      f"objects)")
-    if manifest["version"] not in (UNSEALED, VERSION):
-        raise CheckpointError(f"{file}: bundle version {manifest['version']}, this Tidal reads versions "
+    if manifest["version"] not in (UNSEALED, VERSION):  # first: a later version may seal its own way
+        raise CheckpointError(f"{file}: bundle version {manifest['version']!r}, this Tidal reads versions "
                               f"{UNSEALED} and {VERSION}")
     if SEAL in manifest or manifest["version"] == VERSION:
         check_seal(file, manifest)
