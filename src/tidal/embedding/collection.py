@@ -308,8 +308,8 @@ class EmbeddingCollection:
             first = int(np.flatnonzero(bad.any(axis=1))[0])
             features = ctx.feature_tables.shape[0]
             raise BatchError(f"gradient of the pooled output must be finite in float32 (magnitudes up to 3.4e38), got "
-                             f"{int(bad.sum()):,d} NaN or infinite values (the first at sample {first // features}, feature {first % features}); "
-                             f"no row was updated")
+                             f"{int(bad.sum()):,d} NaN or infinite values (the first at sample {first // features}, "
+                             f"feature {first % features}); no row was updated")
 
     def _grad_rows(self, ctx: PooledContext, grad: torch.Tensor | np.ndarray) -> np.ndarray:
         expected = (ctx.batch_size, ctx.feature_tables.shape[0], self.dim)

@@ -494,8 +494,7 @@ class EmbeddingTable:
             )
         if not np.isfinite(grads).all():  # one NaN would stay in its row's values and state for good
             raise BatchError(f"table {self.name!r}: grads must be finite in float32 (magnitudes up to 3.4e38), got "
-                             f"{int((~np.isfinite(grads)).sum())} "
-                             f"NaN or infinite values; no row was updated")
+                             f"{int((~np.isfinite(grads)).sum())} NaN or infinite values; no row was updated")
         with self._gate.shared():  # found and updated with no removal between
             lookup = self._find(keys, count=False)
             self._apply(lookup, self._gradient(lookup, grads, np.arange(keys.shape[0]), np.ones(keys.shape[0])))
