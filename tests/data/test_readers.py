@@ -525,6 +525,28 @@ def test_an_empty_parquet_file_is_refused_as_unreadable(tmp_path):
         list(read_batches(tmp_path / "d.parquet", columns=SMALL))
 
 
+def test_files_changed_since_the_sizes_recorded_are_refused_at_their_turn(tmp_path):
+    """An audit's find: a file emptied while a run trained was trained as empty, silently."""
+    first, second = _write(tmp_path / "a.tsv", "1\t5\tx\n" * 10), _write(tmp_path / "b.tsv", "0\t6\ty\n" * 10)
+    sizes = {str(p): p.stat().st_size for p in (first, second)}
+    batches = read_batches(str(tmp_path / "*.tsv"), columns=SMALL, checks=CHECKS, batch_rows=10, sizes=sizes)
+    assert next(batches).num_rows == 10
+    second.write_text("0\t6\ty\n" * 3)  # cut short before its turn
+    with pytest.raises(DataError, match=rf"^{second}: holds 18 bytes, but 60 when the run began: it changed while "
+                                        rf"the run trained"):
+        next(batches)
+    second.write_text("0\t6\ty\n" * 11)  # grown
+    with pytest.raises(DataError, match=r"holds 66 bytes, but 60 when the run began"):
+        list(read_batches(str(second), columns=SMALL, checks=CHECKS, sizes={str(second): 60}))
+    third = _write(tmp_path / "c.tsv", "1\t5\tx\n")
+    with pytest.raises(DataError, match=rf"the training files changed while the run trained \({third} appeared\)"):
+        list(read_batches(str(tmp_path / "*.tsv"), columns=SMALL, checks=CHECKS, sizes=sizes))
+    third.unlink()
+    first.unlink()
+    with pytest.raises(DataError, match=rf"the training files changed while the run trained \({first} is gone\)"):
+        list(read_batches(str(tmp_path / "*.tsv"), columns=SMALL, checks=CHECKS, sizes=sizes))
+
+
 def test_a_tab_separated_file_read_as_csv_is_named_so(tmp_path):
     tabs = _write(tmp_path / "d.csv", "label\tI1\tC1\n1\t2\ta\n")
     with pytest.raises(DataError, match=r"d\.csv: its first line holds tabs and no commas: a tab-separated file, read "

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import time
+from pathlib import Path
 from dataclasses import replace
 
 import numpy as np
@@ -18,7 +19,7 @@ import yaml
 
 from tidal.cli import main
 from tidal.config import RunConfig
-from tidal.data import SparseBatch, generate
+from tidal.data import SparseBatch, generate, readers
 from tidal.data.criteo import CRITEO_DENSE, CRITEO_SPARSE
 from tidal.errors import BatchError, ConfigError, DataError, TidalError
 from tidal.runtime import Trainer, checkpoint
@@ -400,6 +401,26 @@ def test_bad_rows_are_counted_once_however_many_epochs_and_resumes(tmp_path):
     trainer = Trainer(RunConfig(**config))
     assert trainer.fit()["bad_rows"] == 1
     assert Trainer(RunConfig(**config)).fit(resume=True)["bad_rows"] == 1  # a finished run, resumed
+
+
+@pytest.mark.parametrize("runtime", [None, {"backend": "local", "sparse_workers": 1, "dense_workers": 1}],
+                         ids=["reference", "engine"])
+def test_a_training_file_changed_while_the_run_trains_stops_it_by_name(tmp_path, monkeypatch, runtime):
+    """An audit's find: a file emptied mid-run was trained as empty and the run ended well."""
+    config = _config(tmp_path, epochs=1, checkpoint_every=4)
+    config["data"]["train"] = generate(tmp_path / "two", rows=6_000, files=2, seed=1).paths
+    config["runtime"] = runtime
+    last = Path(config["data"]["train"][-1])
+    file_rows = readers._file_rows
+
+    def emptying_the_last_file(path, *args):  # as the run opens its first file
+        last.write_text("")
+        return file_rows(path, *args)
+
+    monkeypatch.setattr(readers, "_file_rows", emptying_the_last_file)
+    with pytest.raises(DataError, match=rf"{last}: holds 0 bytes, but [\d,]+ when the run began: it changed while "
+                                        rf"the run trained"):
+        Trainer(RunConfig(**config)).fit()
 
 
 def test_resume_refuses_a_changed_config(tmp_path):

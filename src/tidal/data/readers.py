@@ -254,7 +254,7 @@ def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
                  file_format: Literal["tsv", "csv", "parquet"] | None = None, batch_rows: int = 65536,
                  on_bad_row: Literal["skip", "fail"] = "skip", bad_rows: BadRows | None = None,
                  csv_header: bool = True, max_bad_fraction: float = 0.1,
-                 layout: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
+                 layout: Sequence[str] | None = None, sizes: Mapping[str, int] | None = None) -> Iterator[pa.RecordBatch]:
     """Record batches of the string columns `columns` from every file, bad rows removed.
 
     TSV files have no header and the columns of `layout` by position (`columns` when
@@ -269,7 +269,9 @@ def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
     must hold: "integer" (int64) or "number" (float32), or nothing, or "label" (0 or
     1), or weighted bags (a `WeightedBags`); by default, Criteo's label and counts
     among `columns`. Bad rows are skipped while they are at most `max_bad_fraction` of
-    the rows read (1.0: however many); see the module docstring.
+    the rows read (1.0: however many); see the module docstring. `sizes`: the bytes each
+    file held when a run began; a file of another size when its turn comes is refused
+    (a run trains on the files it recorded).
     """
     columns = _check_options(columns, file_format, batch_rows, on_bad_row)
     layout = _checked_layout(layout, columns)
@@ -283,8 +285,11 @@ def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
         raise DataError(f"checks must name read columns and one of {sorted(_PATTERNS)}, a Bags or a WeightedBags, "
                         f"got {unknown}")
     report = bad_rows if bad_rows is not None else BadRows()
-    checked = _checked(expand_paths(paths), (columns, layout), checks, file_format, batch_rows, report, on_bad_row,
-                       csv_header, max_bad_fraction)
+    files = expand_paths(paths)
+    if sizes is not None:
+        _check_same_files(files, sizes)
+    checked = _checked(files, (columns, layout), checks, file_format, batch_rows, report, on_bad_row,
+                       csv_header, max_bad_fraction, sizes)
     yield from _exactly(checked, batch_rows)
 
 
@@ -327,10 +332,11 @@ def _checked_layout(layout: Sequence[str] | None, columns: list[str]) -> list[st
 
 def _checked(paths: list[str], names: tuple[list[str], list[str]], checks: Mapping[str, _Check],
              file_format: str | None, batch_rows: int, report: BadRows, on_bad_row: str, csv_header: bool,
-             max_bad_fraction: float) -> Iterator[pa.RecordBatch]:
+             max_bad_fraction: float, sizes: Mapping[str, int] | None) -> Iterator[pa.RecordBatch]:
     """The valid rows of every file; `names` = (the columns read, the layout of files
     without a header line)."""
     for path in paths:
+        _check_unchanged(path, sizes)
         kind = file_format or format_of(path)
         in_file = BadRows()  # this file's, added to `report` piece by piece
         try:
@@ -346,6 +352,29 @@ def _checked(paths: list[str], names: tuple[list[str], list[str]], checks: Mappi
                 report.empty_files.append(path)
         except (OSError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:  # gone since the run started, damaged
             raise DataError(f"{path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+
+
+def _check_same_files(files: list[str], sizes: Mapping[str, int]) -> None:
+    """Refuse a list of files other than the one `sizes` recorded when the run began."""
+    added, gone = sorted(set(files) - set(sizes)), sorted(set(sizes) - set(files))
+    if added or gone:
+        changes = ", ".join([*(f"{f} appeared" for f in added), *(f"{f} is gone" for f in gone)])
+        raise DataError(f"the training files changed while the run trained ({changes}); a run trains on the files "
+                        f"it began with (write new data to new files, for a run of their own)")
+
+
+def _check_unchanged(path: str, sizes: Mapping[str, int] | None) -> None:
+    """Refuse a file whose size is not the one `sizes` recorded for it."""
+    if sizes is None:
+        return
+    try:
+        now = os.path.getsize(path)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror})") from None
+    if now != sizes[path]:
+        raise DataError(f"{path}: holds {now:,d} bytes, but {sizes[path]:,d} when the run began: it changed while the "
+                        f"run trained, which trains on the files it began with (write new data to new files, for a run "
+                        f"of their own)")
 
 
 def _separators(checks: Mapping[str, _Check]) -> dict[str, str]:

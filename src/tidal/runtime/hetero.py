@@ -43,8 +43,8 @@ def train(trainer: Any, log: IO[str], position: dict[str, int], max_steps: int |
     """
     config = trainer.config
     if spec is None:
-        spec = trainer.reader_spec(config.data.train, epochs=config.training.epochs,
-                                   start_epoch=position["epoch"], start_batch=position["batch"])
+        spec = trainer.reader_spec(config.data.train, epochs=config.training.epochs, start_epoch=position["epoch"],
+                                   start_batch=position["batch"], sizes=trainer.data_sizes)
     telemetry = Telemetry(trainer.run_dir / TELEMETRY_FILE, config.runtime.telemetry_every_s)
     backend = make_backend(trainer, spec, position["step"])
     engine = trainer.engine = Engine(trainer, backend, telemetry)

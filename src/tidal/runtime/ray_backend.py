@@ -218,7 +218,8 @@ class RayBackend:
     def __init__(self, trainer: Any, spec: ReaderSpec, first_step: int = 0) -> None:
         self.trainer, self.runtime = trainer, trainer.config.runtime
         # the driver's paths: a cluster's workers run in the folder the cluster started in
-        self.spec = replace(spec, files=[os.path.abspath(f) for f in spec.files])
+        self.spec = replace(spec, files=[os.path.abspath(f) for f in spec.files],
+                            sizes={os.path.abspath(f): n for f, n in spec.sizes.items()} if spec.sizes else spec.sizes)
         self.first_step = first_step
         self.started_ray = not ray.is_initialized()
         first = self._sparse_actors_at_start

@@ -44,11 +44,13 @@ class ReaderSpec:
     start_batch: int = 0  # batches of `start_epoch` already trained
     csv_header: bool = True
     max_bad_fraction: float = 0.1
+    sizes: dict[str, int] | None = None  # each file's bytes when the run began: a file changed since is refused
 
     def epoch(self, bad_rows: BadRows) -> Iterator[pa.RecordBatch]:
         return read_batches(self.files, columns=self.columns, checks=self.checks, file_format=self.file_format,  # type: ignore[arg-type]
                             batch_rows=self.batch_rows, on_bad_row=self.on_bad_row, bad_rows=bad_rows,  # type: ignore[arg-type]
-                            csv_header=self.csv_header, max_bad_fraction=self.max_bad_fraction, layout=self.layout)
+                            csv_header=self.csv_header, max_bad_fraction=self.max_bad_fraction, layout=self.layout,
+                            sizes=self.sizes)
 
 
 @dataclass(frozen=True, kw_only=True)

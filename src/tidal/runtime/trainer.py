@@ -399,12 +399,19 @@ class Trainer:
         """One record batch as a SparseBatch (the one place training and eval extract)."""
         return self.extractor(table)
 
-    def _tables(self, paths: str | list[str], bad_rows: BadRows) -> Iterator[pa.RecordBatch]:
-        yield from self.reader_spec(paths).epoch(bad_rows)
+    def _tables(self, paths: str | list[str], bad_rows: BadRows,
+                sizes: dict[str, int] | None = None) -> Iterator[pa.RecordBatch]:
+        yield from self.reader_spec(paths, sizes=sizes).epoch(bad_rows)
+
+    @property
+    def data_sizes(self) -> dict[str, int]:
+        """The bytes of each training file when fit began (`data_files`)."""
+        return dict(self.data_files)
 
     def reader_spec(self, paths: str | list[str], *, epochs: int = 1, start_epoch: int = 0,
-                    start_batch: int = 0) -> ReaderSpec:
-        """How to read the files at `paths` as this run's batches (checked, columns resolved)."""
+                    start_batch: int = 0, sizes: dict[str, int] | None = None) -> ReaderSpec:
+        """How to read the files at `paths` as this run's batches (checked, columns resolved);
+        `sizes` as `read_batches` takes them."""
         data = self.config.data
         files = expand_paths(paths)
         formats = {f: data.format or format_of(f) for f in files}
@@ -421,7 +428,7 @@ class Trainer:
         return ReaderSpec(files=files, columns=list(self.extractor.columns), layout=layout,
                           checks=dict(self.extractor.checks), file_format=data.format, batch_rows=data.batch_size,
                           on_bad_row=data.on_bad_row, epochs=epochs, start_epoch=start_epoch, start_batch=start_batch,
-                          csv_header=data.csv_header, max_bad_fraction=data.max_bad_fraction)
+                          csv_header=data.csv_header, max_bad_fraction=data.max_bad_fraction, sizes=sizes)
 
     def _positional(self, kind: str) -> bool:
         """Whether files of format `kind` have their columns by position (`data.columns`,
@@ -675,7 +682,7 @@ class Trainer:
             report, n = BadRows(), -1
             if epoch == 0:  # the first pass reads every row, skipped or not: it counts each bad row once
                 self.bad_rows = report
-            for n, table in enumerate(self._tables(self.config.data.train, report)):
+            for n, table in enumerate(self._tables(self.config.data.train, report, self.data_sizes)):
                 if n >= skip:  # the others were done before the checkpoint we resumed from
                     yield epoch, n, self.extract(table)
             skip = max(0, skip - (n + 1))
