@@ -191,6 +191,18 @@ def test_an_export_that_fails_to_put_the_new_bundle_in_place_leaves_the_old_one_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["served"]  # no staging, old or dead exports' folders
 
 
+def test_a_delta_export_cleans_up_what_killed_full_exports_left_beside_the_bundle(trainer, bundle_dir, tmp_path):
+    """An audit's find: only the next full export did, so a loop of deltas kept a whole bundle's staging."""
+    from tidal.serving import export_delta
+
+    out = shutil.copytree(bundle_dir, tmp_path / "served")
+    dead = tmp_path / ".tmp-served-1-0a1b"
+    dead.mkdir()
+    os.utime(dead, (time.time() - 120, time.time() - 120))
+    assert export_delta(trainer.run_dir, out) is None  # it serves this checkpoint already
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["served"]
+
+
 def _fails(*args: object) -> None:
     raise CheckpointError("stopped here")
 

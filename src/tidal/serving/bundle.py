@@ -172,6 +172,7 @@ def export_delta(source: str | os.PathLike, bundle_dir: str | os.PathLike) -> Pa
 
 
 def _export_delta(directory: Path, bundle_dir: str | os.PathLike) -> Path | None:
+    remove_abandoned(Path(bundle_dir).parent, _left_beside(Path(bundle_dir)), restore_to=Path(bundle_dir))
     meta = checkpoint.read_meta(directory)
     config = RunConfig.from_saved(meta["config"])
     served = load_bundle(bundle_dir)
