@@ -330,6 +330,17 @@ def test_numbers_with_an_exponent_are_numbers_whole_ones_where_an_integer_goes(t
         RunConfig.from_yaml(str(config))
 
 
+@pytest.mark.parametrize(("text", "got"), [("", "nothing (the file is empty, or comments only)"),
+                                           ("# to do\n", "nothing (the file is empty, or comments only)"),
+                                           ("[1, 2]\n", "list")])
+def test_a_config_file_that_holds_no_mapping_says_what_it_holds(tmp_path, text, got):
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=rf"run\.yaml: expected a mapping with data, features, tables, model, "
+                                          rf"training; got {re.escape(got)}$"):
+        RunConfig.from_yaml(str(config))
+
+
 @pytest.mark.parametrize(("section", "text", "line", "written"), [
     ("runtime", "runtime:\n", 4, "runtime: {}\n"),
     ("passmode", "passmode:  # comment\n", 4, "passmode: {}\n"),

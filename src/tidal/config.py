@@ -1136,8 +1136,8 @@ class RunConfig(_Model):
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc})") from None
         if not isinstance(content, dict):
-            raise ConfigError(f"{path}: expected a mapping with data, features, tables, model, training; "
-                              f"got {type(content).__name__}")
+            got = "nothing (the file is empty, or comments only)" if content is None else type(content).__name__
+            raise ConfigError(f"{path}: expected a mapping with data, features, tables, model, training; got {got}")
         if overrides:
             content = _unshared(content)  # a YAML alias shares its anchor's mapping: --set changes one place
         for entry in overrides:
