@@ -113,6 +113,14 @@ def test_eval_refuses_a_predictions_file_that_is_one_it_evaluates(trainer, tmp_p
     assert data.read_bytes() == written
 
 
+def test_eval_writes_predictions_under_the_longest_name_the_system_takes(trainer, tmp_path):
+    longest = tmp_path / ("p" * (os.pathconf(tmp_path, "PC_NAME_MAX") - len(".parquet")) + ".parquet")
+    data = tmp_path / "eval.parquet"
+    pq.write_table(pa.Table.from_batches([file_rows(trainer, 40)]), data)
+    assert main(["eval", "--checkpoint", str(trainer.run_dir), "--data", str(data), "--predictions", str(longest)]) == 0
+    assert pq.read_table(longest).num_rows == 40
+
+
 def test_eval_says_when_its_predictions_cannot_be_written_after_all(trainer, tmp_path, capsys, monkeypatch):
     def full_disk(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise OSError(28, "No space left on device")

@@ -94,7 +94,7 @@ def write_predictions(path: Path, targets: list[str], logits: np.ndarray, labels
     columns: dict[str, np.ndarray] = {}
     for k, target in enumerate(targets):
         columns[target], columns[f"{target}_label"] = probabilities[:, k], labels[:, k].astype(np.float32)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial = path.with_name(f".tidal-predictions-{os.getpid()}.partial")  # of any name the system takes
     try:
         pq.write_table(pa.table(columns), partial)
         os.replace(partial, path)
