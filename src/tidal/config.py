@@ -52,6 +52,7 @@ __all__ = [
     "Initializer",
     "LabelFeature",
     "LrSchedule",
+    "MAX_SPARSE_WORKERS",
     "ModelConfig",
     "OptimizerConfig",
     "PassModeConfig",
@@ -80,6 +81,7 @@ _SECTIONS = ("runtime", "passmode", "eviction", "admission", "lr_schedule")
 # sections with default settings (`data` has none), which a null cannot stand for
 _SETTINGS = ("data", "model", "training", "serving", "fusion", "optimizer", "initializer")
 _FLOAT32_MAX = 3.4028234663852886e38  # scores are float32
+MAX_SPARSE_WORKERS = 256
 BAG_LENGTHS = ".lengths"  # a served bag column's lengths come as the input named COLUMN.lengths
 # names a table's checkpoint folder cannot take (tidal.embedding.checkpoint): the
 # folders themselves, and the manifest beside them and the file it is written through
@@ -836,7 +838,7 @@ class RuntimeConfig(_Model):
     """
 
     backend: Literal["local", "ray"] = "local"
-    sparse_workers: _Int = Field(1, ge=1, le=256)  # N: each reads and pools batches and applies their sparse updates
+    sparse_workers: _Int = Field(1, ge=1, le=MAX_SPARSE_WORKERS)  # N: each reads and pools batches and applies their sparse updates
     dense_workers: _Int = Field(1, ge=1, le=64)  # M: each trains on a row slice of every batch; gradients all-reduced
     mode: Literal["sync", "async"] = "sync"
     max_inflight: _Int = Field(4, ge=1, le=1024)
@@ -850,7 +852,8 @@ class RuntimeConfig(_Model):
     ray_address: str | None = None
     telemetry_every_s: _Float = Field(5.0, gt=0.0)  # seconds between telemetry lines (kept in telemetry.json)
     sparse_nice: _Int = Field(10, ge=0, le=19)
-    sparse_workers_at: dict[Annotated[_Int, Field(ge=1)], Annotated[_Int, Field(ge=1, le=256)]] = Field(default_factory=dict)
+    sparse_workers_at: dict[Annotated[_Int, Field(ge=1)], Annotated[_Int, Field(ge=1, le=MAX_SPARSE_WORKERS)]] = \
+        Field(default_factory=dict)
 
     @pydantic.model_validator(mode="after")
     def _fields_apply(self) -> RuntimeConfig:

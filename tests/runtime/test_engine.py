@@ -513,10 +513,15 @@ def test_sparse_workers_change_while_training(data, reference, tmp_path, monkeyp
 
 
 def test_set_sparse_workers_from_another_thread_while_training(data, tmp_path, monkeypatch):
-    original = Trainer._log
+    original, refused = Trainer._log, []
 
     def grow(trainer, *args):
         original(trainer, *args)
+        for wrong in (0, 2.5, True, 257):  # an audit's find: 2.5 ended the run with a bare TypeError
+            with pytest.raises(TidalError, match=rf"sparse workers must be a whole number from 1 to 256 \(as "
+                                                 rf"runtime.sparse_workers\), got {re.escape(repr(wrong))}$"):
+                trainer.set_sparse_workers(wrong)
+            refused.append(wrong)
         threading.Thread(target=trainer.set_sparse_workers, args=(3,)).start()
 
     monkeypatch.setattr(Trainer, "_log", grow)
@@ -524,6 +529,7 @@ def test_set_sparse_workers_from_another_thread_while_training(data, tmp_path, m
     summary = trainer.fit()
     counts = summary["runtime"]["sparse_workers"]
     assert summary["rows"] == 12_000 and counts[0] == (0, 2) and counts[1][1] == 3 and counts[1][0] >= 10
+    assert refused[:4] == [0, 2.5, True, 257]
     with pytest.raises(TidalError, match="no heterogeneous run is training"):
         trainer.set_sparse_workers(1)
 
