@@ -121,6 +121,17 @@ def test_eval_writes_predictions_under_the_longest_name_the_system_takes(trainer
     assert pq.read_table(longest).num_rows == 40
 
 
+def test_export_takes_the_longest_bundle_name_its_staging_names_leave_room_for(trainer, tmp_path, capsys):
+    most = os.pathconf(tmp_path, "PC_NAME_MAX") - len(".tmp--4194304-0123abcd.lock")
+    too_long = tmp_path / ("b" * (most + 1))
+    assert main(["export", "--checkpoint", str(trainer.run_dir), "--out", str(too_long)]) == 2
+    assert capsys.readouterr().err == (f"tidal export: {too_long}: its name has {most + 1} bytes; a bundle's name may "
+                                       f"have at most {most} ({most + 27}, the system's most, less 27 for the names "
+                                       f"an export writes beside it)\n")
+    assert main(["export", "--checkpoint", str(trainer.run_dir), "--out", str(tmp_path / ("b" * most))]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b" * most]
+
+
 def test_eval_says_when_its_predictions_cannot_be_written_after_all(trainer, tmp_path, capsys, monkeypatch):
     def full_disk(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise OSError(28, "No space left on device")

@@ -123,8 +123,22 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, table_dtype: st
     checkpoint holds the state of the run at its step, rows created since the last
     `evict_every` safe point included, and a bundle serves within the caps. A run
     training meanwhile keeps the checkpoint until the export has read it."""
+    _check_name_fits(Path(out))
     with _reading(Path(source)) as directory:
         return _export(directory, Path(source), Path(out), table_dtype, backend)
+
+
+_STAGING_SUFFIX = len(".tmp--4194304-0123abcd.lock")  # what `staging` adds to a bundle's name beside it
+
+
+def _check_name_fits(out: Path) -> None:
+    """Refuse a bundle name too long for the names written beside it while it is written."""
+    name_max = os.pathconf(out.parent if out.parent.is_dir() else ".", "PC_NAME_MAX")
+    most = name_max - _STAGING_SUFFIX
+    if len(os.fsencode(out.name)) > most:
+        raise ConfigError(f"{out}: its name has {len(os.fsencode(out.name))} bytes; a bundle's name may have at most "
+                          f"{most} ({name_max}, the system's most, less {_STAGING_SUFFIX} for the names an export "
+                          f"writes beside it)")
 
 
 def _export(directory: Path, source: Path, out: Path, table_dtype: str | None, backend: str | None) -> Path:
