@@ -1,5 +1,5 @@
 """Imports point one way: a layer imports from the layers below it and its own, never
-from one above (DESIGN.md, Layout)."""
+from one above (README.md, Layout)."""
 
 from __future__ import annotations
 

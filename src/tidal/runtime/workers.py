@@ -129,8 +129,9 @@ def pool_dtype(dtype: str) -> torch.dtype:
 
 
 def _fp16_scale(grad: torch.Tensor, loss_scale: float) -> float:
-    """The largest power of two up to `loss_scale` that keeps `grad` finite in float16:
-    below 1 for a gradient of 65504 or more (one already not finite stays so)."""
+    """`loss_scale`, halved until it keeps `grad` finite in float16 (a power of two when
+    `loss_scale` is one): below 1 for a gradient of 65504 or more (one already not
+    finite stays so)."""
     peak = float(grad.abs().max()) if grad.numel() else 0.0
     scale = loss_scale
     while math.isfinite(peak) and peak * scale >= _FP16_MAX:
