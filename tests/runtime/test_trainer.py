@@ -423,6 +423,21 @@ def test_a_training_file_changed_while_the_run_trains_stops_it_by_name(tmp_path,
         Trainer(RunConfig(**config)).fit()
 
 
+def test_a_trainer_that_trained_refuses_a_fresh_fit_but_resumes(tmp_path):
+    """An audit's find: a second fit() trained on top of the first one's tables and weights
+    and recorded the result as a fresh run."""
+    config = _config(tmp_path, epochs=1, checkpoint_every=3)
+    config["data"]["eval"] = None
+    trainer = Trainer(RunConfig(**config))
+    trainer.fit(max_steps=3)
+    with pytest.raises(ConfigError, match=r"^this Trainer trained already, and its tables and weights hold that "
+                                          r"training: a fresh run needs a new Trainer\(config\)"):
+        trainer.fit()
+    with pytest.raises(ConfigError, match=r"^resume must be True or False, got 'no'$"):
+        trainer.fit(resume="no")
+    assert trainer.fit(resume=True)["resumed_from"] == 3
+
+
 def test_resume_refuses_a_changed_config(tmp_path):
     from tidal.errors import CheckpointError
 

@@ -386,6 +386,7 @@ class Trainer:
         self.engine = None  # the heterogeneous engine while one trains
         self.progress = RunProgress(self.targets)  # of the run fit trains
         self.data_files: list[list] = []  # [name, bytes] of the training files, when fit began (for checkpoints)
+        self._trained = False  # whether a fit changed the tables and weights from their fresh state
         self._last_eval: tuple[int, Evaluation] | None = None  # (step, result) of the latest evaluation
 
     # ------------------------------------------------------------------ data
@@ -530,6 +531,12 @@ class Trainer:
         if resume and init_from is not None:
             raise ConfigError("resume continues this run from its own checkpoint, init_from starts it from another "
                               "run's: give one of them")
+        if not isinstance(resume, bool):
+            raise ConfigError(f"resume must be True or False, got {resume!r}")
+        if self._trained and not resume and init_from is None:
+            raise ConfigError("this Trainer trained already, and its tables and weights hold that training: a fresh "
+                              "run needs a new Trainer(config); fit(resume=True) goes on from the run's latest "
+                              "checkpoint")
         self._check_data_paths()
         self.data_files = checkpoint.data_files(self.config.data.train)  # what the positions of this run count
         origin = None if init_from is None else Path(init_from)
@@ -545,6 +552,7 @@ class Trainer:
     def _fit(self, resume: bool, max_steps: int | None, origin: Path | None) -> dict:
         """`fit` once the run holds its run_dir."""
         position = self._start(resume, origin)
+        self._trained = True
         if max_steps is not None and max_steps <= position["step"]:
             raise ConfigError(f"max_steps {max_steps} is not past the checkpoint's step {position['step']}: "
                               f"nothing would train")
