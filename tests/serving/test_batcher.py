@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,7 +13,7 @@ import pyarrow as pa
 import pytest
 from serving_helpers import file_rows, with_user_of
 
-from tidal.errors import TidalError
+from tidal.errors import ConfigError, TidalError
 from tidal.serving import Batcher, Overloaded, Piece, Predictor, split_rows
 from tidal.serving.protocol import input_specs
 
@@ -63,6 +64,19 @@ def test_split_rows_cuts_about_equal_chunks():
     assert split_rows(100, 256) == [(0, 100)]
     assert split_rows(600, 256) == [(0, 200), (200, 400), (400, 600)]
     assert split_rows(65, 64) == [(0, 32), (32, 65)]
+
+
+@pytest.mark.parametrize(("setting", "value", "expected"), [
+    ("max_batch_rows", "8", "max_batch_rows must be a whole number >= 1, got '8'"),
+    ("chunk_rows", 0, "chunk_rows must be a whole number >= 1, got 0"),
+    ("sparse_threads", 0, "sparse_threads must be a whole number >= 1, got 0"),
+    ("max_queue_rows", True, "max_queue_rows must be a whole number >= 1, got True"),
+    ("max_delay_ms", -5, "max_delay_ms must be a finite number >= 0, got -5"),
+])
+def test_a_batcher_refuses_settings_it_cannot_run_with(predictor, setting, value, expected):
+    """An audit's find: a string max_batch_rows killed the collector thread and every request waited forever."""
+    with pytest.raises(ConfigError, match=rf"^Batcher: {re.escape(expected)}$"):
+        _batcher(predictor, [], **{setting: value})
 
 
 def test_small_concurrent_requests_are_merged_into_one_batch(trainer, predictor):

@@ -37,6 +37,7 @@ stages, while requests not yet started wait, and start after the update.
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 import time
 from collections import OrderedDict, deque
@@ -44,10 +45,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from tidal.errors import TidalError
+from tidal.config import is_whole_number
+from tidal.errors import ConfigError, TidalError
 from tidal.serving.predictor import Piece, Predictor, SparseOutput
 
 __all__ = ["BatchRecord", "Batcher", "Overloaded", "ShuttingDown", "split_rows"]
@@ -96,12 +99,28 @@ class BatchRecord:
     dense_s: float
 
 
+def _check_settings(*, max_delay_ms: Any, **counts: Any) -> None:
+    """A `ConfigError` naming the first setting that is not what `Batcher` takes."""
+    for name, value in counts.items():
+        if not is_whole_number(value) or value < 1:
+            raise ConfigError(f"Batcher: {name} must be a whole number >= 1, got {value!r}")
+    if isinstance(max_delay_ms, bool) or not isinstance(max_delay_ms, numbers.Real) \
+            or not 0 <= max_delay_ms < math.inf:
+        raise ConfigError(f"Batcher: max_delay_ms must be a finite number >= 0, got {max_delay_ms!r}")
+
+
 class Batcher:
-    """Merges and splits pieces into batches and runs them through the predictor."""
+    """Merges and splits pieces into batches and runs them through the predictor.
+
+    The settings are `ServingConfig`'s of the same names: rows a batch holds at most,
+    how long a batch may wait for more, the rows a request is split into, the threads of
+    the sparse stage, and the rows that may wait before requests are refused."""
 
     def __init__(self, predictor: Predictor, *, max_batch_rows: int, max_delay_ms: float, chunk_rows: int,
                  sparse_threads: int, max_queue_rows: int, merge: bool = True,
                  on_batch: Callable[[BatchRecord], None] | None = None) -> None:
+        _check_settings(max_batch_rows=max_batch_rows, chunk_rows=chunk_rows, sparse_threads=sparse_threads,
+                        max_queue_rows=max_queue_rows, max_delay_ms=max_delay_ms)
         self.predictor = predictor
         self.max_batch_rows, self.chunk_rows, self.merge = max_batch_rows, chunk_rows, merge
         self.max_delay_s = max_delay_ms / 1000.0
