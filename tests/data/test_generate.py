@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from tidal.cli import main
 from tidal.data import auc, generate
-from tidal.errors import ConfigError
+from tidal.errors import ConfigError, DataError
 
 generate_module = importlib.import_module("tidal.data.generate")  # the package exports the function under its name
 
@@ -36,6 +36,12 @@ def test_auc_matches_pairwise_count_with_ties(scores, seed):
     labels = np.random.default_rng(seed).integers(0, 2, len(scores))
     labels[0], labels[1] = 0, 1
     assert auc(labels, np.array(scores, float)) == pytest.approx(_brute_auc(labels, np.array(scores, float)))
+
+
+def test_auc_refuses_labels_and_scores_that_do_not_pair_up():
+    with pytest.raises(DataError, match=r"^AUC needs one label per score, in two flat arrays; got labels of shape "
+                                        r"\(3,\) and scores of shape \(2,\)$"):
+        auc(np.array([0, 1, 1]), np.array([0.2, 0.4]))
 
 
 def test_same_seed_writes_the_same_files_and_truth(tmp_path):
@@ -56,6 +62,10 @@ def test_cli_writes_data_and_refuses_bad_arguments(tmp_path, capsys):
     assert "--files must be between 1 and --rows (10), got 20" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="zipf_a must be > 1"):
         generate(tmp_path, rows=5, zipf_a=1.0)
+    for arg, value in [("zipf_a", float("inf")), ("zipf_a", "2"), ("bias", float("nan")), ("sparse_scale", None)]:
+        with pytest.raises(ConfigError, match=rf"^gen-data: {arg} must be a finite number"):  # an audit's find: NaN
+            generate(tmp_path / "y", rows=5, **{arg: value})                                  # wrote all negatives
+    assert not (tmp_path / "y").exists()
     for flag, value in [("--seed", "-1"), ("--split", "-1"), ("--seed", str(2**70))]:
         assert main(["gen-data", "--out", str(tmp_path / "x"), "--rows", "10", flag, value]) == 2
         assert f"gen-data: {flag} must be between 0 and 2**32 - 1, got {value}" in capsys.readouterr().err

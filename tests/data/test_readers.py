@@ -20,7 +20,7 @@ from tidal.data import BadRows, Extractor, generate, read_batches
 from tidal.data import readers
 from tidal.data.readers import Bags
 from tidal.data.criteo import CRITEO_COLUMNS
-from tidal.errors import DataError
+from tidal.errors import DataError, DataPathError
 
 SMALL = ["label", "I1", "C1"]
 CHECKS = {"label": "label", "I1": "integer"}
@@ -466,6 +466,13 @@ def test_a_parquet_file_with_a_damaged_page_is_refused_naming_it(tmp_path):
     path.write_bytes(bytes(damaged))
     with pytest.raises(DataError, match=rf"{re.escape(str(path))}: cannot read it \(.+\)"):
         list(read_batches(path, columns=SMALL, checks=CHECKS, batch_rows=500))
+
+
+@pytest.mark.parametrize("paths", [None, 5, [None], ["a.tsv", 3]])
+def test_paths_of_another_type_are_refused_by_what_came(paths):
+    with pytest.raises(DataPathError, match=rf"^expected a file name, a glob or a list of them \(str or path\), got "
+                                            rf"{re.escape(repr(paths))}$"):
+        list(read_batches(paths, columns=SMALL))
 
 
 def test_a_file_whose_name_holds_glob_characters_is_read_by_that_name_or_an_escaped_glob(tmp_path):

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
+import numbers
 import os
 import re
 import secrets
@@ -79,6 +81,9 @@ def generate(out_dir: str | Path, *, rows: int, files: int = 1, file_format: Lit
     """
     check_arguments(rows=rows, files=files, file_format=file_format, vocabulary=vocabulary, zipf_a=zipf_a, seed=seed,
                     split=split)
+    for arg, value in {"sparse_scale": sparse_scale, "bias": bias}.items():
+        if not _finite_number(value):
+            raise ConfigError(f"gen-data: {arg} must be a finite number, got {value!r}")
     created = _missing_folders(Path(out_dir))
     out = _folder(out_dir)
     _remove_leftovers(out)
@@ -229,6 +234,8 @@ def check_arguments(*, rows: int, files: int = 1, file_format: str = "tsv", voca
     for arg, value in {"rows": rows, "files": files, "vocabulary": vocabulary, "seed": seed, "split": split}.items():
         if not is_whole_number(value):
             raise ConfigError(f"gen-data: {name[arg]} must be an integer, got {value!r}")
+    if not _finite_number(zipf_a):
+        raise ConfigError(f"gen-data: {name['zipf_a']} must be a finite number > 1, got {zipf_a!r}")
     problems = [
         (0 <= seed < 2**32, f"{name['seed']} must be between 0 and 2**32 - 1, got {seed}"),
         (0 <= split < 2**32, f"{name['split']} must be between 0 and 2**32 - 1, got {split}"),
@@ -241,6 +248,10 @@ def check_arguments(*, rows: int, files: int = 1, file_format: str = "tsv", voca
     for ok, message in problems:
         if not ok:
             raise ConfigError(f"gen-data: {message}")
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _write_file(path: Path, rows: int, file_format: str, rng: np.random.Generator, seed: int, vocabulary: int,
@@ -310,12 +321,17 @@ def _standard_normal(bits: np.ndarray) -> np.ndarray:
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Exact ROC AUC with ties counted half (the Mann-Whitney statistic), vectorized."""
+    """Exact ROC AUC with ties counted half (the Mann-Whitney statistic), vectorized;
+    one label per score, a nonzero label counting as a positive."""
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    if labels.shape != scores.shape or labels.ndim != 1:
+        raise DataError(f"AUC needs one label per score, in two flat arrays; got labels of shape {labels.shape} and "
+                        f"scores of shape {scores.shape}")
     unknown = int(np.isnan(scores).sum())
     if unknown:
         raise DataError(f"AUC needs numeric scores, got {unknown} NaN of {len(scores)}; the model's outputs are not "
                         f"numbers (did training diverge? try a lower learning rate)")
-    labels = np.asarray(labels).astype(bool)
+    labels = labels.astype(bool)
     positives, negatives = int(labels.sum()), int((~labels).sum())
     if positives == 0 or negatives == 0:
         raise DataError(f"AUC needs both classes, got {positives} positives and {negatives} negatives; "

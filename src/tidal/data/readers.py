@@ -204,7 +204,9 @@ def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     """A file, a glob, or a list of them, as a sorted list of existing files. A glob's
     matches that are folders are passed over (data/* may match data/old/); a file named
     twice (or by a name and a glob) is refused, as it would be read twice."""
-    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths) if isinstance(paths, Sequence) else None
+    if items is None or not all(isinstance(item, (str, os.PathLike)) for item in items):
+        raise DataPathError(f"expected a file name, a glob or a list of them (str or path), got {paths!r}")
     found: list[str] = []
     for item in map(str, items):
         if Path(item).is_file():  # named as it is, even where its name holds [, ] or * (glob.escape for a glob)

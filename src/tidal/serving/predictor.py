@@ -201,7 +201,7 @@ class Predictor:
 
     def update(self, deltas: Sequence[Delta],
                between: Callable[[], AbstractContextManager[object]] = nullcontext) -> Applied:
-        """Apply `deltas` (those following `position`, in order, as `read_deltas` gives
+        """Apply `deltas` (those following `position`, in order, as `tidal.serving.bundle.read_deltas` gives
         them) to the tables and take the last one's dense weights. Waits for the sparse
         stages under way; those that come meanwhile wait for it (the weights are loaded
         and the rows converted before). The change runs inside `between()` too: a
