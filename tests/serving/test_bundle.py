@@ -203,6 +203,17 @@ def test_a_delta_export_cleans_up_what_killed_full_exports_left_beside_the_bundl
     assert sorted(p.name for p in tmp_path.iterdir()) == ["served"]
 
 
+def test_paths_of_another_type_are_refused_by_argument(trainer, tmp_path):
+    from tidal.serving import export_delta
+
+    for call, what in [(lambda: export(None, tmp_path / "b"), "export: source"),
+                       (lambda: export(trainer.run_dir, 5), "export: out"),
+                       (lambda: export_delta(trainer.run_dir, None), "export_delta: bundle_dir"),
+                       (lambda: load_bundle(None), "load_bundle: path")]:
+        with pytest.raises(ConfigError, match=rf"^{what} must be a path \(a str or an os.PathLike\), got "):
+            call()
+
+
 def _fails(*args: object) -> None:
     raise CheckpointError("stopped here")
 

@@ -100,6 +100,17 @@ def test_the_dense_stage_sees_only_bucket_sizes_and_padding_never_reaches_an_out
         predictor.predict([piece])
 
 
+def test_arguments_of_another_kind_are_refused_by_name(trainer, predictor, bundle):
+    rows = with_user_of(file_rows(trainer, 5), input_specs(trainer.config))
+    piece = _piece(predictor, rows)
+    with pytest.raises(BatchError, match=r"^predict takes a list of Pieces \(Predictor.piece makes one\), got Piece$"):
+        predictor.predict(piece)
+    with pytest.raises(BatchError, match=r"^rows is the number of candidates, a whole number >= 0; got '5'$"):
+        predictor.piece(_columns(predictor, rows), "5")
+    with pytest.raises(ConfigError, match=r"Predictor: serving"):
+        Predictor(bundle, serving={"buckets": [1, 8]})
+
+
 def test_a_cached_user_state_scores_like_the_user_row(trainer, predictor):
     rows = with_user_of(file_rows(trainer, 30), input_specs(trainer.config))
     piece = _piece(predictor, rows)

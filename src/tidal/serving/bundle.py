@@ -123,9 +123,17 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, table_dtype: st
     checkpoint holds the state of the run at its step, rows created since the last
     `evict_every` safe point included, and a bundle serves within the caps. A run
     training meanwhile keeps the checkpoint until the export has read it."""
-    _check_name_fits(Path(out))
-    with _reading(Path(source)) as directory:
-        return _export(directory, Path(source), Path(out), table_dtype, backend)
+    source, out = _path(source, "export: source"), _path(out, "export: out")
+    _check_name_fits(out)
+    with _reading(source) as directory:
+        return _export(directory, source, out, table_dtype, backend)
+
+
+def _path(value: object, what: str) -> Path:
+    """`value` as a Path, once it is one (or a str)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(f"{what} must be a path (a str or an os.PathLike), got {value!r}")
+    return Path(value)
 
 
 _STAGING_SUFFIX = len(".tmp--4194304-0123abcd.lock")  # what `staging` adds to a bundle's name beside it
@@ -181,12 +189,12 @@ def export_delta(source: str | os.PathLike, bundle_dir: str | os.PathLike) -> Pa
     checkpoint (nothing to write). An earlier checkpoint of the run it serves is
     refused: its delta would roll the served model back. A run training meanwhile keeps the
     checkpoint until the export has read it."""
-    with _reading(Path(source)) as directory:
-        return _export_delta(directory, bundle_dir)
+    with _reading(_path(source, "export_delta: source")) as directory:
+        return _export_delta(directory, _path(bundle_dir, "export_delta: bundle_dir"))
 
 
-def _export_delta(directory: Path, bundle_dir: str | os.PathLike) -> Path | None:
-    remove_abandoned(Path(bundle_dir).parent, _left_beside(Path(bundle_dir)), restore_to=Path(bundle_dir))
+def _export_delta(directory: Path, bundle_dir: Path) -> Path | None:
+    remove_abandoned(bundle_dir.parent, _left_beside(bundle_dir), restore_to=bundle_dir)
     meta = checkpoint.read_meta(directory)
     config = RunConfig.from_saved(meta["config"])
     served = load_bundle(bundle_dir)
@@ -454,7 +462,7 @@ def _inputs(config: RunConfig) -> list[dict]:
 def load_bundle(path: str | os.PathLike) -> Bundle:
     """Load and check a bundle, its deltas applied in order; a missing, truncated or
     altered file is refused by name."""
-    path = Path(path)
+    path = _path(path, "load_bundle: path")
     manifest = _read_manifest(path)
     for relative, expected in manifest["files"].items():
         _check_file(listed_file(path, relative, path / MANIFEST), expected)

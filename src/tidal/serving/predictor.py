@@ -44,7 +44,7 @@ from torch.export.passes import move_to_device_pass
 
 from tidal.compile import AotiProgram, OnnxProgram, RuleOutcome, rewrite, unfit_here
 from tidal.config import (DEVICE_PATTERN, DenseFeature, Fusion, RunConfig, ServingConfig, SparseFeature, TableConfig,
-                          require)
+                          is_whole_number, require)
 from tidal.data.extract import Extractor
 from tidal.embedding import EmbeddingCollection, EmbeddingTable, RowBlock
 from tidal.errors import BatchError, CheckpointError, ConfigError, CorruptCheckpointError
@@ -138,6 +138,8 @@ class Predictor:
         fusion, backend and dense threads are used here); its largest bucket must fit
         the bundle's dense program."""
         require(bundle, Bundle, "Predictor: bundle")
+        if serving is not None:
+            require(serving, ServingConfig, "Predictor: serving")
         self.config = bundle.config
         self.targets = bundle.targets
         serving = serving or self.config.serving
@@ -339,6 +341,8 @@ class Predictor:
         columns an item feature reads, broadcast to `rows`); with `state`, the user
         columns are not needed. A missing column, an item column of other than `rows`
         values, or a context column of neither 1 nor `rows`, is refused (`BatchError`)."""
+        if not is_whole_number(rows) or rows < 0:
+            raise BatchError(f"rows is the number of candidates, a whole number >= 0; got {rows!r}")
         if state is not None:
             columns = {**state.shared, **columns}
         _require(columns, self.item_columns, "item and context")
@@ -357,6 +361,9 @@ class Predictor:
 
     def predict(self, pieces: Sequence[Piece]) -> np.ndarray:
         """Probabilities `[sum of rows, T]` of the pieces' candidates, in order."""
+        if not isinstance(pieces, Sequence) or not all(isinstance(p, Piece) for p in pieces):
+            raise BatchError(f"predict takes a list of Pieces (Predictor.piece makes one), got {type(pieces).__name__}"
+                             + ("" if not isinstance(pieces, Sequence) else " holding other objects"))
         return self.dense(self.sparse(pieces))
 
     def user_state(self, user: pa.RecordBatch) -> UserState:
