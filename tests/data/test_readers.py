@@ -120,8 +120,10 @@ def test_bad_rows_within_max_bad_fraction_or_fewer_rows_than_judged_are_skipped(
     with pytest.raises(DataError, match=r"^15,000 of the 30,000 rows read of .*d\.tsv were bad \(50\.0%\), more than "
                                         r"the 14,700 that max_bad_fraction 0\.49 allows"):
         list(read_batches(path, columns=SMALL, checks=CHECKS, max_bad_fraction=0.49))
-    with pytest.raises(DataError, match=r"max_bad_fraction must be a share of the rows read, from 0 to 1, got 1\.5"):
-        list(read_batches(path, columns=SMALL, checks=CHECKS, max_bad_fraction=1.5))
+    for wrong in (1.5, "0.1"):
+        with pytest.raises(DataError, match=rf"max_bad_fraction must be a share of the rows read, from 0 to 1, got "
+                                            rf"{re.escape(repr(wrong))}"):
+            list(read_batches(path, columns=SMALL, checks=CHECKS, max_bad_fraction=wrong))
 
 
 def test_a_file_of_another_layout_among_good_ones_is_judged_by_its_own_share_of_bad_rows(tmp_path):

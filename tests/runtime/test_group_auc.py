@@ -106,6 +106,9 @@ def test_one_group_gives_the_auc_and_rows_without_an_id_belong_to_none(trained, 
     assert whole.gauc["click"] == pytest.approx(whole.auc["click"], rel=1e-12) and whole.gauc_groups == {"click": 1}
     by_c7 = trainer.evaluate([_with_column(source, tmp_path / "c7.tsv", 20, lambda i: "same")], group_by="C7")
     assert by_c7.gauc["click"] == pytest.approx(by_c7.auc["click"], rel=1e-12) and by_c7.gauc_groups == {"click": 1}
+    with pytest.raises(ConfigError, match=r"^the group feature \(data\.eval_group_by, --group-by\) is a sparse "
+                                          r"feature's name, got 5$"):
+        trainer.evaluate([one_group], group_by=5)
     with_missing = tmp_path / "with-missing.tsv"
     without_id = _with_column(source, tmp_path / "none.tsv", 14, lambda i: "")
     with_missing.write_text(open(one_group).read() + open(without_id).read())

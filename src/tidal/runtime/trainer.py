@@ -874,6 +874,9 @@ class Trainer:
         """The position of feature `group_by` among the batches' sparse features."""
         if group_by is None:
             return None
+        if not isinstance(group_by, str):
+            raise ConfigError(f"the group feature (data.eval_group_by, --group-by) is a sparse feature's name, got "
+                              f"{group_by!r}")
         try:
             check_group_feature(self.config.features, group_by, "the group feature (data.eval_group_by, --group-by)")
         except ValueError as exc:
