@@ -37,6 +37,19 @@ def test_demo_trains_and_reports_auc_beside_the_ceiling(capsys):
     assert out.count("1 user x 100 candidates") == 2  # again, after the update
 
 
+def test_version_and_values_that_are_no_numbers(capsys):
+    import tidal
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out == f"tidal {tidal.__version__}\n"
+    for flag, expected in (("--port", "a port is a whole number 0-65535, got 'abc'"),
+                           ("--exit-timeout-s", "seconds are a number 0-3600, got 'abc'")):
+        with pytest.raises(SystemExit) as exited:
+            main(["serve", "bundle", flag, "abc"])
+        assert exited.value.code == 2 and f"argument {flag}: {expected}" in capsys.readouterr().err
+
+
 def test_demo_refuses_too_few_rows(capsys):
     assert main(["demo", "--rows", "10"]) == 2
     assert "--rows must be at least 1,000, got 10" in capsys.readouterr().err

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, TextIO
 
 from safetensors import SafetensorError
 
+from tidal import __version__
+
 if TYPE_CHECKING:  # imported where used: the command line starts without torch
     from tidal.config import RunConfig
     from tidal.serving import Predictor
@@ -41,6 +43,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tidal", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"tidal {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="generate data, train DLRM, evaluate, export and serve it, retrain on the "
                                             "next day's data and update the server online, then summarize")
@@ -83,11 +86,13 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a serving bundle from a run's latest checkpoint")
     export.add_argument("--checkpoint", required=True, help="the run directory (training.run_dir) or one checkpoint")
     export.add_argument("--out", required=True, help="the bundle directory to write (an earlier bundle there is replaced)")
-    export.add_argument("--table-dtype", choices=["float32", "float16"], help="default: the config's serving.table_dtype")
+    export.add_argument("--table-dtype", choices=["float32", "float16"], help="default: that of the bundle at --out, if there is one, else the config's "
+                             "serving.table_dtype")
     export.add_argument("--backend", choices=["torch", "onnxruntime", "aotinductor"],
                         help="what tidal serve runs the dense network with; onnxruntime adds an ONNX model to the "
                              "bundle, aotinductor the network compiled for this CPU (a C++ compiler is needed), each "
-                             "checked against the torch program (default: the config's serving.backend)")
+                             "checked against the torch program (default: that of the bundle at --out, if there is one, else "
+                             "the config's serving.backend)")
     export.add_argument("--delta", action="store_true",
                         help="write into the bundle at --out only what changed since what it serves (rows and the "
                              "dense weights); a running tidal serve of it applies the delta without a restart")
@@ -170,7 +175,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _port(text: str) -> int:
-    port = int(text)
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a port is a whole number 0-65535, got {text!r}") from None
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"a port is 0-65535, got {port}")
     return port
@@ -180,7 +188,10 @@ _MOST_BENCH_THREADS = 256  # as the configs' thread counts: more starve the mach
 
 
 def _seconds(text: str) -> float:
-    seconds = float(text)
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seconds are a number 0-3600, got {text!r}") from None
     if not 0.0 <= seconds <= 3600.0:  # also refuses nan
         raise argparse.ArgumentTypeError(f"seconds are 0-3600, got {text}")
     return seconds
