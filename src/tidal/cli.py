@@ -151,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     hetero.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     serve_bench = which.add_parser("serve", help="QPS and latency of the server against unbatched and Ray Serve")
     serve_bench.add_argument("--quick", action="store_true", help="shorter runs, concurrency 64 only")
-    serve_bench.add_argument("--seconds", type=float, help="measured seconds per point (default 5; 3 with --quick)")
+    serve_bench.add_argument("--seconds", type=float, help="measured seconds per point, 1-3600 (default 5; 3 with --quick)")
     serve_bench.add_argument("--no-ray", action="store_true", help="leave out the Ray Serve peer")
     serve_bench.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     pass_bench = which.add_parser("pass", help="pass-mode training samples/s against the reference trainer")
@@ -303,8 +303,9 @@ def _command(args: argparse.Namespace) -> int:
     if args.benchmark == "serve":
         from tidal.bench import serve as serve_bench
 
-        if args.seconds is not None and not 0 < args.seconds <= 3600:  # also refuses nan and inf
-            print(f"tidal bench serve: --seconds must be > 0 and at most 3600, got {args.seconds}", file=sys.stderr)
+        if args.seconds is not None and not 1 <= args.seconds <= 3600:  # also refuses nan and inf
+            print(f"tidal bench serve: --seconds must be from 1 to 3600 (a shorter window may get no answer to "
+                  f"measure), got {args.seconds}", file=sys.stderr)
             return 2
         serve_bench.run(quick=args.quick, seconds=args.seconds, with_ray=not args.no_ray, as_json=args.json)
     elif args.benchmark == "sparse":

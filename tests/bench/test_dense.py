@@ -46,8 +46,16 @@ def test_every_network_and_bucket_is_measured_and_summarized(monkeypatch, capsys
         small = [p[f"{prefix}ratio_vs_torch"] for p in summary["points"] if p["batch"] <= 64]
         ratios = [p[f"{prefix}ratio_vs_torch"] for p in summary["points"]]
         assert summary[f"{prefix}min_ratio_up_to_64"] == min(small)
-        assert summary[f"{prefix}geomean_ratio"] == round(float(np.exp(np.mean(np.log(ratios)))), 2)
+        assert summary[f"{prefix}geomean_ratio"] == round(float(np.exp(np.mean(np.log(ratios)))), 4)
         met[backend] = min(small) >= dense.TARGET
         assert f"{backend} at least 1.5x torch at batches up to 64: " in out
     assert summary["target_met"] == met["onnxruntime"] and summary["aotinductor_target_met"] == met.get("aotinductor")
     assert "dcn     batch   256: torch" in out
+
+
+def test_a_ratio_just_under_the_target_is_not_met_whatever_it_rounds_to(capsys):
+    """An audit's find: 1.4953x was rounded to 1.50 before it was judged, and met the 1.5x target."""
+    points = [{"batch": 1, "ratio_vs_torch": 2.0}, {"batch": 64, "ratio_vs_torch": 1.4953}]
+    summary, met = dense._backend_summary(points, "onnxruntime", "")
+    assert met is False and summary["min_ratio_up_to_64"] == 1.4953
+    assert "NOT met (lowest 1.495x)" in capsys.readouterr().out

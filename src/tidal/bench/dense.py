@@ -72,9 +72,9 @@ def _backend_summary(points: list[dict], backend: str, prefix: str) -> tuple[dic
     ratios = [p[f"{prefix}ratio_vs_torch"] for p in measured]
     small = min(p[f"{prefix}ratio_vs_torch"] for p in measured if p["batch"] <= SMALL)
     print(f"{backend} at least {TARGET}x torch at batches up to {SMALL}: {'met' if small >= TARGET else 'NOT met'} "
-          f"(lowest {small:.2f}x)")
+          f"(lowest {small:.3f}x)")
     return {f"{prefix}min_ratio_up_to_64": small,
-            f"{prefix}geomean_ratio": round(float(np.exp(np.mean(np.log(ratios)))), 2)}, small >= TARGET
+            f"{prefix}geomean_ratio": round(float(np.exp(np.mean(np.log(ratios)))), 4)}, small >= TARGET
 
 
 def _programs(scratch: Path) -> list[tuple[str, dict[str, Callable]]]:
@@ -107,7 +107,7 @@ def _measure(name: str, bucket: int, programs: dict[str, Callable], calls: int) 
     for backend, prefix in zip(BACKENDS, PREFIXES):
         found = medians.get(backend)
         point[f"{backend}_ms"] = None if found is None else round(found, 5)
-        point[f"{prefix}ratio_vs_torch"] = None if found is None else round(medians["torch"] / found, 2)
+        point[f"{prefix}ratio_vs_torch"] = None if found is None else round(medians["torch"] / found, 4)  # judged unrounded
         if found is not None:
             line += f"  {backend} {found:7.3f} ms {point[f'{prefix}ratio_vs_torch']:5.2f}x"
     print(line, flush=True)

@@ -52,7 +52,7 @@ def run(*, quick: bool = False, as_json: bool = False, device: str = "cpu") -> d
     summary = {"device": device, **_summary(points, {name: rules for name, (_, rules) in networks.items()})}
     print(f"rewritten at least {TARGET}x the program at batches up to {SMALL} on every rewritten network, and "
           f"nowhere below {FLOOR}x: {'met' if summary['target_met'] else 'NOT met'} (lowest up to {SMALL} "
-          f"{summary['min_ratio_up_to_16']:.2f}x, lowest anywhere {summary['min_ratio']:.2f}x)")
+          f"{summary['min_ratio_up_to_16']:.3f}x, lowest anywhere {summary['min_ratio']:.3f}x)")
     if as_json:
         print(json.dumps(summary))
     return summary
@@ -95,7 +95,7 @@ def _waited(forward: Callable[..., torch.Tensor], device: torch.device) -> Calla
 def _measure(name: str, bucket: int, programs: tuple, calls: int, device: torch.device) -> dict:
     exported_ms, rewritten_ms = medians_ms(programs, _inputs(bucket, device), calls)
     point = {"network": name, "batch": bucket, "exported_ms": round(exported_ms, 4),
-             "rewritten_ms": round(rewritten_ms, 4), "ratio_vs_exported": round(exported_ms / rewritten_ms, 2)}
+             "rewritten_ms": round(rewritten_ms, 4), "ratio_vs_exported": round(exported_ms / rewritten_ms, 4)}
     print(f"  {name:<9} batch {bucket:>5}: exported {exported_ms:7.3f} ms  rewritten {rewritten_ms:7.3f} ms  "
           f"{point['ratio_vs_exported']:5.2f}x", flush=True)
     return point
@@ -107,5 +107,5 @@ def _summary(points: list[dict], rules: dict[str, list[str]]) -> dict:
     lowest_small = min((p["ratio_vs_exported"] for p in points if p["batch"] <= SMALL), default=0.0)
     return {"threads": 1, "rules": rules, "points": points, "min_ratio_up_to_16": lowest_small,
             "min_ratio": min(ratios, default=0.0),
-            "geomean_ratio": round(float(np.exp(np.mean(np.log(ratios)))), 2) if ratios else 0.0,
+            "geomean_ratio": round(float(np.exp(np.mean(np.log(ratios)))), 4) if ratios else 0.0,
             "target_met": lowest_small >= TARGET and min(ratios, default=0.0) >= FLOOR}
