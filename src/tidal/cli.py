@@ -86,13 +86,14 @@ def _parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a serving bundle from a run's latest checkpoint")
     export.add_argument("--checkpoint", required=True, help="the run directory (training.run_dir) or one checkpoint")
     export.add_argument("--out", required=True, help="the bundle directory to write (an earlier bundle there is replaced)")
-    export.add_argument("--table-dtype", choices=["float32", "float16"], help="default: that of the bundle at --out, if there is one, else the config's "
+    export.add_argument("--table-dtype", choices=["float32", "float16"],
+                        help="default: that of the bundle at --out, if there is one, else the config's "
                              "serving.table_dtype")
     export.add_argument("--backend", choices=["torch", "onnxruntime", "aotinductor"],
                         help="what tidal serve runs the dense network with; onnxruntime adds an ONNX model to the "
                              "bundle, aotinductor the network compiled for this CPU (a C++ compiler is needed), each "
-                             "checked against the torch program (default: that of the bundle at --out, if there is one, else "
-                             "the config's serving.backend)")
+                             "checked against the torch program (default: that of the bundle at --out, if there is "
+                             "one, else the config's serving.backend)")
     export.add_argument("--delta", action="store_true",
                         help="write into the bundle at --out only what changed since what it serves (rows and the "
                              "dense weights); a running tidal serve of it applies the delta without a restart")

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from tidal.config import MAX_SPARSE_WORKERS
+from tidal.config import MAX_SPARSE_WORKERS, is_whole_number
 from tidal.errors import RunStoppedError, TidalError
 from tidal.runtime.telemetry import Telemetry
 from tidal.runtime.workers import check_loss
@@ -91,8 +91,7 @@ class Engine:
     def resize(self, sparse_workers: int) -> None:
         """Run `sparse_workers` sparse workers from now on (safe from any thread: the
         coordinator takes it up at its next turn)."""
-        if isinstance(sparse_workers, bool) or not isinstance(sparse_workers, (int, np.integer)) \
-                or not 1 <= sparse_workers <= MAX_SPARSE_WORKERS:
+        if not is_whole_number(sparse_workers) or not 1 <= sparse_workers <= MAX_SPARSE_WORKERS:
             raise TidalError(f"sparse workers must be a whole number from 1 to {MAX_SPARSE_WORKERS} (as "
                              f"runtime.sparse_workers), got {sparse_workers!r}")
         self.backend.check_workers(sparse_workers)
