@@ -300,31 +300,22 @@ def _command(args: argparse.Namespace) -> int:
         return _export(args)
     elif args.command == "serve":
         return _serve(args)
+    if problem := _bench_problem(args):
+        print(f"tidal bench {args.benchmark}: {problem}", file=sys.stderr)
+        return 2
     _say_if_busy(f"bench {args.benchmark}")
     if args.benchmark == "serve":
         from tidal.bench import serve as serve_bench
 
-        if args.seconds is not None and not 1 <= args.seconds <= 3600:  # also refuses nan and inf
-            print(f"tidal bench serve: --seconds must be from 1 to 3600 (a shorter window may get no answer to "
-                  f"measure), got {args.seconds}", file=sys.stderr)
-            return 2
         serve_bench.run(quick=args.quick, seconds=args.seconds, with_ray=not args.no_ray, as_json=args.json)
     elif args.benchmark == "sparse":
         from tidal.bench import sparse
 
-        if args.threads and not 1 <= min(args.threads) <= max(args.threads) <= _MOST_BENCH_THREADS:
-            print(f"tidal bench sparse: --threads must be 1 to {_MOST_BENCH_THREADS}, got {args.threads}",
-                  file=sys.stderr)
-            return 2
         cfg = sparse.SparseBenchConfig.quick() if args.quick else sparse.SparseBenchConfig()
         sparse.run(cfg, as_json=args.json, threads=args.threads, optimizers=tuple(args.optimizer))
     elif args.benchmark == "quality":
         from tidal.bench import quality
 
-        if args.rows < quality.MIN_ROWS or min(args.vocabulary, args.epochs) < 1:
-            print(f"tidal bench quality: --rows must be >= {quality.MIN_ROWS:,d} (a quarter of them is held out to "
-                  f"score), --vocabulary and --epochs >= 1", file=sys.stderr)
-            return 2
         quality.run(rows=args.rows, vocabulary=args.vocabulary, epochs=args.epochs, as_json=args.json)
     elif args.benchmark == "train":
         from tidal.bench import train as train_bench
@@ -333,16 +324,10 @@ def _command(args: argparse.Namespace) -> int:
     elif args.benchmark == "hetero":
         from tidal.bench import hetero
 
-        if args.rows < 2 * hetero.BATCH:
-            print(f"tidal bench hetero: --rows must be at least {2 * hetero.BATCH}, got {args.rows}", file=sys.stderr)
-            return 2
         hetero.run(rows=args.rows, mode=args.mode, with_ray=not args.no_ray, as_json=args.json)
     elif args.benchmark == "pass":
         from tidal.bench import passmode
 
-        if args.batches_per_pass < 1:
-            print(f"tidal bench pass: --batches-per-pass must be >= 1, got {args.batches_per_pass}", file=sys.stderr)
-            return 2
         passmode.run(rows=200_000 if args.quick else 400_000, batches_per_pass=args.batches_per_pass, as_json=args.json)
     elif args.benchmark == "dense":
         from tidal.bench import dense
@@ -354,23 +339,46 @@ def _command(args: argparse.Namespace) -> int:
             print(f"tidal bench dense: {exc}", file=sys.stderr)
             return 2
     elif args.benchmark == "rewrite":
-        import torch
-
         from tidal.bench import rewrite
 
-        if args.device == "cuda" and not torch.cuda.is_available():
-            print("tidal bench rewrite: --device cuda, but torch sees no CUDA device; use --device cpu",
-                  file=sys.stderr)
-            return 2
         rewrite.run(quick=args.quick, as_json=args.json, device=args.device)
     elif args.benchmark == "data":
         from tidal.bench import data
 
-        if args.rows < 1:
-            print(f"tidal bench data: --rows must be >= 1, got {args.rows}", file=sys.stderr)
-            return 2
         data.run(rows=args.rows, as_json=args.json)
     return 0
+
+
+def _bench_problem(args: argparse.Namespace) -> str | None:
+    """Why the options of `tidal bench NAME` cannot run, before anything is measured."""
+    name = args.benchmark
+    if name == "serve" and args.seconds is not None and not 1 <= args.seconds <= 3600:  # also refuses nan and inf
+        return f"--seconds must be from 1 to 3600 (a shorter window may get no answer to measure), got {args.seconds}"
+    if name == "sparse" and args.threads and not 1 <= min(args.threads) <= max(args.threads) <= _MOST_BENCH_THREADS:
+        return f"--threads must be 1 to {_MOST_BENCH_THREADS}, got {args.threads}"
+    if name == "quality":
+        from tidal.bench import quality
+
+        if args.rows < quality.MIN_ROWS:
+            return f"--rows must be >= {quality.MIN_ROWS:,d} (a quarter of them is held out to score), got {args.rows}"
+        for flag, value in (("--vocabulary", args.vocabulary), ("--epochs", args.epochs)):
+            if value < 1:
+                return f"{flag} must be >= 1, got {value}"
+    if name == "hetero":
+        from tidal.bench import hetero
+
+        if args.rows < 2 * hetero.BATCH:
+            return f"--rows must be at least {2 * hetero.BATCH}, got {args.rows}"
+    if name == "pass" and args.batches_per_pass < 1:
+        return f"--batches-per-pass must be >= 1, got {args.batches_per_pass}"
+    if name == "rewrite" and args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return "--device cuda, but torch sees no CUDA device; use --device cpu"
+    if name == "data" and args.rows < 1:
+        return f"--rows must be >= 1, got {args.rows}"
+    return None
 
 
 def _resume(args: argparse.Namespace) -> str:
