@@ -507,9 +507,12 @@ def _eval(args: argparse.Namespace) -> int:
         from tidal.runtime.trainer import predictions_file, shown_evaluation
         from tidal.runtime.workers import dense_device
 
-        dense_device(args.device, key="--device")
+        dense_device(args.device, key="--device")  # what the flags alone decide, before the checkpoint loads
+        if args.no_group_by and args.group_by:
+            raise ConfigError(f"--group-by {args.group_by} and --no-group-by contradict each other: give one")
+        files = expand_paths(args.data)
         if args.predictions is not None:
-            predictions_file(args.predictions)  # before the checkpoint loads, not after the evaluation
+            predictions_file(args.predictions)
         with checkpoint.reading(Path(args.checkpoint)) as directory:  # a run training meanwhile keeps it
             saved = checkpoint.read_meta(directory)["config"]
             saved = {**saved, "training": {**saved["training"], "device": args.device},  # its tables are loaded:
@@ -518,11 +521,9 @@ def _eval(args: argparse.Namespace) -> int:
             step = checkpoint.restore(trainer, directory, check_data=False)["step"]  # the training files may be gone
             print(f"checkpoint {directory.name}, step {step:,d}", flush=True)
         trainer.collection.evict()  # within the tables' caps, as `tidal export` serves them
-        if args.no_group_by and args.group_by:
-            raise ConfigError(f"--group-by {args.group_by} and --no-group-by contradict each other: give one")
         data = {**saved["data"], **given, **({"eval_group_by": None} if args.no_group_by else {})}
         trainer.config = RunConfig.from_saved({**saved, "data": data})  # how these files are read
-        _check_eval_flags(args, {data["format"] or format_of(f) for f in expand_paths(args.data)})
+        _check_eval_flags(args, {data["format"] or format_of(f) for f in files})
         result = trainer.evaluate(args.data, group_by=args.group_by, predictions=args.predictions)
     except DataError as exc:
         hint = "" if isinstance(exc, DataPathError) else (

@@ -139,7 +139,7 @@ def _every_other(source: str, target):  # type: ignore[no-untyped-def]
     return target
 
 
-def test_eval_on_the_command_line_groups_by_the_feature_it_is_given(trained, capsys):
+def test_eval_on_the_command_line_groups_by_the_feature_it_is_given(trained, capsys, tmp_path):
     trainer, config = trained
     assert main(["eval", "--checkpoint", str(trainer.run_dir), "--data", *config["data"]["eval"],
                  "--group-by", "C2"]) == 0
@@ -158,7 +158,12 @@ def test_eval_on_the_command_line_groups_by_the_feature_it_is_given(trained, cap
     assert "click: AUC 0." in out and "GAUC" not in out
     assert main(["eval", "--checkpoint", str(trainer.run_dir), "--data", *config["data"]["eval"],
                  "--no-group-by", "--group-by", "C2"]) == 2
-    assert "--group-by C2 and --no-group-by contradict each other" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "--group-by C2 and --no-group-by contradict each other" in captured.err
+    assert "checkpoint" not in captured.out  # refused before the checkpoint loads (an audit's find)
+    assert main(["eval", "--checkpoint", str(trainer.run_dir), "--data", str(tmp_path / "gone.tsv")]) == 2
+    captured = capsys.readouterr()
+    assert f"no data file at {tmp_path / 'gone.tsv'}" in captured.err and "checkpoint" not in captured.out
 
 
 def test_the_group_feature_is_checked_with_the_config(tmp_path):
