@@ -69,6 +69,7 @@ __all__ = [
     "closest_match",
     "effective_fields",
     "effective_table_fields",
+    "is_finite_number",
     "is_whole_number",
     "require",
     "require_threads",
@@ -1304,6 +1305,11 @@ def require(value: Any, kind: type | tuple[type, ...], where: str) -> None:
 def is_whole_number(value: Any) -> bool:
     """Whether `value` is an integer (Python's or numpy's), and not a boolean."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    """Whether `value` is a finite real number (an integer or a float), and not a boolean."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def require_threads(threads: Any, where: str) -> None:

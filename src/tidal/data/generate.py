@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import math
-import numbers
 import os
 import re
 import secrets
@@ -32,7 +30,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from tidal.config import is_whole_number
+from tidal.config import is_finite_number, is_whole_number
 from tidal.data.criteo import CRITEO_DENSE, CRITEO_SPARSE
 from tidal.errors import ConfigError, DataError
 from tidal.mixing import mix64_array
@@ -82,7 +80,7 @@ def generate(out_dir: str | Path, *, rows: int, files: int = 1, file_format: Lit
     check_arguments(rows=rows, files=files, file_format=file_format, vocabulary=vocabulary, zipf_a=zipf_a, seed=seed,
                     split=split)
     for arg, value in {"sparse_scale": sparse_scale, "bias": bias}.items():
-        if not _finite_number(value):
+        if not is_finite_number(value):
             raise ConfigError(f"gen-data: {arg} must be a finite number, got {value!r}")
     created = _missing_folders(Path(out_dir))
     out = _folder(out_dir)
@@ -234,7 +232,7 @@ def check_arguments(*, rows: int, files: int = 1, file_format: str = "tsv", voca
     for arg, value in {"rows": rows, "files": files, "vocabulary": vocabulary, "seed": seed, "split": split}.items():
         if not is_whole_number(value):
             raise ConfigError(f"gen-data: {name[arg]} must be an integer, got {value!r}")
-    if not _finite_number(zipf_a):
+    if not is_finite_number(zipf_a):
         raise ConfigError(f"gen-data: {name['zipf_a']} must be a finite number > 1, got {zipf_a!r}")
     problems = [
         (0 <= seed < 2**32, f"{name['seed']} must be between 0 and 2**32 - 1, got {seed}"),
@@ -248,10 +246,6 @@ def check_arguments(*, rows: int, files: int = 1, file_format: str = "tsv", voca
     for ok, message in problems:
         if not ok:
             raise ConfigError(f"gen-data: {message}")
-
-
-def _finite_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _write_file(path: Path, rows: int, file_format: str, rng: np.random.Generator, seed: int, vocabulary: int,

@@ -28,7 +28,6 @@ import codecs
 import difflib
 import glob
 import gzip
-import numbers
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -42,7 +41,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from tidal.config import is_whole_number, weighted_bag_problem
+from tidal.config import is_finite_number, is_whole_number, weighted_bag_problem
 from tidal.data.criteo import CRITEO_COLUMNS, CRITEO_DENSE
 from tidal.errors import DataError, DataPathError
 
@@ -278,8 +277,7 @@ def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
     """
     columns = _check_options(columns, file_format, batch_rows, on_bad_row)
     layout = _checked_layout(layout, columns)
-    if not isinstance(max_bad_fraction, numbers.Real) or isinstance(max_bad_fraction, bool) \
-            or not 0.0 <= max_bad_fraction <= 1.0:
+    if not is_finite_number(max_bad_fraction) or not 0.0 <= max_bad_fraction <= 1.0:
         raise DataError(f"max_bad_fraction must be a share of the rows read, from 0 to 1, got {max_bad_fraction!r}")
     if checks is None:
         checks = {c: k for c, k in CRITEO_CHECKS.items() if c in columns}

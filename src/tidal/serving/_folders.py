@@ -27,10 +27,12 @@ from pathlib import Path
 
 from tidal.embedding.checkpoint import fsync_path
 
-__all__ = ["put_in_place", "remove_abandoned", "staging"]
+__all__ = ["STAGING_EXTRA", "put_in_place", "remove_abandoned", "staging"]
 
 _SETTLING_S = 60.0  # a folder without a lock file, younger than this, may be an older Tidal's still written
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+# the bytes `staging` (and `put_in_place`'s set-aside name) adds to a folder's name: .tmp-NAME-PID-NONCE.lock
+STAGING_EXTRA = len(".tmp--4194304-0123abcd.lock")
 
 
 @contextlib.contextmanager

@@ -37,7 +37,6 @@ stages, while requests not yet started wait, and start after the update.
 from __future__ import annotations
 
 import math
-import numbers
 import threading
 import time
 from collections import OrderedDict, deque
@@ -49,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from tidal.config import is_whole_number
+from tidal.config import is_finite_number, is_whole_number
 from tidal.errors import ConfigError, TidalError
 from tidal.serving.predictor import Piece, Predictor, SparseOutput
 
@@ -104,8 +103,7 @@ def _check_settings(*, max_delay_ms: Any, **counts: Any) -> None:
     for name, value in counts.items():
         if not is_whole_number(value) or value < 1:
             raise ConfigError(f"Batcher: {name} must be a whole number >= 1, got {value!r}")
-    if isinstance(max_delay_ms, bool) or not isinstance(max_delay_ms, numbers.Real) \
-            or not 0 <= max_delay_ms < math.inf:
+    if not is_finite_number(max_delay_ms) or max_delay_ms < 0:
         raise ConfigError(f"Batcher: max_delay_ms must be a finite number >= 0, got {max_delay_ms!r}")
 
 

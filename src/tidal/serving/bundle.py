@@ -61,7 +61,7 @@ from tidal.embedding.pooling import nonfinite_note
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.models import RankingModel
 from tidal.runtime import checkpoint
-from tidal.serving._folders import put_in_place, remove_abandoned, staging
+from tidal.serving._folders import STAGING_EXTRA, put_in_place, remove_abandoned, staging
 from tidal.serving.delta import (DELTA_FORMAT, DELTA_VERSION, DELTAS, Position, RowChanges, Source, apply_rows,
                                  delta_name, delta_names, diff_rows, merge_changes)
 from tidal.serving.protocol import input_specs
@@ -136,16 +136,13 @@ def _path(value: object, what: str) -> Path:
     return Path(value)
 
 
-_STAGING_SUFFIX = len(".tmp--4194304-0123abcd.lock")  # what `staging` adds to a bundle's name beside it
-
-
 def _check_name_fits(out: Path) -> None:
     """Refuse a bundle name too long for the names written beside it while it is written."""
     name_max = os.pathconf(out.parent if out.parent.is_dir() else ".", "PC_NAME_MAX")
-    most = name_max - _STAGING_SUFFIX
+    most = name_max - STAGING_EXTRA
     if len(os.fsencode(out.name)) > most:
         raise ConfigError(f"{out}: its name has {len(os.fsencode(out.name))} bytes; a bundle's name may have at most "
-                          f"{most} ({name_max}, the system's most, less {_STAGING_SUFFIX} for the names an export "
+                          f"{most} ({name_max}, the system's most, less {STAGING_EXTRA} for the names an export "
                           f"writes beside it)")
 
 
