@@ -66,6 +66,8 @@ def test_cli_writes_data_and_refuses_bad_arguments(tmp_path, capsys):
         with pytest.raises(ConfigError, match=rf"^gen-data: {arg} must be a finite number"):  # an audit's find: NaN
             generate(tmp_path / "y", rows=5, **{arg: value})                                  # wrote all negatives
     assert not (tmp_path / "y").exists()
+    with pytest.raises(ConfigError, match=r"^gen-data: out_dir must be a folder's path \(a str or a Path\), got NoneType"):
+        generate(None, rows=5)
     for flag, value in [("--seed", "-1"), ("--split", "-1"), ("--seed", str(2**70))]:
         assert main(["gen-data", "--out", str(tmp_path / "x"), "--rows", "10", flag, value]) == 2
         assert f"gen-data: {flag} must be between 0 and 2**32 - 1, got {value}" in capsys.readouterr().err

@@ -124,6 +124,8 @@ def test_bad_rows_within_max_bad_fraction_or_fewer_rows_than_judged_are_skipped(
         with pytest.raises(DataError, match=rf"max_bad_fraction must be a share of the rows read, from 0 to 1, got "
                                             rf"{re.escape(repr(wrong))}"):
             list(read_batches(path, columns=SMALL, checks=CHECKS, max_bad_fraction=wrong))
+    with pytest.raises(DataError, match=r"bad_rows must be a BadRows to count the skipped rows in, got dict"):
+        list(read_batches(path, columns=SMALL, checks=CHECKS, bad_rows={}))
 
 
 def test_a_file_of_another_layout_among_good_ones_is_judged_by_its_own_share_of_bad_rows(tmp_path):

@@ -148,6 +148,8 @@ def test_mmoe_gates_are_distributions_over_experts():
 def test_invalid_sizes_are_config_errors():
     with pytest.raises(ConfigError, match="num_targets"):
         RankingModel(ModelConfig(), num_features=F, dim=D, dense_features=DD, num_targets=0)
+    with pytest.raises(ConfigError, match=r"needs whole numbers.*got \{'num_features': 2\.5\}"):  # was a bare TypeError
+        RankingModel(ModelConfig(), num_features=2.5, dim=D, dense_features=DD, num_targets=1)
     with pytest.raises(ConfigError, match=r"hidden_sizes\.0: Input should be greater than 0"):
         ModelConfig(hidden_sizes=[0])
 

@@ -109,6 +109,8 @@ def test_one_group_gives_the_auc_and_rows_without_an_id_belong_to_none(trained, 
     with pytest.raises(ConfigError, match=r"^the group feature \(data\.eval_group_by, --group-by\) is a sparse "
                                           r"feature's name, got 5$"):
         trainer.evaluate([one_group], group_by=5)
+    ungrouped = trainer.evaluate([one_group], group_by=False)  # as --no-group-by: none, though the config names C1
+    assert ungrouped.group_by is None and ungrouped.gauc is None and ungrouped.auc == whole.auc
     with_missing = tmp_path / "with-missing.tsv"
     without_id = _with_column(source, tmp_path / "none.tsv", 14, lambda i: "")
     with_missing.write_text(open(one_group).read() + open(without_id).read())

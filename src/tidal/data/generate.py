@@ -82,6 +82,8 @@ def generate(out_dir: str | Path, *, rows: int, files: int = 1, file_format: Lit
     for arg, value in {"sparse_scale": sparse_scale, "bias": bias}.items():
         if not is_finite_number(value):
             raise ConfigError(f"gen-data: {arg} must be a finite number, got {value!r}")
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise ConfigError(f"gen-data: out_dir must be a folder's path (a str or a Path), got {type(out_dir).__name__}")
     created = _missing_folders(Path(out_dir))
     out = _folder(out_dir)
     _remove_leftovers(out)

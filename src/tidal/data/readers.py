@@ -286,6 +286,8 @@ def read_batches(paths: str | os.PathLike | Sequence[str | os.PathLike], *,
     if unknown:
         raise DataError(f"checks must name read columns and one of {sorted(_PATTERNS)}, a Bags or a WeightedBags, "
                         f"got {unknown}")
+    if bad_rows is not None and not isinstance(bad_rows, BadRows):
+        raise DataError(f"bad_rows must be a BadRows to count the skipped rows in, got {type(bad_rows).__name__}")
     report = bad_rows if bad_rows is not None else BadRows()
     files = expand_paths(paths)
     if sizes is not None:

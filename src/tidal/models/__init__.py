@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tidal.config import ModelConfig, require
+from tidal.config import ModelConfig, is_whole_number, require
 from tidal.errors import BatchError, ConfigError
 from tidal.models.common import (PRECISIONS, LinearHead, MMoEHead, compute_precision, mlp, resolve_precision,
                                  step_losses, weighted_bce)
@@ -30,9 +30,10 @@ class RankingModel(nn.Module):
         super().__init__()
         require(config, ModelConfig, "RankingModel: config")
         sizes = {"num_features": num_features, "dim": dim, "dense_features": dense_features, "num_targets": num_targets}
-        bad = {k: v for k, v in sizes.items() if v < (0 if k == "dense_features" else 1)}
+        bad = {k: v for k, v in sizes.items() if not is_whole_number(v) or v < (0 if k == "dense_features" else 1)}
         if bad:
-            raise ConfigError(f"RankingModel: needs at least one feature, dim and target (dense may be 0), got {bad}")
+            raise ConfigError(f"RankingModel: needs whole numbers, at least one feature, dim and target (dense may be 0), "
+                              f"got {bad}")
         self.config = config
         self.num_features, self.dim, self.dense_features = num_features, dim, dense_features
         self.body = _body(config, num_features, dim, dense_features)

@@ -793,18 +793,19 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def evaluate(self, paths: str | list[str], *, group_by: str | None = None,
+    def evaluate(self, paths: str | list[str], *, group_by: str | bool | None = None,
                  predictions: str | os.PathLike | None = None) -> Evaluation:
         """Exact AUC and log loss of every target over the files at `paths` (no updates),
         with the bad rows met in them, and the group AUC over the ids of the sparse
-        feature `group_by` (by default the config's `data.eval_group_by`). AUCs are
+        feature `group_by` (by default the config's `data.eval_group_by`; False: none,
+        as `tidal eval --no-group-by`). AUCs are
         computed from the logits, which keep apart the scores that float32
         probabilities would round to 1. With `predictions`, each evaluated row's
         probability and label per target are written to that Parquet file
         (`write_predictions`)."""
         if predictions is not None:
             predictions = predictions_file(predictions)
-        group_by = self.config.data.eval_group_by if group_by is None else group_by
+        group_by = self.config.data.eval_group_by if group_by is None else None if group_by is False else group_by
         group_index = self._group_index(group_by)
         spec = self.reader_spec(paths)
         check_layout(spec.files, spec.columns, spec.file_format, spec.csv_header, layout=spec.layout,
