@@ -50,6 +50,15 @@ def test_version_and_values_that_are_no_numbers(capsys):
         assert exited.value.code == 2 and f"argument {flag}: {expected}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command, says", [(["bench", "sparse"], "A full sparse training step against torch EmbeddingBag."),
+                                           (["bench", "serve"], "against unbatched and Ray Serve."),
+                                           (["train"], "Train a model from a YAML run config.")])
+def test_each_command_s_help_says_what_it_does_and_against_which_peer(command, says, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--help"])
+    assert exited.value.code == 0 and says in " ".join(capsys.readouterr().out.split())
+
+
 def test_demo_refuses_too_few_rows(capsys):
     assert main(["demo", "--rows", "10"]) == 2
     assert "--rows must be at least 1,000, got 10" in capsys.readouterr().err

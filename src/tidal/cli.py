@@ -45,10 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tidal", description=__doc__)
     parser.add_argument("--version", action="version", version=f"tidal {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="generate data, train DLRM, evaluate, export and serve it, retrain on the "
+    demo = _subcommand(commands, "demo", "generate data, train DLRM, evaluate, export and serve it, retrain on the "
                                             "next day's data and update the server online, then summarize")
     demo.add_argument("--rows", type=int, default=300_000, help="training rows to generate (default 300,000)")
-    train = commands.add_parser("train", help="train a model from a YAML run config")
+    train = _subcommand(commands, "train", "train a model from a YAML run config")
     train.add_argument("--config", required=True, help="the YAML file: data, features, tables, model, training")
     start = train.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
                             "name or index, e.g. --set training.lr=0.01 --set tables.items.dim=32")
     train.add_argument("--print-config", action="store_true",
                        help="print the whole config as the run would use it (defaults filled in) and exit")
-    evaluate = commands.add_parser("eval", help="AUC, log loss, normalized entropy and calibration of a run's latest checkpoint "
+    evaluate = _subcommand(commands, "eval", "AUC, log loss, normalized entropy and calibration of a run's latest checkpoint "
                                                     "on data files")
     evaluate.add_argument("--checkpoint", required=True, help="the run directory (training.run_dir) or one checkpoint")
     evaluate.add_argument("--data", required=True, nargs="+", help="files or globs to evaluate on")
@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     read.add_argument("--max-bad-fraction", type=float, metavar="SHARE",
                       help="the most bad rows skipped, as a share of the rows read (1 skips any number)")
     read.add_argument("--on-bad-row", choices=["skip", "fail"], help="skip a bad row (counted), or stop at it")
-    export = commands.add_parser("export", help="write a serving bundle from a run's latest checkpoint")
+    export = _subcommand(commands, "export", "write a serving bundle from a run's latest checkpoint")
     export.add_argument("--checkpoint", required=True, help="the run directory (training.run_dir) or one checkpoint")
     export.add_argument("--out", required=True, help="the bundle directory to write (an earlier bundle there is replaced)")
     export.add_argument("--table-dtype", choices=["float32", "float16"],
@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--delta", action="store_true",
                         help="write into the bundle at --out only what changed since what it serves (rows and the "
                              "dense weights); a running tidal serve of it applies the delta without a restart")
-    serve = commands.add_parser("serve", help="serve a bundle over the Open Inference Protocol (KServe v2 HTTP)")
+    serve = _subcommand(commands, "serve", "serve a bundle over the Open Inference Protocol (KServe v2 HTTP)")
     serve.add_argument("bundle", help="a directory written by tidal export")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000; 0: a free one, printed once serving)")
@@ -120,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="settings",
                        help="replace a field of the bundle's serving config, the value in YAML (repeatable), e.g. "
                             "--set max_queue_rows=100000 --set 'buckets=[1, 8, 64, 512]'")
-    gen = commands.add_parser("gen-data", help="write Criteo-like files with a planted logistic ground truth")
+    gen = _subcommand(commands, "gen-data", "write Criteo-like files with a planted logistic ground truth")
     gen.add_argument("--out", required=True, help="directory to write part-NNNNN.<format> and truth.json into")
     gen.add_argument("--rows", type=int, default=1_000_000, help="rows to write (default 1,000,000)")
     gen.add_argument("--files", type=int, default=1,
@@ -129,50 +129,55 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="fixes the planted truth (default 0)")
     gen.add_argument("--split", type=int, default=0,
                      help="other rows of the same truth (default 0; e.g. 1 for eval data)")
-    bench = commands.add_parser("bench", help="run a benchmark and print its figures")
+    bench = _subcommand(commands, "bench", "run a benchmark and print its figures")
     which = bench.add_subparsers(dest="benchmark", required=True)
-    sparse = which.add_parser("sparse", help="a full sparse training step against torch EmbeddingBag")
+    sparse = _subcommand(which, "sparse", "a full sparse training step against torch EmbeddingBag")
     sparse.add_argument("--quick", action="store_true", help="fewer steps: under a minute on 2 cores")
     sparse.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     sparse.add_argument("--threads", type=int, nargs="+", help="thread counts (default: 1 and all cores)")
     sparse.add_argument("--optimizer", nargs="+", choices=["sgd", "adagrad"], default=["sgd", "adagrad"],
                         help="optimizers to run (default both)")
-    quality = which.add_parser("quality", help="AUC of collision-free tables against hashed tables of equal bytes")
+    quality = _subcommand(which, "quality", "AUC of collision-free tables against hashed tables of equal bytes")
     quality.add_argument("--rows", type=int, default=1_000_000, help="training rows (default 1,000,000)")
     quality.add_argument("--vocabulary", type=int, default=1_000, help="id ranks per column (default 1,000)")
     quality.add_argument("--epochs", type=int, default=2, help="training epochs (default 2)")
     quality.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
-    train_bench = which.add_parser("train", help="end-to-end training samples/s against a plain PyTorch DLRM")
+    train_bench = _subcommand(which, "train", "end-to-end training samples/s against a plain PyTorch DLRM")
     train_bench.add_argument("--quick", action="store_true", help="200,000 rows instead of 1,000,000")
     train_bench.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
-    hetero = which.add_parser("hetero", help="sparse workers feeding a dense worker against the sequential trainer")
+    hetero = _subcommand(which, "hetero", "sparse workers feeding a dense worker against the sequential trainer")
     hetero.add_argument("--rows", type=int, default=400_000, help="training rows (default 400,000)")
     hetero.add_argument("--mode", choices=["sync", "async"], default="async", help="the engine's mode (default async)")
     hetero.add_argument("--no-ray", action="store_true", help="leave out the Ray backend run")
     hetero.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
-    serve_bench = which.add_parser("serve", help="QPS and latency of the server against unbatched and Ray Serve")
+    serve_bench = _subcommand(which, "serve", "QPS and latency of the server against unbatched and Ray Serve")
     serve_bench.add_argument("--quick", action="store_true", help="shorter runs, concurrency 64 only")
     serve_bench.add_argument("--seconds", type=float, help="measured seconds per point, 1-3600 (default 5; 3 with --quick)")
     serve_bench.add_argument("--no-ray", action="store_true", help="leave out the Ray Serve peer")
     serve_bench.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
-    pass_bench = which.add_parser("pass", help="pass-mode training samples/s against the reference trainer")
+    pass_bench = _subcommand(which, "pass", "pass-mode training samples/s against the reference trainer")
     pass_bench.add_argument("--quick", action="store_true", help="200,000 rows instead of 400,000")
     pass_bench.add_argument("--batches-per-pass", type=int, default=16, help="batches in a pass (default 16)")
     pass_bench.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
-    dense_bench = which.add_parser("dense", help="the serving dense stage on ONNX Runtime and AOTInductor against "
+    dense_bench = _subcommand(which, "dense", "the serving dense stage on ONNX Runtime and AOTInductor against "
                                                  "torch, per bucket")
     dense_bench.add_argument("--quick", action="store_true", help="100 calls per point instead of 400")
     dense_bench.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
-    rewrite_bench = which.add_parser("rewrite", help="the torch serving program rewritten by the graph rules against "
+    rewrite_bench = _subcommand(which, "rewrite", "the torch serving program rewritten by the graph rules against "
                                                      "the program as exported, per bucket")
     rewrite_bench.add_argument("--quick", action="store_true", help="100 calls per point instead of 400")
     rewrite_bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                                help="where the programs run (default cpu)")
     rewrite_bench.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
-    data = which.add_parser("data", help="rows/s read from TSV and Parquet and extracted into batches")
+    data = _subcommand(which, "data", "rows/s read from TSV and Parquet and extracted into batches")
     data.add_argument("--rows", type=int, default=500_000, help="rows generated per format (default 500,000)")
     data.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     return parser
+
+
+def _subcommand(commands: argparse._SubParsersAction, name: str, what: str) -> argparse.ArgumentParser:
+    """A subcommand whose own --help starts with what it does, as the list of commands says it."""
+    return commands.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
 
 
 def _port(text: str) -> int:
