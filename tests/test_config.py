@@ -189,8 +189,14 @@ def test_fields_that_apply_are_taken_and_a_saved_config_loads_again():
 def test_a_yaml_file_naming_a_key_twice_or_not_utf8_is_refused(tmp_path):
     twice = tmp_path / "twice.yaml"
     twice.write_text("data: {train: x.tsv}\ntraining: {run_dir: a}\ntraining: {lr: 0.5}\n")
-    with pytest.raises(ConfigError, match=r"the key 'training' appears twice in one mapping\n.*line 3"):
+    with pytest.raises(ConfigError, match=r"twice\.yaml: not valid YAML at line 3, column 1: the key 'training' appears "
+                                          r"twice in one mapping$"):
         RunConfig.from_yaml(str(twice))
+    unclosed = tmp_path / "unclosed.yaml"
+    unclosed.write_text("training:\n  steps: [1, 2\nmodel: {}\n")
+    with pytest.raises(ConfigError, match=r"unclosed\.yaml: not valid YAML at line 3, column 6: expected ',' or '\]', but "
+                                          r"got ':' \(while parsing a flow sequence at line 2\)$"):  # one line, not 7
+        RunConfig.from_yaml(str(unclosed))
     latin = tmp_path / "latin.yaml"
     latin.write_bytes(b"data: {train: caf\xe9.tsv}\n")
     with pytest.raises(ConfigError, match="latin.yaml: not UTF-8 text"):

@@ -1138,7 +1138,7 @@ class RunConfig(_Model):
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{path}: not UTF-8 text ({exc})") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+            raise ConfigError(f"{path}: not valid YAML{_yaml_problem(exc)}") from None
         if not isinstance(content, dict):
             got = "nothing (the file is empty, or comments only)" if content is None else type(content).__name__
             raise ConfigError(f"{path}: expected a mapping with data, features, tables, model, training; got {got}")
@@ -1316,6 +1316,17 @@ def require_threads(threads: Any, where: str) -> None:
     """A `ConfigError` unless `threads` is a whole number of threads, 1 or more."""
     if not is_whole_number(threads) or threads < 1:
         raise ConfigError(f"{where}: threads must be an integer >= 1, got {threads!r}")
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """Where and what a YAML error is, on one line: " at line 3, column 6: expected ... (while
+    parsing a flow sequence at line 2)"."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is None or problem is None:
+        return f" ({exc})"
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    started = f" ({context} at line {context_mark.line + 1})" if context and context_mark else ""
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}{started}"
 
 
 def yaml_loader() -> type:
