@@ -6,11 +6,14 @@ Every error says what was expected, what came, and what to do::
     ├── ConfigError            an invalid config value (names the field, value, range)
     ├── BatchError             a malformed SparseBatch or gradient (names the array, shape)
     ├── DataError              an unreadable data file or a bad row (names file and line)
+    │   └── DataPathError      a data path that names no file to read
     ├── CheckpointError        a checkpoint that cannot be written or read
     │   └── CorruptCheckpointError   a truncated, altered or incomplete file (names it)
+    ├── RunStoppedError        a run that lost a worker or shard it cannot do without
     └── serving errors, defined in `tidal.serving` (the layer that raises them):
-        RequestError (a malformed request: 400 or 413), SessionError (an unknown,
-        ended or expired sequence: 400), Overloaded (too many rows waiting: 503)
+        RequestError (a request the server refuses, answered with its `status`: 400, 408,
+        413, 415 or 501), SessionError (an unknown, ended or expired sequence: 400),
+        Overloaded (too many rows waiting: 503), ShuttingDown (the server is stopping: 503)
 
 `ConfigError`, `BatchError` and `DataError` are also `ValueError`s, so code that already catches
 `ValueError` keeps working.

@@ -230,6 +230,8 @@ def test_binary_outputs_follow_the_header(specs):
     np.testing.assert_array_equal(np.frombuffer(body[size:], "<f4"), [1.0, 2.0])
     with pytest.raises(RequestError, match=r"unknown outputs \['nope'\]"):
         _decode(specs, {**_request(specs, 1), "outputs": [{"name": "nope"}]})
+    with pytest.raises(RequestError, match=r'outputs must be a list of objects with a name, got \["score"\]$'):
+        _decode(specs, {**_request(specs, 1), "outputs": ["score"]})
     with pytest.raises(RequestError, match=r"output 'score': parameter binary_data must be true or false, got 'yes'"):
         _decode(specs, {**_request(specs, 1), "outputs": [{"name": "score", "parameters": {"binary_data": "yes"}}]})
     for key in ("class_count", "classification"):  # tritonclient sends the latter

@@ -104,11 +104,12 @@ class SparseBatch:
         """The features `keys` of this batch (in that order), without dense or labels."""
         if isinstance(keys, str):
             raise BatchError(f"SparseBatch.select: keys must be a list of feature names, got the string {keys!r}")
-        offsets, b = self.offsets, self.batch_size
-        spans = [(int(offsets[f * b]), int(offsets[(f + 1) * b]), f) for f in map(self._index, keys)]
-        pick = np.concatenate([np.arange(lo, hi) for lo, hi, _ in spans]) if spans else np.zeros(0, np.int64)
+        b = self.batch_size
+        spans = [self.feature_range(key) for key in keys]
+        pick = np.concatenate([np.arange(lo, hi) for lo, hi in spans]) if spans else np.zeros(0, np.int64)
+        lengths = [self.lengths[f * b : (f + 1) * b] for f in map(self._index, keys)]
         return SparseBatch(keys=tuple(keys), batch_size=b, values=self.values[pick],
-                           lengths=np.concatenate([self.lengths[f * b : (f + 1) * b] for _, _, f in spans] or [np.zeros(0, np.int32)]),
+                           lengths=np.concatenate(lengths or [np.zeros(0, np.int32)]),
                            weights=None if self.weights is None else self.weights[pick])
 
     def _index(self, key: str) -> int:

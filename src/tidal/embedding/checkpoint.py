@@ -55,7 +55,8 @@ from tidal.embedding.pooling import nonfinite_note
 from tidal.embedding.table import EmbeddingTable
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 
-__all__ = ["as_umask_allows", "fsync_path", "load", "save", "save_delta", "write_json_atomic"]
+__all__ = ["as_umask_allows", "fsync_path", "load", "read_json_object", "save", "save_delta", "write_json_atomic",
+           "write_text_atomic"]
 
 _UMASK = os.umask(0o022)  # read once, as a module loads: os.umask can only be read by setting it
 os.umask(_UMASK)
@@ -264,10 +265,15 @@ def _refuse_nonfinite(table: str, arrays: dict[str, np.ndarray]) -> None:
 
 
 def write_json_atomic(path: Path, content: dict[str, Any]) -> None:
-    """Write JSON to `path` so that a crash leaves the old file or the new one: write, fsync, rename."""
+    """Write JSON to `path` so that a crash leaves the old file or the new one."""
+    write_text_atomic(path, json.dumps(content, indent=1))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so that a crash leaves the old file or the new one: write, fsync, rename."""
     partial = path.with_name(path.name + ".partial")
     with open(partial, "w") as f:
-        json.dump(content, f, indent=1)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(partial, path)
@@ -371,7 +377,7 @@ def _chain(root: Path) -> list[str]:
     path = root / CHAIN
     if not path.exists():
         raise CheckpointError(f"{root}: no checkpoint here ({CHAIN} is missing)")
-    content = _read_json(path)
+    content = read_json_object(path)
     if content.get("format") != FORMAT or content.get("version") not in (UNSEALED, VERSION):
         raise CorruptCheckpointError(f"{path}: expected format {FORMAT!r} version {UNSEALED} or {VERSION}, "
                                      f"got {content.get('format')!r} version {content.get('version')!r}")
@@ -413,7 +419,7 @@ def _check_in_chain(root: Path, name: str, manifest: dict[str, Any], full_id: st
 
 
 def _read_manifest(directory: Path) -> dict[str, Any]:
-    manifest = _read_json(directory / MANIFEST)
+    manifest = read_json_object(directory / MANIFEST)
     if manifest.get("format") != FORMAT or manifest.get("version") not in (UNSEALED, VERSION):
         raise CorruptCheckpointError(
             f"{directory / MANIFEST}: expected format {FORMAT!r} version {UNSEALED} or {VERSION}, "
@@ -434,7 +440,8 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in file `path`; a `CorruptCheckpointError` naming the file and its problem."""
     try:
         with open(path) as f:
             content = json.load(f)

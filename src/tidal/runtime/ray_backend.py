@@ -136,8 +136,8 @@ class _SparseActor(SparseWorker):
                          dense_workers=dense_workers, transfer_dtype=transfer_dtype, nice=nice)
 
 
-class _GlooAllReduce:
-    """Sums gradients across the dense actors in a torch.distributed group."""
+class _DistributedAllReduce:
+    """Sums gradients across the dense actors in a torch.distributed group (NCCL with a GPU, else gloo)."""
 
     def __init__(self, address: str, port: int, world: int, rank: int) -> None:
         import torch.distributed as dist
@@ -169,7 +169,7 @@ class _DenseActor(DenseWorker):
         return ray.get_runtime_context().get_node_id()
 
     def join_group(self, address: str, port: int, world: int) -> None:
-        self.all_reduce = _GlooAllReduce(address, port, world, self.rank)
+        self.all_reduce = _DistributedAllReduce(address, port, world, self.rank)
 
 
 _CONNECT_S = 5.0

@@ -32,6 +32,7 @@ from tidal.data.extract import Extractor
 from tidal.data.generate import auc
 from tidal.data.readers import BadRows, check_layout, expand_paths, format_of, holds_rows
 from tidal.embedding import EmbeddingCollection, TableStats
+from tidal.embedding.checkpoint import fsync_path, write_text_atomic
 from tidal.errors import BatchError, CheckpointError, ConfigError, DataError, TidalError
 from tidal.models import PRECISIONS, RankingModel, compute_precision, resolve_precision, step_losses, weighted_bce
 from tidal.processes import SIGTERM_CAME
@@ -88,8 +89,8 @@ def predictions_file(path: str | os.PathLike) -> Path:
 def write_predictions(path: Path, targets: list[str], logits: np.ndarray, labels: np.ndarray) -> None:
     """Each evaluated row's probability (float32, as the server answers it) and label
     per target, as columns `TARGET` and `TARGET_label`: the valid rows in the files'
-    order, bad rows left out. Written to a temporary name first, then renamed: an
-    interrupted write leaves no partial file."""
+    order, bad rows left out. Written to a temporary name first, flushed to disk, then
+    renamed: an interrupted write or a crash leaves no partial file."""
     probabilities = torch.sigmoid(torch.from_numpy(logits.astype(np.float32))).numpy()
     columns: dict[str, np.ndarray] = {}
     for k, target in enumerate(targets):
@@ -97,6 +98,7 @@ def write_predictions(path: Path, targets: list[str], logits: np.ndarray, labels
     partial = path.with_name(f".tidal-predictions-{os.getpid()}.partial")  # of any name the system takes
     try:
         pq.write_table(pa.table(columns), partial)
+        fsync_path(partial)
         os.replace(partial, path)
     except OSError as exc:  # a full disk, say
         raise ConfigError(f"predictions file {path}: cannot write it ({exc.strerror or exc}); the evaluation "
@@ -242,12 +244,7 @@ def _keep_records_up_to(metrics: Path, step: int) -> None:
     kept = [line for line in lines if (logged := _logged_step(line)) is not None and logged <= step]
     if kept == lines:
         return
-    partial = metrics.with_name(metrics.name + ".partial")
-    with open(partial, "w") as f:
-        f.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, metrics)
+    write_text_atomic(metrics, "".join(line if line.endswith("\n") else line + "\n" for line in kept))
 
 
 def _check_holds_rows(files: list[str], file_format: str | None, csv_header: bool) -> None:

@@ -44,7 +44,6 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -56,7 +55,7 @@ from tidal.compile import compiled_for, differing, export_program, to_aoti, to_o
 from tidal.config import RunConfig
 from tidal.data.extract import Extractor
 from tidal.embedding.checkpoint import (SEAL, as_umask_allows, check_seal, fingerprint, fsync_path, listed_file,
-                                        read_safetensors, sealed, write_json_atomic)
+                                        read_json_object, read_safetensors, sealed, write_json_atomic)
 from tidal.embedding.pooling import nonfinite_note
 from tidal.errors import CheckpointError, ConfigError, CorruptCheckpointError
 from tidal.models import RankingModel
@@ -306,7 +305,7 @@ def _newest_manifest(served: Bundle) -> dict:
     """The manifest of what `served` serves last: its newest delta's, or its own."""
     if not served.position.sequence:
         return served.manifest
-    return _read_json(served.path / DELTAS / delta_name(served.position.sequence) / MANIFEST)
+    return read_json_object(served.path / DELTAS / delta_name(served.position.sequence) / MANIFEST)
 
 
 def _publish(staging: Path, final: Path, bundle: Path, position: Position) -> Path:
@@ -512,9 +511,9 @@ def _read_manifest(path: Path) -> dict:
                               f"tidal export --checkpoint {path} --out BUNDLE")
     if not file.exists():
         raise CheckpointError(f"{path}: not a serving bundle ({MANIFEST} is missing); write one with tidal export")
-    manifest = _read_json(_inside(file, path))
+    manifest = read_json_object(_inside(file, path))
     keys = {"format", "version", "targets", "config", "files"}
-    if not isinstance(manifest, dict) or not keys <= set(manifest) or manifest["format"] != FORMAT \
+    if not keys <= set(manifest) or manifest["format"] != FORMAT \
             or not isinstance(manifest["config"], dict) or not isinstance(manifest["files"], dict):
         raise CorruptCheckpointError(f"{file}: expected a {FORMAT} manifest with {sorted(keys)} (config and files "
                                      f"objects)")
@@ -527,15 +526,6 @@ def _read_manifest(path: Path) -> dict:
     if not needed <= set(manifest["files"]):
         raise CorruptCheckpointError(f"{file}: lists no {sorted(needed - set(manifest['files']))}")
     return manifest
-
-
-def _read_json(file: Path) -> Any:
-    try:
-        return json.loads(file.read_text())
-    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, a number of 4,300+ digits, deep nesting
-        raise CorruptCheckpointError(f"{file}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
-    except OSError as exc:  # a folder, unreadable
-        raise CorruptCheckpointError(f"{file}: cannot be read ({exc.strerror})") from None
 
 
 def _inside(path: Path, root: Path) -> Path:
@@ -618,8 +608,8 @@ def _moved_from(path: Path, manifest: dict, position: Position) -> str | None:
         return "was replaced by another full export"
     if position.sequence:
         file = path / DELTAS / delta_name(position.sequence) / MANIFEST
-        found = _read_json(file) if file.exists() else None
-        if not isinstance(found, dict) or found.get(SEAL) != position.seal:
+        found = read_json_object(file) if file.exists() else None
+        if found is None or found.get(SEAL) != position.seal:
             return f"had its deltas rewritten (delta {delta_name(position.sequence)} is gone or another one)"
     return None
 
@@ -628,9 +618,9 @@ def _read_delta(folder: Path, position: Position, config: RunConfig, table_dtype
     file = folder / MANIFEST
     if not file.exists():
         raise CorruptCheckpointError(f"{file}: missing; the bundle is incomplete (export it again)")
-    manifest = _read_json(_inside(file, folder.parent.parent))  # deltas/NAME/manifest.json, all in the bundle
+    manifest = read_json_object(_inside(file, folder.parent.parent))  # deltas/NAME/manifest.json, all in the bundle
     keys = {"format", "version", "sequence", "base", "previous", "table_dtype", "files"}
-    if not isinstance(manifest, dict) or not keys <= set(manifest) or manifest["format"] != DELTA_FORMAT \
+    if not keys <= set(manifest) or manifest["format"] != DELTA_FORMAT \
             or not isinstance(manifest["files"], dict):
         raise CorruptCheckpointError(f"{file}: expected a {DELTA_FORMAT} manifest with {sorted(keys)} (files an "
                                      f"object)")

@@ -618,7 +618,7 @@ def _outputs(request: dict, outputs: Sequence[str], binary_all: bool) -> tuple[l
     if wanted is None or wanted == []:  # none named: all of them, as Triton answers
         return None, set(outputs) if binary_all else set()
     if not isinstance(wanted, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in wanted):
-        raise RequestError("outputs must be a list of objects with a name")
+        raise RequestError(f"outputs must be a list of objects with a name, got {json.dumps(wanted)[:200]}")
     names = [o["name"] for o in wanted]
     unknown = sorted(set(names) - set(outputs))
     if unknown:
