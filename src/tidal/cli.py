@@ -287,24 +287,23 @@ def _cpu_times() -> list[int]:
 
 def _command(args: argparse.Namespace) -> int:
     """Run the command `args` names; its exit code."""
-    if args.command == "demo":
-        from tidal import demo
+    commands = {"demo": _demo, "train": _train, "eval": _eval, "gen-data": _gen_data, "export": _export,
+                "serve": _serve, "bench": _bench}
+    return commands[args.command](args)
 
-        if args.rows < 1_000:
-            print(f"tidal demo: --rows must be at least 1,000, got {args.rows}", file=sys.stderr)
-            return 2
-        demo.run(rows=args.rows)
-        return 0
-    if args.command == "train":
-        return _train(args)
-    elif args.command == "eval":
-        return _eval(args)
-    elif args.command == "gen-data":
-        return _gen_data(args)
-    elif args.command == "export":
-        return _export(args)
-    elif args.command == "serve":
-        return _serve(args)
+
+def _demo(args: argparse.Namespace) -> int:
+    from tidal import demo
+
+    if args.rows < 1_000:
+        print(f"tidal demo: --rows must be at least 1,000, got {args.rows}", file=sys.stderr)
+        return 2
+    demo.run(rows=args.rows)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    """Run `tidal bench NAME` once its options are checked."""
     if problem := _bench_problem(args):
         print(f"tidal bench {args.benchmark}: {problem}", file=sys.stderr)
         return 2
@@ -412,10 +411,8 @@ def _train(args: argparse.Namespace) -> int:
     import yaml
 
     from tidal.config import RunConfig
-    from tidal.data.readers import BadRows
     from tidal.errors import RunStoppedError, TidalError
     from tidal.runtime import Trainer
-    from tidal.runtime.trainer import Evaluation, shown_evaluation, shown_table
 
     config = None
     try:
@@ -439,6 +436,15 @@ def _train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"tidal train: interrupted; {_go_on(args, config)}", file=sys.stderr)
         return 130
+    _print_train_summary(args, config, summary)
+    return 0
+
+
+def _print_train_summary(args: argparse.Namespace, config: RunConfig, summary: dict) -> None:
+    """What `tidal train` did: steps, rows and speed, bad rows, the last evaluation, the tables, the runtime."""
+    from tidal.data.readers import BadRows
+    from tidal.runtime.trainer import Evaluation, shown_evaluation, shown_table
+
     steps, first = summary["steps"], summary["resumed_from"]
     after = (f"started from {args.init_from} at its step {first:,d}" if args.init_from
              else f"resumed after step {first:,d}")
@@ -464,7 +470,6 @@ def _train(args: argparse.Namespace) -> int:
     elif summary["runtime"]:
         _print_runtime(summary["runtime"], config.training.run_dir)
     print(f"  metrics: {config.training.run_dir}/metrics.jsonl")
-    return 0
 
 
 def _print_passes(report: dict) -> None:
