@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import yaml
 
@@ -30,6 +31,16 @@ def test_defaults_are_valid_and_frozen():
         ({"eviction": {"ttl_steps": 0}}, "eviction.ttl_steps: Input should be greater than 0, got 0"),
         ({"admission": {"kind": "probability", "probability": 2}}, "probability: Input should be less than or equal to 1, got 2"),
         ({"max_rows": -5}, "max_rows: Input should be greater than 0, got -5"),
+        ({"max_rows": 2**66}, "max_rows: Input should be less than"),  # was a raw OverflowError as the table was built
+        ({"memory_bytes": 2**80}, "memory_bytes: Input should be less than"),
+        ({"num_shards": True}, "num_shards: expected a number, got the boolean True"),
+        ({"optimizer": {"kind": "adagrad", "eps": 1e-46}},  # 0 in float32: a ZeroDivisionError mid-update
+         "optimizer.eps: Input should be greater than or equal to 1.1754943508222875e-38, got 1e-46"),
+        ({"optimizer": {"kind": "sgd", "lr": 1e39}},  # inf in float32: rows of NaN
+         "optimizer.lr: Input should be less than or equal to 3.4028234663852886e+38, got 1e+39"),
+        ({"optimizer": {"kind": "adagrad", "initial_accumulator_value": 1e300}},
+         "optimizer.initial_accumulator_value: Input should be less than or equal to 3.40"),
+        ({"optimizer": {"kind": "ftrl", "l2": 1e300}}, "optimizer.l2: Input should be less than or equal to 3.40"),
         ({"initializer": {"kind": "xavier"}}, "initializer.kind: Input should be 'uniform', 'normal' or 'zeros', got 'xavier'"),
         ({"colour": "red"}, "TableConfig 'user': unknown key 'colour'; allowed: admission, dim, eviction,"),
     ],
@@ -310,6 +321,8 @@ def test_unknown_kind_message_suggests_the_closest_kind(where, kind, message):
 def test_a_boolean_where_a_number_goes_is_refused_not_read_as_one(tmp_path):
     with pytest.raises(ConfigError, match="TableConfig 't': dim: expected a number, got the boolean True"):
         TableConfig(name="t", dim=True)
+    with pytest.raises(ConfigError, match="TableConfig 't': dim: expected a number, got the boolean True"):
+        TableConfig(name="t", dim=np.bool_(True))
     with pytest.raises(ConfigError, match="eviction.ttl_steps: expected a number, got the boolean False"):
         TableConfig(name="t", dim=8, eviction={"ttl_steps": False})
     config = tmp_path / "run.yaml"

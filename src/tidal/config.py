@@ -82,6 +82,7 @@ _SECTIONS = ("runtime", "passmode", "eviction", "admission", "lr_schedule")
 # sections with default settings (`data` has none), which a null cannot stand for
 _SETTINGS = ("data", "model", "training", "serving", "fusion", "optimizer", "initializer")
 _FLOAT32_MAX = 3.4028234663852886e38  # scores are float32
+_FLOAT32_TINY = 1.1754943508222875e-38  # float32's smallest normal number: a smaller eps rounds towards 0
 MAX_SPARSE_WORKERS = 256
 BAG_LENGTHS = ".lengths"  # a served bag column's lengths come as the input named COLUMN.lengths
 # names a table's checkpoint folder cannot take (tidal.embedding.checkpoint): the
@@ -91,7 +92,7 @@ _RESERVED_TABLE_NAMES = (".", "..", "manifest.json", "manifest.json.partial")
 
 def _refuse_boolean(value: Any) -> Any:
     """A number field's check: pydantic would read `true` and `false` as 1 and 0."""
-    if isinstance(value, bool):
+    if isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", None) == "b":  # numpy's too
         raise ValueError(f"expected a number, got the boolean {value}")
     return value
 
@@ -178,7 +179,7 @@ class Sgd(_Model):
     """Plain SGD: ``w -= lr * g``."""
 
     kind: Literal["sgd"] = "sgd"  # chooses it: a table's `optimizer: {kind: sgd, ...}`, or `optimizer: sgd`
-    lr: _Float = Field(0.01, gt=0.0, allow_inf_nan=False)  # the learning rate
+    lr: _Float = Field(0.01, gt=0.0, le=_FLOAT32_MAX, allow_inf_nan=False)  # the learning rate
 
     def state_width(self, dim: int) -> int:
         """The float32s of optimizer state a row of `dim` values keeps."""
@@ -189,9 +190,11 @@ class Adagrad(_Model):
     """Adagrad as `torch.optim.Adagrad` (lr_decay 0): one accumulator per element."""
 
     kind: Literal["adagrad"] = "adagrad"  # chooses it: `optimizer: {kind: adagrad, ...}`, or `optimizer: adagrad`
-    lr: _Float = Field(0.01, gt=0.0, allow_inf_nan=False)  # the learning rate
-    eps: _Float = Field(1e-10, gt=0.0, allow_inf_nan=False)  # added to the accumulator's root, in the denominator
-    initial_accumulator_value: _Float = Field(0.0, ge=0.0, allow_inf_nan=False)  # new rows' accumulators start at it
+    lr: _Float = Field(0.01, gt=0.0, le=_FLOAT32_MAX, allow_inf_nan=False)  # the learning rate
+    eps: _Float = Field(1e-10, ge=_FLOAT32_TINY, le=_FLOAT32_MAX, allow_inf_nan=False)  # added to the accumulator's
+    # root, in the denominator
+    initial_accumulator_value: _Float = Field(0.0, ge=0.0, le=_FLOAT32_MAX, allow_inf_nan=False)  # new rows'
+    # accumulators start at it
 
     def state_width(self, dim: int) -> int:
         return dim
@@ -201,8 +204,9 @@ class RowWiseAdagrad(_Model):
     """Row-wise Adagrad (fbgemm style): one accumulator per row, the mean of g²."""
 
     kind: Literal["rowwise_adagrad"] = "rowwise_adagrad"  # chooses it: `optimizer: {kind: rowwise_adagrad, ...}`
-    lr: _Float = Field(0.01, gt=0.0, allow_inf_nan=False)  # the learning rate
-    eps: _Float = Field(1e-10, gt=0.0, allow_inf_nan=False)  # added to the accumulator's root, in the denominator
+    lr: _Float = Field(0.01, gt=0.0, le=_FLOAT32_MAX, allow_inf_nan=False)  # the learning rate
+    eps: _Float = Field(1e-10, ge=_FLOAT32_TINY, le=_FLOAT32_MAX, allow_inf_nan=False)  # added to the accumulator's
+    # root, in the denominator
 
     def state_width(self, dim: int) -> int:
         return 1
@@ -220,10 +224,10 @@ class Adam(_Model):
     """
 
     kind: Literal["adam"] = "adam"  # chooses it: `optimizer: {kind: adam, ...}`, or `optimizer: adam`
-    lr: _Float = Field(1e-3, gt=0.0, allow_inf_nan=False)  # the learning rate
+    lr: _Float = Field(1e-3, gt=0.0, le=_FLOAT32_MAX, allow_inf_nan=False)  # the learning rate
     beta1: _Float = Field(0.9, ge=0.0, lt=1.0)  # decay rate of the gradient's running mean (m)
     beta2: _Float = Field(0.999, ge=0.0, lt=1.0)  # decay rate of the squared gradient's running mean (v)
-    eps: _Float = Field(1e-8, gt=0.0, allow_inf_nan=False)  # added to the denominator
+    eps: _Float = Field(1e-8, ge=_FLOAT32_TINY, le=_FLOAT32_MAX, allow_inf_nan=False)  # added to the denominator
     per_row_bias_correction: bool = False  # correct by each row's own step count (see above)
 
     def state_width(self, dim: int) -> int:
@@ -235,7 +239,7 @@ class AdamW(Adam):
     each update first scales the row by 1 - lr * `weight_decay`."""
 
     kind: Literal["adamw"] = "adamw"  # type: ignore[assignment]
-    weight_decay: _Float = Field(0.01, ge=0.0, allow_inf_nan=False)
+    weight_decay: _Float = Field(0.01, ge=0.0, le=_FLOAT32_MAX, allow_inf_nan=False)
 
 
 class Ftrl(_Model):
@@ -248,10 +252,10 @@ class Ftrl(_Model):
     """
 
     kind: Literal["ftrl"] = "ftrl"  # chooses it: `optimizer: {kind: ftrl, ...}`, or `optimizer: ftrl`
-    alpha: _Float = Field(0.05, gt=0.0, allow_inf_nan=False)
-    beta: _Float = Field(1.0, gt=0.0, allow_inf_nan=False)
-    l1: _Float = Field(0.0, ge=0.0, allow_inf_nan=False)
-    l2: _Float = Field(0.0, ge=0.0, allow_inf_nan=False)
+    alpha: _Float = Field(0.05, gt=0.0, le=_FLOAT32_MAX, allow_inf_nan=False)
+    beta: _Float = Field(1.0, gt=0.0, le=_FLOAT32_MAX, allow_inf_nan=False)
+    l1: _Float = Field(0.0, ge=0.0, le=_FLOAT32_MAX, allow_inf_nan=False)
+    l2: _Float = Field(0.0, ge=0.0, le=_FLOAT32_MAX, allow_inf_nan=False)
 
     def state_width(self, dim: int) -> int:
         return 2 * dim
@@ -345,13 +349,13 @@ class TableConfig(_Model):
     # The row cap: `max_rows`, or the rows `memory_bytes` pays for at 4 * (dim + state)
     # + 24 bytes a row. A row count: memory is allocated in chunks of 16,384 rows a shard
     # and the count-admission sketch comes on top.
-    max_rows: _Int | None = Field(None, gt=0)
-    memory_bytes: _Int | None = Field(None, gt=0)
+    max_rows: _Int | None = Field(None, gt=0, lt=1 << 63)
+    memory_bytes: _Int | None = Field(None, gt=0, lt=1 << 63)
     # Rows whose memory is allocated and written when the table is built, so that
     # creating them while training faults in no fresh page; the table grows past them.
     # A table loaded from a checkpoint reserves none (a resume may change it).
     reserve_rows: _Int = Field(0, ge=0)
-    num_shards: Literal[1, 2, 4, 8, 16, 32, 64] = 8
+    num_shards: Annotated[Literal[1, 2, 4, 8, 16, 32, 64], pydantic.BeforeValidator(_refuse_boolean)] = 8
     seed: _Int = Field(0, ge=0, lt=1 << 63)  # of the rows' initial values (not training.seed, the dense weights')
 
     @pydantic.field_validator("optimizer", mode="before")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -815,6 +816,16 @@ def test_push_rows_refuses_numbers_that_are_not_finite(bad, where):
     getattr(block, where)[1, -1] = bad
     with pytest.raises(BatchError, match=r"pushed values and state must be finite, got NaN or infinite numbers in 1 "
                                          r"row \(the first of key 2\); no row was written"):
+        table.push_rows(block)
+    assert table.stats().rows == 0
+
+
+@pytest.mark.parametrize("values", [np.array([["a", "b"]]), np.array([[1 + 2j, 1.0]])], ids=["strings", "complex"])
+def test_push_rows_refuses_numbers_that_are_not_real(values):
+    table = make_table(dim=2)
+    block = RowBlock(keys=arr(1), values=values, state=np.zeros((1, 0)), last_seen=arr(0), counts=arr(0))
+    with pytest.raises(BatchError, match=rf"pushed values must be real numbers \(floats or integers\), got dtype "
+                                         rf"{re.escape(str(values.dtype))}; no row was written"):
         table.push_rows(block)
     assert table.stats().rows == 0
 

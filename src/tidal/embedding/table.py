@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -631,7 +632,7 @@ class EmbeddingTable:
         ascending = bool(np.all(keys[1:] > keys[:-1]))  # distinct at a glance, as a bundle's rows come
         if not ascending and np.unique(keys).shape[0] != keys.shape[0]:
             raise BatchError(f"table {self.name!r}: pushed keys must be distinct; de-duplicate the block first")
-        values, state = np.asarray(block.values, np.float32), np.asarray(block.state, np.float32)
+        values, state = self._real_rows(block.values, "values"), self._real_rows(block.state, "state")
         expected = ((len(keys), self.dim), (len(keys), self.optimizer.state_width))
         if (values.shape, state.shape) != expected:
             raise BatchError(
@@ -656,6 +657,15 @@ class EmbeddingTable:
             run_split(pooling.scatter_rows, len(keys), self.threads, self.arena.directory, self.width, lookup.handles, rows)
             self._set_metadata(lookup, last_seen, counts)
         return lookup.handles >= 0
+
+    def _real_rows(self, rows: Any, what: str) -> np.ndarray:
+        """Pushed `rows` (values or state) as float32; a `BatchError` for numbers that are not real."""
+        found = np.asarray(rows)
+        if found.dtype.kind not in "iuf":
+            raise BatchError(f"table {self.name!r}: pushed {what} must be real numbers (floats or integers), got "
+                             f"dtype {found.dtype}; no row was written")
+        with np.errstate(over="ignore"):  # a value past float32's range becomes an infinity, refused as one
+            return found.astype(np.float32, copy=False)
 
     def _check_finite_rows(self, rows: np.ndarray, keys: np.ndarray) -> None:
         """A `BatchError` naming the first pushed row holding a NaN or an infinity (it
