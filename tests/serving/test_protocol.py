@@ -95,6 +95,11 @@ def test_fp32_numbers_are_read_by_their_shortest_decimal_as_a_float32_file_value
     values = np.array([0.7, 0.1, 123456.79], "<f4")
     body = _request(specs, 3, I5={"name": "I5", "datatype": "FP32", "shape": [3], "parameters": {"binary_data_size": 12}})
     assert _decode(specs, body, values.tobytes()).columns["I5"].to_pylist() == [0.7, 0.1, 123456.79]  # not 0.69999998...
+    both = _request(specs, 3, I5={"name": "I5", "datatype": "FP32", "shape": [3], "data": [1.0, 2.0, 3.0],
+                                  "parameters": {"binary_data_size": 12}})
+    with pytest.raises(RequestError, match=r"input 'I5' has both data and parameters\.binary_data_size; send its values "
+                                           r"one way"):  # was answered from the binary values, the JSON ones dropped
+        _decode(specs, both, values.tobytes())
     with pytest.raises(RequestError, match="'C9': INT64 data must be integers"):
         _decode(specs, _request(specs, 2, C9={"name": "C9", "datatype": "INT64", "shape": [2], "data": [1, None]}))
 

@@ -214,6 +214,9 @@ def _tensors(request: dict, binary: memoryview) -> dict[str, np.ndarray | pa.Arr
             raise RequestError(f"input {name!r} comes twice")
         size = _parameters_of(tensor, f"input {name!r}").get("binary_data_size")
         if size is not None:
+            if "data" in tensor:
+                raise RequestError(f"input {name!r} has both data and parameters.binary_data_size; send its values "
+                                   f"one way")
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise RequestError(f"input {name!r}: binary_data_size must be a byte count (an integer >= 0), got {size!r}")
             if position + size > len(binary):
