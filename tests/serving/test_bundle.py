@@ -366,8 +366,11 @@ def test_a_manifest_of_another_version_or_with_other_inputs_is_refused(bundle_di
 
 
 def test_export_without_a_checkpoint_says_so(tmp_path):
-    with pytest.raises(CheckpointError, match="no checkpoint to export"):
+    with pytest.raises(CheckpointError, match="no checkpoint to export .*; train first$"):
         export(tmp_path, tmp_path / "bundle")
+    with pytest.raises(CheckpointError, match=r"gone: no such file or folder \(expected a run directory with "
+                                              r"checkpoints/LATEST, or a checkpoint directory with trainer\.json\)$"):
+        export(tmp_path / "gone", tmp_path / "bundle")  # not told to train first
 
 
 def test_export_applies_the_caps_that_the_checkpoint_at_a_runs_end_may_exceed(tmp_path):

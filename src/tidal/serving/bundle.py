@@ -343,8 +343,9 @@ def _reading(source: Path) -> AbstractContextManager[Path]:
     """The checkpoint to export, held while it is read (`checkpoint.reading`)."""
     if not (source / "trainer.json").exists() and not (source / "checkpoints").is_dir():  # else reading says what is amiss
         checkpoint.refuse_bundle(source)
-        raise CheckpointError(f"{source}: no checkpoint to export (expected a run directory with checkpoints/"
-                              f"{checkpoint.LATEST}, or a checkpoint directory with trainer.json); train first")
+        what = "no such file or folder" if not source.exists() else "no checkpoint to export"
+        raise CheckpointError(f"{source}: {what} (expected a run directory with checkpoints/{checkpoint.LATEST}, or a "
+                              f"checkpoint directory with trainer.json){'; train first' if source.exists() else ''}")
     return checkpoint.reading(source)
 
 
