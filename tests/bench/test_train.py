@@ -39,8 +39,8 @@ def test_sides_take_turns_in_an_order_reversed_each_round(monkeypatch):
         return None, 2.0
 
     monkeypatch.setattr(bench, "_train_tidal", fake_tidal)
-    monkeypatch.setattr(bench, "_train_torch", fake_torch)
-    monkeypatch.setattr(bench, "_auc", lambda score, batches: 0.5)
+    monkeypatch.setattr(bench, "train_torch", fake_torch)
+    monkeypatch.setattr(bench, "auc_of", lambda score, batches: 0.5)
     batch = SimpleNamespace(batch_size=10)
     result = bench._run_config("", bench.CONFIGS[""], [batch] * 3, [], [], Path("scratch"), distinct_ids=100)
     assert order == [("torch", 0), ("sync", 0), ("async", 0), ("async", 1), ("sync", 1), ("torch", 1)]
@@ -77,10 +77,10 @@ def test_figures_follow_from_the_rounds(monkeypatch, tmp_path):
         return SimpleNamespace(model=Model(auc), collection=SimpleNamespace(forward=lambda batch, train: (None, None)),
                                runtime_report={"busy": {"sparse": {"lookup": 0.5}}}), spent
 
-    monkeypatch.setattr(train, "_equal_bytes_rows", lambda shape, distinct_ids: 10)
-    monkeypatch.setattr(train, "_train_torch", fake_torch)
+    monkeypatch.setattr(train, "equal_bytes_rows", lambda shape, distinct_ids: 10)
+    monkeypatch.setattr(train, "train_torch", fake_torch)
     monkeypatch.setattr(train, "_train_tidal", fake_tidal)
-    monkeypatch.setattr(train, "_auc", lambda score, batches: score(batches[0]))
+    monkeypatch.setattr(train, "auc_of", lambda score, batches: score(batches[0]))
     batches = [SimpleNamespace(batch_size=100, dense=[[0.0]])] * 3
     result = train._run_config("", train.CONFIGS[""], batches, batches, [], tmp_path, 1000)
     assert (result["torch_samples_per_s"], result["tidal_samples_per_s"], result["async_tidal_samples_per_s"]) == \

@@ -38,7 +38,6 @@ from tidal.bench import train as bench_train
 from tidal.config import RunConfig
 from tidal.data.batch import SparseBatch
 from tidal.data.criteo import criteo_features
-from tidal.data.generate import generate
 from tidal.embedding._parallel import cpu_count
 from tidal.runtime import Trainer
 from tidal.runtime.passes import train as train_in_passes
@@ -54,14 +53,10 @@ def run(*, rows: int = 400_000, batches_per_pass: int = 16, as_json: bool = Fals
     """Every side on `rows` generated training rows (and a fifth as many held out)."""
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
-        print(f"generating {rows:,d} training rows and their batches, then compiling Tidal's kernels ...", flush=True)
-        data = generate(scratch / "train", rows=rows, seed=3)
-        train = bench_train._batches(data.paths)
-        held_out = bench_train._batches(generate(scratch / "eval", rows=max(rows // 5, 1_000), seed=3, split=1).paths)
-        distinct_ids = np.unique(np.concatenate([b.values for b in train])).shape[0]
-        torch_rows = bench_train._equal_bytes_rows(SHAPE, distinct_ids)
+        paths, train, held_out, distinct_ids = bench_train.scratch_data(scratch, rows)
+        torch_rows = bench_train.equal_bytes_rows(SHAPE, distinct_ids)
         for every in (None, batches_per_pass):  # compile the kernels first
-            _train(_trainer(data.paths, scratch / f"warm{every}", every), train[:2])
+            _train(_trainer(paths, scratch / f"warm{every}", every), train[:2])
         seconds: dict[str, list[float]] = {side: [] for side in SIDES}
         aucs: dict[str, list[float]] = {side: [] for side in SIDES}
         report: dict = {}
@@ -69,11 +64,11 @@ def run(*, rows: int = 400_000, batches_per_pass: int = 16, as_json: bool = Fals
             for side in SIDES if round_ % 2 == 0 else SIDES[::-1]:
                 torch.manual_seed(round_)
                 if side == "torch":
-                    peer, spent = bench_train._train_torch(SHAPE, torch_rows, train)
+                    peer, spent = bench_train.train_torch(SHAPE, torch_rows, train)
                     seconds[side].append(spent)
-                    aucs[side].append(bench_train._auc(peer, held_out))
+                    aucs[side].append(bench_train.auc_of(peer, held_out))
                     continue
-                trainer = _trainer(data.paths, scratch / f"{side}{round_}", batches_per_pass if side == "passmode"
+                trainer = _trainer(paths, scratch / f"{side}{round_}", batches_per_pass if side == "passmode"
                                    else None, seed=round_, reserve_rows=distinct_ids)
                 seconds[side].append(_train(trainer, train))
                 aucs[side].append(_auc(trainer, held_out))
@@ -87,7 +82,7 @@ def _trainer(paths: list[str], run_dir: Path, batches_per_pass: int | None, seed
     memory is allocated before the clock starts, as the peer's fixed tables are."""
     config = RunConfig(
         data={"train": paths}, features=[f.model_dump() for f in criteo_features(table="ids")],
-        tables=[bench_train._table(SHAPE, reserve_rows).model_dump()],
+        tables=[bench_train.table_config(SHAPE, reserve_rows).model_dump()],
         model={"kind": "dlrm", "bottom_sizes": SHAPE.bottom, "hidden_sizes": SHAPE.top},
         training={"lr": bench_train.LR_DENSE, "run_dir": str(run_dir), "threads": cpu_count(), "log_every": 1 << 30,
                   "precision": "auto", "seed": seed, "device": "auto"},
@@ -113,7 +108,7 @@ def _train(trainer: Trainer, batches: list[SparseBatch]) -> float:
 
 def _auc(trainer: Trainer, batches: list[SparseBatch]) -> float:
     trainer.model.eval()
-    return bench_train._auc(lambda b: trainer.model(trainer.collection.forward(b, train=False)[0].to(trainer.device),
+    return bench_train.auc_of(lambda b: trainer.model(trainer.collection.forward(b, train=False)[0].to(trainer.device),
                                                     torch.tensor(b.dense).to(trainer.device)).float(), batches)
 
 

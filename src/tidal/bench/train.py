@@ -79,19 +79,19 @@ CONFIGS = {
 }
 
 
-def _batches(paths: list[str]) -> list[SparseBatch]:
+def batches_of(paths: list[str]) -> list[SparseBatch]:
     extractor = Extractor(criteo_features(table="ids"))
     return [extractor(t) for t in read_batches(paths, batch_rows=BATCH) if t.num_rows]
 
 
-def _table(shape: _Shape, reserve_rows: int = 0) -> TableConfig:
+def table_config(shape: _Shape, reserve_rows: int = 0) -> TableConfig:
     return TableConfig(name="ids", dim=shape.dim, optimizer=Sgd(lr=LR_SPARSE), reserve_rows=reserve_rows)
 
 
 def _tidal(shape: _Shape, paths: list[str], run_dir: Path, seed: int, mode: str, reserve_rows: int) -> Trainer:
     config = RunConfig(
         data={"train": paths}, features=[f.model_dump() for f in criteo_features(table="ids")],
-        tables=[_table(shape, reserve_rows).model_dump()],
+        tables=[table_config(shape, reserve_rows).model_dump()],
         model={"kind": "dlrm", "bottom_sizes": shape.bottom, "hidden_sizes": shape.top},
         training={"lr": LR_DENSE, "run_dir": str(run_dir), "threads": THREADS[mode], "log_every": 1 << 30,
                   "precision": "auto", "seed": seed},
@@ -138,7 +138,7 @@ class _TorchDLRM(nn.Module):
         return logits.float()
 
 
-def _train_torch(shape: _Shape, rows_per_table: int, batches: list[SparseBatch]) -> tuple[_TorchDLRM, float]:
+def train_torch(shape: _Shape, rows_per_table: int, batches: list[SparseBatch]) -> tuple[_TorchDLRM, float]:
     """A fresh peer trained on `batches` in the usual PyTorch loop, and the seconds it took."""
     device = dense_device("auto")
     model = _TorchDLRM(shape, rows_per_table).to(device)
@@ -159,20 +159,20 @@ def _train_torch(shape: _Shape, rows_per_table: int, batches: list[SparseBatch])
 
 
 @torch.no_grad()
-def _auc(score, batches: list[SparseBatch]) -> float:  # type: ignore[no-untyped-def]
+def auc_of(score, batches: list[SparseBatch]) -> float:  # type: ignore[no-untyped-def]
     scores = np.concatenate([score(b).cpu().numpy().ravel() for b in batches])
     return auc(np.concatenate([b.labels.ravel() for b in batches]), scores)
 
 
-def _equal_bytes_rows(shape: _Shape, distinct_ids: int) -> int:
+def equal_bytes_rows(shape: _Shape, distinct_ids: int) -> int:
     """Rows per peer table so that 26 of them hold the bytes Tidal's table will hold:
     one row (values + index and metadata) per distinct id of the training data."""
-    return max(1, distinct_ids * EmbeddingTable(_table(shape)).bytes_per_row // (4 * shape.dim) // 26)
+    return max(1, distinct_ids * EmbeddingTable(table_config(shape)).bytes_per_row // (4 * shape.dim) // 26)
 
 
 def _run_config(prefix: str, shape: _Shape, train: list[SparseBatch], held_out: list[SparseBatch],
                 paths: list[str], scratch: Path, distinct_ids: int) -> dict:
-    rows_per_table = _equal_bytes_rows(shape, distinct_ids)
+    rows_per_table = equal_bytes_rows(shape, distinct_ids)
     sides = ["torch", *(f"{_PREFIX[mode]}tidal" for mode in shape.modes)]
     seconds: dict[str, list[float]] = {side: [] for side in sides}
     aucs: dict[str, list[float]] = {side: [] for side in sides}
@@ -182,16 +182,16 @@ def _run_config(prefix: str, shape: _Shape, train: list[SparseBatch], held_out: 
         for side in sides if round_ % 2 == 0 else sides[::-1]:  # reversed each round: no side always follows one
             if side == "torch":
                 torch.manual_seed(round_)
-                peer, spent = _train_torch(shape, rows_per_table, train)
+                peer, spent = train_torch(shape, rows_per_table, train)
                 seconds[side].append(spent)
-                aucs[side].append(_auc(peer, held_out))
+                aucs[side].append(auc_of(peer, held_out))
                 continue
             run_dir = scratch / f"{side}{prefix}{round_}"
             tidal, spent = _train_tidal(shape, paths, run_dir, train, seed=round_, mode=modes[side],
                                         reserve_rows=distinct_ids)
             seconds[side].append(spent)
             tidal.model.eval()
-            aucs[side].append(_auc(lambda b: tidal.model(tidal.collection.forward(b, train=False)[0],
+            aucs[side].append(auc_of(lambda b: tidal.model(tidal.collection.forward(b, train=False)[0],
                                                             torch.tensor(b.dense)), held_out))
             busy[side] = {role: {k: round(v, 3) for k, v in stages.items()}
                           for role, stages in tidal.runtime_report["busy"].items()}  # type: ignore[index]
@@ -212,20 +212,26 @@ def _run_config(prefix: str, shape: _Shape, train: list[SparseBatch], held_out: 
     return {f"{prefix}{k}": v for k, v in result.items()}
 
 
+def scratch_data(scratch: Path, rows: int) -> tuple[list[str], list[SparseBatch], list[SparseBatch], int]:
+    """`rows` generated training rows under `scratch` and a fifth as many held out: the
+    training files, their batches, the held-out batches and the training ids' count."""
+    print(f"generating {rows:,d} training rows and their batches, then compiling Tidal's kernels ...", flush=True)
+    paths = generate(scratch / "train", rows=rows, seed=3).paths
+    held_out = batches_of(generate(scratch / "eval", rows=max(rows // 5, 1_000), seed=3, split=1).paths)
+    train = batches_of(paths)
+    return paths, train, held_out, np.unique(np.concatenate([b.values for b in train])).shape[0]
+
+
 def run(rows: int = 1_000_000, as_json: bool = False) -> dict:
     """Both configs on `rows` generated training rows (and a fifth as many held out)."""
     with tempfile.TemporaryDirectory() as scratch_dir:
         scratch = Path(scratch_dir)
-        print(f"generating {rows:,d} training rows and their batches, then compiling Tidal's kernels ...", flush=True)
-        data = generate(scratch / "train", rows=rows, seed=3)
-        held_out = _batches(generate(scratch / "eval", rows=max(rows // 5, 1_000), seed=3, split=1).paths)
-        train = _batches(data.paths)
-        distinct_ids = np.unique(np.concatenate([b.values for b in train])).shape[0]
+        paths, train, held_out, distinct_ids = scratch_data(scratch, rows)
         torch.manual_seed(0)
-        _train_tidal(next(iter(CONFIGS.values())), data.paths, scratch / "warm", train[:2])  # compile the kernels first
+        _train_tidal(next(iter(CONFIGS.values())), paths, scratch / "warm", train[:2])  # compile the kernels first
         summary: dict = {}
         for prefix, shape in CONFIGS.items():
-            summary |= _run_config(prefix, shape, train, held_out, data.paths, scratch, distinct_ids)
+            summary |= _run_config(prefix, shape, train, held_out, paths, scratch, distinct_ids)
     if as_json:
         print(json.dumps(summary))
     return summary

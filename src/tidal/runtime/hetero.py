@@ -66,9 +66,7 @@ def _done(trainer: Any, log: IO[str], step: int, meta: dict, losses: np.ndarray)
     """Count a finished batch's rows, bad rows and losses, and log every `log_every` steps."""
     if meta["epoch"] == 0:  # later epochs read the same rows again
         trainer.bad_rows.extend(meta["bad_rows"], meta["bad_examples"])
-    trainer.progress.add(meta["rows"], losses)
-    if step % trainer.config.training.log_every == 0:
-        trainer._log(log, meta["epoch"], step)
+    trainer.count_step(log, meta["epoch"], step, meta["rows"], losses)
 
 
 def _barrier(trainer: Any, backend: Any, log: IO[str], step: int, position: dict[str, int]) -> None:

@@ -62,7 +62,7 @@ class _Passes:
         if not taken:
             return None
         for _, _, batch in taken:
-            self.trainer._check_batch(batch)
+            self.trainer.check_batch(batch)
         plan = plan_pass(self.trainer.collection, taken, before, self.step + 1)
         self.step = plan.last_step
         return plan
@@ -149,13 +149,10 @@ class _Report:
 
 def _train_pass(trainer: Any, rows: DeviceRows, plan: PassPlan, log: IO[str]) -> int:
     """Train the batches of `plan` on the device rows; the pass's last step."""
-    log_every = trainer.config.training.log_every
     for step, item in enumerate(plan.batches, start=plan.first_step):
         loss, grad = trainer.dense_step(item.batch, rows.pool(item), step=step)
         rows.update(item, grad, trainer.collection.lr_scale_at(step))
-        trainer.progress.add(item.batch.batch_size, loss)
-        if step % log_every == 0:
-            trainer._log(log, item.epoch, step)
+        trainer.count_step(log, item.epoch, step, item.batch.batch_size, loss)
     return plan.last_step
 
 

@@ -449,7 +449,7 @@ class Trainer:
         features in the config's order, its dense features and its labels, as
         `extract` makes them. `step` is the tables' step of its lookups (default: the one
         after the latest; `fit` gives the run's step, as the heterogeneous engine does)."""
-        self._check_batch(batch)
+        self.check_batch(batch)
         ctx = self.collection.lookup(batch, step=step)
         loss, grad = self.dense_step(batch, self.collection.pool(batch, ctx, dtype=PRECISIONS[self.precision]),
                                      step=self.collection.tables[0].step if step is None else step)
@@ -474,7 +474,7 @@ class Trainer:
         self.optimizer.step()
         return step_losses(loss, per_target), pooled.grad
 
-    def _check_batch(self, batch: SparseBatch) -> None:
+    def check_batch(self, batch: SparseBatch) -> None:
         """A BatchError unless `batch` is laid out as `extract` lays it out."""
         if not isinstance(batch, SparseBatch):
             raise BatchError(f"a training step takes a SparseBatch, got {type(batch).__name__}")
@@ -697,12 +697,10 @@ class Trainer:
         step = position["step"]
         for epoch, n, batch in self.training_batches(position):
             step += 1
-            self.progress.add(batch.batch_size, self.step(batch, step=step))
+            self.count_step(log, epoch, step, batch.batch_size, self.step(batch, step=step))
             due = self.due(step)
             if due.evict:
                 self.collection.evict()  # a safe point: this step's update has landed
-            if step % self.config.training.log_every == 0:
-                self._log(log, epoch, step)
             self.evaluate_and_save(log, step, due, {"step": step, "epoch": epoch, "batch": n + 1})
             if max_steps is not None and step >= max_steps:
                 return step, False
@@ -764,6 +762,13 @@ class Trainer:
         print(f"  eval at step {step}: {shown}{skipped}", flush=True)
         self._last_eval = (step, evaluation)
         return evaluation
+
+    def count_step(self, log, epoch: int, step: int, rows: int,  # type: ignore[no-untyped-def]
+                   losses: np.ndarray) -> None:
+        """Count a finished step's rows and losses; log the progress every `log_every` steps."""
+        self.progress.add(rows, losses)
+        if step % self.config.training.log_every == 0:
+            self._log(log, epoch, step)
 
     def _log(self, log, epoch: int, step: int) -> None:  # type: ignore[no-untyped-def]
         """Log the progress at `step` (rows from the run's start; speed of this call)."""
