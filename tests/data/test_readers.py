@@ -1024,6 +1024,8 @@ def test_a_file_read_as_text_that_is_not_text_is_refused_naming_what_it_is(tmp_p
     path = tmp_path / name
     content = start + b"\x00" * 64 + b"PAR1"  # as a Parquet file ends
     path.write_bytes(gzip.compress(content) if name.endswith(".gz") else content)
+    if name.endswith(".gz") and what == "a Parquet file":  # to be gunzipped, not read as Parquet as it is
+        what = "a gzip-compressed Parquet file"
     with pytest.raises(DataError, match=rf"{name}: expected CSV text, got {re.escape(what)}.* \(it starts with "):
         list(read_batches(path, columns=SMALL, file_format="csv"))
     with pytest.raises(DataError, match=rf"{name}: expected TSV text, got {re.escape(what)}"):
@@ -1038,3 +1040,39 @@ def test_text_whose_first_id_starts_with_the_parquet_magic_is_read_as_text(tmp_p
     gzipped = tmp_path / "part-00001.gz"
     gzipped.write_bytes(gzip.compress(b"PAR1023\t5\t1\n"))
     assert sum(b.num_rows for b in read_batches(gzipped, columns=["a", "b", "c"], file_format="tsv")) == 1
+
+
+def test_a_gzip_file_damaged_near_its_start_is_refused_by_name_not_with_a_zlib_traceback(tmp_path):
+    damaged = bytearray(gzip.compress(b"".join(b"%d\t%d\tid%d\n" % (k % 2, k, k) for k in range(3000))))
+    damaged[20:60] = bytes(b ^ 0x5A for b in damaged[20:60])
+    path = tmp_path / "d.tsv.gz"
+    path.write_bytes(bytes(damaged))
+    for read in (lambda: readers.check_layout([str(path)], SMALL), lambda: list(read_batches(path, columns=SMALL))):
+        with pytest.raises(DataError, match=r"d\.tsv\.gz: cannot read it \(its gzip-compressed data is damaged: "
+                                            r"Error -3 .*\); gzip it again, or leave it out of the files read$"):
+            read()
+
+
+def test_a_stray_carriage_return_in_a_first_line_longer_than_the_look_at_line_ends_is_one_bad_row(tmp_path):
+    long_line = "1\t5\t" + "a" * 1000 + "\r" + "b" * 70_000 + "\n"  # its \n past the first 64 KiB
+    path = _write(tmp_path / "d.tsv", long_line + "".join(f"{k % 2}\t{k}\tid{k}\n" for k in range(1000)))
+    report = BadRows()
+    assert sum(b.num_rows for b in read_batches(path, columns=SMALL, checks=CHECKS, bad_rows=report)) == 1000
+    assert report.count == 1  # was the whole file refused as old Mac text
+
+
+def test_gzip_compressed_parquet_is_told_to_be_gunzipped(tmp_path):
+    pq.write_table(pa.table({"label": [1], "I1": [5], "C1": ["a"]}), tmp_path / "d.parquet")
+    packed = gzip.compress((tmp_path / "d.parquet").read_bytes())
+    for name, file_format in (("d.tsv.gz", None), ("d.parquet.gz", None), ("x.gz", "parquet")):
+        (tmp_path / name).write_bytes(packed)
+        with pytest.raises(DataError, match=rf"{re.escape(name)}: .*gzip-compressed.*; gunzip it and read it as Parquet"):
+            list(read_batches(tmp_path / name, columns=SMALL, file_format=file_format))
+
+
+def test_a_parquet_fixed_size_list_column_is_read_as_bags(tmp_path):
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"label": [1, 0], "I1": [5, 6],
+                             "C1": pa.array([["a", "b"], ["c", "d"]], pa.list_(pa.string(), 2))}), path)
+    read = pa.Table.from_batches(list(read_batches(path, columns=SMALL, checks={"C1": Bags("|")})))
+    assert read.column("C1").to_pylist() == ["a|b", "c|d"]

@@ -25,11 +25,13 @@ number of the physical line it starts on; a line of any length (up to 1 GiB) is 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import difflib
 import glob
 import gzip
 import os
 import re
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -518,7 +520,9 @@ def format_of(path: str) -> str:
     name = Path(path).name.lower()
     suffix = Path(name.removesuffix(".gz")).suffix  # d.tsv.gz is read gunzipped
     formats = {".tsv": "tsv", ".txt": "tsv", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
-    if suffix not in formats or (name.endswith(".gz") and formats[suffix] == "parquet"):
+    if name.endswith(".gz") and formats.get(suffix) == "parquet":
+        raise DataError(f"{path}: a gzip-compressed Parquet file; {_GUNZIP_PARQUET}")
+    if suffix not in formats:
         raise DataError(f"{path}: cannot tell the format from the suffix {Path(path).suffix.lower()!r}; "
                         f"use .tsv, .csv or .parquet (.tsv.gz or .csv.gz if gzip-compressed), or name the format "
                         f"(data.format in a run config, file_format in read_batches)")
@@ -917,6 +921,7 @@ def _parse(text: bytes, kind: str, names: list[str], columns: Sequence[str],
 
 _LINE_ENDS_BYTES = 1 << 16  # of a text file's start, looked at for its line ends
 _DECOMPRESS = "decompress it (gzip, in a file named .gz, is read as it is)"
+_GUNZIP_PARQUET = "gunzip it and read it as Parquet (Parquet files are read as they are: they compress their own columns)"
 _NOT_TEXT = (  # (how a file starts, what it then is, what to do) of files that are not TSV or CSV text
     (re.compile(rb"PAR1"), "a Parquet file", "read it as Parquet (data.format: parquet, or a name ending in .parquet)"),
     (re.compile(rb"BZh[1-9]1AY&SY"), "bzip2-compressed", _DECOMPRESS),
@@ -942,6 +947,9 @@ def _check_plain_text(path: str, kind: str) -> None:
                     start = text.read(_LINE_ENDS_BYTES)
             except (OSError, EOFError):  # not gzip after all, or cut short: reading it says so
                 start = b""
+            except zlib.error as exc:  # damaged compressed data
+                raise DataError(f"{path}: cannot read it (its gzip-compressed data is damaged: {exc}); gzip it "
+                                f"again, or leave it out of the files read") from None
         else:
             start += file.read(_LINE_ENDS_BYTES - 16)
     if compressed and not gzipped:
@@ -952,6 +960,8 @@ def _check_plain_text(path: str, kind: str) -> None:
                         f"{start[:4].hex(' ')}, not 1f 8b); name it {Path(path).name[:-3]}, or gzip it")
     for signature, what, advice in _NOT_TEXT:
         if signature.match(start) and (what != "a Parquet file" or _is_parquet(path, start, gzipped)):
+            if gzipped and what == "a Parquet file":
+                what, advice = "a gzip-compressed Parquet file", _GUNZIP_PARQUET
             raise DataError(f"{path}: expected {kind.upper()} text, got {what} (it starts with bytes "
                             f"{start[:4].hex(' ')}); {advice}")
     _check_line_ends(path, start)
@@ -977,7 +987,10 @@ def _check_line_ends(path: str, start: bytes) -> None:
     text files' do, or in \\r\\r\\n: its rows would be one bad line, or lines holding a
     stray \\r."""
     first = start.split(b"\n", 1)[0]
-    if len(first) == len(start) and start.rstrip(b"\r").count(b"\r"):  # no line feed yet, and carriage returns
+    returns = start.rstrip(b"\r").count(b"\r")
+    # No line feed yet, and carriage returns: all of the text, or more than one of them (a stray \r in a
+    # first line longer than `start` makes that line a bad row, not the whole file one).
+    if len(first) == len(start) and returns and (returns > 1 or len(start) < _LINE_ENDS_BYTES):
         raise DataError(f"{path}: its lines seem to end in a bare carriage return (\\r, as old Mac text files' "
                         f"do); expected lines ending in \\n or \\r\\n (write it again so, e.g. with tr '\\r' '\\n')")
     if first.endswith(b"\r\r"):
@@ -1051,7 +1064,7 @@ def _column_strings(column: pa.Array, name: str, bags: Mapping[str, str], bad: d
 
 
 def _is_list(kind: pa.DataType) -> bool:
-    return pa.types.is_list(kind) or pa.types.is_large_list(kind)
+    return pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
 
 
 def _as_strings(column: pa.Array) -> pa.Array:
@@ -1084,6 +1097,8 @@ def _open_parquet(path: str, columns: Sequence[str], bags: Mapping[str, str]) ->
     try:
         source = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
+        if _starts_with(path, b"\x1f\x8b"):
+            raise DataError(f"{path}: a gzip-compressed file, not a Parquet file; {_GUNZIP_PARQUET}") from None
         raise DataError(f"{path}: not a readable Parquet file ({exc}); write it again, or leave it out of the files "
                         f"read") from None
     schema = source.schema_arrow
@@ -1105,6 +1120,12 @@ def _open_parquet(path: str, columns: Sequence[str], bags: Mapping[str, str]) ->
         raise DataError(f"{path}: {'; '.join(unreadable)}; expected strings or numbers, or lists of them for "
                         f"bags{hint}")
     return source
+
+
+def _starts_with(path: str, signature: bytes) -> bool:
+    with contextlib.suppress(OSError), open(path, "rb") as file:
+        return file.read(len(signature)) == signature
+    return False
 
 
 def _to_string(kind: pa.DataType) -> bool:
