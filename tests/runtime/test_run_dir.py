@@ -411,6 +411,10 @@ def test_export_never_replaces_what_is_not_a_bundle(run, capsys, tmp_path):
     bundle = tmp_path / "bundle"
     assert main(["export", "--checkpoint", str(run_dir), "--out", str(bundle)]) == 0
     assert main(["export", "--checkpoint", str(run_dir), "--out", str(bundle)]) == 0  # an earlier bundle is replaced
+    (tmp_path / "link").symlink_to("bundle")
+    assert main(["export", "--checkpoint", str(run_dir), "--out", str(tmp_path / "link")]) == 2
+    assert (f"--out {tmp_path / 'link'} is a symbolic link (to bundle); a full export replaces the folder it is "
+            f"given: give the folder itself as --out ({bundle.resolve()})") in capsys.readouterr().err  # "is a file"
 
 
 def test_ctrl_c_in_train_says_how_to_go_on(run, capsys, tmp_path, monkeypatch):

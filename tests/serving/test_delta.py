@@ -814,6 +814,14 @@ def test_a_full_export_that_replaced_the_bundle_is_loaded_and_served_without_a_r
            "checkpoint step-" in capsys.readouterr().out
 
 
+def test_a_reloaded_full_export_s_table_dtype_is_the_one_the_server_reports(run, bundle_dir):
+    with _serving(bundle_dir) as (running, client):
+        assert client.get_model_config("ctr")["parameters"]["table_dtype"] == {"string_value": "float32"}
+        export(run.run_dir, bundle_dir, table_dtype="float16")
+        client.load_model("ctr")
+        assert client.get_model_config("ctr")["parameters"]["table_dtype"] == {"string_value": "float16"}  # was float32
+
+
 def test_deltas_removed_from_under_a_server_are_refused_not_rolled_back_to_its_base(run, bundle_dir):
     service = Service(load_bundle(bundle_dir))
     try:

@@ -353,7 +353,10 @@ def _check_replaceable(out: Path, source: Path) -> None:
     """`out` may be written: new, empty, or an earlier bundle, and holding no part of `source`."""
     if out.resolve() == source.resolve() or source.resolve().is_relative_to(out.resolve()):
         raise CheckpointError(f"--out {out} holds the checkpoint being exported ({source}); choose another folder")
-    if out.is_file() or out.is_symlink():
+    if out.is_symlink():  # the swap into place would replace the link, not the bundle it leads to
+        raise CheckpointError(f"--out {out} is a symbolic link (to {os.readlink(out)}); a full export replaces the "
+                              f"folder it is given: give the folder itself as --out ({out.resolve()})")
+    if out.is_file():
         raise CheckpointError(f"--out {out} is a file; expected a folder to write the bundle to")
     blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:

@@ -249,13 +249,14 @@ class Predictor:
         self._check_serves_like(path, bundle.config, bundle.targets)  # another export may have come meanwhile
         rows = sum(len(keys) for keys, _ in bundle.tables.values())
         fresh = Predictor(bundle, device=self.device, serving=self.serving)
+        serving = self.serving.model_copy(update={"table_dtype": bundle.config.serving.table_dtype})  # as now stored
         del bundle  # its arrays: the fresh tables hold copies
         start = time.perf_counter()
         with between(), self._gate.exclusive():
             self._counting = (self.id_counts(), fresh.collection)  # one assignment: metrics read it without the gate
             self.config, self.collection = fresh.config, fresh.collection
             self._source, self._program, self.rewrites = fresh._source, fresh._program, fresh.rewrites
-            self.position, self.source, self.torn = fresh.position, fresh.source, None
+            self.position, self.source, self.torn, self.serving = fresh.position, fresh.source, None, serving
         paused_s = time.perf_counter() - start
         give_back_freed_memory()  # the tables replaced
         return Applied(rows_changed=rows, rows_removed=0, paused_s=paused_s)

@@ -402,7 +402,7 @@ def create_app(service: Service) -> Starlette:
 
     async def config(request: Request) -> JSONResponse:
         return model_or_404(request) or JSONResponse(
-            model_config(service.metadata(), service.settings, service.predictor.source))
+            model_config(service.metadata(), service.predictor.serving, service.predictor.source))
 
     async def stats(request: Request) -> JSONResponse:
         if "name" in request.path_params:
