@@ -304,7 +304,7 @@ def test_the_colocated_sparse_worker_counts_once_among_the_actors(data, tmp_path
 
     trainer = _trainer(data, tmp_path, {"backend": "ray", "sparse_workers": 2, "colocated_sparse_worker": True})
     backend = RayBackend.__new__(RayBackend)  # its checks only: no actor started
-    backend.trainer, backend.runtime = trainer, trainer.config.runtime
+    backend.trainer, backend.runtime, backend.local_ray = trainer, trainer.config.runtime, False
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 5.0})
     backend.check_workers(3)  # the run's 3 sparse actors (the colocated one among them), 1 dense, 1 shard
     with pytest.raises(ConfigError, match=r"the Ray cluster has 5 CPUs, and the run needs 6 actors of one CPU each: 4 "
@@ -317,6 +317,13 @@ def test_the_colocated_sparse_worker_counts_once_among_the_actors(data, tmp_path
     with pytest.raises(ConfigError, match=r"add nodes or run fewer dense workers \(runtime.dense_workers\) or embedding "
                                           r"shards \(runtime.embedding_shards\)$"):  # not "at most 0 sparse workers"
         backend.check_workers(3)
+    backend.local_ray = True  # Tidal's own: no nodes to add; asked for while training, not by the config
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 5.0})
+    with pytest.raises(ConfigError, match=r"4 sparse workers \(Trainer.set_sparse_workers\), .*; name the most sparse "
+                                          r"workers the run will use in runtime.sparse_workers_at \(Tidal's own local Ray "
+                                          r".*\), run on a Ray cluster \(runtime.ray_address\), or run at most 3 sparse "
+                                          r"workers \(Trainer.set_sparse_workers\)$"):
+        backend.check_workers(4, asked_by="Trainer.set_sparse_workers")
 
 
 def test_a_sigterm_stops_a_ray_run_as_ctrl_c_does(data, tmp_path):

@@ -94,7 +94,7 @@ class Engine:
         if not is_whole_number(sparse_workers) or not 1 <= sparse_workers <= MAX_SPARSE_WORKERS:
             raise TidalError(f"sparse workers must be a whole number from 1 to {MAX_SPARSE_WORKERS} (as "
                              f"runtime.sparse_workers), got {sparse_workers!r}")
-        self.backend.check_workers(sparse_workers)
+        self.backend.check_workers(sparse_workers, asked_by="Trainer.set_sparse_workers")
         self.target_workers = sparse_workers
 
     def _apply_resize(self) -> None:

@@ -130,7 +130,7 @@ class LocalBackend:
     def forget(self, batch_id: int) -> None:
         self.store.drop(batch_id)
 
-    def check_workers(self, sparse_workers: int) -> None:
+    def check_workers(self, sparse_workers: int, asked_by: str | None = None) -> None:
         """Threads: any number of sparse workers can start."""
 
     def stop(self, actor: _ThreadActor) -> None:

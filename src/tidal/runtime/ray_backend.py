@@ -222,6 +222,7 @@ class RayBackend:
                             sizes={os.path.abspath(f): n for f, n in spec.sizes.items()} if spec.sizes else spec.sizes)
         self.first_step = first_step
         self.started_ray = not ray.is_initialized()
+        self.local_ray = False  # a Ray of Tidal's own on this machine
         first = self._sparse_actors_at_start
         most = max([first, *self.runtime.sparse_workers_at.values()])  # sparse actors at the schedule's peak
         if self.started_ray:
@@ -229,6 +230,7 @@ class RayBackend:
             key = "runtime.ray_address" if self.runtime.ray_address else "RAY_ADDRESS"
             address = self.runtime.ray_address or os.environ.get("RAY_ADDRESS") or "local"
             _check_reachable(address, key)
+            self.local_ray = address == "local"
             try:
                 with keeping_sigterm():  # a SIGTERM stops the run as a Ctrl-C does, not by Ray's exit
                     ray.init(address=address, include_dashboard=False, log_to_driver=True,
@@ -273,22 +275,26 @@ class RayBackend:
         shards = min(self.runtime.embedding_shards, len(self.trainer.collection.tables))
         return sparse_workers + self.runtime.dense_workers + shards
 
-    def check_workers(self, sparse_workers: int) -> None:
+    def check_workers(self, sparse_workers: int, asked_by: str | None = None) -> None:
         """A `ConfigError` unless the cluster has a CPU for every actor of a run with
-        `sparse_workers` sparse workers (else the last ones would wait for one forever)."""
+        `sparse_workers` sparse workers (else the last ones would wait for one forever).
+        `asked_by`: the call asking for them while the run trains (None: its config)."""
         needed, cpus = self._actors_needed(sparse_workers), int(ray.cluster_resources().get("CPU", 0))
         if needed > cpus:
             dense, shards = self.runtime.dense_workers, needed - sparse_workers - self.runtime.dense_workers
             scheduled = sparse_workers > self._sparse_actors_at_start
-            where = "runtime.sparse_workers_at" if scheduled else "runtime.sparse_workers"
+            where = asked_by or ("runtime.sparse_workers_at" if scheduled else "runtime.sparse_workers")
             fits = cpus - dense - shards - (0 if scheduled else int(self.runtime.colocated_sparse_worker))
             advice = f"run at most {fits} sparse workers ({where})" if fits >= 1 else (
                 "run fewer dense workers (runtime.dense_workers) or embedding shards (runtime.embedding_shards)")
             actors = ", ".join(f"{n} {what}{'s' * (n != 1)} ({key})" for n, what, key in (
                 (sparse_workers, "sparse worker", where), (dense, "dense worker", "runtime.dense_workers"),
                 (shards, "embedding shard", "runtime.embedding_shards")))
+            grow = ("name the most sparse workers the run will use in runtime.sparse_workers_at (Tidal's own local "
+                    "Ray has a CPU for each actor its config asks for at the most, and one more), run on a Ray "
+                    "cluster (runtime.ray_address)," if self.local_ray else "add nodes")
             raise ConfigError(f"the Ray cluster has {cpus} CPUs, and the run needs {needed} actors of one CPU each: "
-                              f"{actors}; add nodes or {advice}")
+                              f"{actors}; {grow} or {advice}")
 
     def _say_if_cpus_are_taken(self, needed: int) -> None:
         """Say so when other work holds CPUs the run's first actors need: they wait until
