@@ -463,3 +463,17 @@ def test_a_normal_initializer_whose_draws_would_overflow_float32_is_refused():
     with pytest.raises(ConfigError, match=r"a normal initializer's scale must be at most 5\.671e\+37, got 3e\+38: its "
                                           r"draws reach 6 times the scale"):
         Initializer(kind="normal", scale=3e38)
+
+
+@pytest.mark.parametrize("runtime, entry, shown", [
+    ({"sparse_workers_at": {5: 1}}, "{5: 1}", "1 sparse worker then already;"),
+    ({"sparse_workers": 2, "sparse_workers_at": {13: 3, 20: 3}}, "{20: 3}", "3 sparse workers then already;"),
+    ({"sparse_workers": 1, "colocated_sparse_worker": True, "sparse_workers_at": {10: 2}}, "{10: 2}",
+     "2 sparse workers then already (the colocated one among them);"),
+])
+def test_a_sparse_workers_at_entry_that_keeps_the_count_is_refused_as_changing_nothing(runtime, entry, shown):
+    from tidal.config import RuntimeConfig
+
+    with pytest.raises(ConfigError, match=rf"sparse_workers_at {re.escape(entry)} changes nothing: the run has "
+                                          rf"{re.escape(shown)} give each step a new count, or leave it out"):
+        RuntimeConfig(**runtime)

@@ -866,6 +866,14 @@ class RuntimeConfig(_Model):
         _refuse_unused(self, _unused({"ray_address": ray, "embedding_shards": ray,
                                       "max_inflight": (self.mode == "async", "mode: async"),
                                       "loss_scale": (self.transfer_dtype == "float16", "transfer_dtype: float16")}))
+        workers = self.sparse_workers + int(self.colocated_sparse_worker)
+        among = " (the colocated one among them)" if self.colocated_sparse_worker else ""
+        for step, count in sorted(self.sparse_workers_at.items()):
+            if count == workers:
+                raise ValueError(f"sparse_workers_at {{{step}: {count}}} changes nothing: the run has {count} sparse "
+                                 f"worker{'s' * (count != 1)} then already{among}; give each step a new count, or "
+                                 f"leave it out")
+            workers = count
         return self
 
 

@@ -616,7 +616,7 @@ def test_dense_worker_on_cuda_matches_the_cpu_one(dtype):
     model = RankingModel(ModelConfig(), num_features=3, dim=8, dense_features=2, num_targets=1)
     pooled = torch.from_numpy(np.random.default_rng(0).standard_normal((64, 3, 8), dtype=np.float32))
     payload = {"pooled": encode(pooled, dtype), "dense": np.ones((64, 2), np.float32),
-               "labels": np.ones((64, 1), np.float32), "total_rows": 64, "dtype": dtype}
+               "labels": np.ones((64, 1), np.float32), "first_row": 0, "total_rows": 64, "dtype": dtype}
     results = []
     for device in ("cpu", "cuda"):
         worker = DenseWorker(0, model=copy.deepcopy(model), training=TrainingConfig(lr=1e-3), optimizer_state=None,

@@ -60,6 +60,7 @@ class _Flight:
     dense: list[Any] = field(default_factory=list)  # (meta, grad) handles per dense rank
     ranks_left: int = 0
     loss: np.ndarray | float = 0.0  # the slices' `step_losses`, summed
+    nonfinite_rows: list[int] = field(default_factory=list)  # the batch's rows whose outputs are not numbers
 
 
 class Engine:
@@ -353,11 +354,13 @@ class Engine:
         flight = self.flights[batch_id]
         self.telemetry.add("dense", meta["timings"])
         flight.loss += meta["loss"]
+        flight.nonfinite_rows += meta["nonfinite_rows"]
         flight.ranks_left -= 1
         if flight.ranks_left:
             return
         self.dense_running -= 1
-        check_loss(flight.loss[0], self.start_step + batch_id + 1)  # type: ignore[index]
+        check_loss(flight.loss[0], self.start_step + batch_id + 1, sorted(flight.nonfinite_rows),  # type: ignore[index]
+                   flight.meta["rows"])  # type: ignore[index]
         self._send_backward(batch_id, flight)
 
     def _send_backward(self, batch_id: int, flight: _Flight) -> None:

@@ -40,7 +40,8 @@ from tidal.runtime import checkpoint
 from tidal.runtime.plots import plot_metrics
 from tidal.runtime.source import ReaderSpec
 from tidal.runtime.telemetry import TELEMETRY_FILE, compile_clock
-from tidal.runtime.workers import check_loss, clip_gradients, dense_device, dense_optimizer, fix_gemm_threads, set_lr
+from tidal.runtime.workers import (check_loss, clip_gradients, dense_device, dense_optimizer, fix_gemm_threads,
+                                   nonfinite_rows, set_lr)
 
 __all__ = ["Evaluation", "Trainer", "calibration", "group_auc", "normalized_entropy", "shown_auc", "shown_evaluation",
            "shown_figure", "shown_gauc"]
@@ -467,7 +468,7 @@ class Trainer:
             logits = self.model(pooled, self._dense(batch))  # [B, T]
         labels = torch.tensor(batch.labels).to(self.device)
         loss, per_target = weighted_bce(logits.float(), labels, self.loss_weights.to(self.device), batch.batch_size)
-        check_loss(loss.item(), step, logits.detach())  # before any weight takes the step
+        check_loss(loss.item(), step, nonfinite_rows(logits.detach()), batch.batch_size)  # before any weight moves
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip_gradients(self.model, self.config.training)

@@ -330,7 +330,7 @@ class SparseWorker:
     def _slices(self, pooled: np.ndarray, batch: SparseBatch) -> list[dict[str, Any]]:
         bounds = np.linspace(0, batch.batch_size, self.dense_workers + 1).astype(np.int64)
         dense = batch.dense if batch.dense is not None else np.zeros((batch.batch_size, 0), np.float32)
-        return [{"pooled": pooled[lo:hi], "dense": dense[lo:hi], "labels": batch.labels[lo:hi],
+        return [{"pooled": pooled[lo:hi], "dense": dense[lo:hi], "labels": batch.labels[lo:hi], "first_row": int(lo),
                  "total_rows": batch.batch_size, "dtype": self.transfer_dtype}
                 for lo, hi in zip(bounds[:-1], bounds[1:])]
 
@@ -431,6 +431,7 @@ class DenseWorker:
             with compute_precision(self.device, self.precision):
                 logits = self.model(pooled, dense)  # [b, T]
             loss, per_target = weighted_bce(logits.float(), labels, self.loss_weights, payload["total_rows"])
+            bad_rows = [] if torch.isfinite(loss) else nonfinite_rows(logits.detach(), payload["first_row"])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             set_lr(self.optimizer, self.training.lr_at(step))
@@ -441,7 +442,7 @@ class DenseWorker:
             self.optimizer.step()
             grad = self._grad_payload(pooled.grad, payload["dtype"])  # waits for the stream
         timings = {"transfer": middle - start, "dense": time.perf_counter() - middle}
-        return {"loss": step_losses(loss, per_target), "timings": timings}, grad
+        return {"loss": step_losses(loss, per_target), "nonfinite_rows": bad_rows, "timings": timings}, grad
 
     def _inputs(self, payload: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         as_sent = payload["dtype"] == "bfloat16" and self.precision == "bfloat16"
@@ -477,17 +478,21 @@ class DenseWorker:
                 "optimizer": self.optimizer.state_dict()}
 
 
-def check_loss(loss: float, step: int, logits: torch.Tensor | None = None) -> None:
+def nonfinite_rows(logits: torch.Tensor, first: int = 0) -> list[int]:
+    """The rows (numbered from `first`) of `logits` `[B, T]` holding a NaN or an infinity."""
+    return [first + row for row in torch.nonzero(~torch.isfinite(logits).all(dim=1)).flatten().tolist()]
+
+
+def check_loss(loss: float, step: int, bad_rows: list[int], batch_rows: int) -> None:
     """A loss that is not finite stops the run at its step, before the sparse update
-    (whose gradient would not be finite either), naming the rows of the batch (from
-    its `logits`, `[B, T]`) whose outputs are not numbers."""
+    (whose gradient would not be finite either), naming the rows of the batch of
+    `batch_rows` whose outputs are not numbers (`bad_rows`, from `nonfinite_rows`)."""
     if math.isfinite(loss):
         return
-    rows = [] if logits is None else torch.nonzero(~torch.isfinite(logits).all(dim=1)).flatten().tolist()
     culprits = ""
-    if 0 < len(rows) < logits.shape[0]:  # type: ignore[union-attr]
-        shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
-        culprits = (f"; {len(rows)} of the batch's {logits.shape[0]} rows have outputs that are not numbers "  # type: ignore[union-attr]
+    if 0 < len(bad_rows) < batch_rows:
+        shown = ", ".join(map(str, bad_rows[:10])) + (", ..." if len(bad_rows) > 10 else "")
+        culprits = (f"; {len(bad_rows)} of the batch's {batch_rows} rows have outputs that are not numbers "
                     f"(rows {shown}, from 0): if it is only those, their inputs overflow the network (a weighted "
                     f"bag's weight or a dense number near float32's limit, say): fix or drop them")
     if step == 1:  # no update has acted yet
