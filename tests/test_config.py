@@ -35,7 +35,7 @@ def test_defaults_are_valid_and_frozen():
         ({"memory_bytes": 2**80}, "memory_bytes: Input should be less than"),
         ({"num_shards": True}, "num_shards: expected a number, got the boolean True"),
         ({"optimizer": {"kind": "adagrad", "eps": 1e-46}},  # 0 in float32: a ZeroDivisionError mid-update
-         "optimizer.eps: Input should be greater than or equal to 1.1754943508222875e-38, got 1e-46"),
+         "optimizer.eps: Input should be greater than or equal to 1.401298464324817e-45, got 1e-46"),
         ({"optimizer": {"kind": "sgd", "lr": 1e39}},  # inf in float32: rows of NaN
          "optimizer.lr: Input should be less than or equal to 3.4028234663852886e+38, got 1e+39"),
         ({"optimizer": {"kind": "adagrad", "initial_accumulator_value": 1e300}},
@@ -477,3 +477,5 @@ def test_a_sparse_workers_at_entry_that_keeps_the_count_is_refused_as_changing_n
     with pytest.raises(ConfigError, match=rf"sparse_workers_at {re.escape(entry)} changes nothing: the run has "
                                           rf"{re.escape(shown)} give each step a new count, or leave it out"):
         RuntimeConfig(**runtime)
+    saved = RunConfig.from_saved({**_run(), "runtime": runtime})  # a run saved before it was refused reads back
+    assert saved.runtime.sparse_workers_at == runtime["sparse_workers_at"]

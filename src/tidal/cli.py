@@ -531,10 +531,11 @@ def _eval(args: argparse.Namespace) -> int:
             step = checkpoint.restore(trainer, directory, check_data=False)["step"]  # the training files may be gone
             print(f"checkpoint {directory.name}, step {step:,d}", flush=True)
         trainer.collection.evict()  # within the tables' caps, as `tidal export` serves them
-        data = {**saved["data"], **given, **({"eval_group_by": None} if args.no_group_by else {})}
+        data = {**saved["data"], **given}
         trainer.config = RunConfig.from_saved({**saved, "data": data})  # how these files are read
         _check_eval_flags(args, {data["format"] or format_of(f) for f in files})
-        result = trainer.evaluate(args.data, group_by=args.group_by, predictions=args.predictions)
+        result = trainer.evaluate(args.data, group_by=False if args.no_group_by else args.group_by,
+                                  predictions=args.predictions)
     except DataError as exc:
         hint = "" if isinstance(exc, DataPathError) else (
             "\n(the files are read as the run's data section says; --format, --columns, --csv-header, "

@@ -82,7 +82,7 @@ _SECTIONS = ("runtime", "passmode", "eviction", "admission", "lr_schedule")
 # sections with default settings (`data` has none), which a null cannot stand for
 _SETTINGS = ("data", "model", "training", "serving", "fusion", "optimizer", "initializer")
 _FLOAT32_MAX = 3.4028234663852886e38  # scores are float32
-_FLOAT32_TINY = 1.1754943508222875e-38  # float32's smallest normal number: a smaller eps rounds towards 0
+_FLOAT32_TINY = 1.401298464324817e-45  # float32's smallest positive number: a smaller eps is 0 there
 MAX_SPARSE_WORKERS = 256
 BAG_LENGTHS = ".lengths"  # a served bag column's lengths come as the input named COLUMN.lengths
 # names a table's checkpoint folder cannot take (tidal.embedding.checkpoint): the
@@ -866,6 +866,8 @@ class RuntimeConfig(_Model):
         _refuse_unused(self, _unused({"ray_address": ray, "embedding_shards": ray,
                                       "max_inflight": (self.mode == "async", "mode: async"),
                                       "loss_scale": (self.transfer_dtype == "float16", "transfer_dtype: float16")}))
+        if _SAVED.get():  # a saved run's schedule, accepted when it ran
+            return self
         workers = self.sparse_workers + int(self.colocated_sparse_worker)
         among = " (the colocated one among them)" if self.colocated_sparse_worker else ""
         for step, count in sorted(self.sparse_workers_at.items()):

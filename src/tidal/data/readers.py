@@ -35,7 +35,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import IO, Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -920,6 +920,7 @@ def _parse(text: bytes, kind: str, names: list[str], columns: Sequence[str],
 
 
 _LINE_ENDS_BYTES = 1 << 16  # of a text file's start, looked at for its line ends
+_FIRST_LINE_BYTES = 64 << 20  # how far a first line holding a \r is read for its end
 _DECOMPRESS = "decompress it (gzip, in a file named .gz, is read as it is)"
 _GUNZIP_PARQUET = "gunzip it and read it as Parquet (Parquet files are read as they are: they compress their own columns)"
 _NOT_TEXT = (  # (how a file starts, what it then is, what to do) of files that are not TSV or CSV text
@@ -937,6 +938,7 @@ def _check_plain_text(path: str, kind: str) -> None:
     """A TSV or CSV file must be text whose lines end in \\n or \\r\\n; only a name ending
     in .gz is read gunzipped."""
     gzipped = path.lower().endswith(".gz")
+    whole = True  # whether `start` holds the whole text
     with open(path, "rb") as file:
         start = file.read(16)
         compressed = start.startswith(b"\x1f\x8b")
@@ -944,14 +946,15 @@ def _check_plain_text(path: str, kind: str) -> None:
             file.seek(0)
             try:
                 with gzip.open(file) as text:
-                    start = text.read(_LINE_ENDS_BYTES)
+                    start, whole = _start_of_text(text)
             except (OSError, EOFError):  # not gzip after all, or cut short: reading it says so
                 start = b""
             except zlib.error as exc:  # damaged compressed data
                 raise DataError(f"{path}: cannot read it (its gzip-compressed data is damaged: {exc}); gzip it "
                                 f"again, or leave it out of the files read") from None
         else:
-            start += file.read(_LINE_ENDS_BYTES - 16)
+            file.seek(0)
+            start, whole = _start_of_text(file)
     if compressed and not gzipped:
         raise DataError(f"{path}: the file looks gzip-compressed (it starts with bytes 1f 8b) but its name "
                         f"does not end in .gz; name it {Path(path).name}.gz, or gunzip it")
@@ -964,7 +967,28 @@ def _check_plain_text(path: str, kind: str) -> None:
                 what, advice = "a gzip-compressed Parquet file", _GUNZIP_PARQUET
             raise DataError(f"{path}: expected {kind.upper()} text, got {what} (it starts with bytes "
                             f"{start[:4].hex(' ')}); {advice}")
-    _check_line_ends(path, start)
+    _check_line_ends(path, start, whole)
+
+
+def _start_of_text(text: IO[bytes]) -> tuple[bytes, bool]:
+    """(the first bytes of `text`, whether they are all of it): `_LINE_ENDS_BYTES`, and
+    while those hold one carriage return and no line feed, on to the next \r or \n
+    (up to `_FIRST_LINE_BYTES`): a stray \r in a long first line, or the first line end
+    of a file whose lines end in a bare \r?"""
+    start = text.read(_LINE_ENDS_BYTES)
+    if len(start) < _LINE_ENDS_BYTES:
+        return start, True
+    if b"\n" in start or start.rstrip(b"\r").count(b"\r") != 1:
+        return start, False
+    while len(start) < _FIRST_LINE_BYTES:
+        more = text.read(1 << 20)
+        if not more:
+            return start, True
+        end = re.search(rb"[\r\n]", more)
+        if end is not None:
+            return start + more[: end.end()], False
+        start += more
+    return start, False
 
 
 def _is_parquet(path: str, start: bytes, gzipped: bool) -> bool:
@@ -982,15 +1006,15 @@ def _is_parquet(path: str, start: bytes, gzipped: bool) -> bool:
         return file.read(4) == b"PAR1"
 
 
-def _check_line_ends(path: str, start: bytes) -> None:
-    """Refuse text (`start`: its first bytes) whose lines end in a bare \\r, as old Mac
-    text files' do, or in \\r\\r\\n: its rows would be one bad line, or lines holding a
-    stray \\r."""
+def _check_line_ends(path: str, start: bytes, whole: bool) -> None:
+    """Refuse text (`start`: its first bytes, `whole`: all of it) whose lines end in a
+    bare \\r, as old Mac text files' do, or in \\r\\r\\n: its rows would be one bad line,
+    or lines holding a stray \\r."""
     first = start.split(b"\n", 1)[0]
-    returns = start.rstrip(b"\r").count(b"\r")
-    # No line feed yet, and carriage returns: all of the text, or more than one of them (a stray \r in a
-    # first line longer than `start` makes that line a bad row, not the whole file one).
-    if len(first) == len(start) and returns and (returns > 1 or len(start) < _LINE_ENDS_BYTES):
+    returns = (start.rstrip(b"\r") if whole else start).count(b"\r")  # the text's last line may end in one
+    # No line feed, and carriage returns: all of the text, or more than one of them (a stray \r in a long
+    # first line, the next line end a \n, makes that line a bad row, not the whole file one).
+    if len(first) == len(start) and returns and (returns > 1 or whole):
         raise DataError(f"{path}: its lines seem to end in a bare carriage return (\\r, as old Mac text files' "
                         f"do); expected lines ending in \\n or \\r\\n (write it again so, e.g. with tr '\\r' '\\n')")
     if first.endswith(b"\r\r"):

@@ -89,13 +89,14 @@ class Engine:
 
     # ------------------------------------------------------------------ workers
 
-    def resize(self, sparse_workers: int) -> None:
+    def resize(self, sparse_workers: int, asked_by: str | None = None) -> None:
         """Run `sparse_workers` sparse workers from now on (safe from any thread: the
-        coordinator takes it up at its next turn)."""
+        coordinator takes it up at its next turn). `asked_by`: the call asking for them
+        (None: the run's `sparse_workers_at`)."""
         if not is_whole_number(sparse_workers) or not 1 <= sparse_workers <= MAX_SPARSE_WORKERS:
             raise TidalError(f"sparse workers must be a whole number from 1 to {MAX_SPARSE_WORKERS} (as "
                              f"runtime.sparse_workers), got {sparse_workers!r}")
-        self.backend.check_workers(sparse_workers, asked_by="Trainer.set_sparse_workers")
+        self.backend.check_workers(sparse_workers, asked_by)
         self.target_workers = sparse_workers
 
     def _apply_resize(self) -> None:

@@ -291,8 +291,8 @@ class RayBackend:
                 (sparse_workers, "sparse worker", where), (dense, "dense worker", "runtime.dense_workers"),
                 (shards, "embedding shard", "runtime.embedding_shards")))
             grow = ("name the most sparse workers the run will use in runtime.sparse_workers_at (Tidal's own local "
-                    "Ray has a CPU for each actor its config asks for at the most, and one more), run on a Ray "
-                    "cluster (runtime.ray_address)," if self.local_ray else "add nodes")
+                    "Ray has the machine's CPUs, or one for each actor the config asks for at the most and one more "
+                    "if that is more), run on a Ray cluster (runtime.ray_address)," if self.local_ray else "add nodes")
             raise ConfigError(f"the Ray cluster has {cpus} CPUs, and the run needs {needed} actors of one CPU each: "
                               f"{actors}; {grow} or {advice}")
 

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -41,7 +41,7 @@ from tidal.runtime.plots import plot_metrics
 from tidal.runtime.source import ReaderSpec
 from tidal.runtime.telemetry import TELEMETRY_FILE, compile_clock
 from tidal.runtime.workers import (check_loss, clip_gradients, dense_device, dense_optimizer, fix_gemm_threads,
-                                   nonfinite_rows, set_lr)
+                                   rows_not_finite, set_lr)
 
 __all__ = ["Evaluation", "Trainer", "calibration", "group_auc", "normalized_entropy", "shown_auc", "shown_evaluation",
            "shown_figure", "shown_gauc"]
@@ -442,7 +442,7 @@ class Trainer:
         if self.engine is None:
             raise TidalError("no heterogeneous run is training: set_sparse_workers needs a config with "
                              "a runtime section, called while fit() runs")
-        self.engine.resize(count)
+        self.engine.resize(count, asked_by="Trainer.set_sparse_workers")
 
     def step(self, batch: SparseBatch, *, step: int | None = None) -> np.ndarray:
         """One training step on `batch`; its losses: the weighted total, then each
@@ -468,7 +468,8 @@ class Trainer:
             logits = self.model(pooled, self._dense(batch))  # [B, T]
         labels = torch.tensor(batch.labels).to(self.device)
         loss, per_target = weighted_bce(logits.float(), labels, self.loss_weights.to(self.device), batch.batch_size)
-        check_loss(loss.item(), step, nonfinite_rows(logits.detach()), batch.batch_size)  # before any weight moves
+        if not math.isfinite(value := loss.item()):  # stop before any weight takes the step
+            check_loss(value, step, rows_not_finite(logits.detach()), batch.batch_size)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip_gradients(self.model, self.config.training)
@@ -796,7 +797,7 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def evaluate(self, paths: str | list[str], *, group_by: str | bool | None = None,
+    def evaluate(self, paths: str | list[str], *, group_by: str | Literal[False] | None = None,
                  predictions: str | os.PathLike | None = None) -> Evaluation:
         """Exact AUC and log loss of every target over the files at `paths` (no updates),
         with the bad rows met in them, and the group AUC over the ids of the sparse

@@ -43,7 +43,7 @@ from tidal.models import compute_precision, resolve_precision, step_losses, weig
 from tidal.runtime.source import BatchSource, Item
 
 __all__ = ["DenseWorker", "EmbeddingShard", "SparseWorker", "ThreadAllReduce", "check_loss", "decode", "dense_device",
-           "encode", "fix_gemm_threads", "pool_dtype", "received", "set_lr", "transfer_dtype"]
+           "encode", "fix_gemm_threads", "pool_dtype", "received", "rows_not_finite", "set_lr", "transfer_dtype"]
 
 _FP16_MAX = 65504.0
 _RECENT_UPDATES = 256  # batch ids whose update landed or was given up: a late or repeated call does nothing
@@ -431,7 +431,6 @@ class DenseWorker:
             with compute_precision(self.device, self.precision):
                 logits = self.model(pooled, dense)  # [b, T]
             loss, per_target = weighted_bce(logits.float(), labels, self.loss_weights, payload["total_rows"])
-            bad_rows = [] if torch.isfinite(loss) else nonfinite_rows(logits.detach(), payload["first_row"])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             set_lr(self.optimizer, self.training.lr_at(step))
@@ -442,7 +441,9 @@ class DenseWorker:
             self.optimizer.step()
             grad = self._grad_payload(pooled.grad, payload["dtype"])  # waits for the stream
         timings = {"transfer": middle - start, "dense": time.perf_counter() - middle}
-        return {"loss": step_losses(loss, per_target), "nonfinite_rows": bad_rows, "timings": timings}, grad
+        losses = step_losses(loss, per_target)
+        bad_rows = [] if np.isfinite(losses[0]) else rows_not_finite(logits.detach(), payload["first_row"])
+        return {"loss": losses, "nonfinite_rows": bad_rows, "timings": timings}, grad
 
     def _inputs(self, payload: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         as_sent = payload["dtype"] == "bfloat16" and self.precision == "bfloat16"
@@ -478,7 +479,7 @@ class DenseWorker:
                 "optimizer": self.optimizer.state_dict()}
 
 
-def nonfinite_rows(logits: torch.Tensor, first: int = 0) -> list[int]:
+def rows_not_finite(logits: torch.Tensor, first: int = 0) -> list[int]:
     """The rows (numbered from `first`) of `logits` `[B, T]` holding a NaN or an infinity."""
     return [first + row for row in torch.nonzero(~torch.isfinite(logits).all(dim=1)).flatten().tolist()]
 
@@ -486,7 +487,7 @@ def nonfinite_rows(logits: torch.Tensor, first: int = 0) -> list[int]:
 def check_loss(loss: float, step: int, bad_rows: list[int], batch_rows: int) -> None:
     """A loss that is not finite stops the run at its step, before the sparse update
     (whose gradient would not be finite either), naming the rows of the batch of
-    `batch_rows` whose outputs are not numbers (`bad_rows`, from `nonfinite_rows`)."""
+    `batch_rows` whose outputs are not numbers (`bad_rows`, from `rows_not_finite`)."""
     if math.isfinite(loss):
         return
     culprits = ""
