@@ -72,11 +72,40 @@ def test_split_rows_cuts_about_equal_chunks():
     ("sparse_threads", 0, "sparse_threads must be a whole number >= 1, got 0"),
     ("max_queue_rows", True, "max_queue_rows must be a whole number >= 1, got True"),
     ("max_delay_ms", -5, "max_delay_ms must be a finite number >= 0, got -5"),
+    ("on_batch", 5, "on_batch must be a function taking a BatchRecord, or None; got int"),
 ])
 def test_a_batcher_refuses_settings_it_cannot_run_with(predictor, setting, value, expected):
     """An audit's find: a string max_batch_rows killed the collector thread and every request waited forever."""
     with pytest.raises(ConfigError, match=rf"^Batcher: {re.escape(expected)}$"):
         _batcher(predictor, [], **{setting: value})
+
+
+def test_a_failing_on_batch_call_is_reported_and_its_requests_answered(trainer, predictor, capsys):
+    """It left every caller of the batch waiting for good, and close() freed none."""
+    def broken(record):  # type: ignore[no-untyped-def]
+        raise RuntimeError("metrics broke")
+
+    pieces = _pieces(trainer, predictor, [3, 2])
+    batcher = _batcher(predictor, [], on_batch=broken)
+    try:
+        answers = [f.result(timeout=30) for piece in pieces for f in batcher.submit(piece)]
+    finally:
+        batcher.close()
+    np.testing.assert_allclose(np.concatenate(answers), predictor.predict(pieces), rtol=1e-6)
+    assert "on_batch call failed (RuntimeError: metrics broke); its " in capsys.readouterr().err
+
+
+def test_a_piece_s_user_is_one_row_and_its_state_a_user_state(trainer, predictor):
+    """A two-row user moved later pieces of a batch onto other users, silently."""
+    piece = _pieces(trainer, predictor, [3])[0]
+    two = pa.concat_batches([piece.user, piece.user])
+    with pytest.raises(TidalError, match=r"^Piece: user must be one request's user row, a pyarrow RecordBatch of 1 "
+                                         r"row; got 2 rows$"):
+        Piece(items=piece.items, user=two)
+    with pytest.raises(TidalError, match=r"^user_state: user must be .* got 2 rows$"):
+        predictor.user_state(two)
+    with pytest.raises(TidalError, match=r"^Piece: state must be a UserState .* got dict$"):
+        Piece(items=piece.items, state={})
 
 
 def test_small_concurrent_requests_are_merged_into_one_batch(trainer, predictor):

@@ -37,6 +37,7 @@ stages, while requests not yet started wait, and start after the update.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 from collections import OrderedDict, deque
@@ -119,6 +120,9 @@ class Batcher:
                  on_batch: Callable[[BatchRecord], None] | None = None) -> None:
         _check_settings(max_batch_rows=max_batch_rows, chunk_rows=chunk_rows, sparse_threads=sparse_threads,
                         max_queue_rows=max_queue_rows, max_delay_ms=max_delay_ms)
+        if on_batch is not None and not callable(on_batch):
+            raise ConfigError(f"Batcher: on_batch must be a function taking a BatchRecord, or None; got "
+                              f"{type(on_batch).__name__}")
         self.predictor = predictor
         self.max_batch_rows, self.chunk_rows, self.merge = max_batch_rows, chunk_rows, merge
         self.max_delay_s = max_delay_ms / 1000.0
@@ -361,8 +365,13 @@ class Batcher:
         self._finished()
         if self._on_batch is not None:  # first: a caller that has its answer finds the batch counted
             waits = [start - w.queued_s for w in batch]
-            self._on_batch(BatchRecord(rows=len(probabilities), pieces=len(batch), queue_s=max(waits),
-                                       waited_s=sum(waits), sparse_s=sparse_s, dense_s=time.perf_counter() - dense_start))
+            record = BatchRecord(rows=len(probabilities), pieces=len(batch), queue_s=max(waits), waited_s=sum(waits),
+                                 sparse_s=sparse_s, dense_s=time.perf_counter() - dense_start)
+            try:
+                self._on_batch(record)
+            except Exception as exc:  # noqa: BLE001 - the callers get their answers all the same
+                print(f"tidal: a batch's on_batch call failed ({type(exc).__name__}: {exc}); its {len(batch)} "
+                      f"requests' answers went out", file=sys.stderr, flush=True)
         done = 0
         for w in batch:
             w.future.set_result(probabilities[done : done + w.piece.rows])

@@ -107,9 +107,25 @@ class Piece:
     user: pa.RecordBatch | None = None
     state: UserState | None = None
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.items, pa.RecordBatch):
+            raise BatchError(f"Piece: items must be a pyarrow RecordBatch, got {type(self.items).__name__}")
+        if self.user is not None:
+            _check_one_user_row(self.user, "Piece: user")
+        if self.state is not None and not isinstance(self.state, UserState):
+            raise BatchError(f"Piece: state must be a UserState (Predictor.user_state makes one), got "
+                             f"{type(self.state).__name__}")
+
     @property
     def rows(self) -> int:
         return self.items.num_rows
+
+
+def _check_one_user_row(user: object, where: str) -> None:
+    """A `BatchError` unless `user` is a RecordBatch of one row: one request's user."""
+    if not isinstance(user, pa.RecordBatch) or user.num_rows != 1:
+        got = f"{user.num_rows} rows" if isinstance(user, pa.RecordBatch) else type(user).__name__
+        raise BatchError(f"{where} must be one request's user row, a pyarrow RecordBatch of 1 row; got {got}")
 
 
 def fuse(fusion: Fusion, probabilities: np.ndarray, targets: Sequence[str]) -> np.ndarray:
@@ -369,6 +385,7 @@ class Predictor:
 
     def user_state(self, user: pa.RecordBatch) -> UserState:
         """The pooled user side of one request's user row (what a session caches)."""
+        _check_one_user_row(user, "user_state: user")
         # copies: the columns are slices of the request's strings, which they would keep alive
         user = _record_batch({c: pa.concat_arrays([user.column(c)]) for c in user.schema.names})
         with self._gate.shared():
