@@ -64,6 +64,8 @@ def test_split_rows_cuts_about_equal_chunks():
     assert split_rows(100, 256) == [(0, 100)]
     assert split_rows(600, 256) == [(0, 200), (200, 400), (400, 600)]
     assert split_rows(65, 64) == [(0, 32), (32, 65)]
+    with pytest.raises(ConfigError, match=r"rows must be a whole number >= 0 and chunk_rows one >= 1, got -5 and 3"):
+        split_rows(-5, 3)  # was [(0, -5)]
 
 
 @pytest.mark.parametrize(("setting", "value", "expected"), [
@@ -488,3 +490,9 @@ def test_a_failed_batch_ends_its_requests_chunks_and_close_releases_an_update_wa
         gate.set()
         batcher.close()
         del predictor.sparse
+
+
+def test_a_bucket_is_asked_for_a_whole_number_of_rows(predictor):
+    assert predictor.bucket(0) == predictor.buckets[0]
+    with pytest.raises(TidalError, match=r"^bucket: rows must be a whole number >= 0, got -1$"):  # was the first bucket
+        predictor.bucket(-1)

@@ -111,3 +111,16 @@ def test_a_refreshed_state_replaces_the_old_one_only_if_the_session_still_holds_
     with pytest.raises(SessionError, match="it has ended"):
         cache.get("a")
     assert cache.bytes == 0
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ({"ttl_s": -1, "memory_bytes": 100}, "ttl_s must be a number of seconds > 0, got -1"),
+    ({"ttl_s": float("nan"), "memory_bytes": 100}, "ttl_s must be a number of seconds > 0, got nan"),
+    ({"ttl_s": 10, "memory_bytes": 1.5}, "memory_bytes must be a whole number >= 0, got 1.5"),
+])
+def test_a_cache_refuses_settings_that_would_expire_every_session_at_once(settings, expected):
+    from tidal.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"^SessionCache: {expected}$"):
+        SessionCache(**settings)
+    assert SessionCache(ttl_s=float("inf"), memory_bytes=0).ttl_s == float("inf")  # never expire: taken

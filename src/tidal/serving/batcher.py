@@ -73,6 +73,9 @@ def split_rows(rows: int, chunk_rows: int) -> list[tuple[int, int]]:
 
     With ``chunk_rows=256``: 100 rows stay whole, 600 become 200 + 200 + 200.
     """
+    if not is_whole_number(rows) or rows < 0 or not is_whole_number(chunk_rows) or chunk_rows < 1:
+        raise ConfigError(f"split_rows: rows must be a whole number >= 0 and chunk_rows one >= 1, got {rows!r} and "
+                          f"{chunk_rows!r}")
     chunks = max(1, math.ceil(rows / chunk_rows))
     bounds = np.linspace(0, rows, chunks + 1).round().astype(int)
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]

@@ -439,6 +439,8 @@ class Predictor:
 
     def bucket(self, rows: int) -> int:
         """The smallest configured batch size that holds `rows`."""
+        if not is_whole_number(rows) or rows < 0:
+            raise BatchError(f"bucket: rows must be a whole number >= 0, got {rows!r}")
         for size in self.buckets:
             if size >= rows:
                 return size

@@ -12,12 +12,14 @@ candidates against it; `sequence_end` releases it. Idle state expires after
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from tidal.errors import TidalError
+from tidal.config import is_finite_number, is_whole_number
+from tidal.errors import ConfigError, TidalError
 from tidal.serving.predictor import UserState
 
 __all__ = ["SessionCache", "SessionError"]
@@ -46,6 +48,10 @@ class SessionCache:
     """Thread-safe LRU of `UserState`s with an idle TTL and a memory cap."""
 
     def __init__(self, *, ttl_s: float, memory_bytes: int, clock: Callable[[], float] = time.monotonic) -> None:
+        if not (is_finite_number(ttl_s) or ttl_s == math.inf) or ttl_s <= 0:  # inf: sessions never expire
+            raise ConfigError(f"SessionCache: ttl_s must be a number of seconds > 0, got {ttl_s!r}")
+        if not is_whole_number(memory_bytes) or memory_bytes < 0:
+            raise ConfigError(f"SessionCache: memory_bytes must be a whole number >= 0, got {memory_bytes!r}")
         self.ttl_s = ttl_s
         self.memory_bytes = memory_bytes
         self._clock = clock
