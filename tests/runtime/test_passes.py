@@ -226,6 +226,8 @@ def test_pass_mode_admits_caps_and_evicts_the_rows_the_reference_trainer_does(tm
     np.testing.assert_allclose(b.values, a.values, rtol=1e-3, atol=1e-4)
     stats_a, stats_b = reference.collection.tables[0].stats(), passes.collection.tables[0].stats()
     assert (stats_b.rows, stats_b.admitted, stats_b.evicted) == (stats_a.rows, stats_a.admitted, stats_a.evicted)
+    assert (stats_b.dropped_full, stats_b.not_admitted) == (stats_a.dropped_full, stats_a.not_admitted)
+    assert stats_b.lookups == stats_a.lookups
     np.testing.assert_array_equal(b.counts, a.counts)  # zeros but for LFU tables
     assert reference.collection.tables[0].clocks() == passes.collection.tables[0].clocks()
 

@@ -369,6 +369,14 @@ class EmbeddingTable:
         with self._gate.shared():
             return self._resolve(keys, step=step, insert=True, distinct=self.optimizer.sums_keys_first)
 
+    def count_lookups(self, count: int) -> None:
+        """Count `count` lookups of keys whose rows were found without asking the index
+        again (pass mode looks each key of a pass up once, at its first sighting; its
+        later sightings count here, as the reference trainer's lookups count them)."""
+        shard = self._shards[0]
+        with shard.lock:
+            shard.ctl[ix.C_LOOKUPS] += count
+
     def find(self, keys: np.ndarray, *, count: bool = True) -> RowLookup:
         """Rows of `keys` without creating any: absent keys get -1 (and, with `count`,
         count as misses; internal reads such as `apply_gradients` pass False)."""

@@ -244,10 +244,12 @@ def _have_rows(table: EmbeddingTable, lookups: _Lookups, distinct: np.ndarray,
     the pass's lookups made them, and, in a table that counts sightings (admission, LFU
     eviction), which ids had their row at their own step (None elsewhere: all that
     have one). Every batch that reads the table looks up, as in the reference trainer
-    (so the table's step moves as there): its new keys in the order they come, or, in
-    a table that counts sightings, all its ids."""
+    (so the table's step moves as there): its new keys in the order they come (its other
+    ids counted as lookups), or, in a table that counts sightings or refuses them when
+    full, all its ids."""
     starts = np.concatenate([[0], lookups.ends[:-1]]).astype(np.int64)
-    if table.config.admission is not None or counts_sightings(table):
+    capped = table.config.row_cap is not None and table.config.eviction is None  # it counts the sightings it drops
+    if table.config.admission is not None or counts_sightings(table) or capped:
         sighted = np.zeros(lookups.ids.shape[0], dtype=bool)  # the ids whose key had a row at their step
         for i in np.flatnonzero(lookups.served):
             found = table.lookup_or_insert(lookups.ids[starts[i] : lookups.ends[i]], step=lookups.first_step + int(i))
@@ -259,6 +261,7 @@ def _have_rows(table: EmbeddingTable, lookups: _Lookups, distinct: np.ndarray,
     for i in np.flatnonzero(lookups.served):
         new = arrival[bounds[i] : bounds[i + 1]]
         has_row[new] = table.lookup_or_insert(distinct[new], step=lookups.first_step + int(i)).handles >= 0
+    table.count_lookups(lookups.ids.shape[0] - distinct.shape[0])
     return has_row, None
 
 
