@@ -884,8 +884,8 @@ class PassModeConfig(_Model):
     in passes of `batches_per_pass` batches.
 
     Before a pass, each table looks its keys up (each key once, at the step of the
-    batch that first holds it; every sighting in a table with admission or LFU
-    eviction), creating, admitting and refusing rows as the reference trainer does, and
+    batch that first holds it; every sighting in a table with admission, LFU eviction
+    or a row cap without eviction), creating, admitting and refusing rows as the reference trainer does, and
     the pass's rows move to `training.device` by their difference with the last pass's:
     rows both use stay there, and only the others move. The pass then trains with plain
     index gathers and adds on that device. Every row goes back to its table before a

@@ -1059,10 +1059,16 @@ def test_a_stray_carriage_return_in_a_first_line_longer_than_the_look_at_line_en
     report = BadRows()
     assert sum(b.num_rows for b in read_batches(path, columns=SMALL, checks=CHECKS, bad_rows=report)) == 1000
     assert report.count == 1  # was the whole file refused as old Mac text
+    windows = tmp_path / "windows.tsv.gz"  # the same with \r\n line ends, gzipped: the \r\n is not a second bare \r
+    windows.write_bytes(gzip.compress(path.read_bytes().replace(b"\n", b"\r\n")))
+    report = BadRows()
+    assert sum(b.num_rows for b in read_batches(windows, columns=SMALL, checks=CHECKS, bad_rows=report)) == 1000
+    assert report.count == 1
     mac = tmp_path / "mac.tsv"  # lines ending in a bare \r, each longer than the first look at the text
-    mac.write_bytes(b"1\t5\t" + b"a" * 40_000 + b"\r0\t6\t" + b"b" * 40_000 + b"\r")
-    with pytest.raises(DataError, match=r"mac\.tsv: its lines seem to end in a bare carriage return"):
-        list(read_batches(mac, columns=SMALL, checks=CHECKS))
+    for first in (40_000, (1 << 16) - 5):  # its first \r inside the look, or its last byte
+        mac.write_bytes(b"1\t5\t" + b"a" * first + b"\r0\t6\t" + b"b" * 40_000 + b"\r")
+        with pytest.raises(DataError, match=r"mac\.tsv: its lines seem to end in a bare carriage return"):
+            list(read_batches(mac, columns=SMALL, checks=CHECKS))
 
 
 def test_gzip_compressed_parquet_is_told_to_be_gunzipped(tmp_path):

@@ -972,23 +972,34 @@ def _check_plain_text(path: str, kind: str) -> None:
 
 def _start_of_text(text: IO[bytes]) -> tuple[bytes, bool]:
     """(the first bytes of `text`, whether they are all of it): `_LINE_ENDS_BYTES`, and
-    while those hold one carriage return and no line feed, on to the next \r or \n
-    (up to `_FIRST_LINE_BYTES`): a stray \r in a long first line, or the first line end
-    of a file whose lines end in a bare \r?"""
-    start = text.read(_LINE_ENDS_BYTES)
-    if len(start) < _LINE_ENDS_BYTES:
-        return start, True
-    if b"\n" in start or start.rstrip(b"\r").count(b"\r") != 1:
-        return start, False
-    while len(start) < _FIRST_LINE_BYTES:
-        more = text.read(1 << 20)
-        if not more:
-            return start, True
-        end = re.search(rb"[\r\n]", more)
+    while those hold one carriage return and no line feed, on to the next line end (up
+    to `_FIRST_LINE_BYTES`): a stray \\r in a long first line, or the first line end of
+    a file whose lines end in a bare \\r?"""
+    start, ended = _read_on(text, _LINE_ENDS_BYTES)
+    if ended or b"\n" in start or start.count(b"\r") != 1:
+        return start, ended
+    pieces, size = [start], len(start)
+    while not ended and size < _FIRST_LINE_BYTES:
+        more, ended = _read_on(text, 1 << 20)
+        end = re.search(rb"\r\n?|\n", more)
         if end is not None:
-            return start + more[: end.end()], False
-        start += more
-    return start, False
+            pieces.append(more[: end.end()])
+            return b"".join(pieces), False
+        pieces.append(more)
+        size += len(more)
+    return b"".join(pieces), ended
+
+
+def _read_on(text: IO[bytes], size: int) -> tuple[bytes, bool]:
+    """`size` bytes of `text` (one more after a closing \\r: the \\n of a \\r\\n the read
+    would split), and whether the text ended."""
+    data = text.read(size)
+    if len(data) < size:
+        return data, True
+    if data.endswith(b"\r"):
+        extra = text.read(1)
+        return data + extra, not extra
+    return data, False
 
 
 def _is_parquet(path: str, start: bytes, gzipped: bool) -> bool:

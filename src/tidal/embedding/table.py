@@ -374,7 +374,7 @@ class EmbeddingTable:
         again (pass mode looks each key of a pass up once, at its first sighting; its
         later sightings count here, as the reference trainer's lookups count them)."""
         shard = self._shards[0]
-        with shard.lock:
+        with self._gate.shared(), shard.lock:  # as every lookup counts: not while a checkpoint reads the counters
             shard.ctl[ix.C_LOOKUPS] += count
 
     def find(self, keys: np.ndarray, *, count: bool = True) -> RowLookup:

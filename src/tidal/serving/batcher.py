@@ -374,7 +374,7 @@ class Batcher:
                 self._on_batch(record)
             except Exception as exc:  # noqa: BLE001 - the callers get their answers all the same
                 print(f"tidal: a batch's on_batch call failed ({type(exc).__name__}: {exc}); its {len(batch)} "
-                      f"requests' answers went out", file=sys.stderr, flush=True)
+                      f"pieces are answered all the same", file=sys.stderr, flush=True)
         done = 0
         for w in batch:
             w.future.set_result(probabilities[done : done + w.piece.rows])
