@@ -885,10 +885,10 @@ class PassModeConfig(_Model):
 
     Before a pass, each table looks its keys up (each key once, at the step of the
     batch that first holds it; every sighting in a table with admission, LFU eviction
-    or a row cap without eviction), creating, admitting and refusing rows as the reference trainer does, and
-    the pass's rows move to `training.device` by their difference with the last pass's:
-    rows both use stay there, and only the others move. The pass then trains with plain
-    index gathers and adds on that device. Every row goes back to its table before a
+    or a row cap without eviction), creating, admitting and refusing rows as the
+    reference trainer does, and the pass's rows move to `training.device` by their
+    difference with the last pass's: rows both use stay there, and only the others
+    move. The pass then trains with plain index gathers and adds on that device. Every row goes back to its table before a
     checkpoint, an evaluation, an eviction and the end of the run, which therefore
     fall at the ends of passes: `training.checkpoint_every`, `eval_every` and (for
     tables that evict or admit) `evict_every` must be multiples of `batches_per_pass`.
