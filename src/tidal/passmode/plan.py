@@ -151,8 +151,9 @@ def plan_pass(collection: EmbeddingCollection, batches: Sequence[tuple[int, int,
 
     Each table looks the pass's keys up before it trains, each key at the step of the
     batch that first holds it (every sighting, at its own step, in a table that counts
-    them: admission, LFU eviction, a row cap without eviction), so rows are created, admitted and refused (a table
-    at its cap) as the reference trainer does; its entering rows are pulled.
+    them: admission, LFU eviction, a row cap without eviction), so rows are created,
+    admitted and refused (a table at its cap) as the reference trainer does; its
+    entering rows are pulled.
     """
     positions = [{t: _indices(p) for t, p in collection.table_positions(b).items()} for _, _, b in batches]
     pool = _SlotPool(before.free, before.size)
