@@ -110,6 +110,30 @@ def test_a_piece_s_user_is_one_row_and_its_state_a_user_state(trainer, predictor
         Piece(items=piece.items, state={})
 
 
+def test_library_calls_with_arguments_of_the_wrong_type_are_refused_naming_them(trainer, predictor):
+    """They gave raw TypeErrors and AttributeErrors from deep inside."""
+    piece = _pieces(trainer, predictor, [3])[0]
+    columns = {c: piece.items.column(c) for c in predictor.item_columns} | \
+              {c: piece.user.column(c) for c in predictor.user_columns}
+    for wrong, expected in [(None, r"columns must be a dict of column name -> pyarrow Array, got NoneType"),
+                            ({**columns, "x": [1, 2]}, r"columns must be pyarrow Arrays \(pa.array\(values\)\), got "
+                                                      r"\{'x': 'list'\}")]:
+        with pytest.raises(TidalError, match=rf"^piece: {expected}"):
+            predictor.piece(wrong, 3)
+    with pytest.raises(TidalError, match=r"^piece: state must be a UserState .* got str$"):
+        predictor.piece(columns, 3, state="x")
+    chunked = {c: pa.chunked_array([a]) for c, a in columns.items()}  # a pyarrow Table's columns: taken
+    np.testing.assert_allclose(predictor.predict([predictor.piece(chunked, 3)]), predictor.predict([piece]), rtol=1e-6)
+    with pytest.raises(ConfigError, match=r"^Batcher: predictor: expected Predictor, got NoneType$"):
+        _batcher(None, [])
+    batcher = _batcher(predictor, [])
+    try:
+        with pytest.raises(TidalError, match=r"^submit takes a Piece \(Predictor.piece makes one\), got dict$"):
+            batcher.submit({})
+    finally:
+        batcher.close()
+
+
 def test_small_concurrent_requests_are_merged_into_one_batch(trainer, predictor):
     pieces = _pieces(trainer, predictor, [1] * 12)
     records = []

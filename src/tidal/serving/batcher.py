@@ -49,8 +49,8 @@ from typing import Any
 
 import numpy as np
 
-from tidal.config import is_finite_number, is_whole_number
-from tidal.errors import ConfigError, TidalError
+from tidal.config import is_finite_number, is_whole_number, require
+from tidal.errors import BatchError, ConfigError, TidalError
 from tidal.serving.predictor import Piece, Predictor, SparseOutput
 
 __all__ = ["BatchRecord", "Batcher", "Overloaded", "ShuttingDown", "split_rows"]
@@ -123,6 +123,7 @@ class Batcher:
                  on_batch: Callable[[BatchRecord], None] | None = None) -> None:
         _check_settings(max_batch_rows=max_batch_rows, chunk_rows=chunk_rows, sparse_threads=sparse_threads,
                         max_queue_rows=max_queue_rows, max_delay_ms=max_delay_ms)
+        require(predictor, Predictor, "Batcher: predictor")
         if on_batch is not None and not callable(on_batch):
             raise ConfigError(f"Batcher: on_batch must be a function taking a BatchRecord, or None; got "
                               f"{type(on_batch).__name__}")
@@ -153,6 +154,8 @@ class Batcher:
     def submit(self, piece: Piece) -> list[Future]:
         """Queue one request (split into chunks when merging); one future per chunk,
         each giving probabilities `[rows, T]`, in the request's row order."""
+        if not isinstance(piece, Piece):
+            raise BatchError(f"submit takes a Piece (Predictor.piece makes one), got {type(piece).__name__}")
         pieces = self._chunks(piece) if self.merge else [piece]
         with self._cond:
             if self._closed:

@@ -31,7 +31,7 @@ import ctypes
 import re
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -360,7 +360,11 @@ class Predictor:
         values, or a context column of neither 1 nor `rows`, is refused (`BatchError`)."""
         if not is_whole_number(rows) or rows < 0:
             raise BatchError(f"rows is the number of candidates, a whole number >= 0; got {rows!r}")
+        columns = _arrays(columns)
         if state is not None:
+            if not isinstance(state, UserState):
+                raise BatchError(f"piece: state must be a UserState (Predictor.user_state makes one), got "
+                                 f"{type(state).__name__}")
             columns = {**state.shared, **columns}
         _require(columns, self.item_columns, "item and context")
         items = _record_batch({c: _broadcast(c, columns[c], rows, c in self._per_candidate) for c in self.item_columns})
@@ -565,6 +569,18 @@ def _device(device: str | torch.device | None, backend: str) -> torch.device:
         seen = f"; use 'auto', 'cpu' or cuda:0 to cuda:{count - 1}" if count else "; use 'auto' or 'cpu'"
         raise ConfigError(f"Predictor(device=...) is {name!r}, but torch sees {count} CUDA devices{seen}")
     return torch.device(name)
+
+
+def _arrays(columns: Mapping[str, pa.Array]) -> dict[str, pa.Array]:
+    """A request's `columns` as pyarrow Arrays (a ChunkedArray's chunks joined); a
+    `BatchError` naming what is not."""
+    if not isinstance(columns, Mapping):
+        raise BatchError(f"piece: columns must be a dict of column name -> pyarrow Array, got {type(columns).__name__}")
+    arrays = {c: a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for c, a in columns.items()}
+    wrong = {c: type(a).__name__ for c, a in arrays.items() if not isinstance(a, pa.Array)}
+    if wrong:
+        raise BatchError(f"piece: columns must be pyarrow Arrays (pa.array(values)), got {wrong} (column: type)")
+    return arrays
 
 
 def _require(columns: dict[str, pa.Array], names: list[str], side: str) -> None:
