@@ -112,13 +112,17 @@ class Piece:
             raise BatchError(f"Piece: items must be a pyarrow RecordBatch, got {type(self.items).__name__}")
         if self.user is not None:
             _check_one_user_row(self.user, "Piece: user")
-        if self.state is not None and not isinstance(self.state, UserState):
-            raise BatchError(f"Piece: state must be a UserState (Predictor.user_state makes one), got "
-                             f"{type(self.state).__name__}")
+        if self.state is not None:
+            _check_user_state(self.state, "Piece: state")
 
     @property
     def rows(self) -> int:
         return self.items.num_rows
+
+
+def _check_user_state(state: object, where: str) -> None:
+    if not isinstance(state, UserState):
+        raise BatchError(f"{where} must be a UserState (Predictor.user_state makes one), got {type(state).__name__}")
 
 
 def _check_one_user_row(user: object, where: str) -> None:
@@ -362,9 +366,7 @@ class Predictor:
             raise BatchError(f"rows is the number of candidates, a whole number >= 0; got {rows!r}")
         columns = _arrays(columns)
         if state is not None:
-            if not isinstance(state, UserState):
-                raise BatchError(f"piece: state must be a UserState (Predictor.user_state makes one), got "
-                                 f"{type(state).__name__}")
+            _check_user_state(state, "piece: state")
             columns = {**state.shared, **columns}
         _require(columns, self.item_columns, "item and context")
         items = _record_batch({c: _broadcast(c, columns[c], rows, c in self._per_candidate) for c in self.item_columns})
