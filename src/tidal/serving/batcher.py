@@ -24,9 +24,11 @@ finds there with itself when it comes, on a running mean: clients that wait for 
 answer before they send the next are all in when that many are, and then no other
 request could come to join. A lone request on a quiet server starts at once, and so
 does the next request of a lone client that waits for each answer. With `merge=False`
-every request is a batch of its own (the unbatched baseline). A failed batch fails every piece in it; `close()`
-fails whatever still waits, so no caller hangs; `cancel()` takes the waiting chunks of a request given up out of
-the queue.
+every request is a batch of its own (the unbatched baseline). A piece whose sparse stage
+fails (a column of the wrong type) fails alone: the batch's other pieces are scored
+without it. A batch whose dense stage fails fails every piece in it; `close()` fails
+whatever still waits, so no caller hangs; `cancel()` takes the waiting chunks of a
+request given up out of the queue.
 
 An online update changes the tables and the program between two batches. So that no
 request has some chunks scored before it and others after, the update runs inside
@@ -346,20 +348,43 @@ class Batcher:
     # ------------------------------------------------------------------ stages
 
     def _run_sparse(self, batch: list[_Waiting]) -> None:
-        start = time.perf_counter()
+        start, taken = time.perf_counter(), batch
         try:
-            stage = self.predictor.sparse([w.piece for w in batch])
+            batch, stage = self._sparse_stage(batch)
         except BaseException as exc:  # every request of the batch learns why
             self._fail(batch, exc)
             return
         finally:
             with self._cond:
-                for w in batch:
+                for w in taken:
                     self._chunks_ended(w.request, 1)
+        if not batch:  # every piece failed on its own
+            self._finished()
+            return
         if self._dense is None:  # CPU: the dense network runs in this thread, no hand-off
             self._run_dense(batch, stage, start, time.perf_counter() - start)
         else:
             self._dense.submit(self._run_dense, batch, stage, start, time.perf_counter() - start)
+
+    def _sparse_stage(self, batch: list[_Waiting]) -> tuple[list[_Waiting], SparseOutput]:
+        """The sparse stage of `batch`. When it fails on a batch of several pieces, each
+        piece is tried alone: one that fails alone fails (its caller learns why), and
+        the others are scored together, so that one caller's bad piece (a column of the
+        wrong type) fails no other. Its chunks are still under way: no update comes between."""
+        try:
+            return batch, self.predictor.sparse([w.piece for w in batch])
+        except Exception:
+            if len(batch) == 1:
+                raise
+        scored = []
+        for w in batch:
+            try:
+                self.predictor.sparse([w.piece])
+            except Exception as exc:  # noqa: BLE001 - this piece's caller learns why
+                w.future.set_exception(exc)
+            else:
+                scored.append(w)
+        return scored, self.predictor.sparse([w.piece for w in scored])
 
     def _run_dense(self, batch: list[_Waiting], stage: SparseOutput, start: float, sparse_s: float) -> None:
         dense_start = time.perf_counter()
@@ -386,7 +411,8 @@ class Batcher:
     def _fail(self, batch: list[_Waiting], exc: BaseException) -> None:
         self._finished()
         for w in batch:
-            w.future.set_exception(exc)
+            if not w.future.done():  # a piece that failed alone has its own reason
+                w.future.set_exception(exc)
 
     def _finished(self) -> None:
         with self._cond:
