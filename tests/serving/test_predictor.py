@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -103,8 +104,24 @@ def test_the_dense_stage_sees_only_bucket_sizes_and_padding_never_reaches_an_out
 def test_arguments_of_another_kind_are_refused_by_name(trainer, predictor, bundle):
     rows = with_user_of(file_rows(trainer, 5), input_specs(trainer.config))
     piece = _piece(predictor, rows)
-    with pytest.raises(BatchError, match=r"^predict takes a list of Pieces \(Predictor.piece makes one\), got Piece$"):
-        predictor.predict(piece)
+    for call in (predictor.predict, predictor.sparse):
+        with pytest.raises(BatchError, match=r"^a list of Pieces \(Predictor.piece makes one\) is scored, got Piece$"):
+            call(piece)
+    with pytest.raises(BatchError, match=r"^dense takes the SparseOutput of Predictor.sparse, got NoneType$"):
+        predictor.dense(None)
+    targets = len(predictor.targets)
+    for wrong, got in [(np.array([0.5, 0.2]), "shape [2]"), ([[0.5]], "list"), (np.zeros((2, targets + 1)),
+                                                                               f"shape [2, {targets + 1}]")]:
+        for call in (predictor.fuse, predictor.outputs, lambda p: fuse(predictor.fusion, p, predictor.targets)):
+            with pytest.raises(BatchError, match=rf"^probabilities must be a numpy array \[n, {targets}\] \(one column "
+                                                 rf"per target: .*\), got {re.escape(got)}$"):
+                call(wrong)
+    with pytest.raises(ConfigError, match=r"^fuse: fusion: expected Fusion, got str$"):
+        fuse("sum", np.zeros((2, targets)), predictor.targets)
+    with pytest.raises(ConfigError, match=r"^update takes a list of Deltas \(.*\), got list holding other objects$"):
+        predictor.update([5])
+    with pytest.raises(ConfigError, match=r"^reload takes the bundle's folder \(a str or Path\), got NoneType$"):
+        predictor.reload(None)
     with pytest.raises(BatchError, match=r"^rows is the number of candidates, a whole number >= 0; got '5'$"):
         predictor.piece(_columns(predictor, rows), "5")
     with pytest.raises(ConfigError, match=r"Predictor: serving"):

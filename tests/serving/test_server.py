@@ -1290,3 +1290,10 @@ def test_a_request_under_way_when_the_server_is_stopped_at_once_gets_a_503(bundl
     finally:
         running.stop()
     assert answer.startswith("HTTP/1.1 503") and "the server was stopped at once (a second Ctrl-C or SIGTERM)" in answer
+
+
+def test_a_service_s_infer_takes_a_body_of_bytes(server):
+    """A str body gave a raw AttributeError from the decoder, None a TypeError."""
+    for body in ("{}", None):
+        with pytest.raises(RequestError, match=rf"^infer takes the request's body as bytes, got {type(body).__name__}$"):
+            asyncio.run(server.service.infer(body, None))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 import pytest
 import torch
 
+from tidal.errors import TidalError
 from tidal.serving import SessionCache, SessionError, UserState
 from tidal.serving.sessions import _ARRAY_BYTES, _ENTRY_BYTES
 
@@ -124,3 +127,22 @@ def test_a_cache_refuses_settings_that_would_expire_every_session_at_once(settin
     with pytest.raises(ConfigError, match=rf"^SessionCache: {expected}$"):
         SessionCache(**settings)
     assert SessionCache(ttl_s=float("inf"), memory_bytes=0).ttl_s == float("inf")  # never expire: taken
+
+
+@pytest.mark.parametrize("sequence_id", [None, -5, 1.5, True, 1 << 64, b"a"])
+def test_an_id_that_no_request_could_carry_is_refused_naming_it(sequence_id):
+    """None, -5 and 1.5 were taken as ids, and True reached session 1 (an audit's find)."""
+    cache = SessionCache(ttl_s=100, memory_bytes=1 << 20)
+    expected = rf"^a session's id is an unsigned 64-bit integer or a string, got {re.escape(repr(sequence_id))}$"
+    for call in (lambda: cache.start(sequence_id, _state()), lambda: cache.get(sequence_id),
+                 lambda: cache.end(sequence_id), lambda: cache.refresh(sequence_id, _state(), _state())):
+        with pytest.raises(SessionError, match=expected):
+            call()
+    assert len(cache) == 0
+
+
+def test_a_state_that_is_not_a_user_state_is_refused():
+    cache = SessionCache(ttl_s=100, memory_bytes=1 << 20)
+    with pytest.raises(TidalError, match=r"^SessionCache.start: state must be a UserState \(Predictor.user_state "
+                                         r"makes one\), got NoneType$"):
+        cache.start(1, None)

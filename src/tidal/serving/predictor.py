@@ -33,6 +33,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from os import PathLike
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -54,7 +55,7 @@ from tidal.serving.bundle import (AOTI, NO_DELTAS, ONNX, PROGRAM, WEIGHTS, Bundl
 from tidal.serving.delta import Position, Source
 from tidal.serving.protocol import context_inputs
 
-__all__ = ["Applied", "Piece", "Predictor", "SparseOutput", "UserState", "fuse"]
+__all__ = ["Applied", "Piece", "Predictor", "SparseOutput", "UserState", "check_user_state", "fuse"]
 
 _Held = TypeVar("_Held")  # a compiled form a bundle may hold: the ONNX model's bytes, the package's path
 
@@ -113,14 +114,14 @@ class Piece:
         if self.user is not None:
             _check_one_user_row(self.user, "Piece: user")
         if self.state is not None:
-            _check_user_state(self.state, "Piece: state")
+            check_user_state(self.state, "Piece: state")
 
     @property
     def rows(self) -> int:
         return self.items.num_rows
 
 
-def _check_user_state(state: object, where: str) -> None:
+def check_user_state(state: object, where: str) -> None:
     if not isinstance(state, UserState):
         raise BatchError(f"{where} must be a UserState (Predictor.user_state makes one), got {type(state).__name__}")
 
@@ -135,6 +136,8 @@ def _check_one_user_row(user: object, where: str) -> None:
 def fuse(fusion: Fusion, probabilities: np.ndarray, targets: Sequence[str]) -> np.ndarray:
     """The fused score `[n]` of probabilities `[n, T]` (see `tidal.config.Fusion`). Only
     the weighted targets are read: one left out (or weighted 0) does not count, even NaN."""
+    require(fusion, Fusion, "fuse: fusion")
+    _check_probabilities(probabilities, targets)
     every = [fusion.weights.get(t, 0.0) if fusion.weights else 1.0 for t in targets]
     counted = [k for k, w in enumerate(every) if w != 0.0]
     weights = np.array([every[k] for k in counted], dtype=np.float64)
@@ -142,6 +145,15 @@ def fuse(fusion: Fusion, probabilities: np.ndarray, targets: Sequence[str]) -> n
     if fusion.kind == "sum":
         return (p @ weights).astype(np.float32)
     return np.prod(np.power(p, weights), axis=1).astype(np.float32)
+
+
+def _check_probabilities(probabilities: object, targets: Sequence[str]) -> None:
+    """A `BatchError` unless `probabilities` is an `[n, T]` array of one column per target."""
+    shape = getattr(probabilities, "shape", None)
+    if not isinstance(probabilities, np.ndarray) or shape[1:] != (len(targets),) or len(shape) != 2:
+        got = f"shape {list(shape)}" if isinstance(probabilities, np.ndarray) else type(probabilities).__name__
+        raise BatchError(f"probabilities must be a numpy array [n, {len(targets)}] (one column per target: "
+                         f"{list(targets)}), got {got}")
 
 
 class Predictor:
@@ -232,6 +244,10 @@ class Predictor:
         An update that fails part way (memory ran out) leaves the tables between two
         deltas: `torn` then says so, and further updates are refused (restart, or
         `reload` a full export)."""
+        if not isinstance(deltas, Sequence) or not all(isinstance(d, Delta) for d in deltas):
+            raise ConfigError(f"update takes a list of Deltas (tidal.serving.bundle.read_deltas reads them), got "
+                                  f"{type(deltas).__name__}" + (" holding other objects" if isinstance(deltas, Sequence)
+                                                                else ""))
         if not deltas:
             return Applied(rows_changed=0, rows_removed=0, paused_s=0.0)
         self._check_follows(deltas[0])  # before the work below (checked again under the gate)
@@ -263,6 +279,8 @@ class Predictor:
         tables and program are loaded beside those served, with this predictor's
         serving settings, then swapped in inside `between()` and the gate, as an update
         is; a torn state ends. Returns the rows loaded and how long new batches waited."""
+        if not isinstance(path, (str, PathLike)):
+            raise ConfigError(f"reload takes the bundle's folder (a str or Path), got {type(path).__name__}")
         head = peek(path)
         self._check_serves_like(path, head.config, head.targets)
         bundle = load_bundle(path)
@@ -351,6 +369,7 @@ class Predictor:
 
     def outputs(self, probabilities: np.ndarray) -> dict[str, np.ndarray]:
         """The response tensors of probabilities `[n, T]`: one per target, and `score`."""
+        _check_probabilities(probabilities, self.targets)
         outputs = {t: probabilities[:, k] for k, t in enumerate(self.targets)}
         outputs["score"] = self.fuse(probabilities)
         return outputs
@@ -366,7 +385,7 @@ class Predictor:
             raise BatchError(f"rows is the number of candidates, a whole number >= 0; got {rows!r}")
         columns = _arrays(columns)
         if state is not None:
-            _check_user_state(state, "piece: state")
+            check_user_state(state, "piece: state")
             columns = {**state.shared, **columns}
         _require(columns, self.item_columns, "item and context")
         items = _record_batch({c: _broadcast(c, columns[c], rows, c in self._per_candidate) for c in self.item_columns})
@@ -384,9 +403,6 @@ class Predictor:
 
     def predict(self, pieces: Sequence[Piece]) -> np.ndarray:
         """Probabilities `[sum of rows, T]` of the pieces' candidates, in order."""
-        if not isinstance(pieces, Sequence) or not all(isinstance(p, Piece) for p in pieces):
-            raise BatchError(f"predict takes a list of Pieces (Predictor.piece makes one), got {type(pieces).__name__}"
-                             + ("" if not isinstance(pieces, Sequence) else " holding other objects"))
         return self.dense(self.sparse(pieces))
 
     def user_state(self, user: pa.RecordBatch) -> UserState:
@@ -402,6 +418,9 @@ class Predictor:
 
     def sparse(self, pieces: Sequence[Piece]) -> SparseOutput:
         """The sparse stage: pooled `[N, F, D]` and dense features `[N, Dd]` of all rows."""
+        if not isinstance(pieces, Sequence) or not all(isinstance(p, Piece) for p in pieces):
+            raise BatchError(f"a list of Pieces (Predictor.piece makes one) is scored, got {type(pieces).__name__}"
+                             + ("" if not isinstance(pieces, Sequence) else " holding other objects"))
         with self._gate.shared():  # every table and the program before an update, or all after it
             pooled, dense = self._sparse(pieces)
             # its forward: the module's own input checks (a pre-hook, 0.15-0.25 ms a call here) repeat _check_shapes
@@ -426,6 +445,8 @@ class Predictor:
     def dense(self, stage: SparseOutput) -> np.ndarray:
         """The dense stage on the device: probabilities `[n, T]`, in batches of the
         largest bucket at most, each padded to a bucket."""
+        if not isinstance(stage, SparseOutput):
+            raise BatchError(f"dense takes the SparseOutput of Predictor.sparse, got {type(stage).__name__}")
         step, pooled, dense = self.buckets[-1], stage.pooled, stage.dense
         parts = [self._dense_bucket(stage.program, pooled[i : i + step], dense[i : i + step])
                  for i in range(0, pooled.shape[0], step)]

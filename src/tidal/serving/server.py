@@ -149,6 +149,8 @@ class Service:
 
     async def infer(self, body: bytes, header_length: str | None) -> tuple[bytes, dict[str, str]]:
         """Answer one infer request body: (response body, extra headers)."""
+        if not isinstance(body, (bytes, bytearray)):
+            raise RequestError(f"infer takes the request's body as bytes, got {type(body).__name__}")
         self.sessions.expire()
         decoded = await self._decoded(body, header_length)
         if decoded.rows > self.settings.max_queue_rows:

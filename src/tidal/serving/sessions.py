@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from tidal.config import is_finite_number, is_whole_number
 from tidal.errors import ConfigError, TidalError
-from tidal.serving.predictor import UserState
+from tidal.serving.predictor import UserState, check_user_state
 
 __all__ = ["SessionCache", "SessionError"]
 
@@ -33,6 +33,13 @@ _ARRAY_BYTES = 1_000
 
 
 SequenceId = int | str
+
+
+def _checked(sequence_id: object) -> SequenceId:
+    """`sequence_id` if it is a session's id (an unsigned 64-bit integer or a string), else a `SessionError`."""
+    if isinstance(sequence_id, str) or (type(sequence_id) is int and 0 <= sequence_id < 1 << 64):
+        return sequence_id
+    raise SessionError(f"a session's id is an unsigned 64-bit integer or a string, got {sequence_id!r}")
 
 
 def _named(sequence_id: SequenceId) -> str:
@@ -67,7 +74,8 @@ class SessionCache:
 
     def start(self, sequence_id: SequenceId, state: UserState) -> None:
         """Cache `state` for `sequence_id` (replacing any earlier one)."""
-        size = self._size(sequence_id, state)
+        check_user_state(state, "SessionCache.start: state")
+        size = self._size(_checked(sequence_id), state)
         if size > self.memory_bytes:
             raise SessionError(f"{_named(sequence_id)}: its state ({size} bytes) exceeds the cache "
                                f"({self.memory_bytes} bytes)")
@@ -77,7 +85,8 @@ class SessionCache:
     def refresh(self, sequence_id: SequenceId, old: UserState, new: UserState) -> None:
         """Put `new` in the place of `old` (a state pooled again after an online update),
         unless the session ended or started again meanwhile."""
-        size = self._size(sequence_id, new)
+        check_user_state(new, "SessionCache.refresh: new")
+        size = self._size(_checked(sequence_id), new)
         with self._lock:
             entry = self._entries.get(sequence_id)
             if entry is not None and entry[0] is old and size <= self.memory_bytes:
@@ -107,6 +116,7 @@ class SessionCache:
 
     def get(self, sequence_id: SequenceId) -> UserState:
         """The state of a live session (its idle time restarts), or a `SessionError` saying why not."""
+        _checked(sequence_id)
         with self._lock:
             self._expire()
             entry = self._entries.get(sequence_id)
@@ -120,6 +130,7 @@ class SessionCache:
     def end(self, sequence_id: SequenceId, state: UserState | None = None) -> None:
         """Release a session's state; with `state`, only if it is still the one under
         `sequence_id` (not a session started again under that id meanwhile)."""
+        _checked(sequence_id)
         with self._lock:
             entry = self._entries.get(sequence_id)
             if state is None or entry is None or entry[0] is state:
