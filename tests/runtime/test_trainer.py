@@ -329,6 +329,20 @@ def test_the_logged_speed_leaves_out_evaluation_as_the_summary_does(tmp_path, mo
     assert len(logged) == 1 and logged[0] > 0.6 * summary["samples_per_s"]  # 2 s of evaluation would make it < 0.4
 
 
+def test_the_progress_line_shows_the_speed_since_the_previous_line():
+    """It showed the mean since the run started, which after a slow start climbs for a long while."""
+    progress = trainer_module.RunProgress(["label"])
+    progress.start -= 10.0  # the first 1000 rows took 10 s
+    progress.add(1000, np.array([0.5]))
+    first = progress.record(0, 1, 0)
+    progress.start -= 90.0  # the next 1000 took 90 s
+    progress.add(1000, np.array([0.5]))
+    second = progress.record(0, 2, 0)
+    assert first["samples_per_s"] == pytest.approx(100, rel=0.01) == first["recent_samples_per_s"]
+    assert second["samples_per_s"] == pytest.approx(20, rel=0.01)
+    assert second["recent_samples_per_s"] == pytest.approx(1000 / 90, rel=0.01)
+
+
 @pytest.mark.parametrize("way", [{}, {"runtime": {"mode": "sync"}}, {"passmode": {"batches_per_pass": 4}}],
                          ids=["reference", "sync", "passmode"])
 def test_a_run_whose_loss_is_not_finite_stops_saying_at_which_step(tmp_path, way):

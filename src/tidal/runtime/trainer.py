@@ -296,7 +296,8 @@ def _logged_step(line: str) -> int | None:
 class RunProgress:
     """What a run's log counts: rows from the run's first step (a resumed run goes on
     from its checkpoint's count), the losses since the last log record (each target's
-    too, when there are several `targets`), and this call's speed, evaluation left out."""
+    too, when there are several `targets`), and the speed, evaluation left out: this
+    call's mean, and since the last record (what the progress line shows)."""
 
     def __init__(self, targets: list[str]) -> None:
         self.targets = targets
@@ -306,6 +307,7 @@ class RunProgress:
         self.target_losses: list[list[float]] = []  # of the same steps (not in checkpoints of before they were kept)
         self.start, self.eval_s = time.perf_counter(), 0.0
         self.stopped: float | None = None  # when training ended, if it was before its workers stopped
+        self._recorded = (0, 0.0)  # (rows, training seconds) at the last record
 
     def training_s(self) -> float:
         """Seconds spent training by this call: from `start` (its workers ready) to the
@@ -324,9 +326,11 @@ class RunProgress:
     def record(self, epoch: int, step: int, bad_rows: int) -> dict:
         """The log record at `step`; the losses start again."""
         seconds = self.training_s()
+        rows, since = self.rows - self._recorded[0], seconds - self._recorded[1]
+        self._recorded = (self.rows, seconds)
         record = {"event": "train", "epoch": epoch, "step": step, "rows": self.rows_before + self.rows,
                   "loss": float(np.mean(self.losses)), "samples_per_s": self.rows / max(seconds, 1e-9),
-                  "bad_rows": bad_rows}
+                  "recent_samples_per_s": rows / max(since, 1e-9), "bad_rows": bad_rows}
         if len(self.targets) > 1 and len(self.target_losses) == len(self.losses):  # all of them (see restore)
             record["target_loss"] = dict(zip(self.targets, np.mean(self.target_losses, axis=0).tolist()))
         self.losses, self.target_losses = [], []
@@ -784,7 +788,7 @@ class Trainer:
         shown = f" ({targets})" if targets else ""
         shown += f"  lr {rates['lr']:.3g}" if training.lr_schedule is not None else ""
         print(f"  epoch {epoch}  step {step:6d}  loss {shown_figure(record['loss'])}{shown}  "
-              f"{record['samples_per_s']:,.0f} samples/s  bad rows {self.bad_rows.count:,}", flush=True)
+              f"{record['recent_samples_per_s']:,.0f} samples/s  bad rows {self.bad_rows.count:,}", flush=True)
 
     def _summary(self, steps: int, rows: int, evaluation: Evaluation | None) -> dict:
         return {"steps": steps, "rows": rows, "run_rows": self.progress.rows_before + rows,
