@@ -75,6 +75,7 @@ def test_split_rows_cuts_about_equal_chunks():
     ("max_queue_rows", True, "max_queue_rows must be a whole number >= 1, got True"),
     ("max_delay_ms", -5, "max_delay_ms must be a finite number >= 0, got -5"),
     ("on_batch", 5, "on_batch must be a function taking a BatchRecord, or None; got int"),
+    ("merge", "no", "merge must be True or False, got 'no'"),
 ])
 def test_a_batcher_refuses_settings_it_cannot_run_with(predictor, setting, value, expected):
     """An audit's find: a string max_batch_rows killed the collector thread and every request waited forever."""

@@ -1212,6 +1212,8 @@ def test_a_closed_service_an_unservable_name_or_no_bundle_is_refused_before_serv
             Service(bundle, name=name)
     with pytest.raises(ConfigError, match=r"Service: bundle: expected Bundle, got str"):
         Service("bundle")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^Service: batching must be True or False, got 'no'$"):
+        Service(bundle, batching="no")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=r"set_fusion: fusion: expected Fusion, got dict; build one with Fusion"):
         again.service.predictor.set_fusion({"kind": "sum"})  # type: ignore[arg-type]
 

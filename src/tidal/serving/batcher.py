@@ -126,6 +126,8 @@ class Batcher:
         _check_settings(max_batch_rows=max_batch_rows, chunk_rows=chunk_rows, sparse_threads=sparse_threads,
                         max_queue_rows=max_queue_rows, max_delay_ms=max_delay_ms)
         require(predictor, Predictor, "Batcher: predictor")
+        if not isinstance(merge, bool):
+            raise ConfigError(f"Batcher: merge must be True or False, got {merge!r}")
         if on_batch is not None and not callable(on_batch):
             raise ConfigError(f"Batcher: on_batch must be a function taking a BatchRecord, or None; got "
                               f"{type(on_batch).__name__}")

@@ -123,6 +123,8 @@ class Service:
         require(bundle, Bundle, "Service: bundle")
         if not is_model_name(name):
             raise ConfigError(f"Service: name {MODEL_NAME_RULE}; got {name!r}")
+        if not isinstance(batching, bool):
+            raise ConfigError(f"Service: batching must be True or False, got {batching!r}")
         self.name = name
         self.closed = False  # by `close`: a server's stop
         self.settings = _settings(bundle.config.serving, overrides)
