@@ -1299,3 +1299,27 @@ def test_a_service_s_infer_takes_a_body_of_bytes(server):
     for body in ("{}", None):
         with pytest.raises(RequestError, match=rf"^infer takes the request's body as bytes, got {type(body).__name__}$"):
             asyncio.run(server.service.infer(body, None))
+
+
+def test_a_session_of_a_model_without_user_features_caches_an_empty_user_side(tmp_path):
+    """Its sequence_start was a 500 (an audit's find): the user row it pooled had no columns, so no row."""
+    config = _integer_id_config(tmp_path).model_dump()
+    config["features"][0]["side"] = "item"
+    trainer = Trainer(RunConfig(**config))
+    trainer.fit()
+    running = start_server(Service(load_bundle(export(trainer.run_dir, tmp_path / "bundle")), name="ranker"))
+    try:
+        request = {"inputs": [{"name": "user", "datatype": "BYTES", "shape": [2], "data": ["u2", "u3"]},
+                              {"name": "item_id", "datatype": "INT64", "shape": [2], "data": [_LARGE_ID, _LARGE_ID + 3]},
+                              {"name": "price", "datatype": "FP64", "shape": [2], "data": [0.5, 2.5]}]}
+        answers = []
+        for flags in ({"sequence_start": True}, {}, {"sequence_end": True}, {}):
+            body = json.dumps({**request, "parameters": {"sequence_id": 7, **flags}}).encode()
+            answers.append(_post(running, "/v2/models/ranker/infer", body)[:2])
+        stateless = _post(running, "/v2/models/ranker/infer", json.dumps(request).encode())[1]
+        assert [code for code, _ in answers] == [200, 200, 200, 400]
+        assert all(answer["outputs"] == stateless["outputs"] for _, answer in answers[:3])
+        assert answers[3][1]["error"] == ("sequence 7 is unknown: it has ended; send sequence_start with its user "
+                                          "features")
+    finally:
+        running.stop()

@@ -406,7 +406,11 @@ class Predictor:
         return self.dense(self.sparse(pieces))
 
     def user_state(self, user: pa.RecordBatch) -> UserState:
-        """The pooled user side of one request's user row (what a session caches)."""
+        """The pooled user side of one request's user row (what a session caches). A
+        model without user features has none: its sessions cache an empty state."""
+        if not self.user_columns and isinstance(user, pa.RecordBatch) and user.num_rows <= 1:
+            return UserState(pooled=torch.empty(1, 0, self._sizes["dim"]), dense=torch.empty(1, 0), user=user,
+                             position=self.position)
         _check_one_user_row(user, "user_state: user")
         # copies: the columns are slices of the request's strings, which they would keep alive
         user = _record_batch({c: pa.concat_arrays([user.column(c)]) for c in user.schema.names})
