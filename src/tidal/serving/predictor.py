@@ -33,8 +33,8 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from os import PathLike
 from dataclasses import dataclass, field
+from os import PathLike
 from pathlib import Path
 from typing import TypeVar
 
@@ -122,6 +122,7 @@ class Piece:
 
 
 def check_user_state(state: object, where: str) -> None:
+    """A `BatchError` unless `state` is a `UserState`; `where` names the argument."""
     if not isinstance(state, UserState):
         raise BatchError(f"{where} must be a UserState (Predictor.user_state makes one), got {type(state).__name__}")
 
@@ -245,9 +246,9 @@ class Predictor:
         deltas: `torn` then says so, and further updates are refused (restart, or
         `reload` a full export)."""
         if not isinstance(deltas, Sequence) or not all(isinstance(d, Delta) for d in deltas):
+            held = " holding other objects" if isinstance(deltas, Sequence) else ""
             raise ConfigError(f"update takes a list of Deltas (tidal.serving.bundle.read_deltas reads them), got "
-                                  f"{type(deltas).__name__}" + (" holding other objects" if isinstance(deltas, Sequence)
-                                                                else ""))
+                              f"{type(deltas).__name__}{held}")
         if not deltas:
             return Applied(rows_changed=0, rows_removed=0, paused_s=0.0)
         self._check_follows(deltas[0])  # before the work below (checked again under the gate)
