@@ -1011,3 +1011,30 @@ def test_checkpoints_bundles_and_deltas_are_readable_as_the_umask_allows(run, tm
         modes = {str(p.relative_to(folder)): oct(p.stat().st_mode & 0o777) for p in folder.rglob("*") if p.is_file()}
         assert any(name.endswith(".safetensors") for name in modes)
         assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
+def test_updates_reloads_and_predictors_dropped_leave_no_generated_source_behind(run, bundle_dir):
+    """torch.fx keeps the source of every program it makes, for tracebacks: each update
+    and reload left about 60 kB behind for good (an audit's find)."""
+    import gc
+
+    from torch.fx.graph_module import _loader
+
+    def cached() -> int:
+        gc.collect()
+        return len(_loader.eval_cache)
+
+    before = cached()
+    predictor = Predictor(load_bundle(bundle_dir))
+    assert cached() > before  # it holds programs torch.fx made
+    counts = []
+    for _ in range(3):
+        _delta(run, bundle_dir)
+        predictor.update(read_deltas(bundle_dir, predictor.position, predictor.config))
+        counts.append(cached())
+    for _ in range(2):
+        predictor.reload(run.full)
+        counts.append(cached())
+    assert counts[1:3] == counts[:1] * 2 and counts[4] == counts[3], counts
+    del predictor
+    assert cached() == before

@@ -7,7 +7,8 @@ from tidal.compile._checks import differing
 from tidal.compile.aoti import AOTI_MISSING, AotiProgram, aoti_available, compiled_for, to_aoti, unfit_here
 from tidal.compile.ort import ONNX_MISSING, OnnxProgram, export_program, onnx_available, to_onnx
 from tidal.compile.rules import NOT_FOUND, RULES, Rewritten, Rule, RuleOutcome, rewrite
+from tidal.compile.sources import GeneratedSources
 
-__all__ = ["AOTI_MISSING", "AotiProgram", "NOT_FOUND", "ONNX_MISSING", "OnnxProgram", "RULES", "Rewritten", "Rule",
+__all__ = ["AOTI_MISSING", "AotiProgram", "GeneratedSources", "NOT_FOUND", "ONNX_MISSING", "OnnxProgram", "RULES", "Rewritten", "Rule",
            "RuleOutcome", "aoti_available", "compiled_for", "differing", "export_program", "onnx_available", "rewrite",
            "to_aoti", "to_onnx", "unfit_here"]

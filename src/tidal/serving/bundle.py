@@ -38,6 +38,7 @@ import os
 import re
 import time
 import warnings
+import weakref
 import zipfile
 from collections import Counter
 from collections.abc import Sequence
@@ -51,7 +52,7 @@ from safetensors.numpy import save_file
 from safetensors.torch import load_file as load_torch
 from safetensors.torch import save_file as save_torch
 
-from tidal.compile import compiled_for, differing, export_program, to_aoti, to_onnx
+from tidal.compile import GeneratedSources, compiled_for, differing, export_program, to_aoti, to_onnx
 from tidal.config import RunConfig
 from tidal.data.extract import Extractor
 from tidal.embedding.checkpoint import (SEAL, as_umask_allows, check_seal, fingerprint, fsync_path, listed_file,
@@ -470,7 +471,10 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
     if manifest.get("inputs") != _inputs(config):
         raise CorruptCheckpointError(f"{path / MANIFEST}: its inputs do not match its features; export it again")
     tables = {t.name: _read_table(path / "tables" / f"{t.name}.safetensors", t.dim) for t in config.tables}
-    program, position = _read_program(path / PROGRAM), Position(base=manifest[SEAL]) if SEAL in manifest else None
+    sources = GeneratedSources()
+    with sources.made():
+        program = _read_program(path / PROGRAM)
+    position = Position(base=manifest[SEAL]) if SEAL in manifest else None
     onnx = (path / ONNX).read_bytes() if ONNX in manifest["files"] else None
     aoti = path / AOTI if AOTI in manifest["files"] else None
     deltas = read_deltas(path, position, config) if position else []
@@ -480,8 +484,10 @@ def load_bundle(path: str | os.PathLike) -> Bundle:
         tables = {name: apply_rows(*rows, changes[name]) for name, rows in tables.items()}
         position, source = deltas[-1].position, Source.of(deltas[-1].manifest)
         with_weights(program.state_dict, deltas[-1])  # the program of a fresh load is nobody else's
-    return Bundle(path=path, manifest=manifest, config=config, tables=tables, program=program, onnx=onnx,
-                  aoti=aoti, position=position, source=source)
+    bundle = Bundle(path=path, manifest=manifest, config=config, tables=tables, program=program, onnx=onnx,
+                    aoti=aoti, position=position, source=source)
+    weakref.finalize(bundle, sources.forget)  # its program's generated source, once the bundle is gone
+    return bundle
 
 
 def peek(path: str | os.PathLike) -> Head:

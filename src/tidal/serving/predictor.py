@@ -31,6 +31,7 @@ import ctypes
 import re
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ import pyarrow as pa
 import torch
 from torch.export.passes import move_to_device_pass
 
-from tidal.compile import AotiProgram, OnnxProgram, RuleOutcome, rewrite, unfit_here
+from tidal.compile import AotiProgram, GeneratedSources, OnnxProgram, RuleOutcome, rewrite, unfit_here
 from tidal.config import (DEVICE_PATTERN, DenseFeature, Fusion, RunConfig, ServingConfig, SparseFeature, TableConfig,
                           is_whole_number, require)
 from tidal.data.extract import Extractor
@@ -194,9 +195,12 @@ class Predictor:
         self._per_candidate = frozenset(self.item_columns) - set(self.user_columns) - context_inputs(self.config)
         self.collection = EmbeddingCollection(_serving_tables(bundle), [f.embedding() for f in extractor.sparse])
         self._rewrite = serving.rewrite
-        self._source = _dense_program(bundle, serving, self.device)  # as exported, with the last delta's weights
-        self._check_fits(bundle)
-        self._program, self.rewrites = self._rewritten(self._source)  # what scores
+        self._sources = GeneratedSources()  # of the programs below, forgotten when they are replaced or dropped
+        weakref.finalize(self, self._sources.forget)
+        with self._sources.made():
+            self._source = _dense_program(bundle, serving, self.device)  # as exported, with the last delta's weights
+            self._check_fits(bundle)
+            self._program, self.rewrites = self._rewritten(self._source)  # what scores
         self._gate = Gate()  # scoring shares it; an update takes it alone
         self.position: Position | None = bundle.position  # the last delta applied (None: a version 1 bundle)
         self.source: Source | None = bundle.source  # the checkpoint of what it serves
@@ -251,9 +255,19 @@ class Predictor:
                               f"{type(deltas).__name__}{held}")
         if not deltas:
             return Applied(rows_changed=0, rows_removed=0, paused_s=0.0)
+        made = GeneratedSources()
+        try:
+            return self._update(deltas, between, made)
+        finally:
+            made.forget()  # the programs made, unless they are served now
+
+    def _update(self, deltas: Sequence[Delta], between: Callable[[], AbstractContextManager[object]],
+                made: GeneratedSources) -> Applied:
+        """`update` of a non-empty list, the programs it makes noted in `made`."""
         self._check_follows(deltas[0])  # before the work below (checked again under the gate)
-        source = self._source_with(deltas[-1])  # before taking the gate
-        program, rewrites = self._rewritten(source)
+        with made.made():
+            source = self._source_with(deltas[-1])  # before taking the gate
+            program, rewrites = self._rewritten(source)
         changes = merged(deltas)
         blocks = [(self.collection.table(name), c.removed, _row_block(c.keys, c.values)) for name, c in changes.items()]
         start = time.perf_counter()  # new batches wait from here: for those under way, then for the update
@@ -268,6 +282,8 @@ class Predictor:
                              f"{deltas[-1].position.sequence} by a failed update ({type(exc).__name__}: {exc})")
                 raise
             self._source, self._program, self.rewrites = source, program, rewrites
+            self._sources.forget()  # of the programs replaced
+            self._sources.keys = made.take()
             self.position, self.source = deltas[-1].position, Source.of(deltas[-1].manifest)
             return Applied(rows_changed=sum(len(c.keys) for c in changes.values()),
                            rows_removed=sum(len(c.removed) for c in changes.values()),
@@ -296,6 +312,8 @@ class Predictor:
             self.config, self.collection = fresh.config, fresh.collection
             self._source, self._program, self.rewrites = fresh._source, fresh._program, fresh.rewrites
             self.position, self.source, self.torn, self.serving = fresh.position, fresh.source, None, serving
+            self._sources.forget()  # of the programs replaced
+            self._sources.keys = fresh._sources.take()
         paused_s = time.perf_counter() - start
         give_back_freed_memory()  # the tables replaced
         return Applied(rows_changed=rows, rows_removed=0, paused_s=paused_s)
