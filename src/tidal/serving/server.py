@@ -327,60 +327,66 @@ class _Deltas:
 # ---------------------------------------------------------------------- HTTP
 
 
-def create_app(service: Service) -> Starlette:
-    """The ASGI application of `service`."""
+class _Handlers:
+    """The HTTP endpoints of one `Service` (`create_app` routes them)."""
 
-    def model_or_404(request: Request) -> JSONResponse | None:
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def _model_or_404(self, request: Request) -> JSONResponse | None:
         name, version = request.path_params["name"], request.path_params.get("version", "1")
-        if name != service.name:
-            return _error(404, f"unknown model {name!r}; this server serves {service.name!r}")
-        return None if version == "1" else _error(404, f"model {name!r} has no version {version!r}; its one version is '1'")
+        if name != self.service.name:
+            return _error(404, f"unknown model {name!r}; this server serves {self.service.name!r}")
+        if version != "1":
+            return _error(404, f"model {name!r} has no version {version!r}; its one version is '1'")
+        return None
 
-    async def server_metadata(request: Request) -> JSONResponse:
+    async def server_metadata(self, request: Request) -> JSONResponse:
         return JSONResponse({"name": "tidal", "version": tidal.__version__, "extensions": _EXTENSIONS})
 
-    async def live(request: Request) -> Response:
+    async def live(self, request: Request) -> Response:
         return Response(status_code=200)
 
-    def torn() -> JSONResponse | None:
+    def _torn(self) -> JSONResponse | None:
         """A 503 while a failed update has left the tables between two deltas."""
-        return service.predictor.torn and _error(503, f"not ready: {service.predictor.torn}; restart the server, or "
-                                                               f"export its bundle in full")
+        torn = self.service.predictor.torn
+        return torn and _error(503, f"not ready: {torn}; restart the server, or export its bundle in full")
 
-    async def ready(request: Request) -> Response:
-        return torn() or Response(status_code=200)
+    async def ready(self, request: Request) -> Response:
+        return self._torn() or Response(status_code=200)
 
-    async def model_metadata(request: Request) -> JSONResponse:
-        return model_or_404(request) or JSONResponse(service.metadata())
+    async def model_metadata(self, request: Request) -> JSONResponse:
+        return self._model_or_404(request) or JSONResponse(self.service.metadata())
 
-    async def model_ready(request: Request) -> Response:
-        return model_or_404(request) or torn() or Response(status_code=200)
+    async def model_ready(self, request: Request) -> Response:
+        return self._model_or_404(request) or self._torn() or Response(status_code=200)
 
-    async def infer(request: Request) -> Response:
-        missing = model_or_404(request)
+    async def infer(self, request: Request) -> Response:
+        missing = self._model_or_404(request)
         if missing is not None:
-            service.metrics.requests.labels("not_found").inc()
+            self.service.metrics.requests.labels("not_found").inc()
             return missing
-        if service.predictor.torn:  # its tables are between two states: no score from them
-            service.metrics.requests.labels("error").inc()
-            return torn()
+        if self.service.predictor.torn:  # its tables are between two states: no score from them
+            self.service.metrics.requests.labels("error").inc()
+            return self._torn()
         start = time.perf_counter()
-        outcome, response = await _answer(request)
-        service.metrics.requests.labels(outcome).inc()
-        service.statistics.request(outcome == "ok", time.perf_counter() - start)
+        outcome, response = await self._answer(request)
+        self.service.metrics.requests.labels(outcome).inc()
+        self.service.statistics.request(outcome == "ok", time.perf_counter() - start)
         if outcome == "ok":
-            service.metrics.latency.observe(time.perf_counter() - start)
+            self.service.metrics.latency.observe(time.perf_counter() - start)
         return response
 
-    async def _answer(request: Request) -> tuple[str, Response]:
+    async def _answer(self, request: Request) -> tuple[str, Response]:
         """(outcome, response) of an infer request."""
-        held = service.bodies.holding()
+        held = self.service.bodies.holding()
         try:
-            body = await _read_body(request, service.settings.max_body_bytes, "serving.max_body_bytes", held)
-            content, headers = await _unless_gone(request, service.infer(body, request.headers.get(HEADER)))
+            body = await _read_body(request, self.service.settings.max_body_bytes, "serving.max_body_bytes", held)
+            content, headers = await _unless_gone(request, self.service.infer(body, request.headers.get(HEADER)))
         except (RequestError, SessionError) as exc:
             closes = getattr(exc, "closes", False)  # what follows on the connection is the rest of a body
-            return "bad_request", _error(getattr(exc, "status", 400), str(exc), {"Connection": "close"} if closes else None)
+            closing = {"Connection": "close"} if closes else None
+            return "bad_request", _error(getattr(exc, "status", 400), str(exc), closing)
         except Overloaded as exc:
             return "overloaded", _error(503, str(exc), {"Retry-After": "1"})
         except ShuttingDown as exc:  # another replica may take it
@@ -390,9 +396,9 @@ def create_app(service: Service) -> Starlette:
                 return "bad_request", _error(400, request.scope[_MALFORMED])
             return "client_gone", _error(400, "the client closed the connection before its answer")
         except asyncio.CancelledError:  # answered only when the runner cancels every task as the server stops
-            if service.stopped_at_once:
+            if self.service.stopped_at_once:
                 why = "the server was stopped at once (a second Ctrl-C or SIGTERM)"
-            elif service.batcher.closed:  # a second before the exit deadline: a body still arriving, say
+            elif self.service.batcher.closed:  # a second before the exit deadline: a body still arriving, say
                 why = "the server stopped at the end of its exit timeout (--exit-timeout-s)"
             else:
                 raise
@@ -404,22 +410,22 @@ def create_app(service: Service) -> Starlette:
         return "ok", Response(content, media_type="application/json" if not headers else "application/octet-stream",
                               headers=headers)
 
-    async def config(request: Request) -> JSONResponse:
-        return model_or_404(request) or JSONResponse(
-            model_config(service.metadata(), service.predictor.serving, service.predictor.source))
+    async def config(self, request: Request) -> JSONResponse:
+        return self._model_or_404(request) or JSONResponse(
+            model_config(self.service.metadata(), self.service.predictor.serving, self.service.predictor.source))
 
-    async def stats(request: Request) -> JSONResponse:
+    async def stats(self, request: Request) -> JSONResponse:
         if "name" in request.path_params:
-            missing = model_or_404(request)
+            missing = self._model_or_404(request)
             if missing is not None:
                 return missing
-        return JSONResponse(service.statistics.json(service.name))
+        return JSONResponse(self.service.statistics.json(self.service.name))
 
-    async def repository_index(request: Request) -> JSONResponse:
-        return JSONResponse([{"name": service.name, "version": "1", "state": "READY"}])
+    async def repository_index(self, request: Request) -> JSONResponse:
+        return JSONResponse([{"name": self.service.name, "version": "1", "state": "READY"}])
 
-    async def load(request: Request) -> JSONResponse:
-        missing = model_or_404(request)
+    async def load(self, request: Request) -> JSONResponse:
+        missing = self._model_or_404(request)
         if missing is not None:
             return missing
         try:
@@ -431,11 +437,11 @@ def create_app(service: Service) -> Starlette:
             return _error(400, f"load: this server loads only its bundle as it now stands, with no parameters; got "
                                f"{given!r}")
         try:
-            update = await asyncio.to_thread(service.updater.update)
+            update = await asyncio.to_thread(self.service.updater.update)
         except Exception as exc:  # noqa: BLE001 - the reason goes to the client and the log; the server goes on
-            log_update(None, refusal(exc), service.updater.delta)
-            return _error(409, f"the bundle was not updated ({refusal(exc)}); {service.updater.serving()}")
-        log_update(update, update.refused, service.updater.delta)
+            log_update(None, refusal(exc), self.service.updater.delta)
+            return _error(409, f"the bundle was not updated ({refusal(exc)}); {self.service.updater.serving()}")
+        log_update(update, update.refused, self.service.updater.delta)
         if update.refused:
             return _error(409, f"the bundle was updated only in part: {update.summary()}; the next delta was not "
                                f"({update.refused})")
@@ -445,43 +451,46 @@ def create_app(service: Service) -> Starlette:
                              "source_checkpoint": update.source and update.source.checkpoint,
                              "source_step": update.source and update.source.step})
 
-    async def unload(request: Request) -> JSONResponse:
-        return model_or_404(request) or _error(
-            400, f"unload: tidal serve does not unload its model {service.name!r}: it serves one bundle for its "
+    async def unload(self, request: Request) -> JSONResponse:
+        return self._model_or_404(request) or _error(
+            400, f"unload: tidal serve does not unload its model {self.service.name!r}: it serves one bundle for its "
                  f"lifetime; stop the server (Ctrl-C or SIGTERM) to stop serving it (POST "
-                 f"/v2/repository/models/{service.name}/load applies the bundle's new deltas)")
+                 f"/v2/repository/models/{self.service.name}/load applies the bundle's new deltas)")
 
-    async def fusion(request: Request) -> JSONResponse:
-        missing = model_or_404(request)
+    async def fusion(self, request: Request) -> JSONResponse:
+        missing = self._model_or_404(request)
         if missing is not None:
             return missing
         if request.method == "PUT":
             try:
-                service.predictor.set_fusion(Fusion(**json_object(await _read_body(request, _CONTROL_BODY_BYTES))))
+                self.service.predictor.set_fusion(Fusion(**json_object(await _read_body(request, _CONTROL_BODY_BYTES))))
             except RequestError as exc:
                 return _error(exc.status, f"fusion: {exc}")
             except (ConfigError, TypeError, ClientDisconnect) as exc:
                 return _error(400, f"fusion: {exc}")
-        return JSONResponse(service.predictor.fusion.model_dump())
+        return JSONResponse(self.service.predictor.fusion.model_dump())
 
-    async def metrics(request: Request) -> Response:
-        return Response(generate_latest(service.metrics.registry), media_type="text/plain; version=0.0.4")
+    async def metrics(self, request: Request) -> Response:
+        return Response(generate_latest(self.service.metrics.registry), media_type="text/plain; version=0.0.4")
 
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:  # unknown routes and methods
+    async def http_error(self, request: Request, exc: HTTPException) -> JSONResponse:  # unknown routes and methods
         return _error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", exc.headers)
 
-    model_routes = [("", model_metadata, ["GET"]), ("/ready", model_ready, ["GET"]), ("/infer", infer, ["POST"]),
-                    ("/config", config, ["GET"]), ("/stats", stats, ["GET"]),
-                    ("/fusion", fusion, ["GET", "PUT"])]
+
+def create_app(service: Service) -> Starlette:
+    """The ASGI application of `service`."""
+    h = _Handlers(service)
+    model_routes = [("", h.model_metadata, ["GET"]), ("/ready", h.model_ready, ["GET"]), ("/infer", h.infer, ["POST"]),
+                    ("/config", h.config, ["GET"]), ("/stats", h.stats, ["GET"]), ("/fusion", h.fusion, ["GET", "PUT"])]
     return Starlette(routes=[
-        Route("/v2", server_metadata), Route("/v2/health/live", live), Route("/v2/health/ready", ready),
-        Route("/v2/models/stats", stats), Route("/v2/repository/index", repository_index, methods=["POST"]),
-        Route("/v2/repository/models/{name}/load", load, methods=["POST"]),
-        Route("/v2/repository/models/{name}/unload", unload, methods=["POST"]),
+        Route("/v2", h.server_metadata), Route("/v2/health/live", h.live), Route("/v2/health/ready", h.ready),
+        Route("/v2/models/stats", h.stats), Route("/v2/repository/index", h.repository_index, methods=["POST"]),
+        Route("/v2/repository/models/{name}/load", h.load, methods=["POST"]),
+        Route("/v2/repository/models/{name}/unload", h.unload, methods=["POST"]),
         *[Route(f"/v2/models/{{name}}{version}{path}", endpoint, methods=methods)
           for version in ("", "/versions/{version}") for path, endpoint, methods in model_routes],
-        Route("/metrics", metrics),
-    ], exception_handlers={HTTPException: http_error})
+        Route("/metrics", h.metrics),
+    ], exception_handlers={HTTPException: h.http_error})
 
 
 _MESSAGE_CHARS = 2000  # an error message quoting what came is cut here
