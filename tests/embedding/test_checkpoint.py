@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -688,3 +689,37 @@ def test_save_after_killed_save_succeeds_and_cleans_up(chain_then_killed_save, s
     kept = ["000003-full"] if save == "save" else ["000001-full", "000002-delta", "000003-delta"]
     assert sorted(p.name for p in root.iterdir()) == kept + ["CHAIN.json"]
     _assert_same_table(table, EmbeddingTable.load(root))
+
+
+def test_a_removal_or_an_update_during_a_save_waits_for_it_and_the_next_delta_holds_it(tmp_path, monkeypatch):
+    """Saves took no hold on the table: a removal that came half way was in no delta, and
+    a load brought the keys back for good (an audit's find)."""
+    table = EmbeddingTable(TableConfig(name="t", dim=4, num_shards=2, optimizer=Sgd(lr=0.5)))
+    table.lookup_or_insert(np.arange(100))
+    save_tables(tmp_path, [table])
+    snapshot, changes = EmbeddingTable.snapshot_shard, []
+
+    def snapshot_then_change(self, s, *, since_save):  # type: ignore[no-untyped-def]
+        arrays = snapshot(self, s, since_save=since_save)
+        if not changes:  # after the first shard: a removal and an update from other threads
+            changes.extend([threading.Thread(target=self.remove, args=(np.arange(50),)),
+                            threading.Thread(target=self.apply_gradients,
+                                             args=(np.arange(50, 60), np.ones((10, 4), np.float32)))])
+            for thread in changes:
+                thread.start()
+                thread.join(0.2)
+                assert thread.is_alive()  # it waits for the save
+        return arrays
+
+    monkeypatch.setattr(EmbeddingTable, "snapshot_shard", snapshot_then_change)
+    save_tables_delta(tmp_path, [table])
+    for thread in changes:
+        thread.join()
+    monkeypatch.undo()
+    save_tables_delta(tmp_path, [table])  # at a safe point: it holds what came during the last save
+    loaded = load_tables(tmp_path)["t"]
+    keys, values = table.values_by_key()
+    loaded_keys, loaded_values = loaded.values_by_key()
+    assert len(keys) == 50
+    np.testing.assert_array_equal(loaded_keys, keys)
+    np.testing.assert_array_equal(loaded_values, values)

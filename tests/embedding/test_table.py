@@ -944,3 +944,31 @@ def test_no_keys_as_an_empty_list_are_no_keys_and_a_tracked_gradient_tensor_is_r
     before = table.lookup([5])
     table.apply_gradients([5], torch.ones(1, table.dim, requires_grad=True))  # as backward takes one
     assert not np.array_equal(before, table.lookup([5]))
+
+
+def test_an_eviction_holds_the_table_from_choosing_its_rows_to_removing_them(monkeypatch):
+    """A lookup between the two had its fresh row evicted as stale, and two evictions at
+    once cut a capped table to half its cap (an audit's finds)."""
+    table = EmbeddingTable(TableConfig(name="t", dim=4, eviction=Eviction(ttl_steps=2)))
+    table.lookup_or_insert(np.array([1]), step=1)
+    table.lookup_or_insert(np.array([2]), step=10)
+    chosen, looking = EmbeddingTable._live_metadata, []
+
+    def chosen_then_looked_up(self):  # type: ignore[no-untyped-def]
+        found = chosen(self)
+        looking.append(threading.Thread(target=self.lookup_or_insert, args=(np.array([1]),), kwargs={"step": 10}))
+        looking[0].start()
+        looking[0].join(0.2)
+        assert looking[0].is_alive()  # it waits for the eviction
+        return found
+
+    monkeypatch.setattr(EmbeddingTable, "_live_metadata", chosen_then_looked_up)
+    assert table.evict() == 1
+    looking[0].join()
+    monkeypatch.undo()
+    assert table.find(np.array([1]), count=False).handles[0] >= 0  # looked up after its row went: a new row
+    capped = EmbeddingTable(TableConfig(name="c", dim=4, max_rows=1000, eviction=Eviction(capacity_policy="lru")))
+    capped.lookup_or_insert(np.arange(1500))
+    with ThreadPoolExecutor(3) as pool:
+        assert sorted(pool.map(lambda _: capped.evict(), range(3))) == [0, 0, 500]
+    assert capped.stats().rows == 1000

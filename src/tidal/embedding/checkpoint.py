@@ -41,7 +41,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,9 @@ _SAVED = re.compile(r"\d{6}-(full|delta)")  # those of a finished save
 def save(root: str | os.PathLike, tables: Sequence[EmbeddingTable]) -> Path:
     """A full checkpoint of `tables` under `root`; earlier checkpoints are then removed.
 
-    Call at a safe point: no training step may run on these tables meanwhile.
+    It holds the tables still while it writes (`EmbeddingTable.saving`): the lookups,
+    updates and removals under way end first, and those that come meanwhile wait. Call
+    it between training steps, so that it holds the rows of whole steps.
     """
     root = _checked(root, tables)
     with _one_save_at_a_time(root):
@@ -214,6 +216,18 @@ def _checked(root: str | os.PathLike, tables: Sequence[EmbeddingTable]) -> Path:
 
 
 def _save(root: Path, tables: Sequence[EmbeddingTable], *, delta: bool) -> Path:
+    """Write and commit the checkpoint, each table held still meanwhile (`saving`): a
+    lookup, update or removal that came half way would leave the checkpoint with no
+    state the table ever had, and the next delta without what it changed."""
+    with ExitStack() as held:
+        for table in sorted(tables, key=id):  # one order, as every holder of several tables
+            held.enter_context(table.saving())
+        saved = _write_and_commit(root, tables, delta)
+    _remove_unreferenced(root)
+    return saved
+
+
+def _write_and_commit(root: Path, tables: Sequence[EmbeddingTable], delta: bool) -> Path:
     chain = _chain(root) if (root / CHAIN).exists() else []
     number = int(chain[-1].split("-")[0]) + 1 if chain else 1
     name = f"{number:06d}-{'delta' if delta else 'full'}"
@@ -236,7 +250,6 @@ def _save(root: Path, tables: Sequence[EmbeddingTable], *, delta: bool) -> Path:
     fsync_path(root)
     for table in tables:
         table.mark_saved(manifest["tables"][table.name]["clocks"], _head(checkpoint_id, name))
-    _remove_unreferenced(root)
     return root / name
 
 

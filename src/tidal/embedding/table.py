@@ -713,19 +713,24 @@ class EmbeddingTable:
         meanwhile wait for it. When rows went, lookups made before are refused by the
         updates they are given to (their rows may go to other keys): look the keys up again.
         """
-        grouped, _, _, offsets = ix.group_by_shard(self._keys(keys), self.num_shards)
-        removed = 0
+        keys = self._keys(keys)
         with self._gate.exclusive():
-            for s, shard in enumerate(self._shards):
-                mine = grouped[offsets[s] : offsets[s + 1]]
-                with shard.lock:
-                    shard.reserve_free(len(mine))
-                    present = ix.remove(shard.slots, shard.row_keys, shard.free_rows, shard.ctl, mine)
-                    if self._saved_step >= 0:  # only a delta after a save needs them
-                        shard.record_removed(mine[present])
-                    shard.ctl[ix.C_EVICTED] += int(present.sum())
-                    removed += int(present.sum())
-            self._epoch += removed > 0
+            return self._remove(keys)
+
+    def _remove(self, keys: np.ndarray) -> int:
+        """`remove` of checked keys; the caller holds the gate alone."""
+        grouped, _, _, offsets = ix.group_by_shard(keys, self.num_shards)
+        removed = 0
+        for s, shard in enumerate(self._shards):
+            mine = grouped[offsets[s] : offsets[s + 1]]
+            with shard.lock:
+                shard.reserve_free(len(mine))
+                present = ix.remove(shard.slots, shard.row_keys, shard.free_rows, shard.ctl, mine)
+                if self._saved_step >= 0:  # only a delta after a save needs them
+                    shard.record_removed(mine[present])
+                shard.ctl[ix.C_EVICTED] += int(present.sum())
+                removed += int(present.sum())
+        self._epoch += removed > 0
         return removed
 
     # ------------------------------------------------------------------ eviction
@@ -735,7 +740,10 @@ class EmbeddingTable:
 
         Call it at a safe point: no handle from an earlier `lookup_or_insert` may be in
         use, since evicted rows are reused. It also halves the admission counts of keys
-        not yet admitted, so a key must keep coming back to earn its row.
+        not yet admitted, so a key must keep coming back to earn its row. It holds the
+        table alone from choosing the rows to removing them: lookups, updates, saves and
+        other evictions wait (a lookup between the two would find a row chosen as
+        stale, and two evictions at once would both cut the table down to its cap).
         """
         eviction = self.config.eviction
         if eviction is None:
@@ -743,15 +751,15 @@ class EmbeddingTable:
             return 0
         with self._gate.exclusive():  # lookups from before a safe point are refused, even if no row goes
             self._epoch += 1
-        self._age_sketches()  # once the gate let it through: an evict refused changes nothing
-        evicted = 0
-        if eviction.ttl_steps is not None:
-            stale = [keys[self._step - seen.astype(np.int64) > eviction.ttl_steps]
-                     for keys, seen, _ in self._live_metadata()]
-            evicted += self.remove(np.concatenate(stale))
-        over = self.stats().rows - (_UNLIMITED if self.row_cap is None else self.row_cap)
-        if over > 0:
-            evicted += self.remove(self._least_used(over, eviction.capacity_policy))
+            self._age_sketches()  # once the gate let it through: an evict refused changes nothing
+            evicted = 0
+            if eviction.ttl_steps is not None:
+                stale = [keys[self._step - seen.astype(np.int64) > eviction.ttl_steps]
+                         for keys, seen, _ in self._live_metadata()]
+                evicted += self._remove(np.concatenate(stale))
+            over = self.stats().rows - (_UNLIMITED if self.row_cap is None else self.row_cap)
+            if over > 0:
+                evicted += self._remove(self._least_used(over, eviction.capacity_policy))
         return evicted
 
     def _age_sketches(self) -> None:
@@ -843,6 +851,13 @@ class EmbeddingTable:
     def restore_clocks(self, clocks: dict[str, int]) -> None:
         with self._counter_lock:
             self._step, self._updates, self._saved_step = clocks["step"], clocks["updates"], clocks["saved_step"]
+
+    def saving(self) -> AbstractContextManager[None]:
+        """A block in which the table does not change: lookups, updates and removals
+        wait for it to end. A save writes the rows and forgets the removals in it, so
+        that its checkpoint holds one state of the table and the next delta misses no
+        change. Not inside `holding_rows` (`RuntimeError`: it would wait for itself)."""
+        return self._gate.exclusive()
 
     def mark_saved(self, clocks: dict[str, int], checkpoint_id: str) -> None:
         """The checkpoint written with `clocks` committed: the next delta starts here.
