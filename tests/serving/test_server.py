@@ -1323,3 +1323,22 @@ def test_a_session_of_a_model_without_user_features_caches_an_empty_user_side(tm
                                           "features")
     finally:
         running.stop()
+
+
+def test_a_fresh_server_s_labelled_metrics_are_there_at_zero(bundle):
+    """They appeared with their first event: an alert on errors saw no series, not 0 (an audit's note)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    running = start_server(Service(bundle, name="ctr"))
+    try:
+        text = urllib.request.urlopen(running.url + "/metrics", timeout=30).read().decode()
+    finally:
+        running.stop()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    for outcome in ("ok", "bad_request", "overloaded", "shutting_down", "not_found", "client_gone", "error"):
+        assert samples[("tidal_requests_total", (("outcome", outcome),))] == 0
+    for status in ("400", "408", "431", "505"):
+        assert samples[("tidal_http_refusals_total", (("status", status),))] == 0
+    for stage in ("sparse", "dense"):
+        assert samples[("tidal_compute_seconds_count", (("stage", stage),))] == 0

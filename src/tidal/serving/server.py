@@ -241,8 +241,13 @@ def _settings(serving: ServingConfig, overrides: dict) -> ServingConfig:
     return ServingConfig(**settings)
 
 
+_OUTCOMES = ("ok", "bad_request", "overloaded", "shutting_down", "not_found", "client_gone", "error")
+_REFUSAL_STATUSES = ("400", "408", "431", "505")
+
+
 class _Metrics:
-    """The Prometheus metrics of one service (a registry of its own)."""
+    """The Prometheus metrics of one service (a registry of its own). Every labelled series
+    is there from the start, at 0: an alert on errors sees 0 before the first one, not nothing."""
 
     def __init__(self, service: Service) -> None:
         self.registry = CollectorRegistry()
@@ -262,6 +267,12 @@ class _Metrics:
         self.session_bytes = Gauge("tidal_session_cache_bytes", "Bytes of cached session state", registry=self.registry)
         self.sessions.set_function(lambda: service.sessions.expire() or len(service.sessions))  # live ones only
         self.session_bytes.set_function(lambda: service.sessions.bytes)
+        for outcome in _OUTCOMES:
+            self.requests.labels(outcome)
+        for status in _REFUSAL_STATUSES:
+            self.http_refusals.labels(status)
+        for stage in ("sparse", "dense"):
+            self.compute.labels(stage)
         self.registry.register(_IdCounts(service.predictor))
         self.registry.register(_SessionsGone(service))
         self.registry.register(_Deltas(service))
