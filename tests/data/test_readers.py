@@ -95,6 +95,18 @@ def _every_other_bad(tmp_path, rows: int, name: str = "d.tsv"):  # type: ignore[
     return _write(tmp_path / name, "".join("1\t5\ta\n" if k % 2 else "1\t5\n" for k in range(rows)))
 
 
+def test_a_read_whose_every_row_is_bad_points_at_the_layout_not_at_skipping_them(tmp_path):
+    """It said to raise data.max_bad_fraction to 1.0, which would skip every row, where the
+    columns were given in another order than the files' (an audit's find)."""
+    path = _write(tmp_path / "d.tsv", "a1\t1\t5\n" * 12_000)  # C1, label, I1: read as label, I1, C1
+    with pytest.raises(DataError, match=r"were bad \(100\.0%\), .* Every row was bad, so the files are likely of "
+                                        r"another layout than the one given: for TSV and CSV without a header line, "
+                                        r"data\.columns \(read_batches: layout\) lists the columns in the files' order$"):
+        list(read_batches(path, columns=SMALL, checks=CHECKS))
+    assert sum(b.num_rows for b in read_batches(path, columns=SMALL, checks=CHECKS, layout=["C1", "label", "I1"])) \
+        == 12_000
+
+
 @pytest.mark.parametrize("batch_rows", [100, 65536])
 def test_more_bad_rows_than_max_bad_fraction_stop_the_read_part_way_saying_why(tmp_path, monkeypatch, batch_rows):
     monkeypatch.setattr(readers, "_PIECE_BYTES", 1 << 14)  # 2,000-odd rows a piece
@@ -103,7 +115,8 @@ def test_more_bad_rows_than_max_bad_fraction_stop_the_read_part_way_saying_why(t
     with pytest.raises(DataError, match=rf"^(\d|,)+ of the (\d|,)+ rows read of {path} were bad \(50\.0%\), more than "
                                         rf"the (\d|,)+ that max_bad_fraction 0\.1 allows: the files may not have the "
                                         rf"layout the run expects\. The first: {path}:1: expected 3 columns, found 2\. "
-                                        rf"Fix the files, or raise data\.max_bad_fraction \(1\.0 skips any number\)$"):
+                                        rf"Fix the files, or raise data\.max_bad_fraction \(read_batches: "
+                                        rf"max_bad_fraction; 1\.0 skips any number\)$"):
         for batch in read_batches(path, columns=SMALL, checks=CHECKS, batch_rows=batch_rows):
             handed.append(batch.num_rows)
     assert sum(handed) < 10_000  # stopped soon after 10,000 rows read, not at the end of the file

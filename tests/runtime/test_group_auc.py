@@ -212,9 +212,10 @@ def test_eval_reads_files_as_its_flags_say_and_checks_their_layout_first(trained
     # from 10,000 rows on
     code, _, err = evaluate(fifth_bad)
     assert code == 2 and re.search(r"were bad \(20\.0%\), more than the 1,200 that max_bad_fraction 0\.1 allows: .* "
-                                   r"Fix the files, or raise data\.max_bad_fraction \(1\.0 skips any number\)", err)
+                                   r"Fix the files, or raise data\.max_bad_fraction \(read_batches: max_bad_fraction; 1\.0 skips any "
+                                   r"number\)", err)
     code, _, err = evaluate(fifth_bad, "--max-bad-fraction", "0.1")  # the flag the user typed is the one named
-    assert code == 2 and "or raise --max-bad-fraction (1.0 skips any number)" in err
+    assert code == 2 and "or raise --max-bad-fraction (read_batches: max_bad_fraction; 1.0 skips any number)" in err
     code, out, _ = evaluate(fifth_bad, "--max-bad-fraction", "0.5")
     assert code == 0 and "on 9,600 rows" in out and "bad rows: 2,400 bad rows skipped" in out
     code, _, err = evaluate(fifth_bad, "--max-bad-fraction", "2")

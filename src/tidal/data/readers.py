@@ -494,9 +494,13 @@ def _check_bad_share(rows: BadRows, most: float, where: str = "") -> None:
     if read < JUDGED_FROM or bad <= most * read:
         return
     first = f" The first: {rows.examples[0]}." if rows.examples else ""
+    advice = (" Every row was bad, so the files are likely of another layout than the one given: for TSV and CSV "
+              "without a header line, data.columns (read_batches: layout) lists the columns in the files' order"
+              if bad == read else " Fix the files, or raise data.max_bad_fraction (read_batches: max_bad_fraction; "
+              "1.0 skips any number)")
     raise DataError(f"{bad:,d} of the {read:,d} rows read{where} were bad ({bad / read:.1%}), more than the "
                     f"{int(most * read):,d} that max_bad_fraction {most:g} allows: the files may not have the layout "
-                    f"the run expects.{first} Fix the files, or raise data.max_bad_fraction (1.0 skips any number)")
+                    f"the run expects.{first}{advice}")
 
 
 def _exactly(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
