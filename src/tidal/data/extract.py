@@ -104,6 +104,9 @@ class Extractor:
         return _default_id(self._seeds[name])
 
     def __call__(self, batch: pa.RecordBatch) -> SparseBatch:
+        """The `SparseBatch` of the rows of `batch` (string columns, as `read_batches`
+        gives them, or typed ones): each sparse feature's ids in the features' order, the
+        dense features `[B, Dd]` and the labels `[B, T]`."""
         if not isinstance(batch, pa.RecordBatch):
             hint = "; pass table.combine_chunks().to_batches()[0]" if isinstance(batch, pa.Table) else ""
             raise DataError(f"Extractor: expected a pyarrow.RecordBatch, got {type(batch).__name__}{hint}")

@@ -97,6 +97,7 @@ class EmbeddingCollection:
         return 1.0 if self.lr_scale is None else float(self.lr_scale(step))
 
     def table(self, name: str) -> EmbeddingTable:
+        """The table named `name` (a `ConfigError` naming those there are, if none)."""
         if name not in self._table_index:
             raise ConfigError(f"no table {name!r} in this collection; it has {sorted(self._table_index)}")
         return self.tables[self._table_index[name]]
