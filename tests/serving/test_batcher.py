@@ -99,18 +99,22 @@ def test_a_failing_on_batch_call_is_reported_and_its_requests_answered(trainer, 
 
 
 def test_a_piece_that_cannot_be_scored_fails_alone_and_the_others_of_its_batch_are_answered(trainer, predictor):
-    """One caller's piece with a column of the wrong type failed every piece merged with it."""
+    """One caller's piece with a column of the wrong type failed every piece merged with
+    it; so did two good pieces that do not merge (their columns in another order)."""
     records: list = []
     first, good, other = _pieces(trainer, predictor, [2, 3, 4])
     name = next(c for c in predictor.item_columns if good.items.column(c).type == pa.string())
     bad = Piece(items=good.items.set_column(good.items.schema.get_field_index(name), name, pa.array(np.arange(3))),
                 user=good.user)
+    names = list(reversed(other.items.schema.names))
+    reordered = Piece(items=pa.RecordBatch.from_arrays([other.items.column(n) for n in names], names=names),
+                      user=other.user)
     batcher = _batcher(predictor, records)
     try:
         with _held(predictor) as gate:
             futures = batcher.submit(first)
             _until(lambda: batcher._in_flight == 1)
-            futures += [f for p in (good, bad, other) for f in batcher.submit(p)]
+            futures += [f for p in (good, bad, reordered) for f in batcher.submit(p)]
             gate.set()
             answers = [futures[k].result(timeout=30) for k in (0, 1, 3)]
             with pytest.raises(TidalError, match=rf"^feature '{name}' reads its column\(s\) as text: expected string "
@@ -120,6 +124,7 @@ def test_a_piece_that_cannot_be_scored_fails_alone_and_the_others_of_its_batch_a
         batcher.close()
     assert [(r.pieces, r.rows) for r in records] == [(1, 2), (2, 7)]  # the bad piece left its batch
     np.testing.assert_allclose(np.concatenate(answers), predictor.predict([first, good, other]), rtol=1e-5)
+    assert (batcher._in_flight, batcher._under_way) == (0, {})
 
 
 def test_a_piece_s_user_is_one_row_and_its_state_a_user_state(trainer, predictor):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -129,15 +130,25 @@ def test_a_cache_refuses_settings_that_would_expire_every_session_at_once(settin
     assert SessionCache(ttl_s=float("inf"), memory_bytes=0).ttl_s == float("inf")  # never expire: taken
 
 
-@pytest.mark.parametrize("sequence_id", [None, -5, 1.5, True, 1 << 64, b"a"])
+@pytest.mark.parametrize("sequence_id", [None, -5, 1.5, True, 1 << 64, b"a", 0, "", "x" * 257])
 def test_an_id_that_no_request_could_carry_is_refused_naming_it(sequence_id):
     """None, -5 and 1.5 were taken as ids, and True reached session 1 (an audit's find)."""
     cache = SessionCache(ttl_s=100, memory_bytes=1 << 20)
-    expected = rf"^a session's id is an unsigned 64-bit integer or a string, got {re.escape(repr(sequence_id))}$"
+    expected = (r"^a session's id is an unsigned 64-bit integer other than 0 or a string of 1 to 256 characters \(as "
+                rf"in Triton, 0 and \"\" mean no session\), got {re.escape(repr(sequence_id))}$")
     for call in (lambda: cache.start(sequence_id, _state()), lambda: cache.get(sequence_id),
                  lambda: cache.end(sequence_id), lambda: cache.refresh(sequence_id, _state(), _state())):
         with pytest.raises(SessionError, match=expected):
             call()
+    assert len(cache) == 0
+
+
+def test_a_numpy_integer_id_is_the_session_of_its_value():
+    cache = SessionCache(ttl_s=100, memory_bytes=1 << 20)
+    state = _state()
+    cache.start(np.uint64(5), state)
+    assert cache.get(5) is state and cache.get(np.int32(5)) is state
+    cache.end(5)
     assert len(cache) == 0
 
 

@@ -28,7 +28,8 @@ class GeneratedSources:
 
     @contextmanager
     def made(self) -> Iterator[None]:
-        """Note the keys of the programs made in the block (on failure too)."""
+        """Note the keys of the programs made in the block (on failure too; those another
+        thread makes meanwhile are noted as well)."""
         before = set(_loader.eval_cache)
         try:
             yield

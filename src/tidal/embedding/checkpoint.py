@@ -86,7 +86,7 @@ def save_delta(root: str | os.PathLike, tables: Sequence[EmbeddingTable]) -> Pat
     """A delta checkpoint: for each table, rows touched and keys removed since its last
     save. The chain under `root` must start with a full checkpoint of the same tables.
 
-    Call at a safe point, as `save`.
+    It holds the tables still while it writes, as `save` does.
     """
     root = _checked(root, tables)
     with _one_save_at_a_time(root):

@@ -856,7 +856,8 @@ class EmbeddingTable:
         """A block in which the table does not change: lookups, updates and removals
         wait for it to end. A save writes the rows and forgets the removals in it, so
         that its checkpoint holds one state of the table and the next delta misses no
-        change. Not inside `holding_rows` (`RuntimeError`: it would wait for itself)."""
+        change. Not inside `holding_rows` (`RuntimeError`: it would wait for itself); a
+        lookup or update from the thread that holds it waits for good."""
         return self._gate.exclusive()
 
     def mark_saved(self, clocks: dict[str, int], checkpoint_id: str) -> None:

@@ -777,7 +777,7 @@ class Trainer:
             self._log(log, epoch, step)
 
     def _log(self, log, epoch: int, step: int) -> None:  # type: ignore[no-untyped-def]
-        """Log the progress at `step` (rows from the run's start; speed of this call)."""
+        """Log the progress at `step` (rows from the run's start; the speed since the last line)."""
         training = self.config.training
         rates = {"lr": training.lr_at(step)} | ({"table_lr_scale": training.table_lr_scale(step)}
                                                 if training.schedules_tables else {})

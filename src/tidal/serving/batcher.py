@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from tidal.config import is_finite_number, is_whole_number, require
 from tidal.errors import BatchError, ConfigError, TidalError
@@ -102,6 +103,14 @@ class BatchRecord:
     waited_s: float
     sparse_s: float
     dense_s: float
+
+
+def _joined(stages: list[SparseOutput]) -> SparseOutput | None:
+    """One stage of the rows of `stages` in order (each a piece's, of one state of the bundle)."""
+    if not stages:
+        return None
+    return SparseOutput(pooled=torch.cat([s.pooled for s in stages]), dense=torch.cat([s.dense for s in stages]),
+                        program=stages[0].program)
 
 
 def _check_settings(*, max_delay_ms: Any, **counts: Any) -> None:
@@ -368,25 +377,26 @@ class Batcher:
         else:
             self._dense.submit(self._run_dense, batch, stage, start, time.perf_counter() - start)
 
-    def _sparse_stage(self, batch: list[_Waiting]) -> tuple[list[_Waiting], SparseOutput]:
+    def _sparse_stage(self, batch: list[_Waiting]) -> tuple[list[_Waiting], SparseOutput | None]:
         """The sparse stage of `batch`. When it fails on a batch of several pieces, each
-        piece is tried alone: one that fails alone fails (its caller learns why), and
-        the others are scored together, so that one caller's bad piece (a column of the
-        wrong type) fails no other. Its chunks are still under way: no update comes between."""
+        piece runs it alone: one that fails alone fails (its caller learns why), and the
+        stages of the others are joined, so that one caller's bad piece (a column of the
+        wrong type) or two that do not merge fail no other. The chunks are still under
+        way meanwhile: no update comes between the pieces."""
         try:
             return batch, self.predictor.sparse([w.piece for w in batch])
         except Exception:
             if len(batch) == 1:
                 raise
-        scored = []
+        scored, stages = [], []
         for w in batch:
             try:
-                self.predictor.sparse([w.piece])
+                stages.append(self.predictor.sparse([w.piece]))
             except Exception as exc:  # noqa: BLE001 - this piece's caller learns why
                 w.future.set_exception(exc)
             else:
                 scored.append(w)
-        return scored, self.predictor.sparse([w.piece for w in scored])
+        return scored, _joined(stages)
 
     def _run_dense(self, batch: list[_Waiting], stage: SparseOutput, start: float, sparse_s: float) -> None:
         dense_start = time.perf_counter()

@@ -388,10 +388,8 @@ class Predictor:
 
     def outputs(self, probabilities: np.ndarray) -> dict[str, np.ndarray]:
         """The response tensors of probabilities `[n, T]`: one per target, and `score`."""
-        _check_probabilities(probabilities, self.targets)
-        outputs = {t: probabilities[:, k] for k, t in enumerate(self.targets)}
-        outputs["score"] = self.fuse(probabilities)
-        return outputs
+        score = self.fuse(probabilities)  # which checks them first
+        return {t: probabilities[:, k] for k, t in enumerate(self.targets)} | {"score": score}
 
     # ------------------------------------------------------------------ stages
 

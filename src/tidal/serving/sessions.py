@@ -21,6 +21,7 @@ from collections.abc import Callable
 from tidal.config import is_finite_number, is_whole_number
 from tidal.errors import ConfigError, TidalError
 from tidal.serving.predictor import UserState, check_user_state
+from tidal.serving.protocol import MAX_SEQUENCE_ID
 
 __all__ = ["SessionCache", "SessionError"]
 
@@ -36,10 +37,14 @@ SequenceId = int | str
 
 
 def _checked(sequence_id: object) -> SequenceId:
-    """`sequence_id` if it is a session's id (an unsigned 64-bit integer or a string), else a `SessionError`."""
-    if isinstance(sequence_id, str) or (type(sequence_id) is int and 0 <= sequence_id < 1 << 64):
+    """`sequence_id` as a session's id (a numpy integer as Python's), or a `SessionError`
+    unless it is one a request could carry."""
+    if is_whole_number(sequence_id) and 0 < sequence_id < 1 << 64:
+        return int(sequence_id)
+    if isinstance(sequence_id, str) and 0 < len(sequence_id) <= MAX_SEQUENCE_ID:
         return sequence_id
-    raise SessionError(f"a session's id is an unsigned 64-bit integer or a string, got {sequence_id!r}")
+    raise SessionError(f"a session's id is an unsigned 64-bit integer other than 0 or a string of 1 to "
+                       f"{MAX_SEQUENCE_ID} characters (as in Triton, 0 and \"\" mean no session), got {sequence_id!r}")
 
 
 def _named(sequence_id: SequenceId) -> str:
@@ -75,7 +80,8 @@ class SessionCache:
     def start(self, sequence_id: SequenceId, state: UserState) -> None:
         """Cache `state` for `sequence_id` (replacing any earlier one)."""
         check_user_state(state, "SessionCache.start: state")
-        size = self._size(_checked(sequence_id), state)
+        sequence_id = _checked(sequence_id)
+        size = self._size(sequence_id, state)
         if size > self.memory_bytes:
             raise SessionError(f"{_named(sequence_id)}: its state ({size} bytes) exceeds the cache "
                                f"({self.memory_bytes} bytes)")
@@ -86,7 +92,8 @@ class SessionCache:
         """Put `new` in the place of `old` (a state pooled again after an online update),
         unless the session ended or started again meanwhile."""
         check_user_state(new, "SessionCache.refresh: new")
-        size = self._size(_checked(sequence_id), new)
+        sequence_id = _checked(sequence_id)
+        size = self._size(sequence_id, new)
         with self._lock:
             entry = self._entries.get(sequence_id)
             if entry is not None and entry[0] is old and size <= self.memory_bytes:
@@ -116,7 +123,7 @@ class SessionCache:
 
     def get(self, sequence_id: SequenceId) -> UserState:
         """The state of a live session (its idle time restarts), or a `SessionError` saying why not."""
-        _checked(sequence_id)
+        sequence_id = _checked(sequence_id)
         with self._lock:
             self._expire()
             entry = self._entries.get(sequence_id)
@@ -130,7 +137,7 @@ class SessionCache:
     def end(self, sequence_id: SequenceId, state: UserState | None = None) -> None:
         """Release a session's state; with `state`, only if it is still the one under
         `sequence_id` (not a session started again under that id meanwhile)."""
-        _checked(sequence_id)
+        sequence_id = _checked(sequence_id)
         with self._lock:
             entry = self._entries.get(sequence_id)
             if state is None or entry is None or entry[0] is state:
