@@ -7,4 +7,5 @@ from tidal.data.generate import GeneratedData, auc, generate
 from tidal.data.hashing import hash_strings
 from tidal.data.readers import BadRows, read_batches
 
-__all__ = ["BadRows", "CRITEO_COLUMNS", "Extractor", "GeneratedData", "SparseBatch", "auc", "generate", "hash_strings", "read_batches"]
+__all__ = ["BadRows", "CRITEO_COLUMNS", "Extractor", "GeneratedData", "SparseBatch", "auc", "generate", "hash_strings",
+           "read_batches"]
