@@ -9,6 +9,6 @@ from tidal.compile.ort import ONNX_MISSING, OnnxProgram, export_program, onnx_av
 from tidal.compile.rules import NOT_FOUND, RULES, Rewritten, Rule, RuleOutcome, rewrite
 from tidal.compile.sources import GeneratedSources
 
-__all__ = ["AOTI_MISSING", "AotiProgram", "GeneratedSources", "NOT_FOUND", "ONNX_MISSING", "OnnxProgram", "RULES", "Rewritten", "Rule",
-           "RuleOutcome", "aoti_available", "compiled_for", "differing", "export_program", "onnx_available", "rewrite",
-           "to_aoti", "to_onnx", "unfit_here"]
+__all__ = ["AOTI_MISSING", "AotiProgram", "GeneratedSources", "NOT_FOUND", "ONNX_MISSING", "OnnxProgram", "RULES",
+           "Rewritten", "Rule", "RuleOutcome", "aoti_available", "compiled_for", "differing", "export_program",
+           "onnx_available", "rewrite", "to_aoti", "to_onnx", "unfit_here"]
