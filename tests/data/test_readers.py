@@ -99,10 +99,13 @@ def test_a_read_whose_every_row_is_bad_points_at_the_layout_not_at_skipping_them
     """It said to raise data.max_bad_fraction to 1.0, which would skip every row, where the
     columns were given in another order than the files' (an audit's find)."""
     path = _write(tmp_path / "d.tsv", "a1\t1\t5\n" * 12_000)  # C1, label, I1: read as label, I1, C1
-    with pytest.raises(DataError, match=r"were bad \(100\.0%\), .* Every row was bad, so the files are likely of "
-                                        r"another layout than the one given: for TSV and CSV without a header line, "
-                                        r"data\.columns \(read_batches: layout\) lists the columns in the files' order$"):
+    with pytest.raises(DataError, match=r"were bad \(100\.0%\), .* Every row was bad, so the files' columns are "
+                                        r"likely in another order than the layout given: give them in the files' order "
+                                        r"\(data\.columns; read_batches: layout\), or fix the files$"):
         list(read_batches(path, columns=SMALL, checks=CHECKS))
+    csv = _write(tmp_path / "d.csv", "label,I1,C1\n" + "x,1,a\n" * 12_000)  # by name: the layout is not the cause
+    with pytest.raises(DataError, match=r"were bad \(100\.0%\), .* Fix the files, or raise data\.max_bad_fraction"):
+        list(read_batches(csv, columns=SMALL, checks=CHECKS))
     assert sum(b.num_rows for b in read_batches(path, columns=SMALL, checks=CHECKS, layout=["C1", "label", "I1"])) \
         == 12_000
 

@@ -351,8 +351,9 @@ def _checked(paths: list[str], names: tuple[list[str], list[str]], checks: Mappi
                 valid = _valid_rows(batch, path, lines, checks, in_file, on_bad_row, dropped)
                 report.extend(in_file.count - counted, in_file.examples[shown:])
                 report.read += in_file.read - read
-                _check_bad_share(in_file, max_bad_fraction, f" of {path}")
-                _check_bad_share(report, max_bad_fraction)
+                positional = kind == "tsv" or (kind == "csv" and not csv_header)  # columns by the layout's order
+                _check_bad_share(in_file, max_bad_fraction, f" of {path}", positional)
+                _check_bad_share(report, max_bad_fraction, positional=positional)
                 yield valid
             if in_file.read == 0 and path not in report.empty_files:
                 report.empty_files.append(path)
@@ -487,17 +488,18 @@ def _file_rows(path: str, kind: str, names: tuple[list[str], list[str]], batch_r
     return _text(path, kind, columns, None if kind == "csv" and csv_header else layout)
 
 
-def _check_bad_share(rows: BadRows, most: float, where: str = "") -> None:
+def _check_bad_share(rows: BadRows, most: float, where: str = "", positional: bool = False) -> None:
     """Stop the read when more than `most` of the rows read (`where`: of one file, or
-    of all so far) were bad, from `JUDGED_FROM` rows on."""
+    of all so far) were bad, from `JUDGED_FROM` rows on; every row of a file whose
+    columns go by position (`positional`) bad points at the layout."""
     bad, read = rows.count, rows.read
     if read < JUDGED_FROM or bad <= most * read:
         return
     first = f" The first: {rows.examples[0]}." if rows.examples else ""
-    advice = (" Every row was bad, so the files are likely of another layout than the one given: for TSV and CSV "
-              "without a header line, data.columns (read_batches: layout) lists the columns in the files' order"
-              if bad == read else " Fix the files, or raise data.max_bad_fraction (read_batches: max_bad_fraction; "
-              "1.0 skips any number)")
+    advice = (" Every row was bad, so the files' columns are likely in another order than the layout given: give "
+              "them in the files' order (data.columns; read_batches: layout), or fix the files"
+              if bad == read and positional else " Fix the files, or raise data.max_bad_fraction (read_batches: "
+              "max_bad_fraction; 1.0 skips any number)")
     raise DataError(f"{bad:,d} of the {read:,d} rows read{where} were bad ({bad / read:.1%}), more than the "
                     f"{int(most * read):,d} that max_bad_fraction {most:g} allows: the files may not have the layout "
                     f"the run expects.{first}{advice}")

@@ -384,6 +384,7 @@ class Predictor:
         self._fusion = fusion
 
     def fuse(self, probabilities: np.ndarray) -> np.ndarray:
+        """The fused score `[n]` of probabilities `[n, T]` by the value model now set."""
         return fuse(self._fusion, probabilities, self.targets)
 
     def outputs(self, probabilities: np.ndarray) -> dict[str, np.ndarray]:

@@ -1,7 +1,8 @@
 """The session cache: per-user state of stateful requests, keyed by `sequence_id`.
 
-An id is an unsigned integer or a string, as in Triton: 5 and "5" are two sessions,
-and messages name a string id in quotes.
+An id is an unsigned 64-bit integer or a string of up to 256 characters, as in Triton: 5
+and "5" are two sessions (a numpy integer is its value), 0 and "" mean no session, and
+messages name a string id in quotes.
 
 Three requests make a session (Triton's sequence parameters): `sequence_start`
 computes the user side once and caches it; continuing requests score pages of
