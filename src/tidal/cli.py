@@ -316,7 +316,8 @@ def _bench(args: argparse.Namespace) -> int:
         from tidal.bench import sparse
 
         cfg = sparse.SparseBenchConfig.quick() if args.quick else sparse.SparseBenchConfig()
-        sparse.run(cfg, as_json=args.json, threads=args.threads, optimizers=tuple(args.optimizer))
+        threads = list(dict.fromkeys(args.threads)) if args.threads else None  # each setting measured once
+        sparse.run(cfg, as_json=args.json, threads=threads, optimizers=tuple(dict.fromkeys(args.optimizer)))
     elif args.benchmark == "quality":
         from tidal.bench import quality
 
@@ -364,17 +365,22 @@ def _bench_problem(args: argparse.Namespace) -> str | None:
         from tidal.bench import quality
 
         if args.rows < quality.MIN_ROWS:
-            return f"--rows must be >= {quality.MIN_ROWS:,d} (a quarter of them is held out to score), got {args.rows}"
-        for flag, value in (("--vocabulary", args.vocabulary), ("--epochs", args.epochs)):
-            if value < 1:
-                return f"{flag} must be >= 1, got {value}"
+            return (f"--rows must be >= {quality.MIN_ROWS:,d} (training rows; a quarter as many more are held out to "
+                    f"score), got {args.rows}")
+        if not 1 <= args.vocabulary < 2**63:
+            return f"--vocabulary must be from 1 to 2**63 - 1, got {args.vocabulary}"
+        if args.epochs < 1:
+            return f"--epochs must be >= 1, got {args.epochs}"
     if name == "hetero":
         from tidal.bench import hetero
 
         if args.rows < 2 * hetero.BATCH:
             return f"--rows must be at least {2 * hetero.BATCH}, got {args.rows}"
-    if name == "pass" and args.batches_per_pass < 1:
-        return f"--batches-per-pass must be >= 1, got {args.batches_per_pass}"
+    if name == "pass":
+        from tidal.config import MAX_BATCHES_PER_PASS
+
+        if not 1 <= args.batches_per_pass <= MAX_BATCHES_PER_PASS:
+            return f"--batches-per-pass must be from 1 to {MAX_BATCHES_PER_PASS:,d}, got {args.batches_per_pass}"
     if name == "rewrite" and args.device == "cuda":
         import torch
 

@@ -879,6 +879,9 @@ class RuntimeConfig(_Model):
         return self
 
 
+MAX_BATCHES_PER_PASS = 1 << 20
+
+
 class PassModeConfig(_Model):
     """HPC pass mode (as AIBox and HugeCTR's HBM parameter server train): the run trains
     in passes of `batches_per_pass` batches.
@@ -896,7 +899,7 @@ class PassModeConfig(_Model):
     pulled, while this one trains (not across those points, where the tables change).
     """
 
-    batches_per_pass: _Int = Field(50, ge=1, le=1 << 20)  # 50 divides evict_every's default, 100
+    batches_per_pass: _Int = Field(50, ge=1, le=MAX_BATCHES_PER_PASS)  # 50 divides evict_every's default, 100
     look_ahead: bool = True
 
 

@@ -29,6 +29,8 @@ def test_every_side_trains_every_batch_and_the_summary_follows(monkeypatch, caps
     assert 0 < report["rows_out"] < report["rows_in"]  # the last pass's rows go back at the end, not as leaving
 
 
-def test_the_cli_refuses_an_empty_pass(capsys):
-    assert main(["bench", "pass", "--batches-per-pass", "0"]) == 2
-    assert "--batches-per-pass must be >= 1, got 0" in capsys.readouterr().err
+@pytest.mark.parametrize("batches", [0, 2_000_000])
+def test_the_cli_refuses_a_pass_it_cannot_run_before_it_generates_data(capsys, batches):
+    """Over the config's bound, it generated data for 7 s, then stopped with a raw traceback."""
+    assert main(["bench", "pass", "--batches-per-pass", str(batches)]) == 2
+    assert f"--batches-per-pass must be from 1 to 1,048,576, got {batches}" in capsys.readouterr().err

@@ -22,15 +22,18 @@ def test_cli_refuses_too_few_rows_to_hold_out_both_classes(capsys):
     from tidal.cli import main
 
     assert main(["bench", "quality", "--rows", "5"]) == 2
-    assert "tidal bench quality: --rows must be >= 1,000 (a quarter of them is held out" in capsys.readouterr().err
+    assert "tidal bench quality: --rows must be >= 1,000 (training rows; a quarter as many more are held out" \
+        in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("flag", "expected"), [("--vocabulary", "--vocabulary must be >= 1, got 0"),
-                                                ("--epochs", "--epochs must be >= 1, got 0")])
-def test_cli_names_the_option_it_refuses_and_warns_of_no_busy_machine_first(capsys, monkeypatch, flag, expected):
+@pytest.mark.parametrize(("flag", "value", "expected"), [
+    ("--vocabulary", "0", "--vocabulary must be from 1 to 2**63 - 1, got 0"),
+    ("--vocabulary", str(2**63), f"--vocabulary must be from 1 to 2**63 - 1, got {2**63}"),  # was a raw OverflowError
+    ("--epochs", "0", "--epochs must be >= 1, got 0")])
+def test_cli_names_the_option_it_refuses_and_warns_of_no_busy_machine_first(capsys, monkeypatch, flag, value, expected):
     from tidal import cli
 
     monkeypatch.setattr(cli, "busy_share", lambda seconds=0.5: 0.9)  # a busy machine: its warning is for runs only
-    assert cli.main(["bench", "quality", flag, "0"]) == 2
+    assert cli.main(["bench", "quality", flag, value]) == 2
     assert capsys.readouterr().err == f"tidal bench quality: {expected}\n"
 

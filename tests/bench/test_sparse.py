@@ -56,6 +56,16 @@ def test_cli_refuses_bad_thread_count(capsys, threads):
     assert f"--threads must be 1 to 256, got [{', '.join(threads)}]" in capsys.readouterr().err
 
 
+def test_a_setting_given_twice_is_measured_once(monkeypatch):
+    """`--threads 1 1` measured the same thing twice, for twice the time (an audit's find)."""
+    from tidal.bench import sparse
+
+    runs = []
+    monkeypatch.setattr(sparse, "run", lambda cfg, **kwargs: runs.append(kwargs))
+    assert main(["bench", "sparse", "--quick", "--threads", "2", "1", "2", "--optimizer", "sgd", "sgd"]) == 0
+    assert runs[0]["threads"] == [2, 1] and runs[0]["optimizers"] == ("sgd",)
+
+
 def test_peers_take_turns_in_blocks_each_round_led_by_the_next_and_the_first_step_of_a_turn_is_not_timed():
     import time
 

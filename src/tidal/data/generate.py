@@ -242,7 +242,7 @@ def check_arguments(*, rows: int, files: int = 1, file_format: str = "tsv", voca
         (rows >= 1, f"{name['rows']} must be >= 1, got {rows}"),
         (1 <= files <= rows, f"{name['files']} must be between 1 and {name['rows']} ({rows}), got {files}"),
         (file_format in ("tsv", "parquet"), f"{name['file_format']} must be 'tsv' or 'parquet', got {file_format!r}"),
-        (vocabulary >= 1, f"{name['vocabulary']} must be >= 1, got {vocabulary}"),
+        (1 <= vocabulary < 2**63, f"{name['vocabulary']} must be from 1 to 2**63 - 1, got {vocabulary}"),
         (zipf_a > 1.0, f"{name['zipf_a']} must be > 1, got {zipf_a}"),
     ]
     for ok, message in problems:
