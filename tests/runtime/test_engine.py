@@ -545,7 +545,7 @@ def test_cli_train_prints_the_stage_table(data, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "dense   dense" in out and "sparse  lookup" in out and "lost samples: 0" in out
     assert "sparse workers: 2 from step 0, 1 from step 10" in out
-    assert "samples/s  busy: reader" in out  # the periodic line
+    assert re.search(r"\n  engine: [\d,]+ samples/s  busy: reader", out)  # the periodic line, told from the progress line
     assert "reader  parse" in out and "reader  transfer" not in out  # readers only parse and extract
     saved = json.loads((tmp_path / "run" / "telemetry.json").read_text())
     assert saved["snapshots"] and saved["final"]["samples"] == 12_000

@@ -67,7 +67,7 @@ class Telemetry:
         if now - self._shown >= self.every_s:
             self._shown = now
             self.snapshots.append(self.report())
-            print("  " + self.line(self.snapshots[-1]), flush=True)
+            print("  engine: " + self.line(self.snapshots[-1]), flush=True)  # its speed since the run began
 
     def report(self) -> dict:
         wall = max(self._last - self.start - self.skipped_s, 1e-9)
