@@ -898,6 +898,9 @@ def test_calls_with_the_wrong_kind_of_argument_say_what_was_expected(tmp_path):
         save_tables(tmp_path / "ckpt", table)
     with pytest.raises(CheckpointError, match=r"expected a list of EmbeddingTables to save, got a list holding \['str'\]"):
         save_tables(tmp_path / "ckpt", ["t"])
+    with pytest.raises(CheckpointError, match=r"^a save takes the folder first, then the tables \(save_tables\(root, "
+                                              r"tables\)\); got a list where the folder goes$"):
+        save_tables([table], str(tmp_path / "ckpt"))  # named the tables as the folder, "got str"
     with pytest.raises(CheckpointError, match=r"file is a file; expected a folder to hold the checkpoints"):
         save_tables(tmp_path / "file", [table])
 

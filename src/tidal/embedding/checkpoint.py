@@ -195,6 +195,9 @@ def _check_one_writer(root: Path, tables: Sequence[EmbeddingTable], head: str) -
 
 def _checked(root: str | os.PathLike, tables: Sequence[EmbeddingTable]) -> Path:
     """`root` as a Path, once it can hold checkpoints of `tables`, a list of tables."""
+    if isinstance(root, (list, tuple, EmbeddingTable)):
+        raise CheckpointError(f"a save takes the folder first, then the tables (save_tables(root, tables)); got a "
+                              f"{type(root).__name__} where the folder goes")
     if not isinstance(tables, (list, tuple)) or not all(isinstance(t, EmbeddingTable) for t in tables):
         got = type(tables).__name__ if not isinstance(tables, (list, tuple)) else \
             f"a list holding {sorted({type(t).__name__ for t in tables})}"
