@@ -891,10 +891,11 @@ class PassModeConfig(_Model):
     or a row cap without eviction), creating, admitting and refusing rows as the
     reference trainer does, and the pass's rows move to `training.device` by their
     difference with the last pass's: rows both use stay there, and only the others
-    move. The pass then trains with plain index gathers and adds on that device. Every row goes back to its table before a
-    checkpoint, an evaluation, an eviction and the end of the run, which therefore
-    fall at the ends of passes: `training.checkpoint_every`, `eval_every` and (for
-    tables that evict or admit) `evict_every` must be multiples of `batches_per_pass`.
+    move. The pass then trains with plain index gathers and adds on that device. Every
+    row goes back to its table before a checkpoint, an evaluation, an eviction and the
+    end of the run, which therefore fall at the ends of passes:
+    `training.checkpoint_every`, `eval_every` and (for tables that evict or admit)
+    `evict_every` must be multiples of `batches_per_pass`.
     With `look_ahead`, the next pass is read, extracted and planned, and its rows
     pulled, while this one trains (not across those points, where the tables change).
     """

@@ -344,6 +344,7 @@ def _checked(paths: list[str], names: tuple[list[str], list[str]], checks: Mappi
     for path in paths:
         _check_unchanged(path, sizes)
         kind = file_format or format_of(path)
+        positional = kind == "tsv" or (kind == "csv" and not csv_header)  # columns by the layout's order
         in_file = BadRows()  # this file's, added to `report` piece by piece
         try:
             for batch, lines, dropped in _file_rows(path, kind, names, batch_rows, csv_header, _separators(checks)):
@@ -351,7 +352,6 @@ def _checked(paths: list[str], names: tuple[list[str], list[str]], checks: Mappi
                 valid = _valid_rows(batch, path, lines, checks, in_file, on_bad_row, dropped)
                 report.extend(in_file.count - counted, in_file.examples[shown:])
                 report.read += in_file.read - read
-                positional = kind == "tsv" or (kind == "csv" and not csv_header)  # columns by the layout's order
                 _check_bad_share(in_file, max_bad_fraction, f" of {path}", positional)
                 _check_bad_share(report, max_bad_fraction, positional=positional)
                 yield valid
